@@ -1,0 +1,46 @@
+"""shardckpt: distributed sharded checkpointing for PyTorch.
+
+Every rank writes its shard in parallel as plain safetensors files; one JSON
+manifest, written last, commits the checkpoint and checksums every byte; no pickle
+anywhere; loading reshards to any world size.
+"""
+
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+from shardckpt.errors import (  # noqa: E402
+    CheckpointExistsError,
+    CheckpointNotFoundError,
+    IntegrityError,
+    ManifestError,
+    NotCommittedError,
+    RankFailureError,
+    ShardckptError,
+    StateDictMismatchError,
+    StorageError,
+    UnsupportedFormatVersionError,
+    UnsupportedValueError,
+)
+from shardckpt.loading import load, read_manifest  # noqa: E402
+from shardckpt.manifest import Manifest  # noqa: E402
+from shardckpt.saving import save  # noqa: E402
+
+__all__ = [
+    "__version__",
+    "save",
+    "load",
+    "read_manifest",
+    "Manifest",
+    "ShardckptError",
+    "CheckpointNotFoundError",
+    "NotCommittedError",
+    "CheckpointExistsError",
+    "ManifestError",
+    "UnsupportedFormatVersionError",
+    "IntegrityError",
+    "StateDictMismatchError",
+    "UnsupportedValueError",
+    "StorageError",
+    "RankFailureError",
+]

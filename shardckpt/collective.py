@@ -1,0 +1,122 @@
+"""The one wrapper collective phases go through: a failure on any rank is seen on every rank.
+
+DCP gathers per-rank exceptions into a ``CheckpointException`` (a ``BaseException``,
+so ``except Exception`` misses it); :func:`translated_failures` turns it into the
+matching :class:`ShardckptError` subclass, with every rank's message and
+``err.failures``. :meth:`RankGroup.agree` runs a local check on every rank and
+raises everywhere if it failed anywhere, so no rank walks into a collective alone.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import warnings
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any, NoReturn, TypeVar
+
+import torch.distributed as dist
+from torch.distributed.checkpoint.api import CheckpointException
+
+from shardckpt import errors
+from shardckpt.errors import RankFailureError, ShardckptError
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class RankGroup:
+    """Who takes part in a collective call. ``group`` is None for the default group."""
+
+    group: Any
+    rank: int
+    world_size: int
+    is_distributed: bool
+    coordinator_rank: int = 0
+
+    @classmethod
+    def current(cls, process_group: Any = None) -> RankGroup:
+        if process_group is None and not (dist.is_available() and dist.is_initialized()):
+            return cls(None, 0, 1, False)
+        return cls(
+            process_group,
+            dist.get_rank(process_group),
+            dist.get_world_size(process_group),
+            True,
+        )
+
+    @property
+    def is_coordinator(self) -> bool:
+        return self.rank == self.coordinator_rank
+
+    def agree(self, action: str, fn: Callable[[], T]) -> T:
+        """Collective: run ``fn`` on every rank; if it raised on any rank, raise on all.
+
+        The error raised is of the type raised on the lowest failing rank (when it is a
+        ShardckptError) and its message lists every failing rank's message.
+        """
+        try:
+            result, failure = fn(), None
+        except Exception as e:  # noqa: BLE001 - gathered and re-raised on every rank below
+            result, failure = None, e
+        if not self.is_distributed:
+            if failure is not None:
+                raise failure
+            return result  # type: ignore[return-value]
+        summaries: list[Any] = [None] * self.world_size
+        mine = None if failure is None else (type(failure).__name__, str(failure))
+        dist.all_gather_object(summaries, mine, group=self.group)
+        failures = {r: s for r, s in enumerate(summaries) if s is not None}
+        if failures:
+            by_rank = {r: _Remote(*s) for r, s in failures.items()}
+            if failure is not None:
+                by_rank[self.rank] = failure
+            raise_failures(action, by_rank, local=failure)
+        return result  # type: ignore[return-value]
+
+
+class _Remote(Exception):
+    """Stand-in for an exception raised on another rank (only its type name and text travel)."""
+
+    def __init__(self, type_name: str, text: str) -> None:
+        super().__init__(text)
+        self.type_name = type_name
+
+
+def raise_failures(action: str, failures: dict[int, BaseException], local: BaseException | None = None) -> NoReturn:
+    """Raise one error describing per-rank failures, typed after the lowest failing rank."""
+    lines = []
+    for r, e in sorted(failures.items()):
+        name = e.type_name if isinstance(e, _Remote) else type(e).__name__
+        lines.append(f"rank {r}: {name}: {e}")
+    msg = f"{action} failed on rank(s) {sorted(failures)}:\n  " + "\n  ".join(lines)
+    if len(failures) == 1:
+        msg = f"{action} failed on rank {next(iter(failures))}: {next(iter(failures.values()))}"
+    first = failures[min(failures)]
+    template = local if isinstance(local, ShardckptError) else first
+    cls: type[ShardckptError] = RankFailureError
+    if isinstance(template, ShardckptError):
+        cls = type(template)
+    elif isinstance(template, _Remote):
+        named = getattr(errors, template.type_name, None)
+        if isinstance(named, type) and issubclass(named, ShardckptError):
+            cls = named
+    err = cls(msg)
+    err.failures = dict(failures)
+    raise err from (local if local is not None else first)
+
+
+@contextlib.contextmanager
+def translated_failures(action: str) -> Iterator[None]:
+    """Turn DCP's CheckpointException into a ShardckptError raised on every rank.
+
+    Also silences DCP's warning that a call without a process group "assumes the
+    intent" is single-process: for shardckpt that is a documented, supported mode.
+    """
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=r"torch\.distributed is .*assuming the intent")
+            yield
+    except CheckpointException as e:
+        failures = {r: (pair[0] if isinstance(pair, tuple) else pair) for r, pair in e.failures.items()}
+        raise_failures(action, failures)

@@ -1,0 +1,75 @@
+"""Every error shardckpt raises on purpose.
+
+One base, :class:`ShardckptError`; each subclass also derives from the builtin that
+fits, so ``except FileNotFoundError`` keeps working for callers that know nothing
+about shardckpt. Messages say what was expected, what was found, where (rank, file,
+key) and what to do. This module imports nothing from shardckpt.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "ShardckptError",
+    "CheckpointNotFoundError",
+    "NotCommittedError",
+    "CheckpointExistsError",
+    "ManifestError",
+    "UnsupportedFormatVersionError",
+    "IntegrityError",
+    "StateDictMismatchError",
+    "UnsupportedValueError",
+    "StorageError",
+    "RankFailureError",
+]
+
+
+class ShardckptError(Exception):
+    """Base class of every error shardckpt raises on purpose.
+
+    ``failures`` maps rank -> the exception raised there when the error was
+    gathered from several ranks of a collective call; it is empty otherwise.
+    """
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.failures: dict[int, BaseException] = {}
+
+
+class CheckpointNotFoundError(ShardckptError, FileNotFoundError):
+    """The path holds no checkpoint at all."""
+
+
+class NotCommittedError(CheckpointNotFoundError):
+    """The folder exists but has no manifest: an interrupted or unfinished save."""
+
+
+class CheckpointExistsError(ShardckptError, FileExistsError):
+    """A committed checkpoint is already at the target path."""
+
+
+class ManifestError(ShardckptError, ValueError):
+    """The manifest (or a data-file header) is malformed, inconsistent or hostile."""
+
+
+class UnsupportedFormatVersionError(ManifestError):
+    """The checkpoint was written in a format version this shardckpt cannot read."""
+
+
+class IntegrityError(ShardckptError, ValueError):
+    """Bytes on storage do not match the checksums recorded at save time."""
+
+
+class StateDictMismatchError(ShardckptError, ValueError):
+    """The state_dict given to load() does not match the checkpoint (keys, shapes, dtypes)."""
+
+
+class UnsupportedValueError(ShardckptError, TypeError):
+    """A value in the state_dict cannot be stored (not JSON-representable, unsupported dtype)."""
+
+
+class StorageError(ShardckptError, OSError):
+    """A storage operation failed for a reason that is not about the checkpoint's content."""
+
+
+class RankFailureError(ShardckptError, RuntimeError):
+    """A collective call failed on some ranks with errors that are not shardckpt errors."""

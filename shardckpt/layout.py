@@ -1,0 +1,59 @@
+"""Every file and folder name inside a checkpoint root. Pure string functions, no I/O.
+
+A checkpoint folder looks like::
+
+    <root>/
+      manifest.json                               written last; its presence commits the checkpoint
+      data/<save_id>-r<rank:05d>-<k:02d>.safetensors   one or more per rank, written in parallel
+
+Names that come from a manifest are untrusted: :func:`check_relative_name` is the
+only gate through which such a name reaches storage.
+"""
+
+from __future__ import annotations
+
+import re
+
+from shardckpt.errors import ManifestError
+
+MANIFEST_NAME = "manifest.json"
+MANIFEST_TMP_PREFIX = ".manifest.json.tmp-"
+DATA_DIR = "data"
+DATA_SUFFIX = ".safetensors"
+
+_DATA_NAME = re.compile(r"^data/[0-9a-f]{1,32}-r[0-9]{5,}-[0-9]{2,}\.safetensors$")
+_SAFE_COMPONENT = re.compile(r"^[A-Za-z0-9._-]+$")
+
+
+def data_file_name(save_id: str, rank: int, index: int) -> str:
+    """Name (relative to the checkpoint root) of the ``index``-th data file of ``rank``."""
+    return f"{DATA_DIR}/{save_id}-r{rank:05d}-{index:02d}{DATA_SUFFIX}"
+
+
+def manifest_tmp_name(save_id: str) -> str:
+    """Scratch name the manifest is written under before the atomic rename (POSIX only)."""
+    return f"{MANIFEST_TMP_PREFIX}{save_id}"
+
+
+def is_data_file_name(name: str) -> bool:
+    return bool(_DATA_NAME.match(name))
+
+
+def check_relative_name(name: object, *, where: str) -> str:
+    """Return ``name`` if it is a safe relative name inside a checkpoint, else raise.
+
+    Safe means: a non-empty str of ``/``-separated components made only of letters,
+    digits, ``.``, ``_`` and ``-``, none of them ``.`` or ``..``. That excludes absolute
+    paths, ``../`` escapes, backslashes, drive letters, URLs and NUL bytes.
+    """
+    if not isinstance(name, str) or not name:
+        raise ManifestError(f"{where}: expected a relative file name, found {name!r}")
+    parts = name.split("/")
+    for part in parts:
+        if part in ("", ".", "..") or not _SAFE_COMPONENT.match(part):
+            raise ManifestError(
+                f"{where}: file name {name!r} is not a plain relative name inside the "
+                "checkpoint folder (absolute paths, '..', and unusual characters are refused); "
+                "the manifest was not written by shardckpt or has been tampered with"
+            )
+    return name

@@ -1,0 +1,313 @@
+"""The on-disk format: ``manifest.json`` as dataclasses <-> JSON. Pure, no I/O.
+
+The manifest is the whole truth about a checkpoint: which keys exist, their global
+shapes and dtypes, where every chunk's bytes live and their checksums, the
+non-tensor values inline, and every data file's size and checksum. Its presence
+commits a checkpoint. ``docs/format.md`` specifies it; ``manifest.schema.json``
+is its JSON Schema; ``tests/test_golden.py`` pins it.
+
+:func:`parse_manifest` treats its input as hostile: every name, size and range is
+checked before anything is allocated or opened.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+from shardckpt import datafile
+from shardckpt.errors import ManifestError, UnsupportedFormatVersionError, UnsupportedValueError
+from shardckpt.layout import check_relative_name
+
+FORMAT_NAME = "shardckpt"
+FORMAT_VERSION = 1
+HASH_ALGORITHM = "xxh3_64"
+MAX_MANIFEST_BYTES = 2 * 1024**3
+
+
+@dataclass(frozen=True)
+class ChunkRecord:
+    """One saved chunk of a tensor: a box of the global tensor, stored contiguously."""
+
+    offsets: tuple[int, ...]
+    sizes: tuple[int, ...]
+    file: str
+    byte_offset: int  # absolute offset inside ``file``
+    byte_length: int
+    block_hashes: tuple[str, ...]  # xxh3-64 of each hash_block_bytes piece of the chunk
+
+
+@dataclass(frozen=True)
+class TensorRecord:
+    dtype: str  # safetensors dtype name, e.g. "F32"
+    shape: tuple[int, ...]
+    chunks: tuple[ChunkRecord, ...]
+
+
+@dataclass(frozen=True)
+class FileRecord:
+    size: int
+    hash: str  # xxh3-64 of the whole file, header included
+    rank: int
+
+
+@dataclass(frozen=True)
+class Manifest:
+    world_size: int
+    process_layout: tuple[dict[str, Any], ...]
+    tensors: dict[str, TensorRecord]
+    values: dict[str, Any]  # encoded with encode_value; decode_value gives the Python value
+    files: dict[str, FileRecord]
+    hash_block_bytes: int
+    created_at: str
+    shardckpt_version: str
+    torch_version: str
+    paths: dict[str, list[str | int]] = field(default_factory=dict)
+    format_version: int = FORMAT_VERSION
+
+    @property
+    def total_tensor_bytes(self) -> int:
+        return sum(c.byte_length for t in self.tensors.values() for c in t.chunks)
+
+
+# ---------------------------------------------------------------- values
+
+
+def encode_value(value: Any, *, key: str) -> Any:
+    """Map a plain Python value to JSON, tagging what JSON cannot say itself.
+
+    Tuples become ``{"$tuple": [...]}``, non-finite floats ``{"$float": "nan"}``, and
+    dicts with a key starting with ``$`` are wrapped as ``{"$dict": {...}}``.
+    """
+    if value is None or isinstance(value, (bool, str)):
+        return value
+    if isinstance(value, int):
+        return int(value)
+    if isinstance(value, float):
+        return value if math.isfinite(value) else {"$float": repr(value)}
+    if isinstance(value, list):
+        return [encode_value(v, key=key) for v in value]
+    if isinstance(value, tuple):
+        return {"$tuple": [encode_value(v, key=key) for v in value]}
+    if isinstance(value, dict):
+        if not all(isinstance(k, str) for k in value):
+            bad = next(k for k in value if not isinstance(k, str))
+            raise UnsupportedValueError(
+                f"key {key!r}: dict key {bad!r} ({type(bad).__name__}) is not a str; "
+                "only str-keyed dicts can be saved as values. Convert the keys to str."
+            )
+        enc = {k: encode_value(v, key=f"{key}.{k}") for k, v in value.items()}
+        return {"$dict": enc} if any(k.startswith("$") for k in value) else enc
+    hint = "use a dict or list to hold tensors" if _is_tensor(value) else "convert it to int, float, str, bool, None, list, tuple or dict"
+    raise UnsupportedValueError(
+        f"key {key!r}: value of type {type(value).__module__}.{type(value).__qualname__} "
+        f"cannot be saved: non-tensor values are stored as JSON (no pickle); {hint}"
+    )
+
+
+def decode_value(obj: Any, *, where: str = "value") -> Any:
+    if isinstance(obj, list):
+        return [decode_value(v, where=where) for v in obj]
+    if isinstance(obj, dict):
+        if len(obj) == 1:
+            (tag, inner), = obj.items()
+            if tag == "$tuple" and isinstance(inner, list):
+                return tuple(decode_value(v, where=where) for v in inner)
+            if tag == "$float" and inner in ("nan", "inf", "-inf"):
+                return float(inner)
+            if tag == "$dict" and isinstance(inner, dict):
+                return {k: decode_value(v, where=where) for k, v in inner.items()}
+        if any(k.startswith("$") for k in obj):
+            raise ManifestError(f"{where}: unknown tagged value {obj!r}")
+        return {k: decode_value(v, where=where) for k, v in obj.items()}
+    return obj
+
+
+def _is_tensor(value: Any) -> bool:
+    import torch
+
+    return isinstance(value, torch.Tensor)
+
+
+# ---------------------------------------------------------------- JSON out
+
+
+def manifest_to_json(m: Manifest) -> bytes:
+    doc = {
+        "format": FORMAT_NAME,
+        "format_version": m.format_version,
+        "shardckpt_version": m.shardckpt_version,
+        "torch_version": m.torch_version,
+        "created_at": m.created_at,
+        "world_size": m.world_size,
+        "process_layout": list(m.process_layout),
+        "hash_algorithm": HASH_ALGORITHM,
+        "hash_block_bytes": m.hash_block_bytes,
+        "tensors": {
+            k: {
+                "dtype": t.dtype,
+                "shape": list(t.shape),
+                "chunks": [
+                    {
+                        "offsets": list(c.offsets),
+                        "sizes": list(c.sizes),
+                        "file": c.file,
+                        "byte_offset": c.byte_offset,
+                        "byte_length": c.byte_length,
+                        "block_hashes": list(c.block_hashes),
+                    }
+                    for c in t.chunks
+                ],
+            }
+            for k, t in sorted(m.tensors.items())
+        },
+        "values": dict(sorted(m.values.items())),
+        "files": {n: {"size": f.size, "hash": f.hash, "rank": f.rank} for n, f in sorted(m.files.items())},
+        "paths": dict(sorted(m.paths.items())),
+    }
+    return _dumps_two_levels(doc).encode()
+
+
+def _dumps_two_levels(doc: dict[str, Any]) -> str:
+    """JSON with one line per top-level field and per key of the big maps: diffable, compact."""
+
+    def dump(v: Any) -> str:
+        return json.dumps(v, allow_nan=False, separators=(",", ":"))
+
+    lines = []
+    for k, v in doc.items():
+        if isinstance(v, dict) and v:
+            inner = ",\n".join(f"  {dump(ik)}: {dump(iv)}" for ik, iv in v.items())
+            lines.append(f" {dump(k)}: {{\n{inner}\n }}")
+        else:
+            lines.append(f" {dump(k)}: {dump(v)}")
+    return "{\n" + ",\n".join(lines) + "\n}\n"
+
+
+# ---------------------------------------------------------------- JSON in
+
+
+def parse_manifest(raw: bytes, *, source: str) -> Manifest:
+    """Parse and fully validate untrusted manifest bytes read from ``source``."""
+    try:
+        doc = json.loads(raw.decode("utf-8"), parse_constant=_reject_constant)
+    except (UnicodeDecodeError, json.JSONDecodeError, ValueError) as e:
+        raise ManifestError(f"{source}: manifest is not valid JSON ({e}); the checkpoint is corrupt") from e
+    r = _Reader(doc, source)
+    if r.get(doc, "format", str, "") != FORMAT_NAME:
+        raise ManifestError(f"{source}: not a shardckpt manifest (field 'format' is not {FORMAT_NAME!r})")
+    version = r.get(doc, "format_version", int, "")
+    if version != FORMAT_VERSION:
+        raise UnsupportedFormatVersionError(
+            f"{source}: format version {version}, but this shardckpt reads version {FORMAT_VERSION}; "
+            + ("upgrade shardckpt to load it" if version > FORMAT_VERSION else "the manifest is corrupt")
+        )
+    if r.get(doc, "hash_algorithm", str, "") != HASH_ALGORITHM:
+        raise ManifestError(f"{source}: unsupported hash_algorithm; expected {HASH_ALGORITHM!r}")
+    block = r.get(doc, "hash_block_bytes", int, "")
+    if not (4096 <= block <= 2**30 and block % 64 == 0):
+        raise ManifestError(f"{source}: hash_block_bytes {block} must be a multiple of 64 in [4096, 2**30]")
+    files = {}
+    for name, f in r.get(doc, "files", dict, "").items():
+        check_relative_name(name, where=f"{source}, files")
+        files[name] = FileRecord(
+            size=r.nonneg(f, "size", f"files[{name!r}]"),
+            hash=r.get(f, "hash", str, f"files[{name!r}]"),
+            rank=r.nonneg(f, "rank", f"files[{name!r}]"),
+        )
+    tensors = {k: _parse_tensor(r, k, t, files, block) for k, t in r.get(doc, "tensors", dict, "").items()}
+    values = r.get(doc, "values", dict, "")
+    for k, v in values.items():
+        decode_value(v, where=f"{source}, values[{k!r}]")
+    overlap = set(values) & set(tensors)
+    if overlap:
+        raise ManifestError(f"{source}: keys {sorted(overlap)} are both tensors and values")
+    layout = r.get(doc, "process_layout", list, "")
+    if not all(isinstance(p, dict) for p in layout):
+        raise ManifestError(f"{source}: process_layout must be a list of objects")
+    paths = r.get(doc, "paths", dict, "")
+    return Manifest(
+        world_size=r.nonneg(doc, "world_size", ""),
+        process_layout=tuple(layout),
+        tensors=tensors,
+        values=values,
+        files=files,
+        hash_block_bytes=block,
+        created_at=r.get(doc, "created_at", str, ""),
+        shardckpt_version=r.get(doc, "shardckpt_version", str, ""),
+        torch_version=r.get(doc, "torch_version", str, ""),
+        paths=paths,
+        format_version=version,
+    )
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"non-standard JSON constant {name}")
+
+
+def num_blocks(byte_length: int, block_bytes: int) -> int:
+    return -(-byte_length // block_bytes)
+
+
+def _parse_tensor(r: _Reader, key: str, t: Any, files: dict[str, FileRecord], block: int) -> TensorRecord:
+    where = f"tensors[{key!r}]"
+    dtype = r.get(t, "dtype", str, where)
+    datafile.torch_dtype(dtype, where=f"{r.source}, {where}")
+    shape = datafile.check_shape(r.get(t, "shape", list, where), where=f"{r.source}, {where}")
+    chunks = []
+    covered = 0
+    for i, c in enumerate(r.get(t, "chunks", list, where)):
+        cw = f"{where}.chunks[{i}]"
+        offsets = datafile.check_shape(r.get(c, "offsets", list, cw), where=f"{r.source}, {cw}.offsets")
+        sizes = datafile.check_shape(r.get(c, "sizes", list, cw), where=f"{r.source}, {cw}.sizes")
+        if len(offsets) != len(shape) or len(sizes) != len(shape) or any(
+            o + s > d for o, s, d in zip(offsets, sizes, shape)
+        ):
+            raise ManifestError(f"{r.source}, {cw}: box {offsets}+{sizes} lies outside shape {shape}")
+        name = check_relative_name(r.get(c, "file", str, cw), where=f"{r.source}, {cw}")
+        if name not in files:
+            raise ManifestError(f"{r.source}, {cw}: file {name!r} is not listed under 'files'")
+        off, length = r.nonneg(c, "byte_offset", cw), r.nonneg(c, "byte_length", cw)
+        if length != math.prod(sizes) * datafile.itemsize(dtype):
+            raise ManifestError(f"{r.source}, {cw}: byte_length {length} does not match sizes {sizes} of {dtype}")
+        if off + length > files[name].size:
+            raise ManifestError(
+                f"{r.source}, {cw}: byte range [{off}, {off + length}) lies beyond the end of "
+                f"{name!r} ({files[name].size} bytes)"
+            )
+        hashes = r.get(c, "block_hashes", list, cw)
+        if len(hashes) != num_blocks(length, block) or not all(isinstance(h, str) for h in hashes):
+            raise ManifestError(f"{r.source}, {cw}: expected {num_blocks(length, block)} block hashes")
+        covered += math.prod(sizes)
+        chunks.append(ChunkRecord(offsets, sizes, name, off, length, tuple(hashes)))
+    if covered != math.prod(shape):
+        raise ManifestError(f"{r.source}, {where}: chunks cover {covered} elements of {math.prod(shape)}")
+    return TensorRecord(dtype, shape, tuple(chunks))
+
+
+class _Reader:
+    """Typed field access with errors that name the manifest and the field."""
+
+    def __init__(self, doc: Any, source: str) -> None:
+        if not isinstance(doc, dict):
+            raise ManifestError(f"{source}: manifest must be a JSON object")
+        self.source = source
+
+    def get(self, obj: Any, name: str, typ: type, where: str) -> Any:
+        if not isinstance(obj, dict) or name not in obj:
+            raise ManifestError(f"{self.source}: missing field {where + '.' if where else ''}{name}")
+        value = obj[name]
+        if not isinstance(value, typ) or (typ is int and isinstance(value, bool)):
+            raise ManifestError(
+                f"{self.source}: field {where + '.' if where else ''}{name} must be {typ.__name__}, "
+                f"found {type(value).__name__}"
+            )
+        return value
+
+    def nonneg(self, obj: Any, name: str, where: str) -> int:
+        v = self.get(obj, name, int, where)
+        if v < 0 or v >= 2**62:
+            raise ManifestError(f"{self.source}: field {where}.{name} = {v} out of range")
+        return int(v)

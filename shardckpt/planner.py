@@ -1,0 +1,134 @@
+"""DCP planner subclasses: JSON for non-tensor values, balanced dedup of replicated items.
+
+DCP's default planners serialize non-tensor values with ``torch.save`` and read them
+back with ``torch.load(weights_only=False)``; ours encode them as JSON (see
+:func:`shardckpt.manifest.encode_value`) and never unpickle anything.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import json
+from collections import defaultdict
+from dataclasses import dataclass
+from typing import Any
+
+from torch.distributed.checkpoint._traverse import set_element
+from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner, DefaultSavePlanner
+from torch.distributed.checkpoint.metadata import MetadataIndex
+from torch.distributed.checkpoint.planner import ReadItem, SavePlan, WriteItem, WriteItemType
+
+from shardckpt import datafile, integrity
+from shardckpt.errors import UnsupportedValueError
+from shardckpt.manifest import decode_value, encode_value
+
+
+@dataclass(frozen=True)
+class _LocalPlannerData:
+    mappings: dict[str, Any]
+    value_digests: dict[str, str]
+
+
+class SavePlanner(DefaultSavePlanner):
+    """Encodes non-tensor values as JSON at planning time (so a bad value fails on every
+    rank before any byte is written) and spreads replicated tensors evenly over ranks."""
+
+    def __init__(self) -> None:
+        super().__init__(flatten_state_dict=True, flatten_sharded_tensors=True)
+        self._json_values: dict[str, bytes] = {}
+
+    def create_local_plan(self) -> SavePlan:
+        plan = super().create_local_plan()
+        digests = {}
+        for item in plan.items:
+            fqn = item.index.fqn
+            if item.type == WriteItemType.BYTE_IO:
+                value = self.lookup_object(item.index)
+                text = json.dumps(encode_value(value, key=fqn), allow_nan=False, separators=(",", ":")).encode()
+                self._json_values[fqn] = text
+                digests[fqn] = integrity.hash_hex(text)
+            else:
+                assert item.tensor_data is not None
+                datafile.dtype_name(item.tensor_data.properties.dtype, key=fqn)
+        plan = dataclasses.replace(plan, planner_data=_LocalPlannerData(self.mappings, digests))
+        self.plan = plan
+        return plan
+
+    def _create_global_plan(self, all_plans: list[SavePlan]) -> tuple[list[SavePlan], Any]:
+        _check_values_agree([p.planner_data.value_digests for p in all_plans])
+        plans = [dataclasses.replace(p, planner_data=p.planner_data.mappings) for p in all_plans]
+        return super()._create_global_plan(plans)
+
+    def _dedup_save_plans(self, all_plans: list[SavePlan]) -> list[SavePlan]:
+        return balance_replicated(all_plans)
+
+    def resolve_data(self, write_item: WriteItem) -> Any:
+        if write_item.type == WriteItemType.BYTE_IO:
+            return io.BytesIO(self._json_values[write_item.index.fqn])
+        return super().resolve_data(write_item)
+
+
+def _check_values_agree(digests_by_rank: list[dict[str, str]]) -> None:
+    """Non-tensor values are saved once for all ranks; refuse to silently keep one rank's."""
+    seen: dict[str, dict[str, list[int]]] = defaultdict(lambda: defaultdict(list))
+    for rank, digests in enumerate(digests_by_rank):
+        for fqn, d in digests.items():
+            seen[fqn][d].append(rank)
+    for fqn, variants in sorted(seen.items()):
+        if len(variants) > 1:
+            groups = "; ".join(f"ranks {ranks}" for ranks in variants.values())
+            raise UnsupportedValueError(
+                f"key {fqn!r}: non-tensor value differs across ranks ({groups} hold different values). "
+                "Non-tensor values are saved once for the whole job. Save per-rank values under "
+                "rank-specific keys (e.g. f'rng.rank{rank}') or make them equal on every rank."
+            )
+
+
+def balance_replicated(all_plans: list[SavePlan]) -> list[SavePlan]:
+    """Keep each item on exactly one rank, spreading replicated bytes evenly.
+
+    Items held by one rank stay there; replicated items go, largest first, to the
+    least-loaded rank that holds them (LPT scheduling). Deterministic for given plans.
+    """
+    holders: dict[MetadataIndex, list[int]] = defaultdict(list)
+    items: dict[MetadataIndex, WriteItem] = {}
+    for rank, plan in enumerate(all_plans):
+        for item in plan.items:
+            holders[item.index].append(rank)
+            items[item.index] = item
+    load = [0] * len(all_plans)
+    keep: list[set[MetadataIndex]] = [set() for _ in all_plans]
+
+    def size(idx: MetadataIndex) -> int:
+        return items[idx].tensor_storage_size() or 1
+
+    for idx, ranks in holders.items():
+        if len(ranks) == 1:
+            keep[ranks[0]].add(idx)
+            load[ranks[0]] += size(idx)
+    shared = [idx for idx, ranks in holders.items() if len(ranks) > 1]
+    shared.sort(key=lambda i: (-size(i), i.fqn, tuple(i.offset or ())))
+    for idx in shared:
+        rank = min(holders[idx], key=lambda r: (load[r], r))
+        keep[rank].add(idx)
+        load[rank] += size(idx)
+    return [
+        dataclasses.replace(plan, items=[it for it in plan.items if it.index in keep[r]])
+        for r, plan in enumerate(all_plans)
+    ]
+
+
+class LoadPlanner(DefaultLoadPlanner):
+    """Decodes non-tensor values from JSON; never calls torch.load."""
+
+    def __init__(self, *, allow_partial_load: bool) -> None:
+        super().__init__(flatten_state_dict=True, flatten_sharded_tensors=True, allow_partial_load=allow_partial_load)
+
+    def load_bytes(self, read_item: ReadItem, value: io.BytesIO) -> None:
+        fqn = read_item.dest_index.fqn
+        obj = decode_value(json.loads(value.getvalue()), where=f"value {fqn!r}")
+        if self.flatten_state_dict:
+            set_element(self.original_state_dict, self.mappings[fqn], obj)
+        else:
+            self.state_dict[fqn] = obj

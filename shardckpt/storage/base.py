@@ -1,0 +1,80 @@
+"""The storage seam: every byte that leaves or enters the process goes through a Storage.
+
+A ``Storage`` is bound to one root URL (a checkpoint folder, or a manager's root).
+Every method takes a name relative to that root, ``/``-separated. Implementations:
+:class:`~shardckpt.storage.local.LocalStorage` for POSIX paths (fsync, atomic
+rename) and :class:`~shardckpt.storage.fsspec_storage.FsspecStorage` for any fsspec URL
+(object stores commit with one PUT, never a rename).
+
+Thread-safety: all methods may be called from several threads at once.
+"""
+
+from __future__ import annotations
+
+import abc
+from typing import Protocol
+
+
+class WriteStream(Protocol):
+    """A file being written. Call ``write`` any number of times, then exactly one of
+    ``finish`` (make the bytes durable and visible) or ``abort`` (drop them)."""
+
+    def write(self, data: memoryview | bytes) -> None: ...
+
+    def finish(self) -> None: ...
+
+    def abort(self) -> None: ...
+
+
+class Storage(abc.ABC):
+    url: str
+    """The root URL, as the user gave it."""
+
+    @abc.abstractmethod
+    def exists(self, name: str) -> bool:
+        """Whether the file ``name`` exists."""
+
+    @abc.abstractmethod
+    def is_dir(self, name: str = "") -> bool:
+        """Whether ``name`` (or the root itself) exists as a folder or a non-empty prefix."""
+
+    @abc.abstractmethod
+    def size(self, name: str) -> int:
+        """Size of file ``name`` in bytes; raises FileNotFoundError if absent."""
+
+    @abc.abstractmethod
+    def read_bytes(self, name: str) -> bytes:
+        """The whole content of a (small) file."""
+
+    @abc.abstractmethod
+    def read_into(self, name: str, offset: int, out: memoryview) -> None:
+        """Fill ``out`` with ``len(out)`` bytes of ``name`` starting at ``offset``."""
+
+    @abc.abstractmethod
+    def open_write(self, name: str) -> WriteStream:
+        """Start writing ``name`` (parents are created). Streams data; no full copy in memory."""
+
+    @abc.abstractmethod
+    def write_atomic(self, name: str, data: bytes) -> None:
+        """Commit primitive: afterwards ``name`` holds ``data`` durably, and no reader
+        ever sees a partial ``name``. POSIX: tmp + fsync + rename + fsync(dir);
+        object stores: one PUT."""
+
+    @abc.abstractmethod
+    def list_files(self, prefix: str = "") -> list[str]:
+        """Names (relative to the root) of all files under folder ``prefix``, recursively."""
+
+    @abc.abstractmethod
+    def delete(self, names: list[str]) -> None:
+        """Delete files; names that do not exist are ignored."""
+
+    @abc.abstractmethod
+    def delete_tree(self, name: str = "") -> None:
+        """Delete folder ``name`` (or the root) with everything under it."""
+
+    def sync_dir(self, name: str = "") -> None:
+        """Make the folder entry of files created under ``name`` durable (POSIX only)."""
+
+    def child(self, name: str) -> Storage:
+        """A Storage rooted at ``name`` below this root."""
+        raise NotImplementedError

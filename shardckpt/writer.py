@@ -1,0 +1,265 @@
+"""DCP StorageWriter over :mod:`shardckpt.storage`: safetensors data files, a JSON manifest.
+
+DCP calls, in order (``*`` = coordinator only)::
+
+    set_up_storage_writer -> prepare_local_plan -> prepare_global_plan* -> write_data -> finish*
+
+``write_data`` runs on every rank: the rank's items are split over
+``num_io_threads`` files, each streamed to storage tensor by tensor (no full copy of
+the rank's state), hashed while written, then made durable. ``finish`` runs on the
+coordinator only after every rank's ``write_data`` succeeded; it writes
+``manifest.json`` atomically, which commits the checkpoint, then removes files that
+the new manifest does not reference (left by interrupted saves).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import math
+import os
+import socket
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch.distributed.checkpoint.metadata import BytesStorageMetadata, Metadata, MetadataIndex
+from torch.distributed.checkpoint.planner import SavePlan, SavePlanner, WriteItem, WriteItemType
+from torch.distributed.checkpoint.storage import StorageWriter, WriteResult
+
+from shardckpt import __version__, datafile, integrity, layout
+from shardckpt.errors import CheckpointExistsError, UnsupportedValueError
+from shardckpt.manifest import ChunkRecord, FileRecord, Manifest, TensorRecord, manifest_to_json
+from shardckpt.storage import Storage
+
+
+@dataclass(frozen=True)
+class _InlineValue:
+    json_text: bytes
+
+
+@dataclass(frozen=True)
+class _ChunkLocation:
+    file: str
+    byte_offset: int
+    byte_length: int
+    block_hashes: tuple[str, ...]
+    file_record: FileRecord
+
+
+@dataclass(frozen=True)
+class WriterOptions:
+    num_io_threads: int = 2
+    hash_block_bytes: int = integrity.DEFAULT_BLOCK_BYTES
+    overwrite: bool = False
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.num_io_threads <= 256:
+            raise ValueError(f"num_io_threads must be in [1, 256], got {self.num_io_threads}")
+        if not (4096 <= self.hash_block_bytes <= 2**30 and self.hash_block_bytes % 64 == 0):
+            raise ValueError(f"hash_block_bytes must be a multiple of 64 in [4096, 2**30], got {self.hash_block_bytes}")
+
+
+class Writer(StorageWriter):
+    """One instance per save and rank. Not thread-safe; DCP calls it from one thread."""
+
+    def __init__(self, storage: Storage, options: WriterOptions) -> None:
+        super().__init__()
+        self.storage = storage
+        self.options = options
+        self.rank = 0
+        self.is_coordinator = False
+        self.manifest: Manifest | None = None
+        self._layout: list[dict[str, Any]] = []
+
+    def reset(self, checkpoint_id: Any = None) -> None:
+        self.manifest = None
+
+    def set_up_storage_writer(self, is_coordinator: bool, *args: Any, **kwargs: Any) -> None:
+        self.is_coordinator = is_coordinator
+        self.rank = int(kwargs.get("rank", 0))
+
+    def prepare_local_plan(self, plan: SavePlan) -> SavePlan:
+        if self.is_coordinator and not self.options.overwrite and self.storage.exists(layout.MANIFEST_NAME):
+            raise CheckpointExistsError(
+                f"{self.storage.url}: a committed checkpoint is already there; save to a new path, "
+                "or pass overwrite=True to replace it (the old one stops being loadable at once)"
+            )
+        host = {"rank": self.rank, "host": socket.gethostname(), "local_rank": int(os.environ.get("LOCAL_RANK", 0))}
+        return dataclasses.replace(plan, storage_data=host)
+
+    def prepare_global_plan(self, plans: list[SavePlan]) -> list[SavePlan]:
+        self._layout = [p.storage_data for p in plans]
+        if self.options.overwrite:
+            # Uncommit first: from here on nobody may trust the old files we overwrite.
+            self.storage.delete([layout.MANIFEST_NAME])
+        save_id = uuid.uuid4().hex[:12]
+        return [dataclasses.replace(p, storage_data={"save_id": save_id, "rank": r}) for r, p in enumerate(plans)]
+
+    def write_data(self, plan: SavePlan, planner: SavePlanner) -> torch.futures.Future[list[WriteResult]]:
+        save_id, rank = plan.storage_data["save_id"], plan.storage_data["rank"]
+        results = [
+            WriteResult(index=it.index, size_in_bytes=0, storage_data=_InlineValue(planner.resolve_data(it).getvalue()))
+            for it in plan.items
+            if it.type == WriteItemType.BYTE_IO
+        ]
+        buckets = _split_by_bytes([it for it in plan.items if it.type != WriteItemType.BYTE_IO], self.options.num_io_threads)
+        meta = {"format": "shardckpt", "format_version": "1", "save_id": save_id, "rank": str(rank)}
+        if buckets:
+            with ThreadPoolExecutor(len(buckets), thread_name_prefix="shardckpt-write") as pool:
+                futures = [
+                    pool.submit(
+                        write_file, self.storage, layout.data_file_name(save_id, rank, k), bucket, planner.resolve_data,
+                        rank=rank, block_bytes=self.options.hash_block_bytes, metadata=meta,
+                    )
+                    for k, bucket in enumerate(buckets)
+                ]
+                for f in futures:
+                    results.extend(f.result())
+            self.storage.sync_dir(layout.DATA_DIR)
+        done: torch.futures.Future[list[WriteResult]] = torch.futures.Future()
+        done.set_result(results)
+        return done
+
+    def finish(self, metadata: Metadata, results: list[list[WriteResult]]) -> None:
+        m = build_manifest(metadata, results, self._layout, self.options.hash_block_bytes)
+        self.storage.write_atomic(layout.MANIFEST_NAME, manifest_to_json(m))
+        self.manifest = m
+        self._remove_unreferenced(m)
+
+    def _remove_unreferenced(self, m: Manifest) -> None:
+        stale = [
+            n for n in self.storage.list_files(layout.DATA_DIR) if n not in m.files
+        ] + [n for n in self.storage.list_files("") if n.startswith(".") and "tmp" in n]
+        self.storage.delete(stale)
+
+    def storage_meta(self) -> None:
+        return None
+
+    @classmethod
+    def validate_checkpoint_id(cls, checkpoint_id: Any) -> bool:
+        return isinstance(checkpoint_id, str)
+
+
+def _split_by_bytes(items: list[WriteItem], n: int) -> list[list[WriteItem]]:
+    """Up to ``n`` non-empty buckets of roughly equal byte counts (largest item first)."""
+    buckets: list[list[WriteItem]] = [[] for _ in range(min(n, len(items)))]
+    sizes = [0] * len(buckets)
+    for it in sorted(items, key=lambda i: -(i.tensor_storage_size() or 0)):
+        k = sizes.index(min(sizes))
+        buckets[k].append(it)
+        sizes[k] += it.tensor_storage_size() or 0
+    return [b for b in buckets if b]
+
+
+def _entry_name(item: WriteItem) -> str:
+    assert item.index.offset is not None and item.tensor_data is not None
+    if all(o == 0 for o in item.index.offset) and tuple(item.tensor_data.chunk.sizes) == tuple(item.tensor_data.size):
+        return item.index.fqn
+    return f"{item.index.fqn}@{','.join(map(str, item.index.offset))}"
+
+
+def _tensor_bytes(tensor: torch.Tensor, item: WriteItem) -> memoryview:
+    assert item.tensor_data is not None
+    t = tensor.detach()
+    if tuple(t.shape) != tuple(item.tensor_data.chunk.sizes):
+        raise UnsupportedValueError(
+            f"key {item.index.fqn!r}: planned chunk shape {tuple(item.tensor_data.chunk.sizes)} "
+            f"but resolved tensor has shape {tuple(t.shape)}"
+        )
+    if t.device.type != "cpu":
+        t = t.cpu()
+    t = t.contiguous()
+    return memoryview(t.reshape(-1).view(torch.uint8).numpy())
+
+
+def write_file(
+    storage: Storage,
+    name: str,
+    items: list[WriteItem],
+    resolve: Any,
+    *,
+    rank: int,
+    block_bytes: int,
+    metadata: dict[str, str],
+) -> list[WriteResult]:
+    """Stream ``items`` into one safetensors file; return one WriteResult per item.
+
+    Runs on a writer thread; ``resolve(item)`` gives the tensor. The header is built
+    from the plan before any data, then each tensor is hashed block by block as it is
+    written, and the file is fsynced (finish) before this returns.
+    """
+    entries, begin = [], 0
+    for it in items:
+        assert it.tensor_data is not None
+        dtype = datafile.dtype_name(it.tensor_data.properties.dtype, key=it.index.fqn)
+        sizes = tuple(it.tensor_data.chunk.sizes)
+        end = begin + math.prod(sizes) * datafile.itemsize(dtype)
+        entries.append(datafile.HeaderEntry(_entry_name(it), dtype, sizes, begin, end))
+        begin = end
+    header = datafile.build_header(entries, metadata)
+    file_hasher = integrity.new_file_hasher()
+    stream = storage.open_write(name)
+    located = []
+    try:
+        stream.write(header)
+        file_hasher.update(header)
+        for it, entry in zip(items, entries):
+            data = _tensor_bytes(resolve(it), it)
+            hashes = []
+            for i in range(0, len(data), block_bytes):
+                piece = data[i : i + block_bytes]
+                hashes.append(integrity.hash_hex(piece))
+                file_hasher.update(piece)
+                stream.write(piece)
+            located.append((it, len(header) + entry.begin, entry.end - entry.begin, tuple(hashes)))
+            del data
+        stream.finish()
+    except BaseException:
+        stream.abort()
+        raise
+    record = FileRecord(size=len(header) + begin, hash=file_hasher.hexdigest(), rank=rank)
+    return [
+        WriteResult(index=it.index, size_in_bytes=length, storage_data=_ChunkLocation(name, off, length, hashes, record))
+        for it, off, length, hashes in located
+    ]
+
+
+def build_manifest(
+    metadata: Metadata, results: list[list[WriteResult]], process_layout: list[dict[str, Any]], block_bytes: int
+) -> Manifest:
+    """Turn DCP's global metadata and every rank's write results into our manifest."""
+    located: dict[MetadataIndex, Any] = {wr.index: wr.storage_data for per_rank in results for wr in per_rank}
+    tensors: dict[str, TensorRecord] = {}
+    values: dict[str, Any] = {}
+    files: dict[str, FileRecord] = {}
+    import json
+
+    for fqn, md in metadata.state_dict_metadata.items():
+        if isinstance(md, BytesStorageMetadata):
+            values[fqn] = json.loads(located[MetadataIndex(fqn)].json_text)
+            continue
+        chunks = []
+        for c in md.chunks:
+            loc: _ChunkLocation = located[MetadataIndex(fqn, c.offsets)]
+            files[loc.file] = loc.file_record
+            chunks.append(
+                ChunkRecord(tuple(c.offsets), tuple(c.sizes), loc.file, loc.byte_offset, loc.byte_length, loc.block_hashes)
+            )
+        dtype = datafile.dtype_name(md.properties.dtype, key=fqn)
+        tensors[fqn] = TensorRecord(dtype, tuple(md.size), tuple(chunks))
+    paths = {k: list(v) for k, v in (metadata.planner_data or {}).items()}
+    return Manifest(
+        world_size=len(results),
+        process_layout=tuple(process_layout),
+        tensors=tensors,
+        values=values,
+        files=files,
+        hash_block_bytes=block_bytes,
+        created_at=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        shardckpt_version=__version__,
+        torch_version=torch.__version__,
+        paths=paths,
+    )

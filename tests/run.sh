@@ -1,0 +1,8 @@
+#!/usr/bin/env bash
+# The test command (README): installs what is missing, then runs the whole suite.
+# Extra arguments go to pytest, e.g. `bash tests/run.sh -k resharding -x`.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash launch/setup.sh
+PY="${PYTHON:-python3}"
+exec "$PY" -m pytest -q -p no:cacheprovider "$@"

@@ -1,0 +1,177 @@
+"""Save and load across gloo ranks: plain, DTensor 1-D/2-D, resharding N -> M, dedup balance."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+import torch.distributed as dist
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.tensor import Replicate, Shard, distribute_tensor
+
+import shardckpt
+from distributed import run_ranks
+
+
+def global_state(seed: int = 0) -> dict[str, torch.Tensor]:
+    """The global tensors every test saves (uneven sizes on purpose)."""
+    g = torch.Generator().manual_seed(seed)
+    return {
+        "w": torch.randn(13, 7, generator=g),
+        "b": torch.randn(10, generator=g).to(torch.bfloat16),
+        "e": torch.randint(0, 100, (9, 3, 2), generator=g),
+        "m": torch.rand(6, 4, generator=g) > 0.5,
+    }
+
+
+def sharded_state(mesh, placements) -> dict:
+    sd = {k: distribute_tensor(v, mesh, placements) for k, v in global_state().items()}
+    return {"model": sd, "step": 42, "opt": {"lr": 1e-3, "betas": (0.9, 0.95)}}
+
+
+def empty_target(mesh, placements) -> dict:
+    sd = {}
+    for k, v in global_state().items():
+        p = [Shard(0)] if v.dim() == 1 and placements == [Shard(1)] else placements
+        sd[k] = distribute_tensor(torch.zeros_like(v), mesh, p)
+    return {"model": sd, "step": 0, "opt": {"lr": 0.0, "betas": None}}
+
+
+def check_loaded(target: dict) -> None:
+    ref = global_state()
+    for k, v in target["model"].items():
+        full = v.full_tensor() if hasattr(v, "full_tensor") else v
+        assert torch.equal(full, ref[k]), k
+    assert target["step"] == 42
+    assert target["opt"] == {"lr": 1e-3, "betas": (0.9, 0.95)}
+
+
+def _save_sharded(rank: int, world: int, path: str) -> None:
+    mesh = init_device_mesh("cpu", (world,))
+    shardckpt.save(sharded_state(mesh, [Shard(0)]), path)
+
+
+def _load_sharded(rank: int, world: int, path: str, placement: str) -> None:
+    mesh = init_device_mesh("cpu", (world,))
+    p = [Shard(0)] if placement == "shard0" else [Shard(1)] if placement == "shard1" else [Replicate()]
+    target = empty_target(mesh, p)
+    shardckpt.load(target, path)
+    check_loaded(target)
+
+
+def test_save_on_4_load_on_4_3_2_1(tmp_path):
+    path = str(tmp_path / "ckpt")
+    run_ranks(_save_sharded, 4, path)
+    manifest = json.loads(open(os.path.join(path, "manifest.json")).read())
+    assert manifest["world_size"] == 4
+    assert len(manifest["tensors"]["model.w"]["chunks"]) == 4  # 4,4,4,1 rows
+    assert sorted({f["rank"] for f in manifest["files"].values()}) == [0, 1, 2, 3]
+    run_ranks(_load_sharded, 3, path, "shard0")
+    run_ranks(_load_sharded, 2, path, "shard1")
+    # one process, no process group at all
+    target = {"model": {k: torch.zeros_like(v) for k, v in global_state().items()}, "step": 0, "opt": {"lr": 0.0, "betas": None}}
+    shardckpt.load(target, path)
+    check_loaded(target)
+
+
+def test_save_on_2_load_on_4_replicated(tmp_path):
+    path = str(tmp_path / "ckpt")
+    run_ranks(_save_sharded, 2, path)
+    run_ranks(_load_sharded, 4, path, "replicate")
+
+
+def _save_2d(rank: int, world: int, path: str) -> None:
+    mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("dp", "tp"))
+    shardckpt.save(sharded_state(mesh, [Replicate(), Shard(0)]), path)
+
+
+def test_2d_mesh_sharded_and_replicated_loads_on_3(tmp_path):
+    path = str(tmp_path / "ckpt")
+    run_ranks(_save_2d, 4, path)
+    manifest = json.loads(open(os.path.join(path, "manifest.json")).read())
+    # replicated over dp: each tp shard is stored exactly once
+    assert len(manifest["tensors"]["model.w"]["chunks"]) == 2
+    run_ranks(_load_sharded, 3, path, "shard0")
+
+
+def _save_replicated(rank: int, world: int, path: str) -> None:
+    # 32 equal plain tensors present on every rank: each must be written once, evenly spread
+    sd = {f"layer{i}": torch.full((256, 64), float(i)) for i in range(32)}
+    sd["big"] = torch.ones(1000, 64)
+    shardckpt.save(sd, path)
+
+
+def test_replicated_tensors_written_once_and_balanced(tmp_path):
+    path = str(tmp_path / "ckpt")
+    run_ranks(_save_replicated, 4, path)
+    manifest = json.loads(open(os.path.join(path, "manifest.json")).read())
+    per_rank = [0, 0, 0, 0]
+    for name, t in manifest["tensors"].items():
+        assert len(t["chunks"]) == 1, name
+        c = t["chunks"][0]
+        per_rank[manifest["files"][c["file"]]["rank"]] += c["byte_length"]
+    total = (32 * 256 + 1000) * 64 * 4
+    assert sum(per_rank) == total
+    assert max(per_rank) <= 1.25 * (total / 4), per_rank
+    target = {f"layer{i}": torch.zeros(256, 64) for i in range(32)}
+    target["big"] = torch.zeros(1000, 64)
+    shardckpt.load(target, path)
+    assert all(torch.equal(target[f"layer{i}"], torch.full((256, 64), float(i))) for i in range(32))
+
+
+def _save_divergent_value(rank: int, world: int, path: str) -> None:
+    with pytest.raises(shardckpt.UnsupportedValueError, match="differs across ranks"):
+        shardckpt.save({"rng_seed": rank, "w": torch.ones(2)}, path)
+
+
+def test_per_rank_values_that_differ_are_refused_on_every_rank(tmp_path):
+    path = str(tmp_path / "ckpt")
+    run_ranks(_save_divergent_value, 2, path)
+    assert not os.path.exists(os.path.join(path, "manifest.json"))
+
+
+class _FailingStateful:
+    def __init__(self, fail: bool) -> None:
+        self.fail = fail
+
+    def state_dict(self) -> dict:
+        return {"x": torch.ones(3)}
+
+    def load_state_dict(self, sd: dict) -> None:
+        pass
+
+
+def _one_rank_bad_target(rank: int, world: int, path: str) -> None:
+    if rank == 0:
+        shardckpt.save({"w": torch.arange(4.0)}, path, process_group=dist.new_group([0]))
+    dist.barrier()
+    target = {"w": torch.zeros(4) if rank != 1 else torch.zeros(5)}
+    with pytest.raises(shardckpt.StateDictMismatchError) as info:
+        shardckpt.load(target, path)
+    assert "rank 1" in str(info.value)
+    assert "saved shape [4]" in str(info.value)
+
+
+def test_shape_mismatch_on_one_rank_raises_on_all(tmp_path):
+    run_ranks(_one_rank_bad_target, 2, str(tmp_path / "ckpt"))
+
+
+def _write_fails_on_rank_1(rank: int, world: int, path: str) -> None:
+    class Exploding(torch.Tensor):
+        pass
+
+    sd = {"w": torch.arange(8.0).reshape(4, 2)}
+    if rank == 1:
+        # an unsupported dtype on one rank only: planning fails there, every rank must raise
+        sd = {"w": torch.zeros(4, 2, dtype=torch.complex64)}
+    with pytest.raises(shardckpt.ShardckptError) as info:
+        shardckpt.save(sd, path)
+    assert "rank 1" in str(info.value)
+
+
+def test_failure_on_one_rank_raises_on_every_rank_and_commits_nothing(tmp_path):
+    path = str(tmp_path / "ckpt")
+    run_ranks(_write_fails_on_rank_1, 2, path)
+    assert not os.path.exists(os.path.join(path, "manifest.json"))
