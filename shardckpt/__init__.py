@@ -16,6 +16,7 @@ from shardckpt.errors import (  # noqa: E402
     ManifestError,
     NotCommittedError,
     RankFailureError,
+    RootInUseError,
     ShardckptError,
     StateDictMismatchError,
     StorageError,
@@ -23,7 +24,9 @@ from shardckpt.errors import (  # noqa: E402
     UnsupportedValueError,
 )
 from shardckpt.loading import load, read_manifest  # noqa: E402
+from shardckpt.manager import CheckpointManager, StepInfo, list_root  # noqa: E402
 from shardckpt.manifest import Manifest  # noqa: E402
+from shardckpt.retention import RetentionPolicy  # noqa: E402
 from shardckpt.saving import save  # noqa: E402
 
 __all__ = [
@@ -31,6 +34,10 @@ __all__ = [
     "save",
     "load",
     "read_manifest",
+    "CheckpointManager",
+    "RetentionPolicy",
+    "StepInfo",
+    "list_root",
     "Manifest",
     "ShardckptError",
     "CheckpointNotFoundError",
@@ -43,4 +50,5 @@ __all__ = [
     "UnsupportedValueError",
     "StorageError",
     "RankFailureError",
+    "RootInUseError",
 ]

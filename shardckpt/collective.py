@@ -75,6 +75,43 @@ class RankGroup:
         return result  # type: ignore[return-value]
 
 
+    def decide(self, action: str, fn: Callable[[], T]) -> T:
+        """Collective: run ``fn`` on the coordinator only and give its result to every rank.
+
+        Used where ranks must not disagree (which step to restore, whether a
+        wall-clock interval has passed). If ``fn`` raises, every rank raises.
+        """
+        if not self.is_distributed:
+            return fn()
+        payload: list[Any] = [None]
+        failure: Exception | None = None
+        if self.is_coordinator:
+            try:
+                payload[0] = ("ok", fn())
+            except Exception as e:  # noqa: BLE001 - re-raised on every rank below
+                failure = e
+                payload[0] = ("error", type(e).__name__, str(e))
+        src = dist.get_global_rank(self.group, self.coordinator_rank) if self.group is not None else self.coordinator_rank
+        dist.broadcast_object_list(payload, src=src, group=self.group)
+        if payload[0][0] == "error":
+            remote = failure if failure is not None else _Remote(payload[0][1], payload[0][2])
+            raise_failures(action, {self.coordinator_rank: remote}, local=failure)
+        return payload[0][1]  # type: ignore[no-any-return]
+
+    def any_true(self, flags: list[bool]) -> list[bool]:
+        """Collective: element-wise OR of ``flags`` over all ranks (one small all_reduce)."""
+        if not self.is_distributed:
+            return list(flags)
+        import torch
+
+        device = "cpu"
+        if dist.get_backend(self.group) == "nccl":
+            device = f"cuda:{torch.cuda.current_device()}"
+        t = torch.tensor([1 if f else 0 for f in flags], dtype=torch.int32, device=device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.group)
+        return [bool(x) for x in t.tolist()]
+
+
 class _Remote(Exception):
     """Stand-in for an exception raised on another rank (only its type name and text travel)."""
 

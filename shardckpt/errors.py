@@ -20,6 +20,7 @@ __all__ = [
     "UnsupportedValueError",
     "StorageError",
     "RankFailureError",
+    "RootInUseError",
 ]
 
 
@@ -73,3 +74,7 @@ class StorageError(ShardckptError, OSError):
 
 class RankFailureError(ShardckptError, RuntimeError):
     """A collective call failed on some ranks with errors that are not shardckpt errors."""
+
+
+class RootInUseError(ShardckptError, RuntimeError):
+    """Another CheckpointManager is writing to the same root."""

@@ -1,5 +1,8 @@
 """Every file and folder name inside a checkpoint root. Pure string functions, no I/O.
 
+A manager root holds one checkpoint folder per step, ``step_0000000100/``, plus
+``.shardckpt-owner.json`` naming the manager that writes there.
+
 A checkpoint folder looks like::
 
     <root>/
@@ -21,6 +24,11 @@ MANIFEST_TMP_PREFIX = ".manifest.json.tmp-"
 DATA_DIR = "data"
 DATA_SUFFIX = ".safetensors"
 
+STEP_DIR_PREFIX = "step_"
+STEP_DIGITS = 10
+OWNER_NAME = ".shardckpt-owner.json"
+
+_STEP_DIR = re.compile(r"^step_([0-9]{10,})$")
 _DATA_NAME = re.compile(r"^data/[0-9a-f]{1,32}-r[0-9]{5,}-[0-9]{2,}\.safetensors$")
 _SAFE_COMPONENT = re.compile(r"^[A-Za-z0-9._-]+$")
 
@@ -28,6 +36,19 @@ _SAFE_COMPONENT = re.compile(r"^[A-Za-z0-9._-]+$")
 def data_file_name(save_id: str, rank: int, index: int) -> str:
     """Name (relative to the checkpoint root) of the ``index``-th data file of ``rank``."""
     return f"{DATA_DIR}/{save_id}-r{rank:05d}-{index:02d}{DATA_SUFFIX}"
+
+
+def step_dir_name(step: int) -> str:
+    """Folder of ``step`` under a manager root: zero-padded so names sort like steps."""
+    if step < 0:
+        raise ValueError(f"step must be >= 0, got {step}")
+    return f"{STEP_DIR_PREFIX}{step:0{STEP_DIGITS}d}"
+
+
+def parse_step_dir(name: str) -> int | None:
+    """The step of a folder named by :func:`step_dir_name`, else None."""
+    m = _STEP_DIR.match(name.rstrip("/").rsplit("/", 1)[-1])
+    return int(m.group(1)) if m else None
 
 
 def manifest_tmp_name(save_id: str) -> str:

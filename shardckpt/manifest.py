@@ -65,6 +65,7 @@ class Manifest:
     shardckpt_version: str
     torch_version: str
     paths: dict[str, list[str | int]] = field(default_factory=dict)
+    metadata: dict[str, Any] = field(default_factory=dict)  # the caller's JSON (e.g. the manager's step, metrics)
     format_version: int = FORMAT_VERSION
 
     @property
@@ -166,6 +167,7 @@ def manifest_to_json(m: Manifest) -> bytes:
         "values": dict(sorted(m.values.items())),
         "files": {n: {"size": f.size, "hash": f.hash, "rank": f.rank} for n, f in sorted(m.files.items())},
         "paths": dict(sorted(m.paths.items())),
+        "metadata": m.metadata,
     }
     return _dumps_two_levels(doc).encode()
 
@@ -228,6 +230,7 @@ def parse_manifest(raw: bytes, *, source: str) -> Manifest:
     if not all(isinstance(p, dict) for p in layout):
         raise ManifestError(f"{source}: process_layout must be a list of objects")
     paths = r.get(doc, "paths", dict, "")
+    metadata = r.get(doc, "metadata", dict, "")
     return Manifest(
         world_size=r.nonneg(doc, "world_size", ""),
         process_layout=tuple(layout),
@@ -239,6 +242,7 @@ def parse_manifest(raw: bytes, *, source: str) -> Manifest:
         shardckpt_version=r.get(doc, "shardckpt_version", str, ""),
         torch_version=r.get(doc, "torch_version", str, ""),
         paths=paths,
+        metadata=metadata,
         format_version=version,
     )
 

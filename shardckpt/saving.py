@@ -30,6 +30,7 @@ def save(
     overwrite: bool = False,
     storage_options: dict[str, Any] | None = None,
     hash_block_bytes: int = integrity.DEFAULT_BLOCK_BYTES,
+    metadata: dict[str, Any] | None = None,
 ) -> Manifest | None:
     """Save ``state_dict`` to the checkpoint folder ``path`` (a local path or fsspec URL).
 
@@ -44,12 +45,15 @@ def save(
     ``state_dict`` holds nested dicts/lists of tensors and DTensors, Stateful objects
     (``state_dict()``/``load_state_dict()``), and JSON-representable values (int, float,
     str, bool, None, list, tuple, str-keyed dict). A committed checkpoint already at
-    ``path`` is refused unless ``overwrite=True``.
+    ``path`` is refused unless ``overwrite=True``. ``metadata`` (plain JSON, the
+    coordinator's copy is kept) is stored in the manifest, e.g. a step and metrics.
 
     Returns the committed Manifest on the coordinator, None on other ranks.
     """
     group = RankGroup.current(process_group)
-    options = WriterOptions(num_io_threads=num_io_threads, hash_block_bytes=hash_block_bytes, overwrite=overwrite)
+    options = WriterOptions(
+        num_io_threads=num_io_threads, hash_block_bytes=hash_block_bytes, overwrite=overwrite, metadata=dict(metadata or {})
+    )
     writer = Writer(open_storage(path, storage_options), options)
     with translated_failures(f"save to {path}"):
         dcp.save(

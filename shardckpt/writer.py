@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import json
 import math
 import os
 import socket
@@ -54,12 +55,17 @@ class WriterOptions:
     num_io_threads: int = 2
     hash_block_bytes: int = integrity.DEFAULT_BLOCK_BYTES
     overwrite: bool = False
+    metadata: dict[str, Any] = dataclasses.field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if not 1 <= self.num_io_threads <= 256:
             raise ValueError(f"num_io_threads must be in [1, 256], got {self.num_io_threads}")
         if not (4096 <= self.hash_block_bytes <= 2**30 and self.hash_block_bytes % 64 == 0):
             raise ValueError(f"hash_block_bytes must be a multiple of 64 in [4096, 2**30], got {self.hash_block_bytes}")
+        try:
+            json.dumps(self.metadata, allow_nan=False)
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"metadata must be plain JSON (str keys, finite numbers): {e}") from e
 
 
 class Writer(StorageWriter):
@@ -125,6 +131,7 @@ class Writer(StorageWriter):
 
     def finish(self, metadata: Metadata, results: list[list[WriteResult]]) -> None:
         m = build_manifest(metadata, results, self._layout, self.options.hash_block_bytes)
+        m = dataclasses.replace(m, metadata=dict(self.options.metadata))
         self.storage.write_atomic(layout.MANIFEST_NAME, manifest_to_json(m))
         self.manifest = m
         self._remove_unreferenced(m)
@@ -235,8 +242,6 @@ def build_manifest(
     tensors: dict[str, TensorRecord] = {}
     values: dict[str, Any] = {}
     files: dict[str, FileRecord] = {}
-    import json
-
     for fqn, md in metadata.state_dict_metadata.items():
         if isinstance(md, BytesStorageMetadata):
             values[fqn] = json.loads(located[MetadataIndex(fqn)].json_text)

@@ -65,6 +65,10 @@ class Storage(abc.ABC):
         """Names (relative to the root) of all files under folder ``prefix``, recursively."""
 
     @abc.abstractmethod
+    def list_dirs(self, prefix: str = "") -> list[str]:
+        """Names of the immediate sub-folders of folder ``prefix`` (not recursive)."""
+
+    @abc.abstractmethod
     def delete(self, names: list[str]) -> None:
         """Delete files; names that do not exist are ignored."""
 

@@ -84,6 +84,14 @@ class FsspecStorage(Storage):
         cut = len(self.root.rstrip("/")) + 1
         return sorted(p[cut:] if p.startswith(self.root) else p for p in self.fs.find(base))
 
+    def list_dirs(self, prefix: str = "") -> list[str]:
+        base = self._path(prefix)
+        try:
+            entries = self.fs.ls(base, detail=True)
+        except FileNotFoundError:
+            return []
+        return sorted(e["name"].rstrip("/").rsplit("/", 1)[-1] for e in entries if e.get("type") == "directory")
+
     def delete(self, names: list[str]) -> None:
         paths = [self._path(n) for n in names]
         existing = [p for p in paths if self.fs.exists(p)]

@@ -105,6 +105,13 @@ class LocalStorage(Storage):
                 found.append(f if rel == "." else f"{rel}/{f}".replace(os.sep, "/"))
         return sorted(found)
 
+    def list_dirs(self, prefix: str = "") -> list[str]:
+        try:
+            with os.scandir(self._path(prefix)) as it:
+                return sorted(e.name for e in it if e.is_dir(follow_symlinks=False))
+        except FileNotFoundError:
+            return []
+
     def delete(self, names: list[str]) -> None:
         for name in names:
             try:

@@ -1,0 +1,265 @@
+"""The ``shardckpt`` command line: a thin argparse front over the library.
+
+Every subcommand is one :class:`Command` in :data:`COMMANDS`, made of two small
+functions: ``configure`` adds its arguments, ``run`` does the work and returns the
+exit status. To add one (``ls``, ``export``, ...), write those two functions next to
+the others and :func:`register` a Command; ``--help`` is built from its fields.
+
+Exit status, for every subcommand: 0 success; 1 the checkpoint is damaged
+(``verify`` found problems); 2 the path is not a committed checkpoint this
+shardckpt can read, or the command line is wrong.
+"""
+
+from __future__ import annotations
+
+import argparse
+import fnmatch
+import json
+import os
+import sys
+import textwrap
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from shardckpt import __version__
+from shardckpt.audit import AuditReport, Problem, describe_checkpoint, verify_checkpoint
+from shardckpt.errors import ManifestError, ShardckptError, UnsupportedFormatVersionError
+from shardckpt.layout import MANIFEST_NAME
+
+EXIT_OK = 0
+EXIT_DAMAGED = 1
+EXIT_UNUSABLE = 2
+
+_VALUE_WIDTH = 100
+
+
+@dataclass(frozen=True)
+class Command:
+    """One subcommand: ``shardckpt NAME ...``."""
+
+    name: str
+    summary: str  # one line, listed by ``shardckpt --help``
+    description: str  # one paragraph, shown by ``shardckpt NAME --help``
+    examples: tuple[str, ...]  # command lines shown under "examples:"
+    configure: Callable[[argparse.ArgumentParser], None]
+    run: Callable[[argparse.Namespace], int]
+
+
+COMMANDS: dict[str, Command] = {}
+
+
+def register(command: Command) -> Command:
+    if command.name in COMMANDS:
+        raise ValueError(f"subcommand {command.name!r} is registered twice")
+    COMMANDS[command.name] = command
+    return command
+
+
+# ---------------------------------------------------------------- inspect
+
+
+def _configure_inspect(p: argparse.ArgumentParser) -> None:
+    p.add_argument("path", metavar="PATH", help="checkpoint folder: a local path or an fsspec URL such as s3://bucket/run/step_100")
+    p.add_argument("--json", action="store_true", help="print the summary as one JSON document instead of tables")
+    p.add_argument("--keys", metavar="PATTERN", help="show only keys matching this shell-style pattern, e.g. 'model.layers.0.*'")
+
+
+def _run_inspect(args: argparse.Namespace) -> int:
+    summary = describe_checkpoint(args.path)
+    if args.keys is not None:
+        summary["keys"] = {k: v for k, v in summary["keys"].items() if fnmatch.fnmatchcase(k, args.keys)}
+    if args.json:
+        print(json.dumps(summary, indent=2, allow_nan=False))
+    else:
+        print(_format_summary(summary, pattern=args.keys))
+    return EXIT_OK
+
+
+def _format_summary(s: dict[str, Any], *, pattern: str | None) -> str:
+    lines = [
+        f"checkpoint  {s['path']}",
+        f"format      shardckpt format {s['format_version']}, written by shardckpt {s['shardckpt_version']} "
+        f"with torch {s['torch_version']}",
+        f"created_at  {s['created_at']}",
+        f"world_size  {s['world_size']}",
+        f"keys        {s['num_keys']} ({s['num_tensors']} tensors, {s['num_values']} values)",
+        f"size        {_human_bytes(s['total_bytes'])} in {s['num_files']} data files "
+        f"({_human_bytes(s['tensor_bytes'])} of tensor data)",
+    ]
+    if s["metadata"]:
+        lines.append(f"metadata    {json.dumps(s['metadata'])}")
+    keys = s["keys"]
+    tensors = [
+        [k, r["dtype"], str(r["shape"]), str(r["chunks"]), _human_bytes(r["bytes"])]
+        for k, r in keys.items()
+        if r["kind"] == "tensor"
+    ]
+    values = [[k, r["type"], _clip(json.dumps(r["value"]))] for k, r in keys.items() if r["kind"] == "value"]
+    if tensors:
+        lines += ["", *_table(["KEY", "DTYPE", "SHAPE", "CHUNKS", "SIZE"], tensors)]
+    if values:
+        lines += ["", *_table(["KEY", "TYPE", "VALUE (JSON)"], values)]
+    if not keys:
+        lines += ["", f"no key matches {pattern!r}" if pattern is not None else "the checkpoint holds no keys"]
+    return "\n".join(lines)
+
+
+def _table(header: list[str], rows: list[list[str]]) -> list[str]:
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+    return ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in [header, *rows]]
+
+
+def _clip(text: str) -> str:
+    return text if len(text) <= _VALUE_WIDTH else text[: _VALUE_WIDTH - 3] + "..."
+
+
+def _human_bytes(n: int) -> str:
+    if n < 1024:
+        return f"{n} B"
+    size = float(n)
+    for unit in ("KiB", "MiB", "GiB", "TiB"):
+        size /= 1024
+        if size < 1024:
+            break
+    return f"{size:.1f} {unit}"
+
+
+# ---------------------------------------------------------------- verify
+
+
+def _configure_verify(p: argparse.ArgumentParser) -> None:
+    p.add_argument("path", metavar="PATH", help="checkpoint folder: a local path or an fsspec URL such as s3://bucket/run/step_100")
+    p.add_argument("--json", action="store_true", help="print the report as one JSON document")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar (it is shown on stderr only when stderr is a terminal)")
+
+
+def _run_verify(args: argparse.Namespace) -> int:
+    try:
+        report = verify_checkpoint(args.path, progress=not args.no_progress and sys.stderr.isatty())
+    except UnsupportedFormatVersionError:
+        raise
+    except ManifestError as e:
+        # The manifest exists, so the checkpoint was committed: a broken manifest is damage.
+        report = AuditReport(args.path, 0, 0, 0, [Problem(MANIFEST_NAME, None, str(e))])
+    if args.json:
+        print(json.dumps(report.to_json(), indent=2))
+    else:
+        print(_format_report(report))
+    return EXIT_OK if report.ok else EXIT_DAMAGED
+
+
+def _format_report(r: AuditReport) -> str:
+    if r.ok:
+        return (
+            f"OK  {r.path}: {r.files_checked} data files, {r.chunks_checked} chunks, "
+            f"{_human_bytes(r.bytes_hashed)} re-hashed; every checksum matches the manifest"
+        )
+    files = len({p.file for p in r.problems})
+    lines = [f"PROBLEM  {p}" for p in r.problems]
+    lines.append(
+        f"FAILED  {r.path}: {len(r.problems)} problem(s) in {files} file(s). Do not resume from this "
+        "checkpoint: restore the files named above from a good copy, or load an earlier checkpoint."
+    )
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------- registry and entry point
+
+register(
+    Command(
+        name="inspect",
+        summary="show what a checkpoint holds: keys, dtypes, shapes, sizes, values",
+        description=(
+            "Print a summary of a committed checkpoint from its manifest alone, without reading "
+            "any tensor data: the format version, the shardckpt and torch versions that wrote it, "
+            "when, with how many processes, and its total size; then one row per tensor key "
+            "(dtype, global shape, number of saved chunks, size) and one row per non-tensor value "
+            "with its JSON. Long values are cut in the table; --json prints everything."
+        ),
+        examples=(
+            "shardckpt inspect runs/llama/step_0000001000",
+            "shardckpt inspect s3://bucket/run/step_0000001000 --keys 'model.layers.0.*'",
+            "shardckpt inspect runs/llama/step_0000001000 --json | jq '.keys | length'",
+        ),
+        configure=_configure_inspect,
+        run=_run_inspect,
+    )
+)
+register(
+    Command(
+        name="verify",
+        summary="re-read every byte of a checkpoint and check it against the manifest's checksums",
+        description=(
+            "Check that a committed checkpoint is intact: every data file listed in the manifest "
+            "exists with its recorded size, its safetensors header agrees with the manifest, its "
+            "whole-file xxh3 checksum matches, and every checksum block of every tensor chunk "
+            "matches. Every problem is printed with the file and key it concerns; verify does not "
+            "stop at the first. Exit status 0 means intact, 1 damaged, 2 not a committed checkpoint."
+        ),
+        examples=(
+            "shardckpt verify runs/llama/step_0000001000",
+            "shardckpt verify s3://bucket/run/step_0000001000 --json --no-progress > report.json",
+        ),
+        configure=_configure_verify,
+        run=_run_verify,
+    )
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    examples = [e for c in COMMANDS.values() for e in c.examples[:1]]
+    parser = argparse.ArgumentParser(
+        prog="shardckpt",
+        description=textwrap.fill(
+            "Look into and check shardckpt checkpoints: folders of safetensors data files "
+            "committed by one manifest.json. Paths are local folders or fsspec URLs "
+            "(s3://, gs://, ...; credentials come from the usual environment). "
+            "Run 'shardckpt COMMAND --help' for the options of one command.",
+            79,
+        ),
+        epilog=_epilog(examples) + "\n\n" + _EXIT_STATUS,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"shardckpt {__version__}")
+    subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for cmd in COMMANDS.values():
+        sub = subparsers.add_parser(
+            cmd.name,
+            help=cmd.summary,
+            description=textwrap.fill(cmd.description, 79),
+            epilog=_epilog(list(cmd.examples)),
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
+        cmd.configure(sub)
+        sub.set_defaults(run=cmd.run)
+    return parser
+
+
+_EXIT_STATUS = "exit status:\n  0  success\n  1  the checkpoint is damaged\n  2  not a committed checkpoint, or a bad command line"
+
+
+def _epilog(examples: list[str]) -> str:
+    return "examples:\n" + "\n".join(f"  {e}" for e in examples)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run ``shardckpt`` with ``argv`` (default: ``sys.argv[1:]``); return the exit status."""
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:  # --help, --version and usage errors
+        return e.code if isinstance(e.code, int) else EXIT_UNUSABLE
+    try:
+        return int(args.run(args))
+    except BrokenPipeError:
+        # The reader went away (`shardckpt inspect ... | head`): not an error worth a traceback.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_OK
+    except (ShardckptError, OSError) as e:
+        print(f"shardckpt {args.command}: error: {e}", file=sys.stderr)
+        return EXIT_UNUSABLE
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,298 @@
+"""CheckpointManager: step folders, commit discovery, retention, resume, save on preemption.
+
+A step exists if and only if ``<root>/step_<N>/manifest.json`` exists. Listing,
+restore and retention only ever see committed steps; retention runs after the new
+step is committed and deletes a step by removing its manifest first, so a crash
+mid-delete leaves an uncommitted folder (cleaned up on the next start), never a
+committed step with missing data. Decisions that ranks must share (which step to
+restore, whether a time interval has passed, whether any rank was preempted) are
+made once and given to every rank.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import sys
+import time
+from dataclasses import dataclass, field
+from types import FrameType
+from typing import Any
+
+from shardckpt import layout, ownership
+from shardckpt.collective import RankGroup
+from shardckpt.errors import CheckpointNotFoundError, IntegrityError, ManifestError, ShardckptError
+from shardckpt.loading import load, read_manifest
+from shardckpt.retention import RetentionPolicy
+from shardckpt.saving import save
+from shardckpt.storage import Storage, open_storage
+
+log = logging.getLogger("shardckpt")
+
+
+@dataclass(frozen=True)
+class StepInfo:
+    """What ``shardckpt ls`` shows for one step folder."""
+
+    step: int
+    committed: bool
+    size_bytes: int
+    metrics: dict[str, Any] = field(default_factory=dict)
+    created_at: str | None = None
+    world_size: int | None = None
+
+
+class CheckpointManager:
+    """Saves and restores numbered checkpoints under one root (local path or fsspec URL).
+
+    Collective: construct it, and call ``save``/``restore``/``close``, on every rank
+    of the group (the default group when torch.distributed is initialized). The
+    coordinator (rank 0) lists, cleans up, applies retention and owns the root.
+
+    Not thread-safe. ``read_only=True`` opens a root for ``restore``/listing only:
+    no owner record, no cleanup, and ``save`` refuses.
+    """
+
+    def __init__(
+        self,
+        root: str,
+        *,
+        keep_last: int | None = None,
+        keep_every_n_steps: int | None = None,
+        keep_best: int | None = None,
+        monitor: str | None = None,
+        mode: str = "min",
+        save_interval_steps: int = 1,
+        save_interval_s: float | None = None,
+        save_on_preemption: bool = False,
+        preemption_exit_code: int = 0,
+        process_group: Any = None,
+        storage_options: dict[str, Any] | None = None,
+        num_io_threads: int | None = None,
+        read_only: bool = False,
+        takeover: bool = False,
+        stale_owner_after_s: float = 600.0,
+    ) -> None:
+        if save_interval_steps < 1:
+            raise ValueError(f"save_interval_steps must be >= 1, got {save_interval_steps}")
+        if save_interval_s is not None and save_interval_s <= 0:
+            raise ValueError(f"save_interval_s must be > 0 or None, got {save_interval_s}")
+        self.root = root.rstrip("/")
+        self.policy = RetentionPolicy(keep_last, keep_every_n_steps, keep_best, monitor, mode)
+        self.save_interval_steps = save_interval_steps
+        self.save_interval_s = save_interval_s
+        self.preemption_exit_code = preemption_exit_code
+        self.read_only = read_only
+        self.cleaned_up: list[str] = []
+        self._process_group = process_group
+        self._storage_options = storage_options
+        self._io = {} if num_io_threads is None else {"num_io_threads": num_io_threads}
+        self._group = RankGroup.current(process_group)
+        self._storage = open_storage(self.root, storage_options)
+        self._metrics: dict[int, dict[str, Any]] = {}
+        self._last_save_time = time.monotonic()
+        self._preempted = False
+        self._closed = False
+        self._owner = ownership.OwnerRecord.for_this_process()
+        self._previous_sigterm: Any = None
+        if not read_only:
+            self._group.decide(f"opening {self.root}", lambda: self._start(takeover, stale_owner_after_s))
+        if save_on_preemption:
+            self._install_sigterm_handler()
+
+    # ------------------------------------------------------------ listing
+
+    def steps(self) -> list[int]:
+        """Committed steps, ascending. Reads storage on the calling rank only."""
+        found = []
+        for name in self._storage.list_dirs(""):
+            step = layout.parse_step_dir(name)
+            if step is not None and self._storage.exists(f"{name}/{layout.MANIFEST_NAME}"):
+                found.append(step)
+        return sorted(found)
+
+    def latest_step(self) -> int | None:
+        steps = self.steps()
+        return steps[-1] if steps else None
+
+    def best_step(self) -> int | None:
+        """The committed step with the best monitored metric (None without keep_best/monitor)."""
+        if not self.policy.monitor:
+            return None
+        steps = self.steps()
+        ranked = self.policy.best(steps, {s: self.metrics(s) for s in steps})
+        return ranked[0] if ranked else None
+
+    def metrics(self, step: int) -> dict[str, Any]:
+        """The metrics saved with committed ``step`` (from its manifest)."""
+        if step not in self._metrics:
+            manifest = read_manifest(self._step_storage(step))
+            self._metrics[step] = dict(manifest.metadata.get("metrics") or {})
+        return self._metrics[step]
+
+    def path(self, step: int) -> str:
+        """The checkpoint folder of ``step`` (usable with shardckpt.load directly)."""
+        return f"{self.root}/{layout.step_dir_name(step)}"
+
+    # ------------------------------------------------------------ restore
+
+    def restore(self, state_dict: dict[str, Any], step: int | None = None, *, strict: bool = True) -> int | None:
+        """Collective. Load ``step`` (default: the latest committed one) into ``state_dict``.
+
+        Returns the step loaded, or None when the root holds no committed step (a fresh
+        start). With ``step=None``, a latest step that fails verification is skipped
+        with a warning and the next older committed step is tried.
+        """
+        self._check_open()
+        candidates = self._group.decide(f"listing {self.root}", lambda: self._restore_candidates(step))
+        for i, s in enumerate(candidates):
+            try:
+                load(state_dict, self.path(s), process_group=self._process_group, strict=strict,
+                     storage_options=self._storage_options, **self._io)
+                return s
+            except (IntegrityError, ManifestError) as e:
+                if step is not None or i == len(candidates) - 1:
+                    raise
+                log.warning("shardckpt: step %d under %s is damaged (%s); trying step %d", s, self.root, e, candidates[i + 1])
+        return None
+
+    def _restore_candidates(self, step: int | None) -> list[int]:
+        steps = self.steps()
+        if step is None:
+            return list(reversed(steps))
+        if step not in steps:
+            raise CheckpointNotFoundError(
+                f"{self.root}: no committed checkpoint for step {step}; committed steps are {steps or 'none'}"
+            )
+        return [step]
+
+    # ------------------------------------------------------------ save
+
+    def save(self, step: int, state_dict: dict[str, Any], *, metrics: dict[str, Any] | None = None, force: bool = False) -> bool:
+        """Collective. Save ``state_dict`` as ``step`` if the interval says so (or ``force``).
+
+        Call it every step: it returns False at once when no save is due. A save is
+        due every ``save_interval_steps`` steps, or when ``save_interval_s`` has passed
+        since the last save (decided on rank 0), or when any rank received SIGTERM with
+        ``save_on_preemption`` (then the process exits after the save is committed).
+        Retention runs after the commit. Returns whether a checkpoint was written.
+        """
+        self._check_open()
+        if self.read_only:
+            raise ShardckptError(f"{self.root}: this CheckpointManager was opened read_only=True; it cannot save")
+        preempted, time_due = self._shared_flags()
+        due = force or preempted or time_due or step % self.save_interval_steps == 0
+        if not due:
+            return False
+        meta = {"step": step, "metrics": dict(metrics or {}), "saved_at": time.time()}
+        save(state_dict, self.path(step), process_group=self._process_group, storage_options=self._storage_options,
+             metadata=meta, **self._io)
+        self._last_save_time = time.monotonic()
+        self._metrics[step] = dict(metrics or {})
+        if self._group.is_coordinator:
+            self._apply_retention()
+            ownership.write(self._storage, _refreshed(self._owner))
+        if preempted:
+            log.warning("shardckpt: preempted (SIGTERM); step %d committed under %s, exiting", step, self.root)
+            self.close()
+            sys.exit(self.preemption_exit_code)
+        return True
+
+    def _shared_flags(self) -> tuple[bool, bool]:
+        needs_collective = self.save_interval_s is not None or self._previous_sigterm is not None
+        time_due = (
+            self._group.is_coordinator
+            and self.save_interval_s is not None
+            and time.monotonic() - self._last_save_time >= self.save_interval_s
+        )
+        if not needs_collective:
+            return self._preempted, bool(time_due)
+        preempted, time_due = self._group.any_true([self._preempted, bool(time_due)])
+        return preempted, time_due
+
+    def _apply_retention(self) -> None:
+        steps = self.steps()
+        for s in self.policy.to_delete(steps, {s: self._safe_metrics(s) for s in steps}):
+            self._delete_step(s)
+
+    def _safe_metrics(self, step: int) -> dict[str, Any]:
+        try:
+            return self.metrics(step)
+        except ShardckptError:
+            return {}
+
+    def _delete_step(self, step: int) -> None:
+        storage = self._step_storage(step)
+        storage.delete([layout.MANIFEST_NAME])  # uncommit first: never a committed step with missing data
+        storage.delete_tree("")
+        self._metrics.pop(step, None)
+        log.info("shardckpt: retention deleted step %d under %s", step, self.root)
+
+    # ------------------------------------------------------------ lifecycle
+
+    def _start(self, takeover: bool, stale_after_s: float) -> None:
+        ownership.claim(self._storage, self._owner, takeover=takeover, stale_after_s=stale_after_s)
+        for name in self._storage.list_dirs(""):
+            step = layout.parse_step_dir(name)
+            if step is not None and not self._storage.exists(f"{name}/{layout.MANIFEST_NAME}"):
+                self._storage.delete_tree(name)
+                self.cleaned_up.append(name)
+                log.warning("shardckpt: removed %s/%s, left by an interrupted save (no manifest)", self.root, name)
+
+    def _install_sigterm_handler(self) -> None:
+        def on_sigterm(signum: int, frame: FrameType | None) -> None:
+            self._preempted = True
+
+        self._previous_sigterm = signal.signal(signal.SIGTERM, on_sigterm)
+
+    def wait(self) -> None:
+        """Block until a pending save has finished (saves are synchronous for now)."""
+
+    def close(self) -> None:
+        """Release the root (owner record) and the SIGTERM handler. Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        if self._previous_sigterm is not None:
+            signal.signal(signal.SIGTERM, self._previous_sigterm)
+        if not self.read_only and self._group.is_coordinator:
+            ownership.release(self._storage, self._owner)
+
+    def __enter__(self) -> CheckpointManager:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.wait()
+        self.close()
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise ShardckptError(f"{self.root}: this CheckpointManager is closed")
+
+    def _step_storage(self, step: int) -> Storage:
+        return self._storage.child(layout.step_dir_name(step))
+
+
+def _refreshed(record: ownership.OwnerRecord) -> ownership.OwnerRecord:
+    from dataclasses import replace
+
+    return replace(record, heartbeat_at=time.time())
+
+
+def list_root(root: str, storage_options: dict[str, Any] | None = None) -> list[StepInfo]:
+    """Every step folder under ``root``, committed or not, ascending (for ``shardckpt ls``)."""
+    storage = open_storage(root, storage_options)
+    infos = []
+    for name in storage.list_dirs(""):
+        step = layout.parse_step_dir(name)
+        if step is None:
+            continue
+        sub = storage.child(name)
+        if sub.exists(layout.MANIFEST_NAME):
+            m = read_manifest(sub)
+            size = sum(f.size for f in m.files.values())
+            infos.append(StepInfo(step, True, size, dict(m.metadata.get("metrics") or {}), m.created_at, m.world_size))
+        else:
+            size = sum(sub.size(n) for n in sub.list_files(""))
+            infos.append(StepInfo(step, False, size))
+    return sorted(infos, key=lambda i: i.step)

@@ -1,0 +1,157 @@
+"""SIGKILL at every storage step of a manager's save loop -> the last committed step always restores.
+
+A child process runs a CheckpointManager over a LocalStorage subclass that kills the
+process (SIGKILL, no cleanup of any kind) at its K-th storage event: opening a data
+file, each write, fsync, directory fsync, before/while/after the manifest's atomic
+write, retention deletes. The parent then restores with verification and checks the
+step it gets. ``SHARDCKPT_STRESS=1`` runs every event index instead of a spread sample.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+
+import torch
+
+import shardckpt
+
+CHILD = textwrap.dedent(
+    """
+    import os, signal, sys, torch
+    import shardckpt
+    from shardckpt.storage.local import LocalStorage, _LocalWriteStream
+    import shardckpt.saving, shardckpt.manager, shardckpt.loading
+
+    KILL_AT = int(sys.argv[2])
+    events = [0]
+
+    def event(name):
+        events[0] += 1
+        if KILL_AT == 0:
+            print(f"EVENT {events[0]} {name}", flush=True)
+        if events[0] == KILL_AT:
+            print(f"KILL {name}", flush=True)
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    class Stream(_LocalWriteStream):
+        def write(self, data):
+            event("write")
+            super().write(data)
+        def finish(self):
+            event("fsync")
+            super().finish()
+
+    class KillingStorage(LocalStorage):
+        def open_write(self, name):
+            event("open")
+            os.makedirs(os.path.dirname(self._path(name)), exist_ok=True)
+            return Stream(self._path(name))
+        def write_atomic(self, name, data):
+            event("commit:before")
+            if name.endswith("manifest.json"):
+                tmp = self._path(name) + ".partial-tmp"
+                with open(tmp, "wb") as f:
+                    f.write(data[: len(data) // 2])
+                event("commit:half-written-tmp")
+                os.unlink(tmp)
+            super().write_atomic(name, data)
+            event("commit:after")
+        def sync_dir(self, name=""):
+            event("sync_dir")
+            super().sync_dir(name)
+        def delete(self, names):
+            event("delete")
+            super().delete(names)
+        def delete_tree(self, name=""):
+            event("delete_tree")
+            super().delete_tree(name)
+        def child(self, name):
+            return KillingStorage(self._path(name))
+
+    def open_killing(url, options=None):
+        return KillingStorage(url)
+
+    for mod in (shardckpt.saving, shardckpt.manager, shardckpt.loading):
+        mod.open_storage = open_killing
+
+    mgr = shardckpt.CheckpointManager(sys.argv[1], keep_last=2)
+    start = mgr.restore({"w": torch.zeros(64, 33), "b": torch.zeros(7), "step": 0}) or 0
+    for step in range(start + 1, start + 5):
+        sd = {"w": torch.full((64, 33), float(step)), "b": torch.arange(7.0) + step, "step": step}
+        mgr.save(step, sd)
+        print(f"SAVED {step}", flush=True)
+    mgr.close()
+    print(f"EVENTS {events[0]}", flush=True)
+    """
+)
+
+
+def run_child(root: str, kill_at: int) -> tuple[int, str]:
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    p = subprocess.run([sys.executable, "-c", CHILD, root, str(kill_at)], capture_output=True, text=True, env=env, timeout=120)
+    return p.returncode, p.stdout + p.stderr
+
+
+def expected(step: int) -> dict:
+    return {"w": torch.full((64, 33), float(step)), "b": torch.arange(7.0) + step, "step": step}
+
+
+def check_root(root: str, last_reported: int) -> int:
+    with shardckpt.CheckpointManager(root) as mgr:
+        steps = mgr.steps()
+        got = {"w": torch.zeros(64, 33), "b": torch.zeros(7), "step": 0}
+        restored = mgr.restore(got)
+        # every listed step is committed and verifies, never a half-written one
+        for s in steps:
+            sd = {"w": torch.zeros(64, 33), "b": torch.zeros(7), "step": 0}
+            shardckpt.load(sd, mgr.path(s), verify=True)
+            assert torch.equal(sd["w"], expected(s)["w"]) and sd["step"] == s
+    restored = restored or 0
+    # the save that returned is committed; at most the one in flight may also be
+    assert last_reported <= restored <= last_reported + 1, (last_reported, restored)
+    if restored:
+        assert torch.equal(got["w"], expected(restored)["w"]) and got["step"] == restored
+    assert all(n.startswith(("step_", ".shardckpt-owner")) for n in os.listdir(root))
+    return restored
+
+
+def choose_points(trace: dict[int, str], n: int) -> list[int]:
+    """Every kind of event at least twice (first and last occurrence), then a spread."""
+    points: set[int] = set()
+    for kind in set(trace.values()):
+        where = [i for i, k in trace.items() if k == kind]
+        points |= {where[0], where[-1]}
+    total = max(trace)
+    points |= {1 + (i * (total - 1)) // (n - 1) for i in range(n)}
+    return sorted(points)
+
+
+def test_sigkill_at_every_storage_event_never_loses_the_last_commit(tmp_path):
+    good = str(tmp_path / "good")
+    rc, out = run_child(good, kill_at=0)  # steps 1..4 committed; the killed runs continue from it
+    assert rc == 0, out
+    trace = {int(ln.split()[1]): ln.split()[2] for ln in out.splitlines() if ln.startswith("EVENT ")}
+    assert len(trace) >= 40, out  # 4 saves x (open, writes, fsync, dir sync, commit, retention)
+    stress = os.environ.get("SHARDCKPT_STRESS") == "1"
+    shutil.copytree(good, str(tmp_path / "probe"))
+    rc, out = run_child(str(tmp_path / "probe"), kill_at=0)  # the trace of a run that continues
+    trace = {int(ln.split()[1]): ln.split()[2] for ln in out.splitlines() if ln.startswith("EVENT ")}
+    points = list(range(1, max(trace) + 1)) if stress else choose_points(trace, 16)
+    kinds = set()
+    for n, k in enumerate(points):
+        root = str(tmp_path / f"k{k}")
+        shutil.copytree(good, root)
+        rc, out = run_child(root, kill_at=k)
+        assert rc == -9, f"child was not killed at event {k}: rc={rc}\n{out}"
+        kinds.add(out.split("KILL ")[1].split()[0])
+        saved = [int(line.split()[1]) for line in out.splitlines() if line.startswith("SAVED")]
+        restored = check_root(root, saved[-1] if saved else 4)
+        if n % 8 == 0:  # and the job resumes: a good run continues after the restored step
+            rc, out = run_child(root, kill_at=0)
+            assert rc == 0 and f"SAVED {restored + 4}" in out, out
+    assert len(points) >= 20
+    assert {"open", "write", "fsync", "commit:before", "commit:half-written-tmp", "commit:after", "delete"} <= kinds, kinds
