@@ -27,11 +27,13 @@ from shardckpt.loading import load, read_manifest  # noqa: E402
 from shardckpt.manager import CheckpointManager, StepInfo, list_root  # noqa: E402
 from shardckpt.manifest import Manifest  # noqa: E402
 from shardckpt.retention import RetentionPolicy  # noqa: E402
-from shardckpt.saving import save  # noqa: E402
+from shardckpt.saving import AsyncSaveHandle, async_save, save  # noqa: E402
 
 __all__ = [
     "__version__",
     "save",
+    "async_save",
+    "AsyncSaveHandle",
     "load",
     "read_manifest",
     "CheckpointManager",

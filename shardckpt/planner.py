@@ -22,6 +22,7 @@ from torch.distributed.checkpoint.planner import ReadItem, SavePlan, WriteItem, 
 from shardckpt import datafile, integrity
 from shardckpt.errors import UnsupportedValueError
 from shardckpt.manifest import decode_value, encode_value
+from shardckpt.staging import StagedShard
 
 
 @dataclass(frozen=True)
@@ -34,9 +35,17 @@ class SavePlanner(DefaultSavePlanner):
     """Encodes non-tensor values as JSON at planning time (so a bad value fails on every
     rank before any byte is written) and spreads replicated tensors evenly over ranks."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, mappings: dict[str, Any] | None = None) -> None:
+        """``mappings``: when the state was flattened before (async staging), the original
+        key paths, so the manifest records them rather than the already-flat keys."""
         super().__init__(flatten_state_dict=True, flatten_sharded_tensors=True)
         self._json_values: dict[str, bytes] = {}
+        self._original_mappings = mappings
+
+    def set_up_planner(self, state_dict: Any, storage_meta: Any = None, is_coordinator: bool = False) -> None:
+        super().set_up_planner(state_dict, storage_meta, is_coordinator)
+        if self._original_mappings is not None:
+            self.mappings = dict(self._original_mappings)
 
     def create_local_plan(self) -> SavePlan:
         plan = super().create_local_plan()
@@ -66,6 +75,9 @@ class SavePlanner(DefaultSavePlanner):
     def resolve_data(self, write_item: WriteItem) -> Any:
         if write_item.type == WriteItemType.BYTE_IO:
             return io.BytesIO(self._json_values[write_item.index.fqn])
+        obj = self.state_dict.get(write_item.index.fqn)
+        if isinstance(obj, StagedShard):
+            return obj.local
         return super().resolve_data(write_item)
 
 

@@ -1,24 +1,35 @@
-"""save(): every rank writes its shard in parallel; the coordinator commits the manifest.
+"""save() and async_save(): one code path.
 
-Async saving (its own issue) will reuse this path: staging copies the state into host
-buffers, then the same writer persists it in the background.
+Both end in :func:`persist`, DCP's save over our writer and planner. ``save`` hands it
+the caller's state on the caller's process group. ``async_save`` first stages the
+state into reused host buffers (the only part the caller waits for), then runs
+``persist`` on a background thread over a dedicated gloo group, so no collective of
+the save ever runs on the training group from another thread.
 """
 
 from __future__ import annotations
 
+import atexit
+import datetime
+import logging
+import threading
 from typing import Any
 
+import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 
 from shardckpt import integrity
 from shardckpt.collective import RankGroup, translated_failures
 from shardckpt.manifest import Manifest
 from shardckpt.planner import SavePlanner
-from shardckpt.state import to_plain_state_dict
+from shardckpt.staging import Stager
+from shardckpt.state import flatten_with_mappings, to_plain_state_dict
 from shardckpt.storage import open_storage
 from shardckpt.writer import Writer, WriterOptions
 
 DEFAULT_SAVE_IO_THREADS = 2
+DEFAULT_BACKGROUND_TIMEOUT_S = 1800.0
+log = logging.getLogger("shardckpt")
 
 
 def save(
@@ -48,19 +59,160 @@ def save(
     ``path`` is refused unless ``overwrite=True``. ``metadata`` (plain JSON, the
     coordinator's copy is kept) is stored in the manifest, e.g. a step and metrics.
 
-    Returns the committed Manifest on the coordinator, None on other ranks.
+    A pending ``async_save`` of this process is finished first. Returns the committed
+    Manifest on the coordinator, None on other ranks.
     """
+    options = _options(num_io_threads, hash_block_bytes, overwrite, metadata)
+    wait_pending()
     group = RankGroup.current(process_group)
-    options = WriterOptions(
-        num_io_threads=num_io_threads, hash_block_bytes=hash_block_bytes, overwrite=overwrite, metadata=dict(metadata or {})
-    )
+    return persist(to_plain_state_dict(state_dict), path, process_group, not group.is_distributed, options,
+                   storage_options, mappings=None)
+
+
+def persist(
+    state: dict[str, Any],
+    path: str,
+    process_group: Any,
+    no_dist: bool,
+    options: WriterOptions,
+    storage_options: dict[str, Any] | None,
+    mappings: dict[str, Any] | None,
+) -> Manifest | None:
+    """Plan, write and commit ``state`` (collective over ``process_group``). Thread-safe
+    as long as each concurrent call uses its own process group."""
     writer = Writer(open_storage(path, storage_options), options)
     with translated_failures(f"save to {path}"):
-        dcp.save(
-            to_plain_state_dict(state_dict),
-            storage_writer=writer,
-            planner=SavePlanner(),
-            process_group=process_group,
-            no_dist=not group.is_distributed,
-        )
+        dcp.save(state, storage_writer=writer, planner=SavePlanner(mappings=mappings),
+                 process_group=process_group, no_dist=no_dist)
     return writer.manifest
+
+
+def _options(num_io_threads: int, hash_block_bytes: int, overwrite: bool, metadata: dict[str, Any] | None) -> WriterOptions:
+    return WriterOptions(num_io_threads=num_io_threads, hash_block_bytes=hash_block_bytes, overwrite=overwrite,
+                         metadata=dict(metadata or {}))
+
+
+# ------------------------------------------------------------------ async
+
+
+class AsyncSaveHandle:
+    """A save running in the background. ``wait()`` on every rank to learn how it ended.
+
+    ``wait`` returns the Manifest (coordinator) or None, or raises the save's error -
+    the same error on every rank. ``done()`` tells without blocking.
+    """
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self._finished = threading.Event()
+        self._manifest: Manifest | None = None
+        self._error: BaseException | None = None
+        self.error_reported = False
+
+    def done(self) -> bool:
+        return self._finished.is_set()
+
+    def wait(self, timeout_s: float | None = None) -> Manifest | None:
+        if not self._finished.wait(timeout_s):
+            raise TimeoutError(f"async save to {self.path} still running after {timeout_s} s")
+        if self._error is not None:
+            self.error_reported = True
+            raise self._error
+        return self._manifest
+
+    def _run(self, fn: Any, *args: Any) -> None:
+        try:
+            self._manifest = fn(*args)
+        except BaseException as e:  # noqa: BLE001 - stored, raised by wait() on this rank
+            self._error = e
+        finally:
+            self._finished.set()
+
+
+_lock = threading.Lock()
+_pending: AsyncSaveHandle | None = None
+_stager = Stager()
+_background_groups: dict[Any, Any] = {}
+
+
+def wait_pending() -> None:
+    """Finish this process's pending async save; raise its error if nobody has seen it yet."""
+    global _pending
+    with _lock:
+        handle, _pending = _pending, None
+    if handle is None:
+        return
+    already_seen = handle.error_reported
+    try:
+        handle.wait()
+    except BaseException:
+        if not already_seen:
+            raise
+
+
+def async_save(
+    state_dict: dict[str, Any],
+    path: str,
+    *,
+    process_group: Any = None,
+    num_io_threads: int = DEFAULT_SAVE_IO_THREADS,
+    overwrite: bool = False,
+    storage_options: dict[str, Any] | None = None,
+    hash_block_bytes: int = integrity.DEFAULT_BLOCK_BYTES,
+    metadata: dict[str, Any] | None = None,
+    timeout_s: float = DEFAULT_BACKGROUND_TIMEOUT_S,
+) -> AsyncSaveHandle:
+    """Like :func:`save`, but returns once the state is copied to host memory.
+
+    Collective, like ``save``. First finishes the previous async save of this process
+    (raising its error if it failed and nobody called ``wait`` on it). Then copies every
+    tensor into host buffers kept from the previous save (pinned on GPU hosts), so the
+    caller may mutate its tensors as soon as this returns. Writing, checksumming and the
+    commit run on a background thread whose collectives use a dedicated gloo group
+    (created on the first call, by every rank); ``timeout_s`` bounds them.
+    """
+    options = _options(num_io_threads, hash_block_bytes, overwrite, metadata)
+    wait_pending()
+    group = RankGroup.current(process_group)
+
+    def stage() -> dict[str, Any]:
+        flat, mappings = flatten_with_mappings(to_plain_state_dict(state_dict))
+        return {"state": _stager.stage(flat), "mappings": mappings}
+
+    staged = group.agree(f"async save to {path}", stage)
+    bg_group = _background_group(process_group, timeout_s) if group.is_distributed else None
+    handle = AsyncSaveHandle(path)
+    thread = threading.Thread(
+        target=handle._run,
+        args=(persist, staged["state"], path, bg_group, not group.is_distributed, options, storage_options, staged["mappings"]),
+        name="shardckpt-async-save",
+        daemon=True,
+    )
+    global _pending
+    with _lock:
+        _pending = handle
+    thread.start()
+    return handle
+
+
+def _background_group(process_group: Any, timeout_s: float) -> Any:
+    """A gloo group with the same ranks as ``process_group``, created once (collective)."""
+    key = id(process_group) if process_group is not None else None
+    if key not in _background_groups:
+        ranks = None if process_group is None else dist.get_process_group_ranks(process_group)
+        _background_groups[key] = dist.new_group(ranks=ranks, backend="gloo", timeout=datetime.timedelta(seconds=timeout_s))
+    return _background_groups[key]
+
+
+def staging_stats() -> dict[str, int]:
+    """Host memory held by staging buffers and how often they were allocated."""
+    return {"staged_bytes": _stager.staged_bytes, "allocations": _stager.allocations}
+
+
+@atexit.register
+def _finish_at_exit() -> None:
+    """At interpreter exit, let a pending save finish (or fail cleanly, uncommitted)."""
+    handle = _pending
+    if handle is not None and not handle.done():
+        log.warning("shardckpt: waiting for the pending async save to %s before exit", handle.path)
+        handle._finished.wait()

@@ -30,6 +30,11 @@ def apply_loaded_stateful(state_dict: dict[str, Any], plain: dict[str, Any]) -> 
             state_dict[k] = plain[k]
 
 
+def flatten_with_mappings(plain: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """DCP's flattening: ``{"a.b.0": leaf}`` and the mapping back to each leaf's path."""
+    return flatten_state_dict(plain)
+
+
 def flat_keys(plain: dict[str, Any]) -> dict[str, Any]:
     """Flattened view (``a.b.0``) of a state_dict, exactly as DCP's planners key it."""
     flat, _ = flatten_state_dict(plain)

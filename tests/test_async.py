@@ -1,0 +1,107 @@
+"""async_save: the stall is a copy, mutations after return do not leak, errors reach every rank."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+import torch.distributed as dist
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.tensor import Shard, distribute_tensor
+
+import shardckpt
+from distributed import run_ranks
+from shardckpt import saving
+
+
+def test_mutation_after_return_does_not_change_what_is_saved(tmp_path):
+    w = torch.arange(12.0).reshape(3, 4)
+    view = torch.arange(40.0).reshape(8, 5).t()  # non-contiguous CPU tensor
+    sd = {"w": w, "v": view, "cfg": {"lrs": [0.1, 0.2]}, "step": 5}
+    handle = shardckpt.async_save(sd, str(tmp_path / "a"))
+    w.add_(100.0)
+    view.mul_(-1)
+    sd["cfg"]["lrs"].append(9.9)
+    sd["step"] = 6
+    manifest = handle.wait()
+    assert handle.done() and manifest is not None
+    got = {"w": torch.zeros(3, 4), "v": torch.zeros(5, 8), "cfg": {"lrs": None}, "step": 0}
+    shardckpt.load(got, str(tmp_path / "a"))
+    assert torch.equal(got["w"], torch.arange(12.0).reshape(3, 4))
+    assert torch.equal(got["v"], torch.arange(40.0).reshape(8, 5).t())
+    assert got["cfg"] == {"lrs": [0.1, 0.2]} and got["step"] == 5
+
+
+def test_buffers_are_reused_across_saves(tmp_path):
+    sd = {"a": torch.ones(256, 256), "b": torch.zeros(1000)}
+    before = saving.staging_stats()["allocations"]
+    for i in range(4):
+        sd["a"].fill_(float(i))
+        shardckpt.async_save(sd, str(tmp_path / f"s{i}"))
+    saving.wait_pending()
+    stats = saving.staging_stats()
+    assert stats["allocations"] - before <= 2  # a and b once (or zero if an earlier test staged them)
+    assert stats["staged_bytes"] == (256 * 256 + 1000) * 4
+    got = {"a": torch.zeros(256, 256), "b": torch.ones(1000)}
+    shardckpt.load(got, str(tmp_path / "s2"))
+    assert torch.equal(got["a"], torch.full((256, 256), 2.0))
+
+
+def test_one_save_in_flight_and_a_new_save_waits(tmp_path):
+    h1 = shardckpt.async_save({"x": torch.ones(10)}, str(tmp_path / "1"))
+    h2 = shardckpt.async_save({"x": torch.full((10,), 2.0)}, str(tmp_path / "2"))
+    assert h1.done()  # the second call finished the first before staging over its buffers
+    h2.wait()
+    for name, v in (("1", 1.0), ("2", 2.0)):
+        got = {"x": torch.zeros(10)}
+        shardckpt.load(got, str(tmp_path / name))
+        assert torch.equal(got["x"], torch.full((10,), v))
+
+
+def test_background_failure_raises_at_wait_and_commits_nothing(tmp_path):
+    target = tmp_path / "taken"
+    shardckpt.save({"x": torch.ones(2)}, str(target))
+    handle = shardckpt.async_save({"x": torch.zeros(2)}, str(target))  # exists: fails in background
+    with pytest.raises(shardckpt.CheckpointExistsError):
+        handle.wait()
+    got = {"x": torch.zeros(2)}
+    shardckpt.load(got, str(target))
+    assert torch.equal(got["x"], torch.ones(2))  # the earlier checkpoint is intact
+    shardckpt.async_save({"x": torch.zeros(2)}, str(tmp_path / "next")).wait()  # error not raised twice
+
+
+def test_unseen_background_failure_raises_at_next_save(tmp_path):
+    shardckpt.save({"x": torch.ones(2)}, str(tmp_path / "taken"))
+    shardckpt.async_save({"x": torch.zeros(2)}, str(tmp_path / "taken"))
+    with pytest.raises(shardckpt.CheckpointExistsError):
+        shardckpt.save({"x": torch.ones(2)}, str(tmp_path / "other"))
+    assert not os.path.exists(tmp_path / "other")
+    shardckpt.save({"x": torch.ones(2)}, str(tmp_path / "other"))  # raised exactly once
+
+
+def test_bad_value_fails_before_returning(tmp_path):
+    with pytest.raises(shardckpt.UnsupportedValueError, match="'bad'"):
+        shardckpt.async_save({"bad": {1, 2}}, str(tmp_path / "x"))
+    assert not os.path.exists(tmp_path / "x" / "manifest.json")
+
+
+def _async_ranks(rank: int, world: int, path: str) -> None:
+    mesh = init_device_mesh("cpu", (world,))
+    full = torch.arange(13 * 5, dtype=torch.float32).reshape(13, 5)
+    sd = {"w": distribute_tensor(full.clone(), mesh, [Shard(0)]), "bias": torch.ones(3), "step": 9}
+    handle = shardckpt.async_save(sd, path)
+    # training goes on: the local shard is mutated and training collectives run meanwhile
+    sd["w"].to_local().mul_(-1)
+    for _ in range(20):
+        t = torch.ones(4)
+        dist.all_reduce(t)
+        assert t[0].item() == world
+    handle.wait()
+    target = {"w": distribute_tensor(torch.zeros(13, 5), mesh, [Shard(0)]), "bias": torch.zeros(3), "step": 0}
+    shardckpt.load(target, path)
+    assert torch.equal(target["w"].full_tensor(), full) and target["step"] == 9
+
+
+def test_async_on_ranks_with_training_collectives_running(tmp_path):
+    run_ranks(_async_ranks, 2, str(tmp_path / "ckpt"))
