@@ -118,7 +118,9 @@ def verify_checkpoint(
     results = []
     with tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc="verify", disable=not progress) as bar:
         for name, record in sorted(manifest.files.items()):
-            results.append(_audit_file(storage, name, record, chunks.get(name, []), manifest.hash_block_bytes, read_piece_bytes, bar))
+            file_chunks = chunks.get(name, [])
+            block = manifest.hash_block_bytes
+            results.append(_audit_file(storage, name, record, file_chunks, block, read_piece_bytes, bar))
     return AuditReport(
         path=path,
         files_checked=sum(r.read for r in results),
@@ -142,27 +144,28 @@ def _audit_file(
     result = _FileResult()
     try:
         size = storage.size(name)
-    except FileNotFoundError:
-        keys = sorted({c.key for c in chunks})
-        result.problems.append(
-            Problem(name, None, f"the data file is missing; it holds {len(keys)} key(s): {_some(keys)}; {_FIX}")
-        )
-        bar.update(record.size)
-        return result
-    if size != record.size:
-        result.problems.append(
-            Problem(name, None, f"the file is {size} bytes, the manifest says {record.size}: it was truncated or replaced; {_FIX}")
-        )
-    try:
+        if size != record.size:
+            result.problems.append(
+                Problem(name, None, f"the file is {size} bytes, the manifest says {record.size}: "
+                        f"it was truncated or replaced; {_FIX}")
+            )
         result.problems += _check_header(storage, name, size, record.size, chunks)
         file_hash = _hash_file(storage, name, size, chunks, block_bytes, piece_bytes, bar, result)
+    except FileNotFoundError:
+        keys = sorted({c.key for c in chunks})
+        message = f"the data file is missing; it holds {len(keys)} key(s): {_some(keys)}; {_FIX}"
+        result.problems.append(Problem(name, None, message))
+        bar.update(record.size)
+        return result
     except (OSError, EOFError) as e:
-        result.problems.append(Problem(name, None, f"reading the file failed ({type(e).__name__}: {e}); check the storage and run verify again"))
+        message = f"reading the file failed ({type(e).__name__}: {e}); check the storage and run verify again"
+        result.problems.append(Problem(name, None, message))
         return result
     result.read = True
     if size == record.size and file_hash != record.hash:
         result.problems.append(
-            Problem(name, None, f"whole-file xxh3 is {file_hash}, the manifest says {record.hash}: the file was modified after the save; {_FIX}")
+            Problem(name, None, f"whole-file xxh3 is {file_hash}, the manifest says {record.hash}: "
+                    f"the file was modified after the save; {_FIX}")
         )
     return result
 
@@ -181,8 +184,8 @@ def _check_header(storage: Storage, name: str, size: int, expected_size: int, ch
         return [Problem(name, None, f"the safetensors header is unusable ({e}); {_FIX}")]
     data_start = datafile.HEADER_LEN_BYTES + n
     unclaimed: dict[tuple[int, int], list[datafile.HeaderEntry]] = defaultdict(list)
-    for e in entries:
-        unclaimed[(data_start + e.begin, data_start + e.end)].append(e)
+    for entry in entries:
+        unclaimed[(data_start + entry.begin, data_start + entry.end)].append(entry)
     problems = []
     for c in chunks:
         problem = _claim_entry(unclaimed, c)
@@ -190,8 +193,9 @@ def _check_header(storage: Storage, name: str, size: int, expected_size: int, ch
             problems.append(Problem(name, c.key, problem))
     for (begin, end), rest in sorted(unclaimed.items()):
         problems += [
-            Problem(name, None, f"the header lists tensor {e.name!r} at bytes [{begin}, {end}) which no manifest chunk uses; {_FIX}")
-            for e in rest
+            Problem(name, None, f"the header lists tensor {x.name!r} at bytes [{begin}, {end}), "
+                    f"which no manifest chunk uses; {_FIX}")
+            for x in rest
         ]
     return problems
 
@@ -268,9 +272,11 @@ def _hash_file(
         where = f"chunk at offsets {list(c.record.offsets)}"
         if i in cut:
             end = c.record.byte_offset + c.record.byte_length
-            result.problems.append(
-                Problem(name, c.key, f"{where}: its bytes [{c.record.byte_offset}, {end}) run past the end of the file ({size} bytes); {_FIX}")
+            message = (
+                f"{where}: its bytes [{c.record.byte_offset}, {end}) run past the end of the file "
+                f"({size} bytes); {_FIX}"
             )
+            result.problems.append(Problem(name, c.key, message))
         else:
             result.chunks_checked += 1
         if bad[i]:

@@ -32,6 +32,7 @@ EXIT_DAMAGED = 1
 EXIT_UNUSABLE = 2
 
 _VALUE_WIDTH = 100
+_PATH_HELP = "checkpoint folder: a local path or an fsspec URL such as s3://bucket/run/step_0000000100"
 
 
 @dataclass(frozen=True)
@@ -60,9 +61,11 @@ def register(command: Command) -> Command:
 
 
 def _configure_inspect(p: argparse.ArgumentParser) -> None:
-    p.add_argument("path", metavar="PATH", help="checkpoint folder: a local path or an fsspec URL such as s3://bucket/run/step_100")
+    p.add_argument("path", metavar="PATH", help=_PATH_HELP)
     p.add_argument("--json", action="store_true", help="print the summary as one JSON document instead of tables")
-    p.add_argument("--keys", metavar="PATTERN", help="show only keys matching this shell-style pattern, e.g. 'model.layers.0.*'")
+    p.add_argument(
+        "--keys", metavar="PATTERN", help="show only keys matching this shell-style pattern, e.g. 'model.layers.0.*'"
+    )
 
 
 def _run_inspect(args: argparse.Namespace) -> int:
@@ -129,9 +132,11 @@ def _human_bytes(n: int) -> str:
 
 
 def _configure_verify(p: argparse.ArgumentParser) -> None:
-    p.add_argument("path", metavar="PATH", help="checkpoint folder: a local path or an fsspec URL such as s3://bucket/run/step_100")
+    p.add_argument("path", metavar="PATH", help=_PATH_HELP)
     p.add_argument("--json", action="store_true", help="print the report as one JSON document")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar (it is shown on stderr only when stderr is a terminal)")
+    p.add_argument(
+        "--no-progress", action="store_true", help="no progress bar (one is shown on stderr when stderr is a terminal)"
+    )
 
 
 def _run_verify(args: argparse.Namespace) -> int:
@@ -207,6 +212,12 @@ register(
 )
 
 
+_EXIT_STATUS = """exit status:
+  0  success
+  1  the checkpoint is damaged
+  2  not a committed checkpoint, or a bad command line"""
+
+
 def build_parser() -> argparse.ArgumentParser:
     examples = [e for c in COMMANDS.values() for e in c.examples[:1]]
     parser = argparse.ArgumentParser(
@@ -234,9 +245,6 @@ def build_parser() -> argparse.ArgumentParser:
         cmd.configure(sub)
         sub.set_defaults(run=cmd.run)
     return parser
-
-
-_EXIT_STATUS = "exit status:\n  0  success\n  1  the checkpoint is damaged\n  2  not a committed checkpoint, or a bad command line"
 
 
 def _epilog(examples: list[str]) -> str:

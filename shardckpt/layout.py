@@ -20,7 +20,6 @@ import re
 from shardckpt.errors import ManifestError
 
 MANIFEST_NAME = "manifest.json"
-MANIFEST_TMP_PREFIX = ".manifest.json.tmp-"
 DATA_DIR = "data"
 DATA_SUFFIX = ".safetensors"
 
@@ -49,11 +48,6 @@ def parse_step_dir(name: str) -> int | None:
     """The step of a folder named by :func:`step_dir_name`, else None."""
     m = _STEP_DIR.match(name.rstrip("/").rsplit("/", 1)[-1])
     return int(m.group(1)) if m else None
-
-
-def manifest_tmp_name(save_id: str) -> str:
-    """Scratch name the manifest is written under before the atomic rename (POSIX only)."""
-    return f"{MANIFEST_TMP_PREFIX}{save_id}"
 
 
 def is_data_file_name(name: str) -> bool:

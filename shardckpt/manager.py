@@ -24,7 +24,7 @@ from shardckpt.collective import RankGroup
 from shardckpt.errors import CheckpointNotFoundError, IntegrityError, ManifestError, ShardckptError
 from shardckpt.loading import load, read_manifest
 from shardckpt.retention import RetentionPolicy
-from shardckpt.saving import save
+from shardckpt.saving import AsyncSaveHandle, async_save, save
 from shardckpt.storage import Storage, open_storage
 
 log = logging.getLogger("shardckpt")
@@ -70,6 +70,7 @@ class CheckpointManager:
         storage_options: dict[str, Any] | None = None,
         num_io_threads: int | None = None,
         read_only: bool = False,
+        async_save: bool = False,
         takeover: bool = False,
         stale_owner_after_s: float = 600.0,
     ) -> None:
@@ -83,6 +84,8 @@ class CheckpointManager:
         self.save_interval_s = save_interval_s
         self.preemption_exit_code = preemption_exit_code
         self.read_only = read_only
+        self.async_save = async_save
+        self._pending: tuple[int, AsyncSaveHandle] | None = None
         self.cleaned_up: list[str] = []
         self._process_group = process_group
         self._storage_options = storage_options
@@ -144,6 +147,7 @@ class CheckpointManager:
         with a warning and the next older committed step is tried.
         """
         self._check_open()
+        self.wait()
         candidates = self._group.decide(f"listing {self.root}", lambda: self._restore_candidates(step))
         for i, s in enumerate(candidates):
             try:
@@ -175,7 +179,10 @@ class CheckpointManager:
         due every ``save_interval_steps`` steps, or when ``save_interval_s`` has passed
         since the last save (decided on rank 0), or when any rank received SIGTERM with
         ``save_on_preemption`` (then the process exits after the save is committed).
-        Retention runs after the commit. Returns whether a checkpoint was written.
+        Retention runs after the commit. With ``async_save=True`` this returns once the
+        state is staged in host memory; the commit (and retention) completes in the
+        background and is confirmed by the next ``save``, ``wait``, ``restore`` or
+        ``close``. Returns whether a checkpoint was started.
         """
         self._check_open()
         if self.read_only:
@@ -184,19 +191,26 @@ class CheckpointManager:
         due = force or preempted or time_due or step % self.save_interval_steps == 0
         if not due:
             return False
+        self.wait()  # the previous async save: commit it (or raise its error) and apply retention
         meta = {"step": step, "metrics": dict(metrics or {}), "saved_at": time.time()}
-        save(state_dict, self.path(step), process_group=self._process_group, storage_options=self._storage_options,
-             metadata=meta, **self._io)
-        self._last_save_time = time.monotonic()
+        kwargs = dict(process_group=self._process_group, storage_options=self._storage_options, metadata=meta, **self._io)
         self._metrics[step] = dict(metrics or {})
-        if self._group.is_coordinator:
-            self._apply_retention()
-            ownership.write(self._storage, _refreshed(self._owner))
+        self._last_save_time = time.monotonic()
+        if self.async_save and not preempted:
+            self._pending = (step, async_save(state_dict, self.path(step), **kwargs))
+            return True
+        save(state_dict, self.path(step), **kwargs)
+        self._after_commit()
         if preempted:
             log.warning("shardckpt: preempted (SIGTERM); step %d committed under %s, exiting", step, self.root)
             self.close()
             sys.exit(self.preemption_exit_code)
         return True
+
+    def _after_commit(self) -> None:
+        if self._group.is_coordinator:
+            self._apply_retention()
+            ownership.write(self._storage, _refreshed(self._owner))
 
     def _shared_flags(self) -> tuple[bool, bool]:
         needs_collective = self.save_interval_s is not None or self._previous_sigterm is not None
@@ -246,23 +260,39 @@ class CheckpointManager:
         self._previous_sigterm = signal.signal(signal.SIGTERM, on_sigterm)
 
     def wait(self) -> None:
-        """Block until a pending save has finished (saves are synchronous for now)."""
+        """Collective. Block until the pending async save is committed, then apply retention.
+
+        Raises the pending save's error (on every rank) if it failed; nothing of it is
+        committed then, and earlier steps are untouched.
+        """
+        if self._pending is None:
+            return
+        step, handle = self._pending
+        self._pending = None
+        try:
+            handle.wait()
+        except BaseException:
+            self._metrics.pop(step, None)
+            raise
+        self._after_commit()
 
     def close(self) -> None:
         """Release the root (owner record) and the SIGTERM handler. Idempotent."""
         if self._closed:
             return
-        self._closed = True
-        if self._previous_sigterm is not None:
-            signal.signal(signal.SIGTERM, self._previous_sigterm)
-        if not self.read_only and self._group.is_coordinator:
-            ownership.release(self._storage, self._owner)
+        try:
+            self.wait()
+        finally:
+            self._closed = True
+            if self._previous_sigterm is not None:
+                signal.signal(signal.SIGTERM, self._previous_sigterm)
+            if not self.read_only and self._group.is_coordinator:
+                ownership.release(self._storage, self._owner)
 
     def __enter__(self) -> CheckpointManager:
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self.wait()
         self.close()
 
     def _check_open(self) -> None:

@@ -4,7 +4,7 @@ The manifest is the whole truth about a checkpoint: which keys exist, their glob
 shapes and dtypes, where every chunk's bytes live and their checksums, the
 non-tensor values inline, and every data file's size and checksum. Its presence
 commits a checkpoint. ``docs/format.md`` specifies it; ``manifest.schema.json``
-is its JSON Schema; ``tests/test_golden.py`` pins it.
+is its JSON Schema; ``tests/test_format.py`` pins it.
 
 :func:`parse_manifest` treats its input as hostile: every name, size and range is
 checked before anything is allocated or opened.
@@ -14,17 +14,19 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
 from shardckpt import datafile
 from shardckpt.errors import ManifestError, UnsupportedFormatVersionError, UnsupportedValueError
-from shardckpt.layout import check_relative_name
+from shardckpt.layout import check_relative_name, is_data_file_name
 
 FORMAT_NAME = "shardckpt"
 FORMAT_VERSION = 1
 HASH_ALGORITHM = "xxh3_64"
 MAX_MANIFEST_BYTES = 2 * 1024**3
+_HASH = re.compile(r"^[0-9a-f]{16}$")
 
 
 @dataclass(frozen=True)
@@ -194,9 +196,23 @@ def _dumps_two_levels(doc: dict[str, Any]) -> str:
 def parse_manifest(raw: bytes, *, source: str) -> Manifest:
     """Parse and fully validate untrusted manifest bytes read from ``source``."""
     try:
-        doc = json.loads(raw.decode("utf-8"), parse_constant=_reject_constant)
-    except (UnicodeDecodeError, json.JSONDecodeError, ValueError) as e:
+        doc = json.loads(raw.decode("utf-8"), parse_constant=_reject_constant, parse_float=_finite_float)
+    except (UnicodeDecodeError, ValueError, RecursionError) as e:
         raise ManifestError(f"{source}: manifest is not valid JSON ({e}); the checkpoint is corrupt") from e
+    try:
+        return _parse_document(doc, source)
+    except RecursionError as e:
+        raise ManifestError(f"{source}: manifest nests too deeply; the checkpoint is corrupt or hostile") from e
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"number {text} overflows a float")
+    return value
+
+
+def _parse_document(doc: Any, source: str) -> Manifest:
     r = _Reader(doc, source)
     if r.get(doc, "format", str, "") != FORMAT_NAME:
         raise ManifestError(f"{source}: not a shardckpt manifest (field 'format' is not {FORMAT_NAME!r})")
@@ -211,18 +227,25 @@ def parse_manifest(raw: bytes, *, source: str) -> Manifest:
     block = r.get(doc, "hash_block_bytes", int, "")
     if not (4096 <= block <= 2**30 and block % 64 == 0):
         raise ManifestError(f"{source}: hash_block_bytes {block} must be a multiple of 64 in [4096, 2**30]")
+    world_size = r.nonneg(doc, "world_size", "")
+    if world_size < 1:
+        raise ManifestError(f"{source}: world_size must be >= 1, found {world_size}")
     files = {}
     for name, f in r.get(doc, "files", dict, "").items():
         check_relative_name(name, where=f"{source}, files")
+        if not is_data_file_name(name):
+            raise ManifestError(f"{source}: files: {name!r} is not a data file name (data/<id>-r<rank>-<k>.safetensors)")
         files[name] = FileRecord(
             size=r.nonneg(f, "size", f"files[{name!r}]"),
-            hash=r.get(f, "hash", str, f"files[{name!r}]"),
+            hash=r.hash(f, "hash", f"files[{name!r}]"),
             rank=r.nonneg(f, "rank", f"files[{name!r}]"),
         )
+        if files[name].rank >= world_size:
+            raise ManifestError(f"{source}: files[{name!r}].rank {files[name].rank} >= world_size {world_size}")
     tensors = {k: _parse_tensor(r, k, t, files, block) for k, t in r.get(doc, "tensors", dict, "").items()}
     values = r.get(doc, "values", dict, "")
     for k, v in values.items():
-        decode_value(v, where=f"{source}, values[{k!r}]")
+        decode_value(v, where=f"{source}, values[{k!r}]")  # RecursionError -> ManifestError above
     overlap = set(values) & set(tensors)
     if overlap:
         raise ManifestError(f"{source}: keys {sorted(overlap)} are both tensors and values")
@@ -230,9 +253,14 @@ def parse_manifest(raw: bytes, *, source: str) -> Manifest:
     if not all(isinstance(p, dict) for p in layout):
         raise ManifestError(f"{source}: process_layout must be a list of objects")
     paths = r.get(doc, "paths", dict, "")
-    metadata = r.get(doc, "metadata", dict, "")
+    for k, p in paths.items():
+        if not isinstance(p, list) or not p or not all(isinstance(e, (str, int)) and not isinstance(e, bool) for e in p):
+            raise ManifestError(f"{source}: paths[{k!r}] must be a non-empty list of str/int, found {p!r}")
+    metadata = doc.get("metadata", {})  # absent in manifests written before the field existed
+    if not isinstance(metadata, dict):
+        raise ManifestError(f"{source}: field metadata must be dict, found {type(metadata).__name__}")
     return Manifest(
-        world_size=r.nonneg(doc, "world_size", ""),
+        world_size=world_size,
         process_layout=tuple(layout),
         tensors=tensors,
         values=values,
@@ -282,13 +310,34 @@ def _parse_tensor(r: _Reader, key: str, t: Any, files: dict[str, FileRecord], bl
                 f"{name!r} ({files[name].size} bytes)"
             )
         hashes = r.get(c, "block_hashes", list, cw)
-        if len(hashes) != num_blocks(length, block) or not all(isinstance(h, str) for h in hashes):
-            raise ManifestError(f"{r.source}, {cw}: expected {num_blocks(length, block)} block hashes")
+        if len(hashes) != num_blocks(length, block) or not all(isinstance(h, str) and _HASH.match(h) for h in hashes):
+            raise ManifestError(f"{r.source}, {cw}: expected {num_blocks(length, block)} block hashes of 16 hex digits")
         covered += math.prod(sizes)
         chunks.append(ChunkRecord(offsets, sizes, name, off, length, tuple(hashes)))
     if covered != math.prod(shape):
         raise ManifestError(f"{r.source}, {where}: chunks cover {covered} elements of {math.prod(shape)}")
+    _check_disjoint(chunks, where=f"{r.source}, {where}")
     return TensorRecord(dtype, shape, tuple(chunks))
+
+
+def _check_disjoint(chunks: list[ChunkRecord], *, where: str) -> None:
+    """Refuse overlapping chunk boxes (with the element count, that means an exact tiling).
+
+    Sweep along dim 0: only boxes whose dim-0 ranges overlap are compared, which is
+    near-linear for the usual row-sharded layouts.
+    """
+    boxes = sorted((c for c in chunks if math.prod(c.sizes) > 0), key=lambda c: c.offsets[:1])
+    if not boxes or not boxes[0].offsets:
+        if len(boxes) > 1:
+            raise ManifestError(f"{where}: a 0-d tensor has {len(boxes)} chunks")
+        return
+    active: list[ChunkRecord] = []
+    for box in boxes:
+        active = [a for a in active if a.offsets[0] + a.sizes[0] > box.offsets[0]]
+        for a in active:
+            if all(ao < bo + bs and bo < ao + as_ for ao, as_, bo, bs in zip(a.offsets, a.sizes, box.offsets, box.sizes)):
+                raise ManifestError(f"{where}: chunks at {list(a.offsets)} and {list(box.offsets)} overlap")
+        active.append(box)
 
 
 class _Reader:
@@ -309,6 +358,12 @@ class _Reader:
                 f"found {type(value).__name__}"
             )
         return value
+
+    def hash(self, obj: Any, name: str, where: str) -> str:
+        v = self.get(obj, name, str, where)
+        if not _HASH.match(v):
+            raise ManifestError(f"{self.source}: field {where}.{name} must be 16 lowercase hex digits, found {v!r}")
+        return str(v)
 
     def nonneg(self, obj: Any, name: str, where: str) -> int:
         v = self.get(obj, name, int, where)

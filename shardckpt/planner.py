@@ -14,7 +14,6 @@ from collections import defaultdict
 from dataclasses import dataclass
 from typing import Any
 
-from torch.distributed.checkpoint._traverse import set_element
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner, DefaultSavePlanner
 from torch.distributed.checkpoint.metadata import MetadataIndex
 from torch.distributed.checkpoint.planner import ReadItem, SavePlan, WriteItem, WriteItemType
@@ -43,7 +42,12 @@ class SavePlanner(DefaultSavePlanner):
         self._original_mappings = mappings
 
     def set_up_planner(self, state_dict: Any, storage_meta: Any = None, is_coordinator: bool = False) -> None:
-        super().set_up_planner(state_dict, storage_meta, is_coordinator)
+        try:
+            super().set_up_planner(state_dict, storage_meta, is_coordinator)
+        except ValueError as e:
+            if "duplicated flatten key" not in str(e):
+                raise
+            raise flatten_collision(e) from e
         if self._original_mappings is not None:
             self.mappings = dict(self._original_mappings)
 
@@ -79,6 +83,13 @@ class SavePlanner(DefaultSavePlanner):
         if isinstance(obj, StagedShard):
             return obj.local
         return super().resolve_data(write_item)
+
+
+def flatten_collision(e: ValueError) -> UnsupportedValueError:
+    return UnsupportedValueError(
+        f"two entries of the state_dict flatten to the same key ({e}): a key containing '.' "
+        "collides with a nested dict (e.g. {'a.b': x} and {'a': {'b': y}}). Rename one of them."
+    )
 
 
 def _check_values_agree(digests_by_rank: list[dict[str, str]]) -> None:
@@ -141,6 +152,31 @@ class LoadPlanner(DefaultLoadPlanner):
         fqn = read_item.dest_index.fqn
         obj = decode_value(json.loads(value.getvalue()), where=f"value {fqn!r}")
         if self.flatten_state_dict:
-            set_element(self.original_state_dict, self.mappings[fqn], obj)
+            set_in_place(self.original_state_dict, self.mappings[fqn], obj)
         else:
             self.state_dict[fqn] = obj
+
+
+def set_in_place(root: Any, path: Any, value: Any) -> None:
+    """Set ``value`` at ``path`` inside ``root``, keeping the target's own key types.
+
+    DCP's flattening records dict keys as str (``{1: x}`` -> ``("1",)``); its
+    set_element would then add a new str key next to the int one. Here a path element
+    matches an existing key whose ``str()`` equals it, so int-keyed dicts (e.g. a plain
+    ``optimizer.state_dict()``) are filled in place.
+    """
+    node = root
+    for i, part in enumerate(path):
+        last = i == len(path) - 1
+        if isinstance(node, list):
+            index = int(part)
+            if last:
+                node[index] = value
+            else:
+                node = node[index]
+            continue
+        key = part if part in node else next((k for k in node if str(k) == str(part)), part)
+        if last:
+            node[key] = value
+        else:
+            node = node[key]

@@ -32,7 +32,14 @@ def apply_loaded_stateful(state_dict: dict[str, Any], plain: dict[str, Any]) -> 
 
 def flatten_with_mappings(plain: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
     """DCP's flattening: ``{"a.b.0": leaf}`` and the mapping back to each leaf's path."""
-    return flatten_state_dict(plain)
+    try:
+        return flatten_state_dict(plain)
+    except ValueError as e:
+        if "duplicated flatten key" not in str(e):
+            raise
+        from shardckpt.planner import flatten_collision
+
+        raise flatten_collision(e) from e
 
 
 def flat_keys(plain: dict[str, Any]) -> dict[str, Any]:

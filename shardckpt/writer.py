@@ -32,7 +32,7 @@ from torch.distributed.checkpoint.storage import StorageWriter, WriteResult
 
 from shardckpt import __version__, datafile, integrity, layout
 from shardckpt.errors import CheckpointExistsError, UnsupportedValueError
-from shardckpt.manifest import ChunkRecord, FileRecord, Manifest, TensorRecord, manifest_to_json
+from shardckpt.manifest import FORMAT_VERSION, ChunkRecord, FileRecord, Manifest, TensorRecord, manifest_to_json
 from shardckpt.storage import Storage
 
 
@@ -112,7 +112,7 @@ class Writer(StorageWriter):
             if it.type == WriteItemType.BYTE_IO
         ]
         buckets = _split_by_bytes([it for it in plan.items if it.type != WriteItemType.BYTE_IO], self.options.num_io_threads)
-        meta = {"format": "shardckpt", "format_version": "1", "save_id": save_id, "rank": str(rank)}
+        meta = {"format": "shardckpt", "format_version": str(FORMAT_VERSION), "save_id": save_id, "rank": str(rank)}
         if buckets:
             with ThreadPoolExecutor(len(buckets), thread_name_prefix="shardckpt-write") as pool:
                 futures = [
@@ -162,10 +162,15 @@ def _split_by_bytes(items: list[WriteItem], n: int) -> list[list[WriteItem]]:
 
 
 def _entry_name(item: WriteItem) -> str:
+    """Name inside the safetensors header: the key for a whole tensor, ``key@o1,o2`` for a
+    chunk. Keys containing ``@`` (or named ``__metadata__``) always get the suffix, so the
+    last ``@`` unambiguously separates key and offsets and no two entries collide."""
     assert item.index.offset is not None and item.tensor_data is not None
-    if all(o == 0 for o in item.index.offset) and tuple(item.tensor_data.chunk.sizes) == tuple(item.tensor_data.size):
-        return item.index.fqn
-    return f"{item.index.fqn}@{','.join(map(str, item.index.offset))}"
+    fqn = item.index.fqn
+    whole = all(o == 0 for o in item.index.offset) and tuple(item.tensor_data.chunk.sizes) == tuple(item.tensor_data.size)
+    if whole and "@" not in fqn and fqn != "__metadata__":
+        return fqn
+    return f"{fqn}@{','.join(map(str, item.index.offset))}"
 
 
 def _tensor_bytes(tensor: torch.Tensor, item: WriteItem) -> memoryview:

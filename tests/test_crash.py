@@ -15,6 +15,7 @@ import subprocess
 import sys
 import textwrap
 
+import pytest
 import torch
 
 import shardckpt
@@ -27,14 +28,18 @@ CHILD = textwrap.dedent(
     import shardckpt.saving, shardckpt.manager, shardckpt.loading
 
     KILL_AT = int(sys.argv[2])
+    ASYNC = sys.argv[3] == "async"
     events = [0]
+
+    def say(line):
+        os.write(1, (line + "\\n").encode())  # one write per line: threads do not interleave
 
     def event(name):
         events[0] += 1
         if KILL_AT == 0:
-            print(f"EVENT {events[0]} {name}", flush=True)
+            say(f"EVENT {events[0]} {name}")
         if events[0] == KILL_AT:
-            print(f"KILL {name}", flush=True)
+            say(f"KILL {name}")
             os.kill(os.getpid(), signal.SIGKILL)
 
     class Stream(_LocalWriteStream):
@@ -78,21 +83,22 @@ CHILD = textwrap.dedent(
     for mod in (shardckpt.saving, shardckpt.manager, shardckpt.loading):
         mod.open_storage = open_killing
 
-    mgr = shardckpt.CheckpointManager(sys.argv[1], keep_last=2)
+    mgr = shardckpt.CheckpointManager(sys.argv[1], keep_last=2, async_save=ASYNC)
     start = mgr.restore({"w": torch.zeros(64, 33), "b": torch.zeros(7), "step": 0}) or 0
     for step in range(start + 1, start + 5):
         sd = {"w": torch.full((64, 33), float(step)), "b": torch.arange(7.0) + step, "step": step}
         mgr.save(step, sd)
-        print(f"SAVED {step}", flush=True)
+        sd["w"].add_(1000.0)  # training mutates right away; an async save must not see it
+        say(f"SAVED {step}")
     mgr.close()
-    print(f"EVENTS {events[0]}", flush=True)
+    say(f"EVENTS {events[0]}")
     """
 )
 
 
-def run_child(root: str, kill_at: int) -> tuple[int, str]:
+def run_child(root: str, kill_at: int, mode: str = "sync") -> tuple[int, str]:
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    p = subprocess.run([sys.executable, "-c", CHILD, root, str(kill_at)], capture_output=True, text=True, env=env, timeout=120)
+    p = subprocess.run([sys.executable, "-c", CHILD, root, str(kill_at), mode], capture_output=True, text=True, env=env, timeout=120)
     return p.returncode, p.stdout + p.stderr
 
 
@@ -100,7 +106,7 @@ def expected(step: int) -> dict:
     return {"w": torch.full((64, 33), float(step)), "b": torch.arange(7.0) + step, "step": step}
 
 
-def check_root(root: str, last_reported: int) -> int:
+def check_root(root: str, last_reported: int, mode: str) -> int:
     with shardckpt.CheckpointManager(root) as mgr:
         steps = mgr.steps()
         got = {"w": torch.zeros(64, 33), "b": torch.zeros(7), "step": 0}
@@ -111,8 +117,10 @@ def check_root(root: str, last_reported: int) -> int:
             shardckpt.load(sd, mgr.path(s), verify=True)
             assert torch.equal(sd["w"], expected(s)["w"]) and sd["step"] == s
     restored = restored or 0
-    # the save that returned is committed; at most the one in flight may also be
-    assert last_reported <= restored <= last_reported + 1, (last_reported, restored)
+    # sync: the save that returned is committed; async: the one before it (save(n) confirms n-1).
+    # At most the save in flight may also be committed, never anything newer.
+    lowest = last_reported - (1 if mode == "async" else 0)
+    assert lowest <= restored <= last_reported + 1, (mode, last_reported, restored)
     if restored:
         assert torch.equal(got["w"], expected(restored)["w"]) and got["step"] == restored
     assert all(n.startswith(("step_", ".shardckpt-owner")) for n in os.listdir(root))
@@ -130,28 +138,29 @@ def choose_points(trace: dict[int, str], n: int) -> list[int]:
     return sorted(points)
 
 
-def test_sigkill_at_every_storage_event_never_loses_the_last_commit(tmp_path):
+@pytest.mark.parametrize("mode,spread", [("sync", 16), ("async", 10)])
+def test_sigkill_at_every_storage_event_never_loses_the_last_commit(tmp_path, mode, spread):
     good = str(tmp_path / "good")
-    rc, out = run_child(good, kill_at=0)  # steps 1..4 committed; the killed runs continue from it
+    rc, out = run_child(good, kill_at=0, mode=mode)  # steps 1..4 committed; the killed runs continue from it
     assert rc == 0, out
     trace = {int(ln.split()[1]): ln.split()[2] for ln in out.splitlines() if ln.startswith("EVENT ")}
     assert len(trace) >= 40, out  # 4 saves x (open, writes, fsync, dir sync, commit, retention)
     stress = os.environ.get("SHARDCKPT_STRESS") == "1"
     shutil.copytree(good, str(tmp_path / "probe"))
-    rc, out = run_child(str(tmp_path / "probe"), kill_at=0)  # the trace of a run that continues
+    rc, out = run_child(str(tmp_path / "probe"), kill_at=0, mode=mode)  # the trace of a run that continues
     trace = {int(ln.split()[1]): ln.split()[2] for ln in out.splitlines() if ln.startswith("EVENT ")}
-    points = list(range(1, max(trace) + 1)) if stress else choose_points(trace, 16)
+    points = list(range(1, max(trace) + 1)) if stress else choose_points(trace, spread)
     kinds = set()
     for n, k in enumerate(points):
         root = str(tmp_path / f"k{k}")
         shutil.copytree(good, root)
-        rc, out = run_child(root, kill_at=k)
+        rc, out = run_child(root, kill_at=k, mode=mode)
         assert rc == -9, f"child was not killed at event {k}: rc={rc}\n{out}"
         kinds.add(out.split("KILL ")[1].split()[0])
         saved = [int(line.split()[1]) for line in out.splitlines() if line.startswith("SAVED")]
-        restored = check_root(root, saved[-1] if saved else 4)
+        restored = check_root(root, saved[-1] if saved else 4, mode)
         if n % 8 == 0:  # and the job resumes: a good run continues after the restored step
-            rc, out = run_child(root, kill_at=0)
+            rc, out = run_child(root, kill_at=0, mode=mode)
             assert rc == 0 and f"SAVED {restored + 4}" in out, out
-    assert len(points) >= 20
+    assert len(points) >= (20 if mode == "sync" else 12)
     assert {"open", "write", "fsync", "commit:before", "commit:half-written-tmp", "commit:after", "delete"} <= kinds, kinds

@@ -199,3 +199,18 @@ def _manager_ranks(rank: int, world: int, root: str) -> None:
 
 def test_manager_on_two_ranks(tmp_path):
     run_ranks(_manager_ranks, 2, str(tmp_path / "run"))
+
+
+def test_async_manager_commits_in_background_and_applies_retention(tmp_path):
+    with shardckpt.CheckpointManager(str(tmp_path), keep_last=2, async_save=True) as mgr:
+        sd = state(0)
+        for step in range(1, 5):
+            sd["model"]["w"].fill_(float(step))
+            sd["step"] = step
+            assert mgr.save(step, sd)
+            sd["model"]["w"].fill_(-1.0)  # mutate at once: must not reach the checkpoint
+        mgr.wait()
+        assert mgr.steps() == [3, 4]
+        got = blank()
+        assert mgr.restore(got) == 4
+        assert torch.equal(got["model"]["w"], torch.full((4, 3), 4.0)) and got["step"] == 4
