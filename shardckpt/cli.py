@@ -169,6 +169,49 @@ def _format_report(r: AuditReport) -> str:
     return "\n".join(lines)
 
 
+# ---------------------------------------------------------------- ls
+
+
+def _configure_ls(p: argparse.ArgumentParser) -> None:
+    p.add_argument("root", metavar="ROOT", help="a CheckpointManager root: the folder holding step_* folders")
+    p.add_argument("--json", action="store_true", help="print one JSON document")
+    p.add_argument("--monitor", metavar="METRIC", help="metric that decides the best step, e.g. val_loss")
+    p.add_argument("--mode", choices=("min", "max"), default="min", help="whether smaller or larger --monitor is better")
+
+
+def _run_ls(args: argparse.Namespace) -> int:
+    from shardckpt.manager import list_root
+    from shardckpt.retention import RetentionPolicy
+
+    infos = list_root(args.root)
+    committed = [i.step for i in infos if i.committed]
+    latest = committed[-1] if committed else None
+    policy = RetentionPolicy(monitor=args.monitor, mode=args.mode)
+    ranked = policy.best(committed, {i.step: i.metrics for i in infos}) if args.monitor else []
+    best = ranked[0] if ranked else None
+    if args.json:
+        rows = [
+            {"step": i.step, "committed": i.committed, "size_bytes": i.size_bytes, "metrics": i.metrics,
+             "created_at": i.created_at, "world_size": i.world_size, "latest": i.step == latest, "best": i.step == best}
+            for i in infos
+        ]
+        print(json.dumps({"root": args.root, "latest": latest, "best": best, "steps": rows}, indent=2))
+        return EXIT_OK
+    if not infos:
+        print(f"{args.root}: no step folders")
+        return EXIT_OK
+    rows = []
+    for i in infos:
+        marks = ",".join(m for m, on in (("latest", i.step == latest), ("best", i.step == best)) if on)
+        state = "committed" if i.committed else "UNCOMMITTED"
+        rows.append([str(i.step), state, _human_bytes(i.size_bytes), str(i.world_size or "-"),
+                     json.dumps(i.metrics) if i.metrics else "-", marks])
+    print("\n".join(_table(["STEP", "STATE", "SIZE", "RANKS", "METRICS", ""], rows)))
+    if len(committed) < len(infos):
+        print("UNCOMMITTED folders are left by interrupted saves: never restored, removed by the next manager.")
+    return EXIT_OK
+
+
 # ---------------------------------------------------------------- registry and entry point
 
 register(
@@ -208,6 +251,27 @@ register(
         ),
         configure=_configure_verify,
         run=_run_verify,
+    )
+)
+
+register(
+    Command(
+        name="ls",
+        summary="list the steps under a CheckpointManager root: committed or not, size, metrics",
+        description=(
+            "List every step_* folder under a root written by CheckpointManager, oldest first: "
+            "whether it is committed (has a manifest; only those are ever restored), its size, "
+            "the world size that saved it and the metrics saved with it. The latest committed step "
+            "is marked, and with --monitor the best one too. Uncommitted folders are leftovers of "
+            "interrupted saves."
+        ),
+        examples=(
+            "shardckpt ls runs/llama",
+            "shardckpt ls s3://bucket/run --monitor val_loss --mode min",
+            "shardckpt ls runs/llama --json | jq .latest",
+        ),
+        configure=_configure_ls,
+        run=_run_ls,
     )
 )
 

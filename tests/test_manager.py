@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -214,3 +215,22 @@ def test_async_manager_commits_in_background_and_applies_retention(tmp_path):
         got = blank()
         assert mgr.restore(got) == 4
         assert torch.equal(got["model"]["w"], torch.full((4, 3), 4.0)) and got["step"] == 4
+
+
+def test_cli_ls_shows_committed_uncommitted_latest_and_best(tmp_path, capsys):
+    from shardckpt.cli import main
+
+    with shardckpt.CheckpointManager(str(tmp_path)) as mgr:
+        for step, loss in [(1, 3.0), (2, 1.0), (3, 2.0)]:
+            mgr.save(step, state(step), metrics={"loss": loss})
+    os.makedirs(tmp_path / "step_0000000004" / "data")
+    assert main(["ls", str(tmp_path), "--monitor", "loss"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].split()[:3] == ["STEP", "STATE", "SIZE"]
+    assert lines[2].split()[0] == "2" and lines[2].rstrip().endswith("best")
+    assert lines[3].split()[0] == "3" and lines[3].rstrip().endswith("latest")
+    assert lines[4].split()[:2] == ["4", "UNCOMMITTED"]
+    assert main(["ls", str(tmp_path), "--json", "--monitor", "loss", "--mode", "max"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["latest"] == 3 and doc["best"] == 1
+    assert [(s["step"], s["committed"]) for s in doc["steps"]] == [(1, True), (2, True), (3, True), (4, False)]
