@@ -200,13 +200,13 @@ def _run_ls(args: argparse.Namespace) -> int:
     if not infos:
         print(f"{args.root}: no step folders")
         return EXIT_OK
-    rows = []
+    table: list[list[str]] = []
     for i in infos:
         marks = ",".join(m for m, on in (("latest", i.step == latest), ("best", i.step == best)) if on)
         state = "committed" if i.committed else "UNCOMMITTED"
-        rows.append([str(i.step), state, _human_bytes(i.size_bytes), str(i.world_size or "-"),
+        table.append([str(i.step), state, _human_bytes(i.size_bytes), str(i.world_size or "-"),
                      json.dumps(i.metrics) if i.metrics else "-", marks])
-    print("\n".join(_table(["STEP", "STATE", "SIZE", "RANKS", "METRICS", ""], rows)))
+    print("\n".join(_table(["STEP", "STATE", "SIZE", "RANKS", "METRICS", ""], table)))
     if len(committed) < len(infos):
         print("UNCOMMITTED folders are left by interrupted saves: never restored, removed by the next manager.")
     return EXIT_OK

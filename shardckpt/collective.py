@@ -68,7 +68,7 @@ class RankGroup:
         dist.all_gather_object(summaries, mine, group=self.group)
         failures = {r: s for r, s in enumerate(summaries) if s is not None}
         if failures:
-            by_rank = {r: _Remote(*s) for r, s in failures.items()}
+            by_rank: dict[int, BaseException] = {r: _Remote(*s) for r, s in failures.items()}
             if failure is not None:
                 by_rank[self.rank] = failure
             raise_failures(action, by_rank, local=failure)

@@ -89,7 +89,7 @@ class CheckpointManager:
         self.cleaned_up: list[str] = []
         self._process_group = process_group
         self._storage_options = storage_options
-        self._io = {} if num_io_threads is None else {"num_io_threads": num_io_threads}
+        self._io: dict[str, Any] = {} if num_io_threads is None else {"num_io_threads": num_io_threads}
         self._group = RankGroup.current(process_group)
         self._storage = open_storage(self.root, storage_options)
         self._metrics: dict[int, dict[str, Any]] = {}

@@ -130,7 +130,7 @@ class Reader(StorageReader):
         whole_chunk = lengths == chunk.sizes
         direct = whole_chunk and target.is_contiguous() and target.device.type == "cpu" and target.dtype == dtype
         buf = target.reshape(-1).view(torch.uint8) if direct else torch.empty(hi - lo, dtype=torch.uint8)
-        view = memoryview(buf.numpy())
+        view = memoryview(buf.numpy())  # type: ignore[arg-type]  # ndarray implements the buffer protocol
         try:
             self.storage.read_into(chunk.file, chunk.byte_offset + lo, view)
         except EOFError as e:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import io
 import json
 import math
 import os
@@ -107,7 +108,7 @@ class Writer(StorageWriter):
     def write_data(self, plan: SavePlan, planner: SavePlanner) -> torch.futures.Future[list[WriteResult]]:
         save_id, rank = plan.storage_data["save_id"], plan.storage_data["rank"]
         results = [
-            WriteResult(index=it.index, size_in_bytes=0, storage_data=_InlineValue(planner.resolve_data(it).getvalue()))
+            WriteResult(index=it.index, size_in_bytes=0, storage_data=_InlineValue(_json_bytes(planner, it)))
             for it in plan.items
             if it.type == WriteItemType.BYTE_IO
         ]
@@ -150,6 +151,12 @@ class Writer(StorageWriter):
         return isinstance(checkpoint_id, str)
 
 
+def _json_bytes(planner: SavePlanner, item: WriteItem) -> bytes:
+    data = planner.resolve_data(item)
+    assert isinstance(data, io.BytesIO), "our SavePlanner resolves values to JSON bytes"
+    return data.getvalue()
+
+
 def _split_by_bytes(items: list[WriteItem], n: int) -> list[list[WriteItem]]:
     """Up to ``n`` non-empty buckets of roughly equal byte counts (largest item first)."""
     buckets: list[list[WriteItem]] = [[] for _ in range(min(n, len(items)))]
@@ -184,7 +191,7 @@ def _tensor_bytes(tensor: torch.Tensor, item: WriteItem) -> memoryview:
     if t.device.type != "cpu":
         t = t.cpu()
     t = t.contiguous()
-    return memoryview(t.reshape(-1).view(torch.uint8).numpy())
+    return memoryview(t.reshape(-1).view(torch.uint8).numpy())  # type: ignore[arg-type]
 
 
 def write_file(
