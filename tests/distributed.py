@@ -30,10 +30,12 @@ def _entry(rank: int, fn: Callable[..., Any], world_size: int, port: int, args: 
     dist.init_process_group("gloo", rank=rank, world_size=world_size, timeout=datetime.timedelta(seconds=120))
     try:
         fn(rank, world_size, *args)
+        # Everyone leaves together: rank 0 hosts the store, and a rank that tears down
+        # its group after rank 0 exited can abort in gloo's C++ threads.
+        dist.barrier()
     except BaseException as e:
         raise RuntimeError(f"rank {rank} failed:\n{traceback.format_exc()}") from e
-    finally:
-        dist.destroy_process_group()
+    dist.destroy_process_group()
 
 
 def run_ranks(fn: Callable[..., Any], world_size: int, *args: Any) -> None:
