@@ -16,6 +16,7 @@ from shardckpt.errors import (  # noqa: E402
     ManifestError,
     NotCommittedError,
     RankFailureError,
+    RankTimeoutError,
     RootInUseError,
     ShardckptError,
     StateDictMismatchError,
@@ -53,4 +54,5 @@ __all__ = [
     "StorageError",
     "RankFailureError",
     "RootInUseError",
+    "RankTimeoutError",
 ]

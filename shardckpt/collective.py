@@ -10,6 +10,7 @@ raises everywhere if it failed anywhere, so no rank walks into a collective alon
 from __future__ import annotations
 
 import contextlib
+import datetime
 import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -19,7 +20,7 @@ import torch.distributed as dist
 from torch.distributed.checkpoint.api import CheckpointException
 
 from shardckpt import errors
-from shardckpt.errors import RankFailureError, ShardckptError
+from shardckpt.errors import RankFailureError, RankTimeoutError, ShardckptError
 
 T = TypeVar("T")
 
@@ -110,6 +111,47 @@ class RankGroup:
         t = torch.tensor([1 if f else 0 for f in flags], dtype=torch.int32, device=device)
         dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.group)
         return [bool(x) for x in t.tolist()]
+
+
+_checkpoint_groups: dict[Any, Any] = {}
+
+
+def checkpoint_group(process_group: Any, timeout_s: float) -> Any:
+    """Collective on first use. A gloo group with the ranks of ``process_group`` (the
+    default group when None), used only by saves: the background thread of an async
+    save talks over it, never over the training group, and its timeout bounds every
+    wait of a save."""
+    key = (id(process_group) if process_group is not None else None, float(timeout_s))
+    if key not in _checkpoint_groups:
+        ranks = None if process_group is None else dist.get_process_group_ranks(process_group)
+        try:
+            _checkpoint_groups[key] = dist.new_group(
+                ranks=ranks, backend="gloo", timeout=datetime.timedelta(seconds=timeout_s)
+            )
+        except RuntimeError as e:  # DistStoreError: some rank never came to create it
+            raise RankTimeoutError(
+                f"creating the checkpoint process group: not every rank arrived within {timeout_s:g} s "
+                f"({e}). Every rank must make the same save/async_save calls in the same order."
+            ) from e
+    return _checkpoint_groups[key]
+
+
+def arrive(group: Any, action: str, timeout_s: float) -> None:
+    """Collective over a gloo ``group``: wait until every rank arrives, at most ``timeout_s``.
+
+    Raises RankTimeoutError naming the ranks that did not arrive (rank 0 of the group
+    knows which; the others learn that the barrier failed).
+    """
+    if group is None:
+        return
+    try:
+        dist.monitored_barrier(group=group, timeout=datetime.timedelta(seconds=timeout_s), wait_all_ranks=True)
+    except RuntimeError as e:
+        raise RankTimeoutError(
+            f"{action}: not every rank arrived within {timeout_s:g} s ({e}). A rank that skipped the "
+            "call, crashed, or is stuck holds everyone else; check the named ranks' logs. The "
+            "checkpoint was not committed; earlier checkpoints are intact."
+        ) from e
 
 
 class _Remote(Exception):

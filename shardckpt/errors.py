@@ -21,6 +21,7 @@ __all__ = [
     "StorageError",
     "RankFailureError",
     "RootInUseError",
+    "RankTimeoutError",
 ]
 
 
@@ -78,3 +79,7 @@ class RankFailureError(ShardckptError, RuntimeError):
 
 class RootInUseError(ShardckptError, RuntimeError):
     """Another CheckpointManager is writing to the same root."""
+
+
+class RankTimeoutError(ShardckptError, TimeoutError):
+    """Some ranks did not reach a point of a collective call within the timeout."""

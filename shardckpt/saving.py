@@ -10,16 +10,15 @@ the save ever runs on the training group from another thread.
 from __future__ import annotations
 
 import atexit
-import datetime
 import logging
 import threading
 from typing import Any
 
-import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 
 from shardckpt import integrity
-from shardckpt.collective import RankGroup, translated_failures
+from shardckpt.collective import RankGroup, arrive, checkpoint_group, translated_failures
+from shardckpt.errors import RankTimeoutError
 from shardckpt.manifest import Manifest
 from shardckpt.planner import SavePlanner
 from shardckpt.staging import Stager
@@ -28,7 +27,7 @@ from shardckpt.storage import open_storage
 from shardckpt.writer import Writer, WriterOptions
 
 DEFAULT_SAVE_IO_THREADS = 2
-DEFAULT_BACKGROUND_TIMEOUT_S = 1800.0
+DEFAULT_TIMEOUT_S = 1800.0
 log = logging.getLogger("shardckpt")
 
 
@@ -42,6 +41,7 @@ def save(
     storage_options: dict[str, Any] | None = None,
     hash_block_bytes: int = integrity.DEFAULT_BLOCK_BYTES,
     metadata: dict[str, Any] | None = None,
+    timeout_s: float = DEFAULT_TIMEOUT_S,
 ) -> Manifest | None:
     """Save ``state_dict`` to the checkpoint folder ``path`` (a local path or fsspec URL).
 
@@ -59,14 +59,19 @@ def save(
     ``path`` is refused unless ``overwrite=True``. ``metadata`` (plain JSON, the
     coordinator's copy is kept) is stored in the manifest, e.g. a step and metrics.
 
-    A pending ``async_save`` of this process is finished first. Returns the committed
-    Manifest on the coordinator, None on other ranks.
+    A pending ``async_save`` of this process is finished first. Every wait for other
+    ranks is bounded by ``timeout_s``: a rank that never calls ``save`` or never finishes
+    its writes makes the others raise RankTimeoutError naming it. The save's collectives
+    run on a gloo group with the caller's ranks, created on the first call (by every
+    rank). Returns the committed Manifest on the coordinator, None on other ranks.
     """
     options = _options(num_io_threads, hash_block_bytes, overwrite, metadata)
     wait_pending()
     group = RankGroup.current(process_group)
-    return persist(to_plain_state_dict(state_dict), path, process_group, not group.is_distributed, options,
-                   storage_options, mappings=None)
+    ckpt_group = checkpoint_group(process_group, timeout_s) if group.is_distributed else None
+    arrive(ckpt_group, f"save to {path}: waiting for every rank to call save", timeout_s)
+    return persist(to_plain_state_dict(state_dict), path, ckpt_group, not group.is_distributed, options,
+                   storage_options, mappings=None, timeout_s=timeout_s)
 
 
 def persist(
@@ -77,13 +82,33 @@ def persist(
     options: WriterOptions,
     storage_options: dict[str, Any] | None,
     mappings: dict[str, Any] | None,
+    timeout_s: float = DEFAULT_TIMEOUT_S,
 ) -> Manifest | None:
-    """Plan, write and commit ``state`` (collective over ``process_group``). Thread-safe
-    as long as each concurrent call uses its own process group."""
-    writer = Writer(open_storage(path, storage_options), options)
-    with translated_failures(f"save to {path}"):
-        dcp.save(state, storage_writer=writer, planner=SavePlanner(mappings=mappings),
-                 process_group=process_group, no_dist=no_dist)
+    """Plan, write and commit ``state`` (collective over ``process_group``, a gloo group
+    or None). Thread-safe as long as each concurrent call uses its own process group."""
+
+    timeouts: list[RankTimeoutError] = []
+
+    def all_written() -> None:
+        try:
+            arrive(process_group, f"save to {path}: waiting for every rank to finish writing", timeout_s)
+        except RankTimeoutError as e:
+            timeouts.append(e)
+            raise
+
+    writer = Writer(open_storage(path, storage_options), options, after_write=all_written)
+    try:
+        with translated_failures(f"save to {path}"):
+            dcp.save(state, storage_writer=writer, planner=SavePlanner(mappings=mappings),
+                     process_group=process_group, no_dist=no_dist)
+    except RuntimeError as e:
+        # After a rank timed out, DCP's next collective fails with gloo's raw error;
+        # the barrier's error says which ranks were missing.
+        if timeouts:
+            raise timeouts[0] from e
+        if isinstance(e, RankTimeoutError) or "timeout" not in str(e).lower():
+            raise
+        raise RankTimeoutError(f"save to {path}: a collective timed out after {timeout_s:g} s ({e})") from e
     return writer.manifest
 
 
@@ -132,7 +157,6 @@ class AsyncSaveHandle:
 _lock = threading.Lock()
 _pending: AsyncSaveHandle | None = None
 _stager = Stager()
-_background_groups: dict[Any, Any] = {}
 
 
 def wait_pending() -> None:
@@ -160,7 +184,7 @@ def async_save(
     storage_options: dict[str, Any] | None = None,
     hash_block_bytes: int = integrity.DEFAULT_BLOCK_BYTES,
     metadata: dict[str, Any] | None = None,
-    timeout_s: float = DEFAULT_BACKGROUND_TIMEOUT_S,
+    timeout_s: float = DEFAULT_TIMEOUT_S,
 ) -> AsyncSaveHandle:
     """Like :func:`save`, but returns once the state is copied to host memory.
 
@@ -169,7 +193,8 @@ def async_save(
     tensor into host buffers kept from the previous save (pinned on GPU hosts), so the
     caller may mutate its tensors as soon as this returns. Writing, checksumming and the
     commit run on a background thread whose collectives use a dedicated gloo group
-    (created on the first call, by every rank); ``timeout_s`` bounds them.
+    (created on the first call, by every rank); ``timeout_s`` bounds every wait for
+    other ranks (RankTimeoutError names the ranks that did not arrive).
     """
     options = _options(num_io_threads, hash_block_bytes, overwrite, metadata)
     wait_pending()
@@ -180,11 +205,12 @@ def async_save(
         return {"state": _stager.stage(flat), "mappings": mappings}
 
     staged = group.agree(f"async save to {path}", stage)
-    bg_group = _background_group(process_group, timeout_s) if group.is_distributed else None
+    bg_group = checkpoint_group(process_group, timeout_s) if group.is_distributed else None
     handle = AsyncSaveHandle(path)
     thread = threading.Thread(
         target=handle._run,
-        args=(persist, staged["state"], path, bg_group, not group.is_distributed, options, storage_options, staged["mappings"]),
+        args=(persist, staged["state"], path, bg_group, not group.is_distributed, options, storage_options,
+              staged["mappings"], timeout_s),
         name="shardckpt-async-save",
         daemon=True,
     )
@@ -193,15 +219,6 @@ def async_save(
         _pending = handle
     thread.start()
     return handle
-
-
-def _background_group(process_group: Any, timeout_s: float) -> Any:
-    """A gloo group with the same ranks as ``process_group``, created once (collective)."""
-    key = id(process_group) if process_group is not None else None
-    if key not in _background_groups:
-        ranks = None if process_group is None else dist.get_process_group_ranks(process_group)
-        _background_groups[key] = dist.new_group(ranks=ranks, backend="gloo", timeout=datetime.timedelta(seconds=timeout_s))
-    return _background_groups[key]
 
 
 def staging_stats() -> dict[str, int]:

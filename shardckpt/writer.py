@@ -24,6 +24,7 @@ import socket
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -72,8 +73,11 @@ class WriterOptions:
 class Writer(StorageWriter):
     """One instance per save and rank. Not thread-safe; DCP calls it from one thread."""
 
-    def __init__(self, storage: Storage, options: WriterOptions) -> None:
+    def __init__(self, storage: Storage, options: WriterOptions, after_write: Callable[[], None] | None = None) -> None:
+        """``after_write`` runs on every rank when its writes ended, failed or not (a
+        barrier with a timeout, so a rank stuck writing is named instead of hanging all)."""
         super().__init__()
+        self._after_write = after_write
         self.storage = storage
         self.options = options
         self.rank = 0
@@ -106,12 +110,23 @@ class Writer(StorageWriter):
         return [dataclasses.replace(p, storage_data={"save_id": save_id, "rank": r}) for r, p in enumerate(plans)]
 
     def write_data(self, plan: SavePlan, planner: SavePlanner) -> torch.futures.Future[list[WriteResult]]:
+        try:
+            results = [
+                WriteResult(index=it.index, size_in_bytes=0, storage_data=_InlineValue(_json_bytes(planner, it)))
+                for it in plan.items
+                if it.type == WriteItemType.BYTE_IO
+            ]
+            results += self._write_files(plan, planner)
+        finally:
+            if self._after_write is not None:
+                self._after_write()
+        done: torch.futures.Future[list[WriteResult]] = torch.futures.Future()
+        done.set_result(results)
+        return done
+
+    def _write_files(self, plan: SavePlan, planner: SavePlanner) -> list[WriteResult]:
         save_id, rank = plan.storage_data["save_id"], plan.storage_data["rank"]
-        results = [
-            WriteResult(index=it.index, size_in_bytes=0, storage_data=_InlineValue(_json_bytes(planner, it)))
-            for it in plan.items
-            if it.type == WriteItemType.BYTE_IO
-        ]
+        results: list[WriteResult] = []
         buckets = _split_by_bytes([it for it in plan.items if it.type != WriteItemType.BYTE_IO], self.options.num_io_threads)
         meta = {"format": "shardckpt", "format_version": str(FORMAT_VERSION), "save_id": save_id, "rank": str(rank)}
         if buckets:
@@ -126,9 +141,7 @@ class Writer(StorageWriter):
                 for f in futures:
                     results.extend(f.result())
             self.storage.sync_dir(layout.DATA_DIR)
-        done: torch.futures.Future[list[WriteResult]] = torch.futures.Future()
-        done.set_result(results)
-        return done
+        return results
 
     def finish(self, metadata: Metadata, results: list[list[WriteResult]]) -> None:
         m = build_manifest(metadata, results, self._layout, self.options.hash_block_bytes)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 
 import pytest
 import torch
@@ -175,3 +176,51 @@ def test_failure_on_one_rank_raises_on_every_rank_and_commits_nothing(tmp_path):
     path = str(tmp_path / "ckpt")
     run_ranks(_write_fails_on_rank_1, 2, path)
     assert not os.path.exists(os.path.join(path, "manifest.json"))
+
+
+def _rank_1_never_saves(rank: int, world: int, path: str) -> None:
+    import time
+
+    shardckpt.save({"w": torch.ones(2)}, path + "-first", timeout_s=3)  # both ranks: creates the group
+    if rank == 1:
+        time.sleep(8)  # "forgot" to call save; stays alive past the others' timeout
+        return
+    t0 = time.monotonic()
+    with pytest.raises(shardckpt.RankTimeoutError) as info:
+        shardckpt.save({"w": torch.ones(2)}, path, timeout_s=3)
+    assert time.monotonic() - t0 < 7
+    assert "not every rank arrived within 3 s" in str(info.value)
+    assert "1" in str(info.value).split("(", 1)[1]  # gloo's monitored barrier names rank 1
+
+
+def test_a_rank_that_never_calls_save_is_named_not_a_hang(tmp_path):
+    run_ranks(_rank_1_never_saves, 2, str(tmp_path / "ckpt"))
+    assert not os.path.exists(tmp_path / "ckpt" / "manifest.json")
+
+
+def _rank_1_stuck_writing(rank: int, world: int, path: str) -> None:
+    import time
+
+    from shardckpt.storage import local
+
+    if rank == 1:
+        original = local._LocalWriteStream.write
+
+        def slow_write(self, data):  # a rank whose storage hangs mid-write
+            time.sleep(10)
+            return original(self, data)
+
+        local._LocalWriteStream.write = slow_write
+    t0 = time.monotonic()
+    with pytest.raises(shardckpt.ShardckptError) as info:
+        shardckpt.save({"w": torch.full((4,), float(rank)), f"r{rank}": torch.ones(3)}, path, timeout_s=3)
+    if rank == 0:
+        assert time.monotonic() - t0 < 9, "rank 0 waited for the stuck rank instead of timing out"
+        assert isinstance(info.value, shardckpt.RankTimeoutError)
+        assert re.search(r"Ranks? 1 failed to pass", str(info.value)), str(info.value)
+        assert "finish writing" in str(info.value)
+
+
+def test_a_rank_stuck_writing_is_named_and_nothing_commits(tmp_path):
+    run_ranks(_rank_1_stuck_writing, 2, str(tmp_path / "ckpt"))
+    assert not os.path.exists(tmp_path / "ckpt" / "manifest.json")
