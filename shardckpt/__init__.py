@@ -29,6 +29,9 @@ from shardckpt.manager import CheckpointManager, StepInfo, list_root  # noqa: E4
 from shardckpt.manifest import Manifest  # noqa: E402
 from shardckpt.retention import RetentionPolicy  # noqa: E402
 from shardckpt.saving import AsyncSaveHandle, async_save, save  # noqa: E402
+from shardckpt.sampler import GlobalBatch, ResumableDistributedSampler  # noqa: E402
+from shardckpt.training import RngStreamsRederivedWarning, TrainState  # noqa: E402
+from shardckpt.convert import diff_checkpoints, export_checkpoint, import_checkpoint, read_state_dict  # noqa: E402
 
 __all__ = [
     "__version__",
@@ -41,6 +44,14 @@ __all__ = [
     "RetentionPolicy",
     "StepInfo",
     "list_root",
+    "TrainState",
+    "ResumableDistributedSampler",
+    "GlobalBatch",
+    "RngStreamsRederivedWarning",
+    "export_checkpoint",
+    "import_checkpoint",
+    "diff_checkpoints",
+    "read_state_dict",
     "Manifest",
     "ShardckptError",
     "CheckpointNotFoundError",

@@ -117,23 +117,31 @@ _checkpoint_groups: dict[Any, Any] = {}
 
 
 def checkpoint_group(process_group: Any, timeout_s: float) -> Any:
-    """Collective on first use. A gloo group with the ranks of ``process_group`` (the
-    default group when None), used only by saves: the background thread of an async
-    save talks over it, never over the training group, and its timeout bounds every
-    wait of a save."""
-    key = (id(process_group) if process_group is not None else None, float(timeout_s))
+    """The group a save or load talks over. Collective on first use.
+
+    For the whole world (``process_group`` None or spanning every rank): a gloo group
+    with every rank, created once per timeout, so an async save's background thread
+    never uses the training group and ``timeout_s`` bounds every wait. For a subgroup:
+    the group itself (creating a twin on only some ranks would desynchronize
+    ``new_group`` across the job); pass a gloo subgroup to get the same guarantees.
+    """
+    whole_world = process_group is None or dist.get_world_size(process_group) == dist.get_world_size()
+    if not whole_world:
+        return process_group
+    key = float(timeout_s)
     if key not in _checkpoint_groups:
-        ranks = None if process_group is None else dist.get_process_group_ranks(process_group)
         try:
-            _checkpoint_groups[key] = dist.new_group(
-                ranks=ranks, backend="gloo", timeout=datetime.timedelta(seconds=timeout_s)
-            )
+            _checkpoint_groups[key] = dist.new_group(backend="gloo", timeout=datetime.timedelta(seconds=timeout_s))
         except RuntimeError as e:  # DistStoreError: some rank never came to create it
             raise RankTimeoutError(
                 f"creating the checkpoint process group: not every rank arrived within {timeout_s:g} s "
-                f"({e}). Every rank must make the same save/async_save calls in the same order."
+                f"({e}). Every rank must make the same save/load calls in the same order."
             ) from e
     return _checkpoint_groups[key]
+
+
+def is_gloo(group: Any) -> bool:
+    return group is not None and dist.get_backend(group) == "gloo"
 
 
 def arrive(group: Any, action: str, timeout_s: float) -> None:
@@ -142,8 +150,8 @@ def arrive(group: Any, action: str, timeout_s: float) -> None:
     Raises RankTimeoutError naming the ranks that did not arrive (rank 0 of the group
     knows which; the others learn that the barrier failed).
     """
-    if group is None:
-        return
+    if not is_gloo(group):
+        return  # monitored_barrier exists for gloo only; other groups rely on their own timeout
     try:
         dist.monitored_barrier(group=group, timeout=datetime.timedelta(seconds=timeout_s), wait_all_ranks=True)
     except RuntimeError as e:

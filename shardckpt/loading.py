@@ -12,11 +12,12 @@ import torch
 import torch.distributed.checkpoint as dcp
 
 from shardckpt import datafile, layout
-from shardckpt.collective import RankGroup, translated_failures
+from shardckpt.collective import RankGroup, arrive, checkpoint_group, translated_failures
 from shardckpt.errors import CheckpointNotFoundError, ManifestError, NotCommittedError, StateDictMismatchError
 from shardckpt.manifest import MAX_MANIFEST_BYTES, Manifest, parse_manifest
 from shardckpt.planner import LoadPlanner
 from shardckpt.reader import Reader
+from shardckpt.saving import DEFAULT_TIMEOUT_S, wait_pending
 from shardckpt.state import apply_loaded_stateful, describe, flat_keys, to_plain_state_dict
 from shardckpt.storage import Storage, open_storage
 
@@ -32,6 +33,7 @@ def load(
     verify: bool = True,
     num_io_threads: int = DEFAULT_LOAD_IO_THREADS,
     storage_options: dict[str, Any] | None = None,
+    timeout_s: float = DEFAULT_TIMEOUT_S,
 ) -> None:
     """Fill ``state_dict`` in place from the checkpoint at ``path``.
 
@@ -45,11 +47,18 @@ def load(
     (otherwise StateDictMismatchError lists them); with ``strict=False`` keys missing
     from the checkpoint are left untouched. Shape and dtype must match either way.
     ``verify``: check every byte read against the checksums recorded at save time.
-    A problem on any rank raises on every rank, naming the rank.
+    A problem on any rank raises on every rank, naming the rank; a rank that does not
+    call ``load`` makes the others raise RankTimeoutError after ``timeout_s``. Like
+    ``save``, the collectives run on the gloo checkpoint group, after this process's
+    pending async save (if any) has finished.
     """
     if not 1 <= num_io_threads <= 256:
         raise ValueError(f"num_io_threads must be in [1, 256], got {num_io_threads}")
+    wait_pending()
     group = RankGroup.current(process_group)
+    ckpt_group = checkpoint_group(process_group, timeout_s) if group.is_distributed else None
+    arrive(ckpt_group, f"load of {path}: waiting for every rank to call load", timeout_s)
+    group = RankGroup.current(ckpt_group) if ckpt_group is not None else group
     storage = open_storage(path, storage_options)
     plain = to_plain_state_dict(state_dict)
 
@@ -65,7 +74,7 @@ def load(
             plain,
             storage_reader=reader,
             planner=LoadPlanner(allow_partial_load=True),
-            process_group=process_group,
+            process_group=ckpt_group,
             no_dist=not group.is_distributed,
         )
     apply_loaded_stateful(state_dict, plain)

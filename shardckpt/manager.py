@@ -23,6 +23,7 @@ from shardckpt import layout, ownership
 from shardckpt.collective import RankGroup
 from shardckpt.errors import CheckpointNotFoundError, IntegrityError, ManifestError, ShardckptError
 from shardckpt.loading import load, read_manifest
+from shardckpt.manifest import Manifest
 from shardckpt.retention import RetentionPolicy
 from shardckpt.saving import AsyncSaveHandle, async_save, save
 from shardckpt.storage import Storage, open_storage
@@ -129,9 +130,13 @@ class CheckpointManager:
     def metrics(self, step: int) -> dict[str, Any]:
         """The metrics saved with committed ``step`` (from its manifest)."""
         if step not in self._metrics:
-            manifest = read_manifest(self._step_storage(step))
+            manifest = self.manifest(step)
             self._metrics[step] = dict(manifest.metadata.get("metrics") or {})
         return self._metrics[step]
+
+    def manifest(self, step: int) -> Manifest:
+        """The manifest of committed ``step`` (read on the calling rank only)."""
+        return read_manifest(self._step_storage(step))
 
     def path(self, step: int) -> str:
         """The checkpoint folder of ``step`` (usable with shardckpt.load directly)."""

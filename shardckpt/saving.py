@@ -17,7 +17,7 @@ from typing import Any
 import torch.distributed.checkpoint as dcp
 
 from shardckpt import integrity
-from shardckpt.collective import RankGroup, arrive, checkpoint_group, translated_failures
+from shardckpt.collective import RankGroup, arrive, checkpoint_group, is_gloo, translated_failures
 from shardckpt.errors import RankTimeoutError
 from shardckpt.manifest import Manifest
 from shardckpt.planner import SavePlanner
@@ -206,6 +206,12 @@ def async_save(
 
     staged = group.agree(f"async save to {path}", stage)
     bg_group = checkpoint_group(process_group, timeout_s) if group.is_distributed else None
+    if bg_group is not None and not is_gloo(bg_group):
+        raise ValueError(
+            "async_save over a subgroup needs a gloo group, so the background thread never runs "
+            "collectives on a training group: pass process_group=dist.new_group(ranks, backend='gloo') "
+            "(created on every rank)"
+        )
     handle = AsyncSaveHandle(path)
     thread = threading.Thread(
         target=handle._run,

@@ -145,8 +145,9 @@ class _FailingStateful:
 
 
 def _one_rank_bad_target(rank: int, world: int, path: str) -> None:
+    only_rank_0 = dist.new_group([0])  # new_group is collective: every rank creates it
     if rank == 0:
-        shardckpt.save({"w": torch.arange(4.0)}, path, process_group=dist.new_group([0]))
+        shardckpt.save({"w": torch.arange(4.0)}, path, process_group=only_rank_0)
     dist.barrier()
     target = {"w": torch.zeros(4) if rank != 1 else torch.zeros(5)}
     with pytest.raises(shardckpt.StateDictMismatchError) as info:

@@ -1,0 +1,182 @@
+"""The Lightning CheckpointIO plugin, with a real Trainer on CPU: fit, checkpoint, resume, retention."""
+
+from __future__ import annotations
+
+import copy
+import enum
+import os
+import pathlib
+
+import pytest
+import torch
+
+L = pytest.importorskip("lightning", reason="Lightning is not installed: pip install 'shardckpt[lightning]'")
+
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint  # noqa: E402
+from torch.utils.data import DataLoader, TensorDataset  # noqa: E402
+
+from distributed import run_ranks  # noqa: E402
+from shardckpt.errors import ShardckptError, UnsupportedValueError  # noqa: E402
+from shardckpt.lightning import ShardckptCheckpointIO, decode_checkpoint, encode_checkpoint  # noqa: E402
+
+pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::DeprecationWarning", "ignore::FutureWarning")
+
+
+class TinyModel(L.LightningModule):
+    def __init__(self, lr: float = 0.05, data_dir: pathlib.Path = pathlib.Path("/data/tiny"), seed: int = 0) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        torch.manual_seed(seed)
+        self.layer = torch.nn.Linear(4, 2)
+
+    def training_step(self, batch, batch_idx):
+        loss = self.layer(batch[0]).pow(2).mean()
+        self.log("score", float(self.global_step))  # grows every step: top-k by "max" keeps the newest
+        return loss
+
+    def configure_optimizers(self):
+        opt = torch.optim.Adam(self.parameters(), lr=self.hparams.lr)
+        return {"optimizer": opt, "lr_scheduler": torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.9)}
+
+
+class BatchCounter(Callback):
+    """A callback with its own state, which Lightning stores under checkpoint["callbacks"]."""
+
+    def __init__(self) -> None:
+        self.batches = 0
+
+    def on_train_batch_end(self, *args, **kwargs) -> None:
+        self.batches += 1
+
+    def state_dict(self) -> dict:
+        return {"batches": self.batches}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.batches = state_dict["batches"]
+
+
+class Snapshot(Callback):
+    """Records the state a resumed Trainer starts from, before it trains further."""
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        self.weights = {k: v.clone() for k, v in pl_module.state_dict().items()}
+        self.optimizer = copy.deepcopy(trainer.optimizers[0].state_dict())  # live tensors: training goes on
+        self.scheduler = copy.deepcopy(trainer.lr_scheduler_configs[0].scheduler.state_dict())
+        self.global_step = trainer.global_step
+
+
+def loader() -> DataLoader:
+    return DataLoader(TensorDataset(torch.randn(64, 4, generator=torch.Generator().manual_seed(1))), batch_size=4)
+
+
+def trainer(root: str, max_steps: int, *callbacks: Callback, async_save: bool = False) -> L.Trainer:
+    checkpoints = ModelCheckpoint(dirpath=root, monitor="score", mode="max", save_top_k=2, every_n_train_steps=1,
+                                  save_last=True)
+    return L.Trainer(max_steps=max_steps, logger=False, enable_progress_bar=False, enable_model_summary=False,
+                     accelerator="cpu", plugins=[ShardckptCheckpointIO(async_save=async_save)],
+                     callbacks=[checkpoints, *callbacks])
+
+
+@pytest.mark.parametrize("async_save", [False, True], ids=["sync", "async"])
+def test_fit_checkpoint_resume_state_equal(tmp_path, async_save):
+    root = str(tmp_path / "ckpts")
+    counter, model = BatchCounter(), TinyModel()
+    first = trainer(root, 6, counter, async_save=async_save)
+    first.fit(model, loader())
+    # Top-k retention ran through remove_checkpoint: only the 2 best and last are left.
+    assert sorted(os.listdir(root)) == ["epoch=0-step=5.ckpt", "epoch=0-step=6.ckpt", "last.ckpt"]
+    assert all(os.path.isfile(os.path.join(root, d, "manifest.json")) for d in os.listdir(root))
+
+    snap, counter2 = Snapshot(), BatchCounter()
+    second = trainer(root, 8, counter2, snap)
+    second.fit(TinyModel(seed=123), loader(), ckpt_path="last")
+    assert snap.global_step == 6
+    want = model.state_dict()
+    assert all(torch.equal(snap.weights[k], want[k]) for k in want)
+    opt_want = first.optimizers[0].state_dict()
+    assert sorted(snap.optimizer["state"]) == [0, 1]  # int param ids, as the optimizer saved them
+    for pid, state in opt_want["state"].items():
+        assert all(torch.equal(snap.optimizer["state"][pid][k], v) for k, v in state.items())
+    assert snap.optimizer["param_groups"] == opt_want["param_groups"]
+    assert snap.scheduler == first.lr_scheduler_configs[0].scheduler.state_dict()
+    assert counter2.batches == 6 + 2  # restored to 6, then two more steps
+    assert second.global_step == 8
+    best = second.checkpoint_callback
+    assert best.best_model_path.endswith("epoch=0-step=8.ckpt") and float(best.best_model_score) == 7.0
+
+
+def test_checkpoint_dict_round_trips_through_the_plugin(tmp_path):
+    ckpt = {
+        "state_dict": {"w": torch.arange(6.0).reshape(2, 3)},
+        "optimizer_states": [{"state": {0: {"step": torch.tensor(3.0)}, 1: {}}, "param_groups": [{"params": [0, 1]}]}],
+        "loops": {"fit_loop": {"state_dict": {}, "epoch_progress": {"total": {"ready": 1}}}},
+        "hyper_parameters": {"data_dir": pathlib.Path("/d"), "paths": [pathlib.Path("a"), "b"], "betas": (0.9, 0.99)},
+        "lr_schedulers": [{}],
+        "global_step": 3,
+    }
+    io = ShardckptCheckpointIO()
+    io.save_checkpoint(ckpt, tmp_path / "c.ckpt")
+    back = io.load_checkpoint(tmp_path / "c.ckpt")
+    assert torch.equal(back["state_dict"]["w"], ckpt["state_dict"]["w"])
+    assert back["optimizer_states"][0]["state"][1] == {} and torch.equal(back["optimizer_states"][0]["state"][0]["step"],
+                                                                          torch.tensor(3.0))
+    back["optimizer_states"][0]["state"][0].pop("step")
+    ckpt["optimizer_states"][0]["state"][0].pop("step")
+    back["state_dict"] = ckpt["state_dict"]
+    assert back == ckpt
+    assert isinstance(back["hyper_parameters"]["data_dir"], pathlib.PurePath)
+
+
+class Mode(enum.Enum):
+    FAST = "fast"
+
+
+def test_values_that_are_not_json_fail_with_their_path():
+    with pytest.raises(UnsupportedValueError, match=r"\['hyper_parameters'\]\['mode'\].*Mode.*\.value"):
+        encode_checkpoint({"hyper_parameters": {"mode": Mode.FAST}})
+    with pytest.raises(UnsupportedValueError, match="dict key"):
+        encode_checkpoint({"x": {(1, 2): 3}})
+
+
+def test_encode_notes_nested_int_keys_inner_first():
+    t = torch.ones(1)
+    tree, notes = encode_checkpoint({"a": {1: {2: t}}})
+    assert tree == {"a": {"1": {"2": t}}} and notes["int_keys"] == [["a", "1"], ["a"]]
+    assert decode_checkpoint(tree, notes) == {"a": {1: {2: t}}}
+
+
+def test_async_save_keeps_the_values_of_the_moment(tmp_path):
+    w = torch.zeros(1000)
+    io = ShardckptCheckpointIO(async_save=True)
+    io.save_checkpoint({"state_dict": {"w": w}}, str(tmp_path / "a.ckpt"))
+    w.add_(1)  # training goes on while the save is written
+    io.teardown()
+    assert torch.equal(io.load_checkpoint(str(tmp_path / "a.ckpt"))["state_dict"]["w"], torch.zeros(1000))
+
+
+def test_remove_checkpoint_refuses_folders_that_are_not_checkpoints(tmp_path):
+    io = ShardckptCheckpointIO()
+    io.save_checkpoint({"state_dict": {"w": torch.ones(2)}}, str(tmp_path / "c.ckpt"))
+    (tmp_path / "c.ckpt" / "notes.txt").write_text("mine")
+    with pytest.raises(ShardckptError, match="refusing to delete"):
+        io.remove_checkpoint(str(tmp_path / "c.ckpt"))
+    assert (tmp_path / "c.ckpt" / "manifest.json").exists()
+    (tmp_path / "c.ckpt" / "notes.txt").unlink()
+    io.remove_checkpoint(str(tmp_path / "c.ckpt"))
+    assert not (tmp_path / "c.ckpt").exists()
+    io.remove_checkpoint(str(tmp_path / "c.ckpt"))  # already gone: fine, as with files
+
+
+def _rank_zero_saves_alone(rank: int, world: int, path: str) -> None:
+    import torch.distributed as dist
+
+    io = ShardckptCheckpointIO()
+    if rank == 0:  # what Lightning's strategies do: only global rank 0 calls save_checkpoint
+        io.save_checkpoint({"state_dict": {"w": torch.arange(4.0)}, "global_step": 5}, path)
+    dist.barrier()
+    back = io.load_checkpoint(path)  # every rank reads, nothing collective
+    assert torch.equal(back["state_dict"]["w"], torch.arange(4.0)) and back["global_step"] == 5
+
+
+def test_rank_zero_alone_can_save_inside_a_process_group(tmp_path):
+    run_ranks(_rank_zero_saves_alone, 2, str(tmp_path / "c.ckpt"))
