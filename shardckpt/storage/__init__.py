@@ -2,23 +2,43 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from shardckpt.storage.base import Storage, WriteStream
 from shardckpt.storage.local import LocalStorage
 
-__all__ = ["Storage", "WriteStream", "LocalStorage", "open_storage"]
+if TYPE_CHECKING:
+    from shardckpt.storage.fsspec_storage import TransferOptions
+    from shardckpt.storage.retry import RetryPolicy
+
+__all__ = ["Storage", "WriteStream", "LocalStorage", "RetryPolicy", "TransferOptions", "open_storage"]
 
 
-def open_storage(url: str, storage_options: dict[str, Any] | None = None) -> Storage:
+def __getattr__(name: str) -> Any:
+    # Lazily: these import fsspec, s3fs and botocore, which local-only users never need.
+    if name == "TransferOptions":
+        from shardckpt.storage.fsspec_storage import TransferOptions
+
+        return TransferOptions
+    if name == "RetryPolicy":
+        from shardckpt.storage.retry import RetryPolicy
+
+        return RetryPolicy
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def open_storage(
+    url: str, storage_options: dict[str, Any] | None = None, transfer: TransferOptions | None = None
+) -> Storage:
     """A Storage rooted at ``url``: a local path or ``file://`` URL gives LocalStorage
-    (fsync + atomic rename), any other fsspec URL gives FsspecStorage."""
+    (fsync + atomic rename), any other fsspec URL gives FsspecStorage (``transfer``: its
+    part size, parts in flight per file and retry policy; the defaults when None)."""
     if not isinstance(url, str):
         raise TypeError(f"checkpoint path must be a str (a local path or fsspec URL), got {type(url).__name__}")
     if "://" not in url or url.startswith("file://"):
-        if storage_options:
-            raise ValueError("storage_options only apply to fsspec URLs such as s3://bucket/path")
+        if storage_options or transfer:
+            raise ValueError("storage_options and transfer only apply to fsspec URLs such as s3://bucket/path")
         return LocalStorage(url)
     from shardckpt.storage.fsspec_storage import FsspecStorage
 
-    return FsspecStorage(url, storage_options)
+    return FsspecStorage(url, storage_options, transfer)

@@ -48,7 +48,8 @@ class Storage(abc.ABC):
 
     @abc.abstractmethod
     def read_into(self, name: str, offset: int, out: memoryview) -> None:
-        """Fill ``out`` with ``len(out)`` bytes of ``name`` starting at ``offset``."""
+        """Fill ``out`` with ``len(out)`` bytes of ``name`` starting at ``offset``;
+        EOFError if the file ends first."""
 
     @abc.abstractmethod
     def open_write(self, name: str) -> WriteStream:
@@ -74,7 +75,8 @@ class Storage(abc.ABC):
 
     @abc.abstractmethod
     def delete_tree(self, name: str = "") -> None:
-        """Delete folder ``name`` (or the root) with everything under it."""
+        """Delete folder ``name`` (or the root) with everything under it; an absent
+        folder is not an error (on object stores a folder is only a key prefix)."""
 
     def sync_dir(self, name: str = "") -> None:
         """Make the folder entry of files created under ``name`` durable (POSIX only)."""

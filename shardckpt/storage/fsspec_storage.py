@@ -1,108 +1,400 @@
-"""Any fsspec URL (``memory://``, ``s3://``, ``gs://`` ...). The only module that imports fsspec.
+"""Any fsspec URL (``s3://``, ``memory://``, ``gs://`` ...). With redact, retry and multipart,
+the only code that imports fsspec, s3fs or botocore.
 
-Commit is one ``pipe_file`` (a single PUT on object stores); nothing here renames,
-because rename on S3 is copy+delete and no commit at all.
+On S3 (s3fs) a data file is a multipart upload with parts in flight in parallel
+(:mod:`~shardckpt.storage.multipart`), a read is ranged GETs of exactly the bytes
+asked for (large ones split and fetched in parallel), the commit is the manifest
+written in one PUT, listing is by prefix, and deletes are bulk ``DeleteObjects``. Nothing here renames (on S3 that is
+copy + delete, no commit at all) and nothing creates a bucket. Every request runs
+under a :class:`~shardckpt.storage.retry.RetryPolicy`; failures surface as
+:class:`~shardckpt.errors.StorageError` naming bucket and key, with secrets masked.
+
+s3fs caches listings; an object written by another process (another rank, another
+job) is invisible to a cached listing, so every query here drops the cache for the
+path first and asks the store.
 """
 
 from __future__ import annotations
 
-from typing import Any
+import errno
+import threading
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
 
+import aiohttp
+import botocore.exceptions as boto_errors
 import fsspec
 
+from shardckpt.errors import StorageError
 from shardckpt.storage.base import Storage
+from shardckpt.storage.multipart import MAX_PART_BYTES, MIN_PART_BYTES, MultipartUpload
+from shardckpt.storage.redact import Redactor, secret_values
+from shardckpt.storage.retry import RetriesExhausted, RetryPolicy, error_code
+
+T = TypeVar("T")
+_S3_PROTOCOLS = frozenset({"s3", "s3a"})
+# Backends where a "folder" is only a key prefix: never makedirs there (on gcsfs and
+# s3fs it would create a bucket, and a missing bucket must be an error, not a side effect).
+_PREFIX_PROTOCOLS = _S3_PROTOCOLS | {"gs", "gcs", "az", "abfs", "abfss", "adl", "oss", "memory"}
+_DELETE_BATCH = 1000  # S3's limit for one DeleteObjects request
+_STORAGE_FAILURES = (OSError, boto_errors.BotoCoreError, boto_errors.ClientError, aiohttp.ClientError)
+
+_HINTS = {
+    "NoSuchBucket": "the bucket does not exist: create it or fix the URL (shardckpt never creates buckets)",
+    "AccessDenied": "the credentials in use may not do this: check the IAM or bucket policy (shardckpt needs "
+    "s3:GetObject, s3:PutObject, s3:ListBucket, s3:DeleteObject and s3:AbortMultipartUpload on the prefix)",
+    "InvalidAccessKeyId": "check the credentials (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_PROFILE, "
+    "or the key and secret in storage_options)",
+    "ExpiredToken": "the session token has expired: refresh the credentials (AWS_SESSION_TOKEN or the profile)",
+}
+_HINTS["403"] = _HINTS["AllAccessDisabled"] = _HINTS["AccessDenied"]
+_HINTS["SignatureDoesNotMatch"] = _HINTS["InvalidToken"] = _HINTS["InvalidAccessKeyId"]
 
 
-class _FsspecWriteStream:
-    def __init__(self, fs: Any, path: str) -> None:
-        self._fs = fs
-        self._path = path
-        self._f = fs.open(path, "wb")
+@dataclass(frozen=True)
+class TransferOptions:
+    """How FsspecStorage moves bytes.
 
-    def write(self, data: memoryview | bytes) -> None:
-        self._f.write(data)
+    ``single_put_bytes``: a file up to this size is written with one PUT; a larger one
+    is a multipart upload whose first part has this size. ``part_bytes``: the size of
+    the later parts (doubled every 1,000 parts). Both within S3's part limits, 5 MiB to
+    5 GiB. ``max_concurrency``: parts uploading at once, over all files of one storage
+    (one rank's save); buffers are bounded by ``(max_concurrency + files being written)
+    * max(single_put_bytes, part_bytes)``. ``read_piece_bytes``: a larger read is split
+    into ranged GETs of this size, up to ``max_concurrency`` at once. ``retry``: the
+    policy for every request.
+    """
 
-    def finish(self) -> None:
-        # Closing completes the (multipart) upload; object stores are durable on success.
-        self._f.close()
+    part_bytes: int = 16 * 2**20
+    single_put_bytes: int = 64 * 2**20
+    read_piece_bytes: int = 64 * 2**20
+    max_concurrency: int = 8
+    retry: RetryPolicy = field(default_factory=RetryPolicy)
 
-    def abort(self) -> None:
-        try:
-            discard = getattr(self._f, "discard", None)
-            if discard is not None:
-                discard()  # drops a pending multipart upload without creating the object
-            else:
-                self._f.close()
-        finally:
-            if self._fs.exists(self._path):
-                self._fs.rm_file(self._path)
+    def __post_init__(self) -> None:
+        for name in ("part_bytes", "single_put_bytes"):
+            value = getattr(self, name)
+            if not MIN_PART_BYTES <= value <= MAX_PART_BYTES:
+                raise ValueError(f"{name} must be in [5 MiB, 5 GiB] (S3's part limits), got {value}")
+        if self.read_piece_bytes < 2**20:
+            raise ValueError(f"read_piece_bytes must be at least 1 MiB, got {self.read_piece_bytes}")
+        if not 1 <= self.max_concurrency <= 256:
+            raise ValueError(f"max_concurrency must be in [1, 256], got {self.max_concurrency}")
 
 
 class FsspecStorage(Storage):
-    def __init__(self, url: str, storage_options: dict[str, Any] | None = None) -> None:
+    """A Storage rooted at an fsspec URL. ``storage_options`` go to fsspec unchanged
+    (s3fs: ``endpoint_url``, ``key``, ``secret``, ``token``, ``client_kwargs``,
+    ``config_kwargs``...); without them s3fs finds credentials and endpoint the standard
+    AWS ways (environment, ``~/.aws`` files, ``AWS_ENDPOINT_URL``, instance roles)."""
+
+    def __init__(
+        self, url: str, storage_options: dict[str, Any] | None = None, transfer: TransferOptions | None = None
+    ) -> None:
         self.url = url
+        self.transfer = transfer or TransferOptions()
         self._options = dict(storage_options or {})
-        self.fs, self.root = fsspec.core.url_to_fs(url, **self._options)
-        self.root = self.root.rstrip("/")
+        self._redact = Redactor(secret_values(self._options))
+        self.fs, root = fsspec.core.url_to_fs(url, **self._options)
+        self.root = root.rstrip("/")
+        protocols = self.fs.protocol if isinstance(self.fs.protocol, (tuple, list)) else (self.fs.protocol,)
+        self._protocol = str(protocols[0])
+        self._is_s3 = bool(_S3_PROTOCOLS & set(protocols)) and hasattr(self.fs, "call_s3")
+        self._has_dirs = not _PREFIX_PROTOCOLS & set(protocols)
+        # Shared with child(): one rank's bound on parts in flight, and its pool for ranged reads.
+        self._upload_slots = threading.BoundedSemaphore(self.transfer.max_concurrency)
+        self._read_pool: ThreadPoolExecutor | None = None
+        self._pool_lock = threading.Lock()
+
+    # ----------------------------------------------------------------- queries
+
+    def exists(self, name: str) -> bool:
+        return self._file_size(name) is not None
+
+    def is_dir(self, name: str = "") -> bool:
+        info = self._info(name)
+        return info is not None and info["type"] == "directory"
+
+    def size(self, name: str) -> int:
+        size = self._file_size(name)
+        if size is None:
+            raise FileNotFoundError(errno.ENOENT, f"{self._where(name)}: no such file")
+        return size
+
+    def _file_size(self, name: str) -> int | None:
+        """Size of file ``name``, or None when there is no such file. On S3 one HEAD
+        request (fsspec's info() would also list the prefix to look for a folder)."""
+        if not self._is_s3:
+            info = self._info(name)
+            return int(info["size"]) if info is not None and info["type"] == "file" else None
+        bucket, key, _ = self.fs.split_path(self._path(name))
+
+        def head() -> int | None:
+            try:
+                return int(self.fs.call_s3("head_object", Bucket=bucket, Key=key)["ContentLength"])
+            except FileNotFoundError:
+                return None  # a HEAD has no body: a missing bucket looks like a missing key here
+
+        return self._run("look up", name, head)
+
+    def _info(self, name: str) -> dict[str, Any] | None:
+        """The entry ``name``, fresh from the store, or None when absent."""
+        path = self._path(name)
+
+        def probe() -> dict[str, Any] | None:
+            self.fs.invalidate_cache(path)
+            try:
+                return dict(self.fs.info(path))
+            except FileNotFoundError as e:
+                if error_code(e)[0] == "NoSuchBucket":
+                    raise
+                return None
+
+        return self._run("look up", name, probe)
+
+    # ----------------------------------------------------------------- reads
+
+    def read_bytes(self, name: str) -> bytes:
+        path = self._path(name)
+
+        def cat() -> bytes:
+            self.fs.invalidate_cache(path)  # s3fs sizes the GET from cached info
+            return bytes(self.fs.cat_file(path))
+
+        return self._run("read", name, cat)
+
+    def read_into(self, name: str, offset: int, out: memoryview) -> None:
+        """Ranged GETs of exactly ``[offset, offset + len(out))``: one, or on S3 pieces of
+        ``read_piece_bytes`` fetched in parallel (one connection streams ~100 MB/s on S3)."""
+        piece = self.transfer.read_piece_bytes if self._is_s3 else len(out)
+        starts = range(0, len(out), max(piece, 1))
+        if len(starts) <= 1:
+            self._read_range(name, offset, out)
+            return
+        if self._read_pool is None:
+            with self._pool_lock:
+                if self._read_pool is None:
+                    self._read_pool = ThreadPoolExecutor(self.transfer.max_concurrency, thread_name_prefix="shardckpt-get")
+        futures = [self._read_pool.submit(self._read_range, name, offset + i, out[i : i + piece]) for i in starts]
+        for f in futures:
+            f.result()
+
+    def _read_range(self, name: str, offset: int, out: memoryview) -> None:
+        if len(out) == 0:
+            return
+        path = self._path(name)
+        try:
+            data = self._run("read", name, lambda: self.fs.cat_file(path, start=offset, end=offset + len(out)))
+        except StorageError as e:
+            if error_code(e)[0] != "InvalidRange":  # S3's answer to a range that starts past the end
+                raise
+            data = b""
+        if len(data) != len(out):
+            raise EOFError(f"{self._where(name)}: expected {len(out)} bytes at offset {offset}, got {len(data)}")
+        out[:] = data
+
+    # ----------------------------------------------------------------- writes
+
+    def open_write(self, name: str) -> MultipartUpload | _FileStream:
+        path = self._path(name)
+        if self._is_s3:
+            bucket, key, _ = self.fs.split_path(path)
+            self.fs.invalidate_cache(path)
+            return MultipartUpload(
+                self.fs, bucket, key, part_bytes=self.transfer.part_bytes,
+                single_put_bytes=self.transfer.single_put_bytes, slots=self._upload_slots,
+                max_concurrency=self.transfer.max_concurrency, call=lambda action, fn: self._run(action, name, fn),
+            )
+        if self._has_dirs:
+            self._run("create the folder of", name, lambda: self.fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True))
+        f = self._run("open", name, lambda: self.fs.open(path, "wb", block_size=self.transfer.part_bytes))
+        return _FileStream(self, name, f)
+
+    def write_atomic(self, name: str, data: bytes) -> None:
+        """One PUT of the whole object: S3 makes it visible whole or not at all."""
+        path = self._path(name)
+        if self._is_s3:
+            bucket, key, _ = self.fs.split_path(path)
+            self._run("write", name, lambda: self.fs.call_s3("put_object", Bucket=bucket, Key=key, Body=data))
+            self.fs.invalidate_cache(path)
+            return
+        if self._has_dirs:
+            self._run("create the folder of", name, lambda: self.fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True))
+        self._run("write", name, lambda: self.fs.pipe_file(path, data))
+
+    # ----------------------------------------------------------------- listing
+
+    def list_files(self, prefix: str = "") -> list[str]:
+        base = self._path(prefix)
+
+        def find() -> list[str]:
+            self.fs.invalidate_cache(base)
+            try:
+                return list(self.fs.find(base, withdirs=False))
+            except FileNotFoundError as e:
+                if error_code(e)[0] == "NoSuchBucket":
+                    raise
+                return []
+
+        cut = len(self.root) + 1
+        found = (p.rstrip("/")[cut:] for p in self._run("list", prefix, find) if p.startswith(self.root + "/"))
+        return sorted(n for n in found if n and not n.endswith("/"))
+
+    def list_dirs(self, prefix: str = "") -> list[str]:
+        """Immediate sub-folders; on S3 the common prefixes of a delimited listing."""
+        base = self._path(prefix)
+
+        def ls() -> list[dict[str, Any]]:
+            self.fs.invalidate_cache(base)
+            try:
+                return list(self.fs.ls(base, detail=True, refresh=True))
+            except FileNotFoundError as e:
+                if error_code(e)[0] == "NoSuchBucket":
+                    raise
+                return []
+
+        names = {e["name"].rstrip("/").rsplit("/", 1)[-1] for e in self._run("list", prefix, ls) if e.get("type") == "directory"}
+        return sorted(n for n in names if n)
+
+    # ----------------------------------------------------------------- deletes
+
+    def delete(self, names: list[str]) -> None:
+        if self._is_s3:
+            self._bulk_delete(names)
+            return
+        for name in names:
+            path = self._path(name)
+
+            def rm(path: str = path) -> None:
+                try:
+                    self.fs.rm_file(path)
+                except FileNotFoundError:
+                    pass
+
+            self._run("delete", name, rm)
+
+    def _bulk_delete(self, names: list[str]) -> None:
+        """DeleteObjects, 1000 keys a request. S3 reports per-key failures in the
+        answer, not as an HTTP error, so they are checked here (s3fs ignores them)."""
+        for i in range(0, len(names), _DELETE_BATCH):
+            batch = names[i : i + _DELETE_BATCH]
+            bucket = self.fs.split_path(self._path(batch[0]))[0]
+            objects = [{"Key": self.fs.split_path(self._path(n))[1]} for n in batch]
+            out = self._run("delete", batch[0], lambda: self.fs.call_s3(
+                "delete_objects", Bucket=bucket, Delete={"Objects": objects, "Quiet": True}
+            ))
+            for n in batch:
+                self.fs.invalidate_cache(self._path(n))
+            failed = [e for e in out.get("Errors", []) if e.get("Code") != "NoSuchKey"]
+            if failed:
+                first = failed[0]
+                raise StorageError(self._redact(
+                    f"cannot delete {len(failed)} object(s) in bucket {bucket!r}, e.g. key {first.get('Key')!r}: "
+                    f"{first.get('Code')}: {first.get('Message')}. {_HINTS.get(str(first.get('Code')), '')}"
+                ).rstrip(". ") + ".")
+
+    def delete_tree(self, name: str = "") -> None:
+        """Delete everything under ``name``; a folder that is absent is not an error."""
+        if self._is_s3:
+            self.delete(self.list_files(name))  # names relative to the root, like delete's
+            return
+        path = self._path(name)
+
+        def rm() -> None:
+            try:
+                self.fs.rm(path, recursive=True)
+            except FileNotFoundError:
+                pass
+
+        self._run("delete", name, rm)
+
+    def child(self, name: str) -> FsspecStorage:
+        sub = object.__new__(FsspecStorage)
+        sub.__dict__.update(self.__dict__)
+        sub.url = f"{self.url.rstrip('/')}/{name}" if name else self.url
+        sub.root = self._path(name)
+        return sub
+
+    # ----------------------------------------------------------------- internals
 
     def _path(self, name: str) -> str:
         return f"{self.root}/{name}" if name else self.root
 
-    def exists(self, name: str) -> bool:
-        return bool(self.fs.isfile(self._path(name)))
-
-    def is_dir(self, name: str = "") -> bool:
-        return bool(self.fs.isdir(self._path(name)))
-
-    def size(self, name: str) -> int:
-        return int(self.fs.size(self._path(name)))
-
-    def read_bytes(self, name: str) -> bytes:
-        return bytes(self.fs.cat_file(self._path(name)))
-
-    def read_into(self, name: str, offset: int, out: memoryview) -> None:
-        data = self.fs.cat_file(self._path(name), start=offset, end=offset + len(out))
-        if len(data) != len(out):
-            raise EOFError(f"{self._path(name)}: expected {len(out)} bytes at {offset}, got {len(data)}")
-        out[:] = data
-
-    def open_write(self, name: str) -> _FsspecWriteStream:
+    def _where(self, name: str) -> str:
         path = self._path(name)
-        parent = path.rsplit("/", 1)[0]
-        self.fs.makedirs(parent, exist_ok=True)
-        return _FsspecWriteStream(self.fs, path)
+        if self._is_s3:
+            bucket, key, _ = self.fs.split_path(path)
+            return f"s3://{bucket}/{key} (bucket {bucket!r}, key {key!r})"
+        return f"{self._protocol}://{path.lstrip('/')}"
 
-    def write_atomic(self, name: str, data: bytes) -> None:
-        path = self._path(name)
-        self.fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
-        self.fs.pipe_file(path, data)
-
-    def list_files(self, prefix: str = "") -> list[str]:
-        base = self._path(prefix)
-        if not self.fs.exists(base):
-            return []
-        cut = len(self.root.rstrip("/")) + 1
-        return sorted(p[cut:] if p.startswith(self.root) else p for p in self.fs.find(base))
-
-    def list_dirs(self, prefix: str = "") -> list[str]:
-        base = self._path(prefix)
+    def _run(self, action: str, name: str, fn: Callable[[], T], *, retry: bool = True) -> T:
+        """``fn()`` under the retry policy (once if not ``retry``); storage failures
+        become StorageError (or FileNotFoundError for an absent object), secrets masked."""
         try:
-            entries = self.fs.ls(base, detail=True)
-        except FileNotFoundError:
-            return []
-        return sorted(e["name"].rstrip("/").rsplit("/", 1)[-1] for e in entries if e.get("type") == "directory")
+            return self.transfer.retry.call(fn) if retry else fn()
+        except RetriesExhausted as e:
+            policy = self.transfer.retry
+            raise StorageError(self._message(
+                action, name, e.last,
+                f"a transient error persisted through {e.attempts} attempts over {e.elapsed_s:.1f} s "
+                f"(RetryPolicy max_attempts={policy.max_attempts}, max_total_s={policy.max_total_s}); "
+                "the store is overloaded or unreachable, try again later",
+            )) from e.last
+        except FileNotFoundError as e:
+            if error_code(e)[0] == "NoSuchBucket":
+                raise StorageError(self._message(action, name, e, _HINTS["NoSuchBucket"])) from e
+            raise FileNotFoundError(errno.ENOENT, self._redact(f"{self._where(name)}: no such file")) from e
+        except _STORAGE_FAILURES as e:
+            code = error_code(e)[0]
+            hint = _HINTS.get(code or "", "")
+            if isinstance(e, (boto_errors.NoCredentialsError, boto_errors.PartialCredentialsError)):
+                hint = _HINTS["InvalidAccessKeyId"]
+            elif isinstance(e, boto_errors.EndpointConnectionError):
+                hint = "cannot reach the endpoint: check AWS_ENDPOINT_URL or storage_options endpoint_url"
+            raise StorageError(self._message(action, name, e, hint)) from e
 
-    def delete(self, names: list[str]) -> None:
-        paths = [self._path(n) for n in names]
-        existing = [p for p in paths if self.fs.exists(p)]
-        if existing:
-            self.fs.rm(existing)
+    def _message(self, action: str, name: str, error: BaseException, hint: str) -> str:
+        code, status = error_code(error)
+        what = code or type(error).__name__
+        if status is not None and code != str(status):
+            what = f"{what} (HTTP {status})"
+        detail = _server_message(error) or str(error)
+        text = f"cannot {action} {self._where(name)}: {what}: {detail}"
+        return self._redact(f"{text.rstrip('. ')}. {hint[:1].upper()}{hint[1:]}".rstrip(". ") + ".")
 
-    def delete_tree(self, name: str = "") -> None:
-        path = self._path(name)
-        if self.fs.exists(path):
-            self.fs.rm(path, recursive=True)
 
-    def child(self, name: str) -> FsspecStorage:
-        protocol = self.url.split("://", 1)[0]
-        return FsspecStorage(f"{protocol}://{self._path(name)}", self._options)
+class _FileStream:
+    """A streamed write on a non-S3 fsspec backend (its own buffering and commit on close).
+    Writes cannot be retried mid-stream; failures still become StorageError."""
+
+    def __init__(self, storage: FsspecStorage, name: str, f: Any) -> None:
+        self._storage = storage
+        self._name = name
+        self._f = f
+
+    def write(self, data: memoryview | bytes) -> None:
+        self._storage._run("write", self._name, lambda: self._f.write(data), retry=False)
+
+    def finish(self) -> None:
+        self._storage._run("write", self._name, self._f.close, retry=False)
+
+    def abort(self) -> None:
+        discard = getattr(self._f, "discard", None)
+        if discard is not None:
+            discard()  # drops buffered data without committing (s3fs, gcsfs)
+        else:
+            self._f.close()
+        # Some backends create the file at open (memory://) or on close: remove it.
+        self._storage.delete([self._name])
+
+
+def _server_message(error: BaseException) -> str | None:
+    from shardckpt.storage.retry import client_error
+
+    ce = client_error(error)
+    if ce is None:
+        return None
+    message = ce.response.get("Error", {}).get("Message")
+    return str(message) if message else None

@@ -120,7 +120,11 @@ class LocalStorage(Storage):
                 pass
 
     def delete_tree(self, name: str = "") -> None:
-        shutil.rmtree(self._path(name), ignore_errors=False)
+        """Delete folder ``name`` and everything in it; an absent folder is not an error."""
+        try:
+            shutil.rmtree(self._path(name))
+        except FileNotFoundError:
+            pass
 
     def sync_dir(self, name: str = "") -> None:
         self._fsync_dir(self._path(name))
