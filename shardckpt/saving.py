@@ -26,7 +26,8 @@ from shardckpt.state import flatten_with_mappings, to_plain_state_dict
 from shardckpt.storage import open_storage
 from shardckpt.writer import Writer, WriterOptions
 
-DEFAULT_SAVE_IO_THREADS = 2
+DEFAULT_SAVE_IO_THREADS = 2  # local disks: two streams per rank saturate the disk (benchmarks.md)
+DEFAULT_REMOTE_SAVE_IO_THREADS = 8  # object stores: latency-bound, more uploads in flight (storage.md)
 DEFAULT_TIMEOUT_S = 1800.0
 log = logging.getLogger("shardckpt")
 
@@ -36,7 +37,7 @@ def save(
     path: str,
     *,
     process_group: Any = None,
-    num_io_threads: int = DEFAULT_SAVE_IO_THREADS,
+    num_io_threads: int | None = None,
     overwrite: bool = False,
     storage_options: dict[str, Any] | None = None,
     hash_block_bytes: int = integrity.DEFAULT_BLOCK_BYTES,
@@ -48,7 +49,8 @@ def save(
     Collective when torch.distributed is initialized (or ``process_group`` is given):
     every rank of the group must call it with its own shard of the state. Works with no
     process group too. Each rank writes the tensors it owns (replicated tensors once,
-    spread over ranks) with ``num_io_threads`` threads; rank 0 then writes
+    spread over ranks) with ``num_io_threads`` threads (default 2 for local paths, 8 for
+    object stores); rank 0 then writes
     ``manifest.json``, which commits the checkpoint. When this returns on any rank the
     checkpoint is committed and durable. On failure nothing is committed, an earlier
     checkpoint elsewhere is untouched, and every rank raises the same ShardckptError.
@@ -65,7 +67,7 @@ def save(
     run on a gloo group with the caller's ranks, created on the first call (by every
     rank). Returns the committed Manifest on the coordinator, None on other ranks.
     """
-    options = _options(num_io_threads, hash_block_bytes, overwrite, metadata)
+    options = _options(num_io_threads, hash_block_bytes, overwrite, metadata, path)
     wait_pending()
     group = RankGroup.current(process_group)
     ckpt_group = checkpoint_group(process_group, timeout_s) if group.is_distributed else None
@@ -112,7 +114,12 @@ def persist(
     return writer.manifest
 
 
-def _options(num_io_threads: int, hash_block_bytes: int, overwrite: bool, metadata: dict[str, Any] | None) -> WriterOptions:
+def _options(
+    num_io_threads: int | None, hash_block_bytes: int, overwrite: bool, metadata: dict[str, Any] | None, path: str
+) -> WriterOptions:
+    if num_io_threads is None:
+        local = "://" not in path or path.startswith("file://")
+        num_io_threads = DEFAULT_SAVE_IO_THREADS if local else DEFAULT_REMOTE_SAVE_IO_THREADS
     return WriterOptions(num_io_threads=num_io_threads, hash_block_bytes=hash_block_bytes, overwrite=overwrite,
                          metadata=dict(metadata or {}))
 
@@ -179,7 +186,7 @@ def async_save(
     path: str,
     *,
     process_group: Any = None,
-    num_io_threads: int = DEFAULT_SAVE_IO_THREADS,
+    num_io_threads: int | None = None,
     overwrite: bool = False,
     storage_options: dict[str, Any] | None = None,
     hash_block_bytes: int = integrity.DEFAULT_BLOCK_BYTES,
@@ -196,7 +203,7 @@ def async_save(
     (created on the first call, by every rank); ``timeout_s`` bounds every wait for
     other ranks (RankTimeoutError names the ranks that did not arrive).
     """
-    options = _options(num_io_threads, hash_block_bytes, overwrite, metadata)
+    options = _options(num_io_threads, hash_block_bytes, overwrite, metadata, path)
     wait_pending()
     group = RankGroup.current(process_group)
 

@@ -21,7 +21,8 @@ from torch.distributed.tensor import Replicate, Shard, distribute_tensor
 import shardckpt
 from distributed import run_ranks
 from shardckpt import convert
-from shardckpt.cli import EXIT_DAMAGED, EXIT_DIFFERENT, EXIT_OK, EXIT_UNUSABLE, main
+from shardckpt.cli import EXIT_DAMAGED, EXIT_OK, EXIT_UNUSABLE, main
+from shardckpt.cli_convert import EXIT_DIFFERENT
 from shardckpt.convert_read import CheckpointSource
 from shardckpt.errors import IntegrityError, ManifestError, UnsupportedValueError
 

@@ -23,7 +23,8 @@ from torch.distributed.fsdp import fully_shard
 import shardckpt
 from distributed import run_ranks
 from shardckpt.sampler import ResumableDistributedSampler
-from shardckpt.training import RngStreamsRederivedWarning, TrainState, apply_rng, capture_rng, reseed_rng
+from shardckpt.rng import RngStreamsRederivedWarning, apply_rng, capture_rng, reseed_rng
+from shardckpt.training import TrainState
 
 # ---------------------------------------------------------------- RNG streams (one process)
 
