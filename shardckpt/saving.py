@@ -26,7 +26,7 @@ from shardckpt.state import flatten_with_mappings, to_plain_state_dict
 from shardckpt.storage import open_storage
 from shardckpt.writer import Writer, WriterOptions
 
-DEFAULT_SAVE_IO_THREADS = 2  # local disks: two streams per rank saturate the disk (benchmarks.md)
+DEFAULT_SAVE_IO_THREADS = 4  # local disks: 4 streams per rank saved 1.4-1.6x faster than 2 (benchmarks.md)
 DEFAULT_REMOTE_SAVE_IO_THREADS = 8  # object stores: latency-bound, more uploads in flight (storage.md)
 DEFAULT_TIMEOUT_S = 1800.0
 log = logging.getLogger("shardckpt")
@@ -49,7 +49,7 @@ def save(
     Collective when torch.distributed is initialized (or ``process_group`` is given):
     every rank of the group must call it with its own shard of the state. Works with no
     process group too. Each rank writes the tensors it owns (replicated tensors once,
-    spread over ranks) with ``num_io_threads`` threads (default 2 for local paths, 8 for
+    spread over ranks) with ``num_io_threads`` threads (default 4 for local paths, 8 for
     object stores); rank 0 then writes
     ``manifest.json``, which commits the checkpoint. When this returns on any rank the
     checkpoint is committed and durable. On failure nothing is committed, an earlier

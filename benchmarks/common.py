@@ -1,0 +1,417 @@
+"""Shared helpers for the benchmarks: launching ranks, the model-like state, interleaved
+schedules, medians, the raw-disk baselines (dd), page-cache eviction, host memory from
+/proc and machine facts.
+
+Measurement rules (see docs/benchmarks.md for why): systems are measured in the same
+run, interleaved, in a shuffled order per repetition; the first repetition is a dropped
+warm-up; results are medians over the remaining repetitions with the min-max spread;
+comparisons are paired per repetition and an A/A control (one system measured twice
+under two names) shows the noise floor.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import math
+import os
+import platform
+import random
+import re
+import shutil
+import socket
+import statistics
+import subprocess
+import time
+import zlib
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+GB = 1e9
+MiB = 2**20
+RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+
+# ------------------------------------------------------------------ launching ranks
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _rank_entry(rank: int, fn: Callable[..., Any], world_size: int, port: int, args: tuple[Any, ...]) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+                      WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank))
+    import torch
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world_size, timeout=datetime.timedelta(seconds=600))
+    try:
+        fn(rank, world_size, *args)
+        dist.barrier()  # leave together: rank 0 hosts the store
+    finally:
+        dist.destroy_process_group()
+
+
+def spawn_ranks(fn: Callable[..., Any], world_size: int, *args: Any) -> None:
+    """Run ``fn(rank, world_size, *args)`` on ``world_size`` gloo/CPU processes.
+
+    One intra-op thread per rank (OMP/MKL/OpenBLAS too): with 4 ranks on a 2-core VM,
+    more threads only oversubscribe the cores and add noise.
+    """
+    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+        os.environ[var] = "1"
+    import torch.multiprocessing as mp
+
+    mp.spawn(_rank_entry, args=(fn, world_size, free_port(), args), nprocs=world_size, join=True)
+
+
+def max_over_ranks(value: float) -> float:
+    import torch
+    import torch.distributed as dist
+
+    t = torch.tensor([value], dtype=torch.float64)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return float(t.item())
+
+
+def gather_to_all(value: Any) -> list[Any]:
+    import torch.distributed as dist
+
+    out: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(out, value)
+    return out
+
+
+# ------------------------------------------------------------------ the state
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    name: str
+    rows: int
+    cols: int
+    sharded: bool  # True: rows split over ranks (FSDP-like Shard(0)); False: replicated
+
+    @property
+    def nbytes(self) -> int:
+        return self.rows * self.cols * 4
+
+
+def model_layout(total_mib: int, world_size: int) -> list[TensorSpec]:
+    """A transformer-like fp32 layout of at least ``total_mib`` MiB (parameters plus
+    AdamW's two moments): an embedding and an output head (4h x h), two blocks of
+    qkv (3h x h), out (h x h), up (4h x h), down (h x 4h), all sharded by rows over the
+    ranks, plus replicated norm weights (h) and a replicated rotary table (h/4 x 64).
+    That is 30 sharded tensors (~10-50 MiB each at 1 GiB total, ~100 MiB at 2 GiB) and
+    16 small replicated ones.
+    """
+    units = 3 * (4 + 4 + 2 * (3 + 1 + 4 + 4))  # sizes in units of h*h fp32
+    step = 16 * world_size
+    h = max(step, math.ceil(math.sqrt(total_mib * MiB / (units * 4)) / step) * step)
+    weights = [("embed", 4 * h, h), ("head", 4 * h, h)]
+    for b in range(2):
+        weights += [(f"blocks.{b}.qkv", 3 * h, h), (f"blocks.{b}.out", h, h),
+                    (f"blocks.{b}.up", 4 * h, h), (f"blocks.{b}.down", h, 4 * h)]
+    small = [(f"blocks.{b}.{n}", 1, h) for b in range(2) for n in ("norm1", "norm2")] + [("final_norm", 1, h)]
+    specs = []
+    for group in ("param", "exp_avg", "exp_avg_sq"):
+        specs += [TensorSpec(f"{group}.{n}", r, c, True) for n, r, c in weights]
+        specs += [TensorSpec(f"{group}.{n}", r, c, False) for n, r, c in small]
+    specs.append(TensorSpec("param.rope", h // 4, 64, False))
+    return specs
+
+
+def local_rows(spec: TensorSpec, rank: int, world_size: int) -> tuple[int, int]:
+    """(first row, row count) of ``rank``'s shard."""
+    if not spec.sharded:
+        return 0, spec.rows
+    n = spec.rows // world_size  # rows are multiples of 16 * world_size
+    return rank * n, n
+
+
+def fill_local(spec: TensorSpec, rank: int, world_size: int, out: Any) -> None:
+    """Deterministic, incompressible-ish values for ``rank``'s shard of ``spec``."""
+    import torch
+
+    start, n = local_rows(spec, rank, world_size)
+    g = torch.Generator().manual_seed(zlib.crc32(f"{spec.name}@{start}".encode()))
+    out.copy_(torch.rand((n, spec.cols), generator=g))
+
+
+def make_state(specs: list[TensorSpec], rank: int, world_size: int, *, fill: bool) -> dict[str, Any]:
+    """``{"model": {...}, "optim": {...}, "step": int}`` of DTensors (Shard(0) or Replicate)
+    on a 1-D CPU mesh, each rank holding its own rows; values filled when ``fill``."""
+    import torch
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import DTensor, Replicate, Shard
+
+    mesh = init_device_mesh("cpu", (world_size,))
+    state: dict[str, Any] = {"model": {}, "optim": {}, "step": 1000 if fill else 0}
+    for spec in specs:
+        _, n = local_rows(spec, rank, world_size)
+        local = torch.empty((n, spec.cols), dtype=torch.float32)
+        if fill:
+            fill_local(spec, rank, world_size, local)
+        else:
+            local.zero_()
+        placement = Shard(0) if spec.sharded else Replicate()
+        dt = DTensor.from_local(local, mesh, [placement], run_check=False,
+                                shape=torch.Size((spec.rows, spec.cols)), stride=(spec.cols, 1))
+        part = "model" if spec.name.startswith("param.") else "optim"
+        state[part][spec.name] = dt
+    return state
+
+
+def local_tensors(state: dict[str, Any]) -> list[Any]:
+    return [t.to_local() for part in ("model", "optim") for t in state[part].values()]
+
+
+def state_equal(a: dict[str, Any], b: dict[str, Any]) -> bool:
+    import torch
+
+    same = all(torch.equal(x, y) for x, y in zip(local_tensors(a), local_tensors(b)))
+    return same and a["step"] == b["step"]
+
+
+def zero_state(state: dict[str, Any]) -> None:
+    for t in local_tensors(state):
+        t.zero_()
+    state["step"] = 0
+
+
+def global_bytes(specs: list[TensorSpec]) -> int:
+    return sum(s.nbytes for s in specs)
+
+
+def local_bytes(specs: list[TensorSpec], rank: int, world_size: int) -> int:
+    return sum(local_rows(s, rank, world_size)[1] * s.cols * 4 for s in specs)
+
+
+# ------------------------------------------------------------------ schedules and statistics
+
+
+def interleaved(systems: Sequence[str], repeats: int, warmup: int = 1, seed: int = 0) -> Iterator[tuple[int, bool, list[str]]]:
+    """``(repetition, is_warmup, order)``: every system once per repetition, in an order
+    shuffled per repetition (the same on every rank for a given seed)."""
+    rng = random.Random(seed)
+    for rep in range(warmup + repeats):
+        order = list(systems)
+        rng.shuffle(order)
+        yield rep, rep < warmup, order
+
+
+def summarize(samples: Sequence[float]) -> dict[str, Any]:
+    if not samples:
+        return {"n": 0}
+    return {"n": len(samples), "median": statistics.median(samples), "min": min(samples),
+            "max": max(samples), "samples": list(samples)}
+
+
+def paired_ratios(num: Sequence[float], den: Sequence[float]) -> dict[str, Any]:
+    """Per-repetition ratios num[i]/den[i] (measured back to back in one repetition)."""
+    return summarize([a / b for a, b in zip(num, den) if b > 0])
+
+
+# ------------------------------------------------------------------ the raw disk
+
+
+def run_dd_write(path: str, nbytes: int, mode: str = "fdatasync", block_mib: int = 16) -> tuple[float, int]:
+    """``dd if=/dev/zero of=path bs=16M count=N`` made durable (``conv=fdatasync``) or
+    bypassing the page cache (``oflag=direct``); returns (seconds, bytes written)."""
+    count = max(1, math.ceil(nbytes / (block_mib * MiB)))
+    flag = "conv=fdatasync" if mode == "fdatasync" else "oflag=direct"
+    cmd = ["dd", "if=/dev/zero", f"of={path}", f"bs={block_mib}M", f"count={count}", flag, "status=none"]
+    t0 = time.perf_counter()
+    subprocess.run(cmd, check=True)
+    return time.perf_counter() - t0, count * block_mib * MiB
+
+
+def run_dd_read(path: str, block_mib: int = 16) -> tuple[float, int]:
+    """Cold read of ``path`` with dd (evicted first); returns (seconds, bytes read)."""
+    evict_files([path])
+    t0 = time.perf_counter()
+    subprocess.run(["dd", f"if={path}", "of=/dev/null", f"bs={block_mib}M", "status=none"], check=True)
+    return time.perf_counter() - t0, os.path.getsize(path)
+
+
+def files_under(root: str) -> list[str]:
+    out = []
+    for folder, _dirs, files in os.walk(root):
+        out += [os.path.join(folder, f) for f in files]
+    return sorted(out)
+
+
+def evict_files(paths: Sequence[str]) -> None:
+    """Drop these files' pages from the page cache (fsync first: dirty pages stay)."""
+    for p in paths:
+        fd = os.open(p, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+
+
+def evict_tree(root: str) -> None:
+    evict_files(files_under(root))
+
+
+def resident_bytes(paths: Sequence[str]) -> int | None:
+    """Bytes of these files in the page cache (util-linux ``fincore``), None without it."""
+    if not paths or shutil.which("fincore") is None:
+        return None
+    out = subprocess.run(["fincore", "--bytes", "--noheadings", "--raw", "--output", "RES", *paths],
+                         check=True, capture_output=True, text=True).stdout
+    return sum(int(x) for x in out.split())
+
+
+def bytes_by_rank(paths: Sequence[str], rank_of: Callable[[str], int | None]) -> dict[int, int]:
+    sizes: dict[int, int] = {}
+    for p in paths:
+        r = rank_of(os.path.basename(p))
+        if r is not None:
+            sizes[r] = sizes.get(r, 0) + os.path.getsize(p)
+    return dict(sorted(sizes.items()))
+
+
+def shardckpt_file_rank(name: str) -> int | None:
+    m = re.search(r"-r(\d+)-\d+\.safetensors$", name)
+    return int(m.group(1)) if m else None
+
+
+def dcp_file_rank(name: str) -> int | None:
+    m = re.match(r"__(\d+)_\d+\.distcp$", name)
+    return int(m.group(1)) if m else None
+
+
+def balance(sizes: dict[int, int]) -> dict[str, Any]:
+    vals = list(sizes.values())
+    mean = sum(vals) / len(vals) if vals else 0
+    return {"bytes_by_rank": {str(k): v for k, v in sizes.items()},
+            "max_over_mean": (max(vals) / mean) if mean else None}
+
+
+def remove_tree(path: str) -> None:
+    shutil.rmtree(path, ignore_errors=True)
+
+
+# ------------------------------------------------------------------ host memory
+
+
+def proc_status_kib(field: str) -> int:
+    with open("/proc/self/status") as f:
+        m = re.search(rf"^{field}:\s+(\d+) kB", f.read(), re.M)
+    return int(m.group(1)) if m else -1
+
+
+def rss_bytes() -> int:
+    return proc_status_kib("VmRSS") * 1024
+
+
+def peak_rss_bytes() -> int:
+    return proc_status_kib("VmHWM") * 1024
+
+
+def reset_peak_rss() -> bool:
+    """Reset VmHWM to the current RSS (Linux ``clear_refs`` 5); False where not allowed."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+# ------------------------------------------------------------------ machine facts and output
+
+
+def loadavg() -> list[float]:
+    with open("/proc/loadavg") as f:
+        return [float(x) for x in f.read().split()[:3]]
+
+
+def machine_facts(bench_dir: str) -> dict[str, Any]:
+    import torch
+
+    mem_kib = 0
+    with open("/proc/meminfo") as f:
+        m = re.search(r"^MemTotal:\s+(\d+) kB", f.read(), re.M)
+        mem_kib = int(m.group(1)) if m else 0
+    cpu_model = ""
+    try:
+        with open("/proc/cpuinfo") as f:
+            m = re.search(r"^model name\s*:\s*(.+)$", f.read(), re.M)
+            cpu_model = m.group(1) if m else ""
+    except OSError:
+        pass
+    os.makedirs(bench_dir, exist_ok=True)
+    du = shutil.disk_usage(bench_dir)
+    dev = subprocess.run(["df", "--output=source,fstype", bench_dir], capture_output=True, text=True).stdout.split()
+    try:
+        import shardckpt
+
+        sc_version = shardckpt.__version__
+    except ImportError:
+        sc_version = None
+    return {
+        "hostname": socket.gethostname(),
+        "cpu_cores": os.cpu_count(),
+        "cpu_model": cpu_model,
+        "memory_gib": round(mem_kib / 2**20, 1),
+        "bench_dir": os.path.abspath(bench_dir),
+        "bench_dir_device": " ".join(dev[2:]) if len(dev) >= 4 else None,
+        "disk_free_gib": round(du.free / 2**30, 1),
+        "kernel": platform.release(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "shardckpt": sc_version,
+        "loadavg_start": loadavg(),
+        "date_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+def write_results(name: str, results: dict[str, Any], out_dir: str = RESULTS_DIR) -> str:
+    os.makedirs(out_dir, exist_ok=True)
+    path = os.path.join(out_dir, f"{name}.json")
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(results, f, indent=1, sort_keys=False)
+        f.write("\n")
+    os.replace(tmp, path)
+    return path
+
+
+def format_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    """A GitHub-markdown table (also readable in a terminal)."""
+    cells = [[str(h) for h in headers]] + [[_fmt(c) for c in r] for r in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
+    lines = ["| " + " | ".join(c.ljust(w) for c, w in zip(r, widths)) + " |" for r in cells]
+    lines.insert(1, "|" + "|".join("-" * (w + 2) for w in widths) + "|")
+    return "\n".join(lines)
+
+
+def _fmt(x: Any) -> str:
+    if isinstance(x, float):
+        return f"{x:.3g}" if abs(x) < 100 else f"{x:.0f}"
+    return "-" if x is None else str(x)
+
+
+def spread(s: dict[str, Any], scale: float = 1.0) -> str:
+    if not s.get("n"):
+        return "-"
+    return f"{s['min'] * scale:.3g}-{s['max'] * scale:.3g}"
+
+
+def wait_for_quiet(threshold: float = 0.8, max_wait_s: float = 900, poll_s: float = 30) -> list[float]:
+    """Poll /proc/loadavg until the 1-minute load is below ``threshold`` (or time is up)."""
+    deadline = time.monotonic() + max_wait_s
+    while True:
+        la = loadavg()
+        if la[0] < threshold or time.monotonic() >= deadline:
+            return la
+        print(f"waiting for a quiet machine: loadavg {la}", flush=True)
+        time.sleep(poll_s)

@@ -1,0 +1,355 @@
+"""Save and cold-load throughput: shardckpt vs DCP vs the raw disk, measured in one run.
+
+    python benchmarks/save_load.py --quick            # ~150 MiB, 2 measured repetitions, < 1 min
+    python benchmarks/save_load.py                    # ~1.1 GiB, 5 measured repetitions
+    python benchmarks/save_load.py --world-size 4 --mib 2048 --repeats 7 --dir /work/bench-tmp/sl
+
+Every rank (gloo on CPU, spawned here) holds its rows of a model-like fp32 state
+(parameters and AdamW moments as Shard(0) DTensors, plus small replicated tensors).
+Each repetition runs every system once in a shuffled order, first all saves, then all
+loads; the first repetition is a dropped warm-up. A time is the wall time from a
+barrier before to a barrier after the call, max over ranks. Loads are cold: the files
+a load reads are fsynced and evicted from the page cache (posix_fadvise DONTNEED)
+right before it. Systems:
+
+    shardckpt, shardckpt_AA   shardckpt.save/load, defaults; the same system twice (A/A control)
+    shardckpt_io4             save with num_io_threads=4 (default 2)
+    shardckpt_io1             load with num_io_threads=1 (default 4)
+    shardckpt_noverify        load with verify=False (no checksum verification)
+    dcp                       dcp.save/dcp.load with FileSystemWriter/FileSystemReader defaults
+    raw                       each rank os.write()s its local tensors to one file + fsync /
+                              preadv()s them back: no format, no checksums (the floor of any
+                              checkpointer doing the same parallel I/O)
+    dd                        rank 0 alone: dd if=/dev/zero bs=16M conv=fdatasync (or oflag=direct)
+                              of the state's size; load: cold dd read of that file
+    dd_x4                     every rank runs dd on its share at the same time
+
+Writes benchmarks/results/save_load.json (save_load_quick.json with --quick) and prints
+tables of medians, spreads and paired ratios.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from typing import Any
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import common  # noqa: E402
+
+SAVE_SYSTEMS = ["shardckpt", "shardckpt_AA", "shardckpt_io4", "dcp", "raw", "dd", "dd_x4"]
+LOAD_SYSTEMS = ["shardckpt", "shardckpt_AA", "shardckpt_io1", "shardckpt_noverify", "dcp", "raw", "dd", "dd_x4"]
+# which save's files each load reads
+LOAD_SOURCE = {"shardckpt": "shardckpt", "shardckpt_AA": "shardckpt_AA", "shardckpt_io1": "shardckpt",
+               "shardckpt_noverify": "shardckpt", "dcp": "dcp", "raw": "raw", "dd": "dd", "dd_x4": "dd_x4"}
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="small state and 2 repetitions (< 1 min)")
+    ap.add_argument("--world-size", type=int, default=4)
+    ap.add_argument("--mib", type=int, default=None, help="total state size in MiB (default 1024, quick 128; rounded up to the layout)")
+    ap.add_argument("--dir", default="/work/bench-tmp/save_load", help="scratch folder on the disk under test (deleted at the end)")
+    ap.add_argument("--repeats", type=int, default=None, help="measured repetitions (default 5, quick 2)")
+    ap.add_argument("--warmup", type=int, default=1, help="dropped warm-up repetitions")
+    ap.add_argument("--dd-mode", choices=["fdatasync", "direct"], default="fdatasync")
+    ap.add_argument("--seed", type=int, default=0, help="seed of the shuffled orders")
+    ap.add_argument("--wait-quiet", type=float, default=0.0, metavar="SECONDS",
+                    help="first poll /proc/loadavg up to this long until the 1-min load is < 0.8")
+    ap.add_argument("--name", default=None, help="results file name (default save_load or save_load_quick)")
+    ap.add_argument("--keep", action="store_true", help="keep the scratch folder")
+    args = ap.parse_args(argv)
+    args.mib = args.mib or (128 if args.quick else 1024)
+    args.repeats = args.repeats or (2 if args.quick else 5)
+    args.name = args.name or ("save_load_quick" if args.quick else "save_load")
+    return args
+
+
+# ------------------------------------------------------------------ the systems (run on every rank)
+
+
+class Bench:
+    def __init__(self, rank: int, world: int, args: argparse.Namespace) -> None:
+        import torch.distributed.checkpoint as dcp
+
+        import shardckpt
+
+        self.rank, self.world, self.args = rank, world, args
+        self.dcp, self.shardckpt = dcp, shardckpt
+        self.specs = common.model_layout(args.mib, world)
+        self.src = common.make_state(self.specs, rank, world, fill=True)
+        self.dst = common.make_state(self.specs, rank, world, fill=False)
+        self.global_bytes = common.global_bytes(self.specs)
+        self.local_bytes = common.local_bytes(self.specs, rank, world)
+
+    def path(self, system: str) -> str:
+        return os.path.join(self.args.dir, system)
+
+    def dd_file(self, system: str, rank: int) -> str:
+        return os.path.join(self.path(system), f"dd-r{rank}.bin")
+
+    # Each save returns the bytes it put on disk from this rank (for GB/s of dd and raw).
+    def save(self, system: str) -> int:
+        import torch.distributed.checkpoint as dcp
+
+        d = self.path(system)
+        if system in ("shardckpt", "shardckpt_AA"):
+            self.shardckpt.save(self.src, d)
+        elif system == "shardckpt_io4":
+            self.shardckpt.save(self.src, d, num_io_threads=4)
+        elif system == "dcp":
+            dcp.save(self.src, storage_writer=dcp.FileSystemWriter(d))
+        elif system == "raw":
+            return raw_write(os.path.join(d, f"raw-r{self.rank}.bin"), common.local_tensors(self.src))
+        elif system == "dd":
+            if self.rank == 0:
+                return common.run_dd_write(self.dd_file(system, 0), self.global_bytes, self.args.dd_mode)[1]
+        elif system == "dd_x4":
+            return common.run_dd_write(self.dd_file(system, self.rank), self.global_bytes // self.world, self.args.dd_mode)[1]
+        else:
+            raise ValueError(system)
+        return 0
+
+    def load(self, system: str) -> int:
+        import torch.distributed.checkpoint as dcp
+
+        d = self.path(LOAD_SOURCE[system])
+        if system in ("shardckpt", "shardckpt_AA"):
+            self.shardckpt.load(self.dst, d)
+        elif system == "shardckpt_io1":
+            self.shardckpt.load(self.dst, d, num_io_threads=1)
+        elif system == "shardckpt_noverify":
+            self.shardckpt.load(self.dst, d, verify=False)
+        elif system == "dcp":
+            dcp.load(self.dst, storage_reader=dcp.FileSystemReader(d))
+        elif system == "raw":
+            n = raw_read(os.path.join(d, f"raw-r{self.rank}.bin"), common.local_tensors(self.dst))
+            self.dst["step"] = self.src["step"]  # raw carries no values; keep the check about tensors
+            return n
+        elif system == "dd":
+            if self.rank == 0:
+                return _dd_read_warm_evicted(self.dd_file(system, 0))
+        elif system == "dd_x4":
+            return _dd_read_warm_evicted(self.dd_file(system, self.rank))
+        else:
+            raise ValueError(system)
+        return 0
+
+    def timed(self, fn: Any, system: str) -> tuple[float, int]:
+        """Barrier, call, barrier: (wall seconds max over ranks, bytes moved by all ranks)."""
+        import torch
+        import torch.distributed as dist
+
+        dist.barrier()
+        t0 = time.perf_counter()
+        nbytes = fn(system)
+        dist.barrier()
+        dt = time.perf_counter() - t0
+        t = torch.tensor([dt, float(nbytes)], dtype=torch.float64)
+        mx = t.clone()
+        dist.all_reduce(mx[:1], op=dist.ReduceOp.MAX)
+        dist.all_reduce(t[1:], op=dist.ReduceOp.SUM)
+        return float(mx[0]), int(t[1])
+
+
+def raw_write(path: str, tensors: list[Any]) -> int:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    total = 0
+    try:
+        for t in tensors:
+            view = memoryview(t.reshape(-1).view(-1).numpy()).cast("B")
+            while view:
+                n = os.write(fd, view)
+                view = view[n:]
+                total += n
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    return total
+
+
+def raw_read(path: str, tensors: list[Any]) -> int:
+    fd = os.open(path, os.O_RDONLY)
+    off = 0
+    try:
+        for t in tensors:
+            view = memoryview(t.reshape(-1).numpy()).cast("B")
+            while view:
+                n = os.preadv(fd, [view], off)
+                if n == 0:
+                    raise EOFError(path)
+                view, off = view[n:], off + n
+    finally:
+        os.close(fd)
+    return off
+
+
+def _dd_read_warm_evicted(path: str) -> int:
+    # Already evicted before the timed region; read it.
+    import subprocess
+
+    subprocess.run(["dd", f"if={path}", "of=/dev/null", "bs=16M", "status=none"], check=True)
+    return os.path.getsize(path)
+
+
+# ------------------------------------------------------------------ the run
+
+
+def worker(rank: int, world: int, args: argparse.Namespace, facts: dict[str, Any]) -> None:
+    import torch.distributed as dist
+
+    b = Bench(rank, world, args)
+    if rank == 0:
+        common.remove_tree(args.dir)
+        os.makedirs(args.dir, exist_ok=True)
+        print(f"state: {len(b.specs)} tensors, {b.global_bytes / 2**20:.0f} MiB total, "
+              f"{b.local_bytes / 2**20:.0f} MiB per rank; {args.repeats} repetitions + {args.warmup} warm-up", flush=True)
+    dist.barrier()
+    samples: dict[str, dict[str, list[tuple[float, int]]]] = {"save": {}, "load": {}}
+    orders: list[dict[str, Any]] = []
+    verified: dict[str, bool] = {}
+    residency: dict[str, Any] = {}
+    t_start = time.perf_counter()
+    for rep, warm, order in common.interleaved(SAVE_SYSTEMS, args.repeats, args.warmup, args.seed):
+        load_order = list(LOAD_SYSTEMS)
+        __import__("random").Random(args.seed * 1000 + rep).shuffle(load_order)
+        orders.append({"rep": rep, "warmup": warm, "save": order, "load": load_order, "loadavg": common.loadavg()})
+        for system in order:
+            if rank == 0:
+                common.remove_tree(b.path(system))
+                os.makedirs(b.path(system), exist_ok=True)
+            dist.barrier()
+            dt, nbytes = b.timed(b.save, system)
+            if not warm:
+                samples["save"].setdefault(system, []).append((dt, nbytes))
+        for system in load_order:
+            common.zero_state(b.dst)
+            if rank == 0:
+                files = common.files_under(b.path(LOAD_SOURCE[system]))
+                common.evict_files(files)
+                if warm:
+                    residency[system] = {"files": len(files), "bytes": sum(os.path.getsize(f) for f in files),
+                                         "resident_after_evict": common.resident_bytes(files)}
+            dt, nbytes = b.timed(b.load, system)
+            if warm and not system.startswith("dd"):
+                ok = all(common.gather_to_all(common.state_equal(b.dst, b.src)))
+                verified[system] = ok
+                if not ok:
+                    raise AssertionError(f"{system}: loaded values differ from the saved ones")
+            if not warm:
+                samples["load"].setdefault(system, []).append((dt, nbytes))
+        if rank == 0:
+            print(f"repetition {rep}{' (warm-up)' if warm else ''} done at {time.perf_counter() - t_start:.0f} s", flush=True)
+    balance = {}
+    if rank == 0:
+        files = common.files_under(b.path("shardckpt"))
+        balance["shardckpt"] = common.balance(common.bytes_by_rank(files, common.shardckpt_file_rank))
+        balance["dcp"] = common.balance(common.bytes_by_rank(common.files_under(b.path("dcp")), common.dcp_file_rank))
+        balance["shardckpt"]["checkpoint_bytes"] = sum(os.path.getsize(f) for f in files)
+        balance["dcp"]["checkpoint_bytes"] = sum(os.path.getsize(f) for f in common.files_under(b.path("dcp")))
+        results = build_results(args, facts, b, samples, orders, verified, residency, balance,
+                                time.perf_counter() - t_start)
+        path = common.write_results(args.name, results)
+        print_report(results)
+        print(f"\nresults: {path}")
+        if not args.keep:
+            common.remove_tree(args.dir)
+
+
+def build_results(args: argparse.Namespace, facts: dict[str, Any], b: Bench, samples: dict[str, Any],
+                  orders: list[Any], verified: dict[str, bool], residency: dict[str, Any],
+                  balance: dict[str, Any], elapsed_s: float) -> dict[str, Any]:
+    phases: dict[str, Any] = {}
+    for phase, by_system in samples.items():
+        systems: dict[str, Any] = {}
+        for name, pairs in by_system.items():
+            secs = [s for s, _ in pairs]
+            # shardckpt and dcp move the state's bytes; raw and dd count what they wrote/read
+            nbytes = [n if name.startswith(("dd", "raw")) else b.global_bytes for _, n in pairs]
+            systems[name] = {"seconds": common.summarize(secs),
+                             "gbps": common.summarize([n / s / common.GB for n, s in zip(nbytes, secs)]),
+                             "bytes": nbytes[0]}
+        gb = {k: v["gbps"]["samples"] for k, v in systems.items()}
+        ratios = {}
+        for name in systems:
+            for ref in ("dd", "dd_x4", "dcp", "raw", "shardckpt"):
+                if ref != name and ref in gb:
+                    ratios[f"{name}/{ref}"] = common.paired_ratios(gb[name], gb[ref])
+        phases[phase] = {"systems": systems, "paired_ratios_of_gbps": ratios}
+    facts = dict(facts, loadavg_end=common.loadavg())
+
+    def med(phase: str, key: str) -> float | None:
+        return phases[phase]["paired_ratios_of_gbps"].get(key, {}).get("median")
+
+    targets = {
+        "save_vs_dd_at_least_0.9": {"ratio": med("save", "shardckpt/dd"), "met": _at_least(med("save", "shardckpt/dd"), 0.9)},
+        "save_not_slower_than_dcp": {"ratio": med("save", "shardckpt/dcp"), "met": _at_least(med("save", "shardckpt/dcp"), 1.0)},
+        "load_not_slower_than_dcp": {"ratio": med("load", "shardckpt/dcp"), "met": _at_least(med("load", "shardckpt/dcp"), 1.0)},
+        "aa_control": {ph: phases[ph]["paired_ratios_of_gbps"].get("shardckpt_AA/shardckpt") for ph in phases},
+    }
+    return {
+        "benchmark": "save_load",
+        "command": " ".join([os.path.basename(sys.executable), *sys.argv]),
+        "machine": facts,
+        "config": {"world_size": b.world, "mib_requested": args.mib, "state_bytes": b.global_bytes,
+                   "bytes_per_rank": b.local_bytes, "tensors": len(b.specs),
+                   "largest_tensor_bytes": max(s.nbytes for s in b.specs), "repeats": args.repeats,
+                   "warmup": args.warmup, "dd_mode": args.dd_mode, "seed": args.seed, "quick": args.quick},
+        "elapsed_s": elapsed_s,
+        "phases": phases,
+        "targets": targets,
+        "load_values_verified": verified,
+        "eviction_check": residency,
+        "balance": balance,
+        "orders": orders,
+    }
+
+
+def _at_least(x: float | None, bound: float) -> bool | None:
+    return None if x is None else x >= bound
+
+
+def print_report(r: dict[str, Any]) -> None:
+    cfg = r["config"]
+    print(f"\n{cfg['state_bytes'] / 2**30:.2f} GiB fp32 state, {cfg['world_size']} ranks, "
+          f"{cfg['repeats']} measured repetitions; loadavg start {r['machine']['loadavg_start']} "
+          f"end {r['machine']['loadavg_end']}")
+    for phase in ("save", "load"):
+        p = r["phases"][phase]
+        rows = []
+        for name in SAVE_SYSTEMS if phase == "save" else LOAD_SYSTEMS:
+            s = p["systems"].get(name)
+            if s is None:
+                continue
+            rat = p["paired_ratios_of_gbps"]
+            rows.append([name, s["gbps"]["median"], common.spread(s["gbps"]), s["seconds"]["median"],
+                         rat.get(f"{name}/dd", {}).get("median"), rat.get(f"{name}/dcp", {}).get("median"),
+                         rat.get(f"{name}/raw", {}).get("median"), rat.get(f"{name}/shardckpt", {}).get("median")])
+        print(f"\n{phase} (GB/s = 1e9 bytes/s; ratios are medians of per-repetition ratios)")
+        print(common.format_table(["system", "GB/s median", "GB/s min-max", "s median", "x dd", "x dcp",
+                                   "x raw", "x shardckpt"], rows))
+    aa = {ph: r["phases"][ph]["paired_ratios_of_gbps"].get("shardckpt_AA/shardckpt") for ph in ("save", "load")}
+    for ph, s in aa.items():
+        if s and s.get("n"):
+            print(f"A/A control ({ph}): shardckpt_AA/shardckpt median {s['median']:.3f}, range {common.spread(s)}")
+    for k, v in r["balance"].items():
+        print(f"bytes per rank, {k}: {v['bytes_by_rank']} (max/mean {v['max_over_mean']:.3f})")
+    print(f"load values verified: {r['load_values_verified']}")
+    for k, v in r["targets"].items():
+        if k != "aa_control":
+            print(f"target {k}: ratio {v['ratio']:.3f} -> {'met' if v['met'] else 'NOT met'}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    if args.wait_quiet:
+        common.wait_for_quiet(max_wait_s=args.wait_quiet)
+    facts = common.machine_facts(args.dir)
+    common.spawn_ranks(worker, args.world_size, args, facts)
+
+
+if __name__ == "__main__":
+    main()
