@@ -218,7 +218,7 @@ def test_permanent_error_mid_save_commits_nothing_and_aborts_uploads(s3: S3Serve
     proxy.fail = lambda n, method, path: method == "PUT" and "/data/" in path
     url = f"s3://{bucket}/ckpt"
     with pytest.raises(StorageError) as info:
-        shardckpt.save(state(4), url, storage_options=s3.storage_options(endpoint_url=proxy.endpoint_url))
+        shardckpt.save(state(4), url, num_io_threads=2, storage_options=s3.storage_options(endpoint_url=proxy.endpoint_url))
     msg = str(info.value)
     assert "AccessDenied" in msg and f"bucket '{bucket}'" in msg and "key 'ckpt/data/" in msg
     assert sum(1 for _, _, status in proxy.log if status) <= 2  # one failed PUT per writer thread, no retries
