@@ -16,6 +16,7 @@ import signal
 import sys
 import time
 from dataclasses import dataclass, field
+from collections.abc import Callable
 from types import FrameType
 from typing import Any
 
@@ -151,13 +152,26 @@ class CheckpointManager:
         start). With ``step=None``, a latest step that fails verification is skipped
         with a warning and the next older committed step is tried.
         """
+        def load_step(s: int) -> None:
+            load(state_dict, self.path(s), process_group=self._process_group, strict=strict,
+                 storage_options=self._storage_options, **self._io)
+
+        return self.restore_with(load_step, step)
+
+    def restore_with(self, load_step: Callable[[int], None], step: int | None = None) -> int | None:
+        """Collective. The restore protocol with a caller's own loader (TrainState uses it).
+
+        Finishes a pending async save, has the coordinator pick the step (``step``, or the
+        latest committed), and calls ``load_step(step)`` on every rank. With ``step=None``,
+        a step that fails verification (IntegrityError, ManifestError) is skipped with a
+        warning for the next older committed one. Returns the step loaded, or None.
+        """
         self._check_open()
         self.wait()
         candidates = self._group.decide(f"listing {self.root}", lambda: self._restore_candidates(step))
         for i, s in enumerate(candidates):
             try:
-                load(state_dict, self.path(s), process_group=self._process_group, strict=strict,
-                     storage_options=self._storage_options, **self._io)
+                load_step(s)
                 return s
             except (IntegrityError, ManifestError) as e:
                 if step is not None or i == len(candidates) - 1:

@@ -27,7 +27,6 @@ re-derived from ``(seed, step, rank)`` - deterministic, and announced with a
 from __future__ import annotations
 
 import dataclasses
-import logging
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -46,14 +45,13 @@ from torch.distributed.checkpoint.stateful import Stateful
 
 from shardckpt import datafile
 from shardckpt.collective import RankGroup
-from shardckpt.errors import CheckpointNotFoundError, IntegrityError, ManifestError, StateDictMismatchError
+from shardckpt.errors import StateDictMismatchError
 from shardckpt.loading import check_target
 from shardckpt.manifest import Manifest, decode_value
 from shardckpt.rng import RngStreamsRederivedWarning, apply_rng, capture_rng, reseed_rng
 from shardckpt.state import flat_keys
 
 TRAIN_STATE_KEY = "train"
-log = logging.getLogger("shardckpt")
 
 
 # ------------------------------------------------------------------ loading context
@@ -184,17 +182,8 @@ class TrainState:
         skipped with a warning.
         """
         group = RankGroup.current(self.process_group)
-        manager.wait()  # a pending async save of this manager commits first, so it can be chosen
-        candidates = group.decide(f"listing {manager.root}", lambda: _candidates(manager, step))
-        for i, s in enumerate(candidates):
-            try:
-                self._restore_step(manager, s, strict, group)
-                return s
-            except (IntegrityError, ManifestError) as e:
-                if step is not None or i == len(candidates) - 1:
-                    raise
-                log.warning("shardckpt: step %d under %s is damaged (%s); trying step %d", s, manager.root, e, candidates[i + 1])
-        return None
+        restored: int | None = manager.restore_with(lambda s: self._restore_step(manager, s, strict, group), step)
+        return restored
 
     def _restore_step(self, manager: Any, step: int, strict: bool, group: RankGroup) -> None:
         path = manager.path(step)
@@ -350,12 +339,3 @@ class TrainState:
         e.g. at a fresh start so every run of the job draws the same numbers."""
         rank, _ = self._rank()
         reseed_rng(self.seed, self.step if step is None else step, rank)
-
-
-def _candidates(manager: Any, step: int | None) -> list[int]:
-    steps = manager.steps()
-    if step is None:
-        return list(reversed(steps))
-    if step not in steps:
-        raise CheckpointNotFoundError(f"{manager.root}: no committed checkpoint for step {step}; committed steps are {steps or 'none'}")
-    return [step]

@@ -234,3 +234,23 @@ def test_cli_ls_shows_committed_uncommitted_latest_and_best(tmp_path, capsys):
     doc = json.loads(capsys.readouterr().out)
     assert doc["latest"] == 3 and doc["best"] == 1
     assert [(s["step"], s["committed"]) for s in doc["steps"]] == [(1, True), (2, True), (3, True), (4, False)]
+
+
+@pytest.mark.parametrize("use_async", [False, True])
+def test_failed_save_never_triggers_retention(tmp_path, use_async):
+    """keep_last=1: a save that fails (here in planning: complex dtype; for async, in the
+    background) must not delete the only committed step."""
+    with shardckpt.CheckpointManager(str(tmp_path), keep_last=1, async_save=use_async) as mgr:
+        mgr.save(1, state(1))
+        mgr.wait()
+        bad = state(2)
+        bad["model"]["z"] = torch.zeros(2, dtype=torch.complex64)
+        with pytest.raises(shardckpt.UnsupportedValueError):
+            mgr.save(2, bad)
+            mgr.wait()  # async: the background failure surfaces here
+        assert mgr.steps() == [1]
+        got = blank()
+        assert mgr.restore(got) == 1 and got["step"] == 1
+        mgr.save(3, state(3))
+        mgr.wait()
+        assert mgr.steps() == [3]  # retention resumes with the next committed step
