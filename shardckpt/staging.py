@@ -47,6 +47,7 @@ class Stager:
 
     pin_memory: bool = field(default_factory=lambda: torch.cuda.is_available())
     _buffers: dict[str, torch.Tensor] = field(default_factory=dict)
+    _items: dict[str, tuple[Any, list[WriteItem]]] = field(default_factory=dict)
     allocations: int = 0  # how many buffers were (re)allocated, for tests and benchmarks
 
     @property
@@ -59,7 +60,7 @@ class Stager:
         synchronize = False
         for fqn, obj in flat.items():
             if isinstance(obj, DTensor):
-                items = _create_write_items(fqn, obj) if obj.device_mesh.get_coordinate() is not None else []
+                items = self._write_items(fqn, obj)
                 local = obj.to_local()
                 staged[fqn] = StagedShard(items, self._copy(fqn, local))
                 synchronize |= local.is_cuda
@@ -72,7 +73,21 @@ class Stager:
             torch.cuda.synchronize()
         for fqn in set(self._buffers) - set(flat):
             del self._buffers[fqn]  # keys that left the state: free their memory
+            self._items.pop(fqn, None)
         return staged
+
+    def _write_items(self, fqn: str, obj: DTensor) -> list[WriteItem]:
+        """DCP's write items for a DTensor's local shard, computed once per layout: they
+        depend only on the key, global shape, dtype, mesh and placements, and computing
+        them for every tensor of a large model costs tens of ms per save."""
+        if obj.device_mesh.get_coordinate() is None:
+            return []
+        layout = (tuple(obj.shape), obj.dtype, id(obj.device_mesh), tuple(obj.placements), obj.requires_grad)
+        cached = self._items.get(fqn)
+        if cached is None or cached[0] != layout:
+            cached = (layout, _create_write_items(fqn, obj))
+            self._items[fqn] = cached
+        return cached[1]
 
     def _copy(self, fqn: str, src: torch.Tensor) -> torch.Tensor:
         src = src.detach()

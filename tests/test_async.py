@@ -101,6 +101,12 @@ def _async_ranks(rank: int, world: int, path: str) -> None:
     target = {"w": distribute_tensor(torch.zeros(13, 5), mesh, [Shard(0)]), "bias": torch.zeros(3), "step": 0}
     shardckpt.load(target, path)
     assert torch.equal(target["w"].full_tensor(), full) and target["step"] == 9
+    # the same key in another layout: cached write items must not be reused
+    sd["w"] = distribute_tensor(full.clone() + 1, mesh, [Shard(1)])
+    shardckpt.async_save(sd, path + "-shard1").wait()
+    target = {"w": distribute_tensor(torch.zeros(13, 5), mesh, [Shard(0)]), "bias": torch.zeros(3), "step": 0}
+    shardckpt.load(target, path + "-shard1")
+    assert torch.equal(target["w"].full_tensor(), full + 1)
 
 
 def test_async_on_ranks_with_training_collectives_running(tmp_path):
