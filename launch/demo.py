@@ -67,6 +67,7 @@ def main() -> None:
             f"{nbytes / dt / 1e9:.2f} GB/s -> {os.path.abspath(args.dir) if '://' not in args.dir else args.dir}"
             + ("; values verified bitwise" if args.action == "load" else "")
         )
+    dist.barrier()  # leave together: a rank tearing down gloo after rank 0 (the store) exited can abort
     dist.destroy_process_group()
 
 

@@ -211,6 +211,7 @@ def main(argv: list[str] | None = None) -> None:
     train(args, state, manager, log, device)
     manager.close()
     log.write(event="end", step=state.step)
+    dist.barrier()  # leave together: a rank tearing down gloo after rank 0 (the store) exited can abort
     dist.destroy_process_group()
 
 

@@ -20,7 +20,7 @@ import torch.distributed as dist
 from torch.distributed.checkpoint.api import CheckpointException
 
 from shardckpt import errors
-from shardckpt.errors import RankFailureError, RankTimeoutError, ShardckptError
+from shardckpt.errors import RankFailureError, RankTimeoutError, ShardckptError, StorageError
 
 T = TypeVar("T")
 
@@ -184,12 +184,16 @@ def raise_failures(action: str, failures: dict[int, BaseException], local: BaseE
     cls: type[ShardckptError] = RankFailureError
     if isinstance(template, ShardckptError):
         cls = type(template)
+    elif isinstance(template, OSError):
+        cls = StorageError  # a full disk, a permission problem: still an OSError to callers
     elif isinstance(template, _Remote):
         named = getattr(errors, template.type_name, None)
         if isinstance(named, type) and issubclass(named, ShardckptError):
             cls = named
     err = cls(msg)
     err.failures = dict(failures)
+    if isinstance(template, OSError) and isinstance(err, OSError):
+        err.errno, err.strerror, err.filename = template.errno, template.strerror, template.filename
     raise err from (local if local is not None else first)
 
 

@@ -14,7 +14,7 @@ import torch.distributed.checkpoint as dcp
 from shardckpt import datafile, layout
 from shardckpt.collective import RankGroup, arrive, checkpoint_group, translated_failures
 from shardckpt.errors import CheckpointNotFoundError, ManifestError, NotCommittedError, StateDictMismatchError
-from shardckpt.manifest import MAX_MANIFEST_BYTES, Manifest, parse_manifest
+from shardckpt.manifest import MAX_MANIFEST_BYTES, Manifest, parse_manifest, unseal
 from shardckpt.planner import LoadPlanner
 from shardckpt.reader import Reader
 from shardckpt.saving import DEFAULT_TIMEOUT_S, wait_pending
@@ -93,7 +93,10 @@ def read_manifest(storage: Storage) -> Manifest:
     size = storage.size(layout.MANIFEST_NAME)
     if size > MAX_MANIFEST_BYTES:
         raise ManifestError(f"{storage.url}/{layout.MANIFEST_NAME}: {size} bytes is too large for a manifest")
-    return parse_manifest(storage.read_bytes(layout.MANIFEST_NAME), source=f"{storage.url}/{layout.MANIFEST_NAME}")
+    source = f"{storage.url}/{layout.MANIFEST_NAME}"
+    raw = storage.read_bytes(layout.MANIFEST_NAME)
+    unseal(raw, source=source)
+    return parse_manifest(raw, source=source)
 
 
 def check_target(manifest: Manifest, flat: dict[str, Any], *, strict: bool, source: str) -> None:

@@ -18,7 +18,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
-from shardckpt import datafile
+from shardckpt import datafile, integrity
 from shardckpt.errors import ManifestError, UnsupportedFormatVersionError, UnsupportedValueError
 from shardckpt.layout import check_relative_name, is_data_file_name
 
@@ -171,7 +171,46 @@ def manifest_to_json(m: Manifest) -> bytes:
         "paths": dict(sorted(m.paths.items())),
         "metadata": m.metadata,
     }
-    return _dumps_two_levels(doc).encode()
+    return seal(_dumps_two_levels(doc).encode())
+
+
+_SEAL_MARKER = b',\n "manifest_hash": "'
+_SEAL_END = b'"\n}\n'
+
+
+def seal(document: bytes) -> bytes:
+    """Append the manifest's own checksum as its last field, ``"manifest_hash"``.
+
+    The hash is xxh3-64 over every byte of the file before ``,\n "manifest_hash"``, so a
+    flipped bit anywhere in the manifest - an inline value, a data-file hash - is caught
+    before the JSON is trusted. ``document`` is the JSON text without the field.
+    """
+    head = document.rstrip()
+    if head.endswith(b"}"):
+        head = head[:-1].rstrip()
+    return head + _SEAL_MARKER + integrity.hash_hex(head).encode() + _SEAL_END
+
+
+def unseal(raw: bytes, *, source: str) -> bytes:
+    """Check the ``manifest_hash`` written by :func:`seal`; return the bytes it covers.
+
+    Raises ManifestError naming ``source`` when the field is missing or does not match.
+    """
+    at = raw.rfind(_SEAL_MARKER)
+    digest = raw[at + len(_SEAL_MARKER) : at + len(_SEAL_MARKER) + 16] if at >= 0 else b""
+    if at < 0 or raw[at + len(_SEAL_MARKER) + 16 :] != _SEAL_END:
+        raise ManifestError(
+            f"{source}: the manifest does not end with its checksum field \"manifest_hash\"; it is "
+            "truncated, corrupted, or was not written by shardckpt. Load an earlier checkpoint."
+        )
+    computed = integrity.hash_hex(raw[:at])
+    if computed.encode() != digest:
+        raise ManifestError(
+            f"{source}: manifest checksum mismatch (manifest_hash {digest.decode(errors='replace')!r}, "
+            f"computed {computed!r}): the manifest was corrupted or edited after the save. Load an "
+            "earlier checkpoint, or restore manifest.json from a good copy."
+        )
+    return raw[:at]
 
 
 def _dumps_two_levels(doc: dict[str, Any]) -> str:

@@ -14,6 +14,7 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor import Shard, distribute_tensor
 
 import shardckpt
+from shardckpt.manifest import seal
 from distributed import run_ranks
 from shardckpt import audit
 from shardckpt.audit import Problem, describe_checkpoint, verify_checkpoint
@@ -193,8 +194,8 @@ def test_manifest_chunk_pointing_elsewhere_leaves_a_header_entry_unclaimed(ckpt)
     path, m = ckpt
     b = chunk_of(m, "model.b")
     b["byte_offset"] -= 8  # still inside the file, so the manifest parses
-    with open(os.path.join(path, "manifest.json"), "w") as f:
-        json.dump(m, f)
+    with open(os.path.join(path, "manifest.json"), "wb") as f:
+        f.write(seal(json.dumps(m).encode()))  # a consistent (re-sealed) but wrong manifest
     problems = verify_checkpoint(path).problems
     header = [p for p in problems if "header" in p.message]
     assert len(header) == 2
@@ -245,7 +246,7 @@ def test_malformed_manifest_raises_manifest_error(ckpt):
     path, _ = ckpt
     with open(os.path.join(path, "manifest.json"), "w") as f:
         f.write('{"format": "shardckpt"')
-    with pytest.raises(ManifestError, match="not valid JSON"):
+    with pytest.raises(ManifestError, match="checksum"):
         verify_checkpoint(path)
 
 

@@ -28,7 +28,7 @@ from shardckpt.errors import (
     ShardckptError,
     UnsupportedFormatVersionError,
 )
-from shardckpt.manifest import parse_manifest
+from shardckpt.manifest import parse_manifest, seal
 
 # ---------------------------------------------------------------- helpers
 
@@ -59,7 +59,8 @@ def only_file(doc: dict[str, Any]) -> str:
 
 def load_error(folder: Path, manifest: dict[str, Any] | bytes, **load_kwargs: Any) -> ShardckptError:
     """Write ``manifest``, remove the data files, load; return the ShardckptError raised."""
-    raw = manifest if isinstance(manifest, bytes) else json.dumps(manifest).encode()
+    # sealed (the manifest's own checksum is right) so the parser's checks are what is tested
+    raw = seal(manifest if isinstance(manifest, bytes) else json.dumps(manifest).encode())
     (folder / "manifest.json").write_bytes(raw)
     shutil.rmtree(folder / "data")
     with pytest.raises(ShardckptError) as info:
@@ -111,7 +112,7 @@ def test_dcp_metadata_pickle_next_to_the_manifest_is_never_read(ckpt, tmp_path):
 def test_manifest_replaced_by_a_pickle_is_a_manifest_error(ckpt, tmp_path):
     marker = tmp_path / "marker"
     (ckpt / "manifest.json").write_bytes(payload(marker))
-    with pytest.raises(ManifestError, match="not valid JSON"):
+    with pytest.raises(ManifestError, match="checksum"):
         shardckpt.load(fresh_target(), str(ckpt))
     assert not marker.exists()
 
@@ -280,7 +281,7 @@ def test_huge_shapes_fail_fast_without_allocating(ckpt, case):
 def test_declared_file_size_of_2_61_bytes_is_caught_by_the_real_size(ckpt):
     doc = read_doc(ckpt)
     doc["files"][only_file(doc)]["size"] = 2**61
-    (ckpt / "manifest.json").write_text(json.dumps(doc))
+    (ckpt / "manifest.json").write_bytes(seal(json.dumps(doc).encode()))
     start = time.monotonic()
     with pytest.raises(IntegrityError) as info:
         shardckpt.load(fresh_target(), str(ckpt))
@@ -316,7 +317,7 @@ def test_overlapping_chunks_that_leave_a_gap_are_refused(ckpt):
     half = data[first["byte_offset"] : first["byte_offset"] + 8]
     first.update(sizes=[2], byte_length=8, block_hashes=[integrity.hash_hex(half)])
     doc["tensors"]["w"]["chunks"].append(dict(first))  # elements 0..1 twice, 2..3 never
-    (ckpt / "manifest.json").write_text(json.dumps(doc))
+    (ckpt / "manifest.json").write_bytes(seal(json.dumps(doc).encode()))
     target = fresh_target()
     target["w"].fill_(-7.0)
     with pytest.raises(ManifestError):
@@ -338,8 +339,11 @@ def test_overlapping_chunks_that_leave_a_gap_are_refused(ckpt):
     ],
 )
 def test_invalid_or_non_object_json(ckpt, raw, text):
-    err = load_error(ckpt, raw)
-    assert isinstance(err, ManifestError) and text in str(err)
+    with pytest.raises(ManifestError) as info:
+        parse_manifest(raw, source="m")
+    assert text in str(info.value)
+    err = load_error(ckpt, raw)  # through load: refused too (sealing cannot make these a manifest)
+    assert isinstance(err, ManifestError)
 
 
 @pytest.mark.parametrize("constant", ["NaN", "Infinity", "-Infinity"])
