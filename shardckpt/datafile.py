@@ -111,8 +111,8 @@ def parse_header(raw: bytes, *, file: str, file_size: int) -> tuple[list[HeaderE
     data_size = file_size - HEADER_LEN_BYTES - len(raw)
     try:
         obj = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ManifestError(f"data file {file!r}: header is not valid JSON ({e})") from e
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+        raise ManifestError(f"data file {file!r}: header is not valid JSON ({type(e).__name__}: {e})") from e
     if not isinstance(obj, dict):
         raise ManifestError(f"data file {file!r}: header must be a JSON object")
     meta = obj.pop("__metadata__", {})

@@ -625,3 +625,40 @@ def test_manifest_without_metadata_field_still_loads(ckpt):
     doc = read_doc(ckpt)
     del doc["metadata"]
     assert shardckpt.manifest.parse_manifest(json.dumps(doc).encode(), source="m").metadata == {}
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(raw=st.one_of(
+    st.binary(max_size=400),
+    st.recursive(
+        st.none() | st.booleans() | st.integers(-(2**70), 2**70) | st.text(max_size=8),
+        lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=6), inner, max_size=4),
+        max_leaves=20,
+    ).map(lambda v: json.dumps(v).encode()),
+    st.builds(
+        lambda name, dtype, shape, lo, hi: json.dumps(
+            {name: {"dtype": dtype, "shape": shape, "data_offsets": [lo, hi]}}
+        ).encode(),
+        st.text(max_size=6),
+        st.sampled_from(["F32", "BF16", "I64", "BOOL", "X9", 3]),
+        st.lists(st.integers(-3, 2**63), max_size=3),
+        st.integers(-5, 2**64),
+        st.integers(-5, 2**64),
+    ),
+))
+def test_data_file_header_parser_only_raises_manifest_errors(raw):
+    """Untrusted safetensors headers: parse or raise ManifestError; never another exception,
+    never an entry outside the data section."""
+    file_size = 8 + len(raw) + 64
+    try:
+        entries, _ = datafile.parse_header(raw, file=str("fuzz"), file_size=file_size)
+    except ManifestError:
+        return
+    for e in entries:
+        assert 0 <= e.begin <= e.end <= 64
+
+
+def test_deeply_nested_data_file_header_is_a_manifest_error():
+    raw = b"[" * 100_000 + b"]" * 100_000
+    with pytest.raises(ManifestError, match="not valid JSON"):
+        datafile.parse_header(raw, file="deep", file_size=8 + len(raw))
