@@ -192,7 +192,7 @@ def raise_failures(action: str, failures: dict[int, BaseException], local: BaseE
             cls = named
     err = cls(msg)
     err.failures = dict(failures)
-    if isinstance(template, OSError) and not isinstance(template, ShardckptError) and template.errno is not None:
+    if isinstance(template, OSError) and isinstance(err, OSError) and not isinstance(template, ShardckptError):
         err.errno = template.errno  # only errno: strerror/filename would make str() drop our message
     raise err from (local if local is not None else first)
 

@@ -2,7 +2,7 @@
 
 DCP's default planners serialize non-tensor values with ``torch.save`` and read them
 back with ``torch.load(weights_only=False)``; ours encode them as JSON (see
-:func:`shardckpt.manifest.encode_value`) and never unpickle anything.
+:func:`shardckpt.values.encode_value`) and never unpickle anything.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from torch.distributed.checkpoint.planner import ReadItem, SavePlan, WriteItem, 
 
 from shardckpt import datafile, integrity
 from shardckpt.errors import UnsupportedValueError
-from shardckpt.manifest import decode_value, encode_value
+from shardckpt.values import decode_value, encode_value
 from shardckpt.staging import StagedShard
 
 

@@ -22,7 +22,7 @@ from torch.distributed.checkpoint.planner_helpers import _create_write_items
 from torch.distributed.tensor import DTensor
 
 from shardckpt.errors import UnsupportedValueError
-from shardckpt.manifest import decode_value, encode_value
+from shardckpt.values import decode_value, encode_value
 
 
 @dataclass
