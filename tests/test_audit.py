@@ -14,6 +14,7 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor import Shard, distribute_tensor
 
 import shardckpt
+from damage import chunk_of, flip_byte
 from shardckpt.manifest import seal
 from distributed import run_ranks
 from shardckpt import audit
@@ -41,19 +42,6 @@ def make_checkpoint(path: str, num_io_threads: int = 1) -> dict:
     shardckpt.save(state(), path, hash_block_bytes=BLOCK, num_io_threads=num_io_threads)
     with open(os.path.join(path, "manifest.json")) as f:
         return json.load(f)
-
-
-def chunk_of(manifest: dict, key: str) -> dict:
-    (chunk,) = manifest["tensors"][key]["chunks"]
-    return chunk
-
-
-def flip_byte(path: str, offset: int) -> None:
-    with open(path, "r+b") as f:
-        f.seek(offset)
-        (b,) = f.read(1)
-        f.seek(offset)
-        f.write(bytes([b ^ 0x01]))
 
 
 @pytest.fixture

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 import shardckpt
+from damage import chunk_of, flip_byte
 from shardckpt import cli
 from shardckpt.cli import main
 
@@ -32,19 +33,6 @@ def make_checkpoint(path: str, num_io_threads: int = 1) -> dict:
     shardckpt.save(state, path, hash_block_bytes=BLOCK, num_io_threads=num_io_threads, metadata={"run": "t1"})
     with open(os.path.join(path, "manifest.json")) as f:
         return json.load(f)
-
-
-def chunk_of(manifest: dict, key: str) -> dict:
-    (chunk,) = manifest["tensors"][key]["chunks"]
-    return chunk
-
-
-def flip_byte(path: str, offset: int) -> None:
-    with open(path, "r+b") as f:
-        f.seek(offset)
-        (b,) = f.read(1)
-        f.seek(offset)
-        f.write(bytes([b ^ 0x80]))
 
 
 @pytest.fixture
