@@ -227,9 +227,14 @@ class CheckpointManager:
         return True
 
     def _after_commit(self) -> None:
-        if self._group.is_coordinator:
+        """Collective: rank 0 applies retention while the others wait, so no rank lists a
+        step that is being deleted once save/wait has returned."""
+
+        def retain() -> None:
             self._apply_retention()
             ownership.write(self._storage, _refreshed(self._owner))
+
+        self._group.decide(f"retention under {self.root}", retain)
 
     def _shared_flags(self) -> tuple[bool, bool]:
         needs_collective = self.save_interval_s is not None or self._previous_sigterm is not None
