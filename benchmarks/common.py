@@ -415,3 +415,10 @@ def wait_for_quiet(threshold: float = 0.8, max_wait_s: float = 900, poll_s: floa
             return la
         print(f"waiting for a quiet machine: loadavg {la}", flush=True)
         time.sleep(poll_s)
+
+
+def run_benchmark(worker: Callable[..., Any], args: Any) -> None:
+    """Wait for a quiet machine if asked, record its facts, run ``worker`` on every rank."""
+    if args.wait_quiet:
+        wait_for_quiet(max_wait_s=args.wait_quiet)
+    spawn_ranks(worker, args.world_size, args, machine_facts(args.dir))

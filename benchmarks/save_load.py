@@ -344,11 +344,7 @@ def print_report(r: dict[str, Any]) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = parse_args(argv)
-    if args.wait_quiet:
-        common.wait_for_quiet(max_wait_s=args.wait_quiet)
-    facts = common.machine_facts(args.dir)
-    common.spawn_ranks(worker, args.world_size, args, facts)
+    common.run_benchmark(worker, parse_args(argv))
 
 
 if __name__ == "__main__":

@@ -25,7 +25,7 @@ import contextlib
 import json
 import mmap
 import os
-import pickle
+import pickle  # only for pickle.UnpicklingError: torch.load(weights_only=True) refusals
 import sys
 import threading
 from collections.abc import Iterator
