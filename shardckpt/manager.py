@@ -26,7 +26,7 @@ from shardckpt.errors import CheckpointNotFoundError, IntegrityError, ManifestEr
 from shardckpt.loading import load, read_manifest
 from shardckpt.manifest import Manifest
 from shardckpt.retention import RetentionPolicy
-from shardckpt.saving import AsyncSaveHandle, async_save, save
+from shardckpt.saving import DEFAULT_TIMEOUT_S, AsyncSaveHandle, async_save, save
 from shardckpt.storage import Storage, open_storage
 
 log = logging.getLogger("shardckpt")
@@ -52,7 +52,8 @@ class CheckpointManager:
     coordinator (rank 0) lists, cleans up, applies retention and owns the root.
 
     Not thread-safe. ``read_only=True`` opens a root for ``restore``/listing only:
-    no owner record, no cleanup, and ``save`` refuses.
+    no owner record, no cleanup, and ``save`` refuses. ``max_staging_bytes`` bounds
+    the host memory of ``async_save=True`` saves per rank (see ``shardckpt.async_save``).
     """
 
     def __init__(
@@ -73,13 +74,17 @@ class CheckpointManager:
         num_io_threads: int | None = None,
         read_only: bool = False,
         async_save: bool = False,
+        max_staging_bytes: int | None = None,
         takeover: bool = False,
         stale_owner_after_s: float = 600.0,
+        timeout_s: float = DEFAULT_TIMEOUT_S,
     ) -> None:
         if save_interval_steps < 1:
             raise ValueError(f"save_interval_steps must be >= 1, got {save_interval_steps}")
         if save_interval_s is not None and save_interval_s <= 0:
             raise ValueError(f"save_interval_s must be > 0 or None, got {save_interval_s}")
+        if timeout_s <= 0:
+            raise ValueError(f"timeout_s must be > 0, got {timeout_s}")
         self.root = root.rstrip("/")
         self.policy = RetentionPolicy(keep_last, keep_every_n_steps, keep_best, monitor, mode)
         self.save_interval_steps = save_interval_steps
@@ -87,11 +92,13 @@ class CheckpointManager:
         self.preemption_exit_code = preemption_exit_code
         self.read_only = read_only
         self.async_save = async_save
+        self._max_staging_bytes = max_staging_bytes
         self._pending: tuple[int, AsyncSaveHandle] | None = None
         self.cleaned_up: list[str] = []
         self._process_group = process_group
         self._storage_options = storage_options
         self._io: dict[str, Any] = {} if num_io_threads is None else {"num_io_threads": num_io_threads}
+        self._io["timeout_s"] = timeout_s
         self._group = RankGroup.current(process_group)
         self._storage = open_storage(self.root, storage_options)
         self._metrics: dict[int, dict[str, Any]] = {}
@@ -216,7 +223,8 @@ class CheckpointManager:
         self._metrics[step] = dict(metrics or {})
         self._last_save_time = time.monotonic()
         if self.async_save and not preempted:
-            self._pending = (step, async_save(state_dict, self.path(step), **kwargs))
+            handle = async_save(state_dict, self.path(step), max_staging_bytes=self._max_staging_bytes, **kwargs)
+            self._pending = (step, handle)
             return True
         save(state_dict, self.path(step), **kwargs)
         self._after_commit()

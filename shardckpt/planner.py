@@ -21,7 +21,7 @@ from torch.distributed.checkpoint.planner import ReadItem, SavePlan, WriteItem, 
 from shardckpt import datafile, integrity
 from shardckpt.errors import UnsupportedValueError
 from shardckpt.values import decode_value, encode_value
-from shardckpt.staging import StagedShard
+from shardckpt.staging import BoundedSource, StagedShard
 
 
 @dataclass(frozen=True)
@@ -34,12 +34,14 @@ class SavePlanner(DefaultSavePlanner):
     """Encodes non-tensor values as JSON at planning time (so a bad value fails on every
     rank before any byte is written) and spreads replicated tensors evenly over ranks."""
 
-    def __init__(self, *, mappings: dict[str, Any] | None = None) -> None:
+    def __init__(self, *, mappings: dict[str, Any] | None = None, source: BoundedSource | None = None) -> None:
         """``mappings``: when the state was flattened before (async staging), the original
-        key paths, so the manifest records them rather than the already-flat keys."""
+        key paths, so the manifest records them rather than the already-flat keys.
+        ``source``: a bounded async save's tensor source (see :class:`BoundedSource`)."""
         super().__init__(flatten_state_dict=True, flatten_sharded_tensors=True)
         self._json_values: dict[str, bytes] = {}
         self._original_mappings = mappings
+        self._source = source
 
     def set_up_planner(self, state_dict: Any, storage_meta: Any = None, is_coordinator: bool = False) -> None:
         try:
@@ -76,9 +78,25 @@ class SavePlanner(DefaultSavePlanner):
     def _dedup_save_plans(self, all_plans: list[SavePlan]) -> list[SavePlan]:
         return balance_replicated(all_plans)
 
+    def finish_plan(self, new_plan: SavePlan) -> SavePlan:
+        plan = super().finish_plan(new_plan)
+        if self._source is not None:
+            self._source.expect(plan.items, self._resolve_tensor)
+        return plan
+
     def resolve_data(self, write_item: WriteItem) -> Any:
+        """The item's bytes: JSON for values, else the tensor (thread-safe)."""
         if write_item.type == WriteItemType.BYTE_IO:
             return io.BytesIO(self._json_values[write_item.index.fqn])
+        tensor = self._resolve_tensor(write_item)
+        return tensor if self._source is None else self._source.resolve(write_item, tensor)
+
+    def release_data(self, write_item: WriteItem) -> None:
+        """The writer is done with the tensor that ``resolve_data`` gave for this item."""
+        if self._source is not None:
+            self._source.written(write_item)
+
+    def _resolve_tensor(self, write_item: WriteItem) -> Any:
         obj = self.state_dict.get(write_item.index.fqn)
         if isinstance(obj, StagedShard):
             return obj.local

@@ -21,7 +21,7 @@ from shardckpt.collective import RankGroup, arrive, checkpoint_group, is_gloo, t
 from shardckpt.errors import RankTimeoutError
 from shardckpt.manifest import Manifest
 from shardckpt.planner import SavePlanner
-from shardckpt.staging import Stager
+from shardckpt.staging import BoundedSource, Stager, tensor_bytes
 from shardckpt.state import flatten_with_mappings, to_plain_state_dict
 from shardckpt.storage import open_storage
 from shardckpt.writer import Writer, WriterOptions
@@ -85,9 +85,11 @@ def persist(
     storage_options: dict[str, Any] | None,
     mappings: dict[str, Any] | None,
     timeout_s: float = DEFAULT_TIMEOUT_S,
+    source: BoundedSource | None = None,
 ) -> Manifest | None:
     """Plan, write and commit ``state`` (collective over ``process_group``, a gloo group
-    or None). Thread-safe as long as each concurrent call uses its own process group."""
+    or None). Thread-safe as long as each concurrent call uses its own process group.
+    ``source``: a bounded async save's tensor source, released when this returns."""
 
     timeouts: list[RankTimeoutError] = []
 
@@ -98,10 +100,10 @@ def persist(
             timeouts.append(e)
             raise
 
-    writer = Writer(open_storage(path, storage_options), options, after_write=all_written)
     try:
+        writer = Writer(open_storage(path, storage_options), options, after_write=all_written)
         with translated_failures(f"save to {path}"):
-            dcp.save(state, storage_writer=writer, planner=SavePlanner(mappings=mappings),
+            dcp.save(state, storage_writer=writer, planner=SavePlanner(mappings=mappings, source=source),
                      process_group=process_group, no_dist=no_dist)
     except RuntimeError as e:
         # After a rank timed out, DCP's next collective fails with gloo's raw error;
@@ -111,6 +113,9 @@ def persist(
         if isinstance(e, RankTimeoutError) or "timeout" not in str(e).lower():
             raise
         raise RankTimeoutError(f"save to {path}: a collective timed out after {timeout_s:g} s ({e})") from e
+    finally:
+        if source is not None:
+            source.release()
     return writer.manifest
 
 
@@ -164,6 +169,7 @@ class AsyncSaveHandle:
 _lock = threading.Lock()
 _pending: AsyncSaveHandle | None = None
 _stager = Stager()
+_last_source: BoundedSource | None = None
 
 
 def wait_pending() -> None:
@@ -192,6 +198,7 @@ def async_save(
     hash_block_bytes: int = integrity.DEFAULT_BLOCK_BYTES,
     metadata: dict[str, Any] | None = None,
     timeout_s: float = DEFAULT_TIMEOUT_S,
+    max_staging_bytes: int | None = None,
 ) -> AsyncSaveHandle:
     """Like :func:`save`, but returns once the state is copied to host memory.
 
@@ -202,14 +209,25 @@ def async_save(
     commit run on a background thread whose collectives use a dedicated gloo group
     (created on the first call, by every rank); ``timeout_s`` bounds every wait for
     other ranks (RankTimeoutError names the ranks that did not arrive).
+
+    ``max_staging_bytes`` bounds the host memory used for staging on this rank (default:
+    none, one copy of the rank's shard). When the rank's tensors exceed it, the writer
+    streams them from the caller's tensors while this call waits, and copies only the
+    last ``max_staging_bytes`` into a reused buffer before returning: the call blocks
+    for about the time it takes to write the rest. 0 makes the save synchronous.
     """
+    if max_staging_bytes is not None and max_staging_bytes < 0:
+        raise ValueError(f"max_staging_bytes must be >= 0 or None (no bound), got {max_staging_bytes}")
     options = _options(num_io_threads, hash_block_bytes, overwrite, metadata, path)
     wait_pending()
     group = RankGroup.current(process_group)
 
     def stage() -> dict[str, Any]:
         flat, mappings = flatten_with_mappings(to_plain_state_dict(state_dict))
-        return {"state": _stager.stage(flat), "mappings": mappings}
+        if max_staging_bytes is None or tensor_bytes(flat) <= max_staging_bytes:
+            return {"state": _stager.stage(flat), "mappings": mappings, "source": None}
+        source = BoundedSource(max_staging_bytes, _stager.arena)
+        return {"state": _stager.stage_live(flat), "mappings": mappings, "source": source}
 
     staged = group.agree(f"async save to {path}", stage)
     bg_group = checkpoint_group(process_group, timeout_s) if group.is_distributed else None
@@ -223,20 +241,27 @@ def async_save(
     thread = threading.Thread(
         target=handle._run,
         args=(persist, staged["state"], path, bg_group, not group.is_distributed, options, storage_options,
-              staged["mappings"], timeout_s),
+              staged["mappings"], timeout_s, staged["source"]),
         name="shardckpt-async-save",
         daemon=True,
     )
-    global _pending
+    global _pending, _last_source
     with _lock:
         _pending = handle
+    _last_source = staged["source"]
     thread.start()
+    if _last_source is not None:
+        _last_source.released.wait()  # the caller's tensors are read until then
     return handle
 
 
 def staging_stats() -> dict[str, int]:
-    """Host memory held by staging buffers and how often they were allocated."""
-    return {"staged_bytes": _stager.staged_bytes, "allocations": _stager.allocations}
+    """Host memory held by staging buffers, how often they were allocated, and for the
+    last bounded save how many bytes were written from live tensors vs staged."""
+    stats = {"staged_bytes": _stager.staged_bytes, "allocations": _stager.allocations}
+    if _last_source is not None:
+        stats.update(bounded_live_bytes=_last_source.live_bytes, bounded_staged_bytes=_last_source.staged_bytes)
+    return stats
 
 
 @atexit.register

@@ -134,7 +134,7 @@ class Writer(StorageWriter):
                 futures = [
                     pool.submit(
                         write_file, self.storage, layout.data_file_name(save_id, rank, k), bucket, planner.resolve_data,
-                        rank=rank, block_bytes=self.options.hash_block_bytes, metadata=meta,
+                        release=getattr(planner, "release_data", None), rank=rank, block_bytes=self.options.hash_block_bytes, metadata=meta,
                     )
                     for k, bucket in enumerate(buckets)
                 ]
@@ -213,13 +213,15 @@ def write_file(
     items: list[WriteItem],
     resolve: Any,
     *,
+    release: Callable[[WriteItem], None] | None = None,
     rank: int,
     block_bytes: int,
     metadata: dict[str, str],
 ) -> list[WriteResult]:
     """Stream ``items`` into one safetensors file; return one WriteResult per item.
 
-    Runs on a writer thread; ``resolve(item)`` gives the tensor. The header is built
+    Runs on a writer thread; ``resolve(item)`` gives the tensor and ``release(item)``, if
+    given, is told when its bytes have been written (not yet durable). The header is built
     from the plan before any data, then each tensor is hashed block by block as it is
     written, and the file is fsynced (finish) before this returns.
     """
@@ -248,6 +250,8 @@ def write_file(
                 stream.write(piece)
             located.append((it, len(header) + entry.begin, entry.end - entry.begin, tuple(hashes)))
             del data
+            if release is not None:
+                release(it)
         stream.finish()
     except BaseException:
         stream.abort()

@@ -17,7 +17,11 @@ from typing import Protocol
 
 class WriteStream(Protocol):
     """A file being written. Call ``write`` any number of times, then exactly one of
-    ``finish`` (make the bytes durable and visible) or ``abort`` (drop them)."""
+    ``finish`` (make the bytes durable and visible) or ``abort`` (drop them).
+
+    ``write`` must not keep a reference to ``data`` after it returns (copy it into a
+    buffer, or hand it to the OS): a bounded async save lets training change the
+    tensor behind ``data`` as soon as ``write`` returns."""
 
     def write(self, data: memoryview | bytes) -> None: ...
 
