@@ -46,7 +46,7 @@ from shardckpt.saving import AsyncSaveHandle, async_save, persist, save, wait_pe
 from shardckpt.storage import open_storage
 from shardckpt.writer import WriterOptions
 
-__all__ = ["ShardckptCheckpointIO", "encode_checkpoint", "decode_checkpoint"]
+__all__ = ["ShardckptCheckpointIO", "encode_checkpoint", "decode_checkpoint", "remove_checkpoint_folder"]
 
 log = logging.getLogger("shardckpt")
 _NOTES_KEY = "lightning"
@@ -118,24 +118,34 @@ class ShardckptCheckpointIO(CheckpointIO):
         url = os.fspath(path)
         if self._pending is not None and self._pending.path == url:
             self.teardown()
-        local = "://" not in url or url.startswith("file://")
-        if local and (os.path.islink(url) or os.path.isfile(url)):
-            os.unlink(url)
-            return
-        storage = open_storage(url, self.storage_options)
-        if not storage.is_dir():
-            return
-        foreign = [n for n in storage.list_files() if not _belongs_to_checkpoint(n)]
-        if foreign:
-            raise ShardckptError(f"{url}: refusing to delete: this folder is not only a shardckpt checkpoint "
-                                 f"(it also holds {foreign[:5]}); remove it by hand if that is intended")
-        storage.delete_tree()
+        remove_checkpoint_folder(url, self.storage_options)
 
     def teardown(self) -> None:
         """Wait for a background save; raise its error here if it failed."""
         handle, self._pending = self._pending, None
         if handle is not None:
             handle.wait()
+
+
+def remove_checkpoint_folder(url: str, storage_options: dict[str, Any] | None) -> None:
+    """Delete the checkpoint folder ``url`` (a symlink or file there: just that entry).
+
+    Raises ShardckptError, deleting nothing, when the folder holds files a checkpoint
+    never has. A missing path is not an error. Not collective; call it from one process.
+    """
+    if "://" not in url or url.startswith("file://"):
+        local = url.removeprefix("file://")
+        if os.path.islink(local) or os.path.isfile(local):
+            os.unlink(local)
+            return
+    storage = open_storage(url, storage_options)
+    if not storage.is_dir():
+        return
+    foreign = [n for n in storage.list_files() if not _belongs_to_checkpoint(n)]
+    if foreign:
+        raise ShardckptError(f"{url}: refusing to delete: this folder is not only a shardckpt checkpoint "
+                             f"(it also holds {foreign[:5]}); remove it by hand if that is intended")
+    storage.delete_tree()
 
 
 def _others_exist() -> bool:
