@@ -77,6 +77,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--wait-quiet", type=float, default=0.0, metavar="SECONDS",
                     help="first poll /proc/loadavg up to this long until the 1-min load is < 0.8")
     ap.add_argument("--name", default=None, help="results file name (default async_stall or async_stall_quick)")
+    ap.add_argument("--out", default=common.RESULTS_DIR, help="folder of the results JSON")
     ap.add_argument("--keep", action="store_true", help="keep the scratch folder")
     args = ap.parse_args(argv)
     args.mib = args.mib or (128 if args.quick else 1024)
@@ -332,7 +333,7 @@ def worker(rank: int, world: int, args: argparse.Namespace, facts: dict[str, Any
         results = build_results(args, facts, b, samples, consecutive, snapshot_ok, orders,
                                 time.perf_counter() - t_start)
         results["shardckpt_staging_stats_per_rank"] = staging
-        path = common.write_results(args.name, results)
+        path = common.write_results(args.name, results, args.out)
         print_report(results)
         print(f"\nresults: {path}")
         if not args.keep:

@@ -95,23 +95,28 @@ class TensorSpec:
     rows: int
     cols: int
     sharded: bool  # True: rows split over ranks (FSDP-like Shard(0)); False: replicated
+    itemsize: int = 4  # bytes per element: 4 float32, 2 bfloat16
 
     @property
     def nbytes(self) -> int:
-        return self.rows * self.cols * 4
+        return self.rows * self.cols * self.itemsize
 
 
-def model_layout(total_mib: int, world_size: int) -> list[TensorSpec]:
-    """A transformer-like fp32 layout of at least ``total_mib`` MiB (parameters plus
+DTYPES = {"float32": 4, "bfloat16": 2}  # the dtypes a benchmark state can have, by element size
+
+
+def model_layout(total_mib: int, world_size: int, itemsize: int = 4) -> list[TensorSpec]:
+    """A transformer-like layout of at least ``total_mib`` MiB (parameters plus
     AdamW's two moments): an embedding and an output head (4h x h), two blocks of
     qkv (3h x h), out (h x h), up (4h x h), down (h x 4h), all sharded by rows over the
     ranks, plus replicated norm weights (h) and a replicated rotary table (h/4 x 64).
     That is 30 sharded tensors (~10-50 MiB each at 1 GiB total, ~100 MiB at 2 GiB) and
-    16 small replicated ones.
+    16 small replicated ones. Rows are multiples of ``16 * world_size``, so any divisor of
+    ``world_size`` shards them evenly too (pass 12 to load a 4-rank layout on 3 or 2).
     """
-    units = 3 * (4 + 4 + 2 * (3 + 1 + 4 + 4))  # sizes in units of h*h fp32
+    units = 3 * (4 + 4 + 2 * (3 + 1 + 4 + 4))  # sizes in units of h*h elements
     step = 16 * world_size
-    h = max(step, math.ceil(math.sqrt(total_mib * MiB / (units * 4)) / step) * step)
+    h = max(step, math.ceil(math.sqrt(total_mib * MiB / (units * itemsize)) / step) * step)
     weights = [("embed", 4 * h, h), ("head", 4 * h, h)]
     for b in range(2):
         weights += [(f"blocks.{b}.qkv", 3 * h, h), (f"blocks.{b}.out", h, h),
@@ -119,9 +124,9 @@ def model_layout(total_mib: int, world_size: int) -> list[TensorSpec]:
     small = [(f"blocks.{b}.{n}", 1, h) for b in range(2) for n in ("norm1", "norm2")] + [("final_norm", 1, h)]
     specs = []
     for group in ("param", "exp_avg", "exp_avg_sq"):
-        specs += [TensorSpec(f"{group}.{n}", r, c, True) for n, r, c in weights]
-        specs += [TensorSpec(f"{group}.{n}", r, c, False) for n, r, c in small]
-    specs.append(TensorSpec("param.rope", h // 4, 64, False))
+        specs += [TensorSpec(f"{group}.{n}", r, c, True, itemsize) for n, r, c in weights]
+        specs += [TensorSpec(f"{group}.{n}", r, c, False, itemsize) for n, r, c in small]
+    specs.append(TensorSpec("param.rope", h // 4, 64, False, itemsize))
     return specs
 
 
@@ -133,13 +138,25 @@ def local_rows(spec: TensorSpec, rank: int, world_size: int) -> tuple[int, int]:
     return rank * n, n
 
 
+FILL_BLOCK_ROWS = 256
+
+
 def fill_local(spec: TensorSpec, rank: int, world_size: int, out: Any) -> None:
-    """Deterministic, incompressible-ish values for ``rank``'s shard of ``spec``."""
+    """Deterministic, incompressible-ish values for ``rank``'s shard of ``spec``.
+
+    Seeded per block of FILL_BLOCK_ROWS global rows, so a tensor's global values do not
+    depend on the world size: a load on another world size can be checked bitwise.
+    """
     import torch
 
     start, n = local_rows(spec, rank, world_size)
-    g = torch.Generator().manual_seed(zlib.crc32(f"{spec.name}@{start}".encode()))
-    out.copy_(torch.rand((n, spec.cols), generator=g))
+    first = start // FILL_BLOCK_ROWS * FILL_BLOCK_ROWS
+    for b0 in range(first, start + n, FILL_BLOCK_ROWS):
+        b1 = min(b0 + FILL_BLOCK_ROWS, spec.rows)
+        g = torch.Generator().manual_seed(zlib.crc32(f"{spec.name}@{b0}".encode()))
+        block = torch.rand((b1 - b0, spec.cols), generator=g)
+        lo, hi = max(b0, start), min(b1, start + n)
+        out[lo - start : hi - start].copy_(block[lo - b0 : hi - b0])
 
 
 def make_state(specs: list[TensorSpec], rank: int, world_size: int, *, fill: bool) -> dict[str, Any]:
@@ -151,9 +168,10 @@ def make_state(specs: list[TensorSpec], rank: int, world_size: int, *, fill: boo
 
     mesh = init_device_mesh("cpu", (world_size,))
     state: dict[str, Any] = {"model": {}, "optim": {}, "step": 1000 if fill else 0}
+    dtype = torch.float32 if specs[0].itemsize == 4 else torch.bfloat16
     for spec in specs:
         _, n = local_rows(spec, rank, world_size)
-        local = torch.empty((n, spec.cols), dtype=torch.float32)
+        local = torch.empty((n, spec.cols), dtype=dtype)
         if fill:
             fill_local(spec, rank, world_size, local)
         else:
@@ -188,7 +206,7 @@ def global_bytes(specs: list[TensorSpec]) -> int:
 
 
 def local_bytes(specs: list[TensorSpec], rank: int, world_size: int) -> int:
-    return sum(local_rows(s, rank, world_size)[1] * s.cols * 4 for s in specs)
+    return sum(local_rows(s, rank, world_size)[1] * s.cols * s.itemsize for s in specs)
 
 
 # ------------------------------------------------------------------ schedules and statistics
@@ -314,6 +332,18 @@ def rss_bytes() -> int:
 
 def peak_rss_bytes() -> int:
     return proc_status_kib("VmHWM") * 1024
+
+
+def proc_io() -> dict[str, int]:
+    """This process's I/O counters (/proc/self/io, all threads): ``rchar`` = bytes
+    returned by read()/pread() calls (page cache included; gloo's socket receives are
+    not counted), ``read_bytes`` = bytes fetched from the block device."""
+    out = {}
+    with open("/proc/self/io") as f:
+        for line in f:
+            key, value = line.split(":")
+            out[key] = int(value)
+    return out
 
 
 def reset_peak_rss() -> bool:

@@ -31,9 +31,12 @@ tables of medians, spreads and paired ratios.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
+import random
 import sys
 import time
+from collections.abc import Iterator
 from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -78,7 +81,10 @@ class Bench:
 
         self.rank, self.world, self.args = rank, world, args
         self.dcp, self.shardckpt = dcp, shardckpt
-        self.specs = common.model_layout(args.mib, world)
+        # layout_world: the world size the rows are laid out for (a multiple of this one,
+        # so a load on another world size shards the same global tensors evenly)
+        itemsize = common.DTYPES[getattr(args, "dtype", "float32")]
+        self.specs = common.model_layout(args.mib, getattr(args, "layout_world", None) or world, itemsize)
         self.src = common.make_state(self.specs, rank, world, fill=True)
         self.dst = common.make_state(self.specs, rank, world, fill=False)
         self.global_bytes = common.global_bytes(self.specs)
@@ -99,8 +105,17 @@ class Bench:
             self.shardckpt.save(self.src, d)
         elif system == "shardckpt_io4":
             self.shardckpt.save(self.src, d, num_io_threads=4)
+        elif system == "shardckpt_nohash":
+            with hashing_disabled():
+                self.shardckpt.save(self.src, d)
         elif system == "dcp":
             dcp.save(self.src, storage_writer=dcp.FileSystemWriter(d))
+        elif system.startswith("dcp_t"):
+            dcp.save(self.src, storage_writer=dcp.FileSystemWriter(d, thread_count=int(system[5:])))
+        elif system in ("torch_save", "safetensors"):
+            return per_rank_file_save(system, os.path.join(d, f"{system}-r{self.rank}.bin"), self.src)
+        elif system == "hash_only":
+            return hash_like_writer(common.local_tensors(self.src))
         elif system == "raw":
             return raw_write(os.path.join(d, f"raw-r{self.rank}.bin"), common.local_tensors(self.src))
         elif system == "dd":
@@ -137,21 +152,106 @@ class Bench:
             raise ValueError(system)
         return 0
 
-    def timed(self, fn: Any, system: str) -> tuple[float, int]:
-        """Barrier, call, barrier: (wall seconds max over ranks, bytes moved by all ranks)."""
-        import torch
+    def timed(self, fn: Any, system: str) -> dict[str, Any]:
+        """Barrier, call, barrier. ``s``: wall seconds max over ranks; ``bytes``: moved by
+        all ranks; per rank: ``rank_s`` (its own call, without the closing barrier) and
+        the /proc/self/io deltas ``rchar`` and ``read_bytes`` of the call."""
         import torch.distributed as dist
 
         dist.barrier()
+        io0 = common.proc_io()
         t0 = time.perf_counter()
         nbytes = fn(system)
+        t_own = time.perf_counter() - t0
+        io1 = common.proc_io()
         dist.barrier()
         dt = time.perf_counter() - t0
-        t = torch.tensor([dt, float(nbytes)], dtype=torch.float64)
-        mx = t.clone()
-        dist.all_reduce(mx[:1], op=dist.ReduceOp.MAX)
-        dist.all_reduce(t[1:], op=dist.ReduceOp.SUM)
-        return float(mx[0]), int(t[1])
+        per_rank = common.gather_to_all((dt, t_own, nbytes, io1["rchar"] - io0["rchar"],
+                                         io1["read_bytes"] - io0["read_bytes"]))
+        return {"s": max(r[0] for r in per_rank), "bytes": sum(r[2] for r in per_rank),
+                "rank_s": [r[1] for r in per_rank], "rchar": [r[3] for r in per_rank],
+                "read_bytes": [r[4] for r in per_rank]}
+
+
+class _NoHasher:
+    def update(self, data: Any) -> None:
+        pass
+
+    def hexdigest(self) -> str:
+        return "0" * 16
+
+
+@contextlib.contextmanager
+def hashing_disabled() -> Iterator[None]:
+    """Within: shardckpt's xxh3 calls return a constant (this process only). The writer
+    cannot skip hashing; this measures a save without it. The checkpoint it writes has
+    wrong checksums and is never loaded."""
+    from shardckpt import integrity
+
+    saved = integrity.hash_hex, integrity.new_file_hasher
+    integrity.hash_hex = lambda data: "0" * 16  # type: ignore[assignment]
+    integrity.new_file_hasher = _NoHasher  # type: ignore[assignment]
+    try:
+        yield
+    finally:
+        integrity.hash_hex, integrity.new_file_hasher = saved
+
+
+def hash_like_writer(tensors: list[Any], threads: int | None = None) -> int:
+    """xxh3 of the same bytes the writer hashes, as it hashes them: every 8 MiB block of
+    every tensor, plus one running whole-file hash per file, the tensors split by bytes
+    over ``threads`` (the save's default I/O thread count) threads. Returns bytes hashed."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from shardckpt import integrity, saving
+
+    threads = threads or saving.DEFAULT_SAVE_IO_THREADS
+    buckets: list[list[memoryview]] = [[] for _ in range(threads)]
+    sizes = [0] * threads
+    for t in sorted(tensors, key=lambda t: -t.numel() * t.element_size()):
+        k = sizes.index(min(sizes))
+        buckets[k].append(_byte_view(t))
+        sizes[k] += t.numel() * t.element_size()
+
+    def hash_file(views: list[memoryview]) -> None:
+        file_hasher = integrity.new_file_hasher()
+        block = integrity.DEFAULT_BLOCK_BYTES
+        for view in views:
+            for i in range(0, len(view), block):
+                integrity.hash_hex(view[i : i + block])
+                file_hasher.update(view[i : i + block])
+        file_hasher.hexdigest()
+
+    with ThreadPoolExecutor(threads) as pool:
+        list(pool.map(hash_file, [b for b in buckets if b]))
+    return sum(sizes)
+
+
+def per_rank_file_save(system: str, path: str, state: dict[str, Any]) -> int:
+    """Each rank writes its local tensors to one file with ``torch.save`` or
+    ``safetensors.torch.save_file``, then fsyncs it. Returns the file's size."""
+    import torch
+
+    tensors = {k: t.to_local() for part in ("model", "optim") for k, t in state[part].items()}
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    if system == "torch_save":
+        torch.save(tensors, path)
+    else:
+        from safetensors.torch import save_file
+
+        save_file(tensors, path)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    return os.path.getsize(path)
+
+
+def _byte_view(t: Any) -> memoryview:
+    import torch
+
+    return memoryview(t.reshape(-1).view(torch.uint8).numpy())
 
 
 def raw_write(path: str, tensors: list[Any]) -> int:
@@ -160,7 +260,7 @@ def raw_write(path: str, tensors: list[Any]) -> int:
     total = 0
     try:
         for t in tensors:
-            view = memoryview(t.reshape(-1).view(-1).numpy()).cast("B")
+            view = _byte_view(t)
             while view:
                 n = os.write(fd, view)
                 view = view[n:]
@@ -176,7 +276,7 @@ def raw_read(path: str, tensors: list[Any]) -> int:
     off = 0
     try:
         for t in tensors:
-            view = memoryview(t.reshape(-1).numpy()).cast("B")
+            view = _byte_view(t)
             while view:
                 n = os.preadv(fd, [view], off)
                 if n == 0:
@@ -198,6 +298,53 @@ def _dd_read_warm_evicted(path: str) -> int:
 # ------------------------------------------------------------------ the run
 
 
+def measure_interleaved(b: Bench, save_systems: list[str], load_systems: list[str], repeats: int,
+                        warmup: int, seed: int) -> dict[str, Any]:
+    """Every repetition: each save system once (shuffled), then each load system once
+    (shuffled, cold: rank 0 evicts the files it reads first). Collective. Returns
+    ``samples[phase][system]`` (Bench.timed dicts, warm-up dropped), the ``orders``, and
+    from the warm-up: ``verified`` (loaded values equal the saved ones) and
+    ``residency`` (bytes still cached after eviction, by fincore)."""
+    import torch.distributed as dist
+
+    samples: dict[str, dict[str, list[dict[str, Any]]]] = {"save": {}, "load": {}}
+    orders: list[dict[str, Any]] = []
+    verified: dict[str, bool] = {}
+    residency: dict[str, Any] = {}
+    t_start = time.perf_counter()
+    for rep, warm, order in common.interleaved(save_systems, repeats, warmup, seed):
+        load_order = list(load_systems)
+        random.Random(seed * 1000 + rep).shuffle(load_order)
+        orders.append({"rep": rep, "warmup": warm, "save": order, "load": load_order, "loadavg": common.loadavg()})
+        for system in order:
+            if b.rank == 0:
+                common.remove_tree(b.path(system))
+                os.makedirs(b.path(system), exist_ok=True)
+            dist.barrier()
+            sample = b.timed(b.save, system)
+            if not warm:
+                samples["save"].setdefault(system, []).append(sample)
+        for system in load_order:
+            common.zero_state(b.dst)
+            if b.rank == 0:
+                files = common.files_under(b.path(LOAD_SOURCE[system]))
+                common.evict_files(files)
+                if warm:
+                    residency[system] = {"files": len(files), "bytes": sum(os.path.getsize(f) for f in files),
+                                         "resident_after_evict": common.resident_bytes(files)}
+            sample = b.timed(b.load, system)
+            if warm and not system.startswith("dd"):
+                verified[system] = all(common.gather_to_all(common.state_equal(b.dst, b.src)))
+                if not verified[system]:
+                    raise AssertionError(f"{system}: loaded values differ from the saved ones")
+            if not warm:
+                samples["load"].setdefault(system, []).append(sample)
+        if b.rank == 0:
+            print(f"repetition {rep}{' (warm-up)' if warm else ''} done at {time.perf_counter() - t_start:.0f} s", flush=True)
+    return {"samples": samples, "orders": orders, "verified": verified, "residency": residency,
+            "elapsed_s": time.perf_counter() - t_start}
+
+
 def worker(rank: int, world: int, args: argparse.Namespace, facts: dict[str, Any]) -> None:
     import torch.distributed as dist
 
@@ -208,50 +355,10 @@ def worker(rank: int, world: int, args: argparse.Namespace, facts: dict[str, Any
         print(f"state: {len(b.specs)} tensors, {b.global_bytes / 2**20:.0f} MiB total, "
               f"{b.local_bytes / 2**20:.0f} MiB per rank; {args.repeats} repetitions + {args.warmup} warm-up", flush=True)
     dist.barrier()
-    samples: dict[str, dict[str, list[tuple[float, int]]]] = {"save": {}, "load": {}}
-    orders: list[dict[str, Any]] = []
-    verified: dict[str, bool] = {}
-    residency: dict[str, Any] = {}
-    t_start = time.perf_counter()
-    for rep, warm, order in common.interleaved(SAVE_SYSTEMS, args.repeats, args.warmup, args.seed):
-        load_order = list(LOAD_SYSTEMS)
-        __import__("random").Random(args.seed * 1000 + rep).shuffle(load_order)
-        orders.append({"rep": rep, "warmup": warm, "save": order, "load": load_order, "loadavg": common.loadavg()})
-        for system in order:
-            if rank == 0:
-                common.remove_tree(b.path(system))
-                os.makedirs(b.path(system), exist_ok=True)
-            dist.barrier()
-            dt, nbytes = b.timed(b.save, system)
-            if not warm:
-                samples["save"].setdefault(system, []).append((dt, nbytes))
-        for system in load_order:
-            common.zero_state(b.dst)
-            if rank == 0:
-                files = common.files_under(b.path(LOAD_SOURCE[system]))
-                common.evict_files(files)
-                if warm:
-                    residency[system] = {"files": len(files), "bytes": sum(os.path.getsize(f) for f in files),
-                                         "resident_after_evict": common.resident_bytes(files)}
-            dt, nbytes = b.timed(b.load, system)
-            if warm and not system.startswith("dd"):
-                ok = all(common.gather_to_all(common.state_equal(b.dst, b.src)))
-                verified[system] = ok
-                if not ok:
-                    raise AssertionError(f"{system}: loaded values differ from the saved ones")
-            if not warm:
-                samples["load"].setdefault(system, []).append((dt, nbytes))
-        if rank == 0:
-            print(f"repetition {rep}{' (warm-up)' if warm else ''} done at {time.perf_counter() - t_start:.0f} s", flush=True)
-    balance = {}
+    m = measure_interleaved(b, SAVE_SYSTEMS, LOAD_SYSTEMS, args.repeats, args.warmup, args.seed)
     if rank == 0:
-        files = common.files_under(b.path("shardckpt"))
-        balance["shardckpt"] = common.balance(common.bytes_by_rank(files, common.shardckpt_file_rank))
-        balance["dcp"] = common.balance(common.bytes_by_rank(common.files_under(b.path("dcp")), common.dcp_file_rank))
-        balance["shardckpt"]["checkpoint_bytes"] = sum(os.path.getsize(f) for f in files)
-        balance["dcp"]["checkpoint_bytes"] = sum(os.path.getsize(f) for f in common.files_under(b.path("dcp")))
-        results = build_results(args, facts, b, samples, orders, verified, residency, balance,
-                                time.perf_counter() - t_start)
+        results = build_results(args, facts, b, m["samples"], m["orders"], m["verified"], m["residency"],
+                                write_balance(b), m["elapsed_s"])
         path = common.write_results(args.name, results)
         print_report(results)
         print(f"\nresults: {path}")
@@ -259,19 +366,32 @@ def worker(rank: int, world: int, args: argparse.Namespace, facts: dict[str, Any
             common.remove_tree(args.dir)
 
 
+def write_balance(b: Bench) -> dict[str, Any]:
+    """Bytes each rank wrote in the last shardckpt and dcp saves (rank 0, after them)."""
+    out = {}
+    for system, rank_of in (("shardckpt", common.shardckpt_file_rank), ("dcp", common.dcp_file_rank)):
+        files = common.files_under(b.path(system))
+        out[system] = common.balance(common.bytes_by_rank(files, rank_of))
+        out[system]["checkpoint_bytes"] = sum(os.path.getsize(f) for f in files)
+    return out
+
+
+def phase_summary(name: str, samples: list[dict[str, Any]], state_bytes: int) -> dict[str, Any]:
+    """Seconds and GB/s (median, min-max) of one system; shardckpt, dcp, torch_save etc.
+    count the state's logical bytes, raw and dd the bytes they moved."""
+    secs = [x["s"] for x in samples]
+    nbytes = [x["bytes"] if name.startswith(("dd", "raw")) else state_bytes for x in samples]
+    return {"seconds": common.summarize(secs),
+            "gbps": common.summarize([n / s / common.GB for n, s in zip(nbytes, secs)]),
+            "bytes": nbytes[0]}
+
+
 def build_results(args: argparse.Namespace, facts: dict[str, Any], b: Bench, samples: dict[str, Any],
                   orders: list[Any], verified: dict[str, bool], residency: dict[str, Any],
                   balance: dict[str, Any], elapsed_s: float) -> dict[str, Any]:
     phases: dict[str, Any] = {}
     for phase, by_system in samples.items():
-        systems: dict[str, Any] = {}
-        for name, pairs in by_system.items():
-            secs = [s for s, _ in pairs]
-            # shardckpt and dcp move the state's bytes; raw and dd count what they wrote/read
-            nbytes = [n if name.startswith(("dd", "raw")) else b.global_bytes for _, n in pairs]
-            systems[name] = {"seconds": common.summarize(secs),
-                             "gbps": common.summarize([n / s / common.GB for n, s in zip(nbytes, secs)]),
-                             "bytes": nbytes[0]}
+        systems = {name: phase_summary(name, runs, b.global_bytes) for name, runs in by_system.items()}
         gb = {k: v["gbps"]["samples"] for k, v in systems.items()}
         ratios = {}
         for name in systems:

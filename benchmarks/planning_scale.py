@@ -1,0 +1,349 @@
+"""Planning at scale, simulated in one process: what saving costs the coordinator (and
+every rank) before and after the data is written, for 64..4096 ranks.
+
+    python benchmarks/planning_scale.py                       # 7B-like, 2 layers, 64..4096 ranks
+    python benchmarks/planning_scale.py --model 70b --layers 4 --ranks 64 256 1024
+    python benchmarks/planning_scale.py --quick               # 4..16 ranks, 1 layer, seconds
+
+No processes, no I/O. For N simulated ranks, a LLaMA-like model (embedding, per layer
+q/k/v/o and gate/up/down weights and two norms, final norm, head) is sharded FSDP2-style
+(Shard(0) over N ranks, torch.chunk sizes, empty shards left out), with AdamW's
+exp_avg/exp_avg_sq sharded the same way and one replicated 0-dim ``step`` tensor per
+parameter on every rank, plus JSON values (param_groups, the training step). Each rank's
+tensor WriteItems are built directly from that metadata (as DCP derives them from
+DTensors), then, timed per phase:
+
+    write_items       building the WriteItems of every rank (the same input for both planners)
+    local_plan        per rank: our SavePlanner.create_local_plan (values encoded as JSON,
+                      dtypes checked) vs DCP's DefaultSavePlanner; mean seconds per rank
+    global_plan       coordinator: our _create_global_plan (values agree, balanced dedup of
+                      replicated items, DCP's global metadata and validation) vs DCP's
+                      (dedup to the lowest rank)
+    build_manifest    coordinator: shardckpt.writer.build_manifest from synthetic WriteResults
+                      (4 files per rank, one xxh3 per 8 MiB block)
+    manifest_to_json  coordinator: the manifest's JSON (sealed) vs pickle.dumps of DCP's
+                      .metadata (with FileSystemWriter's storage_data)
+    parse             every rank on load: shardckpt.manifest.parse_manifest (hostile-input
+                      checks) vs pickle.loads of .metadata
+
+and the sizes of manifest.json and .metadata. Growth: the ratio per doubling of ranks
+and a power-law exponent fitted over the rank counts (1 = linear).
+
+Writes benchmarks/results/planning_scale.json and docs/img/planning_scale.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import gc
+import math
+import os
+import pickle
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import common  # noqa: E402
+import plots  # noqa: E402
+
+MODELS = {  # hidden, ffn, kv (k/v rows: grouped-query attention), layers, vocab
+    "7b": (4096, 11008, 4096, 32, 32000),
+    "70b": (8192, 28672, 1024, 80, 32000),
+}
+IO_THREADS = 4  # data files per rank, as the local default
+DEFAULT_IMG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "docs", "img")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="4, 8, 16 ranks, 1 layer")
+    ap.add_argument("--ranks", nargs="+", type=int, default=None, help="default 64 128 ... 4096")
+    ap.add_argument("--model", choices=sorted(MODELS), default="7b")
+    ap.add_argument("--layers", type=int, default=None,
+                    help="transformer layers simulated (default 2: time and memory at 4096 ranks on this VM; costs grow linearly in layers)")
+    ap.add_argument("--out", default=common.RESULTS_DIR, help="folder of the results JSON")
+    ap.add_argument("--name", default=None, help="results name (default planning_scale or planning_scale_quick)")
+    ap.add_argument("--plots-dir", default=DEFAULT_IMG, help="folder of the PNG ('none': no plot)")
+    args = ap.parse_args(argv)
+    args.ranks = sorted(args.ranks or ([4, 8, 16] if args.quick else [64 * 2**i for i in range(7)]))
+    args.layers = args.layers or (1 if args.quick else 2)
+    args.name = args.name or ("planning_scale_quick" if args.quick else "planning_scale")
+    return args
+
+
+# ------------------------------------------------------------------ the simulated state
+
+
+@dataclass(frozen=True)
+class Param:
+    fqn: str
+    shape: tuple[int, ...]
+
+
+def model_params(model: str, layers: int) -> list[Param]:
+    h, ffn, kv, _, vocab = MODELS[model]
+    params = [Param("embed.weight", (vocab, h))]
+    for i in range(layers):
+        p = f"layers.{i}."
+        params += [Param(p + "attn.q.weight", (h, h)), Param(p + "attn.k.weight", (kv, h)),
+                   Param(p + "attn.v.weight", (kv, h)), Param(p + "attn.o.weight", (h, h)),
+                   Param(p + "mlp.gate.weight", (ffn, h)), Param(p + "mlp.up.weight", (ffn, h)),
+                   Param(p + "mlp.down.weight", (h, ffn)), Param(p + "norm1.weight", (h,)),
+                   Param(p + "norm2.weight", (h,))]
+    return params + [Param("norm.weight", (h,)), Param("head.weight", (vocab, h))]
+
+
+def json_values(params: list[Param]) -> dict[str, Any]:
+    """The non-tensor part of the state, as get_state_dict returns it for AdamW."""
+    group = {"lr": 3e-4, "betas": [0.9, 0.95], "eps": 1e-8, "weight_decay": 0.1, "amsgrad": False,
+             "maximize": False, "foreach": None, "capturable": False, "differentiable": False,
+             "fused": None, "params": [p.fqn for p in params]}
+    return {"optim": {"param_groups": [group]}, "step": 1000}
+
+
+def shard_box(shape: tuple[int, ...], rank: int, world: int) -> tuple[tuple[int, ...], tuple[int, ...]] | None:
+    """(offsets, sizes) of ``rank``'s Shard(0) piece (torch.chunk sizes), None when empty."""
+    per = -(-shape[0] // world)
+    start = rank * per
+    rows = min(per, shape[0] - start)
+    if rows <= 0:
+        return None
+    return (start, *[0] * (len(shape) - 1)), (rows, *shape[1:])
+
+
+def rank_tensor_items(params: list[Param], rank: int, world: int, props: Any) -> list[Any]:
+    """Rank's WriteItems: model weight and AdamW moments (sharded), AdamW steps (replicated)."""
+    import torch
+    from torch.distributed.checkpoint.metadata import ChunkStorageMetadata, MetadataIndex
+    from torch.distributed.checkpoint.planner import TensorWriteData, WriteItem, WriteItemType
+    from torch.distributed.checkpoint.planner_helpers import _create_write_item_for_tensor
+
+    items = []
+    for p in params:
+        box = shard_box(p.shape, rank, world)
+        size = torch.Size(p.shape)
+        for fqn in (f"model.{p.fqn}", f"optim.state.{p.fqn}.exp_avg", f"optim.state.{p.fqn}.exp_avg_sq"):
+            if box is not None:
+                offsets, sizes = torch.Size(box[0]), torch.Size(box[1])
+                items.append(WriteItem(index=MetadataIndex(fqn, offsets), type=WriteItemType.SHARD,
+                                       tensor_data=TensorWriteData(ChunkStorageMetadata(offsets, sizes), props, size)))
+        items.append(_create_write_item_for_tensor(f"optim.state.{p.fqn}.step", torch.tensor(1000.0)))
+    return items
+
+
+def tensor_paths(params: list[Param]) -> dict[str, tuple[str, ...]]:
+    """DCP's flatten mappings for the tensor keys: flat key -> path in the nested state."""
+    out: dict[str, tuple[str, ...]] = {}
+    for p in params:
+        out[f"model.{p.fqn}"] = ("model", p.fqn)
+        for leaf in ("exp_avg", "exp_avg_sq", "step"):
+            out[f"optim.state.{p.fqn}.{leaf}"] = ("optim", "state", p.fqn, leaf)
+    return out
+
+
+# ------------------------------------------------------------------ planners over given items
+
+
+def planner_classes() -> tuple[type, type]:
+    """(ours, DCP's): each plans the JSON values from a real state_dict and takes the
+    tensor WriteItems as given (``tensor_items``), as if derived from DTensors."""
+    from torch.distributed.checkpoint.default_planner import DefaultSavePlanner
+
+    from shardckpt.planner import SavePlanner
+
+    class GivenTensors(DefaultSavePlanner):
+        tensor_items: list[Any] = []
+        paths: dict[str, tuple[str, ...]] = {}
+
+        def create_local_plan(self) -> Any:
+            plan = super().create_local_plan()
+            self.mappings.update(self.paths)
+            self.plan = dataclasses.replace(plan, items=plan.items + self.tensor_items, planner_data=self.mappings)
+            return self.plan
+
+    class Ours(SavePlanner, GivenTensors):  # SavePlanner's super() is GivenTensors
+        pass
+
+    return Ours, GivenTensors
+
+
+def local_plans(cls: type, items: list[list[Any]], values: dict[str, Any], paths: dict[str, Any]) -> tuple[list[Any], Any]:
+    """Every rank's planner and local plan; returns (plans, rank 0's planner)."""
+    plans, first = [], None
+    for rank, rank_items in enumerate(items):
+        planner = cls()
+        planner.tensor_items, planner.paths = rank_items, paths
+        planner.set_up_planner(dict(values), None, rank == 0)
+        plans.append(planner.create_local_plan())
+        first = first or planner
+    return plans, first
+
+
+# ------------------------------------------------------------------ manifest and .metadata
+
+
+def synthetic_results(global_plans: list[Any], planner: Any, block_bytes: int) -> list[list[Any]]:
+    """WriteResults as Writer.write_data returns them: each rank's tensors split over
+    IO_THREADS files, byte offsets, one hash per block; values inline."""
+    from torch.distributed.checkpoint.planner import WriteItemType
+    from torch.distributed.checkpoint.storage import WriteResult
+
+    from shardckpt import layout, writer
+    from shardckpt.manifest import FileRecord
+
+    out = []
+    for rank, plan in enumerate(global_plans):
+        res = [WriteResult(it.index, 0, writer._InlineValue(planner.resolve_data(it).getvalue()))
+               for it in plan.items if it.type == WriteItemType.BYTE_IO]
+        tensors = [it for it in plan.items if it.type != WriteItemType.BYTE_IO]
+        for k, bucket in enumerate(writer._split_by_bytes(tensors, IO_THREADS)):
+            name = layout.data_file_name("0123456789ab", rank, k)
+            lengths = [chunk_bytes(it) for it in bucket]
+            record = FileRecord(size=sum(lengths) + 4096, hash="f" * 16, rank=rank)
+            offset = 4096
+            for it, n in zip(bucket, lengths):
+                hashes = tuple(f"{i:016x}" for i in range(max(1, -(-n // block_bytes))))
+                res.append(WriteResult(it.index, n, writer._ChunkLocation(name, offset, n, hashes, record)))
+                offset += n
+        out.append(res)
+    return out
+
+
+def chunk_bytes(item: Any) -> int:
+    """Bytes of the item's chunk (WriteItem.tensor_storage_size() is the whole tensor's)."""
+    if item.tensor_data is None:
+        return 0
+    return math.prod(item.tensor_data.chunk.sizes) * item.tensor_data.properties.dtype.itemsize
+
+
+def dcp_storage_data(global_plans: list[Any]) -> dict[Any, Any]:
+    """FileSystemWriter's storage_data: one _StorageInfo per item, one file per rank."""
+    from torch.distributed.checkpoint.filesystem import _StorageInfo
+
+    out = {}
+    for rank, plan in enumerate(global_plans):
+        offset = 0
+        for it in plan.items:
+            n = chunk_bytes(it) or 64
+            out[it.index] = _StorageInfo(f"__{rank}_0.distcp", offset, n)
+            offset += n
+    return out
+
+
+# ------------------------------------------------------------------ one rank count
+
+
+def timed(fn: Callable[[], Any]) -> tuple[Any, float]:
+    t0 = time.perf_counter()
+    out = fn()
+    return out, time.perf_counter() - t0
+
+
+def measure(params: list[Param], ranks: int) -> dict[str, Any]:
+    """Every phase for ``ranks`` simulated ranks; seconds, bytes and counts."""
+    import torch
+    from torch.distributed.checkpoint.metadata import TensorProperties
+
+    from shardckpt import integrity, manifest, writer
+
+    ours_cls, dcp_cls = planner_classes()
+    props = TensorProperties(dtype=torch.float32)
+    values, paths = json_values(params), tensor_paths(params)
+    items, t_items = timed(lambda: [rank_tensor_items(params, r, ranks, props) for r in range(ranks)])
+    sec: dict[str, float] = {"write_items": t_items}
+    size: dict[str, int] = {}
+    (plans, planner), t = timed(lambda: local_plans(ours_cls, items, values, paths))
+    sec["local_plan_per_rank_ours"] = t / ranks
+    (gplans, md), sec["global_plan_ours"] = timed(lambda: planner._create_global_plan(plans))
+    results = synthetic_results(gplans, planner, integrity.DEFAULT_BLOCK_BYTES)
+    layout_ = [{"rank": r, "host": f"node{r // 8:04d}", "local_rank": r % 8} for r in range(ranks)]
+    m, sec["build_manifest"] = timed(lambda: writer.build_manifest(md, results, layout_, integrity.DEFAULT_BLOCK_BYTES))
+    text, sec["manifest_to_json"] = timed(lambda: manifest.manifest_to_json(m))
+    _, sec["parse_manifest"] = timed(lambda: manifest.parse_manifest(text, source="simulated"))
+    size["manifest_json"] = len(text)
+    counts = {"items": sum(len(p.items) for p in plans), "chunks": sum(len(t.chunks) for t in m.tensors.values()),
+              "tensors": len(m.tensors), "values": len(m.values)}
+    written_bytes = [sum(chunk_bytes(it) for it in p.items) for p in gplans]
+    del plans, planner, gplans, md, results, m, text
+    gc.collect()
+    (plans, planner), t = timed(lambda: local_plans(dcp_cls, items, values, paths))
+    sec["local_plan_per_rank_dcp"] = t / ranks
+    (gplans, md), sec["global_plan_dcp"] = timed(lambda: planner._create_global_plan(plans))
+    md.storage_data = dcp_storage_data(gplans)
+    blob, sec["metadata_pickle_dcp"] = timed(lambda: pickle.dumps(md, protocol=pickle.HIGHEST_PROTOCOL))
+    _, sec["metadata_unpickle_dcp"] = timed(lambda: pickle.loads(blob))
+    size["dcp_metadata_pickle"] = len(blob)
+    dcp_bytes = [sum(chunk_bytes(it) for it in p.items) for p in gplans]
+    return {"ranks": ranks, "seconds": sec, "bytes": size, "counts": counts,
+            "bytes_per_rank_max_over_mean": {"ours": _imbalance(written_bytes), "dcp": _imbalance(dcp_bytes)},
+            "peak_rss_gib": common.peak_rss_bytes() / 2**30}
+
+
+def _imbalance(per_rank: list[int]) -> float:
+    mean = sum(per_rank) / len(per_rank)
+    return max(per_rank) / mean if mean else 0.0
+
+
+# ------------------------------------------------------------------ growth and report
+
+
+def growth(rows: list[dict[str, Any]], group: str) -> dict[str, Any]:
+    """Per quantity: ratios between consecutive rank counts, and the exponent b of a
+    least-squares fit value ~ a * ranks**b over all rows (log-log)."""
+    out: dict[str, Any] = {}
+    for key in rows[0][group]:
+        xs = [math.log(r["ranks"]) for r in rows]
+        ys = [math.log(max(r[group][key], 1e-9)) for r in rows]
+        ratios = [b[group][key] / a[group][key] if a[group][key] else None for a, b in zip(rows, rows[1:])]
+        out[key] = {"ratio_per_step": ratios, "fitted_exponent": _slope(xs, ys) if len(rows) > 1 else None}
+    return out
+
+
+def _slope(xs: list[float], ys: list[float]) -> float:
+    mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
+    return sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sum((x - mx) ** 2 for x in xs)
+
+
+def print_report(r: dict[str, Any]) -> None:
+    rows = r["rows"]
+    keys = list(rows[0]["seconds"])
+    print(f"\n{r['config']['model']}-like, {r['config']['layers']} layers; seconds (one process)")
+    print(common.format_table(["ranks", *keys], [[x["ranks"], *[x["seconds"][k] for k in keys]] for x in rows]))
+    print(common.format_table(["ranks", "manifest MiB", ".metadata MiB", "items", "chunks", "peak RSS GiB"],
+                              [[x["ranks"], x["bytes"]["manifest_json"] / 2**20, x["bytes"]["dcp_metadata_pickle"] / 2**20,
+                                x["counts"]["items"], x["counts"]["chunks"], x["peak_rss_gib"]] for x in rows]))
+    exps = {k: v["fitted_exponent"] for k, v in {**r["growth"]["seconds"], **r["growth"]["bytes"]}.items()}
+    print("fitted exponents (cost ~ ranks**b): " + ", ".join(f"{k} {v:.2f}" for k, v in exps.items() if v is not None))
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    args = parse_args(argv)
+    params = model_params(args.model, args.layers)
+    t0 = time.perf_counter()
+    rows = []
+    for n in args.ranks:
+        rows.append(measure(params, n))
+        gc.collect()
+        print(f"{n} ranks done at {time.perf_counter() - t0:.0f} s, peak RSS {rows[-1]['peak_rss_gib']:.2f} GiB", flush=True)
+    h, ffn, kv, full_layers, vocab = MODELS[args.model]
+    results = {"benchmark": "planning_scale", "command": " ".join([os.path.basename(sys.executable), *sys.argv]),
+               "machine": dict(common.machine_facts(common.RESULTS_DIR), loadavg_end=common.loadavg()),
+               "config": {"model": args.model, "layers": args.layers, "model_layers": full_layers, "hidden": h,
+                          "ffn": ffn, "kv_rows": kv, "vocab": vocab, "params_simulated": len(params),
+                          "ranks": args.ranks, "dtype": "float32", "io_threads_per_rank": IO_THREADS},
+               "elapsed_s": time.perf_counter() - t0, "rows": rows,
+               "growth": {"seconds": growth(rows, "seconds"), "bytes": growth(rows, "bytes")}}
+    if args.plots_dir != "none":
+        results["plots"] = plots.write_planning_plot(results, os.path.join(args.plots_dir, f"{args.name}.png"))
+    path = common.write_results(args.name, results, args.out)
+    print_report(results)
+    print(f"\nresults: {path}")
+    return results
+
+
+if __name__ == "__main__":
+    main()

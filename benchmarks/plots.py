@@ -1,0 +1,157 @@
+"""PNG plots of the suite's and planning_scale's results (matplotlib, optional: the
+``bench`` extra). Every function returns the paths it wrote, or a ``skipped`` reason.
+
+Bars are medians over repetitions; whiskers span the min-max of the repetitions.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+MATPLOTLIB_MISSING = "matplotlib is not installed (pip install -e '.[bench]'): plots skipped"
+
+
+def _pyplot() -> Any | None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    return plt
+
+
+def _med(s: dict[str, Any]) -> float:
+    return float(s["median"]) if s.get("n") else 0.0
+
+
+def _err(s: dict[str, Any]) -> tuple[float, float]:
+    return (_med(s) - s["min"], s["max"] - _med(s)) if s.get("n") else (0.0, 0.0)
+
+
+def _bars(ax: Any, systems: dict[str, Any], title: str, ref: str | None = "dd") -> None:
+    """Horizontal GB/s bars, min-max whiskers, the ``ref`` system's median as a line."""
+    names = list(systems)
+    meds = [_med(systems[n]["gbps"]) for n in names]
+    errs = list(zip(*[_err(systems[n]["gbps"]) for n in names])) or [[], []]
+    colors = ["tab:blue" if n.startswith("shardckpt") else "tab:gray" if n.startswith(("dd", "raw", "hash"))
+              else "tab:orange" for n in names]
+    ax.barh(names, meds, xerr=errs, color=colors, capsize=3)
+    if ref in systems:
+        ax.axvline(_med(systems[ref]["gbps"]), color="k", ls="--", lw=1, label=f"{ref} median")
+        ax.legend(loc="lower right", fontsize=8)
+    ax.set_xlabel("GB/s (1e9 B/s), median, min-max")
+    ax.set_title(title, fontsize=10)
+    ax.invert_yaxis()
+
+
+def _save_plot(plt: Any, sec: dict[str, Any], path: str) -> None:
+    parts = [(k, sec[k]) for k in ("save", "checksum") if k in sec]
+    fig, axes = plt.subplots(1, len(parts), figsize=(6 * len(parts), 4.5), squeeze=False)
+    for ax, (key, p) in zip(axes[0], parts):
+        mib = p["state_bytes"] / 2**20
+        _bars(ax, p["systems"], f"{key}: {p['world']} ranks, {mib:.0f} MiB state")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _load_plot(plt: Any, load: dict[str, Any], path: str) -> None:
+    worlds = list(load["by_load_world"])
+    systems = ["shardckpt", "shardckpt_AA", "dcp", "dd"]
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.2))
+    width = 0.8 / len(systems)
+    for i, name in enumerate(systems):
+        xs, meds, errs, ratios = [], [], [], []
+        for j, w in enumerate(worlds):
+            s = load["by_load_world"][w]["systems"].get(name)
+            if s is None:
+                continue
+            xs.append(j + i * width)
+            meds.append(_med(s["gbps"]))
+            errs.append(_err(s["gbps"]))
+            ratios.append(_med(s["read_over_needed"]) if "read_over_needed" in s else None)
+        ax1.bar(xs, meds, width, yerr=list(zip(*errs)) or None, capsize=3, label=name)
+        if any(r is not None for r in ratios):
+            ax2.bar(xs, [r or 0 for r in ratios], width, label=name)
+    labels = [f"{load['save_world']} -> {w}" for w in worlds]
+    for ax in (ax1, ax2):
+        ax.set_xticks([j + 0.4 - width / 2 for j in range(len(worlds))], labels)
+        ax.set_xlabel("ranks saved -> ranks loading")
+        ax.legend(fontsize=8)
+    ax1.set_ylabel("cold load GB/s, median, min-max")
+    ax2.axhline(1.0, color="k", ls="--", lw=1)
+    ax2.set_ylabel("bytes read / bytes needed (all ranks)")
+    fig.suptitle(f"cold load, {load['state_bytes'] / 2**20:.0f} MiB state", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _scaling_plot(plt: Any, cells: list[dict[str, Any]], path: str) -> None:
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    sizes = sorted({c["mib"] for c in cells})
+    for ax, phase, systems in ((axes[0], "save", ["shardckpt", "dcp", "dd"]), (axes[1], "load", ["shardckpt", "dcp"])):
+        for mib in sizes:
+            row = sorted((c for c in cells if c["mib"] == mib), key=lambda c: c["world"])
+            for name, style in zip(systems, ("-o", "--s", ":^")):
+                ys = [_med(c[phase]["systems"][name]["gbps"]) for c in row]
+                ax.plot([c["world"] for c in row], ys, style, label=f"{name} {mib} MiB")
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("ranks (world size)")
+        ax.set_ylabel(f"{phase} GB/s (aggregate), median")
+        ax.set_title(f"{phase} scaling", fontsize=10)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write_suite_plots(results: dict[str, Any], plots_dir: str, name: str) -> dict[str, Any]:
+    """``{name}_save.png``, ``{name}_load.png``, ``{name}_scaling.png`` for the sections present."""
+    if plots_dir == "none":
+        return {"skipped": "--plots-dir none"}
+    plt = _pyplot()
+    if plt is None:
+        return {"skipped": MATPLOTLIB_MISSING}
+    os.makedirs(plots_dir, exist_ok=True)
+    sec, written = results["sections"], []
+    jobs = [("save", "save" in sec or "checksum" in sec, lambda p: _save_plot(plt, sec, p)),
+            ("load", "load" in sec, lambda p: _load_plot(plt, sec["load"], p)),
+            ("scaling", "scaling" in sec, lambda p: _scaling_plot(plt, sec["scaling"]["cells"], p))]
+    for suffix, present, draw in jobs:
+        if present:
+            path = os.path.join(plots_dir, f"{name}_{suffix}.png")
+            draw(path)
+            written.append(path)
+    return {"written": written}
+
+
+def write_planning_plot(results: dict[str, Any], path: str) -> dict[str, Any]:
+    """Time per planning phase and manifest/.metadata size against simulated ranks (log-log)."""
+    plt = _pyplot()
+    if plt is None:
+        return {"skipped": MATPLOTLIB_MISSING}
+    rows = results["rows"]
+    ranks = [r["ranks"] for r in rows]
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.2))
+    for key in rows[0]["seconds"]:
+        ax1.plot(ranks, [r["seconds"][key] for r in rows], "-o", label=key)
+    ax1.set_ylabel("seconds (one process)")
+    ax1.set_title("planning cost", fontsize=10)
+    for key in rows[0]["bytes"]:
+        ax2.plot(ranks, [r["bytes"][key] / 2**20 for r in rows], "-o", label=key)
+    ax2.set_ylabel("MiB")
+    ax2.set_title("metadata size", fontsize=10)
+    for ax in (ax1, ax2):
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel("simulated ranks")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return {"written": [path]}

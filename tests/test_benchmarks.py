@@ -1,0 +1,82 @@
+"""The benchmark suite and the planning-scale simulation run end to end at their smallest
+and produce sane results: every section present, positive finite numbers, loads that
+read back the saved values, and bytes-read accounting that is at least what was needed."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+from collections.abc import Iterator
+from typing import Any
+
+BENCH_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks")
+sys.path.insert(0, BENCH_DIR)
+
+import planning_scale  # noqa: E402
+import suite  # noqa: E402
+
+
+def medians(node: Any, key: str) -> Iterator[float]:
+    """Every ``node[...][key]["median"]`` anywhere in a JSON tree."""
+    if isinstance(node, dict):
+        for k, v in node.items():
+            if k == key and isinstance(v, dict) and "median" in v:
+                yield v["median"]
+            else:
+                yield from medians(v, key)
+    elif isinstance(node, list):
+        for v in node:
+            yield from medians(v, key)
+
+
+def test_suite_quickest_form(tmp_path: Any) -> None:
+    out = tmp_path / "results"
+    suite.main(["--quick", "--sections", "save", "checksum", "load", "scaling", "--world-sizes", "2",
+                "--size-mib", "4", "--repeats", "1", "--out", str(out), "--plots-dir", str(tmp_path / "img"),
+                "--dir", str(tmp_path / "scratch"), "--name", "t"])
+    r = json.loads((out / "t.json").read_text())
+    sec = r["sections"]
+    assert set(sec) == {"save", "checksum", "load", "scaling"}
+    assert r["machine"]["cpu_cores"] >= 1 and len(r["machine"]["loadavg_start"]) == 3
+    assert set(sec["save"]["systems"]) == set(suite.SAVE_SYSTEMS)
+    assert set(sec["checksum"]["systems"]) == set(suite.CHECKSUM_SYSTEMS)
+    assert sec["checksum"]["writer_can_skip_hashing"] is False
+    for key in ("gbps", "seconds", "per_rank_gbps", "hash_seconds_over_save_seconds"):
+        values = list(medians(sec, key))
+        assert values, key
+        assert all(math.isfinite(v) and v > 0 for v in values), (key, values)
+    assert sec["save"]["dcp_best"]["thread_count"] in (1, 2, 4)
+    assert len(sec["scaling"]["cells"]) == 1 and sec["scaling"]["cells"][0]["world"] == 2
+    check_load_accounting(sec["load"])
+
+
+def check_load_accounting(load: dict[str, Any]) -> None:
+    assert load["save_world"] == 2 and set(load["by_load_world"]) == {"2", "1"}
+    for world, p in load["by_load_world"].items():
+        assert p["resharded"] is (world != "2")
+        assert all(p["verified"].values()) and set(p["verified"]) == {"shardckpt", "shardckpt_AA", "dcp"}
+        for name in ("shardckpt", "dcp"):
+            s = p["systems"][name]
+            needed = s["bytes_needed"]
+            assert needed > 0
+            # reads count the data plus the manifest/.metadata; never less than needed
+            assert s["read_over_needed"]["min"] >= 1.0, (world, name, s["read_over_needed"])
+            assert s["bytes_read"]["median"] < 3 * needed
+
+
+def test_planning_scale_tiny(tmp_path: Any) -> None:
+    r = planning_scale.main(["--ranks", "2", "4", "8", "--layers", "1", "--out", str(tmp_path), "--plots-dir", "none"])
+    rows = r["rows"]
+    assert [x["ranks"] for x in rows] == [2, 4, 8]
+    for x in rows:
+        assert all(math.isfinite(v) and v >= 0 for v in x["seconds"].values())
+        assert x["seconds"]["global_plan_ours"] > 0 and x["seconds"]["build_manifest"] > 0
+        assert x["bytes"]["manifest_json"] > 0 and x["bytes"]["dcp_metadata_pickle"] > 0
+        # one chunk per rank and sharded tensor, plus one per replicated step tensor
+        params = r["config"]["params_simulated"]
+        assert x["counts"]["chunks"] == 3 * params * x["ranks"] + params
+    sizes = [x["bytes"]["manifest_json"] for x in rows]
+    assert sizes == sorted(sizes) and sizes[-1] > sizes[0]
+    assert r["growth"]["bytes"]["manifest_json"]["fitted_exponent"] > 0
