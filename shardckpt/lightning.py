@@ -19,7 +19,11 @@ JSON (enums, dtypes, arbitrary objects in hparams) fails at save with the key's 
 
 Not collective: with DDP only global rank 0 saves (Lightning's convention), every rank
 reads the whole checkpoint on resume. Sharded strategies (FSDP, ModelParallel) bypass
-``CheckpointIO`` for their sharded state; see docs/interop.md.
+``CheckpointIO`` for their sharded state, so a plugin cannot reach it: use
+:mod:`shardckpt.lightning_strategy` (``ShardckptFSDPStrategy``,
+``ShardckptModelParallelStrategy``) there, which shares this module's dict encoding and
+folder removal. ``load_checkpoint`` reads checkpoints written by either, whole, in one
+process. See docs/interop.md.
 """
 
 from __future__ import annotations

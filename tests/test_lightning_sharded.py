@@ -63,6 +63,9 @@ class ShardedNet(L.LightningModule):
         self.log("score", float(self.global_step))  # grows every step: top-k by "max" keeps the newest
         return self.net(batch[0]).pow(2).mean()
 
+    def validation_step(self, batch, batch_idx):
+        return self.net(batch[0]).pow(2).mean()
+
     def configure_optimizers(self):
         opt = torch.optim.AdamW(self.parameters(), lr=self.hparams.lr, weight_decay=0.1)
         return {"optimizer": opt, "lr_scheduler": torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.9)}
@@ -188,6 +191,10 @@ def _resume(rank: int, world: int, kind: str, root: str, ref: str) -> None:
     assert snap.loaded["hyper_parameters"]["data_dir"] == pathlib.Path("/data")
     best = trainer.checkpoint_callback
     assert best.best_model_path.endswith(f"epoch=0-step={STEPS + 1}.ckpt") and float(best.best_model_score) == STEPS
+    # Not fitting: only the model is loaded (no optimizers exist), from a top-k checkpoint.
+    trainer.validate(ShardedNet(kind, seed=7), loader(), ckpt_path=os.path.join(root, f"epoch=0-step={STEPS}.ckpt"))
+    weights = get_model_state_dict(trainer.strategy.model, options=StateDictOptions(full_state_dict=True))
+    assert all(torch.equal(v, want[f"model/{k}"]) for k, v in weights.items()) and len(weights) == 4
 
 
 @pytest.mark.parametrize(("kind", "fit_world", "resume_world", "async_save"),
