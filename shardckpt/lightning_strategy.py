@@ -241,6 +241,13 @@ def _open(url: str, options: ShardckptOptions) -> CheckpointSource:
 
 def _check_covered(source: CheckpointSource, target: dict[str, Any], *, strict_model: bool) -> None:
     saved = set(source.manifest.tensors) | set(source.manifest.values)
+    if "optimizer_states" in target:
+        counted = {p[1] for p in map(source.path_of, saved) if p[0] == "optimizer_states" and len(p) > 1}
+        if len(counted) != len(target["optimizer_states"]):
+            raise StateDictMismatchError(
+                f"{source.path}: the checkpoint holds the state of {len(counted)} optimizer(s), but "
+                f"{len(target['optimizer_states'])} are configured. Resume with the optimizers that saved it "
+                "(configure_optimizers), or load only the weights (trainer.validate/test, or a new fit without ckpt_path)")
     missing = [k for k in flat_keys(target) if k not in saved and (strict_model or not k.startswith("state_dict."))]
     if missing:
         shown = ", ".join(repr(k) for k in missing[:10]) + (f" and {len(missing) - 10} more" if len(missing) > 10 else "")

@@ -223,3 +223,21 @@ def test_lightning_native_checkpoints_are_refused_without_unpickling(tmp_path):
     (native / "meta.pt").write_bytes(b"not read")
     with pytest.raises(CheckpointNotFoundError, match="never unpickles"):
         _open(str(native), ShardckptOptions())
+
+
+def test_a_checkpoint_that_does_not_cover_the_model_or_optimizers_is_refused_before_reading(tmp_path):
+    import shardckpt
+    from shardckpt.errors import StateDictMismatchError
+    from shardckpt.lightning_strategy import ShardckptOptions, _check_covered, _open
+
+    path = str(tmp_path / "c.ckpt")
+    w = torch.ones(2)
+    shardckpt.save({"state_dict": {"a": w}, "optimizer_states": [{"state": {"a": {"exp_avg": w}}}]}, path)
+    source = _open(path, ShardckptOptions())
+    _check_covered(source, {"state_dict": {"a": w}, "optimizer_states": [{"state": {"a": {"exp_avg": w}}}]},
+                   strict_model=True)
+    with pytest.raises(StateDictMismatchError, match=r"lacks 'state_dict\.b'.*strict_loading"):
+        _check_covered(source, {"state_dict": {"a": w, "b": w}}, strict_model=True)
+    _check_covered(source, {"state_dict": {"a": w, "b": w}}, strict_model=False)  # strict_loading = False
+    with pytest.raises(StateDictMismatchError, match=r"state of 1 optimizer\(s\), but 2 are configured"):
+        _check_covered(source, {"state_dict": {"a": w}, "optimizer_states": [{}, {}]}, strict_model=True)
