@@ -86,10 +86,13 @@ class BatchCounter(Callback):
 
 
 def run_forked(fn, world_size: int, *args) -> None:
-    """tests/distributed.py's run_ranks, but forked: a spawned rank spends ~10 s of CPU
-    importing Lightning again, which would take most of this file's time budget."""
+    """tests/distributed.py's run_ranks, but each rank is forked from a fork server that
+    imported Lightning and this module once: a spawned rank spends ~10 s of CPU importing
+    Lightning again. The server is a fresh process (no threads, no torch op run), which a
+    plain fork of the test process, after other tests ran in it, would not be."""
+    mp.set_forkserver_preload(["lightning.pytorch", "distributed", __name__])
     mp.start_processes(_entry, args=(fn, world_size, free_port(), args), nprocs=world_size, join=True,
-                       start_method="fork")
+                       start_method="forkserver")
 
 
 def full_state(trainer: L.Trainer) -> tuple[dict[str, torch.Tensor], list]:
