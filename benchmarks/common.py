@@ -415,6 +415,14 @@ def write_results(name: str, results: dict[str, Any], out_dir: str = RESULTS_DIR
     return path
 
 
+def publish(name: str, results: dict[str, Any], out_dir: str, report: Callable[[dict[str, Any]], None]) -> str:
+    """Write ``results`` as ``out_dir/name.json``, print ``report(results)`` and the path."""
+    path = write_results(name, results, out_dir)
+    report(results)
+    print(f"\nresults: {path}")
+    return path
+
+
 def format_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     """A GitHub-markdown table (also readable in a terminal)."""
     cells = [[str(h) for h in headers]] + [[_fmt(c) for c in r] for r in rows]

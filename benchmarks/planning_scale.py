@@ -323,6 +323,7 @@ def print_report(r: dict[str, Any]) -> None:
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     params = model_params(args.model, args.layers)
+    facts = common.machine_facts(common.RESULTS_DIR)
     t0 = time.perf_counter()
     rows = []
     for n in args.ranks:
@@ -331,7 +332,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         print(f"{n} ranks done at {time.perf_counter() - t0:.0f} s, peak RSS {rows[-1]['peak_rss_gib']:.2f} GiB", flush=True)
     h, ffn, kv, full_layers, vocab = MODELS[args.model]
     results = {"benchmark": "planning_scale", "command": " ".join([os.path.basename(sys.executable), *sys.argv]),
-               "machine": dict(common.machine_facts(common.RESULTS_DIR), loadavg_end=common.loadavg()),
+               "machine": dict(facts, loadavg_end=common.loadavg()),
                "config": {"model": args.model, "layers": args.layers, "model_layers": full_layers, "hidden": h,
                           "ffn": ffn, "kv_rows": kv, "vocab": vocab, "params_simulated": len(params),
                           "ranks": args.ranks, "dtype": "float32", "io_threads_per_rank": IO_THREADS},
@@ -339,9 +340,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                "growth": {"seconds": growth(rows, "seconds"), "bytes": growth(rows, "bytes")}}
     if args.plots_dir != "none":
         results["plots"] = plots.write_planning_plot(results, os.path.join(args.plots_dir, f"{args.name}.png"))
-    path = common.write_results(args.name, results, args.out)
-    print_report(results)
-    print(f"\nresults: {path}")
+    common.publish(args.name, results, args.out, print_report)
     return results
 
 

@@ -296,7 +296,7 @@ def run_scaling(args: argparse.Namespace, main_job: dict[str, Any] | None) -> di
 def run_async(args: argparse.Namespace) -> dict[str, Any]:
     """benchmarks/async_stall.py at the main world and state size; its own JSON is kept
     next to the suite's, the headline figures are copied in."""
-    name = f"{args.name}_async"
+    name = f"{args.name}_async_stall"
     argv = ["--world-size", str(args.main_world), "--mib", str(args.main_mib), "--repeats", str(args.repeats),
             "--warmup", str(args.warmup), "--dir", os.path.join(args.dir, "async"), "--name", name,
             "--out", args.out, "--seed", str(args.seed)]
@@ -387,9 +387,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                "config": {k: v for k, v in vars(args).items() if k not in ("out", "plots_dir")},
                "elapsed_s": time.perf_counter() - t0, **results}
     results["plots"] = plots.write_suite_plots(results, args.plots_dir, args.name)
-    path = common.write_results(args.name, results, args.out)
-    print_report(results)
-    print(f"\nplots: {results['plots']}\nresults: {path} ({results['elapsed_s']:.0f} s)")
+    print(f"plots: {results['plots']}; {results['elapsed_s']:.0f} s")
+    common.publish(args.name, results, args.out, print_report)
     return results
 
 
