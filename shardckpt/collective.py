@@ -62,11 +62,12 @@ class RankGroup:
             result, failure = None, e
         if not self.is_distributed:
             if failure is not None:
-                raise failure
+                _raise_alone(action, failure)
             return result  # type: ignore[return-value]
         summaries: list[Any] = [None] * self.world_size
         mine = None if failure is None else (type(failure).__name__, str(failure))
-        dist.all_gather_object(summaries, mine, group=self.group)
+        with typed_transport_errors(action):
+            dist.all_gather_object(summaries, mine, group=self.group)
         failures = {r: s for r, s in enumerate(summaries) if s is not None}
         if failures:
             by_rank: dict[int, BaseException] = {r: _Remote(*s) for r, s in failures.items()}
@@ -83,7 +84,10 @@ class RankGroup:
         wall-clock interval has passed). If ``fn`` raises, every rank raises.
         """
         if not self.is_distributed:
-            return fn()
+            try:
+                return fn()
+            except Exception as e:  # noqa: BLE001 - typed as on several ranks, or re-raised
+                _raise_alone(action, e)
         payload: list[Any] = [None]
         failure: Exception | None = None
         if self.is_coordinator:
@@ -93,7 +97,8 @@ class RankGroup:
                 failure = e
                 payload[0] = ("error", type(e).__name__, str(e))
         src = dist.get_global_rank(self.group, self.coordinator_rank) if self.group is not None else self.coordinator_rank
-        dist.broadcast_object_list(payload, src=src, group=self.group)
+        with typed_transport_errors(action):
+            dist.broadcast_object_list(payload, src=src, group=self.group)
         if payload[0][0] == "error":
             remote = failure if failure is not None else _Remote(payload[0][1], payload[0][2])
             raise_failures(action, {self.coordinator_rank: remote}, local=failure)
@@ -109,14 +114,15 @@ class RankGroup:
         if dist.get_backend(self.group) == "nccl":
             device = f"cuda:{torch.cuda.current_device()}"
         t = torch.tensor([1 if f else 0 for f in flags], dtype=torch.int32, device=device)
-        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.group)
+        with typed_transport_errors("sharing per-rank flags (preemption, save interval)"):
+            dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.group)
         return [bool(x) for x in t.tolist()]
 
 
 _checkpoint_groups: dict[Any, Any] = {}
 
 
-def checkpoint_group(process_group: Any, timeout_s: float) -> Any:
+def checkpoint_group(process_group: Any, timeout_s: float, purpose: str = "save") -> Any:
     """The group a save or load talks over. Collective on first use.
 
     For the whole world (``process_group`` None or spanning every rank): a gloo group
@@ -128,7 +134,7 @@ def checkpoint_group(process_group: Any, timeout_s: float) -> Any:
     whole_world = process_group is None or dist.get_world_size(process_group) == dist.get_world_size()
     if not whole_world:
         return process_group
-    key = float(timeout_s)
+    key = (purpose, float(timeout_s))
     if key not in _checkpoint_groups:
         try:
             _checkpoint_groups[key] = dist.new_group(backend="gloo", timeout=datetime.timedelta(seconds=timeout_s))
@@ -155,11 +161,61 @@ def arrive(group: Any, action: str, timeout_s: float) -> None:
     try:
         dist.monitored_barrier(group=group, timeout=datetime.timedelta(seconds=timeout_s), wait_all_ranks=True)
     except RuntimeError as e:
+        if is_lost_peer(e):
+            raise lost_peer_error(action, e) from e
         raise RankTimeoutError(
             f"{action}: not every rank arrived within {timeout_s:g} s ({e}). A rank that skipped the "
             "call, crashed, or is stuck holds everyone else; check the named ranks' logs. The "
             "checkpoint was not committed; earlier checkpoints are intact."
         ) from e
+
+
+_LOST_PEER_MARKERS = ("connection closed by peer", "connection reset by peer", "broken pipe", "connection refused")
+_TIMEOUT_MARKERS = ("timed out", "timeout")
+
+
+def is_lost_peer(e: BaseException) -> bool:
+    """Whether ``e`` is the transport's report that another rank's process went away."""
+    text = str(e).lower()
+    return isinstance(e, (RuntimeError, ConnectionError)) and any(m in text for m in _LOST_PEER_MARKERS)
+
+
+def lost_peer_error(action: str, e: BaseException) -> RankFailureError:
+    return RankFailureError(
+        f"{action}: lost the connection to another rank ({str(e).splitlines()[0][:300]}). That rank's "
+        "process crashed or was killed; its own log says why. Whatever was not committed before is "
+        "not committed now (a step exists only with its manifest: check `shardckpt ls`); restart "
+        "the job, and it resumes from the newest committed checkpoint."
+    )
+
+
+@contextlib.contextmanager
+def typed_transport_errors(action: str, *, timeouts: bool = True) -> Iterator[None]:
+    """Turn the process group's raw RuntimeError into a typed one: a peer that died ->
+    RankFailureError, a collective that timed out -> RankTimeoutError (unless
+    ``timeouts=False``: the caller has a better message). ShardckptErrors and anything
+    else pass through unchanged."""
+    try:
+        yield
+    except ShardckptError:
+        raise
+    except (RuntimeError, ConnectionError) as e:
+        if is_lost_peer(e):
+            raise lost_peer_error(action, e) from e
+        if timeouts and isinstance(e, RuntimeError) and any(m in str(e).lower() for m in _TIMEOUT_MARKERS):
+            raise RankTimeoutError(
+                f"{action}: a collective timed out ({str(e).splitlines()[0][:300]}). A rank that "
+                "skipped the call, crashed, or is stuck holds everyone else; check the other ranks' logs."
+            ) from e
+        raise
+
+
+def _raise_alone(action: str, failure: Exception) -> NoReturn:
+    """Without a process group: an OSError from storage becomes the StorageError (errno
+    kept) that several ranks would raise; anything else is raised as it is."""
+    if isinstance(failure, OSError) and not isinstance(failure, ShardckptError):
+        raise_failures(action, {0: failure}, local=failure)
+    raise failure
 
 
 class _Remote(Exception):
@@ -205,7 +261,7 @@ def translated_failures(action: str) -> Iterator[None]:
     intent" is single-process: for shardckpt that is a documented, supported mode.
     """
     try:
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), typed_transport_errors(action, timeouts=False):
             warnings.filterwarnings("ignore", message=r"torch\.distributed is .*assuming the intent")
             yield
     except CheckpointException as e:

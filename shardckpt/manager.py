@@ -21,7 +21,7 @@ from types import FrameType
 from typing import Any
 
 from shardckpt import layout, ownership
-from shardckpt.collective import RankGroup
+from shardckpt.collective import RankGroup, checkpoint_group
 from shardckpt.errors import CheckpointNotFoundError, IntegrityError, ManifestError, ShardckptError
 from shardckpt.loading import load, read_manifest
 from shardckpt.manifest import Manifest
@@ -54,6 +54,9 @@ class CheckpointManager:
     Not thread-safe. ``read_only=True`` opens a root for ``restore``/listing only:
     no owner record, no cleanup, and ``save`` refuses. ``max_staging_bytes`` bounds
     the host memory of ``async_save=True`` saves per rank (see ``shardckpt.async_save``).
+    ``timeout_s`` bounds every wait for other ranks, in saves, restores and the
+    manager's own agreements (opening, listing, retention): a rank that does not arrive
+    makes the others raise RankTimeoutError; a rank whose process died, RankFailureError.
     """
 
     def __init__(
@@ -100,6 +103,8 @@ class CheckpointManager:
         self._io: dict[str, Any] = {} if num_io_threads is None else {"num_io_threads": num_io_threads}
         self._io["timeout_s"] = timeout_s
         self._group = RankGroup.current(process_group)
+        self._agreements: RankGroup | None = None  # see _ranks()
+        self._timeout_s = timeout_s
         self._storage = open_storage(self.root, storage_options)
         self._metrics: dict[int, dict[str, Any]] = {}
         self._last_save_time = time.monotonic()
@@ -108,7 +113,7 @@ class CheckpointManager:
         self._owner = ownership.OwnerRecord.for_this_process()
         self._previous_sigterm: Any = None
         if not read_only:
-            self._group.decide(f"opening {self.root}", lambda: self._start(takeover, stale_owner_after_s))
+            self._ranks().decide(f"opening {self.root}", lambda: self._start(takeover, stale_owner_after_s))
         if save_on_preemption:
             self._install_sigterm_handler()
 
@@ -175,7 +180,7 @@ class CheckpointManager:
         """
         self._check_open()
         self.wait()
-        candidates = self._group.decide(f"listing {self.root}", lambda: self._restore_candidates(step))
+        candidates = self._ranks().decide(f"listing {self.root}", lambda: self._restore_candidates(step))
         for i, s in enumerate(candidates):
             try:
                 load_step(s)
@@ -242,7 +247,7 @@ class CheckpointManager:
             self._apply_retention()
             ownership.write(self._storage, _refreshed(self._owner))
 
-        self._group.decide(f"retention under {self.root}", retain)
+        self._ranks().decide(f"retention under {self.root}", retain)
 
     def _shared_flags(self) -> tuple[bool, bool]:
         needs_collective = self.save_interval_s is not None or self._previous_sigterm is not None
@@ -253,7 +258,7 @@ class CheckpointManager:
         )
         if not needs_collective:
             return self._preempted, bool(time_due)
-        preempted, time_due = self._group.any_true([self._preempted, bool(time_due)])
+        preempted, time_due = self._ranks().any_true([self._preempted, bool(time_due)])
         return preempted, time_due
 
     def _apply_retention(self) -> None:
@@ -330,6 +335,19 @@ class CheckpointManager:
     def _check_open(self) -> None:
         if self._closed:
             raise ShardckptError(f"{self.root}: this CheckpointManager is closed")
+
+    def _ranks(self) -> RankGroup:
+        """The group the manager's own agreements run on: a gloo group with ``timeout_s``
+        (so a rank that never opens the manager, or never reaches retention, makes the
+        others raise RankTimeoutError instead of waiting for the training group's
+        timeout), separate from the one an async save uses in the background. Created
+        on first use, which every rank reaches at the same call."""
+        if self._agreements is None:
+            group = self._group
+            if group.is_distributed:
+                group = RankGroup.current(checkpoint_group(self._process_group, self._timeout_s, purpose="manager"))
+            self._agreements = group
+        return self._agreements
 
     def _step_storage(self, step: int) -> Storage:
         return self._storage.child(layout.step_dir_name(step))

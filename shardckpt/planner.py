@@ -72,6 +72,7 @@ class SavePlanner(DefaultSavePlanner):
 
     def _create_global_plan(self, all_plans: list[SavePlan]) -> tuple[list[SavePlan], Any]:
         _check_values_agree([p.planner_data.value_digests for p in all_plans])
+        _check_tensors_agree(all_plans)
         plans = [dataclasses.replace(p, planner_data=p.planner_data.mappings) for p in all_plans]
         return super()._create_global_plan(plans)
 
@@ -123,6 +124,27 @@ def _check_values_agree(digests_by_rank: list[dict[str, str]]) -> None:
                 f"key {fqn!r}: non-tensor value differs across ranks ({groups} hold different values). "
                 "Non-tensor values are saved once for the whole job. Save per-rank values under "
                 "rank-specific keys (e.g. f'rng.rank{rank}') or make them equal on every rank."
+            )
+
+
+def _check_tensors_agree(all_plans: list[SavePlan]) -> None:
+    """Every rank holding a key must agree on its global shape and dtype. A plain tensor
+    on several ranks is taken as replicated and written by one of them, so a rank whose
+    copy differs would otherwise be dropped without a word."""
+    seen: dict[str, dict[tuple[Any, ...], list[int]]] = defaultdict(lambda: defaultdict(list))
+    for rank, plan in enumerate(all_plans):
+        for item in plan.items:
+            if item.tensor_data is not None:
+                variant = (tuple(item.tensor_data.size), str(item.tensor_data.properties.dtype).removeprefix("torch."))
+                if rank not in seen[item.index.fqn][variant]:
+                    seen[item.index.fqn][variant].append(rank)
+    for fqn, variants in sorted(seen.items()):
+        if len(variants) > 1:
+            groups = "; ".join(f"ranks {ranks} hold shape {list(shape)} {dtype}" for (shape, dtype), ranks in variants.items())
+            raise UnsupportedValueError(
+                f"key {fqn!r}: the tensor differs in shape or dtype across ranks ({groups}). A plain tensor "
+                "present on several ranks is saved once, as a replicated tensor. Make it equal on every "
+                "rank, save per-rank tensors under rank-specific keys, or make it a DTensor."
             )
 
 

@@ -110,7 +110,7 @@ def persist(
         # the barrier's error says which ranks were missing.
         if timeouts:
             raise timeouts[0] from e
-        if isinstance(e, RankTimeoutError) or "timeout" not in str(e).lower():
+        if isinstance(e, RankTimeoutError) or not any(m in str(e).lower() for m in ("timeout", "timed out")):
             raise
         raise RankTimeoutError(f"save to {path}: a collective timed out after {timeout_s:g} s ({e})") from e
     finally:

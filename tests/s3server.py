@@ -193,8 +193,12 @@ class FaultProxy:
     whole request first, as S3 does, so a refused upload leaves nothing on the server;
     with ``forward_failed`` a failing request is carried out first and only its answer
     is lost (the server did the work, the client sees an error).
+    ``fail`` may also return a fault of its own: a ``(status, code)`` pair, or
+    ``"drop"`` (close the connection without an answer, the server saw nothing) or
+    ``"drop-after"`` (forward, then close without an answer: the work was done).
     ``requests`` and ``faults`` count what went through; ``log`` keeps (method, path,
-    injected status or 0) and ``copies`` whether each request was a server-side copy.
+    injected status, -1 for a drop, or 0) and ``copies`` whether each request was a
+    server-side copy.
     """
 
     def __init__(
@@ -225,14 +229,19 @@ class FaultProxy:
         self._thread = threading.Thread(target=self._server.serve_forever, name="fault-proxy", daemon=True)
         self._thread.start()
 
-    def _should_fail(self, method: str, path: str) -> bool:
+    def _should_fail(self, method: str, path: str) -> Any:
+        """False, or the fault: (status, code), "drop" or "drop-after"."""
         with self._lock:
             n = next(self._counter)
             self.requests += 1
-            failed = bool(self.fail(n, method, path))
+            verdict = self.fail(n, method, path)
+            if verdict is True:
+                verdict = (self.status, self.code)
+            failed = bool(verdict)
             self.faults += failed
-            self.log.append((method, path, self.status if failed else 0))
-            return failed
+            status = 0 if not failed else -1 if isinstance(verdict, str) else verdict[0]
+            self.log.append((method, path, status))
+            return verdict if failed else False
 
     def _handler_class(self) -> type[BaseHTTPRequestHandler]:
         proxy = self
@@ -250,14 +259,21 @@ class FaultProxy:
             def _relay(self) -> None:
                 body = self._body()
                 proxy.copies.append("x-amz-copy-source" in (k.lower() for k in self.headers))
-                if proxy._should_fail(self.command, self.path):
+                fault = proxy._should_fail(self.command, self.path)
+                if fault in ("drop", "drop-after"):
+                    if fault == "drop-after":
+                        self._forward(body)
+                    self.close_connection = True  # no answer at all: the client sees the socket close
+                    return
+                if fault:
+                    status, code = fault
                     if proxy.forward_failed:
                         self._forward(body)
                     payload = (
-                        f'<?xml version="1.0" encoding="UTF-8"?><Error><Code>{proxy.code}</Code>'
+                        f'<?xml version="1.0" encoding="UTF-8"?><Error><Code>{code}</Code>'
                         f"<Message>injected fault</Message><RequestId>fault</RequestId></Error>"
                     ).encode()
-                    self.send_response(proxy.status)
+                    self.send_response(status)
                     self.send_header("Content-Type", "application/xml")
                     self.send_header("Content-Length", str(len(payload)))
                     self.end_headers()

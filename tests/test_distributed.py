@@ -225,3 +225,101 @@ def _rank_1_stuck_writing(rank: int, world: int, path: str) -> None:
 def test_a_rank_stuck_writing_is_named_and_nothing_commits(tmp_path):
     run_ranks(_rank_1_stuck_writing, 2, str(tmp_path / "ckpt"))
     assert not os.path.exists(tmp_path / "ckpt" / "manifest.json")
+
+
+def _mismatched_tensor(rank: int, world: int, path: str, case: str) -> None:
+    import time
+
+    if case == "shape":
+        sd = {"w": torch.ones(4 + rank), "b": torch.zeros(2)}
+    else:
+        sd = {"w": torch.ones(4, dtype=torch.float32 if rank == 0 else torch.float64), "b": torch.zeros(2)}
+    t0 = time.monotonic()
+    with pytest.raises(shardckpt.UnsupportedValueError) as info:
+        shardckpt.save(sd, path, timeout_s=5)
+    assert time.monotonic() - t0 < 5
+    msg = str(info.value)
+    assert "key 'w'" in msg and "ranks [0] hold shape [4] float32" in msg, msg
+    assert ("ranks [1] hold shape [5] float32" if case == "shape" else "ranks [1] hold shape [4] float64") in msg, msg
+
+
+@pytest.mark.parametrize("case", ["shape", "dtype"])
+def test_a_key_whose_shape_or_dtype_differs_across_ranks_is_refused_on_every_rank(tmp_path, case):
+    """Before: rank 0's copy was saved and rank 1's dropped without a word (DCP dedups by key)."""
+    path = str(tmp_path / "ckpt")
+    run_ranks(_mismatched_tensor, 2, path, case)
+    assert not os.path.exists(os.path.join(path, "manifest.json"))
+
+
+def _key_on_one_rank_only(rank: int, world: int, path: str) -> None:
+    sd = {"w": torch.arange(4.0)}
+    if rank == 1:
+        sd["stage1.w"] = torch.full((3,), 7.0)  # e.g. a pipeline stage only rank 1 holds
+    shardckpt.save(sd, path, timeout_s=5)
+    target = {"w": torch.zeros(4)} | ({"stage1.w": torch.zeros(3)} if rank == 1 else {})
+    with pytest.raises(shardckpt.StateDictMismatchError) as info:
+        shardckpt.load(target, path, timeout_s=5)  # strict: rank 0's target lacks stage1.w
+    assert "rank 0" in str(info.value) and "'stage1.w'" in str(info.value), str(info.value)
+    shardckpt.load(target, path, strict=False, timeout_s=5)
+    assert torch.equal(target["w"], torch.arange(4.0))
+    if rank == 1:
+        assert torch.equal(target["stage1.w"], torch.full((3,), 7.0))
+
+
+def test_keys_held_by_one_rank_only_are_saved_and_a_strict_load_names_the_rank(tmp_path):
+    path = str(tmp_path / "ckpt")
+    run_ranks(_key_on_one_rank_only, 2, path)
+    manifest = json.loads(open(os.path.join(path, "manifest.json")).read())
+    assert sorted(manifest["tensors"]) == ["stage1.w", "w"]
+    file_of = manifest["tensors"]["stage1.w"]["chunks"][0]["file"]
+    assert manifest["files"][file_of]["rank"] == 1
+
+
+def _coordinator_stuck_at_commit(rank: int, world: int, path: str) -> None:
+    import time
+
+    import shardckpt.saving
+    from shardckpt.storage.local import LocalStorage
+
+    class StuckCommit(LocalStorage):  # rank 0's storage hangs on the manifest write
+        def write_atomic(self, name: str, data: bytes) -> None:
+            if name.endswith("manifest.json"):
+                time.sleep(10)
+            super().write_atomic(name, data)
+
+    if rank == 0:
+        shardckpt.saving.open_storage = lambda url, options=None: StuckCommit(url)
+    t0 = time.monotonic()
+    try:
+        shardckpt.save({"w": torch.full((4,), float(rank)), f"r{rank}": torch.ones(3)}, path, timeout_s=3)
+        outcome = None
+    except shardckpt.ShardckptError as e:
+        outcome = e
+    if rank == 1:
+        assert isinstance(outcome, shardckpt.RankTimeoutError), repr(outcome)
+        assert time.monotonic() - t0 < 9, "rank 1 waited for the stuck coordinator instead of timing out"
+        assert "not committed" not in str(outcome), "the commit may still land; the message must not deny it"
+    time.sleep(12 if rank == 1 else 0)  # let rank 0 finish its stuck write before the harness barrier
+
+
+def test_a_coordinator_stuck_at_the_commit_makes_the_others_raise_not_hang(tmp_path):
+    run_ranks(_coordinator_stuck_at_commit, 2, str(tmp_path / "ckpt"))
+
+
+def _rank_1_never_opens_the_manager(rank: int, world: int, root: str) -> None:
+    import time
+
+    if rank == 1:
+        time.sleep(10)  # never constructs the manager; alive past the others' timeout
+        return
+    t0 = time.monotonic()
+    with pytest.raises(shardckpt.RankTimeoutError) as info:
+        shardckpt.CheckpointManager(root, keep_last=2, timeout_s=3)
+    # Before: the manager's agreements ran on the training group, bounded only by its
+    # timeout (30 min by default); now they run on a gloo group bounded by timeout_s.
+    assert time.monotonic() - t0 < 9, "waited for the absent rank instead of timing out"
+    assert "within 3 s" in str(info.value), str(info.value)
+
+
+def test_a_rank_that_never_opens_the_manager_is_a_timeout_not_a_hang(tmp_path):
+    run_ranks(_rank_1_never_opens_the_manager, 2, str(tmp_path / "root"))

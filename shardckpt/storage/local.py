@@ -11,6 +11,14 @@ from shardckpt.storage.base import Storage
 _READ_PIECE_BYTES = 64 * 1024 * 1024
 
 
+def _named(e: OSError, path: str) -> OSError:
+    """``e`` with the file it is about: a write() or fsync() error carries no name, and
+    "[Errno 28] No space left on device" alone does not say where."""
+    if e.filename is None:
+        e.filename = path
+    return e
+
+
 class _LocalWriteStream:
     def __init__(self, path: str) -> None:
         self._path = path
@@ -19,13 +27,18 @@ class _LocalWriteStream:
 
     def write(self, data: memoryview | bytes) -> None:
         view = memoryview(data)
-        while view:
-            n = self._f.write(view)
-            view = view[n:]
+        try:
+            while view:
+                n = self._f.write(view)
+                view = view[n:]
+        except OSError as e:
+            raise _named(e, self._path)
 
     def finish(self) -> None:
         try:
             os.fsync(self._f.fileno())
+        except OSError as e:
+            raise _named(e, self._path)
         finally:
             self._f.close()
 
@@ -90,9 +103,11 @@ class LocalStorage(Storage):
                 f.flush()
                 os.fsync(f.fileno())
             os.replace(tmp, path)
-        except BaseException:
+        except BaseException as e:
             if os.path.exists(tmp):
                 os.unlink(tmp)
+            if isinstance(e, OSError):
+                raise _named(e, path)
             raise
         self._fsync_dir(folder)
 

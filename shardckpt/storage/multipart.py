@@ -12,6 +12,10 @@ assembly). A larger object uploads that buffer as part 1, then parts of ``part_b
 doubling every 1,000 parts (S3 allows 10,000 parts per object), so a 16 MiB part size
 still reaches objects of many TiB. ``finish`` completes the upload (the object appears
 whole, at once); ``abort`` aborts it, so S3 drops every part and no object appears.
+Both then abort any other unfinished upload of the same key: a CreateMultipartUpload
+whose answer was lost and that botocore retried started an upload whose id we never
+learnt, and its parts would be billed until a lifecycle rule removed them (seen in the
+S3 soak test). Data-file keys are unique per save, so no other writer owns one.
 
 Each request goes through ``call`` (the storage's retry policy and error translation;
 see :mod:`shardckpt.storage.retry` for what botocore and s3fs retry underneath).
@@ -112,6 +116,7 @@ class MultipartUpload:
                 if not self._is_complete():
                     raise
             self._upload_id = None
+            self._abort_strays(upload_id)
         finally:
             if self._upload_id is not None:
                 self.abort()
@@ -135,7 +140,26 @@ class MultipartUpload:
                 ))
             except Exception as e:  # noqa: BLE001 - logged: the caller is already raising the real error
                 log.warning("shardckpt: could not abort the multipart upload of s3://%s/%s: %s", self._bucket, self._key, e)
+            self._abort_strays(upload_id)
         self._release()
+
+    def _abort_strays(self, ours: str) -> None:
+        """Abort every unfinished upload of this key but ``ours`` (see the module doc).
+        Never raises: a stray left behind costs storage, not correctness, so a failure
+        here is logged rather than failing a save whose object is complete."""
+        try:
+            listing = self._call("list the unfinished uploads of", lambda: self._fs.call_s3(
+                "list_multipart_uploads", Bucket=self._bucket, Prefix=self._key,
+            ))
+            for upload in listing.get("Uploads", []):
+                stray = str(upload.get("UploadId"))
+                if upload.get("Key") == self._key and stray != ours:
+                    log.info("shardckpt: aborting stray multipart upload %s of s3://%s/%s", stray, self._bucket, self._key)
+                    self._call("abort a stray upload of", lambda stray=stray: self._fs.call_s3(
+                        "abort_multipart_upload", Bucket=self._bucket, Key=self._key, UploadId=stray,
+                    ))
+        except Exception as e:  # noqa: BLE001 - logged, see above
+            log.warning("shardckpt: could not clean up stray multipart uploads of s3://%s/%s: %s", self._bucket, self._key, e)
 
     # ----------------------------------------------------------------- internals
 
