@@ -151,17 +151,20 @@ class MultipartUpload:
             listing = self._call("list the unfinished uploads of", lambda: self._fs.call_s3(
                 "list_multipart_uploads", Bucket=self._bucket, Prefix=self._key,
             ))
-            for upload in listing.get("Uploads", []):
-                stray = str(upload.get("UploadId"))
-                if upload.get("Key") == self._key and stray != ours:
-                    log.info("shardckpt: aborting stray multipart upload %s of s3://%s/%s", stray, self._bucket, self._key)
-                    self._call("abort a stray upload of", lambda stray=stray: self._fs.call_s3(
-                        "abort_multipart_upload", Bucket=self._bucket, Key=self._key, UploadId=stray,
-                    ))
+            strays = [str(u.get("UploadId")) for u in listing.get("Uploads", [])
+                      if u.get("Key") == self._key and str(u.get("UploadId")) != ours]
+            for stray in strays:
+                log.info("shardckpt: aborting stray multipart upload %s of s3://%s/%s", stray, self._bucket, self._key)
+                self._abort_one(stray)
         except Exception as e:  # noqa: BLE001 - logged, see above
             log.warning("shardckpt: could not clean up stray multipart uploads of s3://%s/%s: %s", self._bucket, self._key, e)
 
     # ----------------------------------------------------------------- internals
+
+    def _abort_one(self, upload_id: str) -> None:
+        self._call("abort a stray upload of", lambda: self._fs.call_s3(
+            "abort_multipart_upload", Bucket=self._bucket, Key=self._key, UploadId=upload_id,
+        ))
 
     def _send_full_part(self) -> None:
         if self._upload_id is None:
