@@ -78,7 +78,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--seed", type=int, default=0, help="seed of the shuffled orders")
     ap.add_argument("--out", default=common.RESULTS_DIR, help="folder of the results JSON")
     ap.add_argument("--name", default=None, help="results file name (default suite or suite_quick)")
-    ap.add_argument("--plots-dir", default=DEFAULT_DOCS_IMG, help="folder of the PNG plots ('none': no plots)")
+    ap.add_argument("--plots-dir", default=None,
+                    help="folder of the PNG plots, 'none' for no plots (default docs/img; quick: a temp folder)")
     ap.add_argument("--wait-quiet", type=float, default=None, metavar="SECONDS",
                     help="first wait up to this long for a 1-min load average < 0.8 (default 60; quick 0)")
     args = ap.parse_args(argv)
@@ -94,6 +95,7 @@ def resolve_defaults(args: argparse.Namespace) -> argparse.Namespace:
     args.repeats = args.repeats or (1 if q else 5)
     args.name = args.name or ("suite_quick" if q else "suite")
     args.wait_quiet = (0.0 if q else 60.0) if args.wait_quiet is None else args.wait_quiet
+    args.plots_dir = args.plots_dir or (os.path.join(tempfile.gettempdir(), "shardckpt-suite-quick") if q else DEFAULT_DOCS_IMG)
     if "://" in args.dir and not args.dir.startswith("file://"):
         raise SystemExit(f"--dir {args.dir}: the suite measures a local disk (dd, fsync, page-cache eviction); "
                          "for object stores run benchmarks/s3.py")
