@@ -248,15 +248,26 @@ def measure(params: list[Param], ranks: int) -> dict[str, Any]:
     import torch
     from torch.distributed.checkpoint.metadata import TensorProperties
 
-    from shardckpt import integrity, manifest, writer
-
     ours_cls, dcp_cls = planner_classes()
     props = TensorProperties(dtype=torch.float32)
     values, paths = json_values(params), tensor_paths(params)
     items, t_items = timed(lambda: [rank_tensor_items(params, r, ranks, props) for r in range(ranks)])
-    sec: dict[str, float] = {"write_items": t_items}
-    size: dict[str, int] = {}
-    (plans, planner), t = timed(lambda: local_plans(ours_cls, items, values, paths))
+    ours = measure_ours(ours_cls, items, values, paths)
+    gc.collect()
+    dcp = measure_dcp(dcp_cls, items, values, paths)
+    return {"ranks": ranks, "seconds": {"write_items": t_items, **ours["seconds"], **dcp["seconds"]},
+            "bytes": {**ours["bytes"], **dcp["bytes"]}, "counts": ours["counts"],
+            "bytes_per_rank_max_over_mean": {"ours": ours["imbalance"], "dcp": dcp["imbalance"]},
+            "peak_rss_gib": common.peak_rss_bytes() / 2**30}
+
+
+def measure_ours(cls: type, items: list[list[Any]], values: dict[str, Any], paths: dict[str, Any]) -> dict[str, Any]:
+    """Our local plans, global plan, manifest (build, JSON, parse)."""
+    from shardckpt import integrity, manifest, writer
+
+    ranks = len(items)
+    sec: dict[str, float] = {}
+    (plans, planner), t = timed(lambda: local_plans(cls, items, values, paths))
     sec["local_plan_per_rank_ours"] = t / ranks
     (gplans, md), sec["global_plan_ours"] = timed(lambda: planner._create_global_plan(plans))
     results = synthetic_results(gplans, planner, integrity.DEFAULT_BLOCK_BYTES)
@@ -264,23 +275,23 @@ def measure(params: list[Param], ranks: int) -> dict[str, Any]:
     m, sec["build_manifest"] = timed(lambda: writer.build_manifest(md, results, layout_, integrity.DEFAULT_BLOCK_BYTES))
     text, sec["manifest_to_json"] = timed(lambda: manifest.manifest_to_json(m))
     _, sec["parse_manifest"] = timed(lambda: manifest.parse_manifest(text, source="simulated"))
-    size["manifest_json"] = len(text)
     counts = {"items": sum(len(p.items) for p in plans), "chunks": sum(len(t.chunks) for t in m.tensors.values()),
               "tensors": len(m.tensors), "values": len(m.values)}
-    written_bytes = [sum(chunk_bytes(it) for it in p.items) for p in gplans]
-    del plans, planner, gplans, md, results, m, text
-    gc.collect()
-    (plans, planner), t = timed(lambda: local_plans(dcp_cls, items, values, paths))
-    sec["local_plan_per_rank_dcp"] = t / ranks
+    return {"seconds": sec, "bytes": {"manifest_json": len(text)}, "counts": counts,
+            "imbalance": _imbalance([sum(chunk_bytes(it) for it in p.items) for p in gplans])}
+
+
+def measure_dcp(cls: type, items: list[list[Any]], values: dict[str, Any], paths: dict[str, Any]) -> dict[str, Any]:
+    """DCP's local plans, global plan, and its pickled .metadata (dump and load)."""
+    sec: dict[str, float] = {}
+    (plans, planner), t = timed(lambda: local_plans(cls, items, values, paths))
+    sec["local_plan_per_rank_dcp"] = t / len(items)
     (gplans, md), sec["global_plan_dcp"] = timed(lambda: planner._create_global_plan(plans))
     md.storage_data = dcp_storage_data(gplans)
     blob, sec["metadata_pickle_dcp"] = timed(lambda: pickle.dumps(md, protocol=pickle.HIGHEST_PROTOCOL))
     _, sec["metadata_unpickle_dcp"] = timed(lambda: pickle.loads(blob))
-    size["dcp_metadata_pickle"] = len(blob)
-    dcp_bytes = [sum(chunk_bytes(it) for it in p.items) for p in gplans]
-    return {"ranks": ranks, "seconds": sec, "bytes": size, "counts": counts,
-            "bytes_per_rank_max_over_mean": {"ours": _imbalance(written_bytes), "dcp": _imbalance(dcp_bytes)},
-            "peak_rss_gib": common.peak_rss_bytes() / 2**30}
+    return {"seconds": sec, "bytes": {"dcp_metadata_pickle": len(blob)},
+            "imbalance": _imbalance([sum(chunk_bytes(it) for it in p.items) for p in gplans])}
 
 
 def _imbalance(per_rank: list[int]) -> float:

@@ -60,7 +60,7 @@ def _save_plot(plt: Any, sec: dict[str, Any], path: str) -> None:
 
 def _load_plot(plt: Any, load: dict[str, Any], path: str) -> None:
     worlds = list(load["by_load_world"])
-    systems = ["shardckpt", "shardckpt_AA", "dcp", "dd"]
+    systems = ["shardckpt", "shardckpt_AA", "shardckpt_noverify", "dcp", "dd"]
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.2))
     width = 0.8 / len(systems)
     for i, name in enumerate(systems):

@@ -53,7 +53,7 @@ SECTIONS = ["save", "checksum", "load", "scaling", "async"]
 SAVE_SYSTEMS = ["dd", "dd_x4", "raw", "shardckpt", "shardckpt_AA", "torch_save", "safetensors", "dcp", "dcp_t2", "dcp_t4"]
 DCP_VARIANTS = {"dcp": 1, "dcp_t2": 2, "dcp_t4": 4}  # system -> FileSystemWriter thread_count
 CHECKSUM_SYSTEMS = ["dd", "shardckpt", "shardckpt_nohash", "hash_only"]
-LOAD_SYSTEMS = ["shardckpt", "shardckpt_AA", "dcp", "dd"]
+LOAD_SYSTEMS = ["shardckpt", "shardckpt_AA", "shardckpt_noverify", "dcp", "dd"]  # noverify: load(verify=False)
 SCALING_SAVE = ["shardckpt", "dcp", "dd"]
 SCALING_LOAD = ["shardckpt", "dcp"]
 DEFAULT_DOCS_IMG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "docs", "img")
@@ -257,7 +257,7 @@ def run_main(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, Any]]:
     systems = [s for s in SAVE_SYSTEMS if "save" in args.sections]
     systems += [s for s in CHECKSUM_SYSTEMS if "checksum" in args.sections and s not in systems]
     load = "load" in args.sections
-    systems += [s for s in LOAD_SYSTEMS if load and s not in systems]
+    systems += [s for s in LOAD_SYSTEMS if load and s not in systems and s in save_load.LOAD_SOURCE.values()]
     worlds = load_worlds(args.main_world) if load else [args.main_world]
     layout_world = math.lcm(*worlds)
     job = run_job(args, args.main_world, args.main_mib, systems, LOAD_SYSTEMS if load else [], layout_world=layout_world)

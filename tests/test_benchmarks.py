@@ -56,8 +56,8 @@ def check_load_accounting(load: dict[str, Any]) -> None:
     assert load["save_world"] == 2 and set(load["by_load_world"]) == {"2", "1"}
     for world, p in load["by_load_world"].items():
         assert p["resharded"] is (world != "2")
-        assert all(p["verified"].values()) and set(p["verified"]) == {"shardckpt", "shardckpt_AA", "dcp"}
-        for name in ("shardckpt", "dcp"):
+        assert all(p["verified"].values()) and set(p["verified"]) == {"shardckpt", "shardckpt_AA", "shardckpt_noverify", "dcp"}
+        for name in ("shardckpt", "shardckpt_noverify", "dcp"):
             s = p["systems"][name]
             needed = s["bytes_needed"]
             assert needed > 0
