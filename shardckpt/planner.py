@@ -21,7 +21,7 @@ from torch.distributed.checkpoint.planner import ReadItem, SavePlan, WriteItem, 
 from shardckpt import datafile, integrity
 from shardckpt.errors import UnsupportedValueError
 from shardckpt.values import decode_value, encode_value
-from shardckpt.staging import BoundedSource, StagedShard
+from shardckpt.staging import BoundedSource, StagedShard, item_bytes
 
 
 @dataclass(frozen=True)
@@ -164,7 +164,7 @@ def balance_replicated(all_plans: list[SavePlan]) -> list[SavePlan]:
     keep: list[set[MetadataIndex]] = [set() for _ in all_plans]
 
     def size(idx: MetadataIndex) -> int:
-        return items[idx].tensor_storage_size() or 1
+        return item_bytes(items[idx]) or 1
 
     for idx, ranks in holders.items():
         if len(ranks) == 1:

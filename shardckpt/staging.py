@@ -20,6 +20,7 @@ The caller then waits for the time it takes to write all but the last ``B`` byte
 from __future__ import annotations
 
 import json
+import math
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -194,7 +195,7 @@ class BoundedSource:
         with self._lock:
             self._lookup = lookup
             self._pending = {it.index: it for it in items if it.type != WriteItemType.BYTE_IO}
-            self._pending_bytes = sum(_item_bytes(it) for it in self._pending.values())
+            self._pending_bytes = sum(item_bytes(it) for it in self._pending.values())
             self._advance()
 
     def resolve(self, item: WriteItem, live: torch.Tensor) -> torch.Tensor:
@@ -203,9 +204,9 @@ class BoundedSource:
             if staged is not None:
                 return staged
             if self._pending.pop(item.index, None) is not None:
-                self._pending_bytes -= _item_bytes(item)
+                self._pending_bytes -= item_bytes(item)
             self._in_flight.add(item.index)
-            self.live_bytes += _item_bytes(item)
+            self.live_bytes += item_bytes(item)
             self._advance()
             return live
 
@@ -226,14 +227,14 @@ class BoundedSource:
     def _stage_tail(self) -> None:
         assert self._lookup is not None
         tail = list(self._pending.values())
-        sizes = [-(-_item_bytes(it) // _ALIGN) * _ALIGN for it in tail]
+        sizes = [-(-item_bytes(it) // _ALIGN) * _ALIGN for it in tail]
         sources = [self._lookup(it) for it in tail]
         pin = any(s.is_cuda for s in sources) and torch.cuda.is_available()
         arena = self._arena(sum(sizes), pin) if tail else None
         offset, synchronize = 0, False
         for it, size, src in zip(tail, sizes, sources):
             assert arena is not None
-            n = _item_bytes(it)
+            n = src.numel() * src.element_size()
             dst = arena[offset : offset + n].view(src.dtype).view(src.shape)
             dst.copy_(src, non_blocking=src.is_cuda and pin)
             synchronize |= src.is_cuda
@@ -247,5 +248,9 @@ class BoundedSource:
         self._tail_staged = True
 
 
-def _item_bytes(item: WriteItem) -> int:
-    return item.tensor_storage_size() or 0
+def item_bytes(item: WriteItem) -> int:
+    """Bytes this item writes: its chunk's, not the whole tensor's (DCP's
+    ``WriteItem.tensor_storage_size()`` is the whole tensor's, for every shard)."""
+    if item.tensor_data is None:
+        return 0
+    return math.prod(item.tensor_data.chunk.sizes) * torch._utils._element_size(item.tensor_data.properties.dtype)

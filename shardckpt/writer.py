@@ -35,6 +35,7 @@ from torch.distributed.checkpoint.storage import StorageWriter, WriteResult
 from shardckpt import __version__, datafile, integrity, layout
 from shardckpt.errors import CheckpointExistsError, UnsupportedValueError
 from shardckpt.manifest import FORMAT_VERSION, ChunkRecord, FileRecord, Manifest, TensorRecord, manifest_to_json
+from shardckpt.staging import item_bytes
 from shardckpt.storage import Storage
 
 
@@ -174,10 +175,10 @@ def _split_by_bytes(items: list[WriteItem], n: int) -> list[list[WriteItem]]:
     """Up to ``n`` non-empty buckets of roughly equal byte counts (largest item first)."""
     buckets: list[list[WriteItem]] = [[] for _ in range(min(n, len(items)))]
     sizes = [0] * len(buckets)
-    for it in sorted(items, key=lambda i: -(i.tensor_storage_size() or 0)):
+    for it in sorted(items, key=lambda i: -item_bytes(i)):
         k = sizes.index(min(sizes))
         buckets[k].append(it)
-        sizes[k] += it.tensor_storage_size() or 0
+        sizes[k] += item_bytes(it)
     return [b for b in buckets if b]
 
 

@@ -223,6 +223,17 @@ def _bounded_ranks(rank: int, world: int, path: str) -> None:
     shardckpt.load(target, path)
     assert torch.equal(target["w"].full_tensor(), full) and torch.equal(target["bias"], bias)
     assert target["step"] == 4
+    # A shard's bytes are its chunk's, not the whole tensor's: the 128 KiB local shard of
+    # a 256 KiB tensor fits the tail of a 200 KiB budget next to a 300 KiB replicated tensor.
+    sd = {"w": distribute_tensor(full.clone(), mesh, [Shard(0)]), "x": torch.arange(75_000.0)}
+    handle = shardckpt.async_save(sd, path + "-tail", max_staging_bytes=200 * 1024, num_io_threads=1)
+    assert saving.staging_stats()["bounded_staged_bytes"] == 128 * 1024  # the shard, on both ranks
+    sd["w"].to_local().zero_()
+    sd["x"].zero_()
+    handle.wait()
+    target = {"w": distribute_tensor(torch.zeros(64, 1024), mesh, [Shard(0)]), "x": torch.zeros(75_000)}
+    shardckpt.load(target, path + "-tail")
+    assert torch.equal(target["w"].full_tensor(), full) and torch.equal(target["x"], torch.arange(75_000.0))
 
 
 def test_bounded_async_on_ranks_with_dtensors(tmp_path):
