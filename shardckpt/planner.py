@@ -10,16 +10,18 @@ from __future__ import annotations
 import dataclasses
 import io
 import json
-from collections import defaultdict
+import math
+from collections import ChainMap, defaultdict
 from dataclasses import dataclass
 from typing import Any
 
-from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner, DefaultSavePlanner
-from torch.distributed.checkpoint.metadata import MetadataIndex
+from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner, DefaultSavePlanner, create_default_global_save_plan
+from torch.distributed.checkpoint.metadata import Metadata, MetadataIndex, TensorStorageMetadata
 from torch.distributed.checkpoint.planner import ReadItem, SavePlan, WriteItem, WriteItemType
 
 from shardckpt import datafile, integrity
 from shardckpt.errors import UnsupportedValueError
+from shardckpt.manifest import first_overlap
 from shardckpt.values import decode_value, encode_value
 from shardckpt.staging import BoundedSource, StagedShard, item_bytes
 
@@ -74,7 +76,14 @@ class SavePlanner(DefaultSavePlanner):
         _check_values_agree([p.planner_data.value_digests for p in all_plans])
         _check_tensors_agree(all_plans)
         plans = [dataclasses.replace(p, planner_data=p.planner_data.mappings) for p in all_plans]
-        return super()._create_global_plan(plans)
+        # DCP's own _create_global_plan, with our validation instead of its
+        # _validate_global_plan, which compares every pair of chunks of a tensor split
+        # along a dimension other than its largest (minutes at thousands of ranks).
+        global_plan, metadata = create_default_global_save_plan(self._dedup_save_plans(plans))
+        merged = dict(ChainMap(*[p.planner_data for p in global_plan]))
+        metadata = dataclasses.replace(metadata, planner_data=merged)
+        _check_tiling(metadata)
+        return global_plan, metadata
 
     def _dedup_save_plans(self, all_plans: list[SavePlan]) -> list[SavePlan]:
         return balance_replicated(all_plans)
@@ -145,6 +154,29 @@ def _check_tensors_agree(all_plans: list[SavePlan]) -> None:
                 f"key {fqn!r}: the tensor differs in shape or dtype across ranks ({groups}). A plain tensor "
                 "present on several ranks is saved once, as a replicated tensor. Make it equal on every "
                 "rank, save per-rank tensors under rank-specific keys, or make it a DTensor."
+            )
+
+
+def _check_tiling(metadata: Metadata) -> None:
+    """Every tensor's chunks lie inside it, do not overlap and cover it exactly."""
+    for fqn, md in metadata.state_dict_metadata.items():
+        if not isinstance(md, TensorStorageMetadata) or len(md.size) == 0:
+            continue
+        boxes = [(tuple(c.offsets), tuple(c.sizes)) for c in md.chunks]
+        for off, size in boxes:
+            if any(o < 0 or n < 0 or o + n > dim for o, n, dim in zip(off, size, md.size)):
+                raise UnsupportedValueError(
+                    f"key {fqn!r}: a shard at offsets {list(off)} with sizes {list(size)} lies outside the "
+                    f"tensor's global shape {list(md.size)}; the DTensor's placements do not match its shape"
+                )
+        pair = first_overlap(boxes)
+        covered = sum(math.prod(size) for _, size in boxes)
+        if pair is not None or covered != math.prod(md.size):
+            what = (f"shards at {list(boxes[pair[0]][0])} and {list(boxes[pair[1]][0])} overlap" if pair
+                    else f"the shards hold {covered} elements, the tensor {math.prod(md.size)}")
+            raise UnsupportedValueError(
+                f"key {fqn!r}: the ranks' shards do not tile the global shape {list(md.size)} ({what}). "
+                "Every element must be saved by exactly one shard: check the DTensor placements on every rank."
             )
 
 

@@ -46,3 +46,42 @@ def test_io_threads_get_balanced_bytes():
     buckets = _split_by_bytes(items, 2)
     loads = sorted(sum(item_bytes(it) for it in b) for b in buckets)
     assert loads == [600 * 256 * 4, 900 * 256 * 4]  # {a} and {c, b}; whole-tensor weights would give {a, c} and {b}
+
+
+def _column_shards(n: int, rows: int = 100_000) -> list[tuple[tuple[int, int], tuple[int, int]]]:
+    return [((0, k * 4), (rows, 4)) for k in range(n)]  # split along dim 1, the smaller one
+
+
+def test_overlap_check_is_linear_for_shards_along_a_smaller_dimension():
+    import time
+
+    from shardckpt.manifest import first_overlap
+
+    boxes = _column_shards(20_000)
+    t0 = time.perf_counter()
+    assert first_overlap(boxes) is None
+    # every pair compared would be 2e8 comparisons (minutes); a sweep along dim 1 is ~1e5
+    assert time.perf_counter() - t0 < 5.0
+    boxes[7_000] = ((0, 7_000 * 4 - 2), (100_000, 4))  # now overlaps its left neighbour
+    assert first_overlap(boxes) == (6_999, 7_000)
+
+
+def test_global_plan_refuses_shards_that_do_not_tile_the_tensor():
+    import pytest
+    from torch.distributed.checkpoint.metadata import Metadata, TensorStorageMetadata
+
+    from shardckpt.errors import UnsupportedValueError
+    from shardckpt.planner import _check_tiling
+
+    def md(chunks: list[tuple[int, int]]) -> Metadata:
+        return Metadata({"w": TensorStorageMetadata(
+            TensorProperties(dtype=torch.float32), torch.Size([10, 4]),
+            [ChunkStorageMetadata(torch.Size([o, 0]), torch.Size([n, 4])) for o, n in chunks])})
+
+    _check_tiling(md([(0, 5), (5, 5)]))
+    with pytest.raises(UnsupportedValueError, match="overlap"):
+        _check_tiling(md([(0, 6), (5, 5)]))
+    with pytest.raises(UnsupportedValueError, match="hold 36 elements, the tensor 40"):
+        _check_tiling(md([(0, 4), (5, 5)]))
+    with pytest.raises(UnsupportedValueError, match="outside the tensor's global shape"):
+        _check_tiling(md([(0, 5), (5, 6)]))
