@@ -30,6 +30,7 @@ from torch.utils.data import DataLoader, TensorDataset  # noqa: E402
 
 import torch.multiprocessing as mp  # noqa: E402
 from distributed import _entry, free_port  # noqa: E402
+from test_lightning import BatchCounter  # noqa: E402  (the same callback: state under checkpoint["callbacks"])
 from shardckpt.errors import CheckpointNotFoundError, ShardckptError  # noqa: E402
 from shardckpt.lightning_strategy import ShardckptFSDPStrategy, ShardckptModelParallelStrategy  # noqa: E402
 
@@ -69,20 +70,6 @@ class ShardedNet(L.LightningModule):
     def configure_optimizers(self):
         opt = torch.optim.AdamW(self.parameters(), lr=self.hparams.lr, weight_decay=0.1)
         return {"optimizer": opt, "lr_scheduler": torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.9)}
-
-
-class BatchCounter(Callback):
-    def __init__(self) -> None:
-        self.batches = 0
-
-    def on_train_batch_end(self, *args, **kwargs) -> None:
-        self.batches += 1
-
-    def state_dict(self) -> dict:
-        return {"batches": self.batches}
-
-    def load_state_dict(self, state_dict: dict) -> None:
-        self.batches = state_dict["batches"]
 
 
 def run_forked(fn, world_size: int, *args) -> None:
