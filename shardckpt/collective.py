@@ -174,6 +174,11 @@ _LOST_PEER_MARKERS = ("connection closed by peer", "connection reset by peer", "
 _TIMEOUT_MARKERS = ("timed out", "timeout")
 
 
+def is_timeout(e: BaseException) -> bool:
+    """Whether ``e`` is the process group's report that a collective timed out."""
+    return isinstance(e, RuntimeError) and any(m in str(e).lower() for m in _TIMEOUT_MARKERS)
+
+
 def is_lost_peer(e: BaseException) -> bool:
     """Whether ``e`` is the transport's report that another rank's process went away."""
     text = str(e).lower()
@@ -202,7 +207,7 @@ def typed_transport_errors(action: str, *, timeouts: bool = True) -> Iterator[No
     except (RuntimeError, ConnectionError) as e:
         if is_lost_peer(e):
             raise lost_peer_error(action, e) from e
-        if timeouts and isinstance(e, RuntimeError) and any(m in str(e).lower() for m in _TIMEOUT_MARKERS):
+        if timeouts and is_timeout(e):
             raise RankTimeoutError(
                 f"{action}: a collective timed out ({str(e).splitlines()[0][:300]}). A rank that "
                 "skipped the call, crashed, or is stuck holds everyone else; check the other ranks' logs."

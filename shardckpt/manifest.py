@@ -315,7 +315,7 @@ def _check_disjoint(chunks: list[ChunkRecord], *, where: str) -> None:
         raise ManifestError(f"{where}: chunks at {list(boxes[a][0])} and {list(boxes[b][0])} overlap")
 
 
-def first_overlap(boxes: list[tuple[Sequence[int], Sequence[int]]]) -> tuple[int, int] | None:
+def first_overlap(boxes: Sequence[tuple[Sequence[int], Sequence[int]]]) -> tuple[int, int] | None:
     """Indices of two overlapping (offsets, sizes) boxes, or None. Empty boxes overlap nothing.
 
     Sweeps along the dimension with the most distinct offsets (the one the tensor is split

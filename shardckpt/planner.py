@@ -122,39 +122,43 @@ def flatten_collision(e: ValueError) -> UnsupportedValueError:
 
 def _check_values_agree(digests_by_rank: list[dict[str, str]]) -> None:
     """Non-tensor values are saved once for all ranks; refuse to silently keep one rank's."""
-    seen: dict[str, dict[str, list[int]]] = defaultdict(lambda: defaultdict(list))
-    for rank, digests in enumerate(digests_by_rank):
-        for fqn, d in digests.items():
-            seen[fqn][d].append(rank)
-    for fqn, variants in sorted(seen.items()):
-        if len(variants) > 1:
-            groups = "; ".join(f"ranks {ranks}" for ranks in variants.values())
-            raise UnsupportedValueError(
-                f"key {fqn!r}: non-tensor value differs across ranks ({groups} hold different values). "
-                "Non-tensor values are saved once for the whole job. Save per-rank values under "
-                "rank-specific keys (e.g. f'rng.rank{rank}') or make them equal on every rank."
-            )
+    per_rank = [[(fqn, d) for fqn, d in digests.items()] for digests in digests_by_rank]
+    for fqn, variants in _disagreements(per_rank):
+        groups = "; ".join(f"ranks {ranks}" for ranks in variants.values())
+        raise UnsupportedValueError(
+            f"key {fqn!r}: non-tensor value differs across ranks ({groups} hold different values). "
+            "Non-tensor values are saved once for the whole job. Save per-rank values under "
+            "rank-specific keys (e.g. f'rng.rank{rank}') or make them equal on every rank."
+        )
 
 
 def _check_tensors_agree(all_plans: list[SavePlan]) -> None:
     """Every rank holding a key must agree on its global shape and dtype. A plain tensor
     on several ranks is taken as replicated and written by one of them, so a rank whose
     copy differs would otherwise be dropped without a word."""
-    seen: dict[str, dict[tuple[Any, ...], list[int]]] = defaultdict(lambda: defaultdict(list))
-    for rank, plan in enumerate(all_plans):
-        for item in plan.items:
-            if item.tensor_data is not None:
-                variant = (tuple(item.tensor_data.size), str(item.tensor_data.properties.dtype).removeprefix("torch."))
-                if rank not in seen[item.index.fqn][variant]:
-                    seen[item.index.fqn][variant].append(rank)
-    for fqn, variants in sorted(seen.items()):
-        if len(variants) > 1:
-            groups = "; ".join(f"ranks {ranks} hold shape {list(shape)} {dtype}" for (shape, dtype), ranks in variants.items())
-            raise UnsupportedValueError(
-                f"key {fqn!r}: the tensor differs in shape or dtype across ranks ({groups}). A plain tensor "
-                "present on several ranks is saved once, as a replicated tensor. Make it equal on every "
-                "rank, save per-rank tensors under rank-specific keys, or make it a DTensor."
-            )
+    per_rank = [
+        [(it.index.fqn, (tuple(it.tensor_data.size), str(it.tensor_data.properties.dtype).removeprefix("torch.")))
+         for it in plan.items if it.tensor_data is not None]
+        for plan in all_plans
+    ]
+    for fqn, variants in _disagreements(per_rank):
+        groups = "; ".join(f"ranks {ranks} hold shape {list(shape)} {dtype}" for (shape, dtype), ranks in variants.items())
+        raise UnsupportedValueError(
+            f"key {fqn!r}: the tensor differs in shape or dtype across ranks ({groups}). A plain tensor "
+            "present on several ranks is saved once, as a replicated tensor. Make it equal on every "
+            "rank, save per-rank tensors under rank-specific keys, or make it a DTensor."
+        )
+
+
+def _disagreements(per_rank: list[list[tuple[str, Any]]]) -> list[tuple[str, dict[Any, list[int]]]]:
+    """Keys (sorted) for which ranks report more than one variant, with the ranks of each."""
+    seen: dict[str, dict[Any, list[int]]] = defaultdict(lambda: defaultdict(list))
+    for rank, pairs in enumerate(per_rank):
+        for fqn, variant in pairs:
+            ranks = seen[fqn][variant]
+            if not ranks or ranks[-1] != rank:
+                ranks.append(rank)
+    return [(fqn, variants) for fqn, variants in sorted(seen.items()) if len(variants) > 1]
 
 
 def _check_tiling(metadata: Metadata) -> None:

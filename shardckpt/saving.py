@@ -17,7 +17,7 @@ from typing import Any
 import torch.distributed.checkpoint as dcp
 
 from shardckpt import integrity
-from shardckpt.collective import RankGroup, arrive, checkpoint_group, is_gloo, translated_failures
+from shardckpt.collective import RankGroup, arrive, checkpoint_group, is_gloo, is_timeout, translated_failures
 from shardckpt.errors import RankTimeoutError
 from shardckpt.manifest import Manifest
 from shardckpt.planner import SavePlanner
@@ -110,7 +110,7 @@ def persist(
         # the barrier's error says which ranks were missing.
         if timeouts:
             raise timeouts[0] from e
-        if isinstance(e, RankTimeoutError) or not any(m in str(e).lower() for m in ("timeout", "timed out")):
+        if isinstance(e, RankTimeoutError) or not is_timeout(e):
             raise
         raise RankTimeoutError(f"save to {path}: a collective timed out after {timeout_s:g} s ({e})") from e
     finally:
