@@ -13,6 +13,8 @@ __all__ = [
     "CheckpointNotFoundError",
     "NotCommittedError",
     "CheckpointExistsError",
+    "DestinationNotEmptyError",
+    "InconsistentRanksError",
     "ManifestError",
     "UnsupportedFormatVersionError",
     "IntegrityError",
@@ -49,6 +51,14 @@ class CheckpointExistsError(ShardckptError, FileExistsError):
     """A committed checkpoint is already at the target path."""
 
 
+class DestinationNotEmptyError(ShardckptError, FileExistsError):
+    """The target folder of a save holds files that are not part of a shardckpt checkpoint."""
+
+
+class InconsistentRanksError(ShardckptError, ValueError):
+    """Ranks passed different arguments (path, options) to one collective call."""
+
+
 class ManifestError(ShardckptError, ValueError):
     """The manifest (or a data-file header) is malformed, inconsistent or hostile."""
 
@@ -74,11 +84,12 @@ class StorageError(ShardckptError, OSError):
 
 
 class RankFailureError(ShardckptError, RuntimeError):
-    """A collective call failed on some ranks with errors that are not shardckpt errors."""
+    """Another rank died, vanished or failed with an error that is not a shardckpt error:
+    the job should be restarted. Deterministic local problems get their own types."""
 
 
 class RootInUseError(ShardckptError, RuntimeError):
-    """Another CheckpointManager is writing to the same root."""
+    """Another CheckpointManager is writing to the same root (or took it over from this one)."""
 
 
 class RankTimeoutError(ShardckptError, TimeoutError):

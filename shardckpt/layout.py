@@ -6,8 +6,15 @@ A manager root holds one checkpoint folder per step, ``step_0000000100/``, plus
 A checkpoint folder looks like::
 
     <root>/
+      .shardckpt-save.json                        the save marker: created (exclusively) by the
+                                                  coordinator before any data byte is written
       manifest.json                               written last; its presence commits the checkpoint
+      .manifest.json.tmp-<hex>                    the manifest while it is being written (POSIX)
       data/<save_id>-r<rank:05d>-<k:02d>.safetensors   one or more per rank, written in parallel
+
+These are the only names shardckpt ever creates or deletes in a checkpoint folder
+(:func:`is_checkpoint_name`). A folder holding any other name is not a shardckpt
+checkpoint: ``save`` refuses to write into it, and no clean-up touches it.
 
 Names that come from a manifest are untrusted: :func:`check_relative_name` is the
 only gate through which such a name reaches storage.
@@ -26,10 +33,12 @@ DATA_SUFFIX = ".safetensors"
 STEP_DIR_PREFIX = "step_"
 STEP_DIGITS = 10
 OWNER_NAME = ".shardckpt-owner.json"
+SAVE_MARKER_NAME = ".shardckpt-save.json"
 
 _STEP_DIR = re.compile(r"^step_([0-9]{10,})$")
 _DATA_NAME = re.compile(r"^data/[0-9a-f]{1,32}-r[0-9]{5,}-[0-9]{2,}\.safetensors$")
 _SAFE_COMPONENT = re.compile(r"^[A-Za-z0-9._-]+$")
+_TMP_NAME = re.compile(r"^\.(manifest\.json|shardckpt-save\.json)\.tmp-[0-9a-f]{12}$")
 
 
 def data_file_name(save_id: str, rank: int, index: int) -> str:
@@ -52,6 +61,16 @@ def parse_step_dir(name: str) -> int | None:
 
 def is_data_file_name(name: str) -> bool:
     return bool(_DATA_NAME.match(name))
+
+
+def is_temp_name(name: str) -> bool:
+    """A temporary file of an atomic write inside a checkpoint folder (POSIX only)."""
+    return bool(_TMP_NAME.match(name))
+
+
+def is_checkpoint_name(name: str) -> bool:
+    """Whether ``name`` (relative to a checkpoint folder) is one that shardckpt writes there."""
+    return name in (MANIFEST_NAME, SAVE_MARKER_NAME) or is_data_file_name(name) or is_temp_name(name)
 
 
 def check_relative_name(name: object, *, where: str) -> str:

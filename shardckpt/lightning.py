@@ -42,7 +42,7 @@ try:
 except ImportError as e:  # pragma: no cover - exercised only without the extra
     raise ImportError("shardckpt.lightning needs Lightning: pip install 'shardckpt[lightning]'") from e
 
-from shardckpt import layout
+from shardckpt import folder
 from shardckpt.convert_export import read_state_dict
 from shardckpt.convert_read import CheckpointSource, Selection
 from shardckpt.errors import ShardckptError, UnsupportedValueError
@@ -145,21 +145,15 @@ def remove_checkpoint_folder(url: str, storage_options: dict[str, Any] | None) -
     storage = open_storage(url, storage_options)
     if not storage.is_dir():
         return
-    foreign = [n for n in storage.list_files() if not _belongs_to_checkpoint(n)]
-    if foreign:
+    found = folder.contents(storage)
+    if found.foreign or not found.is_ours:
         raise ShardckptError(f"{url}: refusing to delete: this folder is not only a shardckpt checkpoint "
-                             f"(it also holds {foreign[:5]}); remove it by hand if that is intended")
-    storage.delete_tree()
+                             f"(it also holds {list(found.foreign[:5])}); remove it by hand if that is intended")
+    folder.remove_checkpoint(storage, why="Lightning remove_checkpoint")
 
 
 def _others_exist() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-
-
-def _belongs_to_checkpoint(name: str) -> bool:
-    return name == layout.MANIFEST_NAME or name.startswith(layout.DATA_DIR + "/") or (
-        name.startswith(".") and "tmp" in name
-    )
 
 
 # ---------------------------------------------------------------- the checkpoint dict <-> savable tree

@@ -7,7 +7,7 @@ starts the ranks of a job by fork (a trial then costs no interpreter start-up); 
 
 Every rank runs a CheckpointManager (keep_last=2, sync or async saves) over a
 LocalStorage subclass that counts this rank's storage events (open, write, fsync,
-folder fsync, atomic write, delete, delete_tree). KILL says when this rank dies by
+folder fsync, atomic write, delete, rmdir). KILL says when this rank dies by
 SIGKILL: ``none``; ``event:K`` (at its K-th storage event); ``timer:S`` (S seconds
 after the process group is up). SCOPE ``self`` kills this rank only, ``all`` kills
 the whole job at that instant (the parent starts the ranks in one process group).
@@ -111,9 +111,14 @@ def killing_storage_class(killer: Killer) -> type[LocalStorage]:
             killer.event("delete")
             super().delete(names)
 
-        def delete_tree(self, name: str = "") -> None:
-            killer.event("delete_tree")
-            super().delete_tree(name)
+        def create_exclusive(self, name: str, data: bytes) -> None:
+            killer.event("commit" if name.endswith("manifest.json") else "atomic")
+            super().create_exclusive(name, data)
+            killer.event("commit:after" if name.endswith("manifest.json") else "atomic:after")
+
+        def remove_empty_dir(self, name: str = "") -> bool:
+            killer.event("rmdir")
+            return super().remove_empty_dir(name)
 
         def child(self, name: str) -> KillingStorage:
             return KillingStorage(self._path(name))

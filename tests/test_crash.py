@@ -71,9 +71,11 @@ CHILD = textwrap.dedent(
         def delete(self, names):
             event("delete")
             super().delete(names)
-        def delete_tree(self, name=""):
-            event("delete_tree")
-            super().delete_tree(name)
+        def create_exclusive(self, name, data):
+            self.write_atomic(name, data)  # same kill points as the commit by rename
+        def remove_empty_dir(self, name=""):
+            event("rmdir")
+            return super().remove_empty_dir(name)
         def child(self, name):
             return KillingStorage(self._path(name))
 

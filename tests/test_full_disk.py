@@ -79,6 +79,11 @@ class FillingStorage(LocalStorage):
             raise enospc(self._path(name))
         super().write_atomic(name, data)
 
+    def create_exclusive(self, name: str, data: bytes) -> None:
+        if self.disk.take(self._path(name), len(data)) < len(data):
+            raise enospc(self._path(name))
+        super().create_exclusive(name, data)
+
     def child(self, name: str) -> FillingStorage:
         return FillingStorage(self._path(name), self.disk)
 

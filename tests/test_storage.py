@@ -31,7 +31,7 @@ def storage(request: pytest.FixtureRequest, tmp_path: os.PathLike[str]) -> Itera
     elif request.param == "memory":
         st = FsspecStorage(f"memory://conformance-{uuid.uuid4().hex[:8]}/root")
         yield st
-        st.delete_tree("")
+        st.delete(st.list_files(""))
     else:
         server = request.getfixturevalue("s3")
         bucket = server.create_bucket()
@@ -141,7 +141,7 @@ def test_state_written_by_another_client_is_seen_at_once(storage: Storage) -> No
     assert storage.exists("step_2/manifest.json")
     assert storage.list_dirs("") == ["step_2"]
     assert storage.list_files("step_2") == ["step_2/manifest.json"]
-    other.delete_tree("step_2")
+    other.delete(["step_2/manifest.json"])
     assert not storage.exists("step_2/manifest.json")
     assert storage.list_dirs("") == []
 
@@ -189,15 +189,30 @@ def test_delete_is_bulk_and_ignores_missing(storage: Storage) -> None:
     assert storage.list_files("data") == ["data/1", "data/2", "data/4"]
 
 
-def test_delete_tree_removes_everything_below_and_nothing_else(storage: Storage) -> None:
-    for name in ["step_1/manifest.json", "step_1/data/a", "step_10/data/c", "step_1x"]:
+def test_create_exclusive_creates_once_and_never_replaces(storage: Storage) -> None:
+    storage.create_exclusive("step_1/manifest.json", b"first")
+    with pytest.raises(FileExistsError, match="already exists"):
+        storage.create_exclusive("step_1/manifest.json", b"second")
+    assert storage.read_bytes("step_1/manifest.json") == b"first"
+    assert storage.list_files("step_1") == ["step_1/manifest.json"]  # no temp file left
+
+
+def test_list_names_is_one_level_and_marks_folders(storage: Storage) -> None:
+    for name in ["step_1/manifest.json", "step_1/data/a", "step_1/.hidden", "step_10/data/c"]:
         storage.write_atomic(name, b"x")
-    storage.delete_tree("step_1")
-    assert storage.list_files("") == ["step_10/data/c", "step_1x"]
-    assert storage.list_dirs("") == ["step_10"]
-    storage.delete_tree("step_1")  # already gone: not an error
-    storage.delete_tree("")
-    assert storage.list_files("") == []
+    assert storage.list_names("step_1") == [".hidden", "data/", "manifest.json"]
+    assert storage.list_names("") == ["step_1/", "step_10/"]
+    assert storage.list_names("absent") == []
+
+
+def test_remove_empty_dir_never_removes_content(storage: Storage) -> None:
+    storage.write_atomic("step_1/data/a", b"x")
+    assert storage.remove_empty_dir("step_1") is (not isinstance(storage, LocalStorage))
+    assert storage.list_files("") == ["step_1/data/a"]
+    storage.delete(["step_1/data/a"])
+    assert storage.remove_empty_dir("step_1/data") and storage.remove_empty_dir("step_1")
+    assert storage.remove_empty_dir("step_1")  # already gone: fine
+    assert storage.list_names("") == []
 
 
 def test_many_files_deleted_in_batches(storage: Storage) -> None:

@@ -31,12 +31,20 @@ class WriteStream(Protocol):
 
 
 class Storage(abc.ABC):
+    """Contract shared by every method: "does not exist" is decided only by the
+    backend's not-found answer (ENOENT/ENOTDIR, HTTP 404); any other failure (EIO,
+    ESTALE, EACCES, throttling past the retries) raises, so nothing is ever deleted or
+    skipped on the strength of an error."""
+
     url: str
     """The root URL, as the user gave it."""
+    location: str
+    """The root in a canonical form (absolute path, protocol + bucket/key): ranks that
+    mean the same place have equal locations."""
 
     @abc.abstractmethod
     def exists(self, name: str) -> bool:
-        """Whether the file ``name`` exists."""
+        """Whether the file ``name`` exists (False only on a not-found answer)."""
 
     @abc.abstractmethod
     def is_dir(self, name: str = "") -> bool:
@@ -66,6 +74,12 @@ class Storage(abc.ABC):
         object stores: one PUT."""
 
     @abc.abstractmethod
+    def create_exclusive(self, name: str, data: bytes) -> None:
+        """Like :meth:`write_atomic`, but only if ``name`` does not exist yet: of two
+        racing creators exactly one succeeds, the other gets FileExistsError. POSIX:
+        tmp + fsync + link(2); S3: a PUT with ``If-None-Match: *``."""
+
+    @abc.abstractmethod
     def list_files(self, prefix: str = "") -> list[str]:
         """Names (relative to the root) of all files under folder ``prefix``, recursively."""
 
@@ -74,13 +88,18 @@ class Storage(abc.ABC):
         """Names of the immediate sub-folders of folder ``prefix`` (not recursive)."""
 
     @abc.abstractmethod
+    def list_names(self, prefix: str = "") -> list[str]:
+        """Immediate entries of folder ``prefix`` (not recursive): files by name,
+        folders with a trailing ``/`` (a symlink to a folder is not a folder here)."""
+
+    @abc.abstractmethod
     def delete(self, names: list[str]) -> None:
         """Delete files; names that do not exist are ignored."""
 
-    @abc.abstractmethod
-    def delete_tree(self, name: str = "") -> None:
-        """Delete folder ``name`` (or the root) with everything under it; an absent
-        folder is not an error (on object stores a folder is only a key prefix)."""
+    def remove_empty_dir(self, name: str = "") -> bool:
+        """Remove folder ``name`` if it is empty; False if it still holds something.
+        Object stores have no folders, only prefixes: nothing to do there."""
+        return True
 
     def sync_dir(self, name: str = "") -> None:
         """Make the folder entry of files created under ``name`` durable (POSIX only)."""

@@ -17,6 +17,7 @@ path first and asks the store.
 from __future__ import annotations
 
 import errno
+import logging
 import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -34,6 +35,7 @@ from shardckpt.storage.redact import Redactor, secret_values
 from shardckpt.storage.retry import RetriesExhausted, RetryPolicy, error_code
 
 T = TypeVar("T")
+log = logging.getLogger("shardckpt")
 _S3_PROTOCOLS = frozenset({"s3", "s3a"})
 # Backends where a "folder" is only a key prefix: never makedirs there (on gcsfs and
 # s3fs it would create a bucket, and a missing bucket must be an error, not a side effect).
@@ -103,6 +105,7 @@ class FsspecStorage(Storage):
         self._protocol = str(protocols[0])
         self._is_s3 = bool(_S3_PROTOCOLS & set(protocols)) and hasattr(self.fs, "call_s3")
         self._has_dirs = not _PREFIX_PROTOCOLS & set(protocols)
+        self.location = f"{self._protocol}://{self.root.lstrip('/')}"
         # Shared with child(): one rank's bound on parts in flight, and its pool for ranged reads.
         self._upload_slots = threading.BoundedSemaphore(self.transfer.max_concurrency)
         self._read_pool: ThreadPoolExecutor | None = None
@@ -224,6 +227,57 @@ class FsspecStorage(Storage):
             self._run("create the folder of", name, lambda: self.fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True))
         self._run("write", name, lambda: self.fs.pipe_file(path, data))
 
+    def create_exclusive(self, name: str, data: bytes) -> None:
+        """S3: one PUT with ``If-None-Match: *`` (412 if the key exists). A retry after a
+        lost answer may meet its own earlier PUT: a 412 whose object holds exactly
+        ``data`` is that, and counts as success. Stores that do not implement
+        conditional writes (HTTP 501) fall back to HEAD + PUT with a warning: there two
+        racing creators are not detected. Other fsspec backends: ``mode="create"``."""
+        path = self._path(name)
+        try:
+            if self._is_s3:
+                self._create_s3(name, path, data)
+            else:
+                if self._has_dirs:
+                    self._run("create the folder of", name, lambda: self.fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True))
+                self._run("create", name, lambda: self.fs.pipe_file(path, data, mode="create"), retry=False)
+        except FileExistsError:
+            raise FileExistsError(errno.EEXIST, self._redact(f"{self._where(name)}: already exists")) from None
+        finally:
+            self.fs.invalidate_cache(path)
+
+    def _create_s3(self, name: str, path: str, data: bytes) -> None:
+        bucket, key, _ = self.fs.split_path(path)
+        tries = 0
+
+        def put() -> None:
+            nonlocal tries
+            tries += 1
+            try:
+                self.fs.call_s3("put_object", Bucket=bucket, Key=key, Body=data, IfNoneMatch="*")
+            except FileExistsError:
+                if tries > 1 and self._holds(path, data):
+                    return  # our own earlier attempt landed; its answer was lost
+                raise
+
+        try:
+            self._run("create", name, put)
+        except StorageError as e:
+            if error_code(e.__cause__ or e)[0] != "NotImplemented":
+                raise
+            log.warning("shardckpt: %s does not support conditional writes (If-None-Match); the commit "
+                        "of %s is not exclusive there: two saves racing for one path are not detected",
+                        self.url, self._where(name))
+            if self.exists(name):
+                raise FileExistsError(errno.EEXIST, self._where(name)) from e
+            self.write_atomic(name, data)
+
+    def _holds(self, path: str, data: bytes) -> bool:
+        try:
+            return bytes(self.fs.cat_file(path)) == data
+        except FileNotFoundError:
+            return False
+
     # ----------------------------------------------------------------- listing
 
     def list_files(self, prefix: str = "") -> list[str]:
@@ -257,6 +311,25 @@ class FsspecStorage(Storage):
 
         names = {e["name"].rstrip("/").rsplit("/", 1)[-1] for e in self._run("list", prefix, ls) if e.get("type") == "directory"}
         return sorted(n for n in names if n)
+
+    def list_names(self, prefix: str = "") -> list[str]:
+        base = self._path(prefix)
+
+        def ls() -> list[dict[str, Any]]:
+            self.fs.invalidate_cache(base)
+            try:
+                return list(self.fs.ls(base, detail=True, refresh=True))
+            except FileNotFoundError as e:
+                if error_code(e)[0] == "NoSuchBucket":
+                    raise
+                return []
+
+        names = set()
+        for e in self._run("list", prefix, ls):
+            name = e["name"].rstrip("/").rsplit("/", 1)[-1]
+            if name and e["name"].rstrip("/") != base.rstrip("/"):
+                names.add(name + "/" if e.get("type") == "directory" else name)
+        return sorted(names)
 
     # ----------------------------------------------------------------- deletes
 
@@ -294,21 +367,6 @@ class FsspecStorage(Storage):
                     f"cannot delete {len(failed)} object(s) in bucket {bucket!r}, e.g. key {first.get('Key')!r}: "
                     f"{first.get('Code')}: {first.get('Message')}. {_HINTS.get(str(first.get('Code')), '')}"
                 ).rstrip(". ") + ".")
-
-    def delete_tree(self, name: str = "") -> None:
-        """Delete everything under ``name``; a folder that is absent is not an error."""
-        if self._is_s3:
-            self.delete(self.list_files(name))  # names relative to the root, like delete's
-            return
-        path = self._path(name)
-
-        def rm() -> None:
-            try:
-                self.fs.rm(path, recursive=True)
-            except FileNotFoundError:
-                pass
-
-        self._run("delete", name, rm)
 
     def child(self, name: str) -> FsspecStorage:
         sub = object.__new__(FsspecStorage)

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import errno
 import os
-import shutil
+import stat
 import uuid
 
+from shardckpt.errors import StorageError
 from shardckpt.storage.base import Storage
 
 _READ_PIECE_BYTES = 64 * 1024 * 1024
@@ -19,11 +21,26 @@ def _named(e: OSError, path: str) -> OSError:
     return e
 
 
+def _storage_error(e: OSError, path: str, action: str) -> StorageError:
+    err = StorageError(f"cannot {action} {path}: {e.strerror or e}")
+    err.errno = e.errno
+    return err
+
+
+def _not_regular(path: str, st: os.stat_result) -> StorageError:
+    kind = "a FIFO" if stat.S_ISFIFO(st.st_mode) else "a folder" if stat.S_ISDIR(st.st_mode) else "not a regular file"
+    return StorageError(
+        f"{path}: is {kind}; a checkpoint's files are regular files. Something other than "
+        "shardckpt put it there: remove it, or load a checkpoint that was not tampered with."
+    )
+
+
 class _LocalWriteStream:
     def __init__(self, path: str) -> None:
         self._path = path
-        # Unbuffered: our writes are already large, a buffer would only add a copy.
-        self._f = open(path, "wb", buffering=0)  # noqa: SIM115 - closed in finish/abort
+        # "x": never truncate a file someone else wrote. Unbuffered: our writes are
+        # already large, a buffer would only add a copy.
+        self._f = open(path, "xb", buffering=0)  # noqa: SIM115 - closed in finish/abort
 
     def write(self, data: memoryview | bytes) -> None:
         view = memoryview(data)
@@ -54,25 +71,44 @@ class LocalStorage(Storage):
     def __init__(self, root: str) -> None:
         self.url = root
         self.root = os.path.abspath(root.removeprefix("file://"))
+        self.location = f"file://{self.root}"
 
     def _path(self, name: str) -> str:
         return os.path.join(self.root, name) if name else self.root
 
+    def _stat(self, name: str) -> os.stat_result | None:
+        """The entry ``name`` (symlinks followed), or None when it does not exist.
+        Only ENOENT/ENOTDIR mean "absent": EIO, ESTALE, EACCES... raise StorageError."""
+        path = self._path(name)
+        try:
+            return os.stat(path)
+        except (FileNotFoundError, NotADirectoryError):
+            return None
+        except OSError as e:
+            raise _storage_error(e, path, "look up") from e
+
     def exists(self, name: str) -> bool:
-        return os.path.isfile(self._path(name))
+        st = self._stat(name)
+        return st is not None and not stat.S_ISDIR(st.st_mode)
 
     def is_dir(self, name: str = "") -> bool:
-        return os.path.isdir(self._path(name))
+        st = self._stat(name)
+        return st is not None and stat.S_ISDIR(st.st_mode)
 
     def size(self, name: str) -> int:
-        return os.stat(self._path(name)).st_size
+        path = self._checked(name)
+        st = os.stat(path)
+        if not stat.S_ISREG(st.st_mode):
+            raise _not_regular(path, st)
+        return st.st_size
 
     def read_bytes(self, name: str) -> bytes:
-        with open(self._path(name), "rb") as f:
+        fd = self._open_regular(name)
+        with os.fdopen(fd, "rb") as f:
             return f.read()
 
     def read_into(self, name: str, offset: int, out: memoryview) -> None:
-        fd = os.open(self._path(name), os.O_RDONLY)
+        fd = self._open_regular(name)
         try:
             done = 0
             while done < len(out):
@@ -87,6 +123,30 @@ class LocalStorage(Storage):
         finally:
             os.close(fd)
 
+    def _checked(self, name: str) -> str:
+        """The path of ``name``, refused if a symlink takes it outside the root: a
+        checkpoint's files must not read (or be made to read) files elsewhere on the host."""
+        path = self._path(name)
+        real, real_root = os.path.realpath(path), os.path.realpath(self.root)
+        if name and os.path.commonpath([real, real_root]) != real_root:
+            raise StorageError(
+                f"{path}: is a symlink to {real}, outside the checkpoint folder {self.root}; "
+                "shardckpt reads only files inside the folder. Replace the link with the file itself."
+            )
+        return path
+
+    def _open_regular(self, name: str) -> int:
+        """Open ``name`` for reading if it is a regular file inside the root. O_NONBLOCK
+        so a FIFO put in a data file's place cannot block the open; checked with fstat
+        on the opened descriptor, so a swap between check and open does not help."""
+        path = self._checked(name)
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            os.close(fd)
+            raise _not_regular(path, st)
+        return fd
+
     def open_write(self, name: str) -> _LocalWriteStream:
         path = self._path(name)
         os.makedirs(os.path.dirname(path), exist_ok=True)
@@ -94,38 +154,65 @@ class LocalStorage(Storage):
 
     def write_atomic(self, name: str, data: bytes) -> None:
         path = self._path(name)
+        tmp = self._write_temp(path, data)
+        try:
+            os.replace(tmp, path)
+        except BaseException as e:
+            _unlink_quietly(tmp)
+            raise _named(e, path) if isinstance(e, OSError) else e
+        self._fsync_dir(os.path.dirname(path))
+
+    def create_exclusive(self, name: str, data: bytes) -> None:
+        """Durably write a temp file, then link(2) it to ``name``: link never replaces
+        an existing name, so of two racing creators exactly one wins."""
+        path = self._path(name)
+        tmp = self._write_temp(path, data)
+        try:
+            os.link(tmp, path)
+        except FileExistsError:
+            raise FileExistsError(errno.EEXIST, f"{path}: already exists", path) from None
+        except OSError as e:
+            raise _named(e, path)
+        finally:
+            _unlink_quietly(tmp)
+        self._fsync_dir(os.path.dirname(path))
+
+    def _write_temp(self, path: str, data: bytes) -> str:
         folder = os.path.dirname(path)
         os.makedirs(folder, exist_ok=True)
         tmp = os.path.join(folder, f".{os.path.basename(path)}.tmp-{uuid.uuid4().hex[:12]}")
         try:
-            with open(tmp, "wb") as f:
+            with open(tmp, "xb") as f:
                 f.write(data)
                 f.flush()
                 os.fsync(f.fileno())
-            os.replace(tmp, path)
         except BaseException as e:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            if isinstance(e, OSError):
-                raise _named(e, path)
-            raise
-        self._fsync_dir(folder)
+            _unlink_quietly(tmp)
+            raise _named(e, path) if isinstance(e, OSError) else e
+        return tmp
 
     def list_files(self, prefix: str = "") -> list[str]:
+        """Regular files under ``prefix``, recursively; symlinked folders are not entered."""
         base = self._path(prefix)
         found = []
-        for folder, _dirs, files in os.walk(base):
+        for folder, _dirs, files in os.walk(base, onerror=_raise_walk_error):
             rel = os.path.relpath(folder, self.root)
             for f in files:
                 found.append(f if rel == "." else f"{rel}/{f}".replace(os.sep, "/"))
         return sorted(found)
 
     def list_dirs(self, prefix: str = "") -> list[str]:
+        return sorted(n[:-1] for n in self.list_names(prefix) if n.endswith("/"))
+
+    def list_names(self, prefix: str = "") -> list[str]:
+        path = self._path(prefix)
         try:
-            with os.scandir(self._path(prefix)) as it:
-                return sorted(e.name for e in it if e.is_dir(follow_symlinks=False))
-        except FileNotFoundError:
+            with os.scandir(path) as it:
+                return sorted(e.name + "/" if e.is_dir(follow_symlinks=False) else e.name for e in it)
+        except (FileNotFoundError, NotADirectoryError):
             return []
+        except OSError as e:
+            raise _storage_error(e, path, "list") from e
 
     def delete(self, names: list[str]) -> None:
         for name in names:
@@ -134,12 +221,17 @@ class LocalStorage(Storage):
             except FileNotFoundError:
                 pass
 
-    def delete_tree(self, name: str = "") -> None:
-        """Delete folder ``name`` and everything in it; an absent folder is not an error."""
+    def remove_empty_dir(self, name: str = "") -> bool:
+        path = self._path(name)
         try:
-            shutil.rmtree(self._path(name))
+            os.rmdir(path)
         except FileNotFoundError:
-            pass
+            return True
+        except OSError as e:
+            if e.errno in (errno.ENOTEMPTY, errno.EEXIST):
+                return False
+            raise _named(e, path)
+        return True
 
     def sync_dir(self, name: str = "") -> None:
         self._fsync_dir(self._path(name))
@@ -154,3 +246,16 @@ class LocalStorage(Storage):
             os.fsync(fd)
         finally:
             os.close(fd)
+
+
+def _unlink_quietly(path: str) -> None:
+    """Remove a temp file this process created; it may already be gone."""
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+
+
+def _raise_walk_error(e: OSError) -> None:
+    if not isinstance(e, (FileNotFoundError, NotADirectoryError)):
+        raise e
