@@ -142,6 +142,7 @@ def test_state_written_by_another_client_is_seen_at_once(storage: Storage) -> No
     assert storage.list_dirs("") == ["step_2"]
     assert storage.list_files("step_2") == ["step_2/manifest.json"]
     other.delete(["step_2/manifest.json"])
+    other.remove_empty_dir("step_2")
     assert not storage.exists("step_2/manifest.json")
     assert storage.list_dirs("") == []
 

@@ -404,6 +404,8 @@ class FsspecStorage(Storage):
             if error_code(e)[0] == "NoSuchBucket":
                 raise StorageError(self._message(action, name, e, _HINTS["NoSuchBucket"])) from e
             raise FileNotFoundError(errno.ENOENT, self._redact(f"{self._where(name)}: no such file")) from e
+        except FileExistsError:
+            raise  # an exclusive create lost the race: the caller's answer, not a storage fault
         except _STORAGE_FAILURES as e:
             code = error_code(e)[0]
             hint = _HINTS.get(code or "", "")
