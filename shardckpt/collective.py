@@ -232,14 +232,26 @@ class _Remote(Exception):
 
 
 def raise_failures(action: str, failures: dict[int, BaseException], local: BaseException | None = None) -> NoReturn:
-    """Raise one error describing per-rank failures, typed after the lowest failing rank."""
+    """Raise one error describing per-rank failures.
+
+    On a rank that failed itself with something that is not a ShardckptError or an
+    OSError (a KeyboardInterrupt, a bug, a library's own error), that exception is
+    re-raised as it is, so ``except KeyboardInterrupt`` works and nothing calls a local,
+    deterministic problem a dead peer; the other ranks' failures are added as a note.
+    Every other rank gets a ShardckptError typed after the lowest failing rank (a
+    ShardckptError or StorageError there keeps its type; anything else is a
+    RankFailureError naming the rank and what it raised)."""
     lines = []
     for r, e in sorted(failures.items()):
         name = e.type_name if isinstance(e, _Remote) else type(e).__name__
-        lines.append(f"rank {r}: {name}: {e}")
+        lines.append(f"rank {r}: {name}: {e}" if str(e) else f"rank {r}: {name}")
     msg = f"{action} failed on rank(s) {sorted(failures)}:\n  " + "\n  ".join(lines)
     if len(failures) == 1:
-        msg = f"{action} failed on rank {next(iter(failures))}: {next(iter(failures.values()))}"
+        msg = f"{action} failed on {lines[0]}"
+    if local is not None and not isinstance(local, (ShardckptError, OSError)):
+        if len(failures) > 1 and hasattr(local, "add_note"):
+            local.add_note(msg)
+        raise local
     first = failures[min(failures)]
     template = local if isinstance(local, ShardckptError) else first
     cls: type[ShardckptError] = RankFailureError
@@ -259,8 +271,10 @@ def raise_failures(action: str, failures: dict[int, BaseException], local: BaseE
 
 
 @contextlib.contextmanager
-def translated_failures(action: str) -> Iterator[None]:
-    """Turn DCP's CheckpointException into a ShardckptError raised on every rank.
+def translated_failures(action: str, rank: int | None = None) -> Iterator[None]:
+    """Turn DCP's CheckpointException into a ShardckptError raised on every rank
+    (``rank``: this process's rank in the group DCP ran on, 0 without one; its own
+    failure is then re-raised as :func:`raise_failures` says).
 
     Also silences DCP's warning that a call without a process group "assumes the
     intent" is single-process: for shardckpt that is a documented, supported mode.
@@ -271,4 +285,4 @@ def translated_failures(action: str) -> Iterator[None]:
             yield
     except CheckpointException as e:
         failures = {r: (pair[0] if isinstance(pair, tuple) else pair) for r, pair in e.failures.items()}
-        raise_failures(action, failures)
+        raise_failures(action, failures, local=failures.get(rank) if rank is not None else None)

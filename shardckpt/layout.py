@@ -9,7 +9,8 @@ A checkpoint folder looks like::
       .shardckpt-save.json                        the save marker: created (exclusively) by the
                                                   coordinator before any data byte is written
       manifest.json                               written last; its presence commits the checkpoint
-      .manifest.json.tmp-<hex>                    the manifest while it is being written (POSIX)
+      .manifest.json.tmp-<hex>, ..shardckpt-save.json.tmp-<hex>   the manifest and marker while
+                                                  they are being written (POSIX)
       data/<save_id>-r<rank:05d>-<k:02d>.safetensors   one or more per rank, written in parallel
 
 These are the only names shardckpt ever creates or deletes in a checkpoint folder
@@ -38,7 +39,7 @@ SAVE_MARKER_NAME = ".shardckpt-save.json"
 _STEP_DIR = re.compile(r"^step_([0-9]{10,})$")
 _DATA_NAME = re.compile(r"^data/[0-9a-f]{1,32}-r[0-9]{5,}-[0-9]{2,}\.safetensors$")
 _SAFE_COMPONENT = re.compile(r"^[A-Za-z0-9._-]+$")
-_TMP_NAME = re.compile(r"^\.(manifest\.json|shardckpt-save\.json)\.tmp-[0-9a-f]{12}$")
+_TMP_NAME = re.compile(r"^\.(manifest\.json|\.shardckpt-save\.json)\.tmp-[0-9a-f]{12}$")
 
 
 def data_file_name(save_id: str, rank: int, index: int) -> str:

@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import atexit
 import logging
+import os
 import threading
 from typing import Any
 
+import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 
 from shardckpt import integrity
@@ -67,6 +69,7 @@ def save(
     run on a gloo group with the caller's ranks, created on the first call (by every
     rank). Returns the committed Manifest on the coordinator, None on other ranks.
     """
+    path = checkpoint_path(path)
     options = _options(num_io_threads, hash_block_bytes, overwrite, metadata, path)
     wait_pending()
     group = RankGroup.current(process_group)
@@ -100,12 +103,16 @@ def persist(
             timeouts.append(e)
             raise
 
+    writer = Writer(open_storage(path, storage_options), options, after_write=all_written)
     try:
-        writer = Writer(open_storage(path, storage_options), options, after_write=all_written)
-        with translated_failures(f"save to {path}"):
+        rank = dist.get_rank(process_group) if process_group is not None else 0
+        with translated_failures(f"save to {path}", rank=rank):
             dcp.save(state, storage_writer=writer, planner=SavePlanner(mappings=mappings, source=source),
                      process_group=process_group, no_dist=no_dist)
-    except RuntimeError as e:
+    except BaseException as e:
+        writer.discard()
+        if not isinstance(e, RuntimeError):
+            raise
         # After a rank timed out, DCP's next collective fails with gloo's raw error;
         # the barrier's error says which ranks were missing.
         if timeouts:
@@ -117,6 +124,17 @@ def persist(
         if source is not None:
             source.release()
     return writer.manifest
+
+
+def checkpoint_path(path: Any) -> str:
+    """The public boundary: a str or os.PathLike, never empty (``save(state, "")`` would
+    mean the current directory)."""
+    text = os.fspath(path) if isinstance(path, (str, os.PathLike)) else path
+    if not isinstance(text, str):
+        raise TypeError(f"checkpoint path must be a str or os.PathLike (a local path or fsspec URL), got {type(path).__name__}")
+    if not text.strip():
+        raise ValueError("checkpoint path is empty; pass the folder to save into, e.g. 'runs/exp1/step_100'")
+    return text
 
 
 def _options(
@@ -218,6 +236,7 @@ def async_save(
     """
     if max_staging_bytes is not None and max_staging_bytes < 0:
         raise ValueError(f"max_staging_bytes must be >= 0 or None (no bound), got {max_staging_bytes}")
+    path = checkpoint_path(path)
     options = _options(num_io_threads, hash_block_bytes, overwrite, metadata, path)
     wait_pending()
     group = RankGroup.current(process_group)

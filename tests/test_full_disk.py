@@ -23,7 +23,7 @@ import shardckpt.loading
 import shardckpt.manager
 import shardckpt.saving
 from shardckpt.audit import verify_checkpoint
-from shardckpt.errors import NotCommittedError, ShardckptError
+from shardckpt.errors import CheckpointNotFoundError, NotCommittedError, ShardckptError
 from shardckpt.storage.local import LocalStorage, _LocalWriteStream
 
 
@@ -148,9 +148,10 @@ def test_save_on_full_disk_commits_nothing_and_keeps_earlier(tmp_path, disk, whe
     assert disk.failed, "the budget was hit"
     assert any(f in str(ei.value) for f in disk.failed), str(ei.value)  # names the file (of one failing thread)
 
-    # nothing committed, the file whose write failed was removed (abort)
+    # nothing committed, the file whose write failed was removed (abort), and the
+    # failed save removed its own files (a new folder: nothing is left)
     assert not (target / "manifest.json").exists()
-    with pytest.raises(NotCommittedError):
+    with pytest.raises(CheckpointNotFoundError):
         shardckpt.load(blank(), str(target))
     if where != "manifest":
         for failed in disk.failed:
@@ -176,13 +177,11 @@ def test_manager_full_disk_step_not_listed_and_cleaned_on_restart(tmp_path, disk
             mgr.save(2, state(2))
         full_disk_error(ei.value)
         assert mgr.steps() == [1]
-        assert (root / "step_0000000002").is_dir(), "the failed save left its folder (cleaned on the next start)"
-        assert not (root / "step_0000000002" / "manifest.json").exists()
+        assert not (root / "step_0000000002").exists(), "the failed save removed its own files and folder"
         disk.free = None
 
     with shardckpt.CheckpointManager(str(root), keep_last=3) as mgr:
-        assert mgr.cleaned_up == ["step_0000000002"]
-        assert not (root / "step_0000000002").exists()
+        assert mgr.cleaned_up == []
         assert mgr.steps() == [1]
         got = blank()
         assert mgr.restore(got) == 1
