@@ -32,6 +32,7 @@ from shardckpt.errors import (
 )
 from shardckpt.storage.local import LocalStorage, _LocalWriteStream
 from distributed import run_ranks
+from s3server import FaultProxy, S3Server, s3  # noqa: F401
 
 STRESS = os.environ.get("SHARDCKPT_STRESS") == "1"
 
@@ -152,14 +153,14 @@ def test_failed_save_into_a_new_folder_leaves_nothing(tmp_path: Path, monkeypatc
 # ---------------------------------------------------------------- item 2: racing saves
 
 
-def _racer(worker: int, paths: list[str], barrier: Any, results: Any) -> None:
+def _racer(worker: int, paths: list[str], options: dict[str, Any] | None, barrier: Any, results: Any) -> None:
     import shardckpt as sc
 
     state = {"w": torch.full((4096,), float(worker)), "who": worker}
     for path in paths:
         barrier.wait()
         try:
-            sc.save(state, path, num_io_threads=1)
+            sc.save(state, path, num_io_threads=1, storage_options=options)
             results.put((path, worker, "ok"))
         except sc.CheckpointExistsError:
             results.put((path, worker, "exists"))
@@ -168,11 +169,19 @@ def _racer(worker: int, paths: list[str], barrier: Any, results: Any) -> None:
 
 
 def test_two_processes_racing_for_one_path_commit_exactly_once(tmp_path: Path) -> None:
-    trials = 500 if STRESS else 50
-    paths = [str(tmp_path / f"c{i}") for i in range(trials)]
+    _race([str(tmp_path / f"c{i}") for i in range(500 if STRESS else 50)], None)
+
+
+def test_two_processes_racing_on_s3_commit_exactly_once(s3: S3Server) -> None:
+    bucket = s3.create_bucket()
+    _race([f"s3://{bucket}/c{i}" for i in range(200 if STRESS else 20)], s3.storage_options())
+
+
+def _race(paths: list[str], options: dict[str, Any] | None) -> None:
+    trials = len(paths)
     ctx = mp.get_context("spawn")
     barrier, results = ctx.Barrier(2), ctx.Queue()
-    procs = [ctx.Process(target=_racer, args=(w, paths, barrier, results)) for w in (0, 1)]
+    procs = [ctx.Process(target=_racer, args=(w, paths, options, barrier, results)) for w in (0, 1)]
     for p in procs:
         p.start()
     outcomes: dict[str, dict[int, str]] = {}
@@ -187,8 +196,32 @@ def test_two_processes_racing_for_one_path_commit_exactly_once(tmp_path: Path) -
         assert sorted(got.values()) == ["exists", "ok"], (path, got)
         winner = next(w for w, o in got.items() if o == "ok")
         target = {"w": torch.zeros(4096), "who": -1}
-        shardckpt.load(target, path)
+        shardckpt.load(target, path, storage_options=options)
         assert target["who"] == winner and torch.equal(target["w"], torch.full((4096,), float(winner)))
+
+
+def test_s3_commit_whose_answer_was_lost_is_not_a_lost_race(s3: S3Server) -> None:
+    """The conditional PUT of the manifest lands but its answer is lost: the retry gets
+    412, finds its own bytes there, and the save succeeds (not CheckpointExistsError)."""
+    bucket = s3.create_bucket()
+    dropped: list[str] = []
+
+    def fail(n: int, method: str, path: str) -> Any:
+        if method == "PUT" and path.split("?")[0].endswith("/manifest.json") and not dropped:
+            dropped.append(path)
+            return "drop-after"
+        return False
+
+    proxy = FaultProxy(s3.port, fail=fail)
+    try:
+        url = f"s3://{bucket}/c"
+        shardckpt.save(_state(7.0), url, storage_options=s3.storage_options(endpoint_url=proxy.endpoint_url))
+    finally:
+        proxy.stop()
+    assert dropped, "the fault was injected"
+    target = {"w": torch.zeros(1000), "step": 0}
+    shardckpt.load(target, url, storage_options=s3.storage_options())
+    assert torch.equal(target["w"], _state(7.0)["w"]) and target["step"] == 7
 
 
 # ---------------------------------------------------------------- item 3: ranks disagree on the path

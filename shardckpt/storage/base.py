@@ -77,7 +77,9 @@ class Storage(abc.ABC):
     def create_exclusive(self, name: str, data: bytes) -> None:
         """Like :meth:`write_atomic`, but only if ``name`` does not exist yet: of two
         racing creators exactly one succeeds, the other gets FileExistsError. POSIX:
-        tmp + fsync + link(2); S3: a PUT with ``If-None-Match: *``."""
+        tmp + fsync + link(2); S3: a PUT with ``If-None-Match: *``. Callers make ``data``
+        unique to the call (a save id, a token), so a backend may treat finding exactly
+        ``data`` there after a lost answer as its own success."""
 
     @abc.abstractmethod
     def list_files(self, prefix: str = "") -> list[str]:

@@ -230,7 +230,7 @@ class FsspecStorage(Storage):
     def create_exclusive(self, name: str, data: bytes) -> None:
         """S3: one PUT with ``If-None-Match: *`` (412 if the key exists). A retry after a
         lost answer may meet its own earlier PUT: a 412 whose object holds exactly
-        ``data`` is that, and counts as success. Stores that do not implement
+        ``data`` is that, and counts as success (callers make ``data`` unique). Stores that do not implement
         conditional writes (HTTP 501) fall back to HEAD + PUT with a warning: there two
         racing creators are not detected. Other fsspec backends: ``mode="create"``."""
         path = self._path(name)
@@ -248,16 +248,16 @@ class FsspecStorage(Storage):
 
     def _create_s3(self, name: str, path: str, data: bytes) -> None:
         bucket, key, _ = self.fs.split_path(path)
-        tries = 0
 
         def put() -> None:
-            nonlocal tries
-            tries += 1
             try:
                 self.fs.call_s3("put_object", Bucket=bucket, Key=key, Body=data, IfNoneMatch="*")
             except FileExistsError:
-                if tries > 1 and self._holds(path, data):
-                    return  # our own earlier attempt landed; its answer was lost
+                # Our own earlier attempt may have landed with its answer lost (retried by
+                # us or inside botocore). What we create is unique to this call (a save id,
+                # a token), so an object holding exactly ``data`` is ours.
+                if self._holds(path, data):
+                    return
                 raise
 
         try:
