@@ -204,7 +204,7 @@ def test_missing_bucket_fails_at_once_and_creates_nothing(s3: S3Server, proxy: F
         shardckpt.save(state(3), "s3://no-such-bucket-3f2a/run/ckpt", storage_options=options)
     assert time.monotonic() - start < 5
     msg = str(info.value)
-    assert "NoSuchBucket" in msg and "bucket 'no-such-bucket-3f2a'" in msg and "key 'run/ckpt/" in msg
+    assert "NoSuchBucket" in msg and "bucket 'no-such-bucket-3f2a'" in msg and "key 'run/ckpt" in msg
     assert "create it or fix the URL" in msg
     assert SECRET_ACCESS_KEY not in all_text(info.value)
     assert "no-such-bucket-3f2a" not in [b.rstrip("/") for b in s3.admin().ls("", refresh=True)]
@@ -267,7 +267,9 @@ def test_bad_credentials_fail_at_once_without_leaking_the_secret(auth_server: S3
                     shardckpt.load(blank(), "s3://auth-bucket/ok", storage_options=options)
             assert time.monotonic() - start < 5, (code, action)
             msg = str(info.value)
-            assert "bucket 'auth-bucket'" in msg and "manifest.json'" in msg, msg
+            # save's first request lists the folder (is it new or shardckpt's?), load's is a HEAD
+            named = "key 'bad'" if action == "save" else "manifest.json'"
+            assert "bucket 'auth-bucket'" in msg and named in msg, msg
             # A HEAD answer has no body, so S3 can only say 403 there, not which credential was wrong.
             assert "403" in msg and ("check the credentials" in msg.lower() or "IAM" in msg), msg
             assert wrong_secret not in all_text(info.value) and secret not in all_text(info.value)
@@ -286,8 +288,13 @@ def test_access_denied_by_policy_names_the_key(auth_server: S3Server) -> None:
     key, secret = auth_server.create_user({"Version": "2012-10-17", "Statement": [
         {"Effect": "Allow", "Action": ["s3:GetObject", "s3:ListBucket"], "Resource": "*"}]}, as_user=(admin_key, admin_secret))
     start = time.monotonic()
+    # A save lists the folder first, which moto 5.2 cannot sign-check (see auth_server):
+    # the data upload a save makes is driven through the storage directly.
+    storage = FsspecStorage("s3://ro-bucket/ckpt", auth_server.storage_options(key=key, secret=secret))
     with pytest.raises(StorageError) as info:
-        shardckpt.save(state(6), "s3://ro-bucket/ckpt", storage_options=auth_server.storage_options(key=key, secret=secret))
+        stream = storage.open_write("data/0123456789ab-r00000-00.safetensors")
+        stream.write(b"x" * 1024)
+        stream.finish()
     assert time.monotonic() - start < 5
     msg = str(info.value)
     assert "AccessDenied" in msg and "bucket 'ro-bucket'" in msg and "key 'ckpt/data/" in msg and "IAM" in msg
