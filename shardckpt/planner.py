@@ -19,22 +19,31 @@ from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner, Def
 from torch.distributed.checkpoint.metadata import Metadata, MetadataIndex, TensorStorageMetadata
 from torch.distributed.checkpoint.planner import ReadItem, SavePlan, WriteItem, WriteItemType
 
-from shardckpt import datafile, integrity
+from shardckpt import datafile, integrity, manifest
 from shardckpt.errors import UnsupportedValueError
 from shardckpt.manifest import first_overlap
 from shardckpt.values import decode_value, encode_value
 from shardckpt.staging import BoundedSource, StagedShard, item_bytes
+from shardckpt.state import check_savable, too_deep
 
 
 @dataclass(frozen=True)
 class _LocalPlannerData:
     mappings: dict[str, Any]
     value_digests: dict[str, str]
+    value_bytes: dict[str, int]  # length of each value's JSON, as the manifest will hold it
 
 
 class SavePlanner(DefaultSavePlanner):
     """Encodes non-tensor values as JSON at planning time (so a bad value fails on every
-    rank before any byte is written) and spreads replicated tensors evenly over ranks."""
+    rank before any byte is written) and spreads replicated tensors evenly over ranks.
+
+    Planning also refuses, with UnsupportedValueError naming the key, everything the
+    load side would refuse (shared limits: ``datafile.MAX_NDIM``, ``datafile.check_shape``,
+    ``datafile.MAX_HEADER_BYTES``, ``manifest.MAX_MANIFEST_BYTES``,
+    ``values.MAX_VALUE_DEPTH``, UTF-8-encodable keys) and tensors DCP cannot write
+    (sparse, nested, meta): see :func:`shardckpt.state.check_savable`.
+    """
 
     def __init__(self, *, mappings: dict[str, Any] | None = None, source: BoundedSource | None = None) -> None:
         """``mappings``: when the state was flattened before (async staging), the original
@@ -48,6 +57,8 @@ class SavePlanner(DefaultSavePlanner):
     def set_up_planner(self, state_dict: Any, storage_meta: Any = None, is_coordinator: bool = False) -> None:
         try:
             super().set_up_planner(state_dict, storage_meta, is_coordinator)
+        except RecursionError as e:
+            raise too_deep() from e
         except ValueError as e:
             if "duplicated flatten key" not in str(e):
                 raise
@@ -56,8 +67,11 @@ class SavePlanner(DefaultSavePlanner):
             self.mappings = dict(self._original_mappings)
 
     def create_local_plan(self) -> SavePlan:
+        # Before DCP's planning, which fails on sparse/nested/meta tensors without naming
+        # the key (and such failures would read as a dead peer).
+        check_savable(self.state_dict)
         plan = super().create_local_plan()
-        digests = {}
+        digests, sizes = {}, {}
         for item in plan.items:
             fqn = item.index.fqn
             if item.type == WriteItemType.BYTE_IO:
@@ -65,15 +79,18 @@ class SavePlanner(DefaultSavePlanner):
                 text = json.dumps(encode_value(value, key=fqn), allow_nan=False, separators=(",", ":")).encode()
                 self._json_values[fqn] = text
                 digests[fqn] = integrity.hash_hex(text)
+                sizes[fqn] = len(text)
             else:
                 assert item.tensor_data is not None
                 datafile.dtype_name(item.tensor_data.properties.dtype, key=fqn)
-        plan = dataclasses.replace(plan, planner_data=_LocalPlannerData(self.mappings, digests))
+                _check_header_entry(item)
+        plan = dataclasses.replace(plan, planner_data=_LocalPlannerData(self.mappings, digests, sizes))
         self.plan = plan
         return plan
 
     def _create_global_plan(self, all_plans: list[SavePlan]) -> tuple[list[SavePlan], Any]:
         _check_values_agree([p.planner_data.value_digests for p in all_plans])
+        _check_manifest_size(all_plans)
         _check_tensors_agree(all_plans)
         plans = [dataclasses.replace(p, planner_data=p.planner_data.mappings) for p in all_plans]
         # DCP's own _create_global_plan, with our validation instead of its
@@ -118,6 +135,52 @@ def flatten_collision(e: ValueError) -> UnsupportedValueError:
         f"two entries of the state_dict flatten to the same key ({e}): a key containing '.' "
         "collides with a nested dict (e.g. {'a.b': x} and {'a': {'b': y}}). Rename one of them."
     )
+
+
+def _check_header_entry(item: WriteItem) -> None:
+    """Refuse a tensor whose entry alone would make a data-file header larger than
+    readers accept (``datafile.MAX_HEADER_BYTES``; safetensors has the same limit).
+
+    The entry is measured with ``datafile.build_header`` under its longest possible name
+    (``key@offsets``). Only a key of about that length can do this. The sum over a
+    file's entries depends on how the writer splits the rank's items into files, which
+    is not known here, so it is not checked at planning time.
+    """
+    assert item.tensor_data is not None
+    sizes = tuple(item.tensor_data.chunk.sizes)
+    offsets = ",".join(map(str, item.index.offset or ()))
+    dtype = datafile.dtype_name(item.tensor_data.properties.dtype, key=item.index.fqn)
+    end = math.prod(sizes) * datafile.itemsize(dtype)
+    entry = datafile.HeaderEntry(f"{item.index.fqn}@{offsets}", dtype, sizes, 0, end)
+    length = len(datafile.build_header([entry], {})) - datafile.HEADER_LEN_BYTES
+    if length > datafile.MAX_HEADER_BYTES:
+        fqn = item.index.fqn
+        shown = repr(fqn) if len(fqn) <= 80 else f"{fqn[:80]!r} (and {len(fqn) - 80} more characters)"
+        raise UnsupportedValueError(
+            f"key {shown}: its entry in a safetensors data-file header takes {length} bytes; a header may hold at most "
+            f"{datafile.MAX_HEADER_BYTES} bytes (readers and safetensors refuse larger ones). Use a shorter key."
+        )
+
+
+def _check_manifest_size(all_plans: list[SavePlan]) -> None:
+    """Refuse a save whose manifest would exceed what readers accept
+    (``manifest.MAX_MANIFEST_BYTES``), counting only what is known at planning time:
+    the values' JSON (stored inline) and every key (in ``tensors``/``values`` and
+    ``paths``). A lower bound: chunk records and checksums come on top."""
+    value_bytes: dict[str, int] = {}
+    keys: set[str] = set()
+    for plan in all_plans:
+        value_bytes.update(plan.planner_data.value_bytes)
+        keys.update(it.index.fqn for it in plan.items)
+    total = sum(value_bytes.values()) + sum(2 * len(json.dumps(k)) for k in keys)
+    if total > manifest.MAX_MANIFEST_BYTES:
+        largest = sorted(value_bytes.items(), key=lambda kv: (-kv[1], kv[0]))[:5]
+        shown = f" (largest values: {', '.join(f'{k!r}: {n} bytes' for k, n in largest)})" if largest else ""
+        raise UnsupportedValueError(
+            f"the manifest would take at least {total} bytes{shown}; readers refuse "
+            f"manifests above {manifest.MAX_MANIFEST_BYTES} bytes. Non-tensor values are stored inline "
+            "as JSON: save large data as tensors instead (e.g. torch.tensor(list))."
+        )
 
 
 def _check_values_agree(digests_by_rank: list[dict[str, str]]) -> None:
@@ -223,6 +286,12 @@ class LoadPlanner(DefaultLoadPlanner):
 
     def __init__(self, *, allow_partial_load: bool) -> None:
         super().__init__(flatten_state_dict=True, flatten_sharded_tensors=True, allow_partial_load=allow_partial_load)
+
+    def set_up_planner(self, state_dict: Any, metadata: Any = None, is_coordinator: bool = False) -> None:
+        try:
+            super().set_up_planner(state_dict, metadata, is_coordinator)
+        except RecursionError as e:
+            raise too_deep() from e
 
     def load_bytes(self, read_item: ReadItem, value: io.BytesIO) -> None:
         fqn = read_item.dest_index.fqn
