@@ -9,7 +9,10 @@ concerns, so one run tells the whole damage.
 
 Neither function is collective: call them from one process, with no process group.
 Data files are read through :mod:`shardckpt.storage` in pieces of
-``read_piece_bytes``; no file is ever held in memory whole.
+``read_piece_bytes``; no file is ever held in memory whole. The storage refuses a data
+file that is not a regular file (a FIFO, which would block the read forever) or that
+is a symlink leaving the checkpoint folder (which would read a host file); verify
+reports either as a problem of that file, and reads nothing of it.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ from typing import Any, NamedTuple
 from tqdm import tqdm
 
 from shardckpt import datafile, integrity
-from shardckpt.errors import ManifestError
+from shardckpt.errors import ManifestError, StorageError
 from shardckpt.loading import read_manifest
 from shardckpt.manifest import ChunkRecord, FileRecord, Manifest, decode_value
 from shardckpt.storage import Storage, open_storage
@@ -158,7 +161,13 @@ def _audit_file(
         bar.update(record.size)
         return result
     except (OSError, EOFError) as e:
-        message = f"reading the file failed ({type(e).__name__}: {e}); check the storage and run verify again"
+        if isinstance(e, StorageError) and e.errno is None:
+            # The storage refused the file for what it is (a FIFO, a link leaving the
+            # folder) or the store answered with a reason: its message says what was
+            # found and what to do; running verify again would change nothing.
+            message = str(e)
+        else:
+            message = f"reading the file failed ({type(e).__name__}: {e}); check the storage and run verify again"
         result.problems.append(Problem(name, None, message))
         return result
     result.read = True

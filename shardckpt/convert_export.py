@@ -83,6 +83,8 @@ def export_safetensors(
     storage, name = _parent_and_name(out)
     _refuse_existing(storage, [name], overwrite)
     items, skipped = _tensor_items(source, selection)
+    if overwrite:
+        storage.delete([name])  # storage creates files exclusively: never writes into an existing one
     with _bar(progress, source, items, selection) as bar:
         _write_safetensors(source, selection, storage, name, items, bar.update)
     return _report("safetensors", [_url(storage, name)], source, selection, items, skipped)
@@ -114,6 +116,7 @@ def export_hf(
     shards = plan_shards([(n, _out_bytes(source, selection, k)) for n, k in items], max_shard_bytes)
     names = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
     by_name = dict(items)
+    storage.delete([n for n in existing if n in names])  # rewritten below; storage creates files exclusively
     with _bar(progress, source, items, selection) as bar:
         for file_name, shard in zip(names, shards):
             _write_safetensors(source, selection, storage, file_name, [(n, by_name[n]) for n in shard], bar.update)
@@ -232,6 +235,8 @@ def export_torch(
     needed = sum(_out_bytes(source, selection, k) for _, k in tensor_items)
     _check_fits_in_memory(needed, out)
     state = read_state_dict(source, selection, flat=flat, progress=progress)
+    if overwrite:
+        storage.delete([name])  # storage creates files exclusively: never writes into an existing one
     stream = storage.open_write(name)
     try:
         torch.save(state, _WriteAdapter(stream))  # type: ignore[arg-type]  # torch only calls write() and flush()

@@ -11,6 +11,20 @@ loading one can run code planted in it: :func:`import_checkpoint` refuses unless
 caller passes ``trust_pickle=True``; even then DCP's non-tensor values are read with
 ``weights_only=True``.
 
+Source files. Every file this module opens itself (safetensors files, the HF index,
+the first bytes read to detect a format) is checked with ``os.stat`` to be a regular
+file, then opened with ``O_NONBLOCK`` and checked again with ``fstat`` on the opened
+descriptor, so what is read is what was checked: a FIFO in a file's place would block
+the import forever, a device (``/dev/zero``) would never end, and both are refused with
+a StorageError naming the file. Symlinks are followed wherever they point, because the
+user names the source and Hugging Face caches are made of them (a snapshot folder's
+files link into ``../../blobs/``); the target must be a regular file, and an error
+about a linked file names the link and its target. The contents stay hostile input,
+so a link to an unrelated host file is refused by the header checks, and nothing of
+it is echoed. ``torch.load`` and DCP open their files by path themselves: those are
+checked by ``os.stat`` first (every file of a DCP folder), which catches a file
+planted before the import, not one swapped during it.
+
 Memory. safetensors shards and zip-format ``torch.save`` files are memory-mapped, so
 the import holds no full copy of the model in anonymous memory. A DCP import
 materializes every tensor at once.
@@ -26,11 +40,12 @@ import json
 import mmap
 import os
 import pickle  # only for pickle.UnpicklingError: torch.load(weights_only=True) refusals
+import stat
 import sys
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, BinaryIO
 
 import torch
 from tqdm import tqdm
@@ -38,7 +53,7 @@ from tqdm import tqdm
 from shardckpt import datafile, layout
 from shardckpt.collective import translated_failures
 from shardckpt.convert_read import nest
-from shardckpt.errors import ManifestError, ShardckptError, UnsupportedValueError
+from shardckpt.errors import ManifestError, ShardckptError, StorageError, UnsupportedValueError
 from shardckpt.saving import save
 from shardckpt.storage import open_storage
 
@@ -125,7 +140,7 @@ def detect_format(source: str) -> str:
                          "*.safetensors.index.json or *.safetensors (Hugging Face); pass source_format")
     if not os.path.exists(source):
         raise FileNotFoundError(f"{source}: no such file or folder")
-    with open(source, "rb") as f:
+    with _open_regular(source) as f:
         head = f.read(9)
     if head[:4] == b"PK\x03\x04" or head[:1] == b"\x80":
         return "torch"  # zip (torch >= 1.6) or legacy pickle protocol 2+
@@ -141,15 +156,16 @@ def read_safetensors(path: str) -> tuple[dict[str, torch.Tensor], dict[str, str]
     """Tensors of a safetensors file, memory-mapped (copy-on-write, never written), and its metadata."""
     if sys.byteorder != "little":
         raise ShardckptError("importing safetensors needs a little-endian machine")
-    size = os.path.getsize(path)
-    with open(path, "rb") as f:
-        n = datafile.header_length(f.read(datafile.HEADER_LEN_BYTES), file=path, file_size=size)
-        entries, meta = datafile.parse_header(f.read(n), file=path, file_size=size)
+    shown = _shown(path)
+    with _open_regular(path) as f:
+        size = os.fstat(f.fileno()).st_size  # of what was opened, not of what the path names now
+        n = datafile.header_length(f.read(datafile.HEADER_LEN_BYTES), file=shown, file_size=size)
+        entries, meta = datafile.parse_header(f.read(n), file=shown, file_size=size)
         mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
     start = datafile.HEADER_LEN_BYTES + n
     tensors = {}
     for e in entries:
-        dtype = datafile.torch_dtype(e.dtype, where=f"{path}, tensor {e.name!r}")
+        dtype = datafile.torch_dtype(e.dtype, where=f"{shown}, tensor {e.name!r}")
         count, offset = (e.end - e.begin) // dtype.itemsize, start + e.begin
         if count == 0:
             tensors[e.name] = torch.empty(e.shape, dtype=dtype)
@@ -190,13 +206,14 @@ def _read_hf(folder: str) -> dict[str, Any]:
 
 def _read_index(path: str) -> dict[str, str]:
     """The ``weight_map`` of an untrusted Hugging Face index, with every shard name checked."""
-    if os.path.getsize(path) > 100 * 2**20:
-        raise ManifestError(f"{path}: over 100 MiB, too large for an index")
+    with _open_regular(path) as f:
+        if os.fstat(f.fileno()).st_size > 100 * 2**20:
+            raise ManifestError(f"{_shown(path)}: over 100 MiB, too large for an index")
+        raw = f.read()
     try:
-        with open(path, "rb") as f:
-            doc = json.loads(f.read().decode("utf-8"))
+        doc = json.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, ValueError) as e:
-        raise ManifestError(f"{path}: not valid JSON ({e})") from e
+        raise ManifestError(f"{_shown(path)}: not valid JSON ({e})") from e
     weight_map = doc.get("weight_map") if isinstance(doc, dict) else None
     if not isinstance(weight_map, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()):
         raise ManifestError(f"{path}: expected an object with a 'weight_map' object of tensor name -> shard file")
@@ -211,6 +228,7 @@ def _read_index(path: str) -> dict[str, str]:
 
 
 def _read_torch(path: str) -> Any:
+    _check_regular(path)  # torch.load opens the path itself, from C++, holding the GIL
     try:
         try:
             return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
@@ -243,6 +261,7 @@ def _read_dcp(folder: str) -> dict[str, Any]:
                 raise UnsupportedValueError(f"{folder}: DCP value {fqn!r} is not a plain value: "
                                             f"torch.load(weights_only=True) refused it ({_unpickler_reason(e)})") from e
 
+    _check_folder_files(folder)  # before DCP opens any of them by path
     reader = dcp.FileSystemReader(folder)
     metadata = reader.read_metadata()  # pickle.load: allowed by trust_pickle
     flat: dict[str, Any] = {
@@ -261,6 +280,73 @@ def _dcp_path(path: Any, fqn: str) -> list[str | int]:
 
 
 _READERS = {"safetensors": _read_safetensors_state, "hf": _read_hf, "torch": _read_torch, "dcp": _read_dcp}
+
+
+# ---------------------------------------------------------------- source files
+
+
+def _check_regular(path: str) -> os.stat_result:
+    """``os.stat(path)`` (symlinks followed) if it is a regular file; StorageError naming
+    it (and a link's target) if it is a FIFO, a device, a socket or a folder.
+    FileNotFoundError, PermissionError... pass through as raised."""
+    st = os.stat(path)
+    if not stat.S_ISREG(st.st_mode):
+        raise _not_regular(path, st)
+    return st
+
+
+def _open_regular(path: str) -> BinaryIO:
+    """``path`` opened for reading, provided it is a regular file (see the module docstring).
+
+    Checked twice: ``os.stat`` before opening, so that opening a device has no side
+    effect; ``fstat`` on the descriptor opened with ``O_NONBLOCK``, so that a FIFO
+    swapped in between cannot block the open and cannot be read. O_NONBLOCK changes
+    nothing for a regular file."""
+    _check_regular(path)
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise _not_regular(path, st)
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def _check_folder_files(folder: str) -> None:
+    """Every file under ``folder`` (file links followed) is a regular file. Sub-folders
+    are entered, symlinked ones are not: DCP reads the files its metadata names, which
+    FileSystemWriter puts at the top level."""
+    for parent, _dirs, files in os.walk(folder, onerror=_raise):
+        for name in files:
+            _check_regular(os.path.join(parent, name))
+
+
+def _raise(e: OSError) -> None:
+    raise e
+
+
+def _not_regular(path: str, st: os.stat_result) -> StorageError:
+    mode = st.st_mode
+    kind = (
+        "a FIFO (named pipe)" if stat.S_ISFIFO(mode)
+        else "a folder" if stat.S_ISDIR(mode)
+        else "a character device" if stat.S_ISCHR(mode)
+        else "a block device" if stat.S_ISBLK(mode)
+        else "a socket" if stat.S_ISSOCK(mode)
+        else "a special file"
+    )
+    return StorageError(
+        f"{_shown(path)}: is {kind}, not a regular file; import reads regular files only (a FIFO or a device "
+        "would block it or never end). Replace it with the file it stands for, or remove it from the source."
+    )
+
+
+def _shown(path: str) -> str:
+    """``path``, and where it leads when a symlink on the way changes it."""
+    real = os.path.realpath(path)
+    return path if real == os.path.abspath(path) else f"{path} (a symlink to {real})"
 
 
 # ---------------------------------------------------------------- helpers

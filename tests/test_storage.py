@@ -381,3 +381,51 @@ def test_complete_answered_no_such_upload_checks_the_object(size_seen: int | Non
     else:
         with pytest.raises(FileNotFoundError):
             stream.finish()
+
+
+class _HeadAnswers:
+    """Stands in for s3fs: every HEAD is answered with the HTTP status given, translated
+    to an exception exactly as s3fs translates botocore's ClientError."""
+
+    def __init__(self, status: int) -> None:
+        self.status = status
+        self.heads = 0
+
+    def split_path(self, path: str) -> tuple[str, str, None]:
+        bucket, _, key = path.partition("/")
+        return bucket, key, None
+
+    def invalidate_cache(self, path: str | None = None) -> None:
+        pass
+
+    def call_s3(self, method: str, **kw: object) -> dict:
+        from botocore.exceptions import ClientError
+        from s3fs.errors import translate_boto_error
+
+        assert method == "head_object"
+        self.heads += 1
+        if self.status == 200:
+            return {"ContentLength": 3}
+        # A HEAD answer has no body: botocore's code is the bare status.
+        response = {"Error": {"Code": str(self.status), "Message": "x"}, "ResponseMetadata": {"HTTPStatusCode": self.status}}
+        raise translate_boto_error(ClientError(response, "HeadObject"))  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("status,absent,heads", [(200, False, 1), (404, True, 1), (403, None, 1), (500, None, 2)])
+def test_s3_exists_is_false_only_on_a_404_head(status: int, absent: bool | None, heads: int) -> None:
+    """403 is permanent (PermissionError in s3fs), 500 transient (retried, then given up):
+    neither is "absent"; only the 404 is."""
+    from shardckpt.errors import StorageError
+    from shardckpt.storage.retry import RetryPolicy
+
+    retry = RetryPolicy(max_attempts=2, initial_backoff_s=0.001, max_backoff_s=0.001, max_total_s=1.0)
+    storage = FsspecStorage("s3://bucket/root", {"anon": True}, TransferOptions(retry=retry))
+    fake = _HeadAnswers(status)
+    storage.fs = fake  # type: ignore[assignment]
+    if absent is None:
+        with pytest.raises(StorageError) as info:
+            storage.exists("manifest.json")
+        assert not isinstance(info.value, FileNotFoundError) and str(status) in str(info.value)
+    else:
+        assert storage.exists("manifest.json") is (not absent)
+    assert fake.heads == heads
