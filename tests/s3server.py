@@ -277,7 +277,8 @@ class FaultProxy:
                     self.send_header("Content-Type", "application/xml")
                     self.send_header("Content-Length", str(len(payload)))
                     self.end_headers()
-                    self.wfile.write(payload)
+                    if self.command != "HEAD":  # a HEAD answer has no body; one would poison the connection
+                        self.wfile.write(payload)
                     return
                 resp, data = self._forward(body)
                 self.send_response(resp.status)

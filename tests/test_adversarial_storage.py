@@ -387,10 +387,6 @@ def test_local_queries_raise_on_stat_errors_other_than_enoent(
 
 
 @pytest.mark.parametrize("code", FAULTS, ids=errno.errorcode.get)
-@pytest.mark.xfail(
-    strict=True, raises=AssertionError,
-    reason="shardckpt/storage/local.py LocalStorage.size calls os.stat bare: EIO surfaces as a plain OSError",
-)
 def test_local_size_raises_storage_error_on_stat_errors(
     tmp_path: Path, failing_stat: Callable[[Path, int], None], code: int
 ) -> None:

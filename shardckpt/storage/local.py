@@ -97,7 +97,12 @@ class LocalStorage(Storage):
 
     def size(self, name: str) -> int:
         path = self._checked(name)
-        st = os.stat(path)
+        try:
+            st = os.stat(path)
+        except (FileNotFoundError, NotADirectoryError):
+            raise
+        except OSError as e:
+            raise _storage_error(e, path, "look up") from e
         if not stat.S_ISREG(st.st_mode):
             raise _not_regular(path, st)
         return st.st_size
@@ -140,7 +145,12 @@ class LocalStorage(Storage):
         so a FIFO put in a data file's place cannot block the open; checked with fstat
         on the opened descriptor, so a swap between check and open does not help."""
         path = self._checked(name)
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        except (FileNotFoundError, NotADirectoryError):
+            raise
+        except OSError as e:
+            raise _storage_error(e, path, "open") from e
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):
             os.close(fd)
@@ -258,4 +268,4 @@ def _unlink_quietly(path: str) -> None:
 
 def _raise_walk_error(e: OSError) -> None:
     if not isinstance(e, (FileNotFoundError, NotADirectoryError)):
-        raise e
+        raise _storage_error(e, e.filename or "?", "list") from e
