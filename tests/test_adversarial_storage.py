@@ -437,44 +437,9 @@ def test_verify_reports_an_unreadable_data_file_as_unreadable_not_missing(
 # ---------------------------------------------------------------- S3: a HEAD that is not a 404
 
 
-class _Sink:
-    def write(self, data: bytes) -> int:
-        return len(data)
-
-    def flush(self) -> None:
-        pass
-
-
-class HeadProxy(FaultProxy):
-    """FaultProxy that sends no body after a HEAD answer. The base proxy writes its
-    error body after an injected HEAD answer too (tests/s3server.py), and the client
-    then reads those bytes as the next answer on that keep-alive connection."""
-
-    def _handler_class(self) -> Any:
-        base: Any = super()._handler_class()
-
-        class Handler(base):  # type: ignore[misc]
-            real_wfile: Any
-
-            def setup(self) -> None:
-                super().setup()
-                self.real_wfile = self.wfile
-
-            def handle_one_request(self) -> None:
-                self.wfile = self.real_wfile
-                super().handle_one_request()
-
-            def end_headers(self) -> None:
-                super().end_headers()
-                if self.command == "HEAD":
-                    self.wfile = _Sink()  # until the next request on this connection
-
-        return Handler
-
-
 @pytest.fixture(scope="module")
 def shared_head_proxy(s3: S3Server) -> Iterator[FaultProxy]:  # noqa: F811 - the fixture imported above
-    p = HeadProxy(s3.port)
+    p = FaultProxy(s3.port)
     yield p
     p.stop()  # half a second: one proxy for the module
 
