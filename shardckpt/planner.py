@@ -20,7 +20,7 @@ from torch.distributed.checkpoint.metadata import Metadata, MetadataIndex, Tenso
 from torch.distributed.checkpoint.planner import ReadItem, SavePlan, WriteItem, WriteItemType
 
 from shardckpt import datafile, integrity, manifest
-from shardckpt.errors import UnsupportedValueError
+from shardckpt.errors import ManifestError, UnsupportedValueError
 from shardckpt.manifest import first_overlap
 from shardckpt.values import decode_value, encode_value
 from shardckpt.staging import BoundedSource, StagedShard, item_bytes
@@ -236,7 +236,12 @@ def _check_tiling(metadata: Metadata) -> None:
                     f"key {fqn!r}: a shard at offsets {list(off)} with sizes {list(size)} lies outside the "
                     f"tensor's global shape {list(md.size)}; the DTensor's placements do not match its shape"
                 )
-        pair = first_overlap(boxes)
+        try:
+            pair = first_overlap(boxes)
+        except ManifestError as e:  # a layout too irregular for the reader's overlap check
+            raise UnsupportedValueError(
+                f"key {fqn!r}: the load side would refuse this tensor's shard layout ({e})"
+            ) from None
         covered = sum(math.prod(size) for _, size in boxes)
         if pair is not None or covered != math.prod(md.size):
             what = (f"shards at {list(boxes[pair[0]][0])} and {list(boxes[pair[1]][0])} overlap" if pair

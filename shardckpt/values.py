@@ -14,13 +14,15 @@ from __future__ import annotations
 import math
 from typing import Any
 
+from shardckpt import datafile
 from shardckpt.errors import ManifestError, UnsupportedValueError
 
 # Nesting depth of one encoded value, counted in JSON containers (a list is one level,
-# a tuple two: {"$tuple": [...]}). Far below Python's recursion limit, so that encoding,
-# json.loads of the manifest and decoding never hit RecursionError, whatever the depth
-# of the caller's stack (DCP's own frames included).
-MAX_VALUE_DEPTH = 256
+# a tuple two: {"$tuple": [...]}). A value sits two levels deep in manifest.json (the
+# document, its "values" object), and readers refuse documents nested deeper than
+# datafile.MAX_JSON_DEPTH, so this is the most a value may take. (It is also far below
+# Python's recursion limit, so encoding and decoding never hit RecursionError.)
+MAX_VALUE_DEPTH = datafile.MAX_JSON_DEPTH - 2
 
 
 def unencodable_str(text: str) -> str | None:

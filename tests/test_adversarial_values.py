@@ -157,8 +157,11 @@ def test_async_save_refuses_a_sparse_tensor_by_type(tmp_path):
     assert_nothing_written(path)
 
 
-def test_save_refuses_a_value_nested_too_deeply(tmp_path):
-    err = refused_save({"v": deep_list(500)}, tmp_path / "c")
+@pytest.mark.parametrize("depth", [values.MAX_VALUE_DEPTH + 1, 500])
+def test_save_refuses_a_value_nested_too_deeply(tmp_path, depth):
+    # Just over the limit, the manifest would nest deeper than readers accept
+    # (datafile.MAX_JSON_DEPTH); far over it, encoding would exhaust the recursion limit.
+    err = refused_save({"v": deep_list(depth), "w": torch.ones(2)}, tmp_path / "c")
     assert "'v'" in str(err) and str(values.MAX_VALUE_DEPTH) in str(err)
 
 
