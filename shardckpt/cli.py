@@ -152,8 +152,9 @@ def _run_ls(args: argparse.Namespace) -> int:
     best = ranked[0] if ranked else None
     if args.json:
         rows = [
-            {"step": i.step, "committed": i.committed, "size_bytes": i.size_bytes, "metrics": i.metrics,
-             "created_at": i.created_at, "world_size": i.world_size, "latest": i.step == latest, "best": i.step == best}
+            {"step": i.step, "committed": i.committed, "foreign": i.foreign, "size_bytes": i.size_bytes,
+             "metrics": i.metrics, "created_at": i.created_at, "world_size": i.world_size,
+             "latest": i.step == latest, "best": i.step == best}
             for i in infos
         ]
         print(json.dumps({"root": args.root, "latest": latest, "best": best, "steps": rows}, indent=2))
@@ -164,12 +165,15 @@ def _run_ls(args: argparse.Namespace) -> int:
     table: list[list[str]] = []
     for i in infos:
         marks = ",".join(m for m, on in (("latest", i.step == latest), ("best", i.step == best)) if on)
-        state = "committed" if i.committed else "UNCOMMITTED"
+        state = "committed" if i.committed else "FOREIGN" if i.foreign else "UNCOMMITTED"
         table.append([str(i.step), state, _human_bytes(i.size_bytes), str(i.world_size or "-"),
                      json.dumps(i.metrics) if i.metrics else "-", marks])
     print("\n".join(_table(["STEP", "STATE", "SIZE", "RANKS", "METRICS", ""], table)))
-    if len(committed) < len(infos):
-        print("UNCOMMITTED folders are left by interrupted saves: never restored, removed by the next manager.")
+    if any(not i.committed and not i.foreign for i in infos):
+        print("UNCOMMITTED folders are left by interrupted saves: never restored, removed by the next writing manager.")
+    if any(i.foreign for i in infos):
+        print("FOREIGN folders were not written by shardckpt (no manifest.json, no .shardckpt-save.json): "
+              "never restored, never deleted.")
     return EXIT_OK
 
 
@@ -225,7 +229,9 @@ register(
             "whether it is committed (has a manifest; only those are ever restored), its size, "
             "the world size that saved it and the metrics saved with it. The latest committed step "
             "is marked, and with --monitor the best one too. Uncommitted folders are leftovers of "
-            "interrupted saves."
+            "interrupted saves; FOREIGN ones were not written by shardckpt (another tool's checkpoint "
+            "named step_*) and are never touched. Metrics that are not a dict (another version, a "
+            "hand edit) are shown as none."
         ),
         examples=(
             "shardckpt ls runs/llama",

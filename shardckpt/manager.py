@@ -2,27 +2,42 @@
 
 A step exists if and only if ``<root>/step_<N>/manifest.json`` exists. Listing,
 restore and retention only ever see committed steps; retention runs after the new
-step is committed and deletes a step by removing its manifest first, so a crash
-mid-delete leaves an uncommitted folder (cleaned up on the next start), never a
-committed step with missing data. Decisions that ranks must share (which step to
-restore, whether a time interval has passed, whether any rank was preempted) are
-made once and given to every rank.
+step is committed and deletes a step through :func:`shardckpt.folder.remove_checkpoint`
+(manifest first, so a crash mid-delete leaves an uncommitted folder that the next start
+cleans up, never a committed step with missing data; only the format's own names, so
+files a user put there stay). Decisions that ranks must share (which step to restore,
+whether a time interval has passed, whether any rank was preempted) are made once and
+given to every rank.
+
+What the manager never deletes: a folder it cannot prove is shardckpt's (no manifest,
+no save marker: a DCP checkpoint, a user's folder named ``step_*``), any file that is
+not one of the format's names, and anything at all once it no longer owns the root
+(:mod:`shardckpt.ownership`). Errors while deleting after a commit are warnings: the
+commit stands, and the next commit or start tries again.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import signal
 import sys
 import time
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from collections.abc import Callable
 from types import FrameType
 from typing import Any
 
-from shardckpt import layout, ownership
+from shardckpt import folder, layout, ownership
 from shardckpt.collective import RankGroup, checkpoint_group
-from shardckpt.errors import CheckpointNotFoundError, IntegrityError, ManifestError, ShardckptError
+from shardckpt.errors import (
+    CheckpointNotFoundError,
+    IntegrityError,
+    ManifestError,
+    RootInUseError,
+    ShardckptError,
+    UnsupportedValueError,
+)
 from shardckpt.loading import load, read_manifest
 from shardckpt.manifest import Manifest
 from shardckpt.retention import RetentionPolicy
@@ -42,6 +57,8 @@ class StepInfo:
     metrics: dict[str, Any] = field(default_factory=dict)
     created_at: str | None = None
     world_size: int | None = None
+    foreign: bool = False
+    """Uncommitted and not written by shardckpt (no save marker): never restored or deleted."""
 
 
 class CheckpointManager:
@@ -52,7 +69,12 @@ class CheckpointManager:
     coordinator (rank 0) lists, cleans up, applies retention and owns the root.
 
     Not thread-safe. ``read_only=True`` opens a root for ``restore``/listing only:
-    no owner record, no cleanup, and ``save`` refuses. ``max_staging_bytes`` bounds
+    no owner record, no cleanup, and ``save`` refuses. A writing manager owns the root
+    (see :mod:`shardckpt.ownership`): its coordinator claims the owner record when it
+    opens, refreshes it from a background thread every ``stale_owner_after_s / 4``
+    seconds until ``close`` (call it: the thread belongs to the manager), and re-reads
+    it before every save and every delete; one that lost the root to another manager
+    raises RootInUseError on ``save`` and deletes nothing. ``max_staging_bytes`` bounds
     the host memory of ``async_save=True`` saves per rank (see ``shardckpt.async_save``).
     ``timeout_s`` bounds every wait for other ranks, in saves, restores and the
     manager's own agreements (opening, listing, retention): a rank that does not arrive
@@ -88,6 +110,8 @@ class CheckpointManager:
             raise ValueError(f"save_interval_s must be > 0 or None, got {save_interval_s}")
         if timeout_s <= 0:
             raise ValueError(f"timeout_s must be > 0, got {timeout_s}")
+        if not stale_owner_after_s > 0:
+            raise ValueError(f"stale_owner_after_s must be > 0, got {stale_owner_after_s}")
         self.root = root.rstrip("/")
         self.policy = RetentionPolicy(keep_last, keep_every_n_steps, keep_best, monitor, mode)
         self.save_interval_steps = save_interval_steps
@@ -111,9 +135,14 @@ class CheckpointManager:
         self._preempted = False
         self._closed = False
         self._owner = ownership.OwnerRecord.for_this_process()
+        self._heartbeat: ownership.Heartbeat | None = None  # the coordinator's, while it owns the root
         self._previous_sigterm: Any = None
         if not read_only:
-            self._ranks().decide(f"opening {self.root}", lambda: self._start(takeover, stale_owner_after_s))
+            try:
+                self._ranks().decide(f"opening {self.root}", lambda: self._start(takeover, stale_owner_after_s))
+            except BaseException:
+                self._let_go()  # a failed open must not leave the root locked by a record nobody refreshes
+                raise
         if save_on_preemption:
             self._install_sigterm_handler()
 
@@ -141,10 +170,10 @@ class CheckpointManager:
         return ranked[0] if ranked else None
 
     def metrics(self, step: int) -> dict[str, Any]:
-        """The metrics saved with committed ``step`` (from its manifest)."""
+        """The metrics saved with committed ``step`` (from its manifest); {} when the
+        manifest holds none or something that is not a dict (another tool, a hand edit)."""
         if step not in self._metrics:
-            manifest = self.manifest(step)
-            self._metrics[step] = dict(manifest.metadata.get("metrics") or {})
+            self._metrics[step] = metrics_of(self.manifest(step))
         return self._metrics[step]
 
     def manifest(self, step: int) -> Manifest:
@@ -203,7 +232,9 @@ class CheckpointManager:
 
     # ------------------------------------------------------------ save
 
-    def save(self, step: int, state_dict: dict[str, Any], *, metrics: dict[str, Any] | None = None, force: bool = False) -> bool:
+    def save(
+        self, step: int, state_dict: dict[str, Any], *, metrics: Mapping[str, Any] | None = None, force: bool = False
+    ) -> bool:
         """Collective. Save ``state_dict`` as ``step`` if the interval says so (or ``force``).
 
         Call it every step: it returns False at once when no save is due. A save is
@@ -214,18 +245,26 @@ class CheckpointManager:
         state is staged in host memory; the commit (and retention) completes in the
         background and is confirmed by the next ``save``, ``wait``, ``restore`` or
         ``close``. Returns whether a checkpoint was started.
+
+        ``metrics``: a dict of str -> JSON values (numbers finite), checked on every call
+        before anything is written (UnsupportedValueError otherwise). Raises
+        RootInUseError, writing nothing, if another manager took the root over. Errors
+        while deleting after the commit (retention) are logged, never raised: the step
+        is committed once the manifest is written.
         """
         self._check_open()
         if self.read_only:
             raise ShardckptError(f"{self.root}: this CheckpointManager was opened read_only=True; it cannot save")
+        checked = check_metrics(metrics)  # before anything is written, due or not: a bad call fails at once
         preempted, time_due = self._shared_flags()
         due = force or preempted or time_due or step % self.save_interval_steps == 0
         if not due:
             return False
         self.wait()  # the previous async save: commit it (or raise its error) and apply retention
-        meta = {"step": step, "metrics": dict(metrics or {}), "saved_at": time.time()}
+        self._ranks().decide(f"checking that this manager still owns {self.root}", self._check_owner)
+        meta = {"step": step, "metrics": checked, "saved_at": time.time()}
         kwargs = dict(process_group=self._process_group, storage_options=self._storage_options, metadata=meta, **self._io)
-        self._metrics[step] = dict(metrics or {})
+        self._metrics[step] = dict(checked)
         self._last_save_time = time.monotonic()
         if self.async_save and not preempted:
             handle = async_save(state_dict, self.path(step), max_staging_bytes=self._max_staging_bytes, **kwargs)
@@ -241,13 +280,19 @@ class CheckpointManager:
 
     def _after_commit(self) -> None:
         """Collective: rank 0 applies retention while the others wait, so no rank lists a
-        step that is being deleted once save/wait has returned."""
+        step that is being deleted once save/wait has returned. Never raises for what
+        happens on storage: the step is committed, and a failed delete is retried by the
+        next commit (retention) or start (clean-up)."""
+        self._ranks().decide(f"retention under {self.root}", self._retain_quietly)
 
-        def retain() -> None:
+    def _retain_quietly(self) -> None:
+        try:
             self._apply_retention()
-            ownership.write(self._storage, _refreshed(self._owner))
-
-        self._ranks().decide(f"retention under {self.root}", retain)
+        except RootInUseError:
+            pass  # logged by the heartbeat when it noticed; the next save raises it
+        except (OSError, ShardckptError) as e:
+            log.warning("shardckpt: retention under %s stopped after the commit (%s: %s); the new step is "
+                        "committed, and retention runs again after the next one", self.root, type(e).__name__, e)
 
     def _shared_flags(self) -> tuple[bool, bool]:
         needs_collective = self.save_interval_s is not None or self._previous_sigterm is not None
@@ -262,33 +307,88 @@ class CheckpointManager:
         return preempted, time_due
 
     def _apply_retention(self) -> None:
+        """Coordinator. Raises (to _retain_quietly) if the steps or their metrics cannot be
+        read: a metric lost to a storage error must not make a kept step look deletable."""
         steps = self.steps()
-        for s in self.policy.to_delete(steps, {s: self._safe_metrics(s) for s in steps}):
-            self._delete_step(s)
+        metrics = {s: self._retention_metrics(s) for s in steps} if self.policy.keep_best else {}
+        for s in self.policy.to_delete(steps, metrics):
+            self._check_owner()  # right before each delete: a manager that lost the root deletes nothing
+            try:
+                self._delete_step(s)
+            except OSError as e:
+                log.warning("shardckpt: retention could not delete all of step %d (%s: %s); it is no longer "
+                            "committed, and the next manager start removes the rest of %s",
+                            s, type(e).__name__, e, self.path(s))
 
-    def _safe_metrics(self, step: int) -> dict[str, Any]:
+    def _retention_metrics(self, step: int) -> dict[str, Any]:
         try:
             return self.metrics(step)
-        except ShardckptError:
-            return {}
+        except ManifestError:
+            return {}  # a damaged manifest ranks as "no metric" (restore skips it anyway)
 
     def _delete_step(self, step: int) -> None:
-        storage = self._step_storage(step)
-        storage.delete([layout.MANIFEST_NAME])  # uncommit first: never a committed step with missing data
-        storage.delete_tree("")
         self._metrics.pop(step, None)
-        log.info("shardckpt: retention deleted step %d under %s", step, self.root)
+        storage = self._step_storage(step)
+        if folder.remove_checkpoint(storage, why=f"retention of step {step}"):
+            log.info("shardckpt: retention deleted step %d under %s", step, self.root)
 
     # ------------------------------------------------------------ lifecycle
 
     def _start(self, takeover: bool, stale_after_s: float) -> None:
+        """Coordinator. Claim the root, start the heartbeat, clean up interrupted saves.
+
+        Whether a folder is committed or shardckpt's is decided on answers that are not
+        errors: a storage error there (EIO on a stat) raises and nothing is deleted.
+        Errors while deleting are warnings: a half-deleted step never blocks opening."""
         ownership.claim(self._storage, self._owner, takeover=takeover, stale_after_s=stale_after_s)
+        self._heartbeat = ownership.Heartbeat(self._storage, self._owner, interval_s=stale_after_s / 4)
         for name in self._storage.list_dirs(""):
-            step = layout.parse_step_dir(name)
-            if step is not None and not self._storage.exists(f"{name}/{layout.MANIFEST_NAME}"):
-                self._storage.delete_tree(name)
-                self.cleaned_up.append(name)
+            if layout.parse_step_dir(name) is None or self._storage.exists(f"{name}/{layout.MANIFEST_NAME}"):
+                continue
+            sub = self._storage.child(name)
+            found = folder.contents(sub)
+            if not found.is_ours and not found.is_empty:
+                log.warning("shardckpt: leaving %s/%s alone: it has no %s and no %s, so shardckpt did not write "
+                            "it (another tool's checkpoint?); it is never listed, restored or deleted. Move it "
+                            "out of the manager's root to silence this warning.",
+                            self.root, name, layout.MANIFEST_NAME, layout.SAVE_MARKER_NAME)
+                continue
+            self._check_owner()
+            try:
+                if found.is_empty:  # a folder (and data/) created before anything was written in it
+                    sub.remove_empty_dir(layout.DATA_DIR)
+                    if not sub.remove_empty_dir(""):
+                        continue  # something appeared in it meanwhile: not ours to judge now
+                    gone = True
+                else:
+                    gone = folder.remove_checkpoint(sub, why="left by an interrupted save")
+            except OSError as e:
+                log.warning("shardckpt: could not finish removing %s/%s, left by an interrupted save (%s: %s); "
+                            "it is not committed, so it is never restored; the next start tries again",
+                            self.root, name, type(e).__name__, e)
+                continue
+            self.cleaned_up.append(name)
+            if gone:  # else remove_checkpoint warned about the files it left
                 log.warning("shardckpt: removed %s/%s, left by an interrupted save (no manifest)", self.root, name)
+
+    def _check_owner(self) -> None:
+        """Coordinator: RootInUseError unless the owner record on storage is still ours."""
+        if self._heartbeat is not None:
+            self._heartbeat.check()
+
+    def _let_go(self) -> None:
+        """Stop the heartbeat and release the owner record if it is still ours. Coordinator
+        (a no-op elsewhere). Best effort when the storage fails: a stale record is taken
+        over by the next manager after stale_owner_after_s."""
+        beat, self._heartbeat = self._heartbeat, None
+        if beat is None:
+            return
+        beat.close()
+        try:
+            ownership.release(self._storage, self._owner)
+        except OSError as e:
+            log.warning("shardckpt: could not release %s/%s (%s); the next manager takes it over once it is "
+                        "stale", self.root, layout.OWNER_NAME, e)
 
     def _install_sigterm_handler(self) -> None:
         def on_sigterm(signum: int, frame: FrameType | None) -> None:
@@ -314,7 +414,8 @@ class CheckpointManager:
         self._after_commit()
 
     def close(self) -> None:
-        """Release the root (owner record) and the SIGTERM handler. Idempotent."""
+        """Collective. Finish a pending async save, stop the heartbeat thread, release the
+        root (owner record, if still ours) and the SIGTERM handler. Idempotent."""
         if self._closed:
             return
         try:
@@ -323,8 +424,7 @@ class CheckpointManager:
             self._closed = True
             if self._previous_sigterm is not None:
                 signal.signal(signal.SIGTERM, self._previous_sigterm)
-            if not self.read_only and self._group.is_coordinator:
-                ownership.release(self._storage, self._owner)
+            self._let_go()
 
     def __enter__(self) -> CheckpointManager:
         return self
@@ -353,10 +453,63 @@ class CheckpointManager:
         return self._storage.child(layout.step_dir_name(step))
 
 
-def _refreshed(record: ownership.OwnerRecord) -> ownership.OwnerRecord:
-    from dataclasses import replace
+def metrics_of(manifest: Manifest) -> dict[str, Any]:
+    """The manager's metrics in a manifest's metadata, or {} when they are absent or not
+    a dict (a manifest from another version or tool, or a hand edit): never a crash."""
+    found = manifest.metadata.get("metrics")
+    return dict(found) if isinstance(found, dict) else {}
 
-    return replace(record, heartbeat_at=time.time())
+
+def check_metrics(metrics: Mapping[str, Any] | None) -> dict[str, Any]:
+    """``metrics`` as a plain dict, or UnsupportedValueError naming the offending entry.
+
+    Metrics are stored as JSON in the manifest: a dict with str keys whose values are
+    str, bool, None, finite int/float, or lists and dicts of those."""
+    if metrics is None:
+        return {}
+    if not isinstance(metrics, Mapping):
+        raise UnsupportedValueError(
+            f"metrics must be a dict of str -> JSON values, e.g. {{'val_loss': 0.42}}; got "
+            f"{type(metrics).__name__} {_short(metrics)}"
+        )
+    for key in metrics:
+        if not isinstance(key, str):
+            raise UnsupportedValueError(f"metrics keys must be str (JSON object keys); got {type(key).__name__} {key!r}")
+    plain = dict(metrics)
+    _check_json(plain, "metrics")
+    return plain
+
+
+def _check_json(value: Any, where: str) -> None:
+    if value is None or isinstance(value, (str, bool)):
+        return
+    if isinstance(value, (int, float)):
+        if isinstance(value, float) and not math.isfinite(value):
+            raise UnsupportedValueError(
+                f"{where} is {value}; JSON has no NaN or infinity. Leave the metric out for this step, "
+                "or store it as a string"
+            )
+        return
+    if isinstance(value, dict):
+        for k, v in value.items():
+            if not isinstance(k, str):
+                raise UnsupportedValueError(f"{where}: keys must be str (JSON object keys); got {type(k).__name__} {k!r}")
+            _check_json(v, f"{where}[{k!r}]")
+        return
+    if isinstance(value, (list, tuple)):
+        for i, v in enumerate(value):
+            _check_json(v, f"{where}[{i}]")
+        return
+    hint = "; pass a number: value.item()" if type(value).__module__.split(".")[0] in ("torch", "numpy") else ""
+    kind = f"{type(value).__module__}.{type(value).__qualname__}".removeprefix("builtins.")
+    raise UnsupportedValueError(
+        f"{where} is a {kind}, not a JSON value (str, int, float, bool, None, list, dict){hint}"
+    )
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
 
 
 def list_root(root: str, storage_options: dict[str, Any] | None = None) -> list[StepInfo]:
@@ -371,8 +524,9 @@ def list_root(root: str, storage_options: dict[str, Any] | None = None) -> list[
         if sub.exists(layout.MANIFEST_NAME):
             m = read_manifest(sub)
             size = sum(f.size for f in m.files.values())
-            infos.append(StepInfo(step, True, size, dict(m.metadata.get("metrics") or {}), m.created_at, m.world_size))
+            infos.append(StepInfo(step, True, size, metrics_of(m), m.created_at, m.world_size))
         else:
+            found = folder.contents(sub)
             size = sum(sub.size(n) for n in sub.list_files(""))
-            infos.append(StepInfo(step, False, size))
+            infos.append(StepInfo(step, False, size, foreign=not found.is_ours and not found.is_empty))
     return sorted(infos, key=lambda i: i.step)

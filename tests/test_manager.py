@@ -112,9 +112,11 @@ def test_uncommitted_leftovers_are_ignored_then_cleaned(tmp_path):
     root = str(tmp_path)
     with shardckpt.CheckpointManager(root) as mgr:
         mgr.save(1, state(1))
-    # an interrupted save: data written, no manifest
+    # an interrupted save: the save marker (written first by every save) and data, no manifest
     os.makedirs(os.path.join(root, "step_0000000002", "data"))
-    with open(os.path.join(root, "step_0000000002", "data", "x.safetensors"), "wb") as f:
+    with open(os.path.join(root, "step_0000000002", ".shardckpt-save.json"), "w") as f:
+        f.write("{}")
+    with open(os.path.join(root, "step_0000000002", "data", "0123456789ab-r00000-00.safetensors"), "wb") as f:
         f.write(b"partial")
     infos = shardckpt.list_root(root)
     assert [(i.step, i.committed) for i in infos] == [(1, True), (2, False)]
