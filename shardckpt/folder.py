@@ -73,9 +73,8 @@ def remove_checkpoint(storage: Storage, *, why: str) -> bool:
     names are left, with a warning, and so is the folder. Returns whether the folder
     is gone. A folder without a manifest or marker is not touched (False)."""
     found = contents(storage)
-    if found.is_empty:
-        storage.remove_empty_dir("")
-        return True
+    if found.is_empty:  # an empty data/ may still be there
+        return storage.remove_empty_dir(layout.DATA_DIR) and storage.remove_empty_dir("")
     if not found.is_ours:
         log.warning("shardckpt: not removing %s (%s): it holds neither %s nor %s, so it was not "
                     "written by shardckpt", storage.url, why, layout.MANIFEST_NAME, layout.SAVE_MARKER_NAME)

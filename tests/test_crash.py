@@ -58,7 +58,7 @@ CHILD = textwrap.dedent(
         def write_atomic(self, name, data):
             event("commit:before")
             if name.endswith("manifest.json"):
-                tmp = self._path(name) + ".partial-tmp"
+                tmp = os.path.join(os.path.dirname(self._path(name)), ".manifest.json.tmp-0123456789ab")
                 with open(tmp, "wb") as f:
                     f.write(data[: len(data) // 2])
                 event("commit:half-written-tmp")

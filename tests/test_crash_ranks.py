@@ -178,7 +178,7 @@ def check_root(root: str, lowest: int, highest: int) -> tuple[int, list[str]]:
             assert report.problems == [], (s, report.problems)
             on_disk = sorted(os.listdir(os.path.join(mgr.path(s), "data")))
             assert on_disk == sorted(n.split("/", 1)[1] for n in mgr.manifest(s).files), (s, on_disk)
-            assert sorted(os.listdir(mgr.path(s))) == ["data", "manifest.json"], s
+            assert sorted(os.listdir(mgr.path(s))) == [".shardckpt-save.json", "data", "manifest.json"], s
     assert restored is not None and restored == steps[-1], (restored, steps)
     assert lowest <= restored <= highest, (lowest, restored, highest)
     assert torch.equal(got["w"], expected(restored, WORLD)["w"]) and got["step"] == restored

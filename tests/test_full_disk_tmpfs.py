@@ -150,7 +150,9 @@ def test_running_out_of_inodes_commits_nothing_and_loses_nothing(small_disk):
     with shardckpt.CheckpointManager(root, keep_last=1, num_io_threads=2) as mgr:
         mgr.save(1, state(1))
     outcomes, previous = [], 1
-    for keep in range(0, 8):  # a save needs a folder, a data folder, data files, a temp manifest...
+    # a save needs a folder, the save marker (+ its temp name: link(2) counts on tmpfs), a
+    # data folder, data files, the manifest (+ its temp name)...
+    for keep in range(0, 10):
         step = keep + 2
         fillers = eat_inodes(disk, keep)
         opened: list[shardckpt.CheckpointManager] = []

@@ -87,8 +87,9 @@ def test_manager_retention_restore_and_cleanup_on_s3(s3: S3Server) -> None:
         assert mgr.steps() == [3, 4]
     keys = sorted(k.split("/runs/exp2/", 1)[1] for k in admin.find(f"{bucket}/runs/exp2", refresh=True))
     assert {k.split("/")[0] for k in keys} == {"step_0000000003", "step_0000000004"}  # retention deleted 1, 2
-    # An interrupted save: data objects, no manifest.
-    admin.pipe_file(f"{bucket}/runs/exp2/step_0000000005/data/partial-r00000-00.safetensors", b"partial")
+    # An interrupted save: its marker and data objects, no manifest.
+    admin.pipe_file(f"{bucket}/runs/exp2/step_0000000005/.shardckpt-save.json", b'{"save_id": "0123456789ab"}')
+    admin.pipe_file(f"{bucket}/runs/exp2/step_0000000005/data/0123456789ab-r00000-00.safetensors", b"partial")
     reader = shardckpt.CheckpointManager(root, read_only=True, storage_options=options)
     assert reader.steps() == [3, 4]
     sd = blank()
