@@ -17,6 +17,7 @@ import math
 import struct
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from shardckpt.errors import ManifestError, UnsupportedValueError
@@ -47,6 +48,20 @@ HEADER_LEN_BYTES = 8
 # safetensors itself refuses headers above 100 MB; so do we, before allocating.
 MAX_HEADER_BYTES = 100_000_000
 MAX_NDIM = 64
+
+# Limits on any JSON that shardckpt parses (manifests and data-file headers), checked by
+# json_limits_problem() on the raw bytes before json.loads builds a single object.
+# Depth: shardckpt's own JSON nests at most ~7 levels plus the nesting of a saved value.
+MAX_JSON_DEPTH = 64
+# Arrays and objects are the values that cost most memory per input byte (a 3-byte "[],"
+# becomes a ~70-byte list, a 9-byte '{"a":{}},' ~260 bytes: 20-30x), so their number is
+# capped relative to the size. What shardckpt writes has one per 17 bytes or more (a header
+# entry: 3 per >= 51 bytes; a manifest's chunk record: 4 per ~140 bytes); the slack admits
+# small documents dense in tuple values ({"$tuple": [...]}: one per ~11 bytes).
+JSON_CONTAINERS_SLACK = 2048
+JSON_BYTES_PER_CONTAINER = 16
+_SCAN_BLOCK = 1 << 14  # bytes scanned per numpy pass: bounds the scan's own memory (< 1 MB)
+_QUOTE, _BACKSLASH = 0x22, 0x5C
 
 
 def dtype_name(dtype: torch.dtype, *, key: str) -> str:
@@ -107,11 +122,21 @@ def header_length(prefix: bytes, *, file: str, file_size: int) -> int:
 
 
 def parse_header(raw: bytes, *, file: str, file_size: int) -> tuple[list[HeaderEntry], dict[str, str]]:
-    """Parse the JSON header bytes (after the length prefix) of an untrusted data file."""
+    """Parse the JSON header bytes (after the length prefix) of an untrusted data file.
+
+    Linear in ``len(raw)``; the JSON limits (:func:`json_limits_problem`) are checked
+    before any object is built, so memory stays within a constant factor of the header.
+    """
+    problem = json_limits_problem(raw, max_bytes=MAX_HEADER_BYTES)
+    if problem is not None:
+        raise ManifestError(
+            f"data file {file!r}: header {problem}. Headers that shardckpt or safetensors write stay far "
+            "below these limits, so the file is corrupt or hostile; load an earlier checkpoint."
+        )
     data_size = file_size - HEADER_LEN_BYTES - len(raw)
     try:
         obj = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+    except (ValueError, RecursionError) as e:  # ValueError: JSONDecodeError, UnicodeDecodeError, int digit limit
         raise ManifestError(f"data file {file!r}: header is not valid JSON ({type(e).__name__}: {e})") from e
     if not isinstance(obj, dict):
         raise ManifestError(f"data file {file!r}: header must be a JSON object")
@@ -148,3 +173,105 @@ def check_shape(shape: object, *, where: str) -> tuple[int, ...]:
     ):
         raise ManifestError(f"{where}: shape {shape!r} is not a list of at most {MAX_NDIM} non-negative ints")
     return tuple(shape)
+
+
+def max_json_containers(size: int) -> int:
+    """How many arrays and objects JSON text of ``size`` bytes may hold."""
+    return JSON_CONTAINERS_SLACK + size // JSON_BYTES_PER_CONTAINER
+
+
+def json_limits_problem(raw: bytes, *, max_bytes: int) -> str | None:
+    """What makes ``raw`` too costly to hand to ``json.loads``, or None if it is within limits.
+
+    Limits: ``len(raw) <= max_bytes``; nesting depth <= MAX_JSON_DEPTH; arrays + objects
+    <= max_json_containers(len(raw)). Counted outside strings, on the bytes, in O(len(raw))
+    time and O(1) memory (numpy, in blocks), so nothing is built for a refused document.
+    Within the limits json.loads takes at most ~16x ``len(raw)`` plus ~0.5 MB (measured
+    worst: one-key objects of 2-character strings at the container limit; 2-character
+    strings alone: 13x), against 20-30x for unlimited arrays and objects; manifests that
+    shardckpt writes take 5-6x. The result reads after "<document>: ", e.g. "has more ...".
+    """
+    if len(raw) > max_bytes:
+        return f"is {len(raw)} bytes, more than the limit of {max_bytes}"
+    scan = _JsonScan(len(raw))
+    data = np.frombuffer(raw, dtype=np.uint8)
+    for start in range(0, len(data), _SCAN_BLOCK):
+        problem = scan.block(data[start : start + _SCAN_BLOCK], start)
+        if problem is not None:
+            return problem
+    return None
+
+
+class _JsonScan:
+    """Containers and depth of JSON text, fed block by block; strings are skipped.
+
+    A quote delimits a string unless an odd run of backslashes precedes it. On any valid
+    prefix of a JSON text this is exactly JSON's tokenization, and json.loads builds nothing
+    past its first error, so the counts bound what it would build for any input. Work per
+    block: a few vectorized passes plus O(k log k) for its k quotes, brackets and backslashes.
+    """
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self.max_containers = max_json_containers(size)
+        self.containers = 0
+        self.depth = 0
+        self.in_string = False
+        self.backslashes = 0  # length of the backslash run that ended the previous block
+
+    def block(self, block: np.ndarray, start: int) -> str | None:
+        """Count one block (at byte ``start``); the first limit it breaks, in byte order."""
+        folded = block | 0x20  # "[" -> "{" and "]" -> "}"; no other byte maps to either
+        brackets = np.flatnonzero((folded == 0x7B) | (folded == 0x7D))
+        brackets = brackets[~self._inside_strings(block, brackets)]
+        steps = np.where(folded[brackets] == 0x7B, 1, -1).astype(np.int32)
+        depth = self.depth + np.cumsum(steps)
+        opens = brackets[steps == 1]
+        spare = self.max_containers - self.containers
+        too_many = start + int(opens[spare]) if len(opens) > spare else None
+        deep = np.flatnonzero(depth > MAX_JSON_DEPTH)
+        too_deep = start + int(brackets[deep[0]]) if len(deep) else None
+        if too_deep is not None and (too_many is None or too_deep < too_many):
+            return f"nests deeper than {MAX_JSON_DEPTH} levels of arrays and objects (at byte {too_deep})"
+        if too_many is not None:
+            return self._too_many(too_many)
+        self.containers += len(opens)
+        self.depth = int(depth[-1]) if len(depth) else self.depth
+        return None
+
+    def _too_many(self, at: int) -> str:
+        return (
+            f"has more than {self.max_containers} JSON arrays and objects (one more starts at byte {at}); "
+            f"the limit for {self.size} bytes is {JSON_CONTAINERS_SLACK} plus one per "
+            f"{JSON_BYTES_PER_CONTAINER} bytes, which bounds the memory that parsing takes"
+        )
+
+    def _inside_strings(self, block: np.ndarray, positions: np.ndarray) -> np.ndarray:
+        """Which ``positions`` (not quotes themselves) of ``block`` lie inside a string."""
+        quotes = np.flatnonzero(block == _QUOTE)
+        backslashes = np.flatnonzero(block == _BACKSLASH)
+        if len(backslashes) or self.backslashes:
+            quotes = quotes[~self._escaped(quotes, backslashes, len(block))]
+        inside = (np.searchsorted(quotes, positions) + self.in_string) % 2 == 1
+        self.in_string ^= len(quotes) % 2 == 1
+        return inside
+
+    def _escaped(self, quotes: np.ndarray, backslashes: np.ndarray, length: int) -> np.ndarray:
+        """Which ``quotes`` follow an odd run of backslashes; carries a run that ends the block."""
+        begin = quotes  # where the run of backslashes just before each quote begins (empty run: the quote)
+        run_start = backslashes
+        if len(backslashes):
+            new_run = np.ones(len(backslashes), dtype=bool)
+            new_run[1:] = np.diff(backslashes) != 1
+            run_start = np.maximum.accumulate(np.where(new_run, backslashes, -1))
+            last = np.maximum(np.searchsorted(backslashes, quotes) - 1, 0)
+            touching = backslashes[last] == quotes - 1
+            begin = np.where(touching, run_start[last], quotes)
+        run = quotes - begin + np.where(begin == 0, self.backslashes, 0)  # a run from byte 0 continues the carried one
+        ends_block = len(backslashes) > 0 and backslashes[-1] == length - 1
+        if ends_block:
+            tail = length - int(run_start[-1])
+            self.backslashes = tail + (self.backslashes if run_start[-1] == 0 else 0)
+        else:
+            self.backslashes = 0
+        return run % 2 == 1

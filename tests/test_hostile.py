@@ -660,5 +660,5 @@ def test_data_file_header_parser_only_raises_manifest_errors(raw):
 
 def test_deeply_nested_data_file_header_is_a_manifest_error():
     raw = b"[" * 100_000 + b"]" * 100_000
-    with pytest.raises(ManifestError, match="not valid JSON"):
+    with pytest.raises(ManifestError, match="nests deeper than 64"):
         datafile.parse_header(raw, file="deep", file_size=8 + len(raw))
