@@ -111,6 +111,8 @@ def check_savable(flat: dict[str, Any]) -> None:
         problem = tensor_problem(value, loading=False)
         if problem is not None:
             raise UnsupportedValueError(f"key {fqn!r}: {problem}")
+        if _is_sharded_tensor(value):
+            continue  # its shards were checked; DCP flattens it into chunks with the global metadata
         datafile.dtype_name(value.dtype, key=fqn)
         check_tensor_shape(tuple(value.shape), key=fqn)
 
@@ -133,6 +135,11 @@ def check_tensor_shape(shape: tuple[int, ...], *, key: str) -> None:
         ) from None
 
 
+def _is_sharded_tensor(value: Any) -> bool:
+    """A torch.distributed ShardedTensor (recognised by its method: the class is private)."""
+    return callable(getattr(type(value), "local_shards", None))
+
+
 def tensor_problem(tensor: torch.Tensor, *, loading: bool) -> str | None:
     """What keeps ``tensor`` from being saved (or, ``loading``, filled from a checkpoint),
     with the fix; None when it is a plain strided tensor with storage.
@@ -141,6 +148,11 @@ def tensor_problem(tensor: torch.Tensor, *, loading: bool) -> str | None:
     format option", "Cannot copy out of meta tensor") carry no key and surface as if
     a peer had died. For a DTensor, its local shard is checked.
     """
+    if _is_sharded_tensor(tensor):
+        # FSDP1's sharded state dicts: the object itself answers no attribute queries
+        # (its __torch_function__ refuses them); its local shards are plain tensors.
+        problems = (tensor_problem(shard.tensor, loading=loading) for shard in tensor.local_shards())
+        return next((p for p in problems if p is not None), None)
     local = tensor.to_local() if isinstance(tensor, DTensor) else tensor
     if local.is_nested:
         return (
