@@ -171,7 +171,7 @@ def _claim_in_process(make: Callable[[], Any], start: Any, done: Any, queue: Any
 
 @pytest.mark.parametrize("workers", ["threads", "processes"])
 def test_two_managers_claiming_a_fresh_root_never_both_win(tmp_path, workers):
-    trials = TRIALS if workers == "threads" else max(20, TRIALS // 5)
+    trials = TRIALS  # two threads or two processes, as the issue asks: >= 50 (stress: 500)
     doubles = 0
     for i in range(trials):
         root = tmp_path / f"t{i}"
@@ -185,7 +185,7 @@ def test_two_managers_claiming_a_fresh_root_never_both_win(tmp_path, workers):
 def test_two_takers_of_a_stale_record_never_both_win(tmp_path, workers):
     stale = {"token": "f" * 32, "host": "elsewhere", "pid": 1, "job_id": None,
              "started_at": time.time() - 7200, "heartbeat_at": time.time() - 3600}
-    trials = TRIALS if workers == "threads" else max(20, TRIALS // 5)
+    trials = TRIALS  # two threads or two processes, as the issue asks: >= 50 (stress: 500)
     doubles = 0
     for i in range(trials):
         root = tmp_path / f"t{i}"
