@@ -151,7 +151,8 @@ def tensor_problem(tensor: torch.Tensor, *, loading: bool) -> str | None:
     if _is_sharded_tensor(tensor):
         # FSDP1's sharded state dicts: the object itself answers no attribute queries
         # (its __torch_function__ refuses them); its local shards are plain tensors.
-        problems = (tensor_problem(shard.tensor, loading=loading) for shard in tensor.local_shards())
+        shards = tensor.local_shards()  # type: ignore[attr-defined]
+        problems = (tensor_problem(shard.tensor, loading=loading) for shard in shards)
         return next((p for p in problems if p is not None), None)
     local = tensor.to_local() if isinstance(tensor, DTensor) else tensor
     if local.is_nested:
