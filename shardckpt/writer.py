@@ -156,16 +156,20 @@ class Writer(StorageWriter):
             self._replaced = [n for n in found.checkpoint_files if layout.is_data_file_name(n)]
             # Uncommit first: from here on nobody may trust the old files.
             self.storage.delete([layout.MANIFEST_NAME])
-            self.storage.write_atomic(layout.SAVE_MARKER_NAME, marker)
-        else:
-            try:
-                self.storage.create_exclusive(layout.SAVE_MARKER_NAME, marker)
-            except FileExistsError as e:
-                raise CheckpointExistsError(
-                    f"save to {url}: another save started writing into this folder at the same moment; "
-                    "two saves to one path cannot both succeed. Save each to its own path."
-                ) from e
+        self._create(layout.SAVE_MARKER_NAME, marker, lost_race="another save started writing into this folder "
+                     "at the same moment; two saves to one path cannot both succeed. Save each to its own path.")
         self._save_id = save_id
+
+    def _create(self, name: str, data: bytes, *, lost_race: str) -> None:
+        """Create ``name`` exclusively (replace it with ``overwrite``); a lost race is
+        CheckpointExistsError saying ``lost_race``."""
+        if self.options.overwrite:
+            self.storage.write_atomic(name, data)
+            return
+        try:
+            self.storage.create_exclusive(name, data)
+        except FileExistsError as e:
+            raise CheckpointExistsError(f"save to {self.storage.url}: {lost_race}") from e
 
     def write_data(self, plan: SavePlan, planner: SavePlanner) -> torch.futures.Future[list[WriteResult]]:
         try:
@@ -216,17 +220,8 @@ class Writer(StorageWriter):
         m = build_manifest(metadata, results, self._layout, self.options.hash_block_bytes)
         m = dataclasses.replace(m, metadata=dict(self.options.metadata))
         self._check_files_present(m)
-        document = manifest_to_json(m)
-        if self.options.overwrite:
-            self.storage.write_atomic(layout.MANIFEST_NAME, document)
-        else:
-            try:
-                self.storage.create_exclusive(layout.MANIFEST_NAME, document)
-            except FileExistsError as e:
-                raise CheckpointExistsError(
-                    f"save to {self.storage.url}: another save committed this folder first; this one was not "
-                    "committed. Save each checkpoint to its own path."
-                ) from e
+        self._create(layout.MANIFEST_NAME, manifest_to_json(m), lost_race="another save committed this folder "
+                     "first; this one was not committed. Save each checkpoint to its own path.")
         self.manifest = m
         self._committed = True
         self._remove_replaced(m)

@@ -91,6 +91,21 @@ def interrupted_step(root: Path, step: int) -> Path:
     return d
 
 
+class AfterWrites(LocalStorage):
+    """Calls ``committed(name)`` after every atomic or exclusive write (the commit among them)."""
+
+    def write_atomic(self, name: str, data: bytes) -> None:
+        super().write_atomic(name, data)
+        self.committed(name)
+
+    def create_exclusive(self, name: str, data: bytes) -> None:
+        super().create_exclusive(name, data)
+        self.committed(name)
+
+    def committed(self, name: str) -> None:
+        pass
+
+
 def use_storage(monkeypatch, factory: Callable[[str], LocalStorage]) -> None:
     for mod in (shardckpt.saving, shardckpt.manager, shardckpt.loading):
         monkeypatch.setattr(mod, "open_storage", lambda url, options=None: factory(url))
@@ -256,15 +271,7 @@ def test_retention_rechecks_ownership_right_before_deleting(tmp_path, monkeypatc
     root = tmp_path / "run"
     thief = {"armed": False}
 
-    class Stealing(LocalStorage):
-        def write_atomic(self, name: str, data: bytes) -> None:
-            super().write_atomic(name, data)
-            self.committed(name)
-
-        def create_exclusive(self, name: str, data: bytes) -> None:
-            super().create_exclusive(name, data)
-            self.committed(name)
-
+    class Stealing(AfterWrites):
         def committed(self, name: str) -> None:
             if thief["armed"] and name == layout.MANIFEST_NAME:
                 other = {"token": "e" * 32, "host": "other", "pid": 1, "job_id": "x",
@@ -452,15 +459,7 @@ def test_retention_listing_error_after_the_commit_is_a_warning(tmp_path, monkeyp
     root = tmp_path / "run"
     broken = {"on": False, "armed": False}
 
-    class FlakyList(LocalStorage):
-        def write_atomic(self, name: str, data: bytes) -> None:
-            super().write_atomic(name, data)
-            self.committed(name)
-
-        def create_exclusive(self, name: str, data: bytes) -> None:
-            super().create_exclusive(name, data)
-            self.committed(name)
-
+    class FlakyList(AfterWrites):
         def committed(self, name: str) -> None:
             if name == layout.MANIFEST_NAME and broken["armed"]:
                 broken["on"] = True  # the commit landed; the listing that follows fails

@@ -85,9 +85,9 @@ class Storage(abc.ABC):
     def list_files(self, prefix: str = "") -> list[str]:
         """Names (relative to the root) of all files under folder ``prefix``, recursively."""
 
-    @abc.abstractmethod
     def list_dirs(self, prefix: str = "") -> list[str]:
         """Names of the immediate sub-folders of folder ``prefix`` (not recursive)."""
+        return [n[:-1] for n in self.list_names(prefix) if n.endswith("/")]
 
     @abc.abstractmethod
     def list_names(self, prefix: str = "") -> list[str]:

@@ -296,23 +296,8 @@ class FsspecStorage(Storage):
         found = (p.rstrip("/")[cut:] for p in self._run("list", prefix, find) if p.startswith(self.root + "/"))
         return sorted(n for n in found if n and not n.endswith("/"))
 
-    def list_dirs(self, prefix: str = "") -> list[str]:
-        """Immediate sub-folders; on S3 the common prefixes of a delimited listing."""
-        base = self._path(prefix)
-
-        def ls() -> list[dict[str, Any]]:
-            self.fs.invalidate_cache(base)
-            try:
-                return list(self.fs.ls(base, detail=True, refresh=True))
-            except FileNotFoundError as e:
-                if error_code(e)[0] == "NoSuchBucket":
-                    raise
-                return []
-
-        names = {e["name"].rstrip("/").rsplit("/", 1)[-1] for e in self._run("list", prefix, ls) if e.get("type") == "directory"}
-        return sorted(n for n in names if n)
-
     def list_names(self, prefix: str = "") -> list[str]:
+        """Immediate entries; on S3 one delimited listing (folders are its common prefixes)."""
         base = self._path(prefix)
 
         def ls() -> list[dict[str, Any]]:

@@ -211,9 +211,6 @@ class LocalStorage(Storage):
                 found.append(f if rel == "." else f"{rel}/{f}".replace(os.sep, "/"))
         return sorted(found)
 
-    def list_dirs(self, prefix: str = "") -> list[str]:
-        return sorted(n[:-1] for n in self.list_names(prefix) if n.endswith("/"))
-
     def list_names(self, prefix: str = "") -> list[str]:
         path = self._path(prefix)
         try:
