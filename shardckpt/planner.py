@@ -15,11 +15,13 @@ from collections import ChainMap, defaultdict
 from dataclasses import dataclass
 from typing import Any
 
+import torch
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner, DefaultSavePlanner, create_default_global_save_plan
 from torch.distributed.checkpoint.metadata import Metadata, MetadataIndex, TensorStorageMetadata
 from torch.distributed.checkpoint.planner import ReadItem, SavePlan, WriteItem, WriteItemType
 
 from shardckpt import datafile, integrity, manifest
+from shardckpt._torch_private import hook_skipped_error
 from shardckpt.errors import ManifestError, UnsupportedValueError
 from shardckpt.manifest import first_overlap
 from shardckpt.values import decode_value, encode_value
@@ -43,6 +45,11 @@ class SavePlanner(DefaultSavePlanner):
     ``datafile.MAX_HEADER_BYTES``, ``manifest.MAX_MANIFEST_BYTES``,
     ``values.MAX_VALUE_DEPTH``, UTF-8-encodable keys) and tensors DCP cannot write
     (sparse, nested, meta): see :func:`shardckpt.state.check_savable`.
+
+    The cross-rank checks run in ``_create_global_plan``, a private hook of DCP's
+    ``DefaultSavePlanner`` (see :mod:`shardckpt._torch_private`). On the coordinator,
+    ``create_global_plan`` and ``finish_plan`` raise ShardckptError if DCP did not call
+    it, rather than saving without the checks.
     """
 
     def __init__(self, *, mappings: dict[str, Any] | None = None, source: BoundedSource | None = None) -> None:
@@ -53,6 +60,7 @@ class SavePlanner(DefaultSavePlanner):
         self._json_values: dict[str, bytes] = {}
         self._original_mappings = mappings
         self._source = source
+        self._global_checks_ran = False
 
     def set_up_planner(self, state_dict: Any, storage_meta: Any = None, is_coordinator: bool = False) -> None:
         try:
@@ -65,6 +73,7 @@ class SavePlanner(DefaultSavePlanner):
             raise flatten_collision(e) from e
         if self._original_mappings is not None:
             self.mappings = dict(self._original_mappings)
+        self._global_checks_ran = False  # a planner may be set up for another save
 
     def create_local_plan(self) -> SavePlan:
         # Before DCP's planning, which fails on sparse/nested/meta tensors without naming
@@ -100,16 +109,32 @@ class SavePlanner(DefaultSavePlanner):
         merged = dict(ChainMap(*[p.planner_data for p in global_plan]))
         metadata = dataclasses.replace(metadata, planner_data=merged)
         _check_tiling(metadata)
+        self._global_checks_ran = True
         return global_plan, metadata
+
+    def create_global_plan(self, all_plans: list[SavePlan]) -> tuple[list[SavePlan], Metadata]:
+        """DCP's, then refuse if it did not go through our ``_create_global_plan`` (so a
+        torch whose DCP stops calling that hook fails before any byte is written)."""
+        result = super().create_global_plan(all_plans)
+        self._require_global_checks()
+        return result
 
     def _dedup_save_plans(self, all_plans: list[SavePlan]) -> list[SavePlan]:
         return balance_replicated(all_plans)
 
     def finish_plan(self, new_plan: SavePlan) -> SavePlan:
+        # Second guard, for a DCP that plans globally without calling create_global_plan.
+        if self.is_coordinator:
+            self._require_global_checks()
         plan = super().finish_plan(new_plan)
         if self._source is not None:
             self._source.expect(plan.items, self._resolve_tensor)
         return plan
+
+    def _require_global_checks(self) -> None:
+        """Raise ShardckptError unless our ``_create_global_plan`` ran for this save."""
+        if not self._global_checks_ran:
+            raise hook_skipped_error("_create_global_plan", torch.__version__)
 
     def resolve_data(self, write_item: WriteItem) -> Any:
         """The item's bytes: JSON for values, else the tensor (thread-safe)."""

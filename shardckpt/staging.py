@@ -29,9 +29,9 @@ from typing import Any
 import torch
 from torch.distributed.checkpoint.metadata import MetadataIndex
 from torch.distributed.checkpoint.planner import WriteItem, WriteItemType
-from torch.distributed.checkpoint.planner_helpers import _create_write_items
 from torch.distributed.tensor import DTensor
 
+from shardckpt._torch_private import create_write_items
 from shardckpt.errors import UnsupportedValueError
 from shardckpt.values import decode_value, encode_value
 
@@ -125,7 +125,7 @@ class Stager:
         layout = (tuple(obj.shape), obj.dtype, id(obj.device_mesh), tuple(obj.placements), obj.requires_grad)
         cached = self._items.get(fqn)
         if cached is None or cached[0] != layout:
-            cached = (layout, _create_write_items(fqn, obj))
+            cached = (layout, create_write_items(fqn, obj))
             self._items[fqn] = cached
         return cached[1]
 
@@ -253,4 +253,5 @@ def item_bytes(item: WriteItem) -> int:
     ``WriteItem.tensor_storage_size()`` is the whole tensor's, for every shard)."""
     if item.tensor_data is None:
         return 0
-    return math.prod(item.tensor_data.chunk.sizes) * torch._utils._element_size(item.tensor_data.properties.dtype)
+    # dtype.itemsize is public since torch 2.1 (we used a private element-size helper before).
+    return math.prod(item.tensor_data.chunk.sizes) * item.tensor_data.properties.dtype.itemsize

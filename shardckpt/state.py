@@ -14,11 +14,11 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from torch.distributed.checkpoint._nested_dict import flatten_state_dict
 from torch.distributed.checkpoint.stateful import Stateful
 from torch.distributed.tensor import DTensor
 
 from shardckpt import datafile
+from shardckpt._torch_private import flatten_state_dict
 from shardckpt.errors import ManifestError, UnsupportedValueError
 from shardckpt.values import check_str
 

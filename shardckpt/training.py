@@ -33,7 +33,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from torch.distributed.checkpoint._traverse import set_element
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_model_state_dict,
@@ -44,6 +43,7 @@ from torch.distributed.checkpoint.state_dict import (
 from torch.distributed.checkpoint.stateful import Stateful
 
 from shardckpt import datafile
+from shardckpt._torch_private import set_element
 from shardckpt.collective import RankGroup
 from shardckpt.errors import StateDictMismatchError
 from shardckpt.loading import check_target
