@@ -146,9 +146,12 @@ def remove_checkpoint_folder(url: str, storage_options: dict[str, Any] | None) -
     if not storage.is_dir():
         return
     found = folder.contents(storage)
-    if found.foreign or not found.is_ours:
+    if found.foreign:
         raise ShardckptError(f"{url}: refusing to delete: this folder is not only a shardckpt checkpoint "
                              f"(it also holds {list(found.foreign[:5])}); remove it by hand if that is intended")
+    if not found.is_ours and not found.is_empty:
+        raise ShardckptError(f"{url}: refusing to delete: it holds data files but neither a manifest nor "
+                             "shardckpt's save marker, so nothing proves shardckpt wrote them; remove it by hand")
     folder.remove_checkpoint(storage, why="Lightning remove_checkpoint")
 
 
