@@ -155,11 +155,18 @@ class Bench:
         self.dcp_group = dist.new_group(backend="gloo")
         self.stager = DefaultStager(StagingOptions(False, False, True, False))
         self.floor_buffers = [t.clone() for t in common.local_tensors(self.src)]  # allocated and touched once
-        # Each shardckpt mode keeps its own Stager, as it would in a job that uses one mode:
-        # in one process, switching modes frees the other mode's buffers (by design), and
-        # the interleaved loop would otherwise re-allocate them at every switch.
-        self.stagers = {"full": shardckpt.saving._stager, "bounded": shardckpt.saving.Stager()}
+        # Each shardckpt mode has its own Checkpointer (its own staging buffers), as it would
+        # in a job that uses one mode: with one, switching modes frees the other mode's
+        # buffers (by design), and the interleaved loop would re-allocate them at every switch.
+        self.checkpointers = {"full": shardckpt.Checkpointer(), "bounded": shardckpt.Checkpointer()}
         self.counter = 0
+
+    def one_save_at_a_time(self, mode: str) -> None:
+        """Finish the other Checkpointer's save (the one using ``mode`` finishes its own):
+        as when one engine served both modes, no two shardckpt saves overlap."""
+        for name, ckpt in self.checkpointers.items():
+            if name != mode:
+                ckpt.wait()
 
     def fresh_path(self, system: str) -> str:
         """A new, empty folder for this save (rank 0 creates it; collective)."""
@@ -194,12 +201,14 @@ class Bench:
         if system in ("shardckpt_async", "shardckpt_async_AA", "shardckpt_async_bounded"):
             bounded = system == "shardckpt_async_bounded"
             budget = int(self.local_bytes * BOUNDED_FRACTION) if bounded else None
-            self.shardckpt.saving._stager = self.stagers["bounded" if bounded else "full"]
-            handle = self.shardckpt.async_save(self.src, path, max_staging_bytes=budget)
+            mode = "bounded" if bounded else "full"
+            self.one_save_at_a_time(mode)
+            handle = self.checkpointers[mode].async_save(self.src, path, max_staging_bytes=budget)
             threading.Thread(target=_wait_then, args=(handle, mark), daemon=True).start()
             return handle
         if system == "shardckpt_sync":
-            self.shardckpt.save(self.src, path)
+            self.one_save_at_a_time("full")
+            self.checkpointers["full"].save(self.src, path)
         elif system == "dcp_sync":
             dcp.save(self.src, storage_writer=dcp.FileSystemWriter(path))
         elif system == "dcp_async":
@@ -339,8 +348,8 @@ def worker(rank: int, world: int, args: argparse.Namespace, facts: dict[str, Any
         if rank == 0:
             print(f"repetition {rep}{' (warm-up)' if warm else ''} done at {time.perf_counter() - t_start:.0f} s", flush=True)
     b.stager.close()
-    b.shardckpt.saving._stager = b.stagers["full"]
-    staging = common.gather_to_all(b.shardckpt.saving.staging_stats())
+    b.checkpointers["bounded"].wait()
+    staging = common.gather_to_all(b.checkpointers["full"].staging_stats())
     if rank == 0:
         results = build_results(args, facts, b, samples, consecutive, snapshot_ok, orders,
                                 time.perf_counter() - t_start)

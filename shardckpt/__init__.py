@@ -24,11 +24,12 @@ from shardckpt.errors import (  # noqa: E402
     UnsupportedFormatVersionError,
     UnsupportedValueError,
 )
+from shardckpt.engine import Checkpointer  # noqa: E402
 from shardckpt.loading import load, read_manifest  # noqa: E402
 from shardckpt.manager import CheckpointManager, StepInfo, list_root  # noqa: E402
 from shardckpt.manifest import Manifest  # noqa: E402
 from shardckpt.retention import RetentionPolicy  # noqa: E402
-from shardckpt.saving import AsyncSaveHandle, async_save, save  # noqa: E402
+from shardckpt.saving import AsyncSaveHandle, async_save, save, staging_stats  # noqa: E402
 from shardckpt.sampler import GlobalBatch, ResumableDistributedSampler  # noqa: E402
 from shardckpt.training import RngStreamsRederivedWarning, TrainState  # noqa: E402
 from shardckpt.convert import diff_checkpoints, export_checkpoint, import_checkpoint, read_state_dict  # noqa: E402
@@ -38,6 +39,8 @@ __all__ = [
     "save",
     "async_save",
     "AsyncSaveHandle",
+    "Checkpointer",
+    "staging_stats",
     "load",
     "read_manifest",
     "CheckpointManager",

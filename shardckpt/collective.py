@@ -119,15 +119,14 @@ class RankGroup:
         return [bool(x) for x in t.tolist()]
 
 
-_checkpoint_groups: dict[Any, Any] = {}
-
-
-def checkpoint_group(process_group: Any, timeout_s: float, purpose: str = "save") -> Any:
+def checkpoint_group(process_group: Any, timeout_s: float, groups: dict[Any, Any], purpose: str = "save") -> Any:
     """The group a save or load talks over. Collective on first use.
 
     For the whole world (``process_group`` None or spanning every rank): a gloo group
-    with every rank, created once per timeout, so an async save's background thread
-    never uses the training group and ``timeout_s`` bounds every wait. For a subgroup:
+    with every rank, created once per purpose and timeout and kept in ``groups`` (a
+    :class:`shardckpt.engine.Checkpointer`'s, which destroys them when closed), so an
+    async save's background thread never uses the training group and ``timeout_s``
+    bounds every wait. For a subgroup:
     the group itself (creating a twin on only some ranks would desynchronize
     ``new_group`` across the job); pass a gloo subgroup to get the same guarantees.
     """
@@ -135,15 +134,15 @@ def checkpoint_group(process_group: Any, timeout_s: float, purpose: str = "save"
     if not whole_world:
         return process_group
     key = (purpose, float(timeout_s))
-    if key not in _checkpoint_groups:
+    if key not in groups:
         try:
-            _checkpoint_groups[key] = dist.new_group(backend="gloo", timeout=datetime.timedelta(seconds=timeout_s))
+            groups[key] = dist.new_group(backend="gloo", timeout=datetime.timedelta(seconds=timeout_s))
         except RuntimeError as e:  # DistStoreError: some rank never came to create it
             raise RankTimeoutError(
                 f"creating the checkpoint process group: not every rank arrived within {timeout_s:g} s "
                 f"({e}). Every rank must make the same save/load calls in the same order."
             ) from e
-    return _checkpoint_groups[key]
+    return groups[key]
 
 
 def is_gloo(group: Any) -> bool:

@@ -45,8 +45,9 @@ except ImportError as e:  # pragma: no cover - exercised only without the extra
 from shardckpt import folder
 from shardckpt.convert_export import read_state_dict
 from shardckpt.convert_read import CheckpointSource, Selection
+from shardckpt.engine import Checkpointer
 from shardckpt.errors import ShardckptError, UnsupportedValueError
-from shardckpt.saving import AsyncSaveHandle, async_save, persist, save, wait_pending
+from shardckpt.saving import persist
 from shardckpt.storage import open_storage
 from shardckpt.writer import WriterOptions
 
@@ -65,6 +66,10 @@ class ShardckptCheckpointIO(CheckpointIO):
     removal of the same path and ``teardown`` wait for it and raise its error. Only in a
     single-process job; with several processes rank 0 saves synchronously (shardckpt's
     async save is collective). ``verify``: check checksums on load.
+
+    Saves run on a :class:`~shardckpt.engine.Checkpointer` this object owns (its staging
+    buffers and pending save); ``teardown`` closes it, freeing the buffers, and the next
+    save creates a new one.
     """
 
     def __init__(self, *, async_save: bool = False, num_io_threads: int = 2, verify: bool = True,
@@ -73,7 +78,7 @@ class ShardckptCheckpointIO(CheckpointIO):
         self.num_io_threads = num_io_threads
         self.verify = verify
         self.storage_options = storage_options
-        self._pending: AsyncSaveHandle | None = None
+        self._checkpointer: Checkpointer | None = None  # created on the first save, closed by teardown
         self._warned_sync = False
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any = None) -> None:
@@ -86,11 +91,16 @@ class ShardckptCheckpointIO(CheckpointIO):
         if _others_exist():
             self._save_from_this_rank_only(tree, url, metadata)
         elif self.async_save:
-            self._pending = async_save(tree, url, overwrite=True, metadata=metadata, num_io_threads=self.num_io_threads,
-                                       storage_options=self.storage_options)
+            self._engine().async_save(tree, url, overwrite=True, metadata=metadata, num_io_threads=self.num_io_threads,
+                                      storage_options=self.storage_options)
         else:
-            save(tree, url, overwrite=True, metadata=metadata, num_io_threads=self.num_io_threads,
-                 storage_options=self.storage_options)
+            self._engine().save(tree, url, overwrite=True, metadata=metadata, num_io_threads=self.num_io_threads,
+                                storage_options=self.storage_options)
+
+    def _engine(self) -> Checkpointer:
+        if self._checkpointer is None:
+            self._checkpointer = Checkpointer()
+        return self._checkpointer
 
     def _save_from_this_rank_only(self, tree: dict[str, Any], url: str, metadata: dict[str, Any]) -> None:
         # save()/async_save() are collective whenever a process group exists, but Lightning
@@ -98,16 +108,19 @@ class ShardckptCheckpointIO(CheckpointIO):
         if self.async_save and not self._warned_sync:
             log.warning("shardckpt: async_save applies to single-process jobs; rank 0 saves synchronously")
             self._warned_sync = True
-        wait_pending()
+        engine = self._engine()
+        engine.wait()
         options = WriterOptions(num_io_threads=self.num_io_threads, overwrite=True, metadata=metadata)
-        persist(tree, url, None, True, options, self.storage_options, mappings=None)
+        persist(tree, url, None, True, options, self.storage_options, mappings=None,
+                storage_factory=engine.open_storage)
 
     def load_checkpoint(self, path: Any, map_location: Any = None, weights_only: bool | None = None) -> dict[str, Any]:
         """The checkpoint dict at ``path``, tensors on CPU unless ``map_location`` says otherwise.
 
         Nothing is unpickled whatever ``weights_only`` says. Called on every rank; not collective.
         """
-        self.teardown()
+        if self._checkpointer is not None:
+            self._checkpointer.wait()  # a pending save to this path must be complete before reading it
         source = CheckpointSource(os.fspath(path), storage_options=self.storage_options, verify=self.verify)
         nested = read_state_dict(source, Selection())
         checkpoint = decode_checkpoint(nested, source.manifest.metadata.get(_NOTES_KEY, {}))
@@ -120,15 +133,17 @@ class ShardckptCheckpointIO(CheckpointIO):
         mistaken path cannot wipe unrelated data. A missing path is not an error.
         """
         url = os.fspath(path)
-        if self._pending is not None and self._pending.path == url:
-            self.teardown()
+        pending = self._checkpointer.pending if self._checkpointer is not None else None
+        if pending is not None and pending.path == url:
+            self._checkpointer.wait()  # type: ignore[union-attr]
         remove_checkpoint_folder(url, self.storage_options)
 
     def teardown(self) -> None:
-        """Wait for a background save; raise its error here if it failed."""
-        handle, self._pending = self._pending, None
-        if handle is not None:
-            handle.wait()
+        """Wait for a background save, raise its error here if it failed, and free the
+        staging buffers (closing this object's Checkpointer)."""
+        engine, self._checkpointer = self._checkpointer, None
+        if engine is not None:
+            engine.close()
 
 
 def remove_checkpoint_folder(url: str, storage_options: dict[str, Any] | None) -> None:

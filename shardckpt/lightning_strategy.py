@@ -52,10 +52,10 @@ from torch.distributed.checkpoint.state_dict import (
 from shardckpt import layout
 from shardckpt.collective import RankGroup
 from shardckpt.convert_read import CheckpointSource, nest
+from shardckpt.engine import Checkpointer
 from shardckpt.errors import CheckpointNotFoundError, StateDictMismatchError
 from shardckpt.lightning import decode_checkpoint, encode_checkpoint, remove_checkpoint_folder
-from shardckpt.loading import load
-from shardckpt.saving import DEFAULT_TIMEOUT_S, AsyncSaveHandle, async_save, save
+from shardckpt.saving import DEFAULT_TIMEOUT_S
 from shardckpt.state import flat_keys
 
 __all__ = ["ShardckptFSDPStrategy", "ShardckptModelParallelStrategy", "ShardckptOptions"]
@@ -88,7 +88,9 @@ class _ShardckptCheckpoints(ParallelStrategy):
     first in the bases of a concrete Lightning strategy and overrides only checkpointing."""
 
     _shardckpt: ShardckptOptions
-    _pending: AsyncSaveHandle | None = None
+    # Owns the staging buffers, the pending async save and the checkpoint gloo groups;
+    # created on first use, closed (collectively, every rank) by teardown.
+    _checkpointer: Checkpointer | None = None
 
     # ------------------------------------------------ what goes into Lightning's checkpoint dict
 
@@ -121,11 +123,11 @@ class _ShardckptCheckpoints(ParallelStrategy):
         o = self._shardckpt
         kwargs: dict[str, Any] = dict(overwrite=True, metadata=metadata, num_io_threads=o.num_io_threads,
                                       storage_options=o.storage_options, timeout_s=o.timeout_s)
-        self._finish_pending()
+        engine = self._engine()
         if o.async_save:
-            self._pending = async_save(tree, url, **kwargs)
+            engine.async_save(tree, url, **kwargs)  # finishes the previous one first
         else:
-            save(tree, url, **kwargs)
+            engine.save(tree, url, **kwargs)
 
     def load_checkpoint(self, checkpoint_path: Any, weights_only: bool | None = None) -> dict[str, Any]:
         """Load model and optimizer shards in place; return the rest of the checkpoint dict.
@@ -147,7 +149,8 @@ class _ShardckptCheckpoints(ParallelStrategy):
         if fitting and self.optimizers:
             target["optimizer_states"] = [get_optimizer_state_dict(self.model, opt) for opt in self.optimizers]
         _check_covered(source, target, strict_model=strict)
-        load(target, url, strict=False, verify=o.verify, storage_options=o.storage_options, timeout_s=o.timeout_s)
+        self._engine().load(target, url, strict=False, verify=o.verify, storage_options=o.storage_options,
+                            timeout_s=o.timeout_s)
         set_model_state_dict(self.model, target["state_dict"], options=StateDictOptions(strict=strict))
         for opt, state in zip(self.optimizers, target.get("optimizer_states", [])):
             set_optimizer_state_dict(self.model, opt, state)
@@ -161,23 +164,31 @@ class _ShardckptCheckpoints(ParallelStrategy):
         rank raises. A pending async save to that path is finished first.
         """
         url = os.fspath(filepath)
-        if self._pending is not None and self._pending.path == url:
+        pending = self._checkpointer.pending if self._checkpointer is not None else None
+        if pending is not None and pending.path == url:
             self._finish_pending()
         storage_options = self._shardckpt.storage_options
         RankGroup.current().decide(f"remove {url}", lambda: remove_checkpoint_folder(url, storage_options))
 
     def teardown(self) -> None:
         """Every rank, at the end of fit/validate/test: finish a background save (raising
-        its error), then the stock teardown."""
+        its error) and close the Checkpointer (freeing staging buffers and its gloo groups;
+        the next save creates a new one), then the stock teardown."""
+        engine, self._checkpointer = self._checkpointer, None
         try:
-            self._finish_pending()
+            if engine is not None:
+                engine.close()
         finally:
             super().teardown()
 
+    def _engine(self) -> Checkpointer:
+        if self._checkpointer is None:
+            self._checkpointer = Checkpointer()
+        return self._checkpointer
+
     def _finish_pending(self) -> None:
-        handle, self._pending = self._pending, None
-        if handle is not None:
-            handle.wait()
+        if self._checkpointer is not None:
+            self._checkpointer.wait()
 
 
 class ShardckptFSDPStrategy(_ShardckptCheckpoints, FSDPStrategy):

@@ -14,7 +14,7 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 
 from shardckpt import datafile, integrity, layout
-from shardckpt.collective import RankGroup, arrive, checkpoint_group, translated_failures, typed_transport_errors
+from shardckpt.collective import RankGroup, translated_failures, typed_transport_errors
 from shardckpt.errors import (
     CheckpointNotFoundError,
     InconsistentRanksError,
@@ -26,7 +26,7 @@ from shardckpt.errors import (
 from shardckpt.manifest import MAX_MANIFEST_BYTES, Manifest, parse_manifest, unseal
 from shardckpt.planner import LoadPlanner
 from shardckpt.reader import Reader
-from shardckpt.saving import DEFAULT_TIMEOUT_S, wait_pending
+from shardckpt.saving import DEFAULT_TIMEOUT_S
 from shardckpt.state import apply_loaded_stateful, describe, flat_keys, tensor_problem, to_plain_state_dict
 from shardckpt.storage import Storage, open_storage
 
@@ -60,15 +60,30 @@ def load(
     call ``load`` makes the others raise RankTimeoutError after ``timeout_s``. Like
     ``save``, the collectives run on the gloo checkpoint group, after this process's
     pending async save (if any) has finished.
+
+    Runs on the default :class:`~shardckpt.engine.Checkpointer` (created lazily), whose
+    pending async save it finishes first; ``Checkpointer.load`` does the same on yours.
     """
-    if not 1 <= num_io_threads <= 256:
-        raise ValueError(f"num_io_threads must be in [1, 256], got {num_io_threads}")
-    wait_pending()
-    group = RankGroup.current(process_group)
-    ckpt_group = checkpoint_group(process_group, timeout_s) if group.is_distributed else None
-    arrive(ckpt_group, f"load of {path}: waiting for every rank to call load", timeout_s)
-    group = RankGroup.current(ckpt_group) if ckpt_group is not None else group
-    storage = open_storage(path, storage_options)
+    from shardckpt.engine import default_checkpointer  # engine imports this module
+
+    default_checkpointer().load(state_dict, path, process_group=process_group, strict=strict, verify=verify,
+                                num_io_threads=num_io_threads, storage_options=storage_options, timeout_s=timeout_s)
+
+
+def load_from(
+    state_dict: dict[str, Any],
+    path: str,
+    storage: Storage,
+    group: RankGroup,
+    ckpt_group: Any,
+    *,
+    strict: bool,
+    verify: bool,
+    num_io_threads: int,
+) -> None:
+    """The body of a load, once every rank has arrived: read and check the manifest of
+    ``storage`` (the checkpoint ``path``), then fill ``state_dict``. Collective over
+    ``group`` (the checkpoint group ``ckpt_group``'s ranks, or a single process)."""
     plain = to_plain_state_dict(state_dict)
 
     def read() -> tuple[Manifest, str]:

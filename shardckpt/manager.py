@@ -29,7 +29,8 @@ from types import FrameType
 from typing import Any
 
 from shardckpt import folder, layout, ownership
-from shardckpt.collective import RankGroup, checkpoint_group
+from shardckpt.collective import RankGroup
+from shardckpt.engine import Checkpointer
 from shardckpt.errors import (
     CheckpointNotFoundError,
     IntegrityError,
@@ -38,10 +39,10 @@ from shardckpt.errors import (
     ShardckptError,
     UnsupportedValueError,
 )
-from shardckpt.loading import load, read_manifest
+from shardckpt.loading import read_manifest
 from shardckpt.manifest import Manifest
 from shardckpt.retention import RetentionPolicy
-from shardckpt.saving import DEFAULT_TIMEOUT_S, AsyncSaveHandle, async_save, save
+from shardckpt.saving import DEFAULT_TIMEOUT_S, AsyncSaveHandle
 from shardckpt.storage import Storage, open_storage
 
 log = logging.getLogger("shardckpt")
@@ -79,6 +80,11 @@ class CheckpointManager:
     ``timeout_s`` bounds every wait for other ranks, in saves, restores and the
     manager's own agreements (opening, listing, retention): a rank that does not arrive
     makes the others raise RankTimeoutError; a rank whose process died, RankFailureError.
+
+    Saves and restores run on ``checkpointer`` (a :class:`shardckpt.engine.Checkpointer`:
+    its staging buffers, gloo groups and storage factory; the root itself is opened with
+    its factory too). Without one the manager creates its own and closes it in
+    ``close``; one passed in stays open, for its creator to close.
     """
 
     def __init__(
@@ -103,6 +109,7 @@ class CheckpointManager:
         takeover: bool = False,
         stale_owner_after_s: float = 600.0,
         timeout_s: float = DEFAULT_TIMEOUT_S,
+        checkpointer: Checkpointer | None = None,
     ) -> None:
         if save_interval_steps < 1:
             raise ValueError(f"save_interval_steps must be >= 1, got {save_interval_steps}")
@@ -129,7 +136,11 @@ class CheckpointManager:
         self._group = RankGroup.current(process_group)
         self._agreements: RankGroup | None = None  # see _ranks()
         self._timeout_s = timeout_s
-        self._storage = open_storage(self.root, storage_options)
+        # Our own Checkpointer (closed by close()) unless one was given; a given one's
+        # storage factory opens the root too, so injected storage sees every access.
+        self._owns_checkpointer = checkpointer is None
+        self._checkpointer = Checkpointer() if checkpointer is None else checkpointer
+        self._storage = (open_storage if checkpointer is None else checkpointer.open_storage)(self.root, storage_options)
         self._metrics: dict[int, dict[str, Any]] = {}
         self._last_save_time = time.monotonic()
         self._preempted = False
@@ -142,6 +153,7 @@ class CheckpointManager:
                 self._ranks().decide(f"opening {self.root}", lambda: self._start(takeover, stale_owner_after_s))
             except BaseException:
                 self._let_go()  # a failed open must not leave the root locked by a record nobody refreshes
+                self._close_checkpointer()
                 raise
         if save_on_preemption:
             self._install_sigterm_handler()
@@ -194,8 +206,8 @@ class CheckpointManager:
         with a warning and the next older committed step is tried.
         """
         def load_step(s: int) -> None:
-            load(state_dict, self.path(s), process_group=self._process_group, strict=strict,
-                 storage_options=self._storage_options, **self._io)
+            self._checkpointer.load(state_dict, self.path(s), process_group=self._process_group, strict=strict,
+                                    storage_options=self._storage_options, **self._io)
 
         return self.restore_with(load_step, step)
 
@@ -267,10 +279,11 @@ class CheckpointManager:
         self._metrics[step] = dict(checked)
         self._last_save_time = time.monotonic()
         if self.async_save and not preempted:
-            handle = async_save(state_dict, self.path(step), max_staging_bytes=self._max_staging_bytes, **kwargs)
+            handle = self._checkpointer.async_save(state_dict, self.path(step), max_staging_bytes=self._max_staging_bytes,
+                                                   **kwargs)
             self._pending = (step, handle)
             return True
-        save(state_dict, self.path(step), **kwargs)
+        self._checkpointer.save(state_dict, self.path(step), **kwargs)
         self._after_commit()
         if preempted:
             log.warning("shardckpt: preempted (SIGTERM); step %d committed under %s, exiting", step, self.root)
@@ -415,7 +428,8 @@ class CheckpointManager:
 
     def close(self) -> None:
         """Collective. Finish a pending async save, stop the heartbeat thread, release the
-        root (owner record, if still ours) and the SIGTERM handler. Idempotent."""
+        root (owner record, if still ours) and the SIGTERM handler, and close the
+        Checkpointer if the manager created it. Idempotent."""
         if self._closed:
             return
         try:
@@ -424,7 +438,16 @@ class CheckpointManager:
             self._closed = True
             if self._previous_sigterm is not None:
                 signal.signal(signal.SIGTERM, self._previous_sigterm)
-            self._let_go()
+            try:
+                self._let_go()
+            finally:
+                self._close_checkpointer()
+
+    def _close_checkpointer(self) -> None:
+        # Frees the staging copy and destroys the manager's gloo groups; a given
+        # Checkpointer belongs to its creator.
+        if self._owns_checkpointer:
+            self._checkpointer.close()
 
     def __enter__(self) -> CheckpointManager:
         return self
@@ -445,7 +468,7 @@ class CheckpointManager:
         if self._agreements is None:
             group = self._group
             if group.is_distributed:
-                group = RankGroup.current(checkpoint_group(self._process_group, self._timeout_s, purpose="manager"))
+                group = RankGroup.current(self._checkpointer.group(self._process_group, self._timeout_s, purpose="manager"))
             self._agreements = group
         return self._agreements
 

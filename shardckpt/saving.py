@@ -5,28 +5,34 @@ the caller's state on the caller's process group. ``async_save`` first stages th
 state into reused host buffers (the only part the caller waits for), then runs
 ``persist`` on a background thread over a dedicated gloo group, so no collective of
 the save ever runs on the training group from another thread.
+
+The state kept between calls (staging buffers, the pending async save, the gloo
+groups) belongs to a :class:`shardckpt.engine.Checkpointer`; the module functions
+here are thin wrappers over the default one (:func:`shardckpt.engine.default_checkpointer`).
 """
 
 from __future__ import annotations
 
-import atexit
 import logging
 import os
 import threading
-from typing import Any
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 
 from shardckpt import integrity
-from shardckpt.collective import RankGroup, arrive, checkpoint_group, is_gloo, is_timeout, translated_failures
+from shardckpt.collective import arrive, is_timeout, translated_failures
 from shardckpt.errors import RankTimeoutError
 from shardckpt.manifest import Manifest
 from shardckpt.planner import SavePlanner
-from shardckpt.staging import BoundedSource, Stager, tensor_bytes
-from shardckpt.state import flatten_with_mappings, to_plain_state_dict
-from shardckpt.storage import open_storage
+from shardckpt.staging import BoundedSource
+from shardckpt.storage import Storage, open_storage
 from shardckpt.writer import Writer, WriterOptions
+
+if TYPE_CHECKING:
+    from shardckpt.engine import Checkpointer
 
 DEFAULT_SAVE_IO_THREADS = 4  # local disks: 4 streams per rank saved 1.4-1.6x faster than 2 (benchmarks.md)
 DEFAULT_REMOTE_SAVE_IO_THREADS = 8  # object stores: latency-bound, more uploads in flight (storage.md)
@@ -63,20 +69,19 @@ def save(
     ``path`` is refused unless ``overwrite=True``. ``metadata`` (plain JSON, the
     coordinator's copy is kept) is stored in the manifest, e.g. a step and metrics.
 
-    A pending ``async_save`` of this process is finished first. Every wait for other
+    A pending ``async_save`` made through these module functions is finished first
+    (one made through another Checkpointer is not: it is that object's). Every wait for other
     ranks is bounded by ``timeout_s``: a rank that never calls ``save`` or never finishes
     its writes makes the others raise RankTimeoutError naming it. The save's collectives
     run on a gloo group with the caller's ranks, created on the first call (by every
     rank). Returns the committed Manifest on the coordinator, None on other ranks.
+
+    Runs on the default :class:`~shardckpt.engine.Checkpointer` (created lazily); use
+    your own Checkpointer to inject storage or to free its resources with ``close()``.
     """
-    path = checkpoint_path(path)
-    options = _options(num_io_threads, hash_block_bytes, overwrite, metadata, path)
-    wait_pending()
-    group = RankGroup.current(process_group)
-    ckpt_group = checkpoint_group(process_group, timeout_s) if group.is_distributed else None
-    arrive(ckpt_group, f"save to {path}: waiting for every rank to call save", timeout_s)
-    return persist(to_plain_state_dict(state_dict), path, ckpt_group, not group.is_distributed, options,
-                   storage_options, mappings=None, timeout_s=timeout_s)
+    return _default().save(state_dict, path, process_group=process_group, num_io_threads=num_io_threads,
+                           overwrite=overwrite, storage_options=storage_options, hash_block_bytes=hash_block_bytes,
+                           metadata=metadata, timeout_s=timeout_s)
 
 
 def persist(
@@ -89,10 +94,13 @@ def persist(
     mappings: dict[str, Any] | None,
     timeout_s: float = DEFAULT_TIMEOUT_S,
     source: BoundedSource | None = None,
+    storage_factory: Callable[[str, dict[str, Any] | None], Storage] | None = None,
 ) -> Manifest | None:
     """Plan, write and commit ``state`` (collective over ``process_group``, a gloo group
     or None). Thread-safe as long as each concurrent call uses its own process group.
-    ``source``: a bounded async save's tensor source, released when this returns."""
+    ``source``: a bounded async save's tensor source, released when this returns.
+    ``storage_factory``: opens ``path`` (default :func:`open_storage`); called here, on
+    the thread that runs the save, so a failure to open is the save's failure."""
 
     timeouts: list[RankTimeoutError] = []
 
@@ -103,7 +111,8 @@ def persist(
             timeouts.append(e)
             raise
 
-    writer = Writer(open_storage(path, storage_options), options, after_write=all_written)
+    storage = (storage_factory or open_storage)(path, storage_options)
+    writer = Writer(storage, options, after_write=all_written)
     try:
         rank = dist.get_rank(process_group) if process_group is not None else 0
         with translated_failures(f"save to {path}", rank=rank):
@@ -137,9 +146,10 @@ def checkpoint_path(path: Any) -> str:
     return text
 
 
-def _options(
+def save_options(
     num_io_threads: int | None, hash_block_bytes: int, overwrite: bool, metadata: dict[str, Any] | None, path: str
 ) -> WriterOptions:
+    """The writer's options for a save to ``path`` (I/O threads defaulted by storage kind)."""
     if num_io_threads is None:
         local = "://" not in path or path.startswith("file://")
         num_io_threads = DEFAULT_SAVE_IO_THREADS if local else DEFAULT_REMOTE_SAVE_IO_THREADS
@@ -184,25 +194,15 @@ class AsyncSaveHandle:
             self._finished.set()
 
 
-_lock = threading.Lock()
-_pending: AsyncSaveHandle | None = None
-_stager = Stager()
-_last_source: BoundedSource | None = None
+def _default() -> Checkpointer:
+    from shardckpt.engine import default_checkpointer  # engine imports this module
+
+    return default_checkpointer()
 
 
 def wait_pending() -> None:
-    """Finish this process's pending async save; raise its error if nobody has seen it yet."""
-    global _pending
-    with _lock:
-        handle, _pending = _pending, None
-    if handle is None:
-        return
-    already_seen = handle.error_reported
-    try:
-        handle.wait()
-    except BaseException:
-        if not already_seen:
-            raise
+    """Finish the default Checkpointer's pending async save; raise its error if nobody has seen it yet."""
+    _default().wait()
 
 
 def async_save(
@@ -220,8 +220,8 @@ def async_save(
 ) -> AsyncSaveHandle:
     """Like :func:`save`, but returns once the state is copied to host memory.
 
-    Collective, like ``save``. First finishes the previous async save of this process
-    (raising its error if it failed and nobody called ``wait`` on it). Then copies every
+    Collective, like ``save``. First finishes the previous async save made through
+    these module functions (raising its error if it failed and nobody called ``wait`` on it). Then copies every
     tensor into host buffers kept from the previous save (pinned on GPU hosts), so the
     caller may mutate its tensors as soon as this returns. Writing, checksumming and the
     commit run on a background thread whose collectives use a dedicated gloo group
@@ -233,60 +233,20 @@ def async_save(
     streams them from the caller's tensors while this call waits, and copies only the
     last ``max_staging_bytes`` into a reused buffer before returning: the call blocks
     for about the time it takes to write the rest. 0 makes the save synchronous.
+
+    Runs on the default :class:`~shardckpt.engine.Checkpointer`, whose staging buffers
+    live until it is closed; the background thread is not a daemon, so the interpreter
+    waits for a pending save at exit. For several saves in flight at once, or to free
+    the staging memory, use your own Checkpointers.
     """
-    if max_staging_bytes is not None and max_staging_bytes < 0:
-        raise ValueError(f"max_staging_bytes must be >= 0 or None (no bound), got {max_staging_bytes}")
-    path = checkpoint_path(path)
-    options = _options(num_io_threads, hash_block_bytes, overwrite, metadata, path)
-    wait_pending()
-    group = RankGroup.current(process_group)
-
-    def stage() -> dict[str, Any]:
-        flat, mappings = flatten_with_mappings(to_plain_state_dict(state_dict))
-        if max_staging_bytes is None or tensor_bytes(flat) <= max_staging_bytes:
-            return {"state": _stager.stage(flat), "mappings": mappings, "source": None}
-        source = BoundedSource(max_staging_bytes, _stager.arena)
-        return {"state": _stager.stage_live(flat), "mappings": mappings, "source": source}
-
-    staged = group.agree(f"async save to {path}", stage)
-    bg_group = checkpoint_group(process_group, timeout_s) if group.is_distributed else None
-    if bg_group is not None and not is_gloo(bg_group):
-        raise ValueError(
-            "async_save over a subgroup needs a gloo group, so the background thread never runs "
-            "collectives on a training group: pass process_group=dist.new_group(ranks, backend='gloo') "
-            "(created on every rank)"
-        )
-    handle = AsyncSaveHandle(path)
-    thread = threading.Thread(
-        target=handle._run,
-        args=(persist, staged["state"], path, bg_group, not group.is_distributed, options, storage_options,
-              staged["mappings"], timeout_s, staged["source"]),
-        name="shardckpt-async-save",
-        daemon=True,
-    )
-    global _pending, _last_source
-    with _lock:
-        _pending = handle
-    _last_source = staged["source"]
-    thread.start()
-    if _last_source is not None:
-        _last_source.released.wait()  # the caller's tensors are read until then
-    return handle
+    return _default().async_save(state_dict, path, process_group=process_group, num_io_threads=num_io_threads,
+                                 overwrite=overwrite, storage_options=storage_options,
+                                 hash_block_bytes=hash_block_bytes, metadata=metadata, timeout_s=timeout_s,
+                                 max_staging_bytes=max_staging_bytes)
 
 
 def staging_stats() -> dict[str, int]:
-    """Host memory held by staging buffers, how often they were allocated, and for the
-    last bounded save how many bytes were written from live tensors vs staged."""
-    stats = {"staged_bytes": _stager.staged_bytes, "allocations": _stager.allocations}
-    if _last_source is not None:
-        stats.update(bounded_live_bytes=_last_source.live_bytes, bounded_staged_bytes=_last_source.staged_bytes)
-    return stats
-
-
-@atexit.register
-def _finish_at_exit() -> None:
-    """At interpreter exit, let a pending save finish (or fail cleanly, uncommitted)."""
-    handle = _pending
-    if handle is not None and not handle.done():
-        log.warning("shardckpt: waiting for the pending async save to %s before exit", handle.path)
-        handle._finished.wait()
+    """Host memory held by the default Checkpointer's staging buffers, how often they were
+    allocated, and for its last bounded save how many bytes were written from live
+    tensors vs staged (see :meth:`shardckpt.engine.Checkpointer.staging_stats`)."""
+    return _default().staging_stats()

@@ -21,8 +21,8 @@ import pytest
 import torch
 
 import shardckpt
-import shardckpt.saving
 from shardckpt import layout
+from shardckpt.engine import Checkpointer
 from shardckpt.errors import (
     CheckpointExistsError,
     DestinationNotEmptyError,
@@ -137,16 +137,16 @@ def test_interrupted_save_is_refused_until_overwrite(tmp_path: Path) -> None:
     assert torch.equal(_loaded(ckpt)["w"], _state(5.0)["w"])
 
 
-def test_failed_save_into_a_new_folder_leaves_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_failed_save_into_a_new_folder_leaves_nothing(tmp_path: Path) -> None:
     class FailingCommit(LocalStorage):
         def create_exclusive(self, name: str, data: bytes) -> None:
             if name == layout.MANIFEST_NAME:
                 raise OSError(5, "Input/output error")
             super().create_exclusive(name, data)
 
-    monkeypatch.setattr(shardckpt.saving, "open_storage", lambda url, options=None: FailingCommit(url))
+    engine = Checkpointer(storage_factory=lambda url, options=None: FailingCommit(url))  # sync saves only: nothing to close
     with pytest.raises(StorageError):
-        shardckpt.save(_state(), str(tmp_path / "c"))
+        engine.save(_state(), str(tmp_path / "c"))
     assert not (tmp_path / "c").exists()
 
 
@@ -239,7 +239,7 @@ def test_ranks_with_different_paths_commit_nothing(tmp_path: Path) -> None:
         assert not (tmp_path / f"ckpt_{r}" / layout.MANIFEST_NAME).exists()
 
 
-def test_commit_checks_every_listed_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_commit_checks_every_listed_file(tmp_path: Path) -> None:
     """A data file removed between the write and the commit (another job on the same
     path, a rank that wrote elsewhere) stops the commit instead of committing a hole."""
 
@@ -249,17 +249,16 @@ def test_commit_checks_every_listed_file(tmp_path: Path, monkeypatch: pytest.Mon
             for f in os.listdir(self._path("data")):
                 os.unlink(self._path(f"data/{f}"))
 
-    monkeypatch.setattr(shardckpt.saving, "open_storage", lambda url, options=None: LosingStorage(url))
+    engine = Checkpointer(storage_factory=lambda url, options=None: LosingStorage(url))  # sync saves only: nothing to close
     with pytest.raises(StorageError, match="is missing"):
-        shardckpt.save(_state(), str(tmp_path / "c"))
+        engine.save(_state(), str(tmp_path / "c"))
     assert not (tmp_path / "c" / layout.MANIFEST_NAME).exists()
 
 
 # ---------------------------------------------------------------- item 11: errors after the commit
 
 
-def test_cleanup_failure_after_commit_is_a_warning(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                                                   caplog: pytest.LogCaptureFixture) -> None:
+def test_cleanup_failure_after_commit_is_a_warning(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     ckpt = tmp_path / "c"
     shardckpt.save(_state(1.0), str(ckpt))
 
@@ -269,9 +268,9 @@ def test_cleanup_failure_after_commit_is_a_warning(tmp_path: Path, monkeypatch: 
                 raise PermissionError(13, "Permission denied", self._path(names[0]))
             super().delete(names)
 
-    monkeypatch.setattr(shardckpt.saving, "open_storage", lambda url, options=None: NoDeletes(url))
+    engine = Checkpointer(storage_factory=lambda url, options=None: NoDeletes(url))  # sync saves only: nothing to close
     with caplog.at_level(logging.WARNING, logger="shardckpt"):
-        manifest = shardckpt.save(_state(2.0), str(ckpt), overwrite=True)
+        manifest = engine.save(_state(2.0), str(ckpt), overwrite=True)
     assert manifest is not None
     assert "could not remove" in caplog.text and str(ckpt) in caplog.text
     assert torch.equal(_loaded(ckpt)["w"], _state(2.0)["w"])
@@ -280,9 +279,7 @@ def test_cleanup_failure_after_commit_is_a_warning(tmp_path: Path, monkeypatch: 
 # ---------------------------------------------------------------- item 14: Ctrl-C
 
 
-def test_ctrl_c_during_a_save_is_a_keyboard_interrupt_and_stops_the_writes(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_ctrl_c_during_a_save_is_a_keyboard_interrupt_and_stops_the_writes(tmp_path: Path) -> None:
     writes_after: list[float] = []
     interrupted = threading.Event()
 
@@ -302,13 +299,13 @@ def test_ctrl_c_during_a_save_is_a_keyboard_interrupt_and_stops_the_writes(
         interrupted.set()
         os.kill(os.getpid(), signal.SIGINT)
 
-    monkeypatch.setattr(shardckpt.saving, "open_storage", lambda url, options=None: SlowStorage(url))
+    engine = Checkpointer(storage_factory=lambda url, options=None: SlowStorage(url))  # sync saves only: nothing to close
     state = {f"t{i}": torch.zeros(2**20) for i in range(8)}  # 32 MiB in 4 KiB... 8 MiB blocks, ~0.05 s each
     timer = threading.Timer(0.3, interrupt)
     timer.start()
     t0 = time.monotonic()
     with pytest.raises(KeyboardInterrupt):
-        shardckpt.save(state, str(tmp_path / "c"), num_io_threads=4, hash_block_bytes=2**16)
+        engine.save(state, str(tmp_path / "c"), num_io_threads=4, hash_block_bytes=2**16)
     timer.join()
     assert time.monotonic() - t0 < 5
     assert not writes_after or writes_after[-1] - writes_after[0] < 1.0
