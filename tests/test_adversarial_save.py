@@ -295,20 +295,32 @@ def test_ctrl_c_during_a_save_is_a_keyboard_interrupt_and_stops_the_writes(tmp_p
             os.makedirs(os.path.dirname(self._path(name)), exist_ok=True)
             return SlowStream(self._path(name))
 
+    done = threading.Event()
+    signals_sent: list[float] = []
+
     def interrupt() -> None:
+        # Like a user pressing Ctrl-C again: Python runs the SIGINT handler at the next
+        # bytecode, which may be inside a weakref callback during garbage collection,
+        # where the KeyboardInterrupt is "ignored" (seen once in a full suite run).
         interrupted.set()
-        os.kill(os.getpid(), signal.SIGINT)
+        while not done.is_set() and len(signals_sent) < 10:
+            signals_sent.append(time.monotonic())
+            os.kill(os.getpid(), signal.SIGINT)
+            done.wait(0.5)
 
     engine = Checkpointer(storage_factory=lambda url, options=None: SlowStorage(url))  # sync saves only: nothing to close
-    state = {f"t{i}": torch.zeros(2**20) for i in range(8)}  # 32 MiB in 4 KiB... 8 MiB blocks, ~0.05 s each
+    state = {f"t{i}": torch.zeros(2**20) for i in range(8)}  # 32 MiB in 64 KiB blocks, ~0.05 s each
     timer = threading.Timer(0.3, interrupt)
     timer.start()
     t0 = time.monotonic()
     with pytest.raises(KeyboardInterrupt):
-        engine.save(state, str(tmp_path / "c"), num_io_threads=4, hash_block_bytes=2**16)
+        try:
+            engine.save(state, str(tmp_path / "c"), num_io_threads=4, hash_block_bytes=2**16)
+        finally:
+            done.set()
     timer.join()
-    assert time.monotonic() - t0 < 5
-    assert not writes_after or writes_after[-1] - writes_after[0] < 1.0
+    assert time.monotonic() - t0 < 10
+    assert not writes_after or writes_after[-1] - signals_sent[-1] < 1.0  # stopped within a second
     assert not (tmp_path / "c").exists()  # the interrupted save removed its own files
 
 
