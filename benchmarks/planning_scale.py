@@ -19,11 +19,11 @@ DTensors), then, timed per phase:
     global_plan       coordinator: our _create_global_plan (values agree, balanced dedup of
                       replicated items, DCP's global metadata and validation) vs DCP's
                       (dedup to the lowest rank)
-    build_manifest    coordinator: shardckpt.writer.build_manifest from synthetic WriteResults
+    build_manifest    coordinator: shardckpt.engine.writer.build_manifest from synthetic WriteResults
                       (4 files per rank, one xxh3 per 8 MiB block)
     manifest_to_json  coordinator: the manifest's JSON (sealed) vs pickle.dumps of DCP's
                       .metadata (with FileSystemWriter's storage_data)
-    parse             every rank on load: shardckpt.manifest.parse_manifest (hostile-input
+    parse             every rank on load: shardckpt.format.manifest.parse_manifest (hostile-input
                       checks) vs pickle.loads of .metadata
 
 and the sizes of manifest.json and .metadata. Growth: the ratio per doubling of ranks
@@ -153,7 +153,7 @@ def planner_classes() -> tuple[type, type]:
     tensor WriteItems as given (``tensor_items``), as if derived from DTensors."""
     from torch.distributed.checkpoint.default_planner import DefaultSavePlanner
 
-    from shardckpt.planner import SavePlanner
+    from shardckpt.engine.planner import SavePlanner
 
     class GivenTensors(DefaultSavePlanner):
         tensor_items: list[Any] = []
@@ -192,8 +192,10 @@ def synthetic_results(global_plans: list[Any], planner: Any, block_bytes: int) -
     from torch.distributed.checkpoint.planner import WriteItemType
     from torch.distributed.checkpoint.storage import WriteResult
 
-    from shardckpt import layout, writer
-    from shardckpt.manifest import FileRecord
+    from shardckpt.format import layout
+
+    from shardckpt.engine import writer
+    from shardckpt.format.manifest import FileRecord
 
     out = []
     for rank, plan in enumerate(global_plans):
@@ -263,7 +265,9 @@ def measure(params: list[Param], ranks: int) -> dict[str, Any]:
 
 def measure_ours(cls: type, items: list[list[Any]], values: dict[str, Any], paths: dict[str, Any]) -> dict[str, Any]:
     """Our local plans, global plan, manifest (build, JSON, parse)."""
-    from shardckpt import integrity, manifest, writer
+    from shardckpt.format import integrity
+    from shardckpt.format import manifest
+    from shardckpt.engine import writer
 
     ranks = len(items)
     sec: dict[str, float] = {}

@@ -186,7 +186,7 @@ def hashing_disabled() -> Iterator[None]:
     """Within: shardckpt's xxh3 calls return a constant (this process only). The writer
     cannot skip hashing; this measures a save without it. The checkpoint it writes has
     wrong checksums and is never loaded."""
-    from shardckpt import integrity
+    from shardckpt.format import integrity
 
     saved = integrity.hash_hex, integrity.new_file_hasher
     integrity.hash_hex = lambda data: "0" * 16  # type: ignore[assignment]
@@ -203,7 +203,9 @@ def hash_like_writer(tensors: list[Any], threads: int | None = None) -> int:
     over ``threads`` (the save's default I/O thread count) threads. Returns bytes hashed."""
     from concurrent.futures import ThreadPoolExecutor
 
-    from shardckpt import integrity, saving
+    from shardckpt.format import integrity
+
+    from shardckpt.engine import saving
 
     threads = threads or saving.DEFAULT_SAVE_IO_THREADS
     buckets: list[list[memoryview]] = [[] for _ in range(threads)]

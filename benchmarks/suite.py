@@ -203,7 +203,7 @@ def save_section(job: dict[str, Any]) -> dict[str, Any]:
 
 def checksum_section(job: dict[str, Any]) -> dict[str, Any]:
     """Hash time against save time, paired per repetition, and the no-hash save."""
-    from shardckpt.writer import WriterOptions
+    from shardckpt.engine.writer import WriterOptions
 
     res = summarize_phase(job, "save", CHECKSUM_SYSTEMS)
     sy = res["systems"]

@@ -35,8 +35,8 @@ from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor
 
 import shardckpt
-from shardckpt.sampler import ResumableDistributedSampler
-from shardckpt.training import TrainState
+from shardckpt.training.sampler import ResumableDistributedSampler
+from shardckpt.training.train_state import TrainState
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

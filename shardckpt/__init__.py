@@ -7,9 +7,12 @@ anywhere; loading reshards to any world size.
 
 from __future__ import annotations
 
-__version__ = "0.1.0"
+import importlib
+from typing import Any
 
-from shardckpt.errors import (  # noqa: E402
+from shardckpt._version import __version__
+
+from shardckpt.errors import (
     CheckpointExistsError,
     CheckpointNotFoundError,
     IntegrityError,
@@ -24,15 +27,28 @@ from shardckpt.errors import (  # noqa: E402
     UnsupportedFormatVersionError,
     UnsupportedValueError,
 )
-from shardckpt.engine import Checkpointer  # noqa: E402
-from shardckpt.loading import load, read_manifest  # noqa: E402
-from shardckpt.manager import CheckpointManager, StepInfo, list_root  # noqa: E402
-from shardckpt.manifest import Manifest  # noqa: E402
-from shardckpt.retention import RetentionPolicy  # noqa: E402
-from shardckpt.saving import AsyncSaveHandle, async_save, save, staging_stats  # noqa: E402
-from shardckpt.sampler import GlobalBatch, ResumableDistributedSampler  # noqa: E402
-from shardckpt.training import RngStreamsRederivedWarning, TrainState  # noqa: E402
-from shardckpt.convert import diff_checkpoints, export_checkpoint, import_checkpoint, read_state_dict  # noqa: E402
+from shardckpt.engine import Checkpointer, async_save, load, save, staging_stats
+from shardckpt.engine.loading import read_manifest
+from shardckpt.engine.saving import AsyncSaveHandle
+from shardckpt.format.manifest import Manifest
+from shardckpt.manager import CheckpointManager, RetentionPolicy, StepInfo, list_root
+from shardckpt.training import GlobalBatch, ResumableDistributedSampler, RngStreamsRederivedWarning, TrainState
+
+# The converters pull in tqdm and the import/export machinery; load them on first use.
+_LAZY = {name: "shardckpt.convert" for name in ("diff_checkpoints", "export_checkpoint", "import_checkpoint", "read_state_dict")}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'shardckpt' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))
+
 
 __all__ = [
     "__version__",

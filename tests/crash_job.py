@@ -33,9 +33,9 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor import DTensor, Shard
 
 import shardckpt
-import shardckpt.loading
-import shardckpt.manager
-import shardckpt.saving
+import shardckpt.engine.loading
+import shardckpt.manager.checkpoint_manager
+import shardckpt.engine.saving
 from shardckpt.storage.local import LocalStorage, _LocalWriteStream
 
 ROWS_PER_RANK = 16
@@ -132,7 +132,7 @@ def main(argv: list[str]) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=port, RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
     killer = Killer(kill, scope)
     storage_cls = killing_storage_class(killer)
-    for mod in (shardckpt.saving, shardckpt.manager, shardckpt.loading):
+    for mod in (shardckpt.engine.checkpointer, shardckpt.manager.checkpoint_manager):
         mod.open_storage = lambda url, options=None, _cls=storage_cls: _cls(url)  # type: ignore[attr-defined]
     # The default group's own timeout is long on purpose: only shardckpt's timeout_s may end a wait.
     dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=600))

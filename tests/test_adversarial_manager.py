@@ -34,10 +34,10 @@ import pytest
 import torch
 
 import shardckpt
-import shardckpt.loading
-import shardckpt.manager
-import shardckpt.saving
-from shardckpt import layout
+import shardckpt.engine.loading
+import shardckpt.manager.checkpoint_manager
+import shardckpt.engine.saving
+from shardckpt.format import layout
 from shardckpt.errors import RootInUseError, StorageError, UnsupportedValueError
 from shardckpt.storage.local import LocalStorage, _storage_error
 
@@ -107,7 +107,7 @@ class AfterWrites(LocalStorage):
 
 
 def use_storage(monkeypatch, factory: Callable[[str], LocalStorage]) -> None:
-    for mod in (shardckpt.saving, shardckpt.manager, shardckpt.loading):
+    for mod in (shardckpt.engine.checkpointer, shardckpt.manager.checkpoint_manager):
         monkeypatch.setattr(mod, "open_storage", lambda url, options=None: factory(url))
 
 
@@ -364,7 +364,7 @@ def test_start_never_deletes_a_step_folder_shardckpt_did_not_write(tmp_path, cap
 
 
 def test_ls_tells_foreign_folders_from_interrupted_saves(tmp_path, capsys):
-    from shardckpt.cli import main
+    from shardckpt.cli.app import main
 
     root = tmp_path / "run"
     with shardckpt.CheckpointManager(str(root)) as mgr:
@@ -502,7 +502,7 @@ def test_retention_listing_error_after_the_commit_is_a_warning(tmp_path, monkeyp
     ],
 )
 def test_metrics_must_be_plain_json_and_nothing_is_written_otherwise(tmp_path, metrics, match, capsys):
-    from shardckpt.cli import main
+    from shardckpt.cli.app import main
 
     root = tmp_path / "run"
     with shardckpt.CheckpointManager(str(root), keep_best=1, monitor="loss", keep_last=1) as mgr:
@@ -520,7 +520,7 @@ def test_metrics_must_be_plain_json_and_nothing_is_written_otherwise(tmp_path, m
 def test_odd_metrics_in_a_committed_manifest_never_crash(tmp_path, odd, capsys):
     """A manifest from another version or tool whose metadata has odd metrics: treated
     as no metrics by listing, best_step, retention and ``shardckpt ls``."""
-    from shardckpt.cli import main
+    from shardckpt.cli.app import main
 
     root = tmp_path / "run"
     with shardckpt.CheckpointManager(str(root)) as mgr:

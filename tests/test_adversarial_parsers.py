@@ -29,9 +29,10 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 import shardckpt
-from shardckpt import datafile, manifest
+from shardckpt.format import datafile
+from shardckpt.format import manifest
 from shardckpt.errors import ManifestError
-from shardckpt.manifest import (
+from shardckpt.format.manifest import (
     ChunkRecord,
     FileRecord,
     Manifest,

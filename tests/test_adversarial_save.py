@@ -21,8 +21,8 @@ import pytest
 import torch
 
 import shardckpt
-from shardckpt import layout
-from shardckpt.engine import Checkpointer
+from shardckpt.format import layout
+from shardckpt.engine.checkpointer import Checkpointer
 from shardckpt.errors import (
     CheckpointExistsError,
     DestinationNotEmptyError,
@@ -325,15 +325,15 @@ def test_ctrl_c_during_a_save_is_a_keyboard_interrupt_and_stops_the_writes(tmp_p
 
 
 def _interrupt_rank_1(rank: int, world: int, path: str) -> None:
-    import shardckpt.planner
+    import shardckpt.engine.planner
 
     if rank == 1:
-        original = shardckpt.planner.SavePlanner.create_local_plan
+        original = shardckpt.engine.planner.SavePlanner.create_local_plan
 
         def interrupted(self: Any) -> Any:
             raise KeyboardInterrupt
 
-        shardckpt.planner.SavePlanner.create_local_plan = interrupted  # type: ignore[method-assign]
+        shardckpt.engine.planner.SavePlanner.create_local_plan = interrupted  # type: ignore[method-assign]
     try:
         shardckpt.save({"w": torch.ones(4)}, path, timeout_s=30)
     except KeyboardInterrupt:
@@ -344,7 +344,7 @@ def _interrupt_rank_1(rank: int, world: int, path: str) -> None:
         raise AssertionError("the save should have failed")
     finally:
         if rank == 1:
-            shardckpt.planner.SavePlanner.create_local_plan = original  # type: ignore[method-assign]
+            shardckpt.engine.planner.SavePlanner.create_local_plan = original  # type: ignore[method-assign]
 
 
 def test_ctrl_c_on_one_rank_is_named_on_the_others(tmp_path: Path) -> None:

@@ -29,10 +29,10 @@ from safetensors.torch import save_file
 
 import shardckpt
 from s3server import FaultProxy, S3Server, s3  # noqa: F401
-from shardckpt import cli
-from shardckpt.cli_base import EXIT_DAMAGED, EXIT_UNUSABLE
-from shardckpt.audit import verify_checkpoint
-from shardckpt.convert_import import import_checkpoint
+from shardckpt.cli import app as cli
+from shardckpt.cli.base import EXIT_DAMAGED, EXIT_UNUSABLE
+from shardckpt.convert.audit import verify_checkpoint
+from shardckpt.convert.importer import import_checkpoint
 from shardckpt.errors import (
     CheckpointNotFoundError,
     ManifestError,
@@ -210,11 +210,11 @@ def test_verify_reports_an_out_of_folder_symlink_and_reads_nothing_of_it(ckpt: P
 
 
 def test_cli_verify_on_a_fifo_exits_damaged_within_the_deadline(ckpt: Path) -> None:
-    """The real entry point, in a process of its own: `python -m shardckpt.cli verify`."""
+    """The real entry point, in a process of its own: `python -m shardckpt verify`."""
     fifo = fifo_in_place_of(data_file(ckpt))
     try:
         done = subprocess.run(
-            [sys.executable, "-m", "shardckpt.cli", "verify", "--no-progress", str(ckpt)],
+            [sys.executable, "-m", "shardckpt", "verify", "--no-progress", str(ckpt)],
             capture_output=True, text=True, timeout=60,  # mostly the cost of importing torch
         )
     except subprocess.TimeoutExpired:  # run() has killed it

@@ -19,7 +19,9 @@ from safetensors import safe_open
 
 import shardckpt
 from distributed import run_ranks
-from shardckpt import datafile, manifest, values
+from shardckpt.format import datafile
+from shardckpt.format import manifest
+from shardckpt.format import values
 from shardckpt.errors import (
     InconsistentRanksError,
     ManifestError,

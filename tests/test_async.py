@@ -12,7 +12,7 @@ from torch.distributed.tensor import Shard, distribute_tensor
 
 import shardckpt
 from distributed import run_ranks
-from shardckpt import saving
+from shardckpt.engine import default as saving
 
 
 def test_mutation_after_return_does_not_change_what_is_saved(tmp_path):

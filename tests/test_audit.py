@@ -15,10 +15,10 @@ from torch.distributed.tensor import Shard, distribute_tensor
 
 import shardckpt
 from damage import chunk_of, flip_byte
-from shardckpt.manifest import seal
+from shardckpt.format.manifest import seal
 from distributed import run_ranks
-from shardckpt import audit
-from shardckpt.audit import Problem, describe_checkpoint, verify_checkpoint
+from shardckpt.convert import audit
+from shardckpt.convert.audit import Problem, describe_checkpoint, verify_checkpoint
 from shardckpt.errors import CheckpointNotFoundError, ManifestError, NotCommittedError
 from shardckpt.storage import LocalStorage
 

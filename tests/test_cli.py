@@ -14,8 +14,8 @@ import torch
 
 import shardckpt
 from damage import chunk_of, flip_byte
-from shardckpt import cli
-from shardckpt.cli import main
+from shardckpt.cli import app as cli
+from shardckpt.cli.app import main
 
 BLOCK = 4096
 
@@ -247,7 +247,7 @@ def test_python_dash_m_and_console_script(ckpt):
     c = chunk_of(m, "model.w")
     flip_byte(os.path.join(path, c["file"]), c["byte_offset"] + c["byte_length"] - 1)
     proc = subprocess.run(
-        [sys.executable, "-m", "shardckpt.cli", "verify", path, "--no-progress"],
+        [sys.executable, "-m", "shardckpt", "verify", path, "--no-progress"],
         capture_output=True,
         text=True,
         timeout=120,

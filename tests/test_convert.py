@@ -21,9 +21,9 @@ from torch.distributed.tensor import Replicate, Shard, distribute_tensor
 import shardckpt
 from distributed import run_ranks
 from shardckpt import convert
-from shardckpt.cli import EXIT_DAMAGED, EXIT_OK, EXIT_UNUSABLE, main
-from shardckpt.cli_convert import EXIT_DIFFERENT
-from shardckpt.convert_read import CheckpointSource
+from shardckpt.cli.app import EXIT_DAMAGED, EXIT_OK, EXIT_UNUSABLE, main
+from shardckpt.cli.convert import EXIT_DIFFERENT
+from shardckpt.convert.source import CheckpointSource
 from shardckpt.errors import IntegrityError, ManifestError, UnsupportedValueError
 
 BLOCK = 4096  # small checksum blocks, so partial reads round to block edges
@@ -187,7 +187,7 @@ def test_torch_export_strip_into_nested_and_flat(ckpt, tmp_path):
 
 
 def test_torch_export_refuses_when_memory_would_not_fit(ckpt, tmp_path, monkeypatch):
-    from shardckpt import convert_export
+    from shardckpt.convert import export as convert_export
 
     monkeypatch.setattr(convert_export, "_available_memory_bytes", lambda: 1000)
     with pytest.raises(shardckpt.ShardckptError, match="Export to safetensors or hf instead"):

@@ -9,7 +9,7 @@ template. Each trial copies it, damages the copy with a seeded RNG, then
   byte), or load values bitwise equal to the originals - the latter only where the
   damage lies in bytes no load reads (a data file's safetensors header) or in manifest
   fields a load does not use (``created_at``, ``metadata``...);
-* runs ``shardckpt.audit.verify_checkpoint``: it must raise or report a problem for
+* runs ``shardckpt.convert.audit.verify_checkpoint``: it must raise or report a problem for
   every damage to a data file, header bytes included (the whole-file hash).
 
 ``manifest.json`` carries its own checksum (``manifest_hash``, its last field), so every
@@ -33,7 +33,7 @@ import pytest
 import torch
 
 import shardckpt
-from shardckpt.audit import verify_checkpoint
+from shardckpt.convert.audit import verify_checkpoint
 from shardckpt.errors import ShardckptError
 
 STRESS = os.environ.get("SHARDCKPT_STRESS") == "1"

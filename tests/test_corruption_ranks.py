@@ -31,7 +31,7 @@ from torch.distributed.tensor import DTensor, Shard
 import shardckpt
 from damage import flip_byte
 from distributed import run_ranks
-from shardckpt.audit import verify_checkpoint
+from shardckpt.convert.audit import verify_checkpoint
 
 STRESS = os.environ.get("SHARDCKPT_STRESS") == "1"
 TRIALS = 2000 if STRESS else 60

@@ -25,7 +25,7 @@ CHILD = textwrap.dedent(
     import os, signal, sys, torch
     import shardckpt
     from shardckpt.storage.local import LocalStorage, _LocalWriteStream
-    import shardckpt.saving, shardckpt.manager, shardckpt.loading
+    import shardckpt.engine.saving, shardckpt.manager.checkpoint_manager, shardckpt.engine.loading
 
     KILL_AT = int(sys.argv[2])
     ASYNC = sys.argv[3] == "async"
@@ -82,7 +82,7 @@ CHILD = textwrap.dedent(
     def open_killing(url, options=None):
         return KillingStorage(url)
 
-    for mod in (shardckpt.saving, shardckpt.manager, shardckpt.loading):
+    for mod in (shardckpt.engine.checkpointer, shardckpt.manager.checkpoint_manager):
         mod.open_storage = open_killing
 
     mgr = shardckpt.CheckpointManager(sys.argv[1], keep_last=2, async_save=ASYNC)

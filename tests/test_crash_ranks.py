@@ -38,7 +38,7 @@ import torch
 import shardckpt
 from crash_job import expected
 from distributed import free_port
-from shardckpt.audit import verify_checkpoint
+from shardckpt.convert.audit import verify_checkpoint
 
 JOB = os.path.join(os.path.dirname(os.path.abspath(__file__)), "crash_job.py")
 WORLD = 2

@@ -278,7 +278,7 @@ def test_keys_held_by_one_rank_only_are_saved_and_a_strict_load_names_the_rank(t
 def _coordinator_stuck_at_commit(rank: int, world: int, path: str) -> None:
     import time
 
-    import shardckpt.saving
+    import shardckpt.engine.checkpointer
     from shardckpt.storage.local import LocalStorage
 
     class StuckCommit(LocalStorage):  # rank 0's storage hangs on the manifest write
@@ -293,7 +293,7 @@ def _coordinator_stuck_at_commit(rank: int, world: int, path: str) -> None:
             super().create_exclusive(name, data)
 
     if rank == 0:
-        shardckpt.saving.open_storage = lambda url, options=None: StuckCommit(url)
+        shardckpt.engine.checkpointer.open_storage = lambda url, options=None: StuckCommit(url)
     t0 = time.monotonic()
     try:
         shardckpt.save({"w": torch.full((4,), float(rank)), f"r{rank}": torch.ones(3)}, path, timeout_s=3)

@@ -9,8 +9,8 @@ exact header and the sha256 of the data section of every data file.
 
 If the golden test fails, **the format changed**. Before regenerating, decide whether the
 change is compatible (docs/format.md, section 9): if it is not, bump
-``shardckpt.manifest.FORMAT_VERSION``; either way update docs/format.md and
-shardckpt/manifest.schema.json in the same change. Then regenerate and review the diff::
+``shardckpt.format.manifest.FORMAT_VERSION``; either way update docs/format.md and
+shardckpt/format/manifest.schema.json in the same change. Then regenerate and review the diff::
 
     SHARDCKPT_REGEN_GOLDEN=1 python -m pytest -q tests/test_format.py
 
@@ -45,7 +45,7 @@ from safetensors import safe_open
 import shardckpt
 from distributed import run_ranks
 from shardckpt.errors import ManifestError, UnsupportedFormatVersionError
-from shardckpt.manifest import FORMAT_VERSION, manifest_to_json, parse_manifest, seal, unseal
+from shardckpt.format.manifest import FORMAT_VERSION, manifest_to_json, parse_manifest, seal, unseal
 
 # Named by version: a bump starts new golden files and leaves the old ones as a record.
 GOLDEN_DIR = Path(__file__).parent / "golden"
@@ -154,7 +154,7 @@ def sharded_ckpt(tmp_path_factory: pytest.TempPathFactory) -> str:
 @pytest.fixture(scope="module")
 def schema_validator() -> jsonschema.Draft202012Validator:
     # Read through importlib.resources: the schema must ship inside the package.
-    schema = json.loads((importlib.resources.files("shardckpt") / "manifest.schema.json").read_text("utf-8"))
+    schema = json.loads((importlib.resources.files("shardckpt.format") / "manifest.schema.json").read_text("utf-8"))
     jsonschema.Draft202012Validator.check_schema(schema)
     return jsonschema.Draft202012Validator(schema)
 

@@ -19,10 +19,10 @@ import pytest
 import torch
 
 import shardckpt
-import shardckpt.loading
-import shardckpt.manager
-import shardckpt.saving
-from shardckpt.audit import verify_checkpoint
+import shardckpt.engine.loading
+import shardckpt.manager.checkpoint_manager
+import shardckpt.engine.saving
+from shardckpt.convert.audit import verify_checkpoint
 from shardckpt.errors import CheckpointNotFoundError, NotCommittedError, ShardckptError
 from shardckpt.storage.local import LocalStorage, _LocalWriteStream
 
@@ -95,7 +95,7 @@ def disk(monkeypatch) -> Disk:
     def open_filling(url: str, options: Any = None) -> FillingStorage:
         return FillingStorage(url, d)
 
-    for mod in (shardckpt.saving, shardckpt.manager, shardckpt.loading):
+    for mod in (shardckpt.engine.checkpointer, shardckpt.manager.checkpoint_manager):
         monkeypatch.setattr(mod, "open_storage", open_filling)
     return d
 

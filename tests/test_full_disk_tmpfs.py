@@ -23,7 +23,7 @@ import pytest
 import torch
 
 import shardckpt
-from shardckpt.audit import verify_checkpoint
+from shardckpt.convert.audit import verify_checkpoint
 
 PAGE = 4096
 

@@ -21,14 +21,15 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import shardckpt
-from shardckpt import datafile, integrity
+from shardckpt.format import datafile
+from shardckpt.format import integrity
 from shardckpt.errors import (
     IntegrityError,
     ManifestError,
     ShardckptError,
     UnsupportedFormatVersionError,
 )
-from shardckpt.manifest import parse_manifest, seal
+from shardckpt.format.manifest import parse_manifest, seal
 
 # ---------------------------------------------------------------- helpers
 
@@ -624,7 +625,7 @@ def test_manifest_without_metadata_field_still_loads(ckpt):
     """'metadata' was added to format 1 before any release; readers treat it as optional."""
     doc = read_doc(ckpt)
     del doc["metadata"]
-    assert shardckpt.manifest.parse_manifest(json.dumps(doc).encode(), source="m").metadata == {}
+    assert shardckpt.format.manifest.parse_manifest(json.dumps(doc).encode(), source="m").metadata == {}
 
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])

@@ -17,7 +17,7 @@ from torch.utils.data import DataLoader, TensorDataset  # noqa: E402
 
 from distributed import run_ranks  # noqa: E402
 from shardckpt.errors import ShardckptError, UnsupportedValueError  # noqa: E402
-from shardckpt.lightning import ShardckptCheckpointIO, decode_checkpoint, encode_checkpoint  # noqa: E402
+from shardckpt.integrations.lightning.checkpoint_io import ShardckptCheckpointIO, decode_checkpoint, encode_checkpoint  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::DeprecationWarning", "ignore::FutureWarning")
 

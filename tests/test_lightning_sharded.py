@@ -32,7 +32,7 @@ import torch.multiprocessing as mp  # noqa: E402
 from distributed import _entry, free_port  # noqa: E402
 from test_lightning import BatchCounter  # noqa: E402  (the same callback: state under checkpoint["callbacks"])
 from shardckpt.errors import CheckpointNotFoundError, ShardckptError  # noqa: E402
-from shardckpt.lightning_strategy import ShardckptFSDPStrategy, ShardckptModelParallelStrategy  # noqa: E402
+from shardckpt.integrations.lightning.strategy import ShardckptFSDPStrategy, ShardckptModelParallelStrategy  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::DeprecationWarning", "ignore::FutureWarning")
 STEPS = 4
@@ -206,7 +206,7 @@ def test_only_sharded_saving_is_offered():
 
 
 def test_lightning_native_checkpoints_are_refused_without_unpickling(tmp_path):
-    from shardckpt.lightning_strategy import ShardckptOptions, _open
+    from shardckpt.integrations.lightning.strategy import ShardckptOptions, _open
 
     native = tmp_path / "epoch=0-step=1.ckpt"
     native.mkdir()
@@ -218,7 +218,7 @@ def test_lightning_native_checkpoints_are_refused_without_unpickling(tmp_path):
 def test_a_checkpoint_that_does_not_cover_the_model_or_optimizers_is_refused_before_reading(tmp_path):
     import shardckpt
     from shardckpt.errors import StateDictMismatchError
-    from shardckpt.lightning_strategy import ShardckptOptions, _check_covered, _open
+    from shardckpt.integrations.lightning.strategy import ShardckptOptions, _check_covered, _open
 
     path = str(tmp_path / "c.ckpt")
     w = torch.ones(2)

@@ -14,7 +14,7 @@ import torch
 
 import shardckpt
 from distributed import run_ranks
-from shardckpt.retention import RetentionPolicy
+from shardckpt.manager.retention import RetentionPolicy
 
 
 def state(v: float) -> dict:
@@ -89,7 +89,7 @@ def test_save_interval_steps_and_force(tmp_path):
 
 def test_save_interval_seconds(tmp_path, monkeypatch):
     clock = [1000.0]
-    monkeypatch.setattr("shardckpt.manager.time.monotonic", lambda: clock[0])
+    monkeypatch.setattr("shardckpt.manager.checkpoint_manager.time.monotonic", lambda: clock[0])
     with shardckpt.CheckpointManager(str(tmp_path), save_interval_steps=10**9, save_interval_s=60) as mgr:
         assert not mgr.save(1, state(1))
         clock[0] += 61
@@ -220,7 +220,7 @@ def test_async_manager_commits_in_background_and_applies_retention(tmp_path):
 
 
 def test_cli_ls_shows_committed_uncommitted_latest_and_best(tmp_path, capsys):
-    from shardckpt.cli import main
+    from shardckpt.cli.app import main
 
     with shardckpt.CheckpointManager(str(tmp_path)) as mgr:
         for step, loss in [(1, 3.0), (2, 1.0), (3, 2.0)]:

@@ -6,9 +6,9 @@ import torch
 from torch.distributed.checkpoint.metadata import ChunkStorageMetadata, MetadataIndex, TensorProperties
 from torch.distributed.checkpoint.planner import SavePlan, TensorWriteData, WriteItem, WriteItemType
 
-from shardckpt.planner import balance_replicated
-from shardckpt.staging import item_bytes
-from shardckpt.writer import _split_by_bytes
+from shardckpt.engine.planner import balance_replicated
+from shardckpt.engine.staging import item_bytes
+from shardckpt.engine.writer import _split_by_bytes
 
 
 def _item(fqn: str, rows: int, start: int = 0, total_rows: int | None = None, cols: int = 256) -> WriteItem:
@@ -55,7 +55,7 @@ def _column_shards(n: int, rows: int = 100_000) -> list[tuple[tuple[int, int], t
 def test_overlap_check_is_linear_for_shards_along_a_smaller_dimension():
     import time
 
-    from shardckpt.manifest import first_overlap
+    from shardckpt.format.manifest import first_overlap
 
     boxes = _column_shards(20_000)
     t0 = time.perf_counter()
@@ -71,7 +71,7 @@ def test_global_plan_refuses_shards_that_do_not_tile_the_tensor():
     from torch.distributed.checkpoint.metadata import Metadata, TensorStorageMetadata
 
     from shardckpt.errors import UnsupportedValueError
-    from shardckpt.planner import _check_tiling
+    from shardckpt.engine.planner import _check_tiling
 
     def md(chunks: list[tuple[int, int]]) -> Metadata:
         return Metadata({"w": TensorStorageMetadata(

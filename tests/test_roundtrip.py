@@ -28,8 +28,8 @@ from shardckpt.errors import (
     StateDictMismatchError,
     UnsupportedValueError,
 )
-from shardckpt.loading import read_manifest
-from shardckpt.reader import Reader
+from shardckpt.engine.loading import read_manifest
+from shardckpt.engine.reader import Reader
 from shardckpt.storage import LocalStorage
 
 # ---------------------------------------------------------------- helpers

@@ -96,7 +96,7 @@ def test_manager_retention_restore_and_cleanup_on_s3(s3: S3Server) -> None:
     assert reader.restore(sd) == 4 and sd["step"] == 4 and torch.equal(sd["model"]["w"], state(4)["model"]["w"])
 
     env = {**os.environ, **s3.env()}
-    proc = subprocess.run([sys.executable, "-m", "shardckpt.cli", "ls", root, "--json"], capture_output=True,
+    proc = subprocess.run([sys.executable, "-m", "shardckpt", "ls", root, "--json"], capture_output=True,
                           text=True, timeout=120, env=env)
     assert proc.returncode == 0, proc.stderr
     listed = json.loads(proc.stdout)

@@ -15,7 +15,7 @@ import torch
 
 import shardckpt
 from s3server import SECRET_ACCESS_KEY, FaultProxy, S3Server, moto_available, s3  # noqa: F401
-from shardckpt.audit import verify_checkpoint
+from shardckpt.convert.audit import verify_checkpoint
 from shardckpt.errors import StorageError
 from shardckpt.storage.fsspec_storage import FsspecStorage, TransferOptions
 from shardckpt.storage.retry import RetryPolicy, is_transient

@@ -25,11 +25,11 @@ import time
 import torch
 
 import shardckpt
-import shardckpt.loading
-import shardckpt.manager
-import shardckpt.saving
+import shardckpt.engine.loading
+import shardckpt.manager.checkpoint_manager
+import shardckpt.engine.saving
 from s3server import FaultProxy, S3Server, s3  # noqa: F401
-from shardckpt.audit import verify_checkpoint
+from shardckpt.convert.audit import verify_checkpoint
 from shardckpt.storage import open_storage
 from shardckpt.storage.fsspec_storage import TransferOptions
 
@@ -82,7 +82,7 @@ def small_parts(url: str, options: dict | None = None):
 
 
 def test_many_saves_and_restores_through_transient_faults_lose_nothing(s3: S3Server, monkeypatch) -> None:
-    for mod in (shardckpt.saving, shardckpt.loading, shardckpt.manager):
+    for mod in (shardckpt.engine.checkpointer, shardckpt.manager.checkpoint_manager):
         monkeypatch.setattr(mod, "open_storage", small_parts)
     bucket = s3.create_bucket()
     url = f"s3://{bucket}/soak"

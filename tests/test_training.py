@@ -22,9 +22,9 @@ from torch.distributed.fsdp import fully_shard
 
 import shardckpt
 from distributed import run_ranks
-from shardckpt.sampler import ResumableDistributedSampler
-from shardckpt.rng import RngStreamsRederivedWarning, apply_rng, capture_rng, reseed_rng
-from shardckpt.training import TrainState
+from shardckpt.training.sampler import ResumableDistributedSampler
+from shardckpt.training.rng import RngStreamsRederivedWarning, apply_rng, capture_rng, reseed_rng
+from shardckpt.training.train_state import TrainState
 
 # ---------------------------------------------------------------- RNG streams (one process)
 

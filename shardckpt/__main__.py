@@ -1,0 +1,7 @@
+"""``python -m shardckpt``: the same as the ``shardckpt`` command."""
+
+import sys
+
+from shardckpt.cli.app import main
+
+sys.exit(main())

@@ -1,0 +1,220 @@
+"""``shardckpt export | import | diff``: the command-line front of :mod:`shardckpt.convert`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable
+from typing import Any
+
+from shardckpt.cli.base import _PATH_HELP, EXIT_DAMAGED, EXIT_OK, EXIT_UNUSABLE, Command, _clip, _human_bytes, register
+
+# ---------------------------------------------------------------- export, import, diff
+
+EXIT_DIFFERENT = 3  # diff --exit-code: the checkpoints differ (1 and 2 keep their meaning)
+
+
+def _progress(args: argparse.Namespace) -> bool:
+    return not args.no_progress and sys.stderr.isatty()
+
+
+def _add_output_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--json", action="store_true", help="print the result as one JSON document")
+    p.add_argument(
+        "--no-progress", action="store_true", help="no progress bar (one is shown on stderr when stderr is a terminal)"
+    )
+
+
+def _guarded(name: str, work: Callable[[], int]) -> int:
+    """Damage is exit 1, a bad request (no key matches, bad size, bad source) exit 2, with the reason."""
+    from shardckpt.errors import IntegrityError
+
+    try:
+        return work()
+    except IntegrityError as e:
+        print(f"shardckpt {name}: checkpoint damaged: {e}", file=sys.stderr)
+        return EXIT_DAMAGED
+    except ValueError as e:
+        print(f"shardckpt {name}: error: {e}", file=sys.stderr)
+        return EXIT_UNUSABLE
+
+
+def _configure_export(p: argparse.ArgumentParser) -> None:
+    p.add_argument("path", metavar="CKPT", help=_PATH_HELP)
+    p.add_argument("out", metavar="OUT", help="a file for --format safetensors|torch, a folder for --format hf")
+    p.add_argument("--format", required=True, choices=("safetensors", "hf", "torch"), help="what to write")
+    p.add_argument("--keys", metavar="PATTERN", nargs="+", action="extend", default=[],
+                   help="export only keys matching a shell-style pattern ('model.layers.*'); a pattern without "
+                        "wildcards is a prefix of whole components ('model' takes 'model.*')")
+    p.add_argument("--strip-prefix", metavar="P", default="", help="remove P from the front of names, e.g. 'model.'")
+    p.add_argument("--dtype", metavar="DTYPE", help="cast floating tensors to DTYPE (bf16, fp16, fp32); others are kept")
+    p.add_argument("--max-shard-size", metavar="SIZE", default="5GB",
+                   help="--format hf: most tensor bytes per shard file: 5GB = 5*10^9, 2GiB = 2*2^30 (default 5GB)")
+    p.add_argument("--flat", action="store_true", help="--format torch: a flat dict of dotted names, not the saved nesting")
+    p.add_argument("--overwrite", action="store_true", help="replace existing output files")
+    _add_output_flags(p)
+
+
+def _run_export(args: argparse.Namespace) -> int:
+    from shardckpt.convert import export_checkpoint
+
+    def work() -> int:
+        report = export_checkpoint(
+            args.path, args.out, format=args.format, keys=args.keys, strip_prefix=args.strip_prefix, dtype=args.dtype,
+            max_shard_bytes=args.max_shard_size, flat=args.flat, overwrite=args.overwrite, progress=_progress(args),
+        )
+        if args.json:
+            print(json.dumps(report.to_json(), indent=2))
+            return EXIT_OK
+        print(f"exported {report.num_tensors} tensors ({_human_bytes(report.tensor_bytes)}) as {report.format}:")
+        print("\n".join(f"  {f}" for f in report.files))
+        if report.skipped_values:
+            print(f"left out {len(report.skipped_values)} non-tensor value(s), which safetensors cannot hold: "
+                  f"{', '.join(report.skipped_values[:10])}{' ...' if len(report.skipped_values) > 10 else ''}")
+        return EXIT_OK
+
+    return _guarded("export", work)
+
+
+def _configure_import(p: argparse.ArgumentParser) -> None:
+    p.add_argument("source", metavar="SRC", help="a .safetensors file, a Hugging Face folder, a torch.save file or a DCP folder")
+    p.add_argument("out", metavar="OUT", help="the checkpoint folder to create (local path or fsspec URL)")
+    p.add_argument("--from", dest="source_format", default="auto", choices=("auto", "safetensors", "hf", "torch", "dcp"),
+                   help="the source format (default: detected from SRC)")
+    p.add_argument("--trust-pickle", action="store_true",
+                   help="allow reading a DCP folder, whose .metadata is a pickle that can run code: only for sources you trust")
+    p.add_argument("--under", metavar="KEY", help="nest everything under KEY, e.g. 'model' to load into {'model': model.state_dict()}")
+    p.add_argument("--overwrite", action="store_true", help="replace a committed checkpoint at OUT")
+    _add_output_flags(p)
+
+
+def _run_import(args: argparse.Namespace) -> int:
+    from shardckpt.convert import import_checkpoint
+
+    def work() -> int:
+        report = import_checkpoint(args.source, args.out, source_format=args.source_format, trust_pickle=args.trust_pickle,
+                                   under=args.under, overwrite=args.overwrite, progress=_progress(args))
+        if args.json:
+            print(json.dumps(report.to_json(), indent=2))
+        else:
+            print(f"imported {report.format} {report.source} -> {report.path}: {report.num_tensors} tensors "
+                  f"({_human_bytes(report.tensor_bytes)}), {report.num_values} values; it loads on any number of processes")
+        return EXIT_OK
+
+    return _guarded("import", work)
+
+
+def _configure_diff(p: argparse.ArgumentParser) -> None:
+    p.add_argument("a", metavar="A", help="the first checkpoint folder")
+    p.add_argument("b", metavar="B", help="the second checkpoint folder")
+    p.add_argument("--atol", type=float, default=0.0, metavar="X",
+                   help="tensors whose largest |a - b| is at most X count as unchanged (default 0: any difference)")
+    p.add_argument("--keys", metavar="PATTERN", nargs="+", action="extend", default=[], help="compare only matching keys")
+    p.add_argument("--exit-code", action="store_true", help=f"exit with status {EXIT_DIFFERENT} when the checkpoints differ")
+    _add_output_flags(p)
+
+
+def _run_diff(args: argparse.Namespace) -> int:
+    from shardckpt.convert import diff_checkpoints
+
+    def work() -> int:
+        report = diff_checkpoints(args.a, args.b, atol=args.atol, keys=tuple(args.keys), progress=_progress(args))
+        print(json.dumps(report.to_json(), indent=2) if args.json else _format_diff(report))
+        return EXIT_DIFFERENT if args.exit_code and not report.identical else EXIT_OK
+
+    return _guarded("diff", work)
+
+
+def _format_diff(r: Any) -> str:
+    lines = [f"A  {r.a}", f"B  {r.b}"]
+    lines += [f"- {k}  (only in A)" for k in r.removed] + [f"+ {k}  (only in B)" for k in r.added]
+    lines += [f"~ {k}  (tensor in one, value in the other)" for k in r.kind_changed]
+    for t in r.tensors:
+        if t.changed:
+            what = []
+            if t.dtype[0] != t.dtype[1]:
+                what.append(f"dtype {t.dtype[0]} -> {t.dtype[1]}")
+            if t.shape[0] != t.shape[1]:
+                what.append(f"shape {t.shape[0]} -> {t.shape[1]}")
+            if t.max_abs_diff is not None:
+                what.append(f"max |a-b| = {t.max_abs_diff:.6g}")
+            lines.append(f"~ {t.key}  {', '.join(what)}")
+    lines += [f"~ {k}  {_clip(json.dumps(va))} -> {_clip(json.dumps(vb))}" for k, (va, vb) in sorted(r.changed_values.items())]
+    same = sum(not t.changed for t in r.tensors)
+    lines.append(f"{len(r.removed)} removed, {len(r.added)} added, {len(r.changed)} changed; {same} of {len(r.tensors)} "
+                 f"common tensors unchanged (atol {r.atol:g}), {r.values_compared - len(r.changed_values)} of "
+                 f"{r.values_compared} common values equal")
+    return "\n".join(lines)
+
+
+register(
+    Command(
+        name="export",
+        summary="write a checkpoint as safetensors, a Hugging Face folder, or one torch.save file",
+        description=(
+            "Turn a checkpoint saved by any number of processes into weights other tools load, with no "
+            "process group: --format safetensors writes one .safetensors file, --format hf a folder of "
+            "model-0000k-of-0000n.safetensors shards plus model.safetensors.index.json (what "
+            "transformers' from_pretrained reads), --format torch one file for "
+            "torch.load(OUT, weights_only=True), nested as saved and including non-tensor values. "
+            "Every byte read is checked against the checkpoint's checksums. safetensors and hf are "
+            "streamed (memory: about twice the largest tensor); torch holds every selected tensor in "
+            "memory at once and refuses when they would not fit. Select keys with --keys, rename "
+            "with --strip-prefix, cast floating tensors with --dtype."
+        ),
+        examples=(
+            "shardckpt export runs/llama/step_0000001000 llama-hf --format hf --keys model --strip-prefix model. --dtype bf16",
+            "shardckpt export runs/llama/step_0000001000 model.safetensors --format safetensors --keys 'model.*'",
+            "shardckpt export runs/llama/step_0000001000 weights.pt --format torch --keys model --strip-prefix model. --flat",
+            "shardckpt export runs/llama/step_0000001000 llama-hf --format hf --max-shard-size 2GB --json",
+        ),
+        configure=_configure_export,
+        run=_run_export,
+    )
+)
+
+register(
+    Command(
+        name="import",
+        summary="turn a safetensors file, Hugging Face folder, torch.save file or DCP folder into a checkpoint",
+        description=(
+            "Write SRC as a shardckpt checkpoint at OUT that loads on any number of processes like a "
+            "native one. SRC may be a .safetensors file, a Hugging Face folder (model.safetensors or "
+            "shards with a *.safetensors.index.json), a torch.save file (read with "
+            "torch.load(weights_only=True) only, so files holding arbitrary objects are refused), or a "
+            "torch.distributed.checkpoint (DCP) folder. A DCP folder's .metadata is a pickle, which "
+            "can run code when read: it is imported only with --trust-pickle. The format is detected "
+            "unless --from says it. Use --under model to nest everything under one key."
+        ),
+        examples=(
+            "shardckpt import llama-hf runs/imported --under model",
+            "shardckpt import weights.pt runs/from-torch --from torch",
+            "shardckpt import old-run/dcp_step_100 runs/from-dcp --trust-pickle",
+        ),
+        configure=_configure_import,
+        run=_run_import,
+    )
+)
+
+register(
+    Command(
+        name="diff",
+        summary="compare two checkpoints: keys added, removed, changed; max abs difference per tensor",
+        description=(
+            "Compare checkpoints A and B key by key, whatever world sizes saved them: keys only in B "
+            "(+), only in A (-), and changed (~): a different dtype or shape, tensor values whose largest "
+            "element-wise |a - b| exceeds --atol (NaN against non-NaN always counts), or a different "
+            "non-tensor value. Tensors are read and compared piece by piece with checksums verified, so "
+            "memory stays small. --json gives every tensor's max abs difference; --exit-code makes the "
+            f"exit status {EXIT_DIFFERENT} when anything differs."
+        ),
+        examples=(
+            "shardckpt diff runs/a/step_0000001000 runs/b/step_0000001000",
+            "shardckpt diff ckpt-fp32 ckpt-roundtrip --atol 1e-3 --keys 'model.*'",
+            "shardckpt diff A B --json --exit-code | jq '.changed'",
+        ),
+        configure=_configure_diff,
+        run=_run_diff,
+    )
+)

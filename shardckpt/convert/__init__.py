@@ -1,0 +1,118 @@
+"""Checkpoints in and out of shardckpt: export, import, diff. The entry points live here.
+
+- :func:`export_checkpoint`: a checkpoint saved by any world size -> one safetensors
+  file (streamed), a Hugging Face sharded folder (streamed) or one ``torch.save`` file,
+  with key selection, prefix stripping and dtype casting. No process group needed.
+- :func:`import_checkpoint`: a safetensors file, a Hugging Face folder, a ``torch.save``
+  file (``weights_only=True`` only) or a DCP folder (only with ``trust_pickle=True``)
+  -> a checkpoint that loads on any world size.
+- :func:`diff_checkpoints`: keys added, removed and changed; max abs difference per tensor.
+- :func:`read_state_dict`: a checkpoint as one in-memory nested dict, without a target.
+
+The work is split by direction: ``convert_read`` (assembling tensors from chunks,
+verified), ``convert_export``, ``convert_import``, ``convert_diff``. None of them is
+collective except the save at the end of an import.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from shardckpt.convert.diff import DiffReport, TensorComparison, diff_checkpoints
+from shardckpt.convert.export import (
+    DEFAULT_MAX_SHARD_BYTES,
+    HF_INDEX_NAME,
+    ExportReport,
+    export_hf,
+    export_safetensors,
+    export_torch,
+    parse_size,
+)
+from shardckpt.convert.export import read_state_dict as _read_state_dict
+from shardckpt.convert.importer import SOURCE_FORMATS, ImportReport, PickleNotTrustedError, detect_format, import_checkpoint
+from shardckpt.convert.source import CheckpointSource, Selection, parse_dtype
+
+__all__ = [
+    "EXPORT_FORMATS",
+    "SOURCE_FORMATS",
+    "HF_INDEX_NAME",
+    "export_checkpoint",
+    "import_checkpoint",
+    "diff_checkpoints",
+    "read_state_dict",
+    "detect_format",
+    "parse_size",
+    "parse_dtype",
+    "Selection",
+    "CheckpointSource",
+    "ExportReport",
+    "ImportReport",
+    "DiffReport",
+    "TensorComparison",
+    "PickleNotTrustedError",
+]
+
+EXPORT_FORMATS = ("safetensors", "hf", "torch")
+
+
+def export_checkpoint(
+    path: str,
+    out: str,
+    *,
+    format: str,
+    keys: tuple[str, ...] | list[str] = (),
+    strip_prefix: str = "",
+    dtype: str | torch.dtype | None = None,
+    max_shard_bytes: int | str = DEFAULT_MAX_SHARD_BYTES,
+    flat: bool = False,
+    overwrite: bool = False,
+    verify: bool = True,
+    progress: bool = False,
+    storage_options: dict[str, Any] | None = None,
+) -> ExportReport:
+    """Export the checkpoint at ``path`` to ``out`` in ``format`` (one of :data:`EXPORT_FORMATS`).
+
+    ``format="safetensors"``: ``out`` is one file; ``"hf"``: ``out`` is a folder that
+    receives ``model-0000k-of-0000n.safetensors`` (each at most ``max_shard_bytes`` of
+    tensor data, e.g. ``"5GB"``) and ``model.safetensors.index.json``; ``"torch"``: ``out``
+    is one file for ``torch.load(out, weights_only=True)``, nested as saved (``flat``:
+    keyed by dotted name instead) and including non-tensor values. safetensors formats
+    hold tensors only; the report lists the values left out.
+
+    ``keys``, ``strip_prefix``, ``dtype``: see :class:`Selection` (``dtype="bf16"`` casts
+    floating tensors for serving). ``verify``: check every byte against the checksums.
+    Existing outputs are refused unless ``overwrite``. Memory: safetensors and hf stream
+    (about twice the largest tensor); torch holds every selected tensor at once.
+    """
+    selection = Selection(tuple(keys), strip_prefix, parse_dtype(dtype) if dtype is not None else None)
+    source = CheckpointSource(path, storage_options=storage_options, verify=verify)
+    if format == "safetensors":
+        return export_safetensors(source, out, selection, overwrite=overwrite, progress=progress)
+    if format == "hf":
+        return export_hf(source, out, selection, max_shard_bytes=parse_size(max_shard_bytes), overwrite=overwrite,
+                         progress=progress)
+    if format == "torch":
+        return export_torch(source, out, selection, flat=flat, overwrite=overwrite, progress=progress)
+    raise ValueError(f"format must be one of {EXPORT_FORMATS}, got {format!r}")
+
+
+def read_state_dict(
+    path: str,
+    *,
+    keys: tuple[str, ...] | list[str] = (),
+    strip_prefix: str = "",
+    dtype: str | torch.dtype | None = None,
+    flat: bool = False,
+    verify: bool = True,
+    storage_options: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """The checkpoint at ``path`` as one in-memory dict of CPU tensors and plain values,
+    nested as it was saved (or ``flat``); what ``export_checkpoint(format="torch")`` writes.
+
+    Needs no target state_dict and no process group. Dict keys that were not str when
+    saved come back as their ``str()`` (the manifest records paths as str).
+    """
+    selection = Selection(tuple(keys), strip_prefix, parse_dtype(dtype) if dtype is not None else None)
+    return _read_state_dict(CheckpointSource(path, storage_options=storage_options, verify=verify), selection, flat=flat)

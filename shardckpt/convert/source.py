@@ -1,0 +1,289 @@
+"""Reading a committed checkpoint with no process group: boxes, whole tensors, values.
+
+This is the read side of export, diff and the Lightning plugin. It reads chunk bytes
+straight from the data files where the manifest says they are, verifies every byte
+against the block hashes recorded at save time, and assembles global tensors from
+whatever chunks any world size saved. It never calls DCP and never unpickles.
+
+:class:`CheckpointSource` is not collective and not thread-safe; call it from one
+thread of one process. :class:`Selection` says which keys leave a checkpoint, under
+which names and in which dtype.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import math
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from shardckpt.format import datafile
+
+from shardckpt.format import integrity
+from shardckpt.errors import IntegrityError, ManifestError, ShardckptError
+from shardckpt.engine.loading import read_manifest
+from shardckpt.format.manifest import ChunkRecord, Manifest, decode_value
+from shardckpt.storage import open_storage
+
+_DTYPE_ALIASES: dict[str, torch.dtype] = {
+    "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
+    "fp16": torch.float16, "f16": torch.float16, "float16": torch.float16, "half": torch.float16,
+    "fp32": torch.float32, "f32": torch.float32, "float32": torch.float32, "float": torch.float32,
+    "fp64": torch.float64, "f64": torch.float64, "float64": torch.float64, "double": torch.float64,
+}
+
+
+def parse_dtype(name: str | torch.dtype) -> torch.dtype:
+    """``"bf16"``, ``"float16"``, ``torch.bfloat16``, ... -> a floating torch dtype."""
+    if isinstance(name, torch.dtype):
+        dtype = name
+    else:
+        key = name.lower().removeprefix("torch.")
+        if key not in _DTYPE_ALIASES:
+            raise ValueError(f"unknown dtype {name!r}; use one of {', '.join(sorted(_DTYPE_ALIASES))}")
+        dtype = _DTYPE_ALIASES[key]
+    if not dtype.is_floating_point:
+        raise ValueError(f"cast dtype must be floating point (casts apply to floating tensors only), got {dtype}")
+    return dtype
+
+
+@dataclass(frozen=True)
+class Selection:
+    """Which keys to take out of a checkpoint, how to name them, which dtype to give them.
+
+    ``keys``: shell-style patterns (``fnmatch``, case-sensitive); a key is taken when it
+    matches any of them. A pattern without ``*?[`` is a prefix of whole components:
+    ``"model"`` takes ``model`` and every ``model.*`` key. Empty: every key.
+    ``strip_prefix``: removed from the start of every taken key that has it (``"model."``).
+    ``dtype``: floating tensors are cast to it; integer and bool tensors are kept as saved.
+    """
+
+    keys: tuple[str, ...] = ()
+    strip_prefix: str = ""
+    dtype: torch.dtype | None = None
+
+    def __post_init__(self) -> None:
+        if isinstance(self.keys, str):
+            raise TypeError("Selection.keys is a tuple of patterns, not one str; write keys=(pattern,)")
+        if self.dtype is not None:
+            parse_dtype(self.dtype)
+
+    def takes(self, key: str) -> bool:
+        return not self.keys or any(_matches(key, p) for p in self.keys)
+
+    def rename(self, key: str) -> str:
+        return key[len(self.strip_prefix):] if self.strip_prefix and key.startswith(self.strip_prefix) else key
+
+    def out_dtype(self, saved: torch.dtype) -> torch.dtype:
+        return self.dtype if self.dtype is not None and saved.is_floating_point else saved
+
+    def cast(self, tensor: torch.Tensor) -> torch.Tensor:
+        return tensor.to(self.out_dtype(tensor.dtype))
+
+
+def _matches(key: str, pattern: str) -> bool:
+    if any(c in pattern for c in "*?["):
+        return fnmatch.fnmatchcase(key, pattern)
+    return key == pattern or key.startswith(pattern.rstrip(".") + ".")
+
+
+class CheckpointSource:
+    """A committed checkpoint opened for reading without a process group.
+
+    ``verify``: check every byte read against the manifest's block hashes (raises
+    IntegrityError naming the file, key and block). Reads go through
+    :mod:`shardckpt.storage`, so any URL ``shardckpt.load`` accepts works here.
+    """
+
+    def __init__(self, path: str, *, storage_options: dict[str, Any] | None = None, verify: bool = True) -> None:
+        self.path = path
+        self.storage = open_storage(path, storage_options)
+        self.manifest: Manifest = read_manifest(self.storage)
+        self.verify = verify
+        self._sizes_checked: set[str] = set()
+
+    # ------------------------------------------------------------ what is there
+
+    def dtype(self, key: str) -> torch.dtype:
+        return datafile.torch_dtype(self.manifest.tensors[key].dtype, where=key)
+
+    def nbytes(self, key: str) -> int:
+        return sum(c.byte_length for c in self.manifest.tensors[key].chunks)
+
+    def value(self, key: str) -> Any:
+        return decode_value(self.manifest.values[key], where=f"{self.path}, values[{key!r}]")
+
+    def path_of(self, key: str) -> list[str | int]:
+        """Where ``key`` sat in the saved nested state_dict (manifest ``paths``)."""
+        return list(self.manifest.paths.get(key) or [key])
+
+    def select(self, selection: Selection) -> dict[str, str]:
+        """Output name -> saved key for every key ``selection`` takes, sorted by output name.
+
+        Raises ValueError when nothing matches or two keys end up with the same name.
+        """
+        saved = sorted({*self.manifest.tensors, *self.manifest.values})
+        chosen: dict[str, str] = {}
+        for key in saved:
+            if not selection.takes(key):
+                continue
+            name = selection.rename(key)
+            if not name or name in chosen:
+                other = chosen.get(name, "(nothing)")
+                raise ValueError(
+                    f"{self.path}: stripping {selection.strip_prefix!r} maps {other!r} and {key!r} to the same "
+                    f"name {name!r}; select fewer keys (--keys) or strip a different prefix"
+                )
+            chosen[name] = key
+        if not chosen:
+            shown = ", ".join(repr(k) for k in saved[:10]) + (" ..." if len(saved) > 10 else "")
+            raise ValueError(f"{self.path}: no key matches {list(selection.keys)}; "
+                             f"the checkpoint has {shown or 'no keys'}")
+        return dict(sorted(chosen.items()))
+
+    # ------------------------------------------------------------ tensor bytes
+
+    def read_tensor(self, key: str) -> torch.Tensor:
+        """The whole global tensor ``key`` as one CPU tensor in its saved dtype.
+
+        Memory: the result, plus one chunk-sized buffer while a chunk whose box is not
+        contiguous in the result is copied in (chunks split along dim 0 are read straight
+        into the result).
+        """
+        shape = self.manifest.tensors[key].shape
+        return self.read_box(key, (0,) * len(shape), shape)
+
+    def read_box(self, key: str, offsets: Sequence[int], sizes: Sequence[int]) -> torch.Tensor:
+        """The box ``[offsets, offsets + sizes)`` of the global tensor ``key``."""
+        rec = self.manifest.tensors[key]
+        if len(offsets) != len(rec.shape) or any(o + s > d for o, s, d in zip(offsets, sizes, rec.shape)):
+            raise ValueError(f"key {key!r}: box {list(offsets)}+{list(sizes)} lies outside shape {list(rec.shape)}")
+        out = torch.empty(tuple(sizes), dtype=self.dtype(key))
+        if out.numel() == 0:
+            return out
+        for chunk in rec.chunks:
+            lo = [max(o, c) for o, c in zip(offsets, chunk.offsets)]
+            hi = [min(o + s, c + n) for o, s, c, n in zip(offsets, sizes, chunk.offsets, chunk.sizes)]
+            if all(a < b for a, b in zip(lo, hi)):
+                dest = out[tuple(slice(a - o, b - o) for a, b, o in zip(lo, hi, offsets))]
+                self._copy_from_chunk(key, chunk, [a - c for a, c in zip(lo, chunk.offsets)], dest)
+        return out
+
+    def _copy_from_chunk(self, key: str, chunk: ChunkRecord, start: list[int], dest: torch.Tensor) -> None:
+        """Fill ``dest`` from the part of ``chunk`` that begins at ``start`` (chunk coordinates)."""
+        self._check_size(chunk.file)
+        dtype, lengths = dest.dtype, tuple(dest.shape)
+        isz = dtype.itemsize
+        strides = _contiguous_strides(chunk.sizes)
+        first = sum(o * s for o, s in zip(start, strides))
+        last = sum((o + n - 1) * s for o, n, s in zip(start, lengths, strides))
+        lo, hi = first * isz, (last + 1) * isz
+        block = self.manifest.hash_block_bytes
+        if self.verify:
+            lo, hi = lo // block * block, min(chunk.byte_length, -(-hi // block) * block)
+        exact = lo == first * isz and hi == (last + 1) * isz and last - first + 1 == dest.numel()
+        direct = exact and dest.is_contiguous()
+        buf = dest.reshape(-1).view(torch.uint8) if direct else torch.empty(hi - lo, dtype=torch.uint8)
+        view = memoryview(buf.numpy())  # type: ignore[arg-type]  # ndarray implements the buffer protocol
+        where = f"{self.path}: file {chunk.file!r}, key {key!r}, chunk at {list(chunk.offsets)}"
+        try:
+            self.storage.read_into(chunk.file, chunk.byte_offset + lo, view)
+        except EOFError as e:
+            raise IntegrityError(f"{where}: {e}") from e
+        if self.verify:
+            integrity.verify_blocks(view, first_block=lo // block, block_bytes=block, expected=chunk.block_hashes,
+                                    where=where)
+        if not direct:
+            dest.copy_(buf.view(dtype).as_strided(lengths, strides, (first * isz - lo) // isz))
+
+    def _check_size(self, name: str) -> None:
+        if name in self._sizes_checked:
+            return
+        expected = self.manifest.files[name].size
+        try:
+            found = self.storage.size(name)
+        except FileNotFoundError as e:
+            raise IntegrityError(f"{self.path}: data file {name!r} listed in the manifest is missing; "
+                                 "the checkpoint is damaged, restore the file or use an earlier checkpoint") from e
+        if found != expected:
+            raise IntegrityError(f"{self.path}: data file {name!r} is {found} bytes, the manifest says {expected}; "
+                                 "it was truncated or replaced, restore it or use an earlier checkpoint")
+        self._sizes_checked.add(name)
+
+
+def _contiguous_strides(sizes: Sequence[int]) -> tuple[int, ...]:
+    strides, acc = [], 1
+    for s in reversed(sizes):
+        strides.append(acc)
+        acc *= s
+    return tuple(reversed(strides))
+
+
+def row_pieces(shape: Sequence[int], itemsize: int, piece_bytes: int) -> Iterable[tuple[tuple[int, ...], tuple[int, ...]]]:
+    """Boxes (offsets, sizes) that tile ``shape`` along dim 0, each about ``piece_bytes``."""
+    if not shape:
+        yield (), ()
+        return
+    row_bytes = max(1, math.prod(shape[1:]) * itemsize)
+    rows = max(1, piece_bytes // row_bytes)
+    for r in range(0, shape[0], rows):
+        yield (r, *([0] * (len(shape) - 1))), (min(rows, shape[0] - r), *shape[1:])
+
+
+# ---------------------------------------------------------------- nesting
+
+
+def nest(leaves: Iterable[tuple[Sequence[str | int], Any]]) -> dict[str, Any]:
+    """Rebuild a nested state_dict from (path, leaf) pairs: str components are dict keys,
+    int components list indices (lists grow with None placeholders where a path skips)."""
+    root: dict[str, Any] = {}
+    for path, leaf in leaves:
+        if not path:
+            raise ManifestError("a key has an empty path")
+        node: Any = root
+        for i, part in enumerate(path):
+            last = i == len(path) - 1
+            nxt = leaf if last else ([] if isinstance(path[i + 1], int) else {})
+            node = _child(node, part, nxt, last, path)
+    return root
+
+
+def _child(node: Any, part: str | int, new: Any, last: bool, path: Sequence[str | int]) -> Any:
+    if isinstance(node, list) and isinstance(part, int):
+        node.extend([None] * (part + 1 - len(node)))
+        if last or node[part] is None:
+            node[part] = new
+        return node[part]
+    if isinstance(node, dict) and isinstance(part, str):
+        if last:
+            if part in node:
+                raise ManifestError(f"two keys have the same path {list(path)}")
+            node[part] = new
+        return node.setdefault(part, new)
+    raise ManifestError(f"path {list(path)} runs through a {type(node).__name__} at {part!r}; the manifest's "
+                        "paths disagree with each other")
+
+
+def strip_path(path: Sequence[str | int], prefix: str) -> list[str | int]:
+    """``path`` with ``prefix`` removed from the front of the key it spells (``".".join``).
+
+    ``["model", "w"]`` and ``["model.w"]`` both become ``["w"]`` for ``"model."``. The
+    caller has checked that the flat key starts with ``prefix``.
+    """
+    pos = 0
+    for i, part in enumerate(path):
+        end = pos + len(str(part))
+        if len(prefix) in (end, end + 1):
+            return list(path[i + 1 :])
+        if len(prefix) < end and isinstance(part, str):
+            return [part[len(prefix) - pos :], *path[i + 1 :]]
+        if len(prefix) < end:
+            break
+        pos = end + 1
+    raise ShardckptError(
+        f"cannot strip {prefix!r} from the nested key {'.'.join(map(str, path))!r}: it would cut a list index "
+        "or the whole key; strip a shorter prefix"
+    )

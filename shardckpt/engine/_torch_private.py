@@ -1,0 +1,102 @@
+"""The one boundary between shardckpt and torch's private (underscore) API (issue #14).
+
+Every private torch name shardckpt depends on is imported here and nowhere else
+(``tests/test_torch_private.py`` walks the package's source and fails otherwise), and
+each is re-exported through a thin wrapper whose docstring says what we use it for, the
+torch it was checked against and what breaks if it changes. The same test module checks
+each one's behaviour on the installed torch, so an upgrade that changes one fails there,
+naming it, rather than somewhere deep in a save.
+
+Besides imports, :class:`shardckpt.engine.planner.SavePlanner` overrides two private hooks of
+DCP's ``DefaultSavePlanner`` (:data:`SAVE_PLANNER_HOOKS`). Overriding cannot fail at
+import time, so the planner checks at run time that DCP called them
+(:func:`hook_skipped_error`).
+
+Checked against torch 2.13 (``TESTED_TORCH``); pyproject allows ``torch>=2.7,<2.15``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch.distributed.checkpoint._nested_dict import (
+    flatten_state_dict as _dcp_flatten_state_dict,
+)
+from torch.distributed.checkpoint._traverse import set_element as _dcp_set_element
+from torch.distributed.checkpoint.planner import WriteItem
+from torch.distributed.checkpoint.planner_helpers import (
+    _create_write_items as _dcp_create_write_items,
+)
+
+from shardckpt.errors import ShardckptError
+
+__all__ = [
+    "SAVE_PLANNER_HOOKS",
+    "TESTED_TORCH",
+    "create_write_items",
+    "flatten_state_dict",
+    "hook_skipped_error",
+    "set_element",
+]
+
+TESTED_TORCH = "2.13"
+
+# DefaultSavePlanner's private methods that SavePlanner overrides, with what they carry.
+# DCP 2.13: create_global_plan() -> self._create_global_plan() -> self._dedup_save_plans();
+# our _create_global_plan calls _dedup_save_plans itself, so only the first is DCP's call.
+SAVE_PLANNER_HOOKS: dict[str, str] = {
+    "_create_global_plan": "the cross-rank checks (values and tensors agree across ranks, manifest size, "
+    "shards tile each tensor) and our global-plan validation",
+    "_dedup_save_plans": "the balanced placement of replicated items (balance_replicated)",
+}
+
+
+def flatten_state_dict(state_dict: dict[str, Any]) -> tuple[dict[str, Any], dict[str, tuple[Any, ...]]]:
+    """DCP's flattening: ``({"a.b.0": leaf}, {"a.b.0": ("a", "b", 0)})``.
+
+    Private: ``torch.distributed.checkpoint._nested_dict.flatten_state_dict`` (checked on
+    torch 2.13). We use it so the keys we stage, check and record in the manifest are
+    exactly the keys DCP's planners (which call the same function) plan with. We rely on:
+    dict keys joined with ``.``, list indices as ints in the path, a ``ValueError``
+    whose text contains ``"duplicated flatten key"`` on a collision, and recursion (so
+    deep nesting raises ``RecursionError``). If any of these changes, async staging keys
+    diverge from the planner's and collisions/too-deep states lose their clear errors.
+    """
+    return _dcp_flatten_state_dict(state_dict)
+
+
+def set_element(root: dict[str, Any], path: tuple[Any, ...], value: Any) -> None:
+    """Set ``value`` at ``path`` (a flattening path) inside ``root``, creating dicts for
+    str steps and lists (padded with None) for int steps.
+
+    Private: ``torch.distributed.checkpoint._traverse.set_element`` (checked on torch
+    2.13). TrainState uses it to rebuild a saved subtree, shaped as saved, from the
+    manifest's paths. If it changes, ``TrainState.restore`` builds wrong load targets
+    (e.g. a dict where a list was saved) and the load refuses them.
+    """
+    _dcp_set_element(root, path, value)
+
+
+def create_write_items(fqn: str, obj: Any) -> list[WriteItem]:
+    """DCP's write items for one state_dict entry (for a DTensor: its local shard's
+    chunk, offsets and the global shape).
+
+    Private: ``torch.distributed.checkpoint.planner_helpers._create_write_items``
+    (checked on torch 2.13). Async staging computes a DTensor's items with it before the
+    DTensor is replaced by a host copy, so the planner later plans the copy exactly as
+    it would have planned the DTensor. We read ``index`` (fqn, offset), ``type`` and
+    ``tensor_data`` (``chunk.offsets``/``chunk.sizes``, ``properties.dtype``, ``size``).
+    If it changes, staged async saves of DTensors plan wrong or fail.
+    """
+    return _dcp_create_write_items(fqn, obj)
+
+
+def hook_skipped_error(hook: str, torch_version: str) -> ShardckptError:
+    """The error for a save in which DCP did not call our override of ``hook``
+    (one of :data:`SAVE_PLANNER_HOOKS`): saving on would silently skip what it carries."""
+    return ShardckptError(
+        f"torch {torch_version}'s DCP no longer calls DefaultSavePlanner.{hook} on the coordinator; "
+        f"shardckpt's {SAVE_PLANNER_HOOKS[hook]} would be skipped, so the save was refused. "
+        f"Pin torch to a tested version (shardckpt was tested with torch {TESTED_TORCH}) "
+        "or upgrade shardckpt."
+    )

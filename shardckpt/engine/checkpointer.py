@@ -1,0 +1,332 @@
+"""One engine object: :class:`Checkpointer` owns everything a save or load keeps between calls.
+
+That is: the staging buffers of async saves (one host copy of the rank's shard, pinned
+on GPU hosts), the pending async save, the last bounded save's source statistics, the
+gloo process groups the saves and loads talk over, and the storage factory. Before it
+existed these were module globals, so a process could have one async save at a time
+and could never free the staging copy; now two Checkpointers are two independent
+engines, and :meth:`Checkpointer.close` gives everything back.
+
+``shardckpt.save``, ``async_save``, ``load`` and ``staging_stats`` are thin wrappers
+over a default Checkpointer, created lazily on first use (and again after someone
+closed it); :func:`default_checkpointer` returns it.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import threading
+from collections.abc import Callable
+from typing import Any
+
+import torch.distributed as dist
+
+from shardckpt.engine.collective import RankGroup, arrive, checkpoint_group, is_gloo
+from shardckpt.errors import ShardckptError
+from shardckpt.format.integrity import DEFAULT_BLOCK_BYTES
+from shardckpt.format.manifest import Manifest
+from shardckpt.engine.saving import (
+    DEFAULT_TIMEOUT_S,
+    AsyncSaveHandle,
+    checkpoint_path,
+    persist,
+    save_options,
+)
+from shardckpt.engine.loading import DEFAULT_LOAD_IO_THREADS, load_from
+from shardckpt.engine.staging import BoundedSource, Stager, tensor_bytes
+from shardckpt.engine.state import flatten_with_mappings, to_plain_state_dict
+from shardckpt.storage import Storage, open_storage
+
+__all__ = ["Checkpointer", "StorageFactory"]
+
+StorageFactory = Callable[[str, "dict[str, Any] | None"], Storage]
+log = logging.getLogger("shardckpt")
+
+
+class Checkpointer:
+    """Saves and loads checkpoints; owns staging buffers, the pending async save, and
+    the checkpoint process groups it creates.
+
+    ``storage_factory(url, storage_options) -> Storage`` opens every checkpoint folder
+    this Checkpointer saves to or loads from (default :func:`shardckpt.storage.open_storage`),
+    e.g. to add a cache, metrics, or fault injection in tests.
+
+    Contract:
+
+    * ``save``, ``async_save``, ``load`` and ``close`` are collective whenever a process
+      group exists: every rank of the group calls them, in the same order, each on its
+      own Checkpointer (the ranks' Checkpointers must be created in the same order too,
+      since each creates its own gloo groups on first use).
+    * Drive a Checkpointer from one thread. Its background thread is its own business;
+      :meth:`wait`, :meth:`staging_stats` and :attr:`pending` may be called from any thread.
+    * At most one async save per Checkpointer is pending: the next call of any method
+      but ``staging_stats`` finishes it first. Use two Checkpointers for two saves
+      in flight at once (two staging copies, two gloo groups).
+    * Whoever creates a Checkpointer closes it (``close()`` or a ``with`` block). A
+      pending save keeps the interpreter alive until it ends (its thread is not a
+      daemon), so an unclosed Checkpointer loses no checkpoint at exit; it only keeps
+      its staging memory and groups until then.
+    """
+
+    def __init__(self, *, storage_factory: StorageFactory | None = None) -> None:
+        self._storage_factory = storage_factory
+        self._stager = Stager()
+        self._lock = threading.Lock()  # guards _pending against wait() from another thread
+        self._pending: AsyncSaveHandle | None = None
+        self._last_source: BoundedSource | None = None
+        self._groups: dict[Any, Any] = {}  # (purpose, timeout) -> the gloo group this object created
+        self._closed = False
+
+    # ------------------------------------------------------------ context manager
+
+    def __enter__(self) -> Checkpointer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    @property
+    def pending(self) -> AsyncSaveHandle | None:
+        """The async save started last and not yet waited for by this object, if any."""
+        return self._pending
+
+    # ------------------------------------------------------------ storage and groups
+
+    def open_storage(self, url: str, storage_options: dict[str, Any] | None = None) -> Storage:
+        """The Storage for ``url`` from this Checkpointer's factory. Not collective."""
+        factory = self._storage_factory if self._storage_factory is not None else open_storage
+        return factory(url, storage_options)
+
+    def group(self, process_group: Any, timeout_s: float, purpose: str = "save") -> Any:
+        """The gloo group for ``purpose`` and ``timeout_s`` (see
+        :func:`shardckpt.engine.collective.checkpoint_group`). Collective on first use, by every
+        rank; owned by this object and destroyed by :meth:`close`."""
+        self._check_open(f"using a process group for {purpose}")
+        return checkpoint_group(process_group, timeout_s, self._groups, purpose)
+
+    # ------------------------------------------------------------ save / load
+
+    def save(
+        self,
+        state_dict: dict[str, Any],
+        path: str,
+        *,
+        process_group: Any = None,
+        num_io_threads: int | None = None,
+        overwrite: bool = False,
+        storage_options: dict[str, Any] | None = None,
+        hash_block_bytes: int = DEFAULT_BLOCK_BYTES,
+        metadata: dict[str, Any] | None = None,
+        timeout_s: float = DEFAULT_TIMEOUT_S,
+    ) -> Manifest | None:
+        """Save ``state_dict`` to the checkpoint folder ``path`` (a local path or fsspec URL).
+
+        Collective when torch.distributed is initialized (or ``process_group`` is given):
+        every rank of the group must call it with its own shard of the state. Works with no
+        process group too. Each rank writes the tensors it owns (replicated tensors once,
+        spread over ranks) with ``num_io_threads`` threads (default 4 for local paths, 8 for
+        object stores); rank 0 then writes ``manifest.json``, which commits the checkpoint.
+        When this returns on any rank the checkpoint is committed and durable. On failure
+        nothing is committed, nothing that existed before is touched, and every rank
+        raises the same ShardckptError.
+
+        ``state_dict`` holds nested dicts/lists of tensors and DTensors, Stateful objects
+        (``state_dict()``/``load_state_dict()``), and JSON-representable values (int, float,
+        str, bool, None, list, tuple, str-keyed dict). ``path`` must be a new or empty
+        folder; a committed checkpoint already there is refused unless ``overwrite=True``,
+        and a folder holding anything else always is. ``metadata`` (plain JSON, the
+        coordinator's copy is kept) is stored in the manifest, e.g. a step and metrics.
+
+        This Checkpointer's pending ``async_save`` is finished first. Every wait for
+        other ranks is bounded by ``timeout_s`` (default 1800 s): a rank that never calls
+        ``save`` or never finishes its writes makes the others raise RankTimeoutError
+        naming it. The save's collectives run on a gloo group with the caller's ranks,
+        created on the first call (by every rank) and owned by this Checkpointer.
+        Returns the committed Manifest on the coordinator, None on other ranks.
+        """
+        self._check_open(f"save to {path}")
+        path = checkpoint_path(path)
+        options = save_options(num_io_threads, hash_block_bytes, overwrite, metadata, path)
+        self.wait()
+        group = RankGroup.current(process_group)
+        ckpt_group = self.group(process_group, timeout_s) if group.is_distributed else None
+        arrive(ckpt_group, f"save to {path}: waiting for every rank to call save", timeout_s)
+        return persist(to_plain_state_dict(state_dict), path, ckpt_group, not group.is_distributed, options,
+                       storage_options, mappings=None, timeout_s=timeout_s, storage_factory=self.open_storage)
+
+    def async_save(
+        self,
+        state_dict: dict[str, Any],
+        path: str,
+        *,
+        process_group: Any = None,
+        num_io_threads: int | None = None,
+        overwrite: bool = False,
+        storage_options: dict[str, Any] | None = None,
+        hash_block_bytes: int = DEFAULT_BLOCK_BYTES,
+        metadata: dict[str, Any] | None = None,
+        timeout_s: float = DEFAULT_TIMEOUT_S,
+        max_staging_bytes: int | None = None,
+    ) -> AsyncSaveHandle:
+        """Like :meth:`save`, but returns once the state is copied to host memory.
+
+        Collective, like ``save``. First finishes this Checkpointer's previous async save
+        (raising its error if it failed and nobody called ``wait`` on it). Then copies every
+        tensor into host buffers kept from the previous save (pinned on GPU hosts), so the
+        caller may mutate its tensors as soon as this returns. Writing, checksumming and the
+        commit run on a (non-daemon) background thread whose collectives use this
+        Checkpointer's dedicated gloo group (created on the first call, by every rank), never
+        the training group; ``timeout_s`` bounds every wait for other ranks. The handle is
+        also :attr:`pending` until :meth:`wait` (or the next call) collects it.
+
+        ``max_staging_bytes`` bounds the host memory used for staging on this rank (default:
+        none, one copy of the rank's shard). When the rank's tensors exceed it, the writer
+        streams them from the caller's tensors while this call waits, and copies only the
+        last ``max_staging_bytes`` into a reused buffer before returning: the call blocks
+        for about the time it takes to write the rest. 0 makes the save synchronous.
+
+        The staging buffers live until :meth:`close`; the interpreter waits for a pending
+        save at exit. For several saves in flight at once, use several Checkpointers.
+        """
+        if max_staging_bytes is not None and max_staging_bytes < 0:
+            raise ValueError(f"max_staging_bytes must be >= 0 or None (no bound), got {max_staging_bytes}")
+        self._check_open(f"async save to {path}")
+        path = checkpoint_path(path)
+        options = save_options(num_io_threads, hash_block_bytes, overwrite, metadata, path)
+        self.wait()
+        group = RankGroup.current(process_group)
+        stager = self._stager
+
+        def stage() -> dict[str, Any]:
+            flat, mappings = flatten_with_mappings(to_plain_state_dict(state_dict))
+            if max_staging_bytes is None or tensor_bytes(flat) <= max_staging_bytes:
+                return {"state": stager.stage(flat), "mappings": mappings, "source": None}
+            source = BoundedSource(max_staging_bytes, stager.arena)
+            return {"state": stager.stage_live(flat), "mappings": mappings, "source": source}
+
+        staged = group.agree(f"async save to {path}", stage)
+        bg_group = self.group(process_group, timeout_s) if group.is_distributed else None
+        if bg_group is not None and not is_gloo(bg_group):
+            raise ValueError(
+                "async_save over a subgroup needs a gloo group, so the background thread never runs "
+                "collectives on a training group: pass process_group=dist.new_group(ranks, backend='gloo') "
+                "(created on every rank)"
+            )
+        handle = AsyncSaveHandle(path)
+        run = functools.partial(persist, staged["state"], path, bg_group, not group.is_distributed, options,
+                                storage_options, staged["mappings"], timeout_s, staged["source"],
+                                storage_factory=self.open_storage)
+        # Not a daemon: the interpreter joins it at exit, so a pending save finishes (or
+        # fails uncommitted) instead of being cut off mid-write. No atexit hook needed.
+        thread = threading.Thread(target=handle._run, args=(run,), name="shardckpt-async-save", daemon=False)
+        source: BoundedSource | None = staged["source"]
+        with self._lock:
+            self._pending = handle
+            self._last_source = source
+        thread.start()
+        if source is not None:
+            source.released.wait()  # the caller's tensors are read until then
+        return handle
+
+    def load(
+        self,
+        state_dict: dict[str, Any],
+        path: str,
+        *,
+        process_group: Any = None,
+        strict: bool = True,
+        verify: bool = True,
+        num_io_threads: int = DEFAULT_LOAD_IO_THREADS,
+        storage_options: dict[str, Any] | None = None,
+        timeout_s: float = DEFAULT_TIMEOUT_S,
+    ) -> None:
+        """Fill ``state_dict`` in place from the checkpoint at ``path``.
+
+        Collective when torch.distributed is initialized (or ``process_group`` is given).
+        The target's layout decides what each rank reads: tensors and DTensors receive
+        their local part of the saved global tensor, whatever world size saved it.
+        Non-tensor values are replaced by the saved ones; top-level Stateful objects get
+        ``load_state_dict`` with their loaded state.
+
+        ``strict``: every key of the target must be in the checkpoint and vice versa
+        (otherwise StateDictMismatchError lists them); with ``strict=False`` keys missing
+        from the checkpoint are left untouched. Shape and dtype must match either way.
+        ``verify``: check every byte read against the checksums recorded at save time.
+        A problem on any rank raises on every rank, naming the rank; a rank that does not
+        call ``load`` makes the others raise RankTimeoutError after ``timeout_s`` (default
+        1800 s). Like ``save``, the collectives run on this Checkpointer's gloo group,
+        after its pending async save (if any) has finished.
+        """
+        if not 1 <= num_io_threads <= 256:
+            raise ValueError(f"num_io_threads must be in [1, 256], got {num_io_threads}")
+        self._check_open(f"load of {path}")
+        self.wait()
+        group = RankGroup.current(process_group)
+        ckpt_group = self.group(process_group, timeout_s) if group.is_distributed else None
+        arrive(ckpt_group, f"load of {path}: waiting for every rank to call load", timeout_s)
+        group = RankGroup.current(ckpt_group) if ckpt_group is not None else group
+        storage = self.open_storage(path, storage_options)
+        load_from(state_dict, path, storage, group, ckpt_group, strict=strict, verify=verify,
+                           num_io_threads=num_io_threads)
+
+    # ------------------------------------------------------------ pending save, stats, close
+
+    def wait(self) -> Manifest | None:
+        """Finish this Checkpointer's pending async save, if any, and forget it. Returns
+        its Manifest (coordinator) or None; raises its error unless someone already saw it
+        through the handle's ``wait()``. Not collective by itself (the save is). Any thread."""
+        with self._lock:
+            handle, self._pending = self._pending, None
+        if handle is None:
+            return None
+        already_seen = handle.error_reported
+        try:
+            return handle.wait()
+        except BaseException:
+            if not already_seen:
+                raise
+            return None
+
+    def staging_stats(self) -> dict[str, int]:
+        """Host memory held by this Checkpointer's staging buffers, how often they were
+        allocated, and for its last bounded save how many bytes were written from live
+        tensors vs staged. Any thread."""
+        stats = {"staged_bytes": self._stager.staged_bytes, "allocations": self._stager.allocations}
+        source = self._last_source
+        if source is not None:
+            stats.update(bounded_live_bytes=source.live_bytes, bounded_staged_bytes=source.staged_bytes)
+        return stats
+
+    def close(self) -> None:
+        """Collective (every rank of the groups it created calls it). Idempotent.
+
+        Waits for the pending async save, then frees the staging buffers and destroys
+        the gloo groups this Checkpointer created; raises the pending save's error (after
+        freeing) if nobody saw it. Afterwards ``save``/``async_save``/``load`` raise
+        ShardckptError; ``wait``, ``staging_stats`` and ``close`` still work.
+        """
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            self.wait()
+        finally:
+            # Dropping the Stager drops its buffers (and a bounded save's arena with it).
+            self._stager = Stager()
+            self._last_source = None
+            groups, self._groups = list(self._groups.values()), {}
+            if groups and dist.is_available() and dist.is_initialized():
+                for g in groups:
+                    try:
+                        dist.destroy_process_group(g)
+                    except Exception as e:  # noqa: BLE001 - freeing is best effort; never hide the save's error
+                        log.debug("shardckpt: destroying a checkpoint process group failed: %s", e)
+
+    def _check_open(self, action: str) -> None:
+        if self._closed:
+            raise ShardckptError(f"{action}: this Checkpointer is closed; create a new one (or use shardckpt.save/load)")

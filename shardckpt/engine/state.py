@@ -1,0 +1,189 @@
+"""What a state_dict may hold, and how Stateful objects enter and leave it.
+
+Like DCP, only top-level values are treated as Stateful (objects with both
+``state_dict()`` and ``load_state_dict()``). Their methods are called in sorted key
+order on every rank: they may run collectives (an FSDP-wrapped module does), and the
+ranks' dicts need not have been built in the same order.
+
+:func:`check_savable` and :func:`tensor_problem` refuse, by type and before any byte
+is written, what a checkpoint cannot hold or a reader would refuse.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch.distributed.checkpoint.stateful import Stateful
+from torch.distributed.tensor import DTensor
+
+from shardckpt.format import datafile
+from shardckpt.engine._torch_private import flatten_state_dict
+from shardckpt.errors import ManifestError, UnsupportedValueError
+from shardckpt.format.values import check_str
+
+
+def _call_order(state_dict: dict[Any, Any]) -> list[Any]:
+    """The keys in an order every rank agrees on, whatever order its dict was built in.
+
+    Sorted as DCP sorts flattened keys (by ``str``); the type name only breaks ties
+    between keys that print alike (1 and "1"), which DCP's flattening refuses later anyway.
+    """
+    return sorted(state_dict, key=lambda k: (str(k), type(k).__name__))
+
+
+def to_plain_state_dict(state_dict: dict[str, Any]) -> dict[str, Any]:
+    """Shallow copy with every top-level Stateful replaced by its ``state_dict()``.
+
+    ``state_dict()`` is called in :func:`_call_order` (the same on every rank); the
+    copy keeps the caller's key order.
+    """
+    if not isinstance(state_dict, dict):
+        raise TypeError(f"state_dict must be a dict, got {type(state_dict).__name__}")
+    states = {k: state_dict[k].state_dict() for k in _call_order(state_dict) if isinstance(state_dict[k], Stateful)}
+    return {k: states[k] if k in states else v for k, v in state_dict.items()}
+
+
+def apply_loaded_stateful(state_dict: dict[str, Any], plain: dict[str, Any]) -> None:
+    """After a load filled ``plain``, hand each Stateful its part back (in
+    :func:`_call_order`, the same on every rank) and copy top-level plain values
+    (which the load replaced in ``plain``) into ``state_dict``."""
+    for k in _call_order(state_dict):
+        v = state_dict[k]
+        if isinstance(v, Stateful):
+            v.load_state_dict(plain[k])
+        elif plain[k] is not v:
+            state_dict[k] = plain[k]
+
+
+def flatten_with_mappings(plain: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """DCP's flattening: ``{"a.b.0": leaf}`` and the mapping back to each leaf's path.
+
+    For saving: also refuses (UnsupportedValueError, see :func:`check_savable`) leaves
+    that cannot be saved, so a bad leaf fails before anything is staged or written.
+    """
+    flat, mappings = _flatten(plain)
+    check_savable(flat)
+    return flat, mappings
+
+
+def flat_keys(plain: dict[str, Any]) -> dict[str, Any]:
+    """Flattened view (``a.b.0``) of a state_dict, exactly as DCP's planners key it."""
+    return _flatten(plain)[0]
+
+
+def _flatten(plain: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    try:
+        return flatten_state_dict(plain)
+    except RecursionError as e:
+        raise too_deep() from e
+    except ValueError as e:
+        if "duplicated flatten key" not in str(e):
+            raise
+        raise flatten_collision(e) from e
+
+
+def too_deep() -> UnsupportedValueError:
+    """The error for a state_dict whose nesting exhausts Python's recursion limit
+    (DCP's flattening is recursive; the key is unknown at that point)."""
+    return UnsupportedValueError(
+        "the state_dict nests dicts/lists too deeply for DCP's flattening (Python's recursion "
+        "limit was reached); flatten the structure (e.g. join the path into one key)"
+    )
+
+
+def check_savable(flat: dict[str, Any]) -> None:
+    """Raise UnsupportedValueError, naming the key, what was found, the limit and the
+    fix, for the first (sorted) leaf of the flattened ``flat`` that save cannot store
+    in a way load accepts: a key UTF-8 cannot encode, or a tensor that is sparse,
+    nested or meta, of an unsupported dtype, or whose shape the reader refuses
+    (more than ``datafile.MAX_NDIM`` dimensions, a dimension too large).
+
+    Non-tensor values are checked when encoded (``values.encode_value``).
+    """
+    for fqn in sorted(flat):
+        check_str(fqn, key=fqn, what="the key")
+        value = flat[fqn]
+        if not isinstance(value, torch.Tensor):
+            continue
+        problem = tensor_problem(value, loading=False)
+        if problem is not None:
+            raise UnsupportedValueError(f"key {fqn!r}: {problem}")
+        if _is_sharded_tensor(value):
+            continue  # its shards were checked; DCP flattens it into chunks with the global metadata
+        datafile.dtype_name(value.dtype, key=fqn)
+        check_tensor_shape(tuple(value.shape), key=fqn)
+
+
+def check_tensor_shape(shape: tuple[int, ...], *, key: str) -> None:
+    """Refuse a (global) shape that the manifest and data-file readers would refuse,
+    using their own check (``datafile.check_shape``) so both sides share one limit."""
+    if len(shape) > datafile.MAX_NDIM:
+        raise UnsupportedValueError(
+            f"key {key!r}: the tensor has {len(shape)} dimensions; a checkpoint holds tensors of at most "
+            f"{datafile.MAX_NDIM} dimensions (the limit of shardckpt's reader and safetensors). Reshape it "
+            "before saving (e.g. t.reshape(-1)) and back after loading."
+        )
+    try:
+        datafile.check_shape(list(shape), where=f"key {key!r}")
+    except ManifestError as e:
+        raise UnsupportedValueError(
+            f"{e}: the checkpoint reader would refuse this shape, so save refuses it too (every dimension "
+            "must be below 2**62). Reshape the tensor or save a smaller one."
+        ) from None
+
+
+def _is_sharded_tensor(value: Any) -> bool:
+    """A torch.distributed ShardedTensor (recognised by its method: the class is private)."""
+    return callable(getattr(type(value), "local_shards", None))
+
+
+def tensor_problem(tensor: torch.Tensor, *, loading: bool) -> str | None:
+    """What keeps ``tensor`` from being saved (or, ``loading``, filled from a checkpoint),
+    with the fix; None when it is a plain strided tensor with storage.
+
+    Checked before DCP touches it: DCP's own failures for these ("unsupported memory
+    format option", "Cannot copy out of meta tensor") carry no key and surface as if
+    a peer had died. For a DTensor, its local shard is checked.
+    """
+    if _is_sharded_tensor(tensor):
+        # FSDP1's sharded state dicts: the object itself answers no attribute queries
+        # (its __torch_function__ refuses them); its local shards are plain tensors.
+        shards = tensor.local_shards()  # type: ignore[attr-defined]
+        problems = (tensor_problem(shard.tensor, loading=loading) for shard in shards)
+        return next((p for p in problems if p is not None), None)
+    local = tensor.to_local() if isinstance(tensor, DTensor) else tensor
+    if local.is_nested:
+        return (
+            "a nested (jagged) tensor, which a checkpoint cannot hold (it stores strided tensors). "
+            + ("Load into a list of its components instead." if loading else
+               "Save its components instead (e.g. list(t.unbind())) or a padded copy "
+               "(torch.nested.to_padded_tensor(t, 0.0)).")
+        )
+    if local.layout != torch.strided:
+        return (
+            f"a {str(local.layout).removeprefix('torch.')} tensor, but a checkpoint holds dense (strided) tensors. "
+            + ("Load into a dense tensor (call .to_dense() on the target) and convert it after loading."
+               if loading else "Call .to_dense() on it before saving (and convert it back after loading).")
+        )
+    if local.device.type == "meta":
+        return (
+            "a meta tensor, which has a shape but no data: "
+            + ("materialize the tensor before loading into it (e.g. model.to_empty(device='cpu'))."
+               if loading else "materialize the tensor (e.g. model.to_empty(device=...), then initialize it) "
+               "before saving, or leave the key out.")
+        )
+    return None
+
+
+def describe(value: Any) -> str:
+    if isinstance(value, torch.Tensor):
+        return f"tensor of shape {list(value.shape)} and dtype {str(value.dtype).removeprefix('torch.')}"
+    return f"a {type(value).__name__} value"
+
+
+def flatten_collision(e: ValueError) -> UnsupportedValueError:
+    return UnsupportedValueError(
+        f"two entries of the state_dict flatten to the same key ({e}): a key containing '.' "
+        "collides with a nested dict (e.g. {'a.b': x} and {'a': {'b': y}}). Rename one of them."
+    )

@@ -1,0 +1,457 @@
+"""DCP StorageWriter over :mod:`shardckpt.storage`: safetensors data files, a JSON manifest.
+
+DCP calls, in order (``*`` = coordinator only)::
+
+    set_up_storage_writer -> prepare_local_plan -> prepare_global_plan* -> write_data -> finish*
+
+``prepare_global_plan`` (coordinator) checks that every rank means the same folder,
+that the folder is new, empty, or shardckpt's own (never a user's folder), and claims
+it by creating the save marker exclusively, before any data byte is written.
+``write_data`` runs on every rank: the rank's items are split over
+``num_io_threads`` files, each streamed to storage tensor by tensor (no full copy of
+the rank's state), hashed while written, then made durable. ``finish`` runs on the
+coordinator only after every rank's ``write_data`` succeeded; it checks that every
+listed file is there with its size, then commits by creating ``manifest.json``
+exclusively (so of two racing saves exactly one commits). With ``overwrite=True`` it
+then removes the data files of the checkpoint it replaced, which it listed before
+writing; nothing else is ever deleted (errors there are warnings: the save is done).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import io
+import json
+import logging
+import math
+import os
+import socket
+import threading
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch.distributed.checkpoint.metadata import BytesStorageMetadata, Metadata, MetadataIndex
+from torch.distributed.checkpoint.planner import SavePlan, SavePlanner, WriteItem, WriteItemType
+from torch.distributed.checkpoint.storage import StorageWriter, WriteResult
+
+from shardckpt._version import __version__
+
+from shardckpt.format import datafile
+
+from shardckpt.storage import folder
+
+from shardckpt.format import integrity
+
+from shardckpt.format import layout
+from shardckpt.errors import (
+    CheckpointExistsError,
+    DestinationNotEmptyError,
+    InconsistentRanksError,
+    ShardckptError,
+    StorageError,
+    UnsupportedValueError,
+)
+from shardckpt.format.manifest import FORMAT_VERSION, ChunkRecord, FileRecord, Manifest, TensorRecord, manifest_to_json
+from shardckpt.engine.staging import item_bytes
+from shardckpt.storage import Storage
+
+log = logging.getLogger("shardckpt")
+
+
+@dataclass(frozen=True)
+class _InlineValue:
+    json_text: bytes
+
+
+@dataclass(frozen=True)
+class _ChunkLocation:
+    file: str
+    byte_offset: int
+    byte_length: int
+    block_hashes: tuple[str, ...]
+    file_record: FileRecord
+
+
+@dataclass(frozen=True)
+class WriterOptions:
+    num_io_threads: int = 2
+    hash_block_bytes: int = integrity.DEFAULT_BLOCK_BYTES
+    overwrite: bool = False
+    metadata: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.num_io_threads <= 256:
+            raise ValueError(f"num_io_threads must be in [1, 256], got {self.num_io_threads}")
+        if not (4096 <= self.hash_block_bytes <= 2**30 and self.hash_block_bytes % 64 == 0):
+            raise ValueError(f"hash_block_bytes must be a multiple of 64 in [4096, 2**30], got {self.hash_block_bytes}")
+        try:
+            json.dumps(self.metadata, allow_nan=False)
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"metadata must be plain JSON (str keys, finite numbers): {e}") from e
+
+
+class Writer(StorageWriter):
+    """One instance per save and rank. Not thread-safe; DCP calls it from one thread."""
+
+    def __init__(self, storage: Storage, options: WriterOptions, after_write: Callable[[], None] | None = None) -> None:
+        """``after_write`` runs on every rank when its writes ended, failed or not (a
+        barrier with a timeout, so a rank stuck writing is named instead of hanging all)."""
+        super().__init__()
+        self._after_write = after_write
+        self.storage = storage
+        self.options = options
+        self.rank = 0
+        self.is_coordinator = False
+        self.manifest: Manifest | None = None
+        self._layout: list[dict[str, Any]] = []
+        self._save_id: str | None = None  # set once this save's marker exists (coordinator)
+        self._committed = False
+        self._replaced: list[str] = []
+
+    def reset(self, checkpoint_id: Any = None) -> None:
+        self.manifest = None
+
+    def set_up_storage_writer(self, is_coordinator: bool, *args: Any, **kwargs: Any) -> None:
+        self.is_coordinator = is_coordinator
+        self.rank = int(kwargs.get("rank", 0))
+
+    def prepare_local_plan(self, plan: SavePlan) -> SavePlan:
+        host = {"rank": self.rank, "host": socket.gethostname(), "local_rank": int(os.environ.get("LOCAL_RANK", 0)),
+                "location": self.storage.location}
+        return dataclasses.replace(plan, storage_data=host)
+
+    def prepare_global_plan(self, plans: list[SavePlan]) -> list[SavePlan]:
+        _check_same_location(self.storage.url, [p.storage_data for p in plans])
+        self._layout = [{k: v for k, v in p.storage_data.items() if k != "location"} for p in plans]
+        save_id = uuid.uuid4().hex[:12]
+        self._claim_folder(save_id)
+        return [dataclasses.replace(p, storage_data={"save_id": save_id, "rank": r}) for r, p in enumerate(plans)]
+
+    def _claim_folder(self, save_id: str) -> None:
+        """Refuse a folder that is not ours to write; then create the save marker, the
+        proof (for clean-up) that shardckpt owns what follows, before any data byte."""
+        url = self.storage.url
+        found = folder.contents(self.storage)
+        if found.foreign:
+            shown = ", ".join(repr(n) for n in found.foreign[:5])
+            raise DestinationNotEmptyError(
+                f"save to {url}: the folder already holds {len(found.foreign)} entries that are not part of a "
+                f"shardckpt checkpoint ({shown}); shardckpt saves only into a new or empty folder, or over its "
+                "own checkpoint, so it never deletes or overwrites your files. Save to a new path (one folder "
+                "per checkpoint, e.g. runs/exp1/step_100) or empty this one."
+            )
+        if not self.options.overwrite and found.has_manifest:
+            raise CheckpointExistsError(
+                f"{url}: a committed checkpoint is already there; save to a new path, "
+                "or pass overwrite=True to replace it (the old one stops being loadable at once)"
+            )
+        if not self.options.overwrite and found.has_marker:
+            raise CheckpointExistsError(
+                f"save to {url}: another save is writing into this folder, or an earlier one was interrupted "
+                f"(it holds {layout.SAVE_MARKER_NAME} and no {layout.MANIFEST_NAME}). If no other job is saving "
+                "here, pass overwrite=True to replace what the interrupted save left, or save to a new path."
+            )
+        marker = json.dumps({"format": "shardckpt", "save_id": save_id, "host": socket.gethostname(),
+                             "pid": os.getpid(), "started_at": time.time()}).encode()
+        if self.options.overwrite:
+            # Listed now, deleted only after the new commit: the replaced save's files.
+            self._replaced = [n for n in found.checkpoint_files if layout.is_data_file_name(n)]
+            # Uncommit first: from here on nobody may trust the old files.
+            self.storage.delete([layout.MANIFEST_NAME])
+        self._create(layout.SAVE_MARKER_NAME, marker, lost_race="another save started writing into this folder "
+                     "at the same moment; two saves to one path cannot both succeed. Save each to its own path.")
+        self._save_id = save_id
+
+    def _create(self, name: str, data: bytes, *, lost_race: str) -> None:
+        """Create ``name`` exclusively (replace it with ``overwrite``); a lost race is
+        CheckpointExistsError saying ``lost_race``."""
+        if self.options.overwrite:
+            self.storage.write_atomic(name, data)
+            return
+        try:
+            self.storage.create_exclusive(name, data)
+        except FileExistsError as e:
+            raise CheckpointExistsError(f"save to {self.storage.url}: {lost_race}") from e
+
+    def write_data(self, plan: SavePlan, planner: SavePlanner) -> torch.futures.Future[list[WriteResult]]:
+        try:
+            results = [
+                WriteResult(index=it.index, size_in_bytes=0, storage_data=_InlineValue(_json_bytes(planner, it)))
+                for it in plan.items
+                if it.type == WriteItemType.BYTE_IO
+            ]
+            results += self._write_files(plan, planner)
+        finally:
+            if self._after_write is not None:
+                self._after_write()
+        done: torch.futures.Future[list[WriteResult]] = torch.futures.Future()
+        done.set_result(results)
+        return done
+
+    def _write_files(self, plan: SavePlan, planner: SavePlanner) -> list[WriteResult]:
+        save_id, rank = plan.storage_data["save_id"], plan.storage_data["rank"]
+        results: list[WriteResult] = []
+        buckets = _split_by_bytes([it for it in plan.items if it.type != WriteItemType.BYTE_IO], self.options.num_io_threads)
+        meta = {"format": "shardckpt", "format_version": str(FORMAT_VERSION), "save_id": save_id, "rank": str(rank)}
+        if not buckets:
+            return results
+        cancel = threading.Event()
+        pool = ThreadPoolExecutor(len(buckets), thread_name_prefix="shardckpt-write")
+        try:
+            futures = [
+                pool.submit(
+                    write_file, self.storage, layout.data_file_name(save_id, rank, k), bucket, planner.resolve_data,
+                    release=getattr(planner, "release_data", None), rank=rank, block_bytes=self.options.hash_block_bytes,
+                    metadata=meta, cancel=cancel,
+                )
+                for k, bucket in enumerate(buckets)
+            ]
+            for f in futures:
+                results.extend(f.result())
+        except BaseException:
+            # Ctrl-C, or one file failed: the other threads stop at their next block
+            # (and remove their partial files) instead of writing on for seconds.
+            cancel.set()
+            raise
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)
+        self.storage.sync_dir(layout.DATA_DIR)
+        return results
+
+    def finish(self, metadata: Metadata, results: list[list[WriteResult]]) -> None:
+        m = build_manifest(metadata, results, self._layout, self.options.hash_block_bytes)
+        m = dataclasses.replace(m, metadata=dict(self.options.metadata))
+        self._check_files_present(m)
+        self._create(layout.MANIFEST_NAME, manifest_to_json(m), lost_race="another save committed this folder "
+                     "first; this one was not committed. Save each checkpoint to its own path.")
+        self.manifest = m
+        self._committed = True
+        self._remove_replaced(m)
+
+    def _check_files_present(self, m: Manifest) -> None:
+        """Every file the manifest lists must be there with the size its rank wrote: a
+        rank that wrote elsewhere, or a file removed by someone else, is caught here,
+        before the commit, not by the first load."""
+        for name, record in sorted(m.files.items()):
+            try:
+                size = self.storage.size(name)
+            except FileNotFoundError:
+                size = None
+            if size != record.size:
+                found = "is missing" if size is None else f"has {size} bytes"
+                raise StorageError(
+                    f"save to {self.storage.url}: data file {name} of rank {record.rank} {found}, expected "
+                    f"{record.size} bytes. Something removed or changed it while the save ran (another job "
+                    "writing to the same path?). Nothing was committed; save again to a new path."
+                )
+
+    def _remove_replaced(self, m: Manifest) -> None:
+        """After an overwrite's commit: remove the replaced checkpoint's data files. The
+        save has succeeded; a failure here is a warning naming what was left."""
+        stale = [n for n in self._replaced if n not in m.files]
+        try:
+            self.storage.delete(stale)
+        except (OSError, ShardckptError) as e:
+            log.warning("shardckpt: committed %s, but could not remove %d data files of the checkpoint it "
+                        "replaced (%s); they are unused and safe to delete by hand", self.storage.url, len(stale), e)
+
+    def discard(self) -> None:
+        """After a failed save (coordinator): remove this save's own files when nothing was
+        committed, so a failed save into a new folder leaves nothing behind. Only names of
+        this save's id; the marker only while it is still this save's. Best effort: a
+        failure here is logged, never raised over the save's own error."""
+        if self._save_id is None or self._committed:
+            return
+        try:
+            if self.storage.exists(layout.MANIFEST_NAME):
+                return  # committed after all (or by a racing overwrite): not ours to touch
+            prefix = f"{layout.DATA_DIR}/{self._save_id}-"
+            self.storage.delete([n for n in self.storage.list_files(layout.DATA_DIR) if n.startswith(prefix)])
+            if _marker_save_id(self.storage) == self._save_id:
+                self.storage.delete([layout.SAVE_MARKER_NAME])
+                if self.storage.remove_empty_dir(layout.DATA_DIR):
+                    self.storage.remove_empty_dir("")
+        except (OSError, ShardckptError) as e:
+            log.warning("shardckpt: the failed save to %s left files behind (%s); a CheckpointManager "
+                        "removes them at its next start, or save again with overwrite=True", self.storage.url, e)
+
+    def storage_meta(self) -> None:
+        return None
+
+    @classmethod
+    def validate_checkpoint_id(cls, checkpoint_id: Any) -> bool:
+        return isinstance(checkpoint_id, str)
+
+
+class _Cancelled(Exception):
+    """A writer thread stopped because the save was interrupted or failed elsewhere."""
+
+
+def _check_same_location(url: str, per_rank: list[dict[str, Any]]) -> None:
+    """All ranks must write into one folder: a per-rank path (a timestamp in it, a
+    relative path on nodes with different working directories) would commit a manifest
+    that lists files living elsewhere."""
+    places: dict[str, list[int]] = {}
+    for r, data in enumerate(per_rank):
+        places.setdefault(data["location"], []).append(r)
+    if len(places) > 1:
+        shown = "; ".join(f"ranks {ranks}: {loc}" for loc, ranks in sorted(places.items(), key=lambda kv: kv[1][0]))
+        raise InconsistentRanksError(
+            f"save to {url}: ranks passed different paths ({shown}). Every rank must pass the same path "
+            "(compute it once, e.g. on rank 0, and broadcast it); nothing was written."
+        )
+
+
+def _marker_save_id(storage: Storage) -> str | None:
+    try:
+        doc = json.loads(storage.read_bytes(layout.SAVE_MARKER_NAME))
+    except FileNotFoundError:
+        return None
+    except ValueError:
+        return None  # not a marker we wrote
+    return doc.get("save_id") if isinstance(doc, dict) else None
+
+
+def _json_bytes(planner: SavePlanner, item: WriteItem) -> bytes:
+    data = planner.resolve_data(item)
+    assert isinstance(data, io.BytesIO), "our SavePlanner resolves values to JSON bytes"
+    return data.getvalue()
+
+
+def _split_by_bytes(items: list[WriteItem], n: int) -> list[list[WriteItem]]:
+    """Up to ``n`` non-empty buckets of roughly equal byte counts (largest item first)."""
+    buckets: list[list[WriteItem]] = [[] for _ in range(min(n, len(items)))]
+    sizes = [0] * len(buckets)
+    for it in sorted(items, key=lambda i: -item_bytes(i)):
+        k = sizes.index(min(sizes))
+        buckets[k].append(it)
+        sizes[k] += item_bytes(it)
+    return [b for b in buckets if b]
+
+
+def _entry_name(item: WriteItem) -> str:
+    """Name inside the safetensors header: the key for a whole tensor, ``key@o1,o2`` for a
+    chunk. Keys containing ``@`` (or named ``__metadata__``) always get the suffix, so the
+    last ``@`` unambiguously separates key and offsets and no two entries collide."""
+    assert item.index.offset is not None and item.tensor_data is not None
+    fqn = item.index.fqn
+    whole = all(o == 0 for o in item.index.offset) and tuple(item.tensor_data.chunk.sizes) == tuple(item.tensor_data.size)
+    if whole and "@" not in fqn and fqn != "__metadata__":
+        return fqn
+    return f"{fqn}@{','.join(map(str, item.index.offset))}"
+
+
+def _tensor_bytes(tensor: torch.Tensor, item: WriteItem) -> memoryview:
+    assert item.tensor_data is not None
+    t = tensor.detach()
+    if tuple(t.shape) != tuple(item.tensor_data.chunk.sizes):
+        raise UnsupportedValueError(
+            f"key {item.index.fqn!r}: planned chunk shape {tuple(item.tensor_data.chunk.sizes)} "
+            f"but resolved tensor has shape {tuple(t.shape)}"
+        )
+    if t.device.type != "cpu":
+        t = t.cpu()
+    t = t.contiguous()
+    return memoryview(t.reshape(-1).view(torch.uint8).numpy())  # type: ignore[arg-type]
+
+
+def write_file(
+    storage: Storage,
+    name: str,
+    items: list[WriteItem],
+    resolve: Any,
+    *,
+    release: Callable[[WriteItem], None] | None = None,
+    rank: int,
+    block_bytes: int,
+    metadata: dict[str, str],
+    cancel: threading.Event | None = None,
+) -> list[WriteResult]:
+    """Stream ``items`` into one safetensors file; return one WriteResult per item.
+
+    Runs on a writer thread; ``resolve(item)`` gives the tensor and ``release(item)``, if
+    given, is told when its bytes have been written (not yet durable). The header is built
+    from the plan before any data, then each tensor is hashed block by block as it is
+    written, and the file is fsynced (finish) before this returns. ``cancel``, when set
+    by another thread, stops the write at the next block (the partial file is removed).
+    """
+    entries, begin = [], 0
+    for it in items:
+        assert it.tensor_data is not None
+        dtype = datafile.dtype_name(it.tensor_data.properties.dtype, key=it.index.fqn)
+        sizes = tuple(it.tensor_data.chunk.sizes)
+        end = begin + math.prod(sizes) * datafile.itemsize(dtype)
+        entries.append(datafile.HeaderEntry(_entry_name(it), dtype, sizes, begin, end))
+        begin = end
+    header = datafile.build_header(entries, metadata)
+    file_hasher = integrity.new_file_hasher()
+    stream = storage.open_write(name)
+    located = []
+    try:
+        stream.write(header)
+        file_hasher.update(header)
+        for it, entry in zip(items, entries):
+            data = _tensor_bytes(resolve(it), it)
+            hashes = []
+            for i in range(0, len(data), block_bytes):
+                if cancel is not None and cancel.is_set():
+                    raise _Cancelled(f"write of {name} cancelled")
+                piece = data[i : i + block_bytes]
+                hashes.append(integrity.hash_hex(piece))
+                file_hasher.update(piece)
+                stream.write(piece)
+            located.append((it, len(header) + entry.begin, entry.end - entry.begin, tuple(hashes)))
+            del data
+            if release is not None:
+                release(it)
+        stream.finish()
+    except BaseException:
+        stream.abort()
+        raise
+    record = FileRecord(size=len(header) + begin, hash=file_hasher.hexdigest(), rank=rank)
+    return [
+        WriteResult(index=it.index, size_in_bytes=length, storage_data=_ChunkLocation(name, off, length, hashes, record))
+        for it, off, length, hashes in located
+    ]
+
+
+def build_manifest(
+    metadata: Metadata, results: list[list[WriteResult]], process_layout: list[dict[str, Any]], block_bytes: int
+) -> Manifest:
+    """Turn DCP's global metadata and every rank's write results into our manifest."""
+    located: dict[MetadataIndex, Any] = {wr.index: wr.storage_data for per_rank in results for wr in per_rank}
+    tensors: dict[str, TensorRecord] = {}
+    values: dict[str, Any] = {}
+    files: dict[str, FileRecord] = {}
+    for fqn, md in metadata.state_dict_metadata.items():
+        if isinstance(md, BytesStorageMetadata):
+            values[fqn] = json.loads(located[MetadataIndex(fqn)].json_text)
+            continue
+        chunks = []
+        for c in md.chunks:
+            loc: _ChunkLocation = located[MetadataIndex(fqn, c.offsets)]
+            files[loc.file] = loc.file_record
+            chunks.append(
+                ChunkRecord(tuple(c.offsets), tuple(c.sizes), loc.file, loc.byte_offset, loc.byte_length, loc.block_hashes)
+            )
+        dtype = datafile.dtype_name(md.properties.dtype, key=fqn)
+        tensors[fqn] = TensorRecord(dtype, tuple(md.size), tuple(chunks))
+    paths = {k: list(v) for k, v in (metadata.planner_data or {}).items()}
+    return Manifest(
+        world_size=len(results),
+        process_layout=tuple(process_layout),
+        tensors=tensors,
+        values=values,
+        files=files,
+        hash_block_bytes=block_bytes,
+        created_at=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        shardckpt_version=__version__,
+        torch_version=torch.__version__,
+        paths=paths,
+    )

@@ -1,0 +1,559 @@
+"""CheckpointManager: step folders, commit discovery, retention, resume, save on preemption.
+
+A step exists if and only if ``<root>/step_<N>/manifest.json`` exists. Listing,
+restore and retention only ever see committed steps; retention runs after the new
+step is committed and deletes a step through :func:`shardckpt.storage.folder.remove_checkpoint`
+(manifest first, so a crash mid-delete leaves an uncommitted folder that the next start
+cleans up, never a committed step with missing data; only the format's own names, so
+files a user put there stay). Decisions that ranks must share (which step to restore,
+whether a time interval has passed, whether any rank was preempted) are made once and
+given to every rank.
+
+What the manager never deletes: a folder it cannot prove is shardckpt's (no manifest,
+no save marker: a DCP checkpoint, a user's folder named ``step_*``), any file that is
+not one of the format's names, and anything at all once it no longer owns the root
+(:mod:`shardckpt.manager.ownership`). Errors while deleting after a commit are warnings: the
+commit stands, and the next commit or start tries again.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import signal
+import sys
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from types import FrameType
+from typing import Any
+
+from shardckpt.storage import folder
+
+from shardckpt.format import layout
+
+from shardckpt.manager import ownership
+from shardckpt.engine.collective import RankGroup
+from shardckpt.engine.checkpointer import Checkpointer
+from shardckpt.errors import (
+    CheckpointNotFoundError,
+    IntegrityError,
+    ManifestError,
+    RootInUseError,
+    ShardckptError,
+    UnsupportedValueError,
+)
+from shardckpt.engine.loading import read_manifest
+from shardckpt.format.manifest import Manifest
+from shardckpt.manager.retention import RetentionPolicy
+from shardckpt.engine.saving import DEFAULT_TIMEOUT_S, AsyncSaveHandle
+from shardckpt.storage import Storage, open_storage
+
+log = logging.getLogger("shardckpt")
+
+
+@dataclass(frozen=True)
+class StepInfo:
+    """What ``shardckpt ls`` shows for one step folder."""
+
+    step: int
+    committed: bool
+    size_bytes: int
+    metrics: dict[str, Any] = field(default_factory=dict)
+    created_at: str | None = None
+    world_size: int | None = None
+    foreign: bool = False
+    """Uncommitted and not written by shardckpt (no save marker): never restored or deleted."""
+
+
+class CheckpointManager:
+    """Saves and restores numbered checkpoints under one root (local path or fsspec URL).
+
+    Collective: construct it, and call ``save``/``restore``/``close``, on every rank
+    of the group (the default group when torch.distributed is initialized). The
+    coordinator (rank 0) lists, cleans up, applies retention and owns the root.
+
+    Not thread-safe. ``read_only=True`` opens a root for ``restore``/listing only:
+    no owner record, no cleanup, and ``save`` refuses. A writing manager owns the root
+    (see :mod:`shardckpt.manager.ownership`): its coordinator claims the owner record when it
+    opens, refreshes it from a background thread every ``stale_owner_after_s / 4``
+    seconds until ``close`` (call it: the thread belongs to the manager), and re-reads
+    it before every save and every delete; one that lost the root to another manager
+    raises RootInUseError on ``save`` and deletes nothing. ``max_staging_bytes`` bounds
+    the host memory of ``async_save=True`` saves per rank (see ``shardckpt.async_save``).
+    ``timeout_s`` bounds every wait for other ranks, in saves, restores and the
+    manager's own agreements (opening, listing, retention): a rank that does not arrive
+    makes the others raise RankTimeoutError; a rank whose process died, RankFailureError.
+
+    Saves and restores run on ``checkpointer`` (a :class:`shardckpt.engine.Checkpointer`:
+    its staging buffers, gloo groups and storage factory; the root itself is opened with
+    its factory too). Without one the manager creates its own and closes it in
+    ``close``; one passed in stays open, for its creator to close.
+    """
+
+    def __init__(
+        self,
+        root: str,
+        *,
+        keep_last: int | None = None,
+        keep_every_n_steps: int | None = None,
+        keep_best: int | None = None,
+        monitor: str | None = None,
+        mode: str = "min",
+        save_interval_steps: int = 1,
+        save_interval_s: float | None = None,
+        save_on_preemption: bool = False,
+        preemption_exit_code: int = 0,
+        process_group: Any = None,
+        storage_options: dict[str, Any] | None = None,
+        num_io_threads: int | None = None,
+        read_only: bool = False,
+        async_save: bool = False,
+        max_staging_bytes: int | None = None,
+        takeover: bool = False,
+        stale_owner_after_s: float = 600.0,
+        timeout_s: float = DEFAULT_TIMEOUT_S,
+        checkpointer: Checkpointer | None = None,
+    ) -> None:
+        if save_interval_steps < 1:
+            raise ValueError(f"save_interval_steps must be >= 1, got {save_interval_steps}")
+        if save_interval_s is not None and save_interval_s <= 0:
+            raise ValueError(f"save_interval_s must be > 0 or None, got {save_interval_s}")
+        if timeout_s <= 0:
+            raise ValueError(f"timeout_s must be > 0, got {timeout_s}")
+        if not stale_owner_after_s > 0:
+            raise ValueError(f"stale_owner_after_s must be > 0, got {stale_owner_after_s}")
+        self.root = root.rstrip("/")
+        self.policy = RetentionPolicy(keep_last, keep_every_n_steps, keep_best, monitor, mode)
+        self.save_interval_steps = save_interval_steps
+        self.save_interval_s = save_interval_s
+        self.preemption_exit_code = preemption_exit_code
+        self.read_only = read_only
+        self.async_save = async_save
+        self._max_staging_bytes = max_staging_bytes
+        self._pending: tuple[int, AsyncSaveHandle] | None = None
+        self.cleaned_up: list[str] = []
+        self._process_group = process_group
+        self._storage_options = storage_options
+        self._io: dict[str, Any] = {} if num_io_threads is None else {"num_io_threads": num_io_threads}
+        self._io["timeout_s"] = timeout_s
+        self._group = RankGroup.current(process_group)
+        self._agreements: RankGroup | None = None  # see _ranks()
+        self._timeout_s = timeout_s
+        # Our own Checkpointer (closed by close()) unless one was given; a given one's
+        # storage factory opens the root too, so injected storage sees every access.
+        self._owns_checkpointer = checkpointer is None
+        self._checkpointer = Checkpointer() if checkpointer is None else checkpointer
+        self._storage = (open_storage if checkpointer is None else checkpointer.open_storage)(self.root, storage_options)
+        self._metrics: dict[int, dict[str, Any]] = {}
+        self._last_save_time = time.monotonic()
+        self._preempted = False
+        self._closed = False
+        self._owner = ownership.OwnerRecord.for_this_process()
+        self._heartbeat: ownership.Heartbeat | None = None  # the coordinator's, while it owns the root
+        self._previous_sigterm: Any = None
+        if not read_only:
+            try:
+                self._ranks().decide(f"opening {self.root}", lambda: self._start(takeover, stale_owner_after_s))
+            except BaseException:
+                self._let_go()  # a failed open must not leave the root locked by a record nobody refreshes
+                self._close_checkpointer()
+                raise
+        if save_on_preemption:
+            self._install_sigterm_handler()
+
+    # ------------------------------------------------------------ listing
+
+    def steps(self) -> list[int]:
+        """Committed steps, ascending. Reads storage on the calling rank only."""
+        found = []
+        for name in self._storage.list_dirs(""):
+            step = layout.parse_step_dir(name)
+            if step is not None and self._storage.exists(f"{name}/{layout.MANIFEST_NAME}"):
+                found.append(step)
+        return sorted(found)
+
+    def latest_step(self) -> int | None:
+        steps = self.steps()
+        return steps[-1] if steps else None
+
+    def best_step(self) -> int | None:
+        """The committed step with the best monitored metric (None without keep_best/monitor)."""
+        if not self.policy.monitor:
+            return None
+        steps = self.steps()
+        ranked = self.policy.best(steps, {s: self.metrics(s) for s in steps})
+        return ranked[0] if ranked else None
+
+    def metrics(self, step: int) -> dict[str, Any]:
+        """The metrics saved with committed ``step`` (from its manifest); {} when the
+        manifest holds none or something that is not a dict (another tool, a hand edit)."""
+        if step not in self._metrics:
+            self._metrics[step] = metrics_of(self.manifest(step))
+        return self._metrics[step]
+
+    def manifest(self, step: int) -> Manifest:
+        """The manifest of committed ``step`` (read on the calling rank only)."""
+        return read_manifest(self._step_storage(step))
+
+    def path(self, step: int) -> str:
+        """The checkpoint folder of ``step`` (usable with shardckpt.load directly)."""
+        return f"{self.root}/{layout.step_dir_name(step)}"
+
+    # ------------------------------------------------------------ restore
+
+    def restore(self, state_dict: dict[str, Any], step: int | None = None, *, strict: bool = True) -> int | None:
+        """Collective. Load ``step`` (default: the latest committed one) into ``state_dict``.
+
+        Returns the step loaded, or None when the root holds no committed step (a fresh
+        start). With ``step=None``, a latest step that fails verification is skipped
+        with a warning and the next older committed step is tried.
+        """
+        def load_step(s: int) -> None:
+            self._checkpointer.load(state_dict, self.path(s), process_group=self._process_group, strict=strict,
+                                    storage_options=self._storage_options, **self._io)
+
+        return self.restore_with(load_step, step)
+
+    def restore_with(self, load_step: Callable[[int], None], step: int | None = None) -> int | None:
+        """Collective. The restore protocol with a caller's own loader (TrainState uses it).
+
+        Finishes a pending async save, has the coordinator pick the step (``step``, or the
+        latest committed), and calls ``load_step(step)`` on every rank. With ``step=None``,
+        a step that fails verification (IntegrityError, ManifestError) is skipped with a
+        warning for the next older committed one. Returns the step loaded, or None.
+        """
+        self._check_open()
+        self.wait()
+        candidates = self._ranks().decide(f"listing {self.root}", lambda: self._restore_candidates(step))
+        for i, s in enumerate(candidates):
+            try:
+                load_step(s)
+                return s
+            except (IntegrityError, ManifestError) as e:
+                if step is not None or i == len(candidates) - 1:
+                    raise
+                log.warning("shardckpt: step %d under %s is damaged (%s); trying step %d", s, self.root, e, candidates[i + 1])
+        return None
+
+    def _restore_candidates(self, step: int | None) -> list[int]:
+        steps = self.steps()
+        if step is None:
+            return list(reversed(steps))
+        if step not in steps:
+            raise CheckpointNotFoundError(
+                f"{self.root}: no committed checkpoint for step {step}; committed steps are {steps or 'none'}"
+            )
+        return [step]
+
+    # ------------------------------------------------------------ save
+
+    def save(
+        self, step: int, state_dict: dict[str, Any], *, metrics: Mapping[str, Any] | None = None, force: bool = False
+    ) -> bool:
+        """Collective. Save ``state_dict`` as ``step`` if the interval says so (or ``force``).
+
+        Call it every step: it returns False at once when no save is due. A save is
+        due every ``save_interval_steps`` steps, or when ``save_interval_s`` has passed
+        since the last save (decided on rank 0), or when any rank received SIGTERM with
+        ``save_on_preemption`` (then the process exits after the save is committed).
+        Retention runs after the commit. With ``async_save=True`` this returns once the
+        state is staged in host memory; the commit (and retention) completes in the
+        background and is confirmed by the next ``save``, ``wait``, ``restore`` or
+        ``close``. Returns whether a checkpoint was started.
+
+        ``metrics``: a dict of str -> JSON values (numbers finite), checked on every call
+        before anything is written (UnsupportedValueError otherwise). Raises
+        RootInUseError, writing nothing, if another manager took the root over. Errors
+        while deleting after the commit (retention) are logged, never raised: the step
+        is committed once the manifest is written.
+        """
+        self._check_open()
+        if self.read_only:
+            raise ShardckptError(f"{self.root}: this CheckpointManager was opened read_only=True; it cannot save")
+        checked = check_metrics(metrics)  # before anything is written, due or not: a bad call fails at once
+        preempted, time_due = self._shared_flags()
+        due = force or preempted or time_due or step % self.save_interval_steps == 0
+        if not due:
+            return False
+        self.wait()  # the previous async save: commit it (or raise its error) and apply retention
+        self._ranks().decide(f"checking that this manager still owns {self.root}", self._check_owner)
+        meta = {"step": step, "metrics": checked, "saved_at": time.time()}
+        kwargs = dict(process_group=self._process_group, storage_options=self._storage_options, metadata=meta, **self._io)
+        self._metrics[step] = dict(checked)
+        self._last_save_time = time.monotonic()
+        if self.async_save and not preempted:
+            handle = self._checkpointer.async_save(state_dict, self.path(step), max_staging_bytes=self._max_staging_bytes,
+                                                   **kwargs)
+            self._pending = (step, handle)
+            return True
+        self._checkpointer.save(state_dict, self.path(step), **kwargs)
+        self._after_commit()
+        if preempted:
+            log.warning("shardckpt: preempted (SIGTERM); step %d committed under %s, exiting", step, self.root)
+            self.close()
+            sys.exit(self.preemption_exit_code)
+        return True
+
+    def _after_commit(self) -> None:
+        """Collective: rank 0 applies retention while the others wait, so no rank lists a
+        step that is being deleted once save/wait has returned. Never raises for what
+        happens on storage: the step is committed, and a failed delete is retried by the
+        next commit (retention) or start (clean-up)."""
+        self._ranks().decide(f"retention under {self.root}", self._retain_quietly)
+
+    def _retain_quietly(self) -> None:
+        try:
+            self._apply_retention()
+        except RootInUseError:
+            pass  # logged by the heartbeat when it noticed; the next save raises it
+        except (OSError, ShardckptError) as e:
+            log.warning("shardckpt: retention under %s stopped after the commit (%s: %s); the new step is "
+                        "committed, and retention runs again after the next one", self.root, type(e).__name__, e)
+
+    def _shared_flags(self) -> tuple[bool, bool]:
+        needs_collective = self.save_interval_s is not None or self._previous_sigterm is not None
+        time_due = (
+            self._group.is_coordinator
+            and self.save_interval_s is not None
+            and time.monotonic() - self._last_save_time >= self.save_interval_s
+        )
+        if not needs_collective:
+            return self._preempted, bool(time_due)
+        preempted, time_due = self._ranks().any_true([self._preempted, bool(time_due)])
+        return preempted, time_due
+
+    def _apply_retention(self) -> None:
+        """Coordinator. Raises (to _retain_quietly) if the steps or their metrics cannot be
+        read: a metric lost to a storage error must not make a kept step look deletable."""
+        steps = self.steps()
+        metrics = {s: self._retention_metrics(s) for s in steps} if self.policy.keep_best else {}
+        for s in self.policy.to_delete(steps, metrics):
+            self._check_owner()  # right before each delete: a manager that lost the root deletes nothing
+            try:
+                self._delete_step(s)
+            except OSError as e:
+                log.warning("shardckpt: retention could not delete all of step %d (%s: %s); it is no longer "
+                            "committed, and the next manager start removes the rest of %s",
+                            s, type(e).__name__, e, self.path(s))
+
+    def _retention_metrics(self, step: int) -> dict[str, Any]:
+        try:
+            return self.metrics(step)
+        except ManifestError:
+            return {}  # a damaged manifest ranks as "no metric" (restore skips it anyway)
+
+    def _delete_step(self, step: int) -> None:
+        self._metrics.pop(step, None)
+        storage = self._step_storage(step)
+        if folder.remove_checkpoint(storage, why=f"retention of step {step}"):
+            log.info("shardckpt: retention deleted step %d under %s", step, self.root)
+
+    # ------------------------------------------------------------ lifecycle
+
+    def _start(self, takeover: bool, stale_after_s: float) -> None:
+        """Coordinator. Claim the root, start the heartbeat, clean up interrupted saves.
+
+        Whether a folder is committed or shardckpt's is decided on answers that are not
+        errors: a storage error there (EIO on a stat) raises and nothing is deleted.
+        Errors while deleting are warnings: a half-deleted step never blocks opening."""
+        ownership.claim(self._storage, self._owner, takeover=takeover, stale_after_s=stale_after_s)
+        self._heartbeat = ownership.Heartbeat(self._storage, self._owner, interval_s=stale_after_s / 4)
+        for name in self._storage.list_dirs(""):
+            if layout.parse_step_dir(name) is None or self._storage.exists(f"{name}/{layout.MANIFEST_NAME}"):
+                continue
+            sub = self._storage.child(name)
+            found = folder.contents(sub)
+            if not found.is_ours and not found.is_empty:
+                log.warning("shardckpt: leaving %s/%s alone: it has no %s and no %s, so shardckpt did not write "
+                            "it (another tool's checkpoint?); it is never listed, restored or deleted. Move it "
+                            "out of the manager's root to silence this warning.",
+                            self.root, name, layout.MANIFEST_NAME, layout.SAVE_MARKER_NAME)
+                continue
+            self._check_owner()
+            try:
+                if found.is_empty:  # a folder (and data/) created before anything was written in it
+                    sub.remove_empty_dir(layout.DATA_DIR)
+                    if not sub.remove_empty_dir(""):
+                        continue  # something appeared in it meanwhile: not ours to judge now
+                    gone = True
+                else:
+                    gone = folder.remove_checkpoint(sub, why="left by an interrupted save")
+            except OSError as e:
+                log.warning("shardckpt: could not finish removing %s/%s, left by an interrupted save (%s: %s); "
+                            "it is not committed, so it is never restored; the next start tries again",
+                            self.root, name, type(e).__name__, e)
+                continue
+            self.cleaned_up.append(name)
+            if gone:  # else remove_checkpoint warned about the files it left
+                log.warning("shardckpt: removed %s/%s, left by an interrupted save (no manifest)", self.root, name)
+
+    def _check_owner(self) -> None:
+        """Coordinator: RootInUseError unless the owner record on storage is still ours."""
+        if self._heartbeat is not None:
+            self._heartbeat.check()
+
+    def _let_go(self) -> None:
+        """Stop the heartbeat and release the owner record if it is still ours. Coordinator
+        (a no-op elsewhere). Best effort when the storage fails: a stale record is taken
+        over by the next manager after stale_owner_after_s."""
+        beat, self._heartbeat = self._heartbeat, None
+        if beat is None:
+            return
+        beat.close()
+        try:
+            ownership.release(self._storage, self._owner)
+        except OSError as e:
+            log.warning("shardckpt: could not release %s/%s (%s); the next manager takes it over once it is "
+                        "stale", self.root, layout.OWNER_NAME, e)
+
+    def _install_sigterm_handler(self) -> None:
+        def on_sigterm(signum: int, frame: FrameType | None) -> None:
+            self._preempted = True
+
+        self._previous_sigterm = signal.signal(signal.SIGTERM, on_sigterm)
+
+    def wait(self) -> None:
+        """Collective. Block until the pending async save is committed, then apply retention.
+
+        Raises the pending save's error (on every rank) if it failed; nothing of it is
+        committed then, and earlier steps are untouched.
+        """
+        if self._pending is None:
+            return
+        step, handle = self._pending
+        self._pending = None
+        try:
+            handle.wait()
+        except BaseException:
+            self._metrics.pop(step, None)
+            raise
+        self._after_commit()
+
+    def close(self) -> None:
+        """Collective. Finish a pending async save, stop the heartbeat thread, release the
+        root (owner record, if still ours) and the SIGTERM handler, and close the
+        Checkpointer if the manager created it. Idempotent."""
+        if self._closed:
+            return
+        try:
+            self.wait()
+        finally:
+            self._closed = True
+            if self._previous_sigterm is not None:
+                signal.signal(signal.SIGTERM, self._previous_sigterm)
+            try:
+                self._let_go()
+            finally:
+                self._close_checkpointer()
+
+    def _close_checkpointer(self) -> None:
+        # Frees the staging copy and destroys the manager's gloo groups; a given
+        # Checkpointer belongs to its creator.
+        if self._owns_checkpointer:
+            self._checkpointer.close()
+
+    def __enter__(self) -> CheckpointManager:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise ShardckptError(f"{self.root}: this CheckpointManager is closed")
+
+    def _ranks(self) -> RankGroup:
+        """The group the manager's own agreements run on: a gloo group with ``timeout_s``
+        (so a rank that never opens the manager, or never reaches retention, makes the
+        others raise RankTimeoutError instead of waiting for the training group's
+        timeout), separate from the one an async save uses in the background. Created
+        on first use, which every rank reaches at the same call."""
+        if self._agreements is None:
+            group = self._group
+            if group.is_distributed:
+                group = RankGroup.current(self._checkpointer.group(self._process_group, self._timeout_s, purpose="manager"))
+            self._agreements = group
+        return self._agreements
+
+    def _step_storage(self, step: int) -> Storage:
+        return self._storage.child(layout.step_dir_name(step))
+
+
+def metrics_of(manifest: Manifest) -> dict[str, Any]:
+    """The manager's metrics in a manifest's metadata, or {} when they are absent or not
+    a dict (a manifest from another version or tool, or a hand edit): never a crash."""
+    found = manifest.metadata.get("metrics")
+    return dict(found) if isinstance(found, dict) else {}
+
+
+def check_metrics(metrics: Mapping[str, Any] | None) -> dict[str, Any]:
+    """``metrics`` as a plain dict, or UnsupportedValueError naming the offending entry.
+
+    Metrics are stored as JSON in the manifest: a dict with str keys whose values are
+    str, bool, None, finite int/float, or lists and dicts of those."""
+    if metrics is None:
+        return {}
+    if not isinstance(metrics, Mapping):
+        raise UnsupportedValueError(
+            f"metrics must be a dict of str -> JSON values, e.g. {{'val_loss': 0.42}}; got "
+            f"{type(metrics).__name__} {_short(metrics)}"
+        )
+    for key in metrics:
+        if not isinstance(key, str):
+            raise UnsupportedValueError(f"metrics keys must be str (JSON object keys); got {type(key).__name__} {key!r}")
+    plain = dict(metrics)
+    _check_json(plain, "metrics")
+    return plain
+
+
+def _check_json(value: Any, where: str) -> None:
+    if value is None or isinstance(value, (str, bool)):
+        return
+    if isinstance(value, (int, float)):
+        if isinstance(value, float) and not math.isfinite(value):
+            raise UnsupportedValueError(
+                f"{where} is {value}; JSON has no NaN or infinity. Leave the metric out for this step, "
+                "or store it as a string"
+            )
+        return
+    if isinstance(value, dict):
+        for k, v in value.items():
+            if not isinstance(k, str):
+                raise UnsupportedValueError(f"{where}: keys must be str (JSON object keys); got {type(k).__name__} {k!r}")
+            _check_json(v, f"{where}[{k!r}]")
+        return
+    if isinstance(value, (list, tuple)):
+        for i, v in enumerate(value):
+            _check_json(v, f"{where}[{i}]")
+        return
+    hint = "; pass a number: value.item()" if type(value).__module__.split(".")[0] in ("torch", "numpy") else ""
+    kind = f"{type(value).__module__}.{type(value).__qualname__}".removeprefix("builtins.")
+    raise UnsupportedValueError(
+        f"{where} is a {kind}, not a JSON value (str, int, float, bool, None, list, dict){hint}"
+    )
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def list_root(root: str, storage_options: dict[str, Any] | None = None) -> list[StepInfo]:
+    """Every step folder under ``root``, committed or not, ascending (for ``shardckpt ls``)."""
+    storage = open_storage(root, storage_options)
+    infos = []
+    for name in storage.list_dirs(""):
+        step = layout.parse_step_dir(name)
+        if step is None:
+            continue
+        sub = storage.child(name)
+        if sub.exists(layout.MANIFEST_NAME):
+            m = read_manifest(sub)
+            size = sum(f.size for f in m.files.values())
+            infos.append(StepInfo(step, True, size, metrics_of(m), m.created_at, m.world_size))
+        else:
+            found = folder.contents(sub)
+            size = sum(sub.size(n) for n in sub.list_files(""))
+            infos.append(StepInfo(step, False, size, foreign=not found.is_ours and not found.is_empty))
+    return sorted(infos, key=lambda i: i.step)
