@@ -57,10 +57,19 @@ from concurrent.futures import Future
 from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import common  # noqa: E402
+import common
 
-SYSTEMS = ["none", "copy_floor", "shardckpt_async", "shardckpt_async_AA", "shardckpt_async_bounded", "shardckpt_sync",
-           "dcp_sync", "dcp_async", "dcp_async_stager"]
+SYSTEMS = [
+    "none",
+    "copy_floor",
+    "shardckpt_async",
+    "shardckpt_async_AA",
+    "shardckpt_async_bounded",
+    "shardckpt_sync",
+    "dcp_sync",
+    "dcp_async",
+    "dcp_async_stager",
+]
 ASYNC_SYSTEMS = ["shardckpt_async", "shardckpt_async_AA", "shardckpt_async_bounded", "dcp_async", "dcp_async_stager"]
 CONSECUTIVE_SYSTEMS = ["shardckpt_async", "shardckpt_async_bounded", "dcp_async", "dcp_async_stager"]
 BOUNDED_FRACTION = 0.25  # shardckpt_async_bounded: max_staging_bytes = this fraction of the rank's shard
@@ -70,16 +79,30 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="small state and 2 repetitions (< 1 min)")
     ap.add_argument("--world-size", type=int, default=4)
-    ap.add_argument("--mib", type=int, default=None, help="total state size in MiB (default 1024, quick 128; rounded up to the layout)")
+    ap.add_argument(
+        "--mib",
+        type=int,
+        default=None,
+        help="total state size in MiB (default 1024, quick 128; rounded up to the layout)",
+    )
     ap.add_argument("--dir", default="/work/bench-tmp/async_stall", help="scratch folder (deleted at the end)")
     ap.add_argument("--repeats", type=int, default=None, help="measured repetitions (default 5, quick 2)")
     ap.add_argument("--warmup", type=int, default=1, help="dropped warm-up repetitions")
-    ap.add_argument("--consecutive", type=int, default=None, help="consecutive saves per async system (default 10, quick 3)")
+    ap.add_argument(
+        "--consecutive", type=int, default=None, help="consecutive saves per async system (default 10, quick 3)"
+    )
     ap.add_argument("--train-dim", type=int, default=512, help="matmul size of the training step")
-    ap.add_argument("--baseline-steps", type=int, default=None, help="steps of the no-save reference (default 40, quick 10)")
+    ap.add_argument(
+        "--baseline-steps", type=int, default=None, help="steps of the no-save reference (default 40, quick 10)"
+    )
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--wait-quiet", type=float, default=0.0, metavar="SECONDS",
-                    help="first poll /proc/loadavg up to this long until the 1-min load is < 0.8")
+    ap.add_argument(
+        "--wait-quiet",
+        type=float,
+        default=0.0,
+        metavar="SECONDS",
+        help="first poll /proc/loadavg up to this long until the 1-min load is < 0.8",
+    )
     ap.add_argument("--name", default=None, help="results file name (default async_stall or async_stall_quick)")
     ap.add_argument("--out", default=common.RESULTS_DIR, help="folder of the results JSON")
     ap.add_argument("--keep", action="store_true", help="keep the scratch folder")
@@ -217,8 +240,12 @@ class Bench:
             fut.add_done_callback(mark)
             return fut
         elif system == "dcp_async_stager":
-            resp = dcp.async_save(self.src, storage_writer=dcp.FileSystemWriter(path),
-                                  process_group=self.dcp_group, async_stager=self.stager)
+            resp = dcp.async_save(
+                self.src,
+                storage_writer=dcp.FileSystemWriter(path),
+                process_group=self.dcp_group,
+                async_stager=self.stager,
+            )
             assert isinstance(resp, AsyncSaveResponse), "an async-staging stager gives an AsyncSaveResponse"
             resp.staging_completion.result()
             resp.upload_completion.add_done_callback(mark)
@@ -264,8 +291,14 @@ def measure(b: Bench, system: str, train: bool) -> dict[str, Any]:
         steps = b.trainer.run(lambda: not done.is_set(), min_steps=min_steps)
     b.finish(system, handle)
     done.wait()
-    out = {"blocking_s": t_unblocked - t0, "completion_s": finished[0] - t0, "steps_s": steps,
-           "peak_extra_bytes": common.peak_rss_bytes() - rss0, "rss_after": common.rss_bytes(), "path": path}
+    out = {
+        "blocking_s": t_unblocked - t0,
+        "completion_s": finished[0] - t0,
+        "steps_s": steps,
+        "peak_extra_bytes": common.peak_rss_bytes() - rss0,
+        "rss_after": common.rss_bytes(),
+        "path": path,
+    }
     dist.barrier()
     return out
 
@@ -330,9 +363,12 @@ def worker(rank: int, world: int, args: argparse.Namespace, facts: dict[str, Any
     dist.barrier()
     b = Bench(rank, world, args)
     if rank == 0:
-        print(f"state: {len(b.specs)} tensors, {b.global_bytes / 2**20:.0f} MiB total, "
-              f"{b.local_bytes / 2**20:.0f} MiB per rank; {args.consecutive} consecutive saves, "
-              f"{args.repeats} repetitions + {args.warmup} warm-up", flush=True)
+        print(
+            f"state: {len(b.specs)} tensors, {b.global_bytes / 2**20:.0f} MiB total, "
+            f"{b.local_bytes / 2**20:.0f} MiB per rank; {args.consecutive} consecutive saves, "
+            f"{args.repeats} repetitions + {args.warmup} warm-up",
+            flush=True,
+        )
     t_start = time.perf_counter()
     consecutive = consecutive_phase(b)
     snapshot_ok = {s: check_async_snapshot(b, s) for s in ("shardckpt_async", "shardckpt_async_bounded", "dcp_async")}
@@ -346,13 +382,17 @@ def worker(rank: int, world: int, args: argparse.Namespace, facts: dict[str, Any
             if not warm:
                 samples.setdefault(system, []).append(per_rank)
         if rank == 0:
-            print(f"repetition {rep}{' (warm-up)' if warm else ''} done at {time.perf_counter() - t_start:.0f} s", flush=True)
+            print(
+                f"repetition {rep}{' (warm-up)' if warm else ''} done at {time.perf_counter() - t_start:.0f} s",
+                flush=True,
+            )
     b.stager.close()
     b.checkpointers["bounded"].wait()
     staging = common.gather_to_all(b.checkpointers["full"].staging_stats())
     if rank == 0:
-        results = build_results(args, facts, b, samples, consecutive, snapshot_ok, orders,
-                                time.perf_counter() - t_start)
+        results = build_results(
+            args, facts, b, samples, consecutive, snapshot_ok, orders, time.perf_counter() - t_start
+        )
         results["shardckpt_staging_stats_per_rank"] = staging
         path = common.write_results(args.name, results, args.out)
         print_report(results)
@@ -364,23 +404,34 @@ def worker(rank: int, world: int, args: argparse.Namespace, facts: dict[str, Any
 # ------------------------------------------------------------------ results
 
 
-def build_results(args: argparse.Namespace, facts: dict[str, Any], b: Bench, samples: dict[str, list[Any]],
-                  consecutive: dict[str, Any], snapshot_ok: dict[str, bool], orders: list[Any],
-                  elapsed_s: float) -> dict[str, Any]:
+def build_results(
+    args: argparse.Namespace,
+    facts: dict[str, Any],
+    b: Bench,
+    samples: dict[str, list[Any]],
+    consecutive: dict[str, Any],
+    snapshot_ok: dict[str, bool],
+    orders: list[Any],
+    elapsed_s: float,
+) -> dict[str, Any]:
     shard = b.local_bytes
     systems: dict[str, Any] = {}
     for name, reps in samples.items():
         blocking = [max(r["blocking_s"] for r in per_rank) for per_rank in reps]
         completion = [max(r["completion_s"] for r in per_rank) for per_rank in reps]
         peak = [max(r["peak_extra_bytes"] for r in per_rank) for per_rank in reps]
-        step_medians = [statistics.median([s for r in per_rank for s in r["steps_s"]]) if per_rank[0]["steps_s"] else None
-                        for per_rank in reps]
+        step_medians = [
+            statistics.median([s for r in per_rank for s in r["steps_s"]]) if per_rank[0]["steps_s"] else None
+            for per_rank in reps
+        ]
         steps_n = [len(per_rank[0]["steps_s"]) for per_rank in reps]
         # Training time a save costs: the stall plus the extra time of the steps that ran
         # while it was in flight, against the no-save steps of the same repetition.
         lost = []
         for i, per_rank in enumerate(reps):
-            ref = statistics.median([s for r in samples["none"][i] for s in r["steps_s"]]) if "none" in samples else None
+            ref = (
+                statistics.median([s for r in samples["none"][i] for s in r["steps_s"]]) if "none" in samples else None
+            )
             extra = statistics.mean(sum(r["steps_s"]) - len(r["steps_s"]) * ref for r in per_rank) if ref else 0.0
             lost.append(max(r["blocking_s"] for r in per_rank) + (extra if name != "none" else 0.0))
         systems[name] = {
@@ -396,7 +447,9 @@ def build_results(args: argparse.Namespace, facts: dict[str, Any], b: Bench, sam
 
     def paired(num: str, den: str, key: str) -> None:
         if num in systems and den in systems and systems[num][key].get("n") and systems[den][key].get("n"):
-            ratios[f"{num}/{den} {key}"] = common.paired_ratios(systems[num][key]["samples"], systems[den][key]["samples"])
+            ratios[f"{num}/{den} {key}"] = common.paired_ratios(
+                systems[num][key]["samples"], systems[den][key]["samples"]
+            )
 
     for s in ASYNC_SYSTEMS + ["dcp_sync", "copy_floor"]:
         paired(s, "shardckpt_sync", "blocking_s")
@@ -415,52 +468,82 @@ def build_results(args: argparse.Namespace, facts: dict[str, Any], b: Bench, sam
         rank_rows = []
         for r, d in enumerate(per_rank):
             rss = [row["rss_after"] for row in d["saves"]]
-            rank_rows.append({
-                "rank": r,
-                "baseline_rss": d["baseline_rss"],
-                "rss_after_each_save": rss,
-                "growth_after_first": (rss[-1] - rss[0]) / rss[0],
-                "max_growth_after_first": (max(rss) - rss[0]) / rss[0],
-                "first_save_peak_over_baseline_over_shard": d["saves"][0]["peak_over_baseline_bytes"] / shard,
-                "peak_extra_over_shard_each_save": [row["peak_extra_bytes"] / shard for row in d["saves"]],
-                "resident_after_first_over_baseline_over_shard": (rss[0] - d["baseline_rss"]) / shard,
-                "blocking_s_each_save": [row["blocking_s"] for row in d["saves"]],
-            })
+            rank_rows.append(
+                {
+                    "rank": r,
+                    "baseline_rss": d["baseline_rss"],
+                    "rss_after_each_save": rss,
+                    "growth_after_first": (rss[-1] - rss[0]) / rss[0],
+                    "max_growth_after_first": (max(rss) - rss[0]) / rss[0],
+                    "first_save_peak_over_baseline_over_shard": d["saves"][0]["peak_over_baseline_bytes"] / shard,
+                    "peak_extra_over_shard_each_save": [row["peak_extra_bytes"] / shard for row in d["saves"]],
+                    "resident_after_first_over_baseline_over_shard": (rss[0] - d["baseline_rss"]) / shard,
+                    "blocking_s_each_save": [row["blocking_s"] for row in d["saves"]],
+                }
+            )
         cons[system] = {
             "worst_rank_growth_after_first": max(x["growth_after_first"] for x in rank_rows),
-            "worst_rank_first_save_peak_over_shard": max(x["first_save_peak_over_baseline_over_shard"] for x in rank_rows),
-            "worst_rank_peak_extra_over_shard_later_saves": max(max(x["peak_extra_over_shard_each_save"][1:] or [0]) for x in rank_rows),
+            "worst_rank_first_save_peak_over_shard": max(
+                x["first_save_peak_over_baseline_over_shard"] for x in rank_rows
+            ),
+            "worst_rank_peak_extra_over_shard_later_saves": max(
+                max(x["peak_extra_over_shard_each_save"][1:] or [0]) for x in rank_rows
+            ),
             "per_rank": rank_rows,
         }
+
     def ratio(key: str) -> float | None:
         return ratios.get(key, {}).get("median")
 
     sh = cons.get("shardckpt_async", {})
     targets = {
-        "blocking_at_most_0.1x_sync": {"ratio": ratio("shardckpt_async/shardckpt_sync blocking_s"),
-                                        "met": _le(ratio("shardckpt_async/shardckpt_sync blocking_s"), 0.1)},
-        "blocking_below_dcp_async": {"ratio": ratio("shardckpt_async/dcp_async blocking_s"),
-                                     "met": _le(ratio("shardckpt_async/dcp_async blocking_s"), 1.0, strict=True)},
-        "blocking_below_dcp_async_stager": {"ratio": ratio("shardckpt_async/dcp_async_stager blocking_s"),
-                                            "met": _le(ratio("shardckpt_async/dcp_async_stager blocking_s"), 1.0, strict=True)},
-        "peak_extra_at_most_1.1x_shard": {"value": sh.get("worst_rank_first_save_peak_over_shard"),
-                                          "met": _le(sh.get("worst_rank_first_save_peak_over_shard"), 1.1)},
-        "rss_growth_after_first_below_5pct": {"value": sh.get("worst_rank_growth_after_first"),
-                                              "met": _le(sh.get("worst_rank_growth_after_first"), 0.05, strict=True)},
+        "blocking_at_most_0.1x_sync": {
+            "ratio": ratio("shardckpt_async/shardckpt_sync blocking_s"),
+            "met": _le(ratio("shardckpt_async/shardckpt_sync blocking_s"), 0.1),
+        },
+        "blocking_below_dcp_async": {
+            "ratio": ratio("shardckpt_async/dcp_async blocking_s"),
+            "met": _le(ratio("shardckpt_async/dcp_async blocking_s"), 1.0, strict=True),
+        },
+        "blocking_below_dcp_async_stager": {
+            "ratio": ratio("shardckpt_async/dcp_async_stager blocking_s"),
+            "met": _le(ratio("shardckpt_async/dcp_async_stager blocking_s"), 1.0, strict=True),
+        },
+        "peak_extra_at_most_1.1x_shard": {
+            "value": sh.get("worst_rank_first_save_peak_over_shard"),
+            "met": _le(sh.get("worst_rank_first_save_peak_over_shard"), 1.1),
+        },
+        "rss_growth_after_first_below_5pct": {
+            "value": sh.get("worst_rank_growth_after_first"),
+            "met": _le(sh.get("worst_rank_growth_after_first"), 0.05, strict=True),
+        },
         "bounded_peak_extra_at_most_budget_plus_10pct_shard": {
             "value": cons.get("shardckpt_async_bounded", {}).get("worst_rank_first_save_peak_over_shard"),
-            "met": _le(cons.get("shardckpt_async_bounded", {}).get("worst_rank_first_save_peak_over_shard"),
-                       BOUNDED_FRACTION + 0.1)},
+            "met": _le(
+                cons.get("shardckpt_async_bounded", {}).get("worst_rank_first_save_peak_over_shard"),
+                BOUNDED_FRACTION + 0.1,
+            ),
+        },
     }
     return {
         "benchmark": "async_stall",
         "targets": targets,
         "command": " ".join([os.path.basename(sys.executable), *sys.argv]),
         "machine": dict(facts, loadavg_end=common.loadavg()),
-        "config": {"world_size": b.world, "mib_requested": args.mib, "state_bytes": b.global_bytes,
-                   "shard_bytes_per_rank": shard, "tensors": len(b.specs), "repeats": args.repeats,
-                   "warmup": args.warmup, "consecutive": args.consecutive, "train_dim": args.train_dim,
-                   "baseline_steps": args.baseline_steps, "seed": args.seed, "quick": args.quick},
+        "config": {
+            "world_size": b.world,
+            "mib_requested": args.mib,
+            "state_bytes": b.global_bytes,
+            "shard_bytes_per_rank": shard,
+            "tensors": len(b.specs),
+            "repeats": args.repeats,
+            "warmup": args.warmup,
+            "consecutive": args.consecutive,
+            "train_dim": args.train_dim,
+            "baseline_steps": args.baseline_steps,
+            "seed": args.seed,
+            "quick": args.quick,
+        },
         "elapsed_s": elapsed_s,
         "systems": systems,
         "paired_ratios": ratios,
@@ -478,36 +561,76 @@ def _le(x: float | None, bound: float, strict: bool = False) -> bool | None:
 
 def print_report(r: dict[str, Any]) -> None:
     cfg = r["config"]
-    print(f"\n{cfg['state_bytes'] / 2**30:.2f} GiB fp32 state ({cfg['shard_bytes_per_rank'] / 2**20:.0f} MiB per rank), "
-          f"{cfg['world_size']} ranks, {cfg['repeats']} measured repetitions; loadavg start "
-          f"{r['machine']['loadavg_start']} end {r['machine']['loadavg_end']}")
+    print(
+        f"\n{cfg['state_bytes'] / 2**30:.2f} GiB fp32 state ({cfg['shard_bytes_per_rank'] / 2**20:.0f} MiB per rank), "
+        f"{cfg['world_size']} ranks, {cfg['repeats']} measured repetitions; loadavg start "
+        f"{r['machine']['loadavg_start']} end {r['machine']['loadavg_end']}"
+    )
     rat = r["paired_ratios"]
     rows = []
     for name in SYSTEMS:
         s = r["systems"].get(name)
         if s is None:
             continue
-        rows.append([name, s["blocking_s"]["median"], common.spread(s["blocking_s"]),
-                     rat.get(f"{name}/shardckpt_sync blocking_s", {}).get("median"),
-                     s["completion_s"]["median"], common.spread(s["completion_s"]),
-                     s["step_s"].get("median", None) and s["step_s"]["median"] * 1e3,
-                     rat.get(f"{name}/none step_s", {}).get("median"),
-                     s["training_time_lost_s"]["median"], s["peak_extra_over_shard"]["median"]])
+        rows.append(
+            [
+                name,
+                s["blocking_s"]["median"],
+                common.spread(s["blocking_s"]),
+                rat.get(f"{name}/shardckpt_sync blocking_s", {}).get("median"),
+                s["completion_s"]["median"],
+                common.spread(s["completion_s"]),
+                s["step_s"].get("median", None) and s["step_s"]["median"] * 1e3,
+                rat.get(f"{name}/none step_s", {}).get("median"),
+                s["training_time_lost_s"]["median"],
+                s["peak_extra_over_shard"]["median"],
+            ]
+        )
     print("\nmedians over repetitions; times max over ranks; ratios are medians of per-repetition ratios")
-    print(common.format_table(["system", "blocking s", "blocking min-max", "x shardckpt_sync",
-                               "completion s", "completion min-max", "step ms", "step x none",
-                               "training s lost", "peak extra RSS / shard"], rows))
-    for key in ("shardckpt_async/copy_floor blocking_s", "shardckpt_async/dcp_async blocking_s", "shardckpt_async/dcp_async_stager blocking_s",
-                "shardckpt_async_AA/shardckpt_async blocking_s", "shardckpt_async_AA/shardckpt_async completion_s",
-                "shardckpt_async_AA/shardckpt_async step_s"):
+    print(
+        common.format_table(
+            [
+                "system",
+                "blocking s",
+                "blocking min-max",
+                "x shardckpt_sync",
+                "completion s",
+                "completion min-max",
+                "step ms",
+                "step x none",
+                "training s lost",
+                "peak extra RSS / shard",
+            ],
+            rows,
+        )
+    )
+    for key in (
+        "shardckpt_async/copy_floor blocking_s",
+        "shardckpt_async/dcp_async blocking_s",
+        "shardckpt_async/dcp_async_stager blocking_s",
+        "shardckpt_async_AA/shardckpt_async blocking_s",
+        "shardckpt_async_AA/shardckpt_async completion_s",
+        "shardckpt_async_AA/shardckpt_async step_s",
+    ):
         s = rat.get(key)
         if s and s.get("n"):
             print(f"{key}: median {s['median']:.3f}, range {common.spread(s)}")
     print(f"\n{cfg['consecutive']} consecutive saves per system (worst rank):")
-    rows = [[k, v["worst_rank_first_save_peak_over_shard"], v["worst_rank_peak_extra_over_shard_later_saves"],
-             100 * v["worst_rank_growth_after_first"]] for k, v in r["consecutive_saves"].items()]
-    print(common.format_table(["system", "first save peak RSS / shard", "later saves peak extra / shard",
-                               "RSS growth after first %"], rows))
+    rows = [
+        [
+            k,
+            v["worst_rank_first_save_peak_over_shard"],
+            v["worst_rank_peak_extra_over_shard_later_saves"],
+            100 * v["worst_rank_growth_after_first"],
+        ]
+        for k, v in r["consecutive_saves"].items()
+    ]
+    print(
+        common.format_table(
+            ["system", "first save peak RSS / shard", "later saves peak extra / shard", "RSS growth after first %"],
+            rows,
+        )
+    )
     print(f"values saved are the pre-mutation ones: {r['snapshot_correct_after_mutation']}")
     for k, v in r["targets"].items():
         x = v.get("ratio", v.get("value"))

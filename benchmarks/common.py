@@ -42,8 +42,9 @@ def free_port() -> int:
 
 
 def _rank_entry(rank: int, fn: Callable[..., Any], world_size: int, port: int, args: tuple[Any, ...]) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
-                      WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank))
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank)
+    )
     import torch
     import torch.distributed as dist
 
@@ -119,8 +120,12 @@ def model_layout(total_mib: int, world_size: int, itemsize: int = 4) -> list[Ten
     h = max(step, math.ceil(math.sqrt(total_mib * MiB / (units * itemsize)) / step) * step)
     weights = [("embed", 4 * h, h), ("head", 4 * h, h)]
     for b in range(2):
-        weights += [(f"blocks.{b}.qkv", 3 * h, h), (f"blocks.{b}.out", h, h),
-                    (f"blocks.{b}.up", 4 * h, h), (f"blocks.{b}.down", h, 4 * h)]
+        weights += [
+            (f"blocks.{b}.qkv", 3 * h, h),
+            (f"blocks.{b}.out", h, h),
+            (f"blocks.{b}.up", 4 * h, h),
+            (f"blocks.{b}.down", h, 4 * h),
+        ]
     small = [(f"blocks.{b}.{n}", 1, h) for b in range(2) for n in ("norm1", "norm2")] + [("final_norm", 1, h)]
     specs = []
     for group in ("param", "exp_avg", "exp_avg_sq"):
@@ -177,8 +182,9 @@ def make_state(specs: list[TensorSpec], rank: int, world_size: int, *, fill: boo
         else:
             local.zero_()
         placement = Shard(0) if spec.sharded else Replicate()
-        dt = DTensor.from_local(local, mesh, [placement], run_check=False,
-                                shape=torch.Size((spec.rows, spec.cols)), stride=(spec.cols, 1))
+        dt = DTensor.from_local(
+            local, mesh, [placement], run_check=False, shape=torch.Size((spec.rows, spec.cols)), stride=(spec.cols, 1)
+        )
         part = "model" if spec.name.startswith("param.") else "optim"
         state[part][spec.name] = dt
     return state
@@ -212,7 +218,9 @@ def local_bytes(specs: list[TensorSpec], rank: int, world_size: int) -> int:
 # ------------------------------------------------------------------ schedules and statistics
 
 
-def interleaved(systems: Sequence[str], repeats: int, warmup: int = 1, seed: int = 0) -> Iterator[tuple[int, bool, list[str]]]:
+def interleaved(
+    systems: Sequence[str], repeats: int, warmup: int = 1, seed: int = 0
+) -> Iterator[tuple[int, bool, list[str]]]:
     """``(repetition, is_warmup, order)``: every system once per repetition, in an order
     shuffled per repetition (the same on every rank for a given seed)."""
     rng = random.Random(seed)
@@ -225,8 +233,13 @@ def interleaved(systems: Sequence[str], repeats: int, warmup: int = 1, seed: int
 def summarize(samples: Sequence[float]) -> dict[str, Any]:
     if not samples:
         return {"n": 0}
-    return {"n": len(samples), "median": statistics.median(samples), "min": min(samples),
-            "max": max(samples), "samples": list(samples)}
+    return {
+        "n": len(samples),
+        "median": statistics.median(samples),
+        "min": min(samples),
+        "max": max(samples),
+        "samples": list(samples),
+    }
 
 
 def paired_ratios(num: Sequence[float], den: Sequence[float]) -> dict[str, Any]:
@@ -282,8 +295,12 @@ def resident_bytes(paths: Sequence[str]) -> int | None:
     """Bytes of these files in the page cache (util-linux ``fincore``), None without it."""
     if not paths or shutil.which("fincore") is None:
         return None
-    out = subprocess.run(["fincore", "--bytes", "--noheadings", "--raw", "--output", "RES", *paths],
-                         check=True, capture_output=True, text=True).stdout
+    out = subprocess.run(
+        ["fincore", "--bytes", "--noheadings", "--raw", "--output", "RES", *paths],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout
     return sum(int(x) for x in out.split())
 
 
@@ -309,8 +326,10 @@ def dcp_file_rank(name: str) -> int | None:
 def balance(sizes: dict[int, int]) -> dict[str, Any]:
     vals = list(sizes.values())
     mean = sum(vals) / len(vals) if vals else 0
-    return {"bytes_by_rank": {str(k): v for k, v in sizes.items()},
-            "max_over_mean": (max(vals) / mean) if mean else None}
+    return {
+        "bytes_by_rank": {str(k): v for k, v in sizes.items()},
+        "max_over_mean": (max(vals) / mean) if mean else None,
+    }
 
 
 def remove_tree(path: str) -> None:

@@ -106,21 +106,33 @@ def main() -> None:
     try:
         t0 = time.perf_counter()
         save_checkpoint(ckpt, sizes)
-        print(f"checkpoint: {len(sizes)} fp32 tensors, {sum(sizes)} MiB, largest {max(sizes)} MiB, "
-              f"saved by 2 ranks (Shard(1)) in {time.perf_counter() - t0:.1f} s")
+        print(
+            f"checkpoint: {len(sizes)} fp32 tensors, {sum(sizes)} MiB, largest {max(sizes)} MiB, "
+            f"saved by 2 ranks (Shard(1)) in {time.perf_counter() - t0:.1f} s"
+        )
         bound = (2 * max(sizes) + args.buffer_mib) * MiB
         rows = []
         for fmt in args.modes:
-            out = os.path.join(scratch, "out.safetensors" if fmt == "safetensors" else "out.pt" if fmt == "torch" else "hf")
+            out = os.path.join(
+                scratch, "out.safetensors" if fmt == "safetensors" else "out.pt" if fmt == "torch" else "hf"
+            )
             r = measure(ckpt, out, fmt)
             shutil.rmtree(out, ignore_errors=True) if os.path.isdir(out) else os.remove(out)
             extra = r["peak_hwm"] - r["baseline_rss"]
             rows.append({"format": fmt, **r, "extra": extra, "bound_extra": bound, "within_bound": extra <= bound})
-            print(f"{fmt:12s} baseline {r['baseline_rss'] / MiB:7.1f} MiB  peak {r['peak_hwm'] / MiB:7.1f} MiB  "
-                  f"peak-baseline {extra / MiB:7.1f} MiB  bound 2x{max(sizes)}+{args.buffer_mib} = {bound / MiB:.0f} MiB  "
-                  f"{'OK' if extra <= bound else 'OVER'}  {r['seconds']:.1f} s")
-        result = {"total_mib": sum(sizes), "num_tensors": len(sizes), "largest_mib": max(sizes),
-                  "buffer_mib": args.buffer_mib, "ratio_checkpoint_to_bound": sum(sizes) * MiB / bound, "modes": rows}
+            print(
+                f"{fmt:12s} baseline {r['baseline_rss'] / MiB:7.1f} MiB  peak {r['peak_hwm'] / MiB:7.1f} MiB  "
+                f"peak-baseline {extra / MiB:7.1f} MiB  bound 2x{max(sizes)}+{args.buffer_mib} = {bound / MiB:.0f} MiB  "
+                f"{'OK' if extra <= bound else 'OVER'}  {r['seconds']:.1f} s"
+            )
+        result = {
+            "total_mib": sum(sizes),
+            "num_tensors": len(sizes),
+            "largest_mib": max(sizes),
+            "buffer_mib": args.buffer_mib,
+            "ratio_checkpoint_to_bound": sum(sizes) * MiB / bound,
+            "modes": rows,
+        }
         print(f"checkpoint / bound = {result['ratio_checkpoint_to_bound']:.1f}x")
         if args.json:
             with open(args.json, "w") as f:

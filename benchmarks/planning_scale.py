@@ -47,8 +47,8 @@ from dataclasses import dataclass
 from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import common  # noqa: E402
-import plots  # noqa: E402
+import common
+import plots
 
 MODELS = {  # hidden, ffn, kv (k/v rows: grouped-query attention), layers, vocab
     "7b": (4096, 11008, 4096, 32, 32000),
@@ -63,8 +63,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--quick", action="store_true", help="4, 8, 16 ranks, 1 layer")
     ap.add_argument("--ranks", nargs="+", type=int, default=None, help="default 64 128 ... 4096")
     ap.add_argument("--model", choices=sorted(MODELS), default="7b")
-    ap.add_argument("--layers", type=int, default=None,
-                    help="transformer layers simulated (default 2: time and memory at 4096 ranks on this VM; costs grow linearly in layers)")
+    ap.add_argument(
+        "--layers",
+        type=int,
+        default=None,
+        help="transformer layers simulated (default 2: time and memory at 4096 ranks on this VM; costs grow linearly in layers)",
+    )
     ap.add_argument("--out", default=common.RESULTS_DIR, help="folder of the results JSON")
     ap.add_argument("--name", default=None, help="results name (default planning_scale or planning_scale_quick)")
     ap.add_argument("--plots-dir", default=DEFAULT_IMG, help="folder of the PNG ('none': no plot)")
@@ -89,19 +93,35 @@ def model_params(model: str, layers: int) -> list[Param]:
     params = [Param("embed.weight", (vocab, h))]
     for i in range(layers):
         p = f"layers.{i}."
-        params += [Param(p + "attn.q.weight", (h, h)), Param(p + "attn.k.weight", (kv, h)),
-                   Param(p + "attn.v.weight", (kv, h)), Param(p + "attn.o.weight", (h, h)),
-                   Param(p + "mlp.gate.weight", (ffn, h)), Param(p + "mlp.up.weight", (ffn, h)),
-                   Param(p + "mlp.down.weight", (h, ffn)), Param(p + "norm1.weight", (h,)),
-                   Param(p + "norm2.weight", (h,))]
+        params += [
+            Param(p + "attn.q.weight", (h, h)),
+            Param(p + "attn.k.weight", (kv, h)),
+            Param(p + "attn.v.weight", (kv, h)),
+            Param(p + "attn.o.weight", (h, h)),
+            Param(p + "mlp.gate.weight", (ffn, h)),
+            Param(p + "mlp.up.weight", (ffn, h)),
+            Param(p + "mlp.down.weight", (h, ffn)),
+            Param(p + "norm1.weight", (h,)),
+            Param(p + "norm2.weight", (h,)),
+        ]
     return params + [Param("norm.weight", (h,)), Param("head.weight", (vocab, h))]
 
 
 def json_values(params: list[Param]) -> dict[str, Any]:
     """The non-tensor part of the state, as get_state_dict returns it for AdamW."""
-    group = {"lr": 3e-4, "betas": [0.9, 0.95], "eps": 1e-8, "weight_decay": 0.1, "amsgrad": False,
-             "maximize": False, "foreach": None, "capturable": False, "differentiable": False,
-             "fused": None, "params": [p.fqn for p in params]}
+    group = {
+        "lr": 3e-4,
+        "betas": [0.9, 0.95],
+        "eps": 1e-8,
+        "weight_decay": 0.1,
+        "amsgrad": False,
+        "maximize": False,
+        "foreach": None,
+        "capturable": False,
+        "differentiable": False,
+        "fused": None,
+        "params": [p.fqn for p in params],
+    }
     return {"optim": {"param_groups": [group]}, "step": 1000}
 
 
@@ -129,8 +149,13 @@ def rank_tensor_items(params: list[Param], rank: int, world: int, props: Any) ->
         for fqn in (f"model.{p.fqn}", f"optim.state.{p.fqn}.exp_avg", f"optim.state.{p.fqn}.exp_avg_sq"):
             if box is not None:
                 offsets, sizes = torch.Size(box[0]), torch.Size(box[1])
-                items.append(WriteItem(index=MetadataIndex(fqn, offsets), type=WriteItemType.SHARD,
-                                       tensor_data=TensorWriteData(ChunkStorageMetadata(offsets, sizes), props, size)))
+                items.append(
+                    WriteItem(
+                        index=MetadataIndex(fqn, offsets),
+                        type=WriteItemType.SHARD,
+                        tensor_data=TensorWriteData(ChunkStorageMetadata(offsets, sizes), props, size),
+                    )
+                )
         items.append(_create_write_item_for_tensor(f"optim.state.{p.fqn}.step", torch.tensor(1000.0)))
     return items
 
@@ -171,7 +196,9 @@ def planner_classes() -> tuple[type, type]:
     return Ours, GivenTensors
 
 
-def local_plans(cls: type, items: list[list[Any]], values: dict[str, Any], paths: dict[str, Any]) -> tuple[list[Any], Any]:
+def local_plans(
+    cls: type, items: list[list[Any]], values: dict[str, Any], paths: dict[str, Any]
+) -> tuple[list[Any], Any]:
     """Every rank's planner and local plan; returns (plans, rank 0's planner)."""
     plans, first = [], None
     for rank, rank_items in enumerate(items):
@@ -192,15 +219,17 @@ def synthetic_results(global_plans: list[Any], planner: Any, block_bytes: int) -
     from torch.distributed.checkpoint.planner import WriteItemType
     from torch.distributed.checkpoint.storage import WriteResult
 
-    from shardckpt.format import layout
-
     from shardckpt.engine import writer
+    from shardckpt.format import layout
     from shardckpt.format.manifest import FileRecord
 
     out = []
     for rank, plan in enumerate(global_plans):
-        res = [WriteResult(it.index, 0, writer._InlineValue(planner.resolve_data(it).getvalue()))
-               for it in plan.items if it.type == WriteItemType.BYTE_IO]
+        res = [
+            WriteResult(it.index, 0, writer._InlineValue(planner.resolve_data(it).getvalue()))
+            for it in plan.items
+            if it.type == WriteItemType.BYTE_IO
+        ]
         tensors = [it for it in plan.items if it.type != WriteItemType.BYTE_IO]
         for k, bucket in enumerate(writer._split_by_bytes(tensors, IO_THREADS)):
             name = layout.data_file_name("0123456789ab", rank, k)
@@ -257,17 +286,20 @@ def measure(params: list[Param], ranks: int) -> dict[str, Any]:
     ours = measure_ours(ours_cls, items, values, paths)
     gc.collect()
     dcp = measure_dcp(dcp_cls, items, values, paths)
-    return {"ranks": ranks, "seconds": {"write_items": t_items, **ours["seconds"], **dcp["seconds"]},
-            "bytes": {**ours["bytes"], **dcp["bytes"]}, "counts": ours["counts"],
-            "bytes_per_rank_max_over_mean": {"ours": ours["imbalance"], "dcp": dcp["imbalance"]},
-            "peak_rss_gib": common.peak_rss_bytes() / 2**30}
+    return {
+        "ranks": ranks,
+        "seconds": {"write_items": t_items, **ours["seconds"], **dcp["seconds"]},
+        "bytes": {**ours["bytes"], **dcp["bytes"]},
+        "counts": ours["counts"],
+        "bytes_per_rank_max_over_mean": {"ours": ours["imbalance"], "dcp": dcp["imbalance"]},
+        "peak_rss_gib": common.peak_rss_bytes() / 2**30,
+    }
 
 
 def measure_ours(cls: type, items: list[list[Any]], values: dict[str, Any], paths: dict[str, Any]) -> dict[str, Any]:
     """Our local plans, global plan, manifest (build, JSON, parse)."""
-    from shardckpt.format import integrity
-    from shardckpt.format import manifest
     from shardckpt.engine import writer
+    from shardckpt.format import integrity, manifest
 
     ranks = len(items)
     sec: dict[str, float] = {}
@@ -279,10 +311,18 @@ def measure_ours(cls: type, items: list[list[Any]], values: dict[str, Any], path
     m, sec["build_manifest"] = timed(lambda: writer.build_manifest(md, results, layout_, integrity.DEFAULT_BLOCK_BYTES))
     text, sec["manifest_to_json"] = timed(lambda: manifest.manifest_to_json(m))
     _, sec["parse_manifest"] = timed(lambda: manifest.parse_manifest(text, source="simulated"))
-    counts = {"items": sum(len(p.items) for p in plans), "chunks": sum(len(t.chunks) for t in m.tensors.values()),
-              "tensors": len(m.tensors), "values": len(m.values)}
-    return {"seconds": sec, "bytes": {"manifest_json": len(text)}, "counts": counts,
-            "imbalance": _imbalance([sum(chunk_bytes(it) for it in p.items) for p in gplans])}
+    counts = {
+        "items": sum(len(p.items) for p in plans),
+        "chunks": sum(len(t.chunks) for t in m.tensors.values()),
+        "tensors": len(m.tensors),
+        "values": len(m.values),
+    }
+    return {
+        "seconds": sec,
+        "bytes": {"manifest_json": len(text)},
+        "counts": counts,
+        "imbalance": _imbalance([sum(chunk_bytes(it) for it in p.items) for p in gplans]),
+    }
 
 
 def measure_dcp(cls: type, items: list[list[Any]], values: dict[str, Any], paths: dict[str, Any]) -> dict[str, Any]:
@@ -294,8 +334,11 @@ def measure_dcp(cls: type, items: list[list[Any]], values: dict[str, Any], paths
     md.storage_data = dcp_storage_data(gplans)
     blob, sec["metadata_pickle_dcp"] = timed(lambda: pickle.dumps(md, protocol=pickle.HIGHEST_PROTOCOL))
     _, sec["metadata_unpickle_dcp"] = timed(lambda: pickle.loads(blob))
-    return {"seconds": sec, "bytes": {"dcp_metadata_pickle": len(blob)},
-            "imbalance": _imbalance([sum(chunk_bytes(it) for it in p.items) for p in gplans])}
+    return {
+        "seconds": sec,
+        "bytes": {"dcp_metadata_pickle": len(blob)},
+        "imbalance": _imbalance([sum(chunk_bytes(it) for it in p.items) for p in gplans]),
+    }
 
 
 def _imbalance(per_rank: list[int]) -> float:
@@ -328,9 +371,22 @@ def print_report(r: dict[str, Any]) -> None:
     keys = list(rows[0]["seconds"])
     print(f"\n{r['config']['model']}-like, {r['config']['layers']} layers; seconds (one process)")
     print(common.format_table(["ranks", *keys], [[x["ranks"], *[x["seconds"][k] for k in keys]] for x in rows]))
-    print(common.format_table(["ranks", "manifest MiB", ".metadata MiB", "items", "chunks", "peak RSS GiB"],
-                              [[x["ranks"], x["bytes"]["manifest_json"] / 2**20, x["bytes"]["dcp_metadata_pickle"] / 2**20,
-                                x["counts"]["items"], x["counts"]["chunks"], x["peak_rss_gib"]] for x in rows]))
+    print(
+        common.format_table(
+            ["ranks", "manifest MiB", ".metadata MiB", "items", "chunks", "peak RSS GiB"],
+            [
+                [
+                    x["ranks"],
+                    x["bytes"]["manifest_json"] / 2**20,
+                    x["bytes"]["dcp_metadata_pickle"] / 2**20,
+                    x["counts"]["items"],
+                    x["counts"]["chunks"],
+                    x["peak_rss_gib"],
+                ]
+                for x in rows
+            ],
+        )
+    )
     exps = {k: v["fitted_exponent"] for k, v in {**r["growth"]["seconds"], **r["growth"]["bytes"]}.items()}
     print("fitted exponents (cost ~ ranks**b): " + ", ".join(f"{k} {v:.2f}" for k, v in exps.items() if v is not None))
 
@@ -344,15 +400,32 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     for n in args.ranks:
         rows.append(measure(params, n))
         gc.collect()
-        print(f"{n} ranks done at {time.perf_counter() - t0:.0f} s, peak RSS {rows[-1]['peak_rss_gib']:.2f} GiB", flush=True)
+        print(
+            f"{n} ranks done at {time.perf_counter() - t0:.0f} s, peak RSS {rows[-1]['peak_rss_gib']:.2f} GiB",
+            flush=True,
+        )
     h, ffn, kv, full_layers, vocab = MODELS[args.model]
-    results = {"benchmark": "planning_scale", "command": " ".join([os.path.basename(sys.executable), *sys.argv]),
-               "machine": dict(facts, loadavg_end=common.loadavg()),
-               "config": {"model": args.model, "layers": args.layers, "model_layers": full_layers, "hidden": h,
-                          "ffn": ffn, "kv_rows": kv, "vocab": vocab, "params_simulated": len(params),
-                          "ranks": args.ranks, "dtype": "float32", "io_threads_per_rank": IO_THREADS},
-               "elapsed_s": time.perf_counter() - t0, "rows": rows,
-               "growth": {"seconds": growth(rows, "seconds"), "bytes": growth(rows, "bytes")}}
+    results = {
+        "benchmark": "planning_scale",
+        "command": " ".join([os.path.basename(sys.executable), *sys.argv]),
+        "machine": dict(facts, loadavg_end=common.loadavg()),
+        "config": {
+            "model": args.model,
+            "layers": args.layers,
+            "model_layers": full_layers,
+            "hidden": h,
+            "ffn": ffn,
+            "kv_rows": kv,
+            "vocab": vocab,
+            "params_simulated": len(params),
+            "ranks": args.ranks,
+            "dtype": "float32",
+            "io_threads_per_rank": IO_THREADS,
+        },
+        "elapsed_s": time.perf_counter() - t0,
+        "rows": rows,
+        "growth": {"seconds": growth(rows, "seconds"), "bytes": growth(rows, "bytes")},
+    }
     if args.plots_dir != "none":
         results["plots"] = plots.write_planning_plot(results, os.path.join(args.plots_dir, f"{args.name}.png"))
     common.publish(args.name, results, args.out, print_report)

@@ -36,8 +36,10 @@ def _bars(ax: Any, systems: dict[str, Any], title: str, ref: str | None = "dd") 
     names = list(systems)
     meds = [_med(systems[n]["gbps"]) for n in names]
     errs = list(zip(*[_err(systems[n]["gbps"]) for n in names])) or [[], []]
-    colors = ["tab:blue" if n.startswith("shardckpt") else "tab:gray" if n.startswith(("dd", "raw", "hash"))
-              else "tab:orange" for n in names]
+    colors = [
+        "tab:blue" if n.startswith("shardckpt") else "tab:gray" if n.startswith(("dd", "raw", "hash")) else "tab:orange"
+        for n in names
+    ]
     ax.barh(names, meds, xerr=errs, color=colors, capsize=3)
     if ref in systems:
         ax.axvline(_med(systems[ref]["gbps"]), color="k", ls="--", lw=1, label=f"{ref} median")
@@ -118,9 +120,11 @@ def write_suite_plots(results: dict[str, Any], plots_dir: str, name: str) -> dic
         return {"skipped": MATPLOTLIB_MISSING}
     os.makedirs(plots_dir, exist_ok=True)
     sec, written = results["sections"], []
-    jobs = [("save", "save" in sec or "checksum" in sec, lambda p: _save_plot(plt, sec, p)),
-            ("load", "load" in sec, lambda p: _load_plot(plt, sec["load"], p)),
-            ("scaling", "scaling" in sec, lambda p: _scaling_plot(plt, sec["scaling"]["cells"], p))]
+    jobs = [
+        ("save", "save" in sec or "checksum" in sec, lambda p: _save_plot(plt, sec, p)),
+        ("load", "load" in sec, lambda p: _load_plot(plt, sec["load"], p)),
+        ("scaling", "scaling" in sec, lambda p: _scaling_plot(plt, sec["scaling"]["cells"], p)),
+    ]
     for suffix, present, draw in jobs:
         if present:
             path = os.path.join(plots_dir, f"{name}_{suffix}.png")

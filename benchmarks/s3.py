@@ -39,8 +39,9 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, "..", "tests"))
 sys.path.insert(0, os.path.join(HERE, ".."))
 
-import shardckpt  # noqa: E402
 from s3server import S3Server  # noqa: E402
+
+import shardckpt  # noqa: E402
 
 MiB = 2**20
 
@@ -68,8 +69,14 @@ class System:
         self.name, self.save, self.load = name, save, load
 
 
-def build_systems(state: dict[str, torch.Tensor], options: dict[str, Any], raw_fs: Any, dcp_threads: int,
-                  tuned_threads: int, raw_objects: int) -> dict[str, System]:
+def build_systems(
+    state: dict[str, torch.Tensor],
+    options: dict[str, Any],
+    raw_fs: Any,
+    dcp_threads: int,
+    tuned_threads: int,
+    raw_objects: int,
+) -> dict[str, System]:
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint._fsspec_filesystem import FsspecReader, FsspecWriter
 
@@ -126,7 +133,9 @@ def build_systems(state: dict[str, torch.Tensor], options: dict[str, Any], raw_f
     }
 
 
-def run_once(system: System, state: dict[str, torch.Tensor], url: str, server: S3Server, raw_fs: Any) -> dict[str, float]:
+def run_once(
+    system: System, state: dict[str, torch.Tensor], url: str, server: S3Server, raw_fs: Any
+) -> dict[str, float]:
     cpu0 = server_cpu_s(server._proc.pid)
     t0 = time.perf_counter()
     system.save(url)
@@ -144,8 +153,16 @@ def run_once(system: System, state: dict[str, torch.Tensor], url: str, server: S
     return {"save_s": save_s, "load_s": load_s, "server_cpu_save_s": cpu1 - cpu0, "server_cpu_load_s": cpu2 - cpu1}
 
 
-def pick_dcp_threads(candidates: list[int], state: dict[str, torch.Tensor], options: dict[str, Any],
-                     server: S3Server, raw_fs: Any, bucket: str, tuned: int, raw_objects: int) -> dict[int, float]:
+def pick_dcp_threads(
+    candidates: list[int],
+    state: dict[str, torch.Tensor],
+    options: dict[str, Any],
+    server: S3Server,
+    raw_fs: Any,
+    bucket: str,
+    tuned: int,
+    raw_objects: int,
+) -> dict[int, float]:
     """Save time of DCP for each thread count (one run each, in the warm-up)."""
     timings = {}
     for t in candidates:
@@ -176,7 +193,9 @@ def main() -> None:
         raw_fs = server.admin()
         state = make_state(args.size_mib, args.tensor_mib)
         raw_objects = 4
-        print(f"state: {len(state)} x {args.tensor_mib} MiB fp32 = {args.size_mib} MiB; moto server on {server.endpoint_url}")
+        print(
+            f"state: {len(state)} x {args.tensor_mib} MiB fp32 = {args.size_mib} MiB; moto server on {server.endpoint_url}"
+        )
 
         candidates = [int(t) for t in args.dcp_threads.split(",")]
         sweep = pick_dcp_threads(candidates, state, options, server, raw_fs, bucket, args.tuned_threads, raw_objects)
@@ -193,8 +212,11 @@ def main() -> None:
             for name in order:
                 r = run_once(systems[name], state, f"s3://{bucket}/rep{rep}-{name}", server, raw_fs)
                 tag = "warm-up" if rep == 0 else f"rep {rep}"
-                print(f"  {tag}: {name:18s} save {args.size_mib / r['save_s']:6.1f} MiB/s  "
-                      f"load {args.size_mib / r['load_s']:6.1f} MiB/s", flush=True)
+                print(
+                    f"  {tag}: {name:18s} save {args.size_mib / r['save_s']:6.1f} MiB/s  "
+                    f"load {args.size_mib / r['load_s']:6.1f} MiB/s",
+                    flush=True,
+                )
                 if rep > 0:
                     runs[name].append(r)
         report = summarize(args, runs, sweep, best, time.time() - started, server.endpoint_url)
@@ -207,8 +229,14 @@ def main() -> None:
     print(f"wrote {args.out}")
 
 
-def summarize(args: argparse.Namespace, runs: dict[str, list[dict[str, float]]], sweep: dict[int, float], best: int,
-              elapsed_s: float, endpoint: str) -> dict[str, Any]:
+def summarize(
+    args: argparse.Namespace,
+    runs: dict[str, list[dict[str, float]]],
+    sweep: dict[int, float],
+    best: int,
+    elapsed_s: float,
+    endpoint: str,
+) -> dict[str, Any]:
     import aiobotocore
     import botocore
     import moto
@@ -240,7 +268,7 @@ def summarize(args: argparse.Namespace, runs: dict[str, list[dict[str, float]]],
         "statistic": "median of reps after one dropped warm-up; MiB/s of state bytes",
         "server": f"moto {moto.__version__} server mode, {endpoint} (loopback HTTP, child process)",
         "client": f"s3fs {s3fs.__version__}, aiobotocore {aiobotocore.__version__}, botocore {botocore.__version__}, "
-                  f"torch {torch.__version__}",
+        f"torch {torch.__version__}",
         "machine": f"{platform.machine()}, {os.cpu_count()} cores, load average at end {os.getloadavg()}",
         "dcp_thread_sweep_save_s": {str(k): round(v, 3) for k, v in sweep.items()},
         "dcp_best_thread_count": best,
@@ -254,8 +282,10 @@ def print_table(report: dict[str, Any]) -> None:
     print(f"\n{report['size_mib']} MiB, median of {report['reps']} (MiB/s; ratio to dcp_default)")
     print(f"{'system':20s} {'save':>8s} {'x':>6s} {'load':>8s} {'x':>6s}")
     for name, r in report["results"].items():
-        print(f"{name:20s} {r['save_mib_s']:8.1f} {r.get('save_vs_dcp_default', 0):6.2f} "
-              f"{r['load_mib_s']:8.1f} {r.get('load_vs_dcp_default', 0):6.2f}")
+        print(
+            f"{name:20s} {r['save_mib_s']:8.1f} {r.get('save_vs_dcp_default', 0):6.2f} "
+            f"{r['load_mib_s']:8.1f} {r.get('load_vs_dcp_default', 0):6.2f}"
+        )
 
 
 if __name__ == "__main__":

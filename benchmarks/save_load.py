@@ -40,27 +40,47 @@ from collections.abc import Iterator
 from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import common  # noqa: E402
+import common
 
 SAVE_SYSTEMS = ["shardckpt", "shardckpt_AA", "shardckpt_io4", "dcp", "raw", "dd", "dd_x4"]
 LOAD_SYSTEMS = ["shardckpt", "shardckpt_AA", "shardckpt_io1", "shardckpt_noverify", "dcp", "raw", "dd", "dd_x4"]
 # which save's files each load reads
-LOAD_SOURCE = {"shardckpt": "shardckpt", "shardckpt_AA": "shardckpt_AA", "shardckpt_io1": "shardckpt",
-               "shardckpt_noverify": "shardckpt", "dcp": "dcp", "raw": "raw", "dd": "dd", "dd_x4": "dd_x4"}
+LOAD_SOURCE = {
+    "shardckpt": "shardckpt",
+    "shardckpt_AA": "shardckpt_AA",
+    "shardckpt_io1": "shardckpt",
+    "shardckpt_noverify": "shardckpt",
+    "dcp": "dcp",
+    "raw": "raw",
+    "dd": "dd",
+    "dd_x4": "dd_x4",
+}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="small state and 2 repetitions (< 1 min)")
     ap.add_argument("--world-size", type=int, default=4)
-    ap.add_argument("--mib", type=int, default=None, help="total state size in MiB (default 1024, quick 128; rounded up to the layout)")
-    ap.add_argument("--dir", default="/work/bench-tmp/save_load", help="scratch folder on the disk under test (deleted at the end)")
+    ap.add_argument(
+        "--mib",
+        type=int,
+        default=None,
+        help="total state size in MiB (default 1024, quick 128; rounded up to the layout)",
+    )
+    ap.add_argument(
+        "--dir", default="/work/bench-tmp/save_load", help="scratch folder on the disk under test (deleted at the end)"
+    )
     ap.add_argument("--repeats", type=int, default=None, help="measured repetitions (default 5, quick 2)")
     ap.add_argument("--warmup", type=int, default=1, help="dropped warm-up repetitions")
     ap.add_argument("--dd-mode", choices=["fdatasync", "direct"], default="fdatasync")
     ap.add_argument("--seed", type=int, default=0, help="seed of the shuffled orders")
-    ap.add_argument("--wait-quiet", type=float, default=0.0, metavar="SECONDS",
-                    help="first poll /proc/loadavg up to this long until the 1-min load is < 0.8")
+    ap.add_argument(
+        "--wait-quiet",
+        type=float,
+        default=0.0,
+        metavar="SECONDS",
+        help="first poll /proc/loadavg up to this long until the 1-min load is < 0.8",
+    )
     ap.add_argument("--name", default=None, help="results file name (default save_load or save_load_quick)")
     ap.add_argument("--keep", action="store_true", help="keep the scratch folder")
     args = ap.parse_args(argv)
@@ -122,7 +142,9 @@ class Bench:
             if self.rank == 0:
                 return common.run_dd_write(self.dd_file(system, 0), self.global_bytes, self.args.dd_mode)[1]
         elif system == "dd_x4":
-            return common.run_dd_write(self.dd_file(system, self.rank), self.global_bytes // self.world, self.args.dd_mode)[1]
+            return common.run_dd_write(
+                self.dd_file(system, self.rank), self.global_bytes // self.world, self.args.dd_mode
+            )[1]
         else:
             raise ValueError(system)
         return 0
@@ -166,11 +188,16 @@ class Bench:
         io1 = common.proc_io()
         dist.barrier()
         dt = time.perf_counter() - t0
-        per_rank = common.gather_to_all((dt, t_own, nbytes, io1["rchar"] - io0["rchar"],
-                                         io1["read_bytes"] - io0["read_bytes"]))
-        return {"s": max(r[0] for r in per_rank), "bytes": sum(r[2] for r in per_rank),
-                "rank_s": [r[1] for r in per_rank], "rchar": [r[3] for r in per_rank],
-                "read_bytes": [r[4] for r in per_rank]}
+        per_rank = common.gather_to_all(
+            (dt, t_own, nbytes, io1["rchar"] - io0["rchar"], io1["read_bytes"] - io0["read_bytes"])
+        )
+        return {
+            "s": max(r[0] for r in per_rank),
+            "bytes": sum(r[2] for r in per_rank),
+            "rank_s": [r[1] for r in per_rank],
+            "rchar": [r[3] for r in per_rank],
+            "read_bytes": [r[4] for r in per_rank],
+        }
 
 
 class _NoHasher:
@@ -203,9 +230,8 @@ def hash_like_writer(tensors: list[Any], threads: int | None = None) -> int:
     over ``threads`` (the save's default I/O thread count) threads. Returns bytes hashed."""
     from concurrent.futures import ThreadPoolExecutor
 
-    from shardckpt.format import integrity
-
     from shardckpt.engine import saving
+    from shardckpt.format import integrity
 
     threads = threads or saving.DEFAULT_SAVE_IO_THREADS
     buckets: list[list[memoryview]] = [[] for _ in range(threads)]
@@ -300,8 +326,9 @@ def _dd_read_warm_evicted(path: str) -> int:
 # ------------------------------------------------------------------ the run
 
 
-def measure_interleaved(b: Bench, save_systems: list[str], load_systems: list[str], repeats: int,
-                        warmup: int, seed: int) -> dict[str, Any]:
+def measure_interleaved(
+    b: Bench, save_systems: list[str], load_systems: list[str], repeats: int, warmup: int, seed: int
+) -> dict[str, Any]:
     """Every repetition: each save system once (shuffled), then each load system once
     (shuffled, cold: rank 0 evicts the files it reads first). Collective. Returns
     ``samples[phase][system]`` (Bench.timed dicts, warm-up dropped), the ``orders``, and
@@ -332,8 +359,11 @@ def measure_interleaved(b: Bench, save_systems: list[str], load_systems: list[st
                 files = common.files_under(b.path(LOAD_SOURCE[system]))
                 common.evict_files(files)
                 if warm:
-                    residency[system] = {"files": len(files), "bytes": sum(os.path.getsize(f) for f in files),
-                                         "resident_after_evict": common.resident_bytes(files)}
+                    residency[system] = {
+                        "files": len(files),
+                        "bytes": sum(os.path.getsize(f) for f in files),
+                        "resident_after_evict": common.resident_bytes(files),
+                    }
             sample = b.timed(b.load, system)
             if warm and not system.startswith("dd"):
                 verified[system] = all(common.gather_to_all(common.state_equal(b.dst, b.src)))
@@ -342,9 +372,17 @@ def measure_interleaved(b: Bench, save_systems: list[str], load_systems: list[st
             if not warm:
                 samples["load"].setdefault(system, []).append(sample)
         if b.rank == 0:
-            print(f"repetition {rep}{' (warm-up)' if warm else ''} done at {time.perf_counter() - t_start:.0f} s", flush=True)
-    return {"samples": samples, "orders": orders, "verified": verified, "residency": residency,
-            "elapsed_s": time.perf_counter() - t_start}
+            print(
+                f"repetition {rep}{' (warm-up)' if warm else ''} done at {time.perf_counter() - t_start:.0f} s",
+                flush=True,
+            )
+    return {
+        "samples": samples,
+        "orders": orders,
+        "verified": verified,
+        "residency": residency,
+        "elapsed_s": time.perf_counter() - t_start,
+    }
 
 
 def worker(rank: int, world: int, args: argparse.Namespace, facts: dict[str, Any]) -> None:
@@ -354,13 +392,17 @@ def worker(rank: int, world: int, args: argparse.Namespace, facts: dict[str, Any
     if rank == 0:
         common.remove_tree(args.dir)
         os.makedirs(args.dir, exist_ok=True)
-        print(f"state: {len(b.specs)} tensors, {b.global_bytes / 2**20:.0f} MiB total, "
-              f"{b.local_bytes / 2**20:.0f} MiB per rank; {args.repeats} repetitions + {args.warmup} warm-up", flush=True)
+        print(
+            f"state: {len(b.specs)} tensors, {b.global_bytes / 2**20:.0f} MiB total, "
+            f"{b.local_bytes / 2**20:.0f} MiB per rank; {args.repeats} repetitions + {args.warmup} warm-up",
+            flush=True,
+        )
     dist.barrier()
     m = measure_interleaved(b, SAVE_SYSTEMS, LOAD_SYSTEMS, args.repeats, args.warmup, args.seed)
     if rank == 0:
-        results = build_results(args, facts, b, m["samples"], m["orders"], m["verified"], m["residency"],
-                                write_balance(b), m["elapsed_s"])
+        results = build_results(
+            args, facts, b, m["samples"], m["orders"], m["verified"], m["residency"], write_balance(b), m["elapsed_s"]
+        )
         path = common.write_results(args.name, results)
         print_report(results)
         print(f"\nresults: {path}")
@@ -383,14 +425,24 @@ def phase_summary(name: str, samples: list[dict[str, Any]], state_bytes: int) ->
     count the state's logical bytes, raw and dd the bytes they moved."""
     secs = [x["s"] for x in samples]
     nbytes = [x["bytes"] if name.startswith(("dd", "raw")) else state_bytes for x in samples]
-    return {"seconds": common.summarize(secs),
-            "gbps": common.summarize([n / s / common.GB for n, s in zip(nbytes, secs)]),
-            "bytes": nbytes[0]}
+    return {
+        "seconds": common.summarize(secs),
+        "gbps": common.summarize([n / s / common.GB for n, s in zip(nbytes, secs)]),
+        "bytes": nbytes[0],
+    }
 
 
-def build_results(args: argparse.Namespace, facts: dict[str, Any], b: Bench, samples: dict[str, Any],
-                  orders: list[Any], verified: dict[str, bool], residency: dict[str, Any],
-                  balance: dict[str, Any], elapsed_s: float) -> dict[str, Any]:
+def build_results(
+    args: argparse.Namespace,
+    facts: dict[str, Any],
+    b: Bench,
+    samples: dict[str, Any],
+    orders: list[Any],
+    verified: dict[str, bool],
+    residency: dict[str, Any],
+    balance: dict[str, Any],
+    elapsed_s: float,
+) -> dict[str, Any]:
     phases: dict[str, Any] = {}
     for phase, by_system in samples.items():
         systems = {name: phase_summary(name, runs, b.global_bytes) for name, runs in by_system.items()}
@@ -407,19 +459,37 @@ def build_results(args: argparse.Namespace, facts: dict[str, Any], b: Bench, sam
         return phases[phase]["paired_ratios_of_gbps"].get(key, {}).get("median")
 
     targets = {
-        "save_vs_dd_at_least_0.9": {"ratio": med("save", "shardckpt/dd"), "met": _at_least(med("save", "shardckpt/dd"), 0.9)},
-        "save_not_slower_than_dcp": {"ratio": med("save", "shardckpt/dcp"), "met": _at_least(med("save", "shardckpt/dcp"), 1.0)},
-        "load_not_slower_than_dcp": {"ratio": med("load", "shardckpt/dcp"), "met": _at_least(med("load", "shardckpt/dcp"), 1.0)},
+        "save_vs_dd_at_least_0.9": {
+            "ratio": med("save", "shardckpt/dd"),
+            "met": _at_least(med("save", "shardckpt/dd"), 0.9),
+        },
+        "save_not_slower_than_dcp": {
+            "ratio": med("save", "shardckpt/dcp"),
+            "met": _at_least(med("save", "shardckpt/dcp"), 1.0),
+        },
+        "load_not_slower_than_dcp": {
+            "ratio": med("load", "shardckpt/dcp"),
+            "met": _at_least(med("load", "shardckpt/dcp"), 1.0),
+        },
         "aa_control": {ph: phases[ph]["paired_ratios_of_gbps"].get("shardckpt_AA/shardckpt") for ph in phases},
     }
     return {
         "benchmark": "save_load",
         "command": " ".join([os.path.basename(sys.executable), *sys.argv]),
         "machine": facts,
-        "config": {"world_size": b.world, "mib_requested": args.mib, "state_bytes": b.global_bytes,
-                   "bytes_per_rank": b.local_bytes, "tensors": len(b.specs),
-                   "largest_tensor_bytes": max(s.nbytes for s in b.specs), "repeats": args.repeats,
-                   "warmup": args.warmup, "dd_mode": args.dd_mode, "seed": args.seed, "quick": args.quick},
+        "config": {
+            "world_size": b.world,
+            "mib_requested": args.mib,
+            "state_bytes": b.global_bytes,
+            "bytes_per_rank": b.local_bytes,
+            "tensors": len(b.specs),
+            "largest_tensor_bytes": max(s.nbytes for s in b.specs),
+            "repeats": args.repeats,
+            "warmup": args.warmup,
+            "dd_mode": args.dd_mode,
+            "seed": args.seed,
+            "quick": args.quick,
+        },
         "elapsed_s": elapsed_s,
         "phases": phases,
         "targets": targets,
@@ -436,9 +506,11 @@ def _at_least(x: float | None, bound: float) -> bool | None:
 
 def print_report(r: dict[str, Any]) -> None:
     cfg = r["config"]
-    print(f"\n{cfg['state_bytes'] / 2**30:.2f} GiB fp32 state, {cfg['world_size']} ranks, "
-          f"{cfg['repeats']} measured repetitions; loadavg start {r['machine']['loadavg_start']} "
-          f"end {r['machine']['loadavg_end']}")
+    print(
+        f"\n{cfg['state_bytes'] / 2**30:.2f} GiB fp32 state, {cfg['world_size']} ranks, "
+        f"{cfg['repeats']} measured repetitions; loadavg start {r['machine']['loadavg_start']} "
+        f"end {r['machine']['loadavg_end']}"
+    )
     for phase in ("save", "load"):
         p = r["phases"][phase]
         rows = []
@@ -447,12 +519,24 @@ def print_report(r: dict[str, Any]) -> None:
             if s is None:
                 continue
             rat = p["paired_ratios_of_gbps"]
-            rows.append([name, s["gbps"]["median"], common.spread(s["gbps"]), s["seconds"]["median"],
-                         rat.get(f"{name}/dd", {}).get("median"), rat.get(f"{name}/dcp", {}).get("median"),
-                         rat.get(f"{name}/raw", {}).get("median"), rat.get(f"{name}/shardckpt", {}).get("median")])
+            rows.append(
+                [
+                    name,
+                    s["gbps"]["median"],
+                    common.spread(s["gbps"]),
+                    s["seconds"]["median"],
+                    rat.get(f"{name}/dd", {}).get("median"),
+                    rat.get(f"{name}/dcp", {}).get("median"),
+                    rat.get(f"{name}/raw", {}).get("median"),
+                    rat.get(f"{name}/shardckpt", {}).get("median"),
+                ]
+            )
         print(f"\n{phase} (GB/s = 1e9 bytes/s; ratios are medians of per-repetition ratios)")
-        print(common.format_table(["system", "GB/s median", "GB/s min-max", "s median", "x dd", "x dcp",
-                                   "x raw", "x shardckpt"], rows))
+        print(
+            common.format_table(
+                ["system", "GB/s median", "GB/s min-max", "s median", "x dd", "x dcp", "x raw", "x shardckpt"], rows
+            )
+        )
     aa = {ph: r["phases"][ph]["paired_ratios_of_gbps"].get("shardckpt_AA/shardckpt") for ph in ("save", "load")}
     for ph, s in aa.items():
         if s and s.get("n"):

@@ -44,13 +44,24 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import async_stall  # noqa: E402
-import common  # noqa: E402
-import save_load  # noqa: E402
-import plots  # noqa: E402
+import async_stall
+import common
+import plots
+import save_load
 
 SECTIONS = ["save", "checksum", "load", "scaling", "async"]
-SAVE_SYSTEMS = ["dd", "dd_x4", "raw", "shardckpt", "shardckpt_AA", "torch_save", "safetensors", "dcp", "dcp_t2", "dcp_t4"]
+SAVE_SYSTEMS = [
+    "dd",
+    "dd_x4",
+    "raw",
+    "shardckpt",
+    "shardckpt_AA",
+    "torch_save",
+    "safetensors",
+    "dcp",
+    "dcp_t2",
+    "dcp_t4",
+]
 DCP_VARIANTS = {"dcp": 1, "dcp_t2": 2, "dcp_t4": 4}  # system -> FileSystemWriter thread_count
 CHECKSUM_SYSTEMS = ["dd", "shardckpt", "shardckpt_nohash", "hash_only"]
 LOAD_SYSTEMS = ["shardckpt", "shardckpt_AA", "shardckpt_noverify", "dcp", "dd"]  # noverify: load(verify=False)
@@ -64,24 +75,45 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--quick", action="store_true", help="2 ranks, 16 MiB, 1 repetition: about 1-2 minutes")
     ap.add_argument("--sections", nargs="+", choices=SECTIONS, default=SECTIONS)
     ap.add_argument("--world-sizes", nargs="+", type=int, default=None, help="default 1 2 4 8 (quick: 2)")
-    ap.add_argument("--size-mib", nargs="+", type=int, default=None,
-                    help="state sizes in MiB for scaling (default 256 1024 4096; quick 16); the other "
-                         "sections use the largest")
-    ap.add_argument("--main-world", type=int, default=None,
-                    help="world size of the save/checksum/load/async sections (default 4 if listed, else the largest)")
-    ap.add_argument("--dir", "--url", dest="dir", default="/work/bench-tmp/suite",
-                    help="scratch folder on the disk under test: a local path or file:// URL (object stores: "
-                         "benchmarks/s3.py); emptied at the end")
+    ap.add_argument(
+        "--size-mib",
+        nargs="+",
+        type=int,
+        default=None,
+        help="state sizes in MiB for scaling (default 256 1024 4096; quick 16); the other sections use the largest",
+    )
+    ap.add_argument(
+        "--main-world",
+        type=int,
+        default=None,
+        help="world size of the save/checksum/load/async sections (default 4 if listed, else the largest)",
+    )
+    ap.add_argument(
+        "--dir",
+        "--url",
+        dest="dir",
+        default="/work/bench-tmp/suite",
+        help="scratch folder on the disk under test: a local path or file:// URL (object stores: "
+        "benchmarks/s3.py); emptied at the end",
+    )
     ap.add_argument("--dtype", choices=sorted(common.DTYPES), default="float32")
     ap.add_argument("--repeats", type=int, default=None, help="measured repetitions (default 5; quick 1)")
     ap.add_argument("--warmup", type=int, default=1, help="dropped warm-up repetitions")
     ap.add_argument("--seed", type=int, default=0, help="seed of the shuffled orders")
     ap.add_argument("--out", default=common.RESULTS_DIR, help="folder of the results JSON")
     ap.add_argument("--name", default=None, help="results file name (default suite or suite_quick)")
-    ap.add_argument("--plots-dir", default=None,
-                    help="folder of the PNG plots, 'none' for no plots (default docs/img; quick: a temp folder)")
-    ap.add_argument("--wait-quiet", type=float, default=None, metavar="SECONDS",
-                    help="first wait up to this long for a 1-min load average < 0.8 (default 60; quick 0)")
+    ap.add_argument(
+        "--plots-dir",
+        default=None,
+        help="folder of the PNG plots, 'none' for no plots (default docs/img; quick: a temp folder)",
+    )
+    ap.add_argument(
+        "--wait-quiet",
+        type=float,
+        default=None,
+        metavar="SECONDS",
+        help="first wait up to this long for a 1-min load average < 0.8 (default 60; quick 0)",
+    )
     args = ap.parse_args(argv)
     return resolve_defaults(args)
 
@@ -95,10 +127,14 @@ def resolve_defaults(args: argparse.Namespace) -> argparse.Namespace:
     args.repeats = args.repeats or (1 if q else 5)
     args.name = args.name or ("suite_quick" if q else "suite")
     args.wait_quiet = (0.0 if q else 60.0) if args.wait_quiet is None else args.wait_quiet
-    args.plots_dir = args.plots_dir or (os.path.join(tempfile.gettempdir(), "shardckpt-suite-quick") if q else DEFAULT_DOCS_IMG)
+    args.plots_dir = args.plots_dir or (
+        os.path.join(tempfile.gettempdir(), "shardckpt-suite-quick") if q else DEFAULT_DOCS_IMG
+    )
     if "://" in args.dir and not args.dir.startswith("file://"):
-        raise SystemExit(f"--dir {args.dir}: the suite measures a local disk (dd, fsync, page-cache eviction); "
-                         "for object stores run benchmarks/s3.py")
+        raise SystemExit(
+            f"--dir {args.dir}: the suite measures a local disk (dd, fsync, page-cache eviction); "
+            "for object stores run benchmarks/s3.py"
+        )
     args.dir = os.path.abspath(args.dir.removeprefix("file://"))
     return args
 
@@ -129,8 +165,9 @@ class Job:
 def job_worker(rank: int, world: int, job: Job) -> None:
     """Rank body of a Job; rank 0 writes the samples and byte counts to ``job.out_path``."""
     b = save_load.Bench(rank, world, job)  # type: ignore[arg-type]  # Job carries the fields Bench reads
-    m = save_load.measure_interleaved(b, list(job.save_systems), list(job.load_systems), job.repeats,
-                                      job.warmup, job.seed)
+    m = save_load.measure_interleaved(
+        b, list(job.save_systems), list(job.load_systems), job.repeats, job.warmup, job.seed
+    )
     if rank == 0:
         m["state_bytes"] = b.global_bytes
         m["needed_bytes_by_rank"] = [common.local_bytes(b.specs, r, world) for r in range(world)]
@@ -139,9 +176,18 @@ def job_worker(rank: int, world: int, job: Job) -> None:
             json.dump(m, f)
 
 
-def run_job(args: argparse.Namespace, world: int, mib: int, save_systems: list[str], load_systems: list[str],
-            *, repeats: int | None = None, warmup: int | None = None, layout_world: int | None = None,
-            clean: bool = True) -> dict[str, Any]:
+def run_job(
+    args: argparse.Namespace,
+    world: int,
+    mib: int,
+    save_systems: list[str],
+    load_systems: list[str],
+    *,
+    repeats: int | None = None,
+    warmup: int | None = None,
+    layout_world: int | None = None,
+    clean: bool = True,
+) -> dict[str, Any]:
     """Spawn ``world`` ranks for one Job and return its results (plus the load average
     before it). ``clean``: remove the scratch folder first."""
     if clean:
@@ -149,9 +195,19 @@ def run_job(args: argparse.Namespace, world: int, mib: int, save_systems: list[s
     os.makedirs(args.dir, exist_ok=True)
     fd, out_path = tempfile.mkstemp(prefix="suite-job-", suffix=".json", dir=args.dir)
     os.close(fd)
-    job = Job(world, mib, args.dtype, args.dir, tuple(save_systems), tuple(load_systems),
-              args.repeats if repeats is None else repeats, args.warmup if warmup is None else warmup,
-              args.seed, out_path, layout_world)
+    job = Job(
+        world,
+        mib,
+        args.dtype,
+        args.dir,
+        tuple(save_systems),
+        tuple(load_systems),
+        args.repeats if repeats is None else repeats,
+        args.warmup if warmup is None else warmup,
+        args.seed,
+        out_path,
+        layout_world,
+    )
     print(f"-- {world} ranks, {mib} MiB: save {save_systems} load {load_systems}", flush=True)
     loadavg = common.loadavg()
     common.spawn_ranks(job_worker, world, job)
@@ -181,8 +237,12 @@ def summarize_phase(job: dict[str, Any], phase: str, systems: list[str]) -> dict
         s["samples"] = samples[name]
         out[name] = s
     gb = {k: v["gbps"]["samples"] for k, v in out.items()}
-    ratios = {f"{n}/{ref}": common.paired_ratios(gb[n], gb[ref])
-              for n in gb for ref in ("dd", "dcp", "shardckpt") if ref in gb and ref != n}
+    ratios = {
+        f"{n}/{ref}": common.paired_ratios(gb[n], gb[ref])
+        for n in gb
+        for ref in ("dd", "dcp", "shardckpt")
+        if ref in gb and ref != n
+    }
     return {"systems": out, "paired_ratios_of_gbps": ratios}
 
 
@@ -195,9 +255,13 @@ def save_section(job: dict[str, Any]) -> dict[str, Any]:
     dcp = {k: median(res["systems"][k]["gbps"]) or 0.0 for k in DCP_VARIANTS if k in res["systems"]}
     best = max(dcp, key=lambda k: dcp[k]) if dcp else None
     if best:
-        res["dcp_best"] = {"system": best, "thread_count": DCP_VARIANTS[best],
-                           "shardckpt_over_best": common.paired_ratios(
-                               res["systems"]["shardckpt"]["gbps"]["samples"], res["systems"][best]["gbps"]["samples"])}
+        res["dcp_best"] = {
+            "system": best,
+            "thread_count": DCP_VARIANTS[best],
+            "shardckpt_over_best": common.paired_ratios(
+                res["systems"]["shardckpt"]["gbps"]["samples"], res["systems"][best]["gbps"]["samples"]
+            ),
+        }
     return res
 
 
@@ -211,10 +275,12 @@ def checksum_section(job: dict[str, Any]) -> dict[str, Any]:
     res["writer_can_skip_hashing"] = False
     if "hash_only" in sy and "shardckpt" in sy:
         res["hash_seconds_over_save_seconds"] = common.paired_ratios(
-            sy["hash_only"]["seconds"]["samples"], sy["shardckpt"]["seconds"]["samples"])
+            sy["hash_only"]["seconds"]["samples"], sy["shardckpt"]["seconds"]["samples"]
+        )
     if "shardckpt_nohash" in sy and "shardckpt" in sy:
         res["save_seconds_with_over_without_hashing"] = common.paired_ratios(
-            sy["shardckpt"]["seconds"]["samples"], sy["shardckpt_nohash"]["seconds"]["samples"])
+            sy["shardckpt"]["seconds"]["samples"], sy["shardckpt_nohash"]["seconds"]["samples"]
+        )
     return res
 
 
@@ -232,7 +298,8 @@ def load_section(jobs: dict[str, dict[str, Any]], save_world: int) -> dict[str, 
             s["bytes_needed"] = needed
             s["read_over_needed"] = common.summarize([r / needed for r in reads])
             s["read_over_needed_worst_rank"] = max(
-                r / n for x in s["samples"] for r, n in zip(x["rchar"], job["needed_bytes_by_rank"]))
+                r / n for x in s["samples"] for r, n in zip(x["rchar"], job["needed_bytes_by_rank"])
+            )
         res["verified"] = job["verified"]
         res["eviction_check"] = job["residency"]
         res["resharded"] = int(world) != save_world
@@ -241,9 +308,15 @@ def load_section(jobs: dict[str, dict[str, Any]], save_world: int) -> dict[str, 
 
 
 def scaling_cell(job: dict[str, Any]) -> dict[str, Any]:
-    return {"world": job["config"]["world"], "mib": job["config"]["mib"], "state_bytes": job["state_bytes"],
-            "save": summarize_phase(job, "save", SCALING_SAVE), "load": summarize_phase(job, "load", SCALING_LOAD),
-            "verified": job["verified"], "loadavg_before": job["loadavg_before"]}
+    return {
+        "world": job["config"]["world"],
+        "mib": job["config"]["mib"],
+        "state_bytes": job["state_bytes"],
+        "save": summarize_phase(job, "save", SCALING_SAVE),
+        "load": summarize_phase(job, "load", SCALING_LOAD),
+        "verified": job["verified"],
+        "loadavg_before": job["loadavg_before"],
+    }
 
 
 # ------------------------------------------------------------------ sections
@@ -260,7 +333,9 @@ def run_main(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, Any]]:
     systems += [s for s in LOAD_SYSTEMS if load and s not in systems and s in save_load.LOAD_SOURCE.values()]
     worlds = load_worlds(args.main_world) if load else [args.main_world]
     layout_world = math.lcm(*worlds)
-    job = run_job(args, args.main_world, args.main_mib, systems, LOAD_SYSTEMS if load else [], layout_world=layout_world)
+    job = run_job(
+        args, args.main_world, args.main_mib, systems, LOAD_SYSTEMS if load else [], layout_world=layout_world
+    )
     out: dict[str, Any] = {}
     facts = {"world": args.main_world, "state_bytes": job["state_bytes"], "layout_world": layout_world}
     if "save" in args.sections:
@@ -269,8 +344,12 @@ def run_main(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, Any]]:
         out["checksum"] = dict(checksum_section(job), **facts, shared_job_with_save="save" in args.sections)
     if load:
         jobs = {str(args.main_world): job}
-        jobs.update({str(w): run_job(args, w, args.main_mib, [], LOAD_SYSTEMS, layout_world=layout_world, clean=False)
-                     for w in worlds[1:]})
+        jobs.update(
+            {
+                str(w): run_job(args, w, args.main_mib, [], LOAD_SYSTEMS, layout_world=layout_world, clean=False)
+                for w in worlds[1:]
+            }
+        )
         out["load"] = dict(load_section(jobs, args.main_world), state_bytes=job["state_bytes"])
     return out, job
 
@@ -287,9 +366,12 @@ def run_scaling(args: argparse.Namespace, main_job: dict[str, Any] | None) -> di
     cells = []
     for mib in args.size_mib:
         for w in args.world_sizes:
-            reuse = main_job is not None and (w, mib) == (args.main_world, args.main_mib) and \
-                set(SCALING_SAVE) <= set(main_job["samples"]["save"]) and \
-                set(SCALING_LOAD) <= set(main_job["samples"]["load"])
+            reuse = (
+                main_job is not None
+                and (w, mib) == (args.main_world, args.main_mib)
+                and set(SCALING_SAVE) <= set(main_job["samples"]["save"])
+                and set(SCALING_LOAD) <= set(main_job["samples"]["load"])
+            )
             job = main_job if reuse else run_job(args, w, mib, SCALING_SAVE, SCALING_LOAD)
             cells.append(dict(scaling_cell(job), from_main_job=reuse))
     return {"cells": cells}
@@ -299,9 +381,24 @@ def run_async(args: argparse.Namespace) -> dict[str, Any]:
     """benchmarks/async_stall.py at the main world and state size; its own JSON is kept
     next to the suite's, the headline figures are copied in."""
     name = f"{args.name}_async_stall"
-    argv = ["--world-size", str(args.main_world), "--mib", str(args.main_mib), "--repeats", str(args.repeats),
-            "--warmup", str(args.warmup), "--dir", os.path.join(args.dir, "async"), "--name", name,
-            "--out", args.out, "--seed", str(args.seed)]
+    argv = [
+        "--world-size",
+        str(args.main_world),
+        "--mib",
+        str(args.main_mib),
+        "--repeats",
+        str(args.repeats),
+        "--warmup",
+        str(args.warmup),
+        "--dir",
+        os.path.join(args.dir, "async"),
+        "--name",
+        name,
+        "--out",
+        args.out,
+        "--seed",
+        str(args.seed),
+    ]
     if args.quick:
         argv += ["--consecutive", "2", "--baseline-steps", "5"]
     a = async_stall.parse_args(argv)
@@ -309,11 +406,16 @@ def run_async(args: argparse.Namespace) -> dict[str, Any]:
     with open(os.path.join(args.out, f"{name}.json")) as f:
         r = json.load(f)
     keep = ("blocking_s", "completion_s", "step_s", "training_time_lost_s", "peak_extra_over_shard")
-    return {"results_file": f"{name}.json", "world": args.main_world, "state_bytes": r["config"]["state_bytes"],
-            "systems": {k: {m: v[m] for m in keep} for k, v in r["systems"].items()},
-            "paired_ratios": r["paired_ratios"], "targets": r["targets"],
-            "consecutive_saves": {k: {m: v[m] for m in v if m != "per_rank"} for k, v in r["consecutive_saves"].items()},
-            "snapshot_correct_after_mutation": r["snapshot_correct_after_mutation"]}
+    return {
+        "results_file": f"{name}.json",
+        "world": args.main_world,
+        "state_bytes": r["config"]["state_bytes"],
+        "systems": {k: {m: v[m] for m in keep} for k, v in r["systems"].items()},
+        "paired_ratios": r["paired_ratios"],
+        "targets": r["targets"],
+        "consecutive_saves": {k: {m: v[m] for m in v if m != "per_rank"} for k, v in r["consecutive_saves"].items()},
+        "snapshot_correct_after_mutation": r["snapshot_correct_after_mutation"],
+    }
 
 
 def run_sections(args: argparse.Namespace) -> dict[str, Any]:
@@ -344,21 +446,37 @@ def print_report(r: dict[str, Any]) -> None:
     if "checksum" in sec:
         c = sec["checksum"]
         print("\nchecksum: " + _phase_table(c, ["shardckpt"]))
-        print(f"hash time / save time: {median(c.get('hash_seconds_over_save_seconds'))}; "
-              f"save time with / without hashing: {median(c.get('save_seconds_with_over_without_hashing'))}")
+        print(
+            f"hash time / save time: {median(c.get('hash_seconds_over_save_seconds'))}; "
+            f"save time with / without hashing: {median(c.get('save_seconds_with_over_without_hashing'))}"
+        )
     for world, p in sec.get("load", {}).get("by_load_world", {}).items():
         print(f"\nload {sec['load']['save_world']} -> {world} ranks: " + _phase_table(p, ["dd", "dcp", "shardckpt"]))
         for name, s in p["systems"].items():
             if "read_over_needed" in s:
-                print(f"  {name}: read / needed {median(s['read_over_needed']):.3f} "
-                      f"(worst rank {s['read_over_needed_worst_rank']:.3f})")
-    rows = [[c["world"], c["mib"], median(c["save"]["systems"]["shardckpt"]["gbps"]),
-             median(c["save"]["systems"]["dcp"]["gbps"]), median(c["save"]["systems"]["dd"]["gbps"]),
-             median(c["load"]["systems"]["shardckpt"]["gbps"]), median(c["load"]["systems"]["dcp"]["gbps"])]
-            for c in sec.get("scaling", {}).get("cells", [])]
+                print(
+                    f"  {name}: read / needed {median(s['read_over_needed']):.3f} "
+                    f"(worst rank {s['read_over_needed_worst_rank']:.3f})"
+                )
+    rows = [
+        [
+            c["world"],
+            c["mib"],
+            median(c["save"]["systems"]["shardckpt"]["gbps"]),
+            median(c["save"]["systems"]["dcp"]["gbps"]),
+            median(c["save"]["systems"]["dd"]["gbps"]),
+            median(c["load"]["systems"]["shardckpt"]["gbps"]),
+            median(c["load"]["systems"]["dcp"]["gbps"]),
+        ]
+        for c in sec.get("scaling", {}).get("cells", [])
+    ]
     if rows:
-        print("\nscaling, GB/s medians\n" + common.format_table(
-            ["ranks", "MiB", "save shardckpt", "save dcp", "dd", "load shardckpt", "load dcp"], rows))
+        print(
+            "\nscaling, GB/s medians\n"
+            + common.format_table(
+                ["ranks", "MiB", "save shardckpt", "save dcp", "dd", "load shardckpt", "load dcp"], rows
+            )
+        )
     if "async" in sec:
         a = sec["async"]["systems"]
         print("\nasync blocking s: " + ", ".join(f"{k} {median(v['blocking_s']):.3g}" for k, v in a.items()))
@@ -368,10 +486,13 @@ def _phase_table(p: dict[str, Any], refs: list[str]) -> str:
     rows = []
     for name, s in p["systems"].items():
         rat = p["paired_ratios_of_gbps"]
-        rows.append([name, median(s["gbps"]), common.spread(s["gbps"]), median(s["per_rank_gbps"]),
-                     median(s["seconds"])] + [median(rat.get(f"{name}/{ref}")) for ref in refs])
+        rows.append(
+            [name, median(s["gbps"]), common.spread(s["gbps"]), median(s["per_rank_gbps"]), median(s["seconds"])]
+            + [median(rat.get(f"{name}/{ref}")) for ref in refs]
+        )
     return "GB/s = 1e9 B/s, medians\n" + common.format_table(
-        ["system", "GB/s", "min-max", "per rank", "s"] + [f"x {ref}" for ref in refs], rows)
+        ["system", "GB/s", "min-max", "per rank", "s"] + [f"x {ref}" for ref in refs], rows
+    )
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -384,10 +505,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         results = run_sections(args)
     finally:
         common.remove_tree(args.dir)
-    results = {"benchmark": "suite", "command": " ".join([os.path.basename(sys.executable), *sys.argv]),
-               "machine": dict(facts, loadavg_end=common.loadavg()),
-               "config": {k: v for k, v in vars(args).items() if k not in ("out", "plots_dir")},
-               "elapsed_s": time.perf_counter() - t0, **results}
+    results = {
+        "benchmark": "suite",
+        "command": " ".join([os.path.basename(sys.executable), *sys.argv]),
+        "machine": dict(facts, loadavg_end=common.loadavg()),
+        "config": {k: v for k, v in vars(args).items() if k not in ("out", "plots_dir")},
+        "elapsed_s": time.perf_counter() - t0,
+        **results,
+    }
     results["plots"] = plots.write_suite_plots(results, args.plots_dir, args.name)
     print(f"plots: {results['plots']}; {results['elapsed_s']:.0f} s")
     common.publish(args.name, results, args.out, print_report)

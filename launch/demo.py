@@ -1,7 +1,7 @@
 """Multi-rank save, then load on a different number of ranks; prints what it did and the throughput.
 
-    torchrun --nproc-per-node 4 launch/demo.py save --dir runs/demo --mib 256
-    torchrun --nproc-per-node 3 launch/demo.py load --dir runs/demo --mib 256
+torchrun --nproc-per-node 4 launch/demo.py save --dir runs/demo --mib 256
+torchrun --nproc-per-node 3 launch/demo.py load --dir runs/demo --mib 256
 """
 
 from __future__ import annotations
@@ -25,7 +25,11 @@ def make_state(mib: int, world: int, fill: bool) -> dict:
     g = torch.Generator().manual_seed(0)
     sd: dict = {"model": {}, "optim": {}, "step": 0}
     for i in range(8):
-        for group, name in (("model", f"layer{i}.weight"), ("optim", f"layer{i}.exp_avg"), ("optim", f"layer{i}.exp_avg_sq")):
+        for group, name in (
+            ("model", f"layer{i}.weight"),
+            ("optim", f"layer{i}.exp_avg"),
+            ("optim", f"layer{i}.exp_avg_sq"),
+        ):
             full = torch.randn(rows, 1024, generator=g) if fill else torch.zeros(rows, 1024)
             sd[group][name] = distribute_tensor(full, mesh, [Shard(0)])
     if fill:
@@ -53,9 +57,10 @@ def main() -> None:
     dt = time.perf_counter() - t0
     if args.action == "load":
         expected = make_state(args.mib, world, fill=True)
-        ok = all(
-            torch.equal(sd[p][k].to_local(), expected[p][k].to_local()) for p in ("model", "optim") for k in sd[p]
-        ) and sd["step"] == 1000
+        ok = (
+            all(torch.equal(sd[p][k].to_local(), expected[p][k].to_local()) for p in ("model", "optim") for k in sd[p])
+            and sd["step"] == 1000
+        )
         oks = [None] * world
         dist.all_gather_object(oks, ok)
         assert all(oks), f"loaded values differ on ranks {[r for r, o in enumerate(oks) if not o]}"

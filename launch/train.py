@@ -41,15 +41,34 @@ from shardckpt.training.train_state import TrainState
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--ckpt-dir", required=True, help="checkpoint root (local path or fsspec URL); resumed from when it holds a committed step")
+    ap.add_argument(
+        "--ckpt-dir",
+        required=True,
+        help="checkpoint root (local path or fsspec URL); resumed from when it holds a committed step",
+    )
     ap.add_argument("--steps", type=int, default=30, help="train until this global step")
     ap.add_argument("--save-every", type=int, default=5, help="checkpoint every K steps")
     ap.add_argument("--keep-last", type=int, default=3, help="committed checkpoints to keep")
     ap.add_argument("--log-json", default=None, help="rank 0 appends one JSON object per step here")
-    ap.add_argument("--global-batch", type=int, default=12, help="samples per step, all ranks together (a multiple of the world size)")
+    ap.add_argument(
+        "--global-batch",
+        type=int,
+        default=12,
+        help="samples per step, all ranks together (a multiple of the world size)",
+    )
     ap.add_argument("--seed", type=int, default=0, help="model init, data order and RNG streams")
-    ap.add_argument("--fail-at-step", type=int, default=None, help="simulate a crash: os._exit(1) right after this step's optimizer step")
-    ap.add_argument("--fail-how", choices=["exit", "sigkill"], default="exit", help="how --fail-at-step dies: os._exit(1) or SIGKILL to itself")
+    ap.add_argument(
+        "--fail-at-step",
+        type=int,
+        default=None,
+        help="simulate a crash: os._exit(1) right after this step's optimizer step",
+    )
+    ap.add_argument(
+        "--fail-how",
+        choices=["exit", "sigkill"],
+        default="exit",
+        help="how --fail-at-step dies: os._exit(1) or SIGKILL to itself",
+    )
     ap.add_argument("--parallel", choices=["fsdp", "ddp"], default="fsdp", help="FSDP2 fully_shard (default) or DDP")
     ap.add_argument("--async-save", action="store_true", help="save in the background (stall = a copy to host memory)")
     ap.add_argument("--preemption-exit-code", type=int, default=0, help="exit status after the save forced by SIGTERM")
@@ -99,7 +118,9 @@ class Block(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, t, c = x.shape
-        q, k, v = (z.view(b, t, self.heads, c // self.heads).transpose(1, 2) for z in self.qkv(self.ln1(x)).split(c, dim=2))
+        q, k, v = (
+            z.view(b, t, self.heads, c // self.heads).transpose(1, 2) for z in self.qkv(self.ln1(x)).split(c, dim=2)
+        )
         y = F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2).reshape(b, t, c)
         x = x + self.drop(self.proj(y))
         return x + self.drop(self.fc2(F.gelu(self.fc1(self.ln2(x)))))
@@ -140,7 +161,9 @@ def lr_lambda(args: argparse.Namespace) -> Any:
     def factor(step: int) -> float:
         if step < args.warmup:
             return (step + 1) / args.warmup
-        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, (step - args.warmup) / max(1, args.steps - args.warmup))))
+        return 0.1 + 0.9 * 0.5 * (
+            1 + math.cos(math.pi * min(1.0, (step - args.warmup) / max(1, args.steps - args.warmup)))
+        )
 
     return factor
 
@@ -193,8 +216,12 @@ def main(argv: list[str] | None = None) -> None:
     sampler = ResumableDistributedSampler(args.dataset_len, seed=args.seed)
     state = TrainState(model=model, optimizer=optimizer, lr_scheduler=scheduler, data=sampler, seed=args.seed)
     manager = shardckpt.CheckpointManager(
-        args.ckpt_dir, keep_last=args.keep_last, save_interval_steps=args.save_every, save_on_preemption=True,
-        preemption_exit_code=args.preemption_exit_code, async_save=args.async_save,
+        args.ckpt_dir,
+        keep_last=args.keep_last,
+        save_interval_steps=args.save_every,
+        save_on_preemption=True,
+        preemption_exit_code=args.preemption_exit_code,
+        async_save=args.async_save,
     )
     log = JsonLog(args.log_json, rank == 0)
     t0 = time.perf_counter()
@@ -202,11 +229,22 @@ def main(argv: list[str] | None = None) -> None:
     restore_s = time.perf_counter() - t0
     if resumed is None:
         state.reseed_rng(step=0)
-    start = {"event": "start", "world_size": world, "resumed_from": resumed, "saved_world_size": state.restored_world_size,
-             "rng": state.rng_restored, "restore_s": round(restore_s, 4), "parallel": args.parallel}
+    start = {
+        "event": "start",
+        "world_size": world,
+        "resumed_from": resumed,
+        "saved_world_size": state.restored_world_size,
+        "rng": state.rng_restored,
+        "restore_s": round(restore_s, 4),
+        "parallel": args.parallel,
+    }
     log.write(**start)
     if rank == 0:
-        where = f"resumed from step {resumed} (saved on {state.restored_world_size} ranks, RNG {state.rng_restored})" if resumed else "fresh start"
+        where = (
+            f"resumed from step {resumed} (saved on {state.restored_world_size} ranks, RNG {state.rng_restored})"
+            if resumed
+            else "fresh start"
+        )
         print(f"[train] {where}; training steps {state.step + 1}..{args.steps} on {world} ranks", flush=True)
     train(args, state, manager, log, device)
     manager.close()
@@ -215,7 +253,13 @@ def main(argv: list[str] | None = None) -> None:
     dist.destroy_process_group()
 
 
-def train(args: argparse.Namespace, state: TrainState, manager: shardckpt.CheckpointManager, log: JsonLog, device: torch.device) -> None:
+def train(
+    args: argparse.Namespace,
+    state: TrainState,
+    manager: shardckpt.CheckpointManager,
+    log: JsonLog,
+    device: torch.device,
+) -> None:
     model, optimizer, scheduler, sampler = state.model, state.optimizers[0], state.lr_scheduler, state.data
     world = dist.get_world_size()
     for step in range(state.step + 1, args.steps + 1):
@@ -234,8 +278,17 @@ def train(args: argparse.Namespace, state: TrainState, manager: shardckpt.Checkp
         global_loss = loss.detach().double()
         dist.all_reduce(global_loss)
         psum, phash = param_checksum(model)
-        log.write(event="step", step=step, epoch=batch.epoch, loss=float(global_loss) / world, lr=scheduler.get_last_lr()[0],
-                  sample_ids=batch.global_ids, param_sum=psum, param_hash=phash, world_size=world)
+        log.write(
+            event="step",
+            step=step,
+            epoch=batch.epoch,
+            loss=float(global_loss) / world,
+            lr=scheduler.get_last_lr()[0],
+            sample_ids=batch.global_ids,
+            param_sum=psum,
+            param_hash=phash,
+            world_size=world,
+        )
         t0 = time.perf_counter()
         # the last step is always saved, so "latest committed step == --steps" means the run is complete
         if state.save(manager, metrics={"loss": float(global_loss) / world}, force=step == args.steps):
@@ -296,7 +349,9 @@ def compare_logs(reference: str, run: str, loss_rtol: float | None) -> tuple[boo
         if st["resumed_from"]:
             origin = f"resumed from step {st['resumed_from']} saved on {st['saved_world_size']} ranks in {st['restore_s']:.2f} s (RNG {st['rng']})"
         span = f"steps {steps[0]}..{steps[-1]}" if steps else "no steps"
-        lines.append(f"attempt {i + 1}: {st['world_size']} ranks, {origin}, {span}, {'finished' if a['ended'] else 'killed'}")
+        lines.append(
+            f"attempt {i + 1}: {st['world_size']} ranks, {origin}, {span}, {'finished' if a['ended'] else 'killed'}"
+        )
         for r in a["steps"]:
             w = want.get(r["step"])
             if w is None or r["sample_ids"] != w["sample_ids"]:
@@ -306,24 +361,37 @@ def compare_logs(reference: str, run: str, loss_rtol: float | None) -> tuple[boo
             if exact:
                 n_bitwise += 1
                 if (r["loss"], r["param_hash"]) != (w["loss"], w["param_hash"]):
-                    problems.append(f"step {r['step']} (attempt {i + 1}): loss {r['loss']!r} / params differ from the reference {w['loss']!r}")
+                    problems.append(
+                        f"step {r['step']} (attempt {i + 1}): loss {r['loss']!r} / params differ from the reference {w['loss']!r}"
+                    )
             else:
                 max_rel = max(max_rel, abs(r["loss"] - w["loss"]) / abs(w["loss"]))
     problems += [f"step {s} is missing from the resumed run" for s in sorted(set(want) - set(final))]
     consumption = _consumption_problems([final[s] for s in sorted(final)])
     problems += consumption
     if loss_rtol is not None and max_rel > loss_rtol:
-        problems.append(f"after the resharded resume the largest relative loss difference is {max_rel:.3g} > {loss_rtol:g}")
+        problems.append(
+            f"after the resharded resume the largest relative loss difference is {max_rel:.3g} > {loss_rtol:g}"
+        )
     stalls = sorted(s["stall_s"] for a in read_attempts(run) for s in a["saves"])
     n_differ = sum("params differ" in p for p in problems)
-    lines.append(f"{n_bitwise - n_differ}/{n_bitwise} step records trained like the reference ({ref_world} ranks, "
-                 f"{ref['start']['parallel']}) equal it bit for bit (loss and parameter sha256)")
+    lines.append(
+        f"{n_bitwise - n_differ}/{n_bitwise} step records trained like the reference ({ref_world} ranks, "
+        f"{ref['start']['parallel']}) equal it bit for bit (loss and parameter sha256)"
+    )
     if not exact:
-        lines.append(f"after the resharded resume: same sample ids at every step; largest relative loss difference {max_rel:.2e}")
+        lines.append(
+            f"after the resharded resume: same sample ids at every step; largest relative loss difference {max_rel:.2e}"
+        )
     n_samples = sum(len(r["sample_ids"]) for r in final.values())
-    lines.append(f"{len(final)}/{len(want)} steps, {n_samples} samples, " + ("none repeated within an epoch" if not consumption else "SOME REPEATED"))
+    lines.append(
+        f"{len(final)}/{len(want)} steps, {n_samples} samples, "
+        + ("none repeated within an epoch" if not consumption else "SOME REPEATED")
+    )
     if stalls:
-        lines.append(f"{len(stalls)} saves, stall median {stalls[len(stalls) // 2] * 1e3:.0f} ms, max {stalls[-1] * 1e3:.0f} ms")
+        lines.append(
+            f"{len(stalls)} saves, stall median {stalls[len(stalls) // 2] * 1e3:.0f} ms, max {stalls[-1] * 1e3:.0f} ms"
+        )
     return not problems, lines + [f"PROBLEM: {p}" for p in problems]
 
 

@@ -11,7 +11,9 @@ import importlib
 from typing import Any
 
 from shardckpt._version import __version__
-
+from shardckpt.engine import Checkpointer, async_save, load, save, staging_stats
+from shardckpt.engine.loading import read_manifest
+from shardckpt.engine.saving import AsyncSaveHandle
 from shardckpt.errors import (
     CheckpointExistsError,
     CheckpointNotFoundError,
@@ -27,15 +29,15 @@ from shardckpt.errors import (
     UnsupportedFormatVersionError,
     UnsupportedValueError,
 )
-from shardckpt.engine import Checkpointer, async_save, load, save, staging_stats
-from shardckpt.engine.loading import read_manifest
-from shardckpt.engine.saving import AsyncSaveHandle
 from shardckpt.format.manifest import Manifest
 from shardckpt.manager import CheckpointManager, RetentionPolicy, StepInfo, list_root
 from shardckpt.training import GlobalBatch, ResumableDistributedSampler, RngStreamsRederivedWarning, TrainState
 
 # The converters pull in tqdm and the import/export machinery; load them on first use.
-_LAZY = {name: "shardckpt.convert" for name in ("diff_checkpoints", "export_checkpoint", "import_checkpoint", "read_state_dict")}
+_LAZY = {
+    name: "shardckpt.convert"
+    for name in ("diff_checkpoints", "export_checkpoint", "import_checkpoint", "read_state_dict")
+}
 
 
 def __getattr__(name: str) -> Any:
@@ -51,38 +53,38 @@ def __dir__() -> list[str]:
 
 
 __all__ = [
-    "__version__",
-    "save",
-    "async_save",
     "AsyncSaveHandle",
-    "Checkpointer",
-    "staging_stats",
-    "load",
-    "read_manifest",
+    "CheckpointExistsError",
     "CheckpointManager",
-    "RetentionPolicy",
-    "StepInfo",
-    "list_root",
-    "TrainState",
-    "ResumableDistributedSampler",
+    "CheckpointNotFoundError",
+    "Checkpointer",
     "GlobalBatch",
+    "IntegrityError",
+    "Manifest",
+    "ManifestError",
+    "NotCommittedError",
+    "RankFailureError",
+    "RankTimeoutError",
+    "ResumableDistributedSampler",
+    "RetentionPolicy",
     "RngStreamsRederivedWarning",
+    "RootInUseError",
+    "ShardckptError",
+    "StateDictMismatchError",
+    "StepInfo",
+    "StorageError",
+    "TrainState",
+    "UnsupportedFormatVersionError",
+    "UnsupportedValueError",
+    "__version__",
+    "async_save",
+    "diff_checkpoints",
     "export_checkpoint",
     "import_checkpoint",
-    "diff_checkpoints",
+    "list_root",
+    "load",
+    "read_manifest",
     "read_state_dict",
-    "Manifest",
-    "ShardckptError",
-    "CheckpointNotFoundError",
-    "NotCommittedError",
-    "CheckpointExistsError",
-    "ManifestError",
-    "UnsupportedFormatVersionError",
-    "IntegrityError",
-    "StateDictMismatchError",
-    "UnsupportedValueError",
-    "StorageError",
-    "RankFailureError",
-    "RootInUseError",
-    "RankTimeoutError",
+    "save",
+    "staging_stats",
 ]

@@ -9,21 +9,21 @@ key) and what to do. This module imports nothing from shardckpt.
 from __future__ import annotations
 
 __all__ = [
-    "ShardckptError",
-    "CheckpointNotFoundError",
-    "NotCommittedError",
     "CheckpointExistsError",
+    "CheckpointNotFoundError",
     "DestinationNotEmptyError",
     "InconsistentRanksError",
-    "ManifestError",
-    "UnsupportedFormatVersionError",
     "IntegrityError",
-    "StateDictMismatchError",
-    "UnsupportedValueError",
-    "StorageError",
+    "ManifestError",
+    "NotCommittedError",
     "RankFailureError",
-    "RootInUseError",
     "RankTimeoutError",
+    "RootInUseError",
+    "ShardckptError",
+    "StateDictMismatchError",
+    "StorageError",
+    "UnsupportedFormatVersionError",
+    "UnsupportedValueError",
 ]
 
 

@@ -34,8 +34,8 @@ from torch.distributed.tensor import DTensor, Shard
 
 import shardckpt
 import shardckpt.engine.loading
-import shardckpt.manager.checkpoint_manager
 import shardckpt.engine.saving
+import shardckpt.manager.checkpoint_manager
 from shardckpt.storage.local import LocalStorage, _LocalWriteStream
 
 ROWS_PER_RANK = 16
@@ -129,7 +129,9 @@ def killing_storage_class(killer: Killer) -> type[LocalStorage]:
 def main(argv: list[str]) -> None:
     root, rank, world, port, mode, kill, scope, timeout_s, steps = argv
     rank, world, timeout, n_steps = int(rank), int(world), float(timeout_s), int(steps)
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=port, RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=port, RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank)
+    )
     killer = Killer(kill, scope)
     storage_cls = killing_storage_class(killer)
     for mod in (shardckpt.engine.checkpointer, shardckpt.manager.checkpoint_manager):

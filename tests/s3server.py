@@ -112,7 +112,9 @@ class S3Server:
         options.update(overrides)
         return options
 
-    def create_user(self, policy: dict[str, Any], as_user: tuple[str, str] = ("bootstrap", "bootstrap")) -> tuple[str, str]:
+    def create_user(
+        self, policy: dict[str, Any], as_user: tuple[str, str] = ("bootstrap", "bootstrap")
+    ) -> tuple[str, str]:
         """An IAM user with ``policy`` and its (access key id, secret), created with the
         credentials ``as_user``. Policies are only checked by a server started with
         ``extra_env={"INITIAL_NO_AUTH_ACTION_COUNT": "3"}``: moto then enforces signatures
@@ -121,8 +123,13 @@ class S3Server:
 
         import boto3
 
-        iam = boto3.client("iam", endpoint_url=self.endpoint_url, aws_access_key_id=as_user[0],
-                           aws_secret_access_key=as_user[1], region_name=REGION)
+        iam = boto3.client(
+            "iam",
+            endpoint_url=self.endpoint_url,
+            aws_access_key_id=as_user[0],
+            aws_secret_access_key=as_user[1],
+            region_name=REGION,
+        )
         name = f"user-{uuid.uuid4().hex[:8]}"
         iam.create_user(UserName=name)
         iam.put_user_policy(UserName=name, PolicyName="p", PolicyDocument=json.dumps(policy))

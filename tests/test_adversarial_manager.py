@@ -27,18 +27,19 @@ import multiprocessing
 import os
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import pytest
 import torch
 
 import shardckpt
 import shardckpt.engine.loading
-import shardckpt.manager.checkpoint_manager
 import shardckpt.engine.saving
-from shardckpt.format import layout
+import shardckpt.manager.checkpoint_manager
 from shardckpt.errors import RootInUseError, StorageError, UnsupportedValueError
+from shardckpt.format import layout
 from shardckpt.storage.local import LocalStorage, _storage_error
 
 TRIALS = 500 if os.environ.get("SHARDCKPT_STRESS") == "1" else 50
@@ -198,8 +199,14 @@ def test_two_managers_claiming_a_fresh_root_never_both_win(tmp_path, workers):
 
 @pytest.mark.parametrize("workers", ["threads", "processes"])
 def test_two_takers_of_a_stale_record_never_both_win(tmp_path, workers):
-    stale = {"token": "f" * 32, "host": "elsewhere", "pid": 1, "job_id": None,
-             "started_at": time.time() - 7200, "heartbeat_at": time.time() - 3600}
+    stale = {
+        "token": "f" * 32,
+        "host": "elsewhere",
+        "pid": 1,
+        "job_id": None,
+        "started_at": time.time() - 7200,
+        "heartbeat_at": time.time() - 3600,
+    }
     trials = TRIALS  # two threads or two processes, as the issue asks: >= 50 (stress: 500)
     doubles = 0
     for i in range(trials):
@@ -219,12 +226,30 @@ def test_a_takeover_gate_left_by_a_dead_taker_and_an_unreadable_record_do_not_lo
 
     root = tmp_path / "run"
     root.mkdir()
-    raw = json.dumps({"token": "f" * 32, "host": "elsewhere", "pid": 1, "job_id": None,
-                      "started_at": time.time() - 7200, "heartbeat_at": time.time() - 3600}).encode()
+    raw = json.dumps(
+        {
+            "token": "f" * 32,
+            "host": "elsewhere",
+            "pid": 1,
+            "job_id": None,
+            "started_at": time.time() - 7200,
+            "heartbeat_at": time.time() - 3600,
+        }
+    ).encode()
     (root / OWNER).write_bytes(raw)
     gate = root / f"{OWNER}.takeover-{hashlib.sha256(raw).hexdigest()[:32]}"
-    gate.write_text(json.dumps({"token": "a" * 32, "host": "elsewhere", "pid": 1, "job_id": None,
-                                "started_at": time.time() - 120, "heartbeat_at": time.time() - 120}))
+    gate.write_text(
+        json.dumps(
+            {
+                "token": "a" * 32,
+                "host": "elsewhere",
+                "pid": 1,
+                "job_id": None,
+                "started_at": time.time() - 120,
+                "heartbeat_at": time.time() - 120,
+            }
+        )
+    )
     with shardckpt.CheckpointManager(str(root), stale_owner_after_s=60) as mgr:
         assert owner_token(root) == mgr._owner.token
         assert not gate.exists()
@@ -274,8 +299,14 @@ def test_retention_rechecks_ownership_right_before_deleting(tmp_path, monkeypatc
     class Stealing(AfterWrites):
         def committed(self, name: str) -> None:
             if thief["armed"] and name == layout.MANIFEST_NAME:
-                other = {"token": "e" * 32, "host": "other", "pid": 1, "job_id": "x",
-                         "started_at": time.time(), "heartbeat_at": time.time()}
+                other = {
+                    "token": "e" * 32,
+                    "host": "other",
+                    "pid": 1,
+                    "job_id": "x",
+                    "started_at": time.time(),
+                    "heartbeat_at": time.time(),
+                }
                 (root / OWNER).write_text(json.dumps(other))
 
         def child(self, name: str) -> LocalStorage:
@@ -288,7 +319,10 @@ def test_retention_rechecks_ownership_right_before_deleting(tmp_path, monkeypatc
     with caplog.at_level(logging.WARNING, logger="shardckpt"):
         assert mgr.save(2, state(2))
     assert "no longer owns" in caplog.text
-    assert sorted(p.name for p in root.iterdir() if p.name.startswith("step_")) == ["step_0000000001", "step_0000000002"]
+    assert sorted(p.name for p in root.iterdir() if p.name.startswith("step_")) == [
+        "step_0000000001",
+        "step_0000000002",
+    ]
     assert_step(root, 1)
     assert_step(root, 2)
     with pytest.raises(RootInUseError):
@@ -316,6 +350,7 @@ def test_heartbeat_thread_belongs_to_the_manager(tmp_path):
 def test_failed_open_releases_the_root(tmp_path, monkeypatch):
     """A manager whose start-up fails after the claim (here: EIO listing the root) must
     not keep the root locked by a record nobody refreshes or releases."""
+
     class Failing(LocalStorage):
         def list_names(self, prefix: str = "") -> list[str]:
             raise _storage_error(OSError(errno.EIO, os.strerror(errno.EIO)), self._path(prefix), "list")
@@ -359,7 +394,11 @@ def test_start_never_deletes_a_step_folder_shardckpt_did_not_write(tmp_path, cap
     mgr.close()
     assert (tree(root / "step_0000000005"), tree(root / "step_0000000006")) == before
     assert sorted(p.name for p in root.iterdir()) == [
-        "step_0000000005", "step_0000000006", "step_0000000007", "step_0000000009"]
+        "step_0000000005",
+        "step_0000000006",
+        "step_0000000007",
+        "step_0000000009",
+    ]
     assert_step(root, 9)
 
 
@@ -378,7 +417,11 @@ def test_ls_tells_foreign_folders_from_interrupted_saves(tmp_path, capsys):
     assert "FOREIGN folders were not written by shardckpt" in out
     assert main(["ls", str(root), "--json"]) == 0
     doc = json.loads(capsys.readouterr().out)
-    assert [(s["step"], s["committed"], s["foreign"]) for s in doc["steps"]] == [(1, True, False), (5, False, True), (7, False, False)]
+    assert [(s["step"], s["committed"], s["foreign"]) for s in doc["steps"]] == [
+        (1, True, False),
+        (5, False, True),
+        (7, False, False),
+    ]
 
 
 def test_retention_leaves_user_files_in_a_deleted_step(tmp_path, caplog):

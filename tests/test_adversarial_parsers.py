@@ -19,7 +19,6 @@ import shutil
 import time
 import tracemalloc
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -29,9 +28,8 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 import shardckpt
-from shardckpt.format import datafile
-from shardckpt.format import manifest
 from shardckpt.errors import ManifestError
+from shardckpt.format import datafile, manifest
 from shardckpt.format.manifest import (
     ChunkRecord,
     FileRecord,
@@ -294,8 +292,10 @@ def _reference_shape(raw: bytes) -> tuple[int, int, int]:
 
 
 @settings(max_examples=_EXAMPLES * 3, deadline=None, database=None)
-@given(parts=st.lists(st.sampled_from([b"[", b"]", b"{", b"}", b'"', b"\\", b"a", b",", b'"\\\\"']), max_size=60),
-       block=st.sampled_from([1, 2, 3, 7, 1 << 14]))
+@given(
+    parts=st.lists(st.sampled_from([b"[", b"]", b"{", b"}", b'"', b"\\", b"a", b",", b'"\\\\"']), max_size=60),
+    block=st.sampled_from([1, 2, 3, 7, 1 << 14]),
+)
 def test_scan_counts_what_a_byte_by_byte_tokenizer_counts(parts, block):
     """Quotes, escapes and block boundaries: the vectorized scan agrees on what JSON could parse."""
     raw = b"".join(parts)

@@ -19,9 +19,10 @@ from typing import Any
 
 import pytest
 import torch
+from distributed import run_ranks
+from s3server import FaultProxy, S3Server, s3  # noqa: F401
 
 import shardckpt
-from shardckpt.format import layout
 from shardckpt.engine.checkpointer import Checkpointer
 from shardckpt.errors import (
     CheckpointExistsError,
@@ -30,9 +31,8 @@ from shardckpt.errors import (
     RankFailureError,
     StorageError,
 )
+from shardckpt.format import layout
 from shardckpt.storage.local import LocalStorage, _LocalWriteStream
-from distributed import run_ranks
-from s3server import FaultProxy, S3Server, s3  # noqa: F401
 
 STRESS = os.environ.get("SHARDCKPT_STRESS") == "1"
 
@@ -89,7 +89,9 @@ def test_a_data_symlink_is_not_followed_into_someone_elses_folder(tmp_path: Path
     assert _snapshot(elsewhere) == before
 
 
-def test_empty_path_is_refused_and_the_working_directory_untouched(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_empty_path_is_refused_and_the_working_directory_untouched(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.chdir(tmp_path)
     (tmp_path / ".hidden_tmp").write_bytes(b"keep")
     with pytest.raises(ValueError, match="empty"):
@@ -144,7 +146,9 @@ def test_failed_save_into_a_new_folder_leaves_nothing(tmp_path: Path) -> None:
                 raise OSError(5, "Input/output error")
             super().create_exclusive(name, data)
 
-    engine = Checkpointer(storage_factory=lambda url, options=None: FailingCommit(url))  # sync saves only: nothing to close
+    engine = Checkpointer(
+        storage_factory=lambda url, options=None: FailingCommit(url)
+    )  # sync saves only: nothing to close
     with pytest.raises(StorageError):
         engine.save(_state(), str(tmp_path / "c"))
     assert not (tmp_path / "c").exists()
@@ -249,7 +253,9 @@ def test_commit_checks_every_listed_file(tmp_path: Path) -> None:
             for f in os.listdir(self._path("data")):
                 os.unlink(self._path(f"data/{f}"))
 
-    engine = Checkpointer(storage_factory=lambda url, options=None: LosingStorage(url))  # sync saves only: nothing to close
+    engine = Checkpointer(
+        storage_factory=lambda url, options=None: LosingStorage(url)
+    )  # sync saves only: nothing to close
     with pytest.raises(StorageError, match="is missing"):
         engine.save(_state(), str(tmp_path / "c"))
     assert not (tmp_path / "c" / layout.MANIFEST_NAME).exists()
@@ -308,7 +314,9 @@ def test_ctrl_c_during_a_save_is_a_keyboard_interrupt_and_stops_the_writes(tmp_p
             os.kill(os.getpid(), signal.SIGINT)
             done.wait(0.5)
 
-    engine = Checkpointer(storage_factory=lambda url, options=None: SlowStorage(url))  # sync saves only: nothing to close
+    engine = Checkpointer(
+        storage_factory=lambda url, options=None: SlowStorage(url)
+    )  # sync saves only: nothing to close
     state = {f"t{i}": torch.zeros(2**20) for i in range(8)}  # 32 MiB in 64 KiB blocks, ~0.05 s each
     timer = threading.Timer(0.3, interrupt)
     timer.start()

@@ -25,10 +25,10 @@ from typing import Any
 
 import pytest
 import torch
+from s3server import FaultProxy, S3Server, s3  # noqa: F401
 from safetensors.torch import save_file
 
 import shardckpt
-from s3server import FaultProxy, S3Server, s3  # noqa: F401
 from shardckpt.cli import app as cli
 from shardckpt.cli.base import EXIT_DAMAGED, EXIT_UNUSABLE
 from shardckpt.convert.audit import verify_checkpoint
@@ -89,10 +89,19 @@ def ends(fn: Callable[[], Any], *, fifos: tuple[Path, ...] = ()) -> Any:
     so the watchdog is a process of its own: after DEADLINE_S it opens each FIFO for
     writing, which releases the reader, and the test then fails: a hang is the bug
     this file exists to catch."""
-    watchdog = subprocess.Popen(
-        ["sh", "-c", f'sleep {DEADLINE_S}; for f in "$@"; do exec 3<>"$f"; exec 3>&-; done', "sh",
-         *map(str, fifos)],
-    ) if fifos else None
+    watchdog = (
+        subprocess.Popen(
+            [
+                "sh",
+                "-c",
+                f'sleep {DEADLINE_S}; for f in "$@"; do exec 3<>"$f"; exec 3>&-; done',
+                "sh",
+                *map(str, fifos),
+            ],
+        )
+        if fifos
+        else None
+    )
     box: list[Any] = []
 
     def run() -> None:
@@ -215,7 +224,9 @@ def test_cli_verify_on_a_fifo_exits_damaged_within_the_deadline(ckpt: Path) -> N
     try:
         done = subprocess.run(
             [sys.executable, "-m", "shardckpt", "verify", "--no-progress", str(ckpt)],
-            capture_output=True, text=True, timeout=60,  # mostly the cost of importing torch
+            capture_output=True,
+            text=True,
+            timeout=60,  # mostly the cost of importing torch
         )
     except subprocess.TimeoutExpired:  # run() has killed it
         pytest.fail("shardckpt verify blocked on a FIFO data file")
@@ -319,8 +330,9 @@ def test_import_of_a_dcp_folder_holding_a_fifo_fails_before_dcp_opens_it(tmp_pat
     dcp.save({"w": torch.ones(4)}, checkpoint_id=str(src), no_dist=True)
     (victim,) = [p for p in src.iterdir() if p.suffix == ".distcp"]
     fifo = fifo_in_place_of(victim)
-    e = raised(lambda: import_checkpoint(str(src), str(tmp_path / "out"), trust_pickle=True), StorageError,
-               fifos=(fifo,))
+    e = raised(
+        lambda: import_checkpoint(str(src), str(tmp_path / "out"), trust_pickle=True), StorageError, fifos=(fifo,)
+    )
     assert str(fifo) in str(e) and "FIFO" in str(e)
 
 
@@ -461,7 +473,10 @@ def fresh_storage(s3: S3Server, proxy: FaultProxy, url: str) -> FsspecStorage:  
 
 @pytest.mark.parametrize("status,code", [(403, "AccessDenied"), (500, "InternalError")])
 def test_s3_head_answered_403_or_500_is_not_absent(
-    s3: S3Server, head_proxy: FaultProxy, status: int, code: str  # noqa: F811
+    s3: S3Server,
+    head_proxy: FaultProxy,
+    status: int,
+    code: str,
 ) -> None:
     bucket = s3.create_bucket()
     url = f"s3://{bucket}/ckpt"
@@ -471,7 +486,9 @@ def test_s3_head_answered_403_or_500_is_not_absent(
     head_proxy.status, head_proxy.code = status, code
     head_proxy.fail = lambda n, method, path: method == "HEAD"
     queries: list[Callable[[FsspecStorage], Any]] = [
-        lambda st: st.exists("manifest.json"), lambda st: st.size("manifest.json"), lambda st: st.exists("nothing-here"),
+        lambda st: st.exists("manifest.json"),
+        lambda st: st.size("manifest.json"),
+        lambda st: st.exists("nothing-here"),
         lambda st: st.is_dir(""),
     ]
     for query in queries:

@@ -15,26 +15,26 @@ from typing import Any
 import pytest
 import torch
 import torch.distributed as dist
+from distributed import run_ranks
 from safetensors import safe_open
 
 import shardckpt
-from distributed import run_ranks
-from shardckpt.format import datafile
-from shardckpt.format import manifest
-from shardckpt.format import values
 from shardckpt.errors import (
     InconsistentRanksError,
     ManifestError,
     StateDictMismatchError,
     UnsupportedValueError,
 )
+from shardckpt.format import datafile, manifest, values
 
 # ---------------------------------------------------------------- helpers
 
 
 def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
-    return a.dtype == b.dtype and a.shape == b.shape and torch.equal(
-        a.contiguous().view(torch.uint8), b.contiguous().view(torch.uint8)
+    return (
+        a.dtype == b.dtype
+        and a.shape == b.shape
+        and torch.equal(a.contiguous().view(torch.uint8), b.contiguous().view(torch.uint8))
     )
 
 

@@ -7,11 +7,11 @@ import os
 import pytest
 import torch
 import torch.distributed as dist
+from distributed import run_ranks
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor import Shard, distribute_tensor
 
 import shardckpt
-from distributed import run_ranks
 from shardckpt.engine import default as saving
 
 

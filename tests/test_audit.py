@@ -10,16 +10,16 @@ import struct
 
 import pytest
 import torch
+from damage import chunk_of, flip_byte
+from distributed import run_ranks
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor import Shard, distribute_tensor
 
 import shardckpt
-from damage import chunk_of, flip_byte
-from shardckpt.format.manifest import seal
-from distributed import run_ranks
 from shardckpt.convert import audit
 from shardckpt.convert.audit import Problem, describe_checkpoint, verify_checkpoint
 from shardckpt.errors import CheckpointNotFoundError, ManifestError, NotCommittedError
+from shardckpt.format.manifest import seal
 from shardckpt.storage import LocalStorage
 
 BLOCK = 4096

@@ -33,9 +33,30 @@ def medians(node: Any, key: str) -> Iterator[float]:
 
 def test_suite_quickest_form(tmp_path: Any) -> None:
     out = tmp_path / "results"
-    suite.main(["--quick", "--sections", "save", "checksum", "load", "scaling", "--world-sizes", "2",
-                "--size-mib", "4", "--repeats", "1", "--out", str(out), "--plots-dir", str(tmp_path / "img"),
-                "--dir", str(tmp_path / "scratch"), "--name", "t"])
+    suite.main(
+        [
+            "--quick",
+            "--sections",
+            "save",
+            "checksum",
+            "load",
+            "scaling",
+            "--world-sizes",
+            "2",
+            "--size-mib",
+            "4",
+            "--repeats",
+            "1",
+            "--out",
+            str(out),
+            "--plots-dir",
+            str(tmp_path / "img"),
+            "--dir",
+            str(tmp_path / "scratch"),
+            "--name",
+            "t",
+        ]
+    )
     r = json.loads((out / "t.json").read_text())
     sec = r["sections"]
     assert set(sec) == {"save", "checksum", "load", "scaling"}
@@ -56,7 +77,12 @@ def check_load_accounting(load: dict[str, Any]) -> None:
     assert load["save_world"] == 2 and set(load["by_load_world"]) == {"2", "1"}
     for world, p in load["by_load_world"].items():
         assert p["resharded"] is (world != "2")
-        assert all(p["verified"].values()) and set(p["verified"]) == {"shardckpt", "shardckpt_AA", "shardckpt_noverify", "dcp"}
+        assert all(p["verified"].values()) and set(p["verified"]) == {
+            "shardckpt",
+            "shardckpt_AA",
+            "shardckpt_noverify",
+            "dcp",
+        }
         for name in ("shardckpt", "shardckpt_noverify", "dcp"):
             s = p["systems"][name]
             needed = s["bytes_needed"]

@@ -11,9 +11,9 @@ import sys
 
 import pytest
 import torch
+from damage import chunk_of, flip_byte
 
 import shardckpt
-from damage import chunk_of, flip_byte
 from shardckpt.cli import app as cli
 from shardckpt.cli.app import main
 
@@ -229,9 +229,7 @@ def test_registered_command_appears_in_help_and_runs(monkeypatch, capsys):
         print(args.word.upper())
         return 0
 
-    cmd = cli.Command(
-        "echo", "print a word loudly", "Print WORD in capitals.", ("shardckpt echo hi",), configure, echo
-    )
+    cmd = cli.Command("echo", "print a word loudly", "Print WORD in capitals.", ("shardckpt echo hi",), configure, echo)
     monkeypatch.setitem(cli.COMMANDS, "echo", cmd)
     assert run(capsys, "echo", "hi")[:2] == (0, "HI\n")
     assert "print a word loudly" in run(capsys, "--help")[1]

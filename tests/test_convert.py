@@ -13,13 +13,13 @@ import os
 import pytest
 import torch
 import torch.distributed.checkpoint as dcp
+from distributed import run_ranks
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor import Replicate, Shard, distribute_tensor
 
 import shardckpt
-from distributed import run_ranks
 from shardckpt import convert
 from shardckpt.cli.app import EXIT_DAMAGED, EXIT_OK, EXIT_UNUSABLE, main
 from shardckpt.cli.convert import EXIT_DIFFERENT
@@ -98,8 +98,13 @@ def test_safetensors_export_is_bitwise_and_skips_values(ckpt, tmp_path):
 
 
 def test_safetensors_export_is_byte_identical_to_save_file(tmp_path):
-    tensors = {"b": torch.arange(4), "a": torch.randn(3, 2), "h": torch.ones(3, dtype=torch.float16),
-               "z": torch.empty(0, 2), "s": torch.tensor(True)}
+    tensors = {
+        "b": torch.arange(4),
+        "a": torch.randn(3, 2),
+        "h": torch.ones(3, dtype=torch.float16),
+        "z": torch.empty(0, 2),
+        "s": torch.tensor(True),
+    }
     shardckpt.save(tensors, str(tmp_path / "ck"))
     convert.export_checkpoint(str(tmp_path / "ck"), str(tmp_path / "ours.safetensors"), format="safetensors")
     save_file(tensors, str(tmp_path / "theirs.safetensors"), metadata={"format": "pt"})
@@ -140,8 +145,9 @@ def test_hf_export_refuses_existing_then_overwrites_and_drops_stale_shards(ckpt,
 
 def test_select_strip_and_cast(ckpt, tmp_path):
     out = str(tmp_path / "m.safetensors")
-    report = convert.export_checkpoint(ckpt, out, format="safetensors", keys=["model.layers.*", "model.steps"],
-                                       strip_prefix="model.", dtype="bf16")
+    report = convert.export_checkpoint(
+        ckpt, out, format="safetensors", keys=["model.layers.*", "model.steps"], strip_prefix="model.", dtype="bf16"
+    )
     got = load_file(out)
     want = {k: v.to(torch.bfloat16) for k, v in global_model().items() if k.startswith("layers.")}
     want["steps"] = global_model()["steps"]  # integer tensors are never cast
@@ -159,8 +165,9 @@ def test_prefix_pattern_takes_whole_components_only(ckpt, tmp_path):
 def test_strip_prefix_collision_is_refused(tmp_path):
     shardckpt.save({"a": {"w": torch.ones(1)}, "w": torch.zeros(1)}, str(tmp_path / "ck"))
     with pytest.raises(ValueError, match="same name 'w'"):
-        convert.export_checkpoint(str(tmp_path / "ck"), str(tmp_path / "o.safetensors"), format="safetensors",
-                                  strip_prefix="a.")
+        convert.export_checkpoint(
+            str(tmp_path / "ck"), str(tmp_path / "o.safetensors"), format="safetensors", strip_prefix="a."
+        )
 
 
 def test_torch_export_loads_with_weights_only_nested_with_values(ckpt, tmp_path):
@@ -229,9 +236,14 @@ def test_hf_folder_written_by_hand_imports_under_model(tmp_path):
     a, b = {"x.weight": torch.randn(3, 4)}, {"y.bias": torch.arange(3.0), "y.scale": torch.ones(2, dtype=torch.float16)}
     save_file(a, str(folder / "model-00001-of-00002.safetensors"), metadata={"format": "pt"})
     save_file(b, str(folder / "model-00002-of-00002.safetensors"), metadata={"format": "pt"})
-    weight_map = {"x.weight": "model-00001-of-00002.safetensors", "y.bias": "model-00002-of-00002.safetensors",
-                  "y.scale": "model-00002-of-00002.safetensors"}
-    (folder / "model.safetensors.index.json").write_text(json.dumps({"metadata": {"total_size": 64}, "weight_map": weight_map}))
+    weight_map = {
+        "x.weight": "model-00001-of-00002.safetensors",
+        "y.bias": "model-00002-of-00002.safetensors",
+        "y.scale": "model-00002-of-00002.safetensors",
+    }
+    (folder / "model.safetensors.index.json").write_text(
+        json.dumps({"metadata": {"total_size": 64}, "weight_map": weight_map})
+    )
     out = str(tmp_path / "ck")
     assert convert.import_checkpoint(str(folder), out, under="model").format == "hf"
     target = {"model": {k: torch.zeros_like(v) for k, v in {**a, **b}.items()}}
@@ -284,15 +296,21 @@ class _Custom:
 
 def _dcp_state() -> dict:
     g = torch.Generator().manual_seed(3)
-    return {"model": {"w": torch.randn(9, 4, generator=g), "b": torch.randn(4, generator=g)}, "step": 11,
-            "sched": {"milestones": [1, 2], "gamma": 0.5}}
+    return {
+        "model": {"w": torch.randn(9, 4, generator=g), "b": torch.randn(4, generator=g)},
+        "step": 11,
+        "sched": {"milestones": [1, 2], "gamma": 0.5},
+    }
 
 
 def _load_dcp_import(rank: int, world: int, path: str) -> None:
     mesh = init_device_mesh("cpu", (world,))
     want = _dcp_state()
-    target = {"model": {k: distribute_tensor(torch.zeros_like(v), mesh, [Shard(0)]) for k, v in want["model"].items()},
-              "step": 0, "sched": {"milestones": [], "gamma": 0.0}}
+    target = {
+        "model": {k: distribute_tensor(torch.zeros_like(v), mesh, [Shard(0)]) for k, v in want["model"].items()},
+        "step": 0,
+        "sched": {"milestones": [], "gamma": 0.0},
+    }
     shardckpt.load(target, path)
     for k, v in want["model"].items():
         assert torch.equal(target["model"][k].full_tensor(), v), k
@@ -357,8 +375,12 @@ def test_diff_reports_added_removed_changed_and_max_abs_diff(ckpt, tmp_path):
     big = global_model()["big"].clone()
     big[50, 3] += 0.25
     other = str(tmp_path / "other")
-    _save_variant(other, model={"big": big, "norm": global_model()["norm"].float(), "extra": torch.ones(2)},
-                  drop=["scale"], step=8)
+    _save_variant(
+        other,
+        model={"big": big, "norm": global_model()["norm"].float(), "extra": torch.ones(2)},
+        drop=["scale"],
+        step=8,
+    )
     report = convert.diff_checkpoints(ckpt, other, piece_bytes=700)
     assert report.added == ["model.extra"] and report.removed == ["model.scale"]
     assert report.changed == ["model.big", "model.norm", "step"]
@@ -373,7 +395,9 @@ def test_diff_reports_added_removed_changed_and_max_abs_diff(ckpt, tmp_path):
 
 def test_diff_nan_and_shape_changes(tmp_path):
     a, b = str(tmp_path / "a"), str(tmp_path / "b")
-    shardckpt.save({"n": torch.tensor([1.0, float("nan")]), "m": torch.tensor([float("nan"), 2.0]), "s": torch.ones(3)}, a)
+    shardckpt.save(
+        {"n": torch.tensor([1.0, float("nan")]), "m": torch.tensor([float("nan"), 2.0]), "s": torch.ones(3)}, a
+    )
     shardckpt.save({"n": torch.tensor([1.0, float("nan")]), "m": torch.tensor([0.0, 2.0]), "s": torch.ones(4)}, b)
     by_key = {t.key: t for t in convert.diff_checkpoints(a, b, atol=100.0).tensors}
     assert not by_key["n"].changed
@@ -398,8 +422,25 @@ def test_cli_diff_json_and_exit_code(ckpt, tmp_path, capsys):
 
 def test_cli_export_and_import_round_trip(ckpt, tmp_path, capsys):
     hf = str(tmp_path / "hf")
-    code = main(["export", ckpt, hf, "--format", "hf", "--keys", "model", "--strip-prefix", "model.", "--dtype", "bf16",
-                 "--max-shard-size", "4KB", "--json", "--no-progress"])
+    code = main(
+        [
+            "export",
+            ckpt,
+            hf,
+            "--format",
+            "hf",
+            "--keys",
+            "model",
+            "--strip-prefix",
+            "model.",
+            "--dtype",
+            "bf16",
+            "--max-shard-size",
+            "4KB",
+            "--json",
+            "--no-progress",
+        ]
+    )
     assert code == EXIT_OK
     report = json.loads(capsys.readouterr().out)
     assert report["num_tensors"] == 7 and len(report["files"]) > 2 and report["files"][-1].endswith("index.json")

@@ -85,7 +85,11 @@ def bitwise_equal(a: dict[str, Any], b: dict[str, Any]) -> bool:
         if a[k].dtype != b[k].dtype or a[k].shape != b[k].shape or not torch.equal(_raw(a[k]), _raw(b[k])):
             return False
     return (a["step"], a["lr"], list(a["opt"]["betas"]), a["opt"]["name"]) == (
-        b["step"], b["lr"], list(b["opt"]["betas"]), b["opt"]["name"])
+        b["step"],
+        b["lr"],
+        list(b["opt"]["betas"]),
+        b["opt"]["name"],
+    )
 
 
 @pytest.fixture(scope="module")
@@ -195,7 +199,7 @@ def run_trial(template: Path, work: Path, kind: str, rng: random.Random, counts:
             assert any(f in msg for f in d.files), (d, msg)
             if kind == "data_flip" and d.key is not None:
                 assert repr(d.key) in msg, (d, msg)
-    except Exception as e:  # noqa: BLE001 - any other type is a failure of the contract
+    except Exception as e:
         raise AssertionError(f"{d}: untyped {type(e).__name__}: {e}") from e
     else:
         equal = bitwise_equal(target, source_state())

@@ -25,12 +25,12 @@ from collections import Counter
 
 import pytest
 import torch
+from damage import flip_byte
+from distributed import run_ranks
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor import DTensor, Shard
 
 import shardckpt
-from damage import flip_byte
-from distributed import run_ranks
 from shardckpt.convert.audit import verify_checkpoint
 
 STRESS = os.environ.get("SHARDCKPT_STRESS") == "1"
@@ -51,7 +51,9 @@ def global_state() -> dict:
 def _save(rank: int, world: int, path: str) -> None:
     mesh = init_device_mesh("cpu", (world,))
     full = global_state()
-    sd = {k: DTensor.from_local(full[k].chunk(world)[rank].clone(), mesh, [Shard(0)], run_check=False) for k in ("w", "e")}
+    sd = {
+        k: DTensor.from_local(full[k].chunk(world)[rank].clone(), mesh, [Shard(0)], run_check=False) for k in ("w", "e")
+    }
     sd.update(r=full["r"], step=full["step"])
     shardckpt.save(sd, path, num_io_threads=2, hash_block_bytes=4096, timeout_s=30)
 
@@ -64,8 +66,12 @@ def template(tmp_path_factory) -> str:
 
 
 def blank() -> dict:
-    return {"w": torch.zeros(64, 130), "e": torch.zeros(96, 40, dtype=torch.bfloat16),
-            "r": torch.zeros(1500, dtype=torch.int64), "step": -1}
+    return {
+        "w": torch.zeros(64, 130),
+        "e": torch.zeros(96, 40, dtype=torch.bfloat16),
+        "r": torch.zeros(1500, dtype=torch.int64),
+        "step": -1,
+    }
 
 
 def data_files(path: str) -> dict[str, int]:
@@ -138,7 +144,9 @@ def test_random_damage_to_a_2_rank_checkpoint_never_loads_silently(template, tmp
 def _load_damaged(rank: int, world: int, path: str, damaged: str) -> None:
     mesh = init_device_mesh("cpu", (world,))
     full = blank()
-    target = {k: DTensor.from_local(full[k].chunk(world)[rank].clone(), mesh, [Shard(0)], run_check=False) for k in ("w", "e")}
+    target = {
+        k: DTensor.from_local(full[k].chunk(world)[rank].clone(), mesh, [Shard(0)], run_check=False) for k in ("w", "e")
+    }
     target.update(r=full["r"], step=-1)
     with pytest.raises(shardckpt.IntegrityError) as info:
         shardckpt.load(target, path, timeout_s=30)

@@ -100,7 +100,9 @@ CHILD = textwrap.dedent(
 
 def run_child(root: str, kill_at: int, mode: str = "sync") -> tuple[int, str]:
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    p = subprocess.run([sys.executable, "-c", CHILD, root, str(kill_at), mode], capture_output=True, text=True, env=env, timeout=120)
+    p = subprocess.run(
+        [sys.executable, "-c", CHILD, root, str(kill_at), mode], capture_output=True, text=True, env=env, timeout=120
+    )
     return p.returncode, p.stdout + p.stderr
 
 
@@ -165,4 +167,6 @@ def test_sigkill_at_every_storage_event_never_loses_the_last_commit(tmp_path, mo
             rc, out = run_child(root, kill_at=0, mode=mode)
             assert rc == 0 and f"SAVED {restored + 4}" in out, out
     assert len(points) >= 20
-    assert {"open", "write", "fsync", "commit:before", "commit:half-written-tmp", "commit:after", "delete"} <= kinds, kinds
+    assert {"open", "write", "fsync", "commit:before", "commit:half-written-tmp", "commit:after", "delete"} <= kinds, (
+        kinds
+    )

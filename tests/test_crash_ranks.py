@@ -24,8 +24,8 @@ import collections
 import os
 import queue
 import random
-import signal
 import shutil
+import signal
 import subprocess
 import sys
 import threading
@@ -34,10 +34,10 @@ from dataclasses import dataclass, field
 
 import pytest
 import torch
-
-import shardckpt
 from crash_job import expected
 from distributed import free_port
+
+import shardckpt
 from shardckpt.convert.audit import verify_checkpoint
 
 JOB = os.path.join(os.path.dirname(os.path.abspath(__file__)), "crash_job.py")
@@ -83,8 +83,9 @@ class ForkServer:
 
     def __init__(self) -> None:
         env = dict(os.environ, OMP_NUM_THREADS="1")
-        self.proc = subprocess.Popen([sys.executable, JOB, "--serve"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                     text=True, env=env)
+        self.proc = subprocess.Popen(
+            [sys.executable, JOB, "--serve"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env
+        )
         self.lines: queue.Queue[str] = queue.Queue()
         threading.Thread(target=self._read, daemon=True).start()
 
@@ -120,8 +121,15 @@ def fork_server():
     server.stop()
 
 
-def run_job(server: ForkServer, root: str, workdir: str, mode: str, kills: dict[int, str], scope: str = "self",
-            steps: int = STEPS) -> JobResult:
+def run_job(
+    server: ForkServer,
+    root: str,
+    workdir: str,
+    mode: str,
+    kills: dict[int, str],
+    scope: str = "self",
+    steps: int = STEPS,
+) -> JobResult:
     """Run the 2-rank job; ``kills`` maps rank -> its KILL spec. Waits for every rank."""
     port = str(free_port())
     jobs = []
@@ -245,7 +253,9 @@ def run_trial(server: ForkServer, tmp_path, good: str, n: int, trial: Trial) -> 
             continue
         assert r.rc == 3, where
         err = next(ln for ln in lines if ln.startswith("ERROR ")).split()
-        assert err[1] in ("RankFailureError", "RankTimeoutError", "StorageError"), f"untyped error on a survivor\n{where}"
+        assert err[1] in ("RankFailureError", "RankTimeoutError", "StorageError"), (
+            f"untyped error on a survivor\n{where}"
+        )
     assert res.survivor_exit_s <= EXIT_BOUND_S, where
     saved = res.saved()
     start = STEPS  # the good root's newest step
@@ -254,8 +264,14 @@ def run_trial(server: ForkServer, tmp_path, good: str, n: int, trial: Trial) -> 
     # (save(n) confirms n-1). The save in flight may be committed too, nothing newer.
     lowest = last_returned - (1 if trial.mode == "async" and saved else 0)
     restored, cleaned = check_root(root, lowest, min(last_returned + 1, start + STEPS))
-    return {"restored": restored, "cleaned": cleaned, "fired": fired, "errors": res.errors,
-            "exit_s": res.survivor_exit_s, "root": root}
+    return {
+        "restored": restored,
+        "cleaned": cleaned,
+        "fired": fired,
+        "errors": res.errors,
+        "exit_s": res.survivor_exit_s,
+        "root": root,
+    }
 
 
 def resume(server: ForkServer, tmp_path, root: str, restored: int, n: int) -> None:
@@ -271,8 +287,12 @@ def resume(server: ForkServer, tmp_path, root: str, restored: int, n: int) -> No
 # Chosen so CI sees each mode, a single rank (coordinator and not) and the whole job
 # die, both at a storage event and at a random instant. Event numbers are fractions
 # of the rank's event count: early (planning/data), late (commit, retention).
-CI_TRIALS = [("sync", "1", 1, "event", 0.5), ("async", "0", 0, "event", 0.8), ("sync", "all", 0, "timer", 0.4),
-             ("async", "all", 1, "event", 0.3)]
+CI_TRIALS = [
+    ("sync", "1", 1, "event", 0.5),
+    ("async", "0", 0, "event", 0.8),
+    ("sync", "all", 0, "timer", 0.4),
+    ("async", "all", 1, "event", 0.3),
+]
 
 
 def test_sigkill_of_a_rank_or_all_ranks_never_hangs_or_loses_a_commit(tmp_path, fork_server):
@@ -282,7 +302,12 @@ def test_sigkill_of_a_rank_or_all_ranks_never_hangs_or_loses_a_commit(tmp_path, 
         trials = random_trials(rng, int(os.environ.get("SHARDCKPT_TRIALS", "60")), events, total_s)
     else:
         trials = [
-            Trial(mode, victim, rank, f"timer:{at * total_s:.3f}" if how == "timer" else f"event:{max(1, int(at * events[rank]))}")
+            Trial(
+                mode,
+                victim,
+                rank,
+                f"timer:{at * total_s:.3f}" if how == "timer" else f"event:{max(1, int(at * events[rank]))}",
+            )
             for mode, victim, rank, how, at in CI_TRIALS
         ]
     tally: collections.Counter = collections.Counter()
@@ -302,7 +327,9 @@ def test_sigkill_of_a_rank_or_all_ranks_never_hangs_or_loses_a_commit(tmp_path, 
         tally["uncommitted folders cleaned"] += len(record["cleaned"])
         max_exit_s = max(max_exit_s, record["exit_s"])
         shutil.rmtree(record["root"])
-    print(f"\ncrash-ranks: {len(trials)} trials, {len(failures)} failed; {dict(tally)}; "
-          f"slowest survivor exit {max_exit_s:.1f} s after the kill")
+    print(
+        f"\ncrash-ranks: {len(trials)} trials, {len(failures)} failed; {dict(tally)}; "
+        f"slowest survivor exit {max_exit_s:.1f} s after the kill"
+    )
     assert not failures, "\n\n".join(failures)
     assert tally["kill fired"] >= len(trials) // 2, tally

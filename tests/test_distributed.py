@@ -9,11 +9,11 @@ import re
 import pytest
 import torch
 import torch.distributed as dist
+from distributed import run_ranks
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor import Replicate, Shard, distribute_tensor
 
 import shardckpt
-from distributed import run_ranks
 
 
 def global_state(seed: int = 0) -> dict[str, torch.Tensor]:
@@ -72,7 +72,11 @@ def test_save_on_4_load_on_4_3_2_1(tmp_path):
     run_ranks(_load_sharded, 3, path, "shard0")
     run_ranks(_load_sharded, 2, path, "shard1")
     # one process, no process group at all
-    target = {"model": {k: torch.zeros_like(v) for k, v in global_state().items()}, "step": 0, "opt": {"lr": 0.0, "betas": None}}
+    target = {
+        "model": {k: torch.zeros_like(v) for k, v in global_state().items()},
+        "step": 0,
+        "opt": {"lr": 0.0, "betas": None},
+    }
     shardckpt.load(target, path)
     check_loaded(target)
 

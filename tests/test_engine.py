@@ -8,9 +8,9 @@ from typing import Any
 import pytest
 import torch
 import torch.distributed as dist
+from distributed import run_ranks
 
 import shardckpt
-from distributed import run_ranks
 from shardckpt import ShardckptError
 from shardckpt.engine import Checkpointer, default_checkpointer
 from shardckpt.storage import LocalStorage

@@ -40,10 +40,10 @@ import jsonschema
 import pytest
 import torch
 import xxhash
+from distributed import run_ranks
 from safetensors import safe_open
 
 import shardckpt
-from distributed import run_ranks
 from shardckpt.errors import ManifestError, UnsupportedFormatVersionError
 from shardckpt.format.manifest import FORMAT_VERSION, manifest_to_json, parse_manifest, seal, unseal
 

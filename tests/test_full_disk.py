@@ -20,10 +20,10 @@ import torch
 
 import shardckpt
 import shardckpt.engine.loading
-import shardckpt.manager.checkpoint_manager
 import shardckpt.engine.saving
+import shardckpt.manager.checkpoint_manager
 from shardckpt.convert.audit import verify_checkpoint
-from shardckpt.errors import CheckpointNotFoundError, NotCommittedError, ShardckptError
+from shardckpt.errors import CheckpointNotFoundError, ShardckptError
 from shardckpt.storage.local import LocalStorage, _LocalWriteStream
 
 
@@ -138,8 +138,13 @@ def test_save_on_full_disk_commits_nothing_and_keeps_earlier(tmp_path, disk, whe
     earlier = tmp_path / "earlier"
     shardckpt.save(state(1), str(earlier), hash_block_bytes=4096, num_io_threads=threads)
 
-    free = {"first_byte": 0, "header": 10, "mid_data": data_bytes // 2, "last_data_byte": data_bytes - 1,
-            "manifest": data_bytes + manifest_bytes // 2}[where]
+    free = {
+        "first_byte": 0,
+        "header": 10,
+        "mid_data": data_bytes // 2,
+        "last_data_byte": data_bytes - 1,
+        "manifest": data_bytes + manifest_bytes // 2,
+    }[where]
     disk.free = free
     target = tmp_path / "new"
     with pytest.raises((ShardckptError, OSError)) as ei:

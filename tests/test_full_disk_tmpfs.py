@@ -47,7 +47,9 @@ def small_disk(tmp_path):
         where.mkdir()
         p = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(where)], capture_output=True, text=True)
         if p.returncode != 0:
-            pytest.skip(f"cannot mount a tmpfs here (needs root and mount permission): {p.stderr.strip() or p.returncode}")
+            pytest.skip(
+                f"cannot mount a tmpfs here (needs root and mount permission): {p.stderr.strip() or p.returncode}"
+            )
         mounted.append(str(where))
         return str(where)
 
@@ -92,8 +94,17 @@ def check_attempt(root: str, step: int, previous: int, attempt) -> str:
         assert e.errno == errno.ENOSPC, (e.errno, str(e))
         msg = str(e)
         assert "No space left on device" in msg, msg
-        where = ("owner record" if ".shardckpt-owner" in msg else "manifest" if "manifest.json" in msg
-                 else "data file" if "/data/" in msg else "step folder" if "step_" in msg else None)
+        where = (
+            "owner record"
+            if ".shardckpt-owner" in msg
+            else "manifest"
+            if "manifest.json" in msg
+            else "data file"
+            if "/data/" in msg
+            else "step folder"
+            if "step_" in msg
+            else None
+        )
         assert where is not None, f"the error does not say where: {msg}"
         outcome = f"{type(e).__name__} ENOSPC at the {where}"
     with shardckpt.CheckpointManager(root, read_only=True) as mgr:
@@ -136,7 +147,11 @@ def test_running_out_of_space_at_every_point_commits_nothing_and_loses_nothing(s
         with shardckpt.CheckpointManager(root, keep_last=1) as fresh:  # space is back: a new start
             if outcome != "committed":
                 assert fresh.cleaned_up in ([], [os.path.basename(fresh.path(step))]), fresh.cleaned_up
-            assert not [n for n in os.listdir(root) if n.startswith("step_") and n != os.path.basename(fresh.path(fresh.latest_step()))]
+            assert not [
+                n
+                for n in os.listdir(root)
+                if n.startswith("step_") and n != os.path.basename(fresh.path(fresh.latest_step()))
+            ]
         outcomes.append((headroom, outcome))
         previous = step if outcome == "committed" else previous
     assert any("ENOSPC" in o for _, o in outcomes), outcomes
@@ -167,7 +182,9 @@ def test_running_out_of_inodes_commits_nothing_and_loses_nothing(small_disk):
         for f in fillers:
             os.unlink(f)
         with shardckpt.CheckpointManager(root, keep_last=1) as fresh:
-            assert [n for n in os.listdir(root) if n.startswith("step_")] == [os.path.basename(fresh.path(fresh.latest_step()))]
+            assert [n for n in os.listdir(root) if n.startswith("step_")] == [
+                os.path.basename(fresh.path(fresh.latest_step()))
+            ]
         outcomes.append((keep, outcome))
         previous = step if outcome == "committed" else previous
     assert any("ENOSPC" in o for _, o in outcomes), outcomes

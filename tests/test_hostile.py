@@ -21,14 +21,13 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import shardckpt
-from shardckpt.format import datafile
-from shardckpt.format import integrity
 from shardckpt.errors import (
     IntegrityError,
     ManifestError,
     ShardckptError,
     UnsupportedFormatVersionError,
 )
+from shardckpt.format import datafile, integrity
 from shardckpt.format.manifest import parse_manifest, seal
 
 # ---------------------------------------------------------------- helpers
@@ -182,11 +181,21 @@ def test_save_and_load_never_call_pickle_or_torch_serialization(tmp_path, monkey
     for name in ("load", "save"):
         monkeypatch.setattr(torch, name, forbidden(f"torch.{name}"))
 
-    state = {"w": torch.arange(5.0), "nested": {"b": torch.ones(2, dtype=torch.bfloat16), "lr": 0.1},
-             "mixed": [torch.zeros(1), "x", (1, 2)], "obj": _Stateful(4), "step": 9}
+    state = {
+        "w": torch.arange(5.0),
+        "nested": {"b": torch.ones(2, dtype=torch.bfloat16), "lr": 0.1},
+        "mixed": [torch.zeros(1), "x", (1, 2)],
+        "obj": _Stateful(4),
+        "step": 9,
+    }
     shardckpt.save(state, str(tmp_path / "c"))
-    target = {"w": torch.zeros(5), "nested": {"b": torch.zeros(2, dtype=torch.bfloat16), "lr": 0.0},
-              "mixed": [torch.ones(1), "", None], "obj": _Stateful(0), "step": 0}
+    target = {
+        "w": torch.zeros(5),
+        "nested": {"b": torch.zeros(2, dtype=torch.bfloat16), "lr": 0.0},
+        "mixed": [torch.ones(1), "", None],
+        "obj": _Stateful(0),
+        "step": 0,
+    }
     shardckpt.load(target, str(tmp_path / "c"))
     assert calls == []
     assert target["w"].tolist() == [0.0, 1.0, 2.0, 3.0, 4.0]
@@ -468,11 +477,27 @@ def test_wrong_field_values_are_manifest_errors(ckpt, path, value):
 
 
 REQUIRED = [
-    ("format",), ("format_version",), ("hash_algorithm",), ("hash_block_bytes",), ("world_size",),
-    ("tensors",), ("files",), ("values",), ("process_layout",), ("paths",),
-    ("tensors", "w", "dtype"), ("tensors", "w", "shape"), ("tensors", "w", "chunks"),
-    (*CHUNK, "offsets"), (*CHUNK, "sizes"), (*CHUNK, "file"), (*CHUNK, "byte_offset"),
-    (*CHUNK, "byte_length"), (*CHUNK, "block_hashes"), ("files", FILE, "size"), ("files", FILE, "hash"),
+    ("format",),
+    ("format_version",),
+    ("hash_algorithm",),
+    ("hash_block_bytes",),
+    ("world_size",),
+    ("tensors",),
+    ("files",),
+    ("values",),
+    ("process_layout",),
+    ("paths",),
+    ("tensors", "w", "dtype"),
+    ("tensors", "w", "shape"),
+    ("tensors", "w", "chunks"),
+    (*CHUNK, "offsets"),
+    (*CHUNK, "sizes"),
+    (*CHUNK, "file"),
+    (*CHUNK, "byte_offset"),
+    (*CHUNK, "byte_length"),
+    (*CHUNK, "block_hashes"),
+    ("files", FILE, "size"),
+    ("files", FILE, "hash"),
 ]
 
 
@@ -554,8 +579,35 @@ def _paths(obj: Any, prefix: tuple = ()) -> list[tuple]:
 
 
 _INTERESTING = st.sampled_from(
-    [0, -1, 1, 4, 16, 2**31, 2**62, 2**63, 2**64, 4096, True, False, None, "", "F32", "../x",
-     "data/x.safetensors", "$tuple", "$float", "nan", 0.5, -0.0, 1e308, [], {}, [0], [2**61]]
+    [
+        0,
+        -1,
+        1,
+        4,
+        16,
+        2**31,
+        2**62,
+        2**63,
+        2**64,
+        4096,
+        True,
+        False,
+        None,
+        "",
+        "F32",
+        "../x",
+        "data/x.safetensors",
+        "$tuple",
+        "$float",
+        "nan",
+        0.5,
+        -0.0,
+        1e308,
+        [],
+        {},
+        [0],
+        [2**61],
+    ]
 )
 _JSON = st.recursive(
     _INTERESTING | st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=8),
@@ -568,8 +620,13 @@ def _valid_manifest_bytes() -> bytes:
     import tempfile
 
     with tempfile.TemporaryDirectory() as d:
-        state = {"w": torch.arange(2000.0).reshape(40, 50), "b": torch.ones(3, dtype=torch.bfloat16),
-                 "e": torch.empty(0, 2), "v": 1, "opt": {"betas": (0.9, 0.95), "name": "adam"}}
+        state = {
+            "w": torch.arange(2000.0).reshape(40, 50),
+            "b": torch.ones(3, dtype=torch.bfloat16),
+            "e": torch.empty(0, 2),
+            "v": 1,
+            "opt": {"betas": (0.9, 0.95), "name": "adam"},
+        }
         shardckpt.save(state, d + "/c", hash_block_bytes=4096, num_io_threads=2)
         with open(d + "/c/manifest.json", "rb") as f:
             return f.read()
@@ -599,7 +656,9 @@ def test_fuzz_mutated_manifests_raise_only_manifest_errors(data):
         if op == "delete":
             del parent[path[-1]]
         elif op == "wrap":
-            parent[path[-1]] = data.draw(st.sampled_from([[parent[path[-1]]], {"x": parent[path[-1]]}, str(parent[path[-1]])]))
+            parent[path[-1]] = data.draw(
+                st.sampled_from([[parent[path[-1]]], {"x": parent[path[-1]]}, str(parent[path[-1]])])
+            )
         else:
             parent[path[-1]] = data.draw(_JSON, label="value")
     try:
@@ -629,30 +688,32 @@ def test_manifest_without_metadata_field_still_loads(ckpt):
 
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(raw=st.one_of(
-    st.binary(max_size=400),
-    st.recursive(
-        st.none() | st.booleans() | st.integers(-(2**70), 2**70) | st.text(max_size=8),
-        lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=6), inner, max_size=4),
-        max_leaves=20,
-    ).map(lambda v: json.dumps(v).encode()),
-    st.builds(
-        lambda name, dtype, shape, lo, hi: json.dumps(
-            {name: {"dtype": dtype, "shape": shape, "data_offsets": [lo, hi]}}
-        ).encode(),
-        st.text(max_size=6),
-        st.sampled_from(["F32", "BF16", "I64", "BOOL", "X9", 3]),
-        st.lists(st.integers(-3, 2**63), max_size=3),
-        st.integers(-5, 2**64),
-        st.integers(-5, 2**64),
-    ),
-))
+@given(
+    raw=st.one_of(
+        st.binary(max_size=400),
+        st.recursive(
+            st.none() | st.booleans() | st.integers(-(2**70), 2**70) | st.text(max_size=8),
+            lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=6), inner, max_size=4),
+            max_leaves=20,
+        ).map(lambda v: json.dumps(v).encode()),
+        st.builds(
+            lambda name, dtype, shape, lo, hi: json.dumps(
+                {name: {"dtype": dtype, "shape": shape, "data_offsets": [lo, hi]}}
+            ).encode(),
+            st.text(max_size=6),
+            st.sampled_from(["F32", "BF16", "I64", "BOOL", "X9", 3]),
+            st.lists(st.integers(-3, 2**63), max_size=3),
+            st.integers(-5, 2**64),
+            st.integers(-5, 2**64),
+        ),
+    )
+)
 def test_data_file_header_parser_only_raises_manifest_errors(raw):
     """Untrusted safetensors headers: parse or raise ManifestError; never another exception,
     never an entry outside the data section."""
     file_size = 8 + len(raw) + 64
     try:
-        entries, _ = datafile.parse_header(raw, file=str("fuzz"), file_size=file_size)
+        entries, _ = datafile.parse_header(raw, file="fuzz", file_size=file_size)
     except ManifestError:
         return
     for e in entries:

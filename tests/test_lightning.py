@@ -12,10 +12,10 @@ import torch
 
 L = pytest.importorskip("lightning", reason="Lightning is not installed: pip install 'shardckpt[lightning]'")
 
+from distributed import run_ranks  # noqa: E402
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint  # noqa: E402
 from torch.utils.data import DataLoader, TensorDataset  # noqa: E402
 
-from distributed import run_ranks  # noqa: E402
 from shardckpt.errors import ShardckptError, UnsupportedValueError  # noqa: E402
 from shardckpt.integrations.lightning.checkpoint_io import ShardckptCheckpointIO, decode_checkpoint, encode_checkpoint  # noqa: E402
 
@@ -70,11 +70,18 @@ def loader() -> DataLoader:
 
 
 def trainer(root: str, max_steps: int, *callbacks: Callback, async_save: bool = False) -> L.Trainer:
-    checkpoints = ModelCheckpoint(dirpath=root, monitor="score", mode="max", save_top_k=2, every_n_train_steps=1,
-                                  save_last=True)
-    return L.Trainer(max_steps=max_steps, logger=False, enable_progress_bar=False, enable_model_summary=False,
-                     accelerator="cpu", plugins=[ShardckptCheckpointIO(async_save=async_save)],
-                     callbacks=[checkpoints, *callbacks])
+    checkpoints = ModelCheckpoint(
+        dirpath=root, monitor="score", mode="max", save_top_k=2, every_n_train_steps=1, save_last=True
+    )
+    return L.Trainer(
+        max_steps=max_steps,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        accelerator="cpu",
+        plugins=[ShardckptCheckpointIO(async_save=async_save)],
+        callbacks=[checkpoints, *callbacks],
+    )
 
 
 @pytest.mark.parametrize("async_save", [False, True], ids=["sync", "async"])
@@ -118,8 +125,9 @@ def test_checkpoint_dict_round_trips_through_the_plugin(tmp_path):
     io.save_checkpoint(ckpt, tmp_path / "c.ckpt")
     back = io.load_checkpoint(tmp_path / "c.ckpt")
     assert torch.equal(back["state_dict"]["w"], ckpt["state_dict"]["w"])
-    assert back["optimizer_states"][0]["state"][1] == {} and torch.equal(back["optimizer_states"][0]["state"][0]["step"],
-                                                                          torch.tensor(3.0))
+    assert back["optimizer_states"][0]["state"][1] == {} and torch.equal(
+        back["optimizer_states"][0]["state"][0]["step"], torch.tensor(3.0)
+    )
     back["optimizer_states"][0]["state"][0].pop("step")
     ckpt["optimizer_states"][0]["state"][0].pop("step")
     back["state_dict"] = ckpt["state_dict"]

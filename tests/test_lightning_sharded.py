@@ -19,8 +19,11 @@ import torch
 
 L = pytest.importorskip("lightning", reason="Lightning is not installed: pip install 'shardckpt[lightning]'")
 
+import torch.multiprocessing as mp  # noqa: E402
+from distributed import _entry, free_port  # noqa: E402
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint  # noqa: E402
 from safetensors.torch import load_file, save_file  # noqa: E402
+from test_lightning import BatchCounter  # noqa: E402  (the same callback: state under checkpoint["callbacks"])
 from torch.distributed.checkpoint.state_dict import (  # noqa: E402
     StateDictOptions,
     get_model_state_dict,
@@ -28,9 +31,6 @@ from torch.distributed.checkpoint.state_dict import (  # noqa: E402
 )
 from torch.utils.data import DataLoader, TensorDataset  # noqa: E402
 
-import torch.multiprocessing as mp  # noqa: E402
-from distributed import _entry, free_port  # noqa: E402
-from test_lightning import BatchCounter  # noqa: E402  (the same callback: state under checkpoint["callbacks"])
 from shardckpt.errors import CheckpointNotFoundError, ShardckptError  # noqa: E402
 from shardckpt.integrations.lightning.strategy import ShardckptFSDPStrategy, ShardckptModelParallelStrategy  # noqa: E402
 
@@ -41,7 +41,9 @@ STEPS = 4
 class ShardedNet(L.LightningModule):
     """Uneven shapes, so shards differ in size and resharding 2 -> 3 ranks moves rows."""
 
-    def __init__(self, kind: str, seed: int = 0, lr: float = 0.05, data_dir: pathlib.Path = pathlib.Path("/data")) -> None:
+    def __init__(
+        self, kind: str, seed: int = 0, lr: float = 0.05, data_dir: pathlib.Path = pathlib.Path("/data")
+    ) -> None:
         super().__init__()
         self.save_hyperparameters()
         torch.manual_seed(seed)
@@ -78,8 +80,9 @@ def run_forked(fn, world_size: int, *args) -> None:
     Lightning again. The server is a fresh process (no threads, no torch op run), which a
     plain fork of the test process, after other tests ran in it, would not be."""
     mp.set_forkserver_preload(["lightning.pytorch", "distributed", __name__])
-    mp.start_processes(_entry, args=(fn, world_size, free_port(), args), nprocs=world_size, join=True,
-                       start_method="forkserver")
+    mp.start_processes(
+        _entry, args=(fn, world_size, free_port(), args), nprocs=world_size, join=True, start_method="forkserver"
+    )
 
 
 def full_state(trainer: L.Trainer) -> tuple[dict[str, torch.Tensor], list]:
@@ -106,17 +109,28 @@ class Snapshot(Callback):
         self.scheduler = trainer.lr_scheduler_configs[0].scheduler.state_dict()
 
 
-def make_trainer(kind: str, world: int, root: str, max_steps: int, *callbacks: Callback,
-                 async_save: bool = False) -> L.Trainer:
+def make_trainer(
+    kind: str, world: int, root: str, max_steps: int, *callbacks: Callback, async_save: bool = False
+) -> L.Trainer:
     if kind == "fsdp":
         strategy: L.pytorch.strategies.Strategy = ShardckptFSDPStrategy(async_save=async_save, num_io_threads=2)
     else:
-        strategy = ShardckptModelParallelStrategy(data_parallel_size=world, tensor_parallel_size=1,
-                                                  async_save=async_save, num_io_threads=2)
-    checkpoints = ModelCheckpoint(dirpath=root, monitor="score", mode="max", save_top_k=2, every_n_train_steps=1,
-                                  save_last=True)
-    return L.Trainer(accelerator="cpu", devices=world, strategy=strategy, max_steps=max_steps, logger=False,
-                     enable_progress_bar=False, enable_model_summary=False, callbacks=[checkpoints, *callbacks])
+        strategy = ShardckptModelParallelStrategy(
+            data_parallel_size=world, tensor_parallel_size=1, async_save=async_save, num_io_threads=2
+        )
+    checkpoints = ModelCheckpoint(
+        dirpath=root, monitor="score", mode="max", save_top_k=2, every_n_train_steps=1, save_last=True
+    )
+    return L.Trainer(
+        accelerator="cpu",
+        devices=world,
+        strategy=strategy,
+        max_steps=max_steps,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[checkpoints, *callbacks],
+    )
 
 
 def loader() -> DataLoader:
@@ -187,9 +201,11 @@ def _resume(rank: int, world: int, kind: str, root: str, ref: str) -> None:
     assert all(torch.equal(v, want[f"model/{k}"]) for k, v in weights.items()) and len(weights) == 4
 
 
-@pytest.mark.parametrize(("kind", "fit_world", "resume_world", "async_save"),
-                         [("fsdp", 2, 3, False), ("model_parallel", 2, 1, True)],
-                         ids=["fsdp-2to3-sync", "model_parallel-2to1-async"])
+@pytest.mark.parametrize(
+    ("kind", "fit_world", "resume_world", "async_save"),
+    [("fsdp", 2, 3, False), ("model_parallel", 2, 1, True)],
+    ids=["fsdp-2to3-sync", "model_parallel-2to1-async"],
+)
 def test_fit_checkpoint_resume_on_another_world_size(tmp_path, kind, fit_world, resume_world, async_save):
     root, ref = str(tmp_path / "ckpts"), str(tmp_path / "reference")
     run_forked(_fit, fit_world, kind, root, ref, async_save)
@@ -224,8 +240,9 @@ def test_a_checkpoint_that_does_not_cover_the_model_or_optimizers_is_refused_bef
     w = torch.ones(2)
     shardckpt.save({"state_dict": {"a": w}, "optimizer_states": [{"state": {"a": {"exp_avg": w}}}]}, path)
     source = _open(path, ShardckptOptions())
-    _check_covered(source, {"state_dict": {"a": w}, "optimizer_states": [{"state": {"a": {"exp_avg": w}}}]},
-                   strict_model=True)
+    _check_covered(
+        source, {"state_dict": {"a": w}, "optimizer_states": [{"state": {"a": {"exp_avg": w}}}]}, strict_model=True
+    )
     with pytest.raises(StateDictMismatchError, match=r"lacks 'state_dict\.b'.*strict_loading"):
         _check_covered(source, {"state_dict": {"a": w, "b": w}}, strict_model=True)
     _check_covered(source, {"state_dict": {"a": w, "b": w}}, strict_model=False)  # strict_loading = False

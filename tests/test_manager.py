@@ -4,16 +4,15 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import textwrap
 
 import pytest
 import torch
+from distributed import run_ranks
 
 import shardckpt
-from distributed import run_ranks
 from shardckpt.manager.retention import RetentionPolicy
 
 
@@ -37,7 +36,14 @@ def test_keep_last_never_drops_newest():
 
 def test_keep_every_n_and_best_combine_with_last():
     p = RetentionPolicy(keep_last=1, keep_every_n_steps=100, keep_best=2, monitor="loss", mode="min")
-    metrics = {50: {"loss": 0.1}, 100: {"loss": 9.0}, 150: {"loss": 0.3}, 170: {"loss": 5.0}, 180: {"loss": 0.2}, 190: {}}
+    metrics = {
+        50: {"loss": 0.1},
+        100: {"loss": 9.0},
+        150: {"loss": 0.3},
+        170: {"loss": 5.0},
+        180: {"loss": 0.2},
+        190: {},
+    }
     # kept: 190 (last), 100 (every 100), 50 and 180 (best two losses)
     assert p.to_delete([50, 100, 150, 170, 180, 190], metrics) == [150, 170]
 

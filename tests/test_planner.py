@@ -42,7 +42,11 @@ def test_replicated_items_go_to_the_rank_whose_own_shard_is_smaller():
 
 
 def test_io_threads_get_balanced_bytes():
-    items = [_item("a", rows=900, total_rows=1000), _item("b", rows=100, start=900, total_rows=1000), _item("c", rows=500)]
+    items = [
+        _item("a", rows=900, total_rows=1000),
+        _item("b", rows=100, start=900, total_rows=1000),
+        _item("c", rows=500),
+    ]
     buckets = _split_by_bytes(items, 2)
     loads = sorted(sum(item_bytes(it) for it in b) for b in buckets)
     assert loads == [600 * 256 * 4, 900 * 256 * 4]  # {a} and {c, b}; whole-tensor weights would give {a, c} and {b}
@@ -70,13 +74,19 @@ def test_global_plan_refuses_shards_that_do_not_tile_the_tensor():
     import pytest
     from torch.distributed.checkpoint.metadata import Metadata, TensorStorageMetadata
 
-    from shardckpt.errors import UnsupportedValueError
     from shardckpt.engine.planner import _check_tiling
+    from shardckpt.errors import UnsupportedValueError
 
     def md(chunks: list[tuple[int, int]]) -> Metadata:
-        return Metadata({"w": TensorStorageMetadata(
-            TensorProperties(dtype=torch.float32), torch.Size([10, 4]),
-            [ChunkStorageMetadata(torch.Size([o, 0]), torch.Size([n, 4])) for o, n in chunks])})
+        return Metadata(
+            {
+                "w": TensorStorageMetadata(
+                    TensorProperties(dtype=torch.float32),
+                    torch.Size([10, 4]),
+                    [ChunkStorageMetadata(torch.Size([o, 0]), torch.Size([n, 4])) for o, n in chunks],
+                )
+            }
+        )
 
     _check_tiling(md([(0, 5), (5, 5)]))
     with pytest.raises(UnsupportedValueError, match="overlap"):

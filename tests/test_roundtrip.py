@@ -20,6 +20,8 @@ from torch.distributed.checkpoint.metadata import MetadataIndex
 from torch.distributed.checkpoint.planner import LoadItemType, LoadPlan, ReadItem
 
 import shardckpt
+from shardckpt.engine.loading import read_manifest
+from shardckpt.engine.reader import Reader
 from shardckpt.errors import (
     CheckpointExistsError,
     CheckpointNotFoundError,
@@ -28,8 +30,6 @@ from shardckpt.errors import (
     StateDictMismatchError,
     UnsupportedValueError,
 )
-from shardckpt.engine.loading import read_manifest
-from shardckpt.engine.reader import Reader
 from shardckpt.storage import LocalStorage
 
 # ---------------------------------------------------------------- helpers
@@ -45,8 +45,10 @@ def random_bits(dtype: torch.dtype, shape: tuple[int, ...], seed: int = 0) -> to
 
 
 def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
-    return a.dtype == b.dtype and a.shape == b.shape and torch.equal(
-        a.contiguous().view(torch.uint8), b.contiguous().view(torch.uint8)
+    return (
+        a.dtype == b.dtype
+        and a.shape == b.shape
+        and torch.equal(a.contiguous().view(torch.uint8), b.contiguous().view(torch.uint8))
     )
 
 
@@ -96,7 +98,6 @@ SUPPORTED = [
 ]
 
 
-
 def _signed(bits: int, pattern: int) -> int:
     return pattern - (1 << bits) if pattern >> (bits - 1) else pattern
 
@@ -142,7 +143,11 @@ def _e8m0() -> torch.Tensor:
 
 @pytest.mark.parametrize(
     "make,dtype_text,hint",
-    [(_complex64, "complex64", "view_as_real"), (_qint8, "qint8", "Convert the tensor"), (_e8m0, "float8_e8m0fnu", "Convert")],
+    [
+        (_complex64, "complex64", "view_as_real"),
+        (_qint8, "qint8", "Convert the tensor"),
+        (_e8m0, "float8_e8m0fnu", "Convert"),
+    ],
     ids=["complex64", "qint8", "float8_e8m0fnu"],
 )
 def test_unsupported_dtype_is_refused_at_save_naming_key_and_fix(tmp_path, make, dtype_text, hint):
@@ -163,7 +168,11 @@ def test_unsupported_dtype_is_refused_at_save_naming_key_and_fix(tmp_path, make,
 def test_zero_size_and_0d_tensors_round_trip(tmp_path):
     src = {"empty": torch.empty(0, 5), "empty3": torch.empty(3, 0, 2, dtype=torch.int16), "scalar": torch.tensor(-2.5)}
     shardckpt.save(src, str(tmp_path / "c"))
-    target = {"empty": torch.empty(0, 5), "empty3": torch.empty(3, 0, 2, dtype=torch.int16), "scalar": torch.tensor(9.0)}
+    target = {
+        "empty": torch.empty(0, 5),
+        "empty3": torch.empty(3, 0, 2, dtype=torch.int16),
+        "scalar": torch.tensor(9.0),
+    }
     shardckpt.load(target, str(tmp_path / "c"))
     assert target["empty"].shape == (0, 5)
     assert target["empty3"].shape == (3, 0, 2)
@@ -199,7 +208,10 @@ def test_a_small_view_of_a_large_storage_writes_only_the_view(tmp_path):
 
 @pytest.mark.parametrize("num_io_threads", [1, 3])
 def test_tensor_spanning_several_hash_blocks(tmp_path, num_io_threads):
-    src = {"w": torch.randn(5123, generator=torch.Generator().manual_seed(1)), "b": torch.arange(2000, dtype=torch.int64)}
+    src = {
+        "w": torch.randn(5123, generator=torch.Generator().manual_seed(1)),
+        "b": torch.arange(2000, dtype=torch.int64),
+    }
     manifest = shardckpt.save(src, str(tmp_path / "c"), hash_block_bytes=4096, num_io_threads=num_io_threads)
     assert len(manifest.tensors["w"].chunks[0].block_hashes) == 6  # 20,492 bytes
     assert len(manifest.tensors["b"].chunks[0].block_hashes) == 4  # 16,000 bytes
@@ -245,7 +257,7 @@ PLAIN_VALUES = {
     "inf": float("inf"),
     "minus_inf": float("-inf"),
     "minus_zero": -0.0,
-    "unicode": "héllo ✓ 😀 \u0000 \"quoted\" \\",
+    "unicode": 'héllo ✓ 😀 \u0000 "quoted" \\',
     "empty_str": "",
     "true": True,
     "false": False,
@@ -451,7 +463,11 @@ def test_tensor_saved_but_value_in_target_is_a_mismatch(tmp_path):
 
 
 def test_loading_into_views_writes_through_to_the_shared_storage(tmp_path):
-    src = {"a": torch.arange(12.0).reshape(3, 4), "b": torch.arange(100.0, 104.0).reshape(2, 2), "c": torch.arange(6.0).reshape(2, 3)}
+    src = {
+        "a": torch.arange(12.0).reshape(3, 4),
+        "b": torch.arange(100.0, 104.0).reshape(2, 2),
+        "c": torch.arange(6.0).reshape(2, 3),
+    }
     shardckpt.save(src, str(tmp_path / "c"))
     base = torch.zeros(5, 6)
     other = torch.zeros(3, 2)
@@ -590,7 +606,9 @@ class _BoxPlanner:
         self.committed.append(item)
 
 
-def _read_rows(folder: str, first_row: int, num_rows: int, *, verify: bool) -> tuple[torch.Tensor, CountingStorage, Reader]:
+def _read_rows(
+    folder: str, first_row: int, num_rows: int, *, verify: bool
+) -> tuple[torch.Tensor, CountingStorage, Reader]:
     storage = CountingStorage(folder)
     reader = Reader(storage, read_manifest(storage), verify=verify, num_io_threads=1)
     target = torch.zeros(num_rows, 64)

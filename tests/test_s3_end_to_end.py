@@ -9,12 +9,12 @@ import subprocess
 import sys
 
 import torch
+from distributed import run_ranks
+from s3server import FaultProxy, S3Server, s3  # noqa: F401
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor import Replicate, Shard, distribute_tensor
 
 import shardckpt
-from distributed import run_ranks
-from s3server import FaultProxy, S3Server, s3  # noqa: F401
 
 
 def global_state() -> dict[str, torch.Tensor]:
@@ -96,8 +96,9 @@ def test_manager_retention_restore_and_cleanup_on_s3(s3: S3Server) -> None:
     assert reader.restore(sd) == 4 and sd["step"] == 4 and torch.equal(sd["model"]["w"], state(4)["model"]["w"])
 
     env = {**os.environ, **s3.env()}
-    proc = subprocess.run([sys.executable, "-m", "shardckpt", "ls", root, "--json"], capture_output=True,
-                          text=True, timeout=120, env=env)
+    proc = subprocess.run(
+        [sys.executable, "-m", "shardckpt", "ls", root, "--json"], capture_output=True, text=True, timeout=120, env=env
+    )
     assert proc.returncode == 0, proc.stderr
     listed = json.loads(proc.stdout)
     assert [(s["step"], s["committed"]) for s in listed["steps"]] == [(3, True), (4, True), (5, False)]

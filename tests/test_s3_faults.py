@@ -12,9 +12,9 @@ from collections.abc import Iterator
 
 import pytest
 import torch
+from s3server import SECRET_ACCESS_KEY, FaultProxy, S3Server, moto_available, s3  # noqa: F401
 
 import shardckpt
-from s3server import SECRET_ACCESS_KEY, FaultProxy, S3Server, moto_available, s3  # noqa: F401
 from shardckpt.convert.audit import verify_checkpoint
 from shardckpt.errors import StorageError
 from shardckpt.storage.fsspec_storage import FsspecStorage, TransferOptions
@@ -34,8 +34,11 @@ def state(seed: int) -> dict:
 
 
 def blank() -> dict:
-    return {"model": {"w": torch.zeros(256, 512), "b": torch.zeros(512)},
-            "opt": {"m": torch.zeros(300, 7, dtype=torch.bfloat16)}, "step": -1}
+    return {
+        "model": {"w": torch.zeros(256, 512), "b": torch.zeros(512)},
+        "opt": {"m": torch.zeros(300, 7, dtype=torch.bfloat16)},
+        "step": -1,
+    }
 
 
 def assert_equal_state(got: dict, want: dict) -> None:
@@ -108,8 +111,11 @@ def test_multipart_parts_are_retried(s3: S3Server, proxy: FaultProxy) -> None:
         return first_time
 
     proxy.fail = fail_each_part_once
-    storage = FsspecStorage(f"s3://{bucket}/x", s3.storage_options(endpoint_url=proxy.endpoint_url, **NO_BOTOCORE_RETRIES),
-                            TransferOptions(part_bytes=PART, single_put_bytes=PART, retry=RetryPolicy(initial_backoff_s=0.01)))
+    storage = FsspecStorage(
+        f"s3://{bucket}/x",
+        s3.storage_options(endpoint_url=proxy.endpoint_url, **NO_BOTOCORE_RETRIES),
+        TransferOptions(part_bytes=PART, single_put_bytes=PART, retry=RetryPolicy(initial_backoff_s=0.01)),
+    )
     data = bytes(range(256)) * (3 * PART // 256 + 5)  # 4 parts
     stream = storage.open_write("big.bin")
     stream.write(data)
@@ -125,8 +131,11 @@ def test_lost_answer_to_complete_upload_is_recognised(s3: S3Server, proxy: Fault
     bucket = s3.create_bucket()
     proxy.status, proxy.code, proxy.forward_failed = 500, "InternalError", True
     proxy.fail = lambda n, method, path: method == "POST" and "uploadId=" in path and proxy.faults == 0
-    storage = FsspecStorage(f"s3://{bucket}/x", s3.storage_options(endpoint_url=proxy.endpoint_url, **NO_BOTOCORE_RETRIES),
-                            TransferOptions(part_bytes=PART, single_put_bytes=PART, retry=RetryPolicy(initial_backoff_s=0.01)))
+    storage = FsspecStorage(
+        f"s3://{bucket}/x",
+        s3.storage_options(endpoint_url=proxy.endpoint_url, **NO_BOTOCORE_RETRIES),
+        TransferOptions(part_bytes=PART, single_put_bytes=PART, retry=RetryPolicy(initial_backoff_s=0.01)),
+    )
     data = bytes(range(256)) * (PART // 256 + 7)  # 2 parts
     stream = storage.open_write("big.bin")
     stream.write(data)
@@ -140,8 +149,11 @@ def test_persistent_transient_errors_give_up_within_the_time_bound(s3: S3Server,
     bucket = s3.create_bucket()
     proxy.fail = lambda n, method, path: True
     policy = RetryPolicy(initial_backoff_s=0.05, max_backoff_s=0.2, max_total_s=1.0)
-    storage = FsspecStorage(f"s3://{bucket}/ck", s3.storage_options(endpoint_url=proxy.endpoint_url, **NO_BOTOCORE_RETRIES),
-                            TransferOptions(retry=policy))
+    storage = FsspecStorage(
+        f"s3://{bucket}/ck",
+        s3.storage_options(endpoint_url=proxy.endpoint_url, **NO_BOTOCORE_RETRIES),
+        TransferOptions(retry=policy),
+    )
     start = time.monotonic()
     with pytest.raises(StorageError) as info:
         storage.write_atomic("manifest.json", b"{}")
@@ -158,14 +170,22 @@ def test_transient_and_permanent_classification() -> None:
     from botocore.exceptions import ClientError, EndpointConnectionError, NoCredentialsError, ReadTimeoutError
 
     def http_error(code: str, status: int) -> ClientError:
-        return ClientError({"Error": {"Code": code, "Message": "m"}, "ResponseMetadata": {"HTTPStatusCode": status}}, "Op")
+        return ClientError(
+            {"Error": {"Code": code, "Message": "m"}, "ResponseMetadata": {"HTTPStatusCode": status}}, "Op"
+        )
 
     for code, status in [("SlowDown", 503), ("InternalError", 500), ("RequestTimeout", 400), ("502", 502), ("X", 504)]:
         wrapped = OSError(5, "translated by s3fs")
         wrapped.__cause__ = http_error(code, status)
         assert is_transient(wrapped), code
-    for code, status in [("AccessDenied", 403), ("NoSuchBucket", 404), ("InvalidAccessKeyId", 403),
-                         ("SignatureDoesNotMatch", 403), ("403", 403), ("InvalidArgument", 400)]:
+    for code, status in [
+        ("AccessDenied", 403),
+        ("NoSuchBucket", 404),
+        ("InvalidAccessKeyId", 403),
+        ("SignatureDoesNotMatch", 403),
+        ("403", 403),
+        ("InvalidArgument", 400),
+    ]:
         assert not is_transient(http_error(code, status)), code
     assert is_transient(ConnectionResetError()) and is_transient(TimeoutError())
     assert is_transient(EndpointConnectionError(endpoint_url="http://x"))
@@ -218,7 +238,9 @@ def test_permanent_error_mid_save_commits_nothing_and_aborts_uploads(s3: S3Serve
     proxy.fail = lambda n, method, path: method == "PUT" and "/data/" in path
     url = f"s3://{bucket}/ckpt"
     with pytest.raises(StorageError) as info:
-        shardckpt.save(state(4), url, num_io_threads=2, storage_options=s3.storage_options(endpoint_url=proxy.endpoint_url))
+        shardckpt.save(
+            state(4), url, num_io_threads=2, storage_options=s3.storage_options(endpoint_url=proxy.endpoint_url)
+        )
     msg = str(info.value)
     assert "AccessDenied" in msg and f"bucket '{bucket}'" in msg and "key 'ckpt/data/" in msg
     assert sum(1 for _, _, status in proxy.log if status) <= 2  # one failed PUT per writer thread, no retries
@@ -284,9 +306,15 @@ def test_bad_credentials_fail_at_once_without_leaking_the_secret(auth_server: S3
 def test_access_denied_by_policy_names_the_key(auth_server: S3Server) -> None:
     admin_key, admin_secret = auth_server.root_user  # type: ignore[attr-defined]
     FsspecStorage("s3://ro-bucket", auth_server.storage_options(key=admin_key, secret=admin_secret)).fs.call_s3(
-        "create_bucket", Bucket="ro-bucket")
-    key, secret = auth_server.create_user({"Version": "2012-10-17", "Statement": [
-        {"Effect": "Allow", "Action": ["s3:GetObject", "s3:ListBucket"], "Resource": "*"}]}, as_user=(admin_key, admin_secret))
+        "create_bucket", Bucket="ro-bucket"
+    )
+    key, secret = auth_server.create_user(
+        {
+            "Version": "2012-10-17",
+            "Statement": [{"Effect": "Allow", "Action": ["s3:GetObject", "s3:ListBucket"], "Resource": "*"}],
+        },
+        as_user=(admin_key, admin_secret),
+    )
     start = time.monotonic()
     # A save lists the folder first, which moto 5.2 cannot sign-check (see auth_server):
     # the data upload a save makes is driven through the storage directly.

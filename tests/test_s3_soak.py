@@ -23,12 +23,12 @@ import random
 import time
 
 import torch
+from s3server import FaultProxy, S3Server, s3  # noqa: F401
 
 import shardckpt
 import shardckpt.engine.loading
-import shardckpt.manager.checkpoint_manager
 import shardckpt.engine.saving
-from s3server import FaultProxy, S3Server, s3  # noqa: F401
+import shardckpt.manager.checkpoint_manager
 from shardckpt.convert.audit import verify_checkpoint
 from shardckpt.storage import open_storage
 from shardckpt.storage.fsspec_storage import TransferOptions
@@ -94,7 +94,9 @@ def test_many_saves_and_restores_through_transient_faults_lose_nothing(s3: S3Ser
     t0 = time.monotonic()
     try:
         for step in range(1, CYCLES + 1):
-            with shardckpt.CheckpointManager(url, keep_last=2, async_save=step % 2 == 0, storage_options=options) as mgr:
+            with shardckpt.CheckpointManager(
+                url, keep_last=2, async_save=step % 2 == 0, storage_options=options
+            ) as mgr:
                 mgr.save(step, state(step))
                 kept = (kept + [step])[-2:]
             # a fresh manager, as a restarted job would open it
@@ -124,8 +126,10 @@ def test_many_saves_and_restores_through_transient_faults_lose_nothing(s3: S3Ser
     assert s3.admin().list_multipart_uploads(bucket) == []
     parts = sum(1 for _, path, _ in proxy.log if "partNumber=" in path)
     assert parts >= (CYCLES * 3 if STRESS else 0), parts
-    print(f"\ns3 soak (seed {seed}): {CYCLES} saves, {proxy.requests} requests ({parts} part uploads), {proxy.faults} faults injected "
-          f"{dict(tally)}, {time.monotonic() - t0:.0f} s, 0 lost")
+    print(
+        f"\ns3 soak (seed {seed}): {CYCLES} saves, {proxy.requests} requests ({parts} part uploads), {proxy.faults} faults injected "
+        f"{dict(tally)}, {time.monotonic() - t0:.0f} s, 0 lost"
+    )
     assert proxy.faults >= CYCLES, (proxy.faults, tally)
 
 

@@ -14,8 +14,8 @@ import uuid
 from collections.abc import Iterator
 
 import pytest
-
 from s3server import s3  # noqa: F401 - the shared moto server fixture
+
 from shardckpt.storage import LocalStorage, Storage, open_storage
 from shardckpt.storage.fsspec_storage import FsspecStorage, TransferOptions
 from shardckpt.storage.retry import RetryPolicy
@@ -35,8 +35,11 @@ def storage(request: pytest.FixtureRequest, tmp_path: os.PathLike[str]) -> Itera
     else:
         server = request.getfixturevalue("s3")
         bucket = server.create_bucket()
-        yield FsspecStorage(f"s3://{bucket}/root", server.storage_options(),
-                            TransferOptions(part_bytes=PART, single_put_bytes=PART, read_piece_bytes=PART))
+        yield FsspecStorage(
+            f"s3://{bucket}/root",
+            server.storage_options(),
+            TransferOptions(part_bytes=PART, single_put_bytes=PART, read_piece_bytes=PART),
+        )
 
 
 def payload(n: int, seed: int = 0) -> bytes:
@@ -324,8 +327,19 @@ def test_parts_in_flight_are_bounded_across_all_files_of_a_storage() -> None:
 
     fs = _RecordingS3()
     slots = threading.BoundedSemaphore(3)
-    streams = [MultipartUpload(fs, "b", f"k{i}", part_bytes=PART, single_put_bytes=2 * PART, slots=slots, max_concurrency=3,
-                               call=lambda action, fn: fn()) for i in range(2)]
+    streams = [
+        MultipartUpload(
+            fs,
+            "b",
+            f"k{i}",
+            part_bytes=PART,
+            single_put_bytes=2 * PART,
+            slots=slots,
+            max_concurrency=3,
+            call=lambda action, fn: fn(),
+        )
+        for i in range(2)
+    ]
     data = [payload(6 * PART + 11, seed=i) for i in range(2)]
     workers = [threading.Thread(target=lambda s=s, d=d: (s.write(d), s.finish())) for s, d in zip(streams, data)]
     for w in workers:
@@ -372,8 +386,16 @@ def test_complete_answered_no_such_upload_checks_the_object(size_seen: int | Non
     from shardckpt.storage.multipart import MultipartUpload
 
     fs = _LostCompleteS3(size_seen)
-    stream = MultipartUpload(fs, "b", "k", part_bytes=PART, single_put_bytes=PART, slots=threading.BoundedSemaphore(2),
-                             max_concurrency=2, call=lambda action, fn: fn())
+    stream = MultipartUpload(
+        fs,
+        "b",
+        "k",
+        part_bytes=PART,
+        single_put_bytes=PART,
+        slots=threading.BoundedSemaphore(2),
+        max_concurrency=2,
+        call=lambda action, fn: fn(),
+    )
     stream.write(payload(2 * PART + 1))
     if ok:
         stream.finish()
@@ -407,7 +429,10 @@ class _HeadAnswers:
         if self.status == 200:
             return {"ContentLength": 3}
         # A HEAD answer has no body: botocore's code is the bare status.
-        response = {"Error": {"Code": str(self.status), "Message": "x"}, "ResponseMetadata": {"HTTPStatusCode": self.status}}
+        response = {
+            "Error": {"Code": str(self.status), "Message": "x"},
+            "ResponseMetadata": {"HTTPStatusCode": self.status},
+        }
         raise translate_boto_error(ClientError(response, "HeadObject"))  # type: ignore[arg-type]
 
 

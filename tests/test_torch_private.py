@@ -26,9 +26,9 @@ from torch.distributed.checkpoint.planner import SavePlan, WriteItemType
 
 import shardckpt
 from shardckpt.engine import _torch_private
-from shardckpt.errors import ShardckptError
 from shardckpt.engine.planner import SavePlanner, balance_replicated
 from shardckpt.engine.staging import item_bytes
+from shardckpt.errors import ShardckptError
 
 PACKAGE_DIR = Path(shardckpt.__file__).parent
 BOUNDARY = PACKAGE_DIR / "engine" / "_torch_private.py"
@@ -138,7 +138,9 @@ def test_a_dcp_that_skips_create_global_plan_is_refused(tmp_path, monkeypatch):
         return self.global_plan, self.metadata
 
     monkeypatch.setattr(DefaultSavePlanner, "create_global_plan", without_hook)
-    with pytest.raises(ShardckptError, match=r"no longer calls DefaultSavePlanner\._create_global_plan.*cross-rank checks"):
+    with pytest.raises(
+        ShardckptError, match=r"no longer calls DefaultSavePlanner\._create_global_plan.*cross-rank checks"
+    ):
         shardckpt.save({"w": torch.ones(2, 3)}, str(tmp_path / "c"))
     assert not (tmp_path / "c" / "manifest.json").exists()
 

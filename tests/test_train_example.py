@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import math
 import os
 import shutil
-import math
 import signal
 import socket
 import subprocess
@@ -25,7 +25,17 @@ COMMON = ["--steps", "14", "--save-every", "4", "--dataset-len", "100", "--globa
 
 def torchrun(nproc: int, *args: str, timeout_s: float = 120) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc), str(TRAIN), *COMMON, *args]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc-per-node",
+        str(nproc),
+        str(TRAIN),
+        *COMMON,
+        *args,
+    ]
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout_s)
 
 
@@ -76,7 +86,12 @@ def test_crash_and_resume_on_the_same_world_size_is_bit_exact(tmp_path):
     assert [r["step"] for r in logged] == list(range(1, 10)) + list(range(9, 15))  # step 9 trained twice
     for r in logged:
         w = want[r["step"]]
-        assert (r["loss"], r["param_hash"], r["sample_ids"], r["lr"]) == (w["loss"], w["param_hash"], w["sample_ids"], w["lr"]), r["step"]
+        assert (r["loss"], r["param_hash"], r["sample_ids"], r["lr"]) == (
+            w["loss"],
+            w["param_hash"],
+            w["sample_ids"],
+            w["lr"],
+        ), r["step"]
     assert len({r["param_hash"] for r in want.values()}) == 14  # the checksums do change every step
 
     # the checker the main job uses agrees, and notices a single flipped loss
@@ -108,7 +123,12 @@ def test_resume_on_other_world_sizes_trains_every_sample_exactly_once(tmp_path):
     order = load_train_module()
     for log, world in ((run, 3), (tmp_path / "run1.jsonl", 1)):
         start = records(log, "start")[-1]
-        assert (start["world_size"], start["resumed_from"], start["saved_world_size"], start["rng"]) == (world, 4, 2, "rederived")
+        assert (start["world_size"], start["resumed_from"], start["saved_world_size"], start["rng"]) == (
+            world,
+            4,
+            2,
+            "rederived",
+        )
         got = by_step(log)
         assert sorted(got) == list(range(1, 15))
         for step, r in got.items():
@@ -127,15 +147,36 @@ def test_sigterm_through_the_slurm_script_saves_the_current_step_and_requeues(tm
     committed checkpoint of the step being trained and a requeue request."""
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
-    (bin_dir / "srun").write_text('#!/usr/bin/env bash\nshift\nexec "$@"\n')  # drops --kill-on-bad-exit, runs the task once
-    (bin_dir / "scontrol").write_text(f'#!/usr/bin/env bash\nif [ "$1" = show ]; then echo 127.0.0.1; else echo "$@" >> {tmp_path}/scontrol.calls; fi\n')
+    (bin_dir / "srun").write_text(
+        '#!/usr/bin/env bash\nshift\nexec "$@"\n'
+    )  # drops --kill-on-bad-exit, runs the task once
+    (bin_dir / "scontrol").write_text(
+        f'#!/usr/bin/env bash\nif [ "$1" = show ]; then echo 127.0.0.1; else echo "$@" >> {tmp_path}/scontrol.calls; fi\n'
+    )
     for f in bin_dir.iterdir():
         f.chmod(0o755)
     ckpt = tmp_path / "ckpt"
-    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "OMP_NUM_THREADS": "1", "CKPT_DIR": str(ckpt),
-           "STEPS": "100000", "SAVE_EVERY": "100000", "SLURM_JOB_ID": "4242", "SLURM_JOB_NODELIST": "localhost",
-           "SLURM_NNODES": "1", "SLURM_GPUS_ON_NODE": "2", "SLURM_SUBMIT_DIR": str(REPO), "MASTER_PORT": str(free_port())}
-    job = subprocess.Popen(["bash", str(REPO / "launch" / "slurm.sbatch")], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    env = {
+        **os.environ,
+        "PATH": f"{bin_dir}:{os.environ['PATH']}",
+        "OMP_NUM_THREADS": "1",
+        "CKPT_DIR": str(ckpt),
+        "STEPS": "100000",
+        "SAVE_EVERY": "100000",
+        "SLURM_JOB_ID": "4242",
+        "SLURM_JOB_NODELIST": "localhost",
+        "SLURM_NNODES": "1",
+        "SLURM_GPUS_ON_NODE": "2",
+        "SLURM_SUBMIT_DIR": str(REPO),
+        "MASTER_PORT": str(free_port()),
+    }
+    job = subprocess.Popen(
+        ["bash", str(REPO / "launch" / "slurm.sbatch")],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     log = Path(f"{ckpt}.log.jsonl")
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline and steps_logged(log) < 3:

@@ -15,15 +15,15 @@ import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
+from distributed import run_ranks
 from torch import nn
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
 
 import shardckpt
-from distributed import run_ranks
-from shardckpt.training.sampler import ResumableDistributedSampler
 from shardckpt.training.rng import RngStreamsRederivedWarning, apply_rng, capture_rng, reseed_rng
+from shardckpt.training.sampler import ResumableDistributedSampler
 from shardckpt.training.train_state import TrainState
 
 # ---------------------------------------------------------------- RNG streams (one process)
@@ -83,8 +83,13 @@ def plain_state(*, with_scheduler: bool = True) -> TrainState:
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=0.01)
     sched = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, patience=1, factor=0.5) if with_scheduler else None
     return TrainState(
-        model=model, optimizer=opt, lr_scheduler=sched, grad_scaler=torch.amp.GradScaler("cpu", init_scale=1024.0),
-        data=ResumableDistributedSampler(40, seed=3), extras={"best": 1.5, "tags": {"run": "a"}, "counter": Counter()}, seed=7,
+        model=model,
+        optimizer=opt,
+        lr_scheduler=sched,
+        grad_scaler=torch.amp.GradScaler("cpu", init_scale=1024.0),
+        data=ResumableDistributedSampler(40, seed=3),
+        extras={"best": 1.5, "tags": {"run": "a"}, "counter": Counter()},
+        seed=7,
     )
 
 
@@ -134,9 +139,17 @@ def test_train_state_round_trip_restores_everything(tmp_path):
     assert fresh.grad_scaler.state_dict() == state.grad_scaler.state_dict()
     assert fresh.grad_scaler.get_scale() == 2048.0
     assert fresh.data.state_dict() == state.data.state_dict()
-    assert {k: v for k, v in fresh.data.state_dict().items() if k != "order_digest"} == {"epoch": 0, "consumed": 16, "seed": 3, "dataset_len": 40, "shuffle": True}
+    assert {k: v for k, v in fresh.data.state_dict().items() if k != "order_digest"} == {
+        "epoch": 0,
+        "consumed": 16,
+        "seed": 3,
+        "dataset_len": 40,
+        "shuffle": True,
+    }
     assert fresh.extras["best"] == 1.5 and fresh.extras["tags"] == {"run": "a", "more": [1, 2]}
-    assert torch.equal(fresh.extras["counter"].hits, torch.full((3,), 4.0)) and fresh.extras["counter"].name == "trained"
+    assert (
+        torch.equal(fresh.extras["counter"].hits, torch.full((3,), 4.0)) and fresh.extras["counter"].name == "trained"
+    )
 
 
 def test_fresh_root_restores_nothing_and_leaves_rng_alone(tmp_path):
@@ -298,13 +311,19 @@ def make_state(kind: str, world: int) -> TrainState:
     if kind == "ddp":
         model = nn.parallel.DistributedDataParallel(model)
     elif kind in ("fsdp", "hsdp"):
-        mesh = init_device_mesh("cpu", (world,)) if kind == "fsdp" else init_device_mesh("cpu", (2, world // 2), mesh_dim_names=("replicate", "shard"))
+        mesh = (
+            init_device_mesh("cpu", (world,))
+            if kind == "fsdp"
+            else init_device_mesh("cpu", (2, world // 2), mesh_dim_names=("replicate", "shard"))
+        )
         for sub in (model.emb, model.fc):
             fully_shard(sub, mesh=mesh)
         fully_shard(model, mesh=mesh)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=0.01)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0 / (s + 1))
-    return TrainState(model=model, optimizer=opt, lr_scheduler=sched, data=ResumableDistributedSampler(64, seed=1), seed=5)
+    return TrainState(
+        model=model, optimizer=opt, lr_scheduler=sched, data=ResumableDistributedSampler(64, seed=1), seed=5
+    )
 
 
 def full_state(state: TrainState) -> dict:
@@ -312,7 +331,13 @@ def full_state(state: TrainState) -> dict:
     opts = StateDictOptions(full_state_dict=True, cpu_offload=False)
     model = {k: v.clone() for k, v in get_model_state_dict(state.model, options=opts).items()}
     optim = get_optimizer_state_dict(state.model, state.optimizers, options=opts)
-    return {"model": model, "optim": optim, "sched": state.lr_scheduler.state_dict(), "data": state.data.state_dict(), "step": state.step}
+    return {
+        "model": model,
+        "optim": optim,
+        "sched": state.lr_scheduler.state_dict(),
+        "data": state.data.state_dict(),
+        "step": state.step,
+    }
 
 
 def assert_same_state(got: dict, want: dict) -> None:
@@ -366,7 +391,10 @@ def _restore_and_check(rank: int, world: int, root: str, cases: list[tuple[str, 
     for source, kind in cases:
         state = make_state(kind, world)
         saved_world = int(source[-1])
-        with shardckpt.CheckpointManager(f"{root}/{source}", read_only=True) as manager, warnings.catch_warnings(record=True) as caught:
+        with (
+            shardckpt.CheckpointManager(f"{root}/{source}", read_only=True) as manager,
+            warnings.catch_warnings(record=True) as caught,
+        ):
             warnings.simplefilter("always")
             assert state.restore(manager) == 3
         rederived = [w for w in caught if issubclass(w.category, RngStreamsRederivedWarning)]

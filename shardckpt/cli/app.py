@@ -22,8 +22,6 @@ from collections.abc import Sequence
 from typing import Any
 
 from shardckpt._version import __version__
-from shardckpt.convert.audit import AuditReport, Problem, describe_checkpoint, verify_checkpoint
-from shardckpt.errors import ManifestError, ShardckptError, UnsupportedFormatVersionError
 from shardckpt.cli.base import (
     _PATH_HELP,
     COMMANDS,
@@ -36,6 +34,8 @@ from shardckpt.cli.base import (
     _table,
     register,
 )
+from shardckpt.convert.audit import AuditReport, Problem, describe_checkpoint, verify_checkpoint
+from shardckpt.errors import ManifestError, ShardckptError, UnsupportedFormatVersionError
 from shardckpt.format.layout import MANIFEST_NAME
 
 # ---------------------------------------------------------------- inspect
@@ -137,7 +137,9 @@ def _configure_ls(p: argparse.ArgumentParser) -> None:
     p.add_argument("root", metavar="ROOT", help="a CheckpointManager root: the folder holding step_* folders")
     p.add_argument("--json", action="store_true", help="print one JSON document")
     p.add_argument("--monitor", metavar="METRIC", help="metric that decides the best step, e.g. val_loss")
-    p.add_argument("--mode", choices=("min", "max"), default="min", help="whether smaller or larger --monitor is better")
+    p.add_argument(
+        "--mode", choices=("min", "max"), default="min", help="whether smaller or larger --monitor is better"
+    )
 
 
 def _run_ls(args: argparse.Namespace) -> int:
@@ -152,9 +154,17 @@ def _run_ls(args: argparse.Namespace) -> int:
     best = ranked[0] if ranked else None
     if args.json:
         rows = [
-            {"step": i.step, "committed": i.committed, "foreign": i.foreign, "size_bytes": i.size_bytes,
-             "metrics": i.metrics, "created_at": i.created_at, "world_size": i.world_size,
-             "latest": i.step == latest, "best": i.step == best}
+            {
+                "step": i.step,
+                "committed": i.committed,
+                "foreign": i.foreign,
+                "size_bytes": i.size_bytes,
+                "metrics": i.metrics,
+                "created_at": i.created_at,
+                "world_size": i.world_size,
+                "latest": i.step == latest,
+                "best": i.step == best,
+            }
             for i in infos
         ]
         print(json.dumps({"root": args.root, "latest": latest, "best": best, "steps": rows}, indent=2))
@@ -166,14 +176,24 @@ def _run_ls(args: argparse.Namespace) -> int:
     for i in infos:
         marks = ",".join(m for m, on in (("latest", i.step == latest), ("best", i.step == best)) if on)
         state = "committed" if i.committed else "FOREIGN" if i.foreign else "UNCOMMITTED"
-        table.append([str(i.step), state, _human_bytes(i.size_bytes), str(i.world_size or "-"),
-                     json.dumps(i.metrics) if i.metrics else "-", marks])
+        table.append(
+            [
+                str(i.step),
+                state,
+                _human_bytes(i.size_bytes),
+                str(i.world_size or "-"),
+                json.dumps(i.metrics) if i.metrics else "-",
+                marks,
+            ]
+        )
     print("\n".join(_table(["STEP", "STATE", "SIZE", "RANKS", "METRICS", ""], table)))
     if any(not i.committed and not i.foreign for i in infos):
         print("UNCOMMITTED folders are left by interrupted saves: never restored, removed by the next writing manager.")
     if any(i.foreign for i in infos):
-        print("FOREIGN folders were not written by shardckpt (no manifest.json, no .shardckpt-save.json): "
-              "never restored, never deleted.")
+        print(
+            "FOREIGN folders were not written by shardckpt (no manifest.json, no .shardckpt-save.json): "
+            "never restored, never deleted."
+        )
     return EXIT_OK
 
 
@@ -301,4 +321,3 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ShardckptError, OSError) as e:
         print(f"shardckpt {args.command}: error: {e}", file=sys.stderr)
         return EXIT_UNUSABLE
-

@@ -44,14 +44,28 @@ def _configure_export(p: argparse.ArgumentParser) -> None:
     p.add_argument("path", metavar="CKPT", help=_PATH_HELP)
     p.add_argument("out", metavar="OUT", help="a file for --format safetensors|torch, a folder for --format hf")
     p.add_argument("--format", required=True, choices=("safetensors", "hf", "torch"), help="what to write")
-    p.add_argument("--keys", metavar="PATTERN", nargs="+", action="extend", default=[],
-                   help="export only keys matching a shell-style pattern ('model.layers.*'); a pattern without "
-                        "wildcards is a prefix of whole components ('model' takes 'model.*')")
+    p.add_argument(
+        "--keys",
+        metavar="PATTERN",
+        nargs="+",
+        action="extend",
+        default=[],
+        help="export only keys matching a shell-style pattern ('model.layers.*'); a pattern without "
+        "wildcards is a prefix of whole components ('model' takes 'model.*')",
+    )
     p.add_argument("--strip-prefix", metavar="P", default="", help="remove P from the front of names, e.g. 'model.'")
-    p.add_argument("--dtype", metavar="DTYPE", help="cast floating tensors to DTYPE (bf16, fp16, fp32); others are kept")
-    p.add_argument("--max-shard-size", metavar="SIZE", default="5GB",
-                   help="--format hf: most tensor bytes per shard file: 5GB = 5*10^9, 2GiB = 2*2^30 (default 5GB)")
-    p.add_argument("--flat", action="store_true", help="--format torch: a flat dict of dotted names, not the saved nesting")
+    p.add_argument(
+        "--dtype", metavar="DTYPE", help="cast floating tensors to DTYPE (bf16, fp16, fp32); others are kept"
+    )
+    p.add_argument(
+        "--max-shard-size",
+        metavar="SIZE",
+        default="5GB",
+        help="--format hf: most tensor bytes per shard file: 5GB = 5*10^9, 2GiB = 2*2^30 (default 5GB)",
+    )
+    p.add_argument(
+        "--flat", action="store_true", help="--format torch: a flat dict of dotted names, not the saved nesting"
+    )
     p.add_argument("--overwrite", action="store_true", help="replace existing output files")
     _add_output_flags(p)
 
@@ -61,8 +75,16 @@ def _run_export(args: argparse.Namespace) -> int:
 
     def work() -> int:
         report = export_checkpoint(
-            args.path, args.out, format=args.format, keys=args.keys, strip_prefix=args.strip_prefix, dtype=args.dtype,
-            max_shard_bytes=args.max_shard_size, flat=args.flat, overwrite=args.overwrite, progress=_progress(args),
+            args.path,
+            args.out,
+            format=args.format,
+            keys=args.keys,
+            strip_prefix=args.strip_prefix,
+            dtype=args.dtype,
+            max_shard_bytes=args.max_shard_size,
+            flat=args.flat,
+            overwrite=args.overwrite,
+            progress=_progress(args),
         )
         if args.json:
             print(json.dumps(report.to_json(), indent=2))
@@ -70,21 +92,37 @@ def _run_export(args: argparse.Namespace) -> int:
         print(f"exported {report.num_tensors} tensors ({_human_bytes(report.tensor_bytes)}) as {report.format}:")
         print("\n".join(f"  {f}" for f in report.files))
         if report.skipped_values:
-            print(f"left out {len(report.skipped_values)} non-tensor value(s), which safetensors cannot hold: "
-                  f"{', '.join(report.skipped_values[:10])}{' ...' if len(report.skipped_values) > 10 else ''}")
+            print(
+                f"left out {len(report.skipped_values)} non-tensor value(s), which safetensors cannot hold: "
+                f"{', '.join(report.skipped_values[:10])}{' ...' if len(report.skipped_values) > 10 else ''}"
+            )
         return EXIT_OK
 
     return _guarded("export", work)
 
 
 def _configure_import(p: argparse.ArgumentParser) -> None:
-    p.add_argument("source", metavar="SRC", help="a .safetensors file, a Hugging Face folder, a torch.save file or a DCP folder")
+    p.add_argument(
+        "source", metavar="SRC", help="a .safetensors file, a Hugging Face folder, a torch.save file or a DCP folder"
+    )
     p.add_argument("out", metavar="OUT", help="the checkpoint folder to create (local path or fsspec URL)")
-    p.add_argument("--from", dest="source_format", default="auto", choices=("auto", "safetensors", "hf", "torch", "dcp"),
-                   help="the source format (default: detected from SRC)")
-    p.add_argument("--trust-pickle", action="store_true",
-                   help="allow reading a DCP folder, whose .metadata is a pickle that can run code: only for sources you trust")
-    p.add_argument("--under", metavar="KEY", help="nest everything under KEY, e.g. 'model' to load into {'model': model.state_dict()}")
+    p.add_argument(
+        "--from",
+        dest="source_format",
+        default="auto",
+        choices=("auto", "safetensors", "hf", "torch", "dcp"),
+        help="the source format (default: detected from SRC)",
+    )
+    p.add_argument(
+        "--trust-pickle",
+        action="store_true",
+        help="allow reading a DCP folder, whose .metadata is a pickle that can run code: only for sources you trust",
+    )
+    p.add_argument(
+        "--under",
+        metavar="KEY",
+        help="nest everything under KEY, e.g. 'model' to load into {'model': model.state_dict()}",
+    )
     p.add_argument("--overwrite", action="store_true", help="replace a committed checkpoint at OUT")
     _add_output_flags(p)
 
@@ -93,13 +131,22 @@ def _run_import(args: argparse.Namespace) -> int:
     from shardckpt.convert import import_checkpoint
 
     def work() -> int:
-        report = import_checkpoint(args.source, args.out, source_format=args.source_format, trust_pickle=args.trust_pickle,
-                                   under=args.under, overwrite=args.overwrite, progress=_progress(args))
+        report = import_checkpoint(
+            args.source,
+            args.out,
+            source_format=args.source_format,
+            trust_pickle=args.trust_pickle,
+            under=args.under,
+            overwrite=args.overwrite,
+            progress=_progress(args),
+        )
         if args.json:
             print(json.dumps(report.to_json(), indent=2))
         else:
-            print(f"imported {report.format} {report.source} -> {report.path}: {report.num_tensors} tensors "
-                  f"({_human_bytes(report.tensor_bytes)}), {report.num_values} values; it loads on any number of processes")
+            print(
+                f"imported {report.format} {report.source} -> {report.path}: {report.num_tensors} tensors "
+                f"({_human_bytes(report.tensor_bytes)}), {report.num_values} values; it loads on any number of processes"
+            )
         return EXIT_OK
 
     return _guarded("import", work)
@@ -108,10 +155,19 @@ def _run_import(args: argparse.Namespace) -> int:
 def _configure_diff(p: argparse.ArgumentParser) -> None:
     p.add_argument("a", metavar="A", help="the first checkpoint folder")
     p.add_argument("b", metavar="B", help="the second checkpoint folder")
-    p.add_argument("--atol", type=float, default=0.0, metavar="X",
-                   help="tensors whose largest |a - b| is at most X count as unchanged (default 0: any difference)")
-    p.add_argument("--keys", metavar="PATTERN", nargs="+", action="extend", default=[], help="compare only matching keys")
-    p.add_argument("--exit-code", action="store_true", help=f"exit with status {EXIT_DIFFERENT} when the checkpoints differ")
+    p.add_argument(
+        "--atol",
+        type=float,
+        default=0.0,
+        metavar="X",
+        help="tensors whose largest |a - b| is at most X count as unchanged (default 0: any difference)",
+    )
+    p.add_argument(
+        "--keys", metavar="PATTERN", nargs="+", action="extend", default=[], help="compare only matching keys"
+    )
+    p.add_argument(
+        "--exit-code", action="store_true", help=f"exit with status {EXIT_DIFFERENT} when the checkpoints differ"
+    )
     _add_output_flags(p)
 
 
@@ -140,11 +196,15 @@ def _format_diff(r: Any) -> str:
             if t.max_abs_diff is not None:
                 what.append(f"max |a-b| = {t.max_abs_diff:.6g}")
             lines.append(f"~ {t.key}  {', '.join(what)}")
-    lines += [f"~ {k}  {_clip(json.dumps(va))} -> {_clip(json.dumps(vb))}" for k, (va, vb) in sorted(r.changed_values.items())]
+    lines += [
+        f"~ {k}  {_clip(json.dumps(va))} -> {_clip(json.dumps(vb))}" for k, (va, vb) in sorted(r.changed_values.items())
+    ]
     same = sum(not t.changed for t in r.tensors)
-    lines.append(f"{len(r.removed)} removed, {len(r.added)} added, {len(r.changed)} changed; {same} of {len(r.tensors)} "
-                 f"common tensors unchanged (atol {r.atol:g}), {r.values_compared - len(r.changed_values)} of "
-                 f"{r.values_compared} common values equal")
+    lines.append(
+        f"{len(r.removed)} removed, {len(r.added)} added, {len(r.changed)} changed; {same} of {len(r.tensors)} "
+        f"common tensors unchanged (atol {r.atol:g}), {r.values_compared - len(r.changed_values)} of "
+        f"{r.values_compared} common values equal"
+    )
     return "\n".join(lines)
 
 

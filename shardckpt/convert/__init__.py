@@ -31,27 +31,33 @@ from shardckpt.convert.export import (
     parse_size,
 )
 from shardckpt.convert.export import read_state_dict as _read_state_dict
-from shardckpt.convert.importer import SOURCE_FORMATS, ImportReport, PickleNotTrustedError, detect_format, import_checkpoint
+from shardckpt.convert.importer import (
+    SOURCE_FORMATS,
+    ImportReport,
+    PickleNotTrustedError,
+    detect_format,
+    import_checkpoint,
+)
 from shardckpt.convert.source import CheckpointSource, Selection, parse_dtype
 
 __all__ = [
     "EXPORT_FORMATS",
-    "SOURCE_FORMATS",
     "HF_INDEX_NAME",
-    "export_checkpoint",
-    "import_checkpoint",
-    "diff_checkpoints",
-    "read_state_dict",
-    "detect_format",
-    "parse_size",
-    "parse_dtype",
-    "Selection",
+    "SOURCE_FORMATS",
     "CheckpointSource",
+    "DiffReport",
     "ExportReport",
     "ImportReport",
-    "DiffReport",
-    "TensorComparison",
     "PickleNotTrustedError",
+    "Selection",
+    "TensorComparison",
+    "detect_format",
+    "diff_checkpoints",
+    "export_checkpoint",
+    "import_checkpoint",
+    "parse_dtype",
+    "parse_size",
+    "read_state_dict",
 ]
 
 EXPORT_FORMATS = ("safetensors", "hf", "torch")
@@ -91,8 +97,9 @@ def export_checkpoint(
     if format == "safetensors":
         return export_safetensors(source, out, selection, overwrite=overwrite, progress=progress)
     if format == "hf":
-        return export_hf(source, out, selection, max_shard_bytes=parse_size(max_shard_bytes), overwrite=overwrite,
-                         progress=progress)
+        return export_hf(
+            source, out, selection, max_shard_bytes=parse_size(max_shard_bytes), overwrite=overwrite, progress=progress
+        )
     if format == "torch":
         return export_torch(source, out, selection, flat=flat, overwrite=overwrite, progress=progress)
     raise ValueError(f"format must be one of {EXPORT_FORMATS}, got {format!r}")
@@ -115,4 +122,6 @@ def read_state_dict(
     saved come back as their ``str()`` (the manifest records paths as str).
     """
     selection = Selection(tuple(keys), strip_prefix, parse_dtype(dtype) if dtype is not None else None)
-    return _read_state_dict(CheckpointSource(path, storage_options=storage_options, verify=verify), selection, flat=flat)
+    return _read_state_dict(
+        CheckpointSource(path, storage_options=storage_options, verify=verify), selection, flat=flat
+    )

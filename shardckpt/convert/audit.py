@@ -23,15 +23,13 @@ from typing import Any, NamedTuple
 
 from tqdm import tqdm
 
-from shardckpt.format import datafile
-
-from shardckpt.format import integrity
-from shardckpt.errors import ManifestError, StorageError
 from shardckpt.engine.loading import read_manifest
+from shardckpt.errors import ManifestError, StorageError
+from shardckpt.format import datafile, integrity
 from shardckpt.format.manifest import ChunkRecord, FileRecord, Manifest, decode_value
 from shardckpt.storage import Storage, open_storage
 
-__all__ = ["AuditReport", "Problem", "verify_checkpoint", "describe_checkpoint"]
+__all__ = ["AuditReport", "Problem", "describe_checkpoint", "verify_checkpoint"]
 
 DEFAULT_READ_PIECE_BYTES = 4 * 1024 * 1024
 _FIX = "restore the file from a good copy or load an earlier checkpoint"
@@ -151,8 +149,11 @@ def _audit_file(
         size = storage.size(name)
         if size != record.size:
             result.problems.append(
-                Problem(name, None, f"the file is {size} bytes, the manifest says {record.size}: "
-                        f"it was truncated or replaced; {_FIX}")
+                Problem(
+                    name,
+                    None,
+                    f"the file is {size} bytes, the manifest says {record.size}: it was truncated or replaced; {_FIX}",
+                )
             )
         result.problems += _check_header(storage, name, size, record.size, chunks)
         file_hash = _hash_file(storage, name, size, chunks, block_bytes, piece_bytes, bar, result)
@@ -175,8 +176,12 @@ def _audit_file(
     result.read = True
     if size == record.size and file_hash != record.hash:
         result.problems.append(
-            Problem(name, None, f"whole-file xxh3 is {file_hash}, the manifest says {record.hash}: "
-                    f"the file was modified after the save; {_FIX}")
+            Problem(
+                name,
+                None,
+                f"whole-file xxh3 is {file_hash}, the manifest says {record.hash}: "
+                f"the file was modified after the save; {_FIX}",
+            )
         )
     return result
 
@@ -204,8 +209,11 @@ def _check_header(storage: Storage, name: str, size: int, expected_size: int, ch
             problems.append(Problem(name, c.key, problem))
     for (begin, end), rest in sorted(unclaimed.items()):
         problems += [
-            Problem(name, None, f"the header lists tensor {x.name!r} at bytes [{begin}, {end}), "
-                    f"which no manifest chunk uses; {_FIX}")
+            Problem(
+                name,
+                None,
+                f"the header lists tensor {x.name!r} at bytes [{begin}, {end}), which no manifest chunk uses; {_FIX}",
+            )
             for x in rest
         ]
     return problems
@@ -233,7 +241,7 @@ def _claim_entry(unclaimed: dict[tuple[int, int], list[datafile.HeaderEntry]], c
 class _Block:
     """One checksum block of a chunk, at absolute file bytes [start, end)."""
 
-    __slots__ = ("chunk", "index", "start", "end", "expected", "hasher")
+    __slots__ = ("chunk", "end", "expected", "hasher", "index", "start")
 
     def __init__(self, chunk: int, index: int, start: int, end: int, expected: str) -> None:
         self.chunk, self.index, self.start, self.end, self.expected = chunk, index, start, end, expected

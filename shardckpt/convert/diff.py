@@ -39,8 +39,12 @@ class TensorComparison:
     def to_json(self) -> dict[str, Any]:
         d = self.max_abs_diff
         return {
-            "key": self.key, "dtype": list(self.dtype), "shape": list(self.shape), "bitwise_equal": self.bitwise_equal,
-            "max_abs_diff": d if d is None or math.isfinite(d) else str(d), "changed": self.changed,
+            "key": self.key,
+            "dtype": list(self.dtype),
+            "shape": list(self.shape),
+            "bitwise_equal": self.bitwise_equal,
+            "max_abs_diff": d if d is None or math.isfinite(d) else str(d),
+            "changed": self.changed,
         }
 
 
@@ -66,8 +70,13 @@ class DiffReport:
 
     def to_json(self) -> dict[str, Any]:
         return {
-            "a": self.a, "b": self.b, "atol": self.atol, "identical": self.identical,
-            "added": self.added, "removed": self.removed, "changed": self.changed,
+            "a": self.a,
+            "b": self.b,
+            "atol": self.atol,
+            "identical": self.identical,
+            "added": self.added,
+            "removed": self.removed,
+            "changed": self.changed,
             "kind_changed": self.kind_changed,
             "tensors": [t.to_json() for t in self.tensors],
             "values": {k: {"a": va, "b": vb} for k, (va, vb) in sorted(self.changed_values.items())},
@@ -103,8 +112,9 @@ def diff_checkpoints(
         for k in both_values
         if _canonical(sa.manifest.values[k]) != _canonical(sb.manifest.values[k])
     }
-    return DiffReport(a, b, atol, sorted(kb - ka), sorted(ka - kb), tensors, changed_values, kind_changed,
-                      len(both_values))
+    return DiffReport(
+        a, b, atol, sorted(kb - ka), sorted(ka - kb), tensors, changed_values, kind_changed, len(both_values)
+    )
 
 
 def _canonical(encoded: Any) -> str:
@@ -112,8 +122,9 @@ def _canonical(encoded: Any) -> str:
     return json.dumps(encoded, sort_keys=True, allow_nan=False)
 
 
-def _compare_tensor(sa: CheckpointSource, sb: CheckpointSource, key: str, atol: float, piece_bytes: int,
-                    bar: Any) -> TensorComparison:
+def _compare_tensor(
+    sa: CheckpointSource, sb: CheckpointSource, key: str, atol: float, piece_bytes: int, bar: Any
+) -> TensorComparison:
     ra, rb = sa.manifest.tensors[key], sb.manifest.tensors[key]
     dtype, shape = (ra.dtype, rb.dtype), (list(ra.shape), list(rb.shape))
     if ra.shape != rb.shape:

@@ -29,9 +29,9 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from shardckpt.format import datafile
 from shardckpt.convert.source import CheckpointSource, Selection, nest, strip_path
 from shardckpt.errors import ShardckptError
+from shardckpt.format import datafile
 from shardckpt.storage import Storage, open_storage
 
 HF_INDEX_NAME = "model.safetensors.index.json"
@@ -55,8 +55,11 @@ class ExportReport:
 
     def to_json(self) -> dict[str, Any]:
         return {
-            "format": self.format, "files": self.files, "num_tensors": self.num_tensors,
-            "tensor_bytes": self.tensor_bytes, "largest_tensor_bytes": self.largest_tensor_bytes,
+            "format": self.format,
+            "files": self.files,
+            "num_tensors": self.num_tensors,
+            "tensor_bytes": self.tensor_bytes,
+            "largest_tensor_bytes": self.largest_tensor_bytes,
             "skipped_values": self.skipped_values,
         }
 
@@ -109,7 +112,9 @@ def export_hf(
     if max_shard_bytes < 1:
         raise ValueError(f"max_shard_bytes must be positive, got {max_shard_bytes}")
     storage = open_storage(out_dir)
-    existing = [n for n in storage.list_files("") if n == HF_INDEX_NAME or _HF_SHARD.match(n)] if storage.is_dir() else []
+    existing = (
+        [n for n in storage.list_files("") if n == HF_INDEX_NAME or _HF_SHARD.match(n)] if storage.is_dir() else []
+    )
     _refuse_existing(storage, existing, overwrite)
     storage.delete([HF_INDEX_NAME])  # uncommit before any shard is replaced
     items, skipped = _tensor_items(source, selection)
@@ -163,7 +168,9 @@ def _write_safetensors(
     entries, begin = [], 0
     for name, key in ordered:
         if name == "__metadata__":
-            raise ShardckptError(f"key {key!r}: a safetensors tensor cannot be named '__metadata__'; strip or rename it")
+            raise ShardckptError(
+                f"key {key!r}: a safetensors tensor cannot be named '__metadata__'; strip or rename it"
+            )
         dtype = selection.out_dtype(source.dtype(key))
         shape = source.manifest.tensors[key].shape
         end = begin + math.prod(shape) * dtype.itemsize
@@ -187,8 +194,9 @@ def _write_safetensors(
 # ---------------------------------------------------------------- torch.save
 
 
-def read_state_dict(source: CheckpointSource, selection: Selection, *, flat: bool = False,
-                    progress: bool = False) -> dict[str, Any]:
+def read_state_dict(
+    source: CheckpointSource, selection: Selection, *, flat: bool = False, progress: bool = False
+) -> dict[str, Any]:
     """Every selected tensor and value, in memory: nested as saved (from the manifest's
     ``paths``, with ``selection.strip_prefix`` removed), or ``flat`` by dotted key."""
     names = source.select(selection)
@@ -290,8 +298,9 @@ def _available_memory_bytes() -> int | None:
 # ---------------------------------------------------------------- shared
 
 
-def _tensor_items(source: CheckpointSource, selection: Selection,
-                  allow_empty: bool = False) -> tuple[list[tuple[str, str]], list[str]]:
+def _tensor_items(
+    source: CheckpointSource, selection: Selection, allow_empty: bool = False
+) -> tuple[list[tuple[str, str]], list[str]]:
     """(output name, key) of the selected tensors, and the selected non-tensor keys."""
     try:
         names = source.select(selection)
@@ -301,7 +310,9 @@ def _tensor_items(source: CheckpointSource, selection: Selection,
         raise
     tensors = [(n, k) for n, k in names.items() if k in source.manifest.tensors]
     if not tensors and not allow_empty:
-        raise ValueError(f"{source.path}: the selected keys hold no tensor (only values: {sorted(names.values())[:10]})")
+        raise ValueError(
+            f"{source.path}: the selected keys hold no tensor (only values: {sorted(names.values())[:10]})"
+        )
     return tensors, sorted(k for k in names.values() if k not in source.manifest.tensors)
 
 
@@ -309,8 +320,14 @@ def _out_bytes(source: CheckpointSource, selection: Selection, key: str) -> int:
     return math.prod(source.manifest.tensors[key].shape) * selection.out_dtype(source.dtype(key)).itemsize
 
 
-def _report(fmt: str, files: list[str], source: CheckpointSource, selection: Selection,
-            items: list[tuple[str, str]], skipped: list[str]) -> ExportReport:
+def _report(
+    fmt: str,
+    files: list[str],
+    source: CheckpointSource,
+    selection: Selection,
+    items: list[tuple[str, str]],
+    skipped: list[str],
+) -> ExportReport:
     sizes = [_out_bytes(source, selection, k) for _, k in items]
     return ExportReport(fmt, files, len(items), sum(sizes), max(sizes, default=0), skipped)
 
@@ -332,8 +349,10 @@ def _parent_and_name(out: str) -> tuple[Storage, str]:
 def _refuse_existing(storage: Storage, names: list[str], overwrite: bool) -> None:
     there = [n for n in names if storage.exists(n)]
     if there and not overwrite:
-        raise FileExistsError(f"{storage.url}: {', '.join(there[:5])} already exist(s); choose another output "
-                              "or pass overwrite=True (CLI: --overwrite)")
+        raise FileExistsError(
+            f"{storage.url}: {', '.join(there[:5])} already exist(s); choose another output "
+            "or pass overwrite=True (CLI: --overwrite)"
+        )
 
 
 def _url(storage: Storage, name: str) -> str:

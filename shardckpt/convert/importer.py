@@ -50,13 +50,11 @@ from typing import Any, BinaryIO
 import torch
 from tqdm import tqdm
 
-from shardckpt.format import datafile
-
-from shardckpt.format import layout
-from shardckpt.engine.collective import translated_failures
 from shardckpt.convert.source import nest
-from shardckpt.errors import ManifestError, ShardckptError, StorageError, UnsupportedValueError
+from shardckpt.engine.collective import translated_failures
 from shardckpt.engine.default import save
+from shardckpt.errors import ManifestError, ShardckptError, StorageError, UnsupportedValueError
+from shardckpt.format import datafile, layout
 from shardckpt.storage import open_storage
 
 SOURCE_FORMATS = ("safetensors", "hf", "torch", "dcp")
@@ -109,7 +107,9 @@ def import_checkpoint(
     if fmt not in SOURCE_FORMATS:
         raise ValueError(f"source_format must be 'auto' or one of {SOURCE_FORMATS}, got {source_format!r}")
     if fmt == "dcp" and not trust_pickle:
-        raise PickleNotTrustedError(f"{source}: refusing to import a DCP checkpoint without trust_pickle=True. {_TRUST_HINT}")
+        raise PickleNotTrustedError(
+            f"{source}: refusing to import a DCP checkpoint without trust_pickle=True. {_TRUST_HINT}"
+        )
     state = _READERS[fmt](source)
     if not isinstance(state, dict):
         raise UnsupportedValueError(
@@ -138,8 +138,10 @@ def detect_format(source: str) -> str:
             return "dcp"
         if any(n.endswith(".safetensors.index.json") or n.endswith(".safetensors") for n in names):
             return "hf"
-        raise ValueError(f"{source}: cannot tell the format of this folder: no .metadata (DCP) and no "
-                         "*.safetensors.index.json or *.safetensors (Hugging Face); pass source_format")
+        raise ValueError(
+            f"{source}: cannot tell the format of this folder: no .metadata (DCP) and no "
+            "*.safetensors.index.json or *.safetensors (Hugging Face); pass source_format"
+        )
     if not os.path.exists(source):
         raise FileNotFoundError(f"{source}: no such file or folder")
     with _open_regular(source) as f:
@@ -191,8 +193,10 @@ def _read_hf(folder: str) -> dict[str, Any]:
     if not indexes:
         files = [n for n in names if n.endswith(".safetensors")]
         if len(files) != 1:
-            raise ValueError(f"{folder}: no *.safetensors.index.json and {len(files)} safetensors files; "
-                             "a Hugging Face folder has either an index or exactly one model.safetensors")
+            raise ValueError(
+                f"{folder}: no *.safetensors.index.json and {len(files)} safetensors files; "
+                "a Hugging Face folder has either an index or exactly one model.safetensors"
+            )
         return _read_safetensors_state(os.path.join(folder, files[0]))
     if len(indexes) > 1:
         raise ValueError(f"{folder}: several index files {indexes}; import one model at a time (move the others away)")
@@ -217,7 +221,9 @@ def _read_index(path: str) -> dict[str, str]:
     except (UnicodeDecodeError, ValueError) as e:
         raise ManifestError(f"{_shown(path)}: not valid JSON ({e})") from e
     weight_map = doc.get("weight_map") if isinstance(doc, dict) else None
-    if not isinstance(weight_map, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()):
+    if not isinstance(weight_map, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()
+    ):
         raise ManifestError(f"{path}: expected an object with a 'weight_map' object of tensor name -> shard file")
     for file in set(weight_map.values()):
         layout.check_relative_name(file, where=f"{path}, weight_map")
@@ -260,8 +266,10 @@ def _read_dcp(folder: str) -> dict[str, Any]:
             try:
                 self.original_state_dict[fqn] = torch.load(value, weights_only=True)
             except pickle.UnpicklingError as e:
-                raise UnsupportedValueError(f"{folder}: DCP value {fqn!r} is not a plain value: "
-                                            f"torch.load(weights_only=True) refused it ({_unpickler_reason(e)})") from e
+                raise UnsupportedValueError(
+                    f"{folder}: DCP value {fqn!r} is not a plain value: "
+                    f"torch.load(weights_only=True) refused it ({_unpickler_reason(e)})"
+                ) from e
 
     _check_folder_files(folder)  # before DCP opens any of them by path
     reader = dcp.FileSystemReader(folder)
@@ -332,11 +340,16 @@ def _raise(e: OSError) -> None:
 def _not_regular(path: str, st: os.stat_result) -> StorageError:
     mode = st.st_mode
     kind = (
-        "a FIFO (named pipe)" if stat.S_ISFIFO(mode)
-        else "a folder" if stat.S_ISDIR(mode)
-        else "a character device" if stat.S_ISCHR(mode)
-        else "a block device" if stat.S_ISBLK(mode)
-        else "a socket" if stat.S_ISSOCK(mode)
+        "a FIFO (named pipe)"
+        if stat.S_ISFIFO(mode)
+        else "a folder"
+        if stat.S_ISDIR(mode)
+        else "a character device"
+        if stat.S_ISCHR(mode)
+        else "a block device"
+        if stat.S_ISBLK(mode)
+        else "a socket"
+        if stat.S_ISSOCK(mode)
         else "a special file"
     )
     return StorageError(

@@ -20,19 +20,27 @@ from typing import Any
 
 import torch
 
-from shardckpt.format import datafile
-
-from shardckpt.format import integrity
-from shardckpt.errors import IntegrityError, ManifestError, ShardckptError
 from shardckpt.engine.loading import read_manifest
+from shardckpt.errors import IntegrityError, ManifestError, ShardckptError
+from shardckpt.format import datafile, integrity
 from shardckpt.format.manifest import ChunkRecord, Manifest, decode_value
 from shardckpt.storage import open_storage
 
 _DTYPE_ALIASES: dict[str, torch.dtype] = {
-    "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
-    "fp16": torch.float16, "f16": torch.float16, "float16": torch.float16, "half": torch.float16,
-    "fp32": torch.float32, "f32": torch.float32, "float32": torch.float32, "float": torch.float32,
-    "fp64": torch.float64, "f64": torch.float64, "float64": torch.float64, "double": torch.float64,
+    "bf16": torch.bfloat16,
+    "bfloat16": torch.bfloat16,
+    "fp16": torch.float16,
+    "f16": torch.float16,
+    "float16": torch.float16,
+    "half": torch.float16,
+    "fp32": torch.float32,
+    "f32": torch.float32,
+    "float32": torch.float32,
+    "float": torch.float32,
+    "fp64": torch.float64,
+    "f64": torch.float64,
+    "float64": torch.float64,
+    "double": torch.float64,
 }
 
 
@@ -75,7 +83,7 @@ class Selection:
         return not self.keys or any(_matches(key, p) for p in self.keys)
 
     def rename(self, key: str) -> str:
-        return key[len(self.strip_prefix):] if self.strip_prefix and key.startswith(self.strip_prefix) else key
+        return key[len(self.strip_prefix) :] if self.strip_prefix and key.startswith(self.strip_prefix) else key
 
     def out_dtype(self, saved: torch.dtype) -> torch.dtype:
         return self.dtype if self.dtype is not None and saved.is_floating_point else saved
@@ -140,8 +148,9 @@ class CheckpointSource:
             chosen[name] = key
         if not chosen:
             shown = ", ".join(repr(k) for k in saved[:10]) + (" ..." if len(saved) > 10 else "")
-            raise ValueError(f"{self.path}: no key matches {list(selection.keys)}; "
-                             f"the checkpoint has {shown or 'no keys'}")
+            raise ValueError(
+                f"{self.path}: no key matches {list(selection.keys)}; the checkpoint has {shown or 'no keys'}"
+            )
         return dict(sorted(chosen.items()))
 
     # ------------------------------------------------------------ tensor bytes
@@ -194,8 +203,9 @@ class CheckpointSource:
         except EOFError as e:
             raise IntegrityError(f"{where}: {e}") from e
         if self.verify:
-            integrity.verify_blocks(view, first_block=lo // block, block_bytes=block, expected=chunk.block_hashes,
-                                    where=where)
+            integrity.verify_blocks(
+                view, first_block=lo // block, block_bytes=block, expected=chunk.block_hashes, where=where
+            )
         if not direct:
             dest.copy_(buf.view(dtype).as_strided(lengths, strides, (first * isz - lo) // isz))
 
@@ -206,11 +216,15 @@ class CheckpointSource:
         try:
             found = self.storage.size(name)
         except FileNotFoundError as e:
-            raise IntegrityError(f"{self.path}: data file {name!r} listed in the manifest is missing; "
-                                 "the checkpoint is damaged, restore the file or use an earlier checkpoint") from e
+            raise IntegrityError(
+                f"{self.path}: data file {name!r} listed in the manifest is missing; "
+                "the checkpoint is damaged, restore the file or use an earlier checkpoint"
+            ) from e
         if found != expected:
-            raise IntegrityError(f"{self.path}: data file {name!r} is {found} bytes, the manifest says {expected}; "
-                                 "it was truncated or replaced, restore it or use an earlier checkpoint")
+            raise IntegrityError(
+                f"{self.path}: data file {name!r} is {found} bytes, the manifest says {expected}; "
+                "it was truncated or replaced, restore it or use an earlier checkpoint"
+            )
         self._sizes_checked.add(name)
 
 
@@ -222,7 +236,9 @@ def _contiguous_strides(sizes: Sequence[int]) -> tuple[int, ...]:
     return tuple(reversed(strides))
 
 
-def row_pieces(shape: Sequence[int], itemsize: int, piece_bytes: int) -> Iterable[tuple[tuple[int, ...], tuple[int, ...]]]:
+def row_pieces(
+    shape: Sequence[int], itemsize: int, piece_bytes: int
+) -> Iterable[tuple[tuple[int, ...], tuple[int, ...]]]:
     """Boxes (offsets, sizes) that tile ``shape`` along dim 0, each about ``piece_bytes``."""
     if not shape:
         yield (), ()
@@ -263,8 +279,10 @@ def _child(node: Any, part: str | int, new: Any, last: bool, path: Sequence[str 
                 raise ManifestError(f"two keys have the same path {list(path)}")
             node[part] = new
         return node.setdefault(part, new)
-    raise ManifestError(f"path {list(path)} runs through a {type(node).__name__} at {part!r}; the manifest's "
-                        "paths disagree with each other")
+    raise ManifestError(
+        f"path {list(path)} runs through a {type(node).__name__} at {part!r}; the manifest's "
+        "paths disagree with each other"
+    )
 
 
 def strip_path(path: Sequence[str | int], prefix: str) -> list[str | int]:

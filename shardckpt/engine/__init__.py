@@ -18,4 +18,4 @@ from __future__ import annotations
 from shardckpt.engine.checkpointer import Checkpointer, StorageFactory
 from shardckpt.engine.default import async_save, default_checkpointer, load, save, staging_stats
 
-__all__ = ["Checkpointer", "StorageFactory", "default_checkpointer", "save", "async_save", "load", "staging_stats"]
+__all__ = ["Checkpointer", "StorageFactory", "async_save", "default_checkpointer", "load", "save", "staging_stats"]

@@ -23,9 +23,7 @@ from typing import Any
 import torch.distributed as dist
 
 from shardckpt.engine.collective import RankGroup, arrive, checkpoint_group, is_gloo
-from shardckpt.errors import ShardckptError
-from shardckpt.format.integrity import DEFAULT_BLOCK_BYTES
-from shardckpt.format.manifest import Manifest
+from shardckpt.engine.loading import DEFAULT_LOAD_IO_THREADS, load_from
 from shardckpt.engine.saving import (
     DEFAULT_TIMEOUT_S,
     AsyncSaveHandle,
@@ -33,9 +31,11 @@ from shardckpt.engine.saving import (
     persist,
     save_options,
 )
-from shardckpt.engine.loading import DEFAULT_LOAD_IO_THREADS, load_from
 from shardckpt.engine.staging import BoundedSource, Stager, tensor_bytes
 from shardckpt.engine.state import flatten_with_mappings, to_plain_state_dict
+from shardckpt.errors import ShardckptError
+from shardckpt.format.integrity import DEFAULT_BLOCK_BYTES
+from shardckpt.format.manifest import Manifest
 from shardckpt.storage import Storage, open_storage
 
 __all__ = ["Checkpointer", "StorageFactory"]
@@ -156,8 +156,17 @@ class Checkpointer:
         group = RankGroup.current(process_group)
         ckpt_group = self.group(process_group, timeout_s) if group.is_distributed else None
         arrive(ckpt_group, f"save to {path}: waiting for every rank to call save", timeout_s)
-        return persist(to_plain_state_dict(state_dict), path, ckpt_group, not group.is_distributed, options,
-                       storage_options, mappings=None, timeout_s=timeout_s, storage_factory=self.open_storage)
+        return persist(
+            to_plain_state_dict(state_dict),
+            path,
+            ckpt_group,
+            not group.is_distributed,
+            options,
+            storage_options,
+            mappings=None,
+            timeout_s=timeout_s,
+            storage_factory=self.open_storage,
+        )
 
     def async_save(
         self,
@@ -218,9 +227,19 @@ class Checkpointer:
                 "(created on every rank)"
             )
         handle = AsyncSaveHandle(path)
-        run = functools.partial(persist, staged["state"], path, bg_group, not group.is_distributed, options,
-                                storage_options, staged["mappings"], timeout_s, staged["source"],
-                                storage_factory=self.open_storage)
+        run = functools.partial(
+            persist,
+            staged["state"],
+            path,
+            bg_group,
+            not group.is_distributed,
+            options,
+            storage_options,
+            staged["mappings"],
+            timeout_s,
+            staged["source"],
+            storage_factory=self.open_storage,
+        )
         # Not a daemon: the interpreter joins it at exit, so a pending save finishes (or
         # fails uncommitted) instead of being cut off mid-write. No atexit hook needed.
         thread = threading.Thread(target=handle._run, args=(run,), name="shardckpt-async-save", daemon=False)
@@ -271,8 +290,9 @@ class Checkpointer:
         arrive(ckpt_group, f"load of {path}: waiting for every rank to call load", timeout_s)
         group = RankGroup.current(ckpt_group) if ckpt_group is not None else group
         storage = self.open_storage(path, storage_options)
-        load_from(state_dict, path, storage, group, ckpt_group, strict=strict, verify=verify,
-                           num_io_threads=num_io_threads)
+        load_from(
+            state_dict, path, storage, group, ckpt_group, strict=strict, verify=verify, num_io_threads=num_io_threads
+        )
 
     # ------------------------------------------------------------ pending save, stats, close
 
@@ -329,4 +349,6 @@ class Checkpointer:
 
     def _check_open(self, action: str) -> None:
         if self._closed:
-            raise ShardckptError(f"{action}: this Checkpointer is closed; create a new one (or use shardckpt.save/load)")
+            raise ShardckptError(
+                f"{action}: this Checkpointer is closed; create a new one (or use shardckpt.save/load)"
+            )

@@ -76,7 +76,6 @@ class RankGroup:
             raise_failures(action, by_rank, local=failure)
         return result  # type: ignore[return-value]
 
-
     def decide(self, action: str, fn: Callable[[], T]) -> T:
         """Collective: run ``fn`` on the coordinator only and give its result to every rank.
 
@@ -96,7 +95,9 @@ class RankGroup:
             except Exception as e:  # noqa: BLE001 - re-raised on every rank below
                 failure = e
                 payload[0] = ("error", type(e).__name__, str(e))
-        src = dist.get_global_rank(self.group, self.coordinator_rank) if self.group is not None else self.coordinator_rank
+        src = (
+            dist.get_global_rank(self.group, self.coordinator_rank) if self.group is not None else self.coordinator_rank
+        )
         with typed_transport_errors(action):
             dist.broadcast_object_list(payload, src=src, group=self.group)
         if payload[0][0] == "error":

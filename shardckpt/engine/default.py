@@ -19,7 +19,7 @@ from typing import Concatenate, ParamSpec, TypeVar
 
 from shardckpt.engine.checkpointer import Checkpointer
 
-__all__ = ["default_checkpointer", "save", "async_save", "load", "staging_stats", "wait_pending"]
+__all__ = ["async_save", "default_checkpointer", "load", "save", "staging_stats", "wait_pending"]
 
 _P = ParamSpec("_P")
 _R = TypeVar("_R")

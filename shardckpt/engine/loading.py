@@ -13,12 +13,10 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 
-from shardckpt.format import datafile
-
-from shardckpt.format import integrity
-
-from shardckpt.format import layout
 from shardckpt.engine.collective import RankGroup, translated_failures, typed_transport_errors
+from shardckpt.engine.planner import LoadPlanner
+from shardckpt.engine.reader import Reader
+from shardckpt.engine.state import apply_loaded_stateful, describe, flat_keys, tensor_problem, to_plain_state_dict
 from shardckpt.errors import (
     CheckpointNotFoundError,
     InconsistentRanksError,
@@ -27,11 +25,8 @@ from shardckpt.errors import (
     StateDictMismatchError,
     UnsupportedValueError,
 )
+from shardckpt.format import datafile, integrity, layout
 from shardckpt.format.manifest import MAX_MANIFEST_BYTES, Manifest, parse_manifest, unseal
-from shardckpt.engine.planner import LoadPlanner
-from shardckpt.engine.reader import Reader
-from shardckpt.engine.saving import DEFAULT_TIMEOUT_S
-from shardckpt.engine.state import apply_loaded_stateful, describe, flat_keys, tensor_problem, to_plain_state_dict
 from shardckpt.storage import Storage, open_storage  # noqa: F401 - the engine looks it up here at call time (tests still patch it)
 
 DEFAULT_LOAD_IO_THREADS = 4
@@ -184,7 +179,9 @@ def check_target(manifest: Manifest, flat: dict[str, Any], *, strict: bool, sour
             problems.append(f"key {k!r}: saved as a non-tensor value, the state_dict holds {describe(v)}")
     if problems:
         hint = " Pass strict=False to load only the keys both have." if (missing or unexpected) else ""
-        raise StateDictMismatchError(f"{source}: the state_dict does not match the checkpoint: " + "; ".join(problems) + "." + hint)
+        raise StateDictMismatchError(
+            f"{source}: the state_dict does not match the checkpoint: " + "; ".join(problems) + "." + hint
+        )
 
 
 def _some(keys: list[str], limit: int = 20) -> str:

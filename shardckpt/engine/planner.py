@@ -16,21 +16,21 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner, DefaultSavePlanner, create_default_global_save_plan
+from torch.distributed.checkpoint.default_planner import (
+    DefaultLoadPlanner,
+    DefaultSavePlanner,
+    create_default_global_save_plan,
+)
 from torch.distributed.checkpoint.metadata import Metadata, MetadataIndex, TensorStorageMetadata
 from torch.distributed.checkpoint.planner import ReadItem, SavePlan, WriteItem, WriteItemType
 
-from shardckpt.format import datafile
-
-from shardckpt.format import integrity
-
-from shardckpt.format import manifest
 from shardckpt.engine._torch_private import hook_skipped_error
-from shardckpt.errors import ManifestError, UnsupportedValueError
-from shardckpt.format.manifest import first_overlap
-from shardckpt.format.values import decode_value, encode_value
 from shardckpt.engine.staging import BoundedSource, StagedShard, item_bytes
 from shardckpt.engine.state import check_savable, flatten_collision, too_deep
+from shardckpt.errors import ManifestError, UnsupportedValueError
+from shardckpt.format import datafile, integrity, manifest
+from shardckpt.format.manifest import first_overlap
+from shardckpt.format.values import decode_value, encode_value
 
 
 @dataclass(frozen=True)
@@ -222,12 +222,17 @@ def _check_tensors_agree(all_plans: list[SavePlan]) -> None:
     on several ranks is taken as replicated and written by one of them, so a rank whose
     copy differs would otherwise be dropped without a word."""
     per_rank = [
-        [(it.index.fqn, (tuple(it.tensor_data.size), str(it.tensor_data.properties.dtype).removeprefix("torch.")))
-         for it in plan.items if it.tensor_data is not None]
+        [
+            (it.index.fqn, (tuple(it.tensor_data.size), str(it.tensor_data.properties.dtype).removeprefix("torch.")))
+            for it in plan.items
+            if it.tensor_data is not None
+        ]
         for plan in all_plans
     ]
     for fqn, variants in _disagreements(per_rank):
-        groups = "; ".join(f"ranks {ranks} hold shape {list(shape)} {dtype}" for (shape, dtype), ranks in variants.items())
+        groups = "; ".join(
+            f"ranks {ranks} hold shape {list(shape)} {dtype}" for (shape, dtype), ranks in variants.items()
+        )
         raise UnsupportedValueError(
             f"key {fqn!r}: the tensor differs in shape or dtype across ranks ({groups}). A plain tensor "
             "present on several ranks is saved once, as a replicated tensor. Make it equal on every "
@@ -266,8 +271,11 @@ def _check_tiling(metadata: Metadata) -> None:
             ) from None
         covered = sum(math.prod(size) for _, size in boxes)
         if pair is not None or covered != math.prod(md.size):
-            what = (f"shards at {list(boxes[pair[0]][0])} and {list(boxes[pair[1]][0])} overlap" if pair
-                    else f"the shards hold {covered} elements, the tensor {math.prod(md.size)}")
+            what = (
+                f"shards at {list(boxes[pair[0]][0])} and {list(boxes[pair[1]][0])} overlap"
+                if pair
+                else f"the shards hold {covered} elements, the tensor {math.prod(md.size)}"
+            )
             raise UnsupportedValueError(
                 f"key {fqn!r}: the ranks' shards do not tile the global shape {list(md.size)} ({what}). "
                 "Every element must be saved by exactly one shard: check the DTensor placements on every rank."

@@ -29,10 +29,8 @@ from torch.distributed.checkpoint.metadata import (
 from torch.distributed.checkpoint.planner import LoadItemType, LoadPlan, LoadPlanner, ReadItem
 from torch.distributed.checkpoint.storage import StorageReader
 
-from shardckpt.format import datafile
-
-from shardckpt.format import integrity
 from shardckpt.errors import IntegrityError
+from shardckpt.format import datafile, integrity
 from shardckpt.format.manifest import ChunkRecord, Manifest
 from shardckpt.storage import Storage
 
@@ -128,7 +126,9 @@ class Reader(StorageReader):
         block = self.manifest.hash_block_bytes
         if self.verify:
             lo, hi = lo // block * block, min(chunk.byte_length, -(-hi // block) * block)
-        where = f"{self.storage.url}: file {chunk.file!r}, key {fqn!r}, chunk at {list(chunk.offsets)} (rank {self.rank})"
+        where = (
+            f"{self.storage.url}: file {chunk.file!r}, key {fqn!r}, chunk at {list(chunk.offsets)} (rank {self.rank})"
+        )
         whole_chunk = lengths == chunk.sizes
         direct = whole_chunk and target.is_contiguous() and target.device.type == "cpu" and target.dtype == dtype
         buf = target.reshape(-1).view(torch.uint8) if direct else torch.empty(hi - lo, dtype=torch.uint8)
@@ -167,9 +167,7 @@ def manifest_to_metadata(m: Manifest) -> Metadata:
         )
     for fqn in m.values:
         sd[fqn] = BytesStorageMetadata()
-    storage_data = {
-        MetadataIndex(fqn, c.offsets): c for fqn, t in m.tensors.items() for c in t.chunks
-    }
+    storage_data = {MetadataIndex(fqn, c.offsets): c for fqn, t in m.tensors.items() for c in t.chunks}
     return Metadata(
         state_dict_metadata=sd,
         planner_data={k: tuple(v) for k, v in m.paths.items()},

@@ -22,14 +22,13 @@ from typing import Any
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 
-from shardckpt.format import integrity
 from shardckpt.engine.collective import arrive, is_timeout, translated_failures
-from shardckpt.errors import RankTimeoutError
-from shardckpt.format.manifest import Manifest
 from shardckpt.engine.planner import SavePlanner
 from shardckpt.engine.staging import BoundedSource
-from shardckpt.storage import Storage, open_storage
 from shardckpt.engine.writer import Writer, WriterOptions
+from shardckpt.errors import RankTimeoutError
+from shardckpt.format.manifest import Manifest
+from shardckpt.storage import Storage, open_storage
 
 DEFAULT_SAVE_IO_THREADS = 4  # local disks: 4 streams per rank saved 1.4-1.6x faster than 2 (benchmarks.md)
 DEFAULT_REMOTE_SAVE_IO_THREADS = 8  # object stores: latency-bound, more uploads in flight (storage.md)
@@ -69,8 +68,13 @@ def persist(
     try:
         rank = dist.get_rank(process_group) if process_group is not None else 0
         with translated_failures(f"save to {path}", rank=rank):
-            dcp.save(state, storage_writer=writer, planner=SavePlanner(mappings=mappings, source=source),
-                     process_group=process_group, no_dist=no_dist)
+            dcp.save(
+                state,
+                storage_writer=writer,
+                planner=SavePlanner(mappings=mappings, source=source),
+                process_group=process_group,
+                no_dist=no_dist,
+            )
     except BaseException as e:
         writer.discard()
         if not isinstance(e, RuntimeError):
@@ -93,7 +97,9 @@ def checkpoint_path(path: Any) -> str:
     mean the current directory)."""
     text = os.fspath(path) if isinstance(path, (str, os.PathLike)) else path
     if not isinstance(text, str):
-        raise TypeError(f"checkpoint path must be a str or os.PathLike (a local path or fsspec URL), got {type(path).__name__}")
+        raise TypeError(
+            f"checkpoint path must be a str or os.PathLike (a local path or fsspec URL), got {type(path).__name__}"
+        )
     if not text.strip():
         raise ValueError("checkpoint path is empty; pass the folder to save into, e.g. 'runs/exp1/step_100'")
     return text
@@ -106,8 +112,12 @@ def save_options(
     if num_io_threads is None:
         local = "://" not in path or path.startswith("file://")
         num_io_threads = DEFAULT_SAVE_IO_THREADS if local else DEFAULT_REMOTE_SAVE_IO_THREADS
-    return WriterOptions(num_io_threads=num_io_threads, hash_block_bytes=hash_block_bytes, overwrite=overwrite,
-                         metadata=dict(metadata or {}))
+    return WriterOptions(
+        num_io_threads=num_io_threads,
+        hash_block_bytes=hash_block_bytes,
+        overwrite=overwrite,
+        metadata=dict(metadata or {}),
+    )
 
 
 # ------------------------------------------------------------------ async

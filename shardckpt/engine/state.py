@@ -17,9 +17,9 @@ import torch
 from torch.distributed.checkpoint.stateful import Stateful
 from torch.distributed.tensor import DTensor
 
-from shardckpt.format import datafile
 from shardckpt.engine._torch_private import flatten_state_dict
 from shardckpt.errors import ManifestError, UnsupportedValueError
+from shardckpt.format import datafile
 from shardckpt.format.values import check_str
 
 
@@ -154,24 +154,27 @@ def tensor_problem(tensor: torch.Tensor, *, loading: bool) -> str | None:
         return next((p for p in problems if p is not None), None)
     local = tensor.to_local() if isinstance(tensor, DTensor) else tensor
     if local.is_nested:
-        return (
-            "a nested (jagged) tensor, which a checkpoint cannot hold (it stores strided tensors). "
-            + ("Load into a list of its components instead." if loading else
-               "Save its components instead (e.g. list(t.unbind())) or a padded copy "
-               "(torch.nested.to_padded_tensor(t, 0.0)).")
+        return "a nested (jagged) tensor, which a checkpoint cannot hold (it stores strided tensors). " + (
+            "Load into a list of its components instead."
+            if loading
+            else "Save its components instead (e.g. list(t.unbind())) or a padded copy "
+            "(torch.nested.to_padded_tensor(t, 0.0))."
         )
     if local.layout != torch.strided:
         return (
             f"a {str(local.layout).removeprefix('torch.')} tensor, but a checkpoint holds dense (strided) tensors. "
-            + ("Load into a dense tensor (call .to_dense() on the target) and convert it after loading."
-               if loading else "Call .to_dense() on it before saving (and convert it back after loading).")
+            + (
+                "Load into a dense tensor (call .to_dense() on the target) and convert it after loading."
+                if loading
+                else "Call .to_dense() on it before saving (and convert it back after loading)."
+            )
         )
     if local.device.type == "meta":
-        return (
-            "a meta tensor, which has a shape but no data: "
-            + ("materialize the tensor before loading into it (e.g. model.to_empty(device='cpu'))."
-               if loading else "materialize the tensor (e.g. model.to_empty(device=...), then initialize it) "
-               "before saving, or leave the key out.")
+        return "a meta tensor, which has a shape but no data: " + (
+            "materialize the tensor before loading into it (e.g. model.to_empty(device='cpu'))."
+            if loading
+            else "materialize the tensor (e.g. model.to_empty(device=...), then initialize it) "
+            "before saving, or leave the key out."
         )
     return None
 

@@ -30,9 +30,9 @@ import socket
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -41,14 +41,7 @@ from torch.distributed.checkpoint.planner import SavePlan, SavePlanner, WriteIte
 from torch.distributed.checkpoint.storage import StorageWriter, WriteResult
 
 from shardckpt._version import __version__
-
-from shardckpt.format import datafile
-
-from shardckpt.storage import folder
-
-from shardckpt.format import integrity
-
-from shardckpt.format import layout
+from shardckpt.engine.staging import item_bytes
 from shardckpt.errors import (
     CheckpointExistsError,
     DestinationNotEmptyError,
@@ -57,9 +50,9 @@ from shardckpt.errors import (
     StorageError,
     UnsupportedValueError,
 )
+from shardckpt.format import datafile, integrity, layout
 from shardckpt.format.manifest import FORMAT_VERSION, ChunkRecord, FileRecord, Manifest, TensorRecord, manifest_to_json
-from shardckpt.engine.staging import item_bytes
-from shardckpt.storage import Storage
+from shardckpt.storage import Storage, folder
 
 log = logging.getLogger("shardckpt")
 
@@ -122,8 +115,12 @@ class Writer(StorageWriter):
         self.rank = int(kwargs.get("rank", 0))
 
     def prepare_local_plan(self, plan: SavePlan) -> SavePlan:
-        host = {"rank": self.rank, "host": socket.gethostname(), "local_rank": int(os.environ.get("LOCAL_RANK", 0)),
-                "location": self.storage.location}
+        host = {
+            "rank": self.rank,
+            "host": socket.gethostname(),
+            "local_rank": int(os.environ.get("LOCAL_RANK", 0)),
+            "location": self.storage.location,
+        }
         return dataclasses.replace(plan, storage_data=host)
 
     def prepare_global_plan(self, plans: list[SavePlan]) -> list[SavePlan]:
@@ -157,15 +154,26 @@ class Writer(StorageWriter):
                 f"(it holds {layout.SAVE_MARKER_NAME} and no {layout.MANIFEST_NAME}). If no other job is saving "
                 "here, pass overwrite=True to replace what the interrupted save left, or save to a new path."
             )
-        marker = json.dumps({"format": "shardckpt", "save_id": save_id, "host": socket.gethostname(),
-                             "pid": os.getpid(), "started_at": time.time()}).encode()
+        marker = json.dumps(
+            {
+                "format": "shardckpt",
+                "save_id": save_id,
+                "host": socket.gethostname(),
+                "pid": os.getpid(),
+                "started_at": time.time(),
+            }
+        ).encode()
         if self.options.overwrite:
             # Listed now, deleted only after the new commit: the replaced save's files.
             self._replaced = [n for n in found.checkpoint_files if layout.is_data_file_name(n)]
             # Uncommit first: from here on nobody may trust the old files.
             self.storage.delete([layout.MANIFEST_NAME])
-        self._create(layout.SAVE_MARKER_NAME, marker, lost_race="another save started writing into this folder "
-                     "at the same moment; two saves to one path cannot both succeed. Save each to its own path.")
+        self._create(
+            layout.SAVE_MARKER_NAME,
+            marker,
+            lost_race="another save started writing into this folder "
+            "at the same moment; two saves to one path cannot both succeed. Save each to its own path.",
+        )
         self._save_id = save_id
 
     def _create(self, name: str, data: bytes, *, lost_race: str) -> None:
@@ -197,7 +205,9 @@ class Writer(StorageWriter):
     def _write_files(self, plan: SavePlan, planner: SavePlanner) -> list[WriteResult]:
         save_id, rank = plan.storage_data["save_id"], plan.storage_data["rank"]
         results: list[WriteResult] = []
-        buckets = _split_by_bytes([it for it in plan.items if it.type != WriteItemType.BYTE_IO], self.options.num_io_threads)
+        buckets = _split_by_bytes(
+            [it for it in plan.items if it.type != WriteItemType.BYTE_IO], self.options.num_io_threads
+        )
         meta = {"format": "shardckpt", "format_version": str(FORMAT_VERSION), "save_id": save_id, "rank": str(rank)}
         if not buckets:
             return results
@@ -206,9 +216,16 @@ class Writer(StorageWriter):
         try:
             futures = [
                 pool.submit(
-                    write_file, self.storage, layout.data_file_name(save_id, rank, k), bucket, planner.resolve_data,
-                    release=getattr(planner, "release_data", None), rank=rank, block_bytes=self.options.hash_block_bytes,
-                    metadata=meta, cancel=cancel,
+                    write_file,
+                    self.storage,
+                    layout.data_file_name(save_id, rank, k),
+                    bucket,
+                    planner.resolve_data,
+                    release=getattr(planner, "release_data", None),
+                    rank=rank,
+                    block_bytes=self.options.hash_block_bytes,
+                    metadata=meta,
+                    cancel=cancel,
                 )
                 for k, bucket in enumerate(buckets)
             ]
@@ -228,8 +245,12 @@ class Writer(StorageWriter):
         m = build_manifest(metadata, results, self._layout, self.options.hash_block_bytes)
         m = dataclasses.replace(m, metadata=dict(self.options.metadata))
         self._check_files_present(m)
-        self._create(layout.MANIFEST_NAME, manifest_to_json(m), lost_race="another save committed this folder "
-                     "first; this one was not committed. Save each checkpoint to its own path.")
+        self._create(
+            layout.MANIFEST_NAME,
+            manifest_to_json(m),
+            lost_race="another save committed this folder "
+            "first; this one was not committed. Save each checkpoint to its own path.",
+        )
         self.manifest = m
         self._committed = True
         self._remove_replaced(m)
@@ -258,8 +279,13 @@ class Writer(StorageWriter):
         try:
             self.storage.delete(stale)
         except (OSError, ShardckptError) as e:
-            log.warning("shardckpt: committed %s, but could not remove %d data files of the checkpoint it "
-                        "replaced (%s); they are unused and safe to delete by hand", self.storage.url, len(stale), e)
+            log.warning(
+                "shardckpt: committed %s, but could not remove %d data files of the checkpoint it "
+                "replaced (%s); they are unused and safe to delete by hand",
+                self.storage.url,
+                len(stale),
+                e,
+            )
 
     def discard(self) -> None:
         """After a failed save (coordinator): remove this save's own files when nothing was
@@ -278,8 +304,12 @@ class Writer(StorageWriter):
                 if self.storage.remove_empty_dir(layout.DATA_DIR):
                     self.storage.remove_empty_dir("")
         except (OSError, ShardckptError) as e:
-            log.warning("shardckpt: the failed save to %s left files behind (%s); a CheckpointManager "
-                        "removes them at its next start, or save again with overwrite=True", self.storage.url, e)
+            log.warning(
+                "shardckpt: the failed save to %s left files behind (%s); a CheckpointManager "
+                "removes them at its next start, or save again with overwrite=True",
+                self.storage.url,
+                e,
+            )
 
     def storage_meta(self) -> None:
         return None
@@ -341,7 +371,9 @@ def _entry_name(item: WriteItem) -> str:
     last ``@`` unambiguously separates key and offsets and no two entries collide."""
     assert item.index.offset is not None and item.tensor_data is not None
     fqn = item.index.fqn
-    whole = all(o == 0 for o in item.index.offset) and tuple(item.tensor_data.chunk.sizes) == tuple(item.tensor_data.size)
+    whole = all(o == 0 for o in item.index.offset) and tuple(item.tensor_data.chunk.sizes) == tuple(
+        item.tensor_data.size
+    )
     if whole and "@" not in fqn and fqn != "__metadata__":
         return fqn
     return f"{fqn}@{','.join(map(str, item.index.offset))}"
@@ -416,7 +448,9 @@ def write_file(
         raise
     record = FileRecord(size=len(header) + begin, hash=file_hasher.hexdigest(), rank=rank)
     return [
-        WriteResult(index=it.index, size_in_bytes=length, storage_data=_ChunkLocation(name, off, length, hashes, record))
+        WriteResult(
+            index=it.index, size_in_bytes=length, storage_data=_ChunkLocation(name, off, length, hashes, record)
+        )
         for it, off, length, hashes in located
     ]
 
@@ -438,7 +472,9 @@ def build_manifest(
             loc: _ChunkLocation = located[MetadataIndex(fqn, c.offsets)]
             files[loc.file] = loc.file_record
             chunks.append(
-                ChunkRecord(tuple(c.offsets), tuple(c.sizes), loc.file, loc.byte_offset, loc.byte_length, loc.block_hashes)
+                ChunkRecord(
+                    tuple(c.offsets), tuple(c.sizes), loc.file, loc.byte_offset, loc.byte_length, loc.block_hashes
+                )
             )
         dtype = datafile.dtype_name(md.properties.dtype, key=fqn)
         tensors[fqn] = TensorRecord(dtype, tuple(md.size), tuple(chunks))

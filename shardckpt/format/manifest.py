@@ -16,16 +16,14 @@ import itertools
 import json
 import math
 import re
-from dataclasses import dataclass, field
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
-from shardckpt.format import datafile
-
-from shardckpt.format import integrity
 from shardckpt.errors import ManifestError, UnsupportedFormatVersionError
+from shardckpt.format import datafile, integrity
 from shardckpt.format.layout import check_relative_name, is_data_file_name
 from shardckpt.format.values import decode_value
 
@@ -145,8 +143,7 @@ def check_manifest_limits(raw: bytes, *, source: str, writing: bool = False) -> 
         )
     else:
         hint = (
-            "shardckpt refuses to write such manifests, so this file is corrupt or hostile; "
-            "load an earlier checkpoint."
+            "shardckpt refuses to write such manifests, so this file is corrupt or hostile; load an earlier checkpoint."
         )
     raise ManifestError(f"{source}: manifest {problem}. {hint}")
 
@@ -177,7 +174,7 @@ def unseal(raw: bytes, *, source: str) -> bytes:
     digest = raw[at + len(_SEAL_MARKER) : at + len(_SEAL_MARKER) + 16] if at >= 0 else b""
     if at < 0 or raw[at + len(_SEAL_MARKER) + 16 :] != _SEAL_END:
         raise ManifestError(
-            f"{source}: the manifest does not end with its checksum field \"manifest_hash\"; it is "
+            f'{source}: the manifest does not end with its checksum field "manifest_hash"; it is '
             "truncated, corrupted, or was not written by shardckpt. Load an earlier checkpoint."
         )
     computed = integrity.hash_hex(raw[:at])
@@ -255,7 +252,9 @@ def _parse_document(doc: Any, source: str) -> Manifest:
     for name, f in r.get(doc, "files", dict, "").items():
         check_relative_name(name, where=f"{source}, files")
         if not is_data_file_name(name):
-            raise ManifestError(f"{source}: files: {name!r} is not a data file name (data/<id>-r<rank>-<k>.safetensors)")
+            raise ManifestError(
+                f"{source}: files: {name!r} is not a data file name (data/<id>-r<rank>-<k>.safetensors)"
+            )
         files[name] = FileRecord(
             size=r.nonneg(f, "size", f"files[{name!r}]"),
             hash=r.hash(f, "hash", f"files[{name!r}]"),
@@ -275,7 +274,11 @@ def _parse_document(doc: Any, source: str) -> Manifest:
         raise ManifestError(f"{source}: process_layout must be a list of objects")
     paths = r.get(doc, "paths", dict, "")
     for k, p in paths.items():
-        if not isinstance(p, list) or not p or not all(isinstance(e, (str, int)) and not isinstance(e, bool) for e in p):
+        if (
+            not isinstance(p, list)
+            or not p
+            or not all(isinstance(e, (str, int)) and not isinstance(e, bool) for e in p)
+        ):
             raise ManifestError(f"{source}: paths[{k!r}] must be a non-empty list of str/int, found {p!r}")
     metadata = doc.get("metadata", {})  # absent in manifests written before the field existed
     if not isinstance(metadata, dict):
@@ -315,8 +318,10 @@ def _parse_tensor(r: _Reader, key: str, t: Any, files: dict[str, FileRecord], bl
         cw = f"{where}.chunks[{i}]"
         offsets = datafile.check_shape(r.get(c, "offsets", list, cw), where=f"{r.source}, {cw}.offsets")
         sizes = datafile.check_shape(r.get(c, "sizes", list, cw), where=f"{r.source}, {cw}.sizes")
-        if len(offsets) != len(shape) or len(sizes) != len(shape) or any(
-            o + s > d for o, s, d in zip(offsets, sizes, shape)
+        if (
+            len(offsets) != len(shape)
+            or len(sizes) != len(shape)
+            or any(o + s > d for o, s, d in zip(offsets, sizes, shape))
         ):
             raise ManifestError(f"{r.source}, {cw}: box {offsets}+{sizes} lies outside shape {shape}")
         name = check_relative_name(r.get(c, "file", str, cw), where=f"{r.source}, {cw}")

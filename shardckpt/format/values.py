@@ -14,8 +14,8 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from shardckpt.format import datafile
 from shardckpt.errors import ManifestError, UnsupportedValueError
+from shardckpt.format import datafile
 
 # Nesting depth of one encoded value, counted in JSON containers (a list is one level,
 # a tuple two: {"$tuple": [...]}). A value sits two levels deep in manifest.json (the
@@ -101,7 +101,11 @@ def _encode(value: Any, key: str, depth: int) -> Any:
             check_str(k, key=key, what="the dict key")
             enc[k] = _encode(v, f"{key}.{k}", inner)
         return {"$dict": enc} if tagged else enc
-    hint = "use a dict or list to hold tensors" if _is_tensor(value) else "convert it to int, float, str, bool, None, list, tuple or dict"
+    hint = (
+        "use a dict or list to hold tensors"
+        if _is_tensor(value)
+        else "convert it to int, float, str, bool, None, list, tuple or dict"
+    )
     raise UnsupportedValueError(
         f"key {key!r}: value of type {type(value).__module__}.{type(value).__qualname__} "
         f"cannot be saved: non-tensor values are stored as JSON (no pickle); {hint}"
@@ -134,7 +138,7 @@ def _decode(obj: Any, where: str, depth: int) -> Any:
     if isinstance(obj, dict):
         _check_decoded_depth(depth + 1, where)
         if len(obj) == 1:
-            (tag, inner), = obj.items()
+            ((tag, inner),) = obj.items()
             if tag == "$tuple" and isinstance(inner, list):
                 _check_decoded_depth(depth + 2, where)
                 return tuple(_decode(v, where, depth + 2) for v in inner)

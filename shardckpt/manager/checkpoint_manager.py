@@ -28,13 +28,10 @@ from dataclasses import dataclass, field
 from types import FrameType
 from typing import Any
 
-from shardckpt.storage import folder
-
-from shardckpt.format import layout
-
-from shardckpt.manager import ownership
-from shardckpt.engine.collective import RankGroup
 from shardckpt.engine.checkpointer import Checkpointer
+from shardckpt.engine.collective import RankGroup
+from shardckpt.engine.loading import read_manifest
+from shardckpt.engine.saving import DEFAULT_TIMEOUT_S, AsyncSaveHandle
 from shardckpt.errors import (
     CheckpointNotFoundError,
     IntegrityError,
@@ -43,11 +40,11 @@ from shardckpt.errors import (
     ShardckptError,
     UnsupportedValueError,
 )
-from shardckpt.engine.loading import read_manifest
+from shardckpt.format import layout
 from shardckpt.format.manifest import Manifest
+from shardckpt.manager import ownership
 from shardckpt.manager.retention import RetentionPolicy
-from shardckpt.engine.saving import DEFAULT_TIMEOUT_S, AsyncSaveHandle
-from shardckpt.storage import Storage, open_storage
+from shardckpt.storage import Storage, folder, open_storage
 
 log = logging.getLogger("shardckpt")
 
@@ -144,7 +141,9 @@ class CheckpointManager:
         # storage factory opens the root too, so injected storage sees every access.
         self._owns_checkpointer = checkpointer is None
         self._checkpointer = Checkpointer() if checkpointer is None else checkpointer
-        self._storage = (open_storage if checkpointer is None else checkpointer.open_storage)(self.root, storage_options)
+        self._storage = (open_storage if checkpointer is None else checkpointer.open_storage)(
+            self.root, storage_options
+        )
         self._metrics: dict[int, dict[str, Any]] = {}
         self._last_save_time = time.monotonic()
         self._preempted = False
@@ -209,9 +208,16 @@ class CheckpointManager:
         start). With ``step=None``, a latest step that fails verification is skipped
         with a warning and the next older committed step is tried.
         """
+
         def load_step(s: int) -> None:
-            self._checkpointer.load(state_dict, self.path(s), process_group=self._process_group, strict=strict,
-                                    storage_options=self._storage_options, **self._io)
+            self._checkpointer.load(
+                state_dict,
+                self.path(s),
+                process_group=self._process_group,
+                strict=strict,
+                storage_options=self._storage_options,
+                **self._io,
+            )
 
         return self.restore_with(load_step, step)
 
@@ -233,7 +239,9 @@ class CheckpointManager:
             except (IntegrityError, ManifestError) as e:
                 if step is not None or i == len(candidates) - 1:
                     raise
-                log.warning("shardckpt: step %d under %s is damaged (%s); trying step %d", s, self.root, e, candidates[i + 1])
+                log.warning(
+                    "shardckpt: step %d under %s is damaged (%s); trying step %d", s, self.root, e, candidates[i + 1]
+                )
         return None
 
     def _restore_candidates(self, step: int | None) -> list[int]:
@@ -279,12 +287,15 @@ class CheckpointManager:
         self.wait()  # the previous async save: commit it (or raise its error) and apply retention
         self._ranks().decide(f"checking that this manager still owns {self.root}", self._check_owner)
         meta = {"step": step, "metrics": checked, "saved_at": time.time()}
-        kwargs = dict(process_group=self._process_group, storage_options=self._storage_options, metadata=meta, **self._io)
+        kwargs = dict(
+            process_group=self._process_group, storage_options=self._storage_options, metadata=meta, **self._io
+        )
         self._metrics[step] = dict(checked)
         self._last_save_time = time.monotonic()
         if self.async_save and not preempted:
-            handle = self._checkpointer.async_save(state_dict, self.path(step), max_staging_bytes=self._max_staging_bytes,
-                                                   **kwargs)
+            handle = self._checkpointer.async_save(
+                state_dict, self.path(step), max_staging_bytes=self._max_staging_bytes, **kwargs
+            )
             self._pending = (step, handle)
             return True
         self._checkpointer.save(state_dict, self.path(step), **kwargs)
@@ -308,8 +319,13 @@ class CheckpointManager:
         except RootInUseError:
             pass  # logged by the heartbeat when it noticed; the next save raises it
         except (OSError, ShardckptError) as e:
-            log.warning("shardckpt: retention under %s stopped after the commit (%s: %s); the new step is "
-                        "committed, and retention runs again after the next one", self.root, type(e).__name__, e)
+            log.warning(
+                "shardckpt: retention under %s stopped after the commit (%s: %s); the new step is "
+                "committed, and retention runs again after the next one",
+                self.root,
+                type(e).__name__,
+                e,
+            )
 
     def _shared_flags(self) -> tuple[bool, bool]:
         needs_collective = self.save_interval_s is not None or self._previous_sigterm is not None
@@ -333,9 +349,14 @@ class CheckpointManager:
             try:
                 self._delete_step(s)
             except OSError as e:
-                log.warning("shardckpt: retention could not delete all of step %d (%s: %s); it is no longer "
-                            "committed, and the next manager start removes the rest of %s",
-                            s, type(e).__name__, e, self.path(s))
+                log.warning(
+                    "shardckpt: retention could not delete all of step %d (%s: %s); it is no longer "
+                    "committed, and the next manager start removes the rest of %s",
+                    s,
+                    type(e).__name__,
+                    e,
+                    self.path(s),
+                )
 
     def _retention_metrics(self, step: int) -> dict[str, Any]:
         try:
@@ -365,10 +386,15 @@ class CheckpointManager:
             sub = self._storage.child(name)
             found = folder.contents(sub)
             if not found.is_ours and not found.is_empty:
-                log.warning("shardckpt: leaving %s/%s alone: it has no %s and no %s, so shardckpt did not write "
-                            "it (another tool's checkpoint?); it is never listed, restored or deleted. Move it "
-                            "out of the manager's root to silence this warning.",
-                            self.root, name, layout.MANIFEST_NAME, layout.SAVE_MARKER_NAME)
+                log.warning(
+                    "shardckpt: leaving %s/%s alone: it has no %s and no %s, so shardckpt did not write "
+                    "it (another tool's checkpoint?); it is never listed, restored or deleted. Move it "
+                    "out of the manager's root to silence this warning.",
+                    self.root,
+                    name,
+                    layout.MANIFEST_NAME,
+                    layout.SAVE_MARKER_NAME,
+                )
                 continue
             self._check_owner()
             try:
@@ -380,9 +406,14 @@ class CheckpointManager:
                 else:
                     gone = folder.remove_checkpoint(sub, why="left by an interrupted save")
             except OSError as e:
-                log.warning("shardckpt: could not finish removing %s/%s, left by an interrupted save (%s: %s); "
-                            "it is not committed, so it is never restored; the next start tries again",
-                            self.root, name, type(e).__name__, e)
+                log.warning(
+                    "shardckpt: could not finish removing %s/%s, left by an interrupted save (%s: %s); "
+                    "it is not committed, so it is never restored; the next start tries again",
+                    self.root,
+                    name,
+                    type(e).__name__,
+                    e,
+                )
                 continue
             self.cleaned_up.append(name)
             if gone:  # else remove_checkpoint warned about the files it left
@@ -404,8 +435,12 @@ class CheckpointManager:
         try:
             ownership.release(self._storage, self._owner)
         except OSError as e:
-            log.warning("shardckpt: could not release %s/%s (%s); the next manager takes it over once it is "
-                        "stale", self.root, layout.OWNER_NAME, e)
+            log.warning(
+                "shardckpt: could not release %s/%s (%s); the next manager takes it over once it is stale",
+                self.root,
+                layout.OWNER_NAME,
+                e,
+            )
 
     def _install_sigterm_handler(self) -> None:
         def on_sigterm(signum: int, frame: FrameType | None) -> None:
@@ -472,7 +507,9 @@ class CheckpointManager:
         if self._agreements is None:
             group = self._group
             if group.is_distributed:
-                group = RankGroup.current(self._checkpointer.group(self._process_group, self._timeout_s, purpose="manager"))
+                group = RankGroup.current(
+                    self._checkpointer.group(self._process_group, self._timeout_s, purpose="manager")
+                )
             self._agreements = group
         return self._agreements
 
@@ -501,7 +538,9 @@ def check_metrics(metrics: Mapping[str, Any] | None) -> dict[str, Any]:
         )
     for key in metrics:
         if not isinstance(key, str):
-            raise UnsupportedValueError(f"metrics keys must be str (JSON object keys); got {type(key).__name__} {key!r}")
+            raise UnsupportedValueError(
+                f"metrics keys must be str (JSON object keys); got {type(key).__name__} {key!r}"
+            )
     plain = dict(metrics)
     _check_json(plain, "metrics")
     return plain
@@ -520,7 +559,9 @@ def _check_json(value: Any, where: str) -> None:
     if isinstance(value, dict):
         for k, v in value.items():
             if not isinstance(k, str):
-                raise UnsupportedValueError(f"{where}: keys must be str (JSON object keys); got {type(k).__name__} {k!r}")
+                raise UnsupportedValueError(
+                    f"{where}: keys must be str (JSON object keys); got {type(k).__name__} {k!r}"
+                )
             _check_json(v, f"{where}[{k!r}]")
         return
     if isinstance(value, (list, tuple)):

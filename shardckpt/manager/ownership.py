@@ -45,8 +45,8 @@ import time
 import uuid
 from dataclasses import asdict, dataclass, replace
 
-from shardckpt.format import layout
 from shardckpt.errors import RootInUseError
+from shardckpt.format import layout
 from shardckpt.storage import Storage
 
 log = logging.getLogger("shardckpt")
@@ -91,8 +91,13 @@ def _parse(raw: bytes) -> OwnerRecord | None:
         record = OwnerRecord(**doc)
     except (ValueError, TypeError):
         return None
-    if not (isinstance(record.token, str) and _TOKEN.match(record.token) and isinstance(record.host, str)
-            and isinstance(record.pid, int) and isinstance(record.heartbeat_at, (int, float))):
+    if not (
+        isinstance(record.token, str)
+        and _TOKEN.match(record.token)
+        and isinstance(record.host, str)
+        and isinstance(record.pid, int)
+        and isinstance(record.heartbeat_at, (int, float))
+    ):
         return None
     return record
 
@@ -155,8 +160,12 @@ def claim(storage: Storage, me: OwnerRecord, *, takeover: bool, stale_after_s: f
                 "takeover=True if it is dead."
             )
         if _take_over(storage, raw, data, me):
-            log.warning("shardckpt: took over %s/%s from %s", storage.url, layout.OWNER_NAME,
-                        current.describe() if current is not None else "an unreadable owner record")
+            log.warning(
+                "shardckpt: took over %s/%s from %s",
+                storage.url,
+                layout.OWNER_NAME,
+                current.describe() if current is not None else "an unreadable owner record",
+            )
             return
         time.sleep(0.001 * (1 + attempt % 10))  # someone else is at it: let them finish, then judge again
     raise RootInUseError(
@@ -187,8 +196,13 @@ def _take_over(storage: Storage, judged: bytes, data: bytes, me: OwnerRecord) ->
         try:
             storage.delete([gate])
         except OSError as e:  # the claim itself is decided; a gate left behind expires
-            log.warning("shardckpt: could not remove the take-over gate %s/%s (%s); it is ignored after %.0f s",
-                        storage.url, gate, e, GATE_ABANDONED_S)
+            log.warning(
+                "shardckpt: could not remove the take-over gate %s/%s (%s); it is ignored after %.0f s",
+                storage.url,
+                gate,
+                e,
+                GATE_ABANDONED_S,
+            )
 
 
 def _clear_if_abandoned(storage: Storage, gate: str, me: OwnerRecord) -> None:
@@ -200,8 +214,9 @@ def _clear_if_abandoned(storage: Storage, gate: str, me: OwnerRecord) -> None:
         return
     dead = holder is not None and holder.host == me.host and not _pid_alive(holder.pid)
     if holder is None or dead or time.time() - holder.heartbeat_at > GATE_ABANDONED_S:
-        log.warning("shardckpt: removing %s/%s, left by a manager that died while taking over the root",
-                    storage.url, gate)
+        log.warning(
+            "shardckpt: removing %s/%s, left by a manager that died while taking over the root", storage.url, gate
+        )
         storage.delete([gate])
 
 
@@ -261,7 +276,13 @@ class Heartbeat:
         current = None if raw is None else _parse(raw)
         if current is not None and current.token == self._me.token:
             return True
-        now = "no record" if raw is None else "an unreadable record" if current is None else f"the record of {current.describe()}"
+        now = (
+            "no record"
+            if raw is None
+            else "an unreadable record"
+            if current is None
+            else f"the record of {current.describe()}"
+        )
         self._lost = (
             f"{self._storage.url}: this CheckpointManager no longer owns the root: {layout.OWNER_NAME} holds "
             f"{now}. Another manager took it over (takeover=True, or this one looked dead: no heartbeat "
@@ -276,8 +297,13 @@ class Heartbeat:
             try:
                 self.beat()
             except Exception as e:  # noqa: BLE001 - a storage hiccup: the next beat retries
-                log.warning("shardckpt: could not refresh the owner record %s/%s (%s); retrying in %.1f s",
-                            self._storage.url, layout.OWNER_NAME, e, self._interval_s)
+                log.warning(
+                    "shardckpt: could not refresh the owner record %s/%s (%s); retrying in %.1f s",
+                    self._storage.url,
+                    layout.OWNER_NAME,
+                    e,
+                    self._interval_s,
+                )
             if self._lost is not None:
                 return
 

@@ -11,7 +11,7 @@ if TYPE_CHECKING:
     from shardckpt.storage.fsspec_storage import TransferOptions
     from shardckpt.storage.retry import RetryPolicy
 
-__all__ = ["Storage", "WriteStream", "LocalStorage", "RetryPolicy", "TransferOptions", "open_storage"]
+__all__ = ["LocalStorage", "RetryPolicy", "Storage", "TransferOptions", "WriteStream", "open_storage"]
 
 
 def __getattr__(name: str) -> Any:

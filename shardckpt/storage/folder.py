@@ -76,8 +76,13 @@ def remove_checkpoint(storage: Storage, *, why: str) -> bool:
     if found.is_empty:  # an empty data/ may still be there
         return storage.remove_empty_dir(layout.DATA_DIR) and storage.remove_empty_dir("")
     if not found.is_ours:
-        log.warning("shardckpt: not removing %s (%s): it holds neither %s nor %s, so it was not "
-                    "written by shardckpt", storage.url, why, layout.MANIFEST_NAME, layout.SAVE_MARKER_NAME)
+        log.warning(
+            "shardckpt: not removing %s (%s): it holds neither %s nor %s, so it was not written by shardckpt",
+            storage.url,
+            why,
+            layout.MANIFEST_NAME,
+            layout.SAVE_MARKER_NAME,
+        )
         return False
     names = list(found.checkpoint_files)
     first = [n for n in names if n == layout.MANIFEST_NAME]
@@ -87,8 +92,14 @@ def remove_checkpoint(storage: Storage, *, why: str) -> bool:
         if batch:
             storage.delete(batch)
     if found.foreign:
-        log.warning("shardckpt: removed the checkpoint files of %s (%s) but left %d other entries there, "
-                    "e.g. %s: shardckpt did not write them", storage.url, why, len(found.foreign), found.foreign[0])
+        log.warning(
+            "shardckpt: removed the checkpoint files of %s (%s) but left %d other entries there, "
+            "e.g. %s: shardckpt did not write them",
+            storage.url,
+            why,
+            len(found.foreign),
+            found.foreign[0],
+        )
         return False
     storage.remove_empty_dir(layout.DATA_DIR)
     return storage.remove_empty_dir("")

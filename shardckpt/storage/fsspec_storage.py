@@ -179,7 +179,9 @@ class FsspecStorage(Storage):
         if self._read_pool is None:
             with self._pool_lock:
                 if self._read_pool is None:
-                    self._read_pool = ThreadPoolExecutor(self.transfer.max_concurrency, thread_name_prefix="shardckpt-get")
+                    self._read_pool = ThreadPoolExecutor(
+                        self.transfer.max_concurrency, thread_name_prefix="shardckpt-get"
+                    )
         futures = [self._read_pool.submit(self._read_range, name, offset + i, out[i : i + piece]) for i in starts]
         for f in futures:
             f.result()
@@ -206,9 +208,14 @@ class FsspecStorage(Storage):
             bucket, key, _ = self.fs.split_path(path)
             self.fs.invalidate_cache(path)
             return MultipartUpload(
-                self.fs, bucket, key, part_bytes=self.transfer.part_bytes,
-                single_put_bytes=self.transfer.single_put_bytes, slots=self._upload_slots,
-                max_concurrency=self.transfer.max_concurrency, call=lambda action, fn: self._run(action, name, fn),
+                self.fs,
+                bucket,
+                key,
+                part_bytes=self.transfer.part_bytes,
+                single_put_bytes=self.transfer.single_put_bytes,
+                slots=self._upload_slots,
+                max_concurrency=self.transfer.max_concurrency,
+                call=lambda action, fn: self._run(action, name, fn),
             )
         if self._has_dirs:
             self._run("create the folder of", name, lambda: self.fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True))
@@ -239,7 +246,9 @@ class FsspecStorage(Storage):
                 self._create_s3(name, path, data)
             else:
                 if self._has_dirs:
-                    self._run("create the folder of", name, lambda: self.fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True))
+                    self._run(
+                        "create the folder of", name, lambda: self.fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
+                    )
                 self._run("create", name, lambda: self.fs.pipe_file(path, data, mode="create"), retry=False)
         except FileExistsError:
             raise FileExistsError(errno.EEXIST, self._redact(f"{self._where(name)}: already exists")) from None
@@ -265,9 +274,12 @@ class FsspecStorage(Storage):
         except StorageError as e:
             if error_code(e.__cause__ or e)[0] != "NotImplemented":
                 raise
-            log.warning("shardckpt: %s does not support conditional writes (If-None-Match); the commit "
-                        "of %s is not exclusive there: two saves racing for one path are not detected",
-                        self.url, self._where(name))
+            log.warning(
+                "shardckpt: %s does not support conditional writes (If-None-Match); the commit "
+                "of %s is not exclusive there: two saves racing for one path are not detected",
+                self.url,
+                self._where(name),
+            )
             if self.exists(name):
                 raise FileExistsError(errno.EEXIST, self._where(name)) from e
             self.write_atomic(name, data)
@@ -340,18 +352,23 @@ class FsspecStorage(Storage):
             batch = names[i : i + _DELETE_BATCH]
             bucket = self.fs.split_path(self._path(batch[0]))[0]
             objects = [{"Key": self.fs.split_path(self._path(n))[1]} for n in batch]
-            out = self._run("delete", batch[0], lambda: self.fs.call_s3(
-                "delete_objects", Bucket=bucket, Delete={"Objects": objects, "Quiet": True}
-            ))
+            out = self._run(
+                "delete",
+                batch[0],
+                lambda: self.fs.call_s3("delete_objects", Bucket=bucket, Delete={"Objects": objects, "Quiet": True}),
+            )
             for n in batch:
                 self.fs.invalidate_cache(self._path(n))
             failed = [e for e in out.get("Errors", []) if e.get("Code") != "NoSuchKey"]
             if failed:
                 first = failed[0]
-                raise StorageError(self._redact(
-                    f"cannot delete {len(failed)} object(s) in bucket {bucket!r}, e.g. key {first.get('Key')!r}: "
-                    f"{first.get('Code')}: {first.get('Message')}. {_HINTS.get(str(first.get('Code')), '')}"
-                ).rstrip(". ") + ".")
+                raise StorageError(
+                    self._redact(
+                        f"cannot delete {len(failed)} object(s) in bucket {bucket!r}, e.g. key {first.get('Key')!r}: "
+                        f"{first.get('Code')}: {first.get('Message')}. {_HINTS.get(str(first.get('Code')), '')}"
+                    ).rstrip(". ")
+                    + "."
+                )
 
     def child(self, name: str) -> FsspecStorage:
         sub = object.__new__(FsspecStorage)
@@ -379,12 +396,16 @@ class FsspecStorage(Storage):
             return self.transfer.retry.call(fn) if retry else fn()
         except RetriesExhausted as e:
             policy = self.transfer.retry
-            raise StorageError(self._message(
-                action, name, e.last,
-                f"a transient error persisted through {e.attempts} attempts over {e.elapsed_s:.1f} s "
-                f"(RetryPolicy max_attempts={policy.max_attempts}, max_total_s={policy.max_total_s}); "
-                "the store is overloaded or unreachable, try again later",
-            )) from e.last
+            raise StorageError(
+                self._message(
+                    action,
+                    name,
+                    e.last,
+                    f"a transient error persisted through {e.attempts} attempts over {e.elapsed_s:.1f} s "
+                    f"(RetryPolicy max_attempts={policy.max_attempts}, max_total_s={policy.max_total_s}); "
+                    "the store is overloaded or unreachable, try again later",
+                )
+            ) from e.last
         except FileNotFoundError as e:
             if error_code(e)[0] == "NoSuchBucket":
                 raise StorageError(self._message(action, name, e, _HINTS["NoSuchBucket"])) from e

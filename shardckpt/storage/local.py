@@ -40,7 +40,7 @@ class _LocalWriteStream:
         self._path = path
         # "x": never truncate a file someone else wrote. Unbuffered: our writes are
         # already large, a buffer would only add a copy.
-        self._f = open(path, "xb", buffering=0)  # noqa: SIM115 - closed in finish/abort
+        self._f = open(path, "xb", buffering=0)
 
     def write(self, data: memoryview | bytes) -> None:
         view = memoryview(data)
@@ -121,8 +121,7 @@ class LocalStorage(Storage):
                 n = os.preadv(fd, [piece], offset + done)
                 if n == 0:
                     raise EOFError(
-                        f"{self._path(name)}: file ends at byte {offset + done}, "
-                        f"expected {len(out) - done} more bytes"
+                        f"{self._path(name)}: file ends at byte {offset + done}, expected {len(out) - done} more bytes"
                     )
                 done += n
         finally:

@@ -107,10 +107,16 @@ class MultipartUpload:
                 self._collect_oldest()
             parts, upload_id = {"Parts": self._parts}, self._upload_id
             try:
-                self._call("complete the upload of", lambda: self._fs.call_s3(
-                    "complete_multipart_upload", Bucket=self._bucket, Key=self._key, UploadId=upload_id,
-                    MultipartUpload=parts,
-                ))
+                self._call(
+                    "complete the upload of",
+                    lambda: self._fs.call_s3(
+                        "complete_multipart_upload",
+                        Bucket=self._bucket,
+                        Key=self._key,
+                        UploadId=upload_id,
+                        MultipartUpload=parts,
+                    ),
+                )
             except FileNotFoundError:
                 # NoSuchUpload on a retry: the first attempt completed it and its answer was lost.
                 if not self._is_complete():
@@ -135,11 +141,19 @@ class MultipartUpload:
         upload_id, self._upload_id = self._upload_id, None
         if upload_id is not None:
             try:
-                self._call("abort the upload of", lambda: self._fs.call_s3(
-                    "abort_multipart_upload", Bucket=self._bucket, Key=self._key, UploadId=upload_id,
-                ))
+                self._call(
+                    "abort the upload of",
+                    lambda: self._fs.call_s3(
+                        "abort_multipart_upload",
+                        Bucket=self._bucket,
+                        Key=self._key,
+                        UploadId=upload_id,
+                    ),
+                )
             except Exception as e:  # noqa: BLE001 - logged: the caller is already raising the real error
-                log.warning("shardckpt: could not abort the multipart upload of s3://%s/%s: %s", self._bucket, self._key, e)
+                log.warning(
+                    "shardckpt: could not abort the multipart upload of s3://%s/%s: %s", self._bucket, self._key, e
+                )
             self._abort_strays(upload_id)
         self._release()
 
@@ -148,29 +162,50 @@ class MultipartUpload:
         Never raises: a stray left behind costs storage, not correctness, so a failure
         here is logged rather than failing a save whose object is complete."""
         try:
-            listing = self._call("list the unfinished uploads of", lambda: self._fs.call_s3(
-                "list_multipart_uploads", Bucket=self._bucket, Prefix=self._key,
-            ))
-            strays = [str(u.get("UploadId")) for u in listing.get("Uploads", [])
-                      if u.get("Key") == self._key and str(u.get("UploadId")) != ours]
+            listing = self._call(
+                "list the unfinished uploads of",
+                lambda: self._fs.call_s3(
+                    "list_multipart_uploads",
+                    Bucket=self._bucket,
+                    Prefix=self._key,
+                ),
+            )
+            strays = [
+                str(u.get("UploadId"))
+                for u in listing.get("Uploads", [])
+                if u.get("Key") == self._key and str(u.get("UploadId")) != ours
+            ]
             for stray in strays:
                 log.info("shardckpt: aborting stray multipart upload %s of s3://%s/%s", stray, self._bucket, self._key)
                 self._abort_one(stray)
         except Exception as e:  # noqa: BLE001 - logged, see above
-            log.warning("shardckpt: could not clean up stray multipart uploads of s3://%s/%s: %s", self._bucket, self._key, e)
+            log.warning(
+                "shardckpt: could not clean up stray multipart uploads of s3://%s/%s: %s", self._bucket, self._key, e
+            )
 
     # ----------------------------------------------------------------- internals
 
     def _abort_one(self, upload_id: str) -> None:
-        self._call("abort a stray upload of", lambda: self._fs.call_s3(
-            "abort_multipart_upload", Bucket=self._bucket, Key=self._key, UploadId=upload_id,
-        ))
+        self._call(
+            "abort a stray upload of",
+            lambda: self._fs.call_s3(
+                "abort_multipart_upload",
+                Bucket=self._bucket,
+                Key=self._key,
+                UploadId=upload_id,
+            ),
+        )
 
     def _send_full_part(self) -> None:
         if self._upload_id is None:
-            out = self._call("start the upload of", lambda: self._fs.call_s3(
-                "create_multipart_upload", Bucket=self._bucket, Key=self._key,
-            ))
+            out = self._call(
+                "start the upload of",
+                lambda: self._fs.call_s3(
+                    "create_multipart_upload",
+                    Bucket=self._bucket,
+                    Key=self._key,
+                ),
+            )
             self._upload_id = str(out["UploadId"])
             self._pool = ThreadPoolExecutor(self._max_concurrency, thread_name_prefix="shardckpt-part")
         full, self._buf = self._buf, bytearray()
@@ -184,9 +219,17 @@ class MultipartUpload:
         upload_id = self._upload_id
 
         def upload() -> dict[str, Any]:
-            out = self._call(f"upload part {number} of", lambda: self._fs.call_s3(
-                "upload_part", Bucket=self._bucket, Key=self._key, UploadId=upload_id, PartNumber=number, Body=body,
-            ))
+            out = self._call(
+                f"upload part {number} of",
+                lambda: self._fs.call_s3(
+                    "upload_part",
+                    Bucket=self._bucket,
+                    Key=self._key,
+                    UploadId=upload_id,
+                    PartNumber=number,
+                    Body=body,
+                ),
+            )
             return {"PartNumber": number, "ETag": out["ETag"]}
 
         # Wait for a slot, collecting finished parts meanwhile (an error surfaces early).
@@ -199,7 +242,9 @@ class MultipartUpload:
 
     def _is_complete(self) -> bool:
         head = self._call("look up", lambda: self._fs.call_s3("head_object", Bucket=self._bucket, Key=self._key))
-        return bool(int(head["ContentLength"]) == self._bytes and str(head.get("ETag", "")).endswith(f'-{len(self._parts)}"'))
+        return bool(
+            int(head["ContentLength"]) == self._bytes and str(head.get("ETag", "")).endswith(f'-{len(self._parts)}"')
+        )
 
     def _collect_oldest(self) -> None:
         self._parts.append(self._inflight.popleft().result())

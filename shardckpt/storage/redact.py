@@ -15,14 +15,28 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 MASK = "***"
-SECRET_OPTION_NAMES = frozenset({
-    "secret", "token", "password", "aws_secret_access_key", "aws_session_token", "session_token",
-    "secret_access_key", "sas_token", "account_key", "client_secret", "credential", "credentials",
-})
+SECRET_OPTION_NAMES = frozenset(
+    {
+        "secret",
+        "token",
+        "password",
+        "aws_secret_access_key",
+        "aws_session_token",
+        "session_token",
+        "secret_access_key",
+        "sas_token",
+        "account_key",
+        "client_secret",
+        "credential",
+        "credentials",
+    }
+)
 SECRET_ENV_NAMES = ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN")
 _PATTERNS = (
     re.compile(r"(?i)(x-amz-(?:signature|security-token|credential)=)[^&\s'\"]+"),
-    re.compile(r"(?i)(\b(?:aws_secret_access_key|aws_session_token|secret|token|password)\s*[=:]\s*['\"]?)[^\s'\",}&]{4,}"),
+    re.compile(
+        r"(?i)(\b(?:aws_secret_access_key|aws_session_token|secret|token|password)\s*[=:]\s*['\"]?)[^\s'\",}&]{4,}"
+    ),
     re.compile(r"(?i)(Signature=)[^,\s'\"]+"),
     re.compile(r"(://[^/@\s:]+:)[^/@\s]+(@)"),  # user:password@host in a URL
 )

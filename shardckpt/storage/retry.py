@@ -36,12 +36,27 @@ import botocore.exceptions as boto_errors
 T = TypeVar("T")
 
 TRANSIENT_STATUS = frozenset({429, 500, 502, 503, 504})
-TRANSIENT_CODES = frozenset({
-    "SlowDown", "ServiceUnavailable", "InternalError", "RequestTimeout", "RequestTimeoutException",
-    "Throttling", "ThrottlingException", "ThrottledException", "RequestThrottled", "RequestLimitExceeded",
-    "TooManyRequestsException", "ProvisionedThroughputExceededException", "PriorRequestNotComplete",
-    "OperationAborted", "XAmzContentSHA256Mismatch", "BadDigest", "IncompleteBody",
-})
+TRANSIENT_CODES = frozenset(
+    {
+        "SlowDown",
+        "ServiceUnavailable",
+        "InternalError",
+        "RequestTimeout",
+        "RequestTimeoutException",
+        "Throttling",
+        "ThrottlingException",
+        "ThrottledException",
+        "RequestThrottled",
+        "RequestLimitExceeded",
+        "TooManyRequestsException",
+        "ProvisionedThroughputExceededException",
+        "PriorRequestNotComplete",
+        "OperationAborted",
+        "XAmzContentSHA256Mismatch",
+        "BadDigest",
+        "IncompleteBody",
+    }
+)
 
 
 @dataclass(frozen=True)
@@ -152,10 +167,28 @@ def is_transient(error: BaseException) -> bool:
         code, status = error_code(ce)
         return code in TRANSIENT_CODES or status in TRANSIENT_STATUS or code in {str(s) for s in TRANSIENT_STATUS}
     for e in causes(error):
-        if isinstance(e, (ssl.SSLError, boto_errors.SSLError, boto_errors.NoCredentialsError,
-                          boto_errors.PartialCredentialsError, aiohttp.ClientSSLError)):
+        if isinstance(
+            e,
+            (
+                ssl.SSLError,
+                boto_errors.SSLError,
+                boto_errors.NoCredentialsError,
+                boto_errors.PartialCredentialsError,
+                aiohttp.ClientSSLError,
+            ),
+        ):
             return False
-        if isinstance(e, (boto_errors.ConnectionError, boto_errors.HTTPClientError, boto_errors.IncompleteReadError,
-                          aiohttp.ClientConnectionError, aiohttp.ClientPayloadError, ConnectionError, TimeoutError)):
+        if isinstance(
+            e,
+            (
+                boto_errors.ConnectionError,
+                boto_errors.HTTPClientError,
+                boto_errors.IncompleteReadError,
+                aiohttp.ClientConnectionError,
+                aiohttp.ClientPayloadError,
+                ConnectionError,
+                TimeoutError,
+            ),
+        ):
             return True
     return False

@@ -7,4 +7,4 @@ from shardckpt.training.rng import RngStreamsRederivedWarning
 from shardckpt.training.sampler import GlobalBatch, ResumableDistributedSampler
 from shardckpt.training.train_state import TrainState
 
-__all__ = ["TrainState", "ResumableDistributedSampler", "GlobalBatch", "RngStreamsRederivedWarning"]
+__all__ = ["GlobalBatch", "ResumableDistributedSampler", "RngStreamsRederivedWarning", "TrainState"]

@@ -150,7 +150,9 @@ class ResumableDistributedSampler(Sampler[int]):
         return self.consumed + remaining
 
     def __iter__(self) -> Iterator[int]:
-        mine: list[int] = self._order_tensor()[self.consumed + self.rank : self._local_end() : self.num_replicas].tolist()
+        mine: list[int] = self._order_tensor()[
+            self.consumed + self.rank : self._local_end() : self.num_replicas
+        ].tolist()
         return iter(mine)
 
     def __len__(self) -> int:

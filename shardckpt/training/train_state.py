@@ -42,14 +42,14 @@ from torch.distributed.checkpoint.state_dict import (
 )
 from torch.distributed.checkpoint.stateful import Stateful
 
-from shardckpt.format import datafile
 from shardckpt.engine._torch_private import set_element
 from shardckpt.engine.collective import RankGroup
-from shardckpt.errors import StateDictMismatchError
 from shardckpt.engine.loading import check_target
+from shardckpt.engine.state import flat_keys
+from shardckpt.errors import StateDictMismatchError
+from shardckpt.format import datafile
 from shardckpt.format.manifest import Manifest, decode_value
 from shardckpt.training.rng import RngStreamsRederivedWarning, apply_rng, capture_rng, reseed_rng
-from shardckpt.engine.state import flat_keys
 
 TRAIN_STATE_KEY = "train"
 
@@ -79,13 +79,13 @@ class _LoadContext:
                 continue
             rec = self.manifest.tensors.get(key)
             value = None if rec is None else torch.zeros(rec.shape, dtype=datafile.torch_dtype(rec.dtype, where=key))
-            set_element(root, tuple(full[len(prefix):]), value)
+            set_element(root, tuple(full[len(prefix) :]), value)
         return root
 
 
 def _saved_progress(manifest: Manifest, source: str) -> dict[str, Any]:
     prefix = f"{TRAIN_STATE_KEY}.progress."
-    progress = {k[len(prefix):]: decode_value(v, where=k) for k, v in manifest.values.items() if k.startswith(prefix)}
+    progress = {k[len(prefix) :]: decode_value(v, where=k) for k, v in manifest.values.items() if k.startswith(prefix)}
     if "components" not in progress:
         raise StateDictMismatchError(
             f"{source}: no TrainState under key {TRAIN_STATE_KEY!r} (no '{prefix}components' in the manifest); "
@@ -148,7 +148,13 @@ class TrainState:
             if obj is not None and not isinstance(obj, Stateful):
                 raise TypeError(f"{name} must have state_dict() and load_state_dict(), got {type(obj).__name__}")
         self.model = model
-        self.optimizers = [] if optimizer is None else [optimizer] if isinstance(optimizer, torch.optim.Optimizer) else list(optimizer)
+        self.optimizers = (
+            []
+            if optimizer is None
+            else [optimizer]
+            if isinstance(optimizer, torch.optim.Optimizer)
+            else list(optimizer)
+        )
         self.lr_scheduler = lr_scheduler
         self.grad_scaler = grad_scaler
         self.data = data
@@ -206,15 +212,21 @@ class TrainState:
     def _check_against(self, ctx: _LoadContext, source: str, group: RankGroup) -> None:
         saved, mine = set(ctx.progress["components"]), set(self._components())
         if saved != mine:
-            problem = (f"{source}: the checkpoint holds {sorted(saved - mine) or 'nothing more'} that this TrainState "
-                       f"lacks and lacks {sorted(mine - saved) or 'nothing'} that this TrainState has")
+            problem = (
+                f"{source}: the checkpoint holds {sorted(saved - mine) or 'nothing more'} that this TrainState "
+                f"lacks and lacks {sorted(mine - saved) or 'nothing'} that this TrainState has"
+            )
             if ctx.strict:
-                raise StateDictMismatchError(problem + "; give TrainState the same parts, or restore(strict=False) to skip them")
+                raise StateDictMismatchError(
+                    problem + "; give TrainState the same parts, or restore(strict=False) to skip them"
+                )
             warnings.warn(problem + "; those parts are skipped (strict=False)", stacklevel=4)
         scope = ctx.progress.get("data_scope")
         if "data" in saved & mine and scope != self.data_scope:
-            raise StateDictMismatchError(f"{source}: the data position was saved with data_scope={scope!r}, "
-                                         f"this TrainState has data_scope={self.data_scope!r}")
+            raise StateDictMismatchError(
+                f"{source}: the data position was saved with data_scope={scope!r}, "
+                f"this TrainState has data_scope={self.data_scope!r}"
+            )
         if "data" in saved & mine and scope == "per_rank" and ctx.world_size != group.world_size:
             raise StateDictMismatchError(
                 f"{source}: the data position was saved per rank on {ctx.world_size} ranks and cannot be resumed "
@@ -226,8 +238,16 @@ class TrainState:
         target = {k: v for k, v in flat_keys({TRAIN_STATE_KEY: self.state_dict()}).items() if not k.startswith(shared)}
         job_wide = dataclasses.replace(
             ctx.manifest,
-            tensors={k: v for k, v in ctx.manifest.tensors.items() if k.startswith(f"{TRAIN_STATE_KEY}.") and not k.startswith(shared)},
-            values={k: v for k, v in ctx.manifest.values.items() if k.startswith(f"{TRAIN_STATE_KEY}.") and not k.startswith(shared)},
+            tensors={
+                k: v
+                for k, v in ctx.manifest.tensors.items()
+                if k.startswith(f"{TRAIN_STATE_KEY}.") and not k.startswith(shared)
+            },
+            values={
+                k: v
+                for k, v in ctx.manifest.values.items()
+                if k.startswith(f"{TRAIN_STATE_KEY}.") and not k.startswith(shared)
+            },
         )
         check_target(job_wide, target, strict=ctx.strict, source=source)
 
@@ -255,7 +275,11 @@ class TrainState:
             obj = getattr(self, name)
             if obj is not None and (ctx is None or name in ctx.progress["components"]):
                 sd[name] = obj.state_dict() if ctx is None else ctx.saved(name)
-        if self.data is not None and self.data_scope == "global" and (ctx is None or "data" in ctx.progress["components"]):
+        if (
+            self.data is not None
+            and self.data_scope == "global"
+            and (ctx is None or "data" in ctx.progress["components"])
+        ):
             sd["data"] = self.data.state_dict() if ctx is None else ctx.saved("data")
         sd["extras"] = self._extras_state(ctx)
         sd["progress"] = self._progress(world) if ctx is None else ctx.saved("progress")
@@ -271,8 +295,14 @@ class TrainState:
         return {k: v.state_dict() if isinstance(v, Stateful) else v for k, v in self.extras.items()}
 
     def _progress(self, world: int) -> dict[str, Any]:
-        return {"step": self.step, "epoch": self.epoch, "seed": self.seed, "world_size": world,
-                "components": self._components(), "data_scope": self.data_scope}
+        return {
+            "step": self.step,
+            "epoch": self.epoch,
+            "seed": self.seed,
+            "world_size": world,
+            "components": self._components(),
+            "data_scope": self.data_scope,
+        }
 
     def _per_rank_state(self, ctx: _LoadContext | None, rank: int, world: int) -> dict[str, Any]:
         if ctx is not None:
@@ -288,7 +318,13 @@ class TrainState:
         progress = sd["progress"]
         rank, world = self._rank()
         if self.optimizers:
-            set_state_dict(self.model, self.optimizers, model_state_dict=sd["model"], optim_state_dict=sd["optim"], options=self.options)
+            set_state_dict(
+                self.model,
+                self.optimizers,
+                model_state_dict=sd["model"],
+                optim_state_dict=sd["optim"],
+                options=self.options,
+            )
         else:
             set_model_state_dict(self.model, sd["model"], options=self.options)
         for name in ("lr_scheduler", "grad_scaler"):

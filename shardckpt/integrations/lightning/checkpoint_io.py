@@ -40,18 +40,19 @@ import torch.distributed as dist
 try:
     from lightning.fabric.plugins.io.checkpoint_io import CheckpointIO
 except ImportError as e:  # pragma: no cover - exercised only without the extra
-    raise ImportError("shardckpt.integrations.lightning.checkpoint_io needs Lightning: pip install 'shardckpt[lightning]'") from e
+    raise ImportError(
+        "shardckpt.integrations.lightning.checkpoint_io needs Lightning: pip install 'shardckpt[lightning]'"
+    ) from e
 
-from shardckpt.storage import folder
 from shardckpt.convert.export import read_state_dict
 from shardckpt.convert.source import CheckpointSource, Selection
 from shardckpt.engine.checkpointer import Checkpointer
-from shardckpt.errors import ShardckptError, UnsupportedValueError
 from shardckpt.engine.saving import persist
-from shardckpt.storage import open_storage
 from shardckpt.engine.writer import WriterOptions
+from shardckpt.errors import ShardckptError, UnsupportedValueError
+from shardckpt.storage import folder, open_storage
 
-__all__ = ["ShardckptCheckpointIO", "encode_checkpoint", "decode_checkpoint", "remove_checkpoint_folder"]
+__all__ = ["ShardckptCheckpointIO", "decode_checkpoint", "encode_checkpoint", "remove_checkpoint_folder"]
 
 log = logging.getLogger("shardckpt")
 _NOTES_KEY = "lightning"
@@ -72,8 +73,14 @@ class ShardckptCheckpointIO(CheckpointIO):
     save creates a new one.
     """
 
-    def __init__(self, *, async_save: bool = False, num_io_threads: int = 2, verify: bool = True,
-                 storage_options: dict[str, Any] | None = None) -> None:
+    def __init__(
+        self,
+        *,
+        async_save: bool = False,
+        num_io_threads: int = 2,
+        verify: bool = True,
+        storage_options: dict[str, Any] | None = None,
+    ) -> None:
         self.async_save = async_save
         self.num_io_threads = num_io_threads
         self.verify = verify
@@ -91,11 +98,23 @@ class ShardckptCheckpointIO(CheckpointIO):
         if _others_exist():
             self._save_from_this_rank_only(tree, url, metadata)
         elif self.async_save:
-            self._engine().async_save(tree, url, overwrite=True, metadata=metadata, num_io_threads=self.num_io_threads,
-                                      storage_options=self.storage_options)
+            self._engine().async_save(
+                tree,
+                url,
+                overwrite=True,
+                metadata=metadata,
+                num_io_threads=self.num_io_threads,
+                storage_options=self.storage_options,
+            )
         else:
-            self._engine().save(tree, url, overwrite=True, metadata=metadata, num_io_threads=self.num_io_threads,
-                                storage_options=self.storage_options)
+            self._engine().save(
+                tree,
+                url,
+                overwrite=True,
+                metadata=metadata,
+                num_io_threads=self.num_io_threads,
+                storage_options=self.storage_options,
+            )
 
     def _engine(self) -> Checkpointer:
         if self._checkpointer is None:
@@ -111,8 +130,9 @@ class ShardckptCheckpointIO(CheckpointIO):
         engine = self._engine()
         engine.wait()
         options = WriterOptions(num_io_threads=self.num_io_threads, overwrite=True, metadata=metadata)
-        persist(tree, url, None, True, options, self.storage_options, mappings=None,
-                storage_factory=engine.open_storage)
+        persist(
+            tree, url, None, True, options, self.storage_options, mappings=None, storage_factory=engine.open_storage
+        )
 
     def load_checkpoint(self, path: Any, map_location: Any = None, weights_only: bool | None = None) -> dict[str, Any]:
         """The checkpoint dict at ``path``, tensors on CPU unless ``map_location`` says otherwise.
@@ -162,11 +182,15 @@ def remove_checkpoint_folder(url: str, storage_options: dict[str, Any] | None) -
         return
     found = folder.contents(storage)
     if found.foreign:
-        raise ShardckptError(f"{url}: refusing to delete: this folder is not only a shardckpt checkpoint "
-                             f"(it also holds {list(found.foreign[:5])}); remove it by hand if that is intended")
+        raise ShardckptError(
+            f"{url}: refusing to delete: this folder is not only a shardckpt checkpoint "
+            f"(it also holds {list(found.foreign[:5])}); remove it by hand if that is intended"
+        )
     if not found.is_ours and not found.is_empty:
-        raise ShardckptError(f"{url}: refusing to delete: it holds data files but neither a manifest nor "
-                             "shardckpt's save marker, so nothing proves shardckpt wrote them; remove it by hand")
+        raise ShardckptError(
+            f"{url}: refusing to delete: it holds data files but neither a manifest nor "
+            "shardckpt's save marker, so nothing proves shardckpt wrote them; remove it by hand"
+        )
     folder.remove_checkpoint(storage, why="Lightning remove_checkpoint")
 
 
@@ -196,7 +220,11 @@ def _encode(obj: Any, at: KeyPath, notes: dict[str, list[KeyPath]]) -> Any:
     if isinstance(obj, os.PathLike):
         notes["paths"].append(at)
         return os.fspath(obj)
-    hint = "store its .value instead" if isinstance(obj, enum.Enum) else "convert it to int, float, str, bool, None, list, tuple or dict"
+    hint = (
+        "store its .value instead"
+        if isinstance(obj, enum.Enum)
+        else "convert it to int, float, str, bool, None, list, tuple or dict"
+    )
     raise UnsupportedValueError(
         f"checkpoint{_where(at)}: a {type(obj).__module__}.{type(obj).__qualname__} cannot be saved: shardckpt keeps "
         f"non-tensor state as JSON, never pickle; {hint} (for hyper-parameters: save_hyperparameters(ignore=[...]))"
@@ -210,8 +238,10 @@ def _encode_dict(obj: dict[Any, Any], at: KeyPath, notes: dict[str, list[KeyPath
     out: dict[str, Any] = {}
     for k, v in obj.items():
         if isinstance(k, bool) or not isinstance(k, (str, int)) or (isinstance(k, int) and str(k) in obj):
-            raise UnsupportedValueError(f"checkpoint{_where(at)}: dict key {k!r} ({type(k).__name__}) cannot be saved; "
-                                        "only str keys, or int keys with no str twin, are kept")
+            raise UnsupportedValueError(
+                f"checkpoint{_where(at)}: dict key {k!r} ({type(k).__name__}) cannot be saved; "
+                "only str keys, or int keys with no str twin, are kept"
+            )
         out[str(k)] = _encode(v, [*at, str(k)], notes)
     if any(isinstance(k, int) for k in obj):
         if not all(isinstance(k, int) for k in obj):

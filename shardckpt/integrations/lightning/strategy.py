@@ -39,7 +39,9 @@ try:
     from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy, ParallelStrategy
     from lightning.pytorch.trainer.states import TrainerFn
 except ImportError as e:  # pragma: no cover - exercised only without the extra
-    raise ImportError("shardckpt.integrations.lightning.strategy needs Lightning: pip install 'shardckpt[lightning]'") from e
+    raise ImportError(
+        "shardckpt.integrations.lightning.strategy needs Lightning: pip install 'shardckpt[lightning]'"
+    ) from e
 
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
@@ -49,14 +51,18 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 
-from shardckpt.format import layout
-from shardckpt.engine.collective import RankGroup
 from shardckpt.convert.source import CheckpointSource, nest
 from shardckpt.engine.checkpointer import Checkpointer
-from shardckpt.errors import CheckpointNotFoundError, StateDictMismatchError
-from shardckpt.integrations.lightning.checkpoint_io import decode_checkpoint, encode_checkpoint, remove_checkpoint_folder
+from shardckpt.engine.collective import RankGroup
 from shardckpt.engine.saving import DEFAULT_TIMEOUT_S
 from shardckpt.engine.state import flat_keys
+from shardckpt.errors import CheckpointNotFoundError, StateDictMismatchError
+from shardckpt.format import layout
+from shardckpt.integrations.lightning.checkpoint_io import (
+    decode_checkpoint,
+    encode_checkpoint,
+    remove_checkpoint_folder,
+)
 
 __all__ = ["ShardckptFSDPStrategy", "ShardckptModelParallelStrategy", "ShardckptOptions"]
 
@@ -118,11 +124,20 @@ class _ShardckptCheckpoints(ParallelStrategy):
         url = os.fspath(self.broadcast(filepath))
         wanted = _SHARDED_KEYS if not self.is_global_zero else tuple(checkpoint)
         tree, notes = encode_checkpoint({k: v for k, v in checkpoint.items() if k in wanted})
-        metadata = {_NOTES_KEY: notes, "global_step": checkpoint.get("global_step"), "epoch": checkpoint.get("epoch"),
-                    "lightning_strategy": type(self).__name__}
+        metadata = {
+            _NOTES_KEY: notes,
+            "global_step": checkpoint.get("global_step"),
+            "epoch": checkpoint.get("epoch"),
+            "lightning_strategy": type(self).__name__,
+        }
         o = self._shardckpt
-        kwargs: dict[str, Any] = dict(overwrite=True, metadata=metadata, num_io_threads=o.num_io_threads,
-                                      storage_options=o.storage_options, timeout_s=o.timeout_s)
+        kwargs: dict[str, Any] = dict(
+            overwrite=True,
+            metadata=metadata,
+            num_io_threads=o.num_io_threads,
+            storage_options=o.storage_options,
+            timeout_s=o.timeout_s,
+        )
         engine = self._engine()
         if o.async_save:
             engine.async_save(tree, url, **kwargs)  # finishes the previous one first
@@ -149,8 +164,9 @@ class _ShardckptCheckpoints(ParallelStrategy):
         if fitting and self.optimizers:
             target["optimizer_states"] = [get_optimizer_state_dict(self.model, opt) for opt in self.optimizers]
         _check_covered(source, target, strict_model=strict)
-        self._engine().load(target, url, strict=False, verify=o.verify, storage_options=o.storage_options,
-                            timeout_s=o.timeout_s)
+        self._engine().load(
+            target, url, strict=False, verify=o.verify, storage_options=o.storage_options, timeout_s=o.timeout_s
+        )
         set_model_state_dict(self.model, target["state_dict"], options=StateDictOptions(strict=strict))
         for opt, state in zip(self.optimizers, target.get("optimizer_states", [])):
             set_optimizer_state_dict(self.model, opt, state)
@@ -201,13 +217,22 @@ class ShardckptFSDPStrategy(_ShardckptCheckpoints, FSDPStrategy):
     it takes no ``checkpoint_io``.
     """
 
-    def __init__(self, *args: Any, async_save: bool = False, num_io_threads: int | None = None, verify: bool = True,
-                 storage_options: dict[str, Any] | None = None, timeout_s: float = DEFAULT_TIMEOUT_S,
-                 **kwargs: Any) -> None:
+    def __init__(
+        self,
+        *args: Any,
+        async_save: bool = False,
+        num_io_threads: int | None = None,
+        verify: bool = True,
+        storage_options: dict[str, Any] | None = None,
+        timeout_s: float = DEFAULT_TIMEOUT_S,
+        **kwargs: Any,
+    ) -> None:
         if kwargs.setdefault("state_dict_type", "sharded") != "sharded":
-            raise ValueError(f"{type(self).__name__}(state_dict_type={kwargs['state_dict_type']!r}): shardckpt "
-                             "checkpoints are always sharded and reshard on load; drop the argument, and use "
-                             "`shardckpt export CKPT OUT --format torch|safetensors` for a single file")
+            raise ValueError(
+                f"{type(self).__name__}(state_dict_type={kwargs['state_dict_type']!r}): shardckpt "
+                "checkpoints are always sharded and reshard on load; drop the argument, and use "
+                "`shardckpt export CKPT OUT --format torch|safetensors` for a single file"
+            )
         _refuse_checkpoint_io(type(self).__name__, kwargs)
         super().__init__(*args, **kwargs)
         self._shardckpt = ShardckptOptions(async_save, num_io_threads, verify, storage_options, timeout_s)
@@ -221,21 +246,32 @@ class ShardckptModelParallelStrategy(_ShardckptCheckpoints, ModelParallelStrateg
     :class:`ShardckptOptions`). ``save_distributed_checkpoint`` can only be True.
     """
 
-    def __init__(self, *args: Any, async_save: bool = False, num_io_threads: int | None = None, verify: bool = True,
-                 storage_options: dict[str, Any] | None = None, timeout_s: float = DEFAULT_TIMEOUT_S,
-                 **kwargs: Any) -> None:
+    def __init__(
+        self,
+        *args: Any,
+        async_save: bool = False,
+        num_io_threads: int | None = None,
+        verify: bool = True,
+        storage_options: dict[str, Any] | None = None,
+        timeout_s: float = DEFAULT_TIMEOUT_S,
+        **kwargs: Any,
+    ) -> None:
         if not kwargs.setdefault("save_distributed_checkpoint", True):
-            raise ValueError(f"{type(self).__name__}(save_distributed_checkpoint=False): shardckpt checkpoints are "
-                             "always sharded and reshard on load; drop the argument, and use "
-                             "`shardckpt export CKPT OUT --format torch|safetensors` for a single file")
+            raise ValueError(
+                f"{type(self).__name__}(save_distributed_checkpoint=False): shardckpt checkpoints are "
+                "always sharded and reshard on load; drop the argument, and use "
+                "`shardckpt export CKPT OUT --format torch|safetensors` for a single file"
+            )
         super().__init__(*args, **kwargs)
         self._shardckpt = ShardckptOptions(async_save, num_io_threads, verify, storage_options, timeout_s)
 
 
 def _refuse_checkpoint_io(name: str, kwargs: dict[str, Any]) -> None:
     if kwargs.get("checkpoint_io") is not None:
-        raise ValueError(f"{name} writes its checkpoints through shardckpt itself and takes no checkpoint_io; "
-                         "drop the argument (ShardckptCheckpointIO is for DDP and single-device strategies)")
+        raise ValueError(
+            f"{name} writes its checkpoints through shardckpt itself and takes no checkpoint_io; "
+            "drop the argument (ShardckptCheckpointIO is for DDP and single-device strategies)"
+        )
 
 
 def _open(url: str, options: ShardckptOptions) -> CheckpointSource:
@@ -246,7 +282,8 @@ def _open(url: str, options: ShardckptOptions) -> CheckpointSource:
             raise CheckpointNotFoundError(
                 f"{url} was written by Lightning's own strategy (a torch.save file or DCP folder with meta.pt), "
                 "not by shardckpt, and shardckpt never unpickles. Resume it once with the stock strategy and "
-                "save again with this one, or convert the DCP tensors with `shardckpt import --trust-pickle`")
+                "save again with this one, or convert the DCP tensors with `shardckpt import --trust-pickle`"
+            )
     return CheckpointSource(url, storage_options=options.storage_options, verify=options.verify)
 
 
@@ -258,14 +295,18 @@ def _check_covered(source: CheckpointSource, target: dict[str, Any], *, strict_m
             raise StateDictMismatchError(
                 f"{source.path}: the checkpoint holds the state of {len(counted)} optimizer(s), but "
                 f"{len(target['optimizer_states'])} are configured. Resume with the optimizers that saved it "
-                "(configure_optimizers), or load only the weights (trainer.validate/test, or a new fit without ckpt_path)")
+                "(configure_optimizers), or load only the weights (trainer.validate/test, or a new fit without ckpt_path)"
+            )
     missing = [k for k in flat_keys(target) if k not in saved and (strict_model or not k.startswith("state_dict."))]
     if missing:
-        shown = ", ".join(repr(k) for k in missing[:10]) + (f" and {len(missing) - 10} more" if len(missing) > 10 else "")
+        shown = ", ".join(repr(k) for k in missing[:10]) + (
+            f" and {len(missing) - 10} more" if len(missing) > 10 else ""
+        )
         raise StateDictMismatchError(
             f"{source.path}: the checkpoint lacks {shown}, which this model/optimizers need. Resume with the "
             "model and optimizers that saved it (same parameter names and optimizer types), or set "
-            "`strict_loading = False` on the LightningModule to load a model that has extra keys")
+            "`strict_loading = False` on the LightningModule to load a model that has extra keys"
+        )
 
 
 def _read_rest(source: CheckpointSource) -> dict[str, Any]:
@@ -279,4 +320,3 @@ def _read_rest(source: CheckpointSource) -> dict[str, Any]:
     notes = source.manifest.metadata.get(_NOTES_KEY, {})
     rest_notes = {kind: [at for at in paths if not at or at[0] not in _SHARDED_KEYS] for kind, paths in notes.items()}
     return decode_checkpoint(nest(leaves), rest_notes)
-
