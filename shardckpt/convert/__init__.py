@@ -9,9 +9,10 @@
 - :func:`diff_checkpoints`: keys added, removed and changed; max abs difference per tensor.
 - :func:`read_state_dict`: a checkpoint as one in-memory nested dict, without a target.
 
-The work is split by direction: ``convert_read`` (assembling tensors from chunks,
-verified), ``convert_export``, ``convert_import``, ``convert_diff``. None of them is
-collective except the save at the end of an import.
+The work is split by direction: :mod:`~shardckpt.convert.source` (assembling tensors
+from chunks, verified), :mod:`~shardckpt.convert.export`, :mod:`~shardckpt.convert.importer`,
+:mod:`~shardckpt.convert.diff`, and :mod:`~shardckpt.convert.audit` (``verify``/``inspect``).
+None of them is collective except the save at the end of an import.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Lightning: :class:`ShardckptCheckpointIO` (a CheckpointIO plugin for any strategy) and
 :class:`ShardckptFSDPStrategy` / :class:`ShardckptModelParallelStrategy` (every rank writes
-its own shard). Needs ``pip install 'shardckpt[lightning]'``; see docs/lightning.md."""
+its own shard). Needs ``pip install 'shardckpt[lightning]'``; see docs/interop.md."""
 
 from __future__ import annotations
 
