@@ -30,7 +30,7 @@ from shardckpt.errors import (
     UnsupportedValueError,
 )
 from shardckpt.format.manifest import Manifest
-from shardckpt.manager import CheckpointManager, RetentionPolicy, StepInfo, list_root
+from shardckpt.manager import CheckpointManager, RetentionPolicy, SaveSchedule, StepInfo, list_root
 from shardckpt.training import GlobalBatch, ResumableDistributedSampler, RngStreamsRederivedWarning, TrainState
 
 # The converters pull in tqdm and the import/export machinery, the object-store settings
@@ -77,6 +77,7 @@ __all__ = [
     "RngStreamsRederivedWarning",
     "RootInUseError",
     "SaveKwargs",
+    "SaveSchedule",
     "ShardckptError",
     "StateDictMismatchError",
     "StepInfo",
