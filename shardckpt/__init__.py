@@ -11,7 +11,7 @@ import importlib
 from typing import Any
 
 from shardckpt._version import __version__
-from shardckpt.engine import Checkpointer, async_save, load, save, staging_stats
+from shardckpt.engine import Checkpointer, IOOptions, SaveKwargs, async_save, load, save, staging_stats
 from shardckpt.engine.loading import read_manifest
 from shardckpt.engine.saving import AsyncSaveHandle
 from shardckpt.errors import (
@@ -30,13 +30,18 @@ from shardckpt.errors import (
     UnsupportedValueError,
 )
 from shardckpt.format.manifest import Manifest
-from shardckpt.manager import CheckpointManager, RetentionPolicy, StepInfo, list_root
+from shardckpt.manager import CheckpointManager, RetentionPolicy, SaveSchedule, StepInfo, list_root
 from shardckpt.training import GlobalBatch, ResumableDistributedSampler, RngStreamsRederivedWarning, TrainState
 
-# The converters pull in tqdm and the import/export machinery; load them on first use.
+# The converters pull in tqdm and the import/export machinery, the object-store settings
+# fsspec and botocore; load them on first use.
 _LAZY = {
-    name: "shardckpt.convert"
-    for name in ("diff_checkpoints", "export_checkpoint", "import_checkpoint", "read_state_dict")
+    **{
+        name: "shardckpt.convert"
+        for name in ("diff_checkpoints", "export_checkpoint", "import_checkpoint", "read_state_dict")
+    },
+    "RetryPolicy": "shardckpt.storage",
+    "TransferOptions": "shardckpt.storage",
 }
 
 
@@ -59,6 +64,7 @@ __all__ = [
     "CheckpointNotFoundError",
     "Checkpointer",
     "GlobalBatch",
+    "IOOptions",
     "IntegrityError",
     "Manifest",
     "ManifestError",
@@ -67,13 +73,17 @@ __all__ = [
     "RankTimeoutError",
     "ResumableDistributedSampler",
     "RetentionPolicy",
+    "RetryPolicy",
     "RngStreamsRederivedWarning",
     "RootInUseError",
+    "SaveKwargs",
+    "SaveSchedule",
     "ShardckptError",
     "StateDictMismatchError",
     "StepInfo",
     "StorageError",
     "TrainState",
+    "TransferOptions",
     "UnsupportedFormatVersionError",
     "UnsupportedValueError",
     "__version__",

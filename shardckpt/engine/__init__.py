@@ -4,6 +4,8 @@ extension points (SavePlanner/LoadPlanner, StorageWriter/StorageReader).
 - :mod:`~shardckpt.engine.checkpointer`: :class:`Checkpointer`, the object that owns staging
   buffers, the pending async save, the checkpoint process groups and the storage factory.
 - :mod:`~shardckpt.engine.default`: the default Checkpointer behind ``shardckpt.save``/``load``.
+- :mod:`~shardckpt.engine.options`: :class:`IOOptions` (threads, checksum block size, object-store
+  transfer and retry settings) and :class:`SaveKwargs`, the keyword arguments of a save.
 - :mod:`~shardckpt.engine.saving` / :mod:`~shardckpt.engine.loading`: one save path (sync and
   async share it) and one load path.
 - :mod:`~shardckpt.engine.planner`, :mod:`~shardckpt.engine.writer`, :mod:`~shardckpt.engine.reader`:
@@ -17,5 +19,16 @@ from __future__ import annotations
 
 from shardckpt.engine.checkpointer import Checkpointer, StorageFactory
 from shardckpt.engine.default import async_save, default_checkpointer, load, save, staging_stats
+from shardckpt.engine.options import IOOptions, SaveKwargs
 
-__all__ = ["Checkpointer", "StorageFactory", "async_save", "default_checkpointer", "load", "save", "staging_stats"]
+__all__ = [
+    "Checkpointer",
+    "IOOptions",
+    "SaveKwargs",
+    "StorageFactory",
+    "async_save",
+    "default_checkpointer",
+    "load",
+    "save",
+    "staging_stats",
+]

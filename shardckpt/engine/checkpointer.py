@@ -18,39 +18,71 @@ import functools
 import logging
 import threading
 from collections.abc import Callable
-from typing import Any
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import torch.distributed as dist
 
 from shardckpt.engine.collective import RankGroup, arrive, checkpoint_group, is_gloo
-from shardckpt.engine.loading import DEFAULT_LOAD_IO_THREADS, load_from
+from shardckpt.engine.loading import load_from
+from shardckpt.engine.options import IOOptions, SaveKwargs, check_timeout
 from shardckpt.engine.saving import (
     DEFAULT_TIMEOUT_S,
     AsyncSaveHandle,
+    SaveRequest,
     checkpoint_path,
     persist,
-    save_options,
+    writer_options,
 )
 from shardckpt.engine.staging import BoundedSource, Stager, tensor_bytes
 from shardckpt.engine.state import flatten_with_mappings, to_plain_state_dict
 from shardckpt.errors import ShardckptError
-from shardckpt.format.integrity import DEFAULT_BLOCK_BYTES
 from shardckpt.format.manifest import Manifest
 from shardckpt.storage import Storage, open_storage
 
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
+
 __all__ = ["Checkpointer", "StorageFactory"]
 
-StorageFactory = Callable[[str, "dict[str, Any] | None"], Storage]
+StorageFactory = Callable[..., Storage]
+"""Opens a checkpoint folder, called like :func:`shardckpt.storage.open_storage`:
+``factory(url, storage_options)``, with a third argument, the
+:class:`~shardckpt.storage.TransferOptions`, when the :class:`IOOptions` in effect set
+``transfer`` and ``url`` is an fsspec URL (so a two-argument factory keeps working
+until someone sets ``transfer``)."""
 log = logging.getLogger("shardckpt")
+
+
+@dataclass(frozen=True)
+class _SaveStart:
+    """What the preamble of ``save`` and ``async_save`` settled: the caller's ranks, and
+    the request to persist (over the checkpoint gloo group, or none for one process)."""
+
+    group: RankGroup
+    request: SaveRequest
 
 
 class Checkpointer:
     """Saves and loads checkpoints; owns staging buffers, the pending async save, and
     the checkpoint process groups it creates.
 
-    ``storage_factory(url, storage_options) -> Storage`` opens every checkpoint folder
-    this Checkpointer saves to or loads from (default :func:`shardckpt.storage.open_storage`),
-    e.g. to add a cache, metrics, or fault injection in tests.
+    ``io``: the :class:`IOOptions` of every save and load of this Checkpointer (threads,
+    checksum block size, object-store transfer and retry settings; default ``IOOptions()``).
+    A call overrides it with ``io=``, and one field of it with the ``num_io_threads=`` or
+    ``hash_block_bytes=`` shortcut.
+
+    ``storage_factory(url, storage_options[, transfer]) -> Storage`` opens every checkpoint
+    folder this Checkpointer saves to or loads from (default :func:`shardckpt.storage.open_storage`;
+    see :data:`StorageFactory` for when ``transfer`` is passed), e.g. to add a cache,
+    metrics, or fault injection in tests.
+
+    Example::
+
+        io = shardckpt.IOOptions(transfer=shardckpt.TransferOptions(max_concurrency=16))
+        with shardckpt.Checkpointer(io=io) as ckpt:
+            ckpt.save(state, "s3://bucket/run/step_100")
+            ckpt.save(state, "s3://bucket/run/step_200", num_io_threads=16)  # this save only
 
     Contract:
 
@@ -69,7 +101,10 @@ class Checkpointer:
       its staging memory and groups until then.
     """
 
-    def __init__(self, *, storage_factory: StorageFactory | None = None) -> None:
+    def __init__(self, *, io: IOOptions | None = None, storage_factory: StorageFactory | None = None) -> None:
+        if io is not None and not isinstance(io, IOOptions):
+            raise TypeError(f"io must be a shardckpt.IOOptions or None, got {type(io).__name__}")
+        self._io = io if io is not None else IOOptions()
         self._storage_factory = storage_factory
         self._stager = Stager()
         self._lock = threading.Lock()  # guards _pending against wait() from another thread
@@ -91,16 +126,27 @@ class Checkpointer:
         return self._closed
 
     @property
+    def io(self) -> IOOptions:
+        """The I/O options of this Checkpointer's saves and loads (those a call does not override)."""
+        return self._io
+
+    @property
     def pending(self) -> AsyncSaveHandle | None:
         """The async save started last and not yet waited for by this object, if any."""
         return self._pending
 
     # ------------------------------------------------------------ storage and groups
 
-    def open_storage(self, url: str, storage_options: dict[str, Any] | None = None) -> Storage:
-        """The Storage for ``url`` from this Checkpointer's factory. Not collective."""
+    def open_storage(
+        self, url: str, storage_options: dict[str, Any] | None = None, *, io: IOOptions | None = None
+    ) -> Storage:
+        """The Storage for ``url`` from this Checkpointer's factory, with the transfer
+        settings of ``io`` (default: this Checkpointer's). Not collective."""
         factory = self._storage_factory if self._storage_factory is not None else open_storage
-        return factory(url, storage_options)
+        transfer = (io if io is not None else self._io).transfer_for(url)
+        if transfer is None:
+            return factory(url, storage_options)
+        return factory(url, storage_options, transfer)
 
     def group(self, process_group: Any, timeout_s: float, purpose: str = "save") -> Any:
         """The gloo group for ``purpose`` and ``timeout_s`` (see
@@ -111,20 +157,13 @@ class Checkpointer:
 
     # ------------------------------------------------------------ save / load
 
-    def save(
-        self,
-        state_dict: dict[str, Any],
-        path: str,
-        *,
-        process_group: Any = None,
-        num_io_threads: int | None = None,
-        overwrite: bool = False,
-        storage_options: dict[str, Any] | None = None,
-        hash_block_bytes: int = DEFAULT_BLOCK_BYTES,
-        metadata: dict[str, Any] | None = None,
-        timeout_s: float = DEFAULT_TIMEOUT_S,
-    ) -> Manifest | None:
+    def save(self, state_dict: dict[str, Any], path: str, **options: Unpack[SaveKwargs]) -> Manifest | None:
         """Save ``state_dict`` to the checkpoint folder ``path`` (a local path or fsspec URL).
+
+        Keyword options (:class:`SaveKwargs`, all optional): ``process_group``,
+        ``overwrite=False``, ``metadata=None``, ``storage_options=None``, ``timeout_s=1800``,
+        ``io`` (default: this Checkpointer's :class:`IOOptions`), and the shortcuts
+        ``num_io_threads``, ``hash_block_bytes`` that replace one field of ``io``.
 
         Collective when torch.distributed is initialized (or ``process_group`` is given):
         every rank of the group must call it with its own shard of the state. Works with no
@@ -149,40 +188,20 @@ class Checkpointer:
         created on the first call (by every rank) and owned by this Checkpointer.
         Returns the committed Manifest on the coordinator, None on other ranks.
         """
-        self._check_open(f"save to {path}")
-        path = checkpoint_path(path)
-        options = save_options(num_io_threads, hash_block_bytes, overwrite, metadata, path)
-        self.wait()
-        group = RankGroup.current(process_group)
-        ckpt_group = self.group(process_group, timeout_s) if group.is_distributed else None
-        arrive(ckpt_group, f"save to {path}: waiting for every rank to call save", timeout_s)
-        return persist(
-            to_plain_state_dict(state_dict),
-            path,
-            ckpt_group,
-            not group.is_distributed,
-            options,
-            storage_options,
-            mappings=None,
-            timeout_s=timeout_s,
-            storage_factory=self.open_storage,
-        )
+        request = self._start_save("save", path, options).request
+        arrive(request.process_group, f"save to {request.path}: waiting for every rank to call save", request.timeout_s)
+        return persist(to_plain_state_dict(state_dict), request)
 
     def async_save(
         self,
         state_dict: dict[str, Any],
         path: str,
         *,
-        process_group: Any = None,
-        num_io_threads: int | None = None,
-        overwrite: bool = False,
-        storage_options: dict[str, Any] | None = None,
-        hash_block_bytes: int = DEFAULT_BLOCK_BYTES,
-        metadata: dict[str, Any] | None = None,
-        timeout_s: float = DEFAULT_TIMEOUT_S,
         max_staging_bytes: int | None = None,
+        **options: Unpack[SaveKwargs],
     ) -> AsyncSaveHandle:
-        """Like :meth:`save`, but returns once the state is copied to host memory.
+        """Like :meth:`save` (the same keyword options), but returns once the state is
+        copied to host memory.
 
         Collective, like ``save``. First finishes this Checkpointer's previous async save
         (raising its error if it failed and nobody called ``wait`` on it). Then copies every
@@ -204,11 +223,14 @@ class Checkpointer:
         """
         if max_staging_bytes is not None and max_staging_bytes < 0:
             raise ValueError(f"max_staging_bytes must be >= 0 or None (no bound), got {max_staging_bytes}")
-        self._check_open(f"async save to {path}")
-        path = checkpoint_path(path)
-        options = save_options(num_io_threads, hash_block_bytes, overwrite, metadata, path)
-        self.wait()
-        group = RankGroup.current(process_group)
+        start = self._start_save("async save", path, options)
+        request = start.request
+        if request.process_group is not None and not is_gloo(request.process_group):
+            raise ValueError(
+                "async_save over a subgroup needs a gloo group, so the background thread never runs "
+                "collectives on a training group: pass process_group=dist.new_group(ranks, backend='gloo') "
+                "(created on every rank)"
+            )
         stager = self._stager
 
         def stage() -> dict[str, Any]:
@@ -218,32 +240,13 @@ class Checkpointer:
             source = BoundedSource(max_staging_bytes, stager.arena)
             return {"state": stager.stage_live(flat), "mappings": mappings, "source": source}
 
-        staged = group.agree(f"async save to {path}", stage)
-        bg_group = self.group(process_group, timeout_s) if group.is_distributed else None
-        if bg_group is not None and not is_gloo(bg_group):
-            raise ValueError(
-                "async_save over a subgroup needs a gloo group, so the background thread never runs "
-                "collectives on a training group: pass process_group=dist.new_group(ranks, backend='gloo') "
-                "(created on every rank)"
-            )
-        handle = AsyncSaveHandle(path)
-        run = functools.partial(
-            persist,
-            staged["state"],
-            path,
-            bg_group,
-            not group.is_distributed,
-            options,
-            storage_options,
-            staged["mappings"],
-            timeout_s,
-            staged["source"],
-            storage_factory=self.open_storage,
-        )
+        staged = start.group.agree(f"async save to {request.path}", stage)
+        handle = AsyncSaveHandle(request.path)
+        source: BoundedSource | None = staged["source"]
+        run = functools.partial(persist, staged["state"], request, mappings=staged["mappings"], source=source)
         # Not a daemon: the interpreter joins it at exit, so a pending save finishes (or
         # fails uncommitted) instead of being cut off mid-write. No atexit hook needed.
         thread = threading.Thread(target=handle._run, args=(run,), name="shardckpt-async-save", daemon=False)
-        source: BoundedSource | None = staged["source"]
         with self._lock:
             self._pending = handle
             self._last_source = source
@@ -251,6 +254,32 @@ class Checkpointer:
         if source is not None:
             source.released.wait()  # the caller's tensors are read until then
         return handle
+
+    def _start_save(self, action: str, path: str, options: SaveKwargs) -> _SaveStart:
+        """The preamble ``save`` and ``async_save`` share: check the arguments, finish the
+        pending save, and get the checkpoint group (collective on first use)."""
+        unknown = sorted(set(options) - SaveKwargs.__optional_keys__)
+        if unknown:
+            raise TypeError(f"{action}() got unexpected keyword arguments {unknown}; see shardckpt.SaveKwargs")
+        self._check_open(f"{action} to {path}")
+        path = checkpoint_path(path)
+        io = self._call_io(options.get("io"), options.get("num_io_threads"), options.get("hash_block_bytes"))
+        writer = writer_options(io, path, overwrite=options.get("overwrite", False), metadata=options.get("metadata"))
+        timeout_s = options.get("timeout_s", DEFAULT_TIMEOUT_S)
+        check_timeout(timeout_s)
+        self.wait()
+        process_group = options.get("process_group")
+        group = RankGroup.current(process_group)
+        ckpt_group = self.group(process_group, timeout_s) if group.is_distributed else None
+        storage_options = options.get("storage_options")
+        request = SaveRequest(
+            path,
+            writer,
+            open_storage=functools.partial(self.open_storage, path, storage_options, io=io),
+            process_group=ckpt_group,
+            timeout_s=timeout_s,
+        )
+        return _SaveStart(group, request)
 
     def load(
         self,
@@ -260,9 +289,10 @@ class Checkpointer:
         process_group: Any = None,
         strict: bool = True,
         verify: bool = True,
-        num_io_threads: int = DEFAULT_LOAD_IO_THREADS,
         storage_options: dict[str, Any] | None = None,
         timeout_s: float = DEFAULT_TIMEOUT_S,
+        io: IOOptions | None = None,
+        num_io_threads: int | None = None,
     ) -> None:
         """Fill ``state_dict`` in place from the checkpoint at ``path``.
 
@@ -276,22 +306,33 @@ class Checkpointer:
         (otherwise StateDictMismatchError lists them); with ``strict=False`` keys missing
         from the checkpoint are left untouched. Shape and dtype must match either way.
         ``verify``: check every byte read against the checksums recorded at save time.
+        ``io``: threads and object-store transfer/retry settings (default: this
+        Checkpointer's :class:`IOOptions`); ``num_io_threads`` replaces its thread count
+        (None there too: 4). ``storage_options``: handed to fsspec for fsspec URLs.
         A problem on any rank raises on every rank, naming the rank; a rank that does not
         call ``load`` makes the others raise RankTimeoutError after ``timeout_s`` (default
         1800 s). Like ``save``, the collectives run on this Checkpointer's gloo group,
         after its pending async save (if any) has finished.
         """
-        if not 1 <= num_io_threads <= 256:
-            raise ValueError(f"num_io_threads must be in [1, 256], got {num_io_threads}")
+        io = self._call_io(io, num_io_threads, None)
+        check_timeout(timeout_s)
         self._check_open(f"load of {path}")
         self.wait()
         group = RankGroup.current(process_group)
         ckpt_group = self.group(process_group, timeout_s) if group.is_distributed else None
         arrive(ckpt_group, f"load of {path}: waiting for every rank to call load", timeout_s)
         group = RankGroup.current(ckpt_group) if ckpt_group is not None else group
-        storage = self.open_storage(path, storage_options)
+        storage = self.open_storage(path, storage_options, io=io)
         load_from(
-            state_dict, path, storage, group, ckpt_group, strict=strict, verify=verify, num_io_threads=num_io_threads
+            state_dict, path, storage, group, ckpt_group, strict=strict, verify=verify, num_io_threads=io.load_threads()
+        )
+
+    def _call_io(self, io: IOOptions | None, num_io_threads: int | None, hash_block_bytes: int | None) -> IOOptions:
+        """The IOOptions of one call: ``io`` (default this Checkpointer's) with the shortcuts applied."""
+        if io is not None and not isinstance(io, IOOptions):
+            raise TypeError(f"io must be a shardckpt.IOOptions or None, got {type(io).__name__}")
+        return (io if io is not None else self._io).with_shortcuts(
+            num_io_threads=num_io_threads, hash_block_bytes=hash_block_bytes
         )
 
     # ------------------------------------------------------------ pending save, stats, close

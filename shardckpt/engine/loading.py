@@ -29,8 +29,6 @@ from shardckpt.format import datafile, integrity, layout
 from shardckpt.format.manifest import MAX_MANIFEST_BYTES, Manifest, parse_manifest, unseal
 from shardckpt.storage import Storage, open_storage  # noqa: F401 - the engine looks it up here at call time (tests still patch it)
 
-DEFAULT_LOAD_IO_THREADS = 4
-
 
 def load_from(
     state_dict: dict[str, Any],

@@ -17,63 +17,88 @@ import logging
 import os
 import threading
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 
 from shardckpt.engine.collective import arrive, is_timeout, translated_failures
+from shardckpt.engine.options import (  # noqa: F401 - the thread defaults, also read from here (benchmarks)
+    DEFAULT_REMOTE_SAVE_IO_THREADS,
+    DEFAULT_SAVE_IO_THREADS,
+    IOOptions,
+    check_timeout,
+)
 from shardckpt.engine.planner import SavePlanner
 from shardckpt.engine.staging import BoundedSource
 from shardckpt.engine.writer import Writer, WriterOptions
 from shardckpt.errors import RankTimeoutError
 from shardckpt.format.manifest import Manifest
-from shardckpt.storage import Storage, open_storage
+from shardckpt.storage import Storage
 
-DEFAULT_SAVE_IO_THREADS = 4  # local disks: 4 streams per rank saved 1.4-1.6x faster than 2 (benchmarks.md)
-DEFAULT_REMOTE_SAVE_IO_THREADS = 8  # object stores: latency-bound, more uploads in flight (storage.md)
 DEFAULT_TIMEOUT_S = 1800.0
 log = logging.getLogger("shardckpt")
 
 
+@dataclass(frozen=True)
+class SaveRequest:
+    """Where and how :func:`persist` writes one checkpoint (everything but the state).
+
+    ``path``: the checkpoint folder, as named in errors. ``writer``: the writer's options
+    (threads, block size, overwrite, metadata). ``open_storage``: opens ``path``; called by
+    ``persist`` on the thread that runs the save, so a failure to open is the save's
+    failure. ``process_group``: the gloo group every rank of the save passes, or None for
+    a save by this process alone. ``timeout_s``: bound on every wait for other ranks.
+    """
+
+    path: str
+    writer: WriterOptions
+    open_storage: Callable[[], Storage]
+    process_group: Any = None
+    timeout_s: float = DEFAULT_TIMEOUT_S
+
+    def __post_init__(self) -> None:
+        check_timeout(self.timeout_s)
+
+
 def persist(
     state: dict[str, Any],
-    path: str,
-    process_group: Any,
-    no_dist: bool,
-    options: WriterOptions,
-    storage_options: dict[str, Any] | None,
-    mappings: dict[str, Any] | None,
-    timeout_s: float = DEFAULT_TIMEOUT_S,
+    request: SaveRequest,
+    *,
+    mappings: dict[str, Any] | None = None,
     source: BoundedSource | None = None,
-    storage_factory: Callable[[str, dict[str, Any] | None], Storage] | None = None,
 ) -> Manifest | None:
-    """Plan, write and commit ``state`` (collective over ``process_group``, a gloo group
-    or None). Thread-safe as long as each concurrent call uses its own process group.
-    ``source``: a bounded async save's tensor source, released when this returns.
-    ``storage_factory``: opens ``path`` (default :func:`open_storage`); called here, on
-    the thread that runs the save, so a failure to open is the save's failure."""
-
+    """Plan, write and commit ``state`` as ``request`` says (collective over its process
+    group, when it has one). Thread-safe as long as each concurrent call uses its own
+    process group. ``mappings``: the flattening of a staged state (see
+    :func:`shardckpt.engine.state.flatten_with_mappings`). ``source``: a bounded async
+    save's tensor source, released when this returns."""
+    path, group, timeout_s = request.path, request.process_group, request.timeout_s
     timeouts: list[RankTimeoutError] = []
 
     def all_written() -> None:
         try:
-            arrive(process_group, f"save to {path}: waiting for every rank to finish writing", timeout_s)
+            arrive(group, f"save to {path}: waiting for every rank to finish writing", timeout_s)
         except RankTimeoutError as e:
             timeouts.append(e)
             raise
 
-    storage = (storage_factory or open_storage)(path, storage_options)
-    writer = Writer(storage, options, after_write=all_written)
     try:
-        rank = dist.get_rank(process_group) if process_group is not None else 0
+        writer = Writer(request.open_storage(), request.writer, after_write=all_written)
+    except BaseException:
+        if source is not None:
+            source.release()
+        raise
+    try:
+        rank = dist.get_rank(group) if group is not None else 0
         with translated_failures(f"save to {path}", rank=rank):
             dcp.save(
                 state,
                 storage_writer=writer,
                 planner=SavePlanner(mappings=mappings, source=source),
-                process_group=process_group,
-                no_dist=no_dist,
+                process_group=group,
+                no_dist=group is None,
             )
     except BaseException as e:
         writer.discard()
@@ -105,16 +130,11 @@ def checkpoint_path(path: Any) -> str:
     return text
 
 
-def save_options(
-    num_io_threads: int | None, hash_block_bytes: int, overwrite: bool, metadata: dict[str, Any] | None, path: str
-) -> WriterOptions:
-    """The writer's options for a save to ``path`` (I/O threads defaulted by storage kind)."""
-    if num_io_threads is None:
-        local = "://" not in path or path.startswith("file://")
-        num_io_threads = DEFAULT_SAVE_IO_THREADS if local else DEFAULT_REMOTE_SAVE_IO_THREADS
+def writer_options(io: IOOptions, path: str, *, overwrite: bool, metadata: dict[str, Any] | None) -> WriterOptions:
+    """The writer's options for a save to ``path`` under ``io`` (threads defaulted by storage kind)."""
     return WriterOptions(
-        num_io_threads=num_io_threads,
-        hash_block_bytes=hash_block_bytes,
+        num_io_threads=io.save_threads(path),
+        hash_block_bytes=io.hash_block_bytes,
         overwrite=overwrite,
         metadata=dict(metadata or {}),
     )

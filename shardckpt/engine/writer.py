@@ -41,6 +41,7 @@ from torch.distributed.checkpoint.planner import SavePlan, SavePlanner, WriteIte
 from torch.distributed.checkpoint.storage import StorageWriter, WriteResult
 
 from shardckpt._version import __version__
+from shardckpt.engine.options import check_hash_block_bytes, check_io_threads
 from shardckpt.engine.staging import item_bytes
 from shardckpt.errors import (
     CheckpointExistsError,
@@ -79,10 +80,8 @@ class WriterOptions:
     metadata: dict[str, Any] = dataclasses.field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        if not 1 <= self.num_io_threads <= 256:
-            raise ValueError(f"num_io_threads must be in [1, 256], got {self.num_io_threads}")
-        if not (4096 <= self.hash_block_bytes <= 2**30 and self.hash_block_bytes % 64 == 0):
-            raise ValueError(f"hash_block_bytes must be a multiple of 64 in [4096, 2**30], got {self.hash_block_bytes}")
+        check_io_threads(self.num_io_threads)
+        check_hash_block_bytes(self.hash_block_bytes)
         try:
             json.dumps(self.metadata, allow_nan=False)
         except (TypeError, ValueError) as e:

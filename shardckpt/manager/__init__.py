@@ -1,9 +1,11 @@
 """Runs of checkpoints: :class:`CheckpointManager` (one step folder per save under a
-root), its retention policy and the ownership record that keeps two jobs off one root."""
+root), its retention policy and save schedule, and the ownership record that keeps two
+jobs off one root."""
 
 from __future__ import annotations
 
 from shardckpt.manager.checkpoint_manager import CheckpointManager, StepInfo, list_root
 from shardckpt.manager.retention import RetentionPolicy
+from shardckpt.manager.schedule import SaveSchedule
 
-__all__ = ["CheckpointManager", "RetentionPolicy", "StepInfo", "list_root"]
+__all__ = ["CheckpointManager", "RetentionPolicy", "SaveSchedule", "StepInfo", "list_root"]

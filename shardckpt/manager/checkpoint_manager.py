@@ -26,11 +26,12 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from types import FrameType
-from typing import Any
+from typing import Any, TypeVar
 
 from shardckpt.engine.checkpointer import Checkpointer
 from shardckpt.engine.collective import RankGroup
 from shardckpt.engine.loading import read_manifest
+from shardckpt.engine.options import IOOptions, SaveKwargs, check_io_threads, check_timeout
 from shardckpt.engine.saving import DEFAULT_TIMEOUT_S, AsyncSaveHandle
 from shardckpt.errors import (
     CheckpointNotFoundError,
@@ -44,9 +45,11 @@ from shardckpt.format import layout
 from shardckpt.format.manifest import Manifest
 from shardckpt.manager import ownership
 from shardckpt.manager.retention import RetentionPolicy
+from shardckpt.manager.schedule import SaveSchedule
 from shardckpt.storage import Storage, folder, open_storage
 
 log = logging.getLogger("shardckpt")
+_Policy = TypeVar("_Policy", RetentionPolicy, SaveSchedule)
 
 
 @dataclass(frozen=True)
@@ -69,62 +72,129 @@ class CheckpointManager:
     Collective: construct it, and call ``save``/``restore``/``close``, on every rank
     of the group (the default group when torch.distributed is initialized). The
     coordinator (rank 0) lists, cleans up, applies retention and owns the root.
+    Not thread-safe. Every parameter but ``root`` is keyword-only; docs/manager.md has
+    the same list with examples.
 
-    Not thread-safe. ``read_only=True`` opens a root for ``restore``/listing only:
-    no owner record, no cleanup, and ``save`` refuses. A writing manager owns the root
-    (see :mod:`shardckpt.manager.ownership`): its coordinator claims the owner record when it
-    opens, refreshes it from a background thread every ``stale_owner_after_s / 4``
-    seconds until ``close`` (call it: the thread belongs to the manager), and re-reads
-    it before every save and every delete; one that lost the root to another manager
-    raises RootInUseError on ``save`` and deletes nothing. ``max_staging_bytes`` bounds
-    the host memory of ``async_save=True`` saves per rank (see ``shardckpt.async_save``).
-    ``timeout_s`` bounds every wait for other ranks, in saves, restores and the
-    manager's own agreements (opening, listing, retention): a rank that does not arrive
-    makes the others raise RankTimeoutError; a rank whose process died, RankFailureError.
+    Which steps to keep, after each commit (``retention``, or its shortcuts):
 
-    Saves and restores run on ``checkpointer`` (a :class:`shardckpt.engine.Checkpointer`:
-    its staging buffers, gloo groups and storage factory; the root itself is opened with
-    its factory too). Without one the manager creates its own and closes it in
-    ``close``; one passed in stays open, for its creator to close.
+    - ``retention``: a :class:`RetentionPolicy` (default: keep every step).
+    - ``keep_last``, ``keep_every_n_steps``, ``keep_best``, ``monitor``, ``mode``: shortcuts
+      for ``retention=RetentionPolicy(...)`` with those fields (see it for their meaning).
+
+    When ``save(step, ...)`` writes (``schedule``, or its shortcuts):
+
+    - ``schedule``: a :class:`SaveSchedule` (default: every step, no time rule, no
+      preemption handling).
+    - ``save_interval_steps``, ``save_interval_s``, ``save_on_preemption``,
+      ``preemption_exit_code``: shortcuts for ``schedule=SaveSchedule(...)`` with those fields.
+
+    Passing a policy object and one of its shortcuts is an error (ValueError).
+
+    How saves and restores run:
+
+    - ``async_save`` (False): ``save`` returns once the state is staged in host memory;
+      the commit is confirmed by the next ``save``/``wait``/``restore``/``close``.
+    - ``max_staging_bytes`` (None: no bound): bounds the host memory of those staged
+      copies per rank (see ``shardckpt.async_save``).
+    - ``process_group`` (None: the whole job): the ranks taking part.
+    - ``storage_options`` (None): handed to fsspec for an fsspec root (credentials, endpoint).
+    - ``io`` (None: the checkpointer's :class:`IOOptions`): threads, checksum block size,
+      object-store transfer and retry settings of every save and restore, and of the
+      manager's own listing and deletes on the root. ``num_io_threads`` (None): a shortcut
+      that replaces ``io.num_io_threads``.
+    - ``timeout_s`` (1800): bounds every wait for other ranks, in saves, restores and the
+      manager's own agreements (opening, listing, retention): a rank that does not arrive
+      makes the others raise RankTimeoutError; a rank whose process died, RankFailureError.
+    - ``checkpointer`` (None): the :class:`shardckpt.engine.Checkpointer` saves and restores
+      run on (its staging buffers, gloo groups and storage factory; the root itself is
+      opened with its factory too). Without one the manager creates its own, with ``io``,
+      and closes it in ``close``; one passed in stays open, for its creator to close.
+
+    Who owns the root:
+
+    - ``read_only`` (False): open the root for ``restore``/listing only: no owner record,
+      no cleanup, and ``save`` refuses (so it takes no ``save_on_preemption``).
+    - ``takeover`` (False), ``stale_owner_after_s`` (600): a writing manager owns the root
+      (see :mod:`shardckpt.manager.ownership`): its coordinator claims the owner record when
+      it opens, refreshes it from a background thread every ``stale_owner_after_s / 4``
+      seconds until ``close`` (call it: the thread belongs to the manager), and re-reads
+      it before every save and every delete; one that lost the root to another manager
+      raises RootInUseError on ``save`` and deletes nothing. A record not refreshed for
+      ``stale_owner_after_s``, or any record with ``takeover=True``, is taken over.
+
+    Example::
+
+        with CheckpointManager(
+            "s3://bucket/run1",
+            retention=RetentionPolicy(keep_last=3, keep_best=1, monitor="val_loss"),
+            schedule=SaveSchedule(save_interval_steps=500, save_on_preemption=True),
+            io=IOOptions(transfer=TransferOptions(retry=RetryPolicy(max_total_s=300))),
+            async_save=True,
+        ) as mgr:
+            ...
     """
 
     def __init__(
         self,
         root: str,
         *,
+        retention: RetentionPolicy | None = None,
         keep_last: int | None = None,
         keep_every_n_steps: int | None = None,
         keep_best: int | None = None,
         monitor: str | None = None,
-        mode: str = "min",
-        save_interval_steps: int = 1,
+        mode: str | None = None,
+        schedule: SaveSchedule | None = None,
+        save_interval_steps: int | None = None,
         save_interval_s: float | None = None,
-        save_on_preemption: bool = False,
-        preemption_exit_code: int = 0,
-        process_group: Any = None,
-        storage_options: dict[str, Any] | None = None,
-        num_io_threads: int | None = None,
-        read_only: bool = False,
+        save_on_preemption: bool | None = None,
+        preemption_exit_code: int | None = None,
         async_save: bool = False,
         max_staging_bytes: int | None = None,
-        takeover: bool = False,
-        stale_owner_after_s: float = 600.0,
+        process_group: Any = None,
+        storage_options: dict[str, Any] | None = None,
+        io: IOOptions | None = None,
+        num_io_threads: int | None = None,
         timeout_s: float = DEFAULT_TIMEOUT_S,
         checkpointer: Checkpointer | None = None,
+        read_only: bool = False,
+        takeover: bool = False,
+        stale_owner_after_s: float = 600.0,
     ) -> None:
-        if save_interval_steps < 1:
-            raise ValueError(f"save_interval_steps must be >= 1, got {save_interval_steps}")
-        if save_interval_s is not None and save_interval_s <= 0:
-            raise ValueError(f"save_interval_s must be > 0 or None, got {save_interval_s}")
-        if timeout_s <= 0:
-            raise ValueError(f"timeout_s must be > 0, got {timeout_s}")
+        self.retention = policy_or_shortcuts(
+            "retention",
+            retention,
+            RetentionPolicy,
+            keep_last=keep_last,
+            keep_every_n_steps=keep_every_n_steps,
+            keep_best=keep_best,
+            monitor=monitor,
+            mode=mode,
+        )
+        self.schedule = policy_or_shortcuts(
+            "schedule",
+            schedule,
+            SaveSchedule,
+            save_interval_steps=save_interval_steps,
+            save_interval_s=save_interval_s,
+            save_on_preemption=save_on_preemption,
+            preemption_exit_code=preemption_exit_code,
+        )
+        if read_only and self.schedule.save_on_preemption:
+            raise ValueError(
+                "a read_only=True CheckpointManager cannot save, so it cannot save on preemption; "
+                "drop save_on_preemption (its SIGTERM handler would only keep the process alive)"
+            )
+        if max_staging_bytes is not None and max_staging_bytes < 0:
+            raise ValueError(f"max_staging_bytes must be >= 0 or None (no bound), got {max_staging_bytes}")
+        if io is not None and not isinstance(io, IOOptions):
+            raise TypeError(f"io must be a shardckpt.IOOptions or None, got {type(io).__name__}")
+        if num_io_threads is not None:
+            check_io_threads(num_io_threads)
+        check_timeout(timeout_s)
         if not stale_owner_after_s > 0:
             raise ValueError(f"stale_owner_after_s must be > 0, got {stale_owner_after_s}")
         self.root = root.rstrip("/")
-        self.policy = RetentionPolicy(keep_last, keep_every_n_steps, keep_best, monitor, mode)
-        self.save_interval_steps = save_interval_steps
-        self.save_interval_s = save_interval_s
-        self.preemption_exit_code = preemption_exit_code
         self.read_only = read_only
         self.async_save = async_save
         self._max_staging_bytes = max_staging_bytes
@@ -132,18 +202,17 @@ class CheckpointManager:
         self.cleaned_up: list[str] = []
         self._process_group = process_group
         self._storage_options = storage_options
-        self._io: dict[str, Any] = {} if num_io_threads is None else {"num_io_threads": num_io_threads}
-        self._io["timeout_s"] = timeout_s
+        # Passed on by every save and restore (None: the Checkpointer's own).
+        self._io = io
+        self._num_io_threads = num_io_threads
         self._group = RankGroup.current(process_group)
         self._agreements: RankGroup | None = None  # see _ranks()
         self._timeout_s = timeout_s
         # Our own Checkpointer (closed by close()) unless one was given; a given one's
         # storage factory opens the root too, so injected storage sees every access.
         self._owns_checkpointer = checkpointer is None
-        self._checkpointer = Checkpointer() if checkpointer is None else checkpointer
-        self._storage = (open_storage if checkpointer is None else checkpointer.open_storage)(
-            self.root, storage_options
-        )
+        self._checkpointer = Checkpointer(io=io) if checkpointer is None else checkpointer
+        self._storage = self._checkpointer.open_storage(self.root, storage_options, io=io)
         self._metrics: dict[int, dict[str, Any]] = {}
         self._last_save_time = time.monotonic()
         self._preempted = False
@@ -158,7 +227,7 @@ class CheckpointManager:
                 self._let_go()  # a failed open must not leave the root locked by a record nobody refreshes
                 self._close_checkpointer()
                 raise
-        if save_on_preemption:
+        if self.schedule.save_on_preemption:
             self._install_sigterm_handler()
 
     # ------------------------------------------------------------ listing
@@ -178,10 +247,10 @@ class CheckpointManager:
 
     def best_step(self) -> int | None:
         """The committed step with the best monitored metric (None without keep_best/monitor)."""
-        if not self.policy.monitor:
+        if not self.retention.monitor:
             return None
         steps = self.steps()
-        ranked = self.policy.best(steps, {s: self.metrics(s) for s in steps})
+        ranked = self.retention.best(steps, {s: self.metrics(s) for s in steps})
         return ranked[0] if ranked else None
 
     def metrics(self, step: int) -> dict[str, Any]:
@@ -216,7 +285,9 @@ class CheckpointManager:
                 process_group=self._process_group,
                 strict=strict,
                 storage_options=self._storage_options,
-                **self._io,
+                timeout_s=self._timeout_s,
+                io=self._io,
+                num_io_threads=self._num_io_threads,
             )
 
         return self.restore_with(load_step, step)
@@ -281,14 +352,19 @@ class CheckpointManager:
             raise ShardckptError(f"{self.root}: this CheckpointManager was opened read_only=True; it cannot save")
         checked = check_metrics(metrics)  # before anything is written, due or not: a bad call fails at once
         preempted, time_due = self._shared_flags()
-        due = force or preempted or time_due or step % self.save_interval_steps == 0
+        due = force or preempted or time_due or self.schedule.due_at_step(step)
         if not due:
             return False
         self.wait()  # the previous async save: commit it (or raise its error) and apply retention
         self._ranks().decide(f"checking that this manager still owns {self.root}", self._check_owner)
         meta = {"step": step, "metrics": checked, "saved_at": time.time()}
-        kwargs = dict(
-            process_group=self._process_group, storage_options=self._storage_options, metadata=meta, **self._io
+        kwargs = SaveKwargs(
+            process_group=self._process_group,
+            storage_options=self._storage_options,
+            metadata=meta,
+            timeout_s=self._timeout_s,
+            io=self._io,
+            num_io_threads=self._num_io_threads,
         )
         self._metrics[step] = dict(checked)
         self._last_save_time = time.monotonic()
@@ -303,7 +379,7 @@ class CheckpointManager:
         if preempted:
             log.warning("shardckpt: preempted (SIGTERM); step %d committed under %s, exiting", step, self.root)
             self.close()
-            sys.exit(self.preemption_exit_code)
+            sys.exit(self.schedule.preemption_exit_code)
         return True
 
     def _after_commit(self) -> None:
@@ -328,12 +404,8 @@ class CheckpointManager:
             )
 
     def _shared_flags(self) -> tuple[bool, bool]:
-        needs_collective = self.save_interval_s is not None or self._previous_sigterm is not None
-        time_due = (
-            self._group.is_coordinator
-            and self.save_interval_s is not None
-            and time.monotonic() - self._last_save_time >= self.save_interval_s
-        )
+        needs_collective = self.schedule.save_interval_s is not None or self._previous_sigterm is not None
+        time_due = self._group.is_coordinator and self.schedule.due_after(time.monotonic() - self._last_save_time)
         if not needs_collective:
             return self._preempted, bool(time_due)
         preempted, time_due = self._ranks().any_true([self._preempted, bool(time_due)])
@@ -343,8 +415,8 @@ class CheckpointManager:
         """Coordinator. Raises (to _retain_quietly) if the steps or their metrics cannot be
         read: a metric lost to a storage error must not make a kept step look deletable."""
         steps = self.steps()
-        metrics = {s: self._retention_metrics(s) for s in steps} if self.policy.keep_best else {}
-        for s in self.policy.to_delete(steps, metrics):
+        metrics = {s: self._retention_metrics(s) for s in steps} if self.retention.keep_best else {}
+        for s in self.retention.to_delete(steps, metrics):
             self._check_owner()  # right before each delete: a manager that lost the root deletes nothing
             try:
                 self._delete_step(s)
@@ -515,6 +587,22 @@ class CheckpointManager:
 
     def _step_storage(self, step: int) -> Storage:
         return self._storage.child(layout.step_dir_name(step))
+
+
+def policy_or_shortcuts(name: str, policy: _Policy | None, kind: type[_Policy], **shortcuts: Any) -> _Policy:
+    """``policy``, or a ``kind`` built from the shortcuts given (not None); both is an error."""
+    given = {field: value for field, value in shortcuts.items() if value is not None}
+    if policy is None:
+        return kind(**given)
+    if not isinstance(policy, kind):
+        raise TypeError(f"{name} must be a shardckpt.{kind.__name__} or None, got {type(policy).__name__}")
+    if given:
+        passed = ", ".join(f"{field}={value!r}" for field, value in given.items())
+        raise ValueError(
+            f"CheckpointManager got both {name}={kind.__name__}(...) and {passed}; set {', '.join(given)} "
+            f"in the {kind.__name__} instead, or drop {name}= and keep the shortcuts"
+        )
+    return policy
 
 
 def metrics_of(manifest: Manifest) -> dict[str, Any]:

@@ -15,6 +15,20 @@ from dataclasses import dataclass
 
 @dataclass(frozen=True)
 class RetentionPolicy:
+    """Which committed steps to keep; a step is kept if any rule keeps it. Immutable;
+    checked when created.
+
+    ``keep_last`` (None: keep every step): the N newest steps. ``keep_every_n_steps``
+    (None): also the steps divisible by K, forever. ``keep_best`` (None): also the K steps
+    with the best value of the metric ``monitor`` (required with ``keep_best``), smallest
+    first with ``mode="min"`` (the default) or largest with ``"max"``; steps saved without
+    that metric never count as best. The newest committed step is always kept.
+
+    Example::
+
+        RetentionPolicy(keep_last=3, keep_every_n_steps=10_000, keep_best=1, monitor="val_loss")
+    """
+
     keep_last: int | None = None
     keep_every_n_steps: int | None = None
     keep_best: int | None = None

@@ -29,6 +29,7 @@ process. See docs/interop.md.
 from __future__ import annotations
 
 import enum
+import functools
 import logging
 import os
 import pathlib
@@ -47,8 +48,7 @@ except ImportError as e:  # pragma: no cover - exercised only without the extra
 from shardckpt.convert.export import read_state_dict
 from shardckpt.convert.source import CheckpointSource, Selection
 from shardckpt.engine.checkpointer import Checkpointer
-from shardckpt.engine.saving import persist
-from shardckpt.engine.writer import WriterOptions
+from shardckpt.engine.saving import SaveRequest, persist, writer_options
 from shardckpt.errors import ShardckptError, UnsupportedValueError
 from shardckpt.storage import folder, open_storage
 
@@ -129,10 +129,13 @@ class ShardckptCheckpointIO(CheckpointIO):
             self._warned_sync = True
         engine = self._engine()
         engine.wait()
-        options = WriterOptions(num_io_threads=self.num_io_threads, overwrite=True, metadata=metadata)
-        persist(
-            tree, url, None, True, options, self.storage_options, mappings=None, storage_factory=engine.open_storage
+        io = engine.io.with_shortcuts(num_io_threads=self.num_io_threads)
+        request = SaveRequest(
+            url,
+            writer_options(io, url, overwrite=True, metadata=metadata),
+            open_storage=functools.partial(engine.open_storage, url, self.storage_options, io=io),
         )
+        persist(tree, request)  # no process group: this rank alone
 
     def load_checkpoint(self, path: Any, map_location: Any = None, weights_only: bool | None = None) -> dict[str, Any]:
         """The checkpoint dict at ``path``, tensors on CPU unless ``map_location`` says otherwise.

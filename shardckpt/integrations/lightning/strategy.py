@@ -54,6 +54,7 @@ from torch.distributed.checkpoint.state_dict import (
 from shardckpt.convert.source import CheckpointSource, nest
 from shardckpt.engine.checkpointer import Checkpointer
 from shardckpt.engine.collective import RankGroup
+from shardckpt.engine.options import SaveKwargs
 from shardckpt.engine.saving import DEFAULT_TIMEOUT_S
 from shardckpt.engine.state import flat_keys
 from shardckpt.errors import CheckpointNotFoundError, StateDictMismatchError
@@ -131,7 +132,7 @@ class _ShardckptCheckpoints(ParallelStrategy):
             "lightning_strategy": type(self).__name__,
         }
         o = self._shardckpt
-        kwargs: dict[str, Any] = dict(
+        kwargs = SaveKwargs(
             overwrite=True,
             metadata=metadata,
             num_io_threads=o.num_io_threads,

@@ -1,0 +1,140 @@
+"""Typed I/O configuration of saves and loads: :class:`IOOptions`, and :class:`SaveKwargs`,
+the keyword arguments ``save`` and ``async_save`` share.
+
+An :class:`IOOptions` is given once (``Checkpointer(io=...)``, ``CheckpointManager(io=...)``)
+and overridden per call (``save(..., io=...)``); the keyword shortcuts ``num_io_threads=``
+and ``hash_block_bytes=`` override one field of whichever options are in effect.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, TypedDict
+
+from shardckpt.format import integrity
+from shardckpt.storage import is_local_url
+
+if TYPE_CHECKING:
+    from shardckpt.storage.fsspec_storage import TransferOptions
+
+__all__ = ["IOOptions", "SaveKwargs"]
+
+DEFAULT_SAVE_IO_THREADS = 4  # local disks: 4 streams per rank saved 1.4-1.6x faster than 2 (benchmarks.md)
+DEFAULT_REMOTE_SAVE_IO_THREADS = 8  # object stores: latency-bound, more uploads in flight (storage.md)
+DEFAULT_LOAD_IO_THREADS = 4
+MAX_IO_THREADS = 256
+MIN_HASH_BLOCK_BYTES = 4096
+MAX_HASH_BLOCK_BYTES = 2**30  # the manifest's schema allows no more
+
+
+@dataclass(frozen=True)
+class IOOptions:
+    """How a save or load moves bytes, per rank. Immutable; checked when created.
+
+    ``num_io_threads``: threads per rank. A save writes that many data files in parallel,
+    a load reads with that many threads. In [1, 256]; None picks by operation and
+    storage: 4 for saves to local paths, 8 for saves to object stores, 4 for loads.
+
+    ``hash_block_bytes``: saves checksum every tensor chunk in blocks of this size
+    (default 8 MiB), so a load that reads part of a chunk verifies only the blocks it
+    reads. A multiple of 64 in [4096, 2**30]. Loads use the size recorded in the
+    checkpoint's manifest, whatever this says.
+
+    ``transfer``: a :class:`shardckpt.storage.TransferOptions` for fsspec URLs (``s3://``,
+    ``gs://``, ``memory://``...): multipart part sizes, parts and ranged reads in flight,
+    and, as ``transfer.retry``, the :class:`shardckpt.storage.RetryPolicy` of every
+    request. None: ``TransferOptions()``'s defaults. Local paths have no transfer
+    settings and ignore it, so one IOOptions serves local and remote paths alike.
+
+    Example::
+
+        from shardckpt import IOOptions, RetryPolicy, TransferOptions
+
+        io = IOOptions(
+            num_io_threads=16,
+            transfer=TransferOptions(part_bytes=32 * 2**20, retry=RetryPolicy(max_total_s=300)),
+        )
+        shardckpt.Checkpointer(io=io)  # every save and load of this Checkpointer
+    """
+
+    num_io_threads: int | None = None
+    hash_block_bytes: int = integrity.DEFAULT_BLOCK_BYTES
+    transfer: TransferOptions | None = None
+
+    def __post_init__(self) -> None:
+        if self.num_io_threads is not None:
+            check_io_threads(self.num_io_threads)
+        check_hash_block_bytes(self.hash_block_bytes)
+        if self.transfer is not None:
+            # Imported here: it pulls in fsspec and botocore, which local-only users never load.
+            from shardckpt.storage.fsspec_storage import TransferOptions
+
+            if not isinstance(self.transfer, TransferOptions):
+                raise TypeError(
+                    f"transfer must be a shardckpt.TransferOptions or None, got {type(self.transfer).__name__}"
+                )
+
+    def save_threads(self, path: str) -> int:
+        """The threads a save to ``path`` writes with."""
+        if self.num_io_threads is not None:
+            return self.num_io_threads
+        return DEFAULT_SAVE_IO_THREADS if is_local_url(path) else DEFAULT_REMOTE_SAVE_IO_THREADS
+
+    def load_threads(self) -> int:
+        """The threads a load reads with."""
+        return DEFAULT_LOAD_IO_THREADS if self.num_io_threads is None else self.num_io_threads
+
+    def transfer_for(self, url: str) -> TransferOptions | None:
+        """``transfer`` where it applies (an fsspec URL), None for a local path."""
+        return None if is_local_url(url) else self.transfer
+
+    def with_shortcuts(self, *, num_io_threads: int | None = None, hash_block_bytes: int | None = None) -> IOOptions:
+        """These options with the keyword shortcuts of a call applied: each one given
+        (not None) replaces its field. Validated like a new IOOptions."""
+        given: dict[str, Any] = {"num_io_threads": num_io_threads, "hash_block_bytes": hash_block_bytes}
+        changes = {name: value for name, value in given.items() if value is not None}
+        return dataclasses.replace(self, **changes) if changes else self
+
+
+class SaveKwargs(TypedDict, total=False):
+    """The keyword arguments of ``save`` and ``async_save`` (all optional), in one place.
+
+    - ``process_group``: the ranks taking part (default: the whole job when
+      torch.distributed is initialized, else this process alone).
+    - ``overwrite`` (False): replace a committed checkpoint already at the path.
+    - ``metadata`` (None): plain JSON stored in the manifest (the coordinator's copy).
+    - ``storage_options`` (None): handed to fsspec for fsspec URLs (credentials, endpoint).
+    - ``timeout_s`` (1800): bound on every wait for other ranks.
+    - ``io`` (None: the Checkpointer's :class:`IOOptions`): threads, checksum block size,
+      object-store transfer and retry settings for this call.
+    - ``num_io_threads``, ``hash_block_bytes`` (None): shortcuts that replace that field of
+      the ``io`` in effect.
+
+    Also the type of a dict of these to pass on: ``ckpt.save(sd, path, **kwargs)``.
+    """
+
+    process_group: Any
+    overwrite: bool
+    metadata: dict[str, Any] | None
+    storage_options: dict[str, Any] | None
+    timeout_s: float
+    io: IOOptions | None
+    num_io_threads: int | None
+    hash_block_bytes: int | None
+
+
+def check_io_threads(n: Any) -> None:
+    if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= MAX_IO_THREADS:
+        raise ValueError(f"num_io_threads must be an int in [1, {MAX_IO_THREADS}], got {n!r}")
+
+
+def check_hash_block_bytes(n: Any) -> None:
+    valid = isinstance(n, int) and not isinstance(n, bool) and MIN_HASH_BLOCK_BYTES <= n <= MAX_HASH_BLOCK_BYTES
+    if not valid or n % 64:
+        raise ValueError(f"hash_block_bytes must be a multiple of 64 in [4096, 2**30], got {n!r}")
+
+
+def check_timeout(timeout_s: Any) -> None:
+    if isinstance(timeout_s, bool) or not isinstance(timeout_s, (int, float)) or not timeout_s > 0:
+        raise ValueError(f"timeout_s must be a number of seconds > 0, got {timeout_s!r}")
