@@ -23,7 +23,8 @@ import torch
 from shardckpt.engine.loading import read_manifest
 from shardckpt.errors import IntegrityError, ManifestError, ShardckptError
 from shardckpt.format import datafile, integrity
-from shardckpt.format.manifest import ChunkRecord, Manifest, decode_value
+from shardckpt.format.manifest import ChunkRecord, Manifest
+from shardckpt.format.values import decode_value
 from shardckpt.storage import open_storage
 
 _DTYPE_ALIASES: dict[str, torch.dtype] = {
