@@ -217,7 +217,7 @@ class Bench:
             mark()
             return None
         if system == "copy_floor":
-            for buf, t in zip(self.floor_buffers, common.local_tensors(self.src)):
+            for buf, t in zip(self.floor_buffers, common.local_tensors(self.src), strict=True):
                 buf.copy_(t)
             mark()
             return None
@@ -451,7 +451,7 @@ def build_results(
                 systems[num][key]["samples"], systems[den][key]["samples"]
             )
 
-    for s in ASYNC_SYSTEMS + ["dcp_sync", "copy_floor"]:
+    for s in [*ASYNC_SYSTEMS, "dcp_sync", "copy_floor"]:
         paired(s, "shardckpt_sync", "blocking_s")
     for s in ASYNC_SYSTEMS:
         paired(s, "copy_floor", "blocking_s")

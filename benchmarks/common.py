@@ -197,7 +197,8 @@ def local_tensors(state: dict[str, Any]) -> list[Any]:
 def state_equal(a: dict[str, Any], b: dict[str, Any]) -> bool:
     import torch
 
-    same = all(torch.equal(x, y) for x, y in zip(local_tensors(a), local_tensors(b)))
+    xs, ys = local_tensors(a), local_tensors(b)
+    same = len(xs) == len(ys) and all(torch.equal(x, y) for x, y in zip(xs, ys, strict=True))
     return same and a["step"] == b["step"]
 
 
@@ -244,7 +245,7 @@ def summarize(samples: Sequence[float]) -> dict[str, Any]:
 
 def paired_ratios(num: Sequence[float], den: Sequence[float]) -> dict[str, Any]:
     """Per-repetition ratios num[i]/den[i] (measured back to back in one repetition)."""
-    return summarize([a / b for a, b in zip(num, den) if b > 0])
+    return summarize([a / b for a, b in zip(num, den, strict=True) if b > 0])
 
 
 # ------------------------------------------------------------------ the raw disk
@@ -444,9 +445,9 @@ def publish(name: str, results: dict[str, Any], out_dir: str, report: Callable[[
 
 def format_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     """A GitHub-markdown table (also readable in a terminal)."""
-    cells = [[str(h) for h in headers]] + [[_fmt(c) for c in r] for r in rows]
+    cells = [[str(h) for h in headers], *[[_fmt(c) for c in r] for r in rows]]
     widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
-    lines = ["| " + " | ".join(c.ljust(w) for c, w in zip(r, widths)) + " |" for r in cells]
+    lines = ["| " + " | ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) + " |" for r in cells]
     lines.insert(1, "|" + "|".join("-" * (w + 2) for w in widths) + "|")
     return "\n".join(lines)
 

@@ -122,7 +122,8 @@ def main() -> None:
             rows.append({"format": fmt, **r, "extra": extra, "bound_extra": bound, "within_bound": extra <= bound})
             print(
                 f"{fmt:12s} baseline {r['baseline_rss'] / MiB:7.1f} MiB  peak {r['peak_hwm'] / MiB:7.1f} MiB  "
-                f"peak-baseline {extra / MiB:7.1f} MiB  bound 2x{max(sizes)}+{args.buffer_mib} = {bound / MiB:.0f} MiB  "
+                f"peak-baseline {extra / MiB:7.1f} MiB  "
+                f"bound 2x{max(sizes)}+{args.buffer_mib} = {bound / MiB:.0f} MiB  "
                 f"{'OK' if extra <= bound else 'OVER'}  {r['seconds']:.1f} s"
             )
         result = {

@@ -37,6 +37,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import gc
+import itertools
 import math
 import os
 import pickle
@@ -67,7 +68,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--layers",
         type=int,
         default=None,
-        help="transformer layers simulated (default 2: time and memory at 4096 ranks on this VM; costs grow linearly in layers)",
+        help=(
+            "transformer layers simulated (default 2: time and memory at 4096 ranks on this VM; "
+            "costs grow linearly in layers)"
+        ),
     )
     ap.add_argument("--out", default=common.RESULTS_DIR, help="folder of the results JSON")
     ap.add_argument("--name", default=None, help="results name (default planning_scale or planning_scale_quick)")
@@ -104,7 +108,7 @@ def model_params(model: str, layers: int) -> list[Param]:
             Param(p + "norm1.weight", (h,)),
             Param(p + "norm2.weight", (h,)),
         ]
-    return params + [Param("norm.weight", (h,)), Param("head.weight", (vocab, h))]
+    return [*params, Param("norm.weight", (h,)), Param("head.weight", (vocab, h))]
 
 
 def json_values(params: list[Param]) -> dict[str, Any]:
@@ -181,8 +185,8 @@ def planner_classes() -> tuple[type, type]:
     from shardckpt.engine.planner import SavePlanner
 
     class GivenTensors(DefaultSavePlanner):
-        tensor_items: list[Any] = []
-        paths: dict[str, tuple[str, ...]] = {}
+        tensor_items: list[Any]  # both set on each instance by local_plans before planning
+        paths: dict[str, tuple[str, ...]]
 
         def create_local_plan(self) -> Any:
             plan = super().create_local_plan()
@@ -236,7 +240,7 @@ def synthetic_results(global_plans: list[Any], planner: Any, block_bytes: int) -
             lengths = [chunk_bytes(it) for it in bucket]
             record = FileRecord(size=sum(lengths) + 4096, hash="f" * 16, rank=rank)
             offset = 4096
-            for it, n in zip(bucket, lengths):
+            for it, n in zip(bucket, lengths, strict=True):
                 hashes = tuple(f"{i:016x}" for i in range(max(1, -(-n // block_bytes))))
                 res.append(WriteResult(it.index, n, writer._ChunkLocation(name, offset, n, hashes, record)))
                 offset += n
@@ -356,14 +360,14 @@ def growth(rows: list[dict[str, Any]], group: str) -> dict[str, Any]:
     for key in rows[0][group]:
         xs = [math.log(r["ranks"]) for r in rows]
         ys = [math.log(max(r[group][key], 1e-9)) for r in rows]
-        ratios = [b[group][key] / a[group][key] if a[group][key] else None for a, b in zip(rows, rows[1:])]
+        ratios = [b[group][key] / a[group][key] if a[group][key] else None for a, b in itertools.pairwise(rows)]
         out[key] = {"ratio_per_step": ratios, "fitted_exponent": _slope(xs, ys) if len(rows) > 1 else None}
     return out
 
 
 def _slope(xs: list[float], ys: list[float]) -> float:
     mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
-    return sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sum((x - mx) ** 2 for x in xs)
+    return sum((x - mx) * (y - my) for x, y in zip(xs, ys, strict=True)) / sum((x - mx) ** 2 for x in xs)
 
 
 def print_report(r: dict[str, Any]) -> None:

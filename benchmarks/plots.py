@@ -35,7 +35,7 @@ def _bars(ax: Any, systems: dict[str, Any], title: str, ref: str | None = "dd") 
     """Horizontal GB/s bars, min-max whiskers, the ``ref`` system's median as a line."""
     names = list(systems)
     meds = [_med(systems[n]["gbps"]) for n in names]
-    errs = list(zip(*[_err(systems[n]["gbps"]) for n in names])) or [[], []]
+    errs = list(zip(*[_err(systems[n]["gbps"]) for n in names], strict=True)) or [[], []]
     colors = [
         "tab:blue" if n.startswith("shardckpt") else "tab:gray" if n.startswith(("dd", "raw", "hash")) else "tab:orange"
         for n in names
@@ -52,7 +52,7 @@ def _bars(ax: Any, systems: dict[str, Any], title: str, ref: str | None = "dd") 
 def _save_plot(plt: Any, sec: dict[str, Any], path: str) -> None:
     parts = [(k, sec[k]) for k in ("save", "checksum") if k in sec]
     fig, axes = plt.subplots(1, len(parts), figsize=(6 * len(parts), 4.5), squeeze=False)
-    for ax, (key, p) in zip(axes[0], parts):
+    for ax, (key, p) in zip(axes[0], parts, strict=True):
         mib = p["state_bytes"] / 2**20
         _bars(ax, p["systems"], f"{key}: {p['world']} ranks, {mib:.0f} MiB state")
     fig.tight_layout()
@@ -75,7 +75,7 @@ def _load_plot(plt: Any, load: dict[str, Any], path: str) -> None:
             meds.append(_med(s["gbps"]))
             errs.append(_err(s["gbps"]))
             ratios.append(_med(s["read_over_needed"]) if "read_over_needed" in s else None)
-        ax1.bar(xs, meds, width, yerr=list(zip(*errs)) or None, capsize=3, label=name)
+        ax1.bar(xs, meds, width, yerr=list(zip(*errs, strict=True)) or None, capsize=3, label=name)
         if any(r is not None for r in ratios):
             ax2.bar(xs, [r or 0 for r in ratios], width, label=name)
     labels = [f"{load['save_world']} -> {w}" for w in worlds]
@@ -98,7 +98,7 @@ def _scaling_plot(plt: Any, cells: list[dict[str, Any]], path: str) -> None:
     for ax, phase, systems in ((axes[0], "save", ["shardckpt", "dcp", "dd"]), (axes[1], "load", ["shardckpt", "dcp"])):
         for mib in sizes:
             row = sorted((c for c in cells if c["mib"] == mib), key=lambda c: c["world"])
-            for name, style in zip(systems, ("-o", "--s", ":^")):
+            for name, style in zip(systems, ("-o", "--s", ":^"), strict=False):  # more styles than systems
                 ys = [_med(c[phase]["systems"][name]["gbps"]) for c in row]
                 ax.plot([c["world"] for c in row], ys, style, label=f"{name} {mib} MiB")
         ax.set_xscale("log", base=2)

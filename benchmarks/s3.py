@@ -194,7 +194,8 @@ def main() -> None:
         state = make_state(args.size_mib, args.tensor_mib)
         raw_objects = 4
         print(
-            f"state: {len(state)} x {args.tensor_mib} MiB fp32 = {args.size_mib} MiB; moto server on {server.endpoint_url}"
+            f"state: {len(state)} x {args.tensor_mib} MiB fp32 = {args.size_mib} MiB; "
+            f"moto server on {server.endpoint_url}"
         )
 
         candidates = [int(t) for t in args.dcp_threads.split(",")]

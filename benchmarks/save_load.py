@@ -427,7 +427,7 @@ def phase_summary(name: str, samples: list[dict[str, Any]], state_bytes: int) ->
     nbytes = [x["bytes"] if name.startswith(("dd", "raw")) else state_bytes for x in samples]
     return {
         "seconds": common.summarize(secs),
-        "gbps": common.summarize([n / s / common.GB for n, s in zip(nbytes, secs)]),
+        "gbps": common.summarize([n / s / common.GB for n, s in zip(nbytes, secs, strict=True)]),
         "bytes": nbytes[0],
     }
 

@@ -298,7 +298,7 @@ def load_section(jobs: dict[str, dict[str, Any]], save_world: int) -> dict[str, 
             s["bytes_needed"] = needed
             s["read_over_needed"] = common.summarize([r / needed for r in reads])
             s["read_over_needed_worst_rank"] = max(
-                r / n for x in s["samples"] for r, n in zip(x["rchar"], job["needed_bytes_by_rank"])
+                r / n for x in s["samples"] for r, n in zip(x["rchar"], job["needed_bytes_by_rank"], strict=True)
             )
         res["verified"] = job["verified"]
         res["eviction_check"] = job["residency"]

@@ -347,7 +347,10 @@ def compare_logs(reference: str, run: str, loss_rtol: float | None) -> tuple[boo
             problems.append(f"attempt {i + 1} logged steps {steps}, expected consecutive steps from {first}")
         origin = "fresh start"
         if st["resumed_from"]:
-            origin = f"resumed from step {st['resumed_from']} saved on {st['saved_world_size']} ranks in {st['restore_s']:.2f} s (RNG {st['rng']})"
+            origin = (
+                f"resumed from step {st['resumed_from']} saved on {st['saved_world_size']} ranks "
+                f"in {st['restore_s']:.2f} s (RNG {st['rng']})"
+            )
         span = f"steps {steps[0]}..{steps[-1]}" if steps else "no steps"
         lines.append(
             f"attempt {i + 1}: {st['world_size']} ranks, {origin}, {span}, {'finished' if a['ended'] else 'killed'}"
@@ -362,7 +365,8 @@ def compare_logs(reference: str, run: str, loss_rtol: float | None) -> tuple[boo
                 n_bitwise += 1
                 if (r["loss"], r["param_hash"]) != (w["loss"], w["param_hash"]):
                     problems.append(
-                        f"step {r['step']} (attempt {i + 1}): loss {r['loss']!r} / params differ from the reference {w['loss']!r}"
+                        f"step {r['step']} (attempt {i + 1}): loss {r['loss']!r} / params differ "
+                        f"from the reference {w['loss']!r}"
                     )
             else:
                 max_rel = max(max_rel, abs(r["loss"] - w["loss"]) / abs(w["loss"]))

@@ -6,9 +6,8 @@ aiobotocore -> aiohttp), and the server's CPU work does not share our GIL.
 :class:`FaultProxy` is a small HTTP proxy put in front of it that answers a share of
 requests with a transient error (503 SlowDown by default) instead of forwarding them.
 
-Tests get the shared server through the ``s3`` fixture (import it into the test
-module: ``from s3server import s3  # noqa: F401``); S3 tests are skipped, with the
-reason, when moto is not installed. Nothing here mocks the S3 client.
+Tests get the shared server through the ``s3`` fixture (tests/conftest.py offers it to
+every test module); S3 tests are skipped, with the reason, when moto is not installed. Nothing here mocks the S3 client.
 """
 
 from __future__ import annotations

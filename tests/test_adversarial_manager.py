@@ -619,7 +619,7 @@ def test_eio_on_a_manifest_propagates_and_deletes_nothing(tmp_path, monkeypatch)
     use_storage(monkeypatch, FlakyStat)
     monkeypatch.setattr(FlakyStat, "failing", "step_0000000002/manifest.json")
     # start: not an "interrupted save" to clean up
-    with pytest.raises(StorageError, match="step_0000000002/manifest.json.*Input/output error"):
+    with pytest.raises(StorageError, match=r"step_0000000002/manifest\.json.*Input/output error"):
         shardckpt.CheckpointManager(str(root))
     assert tree(root / "step_0000000002") == before
     assert not (root / OWNER).exists()

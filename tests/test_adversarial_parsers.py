@@ -96,7 +96,7 @@ def _staircase_boxes(rows: int, cols: int, width: int) -> list[Box]:
     boxes: list[Box] = []
     for r in range(rows):
         cuts = sorted({0, cols} | set(range(r % width, cols, width)))
-        boxes += [((r, a), (1, b - a)) for a, b in zip(cuts, cuts[1:])]
+        boxes += [((r, a), (1, b - a)) for a, b in itertools.pairwise(cuts)]
     return boxes
 
 
@@ -212,7 +212,7 @@ def _small_layouts(draw: st.DrawFn) -> list[Box]:
 
 def _all_pairs(boxes: list[Box]) -> list[tuple[int, int]]:
     def meet(a: Box, b: Box) -> bool:
-        return all(x < y + ys and y < x + xs for x, xs, y, ys in zip(a[0], a[1], b[0], b[1]))
+        return all(x < y + ys and y < x + xs for x, xs, y, ys in zip(a[0], a[1], b[0], b[1], strict=True))
 
     live = [i for i, (_, sizes) in enumerate(boxes) if math.prod(sizes) > 0]
     return [(i, j) for i, j in itertools.combinations(live, 2) if meet(boxes[i], boxes[j])]
@@ -376,7 +376,7 @@ def test_a_real_save_passes_the_limits(tmp_path):
 # Valid JSON values (a bomb parses, so an unbounded parser would build all of it) and raw tokens
 # (splicing them anywhere tests the scan on broken JSON, escapes and strings).
 _ITEMS = [b"[]", b"{}", b"[[]]", b'{"a":{}}', b'{"a":"bc"}', b'"ab"', b"257", b"1e5", b"null", b"0", b'"[{\\""']
-_TOKENS = _ITEMS + [b"[", b"]", b"{", b"}", b",", b'"\\\\"', b'{"a":', b" ", b"\\", b'"', b":"]
+_TOKENS = [*_ITEMS, b"[", b"]", b"{", b"}", b",", b'"\\\\"', b'{"a":', b" ", b"\\", b'"', b":"]
 _MAX_BOMB = 300_000  # bytes spliced in at most: several times the 1 MiB slack / 10
 _BOMB_BYTES = st.sampled_from([100, 20_000, _MAX_BOMB])  # big ones often: they show blowups
 # the unsealed document: seal() makes a sealed variant of each mutation

@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 import torch
 from distributed import run_ranks
-from s3server import FaultProxy, S3Server, s3  # noqa: F401
+from s3server import FaultProxy, S3Server
 
 import shardckpt
 from shardckpt.engine.checkpointer import Checkpointer
@@ -119,7 +119,7 @@ def test_overwrite_replaces_only_the_checkpoints_own_files(tmp_path: Path) -> No
     # a foreign file next to a checkpoint: refused even with overwrite, nothing deleted
     (ckpt / "README.txt").write_text("notes")
     before = _snapshot(ckpt)
-    with pytest.raises(DestinationNotEmptyError, match="README.txt"):
+    with pytest.raises(DestinationNotEmptyError, match=r"README\.txt"):
         shardckpt.save(_state(4.0), str(ckpt), overwrite=True)
     assert _snapshot(ckpt) == before
     assert torch.equal(_loaded(ckpt)["w"], _state(2.0)["w"])

@@ -25,7 +25,7 @@ from typing import Any
 
 import pytest
 import torch
-from s3server import FaultProxy, S3Server, s3  # noqa: F401
+from s3server import FaultProxy, S3Server
 from safetensors.torch import save_file
 
 import shardckpt
@@ -450,7 +450,7 @@ def test_verify_reports_an_unreadable_data_file_as_unreadable_not_missing(
 
 
 @pytest.fixture(scope="module")
-def shared_head_proxy(s3: S3Server) -> Iterator[FaultProxy]:  # noqa: F811 - the fixture imported above
+def shared_head_proxy(s3: S3Server) -> Iterator[FaultProxy]:
     p = FaultProxy(s3.port)
     yield p
     p.stop()  # half a second: one proxy for the module
@@ -464,7 +464,7 @@ def head_proxy(shared_head_proxy: FaultProxy) -> FaultProxy:
     return shared_head_proxy
 
 
-def fresh_storage(s3: S3Server, proxy: FaultProxy, url: str) -> FsspecStorage:  # noqa: F811
+def fresh_storage(s3: S3Server, proxy: FaultProxy, url: str) -> FsspecStorage:
     """A storage retrying nothing (botocore and RetryPolicy alike; s3fs does not retry a
     403 or a 500), so each query below is exactly one HEAD."""
     options = s3.storage_options(endpoint_url=proxy.endpoint_url, config_kwargs={"retries": {"total_max_attempts": 1}})
@@ -499,7 +499,7 @@ def test_s3_head_answered_403_or_500_is_not_absent(
     assert head_proxy.faults == len(queries)  # one HEAD each: nothing was retried into a 404
 
 
-def test_s3_load_whose_manifest_head_is_denied_is_a_storage_error(s3: S3Server, head_proxy: FaultProxy) -> None:  # noqa: F811
+def test_s3_load_whose_manifest_head_is_denied_is_a_storage_error(s3: S3Server, head_proxy: FaultProxy) -> None:
     bucket = s3.create_bucket()
     url = f"s3://{bucket}/ckpt"
     shardckpt.save(original(), url, storage_options=s3.storage_options())

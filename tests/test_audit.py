@@ -7,6 +7,7 @@ import json
 import math
 import os
 import struct
+from typing import ClassVar
 
 import pytest
 import torch
@@ -197,8 +198,8 @@ def test_manifest_chunk_pointing_elsewhere_leaves_a_header_entry_unclaimed(ckpt)
 class _FlakyStorage(LocalStorage):
     """Fails every read of one file; records the length of every read."""
 
-    broken: str = ""
-    lengths: list[int] = []
+    broken: ClassVar[str] = ""  # class-wide: the test sets both; open_storage makes the instances
+    lengths: ClassVar[list[int]] = []
 
     def read_into(self, name: str, offset: int, out: memoryview) -> None:
         self.lengths.append(len(out))
@@ -222,7 +223,7 @@ def test_unreadable_file_is_a_problem_and_reads_stay_small(tmp_path, monkeypatch
 
 def test_not_committed_and_missing_paths_raise_typed_errors(tmp_path):
     (tmp_path / "half").mkdir()
-    with pytest.raises(NotCommittedError, match="has no manifest.json"):
+    with pytest.raises(NotCommittedError, match=r"has no manifest\.json"):
         verify_checkpoint(str(tmp_path / "half"))
     with pytest.raises(CheckpointNotFoundError, match="does not exist"):
         verify_checkpoint(str(tmp_path / "nowhere"))

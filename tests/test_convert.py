@@ -216,6 +216,16 @@ def test_export_detects_corruption(tmp_path):
     assert main(["export", ck, str(tmp_path / "o2.safetensors"), "--format", "safetensors"]) == EXIT_DAMAGED
 
 
+def test_read_box_reads_the_box_and_refuses_sizes_of_another_rank(tmp_path):
+    ck = str(tmp_path / "ck")
+    w = torch.arange(48.0).reshape(6, 8)
+    shardckpt.save({"w": w}, ck)
+    source = CheckpointSource(ck)
+    assert torch.equal(source.read_box("w", (1, 2), (3, 4)), w[1:4, 2:6])
+    with pytest.raises(ValueError, match="lies outside shape"):  # was a RuntimeError from torch, deep inside
+        source.read_box("w", (1, 2), (3,))
+
+
 # ---------------------------------------------------------------- import
 
 
@@ -265,7 +275,7 @@ def test_hostile_hf_index_is_refused(tmp_path):
     with pytest.raises(ManifestError, match="not a plain relative name"):
         convert.import_checkpoint(str(folder), str(tmp_path / "ck"))
     (folder / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"w": "pytorch_model.bin"}}))
-    with pytest.raises(ManifestError, match="pickled .bin shards are not read"):
+    with pytest.raises(ManifestError, match=r"pickled \.bin shards are not read"):
         convert.import_checkpoint(str(folder), str(tmp_path / "ck"))
 
 

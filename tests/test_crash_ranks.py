@@ -136,7 +136,7 @@ def run_job(
     for r in range(WORLD):
         argv = [root, str(r), str(WORLD), port, mode, kills.get(r, "none"), scope, str(TIMEOUT_S), str(steps)]
         jobs.append((os.path.join(workdir, f"rank{r}.out"), argv))
-    ranks = [Rank(r, pid, out) for r, (pid, (out, _)) in enumerate(zip(server.start(jobs), jobs))]
+    ranks = [Rank(r, pid, out) for r, (pid, (out, _)) in enumerate(zip(server.start(jobs), jobs, strict=True))]
     by_pid = {r.pid: r for r in ranks}
     deadline = time.monotonic() + 240
     first_kill: float | None = None

@@ -27,6 +27,7 @@ import datetime
 import difflib
 import hashlib
 import importlib.resources
+import itertools
 import json
 import math
 import os
@@ -435,7 +436,7 @@ def test_sharded_chunks_open_with_safetensors_under_documented_names(sharded_ckp
     assert set(found) == {"w@0,0", "w@3,0", "v@0,0", "v@0,3"}
     for key, t in doc["tensors"].items():
         for c in t["chunks"]:
-            box = tuple(slice(o, o + s) for o, s in zip(c["offsets"], c["sizes"]))
+            box = tuple(slice(o, o + s) for o, s in zip(c["offsets"], c["sizes"], strict=True))
             assert torch.equal(found[f"{key}@{','.join(map(str, c['offsets']))}"], full[key][box])
 
 
@@ -499,7 +500,7 @@ def read_by_spec(root: str) -> tuple[dict[str, torch.Tensor], dict[str, Any], di
         out = torch.zeros(t["shape"], dtype=SPEC_DTYPES[t["dtype"]])
         hits = torch.zeros(t["shape"], dtype=torch.int32)
         for c in t["chunks"]:
-            box = tuple(slice(o, o + s) for o, s in zip(c["offsets"], c["sizes"]))
+            box = tuple(slice(o, o + s) for o, s in zip(c["offsets"], c["sizes"], strict=True))
             raw, header = files[c["file"]]
             out[box] = _read_chunk(c, t, key, raw, header, doc["hash_block_bytes"])
             hits[box] += 1
@@ -516,7 +517,7 @@ def same_value(a: Any, b: Any) -> bool:
     if isinstance(a, float):
         return (math.isnan(a) and math.isnan(b)) or a == b
     if isinstance(a, (list, tuple)):
-        return len(a) == len(b) and all(same_value(x, y) for x, y in zip(a, b))
+        return len(a) == len(b) and all(same_value(x, y) for x, y in zip(a, b, strict=True))
     if isinstance(a, dict):
         return a.keys() == b.keys() and all(same_value(a[k], b[k]) for k in a)
     if isinstance(a, torch.Tensor):
@@ -543,7 +544,7 @@ def rebuild_from_paths(paths: dict[str, list[str | int]], leaves: dict[str, Any]
     root: dict[str, Any] = {}
     for key, path in paths.items():
         node: Any = root
-        for part, following in zip(path, path[1:]):
+        for part, following in itertools.pairwise(path):
             node = _slot(node, part, [] if isinstance(following, int) else {}, replace=False)
         _slot(node, path[-1], leaves[key], replace=True)
     return root

@@ -136,7 +136,8 @@ def test_running_out_of_space_at_every_point_commits_nothing_and_loses_nothing(s
         filler = fill_to(disk, headroom)
         opened: list[shardckpt.CheckpointManager] = []
 
-        def attempt() -> None:  # opening writes the owner record: it may be what fails
+        # opening writes the owner record: it may be what fails
+        def attempt(opened: list[shardckpt.CheckpointManager] = opened, step: int = step) -> None:
             opened.append(shardckpt.CheckpointManager(root, keep_last=1, num_io_threads=threads))
             opened[0].save(step, state(step))
 
@@ -172,7 +173,7 @@ def test_running_out_of_inodes_commits_nothing_and_loses_nothing(small_disk):
         fillers = eat_inodes(disk, keep)
         opened: list[shardckpt.CheckpointManager] = []
 
-        def attempt() -> None:
+        def attempt(opened: list[shardckpt.CheckpointManager] = opened, step: int = step) -> None:
             opened.append(shardckpt.CheckpointManager(root, keep_last=1, num_io_threads=2))
             opened[0].save(step, state(step))
 

@@ -571,10 +571,10 @@ def _paths(obj: Any, prefix: tuple = ()) -> list[tuple]:
     found = [prefix] if prefix else []
     if isinstance(obj, dict):
         for k, v in obj.items():
-            found += _paths(v, prefix + (k,))
+            found += _paths(v, (*prefix, k))
     elif isinstance(obj, list):
         for i, v in enumerate(obj):
-            found += _paths(v, prefix + (i,))
+            found += _paths(v, (*prefix, i))
     return found
 
 

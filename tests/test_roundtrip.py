@@ -69,7 +69,7 @@ def same_value(a, b) -> bool:
     if isinstance(a, float):
         return (math.isnan(a) and math.isnan(b)) or (a == b and math.copysign(1, a) == math.copysign(1, b))
     if isinstance(a, (list, tuple)):
-        return len(a) == len(b) and all(same_value(x, y) for x, y in zip(a, b))
+        return len(a) == len(b) and all(same_value(x, y) for x, y in zip(a, b, strict=True))
     if isinstance(a, dict):
         return a.keys() == b.keys() and all(same_value(a[k], b[k]) for k in a)
     return a == b
@@ -351,7 +351,7 @@ def test_plain_optimizer_state_dict_round_trips(tmp_path):
 
 
 def test_keys_that_collide_after_flattening_are_refused_clearly(tmp_path):
-    with pytest.raises(UnsupportedValueError, match="a.b"):
+    with pytest.raises(UnsupportedValueError, match=r"a\.b"):
         shardckpt.save({"a.b": 1, "a": {"b": 2}}, str(tmp_path / "c"))
 
 

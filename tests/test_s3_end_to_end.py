@@ -10,7 +10,7 @@ import sys
 
 import torch
 from distributed import run_ranks
-from s3server import FaultProxy, S3Server, s3  # noqa: F401
+from s3server import FaultProxy, S3Server
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor import Replicate, Shard, distribute_tensor
 

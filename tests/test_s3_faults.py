@@ -12,7 +12,7 @@ from collections.abc import Iterator
 
 import pytest
 import torch
-from s3server import SECRET_ACCESS_KEY, FaultProxy, S3Server, moto_available, s3  # noqa: F401
+from s3server import SECRET_ACCESS_KEY, FaultProxy, S3Server, moto_available
 
 import shardckpt
 from shardckpt.convert.audit import verify_checkpoint
@@ -200,7 +200,7 @@ def test_backoff_is_full_jitter_and_bounded() -> None:
     delays = list(policy.backoffs(random.Random(0)))
     assert len(delays) == 7
     caps = [min(3.0, 0.5 * 2**n) for n in range(7)]
-    assert all(0 <= d <= c for d, c in zip(delays, caps))
+    assert all(0 <= d <= c for d, c in zip(delays, caps, strict=True))
     clock = [0.0]
     calls = []
 

@@ -23,7 +23,7 @@ import random
 import time
 
 import torch
-from s3server import FaultProxy, S3Server, s3  # noqa: F401
+from s3server import FaultProxy, S3Server
 
 import shardckpt
 import shardckpt.engine.loading
@@ -98,7 +98,7 @@ def test_many_saves_and_restores_through_transient_faults_lose_nothing(s3: S3Ser
                 url, keep_last=2, async_save=step % 2 == 0, storage_options=options
             ) as mgr:
                 mgr.save(step, state(step))
-                kept = (kept + [step])[-2:]
+                kept = [*kept, step][-2:]
             # a fresh manager, as a restarted job would open it
             with shardckpt.CheckpointManager(url, storage_options=options, read_only=True) as reader:
                 assert reader.steps() == kept, (step, reader.steps(), kept)
@@ -127,7 +127,8 @@ def test_many_saves_and_restores_through_transient_faults_lose_nothing(s3: S3Ser
     parts = sum(1 for _, path, _ in proxy.log if "partNumber=" in path)
     assert parts >= (CYCLES * 3 if STRESS else 0), parts
     print(
-        f"\ns3 soak (seed {seed}): {CYCLES} saves, {proxy.requests} requests ({parts} part uploads), {proxy.faults} faults injected "
+        f"\ns3 soak (seed {seed}): {CYCLES} saves, {proxy.requests} requests ({parts} part uploads), "
+        f"{proxy.faults} faults injected "
         f"{dict(tally)}, {time.monotonic() - t0:.0f} s, 0 lost"
     )
     assert proxy.faults >= CYCLES, (proxy.faults, tally)

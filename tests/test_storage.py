@@ -14,7 +14,6 @@ import uuid
 from collections.abc import Iterator
 
 import pytest
-from s3server import s3  # noqa: F401 - the shared moto server fixture
 
 from shardckpt.storage import LocalStorage, Storage, open_storage
 from shardckpt.storage.fsspec_storage import FsspecStorage, TransferOptions
@@ -341,7 +340,9 @@ def test_parts_in_flight_are_bounded_across_all_files_of_a_storage() -> None:
         for i in range(2)
     ]
     data = [payload(6 * PART + 11, seed=i) for i in range(2)]
-    workers = [threading.Thread(target=lambda s=s, d=d: (s.write(d), s.finish())) for s, d in zip(streams, data)]
+    workers = [
+        threading.Thread(target=lambda s=s, d=d: (s.write(d), s.finish())) for s, d in zip(streams, data, strict=True)
+    ]
     for w in workers:
         w.start()
     for w in workers:

@@ -104,7 +104,7 @@ def test_crash_and_resume_on_the_same_world_size_is_bit_exact(tmp_path):
     last = json.loads(text[-3])
     assert last["event"] == "step"
     last["loss"] = math.nextafter(last["loss"], math.inf)  # one ulp
-    tampered.write_text("\n".join(text[:-3] + [json.dumps(last)] + text[-2:]) + "\n")
+    tampered.write_text("\n".join([*text[:-3], json.dumps(last), *text[-2:]]) + "\n")
     ok, lines = compare(str(ref), str(tampered), None)
     assert not ok and any("differ from the reference" in line for line in lines)
 
@@ -151,7 +151,8 @@ def test_sigterm_through_the_slurm_script_saves_the_current_step_and_requeues(tm
         '#!/usr/bin/env bash\nshift\nexec "$@"\n'
     )  # drops --kill-on-bad-exit, runs the task once
     (bin_dir / "scontrol").write_text(
-        f'#!/usr/bin/env bash\nif [ "$1" = show ]; then echo 127.0.0.1; else echo "$@" >> {tmp_path}/scontrol.calls; fi\n'
+        "#!/usr/bin/env bash\n"
+        f'if [ "$1" = show ]; then echo 127.0.0.1; else echo "$@" >> {tmp_path}/scontrol.calls; fi\n'
     )
     for f in bin_dir.iterdir():
         f.chmod(0o755)

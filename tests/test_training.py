@@ -128,7 +128,7 @@ def test_train_state_round_trip_restores_everything(tmp_path):
     assert fresh.rng_restored == "exact" and fresh.restored_world_size == 1
     assert draws() == expected_draws
     assert (fresh.step, fresh.epoch, fresh.seed) == (4, 2, 7)
-    for (k, a), b in zip(state.model.state_dict().items(), fresh.model.state_dict().values()):
+    for (k, a), b in zip(state.model.state_dict().items(), fresh.model.state_dict().values(), strict=True):
         assert torch.equal(a, b), k
     a_opt, b_opt = state.optimizers[0].state_dict(), fresh.optimizers[0].state_dict()
     assert a_opt["param_groups"] == b_opt["param_groups"]

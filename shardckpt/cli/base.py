@@ -39,7 +39,7 @@ def register(command: Command) -> Command:
 
 def _table(header: list[str], rows: list[list[str]]) -> list[str]:
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
-    return ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in [header, *rows]]
+    return ["  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip() for row in [header, *rows]]
 
 
 def _clip(text: str) -> str:
@@ -49,9 +49,9 @@ def _clip(text: str) -> str:
 def _human_bytes(n: int) -> str:
     if n < 1024:
         return f"{n} B"
-    size = float(n)
-    for unit in ("KiB", "MiB", "GiB", "TiB"):
-        size /= 1024
+    size = n / 1024
+    for unit in ("KiB", "MiB", "GiB"):
         if size < 1024:
-            break
-    return f"{size:.1f} {unit}"
+            return f"{size:.1f} {unit}"
+        size /= 1024
+    return f"{size:.1f} TiB"

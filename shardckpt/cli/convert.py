@@ -145,7 +145,8 @@ def _run_import(args: argparse.Namespace) -> int:
         else:
             print(
                 f"imported {report.format} {report.source} -> {report.path}: {report.num_tensors} tensors "
-                f"({_human_bytes(report.tensor_bytes)}), {report.num_values} values; it loads on any number of processes"
+                f"({_human_bytes(report.tensor_bytes)}), {report.num_values} values; "
+                "it loads on any number of processes"
             )
         return EXIT_OK
 
@@ -224,9 +225,11 @@ register(
             "with --strip-prefix, cast floating tensors with --dtype."
         ),
         examples=(
-            "shardckpt export runs/llama/step_0000001000 llama-hf --format hf --keys model --strip-prefix model. --dtype bf16",
+            "shardckpt export runs/llama/step_0000001000 llama-hf --format hf --keys model "
+            "--strip-prefix model. --dtype bf16",
             "shardckpt export runs/llama/step_0000001000 model.safetensors --format safetensors --keys 'model.*'",
-            "shardckpt export runs/llama/step_0000001000 weights.pt --format torch --keys model --strip-prefix model. --flat",
+            "shardckpt export runs/llama/step_0000001000 weights.pt --format torch --keys model "
+            "--strip-prefix model. --flat",
             "shardckpt export runs/llama/step_0000001000 llama-hf --format hf --max-shard-size 2GB --json",
         ),
         configure=_configure_export,

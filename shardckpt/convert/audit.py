@@ -26,7 +26,8 @@ from tqdm import tqdm
 from shardckpt.engine.loading import read_manifest
 from shardckpt.errors import ManifestError, StorageError
 from shardckpt.format import datafile, integrity
-from shardckpt.format.manifest import ChunkRecord, FileRecord, Manifest, decode_value
+from shardckpt.format.manifest import ChunkRecord, FileRecord, Manifest
+from shardckpt.format.values import decode_value
 from shardckpt.storage import Storage, open_storage
 
 __all__ = ["AuditReport", "Problem", "describe_checkpoint", "verify_checkpoint"]

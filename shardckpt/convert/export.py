@@ -123,9 +123,9 @@ def export_hf(
     by_name = dict(items)
     storage.delete([n for n in existing if n in names])  # rewritten below; storage creates files exclusively
     with _bar(progress, source, items, selection) as bar:
-        for file_name, shard in zip(names, shards):
+        for file_name, shard in zip(names, shards, strict=True):
             _write_safetensors(source, selection, storage, file_name, [(n, by_name[n]) for n in shard], bar.update)
-    weight_map = {n: f for f, shard in zip(names, shards) for n in shard}
+    weight_map = {n: f for f, shard in zip(names, shards, strict=True) for n in shard}
     total = sum(_out_bytes(source, selection, k) for _, k in items)
     index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
     storage.write_atomic(HF_INDEX_NAME, (json.dumps(index, indent=2) + "\n").encode())

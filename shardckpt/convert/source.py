@@ -23,7 +23,8 @@ import torch
 from shardckpt.engine.loading import read_manifest
 from shardckpt.errors import IntegrityError, ManifestError, ShardckptError
 from shardckpt.format import datafile, integrity
-from shardckpt.format.manifest import ChunkRecord, Manifest, decode_value
+from shardckpt.format.manifest import ChunkRecord, Manifest
+from shardckpt.format.values import decode_value
 from shardckpt.storage import open_storage
 
 _DTYPE_ALIASES: dict[str, torch.dtype] = {
@@ -168,17 +169,21 @@ class CheckpointSource:
     def read_box(self, key: str, offsets: Sequence[int], sizes: Sequence[int]) -> torch.Tensor:
         """The box ``[offsets, offsets + sizes)`` of the global tensor ``key``."""
         rec = self.manifest.tensors[key]
-        if len(offsets) != len(rec.shape) or any(o + s > d for o, s, d in zip(offsets, sizes, rec.shape)):
+        if (
+            len(offsets) != len(rec.shape)
+            or len(sizes) != len(rec.shape)
+            or any(o + s > d for o, s, d in zip(offsets, sizes, rec.shape, strict=True))
+        ):
             raise ValueError(f"key {key!r}: box {list(offsets)}+{list(sizes)} lies outside shape {list(rec.shape)}")
         out = torch.empty(tuple(sizes), dtype=self.dtype(key))
         if out.numel() == 0:
             return out
         for chunk in rec.chunks:
-            lo = [max(o, c) for o, c in zip(offsets, chunk.offsets)]
-            hi = [min(o + s, c + n) for o, s, c, n in zip(offsets, sizes, chunk.offsets, chunk.sizes)]
-            if all(a < b for a, b in zip(lo, hi)):
-                dest = out[tuple(slice(a - o, b - o) for a, b, o in zip(lo, hi, offsets))]
-                self._copy_from_chunk(key, chunk, [a - c for a, c in zip(lo, chunk.offsets)], dest)
+            lo = [max(o, c) for o, c in zip(offsets, chunk.offsets, strict=True)]
+            hi = [min(o + s, c + n) for o, s, c, n in zip(offsets, sizes, chunk.offsets, chunk.sizes, strict=True)]
+            if all(a < b for a, b in zip(lo, hi, strict=True)):
+                dest = out[tuple(slice(a - o, b - o) for a, b, o in zip(lo, hi, offsets, strict=True))]
+                self._copy_from_chunk(key, chunk, [a - c for a, c in zip(lo, chunk.offsets, strict=True)], dest)
         return out
 
     def _copy_from_chunk(self, key: str, chunk: ChunkRecord, start: list[int], dest: torch.Tensor) -> None:
@@ -187,8 +192,8 @@ class CheckpointSource:
         dtype, lengths = dest.dtype, tuple(dest.shape)
         isz = dtype.itemsize
         strides = _contiguous_strides(chunk.sizes)
-        first = sum(o * s for o, s in zip(start, strides))
-        last = sum((o + n - 1) * s for o, n, s in zip(start, lengths, strides))
+        first = sum(o * s for o, s in zip(start, strides, strict=True))
+        last = sum((o + n - 1) * s for o, n, s in zip(start, lengths, strides, strict=True))
         lo, hi = first * isz, (last + 1) * isz
         block = self.manifest.hash_block_bytes
         if self.verify:

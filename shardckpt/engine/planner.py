@@ -258,7 +258,11 @@ def _check_tiling(metadata: Metadata) -> None:
             continue
         boxes = [(tuple(c.offsets), tuple(c.sizes)) for c in md.chunks]
         for off, size in boxes:
-            if any(o < 0 or n < 0 or o + n > dim for o, n, dim in zip(off, size, md.size)):
+            if (
+                len(off) != len(md.size)
+                or len(size) != len(md.size)
+                or any(o < 0 or n < 0 or o + n > dim for o, n, dim in zip(off, size, md.size, strict=True))
+            ):
                 raise UnsupportedValueError(
                     f"key {fqn!r}: a shard at offsets {list(off)} with sizes {list(size)} lies outside the "
                     f"tensor's global shape {list(md.size)}; the DTensor's placements do not match its shape"

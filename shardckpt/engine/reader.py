@@ -120,8 +120,8 @@ class Reader(StorageReader):
             planner.commit_tensor(item, target)
             return 0
         strides = _contiguous_strides(chunk.sizes)
-        first = sum(o * s for o, s in zip(item.storage_offsets, strides))
-        last = sum((o + n - 1) * s for o, n, s in zip(item.storage_offsets, lengths, strides))
+        first = sum(o * s for o, s in zip(item.storage_offsets, strides, strict=True))
+        last = sum((o + n - 1) * s for o, n, s in zip(item.storage_offsets, lengths, strides, strict=True))
         lo, hi = first * isz, (last + 1) * isz
         block = self.manifest.hash_block_bytes
         if self.verify:

@@ -232,7 +232,7 @@ class BoundedSource:
         pin = any(s.is_cuda for s in sources) and torch.cuda.is_available()
         arena = self._arena(sum(sizes), pin) if tail else None
         offset, synchronize = 0, False
-        for it, size, src in zip(tail, sizes, sources):
+        for it, size, src in zip(tail, sizes, sources, strict=True):
             assert arena is not None
             n = src.numel() * src.element_size()
             dst = arena[offset : offset + n].view(src.dtype).view(src.shape)

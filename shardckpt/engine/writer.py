@@ -427,7 +427,7 @@ def write_file(
     try:
         stream.write(header)
         file_hasher.update(header)
-        for it, entry in zip(items, entries):
+        for it, entry in zip(items, entries, strict=True):
             data = _tensor_bytes(resolve(it), it)
             hashes = []
             for i in range(0, len(data), block_bytes):

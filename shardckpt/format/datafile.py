@@ -253,7 +253,7 @@ class _JsonScan:
         backslashes = np.flatnonzero(block == _BACKSLASH)
         if len(backslashes) or self.backslashes:
             quotes = quotes[~self._escaped(quotes, backslashes, len(block))]
-        inside = (np.searchsorted(quotes, positions) + self.in_string) % 2 == 1
+        inside: np.ndarray = (np.searchsorted(quotes, positions) + self.in_string) % 2 == 1
         self.in_string ^= len(quotes) % 2 == 1
         return inside
 
@@ -275,4 +275,5 @@ class _JsonScan:
             self.backslashes = tail + (self.backslashes if run_start[-1] == 0 else 0)
         else:
             self.backslashes = 0
-        return run % 2 == 1
+        odd: np.ndarray = run % 2 == 1
+        return odd

@@ -321,7 +321,7 @@ def _parse_tensor(r: _Reader, key: str, t: Any, files: dict[str, FileRecord], bl
         if (
             len(offsets) != len(shape)
             or len(sizes) != len(shape)
-            or any(o + s > d for o, s, d in zip(offsets, sizes, shape))
+            or any(o + s > d for o, s, d in zip(offsets, sizes, shape, strict=True))
         ):
             raise ManifestError(f"{r.source}, {cw}: box {offsets}+{sizes} lies outside shape {shape}")
         name = check_relative_name(r.get(c, "file", str, cw), where=f"{r.source}, {cw}")
@@ -459,7 +459,7 @@ class _Grid:
         spans = self.hi - self.lo
         widths, several = spans[:, -1].tolist(), (spans[:, :-1] > 1).any(axis=1).tolist()
         stride = self.stride.tolist()
-        for n, (base, width) in enumerate(zip(starts, widths)):
+        for n, (base, width) in enumerate(zip(starts, widths, strict=True)):
             for row in _rows(base, spans[n].tolist(), stride) if several[n] else (base,):
                 hit = painted.find(1, row, row + width)
                 if hit >= 0:
@@ -481,7 +481,7 @@ def _rows(base: int, span: list[int], stride: list[int]) -> Iterator[int]:
     Dimensions the box spans one cell of are skipped, so each remaining one at least
     doubles the rows: summing the steps costs O(log rows) per row.
     """
-    axes = [range(0, s * st, st) for s, st in zip(span[:-1], stride[:-1]) if s > 1]
+    axes = [range(0, s * st, st) for s, st in zip(span[:-1], stride[:-1], strict=True) if s > 1]
     return (base + step for step in map(sum, itertools.product(*axes)))
 
 
@@ -505,7 +505,7 @@ def _sweep_overlap(boxes: Sequence[Box], live: list[int], budget: int) -> tuple[
         active = [a for a in active if boxes[a][0][d] + boxes[a][1][d] > off[d]]
         for a in active:
             ao, asz = boxes[a]
-            if all(x < y + ys and y < x + xs for x, xs, y, ys in zip(ao, asz, off, size)):
+            if all(x < y + ys and y < x + xs for x, xs, y, ys in zip(ao, asz, off, size, strict=True)):
                 return min(a, i), max(a, i)
         active.append(i)
     return None

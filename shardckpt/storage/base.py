@@ -103,8 +103,9 @@ class Storage(abc.ABC):
         Object stores have no folders, only prefixes: nothing to do there."""
         return True
 
-    def sync_dir(self, name: str = "") -> None:
-        """Make the folder entry of files created under ``name`` durable (POSIX only)."""
+    def sync_dir(self, name: str = "") -> None:  # noqa: B027 - deliberately not abstract: a no-op by default
+        """Make the folder entry of files created under ``name`` durable (POSIX only).
+        Object stores have no folder entries: nothing to do there."""
 
     def child(self, name: str) -> Storage:
         """A Storage rooted at ``name`` below this root."""

@@ -352,11 +352,11 @@ class FsspecStorage(Storage):
             batch = names[i : i + _DELETE_BATCH]
             bucket = self.fs.split_path(self._path(batch[0]))[0]
             objects = [{"Key": self.fs.split_path(self._path(n))[1]} for n in batch]
-            out = self._run(
-                "delete",
-                batch[0],
-                lambda: self.fs.call_s3("delete_objects", Bucket=bucket, Delete={"Objects": objects, "Quiet": True}),
-            )
+
+            def delete_batch(bucket: str = bucket, objects: list[dict[str, str]] = objects) -> Any:
+                return self.fs.call_s3("delete_objects", Bucket=bucket, Delete={"Objects": objects, "Quiet": True})
+
+            out = self._run("delete", batch[0], delete_batch)
             for n in batch:
                 self.fs.invalidate_cache(self._path(n))
             failed = [e for e in out.get("Errors", []) if e.get("Code") != "NoSuchKey"]

@@ -13,12 +13,11 @@ from shardckpt.storage.base import Storage
 _READ_PIECE_BYTES = 64 * 1024 * 1024
 
 
-def _named(e: OSError, path: str) -> OSError:
-    """``e`` with the file it is about: a write() or fsync() error carries no name, and
-    "[Errno 28] No space left on device" alone does not say where."""
-    if e.filename is None:
+def _name_file(e: BaseException, path: str) -> None:
+    """Add the file an OSError is about before it is re-raised: a write() or fsync() error
+    carries no name, and "[Errno 28] No space left on device" alone does not say where."""
+    if isinstance(e, OSError) and e.filename is None:
         e.filename = path
-    return e
 
 
 def _storage_error(e: OSError, path: str, action: str) -> StorageError:
@@ -49,13 +48,15 @@ class _LocalWriteStream:
                 n = self._f.write(view)
                 view = view[n:]
         except OSError as e:
-            raise _named(e, self._path)
+            _name_file(e, self._path)
+            raise
 
     def finish(self) -> None:
         try:
             os.fsync(self._f.fileno())
         except OSError as e:
-            raise _named(e, self._path)
+            _name_file(e, self._path)
+            raise
         finally:
             self._f.close()
 
@@ -168,7 +169,8 @@ class LocalStorage(Storage):
             os.replace(tmp, path)
         except BaseException as e:
             _unlink_quietly(tmp)
-            raise _named(e, path) if isinstance(e, OSError) else e
+            _name_file(e, path)
+            raise
         self._fsync_dir(os.path.dirname(path))
 
     def create_exclusive(self, name: str, data: bytes) -> None:
@@ -181,7 +183,8 @@ class LocalStorage(Storage):
         except FileExistsError:
             raise FileExistsError(errno.EEXIST, f"{path}: already exists", path) from None
         except OSError as e:
-            raise _named(e, path)
+            _name_file(e, path)
+            raise
         finally:
             _unlink_quietly(tmp)
         self._fsync_dir(os.path.dirname(path))
@@ -197,7 +200,8 @@ class LocalStorage(Storage):
                 os.fsync(f.fileno())
         except BaseException as e:
             _unlink_quietly(tmp)
-            raise _named(e, path) if isinstance(e, OSError) else e
+            _name_file(e, path)
+            raise
         return tmp
 
     def list_files(self, prefix: str = "") -> list[str]:
@@ -236,7 +240,8 @@ class LocalStorage(Storage):
         except OSError as e:
             if e.errno in (errno.ENOTEMPTY, errno.EEXIST):
                 return False
-            raise _named(e, path)
+            _name_file(e, path)
+            raise
         return True
 
     def sync_dir(self, name: str = "") -> None:

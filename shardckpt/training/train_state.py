@@ -48,7 +48,8 @@ from shardckpt.engine.loading import check_target
 from shardckpt.engine.state import flat_keys
 from shardckpt.errors import StateDictMismatchError
 from shardckpt.format import datafile
-from shardckpt.format.manifest import Manifest, decode_value
+from shardckpt.format.manifest import Manifest
+from shardckpt.format.values import decode_value
 from shardckpt.training.rng import RngStreamsRederivedWarning, apply_rng, capture_rng, reseed_rng
 
 TRAIN_STATE_KEY = "train"

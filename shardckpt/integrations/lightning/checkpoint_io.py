@@ -56,7 +56,7 @@ __all__ = ["ShardckptCheckpointIO", "decode_checkpoint", "encode_checkpoint", "r
 
 log = logging.getLogger("shardckpt")
 _NOTES_KEY = "lightning"
-KeyPath = list  # a path into the checkpoint dict: str dict keys, int list/tuple indices
+KeyPath = list[Any]  # a path into the checkpoint dict: str dict keys, int list/tuple indices
 
 
 class ShardckptCheckpointIO(CheckpointIO):

@@ -169,8 +169,9 @@ class _ShardckptCheckpoints(ParallelStrategy):
             target, url, strict=False, verify=o.verify, storage_options=o.storage_options, timeout_s=o.timeout_s
         )
         set_model_state_dict(self.model, target["state_dict"], options=StateDictOptions(strict=strict))
-        for opt, state in zip(self.optimizers, target.get("optimizer_states", [])):
-            set_optimizer_state_dict(self.model, opt, state)
+        if "optimizer_states" in target:  # _check_covered made sure there is one per optimizer
+            for opt, state in zip(self.optimizers, target["optimizer_states"], strict=True):
+                set_optimizer_state_dict(self.model, opt, state)
         return _read_rest(source)
 
     def remove_checkpoint(self, filepath: Any) -> None:
@@ -296,7 +297,8 @@ def _check_covered(source: CheckpointSource, target: dict[str, Any], *, strict_m
             raise StateDictMismatchError(
                 f"{source.path}: the checkpoint holds the state of {len(counted)} optimizer(s), but "
                 f"{len(target['optimizer_states'])} are configured. Resume with the optimizers that saved it "
-                "(configure_optimizers), or load only the weights (trainer.validate/test, or a new fit without ckpt_path)"
+                "(configure_optimizers), or load only the weights (trainer.validate/test, or a new fit "
+                "without ckpt_path)"
             )
     missing = [k for k in flat_keys(target) if k not in saved and (strict_model or not k.startswith("state_dict."))]
     if missing:
