@@ -74,8 +74,8 @@ class BoxReader:
         dtype = datafile.torch_dtype(self.manifest.tensors[key].dtype, where=key)
         isz = dtype.itemsize
         strides = _contiguous_strides(chunk.sizes)
-        first = sum(o * s for o, s in zip(start, strides))
-        last = sum((o + n - 1) * s for o, n, s in zip(start, lengths, strides))
+        first = sum(o * s for o, s in zip(start, strides, strict=True))
+        last = sum((o + n - 1) * s for o, n, s in zip(start, lengths, strides, strict=True))
         lo, hi = first * isz, (last + 1) * isz
         block = self.manifest.hash_block_bytes
         if self.verify:
