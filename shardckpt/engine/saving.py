@@ -28,7 +28,7 @@ from shardckpt.engine.staging import BoundedSource
 from shardckpt.engine.writer import Writer, WriterOptions
 from shardckpt.errors import RankTimeoutError
 from shardckpt.format.manifest import Manifest
-from shardckpt.storage import Storage, open_storage
+from shardckpt.storage import Storage, local_path, open_storage
 
 DEFAULT_SAVE_IO_THREADS = 4  # local disks: 4 streams per rank saved 1.4-1.6x faster than 2 (benchmarks.md)
 DEFAULT_REMOTE_SAVE_IO_THREADS = 8  # object stores: latency-bound, more uploads in flight (storage.md)
@@ -110,8 +110,7 @@ def save_options(
 ) -> WriterOptions:
     """The writer's options for a save to ``path`` (I/O threads defaulted by storage kind)."""
     if num_io_threads is None:
-        local = "://" not in path or path.startswith("file://")
-        num_io_threads = DEFAULT_SAVE_IO_THREADS if local else DEFAULT_REMOTE_SAVE_IO_THREADS
+        num_io_threads = DEFAULT_SAVE_IO_THREADS if local_path(path) is not None else DEFAULT_REMOTE_SAVE_IO_THREADS
     return WriterOptions(
         num_io_threads=num_io_threads,
         hash_block_bytes=hash_block_bytes,

@@ -50,7 +50,7 @@ from shardckpt.engine.checkpointer import Checkpointer
 from shardckpt.engine.saving import persist
 from shardckpt.engine.writer import WriterOptions
 from shardckpt.errors import ShardckptError, UnsupportedValueError
-from shardckpt.storage import folder, open_storage
+from shardckpt.storage import folder, local_path, open_storage
 
 __all__ = ["ShardckptCheckpointIO", "decode_checkpoint", "encode_checkpoint", "remove_checkpoint_folder"]
 
@@ -172,11 +172,10 @@ def remove_checkpoint_folder(url: str, storage_options: dict[str, Any] | None) -
     Raises ShardckptError, deleting nothing, when the folder holds files a checkpoint
     never has. A missing path is not an error. Not collective; call it from one process.
     """
-    if "://" not in url or url.startswith("file://"):
-        local = url.removeprefix("file://")
-        if os.path.islink(local) or os.path.isfile(local):
-            os.unlink(local)
-            return
+    local = local_path(url)
+    if local is not None and (os.path.islink(local) or os.path.isfile(local)):
+        os.unlink(local)
+        return
     storage = open_storage(url, storage_options)
     if not storage.is_dir():
         return
