@@ -57,12 +57,12 @@ from shardckpt.engine.collective import RankGroup
 from shardckpt.engine.saving import DEFAULT_TIMEOUT_S
 from shardckpt.engine.state import flat_keys
 from shardckpt.errors import CheckpointNotFoundError, StateDictMismatchError
-from shardckpt.format import layout
 from shardckpt.integrations.lightning.checkpoint_io import (
     decode_checkpoint,
     encode_checkpoint,
     remove_checkpoint_folder,
 )
+from shardckpt.storage import folder, local_path, open_storage
 
 __all__ = ["ShardckptFSDPStrategy", "ShardckptModelParallelStrategy", "ShardckptOptions"]
 
@@ -276,9 +276,10 @@ def _refuse_checkpoint_io(name: str, kwargs: dict[str, Any]) -> None:
 
 def _open(url: str, options: ShardckptOptions) -> CheckpointSource:
     """The committed checkpoint at ``url``; a clear error for Lightning's own formats."""
-    if "://" not in url:
-        native = os.path.isfile(url) or os.path.isfile(os.path.join(url, "meta.pt"))
-        if native and not os.path.isfile(os.path.join(url, layout.MANIFEST_NAME)):
+    local = local_path(url)
+    if local is not None:
+        native = os.path.isfile(local) or os.path.isfile(os.path.join(local, "meta.pt"))
+        if native and not folder.is_committed(open_storage(url)):
             raise CheckpointNotFoundError(
                 f"{url} was written by Lightning's own strategy (a torch.save file or DCP folder with meta.pt), "
                 "not by shardckpt, and shardckpt never unpickles. Resume it once with the stock strategy and "
