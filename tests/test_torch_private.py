@@ -60,15 +60,6 @@ def test_flatten_state_dict_collision_text_and_deep_nesting():
         _torch_private.flatten_state_dict(deep)
 
 
-def test_set_element_builds_nested_dicts_and_lists():
-    root: dict[str, Any] = {}
-    _torch_private.set_element(root, ("a", "b"), 1)
-    _torch_private.set_element(root, ("l", 1), 2)
-    _torch_private.set_element(root, ("m", 0, "k"), 3)
-    _torch_private.set_element(root, ("a", "c"), 4)
-    assert root == {"a": {"b": 1, "c": 4}, "l": [None, 2], "m": [{"k": 3}]}
-
-
 def _check_items_of_a_tensor(items: list[Any], fqn: str, offsets: list[int], sizes: list[int], size: list[int]) -> None:
     """The fields staging and the planner read from a write item."""
     assert len(items) == 1

@@ -29,7 +29,8 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from shardckpt.convert.source import CheckpointSource, Selection, nest, strip_path
+from shardckpt.convert.source import CheckpointSource, Selection, strip_path
+from shardckpt.engine.state import nest
 from shardckpt.errors import ShardckptError
 from shardckpt.format import datafile
 from shardckpt.storage import Storage, open_storage

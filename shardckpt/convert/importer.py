@@ -50,9 +50,9 @@ from typing import Any, BinaryIO
 import torch
 from tqdm import tqdm
 
-from shardckpt.convert.source import nest
 from shardckpt.engine.collective import translated_failures
 from shardckpt.engine.default import save
+from shardckpt.engine.state import nest
 from shardckpt.errors import ManifestError, ShardckptError, StorageError, UnsupportedValueError
 from shardckpt.format import datafile, layout
 from shardckpt.storage import open_storage

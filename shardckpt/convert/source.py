@@ -22,7 +22,7 @@ import torch
 
 from shardckpt.engine.boxes import BoxReader
 from shardckpt.engine.loading import read_manifest
-from shardckpt.errors import ManifestError, ShardckptError
+from shardckpt.errors import ShardckptError
 from shardckpt.format import datafile
 from shardckpt.format.manifest import ChunkRecord, Manifest, decode_value
 from shardckpt.storage import open_storage
@@ -199,42 +199,6 @@ def row_pieces(
     rows = max(1, piece_bytes // row_bytes)
     for r in range(0, shape[0], rows):
         yield (r, *([0] * (len(shape) - 1))), (min(rows, shape[0] - r), *shape[1:])
-
-
-# ---------------------------------------------------------------- nesting
-
-
-def nest(leaves: Iterable[tuple[Sequence[str | int], Any]]) -> dict[str, Any]:
-    """Rebuild a nested state_dict from (path, leaf) pairs: str components are dict keys,
-    int components list indices (lists grow with None placeholders where a path skips)."""
-    root: dict[str, Any] = {}
-    for path, leaf in leaves:
-        if not path:
-            raise ManifestError("a key has an empty path")
-        node: Any = root
-        for i, part in enumerate(path):
-            last = i == len(path) - 1
-            nxt = leaf if last else ([] if isinstance(path[i + 1], int) else {})
-            node = _child(node, part, nxt, last, path)
-    return root
-
-
-def _child(node: Any, part: str | int, new: Any, last: bool, path: Sequence[str | int]) -> Any:
-    if isinstance(node, list) and isinstance(part, int):
-        node.extend([None] * (part + 1 - len(node)))
-        if last or node[part] is None:
-            node[part] = new
-        return node[part]
-    if isinstance(node, dict) and isinstance(part, str):
-        if last:
-            if part in node:
-                raise ManifestError(f"two keys have the same path {list(path)}")
-            node[part] = new
-        return node.setdefault(part, new)
-    raise ManifestError(
-        f"path {list(path)} runs through a {type(node).__name__} at {part!r}; the manifest's "
-        "paths disagree with each other"
-    )
 
 
 def strip_path(path: Sequence[str | int], prefix: str) -> list[str | int]:

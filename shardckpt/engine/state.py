@@ -11,6 +11,7 @@ is written, what a checkpoint cannot hold or a reader would refuse.
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import torch
@@ -81,6 +82,54 @@ def _flatten(plain: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
         if "duplicated flatten key" not in str(e):
             raise
         raise flatten_collision(e) from e
+
+
+def nest(leaves: Iterable[tuple[Sequence[str | int], Any]]) -> dict[str, Any]:
+    """Rebuild a nested state_dict from (path, leaf) pairs, the inverse of the flattening
+    (paths as the manifest's ``paths`` record them): str components are dict keys, int
+    components list indices (lists grow with None placeholders where a path skips).
+
+    Raises ManifestError for an empty path, two leaves at one path, or paths that
+    disagree (one runs through another's leaf, or uses it both as a dict and a list).
+    """
+    root: dict[str, Any] = {}
+    for path, leaf in leaves:
+        if not path:
+            raise ManifestError("a key has an empty path")
+        holder = container_at(root, path)
+        if isinstance(holder, dict) and path[-1] in holder:
+            raise ManifestError(f"two keys have the same path {list(path)}")
+        holder[path[-1]] = leaf
+    return root
+
+
+def container_at(root: dict[str, Any], path: Sequence[str | int]) -> Any:
+    """The dict or list inside ``root`` that holds ``path[-1]`` (``path`` is not empty),
+    made on the way: a dict for a str component, a list for an int one; a list is
+    padded with None up to the index the path names in it.
+
+    Raises ManifestError where ``path`` runs through a leaf, or names a list with a str
+    or a dict with an int.
+    """
+    node: Any = root
+    for i, part in enumerate(path):
+        if isinstance(node, list) and isinstance(part, int):
+            node.extend([None] * (part + 1 - len(node)))
+        elif not (isinstance(node, dict) and isinstance(part, str)):
+            raise ManifestError(
+                f"path {list(path)} runs through a {type(node).__name__} at {part!r}; the manifest's "
+                "paths disagree with each other"
+            )
+        if i == len(path) - 1:
+            return node
+        new: Any = [] if isinstance(path[i + 1], int) else {}
+        if isinstance(node, dict):
+            node = node.setdefault(part, new)
+        else:
+            if node[part] is None:
+                node[part] = new
+            node = node[part]
+    raise ValueError("container_at needs a non-empty path")
 
 
 def too_deep() -> UnsupportedValueError:

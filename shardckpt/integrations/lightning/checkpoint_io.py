@@ -48,6 +48,7 @@ from shardckpt.convert.export import read_state_dict
 from shardckpt.convert.source import CheckpointSource, Selection
 from shardckpt.engine.checkpointer import Checkpointer
 from shardckpt.engine.saving import persist
+from shardckpt.engine.state import container_at
 from shardckpt.engine.writer import WriterOptions
 from shardckpt.errors import ShardckptError, UnsupportedValueError
 from shardckpt.storage import folder, local_path, open_storage
@@ -263,17 +264,10 @@ def decode_checkpoint(tree: dict[str, Any], notes: dict[str, Any]) -> dict[str, 
 def _ensure_empty_dict(tree: dict[str, Any], at: KeyPath) -> None:
     if not at:
         return
-    node: Any = tree
-    for i, part in enumerate(at):
-        last = i == len(at) - 1
-        fresh: Any = {} if last or isinstance(at[i + 1], str) else []
-        if isinstance(node, list):
-            node.extend([None] * (int(part) + 1 - len(node)))
-            if node[int(part)] is None:
-                node[int(part)] = fresh
-            node = node[int(part)]
-        else:
-            node = node.setdefault(part, fresh)
+    holder, part = container_at(tree, at), at[-1]
+    missing = holder[part] is None if isinstance(holder, list) else part not in holder
+    if missing:
+        holder[part] = {}
 
 
 def _replace(node: Any, at: KeyPath, fn: Any) -> Any:

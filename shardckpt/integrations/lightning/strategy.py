@@ -51,11 +51,11 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 
-from shardckpt.convert.source import CheckpointSource, nest
+from shardckpt.convert.source import CheckpointSource
 from shardckpt.engine.checkpointer import Checkpointer
 from shardckpt.engine.collective import RankGroup
 from shardckpt.engine.saving import DEFAULT_TIMEOUT_S
-from shardckpt.engine.state import flat_keys
+from shardckpt.engine.state import flat_keys, nest
 from shardckpt.errors import CheckpointNotFoundError, StateDictMismatchError
 from shardckpt.integrations.lightning.checkpoint_io import (
     decode_checkpoint,
