@@ -11,7 +11,8 @@ is written, what a checkpoint cannot hold or a reader would refuse.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+import contextlib
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -74,14 +75,8 @@ def flat_keys(plain: dict[str, Any]) -> dict[str, Any]:
 
 
 def _flatten(plain: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
-    try:
+    with flattening_errors():
         return flatten_state_dict(plain)
-    except RecursionError as e:
-        raise too_deep() from e
-    except ValueError as e:
-        if "duplicated flatten key" not in str(e):
-            raise
-        raise flatten_collision(e) from e
 
 
 def nest(leaves: Iterable[tuple[Sequence[str | int], Any]]) -> dict[str, Any]:
@@ -132,13 +127,28 @@ def container_at(root: dict[str, Any], path: Sequence[str | int]) -> Any:
     raise ValueError("container_at needs a non-empty path")
 
 
-def too_deep() -> UnsupportedValueError:
-    """The error for a state_dict whose nesting exhausts Python's recursion limit
-    (DCP's flattening is recursive; the key is unknown at that point)."""
-    return UnsupportedValueError(
-        "the state_dict nests dicts/lists too deeply for DCP's flattening (Python's recursion "
-        "limit was reached); flatten the structure (e.g. join the path into one key)"
-    )
+@contextlib.contextmanager
+def flattening_errors() -> Iterator[None]:
+    """Around a call that flattens a state_dict with DCP (ours, or a DCP planner's
+    ``set_up_planner``): its failures become UnsupportedValueError saying what to change.
+
+    DCP's flattening is recursive (so a deep state_dict exhausts the recursion limit, and
+    the key is unknown then) and reports a collision as a ValueError whose text contains
+    ``"duplicated flatten key"``; ``tests/test_torch_private.py`` pins both."""
+    try:
+        yield
+    except RecursionError as e:
+        raise UnsupportedValueError(
+            "the state_dict nests dicts/lists too deeply for DCP's flattening (Python's recursion "
+            "limit was reached); flatten the structure (e.g. join the path into one key)"
+        ) from e
+    except ValueError as e:
+        if "duplicated flatten key" not in str(e):
+            raise
+        raise UnsupportedValueError(
+            f"two entries of the state_dict flatten to the same key ({e}): a key containing '.' "
+            "collides with a nested dict (e.g. {'a.b': x} and {'a': {'b': y}}). Rename one of them."
+        ) from e
 
 
 def check_savable(flat: dict[str, Any]) -> None:
@@ -232,10 +242,3 @@ def describe(value: Any) -> str:
     if isinstance(value, torch.Tensor):
         return f"tensor of shape {list(value.shape)} and dtype {str(value.dtype).removeprefix('torch.')}"
     return f"a {type(value).__name__} value"
-
-
-def flatten_collision(e: ValueError) -> UnsupportedValueError:
-    return UnsupportedValueError(
-        f"two entries of the state_dict flatten to the same key ({e}): a key containing '.' "
-        "collides with a nested dict (e.g. {'a.b': x} and {'a': {'b': y}}). Rename one of them."
-    )
