@@ -23,7 +23,7 @@ import json
 import math
 import re
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
@@ -55,14 +55,7 @@ class ExportReport:
     skipped_values: list[str] = field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
-        return {
-            "format": self.format,
-            "files": self.files,
-            "num_tensors": self.num_tensors,
-            "tensor_bytes": self.tensor_bytes,
-            "largest_tensor_bytes": self.largest_tensor_bytes,
-            "skipped_values": self.skipped_values,
-        }
+        return asdict(self)
 
 
 def parse_size(text: str | int) -> int:
