@@ -98,17 +98,10 @@ class ShardckptCheckpointIO(CheckpointIO):
         url = os.fspath(path)
         if _others_exist():
             self._save_from_this_rank_only(tree, url, metadata)
-        elif self.async_save:
-            self._engine().async_save(
-                tree,
-                url,
-                overwrite=True,
-                metadata=metadata,
-                num_io_threads=self.num_io_threads,
-                storage_options=self.storage_options,
-            )
         else:
-            self._engine().save(
+            engine = self._engine()
+            write = engine.async_save if self.async_save else engine.save
+            write(
                 tree,
                 url,
                 overwrite=True,

@@ -98,6 +98,21 @@ class _ShardckptCheckpoints(ParallelStrategy):
     # created on first use, closed (collectively, every rank) by teardown.
     _checkpointer: Checkpointer | None = None
 
+    def __init__(
+        self,
+        *args: Any,
+        async_save: bool = False,
+        num_io_threads: int | None = None,
+        verify: bool = True,
+        storage_options: dict[str, Any] | None = None,
+        timeout_s: float = DEFAULT_TIMEOUT_S,
+        **kwargs: Any,
+    ) -> None:
+        """Takes the shardckpt options (:class:`ShardckptOptions`); every other argument
+        goes to the stock Lightning strategy that follows this mixin in the bases."""
+        super().__init__(*args, **kwargs)
+        self._shardckpt = ShardckptOptions(async_save, num_io_threads, verify, storage_options, timeout_s)
+
     # ------------------------------------------------ what goes into Lightning's checkpoint dict
 
     def lightning_module_state_dict(self) -> dict[str, Any]:
@@ -217,16 +232,7 @@ class ShardckptFSDPStrategy(_ShardckptCheckpoints, FSDPStrategy):
     it takes no ``checkpoint_io``.
     """
 
-    def __init__(
-        self,
-        *args: Any,
-        async_save: bool = False,
-        num_io_threads: int | None = None,
-        verify: bool = True,
-        storage_options: dict[str, Any] | None = None,
-        timeout_s: float = DEFAULT_TIMEOUT_S,
-        **kwargs: Any,
-    ) -> None:
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
         if kwargs.setdefault("state_dict_type", "sharded") != "sharded":
             raise ValueError(
                 f"{type(self).__name__}(state_dict_type={kwargs['state_dict_type']!r}): shardckpt "
@@ -235,7 +241,6 @@ class ShardckptFSDPStrategy(_ShardckptCheckpoints, FSDPStrategy):
             )
         _refuse_checkpoint_io(type(self).__name__, kwargs)
         super().__init__(*args, **kwargs)
-        self._shardckpt = ShardckptOptions(async_save, num_io_threads, verify, storage_options, timeout_s)
 
 
 class ShardckptModelParallelStrategy(_ShardckptCheckpoints, ModelParallelStrategy):
@@ -246,16 +251,7 @@ class ShardckptModelParallelStrategy(_ShardckptCheckpoints, ModelParallelStrateg
     :class:`ShardckptOptions`). ``save_distributed_checkpoint`` can only be True.
     """
 
-    def __init__(
-        self,
-        *args: Any,
-        async_save: bool = False,
-        num_io_threads: int | None = None,
-        verify: bool = True,
-        storage_options: dict[str, Any] | None = None,
-        timeout_s: float = DEFAULT_TIMEOUT_S,
-        **kwargs: Any,
-    ) -> None:
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
         if not kwargs.setdefault("save_distributed_checkpoint", True):
             raise ValueError(
                 f"{type(self).__name__}(save_distributed_checkpoint=False): shardckpt checkpoints are "
@@ -263,7 +259,6 @@ class ShardckptModelParallelStrategy(_ShardckptCheckpoints, ModelParallelStrateg
                 "`shardckpt export CKPT OUT --format torch|safetensors` for a single file"
             )
         super().__init__(*args, **kwargs)
-        self._shardckpt = ShardckptOptions(async_save, num_io_threads, verify, storage_options, timeout_s)
 
 
 def _refuse_checkpoint_io(name: str, kwargs: dict[str, Any]) -> None:
