@@ -47,7 +47,7 @@ def test_flatten_state_dict_keys_and_paths():
 
 
 def test_flatten_state_dict_collision_text_and_deep_nesting():
-    # state._flatten and SavePlanner.set_up_planner recognise a collision by this text.
+    # state.flattening_errors (around our flattening and the planners' set_up_planner) knows a collision by this text.
     with pytest.raises(ValueError, match="duplicated flatten key"):
         _torch_private.flatten_state_dict({"a.b": 1, "a": {"b": 2}})
     deep: dict[str, Any] = {}
@@ -56,17 +56,8 @@ def test_flatten_state_dict_collision_text_and_deep_nesting():
         node["n"] = {}
         node = node["n"]
     node["t"] = torch.ones(1)
-    with pytest.raises(RecursionError):  # state.too_deep relies on the flattening being recursive
+    with pytest.raises(RecursionError):  # state.flattening_errors relies on the flattening being recursive
         _torch_private.flatten_state_dict(deep)
-
-
-def test_set_element_builds_nested_dicts_and_lists():
-    root: dict[str, Any] = {}
-    _torch_private.set_element(root, ("a", "b"), 1)
-    _torch_private.set_element(root, ("l", 1), 2)
-    _torch_private.set_element(root, ("m", 0, "k"), 3)
-    _torch_private.set_element(root, ("a", "c"), 4)
-    assert root == {"a": {"b": 1, "c": 4}, "l": [None, 2], "m": [{"k": 3}]}
 
 
 def _check_items_of_a_tensor(items: list[Any], fqn: str, offsets: list[int], sizes: list[int], size: list[int]) -> None:

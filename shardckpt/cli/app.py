@@ -29,12 +29,15 @@ from shardckpt.cli.base import (
     EXIT_OK,
     EXIT_UNUSABLE,
     Command,
+    _add_output_flags,
     _clip,
-    _human_bytes,
+    _progress,
+    _reported,
     _table,
     register,
 )
 from shardckpt.convert.audit import AuditReport, Problem, describe_checkpoint, verify_checkpoint
+from shardckpt.convert.progress import human_bytes
 from shardckpt.errors import ManifestError, ShardckptError, UnsupportedFormatVersionError
 from shardckpt.format.layout import MANIFEST_NAME
 
@@ -68,14 +71,14 @@ def _format_summary(s: dict[str, Any], *, pattern: str | None) -> str:
         f"created_at  {s['created_at']}",
         f"world_size  {s['world_size']}",
         f"keys        {s['num_keys']} ({s['num_tensors']} tensors, {s['num_values']} values)",
-        f"size        {_human_bytes(s['total_bytes'])} in {s['num_files']} data files "
-        f"({_human_bytes(s['tensor_bytes'])} of tensor data)",
+        f"size        {human_bytes(s['total_bytes'])} in {s['num_files']} data files "
+        f"({human_bytes(s['tensor_bytes'])} of tensor data)",
     ]
     if s["metadata"]:
         lines.append(f"metadata    {json.dumps(s['metadata'])}")
     keys = s["keys"]
     tensors = [
-        [k, r["dtype"], str(r["shape"]), str(r["chunks"]), _human_bytes(r["bytes"])]
+        [k, r["dtype"], str(r["shape"]), str(r["chunks"]), human_bytes(r["bytes"])]
         for k, r in keys.items()
         if r["kind"] == "tensor"
     ]
@@ -94,32 +97,27 @@ def _format_summary(s: dict[str, Any], *, pattern: str | None) -> str:
 
 def _configure_verify(p: argparse.ArgumentParser) -> None:
     p.add_argument("path", metavar="PATH", help=_PATH_HELP)
-    p.add_argument("--json", action="store_true", help="print the report as one JSON document")
-    p.add_argument(
-        "--no-progress", action="store_true", help="no progress bar (one is shown on stderr when stderr is a terminal)"
-    )
+    _add_output_flags(p)
 
 
 def _run_verify(args: argparse.Namespace) -> int:
-    try:
-        report = verify_checkpoint(args.path, progress=not args.no_progress and sys.stderr.isatty())
-    except UnsupportedFormatVersionError:
-        raise
-    except ManifestError as e:
-        # The manifest exists, so the checkpoint was committed: a broken manifest is damage.
-        report = AuditReport(args.path, 0, 0, 0, [Problem(MANIFEST_NAME, None, str(e))])
-    if args.json:
-        print(json.dumps(report.to_json(), indent=2))
-    else:
-        print(_format_report(report))
-    return EXIT_OK if report.ok else EXIT_DAMAGED
+    def work() -> AuditReport:
+        try:
+            return verify_checkpoint(args.path, progress=_progress(args))
+        except UnsupportedFormatVersionError:
+            raise
+        except ManifestError as e:
+            # The manifest exists, so the checkpoint was committed: a broken manifest is damage.
+            return AuditReport(args.path, 0, 0, 0, [Problem(MANIFEST_NAME, None, str(e))])
+
+    return _reported("verify", args, work, _format_report, lambda report: EXIT_OK if report.ok else EXIT_DAMAGED)
 
 
 def _format_report(r: AuditReport) -> str:
     if r.ok:
         return (
             f"OK  {r.path}: {r.files_checked} data files, {r.chunks_checked} chunks, "
-            f"{_human_bytes(r.bytes_hashed)} re-hashed; every checksum matches the manifest"
+            f"{human_bytes(r.bytes_hashed)} re-hashed; every checksum matches the manifest"
         )
     files = len({p.file for p in r.problems})
     lines = [f"PROBLEM  {p}" for p in r.problems]
@@ -180,7 +178,7 @@ def _run_ls(args: argparse.Namespace) -> int:
             [
                 str(i.step),
                 state,
-                _human_bytes(i.size_bytes),
+                human_bytes(i.size_bytes),
                 str(i.world_size or "-"),
                 json.dumps(i.metrics) if i.metrics else "-",
                 marks,

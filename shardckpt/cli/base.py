@@ -1,11 +1,17 @@
 """What every ``shardckpt`` subcommand shares: the Command record, the registry, exit
-codes and table formatting. :mod:`shardckpt.cli.app` builds the parser from the registry."""
+codes, the output flags and table formatting. :mod:`shardckpt.cli.app` builds the
+parser from the registry."""
 
 from __future__ import annotations
 
 import argparse
+import json
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
+
+from shardckpt.errors import IntegrityError
 
 EXIT_OK = 0
 EXIT_DAMAGED = 1
@@ -37,6 +43,28 @@ def register(command: Command) -> Command:
     return command
 
 
+def _reported(
+    name: str,
+    args: argparse.Namespace,
+    work: Callable[[], Any],
+    describe: Callable[[Any], str],
+    status: Callable[[Any], int] = lambda report: EXIT_OK,
+) -> int:
+    """Run ``work`` and print the report it returns: as JSON with ``--json``, else as
+    ``describe`` words it; exit with ``status(report)``. Damage is exit 1, a bad request
+    (no key matches, bad size, bad source) exit 2, with the reason on stderr."""
+    try:
+        report = work()
+    except IntegrityError as e:
+        print(f"shardckpt {name}: checkpoint damaged: {e}", file=sys.stderr)
+        return EXIT_DAMAGED
+    except ValueError as e:
+        print(f"shardckpt {name}: error: {e}", file=sys.stderr)
+        return EXIT_UNUSABLE
+    print(json.dumps(report.to_json(), indent=2) if args.json else describe(report))
+    return status(report)
+
+
 def _table(header: list[str], rows: list[list[str]]) -> list[str]:
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
     return ["  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip() for row in [header, *rows]]
@@ -46,12 +74,14 @@ def _clip(text: str) -> str:
     return text if len(text) <= _VALUE_WIDTH else text[: _VALUE_WIDTH - 3] + "..."
 
 
-def _human_bytes(n: int) -> str:
-    if n < 1024:
-        return f"{n} B"
-    size = n / 1024
-    for unit in ("KiB", "MiB", "GiB"):
-        if size < 1024:
-            return f"{size:.1f} {unit}"
-        size /= 1024
-    return f"{size:.1f} TiB"
+def _add_output_flags(p: argparse.ArgumentParser) -> None:
+    """``--json`` and ``--no-progress``, for subcommands that report on a long read."""
+    p.add_argument("--json", action="store_true", help="print the result as one JSON document")
+    p.add_argument(
+        "--no-progress", action="store_true", help="no progress bar (one is shown on stderr when stderr is a terminal)"
+    )
+
+
+def _progress(args: argparse.Namespace) -> bool:
+    """Whether to show a progress bar: not with ``--no-progress``, and only on a terminal."""
+    return not args.no_progress and sys.stderr.isatty()

@@ -4,40 +4,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
-from collections.abc import Callable
 from typing import Any
 
-from shardckpt.cli.base import _PATH_HELP, EXIT_DAMAGED, EXIT_OK, EXIT_UNUSABLE, Command, _clip, _human_bytes, register
+from shardckpt.cli.base import _PATH_HELP, EXIT_OK, Command, _add_output_flags, _clip, _progress, _reported, register
+from shardckpt.convert.progress import human_bytes
 
 # ---------------------------------------------------------------- export, import, diff
 
 EXIT_DIFFERENT = 3  # diff --exit-code: the checkpoints differ (1 and 2 keep their meaning)
-
-
-def _progress(args: argparse.Namespace) -> bool:
-    return not args.no_progress and sys.stderr.isatty()
-
-
-def _add_output_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--json", action="store_true", help="print the result as one JSON document")
-    p.add_argument(
-        "--no-progress", action="store_true", help="no progress bar (one is shown on stderr when stderr is a terminal)"
-    )
-
-
-def _guarded(name: str, work: Callable[[], int]) -> int:
-    """Damage is exit 1, a bad request (no key matches, bad size, bad source) exit 2, with the reason."""
-    from shardckpt.errors import IntegrityError
-
-    try:
-        return work()
-    except IntegrityError as e:
-        print(f"shardckpt {name}: checkpoint damaged: {e}", file=sys.stderr)
-        return EXIT_DAMAGED
-    except ValueError as e:
-        print(f"shardckpt {name}: error: {e}", file=sys.stderr)
-        return EXIT_UNUSABLE
 
 
 def _configure_export(p: argparse.ArgumentParser) -> None:
@@ -73,8 +47,8 @@ def _configure_export(p: argparse.ArgumentParser) -> None:
 def _run_export(args: argparse.Namespace) -> int:
     from shardckpt.convert import export_checkpoint
 
-    def work() -> int:
-        report = export_checkpoint(
+    def work() -> Any:
+        return export_checkpoint(
             args.path,
             args.out,
             format=args.format,
@@ -86,19 +60,19 @@ def _run_export(args: argparse.Namespace) -> int:
             overwrite=args.overwrite,
             progress=_progress(args),
         )
-        if args.json:
-            print(json.dumps(report.to_json(), indent=2))
-            return EXIT_OK
-        print(f"exported {report.num_tensors} tensors ({_human_bytes(report.tensor_bytes)}) as {report.format}:")
-        print("\n".join(f"  {f}" for f in report.files))
-        if report.skipped_values:
-            print(
-                f"left out {len(report.skipped_values)} non-tensor value(s), which safetensors cannot hold: "
-                f"{', '.join(report.skipped_values[:10])}{' ...' if len(report.skipped_values) > 10 else ''}"
-            )
-        return EXIT_OK
 
-    return _guarded("export", work)
+    return _reported("export", args, work, _format_export)
+
+
+def _format_export(r: Any) -> str:
+    lines = [f"exported {r.num_tensors} tensors ({human_bytes(r.tensor_bytes)}) as {r.format}:"]
+    lines += [f"  {f}" for f in r.files]
+    if r.skipped_values:
+        lines.append(
+            f"left out {len(r.skipped_values)} non-tensor value(s), which safetensors cannot hold: "
+            f"{', '.join(r.skipped_values[:10])}{' ...' if len(r.skipped_values) > 10 else ''}"
+        )
+    return "\n".join(lines)
 
 
 def _configure_import(p: argparse.ArgumentParser) -> None:
@@ -130,8 +104,8 @@ def _configure_import(p: argparse.ArgumentParser) -> None:
 def _run_import(args: argparse.Namespace) -> int:
     from shardckpt.convert import import_checkpoint
 
-    def work() -> int:
-        report = import_checkpoint(
+    def work() -> Any:
+        return import_checkpoint(
             args.source,
             args.out,
             source_format=args.source_format,
@@ -140,17 +114,15 @@ def _run_import(args: argparse.Namespace) -> int:
             overwrite=args.overwrite,
             progress=_progress(args),
         )
-        if args.json:
-            print(json.dumps(report.to_json(), indent=2))
-        else:
-            print(
-                f"imported {report.format} {report.source} -> {report.path}: {report.num_tensors} tensors "
-                f"({_human_bytes(report.tensor_bytes)}), {report.num_values} values; "
-                "it loads on any number of processes"
-            )
-        return EXIT_OK
 
-    return _guarded("import", work)
+    return _reported("import", args, work, _format_import)
+
+
+def _format_import(r: Any) -> str:
+    return (
+        f"imported {r.format} {r.source} -> {r.path}: {r.num_tensors} tensors "
+        f"({human_bytes(r.tensor_bytes)}), {r.num_values} values; it loads on any number of processes"
+    )
 
 
 def _configure_diff(p: argparse.ArgumentParser) -> None:
@@ -175,12 +147,13 @@ def _configure_diff(p: argparse.ArgumentParser) -> None:
 def _run_diff(args: argparse.Namespace) -> int:
     from shardckpt.convert import diff_checkpoints
 
-    def work() -> int:
-        report = diff_checkpoints(args.a, args.b, atol=args.atol, keys=tuple(args.keys), progress=_progress(args))
-        print(json.dumps(report.to_json(), indent=2) if args.json else _format_diff(report))
+    def work() -> Any:
+        return diff_checkpoints(args.a, args.b, atol=args.atol, keys=tuple(args.keys), progress=_progress(args))
+
+    def status(report: Any) -> int:
         return EXIT_DIFFERENT if args.exit_code and not report.identical else EXIT_OK
 
-    return _guarded("diff", work)
+    return _reported("diff", args, work, _format_diff, status)
 
 
 def _format_diff(r: Any) -> str:

@@ -21,8 +21,7 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
-from tqdm import tqdm
-
+from shardckpt.convert.progress import byte_bar
 from shardckpt.engine.loading import read_manifest
 from shardckpt.errors import ManifestError, StorageError
 from shardckpt.format import datafile, integrity
@@ -120,7 +119,7 @@ def verify_checkpoint(
     chunks = _chunks_by_file(manifest)
     total = sum(f.size for f in manifest.files.values())
     results = []
-    with tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc="verify", disable=not progress) as bar:
+    with byte_bar(total, "verify", enabled=progress) as bar:
         for name, record in sorted(manifest.files.items()):
             file_chunks = chunks.get(name, [])
             block = manifest.hash_block_bytes

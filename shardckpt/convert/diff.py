@@ -17,8 +17,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from tqdm import tqdm
 
+from shardckpt.convert.progress import byte_bar
 from shardckpt.convert.source import CheckpointSource, Selection, row_pieces
 
 DEFAULT_PIECE_BYTES = 16 * 2**20
@@ -105,7 +105,7 @@ def diff_checkpoints(
     both_values = sorted(k for k in ka & kb if k in sa.manifest.values and k in sb.manifest.values)
     kind_changed = sorted(ka & kb - set(both_tensors) - set(both_values))
     total = sum(sa.nbytes(k) for k in both_tensors)
-    with tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc="diff", disable=not progress) as bar:
+    with byte_bar(total, "diff", enabled=progress) as bar:
         tensors = [_compare_tensor(sa, sb, k, atol, piece_bytes, bar) for k in both_tensors]
     changed_values = {
         k: (sa.manifest.values[k], sb.manifest.values[k])

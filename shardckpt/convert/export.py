@@ -23,13 +23,14 @@ import json
 import math
 import re
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
-from tqdm import tqdm
 
-from shardckpt.convert.source import CheckpointSource, Selection, nest, strip_path
+from shardckpt.convert.progress import byte_bar, human_bytes
+from shardckpt.convert.source import CheckpointSource, Selection, strip_path
+from shardckpt.engine.state import nest
 from shardckpt.errors import ShardckptError
 from shardckpt.format import datafile
 from shardckpt.storage import Storage, open_storage
@@ -54,14 +55,7 @@ class ExportReport:
     skipped_values: list[str] = field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
-        return {
-            "format": self.format,
-            "files": self.files,
-            "num_tensors": self.num_tensors,
-            "tensor_bytes": self.tensor_bytes,
-            "largest_tensor_bytes": self.largest_tensor_bytes,
-            "skipped_values": self.skipped_values,
-        }
+        return asdict(self)
 
 
 def parse_size(text: str | int) -> int:
@@ -274,14 +268,10 @@ def _check_fits_in_memory(needed: int, out: str) -> None:
     available = _available_memory_bytes()
     if available is not None and needed > available:
         raise ShardckptError(
-            f"export to {out}: torch.save needs every selected tensor in memory at once ({_size(needed)}) "
-            f"but only {_size(available)} is available. Export to safetensors or hf instead (streamed, "
+            f"export to {out}: torch.save needs every selected tensor in memory at once ({human_bytes(needed)}) "
+            f"but only {human_bytes(available)} is available. Export to safetensors or hf instead (streamed, "
             "about twice the largest tensor), or select fewer keys (--keys) or a smaller dtype (--dtype bf16)."
         )
-
-
-def _size(n: int) -> str:
-    return f"{n / 2**30:.1f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
 
 
 def _available_memory_bytes() -> int | None:
@@ -334,7 +324,7 @@ def _report(
 
 def _bar(progress: bool, source: CheckpointSource, items: list[tuple[str, str]], selection: Selection) -> Any:
     total = sum(_out_bytes(source, selection, k) for _, k in items)
-    return tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc="export", disable=not progress)
+    return byte_bar(total, "export", enabled=progress)
 
 
 def _parent_and_name(out: str) -> tuple[Storage, str]:

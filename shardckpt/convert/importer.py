@@ -48,11 +48,11 @@ from dataclasses import dataclass
 from typing import Any, BinaryIO
 
 import torch
-from tqdm import tqdm
 
-from shardckpt.convert.source import nest
+from shardckpt.convert.progress import byte_bar
 from shardckpt.engine.collective import translated_failures
 from shardckpt.engine.default import save
+from shardckpt.engine.state import nest
 from shardckpt.errors import ManifestError, ShardckptError, StorageError, UnsupportedValueError
 from shardckpt.format import datafile, layout
 from shardckpt.storage import open_storage
@@ -389,7 +389,7 @@ def _write_progress(enabled: bool, out: str, total: int) -> Iterator[None]:
     if not enabled:
         yield
         return
-    bar = tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc="import")
+    bar = byte_bar(total, "import")
     stop = threading.Event()
 
     def poll() -> None:

@@ -20,9 +20,10 @@ from typing import Any
 
 import torch
 
+from shardckpt.engine.boxes import BoxReader
 from shardckpt.engine.loading import read_manifest
-from shardckpt.errors import IntegrityError, ManifestError, ShardckptError
-from shardckpt.format import datafile, integrity
+from shardckpt.errors import ShardckptError
+from shardckpt.format import datafile
 from shardckpt.format.manifest import ChunkRecord, Manifest
 from shardckpt.format.values import decode_value
 from shardckpt.storage import open_storage
@@ -112,7 +113,7 @@ class CheckpointSource:
         self.storage = open_storage(path, storage_options)
         self.manifest: Manifest = read_manifest(self.storage)
         self.verify = verify
-        self._sizes_checked: set[str] = set()
+        self._boxes = BoxReader(self.storage, self.manifest, verify=verify, where=path)
 
     # ------------------------------------------------------------ what is there
 
@@ -188,57 +189,8 @@ class CheckpointSource:
 
     def _copy_from_chunk(self, key: str, chunk: ChunkRecord, start: list[int], dest: torch.Tensor) -> None:
         """Fill ``dest`` from the part of ``chunk`` that begins at ``start`` (chunk coordinates)."""
-        self._check_size(chunk.file)
-        dtype, lengths = dest.dtype, tuple(dest.shape)
-        isz = dtype.itemsize
-        strides = _contiguous_strides(chunk.sizes)
-        first = sum(o * s for o, s in zip(start, strides, strict=True))
-        last = sum((o + n - 1) * s for o, n, s in zip(start, lengths, strides, strict=True))
-        lo, hi = first * isz, (last + 1) * isz
-        block = self.manifest.hash_block_bytes
-        if self.verify:
-            lo, hi = lo // block * block, min(chunk.byte_length, -(-hi // block) * block)
-        exact = lo == first * isz and hi == (last + 1) * isz and last - first + 1 == dest.numel()
-        direct = exact and dest.is_contiguous()
-        buf = dest.reshape(-1).view(torch.uint8) if direct else torch.empty(hi - lo, dtype=torch.uint8)
-        view = memoryview(buf.numpy())  # type: ignore[arg-type]  # ndarray implements the buffer protocol
-        where = f"{self.path}: file {chunk.file!r}, key {key!r}, chunk at {list(chunk.offsets)}"
-        try:
-            self.storage.read_into(chunk.file, chunk.byte_offset + lo, view)
-        except EOFError as e:
-            raise IntegrityError(f"{where}: {e}") from e
-        if self.verify:
-            integrity.verify_blocks(
-                view, first_block=lo // block, block_bytes=block, expected=chunk.block_hashes, where=where
-            )
-        if not direct:
-            dest.copy_(buf.view(dtype).as_strided(lengths, strides, (first * isz - lo) // isz))
-
-    def _check_size(self, name: str) -> None:
-        if name in self._sizes_checked:
-            return
-        expected = self.manifest.files[name].size
-        try:
-            found = self.storage.size(name)
-        except FileNotFoundError as e:
-            raise IntegrityError(
-                f"{self.path}: data file {name!r} listed in the manifest is missing; "
-                "the checkpoint is damaged, restore the file or use an earlier checkpoint"
-            ) from e
-        if found != expected:
-            raise IntegrityError(
-                f"{self.path}: data file {name!r} is {found} bytes, the manifest says {expected}; "
-                "it was truncated or replaced, restore it or use an earlier checkpoint"
-            )
-        self._sizes_checked.add(name)
-
-
-def _contiguous_strides(sizes: Sequence[int]) -> tuple[int, ...]:
-    strides, acc = [], 1
-    for s in reversed(sizes):
-        strides.append(acc)
-        acc *= s
-    return tuple(reversed(strides))
+        self._boxes.check_file_sizes([chunk.file])
+        self._boxes.read_box(key, chunk, start, dest)
 
 
 def row_pieces(
@@ -252,42 +204,6 @@ def row_pieces(
     rows = max(1, piece_bytes // row_bytes)
     for r in range(0, shape[0], rows):
         yield (r, *([0] * (len(shape) - 1))), (min(rows, shape[0] - r), *shape[1:])
-
-
-# ---------------------------------------------------------------- nesting
-
-
-def nest(leaves: Iterable[tuple[Sequence[str | int], Any]]) -> dict[str, Any]:
-    """Rebuild a nested state_dict from (path, leaf) pairs: str components are dict keys,
-    int components list indices (lists grow with None placeholders where a path skips)."""
-    root: dict[str, Any] = {}
-    for path, leaf in leaves:
-        if not path:
-            raise ManifestError("a key has an empty path")
-        node: Any = root
-        for i, part in enumerate(path):
-            last = i == len(path) - 1
-            nxt = leaf if last else ([] if isinstance(path[i + 1], int) else {})
-            node = _child(node, part, nxt, last, path)
-    return root
-
-
-def _child(node: Any, part: str | int, new: Any, last: bool, path: Sequence[str | int]) -> Any:
-    if isinstance(node, list) and isinstance(part, int):
-        node.extend([None] * (part + 1 - len(node)))
-        if last or node[part] is None:
-            node[part] = new
-        return node[part]
-    if isinstance(node, dict) and isinstance(part, str):
-        if last:
-            if part in node:
-                raise ManifestError(f"two keys have the same path {list(path)}")
-            node[part] = new
-        return node.setdefault(part, new)
-    raise ManifestError(
-        f"path {list(path)} runs through a {type(node).__name__} at {part!r}; the manifest's "
-        "paths disagree with each other"
-    )
 
 
 def strip_path(path: Sequence[str | int], prefix: str) -> list[str | int]:

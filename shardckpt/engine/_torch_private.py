@@ -22,7 +22,6 @@ from typing import Any
 from torch.distributed.checkpoint._nested_dict import (
     flatten_state_dict as _dcp_flatten_state_dict,
 )
-from torch.distributed.checkpoint._traverse import set_element as _dcp_set_element
 from torch.distributed.checkpoint.planner import WriteItem
 from torch.distributed.checkpoint.planner_helpers import (
     _create_write_items as _dcp_create_write_items,
@@ -36,7 +35,6 @@ __all__ = [
     "create_write_items",
     "flatten_state_dict",
     "hook_skipped_error",
-    "set_element",
 ]
 
 TESTED_TORCH = "2.13"
@@ -63,18 +61,6 @@ def flatten_state_dict(state_dict: dict[str, Any]) -> tuple[dict[str, Any], dict
     diverge from the planner's and collisions/too-deep states lose their clear errors.
     """
     return _dcp_flatten_state_dict(state_dict)
-
-
-def set_element(root: dict[str, Any], path: tuple[Any, ...], value: Any) -> None:
-    """Set ``value`` at ``path`` (a flattening path) inside ``root``, creating dicts for
-    str steps and lists (padded with None) for int steps.
-
-    Private: ``torch.distributed.checkpoint._traverse.set_element`` (checked on torch
-    2.13). TrainState uses it to rebuild a saved subtree, shaped as saved, from the
-    manifest's paths. If it changes, ``TrainState.restore`` builds wrong load targets
-    (e.g. a dict where a list was saved) and the load refuses them.
-    """
-    _dcp_set_element(root, path, value)
 
 
 def create_write_items(fqn: str, obj: Any) -> list[WriteItem]:

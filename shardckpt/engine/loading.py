@@ -27,7 +27,7 @@ from shardckpt.errors import (
 )
 from shardckpt.format import datafile, integrity, layout
 from shardckpt.format.manifest import MAX_MANIFEST_BYTES, Manifest, parse_manifest, unseal
-from shardckpt.storage import Storage, open_storage  # noqa: F401 - the engine looks it up here at call time (tests still patch it)
+from shardckpt.storage import Storage, folder, open_storage  # noqa: F401 - the engine looks it up here at call time (tests still patch it)
 
 
 def load_from(
@@ -81,7 +81,7 @@ def read_manifest(storage: Storage) -> Manifest:
 def read_manifest_bytes(storage: Storage) -> bytes:
     """The manifest's bytes, after the checks that need no parsing: it exists (else
     NotCommittedError / CheckpointNotFoundError), its size is sane, its seal matches."""
-    if not storage.exists(layout.MANIFEST_NAME):
+    if not folder.is_committed(storage):
         if storage.is_dir(""):
             raise NotCommittedError(
                 f"{storage.url} has no {layout.MANIFEST_NAME}: the save into it was interrupted or "

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypedDict
 
 from shardckpt.format import integrity
-from shardckpt.storage import is_local_url
+from shardckpt.storage import local_path
 
 if TYPE_CHECKING:
     from shardckpt.storage.fsspec_storage import TransferOptions
@@ -79,7 +79,7 @@ class IOOptions:
         """The threads a save to ``path`` writes with."""
         if self.num_io_threads is not None:
             return self.num_io_threads
-        return DEFAULT_SAVE_IO_THREADS if is_local_url(path) else DEFAULT_REMOTE_SAVE_IO_THREADS
+        return DEFAULT_SAVE_IO_THREADS if local_path(path) is not None else DEFAULT_REMOTE_SAVE_IO_THREADS
 
     def load_threads(self) -> int:
         """The threads a load reads with."""
@@ -87,7 +87,7 @@ class IOOptions:
 
     def transfer_for(self, url: str) -> TransferOptions | None:
         """``transfer`` where it applies (an fsspec URL), None for a local path."""
-        return None if is_local_url(url) else self.transfer
+        return None if local_path(url) is not None else self.transfer
 
     def with_shortcuts(self, *, num_io_threads: int | None = None, hash_block_bytes: int | None = None) -> IOOptions:
         """These options with the keyword shortcuts of a call applied: each one given

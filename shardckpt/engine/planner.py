@@ -26,7 +26,7 @@ from torch.distributed.checkpoint.planner import ReadItem, SavePlan, WriteItem, 
 
 from shardckpt.engine._torch_private import hook_skipped_error
 from shardckpt.engine.staging import BoundedSource, StagedShard, item_bytes
-from shardckpt.engine.state import check_savable, flatten_collision, too_deep
+from shardckpt.engine.state import check_savable, flattening_errors
 from shardckpt.errors import ManifestError, UnsupportedValueError
 from shardckpt.format import datafile, integrity, manifest
 from shardckpt.format.manifest import first_overlap
@@ -67,14 +67,8 @@ class SavePlanner(DefaultSavePlanner):
         self._global_checks_ran = False
 
     def set_up_planner(self, state_dict: Any, storage_meta: Any = None, is_coordinator: bool = False) -> None:
-        try:
+        with flattening_errors():
             super().set_up_planner(state_dict, storage_meta, is_coordinator)
-        except RecursionError as e:
-            raise too_deep() from e
-        except ValueError as e:
-            if "duplicated flatten key" not in str(e):
-                raise
-            raise flatten_collision(e) from e
         if self._original_mappings is not None:
             self.mappings = dict(self._original_mappings)
         self._global_checks_ran = False  # a planner may be set up for another save
@@ -327,10 +321,8 @@ class LoadPlanner(DefaultLoadPlanner):
         super().__init__(flatten_state_dict=True, flatten_sharded_tensors=True, allow_partial_load=allow_partial_load)
 
     def set_up_planner(self, state_dict: Any, metadata: Any = None, is_coordinator: bool = False) -> None:
-        try:
+        with flattening_errors():
             super().set_up_planner(state_dict, metadata, is_coordinator)
-        except RecursionError as e:
-            raise too_deep() from e
 
     def load_bytes(self, read_item: ReadItem, value: io.BytesIO) -> None:
         fqn = read_item.dest_index.fqn

@@ -5,15 +5,15 @@ DCP calls, in order: ``read_metadata -> set_up_storage_reader -> prepare_local_p
 
 ``read_data`` reads, for each ReadItem, only the byte range that covers the box the
 rank needs (rounded out to whole checksum blocks when verifying), checks those blocks,
-and copies the box into the destination tensor. A same-layout load of a whole chunk
-reads straight into the destination tensor, with no staging copy.
+and copies the box into the destination tensor, through the same
+:class:`~shardckpt.engine.boxes.BoxReader` as every other reader. A same-layout load of
+a whole chunk reads straight into the destination tensor, with no staging copy.
 """
 
 from __future__ import annotations
 
 import io
 import json
-import math
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -29,8 +29,9 @@ from torch.distributed.checkpoint.metadata import (
 from torch.distributed.checkpoint.planner import LoadItemType, LoadPlan, LoadPlanner, ReadItem
 from torch.distributed.checkpoint.storage import StorageReader
 
+from shardckpt.engine.boxes import BoxReader
 from shardckpt.errors import IntegrityError
-from shardckpt.format import datafile, integrity
+from shardckpt.format import datafile
 from shardckpt.format.manifest import ChunkRecord, Manifest
 from shardckpt.storage import Storage
 
@@ -75,11 +76,14 @@ class Reader(StorageReader):
                 planner.load_bytes(item, io.BytesIO(text))
             else:
                 tensor_items.append(item)
-        self._check_file_sizes({self._chunk(i).file for i in tensor_items})
+        boxes = BoxReader(
+            self.storage, self.manifest, verify=self.verify, where=f"{self.storage.url} (rank {self.rank})"
+        )
+        boxes.check_file_sizes(self._chunk(i).file for i in tensor_items)
         if tensor_items:
             workers = min(self.num_io_threads, len(tensor_items))
             with ThreadPoolExecutor(workers, thread_name_prefix="shardckpt-read") as pool:
-                for f in [pool.submit(self._read_item, it, planner) for it in tensor_items]:
+                for f in [pool.submit(self._read_item, boxes, it, planner) for it in tensor_items]:
                     self.bytes_read += f.result()
         done: torch.futures.Future[None] = torch.futures.Future()
         done.set_result(None)
@@ -92,68 +96,13 @@ class Reader(StorageReader):
             return chunk
         raise IntegrityError(f"key {item.storage_index.fqn!r}: no chunk at offsets {offsets} in the manifest")
 
-    def _check_file_sizes(self, names: set[str]) -> None:
-        for name in sorted(names):
-            expected = self.manifest.files[name].size
-            try:
-                found = self.storage.size(name)
-            except FileNotFoundError as e:
-                raise IntegrityError(
-                    f"{self.storage.url}: data file {name!r} listed in the manifest is missing "
-                    f"(rank {self.rank}); the checkpoint is damaged, load an earlier one"
-                ) from e
-            if found != expected:
-                raise IntegrityError(
-                    f"{self.storage.url}: data file {name!r} is {found} bytes, the manifest says "
-                    f"{expected} (rank {self.rank}); it was truncated or replaced, load an earlier checkpoint"
-                )
-
-    def _read_item(self, item: ReadItem, planner: LoadPlanner) -> int:
+    def _read_item(self, boxes: BoxReader, item: ReadItem, planner: LoadPlanner) -> int:
         """Read, verify and copy one box; returns the bytes read from storage."""
         chunk = self._chunk(item)
-        fqn = item.storage_index.fqn
-        dtype = datafile.torch_dtype(self.manifest.tensors[fqn].dtype, where=fqn)
-        isz = dtype.itemsize
-        lengths = tuple(item.lengths)
         target = planner.resolve_tensor(item).detach()
-        if math.prod(lengths) == 0:
-            planner.commit_tensor(item, target)
-            return 0
-        strides = _contiguous_strides(chunk.sizes)
-        first = sum(o * s for o, s in zip(item.storage_offsets, strides, strict=True))
-        last = sum((o + n - 1) * s for o, n, s in zip(item.storage_offsets, lengths, strides, strict=True))
-        lo, hi = first * isz, (last + 1) * isz
-        block = self.manifest.hash_block_bytes
-        if self.verify:
-            lo, hi = lo // block * block, min(chunk.byte_length, -(-hi // block) * block)
-        where = (
-            f"{self.storage.url}: file {chunk.file!r}, key {fqn!r}, chunk at {list(chunk.offsets)} (rank {self.rank})"
-        )
-        whole_chunk = lengths == chunk.sizes
-        direct = whole_chunk and target.is_contiguous() and target.device.type == "cpu" and target.dtype == dtype
-        buf = target.reshape(-1).view(torch.uint8) if direct else torch.empty(hi - lo, dtype=torch.uint8)
-        view = memoryview(buf.numpy())  # type: ignore[arg-type]  # ndarray implements the buffer protocol
-        try:
-            self.storage.read_into(chunk.file, chunk.byte_offset + lo, view)
-        except EOFError as e:
-            raise IntegrityError(f"{where}: {e}") from e
-        if self.verify:
-            integrity.verify_blocks(
-                view, first_block=lo // block, block_bytes=block, expected=chunk.block_hashes, where=where
-            )
-        if not direct:
-            src = buf.view(dtype).as_strided(lengths, strides, (first * isz - lo) // isz)
-            target.copy_(src)
+        n = boxes.read_box(item.storage_index.fqn, chunk, item.storage_offsets, target)
         planner.commit_tensor(item, target)
-        return hi - lo
-
-
-def _contiguous_strides(sizes: tuple[int, ...]) -> tuple[int, ...]:
-    strides, acc = [], 1
-    for s in reversed(sizes):
-        strides.append(acc)
-        acc *= s
-    return tuple(reversed(strides))
+        return n
 
 
 def manifest_to_metadata(m: Manifest) -> Metadata:

@@ -11,6 +11,8 @@ is written, what a checkpoint cannot hold or a reader would refuse.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -73,23 +75,80 @@ def flat_keys(plain: dict[str, Any]) -> dict[str, Any]:
 
 
 def _flatten(plain: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
-    try:
+    with flattening_errors():
         return flatten_state_dict(plain)
+
+
+def nest(leaves: Iterable[tuple[Sequence[str | int], Any]]) -> dict[str, Any]:
+    """Rebuild a nested state_dict from (path, leaf) pairs, the inverse of the flattening
+    (paths as the manifest's ``paths`` record them): str components are dict keys, int
+    components list indices (lists grow with None placeholders where a path skips).
+
+    Raises ManifestError for an empty path, two leaves at one path, or paths that
+    disagree (one runs through another's leaf, or uses it both as a dict and a list).
+    """
+    root: dict[str, Any] = {}
+    for path, leaf in leaves:
+        if not path:
+            raise ManifestError("a key has an empty path")
+        holder = container_at(root, path)
+        if isinstance(holder, dict) and path[-1] in holder:
+            raise ManifestError(f"two keys have the same path {list(path)}")
+        holder[path[-1]] = leaf
+    return root
+
+
+def container_at(root: dict[str, Any], path: Sequence[str | int]) -> Any:
+    """The dict or list inside ``root`` that holds ``path[-1]`` (``path`` is not empty),
+    made on the way: a dict for a str component, a list for an int one; a list is
+    padded with None up to the index the path names in it.
+
+    Raises ManifestError where ``path`` runs through a leaf, or names a list with a str
+    or a dict with an int.
+    """
+    node: Any = root
+    for i, part in enumerate(path):
+        if isinstance(node, list) and isinstance(part, int):
+            node.extend([None] * (part + 1 - len(node)))
+        elif not (isinstance(node, dict) and isinstance(part, str)):
+            raise ManifestError(
+                f"path {list(path)} runs through a {type(node).__name__} at {part!r}; the manifest's "
+                "paths disagree with each other"
+            )
+        if i == len(path) - 1:
+            return node
+        new: Any = [] if isinstance(path[i + 1], int) else {}
+        if isinstance(node, dict):
+            node = node.setdefault(part, new)
+        else:
+            if node[part] is None:
+                node[part] = new
+            node = node[part]
+    raise ValueError("container_at needs a non-empty path")
+
+
+@contextlib.contextmanager
+def flattening_errors() -> Iterator[None]:
+    """Around a call that flattens a state_dict with DCP (ours, or a DCP planner's
+    ``set_up_planner``): its failures become UnsupportedValueError saying what to change.
+
+    DCP's flattening is recursive (so a deep state_dict exhausts the recursion limit, and
+    the key is unknown then) and reports a collision as a ValueError whose text contains
+    ``"duplicated flatten key"``; ``tests/test_torch_private.py`` pins both."""
+    try:
+        yield
     except RecursionError as e:
-        raise too_deep() from e
+        raise UnsupportedValueError(
+            "the state_dict nests dicts/lists too deeply for DCP's flattening (Python's recursion "
+            "limit was reached); flatten the structure (e.g. join the path into one key)"
+        ) from e
     except ValueError as e:
         if "duplicated flatten key" not in str(e):
             raise
-        raise flatten_collision(e) from e
-
-
-def too_deep() -> UnsupportedValueError:
-    """The error for a state_dict whose nesting exhausts Python's recursion limit
-    (DCP's flattening is recursive; the key is unknown at that point)."""
-    return UnsupportedValueError(
-        "the state_dict nests dicts/lists too deeply for DCP's flattening (Python's recursion "
-        "limit was reached); flatten the structure (e.g. join the path into one key)"
-    )
+        raise UnsupportedValueError(
+            f"two entries of the state_dict flatten to the same key ({e}): a key containing '.' "
+            "collides with a nested dict (e.g. {'a.b': x} and {'a': {'b': y}}). Rename one of them."
+        ) from e
 
 
 def check_savable(flat: dict[str, Any]) -> None:
@@ -183,10 +242,3 @@ def describe(value: Any) -> str:
     if isinstance(value, torch.Tensor):
         return f"tensor of shape {list(value.shape)} and dtype {str(value.dtype).removeprefix('torch.')}"
     return f"a {type(value).__name__} value"
-
-
-def flatten_collision(e: ValueError) -> UnsupportedValueError:
-    return UnsupportedValueError(
-        f"two entries of the state_dict flatten to the same key ({e}): a key containing '.' "
-        "collides with a nested dict (e.g. {'a.b': x} and {'a': {'b': y}}). Rename one of them."
-    )

@@ -294,7 +294,7 @@ class Writer(StorageWriter):
         if self._save_id is None or self._committed:
             return
         try:
-            if self.storage.exists(layout.MANIFEST_NAME):
+            if folder.is_committed(self.storage):
                 return  # committed after all (or by a racing overwrite): not ours to touch
             prefix = f"{layout.DATA_DIR}/{self._save_id}-"
             self.storage.delete([n for n in self.storage.list_files(layout.DATA_DIR) if n.startswith(prefix)])

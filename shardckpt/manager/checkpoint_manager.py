@@ -237,7 +237,7 @@ class CheckpointManager:
         found = []
         for name in self._storage.list_dirs(""):
             step = layout.parse_step_dir(name)
-            if step is not None and self._storage.exists(f"{name}/{layout.MANIFEST_NAME}"):
+            if step is not None and folder.is_committed(self._storage, name):
                 found.append(step)
         return sorted(found)
 
@@ -453,7 +453,7 @@ class CheckpointManager:
         ownership.claim(self._storage, self._owner, takeover=takeover, stale_after_s=stale_after_s)
         self._heartbeat = ownership.Heartbeat(self._storage, self._owner, interval_s=stale_after_s / 4)
         for name in self._storage.list_dirs(""):
-            if layout.parse_step_dir(name) is None or self._storage.exists(f"{name}/{layout.MANIFEST_NAME}"):
+            if layout.parse_step_dir(name) is None or folder.is_committed(self._storage, name):
                 continue
             sub = self._storage.child(name)
             found = folder.contents(sub)
@@ -677,7 +677,7 @@ def list_root(root: str, storage_options: dict[str, Any] | None = None) -> list[
         if step is None:
             continue
         sub = storage.child(name)
-        if sub.exists(layout.MANIFEST_NAME):
+        if folder.is_committed(sub):
             m = read_manifest(sub)
             size = sum(f.size for f in m.files.values())
             infos.append(StepInfo(step, True, size, metrics_of(m), m.created_at, m.world_size))

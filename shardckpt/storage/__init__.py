@@ -5,13 +5,13 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from shardckpt.storage.base import Storage, WriteStream
-from shardckpt.storage.local import LocalStorage
+from shardckpt.storage.local import LocalStorage, local_path
 
 if TYPE_CHECKING:
     from shardckpt.storage.fsspec_storage import TransferOptions
     from shardckpt.storage.retry import RetryPolicy
 
-__all__ = ["LocalStorage", "RetryPolicy", "Storage", "TransferOptions", "WriteStream", "is_local_url", "open_storage"]
+__all__ = ["LocalStorage", "RetryPolicy", "Storage", "TransferOptions", "WriteStream", "local_path", "open_storage"]
 
 
 def __getattr__(name: str) -> Any:
@@ -35,15 +35,10 @@ def open_storage(
     part size, parts in flight per file and retry policy; the defaults when None)."""
     if not isinstance(url, str):
         raise TypeError(f"checkpoint path must be a str (a local path or fsspec URL), got {type(url).__name__}")
-    if is_local_url(url):
+    if local_path(url) is not None:
         if storage_options or transfer:
             raise ValueError("storage_options and transfer only apply to fsspec URLs such as s3://bucket/path")
         return LocalStorage(url)
     from shardckpt.storage.fsspec_storage import FsspecStorage
 
     return FsspecStorage(url, storage_options, transfer)
-
-
-def is_local_url(url: str) -> bool:
-    """Whether ``url`` names a local path (no scheme, or ``file://``): LocalStorage's."""
-    return "://" not in url or url.startswith("file://")

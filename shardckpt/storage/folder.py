@@ -1,4 +1,5 @@
-"""What a checkpoint folder holds, and removing exactly shardckpt's names from it.
+"""What a checkpoint folder holds, whether it is committed, and removing exactly
+shardckpt's names from it.
 
 Every removal in shardckpt (an overwriting save, retention, a manager's clean-up of an
 interrupted step, the Lightning plugin's ``remove_checkpoint``) goes through
@@ -42,6 +43,14 @@ class FolderContents:
     def is_ours(self) -> bool:
         """Proven to be a shardckpt checkpoint (committed or interrupted)."""
         return self.has_manifest or self.has_marker
+
+
+def is_committed(storage: Storage, name: str = "") -> bool:
+    """Whether the folder ``name`` below ``storage``'s root (the root itself for ``""``)
+    is a committed checkpoint. A checkpoint exists if and only if its manifest does: the
+    coordinator writes it last and atomically, so listing, resume and retention ask this
+    and nothing else. A storage error raises (it is not a "no")."""
+    return storage.exists(f"{name}/{layout.MANIFEST_NAME}" if name else layout.MANIFEST_NAME)
 
 
 def contents(storage: Storage) -> FolderContents:

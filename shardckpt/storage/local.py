@@ -13,6 +13,15 @@ from shardckpt.storage.base import Storage
 _READ_PIECE_BYTES = 64 * 1024 * 1024
 
 
+def local_path(url: str) -> str | None:
+    """The OS path ``url`` names when it is local (a plain path or a ``file://`` URL);
+    None for any other fsspec URL (``s3://...``). The one test of "is this local":
+    :func:`shardckpt.storage.open_storage` picks :class:`LocalStorage` by it."""
+    if "://" not in url:
+        return url
+    return url.removeprefix("file://") if url.startswith("file://") else None
+
+
 def _name_file(e: BaseException, path: str) -> None:
     """Add the file an OSError is about before it is re-raised: a write() or fsync() error
     carries no name, and "[Errno 28] No space left on device" alone does not say where."""

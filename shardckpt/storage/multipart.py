@@ -97,7 +97,7 @@ class MultipartUpload:
     def finish(self) -> None:
         body, self._buf = self._buf, bytearray()
         if self._upload_id is None:
-            self._call("write", lambda: self._fs.call_s3("put_object", Bucket=self._bucket, Key=self._key, Body=body))
+            self._s3("write", "put_object", Key=self._key, Body=body)
             self._release()
             return
         try:
@@ -107,15 +107,12 @@ class MultipartUpload:
                 self._collect_oldest()
             parts, upload_id = {"Parts": self._parts}, self._upload_id
             try:
-                self._call(
+                self._s3(
                     "complete the upload of",
-                    lambda: self._fs.call_s3(
-                        "complete_multipart_upload",
-                        Bucket=self._bucket,
-                        Key=self._key,
-                        UploadId=upload_id,
-                        MultipartUpload=parts,
-                    ),
+                    "complete_multipart_upload",
+                    Key=self._key,
+                    UploadId=upload_id,
+                    MultipartUpload=parts,
                 )
             except FileNotFoundError:
                 # NoSuchUpload on a retry: the first attempt completed it and its answer was lost.
@@ -141,15 +138,7 @@ class MultipartUpload:
         upload_id, self._upload_id = self._upload_id, None
         if upload_id is not None:
             try:
-                self._call(
-                    "abort the upload of",
-                    lambda: self._fs.call_s3(
-                        "abort_multipart_upload",
-                        Bucket=self._bucket,
-                        Key=self._key,
-                        UploadId=upload_id,
-                    ),
-                )
+                self._s3("abort the upload of", "abort_multipart_upload", Key=self._key, UploadId=upload_id)
             except Exception as e:  # noqa: BLE001 - logged: the caller is already raising the real error
                 log.warning(
                     "shardckpt: could not abort the multipart upload of s3://%s/%s: %s", self._bucket, self._key, e
@@ -162,14 +151,7 @@ class MultipartUpload:
         Never raises: a stray left behind costs storage, not correctness, so a failure
         here is logged rather than failing a save whose object is complete."""
         try:
-            listing = self._call(
-                "list the unfinished uploads of",
-                lambda: self._fs.call_s3(
-                    "list_multipart_uploads",
-                    Bucket=self._bucket,
-                    Prefix=self._key,
-                ),
-            )
+            listing = self._s3("list the unfinished uploads of", "list_multipart_uploads", Prefix=self._key)
             strays = [
                 str(u.get("UploadId"))
                 for u in listing.get("Uploads", [])
@@ -185,27 +167,17 @@ class MultipartUpload:
 
     # ----------------------------------------------------------------- internals
 
+    def _s3(self, what: str, operation: str, **params: Any) -> Any:
+        """The S3 ``operation`` on this object's bucket, through the retrying ``call``
+        (``what``: the words its error message uses, "... s3://bucket/key")."""
+        return self._call(what, lambda: self._fs.call_s3(operation, Bucket=self._bucket, **params))
+
     def _abort_one(self, upload_id: str) -> None:
-        self._call(
-            "abort a stray upload of",
-            lambda: self._fs.call_s3(
-                "abort_multipart_upload",
-                Bucket=self._bucket,
-                Key=self._key,
-                UploadId=upload_id,
-            ),
-        )
+        self._s3("abort a stray upload of", "abort_multipart_upload", Key=self._key, UploadId=upload_id)
 
     def _send_full_part(self) -> None:
         if self._upload_id is None:
-            out = self._call(
-                "start the upload of",
-                lambda: self._fs.call_s3(
-                    "create_multipart_upload",
-                    Bucket=self._bucket,
-                    Key=self._key,
-                ),
-            )
+            out = self._s3("start the upload of", "create_multipart_upload", Key=self._key)
             self._upload_id = str(out["UploadId"])
             self._pool = ThreadPoolExecutor(self._max_concurrency, thread_name_prefix="shardckpt-part")
         full, self._buf = self._buf, bytearray()
@@ -219,16 +191,13 @@ class MultipartUpload:
         upload_id = self._upload_id
 
         def upload() -> dict[str, Any]:
-            out = self._call(
+            out = self._s3(
                 f"upload part {number} of",
-                lambda: self._fs.call_s3(
-                    "upload_part",
-                    Bucket=self._bucket,
-                    Key=self._key,
-                    UploadId=upload_id,
-                    PartNumber=number,
-                    Body=body,
-                ),
+                "upload_part",
+                Key=self._key,
+                UploadId=upload_id,
+                PartNumber=number,
+                Body=body,
             )
             return {"PartNumber": number, "ETag": out["ETag"]}
 
@@ -241,7 +210,7 @@ class MultipartUpload:
         self._inflight.append(future)
 
     def _is_complete(self) -> bool:
-        head = self._call("look up", lambda: self._fs.call_s3("head_object", Bucket=self._bucket, Key=self._key))
+        head = self._s3("look up", "head_object", Key=self._key)
         return bool(
             int(head["ContentLength"]) == self._bytes and str(head.get("ETag", "")).endswith(f'-{len(self._parts)}"')
         )

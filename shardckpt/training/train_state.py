@@ -42,10 +42,9 @@ from torch.distributed.checkpoint.state_dict import (
 )
 from torch.distributed.checkpoint.stateful import Stateful
 
-from shardckpt.engine._torch_private import set_element
 from shardckpt.engine.collective import RankGroup
 from shardckpt.engine.loading import check_target
-from shardckpt.engine.state import flat_keys
+from shardckpt.engine.state import flat_keys, nest
 from shardckpt.errors import StateDictMismatchError
 from shardckpt.format import datafile
 from shardckpt.format.manifest import Manifest
@@ -74,14 +73,14 @@ class _LoadContext:
         """The saved subtree under ``train/<path>`` with zero tensors and None values, ready to
         be filled by a load (its shape is the saved one, whatever the live object holds now)."""
         prefix = [TRAIN_STATE_KEY, *path]
-        root: dict[str, Any] = {}
+        leaves = []
         for key, full in self.manifest.paths.items():
             if list(full[: len(prefix)]) != prefix or len(full) == len(prefix):
                 continue
             rec = self.manifest.tensors.get(key)
             value = None if rec is None else torch.zeros(rec.shape, dtype=datafile.torch_dtype(rec.dtype, where=key))
-            set_element(root, tuple(full[len(prefix) :]), value)
-        return root
+            leaves.append((full[len(prefix) :], value))
+        return nest(leaves)
 
 
 def _saved_progress(manifest: Manifest, source: str) -> dict[str, Any]:

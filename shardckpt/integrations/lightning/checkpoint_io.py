@@ -49,8 +49,9 @@ from shardckpt.convert.export import read_state_dict
 from shardckpt.convert.source import CheckpointSource, Selection
 from shardckpt.engine.checkpointer import Checkpointer
 from shardckpt.engine.saving import SaveRequest, persist, writer_options
+from shardckpt.engine.state import container_at
 from shardckpt.errors import ShardckptError, UnsupportedValueError
-from shardckpt.storage import folder, open_storage
+from shardckpt.storage import folder, local_path, open_storage
 
 __all__ = ["ShardckptCheckpointIO", "decode_checkpoint", "encode_checkpoint", "remove_checkpoint_folder"]
 
@@ -97,17 +98,10 @@ class ShardckptCheckpointIO(CheckpointIO):
         url = os.fspath(path)
         if _others_exist():
             self._save_from_this_rank_only(tree, url, metadata)
-        elif self.async_save:
-            self._engine().async_save(
-                tree,
-                url,
-                overwrite=True,
-                metadata=metadata,
-                num_io_threads=self.num_io_threads,
-                storage_options=self.storage_options,
-            )
         else:
-            self._engine().save(
+            engine = self._engine()
+            write = engine.async_save if self.async_save else engine.save
+            write(
                 tree,
                 url,
                 overwrite=True,
@@ -175,11 +169,10 @@ def remove_checkpoint_folder(url: str, storage_options: dict[str, Any] | None) -
     Raises ShardckptError, deleting nothing, when the folder holds files a checkpoint
     never has. A missing path is not an error. Not collective; call it from one process.
     """
-    if "://" not in url or url.startswith("file://"):
-        local = url.removeprefix("file://")
-        if os.path.islink(local) or os.path.isfile(local):
-            os.unlink(local)
-            return
+    local = local_path(url)
+    if local is not None and (os.path.islink(local) or os.path.isfile(local)):
+        os.unlink(local)
+        return
     storage = open_storage(url, storage_options)
     if not storage.is_dir():
         return
@@ -267,17 +260,10 @@ def decode_checkpoint(tree: dict[str, Any], notes: dict[str, Any]) -> dict[str, 
 def _ensure_empty_dict(tree: dict[str, Any], at: KeyPath) -> None:
     if not at:
         return
-    node: Any = tree
-    for i, part in enumerate(at):
-        last = i == len(at) - 1
-        fresh: Any = {} if last or isinstance(at[i + 1], str) else []
-        if isinstance(node, list):
-            node.extend([None] * (int(part) + 1 - len(node)))
-            if node[int(part)] is None:
-                node[int(part)] = fresh
-            node = node[int(part)]
-        else:
-            node = node.setdefault(part, fresh)
+    holder, part = container_at(tree, at), at[-1]
+    missing = holder[part] is None if isinstance(holder, list) else part not in holder
+    if missing:
+        holder[part] = {}
 
 
 def _replace(node: Any, at: KeyPath, fn: Any) -> Any:

@@ -51,19 +51,19 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 
-from shardckpt.convert.source import CheckpointSource, nest
+from shardckpt.convert.source import CheckpointSource
 from shardckpt.engine.checkpointer import Checkpointer
 from shardckpt.engine.collective import RankGroup
 from shardckpt.engine.options import SaveKwargs
 from shardckpt.engine.saving import DEFAULT_TIMEOUT_S
-from shardckpt.engine.state import flat_keys
+from shardckpt.engine.state import flat_keys, nest
 from shardckpt.errors import CheckpointNotFoundError, StateDictMismatchError
-from shardckpt.format import layout
 from shardckpt.integrations.lightning.checkpoint_io import (
     decode_checkpoint,
     encode_checkpoint,
     remove_checkpoint_folder,
 )
+from shardckpt.storage import folder, local_path, open_storage
 
 __all__ = ["ShardckptFSDPStrategy", "ShardckptModelParallelStrategy", "ShardckptOptions"]
 
@@ -98,6 +98,21 @@ class _ShardckptCheckpoints(ParallelStrategy):
     # Owns the staging buffers, the pending async save and the checkpoint gloo groups;
     # created on first use, closed (collectively, every rank) by teardown.
     _checkpointer: Checkpointer | None = None
+
+    def __init__(
+        self,
+        *args: Any,
+        async_save: bool = False,
+        num_io_threads: int | None = None,
+        verify: bool = True,
+        storage_options: dict[str, Any] | None = None,
+        timeout_s: float = DEFAULT_TIMEOUT_S,
+        **kwargs: Any,
+    ) -> None:
+        """Takes the shardckpt options (:class:`ShardckptOptions`); every other argument
+        goes to the stock Lightning strategy that follows this mixin in the bases."""
+        super().__init__(*args, **kwargs)
+        self._shardckpt = ShardckptOptions(async_save, num_io_threads, verify, storage_options, timeout_s)
 
     # ------------------------------------------------ what goes into Lightning's checkpoint dict
 
@@ -219,16 +234,7 @@ class ShardckptFSDPStrategy(_ShardckptCheckpoints, FSDPStrategy):
     it takes no ``checkpoint_io``.
     """
 
-    def __init__(
-        self,
-        *args: Any,
-        async_save: bool = False,
-        num_io_threads: int | None = None,
-        verify: bool = True,
-        storage_options: dict[str, Any] | None = None,
-        timeout_s: float = DEFAULT_TIMEOUT_S,
-        **kwargs: Any,
-    ) -> None:
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
         if kwargs.setdefault("state_dict_type", "sharded") != "sharded":
             raise ValueError(
                 f"{type(self).__name__}(state_dict_type={kwargs['state_dict_type']!r}): shardckpt "
@@ -237,7 +243,6 @@ class ShardckptFSDPStrategy(_ShardckptCheckpoints, FSDPStrategy):
             )
         _refuse_checkpoint_io(type(self).__name__, kwargs)
         super().__init__(*args, **kwargs)
-        self._shardckpt = ShardckptOptions(async_save, num_io_threads, verify, storage_options, timeout_s)
 
 
 class ShardckptModelParallelStrategy(_ShardckptCheckpoints, ModelParallelStrategy):
@@ -248,16 +253,7 @@ class ShardckptModelParallelStrategy(_ShardckptCheckpoints, ModelParallelStrateg
     :class:`ShardckptOptions`). ``save_distributed_checkpoint`` can only be True.
     """
 
-    def __init__(
-        self,
-        *args: Any,
-        async_save: bool = False,
-        num_io_threads: int | None = None,
-        verify: bool = True,
-        storage_options: dict[str, Any] | None = None,
-        timeout_s: float = DEFAULT_TIMEOUT_S,
-        **kwargs: Any,
-    ) -> None:
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
         if not kwargs.setdefault("save_distributed_checkpoint", True):
             raise ValueError(
                 f"{type(self).__name__}(save_distributed_checkpoint=False): shardckpt checkpoints are "
@@ -265,7 +261,6 @@ class ShardckptModelParallelStrategy(_ShardckptCheckpoints, ModelParallelStrateg
                 "`shardckpt export CKPT OUT --format torch|safetensors` for a single file"
             )
         super().__init__(*args, **kwargs)
-        self._shardckpt = ShardckptOptions(async_save, num_io_threads, verify, storage_options, timeout_s)
 
 
 def _refuse_checkpoint_io(name: str, kwargs: dict[str, Any]) -> None:
@@ -278,9 +273,10 @@ def _refuse_checkpoint_io(name: str, kwargs: dict[str, Any]) -> None:
 
 def _open(url: str, options: ShardckptOptions) -> CheckpointSource:
     """The committed checkpoint at ``url``; a clear error for Lightning's own formats."""
-    if "://" not in url:
-        native = os.path.isfile(url) or os.path.isfile(os.path.join(url, "meta.pt"))
-        if native and not os.path.isfile(os.path.join(url, layout.MANIFEST_NAME)):
+    local = local_path(url)
+    if local is not None:
+        native = os.path.isfile(local) or os.path.isfile(os.path.join(local, "meta.pt"))
+        if native and not folder.is_committed(open_storage(url)):
             raise CheckpointNotFoundError(
                 f"{url} was written by Lightning's own strategy (a torch.save file or DCP folder with meta.pt), "
                 "not by shardckpt, and shardckpt never unpickles. Resume it once with the stock strategy and "

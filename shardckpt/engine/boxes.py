@@ -1,0 +1,107 @@
+"""Reading a box out of a saved chunk: the one read-and-verify path for tensor bytes.
+
+A chunk is stored row-major and contiguous in its data file; the box a reader wants
+(``dest``'s shape, starting at ``start`` in chunk coordinates) lies inside the byte range
+from its first to its last element. :meth:`BoxReader.read_box` reads that range (rounded
+out to whole checksum blocks when verifying), checks those blocks against the hashes the
+manifest recorded at save time, and copies the box into ``dest``. When the range is
+exactly the box and ``dest`` can take the raw bytes, it reads straight into ``dest``.
+
+Used by the DCP load path (:class:`shardckpt.engine.reader.Reader`) and by every reader
+that needs no process group (:class:`shardckpt.convert.source.CheckpointSource`).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Sequence
+
+import torch
+
+from shardckpt.errors import IntegrityError
+from shardckpt.format import datafile, integrity
+from shardckpt.format.manifest import ChunkRecord, Manifest
+from shardckpt.storage import Storage
+
+
+class BoxReader:
+    """Verified reads of boxes out of the chunks of one committed checkpoint.
+
+    ``where`` starts every error message (the checkpoint's location, and the rank where
+    it matters). ``verify``: check every byte read against the manifest's block hashes.
+    :meth:`read_box` may be called from several threads at once; :meth:`check_file_sizes`
+    from one thread only.
+    """
+
+    def __init__(self, storage: Storage, manifest: Manifest, *, verify: bool, where: str) -> None:
+        self.storage = storage
+        self.manifest = manifest
+        self.verify = verify
+        self.where = where
+        self._sizes_checked: set[str] = set()
+
+    def check_file_sizes(self, names: Iterable[str]) -> None:
+        """Raise IntegrityError if a data file in ``names`` is missing or not the size the
+        manifest records (so a truncated file is named before any chunk read runs into it).
+        Each file is looked up once per BoxReader."""
+        for name in sorted(set(names) - self._sizes_checked):
+            expected = self.manifest.files[name].size
+            try:
+                found = self.storage.size(name)
+            except FileNotFoundError as e:
+                raise IntegrityError(
+                    f"{self.where}: data file {name!r} listed in the manifest is missing; the checkpoint is "
+                    "damaged, restore the file or load an earlier checkpoint"
+                ) from e
+            if found != expected:
+                raise IntegrityError(
+                    f"{self.where}: data file {name!r} is {found} bytes, the manifest says {expected}; "
+                    "it was truncated or replaced, restore it or load an earlier checkpoint"
+                )
+            self._sizes_checked.add(name)
+
+    def read_box(self, key: str, chunk: ChunkRecord, start: Sequence[int], dest: torch.Tensor) -> int:
+        """Fill ``dest`` with the box of ``chunk`` (a chunk of tensor ``key``) that begins at
+        ``start`` (chunk coordinates) and has ``dest``'s shape. ``dest`` may have another
+        dtype or device than the saved tensor (the bytes are copied in, converted).
+
+        Returns the bytes read from storage. Raises IntegrityError, naming the file, key and
+        block, when the file ends early or a checksum block differs.
+        """
+        lengths = tuple(dest.shape)
+        if math.prod(lengths) == 0:
+            return 0
+        dtype = datafile.torch_dtype(self.manifest.tensors[key].dtype, where=key)
+        isz = dtype.itemsize
+        strides = _contiguous_strides(chunk.sizes)
+        first = sum(o * s for o, s in zip(start, strides, strict=True))
+        last = sum((o + n - 1) * s for o, n, s in zip(start, lengths, strides, strict=True))
+        lo, hi = first * isz, (last + 1) * isz
+        block = self.manifest.hash_block_bytes
+        if self.verify:
+            lo, hi = lo // block * block, min(chunk.byte_length, -(-hi // block) * block)
+        exact = lo == first * isz and hi == (last + 1) * isz and last - first + 1 == dest.numel()
+        direct = exact and dest.is_contiguous() and dest.device.type == "cpu" and dest.dtype == dtype
+        buf = dest.reshape(-1).view(torch.uint8) if direct else torch.empty(hi - lo, dtype=torch.uint8)
+        view = memoryview(buf.numpy())  # type: ignore[arg-type]  # ndarray implements the buffer protocol
+        where = f"{self.where}: file {chunk.file!r}, key {key!r}, chunk at {list(chunk.offsets)}"
+        try:
+            self.storage.read_into(chunk.file, chunk.byte_offset + lo, view)
+        except EOFError as e:
+            raise IntegrityError(f"{where}: {e}") from e
+        if self.verify:
+            integrity.verify_blocks(
+                view, first_block=lo // block, block_bytes=block, expected=chunk.block_hashes, where=where
+            )
+        if not direct:
+            dest.copy_(buf.view(dtype).as_strided(lengths, strides, (first * isz - lo) // isz))
+        return hi - lo
+
+
+def _contiguous_strides(sizes: Sequence[int]) -> tuple[int, ...]:
+    """Element strides of a row-major (C-contiguous) array of shape ``sizes``."""
+    strides, acc = [], 1
+    for s in reversed(sizes):
+        strides.append(acc)
+        acc *= s
+    return tuple(reversed(strides))
