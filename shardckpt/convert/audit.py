@@ -366,12 +366,7 @@ def describe_checkpoint(path: str, storage_options: dict[str, Any] | None = None
         keys[key] = {"kind": "value", "type": _value_type(v), "value": v}
     return {
         "path": path,
-        "format_version": m.format_version,
-        "shardckpt_version": m.shardckpt_version,
-        "torch_version": m.torch_version,
-        "created_at": m.created_at,
-        "world_size": m.world_size,
-        "process_layout": list(m.process_layout),
+        **m.provenance(),
         "hash_block_bytes": m.hash_block_bytes,
         "num_keys": len(keys),
         "num_tensors": len(m.tensors),

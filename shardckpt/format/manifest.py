@@ -79,6 +79,18 @@ class Manifest:
     def total_tensor_bytes(self) -> int:
         return sum(c.byte_length for t in self.tensors.values() for c in t.chunks)
 
+    def provenance(self) -> dict[str, Any]:
+        """Which format, software and processes wrote the checkpoint, and when, in the
+        order the manifest's JSON gives them (``inspect --json`` shows the same fields)."""
+        return {
+            "format_version": self.format_version,
+            "shardckpt_version": self.shardckpt_version,
+            "torch_version": self.torch_version,
+            "created_at": self.created_at,
+            "world_size": self.world_size,
+            "process_layout": list(self.process_layout),
+        }
+
 
 # ---------------------------------------------------------------- JSON out
 
@@ -86,12 +98,7 @@ class Manifest:
 def manifest_to_json(m: Manifest) -> bytes:
     doc = {
         "format": FORMAT_NAME,
-        "format_version": m.format_version,
-        "shardckpt_version": m.shardckpt_version,
-        "torch_version": m.torch_version,
-        "created_at": m.created_at,
-        "world_size": m.world_size,
-        "process_layout": list(m.process_layout),
+        **m.provenance(),
         "hash_algorithm": HASH_ALGORITHM,
         "hash_block_bytes": m.hash_block_bytes,
         "tensors": {
