@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 TRAIN = REPO / "launch" / "train.py"
 # 100 samples, 12 per step: epoch 0 is steps 1-8 (4 samples dropped), epoch 1 starts at step 9
 COMMON = ["--steps", "14", "--save-every", "4", "--dataset-len", "100", "--global-batch", "12"]

@@ -1,6 +1,6 @@
 """SIGKILL of one rank, or of every rank, of a multi-process save -> no hang, nothing lost.
 
-A 2-rank gloo job (tests/crash_job.py, one process per rank, started as torchrun
+A 2-rank gloo job (tests/support/crash_job.py, one process per rank, started as torchrun
 would) drives a CheckpointManager with sync or async saves and keep_last=2
 retention. In each trial a random rank (or the whole job at one instant) is killed
 with SIGKILL, either at a random one of its storage events (data file open, write,
@@ -40,7 +40,7 @@ from distributed import free_port
 import shardckpt
 from shardckpt.convert.audit import verify_checkpoint
 
-JOB = os.path.join(os.path.dirname(os.path.abspath(__file__)), "crash_job.py")
+JOB = os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir, "support", "crash_job.py")
 WORLD = 2
 STEPS = 4
 TIMEOUT_S = 4.0
@@ -79,7 +79,7 @@ class JobResult:
 
 
 class ForkServer:
-    """tests/crash_job.py --serve: torch is imported once, each rank is a fork of it."""
+    """tests/support/crash_job.py --serve: torch is imported once, each rank is a fork of it."""
 
     def __init__(self) -> None:
         env = dict(os.environ, OMP_NUM_THREADS="1")

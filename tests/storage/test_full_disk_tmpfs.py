@@ -1,6 +1,6 @@
 """A real full disk: a small tmpfs mount, filled by the kernel's own accounting.
 
-tests/test_full_disk.py injects ENOSPC through a storage subclass; here nothing is
+tests/storage/test_full_disk.py injects ENOSPC through a storage subclass; here nothing is
 injected. A CheckpointManager saves onto an 8 MiB tmpfs whose free space (or free
 inodes) is first eaten by a filler file down to a chosen headroom, from nothing to a
 little more than one checkpoint needs, so the OS refuses at whatever point it runs out:

@@ -14,7 +14,7 @@
   read as "missing".
 
 Faults are injected with LocalStorage subclasses swapped in for ``open_storage`` in the
-modules that call it (as tests/test_full_disk.py does). ``SHARDCKPT_STRESS=1`` runs the
+modules that call it (as tests/storage/test_full_disk.py does). ``SHARDCKPT_STRESS=1`` runs the
 ownership races 500 times instead of 50.
 """
 
