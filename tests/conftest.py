@@ -1,10 +1,37 @@
+"""The test suite. One folder per kind of test; run one with ``bash tests/run.sh tests/unit``.
+
+    unit/         one process, no server: format, parsers, planner, engine, manager, CLI, conversion
+    storage/      storage backends and their failures: local, memory://, S3 (moto), full disks
+    distributed/  several gloo/CPU ranks: resharding, hangs, training state, Lightning, torchrun
+    slow/         long trial loops and soaks (marked ``slow``: ``-m "not slow"`` skips them)
+    support/      helpers, imported by module name from every folder: ``distributed``
+                  (run_ranks, run_command: every process a test starts, under a deadline),
+                  ``damage``, ``s3server``, and ``crash_job`` (run as a script)
+
+Test file names are unique across folders: pytest imports them by basename (no
+``__init__.py`` here) and puts their folder on sys.path, which a spawned rank inherits
+to import its worker function by module name.
+"""
+
 from __future__ import annotations
 
 import os
 import sys
 
-# Worker functions of distributed tests live in the test modules; spawned children
-# must be able to import them by module name.
+import pytest
+
+SLOW = os.path.join(os.path.dirname(os.path.abspath(__file__)), "slow") + os.sep
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        if str(item.path).startswith(SLOW):
+            item.add_marker(pytest.mark.slow)
+
+
+# The helpers, for every test module and every process a test spawns (a spawned child
+# gets the parent's sys.path); tests/ itself too, as before the move.
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "support"))
 sys.path.insert(0, os.path.dirname(__file__))
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 

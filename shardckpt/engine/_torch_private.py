@@ -1,7 +1,7 @@
 """The one boundary between shardckpt and torch's private (underscore) API (issue #14).
 
 Every private torch name shardckpt depends on is imported here and nowhere else
-(``tests/test_torch_private.py`` walks the package's source and fails otherwise), and
+(``tests/unit/test_torch_private.py`` walks the package's source and fails otherwise), and
 each is re-exported through a thin wrapper whose docstring says what we use it for, the
 torch it was checked against and what breaks if it changes. The same test module checks
 each one's behaviour on the installed torch, so an upgrade that changes one fails there,

@@ -4,7 +4,7 @@ The manifest is the whole truth about a checkpoint: which keys exist, their glob
 shapes and dtypes, where every chunk's bytes live and their checksums, the
 non-tensor values inline, and every data file's size and checksum. Its presence
 commits a checkpoint. ``docs/format.md`` specifies it; ``manifest.schema.json``
-is its JSON Schema; ``tests/test_format.py`` pins it.
+is its JSON Schema; ``tests/unit/test_format.py`` pins it.
 
 :func:`parse_manifest` treats its input as hostile: every name, size and range is
 checked before anything is allocated or opened.

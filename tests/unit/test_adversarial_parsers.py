@@ -2,9 +2,10 @@
 
 Hostile manifests here are *validly sealed*: their checksum is right, so only the parser's
 own bounds stand between them and the machine. Each test states the bound it checks: CPU
-time under a second for a ~3 MB input (time.process_time, so other processes on the machine
-do not count); tracemalloc peak under 10x the input when the JSON limits refuse it before
-parsing, and under 20x (plus 1 MiB) when it is parsed: that is the documented worst case of
+time (time.process_time, so other processes on the machine do not count) under
+CPU_BOUND_S for a ~3 MB input, which linear code parses in well under a second;
+tracemalloc peak under 10x the input when the JSON limits refuse it before parsing, and
+under 20x (plus 1 MiB) when it is parsed: that is the documented worst case of
 input within the limits (datafile.json_limits_problem), where unlimited JSON reaches 20-30x.
 ``SHARDCKPT_STRESS=1`` runs the fuzz tests with many more examples.
 """
@@ -52,6 +53,10 @@ MEMORY_FACTOR = 10  # tracemalloc peak allowed per input byte, for input refused
 PARSED_MEMORY_FACTOR = 20  # ... for input within the JSON limits, which json.loads then builds
 MEMORY_SLACK = 1 << 20  # ... plus this, for the parser's fixed costs
 REFUSED_BEFORE_PARSING = ("arrays and objects", "nests deeper than", "more than the limit of")
+# CPU seconds allowed for a ~3 MB input. Linear code takes 0.1-0.5 s here; the quadratic
+# code of the issue took 59 s. The bound sits between with room for a loaded 2-core
+# machine, where cache and frequency contention stretch even CPU time.
+CPU_BOUND_S = 5.0
 
 Box = tuple[tuple[int, ...], tuple[int, ...]]
 
@@ -146,7 +151,7 @@ def _read_manifest(raw: bytes) -> None:
     parse_manifest(raw, source="hostile")
 
 
-def _assert_bounded(raw: bytes, fn: Callable[[], object], *, seconds: float = 1.0) -> BaseException | None:
+def _assert_bounded(raw: bytes, fn: Callable[[], object], *, seconds: float = CPU_BOUND_S) -> BaseException | None:
     elapsed, error = _timed(fn)
     assert elapsed < seconds, f"{elapsed:.2f} s for {len(raw)} bytes"
     peak, _ = _peak_bytes(fn)
@@ -168,7 +173,7 @@ def unit_chunk_manifest() -> bytes:
 
 def test_one_element_chunks_of_a_14_dim_tensor_parse_in_under_a_second(unit_chunk_manifest):
     elapsed, error = _timed(lambda: _read_manifest(unit_chunk_manifest))
-    assert error is None and elapsed < 1.0
+    assert error is None and elapsed < CPU_BOUND_S
     assert len(parse_manifest(unit_chunk_manifest, source="unit chunks").tensors["t"].chunks) == 2**14
 
 
@@ -177,7 +182,7 @@ def test_one_element_chunks_with_one_doubled_are_refused_in_under_a_second():
     boxes[9_000] = boxes[4_000]  # same element count, one element twice and one never
     raw = manifest_to_json(_manifest({"t": _tensor((2,) * 14, boxes)}))
     elapsed, error = _timed(lambda: _read_manifest(raw))
-    assert elapsed < 1.0
+    assert elapsed < CPU_BOUND_S
     assert isinstance(error, ManifestError) and "overlap" in str(error)
     assert "tensors['t']" in str(error)
 
@@ -188,7 +193,7 @@ def test_irregular_tiling_is_decided_in_under_a_second():
     raw = manifest_to_json(_manifest({"t": _tensor((200, 20_000), boxes)}))
     assert len(raw) > 3_000_000
     elapsed, error = _timed(lambda: _read_manifest(raw))
-    assert elapsed < 1.0
+    assert elapsed < CPU_BOUND_S
     # shardckpt never writes such a layout; refusing it within the bound is the contract
     assert error is None or "work bound" in str(error)
 
@@ -199,7 +204,7 @@ def test_first_overlap_on_one_element_boxes_is_fast_and_exact():
     assert first_overlap(boxes) is None
     boxes[50_000] = boxes[123]
     assert first_overlap(boxes) == (123, 50_000)
-    assert time.process_time() - start < 2.0
+    assert time.process_time() - start < 2 * CPU_BOUND_S  # 2**16 boxes, two scans
 
 
 @st.composite
@@ -359,7 +364,7 @@ def test_limits_admit_large_manifests_that_shardckpt_writes():
     raw = manifest_to_json(m)
     start = time.process_time()
     check_manifest_limits(raw, source="big")
-    assert time.process_time() - start < 1.0
+    assert time.process_time() - start < CPU_BOUND_S
     if STRESS:
         assert len(parse_manifest(raw, source="big").tensors["t"].chunks) == 2**16
 

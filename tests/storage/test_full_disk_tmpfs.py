@@ -1,6 +1,6 @@
 """A real full disk: a small tmpfs mount, filled by the kernel's own accounting.
 
-tests/test_full_disk.py injects ENOSPC through a storage subclass; here nothing is
+tests/storage/test_full_disk.py injects ENOSPC through a storage subclass; here nothing is
 injected. A CheckpointManager saves onto an 8 MiB tmpfs whose free space (or free
 inodes) is first eaten by a filler file down to a chosen headroom, from nothing to a
 little more than one checkpoint needs, so the OS refuses at whatever point it runs out:
@@ -45,7 +45,9 @@ def small_disk(tmp_path):
     def mount(options: str) -> str:
         where = tmp_path / f"disk{len(mounted)}"
         where.mkdir()
-        p = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(where)], capture_output=True, text=True)
+        p = subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(where)], capture_output=True, text=True, timeout=60
+        )
         if p.returncode != 0:
             pytest.skip(
                 f"cannot mount a tmpfs here (needs root and mount permission): {p.stderr.strip() or p.returncode}"
@@ -55,7 +57,7 @@ def small_disk(tmp_path):
 
     yield mount
     for where in mounted:
-        subprocess.run(["umount", "-l", where], check=False)
+        subprocess.run(["umount", "-l", where], check=False, timeout=60)
 
 
 def free_bytes(path: str) -> int:

@@ -145,7 +145,7 @@ def test_second_writer_is_refused_until_first_closes(tmp_path):
 
 def test_owner_record_of_a_dead_process_is_taken_over(tmp_path):
     script = f"import shardckpt; m = shardckpt.CheckpointManager({str(tmp_path)!r}); import os; os._exit(0)"
-    subprocess.run([sys.executable, "-c", script], check=True)
+    subprocess.run([sys.executable, "-c", script], check=True, timeout=120)
     assert os.path.exists(os.path.join(tmp_path, ".shardckpt-owner.json"))
     shardckpt.CheckpointManager(str(tmp_path)).close()
 
@@ -181,7 +181,7 @@ def test_preemption_saves_then_exits(tmp_path):
         print("not reached")
         """
     )
-    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 17, proc.stderr
     assert "not reached" not in proc.stdout
     with shardckpt.CheckpointManager(str(tmp_path)) as mgr:

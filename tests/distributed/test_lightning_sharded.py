@@ -19,8 +19,7 @@ import torch
 
 L = pytest.importorskip("lightning", reason="Lightning is not installed: pip install 'shardckpt[lightning]'")
 
-import torch.multiprocessing as mp  # noqa: E402
-from distributed import _entry, free_port  # noqa: E402
+from distributed import run_ranks  # noqa: E402
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint  # noqa: E402
 from safetensors.torch import load_file, save_file  # noqa: E402
 from test_lightning import BatchCounter  # noqa: E402  (the same callback: state under checkpoint["callbacks"])
@@ -75,14 +74,11 @@ class ShardedNet(L.LightningModule):
 
 
 def run_forked(fn, world_size: int, *args) -> None:
-    """tests/distributed.py's run_ranks, but each rank is forked from a fork server that
+    """run_ranks (tests/support/distributed.py), but each rank is forked from a fork server that
     imported Lightning and this module once: a spawned rank spends ~10 s of CPU importing
     Lightning again. The server is a fresh process (no threads, no torch op run), which a
     plain fork of the test process, after other tests ran in it, would not be."""
-    mp.set_forkserver_preload(["lightning.pytorch", "distributed", __name__])
-    mp.start_processes(
-        _entry, args=(fn, world_size, free_port(), args), nprocs=world_size, join=True, start_method="forkserver"
-    )
+    run_ranks(fn, world_size, *args, start_method="forkserver", preload=["lightning.pytorch", "distributed", __name__])
 
 
 def full_state(trainer: L.Trainer) -> tuple[dict[str, torch.Tensor], list]:

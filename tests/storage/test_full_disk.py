@@ -4,7 +4,7 @@ The disk is a LocalStorage subclass with a byte budget shared by every storage i
 opens: a data-file write that would pass the budget writes what fits (as a real full
 disk does) and then raises ``OSError(ENOSPC)`` naming the file; the manifest's atomic
 write raises the same when it does not fit. ``open_storage`` is replaced in the modules
-that call it, the way tests/test_crash.py does in its child process.
+that call it, the way tests/slow/test_crash.py does in its child process.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
-"""One rank of the multi-process job that tests/test_crash_ranks.py kills.
+"""One rank of the multi-process job that tests/slow/test_crash_ranks.py kills.
 
-``python tests/crash_job.py ROOT RANK WORLD PORT MODE KILL SCOPE TIMEOUT_S STEPS``, or
-``python tests/crash_job.py --serve``: a fork server that has imported torch once and
+``python tests/support/crash_job.py ROOT RANK WORLD PORT MODE KILL SCOPE TIMEOUT_S STEPS``, or
+``python tests/support/crash_job.py --serve``: a fork server that has imported torch once and
 starts the ranks of a job by fork (a trial then costs no interpreter start-up); see
 :func:`serve`.
 

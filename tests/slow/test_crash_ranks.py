@@ -1,6 +1,6 @@
 """SIGKILL of one rank, or of every rank, of a multi-process save -> no hang, nothing lost.
 
-A 2-rank gloo job (tests/crash_job.py, one process per rank, started as torchrun
+A 2-rank gloo job (tests/support/crash_job.py, one process per rank, started as torchrun
 would) drives a CheckpointManager with sync or async saves and keep_last=2
 retention. In each trial a random rank (or the whole job at one instant) is killed
 with SIGKILL, either at a random one of its storage events (data file open, write,
@@ -25,7 +25,6 @@ import os
 import queue
 import random
 import shutil
-import signal
 import subprocess
 import sys
 import threading
@@ -35,18 +34,20 @@ from dataclasses import dataclass, field
 import pytest
 import torch
 from crash_job import expected
-from distributed import free_port
+from distributed import free_port, kill_group
 
 import shardckpt
 from shardckpt.convert.audit import verify_checkpoint
 
-JOB = os.path.join(os.path.dirname(os.path.abspath(__file__)), "crash_job.py")
+JOB = os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir, "support", "crash_job.py")
 WORLD = 2
 STEPS = 4
 TIMEOUT_S = 4.0
-# After a rank dies, survivors must have exited within this (timeout_s, plus the time
-# a loaded 2-core machine needs to finish a step and tear down).
-EXIT_BOUND_S = TIMEOUT_S + 20.0
+# After a rank dies, survivors must have exited within this: a hang guard, not a speed
+# claim. They raise after timeout_s (seconds), but a loaded 2-core machine may need most
+# of a minute to finish a step and tear down; a hung rank never exits. The job's loop
+# ends as soon as every rank exited, so the bound costs nothing when ranks exit.
+EXIT_BOUND_S = TIMEOUT_S + 90.0
 STRESS = os.environ.get("SHARDCKPT_STRESS") == "1"
 
 
@@ -79,7 +80,7 @@ class JobResult:
 
 
 class ForkServer:
-    """tests/crash_job.py --serve: torch is imported once, each rank is a fork of it."""
+    """tests/support/crash_job.py --serve: torch is imported once, each rank is a fork of it."""
 
     def __init__(self) -> None:
         env = dict(os.environ, OMP_NUM_THREADS="1")
@@ -111,7 +112,12 @@ class ForkServer:
     def stop(self) -> None:
         assert self.proc.stdin is not None
         self.proc.stdin.close()
-        self.proc.wait(30)
+        try:
+            self.proc.wait(60)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+            raise
 
 
 @pytest.fixture(scope="module")
@@ -138,7 +144,7 @@ def run_job(
         jobs.append((os.path.join(workdir, f"rank{r}.out"), argv))
     ranks = [Rank(r, pid, out) for r, (pid, (out, _)) in enumerate(zip(server.start(jobs), jobs, strict=True))]
     by_pid = {r.pid: r for r in ranks}
-    deadline = time.monotonic() + 240
+    deadline = time.monotonic() + 600  # a hang guard only: the loop ends when every rank exited
     first_kill: float | None = None
     ended = False
     while any(r.rc is None for r in ranks) and time.monotonic() < deadline:
@@ -154,9 +160,8 @@ def run_job(
             if rank.rc == -9 and first_kill is None:
                 first_kill = rank.exited_at
     hung = [r.rank for r in ranks if r.rc is None]
-    for r in ranks:
-        if r.rc is None:
-            os.kill(r.pid, signal.SIGKILL)
+    if hung:  # the job's process group (rank 0's pid, see crash_job.serve): every rank and what it started
+        kill_group(ranks[0].pid)
     while not ended:  # collect the server's answers for the ranks killed just now
         line = server.next_line(60)
         assert line is not None, "fork server went silent"

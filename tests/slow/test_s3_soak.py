@@ -1,7 +1,7 @@
 """S3 soak: many manager saves and restores through a proxy that injects transient faults.
 
 A CheckpointManager (keep_last=2) saves step after step to a bucket on the local S3
-server (moto over HTTP) through tests/s3server.py's FaultProxy, which answers a
+server (moto over HTTP) through tests/support/s3server.py's FaultProxy, which answers a
 random share of requests with 503 SlowDown or 500 InternalError, or drops the
 connection without an answer (before or after the server did the work). After every
 save a fresh manager restores the newest step and must get it back bitwise; every

@@ -2,7 +2,7 @@
 
 The same tests run against LocalStorage on a temporary folder, FsspecStorage on
 ``memory://``, and FsspecStorage on ``s3://`` against a real S3 protocol server
-(moto in server mode on 127.0.0.1, reached over HTTP by s3fs; see tests/s3server.py).
+(moto in server mode on 127.0.0.1, reached over HTTP by s3fs; see tests/support/s3server.py).
 S3 parts are 5 MiB here (S3's minimum) so a few MiB exercise multipart uploads.
 """
 

@@ -14,7 +14,7 @@
   read as "missing".
 
 Faults are injected with LocalStorage subclasses swapped in for ``open_storage`` in the
-modules that call it (as tests/test_full_disk.py does). ``SHARDCKPT_STRESS=1`` runs the
+modules that call it (as tests/storage/test_full_disk.py does). ``SHARDCKPT_STRESS=1`` runs the
 ownership races 500 times instead of 50.
 """
 
@@ -33,6 +33,7 @@ from typing import Any
 
 import pytest
 import torch
+from distributed import reap
 
 import shardckpt
 import shardckpt.engine.loading
@@ -119,14 +120,16 @@ def test_live_owner_stays_fresh_between_saves_and_keeps_its_steps(tmp_path):
     """A job that saves less often than stale_owner_after_s is still alive: a second
     manager is refused, and the first job's committed and in-flight steps survive."""
     root = tmp_path / "run"
-    first = shardckpt.CheckpointManager(str(root), stale_owner_after_s=0.6)
+    # stale after 2 s, a heartbeat every 0.5 s: a loaded machine may delay the thread by a
+    # second, not by the four beats it takes to look dead
+    first = shardckpt.CheckpointManager(str(root), stale_owner_after_s=2.0)
     try:
         first.save(1, state(1))
         in_flight = interrupted_step(root, 2)  # the first job's save in progress
         before = tree(root / layout.step_dir_name(1)), tree(in_flight)
-        time.sleep(1.5)  # no save for 2.5x stale_owner_after_s: only the heartbeat speaks
+        time.sleep(5.0)  # no save for 2.5x stale_owner_after_s: only the heartbeat speaks
         with pytest.raises(RootInUseError, match="in use by another CheckpointManager"):
-            shardckpt.CheckpointManager(str(root), stale_owner_after_s=0.6)
+            shardckpt.CheckpointManager(str(root), stale_owner_after_s=2.0)
         assert (tree(root / layout.step_dir_name(1)), tree(in_flight)) == before
         assert first.save(3, state(3))  # still the owner
     finally:
@@ -166,11 +169,12 @@ def _race(root: Path, make: Callable[[], Any], workers: str) -> list[str]:
     procs = [ctx.Process(target=_claim_in_process, args=(make, start, done, queue)) for _ in range(2)]
     for p in procs:
         p.start()
-    start.set()
-    got = [queue.get(timeout=60) for _ in procs]
-    done.set()
-    for p in procs:
-        p.join(timeout=60)
+    try:
+        start.set()
+        got = [queue.get(timeout=60) for _ in procs]
+    finally:
+        done.set()
+        reap(procs, 60)  # a racer still alive then is killed, and the test fails
     return got
 
 
@@ -339,7 +343,11 @@ def test_heartbeat_thread_belongs_to_the_manager(tmp_path):
     reader = shardckpt.CheckpointManager(str(tmp_path), read_only=True)
     assert [t for t in threading.enumerate() if t.ident not in before] == started  # readers have none
     stamp = json.loads((tmp_path / OWNER).read_bytes())["heartbeat_at"]
-    time.sleep(0.3)
+    # The next beat comes every 0.05 s; wait for it rather than a fixed 0.3 s, which a
+    # loaded machine may not give the thread. The deadline only ends a heartbeat that stopped.
+    deadline = time.monotonic() + 60
+    while json.loads((tmp_path / OWNER).read_bytes())["heartbeat_at"] == stamp and time.monotonic() < deadline:
+        time.sleep(0.02)
     assert json.loads((tmp_path / OWNER).read_bytes())["heartbeat_at"] > stamp
     mgr.close()
     reader.close()

@@ -4,7 +4,7 @@ The golden test saves a fixed state_dict in one process, replaces what legitimat
 varies between saves (created_at, the shardckpt and torch versions, the host name, the
 random save_id inside file names and data-file headers, and so the whole-file hashes,
 which are recomputed over the normalised bytes), and compares the result with
-``tests/golden/``: ``manifest_v1.json`` byte for byte, and ``data_v1.json`` holding the
+``tests/unit/golden/``: ``manifest_v1.json`` byte for byte, and ``data_v1.json`` holding the
 exact header and the sha256 of the data section of every data file.
 
 If the golden test fails, **the format changed**. Before regenerating, decide whether the
@@ -12,7 +12,7 @@ change is compatible (docs/format.md, section 9): if it is not, bump
 ``shardckpt.format.manifest.FORMAT_VERSION``; either way update docs/format.md and
 shardckpt/format/manifest.schema.json in the same change. Then regenerate and review the diff::
 
-    SHARDCKPT_REGEN_GOLDEN=1 python -m pytest -q tests/test_format.py
+    SHARDCKPT_REGEN_GOLDEN=1 python -m pytest -q tests/unit/test_format.py
 
 The other tests check that every manifest validates against manifest.schema.json, that
 broken manifests do not, that plain ``safetensors.safe_open`` reads every data file under
@@ -254,12 +254,12 @@ def test_golden_manifest_and_data_files(golden_ckpt: str) -> None:
     assert GOLDEN_MANIFEST.exists(), "no golden files: run with SHARDCKPT_REGEN_GOLDEN=1 once"
     golden = GOLDEN_MANIFEST.read_bytes().decode("utf-8")
     assert text == golden, (
-        "manifest.json differs from tests/golden/manifest_v1.json: the format changed "
+        "manifest.json differs from tests/unit/golden/manifest_v1.json: the format changed "
         "(see this module's docstring before regenerating):\n" + _diff(golden, text)
     )
     golden_data = GOLDEN_DATA.read_bytes().decode("utf-8")
     assert data_text == golden_data, (
-        "data file bytes differ from tests/golden/data_v1.json: the format changed "
+        "data file bytes differ from tests/unit/golden/data_v1.json: the format changed "
         "(see this module's docstring before regenerating):\n" + _diff(golden_data, data_text)
     )
 
@@ -392,7 +392,7 @@ def test_newer_format_version_is_refused_with_an_upgrade_hint() -> None:
 
 def test_the_example_in_the_docs_is_a_valid_manifest(schema_validator: jsonschema.Draft202012Validator) -> None:
     """docs/format.md, section 10: the complete example must stay true to the schema and the parser."""
-    text = (Path(__file__).parent.parent / "docs" / "format.md").read_text("utf-8")
+    text = (Path(__file__).parents[2] / "docs" / "format.md").read_text("utf-8")
     example = text.split("## 10.", 1)[1].split("```json\n", 1)[1].split("```", 1)[0]
     assert schema_validator.is_valid(json.loads(example))
     m = parse_manifest(example.encode(), source="docs/format.md")

@@ -1,6 +1,6 @@
 """Damaged multi-rank checkpoints: every damage is refused naming the file, or is harmless.
 
-tests/test_corruption.py damages a single-process checkpoint. Here the template is
+tests/slow/test_corruption.py damages a single-process checkpoint. Here the template is
 saved by 2 gloo ranks (a row-sharded DTensor, a sharded bf16 DTensor, a replicated
 plain tensor written by one of them, inline values; ``hash_block_bytes=4096``, two
 files per rank). Each trial copies it, damages one data file of either rank (bit
