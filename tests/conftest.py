@@ -38,4 +38,4 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 # The shared moto server fixture, for every test module that asks for ``s3``. Imported into
 # each test module instead, it reads as an unused import that the tests' ``s3`` parameters
 # redefine (pyflakes F401, F811).
-from s3server import s3  # noqa: F401
+from s3server import s3  # noqa: E402, F401 - needs support/ on sys.path first (above)
