@@ -141,8 +141,8 @@ def _configure_ls(p: argparse.ArgumentParser) -> None:
 
 
 def _run_ls(args: argparse.Namespace) -> int:
-    from shardckpt.manager.checkpoint_manager import list_root
     from shardckpt.manager.retention import RetentionPolicy
+    from shardckpt.manager.steps import list_root
 
     infos = list_root(args.root)
     committed = [i.step for i in infos if i.committed]

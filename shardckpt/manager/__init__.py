@@ -4,8 +4,9 @@ jobs off one root."""
 
 from __future__ import annotations
 
-from shardckpt.manager.checkpoint_manager import CheckpointManager, StepInfo, list_root
+from shardckpt.manager.checkpoint_manager import CheckpointManager
 from shardckpt.manager.retention import RetentionPolicy
 from shardckpt.manager.schedule import SaveSchedule
+from shardckpt.manager.steps import StepInfo, list_root
 
 __all__ = ["CheckpointManager", "RetentionPolicy", "SaveSchedule", "StepInfo", "list_root"]

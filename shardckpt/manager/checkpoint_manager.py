@@ -19,14 +19,12 @@ commit stands, and the next commit or start tries again.
 from __future__ import annotations
 
 import logging
-import math
 import signal
 import sys
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
 from types import FrameType
-from typing import Any, TypeVar
+from typing import Any
 
 from shardckpt.engine.checkpointer import Checkpointer
 from shardckpt.engine.collective import RankGroup
@@ -39,31 +37,16 @@ from shardckpt.errors import (
     ManifestError,
     RootInUseError,
     ShardckptError,
-    UnsupportedValueError,
 )
 from shardckpt.format import layout
 from shardckpt.format.manifest import Manifest
 from shardckpt.manager import ownership
 from shardckpt.manager.retention import RetentionPolicy
-from shardckpt.manager.schedule import SaveSchedule
-from shardckpt.storage import Storage, folder, open_storage
+from shardckpt.manager.schedule import SaveSchedule, policy_or_shortcuts
+from shardckpt.manager.steps import check_metrics, metrics_of
+from shardckpt.storage import Storage, folder
 
 log = logging.getLogger("shardckpt")
-_Policy = TypeVar("_Policy", RetentionPolicy, SaveSchedule)
-
-
-@dataclass(frozen=True)
-class StepInfo:
-    """What ``shardckpt ls`` shows for one step folder."""
-
-    step: int
-    committed: bool
-    size_bytes: int
-    metrics: dict[str, Any] = field(default_factory=dict)
-    created_at: str | None = None
-    world_size: int | None = None
-    foreign: bool = False
-    """Uncommitted and not written by shardckpt (no save marker): never restored or deleted."""
 
 
 class CheckpointManager:
@@ -587,102 +570,3 @@ class CheckpointManager:
 
     def _step_storage(self, step: int) -> Storage:
         return self._storage.child(layout.step_dir_name(step))
-
-
-def policy_or_shortcuts(name: str, policy: _Policy | None, kind: type[_Policy], **shortcuts: Any) -> _Policy:
-    """``policy``, or a ``kind`` built from the shortcuts given (not None); both is an error."""
-    given = {field: value for field, value in shortcuts.items() if value is not None}
-    if policy is None:
-        return kind(**given)
-    if not isinstance(policy, kind):
-        raise TypeError(f"{name} must be a shardckpt.{kind.__name__} or None, got {type(policy).__name__}")
-    if given:
-        passed = ", ".join(f"{field}={value!r}" for field, value in given.items())
-        raise ValueError(
-            f"CheckpointManager got both {name}={kind.__name__}(...) and {passed}; set {', '.join(given)} "
-            f"in the {kind.__name__} instead, or drop {name}= and keep the shortcuts"
-        )
-    return policy
-
-
-def metrics_of(manifest: Manifest) -> dict[str, Any]:
-    """The manager's metrics in a manifest's metadata, or {} when they are absent or not
-    a dict (a manifest from another version or tool, or a hand edit): never a crash."""
-    found = manifest.metadata.get("metrics")
-    return dict(found) if isinstance(found, dict) else {}
-
-
-def check_metrics(metrics: Mapping[str, Any] | None) -> dict[str, Any]:
-    """``metrics`` as a plain dict, or UnsupportedValueError naming the offending entry.
-
-    Metrics are stored as JSON in the manifest: a dict with str keys whose values are
-    str, bool, None, finite int/float, or lists and dicts of those."""
-    if metrics is None:
-        return {}
-    if not isinstance(metrics, Mapping):
-        raise UnsupportedValueError(
-            f"metrics must be a dict of str -> JSON values, e.g. {{'val_loss': 0.42}}; got "
-            f"{type(metrics).__name__} {_short(metrics)}"
-        )
-    for key in metrics:
-        if not isinstance(key, str):
-            raise UnsupportedValueError(
-                f"metrics keys must be str (JSON object keys); got {type(key).__name__} {key!r}"
-            )
-    plain = dict(metrics)
-    _check_json(plain, "metrics")
-    return plain
-
-
-def _check_json(value: Any, where: str) -> None:
-    if value is None or isinstance(value, (str, bool)):
-        return
-    if isinstance(value, (int, float)):
-        if isinstance(value, float) and not math.isfinite(value):
-            raise UnsupportedValueError(
-                f"{where} is {value}; JSON has no NaN or infinity. Leave the metric out for this step, "
-                "or store it as a string"
-            )
-        return
-    if isinstance(value, dict):
-        for k, v in value.items():
-            if not isinstance(k, str):
-                raise UnsupportedValueError(
-                    f"{where}: keys must be str (JSON object keys); got {type(k).__name__} {k!r}"
-                )
-            _check_json(v, f"{where}[{k!r}]")
-        return
-    if isinstance(value, (list, tuple)):
-        for i, v in enumerate(value):
-            _check_json(v, f"{where}[{i}]")
-        return
-    hint = "; pass a number: value.item()" if type(value).__module__.split(".")[0] in ("torch", "numpy") else ""
-    kind = f"{type(value).__module__}.{type(value).__qualname__}".removeprefix("builtins.")
-    raise UnsupportedValueError(
-        f"{where} is a {kind}, not a JSON value (str, int, float, bool, None, list, dict){hint}"
-    )
-
-
-def _short(value: Any) -> str:
-    text = repr(value)
-    return text if len(text) <= 60 else text[:57] + "..."
-
-
-def list_root(root: str, storage_options: dict[str, Any] | None = None) -> list[StepInfo]:
-    """Every step folder under ``root``, committed or not, ascending (for ``shardckpt ls``)."""
-    storage = open_storage(root, storage_options)
-    infos = []
-    for name in storage.list_dirs(""):
-        step = layout.parse_step_dir(name)
-        if step is None:
-            continue
-        sub = storage.child(name)
-        if folder.is_committed(sub):
-            m = read_manifest(sub)
-            size = sum(f.size for f in m.files.values())
-            infos.append(StepInfo(step, True, size, metrics_of(m), m.created_at, m.world_size))
-        else:
-            found = folder.contents(sub)
-            size = sum(sub.size(n) for n in sub.list_files(""))
-            infos.append(StepInfo(step, False, size, foreign=not found.is_ours and not found.is_empty))
-    return sorted(infos, key=lambda i: i.step)

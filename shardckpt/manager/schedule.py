@@ -12,6 +12,9 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any, TypeVar
+
+from shardckpt.manager.retention import RetentionPolicy
 
 
 @dataclass(frozen=True)
@@ -54,3 +57,22 @@ class SaveSchedule:
     def due_after(self, elapsed_s: float) -> bool:
         """Whether the time rule makes a save due ``elapsed_s`` after the last one."""
         return self.save_interval_s is not None and elapsed_s >= self.save_interval_s
+
+
+_Policy = TypeVar("_Policy", RetentionPolicy, SaveSchedule)
+
+
+def policy_or_shortcuts(name: str, policy: _Policy | None, kind: type[_Policy], **shortcuts: Any) -> _Policy:
+    """``policy``, or a ``kind`` built from the shortcuts given (not None); both is an error."""
+    given = {field: value for field, value in shortcuts.items() if value is not None}
+    if policy is None:
+        return kind(**given)
+    if not isinstance(policy, kind):
+        raise TypeError(f"{name} must be a shardckpt.{kind.__name__} or None, got {type(policy).__name__}")
+    if given:
+        passed = ", ".join(f"{field}={value!r}" for field, value in given.items())
+        raise ValueError(
+            f"CheckpointManager got both {name}={kind.__name__}(...) and {passed}; set {', '.join(given)} "
+            f"in the {kind.__name__} instead, or drop {name}= and keep the shortcuts"
+        )
+    return policy

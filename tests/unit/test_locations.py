@@ -10,7 +10,7 @@ import torch
 
 import shardckpt
 from shardckpt.format import layout
-from shardckpt.manager.checkpoint_manager import list_root
+from shardckpt.manager.steps import list_root
 from shardckpt.storage import LocalStorage, folder, local_path, open_storage
 
 URLS = {

@@ -1,0 +1,119 @@
+"""What a manager root holds, step by step, and the metrics a step carries.
+
+:func:`list_root` is what ``shardckpt ls`` shows (committed steps, interrupted saves,
+folders that are not shardckpt's); :func:`check_metrics` and :func:`metrics_of` are the
+two directions of the JSON metrics a :class:`~shardckpt.manager.CheckpointManager`
+stores in each step's manifest. Nothing here is collective or writes anything.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from shardckpt.engine.loading import read_manifest
+from shardckpt.errors import UnsupportedValueError
+from shardckpt.format import layout
+from shardckpt.format.manifest import Manifest
+from shardckpt.storage import folder, open_storage
+
+__all__ = ["StepInfo", "check_metrics", "list_root", "metrics_of"]
+
+
+@dataclass(frozen=True)
+class StepInfo:
+    """What ``shardckpt ls`` shows for one step folder."""
+
+    step: int
+    committed: bool
+    size_bytes: int
+    metrics: dict[str, Any] = field(default_factory=dict)
+    created_at: str | None = None
+    world_size: int | None = None
+    foreign: bool = False
+    """Uncommitted and not written by shardckpt (no save marker): never restored or deleted."""
+
+
+def metrics_of(manifest: Manifest) -> dict[str, Any]:
+    """The manager's metrics in a manifest's metadata, or {} when they are absent or not
+    a dict (a manifest from another version or tool, or a hand edit): never a crash."""
+    found = manifest.metadata.get("metrics")
+    return dict(found) if isinstance(found, dict) else {}
+
+
+def check_metrics(metrics: Mapping[str, Any] | None) -> dict[str, Any]:
+    """``metrics`` as a plain dict, or UnsupportedValueError naming the offending entry.
+
+    Metrics are stored as JSON in the manifest: a dict with str keys whose values are
+    str, bool, None, finite int/float, or lists and dicts of those."""
+    if metrics is None:
+        return {}
+    if not isinstance(metrics, Mapping):
+        raise UnsupportedValueError(
+            f"metrics must be a dict of str -> JSON values, e.g. {{'val_loss': 0.42}}; got "
+            f"{type(metrics).__name__} {_short(metrics)}"
+        )
+    for key in metrics:
+        if not isinstance(key, str):
+            raise UnsupportedValueError(
+                f"metrics keys must be str (JSON object keys); got {type(key).__name__} {key!r}"
+            )
+    plain = dict(metrics)
+    _check_json(plain, "metrics")
+    return plain
+
+
+def _check_json(value: Any, where: str) -> None:
+    if value is None or isinstance(value, (str, bool)):
+        return
+    if isinstance(value, (int, float)):
+        if isinstance(value, float) and not math.isfinite(value):
+            raise UnsupportedValueError(
+                f"{where} is {value}; JSON has no NaN or infinity. Leave the metric out for this step, "
+                "or store it as a string"
+            )
+        return
+    if isinstance(value, dict):
+        for k, v in value.items():
+            if not isinstance(k, str):
+                raise UnsupportedValueError(
+                    f"{where}: keys must be str (JSON object keys); got {type(k).__name__} {k!r}"
+                )
+            _check_json(v, f"{where}[{k!r}]")
+        return
+    if isinstance(value, (list, tuple)):
+        for i, v in enumerate(value):
+            _check_json(v, f"{where}[{i}]")
+        return
+    hint = "; pass a number: value.item()" if type(value).__module__.split(".")[0] in ("torch", "numpy") else ""
+    kind = f"{type(value).__module__}.{type(value).__qualname__}".removeprefix("builtins.")
+    raise UnsupportedValueError(
+        f"{where} is a {kind}, not a JSON value (str, int, float, bool, None, list, dict){hint}"
+    )
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def list_root(root: str, storage_options: dict[str, Any] | None = None) -> list[StepInfo]:
+    """Every step folder under ``root``, committed or not, ascending (for ``shardckpt ls``)."""
+    storage = open_storage(root, storage_options)
+    infos = []
+    for name in storage.list_dirs(""):
+        step = layout.parse_step_dir(name)
+        if step is None:
+            continue
+        sub = storage.child(name)
+        if folder.is_committed(sub):
+            m = read_manifest(sub)
+            size = sum(f.size for f in m.files.values())
+            infos.append(StepInfo(step, True, size, metrics_of(m), m.created_at, m.world_size))
+        else:
+            found = folder.contents(sub)
+            size = sum(sub.size(n) for n in sub.list_files(""))
+            infos.append(StepInfo(step, False, size, foreign=not found.is_ours and not found.is_empty))
+    return sorted(infos, key=lambda i: i.step)
