@@ -12,13 +12,19 @@ DCP's ``DefaultSavePlanner`` (:data:`SAVE_PLANNER_HOOKS`). Overriding cannot fai
 import time, so the planner checks at run time that DCP called them
 (:func:`hook_skipped_error`).
 
-Checked against torch 2.13 (``TESTED_TORCH``); pyproject allows ``torch>=2.7,<2.15``.
+Also here: :func:`is_checkpointable_tensor`, a public DCP name that only some torch
+releases have (2.14 added it) and whose presence changes how DCP plans a plain tensor.
+
+Checked against torch 2.13 and 2.14 (``TESTED_TORCH``; ``.ci/torch_compat`` runs the
+private-surface tests on 2.14); pyproject allows ``torch>=2.13,<2.15``.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+import torch
+import torch.distributed.checkpoint as _dcp_public
 from torch.distributed.checkpoint._nested_dict import (
     flatten_state_dict as _dcp_flatten_state_dict,
 )
@@ -35,12 +41,13 @@ __all__ = [
     "create_write_items",
     "flatten_state_dict",
     "hook_skipped_error",
+    "is_checkpointable_tensor",
 ]
 
-TESTED_TORCH = "2.13"
+TESTED_TORCH = "2.13 and 2.14"
 
 # DefaultSavePlanner's private methods that SavePlanner overrides, with what they carry.
-# DCP 2.13: create_global_plan() -> self._create_global_plan() -> self._dedup_save_plans();
+# DCP 2.13 and 2.14: create_global_plan() -> self._create_global_plan() -> self._dedup_save_plans();
 # our _create_global_plan calls _dedup_save_plans itself, so only the first is DCP's call.
 SAVE_PLANNER_HOOKS: dict[str, str] = {
     "_create_global_plan": "the cross-rank checks (values and tensors agree across ranks, manifest size, "
@@ -53,7 +60,7 @@ def flatten_state_dict(state_dict: dict[str, Any]) -> tuple[dict[str, Any], dict
     """DCP's flattening: ``({"a.b.0": leaf}, {"a.b.0": ("a", "b", 0)})``.
 
     Private: ``torch.distributed.checkpoint._nested_dict.flatten_state_dict`` (checked on
-    torch 2.13). We use it so the keys we stage, check and record in the manifest are
+    torch 2.13 and 2.14). We use it so the keys we stage, check and record in the manifest are
     exactly the keys DCP's planners (which call the same function) plan with. We rely on:
     dict keys joined with ``.``, list indices as ints in the path, a ``ValueError``
     whose text contains ``"duplicated flatten key"`` on a collision, and recursion (so
@@ -68,13 +75,36 @@ def create_write_items(fqn: str, obj: Any) -> list[WriteItem]:
     chunk, offsets and the global shape).
 
     Private: ``torch.distributed.checkpoint.planner_helpers._create_write_items``
-    (checked on torch 2.13). Async staging computes a DTensor's items with it before the
+    (checked on torch 2.13 and 2.14). Async staging computes a DTensor's items with it before the
     DTensor is replaced by a host copy, so the planner later plans the copy exactly as
     it would have planned the DTensor. We read ``index`` (fqn, offset), ``type`` and
     ``tensor_data`` (``chunk.offsets``/``chunk.sizes``, ``properties.dtype``, ``size``).
     If it changes, staged async saves of DTensors plan wrong or fail.
     """
     return _dcp_create_write_items(fqn, obj)
+
+
+# DCP's CheckpointableTensor protocol (public, torch >= 2.14); None on a torch without it.
+_CHECKPOINTABLE_TENSOR: type | None = getattr(_dcp_public, "CheckpointableTensor", None)
+
+
+def is_checkpointable_tensor(obj: Any) -> bool:
+    """Whether the installed DCP plans ``obj`` as shards of a larger global tensor through
+    its CheckpointableTensor protocol: a plain tensor that carries ``global_shape``,
+    ``global_offsets``, ``local_offsets`` and ``local_sizes``.
+
+    Public but version-dependent: ``torch.distributed.checkpoint.CheckpointableTensor``
+    (torch 2.14; a ``runtime_checkable`` Protocol, tested as DCP's own private
+    ``_is_checkpointable_tensor`` tests it). Always False on torch 2.13, whose DCP plans
+    such a tensor as a plain one. shardckpt does not support the protocol (async staging
+    copies plain tensors without those attributes, so DCP would plan the copy as one
+    replicated tensor and keep a single rank's shard): save and load refuse such tensors
+    (``state.tensor_problem``). If DCP's test changes, they are saved wrong or refused
+    wrongly; ``tests/test_torch_private.py`` checks it agrees with DCP's planning.
+    """
+    return (
+        _CHECKPOINTABLE_TENSOR is not None and isinstance(obj, torch.Tensor) and isinstance(obj, _CHECKPOINTABLE_TENSOR)
+    )
 
 
 def hook_skipped_error(hook: str, torch_version: str) -> ShardckptError:

@@ -19,7 +19,7 @@ import torch
 from torch.distributed.checkpoint.stateful import Stateful
 from torch.distributed.tensor import DTensor
 
-from shardckpt.engine._torch_private import flatten_state_dict
+from shardckpt.engine._torch_private import flatten_state_dict, is_checkpointable_tensor
 from shardckpt.errors import ManifestError, UnsupportedValueError
 from shardckpt.format import datafile
 from shardckpt.format.values import check_str
@@ -134,7 +134,7 @@ def flattening_errors() -> Iterator[None]:
 
     DCP's flattening is recursive (so a deep state_dict exhausts the recursion limit, and
     the key is unknown then) and reports a collision as a ValueError whose text contains
-    ``"duplicated flatten key"``; ``tests/test_torch_private.py`` pins both."""
+    ``"duplicated flatten key"``; ``tests/unit/test_torch_private.py`` pins both."""
     try:
         yield
     except RecursionError as e:
@@ -211,6 +211,17 @@ def tensor_problem(tensor: torch.Tensor, *, loading: bool) -> str | None:
         shards = tensor.local_shards()  # type: ignore[attr-defined]
         problems = (tensor_problem(shard.tensor, loading=loading) for shard in shards)
         return next((p for p in problems if p is not None), None)
+    if is_checkpointable_tensor(tensor):
+        return (
+            "a tensor carrying DCP's CheckpointableTensor attributes (global_shape, global_offsets, "
+            "local_offsets, local_sizes; torch 2.14), which shardckpt does not support. "
+            + (
+                "Load into a DTensor (DTensor.from_local) or a full tensor instead."
+                if loading
+                else "Save the shard as a DTensor (DTensor.from_local) instead, or delete those attributes "
+                "to save it as a plain tensor."
+            )
+        )
     local = tensor.to_local() if isinstance(tensor, DTensor) else tensor
     if local.is_nested:
         return "a nested (jagged) tensor, which a checkpoint cannot hold (it stores strided tensors). " + (

@@ -62,6 +62,7 @@ def _load_sharded(rank: int, world: int, path: str, placement: str) -> None:
     check_loaded(target)
 
 
+@pytest.mark.compat
 def test_save_on_4_load_on_4_3_2_1(tmp_path):
     path = str(tmp_path / "ckpt")
     run_ranks(_save_sharded, 4, path)

@@ -415,6 +415,7 @@ def test_resume_on_the_same_world_size_restores_rng_exactly_and_2_to_4_reshards(
     run_ranks(_restore_and_check, 4, root, [("fsdp4", "fsdp"), ("hsdp4", "hsdp"), ("fsdp2", "fsdp")], ref)
 
 
+@pytest.mark.compat
 def test_reshard_4_to_3_uneven_from_fsdp_hsdp_and_ddp(saved):
     root, ref = saved
     run_ranks(_restore_and_check, 3, root, [("fsdp4", "fsdp"), ("hsdp4", "fsdp"), ("ddp4", "fsdp")], ref)
@@ -425,6 +426,7 @@ def test_reshard_4_to_2_into_fsdp_and_ddp(saved):
     run_ranks(_restore_and_check, 2, root, [("fsdp4", "fsdp"), ("fsdp4", "ddp"), ("fsdp2", "ddp")], ref)
 
 
+@pytest.mark.compat
 def test_load_on_one_process_without_process_group(saved):
     root, ref = saved
     assert not dist.is_initialized()

@@ -21,7 +21,11 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+import pytest
+
 import shardckpt
+
+pytestmark = pytest.mark.compat  # the subset .ci/torch_compat runs on other torch releases
 
 PACKAGE_DIR = Path(shardckpt.__file__).parent
 

@@ -236,6 +236,7 @@ def _bounded_ranks(rank: int, world: int, path: str) -> None:
     assert torch.equal(target["w"].full_tensor(), full) and torch.equal(target["x"], torch.arange(75_000.0))
 
 
+@pytest.mark.compat
 def test_bounded_async_on_ranks_with_dtensors(tmp_path):
     run_ranks(_bounded_ranks, 2, str(tmp_path / "ckpt"))
 

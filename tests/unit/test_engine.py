@@ -16,6 +16,8 @@ from shardckpt.engine import Checkpointer, default_checkpointer
 from shardckpt.storage import LocalStorage
 from shardckpt.storage.base import WriteStream
 
+pytestmark = pytest.mark.compat  # the subset .ci/torch_compat runs on other torch releases
+
 
 class CountingStorage(LocalStorage):
     """Counts the files written through it (shared counter, so child storages count too)."""

@@ -48,6 +48,8 @@ import shardckpt
 from shardckpt.errors import ManifestError, UnsupportedFormatVersionError
 from shardckpt.format.manifest import FORMAT_VERSION, manifest_to_json, parse_manifest, seal, unseal
 
+pytestmark = pytest.mark.compat  # the subset .ci/torch_compat runs on other torch releases
+
 # Named by version: a bump starts new golden files and leaves the old ones as a record.
 GOLDEN_DIR = Path(__file__).parent / "golden"
 GOLDEN_MANIFEST = GOLDEN_DIR / f"manifest_v{FORMAT_VERSION}.json"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from torch.distributed.checkpoint.metadata import ChunkStorageMetadata, MetadataIndex, TensorProperties
 from torch.distributed.checkpoint.planner import SavePlan, TensorWriteData, WriteItem, WriteItemType
@@ -9,6 +10,8 @@ from torch.distributed.checkpoint.planner import SavePlan, TensorWriteData, Writ
 from shardckpt.engine.planner import balance_replicated
 from shardckpt.engine.staging import item_bytes
 from shardckpt.engine.writer import _split_by_bytes
+
+pytestmark = pytest.mark.compat  # the subset .ci/torch_compat runs on other torch releases
 
 
 def _item(fqn: str, rows: int, start: int = 0, total_rows: int | None = None, cols: int = 256) -> WriteItem:

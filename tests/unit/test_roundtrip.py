@@ -32,6 +32,8 @@ from shardckpt.errors import (
 )
 from shardckpt.storage import LocalStorage
 
+pytestmark = pytest.mark.compat  # the subset .ci/torch_compat runs on other torch releases
+
 # ---------------------------------------------------------------- helpers
 
 

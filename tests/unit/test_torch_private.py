@@ -28,7 +28,9 @@ import shardckpt
 from shardckpt.engine import _torch_private
 from shardckpt.engine.planner import SavePlanner, balance_replicated
 from shardckpt.engine.staging import item_bytes
-from shardckpt.errors import ShardckptError
+from shardckpt.errors import ShardckptError, UnsupportedValueError
+
+pytestmark = pytest.mark.compat  # the subset .ci/torch_compat runs on other torch releases
 
 PACKAGE_DIR = Path(shardckpt.__file__).parent
 BOUNDARY = PACKAGE_DIR / "engine" / "_torch_private.py"
@@ -88,6 +90,39 @@ def _dtensor_items(rank: int, world_size: int) -> None:
 
 def test_create_write_items_of_a_dtensor_shard():
     run_ranks(_dtensor_items, 2)
+
+
+def _checkpointable(rank: int) -> torch.Tensor:
+    """Rows 2*rank..2*rank+1 of a (4, 3) global tensor, in DCP 2.14's CheckpointableTensor form."""
+    t = torch.full((2, 3), float(rank))
+    t.global_shape, t.global_offsets = (4, 3), ((2 * rank, 0),)  # type: ignore[attr-defined]
+    t.local_offsets, t.local_sizes = ((0, 0),), ((2, 3),)  # type: ignore[attr-defined]
+    return t
+
+
+def test_is_checkpointable_tensor_agrees_with_how_dcp_plans_the_tensor():
+    t = _checkpointable(1)
+    assert not _torch_private.is_checkpointable_tensor(torch.ones(2, 3))
+    assert not _torch_private.is_checkpointable_tensor(t.global_shape)  # the attributes alone are not a tensor
+    if _torch_private.is_checkpointable_tensor(t):  # torch >= 2.14: DCP plans the shard of a (4, 3) tensor
+        _check_items_of_a_tensor(_torch_private.create_write_items("w", t), "w", [2, 0], [2, 3], [4, 3])
+    else:  # torch 2.13: a plain (2, 3) tensor
+        _check_items_of_a_tensor(_torch_private.create_write_items("w", t), "w", [0, 0], [2, 3], [2, 3])
+
+
+def test_a_checkpointable_tensor_is_refused_where_dcp_would_plan_it_as_shards(tmp_path):
+    t = _checkpointable(0)
+    if not _torch_private.is_checkpointable_tensor(t):
+        pytest.skip(f"torch {torch.__version__}'s DCP has no CheckpointableTensor protocol")
+    # An async save would stage a plain copy, which DCP plans as one replicated tensor.
+    with pytest.raises(UnsupportedValueError, match="key 'w': a tensor carrying DCP's CheckpointableTensor"):
+        shardckpt.save({"w": t}, str(tmp_path / "c"))
+    with pytest.raises(UnsupportedValueError, match=r"CheckpointableTensor.*DTensor\.from_local"):
+        shardckpt.async_save({"w": t}, str(tmp_path / "c"))
+    assert not (tmp_path / "c" / "manifest.json").exists()
+    shardckpt.save({"w": torch.ones(4, 3)}, str(tmp_path / "full"))
+    with pytest.raises(UnsupportedValueError, match="key 'w': the state_dict holds a tensor carrying DCP's"):
+        shardckpt.load({"w": t}, str(tmp_path / "full"))
 
 
 def test_public_itemsize_replaces_the_private_element_size():
