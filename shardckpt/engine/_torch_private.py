@@ -100,7 +100,7 @@ def is_checkpointable_tensor(obj: Any) -> bool:
     copies plain tensors without those attributes, so DCP would plan the copy as one
     replicated tensor and keep a single rank's shard): save and load refuse such tensors
     (``state.tensor_problem``). If DCP's test changes, they are saved wrong or refused
-    wrongly; ``tests/test_torch_private.py`` checks it agrees with DCP's planning.
+    wrongly; ``tests/unit/test_torch_private.py`` checks it agrees with DCP's planning.
     """
     return (
         _CHECKPOINTABLE_TENSOR is not None and isinstance(obj, torch.Tensor) and isinstance(obj, _CHECKPOINTABLE_TENSOR)
