@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 import torch.distributed as dist
 
 from shardckpt.engine.collective import RankGroup, arrive, checkpoint_group, is_gloo
-from shardckpt.engine.loading import load_from
+from shardckpt.engine.loading import LoadResult, load_from
 from shardckpt.engine.options import IOOptions, SaveKwargs, check_timeout
 from shardckpt.engine.saving import (
     DEFAULT_TIMEOUT_S,
@@ -174,9 +174,12 @@ class Checkpointer:
         nothing is committed, nothing that existed before is touched, and every rank
         raises the same ShardckptError.
 
-        ``state_dict`` holds nested dicts/lists of tensors and DTensors, Stateful objects
-        (``state_dict()``/``load_state_dict()``), and JSON-representable values (int, float,
-        str, bool, None, list, tuple, str-keyed dict). ``path`` must be a new or empty
+        ``state_dict`` holds nested dicts/lists of tensors and DTensors, modules and
+        optimizers (saved as DCP's ``get_model_state_dict``/``get_optimizer_state_dict``
+        give them, keyed by parameter names; an optimizer needs its model in the same
+        ``state_dict``), top-level Stateful objects (``state_dict()``/``load_state_dict()``),
+        and JSON-representable values (int, float, str, bool, None, list, tuple, str-keyed
+        dict). ``path`` must be a new or empty
         folder; a committed checkpoint already there is refused unless ``overwrite=True``,
         and a folder holding anything else always is. ``metadata`` (plain JSON, the
         coordinator's copy is kept) is stored in the manifest, e.g. a step and metrics.
@@ -293,18 +296,28 @@ class Checkpointer:
         timeout_s: float = DEFAULT_TIMEOUT_S,
         io: IOOptions | None = None,
         num_io_threads: int | None = None,
-    ) -> None:
+    ) -> LoadResult:
         """Fill ``state_dict`` in place from the checkpoint at ``path``.
 
         Collective when torch.distributed is initialized (or ``process_group`` is given).
         The target's layout decides what each rank reads: tensors and DTensors receive
         their local part of the saved global tensor, whatever world size saved it.
-        Non-tensor values are replaced by the saved ones; top-level Stateful objects get
-        ``load_state_dict`` with their loaded state.
+        Non-tensor values are replaced by the saved ones (``state_dict["step"]`` becomes
+        the saved step); top-level Stateful objects get ``load_state_dict`` with their
+        loaded state.
+
+        Modules and optimizers (``torch.nn.Module``, ``torch.optim.Optimizer``; plain, DDP
+        or FSDP2), as values or inside dicts and lists, are filled in place through DCP's
+        ``get/set_model_state_dict`` and ``get/set_optimizer_state_dict``: a fresh
+        optimizer that has not taken a step gets the saved state and param_groups (lr,
+        ...). An optimizer needs the module(s) holding its parameters in the same
+        ``state_dict`` (``{"model": model, "optim": optim}``); see :mod:`shardckpt.engine.live`.
 
         ``strict``: every key of the target must be in the checkpoint and vice versa
         (otherwise StateDictMismatchError lists them); with ``strict=False`` keys missing
-        from the checkpoint are left untouched. Shape and dtype must match either way.
+        from the checkpoint are left untouched, and the keys skipped on either side are
+        returned and logged once (a WARNING of the ``shardckpt`` logger, on each rank that
+        skipped any). Shape and dtype must match either way.
         ``verify``: check every byte read against the checksums recorded at save time.
         ``io``: threads and object-store transfer/retry settings (default: this
         Checkpointer's :class:`IOOptions`); ``num_io_threads`` replaces its thread count
@@ -313,6 +326,11 @@ class Checkpointer:
         call ``load`` makes the others raise RankTimeoutError after ``timeout_s`` (default
         1800 s). Like ``save``, the collectives run on this Checkpointer's gloo group,
         after its pending async save (if any) has finished.
+
+        Returns, on every rank, that rank's :class:`~shardckpt.engine.loading.LoadResult`
+        ``(missing_keys, unexpected_keys)``: flattened keys (``"model.fc.weight"``) of
+        the target the checkpoint lacks, and of the checkpoint the target lacks. Both
+        are empty unless ``strict=False``.
         """
         io = self._call_io(io, num_io_threads, None)
         check_timeout(timeout_s)
@@ -323,7 +341,7 @@ class Checkpointer:
         arrive(ckpt_group, f"load of {path}: waiting for every rank to call load", timeout_s)
         group = RankGroup.current(ckpt_group) if ckpt_group is not None else group
         storage = self.open_storage(path, storage_options, io=io)
-        load_from(
+        return load_from(
             state_dict, path, storage, group, ckpt_group, strict=strict, verify=verify, num_io_threads=io.load_threads()
         )
 

@@ -6,8 +6,12 @@ saved chunks; our reader fetches only those byte ranges and verifies them.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+import logging
 from collections import defaultdict
-from typing import Any
+from collections.abc import Iterator, Sequence
+from typing import Any, NamedTuple
 
 import torch
 import torch.distributed as dist
@@ -16,7 +20,7 @@ import torch.distributed.checkpoint as dcp
 from shardckpt.engine.collective import RankGroup, translated_failures, typed_transport_errors
 from shardckpt.engine.planner import LoadPlanner
 from shardckpt.engine.reader import Reader
-from shardckpt.engine.state import apply_loaded_stateful, describe, flat_keys, tensor_problem, to_plain_state_dict
+from shardckpt.engine.state import PlainState, describe, flat_keys, tensor_problem
 from shardckpt.errors import (
     CheckpointNotFoundError,
     InconsistentRanksError,
@@ -29,6 +33,8 @@ from shardckpt.format import datafile, integrity, layout
 from shardckpt.format.manifest import MAX_MANIFEST_BYTES, Manifest, parse_manifest, unseal
 from shardckpt.storage import Storage, folder, open_storage  # noqa: F401 - the engine looks it up here at call time (tests still patch it)
 
+log = logging.getLogger("shardckpt")
+
 
 def load_from(
     state_dict: dict[str, Any],
@@ -40,11 +46,13 @@ def load_from(
     strict: bool,
     verify: bool,
     num_io_threads: int,
-) -> None:
+) -> LoadResult:
     """The body of a load, once every rank has arrived: read and check the manifest of
     ``storage`` (the checkpoint ``path``), then fill ``state_dict``. Collective over
-    ``group`` (the checkpoint group ``ckpt_group``'s ranks, or a single process)."""
-    plain = to_plain_state_dict(state_dict)
+    ``group`` (the checkpoint group ``ckpt_group``'s ranks, or a single process).
+    Returns this rank's keys that were not loaded (none unless ``strict=False``)."""
+    state = PlainState.of(state_dict)
+    plain = state.tree
 
     def read() -> tuple[Manifest, str]:
         raw = read_manifest_bytes(storage)
@@ -55,12 +63,12 @@ def load_from(
     # shard from it without a word (or report a confusing key mismatch).
     check_same_checkpoint(group, path, storage.location, digest)
 
-    def check() -> None:
+    def check() -> LoadResult:
         flat = flat_keys(plain)
         check_loadable(manifest, flat)
-        check_target(manifest, flat, strict=strict, source=storage.url)
+        return check_target(manifest, flat, strict=strict, source=storage.url)
 
-    group.agree(f"load of {path}", check)
+    result = group.agree(f"load of {path}", check)
     reader = Reader(storage, manifest, verify=verify, num_io_threads=num_io_threads)
     with translated_failures(f"load of {path}"):
         dcp.load(
@@ -70,7 +78,43 @@ def load_from(
             process_group=ckpt_group,
             no_dist=not group.is_distributed,
         )
-    apply_loaded_stateful(state_dict, plain)
+    state.hand_back()
+    if (result.missing_keys or result.unexpected_keys) and not _SKIPS_EXPECTED.get():
+        log.warning("%s", skipped_message(result, path, group))
+    return result
+
+
+_SKIPS_EXPECTED: contextvars.ContextVar[bool] = contextvars.ContextVar("shardckpt_skips_expected", default=False)
+
+
+@contextlib.contextmanager
+def skipped_keys_expected() -> Iterator[None]:
+    """Within this block (this thread or task only), a ``strict=False`` load does not log
+    the keys it skipped. For callers that check the keys themselves and load part of a
+    checkpoint on purpose (TrainState: other ranks' RNG streams; the Lightning strategy:
+    everything but the model and optimizers). ``load`` still returns them."""
+    token = _SKIPS_EXPECTED.set(True)
+    try:
+        yield
+    finally:
+        _SKIPS_EXPECTED.reset(token)
+
+
+def skipped_message(result: LoadResult, path: str, group: RankGroup) -> str:
+    """The one warning of a ``strict=False`` load that skipped keys (bounded, like every listing)."""
+    where = f"rank {group.rank}: " if group.is_distributed else ""
+    parts = []
+    if result.missing_keys:
+        parts.append(
+            f"{_count(len(result.missing_keys), 'key')} of the state_dict not in the checkpoint, left as they were: "
+            + listing([repr(k) for k in result.missing_keys])
+        )
+    if result.unexpected_keys:
+        parts.append(
+            f"{_count(len(result.unexpected_keys), 'key')} of the checkpoint not in the state_dict, not read: "
+            + listing([repr(k) for k in result.unexpected_keys])
+        )
+    return f"shardckpt: {where}load of {path} with strict=False: " + "; ".join(parts)
 
 
 def read_manifest(storage: Storage) -> Manifest:
@@ -152,36 +196,104 @@ def check_loadable(manifest: Manifest, flat: dict[str, Any]) -> None:
                 raise UnsupportedValueError(f"key {k!r}: the state_dict holds {problem}")
 
 
-def check_target(manifest: Manifest, flat: dict[str, Any], *, strict: bool, source: str) -> None:
-    """Raise StateDictMismatchError if ``flat`` cannot be filled from ``manifest``."""
+class LoadResult(NamedTuple):
+    """What a load left out, like ``nn.Module.load_state_dict``'s result: flattened keys
+    (``"model.fc.weight"``, ``"optim.state.fc.weight.exp_avg"``) of the state_dict that the
+    checkpoint does not hold (left as they were), and keys of the checkpoint that the
+    state_dict does not hold (not read). Both empty after a ``strict=True`` load."""
+
+    missing_keys: list[str]
+    unexpected_keys: list[str]
+
+
+SHOWN_KEYS = 10
+"""How many keys (or problems) a message lists before "... and K more"."""
+
+
+def listing(items: Sequence[str], limit: int = SHOWN_KEYS, width: int = 160) -> str:
+    """The first ``limit`` of ``items``, each cut to ``width`` characters, then "... and K more"."""
+    shown = [s if len(s) <= width else s[: width - 3] + "..." for s in items[:limit]]
+    more = [f"... and {len(items) - limit} more"] if len(items) > limit else []
+    return ", ".join(shown + more)
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
+
+
+def check_target(manifest: Manifest, flat: dict[str, Any], *, strict: bool, source: str) -> LoadResult:
+    """Raise StateDictMismatchError if ``flat`` cannot be filled from ``manifest`` (keys,
+    with ``strict``; tensors of another shape or dtype; a tensor where a value was saved
+    or the other way). The message lists at most :data:`SHOWN_KEYS` of each and ends
+    with the fix. Returns the keys each side lacks."""
     saved = set(manifest.tensors) | set(manifest.values)
-    problems = []
     missing = sorted(k for k in flat if k not in saved)
     unexpected = sorted(saved - set(flat))
+    wrong = [p for k in sorted(flat) if (p := _wrong_kind(manifest, k, flat[k])) is not None]
+    problems, fixes = [], []
     if strict and missing:
-        problems.append(f"keys missing from the checkpoint: {_some(missing)}")
-    if strict and unexpected:
-        problems.append(f"keys in the checkpoint but not in the state_dict: {_some(unexpected)}")
-    for k, v in flat.items():
-        rec = manifest.tensors.get(k)
-        if rec is not None:
-            dtype = datafile.torch_dtype(rec.dtype, where=k)
-            if not isinstance(v, torch.Tensor):
-                problems.append(f"key {k!r}: saved as a tensor, the state_dict holds {describe(v)}")
-            elif tuple(v.shape) != rec.shape or v.dtype != dtype:
-                problems.append(
-                    f"key {k!r}: saved shape {list(rec.shape)} dtype {str(dtype).removeprefix('torch.')}, "
-                    f"the state_dict holds {describe(v)}"
-                )
-        elif k in manifest.values and isinstance(v, torch.Tensor):
-            problems.append(f"key {k!r}: saved as a non-tensor value, the state_dict holds {describe(v)}")
-    if problems:
-        hint = " Pass strict=False to load only the keys both have." if (missing or unexpected) else ""
-        raise StateDictMismatchError(
-            f"{source}: the state_dict does not match the checkpoint: " + "; ".join(problems) + "." + hint
+        problems.append(
+            f"{_count(len(missing), 'key')} missing from the checkpoint: {listing([repr(k) for k in missing])}"
         )
+    if strict and unexpected:
+        problems.append(
+            f"{_count(len(unexpected), 'key')} in the checkpoint but not in the state_dict: "
+            + listing([repr(k) for k in unexpected])
+        )
+    if strict and (missing or unexpected):
+        fixes += _fresh_optimizer_hint(flat, unexpected)
+        fixes.append(
+            "Pass strict=False to load only the keys both have (load returns the keys it skipped), "
+            "or build the state_dict the way the saved one was built."
+        )
+    if wrong:
+        problems.append(
+            f"{_count(len(wrong), 'key')} where the state_dict cannot hold what was saved: {listing(wrong, width=240)}"
+        )
+        fixes.append(
+            "Build the target with the saved shapes and dtypes (the same model configuration, e.g. "
+            "model.to(dtype) before loading) and convert it after loading; `shardckpt inspect` lists what was saved."
+        )
+    if problems:
+        raise StateDictMismatchError(
+            f"{source}: the state_dict does not match the checkpoint:\n  "
+            + "\n  ".join(problems)
+            + "\n"
+            + " ".join(fixes)
+        )
+    return LoadResult(missing, unexpected)
 
 
-def _some(keys: list[str], limit: int = 20) -> str:
-    shown = ", ".join(repr(k) for k in keys[:limit])
-    return shown + (f" and {len(keys) - limit} more" if len(keys) > limit else "")
+def _wrong_kind(manifest: Manifest, key: str, value: Any) -> str | None:
+    """What keeps ``value`` from being filled from the saved ``key``, or None."""
+    rec = manifest.tensors.get(key)
+    if rec is not None:
+        dtype = datafile.torch_dtype(rec.dtype, where=key)
+        if not isinstance(value, torch.Tensor):
+            return f"{key!r}: saved as a tensor, the state_dict holds {describe(value)}"
+        if tuple(value.shape) != rec.shape or value.dtype != dtype:
+            return (
+                f"{key!r}: saved shape {list(rec.shape)} dtype {str(dtype).removeprefix('torch.')}, "
+                f"the state_dict holds {describe(value)}"
+            )
+    elif key in manifest.values and isinstance(value, torch.Tensor):
+        return f"{key!r}: saved as a non-tensor value, the state_dict holds {describe(value)}"
+    return None
+
+
+def _fresh_optimizer_hint(flat: dict[str, Any], unexpected: list[str]) -> list[str]:
+    """The fix when the target holds a fresh optimizer's ``state_dict()`` (param_groups,
+    but no state before the first step) where the checkpoint has optimizer state."""
+    prefixes = {k.split(".param_groups.", 1)[0] for k in flat if ".param_groups." in k}
+    fresh = sorted(
+        p
+        for p in prefixes
+        if not any(k.startswith(f"{p}.state.") for k in flat) and any(u.startswith(f"{p}.state.") for u in unexpected)
+    )
+    if not fresh:
+        return []
+    return [
+        f"{fresh[0]!r} looks like the state_dict() of an optimizer that has not taken a step yet (it has no "
+        "state to load into): put the optimizer itself in the state_dict, with its model, e.g. "
+        "{'model': model, 'optim': optim}, and load fills both in place."
+    ]

@@ -1,9 +1,9 @@
 """What a state_dict may hold, and how Stateful objects enter and leave it.
 
 Like DCP, only top-level values are treated as Stateful (objects with both
-``state_dict()`` and ``load_state_dict()``). Their methods are called in sorted key
-order on every rank: they may run collectives (an FSDP-wrapped module does), and the
-ranks' dicts need not have been built in the same order.
+``state_dict()`` and ``load_state_dict()``); modules and optimizers are found in
+nested dicts and lists too, and go through DCP's state_dict API (:mod:`.live`).
+:class:`PlainState` calls their methods in sorted key order on every rank.
 
 :func:`check_savable` and :func:`tensor_problem` refuse, by type and before any byte
 is written, what a checkpoint cannot hold or a reader would refuse.
@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -20,42 +21,83 @@ from torch.distributed.checkpoint.stateful import Stateful
 from torch.distributed.tensor import DTensor
 
 from shardckpt.engine._torch_private import flatten_state_dict, is_checkpointable_tensor
+from shardckpt.engine.live import Path, live_statefuls, order_key
 from shardckpt.errors import ManifestError, UnsupportedValueError
 from shardckpt.format import datafile
 from shardckpt.format.values import check_str
 
 
-def _call_order(state_dict: dict[Any, Any]) -> list[Any]:
-    """The keys in an order every rank agrees on, whatever order its dict was built in.
-
-    Sorted as DCP sorts flattened keys (by ``str``); the type name only breaks ties
-    between keys that print alike (1 and "1"), which DCP's flattening refuses later anyway.
-    """
-    return sorted(state_dict, key=lambda k: (str(k), type(k).__name__))
-
-
 def to_plain_state_dict(state_dict: dict[str, Any]) -> dict[str, Any]:
-    """Shallow copy with every top-level Stateful replaced by its ``state_dict()``.
+    """The tree DCP saves for ``state_dict``: see :class:`PlainState`."""
+    return PlainState.of(state_dict).tree
 
-    ``state_dict()`` is called in :func:`_call_order` (the same on every rank); the
-    copy keeps the caller's key order.
+
+@dataclass(frozen=True)
+class PlainState:
+    """A state_dict as DCP sees it (``tree``) and the objects that gave parts of it.
+
+    ``tree`` is ``source`` with every top-level Stateful replaced by its ``state_dict()``
+    and every module and optimizer in its dicts and lists by DCP's state dict for it
+    (:mod:`shardckpt.engine.live`). Only the containers on the way to those objects are
+    copied; everything else is ``source``'s own. The methods are called in one order
+    on every rank (sorted key paths): they may run collectives (an FSDP-wrapped module
+    does), and the ranks' dicts need not have been built in the same order.
     """
-    if not isinstance(state_dict, dict):
-        raise TypeError(f"state_dict must be a dict, got {type(state_dict).__name__}")
-    states = {k: state_dict[k].state_dict() for k in _call_order(state_dict) if isinstance(state_dict[k], Stateful)}
-    return {k: states[k] if k in states else v for k, v in state_dict.items()}
+
+    source: dict[str, Any]
+    tree: dict[str, Any]
+    objects: dict[Path, Stateful]
+
+    @classmethod
+    def of(cls, state_dict: dict[str, Any]) -> PlainState:
+        if not isinstance(state_dict, dict):
+            raise TypeError(f"state_dict must be a dict, got {type(state_dict).__name__}")
+        objects: dict[Path, Stateful] = dict(live_statefuls(state_dict))
+        for k, v in state_dict.items():
+            if (k,) not in objects and isinstance(v, Stateful):
+                objects[(k,)] = v
+        states = {p: objects[p].state_dict() for p in sorted(objects, key=order_key)}
+        return cls(state_dict, _replaced(state_dict, (), states, _prefixes(objects)), objects)
+
+    def hand_back(self) -> None:
+        """After a load filled ``tree``: give each object its part (in the same order as
+        :meth:`of`), and copy the other loaded values (a load replaces non-tensor values
+        in ``tree``) into ``source``'s containers where ``tree`` holds copies."""
+        for p in sorted(self.objects, key=order_key):
+            self.objects[p].load_state_dict(_at(self.tree, p))
+        _write_back(self.source, self.tree, (), self.objects, _prefixes(self.objects))
 
 
-def apply_loaded_stateful(state_dict: dict[str, Any], plain: dict[str, Any]) -> None:
-    """After a load filled ``plain``, hand each Stateful its part back (in
-    :func:`_call_order`, the same on every rank) and copy top-level plain values
-    (which the load replaced in ``plain``) into ``state_dict``."""
-    for k in _call_order(state_dict):
-        v = state_dict[k]
-        if isinstance(v, Stateful):
-            v.load_state_dict(plain[k])
-        elif plain[k] is not v:
-            state_dict[k] = plain[k]
+def _prefixes(objects: dict[Path, Any]) -> set[Path]:
+    """The paths of the containers that lead to ``objects`` (the top level included)."""
+    return {p[:i] for p in objects for i in range(len(p))} | {()}
+
+
+def _replaced(value: Any, path: Path, states: dict[Path, Any], prefixes: set[Path]) -> Any:
+    if path in states:
+        return states[path]
+    if path not in prefixes:
+        return value
+    if isinstance(value, dict):
+        return {k: _replaced(v, (*path, k), states, prefixes) for k, v in value.items()}
+    return [_replaced(v, (*path, i), states, prefixes) for i, v in enumerate(value)]
+
+
+def _at(tree: Any, path: Path) -> Any:
+    for p in path:
+        tree = tree[p]
+    return tree
+
+
+def _write_back(source: Any, tree: Any, path: Path, objects: dict[Path, Any], prefixes: set[Path]) -> None:
+    for k in list(source) if isinstance(source, dict) else range(len(source)):
+        where = (*path, k)
+        if where in objects:
+            continue
+        if where in prefixes:
+            _write_back(source[k], tree[k], where, objects, prefixes)
+        elif tree[k] is not source[k]:
+            source[k] = tree[k]
 
 
 def flatten_with_mappings(plain: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:

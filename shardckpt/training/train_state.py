@@ -9,8 +9,9 @@
 
 What it holds, under one top-level key (``"train"``) of the checkpoint:
 
-* ``model``/``optim``: DCP's ``get_state_dict`` (FSDP2, DDP, DTensor TP and plain modules;
-  frozen parameters included), loaded in place and resharded to the current layout;
+* ``model``/``optim``: DCP's ``get_model_state_dict``/``get_optimizer_state_dict`` (FSDP2,
+  DDP, DTensor TP and plain modules; frozen parameters included), loaded in place and
+  resharded to the current layout, through ``engine.live`` as ``shardckpt.load`` does;
 * ``lr_scheduler`` (ReduceLROnPlateau too), ``grad_scaler``, ``data`` and ``extras``
   (JSON values or Stateful objects): job-wide state, equal on every rank, saved once;
 * ``progress``: step, epoch, seed, the saving world size and which parts were saved;
@@ -33,17 +34,12 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from torch.distributed.checkpoint.state_dict import (
-    StateDictOptions,
-    get_model_state_dict,
-    get_state_dict,
-    set_model_state_dict,
-    set_state_dict,
-)
+from torch.distributed.checkpoint.state_dict import StateDictOptions
 from torch.distributed.checkpoint.stateful import Stateful
 
 from shardckpt.engine.collective import RankGroup
-from shardckpt.engine.loading import check_target
+from shardckpt.engine.live import ModuleState, OptimizerState
+from shardckpt.engine.loading import check_target, skipped_keys_expected
 from shardckpt.engine.state import flat_keys, nest
 from shardckpt.errors import StateDictMismatchError
 from shardckpt.format import datafile
@@ -205,7 +201,8 @@ class TrainState:
             self._loading = group.agree(f"restore of {path}", prepare)
             # Keys of other ranks' per-rank state are in the checkpoint but rightly not in this
             # rank's target, so the library's strict check is replaced by _check_against.
-            manager.restore({TRAIN_STATE_KEY: self}, step=step, strict=False)
+            with skipped_keys_expected():
+                manager.restore({TRAIN_STATE_KEY: self}, step=step, strict=False)
         finally:
             self._loading = None
 
@@ -266,11 +263,9 @@ class TrainState:
         """The state as a nested dict for shardckpt (called by save and by load, on every rank)."""
         ctx = self._loading
         rank, world = self._rank()
+        sd: dict[str, Any] = {"model": ModuleState(self.model, self.options).state_dict()}
         if self.optimizers:
-            model_sd, optim_sd = get_state_dict(self.model, self.optimizers, options=self.options)
-            sd: dict[str, Any] = {"model": model_sd, "optim": optim_sd}
-        else:
-            sd = {"model": get_model_state_dict(self.model, options=self.options)}
+            sd["optim"] = OptimizerState(self.model, self.optimizers, self.options).state_dict()
         for name in ("lr_scheduler", "grad_scaler"):
             obj = getattr(self, name)
             if obj is not None and (ctx is None or name in ctx.progress["components"]):
@@ -317,16 +312,9 @@ class TrainState:
         sd = state_dict
         progress = sd["progress"]
         rank, world = self._rank()
+        ModuleState(self.model, self.options).load_state_dict(sd["model"])
         if self.optimizers:
-            set_state_dict(
-                self.model,
-                self.optimizers,
-                model_state_dict=sd["model"],
-                optim_state_dict=sd["optim"],
-                options=self.options,
-            )
-        else:
-            set_model_state_dict(self.model, sd["model"], options=self.options)
+            OptimizerState(self.model, self.optimizers, self.options).load_state_dict(sd["optim"])
         for name in ("lr_scheduler", "grad_scaler"):
             obj = getattr(self, name)
             if obj is not None and name in sd:

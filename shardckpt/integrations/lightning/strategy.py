@@ -54,6 +54,7 @@ from torch.distributed.checkpoint.state_dict import (
 from shardckpt.convert.source import CheckpointSource
 from shardckpt.engine.checkpointer import Checkpointer
 from shardckpt.engine.collective import RankGroup
+from shardckpt.engine.loading import skipped_keys_expected
 from shardckpt.engine.options import SaveKwargs
 from shardckpt.engine.saving import DEFAULT_TIMEOUT_S
 from shardckpt.engine.state import flat_keys, nest
@@ -180,9 +181,10 @@ class _ShardckptCheckpoints(ParallelStrategy):
         if fitting and self.optimizers:
             target["optimizer_states"] = [get_optimizer_state_dict(self.model, opt) for opt in self.optimizers]
         _check_covered(source, target, strict_model=strict)
-        self._engine().load(
-            target, url, strict=False, verify=o.verify, storage_options=o.storage_options, timeout_s=o.timeout_s
-        )
+        with skipped_keys_expected():  # the rest of the checkpoint is read by _read_rest
+            self._engine().load(
+                target, url, strict=False, verify=o.verify, storage_options=o.storage_options, timeout_s=o.timeout_s
+            )
         set_model_state_dict(self.model, target["state_dict"], options=StateDictOptions(strict=strict))
         if "optimizer_states" in target:  # _check_covered made sure there is one per optimizer
             for opt, state in zip(self.optimizers, target["optimizer_states"], strict=True):
