@@ -15,6 +15,7 @@ __all__ = [
     "InconsistentRanksError",
     "IntegrityError",
     "ManifestError",
+    "MissingDependencyError",
     "NotCommittedError",
     "RankFailureError",
     "RankTimeoutError",
@@ -77,6 +78,11 @@ class StateDictMismatchError(ShardckptError, ValueError):
 
 class UnsupportedValueError(ShardckptError, TypeError):
     """A value in the state_dict cannot be stored (not JSON-representable, unsupported dtype)."""
+
+
+class MissingDependencyError(ShardckptError, ImportError):
+    """A feature needs a package that is not installed (``s3://`` needs s3fs, the ``s3``
+    extra); the message names the ``pip install`` that adds it."""
 
 
 class StorageError(ShardckptError, OSError):

@@ -6,7 +6,8 @@
     slow/         long trial loops and soaks (marked ``slow``: ``-m "not slow"`` skips them)
     support/      helpers, imported by module name from every folder: ``distributed``
                   (run_ranks, run_command: every process a test starts, under a deadline),
-                  ``damage``, ``s3server``, and ``crash_job`` (run as a script)
+                  ``damage``, ``s3server``, and scripts run in child processes: ``crash_job``,
+                  ``doc_runner`` with ``doc_prelude`` (the documentation's snippets)
 
 Test file names are unique across folders: pytest imports them by basename (no
 ``__init__.py`` here) and puts their folder on sys.path, which a spawned rank inherits

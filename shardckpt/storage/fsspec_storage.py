@@ -1,5 +1,6 @@
 """Any fsspec URL (``s3://``, ``memory://``, ``gs://`` ...). With redact, retry and multipart,
-the only code that imports fsspec, s3fs or botocore.
+the only code that imports fsspec, s3fs or botocore. s3fs (and with it botocore and aiohttp)
+is optional, the ``s3`` extra: an ``s3://`` URL without it fails at once saying so.
 
 On S3 (s3fs) a data file is a multipart upload with parts in flight in parallel
 (:mod:`~shardckpt.storage.multipart`), a read is ranged GETs of exactly the bytes
@@ -17,6 +18,7 @@ path first and asks the store.
 from __future__ import annotations
 
 import errno
+import importlib
 import logging
 import threading
 from collections.abc import Callable
@@ -24,15 +26,21 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
-import aiohttp
-import botocore.exceptions as boto_errors
 import fsspec
 
-from shardckpt.errors import StorageError
+from shardckpt.errors import MissingDependencyError, StorageError
 from shardckpt.storage.base import Storage
 from shardckpt.storage.multipart import MAX_PART_BYTES, MIN_PART_BYTES, MultipartUpload
 from shardckpt.storage.redact import Redactor, secret_values
-from shardckpt.storage.retry import RetriesExhausted, RetryPolicy, error_code
+from shardckpt.storage.retry import (
+    CREDENTIAL_ERRORS,
+    ENDPOINT_ERRORS,
+    STORAGE_FAILURES,
+    RetriesExhausted,
+    RetryPolicy,
+    client_error,
+    error_code,
+)
 
 T = TypeVar("T")
 log = logging.getLogger("shardckpt")
@@ -41,7 +49,6 @@ _S3_PROTOCOLS = frozenset({"s3", "s3a"})
 # s3fs it would create a bucket, and a missing bucket must be an error, not a side effect).
 _PREFIX_PROTOCOLS = _S3_PROTOCOLS | {"gs", "gcs", "az", "abfs", "abfss", "adl", "oss", "memory"}
 _DELETE_BATCH = 1000  # S3's limit for one DeleteObjects request
-_STORAGE_FAILURES = (OSError, boto_errors.BotoCoreError, boto_errors.ClientError, aiohttp.ClientError)
 
 _HINTS = {
     "NoSuchBucket": "the bucket does not exist: create it or fix the URL (shardckpt never creates buckets)",
@@ -99,6 +106,7 @@ class FsspecStorage(Storage):
         self.transfer = transfer or TransferOptions()
         self._options = dict(storage_options or {})
         self._redact = Redactor(secret_values(self._options))
+        require_backend(url)
         self.fs, root = fsspec.core.url_to_fs(url, **self._options)
         self.root = root.rstrip("/")
         protocols = self.fs.protocol if isinstance(self.fs.protocol, (tuple, list)) else (self.fs.protocol,)
@@ -412,12 +420,12 @@ class FsspecStorage(Storage):
             raise FileNotFoundError(errno.ENOENT, self._redact(f"{self._where(name)}: no such file")) from e
         except FileExistsError:
             raise  # an exclusive create lost the race: the caller's answer, not a storage fault
-        except _STORAGE_FAILURES as e:
+        except STORAGE_FAILURES as e:
             code = error_code(e)[0]
             hint = _HINTS.get(code or "", "")
-            if isinstance(e, (boto_errors.NoCredentialsError, boto_errors.PartialCredentialsError)):
+            if isinstance(e, CREDENTIAL_ERRORS):
                 hint = _HINTS["InvalidAccessKeyId"]
-            elif isinstance(e, boto_errors.EndpointConnectionError):
+            elif isinstance(e, ENDPOINT_ERRORS):
                 hint = "cannot reach the endpoint: check AWS_ENDPOINT_URL or storage_options endpoint_url"
             raise StorageError(self._message(action, name, e, hint)) from e
 
@@ -457,10 +465,24 @@ class _FileStream:
 
 
 def _server_message(error: BaseException) -> str | None:
-    from shardckpt.storage.retry import client_error
-
     ce = client_error(error)
     if ce is None:
         return None
     message = ce.response.get("Error", {}).get("Message")
     return str(message) if message else None
+
+
+def require_backend(url: str) -> None:
+    """Raise MissingDependencyError, naming the extra that installs it, when ``url`` (or a
+    link of an fsspec chain such as ``simplecache::s3://...``) is an ``s3://`` URL and s3fs
+    cannot be imported. fsspec's own error ("Install s3fs to access S3") does not say that
+    shardckpt has an extra for it."""
+    for link in url.split("::"):
+        protocol, _ = fsspec.core.split_protocol(link)
+        if protocol in _S3_PROTOCOLS:
+            try:
+                importlib.import_module("s3fs")
+            except ImportError as e:
+                raise MissingDependencyError(
+                    f"{protocol}:// needs s3fs: pip install 'shardckpt[s3]' (importing s3fs failed: {e}; path {link!r})"
+                ) from e

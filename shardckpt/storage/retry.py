@@ -28,12 +28,39 @@ import ssl
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import TypeVar
-
-import aiohttp
-import botocore.exceptions as boto_errors
+from typing import Any, TypeVar
 
 T = TypeVar("T")
+Errors = tuple[type[BaseException], ...]
+
+# The error classes of the S3 stack. botocore and aiohttp come with s3fs (the `s3` extra;
+# aiohttp also with gcsfs and fsspec's http): where one is not installed, none of its errors
+# can be raised, so its classes are left out of the checks (an empty tuple matches nothing).
+CLIENT_ERRORS: Errors = ()  # an HTTP error response (botocore's ClientError)
+CREDENTIAL_ERRORS: Errors = ()  # no or half credentials found
+ENDPOINT_ERRORS: Errors = ()  # the endpoint cannot be reached
+PERMANENT_ERRORS: Errors = (ssl.SSLError,)  # never retried: TLS failures, missing credentials
+TRANSIENT_ERRORS: Errors = (ConnectionError, TimeoutError)  # resets, timeouts, interrupted bodies
+STORAGE_FAILURES: Errors = (OSError,)  # everything a storage call may raise that is not a bug
+try:
+    import botocore.exceptions as boto_errors
+except ImportError:
+    pass
+else:
+    CLIENT_ERRORS = (boto_errors.ClientError,)
+    CREDENTIAL_ERRORS = (boto_errors.NoCredentialsError, boto_errors.PartialCredentialsError)
+    ENDPOINT_ERRORS = (boto_errors.EndpointConnectionError,)
+    PERMANENT_ERRORS += (boto_errors.SSLError, *CREDENTIAL_ERRORS)
+    TRANSIENT_ERRORS += (boto_errors.ConnectionError, boto_errors.HTTPClientError, boto_errors.IncompleteReadError)
+    STORAGE_FAILURES += (boto_errors.BotoCoreError, boto_errors.ClientError)
+try:
+    import aiohttp
+except ImportError:
+    pass
+else:
+    PERMANENT_ERRORS += (aiohttp.ClientSSLError,)
+    TRANSIENT_ERRORS += (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError)
+    STORAGE_FAILURES += (aiohttp.ClientError,)
 
 TRANSIENT_STATUS = frozenset({429, 500, 502, 503, 504})
 TRANSIENT_CODES = frozenset(
@@ -139,9 +166,9 @@ def causes(error: BaseException) -> Iterator[BaseException]:
         e = e.__cause__ or e.__context__
 
 
-def client_error(error: BaseException) -> boto_errors.ClientError | None:
-    """The botocore ClientError (an HTTP error response) behind ``error``, if any."""
-    return next((e for e in causes(error) if isinstance(e, boto_errors.ClientError)), None)
+def client_error(error: BaseException) -> Any:
+    """The botocore ClientError (an HTTP error response) behind ``error``, or None."""
+    return next((e for e in causes(error) if isinstance(e, CLIENT_ERRORS)), None)
 
 
 def error_code(error: BaseException) -> tuple[str | None, int | None]:
@@ -167,28 +194,8 @@ def is_transient(error: BaseException) -> bool:
         code, status = error_code(ce)
         return code in TRANSIENT_CODES or status in TRANSIENT_STATUS or code in {str(s) for s in TRANSIENT_STATUS}
     for e in causes(error):
-        if isinstance(
-            e,
-            (
-                ssl.SSLError,
-                boto_errors.SSLError,
-                boto_errors.NoCredentialsError,
-                boto_errors.PartialCredentialsError,
-                aiohttp.ClientSSLError,
-            ),
-        ):
+        if isinstance(e, PERMANENT_ERRORS):
             return False
-        if isinstance(
-            e,
-            (
-                boto_errors.ConnectionError,
-                boto_errors.HTTPClientError,
-                boto_errors.IncompleteReadError,
-                aiohttp.ClientConnectionError,
-                aiohttp.ClientPayloadError,
-                ConnectionError,
-                TimeoutError,
-            ),
-        ):
+        if isinstance(e, TRANSIENT_ERRORS):
             return True
     return False
