@@ -134,7 +134,7 @@ def main(argv: list[str]) -> None:
     )
     killer = Killer(kill, scope)
     storage_cls = killing_storage_class(killer)
-    for mod in (shardckpt.engine.checkpointer, shardckpt.manager.checkpoint_manager):
+    for mod in (shardckpt.engine.checkpointer,):  # the one lookup: managers open storage through their Checkpointer
         mod.open_storage = lambda url, options=None, _cls=storage_cls: _cls(url)  # type: ignore[attr-defined]
     # The default group's own timeout is long on purpose: only shardckpt's timeout_s may end a wait.
     dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=600))
