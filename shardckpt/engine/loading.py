@@ -83,12 +83,9 @@ def read_manifest_bytes(storage: Storage) -> bytes:
     NotCommittedError / CheckpointNotFoundError), its size is sane, its seal matches."""
     if not folder.is_committed(storage):
         if storage.is_dir(""):
-            raise NotCommittedError(
-                f"{storage.url} has no {layout.MANIFEST_NAME}: the save into it was interrupted or "
-                "has not finished, so it is not a checkpoint. Load a committed checkpoint instead "
-                "(`shardckpt ls` on the parent folder lists them)."
-            )
-        raise CheckpointNotFoundError(f"no checkpoint at {storage.url}: the path does not exist")
+            raise NotCommittedError(f"{storage.url} has no {layout.MANIFEST_NAME}: {_not_a_checkpoint(storage)}")
+        what = "is a file, not a checkpoint folder" if storage.exists("") else "does not exist"
+        raise CheckpointNotFoundError(f"no checkpoint at {storage.url}: the path {what}")
     size = storage.size(layout.MANIFEST_NAME)
     if size > MAX_MANIFEST_BYTES:
         raise ManifestError(f"{storage.url}/{layout.MANIFEST_NAME}: {size} bytes is too large for a manifest")
@@ -96,6 +93,24 @@ def read_manifest_bytes(storage: Storage) -> bytes:
     raw = storage.read_bytes(layout.MANIFEST_NAME)
     unseal(raw, source=source)
     return raw
+
+
+def _not_a_checkpoint(storage: Storage) -> str:
+    """Why a folder without a manifest is not a checkpoint, and what to do (an error
+    path: one listing of the folder)."""
+    found = folder.contents(storage)
+    if found.is_ours or found.is_empty:
+        return (
+            "the save into it was interrupted or has not finished, so it is not a checkpoint. Load a "
+            "committed checkpoint instead (`shardckpt ls` on the parent folder lists them)."
+        )
+    inner = [n.rstrip("/") for n in found.foreign if n.endswith("/")]
+    if any(layout.parse_step_dir(n) is not None or folder.is_committed(storage, n) for n in inner):
+        return (
+            f"it is not a checkpoint but a folder of them (a CheckpointManager root?): `shardckpt ls "
+            f"{storage.url}` lists them; pass one of those folders."
+        )
+    return f"it was not written by shardckpt (it holds {found.foreign[0]!r}), so it is not a checkpoint."
 
 
 def check_same_checkpoint(group: RankGroup, path: str, location: str, digest: str) -> None:

@@ -19,6 +19,7 @@ commit stands, and the next commit or start tries again.
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import sys
 import time
@@ -119,7 +120,7 @@ class CheckpointManager:
 
     def __init__(
         self,
-        root: str,
+        root: str | os.PathLike[str],
         *,
         retention: RetentionPolicy | None = None,
         keep_last: int | None = None,
@@ -177,7 +178,7 @@ class CheckpointManager:
         check_timeout(timeout_s)
         if not stale_owner_after_s > 0:
             raise ValueError(f"stale_owner_after_s must be > 0, got {stale_owner_after_s}")
-        self.root = root.rstrip("/")
+        self.root = _root_url(root)
         self.read_only = read_only
         self.async_save = async_save
         self._max_staging_bytes = max_staging_bytes
@@ -436,7 +437,10 @@ class CheckpointManager:
         ownership.claim(self._storage, self._owner, takeover=takeover, stale_after_s=stale_after_s)
         self._heartbeat = ownership.Heartbeat(self._storage, self._owner, interval_s=stale_after_s / 4)
         for name in self._storage.list_dirs(""):
-            if layout.parse_step_dir(name) is None or folder.is_committed(self._storage, name):
+            if layout.parse_step_dir(name) is None:
+                self._warn_if_not_a_step(name)
+                continue
+            if folder.is_committed(self._storage, name):
                 continue
             sub = self._storage.child(name)
             found = folder.contents(sub)
@@ -473,6 +477,24 @@ class CheckpointManager:
             self.cleaned_up.append(name)
             if gone:  # else remove_checkpoint warned about the files it left
                 log.warning("shardckpt: removed %s/%s, left by an interrupted save (no manifest)", self.root, name)
+
+    def _warn_if_not_a_step(self, name: str) -> None:
+        """Coordinator: a checkpoint named like a step but not the manager's name for it
+        (``step_100``, saved with ``shardckpt.save``) would otherwise be ignored without a
+        word, and a fresh-looking restore would start training from scratch."""
+        if not layout.looks_like_step_dir(name) or not folder.is_committed(self._storage, name):
+            return
+        step = int(name.rsplit("_", 1)[1])
+        log.warning(
+            "shardckpt: %s/%s is a checkpoint but not a step of this manager, whose step %d is %s: "
+            "restore() never loads it and retention never deletes it. Load it yourself with "
+            "shardckpt.load(state, %r).",
+            self.root,
+            name,
+            step,
+            layout.step_dir_name(step),
+            f"{self.root}/{name}",
+        )
 
     def _check_owner(self) -> None:
         """Coordinator: RootInUseError unless the owner record on storage is still ours."""
@@ -570,3 +592,14 @@ class CheckpointManager:
 
     def _step_storage(self, step: int) -> Storage:
         return self._storage.child(layout.step_dir_name(step))
+
+
+def _root_url(root: str | os.PathLike[str]) -> str:
+    """The root as a str without a trailing ``/`` (``os.fspath`` of a Path; a URL's
+    ``//`` is never touched, since no pathlib is involved)."""
+    if not isinstance(root, (str, os.PathLike)):
+        raise TypeError(f"root must be a str or os.PathLike (a local path or fsspec URL), got {type(root).__name__}")
+    text = os.fspath(root)
+    if not isinstance(text, str) or not text.strip():
+        raise ValueError(f"root must be a non-empty path or URL, got {root!r}")
+    return text.rstrip("/") or "/"
