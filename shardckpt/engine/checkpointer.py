@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -138,10 +139,11 @@ class Checkpointer:
     # ------------------------------------------------------------ storage and groups
 
     def open_storage(
-        self, url: str, storage_options: dict[str, Any] | None = None, *, io: IOOptions | None = None
+        self, url: str | os.PathLike[str], storage_options: dict[str, Any] | None = None, *, io: IOOptions | None = None
     ) -> Storage:
         """The Storage for ``url`` from this Checkpointer's factory, with the transfer
         settings of ``io`` (default: this Checkpointer's). Not collective."""
+        url = checkpoint_path(url)
         factory = self._storage_factory if self._storage_factory is not None else open_storage
         transfer = (io if io is not None else self._io).transfer_for(url)
         if transfer is None:
@@ -157,8 +159,11 @@ class Checkpointer:
 
     # ------------------------------------------------------------ save / load
 
-    def save(self, state_dict: dict[str, Any], path: str, **options: Unpack[SaveKwargs]) -> Manifest | None:
-        """Save ``state_dict`` to the checkpoint folder ``path`` (a local path or fsspec URL).
+    def save(
+        self, state_dict: dict[str, Any], path: str | os.PathLike[str], **options: Unpack[SaveKwargs]
+    ) -> Manifest | None:
+        """Save ``state_dict`` to the checkpoint folder ``path`` (a local path or fsspec URL, as a
+        ``str`` or ``os.PathLike`` such as ``pathlib.Path``).
 
         Keyword options (:class:`SaveKwargs`, all optional): ``process_group``,
         ``overwrite=False``, ``metadata=None``, ``storage_options=None``, ``timeout_s=1800``,
@@ -195,7 +200,7 @@ class Checkpointer:
     def async_save(
         self,
         state_dict: dict[str, Any],
-        path: str,
+        path: str | os.PathLike[str],
         *,
         max_staging_bytes: int | None = None,
         **options: Unpack[SaveKwargs],
@@ -255,14 +260,14 @@ class Checkpointer:
             source.released.wait()  # the caller's tensors are read until then
         return handle
 
-    def _start_save(self, action: str, path: str, options: SaveKwargs) -> _SaveStart:
+    def _start_save(self, action: str, path: str | os.PathLike[str], options: SaveKwargs) -> _SaveStart:
         """The preamble ``save`` and ``async_save`` share: check the arguments, finish the
         pending save, and get the checkpoint group (collective on first use)."""
         unknown = sorted(set(options) - SaveKwargs.__optional_keys__)
         if unknown:
             raise TypeError(f"{action}() got unexpected keyword arguments {unknown}; see shardckpt.SaveKwargs")
-        self._check_open(f"{action} to {path}")
         path = checkpoint_path(path)
+        self._check_open(f"{action} to {path}")
         io = self._call_io(options.get("io"), options.get("num_io_threads"), options.get("hash_block_bytes"))
         writer = writer_options(io, path, overwrite=options.get("overwrite", False), metadata=options.get("metadata"))
         timeout_s = options.get("timeout_s", DEFAULT_TIMEOUT_S)
@@ -284,7 +289,7 @@ class Checkpointer:
     def load(
         self,
         state_dict: dict[str, Any],
-        path: str,
+        path: str | os.PathLike[str],
         *,
         process_group: Any = None,
         strict: bool = True,
@@ -314,6 +319,7 @@ class Checkpointer:
         1800 s). Like ``save``, the collectives run on this Checkpointer's gloo group,
         after its pending async save (if any) has finished.
         """
+        path = checkpoint_path(path)
         io = self._call_io(io, num_io_threads, None)
         check_timeout(timeout_s)
         self._check_open(f"load of {path}")

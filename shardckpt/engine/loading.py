@@ -6,6 +6,7 @@ saved chunks; our reader fetches only those byte ranges and verifies them.
 
 from __future__ import annotations
 
+import os
 from collections import defaultdict
 from typing import Any
 
@@ -27,7 +28,7 @@ from shardckpt.errors import (
 )
 from shardckpt.format import datafile, integrity, layout
 from shardckpt.format.manifest import MAX_MANIFEST_BYTES, Manifest, parse_manifest, unseal
-from shardckpt.storage import Storage, folder, open_storage  # noqa: F401 - the engine looks it up here at call time (tests still patch it)
+from shardckpt.storage import Storage, as_url, folder, open_storage
 
 
 def load_from(
@@ -73,8 +74,14 @@ def load_from(
     apply_loaded_stateful(state_dict, plain)
 
 
-def read_manifest(storage: Storage) -> Manifest:
-    """Read and validate the manifest of the checkpoint at ``storage``'s root."""
+def read_manifest(
+    checkpoint: Storage | str | os.PathLike[str], storage_options: dict[str, Any] | None = None
+) -> Manifest:
+    """Read and validate the manifest of a checkpoint: a folder given as a path or fsspec
+    URL (``str`` or ``os.PathLike``; ``storage_options`` for fsspec), or a Storage rooted
+    there. Reads on the calling process only. Raises CheckpointNotFoundError (no such
+    folder), NotCommittedError (no manifest) or ManifestError (a bad one)."""
+    storage = checkpoint if isinstance(checkpoint, Storage) else open_storage(as_url(checkpoint), storage_options)
     return parse_manifest(read_manifest_bytes(storage), source=f"{storage.url}/{layout.MANIFEST_NAME}")
 
 

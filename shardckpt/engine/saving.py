@@ -14,7 +14,6 @@ module; ``shardckpt.save``/``async_save`` run on the default one (:mod:`shardckp
 from __future__ import annotations
 
 import logging
-import os
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -35,7 +34,7 @@ from shardckpt.engine.staging import BoundedSource
 from shardckpt.engine.writer import Writer, WriterOptions
 from shardckpt.errors import RankTimeoutError
 from shardckpt.format.manifest import Manifest
-from shardckpt.storage import Storage
+from shardckpt.storage import Storage, as_url
 
 DEFAULT_TIMEOUT_S = 1800.0
 log = logging.getLogger("shardckpt")
@@ -120,14 +119,7 @@ def persist(
 def checkpoint_path(path: Any) -> str:
     """The public boundary: a str or os.PathLike, never empty (``save(state, "")`` would
     mean the current directory)."""
-    text = os.fspath(path) if isinstance(path, (str, os.PathLike)) else path
-    if not isinstance(text, str):
-        raise TypeError(
-            f"checkpoint path must be a str or os.PathLike (a local path or fsspec URL), got {type(path).__name__}"
-        )
-    if not text.strip():
-        raise ValueError("checkpoint path is empty; pass the folder to save into, e.g. 'runs/exp1/step_100'")
-    return text
+    return as_url(path)
 
 
 def writer_options(io: IOOptions, path: str, *, overwrite: bool, metadata: dict[str, Any] | None) -> WriterOptions:

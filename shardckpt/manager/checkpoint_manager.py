@@ -45,7 +45,7 @@ from shardckpt.manager import ownership
 from shardckpt.manager.retention import RetentionPolicy
 from shardckpt.manager.schedule import SaveSchedule, policy_or_shortcuts
 from shardckpt.manager.steps import check_metrics, metrics_of
-from shardckpt.storage import Storage, folder
+from shardckpt.storage import Storage, as_url, folder
 
 log = logging.getLogger("shardckpt")
 
@@ -178,7 +178,7 @@ class CheckpointManager:
         check_timeout(timeout_s)
         if not stale_owner_after_s > 0:
             raise ValueError(f"stale_owner_after_s must be > 0, got {stale_owner_after_s}")
-        self.root = _root_url(root)
+        self.root = as_url(root, "root").rstrip("/") or "/"
         self.read_only = read_only
         self.async_save = async_save
         self._max_staging_bytes = max_staging_bytes
@@ -592,14 +592,3 @@ class CheckpointManager:
 
     def _step_storage(self, step: int) -> Storage:
         return self._storage.child(layout.step_dir_name(step))
-
-
-def _root_url(root: str | os.PathLike[str]) -> str:
-    """The root as a str without a trailing ``/`` (``os.fspath`` of a Path; a URL's
-    ``//`` is never touched, since no pathlib is involved)."""
-    if not isinstance(root, (str, os.PathLike)):
-        raise TypeError(f"root must be a str or os.PathLike (a local path or fsspec URL), got {type(root).__name__}")
-    text = os.fspath(root)
-    if not isinstance(text, str) or not text.strip():
-        raise ValueError(f"root must be a non-empty path or URL, got {root!r}")
-    return text.rstrip("/") or "/"

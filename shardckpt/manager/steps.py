@@ -19,7 +19,7 @@ from shardckpt.engine.loading import read_manifest
 from shardckpt.errors import UnsupportedValueError
 from shardckpt.format import layout
 from shardckpt.format.manifest import Manifest
-from shardckpt.storage import folder, open_storage
+from shardckpt.storage import as_url, folder, open_storage
 
 __all__ = ["OtherCheckpoint", "StepInfo", "check_metrics", "list_other_checkpoints", "list_root", "metrics_of"]
 
@@ -121,7 +121,7 @@ def list_root(root: str | os.PathLike[str], storage_options: dict[str, Any] | No
     Step folders are named by :func:`shardckpt.format.layout.step_dir_name`
     (``step_0000000100``); other folders are not steps (see :func:`list_other_checkpoints`).
     A root that does not exist holds no steps."""
-    storage = open_storage(os.fspath(root), storage_options)
+    storage = open_storage(as_url(root, "root"), storage_options)
     infos = []
     for name in storage.list_dirs(""):
         step = layout.parse_step_dir(name)
@@ -143,7 +143,7 @@ def list_other_checkpoints(
 ) -> list[OtherCheckpoint]:
     """The committed checkpoints directly under ``root`` that are not manager steps, by
     name: folders with a ``manifest.json`` whose name is not ``step_dir_name(step)``."""
-    storage = open_storage(os.fspath(root), storage_options)
+    storage = open_storage(as_url(root, "root"), storage_options)
     found = []
     for name in sorted(storage.list_dirs("")):
         if layout.parse_step_dir(name) is not None or not folder.is_committed(storage, name):

@@ -102,7 +102,10 @@ def test_ls_of_a_folder_with_only_plain_checkpoints_says_there_are_no_steps(tmp_
     shardckpt.save(state(1), str(tmp_path / "step_100"))
     code, out, _ = run(capsys, "ls", str(tmp_path))
     assert code == 0
-    assert out.splitlines()[0] == f"{tmp_path}: no manager step folders (a CheckpointManager names step 100 step_0000000100)"
+    assert (
+        out.splitlines()[0]
+        == f"{tmp_path}: no manager step folders (a CheckpointManager names step 100 step_0000000100)"
+    )
     assert "step_100  checkpoint (not a manager step)" in out
 
 
@@ -132,3 +135,82 @@ def test_inspect_of_a_users_folder_says_shardckpt_did_not_write_it(tmp_path, cap
     (tmp_path / "notes.txt").write_text("hi")
     code, _, err = run(capsys, "inspect", str(tmp_path))
     assert code == 2 and "was not written by shardckpt (it holds 'notes.txt')" in err
+
+
+# ---------------------------------------------------------------- 2: pathlib.Path wherever a path is taken
+
+
+def test_every_public_entry_point_takes_a_path_object(tmp_path):
+    from shardckpt.convert.audit import describe_checkpoint, verify_checkpoint
+
+    a, b, c = tmp_path / "a", tmp_path / "b", tmp_path / "c"
+    assert shardckpt.save(state(1), a).world_size == 1
+    shardckpt.save(state(2), b)
+    assert shardckpt.async_save(state(3), c).wait() is not None
+    got = blank()
+    shardckpt.load(got, c)
+    assert got["step"] == 3
+    assert shardckpt.read_manifest(a).tensors["model.w"].shape == (4, 3)
+    assert verify_checkpoint(a).ok and describe_checkpoint(a)["num_tensors"] == 1
+    assert shardckpt.read_state_dict(b)["step"] == 2
+    diff = shardckpt.diff_checkpoints(a, b)
+    assert (diff.a, diff.b) == (str(a), str(b)) and diff.changed == ["model.w", "step"]
+
+    out = tmp_path / "w.safetensors"
+    assert shardckpt.export_checkpoint(a, out, format="safetensors").num_tensors == 1
+    assert shardckpt.export_checkpoint(a, tmp_path / "hf", format="hf").files[-1].endswith("index.json")
+    assert shardckpt.export_checkpoint(a, tmp_path / "w.pt", format="torch").num_tensors == 1
+    report = shardckpt.import_checkpoint(out, tmp_path / "imported")
+    assert report.path == str(tmp_path / "imported")
+    got = blank()
+    shardckpt.load(got, tmp_path / "imported", strict=False)
+    assert torch.equal(got["model"]["w"], torch.full((4, 3), 1.0))
+
+    with shardckpt.Checkpointer() as ckpt:
+        ckpt.save(state(4), tmp_path / "d")
+        assert ckpt.open_storage(tmp_path / "d").exists("manifest.json")
+
+
+def test_manager_and_listing_take_a_path_object(tmp_path):
+    with shardckpt.CheckpointManager(tmp_path / "run", keep_last=1) as mgr:
+        assert mgr.root == str(tmp_path / "run")
+        mgr.save(1, state(1))
+        mgr.save(2, state(2))
+        assert mgr.steps() == [2] and mgr.path(2) == f"{tmp_path}/run/step_0000000002"
+    assert [i.step for i in shardckpt.list_root(tmp_path / "run")] == [2]
+    with shardckpt.CheckpointManager(tmp_path / "run", read_only=True) as mgr:
+        got = blank()
+        assert mgr.restore(got) == 2 and got["step"] == 2
+
+
+def test_a_url_root_keeps_its_double_slash():
+    """Never pathlib for URLs: Path('memory://x') would be 'memory:/x'."""
+    with shardckpt.CheckpointManager("memory://first-hour/run/") as mgr:
+        assert mgr.root == "memory://first-hour/run"
+        assert mgr.path(5) == "memory://first-hour/run/step_0000000005"
+        mgr.save(5, state(5))
+        assert mgr.steps() == [5]
+
+
+@pytest.mark.parametrize("bad", [b"runs/exp1", 3, None])
+def test_a_path_that_is_not_str_or_pathlike_is_a_clear_type_error(tmp_path, bad):
+    with pytest.raises(TypeError, match=r"must be a str or os\.PathLike"):
+        shardckpt.save(state(1), bad)
+    with pytest.raises(TypeError, match=r"must be a str or os\.PathLike"):
+        shardckpt.CheckpointManager(bad)
+    with pytest.raises(TypeError, match=r"must be a str or os\.PathLike"):
+        shardckpt.list_root(bad)
+
+
+def test_lightning_checkpoint_io_takes_a_path_object(tmp_path):
+    pytest.importorskip("lightning")
+    from shardckpt.integrations.lightning import ShardckptCheckpointIO
+
+    io = ShardckptCheckpointIO()
+    path = tmp_path / "epoch=0.ckpt"
+    io.save_checkpoint({"state_dict": {"w": torch.arange(3.0)}, "global_step": 7, "epoch": 0}, path)
+    loaded = io.load_checkpoint(path)
+    assert loaded["global_step"] == 7 and torch.equal(loaded["state_dict"]["w"], torch.arange(3.0))
+    io.remove_checkpoint(path)
+    assert not path.exists()
+    io.teardown()
