@@ -6,8 +6,8 @@ exit status. To add one (``ls``, ``export``, ...), write those two functions nex
 the others and :func:`register` a Command; ``--help`` is built from its fields.
 
 Exit status, for every subcommand: 0 success; 1 the checkpoint is damaged
-(``verify`` found problems); 2 the path is not a committed checkpoint this
-shardckpt can read, or the command line is wrong.
+(``verify`` found problems); 2 a path does not exist or is not a committed checkpoint
+this shardckpt can read (one line on stderr names it), or the command line is wrong.
 """
 
 from __future__ import annotations
@@ -326,7 +326,7 @@ import shardckpt.cli.convert  # noqa: E402,F401
 _EXIT_STATUS = """exit status:
   0  success
   1  the checkpoint is damaged
-  2  not a committed checkpoint, or a bad command line"""
+  2  a path is missing or not a committed checkpoint, or a bad command line"""
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -214,3 +214,40 @@ def test_lightning_checkpoint_io_takes_a_path_object(tmp_path):
     io.remove_checkpoint(path)
     assert not path.exists()
     io.teardown()
+
+
+# ---------------------------------------------------------------- 3: a missing path is exit 2, one line naming it
+
+
+MISSING_PATH_CASES = [
+    ["ls", "{nope}"],
+    ["inspect", "{nope}"],
+    ["verify", "{nope}"],
+    ["export", "{nope}", "{tmp}/out.safetensors", "--format", "safetensors"],
+    ["export", "{nope}", "{tmp}/hf", "--format", "hf"],
+    ["import", "{nope}", "{tmp}/imported"],
+    ["diff", "{nope}", "{ckpt}"],
+    ["diff", "{ckpt}", "{nope}"],
+]
+
+
+def test_the_missing_path_cases_cover_every_command():
+    from shardckpt.cli.base import COMMANDS
+
+    assert {argv[0] for argv in MISSING_PATH_CASES} == set(COMMANDS)
+
+
+@pytest.mark.parametrize(
+    "argv",
+    MISSING_PATH_CASES,
+    ids=lambda argv: " ".join(argv[:1] + [a.split("/")[-1] for a in argv[1:3]]),
+)
+def test_every_command_exits_2_on_a_missing_path(tmp_path, capsys, argv):
+    ckpt = tmp_path / "ckpt"
+    shardckpt.save(state(1), ckpt)
+    nope = tmp_path / "runs" / "nope"
+    code, out, err = run(capsys, *(a.format(nope=nope, tmp=tmp_path, ckpt=ckpt) for a in argv))
+    assert code == 2 and out == ""
+    assert err.count("\n") == 1 and err.startswith(f"shardckpt {argv[0]}: error: ")
+    assert str(nope) in err and ("does not exist" in err or "no such file" in err)
+    assert sorted(os.listdir(tmp_path)) == ["ckpt"]  # nothing written on the way
