@@ -26,9 +26,9 @@ import torch.distributed as dist
 
 from shardckpt.engine.collective import RankGroup, arrive, checkpoint_group, is_gloo
 from shardckpt.engine.loading import load_from
-from shardckpt.engine.options import IOOptions, SaveKwargs, check_timeout
+from shardckpt.engine.options import IOOptions, SaveKwargs, Timeouts
 from shardckpt.engine.saving import (
-    DEFAULT_TIMEOUT_S,
+    SLOW_IO,
     AsyncSaveHandle,
     SaveRequest,
     checkpoint_path,
@@ -166,7 +166,7 @@ class Checkpointer:
         ``str`` or ``os.PathLike`` such as ``pathlib.Path``).
 
         Keyword options (:class:`SaveKwargs`, all optional): ``process_group``,
-        ``overwrite=False``, ``metadata=None``, ``storage_options=None``, ``timeout_s=1800``,
+        ``overwrite=False``, ``metadata=None``, ``storage_options=None``, ``timeout_s=None``,
         ``io`` (default: this Checkpointer's :class:`IOOptions`), and the shortcuts
         ``num_io_threads``, ``hash_block_bytes`` that replace one field of ``io``.
 
@@ -187,14 +187,20 @@ class Checkpointer:
         coordinator's copy is kept) is stored in the manifest, e.g. a step and metrics.
 
         This Checkpointer's pending ``async_save`` is finished first. Every wait for
-        other ranks is bounded by ``timeout_s`` (default 1800 s): a rank that never calls
-        ``save`` or never finishes its writes makes the others raise RankTimeoutError
-        naming it. The save's collectives run on a gloo group with the caller's ranks,
+        other ranks is bounded, and ends in RankTimeoutError naming the ranks missing: a
+        rank that never calls ``save`` is reported after 600 s, a rank whose writes have not
+        finished 1800 s after the others' (the defaults, ``timeout_s=None``: waiting for
+        real I/O gets longer; a number sets both, see :class:`~shardckpt.engine.options.Timeouts`).
+        The save's collectives run on a gloo group with the caller's ranks,
         created on the first call (by every rank) and owned by this Checkpointer.
         Returns the committed Manifest on the coordinator, None on other ranks.
         """
         request = self._start_save("save", path, options).request
-        arrive(request.process_group, f"save to {request.path}: waiting for every rank to call save", request.timeout_s)
+        arrive(
+            request.process_group,
+            f"save to {request.path}: waiting for every rank to call save",
+            request.timeouts.arrive_s,
+        )
         return persist(to_plain_state_dict(state_dict), request)
 
     def async_save(
@@ -214,7 +220,8 @@ class Checkpointer:
         caller may mutate its tensors as soon as this returns. Writing, checksumming and the
         commit run on a (non-daemon) background thread whose collectives use this
         Checkpointer's dedicated gloo group (created on the first call, by every rank), never
-        the training group; ``timeout_s`` bounds every wait for other ranks. The handle is
+        the training group; ``timeout_s`` bounds every wait for other ranks, as in ``save``
+        (a rank that never calls ``async_save`` is reported after 600 s by default). The handle is
         also :attr:`pending` until :meth:`wait` (or the next call) collects it.
 
         ``max_staging_bytes`` bounds the host memory used for staging on this rank (default:
@@ -236,6 +243,13 @@ class Checkpointer:
                 "collectives on a training group: pass process_group=dist.new_group(ranks, backend='gloo') "
                 "(created on every rank)"
             )
+        # Before staging, whose agreement runs on the caller's group (bounded only by its
+        # own timeout, 30 minutes for gloo by default).
+        arrive(
+            request.process_group,
+            f"async save to {request.path}: waiting for every rank to call async_save",
+            request.timeouts.arrive_s,
+        )
         stager = self._stager
 
         def stage() -> dict[str, Any]:
@@ -270,12 +284,12 @@ class Checkpointer:
         self._check_open(f"{action} to {path}")
         io = self._call_io(options.get("io"), options.get("num_io_threads"), options.get("hash_block_bytes"))
         writer = writer_options(io, path, overwrite=options.get("overwrite", False), metadata=options.get("metadata"))
-        timeout_s = options.get("timeout_s", DEFAULT_TIMEOUT_S)
-        check_timeout(timeout_s)
+        timeout_s = options.get("timeout_s")
+        timeouts = Timeouts.of(timeout_s)
         self.wait()
         process_group = options.get("process_group")
         group = RankGroup.current(process_group)
-        ckpt_group = self.group(process_group, timeout_s) if group.is_distributed else None
+        ckpt_group = self.group(process_group, timeouts.arrive_s) if group.is_distributed else None
         storage_options = options.get("storage_options")
         request = SaveRequest(
             path,
@@ -295,7 +309,7 @@ class Checkpointer:
         strict: bool = True,
         verify: bool = True,
         storage_options: dict[str, Any] | None = None,
-        timeout_s: float = DEFAULT_TIMEOUT_S,
+        timeout_s: float | None = None,
         io: IOOptions | None = None,
         num_io_threads: int | None = None,
     ) -> None:
@@ -315,22 +329,34 @@ class Checkpointer:
         Checkpointer's :class:`IOOptions`); ``num_io_threads`` replaces its thread count
         (None there too: 4). ``storage_options``: handed to fsspec for fsspec URLs.
         A problem on any rank raises on every rank, naming the rank; a rank that does not
-        call ``load`` makes the others raise RankTimeoutError after ``timeout_s`` (default
-        1800 s). Like ``save``, the collectives run on this Checkpointer's gloo group,
-        after its pending async save (if any) has finished.
+        call ``load`` makes the others raise RankTimeoutError after 600 s, a rank whose
+        reads have not finished, 1800 s after the others' (the defaults, ``timeout_s=None``;
+        a number sets both). Like ``save``, the collectives run on this Checkpointer's gloo
+        group, after its pending async save (if any) has finished.
         """
         path = checkpoint_path(path)
         io = self._call_io(io, num_io_threads, None)
-        check_timeout(timeout_s)
+        timeouts = Timeouts.of(timeout_s)
         self._check_open(f"load of {path}")
         self.wait()
         group = RankGroup.current(process_group)
-        ckpt_group = self.group(process_group, timeout_s) if group.is_distributed else None
-        arrive(ckpt_group, f"load of {path}: waiting for every rank to call load", timeout_s)
+        ckpt_group = self.group(process_group, timeouts.arrive_s) if group.is_distributed else None
+        arrive(ckpt_group, f"load of {path}: waiting for every rank to call load", timeouts.arrive_s)
         group = RankGroup.current(ckpt_group) if ckpt_group is not None else group
         storage = self.open_storage(path, storage_options, io=io)
+        all_read = functools.partial(
+            arrive, ckpt_group, f"load of {path}: waiting for every rank to finish reading", timeouts.io_s, hint=SLOW_IO
+        )
         load_from(
-            state_dict, path, storage, group, ckpt_group, strict=strict, verify=verify, num_io_threads=io.load_threads()
+            state_dict,
+            path,
+            storage,
+            group,
+            ckpt_group,
+            strict=strict,
+            verify=verify,
+            num_io_threads=io.load_threads(),
+            after_read=all_read,
         )
 
     def _call_io(self, io: IOOptions | None, num_io_threads: int | None, hash_block_bytes: int | None) -> IOOptions:

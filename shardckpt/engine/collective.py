@@ -150,11 +150,11 @@ def is_gloo(group: Any) -> bool:
     return group is not None and dist.get_backend(group) == "gloo"
 
 
-def arrive(group: Any, action: str, timeout_s: float) -> None:
+def arrive(group: Any, action: str, timeout_s: float, *, hint: str = "") -> None:
     """Collective over a gloo ``group``: wait until every rank arrives, at most ``timeout_s``.
 
     Raises RankTimeoutError naming the ranks that did not arrive (rank 0 of the group
-    knows which; the others learn that the barrier failed).
+    knows which; the others learn that the barrier failed), with ``hint`` appended.
     """
     if not is_gloo(group):
         return  # monitored_barrier exists for gloo only; other groups rely on their own timeout
@@ -166,7 +166,7 @@ def arrive(group: Any, action: str, timeout_s: float) -> None:
         raise RankTimeoutError(
             f"{action}: not every rank arrived within {timeout_s:g} s ({e}). A rank that skipped the "
             "call, crashed, or is stuck holds everyone else; check the named ranks' logs. The "
-            "checkpoint was not committed; earlier checkpoints are intact."
+            f"checkpoint was not committed; earlier checkpoints are intact.{hint}"
         ) from e
 
 

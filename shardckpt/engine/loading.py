@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 from collections import defaultdict
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -41,10 +42,13 @@ def load_from(
     strict: bool,
     verify: bool,
     num_io_threads: int,
+    after_read: Callable[[], None] | None = None,
 ) -> None:
     """The body of a load, once every rank has arrived: read and check the manifest of
     ``storage`` (the checkpoint ``path``), then fill ``state_dict``. Collective over
-    ``group`` (the checkpoint group ``ckpt_group``'s ranks, or a single process)."""
+    ``group`` (the checkpoint group ``ckpt_group``'s ranks, or a single process).
+    ``after_read`` runs on every rank when its reads ended (the wait for the others'
+    reads, bounded on its own)."""
     plain = to_plain_state_dict(state_dict)
 
     def read() -> tuple[Manifest, str]:
@@ -62,7 +66,7 @@ def load_from(
         check_target(manifest, flat, strict=strict, source=storage.url)
 
     group.agree(f"load of {path}", check)
-    reader = Reader(storage, manifest, verify=verify, num_io_threads=num_io_threads)
+    reader = Reader(storage, manifest, verify=verify, num_io_threads=num_io_threads, after_read=after_read)
     with translated_failures(f"load of {path}"):
         dcp.load(
             plain,

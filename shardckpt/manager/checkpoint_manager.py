@@ -30,8 +30,8 @@ from typing import Any
 from shardckpt.engine.checkpointer import Checkpointer
 from shardckpt.engine.collective import RankGroup
 from shardckpt.engine.loading import read_manifest
-from shardckpt.engine.options import IOOptions, SaveKwargs, check_io_threads, check_timeout
-from shardckpt.engine.saving import DEFAULT_TIMEOUT_S, AsyncSaveHandle
+from shardckpt.engine.options import IOOptions, SaveKwargs, Timeouts, check_io_threads
+from shardckpt.engine.saving import AsyncSaveHandle
 from shardckpt.errors import (
     CheckpointNotFoundError,
     IntegrityError,
@@ -86,9 +86,11 @@ class CheckpointManager:
       object-store transfer and retry settings of every save and restore, and of the
       manager's own listing and deletes on the root. ``num_io_threads`` (None): a shortcut
       that replaces ``io.num_io_threads``.
-    - ``timeout_s`` (1800): bounds every wait for other ranks, in saves, restores and the
+    - ``timeout_s`` (None): bounds every wait for other ranks, in saves, restores and the
       manager's own agreements (opening, listing, retention): a rank that does not arrive
       makes the others raise RankTimeoutError; a rank whose process died, RankFailureError.
+      None: a rank that has not made the call is reported after 600 s, and ranks wait
+      1800 s for the slowest rank's writes or reads; a number sets both.
     - ``checkpointer`` (None): the :class:`shardckpt.engine.Checkpointer` saves and restores
       run on (its staging buffers, gloo groups and storage factory; the root itself is
       opened with its factory too). Without one the manager creates its own, with ``io``,
@@ -139,7 +141,7 @@ class CheckpointManager:
         storage_options: dict[str, Any] | None = None,
         io: IOOptions | None = None,
         num_io_threads: int | None = None,
-        timeout_s: float = DEFAULT_TIMEOUT_S,
+        timeout_s: float | None = None,
         checkpointer: Checkpointer | None = None,
         read_only: bool = False,
         takeover: bool = False,
@@ -175,7 +177,7 @@ class CheckpointManager:
             raise TypeError(f"io must be a shardckpt.IOOptions or None, got {type(io).__name__}")
         if num_io_threads is not None:
             check_io_threads(num_io_threads)
-        check_timeout(timeout_s)
+        self._timeouts = Timeouts.of(timeout_s)
         if not stale_owner_after_s > 0:
             raise ValueError(f"stale_owner_after_s must be > 0, got {stale_owner_after_s}")
         self.root = as_url(root, "root").rstrip("/") or "/"
@@ -576,16 +578,17 @@ class CheckpointManager:
             raise ShardckptError(f"{self.root}: this CheckpointManager is closed")
 
     def _ranks(self) -> RankGroup:
-        """The group the manager's own agreements run on: a gloo group with ``timeout_s``
-        (so a rank that never opens the manager, or never reaches retention, makes the
-        others raise RankTimeoutError instead of waiting for the training group's
-        timeout), separate from the one an async save uses in the background. Created
-        on first use, which every rank reaches at the same call."""
+        """The group the manager's own agreements run on: a gloo group whose timeout is
+        the arrival bound of ``timeout_s`` (600 s by default), so a rank that never opens
+        the manager, or never reaches retention, makes the others raise RankTimeoutError
+        instead of waiting for the training group's timeout; separate from the one an
+        async save uses in the background. Created on first use, which every rank
+        reaches at the same call."""
         if self._agreements is None:
             group = self._group
             if group.is_distributed:
                 group = RankGroup.current(
-                    self._checkpointer.group(self._process_group, self._timeout_s, purpose="manager")
+                    self._checkpointer.group(self._process_group, self._timeouts.arrive_s, purpose="manager")
                 )
             self._agreements = group
         return self._agreements

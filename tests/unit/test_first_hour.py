@@ -251,3 +251,31 @@ def test_every_command_exits_2_on_a_missing_path(tmp_path, capsys, argv):
     assert err.count("\n") == 1 and err.startswith(f"shardckpt {argv[0]}: error: ")
     assert str(nope) in err and ("does not exist" in err or "no such file" in err)
     assert sorted(os.listdir(tmp_path)) == ["ckpt"]  # nothing written on the way
+
+
+# ---------------------------------------------------------------- 4: timeouts chosen for humans
+
+
+def test_default_timeouts_report_a_missing_rank_in_minutes_and_wait_longer_for_io():
+    import inspect
+
+    from shardckpt.engine.options import Timeouts
+
+    assert Timeouts.of(None) == Timeouts(arrive_s=600.0, io_s=1800.0)
+    assert Timeouts.of(45) == Timeouts(arrive_s=45.0, io_s=45.0)  # a number bounds every wait
+    for bad in (0, -1, True, "60"):
+        with pytest.raises(ValueError, match="timeout_s must be a number of seconds > 0"):
+            Timeouts.of(bad)
+    for fn in (shardckpt.load, shardckpt.Checkpointer.load, shardckpt.CheckpointManager):
+        assert inspect.signature(fn).parameters["timeout_s"].default is None, fn
+    for doc in (shardckpt.Checkpointer.save.__doc__, shardckpt.Checkpointer.load.__doc__):
+        assert "default 1800 s" not in doc and "after 600 s" in doc
+
+
+def test_a_lightning_strategy_takes_the_same_timeout_defaults():
+    pytest.importorskip("lightning")
+    from shardckpt.integrations.lightning.strategy import ShardckptOptions
+
+    assert ShardckptOptions().timeout_s is None and ShardckptOptions(timeout_s=30).timeout_s == 30
+    with pytest.raises(ValueError, match="timeout_s must be a number of seconds > 0"):
+        ShardckptOptions(timeout_s=0)
