@@ -279,3 +279,36 @@ def test_a_lightning_strategy_takes_the_same_timeout_defaults():
     assert ShardckptOptions().timeout_s is None and ShardckptOptions(timeout_s=30).timeout_s == 30
     with pytest.raises(ValueError, match="timeout_s must be a number of seconds > 0"):
         ShardckptOptions(timeout_s=0)
+
+
+# ---------------------------------------------------------------- 5: a Manifest prints as one short line
+
+
+def test_manifest_repr_is_one_short_line_however_big_the_manifest():
+    from shardckpt.format.manifest import ChunkRecord, FileRecord, Manifest, TensorRecord
+
+    files = {f"data/0123456789ab-r{r:05d}-00.safetensors": FileRecord(2**28, "0" * 16, r) for r in range(4)}
+    chunk = ChunkRecord((0, 0), (1024, 1024), next(iter(files)), 0, 4 * 2**20, ("0" * 16,) * 64)
+    m = Manifest(
+        world_size=4,
+        process_layout=tuple({"rank": r, "host": "h", "local_rank": r} for r in range(4)),
+        tensors={f"model.layers.{i}.w": TensorRecord("F32", (1024, 1024), (chunk,)) for i in range(20_000)},
+        values={"step": 100, "lr": 0.1, "name": "x" * 10_000},
+        files=files,
+        hash_block_bytes=2**16,
+        created_at="2025-01-02T03:04:05+00:00",
+        shardckpt_version="1.0",
+        torch_version="2.13.0",
+        metadata={"metrics": {"loss": 0.5}, "note": "y" * 10_000},
+    )
+    assert repr(m) == (
+        "Manifest(format_version=1, world_size=4, tensors=20000, values=3, files=4, bytes=1.0 GiB, "
+        "created_at='2025-01-02T03:04:05+00:00')"
+    )
+    assert str(m) == repr(m)
+
+
+def test_a_saved_manifest_prints_its_own_counts(tmp_path):
+    m = shardckpt.save({"a": torch.zeros(256), "b": torch.zeros(3), "step": 1}, tmp_path / "c")
+    assert repr(m).startswith("Manifest(format_version=1, world_size=1, tensors=2, values=1, files=")
+    assert f"created_at={m.created_at!r})" in repr(m)
