@@ -67,7 +67,7 @@ def load_from(
 
     group.agree(f"load of {path}", check)
     reader = Reader(storage, manifest, verify=verify, num_io_threads=num_io_threads, after_read=after_read)
-    with translated_failures(f"load of {path}"):
+    with translated_failures(f"load of {path}", alone=not group.is_distributed):
         dcp.load(
             plain,
             storage_reader=reader,

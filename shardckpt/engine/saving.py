@@ -100,7 +100,7 @@ def persist(
         raise
     try:
         rank = dist.get_rank(group) if group is not None else 0
-        with translated_failures(f"save to {path}", rank=rank):
+        with translated_failures(f"save to {path}", rank=rank, alone=group is None):
             dcp.save(
                 state,
                 storage_writer=writer,

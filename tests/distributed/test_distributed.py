@@ -409,3 +409,24 @@ def _rank_1_skips_the_first_save(rank: int, world: int, path: str) -> None:
 
 def test_a_rank_that_skips_the_first_save_is_reported_after_the_arrival_bound(tmp_path):
     run_ranks(_rank_1_skips_the_first_save, 2, str(tmp_path / "ckpt"))
+
+
+def _foreign_folder_on_two_ranks(rank: int, world: int, path: str) -> None:
+    import traceback
+
+    with pytest.raises(shardckpt.errors.DestinationNotEmptyError) as info:
+        shardckpt.save({"w": torch.ones(4)}, path)
+    text = "".join(traceback.format_exception(info.value))
+    assert text.count("Traceback (most recent call last)") == 1, text
+    assert "During handling" not in text and "torch/distributed/checkpoint" not in text, text
+    assert str(info.value).startswith(f"save to {path} failed on rank 0: DestinationNotEmptyError: save to {path}: ")
+
+
+def test_a_save_error_gathered_from_ranks_prints_one_traceback_on_each(tmp_path):
+    """Rank 0 refuses the folder; rank 0 (its own error) and rank 1 (a stand-in for it)
+    both raise it with one traceback, no chain through DCP's internals."""
+    path = tmp_path / "ckpt"
+    path.mkdir()
+    (path / "notes.txt").write_text("mine")
+    run_ranks(_foreign_folder_on_two_ranks, 2, str(path))
+    assert sorted(os.listdir(path)) == ["notes.txt"]

@@ -312,3 +312,106 @@ def test_a_saved_manifest_prints_its_own_counts(tmp_path):
     m = shardckpt.save({"a": torch.zeros(256), "b": torch.zeros(3), "step": 1}, tmp_path / "c")
     assert repr(m).startswith("Manifest(format_version=1, world_size=1, tensors=2, values=1, files=")
     assert f"created_at={m.created_at!r})" in repr(m)
+
+
+# ---------------------------------------------------------------- 6: one traceback per save error
+
+
+def _rendered(e: BaseException) -> str:
+    import traceback
+
+    return "".join(traceback.format_exception(e))
+
+
+@pytest.mark.parametrize("kind", ["save", "async_save"])
+def test_a_save_into_a_foreign_folder_prints_one_traceback_with_one_message(tmp_path, kind):
+    dest = tmp_path / "dest"
+    dest.mkdir()
+    (dest / "notes.txt").write_text("mine")
+    with pytest.raises(shardckpt.errors.DestinationNotEmptyError) as info:
+        if kind == "save":
+            shardckpt.save(state(1), dest)
+        else:
+            shardckpt.async_save(state(1), dest).wait()
+    text = _rendered(info.value)
+    assert text.count("Traceback (most recent call last)") == 1, text
+    assert "During handling of the above exception" not in text and "direct cause" not in text, text
+    assert "torch/distributed/checkpoint" not in text, text  # no DCP internals
+    assert str(info.value) == (
+        f"save to {dest}: the folder already holds 1 entry that is not part of a shardckpt checkpoint "
+        "('notes.txt'); shardckpt saves only into a new or empty folder, or over its own checkpoint, so it never "
+        "deletes or overwrites your files. Save to a new path (one folder per checkpoint, e.g. runs/exp1/step_100) "
+        "or empty this one."
+    )
+    # The original, with the traceback through the writer, is kept for whoever debugs shardckpt.
+    original = info.value.failures[0]
+    assert type(original) is type(info.value) and original is not info.value
+    assert (dest / "notes.txt").read_text() == "mine" and sorted(os.listdir(dest)) == ["notes.txt"]
+
+
+def test_a_corrupt_load_prints_one_traceback(tmp_path):
+    path = tmp_path / "c"
+    shardckpt.save({"w": torch.ones(1000)}, path, hash_block_bytes=4096)
+    (data,) = (path / "data").glob("*-00.safetensors")
+    raw = bytearray(data.read_bytes())
+    raw[-10] ^= 1
+    data.write_bytes(bytes(raw))
+    with pytest.raises(shardckpt.IntegrityError) as info:
+        shardckpt.load({"w": torch.zeros(1000)}, path)
+    text = _rendered(info.value)
+    assert text.count("Traceback (most recent call last)") == 1 and "torch/distributed/checkpoint" not in text, text
+    assert str(info.value).startswith(f"{path} (rank 0): file 'data/") and "checksum mismatch" in str(info.value)
+
+
+def test_a_storage_errors_oserror_stays_its_cause(tmp_path):
+    """The errno and file of a failing disk tell something new: kept as __cause__."""
+    import errno
+
+    from shardckpt.storage.local import LocalStorage
+
+    class Full(LocalStorage):
+        def create_exclusive(self, name, data):
+            raise OSError(errno.ENOSPC, "No space left on device", f"{self.root}/{name}")
+
+    with shardckpt.Checkpointer(storage_factory=lambda url, options=None: Full(url)) as ckpt:
+        with pytest.raises(shardckpt.StorageError) as info:
+            ckpt.save(state(1), tmp_path / "c")
+    err = info.value
+    assert err.errno == errno.ENOSPC and str(err).startswith(f"save to {tmp_path}/c failed: OSError: [Errno 28]")
+    assert isinstance(err.__cause__, OSError) and err.__cause__.errno == errno.ENOSPC
+    assert "During handling of the above exception" not in _rendered(err)
+
+
+# ---------------------------------------------------------------- 7: sparse tensors, refused by name
+
+
+@pytest.mark.parametrize("kind", ["save", "async_save", "load"])
+def test_a_sparse_tensor_is_refused_with_the_fix_not_a_memory_format_riddle(tmp_path, kind):
+    path = tmp_path / "c"
+    with pytest.raises(shardckpt.UnsupportedValueError) as info:
+        if kind == "save":
+            shardckpt.save({"s": torch.eye(3).to_sparse()}, path)
+        elif kind == "async_save":
+            shardckpt.async_save({"s": torch.eye(3).to_sparse()}, path).wait()
+        else:
+            shardckpt.save({"s": torch.eye(3)}, path)
+            shardckpt.load({"s": torch.eye(3).to_sparse()}, path)
+    msg = str(info.value)
+    assert msg.startswith("key 's': ") and "sparse_coo tensor" in msg and ".to_dense()" in msg, msg
+    assert "memory format" not in msg
+    assert os.path.exists(path / "manifest.json") == (kind == "load")  # a refused save commits nothing
+
+
+# ---------------------------------------------------------------- 8: the README's Lightning import
+
+
+def test_the_readme_lightning_import_works():
+    pytest.importorskip("lightning")
+    import shardckpt.integrations.lightning as lightning_integration
+
+    readme = open(os.path.join(os.path.dirname(__file__), "..", "..", "README.md")).read()
+    line = "from shardckpt.integrations.lightning import ShardckptFSDPStrategy"
+    assert line in readme
+    for name in ("ShardckptFSDPStrategy", "ShardckptModelParallelStrategy", "ShardckptCheckpointIO"):
+        assert name in readme and hasattr(lightning_integration, name), name
+    assert "lightning_strategy" not in readme
