@@ -6,8 +6,8 @@ exit status. To add one (``ls``, ``export``, ...), write those two functions nex
 the others and :func:`register` a Command; ``--help`` is built from its fields.
 
 Exit status, for every subcommand: 0 success; 1 the checkpoint is damaged
-(``verify`` found problems); 2 the path is not a committed checkpoint this
-shardckpt can read, or the command line is wrong.
+(``verify`` found problems); 2 a path does not exist or is not a committed checkpoint
+this shardckpt can read (one line on stderr names it), or the command line is wrong.
 """
 
 from __future__ import annotations
@@ -38,8 +38,10 @@ from shardckpt.cli.base import (
 )
 from shardckpt.convert.audit import AuditReport, Problem, describe_checkpoint, verify_checkpoint
 from shardckpt.convert.progress import human_bytes
-from shardckpt.errors import ManifestError, ShardckptError, UnsupportedFormatVersionError
-from shardckpt.format.layout import MANIFEST_NAME
+from shardckpt.errors import CheckpointNotFoundError, ManifestError, ShardckptError, UnsupportedFormatVersionError
+from shardckpt.format.layout import MANIFEST_NAME, step_dir_name
+from shardckpt.storage import open_storage
+from shardckpt.storage.folder import is_committed
 
 # ---------------------------------------------------------------- inspect
 
@@ -132,7 +134,11 @@ def _format_report(r: AuditReport) -> str:
 
 
 def _configure_ls(p: argparse.ArgumentParser) -> None:
-    p.add_argument("root", metavar="ROOT", help="a CheckpointManager root: the folder holding step_* folders")
+    p.add_argument(
+        "root",
+        metavar="ROOT",
+        help="a CheckpointManager root: the folder holding step_0000000100-style folders (and maybe other checkpoints)",
+    )
     p.add_argument("--json", action="store_true", help="print one JSON document")
     p.add_argument("--monitor", metavar="METRIC", help="metric that decides the best step, e.g. val_loss")
     p.add_argument(
@@ -140,11 +146,16 @@ def _configure_ls(p: argparse.ArgumentParser) -> None:
     )
 
 
+_NOT_A_STEP = "checkpoint (not a manager step)"
+
+
 def _run_ls(args: argparse.Namespace) -> int:
     from shardckpt.manager.retention import RetentionPolicy
-    from shardckpt.manager.steps import list_root
+    from shardckpt.manager.steps import list_other_checkpoints, list_root
 
+    _check_root(args.root)
     infos = list_root(args.root)
+    others = list_other_checkpoints(args.root)
     committed = [i.step for i in infos if i.committed]
     latest = committed[-1] if committed else None
     policy = RetentionPolicy(monitor=args.monitor, mode=args.mode)
@@ -154,6 +165,7 @@ def _run_ls(args: argparse.Namespace) -> int:
         rows = [
             {
                 "step": i.step,
+                "folder": step_dir_name(i.step),
                 "committed": i.committed,
                 "foreign": i.foreign,
                 "size_bytes": i.size_bytes,
@@ -165,11 +177,44 @@ def _run_ls(args: argparse.Namespace) -> int:
             }
             for i in infos
         ]
-        print(json.dumps({"root": args.root, "latest": latest, "best": best, "steps": rows}, indent=2))
+        plain = [
+            {"folder": o.name, "size_bytes": o.size_bytes, "created_at": o.created_at, "world_size": o.world_size}
+            for o in others
+        ]
+        doc = {"root": args.root, "latest": latest, "best": best, "steps": rows, "other_checkpoints": plain}
+        print(json.dumps(doc, indent=2))
         return EXIT_OK
-    if not infos:
-        print(f"{args.root}: no step folders")
+    if not infos and not others:
+        print(
+            f"{args.root}: no checkpoints: no manager step folders (step_0000000100, ...) and no other "
+            f"folder holding a {MANIFEST_NAME}"
+        )
         return EXIT_OK
+    if infos:
+        print("\n".join(_steps_table(infos, latest, best)))
+    else:
+        print(f"{args.root}: no manager step folders (a CheckpointManager names step 100 step_0000000100)")
+    if any(not i.committed and not i.foreign for i in infos):
+        print("UNCOMMITTED folders are left by interrupted saves: never restored, removed by the next writing manager.")
+    if any(i.foreign for i in infos):
+        print(
+            "FOREIGN folders were not written by shardckpt (no manifest.json, no .shardckpt-save.json): "
+            "never restored, never deleted."
+        )
+    if others:
+        table = [[o.name, _NOT_A_STEP, human_bytes(o.size_bytes), str(o.world_size or "-")] for o in others]
+        example = f"{args.root.rstrip('/')}/{others[0].name}"
+        print()
+        print("\n".join(_table(["FOLDER", "STATE", "SIZE", "RANKS"], table)))
+        print(
+            f"A {_NOT_A_STEP} was saved with shardckpt.save to a folder of its own: `shardckpt inspect {example}` "
+            f"shows it and shardckpt.load(state, {example!r}) loads it, but a CheckpointManager on this root "
+            "never restores or deletes it (the manager's step 100 is step_0000000100)."
+        )
+    return EXIT_OK
+
+
+def _steps_table(infos: list[Any], latest: int | None, best: int | None) -> list[str]:
     table: list[list[str]] = []
     for i in infos:
         marks = ",".join(m for m, on in (("latest", i.step == latest), ("best", i.step == best)) if on)
@@ -184,15 +229,25 @@ def _run_ls(args: argparse.Namespace) -> int:
                 marks,
             ]
         )
-    print("\n".join(_table(["STEP", "STATE", "SIZE", "RANKS", "METRICS", ""], table)))
-    if any(not i.committed and not i.foreign for i in infos):
-        print("UNCOMMITTED folders are left by interrupted saves: never restored, removed by the next writing manager.")
-    if any(i.foreign for i in infos):
-        print(
-            "FOREIGN folders were not written by shardckpt (no manifest.json, no .shardckpt-save.json): "
-            "never restored, never deleted."
+    return _table(["STEP", "STATE", "SIZE", "RANKS", "METRICS", ""], table)
+
+
+def _check_root(root: str) -> None:
+    """CheckpointNotFoundError unless ``root`` is a folder; a checkpoint is not a root."""
+    storage = open_storage(root)
+    if is_committed(storage):
+        raise CheckpointNotFoundError(
+            f"{root} is a checkpoint, not a CheckpointManager root: `shardckpt inspect {root}` shows what it "
+            f"holds; `shardckpt ls` lists the folders of a root, e.g. `shardckpt ls {_parent(root)}`"
         )
-    return EXIT_OK
+    if not storage.is_dir(""):
+        what = "is a file, not a folder" if storage.exists("") else "does not exist"
+        raise CheckpointNotFoundError(f"{root} {what}: pass the folder a CheckpointManager saves into")
+
+
+def _parent(path: str) -> str:
+    head = path.rstrip("/").rsplit("/", 1)
+    return head[0] if len(head) == 2 and head[0] else "."
 
 
 # ---------------------------------------------------------------- registry and entry point
@@ -243,13 +298,17 @@ register(
         name="ls",
         summary="list the steps under a CheckpointManager root: committed or not, size, metrics",
         description=(
-            "List every step_* folder under a root written by CheckpointManager, oldest first: "
+            "List every step folder (step_0000000100 for step 100) under a root written by "
+            "CheckpointManager, oldest first: "
             "whether it is committed (has a manifest; only those are ever restored), its size, "
             "the world size that saved it and the metrics saved with it. The latest committed step "
             "is marked, and with --monitor the best one too. Uncommitted folders are leftovers of "
             "interrupted saves; FOREIGN ones were not written by shardckpt (another tool's checkpoint "
             "named step_*) and are never touched. Metrics that are not a dict (another version, a "
-            "hand edit) are shown as none."
+            "hand edit) are shown as none. Below the steps, other committed checkpoints in the root "
+            "(a folder such as step_100 saved with shardckpt.save) are listed as 'checkpoint (not a "
+            "manager step)': loadable, but never restored or deleted by the manager. A ROOT that does "
+            "not exist, or is itself a checkpoint, exits with status 2."
         ),
         examples=(
             "shardckpt ls runs/llama",
@@ -267,7 +326,7 @@ import shardckpt.cli.convert  # noqa: E402,F401
 _EXIT_STATUS = """exit status:
   0  success
   1  the checkpoint is damaged
-  2  not a committed checkpoint, or a bad command line"""
+  2  a path is missing or not a committed checkpoint, or a bad command line"""
 
 
 def build_parser() -> argparse.ArgumentParser:

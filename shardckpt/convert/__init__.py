@@ -17,6 +17,7 @@ None of them is collective except the save at the end of an import.
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import torch
@@ -65,8 +66,8 @@ EXPORT_FORMATS = ("safetensors", "hf", "torch")
 
 
 def export_checkpoint(
-    path: str,
-    out: str,
+    path: str | os.PathLike[str],
+    out: str | os.PathLike[str],
     *,
     format: str,
     keys: tuple[str, ...] | list[str] = (),
@@ -107,7 +108,7 @@ def export_checkpoint(
 
 
 def read_state_dict(
-    path: str,
+    path: str | os.PathLike[str],
     *,
     keys: tuple[str, ...] | list[str] = (),
     strip_prefix: str = "",

@@ -17,6 +17,7 @@ reports either as a problem of that file, and reads nothing of it.
 
 from __future__ import annotations
 
+import os
 from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
@@ -27,7 +28,7 @@ from shardckpt.errors import ManifestError, StorageError
 from shardckpt.format import datafile, integrity
 from shardckpt.format.manifest import ChunkRecord, FileRecord, Manifest
 from shardckpt.format.values import decode_value
-from shardckpt.storage import Storage, open_storage
+from shardckpt.storage import Storage, as_url, open_storage
 
 __all__ = ["AuditReport", "Problem", "describe_checkpoint", "verify_checkpoint"]
 
@@ -94,7 +95,7 @@ class _FileResult:
 
 
 def verify_checkpoint(
-    path: str,
+    path: str | os.PathLike[str],
     *,
     storage_options: dict[str, Any] | None = None,
     progress: bool = False,
@@ -112,6 +113,7 @@ def verify_checkpoint(
     returned :class:`AuditReport`, never raised. ``progress`` shows a tqdm bar of bytes
     on stderr.
     """
+    path = as_url(path)
     if read_piece_bytes < 1:
         raise ValueError(f"read_piece_bytes must be positive, got {read_piece_bytes}")
     storage = open_storage(path, storage_options)
@@ -345,13 +347,14 @@ def _some(items: list[str]) -> str:
 # ---------------------------------------------------------------- describe
 
 
-def describe_checkpoint(path: str, storage_options: dict[str, Any] | None = None) -> dict[str, Any]:
+def describe_checkpoint(path: str | os.PathLike[str], storage_options: dict[str, Any] | None = None) -> dict[str, Any]:
     """A JSON-able summary of the checkpoint at ``path``, from its manifest alone.
 
     Reads no data file. Values are shown as the manifest stores them (JSON, with
     tuples and non-finite floats tagged as ``{"$tuple": ...}`` / ``{"$float": ...}``).
     Raises like :func:`shardckpt.engine.loading.read_manifest`.
     """
+    path = as_url(path)
     m = read_manifest(open_storage(path, storage_options))
     keys: dict[str, dict[str, Any]] = {}
     for key, t in m.tensors.items():

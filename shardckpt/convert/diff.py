@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -20,6 +21,7 @@ import torch
 
 from shardckpt.convert.progress import byte_bar
 from shardckpt.convert.source import CheckpointSource, Selection, row_pieces
+from shardckpt.storage import as_url
 
 DEFAULT_PIECE_BYTES = 16 * 2**20
 
@@ -85,8 +87,8 @@ class DiffReport:
 
 
 def diff_checkpoints(
-    a: str,
-    b: str,
+    a: str | os.PathLike[str],
+    b: str | os.PathLike[str],
     *,
     atol: float = 0.0,
     keys: tuple[str, ...] = (),
@@ -95,6 +97,7 @@ def diff_checkpoints(
     progress: bool = False,
 ) -> DiffReport:
     """Compare the checkpoints at ``a`` and ``b`` (keys matching ``keys`` patterns, or all)."""
+    a, b = as_url(a, "checkpoint A"), as_url(b, "checkpoint B")
     if not atol >= 0:
         raise ValueError(f"atol must be >= 0, got {atol}")
     sa, sb = CheckpointSource(a, verify=verify), CheckpointSource(b, verify=verify)

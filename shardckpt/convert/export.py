@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -33,7 +34,7 @@ from shardckpt.convert.source import CheckpointSource, Selection, strip_path
 from shardckpt.engine.state import nest
 from shardckpt.errors import ShardckptError
 from shardckpt.format import datafile
-from shardckpt.storage import Storage, open_storage
+from shardckpt.storage import Storage, as_url, open_storage
 
 HF_INDEX_NAME = "model.safetensors.index.json"
 DEFAULT_MAX_SHARD_BYTES = 5 * 10**9  # transformers' default max_shard_size="5GB"
@@ -74,7 +75,12 @@ def parse_size(text: str | int) -> int:
 
 
 def export_safetensors(
-    source: CheckpointSource, out: str, selection: Selection, *, overwrite: bool = False, progress: bool = False
+    source: CheckpointSource,
+    out: str | os.PathLike[str],
+    selection: Selection,
+    *,
+    overwrite: bool = False,
+    progress: bool = False,
 ) -> ExportReport:
     """Write the selected tensors to the single safetensors file ``out``, streamed."""
     storage, name = _parent_and_name(out)
@@ -89,7 +95,7 @@ def export_safetensors(
 
 def export_hf(
     source: CheckpointSource,
-    out_dir: str,
+    out_dir: str | os.PathLike[str],
     selection: Selection,
     *,
     max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
@@ -105,7 +111,7 @@ def export_hf(
     """
     if max_shard_bytes < 1:
         raise ValueError(f"max_shard_bytes must be positive, got {max_shard_bytes}")
-    storage = open_storage(out_dir)
+    storage = open_storage(as_url(out_dir, "output folder"))
     existing = (
         [n for n in storage.list_files("") if n == HF_INDEX_NAME or _HF_SHARD.match(n)] if storage.is_dir() else []
     )
@@ -218,7 +224,7 @@ def _out_path(source: CheckpointSource, selection: Selection, key: str) -> list[
 
 def export_torch(
     source: CheckpointSource,
-    out: str,
+    out: str | os.PathLike[str],
     selection: Selection,
     *,
     flat: bool = False,
@@ -231,6 +237,7 @@ def export_torch(
     before reading anything if that exceeds the memory available. Non-tensor values are
     included as plain Python (int, float, str, bool, None, list, tuple, dict).
     """
+    out = as_url(out, "output path")
     storage, name = _parent_and_name(out)
     _refuse_existing(storage, [name], overwrite)
     tensor_items, _ = _tensor_items(source, selection, allow_empty=True)
@@ -327,7 +334,8 @@ def _bar(progress: bool, source: CheckpointSource, items: list[tuple[str, str]],
     return byte_bar(total, "export", enabled=progress)
 
 
-def _parent_and_name(out: str) -> tuple[Storage, str]:
+def _parent_and_name(out: str | os.PathLike[str]) -> tuple[Storage, str]:
+    out = as_url(out, "output path")
     parent, _, name = out.rstrip("/").rpartition("/")
     if not name:
         raise ValueError(f"output {out!r} must name a file")

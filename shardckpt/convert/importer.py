@@ -55,7 +55,7 @@ from shardckpt.engine.default import save
 from shardckpt.engine.state import nest
 from shardckpt.errors import ManifestError, ShardckptError, StorageError, UnsupportedValueError
 from shardckpt.format import datafile, layout
-from shardckpt.storage import open_storage
+from shardckpt.storage import as_url, open_storage
 
 SOURCE_FORMATS = ("safetensors", "hf", "torch", "dcp")
 _TRUST_HINT = (
@@ -86,8 +86,8 @@ class ImportReport:
 
 
 def import_checkpoint(
-    source: str,
-    out: str,
+    source: str | os.PathLike[str],
+    out: str | os.PathLike[str],
     *,
     source_format: str = "auto",
     trust_pickle: bool = False,
@@ -103,6 +103,7 @@ def import_checkpoint(
     so that ``shardckpt.load({"model": model.state_dict()}, out)`` fills a model.
     Safetensors and Hugging Face tensors keep their names as flat keys.
     """
+    source, out = as_url(source, "import source"), as_url(out)
     fmt = detect_format(source) if source_format == "auto" else source_format
     if fmt not in SOURCE_FORMATS:
         raise ValueError(f"source_format must be 'auto' or one of {SOURCE_FORMATS}, got {source_format!r}")

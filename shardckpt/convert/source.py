@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import fnmatch
 import math
+import os
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -26,7 +27,7 @@ from shardckpt.errors import ShardckptError
 from shardckpt.format import datafile
 from shardckpt.format.manifest import ChunkRecord, Manifest
 from shardckpt.format.values import decode_value
-from shardckpt.storage import open_storage
+from shardckpt.storage import as_url, open_storage
 
 _DTYPE_ALIASES: dict[str, torch.dtype] = {
     "bf16": torch.bfloat16,
@@ -108,7 +109,10 @@ class CheckpointSource:
     :mod:`shardckpt.storage`, so any URL ``shardckpt.load`` accepts works here.
     """
 
-    def __init__(self, path: str, *, storage_options: dict[str, Any] | None = None, verify: bool = True) -> None:
+    def __init__(
+        self, path: str | os.PathLike[str], *, storage_options: dict[str, Any] | None = None, verify: bool = True
+    ) -> None:
+        path = as_url(path)
         self.path = path
         self.storage = open_storage(path, storage_options)
         self.manifest: Manifest = read_manifest(self.storage)

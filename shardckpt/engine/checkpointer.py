@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -25,9 +26,9 @@ import torch.distributed as dist
 
 from shardckpt.engine.collective import RankGroup, arrive, checkpoint_group, is_gloo
 from shardckpt.engine.loading import LoadResult, load_from
-from shardckpt.engine.options import IOOptions, SaveKwargs, check_timeout
+from shardckpt.engine.options import IOOptions, SaveKwargs, Timeouts
 from shardckpt.engine.saving import (
-    DEFAULT_TIMEOUT_S,
+    SLOW_IO,
     AsyncSaveHandle,
     SaveRequest,
     checkpoint_path,
@@ -138,10 +139,11 @@ class Checkpointer:
     # ------------------------------------------------------------ storage and groups
 
     def open_storage(
-        self, url: str, storage_options: dict[str, Any] | None = None, *, io: IOOptions | None = None
+        self, url: str | os.PathLike[str], storage_options: dict[str, Any] | None = None, *, io: IOOptions | None = None
     ) -> Storage:
         """The Storage for ``url`` from this Checkpointer's factory, with the transfer
         settings of ``io`` (default: this Checkpointer's). Not collective."""
+        url = checkpoint_path(url)
         factory = self._storage_factory if self._storage_factory is not None else open_storage
         transfer = (io if io is not None else self._io).transfer_for(url)
         if transfer is None:
@@ -157,11 +159,14 @@ class Checkpointer:
 
     # ------------------------------------------------------------ save / load
 
-    def save(self, state_dict: dict[str, Any], path: str, **options: Unpack[SaveKwargs]) -> Manifest | None:
-        """Save ``state_dict`` to the checkpoint folder ``path`` (a local path or fsspec URL).
+    def save(
+        self, state_dict: dict[str, Any], path: str | os.PathLike[str], **options: Unpack[SaveKwargs]
+    ) -> Manifest | None:
+        """Save ``state_dict`` to the checkpoint folder ``path`` (a local path or fsspec URL, as a
+        ``str`` or ``os.PathLike`` such as ``pathlib.Path``).
 
         Keyword options (:class:`SaveKwargs`, all optional): ``process_group``,
-        ``overwrite=False``, ``metadata=None``, ``storage_options=None``, ``timeout_s=1800``,
+        ``overwrite=False``, ``metadata=None``, ``storage_options=None``, ``timeout_s=None``,
         ``io`` (default: this Checkpointer's :class:`IOOptions`), and the shortcuts
         ``num_io_threads``, ``hash_block_bytes`` that replace one field of ``io``.
 
@@ -185,20 +190,26 @@ class Checkpointer:
         coordinator's copy is kept) is stored in the manifest, e.g. a step and metrics.
 
         This Checkpointer's pending ``async_save`` is finished first. Every wait for
-        other ranks is bounded by ``timeout_s`` (default 1800 s): a rank that never calls
-        ``save`` or never finishes its writes makes the others raise RankTimeoutError
-        naming it. The save's collectives run on a gloo group with the caller's ranks,
+        other ranks is bounded, and ends in RankTimeoutError naming the ranks missing: a
+        rank that never calls ``save`` is reported after 600 s, a rank whose writes have not
+        finished 1800 s after the others' (the defaults, ``timeout_s=None``: waiting for
+        real I/O gets longer; a number sets both, see :class:`~shardckpt.engine.options.Timeouts`).
+        The save's collectives run on a gloo group with the caller's ranks,
         created on the first call (by every rank) and owned by this Checkpointer.
         Returns the committed Manifest on the coordinator, None on other ranks.
         """
         request = self._start_save("save", path, options).request
-        arrive(request.process_group, f"save to {request.path}: waiting for every rank to call save", request.timeout_s)
+        arrive(
+            request.process_group,
+            f"save to {request.path}: waiting for every rank to call save",
+            request.timeouts.arrive_s,
+        )
         return persist(to_plain_state_dict(state_dict), request)
 
     def async_save(
         self,
         state_dict: dict[str, Any],
-        path: str,
+        path: str | os.PathLike[str],
         *,
         max_staging_bytes: int | None = None,
         **options: Unpack[SaveKwargs],
@@ -212,7 +223,8 @@ class Checkpointer:
         caller may mutate its tensors as soon as this returns. Writing, checksumming and the
         commit run on a (non-daemon) background thread whose collectives use this
         Checkpointer's dedicated gloo group (created on the first call, by every rank), never
-        the training group; ``timeout_s`` bounds every wait for other ranks. The handle is
+        the training group; ``timeout_s`` bounds every wait for other ranks, as in ``save``
+        (a rank that never calls ``async_save`` is reported after 600 s by default). The handle is
         also :attr:`pending` until :meth:`wait` (or the next call) collects it.
 
         ``max_staging_bytes`` bounds the host memory used for staging on this rank (default:
@@ -234,6 +246,13 @@ class Checkpointer:
                 "collectives on a training group: pass process_group=dist.new_group(ranks, backend='gloo') "
                 "(created on every rank)"
             )
+        # Before staging, whose agreement runs on the caller's group (bounded only by its
+        # own timeout, 30 minutes for gloo by default).
+        arrive(
+            request.process_group,
+            f"async save to {request.path}: waiting for every rank to call async_save",
+            request.timeouts.arrive_s,
+        )
         stager = self._stager
 
         def stage() -> dict[str, Any]:
@@ -258,22 +277,22 @@ class Checkpointer:
             source.released.wait()  # the caller's tensors are read until then
         return handle
 
-    def _start_save(self, action: str, path: str, options: SaveKwargs) -> _SaveStart:
+    def _start_save(self, action: str, path: str | os.PathLike[str], options: SaveKwargs) -> _SaveStart:
         """The preamble ``save`` and ``async_save`` share: check the arguments, finish the
         pending save, and get the checkpoint group (collective on first use)."""
         unknown = sorted(set(options) - SaveKwargs.__optional_keys__)
         if unknown:
             raise TypeError(f"{action}() got unexpected keyword arguments {unknown}; see shardckpt.SaveKwargs")
-        self._check_open(f"{action} to {path}")
         path = checkpoint_path(path)
+        self._check_open(f"{action} to {path}")
         io = self._call_io(options.get("io"), options.get("num_io_threads"), options.get("hash_block_bytes"))
         writer = writer_options(io, path, overwrite=options.get("overwrite", False), metadata=options.get("metadata"))
-        timeout_s = options.get("timeout_s", DEFAULT_TIMEOUT_S)
-        check_timeout(timeout_s)
+        timeout_s = options.get("timeout_s")
+        timeouts = Timeouts.of(timeout_s)
         self.wait()
         process_group = options.get("process_group")
         group = RankGroup.current(process_group)
-        ckpt_group = self.group(process_group, timeout_s) if group.is_distributed else None
+        ckpt_group = self.group(process_group, timeouts.arrive_s) if group.is_distributed else None
         storage_options = options.get("storage_options")
         request = SaveRequest(
             path,
@@ -287,13 +306,13 @@ class Checkpointer:
     def load(
         self,
         state_dict: dict[str, Any],
-        path: str,
+        path: str | os.PathLike[str],
         *,
         process_group: Any = None,
         strict: bool = True,
         verify: bool = True,
         storage_options: dict[str, Any] | None = None,
-        timeout_s: float = DEFAULT_TIMEOUT_S,
+        timeout_s: float | None = None,
         io: IOOptions | None = None,
         num_io_threads: int | None = None,
     ) -> LoadResult:
@@ -323,26 +342,39 @@ class Checkpointer:
         Checkpointer's :class:`IOOptions`); ``num_io_threads`` replaces its thread count
         (None there too: 4). ``storage_options``: handed to fsspec for fsspec URLs.
         A problem on any rank raises on every rank, naming the rank; a rank that does not
-        call ``load`` makes the others raise RankTimeoutError after ``timeout_s`` (default
-        1800 s). Like ``save``, the collectives run on this Checkpointer's gloo group,
-        after its pending async save (if any) has finished.
+        call ``load`` makes the others raise RankTimeoutError after 600 s, a rank whose
+        reads have not finished, 1800 s after the others' (the defaults, ``timeout_s=None``;
+        a number sets both). Like ``save``, the collectives run on this Checkpointer's gloo
+        group, after its pending async save (if any) has finished.
 
         Returns, on every rank, that rank's :class:`~shardckpt.engine.loading.LoadResult`
         ``(missing_keys, unexpected_keys)``: flattened keys (``"model.fc.weight"``) of
         the target the checkpoint lacks, and of the checkpoint the target lacks. Both
         are empty unless ``strict=False``.
         """
+        path = checkpoint_path(path)
         io = self._call_io(io, num_io_threads, None)
-        check_timeout(timeout_s)
+        timeouts = Timeouts.of(timeout_s)
         self._check_open(f"load of {path}")
         self.wait()
         group = RankGroup.current(process_group)
-        ckpt_group = self.group(process_group, timeout_s) if group.is_distributed else None
-        arrive(ckpt_group, f"load of {path}: waiting for every rank to call load", timeout_s)
+        ckpt_group = self.group(process_group, timeouts.arrive_s) if group.is_distributed else None
+        arrive(ckpt_group, f"load of {path}: waiting for every rank to call load", timeouts.arrive_s)
         group = RankGroup.current(ckpt_group) if ckpt_group is not None else group
         storage = self.open_storage(path, storage_options, io=io)
+        all_read = functools.partial(
+            arrive, ckpt_group, f"load of {path}: waiting for every rank to finish reading", timeouts.io_s, hint=SLOW_IO
+        )
         return load_from(
-            state_dict, path, storage, group, ckpt_group, strict=strict, verify=verify, num_io_threads=io.load_threads()
+            state_dict,
+            path,
+            storage,
+            group,
+            ckpt_group,
+            strict=strict,
+            verify=verify,
+            num_io_threads=io.load_threads(),
+            after_read=all_read,
         )
 
     def _call_io(self, io: IOOptions | None, num_io_threads: int | None, hash_block_bytes: int | None) -> IOOptions:

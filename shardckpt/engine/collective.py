@@ -150,11 +150,11 @@ def is_gloo(group: Any) -> bool:
     return group is not None and dist.get_backend(group) == "gloo"
 
 
-def arrive(group: Any, action: str, timeout_s: float) -> None:
+def arrive(group: Any, action: str, timeout_s: float, *, hint: str = "") -> None:
     """Collective over a gloo ``group``: wait until every rank arrives, at most ``timeout_s``.
 
     Raises RankTimeoutError naming the ranks that did not arrive (rank 0 of the group
-    knows which; the others learn that the barrier failed).
+    knows which; the others learn that the barrier failed), with ``hint`` appended.
     """
     if not is_gloo(group):
         return  # monitored_barrier exists for gloo only; other groups rely on their own timeout
@@ -166,7 +166,7 @@ def arrive(group: Any, action: str, timeout_s: float) -> None:
         raise RankTimeoutError(
             f"{action}: not every rank arrived within {timeout_s:g} s ({e}). A rank that skipped the "
             "call, crashed, or is stuck holds everyone else; check the named ranks' logs. The "
-            "checkpoint was not committed; earlier checkpoints are intact."
+            f"checkpoint was not committed; earlier checkpoints are intact.{hint}"
         ) from e
 
 
@@ -219,7 +219,7 @@ def _raise_alone(action: str, failure: Exception) -> NoReturn:
     """Without a process group: an OSError from storage becomes the StorageError (errno
     kept) that several ranks would raise; anything else is raised as it is."""
     if isinstance(failure, OSError) and not isinstance(failure, ShardckptError):
-        raise_failures(action, {0: failure}, local=failure)
+        raise_failures(action, {0: failure}, local=failure, alone=True)
     raise failure
 
 
@@ -231,7 +231,9 @@ class _Remote(Exception):
         self.type_name = type_name
 
 
-def raise_failures(action: str, failures: dict[int, BaseException], local: BaseException | None = None) -> NoReturn:
+def raise_failures(
+    action: str, failures: dict[int, BaseException], local: BaseException | None = None, *, alone: bool = False
+) -> NoReturn:
     """Raise one error describing per-rank failures.
 
     On a rank that failed itself with something that is not a ShardckptError or an
@@ -240,7 +242,16 @@ def raise_failures(action: str, failures: dict[int, BaseException], local: BaseE
     deterministic problem a dead peer; the other ranks' failures are added as a note.
     Every other rank gets a ShardckptError typed after the lowest failing rank (a
     ShardckptError or StorageError there keeps its type; anything else is a
-    RankFailureError naming the rank and what it raised)."""
+    RankFailureError naming the rank and what it raised).
+
+    ``alone``: a call by one process, without a process group: there are no ranks to
+    name, so the error raised for its own ShardckptError has the same type and message,
+    and for an OSError, a StorageError says what failed.
+
+    One traceback per error: the original exceptions, tracebacks included, stay in
+    ``err.failures``; ``err.__cause__`` is only an exception that tells something the
+    message does not (the OSError under a StorageError), never a ShardckptError whose
+    text is already in the message nor another rank's stand-in."""
     lines = []
     for r, e in sorted(failures.items()):
         name = e.type_name if isinstance(e, _Remote) else type(e).__name__
@@ -248,6 +259,8 @@ def raise_failures(action: str, failures: dict[int, BaseException], local: BaseE
     msg = f"{action} failed on rank(s) {sorted(failures)}:\n  " + "\n  ".join(lines)
     if len(failures) == 1:
         msg = f"{action} failed on {lines[0]}"
+    if alone and local is not None:
+        msg = str(local) if isinstance(local, ShardckptError) else f"{action} failed: {type(local).__name__}: {local}"
     if local is not None and not isinstance(local, (ShardckptError, OSError)):
         if len(failures) > 1 and hasattr(local, "add_note"):
             local.add_note(msg)
@@ -267,14 +280,26 @@ def raise_failures(action: str, failures: dict[int, BaseException], local: BaseE
     err.failures = dict(failures)
     if isinstance(template, OSError) and isinstance(err, OSError) and not isinstance(template, ShardckptError):
         err.errno = template.errno  # only errno: strerror/filename would make str() drop our message
-    raise err from (local if local is not None else first)
+    raise err from _underlying(local if local is not None else first)
+
+
+def _underlying(e: BaseException) -> BaseException | None:
+    """What an error gathered from a rank adds below the error raised for it: nothing for
+    another rank's stand-in or a ShardckptError (its text is in the message) beyond the
+    exception it was itself raised from; the exception itself otherwise."""
+    if isinstance(e, _Remote):
+        return None
+    if isinstance(e, ShardckptError):
+        return e.__cause__
+    return e
 
 
 @contextlib.contextmanager
-def translated_failures(action: str, rank: int | None = None) -> Iterator[None]:
+def translated_failures(action: str, rank: int | None = None, *, alone: bool = False) -> Iterator[None]:
     """Turn DCP's CheckpointException into a ShardckptError raised on every rank
-    (``rank``: this process's rank in the group DCP ran on, 0 without one; its own
-    failure is then re-raised as :func:`raise_failures` says).
+    (``rank``: this process's rank in the group DCP ran on; its own failure is then
+    re-raised as :func:`raise_failures` says). ``alone``: DCP ran without a process
+    group, so the failure is this process's (see :func:`raise_failures`).
 
     Also silences DCP's warning that a call without a process group "assumes the
     intent" is single-process: for shardckpt that is a documented, supported mode.
@@ -285,4 +310,6 @@ def translated_failures(action: str, rank: int | None = None) -> Iterator[None]:
             yield
     except CheckpointException as e:
         failures = {r: (pair[0] if isinstance(pair, tuple) else pair) for r, pair in e.failures.items()}
-        raise_failures(action, failures, local=failures.get(rank) if rank is not None else None)
+        if alone:
+            rank = 0
+        raise_failures(action, failures, local=failures.get(rank) if rank is not None else None, alone=alone)

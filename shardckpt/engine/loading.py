@@ -9,8 +9,9 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import logging
+import os
 from collections import defaultdict
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any, NamedTuple
 
 import torch
@@ -31,7 +32,7 @@ from shardckpt.errors import (
 )
 from shardckpt.format import datafile, integrity, layout
 from shardckpt.format.manifest import MAX_MANIFEST_BYTES, Manifest, parse_manifest, unseal
-from shardckpt.storage import Storage, folder, open_storage  # noqa: F401 - the engine looks it up here at call time (tests still patch it)
+from shardckpt.storage import Storage, as_url, folder, open_storage
 
 log = logging.getLogger("shardckpt")
 
@@ -46,11 +47,14 @@ def load_from(
     strict: bool,
     verify: bool,
     num_io_threads: int,
+    after_read: Callable[[], None] | None = None,
 ) -> LoadResult:
     """The body of a load, once every rank has arrived: read and check the manifest of
     ``storage`` (the checkpoint ``path``), then fill ``state_dict``. Collective over
     ``group`` (the checkpoint group ``ckpt_group``'s ranks, or a single process).
-    Returns this rank's keys that were not loaded (none unless ``strict=False``)."""
+    ``after_read`` runs on every rank when its reads ended (the wait for the others'
+    reads, bounded on its own). Returns this rank's keys that were not loaded (none
+    unless ``strict=False``)."""
     state = PlainState.of(state_dict)
     plain = state.tree
 
@@ -69,8 +73,8 @@ def load_from(
         return check_target(manifest, flat, strict=strict, source=storage.url)
 
     result = group.agree(f"load of {path}", check)
-    reader = Reader(storage, manifest, verify=verify, num_io_threads=num_io_threads)
-    with translated_failures(f"load of {path}"):
+    reader = Reader(storage, manifest, verify=verify, num_io_threads=num_io_threads, after_read=after_read)
+    with translated_failures(f"load of {path}", alone=not group.is_distributed):
         dcp.load(
             plain,
             storage_reader=reader,
@@ -117,8 +121,14 @@ def skipped_message(result: LoadResult, path: str, group: RankGroup) -> str:
     return f"shardckpt: {where}load of {path} with strict=False: " + "; ".join(parts)
 
 
-def read_manifest(storage: Storage) -> Manifest:
-    """Read and validate the manifest of the checkpoint at ``storage``'s root."""
+def read_manifest(
+    checkpoint: Storage | str | os.PathLike[str], storage_options: dict[str, Any] | None = None
+) -> Manifest:
+    """Read and validate the manifest of a checkpoint: a folder given as a path or fsspec
+    URL (``str`` or ``os.PathLike``; ``storage_options`` for fsspec), or a Storage rooted
+    there. Reads on the calling process only. Raises CheckpointNotFoundError (no such
+    folder), NotCommittedError (no manifest) or ManifestError (a bad one)."""
+    storage = checkpoint if isinstance(checkpoint, Storage) else open_storage(as_url(checkpoint), storage_options)
     return parse_manifest(read_manifest_bytes(storage), source=f"{storage.url}/{layout.MANIFEST_NAME}")
 
 
@@ -127,12 +137,9 @@ def read_manifest_bytes(storage: Storage) -> bytes:
     NotCommittedError / CheckpointNotFoundError), its size is sane, its seal matches."""
     if not folder.is_committed(storage):
         if storage.is_dir(""):
-            raise NotCommittedError(
-                f"{storage.url} has no {layout.MANIFEST_NAME}: the save into it was interrupted or "
-                "has not finished, so it is not a checkpoint. Load a committed checkpoint instead "
-                "(`shardckpt ls` on the parent folder lists them)."
-            )
-        raise CheckpointNotFoundError(f"no checkpoint at {storage.url}: the path does not exist")
+            raise NotCommittedError(f"{storage.url} has no {layout.MANIFEST_NAME}: {_not_a_checkpoint(storage)}")
+        what = "is a file, not a checkpoint folder" if storage.exists("") else "does not exist"
+        raise CheckpointNotFoundError(f"no checkpoint at {storage.url}: the path {what}")
     size = storage.size(layout.MANIFEST_NAME)
     if size > MAX_MANIFEST_BYTES:
         raise ManifestError(f"{storage.url}/{layout.MANIFEST_NAME}: {size} bytes is too large for a manifest")
@@ -140,6 +147,24 @@ def read_manifest_bytes(storage: Storage) -> bytes:
     raw = storage.read_bytes(layout.MANIFEST_NAME)
     unseal(raw, source=source)
     return raw
+
+
+def _not_a_checkpoint(storage: Storage) -> str:
+    """Why a folder without a manifest is not a checkpoint, and what to do (an error
+    path: one listing of the folder)."""
+    found = folder.contents(storage)
+    if found.is_ours or found.is_empty:
+        return (
+            "the save into it was interrupted or has not finished, so it is not a checkpoint. Load a "
+            "committed checkpoint instead (`shardckpt ls` on the parent folder lists them)."
+        )
+    inner = [n.rstrip("/") for n in found.foreign if n.endswith("/")]
+    if any(layout.parse_step_dir(n) is not None or folder.is_committed(storage, n) for n in inner):
+        return (
+            f"it is not a checkpoint but a folder of them (a CheckpointManager root?): `shardckpt ls "
+            f"{storage.url}` lists them; pass one of those folders."
+        )
+    return f"it was not written by shardckpt (it holds {found.foreign[0]!r}), so it is not a checkpoint."
 
 
 def check_same_checkpoint(group: RankGroup, path: str, location: str, digest: str) -> None:

@@ -1,5 +1,6 @@
-"""Typed I/O configuration of saves and loads: :class:`IOOptions`, and :class:`SaveKwargs`,
-the keyword arguments ``save`` and ``async_save`` share.
+"""Typed I/O configuration of saves and loads: :class:`IOOptions`, :class:`SaveKwargs`,
+the keyword arguments ``save`` and ``async_save`` share, and :class:`Timeouts`, what
+``timeout_s`` bounds.
 
 An :class:`IOOptions` is given once (``Checkpointer(io=...)``, ``CheckpointManager(io=...)``)
 and overridden per call (``save(..., io=...)``); the keyword shortcuts ``num_io_threads=``
@@ -18,7 +19,7 @@ from shardckpt.storage import local_path
 if TYPE_CHECKING:
     from shardckpt.storage.fsspec_storage import TransferOptions
 
-__all__ = ["IOOptions", "SaveKwargs"]
+__all__ = ["DEFAULT_ARRIVE_TIMEOUT_S", "DEFAULT_IO_TIMEOUT_S", "IOOptions", "SaveKwargs", "Timeouts"]
 
 DEFAULT_SAVE_IO_THREADS = 4  # local disks: 4 streams per rank saved 1.4-1.6x faster than 2 (benchmarks.md)
 DEFAULT_REMOTE_SAVE_IO_THREADS = 8  # object stores: latency-bound, more uploads in flight (storage.md)
@@ -26,6 +27,18 @@ DEFAULT_LOAD_IO_THREADS = 4
 MAX_IO_THREADS = 256
 MIN_HASH_BLOCK_BYTES = 4096
 MAX_HASH_BLOCK_BYTES = 2**30  # the manifest's schema allows no more
+
+DEFAULT_ARRIVE_TIMEOUT_S = 600.0
+"""How long the ranks of a save, load or manager call wait for a rank that has not made
+the call yet (forgot it, crashed before it, is stuck elsewhere) before all raise
+RankTimeoutError naming it. 10 minutes: torch's own default for NCCL process groups, so
+rank skew that a training job survives at any collective is survived here too."""
+
+DEFAULT_IO_TIMEOUT_S = 1800.0
+"""How long ranks that finished writing (or reading) their shard wait for the slowest
+rank's writes (reads) to finish. Longer than the arrival bound on purpose: it waits for
+a healthy rank doing real work (a big shard, a shared disk or object store at its limit,
+retries), which a too-short bound would turn into a failed save."""
 
 
 @dataclass(frozen=True)
@@ -105,7 +118,8 @@ class SaveKwargs(TypedDict, total=False):
     - ``overwrite`` (False): replace a committed checkpoint already at the path.
     - ``metadata`` (None): plain JSON stored in the manifest (the coordinator's copy).
     - ``storage_options`` (None): handed to fsspec for fsspec URLs (credentials, endpoint).
-    - ``timeout_s`` (1800): bound on every wait for other ranks.
+    - ``timeout_s`` (None): bound on every wait for other ranks, in seconds; None: 600 for
+      a rank to arrive, 1800 for the slowest rank's writes or reads (:class:`Timeouts`).
     - ``io`` (None: the Checkpointer's :class:`IOOptions`): threads, checksum block size,
       object-store transfer and retry settings for this call.
     - ``num_io_threads``, ``hash_block_bytes`` (None): shortcuts that replace that field of
@@ -118,7 +132,7 @@ class SaveKwargs(TypedDict, total=False):
     overwrite: bool
     metadata: dict[str, Any] | None
     storage_options: dict[str, Any] | None
-    timeout_s: float
+    timeout_s: float | None
     io: IOOptions | None
     num_io_threads: int | None
     hash_block_bytes: int | None
@@ -135,6 +149,37 @@ def check_hash_block_bytes(n: Any) -> None:
         raise ValueError(f"hash_block_bytes must be a multiple of 64 in [4096, 2**30], got {n!r}")
 
 
+@dataclass(frozen=True)
+class Timeouts:
+    """What one ``timeout_s`` bounds, in seconds.
+
+    ``io_s``: the two waits for other ranks' I/O, the barrier after every rank's writes
+    (save) and the one after every rank's reads (load). ``arrive_s``: every other wait for
+    other ranks: for every rank to make the call (the barrier at the start of a save or
+    load, the creation of its gloo group on the first call), the exchanges of plans and
+    results, the coordinator's commit, and the manager's own agreements (opening,
+    listing, retention, the per-step flags); it is the timeout of those gloo groups.
+
+    ``timeout_s=None`` (the default everywhere) gives :data:`DEFAULT_ARRIVE_TIMEOUT_S`
+    and :data:`DEFAULT_IO_TIMEOUT_S`; a number sets both.
+    """
+
+    arrive_s: float
+    io_s: float
+
+    @classmethod
+    def of(cls, timeout_s: float | None) -> Timeouts:
+        check_timeout(timeout_s)
+        if timeout_s is None:
+            return cls(DEFAULT_ARRIVE_TIMEOUT_S, DEFAULT_IO_TIMEOUT_S)
+        return cls(float(timeout_s), float(timeout_s))
+
+
 def check_timeout(timeout_s: Any) -> None:
+    """None (the defaults) or a number of seconds > 0."""
+    if timeout_s is None:
+        return
     if isinstance(timeout_s, bool) or not isinstance(timeout_s, (int, float)) or not timeout_s > 0:
-        raise ValueError(f"timeout_s must be a number of seconds > 0, got {timeout_s!r}")
+        raise ValueError(
+            f"timeout_s must be a number of seconds > 0, got {timeout_s!r}; None gives the defaults (see Timeouts)"
+        )

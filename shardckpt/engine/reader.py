@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import io
 import json
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -39,8 +40,19 @@ from shardckpt.storage import Storage
 class Reader(StorageReader):
     """One instance per load and rank, built around an already parsed manifest."""
 
-    def __init__(self, storage: Storage, manifest: Manifest, *, verify: bool, num_io_threads: int) -> None:
+    def __init__(
+        self,
+        storage: Storage,
+        manifest: Manifest,
+        *,
+        verify: bool,
+        num_io_threads: int,
+        after_read: Callable[[], None] | None = None,
+    ) -> None:
+        """``after_read`` runs on every rank when its reads ended, failed or not: the
+        barrier that waits for the slowest rank's reads (as the Writer's ``after_write``)."""
         super().__init__()
+        self._after_read = after_read
         self.storage = storage
         self.manifest = manifest
         self.verify = verify
@@ -69,6 +81,16 @@ class Reader(StorageReader):
         return plans
 
     def read_data(self, plan: LoadPlan, planner: LoadPlanner) -> torch.futures.Future[None]:
+        try:
+            self._read_all(plan, planner)
+        finally:
+            if self._after_read is not None:
+                self._after_read()
+        done: torch.futures.Future[None] = torch.futures.Future()
+        done.set_result(None)
+        return done
+
+    def _read_all(self, plan: LoadPlan, planner: LoadPlanner) -> None:
         tensor_items = []
         for item in plan.items:
             if item.type == LoadItemType.BYTE_IO:
@@ -85,9 +107,6 @@ class Reader(StorageReader):
             with ThreadPoolExecutor(workers, thread_name_prefix="shardckpt-read") as pool:
                 for f in [pool.submit(self._read_item, boxes, it, planner) for it in tensor_items]:
                     self.bytes_read += f.result()
-        done: torch.futures.Future[None] = torch.futures.Future()
-        done.set_result(None)
-        return done
 
     def _chunk(self, item: ReadItem) -> ChunkRecord:
         offsets = tuple(item.storage_index.offset or ())

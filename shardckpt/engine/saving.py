@@ -14,7 +14,6 @@ module; ``shardckpt.save``/``async_save`` run on the default one (:mod:`shardckp
 from __future__ import annotations
 
 import logging
-import os
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -28,6 +27,7 @@ from shardckpt.engine.options import (  # noqa: F401 - the thread defaults, also
     DEFAULT_REMOTE_SAVE_IO_THREADS,
     DEFAULT_SAVE_IO_THREADS,
     IOOptions,
+    Timeouts,
     check_timeout,
 )
 from shardckpt.engine.planner import SavePlanner
@@ -35,10 +35,13 @@ from shardckpt.engine.staging import BoundedSource
 from shardckpt.engine.writer import Writer, WriterOptions
 from shardckpt.errors import RankTimeoutError
 from shardckpt.format.manifest import Manifest
-from shardckpt.storage import Storage
+from shardckpt.storage import Storage, as_url
 
-DEFAULT_TIMEOUT_S = 1800.0
 log = logging.getLogger("shardckpt")
+SLOW_IO = (
+    " If those ranks were only slow (a large shard, a busy disk or object store), pass a larger "
+    "timeout_s (default: 1800 s for this wait)."
+)
 
 
 @dataclass(frozen=True)
@@ -49,17 +52,22 @@ class SaveRequest:
     (threads, block size, overwrite, metadata). ``open_storage``: opens ``path``; called by
     ``persist`` on the thread that runs the save, so a failure to open is the save's
     failure. ``process_group``: the gloo group every rank of the save passes, or None for
-    a save by this process alone. ``timeout_s``: bound on every wait for other ranks.
+    a save by this process alone. ``timeout_s``: bound on every wait for other ranks
+    (None: the defaults, see :class:`~shardckpt.engine.options.Timeouts`).
     """
 
     path: str
     writer: WriterOptions
     open_storage: Callable[[], Storage]
     process_group: Any = None
-    timeout_s: float = DEFAULT_TIMEOUT_S
+    timeout_s: float | None = None
 
     def __post_init__(self) -> None:
         check_timeout(self.timeout_s)
+
+    @property
+    def timeouts(self) -> Timeouts:
+        return Timeouts.of(self.timeout_s)
 
 
 def persist(
@@ -74,12 +82,12 @@ def persist(
     process group. ``mappings``: the flattening of a staged state (see
     :func:`shardckpt.engine.state.flatten_with_mappings`). ``source``: a bounded async
     save's tensor source, released when this returns."""
-    path, group, timeout_s = request.path, request.process_group, request.timeout_s
+    path, group, bounds = request.path, request.process_group, request.timeouts
     timeouts: list[RankTimeoutError] = []
 
     def all_written() -> None:
         try:
-            arrive(group, f"save to {path}: waiting for every rank to finish writing", timeout_s)
+            arrive(group, f"save to {path}: waiting for every rank to finish writing", bounds.io_s, hint=SLOW_IO)
         except RankTimeoutError as e:
             timeouts.append(e)
             raise
@@ -92,7 +100,7 @@ def persist(
         raise
     try:
         rank = dist.get_rank(group) if group is not None else 0
-        with translated_failures(f"save to {path}", rank=rank):
+        with translated_failures(f"save to {path}", rank=rank, alone=group is None):
             dcp.save(
                 state,
                 storage_writer=writer,
@@ -110,7 +118,7 @@ def persist(
             raise timeouts[0] from e
         if isinstance(e, RankTimeoutError) or not is_timeout(e):
             raise
-        raise RankTimeoutError(f"save to {path}: a collective timed out after {timeout_s:g} s ({e})") from e
+        raise RankTimeoutError(f"save to {path}: a collective timed out after {bounds.arrive_s:g} s ({e})") from e
     finally:
         if source is not None:
             source.release()
@@ -120,14 +128,7 @@ def persist(
 def checkpoint_path(path: Any) -> str:
     """The public boundary: a str or os.PathLike, never empty (``save(state, "")`` would
     mean the current directory)."""
-    text = os.fspath(path) if isinstance(path, (str, os.PathLike)) else path
-    if not isinstance(text, str):
-        raise TypeError(
-            f"checkpoint path must be a str or os.PathLike (a local path or fsspec URL), got {type(path).__name__}"
-        )
-    if not text.strip():
-        raise ValueError("checkpoint path is empty; pass the folder to save into, e.g. 'runs/exp1/step_100'")
-    return text
+    return as_url(path)
 
 
 def writer_options(io: IOOptions, path: str, *, overwrite: bool, metadata: dict[str, Any] | None) -> WriterOptions:

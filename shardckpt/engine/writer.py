@@ -137,7 +137,8 @@ class Writer(StorageWriter):
         if found.foreign:
             shown = ", ".join(repr(n) for n in found.foreign[:5])
             raise DestinationNotEmptyError(
-                f"save to {url}: the folder already holds {len(found.foreign)} entries that are not part of a "
+                f"save to {url}: the folder already holds {len(found.foreign)} "
+                f"{'entry that is' if len(found.foreign) == 1 else 'entries that are'} not part of a "
                 f"shardckpt checkpoint ({shown}); shardckpt saves only into a new or empty folder, or over its "
                 "own checkpoint, so it never deletes or overwrites your files. Save to a new path (one folder "
                 "per checkpoint, e.g. runs/exp1/step_100) or empty this one."

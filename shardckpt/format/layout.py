@@ -1,7 +1,10 @@
 """Every file and folder name inside a checkpoint root. Pure string functions, no I/O.
 
-A manager root holds one checkpoint folder per step, ``step_0000000100/``, plus
-``.shardckpt-owner.json`` naming the manager that writes there.
+A manager root holds one checkpoint folder per step, ``step_0000000100/`` for step 100
+(:func:`step_dir_name`: exactly one name per step), plus ``.shardckpt-owner.json`` naming
+the manager that writes there. A checkpoint saved with ``shardckpt.save`` into a folder
+with another name (``step_100/``, ``final/``) may sit beside them: it is a checkpoint,
+but not a manager step.
 
 A checkpoint folder looks like::
 
@@ -37,6 +40,7 @@ OWNER_NAME = ".shardckpt-owner.json"
 SAVE_MARKER_NAME = ".shardckpt-save.json"
 
 _STEP_DIR = re.compile(r"^step_([0-9]{10,})$")
+_STEP_LIKE = re.compile(r"^step_[0-9]+$")
 _DATA_NAME = re.compile(r"^data/[0-9a-f]{1,32}-r[0-9]{5,}-[0-9]{2,}\.safetensors$")
 _SAFE_COMPONENT = re.compile(r"^[A-Za-z0-9._-]+$")
 _TMP_NAME = re.compile(r"^\.(manifest\.json|\.shardckpt-save\.json)\.tmp-[0-9a-f]{12}$")
@@ -55,9 +59,23 @@ def step_dir_name(step: int) -> str:
 
 
 def parse_step_dir(name: str) -> int | None:
-    """The step of a folder named by :func:`step_dir_name`, else None."""
-    m = _STEP_DIR.match(name.rstrip("/").rsplit("/", 1)[-1])
-    return int(m.group(1)) if m else None
+    """The step of a folder named by :func:`step_dir_name`, else None.
+
+    Only that exact spelling counts: ``step_100`` and ``step_00000000100`` are not
+    step 100, so a step never has two folders (the manager reads and deletes
+    ``step_dir_name(step)``, and nothing else)."""
+    base = name.rstrip("/").rsplit("/", 1)[-1]
+    m = _STEP_DIR.match(base)
+    if m is None:
+        return None
+    step = int(m.group(1))
+    return step if step_dir_name(step) == base else None
+
+
+def looks_like_step_dir(name: str) -> bool:
+    """``step_`` followed by digits, in any padding (``step_100``): what a user may name
+    a checkpoint folder and expect a manager to treat as a step."""
+    return bool(_STEP_LIKE.match(name.rstrip("/").rsplit("/", 1)[-1]))
 
 
 def is_data_file_name(name: str) -> bool:

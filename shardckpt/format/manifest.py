@@ -60,8 +60,11 @@ class FileRecord:
     rank: int
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, repr=False)
 class Manifest:
+    """A checkpoint's manifest, parsed. Its repr is one short line (counts and sizes, not
+    the records: a large model's manifest holds megabytes of them); the fields hold all."""
+
     world_size: int
     process_layout: tuple[dict[str, Any], ...]
     tensors: dict[str, TensorRecord]
@@ -79,6 +82,14 @@ class Manifest:
     def total_tensor_bytes(self) -> int:
         return sum(c.byte_length for t in self.tensors.values() for c in t.chunks)
 
+    def __repr__(self) -> str:
+        data_bytes = sum(f.size for f in self.files.values())
+        return (
+            f"Manifest(format_version={self.format_version}, world_size={self.world_size}, "
+            f"tensors={len(self.tensors)}, values={len(self.values)}, files={len(self.files)}, "
+            f"bytes={_size_text(data_bytes)}, created_at={self.created_at!r})"
+        )
+
     def provenance(self) -> dict[str, Any]:
         """Which format, software and processes wrote the checkpoint, and when, in the
         order the manifest's JSON gives them (``inspect --json`` shows the same fields)."""
@@ -90,6 +101,16 @@ class Manifest:
             "world_size": self.world_size,
             "process_layout": list(self.process_layout),
         }
+
+
+def _size_text(n: int) -> str:
+    """``1.0 GiB``: binary units, one decimal (what ``shardckpt inspect`` prints)."""
+    size, unit = float(n), "B"
+    for larger in ("KiB", "MiB", "GiB", "TiB"):
+        if size < 1024:
+            break
+        size, unit = size / 1024, larger
+    return f"{n} B" if unit == "B" else f"{size:.1f} {unit}"
 
 
 # ---------------------------------------------------------------- JSON out

@@ -7,6 +7,14 @@ from __future__ import annotations
 from shardckpt.manager.checkpoint_manager import CheckpointManager
 from shardckpt.manager.retention import RetentionPolicy
 from shardckpt.manager.schedule import SaveSchedule
-from shardckpt.manager.steps import StepInfo, list_root
+from shardckpt.manager.steps import OtherCheckpoint, StepInfo, list_other_checkpoints, list_root
 
-__all__ = ["CheckpointManager", "RetentionPolicy", "SaveSchedule", "StepInfo", "list_root"]
+__all__ = [
+    "CheckpointManager",
+    "OtherCheckpoint",
+    "RetentionPolicy",
+    "SaveSchedule",
+    "StepInfo",
+    "list_other_checkpoints",
+    "list_root",
+]

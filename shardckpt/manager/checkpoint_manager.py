@@ -19,6 +19,7 @@ commit stands, and the next commit or start tries again.
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import sys
 import time
@@ -29,8 +30,8 @@ from typing import Any
 from shardckpt.engine.checkpointer import Checkpointer
 from shardckpt.engine.collective import RankGroup
 from shardckpt.engine.loading import read_manifest
-from shardckpt.engine.options import IOOptions, SaveKwargs, check_io_threads, check_timeout
-from shardckpt.engine.saving import DEFAULT_TIMEOUT_S, AsyncSaveHandle
+from shardckpt.engine.options import IOOptions, SaveKwargs, Timeouts, check_io_threads
+from shardckpt.engine.saving import AsyncSaveHandle
 from shardckpt.errors import (
     CheckpointNotFoundError,
     IntegrityError,
@@ -44,7 +45,7 @@ from shardckpt.manager import ownership
 from shardckpt.manager.retention import RetentionPolicy
 from shardckpt.manager.schedule import SaveSchedule, policy_or_shortcuts
 from shardckpt.manager.steps import check_metrics, metrics_of
-from shardckpt.storage import Storage, folder
+from shardckpt.storage import Storage, as_url, folder
 
 log = logging.getLogger("shardckpt")
 
@@ -85,9 +86,11 @@ class CheckpointManager:
       object-store transfer and retry settings of every save and restore, and of the
       manager's own listing and deletes on the root. ``num_io_threads`` (None): a shortcut
       that replaces ``io.num_io_threads``.
-    - ``timeout_s`` (1800): bounds every wait for other ranks, in saves, restores and the
+    - ``timeout_s`` (None): bounds every wait for other ranks, in saves, restores and the
       manager's own agreements (opening, listing, retention): a rank that does not arrive
       makes the others raise RankTimeoutError; a rank whose process died, RankFailureError.
+      None: a rank that has not made the call is reported after 600 s, and ranks wait
+      1800 s for the slowest rank's writes or reads; a number sets both.
     - ``checkpointer`` (None): the :class:`shardckpt.engine.Checkpointer` saves and restores
       run on (its staging buffers, gloo groups and storage factory; the root itself is
       opened with its factory too). Without one the manager creates its own, with ``io``,
@@ -119,7 +122,7 @@ class CheckpointManager:
 
     def __init__(
         self,
-        root: str,
+        root: str | os.PathLike[str],
         *,
         retention: RetentionPolicy | None = None,
         keep_last: int | None = None,
@@ -138,7 +141,7 @@ class CheckpointManager:
         storage_options: dict[str, Any] | None = None,
         io: IOOptions | None = None,
         num_io_threads: int | None = None,
-        timeout_s: float = DEFAULT_TIMEOUT_S,
+        timeout_s: float | None = None,
         checkpointer: Checkpointer | None = None,
         read_only: bool = False,
         takeover: bool = False,
@@ -174,10 +177,10 @@ class CheckpointManager:
             raise TypeError(f"io must be a shardckpt.IOOptions or None, got {type(io).__name__}")
         if num_io_threads is not None:
             check_io_threads(num_io_threads)
-        check_timeout(timeout_s)
+        self._timeouts = Timeouts.of(timeout_s)
         if not stale_owner_after_s > 0:
             raise ValueError(f"stale_owner_after_s must be > 0, got {stale_owner_after_s}")
-        self.root = root.rstrip("/")
+        self.root = as_url(root, "root").rstrip("/") or "/"
         self.read_only = read_only
         self.async_save = async_save
         self._max_staging_bytes = max_staging_bytes
@@ -436,7 +439,10 @@ class CheckpointManager:
         ownership.claim(self._storage, self._owner, takeover=takeover, stale_after_s=stale_after_s)
         self._heartbeat = ownership.Heartbeat(self._storage, self._owner, interval_s=stale_after_s / 4)
         for name in self._storage.list_dirs(""):
-            if layout.parse_step_dir(name) is None or folder.is_committed(self._storage, name):
+            if layout.parse_step_dir(name) is None:
+                self._warn_if_not_a_step(name)
+                continue
+            if folder.is_committed(self._storage, name):
                 continue
             sub = self._storage.child(name)
             found = folder.contents(sub)
@@ -473,6 +479,24 @@ class CheckpointManager:
             self.cleaned_up.append(name)
             if gone:  # else remove_checkpoint warned about the files it left
                 log.warning("shardckpt: removed %s/%s, left by an interrupted save (no manifest)", self.root, name)
+
+    def _warn_if_not_a_step(self, name: str) -> None:
+        """Coordinator: a checkpoint named like a step but not the manager's name for it
+        (``step_100``, saved with ``shardckpt.save``) would otherwise be ignored without a
+        word, and a fresh-looking restore would start training from scratch."""
+        if not layout.looks_like_step_dir(name) or not folder.is_committed(self._storage, name):
+            return
+        step = int(name.rsplit("_", 1)[1])
+        log.warning(
+            "shardckpt: %s/%s is a checkpoint but not a step of this manager, whose step %d is %s: "
+            "restore() never loads it and retention never deletes it. Load it yourself with "
+            "shardckpt.load(state, %r).",
+            self.root,
+            name,
+            step,
+            layout.step_dir_name(step),
+            f"{self.root}/{name}",
+        )
 
     def _check_owner(self) -> None:
         """Coordinator: RootInUseError unless the owner record on storage is still ours."""
@@ -554,16 +578,17 @@ class CheckpointManager:
             raise ShardckptError(f"{self.root}: this CheckpointManager is closed")
 
     def _ranks(self) -> RankGroup:
-        """The group the manager's own agreements run on: a gloo group with ``timeout_s``
-        (so a rank that never opens the manager, or never reaches retention, makes the
-        others raise RankTimeoutError instead of waiting for the training group's
-        timeout), separate from the one an async save uses in the background. Created
-        on first use, which every rank reaches at the same call."""
+        """The group the manager's own agreements run on: a gloo group whose timeout is
+        the arrival bound of ``timeout_s`` (600 s by default), so a rank that never opens
+        the manager, or never reaches retention, makes the others raise RankTimeoutError
+        instead of waiting for the training group's timeout; separate from the one an
+        async save uses in the background. Created on first use, which every rank
+        reaches at the same call."""
         if self._agreements is None:
             group = self._group
             if group.is_distributed:
                 group = RankGroup.current(
-                    self._checkpointer.group(self._process_group, self._timeout_s, purpose="manager")
+                    self._checkpointer.group(self._process_group, self._timeouts.arrive_s, purpose="manager")
                 )
             self._agreements = group
         return self._agreements

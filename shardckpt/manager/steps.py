@@ -1,7 +1,8 @@
 """What a manager root holds, step by step, and the metrics a step carries.
 
 :func:`list_root` is what ``shardckpt ls`` shows (committed steps, interrupted saves,
-folders that are not shardckpt's); :func:`check_metrics` and :func:`metrics_of` are the
+folders that are not shardckpt's), :func:`list_other_checkpoints` the checkpoints beside
+them that are not manager steps; :func:`check_metrics` and :func:`metrics_of` are the
 two directions of the JSON metrics a :class:`~shardckpt.manager.CheckpointManager`
 stores in each step's manifest. Nothing here is collective or writes anything.
 """
@@ -9,6 +10,7 @@ stores in each step's manifest. Nothing here is collective or writes anything.
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -17,9 +19,9 @@ from shardckpt.engine.loading import read_manifest
 from shardckpt.errors import UnsupportedValueError
 from shardckpt.format import layout
 from shardckpt.format.manifest import Manifest
-from shardckpt.storage import folder, open_storage
+from shardckpt.storage import as_url, folder, open_storage
 
-__all__ = ["StepInfo", "check_metrics", "list_root", "metrics_of"]
+__all__ = ["OtherCheckpoint", "StepInfo", "check_metrics", "list_other_checkpoints", "list_root", "metrics_of"]
 
 
 @dataclass(frozen=True)
@@ -34,6 +36,20 @@ class StepInfo:
     world_size: int | None = None
     foreign: bool = False
     """Uncommitted and not written by shardckpt (no save marker): never restored or deleted."""
+
+
+@dataclass(frozen=True)
+class OtherCheckpoint:
+    """A committed checkpoint directly under a manager root whose folder is not a step's
+    name (``step_100``, ``final``; a manager's step 100 is ``step_0000000100``): saved with
+    ``shardckpt.save`` to a folder of its own. Loadable with ``shardckpt.load``; a
+    CheckpointManager never restores, retains or deletes it. ``shardckpt ls`` lists it as
+    "checkpoint (not a manager step)"."""
+
+    name: str
+    size_bytes: int
+    created_at: str | None = None
+    world_size: int | None = None
 
 
 def metrics_of(manifest: Manifest) -> dict[str, Any]:
@@ -99,9 +115,13 @@ def _short(value: Any) -> str:
     return text if len(text) <= 60 else text[:57] + "..."
 
 
-def list_root(root: str, storage_options: dict[str, Any] | None = None) -> list[StepInfo]:
-    """Every step folder under ``root``, committed or not, ascending (for ``shardckpt ls``)."""
-    storage = open_storage(root, storage_options)
+def list_root(root: str | os.PathLike[str], storage_options: dict[str, Any] | None = None) -> list[StepInfo]:
+    """Every step folder under ``root``, committed or not, ascending (for ``shardckpt ls``).
+
+    Step folders are named by :func:`shardckpt.format.layout.step_dir_name`
+    (``step_0000000100``); other folders are not steps (see :func:`list_other_checkpoints`).
+    A root that does not exist holds no steps."""
+    storage = open_storage(as_url(root, "root"), storage_options)
     infos = []
     for name in storage.list_dirs(""):
         step = layout.parse_step_dir(name)
@@ -110,10 +130,28 @@ def list_root(root: str, storage_options: dict[str, Any] | None = None) -> list[
         sub = storage.child(name)
         if folder.is_committed(sub):
             m = read_manifest(sub)
-            size = sum(f.size for f in m.files.values())
-            infos.append(StepInfo(step, True, size, metrics_of(m), m.created_at, m.world_size))
+            infos.append(StepInfo(step, True, _size(m), metrics_of(m), m.created_at, m.world_size))
         else:
             found = folder.contents(sub)
             size = sum(sub.size(n) for n in sub.list_files(""))
             infos.append(StepInfo(step, False, size, foreign=not found.is_ours and not found.is_empty))
     return sorted(infos, key=lambda i: i.step)
+
+
+def list_other_checkpoints(
+    root: str | os.PathLike[str], storage_options: dict[str, Any] | None = None
+) -> list[OtherCheckpoint]:
+    """The committed checkpoints directly under ``root`` that are not manager steps, by
+    name: folders with a ``manifest.json`` whose name is not ``step_dir_name(step)``."""
+    storage = open_storage(as_url(root, "root"), storage_options)
+    found = []
+    for name in sorted(storage.list_dirs("")):
+        if layout.parse_step_dir(name) is not None or not folder.is_committed(storage, name):
+            continue
+        m = read_manifest(storage.child(name))
+        found.append(OtherCheckpoint(name, _size(m), m.created_at, m.world_size))
+    return found
+
+
+def _size(m: Manifest) -> int:
+    return sum(f.size for f in m.files.values())

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import time
 
 import pytest
 import torch
@@ -326,3 +327,106 @@ def _rank_1_never_opens_the_manager(rank: int, world: int, root: str) -> None:
 
 def test_a_rank_that_never_opens_the_manager_is_a_timeout_not_a_hang(tmp_path):
     run_ranks(_rank_1_never_opens_the_manager, 2, str(tmp_path / "root"))
+
+
+# Defaults, not timeout_s: a rank that never makes the call is reported after the short
+# arrival bound (600 s), while a rank that is only slow at its I/O gets the long one (1800 s).
+# The tests shrink both module defaults in the ranks; a save or load passes no timeout_s.
+
+
+def _shrink_default_timeouts(arrive_s: float, io_s: float) -> None:
+    import shardckpt.engine.options as options
+
+    options.DEFAULT_ARRIVE_TIMEOUT_S, options.DEFAULT_IO_TIMEOUT_S = arrive_s, io_s
+
+
+def _slow_but_healthy_io(rank: int, world: int, path: str) -> None:
+    from shardckpt.storage import local
+
+    _shrink_default_timeouts(arrive_s=3.0, io_s=120.0)
+    if rank == 1:  # the first write and the first read take twice the arrival bound
+        write, read_into = local._LocalWriteStream.write, local.LocalStorage.read_into
+        slowed: set[str] = set()
+
+        def slow(kind, fn):
+            def call(*args, **kwargs):
+                if kind not in slowed:
+                    slowed.add(kind)
+                    time.sleep(6.0)
+                return fn(*args, **kwargs)
+
+            return call
+
+        local._LocalWriteStream.write = slow("write", write)
+        local.LocalStorage.read_into = slow("read", read_into)
+    sd = {"w": torch.full((4,), float(rank)), f"r{rank}": torch.ones(3)}
+    dist.barrier()  # arrive together: only the I/O is slow
+    start = time.monotonic()
+    shardckpt.save(sd, path)
+    assert rank == 1 or time.monotonic() - start > 5.0  # rank 0 did wait for rank 1's writes
+    target = {"w": torch.zeros(4), f"r{rank}": torch.zeros(3)}
+    dist.barrier()
+    start = time.monotonic()
+    shardckpt.load(target, path, strict=False)
+    assert rank == 1 or time.monotonic() - start > 5.0  # and for rank 1's reads
+    assert torch.equal(target[f"r{rank}"], torch.ones(3))
+
+
+def test_a_rank_slow_at_its_io_is_waited_for_past_the_arrival_bound(tmp_path):
+    """Before: one timeout_s bounded both waits, so a short default would fail healthy saves."""
+    path = str(tmp_path / "ckpt")
+    run_ranks(_slow_but_healthy_io, 2, path)
+    assert os.path.exists(os.path.join(path, "manifest.json"))
+
+
+def _rank_1_never_calls_async_save(rank: int, world: int, path: str) -> None:
+    _shrink_default_timeouts(arrive_s=2.0, io_s=120.0)
+    shardckpt.async_save({"w": torch.ones(2)}, path + "-first").wait()  # both ranks: creates the group
+    if rank == 1:
+        wait_for(path + ".rank0-raised")  # "forgot" to call async_save; alive until rank 0 gave up
+        return
+    with pytest.raises(shardckpt.RankTimeoutError) as info:
+        shardckpt.async_save({"w": torch.ones(2)}, path)
+    mark(path + ".rank0-raised")
+    assert "waiting for every rank to call async_save: not every rank arrived within 2 s" in str(info.value)
+
+
+def test_a_rank_that_never_calls_async_save_is_reported_after_the_arrival_bound(tmp_path):
+    """Before: async_save's first wait ran on the training group, bounded by its timeout only."""
+    run_ranks(_rank_1_never_calls_async_save, 2, str(tmp_path / "ckpt"))
+
+
+def _rank_1_skips_the_first_save(rank: int, world: int, path: str) -> None:
+    _shrink_default_timeouts(arrive_s=2.0, io_s=120.0)
+    if rank == 1:
+        wait_for(path + ".rank0-raised")
+        return
+    with pytest.raises(shardckpt.RankTimeoutError) as info:
+        shardckpt.save({"w": torch.ones(2)}, path)  # the very first save: its group is created now
+    mark(path + ".rank0-raised")
+    assert "not every rank arrived within 2 s" in str(info.value), str(info.value)
+
+
+def test_a_rank_that_skips_the_first_save_is_reported_after_the_arrival_bound(tmp_path):
+    run_ranks(_rank_1_skips_the_first_save, 2, str(tmp_path / "ckpt"))
+
+
+def _foreign_folder_on_two_ranks(rank: int, world: int, path: str) -> None:
+    import traceback
+
+    with pytest.raises(shardckpt.errors.DestinationNotEmptyError) as info:
+        shardckpt.save({"w": torch.ones(4)}, path)
+    text = "".join(traceback.format_exception(info.value))
+    assert text.count("Traceback (most recent call last)") == 1, text
+    assert "During handling" not in text and "torch/distributed/checkpoint" not in text, text
+    assert str(info.value).startswith(f"save to {path} failed on rank 0: DestinationNotEmptyError: save to {path}: ")
+
+
+def test_a_save_error_gathered_from_ranks_prints_one_traceback_on_each(tmp_path):
+    """Rank 0 refuses the folder; rank 0 (its own error) and rank 1 (a stand-in for it)
+    both raise it with one traceback, no chain through DCP's internals."""
+    path = tmp_path / "ckpt"
+    path.mkdir()
+    (path / "notes.txt").write_text("mine")
+    run_ranks(_foreign_folder_on_two_ranks, 2, str(path))
+    assert sorted(os.listdir(path)) == ["notes.txt"]

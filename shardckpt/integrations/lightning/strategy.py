@@ -55,8 +55,7 @@ from shardckpt.convert.source import CheckpointSource
 from shardckpt.engine.checkpointer import Checkpointer
 from shardckpt.engine.collective import RankGroup
 from shardckpt.engine.loading import skipped_keys_expected
-from shardckpt.engine.options import SaveKwargs
-from shardckpt.engine.saving import DEFAULT_TIMEOUT_S
+from shardckpt.engine.options import SaveKwargs, check_timeout
 from shardckpt.engine.state import flat_keys, nest
 from shardckpt.errors import CheckpointNotFoundError, StateDictMismatchError
 from shardckpt.integrations.lightning.checkpoint_io import (
@@ -76,19 +75,19 @@ _SHARDED_KEYS = ("state_dict", "optimizer_states")
 class ShardckptOptions:
     """How the strategies save and load. ``num_io_threads``: per rank (None: shardckpt's
     default, 4 local / 8 object store); ``verify``: check checksums on load;
-    ``timeout_s``: bound on every wait for other ranks."""
+    ``timeout_s``: bound on every wait for other ranks (None: 600 s for a rank to arrive,
+    1800 s for the slowest rank's writes or reads; a number sets both)."""
 
     async_save: bool = False
     num_io_threads: int | None = None
     verify: bool = True
     storage_options: dict[str, Any] | None = None
-    timeout_s: float = DEFAULT_TIMEOUT_S
+    timeout_s: float | None = None
 
     def __post_init__(self) -> None:
         if self.num_io_threads is not None and not 1 <= self.num_io_threads <= 256:
             raise ValueError(f"num_io_threads must be in [1, 256] or None, got {self.num_io_threads}")
-        if not self.timeout_s > 0:
-            raise ValueError(f"timeout_s must be positive, got {self.timeout_s}")
+        check_timeout(self.timeout_s)
 
 
 class _ShardckptCheckpoints(ParallelStrategy):
@@ -107,7 +106,7 @@ class _ShardckptCheckpoints(ParallelStrategy):
         num_io_threads: int | None = None,
         verify: bool = True,
         storage_options: dict[str, Any] | None = None,
-        timeout_s: float = DEFAULT_TIMEOUT_S,
+        timeout_s: float | None = None,
         **kwargs: Any,
     ) -> None:
         """Takes the shardckpt options (:class:`ShardckptOptions`); every other argument
