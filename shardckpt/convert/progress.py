@@ -6,18 +6,12 @@ from __future__ import annotations
 
 from tqdm import tqdm
 
+from shardckpt.format.units import human_bytes
+
+__all__ = ["byte_bar", "human_bytes"]
+
 
 def byte_bar(total: int, desc: str, *, enabled: bool = True) -> tqdm:
     """A tqdm bar of ``total`` bytes (shown in KiB, MiB, ... steps of 1024) labelled
     ``desc``; a silent one when not ``enabled``. Close it, or use it as a context manager."""
     return tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=desc, disable=not enabled)
-
-
-def human_bytes(n: int) -> str:
-    """``512`` -> ``"512 B"``, ``3 * 2**30`` -> ``"3.0 GiB"``: one decimal, binary units."""
-    size, unit = float(n), "B"
-    for larger in ("KiB", "MiB", "GiB", "TiB"):
-        if size < 1024:
-            break
-        size, unit = size / 1024, larger
-    return f"{n} B" if unit == "B" else f"{size:.1f} {unit}"

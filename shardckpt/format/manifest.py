@@ -25,6 +25,7 @@ import numpy as np
 from shardckpt.errors import ManifestError, UnsupportedFormatVersionError
 from shardckpt.format import datafile, integrity
 from shardckpt.format.layout import check_relative_name, is_data_file_name
+from shardckpt.format.units import human_bytes
 from shardckpt.format.values import decode_value
 
 FORMAT_NAME = "shardckpt"
@@ -87,7 +88,7 @@ class Manifest:
         return (
             f"Manifest(format_version={self.format_version}, world_size={self.world_size}, "
             f"tensors={len(self.tensors)}, values={len(self.values)}, files={len(self.files)}, "
-            f"bytes={_size_text(data_bytes)}, created_at={self.created_at!r})"
+            f"bytes={human_bytes(data_bytes)}, created_at={self.created_at!r})"
         )
 
     def provenance(self) -> dict[str, Any]:
@@ -101,16 +102,6 @@ class Manifest:
             "world_size": self.world_size,
             "process_layout": list(self.process_layout),
         }
-
-
-def _size_text(n: int) -> str:
-    """``1.0 GiB``: binary units, one decimal (what ``shardckpt inspect`` prints)."""
-    size, unit = float(n), "B"
-    for larger in ("KiB", "MiB", "GiB", "TiB"):
-        if size < 1024:
-            break
-        size, unit = size / 1024, larger
-    return f"{n} B" if unit == "B" else f"{size:.1f} {unit}"
 
 
 # ---------------------------------------------------------------- JSON out
