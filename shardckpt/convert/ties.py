@@ -103,7 +103,7 @@ def hf_tied_weights(config: str | os.PathLike[str]) -> dict[str, str]:
     architectures = doc.get("architectures")
     arch = architectures[0] if isinstance(architectures, list) and architectures else None
     model_class = getattr(transformers, arch, None) if isinstance(arch, str) else None
-    if model_class is None or not hasattr(model_class, "config_class"):
+    if not (isinstance(model_class, type) and issubclass(model_class, transformers.PreTrainedModel)):
         raise ShardckptError(
             f"{shown}: architectures is {architectures!r}, not a model class of transformers "
             f"{transformers.__version__}; name the tied weights yourself (tied=..., CLI: --tied TIED=KEPT)"

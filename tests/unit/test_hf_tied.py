@@ -165,3 +165,16 @@ def test_cli_tied_export_and_import(tmp_path, capsys):
     assert "tied: lm_head.weight filled from transformer.wte.weight" in capsys.readouterr().out
     assert main([*args, "--overwrite", "--tied", "lm_head.weight"]) == EXIT_UNUSABLE
     assert "expected TIED=KEPT" in capsys.readouterr().err
+
+
+def test_hf_tied_weights_follows_the_config_and_names_only_transformers_models(tmp_path):
+    config = tiny_gpt2(seed=0).config
+    config.tie_word_embeddings = False
+    config.save_pretrained(str(tmp_path / "untied"))
+    assert convert.hf_tied_weights(str(tmp_path / "untied" / "config.json")) == {}
+    config.architectures = ["GPT2Config"]  # a transformers class, but not a model
+    config.save_pretrained(str(tmp_path / "odd"))
+    with pytest.raises(ShardckptError, match="not a model class of transformers"):
+        convert.hf_tied_weights(str(tmp_path / "odd"))
+    with pytest.raises(FileNotFoundError, match=r"no config\.json"):
+        convert.hf_tied_weights(str(tmp_path))
