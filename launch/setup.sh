@@ -9,7 +9,7 @@ PY="${PYTHON:-python3}"
 if ! "$PY" -c "import torch" >/dev/null 2>&1; then
     "$PY" -m pip install --quiet "torch==2.13.0"
 fi
-if ! "$PY" -c "import shardckpt, pytest, safetensors, hypothesis, jsonschema, lightning, s3fs, moto" >/dev/null 2>&1 \
+if ! "$PY" -c "import shardckpt, pytest, safetensors, hypothesis, jsonschema, lightning, s3fs, moto, transformers" >/dev/null 2>&1 \
     || [ "${SHARDCKPT_FORCE_INSTALL:-0}" = 1 ] || [ -n "${CI:-}" ]; then
     "$PY" -m pip install --quiet -e ".[test,lightning]"
 fi

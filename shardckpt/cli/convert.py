@@ -40,14 +40,29 @@ def _configure_export(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--flat", action="store_true", help="--format torch: a flat dict of dotted names, not the saved nesting"
     )
+    p.add_argument(
+        "--tied",
+        metavar="TIED=KEPT",
+        action="append",
+        default=[],
+        help="--format safetensors|hf: TIED is the same tensor as KEPT in the model "
+        "(lm_head.weight=transformer.wte.weight): write it once, as KEPT, after checking they are equal",
+    )
+    p.add_argument(
+        "--tied-from",
+        metavar="CONFIG",
+        help="--format safetensors|hf: tie what the Hugging Face config.json (or folder holding it) declares "
+        "tied; needs transformers",
+    )
     p.add_argument("--overwrite", action="store_true", help="replace existing output files")
     _add_output_flags(p)
 
 
 def _run_export(args: argparse.Namespace) -> int:
-    from shardckpt.convert import export_checkpoint
+    from shardckpt.convert import export_checkpoint, hf_tied_weights, parse_tied
 
     def work() -> Any:
+        tied = {**(hf_tied_weights(args.tied_from) if args.tied_from else {}), **parse_tied(args.tied)}
         return export_checkpoint(
             args.path,
             args.out,
@@ -59,6 +74,7 @@ def _run_export(args: argparse.Namespace) -> int:
             flat=args.flat,
             overwrite=args.overwrite,
             progress=_progress(args),
+            tied=tied,
         )
 
     return _reported("export", args, work, _format_export)
@@ -72,6 +88,7 @@ def _format_export(r: Any) -> str:
             f"left out {len(r.skipped_values)} non-tensor value(s), which safetensors cannot hold: "
             f"{', '.join(r.skipped_values[:10])}{' ...' if len(r.skipped_values) > 10 else ''}"
         )
+    lines += [f"tied: {t} not written, it is {k} (checked equal)" for t, k in r.dropped_tied.items()]
     return "\n".join(lines)
 
 
@@ -97,12 +114,19 @@ def _configure_import(p: argparse.ArgumentParser) -> None:
         metavar="KEY",
         help="nest everything under KEY, e.g. 'model' to load into {'model': model.state_dict()}",
     )
+    p.add_argument(
+        "--tied",
+        metavar="TIED=KEPT",
+        action="append",
+        help="safetensors/hf sources: fill TIED from KEPT when SRC stores only KEPT (or the reverse); "
+        "replaces what a Hugging Face folder's config.json declares (default: that, via transformers)",
+    )
     p.add_argument("--overwrite", action="store_true", help="replace a committed checkpoint at OUT")
     _add_output_flags(p)
 
 
 def _run_import(args: argparse.Namespace) -> int:
-    from shardckpt.convert import import_checkpoint
+    from shardckpt.convert import import_checkpoint, parse_tied
 
     def work() -> Any:
         return import_checkpoint(
@@ -113,15 +137,19 @@ def _run_import(args: argparse.Namespace) -> int:
             under=args.under,
             overwrite=args.overwrite,
             progress=_progress(args),
+            tied=None if args.tied is None else parse_tied(args.tied),
         )
 
     return _reported("import", args, work, _format_import)
 
 
 def _format_import(r: Any) -> str:
-    return (
+    line = (
         f"imported {r.format} {r.source} -> {r.path}: {r.num_tensors} tensors "
         f"({human_bytes(r.tensor_bytes)}), {r.num_values} values; it loads on any number of processes"
+    )
+    return "\n".join(
+        [line, *(f"tied: {t} filled from {k} (not stored in the source)" for t, k in r.filled_tied.items())]
     )
 
 

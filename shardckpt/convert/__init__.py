@@ -18,6 +18,7 @@ None of them is collective except the save at the end of an import.
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -41,6 +42,7 @@ from shardckpt.convert.importer import (
     import_checkpoint,
 )
 from shardckpt.convert.source import CheckpointSource, Selection, parse_dtype
+from shardckpt.convert.ties import hf_tied_weights, parse_tied
 
 __all__ = [
     "EXPORT_FORMATS",
@@ -56,9 +58,11 @@ __all__ = [
     "detect_format",
     "diff_checkpoints",
     "export_checkpoint",
+    "hf_tied_weights",
     "import_checkpoint",
     "parse_dtype",
     "parse_size",
+    "parse_tied",
     "read_state_dict",
 ]
 
@@ -79,6 +83,7 @@ def export_checkpoint(
     verify: bool = True,
     progress: bool = False,
     storage_options: dict[str, Any] | None = None,
+    tied: Mapping[str, str] | None = None,
 ) -> ExportReport:
     """Export the checkpoint at ``path`` to ``out`` in ``format`` (one of :data:`EXPORT_FORMATS`).
 
@@ -93,14 +98,30 @@ def export_checkpoint(
     floating tensors for serving). ``verify``: check every byte against the checksums.
     Existing outputs are refused unless ``overwrite``. Memory: safetensors and hf stream
     (about twice the largest tensor); torch holds every selected tensor at once.
+
+    ``tied`` (safetensors and hf): ``{tied name: kept name}``, output names (after
+    ``strip_prefix``) that are one tensor in the model, e.g. ``{"lm_head.weight":
+    "transformer.wte.weight"}`` for GPT-2, or :func:`hf_tied_weights` of the model's
+    ``config.json``, or a transformers model's ``all_tied_weights_keys``. Each tied name is
+    written once, as its kept name, as ``save_pretrained`` does, after checking the two
+    are bitwise equal (a declared tie whose tensors differ is refused). Equal tensors
+    that are not declared tied are all written.
     """
+    if tied and format == "torch":
+        raise ValueError("tied applies to format='safetensors' and 'hf'; torch.save keeps every name")
     selection = Selection(tuple(keys), strip_prefix, parse_dtype(dtype) if dtype is not None else None)
     source = CheckpointSource(path, storage_options=storage_options, verify=verify)
     if format == "safetensors":
-        return export_safetensors(source, out, selection, overwrite=overwrite, progress=progress)
+        return export_safetensors(source, out, selection, overwrite=overwrite, progress=progress, tied=tied)
     if format == "hf":
         return export_hf(
-            source, out, selection, max_shard_bytes=parse_size(max_shard_bytes), overwrite=overwrite, progress=progress
+            source,
+            out,
+            selection,
+            max_shard_bytes=parse_size(max_shard_bytes),
+            overwrite=overwrite,
+            progress=progress,
+            tied=tied,
         )
     if format == "torch":
         return export_torch(source, out, selection, flat=flat, overwrite=overwrite, progress=progress)

@@ -23,7 +23,7 @@ import json
 import math
 import os
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -31,6 +31,7 @@ import torch
 
 from shardckpt.convert.progress import byte_bar, human_bytes
 from shardckpt.convert.source import CheckpointSource, Selection, strip_path
+from shardckpt.convert.ties import check_tied, describe_difference, tensors_are_tied
 from shardckpt.engine.state import nest
 from shardckpt.errors import ShardckptError
 from shardckpt.format import datafile
@@ -46,7 +47,9 @@ _SIZE = re.compile(r"^\s*([0-9]+(?:\.[0-9]+)?)\s*([kmgt]i?b?|b)?\s*$", re.IGNORE
 @dataclass(frozen=True)
 class ExportReport:
     """What an export wrote. ``files``: URLs of the files written, in write order;
-    ``skipped_values``: non-tensor keys left out (safetensors holds tensors only)."""
+    ``skipped_values``: non-tensor keys left out (safetensors holds tensors only);
+    ``dropped_tied``: declared tied names not written, each -> the name written in its place
+    (checked bitwise equal); ``num_tensors`` and the byte counts cover what was written."""
 
     format: str
     files: list[str]
@@ -54,6 +57,7 @@ class ExportReport:
     tensor_bytes: int
     largest_tensor_bytes: int
     skipped_values: list[str] = field(default_factory=list)
+    dropped_tied: dict[str, str] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -81,16 +85,20 @@ def export_safetensors(
     *,
     overwrite: bool = False,
     progress: bool = False,
+    tied: Mapping[str, str] | None = None,
 ) -> ExportReport:
-    """Write the selected tensors to the single safetensors file ``out``, streamed."""
+    """Write the selected tensors to the single safetensors file ``out``, streamed.
+
+    ``tied``: see :func:`drop_tied`; the dropped names are left out of the file."""
     storage, name = _parent_and_name(out)
     _refuse_existing(storage, [name], overwrite)
     items, skipped = _tensor_items(source, selection)
+    items, dropped = drop_tied(source, selection, items, tied or {})
     if overwrite:
         storage.delete([name])  # storage creates files exclusively: never writes into an existing one
     with _bar(progress, source, items, selection) as bar:
         _write_safetensors(source, selection, storage, name, items, bar.update)
-    return _report("safetensors", [_url(storage, name)], source, selection, items, skipped)
+    return _report("safetensors", [_url(storage, name)], source, selection, items, skipped, dropped)
 
 
 def export_hf(
@@ -101,6 +109,7 @@ def export_hf(
     max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
     overwrite: bool = False,
     progress: bool = False,
+    tied: Mapping[str, str] | None = None,
 ) -> ExportReport:
     """Write the Hugging Face sharded layout into the folder ``out_dir``.
 
@@ -108,6 +117,11 @@ def export_hf(
     data each (a single larger tensor gets a shard of its own, as in transformers), in
     natural key order so that a layer's tensors stay together; ``model.safetensors.index.json``
     (``metadata.total_size`` and ``weight_map``) is written last and commits the folder.
+
+    ``tied``: ``{target: source}`` output names that are one tensor in the model (see
+    :func:`drop_tied`); each target is written once, as its source, and the index does
+    not list it, as transformers' ``save_pretrained`` writes it; ``from_pretrained`` ties
+    it back.
     """
     if max_shard_bytes < 1:
         raise ValueError(f"max_shard_bytes must be positive, got {max_shard_bytes}")
@@ -116,8 +130,9 @@ def export_hf(
         [n for n in storage.list_files("") if n == HF_INDEX_NAME or _HF_SHARD.match(n)] if storage.is_dir() else []
     )
     _refuse_existing(storage, existing, overwrite)
-    storage.delete([HF_INDEX_NAME])  # uncommit before any shard is replaced
     items, skipped = _tensor_items(source, selection)
+    items, dropped = drop_tied(source, selection, items, tied or {})  # may refuse: before anything is touched
+    storage.delete([HF_INDEX_NAME])  # uncommit before any shard is replaced
     shards = plan_shards([(n, _out_bytes(source, selection, k)) for n, k in items], max_shard_bytes)
     names = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
     by_name = dict(items)
@@ -131,7 +146,43 @@ def export_hf(
     storage.write_atomic(HF_INDEX_NAME, (json.dumps(index, indent=2) + "\n").encode())
     storage.delete([n for n in existing if n not in names and n != HF_INDEX_NAME])
     files = [_url(storage, n) for n in [*names, HF_INDEX_NAME]]
-    return _report("hf", files, source, selection, items, skipped)
+    return _report("hf", files, source, selection, items, skipped, dropped)
+
+
+def drop_tied(
+    source: CheckpointSource, selection: Selection, items: list[tuple[str, str]], tied: Mapping[str, str]
+) -> tuple[list[tuple[str, str]], dict[str, str]]:
+    """``items`` (output name, key) without the declared tied targets, and ``{target: source}`` dropped.
+
+    A target is dropped only when its source is exported too and both have the same
+    saved dtype, shape and bytes (read and compared here, one pair at a time); a declared
+    tie whose tensors differ is refused, because dropping either would lose a trained
+    weight. Equal tensors that are not declared are all written (see
+    :mod:`shardckpt.convert.ties` for why equality alone is not a tie). A declared
+    target that is not exported is ignored.
+    """
+    tied = check_tied(tied)
+    by_name = dict(items)
+    dropped: dict[str, str] = {}
+    for target, kept in sorted(tied.items()):
+        if target not in by_name:
+            continue
+        if kept not in by_name:
+            raise ShardckptError(
+                f"{source.path}: {target!r} is declared tied to {kept!r}, which is not among the exported tensors "
+                f"(key {by_name[target]!r} is); export {kept!r} too (--keys) or leave the pair out of tied"
+            )
+        a, b = source.read_tensor(by_name[target]), source.read_tensor(by_name[kept])
+        if not tensors_are_tied(a, b):
+            raise ShardckptError(
+                f"{source.path}: {target!r} is declared tied to {kept!r} but they differ: "
+                f"{describe_difference(target, a, kept, b)} (keys {by_name[target]!r}, {by_name[kept]!r}). "
+                "The model was trained with them untied; dropping one would lose a trained weight. Leave the "
+                "pair out of tied (CLI: --tied), and for Hugging Face set tie_word_embeddings=false in config.json"
+            )
+        dropped[target] = kept
+        del a, b
+    return [(n, k) for n, k in items if n not in dropped], dropped
 
 
 def plan_shards(sizes: list[tuple[str, int]], max_shard_bytes: int) -> list[list[str]]:
@@ -324,9 +375,10 @@ def _report(
     selection: Selection,
     items: list[tuple[str, str]],
     skipped: list[str],
+    dropped_tied: dict[str, str] | None = None,
 ) -> ExportReport:
     sizes = [_out_bytes(source, selection, k) for _, k in items]
-    return ExportReport(fmt, files, len(items), sum(sizes), max(sizes, default=0), skipped)
+    return ExportReport(fmt, files, len(items), sum(sizes), max(sizes, default=0), skipped, dropped_tied or {})
 
 
 def _bar(progress: bool, source: CheckpointSource, items: list[tuple[str, str]], selection: Selection) -> Any:

@@ -43,17 +43,24 @@ import pickle  # only for pickle.UnpicklingError: torch.load(weights_only=True) 
 import stat
 import sys
 import threading
-from collections.abc import Iterator
-from dataclasses import dataclass
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
 from typing import Any, BinaryIO
 
 import torch
 
 from shardckpt.convert.progress import byte_bar
+from shardckpt.convert.ties import check_tied, config_ties_word_embeddings, hf_tied_weights
 from shardckpt.engine.collective import translated_failures
 from shardckpt.engine.default import save
 from shardckpt.engine.state import nest
-from shardckpt.errors import ManifestError, ShardckptError, StorageError, UnsupportedValueError
+from shardckpt.errors import (
+    ManifestError,
+    MissingDependencyError,
+    ShardckptError,
+    StorageError,
+    UnsupportedValueError,
+)
 from shardckpt.format import datafile, layout
 from shardckpt.storage import as_url, open_storage
 
@@ -72,7 +79,8 @@ class PickleNotTrustedError(ShardckptError, PermissionError):
 
 @dataclass(frozen=True)
 class ImportReport:
-    """What an import wrote. ``num_values`` is -1 on ranks other than the coordinator."""
+    """What an import wrote. ``num_values`` is -1 on ranks other than the coordinator.
+    ``filled_tied``: names the source did not store, each -> the tied name it was filled from."""
 
     format: str
     source: str
@@ -80,6 +88,7 @@ class ImportReport:
     num_tensors: int
     num_values: int
     tensor_bytes: int
+    filled_tied: dict[str, str] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -95,6 +104,7 @@ def import_checkpoint(
     overwrite: bool = False,
     progress: bool = False,
     num_io_threads: int = 2,
+    tied: Mapping[str, str] | None = None,
 ) -> ImportReport:
     """Write the state held at ``source`` as a shardckpt checkpoint at ``out``.
 
@@ -102,6 +112,13 @@ def import_checkpoint(
     :data:`SOURCE_FORMATS`. ``under``: nest everything under this key, e.g. ``"model"``
     so that ``shardckpt.load({"model": model.state_dict()}, out)`` fills a model.
     Safetensors and Hugging Face tensors keep their names as flat keys.
+
+    ``tied`` (safetensors and hf): ``{tied name: kept name}``; when the source stores only
+    one name of a pair (``save_pretrained`` drops GPT-2's ``lm_head.weight``), the other is
+    filled from it and listed in :attr:`ImportReport.filled_tied`. None (the default): for
+    a Hugging Face folder with a ``config.json``, the ties its architecture declares
+    (:func:`~shardckpt.convert.ties.hf_tied_weights`, needs transformers when the config
+    says ``tie_word_embeddings: true``); otherwise none. ``{}``: fill nothing.
     """
     source, out = as_url(source, "import source"), as_url(out)
     fmt = detect_format(source) if source_format == "auto" else source_format
@@ -111,12 +128,15 @@ def import_checkpoint(
         raise PickleNotTrustedError(
             f"{source}: refusing to import a DCP checkpoint without trust_pickle=True. {_TRUST_HINT}"
         )
+    if tied is not None and fmt not in ("safetensors", "hf"):
+        raise ValueError(f"tied applies to safetensors and hf sources, whose names are flat; {source} is {fmt}")
     state = _READERS[fmt](source)
     if not isinstance(state, dict):
         raise UnsupportedValueError(
             f"{source}: the top-level object is a {type(state).__name__}; a checkpoint holds a dict. Load it, wrap "
             "it in a dict (e.g. {'model': obj}), torch.save that and import the new file."
         )
+    filled = fill_tied(state, _import_ties(fmt, source, tied)) if fmt in ("safetensors", "hf") else {}
     if under:
         state = {under: state}
     tensors = _tensors(state)
@@ -125,8 +145,45 @@ def import_checkpoint(
     with _write_progress(progress, out, total):
         manifest = save(state, out, overwrite=overwrite, metadata=meta, num_io_threads=num_io_threads)
     if manifest is None:  # not the coordinator of a distributed call
-        return ImportReport(fmt, source, out, len(tensors), -1, total)
-    return ImportReport(fmt, source, out, len(manifest.tensors), len(manifest.values), manifest.total_tensor_bytes)
+        return ImportReport(fmt, source, out, len(tensors), -1, total, filled)
+    return ImportReport(
+        fmt, source, out, len(manifest.tensors), len(manifest.values), manifest.total_tensor_bytes, filled
+    )
+
+
+def fill_tied(state: dict[str, Any], tied: Mapping[str, str]) -> dict[str, str]:
+    """Add to the flat ``state`` each name of a ``{tied: kept}`` pair that it lacks while
+    holding the other (both ways, as ``from_pretrained`` ties); ``{filled name: from name}``."""
+    filled: dict[str, str] = {}
+    for target, kept in sorted(tied.items()):
+        if target not in state and kept in state:
+            state[target], filled[target] = state[kept], kept
+        elif kept not in state and target in state:
+            state[kept], filled[kept] = state[target], target
+    return filled
+
+
+def _import_ties(fmt: str, source: str, tied: Mapping[str, str] | None) -> dict[str, str]:
+    """The ties to fill: explicit, or those of a Hugging Face folder's config.json."""
+    if tied is not None:
+        return check_tied(tied)
+    if fmt != "hf" or not os.path.isdir(source):
+        return {}
+    declared = config_ties_word_embeddings(source)
+    if declared is False:
+        return {}
+    try:
+        return hf_tied_weights(source)
+    except FileNotFoundError:
+        return {}  # no config.json: nothing declares a tie
+    except ShardckptError as e:
+        if declared is None:
+            return {}  # the config does not say the model ties weights, nor can transformers tell
+        error = MissingDependencyError if isinstance(e, MissingDependencyError) else ShardckptError
+        raise error(
+            f"{e}. The config says tie_word_embeddings: true, so the folder may lack a tied weight that a model "
+            "needs; pass tied={...} (CLI: --tied TIED=KEPT) to name the pairs, or tied={} to import as stored"
+        ) from e
 
 
 def detect_format(source: str) -> str:

@@ -42,7 +42,13 @@ LEVELS = {
     "integrations": 5,
 }
 ROOT_ROOM = "<root>"
-THIRD_PARTY_ROOMS = {"fsspec": {"storage"}, "s3fs": {"storage"}, "botocore": {"storage"}, "lightning": {"integrations"}}
+THIRD_PARTY_ROOMS = {
+    "fsspec": {"storage"},
+    "s3fs": {"storage"},
+    "botocore": {"storage"},
+    "lightning": {"integrations"},
+    "transformers": {"convert"},  # convert/ties.py asks an architecture which weights it ties (lazily)
+}
 
 
 @dataclass(frozen=True)
