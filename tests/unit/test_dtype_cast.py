@@ -142,3 +142,39 @@ def test_train_state_restores_an_fp32_run_into_a_bf16_model(tmp_path):
     assert bf16.model.weight.dtype == torch.bfloat16
     assert torch.equal(bf16.model.weight, fp32.weight.detach().to(torch.bfloat16))
     assert torch.equal(bf16.model.bias, fp32.bias.detach().to(torch.bfloat16))
+
+
+@pytest.mark.parametrize(
+    ("saved_dtype", "target_dtype"),
+    [
+        (torch.float64, torch.float32),
+        (torch.float32, torch.float16),
+        (torch.float32, torch.float8_e4m3fn),
+        (torch.float8_e5m2, torch.bfloat16),
+    ],
+    ids=lambda d: str(d).removeprefix("torch."),
+)
+def test_every_floating_pair_converts_as_copy_does(tmp_path, saved_dtype, target_dtype):
+    saved = _values(300, 6).clamp(-400, 400).to(saved_dtype)
+    shardckpt.save({"w": saved}, tmp_path / "c")
+    target = {"w": torch.zeros(300, dtype=target_dtype)}
+    shardckpt.load(target, tmp_path / "c", allow_dtype_cast=True)
+    expected = torch.zeros(300, dtype=target_dtype).copy_(saved)
+    assert torch.equal(target["w"].view(torch.uint8), expected.view(torch.uint8))
+
+
+def test_a_bf16_model_and_its_fresh_optimizer_load_an_fp32_checkpoint(tmp_path):
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 3)
+    optim = torch.optim.Adam(model.parameters())
+    model(torch.ones(2, 4)).sum().backward()
+    optim.step()
+    shardckpt.save({"model": model, "optim": optim}, tmp_path / "c")
+    bf16 = torch.nn.Linear(4, 3).to(torch.bfloat16)
+    fresh = torch.optim.Adam(bf16.parameters())
+    shardckpt.load({"model": bf16, "optim": fresh}, tmp_path / "c", allow_dtype_cast=True)
+    assert torch.equal(bf16.weight, model.weight.detach().to(torch.bfloat16))
+    state = fresh.state[bf16.weight]
+    assert state["exp_avg"].dtype == torch.bfloat16
+    assert torch.equal(state["exp_avg"], optim.state[model.weight]["exp_avg"].to(torch.bfloat16))
+    assert torch.equal(state["exp_avg_sq"], optim.state[model.weight]["exp_avg_sq"].to(torch.bfloat16))
