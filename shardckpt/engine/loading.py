@@ -47,7 +47,7 @@ def load_from(
     strict: bool,
     verify: bool,
     num_io_threads: int,
-    allow_dtype_cast: bool = False,
+    allow_dtype_cast: bool,
     after_read: Callable[[], None] | None = None,
 ) -> LoadResult:
     """The body of a load, once every rank has arrived: read and check the manifest of
@@ -264,9 +264,8 @@ def check_target(
     saved = set(manifest.tensors) | set(manifest.values)
     missing = sorted(k for k in flat if k not in saved)
     unexpected = sorted(saved - set(flat))
-    kinds = {k: _wrong_kind(manifest, k, flat[k]) for k in sorted(flat)}
-    castable = [k for k, kind in kinds.items() if kind is not None and kind.castable]
-    wrong = [kind.text for kind in kinds.values() if kind is not None and not (kind.castable and allow_dtype_cast)]
+    kinds = [kind for k in sorted(flat) if (kind := _wrong_kind(manifest, k, flat[k])) is not None]
+    wrong = [kind.text for kind in kinds if not (kind.castable and allow_dtype_cast)]
     problems, fixes = [], []
     if strict and missing:
         problems.append(
@@ -287,17 +286,7 @@ def check_target(
         problems.append(
             f"{_count(len(wrong), 'key')} where the state_dict cannot hold what was saved: {listing(wrong, width=240)}"
         )
-        if castable and not allow_dtype_cast:
-            fixes.append(
-                "Pass allow_dtype_cast=True to convert floating tensors saved in another floating dtype "
-                "as they are read (the rounding of target.copy_(saved); integer and bool tensors must match)."
-            )
-        if allow_dtype_cast:
-            fixes.append("allow_dtype_cast=True converts only between floating dtypes, and never changes a shape.")
-        fixes.append(
-            "Build the target with the saved shapes and dtypes (the same model configuration, e.g. "
-            "model.to(dtype) before loading) and convert it after loading; `shardckpt inspect` lists what was saved."
-        )
+        fixes += _mismatch_fixes(castable=any(kind.castable for kind in kinds), allow_dtype_cast=allow_dtype_cast)
     if problems:
         raise StateDictMismatchError(
             f"{source}: the state_dict does not match the checkpoint:\n  "
@@ -306,6 +295,23 @@ def check_target(
             + " ".join(fixes)
         )
     return LoadResult(missing, unexpected)
+
+
+def _mismatch_fixes(*, castable: bool, allow_dtype_cast: bool) -> list[str]:
+    """The fixes of tensors of another shape or dtype; ``castable``: some differ in a floating dtype only."""
+    fixes = []
+    if castable and not allow_dtype_cast:
+        fixes.append(
+            "Pass allow_dtype_cast=True to convert floating tensors saved in another floating dtype "
+            "as they are read (the rounding of target.copy_(saved); integer and bool tensors must match)."
+        )
+    if allow_dtype_cast:
+        fixes.append("allow_dtype_cast=True converts only between floating dtypes, and never changes a shape.")
+    fixes.append(
+        "Build the target with the saved shapes and dtypes (the same model configuration, e.g. "
+        "model.to(dtype) before loading) and convert it after loading; `shardckpt inspect` lists what was saved."
+    )
+    return fixes
 
 
 class _Mismatch(NamedTuple):

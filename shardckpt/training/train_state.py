@@ -60,7 +60,7 @@ class _LoadContext:
     manifest: Manifest
     progress: dict[str, Any]  # the saved "progress" values
     strict: bool
-    allow_dtype_cast: bool = False
+    allow_dtype_cast: bool
 
     @property
     def world_size(self) -> int:
