@@ -7,15 +7,18 @@ Integer, bool and shape mismatches are refused either way.
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
+from damage import flip_byte
+from distributed import run_ranks
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor import Shard, distribute_tensor
 
 import shardckpt
-from shardckpt.errors import StateDictMismatchError
+from shardckpt.errors import IntegrityError, StateDictMismatchError
 from shardckpt.training.train_state import TrainState
-from tests.support.distributed import run_ranks
 
 
 def _values(n: int, seed: int) -> torch.Tensor:
@@ -60,6 +63,23 @@ def test_cast_reads_verified_bytes_in_blocks_into_a_strided_view(tmp_path):
     shardckpt.load({"w": backing[:, ::2]}, tmp_path / "c", allow_dtype_cast=True)
     assert torch.equal(backing[:, ::2], saved.to(torch.bfloat16))
     assert bool((backing[:, 1::2] == 7.0).all())
+
+
+def test_checksums_are_checked_on_the_saved_bytes_before_the_cast(tmp_path):
+    # Flip the lowest mantissa bit of one fp32 element: bf16 drops that bit, so only a check
+    # of the saved bytes (not of the converted ones) can see the damage.
+    saved = torch.arange(100.0) + 0.5
+    shardckpt.save({"w": saved}, tmp_path / "c")
+    chunk = json.loads((tmp_path / "c" / "manifest.json").read_text())["tensors"]["w"]["chunks"][0]
+    flip_byte(str(tmp_path / "c" / chunk["file"]), chunk["byte_offset"] + 37 * 4)
+    damaged = saved.clone()
+    damaged.view(torch.int32)[37] ^= 1
+    assert torch.equal(damaged.to(torch.bfloat16), saved.to(torch.bfloat16))
+    with pytest.raises(IntegrityError, match="'w'"):
+        shardckpt.load({"w": torch.zeros(100, dtype=torch.bfloat16)}, tmp_path / "c", allow_dtype_cast=True)
+    target = {"w": torch.zeros(100, dtype=torch.bfloat16)}
+    shardckpt.load(target, tmp_path / "c", allow_dtype_cast=True, verify=False)
+    assert torch.equal(target["w"], saved.to(torch.bfloat16))
 
 
 def test_default_refuses_a_dtype_mismatch_and_names_the_option(tmp_path):
