@@ -152,9 +152,13 @@ def test_sharded_fp32_checkpoint_loads_resharded_into_bf16(tmp_path):
 def test_train_state_restores_an_fp32_run_into_a_bf16_model(tmp_path):
     torch.manual_seed(0)
     fp32 = torch.nn.Linear(16, 8)
+    optim = torch.optim.Adam(fp32.parameters())
+    fp32(torch.ones(2, 16)).sum().backward()
+    optim.step()
     with shardckpt.CheckpointManager(tmp_path / "run") as manager:
-        assert TrainState(model=fp32).save(manager, force=True)
-    bf16 = TrainState(model=torch.nn.Linear(16, 8).to(torch.bfloat16))
+        assert TrainState(model=fp32, optimizer=optim).save(manager, force=True)
+    model = torch.nn.Linear(16, 8).to(torch.bfloat16)
+    bf16 = TrainState(model=model, optimizer=torch.optim.Adam(model.parameters()))
     with shardckpt.CheckpointManager(tmp_path / "run") as manager:
         with pytest.raises(StateDictMismatchError, match="allow_dtype_cast=True"):
             bf16.restore(manager)
@@ -162,6 +166,8 @@ def test_train_state_restores_an_fp32_run_into_a_bf16_model(tmp_path):
     assert bf16.model.weight.dtype == torch.bfloat16
     assert torch.equal(bf16.model.weight, fp32.weight.detach().to(torch.bfloat16))
     assert torch.equal(bf16.model.bias, fp32.bias.detach().to(torch.bfloat16))
+    exp_avg = bf16.optimizers[0].state[model.weight]["exp_avg"]
+    assert torch.equal(exp_avg, optim.state[fp32.weight]["exp_avg"].to(torch.bfloat16))
 
 
 @pytest.mark.parametrize(
