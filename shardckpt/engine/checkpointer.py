@@ -310,6 +310,7 @@ class Checkpointer:
         *,
         process_group: Any = None,
         strict: bool = True,
+        allow_dtype_cast: bool = False,
         verify: bool = True,
         storage_options: dict[str, Any] | None = None,
         timeout_s: float | None = None,
@@ -336,7 +337,12 @@ class Checkpointer:
         (otherwise StateDictMismatchError lists them); with ``strict=False`` keys missing
         from the checkpoint are left untouched, and the keys skipped on either side are
         returned and logged once (a WARNING of the ``shardckpt`` logger, on each rank that
-        skipped any). Shape and dtype must match either way.
+        skipped any). Shape and dtype must match either way, unless ``allow_dtype_cast``.
+        ``allow_dtype_cast``: a floating tensor saved in another floating dtype fills the
+        target anyway, converted to the target's dtype as each chunk is read (after its
+        checksums are verified), rounded as ``target.copy_(saved)`` rounds: an fp32
+        checkpoint loads into a bf16 model and back. Integer, bool and complex tensors
+        must still match exactly, and shapes always must.
         ``verify``: check every byte read against the checksums recorded at save time.
         ``io``: threads and object-store transfer/retry settings (default: this
         Checkpointer's :class:`IOOptions`); ``num_io_threads`` replaces its thread count
@@ -374,6 +380,7 @@ class Checkpointer:
             strict=strict,
             verify=verify,
             num_io_threads=io.load_threads(),
+            allow_dtype_cast=allow_dtype_cast,
             after_read=all_read,
         )
 

@@ -47,14 +47,16 @@ def load_from(
     strict: bool,
     verify: bool,
     num_io_threads: int,
+    allow_dtype_cast: bool,
     after_read: Callable[[], None] | None = None,
 ) -> LoadResult:
     """The body of a load, once every rank has arrived: read and check the manifest of
     ``storage`` (the checkpoint ``path``), then fill ``state_dict``. Collective over
     ``group`` (the checkpoint group ``ckpt_group``'s ranks, or a single process).
     ``after_read`` runs on every rank when its reads ended (the wait for the others'
-    reads, bounded on its own). Returns this rank's keys that were not loaded (none
-    unless ``strict=False``)."""
+    reads, bounded on its own). ``allow_dtype_cast``: floating tensors saved in another
+    floating dtype are converted as they are read (see :func:`check_target`). Returns this
+    rank's keys that were not loaded (none unless ``strict=False``)."""
     state = PlainState.of(state_dict)
     plain = state.tree
 
@@ -70,7 +72,7 @@ def load_from(
     def check() -> LoadResult:
         flat = flat_keys(plain)
         check_loadable(manifest, flat)
-        return check_target(manifest, flat, strict=strict, source=storage.url)
+        return check_target(manifest, flat, strict=strict, source=storage.url, allow_dtype_cast=allow_dtype_cast)
 
     result = group.agree(f"load of {path}", check)
     reader = Reader(storage, manifest, verify=verify, num_io_threads=num_io_threads, after_read=after_read)
@@ -246,15 +248,24 @@ def _count(n: int, noun: str) -> str:
     return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
 
 
-def check_target(manifest: Manifest, flat: dict[str, Any], *, strict: bool, source: str) -> LoadResult:
+def check_target(
+    manifest: Manifest, flat: dict[str, Any], *, strict: bool, source: str, allow_dtype_cast: bool = False
+) -> LoadResult:
     """Raise StateDictMismatchError if ``flat`` cannot be filled from ``manifest`` (keys,
     with ``strict``; tensors of another shape or dtype; a tensor where a value was saved
     or the other way). The message lists at most :data:`SHOWN_KEYS` of each and ends
-    with the fix. Returns the keys each side lacks."""
+    with the fix. Returns the keys each side lacks.
+
+    ``allow_dtype_cast``: a floating tensor saved in another floating dtype (fp32 into
+    bf16, bf16 into fp32, ...) is accepted; the reader converts each box it reads, after
+    verifying the saved bytes. Integer, bool and complex tensors must match exactly
+    either way: a cast there truncates or drops data (DCP would turn 0.7 into 0).
+    """
     saved = set(manifest.tensors) | set(manifest.values)
     missing = sorted(k for k in flat if k not in saved)
     unexpected = sorted(saved - set(flat))
-    wrong = [p for k in sorted(flat) if (p := _wrong_kind(manifest, k, flat[k])) is not None]
+    kinds = [kind for k in sorted(flat) if (kind := _wrong_kind(manifest, k, flat[k])) is not None]
+    wrong = [kind.text for kind in kinds if not (kind.castable and allow_dtype_cast)]
     problems, fixes = [], []
     if strict and missing:
         problems.append(
@@ -275,10 +286,7 @@ def check_target(manifest: Manifest, flat: dict[str, Any], *, strict: bool, sour
         problems.append(
             f"{_count(len(wrong), 'key')} where the state_dict cannot hold what was saved: {listing(wrong, width=240)}"
         )
-        fixes.append(
-            "Build the target with the saved shapes and dtypes (the same model configuration, e.g. "
-            "model.to(dtype) before loading) and convert it after loading; `shardckpt inspect` lists what was saved."
-        )
+        fixes += _mismatch_fixes(castable=any(kind.castable for kind in kinds), allow_dtype_cast=allow_dtype_cast)
     if problems:
         raise StateDictMismatchError(
             f"{source}: the state_dict does not match the checkpoint:\n  "
@@ -289,20 +297,47 @@ def check_target(manifest: Manifest, flat: dict[str, Any], *, strict: bool, sour
     return LoadResult(missing, unexpected)
 
 
-def _wrong_kind(manifest: Manifest, key: str, value: Any) -> str | None:
+def _mismatch_fixes(*, castable: bool, allow_dtype_cast: bool) -> list[str]:
+    """The fixes of tensors of another shape or dtype; ``castable``: some differ in a floating dtype only."""
+    fixes = []
+    if castable and not allow_dtype_cast:
+        fixes.append(
+            "Pass allow_dtype_cast=True to convert floating tensors saved in another floating dtype "
+            "as they are read (the rounding of target.copy_(saved); integer and bool tensors must match)."
+        )
+    if allow_dtype_cast:
+        fixes.append("allow_dtype_cast=True converts only between floating dtypes, and never changes a shape.")
+    fixes.append(
+        "Build the target with the saved shapes and dtypes (the same model configuration, e.g. "
+        "model.to(dtype) before loading) and convert it after loading; `shardckpt inspect` lists what was saved."
+    )
+    return fixes
+
+
+class _Mismatch(NamedTuple):
+    """Why a target value cannot be filled from a saved key: ``text`` for the message;
+    ``castable`` when only the dtype differs, both floating (``allow_dtype_cast`` accepts it)."""
+
+    text: str
+    castable: bool = False
+
+
+def _wrong_kind(manifest: Manifest, key: str, value: Any) -> _Mismatch | None:
     """What keeps ``value`` from being filled from the saved ``key``, or None."""
     rec = manifest.tensors.get(key)
     if rec is not None:
         dtype = datafile.torch_dtype(rec.dtype, where=key)
         if not isinstance(value, torch.Tensor):
-            return f"{key!r}: saved as a tensor, the state_dict holds {describe(value)}"
-        if tuple(value.shape) != rec.shape or value.dtype != dtype:
-            return (
+            return _Mismatch(f"{key!r}: saved as a tensor, the state_dict holds {describe(value)}")
+        same_shape = tuple(value.shape) == rec.shape
+        if not same_shape or value.dtype != dtype:
+            text = (
                 f"{key!r}: saved shape {list(rec.shape)} dtype {str(dtype).removeprefix('torch.')}, "
                 f"the state_dict holds {describe(value)}"
             )
+            return _Mismatch(text, castable=same_shape and dtype.is_floating_point and value.dtype.is_floating_point)
     elif key in manifest.values and isinstance(value, torch.Tensor):
-        return f"{key!r}: saved as a non-tensor value, the state_dict holds {describe(value)}"
+        return _Mismatch(f"{key!r}: saved as a non-tensor value, the state_dict holds {describe(value)}")
     return None
 
 

@@ -256,8 +256,16 @@ class CheckpointManager:
 
     # ------------------------------------------------------------ restore
 
-    def restore(self, state_dict: dict[str, Any], step: int | None = None, *, strict: bool = True) -> int | None:
+    def restore(
+        self,
+        state_dict: dict[str, Any],
+        step: int | None = None,
+        *,
+        strict: bool = True,
+        allow_dtype_cast: bool = False,
+    ) -> int | None:
         """Collective. Load ``step`` (default: the latest committed one) into ``state_dict``.
+        ``strict`` and ``allow_dtype_cast`` as in :meth:`shardckpt.Checkpointer.load`.
 
         Returns the step loaded, or None when the root holds no committed step (a fresh
         start). With ``step=None``, a latest step that fails verification is skipped
@@ -270,6 +278,7 @@ class CheckpointManager:
                 self.path(s),
                 process_group=self._process_group,
                 strict=strict,
+                allow_dtype_cast=allow_dtype_cast,
                 storage_options=self._storage_options,
                 timeout_s=self._timeout_s,
                 io=self._io,

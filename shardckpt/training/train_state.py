@@ -60,6 +60,7 @@ class _LoadContext:
     manifest: Manifest
     progress: dict[str, Any]  # the saved "progress" values
     strict: bool
+    allow_dtype_cast: bool
 
     @property
     def world_size(self) -> int:
@@ -172,7 +173,9 @@ class TrainState:
         ``force``, or a preemption) says so. Returns whether a checkpoint was started."""
         return bool(manager.save(self.step, {TRAIN_STATE_KEY: self}, metrics=metrics, force=force))
 
-    def restore(self, manager: Any, step: int | None = None, *, strict: bool = True) -> int | None:
+    def restore(
+        self, manager: Any, step: int | None = None, *, strict: bool = True, allow_dtype_cast: bool = False
+    ) -> int | None:
         """Collective. Load ``step`` (default: the latest committed one) into this state.
 
         Returns the step restored, or None when the manager's root has no committed step
@@ -181,18 +184,21 @@ class TrainState:
         ``CheckpointManager.restore``. ``strict``: the saved parts (model, optimizer,
         scheduler, ..., extras) and keys must match this state's, else
         StateDictMismatchError; with ``strict=False`` parts present on one side only are
-        skipped with a warning.
+        skipped with a warning. ``allow_dtype_cast``: floating tensors saved in another floating
+        dtype (an fp32 run resumed in bf16) are converted as read, as in ``shardckpt.load``.
         """
         group = RankGroup.current(self.process_group)
-        restored: int | None = manager.restore_with(lambda s: self._restore_step(manager, s, strict, group), step)
+        restored: int | None = manager.restore_with(
+            lambda s: self._restore_step(manager, s, group, strict=strict, allow_dtype_cast=allow_dtype_cast), step
+        )
         return restored
 
-    def _restore_step(self, manager: Any, step: int, strict: bool, group: RankGroup) -> None:
+    def _restore_step(self, manager: Any, step: int, group: RankGroup, *, strict: bool, allow_dtype_cast: bool) -> None:
         path = manager.path(step)
 
         def prepare() -> _LoadContext:
             manifest = manager.manifest(step)
-            ctx = _LoadContext(manifest, _saved_progress(manifest, path), strict)
+            ctx = _LoadContext(manifest, _saved_progress(manifest, path), strict, allow_dtype_cast)
             self._loading = ctx
             self._check_against(ctx, path, group)
             return ctx
@@ -202,7 +208,7 @@ class TrainState:
             # Keys of other ranks' per-rank state are in the checkpoint but rightly not in this
             # rank's target, so the library's strict check is replaced by _check_against.
             with skipped_keys_expected():
-                manager.restore({TRAIN_STATE_KEY: self}, step=step, strict=False)
+                manager.restore({TRAIN_STATE_KEY: self}, step=step, strict=False, allow_dtype_cast=allow_dtype_cast)
         finally:
             self._loading = None
 
@@ -246,7 +252,7 @@ class TrainState:
                 if k.startswith(f"{TRAIN_STATE_KEY}.") and not k.startswith(shared)
             },
         )
-        check_target(job_wide, target, strict=ctx.strict, source=source)
+        check_target(job_wide, target, strict=ctx.strict, source=source, allow_dtype_cast=ctx.allow_dtype_cast)
 
     # ------------------------------------------------------------ Stateful
 

@@ -47,6 +47,8 @@ REFERENCE = {
     "docs/format.md": "the on-disk format's reference; its blocks read a data file named by the save id of "
     "the checkpoint the page describes (fd68cfe241f8), not one a reader has",
     "docs/reliability.md": "the failure model and its evidence; no python block",
+    "docs/from_dcp.md": "differences from DCP, no python block; tests/unit/test_from_dcp.py runs each one "
+    "against DCP and shardckpt",
 }
 # Blocks that run on one process only (every other runs on 1 and on 2 ranks), and why.
 ONE_PROCESS = {
