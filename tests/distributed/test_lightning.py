@@ -175,6 +175,37 @@ def test_remove_checkpoint_refuses_folders_that_are_not_checkpoints(tmp_path):
     io.remove_checkpoint(str(tmp_path / "c.ckpt"))  # already gone: fine, as with files
 
 
+def test_remove_checkpoint_deletes_only_what_it_can_prove_is_a_checkpoint(tmp_path):
+    io = ShardckptCheckpointIO()
+    ckpt = tmp_path / "c.ckpt"
+    io.save_checkpoint({"state_dict": {"w": torch.ones(2)}}, str(ckpt))
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "thesis.tex").write_text("years of work")
+    native = tmp_path / "native.ckpt"
+    native.write_bytes(b"a torch.save file, or anything else")
+    refused = {
+        native: "not a shardckpt checkpoint folder",
+        tmp_path / "to-mine.ckpt": "symlink",
+        tmp_path / "to-file.ckpt": "symlink",
+        tmp_path / "dangling.ckpt": "symlink",
+    }
+    (tmp_path / "to-mine.ckpt").symlink_to(mine, target_is_directory=True)
+    (tmp_path / "to-file.ckpt").symlink_to(native)
+    (tmp_path / "dangling.ckpt").symlink_to(tmp_path / "gone")
+    for path, why in refused.items():
+        with pytest.raises(ShardckptError, match=f"refusing to delete.*{why}.*by hand"):
+            io.remove_checkpoint(str(path))
+        assert os.path.lexists(path)
+    assert (mine / "thesis.tex").read_text() == "years of work" and native.exists()
+    # save_last="link" with a last-{step} name: Lightning removes the previous link through
+    # remove_checkpoint. The link goes, the checkpoint it points to stays.
+    link = tmp_path / "last-v1.ckpt"
+    link.symlink_to(ckpt, target_is_directory=True)
+    io.remove_checkpoint(str(link))
+    assert not os.path.lexists(link) and (ckpt / "manifest.json").is_file()
+
+
 def _rank_zero_saves_alone(rank: int, world: int, path: str) -> None:
     import torch.distributed as dist
 

@@ -51,6 +51,7 @@ from shardckpt.engine.checkpointer import Checkpointer
 from shardckpt.engine.saving import SaveRequest, persist, writer_options
 from shardckpt.engine.state import container_at
 from shardckpt.errors import ShardckptError, UnsupportedValueError
+from shardckpt.format import layout
 from shardckpt.storage import folder, local_path, open_storage
 
 __all__ = ["ShardckptCheckpointIO", "decode_checkpoint", "encode_checkpoint", "remove_checkpoint_folder"]
@@ -146,8 +147,9 @@ class ShardckptCheckpointIO(CheckpointIO):
     def remove_checkpoint(self, path: Any) -> None:
         """Delete the checkpoint folder at ``path`` (a symlink to one: the link only).
 
-        Refuses, with an error, a folder holding files a checkpoint never has, so a
-        mistaken path cannot wipe unrelated data. A missing path is not an error.
+        Refuses, with an error, anything it cannot prove is a shardckpt checkpoint (a
+        file, a symlink to anything else, a folder holding files a checkpoint never has),
+        so a mistaken path cannot wipe unrelated data. A missing path is not an error.
         """
         url = os.fspath(path)
         pending = self._checkpointer.pending if self._checkpointer is not None else None
@@ -164,16 +166,25 @@ class ShardckptCheckpointIO(CheckpointIO):
 
 
 def remove_checkpoint_folder(url: str, storage_options: dict[str, Any] | None) -> None:
-    """Delete the checkpoint folder ``url`` (a symlink or file there: just that entry).
+    """Delete the shardckpt checkpoint folder ``url``; a symlink to one: the link only.
 
-    Raises ShardckptError, deleting nothing, when the folder holds files a checkpoint
-    never has. A missing path is not an error. Not collective; call it from one process.
+    Deletes only what it can prove shardckpt wrote: a folder with a manifest or save
+    marker (or an empty one), or a link to such a folder (``save_last="link"``). Raises
+    ShardckptError, deleting nothing, for a file, a symlink to anything else, or a folder
+    holding files a checkpoint never has. Never deletes through a symlink. A missing path
+    is not an error. Not collective; call it from one process.
     """
     local = local_path(url)
-    if local is not None and (os.path.islink(local) or os.path.isfile(local)):
-        os.unlink(local)
+    if local is not None and os.path.islink(local):
+        _remove_link(url, local, storage_options)
         return
     storage = open_storage(url, storage_options)
+    if storage.exists(""):
+        raise ShardckptError(
+            f"{url}: refusing to delete: it is a file, not a shardckpt checkpoint folder (a folder with "
+            f"{layout.MANIFEST_NAME}); it may be a torch.save checkpoint or anything else. Remove it by hand "
+            "if that is intended"
+        )
     if not storage.is_dir():
         return
     found = folder.contents(storage)
@@ -188,6 +199,18 @@ def remove_checkpoint_folder(url: str, storage_options: dict[str, Any] | None) -
             "shardckpt's save marker, so nothing proves shardckpt wrote them; remove it by hand"
         )
     folder.remove_checkpoint(storage, why="Lightning remove_checkpoint")
+
+
+def _remove_link(url: str, link: str, storage_options: dict[str, Any] | None) -> None:
+    """Unlink ``link`` if it points at a shardckpt checkpoint folder; what it points at stays."""
+    target = open_storage(url, storage_options)  # local: listing follows the link, deleting does not
+    if not (target.is_dir() and folder.contents(target).is_ours):
+        raise ShardckptError(
+            f"{url}: refusing to delete: it is a symlink to {os.readlink(link)!r}, which is not a shardckpt "
+            f"checkpoint folder (no {layout.MANIFEST_NAME} or save marker there), and shardckpt never deletes "
+            "through a link. Remove the link by hand if that is intended"
+        )
+    os.unlink(link)
 
 
 def _others_exist() -> bool:
