@@ -222,6 +222,18 @@ def test_remove_checkpoint_deletes_only_what_it_can_prove_is_a_checkpoint(tmp_pa
     assert not os.path.lexists(link) and (ckpt / "manifest.json").is_file()
 
 
+def test_remove_checkpoint_refuses_a_file_in_an_object_store_too():
+    import fsspec
+
+    url = "memory://lightning-remove/native.ckpt"
+    with fsspec.open(url, "wb") as f:
+        f.write(b"a torch.save file")
+    with pytest.raises(ShardckptError, match=r"refusing to delete.*it is a file"):
+        ShardckptCheckpointIO().remove_checkpoint(url)
+    assert fsspec.filesystem("memory").exists(url)
+    fsspec.filesystem("memory").rm(url)
+
+
 def _rank_zero_saves_alone(rank: int, world: int, path: str) -> None:
     import torch.distributed as dist
 
@@ -267,6 +279,27 @@ def test_load_from_checkpoint_overrides_hparams_and_honours_map_location(tmp_pat
         TinyModel.load_from_checkpoint(path, map_location=lambda storage, location: storage)
     with pytest.raises(TypeError, match="cannot be called on an instance"):
         saved.load_from_checkpoint(path)  # Lightning's guard against a discarded result, kept
+
+
+def test_hparams_file_and_classes_without_the_mixin(tmp_path):
+    from shardckpt.integrations.lightning import load_module
+
+    class Plain(L.LightningModule):  # a class the user cannot edit
+        def __init__(self, lr: float = 0.05, seed: int = 0) -> None:
+            super().__init__()
+            self.save_hyperparameters()
+            torch.manual_seed(seed)
+            self.layer = torch.nn.Linear(4, 2)
+
+    path = str(tmp_path / "c.ckpt")
+    saved = Plain(lr=0.3, seed=6)
+    _save_like_lightning(path, saved)
+    (tmp_path / "hparams.yaml").write_text("lr: 0.7\nseed: 8\n")
+    loaded = load_module(Plain, path, hparams_file=tmp_path / "hparams.yaml")
+    assert dict(loaded.hparams) == {"lr": 0.7, "seed": 8}  # the file replaces the saved hparams, as in Lightning
+    assert torch.equal(loaded.layer.weight, saved.layer.weight)
+    with pytest.raises(ValueError, match=r"hparams_file=.*\.csv, \.yml or \.yaml"):
+        load_module(Plain, path, hparams_file=tmp_path / "hparams.json")
 
 
 def test_the_mixin_must_come_before_lightning_module():
