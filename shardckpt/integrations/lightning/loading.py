@@ -29,14 +29,19 @@ import torch
 
 try:
     import lightning.pytorch as pl
-    from lightning.pytorch.core.saving import _load_state, load_hparams_from_tags_csv, load_hparams_from_yaml
-    from lightning.pytorch.utilities import rank_zero_warn
-    from lightning.pytorch.utilities.migration.utils import migrate_checkpoint
-    from lightning.pytorch.utilities.model_helpers import _restricted_classmethod
 except ImportError as e:  # pragma: no cover - exercised only without the extra
     raise ImportError(
         "shardckpt.integrations.lightning.loading needs Lightning: pip install 'shardckpt[lightning]'"
     ) from e
+
+# Two private Lightning names, so that the module is built exactly as Lightning's own
+# load_from_checkpoint builds it (hparams, instantiator allowlist, configure_model,
+# on_load_checkpoint, strict) and the classmethod keeps its instance guard. Checked against
+# lightning 2.6.6; tests/distributed/test_lightning.py fails if either changes behaviour.
+from lightning.pytorch.core.saving import _load_state, load_hparams_from_tags_csv, load_hparams_from_yaml
+from lightning.pytorch.utilities import rank_zero_warn
+from lightning.pytorch.utilities.migration.utils import migrate_checkpoint
+from lightning.pytorch.utilities.model_helpers import _restricted_classmethod
 
 from shardckpt.integrations.lightning.checkpoint_io import move_to, open_checkpoint, read_checkpoint
 from shardckpt.storage import local_path, open_storage
