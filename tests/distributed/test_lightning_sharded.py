@@ -31,13 +31,14 @@ from torch.distributed.checkpoint.state_dict import (  # noqa: E402
 from torch.utils.data import DataLoader, TensorDataset  # noqa: E402
 
 from shardckpt.errors import CheckpointNotFoundError, ShardckptError  # noqa: E402
+from shardckpt.integrations.lightning import ShardckptLoadMixin  # noqa: E402
 from shardckpt.integrations.lightning.strategy import ShardckptFSDPStrategy, ShardckptModelParallelStrategy  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::DeprecationWarning", "ignore::FutureWarning")
 STEPS = 4
 
 
-class ShardedNet(L.LightningModule):
+class ShardedNet(ShardckptLoadMixin, L.LightningModule):
     """Uneven shapes, so shards differ in size and resharding 2 -> 3 ranks moves rows."""
 
     def __init__(
@@ -49,6 +50,8 @@ class ShardedNet(L.LightningModule):
         self.net = torch.nn.Sequential(torch.nn.Linear(5, 7), torch.nn.ReLU(), torch.nn.Linear(7, 3))
 
     def configure_model(self) -> None:
+        if not torch.distributed.is_initialized():
+            return  # load_from_checkpoint for inference, in one process: a plain module
         if self.hparams.kind == "fsdp":
             from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
 
@@ -205,7 +208,23 @@ def _resume(rank: int, world: int, kind: str, root: str, ref: str) -> None:
 def test_fit_checkpoint_resume_on_another_world_size(tmp_path, kind, fit_world, resume_world, async_save):
     root, ref = str(tmp_path / "ckpts"), str(tmp_path / "reference")
     run_forked(_fit, fit_world, kind, root, ref, async_save)
+    _load_for_inference_in_this_process(kind, root, ref)
     run_forked(_resume, resume_world, kind, root, ref)
+
+
+def _load_for_inference_in_this_process(kind: str, root: str, ref: str) -> None:
+    """What a user types after sharded training: one process, no process group, CPU."""
+    assert not torch.distributed.is_initialized()
+    model = ShardedNet.load_from_checkpoint(os.path.join(root, "last.ckpt"), map_location="cpu")
+    assert dict(model.hparams) == {"kind": kind, "seed": 0, "lr": 0.05, "data_dir": pathlib.Path("/data")}
+    trained = {
+        k.removeprefix("model/"): v for k, v in load_file(ref + ".safetensors").items() if k.startswith("model/")
+    }
+    weights = model.state_dict()
+    assert sorted(weights) == sorted(trained) and len(trained) == 4
+    assert not torch.equal(ShardedNet(kind).net[0].weight, trained["net.0.weight"])  # training changed them
+    unequal = [k for k in trained if not torch.equal(weights[k], trained[k])]
+    assert not unequal, unequal
 
 
 def test_only_sharded_saving_is_offered():

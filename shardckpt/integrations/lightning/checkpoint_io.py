@@ -49,11 +49,20 @@ from shardckpt.convert.export import read_state_dict
 from shardckpt.convert.source import CheckpointSource, Selection
 from shardckpt.engine.checkpointer import Checkpointer
 from shardckpt.engine.saving import SaveRequest, persist, writer_options
-from shardckpt.engine.state import container_at
-from shardckpt.errors import ShardckptError, UnsupportedValueError
+from shardckpt.engine.state import container_at, nest
+from shardckpt.errors import CheckpointNotFoundError, ShardckptError, UnsupportedValueError
+from shardckpt.format import layout
 from shardckpt.storage import folder, local_path, open_storage
 
-__all__ = ["ShardckptCheckpointIO", "decode_checkpoint", "encode_checkpoint", "remove_checkpoint_folder"]
+__all__ = [
+    "ShardckptCheckpointIO",
+    "decode_checkpoint",
+    "encode_checkpoint",
+    "move_to",
+    "open_checkpoint",
+    "read_checkpoint",
+    "remove_checkpoint_folder",
+]
 
 log = logging.getLogger("shardckpt")
 _NOTES_KEY = "lightning"
@@ -138,16 +147,17 @@ class ShardckptCheckpointIO(CheckpointIO):
         """
         if self._checkpointer is not None:
             self._checkpointer.wait()  # a pending save to this path must be complete before reading it
-        source = CheckpointSource(os.fspath(path), storage_options=self.storage_options, verify=self.verify)
+        source = open_checkpoint(os.fspath(path), self.storage_options, verify=self.verify)
         nested = read_state_dict(source, Selection())
         checkpoint = decode_checkpoint(nested, source.manifest.metadata.get(_NOTES_KEY, {}))
-        return _move(checkpoint, map_location) if map_location is not None else checkpoint
+        return move_to(checkpoint, map_location) if map_location is not None else checkpoint
 
     def remove_checkpoint(self, path: Any) -> None:
         """Delete the checkpoint folder at ``path`` (a symlink to one: the link only).
 
-        Refuses, with an error, a folder holding files a checkpoint never has, so a
-        mistaken path cannot wipe unrelated data. A missing path is not an error.
+        Refuses, with an error, anything it cannot prove is a shardckpt checkpoint (a
+        file, a symlink to anything else, a folder holding files a checkpoint never has),
+        so a mistaken path cannot wipe unrelated data. A missing path is not an error.
         """
         url = os.fspath(path)
         pending = self._checkpointer.pending if self._checkpointer is not None else None
@@ -164,16 +174,25 @@ class ShardckptCheckpointIO(CheckpointIO):
 
 
 def remove_checkpoint_folder(url: str, storage_options: dict[str, Any] | None) -> None:
-    """Delete the checkpoint folder ``url`` (a symlink or file there: just that entry).
+    """Delete the shardckpt checkpoint folder ``url``; a symlink to one: the link only.
 
-    Raises ShardckptError, deleting nothing, when the folder holds files a checkpoint
-    never has. A missing path is not an error. Not collective; call it from one process.
+    Deletes only what it can prove shardckpt wrote: a folder with a manifest or save
+    marker (or an empty one), or a link to such a folder (``save_last="link"``). Raises
+    ShardckptError, deleting nothing, for a file, a symlink to anything else, or a folder
+    holding files a checkpoint never has. Never deletes through a symlink. A missing path
+    is not an error. Not collective; call it from one process.
     """
     local = local_path(url)
-    if local is not None and (os.path.islink(local) or os.path.isfile(local)):
-        os.unlink(local)
+    if local is not None and os.path.islink(local):
+        _remove_link(url, local, storage_options)
         return
     storage = open_storage(url, storage_options)
+    if storage.exists(""):
+        raise ShardckptError(
+            f"{url}: refusing to delete: it is a file, not a shardckpt checkpoint folder (a folder with "
+            f"{layout.MANIFEST_NAME}); it may be a torch.save checkpoint or anything else. Remove it by hand "
+            "if that is intended"
+        )
     if not storage.is_dir():
         return
     found = folder.contents(storage)
@@ -188,6 +207,47 @@ def remove_checkpoint_folder(url: str, storage_options: dict[str, Any] | None) -
             "shardckpt's save marker, so nothing proves shardckpt wrote them; remove it by hand"
         )
     folder.remove_checkpoint(storage, why="Lightning remove_checkpoint")
+
+
+def _remove_link(url: str, link: str, storage_options: dict[str, Any] | None) -> None:
+    """Unlink ``link`` if it points at a shardckpt checkpoint folder; what it points at stays."""
+    target = open_storage(url, storage_options)  # local: listing follows the link, deleting does not
+    if not (target.is_dir() and folder.contents(target).is_ours):
+        raise ShardckptError(
+            f"{url}: refusing to delete: it is a symlink to {os.readlink(link)!r}, which is not a shardckpt "
+            f"checkpoint folder (no {layout.MANIFEST_NAME} or save marker there), and shardckpt never deletes "
+            "through a link. Remove the link by hand if that is intended"
+        )
+    os.unlink(link)
+
+
+def open_checkpoint(url: str, storage_options: dict[str, Any] | None, *, verify: bool = True) -> CheckpointSource:
+    """The committed shardckpt checkpoint at ``url``, for reading; a clear error, before
+    anything is read, for Lightning's own formats (shardckpt never unpickles them)."""
+    local = local_path(url)
+    if local is not None:
+        native = os.path.isfile(local) or os.path.isfile(os.path.join(local, "meta.pt"))
+        if native and not folder.is_committed(open_storage(url)):
+            raise CheckpointNotFoundError(
+                f"{url} was written by Lightning's own strategy (a torch.save file or DCP folder with meta.pt), "
+                "not by shardckpt, and shardckpt never unpickles. Resume it once with the stock strategy and "
+                "save again with this one, or convert the DCP tensors with `shardckpt import --trust-pickle`"
+            )
+    return CheckpointSource(url, storage_options=storage_options, verify=verify)
+
+
+def read_checkpoint(source: CheckpointSource, *, skip: tuple[str, ...] = ()) -> dict[str, Any]:
+    """The checkpoint dict in ``source``, whole tensors on CPU, without the top-level
+    entries named in ``skip`` (never read). Not collective."""
+    leaves = []
+    for key in sorted({*source.manifest.tensors, *source.manifest.values}):
+        path = source.path_of(key)
+        if path[0] in skip:
+            continue
+        leaves.append((path, source.read_tensor(key) if key in source.manifest.tensors else source.value(key)))
+    notes = source.manifest.metadata.get(_NOTES_KEY, {})
+    kept_notes = {kind: [at for at in paths if not at or at[0] not in skip] for kind, paths in notes.items()}
+    return decode_checkpoint(nest(leaves), kept_notes)
 
 
 def _others_exist() -> bool:
@@ -278,17 +338,24 @@ def _replace(node: Any, at: KeyPath, fn: Any) -> Any:
     return node
 
 
-def _move(obj: Any, map_location: Any) -> Any:
+def move_to(obj: Any, map_location: Any) -> Any:
+    """``obj`` with its tensors moved as ``map_location`` (a device, a str, or torch.load's
+    dict, whose ``"cpu"`` entry applies: shardckpt reads to CPU) says."""
     if isinstance(map_location, dict):
         map_location = map_location.get("cpu", "cpu")
+    if callable(map_location):
+        raise TypeError(
+            "a callable map_location remaps torch.load's storages, and shardckpt reads tensors without torch.load "
+            "(to CPU): pass the device instead (map_location='cuda:0' or torch.device(...))"
+        )
     if not isinstance(map_location, (str, torch.device)):
         raise TypeError(f"map_location must be a device, a str or a dict, got {type(map_location).__name__}")
     if isinstance(obj, torch.Tensor):
         return obj.to(map_location)
     if isinstance(obj, dict):
-        return {k: _move(v, map_location) for k, v in obj.items()}
+        return {k: move_to(v, map_location) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
-        return type(obj)(_move(v, map_location) for v in obj)
+        return type(obj)(move_to(v, map_location) for v in obj)
     return obj
 
 

@@ -56,14 +56,14 @@ from shardckpt.engine.checkpointer import Checkpointer
 from shardckpt.engine.collective import RankGroup
 from shardckpt.engine.loading import skipped_keys_expected
 from shardckpt.engine.options import SaveKwargs, check_timeout
-from shardckpt.engine.state import flat_keys, nest
-from shardckpt.errors import CheckpointNotFoundError, StateDictMismatchError
+from shardckpt.engine.state import flat_keys
+from shardckpt.errors import StateDictMismatchError
 from shardckpt.integrations.lightning.checkpoint_io import (
-    decode_checkpoint,
     encode_checkpoint,
+    open_checkpoint,
+    read_checkpoint,
     remove_checkpoint_folder,
 )
-from shardckpt.storage import folder, local_path, open_storage
 
 __all__ = ["ShardckptFSDPStrategy", "ShardckptModelParallelStrategy", "ShardckptOptions"]
 
@@ -273,17 +273,7 @@ def _refuse_checkpoint_io(name: str, kwargs: dict[str, Any]) -> None:
 
 
 def _open(url: str, options: ShardckptOptions) -> CheckpointSource:
-    """The committed checkpoint at ``url``; a clear error for Lightning's own formats."""
-    local = local_path(url)
-    if local is not None:
-        native = os.path.isfile(local) or os.path.isfile(os.path.join(local, "meta.pt"))
-        if native and not folder.is_committed(open_storage(url)):
-            raise CheckpointNotFoundError(
-                f"{url} was written by Lightning's own strategy (a torch.save file or DCP folder with meta.pt), "
-                "not by shardckpt, and shardckpt never unpickles. Resume it once with the stock strategy and "
-                "save again with this one, or convert the DCP tensors with `shardckpt import --trust-pickle`"
-            )
-    return CheckpointSource(url, storage_options=options.storage_options, verify=options.verify)
+    return open_checkpoint(url, options.storage_options, verify=options.verify)
 
 
 def _check_covered(source: CheckpointSource, target: dict[str, Any], *, strict_model: bool) -> None:
@@ -311,12 +301,4 @@ def _check_covered(source: CheckpointSource, target: dict[str, Any], *, strict_m
 
 def _read_rest(source: CheckpointSource) -> dict[str, Any]:
     """Everything but model and optimizer state: whole tensors and values, nested as saved."""
-    leaves = []
-    for key in sorted({*source.manifest.tensors, *source.manifest.values}):
-        path = source.path_of(key)
-        if path[0] in _SHARDED_KEYS:
-            continue
-        leaves.append((path, source.read_tensor(key) if key in source.manifest.tensors else source.value(key)))
-    notes = source.manifest.metadata.get(_NOTES_KEY, {})
-    rest_notes = {kind: [at for at in paths if not at or at[0] not in _SHARDED_KEYS] for kind, paths in notes.items()}
-    return decode_checkpoint(nest(leaves), rest_notes)
+    return read_checkpoint(source, skip=_SHARDED_KEYS)
