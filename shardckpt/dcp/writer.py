@@ -35,7 +35,7 @@ from shardckpt.engine.collective import RankGroup
 from shardckpt.engine.options import IOOptions
 from shardckpt.engine.saving import writer_options
 from shardckpt.engine.writer import Writer
-from shardckpt.errors import InconsistentRanksError
+from shardckpt.errors import InconsistentRanksError, ShardckptError
 from shardckpt.storage import as_url, open_storage
 
 __all__ = ["StorageWriter"]
@@ -151,9 +151,13 @@ class StorageWriter(_DcpStorageWriter):
         try:
             values = group.agree(f"{where}: encoding non-tensor values", lambda: inner.value_results(plan, planner))
             tensors = group.agree(f"{where}: writing data files", lambda: inner.write_files(plan, planner))
-        except BaseException:
+        except BaseException as e:
             if inner.is_coordinator:
                 inner.discard()  # every rank has stopped writing: remove this save's files
+            if isinstance(e, ShardckptError) and type(e).__init__ is ShardckptError.__init__:
+                # DCP pickles each rank's error to the coordinator; the other ranks'
+                # stand-ins in e.failures do not survive that, the message (naming them) does.
+                raise type(e)(str(e)) from e
             raise
         done: torch.futures.Future[list[WriteResult]] = torch.futures.Future()
         done.set_result(values + tensors)

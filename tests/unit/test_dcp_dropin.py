@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -235,3 +236,13 @@ def test_the_rest_of_shardckpt_reads_what_dcp_saved(tmp_path, capsys):
     from safetensors.torch import load_file
 
     assert torch.equal(load_file(str(tmp_path / "w.safetensors"))["w"], _state()["w"])
+
+
+def test_interop_recipe_runs(tmp_path, monkeypatch):
+    """docs/interop.md's "DCP drop-in" recipe, verbatim (test_docs.py runs only a page's first block)."""
+    page = (Path(__file__).resolve().parents[2] / "docs" / "interop.md").read_text("utf-8")
+    section = page.split("## DCP drop-in\n", 1)[1].split("\n## ", 1)[0]
+    code = section.split("```python\n", 1)[1].split("```", 1)[0]
+    monkeypatch.chdir(tmp_path)
+    exec(compile(code, "docs/interop.md#dcp-drop-in", "exec"), {"__name__": "__main__"})
+    assert shardckpt.read_manifest("runs/dcp/step_0000000200").values["step"] == 100
