@@ -34,7 +34,7 @@ from torch.distributed.checkpoint.storage import WriteResult
 from shardckpt.engine.collective import RankGroup
 from shardckpt.engine.options import IOOptions
 from shardckpt.engine.saving import writer_options
-from shardckpt.engine.writer import Writer
+from shardckpt.engine.writer import Writer, WriterOptions
 from shardckpt.errors import InconsistentRanksError, ShardckptError
 from shardckpt.storage import as_url, open_storage
 
@@ -75,8 +75,7 @@ class StorageWriter(_DcpStorageWriter):
         self.process_group = process_group
         self._overwrite = overwrite
         self._metadata = dict(metadata or {})
-        if self.path is not None:
-            self._options()  # bad options fail here, not inside dcp.save
+        self._options(self.path or ".")  # bad options fail here, not inside dcp.save
         self._inner: Writer | None = None
         self._world = 1
 
@@ -85,9 +84,8 @@ class StorageWriter(_DcpStorageWriter):
         """The committed Manifest (coordinator, after ``dcp.save`` returned), else None."""
         return None if self._inner is None else self._inner.manifest
 
-    def _options(self) -> Any:
-        assert self.path is not None
-        return writer_options(self.io, self.path, overwrite=self._overwrite, metadata=self._metadata)
+    def _options(self, path: str) -> WriterOptions:
+        return writer_options(self.io, path, overwrite=self._overwrite, metadata=self._metadata)
 
     def reset(self, checkpoint_id: str | os.PathLike[str] | None = None) -> None:
         if checkpoint_id is not None:
@@ -121,7 +119,7 @@ class StorageWriter(_DcpStorageWriter):
                 "dcp.save to StorageWriter(process_group=...) too."
             )
         storage = open_storage(self.path, self.storage_options, self.io.transfer_for(self.path))
-        self._inner = Writer(storage, self._options())
+        self._inner = Writer(storage, self._options(self.path))
         self._inner.set_up_storage_writer(is_coordinator, *args, **kwargs)
 
     def _writer(self) -> Writer:

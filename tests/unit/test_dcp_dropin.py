@@ -114,6 +114,11 @@ def test_checkpoint_id_form(tmp_path):
     dcp.load(target, checkpoint_id=path, storage_reader=StorageReader())
     _check(target)
     assert StorageWriter.validate_checkpoint_id(tmp_path) and not StorageWriter.validate_checkpoint_id(3)
+    # A checkpoint_id given to dcp.save wins over the constructor's path.
+    dcp.save(_state(), checkpoint_id=tmp_path / "b", storage_writer=StorageWriter(tmp_path / "a"))
+    assert shardckpt.read_manifest(tmp_path / "b").values["step"] == 7 and not (tmp_path / "a").exists()
+    with pytest.raises(ValueError, match="metadata must be plain JSON"):
+        StorageWriter(metadata={"when": object()})
 
 
 def test_writer_without_path_says_how_to_give_one():
