@@ -28,6 +28,11 @@ import shardckpt
 from shardckpt.dcp import StorageReader, StorageWriter
 from shardckpt.engine.planner import LoadPlanner, SavePlanner
 
+# Ranks fork from a server that imported torch's DCP and shardckpt once.
+FAST_START: dict = {
+    "start_method": "forkserver",
+    "preload": ["torch.distributed.checkpoint", "shardckpt.dcp", __name__],
+}
 SAVES = ("dcp_default", "dcp_ours", "dcp_async", "native", "over_dcp", "over_native")
 
 
@@ -98,6 +103,14 @@ def _save_all(rank: int, world: int, root: str) -> None:
         left = os.path.join(root, "bad")
         assert not os.path.exists(left) or os.listdir(left) in ([], ["data"]), os.listdir(left)
         assert not os.path.exists(os.path.join(left, "data")) or os.listdir(os.path.join(left, "data")) == []
+    # A save on a subgroup: the writer must be told the group, else refused before writing.
+    pair = dist.new_group([0, 1], backend="gloo")
+    if rank < 2:
+        sub = os.path.join(root, "pair")
+        with pytest.raises(CheckpointException, match="StorageWriter's process_group has 4"):
+            dcp.save({f"r{rank}": torch.ones(2)}, storage_writer=StorageWriter(sub), process_group=pair)
+        dcp.save({f"r{rank}": torch.ones(2)}, storage_writer=StorageWriter(sub, process_group=pair), process_group=pair)
+        assert rank != 0 or set(shardckpt.read_manifest(sub).tensors) == {"r0", "r1"}
 
 
 def target_state(world: int) -> dict:
@@ -158,9 +171,9 @@ def _load_all(rank: int, world: int, root: str) -> None:
 
 def test_dcp_scenarios_saved_on_4_loaded_on_3(tmp_path):
     root = str(tmp_path)
-    run_ranks(_save_all, 4, root)
+    run_ranks(_save_all, 4, root, **FAST_START)
     for name in SAVES:
         m = shardckpt.read_manifest(os.path.join(root, name))
         assert m.world_size == 4 and m.values["step"] == 42, name
         assert set(m.tensors) == {"model.w", "model.tiny", "model.grid", "model.rep", "counter.n"}, name
-    run_ranks(_load_all, 3, root)
+    run_ranks(_load_all, 3, root, **FAST_START)
