@@ -36,6 +36,7 @@ from shardckpt.engine.options import IOOptions
 from shardckpt.engine.saving import writer_options
 from shardckpt.engine.writer import Writer, WriterOptions
 from shardckpt.errors import InconsistentRanksError, ShardckptError
+from shardckpt.format import datafile
 from shardckpt.storage import as_url, open_storage
 
 __all__ = ["StorageWriter"]
@@ -127,6 +128,11 @@ class StorageWriter(_DcpStorageWriter):
         return self._inner
 
     def prepare_local_plan(self, plan: SavePlan) -> SavePlan:
+        # A dtype safetensors cannot hold fails here, on every rank (DCP gathers local
+        # plans), before the folder is claimed; shardckpt's planner checks it too, DCP's not.
+        for item in plan.items:
+            if item.tensor_data is not None:
+                datafile.dtype_name(item.tensor_data.properties.dtype, key=item.index.fqn)
         return self._writer().prepare_local_plan(plan)
 
     def prepare_global_plan(self, plans: list[SavePlan]) -> list[SavePlan]:

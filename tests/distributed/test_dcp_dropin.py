@@ -78,6 +78,15 @@ def saved_state(world: int, step: int = 42) -> dict:
     }
 
 
+class DiskGoneOnRank1(DefaultSavePlanner):
+    """A fault injected on one rank: its tensors cannot be read for writing."""
+
+    def resolve_data(self, write_item):
+        if write_item.tensor_data is not None:
+            raise OSError("disk gone")
+        return super().resolve_data(write_item)
+
+
 def _save_all(rank: int, world: int, root: str) -> None:
     p = {name: os.path.join(root, name) for name in SAVES}
     dcp.save(saved_state(world), storage_writer=StorageWriter(p["dcp_default"]), planner=DefaultSavePlanner())
@@ -103,6 +112,15 @@ def _save_all(rank: int, world: int, root: str) -> None:
         left = os.path.join(root, "bad")
         assert not os.path.exists(left) or os.listdir(left) in ([], ["data"]), os.listdir(left)
         assert not os.path.exists(os.path.join(left, "data")) or os.listdir(os.path.join(left, "data")) == []
+    # One rank's writes fail after the others wrote their files: all fail, nothing is left.
+    broken = os.path.join(root, "broken")
+    planner = DiskGoneOnRank1() if rank == 1 else DefaultSavePlanner()
+    with pytest.raises(CheckpointException, match="disk gone"):
+        dcp.save(saved_state(world), storage_writer=StorageWriter(broken), planner=planner)
+    dist.barrier()
+    if rank == 0:
+        assert not os.path.exists(broken) or os.listdir(broken) in ([], ["data"]), os.listdir(broken)
+        assert not os.path.exists(os.path.join(broken, "data")) or os.listdir(os.path.join(broken, "data")) == []
     # A save on a subgroup: the writer must be told the group, else refused before writing.
     pair = dist.new_group([0, 1], backend="gloo")
     if rank < 2:

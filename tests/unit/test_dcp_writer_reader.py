@@ -140,6 +140,15 @@ def test_unencodable_value_refused_before_any_byte(tmp_path):
     assert not path.exists() or os.listdir(path) == []  # nothing left: no data, no marker
 
 
+def test_unstorable_dtype_refused_before_the_folder_is_claimed(tmp_path):
+    path = tmp_path / "c"
+    with pytest.raises(CheckpointException) as info:
+        dcp.save({"z": torch.ones(3, dtype=torch.complex64)}, storage_writer=StorageWriter(path))
+    err = _failure(info.value)
+    assert isinstance(err, UnsupportedValueError) and "'z'" in str(err) and "view_as_real" in str(err)
+    assert not path.exists()
+
+
 def test_overwrite_and_foreign_folder(tmp_path):
     path = tmp_path / "c"
     dcp.save(_state(), storage_writer=StorageWriter(path))
