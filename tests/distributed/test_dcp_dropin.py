@@ -43,6 +43,7 @@ def reference() -> dict[str, torch.Tensor]:
         "tiny": torch.randn(3, 5, generator=g).to(torch.bfloat16),  # 4 ranks: one empty shard
         "grid": torch.randint(0, 1000, (8, 6), generator=g),  # on a 2x2 mesh
         "rep": torch.randn(5, generator=g),  # a plain tensor on every rank
+        "repd": torch.randn(7, 2, generator=g),  # a Replicate() DTensor, loaded as Shard(0)
         "counter": torch.arange(4),
     }
 
@@ -71,6 +72,7 @@ def saved_state(world: int, step: int = 42) -> dict:
             "tiny": distribute_tensor(ref["tiny"], mesh1, [Shard(0)]),
             "grid": distribute_tensor(ref["grid"], mesh2, [Shard(0), Shard(1)]),
             "rep": ref["rep"].clone(),
+            "repd": distribute_tensor(ref["repd"], mesh1, [Replicate()]),
         },
         "counter": Counter(ref["counter"].clone(), "seen"),
         "step": step,
@@ -141,6 +143,7 @@ def target_state(world: int) -> dict:
             "tiny": distribute_tensor(torch.zeros_like(ref["tiny"]), mesh1, [Shard(1)]),
             "grid": distribute_tensor(torch.zeros_like(ref["grid"]), mesh1, [Shard(1)]),  # 2-D -> 1-D
             "rep": torch.zeros(5),
+            "repd": distribute_tensor(torch.zeros(7, 2), mesh1, [Shard(0)]),
         },
         "counter": Counter(torch.zeros(4, dtype=torch.long), ""),
         "step": 0,
@@ -193,5 +196,5 @@ def test_dcp_scenarios_saved_on_4_loaded_on_3(tmp_path):
     for name in SAVES:
         m = shardckpt.read_manifest(os.path.join(root, name))
         assert m.world_size == 4 and m.values["step"] == 42, name
-        assert set(m.tensors) == {"model.w", "model.tiny", "model.grid", "model.rep", "counter.n"}, name
+        assert set(m.tensors) == {"model.w", "model.tiny", "model.grid", "model.rep", "model.repd", "counter.n"}, name
     run_ranks(_load_all, 3, root, **FAST_START)
