@@ -37,6 +37,7 @@ from shardckpt.engine.saving import writer_options
 from shardckpt.engine.writer import Writer, WriterOptions
 from shardckpt.errors import InconsistentRanksError, ShardckptError
 from shardckpt.format import datafile
+from shardckpt.format.manifest import Manifest
 from shardckpt.storage import as_url, open_storage
 
 __all__ = ["StorageWriter"]
@@ -78,10 +79,9 @@ class StorageWriter(_DcpStorageWriter):
         self._metadata = dict(metadata or {})
         self._options(self.path or ".")  # bad options fail here, not inside dcp.save
         self._inner: Writer | None = None
-        self._world = 1
 
     @property
-    def manifest(self) -> Any:
+    def manifest(self) -> Manifest | None:
         """The committed Manifest (coordinator, after ``dcp.save`` returned), else None."""
         return None if self._inner is None else self._inner.manifest
 
@@ -92,7 +92,6 @@ class StorageWriter(_DcpStorageWriter):
         if checkpoint_id is not None:
             self.path = as_url(checkpoint_id, "checkpoint_id")
         self._inner = None
-        self._world = 1
 
     @classmethod
     def validate_checkpoint_id(cls, checkpoint_id: str | os.PathLike[str]) -> bool:
@@ -149,8 +148,8 @@ class StorageWriter(_DcpStorageWriter):
     def write_data(self, plan: SavePlan, planner: SavePlanner) -> torch.futures.Future[list[WriteResult]]:
         """Every rank: values, agree, tensors, agree (see the module docstring)."""
         inner = self._writer()
-        self._world = int(plan.storage_data["world"])
-        group = RankGroup(None, 0, 1, False) if self._world == 1 else RankGroup.current(self.process_group)
+        alone = plan.storage_data["world"] == 1  # dcp.save without a process group
+        group = RankGroup(None, 0, 1, False) if alone else RankGroup.current(self.process_group)
         where = f"save to {self.path}"
         try:
             values = group.agree(f"{where}: encoding non-tensor values", lambda: inner.value_results(plan, planner))
