@@ -19,6 +19,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import torch
+from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 from torch.distributed.checkpoint.metadata import (
     BytesStorageMetadata,
     ChunkStorageMetadata,
@@ -31,9 +32,12 @@ from torch.distributed.checkpoint.planner import LoadItemType, LoadPlan, LoadPla
 from torch.distributed.checkpoint.storage import StorageReader
 
 from shardckpt.engine.boxes import BoxReader
+from shardckpt.engine.planner import LoadPlanner as ShardckptLoadPlanner
+from shardckpt.engine.planner import set_in_place
 from shardckpt.errors import IntegrityError
 from shardckpt.format import datafile
 from shardckpt.format.manifest import ChunkRecord, Manifest
+from shardckpt.format.values import decode_value
 from shardckpt.storage import Storage
 
 
@@ -94,8 +98,7 @@ class Reader(StorageReader):
         tensor_items = []
         for item in plan.items:
             if item.type == LoadItemType.BYTE_IO:
-                text = json.dumps(self.manifest.values[item.storage_index.fqn], allow_nan=False).encode()
-                planner.load_bytes(item, io.BytesIO(text))
+                deliver_value(planner, item, self.manifest.values[item.storage_index.fqn])
             else:
                 tensor_items.append(item)
         boxes = BoxReader(
@@ -122,6 +125,37 @@ class Reader(StorageReader):
         n = boxes.read_box(item.storage_index.fqn, chunk, item.storage_offsets, target)
         planner.commit_tensor(item, target)
         return n
+
+
+def deliver_value(planner: LoadPlanner, item: ReadItem, encoded: Any) -> None:
+    """Hand the planner a saved non-tensor value (``encoded``: its JSON from the manifest)
+    without ever unpickling checkpoint bytes.
+
+    - Our planner gets the JSON text and decodes it itself.
+    - DCP's ``DefaultLoadPlanner`` (or a subclass that keeps its ``load_bytes``) would
+      ``torch.load(weights_only=False)`` the stream: instead the decoded value is set
+      where that ``load_bytes`` would set it (the same path through its ``mappings``).
+    - A planner with its own ``load_bytes`` needs a byte stream: it gets ``torch.save``
+      of the decoded value, built here in memory from the manifest's JSON. What crosses
+      is only None, bool, int, float, str and lists, tuples and str-keyed dicts of them
+      (``format.values`` decodes nothing else), which ``torch.load(weights_only=True)``
+      accepts too; no byte read from the checkpoint is ever unpickled.
+    """
+    fqn = item.dest_index.fqn
+    if isinstance(planner, ShardckptLoadPlanner):
+        planner.load_bytes(item, io.BytesIO(json.dumps(encoded, allow_nan=False).encode()))
+        return
+    value = decode_value(encoded, where=f"value {item.storage_index.fqn!r}")
+    if isinstance(planner, DefaultLoadPlanner) and type(planner).load_bytes is DefaultLoadPlanner.load_bytes:
+        if planner.flatten_state_dict:
+            set_in_place(planner.original_state_dict, planner.mappings[fqn], value)
+        else:
+            planner.state_dict[fqn] = value
+        return
+    stream = io.BytesIO()
+    torch.save(value, stream)
+    stream.seek(0)
+    planner.load_bytes(item, stream)
 
 
 def manifest_to_metadata(m: Manifest) -> Metadata:

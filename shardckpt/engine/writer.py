@@ -36,12 +36,14 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from torch.distributed.checkpoint.default_planner import DefaultSavePlanner
 from torch.distributed.checkpoint.metadata import BytesStorageMetadata, Metadata, MetadataIndex
 from torch.distributed.checkpoint.planner import SavePlan, SavePlanner, WriteItem, WriteItemType
 from torch.distributed.checkpoint.storage import StorageWriter, WriteResult
 
 from shardckpt._version import __version__
 from shardckpt.engine.options import check_hash_block_bytes, check_io_threads
+from shardckpt.engine.planner import SavePlanner as ShardckptSavePlanner
 from shardckpt.engine.staging import item_bytes
 from shardckpt.errors import (
     CheckpointExistsError,
@@ -53,6 +55,7 @@ from shardckpt.errors import (
 )
 from shardckpt.format import datafile, integrity, layout
 from shardckpt.format.manifest import FORMAT_VERSION, ChunkRecord, FileRecord, Manifest, TensorRecord, manifest_to_json
+from shardckpt.format.values import encode_value
 from shardckpt.storage import Storage, folder
 
 log = logging.getLogger("shardckpt")
@@ -189,12 +192,9 @@ class Writer(StorageWriter):
 
     def write_data(self, plan: SavePlan, planner: SavePlanner) -> torch.futures.Future[list[WriteResult]]:
         try:
-            results = [
-                WriteResult(index=it.index, size_in_bytes=0, storage_data=_InlineValue(_json_bytes(planner, it)))
-                for it in plan.items
-                if it.type == WriteItemType.BYTE_IO
-            ]
-            results += self._write_files(plan, planner)
+            # Values first: one that cannot be stored fails before this rank writes a byte.
+            results = self.value_results(plan, planner)
+            results += self.write_files(plan, planner)
         finally:
             if self._after_write is not None:
                 self._after_write()
@@ -202,7 +202,18 @@ class Writer(StorageWriter):
         done.set_result(results)
         return done
 
-    def _write_files(self, plan: SavePlan, planner: SavePlanner) -> list[WriteResult]:
+    def value_results(self, plan: SavePlan, planner: SavePlanner) -> list[WriteResult]:
+        """The rank's non-tensor values as JSON write results (stored inline in the
+        manifest); raises UnsupportedValueError naming the key of one JSON cannot hold.
+        Writes nothing."""
+        return [
+            WriteResult(index=it.index, size_in_bytes=0, storage_data=_InlineValue(value_json(planner, it)))
+            for it in plan.items
+            if it.type == WriteItemType.BYTE_IO
+        ]
+
+    def write_files(self, plan: SavePlan, planner: SavePlanner) -> list[WriteResult]:
+        """Write the rank's tensors into its data files (see :func:`write_file`)."""
         save_id, rank = plan.storage_data["save_id"], plan.storage_data["rank"]
         results: list[WriteResult] = []
         buckets = _split_by_bytes(
@@ -348,10 +359,28 @@ def _marker_save_id(storage: Storage) -> str | None:
     return doc.get("save_id") if isinstance(doc, dict) else None
 
 
-def _json_bytes(planner: SavePlanner, item: WriteItem) -> bytes:
-    data = planner.resolve_data(item)
-    assert isinstance(data, io.BytesIO), "our SavePlanner resolves values to JSON bytes"
-    return data.getvalue()
+def value_json(planner: SavePlanner, item: WriteItem) -> bytes:
+    """The JSON text of the non-tensor value of ``item`` (a BYTE_IO item).
+
+    Our planner resolves values to JSON already. DCP's ``DefaultSavePlanner`` (and its
+    subclasses) would resolve them to ``torch.save`` pickles, which a checkpoint never
+    holds: the raw object comes from its ``lookup_object`` and is encoded here with
+    :func:`shardckpt.format.values.encode_value` instead. Other planners cannot give
+    the object, so their values are refused.
+    """
+    fqn = item.index.fqn
+    if isinstance(planner, ShardckptSavePlanner):
+        data = planner.resolve_data(item)
+        assert isinstance(data, io.BytesIO), "our SavePlanner resolves values to JSON bytes"
+        return data.getvalue()
+    if isinstance(planner, DefaultSavePlanner):
+        value = planner.lookup_object(item.index)
+        return json.dumps(encode_value(value, key=fqn), allow_nan=False, separators=(",", ":")).encode()
+    raise UnsupportedValueError(
+        f"key {fqn!r}: a non-tensor value saved with the planner {type(planner).__qualname__}, which can only "
+        "hand it over as opaque bytes (a pickle); shardckpt stores values as JSON and never pickles. Use DCP's "
+        "DefaultSavePlanner (or a subclass of it), or store the value as a tensor."
+    )
 
 
 def _split_by_bytes(items: list[WriteItem], n: int) -> list[list[WriteItem]]:

@@ -4,7 +4,7 @@ Every ``import`` in shardckpt/ (module level or inside a function, but not under
 ``if TYPE_CHECKING:``) is read from the source with ``ast`` and checked against the
 allowed arrows:
 
-    cli, integrations  ->  manager, training, convert  ->  engine  ->  storage  ->  format  ->  errors
+    cli, integrations  ->  manager, training, convert, dcp  ->  engine  ->  storage  ->  format  ->  errors
 
 A room may import itself and any room below it; rooms on one level do not import each
 other. The package root (``shardckpt/__init__.py``, ``__main__.py``) may import
@@ -38,6 +38,7 @@ LEVELS = {
     "manager": 4,
     "training": 4,
     "convert": 4,
+    "dcp": 4,
     "cli": 5,
     "integrations": 5,
 }
@@ -205,7 +206,7 @@ def test_import_shardckpt_stays_light():
     code = (
         "import sys, shardckpt; "
         "heavy = sorted(m for m in sys.modules if m.split('.')[0] in ('lightning', 'matplotlib', 'safetensors') "
-        "or m.startswith(('shardckpt.cli', 'shardckpt.integrations', 'shardckpt.convert'))); "
+        "or m.startswith(('shardckpt.cli', 'shardckpt.integrations', 'shardckpt.convert', 'shardckpt.dcp'))); "
         "print(','.join(heavy))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
