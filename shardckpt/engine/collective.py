@@ -230,6 +230,12 @@ class _Remote(Exception):
         super().__init__(text)
         self.type_name = type_name
 
+    def __reduce__(self) -> tuple[type[_Remote], tuple[str, str]]:
+        # Errors that carry these (ShardckptError.failures) may be pickled by a caller
+        # such as DCP, which gathers each rank's exception; the default would call
+        # _Remote(text) and fail.
+        return (_Remote, (self.type_name, str(self)))
+
 
 def raise_failures(
     action: str, failures: dict[int, BaseException], local: BaseException | None = None, *, alone: bool = False

@@ -188,3 +188,26 @@ def _two_engines_on_ranks(rank: int, world: int, root: str) -> None:
 
 def test_two_checkpointers_on_ranks(tmp_path):
     run_ranks(_two_engines_on_ranks, 2, str(tmp_path))
+
+
+def test_an_error_naming_other_ranks_failures_survives_pickling():
+    """DCP gathers each rank's exception with pickle; the stand-ins for other ranks'
+    failures (only a type name and text travel) must survive that, not break it."""
+    import pickle
+
+    from shardckpt.engine.collective import raise_failures
+
+    failures: dict[int, BaseException] = {1: OSError(5, "EIO on rank 1"), 2: ValueError("bad value on rank 2")}
+    with pytest.raises(ShardckptError) as info:
+        raise_failures("save to /ckpt", failures)
+    copy = pickle.loads(pickle.dumps(info.value))
+    assert str(copy) == str(info.value)
+    assert "rank 1" in str(copy)
+    remote = pickle.loads(pickle.dumps(_remote("ValueError", "bad value on rank 2")))
+    assert (remote.type_name, str(remote)) == ("ValueError", "bad value on rank 2")
+
+
+def _remote(type_name: str, text: str) -> BaseException:
+    from shardckpt.engine.collective import _Remote
+
+    return _Remote(type_name, text)
