@@ -42,7 +42,13 @@ LEVELS = {
     "integrations": 5,
 }
 ROOT_ROOM = "<root>"
-THIRD_PARTY_ROOMS = {"fsspec": {"storage"}, "s3fs": {"storage"}, "botocore": {"storage"}, "lightning": {"integrations"}}
+THIRD_PARTY_ROOMS = {
+    "fsspec": {"storage"},
+    "s3fs": {"storage"},
+    "botocore": {"storage"},
+    "lightning": {"integrations"},
+    "torchtitan": {"integrations"},
+}
 
 
 @dataclass(frozen=True)
@@ -198,7 +204,8 @@ def test_import_shardckpt_stays_light():
     integration's framework (tqdm is not checked: ``torch.hub`` imports it anyway)."""
     code = (
         "import sys, shardckpt; "
-        "heavy = sorted(m for m in sys.modules if m.split('.')[0] in ('lightning', 'matplotlib', 'safetensors') "
+        "heavy = sorted(m for m in sys.modules "
+        "if m.split('.')[0] in ('lightning', 'torchtitan', 'matplotlib', 'safetensors') "
         "or m.startswith(('shardckpt.cli', 'shardckpt.integrations', 'shardckpt.convert'))); "
         "print(','.join(heavy))"
     )
