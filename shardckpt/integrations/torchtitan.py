@@ -62,6 +62,8 @@ log = logging.getLogger("shardckpt")
 # Saved with every step (the manifest's metrics): whether it holds the model only (a
 # last-step export or a seed checkpoint), so a load knows what to ask for.
 MODEL_ONLY_METRIC = "torchtitan_model_only"
+# With it, the dtype its floating tensors were cast to (export_dtype), which a load asks for.
+EXPORT_DTYPE_METRIC = "torchtitan_export_dtype"
 
 # Base Config fields this manager refuses when set, with what to do instead.
 _UNSUPPORTED = {
@@ -233,7 +235,10 @@ class ShardckptCheckpointManager(BaseCheckpointManager):  # type: ignore[misc]
             return False
         model_only = last_step and self.config.last_save_model_only
         state = self._model_only_state() if model_only else self._full_state(self.states)
-        self.manager.save(curr_step, state, metrics={MODEL_ONLY_METRIC: model_only}, force=True)
+        metrics: dict[str, Any] = {MODEL_ONLY_METRIC: model_only}
+        if model_only:
+            metrics[EXPORT_DTYPE_METRIC] = self.config.export_dtype
+        self.manager.save(curr_step, state, metrics=metrics, force=True)
         if self.manager.async_save and not model_only:
             self.save_future = Future()
         else:
@@ -244,8 +249,9 @@ class ShardckptCheckpointManager(BaseCheckpointManager):  # type: ignore[misc]
         # torchtitan's layout: the model's FQNs at the top level beside the other states.
         return {**states, **self.model.state_dict()}
 
-    def _model_only_state(self) -> dict[str, Any]:
-        dtype = TORCH_DTYPE_MAP[self.config.export_dtype]
+    def _model_only_state(self, dtype_name: str | None = None) -> dict[str, Any]:
+        """The model's entries, floating tensors cast to ``dtype_name`` (default: export_dtype)."""
+        dtype = TORCH_DTYPE_MAP[dtype_name or self.config.export_dtype]
         return {
             k: v.to(dtype) if isinstance(v, torch.Tensor) and v.is_floating_point() and v.dtype != dtype else v
             for k, v in self.model.state_dict().items()
@@ -276,10 +282,12 @@ class ShardckptCheckpointManager(BaseCheckpointManager):  # type: ignore[misc]
         return False
 
     def _load_step(self, step: int) -> None:
-        model_only = step == 0 or self.manager.metrics(step).get(MODEL_ONLY_METRIC) is True
-        self._load_from(self.manager.path(step), model_only=model_only)
+        metrics = self.manager.metrics(step)
+        model_only = step == 0 or metrics.get(MODEL_ONLY_METRIC) is True
+        dtype = metrics.get(EXPORT_DTYPE_METRIC)
+        self._load_from(self.manager.path(step), model_only=model_only, model_dtype=dtype if model_only else None)
 
-    def _load_from(self, path: str, *, model_only: bool) -> None:
+    def _load_from(self, path: str, *, model_only: bool, model_dtype: str | None = None) -> None:
         """Collective. Fill the states from the checkpoint at ``path``, then hand them over.
 
         The load is not strict about the checkpoint's extra keys (as DCP's is not): the
@@ -289,7 +297,11 @@ class ShardckptCheckpointManager(BaseCheckpointManager):  # type: ignore[misc]
         skipped = set(self.config.exclude_from_loading)
         states = {} if model_only else {k: v for k, v in self.states.items() if k not in skipped}
         target = {k: _load_target(states[k]) for k in sorted(states)}
-        target.update(self.model.state_dict())
+        # A model-only step holds export_dtype copies: read them as such, and let the
+        # modules' load_state_dict cast them back into the parameters.
+        target.update(
+            self._model_only_state(model_dtype) if model_dtype in TORCH_DTYPE_MAP else self.model.state_dict()
+        )
         result = self.checkpointer.load(
             target, path, strict=False, timeout_s=self.config.timeout_s, num_io_threads=self.config.num_io_threads
         )

@@ -3,7 +3,8 @@
 The end-to-end test runs torchtitan 0.3.0's own ``torchtitan.train`` under torchrun on 2
 gloo/CPU ranks (llama3's debug model, a tokenizer and data set made here), through
 ``tests/support/torchtitan_job.py`` (which says what it patches for CPU and why): one
-uninterrupted run, one run SIGKILLed after step 3 (step 2 committed), and its resumption.
+uninterrupted run, one run SIGKILLed after step 3 (step 2 committed), and its resumption
+(saving asynchronously).
 The resumed losses and the final checkpoint must be bitwise the uninterrupted run's.
 
 torchtitan is not a dependency: these tests run under ``.ci/torchtitan`` (its own venv)
@@ -24,6 +25,7 @@ import torch
 from distributed import free_port, run_command
 
 from shardckpt.convert import read_state_dict
+from shardckpt.errors import ShardckptError
 
 HAS_TORCHTITAN = importlib.util.find_spec("torchtitan") is not None
 needs_torchtitan = pytest.mark.skipif(
@@ -73,6 +75,95 @@ def test_a_disabled_manager_does_nothing():
     mgr.close()
 
 
+class Counter:
+    """A stand-in for torchtitan's optimizer, scheduler and train-state Statefuls."""
+
+    def __init__(self, value: int = 0) -> None:
+        self.value = value
+
+    def state_dict(self):
+        return {"value": self.value}
+
+    def load_state_dict(self, state_dict):
+        self.value = state_dict["value"]
+
+
+def build_manager(folder: Path, model: torch.nn.Module, counters: dict, loader=None, **fields):
+    from shardckpt.integrations.torchtitan import ShardckptCheckpointManager
+
+    config = ShardckptCheckpointManager.Config(enable=True, folder=str(folder), interval=2, **fields)
+    return config.build(
+        dataloader=loader,
+        model_parts=[model],
+        optimizers=counters["optimizer"],
+        lr_schedulers=counters["lr_scheduler"],
+        states={"train_state": counters["train_state"]},
+    )
+
+
+@needs_torchtitan
+def test_one_process_interval_model_only_last_save_and_load_step(tmp_path):
+    """The manager driven as the Trainer drives it, without the trainer: saves on the
+    interval and the last step, a model-only last step in export_dtype, a load of the
+    latest (model only, as recorded) and of an older full step."""
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 3)
+    counters = {k: Counter() for k in ("optimizer", "lr_scheduler", "train_state")}
+    mgr = build_manager(tmp_path / "ckpt", model, counters, export_dtype="bfloat16", keep_latest_k=0)
+    saved = {}
+    for step in (1, 2, 3):
+        for c in counters.values():
+            c.value = step
+        with torch.no_grad():
+            model.weight.add_(1.0)
+        saved[step] = model.weight.detach().clone()
+        assert mgr.save(step, last_step=step == 3) is (step != 1)
+    mgr.close()
+    assert committed(tmp_path / "ckpt") == ["step_0000000002", "step_0000000003"]
+    last = read_state_dict(str(tmp_path / "ckpt" / "step_0000000003"))
+    assert sorted(last) == ["bias", "weight"] and last["weight"].dtype == torch.bfloat16
+
+    fresh = {k: Counter() for k in counters}
+    model2 = torch.nn.Linear(4, 3)
+    mgr2 = build_manager(tmp_path / "ckpt", model2, fresh)
+    assert mgr2.load() is True  # the latest, step 3: the model only, as its metrics say
+    assert torch.equal(model2.weight, saved[3].to(torch.bfloat16).float())
+    assert [c.value for c in fresh.values()] == [0, 0, 0]
+    assert mgr2.load(step=2) is True
+    assert torch.equal(model2.weight, saved[2])
+    assert [c.value for c in fresh.values()] == [2, 2, 2]
+    mgr2.close()
+
+
+@needs_torchtitan
+def test_exclude_from_loading_names_only_known_states(tmp_path):
+    counters = {k: Counter() for k in ("optimizer", "lr_scheduler", "train_state")}
+    with pytest.raises(ValueError, match=r"'dataloader'.*'lr_scheduler', 'optimizer', 'train_state'"):
+        build_manager(tmp_path / "ckpt", torch.nn.Linear(2, 2), counters, exclude_from_loading=["dataloader"])
+
+
+@needs_torchtitan
+def test_dataloader_position_round_trips_as_json_and_refuses_another_dp_degree():
+    from torchtitan.components.dataloader import ParallelAwareDataloader
+
+    from shardckpt.integrations.torchtitan import _DataLoaderState
+
+    def loader(world: int):
+        return ParallelAwareDataloader(list(range(20)), dp_rank=0, dp_world_size=world, batch_size=2)
+
+    first = loader(2)
+    it = iter(first)
+    for _ in range(3):
+        next(it)
+    state = _DataLoaderState(first).state_dict()
+    assert isinstance(state["dp_rank_0"], str) and state["world_size"] == 2  # JSON text, not pickle bytes
+    again = loader(2)
+    _DataLoaderState(again).load_state_dict(state)
+    assert next(iter(again)).tolist() == next(it).tolist() == [6, 7]
+    with pytest.raises(ShardckptError, match="saved with 2 data-parallel ranks, this job has 4"):
+        _DataLoaderState(loader(4)).load_state_dict(state)
+
+
 def make_assets(root: Path) -> tuple[Path, Path]:
     """A word-level tokenizer of 203 ids (the debug model has 2048) and a small JSON data set."""
     from tokenizers import Tokenizer, models, pre_tokenizers
@@ -92,13 +183,13 @@ def make_assets(root: Path) -> tuple[Path, Path]:
     return tok_dir, data_dir
 
 
-def train(dump: Path, assets: tuple[Path, Path], losses: Path, kill_at_step: int = 0):
+def train(dump: Path, assets: tuple[Path, Path], losses: Path, *overrides: str, kill_at_step: int = 0):
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([str(REPO), str(JOB.parent), env.get("PYTHONPATH", "")])
     env.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TT_LOSSES=str(losses), TT_KILL_AT_STEP=str(kill_at_step))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port())]
     cmd += [str(JOB), "--module", "torchtitan_job", "--config", "debugmodel_cpu", "--dump_folder", str(dump)]
-    cmd += ["--hf_assets_path", str(assets[0]), "--dataloader.dataset_path", str(assets[1])]
+    cmd += ["--hf_assets_path", str(assets[0]), "--dataloader.dataset_path", str(assets[1]), *overrides]
     return run_command(cmd, env=env, cwd=dump.parent)
 
 
@@ -133,7 +224,9 @@ def test_trainer_killed_and_resumed_matches_an_uninterrupted_run(tmp_path):
     assert read_losses(tmp_path / "killed.losses") == {k: v for k, v in expected.items() if k[1] <= 3}
     assert committed(run / "checkpoint") == ["step_0000000002"]
 
-    resumed = train(run, assets, tmp_path / "resumed.losses")
+    # async this time (a command-line override of the Config's own field): step 4 is
+    # committed by close() at the end of training
+    resumed = train(run, assets, tmp_path / "resumed.losses", "--checkpoint.async_mode", "async")
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-6000:]
     assert "resumed from step 2" in resumed.stdout + resumed.stderr
     # steps 3 and 4 again, from step 2's checkpoint: the same losses to the last bit
