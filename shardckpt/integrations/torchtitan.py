@@ -144,7 +144,8 @@ class ShardckptCheckpointManager(BaseCheckpointManager):  # type: ignore[misc]
     ``initial_load_path`` (a shardckpt checkpoint folder, used when ``folder`` holds no
     committed step) with ``initial_load_model_only``, ``last_save_model_only`` with
     ``export_dtype``, ``enable_first_step_checkpoint``, ``create_seed_checkpoint`` and
-    ``load_only``. Refused: the Hugging Face options (see ``Config``).
+    ``load_only``. Refused: the Hugging Face options (see ``Config``); so ``sd_adapter``,
+    which only they use, is accepted and ignored.
     """
 
     @dataclass(kw_only=True, slots=True)
@@ -208,16 +209,20 @@ class ShardckptCheckpointManager(BaseCheckpointManager):  # type: ignore[misc]
                     f"the states are {sorted(self.states)}"
                 )
         self.checkpointer = Checkpointer()
-        self.manager = CheckpointManager(
-            self.folder,
-            keep_last=config.keep_latest_k or None,
-            async_save=config.async_mode == "async",
-            max_staging_bytes=config.max_staging_bytes,
-            timeout_s=config.timeout_s,
-            num_io_threads=config.num_io_threads,
-            checkpointer=self.checkpointer,
-            read_only=config.load_only,
-        )
+        try:
+            self.manager = CheckpointManager(
+                self.folder,
+                keep_last=config.keep_latest_k or None,
+                async_save=config.async_mode == "async",
+                max_staging_bytes=config.max_staging_bytes,
+                timeout_s=config.timeout_s,
+                num_io_threads=config.num_io_threads,
+                checkpointer=self.checkpointer,
+                read_only=config.load_only,
+            )
+        except BaseException:
+            self.checkpointer.close()  # a manager given a Checkpointer leaves it to its creator
+            raise
         log.info("shardckpt: torchtitan checkpoints are saved to and loaded from %s", self.manager.root)
 
     # ------------------------------------------------------------ save
@@ -233,6 +238,7 @@ class ShardckptCheckpointManager(BaseCheckpointManager):  # type: ignore[misc]
     def _save(self, curr_step: int, last_step: bool = False) -> bool:
         if not self._should_save(curr_step, last_step):
             return False
+        self.maybe_wait_for_saving()  # the previous async save's commit, and its future
         model_only = last_step and self.config.last_save_model_only
         state = self._model_only_state() if model_only else self._full_state(self.states)
         metrics: dict[str, Any] = {MODEL_ONLY_METRIC: model_only}
