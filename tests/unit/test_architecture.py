@@ -49,6 +49,7 @@ THIRD_PARTY_ROOMS = {
     "botocore": {"storage"},
     "lightning": {"integrations"},
     "transformers": {"convert"},  # convert/ties.py asks an architecture which weights it ties (lazily)
+    "torchtitan": {"integrations"},
 }
 
 
@@ -205,7 +206,8 @@ def test_import_shardckpt_stays_light():
     integration's framework (tqdm is not checked: ``torch.hub`` imports it anyway)."""
     code = (
         "import sys, shardckpt; "
-        "heavy = sorted(m for m in sys.modules if m.split('.')[0] in ('lightning', 'matplotlib', 'safetensors') "
+        "heavy = sorted(m for m in sys.modules "
+        "if m.split('.')[0] in ('lightning', 'torchtitan', 'matplotlib', 'safetensors') "
         "or m.startswith(('shardckpt.cli', 'shardckpt.integrations', 'shardckpt.convert', 'shardckpt.dcp'))); "
         "print(','.join(heavy))"
     )
