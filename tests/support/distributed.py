@@ -4,7 +4,8 @@ output. A hung rank or launcher then fails its test, named, instead of the suite
 
 - ``run_ranks(fn, world_size, *args)`` calls ``fn(rank, world_size, *args)`` in every
   rank (torch.multiprocessing, gloo on CPU, the environment torchrun sets) with the
-  default process group initialized. A rank that raises fails the test with its
+  default process group initialized. Ranks are forked from a server that imported
+  torch and shardckpt once per session (``PRELOAD``), not spawned afresh. A rank that raises fails the test with its
   traceback; past ``timeout_s`` every rank prints its Python stacks (faulthandler) and
   is killed with its process group. Each rank's output is echoed to the test's stdout.
 - ``run_command(cmd, timeout_s=...)``: a command line run to its end (torchrun, a
