@@ -1,13 +1,19 @@
 """The documentation runs (issue #15), so README cannot drift from the code again.
 
-- README.md: every ```python block, top to bottom, each in a fresh interpreter, all in one
-  working folder (a reader following the page), once on one process and once on 2 gloo
-  ranks under torchrun; then every ``shardckpt ...`` line of its shell blocks, in that
-  folder, must exit 0 (the set-up commands of "Quick start", ``bash launch/...`` and
-  ``bash tests/run.sh``, are not run: they are the suite and the demos themselves).
+- README.md: every ```python block, top to bottom, all in one working folder (a reader
+  following the page), once on one process and once on 2 gloo ranks under torchrun; then,
+  after the 2-rank run, every ``shardckpt ...`` line of its shell blocks, in that folder,
+  must exit 0 (the set-up commands of "Quick start", ``bash launch/...`` and ``bash
+  tests/run.sh``, are not run: they are the suite and the demos themselves).
 - docs/: the first ```python block of each guide page (``GUIDES``), the same way, each in
   a folder of its own. Pages that are reference or reports are listed in ``REFERENCE``
   with the reason; a new page must be put in one of the two.
+
+Each block runs in a namespace of its own after the prelude, but all the blocks of one
+world size share one launch (an interpreter and torch import cost seconds each; the
+suite has a time budget): one python process, one torchrun job. When a block fails, that
+launch ends there and every block after it runs in a launch of its own, so each failure
+is still reported (``Workspace.run_blocks``).
 
 What the snippets assume (``model``, ``optim``, ``step``, ``state``, ``total_steps``, ``v``,
 ``mgr``...) is defined by tests/support/doc_prelude.py; tests/support/doc_runner.py runs
@@ -22,10 +28,12 @@ A failing block fails its test with the block, where it is, how it ran, and its 
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import stat
 import sys
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -69,6 +77,7 @@ PAGE_ENV = {
     "docs/storage.md": {"CEPH_KEY": ACCESS_KEY_ID, "CEPH_SECRET": SECRET_ACCESS_KEY},
 }
 SHELL_COMMAND = re.compile(r"^(shardckpt|python3? -m shardckpt)\s")
+DOC_OK = re.compile(r"DOC-OK (\S+?:\d+)")  # doc_runner.py's line for a block that ran to its end
 BUCKET = re.compile(r"\bs3a?://([a-z0-9][a-z0-9.-]{1,61}[a-z0-9])/")
 
 
@@ -127,13 +136,15 @@ def _tail(text: str, limit: int = 8000) -> str:
 
 
 class Workspace:
-    """A folder the snippets run in, with the environment they see: this checkout first on
-    PYTHONPATH, a ``shardckpt`` command that is this interpreter's ``python -m shardckpt``
-    (the console script runs the same ``shardckpt.cli.app:main``; one elsewhere on PATH may
-    belong to another checkout), and a local S3 server when a snippet names an s3:// URL."""
+    """One world size's run of the pages: a folder per page, and the environment the
+    snippets see: this checkout first on PYTHONPATH, a ``shardckpt`` command that is this
+    interpreter's ``python -m shardckpt`` (the console script runs the same
+    ``shardckpt.cli.app:main``; one elsewhere on PATH may belong to another checkout), and
+    one local S3 server for the buckets any of the blocks names."""
 
-    def __init__(self, folder: Path) -> None:
+    def __init__(self, folder: Path, world_size: int) -> None:
         self.folder = folder
+        self.world_size = world_size
         self.folder.mkdir(parents=True, exist_ok=True)
         bin_dir = folder / ".doc-test-bin"
         bin_dir.mkdir(exist_ok=True)
@@ -147,66 +158,159 @@ class Workspace:
             "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}",
             "OMP_NUM_THREADS": "1",
         }
+        self.endpoint = ""
         self.servers: list[S3Server] = []
 
     def close(self) -> None:
         for server in self.servers:
             server.stop()
 
-    def _prepare(self, block: Block) -> tuple[str, dict[str, str]]:
-        """The block's code with its page's substitutions made, and its environment."""
-        code, env = block.code, dict(self.env)
-        buckets = sorted(set(BUCKET.findall(code)))
-        endpoint = ""
-        if buckets:
+    def page_folder(self, page: str) -> Path:
+        folder = self.folder / Path(page).stem
+        folder.mkdir(exist_ok=True)
+        return folder
+
+    def _serve(self, plan: list[Block]) -> None:
+        """The S3 server for the buckets the plan's blocks name, and the pages' environment."""
+        buckets = sorted({bucket for b in plan for bucket in BUCKET.findall(b.code)})
+        if buckets and not self.servers:
             if not moto_available():
-                pytest.skip(f"{block.where} uses S3: moto is not installed (`pip install -e '.[test]'`)")
+                pytest.skip(f"{plan[0].where}.. uses S3: moto is not installed (`pip install -e '.[test]'`)")
             server = S3Server()
             self.servers.append(server)
-            for bucket in buckets:
-                server.create_bucket(bucket)
-            env.update(server.env())
-            endpoint = server.endpoint_url
+            self.env.update(server.env())
+            self.endpoint = server.endpoint_url
+        for bucket in buckets:
+            self.servers[0].create_bucket(bucket)
+        for b in plan:
+            self.env.update(PAGE_ENV.get(b.page, {}))
+
+    def _entry(self, block: Block) -> dict[str, object]:
+        """The block's plan entry for doc_runner.py: its code, with its page's substitutions
+        made, in a file in its page's folder."""
+        code, folder = block.code, self.page_folder(block.page)
         for placeholder, value in SUBSTITUTE.get(block.page, {}).items():
             assert placeholder in code, f"{block.where}: the placeholder {placeholder!r} is gone: update SUBSTITUTE"
-            code = code.replace(placeholder, value.format(endpoint=endpoint))
-        env.update(PAGE_ENV.get(block.page, {}))
-        return code, env
-
-    def run_block(self, block: Block, world_size: int) -> str | None:
-        """Run ``block`` on ``world_size`` processes (2: torchrun); None if it exited 0,
-        otherwise the failure, with the block and its output."""
-        code, env = self._prepare(block)
-        snippet = self.folder / f".doc-test-{Path(block.page).stem}-{block.line}.py"
+            code = code.replace(placeholder, value.format(endpoint=self.endpoint))
+        snippet = folder / f".doc-test-{Path(block.page).stem}-{block.line}.py"
         snippet.write_text(code)
-        args = [str(snippet), block.page, str(block.line)]
+        setup = None
         if block.page in SETUP:
-            setup = self.folder / f".doc-test-{Path(block.page).stem}-setup.py"
+            setup = folder / f".doc-test-{Path(block.page).stem}-setup.py"
             setup.write_text(SETUP[block.page])
-            args.append(str(setup))
-        if world_size == 1:
-            cmd = [sys.executable, str(RUNNER), *args]
+        return {"snippet": str(snippet), "source": block.page, "line": block.line, "cwd": str(folder), "setup": setup}
+
+    def _launch(self, plan: list[Block], name: str) -> tuple[set[str], str]:
+        """Run ``plan`` in one launch: (the blocks that ran to their end, how it went)."""
+        entries = [self._entry(b) for b in plan]
+        plan_file = self.folder / f".doc-test-plan-{name}.json"
+        plan_file.write_text(json.dumps([{**e, "setup": e["setup"] and str(e["setup"])} for e in entries]))
+        if self.world_size == 1:
+            cmd = [sys.executable, str(RUNNER), str(plan_file)]
         else:
             launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
-            cmd = [*launcher, "--nproc-per-node", str(world_size), str(RUNNER), *args]
-        done = run_command(cmd, cwd=self.folder, env=env)
-        if done.returncode == 0:
-            return None
-        how = "one process" if world_size == 1 else f"{world_size} ranks under torchrun"
-        return (
-            f"{block.where} failed on {how} (exit {done.returncode}), in {self.folder}:\n"
-            f"----- the block -----\n{numbered(block)}\n"
+            cmd = [*launcher, "--nproc-per-node", str(self.world_size), str(RUNNER), str(plan_file)]
+        done = run_command(cmd, cwd=self.folder, env=self.env)
+        passed = set(DOC_OK.findall(done.stdout))
+        how = "one process" if self.world_size == 1 else f"{self.world_size} ranks under torchrun"
+        report = (
+            f"exit {done.returncode} on {how}, in {self.folder}\n"
             f"----- stdout -----\n{_tail(done.stdout)}\n----- stderr -----\n{_tail(done.stderr)}"
         )
+        if done.returncode != 0:  # a launch that failed after its last block passed still fails
+            passed.discard(plan[-1].where)
+        return passed, report
 
-    def run_shell(self, where: str, command: str) -> str | None:
-        done = run_command(["bash", "-c", command], cwd=self.folder, env=self.env)
+    def run_blocks(self, plan: list[Block]) -> dict[str, str | None]:
+        """Every block of ``plan``, in order, each in a fresh namespace after the prelude, in
+        its page's folder: block.where -> None if it ran to its end, otherwise the failure,
+        with the block and the output.
+
+        All run in one launch. When a block fails there, the launch ends (a rank may be stuck
+        in its collectives); each block after it then runs in a launch of its own, in order,
+        as before, so every failing block is reported, not only the first."""
+        self._serve(plan)
+        results: dict[str, str | None] = {}
+        remaining = list(plan)
+        while remaining:
+            passed, report = self._launch(remaining, name=f"{len(plan) - len(remaining)}")
+            ran = [b for b in remaining if b.where in passed]
+            results.update((b.where, None) for b in ran)
+            if len(ran) == len(remaining):
+                break
+            failed = remaining[len(ran)]
+            before = [b.where for b in plan[: plan.index(failed)]]
+            results[failed.where] = (
+                f"{failed.where} failed ({report})\n"
+                f"(in this launch, before it and in the same interpreter: {', '.join(before) or 'nothing'})\n"
+                f"----- the block -----\n{numbered(failed)}"
+            )
+            remaining = remaining[len(ran) + 1 :]
+            for block in remaining:  # one launch each, as a reader runs them, to report each failure
+                passed, report = self._launch([block], name=f"{plan.index(block)}-alone")
+                results[block.where] = (
+                    None
+                    if block.where in passed
+                    else f"{block.where} failed ({report})\n----- the block -----\n{numbered(block)}"
+                )
+            remaining = []
+        return results
+
+    def run_shell(self, where: str, command: str, folder: Path) -> str | None:
+        done = run_command(["bash", "-c", command], cwd=folder, env=self.env)
         if done.returncode == 0:
             return None
         return (
-            f"{where}: `{command}` exited {done.returncode}, in {self.folder} (after README's python blocks ran "
-            f"there):\n----- stdout -----\n{_tail(done.stdout)}\n----- stderr -----\n{_tail(done.stderr)}"
+            f"{where}: `{command}` exited {done.returncode}, in {folder} (after README's python blocks ran "
+            f"there on {self.world_size} ranks):\n----- stdout -----\n{_tail(done.stdout)}\n"
+            f"----- stderr -----\n{_tail(done.stderr)}"
         )
+
+
+def world_plan(world_size: int) -> list[Block]:
+    """What runs on ``world_size`` processes: README's python blocks top to bottom, then the
+    first block of each guide (on 2 ranks: those not in ONE_PROCESS)."""
+    guides = [python_blocks(page)[0] for page in GUIDES if world_size == 1 or page not in ONE_PROCESS]
+    return python_blocks(README) + guides
+
+
+class DocRuns:
+    """The pages run once per world size for the whole module (one launch each; the tests
+    below each assert on their own blocks), and README's shell lines once, after its
+    blocks ran on 2 ranks (its commands then see a checkpoint saved by 2 ranks)."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.workspaces: dict[int, Workspace] = {}
+        self.results: dict[int, dict[str, str | None]] = {}
+        self.shell_results: list[str | None] | None = None
+
+    def blocks(self, world_size: int) -> dict[str, str | None]:
+        if world_size not in self.results:
+            workspace = self.workspaces[world_size] = Workspace(self.root / f"{world_size}proc", world_size)
+            self.results[world_size] = workspace.run_blocks(world_plan(world_size))
+        return self.results[world_size]
+
+    def shell(self) -> list[str | None]:
+        if self.shell_results is None:
+            self.blocks(2)
+            workspace = self.workspaces[2]
+            folder = workspace.page_folder(README)
+            self.shell_results = [workspace.run_shell(where, cmd, folder) for where, cmd in shell_lines(README)]
+        return self.shell_results
+
+    def close(self) -> None:
+        for workspace in self.workspaces.values():
+            workspace.close()
+
+
+@pytest.fixture(scope="module")
+def doc_runs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DocRuns]:
+    runs = DocRuns(tmp_path_factory.mktemp("docs"))
+    try:
+        yield runs
+    finally:
+        runs.close()
 
 
 # ---------------------------------------------------------------- the pages
@@ -231,15 +335,13 @@ def test_the_parser_finds_readmes_blocks() -> None:
 
 
 @pytest.mark.parametrize("world_size", [1, 2], ids=["1proc", "2ranks"])
-def test_readme_runs_top_to_bottom(tmp_path: Path, world_size: int) -> None:
-    """README's python blocks in order, one folder, each in a fresh interpreter; then its
-    shell lines there. Every failure is reported, not only the first."""
-    workspace = Workspace(tmp_path / "reader")
-    try:
-        failures = [workspace.run_block(b, world_size) for b in python_blocks(README)]
-        failures += [workspace.run_shell(where, command) for where, command in shell_lines(README)]
-    finally:
-        workspace.close()
+def test_readme_runs_top_to_bottom(doc_runs: DocRuns, world_size: int) -> None:
+    """README's python blocks in order, one folder, each in a fresh namespace; on 2 ranks,
+    then its shell lines there. Every failure is reported, not only the first."""
+    results = doc_runs.blocks(world_size)
+    failures = [results[b.where] for b in python_blocks(README)]
+    if world_size == 2:
+        failures += doc_runs.shell()
     failed = [f for f in failures if f is not None]
     assert not failed, f"{len(failed)} of README's snippets failed:\n\n" + "\n\n".join(failed)
 
@@ -253,10 +355,23 @@ GUIDE_CASES = [
 
 
 @pytest.mark.parametrize(("page", "world_size"), GUIDE_CASES)
-def test_guide_first_example_runs(tmp_path: Path, page: str, world_size: int) -> None:
-    workspace = Workspace(tmp_path / "reader")
+def test_guide_first_example_runs(doc_runs: DocRuns, page: str, world_size: int) -> None:
+    failure = doc_runs.blocks(world_size)[python_blocks(page)[0].where]
+    assert failure is None, failure
+
+
+def test_a_failing_block_is_reported_and_the_blocks_after_it_still_run(tmp_path: Path) -> None:
+    # the shared launch stops at a failing block; the ones after it must still run and report
+    plan = [
+        Block(README, 1, "python", "first = 1\n"),
+        Block(README, 3, "python", "raise ValueError('the page is wrong here')\n"),
+        Block(README, 5, "python", "assert not os.path.exists('never')\n"),
+    ]
+    workspace = Workspace(tmp_path, 1)
     try:
-        failure = workspace.run_block(python_blocks(page)[0], world_size)
+        results = workspace.run_blocks(plan)
     finally:
         workspace.close()
-    assert failure is None, failure
+    assert results[f"{README}:1"] is None and results[f"{README}:5"] is None, results
+    failure = results[f"{README}:3"]
+    assert failure is not None and "the page is wrong here" in failure and f"{README}:3" in failure, failure

@@ -9,11 +9,15 @@ step it gets. ``SHARDCKPT_STRESS=1`` runs every event index instead of a spread 
 
 from __future__ import annotations
 
+import contextlib
 import os
+import queue
 import shutil
+import signal
 import subprocess
 import sys
 import textwrap
+import threading
 
 import pytest
 import torch
@@ -98,12 +102,103 @@ CHILD = textwrap.dedent(
 )
 
 
-def run_child(root: str, kill_at: int, mode: str = "sync") -> tuple[int, str]:
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    p = subprocess.run(
-        [sys.executable, "-c", CHILD, root, str(kill_at), mode], capture_output=True, text=True, env=env, timeout=120
-    )
-    return p.returncode, p.stdout + p.stderr
+# A fork server: it imports torch and shardckpt once, then forks one child per trial that
+# runs CHILD as ``python -c CHILD ROOT KILL_AT MODE`` would (a fresh interpreter per trial
+# cost seconds of imports, dozens of times). Only imports ran in the server, no torch op
+# and no thread, so a fork loses nothing; the child leaves the server's loop and ends the
+# way that interpreter would (non-daemon threads joined, atexit handlers run), or dies
+# of its SIGKILL. Per line on stdin, ``OUT_PATH<TAB>ROOT<TAB>KILL_AT<TAB>MODE``, it answers
+# ``PID <pid>`` and, once that child exited, ``RC <returncode>``.
+SERVER = textwrap.dedent(
+    """
+    import os, sys
+    import torch
+    import shardckpt
+    import shardckpt.storage.local, shardckpt.engine.checkpointer
+    import shardckpt.engine.saving, shardckpt.manager.checkpoint_manager, shardckpt.engine.loading
+
+    child_code, trial = sys.argv[1], None
+    for line in sys.stdin:
+        out_path, *argv = line.rstrip("\\n").split("\\t")
+        pid = os.fork()
+        if pid == 0:
+            trial = (out_path, argv)
+            break
+        print(f"PID {pid}", flush=True)
+        _, status = os.waitpid(pid, 0)
+        print(f"RC {os.waitstatus_to_exitcode(status)}", flush=True)
+    if trial is not None:
+        out_path, argv = trial
+        fd = os.open(out_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        os.dup2(fd, 1)
+        os.dup2(fd, 2)
+        os.close(fd)
+        sys.argv = ["-c", *argv]
+        exec(compile(child_code, "<string>", "exec"), {"__name__": "__main__"})
+    """
+)
+
+
+class ChildServer:
+    """The SERVER above, as one process for the module; :meth:`run` is one trial."""
+
+    def __init__(self, work: str) -> None:
+        env = dict(os.environ, OMP_NUM_THREADS="1")
+        self.work = work
+        self.count = 0
+        self.proc = subprocess.Popen(
+            [sys.executable, "-c", SERVER, CHILD], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env
+        )
+        self.lines: queue.Queue[str] = queue.Queue()
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            self.lines.put(line.strip())
+
+    def _answer(self, prefix: str, timeout_s: float) -> str | None:
+        try:
+            line = self.lines.get(timeout=timeout_s)
+        except queue.Empty:
+            return None
+        assert line.startswith(prefix), f"child server said {line!r}, expected {prefix}..."
+        return line.split()[1]
+
+    def run(self, root: str, kill_at: int, mode: str) -> tuple[int, str]:
+        assert self.proc.stdin is not None
+        self.count += 1
+        out_path = os.path.join(self.work, f"child{self.count}.out")
+        self.proc.stdin.write(f"{out_path}\t{root}\t{kill_at}\t{mode}\n")
+        self.proc.stdin.flush()
+        pid = self._answer("PID ", 120)
+        assert pid is not None, "child server went silent (did it die? its stderr is in the test output)"
+        rc = self._answer("RC ", 120)
+        if rc is None:  # a hang: end it, and fail with what it printed
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(int(pid), signal.SIGKILL)
+            rc = self._answer("RC ", 60)
+            with open(out_path, errors="replace") as f:
+                raise AssertionError(f"trial child still running after 120 s: killed (a hang?)\n{f.read()}")
+        with open(out_path, errors="replace") as f:
+            return int(rc), f.read()
+
+    def close(self) -> None:
+        assert self.proc.stdin is not None
+        self.proc.stdin.close()
+        try:
+            self.proc.wait(60)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+            raise
+
+
+@pytest.fixture(scope="module")
+def children(tmp_path_factory):
+    server = ChildServer(str(tmp_path_factory.mktemp("crash-children")))
+    yield server
+    server.close()
 
 
 def expected(step: int) -> dict:
@@ -143,28 +238,28 @@ def choose_points(trace: dict[int, str], n: int) -> list[int]:
 
 
 @pytest.mark.parametrize("mode,spread", [("sync", 16), ("async", 16)])
-def test_sigkill_at_every_storage_event_never_loses_the_last_commit(tmp_path, mode, spread):
+def test_sigkill_at_every_storage_event_never_loses_the_last_commit(tmp_path, children, mode, spread):
     good = str(tmp_path / "good")
-    rc, out = run_child(good, kill_at=0, mode=mode)  # steps 1..4 committed; the killed runs continue from it
+    rc, out = children.run(good, kill_at=0, mode=mode)  # steps 1..4 committed; the killed runs continue from it
     assert rc == 0, out
     trace = {int(ln.split()[1]): ln.split()[2] for ln in out.splitlines() if ln.startswith("EVENT ")}
     assert len(trace) >= 40, out  # 4 saves x (open, writes, fsync, dir sync, commit, retention)
     stress = os.environ.get("SHARDCKPT_STRESS") == "1"
     shutil.copytree(good, str(tmp_path / "probe"))
-    rc, out = run_child(str(tmp_path / "probe"), kill_at=0, mode=mode)  # the trace of a run that continues
+    rc, out = children.run(str(tmp_path / "probe"), kill_at=0, mode=mode)  # the trace of a run that continues
     trace = {int(ln.split()[1]): ln.split()[2] for ln in out.splitlines() if ln.startswith("EVENT ")}
     points = list(range(1, max(trace) + 1)) if stress else choose_points(trace, spread)
     kinds = set()
     for n, k in enumerate(points):
         root = str(tmp_path / f"k{k}")
         shutil.copytree(good, root)
-        rc, out = run_child(root, kill_at=k, mode=mode)
+        rc, out = children.run(root, kill_at=k, mode=mode)
         assert rc == -9, f"child was not killed at event {k}: rc={rc}\n{out}"
         kinds.add(out.split("KILL ")[1].split()[0])
         saved = [int(line.split()[1]) for line in out.splitlines() if line.startswith("SAVED")]
         restored = check_root(root, saved[-1] if saved else 4, mode)
         if n % 8 == 0:  # and the job resumes: a good run continues after the restored step
-            rc, out = run_child(root, kill_at=0, mode=mode)
+            rc, out = children.run(root, kill_at=0, mode=mode)
             assert rc == 0 and f"SAVED {restored + 4}" in out, out
     assert len(points) >= 20
     assert {"open", "write", "fsync", "commit:before", "commit:half-written-tmp", "commit:after", "delete"} <= kinds, (

@@ -4,7 +4,8 @@ output. A hung rank or launcher then fails its test, named, instead of the suite
 
 - ``run_ranks(fn, world_size, *args)`` calls ``fn(rank, world_size, *args)`` in every
   rank (torch.multiprocessing, gloo on CPU, the environment torchrun sets) with the
-  default process group initialized. A rank that raises fails the test with its
+  default process group initialized. Ranks are forked from a server that imported
+  torch and shardckpt once per session (``PRELOAD``), not spawned afresh. A rank that raises fails the test with its
   traceback; past ``timeout_s`` every rank prints its Python stacks (faulthandler) and
   is killed with its process group. Each rank's output is echoed to the test's stdout.
 - ``run_command(cmd, timeout_s=...)``: a command line run to its end (torchrun, a
@@ -43,6 +44,8 @@ import torch.multiprocessing as mp
 # a minute alone and a few on a loaded 2-core machine.
 TIMEOUT_S = float(os.environ.get("SHARDCKPT_TEST_TIMEOUT_S", "300"))
 _TAIL = 6000  # characters of each rank's output in a failure message
+# What the fork server of run_ranks imports once for every rank it forks.
+PRELOAD = ("torch", "torch.distributed", "torch.distributed.checkpoint", "torch.distributed.tensor", "shardckpt")
 
 
 def free_port() -> int:
@@ -64,7 +67,19 @@ def _tail(text: str, limit: int = _TAIL) -> str:
 # ---------------------------------------------------------------- ranks
 
 
-def _entry(rank: int, fn: Callable[..., Any], world_size: int, port: int, args: tuple[Any, ...], log_dir: str) -> None:
+def _entry(
+    rank: int,
+    fn: Callable[..., Any],
+    world_size: int,
+    port: int,
+    args: tuple[Any, ...],
+    log_dir: str,
+    environ: dict[str, str],
+) -> None:
+    # The caller's environment as it is now (a forkserver child inherits the server's, from
+    # when it started), so a test's monkeypatch.setenv reaches its ranks as under spawn.
+    os.environ.clear()
+    os.environ.update(environ)
     os.setsid()  # its own process group: the parent can kill the rank and all it started
     log = os.open(os.path.join(log_dir, f"rank{rank}.log"), os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
     os.dup2(log, 1)
@@ -105,19 +120,26 @@ def run_ranks(
     world_size: int,
     *args: Any,
     timeout_s: float = TIMEOUT_S,
-    start_method: str = "spawn",
+    start_method: str = "forkserver",
     preload: Sequence[str] = (),
 ) -> None:
     """``fn(rank, world_size, *args)`` on ``world_size`` gloo ranks; see the module docstring.
 
-    ``start_method="forkserver"`` with ``preload`` (module names) forks every rank from a
-    server that imported those once, instead of each spawned rank importing them again."""
-    if preload:
-        mp.set_forkserver_preload(list(preload))
+    By default every rank is forked from multiprocessing's fork server, which imported torch,
+    its distributed packages and shardckpt once (``PRELOAD``, plus ``preload``: more module
+    names) for the whole test session, instead of each spawned rank importing them again
+    (seconds per rank, and the suite starts a few hundred ranks). The fork server does no
+    torch op and starts no thread, so a fork loses nothing; each rank then imports ``fn``'s
+    module, gets the caller's current environment and sys.path, and runs as under spawn.
+    The modules a rank imports first are the server's: ``start_method="spawn"`` for a test
+    that must see a process import them fresh. Only the first call's preload list counts:
+    the server starts once."""
+    if start_method == "forkserver":
+        mp.set_forkserver_preload([*PRELOAD, *preload])
     log_dir = tempfile.mkdtemp(prefix="shardckpt-ranks-")
     ctx = mp.start_processes(
         _entry,
-        args=(fn, world_size, free_port(), args, log_dir),
+        args=(fn, world_size, free_port(), args, log_dir, dict(os.environ)),
         nprocs=world_size,
         join=False,
         start_method=start_method,

@@ -27,7 +27,7 @@ from torch import nn
 
 import shardckpt
 
-if "WORLD_SIZE" in os.environ:  # under torchrun: every snippet sees the job's group
+if "WORLD_SIZE" in os.environ and not dist.is_initialized():  # under torchrun: every snippet sees the job's group
     dist.init_process_group("gloo")
 torch.manual_seed(0)
 
@@ -86,9 +86,9 @@ if "mgr" in globals().get("DOC_FREE_NAMES", ()):
 
 
 def doc_test_finish() -> None:
-    """After the snippet: close what the prelude opened, leave the group together."""
+    """After the snippet: close what the prelude opened; every rank finished it before
+    any goes on (doc_runner.py runs the next block, and ends the group after the last)."""
     for resource in doc_opened:
         resource.close()
     if dist.is_initialized():
         dist.barrier()
-        dist.destroy_process_group()
