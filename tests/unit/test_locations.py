@@ -36,10 +36,16 @@ def test_remove_checkpoint_folder_takes_file_urls(tmp_path):
     pytest.importorskip("lightning")
     from shardckpt.integrations.lightning.checkpoint_io import remove_checkpoint_folder
 
-    single = tmp_path / "last.ckpt"
+    ckpt = tmp_path / "last.ckpt"
+    shardckpt.save({"w": torch.ones(3)}, str(ckpt))
+    remove_checkpoint_folder(f"file://{ckpt}", None)
+    assert not ckpt.exists()
+    # a file at a file:// URL is not a checkpoint folder: refused, kept (never unlinked)
+    single = tmp_path / "other.ckpt"
     single.write_bytes(b"x")
-    remove_checkpoint_folder(f"file://{single}", None)
-    assert not single.exists()
+    with pytest.raises(shardckpt.ShardckptError, match="refusing to delete"):
+        remove_checkpoint_folder(f"file://{single}", None)
+    assert single.read_bytes() == b"x"
 
 
 def test_is_committed_is_the_manifest_and_nothing_else(tmp_path):
