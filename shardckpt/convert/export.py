@@ -20,6 +20,7 @@ than it holds, which every safetensors reader refuses.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import re
@@ -36,6 +37,8 @@ from shardckpt.engine.state import nest
 from shardckpt.errors import ShardckptError
 from shardckpt.format import datafile
 from shardckpt.storage import Storage, as_url, open_storage
+
+log = logging.getLogger("shardckpt")
 
 HF_INDEX_NAME = "model.safetensors.index.json"
 DEFAULT_MAX_SHARD_BYTES = 5 * 10**9  # transformers' default max_shard_size="5GB"
@@ -159,10 +162,22 @@ def drop_tied(
     tie whose tensors differ is refused, because dropping either would lose a trained
     weight. Equal tensors that are not declared are all written (see
     :mod:`shardckpt.convert.ties` for why equality alone is not a tie). A declared
-    target that is not exported is ignored.
+    target that is not exported is ignored; when no declared name at all is among the
+    exported ones (names kept a prefix, say), a warning says so, since the ties then
+    change nothing.
     """
     tied = check_tied(tied)
     by_name = dict(items)
+    if tied and not (set(tied) | set(tied.values())) & set(by_name):
+        example = min(by_name, default="(none)")
+        log.warning(
+            "%s: none of the %d declared tied name(s) (e.g. %r) is among the exported tensors (e.g. %r), so "
+            "nothing is dropped; check the names (--strip-prefix) or leave tied out",
+            source.path,
+            len(tied),
+            min(tied),
+            example,
+        )
     dropped: dict[str, str] = {}
     for target, kept in sorted(tied.items()):
         if target not in by_name:

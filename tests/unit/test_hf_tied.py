@@ -178,3 +178,27 @@ def test_hf_tied_weights_follows_the_config_and_names_only_transformers_models(t
         convert.hf_tied_weights(str(tmp_path / "odd"))
     with pytest.raises(FileNotFoundError, match=r"no config\.json"):
         convert.hf_tied_weights(str(tmp_path))
+
+
+def test_declared_ties_that_match_no_exported_name_are_reported(tmp_path, caplog):
+    """A tie declared with HF's names, while the exported names kept a prefix
+    (``--strip-prefix`` forgotten), changes nothing: the export says so instead of
+    silently writing the tied weight twice."""
+    model = tiny_gpt2(seed=0)
+    ckpt, out = str(tmp_path / "ckpt"), str(tmp_path / "out.safetensors")
+    shardckpt.save({"model": model.state_dict()}, ckpt)
+    with caplog.at_level("WARNING", logger="shardckpt"):
+        report = convert.export_checkpoint(ckpt, out, format="safetensors", keys=["model"], tied=TIE)
+    assert report.dropped_tied == {}
+    assert "none of the 1 declared tied name(s)" in caplog.text and "model." in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="shardckpt"):
+        convert.export_checkpoint(
+            ckpt,
+            str(tmp_path / "ok.safetensors"),
+            format="safetensors",
+            keys=["model"],
+            strip_prefix="model.",
+            tied=TIE,
+        )
+    assert "declared tied" not in caplog.text
