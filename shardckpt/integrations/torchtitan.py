@@ -30,6 +30,8 @@ from typing import Any, Literal
 
 import torch
 
+from shardckpt.errors import MissingDependencyError
+
 try:
     from torchdata.stateful_dataloader import StatefulDataLoader
     from torchtitan.components.checkpointer import (
@@ -43,7 +45,7 @@ try:
     from torchtitan.config import TORCH_DTYPE_MAP
     from torchtitan.tools import filesystem
 except ImportError as e:  # pragma: no cover - exercised only without torchtitan
-    raise ImportError(
+    raise MissingDependencyError(
         "shardckpt.integrations.torchtitan needs torchtitan (tested with 0.3.0, Python >= 3.11): "
         f"pip install torchtitan==0.3.0 ({e})"
     ) from e

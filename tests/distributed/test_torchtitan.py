@@ -25,7 +25,7 @@ import torch
 from distributed import free_port, run_command
 
 from shardckpt.convert import read_state_dict
-from shardckpt.errors import ShardckptError
+from shardckpt.errors import MissingDependencyError, ShardckptError
 
 HAS_TORCHTITAN = importlib.util.find_spec("torchtitan") is not None
 needs_torchtitan = pytest.mark.skipif(
@@ -42,7 +42,7 @@ REPO = Path(__file__).resolve().parents[2]
 
 @pytest.mark.skipif(HAS_TORCHTITAN, reason="torchtitan is installed")
 def test_without_torchtitan_the_import_says_what_to_install():
-    with pytest.raises(ImportError, match=r"pip install torchtitan==0\.3\.0"):
+    with pytest.raises(MissingDependencyError, match=r"pip install torchtitan==0\.3\.0"):
         import shardckpt.integrations.torchtitan  # noqa: F401
 
 
