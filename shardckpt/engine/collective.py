@@ -258,12 +258,9 @@ def raise_failures(
     ``err.failures``; ``err.__cause__`` is only an exception that tells something the
     message does not (the OSError under a StorageError), never a ShardckptError whose
     text is already in the message nor another rank's stand-in."""
-    lines = []
-    for r, e in sorted(failures.items()):
-        name = e.type_name if isinstance(e, _Remote) else type(e).__name__
-        lines.append(f"rank {r}: {name}: {e}" if str(e) else f"rank {r}: {name}")
-    msg = f"{action} failed on rank(s) {sorted(failures)}:\n  " + "\n  ".join(lines)
-    if len(failures) == 1:
+    lines = _failure_lines(failures)
+    msg = f"{action} failed on {_rank_list(sorted(failures))}:\n  " + "\n  ".join(lines)
+    if len(lines) == 1:
         msg = f"{action} failed on {lines[0]}"
     if alone and local is not None:
         msg = str(local) if isinstance(local, ShardckptError) else f"{action} failed: {type(local).__name__}: {local}"
@@ -287,6 +284,42 @@ def raise_failures(
     if isinstance(template, OSError) and isinstance(err, OSError) and not isinstance(template, ShardckptError):
         err.errno = template.errno  # only errno: strerror/filename would make str() drop our message
     raise err from _underlying(local if local is not None else first)
+
+
+SHOWN_FAILURES = 10
+"""At most this many distinct per-rank messages in an error; ranks that failed with the
+same type and text share one line, so 1,000 ranks with one cause make one line."""
+
+
+def _failure_lines(failures: dict[int, BaseException]) -> list[str]:
+    """One line per distinct ``type: text``, naming its ranks, in the order of each
+    one's lowest rank; past :data:`SHOWN_FAILURES`, one line counting the rest."""
+    by_text: dict[str, list[int]] = {}
+    for r, e in sorted(failures.items()):
+        name = e.type_name if isinstance(e, _Remote) else type(e).__name__
+        by_text.setdefault(f"{name}: {e}" if str(e) else name, []).append(r)
+    lines = [f"{_rank_list(ranks)}: {text}" for text, ranks in list(by_text.items())[:SHOWN_FAILURES]]
+    rest = list(by_text.values())[SHOWN_FAILURES:]
+    if rest:
+        ranks = sorted(r for group in rest for r in group)
+        lines.append(f"{_rank_list(ranks)}: {len(rest)} other message(s), in err.failures")
+    return lines
+
+
+def _rank_list(ranks: list[int]) -> str:
+    """``rank 3``, or ``ranks 0-3, 7`` for sorted ``ranks`` (runs of consecutive ranks shortened)."""
+    if len(ranks) == 1:
+        return f"rank {ranks[0]}"
+    runs: list[str] = []
+    start = prev = ranks[0]
+    for r in [*ranks[1:], None]:
+        if r is not None and r == prev + 1:
+            prev = r
+            continue
+        runs.append(str(start) if start == prev else f"{start}-{prev}" if prev > start + 1 else f"{start}, {prev}")
+        if r is not None:
+            start = prev = r
+    return "ranks " + ", ".join(runs)
 
 
 def _underlying(e: BaseException) -> BaseException | None:

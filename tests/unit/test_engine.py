@@ -211,3 +211,34 @@ def _remote(type_name: str, text: str) -> BaseException:
     from shardckpt.engine.collective import _Remote
 
     return _Remote(type_name, text)
+
+
+def test_ranks_that_failed_the_same_way_share_one_line_and_the_message_stays_bounded():
+    """1,000 ranks out of disk space make one line, not 1,000; distinct messages keep a
+    line each (in the order of their lowest rank), at most SHOWN_FAILURES of them."""
+    from shardckpt.engine.collective import SHOWN_FAILURES, raise_failures
+
+    with pytest.raises(shardckpt.StorageError) as same:
+        raise_failures("save to /ckpt", {r: OSError(28, "No space left on device") for r in range(1000)})
+    assert str(same.value) == "save to /ckpt failed on ranks 0-999: OSError: [Errno 28] No space left on device"
+    assert len(same.value.failures) == 1000
+
+    mixed = {0: ValueError("a"), 1: ValueError("b"), 2: ValueError("a"), 3: ValueError("a"), 5: KeyError("k")}
+    with pytest.raises(ShardckptError) as info:
+        raise_failures("load of /ckpt", mixed)
+    assert str(info.value).splitlines() == [
+        "load of /ckpt failed on ranks 0-3, 5:",
+        "  ranks 0, 2, 3: ValueError: a",
+        "  rank 1: ValueError: b",
+        "  rank 5: KeyError: 'k'",
+    ]
+
+    many = {r: ValueError(f"v{r}") for r in range(3 * SHOWN_FAILURES)}
+    with pytest.raises(ShardckptError) as bounded:
+        raise_failures("save to /ckpt", many)
+    lines = str(bounded.value).splitlines()
+    assert len(lines) == 1 + SHOWN_FAILURES + 1
+    assert (
+        lines[-1]
+        == f"  ranks {SHOWN_FAILURES}-{3 * SHOWN_FAILURES - 1}: {2 * SHOWN_FAILURES} other message(s), in err.failures"
+    )
