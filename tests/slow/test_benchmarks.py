@@ -1,4 +1,4 @@
-"""The benchmark suite and the planning-scale simulation run end to end at their smallest
+"""The benchmark suite, the collectives count and the planning-scale simulation run end to end at their smallest
 and produce sane results: every section present, positive finite numbers, loads that
 read back the saved values, and bytes-read accounting that is at least what was needed."""
 
@@ -17,6 +17,7 @@ from distributed import run_ranks
 BENCH_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir, os.pardir, "benchmarks")
 sys.path.insert(0, BENCH_DIR)
 
+import collectives  # noqa: E402
 import common  # noqa: E402
 import planning_scale  # noqa: E402
 import suite  # noqa: E402
@@ -119,3 +120,24 @@ def test_planning_scale_tiny(tmp_path: Any) -> None:
     sizes = [x["bytes"]["manifest_json"] for x in rows]
     assert sizes == sorted(sizes) and sizes[-1] > sizes[0]
     assert r["growth"]["bytes"]["manifest_json"]["fitted_exponent"] > 0
+
+
+# Collectives per call on rank 0 measured on 2026-11-30 (docs/benchmarks.md, "The fixed
+# cost of a tiny checkpoint"). A change that adds one to a save or load fails here, so it
+# is a decision (update the numbers and the doc), not an accident; fewer is welcome.
+MOST_COLLECTIVES = {"shardckpt.save": 6, "shardckpt.async_save": 7, "shardckpt.load": 8}
+
+
+def test_collectives_per_save_and_load(tmp_path: Any) -> None:
+    collectives.main(["--world-size", "2", "--repeats", "1", "--dir", str(tmp_path), "--out", str(tmp_path)])
+    with open(tmp_path / "collectives.json") as f:
+        r = json.load(f)
+    assert set(r["ops"]) == set(collectives.OPS)
+    for op, o in r["ops"].items():
+        assert o["seconds"]["n"] == 1 and math.isfinite(o["seconds"]["median"]) and o["seconds"]["median"] > 0, op
+        calls = {k: v for k, v in o["counts_rank0"].items() if k != "new_group"}
+        assert sum(calls.values()) >= 1, (op, o)  # every collective op talks to the other rank
+        assert o["counts_stable"], (op, o)
+        if op in MOST_COLLECTIVES:
+            assert sum(calls.values()) <= MOST_COLLECTIVES[op], (op, calls)
+            assert "new_group" not in o["counts_rank0"], (op, o)  # groups are made once, in the warm-up
