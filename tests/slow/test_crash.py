@@ -11,16 +11,14 @@ from __future__ import annotations
 
 import contextlib
 import os
-import queue
 import shutil
 import signal
-import subprocess
 import sys
 import textwrap
-import threading
 
 import pytest
 import torch
+from line_server import LineServer
 
 import shardckpt
 
@@ -139,38 +137,25 @@ SERVER = textwrap.dedent(
 )
 
 
-class ChildServer:
+class ChildServer(LineServer):
     """The SERVER above, as one process for the module; :meth:`run` is one trial."""
 
     def __init__(self, work: str) -> None:
-        env = dict(os.environ, OMP_NUM_THREADS="1")
+        super().__init__([sys.executable, "-c", SERVER, CHILD])
         self.work = work
         self.count = 0
-        self.proc = subprocess.Popen(
-            [sys.executable, "-c", SERVER, CHILD], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env
-        )
-        self.lines: queue.Queue[str] = queue.Queue()
-        threading.Thread(target=self._read, daemon=True).start()
-
-    def _read(self) -> None:
-        assert self.proc.stdout is not None
-        for line in self.proc.stdout:
-            self.lines.put(line.strip())
 
     def _answer(self, prefix: str, timeout_s: float) -> str | None:
-        try:
-            line = self.lines.get(timeout=timeout_s)
-        except queue.Empty:
+        line = self.next_line(timeout_s)
+        if line is None:
             return None
         assert line.startswith(prefix), f"child server said {line!r}, expected {prefix}..."
         return line.split()[1]
 
     def run(self, root: str, kill_at: int, mode: str) -> tuple[int, str]:
-        assert self.proc.stdin is not None
         self.count += 1
         out_path = os.path.join(self.work, f"child{self.count}.out")
-        self.proc.stdin.write(f"{out_path}\t{root}\t{kill_at}\t{mode}\n")
-        self.proc.stdin.flush()
+        self.send(f"{out_path}\t{root}\t{kill_at}\t{mode}")
         pid = self._answer("PID ", 120)
         assert pid is not None, "child server went silent (did it die? its stderr is in the test output)"
         rc = self._answer("RC ", 120)
@@ -183,22 +168,12 @@ class ChildServer:
         with open(out_path, errors="replace") as f:
             return int(rc), f.read()
 
-    def close(self) -> None:
-        assert self.proc.stdin is not None
-        self.proc.stdin.close()
-        try:
-            self.proc.wait(60)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-            raise
-
 
 @pytest.fixture(scope="module")
 def children(tmp_path_factory):
     server = ChildServer(str(tmp_path_factory.mktemp("crash-children")))
     yield server
-    server.close()
+    server.stop()
 
 
 def expected(step: int) -> dict:

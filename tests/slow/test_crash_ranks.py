@@ -22,12 +22,9 @@ from __future__ import annotations
 
 import collections
 import os
-import queue
 import random
 import shutil
-import subprocess
 import sys
-import threading
 import time
 from dataclasses import dataclass, field
 
@@ -35,6 +32,7 @@ import pytest
 import torch
 from crash_job import expected
 from distributed import free_port, kill_group
+from line_server import LineServer
 
 import shardckpt
 from shardckpt.convert.audit import verify_checkpoint
@@ -79,45 +77,17 @@ class JobResult:
         return "\n".join(f"--- rank {r.rank} rc={r.rc}\n" + "\n".join(r.lines()[-30:]) for r in self.ranks)
 
 
-class ForkServer:
+class ForkServer(LineServer):
     """tests/support/crash_job.py --serve: torch is imported once, each rank is a fork of it."""
 
     def __init__(self) -> None:
-        env = dict(os.environ, OMP_NUM_THREADS="1")
-        self.proc = subprocess.Popen(
-            [sys.executable, JOB, "--serve"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env
-        )
-        self.lines: queue.Queue[str] = queue.Queue()
-        threading.Thread(target=self._read, daemon=True).start()
-
-    def _read(self) -> None:
-        assert self.proc.stdout is not None
-        for line in self.proc.stdout:
-            self.lines.put(line.strip())
-
-    def next_line(self, timeout_s: float) -> str | None:
-        try:
-            return self.lines.get(timeout=timeout_s)
-        except queue.Empty:
-            return None
+        super().__init__([sys.executable, JOB, "--serve"])
 
     def start(self, jobs: list[tuple[str, list[str]]]) -> list[int]:
-        assert self.proc.stdin is not None
-        self.proc.stdin.write("\t".join(f"{out}|{' '.join(argv)}" for out, argv in jobs) + "\n")
-        self.proc.stdin.flush()
+        self.send("\t".join(f"{out}|{' '.join(argv)}" for out, argv in jobs))
         line = self.next_line(120)
         assert line is not None and line.startswith("PIDS "), line
         return [int(p) for p in line.split()[1:]]
-
-    def stop(self) -> None:
-        assert self.proc.stdin is not None
-        self.proc.stdin.close()
-        try:
-            self.proc.wait(60)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-            raise
 
 
 @pytest.fixture(scope="module")
