@@ -29,7 +29,7 @@ from shardckpt.engine.staging import BoundedSource, StagedShard, item_bytes
 from shardckpt.engine.state import check_savable, flattening_errors
 from shardckpt.errors import ManifestError, UnsupportedValueError
 from shardckpt.format import datafile, integrity, manifest
-from shardckpt.format.manifest import first_overlap
+from shardckpt.format.overlap import first_overlap
 from shardckpt.format.values import decode_value, encode_value
 
 

@@ -30,19 +30,19 @@ from hypothesis import strategies as st
 
 import shardckpt
 from shardckpt.errors import ManifestError
-from shardckpt.format import datafile, manifest
+from shardckpt.format import datafile, overlap
 from shardckpt.format.manifest import (
     ChunkRecord,
     FileRecord,
     Manifest,
     TensorRecord,
     check_manifest_limits,
-    first_overlap,
     manifest_to_json,
     parse_manifest,
     seal,
     unseal,
 )
+from shardckpt.format.overlap import first_overlap
 
 STRESS = os.environ.get("SHARDCKPT_STRESS") == "1"
 _EXAMPLES = 2000 if STRESS else 120
@@ -227,14 +227,14 @@ def _all_pairs(boxes: list[Box]) -> list[tuple[int, int]]:
 @given(boxes=_small_layouts(), grid=st.booleans())
 def test_first_overlap_agrees_with_comparing_all_pairs(boxes, grid):
     """Both methods (grid painting; the sweep, forced by a zero cell budget) are exact."""
-    saved = manifest.SMALL_LAYOUT, manifest.GRID_CELLS_PER_BOX, manifest.GRID_CELLS_SLACK
-    manifest.SMALL_LAYOUT = 0
+    saved = overlap.SMALL_LAYOUT, overlap.GRID_CELLS_PER_BOX, overlap.GRID_CELLS_SLACK
+    overlap.SMALL_LAYOUT = 0
     if not grid:
-        manifest.GRID_CELLS_PER_BOX = manifest.GRID_CELLS_SLACK = 0
+        overlap.GRID_CELLS_PER_BOX = overlap.GRID_CELLS_SLACK = 0
     try:
         found = first_overlap(boxes)
     finally:
-        manifest.SMALL_LAYOUT, manifest.GRID_CELLS_PER_BOX, manifest.GRID_CELLS_SLACK = saved
+        overlap.SMALL_LAYOUT, overlap.GRID_CELLS_PER_BOX, overlap.GRID_CELLS_SLACK = saved
     pairs = _all_pairs(boxes)
     assert (found is None) == (not pairs)
     if found is not None:

@@ -62,7 +62,7 @@ def _column_shards(n: int, rows: int = 100_000) -> list[tuple[tuple[int, int], t
 def test_overlap_check_is_linear_for_shards_along_a_smaller_dimension():
     import time
 
-    from shardckpt.format.manifest import first_overlap
+    from shardckpt.format.overlap import first_overlap
 
     boxes = _column_shards(20_000)
     t0 = time.process_time()  # CPU time: other processes on a loaded machine do not count
