@@ -1,4 +1,4 @@
-"""PNG plots of the suite's and planning_scale's results (matplotlib, optional: the
+"""PNG plots of the suite's, planning_scale's and incremental's results (matplotlib, optional: the
 ``bench`` extra). Every function returns the paths it wrote, or a ``skipped`` reason.
 
 Bars are medians over repetitions; whiskers span the min-max of the repetitions.
@@ -154,6 +154,44 @@ def write_planning_plot(results: dict[str, Any], path: str) -> dict[str, Any]:
         ax.set_yscale("log")
         ax.set_xlabel("simulated ranks")
         ax.legend(fontsize=7)
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return {"written": [path]}
+
+
+def write_incremental_plot(results: dict[str, Any], path: str) -> dict[str, Any]:
+    """incremental.py's trace: bytes written (data files + manifest) and save seconds per
+    step, incremental (with its ``full_every`` rewrites) against full saves; log bytes axis."""
+    plt = _pyplot()
+    if plt is None:
+        return {"skipped": MATPLOTLIB_MISSING}
+    trace = results["trace"]
+    layout = results["cases"]["adapter"]["layout"]
+    steps = [row["step"] for row in trace["steps"]]
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.2))
+    width = 0.4
+    for i, (name, color) in enumerate((("full", "tab:orange"), ("incremental", "tab:blue"))):
+        xs = [s + (i - 0.5) * width for s in steps]
+        rows = [row[name] for row in trace["steps"]]
+        ax1.bar(xs, [(r["data_bytes"] + r["manifest_bytes"]) / 2**20 for r in rows], width, color=color, label=name)
+        ax2.bar(xs, [r["s"] for r in rows], width, color=color, label=name)
+    changed = layout["changed_bytes_per_step"] / 2**20
+    ax1.axhline(changed, color="k", ls="--", lw=1, label=f"changed per step ({changed:.1f} MiB)")
+    ax1.set_yscale("log")
+    ax1.set_ylabel("MiB written (data files + manifest)")
+    ax2.set_ylabel("save seconds (max over ranks)")
+    for ax in (ax1, ax2):
+        ax.set_xticks(steps)
+        ax.set_xlabel(f"step (incremental: full_every={trace['full_every']})")
+        ax.legend(fontsize=8)
+    cfg = results["config"]
+    fig.suptitle(
+        f"adapter fine-tuning layout: {layout['state_bytes'] / 2**30:.2f} GiB fp32, "
+        f"{layout['trainable_fraction']:.1%} trainable + AdamW moments, {cfg['world_size']} ranks",
+        fontsize=10,
+    )
     fig.tight_layout()
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     fig.savefig(path, dpi=110)

@@ -1,4 +1,5 @@
-"""The benchmark suite, the collectives count and the planning-scale simulation run end to end at their smallest
+"""The benchmark suite, the collectives count, the incremental benchmark and the planning-scale simulation run end
+to end at their smallest
 and produce sane results: every section present, positive finite numbers, loads that
 read back the saved values, and bytes-read accounting that is at least what was needed."""
 
@@ -19,7 +20,9 @@ sys.path.insert(0, BENCH_DIR)
 
 import collectives  # noqa: E402
 import common  # noqa: E402
+import incremental  # noqa: E402
 import planning_scale  # noqa: E402
+import plots  # noqa: E402
 import suite  # noqa: E402
 
 
@@ -141,3 +144,41 @@ def test_collectives_per_save_and_load(tmp_path: Any) -> None:
         if op in MOST_COLLECTIVES:
             assert sum(calls.values()) <= MOST_COLLECTIVES[op], (op, calls)
             assert "new_group" not in o["counts_rank0"], (op, o)  # groups are made once, in the warm-up
+
+
+def test_incremental_quick_meets_the_byte_targets(tmp_path: Any) -> None:
+    """#17's targets about bytes, at the benchmark's smallest (2 ranks, 8 MiB): a steady-state
+    incremental save writes the changed bytes and at most 10% more, one with nothing changed
+    writes no data file, full_every rewrites everything, and every load reads back the state.
+    Times are recorded but not asserted."""
+    incremental.main(
+        ["--quick", "--world-size", "2", "--mib", "8", "--repeats", "1", "--trace-steps", "4", "--trace-full-every",
+         "2", "--dir", str(tmp_path / "scratch"), "--out", str(tmp_path), "--plots-dir", str(tmp_path / "img")]
+    )  # fmt: skip
+    with open(tmp_path / "incremental_quick.json") as f:
+        r = json.load(f)
+    adapter, full_training = r["cases"]["adapter"], r["cases"]["full_training"]
+    changed, state_bytes = adapter["layout"]["changed_bytes_per_step"], adapter["layout"]["state_bytes"]
+    assert 0 < changed < state_bytes / 10
+    for system in incremental.UNCHANGED_SYSTEMS:
+        for x in adapter["save"][system]["samples"]:
+            assert changed <= x["data_bytes"] <= 1.1 * changed and x["bases"], (system, x)
+        for x in adapter["unchanged"][system]["samples"]:
+            assert x["data_files"] == x["data_bytes"] == x["manifest_own_bytes"] == 0 and x["bases"], (system, x)
+    for case, system in ((adapter, "full"), (full_training, "incremental"), (full_training, "full")):
+        for x in case["save"][system]["samples"]:  # everything rewritten
+            assert x["data_bytes"] >= case["layout"]["state_bytes"] and not x["bases"], (system, x)
+    for case in (adapter, full_training):
+        assert all(s["accounting_agrees"] for s in case["save"].values())  # files on disk = the manifest's account
+    assert set(adapter["load"]) == set(incremental.ADAPTER_SAVE_SYSTEMS)
+    assert all(s["verified"] and s["seconds"]["median"] > 0 for s in adapter["load"].values())
+    assert r["targets"]["adapter_bytes"]["met"] and r["targets"]["unchanged_no_data"]["met"]
+    steps = r["trace"]["steps"]
+    rewrites = [row["step"] for row in steps if not row["incremental"]["bases"]]
+    assert rewrites[0] == 0 and len(rewrites) >= 2, rewrites  # the first save and a full_every rewrite
+    for row in steps:
+        inc = row["incremental"]["data_bytes"]
+        assert inc >= state_bytes if row["step"] in rewrites else changed <= inc <= 1.1 * changed, row
+        assert row["full"]["data_bytes"] >= state_bytes, row
+    plot = r["plots"].get("written") or r["plots"]["skipped"]
+    assert plot in ([str(tmp_path / "img" / "incremental_quick_bytes.png")], plots.MATPLOTLIB_MISSING), plot
