@@ -22,6 +22,7 @@ from shardckpt.errors import IntegrityError
 from shardckpt.format import datafile, integrity
 from shardckpt.format.manifest import ChunkRecord, Manifest
 from shardckpt.storage import Storage
+from shardckpt.storage.datafiles import DataFiles
 
 
 class BoxReader:
@@ -35,6 +36,7 @@ class BoxReader:
 
     def __init__(self, storage: Storage, manifest: Manifest, *, verify: bool, where: str) -> None:
         self.storage = storage
+        self.files = DataFiles(storage, manifest.files)  # own folder, or a base beside it (format 2)
         self.manifest = manifest
         self.verify = verify
         self.where = where
@@ -47,16 +49,16 @@ class BoxReader:
         for name in sorted(set(names) - self._sizes_checked):
             expected = self.manifest.files[name].size
             try:
-                found = self.storage.size(name)
+                found = self.files.size(name)
             except FileNotFoundError as e:
                 raise IntegrityError(
-                    f"{self.where}: data file {name!r} listed in the manifest is missing; the checkpoint is "
-                    "damaged, restore the file or load an earlier checkpoint"
+                    f"{self.where}: data file {self.files.describe(name)} listed in the manifest is missing; "
+                    + self.files.missing_hint(name)
                 ) from e
             if found != expected:
                 raise IntegrityError(
-                    f"{self.where}: data file {name!r} is {found} bytes, the manifest says {expected}; "
-                    "it was truncated or replaced, restore it or load an earlier checkpoint"
+                    f"{self.where}: data file {self.files.describe(name)} is {found} bytes, the manifest says "
+                    f"{expected}; it was truncated or replaced, restore it or load an earlier checkpoint"
                 )
             self._sizes_checked.add(name)
 
@@ -84,9 +86,9 @@ class BoxReader:
         direct = exact and dest.is_contiguous() and dest.device.type == "cpu" and dest.dtype == dtype
         buf = dest.reshape(-1).view(torch.uint8) if direct else torch.empty(hi - lo, dtype=torch.uint8)
         view = memoryview(buf.numpy())  # type: ignore[arg-type]  # ndarray implements the buffer protocol
-        where = f"{self.where}: file {chunk.file!r}, key {key!r}, chunk at {list(chunk.offsets)}"
+        where = f"{self.where}: file {self.files.describe(chunk.file)}, key {key!r}, chunk at {list(chunk.offsets)}"
         try:
-            self.storage.read_into(chunk.file, chunk.byte_offset + lo, view)
+            self.files.read_into(chunk.file, chunk.byte_offset + lo, view)
         except EOFError as e:
             raise IntegrityError(f"{where}: {e}") from e
         if self.verify:

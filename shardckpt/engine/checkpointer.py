@@ -25,7 +25,8 @@ from typing import TYPE_CHECKING, Any
 import torch.distributed as dist
 
 from shardckpt.engine.collective import RankGroup, arrive, checkpoint_group, is_gloo
-from shardckpt.engine.loading import LoadResult, load_from
+from shardckpt.engine.incremental import BaseIndex, folder_name
+from shardckpt.engine.loading import LoadResult, load_from, read_manifest
 from shardckpt.engine.options import IOOptions, SaveKwargs, Timeouts
 from shardckpt.engine.saving import (
     SLOW_IO,
@@ -37,6 +38,7 @@ from shardckpt.engine.saving import (
 )
 from shardckpt.engine.staging import BoundedSource, Stager, tensor_bytes
 from shardckpt.engine.state import flatten_with_mappings, to_plain_state_dict
+from shardckpt.engine.writer import Writer
 from shardckpt.errors import ShardckptError
 from shardckpt.format.manifest import Manifest
 from shardckpt.storage import Storage, open_storage
@@ -112,6 +114,9 @@ class Checkpointer:
         self._pending: AsyncSaveHandle | None = None
         self._last_source: BoundedSource | None = None
         self._groups: dict[Any, Any] = {}  # (purpose, timeout) -> the gloo group this object created
+        # (location, chunks) of this rank's last save with digests: the next incremental
+        # save against it needs no manifest read. Set by the thread that ran the save.
+        self._last_saved: tuple[str, BaseIndex] | None = None
         self._closed = False
 
     # ------------------------------------------------------------ context manager
@@ -286,22 +291,60 @@ class Checkpointer:
         path = checkpoint_path(path)
         self._check_open(f"{action} to {path}")
         io = self._call_io(options.get("io"), options.get("num_io_threads"), options.get("hash_block_bytes"))
-        writer = writer_options(io, path, overwrite=options.get("overwrite", False), metadata=options.get("metadata"))
+        storage_options = options.get("storage_options")
+        base = options.get("base")
+        digests = bool(options.get("incremental", False)) or base is not None
+        writer = writer_options(
+            io,
+            path,
+            overwrite=options.get("overwrite", False),
+            metadata=options.get("metadata"),
+            digests=digests,
+            base=None
+            if base is None
+            else functools.partial(self._base_index, checkpoint_path(base), storage_options, io),
+        )
         timeout_s = options.get("timeout_s")
         timeouts = Timeouts.of(timeout_s)
         self.wait()
         process_group = options.get("process_group")
         group = RankGroup.current(process_group)
         ckpt_group = self.group(process_group, timeouts.arrive_s) if group.is_distributed else None
-        storage_options = options.get("storage_options")
         request = SaveRequest(
             path,
             writer,
             open_storage=functools.partial(self.open_storage, path, storage_options, io=io),
             process_group=ckpt_group,
             timeout_s=timeout_s,
+            committed=self._remember_chunks if digests else None,
         )
         return _SaveStart(group, request)
+
+    def _remember_chunks(self, writer: Writer) -> None:
+        location = writer.storage.location
+        index = BaseIndex.from_results(folder_name(location), writer.options.hash_block_bytes, writer.saved)
+        with self._lock:
+            self._last_saved = (location, index)
+
+    def _base_index(
+        self, base: str, storage_options: dict[str, Any] | None, io: IOOptions, storage: Storage
+    ) -> BaseIndex:
+        """The chunks of checkpoint ``base`` an incremental save to ``storage`` may reuse:
+        this rank's own from the save that wrote ``base`` when this Checkpointer made it,
+        else read from its manifest. Runs on every rank while the save plans."""
+        wanted = self.open_storage(base, storage_options, io=io)
+        name = folder_name(wanted.location)
+        if storage.location == wanted.location or storage.sibling(name).location != wanted.location:
+            raise ValueError(
+                f"save to {storage.url} with base={base!r}: the base must be another checkpoint in the same "
+                f"parent folder as the new one (e.g. base='runs/exp1/step_100' for 'runs/exp1/step_200'); "
+                "incremental checkpoints point at their base's files by folder name"
+            )
+        with self._lock:
+            last = self._last_saved
+        if last is not None and last[0] == wanted.location:
+            return last[1]
+        return BaseIndex.from_manifest(read_manifest(wanted), name)
 
     def load(
         self,
@@ -420,6 +463,12 @@ class Checkpointer:
             stats.update(bounded_live_bytes=source.live_bytes, bounded_staged_bytes=source.staged_bytes)
         return stats
 
+    def forget_chunks(self) -> None:
+        """Forget the chunk locations of the last save (the next incremental save against it
+        reads the base's manifest instead). Any thread."""
+        with self._lock:
+            self._last_saved = None
+
     def close(self) -> None:
         """Collective (every rank of the groups it created calls it). Idempotent.
 
@@ -437,6 +486,7 @@ class Checkpointer:
             # Dropping the Stager drops its buffers (and a bounded save's arena with it).
             self._stager = Stager()
             self._last_source = None
+            self._last_saved = None
             groups, self._groups = list(self._groups.values()), {}
             if groups and dist.is_available() and dist.is_initialized():
                 for g in groups:

@@ -10,6 +10,7 @@ and ``hash_block_bytes=`` override one field of whichever options are in effect.
 from __future__ import annotations
 
 import dataclasses
+import os
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypedDict
 
@@ -124,6 +125,12 @@ class SaveKwargs(TypedDict, total=False):
       object-store transfer and retry settings for this call.
     - ``num_io_threads``, ``hash_block_bytes`` (None): shortcuts that replace that field of
       the ``io`` in effect.
+    - ``incremental`` (False): record a digest of every chunk (format 2), so that this
+      checkpoint can be the ``base`` of a later one.
+    - ``base`` (None): an incremental save against the committed checkpoint ``base``, a
+      folder beside ``path`` (same parent) saved with ``incremental=True`` (or a ``base``):
+      chunks whose bytes are unchanged since it are not written again; the new manifest
+      points at the base's files. Implies ``incremental``. See docs/manager.md.
 
     Also the type of a dict of these to pass on: ``ckpt.save(sd, path, **kwargs)``.
     """
@@ -136,6 +143,8 @@ class SaveKwargs(TypedDict, total=False):
     io: IOOptions | None
     num_io_threads: int | None
     hash_block_bytes: int | None
+    incremental: bool
+    base: str | os.PathLike[str] | None
 
 
 def check_io_threads(n: Any) -> None:

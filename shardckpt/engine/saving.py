@@ -23,6 +23,7 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 
 from shardckpt.engine.collective import arrive, is_timeout, translated_failures
+from shardckpt.engine.incremental import BaseIndex
 from shardckpt.engine.options import (  # noqa: F401 - the thread defaults, also read from here (benchmarks)
     DEFAULT_REMOTE_SAVE_IO_THREADS,
     DEFAULT_SAVE_IO_THREADS,
@@ -61,6 +62,9 @@ class SaveRequest:
     open_storage: Callable[[], Storage]
     process_group: Any = None
     timeout_s: float | None = None
+    # Called with the Writer on every rank once the save committed (the Checkpointer keeps
+    # the rank's chunk locations, the next incremental save's base).
+    committed: Callable[[Writer], None] | None = None
 
     def __post_init__(self) -> None:
         check_timeout(self.timeout_s)
@@ -122,6 +126,8 @@ def persist(
     finally:
         if source is not None:
             source.release()
+    if request.committed is not None:
+        request.committed(writer)
     return writer.manifest
 
 
@@ -131,13 +137,23 @@ def checkpoint_path(path: Any) -> str:
     return as_url(path)
 
 
-def writer_options(io: IOOptions, path: str, *, overwrite: bool, metadata: dict[str, Any] | None) -> WriterOptions:
+def writer_options(
+    io: IOOptions,
+    path: str,
+    *,
+    overwrite: bool,
+    metadata: dict[str, Any] | None,
+    digests: bool = False,
+    base: Callable[[Storage], BaseIndex | None] | None = None,
+) -> WriterOptions:
     """The writer's options for a save to ``path`` under ``io`` (threads defaulted by storage kind)."""
     return WriterOptions(
         num_io_threads=io.save_threads(path),
         hash_block_bytes=io.hash_block_bytes,
         overwrite=overwrite,
         metadata=dict(metadata or {}),
+        digests=digests,
+        base=base,
     )
 
 

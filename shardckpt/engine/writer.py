@@ -42,6 +42,7 @@ from torch.distributed.checkpoint.planner import SavePlan, SavePlanner, WriteIte
 from torch.distributed.checkpoint.storage import StorageWriter, WriteResult
 
 from shardckpt._version import __version__
+from shardckpt.engine.incremental import BaseIndex, ChunkLocation, Prepass, digest_pass
 from shardckpt.engine.options import check_hash_block_bytes, check_io_threads
 from shardckpt.engine.planner import SavePlanner as ShardckptSavePlanner
 from shardckpt.engine.staging import item_bytes
@@ -54,9 +55,10 @@ from shardckpt.errors import (
     UnsupportedValueError,
 )
 from shardckpt.format import datafile, integrity, layout
-from shardckpt.format.manifest import FORMAT_VERSION, ChunkRecord, FileRecord, Manifest, TensorRecord, manifest_to_json
+from shardckpt.format.manifest import ChunkRecord, FileRecord, Manifest, TensorRecord, manifest_to_json
 from shardckpt.format.values import encode_value
 from shardckpt.storage import Storage, folder
+from shardckpt.storage.datafiles import DataFiles
 
 log = logging.getLogger("shardckpt")
 
@@ -67,20 +69,15 @@ class _InlineValue:
 
 
 @dataclass(frozen=True)
-class _ChunkLocation:
-    file: str
-    byte_offset: int
-    byte_length: int
-    block_hashes: tuple[str, ...]
-    file_record: FileRecord
-
-
-@dataclass(frozen=True)
 class WriterOptions:
     num_io_threads: int = 2
     hash_block_bytes: int = integrity.DEFAULT_BLOCK_BYTES
     overwrite: bool = False
     metadata: dict[str, Any] = dataclasses.field(default_factory=dict)
+    # Incremental saves (format 2): record every chunk's digest; ``base``, called on every
+    # rank with the save's storage while planning, gives the chunks it may reuse.
+    digests: bool = False
+    base: Callable[[Storage], BaseIndex | None] | None = None
 
     def __post_init__(self) -> None:
         check_io_threads(self.num_io_threads)
@@ -108,6 +105,9 @@ class Writer(StorageWriter):
         self._save_id: str | None = None  # set once this save's marker exists (coordinator)
         self._committed = False
         self._replaced: list[str] = []
+        self._base: BaseIndex | None = None
+        self.saved: list[tuple[WriteItem, ChunkLocation]] = []  # this rank's chunks, for the next save's base
+        self.bytes_written = 0  # data file bytes this rank wrote (reused chunks write none)
 
     def reset(self, checkpoint_id: Any = None) -> None:
         self.manifest = None
@@ -117,6 +117,10 @@ class Writer(StorageWriter):
         self.rank = int(kwargs.get("rank", 0))
 
     def prepare_local_plan(self, plan: SavePlan) -> SavePlan:
+        if self.options.base is not None:
+            # Here, inside DCP's planning step: a rank that cannot read the base fails the
+            # save on every rank at once instead of leaving the others waiting.
+            self._base = self.options.base(self.storage)
         host = {
             "rank": self.rank,
             "host": socket.gethostname(),
@@ -145,6 +149,13 @@ class Writer(StorageWriter):
                 f"shardckpt checkpoint ({shown}); shardckpt saves only into a new or empty folder, or over its "
                 "own checkpoint, so it never deletes or overwrites your files. Save to a new path (one folder "
                 "per checkpoint, e.g. runs/exp1/step_100) or empty this one."
+            )
+        if found.is_referenced:
+            raise CheckpointExistsError(
+                f"save to {url}: incremental checkpoints beside this one read its data files (it holds "
+                f"{layout.REFERENCED_NAME}), so it is never overwritten, even with overwrite=True: that would "
+                "break them. Save to a new path; delete it through the CheckpointManager that wrote the "
+                "incremental steps, which keeps every file a kept step needs."
             )
         if not self.options.overwrite and found.has_manifest:
             raise CheckpointExistsError(
@@ -213,14 +224,31 @@ class Writer(StorageWriter):
         ]
 
     def write_files(self, plan: SavePlan, planner: SavePlanner) -> list[WriteResult]:
-        """Write the rank's tensors into its data files (see :func:`write_file`)."""
+        """Write the rank's tensors into its data files (see :func:`write_file`); with
+        digests, first drop the chunks the base already holds (:func:`digest_pass`)."""
         save_id, rank = plan.storage_data["save_id"], plan.storage_data["rank"]
         results: list[WriteResult] = []
-        buckets = _split_by_bytes(
-            [it for it in plan.items if it.type != WriteItemType.BYTE_IO], self.options.num_io_threads
-        )
-        meta = {"format": "shardckpt", "format_version": str(FORMAT_VERSION), "save_id": save_id, "rank": str(rank)}
+        items = [it for it in plan.items if it.type != WriteItemType.BYTE_IO]
+        resolve: Callable[[WriteItem], Any] = planner.resolve_data
+        release = getattr(planner, "release_data", None)
+        prepass: Prepass | None = None
+        if self.options.digests:
+            prepass = digest_pass(
+                items,
+                resolve,
+                release,
+                base=self._base,
+                hash_block_bytes=self.options.hash_block_bytes,
+                threads=self.options.num_io_threads,
+                to_bytes=_tensor_and_bytes,
+            )
+            results += prepass.reused
+            items, resolve = prepass.to_write, prepass.resolve
+        buckets = _split_by_bytes(items, self.options.num_io_threads)
+        version = "2" if self.options.digests else "1"  # the format of the manifest this save commits
+        meta = {"format": "shardckpt", "format_version": version, "save_id": save_id, "rank": str(rank)}
         if not buckets:
+            self._remember(plan, results)
             return results
         cancel = threading.Event()
         pool = ThreadPoolExecutor(len(buckets), thread_name_prefix="shardckpt-write")
@@ -231,12 +259,13 @@ class Writer(StorageWriter):
                     self.storage,
                     layout.data_file_name(save_id, rank, k),
                     bucket,
-                    planner.resolve_data,
-                    release=getattr(planner, "release_data", None),
+                    resolve,
+                    release=release,
                     rank=rank,
                     block_bytes=self.options.hash_block_bytes,
                     metadata=meta,
                     cancel=cancel,
+                    digests=prepass.digests if prepass is not None else None,
                 )
                 for k, bucket in enumerate(buckets)
             ]
@@ -250,12 +279,25 @@ class Writer(StorageWriter):
         finally:
             pool.shutdown(wait=True, cancel_futures=True)
         self.storage.sync_dir(layout.DATA_DIR)
+        self._remember(plan, results)
         return results
+
+    def _remember(self, plan: SavePlan, results: list[WriteResult]) -> None:
+        """Keep this rank's chunk locations (with digests) and count the bytes written."""
+        self.bytes_written = sum(
+            r.file_record.size
+            for r in {wr.storage_data.file: wr.storage_data for wr in results}.values()
+            if r.file_record.checkpoint is None
+        )
+        if self.options.digests:
+            by_index = {it.index: it for it in plan.items}
+            self.saved = [(by_index[wr.index], wr.storage_data) for wr in results]
 
     def finish(self, metadata: Metadata, results: list[list[WriteResult]]) -> None:
         m = build_manifest(metadata, results, self._layout, self.options.hash_block_bytes)
         m = dataclasses.replace(m, metadata=dict(self.options.metadata))
         self._check_files_present(m)
+        self._mark_bases_referenced(m)
         self._create(
             layout.MANIFEST_NAME,
             manifest_to_json(m),
@@ -270,18 +312,38 @@ class Writer(StorageWriter):
         """Every file the manifest lists must be there with the size its rank wrote: a
         rank that wrote elsewhere, or a file removed by someone else, is caught here,
         before the commit, not by the first load."""
+        files = DataFiles(self.storage, m.files)
         for name, record in sorted(m.files.items()):
             try:
-                size = self.storage.size(name)
+                size = files.size(name)
             except FileNotFoundError:
                 size = None
             if size != record.size:
                 found = "is missing" if size is None else f"has {size} bytes"
+                if record.checkpoint is not None:
+                    raise StorageError(
+                        f"save to {self.storage.url}: data file {files.describe(name)}, which this incremental "
+                        f"save reuses, {found}, expected {record.size} bytes: the base was deleted or changed "
+                        "while the save ran. Nothing was committed; save again (without a base for a full save)."
+                    )
                 raise StorageError(
                     f"save to {self.storage.url}: data file {name} of rank {record.rank} {found}, expected "
                     f"{record.size} bytes. Something removed or changed it while the save ran (another job "
                     "writing to the same path?). Nothing was committed; save again to a new path."
                 )
+
+    def _mark_bases_referenced(self, m: Manifest) -> None:
+        """Before the commit: tell every base folder, by a marker file in it, that a sibling
+        checkpoint reads its data files. Tools that delete a checkpoint check for it
+        (:func:`shardckpt.storage.folder.remove_checkpoint` refuses, overwriting refuses;
+        a CheckpointManager deletes only the files no kept step references). Never removed
+        while the folder holds data; created once, idempotent."""
+        for base in m.bases:
+            sibling = self.storage.sibling(base)
+            try:
+                sibling.create_exclusive(layout.REFERENCED_NAME, layout.referenced_marker())
+            except FileExistsError:
+                pass
 
     def _remove_replaced(self, m: Manifest) -> None:
         """After an overwrite's commit: remove the replaced checkpoint's data files. The
@@ -409,6 +471,11 @@ def _entry_name(item: WriteItem) -> str:
 
 
 def _tensor_bytes(tensor: torch.Tensor, item: WriteItem) -> memoryview:
+    return _tensor_and_bytes(tensor, item)[1]
+
+
+def _tensor_and_bytes(tensor: torch.Tensor, item: WriteItem) -> tuple[torch.Tensor, memoryview]:
+    """``tensor`` as a contiguous CPU tensor (a copy only if it is not one) and its bytes."""
     assert item.tensor_data is not None
     t = tensor.detach()
     if tuple(t.shape) != tuple(item.tensor_data.chunk.sizes):
@@ -419,7 +486,7 @@ def _tensor_bytes(tensor: torch.Tensor, item: WriteItem) -> memoryview:
     if t.device.type != "cpu":
         t = t.cpu()
     t = t.contiguous()
-    return memoryview(t.reshape(-1).view(torch.uint8).numpy())  # type: ignore[arg-type]
+    return t, memoryview(t.reshape(-1).view(torch.uint8).numpy())  # type: ignore[arg-type]
 
 
 def write_file(
@@ -433,6 +500,7 @@ def write_file(
     block_bytes: int,
     metadata: dict[str, str],
     cancel: threading.Event | None = None,
+    digests: dict[Any, str] | None = None,
 ) -> list[WriteResult]:
     """Stream ``items`` into one safetensors file; return one WriteResult per item.
 
@@ -441,6 +509,7 @@ def write_file(
     from the plan before any data, then each tensor is hashed block by block as it is
     written, and the file is fsynced (finish) before this returns. ``cancel``, when set
     by another thread, stops the write at the next block (the partial file is removed).
+    ``digests`` (incremental saves): each item's digest from the digest pass, recorded.
     """
     entries, begin = [], 0
     for it in items:
@@ -467,7 +536,8 @@ def write_file(
                 hashes.append(integrity.hash_hex(piece))
                 file_hasher.update(piece)
                 stream.write(piece)
-            located.append((it, len(header) + entry.begin, entry.end - entry.begin, tuple(hashes)))
+            digest = digests[it.index] if digests is not None else None
+            located.append((it, len(header) + entry.begin, entry.end - entry.begin, tuple(hashes), digest))
             del data
             if release is not None:
                 release(it)
@@ -478,9 +548,9 @@ def write_file(
     record = FileRecord(size=len(header) + begin, hash=file_hasher.hexdigest(), rank=rank)
     return [
         WriteResult(
-            index=it.index, size_in_bytes=length, storage_data=_ChunkLocation(name, off, length, hashes, record)
+            index=it.index, size_in_bytes=length, storage_data=ChunkLocation(name, off, length, hashes, record, digest)
         )
-        for it, off, length, hashes in located
+        for it, off, length, hashes, digest in located
     ]
 
 
@@ -498,16 +568,24 @@ def build_manifest(
             continue
         chunks = []
         for c in md.chunks:
-            loc: _ChunkLocation = located[MetadataIndex(fqn, c.offsets)]
+            loc: ChunkLocation = located[MetadataIndex(fqn, c.offsets)]
             files[loc.file] = loc.file_record
             chunks.append(
                 ChunkRecord(
-                    tuple(c.offsets), tuple(c.sizes), loc.file, loc.byte_offset, loc.byte_length, loc.block_hashes
+                    tuple(c.offsets),
+                    tuple(c.sizes),
+                    loc.file,
+                    loc.byte_offset,
+                    loc.byte_length,
+                    loc.block_hashes,
+                    loc.digest,
                 )
             )
         dtype = datafile.dtype_name(md.properties.dtype, key=fqn)
         tensors[fqn] = TensorRecord(dtype, tuple(md.size), tuple(chunks))
     paths = {k: list(v) for k, v in (metadata.planner_data or {}).items()}
+    bases = tuple(sorted({f.checkpoint for f in files.values() if f.checkpoint is not None}))
+    digests = any(c.digest is not None for t in tensors.values() for c in t.chunks)
     return Manifest(
         world_size=len(results),
         process_layout=tuple(process_layout),
@@ -519,4 +597,6 @@ def build_manifest(
         shardckpt_version=__version__,
         torch_version=torch.__version__,
         paths=paths,
+        format_version=2 if bases or digests else 1,
+        bases=bases,
     )

@@ -38,12 +38,13 @@ STEP_DIR_PREFIX = "step_"
 STEP_DIGITS = 10
 OWNER_NAME = ".shardckpt-owner.json"
 SAVE_MARKER_NAME = ".shardckpt-save.json"
+REFERENCED_NAME = ".shardckpt-referenced.json"  # in a checkpoint whose data files a sibling reads
 
 _STEP_DIR = re.compile(r"^step_([0-9]{10,})$")
 _STEP_LIKE = re.compile(r"^step_[0-9]+$")
 _DATA_NAME = re.compile(r"^data/[0-9a-f]{1,32}-r[0-9]{5,}-[0-9]{2,}\.safetensors$")
 _SAFE_COMPONENT = re.compile(r"^[A-Za-z0-9._-]+$")
-_TMP_NAME = re.compile(r"^\.(manifest\.json|\.shardckpt-save\.json)\.tmp-[0-9a-f]{12}$")
+_TMP_NAME = re.compile(r"^\.(manifest\.json|\.shardckpt-save\.json|\.shardckpt-referenced\.json)\.tmp-[0-9a-f]{12}$")
 
 
 def data_file_name(save_id: str, rank: int, index: int) -> str:
@@ -89,7 +90,15 @@ def is_temp_name(name: str) -> bool:
 
 def is_checkpoint_name(name: str) -> bool:
     """Whether ``name`` (relative to a checkpoint folder) is one that shardckpt writes there."""
-    return name in (MANIFEST_NAME, SAVE_MARKER_NAME) or is_data_file_name(name) or is_temp_name(name)
+    return name in (MANIFEST_NAME, SAVE_MARKER_NAME, REFERENCED_NAME) or is_data_file_name(name) or is_temp_name(name)
+
+
+def referenced_marker() -> bytes:
+    """The content of :data:`REFERENCED_NAME` (its presence is what counts)."""
+    return (
+        b'{"format": "shardckpt", "note": "data files of this checkpoint are read by incremental '
+        b'checkpoints beside it; delete it only through a CheckpointManager (it keeps what they need)"}\n'
+    )
 
 
 def check_relative_name(name: object, *, where: str) -> str:

@@ -26,10 +26,14 @@ from shardckpt.format.units import human_bytes
 from shardckpt.format.values import decode_value
 
 FORMAT_NAME = "shardckpt"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # the newest version this shardckpt reads and writes
+SUPPORTED_VERSIONS = (1, 2)
 HASH_ALGORITHM = "xxh3_64"
 MAX_MANIFEST_BYTES = 2 * 1024**3
 _HASH = re.compile(r"^[0-9a-f]{16}$")
+_DIGEST = re.compile(r"^[0-9a-f]{32}$")
+_FOLDER = re.compile(r"^[A-Za-z0-9._-]{1,255}$")
+MAX_BASES = 4096
 
 
 @dataclass(frozen=True)
@@ -42,6 +46,7 @@ class ChunkRecord:
     byte_offset: int  # absolute offset inside ``file``
     byte_length: int
     block_hashes: tuple[str, ...]  # xxh3-64 of each hash_block_bytes piece of the chunk
+    digest: str | None = None  # v2: xxh3-128 of the chunk's bytes (what incremental saves compare)
 
 
 @dataclass(frozen=True)
@@ -56,6 +61,7 @@ class FileRecord:
     size: int
     hash: str  # xxh3-64 of the whole file, header included
     rank: int
+    checkpoint: str | None = None  # v2: the sibling checkpoint folder holding the file; None: this one
 
 
 @dataclass(frozen=True, repr=False)
@@ -74,7 +80,13 @@ class Manifest:
     torch_version: str
     paths: dict[str, list[str | int]] = field(default_factory=dict)
     metadata: dict[str, Any] = field(default_factory=dict)  # the caller's JSON (e.g. the manager's step, metrics)
-    format_version: int = FORMAT_VERSION
+    format_version: int = 1  # 2 when it has digests or bases (manifest_to_json decides)
+    bases: tuple[str, ...] = ()  # v2: sibling checkpoint folders whose data files this one reads
+
+    @property
+    def is_v2(self) -> bool:
+        """Whether it uses a format-2 feature (chunk digests, files in base checkpoints)."""
+        return bool(self.bases) or any(c.digest is not None for t in self.tensors.values() for c in t.chunks)
 
     @property
     def total_tensor_bytes(self) -> int:
@@ -105,11 +117,18 @@ class Manifest:
 
 
 def manifest_to_json(m: Manifest) -> bytes:
+    """The manifest's bytes: format version 1 unless it uses a version-2 feature (so a save
+    that is not incremental stays readable by every shardckpt)."""
+    v2 = m.is_v2
+    if v2 and any(c.digest is None for t in m.tensors.values() for c in t.chunks):
+        raise ValueError("a format-2 manifest needs a digest on every chunk")
     doc = {
         "format": FORMAT_NAME,
         **m.provenance(),
+        "format_version": 2 if v2 else 1,
         "hash_algorithm": HASH_ALGORITHM,
         "hash_block_bytes": m.hash_block_bytes,
+        **({"bases": sorted(m.bases)} if v2 else {}),
         "tensors": {
             k: {
                 "dtype": t.dtype,
@@ -122,6 +141,7 @@ def manifest_to_json(m: Manifest) -> bytes:
                         "byte_offset": c.byte_offset,
                         "byte_length": c.byte_length,
                         "block_hashes": list(c.block_hashes),
+                        **({"digest": c.digest} if v2 else {}),
                     }
                     for c in t.chunks
                 ],
@@ -129,13 +149,20 @@ def manifest_to_json(m: Manifest) -> bytes:
             for k, t in sorted(m.tensors.items())
         },
         "values": dict(sorted(m.values.items())),
-        "files": {n: {"size": f.size, "hash": f.hash, "rank": f.rank} for n, f in sorted(m.files.items())},
+        "files": {n: _file_doc(f) for n, f in sorted(m.files.items())},
         "paths": dict(sorted(m.paths.items())),
         "metadata": m.metadata,
     }
     raw = seal(_dumps_two_levels(doc).encode())
     check_manifest_limits(raw, source="the manifest being written", writing=True)
     return raw
+
+
+def _file_doc(f: FileRecord) -> dict[str, Any]:
+    doc: dict[str, Any] = {"size": f.size, "hash": f.hash, "rank": f.rank}
+    if f.checkpoint is not None:
+        doc["checkpoint"] = f.checkpoint
+    return doc
 
 
 def check_manifest_limits(raw: bytes, *, source: str, writing: bool = False) -> None:
@@ -251,9 +278,10 @@ def _parse_document(doc: Any, source: str) -> Manifest:
     if r.get(doc, "format", str, "") != FORMAT_NAME:
         raise ManifestError(f"{source}: not a shardckpt manifest (field 'format' is not {FORMAT_NAME!r})")
     version = r.get(doc, "format_version", int, "")
-    if version != FORMAT_VERSION:
+    if version not in SUPPORTED_VERSIONS:
         raise UnsupportedFormatVersionError(
-            f"{source}: format version {version}, but this shardckpt reads version {FORMAT_VERSION}; "
+            f"{source}: format version {version}, but this shardckpt reads versions "
+            f"{', '.join(map(str, SUPPORTED_VERSIONS))}; "
             + ("upgrade shardckpt to load it" if version > FORMAT_VERSION else "the manifest is corrupt")
         )
     if r.get(doc, "hash_algorithm", str, "") != HASH_ALGORITHM:
@@ -264,6 +292,7 @@ def _parse_document(doc: Any, source: str) -> Manifest:
     world_size = r.nonneg(doc, "world_size", "")
     if world_size < 1:
         raise ManifestError(f"{source}: world_size must be >= 1, found {world_size}")
+    bases = _parse_bases(r, doc) if version >= 2 else ()
     files = {}
     for name, f in r.get(doc, "files", dict, "").items():
         check_relative_name(name, where=f"{source}, files")
@@ -275,10 +304,17 @@ def _parse_document(doc: Any, source: str) -> Manifest:
             size=r.nonneg(f, "size", f"files[{name!r}]"),
             hash=r.hash(f, "hash", f"files[{name!r}]"),
             rank=r.nonneg(f, "rank", f"files[{name!r}]"),
+            checkpoint=_file_checkpoint(r, f, name, bases) if version >= 2 else None,
         )
         if files[name].rank >= world_size:
             raise ManifestError(f"{source}: files[{name!r}].rank {files[name].rank} >= world_size {world_size}")
-    tensors = {k: _parse_tensor(r, k, t, files, block) for k, t in r.get(doc, "tensors", dict, "").items()}
+    unused = set(bases) - {f.checkpoint for f in files.values()}
+    if unused:
+        raise ManifestError(f"{source}: bases {sorted(unused)} are listed but no file lives there")
+    tensors = {
+        k: _parse_tensor(r, k, t, files, block, digests=version >= 2)
+        for k, t in r.get(doc, "tensors", dict, "").items()
+    }
     values = r.get(doc, "values", dict, "")
     for k, v in values.items():
         decode_value(v, where=f"{source}, values[{k!r}]")  # RecursionError -> ManifestError above
@@ -312,7 +348,33 @@ def _parse_document(doc: Any, source: str) -> Manifest:
         paths=paths,
         metadata=metadata,
         format_version=version,
+        bases=bases,
     )
+
+
+def _parse_bases(r: _Reader, doc: Any) -> tuple[str, ...]:
+    """v2 ``bases``: sibling folder names (one plain path component each), sorted, unique."""
+    bases = r.get(doc, "bases", list, "")
+    if len(bases) > MAX_BASES:
+        raise ManifestError(f"{r.source}: {len(bases)} bases, at most {MAX_BASES} allowed")
+    for b in bases:
+        if not isinstance(b, str) or not _FOLDER.match(b) or b in (".", ".."):
+            raise ManifestError(
+                f"{r.source}: bases entry {b!r} is not a folder name (letters, digits, '.', '_', '-'; "
+                "not '.' or '..'): a base is a checkpoint folder beside this one"
+            )
+    if bases != sorted(set(bases)):
+        raise ManifestError(f"{r.source}: bases must be sorted and unique, found {bases[:5]}")
+    return tuple(bases)
+
+
+def _file_checkpoint(r: _Reader, f: Any, name: str, bases: tuple[str, ...]) -> str | None:
+    if not isinstance(f, dict) or "checkpoint" not in f:
+        return None
+    folder = r.get(f, "checkpoint", str, f"files[{name!r}]")
+    if folder not in bases:
+        raise ManifestError(f"{r.source}: files[{name!r}].checkpoint {folder!r} is not listed under 'bases'")
+    return str(folder)
 
 
 def _reject_constant(name: str) -> Any:
@@ -323,7 +385,9 @@ def num_blocks(byte_length: int, block_bytes: int) -> int:
     return -(-byte_length // block_bytes)
 
 
-def _parse_tensor(r: _Reader, key: str, t: Any, files: dict[str, FileRecord], block: int) -> TensorRecord:
+def _parse_tensor(
+    r: _Reader, key: str, t: Any, files: dict[str, FileRecord], block: int, *, digests: bool
+) -> TensorRecord:
     where = f"tensors[{key!r}]"
     dtype = r.get(t, "dtype", str, where)
     datafile.torch_dtype(dtype, where=f"{r.source}, {where}")
@@ -354,8 +418,13 @@ def _parse_tensor(r: _Reader, key: str, t: Any, files: dict[str, FileRecord], bl
         hashes = r.get(c, "block_hashes", list, cw)
         if len(hashes) != num_blocks(length, block) or not all(isinstance(h, str) and _HASH.match(h) for h in hashes):
             raise ManifestError(f"{r.source}, {cw}: expected {num_blocks(length, block)} block hashes of 16 hex digits")
+        digest = None
+        if digests:
+            digest = r.get(c, "digest", str, cw)
+            if not _DIGEST.match(digest):
+                raise ManifestError(f"{r.source}: field {cw}.digest must be 32 lowercase hex digits, found {digest!r}")
         covered += math.prod(sizes)
-        chunks.append(ChunkRecord(offsets, sizes, name, off, length, tuple(hashes)))
+        chunks.append(ChunkRecord(offsets, sizes, name, off, length, tuple(hashes), digest))
     if covered != math.prod(shape):
         raise ManifestError(f"{r.source}, {where}: chunks cover {covered} elements of {math.prod(shape)}")
     _check_disjoint(chunks, where=f"{r.source}, {where}")

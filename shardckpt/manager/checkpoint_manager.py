@@ -41,7 +41,7 @@ from shardckpt.errors import (
 )
 from shardckpt.format import layout
 from shardckpt.format.manifest import Manifest
-from shardckpt.manager import ownership
+from shardckpt.manager import ownership, references
 from shardckpt.manager.retention import RetentionPolicy
 from shardckpt.manager.schedule import SaveSchedule, policy_or_shortcuts
 from shardckpt.manager.steps import check_metrics, metrics_of
@@ -80,6 +80,13 @@ class CheckpointManager:
       the commit is confirmed by the next ``save``/``wait``/``restore``/``close``.
     - ``max_staging_bytes`` (None: no bound): bounds the host memory of those staged
       copies per rank (see ``shardckpt.async_save``).
+    - ``incremental`` (False): write only what changed. Every save records a digest of each
+      chunk; a chunk whose bytes equal the newest committed step's is not written again, the
+      new step points at the file that holds it. Loads, verify and export follow the
+      references; retention deletes a step at once but keeps the bytes a kept step reads.
+    - ``full_every`` (20; None: never): with ``incremental``, every ``full_every``-th save
+      writes everything, so a step never depends on more than the last ``full_every``
+      saves' folders. docs/manager.md, "Incremental checkpoints".
     - ``process_group`` (None: the whole job): the ranks taking part.
     - ``storage_options`` (None): handed to fsspec for an fsspec root (credentials, endpoint).
     - ``io`` (None: the checkpointer's :class:`IOOptions`): threads, checksum block size,
@@ -136,6 +143,8 @@ class CheckpointManager:
         save_on_preemption: bool | None = None,
         preemption_exit_code: int | None = None,
         async_save: bool = False,
+        incremental: bool = False,
+        full_every: int | None = 20,
         max_staging_bytes: int | None = None,
         process_group: Any = None,
         storage_options: dict[str, Any] | None = None,
@@ -171,6 +180,10 @@ class CheckpointManager:
                 "a read_only=True CheckpointManager cannot save, so it cannot save on preemption; "
                 "drop save_on_preemption (its SIGTERM handler would only keep the process alive)"
             )
+        if full_every is not None and (
+            isinstance(full_every, bool) or not isinstance(full_every, int) or full_every < 1
+        ):
+            raise ValueError(f"full_every must be a positive int or None (never), got {full_every!r}")
         if max_staging_bytes is not None and max_staging_bytes < 0:
             raise ValueError(f"max_staging_bytes must be >= 0 or None (no bound), got {max_staging_bytes}")
         if io is not None and not isinstance(io, IOOptions):
@@ -183,6 +196,9 @@ class CheckpointManager:
         self.root = as_url(root, "root").rstrip("/") or "/"
         self.read_only = read_only
         self.async_save = async_save
+        self.incremental = incremental
+        self.full_every = full_every
+        self._chain: dict[int, int] = {}  # step -> saves since the last full one (0: full), coordinator
         self._max_staging_bytes = max_staging_bytes
         self._pending: tuple[int, AsyncSaveHandle] | None = None
         self.cleaned_up: list[str] = []
@@ -351,7 +367,9 @@ class CheckpointManager:
         if not due:
             return False
         self.wait()  # the previous async save: commit it (or raise its error) and apply retention
-        self._ranks().decide(f"checking that this manager still owns {self.root}", self._check_owner)
+        base, chain = self._ranks().decide(
+            f"checking that this manager still owns {self.root}", lambda: self._owner_and_base(step)
+        )
         meta = {"step": step, "metrics": checked, "saved_at": time.time()}
         kwargs = SaveKwargs(
             process_group=self._process_group,
@@ -361,6 +379,11 @@ class CheckpointManager:
             io=self._io,
             num_io_threads=self._num_io_threads,
         )
+        if self.incremental:
+            meta["incremental_chain"] = chain
+            kwargs["incremental"] = True
+            kwargs["base"] = None if base is None else self.path(base)
+            self._chain[step] = chain
         self._metrics[step] = dict(checked)
         self._last_save_time = time.monotonic()
         if self.async_save and not preempted:
@@ -376,6 +399,31 @@ class CheckpointManager:
             self.close()
             sys.exit(self.schedule.preemption_exit_code)
         return True
+
+    def _owner_and_base(self, step: int) -> tuple[int | None, int]:
+        """Coordinator: RootInUseError unless we own the root; then the base of an
+        incremental save of ``step`` (the newest committed step, None for a full save) and
+        how many saves since the last full one this save makes."""
+        self._check_owner()
+        if not self.incremental:
+            return None, 0
+        latest = self.latest_step()
+        if latest is None or latest >= step:
+            return None, 0
+        chain = self._chain_of(latest)
+        if chain is None or (self.full_every is not None and chain + 1 >= self.full_every):
+            return None, 0
+        return latest, chain + 1
+
+    def _chain_of(self, step: int) -> int | None:
+        """Saves since the last full one at committed ``step``; None if it cannot be a base
+        (not saved incrementally: no digests to compare)."""
+        if step not in self._chain:
+            m = self.manifest(step)
+            chain = m.metadata.get("incremental_chain")
+            ok = m.format_version >= 2 and isinstance(chain, int) and not isinstance(chain, bool) and chain >= 0
+            self._chain[step] = chain if ok and isinstance(chain, int) else -1
+        return None if self._chain[step] < 0 else self._chain[step]
 
     def _after_commit(self) -> None:
         """Collective: rank 0 applies retention while the others wait, so no rank lists a
@@ -424,6 +472,7 @@ class CheckpointManager:
                     e,
                     self.path(s),
                 )
+        self._sweep_retired()
 
     def _retention_metrics(self, step: int) -> dict[str, Any]:
         try:
@@ -432,10 +481,34 @@ class CheckpointManager:
             return {}  # a damaged manifest ranks as "no metric" (restore skips it anyway)
 
     def _delete_step(self, step: int) -> None:
+        """Delete ``step``: at once if no step reads its files; else uncommit it (its
+        manifest first) and leave its files to :meth:`_sweep_retired`."""
         self._metrics.pop(step, None)
+        self._chain.pop(step, None)
         storage = self._step_storage(step)
-        if folder.remove_checkpoint(storage, why=f"retention of step {step}"):
+        if storage.exists(layout.REFERENCED_NAME):
+            storage.delete([layout.MANIFEST_NAME])
+            log.info(
+                "shardckpt: retention deleted step %d under %s (its shared files wait for the sweep)", step, self.root
+            )
+        elif folder.remove_checkpoint(storage, why=f"retention of step {step}"):
             log.info("shardckpt: retention deleted step %d under %s", step, self.root)
+
+    def _sweep_retired(self) -> list[str]:
+        """Coordinator: delete the files of uncommitted step folders that incremental steps
+        may read and that no committed step reads any more (mark and sweep,
+        :mod:`shardckpt.manager.references`). Returns the folders removed."""
+        retired = references.retired_folders(self._storage)
+        if not retired:
+            return []
+        committed = [layout.step_dir_name(s) for s in self.steps()]
+        try:
+            live = references.LiveFiles.of(self._storage, committed)
+        except references.UnknownReferences as e:
+            log.warning("shardckpt: not deleting the shared files of retired steps under %s: %s", self.root, e)
+            return []
+        self._check_owner()
+        return references.sweep(self._storage, retired, live)
 
     # ------------------------------------------------------------ lifecycle
 
@@ -455,6 +528,8 @@ class CheckpointManager:
                 continue
             sub = self._storage.child(name)
             found = folder.contents(sub)
+            if found.is_referenced:
+                continue  # a retired step whose files kept steps may read: swept below
             if not found.is_ours and not found.is_empty:
                 log.warning(
                     "shardckpt: leaving %s/%s alone: it has no %s and no %s, so shardckpt did not write "
@@ -488,6 +563,7 @@ class CheckpointManager:
             self.cleaned_up.append(name)
             if gone:  # else remove_checkpoint warned about the files it left
                 log.warning("shardckpt: removed %s/%s, left by an interrupted save (no manifest)", self.root, name)
+        self.cleaned_up += self._sweep_retired()
 
     def _warn_if_not_a_step(self, name: str) -> None:
         """Coordinator: a checkpoint named like a step but not the manager's name for it

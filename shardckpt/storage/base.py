@@ -110,3 +110,9 @@ class Storage(abc.ABC):
     def child(self, name: str) -> Storage:
         """A Storage rooted at ``name`` below this root."""
         raise NotImplementedError
+
+    def sibling(self, name: str) -> Storage:
+        """A Storage rooted at ``name`` beside this root (in the same parent folder): where
+        an incremental checkpoint finds the data files it shares with a base checkpoint.
+        ``name`` is one plain path component (the caller checked it)."""
+        raise NotImplementedError

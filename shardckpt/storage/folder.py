@@ -40,6 +40,11 @@ class FolderContents:
         return layout.SAVE_MARKER_NAME in self.checkpoint_files
 
     @property
+    def is_referenced(self) -> bool:
+        """Incremental checkpoints beside it read its data files (they wrote the marker)."""
+        return layout.REFERENCED_NAME in self.checkpoint_files
+
+    @property
     def is_ours(self) -> bool:
         """Proven to be a shardckpt checkpoint (committed or interrupted)."""
         return self.has_manifest or self.has_marker
@@ -93,13 +98,17 @@ def remove_checkpoint(storage: Storage, *, why: str) -> bool:
             layout.SAVE_MARKER_NAME,
         )
         return False
-    names = list(found.checkpoint_files)
-    first = [n for n in names if n == layout.MANIFEST_NAME]
-    last = [n for n in names if n == layout.SAVE_MARKER_NAME]
-    middle = [n for n in names if n not in first and n not in last]
-    for batch in (first, middle, last):
-        if batch:
-            storage.delete(batch)
+    if found.is_referenced:
+        log.warning(
+            "shardckpt: not removing %s (%s): incremental checkpoints beside it read its data files (it holds %s). "
+            "Delete it through the CheckpointManager that wrote them (retention keeps exactly the files a kept "
+            "step needs), or materialize the checkpoints that depend on it first (python -m shardckpt materialize)",
+            storage.url,
+            why,
+            layout.REFERENCED_NAME,
+        )
+        return False
+    _remove_in_order(storage, found)
     if found.foreign:
         log.warning(
             "shardckpt: removed the checkpoint files of %s (%s) but left %d other entries there, "
@@ -112,3 +121,51 @@ def remove_checkpoint(storage: Storage, *, why: str) -> bool:
         return False
     storage.remove_empty_dir(layout.DATA_DIR)
     return storage.remove_empty_dir("")
+
+
+def _remove_in_order(storage: Storage, found: FolderContents) -> None:
+    """Delete shardckpt's names of ``found``: the manifest, then data and temp files, then
+    the markers (the proof of ownership, last, so a crash part-way leaves a folder the next
+    clean-up still recognises)."""
+    names = list(found.checkpoint_files)
+    first = [n for n in names if n == layout.MANIFEST_NAME]
+    flag = [n for n in names if n == layout.REFERENCED_NAME]
+    last = [n for n in names if n == layout.SAVE_MARKER_NAME]
+    middle = [n for n in names if n not in first + flag + last]
+    for batch in (first, middle, flag, last):
+        if batch:
+            storage.delete(batch)
+
+
+def remove_unreferenced(storage: Storage, live: set[str], *, why: str) -> tuple[bool, int]:
+    """In the uncommitted checkpoint folder at ``storage``'s root (one that incremental
+    checkpoints may read, :attr:`FolderContents.is_referenced`), delete the data files not
+    in ``live`` (the names of this folder's files that a committed checkpoint still reads),
+    and once none is left, the rest of shardckpt's names and the folder.
+
+    The caller proves ``live`` complete: it lists every file of this folder that any
+    committed checkpoint beside it points at. A committed folder is never touched here.
+    Returns (whether the folder is gone, data files kept)."""
+    found = contents(storage)
+    if found.has_manifest or not found.is_ours:
+        return False, 0
+    data = [n for n in found.checkpoint_files if layout.is_data_file_name(n)]
+    dead = [n for n in data if n not in live]
+    if dead:
+        storage.delete(dead)
+    kept = len(data) - len(dead)
+    if kept:
+        return False, kept
+    rest = FolderContents(tuple(n for n in found.checkpoint_files if n not in data), found.foreign)
+    _remove_in_order(storage, rest)
+    if found.foreign:
+        log.warning(
+            "shardckpt: removed the checkpoint files of %s (%s) but left %d other entries there, e.g. %s",
+            storage.url,
+            why,
+            len(found.foreign),
+            found.foreign[0],
+        )
+        return False, 0
+    storage.remove_empty_dir(layout.DATA_DIR)
+    return storage.remove_empty_dir(""), 0

@@ -379,10 +379,20 @@ class FsspecStorage(Storage):
                 )
 
     def child(self, name: str) -> FsspecStorage:
+        return self._rooted(f"{self.url.rstrip('/')}/{name}" if name else self.url, self._path(name))
+
+    def sibling(self, name: str) -> FsspecStorage:
+        url, root = self.url.rstrip("/"), self.root.rstrip("/")
+        if "/" not in root.lstrip("/"):
+            raise ValueError(f"{self.url}: a bucket (or store root) has no sibling folders")
+        return self._rooted(f"{url.rsplit('/', 1)[0]}/{name}", f"{root.rsplit('/', 1)[0]}/{name}")
+
+    def _rooted(self, url: str, root: str) -> FsspecStorage:
+        """The same store, connection pool and transfer settings, rooted elsewhere."""
         sub = object.__new__(FsspecStorage)
         sub.__dict__.update(self.__dict__)
-        sub.url = f"{self.url.rstrip('/')}/{name}" if name else self.url
-        sub.root = self._path(name)
+        sub.url, sub.root = url, root
+        sub.location = f"{self._protocol}://{root.lstrip('/')}"
         return sub
 
     # ----------------------------------------------------------------- internals

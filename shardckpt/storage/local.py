@@ -259,6 +259,12 @@ class LocalStorage(Storage):
     def child(self, name: str) -> LocalStorage:
         return LocalStorage(self._path(name))
 
+    def sibling(self, name: str) -> LocalStorage:
+        parent = os.path.dirname(self.root)
+        if parent == self.root:
+            raise ValueError(f"{self.url}: the file system root has no sibling folders")
+        return LocalStorage(os.path.join(parent, name))
+
     @staticmethod
     def _fsync_dir(folder: str) -> None:
         fd = os.open(folder, os.O_RDONLY)

@@ -395,10 +395,10 @@ def test_oversized_manifest_is_refused_without_reading_it(ckpt):
 
 def test_future_format_version_says_to_upgrade(ckpt):
     doc = read_doc(ckpt)
-    doc["format_version"] = 2
+    doc["format_version"] = 3
     err = load_error(ckpt, doc)
     assert isinstance(err, UnsupportedFormatVersionError)
-    assert "format version 2" in str(err) and "upgrade shardckpt" in str(err)
+    assert "format version 3" in str(err) and "upgrade shardckpt" in str(err)
 
 
 def test_past_format_version_is_called_corrupt(ckpt):

@@ -1,0 +1,87 @@
+"""Reference-aware deletion under a manager root: never delete bytes a kept step reads.
+
+An incremental step (format 2) reads some data files from earlier step folders. Deleting a
+step therefore means two things that must not be confused:
+
+- the *step* goes away at once: its ``manifest.json`` is deleted first, so it is no longer
+  listed, restored or used as a base (the user's view: any step is deletable on its own);
+- its *bytes* go away only when no committed step reads them any more: a folder that
+  incremental steps read (it holds ``.shardckpt-referenced.json``, written by the first
+  step that pointed at it, before that step committed) loses only the data files that
+  no committed manifest lists, and disappears once it holds none.
+
+This is mark-and-sweep over the committed manifests of the root, run by the coordinator
+after retention and at start-up. It is crash-safe at every point: the mark is recomputed
+from what is committed on storage each time, a crash between deleting a manifest and
+sweeping leaves an uncommitted folder that the next sweep finishes, and files of a save
+that never committed are in no manifest. If any committed manifest cannot be read, nothing
+that an unknown step might read is deleted (:class:`UnknownReferences`).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+from shardckpt.engine.loading import read_manifest
+from shardckpt.errors import ManifestError, ShardckptError
+from shardckpt.format import layout
+from shardckpt.storage import Storage, folder
+
+log = logging.getLogger("shardckpt")
+
+
+class UnknownReferences(ShardckptError):
+    """A committed step's manifest could not be read, so what it references is unknown."""
+
+
+@dataclass
+class LiveFiles:
+    """Which data files of which folder the committed steps of a root read."""
+
+    by_folder: dict[str, set[str]] = field(default_factory=dict)
+
+    @classmethod
+    def of(cls, root: Storage, committed: Iterable[str]) -> LiveFiles:
+        """Mark: read the manifest of every committed folder in ``committed`` (names under
+        ``root``). Raises UnknownReferences if one cannot be parsed; storage errors raise."""
+        live = cls()
+        for name in committed:
+            try:
+                m = read_manifest(root.child(name))
+            except ManifestError as e:
+                raise UnknownReferences(
+                    f"the manifest of {root.url}/{name} cannot be read ({e}), so the files it reads are unknown"
+                ) from e
+            for file, record in m.files.items():
+                live.by_folder.setdefault(record.checkpoint or name, set()).add(file)
+        return live
+
+    def of_folder(self, name: str) -> set[str]:
+        return self.by_folder.get(name, set())
+
+
+def sweep(root: Storage, names: Iterable[str], live: LiveFiles) -> list[str]:
+    """Sweep: in each uncommitted folder of ``names`` that steps may read, delete the data
+    files no committed step reads; remove the folder once empty. Returns the folders gone."""
+    gone = []
+    for name in names:
+        sub = root.child(name)
+        removed, kept = folder.remove_unreferenced(sub, live.of_folder(name), why="no kept step reads it")
+        if removed:
+            gone.append(name)
+        elif kept:
+            log.info("shardckpt: kept %d data files of %s/%s that kept incremental steps read", kept, root.url, name)
+    return gone
+
+
+def retired_folders(root: Storage) -> list[str]:
+    """Step folders without a manifest that incremental steps may read (the marker says so)."""
+    found = []
+    for name in root.list_dirs(""):
+        if layout.parse_step_dir(name) is None or folder.is_committed(root, name):
+            continue
+        if root.exists(f"{name}/{layout.REFERENCED_NAME}"):
+            found.append(name)
+    return sorted(found)
