@@ -180,12 +180,13 @@ def write_incremental_plot(results: dict[str, Any], path: str) -> dict[str, Any]
     changed = layout["changed_bytes_per_step"] / 2**20
     ax1.axhline(changed, color="k", ls="--", lw=1, label=f"changed per step ({changed:.1f} MiB)")
     ax1.set_yscale("log")
+    ax1.set_ylim(bottom=changed / 10)  # incremental bars visible, not cut at the axis
     ax1.set_ylabel("MiB written (data files + manifest)")
     ax2.set_ylabel("save seconds (max over ranks)")
     for ax in (ax1, ax2):
         ax.set_xticks(steps)
         ax.set_xlabel(f"step (incremental: full_every={trace['full_every']})")
-        ax.legend(fontsize=8)
+        ax.legend(fontsize=8, loc="center right", framealpha=0.9)
     cfg = results["config"]
     fig.suptitle(
         f"adapter fine-tuning layout: {layout['state_bytes'] / 2**30:.2f} GiB fp32, "
