@@ -8,8 +8,8 @@ preempted, the base of an incremental save) are made once and given to every ran
 This module is the collective protocol; each policy lives beside it: what is deleted
 and when in :mod:`~shardckpt.manager.cleanup` (interrupted saves at start-up, retention
 after a commit), who owns the root in :mod:`~shardckpt.manager.ownership`, when a save
-is due in :mod:`~shardckpt.manager.schedule` with the SIGTERM flag in
-:mod:`~shardckpt.manager.preemption`, and the base of an incremental save in
+is due in :mod:`~shardckpt.manager.schedule` (the rule) and
+:mod:`~shardckpt.manager.trigger` (the clock and the SIGTERM flag), and the base of an incremental save in
 :mod:`~shardckpt.manager.chain`.
 """
 
@@ -33,10 +33,10 @@ from shardckpt.format.manifest import Manifest
 from shardckpt.manager import ownership
 from shardckpt.manager.chain import CHAIN_KEY, IncrementalChain
 from shardckpt.manager.cleanup import RootCleaner
-from shardckpt.manager.preemption import SigtermFlag
 from shardckpt.manager.retention import RetentionPolicy
 from shardckpt.manager.schedule import SaveSchedule, policy_or_shortcuts
 from shardckpt.manager.steps import check_metrics, committed_steps, metrics_of
+from shardckpt.manager.trigger import SaveTrigger
 from shardckpt.storage import Storage, as_url
 
 log = logging.getLogger("shardckpt")
@@ -204,12 +204,11 @@ class CheckpointManager:
         self._checkpointer = Checkpointer(io=io) if checkpointer is None else checkpointer
         self._storage = self._checkpointer.open_storage(self.root, storage_options, io=io)
         self._metrics: dict[int, dict[str, Any]] = {}
-        self._last_save_time = time.monotonic()
+        self._trigger = SaveTrigger(self.schedule, self._group.is_coordinator)  # the time rule counts from here
         self._closed = False
         self._owner = ownership.OwnerRecord.for_this_process()
         self._heartbeat: ownership.Heartbeat | None = None  # the coordinator's, while it owns the root
         self._cleaner = RootCleaner(self._storage, self.root, self._check_owner)
-        self._sigterm: SigtermFlag | None = None
         if not read_only:
             try:
                 self._ranks().decide(f"opening {self.root}", lambda: self._start(takeover, stale_owner_after_s))
@@ -218,7 +217,7 @@ class CheckpointManager:
                 self._close_checkpointer()
                 raise
         if self.schedule.save_on_preemption:
-            self._sigterm = SigtermFlag()
+            self._trigger.watch_sigterm()  # only once open: a failed open leaves no handler behind
 
     # ------------------------------------------------------------ listing
 
@@ -345,7 +344,7 @@ class CheckpointManager:
         if self.read_only:
             raise ShardckptError(f"{self.root}: this CheckpointManager was opened read_only=True; it cannot save")
         checked = check_metrics(metrics)  # before anything is written, due or not: a bad call fails at once
-        preempted, time_due = self._shared_flags()
+        preempted, time_due = self._trigger.shared_flags(self._ranks)
         due = force or preempted or time_due or self.schedule.due_at_step(step)
         if not due:
             return False
@@ -368,7 +367,7 @@ class CheckpointManager:
             kwargs["base"] = None if base is None else self.path(base)
             self._chain.record(step, chain)
         self._metrics[step] = dict(checked)
-        self._last_save_time = time.monotonic()
+        self._trigger.saved()
         if self.async_save and not preempted:
             handle = self._checkpointer.async_save(
                 state_dict, self.path(step), max_staging_bytes=self._max_staging_bytes, **kwargs
@@ -405,17 +404,6 @@ class CheckpointManager:
         """``step`` is being deleted: drop what this manager remembers of it."""
         self._metrics.pop(step, None)
         self._chain.forget(step)
-
-    def _shared_flags(self) -> tuple[bool, bool]:
-        """(any rank preempted, rank 0's clock says a save is due); one all-reduce on the
-        manager's group, only when the schedule has a time rule or preemption handling."""
-        preempted = self._sigterm is not None and self._sigterm.received
-        needs_collective = self.schedule.save_interval_s is not None or self._sigterm is not None
-        time_due = self._group.is_coordinator and self.schedule.due_after(time.monotonic() - self._last_save_time)
-        if not needs_collective:
-            return preempted, bool(time_due)
-        preempted, time_due = self._ranks().any_true([preempted, bool(time_due)])
-        return preempted, time_due
 
     # ------------------------------------------------------------ lifecycle
 
@@ -465,8 +453,7 @@ class CheckpointManager:
             self.wait()
         finally:
             self._closed = True
-            if self._sigterm is not None:
-                self._sigterm.close()
+            self._trigger.close()
             try:
                 self._let_go()
             finally:
