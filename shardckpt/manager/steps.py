@@ -1,8 +1,9 @@
 """What a manager root holds, step by step, and the metrics a step carries.
 
-:func:`list_root` is what ``shardckpt ls`` shows (committed steps, interrupted saves,
-folders that are not shardckpt's), :func:`list_other_checkpoints` the checkpoints beside
-them that are not manager steps; :func:`check_metrics` and :func:`metrics_of` are the
+:func:`committed_steps` is what a manager lists, restores and retains; :func:`list_root`
+is what ``shardckpt ls`` shows (committed steps, interrupted saves, folders that are not
+shardckpt's), :func:`list_other_checkpoints` the checkpoints beside them that are not
+manager steps; :func:`check_metrics` and :func:`metrics_of` are the
 two directions of the JSON metrics a :class:`~shardckpt.manager.CheckpointManager`
 stores in each step's manifest. Nothing here is collective or writes anything.
 """
@@ -19,9 +20,17 @@ from shardckpt.engine.loading import read_manifest
 from shardckpt.errors import UnsupportedValueError
 from shardckpt.format import layout
 from shardckpt.format.manifest import Manifest
-from shardckpt.storage import as_url, folder, open_storage
+from shardckpt.storage import Storage, as_url, folder, open_storage
 
-__all__ = ["OtherCheckpoint", "StepInfo", "check_metrics", "list_other_checkpoints", "list_root", "metrics_of"]
+__all__ = [
+    "OtherCheckpoint",
+    "StepInfo",
+    "check_metrics",
+    "committed_steps",
+    "list_other_checkpoints",
+    "list_root",
+    "metrics_of",
+]
 
 
 @dataclass(frozen=True)
@@ -113,6 +122,17 @@ def _check_json(value: Any, where: str) -> None:
 def _short(value: Any) -> str:
     text = repr(value)
     return text if len(text) <= 60 else text[:57] + "..."
+
+
+def committed_steps(storage: Storage) -> list[int]:
+    """The committed steps under the manager root ``storage`` (step folders with a
+    manifest), ascending."""
+    found = []
+    for name in storage.list_dirs(""):
+        step = layout.parse_step_dir(name)
+        if step is not None and folder.is_committed(storage, name):
+            found.append(step)
+    return sorted(found)
 
 
 def list_root(root: str | os.PathLike[str], storage_options: dict[str, Any] | None = None) -> list[StepInfo]:
