@@ -307,7 +307,8 @@ def _parse_document(doc: Any, source: str) -> Manifest:
             rank=r.nonneg(f, "rank", f"files[{name!r}]"),
             checkpoint=_file_checkpoint(r, f, name, base_set) if version >= 2 else None,
         )
-        if files[name].rank >= world_size:
+        # A base's file keeps the rank that wrote it there, which may be >= this save's world_size.
+        if files[name].checkpoint is None and files[name].rank >= world_size:
             raise ManifestError(f"{source}: files[{name!r}].rank {files[name].rank} >= world_size {world_size}")
     unused = base_set - {f.checkpoint for f in files.values()}
     if unused:

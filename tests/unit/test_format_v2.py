@@ -29,6 +29,7 @@ import jsonschema
 import pytest
 import torch
 import xxhash
+from distributed import run_ranks
 from test_format import (
     GOLDEN_DIR,
     GOLDEN_MANIFEST,
@@ -257,7 +258,11 @@ def _set_base(doc: dict[str, Any], name: Any) -> None:
 
 
 def _set(path: tuple[str | int, ...], value: Any) -> Callable[[dict[str, Any]], None]:
-    return lambda doc: _apply(doc, tuple(_shared_file(doc) if p == "{shared}" else p for p in path), value)
+    def change(doc: dict[str, Any]) -> None:
+        names = {"{shared}": _shared_file(doc), "{own}": doc["tensors"]["model.weight"]["chunks"][0]["file"]}
+        _apply(doc, tuple(names.get(p, p) if isinstance(p, str) else p for p in path), value)
+
+    return change
 
 
 _NL = "\n"
@@ -287,6 +292,7 @@ HOSTILE: list[tuple[str, Callable[[dict[str, Any]], None], str]] = [
     ("digest with a newline", _set((*_CHUNK, "digest"), "ab" * 16 + _NL), r"chunks\[0\].digest must be 32"),
     ("digest not a string", _set((*_CHUNK, "digest"), 12), r"chunks\[0\].digest must be str"),
     ("file hash with a newline", _set(("files", "{shared}", "hash"), "ab" * 8 + _NL), r"\.hash must be 16"),
+    ("own file's rank >= world_size", _set(("files", "{own}", "rank"), 1), r"\.rank 1 >= world_size 1"),
     ("block hash with a newline", _set((*_CHUNK, "block_hashes"), ["ab" * 8 + _NL]), r"block hashes of 16 hex"),
 ]
 
@@ -364,3 +370,25 @@ def test_files_are_checked_against_bases_in_linear_time() -> None:
     m = _parse_document(doc, "many bases")
     assert len(m.bases) == n and len({f.checkpoint for f in m.files.values()}) == n
     assert _CountingStr.calls <= 8 * n, f"{_CountingStr.calls} comparisons for {n} files in {n} bases"
+
+
+def _save_on_two_ranks(rank: int, world: int, path: str) -> None:
+    shardckpt.save(small_state(), path, incremental=True)
+
+
+def small_state() -> dict[str, torch.Tensor]:
+    """Plain tensors: with 2 ranks, each is written by one of them (replicated, balanced)."""
+    return {"w": torch.arange(64.0).reshape(8, 8), "v": torch.ones(16), "u": torch.zeros(4)}
+
+
+def test_an_incremental_save_with_fewer_ranks_than_its_base_reads_back(tmp_path: Path) -> None:
+    """A file of a base keeps the rank that wrote it there: rank 1 of a 2-rank save is a
+    valid writer of a file that a 1-rank incremental checkpoint reads."""
+    run_ranks(_save_on_two_ranks, 2, str(tmp_path / "s0"))
+    assert {f["rank"] for f in read_manifest_doc(str(tmp_path / "s0"))["files"].values()} == {0, 1}
+    m = shardckpt.save(small_state(), tmp_path / "s1", base=tmp_path / "s0")
+    assert m is not None and m.world_size == 1 and m.bases == ("s0",)
+    assert any(f.rank == 1 and f.checkpoint == "s0" for f in m.files.values())
+    got = {k: torch.zeros_like(v) for k, v in small_state().items()}
+    shardckpt.load(got, tmp_path / "s1")
+    assert all(torch.equal(got[k], v) for k, v in small_state().items())
