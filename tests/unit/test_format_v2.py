@@ -144,7 +144,8 @@ def test_what_the_golden_v2_pair_shows(v2_root: Path) -> None:
         assert (chunk == before) == (not changed), key  # same file, range, hashes and digest
     sd = changed_state_dict()
     weight = incremental["tensors"]["model.weight"]["chunks"][0]
-    assert weight["digest"] == xxhash.xxh3_128_hexdigest(sd["model"]["weight"].numpy().tobytes())
+    raw = sd["model"]["weight"].numpy().tobytes()
+    assert weight["digest"] == xxhash.xxh3_128_hexdigest(raw) == format(xxhash.xxh3_128_intdigest(raw), "032x")
     for folder, doc in ((FULL, full), (INCREMENTAL, incremental)):
         for name, rec in doc["files"].items():
             if "checkpoint" in rec:
@@ -173,6 +174,18 @@ def test_golden_v2_files_parse() -> None:
     m = parse_manifest(GOLDEN_INCREMENTAL.read_bytes(), source="golden")
     assert m.bases == (FULL,)
     assert {f.checkpoint for f in m.files.values()} == {FULL, None}
+
+
+def test_the_example_in_the_docs_is_a_valid_v2_manifest(v2_validator: Any) -> None:
+    """docs/format.md, section 11.9: the example stays true to the schema, the parser and the writer."""
+    text = (Path(__file__).parents[2] / "docs" / "format.md").read_text("utf-8")
+    example = text.split("### 11.9", 1)[1].split("```json\n", 1)[1].split("```", 1)[0]
+    assert v2_validator.is_valid(json.loads(example))
+    m = parse_manifest(example.encode(), source="docs/format.md")
+    assert m.bases == (FULL,) and m.metadata == {"step": 101}
+    assert [m.files[c.file].checkpoint for c in m.tensors["model.weight"].chunks] == [FULL]
+    assert [m.files[c.file].checkpoint for c in m.tensors["model.bias"].chunks] == [None]
+    assert example == manifest_to_json(m).decode(), "the example is byte for byte what the writer emits"
 
 
 def test_plain_saves_stay_v1(tmp_path: Path) -> None:
