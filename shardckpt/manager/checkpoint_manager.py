@@ -501,7 +501,9 @@ class CheckpointManager:
         retired = references.retired_folders(self._storage)
         if not retired:
             return []
-        committed = [layout.step_dir_name(s) for s in self.steps()]
+        # Every committed checkpoint under the root, not only the steps: one saved beside them
+        # with base= a step reads that step's files too (docs/format.md, section 11.5).
+        committed = [n for n in self._storage.list_dirs("") if folder.is_committed(self._storage, n)]
         try:
             live = references.LiveFiles.of(self._storage, committed)
         except references.UnknownReferences as e:

@@ -405,3 +405,23 @@ def test_an_incremental_save_with_fewer_ranks_than_its_base_reads_back(tmp_path:
     got = {k: torch.zeros_like(v) for k, v in small_state().items()}
     shardckpt.load(got, tmp_path / "s1")
     assert all(torch.equal(got[k], v) for k, v in small_state().items())
+
+
+# ---------------------------------------------------------------- section 11.5: deletion
+
+
+def test_the_sweep_keeps_what_any_committed_checkpoint_in_the_root_reads(tmp_path: Path) -> None:
+    """Mark over every committed manifest under the root, not only the steps': a checkpoint
+    saved beside the steps with base= a step keeps that step's bytes alive."""
+    root = tmp_path / "run"
+    sd = small_state()
+    with shardckpt.CheckpointManager(root, incremental=True, keep_last=1, full_every=1) as mgr:
+        mgr.save(1, sd)
+        shardckpt.save(sd, root / "final", base=mgr.path(1))
+        mgr.save(2, sd)  # full: no step reads step 1 any more, "final" does
+    with shardckpt.CheckpointManager(root, incremental=True, keep_last=1, full_every=1):
+        pass  # start-up sweeps again
+    assert not (root / layout.step_dir_name(1) / layout.MANIFEST_NAME).exists()  # the step is gone
+    got = {k: torch.zeros_like(v) for k, v in sd.items()}
+    shardckpt.load(got, root / "final")  # its bytes are not
+    assert all(torch.equal(got[k], v) for k, v in sd.items())
