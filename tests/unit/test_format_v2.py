@@ -210,6 +210,8 @@ def test_v2_manifests_validate_against_the_v2_schema(v2_root: Path, v2_validator
         errors = [f"{list(e.absolute_path)}: {e.message}" for e in v2_validator.iter_errors(doc)]
         assert not errors, f"{what} manifest: {errors}"
     assert not v2_validator.is_valid(json.loads(GOLDEN_MANIFEST.read_text("utf-8"))), "a v1 manifest is not v2"
+    v1 = json.loads((importlib.resources.files("shardckpt.format") / "manifest.schema.json").read_text("utf-8"))
+    assert not jsonschema.Draft202012Validator(v1).is_valid(docs["golden full"]), "a v2 manifest is not v1"
 
 
 DELETE = object()
