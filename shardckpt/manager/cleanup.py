@@ -195,7 +195,9 @@ class RootCleaner:
         retired = references.retired_folders(self._storage)
         if not retired:
             return []
-        committed = [layout.step_dir_name(s) for s in committed_steps(self._storage)]
+        # Every committed checkpoint under the root, not only the steps: one saved beside them
+        # with base= a step reads that step's files too (docs/format.md, section 11.5).
+        committed = [n for n in self._storage.list_dirs("") if folder.is_committed(self._storage, n)]
         try:
             live = references.LiveFiles.of(self._storage, committed)
         except references.UnknownReferences as e:
