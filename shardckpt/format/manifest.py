@@ -306,7 +306,9 @@ def _parse_document(doc: Any, source: str) -> Manifest:
             rank=r.nonneg(f, "rank", f"files[{name!r}]"),
             checkpoint=_file_checkpoint(r, f, name, bases) if version >= 2 else None,
         )
-        if files[name].rank >= world_size:
+        # A file in a base folder (v2) keeps the rank of the save that wrote it, which may
+        # have had more ranks than this one (a run resumed on fewer ranks).
+        if files[name].checkpoint is None and files[name].rank >= world_size:
             raise ManifestError(f"{source}: files[{name!r}].rank {files[name].rank} >= world_size {world_size}")
     unused = set(bases) - {f.checkpoint for f in files.values()}
     if unused:
