@@ -235,3 +235,17 @@ def test_a_base_file_written_by_a_rank_beyond_this_world_size_parses(tmp_path: P
     own = {n: dataclasses.replace(f, rank=3, checkpoint=None) for n, f in m1.files.items()}
     with pytest.raises(ManifestError, match=r"rank 3 >= world_size 1"):
         parse_manifest(manifest_to_json(dataclasses.replace(m1, files=own, bases=())), source="s1")
+
+
+def test_a_plain_save_over_the_last_base_makes_the_checkpointer_forget_its_chunks(tmp_path: Path) -> None:
+    """Before: the Checkpointer still offered the replaced save's chunks as the base, so the
+    next save pointed at files the overwrite had removed and failed at its commit."""
+    sd = _state()
+    with shardckpt.Checkpointer() as ck:
+        ck.save(sd, tmp_path / "s0", incremental=True)
+        ck.save(sd, tmp_path / "s0", overwrite=True)  # plain: no digests to reuse any more
+        m1 = ck.save(sd, tmp_path / "s1", base=tmp_path / "s0")
+    assert m1 is not None and m1.bases == ()  # a full save, as against any plain base
+    got = _zeros_like(sd)
+    shardckpt.load(got, tmp_path / "s1")
+    _assert_same(got, sd)
