@@ -13,12 +13,15 @@ from typing import Any
 
 import pytest
 import torch
-from s3server import S3Server
+from s3server import FaultProxy, S3Server
 
 import shardckpt
 from shardckpt.convert.audit import verify_checkpoint
 from shardckpt.errors import CheckpointExistsError
 from shardckpt.format import layout
+
+# Only our RetryPolicy retries (botocore's own retries off): the lost answer reaches it.
+NO_BOTOCORE_RETRIES = {"config_kwargs": {"retries": {"total_max_attempts": 1}}}
 
 
 def state(step: int) -> dict[str, Any]:
@@ -102,4 +105,25 @@ def test_save_with_a_base_on_s3(s3: S3Server) -> None:
         shardckpt.save(state(3), a, overwrite=True, storage_options=options)
     got = blank()
     shardckpt.load(got, b, storage_options=options)  # a was left as it was
+    assert_bitwise(got, 2)
+
+
+def test_a_lost_answer_to_the_referenced_marker_is_recognised(s3: S3Server) -> None:
+    """The store created the base's marker but its answer was lost (500 after the work): the
+    retried exclusive create finds the marker there, which is what the save wanted."""
+    bucket = s3.create_bucket()
+    proxy = FaultProxy(s3.port, status=500, code="InternalError", forward_failed=True)
+    proxy.fail = lambda n, method, path: method == "PUT" and layout.REFERENCED_NAME in path and proxy.faults == 0
+    try:
+        options = s3.storage_options(endpoint_url=proxy.endpoint_url, **NO_BOTOCORE_RETRIES)
+        a, b = f"s3://{bucket}/lost/a", f"s3://{bucket}/lost/b"
+        shardckpt.save(state(1), a, incremental=True, storage_options=options)
+        m = shardckpt.save(state(2), b, base=a, storage_options=options)
+        assert m is not None and m.bases == ("a",)
+    finally:
+        proxy.stop()
+    assert proxy.faults == 1
+    assert s3.admin().exists(f"{bucket}/lost/a/{layout.REFERENCED_NAME}")
+    got = blank()
+    shardckpt.load(got, b, storage_options=s3.storage_options())
     assert_bitwise(got, 2)
