@@ -127,3 +127,25 @@ def test_a_lost_answer_to_the_referenced_marker_is_recognised(s3: S3Server) -> N
     got = blank()
     shardckpt.load(got, b, storage_options=s3.storage_options())
     assert_bitwise(got, 2)
+
+
+def test_start_up_finishes_what_a_crash_left_on_s3(s3: S3Server) -> None:
+    """A crash after a full step committed, before retention ran (step 2's manifest gone,
+    its objects not): the next manager start removes step 2 and sweeps step 1, which only
+    step 2 read."""
+    bucket = s3.create_bucket()
+    root, prefix = f"s3://{bucket}/runs/crash", f"{bucket}/runs/crash"
+    options = s3.storage_options()
+    admin = s3.admin()
+    with shardckpt.CheckpointManager(root, incremental=True, keep_last=1, storage_options=options) as mgr:
+        mgr.save(1, state(1))
+        mgr.save(2, state(2))  # step 1 retired: step 2 reads its frozen object
+    shardckpt.save(state(3), f"{root}/{layout.step_dir_name(3)}", incremental=True, storage_options=options)
+    admin.rm(f"{prefix}/{layout.step_dir_name(2)}/{layout.MANIFEST_NAME}")
+    assert admin.exists(f"{prefix}/{layout.step_dir_name(1)}/{layout.REFERENCED_NAME}")
+    with shardckpt.CheckpointManager(root, incremental=True, keep_last=1, storage_options=options) as mgr:
+        assert sorted(mgr.cleaned_up) == [layout.step_dir_name(1), layout.step_dir_name(2)]
+        got = blank()
+        assert mgr.restore(got) == 3
+        assert_bitwise(got, 3)
+    assert {k.split("/", 1)[0] for k in objects(admin, prefix)} == {layout.step_dir_name(3)}
