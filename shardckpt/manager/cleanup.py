@@ -46,6 +46,7 @@ class RootCleaner:
         self._storage = storage
         self._root = root
         self._check_owner = check_owner
+        self._marks = references.MarkCache()  # what each committed folder reads, between sweeps
 
     # ------------------------------------------------------------ start-up
 
@@ -199,7 +200,7 @@ class RootCleaner:
         # with base= a step reads that step's files too (docs/format.md, section 11.5).
         committed = [n for n in self._storage.list_dirs("") if folder.is_committed(self._storage, n)]
         try:
-            live = references.LiveFiles.of(self._storage, committed)
+            live = references.LiveFiles.of(self._storage, committed, self._marks)
         except references.UnknownReferences as e:
             log.warning("shardckpt: not deleting the shared files of retired steps under %s: %s", self._root, e)
             return []

@@ -249,3 +249,32 @@ def test_a_plain_save_over_the_last_base_makes_the_checkpointer_forget_its_chunk
     got = _zeros_like(sd)
     shardckpt.load(got, tmp_path / "s1")
     _assert_same(got, sd)
+
+
+def test_the_sweep_remembers_marks_until_a_manifest_changes(tmp_path: Path, monkeypatch) -> None:
+    from shardckpt.manager import references
+
+    sd = _state()
+    shardckpt.save(sd, tmp_path / "s0", incremental=True)
+    shardckpt.save(sd, tmp_path / "s1", base=tmp_path / "s0")
+    parsed: list[str] = []
+    real = references.read_manifest
+
+    def counting(storage):  # type: ignore[no-untyped-def]
+        parsed.append(storage.url)
+        return real(storage)
+
+    monkeypatch.setattr(references, "read_manifest", counting)
+    root, cache = open_storage(str(tmp_path)), references.MarkCache()
+    first = references.LiveFiles.of(root, ["s0", "s1"], cache)
+    again = references.LiveFiles.of(root, ["s0", "s1"], cache)
+    assert len(parsed) == 2 and first.by_folder == again.by_folder
+    assert first.of_folder("s0") >= {
+        n for n, f in read_manifest(open_storage(str(tmp_path / "s1"))).files.items() if f.checkpoint == "s0"
+    }
+    sd["adapter"] = sd["adapter"] + 1  # type: ignore[operator]
+    shardckpt.save(sd, tmp_path / "s1", overwrite=True)  # s1 replaced: a plain save, reads nothing of s0
+    later = references.LiveFiles.of(root, ["s0", "s1"], cache)
+    assert len(parsed) == 3  # only the replaced manifest was read again
+    assert later.by_folder["s0"] == set(read_manifest(open_storage(str(tmp_path / "s0"))).files)
+    assert later.of_folder("s1") and not (later.of_folder("s1") & first.of_folder("s1"))
