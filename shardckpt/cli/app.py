@@ -78,6 +78,12 @@ def _format_summary(s: dict[str, Any], *, pattern: str | None) -> str:
     ]
     if s["metadata"]:
         lines.append(f"metadata    {json.dumps(s['metadata'])}")
+    if s["bases"]:
+        lines.append(
+            f"bases       {', '.join(s['bases'])} (incremental: unchanged tensors are read from these "
+            "checkpoints beside it; `shardckpt materialize` makes a copy without them)"
+        )
+        lines += ["", *_folders_table(s["folders"])]
     keys = s["keys"]
     tensors = [
         [k, r["dtype"], str(r["shape"]), str(r["chunks"]), human_bytes(r["bytes"])]
@@ -92,6 +98,20 @@ def _format_summary(s: dict[str, Any], *, pattern: str | None) -> str:
     if not keys:
         lines += ["", f"no key matches {pattern!r}" if pattern is not None else "the checkpoint holds no keys"]
     return "\n".join(lines)
+
+
+def _folders_table(folders: list[dict[str, Any]]) -> list[str]:
+    """Which bytes of an incremental checkpoint live in which checkpoint folder."""
+    rows = [
+        [
+            f["folder"] + (" (this checkpoint)" if f["own"] else " (base)"),
+            str(f["files"]),
+            human_bytes(f["file_bytes"]),
+            human_bytes(f["tensor_bytes"]),
+        ]
+        for f in folders
+    ]
+    return _table(["DATA IN FOLDER", "FILES", "FILE BYTES", "TENSOR BYTES"], rows)
 
 
 # ---------------------------------------------------------------- verify
@@ -116,13 +136,17 @@ def _run_verify(args: argparse.Namespace) -> int:
 
 
 def _format_report(r: AuditReport) -> str:
+    where = []
+    if len(r.folders) > 1:  # incremental: say where the bytes were read from
+        where = ["", *_folders_table([f.to_json() for f in r.folders])]
     if r.ok:
-        return (
+        ok = (
             f"OK  {r.path}: {r.files_checked} data files, {r.chunks_checked} chunks, "
             f"{human_bytes(r.bytes_hashed)} re-hashed; every checksum matches the manifest"
         )
+        return "\n".join([ok, *where])
     files = len({p.file for p in r.problems})
-    lines = [f"PROBLEM  {p}" for p in r.problems]
+    lines = [f"PROBLEM  {p}" for p in r.problems] + where
     lines.append(
         f"FAILED  {r.path}: {len(r.problems)} problem(s) in {files} file(s). Do not resume from this "
         "checkpoint: restore the files named above from a good copy, or load an earlier checkpoint."
