@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -124,3 +125,124 @@ def test_verify_names_the_base_a_missing_file_belongs_to(tmp_path: Path, capsys:
     assert shared[0] in problem and "missing from base checkpoint 's0'" in problem
     assert "was 's0' deleted or moved by hand" in problem  # DataFiles.missing_hint
     assert "'frozen'" in problem
+
+
+# ---------------------------------------------------------------- materialize
+
+
+def test_materialized_copy_loads_bitwise_after_the_base_is_gone(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    s0, s1, sd = _save_pair(tmp_path, num_io_threads=2)
+    out = tmp_path / "elsewhere" / "copy"
+    code, stdout, err = run(capsys, "materialize", str(s1), str(out), "--json", "--no-progress")
+    assert code == 0, err
+    report = json.loads(stdout)
+    assert report["format_version"] == 2 and report["path"] == str(out)
+    assert [(f["folder"], f["own"]) for f in report["folders"]] == [("s1", True), ("s0", False)]
+    m = _manifest(out)
+    assert m["format_version"] == 2 and m["bases"] == []
+    assert all("checkpoint" not in f for f in m["files"].values())
+    assert all("digest" in c for t in m["tensors"].values() for c in t["chunks"])
+    # Only the chunks s1 uses were copied: s0's stale adapter is not in the copy.
+    assert report["tensor_bytes"] == sum(f["tensor_bytes"] for f in report["folders"]) == 25_600 + 256 + 1_600
+    shutil.rmtree(s0)
+    shutil.rmtree(s1)
+    got = _zeros_like(sd)
+    shardckpt.load(got, out)
+    _assert_same(got, sd)
+    code, stdout, _ = run(capsys, "verify", str(out), "--no-progress")
+    assert code == 0 and stdout.startswith("OK "), stdout  # no stray header entries, every hash matches
+
+
+def test_materialize_format_1_drops_digests_and_is_a_base_no_more(tmp_path: Path) -> None:
+    from shardckpt.convert import materialize_checkpoint
+
+    _, s1, sd = _save_pair(tmp_path)
+    report = materialize_checkpoint(s1, tmp_path / "v1", format_version=1)
+    m = _manifest(tmp_path / "v1")
+    assert report.format_version == 1 and m["format_version"] == 1 and "bases" not in m
+    assert all("digest" not in c for t in m["tensors"].values() for c in t["chunks"])
+    got = _zeros_like(sd)
+    shardckpt.load(got, tmp_path / "v1")
+    _assert_same(got, sd)
+    with pytest.raises(ValueError, match="no chunk digests"):
+        materialize_checkpoint(tmp_path / "v1", tmp_path / "v2", format_version=2)
+    assert not (tmp_path / "v2").exists()
+
+
+def test_materialize_refuses_an_existing_destination(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    s0, s1, _ = _save_pair(tmp_path)
+    code, _, err = run(capsys, "materialize", str(s1), str(s0))
+    assert code == 2 and "already holds a shardckpt checkpoint" in err
+    user = tmp_path / "mine"
+    user.mkdir()
+    (user / "notes.txt").write_text("keep me")
+    code, _, err = run(capsys, "materialize", str(s1), str(user))
+    assert code == 2 and "is not empty ('notes.txt')" in err
+    assert (user / "notes.txt").read_text() == "keep me" and sorted(os.listdir(user)) == ["notes.txt"]
+    assert (s0 / "manifest.json").exists()
+
+
+def test_materialize_of_a_damaged_base_commits_nothing(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    s0, s1, _ = _save_pair(tmp_path)
+    shared = sorted(n for n, f in _manifest(s1)["files"].items() if f.get("checkpoint") == "s0")
+    target = s0 / shared[0]
+    data = bytearray(target.read_bytes())
+    data[-1] ^= 0xFF  # the last byte of the file belongs to a chunk s1 uses (frozen or emb)
+    target.write_bytes(bytes(data))
+    out = tmp_path / "copy"
+    code, _, err = run(capsys, "materialize", str(s1), str(out), "--no-progress")
+    assert code == 1 and "checksum mismatch" in err and "of base checkpoint 's0'" in err
+    assert not out.exists()  # the marker and the partial files were removed with the folder
+
+
+def test_materialize_checks_whole_file_hashes(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    _, s1, _ = _save_pair(tmp_path)
+    (own,) = [n for n, f in _manifest(s1)["files"].items() if "checkpoint" not in f]
+    target = s1 / own
+    data = target.read_bytes()
+    save_id = own.split("/")[1].split("-")[0]
+    at = data.index(save_id.encode())  # in the header's metadata: no chunk byte, no block hash covers it
+    changed = data[:at] + (b"0" if data[at : at + 1] != b"0" else b"1") + data[at + 1 :]
+    target.write_bytes(changed)
+    code, _, err = run(capsys, "materialize", str(s1), str(tmp_path / "copy"), "--no-progress")
+    assert code == 1 and "whole-file xxh3" in err and own in err
+    assert not (tmp_path / "copy").exists()
+
+
+def test_materialize_through_fsspec() -> None:
+    from shardckpt.convert import materialize_checkpoint, read_state_dict
+
+    sd = _state()
+    root = "memory://materialize-test"
+    shardckpt.save(sd, f"{root}/s0", incremental=True, hash_block_bytes=BLOCK)
+    _step(sd, 1)
+    shardckpt.save(sd, f"{root}/s1", base=f"{root}/s0", hash_block_bytes=BLOCK)
+    report = materialize_checkpoint(f"{root}/s1", f"{root}/copy", read_piece_bytes=1)  # one block per piece
+    assert report.format_version == 2 and [f.folder for f in report.folders] == ["s1", "s0"]
+    got = read_state_dict(f"{root}/copy")
+    _assert_same(got, sd)
+
+
+# ---------------------------------------------------------------- export and the readers
+
+
+def test_export_and_read_state_dict_follow_references(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from safetensors.torch import load_file
+
+    from shardckpt.convert import CheckpointSource, read_state_dict
+
+    s0, s1, sd = _save_pair(tmp_path, num_io_threads=2)
+    source = CheckpointSource(s1)
+    assert torch.equal(source.read_box("frozen", (3, 10), (5, 20)), sd["frozen"][3:8, 10:30])  # type: ignore[index]
+    _assert_same(read_state_dict(s1), sd)
+    code, _, err = run(capsys, "export", str(s1), str(tmp_path / "hf"), "--format", "hf", "--no-progress")
+    assert code == 0, err
+    (shard,) = (tmp_path / "hf").glob("model-*.safetensors")
+    exported = load_file(str(shard))
+    assert sorted(exported) == ["adapter", "emb", "frozen"]
+    _assert_same(exported, {k: v for k, v in sd.items() if isinstance(v, torch.Tensor)})
+    shutil.rmtree(s0)
+    code, _, err = run(capsys, "export", str(s1), str(tmp_path / "x.safetensors"), "--format", "safetensors")
+    assert code == 1 and "of base checkpoint 's0'" in err and "was 's0' deleted or moved by hand" in err
