@@ -39,7 +39,7 @@ from shardckpt.cli.base import (
 from shardckpt.convert.audit import AuditReport, Problem, describe_checkpoint, verify_checkpoint
 from shardckpt.convert.progress import human_bytes
 from shardckpt.errors import CheckpointNotFoundError, ManifestError, ShardckptError, UnsupportedFormatVersionError
-from shardckpt.format.layout import MANIFEST_NAME, step_dir_name
+from shardckpt.format.layout import MANIFEST_NAME, parse_step_dir, step_dir_name
 from shardckpt.storage import open_storage
 from shardckpt.storage.folder import is_committed
 
@@ -198,6 +198,9 @@ def _run_ls(args: argparse.Namespace) -> int:
                 "world_size": i.world_size,
                 "latest": i.step == latest,
                 "best": i.step == best,
+                "bases": list(i.bases),
+                "base_bytes": i.base_bytes,
+                "retired": i.retired,
             }
             for i in infos
         ]
@@ -218,8 +221,18 @@ def _run_ls(args: argparse.Namespace) -> int:
         print("\n".join(_steps_table(infos, latest, best)))
     else:
         print(f"{args.root}: no manager step folders (a CheckpointManager names step 100 step_0000000100)")
-    if any(not i.committed and not i.foreign for i in infos):
+    if any(not i.committed and not i.foreign and not i.retired for i in infos):
         print("UNCOMMITTED folders are left by interrupted saves: never restored, removed by the next writing manager.")
+    if any(i.bases for i in infos):
+        print(
+            "INCREMENTAL steps read the tensors that did not change from the earlier step named; SIZE counts those "
+            "bytes too. `shardckpt materialize STEP DST` makes a copy that needs no other folder."
+        )
+    if any(i.retired for i in infos):
+        print(
+            "RETIRED folders are deleted steps (no manifest: never restored) whose data files incremental steps "
+            "still read; the manager removes them once no kept step does. Do not delete them by hand."
+        )
     if any(i.foreign for i in infos):
         print(
             "FOREIGN folders were not written by shardckpt (no manifest.json, no .shardckpt-save.json): "
@@ -240,20 +253,25 @@ def _run_ls(args: argparse.Namespace) -> int:
 
 def _steps_table(infos: list[Any], latest: int | None, best: int | None) -> list[str]:
     table: list[list[str]] = []
+    incremental = any(i.bases for i in infos)
     for i in infos:
         marks = ",".join(m for m, on in (("latest", i.step == latest), ("best", i.step == best)) if on)
-        state = "committed" if i.committed else "FOREIGN" if i.foreign else "UNCOMMITTED"
-        table.append(
-            [
-                str(i.step),
-                state,
-                human_bytes(i.size_bytes),
-                str(i.world_size or "-"),
-                json.dumps(i.metrics) if i.metrics else "-",
-                marks,
-            ]
-        )
-    return _table(["STEP", "STATE", "SIZE", "RANKS", "METRICS", ""], table)
+        state = "committed" if i.committed else "FOREIGN" if i.foreign else "RETIRED" if i.retired else "UNCOMMITTED"
+        row = [str(i.step), state, human_bytes(i.size_bytes), str(i.world_size or "-")]
+        if incremental:
+            row.append(_bases_cell(i.bases, i.base_bytes))
+        table.append([*row, json.dumps(i.metrics) if i.metrics else "-", marks])
+    header = ["STEP", "STATE", "SIZE", "RANKS", *(["INCREMENTAL"] if incremental else []), "METRICS", ""]
+    return _table(header, table)
+
+
+def _bases_cell(bases: tuple[str, ...], base_bytes: int) -> str:
+    """``on step 100 (2.0 GiB there)`` for an incremental step, ``-`` for a full one."""
+    if not bases:
+        return "-"
+    steps = [parse_step_dir(b) for b in bases]
+    names = [str(n) if n is not None else b for n, b in zip(steps, bases, strict=True)]
+    return f"on step{'s' if len(names) > 1 else ''} {','.join(names)} ({human_bytes(base_bytes)} there)"
 
 
 def _check_root(root: str) -> None:

@@ -246,3 +246,28 @@ def test_export_and_read_state_dict_follow_references(tmp_path: Path, capsys: py
     shutil.rmtree(s0)
     code, _, err = run(capsys, "export", str(s1), str(tmp_path / "x.safetensors"), "--format", "safetensors")
     assert code == 1 and "of base checkpoint 's0'" in err and "was 's0' deleted or moved by hand" in err
+
+
+# ---------------------------------------------------------------- ls
+
+
+def test_ls_marks_incremental_steps_and_retired_folders(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    root = tmp_path / "run"
+    sd = _state()
+    with shardckpt.CheckpointManager(root, incremental=True, keep_last=2) as mgr:
+        for step in (100, 200, 300):
+            _step(sd, step)
+            mgr.save(step, sd, force=True)
+    # keep_last=2 deleted step 100, but 200 and 300 still read its frozen tensors.
+    code, out, _ = run(capsys, "ls", str(root), "--json")
+    assert code == 0
+    rows = {r["step"]: r for r in json.loads(out)["steps"]}
+    assert (rows[100]["committed"], rows[100]["retired"]) == (False, True)
+    assert rows[200]["bases"] == rows[300]["bases"] == ["step_0000000100"]
+    assert 0 < rows[300]["base_bytes"] < rows[300]["size_bytes"]
+    code, out, _ = run(capsys, "ls", str(root))
+    assert code == 0
+    table = {line.split()[0]: line for line in out.splitlines() if line[:1].isdigit()}
+    assert table["100"].split()[1] == "RETIRED" and "INCREMENTAL" in out.splitlines()[0]
+    assert "on step 100 (" in table["300"] and "latest" in table["300"]
+    assert "RETIRED folders are deleted steps" in out and "UNCOMMITTED folders" not in out
