@@ -98,6 +98,11 @@ def materialize_checkpoint(
     manifest = read_manifest(src)
     keep_digests = _keep_digests(manifest, format_version, source)
     dst = open_storage(path, storage_options)
+    if dst.location.rstrip("/").startswith(src.location.rstrip("/") + "/"):
+        raise ValueError(
+            f"materialize {source} to {path}: the destination is inside the checkpoint folder, which would then "
+            "hold a foreign folder; materialize to a folder outside it"
+        )
     _check_new_folder(dst, source)
     save_id = uuid.uuid4().hex[:12]
     claim_folder(dst, save_id, overwrite=False, what="materialize")
@@ -105,8 +110,9 @@ def materialize_checkpoint(
         copy = _Copy(DataFiles(src, manifest.files), dst, manifest, save_id, keep_digests, read_piece_bytes)
         with byte_bar(manifest.total_tensor_bytes, "materialize", enabled=progress) as bar:
             copy.run(bar)
-        dst.sync_dir(layout.DATA_DIR)
         result = copy.manifest()
+        if result.files:  # a checkpoint of values only has no data folder
+            dst.sync_dir(layout.DATA_DIR)
         _check_sizes(dst, result)
         create_file(
             dst,

@@ -171,6 +171,27 @@ def test_materialize_format_1_drops_digests_and_is_a_base_no_more(tmp_path: Path
     assert not (tmp_path / "v2").exists()
 
 
+def test_materialize_of_values_only_and_of_a_full_checkpoint(tmp_path: Path) -> None:
+    from shardckpt.convert import materialize_checkpoint
+
+    shardckpt.save({"step": 3, "lr": 0.5}, tmp_path / "values")
+    report = materialize_checkpoint(tmp_path / "values", tmp_path / "values-copy")
+    assert (report.files, report.format_version) == (0, 1)
+    got: dict[str, object] = {"step": 0, "lr": 0.0}
+    shardckpt.load(got, tmp_path / "values-copy")
+    assert got == {"step": 3, "lr": 0.5}
+    sd = _state()
+    shardckpt.save(sd, tmp_path / "full", num_io_threads=2)
+    report = materialize_checkpoint(tmp_path / "full", tmp_path / "full-copy")
+    assert report.format_version == 1 and report.files == 2 and "digest" not in str(_manifest(tmp_path / "full-copy"))
+    loaded = _zeros_like(sd)
+    shardckpt.load(loaded, tmp_path / "full-copy")
+    _assert_same(loaded, sd)
+    with pytest.raises(ValueError, match="inside the checkpoint folder"):
+        materialize_checkpoint(tmp_path / "full", tmp_path / "full" / "copy")
+    assert not (tmp_path / "full" / "copy").exists()
+
+
 def test_materialize_refuses_an_existing_destination(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     s0, s1, _ = _save_pair(tmp_path)
     code, _, err = run(capsys, "materialize", str(s1), str(s0))
