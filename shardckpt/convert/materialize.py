@@ -18,14 +18,17 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import threading
 import uuid
 from collections import defaultdict
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
 from shardckpt.convert.audit import DEFAULT_READ_PIECE_BYTES, FolderShare, folder_shares
 from shardckpt.convert.progress import byte_bar
 from shardckpt.engine.loading import read_manifest
+from shardckpt.engine.options import check_io_threads
 from shardckpt.engine.writer import claim_folder, create_file, discard_save
 from shardckpt.errors import (
     CheckpointExistsError,
@@ -76,6 +79,7 @@ def materialize_checkpoint(
     storage_options: dict[str, Any] | None = None,
     progress: bool = False,
     read_piece_bytes: int = DEFAULT_READ_PIECE_BYTES,
+    num_io_threads: int = 2,
 ) -> MaterializeReport:
     """Copy the checkpoint at ``source`` to the new folder ``path``, with no references.
 
@@ -87,13 +91,15 @@ def materialize_checkpoint(
     ``path`` must not exist or be an empty folder (CheckpointExistsError for a
     checkpoint there, DestinationNotEmptyError for anything else); nothing at ``source``
     or in its bases is changed. A damaged or missing source byte raises IntegrityError
-    naming the file (and the base holding it) before anything is committed. Memory: one
-    piece of ``read_piece_bytes`` (rounded up to whole checksum blocks). ``storage_options``
-    apply to both locations.
+    naming the file (and the base holding it) before anything is committed.
+    ``num_io_threads`` files are copied at once (an object store answers each request
+    slowly); memory: one piece of ``read_piece_bytes`` (rounded up to whole checksum
+    blocks) per thread. ``storage_options`` apply to both locations.
     """
     source, path = as_url(source, "source"), as_url(path)
     if read_piece_bytes < 1:
         raise ValueError(f"read_piece_bytes must be positive, got {read_piece_bytes}")
+    check_io_threads(num_io_threads)
     src = open_storage(source, storage_options)
     manifest = read_manifest(src)
     keep_digests = _keep_digests(manifest, format_version, source)
@@ -109,7 +115,7 @@ def materialize_checkpoint(
     try:
         copy = _Copy(DataFiles(src, manifest.files), dst, manifest, save_id, keep_digests, read_piece_bytes)
         with byte_bar(manifest.total_tensor_bytes, "materialize", enabled=progress) as bar:
-            copy.run(bar)
+            copy.run(bar, num_io_threads)
         result = copy.manifest()
         if result.files:  # a checkpoint of values only has no data folder
             dst.sync_dir(layout.DATA_DIR)
@@ -183,8 +189,8 @@ def _check_sizes(dst: Storage, m: Manifest) -> None:
 
 
 class _Copy:
-    """The copy of one checkpoint's data files, file by file; :meth:`manifest` then
-    describes the copy. Single-threaded; holds one piece buffer."""
+    """The copy of one checkpoint's data files, a file per task on a thread pool;
+    :meth:`manifest` then describes the copy. Each task holds one piece buffer."""
 
     def __init__(
         self, files: DataFiles, dst: Storage, m: Manifest, save_id: str, keep_digests: bool, piece_bytes: int
@@ -198,14 +204,26 @@ class _Copy:
                 self.chunks[c.file].append((key, t.dtype, c))
         self.moved: dict[tuple[str, tuple[int, ...]], ChunkRecord] = {}
         self.new_files: dict[str, FileRecord] = {}
+        self._cancel = threading.Event()
+        self._lock = threading.Lock()  # the progress bar and the results above
 
-    def run(self, bar: Any) -> None:
+    def run(self, bar: Any, threads: int) -> None:
+        """Copy every file; the first failure stops the others at their next piece and is raised."""
+        jobs: list[tuple[str, str]] = []
         per_rank: dict[int, int] = defaultdict(int)
         for name in sorted(self.chunks):
             rank = self.m.files[name].rank
-            out = layout.data_file_name(self.save_id, rank, per_rank[rank])
+            jobs.append((name, layout.data_file_name(self.save_id, rank, per_rank[rank])))
             per_rank[rank] += 1
-            self._copy_file(name, out, bar)
+        pool = ThreadPoolExecutor(max(1, min(threads, len(jobs))), thread_name_prefix="shardckpt-materialize")
+        try:
+            for f in [pool.submit(self._copy_file, name, out, bar) for name, out in jobs]:
+                f.result()
+        except BaseException:
+            self._cancel.set()
+            raise
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)
 
     def manifest(self) -> Manifest:
         tensors = {
@@ -241,6 +259,7 @@ class _Copy:
         src_hasher, out_hasher = integrity.new_file_hasher(), integrity.new_file_hasher()
         src_hasher.update(head)
         out_hasher.update(header)
+        moved: dict[tuple[str, tuple[int, ...]], ChunkRecord] = {}
         stream = self.dst.open_write(out)
         try:
             stream.write(header)
@@ -249,9 +268,10 @@ class _Copy:
                     src_hasher.update(piece)
                     out_hasher.update(piece)
                     stream.write(piece)
-                    bar.update(len(piece))
+                    with self._lock:
+                        bar.update(len(piece))
                 offset = len(header) + entry.begin
-                self.moved[(key, c.offsets)] = dataclasses.replace(
+                moved[(key, c.offsets)] = dataclasses.replace(
                     c, file=out, byte_offset=offset, digest=c.digest if self.keep_digests else None
                 )
             if whole and src_hasher.hexdigest() != record.hash:
@@ -263,7 +283,9 @@ class _Copy:
         except BaseException:
             stream.abort()
             raise
-        self.new_files[out] = FileRecord(size=len(header) + begin, hash=out_hasher.hexdigest(), rank=record.rank)
+        with self._lock:
+            self.moved.update(moved)
+            self.new_files[out] = FileRecord(size=len(header) + begin, hash=out_hasher.hexdigest(), rank=record.rank)
 
     def _read_header(
         self, name: str, size: int, where: str
@@ -285,6 +307,8 @@ class _Copy:
         block = self.m.hash_block_bytes
         buf = memoryview(bytearray(min(self.piece_bytes, c.byte_length)))
         for lo in range(0, c.byte_length, self.piece_bytes):
+            if self._cancel.is_set():
+                raise _Cancelled(f"copy of {name} stopped: another file of the copy failed")
             piece = buf[: min(self.piece_bytes, c.byte_length - lo)]
             self.files.read_into(name, c.byte_offset + lo, piece)
             integrity.verify_blocks(
@@ -300,6 +324,10 @@ class _Copy:
         buf = bytearray(length)
         self.files.read_into(name, offset, memoryview(buf))
         return bytes(buf)
+
+
+class _Cancelled(Exception):
+    """A copy thread stopped because another one failed (that failure is what is raised)."""
 
 
 def _claim(
