@@ -250,12 +250,8 @@ class _Copy:
         kept = _claim(entries, len(head), chunks, where)
         # All of the file kept, back to back: hashing what is read checks the whole-file hash too.
         whole = len(kept) == len(entries) and _tiles(len(head), size, [c for _, _, c in chunks])
-        new_entries, begin = [], 0
-        for entry in kept:
-            new_entries.append(dataclasses.replace(entry, begin=begin, end=begin + entry.end - entry.begin))
-            begin += entry.end - entry.begin
         version = "2" if self.keep_digests else "1"
-        header = datafile.build_header(new_entries, {**meta, "save_id": self.save_id, "format_version": version})
+        header, new_entries = _packed(kept, {**meta, "save_id": self.save_id, "format_version": version})
         src_hasher, out_hasher = integrity.new_file_hasher(), integrity.new_file_hasher()
         src_hasher.update(head)
         out_hasher.update(header)
@@ -285,7 +281,8 @@ class _Copy:
             raise
         with self._lock:
             self.moved.update(moved)
-            self.new_files[out] = FileRecord(size=len(header) + begin, hash=out_hasher.hexdigest(), rank=record.rank)
+            out_size = len(header) + (new_entries[-1].end if new_entries else 0)
+            self.new_files[out] = FileRecord(size=out_size, hash=out_hasher.hexdigest(), rank=record.rank)
 
     def _read_header(
         self, name: str, size: int, where: str
@@ -351,6 +348,15 @@ def _claim(
         there.remove(match)
         kept.append(match)
     return kept
+
+
+def _packed(kept: list[datafile.HeaderEntry], meta: dict[str, str]) -> tuple[bytes, list[datafile.HeaderEntry]]:
+    """A new file's header and entries: the ``kept`` entries, in order, back to back."""
+    packed, begin = [], 0
+    for entry in kept:
+        packed.append(dataclasses.replace(entry, begin=begin, end=begin + entry.end - entry.begin))
+        begin += entry.end - entry.begin
+    return datafile.build_header(packed, meta), packed
 
 
 def _tiles(start: int, size: int, chunks: list[ChunkRecord]) -> bool:
