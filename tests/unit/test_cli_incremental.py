@@ -11,6 +11,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from distributed import run_ranks
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.tensor import Shard, distribute_tensor
 
 import shardckpt
 from shardckpt.cli.app import main
@@ -230,6 +233,34 @@ def test_materialize_checks_whole_file_hashes(tmp_path: Path, capsys: pytest.Cap
     code, _, err = run(capsys, "materialize", str(s1), str(tmp_path / "copy"), "--no-progress")
     assert code == 1 and "whole-file xxh3" in err and own in err
     assert not (tmp_path / "copy").exists()
+
+
+def _save_sharded_pair(rank: int, world: int, root: str) -> None:
+    mesh = init_device_mesh("cpu", (world,))
+    sd = {k: distribute_tensor(v, mesh, [Shard(0)]) if isinstance(v, torch.Tensor) else v for k, v in _state().items()}
+    shardckpt.save(sd, f"{root}/s0", incremental=True, hash_block_bytes=BLOCK)
+    sd["adapter"] = distribute_tensor(_state()["adapter"] + 1, mesh, [Shard(0)])  # type: ignore[operator]
+    sd["step"] = 1
+    shardckpt.save(sd, f"{root}/s1", base=f"{root}/s0", hash_block_bytes=BLOCK)
+
+
+def test_materialize_a_two_rank_checkpoint_and_load_it_on_one(tmp_path: Path) -> None:
+    from shardckpt.convert import materialize_checkpoint
+
+    run_ranks(_save_sharded_pair, 2, str(tmp_path))
+    report = materialize_checkpoint(tmp_path / "s1", tmp_path / "copy")
+    m = _manifest(tmp_path / "copy")
+    source_files = _manifest(tmp_path / "s1")["files"].values()  # one copy of each, of the same rank
+    assert sorted(f["rank"] for f in m["files"].values()) == sorted(f["rank"] for f in source_files)
+    assert m["world_size"] == 2 and {f["rank"] for f in source_files} == {0, 1}
+    assert report.files == len(source_files) and [f.folder for f in report.folders] == ["s1", "s0"]
+    assert all(len(t["chunks"]) == 2 for t in m["tensors"].values())  # every tensor as the 2 ranks saved it
+    shutil.rmtree(tmp_path / "s0")
+    want = _state()
+    _step(want, 1)
+    got = _zeros_like(want)
+    shardckpt.load(got, tmp_path / "copy")  # 2 -> 1: whole tensors assembled from both ranks' chunks
+    _assert_same(got, want)
 
 
 def test_materialize_through_fsspec() -> None:
