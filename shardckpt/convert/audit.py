@@ -173,7 +173,12 @@ def verify_checkpoint(
         for name in sorted(manifest.files):
             file_chunks = chunks.get(name, [])
             block = manifest.hash_block_bytes
-            results.append(_audit_file(files, name, file_chunks, block, read_piece_bytes, bar))
+            result = _audit_file(files, name, file_chunks, block, read_piece_bytes, bar)
+            base = manifest.files[name].checkpoint
+            if base is not None:  # say where the file is: not in this checkpoint's folder
+                where = f"in base checkpoint {base!r} ({files.storage_of(name).url}): "
+                result.problems = [p._replace(message=where + p.message) for p in result.problems]
+            results.append(result)
     return AuditReport(
         path=path,
         files_checked=sum(r.read for r in results),
@@ -216,8 +221,8 @@ def _audit_file(
             message = f"the data file is missing; it holds {len(keys)} key(s): {_some(keys)}; {_FIX}"
         else:
             message = (
-                f"the data file is missing from base checkpoint {record.checkpoint!r}; it holds {len(keys)} key(s) "
-                f"of this checkpoint: {_some(keys)}; {files.missing_hint(name)}"
+                f"the data file is missing; it holds {len(keys)} key(s) of this checkpoint: {_some(keys)}; "
+                + files.missing_hint(name)
             )
         result.problems.append(Problem(name, None, message))
         bar.update(record.size)

@@ -125,9 +125,21 @@ def test_verify_names_the_base_a_missing_file_belongs_to(tmp_path: Path, capsys:
     code, out, _ = run(capsys, "verify", str(s1), "--no-progress")
     assert code == 1
     (problem,) = [line for line in out.splitlines() if line.startswith("PROBLEM")]
-    assert shared[0] in problem and "missing from base checkpoint 's0'" in problem
+    assert f"{shared[0]}: in base checkpoint 's0' ({s0}): the data file is missing" in problem
     assert "was 's0' deleted or moved by hand" in problem  # DataFiles.missing_hint
     assert "'frozen'" in problem
+
+
+def test_verify_says_a_damaged_file_is_in_a_base(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    s0, s1, _ = _save_pair(tmp_path)
+    (shared,) = [n for n, f in _manifest(s1)["files"].items() if f.get("checkpoint") == "s0"]
+    data = bytearray((s0 / shared).read_bytes())
+    data[-1] ^= 0xFF  # in emb, a chunk s1 reads from s0
+    (s0 / shared).write_bytes(bytes(data))
+    code, out, _ = run(capsys, "verify", str(s1), "--json", "--no-progress")
+    problems = json.loads(out)["problems"]
+    assert code == 1 and {(p["file"], p["key"]) for p in problems} == {(shared, "emb"), (shared, None)}
+    assert all(p["message"].startswith(f"in base checkpoint 's0' ({s0}): ") for p in problems)
 
 
 # ---------------------------------------------------------------- materialize
@@ -149,6 +161,8 @@ def test_materialized_copy_loads_bitwise_after_the_base_is_gone(
     assert all("digest" in c for t in m["tensors"].values() for c in t["chunks"])
     # Only the chunks s1 uses were copied: s0's stale adapter is not in the copy.
     assert report["tensor_bytes"] == sum(f["tensor_bytes"] for f in report["folders"]) == 25_600 + 256 + 1_600
+    code, stdout, _ = run(capsys, "diff", str(s1), str(out), "--exit-code", "--no-progress")
+    assert code == 0 and "0 changed; 3 of 3 common tensors unchanged" in stdout  # diff reads s1 through s0
     shutil.rmtree(s0)
     shutil.rmtree(s1)
     got = _zeros_like(sd)
