@@ -45,6 +45,13 @@ class StepInfo:
     world_size: int | None = None
     foreign: bool = False
     """Uncommitted and not written by shardckpt (no save marker): never restored or deleted."""
+    bases: tuple[str, ...] = ()
+    """Incremental (format 2): the step folders it reads unchanged tensors from."""
+    base_bytes: int = 0
+    """Of ``size_bytes``, the bytes of data files that live in ``bases``, not in this folder."""
+    retired: bool = False
+    """Uncommitted, deleted by retention, but committed incremental steps still read data
+    files in it (it holds ``.shardckpt-referenced.json``): swept once none does."""
 
 
 @dataclass(frozen=True)
@@ -150,11 +157,20 @@ def list_root(root: str | os.PathLike[str], storage_options: dict[str, Any] | No
         sub = storage.child(name)
         if folder.is_committed(sub):
             m = read_manifest(sub)
-            infos.append(StepInfo(step, True, _size(m), metrics_of(m), m.created_at, m.world_size))
+            in_bases = sum(f.size for f in m.files.values() if f.checkpoint is not None)
+            infos.append(
+                StepInfo(
+                    step, True, _size(m), metrics_of(m), m.created_at, m.world_size, bases=m.bases, base_bytes=in_bases
+                )
+            )
         else:
             found = folder.contents(sub)
             size = sum(sub.size(n) for n in sub.list_files(""))
-            infos.append(StepInfo(step, False, size, foreign=not found.is_ours and not found.is_empty))
+            infos.append(
+                StepInfo(
+                    step, False, size, foreign=not found.is_ours and not found.is_empty, retired=found.is_referenced
+                )
+            )
     return sorted(infos, key=lambda i: i.step)
 
 
