@@ -41,7 +41,13 @@ from shardckpt.training import GlobalBatch, ResumableDistributedSampler, RngStre
 _LAZY = {
     **{
         name: "shardckpt.convert"
-        for name in ("diff_checkpoints", "export_checkpoint", "import_checkpoint", "read_state_dict")
+        for name in (
+            "diff_checkpoints",
+            "export_checkpoint",
+            "import_checkpoint",
+            "materialize_checkpoint",
+            "read_state_dict",
+        )
     },
     "RetryPolicy": "shardckpt.storage",
     "TransferOptions": "shardckpt.storage",
@@ -100,6 +106,7 @@ __all__ = [
     "import_checkpoint",
     "list_root",
     "load",
+    "materialize_checkpoint",
     "read_manifest",
     "read_state_dict",
     "save",

@@ -39,7 +39,7 @@ from shardckpt.cli.base import (
 from shardckpt.convert.audit import AuditReport, Problem, describe_checkpoint, verify_checkpoint
 from shardckpt.convert.progress import human_bytes
 from shardckpt.errors import CheckpointNotFoundError, ManifestError, ShardckptError, UnsupportedFormatVersionError
-from shardckpt.format.layout import MANIFEST_NAME, step_dir_name
+from shardckpt.format.layout import MANIFEST_NAME, parse_step_dir, step_dir_name
 from shardckpt.storage import open_storage
 from shardckpt.storage.folder import is_committed
 
@@ -78,6 +78,12 @@ def _format_summary(s: dict[str, Any], *, pattern: str | None) -> str:
     ]
     if s["metadata"]:
         lines.append(f"metadata    {json.dumps(s['metadata'])}")
+    if s["bases"]:
+        lines.append(
+            f"bases       {', '.join(s['bases'])} (incremental: unchanged tensors are read from these "
+            "checkpoints beside it; `shardckpt materialize` makes a copy without them)"
+        )
+        lines += ["", *_folders_table(s["folders"])]
     keys = s["keys"]
     tensors = [
         [k, r["dtype"], str(r["shape"]), str(r["chunks"]), human_bytes(r["bytes"])]
@@ -92,6 +98,20 @@ def _format_summary(s: dict[str, Any], *, pattern: str | None) -> str:
     if not keys:
         lines += ["", f"no key matches {pattern!r}" if pattern is not None else "the checkpoint holds no keys"]
     return "\n".join(lines)
+
+
+def _folders_table(folders: list[dict[str, Any]]) -> list[str]:
+    """Which bytes of an incremental checkpoint live in which checkpoint folder."""
+    rows = [
+        [
+            f["folder"] + (" (this checkpoint)" if f["own"] else " (base)"),
+            str(f["files"]),
+            human_bytes(f["file_bytes"]),
+            human_bytes(f["tensor_bytes"]),
+        ]
+        for f in folders
+    ]
+    return _table(["DATA IN FOLDER", "FILES", "FILE BYTES", "TENSOR BYTES"], rows)
 
 
 # ---------------------------------------------------------------- verify
@@ -116,13 +136,17 @@ def _run_verify(args: argparse.Namespace) -> int:
 
 
 def _format_report(r: AuditReport) -> str:
+    where = []
+    if len(r.folders) > 1:  # incremental: say where the bytes were read from
+        where = ["", *_folders_table([f.to_json() for f in r.folders])]
     if r.ok:
-        return (
+        ok = (
             f"OK  {r.path}: {r.files_checked} data files, {r.chunks_checked} chunks, "
             f"{human_bytes(r.bytes_hashed)} re-hashed; every checksum matches the manifest"
         )
+        return "\n".join([ok, *where])
     files = len({p.file for p in r.problems})
-    lines = [f"PROBLEM  {p}" for p in r.problems]
+    lines = [f"PROBLEM  {p}" for p in r.problems] + where
     lines.append(
         f"FAILED  {r.path}: {len(r.problems)} problem(s) in {files} file(s). Do not resume from this "
         "checkpoint: restore the files named above from a good copy, or load an earlier checkpoint."
@@ -174,6 +198,9 @@ def _run_ls(args: argparse.Namespace) -> int:
                 "world_size": i.world_size,
                 "latest": i.step == latest,
                 "best": i.step == best,
+                "bases": list(i.bases),
+                "base_bytes": i.base_bytes,
+                "retired": i.retired,
             }
             for i in infos
         ]
@@ -194,8 +221,18 @@ def _run_ls(args: argparse.Namespace) -> int:
         print("\n".join(_steps_table(infos, latest, best)))
     else:
         print(f"{args.root}: no manager step folders (a CheckpointManager names step 100 step_0000000100)")
-    if any(not i.committed and not i.foreign for i in infos):
+    if any(not i.committed and not i.foreign and not i.retired for i in infos):
         print("UNCOMMITTED folders are left by interrupted saves: never restored, removed by the next writing manager.")
+    if any(i.bases for i in infos):
+        print(
+            "INCREMENTAL steps read the tensors that did not change from the earlier step named; SIZE counts those "
+            "bytes too. `shardckpt materialize STEP DST` makes a copy that needs no other folder."
+        )
+    if any(i.retired for i in infos):
+        print(
+            "RETIRED folders are deleted steps (no manifest: never restored) whose data files incremental steps "
+            "still read; the manager removes them once no kept step does. Do not delete them by hand."
+        )
     if any(i.foreign for i in infos):
         print(
             "FOREIGN folders were not written by shardckpt (no manifest.json, no .shardckpt-save.json): "
@@ -216,20 +253,25 @@ def _run_ls(args: argparse.Namespace) -> int:
 
 def _steps_table(infos: list[Any], latest: int | None, best: int | None) -> list[str]:
     table: list[list[str]] = []
+    incremental = any(i.bases for i in infos)
     for i in infos:
         marks = ",".join(m for m, on in (("latest", i.step == latest), ("best", i.step == best)) if on)
-        state = "committed" if i.committed else "FOREIGN" if i.foreign else "UNCOMMITTED"
-        table.append(
-            [
-                str(i.step),
-                state,
-                human_bytes(i.size_bytes),
-                str(i.world_size or "-"),
-                json.dumps(i.metrics) if i.metrics else "-",
-                marks,
-            ]
-        )
-    return _table(["STEP", "STATE", "SIZE", "RANKS", "METRICS", ""], table)
+        state = "committed" if i.committed else "FOREIGN" if i.foreign else "RETIRED" if i.retired else "UNCOMMITTED"
+        row = [str(i.step), state, human_bytes(i.size_bytes), str(i.world_size or "-")]
+        if incremental:
+            row.append(_bases_cell(i.bases, i.base_bytes))
+        table.append([*row, json.dumps(i.metrics) if i.metrics else "-", marks])
+    header = ["STEP", "STATE", "SIZE", "RANKS", *(["INCREMENTAL"] if incremental else []), "METRICS", ""]
+    return _table(header, table)
+
+
+def _bases_cell(bases: tuple[str, ...], base_bytes: int) -> str:
+    """``on step 100 (2.0 GiB there)`` for an incremental step, ``-`` for a full one."""
+    if not bases:
+        return "-"
+    steps = [parse_step_dir(b) for b in bases]
+    names = [str(n) if n is not None else b for n, b in zip(steps, bases, strict=True)]
+    return f"on step{'s' if len(names) > 1 else ''} {','.join(names)} ({human_bytes(base_bytes)} there)"
 
 
 def _check_root(root: str) -> None:

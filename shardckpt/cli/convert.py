@@ -1,4 +1,4 @@
-"""``shardckpt export | import | diff``: the command-line front of :mod:`shardckpt.convert`."""
+"""``shardckpt export | import | diff | materialize``: the command-line front of :mod:`shardckpt.convert`."""
 
 from __future__ import annotations
 
@@ -210,6 +210,40 @@ def _format_diff(r: Any) -> str:
     return "\n".join(lines)
 
 
+def _configure_materialize(p: argparse.ArgumentParser) -> None:
+    p.add_argument("source", metavar="SRC", help=_PATH_HELP)
+    p.add_argument("out", metavar="DST", help="the new checkpoint folder (must not exist or be empty)")
+    p.add_argument(
+        "--format-version",
+        type=int,
+        choices=(1, 2),
+        help="2: keep the chunk digests (the copy can be the base of a later incremental save); 1: drop them "
+        "(any shardckpt reads it). Default: keep what SRC has",
+    )
+    _add_output_flags(p)
+
+
+def _run_materialize(args: argparse.Namespace) -> int:
+    from shardckpt.convert import materialize_checkpoint
+
+    def work() -> Any:
+        return materialize_checkpoint(
+            args.source, args.out, format_version=args.format_version, progress=_progress(args)
+        )
+
+    return _reported("materialize", args, work, _format_materialize)
+
+
+def _format_materialize(r: Any) -> str:
+    read = ", ".join(
+        f"{human_bytes(f.tensor_bytes)} from {f.folder}{' (base)' if not f.own else ''}" for f in r.folders
+    )
+    return (
+        f"materialized {r.source} -> {r.path}: {r.files} data files, {human_bytes(r.file_bytes)} "
+        f"(tensor data read: {read}); format {r.format_version}, no references: it loads without any other folder"
+    )
+
+
 register(
     Command(
         name="export",
@@ -280,5 +314,27 @@ register(
         ),
         configure=_configure_diff,
         run=_run_diff,
+    )
+)
+
+register(
+    Command(
+        name="materialize",
+        summary="copy an incremental checkpoint into a standalone one that reads no other folder",
+        description=(
+            "An incremental checkpoint (saved with base= or by CheckpointManager(incremental=True)) reads "
+            "the tensors that did not change from the earlier checkpoints beside it (its bases; "
+            "`shardckpt inspect` lists them). materialize writes a copy at DST that holds every byte it "
+            "needs and no reference, so it survives deleting or moving the bases, and can be moved or "
+            "archived alone. Only the chunks SRC uses are copied, streamed piece by piece, every byte checked "
+            "against the checksums; DST is committed like a save (manifest last). DST must not exist or be "
+            "empty; SRC and its bases are not changed. Works for any checkpoint (a full one is copied)."
+        ),
+        examples=(
+            "shardckpt materialize runs/llama/step_0000001000 archive/llama-step1000",
+            "shardckpt materialize s3://bucket/run/step_0000001000 s3://bucket/keep/step1000 --format-version 1",
+        ),
+        configure=_configure_materialize,
+        run=_run_materialize,
     )
 )

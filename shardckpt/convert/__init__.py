@@ -8,10 +8,13 @@
   -> a checkpoint that loads on any world size.
 - :func:`diff_checkpoints`: keys added, removed and changed; max abs difference per tensor.
 - :func:`read_state_dict`: a checkpoint as one in-memory nested dict, without a target.
+- :func:`materialize_checkpoint`: an incremental checkpoint (which reads unchanged tensors
+  from base checkpoints beside it) -> a standalone copy that reads nothing elsewhere.
 
 The work is split by direction: :mod:`~shardckpt.convert.source` (assembling tensors
 from chunks, verified), :mod:`~shardckpt.convert.export`, :mod:`~shardckpt.convert.importer`,
-:mod:`~shardckpt.convert.diff`, and :mod:`~shardckpt.convert.audit` (``verify``/``inspect``).
+:mod:`~shardckpt.convert.diff`, :mod:`~shardckpt.convert.materialize`, and
+:mod:`~shardckpt.convert.audit` (``verify``/``inspect``).
 None of them is collective except the save at the end of an import.
 """
 
@@ -41,6 +44,7 @@ from shardckpt.convert.importer import (
     detect_format,
     import_checkpoint,
 )
+from shardckpt.convert.materialize import MaterializeReport, materialize_checkpoint
 from shardckpt.convert.source import CheckpointSource, Selection, parse_dtype
 from shardckpt.convert.ties import hf_tied_weights, parse_tied
 
@@ -52,6 +56,7 @@ __all__ = [
     "DiffReport",
     "ExportReport",
     "ImportReport",
+    "MaterializeReport",
     "PickleNotTrustedError",
     "Selection",
     "TensorComparison",
@@ -60,6 +65,7 @@ __all__ = [
     "export_checkpoint",
     "hf_tied_weights",
     "import_checkpoint",
+    "materialize_checkpoint",
     "parse_dtype",
     "parse_size",
     "parse_tied",

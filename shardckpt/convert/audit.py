@@ -31,7 +31,7 @@ from shardckpt.format.values import decode_value
 from shardckpt.storage import Storage, as_url, open_storage
 from shardckpt.storage.datafiles import DataFiles
 
-__all__ = ["AuditReport", "Problem", "describe_checkpoint", "verify_checkpoint"]
+__all__ = ["AuditReport", "FolderShare", "Problem", "describe_checkpoint", "folder_shares", "verify_checkpoint"]
 
 DEFAULT_READ_PIECE_BYTES = 4 * 1024 * 1024
 _FIX = "restore the file from a good copy or load an earlier checkpoint"
@@ -52,12 +52,56 @@ class Problem(NamedTuple):
 
 
 @dataclass(frozen=True)
+class FolderShare:
+    """The part of a checkpoint's data that lives in one checkpoint folder: its own, or a
+    base beside it that an incremental save shares unchanged tensors with (format 2).
+
+    ``file_bytes`` sums the data files read from there (a base's file may also hold
+    chunks this checkpoint wrote anew: they count here, and are never read);
+    ``tensor_bytes`` sums this checkpoint's chunks stored there."""
+
+    folder: str
+    own: bool
+    files: int
+    file_bytes: int
+    tensor_bytes: int
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "folder": self.folder,
+            "own": self.own,
+            "files": self.files,
+            "file_bytes": self.file_bytes,
+            "tensor_bytes": self.tensor_bytes,
+        }
+
+
+def folder_shares(manifest: Manifest, path: str) -> list[FolderShare]:
+    """Where the data of the checkpoint at ``path`` lives, folder by folder: its own folder
+    first (also when it holds no data file), then each base in name order."""
+    own = path.rstrip("/").rsplit("/", 1)[-1]
+    files: dict[str | None, list[int]] = {None: []}
+    tensor_bytes: dict[str | None, int] = defaultdict(int)
+    for record in manifest.files.values():
+        files.setdefault(record.checkpoint, []).append(record.size)
+    for t in manifest.tensors.values():
+        for c in t.chunks:
+            tensor_bytes[manifest.files[c.file].checkpoint] += c.byte_length
+    ordered = [None, *sorted(k for k in files if k is not None)]
+    return [
+        FolderShare(own if k is None else k, k is None, len(files[k]), sum(files[k]), tensor_bytes[k]) for k in ordered
+    ]
+
+
+@dataclass(frozen=True)
 class AuditReport:
     """What :func:`verify_checkpoint` found.
 
     ``files_checked`` counts the data files that were present and read through,
     ``chunks_checked`` the chunks whose every checksum block was re-hashed, and
-    ``bytes_hashed`` the bytes read from storage and hashed.
+    ``bytes_hashed`` the bytes read from storage and hashed. ``folders``: which bytes live
+    in which checkpoint folder (more than one for an incremental checkpoint: its own and
+    the bases it reads unchanged tensors from), see :func:`folder_shares`.
     """
 
     path: str
@@ -65,6 +109,7 @@ class AuditReport:
     chunks_checked: int
     bytes_hashed: int
     problems: list[Problem] = field(default_factory=list)
+    folders: list[FolderShare] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
@@ -78,6 +123,7 @@ class AuditReport:
             "chunks_checked": self.chunks_checked,
             "bytes_hashed": self.bytes_hashed,
             "problems": [p._asdict() for p in self.problems],
+            "folders": [f.to_json() for f in self.folders],
         }
 
 
@@ -124,16 +170,22 @@ def verify_checkpoint(
     total = sum(f.size for f in manifest.files.values())
     results = []
     with byte_bar(total, "verify", enabled=progress) as bar:
-        for name, record in sorted(manifest.files.items()):
+        for name in sorted(manifest.files):
             file_chunks = chunks.get(name, [])
             block = manifest.hash_block_bytes
-            results.append(_audit_file(files.storage_of(name), name, record, file_chunks, block, read_piece_bytes, bar))
+            result = _audit_file(files, name, file_chunks, block, read_piece_bytes, bar)
+            base = manifest.files[name].checkpoint
+            if base is not None:  # say where the file is: not in this checkpoint's folder
+                where = f"in base checkpoint {base!r} ({files.storage_of(name).url}): "
+                result.problems = [p._replace(message=where + p.message) for p in result.problems]
+            results.append(result)
     return AuditReport(
         path=path,
         files_checked=sum(r.read for r in results),
         chunks_checked=sum(r.chunks_checked for r in results),
         bytes_hashed=sum(r.bytes_hashed for r in results),
         problems=[p for r in results for p in r.problems],
+        folders=folder_shares(manifest, path),
     )
 
 
@@ -146,9 +198,10 @@ def _chunks_by_file(manifest: Manifest) -> dict[str, list[_Chunk]]:
 
 
 def _audit_file(
-    storage: Storage, name: str, record: FileRecord, chunks: list[_Chunk], block_bytes: int, piece_bytes: int, bar: Any
+    files: DataFiles, name: str, chunks: list[_Chunk], block_bytes: int, piece_bytes: int, bar: Any
 ) -> _FileResult:
     result = _FileResult()
+    storage, record = files.storage_of(name), files.files[name]
     try:
         size = storage.size(name)
         if size != record.size:
@@ -164,7 +217,13 @@ def _audit_file(
         file_hash = _hash_file(storage, name, size, chunks, block_bytes, piece_bytes, bar, result)
     except FileNotFoundError:
         keys = sorted({c.key for c in chunks})
-        message = f"the data file is missing; it holds {len(keys)} key(s): {_some(keys)}; {_FIX}"
+        if record.checkpoint is None:
+            message = f"the data file is missing; it holds {len(keys)} key(s): {_some(keys)}; {_FIX}"
+        else:
+            message = (
+                f"the data file is missing; it holds {len(keys)} key(s) of this checkpoint: {_some(keys)}; "
+                + files.missing_hint(name)
+            )
         result.problems.append(Problem(name, None, message))
         bar.update(record.size)
         return result
@@ -358,7 +417,9 @@ def _some(items: list[str]) -> str:
 def describe_checkpoint(path: str | os.PathLike[str], storage_options: dict[str, Any] | None = None) -> dict[str, Any]:
     """A JSON-able summary of the checkpoint at ``path``, from its manifest alone.
 
-    Reads no data file. Values are shown as the manifest stores them (JSON, with
+    Reads no data file. ``bases`` and ``folders`` say where the data lives: an incremental
+    checkpoint (format 2) reads unchanged tensors from base checkpoints beside it.
+    Values are shown as the manifest stores them (JSON, with
     tuples and non-finite floats tagged as ``{"$tuple": ...}`` / ``{"$float": ...}``).
     Raises like :func:`shardckpt.engine.loading.read_manifest`.
     """
@@ -386,9 +447,16 @@ def describe_checkpoint(path: str | os.PathLike[str], storage_options: dict[str,
         "total_bytes": sum(f.size for f in m.files.values()),
         "tensor_bytes": m.total_tensor_bytes,
         "metadata": m.metadata,
-        "files": {n: {"size": f.size, "rank": f.rank} for n, f in sorted(m.files.items())},
+        "bases": list(m.bases),
+        "folders": [share.to_json() for share in folder_shares(m, path)],
+        "files": {n: _file_summary(f) for n, f in sorted(m.files.items())},
         "keys": dict(sorted(keys.items())),
     }
+
+
+def _file_summary(f: FileRecord) -> dict[str, Any]:
+    """A data file in ``inspect --json``; ``checkpoint``: the base folder holding it, if not this one."""
+    return {"size": f.size, "rank": f.rank, **({"checkpoint": f.checkpoint} if f.checkpoint is not None else {})}
 
 
 def _value_type(encoded: Any) -> str:

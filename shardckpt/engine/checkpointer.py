@@ -316,12 +316,19 @@ class Checkpointer:
             open_storage=functools.partial(self.open_storage, path, storage_options, io=io),
             process_group=ckpt_group,
             timeout_s=timeout_s,
-            committed=self._remember_chunks if digests else None,
+            committed=self._remember_chunks,
         )
         return _SaveStart(group, request)
 
     def _remember_chunks(self, writer: Writer) -> None:
+        """After every committed save: keep its chunks if it recorded digests; forget the
+        remembered ones if a plain save replaced them (overwrite=True removed their files)."""
         location = writer.storage.location
+        if not writer.options.digests:
+            with self._lock:
+                if self._last_saved is not None and self._last_saved[0] == location:
+                    self._last_saved = None
+            return
         index = BaseIndex.from_results(folder_name(location), writer.options.hash_block_bytes, writer.saved)
         with self._lock:
             self._last_saved = (location, index)

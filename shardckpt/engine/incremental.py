@@ -30,11 +30,11 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-import xxhash
 from torch.distributed.checkpoint.planner import WriteItem
 from torch.distributed.checkpoint.storage import WriteResult
 
 from shardckpt.format import datafile
+from shardckpt.format.integrity import digest_hex
 from shardckpt.format.manifest import ChunkRecord, FileRecord, Manifest
 
 ChunkKey = tuple[str, tuple[int, ...], tuple[int, ...]]  # (key, offsets, sizes)
@@ -43,11 +43,6 @@ ChunkKey = tuple[str, tuple[int, ...], tuple[int, ...]]  # (key, offsets, sizes)
 def folder_name(location: str) -> str:
     """The last component of a storage location (``file:///runs/a/step_1`` -> ``step_1``)."""
     return location.rstrip("/").rsplit("/", 1)[-1]
-
-
-def digest_hex(data: memoryview) -> str:
-    """The digest incremental saves compare: xxh3-128, 32 lowercase hex digits. Releases the GIL."""
-    return xxhash.xxh3_128_hexdigest(data)
 
 
 @dataclass(frozen=True)

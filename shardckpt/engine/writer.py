@@ -137,69 +137,11 @@ class Writer(StorageWriter):
         return [dataclasses.replace(p, storage_data={"save_id": save_id, "rank": r}) for r, p in enumerate(plans)]
 
     def _claim_folder(self, save_id: str) -> None:
-        """Refuse a folder that is not ours to write; then create the save marker, the
-        proof (for clean-up) that shardckpt owns what follows, before any data byte."""
-        url = self.storage.url
-        found = folder.contents(self.storage)
-        if found.foreign:
-            shown = ", ".join(repr(n) for n in found.foreign[:5])
-            raise DestinationNotEmptyError(
-                f"save to {url}: the folder already holds {len(found.foreign)} "
-                f"{'entry that is' if len(found.foreign) == 1 else 'entries that are'} not part of a "
-                f"shardckpt checkpoint ({shown}); shardckpt saves only into a new or empty folder, or over its "
-                "own checkpoint, so it never deletes or overwrites your files. Save to a new path (one folder "
-                "per checkpoint, e.g. runs/exp1/step_100) or empty this one."
-            )
-        if found.is_referenced:
-            raise CheckpointExistsError(
-                f"save to {url}: incremental checkpoints beside this one read its data files (it holds "
-                f"{layout.REFERENCED_NAME}), so it is never overwritten, even with overwrite=True: that would "
-                "break them. Save to a new path; delete it through the CheckpointManager that wrote the "
-                "incremental steps, which keeps every file a kept step needs."
-            )
-        if not self.options.overwrite and found.has_manifest:
-            raise CheckpointExistsError(
-                f"{url}: a committed checkpoint is already there; save to a new path, "
-                "or pass overwrite=True to replace it (the old one stops being loadable at once)"
-            )
-        if not self.options.overwrite and found.has_marker:
-            raise CheckpointExistsError(
-                f"save to {url}: another save is writing into this folder, or an earlier one was interrupted "
-                f"(it holds {layout.SAVE_MARKER_NAME} and no {layout.MANIFEST_NAME}). If no other job is saving "
-                "here, pass overwrite=True to replace what the interrupted save left, or save to a new path."
-            )
-        marker = json.dumps(
-            {
-                "format": "shardckpt",
-                "save_id": save_id,
-                "host": socket.gethostname(),
-                "pid": os.getpid(),
-                "started_at": time.time(),
-            }
-        ).encode()
-        if self.options.overwrite:
-            # Listed now, deleted only after the new commit: the replaced save's files.
-            self._replaced = [n for n in found.checkpoint_files if layout.is_data_file_name(n)]
-            # Uncommit first: from here on nobody may trust the old files.
-            self.storage.delete([layout.MANIFEST_NAME])
-        self._create(
-            layout.SAVE_MARKER_NAME,
-            marker,
-            lost_race="another save started writing into this folder "
-            "at the same moment; two saves to one path cannot both succeed. Save each to its own path.",
-        )
+        self._replaced = claim_folder(self.storage, save_id, overwrite=self.options.overwrite)
         self._save_id = save_id
 
     def _create(self, name: str, data: bytes, *, lost_race: str) -> None:
-        """Create ``name`` exclusively (replace it with ``overwrite``); a lost race is
-        CheckpointExistsError saying ``lost_race``."""
-        if self.options.overwrite:
-            self.storage.write_atomic(name, data)
-            return
-        try:
-            self.storage.create_exclusive(name, data)
-        except FileExistsError as e:
-            raise CheckpointExistsError(f"save to {self.storage.url}: {lost_race}") from e
+        create_file(self.storage, name, data, overwrite=self.options.overwrite, lost_race=lost_race)
 
     def write_data(self, plan: SavePlan, planner: SavePlanner) -> torch.futures.Future[list[WriteResult]]:
         try:
@@ -362,27 +304,10 @@ class Writer(StorageWriter):
 
     def discard(self) -> None:
         """After a failed save (coordinator): remove this save's own files when nothing was
-        committed, so a failed save into a new folder leaves nothing behind. Only names of
-        this save's id; the marker only while it is still this save's. Best effort: a
-        failure here is logged, never raised over the save's own error."""
+        committed (:func:`discard_save`)."""
         if self._save_id is None or self._committed:
             return
-        try:
-            if folder.is_committed(self.storage):
-                return  # committed after all (or by a racing overwrite): not ours to touch
-            prefix = f"{layout.DATA_DIR}/{self._save_id}-"
-            self.storage.delete([n for n in self.storage.list_files(layout.DATA_DIR) if n.startswith(prefix)])
-            if _marker_save_id(self.storage) == self._save_id:
-                self.storage.delete([layout.SAVE_MARKER_NAME])
-                if self.storage.remove_empty_dir(layout.DATA_DIR):
-                    self.storage.remove_empty_dir("")
-        except (OSError, ShardckptError) as e:
-            log.warning(
-                "shardckpt: the failed save to %s left files behind (%s); a CheckpointManager "
-                "removes them at its next start, or save again with overwrite=True",
-                self.storage.url,
-                e,
-            )
+        discard_save(self.storage, self._save_id)
 
     def storage_meta(self) -> None:
         return None
@@ -408,6 +333,107 @@ def _check_same_location(url: str, per_rank: list[dict[str, Any]]) -> None:
         raise InconsistentRanksError(
             f"save to {url}: ranks passed different paths ({shown}). Every rank must pass the same path "
             "(compute it once, e.g. on rank 0, and broadcast it); nothing was written."
+        )
+
+
+def claim_folder(storage: Storage, save_id: str, *, overwrite: bool, what: str = "save") -> list[str]:
+    """Refuse a folder that is not ours to write; then create the save marker, the proof
+    (for clean-up) that shardckpt owns what follows, before any data byte. Coordinator
+    only; ``what`` names the operation in errors (``"save"``, ``"materialize"``).
+
+    With ``overwrite`` an existing checkpoint there is uncommitted at once and the names of
+    its data files are returned (the caller removes them after its own commit); else []."""
+    url = storage.url
+    found = folder.contents(storage)
+    if found.foreign:
+        shown = ", ".join(repr(n) for n in found.foreign[:5])
+        raise DestinationNotEmptyError(
+            f"{what} to {url}: the folder already holds {len(found.foreign)} "
+            f"{'entry that is' if len(found.foreign) == 1 else 'entries that are'} not part of a "
+            f"shardckpt checkpoint ({shown}); shardckpt saves only into a new or empty folder, or over its "
+            "own checkpoint, so it never deletes or overwrites your files. Save to a new path (one folder "
+            "per checkpoint, e.g. runs/exp1/step_100) or empty this one."
+        )
+    if found.is_referenced:
+        raise CheckpointExistsError(
+            f"{what} to {url}: incremental checkpoints beside this one read its data files (it holds "
+            f"{layout.REFERENCED_NAME}), so it is never overwritten, even with overwrite=True: that would "
+            "break them. Save to a new path; delete it through the CheckpointManager that wrote the "
+            "incremental steps, which keeps every file a kept step needs."
+        )
+    if not overwrite and found.has_manifest:
+        raise CheckpointExistsError(
+            f"{url}: a committed checkpoint is already there; save to a new path, "
+            "or pass overwrite=True to replace it (the old one stops being loadable at once)"
+        )
+    if not overwrite and found.has_marker:
+        raise CheckpointExistsError(
+            f"{what} to {url}: another save is writing into this folder, or an earlier one was interrupted "
+            f"(it holds {layout.SAVE_MARKER_NAME} and no {layout.MANIFEST_NAME}). If no other job is saving "
+            "here, pass overwrite=True to replace what the interrupted save left, or save to a new path."
+        )
+    marker = json.dumps(
+        {
+            "format": "shardckpt",
+            "save_id": save_id,
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
+            "started_at": time.time(),
+        }
+    ).encode()
+    replaced: list[str] = []
+    if overwrite:
+        # Listed now, deleted only after the new commit: the replaced save's files.
+        replaced = [n for n in found.checkpoint_files if layout.is_data_file_name(n)]
+        # Uncommit first: from here on nobody may trust the old files.
+        storage.delete([layout.MANIFEST_NAME])
+    create_file(
+        storage,
+        layout.SAVE_MARKER_NAME,
+        marker,
+        overwrite=overwrite,
+        lost_race="another save started writing into this folder "
+        "at the same moment; two saves to one path cannot both succeed. Save each to its own path.",
+        what=what,
+    )
+    return replaced
+
+
+def create_file(
+    storage: Storage, name: str, data: bytes, *, overwrite: bool, lost_race: str, what: str = "save"
+) -> None:
+    """Create ``name`` exclusively (replace it with ``overwrite``); a lost race is
+    CheckpointExistsError saying ``lost_race``. The commit of a save is this call for the
+    manifest, after every data file is durable."""
+    if overwrite:
+        storage.write_atomic(name, data)
+        return
+    try:
+        storage.create_exclusive(name, data)
+    except FileExistsError as e:
+        raise CheckpointExistsError(f"{what} to {storage.url}: {lost_race}") from e
+
+
+def discard_save(storage: Storage, save_id: str) -> None:
+    """After a failed save or materialize that did not commit (coordinator): remove the
+    files of ``save_id``, so a failure in a new folder leaves nothing behind. Only names of
+    this save id; the marker only while it is still this save's. Best effort: a failure
+    here is logged, never raised over the save's own error."""
+    try:
+        if folder.is_committed(storage):
+            return  # committed after all (or by a racing overwrite): not ours to touch
+        prefix = f"{layout.DATA_DIR}/{save_id}-"
+        storage.delete([n for n in storage.list_files(layout.DATA_DIR) if n.startswith(prefix)])
+        if _marker_save_id(storage) == save_id:
+            storage.delete([layout.SAVE_MARKER_NAME])
+            if storage.remove_empty_dir(layout.DATA_DIR):
+                storage.remove_empty_dir("")
+    except (OSError, ShardckptError) as e:
+        log.warning(
+            "shardckpt: the failed save to %s left files behind (%s); a CheckpointManager "
+            "removes them at its next start, or save again with overwrite=True",
+            storage.url,
+            e,
         )
 
 

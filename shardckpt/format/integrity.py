@@ -18,6 +18,12 @@ def new_file_hasher() -> xxhash.xxh3_64:
     return xxhash.xxh3_64()
 
 
+def digest_hex(data: memoryview | bytes) -> str:
+    """The digest incremental saves compare chunks by: xxh3-128, 32 lowercase hex digits
+    (docs/format.md, section 11). Releases the GIL."""
+    return xxhash.xxh3_128_hexdigest(data)
+
+
 def hash_hex(data: memoryview | bytes) -> str:
     return xxhash.xxh3_64_hexdigest(data)
 

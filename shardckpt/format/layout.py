@@ -80,12 +80,12 @@ def looks_like_step_dir(name: str) -> bool:
 
 
 def is_data_file_name(name: str) -> bool:
-    return bool(_DATA_NAME.match(name))
+    return bool(_DATA_NAME.fullmatch(name))
 
 
 def is_temp_name(name: str) -> bool:
     """A temporary file of an atomic write inside a checkpoint folder (POSIX only)."""
-    return bool(_TMP_NAME.match(name))
+    return bool(_TMP_NAME.fullmatch(name))
 
 
 def is_checkpoint_name(name: str) -> bool:
@@ -112,7 +112,7 @@ def check_relative_name(name: object, *, where: str) -> str:
         raise ManifestError(f"{where}: expected a relative file name, found {name!r}")
     parts = name.split("/")
     for part in parts:
-        if part in ("", ".", "..") or not _SAFE_COMPONENT.match(part):
+        if part in ("", ".", "..") or not _SAFE_COMPONENT.fullmatch(part):
             raise ManifestError(
                 f"{where}: file name {name!r} is not a plain relative name inside the "
                 "checkpoint folder (absolute paths, '..', and unusual characters are refused); "

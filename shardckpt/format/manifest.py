@@ -293,6 +293,7 @@ def _parse_document(doc: Any, source: str) -> Manifest:
     if world_size < 1:
         raise ManifestError(f"{source}: world_size must be >= 1, found {world_size}")
     bases = _parse_bases(r, doc) if version >= 2 else ()
+    base_set = frozenset(bases)  # each file's checkpoint is looked up here: linear, not files x bases
     files = {}
     for name, f in r.get(doc, "files", dict, "").items():
         check_relative_name(name, where=f"{source}, files")
@@ -304,11 +305,12 @@ def _parse_document(doc: Any, source: str) -> Manifest:
             size=r.nonneg(f, "size", f"files[{name!r}]"),
             hash=r.hash(f, "hash", f"files[{name!r}]"),
             rank=r.nonneg(f, "rank", f"files[{name!r}]"),
-            checkpoint=_file_checkpoint(r, f, name, bases) if version >= 2 else None,
+            checkpoint=_file_checkpoint(r, f, name, base_set) if version >= 2 else None,
         )
-        if files[name].rank >= world_size:
+        # A base's file keeps the rank that wrote it there, which may be >= this save's world_size.
+        if files[name].checkpoint is None and files[name].rank >= world_size:
             raise ManifestError(f"{source}: files[{name!r}].rank {files[name].rank} >= world_size {world_size}")
-    unused = set(bases) - {f.checkpoint for f in files.values()}
+    unused = base_set - {f.checkpoint for f in files.values()}
     if unused:
         raise ManifestError(f"{source}: bases {sorted(unused)} are listed but no file lives there")
     tensors = {
@@ -358,7 +360,7 @@ def _parse_bases(r: _Reader, doc: Any) -> tuple[str, ...]:
     if len(bases) > MAX_BASES:
         raise ManifestError(f"{r.source}: {len(bases)} bases, at most {MAX_BASES} allowed")
     for b in bases:
-        if not isinstance(b, str) or not _FOLDER.match(b) or b in (".", ".."):
+        if not isinstance(b, str) or not _FOLDER.fullmatch(b) or b in (".", ".."):
             raise ManifestError(
                 f"{r.source}: bases entry {b!r} is not a folder name (letters, digits, '.', '_', '-'; "
                 "not '.' or '..'): a base is a checkpoint folder beside this one"
@@ -368,7 +370,7 @@ def _parse_bases(r: _Reader, doc: Any) -> tuple[str, ...]:
     return tuple(bases)
 
 
-def _file_checkpoint(r: _Reader, f: Any, name: str, bases: tuple[str, ...]) -> str | None:
+def _file_checkpoint(r: _Reader, f: Any, name: str, bases: frozenset[str]) -> str | None:
     if not isinstance(f, dict) or "checkpoint" not in f:
         return None
     folder = r.get(f, "checkpoint", str, f"files[{name!r}]")
@@ -416,12 +418,13 @@ def _parse_tensor(
                 f"{name!r} ({files[name].size} bytes)"
             )
         hashes = r.get(c, "block_hashes", list, cw)
-        if len(hashes) != num_blocks(length, block) or not all(isinstance(h, str) and _HASH.match(h) for h in hashes):
+        well_formed = all(isinstance(h, str) and _HASH.fullmatch(h) for h in hashes)
+        if len(hashes) != num_blocks(length, block) or not well_formed:
             raise ManifestError(f"{r.source}, {cw}: expected {num_blocks(length, block)} block hashes of 16 hex digits")
         digest = None
         if digests:
             digest = r.get(c, "digest", str, cw)
-            if not _DIGEST.match(digest):
+            if not _DIGEST.fullmatch(digest):
                 raise ManifestError(f"{r.source}: field {cw}.digest must be 32 lowercase hex digits, found {digest!r}")
         covered += math.prod(sizes)
         chunks.append(ChunkRecord(offsets, sizes, name, off, length, tuple(hashes), digest))
@@ -468,7 +471,7 @@ class _Reader:
 
     def hash(self, obj: Any, name: str, where: str) -> str:
         v = self.get(obj, name, str, where)
-        if not _HASH.match(v):
+        if not _HASH.fullmatch(v):
             raise ManifestError(f"{self.source}: field {where}.{name} must be 16 lowercase hex digits, found {v!r}")
         return str(v)
 

@@ -1,30 +1,25 @@
-"""CheckpointManager: step folders, commit discovery, retention, resume, save on preemption.
+"""CheckpointManager: step folders, commit discovery, resume, and the order of a run's calls.
 
 A step exists if and only if ``<root>/step_<N>/manifest.json`` exists. Listing,
-restore and retention only ever see committed steps; retention runs after the new
-step is committed and deletes a step through :func:`shardckpt.storage.folder.remove_checkpoint`
-(manifest first, so a crash mid-delete leaves an uncommitted folder that the next start
-cleans up, never a committed step with missing data; only the format's own names, so
-files a user put there stay). Decisions that ranks must share (which step to restore,
-whether a time interval has passed, whether any rank was preempted) are made once and
-given to every rank.
+restore and retention only ever see committed steps. Decisions that ranks must share
+(which step to restore, whether a time interval has passed, whether any rank was
+preempted, the base of an incremental save) are made once and given to every rank.
 
-What the manager never deletes: a folder it cannot prove is shardckpt's (no manifest,
-no save marker: a DCP checkpoint, a user's folder named ``step_*``), any file that is
-not one of the format's names, and anything at all once it no longer owns the root
-(:mod:`shardckpt.manager.ownership`). Errors while deleting after a commit are warnings: the
-commit stands, and the next commit or start tries again.
+This module is the collective protocol; each policy lives beside it: what is deleted
+and when in :mod:`~shardckpt.manager.cleanup` (interrupted saves at start-up, retention
+after a commit), who owns the root in :mod:`~shardckpt.manager.ownership`, when a save
+is due in :mod:`~shardckpt.manager.schedule` (the rule) and
+:mod:`~shardckpt.manager.trigger` (the clock and the SIGTERM flag), and the base of an incremental save in
+:mod:`~shardckpt.manager.chain`.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-import signal
 import sys
 import time
 from collections.abc import Callable, Mapping
-from types import FrameType
 from typing import Any
 
 from shardckpt.engine.checkpointer import Checkpointer
@@ -32,20 +27,17 @@ from shardckpt.engine.collective import RankGroup
 from shardckpt.engine.loading import read_manifest
 from shardckpt.engine.options import IOOptions, SaveKwargs, Timeouts, check_io_threads
 from shardckpt.engine.saving import AsyncSaveHandle
-from shardckpt.errors import (
-    CheckpointNotFoundError,
-    IntegrityError,
-    ManifestError,
-    RootInUseError,
-    ShardckptError,
-)
+from shardckpt.errors import CheckpointNotFoundError, IntegrityError, ManifestError, ShardckptError
 from shardckpt.format import layout
 from shardckpt.format.manifest import Manifest
-from shardckpt.manager import ownership, references
+from shardckpt.manager import ownership
+from shardckpt.manager.chain import CHAIN_KEY, IncrementalChain
+from shardckpt.manager.cleanup import RootCleaner
 from shardckpt.manager.retention import RetentionPolicy
 from shardckpt.manager.schedule import SaveSchedule, policy_or_shortcuts
-from shardckpt.manager.steps import check_metrics, metrics_of
-from shardckpt.storage import Storage, as_url, folder
+from shardckpt.manager.steps import check_metrics, committed_steps, metrics_of
+from shardckpt.manager.trigger import SaveTrigger
+from shardckpt.storage import Storage, as_url
 
 log = logging.getLogger("shardckpt")
 
@@ -180,10 +172,7 @@ class CheckpointManager:
                 "a read_only=True CheckpointManager cannot save, so it cannot save on preemption; "
                 "drop save_on_preemption (its SIGTERM handler would only keep the process alive)"
             )
-        if full_every is not None and (
-            isinstance(full_every, bool) or not isinstance(full_every, int) or full_every < 1
-        ):
-            raise ValueError(f"full_every must be a positive int or None (never), got {full_every!r}")
+        self._chain = IncrementalChain(full_every)  # every rank: what it saved; the coordinator: the base
         if max_staging_bytes is not None and max_staging_bytes < 0:
             raise ValueError(f"max_staging_bytes must be >= 0 or None (no bound), got {max_staging_bytes}")
         if io is not None and not isinstance(io, IOOptions):
@@ -198,7 +187,6 @@ class CheckpointManager:
         self.async_save = async_save
         self.incremental = incremental
         self.full_every = full_every
-        self._chain: dict[int, int] = {}  # step -> saves since the last full one (0: full), coordinator
         self._max_staging_bytes = max_staging_bytes
         self._pending: tuple[int, AsyncSaveHandle] | None = None
         self.cleaned_up: list[str] = []
@@ -216,12 +204,11 @@ class CheckpointManager:
         self._checkpointer = Checkpointer(io=io) if checkpointer is None else checkpointer
         self._storage = self._checkpointer.open_storage(self.root, storage_options, io=io)
         self._metrics: dict[int, dict[str, Any]] = {}
-        self._last_save_time = time.monotonic()
-        self._preempted = False
+        self._trigger = SaveTrigger(self.schedule, self._group.is_coordinator)  # the time rule counts from here
         self._closed = False
         self._owner = ownership.OwnerRecord.for_this_process()
         self._heartbeat: ownership.Heartbeat | None = None  # the coordinator's, while it owns the root
-        self._previous_sigterm: Any = None
+        self._cleaner = RootCleaner(self._storage, self.root, self._check_owner)
         if not read_only:
             try:
                 self._ranks().decide(f"opening {self.root}", lambda: self._start(takeover, stale_owner_after_s))
@@ -230,18 +217,13 @@ class CheckpointManager:
                 self._close_checkpointer()
                 raise
         if self.schedule.save_on_preemption:
-            self._install_sigterm_handler()
+            self._trigger.watch_sigterm()  # only once open: a failed open leaves no handler behind
 
     # ------------------------------------------------------------ listing
 
     def steps(self) -> list[int]:
         """Committed steps, ascending. Reads storage on the calling rank only."""
-        found = []
-        for name in self._storage.list_dirs(""):
-            step = layout.parse_step_dir(name)
-            if step is not None and folder.is_committed(self._storage, name):
-                found.append(step)
-        return sorted(found)
+        return committed_steps(self._storage)
 
     def latest_step(self) -> int | None:
         steps = self.steps()
@@ -362,7 +344,7 @@ class CheckpointManager:
         if self.read_only:
             raise ShardckptError(f"{self.root}: this CheckpointManager was opened read_only=True; it cannot save")
         checked = check_metrics(metrics)  # before anything is written, due or not: a bad call fails at once
-        preempted, time_due = self._shared_flags()
+        preempted, time_due = self._trigger.shared_flags(self._ranks)
         due = force or preempted or time_due or self.schedule.due_at_step(step)
         if not due:
             return False
@@ -380,12 +362,12 @@ class CheckpointManager:
             num_io_threads=self._num_io_threads,
         )
         if self.incremental:
-            meta["incremental_chain"] = chain
+            meta[CHAIN_KEY] = chain
             kwargs["incremental"] = True
             kwargs["base"] = None if base is None else self.path(base)
-            self._chain[step] = chain
+            self._chain.record(step, chain)
         self._metrics[step] = dict(checked)
-        self._last_save_time = time.monotonic()
+        self._trigger.saved()
         if self.async_save and not preempted:
             handle = self._checkpointer.async_save(
                 state_dict, self.path(step), max_staging_bytes=self._max_staging_bytes, **kwargs
@@ -407,181 +389,30 @@ class CheckpointManager:
         self._check_owner()
         if not self.incremental:
             return None, 0
-        latest = self.latest_step()
-        if latest is None or latest >= step:
-            return None, 0
-        chain = self._chain_of(latest)
-        if chain is None or (self.full_every is not None and chain + 1 >= self.full_every):
-            return None, 0
-        return latest, chain + 1
-
-    def _chain_of(self, step: int) -> int | None:
-        """Saves since the last full one at committed ``step``; None if it cannot be a base
-        (not saved incrementally: no digests to compare)."""
-        if step not in self._chain:
-            m = self.manifest(step)
-            chain = m.metadata.get("incremental_chain")
-            ok = m.format_version >= 2 and isinstance(chain, int) and not isinstance(chain, bool) and chain >= 0
-            self._chain[step] = chain if ok and isinstance(chain, int) else -1
-        return None if self._chain[step] < 0 else self._chain[step]
+        return self._chain.base_for(step, self.latest_step(), self.manifest)
 
     def _after_commit(self) -> None:
         """Collective: rank 0 applies retention while the others wait, so no rank lists a
         step that is being deleted once save/wait has returned. Never raises for what
         happens on storage: the step is committed, and a failed delete is retried by the
         next commit (retention) or start (clean-up)."""
-        self._ranks().decide(f"retention under {self.root}", self._retain_quietly)
+        self._ranks().decide(
+            f"retention under {self.root}", lambda: self._cleaner.retain(self.retention, self.metrics, self._forget)
+        )
 
-    def _retain_quietly(self) -> None:
-        try:
-            self._apply_retention()
-        except RootInUseError:
-            pass  # logged by the heartbeat when it noticed; the next save raises it
-        except (OSError, ShardckptError) as e:
-            log.warning(
-                "shardckpt: retention under %s stopped after the commit (%s: %s); the new step is "
-                "committed, and retention runs again after the next one",
-                self.root,
-                type(e).__name__,
-                e,
-            )
-
-    def _shared_flags(self) -> tuple[bool, bool]:
-        needs_collective = self.schedule.save_interval_s is not None or self._previous_sigterm is not None
-        time_due = self._group.is_coordinator and self.schedule.due_after(time.monotonic() - self._last_save_time)
-        if not needs_collective:
-            return self._preempted, bool(time_due)
-        preempted, time_due = self._ranks().any_true([self._preempted, bool(time_due)])
-        return preempted, time_due
-
-    def _apply_retention(self) -> None:
-        """Coordinator. Raises (to _retain_quietly) if the steps or their metrics cannot be
-        read: a metric lost to a storage error must not make a kept step look deletable."""
-        steps = self.steps()
-        metrics = {s: self._retention_metrics(s) for s in steps} if self.retention.keep_best else {}
-        for s in self.retention.to_delete(steps, metrics):
-            self._check_owner()  # right before each delete: a manager that lost the root deletes nothing
-            try:
-                self._delete_step(s)
-            except OSError as e:
-                log.warning(
-                    "shardckpt: retention could not delete all of step %d (%s: %s); it is no longer "
-                    "committed, and the next manager start removes the rest of %s",
-                    s,
-                    type(e).__name__,
-                    e,
-                    self.path(s),
-                )
-        self._sweep_retired()
-
-    def _retention_metrics(self, step: int) -> dict[str, Any]:
-        try:
-            return self.metrics(step)
-        except ManifestError:
-            return {}  # a damaged manifest ranks as "no metric" (restore skips it anyway)
-
-    def _delete_step(self, step: int) -> None:
-        """Delete ``step``: at once if no step reads its files; else uncommit it (its
-        manifest first) and leave its files to :meth:`_sweep_retired`."""
+    def _forget(self, step: int) -> None:
+        """``step`` is being deleted: drop what this manager remembers of it."""
         self._metrics.pop(step, None)
-        self._chain.pop(step, None)
-        storage = self._step_storage(step)
-        if storage.exists(layout.REFERENCED_NAME):
-            storage.delete([layout.MANIFEST_NAME])
-            log.info(
-                "shardckpt: retention deleted step %d under %s (its shared files wait for the sweep)", step, self.root
-            )
-        elif folder.remove_checkpoint(storage, why=f"retention of step {step}"):
-            log.info("shardckpt: retention deleted step %d under %s", step, self.root)
-
-    def _sweep_retired(self) -> list[str]:
-        """Coordinator: delete the files of uncommitted step folders that incremental steps
-        may read and that no committed step reads any more (mark and sweep,
-        :mod:`shardckpt.manager.references`). Returns the folders removed."""
-        retired = references.retired_folders(self._storage)
-        if not retired:
-            return []
-        committed = [layout.step_dir_name(s) for s in self.steps()]
-        try:
-            live = references.LiveFiles.of(self._storage, committed)
-        except references.UnknownReferences as e:
-            log.warning("shardckpt: not deleting the shared files of retired steps under %s: %s", self.root, e)
-            return []
-        self._check_owner()
-        return references.sweep(self._storage, retired, live)
+        self._chain.forget(step)
 
     # ------------------------------------------------------------ lifecycle
 
     def _start(self, takeover: bool, stale_after_s: float) -> None:
-        """Coordinator. Claim the root, start the heartbeat, clean up interrupted saves.
-
-        Whether a folder is committed or shardckpt's is decided on answers that are not
-        errors: a storage error there (EIO on a stat) raises and nothing is deleted.
-        Errors while deleting are warnings: a half-deleted step never blocks opening."""
+        """Coordinator. Claim the root, start the heartbeat, clean up interrupted saves
+        (:meth:`RootCleaner.remove_interrupted`)."""
         ownership.claim(self._storage, self._owner, takeover=takeover, stale_after_s=stale_after_s)
         self._heartbeat = ownership.Heartbeat(self._storage, self._owner, interval_s=stale_after_s / 4)
-        for name in self._storage.list_dirs(""):
-            if layout.parse_step_dir(name) is None:
-                self._warn_if_not_a_step(name)
-                continue
-            if folder.is_committed(self._storage, name):
-                continue
-            sub = self._storage.child(name)
-            found = folder.contents(sub)
-            if found.is_referenced:
-                continue  # a retired step whose files kept steps may read: swept below
-            if not found.is_ours and not found.is_empty:
-                log.warning(
-                    "shardckpt: leaving %s/%s alone: it has no %s and no %s, so shardckpt did not write "
-                    "it (another tool's checkpoint?); it is never listed, restored or deleted. Move it "
-                    "out of the manager's root to silence this warning.",
-                    self.root,
-                    name,
-                    layout.MANIFEST_NAME,
-                    layout.SAVE_MARKER_NAME,
-                )
-                continue
-            self._check_owner()
-            try:
-                if found.is_empty:  # a folder (and data/) created before anything was written in it
-                    sub.remove_empty_dir(layout.DATA_DIR)
-                    if not sub.remove_empty_dir(""):
-                        continue  # something appeared in it meanwhile: not ours to judge now
-                    gone = True
-                else:
-                    gone = folder.remove_checkpoint(sub, why="left by an interrupted save")
-            except OSError as e:
-                log.warning(
-                    "shardckpt: could not finish removing %s/%s, left by an interrupted save (%s: %s); "
-                    "it is not committed, so it is never restored; the next start tries again",
-                    self.root,
-                    name,
-                    type(e).__name__,
-                    e,
-                )
-                continue
-            self.cleaned_up.append(name)
-            if gone:  # else remove_checkpoint warned about the files it left
-                log.warning("shardckpt: removed %s/%s, left by an interrupted save (no manifest)", self.root, name)
-        self.cleaned_up += self._sweep_retired()
-
-    def _warn_if_not_a_step(self, name: str) -> None:
-        """Coordinator: a checkpoint named like a step but not the manager's name for it
-        (``step_100``, saved with ``shardckpt.save``) would otherwise be ignored without a
-        word, and a fresh-looking restore would start training from scratch."""
-        if not layout.looks_like_step_dir(name) or not folder.is_committed(self._storage, name):
-            return
-        step = int(name.rsplit("_", 1)[1])
-        log.warning(
-            "shardckpt: %s/%s is a checkpoint but not a step of this manager, whose step %d is %s: "
-            "restore() never loads it and retention never deletes it. Load it yourself with "
-            "shardckpt.load(state, %r).",
-            self.root,
-            name,
-            step,
-            layout.step_dir_name(step),
-            f"{self.root}/{name}",
-        )
+        self.cleaned_up += self._cleaner.remove_interrupted()
 
     def _check_owner(self) -> None:
         """Coordinator: RootInUseError unless the owner record on storage is still ours."""
@@ -590,27 +421,10 @@ class CheckpointManager:
 
     def _let_go(self) -> None:
         """Stop the heartbeat and release the owner record if it is still ours. Coordinator
-        (a no-op elsewhere). Best effort when the storage fails: a stale record is taken
-        over by the next manager after stale_owner_after_s."""
+        (a no-op elsewhere); best effort (:func:`ownership.let_go`)."""
         beat, self._heartbeat = self._heartbeat, None
-        if beat is None:
-            return
-        beat.close()
-        try:
-            ownership.release(self._storage, self._owner)
-        except OSError as e:
-            log.warning(
-                "shardckpt: could not release %s/%s (%s); the next manager takes it over once it is stale",
-                self.root,
-                layout.OWNER_NAME,
-                e,
-            )
-
-    def _install_sigterm_handler(self) -> None:
-        def on_sigterm(signum: int, frame: FrameType | None) -> None:
-            self._preempted = True
-
-        self._previous_sigterm = signal.signal(signal.SIGTERM, on_sigterm)
+        if beat is not None:
+            ownership.let_go(self._storage, self._owner, beat)
 
     def wait(self) -> None:
         """Collective. Block until the pending async save is committed, then apply retention.
@@ -639,8 +453,7 @@ class CheckpointManager:
             self.wait()
         finally:
             self._closed = True
-            if self._previous_sigterm is not None:
-                signal.signal(signal.SIGTERM, self._previous_sigterm)
+            self._trigger.close()
             try:
                 self._let_go()
             finally:

@@ -19,6 +19,8 @@ job id, heartbeat). Rules:
   (someone took over), it marks ownership lost and never writes again.
 - **Before deleting** anything, the manager re-reads the record (:meth:`Heartbeat.check`);
   a manager that lost ownership deletes nothing and refuses to save.
+- **Release** (:func:`let_go`, at ``close``): the heartbeat stops, and the record is
+  deleted only if it is still the manager's own.
 
 Residual windows (the storage has no compare-and-swap): a heartbeat's re-read and rewrite
 are two operations, so a take-over landing between them is overwritten by the old owner;
@@ -230,6 +232,21 @@ def release(storage: Storage, me: OwnerRecord) -> None:
     current = read_owner(storage)
     if current is not None and current.token == me.token:
         storage.delete([layout.OWNER_NAME])
+
+
+def let_go(storage: Storage, me: OwnerRecord, beat: Heartbeat) -> None:
+    """Stop ``beat`` and release ``me``'s record if it is still ours. Coordinator. Best
+    effort when the storage fails: a stale record is taken over by the next manager."""
+    beat.close()
+    try:
+        release(storage, me)
+    except OSError as e:
+        log.warning(
+            "shardckpt: could not release %s/%s (%s); the next manager takes it over once it is stale",
+            storage.url,
+            layout.OWNER_NAME,
+            e,
+        )
 
 
 class Heartbeat:

@@ -43,23 +43,67 @@ class LiveFiles:
     by_folder: dict[str, set[str]] = field(default_factory=dict)
 
     @classmethod
-    def of(cls, root: Storage, committed: Iterable[str]) -> LiveFiles:
-        """Mark: read the manifest of every committed folder in ``committed`` (names under
-        ``root``). Raises UnknownReferences if one cannot be parsed; storage errors raise."""
+    def of(cls, root: Storage, committed: Iterable[str], cache: MarkCache | None = None) -> LiveFiles:
+        """Mark: what every committed folder in ``committed`` (names under ``root``) reads,
+        from its manifest (through ``cache`` when given). Raises UnknownReferences if one
+        cannot be parsed; storage errors raise."""
+        cache = cache if cache is not None else MarkCache()
         live = cls()
-        for name in committed:
-            try:
-                m = read_manifest(root.child(name))
-            except ManifestError as e:
-                raise UnknownReferences(
-                    f"the manifest of {root.url}/{name} cannot be read ({e}), so the files it reads are unknown"
-                ) from e
-            for file, record in m.files.items():
-                live.by_folder.setdefault(record.checkpoint or name, set()).add(file)
+        names = list(committed)
+        for name in names:
+            for where, files in cache.reads(root, name).items():
+                live.by_folder.setdefault(where, set()).update(files)
+        cache.keep_only(names)
         return live
 
     def of_folder(self, name: str) -> set[str]:
         return self.by_folder.get(name, set())
+
+
+class MarkCache:
+    """What each committed folder reads, remembered between sweeps (a retention pass runs
+    after every save and marks over every committed manifest under the root).
+
+    An entry is used only while the manifest's size and last 64 bytes (which hold its
+    ``manifest_hash``, the checksum of all the rest) are unchanged: one size lookup and
+    one small ranged read instead of reading and parsing the whole manifest again. A
+    replaced manifest (a folder saved again with ``overwrite=True``) is read afresh.
+    Owned by one RootCleaner; not thread-safe."""
+
+    TAIL_BYTES = 64
+
+    def __init__(self) -> None:
+        self._entries: dict[str, tuple[tuple[int, bytes], dict[str, set[str]]]] = {}
+
+    def reads(self, root: Storage, name: str) -> dict[str, set[str]]:
+        """{folder: data file names} that the committed checkpoint ``name`` reads."""
+        storage = root.child(name)
+        key = self._identity(storage)
+        hit = self._entries.get(name)
+        if hit is not None and hit[0] == key:
+            return hit[1]
+        try:
+            m = read_manifest(storage)
+        except ManifestError as e:
+            raise UnknownReferences(
+                f"the manifest of {root.url}/{name} cannot be read ({e}), so the files it reads are unknown"
+            ) from e
+        reads: dict[str, set[str]] = {}
+        for file, record in m.files.items():
+            reads.setdefault(record.checkpoint or name, set()).add(file)
+        self._entries[name] = (key, reads)
+        return reads
+
+    def keep_only(self, names: list[str]) -> None:
+        """Forget folders no longer committed (deleted steps)."""
+        for gone in set(self._entries) - set(names):
+            del self._entries[gone]
+
+    def _identity(self, storage: Storage) -> tuple[int, bytes]:
+        size = storage.size(layout.MANIFEST_NAME)
+        tail = bytearray(min(size, self.TAIL_BYTES))
+        storage.read_into(layout.MANIFEST_NAME, size - len(tail), memoryview(tail))
+        return size, bytes(tail)
 
 
 def sweep(root: Storage, names: Iterable[str], live: LiveFiles) -> list[str]:

@@ -1,8 +1,9 @@
 """What a manager root holds, step by step, and the metrics a step carries.
 
-:func:`list_root` is what ``shardckpt ls`` shows (committed steps, interrupted saves,
-folders that are not shardckpt's), :func:`list_other_checkpoints` the checkpoints beside
-them that are not manager steps; :func:`check_metrics` and :func:`metrics_of` are the
+:func:`committed_steps` is what a manager lists, restores and retains; :func:`list_root`
+is what ``shardckpt ls`` shows (committed steps, interrupted saves, folders that are not
+shardckpt's), :func:`list_other_checkpoints` the checkpoints beside them that are not
+manager steps; :func:`check_metrics` and :func:`metrics_of` are the
 two directions of the JSON metrics a :class:`~shardckpt.manager.CheckpointManager`
 stores in each step's manifest. Nothing here is collective or writes anything.
 """
@@ -19,9 +20,17 @@ from shardckpt.engine.loading import read_manifest
 from shardckpt.errors import UnsupportedValueError
 from shardckpt.format import layout
 from shardckpt.format.manifest import Manifest
-from shardckpt.storage import as_url, folder, open_storage
+from shardckpt.storage import Storage, as_url, folder, open_storage
 
-__all__ = ["OtherCheckpoint", "StepInfo", "check_metrics", "list_other_checkpoints", "list_root", "metrics_of"]
+__all__ = [
+    "OtherCheckpoint",
+    "StepInfo",
+    "check_metrics",
+    "committed_steps",
+    "list_other_checkpoints",
+    "list_root",
+    "metrics_of",
+]
 
 
 @dataclass(frozen=True)
@@ -36,6 +45,13 @@ class StepInfo:
     world_size: int | None = None
     foreign: bool = False
     """Uncommitted and not written by shardckpt (no save marker): never restored or deleted."""
+    bases: tuple[str, ...] = ()
+    """Incremental (format 2): the step folders it reads unchanged tensors from."""
+    base_bytes: int = 0
+    """Of ``size_bytes``, the bytes of data files that live in ``bases``, not in this folder."""
+    retired: bool = False
+    """Uncommitted, deleted by retention, but committed incremental steps still read data
+    files in it (it holds ``.shardckpt-referenced.json``): swept once none does."""
 
 
 @dataclass(frozen=True)
@@ -115,6 +131,17 @@ def _short(value: Any) -> str:
     return text if len(text) <= 60 else text[:57] + "..."
 
 
+def committed_steps(storage: Storage) -> list[int]:
+    """The committed steps under the manager root ``storage`` (step folders with a
+    manifest), ascending."""
+    found = []
+    for name in storage.list_dirs(""):
+        step = layout.parse_step_dir(name)
+        if step is not None and folder.is_committed(storage, name):
+            found.append(step)
+    return sorted(found)
+
+
 def list_root(root: str | os.PathLike[str], storage_options: dict[str, Any] | None = None) -> list[StepInfo]:
     """Every step folder under ``root``, committed or not, ascending (for ``shardckpt ls``).
 
@@ -130,11 +157,20 @@ def list_root(root: str | os.PathLike[str], storage_options: dict[str, Any] | No
         sub = storage.child(name)
         if folder.is_committed(sub):
             m = read_manifest(sub)
-            infos.append(StepInfo(step, True, _size(m), metrics_of(m), m.created_at, m.world_size))
+            in_bases = sum(f.size for f in m.files.values() if f.checkpoint is not None)
+            infos.append(
+                StepInfo(
+                    step, True, _size(m), metrics_of(m), m.created_at, m.world_size, bases=m.bases, base_bytes=in_bases
+                )
+            )
         else:
             found = folder.contents(sub)
             size = sum(sub.size(n) for n in sub.list_files(""))
-            infos.append(StepInfo(step, False, size, foreign=not found.is_ours and not found.is_empty))
+            infos.append(
+                StepInfo(
+                    step, False, size, foreign=not found.is_ours and not found.is_empty, retired=found.is_referenced
+                )
+            )
     return sorted(infos, key=lambda i: i.step)
 
 

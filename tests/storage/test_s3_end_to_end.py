@@ -1,5 +1,6 @@
 """End to end on S3 (moto over HTTP): 4 gloo ranks save, 2 and 3 load; the manager's
-retention, restore and cleanup on a bucket prefix; ``shardckpt ls s3://...``."""
+retention, restore and cleanup on a bucket prefix; ``shardckpt ls s3://...``; an incremental
+checkpoint read, verified, exported and materialized through its base on S3."""
 
 from __future__ import annotations
 
@@ -124,3 +125,33 @@ def test_credentials_and_endpoint_from_the_environment(s3: S3Server, monkeypatch
     handle.wait(timeout_s=60)
     shardckpt.load(sd, f"{url}-async")
     assert sd["step"] == 10 and torch.equal(sd["model"]["w"], state(10)["model"]["w"])
+
+
+def test_incremental_checkpoint_read_verified_exported_and_materialized_on_s3(s3: S3Server, tmp_path) -> None:
+    from safetensors.torch import load_file
+
+    from shardckpt.convert import export_checkpoint, materialize_checkpoint
+    from shardckpt.convert.audit import verify_checkpoint
+
+    bucket, options = s3.create_bucket(), s3.storage_options()
+    root = f"s3://{bucket}/runs/inc"
+    state = {"w": torch.randn(64, 32), "adapter": torch.randn(4, 32), "step": 0}
+    shardckpt.save(state, f"{root}/s0", incremental=True, storage_options=options)
+    state["adapter"] = state["adapter"] + 1
+    state["step"] = 1
+    m = shardckpt.save(state, f"{root}/s1", base=f"{root}/s0", storage_options=options)
+    assert m is not None and m.bases == ("s0",)
+    report = verify_checkpoint(f"{root}/s1", storage_options=options)
+    assert report.ok and [(f.folder, f.tensor_bytes) for f in report.folders] == [
+        ("s1", 4 * 32 * 4),
+        ("s0", 64 * 32 * 4),
+    ]
+    export_checkpoint(f"{root}/s1", tmp_path / "w.safetensors", format="safetensors", storage_options=options)
+    exported = load_file(str(tmp_path / "w.safetensors"))
+    assert torch.equal(exported["w"], state["w"]) and torch.equal(exported["adapter"], state["adapter"])
+    copy = f"s3://{bucket}/keep/s1"
+    assert materialize_checkpoint(f"{root}/s1", copy, storage_options=options).format_version == 2
+    s3.admin().rm(f"{bucket}/runs/inc", recursive=True)  # the bases are gone: the copy needs none
+    got = {"w": torch.zeros(64, 32), "adapter": torch.zeros(4, 32), "step": -1}
+    shardckpt.load(got, copy, storage_options=options)
+    assert torch.equal(got["w"], state["w"]) and torch.equal(got["adapter"], state["adapter"]) and got["step"] == 1

@@ -50,6 +50,7 @@ THIRD_PARTY_ROOMS = {
     "lightning": {"integrations"},
     "transformers": {"convert"},  # convert/ties.py asks an architecture which weights it ties (lazily)
     "torchtitan": {"integrations"},
+    "xxhash": {"format"},  # format/integrity.py: "swap the algorithm here and nowhere else"
 }
 
 

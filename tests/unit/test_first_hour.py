@@ -228,6 +228,7 @@ MISSING_PATH_CASES = [
     ["import", "{nope}", "{tmp}/imported"],
     ["diff", "{nope}", "{ckpt}"],
     ["diff", "{ckpt}", "{nope}"],
+    ["materialize", "{nope}", "{tmp}/copy"],
 ]
 
 

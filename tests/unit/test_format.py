@@ -181,27 +181,31 @@ def _replace_once(text: str, old: str, new: str, what: str) -> str:
     return text.replace(old, new)
 
 
-def _normalised_data_file(raw: bytes, save_id: str) -> bytes:
-    """The file with its save_id replaced by the token inside the header (same length)."""
+def _normalised_data_file(raw: bytes, save_id: str, token: str = SAVE_ID_TOKEN) -> bytes:
+    """The file with its save_id replaced by ``token`` inside the header (same length)."""
     (n,) = struct.unpack("<Q", raw[:8])
     header = raw[8 : 8 + n]
     assert header.count(f'"save_id":"{save_id}"'.encode()) == 1
-    return raw[:8] + header.replace(save_id.encode(), SAVE_ID_TOKEN.encode()) + raw[8 + n :]
+    return raw[:8] + header.replace(save_id.encode(), token.encode()) + raw[8 + n :]
 
 
-def normalise(root: str) -> tuple[str, dict[str, dict[str, Any]]]:
+def normalise(root: str, save_tokens: dict[str, str] | None = None) -> tuple[str, dict[str, dict[str, Any]]]:
     """(normalised manifest text, golden record per normalised data file name).
 
     Checks each volatile field is what it should be before replacing it, so the
-    normalisation cannot hide a wrong value.
+    normalisation cannot hide a wrong value. ``save_tokens`` (format 2, test_format_v2.py):
+    the token of each save whose files the manifest lists (an incremental checkpoint lists
+    files of its bases too); a file with a ``checkpoint`` is read from that sibling folder.
     """
     text = read_text(os.path.join(root, "manifest.json"))
     doc = json.loads(text)
     names = [re.fullmatch(r"data/([0-9a-f]{12})-r00000-[0-9]{2}\.safetensors", n) for n in doc["files"]]
     assert all(names), f"data file names: {sorted(doc['files'])}"
     save_ids = {m.group(1) for m in names if m}
-    assert len(save_ids) == 1, f"one save_id per save, found {save_ids}"
-    (save_id,) = save_ids
+    if save_tokens is None:
+        assert len(save_ids) == 1, f"one save_id per save, found {save_ids}"
+        save_tokens = {next(iter(save_ids)): SAVE_ID_TOKEN}
+    assert save_ids == set(save_tokens), f"save ids {save_ids}, expected {sorted(save_tokens)}"
     created = datetime.datetime.fromisoformat(doc["created_at"])
     assert created.utcoffset() == datetime.timedelta(0)
     assert abs(datetime.datetime.now(datetime.timezone.utc) - created) < datetime.timedelta(minutes=10)
@@ -219,20 +223,26 @@ def normalise(root: str) -> tuple[str, dict[str, dict[str, Any]]]:
 
     data: dict[str, dict[str, Any]] = {}
     for name, rec in doc["files"].items():
-        raw = Path(root, name).read_bytes()
+        raw = (
+            Path(root, "..", rec["checkpoint"], name).read_bytes()
+            if "checkpoint" in rec
+            else Path(root, name).read_bytes()
+        )
         assert xxhash.xxh3_64_hexdigest(raw) == rec["hash"], f"{name}: whole-file hash"
-        norm = _normalised_data_file(raw, save_id)
+        save_id = name[len("data/") : name.index("-")]
+        norm = _normalised_data_file(raw, save_id, save_tokens[save_id])
         new_hash = xxhash.xxh3_64_hexdigest(norm)
         text = _replace_once(text, f'"hash":"{rec["hash"]}"', f'"hash":"{new_hash}"', f"the hash of {name}")
         (n,) = struct.unpack("<Q", norm[:8])
-        data[name.replace(save_id, SAVE_ID_TOKEN)] = {
+        data[name.replace(save_id, save_tokens[save_id])] = {
             "size": len(norm),
             "header_length": n,
             "header": norm[8 : 8 + n].decode("utf-8"),
             "data_sha256": hashlib.sha256(norm[8 + n :]).hexdigest(),
         }
-    text = text.replace(f"data/{save_id}-", f"data/{SAVE_ID_TOKEN}-")
-    assert save_id not in text
+    for save_id, token in save_tokens.items():
+        text = text.replace(f"data/{save_id}-", f"data/{token}-")
+        assert save_id not in text
     # the manifest's own checksum covers the volatile fields too: check it, then re-seal
     # the normalised text so the golden pins the rule rather than one run's digest
     original = read_text(os.path.join(root, "manifest.json")).encode()

@@ -3,6 +3,7 @@ and that deleting never loses a byte a kept checkpoint reads."""
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 from pathlib import Path
@@ -13,8 +14,9 @@ import torch
 import shardckpt
 from shardckpt.convert.audit import verify_checkpoint
 from shardckpt.engine.loading import read_manifest
-from shardckpt.errors import CheckpointExistsError, IntegrityError
+from shardckpt.errors import CheckpointExistsError, IntegrityError, ManifestError
 from shardckpt.format import layout
+from shardckpt.format.manifest import manifest_to_json, parse_manifest
 from shardckpt.storage import open_storage
 from shardckpt.storage.folder import remove_checkpoint
 
@@ -217,3 +219,62 @@ def test_manager_sweep_leaves_shared_files_when_a_manifest_is_unreadable(tmp_pat
     with shardckpt.CheckpointManager(root, incremental=True, keep_last=1):
         pass
     assert any((root / "step_0000000001" / "data").iterdir())  # what step 2 may read is kept
+
+
+def test_a_base_file_written_by_a_rank_beyond_this_world_size_parses(tmp_path: Path) -> None:
+    """A run resumed on fewer ranks saves against a base written by more: the reused file's
+    record keeps the rank that wrote it (3 of 4), and the manifest must still parse. Before,
+    such a save committed a manifest that every reader refused ('rank 3 >= world_size 3')."""
+    sd = _state()
+    shardckpt.save(sd, tmp_path / "s0", incremental=True)
+    m1 = shardckpt.save(sd, tmp_path / "s1", base=tmp_path / "s0")
+    assert m1 is not None and m1.world_size == 1 and m1.bases == ("s0",)
+    written_by_rank_3 = {n: dataclasses.replace(f, rank=3) for n, f in m1.files.items()}
+    parsed = parse_manifest(manifest_to_json(dataclasses.replace(m1, files=written_by_rank_3)), source="s1")
+    assert {f.rank for f in parsed.files.values()} == {3}
+    own = {n: dataclasses.replace(f, rank=3, checkpoint=None) for n, f in m1.files.items()}
+    with pytest.raises(ManifestError, match=r"rank 3 >= world_size 1"):
+        parse_manifest(manifest_to_json(dataclasses.replace(m1, files=own, bases=())), source="s1")
+
+
+def test_a_plain_save_over_the_last_base_makes_the_checkpointer_forget_its_chunks(tmp_path: Path) -> None:
+    """Before: the Checkpointer still offered the replaced save's chunks as the base, so the
+    next save pointed at files the overwrite had removed and failed at its commit."""
+    sd = _state()
+    with shardckpt.Checkpointer() as ck:
+        ck.save(sd, tmp_path / "s0", incremental=True)
+        ck.save(sd, tmp_path / "s0", overwrite=True)  # plain: no digests to reuse any more
+        m1 = ck.save(sd, tmp_path / "s1", base=tmp_path / "s0")
+    assert m1 is not None and m1.bases == ()  # a full save, as against any plain base
+    got = _zeros_like(sd)
+    shardckpt.load(got, tmp_path / "s1")
+    _assert_same(got, sd)
+
+
+def test_the_sweep_remembers_marks_until_a_manifest_changes(tmp_path: Path, monkeypatch) -> None:
+    from shardckpt.manager import references
+
+    sd = _state()
+    shardckpt.save(sd, tmp_path / "s0", incremental=True)
+    shardckpt.save(sd, tmp_path / "s1", base=tmp_path / "s0")
+    parsed: list[str] = []
+    real = references.read_manifest
+
+    def counting(storage):  # type: ignore[no-untyped-def]
+        parsed.append(storage.url)
+        return real(storage)
+
+    monkeypatch.setattr(references, "read_manifest", counting)
+    root, cache = open_storage(str(tmp_path)), references.MarkCache()
+    first = references.LiveFiles.of(root, ["s0", "s1"], cache)
+    again = references.LiveFiles.of(root, ["s0", "s1"], cache)
+    assert len(parsed) == 2 and first.by_folder == again.by_folder
+    assert first.of_folder("s0") >= {
+        n for n, f in read_manifest(open_storage(str(tmp_path / "s1"))).files.items() if f.checkpoint == "s0"
+    }
+    sd["adapter"] = sd["adapter"] + 1  # type: ignore[operator]
+    shardckpt.save(sd, tmp_path / "s1", overwrite=True)  # s1 replaced: a plain save, reads nothing of s0
+    later = references.LiveFiles.of(root, ["s0", "s1"], cache)
+    assert len(parsed) == 3  # only the replaced manifest was read again
+    assert later.by_folder["s0"] == set(read_manifest(open_storage(str(tmp_path / "s0"))).files)
+    assert later.of_folder("s1") and not (later.of_folder("s1") & first.of_folder("s1"))
