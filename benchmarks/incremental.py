@@ -236,8 +236,8 @@ class Case:
 
         import torch
 
-        from shardckpt.engine.incremental import digest_hex
         from shardckpt.engine.options import DEFAULT_SAVE_IO_THREADS
+        from shardckpt.format.integrity import digest_hex
 
         views = [memoryview(t.reshape(-1).view(torch.uint8).numpy()) for t in common.local_tensors(self.src)]
         with ThreadPoolExecutor(DEFAULT_SAVE_IO_THREADS) as pool:
