@@ -8,12 +8,14 @@ event: the digest pass, a data file's open / writes / fsync, the referenced mark
 folder (before, with its temp file durable, after), the manifest commit (the same three),
 retention's manifest delete, the sweep's data deletes, marker deletes and folder removals.
 
-After each kill a fresh CheckpointManager opens the root (the clean start: it removes
-interrupted saves and sweeps retired folders), and then:
+After each kill (every third trial: after a second kill early in the next run, whose own
+start is then cleaning up and sweeping what the first left) a fresh CheckpointManager
+opens the root (the clean start: it removes interrupted saves and sweeps retired
+folders), and then:
 
 - the newest listed step restores bitwise to the state saved at that step, is no older
-  than the last ``save`` that returned (async: the one before it), and every listed step
-  passes ``verify_checkpoint``;
+  than the last ``save`` that returned (async: the one before it) and no newer than the
+  save in flight, and every listed step passes ``verify_checkpoint``;
 - every file a committed manifest references exists with its recorded size, and every
   base folder a manifest reads holds the referenced marker (so no other tool deletes it);
 - no orphan: every data file under the root is read by a committed manifest, and a step
@@ -122,11 +124,32 @@ def check_files(root: str) -> None:
         assert files <= live, f"orphan data files: {sorted(files - live)}"
         if name not in committed:
             assert files, f"{name}: no manifest and no file that a committed step reads, yet not removed"
-    names = sorted(os.listdir(root))
-    assert all(layout.parse_step_dir(n) is not None for n in names), names
+    # A kill between the owner record's durable temp file and its link(2) leaves that temp
+    # file at the root, and one in the middle of a take-over its gate: no later start removes
+    # them (known gap, docs/reliability.md). Neither holds a checkpoint byte; nothing but
+    # steps is there otherwise.
+    owner_leftovers = (f".{layout.OWNER_NAME}.tmp-", f"{layout.OWNER_NAME}.takeover-")
+    names = [n for n in os.listdir(root) if not n.startswith(owner_leftovers)]
+    assert all(layout.parse_step_dir(n) is not None for n in names), sorted(names)
 
 
-def check_root(root: str, last_saved: int, mode: str, variant: str) -> int:
+def bounds(out: str, mode: str, before: tuple[int, int]) -> tuple[int, int]:
+    """The oldest and newest step a root may restore after the killed run that printed
+    ``out``, given the bounds ``before`` it. A sync save that returned is committed; an
+    async one only once the next save returned (save(n) confirms n-1); the save in flight
+    may be committed too, never anything newer. A run killed before it restored leaves
+    the bounds as they were."""
+    lines = out.splitlines()
+    saved = [int(ln.split()[1]) for ln in lines if ln.startswith("SAVED ")]
+    restored = [int(ln.split()[1]) for ln in lines if ln.startswith("RESTORED ")]
+    if saved:
+        return saved[-1] - (1 if mode == "async" else 0), saved[-1] + 1
+    if restored:
+        return restored[0], restored[0] + 1
+    return before
+
+
+def check_root(root: str, expect: tuple[int, int], variant: str) -> int:
     """The clean start and every check of the module doc; returns the step restored."""
     with shardckpt.CheckpointManager(root, **manager_options(variant)) as mgr:
         steps = mgr.steps()
@@ -135,15 +158,21 @@ def check_root(root: str, last_saved: int, mode: str, variant: str) -> int:
         paths = {s: mgr.path(s) for s in steps}
     assert restored is not None and restored == steps[-1], (steps, restored)
     assert_state(got, restored)
-    # sync: the save that returned is committed; async: the one before it (save(n) confirms
-    # n-1). At most the save in flight may also be committed, never anything newer.
-    lowest = last_saved - (1 if mode == "async" else 0)
-    assert lowest <= restored <= last_saved + 1, (mode, last_saved, restored)
+    assert expect[0] <= restored <= expect[1], (expect, restored)
     for s, path in paths.items():
         report = verify_checkpoint(path)
         assert report.ok, (s, [str(p) for p in report.problems])
     check_files(root)
     return restored
+
+
+def killed_run(trials: TrialServer, root: str, kill: str, variant: str, mode: str) -> tuple[str, str]:
+    """One run of the job on ``root`` that must die at ``kill``; (the event it died at, its output)."""
+    rc, out = trials.run(root, kill, variant, mode, STEPS)
+    assert rc == -9, f"child was not killed at {kill}: rc={rc}\n{out}"
+    killed = out.split("KILL ")[1].split()[0]
+    assert not kill.startswith("nth:") or kill.endswith(f":{killed}"), (kill, killed)
+    return killed, out
 
 
 @pytest.mark.parametrize("mode", ["sync", "async"])
@@ -163,20 +192,23 @@ def test_sigkill_in_incremental_saves_and_retention_loses_no_referenced_byte(tmp
     for n, kill in enumerate(points):
         root = str(tmp_path / f"k{n}")
         shutil.copytree(good, root)
-        rc, out = trials.run(root, kill, variant, mode, STEPS)
-        assert rc == -9, f"child was not killed at {kill}: rc={rc}\n{out}"
-        killed = out.split("KILL ")[1].split()[0]
-        assert not kill.startswith("nth:") or kill.endswith(f":{killed}"), (kill, killed)
+        killed, out = killed_run(trials, root, kill, variant, mode)
         killed_at.add(killed)
-        saved = [int(line.split()[1]) for line in out.splitlines() if line.startswith("SAVED")]
+        expect = bounds(out, mode, (STEPS, STEPS))
+        where = f"{kill} ({killed})"
+        if n % 3 == 1:  # killed again before any clean start: the next run's own start may die
+            again = f"event:{rng.randint(1, 12)}"
+            killed, out = killed_run(trials, root, again, variant, mode)
+            expect = bounds(out, mode, expect)
+            where += f", then at {again} ({killed})"
         try:
-            restored = check_root(root, saved[-1] if saved else STEPS, mode, variant)
+            restored = check_root(root, expect, variant)
         except AssertionError as e:
-            raise AssertionError(f"after SIGKILL at {kill} ({killed}): {e}\n{out[-2000:]}") from e
+            raise AssertionError(f"after SIGKILL at {where}: {e}\n{out[-2000:]}") from e
         if n % 10 == 0:  # and the job resumes: a good run continues after the restored step
             rc, out = trials.run(root, "none", variant, mode, 2)
             assert rc == 0 and f"SAVED {restored + 2}" in out, out
-            check_root(root, restored + 2, "sync", variant)
+            check_root(root, (restored + 2, restored + 2), variant)
         shutil.rmtree(root)
     assert set(kinds) <= killed_at, sorted(set(kinds) - killed_at)
     assert len(points) >= (20 if variant == "keep_last" else 8), len(points)
