@@ -124,11 +124,11 @@ def check_files(root: str) -> None:
         assert files <= live, f"orphan data files: {sorted(files - live)}"
         if name not in committed:
             assert files, f"{name}: no manifest and no file that a committed step reads, yet not removed"
-    # A kill between the owner record's durable temp file and its link(2) leaves that temp
-    # file at the root, and one in the middle of a take-over its gate: no later start removes
-    # them (known gap, docs/reliability.md). Neither holds a checkpoint byte; nothing but
-    # steps is there otherwise.
-    owner_leftovers = (f".{layout.OWNER_NAME}.tmp-", f"{layout.OWNER_NAME}.takeover-")
+    # A kill between the owner record's (or a take-over gate's) durable temp file and its
+    # link(2) leaves that temp file at the root, and one in the middle of a take-over its
+    # gate: no later start removes them (known gap, docs/reliability.md). None holds a
+    # checkpoint byte; nothing but steps is there otherwise.
+    owner_leftovers = (f".{layout.OWNER_NAME}.", f"{layout.OWNER_NAME}.takeover-")
     names = [n for n in os.listdir(root) if not n.startswith(owner_leftovers)]
     assert all(layout.parse_step_dir(n) is not None for n in names), sorted(names)
 
