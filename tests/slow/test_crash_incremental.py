@@ -22,7 +22,7 @@ folders), and then:
   folder without a manifest survives only if a committed step reads one of its files.
 
 By default each kind of event is hit once, at a seeded random occurrence, plus a spread
-over the whole run: 24 kill points per mode with ``keep_last``, 9 with ``keep_every``
+over the whole run: 25 kill points per mode with ``keep_last``, 9 with ``keep_every``
 (only the retention kinds, which is where it differs). ``SHARDCKPT_STRESS=1`` kills at
 every event index (about 140 per mode and variant).
 """
@@ -54,6 +54,7 @@ KINDS = (
     "write",
     "fsync",
     "atomic:.shardckpt-save.json",
+    "tmp:.shardckpt-save.json",
     "atomic:.shardckpt-referenced.json",
     "tmp:.shardckpt-referenced.json",
     "atomic:.shardckpt-referenced.json:after",
@@ -197,7 +198,7 @@ def test_sigkill_in_incremental_saves_and_retention_loses_no_referenced_byte(tmp
         expect = bounds(out, mode, (STEPS, STEPS))
         where = f"{kill} ({killed})"
         if n % 3 == 1:  # killed again before any clean start: the next run's own start may die
-            again = f"event:{rng.randint(1, 12)}"
+            again = f"event:{rng.randint(1, 20)}"  # a take-over, clean-up and sweep, or the first save
             killed, out = killed_run(trials, root, again, variant, mode)
             expect = bounds(out, mode, expect)
             where += f", then at {again} ({killed})"
