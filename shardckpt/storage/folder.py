@@ -5,7 +5,7 @@ Every removal in shardckpt (an overwriting save, retention, a manager's clean-up
 interrupted step, the Lightning plugin's ``remove_checkpoint``) goes through
 :func:`remove_checkpoint`, which deletes only names the format defines
 (:func:`shardckpt.format.layout.is_checkpoint_name`) and only in a folder it can prove is a
-shardckpt checkpoint: one with a manifest or a save marker. Anything else in the
+shardckpt checkpoint: one with a manifest or a save marker (or the marker's temp file). Anything else in the
 folder is left where it is, and the folder with it. There is no recursive delete.
 """
 
@@ -46,8 +46,11 @@ class FolderContents:
 
     @property
     def is_ours(self) -> bool:
-        """Proven to be a shardckpt checkpoint (committed or interrupted)."""
-        return self.has_manifest or self.has_marker
+        """Proven to be a shardckpt checkpoint (committed or interrupted): a manifest, a save
+        marker, or the marker's temp file (a save killed before its marker was linked, the
+        only thing in the folder then; the name is as specific as the marker's)."""
+        marker_temp = f".{layout.SAVE_MARKER_NAME}.tmp-"
+        return self.has_manifest or self.has_marker or any(n.startswith(marker_temp) for n in self.checkpoint_files)
 
 
 def is_committed(storage: Storage, name: str = "") -> bool:

@@ -9,16 +9,13 @@ step it gets. ``SHARDCKPT_STRESS=1`` runs every event index instead of a spread 
 
 from __future__ import annotations
 
-import contextlib
 import os
 import shutil
-import signal
-import sys
 import textwrap
 
 import pytest
 import torch
-from line_server import LineServer
+from trial_server import TrialServer
 
 import shardckpt
 
@@ -100,78 +97,9 @@ CHILD = textwrap.dedent(
 )
 
 
-# A fork server: it imports torch and shardckpt once, then forks one child per trial that
-# runs CHILD as ``python -c CHILD ROOT KILL_AT MODE`` would (a fresh interpreter per trial
-# cost seconds of imports, dozens of times). Only imports ran in the server, no torch op
-# and no thread, so a fork loses nothing; the child leaves the server's loop and ends the
-# way that interpreter would (non-daemon threads joined, atexit handlers run), or dies
-# of its SIGKILL. Per line on stdin, ``OUT_PATH<TAB>ROOT<TAB>KILL_AT<TAB>MODE``, it answers
-# ``PID <pid>`` and, once that child exited, ``RC <returncode>``.
-SERVER = textwrap.dedent(
-    """
-    import os, sys
-    import torch
-    import shardckpt
-    import shardckpt.storage.local, shardckpt.engine.checkpointer
-    import shardckpt.engine.saving, shardckpt.manager.checkpoint_manager, shardckpt.engine.loading
-
-    child_code, trial = sys.argv[1], None
-    for line in sys.stdin:
-        out_path, *argv = line.rstrip("\\n").split("\\t")
-        pid = os.fork()
-        if pid == 0:
-            trial = (out_path, argv)
-            break
-        print(f"PID {pid}", flush=True)
-        _, status = os.waitpid(pid, 0)
-        print(f"RC {os.waitstatus_to_exitcode(status)}", flush=True)
-    if trial is not None:
-        out_path, argv = trial
-        fd = os.open(out_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-        os.dup2(fd, 1)
-        os.dup2(fd, 2)
-        os.close(fd)
-        sys.argv = ["-c", *argv]
-        exec(compile(child_code, "<string>", "exec"), {"__name__": "__main__"})
-    """
-)
-
-
-class ChildServer(LineServer):
-    """The SERVER above, as one process for the module; :meth:`run` is one trial."""
-
-    def __init__(self, work: str) -> None:
-        super().__init__([sys.executable, "-c", SERVER, CHILD])
-        self.work = work
-        self.count = 0
-
-    def _answer(self, prefix: str, timeout_s: float) -> str | None:
-        line = self.next_line(timeout_s)
-        if line is None:
-            return None
-        assert line.startswith(prefix), f"child server said {line!r}, expected {prefix}..."
-        return line.split()[1]
-
-    def run(self, root: str, kill_at: int, mode: str) -> tuple[int, str]:
-        self.count += 1
-        out_path = os.path.join(self.work, f"child{self.count}.out")
-        self.send(f"{out_path}\t{root}\t{kill_at}\t{mode}")
-        pid = self._answer("PID ", 120)
-        assert pid is not None, "child server went silent (did it die? its stderr is in the test output)"
-        rc = self._answer("RC ", 120)
-        if rc is None:  # a hang: end it, and fail with what it printed
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(int(pid), signal.SIGKILL)
-            rc = self._answer("RC ", 60)
-            with open(out_path, errors="replace") as f:
-                raise AssertionError(f"trial child still running after 120 s: killed (a hang?)\n{f.read()}")
-        with open(out_path, errors="replace") as f:
-            return int(rc), f.read()
-
-
 @pytest.fixture(scope="module")
 def children(tmp_path_factory):
-    server = ChildServer(str(tmp_path_factory.mktemp("crash-children")))
+    server = TrialServer(str(tmp_path_factory.mktemp("crash-children")), CHILD)
     yield server
     server.stop()
 
@@ -215,26 +143,26 @@ def choose_points(trace: dict[int, str], n: int) -> list[int]:
 @pytest.mark.parametrize("mode,spread", [("sync", 16), ("async", 16)])
 def test_sigkill_at_every_storage_event_never_loses_the_last_commit(tmp_path, children, mode, spread):
     good = str(tmp_path / "good")
-    rc, out = children.run(good, kill_at=0, mode=mode)  # steps 1..4 committed; the killed runs continue from it
+    rc, out = children.run(good, 0, mode)  # steps 1..4 committed; the killed runs continue from it
     assert rc == 0, out
     trace = {int(ln.split()[1]): ln.split()[2] for ln in out.splitlines() if ln.startswith("EVENT ")}
     assert len(trace) >= 40, out  # 4 saves x (open, writes, fsync, dir sync, commit, retention)
     stress = os.environ.get("SHARDCKPT_STRESS") == "1"
     shutil.copytree(good, str(tmp_path / "probe"))
-    rc, out = children.run(str(tmp_path / "probe"), kill_at=0, mode=mode)  # the trace of a run that continues
+    rc, out = children.run(str(tmp_path / "probe"), 0, mode)  # the trace of a run that continues
     trace = {int(ln.split()[1]): ln.split()[2] for ln in out.splitlines() if ln.startswith("EVENT ")}
     points = list(range(1, max(trace) + 1)) if stress else choose_points(trace, spread)
     kinds = set()
     for n, k in enumerate(points):
         root = str(tmp_path / f"k{k}")
         shutil.copytree(good, root)
-        rc, out = children.run(root, kill_at=k, mode=mode)
+        rc, out = children.run(root, k, mode)
         assert rc == -9, f"child was not killed at event {k}: rc={rc}\n{out}"
         kinds.add(out.split("KILL ")[1].split()[0])
         saved = [int(line.split()[1]) for line in out.splitlines() if line.startswith("SAVED")]
         restored = check_root(root, saved[-1] if saved else 4, mode)
         if n % 8 == 0:  # and the job resumes: a good run continues after the restored step
-            rc, out = children.run(root, kill_at=0, mode=mode)
+            rc, out = children.run(root, 0, mode)
             assert rc == 0 and f"SAVED {restored + 4}" in out, out
     assert len(points) >= 20
     assert {"open", "write", "fsync", "commit:before", "commit:half-written-tmp", "commit:after", "delete"} <= kinds, (

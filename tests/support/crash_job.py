@@ -7,8 +7,10 @@ starts the ranks of a job by fork (a trial then costs no interpreter start-up); 
 
 Every rank runs a CheckpointManager (keep_last=2, sync or async saves) over a
 LocalStorage subclass that counts this rank's storage events (open, write, fsync,
-folder fsync, atomic write, delete, rmdir). KILL says when this rank dies by
-SIGKILL: ``none``; ``event:K`` (at its K-th storage event); ``timer:S`` (S seconds
+folder fsync, atomic write, delete, rmdir; :func:`killing_storage_class`, which
+tests/support/incremental_crash_job.py reuses). KILL says when this rank dies by
+SIGKILL: ``none``; ``event:K`` (at its K-th storage event); ``nth:J:NAME`` (at its
+J-th event named NAME); ``timer:S`` (S seconds
 after the process group is up). SCOPE ``self`` kills this rank only, ``all`` kills
 the whole job at that instant (the parent starts the ranks in one process group).
 
@@ -36,6 +38,7 @@ import shardckpt
 import shardckpt.engine.loading
 import shardckpt.engine.saving
 import shardckpt.manager.checkpoint_manager
+from shardckpt.format import layout
 from shardckpt.storage.local import LocalStorage, _LocalWriteStream
 
 ROWS_PER_RANK = 16
@@ -53,20 +56,31 @@ def say(line: str) -> None:
 
 
 class Killer:
+    """Counts events and kills at the one KILL names: ``event:K`` (the K-th event of any
+    kind), ``nth:J:NAME`` (the J-th event named NAME: the same point of the run however
+    writer threads interleave), ``timer:S``, or ``none`` (then each event is printed,
+    ``EVENT n name``, to trace a run)."""
+
     def __init__(self, kill: str, scope: str) -> None:
         self.at_event = int(kill.split(":")[1]) if kill.startswith("event:") else 0
         self.after_s = float(kill.split(":")[1]) if kill.startswith("timer:") else None
+        self.at_kind: tuple[str, int] | None = None
+        if kill.startswith("nth:"):
+            _, nth, name = kill.split(":", 2)
+            self.at_kind = (name, int(nth))
         self.scope = scope
         self.events = 0
+        self.by_kind: dict[str, int] = {}
         self.lock = threading.Lock()
 
     def event(self, name: str) -> None:
         with self.lock:
             self.events += 1
             n = self.events
-        if self.at_event == 0 and self.after_s is None:
+            self.by_kind[name] = nth = self.by_kind.get(name, 0) + 1
+        if self.at_event == 0 and self.after_s is None and self.at_kind is None:
             say(f"EVENT {n} {name}")
-        if n == self.at_event:
+        if n == self.at_event or (name, nth) == self.at_kind:
             self.kill(name)
 
     def kill(self, where: str) -> None:
@@ -82,7 +96,21 @@ class Killer:
             t.start()
 
 
+def _what(name: str) -> str:
+    """What a storage call touches, in an event's name: ``data`` or the file's own name."""
+    return "data" if layout.is_data_file_name(name) else name.rsplit("/", 1)[-1]
+
+
+def _atomic(name: str) -> str:
+    return "commit" if name.endswith(layout.MANIFEST_NAME) else f"atomic:{_what(name)}"
+
+
 def killing_storage_class(killer: Killer) -> type[LocalStorage]:
+    """A LocalStorage that tells ``killer`` of each event: ``open``, ``write``, ``fsync``
+    (of a data file), ``sync_dir``, ``commit`` / ``commit:after`` (the manifest),
+    ``atomic:<name>`` / ``atomic:<name>:after`` (the save marker, the referenced marker,
+    the owner record), ``delete:<what>`` (``manifest.json``, ``data``, a marker), ``rmdir``."""
+
     class Stream(_LocalWriteStream):
         def write(self, data):  # type: ignore[no-untyped-def]
             killer.event("write")
@@ -99,29 +127,34 @@ def killing_storage_class(killer: Killer) -> type[LocalStorage]:
             return Stream(self._path(name))
 
         def write_atomic(self, name: str, data: bytes) -> None:
-            killer.event("commit" if name.endswith("manifest.json") else "atomic")
+            killer.event(_atomic(name))
             super().write_atomic(name, data)
-            killer.event("commit:after" if name.endswith("manifest.json") else "atomic:after")
+            killer.event(f"{_atomic(name)}:after")
 
         def sync_dir(self, name: str = "") -> None:
             killer.event("sync_dir")
             super().sync_dir(name)
 
         def delete(self, names: list[str]) -> None:
-            killer.event("delete")
+            killer.event(f"delete:{_what(names[0])}" if names else "delete")
             super().delete(names)
 
         def create_exclusive(self, name: str, data: bytes) -> None:
-            killer.event("commit" if name.endswith("manifest.json") else "atomic")
+            killer.event(_atomic(name))
             super().create_exclusive(name, data)
-            killer.event("commit:after" if name.endswith("manifest.json") else "atomic:after")
+            killer.event(f"{_atomic(name)}:after")
 
         def remove_empty_dir(self, name: str = "") -> bool:
             killer.event("rmdir")
             return super().remove_empty_dir(name)
 
+        # Same class (a subclass's too) for sub-folders and siblings: an incremental save
+        # writes its base's referenced marker through sibling().
         def child(self, name: str) -> KillingStorage:
-            return KillingStorage(self._path(name))
+            return type(self)(self._path(name))
+
+        def sibling(self, name: str) -> KillingStorage:
+            return type(self)(super().sibling(name).root)
 
     return KillingStorage
 

@@ -1,6 +1,6 @@
 """A long-lived helper process spoken to in lines: the test writes a request line to its
 stdin, a reader thread queues each line it prints. The crash trials use it for servers
-that import torch once and fork a child per trial or rank (tests/slow/test_crash.py,
+that import torch once and fork a child per trial or rank (tests/support/trial_server.py,
 tests/slow/test_crash_ranks.py with tests/support/crash_job.py --serve)."""
 
 from __future__ import annotations

@@ -410,6 +410,25 @@ def test_start_never_deletes_a_step_folder_shardckpt_did_not_write(tmp_path, cap
     assert_step(root, 9)
 
 
+def test_start_removes_a_save_killed_while_creating_its_marker(tmp_path, caplog):
+    """SIGKILL between the save marker's durable temp file and its link(2) (found by
+    tests/slow/test_crash_incremental.py) leaves a step folder holding only that temp file.
+    Its name is shardckpt's own, as specific as the marker's: the next start removes the
+    folder, instead of keeping it for ever as another tool's."""
+    root = tmp_path / "run"
+    with shardckpt.CheckpointManager(str(root)) as mgr:
+        mgr.save(1, state(1))
+    killed = root / "step_0000000002"
+    killed.mkdir()
+    (killed / f".{layout.SAVE_MARKER_NAME}.tmp-0123456789ab").write_bytes(b'{"format": "shardckpt", "save_id": "a')
+    with caplog.at_level(logging.WARNING, logger="shardckpt"):
+        with shardckpt.CheckpointManager(str(root)) as mgr:
+            assert mgr.cleaned_up == ["step_0000000002"]
+            assert mgr.steps() == [1]
+    assert not killed.exists()
+    assert "shardckpt did not write it" not in caplog.text
+
+
 def test_ls_tells_foreign_folders_from_interrupted_saves(tmp_path, capsys):
     from shardckpt.cli.app import main
 
