@@ -1,7 +1,8 @@
 """Incremental saves: find the chunks whose bytes did not change since a base checkpoint.
 
-A save with ``incremental=True`` (or a ``base``) computes, for every tensor chunk it
-would write, the xxh3-128 digest of the chunk's bytes before opening any data file. A
+A save with ``incremental=True`` (or a ``base``) records, for every tensor chunk, the
+xxh3-128 digest of the chunk's bytes; before opening any data file it decides which chunks
+it need not write (:func:`digest_pass`, with a pre-filter that can only say "changed"). A
 chunk is *unchanged* when the base checkpoint holds a chunk of the same key, offsets,
 sizes, dtype and global shape, hashed with the same checksum block size, whose recorded
 digest is equal: its bytes are not written again, and the new manifest points at the file
@@ -34,7 +35,7 @@ from torch.distributed.checkpoint.planner import WriteItem
 from torch.distributed.checkpoint.storage import WriteResult
 
 from shardckpt.format import datafile
-from shardckpt.format.integrity import digest_hex
+from shardckpt.format.integrity import digest_hex, hash_hex
 from shardckpt.format.manifest import ChunkRecord, FileRecord, Manifest
 
 ChunkKey = tuple[str, tuple[int, ...], tuple[int, ...]]  # (key, offsets, sizes)
@@ -104,13 +105,15 @@ class BaseIndex:
             chunks[key] = _Saved(dtype, tuple(item.tensor_data.size), loc)
         return cls(folder, hash_block_bytes, chunks)
 
-    def match(self, item: WriteItem, digest: str, hash_block_bytes: int) -> ChunkLocation | None:
-        """Where the base holds exactly this chunk's bytes, or None (write it)."""
+    def candidate(self, item: WriteItem, hash_block_bytes: int) -> ChunkLocation | None:
+        """The base's chunk with this item's key, offsets, sizes, dtype and global shape,
+        hashed with the same block size (so its block hashes describe the new checkpoint's
+        blocks too), or None: then nothing in the base can hold this chunk's bytes."""
         assert item.tensor_data is not None and item.index.offset is not None
         if hash_block_bytes != self.hash_block_bytes:
-            return None  # its block hashes would not describe the new checkpoint's blocks
+            return None
         saved = self._chunks.get((item.index.fqn, tuple(item.index.offset), tuple(item.tensor_data.chunk.sizes)))
-        if saved is None or saved.location.digest != digest or saved.shape != tuple(item.tensor_data.size):
+        if saved is None or saved.shape != tuple(item.tensor_data.size):
             return None
         if saved.dtype != datafile.dtype_name(item.tensor_data.properties.dtype, key=item.index.fqn):
             return None
@@ -131,7 +134,7 @@ class Prepass:
 
     reused: list[WriteResult]  # chunks found unchanged in the base: nothing to write
     to_write: list[WriteItem]
-    digests: dict[Any, str]  # MetadataIndex -> digest, for the items to write
+    digests: dict[Any, str]  # MetadataIndex -> digest of items to write that were hashed whole here
     held: dict[Any, torch.Tensor]  # MetadataIndex -> the resolved CPU bytes to write
 
     def resolve(self, item: WriteItem) -> torch.Tensor:
@@ -149,22 +152,37 @@ def digest_pass(
     threads: int,
     to_bytes: Callable[[torch.Tensor, WriteItem], tuple[torch.Tensor, memoryview]],
 ) -> Prepass:
-    """Digest every item (``threads`` at a time; xxhash releases the GIL) and split them
-    into chunks the base already holds and chunks to write. ``to_bytes(tensor, item)``
-    gives a contiguous CPU tensor and a byte view of it; an item to write keeps that tensor
-    (no second copy when the writer gets to it), an unchanged one is released at once."""
+    """Split a rank's tensor items into chunks the base already holds and chunks to write,
+    before any data file is opened (``threads`` at a time; xxhash releases the GIL).
+
+    Per item: no base chunk of the same key, box, dtype and shape -> write (nothing hashed
+    here). Else a pre-filter: the xxh3-64 of the chunk's first checksum block against the
+    base's first block hash; different -> the bytes differ for certain -> write. Only when
+    it is equal is the whole chunk's xxh3-128 digest computed here, and the chunk reused iff
+    it equals the base's. So the decision to skip rests on the full digest, and a save where
+    everything changed hashes one block per chunk here; the digests of the chunks it writes
+    are computed while they are written (:func:`shardckpt.engine.writer.write_file`),
+    overlapped with the I/O. ``to_bytes(tensor, item)`` gives a contiguous CPU tensor and a
+    byte view of it; an item to write keeps that tensor (no second copy when the writer
+    gets to it), an unchanged one is released at once."""
     out = Prepass([], [], {}, {})
 
-    def one(item: WriteItem) -> tuple[WriteItem, torch.Tensor, str]:
+    def one(item: WriteItem) -> tuple[WriteItem, torch.Tensor, ChunkLocation | None, str | None]:
         tensor, data = to_bytes(resolve(item), item)
-        return item, tensor, digest_hex(data)
+        saved = base.candidate(item, hash_block_bytes) if base is not None else None
+        if saved is None or saved.digest is None:
+            return item, tensor, None, None
+        if saved.block_hashes and hash_hex(data[:hash_block_bytes]) != saved.block_hashes[0]:
+            return item, tensor, None, None  # the first block differs: changed
+        digest = digest_hex(data)
+        return item, tensor, (saved if digest == saved.digest else None), digest
 
     with ThreadPoolExecutor(max(1, min(threads, len(items))), thread_name_prefix="shardckpt-digest") as pool:
-        for item, tensor, digest in pool.map(one, items):
-            loc = base.match(item, digest, hash_block_bytes) if base is not None else None
+        for item, tensor, loc, digest in pool.map(one, items):
             if loc is None:
                 out.to_write.append(item)
-                out.digests[item.index] = digest
+                if digest is not None:
+                    out.digests[item.index] = digest
                 out.held[item.index] = tensor
                 continue
             out.reused.append(WriteResult(index=item.index, size_in_bytes=0, storage_data=loc))

@@ -555,14 +555,21 @@ def write_file(
         for it, entry in zip(items, entries, strict=True):
             data = _tensor_bytes(resolve(it), it)
             hashes = []
+            # Incremental saves: a digest the digest pass did not compute is computed here,
+            # piece by piece, while the other writer threads wait on I/O.
+            digester = integrity.new_digester() if digests is not None and it.index not in digests else None
             for i in range(0, len(data), block_bytes):
                 if cancel is not None and cancel.is_set():
                     raise _Cancelled(f"write of {name} cancelled")
                 piece = data[i : i + block_bytes]
                 hashes.append(integrity.hash_hex(piece))
                 file_hasher.update(piece)
+                if digester is not None:
+                    digester.update(piece)
                 stream.write(piece)
-            digest = digests[it.index] if digests is not None else None
+            digest = digester.hexdigest() if digester is not None else None
+            if digests is not None and digester is None:
+                digest = digests[it.index]
             located.append((it, len(header) + entry.begin, entry.end - entry.begin, tuple(hashes), digest))
             del data
             if release is not None:

@@ -278,3 +278,32 @@ def test_the_sweep_remembers_marks_until_a_manifest_changes(tmp_path: Path, monk
     assert len(parsed) == 3  # only the replaced manifest was read again
     assert later.by_folder["s0"] == set(read_manifest(open_storage(str(tmp_path / "s0"))).files)
     assert later.of_folder("s1") and not (later.of_folder("s1") & first.of_folder("s1"))
+
+
+def test_the_prefilter_never_decides_a_skip_and_digests_match_the_bytes(tmp_path: Path, monkeypatch) -> None:
+    import xxhash
+
+    from shardckpt.engine import incremental
+
+    whole: list[int] = []
+    real = incremental.digest_hex
+
+    def counting(data):  # type: ignore[no-untyped-def]
+        whole.append(len(data))
+        return real(data)
+
+    monkeypatch.setattr(incremental, "digest_hex", counting)
+    sd = {"a": torch.arange(4096, dtype=torch.float32), "b": torch.ones(2048), "c": torch.zeros(3000)}
+    m0 = shardckpt.save(sd, tmp_path / "s0", incremental=True, hash_block_bytes=4096)
+    assert whole == []  # no base: nothing hashed ahead; the digests come from the write
+    sd["a"][-1] = -1.0  # only the last of a's 4 checksum blocks changes: the pre-filter passes it
+    sd["b"] = sd["b"] * 2  # the first block changes: the pre-filter rules it out
+    m1 = shardckpt.save(sd, tmp_path / "s1", base=tmp_path / "s0", hash_block_bytes=4096)
+    assert m0 is not None and m1 is not None
+    assert sorted(whole) == [3000 * 4, 4096 * 4]  # c (reused) and a (first block equal, then the full digest)
+    assert {k for k, t in m1.tensors.items() if m1.files[t.chunks[0].file].checkpoint is None} == {"a", "b"}
+    for key, t in m1.tensors.items():  # hashed ahead (a), while written (b) or reused (c): the chunk's digest
+        assert t.chunks[0].digest == xxhash.xxh3_128_hexdigest(sd[key].numpy().tobytes()), key
+    got = {k: torch.full_like(v, 7.0) for k, v in sd.items()}
+    shardckpt.load(got, tmp_path / "s1")
+    _assert_same(got, sd)  # type: ignore[arg-type]
