@@ -242,7 +242,7 @@ def synthetic_results(global_plans: list[Any], planner: Any, block_bytes: int) -
             offset = 4096
             for it, n in zip(bucket, lengths, strict=True):
                 hashes = tuple(f"{i:016x}" for i in range(max(1, -(-n // block_bytes))))
-                res.append(WriteResult(it.index, n, writer._ChunkLocation(name, offset, n, hashes, record)))
+                res.append(WriteResult(it.index, n, writer.ChunkLocation(name, offset, n, hashes, record)))
                 offset += n
         out.append(res)
     return out
