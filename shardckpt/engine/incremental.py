@@ -156,8 +156,9 @@ def digest_pass(
     before any data file is opened (``threads`` at a time; xxhash releases the GIL).
 
     Per item: no base chunk of the same key, box, dtype and shape -> write (nothing hashed
-    here). Else a pre-filter: the xxh3-64 of the chunk's first checksum block against the
-    base's first block hash; different -> the bytes differ for certain -> write. Only when
+    here). Else, for a chunk longer than one checksum block, a pre-filter: the xxh3-64 of
+    its first block against the base's first block hash; different -> the bytes differ for
+    certain -> write. Only when
     it is equal is the whole chunk's xxh3-128 digest computed here, and the chunk reused iff
     it equals the base's. So the decision to skip rests on the full digest, and a save where
     everything changed hashes one block per chunk here; the digests of the chunks it writes
@@ -172,9 +173,9 @@ def digest_pass(
         saved = base.candidate(item, hash_block_bytes) if base is not None else None
         if saved is None or saved.digest is None:
             return item, tensor, None, None
-        if saved.block_hashes and hash_hex(data[:hash_block_bytes]) != saved.block_hashes[0]:
+        if len(data) > hash_block_bytes and hash_hex(data[:hash_block_bytes]) != saved.block_hashes[0]:
             return item, tensor, None, None  # the first block differs: changed
-        digest = digest_hex(data)
+        digest = digest_hex(data)  # (a chunk of one block costs the same to digest as to pre-filter)
         return item, tensor, (saved if digest == saved.digest else None), digest
 
     with ThreadPoolExecutor(max(1, min(threads, len(items))), thread_name_prefix="shardckpt-digest") as pool:

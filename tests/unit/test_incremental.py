@@ -293,14 +293,16 @@ def test_the_prefilter_never_decides_a_skip_and_digests_match_the_bytes(tmp_path
         return real(data)
 
     monkeypatch.setattr(incremental, "digest_hex", counting)
-    sd = {"a": torch.arange(4096, dtype=torch.float32), "b": torch.ones(2048), "c": torch.zeros(3000)}
+    sd = {"a": torch.arange(4096, dtype=torch.float32), "b": torch.ones(2048), "c": torch.zeros(1000)}
     m0 = shardckpt.save(sd, tmp_path / "s0", incremental=True, hash_block_bytes=4096)
     assert whole == []  # no base: nothing hashed ahead; the digests come from the write
     sd["a"][-1] = -1.0  # only the last of a's 4 checksum blocks changes: the pre-filter passes it
     sd["b"] = sd["b"] * 2  # the first block changes: the pre-filter rules it out
     m1 = shardckpt.save(sd, tmp_path / "s1", base=tmp_path / "s0", hash_block_bytes=4096)
     assert m0 is not None and m1 is not None
-    assert sorted(whole) == [3000 * 4, 4096 * 4]  # c (reused) and a (first block equal, then the full digest)
+    # c (one block: digested at once, reused) and a (first block equal, then the full digest); b's
+    # first block differs, so its digest comes from the write
+    assert sorted(whole) == [1000 * 4, 4096 * 4]
     assert {k for k, t in m1.tensors.items() if m1.files[t.chunks[0].file].checkpoint is None} == {"a", "b"}
     for key, t in m1.tensors.items():  # hashed ahead (a), while written (b) or reused (c): the chunk's digest
         assert t.chunks[0].digest == xxhash.xxh3_128_hexdigest(sd[key].numpy().tobytes()), key
