@@ -235,7 +235,7 @@ def synthetic_results(global_plans: list[Any], planner: Any, block_bytes: int) -
             if it.type == WriteItemType.BYTE_IO
         ]
         tensors = [it for it in plan.items if it.type != WriteItemType.BYTE_IO]
-        for k, bucket in enumerate(writer._split_by_bytes(tensors, IO_THREADS)):
+        for k, bucket in enumerate(writer.split_by_bytes(tensors, IO_THREADS)):
             name = layout.data_file_name("0123456789ab", rank, k)
             lengths = [chunk_bytes(it) for it in bucket]
             record = FileRecord(size=sum(lengths) + 4096, hash="f" * 16, rank=rank)

@@ -27,9 +27,9 @@ from typing import Any
 
 from shardckpt.convert.audit import DEFAULT_READ_PIECE_BYTES, FolderShare, folder_shares
 from shardckpt.convert.progress import byte_bar
+from shardckpt.engine.claim import claim_folder, create_file, discard_save
 from shardckpt.engine.loading import read_manifest
 from shardckpt.engine.options import check_io_threads
-from shardckpt.engine.writer import claim_folder, create_file, discard_save
 from shardckpt.errors import (
     CheckpointExistsError,
     DestinationNotEmptyError,

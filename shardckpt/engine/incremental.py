@@ -162,7 +162,7 @@ def digest_pass(
     it is equal is the whole chunk's xxh3-128 digest computed here, and the chunk reused iff
     it equals the base's. So the decision to skip rests on the full digest, and a save where
     everything changed hashes one block per chunk here; the digests of the chunks it writes
-    are computed while they are written (:func:`shardckpt.engine.writer.write_file`),
+    are computed while they are written (:func:`shardckpt.engine.datawrite.write_file`),
     overlapped with the I/O. ``to_bytes(tensor, item)`` gives a contiguous CPU tensor and a
     byte view of it; an item to write keeps that tensor (no second copy when the writer
     gets to it), an unchanged one is released at once."""

@@ -24,11 +24,9 @@ import datetime
 import io
 import json
 import logging
-import math
 import os
 import socket
 import threading
-import time
 import uuid
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -42,14 +40,12 @@ from torch.distributed.checkpoint.planner import SavePlan, SavePlanner, WriteIte
 from torch.distributed.checkpoint.storage import StorageWriter, WriteResult
 
 from shardckpt._version import __version__
+from shardckpt.engine.claim import check_same_location, claim_folder, create_file, discard_save
+from shardckpt.engine.datawrite import split_by_bytes, tensor_and_bytes, write_file
 from shardckpt.engine.incremental import BaseIndex, ChunkLocation, Prepass, digest_pass
 from shardckpt.engine.options import check_hash_block_bytes, check_io_threads
 from shardckpt.engine.planner import SavePlanner as ShardckptSavePlanner
-from shardckpt.engine.staging import item_bytes
 from shardckpt.errors import (
-    CheckpointExistsError,
-    DestinationNotEmptyError,
-    InconsistentRanksError,
     ShardckptError,
     StorageError,
     UnsupportedValueError,
@@ -57,7 +53,7 @@ from shardckpt.errors import (
 from shardckpt.format import datafile, integrity, layout
 from shardckpt.format.manifest import ChunkRecord, FileRecord, Manifest, TensorRecord, manifest_to_json
 from shardckpt.format.values import encode_value
-from shardckpt.storage import Storage, folder
+from shardckpt.storage import Storage
 from shardckpt.storage.datafiles import DataFiles
 
 log = logging.getLogger("shardckpt")
@@ -130,7 +126,7 @@ class Writer(StorageWriter):
         return dataclasses.replace(plan, storage_data=host)
 
     def prepare_global_plan(self, plans: list[SavePlan]) -> list[SavePlan]:
-        _check_same_location(self.storage.url, [p.storage_data for p in plans])
+        check_same_location(self.storage.url, [p.storage_data for p in plans])
         self._layout = [{k: v for k, v in p.storage_data.items() if k != "location"} for p in plans]
         save_id = uuid.uuid4().hex[:12]
         self._claim_folder(save_id)
@@ -182,11 +178,11 @@ class Writer(StorageWriter):
                 base=self._base,
                 hash_block_bytes=self.options.hash_block_bytes,
                 threads=self.options.num_io_threads,
-                to_bytes=_tensor_and_bytes,
+                to_bytes=tensor_and_bytes,
             )
             results += prepass.reused
             items, resolve = prepass.to_write, prepass.resolve
-        buckets = _split_by_bytes(items, self.options.num_io_threads)
+        buckets = split_by_bytes(items, self.options.num_io_threads)
         version = "2" if self.options.digests else "1"  # the format of the manifest this save commits
         meta = {"format": "shardckpt", "format_version": version, "save_id": save_id, "rank": str(rank)}
         if not buckets:
@@ -317,136 +313,6 @@ class Writer(StorageWriter):
         return isinstance(checkpoint_id, str)
 
 
-class _Cancelled(Exception):
-    """A writer thread stopped because the save was interrupted or failed elsewhere."""
-
-
-def _check_same_location(url: str, per_rank: list[dict[str, Any]]) -> None:
-    """All ranks must write into one folder: a per-rank path (a timestamp in it, a
-    relative path on nodes with different working directories) would commit a manifest
-    that lists files living elsewhere."""
-    places: dict[str, list[int]] = {}
-    for r, data in enumerate(per_rank):
-        places.setdefault(data["location"], []).append(r)
-    if len(places) > 1:
-        shown = "; ".join(f"ranks {ranks}: {loc}" for loc, ranks in sorted(places.items(), key=lambda kv: kv[1][0]))
-        raise InconsistentRanksError(
-            f"save to {url}: ranks passed different paths ({shown}). Every rank must pass the same path "
-            "(compute it once, e.g. on rank 0, and broadcast it); nothing was written."
-        )
-
-
-def claim_folder(storage: Storage, save_id: str, *, overwrite: bool, what: str = "save") -> list[str]:
-    """Refuse a folder that is not ours to write; then create the save marker, the proof
-    (for clean-up) that shardckpt owns what follows, before any data byte. Coordinator
-    only; ``what`` names the operation in errors (``"save"``, ``"materialize"``).
-
-    With ``overwrite`` an existing checkpoint there is uncommitted at once and the names of
-    its data files are returned (the caller removes them after its own commit); else []."""
-    url = storage.url
-    found = folder.contents(storage)
-    if found.foreign:
-        shown = ", ".join(repr(n) for n in found.foreign[:5])
-        raise DestinationNotEmptyError(
-            f"{what} to {url}: the folder already holds {len(found.foreign)} "
-            f"{'entry that is' if len(found.foreign) == 1 else 'entries that are'} not part of a "
-            f"shardckpt checkpoint ({shown}); shardckpt saves only into a new or empty folder, or over its "
-            "own checkpoint, so it never deletes or overwrites your files. Save to a new path (one folder "
-            "per checkpoint, e.g. runs/exp1/step_100) or empty this one."
-        )
-    if found.is_referenced:
-        raise CheckpointExistsError(
-            f"{what} to {url}: incremental checkpoints beside this one read its data files (it holds "
-            f"{layout.REFERENCED_NAME}), so it is never overwritten, even with overwrite=True: that would "
-            "break them. Save to a new path; delete it through the CheckpointManager that wrote the "
-            "incremental steps, which keeps every file a kept step needs."
-        )
-    if not overwrite and found.has_manifest:
-        raise CheckpointExistsError(
-            f"{url}: a committed checkpoint is already there; save to a new path, "
-            "or pass overwrite=True to replace it (the old one stops being loadable at once)"
-        )
-    if not overwrite and found.has_marker:
-        raise CheckpointExistsError(
-            f"{what} to {url}: another save is writing into this folder, or an earlier one was interrupted "
-            f"(it holds {layout.SAVE_MARKER_NAME} and no {layout.MANIFEST_NAME}). If no other job is saving "
-            "here, pass overwrite=True to replace what the interrupted save left, or save to a new path."
-        )
-    marker = json.dumps(
-        {
-            "format": "shardckpt",
-            "save_id": save_id,
-            "host": socket.gethostname(),
-            "pid": os.getpid(),
-            "started_at": time.time(),
-        }
-    ).encode()
-    replaced: list[str] = []
-    if overwrite:
-        # Listed now, deleted only after the new commit: the replaced save's files.
-        replaced = [n for n in found.checkpoint_files if layout.is_data_file_name(n)]
-        # Uncommit first: from here on nobody may trust the old files.
-        storage.delete([layout.MANIFEST_NAME])
-    create_file(
-        storage,
-        layout.SAVE_MARKER_NAME,
-        marker,
-        overwrite=overwrite,
-        lost_race="another save started writing into this folder "
-        "at the same moment; two saves to one path cannot both succeed. Save each to its own path.",
-        what=what,
-    )
-    return replaced
-
-
-def create_file(
-    storage: Storage, name: str, data: bytes, *, overwrite: bool, lost_race: str, what: str = "save"
-) -> None:
-    """Create ``name`` exclusively (replace it with ``overwrite``); a lost race is
-    CheckpointExistsError saying ``lost_race``. The commit of a save is this call for the
-    manifest, after every data file is durable."""
-    if overwrite:
-        storage.write_atomic(name, data)
-        return
-    try:
-        storage.create_exclusive(name, data)
-    except FileExistsError as e:
-        raise CheckpointExistsError(f"{what} to {storage.url}: {lost_race}") from e
-
-
-def discard_save(storage: Storage, save_id: str) -> None:
-    """After a failed save or materialize that did not commit (coordinator): remove the
-    files of ``save_id``, so a failure in a new folder leaves nothing behind. Only names of
-    this save id; the marker only while it is still this save's. Best effort: a failure
-    here is logged, never raised over the save's own error."""
-    try:
-        if folder.is_committed(storage):
-            return  # committed after all (or by a racing overwrite): not ours to touch
-        prefix = f"{layout.DATA_DIR}/{save_id}-"
-        storage.delete([n for n in storage.list_files(layout.DATA_DIR) if n.startswith(prefix)])
-        if _marker_save_id(storage) == save_id:
-            storage.delete([layout.SAVE_MARKER_NAME])
-            if storage.remove_empty_dir(layout.DATA_DIR):
-                storage.remove_empty_dir("")
-    except (OSError, ShardckptError) as e:
-        log.warning(
-            "shardckpt: the failed save to %s left files behind (%s); a CheckpointManager "
-            "removes them at its next start, or save again with overwrite=True",
-            storage.url,
-            e,
-        )
-
-
-def _marker_save_id(storage: Storage) -> str | None:
-    try:
-        doc = json.loads(storage.read_bytes(layout.SAVE_MARKER_NAME))
-    except FileNotFoundError:
-        return None
-    except ValueError:
-        return None  # not a marker we wrote
-    return doc.get("save_id") if isinstance(doc, dict) else None
-
-
 def value_json(planner: SavePlanner, item: WriteItem) -> bytes:
     """The JSON text of the non-tensor value of ``item`` (a BYTE_IO item).
 
@@ -469,122 +335,6 @@ def value_json(planner: SavePlanner, item: WriteItem) -> bytes:
         "hand it over as opaque bytes (a pickle); shardckpt stores values as JSON and never pickles. Use DCP's "
         "DefaultSavePlanner (or a subclass of it), or store the value as a tensor."
     )
-
-
-def _split_by_bytes(items: list[WriteItem], n: int) -> list[list[WriteItem]]:
-    """Up to ``n`` non-empty buckets of roughly equal byte counts (largest item first)."""
-    buckets: list[list[WriteItem]] = [[] for _ in range(min(n, len(items)))]
-    sizes = [0] * len(buckets)
-    for it in sorted(items, key=lambda i: -item_bytes(i)):
-        k = sizes.index(min(sizes))
-        buckets[k].append(it)
-        sizes[k] += item_bytes(it)
-    return [b for b in buckets if b]
-
-
-def _entry_name(item: WriteItem) -> str:
-    """Name inside the safetensors header: the key for a whole tensor, ``key@o1,o2`` for a
-    chunk. Keys containing ``@`` (or named ``__metadata__``) always get the suffix, so the
-    last ``@`` unambiguously separates key and offsets and no two entries collide."""
-    assert item.index.offset is not None and item.tensor_data is not None
-    fqn = item.index.fqn
-    whole = all(o == 0 for o in item.index.offset) and tuple(item.tensor_data.chunk.sizes) == tuple(
-        item.tensor_data.size
-    )
-    if whole and "@" not in fqn and fqn != "__metadata__":
-        return fqn
-    return f"{fqn}@{','.join(map(str, item.index.offset))}"
-
-
-def _tensor_bytes(tensor: torch.Tensor, item: WriteItem) -> memoryview:
-    return _tensor_and_bytes(tensor, item)[1]
-
-
-def _tensor_and_bytes(tensor: torch.Tensor, item: WriteItem) -> tuple[torch.Tensor, memoryview]:
-    """``tensor`` as a contiguous CPU tensor (a copy only if it is not one) and its bytes."""
-    assert item.tensor_data is not None
-    t = tensor.detach()
-    if tuple(t.shape) != tuple(item.tensor_data.chunk.sizes):
-        raise UnsupportedValueError(
-            f"key {item.index.fqn!r}: planned chunk shape {tuple(item.tensor_data.chunk.sizes)} "
-            f"but resolved tensor has shape {tuple(t.shape)}"
-        )
-    if t.device.type != "cpu":
-        t = t.cpu()
-    t = t.contiguous()
-    return t, memoryview(t.reshape(-1).view(torch.uint8).numpy())  # type: ignore[arg-type]
-
-
-def write_file(
-    storage: Storage,
-    name: str,
-    items: list[WriteItem],
-    resolve: Any,
-    *,
-    release: Callable[[WriteItem], None] | None = None,
-    rank: int,
-    block_bytes: int,
-    metadata: dict[str, str],
-    cancel: threading.Event | None = None,
-    digests: dict[Any, str] | None = None,
-) -> list[WriteResult]:
-    """Stream ``items`` into one safetensors file; return one WriteResult per item.
-
-    Runs on a writer thread; ``resolve(item)`` gives the tensor and ``release(item)``, if
-    given, is told when its bytes have been written (not yet durable). The header is built
-    from the plan before any data, then each tensor is hashed block by block as it is
-    written, and the file is fsynced (finish) before this returns. ``cancel``, when set
-    by another thread, stops the write at the next block (the partial file is removed).
-    ``digests`` (incremental saves): each item's digest from the digest pass, recorded.
-    """
-    entries, begin = [], 0
-    for it in items:
-        assert it.tensor_data is not None
-        dtype = datafile.dtype_name(it.tensor_data.properties.dtype, key=it.index.fqn)
-        sizes = tuple(it.tensor_data.chunk.sizes)
-        end = begin + math.prod(sizes) * datafile.itemsize(dtype)
-        entries.append(datafile.HeaderEntry(_entry_name(it), dtype, sizes, begin, end))
-        begin = end
-    header = datafile.build_header(entries, metadata)
-    file_hasher = integrity.new_file_hasher()
-    stream = storage.open_write(name)
-    located = []
-    try:
-        stream.write(header)
-        file_hasher.update(header)
-        for it, entry in zip(items, entries, strict=True):
-            data = _tensor_bytes(resolve(it), it)
-            hashes = []
-            # Incremental saves: a digest the digest pass did not compute is computed here,
-            # piece by piece, while the other writer threads wait on I/O.
-            digester = integrity.new_digester() if digests is not None and it.index not in digests else None
-            for i in range(0, len(data), block_bytes):
-                if cancel is not None and cancel.is_set():
-                    raise _Cancelled(f"write of {name} cancelled")
-                piece = data[i : i + block_bytes]
-                hashes.append(integrity.hash_hex(piece))
-                file_hasher.update(piece)
-                if digester is not None:
-                    digester.update(piece)
-                stream.write(piece)
-            digest = digester.hexdigest() if digester is not None else None
-            if digests is not None and digester is None:
-                digest = digests[it.index]
-            located.append((it, len(header) + entry.begin, entry.end - entry.begin, tuple(hashes), digest))
-            del data
-            if release is not None:
-                release(it)
-        stream.finish()
-    except BaseException:
-        stream.abort()
-        raise
-    record = FileRecord(size=len(header) + begin, hash=file_hasher.hexdigest(), rank=rank)
-    return [
-        WriteResult(
-            index=it.index, size_in_bytes=length, storage_data=ChunkLocation(name, off, length, hashes, record, digest)
-        )
-        for it, off, length, hashes, digest in located
-    ]
 
 
 def build_manifest(

@@ -7,9 +7,9 @@ import torch
 from torch.distributed.checkpoint.metadata import ChunkStorageMetadata, MetadataIndex, TensorProperties
 from torch.distributed.checkpoint.planner import SavePlan, TensorWriteData, WriteItem, WriteItemType
 
+from shardckpt.engine.datawrite import split_by_bytes as _split_by_bytes
 from shardckpt.engine.planner import balance_replicated
 from shardckpt.engine.staging import item_bytes
-from shardckpt.engine.writer import _split_by_bytes
 
 pytestmark = pytest.mark.compat  # the subset .ci/torch_compat runs on other torch releases
 

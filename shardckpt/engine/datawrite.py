@@ -1,0 +1,145 @@
+"""Writing one rank's tensors into safetensors data files, hashed while written.
+
+:func:`split_by_bytes` spreads a rank's chunks over its writer threads; :func:`write_file`
+streams one thread's chunks into one file (header first, then each chunk block by block:
+its checksum blocks, the whole-file hash and, for incremental saves, its digest computed on
+the way) and makes it durable. Used by :class:`shardckpt.engine.writer.Writer`.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch.distributed.checkpoint.planner import WriteItem
+from torch.distributed.checkpoint.storage import WriteResult
+
+from shardckpt.engine.incremental import ChunkLocation
+from shardckpt.engine.staging import item_bytes
+from shardckpt.errors import UnsupportedValueError
+from shardckpt.format import datafile, integrity
+from shardckpt.format.manifest import FileRecord
+from shardckpt.storage import Storage
+
+
+class _Cancelled(Exception):
+    """A writer thread stopped because the save was interrupted or failed elsewhere."""
+
+
+def split_by_bytes(items: list[WriteItem], n: int) -> list[list[WriteItem]]:
+    """Up to ``n`` non-empty buckets of roughly equal byte counts (largest item first)."""
+    buckets: list[list[WriteItem]] = [[] for _ in range(min(n, len(items)))]
+    sizes = [0] * len(buckets)
+    for it in sorted(items, key=lambda i: -item_bytes(i)):
+        k = sizes.index(min(sizes))
+        buckets[k].append(it)
+        sizes[k] += item_bytes(it)
+    return [b for b in buckets if b]
+
+
+def _entry_name(item: WriteItem) -> str:
+    """Name inside the safetensors header: the key for a whole tensor, ``key@o1,o2`` for a
+    chunk. Keys containing ``@`` (or named ``__metadata__``) always get the suffix, so the
+    last ``@`` unambiguously separates key and offsets and no two entries collide."""
+    assert item.index.offset is not None and item.tensor_data is not None
+    fqn = item.index.fqn
+    whole = all(o == 0 for o in item.index.offset) and tuple(item.tensor_data.chunk.sizes) == tuple(
+        item.tensor_data.size
+    )
+    if whole and "@" not in fqn and fqn != "__metadata__":
+        return fqn
+    return f"{fqn}@{','.join(map(str, item.index.offset))}"
+
+
+def _tensor_bytes(tensor: torch.Tensor, item: WriteItem) -> memoryview:
+    return tensor_and_bytes(tensor, item)[1]
+
+
+def tensor_and_bytes(tensor: torch.Tensor, item: WriteItem) -> tuple[torch.Tensor, memoryview]:
+    """``tensor`` as a contiguous CPU tensor (a copy only if it is not one) and its bytes."""
+    assert item.tensor_data is not None
+    t = tensor.detach()
+    if tuple(t.shape) != tuple(item.tensor_data.chunk.sizes):
+        raise UnsupportedValueError(
+            f"key {item.index.fqn!r}: planned chunk shape {tuple(item.tensor_data.chunk.sizes)} "
+            f"but resolved tensor has shape {tuple(t.shape)}"
+        )
+    if t.device.type != "cpu":
+        t = t.cpu()
+    t = t.contiguous()
+    return t, memoryview(t.reshape(-1).view(torch.uint8).numpy())  # type: ignore[arg-type]
+
+
+def write_file(
+    storage: Storage,
+    name: str,
+    items: list[WriteItem],
+    resolve: Any,
+    *,
+    release: Callable[[WriteItem], None] | None = None,
+    rank: int,
+    block_bytes: int,
+    metadata: dict[str, str],
+    cancel: threading.Event | None = None,
+    digests: dict[Any, str] | None = None,
+) -> list[WriteResult]:
+    """Stream ``items`` into one safetensors file; return one WriteResult per item.
+
+    Runs on a writer thread; ``resolve(item)`` gives the tensor and ``release(item)``, if
+    given, is told when its bytes have been written (not yet durable). The header is built
+    from the plan before any data, then each tensor is hashed block by block as it is
+    written, and the file is fsynced (finish) before this returns. ``cancel``, when set
+    by another thread, stops the write at the next block (the partial file is removed).
+    ``digests`` (incremental saves): each item's digest from the digest pass, recorded.
+    """
+    entries, begin = [], 0
+    for it in items:
+        assert it.tensor_data is not None
+        dtype = datafile.dtype_name(it.tensor_data.properties.dtype, key=it.index.fqn)
+        sizes = tuple(it.tensor_data.chunk.sizes)
+        end = begin + math.prod(sizes) * datafile.itemsize(dtype)
+        entries.append(datafile.HeaderEntry(_entry_name(it), dtype, sizes, begin, end))
+        begin = end
+    header = datafile.build_header(entries, metadata)
+    file_hasher = integrity.new_file_hasher()
+    stream = storage.open_write(name)
+    located = []
+    try:
+        stream.write(header)
+        file_hasher.update(header)
+        for it, entry in zip(items, entries, strict=True):
+            data = _tensor_bytes(resolve(it), it)
+            hashes = []
+            # Incremental saves: a digest the digest pass did not compute is computed here,
+            # piece by piece, while the other writer threads wait on I/O.
+            digester = integrity.new_digester() if digests is not None and it.index not in digests else None
+            for i in range(0, len(data), block_bytes):
+                if cancel is not None and cancel.is_set():
+                    raise _Cancelled(f"write of {name} cancelled")
+                piece = data[i : i + block_bytes]
+                hashes.append(integrity.hash_hex(piece))
+                file_hasher.update(piece)
+                if digester is not None:
+                    digester.update(piece)
+                stream.write(piece)
+            digest = digester.hexdigest() if digester is not None else None
+            if digests is not None and digester is None:
+                digest = digests[it.index]
+            located.append((it, len(header) + entry.begin, entry.end - entry.begin, tuple(hashes), digest))
+            del data
+            if release is not None:
+                release(it)
+        stream.finish()
+    except BaseException:
+        stream.abort()
+        raise
+    record = FileRecord(size=len(header) + begin, hash=file_hasher.hexdigest(), rank=rank)
+    return [
+        WriteResult(
+            index=it.index, size_in_bytes=length, storage_data=ChunkLocation(name, off, length, hashes, record, digest)
+        )
+        for it, off, length, hashes, digest in located
+    ]
