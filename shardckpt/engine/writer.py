@@ -352,7 +352,12 @@ def build_manifest(
         chunks = []
         for c in md.chunks:
             loc: ChunkLocation = located[MetadataIndex(fqn, c.offsets)]
-            files[loc.file] = loc.file_record
+            if files.setdefault(loc.file, loc.file_record) != loc.file_record:
+                raise StorageError(
+                    f"save: data file name {loc.file} names two different files (this save's random id equals "
+                    "the id of a base checkpoint's save, a 1 in 2**48 chance); nothing was committed. Save again: "
+                    "the next save draws a new id."
+                )
             chunks.append(
                 ChunkRecord(
                     tuple(c.offsets),

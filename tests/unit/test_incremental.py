@@ -309,3 +309,23 @@ def test_the_prefilter_never_decides_a_skip_and_digests_match_the_bytes(tmp_path
     got = {k: torch.full_like(v, 7.0) for k, v in sd.items()}
     shardckpt.load(got, tmp_path / "s1")
     _assert_same(got, sd)  # type: ignore[arg-type]
+
+
+def test_a_save_id_equal_to_a_base_files_id_fails_before_the_commit(tmp_path: Path, monkeypatch) -> None:
+    import uuid as uuid_module
+
+    from shardckpt.errors import ShardckptError
+
+    fixed = uuid_module.UUID("0123456789ab" + "0" * 20)
+    monkeypatch.setattr(uuid_module, "uuid4", lambda: fixed)  # both saves draw the same id
+    sd = _state()
+    shardckpt.save(sd, tmp_path / "s0", incremental=True)
+    sd["adapter"] = sd["adapter"] + 1  # type: ignore[operator]
+    with pytest.raises(ShardckptError, match="names two different files"):
+        shardckpt.save(sd, tmp_path / "s1", base=tmp_path / "s0")
+    assert not (tmp_path / "s1").exists()  # the failed save removed what it wrote, and only that
+    got = _zeros_like(sd)
+    shardckpt.load(got, tmp_path / "s0")  # the base is untouched
+    monkeypatch.undo()
+    m1 = shardckpt.save(sd, tmp_path / "s1", base=tmp_path / "s0")  # a new id: fine
+    assert m1 is not None and m1.bases == ("s0",)
