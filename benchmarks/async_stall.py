@@ -96,13 +96,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--baseline-steps", type=int, default=None, help="steps of the no-save reference (default 40, quick 10)"
     )
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument(
-        "--wait-quiet",
-        type=float,
-        default=0.0,
-        metavar="SECONDS",
-        help="first poll /proc/loadavg up to this long until the 1-min load is < 0.8",
-    )
+    common.add_wait_quiet(ap)
     ap.add_argument("--name", default=None, help="results file name (default async_stall or async_stall_quick)")
     ap.add_argument("--out", default=common.RESULTS_DIR, help="folder of the results JSON")
     ap.add_argument("--keep", action="store_true", help="keep the scratch folder")

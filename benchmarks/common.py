@@ -475,6 +475,17 @@ def wait_for_quiet(threshold: float = 0.8, max_wait_s: float = 900, poll_s: floa
         time.sleep(poll_s)
 
 
+def add_wait_quiet(ap: Any) -> None:
+    """The ``--wait-quiet SECONDS`` option every benchmark takes (see :func:`wait_for_quiet`)."""
+    ap.add_argument(
+        "--wait-quiet",
+        type=float,
+        default=0.0,
+        metavar="SECONDS",
+        help="first poll /proc/loadavg up to this long until the 1-min load is < 0.8",
+    )
+
+
 def run_benchmark(worker: Callable[..., Any], args: Any) -> None:
     """Wait for a quiet machine if asked, record its facts, run ``worker`` on every rank."""
     if args.wait_quiet:

@@ -93,13 +93,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--out", default=common.RESULTS_DIR, help="folder of the results JSON")
     ap.add_argument("--name", default=None, help="results file name (default incremental or incremental_quick)")
     ap.add_argument("--plots-dir", default=None, help="'none' for no plot (default docs/img; quick: a temp folder)")
-    ap.add_argument(
-        "--wait-quiet",
-        type=float,
-        default=0.0,
-        metavar="SECONDS",
-        help="first poll /proc/loadavg up to this long until the 1-min load is < 0.8",
-    )
+    common.add_wait_quiet(ap)
     args = ap.parse_args(argv)
     q = args.quick
     args.mib = args.mib or (32 if q else 2048)

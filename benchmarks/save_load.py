@@ -74,13 +74,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--warmup", type=int, default=1, help="dropped warm-up repetitions")
     ap.add_argument("--dd-mode", choices=["fdatasync", "direct"], default="fdatasync")
     ap.add_argument("--seed", type=int, default=0, help="seed of the shuffled orders")
-    ap.add_argument(
-        "--wait-quiet",
-        type=float,
-        default=0.0,
-        metavar="SECONDS",
-        help="first poll /proc/loadavg up to this long until the 1-min load is < 0.8",
-    )
+    common.add_wait_quiet(ap)
     ap.add_argument("--name", default=None, help="results file name (default save_load or save_load_quick)")
     ap.add_argument("--keep", action="store_true", help="keep the scratch folder")
     args = ap.parse_args(argv)

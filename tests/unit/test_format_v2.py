@@ -31,10 +31,12 @@ import torch
 import xxhash
 from distributed import run_ranks
 from test_format import (
+    DELETE,
     GOLDEN_DIR,
     GOLDEN_MANIFEST,
     REGEN,
     SAVE_ID_TOKEN,
+    _apply,
     _diff,
     golden_state_dict,
     normalise,
@@ -214,7 +216,6 @@ def test_v2_manifests_validate_against_the_v2_schema(v2_root: Path, v2_validator
     assert not jsonschema.Draft202012Validator(v1).is_valid(docs["golden full"]), "a v2 manifest is not v1"
 
 
-DELETE = object()
 _CHUNK = ("tensors", "model.weight", "chunks", 0)
 _SHARED = ("tensors", "model.bias", "chunks", 0)  # unchanged: its file is in the base
 
@@ -254,16 +255,6 @@ def test_broken_v2_manifests_fail_the_schema(
 
 
 # ---------------------------------------------------------------- hostile v2 manifests
-
-
-def _apply(doc: dict[str, Any], path: tuple[str | int, ...], value: Any) -> None:
-    node: Any = doc
-    for part in path[:-1]:
-        node = node[part]
-    if value is DELETE:
-        del node[path[-1]]
-    else:
-        node[path[-1]] = value
 
 
 def _set_base(doc: dict[str, Any], name: Any) -> None:
