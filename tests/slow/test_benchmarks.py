@@ -183,3 +183,33 @@ def test_incremental_quick_meets_the_byte_targets(tmp_path: Any) -> None:
         assert row["full"]["data_bytes"] >= state_bytes, row
     plot = r["plots"].get("written") or r["plots"]["skipped"]
     assert plot in ([str(tmp_path / "img" / "incremental_quick_bytes.png")], plots.MATPLOTLIB_MISSING), plot
+
+
+def test_gpu_check_dry_run_on_cpu(tmp_path: Any) -> None:
+    """benchmarks/gpu_check.py's code paths (FSDP2 training with an async save and a bitwise
+    rerun, the manager, 1 -> 2 and 2 -> 1 resharding, staging and async blocking against DCP)
+    with CPU tensors and gloo, so the GPU check cannot rot between GPU runs."""
+    import subprocess
+
+    out = tmp_path / "gpu_check.json"
+    script = os.path.join(BENCH_DIR, "gpu_check.py")
+    options = ["--cpu", "--gib", "0.02", "--repeats", "1", "--dir", str(tmp_path), "--out", str(out)]
+    proc = subprocess.run(
+        [sys.executable, script, *options],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert result["mode"] == "cpu dry run"
+    rows = {row[0]: row[1] for row in result["summary"]}
+    assert len(rows) == 7, rows
+    assert set(rows.values()) <= {"PASS", "measured"}, rows
+    sections = result["sections"]
+    assert sections["nccl_fsdp2_train"]["step_loaded"] == 4
+    assert sections["nccl_fsdp2_train"]["losses_equal"] is True
+    assert sections["nccl_manager"]["restored_step"] == 6
+    assert sections["staging"]["mutation_after_return_not_saved"] is True
+    assert sections["staging"]["bytes"] > 0
+    assert os.listdir(tmp_path) == ["gpu_check.json"]  # its scratch folder removed, nothing else left
