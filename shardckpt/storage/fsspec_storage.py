@@ -30,36 +30,19 @@ import fsspec
 
 from shardckpt.errors import MissingDependencyError, StorageError
 from shardckpt.storage.base import Storage
+from shardckpt.storage.failures import HINTS, failure_cause, translate
 from shardckpt.storage.multipart import MAX_PART_BYTES, MIN_PART_BYTES, MultipartUpload
 from shardckpt.storage.redact import Redactor, secret_values
-from shardckpt.storage.retry import (
-    CREDENTIAL_ERRORS,
-    ENDPOINT_ERRORS,
-    STORAGE_FAILURES,
-    RetriesExhausted,
-    RetryPolicy,
-    client_error,
-    error_code,
-)
+from shardckpt.storage.retry import STORAGE_FAILURES, RetriesExhausted, RetryPolicy, error_code
 
 T = TypeVar("T")
+_TRANSLATED: tuple[type[BaseException], ...] = (RetriesExhausted, FileNotFoundError, *STORAGE_FAILURES)
 log = logging.getLogger("shardckpt")
 _S3_PROTOCOLS = frozenset({"s3", "s3a"})
 # Backends where a "folder" is only a key prefix: never makedirs there (on gcsfs and
 # s3fs it would create a bucket, and a missing bucket must be an error, not a side effect).
 _PREFIX_PROTOCOLS = _S3_PROTOCOLS | {"gs", "gcs", "az", "abfs", "abfss", "adl", "oss", "memory"}
 _DELETE_BATCH = 1000  # S3's limit for one DeleteObjects request
-
-_HINTS = {
-    "NoSuchBucket": "the bucket does not exist: create it or fix the URL (shardckpt never creates buckets)",
-    "AccessDenied": "the credentials in use may not do this: check the IAM or bucket policy (shardckpt needs "
-    "s3:GetObject, s3:PutObject, s3:ListBucket, s3:DeleteObject and s3:AbortMultipartUpload on the prefix)",
-    "InvalidAccessKeyId": "check the credentials (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_PROFILE, "
-    "or the key and secret in storage_options)",
-    "ExpiredToken": "the session token has expired: refresh the credentials (AWS_SESSION_TOKEN or the profile)",
-}
-_HINTS["403"] = _HINTS["AllAccessDisabled"] = _HINTS["AccessDenied"]
-_HINTS["SignatureDoesNotMatch"] = _HINTS["InvalidToken"] = _HINTS["InvalidAccessKeyId"]
 
 
 @dataclass(frozen=True)
@@ -373,7 +356,7 @@ class FsspecStorage(Storage):
                 raise StorageError(
                     self._redact(
                         f"cannot delete {len(failed)} object(s) in bucket {bucket!r}, e.g. key {first.get('Key')!r}: "
-                        f"{first.get('Code')}: {first.get('Message')}. {_HINTS.get(str(first.get('Code')), '')}"
+                        f"{first.get('Code')}: {first.get('Message')}. {HINTS.get(str(first.get('Code')), '')}"
                     ).rstrip(". ")
                     + "."
                 )
@@ -409,44 +392,14 @@ class FsspecStorage(Storage):
 
     def _run(self, action: str, name: str, fn: Callable[[], T], *, retry: bool = True) -> T:
         """``fn()`` under the retry policy (once if not ``retry``); storage failures
-        become StorageError (or FileNotFoundError for an absent object), secrets masked."""
+        become StorageError (or FileNotFoundError for an absent object), secrets masked
+        (:func:`~shardckpt.storage.failures.translate`)."""
         try:
             return self.transfer.retry.call(fn) if retry else fn()
-        except RetriesExhausted as e:
-            policy = self.transfer.retry
-            raise StorageError(
-                self._message(
-                    action,
-                    name,
-                    e.last,
-                    f"a transient error persisted through {e.attempts} attempts over {e.elapsed_s:.1f} s "
-                    f"(RetryPolicy max_attempts={policy.max_attempts}, max_total_s={policy.max_total_s}); "
-                    "the store is overloaded or unreachable, try again later",
-                )
-            ) from e.last
-        except FileNotFoundError as e:
-            if error_code(e)[0] == "NoSuchBucket":
-                raise StorageError(self._message(action, name, e, _HINTS["NoSuchBucket"])) from e
-            raise FileNotFoundError(errno.ENOENT, self._redact(f"{self._where(name)}: no such file")) from e
         except FileExistsError:
             raise  # an exclusive create lost the race: the caller's answer, not a storage fault
-        except STORAGE_FAILURES as e:
-            code = error_code(e)[0]
-            hint = _HINTS.get(code or "", "")
-            if isinstance(e, CREDENTIAL_ERRORS):
-                hint = _HINTS["InvalidAccessKeyId"]
-            elif isinstance(e, ENDPOINT_ERRORS):
-                hint = "cannot reach the endpoint: check AWS_ENDPOINT_URL or storage_options endpoint_url"
-            raise StorageError(self._message(action, name, e, hint)) from e
-
-    def _message(self, action: str, name: str, error: BaseException, hint: str) -> str:
-        code, status = error_code(error)
-        what = code or type(error).__name__
-        if status is not None and code != str(status):
-            what = f"{what} (HTTP {status})"
-        detail = _server_message(error) or str(error)
-        text = f"cannot {action} {self._where(name)}: {what}: {detail}"
-        return self._redact(f"{text.rstrip('. ')}. {hint[:1].upper()}{hint[1:]}".rstrip(". ") + ".")
+        except _TRANSLATED as e:
+            raise translate(e, action, self._where(name), self._redact, self.transfer.retry) from failure_cause(e)
 
 
 class _FileStream:
@@ -472,14 +425,6 @@ class _FileStream:
             self._f.close()
         # Some backends create the file at open (memory://) or on close: remove it.
         self._storage.delete([self._name])
-
-
-def _server_message(error: BaseException) -> str | None:
-    ce = client_error(error)
-    if ce is None:
-        return None
-    message = ce.response.get("Error", {}).get("Message")
-    return str(message) if message else None
 
 
 def require_backend(url: str) -> None:
