@@ -1,0 +1,234 @@
+"""The fast recovery tier in one process: local steps committed, restored bitwise, kept, cleaned
+up, and anything half-written or damaged ignored; partner choice and the collective decision
+as pure functions. Ranks and nodes: tests/distributed/test_local_tier_ranks.py."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import pytest
+import torch
+
+import shardckpt
+from shardckpt.engine.collective import RankGroup
+from shardckpt.errors import ManifestError
+from shardckpt.format import integrity, local_step
+from shardckpt.manager.local_store import LocalStore
+from shardckpt.manager.local_tier import LocalTier, LocalTierOptions, choose
+from shardckpt.manager.replication import Topology
+
+
+def state(v: float) -> dict:
+    return {
+        "model": {"w": torch.full((4, 3), v), "half": torch.full((5,), v, dtype=torch.bfloat16)},
+        "ids": torch.arange(7, dtype=torch.int8) + int(v),
+        "mask": torch.tensor([True, False, v > 1]),
+        "scalar": torch.tensor(v, dtype=torch.float64),
+        "empty": torch.empty(0, 2),
+        "extra": {"lr": v / 10, "name": f"run{v}", "sched": [1, 2, int(v)]},
+    }
+
+
+def blank() -> dict:
+    s = state(0.0)
+    for t in (s["model"]["w"], s["model"]["half"], s["ids"], s["scalar"]):
+        t.fill_(0)
+    s["mask"].fill_(False)
+    s["extra"] = {"lr": 0.0, "name": "", "sched": []}
+    return s
+
+
+def assert_bitwise(got: dict, want: dict) -> None:
+    for k, v in want.items():
+        if isinstance(v, dict):
+            assert_bitwise(got[k], v)
+        elif isinstance(v, torch.Tensor):
+            assert got[k].dtype == v.dtype and torch.equal(
+                got[k].view(-1).view(torch.uint8), v.view(-1).view(torch.uint8)
+            ), k
+        else:
+            assert got[k] == v, k
+
+
+def tier(local_dir, keep_last: int = 2) -> LocalTier:
+    return LocalTier(LocalTierOptions(str(local_dir), keep_last=keep_last), RankGroup.current())
+
+
+def step_dirs(local_dir) -> list[str]:
+    return sorted(n for n in os.listdir(local_dir) if n.startswith("step_"))
+
+
+def test_save_restore_bitwise_in_place_and_safetensors_readable(tmp_path):
+    t = tier(tmp_path)
+    src = state(3.0)
+    t.save(3, src)
+    src["model"]["w"].fill_(99)  # the save staged a copy: changing the state now is safe
+    t.wait()
+    target = blank()
+    w = target["model"]["w"]
+    assert t.restore(target) == 3
+    assert target["model"]["w"] is w  # loaded in place
+    assert_bitwise(target, state(3.0))
+    from safetensors.torch import load_file
+
+    data = tmp_path / "step_0000000003" / local_step.data_name(0, 0)
+    assert torch.equal(load_file(str(data))["model.w"], torch.full((4, 3), 3.0))
+    t.close()
+
+
+def test_retention_keeps_newest_and_close_removes_only_what_it_wrote(tmp_path):
+    (tmp_path / "notes.txt").write_text("mine")
+    foreign = tmp_path / "step_0000000001"
+    foreign.mkdir()
+    (foreign / local_step.data_name(1, 1)).write_bytes(b"another holder's file")
+    (foreign / "user.bin").write_bytes(b"x")
+    t = tier(tmp_path, keep_last=2)
+    for s in (1, 2, 3, 4):
+        t.save(s, state(float(s)))
+    t.wait()
+    assert step_dirs(tmp_path) == ["step_0000000001", "step_0000000003", "step_0000000004"]
+    assert sorted(os.listdir(foreign)) == sorted([local_step.data_name(1, 1), "user.bin"])
+    t.close()
+    assert step_dirs(tmp_path) == ["step_0000000001"]
+    assert (tmp_path / "notes.txt").read_text() == "mine"
+    assert sorted(os.listdir(foreign)) == sorted([local_step.data_name(1, 1), "user.bin"])
+
+
+def test_half_written_and_damaged_steps_are_never_restored(tmp_path, caplog):
+    t = tier(tmp_path, keep_last=5)
+    for s in (1, 2, 3, 4):
+        t.save(s, state(float(s)))
+    t.wait()
+
+    def folder(s: int):
+        return tmp_path / f"step_{s:010d}"
+
+    # step 4: the data file flipped one byte (checksum), step 3: no index (crash before the
+    # commit), step 2: the index names another size. Step 1 is intact.
+    data4 = folder(4) / local_step.data_name(0, 0)
+    raw = bytearray(data4.read_bytes())
+    raw[-1] ^= 0xFF
+    data4.write_bytes(bytes(raw))
+    (folder(3) / local_step.index_name(0, 0)).unlink()
+    (folder(3) / ".shard_r00000_h00000.json.tmp-0123456789ab").write_bytes(b"{")
+    with open(folder(2) / local_step.data_name(0, 0), "ab") as f:
+        f.write(b"tail")
+    (tmp_path / "step_0000000009").mkdir()
+    (tmp_path / "step_0000000009" / local_step.index_name(0, 0)).write_bytes(b"\x00garbage")
+    target = blank()
+    with caplog.at_level(logging.WARNING, logger="shardckpt"):
+        assert t.restore(target) == 1
+    assert_bitwise(target, state(1.0))
+    text = caplog.text
+    assert "checksum mismatch" in text and "step_0000000009" in text and "bytes, its index says" in text
+    t.close()
+
+
+def test_restore_without_local_steps_returns_none(tmp_path, caplog):
+    t = tier(tmp_path)
+    with caplog.at_level(logging.INFO, logger="shardckpt"):
+        assert t.restore(blank()) is None
+    assert "no committed local step" in caplog.text
+    t.close()
+
+
+def test_a_state_of_another_shape_falls_back(tmp_path, caplog):
+    t = tier(tmp_path)
+    t.save(1, state(1.0))
+    other = blank()
+    other["model"]["w"] = torch.zeros(2, 2)
+    with caplog.at_level(logging.INFO, logger="shardckpt"):
+        assert t.restore(other) is None
+    assert "key 'model.w'" in caplog.text and torch.equal(other["model"]["w"], torch.zeros(2, 2))
+    t.close()
+
+
+def test_manager_restores_the_newest_step_of_either_tier(tmp_path, caplog):
+    root, local = tmp_path / "durable", tmp_path / "local"
+    with shardckpt.CheckpointManager(
+        root, local_dir=local, local_interval_steps=2, save_interval_steps=5, replicas=1
+    ) as mgr:
+        for s in range(1, 8):
+            mgr.save(s, state(float(s)))
+        assert mgr.steps() == [5]
+        target = blank()
+        with caplog.at_level(logging.INFO, logger="shardckpt"):
+            assert mgr.restore(target) == 6
+        assert "from the local tier" in caplog.text
+        assert_bitwise(target, state(6.0))
+        assert mgr.restore(blank(), step=5) == 5  # an explicit step is a durable step
+    assert step_dirs(local) == []  # a clean exit leaves no local steps
+    with shardckpt.CheckpointManager(root, local_dir=local, local_interval_steps=2, save_interval_steps=5) as mgr:
+        target = blank()
+        assert mgr.restore(target) == 5
+        assert_bitwise(target, state(5.0))
+
+
+def test_options_are_checked():
+    with pytest.raises(ValueError, match="node-local path"):
+        LocalTierOptions("s3://bucket/x")
+    with pytest.raises(ValueError, match="keep_last must be an int >= 1"):
+        LocalTierOptions("/tmp/x", keep_last=0)
+
+
+# ---------------------------------------------------------------- pure: partners and the decision
+
+
+def test_partners_live_on_other_nodes():
+    two = Topology(("a", "a", "b", "b"))
+    assert [two.partner(r, 1) for r in range(4)] == [2, 3, 0, 1]
+    assert two.sources(2, 1) == [0]
+    three = Topology(("a", "b", "c", "a", "b", "c"))
+    for r in range(6):
+        nodes = {three.nodes[r]} | {three.nodes[three.partner(r, k)] for k in (1, 2)}
+        assert len(nodes) == 3  # own node + two others: any two nodes may vanish
+    uneven = Topology(("a", "a", "a", "b"))
+    assert uneven.sources(3, 1) == [0, 1, 2]
+    with pytest.raises(ValueError, match=r"replicas=1 needs at least 2 nodes.*SHARDCKPT_NODE_ID"):
+        Topology(("h", "h")).check(1)
+    Topology(("h", "h")).check(0)
+
+
+def rep(step: int, rank: int, holder: int, world: int = 4) -> tuple:
+    return (step, rank, world, holder, 10, "0" * 16)
+
+
+def test_choose_takes_the_newest_complete_step_and_prefers_own_copies():
+    topo = Topology(("a", "a", "b", "b"))
+    # node a (ranks 0, 1) lost step 20 entirely; node b holds its own shards and a's replicas.
+    b = [rep(20, r, h) for r, h in ((2, 2), (3, 3), (0, 2), (1, 3))]
+    reports = [[rep(10, 0, 0)], [rep(10, 1, 1)], b, b]
+    step, sources, _ = choose(reports, topo, 4, set(), None)
+    assert step == 20
+    assert sources[0][0] == 2 and sources[1][0] == 2 and sources[2][0] == 2 and sources[3][0] == 3
+    step, _, why = choose([[], [], [rep(20, 2, 2)], [rep(20, 2, 2)]], topo, 4, set(), None)
+    assert step is None and "rank(s) [0, 1, 3]" in why
+    step, _, why = choose([[rep(20, 0, 0, world=2)], [], [], []], topo, 4, set(), None)
+    assert step is None and "saved by [2] ranks; this job has 4" in why
+    step, _, why = choose(reports, topo, 4, set(), 30)
+    assert step is None and "older than the durable step 30" in why
+    step, _, _ = choose(reports, topo, 4, {("b", rep(20, 0, 2))}, None)
+    assert step is None  # the only copy of rank 0's step 20 was damaged, step 10 lacks ranks 2, 3
+
+
+def test_index_parser_refuses_hostile_input():
+    good = local_step.ShardIndex(1, 0, 2, 1, 10, "0123456789abcdef")
+    assert local_step.parse_index(good.to_json(), where="x") == good
+    for bad in (b"[]", b"{", b'{"format": "shardckpt-local-shard", "version": 1}', b" " * 5000):
+        with pytest.raises(ManifestError):
+            local_step.parse_index(bad, where="x")
+    doc = good.to_json().replace(b'"rank":0', b'"rank":7')
+    with pytest.raises(ManifestError, match="outside world"):
+        local_step.parse_index(doc, where="x")
+    assert local_step.holder_of(".shard_r00001_h00003.json.tmp-0123456789ab") == 3
+    assert local_step.holder_of("shard_r00001_h00003.txt") is None
+
+
+def test_store_commit_replaces_a_shard_of_the_same_step(tmp_path):
+    store = LocalStore(str(tmp_path), 0)
+    for payload in (b"first", b"second!"):
+        store.commit(local_step.ShardIndex(5, 0, 1, 0, len(payload), integrity.hash_hex(payload)), memoryview(payload))
+    (shard,) = store.scan()
+    assert bytes(store.read(shard).numpy()) == b"second!"
+    assert sorted(os.listdir(tmp_path / "step_0000000005")) == [local_step.index_name(0, 0), local_step.data_name(0, 0)]
