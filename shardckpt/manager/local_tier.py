@@ -23,6 +23,7 @@ import torch.distributed as dist
 from shardckpt.engine.checkpointer import Checkpointer
 from shardckpt.engine.collective import RankGroup, typed_transport_errors
 from shardckpt.engine.staging import Stager
+from shardckpt.engine.state import PlainState
 from shardckpt.errors import IntegrityError, ManifestError, ShardckptError, StorageError
 from shardckpt.format import integrity, local_step
 from shardckpt.format.local_step import ShardIndex
@@ -63,14 +64,15 @@ class LocalTier:
     """One rank's part of the fast tier. Collective: construct it, and call ``save``,
     ``wait``, ``restore`` and ``close``, on every rank of ``group`` in the same order.
     ``group`` is a gloo group of its own (the background thread uses it). Drive it from
-    one thread; whoever creates it calls :meth:`close`."""
+    one thread; whoever creates it calls :meth:`close`. ``store``: the rank's
+    :class:`LocalStore` (tests pass a subclass that fails)."""
 
-    def __init__(self, options: LocalTierOptions, group: RankGroup) -> None:
+    def __init__(self, options: LocalTierOptions, group: RankGroup, store: LocalStore | None = None) -> None:
         self.options = options
         self._group = group
         self._topology = Topology.gather(group)
         self._topology.check(options.replicas if group.world_size > 1 else 0)
-        self._store = LocalStore(options.local_dir, group.rank)
+        self._store = store if store is not None else LocalStore(options.local_dir, group.rank)
         self._stager = Stager()
         self._thread: threading.Thread | None = None
         self._pending_step: int | None = None
@@ -149,6 +151,7 @@ class LocalTier:
         self._check_open()
         self.wait()
         g = self._group
+        plain = PlainState.of(state_dict)  # on every rank, before any rank may return
         held = {s.key(): s for s in self._store.scan()}
         reports = self._gather(
             [(*k[:2], s.index.world_size, k[2], s.index.data_bytes, s.index.xxh3) for k, s in held.items()]
@@ -168,13 +171,13 @@ class LocalTier:
             log.warning("shardckpt: local step %d: damaged copies %s; trying other copies", step, all_bad)
         image = self._transfer(step, sources, images)
         where = f"local step {step} of rank {g.rank}"
-        problems = self._gather([self._load_problem(image, state_dict, where)])
+        problems = self._gather([self._load_problem(image, plain, where)])
         named = [f"rank {r}: {p[0]}" for r, p in enumerate(problems) if p[0] is not None]
         if named:
             log.info("shardckpt: local step %d does not fit the state (%s); using the durable tier", step, named[0])
             return None
         contents = local_step.read_image(byte_view(image), where=where)
-        g.agree(f"loading {where}", lambda: shard_image.load_image(image, contents, state_dict))
+        g.agree(f"loading {where}", lambda: shard_image.load_image(image, contents, plain))
         return step
 
     def _read_sources(
@@ -215,14 +218,14 @@ class LocalTier:
             raise IntegrityError(f"rank {me}: the shard of step {step} from rank {provider} does not match its xxh3")
         return mine
 
-    def _load_problem(self, image: torch.Tensor, state_dict: dict[str, Any], where: str) -> str | None:
+    def _load_problem(self, image: torch.Tensor, plain: PlainState, where: str) -> str | None:
         try:
             contents = local_step.read_image(byte_view(image), where=where)
         except ManifestError as e:
             return str(e)
         if contents.world_size != self._group.world_size or contents.rank != self._group.rank:
             return f"{where} holds rank {contents.rank} of {contents.world_size}"
-        return shard_image.target_problem(contents, state_dict)
+        return shard_image.target_problem(contents, plain)
 
     def _gather(self, mine: list[Any]) -> list[list[Any]]:
         g = self._group

@@ -52,10 +52,12 @@ def stage_image(stager: Stager, state_dict: dict[str, Any], *, step: int, rank: 
     return image
 
 
-def target_problem(contents: ImageContents, state_dict: dict[str, Any]) -> str | None:
-    """Why the image cannot be loaded into ``state_dict`` in place (other keys, another
-    local shard shape or dtype), or None. The first difference is named."""
-    flat, _ = flatten_with_mappings(PlainState.of(state_dict).tree)
+def target_problem(contents: ImageContents, plain: PlainState) -> str | None:
+    """Why the image cannot be loaded in place into ``plain`` (the caller's state as
+    :meth:`PlainState.of` gives it, made once on every rank, since a sharded module's
+    ``state_dict()`` is collective): other keys, another local shard shape or dtype, or
+    None. The first difference is named."""
+    flat, _ = flatten_with_mappings(plain.tree)
     saved = set(contents.entries) | set(contents.values)
     missing, extra = sorted(set(flat) - saved), sorted(saved - set(flat))
     if missing or extra:
@@ -72,10 +74,10 @@ def target_problem(contents: ImageContents, state_dict: dict[str, Any]) -> str |
     return None
 
 
-def load_image(image: torch.Tensor, contents: ImageContents, state_dict: dict[str, Any]) -> None:
-    """Copy the image into ``state_dict`` in place (call :func:`target_problem` first):
-    tensors and DTensor local shards by ``copy_``, values replaced, Statefuls handed back."""
-    plain = PlainState.of(state_dict)
+def load_image(image: torch.Tensor, contents: ImageContents, plain: PlainState) -> None:
+    """Copy the image into the caller's state in place (call :func:`target_problem`
+    first): tensors and DTensor local shards by ``copy_``, values replaced, Statefuls
+    handed back (collective for sharded modules: every rank calls it)."""
     flat, mappings = flatten_with_mappings(plain.tree)
     base = contents.data_offset
     with torch.no_grad():

@@ -12,7 +12,7 @@ import torch
 
 import shardckpt
 from shardckpt.engine.collective import RankGroup
-from shardckpt.errors import ManifestError
+from shardckpt.errors import ManifestError, StorageError
 from shardckpt.format import integrity, local_step
 from shardckpt.manager.local_store import LocalStore
 from shardckpt.manager.local_tier import LocalTier, LocalTierOptions, choose
@@ -232,3 +232,56 @@ def test_store_commit_replaces_a_shard_of_the_same_step(tmp_path):
     (shard,) = store.scan()
     assert bytes(store.read(shard).numpy()) == b"second!"
     assert sorted(os.listdir(tmp_path / "step_0000000005")) == [local_step.index_name(0, 0), local_step.data_name(0, 0)]
+
+
+class DiskFullAfterData(LocalStore):
+    """Writes a shard's data file, then fails as a full disk would, before the index."""
+
+    def commit(self, index: local_step.ShardIndex, image: memoryview) -> str:
+        if index.step == 2:
+            folder = self.step_dir(2)
+            os.makedirs(folder, exist_ok=True)
+            with open(os.path.join(folder, local_step.data_name(index.rank, index.holder)), "wb") as f:
+                f.write(image)
+            raise StorageError(f"rank {self.holder}: no space left on device")
+        return super().commit(index, image)
+
+
+def test_a_local_save_that_fails_midway_is_raised_once_and_never_restored(tmp_path):
+    t = LocalTier(LocalTierOptions(str(tmp_path)), RankGroup.current(), store=DiskFullAfterData(str(tmp_path), 0))
+    t.save(1, state(1.0))
+    t.save(2, state(2.0))
+    with pytest.raises(StorageError, match="no space left"):
+        t.wait()
+    t.wait()  # raised once
+    target = blank()
+    assert t.restore(target) == 1
+    assert_bitwise(target, state(1.0))
+    t.close()
+
+
+def test_modules_and_a_fresh_optimizer_come_back_bitwise(tmp_path):
+    def make() -> tuple[torch.nn.Module, torch.optim.Optimizer]:
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
+        return model, torch.optim.AdamW(model.parameters(), lr=0.01)
+
+    model, optim = make()
+    for _ in range(3):
+        model(torch.randn(5, 4)).sum().backward()
+        optim.step()
+        optim.zero_grad()
+    t = tier(tmp_path)
+    t.save(3, {"model": model, "optim": optim, "step": 3})
+    t.wait()
+    model2, optim2 = make()
+    target = {"model": model2, "optim": optim2, "step": 0}
+    assert t.restore(target) == 3
+    assert target["step"] == 3
+    for a, b in zip(model.parameters(), model2.parameters(), strict=True):
+        assert torch.equal(a, b)
+    s1, s2 = optim.state_dict()["state"], optim2.state_dict()["state"]
+    assert s1.keys() == s2.keys()
+    for k in s1:
+        assert all(torch.equal(s1[k][n], s2[k][n]) for n in ("exp_avg", "exp_avg_sq", "step"))
+    t.close()
