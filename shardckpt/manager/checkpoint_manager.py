@@ -376,11 +376,13 @@ class CheckpointManager:
         preempted, time_due = self._trigger.shared_flags(self._ranks)
         due = force or preempted or time_due or self.schedule.due_at_step(step)
         local_due = self._local is not None and self._local.due(step) and not preempted
-        if local_due:
-            self._local.save(step, state_dict)  # type: ignore[union-attr]
         if not due:
+            if local_due:
+                self._local.save(step, state_dict)  # type: ignore[union-attr]
             return local_due
         self.wait()  # the previous async save: commit it (or raise its error) and apply retention
+        if local_due:  # after wait(), which would otherwise wait for this local save too
+            self._local.save(step, state_dict)  # type: ignore[union-attr]
         base, chain = self._ranks().decide(
             f"checking that this manager still owns {self.root}", lambda: self._owner_and_base(step)
         )

@@ -13,6 +13,7 @@ nobody posted.
 
 from __future__ import annotations
 
+import functools
 import os
 import socket
 from dataclasses import dataclass
@@ -36,6 +37,22 @@ class Topology:
 
     nodes: tuple[str, ...]
 
+    @functools.cached_property
+    def node_order(self) -> list[str]:
+        return list(dict.fromkeys(self.nodes))
+
+    @functools.cached_property
+    def _ranks_by_node(self) -> dict[str, list[int]]:
+        by_node: dict[str, list[int]] = {}
+        for r, n in enumerate(self.nodes):
+            by_node.setdefault(n, []).append(r)
+        return by_node
+
+    @functools.cached_property
+    def _positions(self) -> list[int]:
+        """Each rank's index among its node's ranks."""
+        return [ranks.index(r) for r, ranks in ((r, self._ranks_by_node[n]) for r, n in enumerate(self.nodes))]
+
     @classmethod
     def gather(cls, group: RankGroup) -> Topology:
         """Collective over ``group``: every rank's :func:`node_id`."""
@@ -47,12 +64,8 @@ class Topology:
             dist.all_gather_object(ids, mine, group=group.group)
         return cls(tuple(str(i) for i in ids))
 
-    @property
-    def node_order(self) -> list[str]:
-        return list(dict.fromkeys(self.nodes))
-
     def ranks_on(self, node: str) -> list[int]:
-        return [r for r, n in enumerate(self.nodes) if n == node]
+        return self._ranks_by_node[node]
 
     def check(self, replicas: int) -> None:
         """ValueError unless ``replicas`` copies fit on other nodes."""
@@ -68,10 +81,8 @@ class Topology:
     def partner(self, rank: int, k: int) -> int:
         """The rank keeping ``rank``'s ``k``-th replica (``k`` from 1)."""
         order = self.node_order
-        mine = self.nodes[rank]
-        position = self.ranks_on(mine).index(rank)
-        there = self.ranks_on(order[(order.index(mine) + k) % len(order)])
-        return there[position % len(there)]
+        there = self.ranks_on(order[(order.index(self.nodes[rank]) + k) % len(order)])
+        return there[self._positions[rank] % len(there)]
 
     def sources(self, rank: int, k: int) -> list[int]:
         """The ranks whose ``k``-th replica ``rank`` keeps, ascending."""

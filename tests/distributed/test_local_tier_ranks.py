@@ -14,12 +14,17 @@ import shutil
 
 import pytest
 import torch
+import torch.distributed as dist
 from distributed import run_ranks
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor import Shard, distribute_tensor
 
 import shardckpt
+from shardckpt.engine.collective import RankGroup
+from shardckpt.errors import StorageError
 from shardckpt.format import local_step
+from shardckpt.manager.local_store import LocalStore
+from shardckpt.manager.local_tier import LocalTier, LocalTierOptions
 
 
 def full(step: int) -> torch.Tensor:
@@ -119,3 +124,41 @@ def test_both_copies_lost_falls_back_to_durable(saved, tmp_path):
 def test_other_world_size_falls_back_to_durable_with_a_log_line(saved, tmp_path):
     base = copy_of(saved, tmp_path)
     run_ranks(restore_run, 2, base, 5, "local steps were saved by [4] ranks; this job has 2")
+
+
+class ReplicaLostMidway(LocalStore):
+    """Rank 1 receives rank 0's step 2, writes part of it and dies (raises) before the index."""
+
+    def commit(self, index: local_step.ShardIndex, image: memoryview) -> str:
+        if index.step == 2 and index.holder != index.rank:
+            path = os.path.join(self.step_dir(2), local_step.data_name(index.rank, index.holder))
+            os.makedirs(self.step_dir(2), exist_ok=True)
+            with open(path, "wb") as f:
+                f.write(image[: len(image) // 2])
+            raise StorageError(f"rank {self.holder}: lost power while keeping rank {index.rank}'s replica")
+        return super().commit(index, image)
+
+
+def replication_crash(rank: int, world: int, base: str) -> None:
+    os.environ["SHARDCKPT_NODE_ID"] = f"node{rank}"
+    group = RankGroup.current(dist.new_group(backend="gloo"))
+    local = f"{base}/local{rank}"
+    options = LocalTierOptions(local)
+    store = ReplicaLostMidway(local, rank) if rank == 1 else LocalStore(local, rank)
+    tier = LocalTier(options, group, store=store)
+    flat = {"w": torch.full((4,), float(rank))}
+    tier.save(1, {"w": flat["w"] + 1})
+    tier.save(2, {"w": flat["w"] + 2})
+    with pytest.raises(StorageError, match="lost power"):
+        tier.wait()  # raised on both ranks: the step's replication failed
+    dist.barrier()
+    if rank == 0:
+        shutil.rmtree(local)  # node 0 is lost: only the half-written replica of its step 2 is left
+    dist.barrier()
+    target = {"w": torch.zeros(4)}
+    assert LocalTier(options, group).restore(target) == 1
+    assert torch.equal(target["w"], torch.full((4,), rank + 1.0))
+
+
+def test_a_replica_cut_off_midway_is_never_restored(tmp_path):
+    run_ranks(replication_crash, 2, str(tmp_path))

@@ -285,3 +285,18 @@ def test_modules_and_a_fresh_optimizer_come_back_bitwise(tmp_path):
     for k in s1:
         assert all(torch.equal(s1[k][n], s2[k][n]) for n in ("exp_avg", "exp_avg_sq", "step"))
     t.close()
+
+
+def test_a_step_due_in_both_tiers_is_saved_in_both_and_restored_from_the_local_one(tmp_path, caplog):
+    with shardckpt.CheckpointManager(
+        tmp_path / "durable", local_dir=tmp_path / "local", local_interval_steps=5, save_interval_steps=5
+    ) as mgr:
+        assert mgr.save(4, state(4.0)) is False
+        assert mgr.save(5, state(5.0)) is True
+        mgr.wait()
+        assert mgr.steps() == [5] and step_dirs(tmp_path / "local") == ["step_0000000005"]
+        target = blank()
+        with caplog.at_level(logging.INFO, logger="shardckpt"):
+            assert mgr.restore(target) == 5
+        assert "restored step 5 from the local tier" in caplog.text
+        assert_bitwise(target, state(5.0))
