@@ -289,7 +289,10 @@ class CheckpointManager:
 
         Returns the step loaded, or None when the root holds no committed step (a fresh
         start). With ``step=None``, a latest step that fails verification is skipped
-        with a warning and the next older committed step is tried.
+        with a warning and the next older committed step is tried. With ``local_dir`` and
+        ``step=None``, a local step at least as new as the newest durable one is loaded
+        instead when every rank's shard is on a live rank (docs/recovery.md); a log line
+        names the tier.
         """
 
         def load_step(s: int) -> None:

@@ -162,3 +162,17 @@ def replication_crash(rank: int, world: int, base: str) -> None:
 
 def test_a_replica_cut_off_midway_is_never_restored(tmp_path):
     run_ranks(replication_crash, 2, str(tmp_path))
+
+
+def one_node(rank: int, world: int, base: str) -> None:
+    os.environ["SHARDCKPT_NODE_ID"] = "the-only-node"
+    with pytest.raises(ValueError, match="replicas=1 needs at least 2 nodes"):
+        shardckpt.CheckpointManager(f"{base}/durable", local_dir=f"{base}/local", replicas=1)
+    # the failed open released the root: a manager without replicas opens it at once
+    with shardckpt.CheckpointManager(f"{base}/durable", local_dir=f"{base}/local", replicas=0) as mgr:
+        mgr.save(1, {"w": torch.ones(2)})
+
+
+def test_replicas_on_a_single_node_are_refused_on_every_rank(tmp_path):
+    run_ranks(one_node, 2, str(tmp_path))
+    assert sorted(os.listdir(tmp_path / "local")) == []  # the clean close removed the local step
