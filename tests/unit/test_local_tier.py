@@ -6,9 +6,11 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 
 import pytest
 import torch
+from distributed import kill_group, start_command, wait_for
 
 import shardckpt
 from shardckpt.engine.collective import RankGroup
@@ -300,3 +302,30 @@ def test_a_step_due_in_both_tiers_is_saved_in_both_and_restored_from_the_local_o
             assert mgr.restore(target) == 5
         assert "restored step 5 from the local tier" in caplog.text
         assert_bitwise(target, state(5.0))
+
+
+SAVER = """
+import sys, torch
+from shardckpt.engine.collective import RankGroup
+from shardckpt.manager.local_tier import LocalTier, LocalTierOptions
+tier = LocalTier(LocalTierOptions(sys.argv[1], keep_last=2), RankGroup.current())
+step = 0
+while True:  # until killed
+    step += 1
+    tier.save(step, {"w": torch.full((1 << 20,), float(step)), "step": step})
+"""
+
+
+def test_a_process_killed_in_the_middle_of_local_saves_leaves_a_restorable_step(tmp_path):
+    proc = start_command([sys.executable, "-c", SAVER, str(tmp_path)])
+    try:
+        wait_for(str(tmp_path / "step_0000000004"))  # saves are in flight from here on
+    finally:
+        kill_group(proc.pid)  # SIGKILL, wherever it is: staging, writing, renaming, retention
+        proc.wait()
+    target = {"w": torch.zeros(1 << 20), "step": 0}
+    t = tier(tmp_path)
+    step = t.restore(target)
+    assert step is not None and step >= 3
+    assert target["step"] == step and torch.equal(target["w"], torch.full((1 << 20,), float(step)))
+    t.close()
