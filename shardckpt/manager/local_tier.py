@@ -107,24 +107,32 @@ class LocalTier:
             self._failure = e
 
     def write_step(self, step: int, image: torch.Tensor) -> None:
-        """Commit ``image`` locally, exchange replicas with partners (collective on the
-        tier's group), commit them, apply retention. The save thread's body."""
+        """Exchange replicas with partners (the one collective, on the tier's group, made
+        first so that a local failure never leaves a partner waiting), then commit
+        ``image`` and the replicas received, and apply retention. The save thread's body."""
         g = self._group
         digest = integrity.hash_hex(byte_view(image))
-        own = ShardIndex(step, g.rank, g.world_size, g.rank, image.numel(), digest)
-        self._store.commit(own, byte_view(image))
         replicas = self.options.replicas if g.world_size > 1 else 0
+        received: dict[int, tuple[torch.Tensor, int]] = {}
         if replicas:
             received = replication.exchange(g, self._topology, replicas, image, replication.digest_int(digest))
-            for src, (buf, sent) in sorted(received.items()):
-                got = integrity.hash_hex(byte_view(buf))
-                if got != replication.digest_hex(sent):
-                    raise IntegrityError(
-                        f"rank {g.rank}: the replica of rank {src}'s step {step} arrived with xxh3 {got}, "
-                        f"sent as {replication.digest_hex(sent)}; not committed"
-                    )
-                index = ShardIndex(step, src, g.world_size, g.rank, buf.numel(), got)
-                self._store.commit(index, byte_view(buf))
+        shards = [(ShardIndex(step, g.rank, g.world_size, g.rank, image.numel(), digest), image)]
+        for src, (buf, sent) in sorted(received.items()):
+            got = integrity.hash_hex(byte_view(buf))
+            if got != replication.digest_hex(sent):
+                raise IntegrityError(
+                    f"rank {g.rank}: the replica of rank {src}'s step {step} arrived with xxh3 {got}, "
+                    f"sent as {replication.digest_hex(sent)}; not committed"
+                )
+            shards.append((ShardIndex(step, src, g.world_size, g.rank, buf.numel(), got), buf))
+        failures: list[ShardckptError] = []
+        for index, data in shards:  # each one committed even if another failed
+            try:
+                self._store.commit(index, byte_view(data))
+            except ShardckptError as e:
+                failures.append(e)
+        if failures:
+            raise failures[0]
         self._store.retain(self.options.keep_last)
 
     def wait(self) -> None:

@@ -127,9 +127,12 @@ def test_other_world_size_falls_back_to_durable_with_a_log_line(saved, tmp_path)
 
 
 class ReplicaLostMidway(LocalStore):
-    """Rank 1 receives rank 0's step 2, writes part of it and dies (raises) before the index."""
+    """Rank 1 receives rank 0's step 2, writes part of it and fails before the index;
+    rank 0's own copy of step 3 fails on a full disk."""
 
     def commit(self, index: local_step.ShardIndex, image: memoryview) -> str:
+        if index.step == 3 and index.holder == index.rank == 0:
+            raise StorageError("rank 0: no space left on device")
         if index.step == 2 and index.holder != index.rank:
             path = os.path.join(self.step_dir(2), local_step.data_name(index.rank, index.holder))
             os.makedirs(self.step_dir(2), exist_ok=True)
@@ -144,8 +147,7 @@ def replication_crash(rank: int, world: int, base: str) -> None:
     group = RankGroup.current(dist.new_group(backend="gloo"))
     local = f"{base}/local{rank}"
     options = LocalTierOptions(local)
-    store = ReplicaLostMidway(local, rank) if rank == 1 else LocalStore(local, rank)
-    tier = LocalTier(options, group, store=store)
+    tier = LocalTier(options, group, store=ReplicaLostMidway(local, rank))
     flat = {"w": torch.full((4,), float(rank))}
     tier.save(1, {"w": flat["w"] + 1})
     tier.save(2, {"w": flat["w"] + 2})
@@ -156,11 +158,19 @@ def replication_crash(rank: int, world: int, base: str) -> None:
         shutil.rmtree(local)  # node 0 is lost: only the half-written replica of its step 2 is left
     dist.barrier()
     target = {"w": torch.zeros(4)}
-    assert LocalTier(options, group).restore(target) == 1
+    tier = LocalTier(options, group, store=ReplicaLostMidway(local, rank))
+    assert tier.restore(target) == 1
     assert torch.equal(target["w"], torch.full((4,), rank + 1.0))
+    # One rank's own write fails: its partner still got and kept the replica, the error
+    # reaches both ranks (no rank is left waiting), and the replica makes step 3 restorable.
+    tier.save(3, {"w": flat["w"] + 3})
+    with pytest.raises(StorageError, match="no space left"):
+        tier.wait()
+    assert tier.restore(target) == 3
+    assert torch.equal(target["w"], torch.full((4,), rank + 3.0))
 
 
-def test_a_replica_cut_off_midway_is_never_restored(tmp_path):
+def test_a_replica_cut_off_midway_is_never_restored_and_a_failed_own_copy_keeps_the_replica(tmp_path):
     run_ranks(replication_crash, 2, str(tmp_path))
 
 
