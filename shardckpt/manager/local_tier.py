@@ -179,10 +179,10 @@ class LocalTier:
             log.warning("shardckpt: local step %d: damaged copies %s; trying other copies", step, all_bad)
         image = self._transfer(step, sources, images)
         where = f"local step {step} of rank {g.rank}"
-        problems = self._gather([self._load_problem(image, plain, where)])
+        problems = self._gather([self._load_problem(image, sources[g.rank], plain, where)])
         named = [f"rank {r}: {p[0]}" for r, p in enumerate(problems) if p[0] is not None]
         if named:
-            log.info("shardckpt: local step %d does not fit the state (%s); using the durable tier", step, named[0])
+            log.info("shardckpt: local step %d cannot be loaded (%s); using the durable tier", step, named[0])
             return None
         contents = local_step.read_image(byte_view(image), where=where)
         g.agree(f"loading {where}", lambda: shard_image.load_image(image, contents, plain))
@@ -220,13 +220,16 @@ class LocalTier:
                 images[me] = torch.empty(report[4], dtype=torch.uint8)
                 ops.append(("recv", images[me], provider, 0))
         replication.run_p2p(self._group, ops, f"local tier: fetching shards of step {step} from partners")
-        mine = images[me]
-        provider, report = sources[me]
-        if provider != me and integrity.hash_hex(byte_view(mine)) != report[5]:
-            raise IntegrityError(f"rank {me}: the shard of step {step} from rank {provider} does not match its xxh3")
-        return mine
+        return images[me]
 
-    def _load_problem(self, image: torch.Tensor, plain: PlainState, where: str) -> str | None:
+    def _load_problem(
+        self, image: torch.Tensor, source: tuple[int, Report], plain: PlainState, where: str
+    ) -> str | None:
+        """Why this rank cannot load ``image`` (checked on every rank, then gathered, so
+        that no rank raises alone), or None. A local read was verified already."""
+        provider, report = source
+        if provider != self._group.rank and integrity.hash_hex(byte_view(image)) != report[5]:
+            return f"{where} arrived from rank {provider} with another xxh3 than its copy's index records"
         try:
             contents = local_step.read_image(byte_view(image), where=where)
         except ManifestError as e:
