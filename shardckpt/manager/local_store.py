@@ -91,15 +91,18 @@ class LocalStore:
         return found
 
     def read(self, shard: HeldShard) -> torch.Tensor:
-        """The verified bytes of a committed shard (IntegrityError if its checksum differs)."""
-        image = torch.empty(shard.index.data_bytes, dtype=torch.uint8)
+        """The verified bytes of a committed shard (IntegrityError if its checksum differs),
+        mapped private from the file: on a RAM disk no byte is copied until the caller
+        copies it into its tensors (reading into a buffer first made a restore ~3x slower).
+        The tier never truncates a committed file (it replaces by rename), so the mapping
+        stays valid even if retention unlinks the name."""
         try:
-            with open(shard.path, "rb") as f:
-                got = f.readinto(byte_view(image))
-        except OSError as e:
+            size = os.stat(shard.path).st_size
+            if size != shard.index.data_bytes:
+                raise IntegrityError(f"{shard.path}: {size} bytes, its index says {shard.index.data_bytes}")
+            image = torch.from_file(shard.path, shared=False, size=size, dtype=torch.uint8)
+        except (OSError, RuntimeError) as e:
             raise StorageError(f"rank {self.holder}: reading the local shard {shard.path}: {e}") from e
-        if got != shard.index.data_bytes:
-            raise IntegrityError(f"{shard.path}: {got} bytes read, its index says {shard.index.data_bytes}")
         digest = integrity.hash_hex(byte_view(image))
         if digest != shard.index.xxh3:
             raise IntegrityError(
