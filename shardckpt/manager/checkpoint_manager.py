@@ -308,14 +308,20 @@ class CheckpointManager:
                 num_io_threads=self._num_io_threads,
             )
 
-        if self._local is not None and step is None:
-            self._check_open()
-            self.wait()
-            durable = self._ranks().decide(f"listing {self.root}", lambda: self._restore_candidates(None))
-            local_step = restore_tiers(self._local, state_dict, durable[0] if durable else None, self.root)
-            if local_step is not None:
-                return local_step
-        return self.restore_with(load_step, step)
+        local_step = self.restore_local(state_dict) if step is None else None
+        return local_step if local_step is not None else self.restore_with(load_step, step)
+
+    def restore_local(self, state_dict: dict[str, Any]) -> int | None:
+        """Collective. Load the newest local step into ``state_dict`` in place if it is at
+        least as new as the newest durable step and every rank's shard is on a live rank;
+        returns it, or None (no ``local_dir``, or the durable tier must be read; a log line
+        says why). ``restore`` and ``TrainState.restore`` call it first."""
+        if self._local is None:
+            return None
+        self._check_open()
+        self.wait()
+        durable = self._ranks().decide(f"listing {self.root}", lambda: self._restore_candidates(None))
+        return restore_tiers(self._local, state_dict, durable[0] if durable else None, self.root)
 
     def restore_with(self, load_step: Callable[[int], None], step: int | None = None) -> int | None:
         """Collective. The restore protocol with a caller's own loader (TrainState uses it).

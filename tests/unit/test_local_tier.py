@@ -329,3 +329,31 @@ def test_a_process_killed_in_the_middle_of_local_saves_leaves_a_restorable_step(
     assert step is not None and step >= 3
     assert target["step"] == step and torch.equal(target["w"], torch.full((1 << 20,), float(step)))
     t.close()
+
+
+def test_train_state_restores_from_the_local_tier(tmp_path, caplog):
+    from shardckpt.training.train_state import TrainState
+
+    def make() -> TrainState:
+        torch.manual_seed(0)
+        model = torch.nn.Linear(4, 3)
+        optim = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+        return TrainState(model=model, optimizer=optim, seed=0, extras={"tokens": 0})
+
+    ts = make()
+    with shardckpt.CheckpointManager(
+        tmp_path / "durable", local_dir=tmp_path / "local", local_interval_steps=2, save_interval_steps=10
+    ) as mgr:
+        for step in range(1, 5):
+            ts.model(torch.randn(2, 4)).sum().backward()
+            ts.optimizers[0].step()
+            ts.step, ts.extras["tokens"] = step, step * 8
+            ts.save(mgr)
+        expected_rng = torch.rand(3)  # the stream after step 4's save
+        fresh = make()
+        with caplog.at_level(logging.INFO, logger="shardckpt"):
+            assert fresh.restore(mgr) == 4
+        assert "restored step 4 from the local tier" in caplog.text
+        assert fresh.step == 4 and fresh.extras["tokens"] == 32
+        assert torch.equal(fresh.model.weight, ts.model.weight)
+        assert torch.equal(torch.rand(3), expected_rng)  # the RNG stream came back too
