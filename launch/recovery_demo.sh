@@ -42,9 +42,9 @@ wait "${NODE_PIDS[0]}" "${NODE_PIDS[1]}"
 
 echo "== run: node0 is killed after step $DIE_AT"
 run job --die-at "$DIE_AT"
-wait "${NODE_PIDS[0]}" || true                       # node0's ranks SIGKILLed themselves
+{ wait "${NODE_PIDS[0]}" || true; } 2>/dev/null       # node0's ranks SIGKILLed themselves
 kill -KILL -- "-${NODE_PIDS[1]}" 2>/dev/null || true  # the scheduler ends the rest of the job
-wait "${NODE_PIDS[1]}" || true
+{ wait "${NODE_PIDS[1]}" || true; } 2>/dev/null
 grep -h '^\[recovery\]' "$OUT"/job.node0.out || true
 echo "   what is left on disk:"
 ls "$OUT/job/local/node0" "$OUT/job/local/node1" "$OUT/job/durable" | sed 's/^/   /'
