@@ -33,6 +33,7 @@ from shardckpt.format.manifest import Manifest
 from shardckpt.manager import ownership
 from shardckpt.manager.chain import CHAIN_KEY, IncrementalChain
 from shardckpt.manager.cleanup import RootCleaner
+from shardckpt.manager.local_tier import LocalTier, LocalTierOptions, open_local_tier, restore_tiers
 from shardckpt.manager.retention import RetentionPolicy
 from shardckpt.manager.schedule import SaveSchedule, policy_or_shortcuts
 from shardckpt.manager.steps import check_metrics, committed_steps, metrics_of
@@ -95,6 +96,14 @@ class CheckpointManager:
       opened with its factory too). Without one the manager creates its own, with ``io``,
       and closes it in ``close``; one passed in stays open, for its creator to close.
 
+    The fast recovery tier (docs/recovery.md):
+
+    - ``local_dir`` (None: off): a node-local folder (RAM disk, local NVMe); every
+      ``local_interval_steps`` (1) steps ``save`` also stages a local step there and returns,
+      while a background thread writes it and sends a copy to ``replicas`` (1) rank(s) on
+      other nodes; the newest ``keep_last_local`` (2) local steps are kept, and ``close``
+      removes the ones it wrote. ``restore`` loads the newest step of either tier.
+
     Who owns the root:
 
     - ``read_only`` (False): open the root for ``restore``/listing only: no owner record,
@@ -147,6 +156,10 @@ class CheckpointManager:
         read_only: bool = False,
         takeover: bool = False,
         stale_owner_after_s: float = 600.0,
+        local_dir: str | os.PathLike[str] | None = None,
+        local_interval_steps: int = 1,
+        replicas: int = 1,
+        keep_last_local: int = 2,
     ) -> None:
         self.retention = policy_or_shortcuts(
             "retention",
@@ -180,6 +193,9 @@ class CheckpointManager:
         if num_io_threads is not None:
             check_io_threads(num_io_threads)
         self._timeouts = Timeouts.of(timeout_s)
+        local = None
+        if local_dir is not None:
+            local = LocalTierOptions(os.fspath(local_dir), local_interval_steps, replicas, keep_last_local)
         if not stale_owner_after_s > 0:
             raise ValueError(f"stale_owner_after_s must be > 0, got {stale_owner_after_s}")
         self.root = as_url(root, "root").rstrip("/") or "/"
@@ -189,6 +205,7 @@ class CheckpointManager:
         self.full_every = full_every
         self._max_staging_bytes = max_staging_bytes
         self._pending: tuple[int, AsyncSaveHandle] | None = None
+        self._local: LocalTier | None = None
         self.cleaned_up: list[str] = []
         self._process_group = process_group
         self._storage_options = storage_options
@@ -216,6 +233,11 @@ class CheckpointManager:
                 self._let_go()  # a failed open must not leave the root locked by a record nobody refreshes
                 self._close_checkpointer()
                 raise
+        try:
+            self._local = open_local_tier(self._checkpointer, process_group, self._timeouts.arrive_s, local)
+        except BaseException:
+            self.close()
+            raise
         if self.schedule.save_on_preemption:
             self._trigger.watch_sigterm()  # only once open: a failed open leaves no handler behind
 
@@ -267,7 +289,10 @@ class CheckpointManager:
 
         Returns the step loaded, or None when the root holds no committed step (a fresh
         start). With ``step=None``, a latest step that fails verification is skipped
-        with a warning and the next older committed step is tried.
+        with a warning and the next older committed step is tried. With ``local_dir`` and
+        ``step=None``, a local step at least as new as the newest durable one is loaded
+        instead when every rank's shard is on a live rank (docs/recovery.md); a log line
+        names the tier.
         """
 
         def load_step(s: int) -> None:
@@ -283,7 +308,20 @@ class CheckpointManager:
                 num_io_threads=self._num_io_threads,
             )
 
-        return self.restore_with(load_step, step)
+        local_step = self.restore_local(state_dict) if step is None else None
+        return local_step if local_step is not None else self.restore_with(load_step, step)
+
+    def restore_local(self, state_dict: dict[str, Any]) -> int | None:
+        """Collective. Load the newest local step into ``state_dict`` in place if it is at
+        least as new as the newest durable step and every rank's shard is on a live rank;
+        returns it, or None (no ``local_dir``, or the durable tier must be read; a log line
+        says why). ``restore`` and ``TrainState.restore`` call it first."""
+        if self._local is None:
+            return None
+        self._check_open()
+        self.wait()
+        durable = self._ranks().decide(f"listing {self.root}", lambda: self._restore_candidates(None))
+        return restore_tiers(self._local, state_dict, durable[0] if durable else None, self.root)
 
     def restore_with(self, load_step: Callable[[int], None], step: int | None = None) -> int | None:
         """Collective. The restore protocol with a caller's own loader (TrainState uses it).
@@ -346,9 +384,14 @@ class CheckpointManager:
         checked = check_metrics(metrics)  # before anything is written, due or not: a bad call fails at once
         preempted, time_due = self._trigger.shared_flags(self._ranks)
         due = force or preempted or time_due or self.schedule.due_at_step(step)
+        local_due = self._local is not None and self._local.due(step) and not preempted
         if not due:
-            return False
+            if local_due:
+                self._local.save(step, state_dict)  # type: ignore[union-attr]
+            return local_due
         self.wait()  # the previous async save: commit it (or raise its error) and apply retention
+        if local_due:  # after wait(), which would otherwise wait for this local save too
+            self._local.save(step, state_dict)  # type: ignore[union-attr]
         base, chain = self._ranks().decide(
             f"checking that this manager still owns {self.root}", lambda: self._owner_and_base(step)
         )
@@ -432,6 +475,8 @@ class CheckpointManager:
         Raises the pending save's error (on every rank) if it failed; nothing of it is
         committed then, and earlier steps are untouched.
         """
+        if self._local is not None:
+            self._local.wait()
         if self._pending is None:
             return
         step, handle = self._pending
@@ -456,6 +501,8 @@ class CheckpointManager:
             self._trigger.close()
             try:
                 self._let_go()
+                if self._local is not None:
+                    self._local.close()
             finally:
                 self._close_checkpointer()
 

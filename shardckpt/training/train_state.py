@@ -188,6 +188,10 @@ class TrainState:
         dtype (an fp32 run resumed in bf16) are converted as read, as in ``shardckpt.load``.
         """
         group = RankGroup.current(self.process_group)
+        if step is None and getattr(manager, "restore_local", None) is not None:
+            local: int | None = manager.restore_local({TRAIN_STATE_KEY: self})  # the fast tier (docs/recovery.md)
+            if local is not None:
+                return local
         restored: int | None = manager.restore_with(
             lambda s: self._restore_step(manager, s, group, strict=strict, allow_dtype_cast=allow_dtype_cast), step
         )

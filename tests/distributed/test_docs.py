@@ -55,6 +55,8 @@ REFERENCE = {
     "docs/format.md": "the on-disk format's reference; its blocks read a data file named by the save id of "
     "the checkpoint the page describes (fd68cfe241f8), not one a reader has",
     "docs/reliability.md": "the failure model and its evidence; no python block",
+    "docs/recovery.md": "the fast tier needs ranks on two nodes; tests/distributed/test_local_tier_ranks.py runs "
+    "its calls on 4 ranks as 2 simulated nodes",
     "docs/from_dcp.md": "differences from DCP, no python block; tests/unit/test_from_dcp.py runs each one "
     "against DCP and shardckpt",
 }

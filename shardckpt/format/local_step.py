@@ -1,0 +1,181 @@
+"""The fast recovery tier's files: one rank's shard of one step, on a node's ``local_dir``. Pure, no I/O.
+
+A local step is a folder ``<local_dir>/step_<N>/`` (:func:`shardckpt.format.layout.step_dir_name`)
+holding, for each shard the node keeps (its ranks' own, and replicas of other nodes' ranks)::
+
+    shard_r<rank:05d>_h<holder:05d>.safetensors   the shard image: a safetensors data file
+    shard_r<rank:05d>_h<holder:05d>.json          its index, written last: it commits the shard
+    .shard_r..._h....{safetensors,json}.tmp-<hex> either one while being written
+
+``rank`` is whose shard it is, ``holder`` the rank that wrote it (the rank itself, or the
+partner keeping a replica). A shard exists if and only if its index parses and names the
+data file's exact size; its xxh3-64 is checked before a byte of it is used.
+
+The image is plain safetensors: tensors sorted by item size (largest first, so every
+tensor starts aligned for its dtype with no padding between them) and the rank's JSON
+values, step, rank and world size in the header's ``__metadata__`` under
+:data:`META_KEY`, so the data file alone says what it holds and a replica is a byte copy.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from shardckpt.errors import ManifestError
+from shardckpt.format import datafile
+
+FORMAT = "shardckpt-local-shard"
+VERSION = 1
+META_KEY = "shardckpt.local"
+MAX_INDEX_BYTES = 4096  # an index is ~200 bytes; anything larger is not ours
+
+_SHARD = re.compile(r"^shard_r([0-9]{5,})_h([0-9]{5,})\.(safetensors|json)$")
+_TEMP = re.compile(r"^\.shard_r([0-9]{5,})_h([0-9]{5,})\.(safetensors|json)\.tmp-[0-9a-f]{12}$")
+_HEX16 = re.compile(r"^[0-9a-f]{16}$")
+
+
+def shard_stem(rank: int, holder: int) -> str:
+    return f"shard_r{rank:05d}_h{holder:05d}"
+
+
+def data_name(rank: int, holder: int) -> str:
+    return shard_stem(rank, holder) + ".safetensors"
+
+
+def index_name(rank: int, holder: int) -> str:
+    return shard_stem(rank, holder) + ".json"
+
+
+def temp_name(final: str, token: str) -> str:
+    """Where ``final`` is written before its rename; ``token``: 12 lowercase hex digits."""
+    return f".{final}.tmp-{token}"
+
+
+def parse_index_name(name: str) -> tuple[int, int] | None:
+    """(rank, holder) of an index file name, None for any other name."""
+    m = _SHARD.match(name)
+    if m is None or m.group(3) != "json":
+        return None
+    return int(m.group(1)), int(m.group(2))
+
+
+def holder_of(name: str) -> int | None:
+    """The holder rank of any name the tier writes (data, index or temp), else None."""
+    m = _SHARD.match(name) or _TEMP.match(name)
+    return None if m is None else int(m.group(2))
+
+
+@dataclass(frozen=True)
+class ShardIndex:
+    """What the index of a committed shard says."""
+
+    step: int
+    rank: int
+    world_size: int
+    holder: int
+    data_bytes: int
+    xxh3: str
+
+    def to_json(self) -> bytes:
+        doc = {"format": FORMAT, "version": VERSION, **self.__dict__}
+        return json.dumps(doc, separators=(",", ":"), sort_keys=True).encode()
+
+
+def parse_index(raw: bytes, *, where: str) -> ShardIndex:
+    """Parse an untrusted index; ManifestError saying what is wrong."""
+    if len(raw) > MAX_INDEX_BYTES:
+        raise ManifestError(f"{where}: {len(raw)} bytes, more than an index can be ({MAX_INDEX_BYTES})")
+    try:
+        doc = json.loads(raw.decode("utf-8"))
+    except (ValueError, RecursionError) as e:
+        raise ManifestError(f"{where}: not valid JSON ({type(e).__name__}: {e})") from e
+    if not isinstance(doc, dict) or doc.get("format") != FORMAT or doc.get("version") != VERSION:
+        raise ManifestError(f"{where}: not a {FORMAT} index of version {VERSION}")
+    ints = ("step", "rank", "world_size", "holder", "data_bytes")
+    if not all(type(doc.get(k)) is int and doc[k] >= 0 for k in ints) or doc["world_size"] < 1:
+        raise ManifestError(f"{where}: {', '.join(ints)} must be non-negative integers (world_size >= 1)")
+    if doc["rank"] >= doc["world_size"] or doc["holder"] >= doc["world_size"]:
+        raise ManifestError(f"{where}: rank {doc['rank']} or holder {doc['holder']} outside world {doc['world_size']}")
+    if not isinstance(doc.get("xxh3"), str) or not _HEX16.match(doc["xxh3"]):
+        raise ManifestError(f"{where}: xxh3 must be 16 lowercase hex digits")
+    return ShardIndex(doc["step"], doc["rank"], doc["world_size"], doc["holder"], doc["data_bytes"], doc["xxh3"])
+
+
+@dataclass(frozen=True)
+class ImageLayout:
+    """Where each tensor of a shard image lies: ``header`` (length prefix included) and,
+    per key, its entry (offsets relative to the end of the header)."""
+
+    header: bytes
+    entries: dict[str, datafile.HeaderEntry]
+
+    @property
+    def total_bytes(self) -> int:
+        return len(self.header) + max((e.end for e in self.entries.values()), default=0)
+
+
+def plan_image(
+    tensors: dict[str, tuple[torch.dtype, tuple[int, ...]]],
+    values: dict[str, Any],
+    *,
+    step: int,
+    rank: int,
+    world_size: int,
+) -> ImageLayout:
+    """The layout of one rank's image: ``tensors`` (key -> dtype, shape), ``values``
+    (key -> the value's JSON form, :func:`shardckpt.format.values.encode_value`)."""
+    order = sorted(tensors, key=lambda k: (-tensors[k][0].itemsize, k))
+    entries: dict[str, datafile.HeaderEntry] = {}
+    offset = 0
+    for key in order:
+        dtype, shape = tensors[key]
+        n = dtype.itemsize
+        for d in shape:
+            n *= d
+        entries[key] = datafile.HeaderEntry(key, datafile.dtype_name(dtype, key=key), shape, offset, offset + n)
+        offset += n
+    meta = {"step": step, "rank": rank, "world_size": world_size, "values": values}
+    header = datafile.build_header(list(entries.values()), {META_KEY: json.dumps(meta, allow_nan=False)})
+    return ImageLayout(header, entries)
+
+
+@dataclass(frozen=True)
+class ImageContents:
+    """What a verified image holds: tensor entries by key, JSON values by key, and the
+    byte offset of the data section."""
+
+    entries: dict[str, datafile.HeaderEntry]
+    values: dict[str, Any]
+    data_offset: int
+    step: int
+    rank: int
+    world_size: int
+
+
+def read_image(image: bytes | memoryview, *, where: str) -> ImageContents:
+    """Parse the header of an image whose checksum matched; ManifestError if it is not ours."""
+    size = len(image)
+    n = datafile.header_length(bytes(image[: datafile.HEADER_LEN_BYTES]), file=where, file_size=size)
+    raw = bytes(image[datafile.HEADER_LEN_BYTES : datafile.HEADER_LEN_BYTES + n])
+    entries, meta = datafile.parse_header(raw, file=where, file_size=size)
+    try:
+        doc = json.loads(meta[META_KEY])
+    except (KeyError, ValueError, RecursionError) as e:
+        raise ManifestError(f"{where}: no valid {META_KEY!r} metadata: not a local-tier shard image") from e
+    if not isinstance(doc, dict) or not isinstance(doc.get("values"), dict):
+        raise ManifestError(f"{where}: {META_KEY!r} metadata must be an object with 'values'")
+    if not all(type(doc.get(k)) is int for k in ("step", "rank", "world_size")):
+        raise ManifestError(f"{where}: {META_KEY!r} metadata must give integer step, rank and world_size")
+    return ImageContents(
+        {e.name: e for e in entries},
+        doc["values"],
+        datafile.HEADER_LEN_BYTES + n,
+        doc["step"],
+        doc["rank"],
+        doc["world_size"],
+    )

@@ -1,0 +1,336 @@
+"""The fast recovery tier: every rank's shard in its node's ``local_dir``, copied to other nodes.
+
+:class:`LocalTier` saves one step asynchronously: the shard image is staged in the
+foreground (:func:`shard_image.stage_image`, the only stall), then a background thread
+commits it to ``local_dir`` (:class:`LocalStore`), sends it to the rank's partner(s) on
+other nodes and commits the replicas it receives (:mod:`replication`), then applies
+retention. :meth:`LocalTier.restore` decides collectively which step every rank can get
+(its own copy, or one a live rank holds) and loads it in place; it returns None, with the
+reason in a log line, when none is complete here (another world size, shards lost on
+every node), and the caller falls back to the durable tier.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from shardckpt.engine.checkpointer import Checkpointer
+from shardckpt.engine.collective import RankGroup, typed_transport_errors
+from shardckpt.engine.staging import Stager
+from shardckpt.engine.state import PlainState
+from shardckpt.errors import IntegrityError, ManifestError, ShardckptError, StorageError
+from shardckpt.format import integrity, local_step
+from shardckpt.format.local_step import ShardIndex
+from shardckpt.manager import replication, shard_image
+from shardckpt.manager.local_store import HeldShard, LocalStore, byte_view
+from shardckpt.manager.replication import Topology
+
+log = logging.getLogger("shardckpt")
+
+# (step, rank, world_size, holder, data_bytes, xxh3): one committed shard a rank can read.
+Report = tuple[int, int, int, int, int, str]
+
+
+@dataclass(frozen=True)
+class LocalTierOptions:
+    """``local_dir``: a node-local folder (RAM disk or NVMe), the same path on every rank
+    of a node; ``interval_steps``: a local save is due at steps divisible by it;
+    ``replicas``: copies of each shard on other nodes; ``keep_last``: local steps kept."""
+
+    local_dir: str
+    interval_steps: int = 1
+    replicas: int = 1
+    keep_last: int = 2
+
+    def __post_init__(self) -> None:
+        for name, low in (("interval_steps", 1), ("replicas", 0), ("keep_last", 1)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise ValueError(f"local tier: {name} must be an int >= {low}, got {value!r}")
+        if "://" in self.local_dir:
+            raise ValueError(
+                f"local_dir must be a node-local path (a RAM disk such as /dev/shm/run, or local NVMe), "
+                f"got the URL {self.local_dir!r}; the durable root is the place for URLs"
+            )
+
+
+class LocalTier:
+    """One rank's part of the fast tier. Collective: construct it, and call ``save``,
+    ``wait``, ``restore`` and ``close``, on every rank of ``group`` in the same order.
+    ``group`` is a gloo group of its own (the background thread uses it). Drive it from
+    one thread; whoever creates it calls :meth:`close`. ``store``: the rank's
+    :class:`LocalStore` (tests pass a subclass that fails)."""
+
+    def __init__(self, options: LocalTierOptions, group: RankGroup, store: LocalStore | None = None) -> None:
+        self.options = options
+        self._group = group
+        self._topology = Topology.gather(group)
+        self._topology.check(options.replicas if group.world_size > 1 else 0)
+        self._store = store if store is not None else LocalStore(options.local_dir, group.rank)
+        self._stager = Stager()
+        self._thread: threading.Thread | None = None
+        self._pending_step: int | None = None
+        self._failure: BaseException | None = None
+        self._closed = False
+
+    def due(self, step: int) -> bool:
+        return step % self.options.interval_steps == 0
+
+    # ------------------------------------------------------------ save
+
+    def save(self, step: int, state_dict: dict[str, Any]) -> None:
+        """Collective. Stage this rank's shard of ``state_dict`` as local step ``step`` and
+        return; the write, the replication and retention run in the background and their
+        failure is raised (on every rank) by the next call."""
+        self._check_open()
+        self.wait()
+        g = self._group
+        image = g.agree(
+            f"local save of step {step}: staging",
+            lambda: shard_image.stage_image(self._stager, state_dict, step=step, rank=g.rank, world_size=g.world_size),
+        )
+        self._failure = None
+        self._pending_step = step
+        self._thread = threading.Thread(target=self._run, args=(step, image), name="shardckpt-local-save", daemon=False)
+        self._thread.start()
+
+    def _run(self, step: int, image: torch.Tensor) -> None:
+        try:
+            self.write_step(step, image)
+        except BaseException as e:  # noqa: BLE001 - raised on every rank by wait()
+            self._failure = e
+
+    def write_step(self, step: int, image: torch.Tensor) -> None:
+        """Exchange replicas with partners (the one collective, on the tier's group, made
+        first so that a local failure never leaves a partner waiting), then commit
+        ``image`` and the replicas received, and apply retention. The save thread's body."""
+        g = self._group
+        digest = integrity.hash_hex(byte_view(image))
+        replicas = self.options.replicas if g.world_size > 1 else 0
+        received: dict[int, tuple[torch.Tensor, int]] = {}
+        if replicas:
+            received = replication.exchange(g, self._topology, replicas, image, replication.digest_int(digest))
+        shards = [(ShardIndex(step, g.rank, g.world_size, g.rank, image.numel(), digest), image)]
+        for src, (buf, sent) in sorted(received.items()):
+            got = integrity.hash_hex(byte_view(buf))
+            if got != replication.digest_hex(sent):
+                raise IntegrityError(
+                    f"rank {g.rank}: the replica of rank {src}'s step {step} arrived with xxh3 {got}, "
+                    f"sent as {replication.digest_hex(sent)}; not committed"
+                )
+            shards.append((ShardIndex(step, src, g.world_size, g.rank, buf.numel(), got), buf))
+        failures: list[ShardckptError] = []
+        for index, data in shards:  # each one committed even if another failed
+            try:
+                self._store.commit(index, byte_view(data))
+            except ShardckptError as e:
+                failures.append(e)
+        if failures:
+            raise failures[0]
+        self._store.retain(self.options.keep_last)
+
+    def wait(self) -> None:
+        """Collective. Finish the pending local save; raise its failure on every rank."""
+        if self._thread is None:
+            return
+        thread, self._thread = self._thread, None
+        thread.join()
+        step, self._pending_step = self._pending_step, None
+        failure, self._failure = self._failure, None
+
+        def result() -> None:
+            if failure is not None:
+                raise failure
+
+        self._group.agree(f"local save of step {step}", result)
+
+    # ------------------------------------------------------------ restore
+
+    def restore(self, state_dict: dict[str, Any], *, not_older_than: int | None = None) -> int | None:
+        """Collective. Load the newest local step complete across the live ranks (and not
+        older than ``not_older_than``) into ``state_dict`` in place; returns the step, or
+        None (with a log line saying why) when the caller must use the durable tier."""
+        self._check_open()
+        self.wait()
+        g = self._group
+        plain = PlainState.of(state_dict)  # on every rank, before any rank may return
+        held = {s.key(): s for s in self._store.scan()}
+        reports = self._gather(
+            [(*k[:2], s.index.world_size, k[2], s.index.data_bytes, s.index.xxh3) for k, s in held.items()]
+        )
+        excluded: set[tuple[str, Report]] = set()
+        while True:
+            step, sources, why = choose(reports, self._topology, g.world_size, excluded, not_older_than)
+            if step is None:
+                log.info("shardckpt: local tier (%s): no step to restore: %s", self.options.local_dir, why)
+                return None
+            images, bad = self._read_sources(step, sources, held)
+            all_bad = self._gather(bad)
+            if not any(all_bad):
+                break
+            for rank, reps in enumerate(all_bad):
+                excluded.update((self._topology.nodes[rank], r) for r in reps)
+            log.warning("shardckpt: local step %d: damaged copies %s; trying other copies", step, all_bad)
+        image = self._transfer(step, sources, images)
+        where = f"local step {step} of rank {g.rank}"
+        problems = self._gather([self._load_problem(image, sources[g.rank], plain, where)])
+        named = [f"rank {r}: {p[0]}" for r, p in enumerate(problems) if p[0] is not None]
+        if named:
+            log.info("shardckpt: local step %d cannot be loaded (%s); using the durable tier", step, named[0])
+            return None
+        contents = local_step.read_image(byte_view(image), where=where)
+        g.agree(f"loading {where}", lambda: shard_image.load_image(image, contents, plain))
+        return step
+
+    def _read_sources(
+        self, step: int, sources: dict[int, tuple[int, Report]], held: dict[tuple[int, int, int], HeldShard]
+    ) -> tuple[dict[int, torch.Tensor], list[Report]]:
+        """Read (verified) every shard of ``step`` this rank provides; the reports of copies
+        that failed verification."""
+        images: dict[int, torch.Tensor] = {}
+        bad: list[Report] = []
+        for rank, (provider, report) in sorted(sources.items()):
+            if provider != self._group.rank:
+                continue
+            try:
+                images[rank] = self._store.read(held[(report[0], report[1], report[3])])
+            except (IntegrityError, StorageError) as e:
+                log.warning("shardckpt: %s", e)
+                bad.append(report)
+        return images, bad
+
+    def _transfer(
+        self, step: int, sources: dict[int, tuple[int, Report]], images: dict[int, torch.Tensor]
+    ) -> torch.Tensor:
+        """Collective: every shard whose provider is another rank is sent to its rank."""
+        me = self._group.rank
+        ops: list[tuple[str, torch.Tensor, int, int]] = []
+        for rank, (provider, report) in sorted(sources.items()):
+            if provider == rank:
+                continue
+            if provider == me:
+                ops.append(("send", images[rank], rank, 0))
+            elif rank == me:
+                images[me] = torch.empty(report[4], dtype=torch.uint8)
+                ops.append(("recv", images[me], provider, 0))
+        replication.run_p2p(self._group, ops, f"local tier: fetching shards of step {step} from partners")
+        return images[me]
+
+    def _load_problem(
+        self, image: torch.Tensor, source: tuple[int, Report], plain: PlainState, where: str
+    ) -> str | None:
+        """Why this rank cannot load ``image`` (checked on every rank, then gathered, so
+        that no rank raises alone), or None. A local read was verified already."""
+        provider, report = source
+        if provider != self._group.rank and integrity.hash_hex(byte_view(image)) != report[5]:
+            return f"{where} arrived from rank {provider} with another xxh3 than its copy's index records"
+        try:
+            contents = local_step.read_image(byte_view(image), where=where)
+        except ManifestError as e:
+            return str(e)
+        if contents.world_size != self._group.world_size or contents.rank != self._group.rank:
+            return f"{where} holds rank {contents.rank} of {contents.world_size}"
+        return shard_image.target_problem(contents, plain)
+
+    def _gather(self, mine: list[Any]) -> list[list[Any]]:
+        g = self._group
+        if not g.is_distributed:
+            return [mine]
+        out: list[Any] = [None] * g.world_size
+        with typed_transport_errors("local tier: sharing what each rank holds"):
+            dist.all_gather_object(out, mine, group=g.group)
+        return out
+
+    # ------------------------------------------------------------ lifecycle
+
+    def close(self) -> None:
+        """Collective. Finish the pending save, then remove the files this tier wrote (a
+        clean exit leaves no local steps; other names in ``local_dir`` stay). Idempotent."""
+        if self._closed:
+            return
+        try:
+            self.wait()
+        finally:
+            self._closed = True
+            self._store.remove_written()
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise ShardckptError(f"local tier {self.options.local_dir}: closed")
+
+
+def choose(
+    reports: list[list[Report]],
+    topology: Topology,
+    world_size: int,
+    excluded: set[tuple[str, Report]],
+    not_older_than: int | None,
+) -> tuple[int | None, dict[int, tuple[int, Report]], str]:
+    """Pure, computed alike on every rank from the gathered ``reports`` (per rank, what
+    it can read). The newest step with a copy of every rank's shard, and for each rank
+    who provides it (itself if it can, else the lowest rank holding a copy); else None
+    and why."""
+    holders: dict[int, dict[int, list[tuple[int, Report]]]] = {}
+    other_worlds: set[int] = set()
+    for provider, reps in enumerate(reports):
+        for rep in reps:
+            if (topology.nodes[provider], rep) in excluded:
+                continue
+            if rep[2] != world_size:
+                other_worlds.add(rep[2])
+                continue
+            holders.setdefault(rep[0], {}).setdefault(rep[1], []).append((provider, rep))
+    if not holders:
+        if other_worlds:
+            return None, {}, f"local steps were saved by {sorted(other_worlds)} ranks; this job has {world_size}"
+        return None, {}, "no committed local step on any rank"
+    why = ""
+    for step in sorted(holders, reverse=True):
+        if not_older_than is not None and step < not_older_than:
+            return None, {}, f"{why}the newest complete local step is older than the durable step {not_older_than}"
+        missing = [r for r in range(world_size) if r not in holders[step]]
+        if missing:
+            why += f"step {step}: no live copy of the shard of rank(s) {missing[:8]}; "
+            continue
+        sources = {}
+        for r in range(world_size):
+            copies = holders[step][r]
+            own = [c for c in copies if c[0] == r]
+            sources[r] = own[0] if own else min(copies)
+        return step, sources, ""
+    return None, {}, why.rstrip("; ")
+
+
+def open_local_tier(
+    checkpointer: Checkpointer, process_group: Any, timeout_s: float, options: LocalTierOptions | None
+) -> LocalTier | None:
+    """Collective (creates the tier's gloo group, purpose ``"local"``, and gathers node
+    ids): the manager's tier, or None without ``options``."""
+    if options is None:
+        return None
+    group = RankGroup.current(process_group)
+    if group.is_distributed:
+        group = RankGroup.current(checkpointer.group(process_group, timeout_s, purpose="local"))
+    return LocalTier(options, group)
+
+
+def restore_tiers(tier: LocalTier, state_dict: dict[str, Any], newest_durable: int | None, root: str) -> int | None:
+    """Collective: the local step if it is at least as new as the durable tier's newest
+    (``newest_durable``); logs which tier and why. None: restore from the durable tier."""
+    step = tier.restore(state_dict, not_older_than=newest_durable)
+    if step is not None:
+        log.info(
+            "shardckpt: restored step %d from the local tier (%s); the durable tier's newest is %s",
+            step,
+            tier.options.local_dir,
+            newest_durable,
+        )
+    else:
+        log.info("shardckpt: restoring from the durable tier (%s): newest step %s", root, newest_durable)
+    return step

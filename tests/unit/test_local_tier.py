@@ -1,0 +1,359 @@
+"""The fast recovery tier in one process: local steps committed, restored bitwise, kept, cleaned
+up, and anything half-written or damaged ignored; partner choice and the collective decision
+as pure functions. Ranks and nodes: tests/distributed/test_local_tier_ranks.py."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+
+import pytest
+import torch
+from distributed import kill_group, start_command, wait_for
+
+import shardckpt
+from shardckpt.engine.collective import RankGroup
+from shardckpt.errors import ManifestError, StorageError
+from shardckpt.format import integrity, local_step
+from shardckpt.manager.local_store import LocalStore
+from shardckpt.manager.local_tier import LocalTier, LocalTierOptions, choose
+from shardckpt.manager.replication import Topology
+
+
+def state(v: float) -> dict:
+    return {
+        "model": {"w": torch.full((4, 3), v), "half": torch.full((5,), v, dtype=torch.bfloat16)},
+        "ids": torch.arange(7, dtype=torch.int8) + int(v),
+        "mask": torch.tensor([True, False, v > 1]),
+        "scalar": torch.tensor(v, dtype=torch.float64),
+        "empty": torch.empty(0, 2),
+        "extra": {"lr": v / 10, "name": f"run{v}", "sched": [1, 2, int(v)]},
+    }
+
+
+def blank() -> dict:
+    s = state(0.0)
+    for t in (s["model"]["w"], s["model"]["half"], s["ids"], s["scalar"]):
+        t.fill_(0)
+    s["mask"].fill_(False)
+    s["extra"] = {"lr": 0.0, "name": "", "sched": []}
+    return s
+
+
+def assert_bitwise(got: dict, want: dict) -> None:
+    for k, v in want.items():
+        if isinstance(v, dict):
+            assert_bitwise(got[k], v)
+        elif isinstance(v, torch.Tensor):
+            assert got[k].dtype == v.dtype and torch.equal(
+                got[k].view(-1).view(torch.uint8), v.view(-1).view(torch.uint8)
+            ), k
+        else:
+            assert got[k] == v, k
+
+
+def tier(local_dir, keep_last: int = 2) -> LocalTier:
+    return LocalTier(LocalTierOptions(str(local_dir), keep_last=keep_last), RankGroup.current())
+
+
+def step_dirs(local_dir) -> list[str]:
+    return sorted(n for n in os.listdir(local_dir) if n.startswith("step_"))
+
+
+def test_save_restore_bitwise_in_place_and_safetensors_readable(tmp_path):
+    t = tier(tmp_path)
+    src = state(3.0)
+    t.save(3, src)
+    src["model"]["w"].fill_(99)  # the save staged a copy: changing the state now is safe
+    t.wait()
+    target = blank()
+    w = target["model"]["w"]
+    assert t.restore(target) == 3
+    assert target["model"]["w"] is w  # loaded in place
+    assert_bitwise(target, state(3.0))
+    from safetensors.torch import load_file
+
+    data = tmp_path / "step_0000000003" / local_step.data_name(0, 0)
+    assert torch.equal(load_file(str(data))["model.w"], torch.full((4, 3), 3.0))
+    t.close()
+
+
+def test_retention_keeps_newest_and_close_removes_only_what_it_wrote(tmp_path):
+    (tmp_path / "notes.txt").write_text("mine")
+    foreign = tmp_path / "step_0000000001"
+    foreign.mkdir()
+    (foreign / local_step.data_name(1, 1)).write_bytes(b"another holder's file")
+    (foreign / "user.bin").write_bytes(b"x")
+    t = tier(tmp_path, keep_last=2)
+    for s in (1, 2, 3, 4):
+        t.save(s, state(float(s)))
+    t.wait()
+    assert step_dirs(tmp_path) == ["step_0000000001", "step_0000000003", "step_0000000004"]
+    assert sorted(os.listdir(foreign)) == sorted([local_step.data_name(1, 1), "user.bin"])
+    t.close()
+    assert step_dirs(tmp_path) == ["step_0000000001"]
+    assert (tmp_path / "notes.txt").read_text() == "mine"
+    assert sorted(os.listdir(foreign)) == sorted([local_step.data_name(1, 1), "user.bin"])
+
+
+def test_half_written_and_damaged_steps_are_never_restored(tmp_path, caplog):
+    t = tier(tmp_path, keep_last=5)
+    for s in (1, 2, 3, 4):
+        t.save(s, state(float(s)))
+    t.wait()
+
+    def folder(s: int):
+        return tmp_path / f"step_{s:010d}"
+
+    # step 4: the data file flipped one byte (checksum), step 3: no index (crash before the
+    # commit), step 2: the index names another size. Step 1 is intact.
+    data4 = folder(4) / local_step.data_name(0, 0)
+    raw = bytearray(data4.read_bytes())
+    raw[-1] ^= 0xFF
+    data4.write_bytes(bytes(raw))
+    (folder(3) / local_step.index_name(0, 0)).unlink()
+    (folder(3) / ".shard_r00000_h00000.json.tmp-0123456789ab").write_bytes(b"{")
+    with open(folder(2) / local_step.data_name(0, 0), "ab") as f:
+        f.write(b"tail")
+    (tmp_path / "step_0000000009").mkdir()
+    (tmp_path / "step_0000000009" / local_step.index_name(0, 0)).write_bytes(b"\x00garbage")
+    target = blank()
+    with caplog.at_level(logging.WARNING, logger="shardckpt"):
+        assert t.restore(target) == 1
+    assert_bitwise(target, state(1.0))
+    text = caplog.text
+    assert "checksum mismatch" in text and "step_0000000009" in text and "bytes, its index says" in text
+    t.close()
+
+
+def test_restore_without_local_steps_returns_none(tmp_path, caplog):
+    t = tier(tmp_path)
+    with caplog.at_level(logging.INFO, logger="shardckpt"):
+        assert t.restore(blank()) is None
+    assert "no committed local step" in caplog.text
+    t.close()
+
+
+def test_a_state_of_another_shape_falls_back(tmp_path, caplog):
+    t = tier(tmp_path)
+    t.save(1, state(1.0))
+    other = blank()
+    other["model"]["w"] = torch.zeros(2, 2)
+    with caplog.at_level(logging.INFO, logger="shardckpt"):
+        assert t.restore(other) is None
+    assert "key 'model.w'" in caplog.text and torch.equal(other["model"]["w"], torch.zeros(2, 2))
+    t.close()
+
+
+def test_manager_restores_the_newest_step_of_either_tier(tmp_path, caplog):
+    root, local = tmp_path / "durable", tmp_path / "local"
+    with shardckpt.CheckpointManager(
+        root, local_dir=local, local_interval_steps=2, save_interval_steps=5, replicas=1
+    ) as mgr:
+        for s in range(1, 8):
+            mgr.save(s, state(float(s)))
+        assert mgr.steps() == [5]
+        target = blank()
+        with caplog.at_level(logging.INFO, logger="shardckpt"):
+            assert mgr.restore(target) == 6
+        assert "from the local tier" in caplog.text
+        assert_bitwise(target, state(6.0))
+        assert mgr.restore(blank(), step=5) == 5  # an explicit step is a durable step
+    assert step_dirs(local) == []  # a clean exit leaves no local steps
+    with shardckpt.CheckpointManager(root, local_dir=local, local_interval_steps=2, save_interval_steps=5) as mgr:
+        target = blank()
+        assert mgr.restore(target) == 5
+        assert_bitwise(target, state(5.0))
+
+
+def test_options_are_checked():
+    with pytest.raises(ValueError, match="node-local path"):
+        LocalTierOptions("s3://bucket/x")
+    with pytest.raises(ValueError, match="keep_last must be an int >= 1"):
+        LocalTierOptions("/tmp/x", keep_last=0)
+
+
+# ---------------------------------------------------------------- pure: partners and the decision
+
+
+def test_partners_live_on_other_nodes():
+    two = Topology(("a", "a", "b", "b"))
+    assert [two.partner(r, 1) for r in range(4)] == [2, 3, 0, 1]
+    assert two.sources(2, 1) == [0]
+    three = Topology(("a", "b", "c", "a", "b", "c"))
+    for r in range(6):
+        nodes = {three.nodes[r]} | {three.nodes[three.partner(r, k)] for k in (1, 2)}
+        assert len(nodes) == 3  # own node + two others: any two nodes may vanish
+    uneven = Topology(("a", "a", "a", "b"))
+    assert uneven.sources(3, 1) == [0, 1, 2]
+    with pytest.raises(ValueError, match=r"replicas=1 needs at least 2 nodes.*SHARDCKPT_NODE_ID"):
+        Topology(("h", "h")).check(1)
+    Topology(("h", "h")).check(0)
+
+
+def rep(step: int, rank: int, holder: int, world: int = 4) -> tuple:
+    return (step, rank, world, holder, 10, "0" * 16)
+
+
+def test_choose_takes_the_newest_complete_step_and_prefers_own_copies():
+    topo = Topology(("a", "a", "b", "b"))
+    # node a (ranks 0, 1) lost step 20 entirely; node b holds its own shards and a's replicas.
+    b = [rep(20, r, h) for r, h in ((2, 2), (3, 3), (0, 2), (1, 3))]
+    reports = [[rep(10, 0, 0)], [rep(10, 1, 1)], b, b]
+    step, sources, _ = choose(reports, topo, 4, set(), None)
+    assert step == 20
+    assert sources[0][0] == 2 and sources[1][0] == 2 and sources[2][0] == 2 and sources[3][0] == 3
+    step, _, why = choose([[], [], [rep(20, 2, 2)], [rep(20, 2, 2)]], topo, 4, set(), None)
+    assert step is None and "rank(s) [0, 1, 3]" in why
+    step, _, why = choose([[rep(20, 0, 0, world=2)], [], [], []], topo, 4, set(), None)
+    assert step is None and "saved by [2] ranks; this job has 4" in why
+    step, _, why = choose(reports, topo, 4, set(), 30)
+    assert step is None and "older than the durable step 30" in why
+    step, _, _ = choose(reports, topo, 4, {("b", rep(20, 0, 2))}, None)
+    assert step is None  # the only copy of rank 0's step 20 was damaged, step 10 lacks ranks 2, 3
+
+
+def test_index_parser_refuses_hostile_input():
+    good = local_step.ShardIndex(1, 0, 2, 1, 10, "0123456789abcdef")
+    assert local_step.parse_index(good.to_json(), where="x") == good
+    for bad in (b"[]", b"{", b'{"format": "shardckpt-local-shard", "version": 1}', b" " * 5000):
+        with pytest.raises(ManifestError):
+            local_step.parse_index(bad, where="x")
+    doc = good.to_json().replace(b'"rank":0', b'"rank":7')
+    with pytest.raises(ManifestError, match="outside world"):
+        local_step.parse_index(doc, where="x")
+    assert local_step.holder_of(".shard_r00001_h00003.json.tmp-0123456789ab") == 3
+    assert local_step.holder_of("shard_r00001_h00003.txt") is None
+
+
+def test_store_commit_replaces_a_shard_of_the_same_step(tmp_path):
+    store = LocalStore(str(tmp_path), 0)
+    for payload in (b"first", b"second!"):
+        store.commit(local_step.ShardIndex(5, 0, 1, 0, len(payload), integrity.hash_hex(payload)), memoryview(payload))
+    (shard,) = store.scan()
+    assert bytes(store.read(shard).numpy()) == b"second!"
+    assert sorted(os.listdir(tmp_path / "step_0000000005")) == [local_step.index_name(0, 0), local_step.data_name(0, 0)]
+
+
+class DiskFullAfterData(LocalStore):
+    """Writes a shard's data file, then fails as a full disk would, before the index."""
+
+    def commit(self, index: local_step.ShardIndex, image: memoryview) -> str:
+        if index.step == 2:
+            folder = self.step_dir(2)
+            os.makedirs(folder, exist_ok=True)
+            with open(os.path.join(folder, local_step.data_name(index.rank, index.holder)), "wb") as f:
+                f.write(image)
+            raise StorageError(f"rank {self.holder}: no space left on device")
+        return super().commit(index, image)
+
+
+def test_a_local_save_that_fails_midway_is_raised_once_and_never_restored(tmp_path):
+    t = LocalTier(LocalTierOptions(str(tmp_path)), RankGroup.current(), store=DiskFullAfterData(str(tmp_path), 0))
+    t.save(1, state(1.0))
+    t.save(2, state(2.0))
+    with pytest.raises(StorageError, match="no space left"):
+        t.wait()
+    t.wait()  # raised once
+    target = blank()
+    assert t.restore(target) == 1
+    assert_bitwise(target, state(1.0))
+    t.close()
+
+
+def test_modules_and_a_fresh_optimizer_come_back_bitwise(tmp_path):
+    def make() -> tuple[torch.nn.Module, torch.optim.Optimizer]:
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
+        return model, torch.optim.AdamW(model.parameters(), lr=0.01)
+
+    model, optim = make()
+    for _ in range(3):
+        model(torch.randn(5, 4)).sum().backward()
+        optim.step()
+        optim.zero_grad()
+    t = tier(tmp_path)
+    t.save(3, {"model": model, "optim": optim, "step": 3})
+    t.wait()
+    model2, optim2 = make()
+    target = {"model": model2, "optim": optim2, "step": 0}
+    assert t.restore(target) == 3
+    assert target["step"] == 3
+    for a, b in zip(model.parameters(), model2.parameters(), strict=True):
+        assert torch.equal(a, b)
+    s1, s2 = optim.state_dict()["state"], optim2.state_dict()["state"]
+    assert s1.keys() == s2.keys()
+    for k in s1:
+        assert all(torch.equal(s1[k][n], s2[k][n]) for n in ("exp_avg", "exp_avg_sq", "step"))
+    t.close()
+
+
+def test_a_step_due_in_both_tiers_is_saved_in_both_and_restored_from_the_local_one(tmp_path, caplog):
+    with shardckpt.CheckpointManager(
+        tmp_path / "durable", local_dir=tmp_path / "local", local_interval_steps=5, save_interval_steps=5
+    ) as mgr:
+        assert mgr.save(4, state(4.0)) is False
+        assert mgr.save(5, state(5.0)) is True
+        mgr.wait()
+        assert mgr.steps() == [5] and step_dirs(tmp_path / "local") == ["step_0000000005"]
+        target = blank()
+        with caplog.at_level(logging.INFO, logger="shardckpt"):
+            assert mgr.restore(target) == 5
+        assert "restored step 5 from the local tier" in caplog.text
+        assert_bitwise(target, state(5.0))
+
+
+SAVER = """
+import sys, torch
+from shardckpt.engine.collective import RankGroup
+from shardckpt.manager.local_tier import LocalTier, LocalTierOptions
+tier = LocalTier(LocalTierOptions(sys.argv[1], keep_last=2), RankGroup.current())
+step = 0
+while True:  # until killed
+    step += 1
+    tier.save(step, {"w": torch.full((1 << 20,), float(step)), "step": step})
+"""
+
+
+def test_a_process_killed_in_the_middle_of_local_saves_leaves_a_restorable_step(tmp_path):
+    proc = start_command([sys.executable, "-c", SAVER, str(tmp_path)])
+    try:
+        wait_for(str(tmp_path / "step_0000000004"))  # saves are in flight from here on
+    finally:
+        kill_group(proc.pid)  # SIGKILL, wherever it is: staging, writing, renaming, retention
+        proc.wait()
+    target = {"w": torch.zeros(1 << 20), "step": 0}
+    t = tier(tmp_path)
+    step = t.restore(target)
+    assert step is not None and step >= 3
+    assert target["step"] == step and torch.equal(target["w"], torch.full((1 << 20,), float(step)))
+    t.close()
+
+
+def test_train_state_restores_from_the_local_tier(tmp_path, caplog):
+    from shardckpt.training.train_state import TrainState
+
+    def make() -> TrainState:
+        torch.manual_seed(0)
+        model = torch.nn.Linear(4, 3)
+        optim = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+        return TrainState(model=model, optimizer=optim, seed=0, extras={"tokens": 0})
+
+    ts = make()
+    with shardckpt.CheckpointManager(
+        tmp_path / "durable", local_dir=tmp_path / "local", local_interval_steps=2, save_interval_steps=10
+    ) as mgr:
+        for step in range(1, 5):
+            ts.model(torch.randn(2, 4)).sum().backward()
+            ts.optimizers[0].step()
+            ts.step, ts.extras["tokens"] = step, step * 8
+            ts.save(mgr)
+        expected_rng = torch.rand(3)  # the stream after step 4's save
+        fresh = make()
+        with caplog.at_level(logging.INFO, logger="shardckpt"):
+            assert fresh.restore(mgr) == 4
+        assert "restored step 4 from the local tier" in caplog.text
+        assert fresh.step == 4 and fresh.extras["tokens"] == 32
+        assert torch.equal(fresh.model.weight, ts.model.weight)
+        assert torch.equal(torch.rand(3), expected_rng)  # the RNG stream came back too
