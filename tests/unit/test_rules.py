@@ -17,6 +17,7 @@ from hypothesis import strategies as st
 
 from shardckpt.errors import ManifestError
 from shardckpt.format import rules
+from shardckpt.format.manifest import ChunkRecord, FileRecord, Manifest, TensorRecord, manifest_to_json
 from shardckpt.format.rules import Chunk, Rule, Run, chunks_for_box, compress, expand, parse_rule, rule_to_json
 
 
@@ -316,3 +317,51 @@ def test_compressed_tensors_follow_the_v3_schema():
 
 
 FILE = "data/0123456789ab-r00000-00.safetensors"
+
+
+# ---------------------------------------------------------------- the benchmark's projection
+
+
+def test_the_benchmark_projection_counts_what_the_writers_would_write(monkeypatch):
+    """benchmarks/rules_projection.py counts v1 and index bytes without building them; the
+    counts must equal the bytes manifest_to_json and json.dumps produce."""
+    monkeypatch.syspath_prepend(str(Path(__file__).parents[2] / "benchmarks"))
+    import rules_projection as rp
+
+    keys = [("model.w", (10, 3)), ("model.v", (3, 2)), ("model.x", (7,))]
+    tensors, files = rp.synthetic_tensors(keys, ["step.w"], 4, 2, "0123456789ab")
+    tensors = list(tensors)
+    rest = {
+        "shardckpt_version": "0.0.0",
+        "torch_version": "2.13",
+        "created_at": "2026-11-30T00:00:00+00:00",
+        "world_size": 4,
+        "process_layout": [{"rank": r, "host": "h", "local_rank": r} for r in range(4)],
+        "values": {"step": 3},
+        "paths": {"step": ["step"]},
+    }
+    got = rp.project(iter(tensors), files, rest, 4096, with_v1=True)
+    v1 = Manifest(
+        world_size=4,
+        process_layout=tuple(rest["process_layout"]),
+        tensors={
+            k: TensorRecord(dtype, shape, tuple(_record(c) for c in chunks)) for k, dtype, shape, chunks in tensors
+        },
+        values=rest["values"],
+        files={n: FileRecord(size, rp.FAKE_HASH, r) for n, (size, r) in files.items()},
+        hash_block_bytes=4096,
+        created_at=rest["created_at"],
+        shardckpt_version="0.0.0",
+        torch_version="2.13",
+        paths=rest["paths"],
+    )
+    assert got.manifest_v1 == len(manifest_to_json(v1))
+    # 3 rows of (3, 2) over 4 ranks: rank 3 holds nothing of model.v; every tensor is a rule
+    assert (got.rules, got.listed_tensors) == (4, 0) and got.manifest_v3 < got.manifest_v1
+    entry = [4096, 12345, "f" * 16 * 2]
+    assert rp.index_entry_bytes(4096, 12345, 8192) == len(json.dumps(entry, separators=(",", ":")) + ",")
+
+
+def _record(c):
+    hashes = ("f" * 16,) * max(1, -(-c.byte_length // 4096))
+    return ChunkRecord(c.offsets, c.sizes, c.file, c.byte_offset, c.byte_length, hashes)
