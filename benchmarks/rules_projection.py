@@ -84,14 +84,14 @@ def project(
     names = sorted(files)
     position = {n: i for i, n in enumerate(names)}
     out.index_bytes = {n: index_header_bytes(n, block_bytes) for n in names}
-    tensor_docs, v1_lines = {}, 0
-    t0 = time.perf_counter()
+    tensor_docs, v1_lines, compress_s = {}, 0, 0.0
     for key, dtype, shape, chunks in tensors:
         for c in chunks:
             out.index_bytes[c.file] += index_entry_bytes(c.byte_offset, c.byte_length, block_bytes)
-        rule, _ = rules.compress(
-            shape, [rules.Chunk(c.offsets, c.sizes, position[c.file], c.byte_offset) for c in chunks]
-        )
+        t0 = time.perf_counter()  # the coordinator's work: positions and compress, not the simulation
+        positioned = [rules.Chunk(c.offsets, c.sizes, position[c.file], c.byte_offset) for c in chunks]
+        rule, _ = rules.compress(shape, positioned)
+        compress_s += time.perf_counter() - t0
         doc: dict[str, Any] = {"dtype": dtype, "shape": list(shape), "chunks": []}
         if rule is None:
             out.listed_tensors += 1
@@ -103,7 +103,7 @@ def project(
         tensor_docs[key] = doc
         if with_v1:
             v1_lines += _v1_line_bytes(key, dtype, shape, chunks, block_bytes)
-    out.seconds["compress_v3"] = time.perf_counter() - t0
+    out.seconds["compress_v3"] = compress_s
     file_docs = {
         n: {"size": s, "hash": FAKE_HASH, "rank": r, "index": {"size": out.index_bytes[n], "hash": FAKE_HASH}}
         for n, (s, r) in sorted(files.items())
