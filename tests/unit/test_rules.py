@@ -7,6 +7,7 @@ import functools
 import itertools
 import json
 import math
+import tracemalloc
 from pathlib import Path
 
 import jsonschema
@@ -365,3 +366,24 @@ def test_the_benchmark_projection_counts_what_the_writers_would_write(monkeypatc
 def _record(c):
     hashes = ("f" * 16,) * max(1, -(-c.byte_length // 4096))
     return ChunkRecord(c.offsets, c.sizes, c.file, c.byte_offset, c.byte_length, hashes)
+
+
+def test_a_3_mb_rule_is_checked_in_bounded_memory():
+    """The trust issue's bounds (test_adversarial_parsers.py): a reader's memory stays within
+    20 bytes per input byte; parse_rule builds one small Run per run and nothing per cell."""
+    cells = 1 << 17
+    runs = [[1, i % 7, 0, 64 * i, 0] for i in range(cells)]
+    raw = json.dumps({"grid": [cells, 1], "block": [1, 4], "runs": runs}).encode()
+    assert len(raw) > 2_500_000
+    doc = json.loads(raw)
+    tracemalloc.start()
+    try:
+        rule = parse_rule(doc, shape=(cells, 4), files=7, where="big")
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert len(rule.runs) == cells
+    assert peak < 20 * len(raw)
+    doc["runs"][-1][1] = 7  # the last run's file is out of range: found after one linear pass
+    with pytest.raises(ManifestError, match=r"big.runs\[131071\]: file positions 7..7 outside the 7 files"):
+        parse_rule(doc, shape=(cells, 4), files=7, where="big")
