@@ -126,7 +126,7 @@ def _cell_of(rule: Rule, grid: tuple[int, ...], c: Chunk) -> int | None:
     """Row-major number of the cell whose box ``c`` is exactly, else None."""
     cell = 0
     for o, s, b, n, g in zip(c.offsets, c.sizes, rule.block, rule.shape, grid, strict=True):
-        if o % b or o >= n or s != min(b, n - o):
+        if o < 0 or o % b or o >= n or s != min(b, n - o):
             return None
         cell = cell * g + o // b
     return cell

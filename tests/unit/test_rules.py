@@ -105,6 +105,9 @@ def test_irregular_layouts_stay_explicit():
     # the same block twice (a duplicate is not a second cell)
     dup = [Chunk((0,), (2,), 0, 0), Chunk((0,), (2,), 1, 0)]
     assert roundtrip((4,), dup) == (None, tuple(dup))
+    # a box before the tensor's start is no cell (-2 // 2 would number it -1)
+    outside = [Chunk((-2,), (2,), 0, 0), Chunk((2,), (2,), 1, 0)]
+    assert compress((4,), outside) == (None, tuple(outside))
 
 
 # ---------------------------------------------------------------- exactness, properties
