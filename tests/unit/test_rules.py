@@ -89,6 +89,17 @@ def test_tp_shard1_and_a_2d_mesh_and_replicated():
     assert rule is not None and rule.cells == 1 and expand(rule) == [Chunk((), (), 2, 8)]
 
 
+def test_hsdp_replicas_deduplicated_to_balanced_owners():
+    # a 2x2 mesh (Replicate, Shard(0)) on a 9-row tensor: rank 2*i + j holds rows piece j; the
+    # save keeps one copy of each piece, owned by whichever replica balances the bytes (ranks 0, 3)
+    pieces = chunk_pieces(9, 2)
+    held = {2 * i + j: Chunk((pieces[j][0], 0), (pieces[j][1], 4), 2 * i + j, 64) for i in range(2) for j in range(2)}
+    assert held[0].offsets == held[2].offsets and held[1].offsets == held[3].offsets
+    rule, rest = roundtrip((9, 4), [held[0], held[3]])
+    assert rule is not None and rule.grid == (2, 1) and rule.block == (5, 4) and rest == ()
+    assert rule.runs == (Run(2, 0, 3, 64, 0),)
+
+
 def test_a_changed_offset_pattern_starts_a_new_run():
     chunks = [Chunk((i,), (1,), i, 64 if i < 5 else 96) for i in range(8)]
     rule, _ = roundtrip((8,), chunks)
