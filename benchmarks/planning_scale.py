@@ -25,11 +25,24 @@ DTensors), then, timed per phase:
                       .metadata (with FileSystemWriter's storage_data)
     parse             every rank on load: shardckpt.format.manifest.parse_manifest (hostile-input
                       checks) vs pickle.loads of .metadata
+    compress_v3       projected, not yet written by saves: format 3 (docs/format.md section 12)
+                      of the same manifest, rules.compress per tensor (rules_projection.py)
+    parse_v3          ... and what a loading rank does with its rules (seal, JSON, parse_rule)
 
-and the sizes of manifest.json and .metadata. Growth: the ratio per doubling of ranks
-and a power-law exponent fitted over the rank counts (1 = linear).
+and the sizes of manifest.json, .metadata, the projected format-3 manifest and the largest
+rank's index records (the metadata a rank reads at load under format 3 is the manifest
+plus its own files' index records). Growth: the ratio per doubling of ranks and a
+power-law exponent fitted over the rank counts (1 = linear).
 
-Writes benchmarks/results/planning_scale.json and docs/img/planning_scale.png.
+    python benchmarks/planning_scale.py --projection --model 70b --ranks 64 256 1024 4096 16384
+
+projects format 3 alone for the whole model (all layers by default): a synthetic layout
+of the same FSDP state and the writer's file split (rules_projection.synthetic_tensors),
+no planners, so 16384 ranks fit; it reports the version-1 manifest of the same chunks
+beside it (DCP's .metadata is measured by the full run only).
+
+Writes benchmarks/results/planning_scale.json (or planning_scale_v3_<model>.json) and
+docs/img/planning_scale.png (or planning_scale_v3_<model>.png).
 """
 
 from __future__ import annotations
@@ -50,6 +63,7 @@ from typing import Any
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common
 import plots
+import rules_projection
 
 MODELS = {  # hidden, ffn, kv (k/v rows: grouped-query attention), layers, vocab
     "7b": (4096, 11008, 4096, 32, 32000),
@@ -62,6 +76,11 @@ DEFAULT_IMG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__fil
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="4, 8, 16 ranks, 1 layer")
+    ap.add_argument(
+        "--projection",
+        action="store_true",
+        help="format 3 (projected) and v1 manifest sizes only, whole model by default, up to 16384 ranks",
+    )
     ap.add_argument("--ranks", nargs="+", type=int, default=None, help="default 64 128 ... 4096")
     ap.add_argument("--model", choices=sorted(MODELS), default="7b")
     ap.add_argument(
@@ -78,8 +97,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--plots-dir", default=DEFAULT_IMG, help="folder of the PNG ('none': no plot)")
     args = ap.parse_args(argv)
     args.ranks = sorted(args.ranks or ([4, 8, 16] if args.quick else [64 * 2**i for i in range(7)]))
-    args.layers = args.layers or (1 if args.quick else 2)
-    args.name = args.name or ("planning_scale_quick" if args.quick else "planning_scale")
+    args.layers = args.layers or (1 if args.quick else MODELS[args.model][3] if args.projection else 2)
+    default_name = f"planning_scale_v3_{args.model}" if args.projection else "planning_scale"
+    args.name = args.name or ("planning_scale_quick" if args.quick else default_name)
     return args
 
 
@@ -315,17 +335,88 @@ def measure_ours(cls: type, items: list[list[Any]], values: dict[str, Any], path
     m, sec["build_manifest"] = timed(lambda: writer.build_manifest(md, results, layout_, integrity.DEFAULT_BLOCK_BYTES))
     text, sec["manifest_to_json"] = timed(lambda: manifest.manifest_to_json(m))
     _, sec["parse_manifest"] = timed(lambda: manifest.parse_manifest(text, source="simulated"))
+    v3 = project_manifest(m)
+    sec.update(v3.seconds)
+    summary = v3.summary({n: f.rank for n, f in m.files.items()})
     counts = {
         "items": sum(len(p.items) for p in plans),
         "chunks": sum(len(t.chunks) for t in m.tensors.values()),
         "tensors": len(m.tensors),
         "values": len(m.values),
+        **{k: summary[k] for k in ("rules", "listed_tensors", "runs")},
     }
     return {
         "seconds": sec,
-        "bytes": {"manifest_json": len(text)},
+        "bytes": {
+            "manifest_json": len(text),
+            "manifest_v3_projected": summary["manifest_v3"],
+            "index_max_rank_v3": summary["index_max_rank_v3"],
+        },
         "counts": counts,
         "imbalance": _imbalance([sum(chunk_bytes(it) for it in p.items) for p in gplans]),
+    }
+
+
+def project_manifest(m: Any) -> rules_projection.Projection:
+    """Format 3 (projected) of the very chunks, files and offsets of manifest ``m``."""
+    tensors = (
+        (
+            k,
+            t.dtype,
+            t.shape,
+            [rules_projection.Stored(c.offsets, c.sizes, c.file, c.byte_offset, c.byte_length) for c in t.chunks],
+        )
+        for k, t in m.tensors.items()
+    )
+    files = {n: (f.size, f.rank) for n, f in m.files.items()}
+    rest = {**m.provenance(), "process_layout": list(m.process_layout), "values": m.values, "paths": m.paths}
+    return rules_projection.project(tensors, files, rest, m.hash_block_bytes)
+
+
+def measure_projection(params: list[Param], ranks: int) -> dict[str, Any]:
+    """Format 3 (projected) and version 1 manifest sizes of the whole state, synthetically."""
+    import torch
+
+    from shardckpt.format import integrity
+
+    keys = [
+        (k, p.shape)
+        for p in params
+        for k in (f"model.{p.fqn}", *(f"optim.state.{p.fqn}.{m}" for m in ("exp_avg", "exp_avg_sq")))
+    ]
+    steps = [f"optim.state.{p.fqn}.step" for p in params]
+    (tensors, files), t_layout = timed(
+        lambda: rules_projection.synthetic_tensors(keys, steps, ranks, IO_THREADS, "0123456789ab")
+    )
+    values = json_values(params)
+    paths: dict[str, list[str | int]] = {k: list(v) for k, v in tensor_paths(params).items()}
+    paths.update({"optim.param_groups": ["optim", "param_groups"], "step": ["step"]})
+    rest = {
+        "shardckpt_version": "0.0.0",
+        "torch_version": torch.__version__,
+        "created_at": "2026-11-30T00:00:00+00:00",
+        "world_size": ranks,
+        "process_layout": [{"rank": r, "host": f"node{r // 8:04d}", "local_rank": r % 8} for r in range(ranks)],
+        "values": {"optim.param_groups": values["optim"]["param_groups"], "step": values["step"]},
+        "paths": dict(sorted(paths.items())),
+    }
+    v3 = rules_projection.project(tensors, files, rest, integrity.DEFAULT_BLOCK_BYTES, with_v1=True)
+    summary = v3.summary({n: r for n, (_, r) in files.items()})
+    return {
+        "ranks": ranks,
+        "seconds": {"synthetic_layout": t_layout, **v3.seconds},
+        "bytes": {
+            "manifest_v1": v3.manifest_v1,
+            "manifest_v3_projected": summary["manifest_v3"],
+            "index_total_v3": summary["index_total_v3"],
+            "index_max_rank_v3": summary["index_max_rank_v3"],
+        },
+        "counts": {
+            "tensors": len(keys) + len(steps),
+            "files": len(files),
+            **{k: summary[k] for k in ("rules", "listed_tensors", "runs")},
+        },
+        "peak_rss_gib": common.peak_rss_bytes() / 2**30,
     }
 
 
@@ -375,16 +466,16 @@ def print_report(r: dict[str, Any]) -> None:
     keys = list(rows[0]["seconds"])
     print(f"\n{r['config']['model']}-like, {r['config']['layers']} layers; seconds (one process)")
     print(common.format_table(["ranks", *keys], [[x["ranks"], *[x["seconds"][k] for k in keys]] for x in rows]))
+    sizes = list(rows[0]["bytes"])
+    counts = [k for k in ("chunks", "files", "rules", "listed_tensors", "runs") if k in rows[0]["counts"]]
     print(
         common.format_table(
-            ["ranks", "manifest MiB", ".metadata MiB", "items", "chunks", "peak RSS GiB"],
+            ["ranks", *(f"{k} MiB" for k in sizes), *counts, "peak RSS GiB"],
             [
                 [
                     x["ranks"],
-                    x["bytes"]["manifest_json"] / 2**20,
-                    x["bytes"]["dcp_metadata_pickle"] / 2**20,
-                    x["counts"]["items"],
-                    x["counts"]["chunks"],
+                    *(x["bytes"][k] / 2**20 for k in sizes),
+                    *(x["counts"][k] for k in counts),
                     x["peak_rss_gib"],
                 ]
                 for x in rows
@@ -402,7 +493,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     t0 = time.perf_counter()
     rows = []
     for n in args.ranks:
-        rows.append(measure(params, n))
+        rows.append(measure_projection(params, n) if args.projection else measure(params, n))
         gc.collect()
         print(
             f"{n} ranks done at {time.perf_counter() - t0:.0f} s, peak RSS {rows[-1]['peak_rss_gib']:.2f} GiB",
@@ -425,6 +516,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "ranks": args.ranks,
             "dtype": "float32",
             "io_threads_per_rank": IO_THREADS,
+            "projection_only": args.projection,
         },
         "elapsed_s": time.perf_counter() - t0,
         "rows": rows,

@@ -1,0 +1,259 @@
+"""What format 3 (docs/format.md section 12, DRAFT) would make of a save: the manifest with
+sharding rules instead of chunk lists, and the per-file index records that take the block
+hashes. Projected, not written by saves: nothing here touches the writer.
+
+planning_scale.py calls :func:`project` on the manifest its simulated save built (the same
+chunks, files and byte offsets as version 1), and :func:`synthetic_tensors` to project a
+full model at rank counts where the version-1 pipeline would not fit in time or memory.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from shardckpt.format import layout, manifest, rules
+
+HEADER_BYTES = 4096  # data section start of a synthetic data file, as planning_scale's
+FAKE_HASH = "f" * 16
+
+
+@dataclass(frozen=True)
+class Stored:
+    """One chunk as a writer lays it out."""
+
+    offsets: tuple[int, ...]
+    sizes: tuple[int, ...]
+    file: str
+    byte_offset: int
+    byte_length: int
+
+
+@dataclass
+class Projection:
+    manifest_v3: int = 0  # bytes of the sealed v3 manifest
+    manifest_v1: int = 0  # bytes of the v1 manifest of the same chunks (synthetic_tensors only)
+    index_bytes: dict[str, int] = field(default_factory=dict)  # per data file
+    rules: int = 0
+    listed_tensors: int = 0
+    runs: int = 0
+    seconds: dict[str, float] = field(default_factory=dict)
+
+    def summary(self, file_rank: dict[str, int]) -> dict[str, Any]:
+        per_rank: dict[int, int] = {}
+        for name, n in self.index_bytes.items():
+            per_rank[file_rank[name]] = per_rank.get(file_rank[name], 0) + n
+        return {
+            "manifest_v3": self.manifest_v3,
+            "index_total_v3": sum(self.index_bytes.values()),
+            "index_max_rank_v3": max(per_rank.values(), default=0),
+            "rules": self.rules,
+            "listed_tensors": self.listed_tensors,
+            "runs": self.runs,
+        }
+
+
+def index_entry_bytes(byte_offset: int, byte_length: int, block_bytes: int) -> int:
+    """Bytes of ``[byte_offset,byte_length,"<hashes>"],`` in an index record (section 12.4)."""
+    hashes = 16 * max(0, -(-byte_length // block_bytes))
+    return len(str(byte_offset)) + len(str(byte_length)) + hashes + 7
+
+
+def index_header_bytes(name: str, block_bytes: int) -> int:
+    head = {"format": "shardckpt-index", "format_version": 3, "file": name, "hash_block_bytes": block_bytes}
+    return len(json.dumps({**head, "digests": False, "entries": []}, separators=(",", ":")))
+
+
+def project(
+    tensors: Iterable[tuple[str, str, tuple[int, ...], list[Stored]]],
+    files: dict[str, tuple[int, int]],
+    rest: dict[str, Any],
+    block_bytes: int,
+    *,
+    with_v1: bool = False,
+) -> Projection:
+    """The v3 manifest and index records of ``tensors`` (key, dtype, shape, chunks) stored
+    in ``files`` (name -> (size, rank)); ``rest``: the manifest's other fields (values,
+    paths, process_layout, ...). With ``with_v1``, also the v1 manifest's size, summed per
+    tensor line so that no full v1 document is held."""
+    out = Projection()
+    names = sorted(files)
+    position = {n: i for i, n in enumerate(names)}
+    out.index_bytes = {n: index_header_bytes(n, block_bytes) for n in names}
+    tensor_docs, v1_lines, compress_s = {}, 0, 0.0
+    for key, dtype, shape, chunks in tensors:
+        for c in chunks:
+            out.index_bytes[c.file] += index_entry_bytes(c.byte_offset, c.byte_length, block_bytes)
+        t0 = time.perf_counter()  # the coordinator's work: positions and compress, not the simulation
+        positioned = [rules.Chunk(c.offsets, c.sizes, position[c.file], c.byte_offset) for c in chunks]
+        rule, _ = rules.compress(shape, positioned)
+        compress_s += time.perf_counter() - t0
+        doc: dict[str, Any] = {"dtype": dtype, "shape": list(shape), "chunks": []}
+        if rule is None:
+            out.listed_tensors += 1
+            doc["chunks"] = [_chunk_doc(c) for c in chunks]
+        else:
+            out.rules, out.runs = out.rules + 1, out.runs + len(rule.runs)
+            doc["chunks"] = [_chunk_doc(c) for c in chunks if math.prod(c.sizes) == 0]
+            doc["rule"] = rules.rule_to_json(rule)
+        tensor_docs[key] = doc
+        if with_v1:
+            v1_lines += _v1_line_bytes(key, dtype, shape, chunks, block_bytes)
+    out.seconds["compress_v3"] = compress_s
+    file_docs = {
+        n: {"size": s, "hash": FAKE_HASH, "rank": r, "index": {"size": out.index_bytes[n], "hash": FAKE_HASH}}
+        for n, (s, r) in sorted(files.items())
+    }
+    raw = _document(rest, block_bytes, dict(sorted(tensor_docs.items())), file_docs, version=3)
+    out.manifest_v3 = len(raw)
+    _, out.seconds["parse_v3"] = _timed_parse(raw, len(names))
+    if with_v1:
+        v1_files = {n: {"size": s, "hash": FAKE_HASH, "rank": r} for n, (s, r) in sorted(files.items())}
+        empty = _document(rest, block_bytes, {}, v1_files, version=1)
+        # "tensors": {} becomes "{\n" + the lines joined by ",\n" + "\n }": 3 bytes more, plus the lines
+        out.manifest_v1 = len(empty) + v1_lines + 2 * max(0, len(tensor_docs) - 1) + 3
+    return out
+
+
+def _chunk_doc(c: Stored) -> dict[str, Any]:
+    return {
+        "offsets": list(c.offsets),
+        "sizes": list(c.sizes),
+        "file": c.file,
+        "byte_offset": c.byte_offset,
+        "byte_length": c.byte_length,
+    }
+
+
+def _v1_line_bytes(key: str, dtype: str, shape: tuple[int, ...], chunks: list[Stored], block_bytes: int) -> int:
+    """Bytes of the tensor's line in a v1 manifest, counted without building it (at 16384
+    ranks there are millions of chunk records); ``test_rules_projection`` checks the count
+    against json.dumps."""
+    head = len(f"  {json.dumps(key)}: ") + len(
+        json.dumps({"dtype": dtype, "shape": list(shape), "chunks": []}, separators=(",", ":"))
+    )
+    return head + sum(_v1_chunk_bytes(c, block_bytes) for c in chunks) + max(0, len(chunks) - 1)
+
+
+def _v1_chunk_bytes(c: Stored, block_bytes: int) -> int:
+    """``{"offsets":[..],"sizes":[..],"file":"..","byte_offset":..,"byte_length":..,"block_hashes":[..]}``"""
+    hashes = max(1, -(-c.byte_length // block_bytes))  # planning_scale's synthetic results hash empty chunks once
+    numbers = ",".join(map(str, (*c.offsets, *c.sizes, c.byte_offset, c.byte_length)))
+    d = len(c.offsets)
+    commas = 2 * d + 1 - max(0, 2 * d - 2)  # in numbers but not in the record: between the fields
+    return 83 + len(numbers) - commas + len(c.file) + 19 * hashes - 1
+
+
+def _document(rest: dict[str, Any], block_bytes: int, tensors: Any, files: Any, *, version: int) -> bytes:
+    doc = {
+        "format": manifest.FORMAT_NAME,
+        "format_version": version,
+        **{k: rest[k] for k in ("shardckpt_version", "torch_version", "created_at", "world_size", "process_layout")},
+        "hash_algorithm": manifest.HASH_ALGORITHM,
+        "hash_block_bytes": block_bytes,
+        **({"bases": []} if version == 3 else {}),
+        "tensors": tensors,
+        "values": rest["values"],
+        "files": files,
+        "paths": rest["paths"],
+        "metadata": rest.get("metadata", {}),
+    }
+    return manifest.seal(manifest._dumps_two_levels(doc).encode())
+
+
+def _timed_parse(raw: bytes, files: int) -> tuple[int, float]:
+    """What a loading rank does with a v3 manifest's rules: check the seal, parse the JSON,
+    validate every rule (parse_rule); the other fields cost what they cost in v1."""
+    t0 = time.perf_counter()
+    manifest.unseal(raw, source="projected")
+    doc = json.loads(raw)
+    n = 0
+    for key, t in doc["tensors"].items():
+        if "rule" in t:
+            rules.parse_rule(t["rule"], shape=t["shape"], files=files, where=key)
+            n += 1
+    return n, time.perf_counter() - t0
+
+
+# ------------------------------------------------------------------ a full model, synthetically
+
+
+def split_sizes(sizes: list[int], n: int) -> list[list[int]]:
+    """Item indices per bucket, as engine.datawrite.split_by_bytes splits a rank's items:
+    largest first (stable), each to the lightest bucket, empty buckets dropped."""
+    buckets: list[list[int]] = [[] for _ in range(min(n, len(sizes)))]
+    load = [0] * len(buckets)
+    for i in sorted(range(len(sizes)), key=lambda i: -sizes[i]):
+        k = load.index(min(load))
+        buckets[k].append(i)
+        load[k] += sizes[i]
+    return [b for b in buckets if b]
+
+
+def synthetic_tensors(
+    keys: list[tuple[str, tuple[int, ...]]], steps: list[str], ranks: int, threads: int, save_id: str
+) -> tuple[Iterator[tuple[str, str, tuple[int, ...], list[Stored]]], dict[str, tuple[int, int]]]:
+    """FSDP ``Shard(0)`` of every key over ``ranks`` (torch.chunk rows, F32), each rank's
+    items split over ``threads`` files as the writer splits them, then one replicated 0-d
+    ``steps`` tensor per name, round-robin over the ranks, each after the rank's sharded
+    items in its lightest file. Ranks with the same rows of every first dimension share one
+    layout, so this costs O(keys x ranks) time but O(ranks) memory per key."""
+    firsts = sorted({shape[0] for _, shape in keys})
+    signature = [tuple(_rows(n, r, ranks) for n in firsts) for r in range(ranks)]
+    plans: dict[tuple[int, ...], tuple[list[tuple[int, int]], list[int]]] = {}
+    for sig in set(signature):
+        rows = dict(zip(firsts, sig, strict=True))
+        sizes = [rows[s[0]] * math.prod(s[1:]) * 4 for _, s in keys]
+        place, load = [(-1, 0)] * len(keys), []
+        live = [i for i, x in enumerate(sizes) if x]
+        for k, bucket in enumerate(split_sizes([sizes[i] for i in live], threads)):
+            at = HEADER_BYTES
+            for j in bucket:
+                place[live[j]] = (k, at)
+                at += sizes[live[j]]
+            load.append(at)
+        plans[sig] = (place, load)
+    step_place, loads = _place_steps(steps, ranks, [plans[s][1] for s in signature])
+    names = [[layout.data_file_name(save_id, r, k) for k in range(len(loads[r]))] for r in range(ranks)]
+    files = {names[r][k]: (size, r) for r in range(ranks) for k, size in enumerate(loads[r])}
+
+    def tensors() -> Iterator[tuple[str, str, tuple[int, ...], list[Stored]]]:
+        for i, (key, shape) in enumerate(keys):
+            chunks = []
+            for r in range(ranks):
+                rows = _rows(shape[0], r, ranks)
+                if rows:
+                    k, at = plans[signature[r]][0][i]
+                    sizes = (rows, *shape[1:])
+                    offsets = (-(-shape[0] // ranks) * r, *[0] * (len(shape) - 1))
+                    chunks.append(Stored(offsets, sizes, names[r][k], at, math.prod(sizes) * 4))
+            yield key, "F32", shape, chunks
+        for name, (r, k, at) in zip(steps, step_place, strict=True):
+            yield name, "F32", (), [Stored((), (), names[r][k], at, 4)]
+
+    return tensors(), files
+
+
+def _rows(n: int, rank: int, ranks: int) -> int:
+    per = -(-n // ranks)
+    return max(0, min(per, n - rank * per))
+
+
+def _place_steps(
+    steps: list[str], ranks: int, loads: list[list[int]]
+) -> tuple[list[tuple[int, int, int]], list[list[int]]]:
+    """(rank, file, byte offset) of each step; the files' final sizes per rank."""
+    loads = [list(x) for x in loads]
+    out = []
+    for j, _ in enumerate(steps):
+        r = j % ranks
+        if not loads[r]:
+            loads[r].append(HEADER_BYTES)  # a rank with no sharded item: its one file
+        k = loads[r].index(min(loads[r]))
+        out.append((r, k, loads[r][k]))
+        loads[r][k] += 4
+    return out, loads
