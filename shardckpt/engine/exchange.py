@@ -1,0 +1,287 @@
+"""One collective round trip that names the ranks it waited for in vain.
+
+A save or load needs few messages: every rank tells the coordinator something (it
+arrived, its plan or its fingerprint, its write results, what went wrong), and the
+coordinator answers each rank (the plan, the outcome). :meth:`Exchange.round_trip` is
+that round trip, with the guarantee a ``monitored_barrier`` gives and an
+``all_gather_object`` does not: the coordinator waits for each rank until a deadline and
+then names the ranks that did not come, and it tells every rank that did come the same
+outcome, so they all raise the same error together. So one round trip replaces a barrier
+and a gather (or a gather and a scatter): a save is two of them (see
+:mod:`shardckpt.engine.protocol`), a load one plus DCP's own.
+
+On the wire, over a gloo group's point-to-point messages: each rank sends its size
+then its payload to the coordinator (tags unique to this round trip, so a late message
+never matches a later round trip), and the coordinator sends each rank its size then its
+answer. Payloads are pickled, as torch's ``*_object`` collectives do: they are messages
+between the ranks of one job (plans, write results, error texts), never checkpoint
+bytes, which are only ever read as safetensors and JSON.
+"""
+
+from __future__ import annotations
+
+import datetime
+import logging
+import pickle
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, NoReturn, TypeVar
+
+import torch
+import torch.distributed as dist
+
+from shardckpt import errors
+from shardckpt.engine.collective import _Remote, is_lost_peer, is_timeout, lost_peer_error, raise_failures
+from shardckpt.errors import RankTimeoutError, ShardckptError
+
+T = TypeVar("T")
+log = logging.getLogger("shardckpt")
+_TAG_SPAN = 1 << 28  # tags wrap around well below gloo's int range; 4 tags per round trip
+_POLL_S = 0.001  # how long a message whose deadline already passed may still take to be taken
+
+
+@dataclass
+class Exchange:
+    """Round trips over one process group, numbered so every rank tags them alike.
+
+    ``group``: a gloo group (or None with ``world_size`` 1: one process alone, where a
+    round trip is a local call). Every rank of the group calls :meth:`round_trip` the
+    same number of times in the same order; one Exchange per group (a
+    :class:`~shardckpt.engine.Checkpointer` keeps one for each group it talks over).
+    Not thread-safe: one round trip at a time.
+    """
+
+    group: Any
+    rank: int = 0
+    world_size: int = 1
+    coordinator_rank: int = 0
+    _seq: int = field(default=0, repr=False)
+
+    @classmethod
+    def over(cls, group: Any) -> Exchange:
+        """An Exchange over ``group`` (None: this process alone)."""
+        if group is None:
+            return cls(None)
+        return cls(group, dist.get_rank(group), dist.get_world_size(group))
+
+    @property
+    def is_coordinator(self) -> bool:
+        return self.rank == self.coordinator_rank
+
+    @property
+    def alone(self) -> bool:
+        return self.group is None
+
+    def round_trip(
+        self,
+        action: str,
+        mine: Callable[[], Any],
+        decide: Callable[[list[Any]], list[Any]],
+        *,
+        wait_s: float,
+        reply_s: float,
+        waiting: str = "",
+        hint: str = "",
+    ) -> Any:
+        """Collective: every rank runs ``mine()`` and sends the result (or the exception
+        it raised) to the coordinator, which waits at most ``wait_s`` for all of them.
+        If every rank came and none failed, the coordinator runs ``decide(values)`` (one
+        value per rank, by rank) and sends each rank its item of the list it returns;
+        this returns that item, on every rank.
+
+        Otherwise every rank that came raises the same error: RankTimeoutError naming
+        the ranks that did not come within ``wait_s`` (the message starts with
+        ``waiting``, default ``action``, and ends with ``hint``), or
+        RankFailureError for a rank whose process went away, or the failing ranks'
+        errors (as :meth:`RankGroup.agree` raises them), ``decide``'s error counting as
+        the coordinator's. A rank waits at most ``reply_s`` for the answer, then raises
+        RankTimeoutError naming the coordinator. Exceptions that are not ``Exception``
+        (KeyboardInterrupt) are raised at once on their rank and not sent.
+        """
+        local: Exception | None = None
+        try:
+            outcome: tuple[Any, ...] = ("ok", mine())
+        except Exception as e:  # noqa: BLE001 - sent to the coordinator, raised on every rank
+            local = e
+            outcome = ("error", type(e).__name__, str(e))
+        if self.alone:
+            if local is not None:
+                raise_failures(action, {0: local}, local=local, alone=True)
+            return _settle(action, _decided(decide, [outcome[1]], 0)[0], local=None, rank=0, alone=True)
+        self._seq = (self._seq + 1) % (_TAG_SPAN // 4)
+        tag = self._seq * 4
+        if self.is_coordinator:
+            answers = self._coordinate(action, outcome, decide, tag, wait_s, (waiting or action, hint))
+            return _settle(action, answers[self.rank], local=local, rank=self.rank)
+        sends = self._send(self.coordinator_rank, _encode(outcome), tag)
+        answer = self._receive(self.coordinator_rank, tag + 2, reply_s, action)
+        _finish_sends(sends, action)
+        return _settle(action, answer, local=local, rank=self.rank)
+
+    # ------------------------------------------------------------ coordinator
+
+    def _coordinate(
+        self,
+        action: str,
+        own: tuple[Any, ...],
+        decide: Callable[[list[Any]], list[Any]],
+        tag: int,
+        wait_s: float,
+        note: tuple[str, str],
+    ) -> list[tuple[Any, ...]]:
+        outcomes: dict[int, tuple[Any, ...]] = {self.rank: own}
+        deadline = time.monotonic() + wait_s
+        missing: list[int] = []
+        lost: dict[int, BaseException] = {}
+        sizes = {r: torch.zeros(1, dtype=torch.int64) for r in range(self.world_size) if r != self.rank}
+        size_works = {r: dist.irecv(t, src=self._global(r), group=self.group, tag=tag) for r, t in sizes.items()}
+        for r in sorted(sizes):
+            try:
+                _wait(size_works[r], deadline)
+                payload = torch.empty(int(sizes[r].item()), dtype=torch.uint8)
+                _wait(dist.irecv(payload, src=self._global(r), group=self.group, tag=tag + 1), deadline + wait_s)
+                outcomes[r] = _decode(payload)
+            except RuntimeError as e:
+                if is_lost_peer(e):
+                    lost[r] = e
+                elif is_timeout(e):
+                    missing.append(r)
+                else:
+                    raise
+        answers = self._answers(action, outcomes, decide, missing, lost, wait_s, note)
+        sends = [w for r in outcomes if r != self.rank for w in self._send(r, _encode(answers[r]), tag + 2)]
+        _finish_sends(sends, action)
+        return answers
+
+    def _answers(
+        self,
+        action: str,
+        outcomes: dict[int, tuple[Any, ...]],
+        decide: Callable[[list[Any]], list[Any]],
+        missing: list[int],
+        lost: dict[int, BaseException],
+        wait_s: float,
+        note: tuple[str, str],
+    ) -> list[tuple[Any, ...]]:
+        """Every rank's answer: the same failure for all, or ``decide``'s item for each
+        (``note``: what the ranks were waiting for, and the hint for a timeout)."""
+        if missing:
+            shown = _rank_names(missing)
+            waiting, hint = note
+            text = (
+                f"{waiting}: not every rank arrived within {wait_s:g} s ({shown} did not). A rank that skipped the "
+                "call, crashed, or is stuck holds everyone else; check the named ranks' logs. The checkpoint "
+                f"was not committed; earlier checkpoints are intact.{hint}"
+            )
+            return [("raise", "RankTimeoutError", text)] * self.world_size
+        if lost:
+            r = min(lost)
+            text = str(lost_peer_error(f"{action}: rank {r}", lost[r]))
+            return [("raise", "RankFailureError", text)] * self.world_size
+        failed = {r: (o[1], o[2]) for r, o in outcomes.items() if o[0] == "error"}
+        if failed:
+            return [("failures", failed)] * self.world_size
+        values = [outcomes[r][1] for r in range(self.world_size)]
+        return _decided(decide, values, self.rank)
+
+    # ------------------------------------------------------------ messages
+
+    def _global(self, rank: int) -> int:
+        return int(dist.get_global_rank(self.group, rank))
+
+    def _send(self, rank: int, data: bytes, tag: int) -> list[Any]:
+        size = torch.tensor([len(data)], dtype=torch.int64)
+        payload = torch.frombuffer(bytearray(data), dtype=torch.uint8) if data else torch.empty(0, dtype=torch.uint8)
+        dst = self._global(rank)
+        return [
+            dist.isend(size, dst=dst, group=self.group, tag=tag),
+            dist.isend(payload, dst=dst, group=self.group, tag=tag + 1),
+        ]
+
+    def _receive(self, rank: int, tag: int, wait_s: float, action: str) -> tuple[Any, ...]:
+        """The coordinator's answer, or RankTimeoutError / RankFailureError naming it."""
+        deadline = time.monotonic() + wait_s
+        try:
+            size = torch.zeros(1, dtype=torch.int64)
+            _wait(dist.irecv(size, src=self._global(rank), group=self.group, tag=tag), deadline)
+            payload = torch.empty(int(size.item()), dtype=torch.uint8)
+            _wait(dist.irecv(payload, src=self._global(rank), group=self.group, tag=tag + 1), deadline + wait_s)
+        except RuntimeError as e:
+            if is_lost_peer(e):
+                raise lost_peer_error(action, e) from e
+            if not is_timeout(e):
+                raise
+            raise RankTimeoutError(
+                f"{action}: the coordinator (rank {rank}) did not answer within {wait_s:g} s. It is stuck, "
+                "crashed, or never made this call (its log says which); whether this save or load went "
+                "through is for it to tell."
+            ) from e
+        return _decode(payload)
+
+
+def _decided(decide: Callable[[list[Any]], list[Any]], values: list[Any], rank: int) -> list[tuple[Any, ...]]:
+    """``decide(values)`` as answers, or its error as the deciding rank's failure for every rank."""
+    try:
+        return [("ok", v) for v in decide(values)]
+    except Exception as e:  # noqa: BLE001 - answered to every rank, raised there
+        return [("decide-error", rank, type(e).__name__, str(e), e)] * len(values)
+
+
+def _settle(action: str, answer: tuple[Any, ...], *, local: Exception | None, rank: int, alone: bool = False) -> Any:
+    """Return the answer's value, or raise the error it carries (on every rank alike)."""
+    kind = answer[0]
+    if kind == "ok":
+        return answer[1]
+    if kind == "raise":
+        cls = getattr(errors, answer[1], None)
+        assert isinstance(cls, type) and issubclass(cls, ShardckptError)
+        raise cls(answer[2])
+    if kind == "failures":
+        raise_gathered(action, answer[1], local=local, rank=rank)
+    _, where, type_name, text, *own = answer
+    mine = own[0] if own and where == rank else None
+    raise_failures(action, {where: mine if mine is not None else _Remote(type_name, text)}, local=mine, alone=alone)
+
+
+def raise_gathered(
+    action: str, failures: dict[int, tuple[str, str]], *, local: Exception | None, rank: int
+) -> NoReturn:
+    """Raise, as :func:`~shardckpt.engine.collective.raise_failures` does, the failures
+    gathered in a round trip: ``(type name, text)`` by rank; ``local``, this rank's own."""
+    by_rank: dict[int, BaseException] = {r: _Remote(*s) for r, s in failures.items()}
+    if local is not None:
+        by_rank[rank] = local
+    raise_failures(action, by_rank, local=local)
+
+
+def _encode(outcome: tuple[Any, ...]) -> bytes:
+    if outcome[0] == "decide-error":
+        outcome = outcome[:4]  # the exception object itself stays on the coordinator
+    return pickle.dumps(outcome, protocol=pickle.HIGHEST_PROTOCOL)
+
+
+def _decode(payload: torch.Tensor) -> tuple[Any, ...]:
+    # Messages between this job's own ranks (what torch's *_object collectives send too).
+    value = pickle.loads(payload.numpy().tobytes())
+    assert isinstance(value, tuple)
+    return value
+
+
+def _wait(work: Any, deadline: float) -> None:
+    remaining = max(deadline - time.monotonic(), _POLL_S)
+    work.wait(datetime.timedelta(seconds=remaining))
+
+
+def _finish_sends(works: list[Any], action: str) -> None:
+    """Wait for this rank's sends (the data has left once the answer came back); a send
+    that fails is the receiving rank's problem, reported there, and logged here."""
+    for w in works:
+        try:
+            w.wait(datetime.timedelta(seconds=60))
+        except RuntimeError as e:
+            log.warning("shardckpt: %s: a message to another rank was not delivered (%s)", action, e)
+
+
+def _rank_names(ranks: list[int]) -> str:
+    return f"rank {ranks[0]}" if len(ranks) == 1 else "ranks " + ", ".join(map(str, ranks))
