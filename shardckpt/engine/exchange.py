@@ -5,10 +5,16 @@ arrived, its plan or its fingerprint, its write results, what went wrong), and t
 coordinator answers each rank (the plan, the outcome). :meth:`Exchange.round_trip` is
 that round trip, with the guarantee a ``monitored_barrier`` gives and an
 ``all_gather_object`` does not: the coordinator waits for each rank until a deadline and
-then names the ranks that did not come, and it tells every rank that did come the same
-outcome, so they all raise the same error together. So one round trip replaces a barrier
-and a gather (or a gather and a scatter): a save is two of them (see
-:mod:`shardckpt.engine.protocol`), a load one plus DCP's own.
+then names the ranks that did not come. Any other failure (a rank's error, a rank whose
+process went away, the coordinator's decision) is answered to every rank, so all raise
+the same error together. So one round trip replaces a barrier and a gather (or a gather
+and a scatter): a save is two of them (see :mod:`shardckpt.engine.protocol`), a load one
+plus DCP's own.
+
+A timeout is final for the group, as it is for ``monitored_barrier``: when a wait times
+out, gloo closes every connection of the group ("Application timeout caused pair
+closure"), so the coordinator raises RankTimeoutError naming the missing ranks and the
+ranks that came raise RankFailureError saying the coordinator closed its connection.
 
 On the wire, over a gloo group's point-to-point messages: each rank sends its size
 then its payload to the coordinator (tags unique to this round trip, so a late message
@@ -33,7 +39,7 @@ import torch.distributed as dist
 
 from shardckpt import errors
 from shardckpt.engine.collective import _Remote, is_lost_peer, is_timeout, lost_peer_error, raise_failures
-from shardckpt.errors import RankTimeoutError, ShardckptError
+from shardckpt.errors import RankFailureError, RankTimeoutError, ShardckptError
 
 T = TypeVar("T")
 log = logging.getLogger("shardckpt")
@@ -90,12 +96,13 @@ class Exchange:
         value per rank, by rank) and sends each rank its item of the list it returns;
         this returns that item, on every rank.
 
-        Otherwise every rank that came raises the same error: RankTimeoutError naming
-        the ranks that did not come within ``wait_s`` (the message starts with
-        ``waiting``, default ``action``, and ends with ``hint``), or
-        RankFailureError for a rank whose process went away, or the failing ranks'
-        errors (as :meth:`RankGroup.agree` raises them), ``decide``'s error counting as
-        the coordinator's. A rank waits at most ``reply_s`` for the answer, then raises
+        Otherwise every rank that came raises the same error: RankFailureError for a
+        rank whose process went away, or the failing ranks' errors (as
+        :meth:`RankGroup.agree` raises them), ``decide``'s error counting as the
+        coordinator's. When ranks did not come within ``wait_s``, the coordinator raises
+        RankTimeoutError naming them (the message starts with ``waiting``, default
+        ``action``, and ends with ``hint``) and the others RankFailureError (see the
+        module docstring). A rank waits at most ``reply_s`` for the answer, then raises
         RankTimeoutError naming the coordinator. Exceptions that are not ``Exception``
         (KeyboardInterrupt) are raised at once on their rank and not sent.
         """
@@ -139,6 +146,8 @@ class Exchange:
         for r in sorted(sizes):
             try:
                 _wait(size_works[r], deadline)
+                if missing:
+                    continue  # it came, but gloo closed the group's connections at the first timeout
                 payload = torch.empty(int(sizes[r].item()), dtype=torch.uint8)
                 _wait(dist.irecv(payload, src=self._global(r), group=self.group, tag=tag + 1), deadline + wait_s)
                 outcomes[r] = _decode(payload)
@@ -150,6 +159,10 @@ class Exchange:
                 else:
                     raise
         answers = self._answers(action, outcomes, decide, missing, lost, wait_s, note)
+        if missing:
+            # A wait that timed out made gloo close every connection of the group: the ranks
+            # that came learn it from their closed connection, not from an answer.
+            return answers
         sends = [w for r in outcomes if r != self.rank for w in self._send(r, _encode(answers[r]), tag + 2)]
         _finish_sends(sends, action)
         return answers
@@ -209,7 +222,12 @@ class Exchange:
             _wait(dist.irecv(payload, src=self._global(rank), group=self.group, tag=tag + 1), deadline + wait_s)
         except RuntimeError as e:
             if is_lost_peer(e):
-                raise lost_peer_error(action, e) from e
+                raise RankFailureError(
+                    f"{action}: the coordinator (rank {rank}) closed its connection ({str(e).splitlines()[0][:200]}). "
+                    "Either it gave up waiting for another rank (its own error names that rank, and nothing was "
+                    "committed) or its process died (its log says why). Restart the job; it resumes from the "
+                    "newest committed checkpoint."
+                ) from e
             if not is_timeout(e):
                 raise
             raise RankTimeoutError(
