@@ -62,14 +62,17 @@ class Exchange:
     rank: int = 0
     world_size: int = 1
     coordinator_rank: int = 0
+    device: str = "cpu"  # where messages are staged: the group's backend sends from there
     _seq: int = field(default=0, repr=False)
 
     @classmethod
     def over(cls, group: Any) -> Exchange:
-        """An Exchange over ``group`` (None: this process alone)."""
+        """An Exchange over ``group`` (None: this process alone). A subgroup given by the
+        caller may be NCCL: its messages then go through the current CUDA device."""
         if group is None:
             return cls(None)
-        return cls(group, dist.get_rank(group), dist.get_world_size(group))
+        device = f"cuda:{torch.cuda.current_device()}" if dist.get_backend(group) == "nccl" else "cpu"
+        return cls(group, dist.get_rank(group), dist.get_world_size(group), device=device)
 
     @property
     def is_coordinator(self) -> bool:
@@ -141,14 +144,14 @@ class Exchange:
         deadline = time.monotonic() + wait_s
         missing: list[int] = []
         lost: dict[int, BaseException] = {}
-        sizes = {r: torch.zeros(1, dtype=torch.int64) for r in range(self.world_size) if r != self.rank}
+        sizes = {r: self._zeros(1, torch.int64) for r in range(self.world_size) if r != self.rank}
         size_works = {r: dist.irecv(t, src=self._global(r), group=self.group, tag=tag) for r, t in sizes.items()}
         for r in sorted(sizes):
             try:
                 _wait(size_works[r], deadline)
                 if missing:
                     continue  # it came, but gloo closed the group's connections at the first timeout
-                payload = torch.empty(int(sizes[r].item()), dtype=torch.uint8)
+                payload = self._zeros(int(sizes[r].item()), torch.uint8)
                 _wait(dist.irecv(payload, src=self._global(r), group=self.group, tag=tag + 1), deadline + wait_s)
                 outcomes[r] = _decode(payload)
             except RuntimeError as e:
@@ -200,12 +203,15 @@ class Exchange:
 
     # ------------------------------------------------------------ messages
 
+    def _zeros(self, n: int, dtype: torch.dtype) -> torch.Tensor:
+        return torch.zeros(n, dtype=dtype, device=self.device)
+
     def _global(self, rank: int) -> int:
         return int(dist.get_global_rank(self.group, rank))
 
     def _send(self, rank: int, data: bytes, tag: int) -> list[Any]:
-        size = torch.tensor([len(data)], dtype=torch.int64)
-        payload = torch.frombuffer(bytearray(data), dtype=torch.uint8) if data else torch.empty(0, dtype=torch.uint8)
+        size = torch.tensor([len(data)], dtype=torch.int64, device=self.device)
+        payload = torch.frombuffer(bytearray(data), dtype=torch.uint8).to(self.device)
         dst = self._global(rank)
         return [
             dist.isend(size, dst=dst, group=self.group, tag=tag),
@@ -216,9 +222,9 @@ class Exchange:
         """The coordinator's answer, or RankTimeoutError / RankFailureError naming it."""
         deadline = time.monotonic() + wait_s
         try:
-            size = torch.zeros(1, dtype=torch.int64)
+            size = self._zeros(1, torch.int64)
             _wait(dist.irecv(size, src=self._global(rank), group=self.group, tag=tag), deadline)
-            payload = torch.empty(int(size.item()), dtype=torch.uint8)
+            payload = self._zeros(int(size.item()), torch.uint8)
             _wait(dist.irecv(payload, src=self._global(rank), group=self.group, tag=tag + 1), deadline + wait_s)
         except RuntimeError as e:
             if is_lost_peer(e):
@@ -281,7 +287,7 @@ def _encode(outcome: tuple[Any, ...]) -> bytes:
 
 def _decode(payload: torch.Tensor) -> tuple[Any, ...]:
     # Messages between this job's own ranks (what torch's *_object collectives send too).
-    value = pickle.loads(payload.numpy().tobytes())
+    value = pickle.loads(payload.cpu().numpy().tobytes())
     assert isinstance(value, tuple)
     return value
 
