@@ -154,3 +154,21 @@ def _round_trips(rank: int, world: int, path: str) -> None:
 
 def test_a_round_trip_answers_each_rank_and_raises_every_failure_everywhere(tmp_path):
     run_ranks(_round_trips, 3, str(tmp_path / "x"))
+
+
+def _other_checkpoint_and_wrong_target(rank: int, world: int, a: str, b: str) -> None:
+    # Rank 1 loads another checkpoint, into a target that does not fit it either: the one
+    # round trip of a load still reports the different checkpoints first, on every rank.
+    target = {"w": torch.zeros(4)} if rank == 0 else {"v": torch.zeros(9)}
+    with pytest.raises(shardckpt.InconsistentRanksError, match="the ranks were given different checkpoints"):
+        shardckpt.load(target, a if rank == 0 else b, timeout_s=30)
+    # The same checkpoint, a target that fits on rank 0 only: rank 1 is named on both.
+    with pytest.raises(shardckpt.StateDictMismatchError, match=r"failed on rank 1: StateDictMismatchError"):
+        shardckpt.load(target, a, timeout_s=30)
+
+
+def test_a_load_checks_the_checkpoint_then_the_targets_in_one_round_trip(tmp_path):
+    a, b = str(tmp_path / "a"), str(tmp_path / "b")
+    shardckpt.save({"w": torch.arange(4.0)}, a)
+    shardckpt.save({"u": torch.arange(2.0)}, b)
+    run_ranks(_other_checkpoint_and_wrong_target, 2, a, b)
