@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch.distributed as dist
 
-from shardckpt.engine.collective import RankGroup, arrive, checkpoint_group, is_gloo
+from shardckpt.engine.collective import RankGroup, checkpoint_group, is_gloo
 from shardckpt.engine.incremental import BaseIndex, folder_name
 from shardckpt.engine.loading import LoadResult, load_from, read_manifest
 from shardckpt.engine.options import IOOptions, SaveKwargs, Timeouts
@@ -407,9 +407,6 @@ class Checkpointer:
         distributed = RankGroup.current(process_group).is_distributed
         ckpt_group = self.group(process_group, timeouts.arrive_s) if distributed else None
         storage = self.open_storage(path, storage_options, io=io)
-        all_read = functools.partial(
-            arrive, ckpt_group, f"load of {path}: waiting for every rank to finish reading", timeouts.io_s, hint=SLOW_IO
-        )
         return load_from(
             state_dict,
             path,
@@ -419,8 +416,8 @@ class Checkpointer:
             verify=verify,
             num_io_threads=io.load_threads(),
             allow_dtype_cast=allow_dtype_cast,
-            arrive_s=timeouts.arrive_s,
-            after_read=all_read,
+            timeouts=timeouts,
+            slow_io_hint=SLOW_IO,
         )
 
     def _call_io(self, io: IOOptions | None, num_io_threads: int | None, hash_block_bytes: int | None) -> IOOptions:

@@ -124,9 +124,7 @@ class Exchange:
         if self.is_coordinator:
             answers = self._coordinate(action, outcome, decide, tag, wait_s, (waiting or action, hint))
             return _settle(action, answers[self.rank], local=local, rank=self.rank)
-        sends = self._send(self.coordinator_rank, _encode(outcome), tag)
-        answer = self._receive(self.coordinator_rank, tag + 2, reply_s, action)
-        _finish_sends(sends, action)
+        answer = self._ask(_encode(outcome), tag, reply_s, action)
         return _settle(action, answer, local=local, rank=self.rank)
 
     # ------------------------------------------------------------ coordinator
@@ -166,7 +164,13 @@ class Exchange:
             # A wait that timed out made gloo close every connection of the group: the ranks
             # that came learn it from their closed connection, not from an answer.
             return answers
-        sends = [w for r in outcomes if r != self.rank for w in self._send(r, _encode(answers[r]), tag + 2)]
+        sends: list[Any] = []
+        for r in sorted(outcomes):
+            if r != self.rank:
+                try:
+                    sends += self._send(r, _encode(answers[r]), tag + 2)
+                except RuntimeError as e:  # that rank's connection is gone: it finds out itself
+                    log.warning("shardckpt: %s: could not answer rank %d (%s)", action, r, e)
         _finish_sends(sends, action)
         return answers
 
@@ -218,10 +222,15 @@ class Exchange:
             dist.isend(payload, dst=dst, group=self.group, tag=tag + 1),
         ]
 
-    def _receive(self, rank: int, tag: int, wait_s: float, action: str) -> tuple[Any, ...]:
-        """The coordinator's answer, or RankTimeoutError / RankFailureError naming it."""
+    def _ask(self, data: bytes, tag: int, wait_s: float, action: str) -> tuple[Any, ...]:
+        """Send ``data`` to the coordinator and return its answer, or raise
+        RankTimeoutError / RankFailureError naming it."""
+        rank = self.coordinator_rank
         deadline = time.monotonic() + wait_s
+        sends: list[Any] = []
         try:
+            sends = self._send(rank, data, tag)
+            tag += 2
             size = self._zeros(1, torch.int64)
             _wait(dist.irecv(size, src=self._global(rank), group=self.group, tag=tag), deadline)
             payload = self._zeros(int(size.item()), torch.uint8)
@@ -241,6 +250,7 @@ class Exchange:
                 "crashed, or never made this call (its log says which); whether this save or load went "
                 "through is for it to tell."
             ) from e
+        _finish_sends(sends, action)
         return _decode(payload)
 
 

@@ -11,15 +11,15 @@ import contextvars
 import logging
 import os
 from collections import defaultdict
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any, NamedTuple
 
 import torch
-import torch.distributed.checkpoint as dcp
 
-from shardckpt.engine.collective import translated_failures
 from shardckpt.engine.exchange import Exchange, raise_gathered
+from shardckpt.engine.options import Timeouts
 from shardckpt.engine.planner import LoadPlanner
+from shardckpt.engine.protocol import read_in_rounds
 from shardckpt.engine.reader import Reader
 from shardckpt.engine.state import PlainState, describe, flat_keys, tensor_problem
 from shardckpt.errors import (
@@ -47,15 +47,15 @@ def load_from(
     verify: bool,
     num_io_threads: int,
     allow_dtype_cast: bool,
-    arrive_s: float,
-    after_read: Callable[[], None] | None = None,
+    timeouts: Timeouts,
+    slow_io_hint: str = "",
 ) -> LoadResult:
     """The body of a load: read and check the manifest of ``storage`` (the checkpoint
     ``path``), then fill ``state_dict``. Collective over the exchange's group (the
-    checkpoint group, or None: a single process); a rank that does not arrive within
-    ``arrive_s`` is named.
-    ``after_read`` runs on every rank when its reads ended (the wait for the others'
-    reads, bounded on its own). ``allow_dtype_cast``: floating tensors saved in another
+    checkpoint group, or None: a single process) in two round trips: a rank that does not
+    arrive within ``timeouts.arrive_s``, or whose reads do not end within
+    ``timeouts.io_s`` (``slow_io_hint`` then appended), is named.
+    ``allow_dtype_cast``: floating tensors saved in another
     floating dtype are converted as they are read (see :func:`check_target`). Returns this
     rank's keys that were not loaded (none unless ``strict=False``)."""
     state = PlainState.of(state_dict)
@@ -87,8 +87,8 @@ def load_from(
         action,
         prepare,
         judge,
-        wait_s=arrive_s,
-        reply_s=2 * arrive_s,
+        wait_s=timeouts.arrive_s,
+        reply_s=2 * timeouts.arrive_s,
         waiting=f"{action}: waiting for every rank to call load",
     )
     if verdict is not None:
@@ -99,15 +99,9 @@ def load_from(
         raise_gathered(action, mismatches, local=mine.get("mismatch"), rank=exchange.rank)
     manifest: Manifest = mine["manifest"]
     result: LoadResult = mine["result"]
-    reader = Reader(storage, manifest, verify=verify, num_io_threads=num_io_threads, after_read=after_read)
-    with translated_failures(action, alone=exchange.alone):
-        dcp.load(
-            plain,
-            storage_reader=reader,
-            planner=LoadPlanner(allow_partial_load=True),
-            process_group=exchange.group,
-            no_dist=exchange.alone,
-        )
+    reader = Reader(storage, manifest, verify=verify, num_io_threads=num_io_threads)
+    planner = LoadPlanner(allow_partial_load=True)
+    read_in_rounds(plain, reader, planner, exchange, path=path, timeouts=timeouts, slow_io_hint=slow_io_hint)
     state.hand_back()
     if (result.missing_keys or result.unexpected_keys) and not _SKIPS_EXPECTED.get():
         log.warning("%s", skipped_message(result, path, exchange))

@@ -1,4 +1,5 @@
-"""The save protocol: plan, write and commit in two round trips, reusing the last plan.
+"""The save and load protocols: a save in two round trips, reusing the last plan; a load's
+reads in one (after the round trip that checks the manifest and targets, in loading.py).
 
 DCP's ``dcp.save`` makes four collectives (gather the local plans, scatter the global
 plan, gather the write results, broadcast the outcome), and a save needs two bounded
@@ -26,6 +27,16 @@ monitored gather plus an answer:
 
 A failure anywhere is answered to every rank, so all raise together (see
 :meth:`~shardckpt.engine.exchange.Exchange.round_trip`).
+
+:func:`read_in_rounds` is a load's reading: DCP's load steps (``read_metadata``,
+``set_up_planner``, ``set_up_storage_reader``, ``create_local_plan``,
+``prepare_local_plan``, the global step, ``finish_plan``, ``read_data``) on every rank,
+then one round trip that names a rank whose reads did not end within the I/O bound and
+raises any rank's failure on every rank. The global step runs on each rank over its own
+plan, as DCP runs it when a load has no collectives (rank-local metadata): DCP's default
+load planner and our reader change nothing across ranks there
+(``tests/unit/test_protocol.py`` pins that on the installed torch), so gathering the
+plans for it would be a round trip for nothing.
 """
 
 from __future__ import annotations
@@ -41,7 +52,8 @@ from torch.distributed.checkpoint.planner import SavePlan
 
 from shardckpt.engine.exchange import Exchange
 from shardckpt.engine.options import Timeouts
-from shardckpt.engine.planner import SavePlanner, layout_fingerprint, value_summary, with_values
+from shardckpt.engine.planner import LoadPlanner, SavePlanner, layout_fingerprint, value_summary, with_values
+from shardckpt.engine.reader import Reader
 from shardckpt.engine.writer import Writer
 
 
@@ -223,3 +235,36 @@ class _SaveRounds:
             waiting=f"save to {self.path}: waiting for every rank to finish writing",
             hint=self.slow_io_hint,
         )
+
+
+def read_in_rounds(
+    state: dict[str, Any],
+    reader: Reader,
+    planner: LoadPlanner,
+    exchange: Exchange,
+    *,
+    path: str,
+    timeouts: Timeouts,
+    slow_io_hint: str = "",
+) -> None:
+    """Fill ``state`` (a plain state_dict) through DCP's load steps, then agree that every
+    rank's reads succeeded (see the module docstring). Collective over the exchange's
+    group; raises on every rank if any rank failed."""
+
+    def read() -> None:
+        metadata = reader.read_metadata()
+        planner.set_up_planner(state, metadata, exchange.is_coordinator)
+        reader.set_up_storage_reader(metadata, exchange.is_coordinator, rank=exchange.rank, use_collectives=False)
+        local = reader.prepare_local_plan(planner.create_local_plan())
+        (central,) = reader.prepare_global_plan(planner.create_global_plan([local]))
+        reader.read_data(planner.finish_plan(central), planner).wait()
+
+    exchange.round_trip(
+        f"load of {path}",
+        read,
+        lambda everyone: [None] * len(everyone),
+        wait_s=timeouts.io_s,
+        reply_s=timeouts.io_s + timeouts.arrive_s,
+        waiting=f"load of {path}: waiting for every rank to finish reading",
+        hint=slow_io_hint,
+    )

@@ -172,3 +172,58 @@ def test_a_load_checks_the_checkpoint_then_the_targets_in_one_round_trip(tmp_pat
     shardckpt.save({"w": torch.arange(4.0)}, a)
     shardckpt.save({"u": torch.arange(2.0)}, b)
     run_ranks(_other_checkpoint_and_wrong_target, 2, a, b)
+
+
+def test_dcps_global_load_step_changes_nothing_across_ranks():
+    """read_in_rounds runs the load's global step on each rank over its own plan, as DCP
+    does without collectives; that is only the same as DCP's gathered global step while
+    its load planner and our reader leave every plan as it is. Fails on a torch where not."""
+    from torch.distributed.checkpoint.planner import LoadPlan
+
+    from shardckpt.engine.planner import LoadPlanner
+    from shardckpt.engine.reader import Reader
+
+    plans = []
+    for rank in range(2):
+        planner = LoadPlanner(allow_partial_load=True)
+        state = {"w": torch.zeros(4), f"r{rank}": torch.zeros(2)}
+        metadata = _metadata_of({"w": torch.ones(4), "r0": torch.ones(2), "r1": torch.ones(2)})
+        planner.set_up_planner(state, metadata, rank == 0)
+        plans.append(planner.create_local_plan())
+    assert all(isinstance(p, LoadPlan) and p.items for p in plans)
+    assert LoadPlanner(allow_partial_load=True).create_global_plan(list(plans)) == plans
+    assert Reader.prepare_global_plan(object.__new__(Reader), list(plans)) == plans
+
+
+def _metadata_of(state: dict[str, torch.Tensor]) -> Any:
+    from torch.distributed.checkpoint.default_planner import DefaultSavePlanner
+
+    planner = DefaultSavePlanner()
+    planner.set_up_planner(state, is_coordinator=True)
+    _, metadata = planner.create_global_plan([planner.create_local_plan()])
+    return metadata
+
+
+def _rank_1_stuck_reading(rank: int, world: int, path: str) -> None:
+    from shardckpt.storage import local
+
+    shardckpt.save({"w": torch.arange(4.0), f"r{rank}": torch.ones(3)}, path, timeout_s=30)
+    if rank == 1:
+        original = local.LocalStorage.read_into
+
+        def stuck(self: Any, *args: Any) -> Any:  # storage that hangs mid-read, until rank 0 gave up
+            wait_for(path + ".rank0-raised")
+            return original(self, *args)
+
+        local.LocalStorage.read_into = stuck  # type: ignore[method-assign]
+    target = {"w": torch.zeros(4), f"r{rank}": torch.zeros(3)}
+    with pytest.raises(shardckpt.ShardckptError) as info:
+        shardckpt.load(target, path, strict=False, timeout_s=3)
+    if rank == 0:
+        mark(path + ".rank0-raised")  # raised while rank 1 was still stuck: it did not wait for it
+        assert isinstance(info.value, shardckpt.RankTimeoutError)
+        assert "finish reading: not every rank arrived within 3 s (rank 1 did not)" in str(info.value), str(info.value)
+
+
+def test_a_rank_stuck_reading_is_named(tmp_path):
+    run_ranks(_rank_1_stuck_reading, 2, str(tmp_path / "ckpt"))
