@@ -106,17 +106,22 @@ class Exchange:
         RankTimeoutError naming them (the message starts with ``waiting``, default
         ``action``, and ends with ``hint``) and the others RankFailureError (see the
         module docstring). A rank waits at most ``reply_s`` for the answer, then raises
-        RankTimeoutError naming the coordinator. Exceptions that are not ``Exception``
-        (KeyboardInterrupt) are raised at once on their rank and not sent.
+        RankTimeoutError naming the coordinator. A rank whose ``mine()`` raised something
+        that is not an ``Exception`` (KeyboardInterrupt) sends it too, and re-raises it
+        as it is once answered.
         """
-        local: Exception | None = None
+        local: BaseException | None = None
         try:
             outcome: tuple[Any, ...] = ("ok", mine())
-        except Exception as e:  # noqa: BLE001 - sent to the coordinator, raised on every rank
+        except BaseException as e:  # noqa: BLE001 - sent to the coordinator, raised on every rank
+            # A KeyboardInterrupt too: the others learn it now instead of at a timeout, and
+            # this rank re-raises it as it is once answered (raise_failures).
             local = e
             outcome = ("error", type(e).__name__, str(e))
         if self.alone:
             if local is not None:
+                if not isinstance(local, Exception):
+                    raise local
                 raise_failures(action, {0: local}, local=local, alone=True)
             return _settle(action, _decided(decide, [outcome[1]], 0)[0], local=None, rank=0, alone=True)
         self._seq = (self._seq + 1) % (_TAG_SPAN // 4)
@@ -258,15 +263,19 @@ def _decided(decide: Callable[[list[Any]], list[Any]], values: list[Any], rank: 
     """``decide(values)`` as answers, or its error as the deciding rank's failure for every rank."""
     try:
         return [("ok", v) for v in decide(values)]
-    except Exception as e:  # noqa: BLE001 - answered to every rank, raised there
+    except BaseException as e:  # noqa: BLE001 - answered to every rank, raised there (a KeyboardInterrupt as is here)
         return [("decide-error", rank, type(e).__name__, str(e), e)] * len(values)
 
 
-def _settle(action: str, answer: tuple[Any, ...], *, local: Exception | None, rank: int, alone: bool = False) -> Any:
+def _settle(
+    action: str, answer: tuple[Any, ...], *, local: BaseException | None, rank: int, alone: bool = False
+) -> Any:
     """Return the answer's value, or raise the error it carries (on every rank alike)."""
     kind = answer[0]
     if kind == "ok":
         return answer[1]
+    if kind == "raise" and local is not None and not isinstance(local, Exception):
+        raise local  # a KeyboardInterrupt stays one, whatever else went wrong
     if kind == "raise":
         cls = getattr(errors, answer[1], None)
         assert isinstance(cls, type) and issubclass(cls, ShardckptError)
@@ -279,7 +288,7 @@ def _settle(action: str, answer: tuple[Any, ...], *, local: Exception | None, ra
 
 
 def raise_gathered(
-    action: str, failures: dict[int, tuple[str, str]], *, local: Exception | None, rank: int
+    action: str, failures: dict[int, tuple[str, str]], *, local: BaseException | None, rank: int
 ) -> NoReturn:
     """Raise, as :func:`~shardckpt.engine.collective.raise_failures` does, the failures
     gathered in a round trip: ``(type name, text)`` by rank; ``local``, this rank's own."""
