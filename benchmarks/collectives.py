@@ -7,12 +7,17 @@ long it takes when there is almost nothing to write (issue #18's "fixed cost" ro
 Every rank wraps torch.distributed's collective functions with counters (in this process
 only: shardckpt and DCP call them as ``dist.<name>``, so the wrappers see every call they
 make), then runs, interleaved in a shuffled order per repetition after one dropped
-warm-up (which also creates the checkpoint groups): ``shardckpt.save``,
+warm-up (which also creates the checkpoint groups): ``shardckpt.save`` (the same state
+each time: its plan is reused, as in every step of a training run),
+``shardckpt.save_new_layout`` (one more key each time: planned anew, as a first save),
 ``shardckpt.async_save`` + ``wait``, ``shardckpt.load`` (same world size), ``dcp.save``
 with FileSystemWriter and ``dcp.load`` with FileSystemReader, each into a fresh folder
 (loads from one saved before the timed repetitions). Counts are per call and per rank
 (the coordinator's, rank 0, which makes the most); an ``all_gather_object`` is one call
-here though torch runs it as two all_gathers (sizes, then payloads). Times are the
+here though torch runs it as two all_gathers (sizes, then payloads), and a shardckpt
+``round_trip`` is one call (every rank sends the coordinator a size and a payload, and
+the coordinator answers each with a size and a payload; see shardckpt/engine/exchange.py).
+Times are the
 slowest rank's, median and min-max over the repetitions.
 
 Writes benchmarks/results/collectives.json (``--out``: another folder).
@@ -47,41 +52,68 @@ COLLECTIVES = (
     "barrier",
     "monitored_barrier",
     "new_group",
+    "isend",
+    "irecv",
+    "send",
+    "recv",
 )
-OPS = ("shardckpt.save", "shardckpt.async_save", "shardckpt.load", "dcp.save", "dcp.load")
+ROUND_TRIP = "round_trip"  # shardckpt's Exchange.round_trip: a monitored gather to rank 0 and its answer
+OPS = (
+    "shardckpt.save",
+    "shardckpt.save_new_layout",
+    "shardckpt.async_save",
+    "shardckpt.load",
+    "dcp.save",
+    "dcp.load",
+)
 
 
 class CollectiveCounter:
-    """Counts calls of torch.distributed's collectives while :attr:`active` (any thread)."""
+    """Counts calls of torch.distributed's collectives while :attr:`active` (any thread),
+    and shardckpt's ``Exchange.round_trip`` as one call each: the point-to-point messages
+    it sends (a size and a payload each way per rank) are not counted one by one; any
+    sent outside a round trip are."""
 
     def __init__(self, *, where: bool = False) -> None:
         import torch.distributed as dist
+
+        from shardckpt.engine.exchange import Exchange
 
         self.counts: Counter[str] = Counter()
         self.active = False
         self.where = where  # count by "name @ the innermost shardckpt (else DCP) caller" instead
         self._lock = threading.Lock()
-        self._originals: dict[str, Any] = {}
+        self._inside = threading.local()  # depth of round trips on this thread
+        self._originals: dict[tuple[Any, str], Any] = {}
         for name in COLLECTIVES:
-            original = getattr(dist, name)
-            self._originals[name] = original
-            setattr(dist, name, self._wrap(name, original))
+            self._patch(dist, name, name)
+        self._patch(Exchange, "round_trip", ROUND_TRIP)
+
+    def _patch(self, owner: Any, attr: str, name: str) -> None:
+        original = getattr(owner, attr)
+        self._originals[(owner, attr)] = original
+        setattr(owner, attr, self._wrap(name, original))
 
     def _wrap(self, name: str, original: Any) -> Any:
         def counted(*args: Any, **kwargs: Any) -> Any:
-            if self.active:
+            depth = getattr(self._inside, "depth", 0)
+            if self.active and depth == 0:
                 key = f"{name} @ {_call_site()}" if self.where else name
                 with self._lock:
                     self.counts[key] += 1
-            return original(*args, **kwargs)
+            if name != ROUND_TRIP:
+                return original(*args, **kwargs)
+            self._inside.depth = depth + 1
+            try:
+                return original(*args, **kwargs)
+            finally:
+                self._inside.depth = depth
 
         return counted
 
     def close(self) -> None:
-        import torch.distributed as dist
-
-        for name, original in self._originals.items():
-            setattr(dist, name, original)
+        for (owner, attr), original in self._originals.items():
+            setattr(owner, attr, original)
 
 
 def _call_site() -> str:
@@ -117,6 +149,9 @@ def worker(rank: int, world_size: int, args: argparse.Namespace, facts: dict[str
     target = common.make_state(specs, rank, world_size, fill=False)
 
     counter = CollectiveCounter(where=args.where)
+    # One Checkpointer per operation (created in the same order on every rank), so each
+    # keeps its own last plan, as a training run that makes one kind of save does.
+    engines = {op: shardckpt.Checkpointer() for op in OPS if op.startswith("shardckpt.")}
     seq = [0]
 
     def fresh(tag: str) -> str:
@@ -125,11 +160,13 @@ def worker(rank: int, world_size: int, args: argparse.Namespace, facts: dict[str
 
     def run(op: str) -> None:
         if op == "shardckpt.save":
-            shardckpt.save(state, fresh("save"))
+            engines[op].save(state, fresh("save"))
+        elif op == "shardckpt.save_new_layout":  # one more key each time: no plan to reuse
+            engines[op].save({**state, f"extra_{seq[0]}": torch.zeros(1)}, fresh("new_layout"))
         elif op == "shardckpt.async_save":
-            shardckpt.async_save(state, fresh("async")).wait()
+            engines[op].async_save(state, fresh("async")).wait()
         elif op == "shardckpt.load":
-            shardckpt.load(target, ours_src)
+            engines[op].load(target, ours_src)
         elif op == "dcp.save":
             dcp.save(state, storage_writer=dcp.FileSystemWriter(fresh("dcp")))
         elif op == "dcp.load":
@@ -151,6 +188,8 @@ def worker(rank: int, world_size: int, args: argparse.Namespace, facts: dict[str
                 times[op].append(slowest)
                 counts[op].append(dict(counter.counts))
     counter.close()
+    for engine in engines.values():
+        engine.close()
     torch.distributed.barrier()
     if rank == 0:
         results = {

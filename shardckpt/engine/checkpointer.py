@@ -19,15 +19,15 @@ import logging
 import os
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch.distributed as dist
 
-from shardckpt.engine.collective import RankGroup, arrive, checkpoint_group, is_gloo
+from shardckpt.engine.collective import RankGroup, checkpoint_group, is_gloo
 from shardckpt.engine.incremental import BaseIndex, folder_name
 from shardckpt.engine.loading import LoadResult, load_from, read_manifest
 from shardckpt.engine.options import IOOptions, SaveKwargs, Timeouts
+from shardckpt.engine.protocol import Rounds
 from shardckpt.engine.saving import (
     SLOW_IO,
     AsyncSaveHandle,
@@ -55,15 +55,6 @@ StorageFactory = Callable[..., Storage]
 ``transfer`` and ``url`` is an fsspec URL (so a two-argument factory keeps working
 until someone sets ``transfer``)."""
 log = logging.getLogger("shardckpt")
-
-
-@dataclass(frozen=True)
-class _SaveStart:
-    """What the preamble of ``save`` and ``async_save`` settled: the caller's ranks, and
-    the request to persist (over the checkpoint gloo group, or none for one process)."""
-
-    group: RankGroup
-    request: SaveRequest
 
 
 class Checkpointer:
@@ -114,6 +105,7 @@ class Checkpointer:
         self._pending: AsyncSaveHandle | None = None
         self._last_source: BoundedSource | None = None
         self._groups: dict[Any, Any] = {}  # (purpose, timeout) -> the gloo group this object created
+        self._rounds = Rounds()  # per group: the round trips' numbering and the last save's plan
         # (location, chunks) of this rank's last save with digests: the next incremental
         # save against it needs no manifest read. Set by the thread that ran the save.
         self._last_saved: tuple[str, BaseIndex] | None = None
@@ -203,12 +195,7 @@ class Checkpointer:
         created on the first call (by every rank) and owned by this Checkpointer.
         Returns the committed Manifest on the coordinator, None on other ranks.
         """
-        request = self._start_save("save", path, options).request
-        arrive(
-            request.process_group,
-            f"save to {request.path}: waiting for every rank to call save",
-            request.timeouts.arrive_s,
-        )
+        request = self._start_save("save", path, options)
         return persist(to_plain_state_dict(state_dict), request)
 
     def async_save(
@@ -243,31 +230,35 @@ class Checkpointer:
         """
         if max_staging_bytes is not None and max_staging_bytes < 0:
             raise ValueError(f"max_staging_bytes must be >= 0 or None (no bound), got {max_staging_bytes}")
-        start = self._start_save("async save", path, options)
-        request = start.request
+        request = self._start_save("async save", path, options)
         if request.process_group is not None and not is_gloo(request.process_group):
             raise ValueError(
                 "async_save over a subgroup needs a gloo group, so the background thread never runs "
                 "collectives on a training group: pass process_group=dist.new_group(ranks, backend='gloo') "
                 "(created on every rank)"
             )
-        # Before staging, whose agreement runs on the caller's group (bounded only by its
-        # own timeout, 30 minutes for gloo by default).
-        arrive(
-            request.process_group,
-            f"async save to {request.path}: waiting for every rank to call async_save",
-            request.timeouts.arrive_s,
-        )
         stager = self._stager
 
-        def stage() -> dict[str, Any]:
+        staged: dict[str, Any] = {}
+
+        def stage() -> None:  # the staged state stays here; only the outcome travels
             flat, mappings = flatten_with_mappings(to_plain_state_dict(state_dict))
             if max_staging_bytes is None or tensor_bytes(flat) <= max_staging_bytes:
-                return {"state": stager.stage(flat), "mappings": mappings, "source": None}
+                staged.update(state=stager.stage(flat), mappings=mappings, source=None)
+                return
             source = BoundedSource(max_staging_bytes, stager.arena)
-            return {"state": stager.stage_live(flat), "mappings": mappings, "source": source}
+            staged.update(state=stager.stage_live(flat), mappings=mappings, source=source)
 
-        staged = start.group.agree(f"async save to {request.path}", stage)
+        # One round trip on the checkpoint group (no save of it runs yet): every rank
+        # arrived, within the arrival bound, and staged, or every rank raises.
+        self._rounds.over(request.process_group)[0].round_trip(
+            f"async save to {request.path}",
+            stage,
+            lambda everyone: everyone,
+            wait_s=request.timeouts.arrive_s,
+            reply_s=2 * request.timeouts.arrive_s,
+            waiting=f"async save to {request.path}: waiting for every rank to call async_save",
+        )
         handle = AsyncSaveHandle(request.path)
         source: BoundedSource | None = staged["source"]
         run = functools.partial(persist, staged["state"], request, mappings=staged["mappings"], source=source)
@@ -282,7 +273,7 @@ class Checkpointer:
             source.released.wait()  # the caller's tensors are read until then
         return handle
 
-    def _start_save(self, action: str, path: str | os.PathLike[str], options: SaveKwargs) -> _SaveStart:
+    def _start_save(self, action: str, path: str | os.PathLike[str], options: SaveKwargs) -> SaveRequest:
         """The preamble ``save`` and ``async_save`` share: check the arguments, finish the
         pending save, and get the checkpoint group (collective on first use)."""
         unknown = sorted(set(options) - SaveKwargs.__optional_keys__)
@@ -310,15 +301,15 @@ class Checkpointer:
         process_group = options.get("process_group")
         group = RankGroup.current(process_group)
         ckpt_group = self.group(process_group, timeouts.arrive_s) if group.is_distributed else None
-        request = SaveRequest(
+        return SaveRequest(
             path,
             writer,
             open_storage=functools.partial(self.open_storage, path, storage_options, io=io),
             process_group=ckpt_group,
             timeout_s=timeout_s,
             committed=self._remember_chunks,
+            rounds=self._rounds,
         )
-        return _SaveStart(group, request)
 
     def _remember_chunks(self, writer: Writer) -> None:
         """After every committed save: keep its chunks if it recorded digests; forget the
@@ -413,25 +404,20 @@ class Checkpointer:
         timeouts = Timeouts.of(timeout_s)
         self._check_open(f"load of {path}")
         self.wait()
-        group = RankGroup.current(process_group)
-        ckpt_group = self.group(process_group, timeouts.arrive_s) if group.is_distributed else None
-        arrive(ckpt_group, f"load of {path}: waiting for every rank to call load", timeouts.arrive_s)
-        group = RankGroup.current(ckpt_group) if ckpt_group is not None else group
+        distributed = RankGroup.current(process_group).is_distributed
+        ckpt_group = self.group(process_group, timeouts.arrive_s) if distributed else None
         storage = self.open_storage(path, storage_options, io=io)
-        all_read = functools.partial(
-            arrive, ckpt_group, f"load of {path}: waiting for every rank to finish reading", timeouts.io_s, hint=SLOW_IO
-        )
         return load_from(
             state_dict,
             path,
             storage,
-            group,
-            ckpt_group,
+            self._rounds.over(ckpt_group)[0],
             strict=strict,
             verify=verify,
             num_io_threads=io.load_threads(),
             allow_dtype_cast=allow_dtype_cast,
-            after_read=all_read,
+            timeouts=timeouts,
+            slow_io_hint=SLOW_IO,
         )
 
     def _call_io(self, io: IOOptions | None, num_io_threads: int | None, hash_block_bytes: int | None) -> IOOptions:
@@ -495,6 +481,7 @@ class Checkpointer:
             self._last_source = None
             self._last_saved = None
             groups, self._groups = list(self._groups.values()), {}
+            self._rounds.close()
             if groups and dist.is_available() and dist.is_initialized():
                 for g in groups:
                     try:

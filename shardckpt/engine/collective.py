@@ -281,8 +281,9 @@ def raise_failures(
             cls = named
     err = cls(msg)
     err.failures = dict(failures)
-    if isinstance(template, OSError) and isinstance(err, OSError) and not isinstance(template, ShardckptError):
-        err.errno = template.errno  # only errno: strerror/filename would make str() drop our message
+    if isinstance(template, OSError) and isinstance(err, OSError) and template.errno is not None:
+        # Only errno (also a StorageError's own): strerror/filename would make str() drop our message.
+        err.errno = template.errno
     raise err from _underlying(local if local is not None else first)
 
 

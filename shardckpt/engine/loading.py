@@ -11,15 +11,15 @@ import contextvars
 import logging
 import os
 from collections import defaultdict
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any, NamedTuple
 
 import torch
-import torch.distributed as dist
-import torch.distributed.checkpoint as dcp
 
-from shardckpt.engine.collective import RankGroup, translated_failures, typed_transport_errors
+from shardckpt.engine.exchange import Exchange, raise_gathered
+from shardckpt.engine.options import Timeouts
 from shardckpt.engine.planner import LoadPlanner
+from shardckpt.engine.protocol import read_in_rounds
 from shardckpt.engine.reader import Reader
 from shardckpt.engine.state import PlainState, describe, flat_keys, tensor_problem
 from shardckpt.errors import (
@@ -41,52 +41,70 @@ def load_from(
     state_dict: dict[str, Any],
     path: str,
     storage: Storage,
-    group: RankGroup,
-    ckpt_group: Any,
+    exchange: Exchange,
     *,
     strict: bool,
     verify: bool,
     num_io_threads: int,
     allow_dtype_cast: bool,
-    after_read: Callable[[], None] | None = None,
+    timeouts: Timeouts,
+    slow_io_hint: str = "",
 ) -> LoadResult:
-    """The body of a load, once every rank has arrived: read and check the manifest of
-    ``storage`` (the checkpoint ``path``), then fill ``state_dict``. Collective over
-    ``group`` (the checkpoint group ``ckpt_group``'s ranks, or a single process).
-    ``after_read`` runs on every rank when its reads ended (the wait for the others'
-    reads, bounded on its own). ``allow_dtype_cast``: floating tensors saved in another
+    """The body of a load: read and check the manifest of ``storage`` (the checkpoint
+    ``path``), then fill ``state_dict``. Collective over the exchange's group (the
+    checkpoint group, or None: a single process) in two round trips: a rank that does not
+    arrive within ``timeouts.arrive_s``, or whose reads do not end within
+    ``timeouts.io_s`` (``slow_io_hint`` then appended), is named.
+    ``allow_dtype_cast``: floating tensors saved in another
     floating dtype are converted as they are read (see :func:`check_target`). Returns this
     rank's keys that were not loaded (none unless ``strict=False``)."""
     state = PlainState.of(state_dict)
     plain = state.tree
+    action = f"load of {path}"
+    mine: dict[str, Any] = {}
 
-    def read() -> tuple[Manifest, str]:
+    def prepare() -> tuple[str, str, str, tuple[str, str] | None]:
         raw = read_manifest_bytes(storage)
-        return parse_manifest(raw, source=f"{storage.url}/{layout.MANIFEST_NAME}"), integrity.hash_hex(raw)
-
-    manifest, digest = group.agree(f"load of {path}", read)
-    # Before any other check: a rank given another checkpoint would otherwise fill its
-    # shard from it without a word (or report a confusing key mismatch).
-    check_same_checkpoint(group, path, storage.location, digest)
-
-    def check() -> LoadResult:
+        mine["manifest"] = parse_manifest(raw, source=f"{storage.url}/{layout.MANIFEST_NAME}")
         flat = flat_keys(plain)
-        check_loadable(manifest, flat)
-        return check_target(manifest, flat, strict=strict, source=storage.url, allow_dtype_cast=allow_dtype_cast)
+        try:
+            check_loadable(mine["manifest"], flat)
+            mine["result"] = check_target(
+                mine["manifest"], flat, strict=strict, source=storage.url, allow_dtype_cast=allow_dtype_cast
+            )
+        except (StateDictMismatchError, UnsupportedValueError) as e:
+            mine["mismatch"] = e  # raised after the same-checkpoint check, which comes first
+            return (path, storage.location, integrity.hash_hex(raw), (type(e).__name__, str(e)))
+        return (path, storage.location, integrity.hash_hex(raw), None)
 
-    result = group.agree(f"load of {path}", check)
-    reader = Reader(storage, manifest, verify=verify, num_io_threads=num_io_threads, after_read=after_read)
-    with translated_failures(f"load of {path}", alone=not group.is_distributed):
-        dcp.load(
-            plain,
-            storage_reader=reader,
-            planner=LoadPlanner(allow_partial_load=True),
-            process_group=ckpt_group,
-            no_dist=not group.is_distributed,
-        )
+    def judge(everyone: list[tuple[str, str, str, tuple[str, str] | None]]) -> list[Any]:
+        mismatches = {r: m for r, (*_, m) in enumerate(everyone) if m is not None}
+        return [(different_checkpoints([e[:3] for e in everyone]), mismatches)] * len(everyone)
+
+    # One round trip: every rank arrived (within the arrival bound), read the same manifest
+    # and can hold what it lists; or every rank raises the same error.
+    verdict, mismatches = exchange.round_trip(
+        action,
+        prepare,
+        judge,
+        wait_s=timeouts.arrive_s,
+        reply_s=2 * timeouts.arrive_s,
+        waiting=f"{action}: waiting for every rank to call load",
+    )
+    if verdict is not None:
+        raise InconsistentRanksError(verdict)
+    if mismatches:
+        if exchange.alone:
+            raise mine["mismatch"]
+        raise_gathered(action, mismatches, local=mine.get("mismatch"), rank=exchange.rank)
+    manifest: Manifest = mine["manifest"]
+    result: LoadResult = mine["result"]
+    reader = Reader(storage, manifest, verify=verify, num_io_threads=num_io_threads)
+    planner = LoadPlanner(allow_partial_load=True)
+    read_in_rounds(plain, reader, planner, exchange, path=path, timeouts=timeouts, slow_io_hint=slow_io_hint)
     state.hand_back()
     if (result.missing_keys or result.unexpected_keys) and not _SKIPS_EXPECTED.get():
-        log.warning("%s", skipped_message(result, path, group))
+        log.warning("%s", skipped_message(result, path, exchange))
     return result
 
 
@@ -106,9 +124,9 @@ def skipped_keys_expected() -> Iterator[None]:
         _SKIPS_EXPECTED.reset(token)
 
 
-def skipped_message(result: LoadResult, path: str, group: RankGroup) -> str:
+def skipped_message(result: LoadResult, path: str, exchange: Exchange) -> str:
     """The one warning of a ``strict=False`` load that skipped keys (bounded, like every listing)."""
-    where = f"rank {group.rank}: " if group.is_distributed else ""
+    where = "" if exchange.alone else f"rank {exchange.rank}: "
     parts = []
     if result.missing_keys:
         parts.append(
@@ -169,30 +187,22 @@ def _not_a_checkpoint(storage: Storage) -> str:
     return f"it was not written by shardckpt (it holds {found.foreign[0]!r}), so it is not a checkpoint."
 
 
-def check_same_checkpoint(group: RankGroup, path: str, location: str, digest: str) -> None:
-    """Collective: raise InconsistentRanksError on every rank unless all ranks opened the
-    same location and read the same manifest bytes (``digest``).
-
-    Every rank builds the message from the same gathered list, so all raise the same
-    text: each distinct (path as given, location, manifest hash) with its ranks.
-    """
-    if not group.is_distributed:
-        return
-    mine = (path, location, digest)
-    everyone: list[Any] = [None] * group.world_size
-    with typed_transport_errors(f"load of {path}: comparing the checkpoint every rank loads"):
-        dist.all_gather_object(everyone, mine, group=group.group)
-    if len({(loc, d) for _, loc, d in everyone}) == 1:
-        return
+def different_checkpoints(everyone: list[tuple[str, str, str]]) -> str | None:
+    """The InconsistentRanksError message when the ranks did not all open the same
+    location and read the same manifest bytes, else None. ``everyone``: every rank's
+    (path as given, location, manifest hash), by rank. The same text on every rank:
+    each distinct triple with its ranks."""
+    if len({(loc, d) for _, loc, d in everyone}) <= 1:
+        return None
     ranks: dict[tuple[str, str, str], list[int]] = defaultdict(list)
-    for r, entry in enumerate(everyone):
-        ranks[tuple(entry)].append(r)
+    for r, (p, loc, d) in enumerate(everyone):
+        ranks[(p, loc, d)].append(r)
     lines = []
     for (p, loc, d), rs in sorted(ranks.items(), key=lambda kv: kv[1][0]):
         who = f"rank {rs[0]}" if len(rs) == 1 else f"ranks {_span(rs)}"
         lines.append(f"{who}: {p} (location {loc}, manifest hash {d})")
     shown = lines[:32] + ([f"... and {len(lines) - 32} more"] if len(lines) > 32 else [])
-    raise InconsistentRanksError(
+    return (
         "load: the ranks were given different checkpoints; every rank must load the same one "
         "(the same location and manifest), or each rank would hold a shard of a different state:\n  "
         + "\n  ".join(shown)

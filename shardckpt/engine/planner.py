@@ -8,6 +8,7 @@ back with ``torch.load(weights_only=False)``; ours encode them as JSON (see
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import io
 import json
 import math
@@ -96,8 +97,7 @@ class SavePlanner(DefaultSavePlanner):
         return plan
 
     def _create_global_plan(self, all_plans: list[SavePlan]) -> tuple[list[SavePlan], Any]:
-        _check_values_agree([p.planner_data.value_digests for p in all_plans])
-        _check_manifest_size(all_plans)
+        check_values(all_plans)
         _check_tensors_agree(all_plans)
         plans = [dataclasses.replace(p, planner_data=p.planner_data.mappings) for p in all_plans]
         # DCP's own _create_global_plan, with our validation instead of its
@@ -129,6 +129,14 @@ class SavePlanner(DefaultSavePlanner):
             self._source.expect(plan.items, self._resolve_tensor)
         return plan
 
+    def adopt_global_plan(self, all_plans: list[SavePlan]) -> None:
+        """Coordinator: this save reuses a global plan made by :meth:`create_global_plan`
+        for local plans of the same layout (:func:`layout_fingerprint`), so only the checks
+        that depend on the values run again (``all_plans``: the cached local plans carrying
+        this save's value digests and sizes)."""
+        check_values(all_plans)
+        self._global_checks_ran = True
+
     def _require_global_checks(self) -> None:
         """Raise ShardckptError unless our ``_create_global_plan`` ran for this save."""
         if not self._global_checks_ran:
@@ -151,6 +159,34 @@ class SavePlanner(DefaultSavePlanner):
         if isinstance(obj, StagedShard):
             return obj.local
         return super().resolve_data(write_item)
+
+
+def layout_fingerprint(plan: SavePlan) -> str:
+    """A digest of what a rank's local plan contributes to the global plan, values
+    aside: every item (key, offsets, kind, chunk, dtype, global shape) and the key paths.
+    Equal fingerprints on every rank mean the last save's global plan fits this save
+    too; the values, which may change every step, are checked anew (:func:`check_values`)."""
+    mappings = plan.planner_data.mappings if isinstance(plan.planner_data, _LocalPlannerData) else None
+    text = repr((plan.items, sorted(mappings.items()) if mappings else None))
+    return hashlib.blake2b(text.encode(), digest_size=16).hexdigest()
+
+
+def with_values(plan: SavePlan, value_digests: dict[str, str], value_bytes: dict[str, int]) -> SavePlan:
+    """``plan`` (a local plan of ours) carrying other values' digests and JSON sizes."""
+    data = dataclasses.replace(plan.planner_data, value_digests=value_digests, value_bytes=value_bytes)
+    return dataclasses.replace(plan, planner_data=data)
+
+
+def value_summary(plan: SavePlan) -> tuple[dict[str, str], dict[str, int]]:
+    """The digests and JSON sizes of a local plan's values (what :func:`check_values` needs)."""
+    return dict(plan.planner_data.value_digests), dict(plan.planner_data.value_bytes)
+
+
+def check_values(all_plans: list[SavePlan]) -> None:
+    """The global checks that depend on the values: equal on every rank holding one, and
+    a manifest within bounds (UnsupportedValueError naming the key otherwise)."""
+    _check_values_agree([p.planner_data.value_digests for p in all_plans])
+    _check_manifest_size(all_plans)
 
 
 def _check_header_entry(item: WriteItem) -> None:

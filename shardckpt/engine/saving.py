@@ -19,10 +19,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-import torch.distributed as dist
-import torch.distributed.checkpoint as dcp
-
-from shardckpt.engine.collective import arrive, is_timeout, translated_failures
+from shardckpt.engine.collective import translated_failures
 from shardckpt.engine.incremental import BaseIndex
 from shardckpt.engine.options import (  # noqa: F401 - the thread defaults, also read from here (benchmarks)
     DEFAULT_REMOTE_SAVE_IO_THREADS,
@@ -32,9 +29,9 @@ from shardckpt.engine.options import (  # noqa: F401 - the thread defaults, also
     check_timeout,
 )
 from shardckpt.engine.planner import SavePlanner
+from shardckpt.engine.protocol import Rounds, save_in_rounds
 from shardckpt.engine.staging import BoundedSource
 from shardckpt.engine.writer import Writer, WriterOptions
-from shardckpt.errors import RankTimeoutError
 from shardckpt.format.manifest import Manifest
 from shardckpt.storage import Storage, as_url
 
@@ -65,6 +62,9 @@ class SaveRequest:
     # Called with the Writer on every rank once the save committed (the Checkpointer keeps
     # the rank's chunk locations, the next incremental save's base).
     committed: Callable[[Writer], None] | None = None
+    # The round trips' numbering and the last plan, kept per group by the Checkpointer
+    # (None: a fresh pair for this save alone, no plan to reuse).
+    rounds: Rounds | None = None
 
     def __post_init__(self) -> None:
         check_timeout(self.timeout_s)
@@ -82,47 +82,33 @@ def persist(
     source: BoundedSource | None = None,
 ) -> Manifest | None:
     """Plan, write and commit ``state`` as ``request`` says (collective over its process
-    group, when it has one). Thread-safe as long as each concurrent call uses its own
-    process group. ``mappings``: the flattening of a staged state (see
-    :func:`shardckpt.engine.state.flatten_with_mappings`). ``source``: a bounded async
-    save's tensor source, released when this returns."""
-    path, group, bounds = request.path, request.process_group, request.timeouts
-    timeouts: list[RankTimeoutError] = []
-
-    def all_written() -> None:
-        try:
-            arrive(group, f"save to {path}: waiting for every rank to finish writing", bounds.io_s, hint=SLOW_IO)
-        except RankTimeoutError as e:
-            timeouts.append(e)
-            raise
-
+    group, when it has one: two round trips, see :mod:`shardckpt.engine.protocol`).
+    Thread-safe as long as each concurrent call uses its own process group. ``mappings``:
+    the flattening of a staged state (see :func:`shardckpt.engine.state.flatten_with_mappings`).
+    ``source``: a bounded async save's tensor source, released when this returns."""
+    path, group = request.path, request.process_group
+    exchange, plans = request.rounds.over(group) if request.rounds is not None else Rounds().over(group)
     try:
-        writer = Writer(request.open_storage(), request.writer, after_write=all_written)
+        writer = Writer(request.open_storage(), request.writer)
     except BaseException:
         if source is not None:
             source.release()
         raise
     try:
-        rank = dist.get_rank(group) if group is not None else 0
-        with translated_failures(f"save to {path}", rank=rank, alone=group is None):
-            dcp.save(
+        with translated_failures(f"save to {path}", rank=exchange.rank, alone=group is None):
+            save_in_rounds(
                 state,
-                storage_writer=writer,
-                planner=SavePlanner(mappings=mappings, source=source),
-                process_group=group,
-                no_dist=group is None,
+                writer,
+                SavePlanner(mappings=mappings, source=source),
+                exchange,
+                plans,
+                path=path,
+                timeouts=request.timeouts,
+                slow_io_hint=SLOW_IO,
             )
-    except BaseException as e:
+    except BaseException:
         writer.discard()
-        if not isinstance(e, RuntimeError):
-            raise
-        # After a rank timed out, DCP's next collective fails with gloo's raw error;
-        # the barrier's error says which ranks were missing.
-        if timeouts:
-            raise timeouts[0] from e
-        if isinstance(e, RankTimeoutError) or not is_timeout(e):
-            raise
-        raise RankTimeoutError(f"save to {path}: a collective timed out after {bounds.arrive_s:g} s ({e})") from e
+        raise
     finally:
         if source is not None:
             source.release()

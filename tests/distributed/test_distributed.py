@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import time
 
 import pytest
@@ -200,7 +199,7 @@ def _rank_1_never_saves(rank: int, world: int, path: str) -> None:
         shardckpt.save({"w": torch.ones(2)}, path, timeout_s=3)
     mark(path + ".rank0-raised")
     assert "not every rank arrived within 3 s" in str(info.value)
-    assert "1" in str(info.value).split("(", 1)[1]  # gloo's monitored barrier names rank 1
+    assert "(rank 1 did not)" in str(info.value)  # the coordinator names rank 1
 
 
 def test_a_rank_that_never_calls_save_is_named_not_a_hang(tmp_path):
@@ -224,8 +223,7 @@ def _rank_1_stuck_writing(rank: int, world: int, path: str) -> None:
     if rank == 0:
         mark(path + ".rank0-raised")  # raised while rank 1 was still stuck: it did not wait for it
         assert isinstance(info.value, shardckpt.RankTimeoutError)
-        assert re.search(r"Ranks? 1 failed to pass", str(info.value)), str(info.value)
-        assert "finish writing" in str(info.value)
+        assert "finish writing: not every rank arrived within 3 s (rank 1 did not)" in str(info.value), str(info.value)
 
 
 def test_a_rank_stuck_writing_is_named_and_nothing_commits(tmp_path):

@@ -1,0 +1,270 @@
+"""The save and load protocols: a save in two round trips, reusing the last plan; a load's
+reads in one (after the round trip that checks the manifest and targets, in loading.py).
+
+DCP's ``dcp.save`` makes four collectives (gather the local plans, scatter the global
+plan, gather the write results, broadcast the outcome), and a save needs two bounded
+barriers around them (every rank arrived; every rank finished writing) so that a rank
+that is missing is named instead of hanging the others. :func:`save_in_rounds` drives
+the same public planner and storage-writer methods, in DCP's order, over two
+:meth:`~shardckpt.engine.exchange.Exchange.round_trip` calls, each of which is a
+monitored gather plus an answer:
+
+1. **Plan.** Every rank plans locally (``set_up_planner``, ``create_local_plan``,
+   ``prepare_local_plan``) and sends the coordinator its layout fingerprint
+   (:func:`~shardckpt.engine.planner.layout_fingerprint`), its host and location, its
+   values' digests and, unless it holds the plan agreed for that fingerprint last time,
+   its local plan. When every rank holds the last save's plan and every fingerprint
+   matches it, the coordinator reuses its global plan (re-checking only the values:
+   ``SavePlanner.adopt_global_plan``); otherwise it runs ``create_global_plan``. Then
+   ``prepare_global_plan`` checks the locations and claims the folder, and each rank gets
+   the save id, with its new plan only when the plan changed. Ranks that arrive too late
+   are named here. (When a rank left its plan out but the coordinator cannot reuse, the
+   coordinator asks for the plans: one more round trip, only after a rank missed an
+   answer.)
+2. **Write and commit.** Every rank runs ``finish_plan`` and ``write_data`` and sends
+   its write results; the coordinator (naming ranks whose writes did not end in time)
+   calls ``finish``, which commits the manifest, and tells every rank the outcome.
+
+A failure anywhere is answered to every rank, so all raise together (see
+:meth:`~shardckpt.engine.exchange.Exchange.round_trip`).
+
+:func:`read_in_rounds` is a load's reading: DCP's load steps (``read_metadata``,
+``set_up_planner``, ``set_up_storage_reader``, ``create_local_plan``,
+``prepare_local_plan``, the global step, ``finish_plan``, ``read_data``) on every rank,
+then one round trip that names a rank whose reads did not end within the I/O bound and
+raises any rank's failure on every rank. The global step runs on each rank over its own
+plan, as DCP runs it when a load has no collectives (rank-local metadata): DCP's default
+load planner and our reader change nothing across ranks there
+(``tests/unit/test_protocol.py`` pins that on the installed torch), so gathering the
+plans for it would be a round trip for nothing.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+from torch.distributed.checkpoint.metadata import Metadata
+from torch.distributed.checkpoint.planner import SavePlan
+
+from shardckpt.engine.exchange import Exchange
+from shardckpt.engine.options import Timeouts
+from shardckpt.engine.planner import LoadPlanner, SavePlanner, layout_fingerprint, value_summary, with_values
+from shardckpt.engine.reader import Reader
+from shardckpt.engine.writer import Writer
+
+
+@dataclass
+class PlanCache:
+    """The plan of the last save over one group, kept for the next save with the same
+    layout. Each rank keeps its own final plan; the coordinator also keeps every rank's
+    local plan, the global plan and DCP's metadata. Owned by one Checkpointer per
+    group (:class:`Rounds`); used by one save at a time."""
+
+    fingerprint: str | None = None  # this rank's layout, and the plan agreed for it
+    plan_id: str | None = None
+    central: SavePlan | None = None
+    fingerprints: list[str] = field(default_factory=list)  # coordinator: every rank's
+    local_plans: list[SavePlan] = field(default_factory=list)
+    global_plans: list[SavePlan] = field(default_factory=list)
+    metadata: Metadata | None = None
+    global_id: str | None = None
+
+    def fits(self, offers: list[_Offer]) -> bool:
+        """Coordinator: every rank holds the cached plan and its layout did not change."""
+        return (
+            self.global_id is not None
+            and [o.fingerprint for o in offers] == self.fingerprints
+            and all(o.plan_id == self.global_id for o in offers)
+        )
+
+
+@dataclass
+class Rounds:
+    """The exchanges and plan caches of one :class:`~shardckpt.engine.Checkpointer`, one
+    pair per process group it saves or loads over (None: this process alone)."""
+
+    _by_group: dict[Any, tuple[Exchange, PlanCache]] = field(default_factory=dict)
+
+    def over(self, group: Any) -> tuple[Exchange, PlanCache]:
+        if group not in self._by_group:
+            self._by_group[group] = (Exchange.over(group), PlanCache())
+        return self._by_group[group]
+
+    def close(self) -> None:
+        self._by_group.clear()
+
+
+@dataclass(frozen=True)
+class _Offer:
+    """What a rank sends the coordinator in the planning round trip."""
+
+    fingerprint: str
+    plan_id: str | None  # the plan this rank holds for ``fingerprint``, if any
+    storage_data: dict[str, Any]  # rank, host, location: fresh every save
+    values: tuple[dict[str, str], dict[str, int]]  # value digests and JSON sizes
+    plan: SavePlan | None  # the local plan, unless ``plan_id`` is set
+
+
+def save_in_rounds(
+    state: dict[str, Any],
+    writer: Writer,
+    planner: SavePlanner,
+    exchange: Exchange,
+    cache: PlanCache,
+    *,
+    path: str,
+    timeouts: Timeouts,
+    slow_io_hint: str = "",
+) -> None:
+    """Plan, write and commit ``state`` (see the module docstring). Collective over the
+    exchange's group; raises on every rank if any rank failed. The manifest is then
+    ``writer.manifest`` on the coordinator."""
+    _SaveRounds(state, writer, planner, exchange, cache, path, timeouts, slow_io_hint).run()
+
+
+class _SaveRounds:
+    def __init__(
+        self,
+        state: dict[str, Any],
+        writer: Writer,
+        planner: SavePlanner,
+        exchange: Exchange,
+        cache: PlanCache,
+        path: str,
+        timeouts: Timeouts,
+        slow_io_hint: str,
+    ) -> None:
+        self.state, self.writer, self.planner = state, writer, planner
+        self.exchange, self.cache, self.path, self.timeouts = exchange, cache, path, timeouts
+        self.slow_io_hint = slow_io_hint
+        self.local: SavePlan | None = None
+        self.fingerprint = ""
+        self.metadata: Metadata | None = None
+
+    def run(self) -> None:
+        central = self._plan()
+        self._write_and_commit(central)
+
+    # ------------------------------------------------------------ round trip 1
+
+    def _plan(self) -> SavePlan:
+        arrive_s = self.timeouts.arrive_s
+        answer: tuple[Any, ...] = ("resend",)
+        for force in (False, True):
+            answer = self.exchange.round_trip(
+                f"save to {self.path}",
+                functools.partial(self._offer, force),
+                self._global_plan,
+                wait_s=arrive_s,
+                reply_s=2 * arrive_s,  # the others' arrival, then the coordinator's planning
+                waiting=f"save to {self.path}: waiting for every rank to call save and plan its part",
+            )
+            if answer[0] != "resend":
+                break
+        kind, plan_id, data = answer
+        cache = self.cache
+        if kind == "plan":
+            cache.fingerprint, cache.plan_id, cache.central = self.fingerprint, plan_id, data
+            return data  # type: ignore[no-any-return]
+        assert kind == "reuse" and cache.central is not None and plan_id == cache.plan_id, answer
+        return dataclasses.replace(cache.central, storage_data=data)
+
+    def _offer(self, force: bool) -> _Offer:
+        """This rank's offer (planning locally the first time: DCP's local step)."""
+        if self.local is None:
+            ex = self.exchange
+            self.planner.set_up_planner(self.state, None, ex.is_coordinator)  # our Writer: no storage_meta
+            self.writer.set_up_storage_writer(ex.is_coordinator, rank=ex.rank, use_collectives=True)
+            self.local = self.writer.prepare_local_plan(self.planner.create_local_plan())
+            self.fingerprint = layout_fingerprint(self.local)
+        held = self.cache.plan_id if self.cache.fingerprint == self.fingerprint and not force else None
+        return _Offer(
+            self.fingerprint,
+            held,
+            dict(self.local.storage_data),
+            value_summary(self.local),
+            None if held is not None else self.local,
+        )
+
+    def _global_plan(self, offers: list[_Offer]) -> list[tuple[Any, ...]]:
+        """Coordinator: the global plan (reused or made), the claim of the folder, and
+        each rank's answer. DCP's global step."""
+        cache = self.cache
+        reuse = cache.fits(offers)
+        if reuse:
+            locals_ = [with_values(p, *o.values) for p, o in zip(cache.local_plans, offers, strict=True)]
+            self.planner.adopt_global_plan(locals_)
+            plans, metadata = cache.global_plans, cache.metadata
+        elif any(o.plan is None for o in offers):
+            return [("resend",)] * len(offers)
+        else:
+            locals_ = [o.plan for o in offers if o.plan is not None]
+            plans, metadata = self.planner.create_global_plan(locals_)
+        fresh = [dataclasses.replace(p, storage_data=o.storage_data) for p, o in zip(plans, offers, strict=True)]
+        finals = self.writer.prepare_global_plan(fresh)  # the locations agree; the folder is claimed
+        self.metadata = metadata
+        if reuse:
+            return [("reuse", cache.global_id, f.storage_data) for f in finals]
+        plan_id = uuid.uuid4().hex
+        cache.fingerprints = [o.fingerprint for o in offers]
+        cache.local_plans, cache.global_plans, cache.metadata, cache.global_id = locals_, plans, metadata, plan_id
+        return [("plan", plan_id, f) for f in finals]
+
+    # ------------------------------------------------------------ round trip 2
+
+    def _write_and_commit(self, central: SavePlan) -> None:
+        def write() -> Any:
+            final = self.planner.finish_plan(central)
+            return self.writer.write_data(final, self.planner).value()
+
+        def commit(results: list[Any]) -> list[None]:
+            assert self.metadata is not None
+            self.writer.finish(self.metadata, results)
+            return [None] * len(results)
+
+        self.exchange.round_trip(
+            f"save to {self.path}",
+            write,
+            commit,
+            wait_s=self.timeouts.io_s,
+            reply_s=self.timeouts.io_s + self.timeouts.arrive_s,  # the slowest writes, then the commit
+            waiting=f"save to {self.path}: waiting for every rank to finish writing",
+            hint=self.slow_io_hint,
+        )
+
+
+def read_in_rounds(
+    state: dict[str, Any],
+    reader: Reader,
+    planner: LoadPlanner,
+    exchange: Exchange,
+    *,
+    path: str,
+    timeouts: Timeouts,
+    slow_io_hint: str = "",
+) -> None:
+    """Fill ``state`` (a plain state_dict) through DCP's load steps, then agree that every
+    rank's reads succeeded (see the module docstring). Collective over the exchange's
+    group; raises on every rank if any rank failed."""
+
+    def read() -> None:
+        metadata = reader.read_metadata()
+        planner.set_up_planner(state, metadata, exchange.is_coordinator)
+        reader.set_up_storage_reader(metadata, exchange.is_coordinator, rank=exchange.rank, use_collectives=False)
+        local = reader.prepare_local_plan(planner.create_local_plan())
+        (central,) = reader.prepare_global_plan(planner.create_global_plan([local]))
+        reader.read_data(planner.finish_plan(central), planner).wait()
+
+    exchange.round_trip(
+        f"load of {path}",
+        read,
+        lambda everyone: [None] * len(everyone),
+        wait_s=timeouts.io_s,
+        reply_s=timeouts.io_s + timeouts.arrive_s,
+        waiting=f"load of {path}: waiting for every rank to finish reading",
+        hint=slow_io_hint,
+    )
