@@ -8,12 +8,17 @@ retention. :meth:`LocalTier.restore` decides collectively which step every rank 
 (its own copy, or one a live rank holds) and loads it in place; it returns None, with the
 reason in a log line, when none is complete here (another world size, shards lost on
 every node), and the caller falls back to the durable tier.
+
+Local steps are bound to one durable root (the tier id, :func:`root_tier_id`) and each
+local save to a save id the coordinator draws: a restore only assembles shards of one
+save of this root, and never reads nor deletes another root's files.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
+import uuid
 from dataclasses import dataclass
 from typing import Any
 
@@ -30,11 +35,12 @@ from shardckpt.format.local_step import ShardIndex
 from shardckpt.manager import replication, shard_image
 from shardckpt.manager.local_store import HeldShard, LocalStore, byte_view
 from shardckpt.manager.replication import Topology
+from shardckpt.storage.base import Storage
 
 log = logging.getLogger("shardckpt")
 
-# (step, rank, world_size, holder, data_bytes, xxh3): one committed shard a rank can read.
-Report = tuple[int, int, int, int, int, str]
+# (step, rank, world_size, holder, data_bytes, xxh3, save_id): one committed shard a rank can read.
+Report = tuple[int, int, int, int, int, str, str]
 
 
 @dataclass(frozen=True)
@@ -64,15 +70,19 @@ class LocalTier:
     """One rank's part of the fast tier. Collective: construct it, and call ``save``,
     ``wait``, ``restore`` and ``close``, on every rank of ``group`` in the same order.
     ``group`` is a gloo group of its own (the background thread uses it). Drive it from
-    one thread; whoever creates it calls :meth:`close`. ``store``: the rank's
+    one thread; whoever creates it calls :meth:`close`. ``tier``: the durable root's tier
+    id (:func:`root_tier_id`, the same on every rank). ``store``: the rank's
     :class:`LocalStore` (tests pass a subclass that fails)."""
 
-    def __init__(self, options: LocalTierOptions, group: RankGroup, store: LocalStore | None = None) -> None:
+    def __init__(self, options: LocalTierOptions, group: RankGroup, tier: str, store: LocalStore | None = None) -> None:
         self.options = options
         self._group = group
         self._topology = Topology.gather(group)
         self._topology.check(options.replicas if group.world_size > 1 else 0)
-        self._store = store if store is not None else LocalStore(options.local_dir, group.rank)
+        self._store = store if store is not None else LocalStore(options.local_dir, group.rank, tier)
+        if self._store.tier != tier:
+            raise ValueError(f"local tier of root {tier} given a store of root {self._store.tier}")
+        self.tier = tier
         self._stager = Stager()
         self._thread: threading.Thread | None = None
         self._pending_step: int | None = None
@@ -91,22 +101,35 @@ class LocalTier:
         self._check_open()
         self.wait()
         g = self._group
+        # One id per local save, the same on every rank: a restore never mixes shards of
+        # two saves of one step (an earlier attempt's replica, a save cut off midway).
+        save_id = g.decide(f"local save of step {step}: drawing its id", lambda: uuid.uuid4().hex[:16])
         image = g.agree(
             f"local save of step {step}: staging",
-            lambda: shard_image.stage_image(self._stager, state_dict, step=step, rank=g.rank, world_size=g.world_size),
+            lambda: shard_image.stage_image(
+                self._stager,
+                state_dict,
+                step=step,
+                rank=g.rank,
+                world_size=g.world_size,
+                tier=self.tier,
+                save_id=save_id,
+            ),
         )
         self._failure = None
         self._pending_step = step
-        self._thread = threading.Thread(target=self._run, args=(step, image), name="shardckpt-local-save", daemon=False)
+        self._thread = threading.Thread(
+            target=self._run, args=(step, save_id, image), name="shardckpt-local-save", daemon=False
+        )
         self._thread.start()
 
-    def _run(self, step: int, image: torch.Tensor) -> None:
+    def _run(self, step: int, save_id: str, image: torch.Tensor) -> None:
         try:
-            self.write_step(step, image)
+            self.write_step(step, save_id, image)
         except BaseException as e:  # noqa: BLE001 - raised on every rank by wait()
             self._failure = e
 
-    def write_step(self, step: int, image: torch.Tensor) -> None:
+    def write_step(self, step: int, save_id: str, image: torch.Tensor) -> None:
         """Exchange replicas with partners (the one collective, on the tier's group, made
         first so that a local failure never leaves a partner waiting), then commit
         ``image`` and the replicas received, and apply retention. The save thread's body."""
@@ -116,7 +139,7 @@ class LocalTier:
         received: dict[int, tuple[torch.Tensor, int]] = {}
         if replicas:
             received = replication.exchange(g, self._topology, replicas, image, replication.digest_int(digest))
-        shards = [(ShardIndex(step, g.rank, g.world_size, g.rank, image.numel(), digest), image)]
+        shards = [(ShardIndex(step, g.rank, g.world_size, g.rank, image.numel(), digest, self.tier, save_id), image)]
         for src, (buf, sent) in sorted(received.items()):
             got = integrity.hash_hex(byte_view(buf))
             if got != replication.digest_hex(sent):
@@ -124,7 +147,7 @@ class LocalTier:
                     f"rank {g.rank}: the replica of rank {src}'s step {step} arrived with xxh3 {got}, "
                     f"sent as {replication.digest_hex(sent)}; not committed"
                 )
-            shards.append((ShardIndex(step, src, g.world_size, g.rank, buf.numel(), got), buf))
+            shards.append((ShardIndex(step, src, g.world_size, g.rank, buf.numel(), got, self.tier, save_id), buf))
         failures: list[ShardckptError] = []
         for index, data in shards:  # each one committed even if another failed
             try:
@@ -160,9 +183,20 @@ class LocalTier:
         self.wait()
         g = self._group
         plain = PlainState.of(state_dict)  # on every rank, before any rank may return
+        foreign = self._store.foreign()
+        if foreign:
+            log.info(
+                "shardckpt: local tier (%s): ignoring %s, local steps of another durable root or of an older "
+                "layout (left in place: remove them once no job needs them)",
+                self.options.local_dir,
+                foreign[:5],
+            )
         held = {s.key(): s for s in self._store.scan()}
         reports = self._gather(
-            [(*k[:2], s.index.world_size, k[2], s.index.data_bytes, s.index.xxh3) for k, s in held.items()]
+            [
+                (*k[:2], s.index.world_size, k[2], s.index.data_bytes, s.index.xxh3, s.index.save_id)
+                for k, s in held.items()
+            ]
         )
         excluded: set[tuple[str, Report]] = set()
         while True:
@@ -236,6 +270,11 @@ class LocalTier:
             return str(e)
         if contents.world_size != self._group.world_size or contents.rank != self._group.rank:
             return f"{where} holds rank {contents.rank} of {contents.world_size}"
+        if (contents.tier_id, contents.save_id) != (self.tier, report[6]):
+            return (
+                f"{where} belongs to root {contents.tier_id}, save {contents.save_id}; its index says root "
+                f"{self.tier}, save {report[6]}"
+            )
         return shard_image.target_problem(contents, plain)
 
     def _gather(self, mine: list[Any]) -> list[list[Any]]:
@@ -273,10 +312,11 @@ def choose(
     not_older_than: int | None,
 ) -> tuple[int | None, dict[int, tuple[int, Report]], str]:
     """Pure, computed alike on every rank from the gathered ``reports`` (per rank, what
-    it can read). The newest step with a copy of every rank's shard, and for each rank
-    who provides it (itself if it can, else the lowest rank holding a copy); else None
-    and why."""
-    holders: dict[int, dict[int, list[tuple[int, Report]]]] = {}
+    it can read). The newest step of which one save has a copy of every rank's shard, and
+    for each rank who provides it (itself if it can, else the lowest rank holding a copy);
+    else None and why. Shards of different saves of one step (an earlier attempt's
+    replica) are never mixed; a step two saves complete is ambiguous and skipped."""
+    holders: dict[int, dict[str, dict[int, list[tuple[int, Report]]]]] = {}
     other_worlds: set[int] = set()
     for provider, reps in enumerate(reports):
         for rep in reps:
@@ -285,7 +325,8 @@ def choose(
             if rep[2] != world_size:
                 other_worlds.add(rep[2])
                 continue
-            holders.setdefault(rep[0], {}).setdefault(rep[1], []).append((provider, rep))
+            by_save = holders.setdefault(rep[0], {}).setdefault(rep[6], {})
+            by_save.setdefault(rep[1], []).append((provider, rep))
     if not holders:
         if other_worlds:
             return None, {}, f"local steps were saved by {sorted(other_worlds)} ranks; this job has {world_size}"
@@ -294,13 +335,22 @@ def choose(
     for step in sorted(holders, reverse=True):
         if not_older_than is not None and step < not_older_than:
             return None, {}, f"{why}the newest complete local step is older than the durable step {not_older_than}"
-        missing = [r for r in range(world_size) if r not in holders[step]]
-        if missing:
-            why += f"step {step}: no live copy of the shard of rank(s) {missing[:8]}; "
+        saves = holders[step]
+        complete = sorted(sid for sid, by_rank in saves.items() if all(r in by_rank for r in range(world_size)))
+        if len(complete) > 1:
+            why += f"step {step}: saves {complete} are each complete, which is newest is unknown; "
+            continue
+        if not complete:
+            have = set().union(*(set(by_rank) for by_rank in saves.values()))
+            missing = [r for r in range(world_size) if r not in have]
+            if missing:
+                why += f"step {step}: no live copy of the shard of rank(s) {missing[:8]}; "
+            else:
+                why += f"step {step}: its shards come from {len(saves)} different saves, none complete; "
             continue
         sources = {}
         for r in range(world_size):
-            copies = holders[step][r]
+            copies = saves[complete[0]][r]
             own = [c for c in copies if c[0] == r]
             sources[r] = own[0] if own else min(copies)
         return step, sources, ""
@@ -308,16 +358,60 @@ def choose(
 
 
 def open_local_tier(
-    checkpointer: Checkpointer, process_group: Any, timeout_s: float, options: LocalTierOptions | None
+    checkpointer: Checkpointer,
+    process_group: Any,
+    timeout_s: float,
+    options: LocalTierOptions | None,
+    storage: Storage,
+    *,
+    create_record: bool,
 ) -> LocalTier | None:
-    """Collective (creates the tier's gloo group, purpose ``"local"``, and gathers node
-    ids): the manager's tier, or None without ``options``."""
+    """Collective (creates the tier's gloo group, purpose ``"local"``, gathers node ids, and
+    the coordinator reads, or with ``create_record`` creates, the root's record): the
+    manager's tier for the durable root ``storage``; None without ``options``, or when the
+    root has no record and may not get one (a read-only manager: a log line says so)."""
     if options is None:
         return None
     group = RankGroup.current(process_group)
     if group.is_distributed:
         group = RankGroup.current(checkpointer.group(process_group, timeout_s, purpose="local"))
-    return LocalTier(options, group)
+    tier = group.decide(
+        f"reading the local tier's record of {storage.url}", lambda: root_tier_id(storage, create=create_record)
+    )
+    if tier is None:
+        log.info(
+            "shardckpt: local tier (%s) off: %s has no %s (only a writing manager creates it)",
+            options.local_dir,
+            storage.url,
+            local_step.ROOT_RECORD_NAME,
+        )
+        return None
+    return LocalTier(options, group, tier)
+
+
+def root_tier_id(storage: Storage, *, create: bool) -> str | None:
+    """Coordinator. The tier id of the durable root ``storage``
+    (:func:`local_step.tier_id` of its location and its record's id); the record is created
+    exclusively when missing and ``create``, else None. Written once, never replaced."""
+    where = f"{storage.url}/{local_step.ROOT_RECORD_NAME}"
+    try:
+        raw = storage.read_bytes(local_step.ROOT_RECORD_NAME)
+    except FileNotFoundError:
+        if not create:
+            return None
+        try:
+            storage.create_exclusive(local_step.ROOT_RECORD_NAME, local_step.root_record(uuid.uuid4().hex))
+        except FileExistsError:
+            pass  # another manager made it first: use theirs
+        raw = storage.read_bytes(local_step.ROOT_RECORD_NAME)
+    try:
+        record_id = local_step.parse_root_record(raw, where=where)
+    except ManifestError as e:
+        raise ManifestError(
+            f"{e}. It is the fast tier's id of this root; move the file away to let the manager write a new one "
+            "(local steps saved under the old id are then no longer restored)"
+        ) from e
+    return local_step.tier_id(storage.location, record_id)
 
 
 def restore_tiers(tier: LocalTier, state_dict: dict[str, Any], newest_durable: int | None, root: str) -> int | None:

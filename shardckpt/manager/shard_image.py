@@ -24,9 +24,12 @@ from shardckpt.format.local_step import ImageContents
 from shardckpt.format.values import decode_value, encode_value
 
 
-def stage_image(stager: Stager, state_dict: dict[str, Any], *, step: int, rank: int, world_size: int) -> torch.Tensor:
+def stage_image(
+    stager: Stager, state_dict: dict[str, Any], *, step: int, rank: int, world_size: int, tier: str, save_id: str
+) -> torch.Tensor:
     """The image of ``state_dict`` (a uint8 view of ``stager``'s arena, valid until the
-    next call). The caller may change its tensors once this returns."""
+    next call), marked with the durable root's ``tier`` id and the local save's
+    ``save_id``. The caller may change its tensors once this returns."""
     flat, _ = flatten_with_mappings(PlainState.of(state_dict).tree)
     tensors: dict[str, torch.Tensor] = {}
     values: dict[str, Any] = {}
@@ -37,7 +40,9 @@ def stage_image(stager: Stager, state_dict: dict[str, Any], *, step: int, rank: 
         else:
             values[key] = encode_value(obj, key=key)
     shapes = {k: (t.dtype, tuple(t.shape)) for k, t in tensors.items()}
-    layout = local_step.plan_image(shapes, values, step=step, rank=rank, world_size=world_size)
+    layout = local_step.plan_image(
+        shapes, values, step=step, rank=rank, world_size=world_size, tier=tier, save_id=save_id
+    )
     on_gpu = any(t.is_cuda for t in tensors.values())
     image = stager.arena(layout.total_bytes, on_gpu and torch.cuda.is_available())[: layout.total_bytes]
     head = len(layout.header)
