@@ -17,7 +17,8 @@ holding, for each shard the node keeps (its ranks' own, and replicas of other no
 
 ``rank`` is whose shard it is, ``holder`` the rank that wrote it (the rank itself, or the
 partner keeping a replica). A shard exists if and only if its index parses and names the
-data file's exact size; its xxh3-64 is checked before a byte of it is used. Its index also
+data file's exact size; its checksum (:func:`image_digest`, xxh3-64 over 8 MiB blocks) is
+checked while it is copied, and a copy that fails it is never used. Its index also
 names the tier id and the save id, drawn by the coordinator for each local save and the
 same on every rank: a step is restored only from shards of one save of one root.
 
@@ -38,7 +39,7 @@ from typing import Any
 import torch
 
 from shardckpt.errors import ManifestError
-from shardckpt.format import datafile
+from shardckpt.format import datafile, integrity
 
 FORMAT = "shardckpt-local-shard"
 VERSION = 2  # 2: bound to a durable root and a save (tier_id, save_id); version 1 indices are ignored
@@ -47,6 +48,8 @@ MAX_INDEX_BYTES = 4096  # an index is ~200 bytes; anything larger is not ours
 
 _SHARD = re.compile(r"^shard_r([0-9]{5,})_h([0-9]{5,})\.(safetensors|json)$")
 _TEMP = re.compile(r"^\.shard_r([0-9]{5,})_h([0-9]{5,})\.(safetensors|json)\.tmp-[0-9a-f]{12}$")
+BLOCK_BYTES = 8 * 1024 * 1024  # the image's checksum is over blocks of this size, hashed apart
+
 _HEX16 = re.compile(r"^[0-9a-f]{16}$")
 _HEX32 = re.compile(r"^[0-9a-f]{32}$")
 _ROOT_DIR = re.compile(r"^root_([0-9a-f]{16})$")
@@ -129,6 +132,18 @@ def holder_of(name: str) -> int | None:
     """The holder rank of any name the tier writes (data, index or temp), else None."""
     m = _SHARD.match(name) or _TEMP.match(name)
     return None if m is None else int(m.group(2))
+
+
+def image_digest(block_digests: list[str]) -> str:
+    """An image's checksum (the index's ``xxh3``): xxh3-64 of the concatenated xxh3-64 hex
+    digests of its :data:`BLOCK_BYTES` blocks (the last may be shorter), so that several
+    threads can verify the blocks they copy, each on its own."""
+    return integrity.hash_hex("".join(block_digests).encode())
+
+
+def digest_of(image: memoryview) -> str:
+    """:func:`image_digest` of a whole image in memory."""
+    return image_digest(integrity.block_hashes(image, BLOCK_BYTES))
 
 
 @dataclass(frozen=True)
@@ -234,9 +249,10 @@ class ImageContents:
     save_id: str
 
 
-def read_image(image: bytes | memoryview, *, where: str) -> ImageContents:
-    """Parse the header of an image whose checksum matched; ManifestError if it is not ours."""
-    size = len(image)
+def read_image(image: bytes | memoryview, *, where: str, size: int | None = None) -> ImageContents:
+    """Parse the header of an image; ManifestError if it is not ours. ``image``: the whole
+    image, or its start (header included) with the whole ``size``."""
+    size = len(image) if size is None else size
     n = datafile.header_length(bytes(image[: datafile.HEADER_LEN_BYTES]), file=where, file_size=size)
     raw = bytes(image[datafile.HEADER_LEN_BYTES : datafile.HEADER_LEN_BYTES + n])
     entries, meta = datafile.parse_header(raw, file=where, file_size=size)

@@ -23,8 +23,8 @@ from dataclasses import dataclass
 
 import torch
 
-from shardckpt.errors import IntegrityError, ManifestError, StorageError
-from shardckpt.format import integrity, layout, local_step
+from shardckpt.errors import ManifestError, StorageError
+from shardckpt.format import layout, local_step
 from shardckpt.format.local_step import ShardIndex
 
 log = logging.getLogger("shardckpt")
@@ -106,27 +106,6 @@ class LocalStore:
                 if shard is not None:
                     found.append(shard)
         return found
-
-    def read(self, shard: HeldShard) -> torch.Tensor:
-        """The verified bytes of a committed shard (IntegrityError if its checksum differs),
-        mapped private from the file: on a RAM disk no byte is copied until the caller
-        copies it into its tensors (reading into a buffer first made a restore ~3x slower).
-        The tier never truncates a committed file (it replaces by rename), so the mapping
-        stays valid even if retention unlinks the name."""
-        try:
-            size = os.stat(shard.path).st_size
-            if size != shard.index.data_bytes:
-                raise IntegrityError(f"{shard.path}: {size} bytes, its index says {shard.index.data_bytes}")
-            image = torch.from_file(shard.path, shared=False, size=size, dtype=torch.uint8)
-        except (OSError, RuntimeError) as e:
-            raise StorageError(f"rank {self.holder}: reading the local shard {shard.path}: {e}") from e
-        digest = integrity.hash_hex(byte_view(image))
-        if digest != shard.index.xxh3:
-            raise IntegrityError(
-                f"{shard.path}: checksum mismatch (expected xxh3 {shard.index.xxh3}, computed {digest}); the "
-                "local copy is corrupt and is not used"
-            )
-        return image
 
     def retain(self, keep_last: int) -> list[int]:
         """Remove this holder's files of every step but the newest ``keep_last`` that have
