@@ -108,9 +108,12 @@ class LocalStore:
         return found
 
     def retain(self, keep_last: int) -> list[int]:
-        """Remove this holder's files of every step but the newest ``keep_last`` that have
-        any; returns the steps removed. Other holders' files and other names stay."""
+        """Keep this holder's files of the newest ``keep_last`` steps where it has a
+        committed shard (an index: a folder of temp files left by a cut-off write is no
+        step) and remove its files of every other step of this root, temp files included;
+        returns the steps removed. Other holders' files and other names stay."""
         mine: dict[int, list[str]] = {}
+        committed: list[int] = []
         for entry in _list(self.folder):
             step = layout.parse_step_dir(entry)
             if step is None:
@@ -119,7 +122,10 @@ class LocalStore:
             names = [n for n in _list(folder) if local_step.holder_of(n) == self.holder]
             if names:
                 mine[step] = [os.path.join(folder, n) for n in names]
-        old = sorted(mine)[:-keep_last] if keep_last > 0 else sorted(mine)
+            if any((local_step.parse_index_name(n) or (-1, -1))[1] == self.holder for n in names):
+                committed.append(step)
+        keep = set(sorted(committed)[-keep_last:]) if keep_last > 0 else set()
+        old = sorted(step for step in mine if step not in keep)
         for step in old:
             self._remove(step, mine[step])
         return old

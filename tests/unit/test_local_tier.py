@@ -366,6 +366,24 @@ def test_store_commit_replaces_a_shard_of_the_same_step(tmp_path):
     ]
 
 
+def test_retention_counts_only_committed_steps_not_a_folder_of_temp_files(tmp_path):
+    store = LocalStore(str(tmp_path), 0, TIER)
+    for step in (1, 2):
+        payload = b"step %d" % step
+        index = local_step.ShardIndex(
+            step, 0, 1, 0, len(payload), local_step.digest_of(memoryview(payload)), TIER, "1" * 16
+        )
+        store.commit(index, memoryview(payload))
+    crashed = root_dir(tmp_path) / "step_0000000003"  # a write of step 3 cut off before its rename
+    crashed.mkdir()
+    (crashed / local_step.temp_name(local_step.data_name(0, 0), "0123456789ab")).write_bytes(b"half")
+    (crashed / local_step.temp_name(local_step.data_name(0, 1), "0123456789ab")).write_bytes(b"holder 1's")
+    assert store.retain(2) == [3]  # steps 1 and 2 are the two newest committed ones: both stay
+    assert step_dirs(tmp_path) == ["step_0000000001", "step_0000000002", "step_0000000003"]
+    assert os.listdir(crashed) == [local_step.temp_name(local_step.data_name(0, 1), "0123456789ab")]
+    assert [s.index.step for s in store.scan()] == [1, 2]
+
+
 class DiskFullAfterData(LocalStore):
     """Writes a shard's data file, then fails as a full disk would, before the index."""
 
