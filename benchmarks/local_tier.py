@@ -10,8 +10,9 @@ gloo send of the shard; launch/recovery_demo.sh shows that end to end). Every sy
 measured once per repetition, in a shuffled order, after a dropped warm-up
 (common.interleaved); ``local_again`` is the local restore measured a second time under
 another name (the A/A control: its ratio to ``local`` is the noise floor). Every restore is
-checked bitwise. Medians, spreads and paired ratios are printed as JSON and written with
-``--out``.
+checked bitwise. Medians, spreads and paired ratios of wall time, and the process's CPU
+time per restore (less sensitive than wall time to other jobs on a busy machine), are
+printed as JSON and written with ``--out``.
 """
 
 from __future__ import annotations
@@ -101,6 +102,7 @@ def main() -> None:
             s3.save(3, state)
             systems["s3"] = lambda: s3.restore(target, step=3)
         samples: dict[str, list[float]] = {name: [] for name in systems}
+        cpu: dict[str, list[float]] = {name: [] for name in systems}  # this process's CPU seconds, all threads
         bitwise = True
         for _rep, warmup, order in common.interleaved(list(systems), args.repeats):
             for name in order:
@@ -108,12 +110,13 @@ def main() -> None:
                     for t in target[part].values():
                         t.zero_()
                 target["step"] = 0
-                t0 = time.perf_counter()
+                t0, c0 = time.perf_counter(), time.process_time()
                 step = systems[name]()
-                took = time.perf_counter() - t0
+                took, used = time.perf_counter() - t0, time.process_time() - c0
                 bitwise &= step == 3 and same(target, state)
                 if not warmup:
                     samples[name].append(took)
+                    cpu[name].append(used)
     finally:
         for m in managers:
             m.close()
@@ -121,6 +124,7 @@ def main() -> None:
             server.stop()
         shutil.rmtree(args.durable_dir, ignore_errors=True)
     out: dict[str, Any] = {name: common.summarize(v) for name, v in samples.items()}
+    out["cpu_s"] = {name: common.summarize(v) for name, v in cpu.items()}
     out["local_save_stall_s"] = common.summarize(stalls[1:])  # the first one allocates the staging buffer
     out["ratios"] = {
         f"{name}/local": common.paired_ratios(samples[name], samples["local"]) for name in systems if name != "local"
