@@ -16,8 +16,9 @@ import shardckpt
 from shardckpt.engine.collective import RankGroup
 from shardckpt.errors import ManifestError, StorageError
 from shardckpt.format import local_step
+from shardckpt.manager.local_decision import choose
 from shardckpt.manager.local_store import LocalStore
-from shardckpt.manager.local_tier import LocalTier, LocalTierOptions, choose
+from shardckpt.manager.local_tier import LocalTier, LocalTierOptions
 from shardckpt.manager.replication import Topology
 
 
