@@ -507,3 +507,23 @@ def test_train_state_restores_from_the_local_tier(tmp_path, caplog):
         assert fresh.step == 4 and fresh.extras["tokens"] == 32
         assert torch.equal(fresh.model.weight, ts.model.weight)
         assert torch.equal(torch.rand(3), expected_rng)  # the RNG stream came back too
+
+
+def test_a_read_only_manager_reads_the_record_and_never_writes_one(tmp_path, caplog):
+    bare, local = tmp_path / "bare", tmp_path / "local"
+    with shardckpt.CheckpointManager(bare) as mgr:  # no local_dir: no record
+        mgr.save(1, state(1.0))
+    with caplog.at_level(logging.INFO, logger="shardckpt"):
+        with shardckpt.CheckpointManager(bare, local_dir=local, read_only=True) as ro:
+            target = blank()
+            assert ro.restore(target) == 1
+    assert "local tier" in caplog.text and "off" in caplog.text
+    assert not (bare / local_step.ROOT_RECORD_NAME).exists()
+    assert_bitwise(target, state(1.0))
+    with shardckpt.CheckpointManager(tmp_path / "run", local_dir=local, save_interval_steps=10) as writer:
+        writer.save(3, state(3.0))
+        writer.wait()
+        with shardckpt.CheckpointManager(tmp_path / "run", local_dir=local, read_only=True) as ro:
+            target = blank()
+            assert ro.restore(target) == 3  # the writer's local step, through the root's record
+        assert_bitwise(target, state(3.0))
