@@ -8,7 +8,8 @@ into this node's --local-dir (one copy on the other node) and a durable step eve
 tier, the step and the time, then times a durable restore of the newest durable step into a
 copy of the model for comparison. Rank 0 appends {"step", "loss" (float.hex)} per step to
 --log-json. With --die-at K, every rank finishes its pending saves at step K and the ranks
-of node $SHARDCKPT_NODE_ID == --die-node SIGKILL themselves.
+of node $SHARDCKPT_NODE_ID == --die-node SIGKILL themselves. With --expect TIER:STEP, every
+rank exits with status 3 and a message unless the restore came from that tier at that step.
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--log-json", required=True)
     ap.add_argument("--die-at", type=int, default=0, help="the step after which --die-node's ranks SIGKILL themselves")
     ap.add_argument("--die-node", default="node0")
+    ap.add_argument("--expect", default="", help="TIER:STEP the restore must come from (local or durable)")
     return ap.parse_args()
 
 
@@ -98,6 +100,12 @@ def main() -> None:
             print(f"[recovery] restored step {start} from the {tier} tier in {restore_s:.3f} s{note}", flush=True)
             for m in lines.messages:
                 print(f"[recovery] log: {m}", flush=True)
+        got = f"{tier}:{start}"
+    else:
+        got = "nothing:0"
+    if args.expect and got != args.expect:
+        print(f"[recovery] FAILED on rank {rank}: restored {got}, expected {args.expect}", flush=True)
+        raise SystemExit(3)
     node = os.environ.get("SHARDCKPT_NODE_ID", "")
     for step in range((start or 0) + 1, args.steps + 1):
         g = torch.Generator().manual_seed(step * 1000 + rank)

@@ -8,6 +8,9 @@
 #   3. the job restarts on both nodes: it prints which tier it restored from, the step, the
 #      restore time against a durable restore, and trains on to STEPS;
 #   4. the losses after the restart are compared with the reference, bit for bit.
+# It exits non-zero, saying why, when a node fails, when the restart restores anything but
+# the newest local step (the last multiple of LOCAL_EVERY up to DIE_AT: EXPECT, default
+# "local:<that step>"), or when a loss differs from the reference's.
 #
 #   bash launch/recovery_demo.sh [OUT_DIR]   (default runs/recovery_demo; wiped first)
 #   STEPS=12 LOCAL_EVERY=2 DURABLE_EVERY=5 DIE_AT=9 HIDDEN=512 bash launch/recovery_demo.sh
@@ -16,6 +19,7 @@ cd "$(dirname "$0")/.."
 OUT="${1:-runs/recovery_demo}"
 STEPS="${STEPS:-12}" LOCAL_EVERY="${LOCAL_EVERY:-2}" DURABLE_EVERY="${DURABLE_EVERY:-5}"
 DIE_AT="${DIE_AT:-9}" HIDDEN="${HIDDEN:-512}"
+EXPECT="${EXPECT:-local:$((DIE_AT / LOCAL_EVERY * LOCAL_EVERY))}"
 rm -rf "$OUT" && mkdir -p "$OUT"
 export OMP_NUM_THREADS=1
 
@@ -36,9 +40,21 @@ run() {
     done
 }
 
+# wait_nodes: both nodes' exit status (a bare `wait A B` reports only B's).
+wait_nodes() {
+    local status=0
+    wait "${NODE_PIDS[0]}" || status=$?
+    wait "${NODE_PIDS[1]}" || status=$?
+    if [ "$status" != 0 ]; then
+        echo "FAILED: a node of the job exited with status $status; see $OUT/*.out" >&2
+        tail -n 5 "$OUT"/*.out >&2
+        exit "$status"
+    fi
+}
+
 echo "== reference: $STEPS steps, no failure"
 run reference
-wait "${NODE_PIDS[0]}" "${NODE_PIDS[1]}"
+wait_nodes
 
 echo "== run: node0 is killed after step $DIE_AT"
 run job --die-at "$DIE_AT"
@@ -52,8 +68,8 @@ rm -rf "$OUT/job/local/node0"                        # node0 came back with an e
 for node in 0 1; do mv "$OUT/job.node$node.out" "$OUT/job.killed.node$node.out"; done
 echo "== wiped $OUT/job/local/node0; restarting both nodes"
 
-run job
-wait "${NODE_PIDS[0]}" "${NODE_PIDS[1]}"
+run job --expect "$EXPECT"
+wait_nodes
 grep -h '^\[recovery\]' "$OUT"/job.node0.out
 
 python3 - "$OUT/reference.jsonl" "$OUT/job.jsonl" <<'PY'
@@ -64,5 +80,6 @@ restart = next(i for i in range(1, len(rows)) if rows[i]["step"] <= rows[i - 1][
 same = all(ref[r["step"]] == r["loss"] for r in rows)
 print(f"trained steps 1-{rows[restart - 1]['step']}, then after the restart steps {rows[restart]['step']}-{rows[-1]['step']}; "
       f"every loss bitwise equal to the reference run's: {same}")
-sys.exit(0 if same and rows[-1]["step"] == max(ref) else 1)
+if not (same and rows[-1]["step"] == max(ref)):
+    sys.exit("FAILED: the losses after the restart are not the reference run's, bit for bit")
 PY

@@ -234,7 +234,14 @@ class CheckpointManager:
                 self._close_checkpointer()
                 raise
         try:
-            self._local = open_local_tier(self._checkpointer, process_group, self._timeouts.arrive_s, local)
+            self._local = open_local_tier(
+                self._checkpointer,
+                process_group,
+                self._timeouts.arrive_s,
+                local,
+                self._storage,
+                create_record=not read_only,
+            )
         except BaseException:
             self.close()
             raise

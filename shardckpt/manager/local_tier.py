@@ -8,12 +8,19 @@ retention. :meth:`LocalTier.restore` decides collectively which step every rank 
 (its own copy, or one a live rank holds) and loads it in place; it returns None, with the
 reason in a log line, when none is complete here (another world size, shards lost on
 every node), and the caller falls back to the durable tier.
+
+Local steps are bound to one durable root (the tier id, :func:`root_tier_id`) and each
+local save to a save id the coordinator draws: a restore only assembles shards of one
+save of this root, and never reads nor deletes another root's files.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
+import os
 import threading
+import uuid
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,17 +31,42 @@ from shardckpt.engine.checkpointer import Checkpointer
 from shardckpt.engine.collective import RankGroup, typed_transport_errors
 from shardckpt.engine.staging import Stager
 from shardckpt.engine.state import PlainState
-from shardckpt.errors import IntegrityError, ManifestError, ShardckptError, StorageError
-from shardckpt.format import integrity, local_step
+from shardckpt.errors import IntegrityError, ManifestError, ShardckptError
+from shardckpt.format import datafile, local_step
 from shardckpt.format.local_step import ShardIndex
 from shardckpt.manager import replication, shard_image
+from shardckpt.manager.local_decision import Report, choose
 from shardckpt.manager.local_store import HeldShard, LocalStore, byte_view
 from shardckpt.manager.replication import Topology
+from shardckpt.storage.base import Storage
 
 log = logging.getLogger("shardckpt")
 
-# (step, rank, world_size, holder, data_bytes, xxh3): one committed shard a rank can read.
-Report = tuple[int, int, int, int, int, str]
+# A copy of a shard: the path of a file of this node, or an image in memory (read or received).
+Copy = str | torch.Tensor
+
+
+def _threads() -> int:
+    """Threads that copy one image (memory-bound: a few are enough)."""
+    return max(1, min(8, os.cpu_count() or 1))
+
+
+def _tensor(copy: Copy) -> torch.Tensor:
+    if isinstance(copy, str):
+        raise TypeError(f"{copy}: a file copy is never sent, only an image read into memory")
+    return copy
+
+
+def _head(copy: Copy, size: int, where: str) -> bytes:
+    """The header of a copy of ``size`` bytes, its length prefix included (bounded by ``size``)."""
+    if isinstance(copy, str):
+        with open(copy, "rb") as f:
+            prefix = f.read(datafile.HEADER_LEN_BYTES)
+            n = datafile.header_length(prefix, file=where, file_size=size)
+            return prefix + f.read(n)
+    prefix = bytes(byte_view(copy[: datafile.HEADER_LEN_BYTES]))
+    n = datafile.header_length(prefix, file=where, file_size=size)
+    return bytes(byte_view(copy[: datafile.HEADER_LEN_BYTES + n]))
 
 
 @dataclass(frozen=True)
@@ -64,20 +96,27 @@ class LocalTier:
     """One rank's part of the fast tier. Collective: construct it, and call ``save``,
     ``wait``, ``restore`` and ``close``, on every rank of ``group`` in the same order.
     ``group`` is a gloo group of its own (the background thread uses it). Drive it from
-    one thread; whoever creates it calls :meth:`close`. ``store``: the rank's
+    one thread; whoever creates it calls :meth:`close`. ``tier``: the durable root's tier
+    id (:func:`root_tier_id`, the same on every rank). ``store``: the rank's
     :class:`LocalStore` (tests pass a subclass that fails)."""
 
-    def __init__(self, options: LocalTierOptions, group: RankGroup, store: LocalStore | None = None) -> None:
+    def __init__(self, options: LocalTierOptions, group: RankGroup, tier: str, store: LocalStore | None = None) -> None:
         self.options = options
         self._group = group
         self._topology = Topology.gather(group)
         self._topology.check(options.replicas if group.world_size > 1 else 0)
-        self._store = store if store is not None else LocalStore(options.local_dir, group.rank)
+        self._store = store if store is not None else LocalStore(options.local_dir, group.rank, tier)
+        if self._store.tier != tier:
+            raise ValueError(f"local tier of root {tier} given a store of root {self._store.tier}")
+        self.tier = tier
         self._stager = Stager()
         self._thread: threading.Thread | None = None
         self._pending_step: int | None = None
         self._failure: BaseException | None = None
         self._closed = False
+        # Whether the last restore copied part of a copy found damaged into the state and
+        # then found no other copy (restore_tiers raises if no durable step is left either).
+        self.state_overwritten = False
 
     def due(self, step: int) -> bool:
         return step % self.options.interval_steps == 0
@@ -91,40 +130,53 @@ class LocalTier:
         self._check_open()
         self.wait()
         g = self._group
+        # One id per local save, the same on every rank: a restore never mixes shards of
+        # two saves of one step (an earlier attempt's replica, a save cut off midway).
+        save_id = g.decide(f"local save of step {step}: drawing its id", lambda: uuid.uuid4().hex[:16])
         image = g.agree(
             f"local save of step {step}: staging",
-            lambda: shard_image.stage_image(self._stager, state_dict, step=step, rank=g.rank, world_size=g.world_size),
+            lambda: shard_image.stage_image(
+                self._stager,
+                state_dict,
+                step=step,
+                rank=g.rank,
+                world_size=g.world_size,
+                tier=self.tier,
+                save_id=save_id,
+            ),
         )
         self._failure = None
         self._pending_step = step
-        self._thread = threading.Thread(target=self._run, args=(step, image), name="shardckpt-local-save", daemon=False)
+        self._thread = threading.Thread(
+            target=self._run, args=(step, save_id, image), name="shardckpt-local-save", daemon=False
+        )
         self._thread.start()
 
-    def _run(self, step: int, image: torch.Tensor) -> None:
+    def _run(self, step: int, save_id: str, image: torch.Tensor) -> None:
         try:
-            self.write_step(step, image)
+            self.write_step(step, save_id, image)
         except BaseException as e:  # noqa: BLE001 - raised on every rank by wait()
             self._failure = e
 
-    def write_step(self, step: int, image: torch.Tensor) -> None:
+    def write_step(self, step: int, save_id: str, image: torch.Tensor) -> None:
         """Exchange replicas with partners (the one collective, on the tier's group, made
         first so that a local failure never leaves a partner waiting), then commit
         ``image`` and the replicas received, and apply retention. The save thread's body."""
         g = self._group
-        digest = integrity.hash_hex(byte_view(image))
+        digest = local_step.digest_of(byte_view(image))
         replicas = self.options.replicas if g.world_size > 1 else 0
         received: dict[int, tuple[torch.Tensor, int]] = {}
         if replicas:
             received = replication.exchange(g, self._topology, replicas, image, replication.digest_int(digest))
-        shards = [(ShardIndex(step, g.rank, g.world_size, g.rank, image.numel(), digest), image)]
+        shards = [(ShardIndex(step, g.rank, g.world_size, g.rank, image.numel(), digest, self.tier, save_id), image)]
         for src, (buf, sent) in sorted(received.items()):
-            got = integrity.hash_hex(byte_view(buf))
+            got = local_step.digest_of(byte_view(buf))
             if got != replication.digest_hex(sent):
                 raise IntegrityError(
                     f"rank {g.rank}: the replica of rank {src}'s step {step} arrived with xxh3 {got}, "
                     f"sent as {replication.digest_hex(sent)}; not committed"
                 )
-            shards.append((ShardIndex(step, src, g.world_size, g.rank, buf.numel(), got), buf))
+            shards.append((ShardIndex(step, src, g.world_size, g.rank, buf.numel(), got, self.tier, save_id), buf))
         failures: list[ShardckptError] = []
         for index, data in shards:  # each one committed even if another failed
             try:
@@ -160,54 +212,82 @@ class LocalTier:
         self.wait()
         g = self._group
         plain = PlainState.of(state_dict)  # on every rank, before any rank may return
+        foreign = self._store.foreign()
+        if foreign:
+            log.info(
+                "shardckpt: local tier (%s): ignoring %s, local steps of another durable root or of an older "
+                "layout (left in place: remove them once no job needs them)",
+                self.options.local_dir,
+                foreign[:5],
+            )
         held = {s.key(): s for s in self._store.scan()}
         reports = self._gather(
-            [(*k[:2], s.index.world_size, k[2], s.index.data_bytes, s.index.xxh3) for k, s in held.items()]
+            [
+                (*k[:2], s.index.world_size, k[2], s.index.data_bytes, s.index.xxh3, s.index.save_id)
+                for k, s in held.items()
+            ]
         )
         excluded: set[tuple[str, Report]] = set()
+        self.state_overwritten = False
         while True:
             step, sources, why = choose(reports, self._topology, g.world_size, excluded, not_older_than)
             if step is None:
                 log.info("shardckpt: local tier (%s): no step to restore: %s", self.options.local_dir, why)
                 return None
-            images, bad = self._read_sources(step, sources, held)
-            all_bad = self._gather(bad)
-            if not any(all_bad):
-                break
-            for rank, reps in enumerate(all_bad):
-                excluded.update((self._topology.nodes[rank], r) for r in reps)
-            log.warning("shardckpt: local step %d: damaged copies %s; trying other copies", step, all_bad)
-        image = self._transfer(step, sources, images)
-        where = f"local step {step} of rank {g.rank}"
-        problems = self._gather([self._load_problem(image, sources[g.rank], plain, where)])
-        named = [f"rank {r}: {p[0]}" for r, p in enumerate(problems) if p[0] is not None]
-        if named:
-            log.info("shardckpt: local step %d cannot be loaded (%s); using the durable tier", step, named[0])
-            return None
-        contents = local_step.read_image(byte_view(image), where=where)
-        g.agree(f"loading {where}", lambda: shard_image.load_image(image, contents, plain))
-        return step
+            copies, bad = self._read_sources(step, sources, held)
+            if self._exclude(step, self._gather(bad), excluded):
+                continue
+            mine = self._transfer(step, sources, copies)
+            provider, report = sources[g.rank]
+            where = f"local step {step} of rank {g.rank}" + ("" if provider == g.rank else f" (from rank {provider})")
+            contents, problem = self._check(mine, report, plain, where)
+            named = [f"rank {r}: {p[0]}" for r, p in enumerate(self._gather([problem])) if p[0] is not None]
+            if named or contents is None:
+                log.info("shardckpt: local step %d cannot be loaded (%s); using the durable tier", step, named[0])
+                return None
+            self.state_overwritten = True
+            failed = self._fill(mine, contents, (provider, report), plain, where)
+            if self._exclude(step, self._gather(failed), excluded):
+                continue
+            g.agree(f"loading {where}", functools.partial(shard_image.finish_load, contents, plain))
+            self.state_overwritten = False
+            return step
+
+    def _exclude(self, step: int, failed: list[list[Any]], excluded: set[tuple[str, Report]]) -> bool:
+        """Note the copies some rank found damaged (gathered (provider, report) pairs), so
+        that ``choose`` looks for other copies; whether there were any."""
+        if not any(failed):
+            return False
+        for pairs in failed:
+            excluded.update((self._topology.nodes[provider], tuple(report)) for provider, report in pairs)
+        log.warning("shardckpt: local step %d: damaged copies %s; trying other copies", step, failed)
+        return True
 
     def _read_sources(
         self, step: int, sources: dict[int, tuple[int, Report]], held: dict[tuple[int, int, int], HeldShard]
-    ) -> tuple[dict[int, torch.Tensor], list[Report]]:
-        """Read (verified) every shard of ``step`` this rank provides; the reports of copies
-        that failed verification."""
-        images: dict[int, torch.Tensor] = {}
-        bad: list[Report] = []
+    ) -> tuple[dict[int, Copy], list[tuple[int, Report]]]:
+        """Every shard of ``step`` this rank provides: its own as a path (read later, straight
+        into the state), another rank's read whole and verified to be sent; and the copies
+        that failed."""
+        me = self._group.rank
+        copies: dict[int, Copy] = {}
+        bad: list[tuple[int, Report]] = []
         for rank, (provider, report) in sorted(sources.items()):
-            if provider != self._group.rank:
+            if provider != me:
                 continue
+            path = held[(report[0], report[1], report[3])].path
             try:
-                images[rank] = self._store.read(held[(report[0], report[1], report[3])])
-            except (IntegrityError, StorageError) as e:
-                log.warning("shardckpt: %s", e)
-                bad.append(report)
-        return images, bad
+                if rank == me:
+                    copies[rank] = path
+                    continue
+                with shard_image.file_reader(path) as read:
+                    copies[rank] = shard_image.read_verified(read, report[4], report[5], where=path, threads=_threads())
+            except (IntegrityError, OSError, EOFError) as e:
+                log.warning("shardckpt: rank %d: reading the local copy %s: %s", me, path, e)
+                bad.append((me, report))
+        return copies, bad
 
-    def _transfer(
-        self, step: int, sources: dict[int, tuple[int, Report]], images: dict[int, torch.Tensor]
-    ) -> torch.Tensor:
+    def _transfer(self, step: int, sources: dict[int, tuple[int, Report]], copies: dict[int, Copy]) -> Copy:
         """Collective: every shard whose provider is another rank is sent to its rank."""
         me = self._group.rank
         ops: list[tuple[str, torch.Tensor, int, int]] = []
@@ -215,28 +295,48 @@ class LocalTier:
             if provider == rank:
                 continue
             if provider == me:
-                ops.append(("send", images[rank], rank, 0))
+                ops.append(("send", _tensor(copies[rank]), rank, 0))
             elif rank == me:
-                images[me] = torch.empty(report[4], dtype=torch.uint8)
-                ops.append(("recv", images[me], provider, 0))
+                copies[me] = torch.empty(report[4], dtype=torch.uint8)
+                ops.append(("recv", _tensor(copies[me]), provider, 0))
         replication.run_p2p(self._group, ops, f"local tier: fetching shards of step {step} from partners")
-        return images[me]
+        return copies[me]
 
-    def _load_problem(
-        self, image: torch.Tensor, source: tuple[int, Report], plain: PlainState, where: str
-    ) -> str | None:
-        """Why this rank cannot load ``image`` (checked on every rank, then gathered, so
-        that no rank raises alone), or None. A local read was verified already."""
-        provider, report = source
-        if provider != self._group.rank and integrity.hash_hex(byte_view(image)) != report[5]:
-            return f"{where} arrived from rank {provider} with another xxh3 than its copy's index records"
+    def _check(
+        self, copy: Copy, report: Report, plain: PlainState, where: str
+    ) -> tuple[local_step.ImageContents | None, str | None]:
+        """The header of this rank's copy and why it cannot be loaded into ``plain`` (checked
+        on every rank, then gathered, so that no rank raises alone), or None."""
         try:
-            contents = local_step.read_image(byte_view(image), where=where)
-        except ManifestError as e:
-            return str(e)
+            head = _head(copy, report[4], where)
+            contents = local_step.read_image(head, where=where, size=report[4])
+        except (ManifestError, OSError) as e:
+            return None, str(e)
         if contents.world_size != self._group.world_size or contents.rank != self._group.rank:
-            return f"{where} holds rank {contents.rank} of {contents.world_size}"
-        return shard_image.target_problem(contents, plain)
+            return None, f"{where} holds rank {contents.rank} of {contents.world_size}"
+        if (contents.tier_id, contents.save_id) != (self.tier, report[6]):
+            return None, (
+                f"{where} belongs to root {contents.tier_id}, save {contents.save_id}; its index says root "
+                f"{self.tier}, save {report[6]}"
+            )
+        return contents, shard_image.target_problem(contents, plain)
+
+    def _fill(
+        self, copy: Copy, contents: local_step.ImageContents, source: tuple[int, Report], plain: PlainState, where: str
+    ) -> list[tuple[int, Report]]:
+        """Read this rank's copy into ``plain``'s tensors, verified; [source] if it failed."""
+        report = source[1]
+        try:
+            if isinstance(copy, str):
+                with shard_image.file_reader(copy) as read:
+                    shard_image.fill_state(read, contents, report[4], plain, report[5], where=where, threads=_threads())
+            else:
+                read = shard_image.buffer_reader(copy)
+                shard_image.fill_state(read, contents, report[4], plain, report[5], where=where, threads=_threads())
+        except (IntegrityError, OSError, EOFError) as e:
+            log.warning("shardckpt: rank %d: %s", self._group.rank, e)
+            return [source]
+        return []
 
     def _gather(self, mine: list[Any]) -> list[list[Any]]:
         g = self._group
@@ -265,65 +365,73 @@ class LocalTier:
             raise ShardckptError(f"local tier {self.options.local_dir}: closed")
 
 
-def choose(
-    reports: list[list[Report]],
-    topology: Topology,
-    world_size: int,
-    excluded: set[tuple[str, Report]],
-    not_older_than: int | None,
-) -> tuple[int | None, dict[int, tuple[int, Report]], str]:
-    """Pure, computed alike on every rank from the gathered ``reports`` (per rank, what
-    it can read). The newest step with a copy of every rank's shard, and for each rank
-    who provides it (itself if it can, else the lowest rank holding a copy); else None
-    and why."""
-    holders: dict[int, dict[int, list[tuple[int, Report]]]] = {}
-    other_worlds: set[int] = set()
-    for provider, reps in enumerate(reports):
-        for rep in reps:
-            if (topology.nodes[provider], rep) in excluded:
-                continue
-            if rep[2] != world_size:
-                other_worlds.add(rep[2])
-                continue
-            holders.setdefault(rep[0], {}).setdefault(rep[1], []).append((provider, rep))
-    if not holders:
-        if other_worlds:
-            return None, {}, f"local steps were saved by {sorted(other_worlds)} ranks; this job has {world_size}"
-        return None, {}, "no committed local step on any rank"
-    why = ""
-    for step in sorted(holders, reverse=True):
-        if not_older_than is not None and step < not_older_than:
-            return None, {}, f"{why}the newest complete local step is older than the durable step {not_older_than}"
-        missing = [r for r in range(world_size) if r not in holders[step]]
-        if missing:
-            why += f"step {step}: no live copy of the shard of rank(s) {missing[:8]}; "
-            continue
-        sources = {}
-        for r in range(world_size):
-            copies = holders[step][r]
-            own = [c for c in copies if c[0] == r]
-            sources[r] = own[0] if own else min(copies)
-        return step, sources, ""
-    return None, {}, why.rstrip("; ")
-
-
 def open_local_tier(
-    checkpointer: Checkpointer, process_group: Any, timeout_s: float, options: LocalTierOptions | None
+    checkpointer: Checkpointer,
+    process_group: Any,
+    timeout_s: float,
+    options: LocalTierOptions | None,
+    storage: Storage,
+    *,
+    create_record: bool,
 ) -> LocalTier | None:
-    """Collective (creates the tier's gloo group, purpose ``"local"``, and gathers node
-    ids): the manager's tier, or None without ``options``."""
+    """Collective (creates the tier's gloo group, purpose ``"local"``, gathers node ids, and
+    the coordinator reads, or with ``create_record`` creates, the root's record): the
+    manager's tier for the durable root ``storage``; None without ``options``, or when the
+    root has no record and may not get one (a read-only manager: a log line says so)."""
     if options is None:
         return None
     group = RankGroup.current(process_group)
     if group.is_distributed:
         group = RankGroup.current(checkpointer.group(process_group, timeout_s, purpose="local"))
-    return LocalTier(options, group)
+    tier = group.decide(
+        f"reading the local tier's record of {storage.url}", lambda: root_tier_id(storage, create=create_record)
+    )
+    if tier is None:
+        log.info(
+            "shardckpt: local tier (%s) off: %s has no %s (only a writing manager creates it)",
+            options.local_dir,
+            storage.url,
+            local_step.ROOT_RECORD_NAME,
+        )
+        return None
+    return LocalTier(options, group, tier)
+
+
+def root_tier_id(storage: Storage, *, create: bool) -> str | None:
+    """Coordinator. The tier id of the durable root ``storage``
+    (:func:`local_step.tier_id` of its location and its record's id); the record is created
+    exclusively when missing and ``create``, else None. Written once, never replaced."""
+    where = f"{storage.url}/{local_step.ROOT_RECORD_NAME}"
+    try:
+        raw = storage.read_bytes(local_step.ROOT_RECORD_NAME)
+    except FileNotFoundError:
+        if not create:
+            return None
+        try:
+            storage.create_exclusive(local_step.ROOT_RECORD_NAME, local_step.root_record(uuid.uuid4().hex))
+        except FileExistsError:
+            pass  # another manager made it first: use theirs
+        raw = storage.read_bytes(local_step.ROOT_RECORD_NAME)
+    try:
+        record_id = local_step.parse_root_record(raw, where=where)
+    except ManifestError as e:
+        raise ManifestError(
+            f"{e}. It is the fast tier's id of this root; move the file away to let the manager write a new one "
+            "(local steps saved under the old id are then no longer restored)"
+        ) from e
+    return local_step.tier_id(storage.location, record_id)
 
 
 def restore_tiers(tier: LocalTier, state_dict: dict[str, Any], newest_durable: int | None, root: str) -> int | None:
     """Collective: the local step if it is at least as new as the durable tier's newest
     (``newest_durable``); logs which tier and why. None: restore from the durable tier."""
     step = tier.restore(state_dict, not_older_than=newest_durable)
+    if step is None and tier.state_overwritten and newest_durable is None:
+        raise IntegrityError(
+            f"the local tier ({tier.options.local_dir}) found its only copies damaged while reading them into the "
+            f"state, and {root} has no durable step: the state now holds part of a damaged copy. Rebuild it "
+            "(fresh initialisation) before training; the warnings above name the damaged files"
+        )
     if step is not None:
         log.info(
             "shardckpt: restored step %d from the local tier (%s); the durable tier's newest is %s",

@@ -3,8 +3,10 @@ node with its own ``local_dir``: a lost node's shards come back from the partner
 bitwise; with a shard lost on every node, or another world size, the durable tier is used and
 a log line says why.
 
-One save run (module fixture: local steps 4 and 6, durable step 5) is copied for each case;
-its ranks leave without ``close()``, as a crashed job does, so the local steps stay."""
+One save run (module fixture: local steps 4 and 6, durable step 5) leaves its ranks without
+``close()``, as a crashed job does, so the local steps stay; each case copies its ``local_dir``s
+and restores with the run's own durable root (local steps are bound to it: a copy of the root
+elsewhere would be another root)."""
 
 from __future__ import annotations
 
@@ -47,11 +49,11 @@ def blank(world: int) -> dict:
     return s
 
 
-def manager(base: str, rank: int, world: int, **kw) -> shardckpt.CheckpointManager:
+def manager(base: str, rank: int, world: int, durable: str | None = None, **kw) -> shardckpt.CheckpointManager:
     node = rank * 2 // world  # two nodes: the lower half of the ranks, the upper half
     os.environ["SHARDCKPT_NODE_ID"] = f"node{node}"
     return shardckpt.CheckpointManager(
-        f"{base}/durable",
+        durable or f"{base}/durable",
         local_dir=f"{base}/local{node}",
         local_interval_steps=2,
         save_interval_steps=5,
@@ -67,13 +69,13 @@ def save_run(rank: int, world: int, base: str) -> None:
     mgr.wait()  # no close(): the job "crashes" with its local steps in place
 
 
-def restore_run(rank: int, world: int, base: str, want_step: int, want_log: str) -> None:
+def restore_run(rank: int, world: int, base: str, want_step: int, want_log: str, durable: str) -> None:
     lines: list[str] = []
     handler = logging.Handler()
     handler.emit = lambda record: lines.append(record.getMessage())  # type: ignore[method-assign]
     logging.getLogger("shardckpt").addHandler(handler)
     logging.getLogger("shardckpt").setLevel(logging.INFO)
-    mgr = manager(base, rank, world, takeover=True)
+    mgr = manager(base, rank, world, durable, takeover=True)
     target = blank(world)
     assert mgr.restore(target) == want_step, lines
     expected = state(want_step, world)
@@ -93,37 +95,53 @@ def saved(tmp_path_factory) -> str:
 
 def copy_of(saved: str, tmp_path) -> str:
     base = str(tmp_path / "run")
-    shutil.copytree(saved, base)
+    for node in (0, 1):
+        shutil.copytree(f"{saved}/local{node}", f"{base}/local{node}")
     return base
 
 
+def steps_in(local: str) -> str:
+    """The folder of the run's durable root in ``local``."""
+    (root,) = [n for n in os.listdir(local) if local_step.parse_root_dir_name(n)]
+    return f"{local}/{root}"
+
+
 def test_replicas_live_on_the_other_node(saved):
-    step6 = [sorted(os.listdir(f"{saved}/local{n}/step_0000000006")) for n in (0, 1)]
+    step6 = [sorted(os.listdir(f"{steps_in(f'{saved}/local{n}')}/step_0000000006")) for n in (0, 1)]
     pairs = ((0, 0), (1, 1), (2, 0), (3, 1))  # (whose shard, holder): own shards and node 1's replicas
     assert step6[0] == sorted([local_step.data_name(*p) for p in pairs] + [local_step.index_name(*p) for p in pairs])
     assert local_step.data_name(0, 2) in step6[1] and local_step.data_name(1, 3) in step6[1]
-    assert sorted(os.listdir(f"{saved}/local0")) == ["step_0000000004", "step_0000000006"]  # keep_last_local=2
+    assert sorted(os.listdir(steps_in(f"{saved}/local0"))) == ["step_0000000004", "step_0000000006"]  # keep_last=2
+    indices = [
+        f"{steps_in(f'{saved}/local{n}')}/step_0000000006/{local_step.index_name(r, r)}" for n, r in ((0, 0), (1, 3))
+    ]
+    save_ids = {local_step.parse_index(open(p, "rb").read(), where=p).save_id for p in indices}
+    assert len(save_ids) == 1  # one save id, agreed by every rank
 
 
 def test_node_loss_restores_from_partner_copies_bitwise(saved, tmp_path):
     base = copy_of(saved, tmp_path)
     shutil.rmtree(f"{base}/local0")  # node 0 died with its RAM disk
-    run_ranks(restore_run, 4, base, 6, "restored step 6 from the local tier")
+    run_ranks(restore_run, 4, base, 6, "restored step 6 from the local tier", f"{saved}/durable")
 
 
 def test_both_copies_lost_falls_back_to_durable(saved, tmp_path):
     base = copy_of(saved, tmp_path)
     shutil.rmtree(f"{base}/local0")
+    node1 = steps_in(f"{base}/local1")
     for step in ("step_0000000004", "step_0000000006"):  # node 1's replicas of rank 0
-        for name in os.listdir(f"{base}/local1/{step}"):
+        for name in os.listdir(f"{node1}/{step}"):
             if name.startswith("shard_r00000_"):
-                os.unlink(f"{base}/local1/{step}/{name}")
-    run_ranks(restore_run, 4, base, 5, "no live copy of the shard of rank(s) [0]")
+                os.unlink(f"{node1}/{step}/{name}")
+    run_ranks(restore_run, 4, base, 5, "no live copy of the shard of rank(s) [0]", f"{saved}/durable")
 
 
 def test_other_world_size_falls_back_to_durable_with_a_log_line(saved, tmp_path):
     base = copy_of(saved, tmp_path)
-    run_ranks(restore_run, 2, base, 5, "local steps were saved by [4] ranks; this job has 2")
+    run_ranks(restore_run, 2, base, 5, "local steps were saved by [4] ranks; this job has 2", f"{saved}/durable")
+
+
+TIER = "0123456789abcdef"  # a durable root's tier id, for tiers made without a manager
 
 
 class ReplicaLostMidway(LocalStore):
@@ -147,7 +165,7 @@ def replication_crash(rank: int, world: int, base: str) -> None:
     group = RankGroup.current(dist.new_group(backend="gloo"))
     local = f"{base}/local{rank}"
     options = LocalTierOptions(local)
-    tier = LocalTier(options, group, store=ReplicaLostMidway(local, rank))
+    tier = LocalTier(options, group, TIER, store=ReplicaLostMidway(local, rank, TIER))
     flat = {"w": torch.full((4,), float(rank))}
     tier.save(1, {"w": flat["w"] + 1})
     tier.save(2, {"w": flat["w"] + 2})
@@ -158,7 +176,7 @@ def replication_crash(rank: int, world: int, base: str) -> None:
         shutil.rmtree(local)  # node 0 is lost: only the half-written replica of its step 2 is left
     dist.barrier()
     target = {"w": torch.zeros(4)}
-    tier = LocalTier(options, group, store=ReplicaLostMidway(local, rank))
+    tier = LocalTier(options, group, TIER, store=ReplicaLostMidway(local, rank, TIER))
     assert tier.restore(target) == 1
     assert torch.equal(target["w"], torch.full((4,), rank + 1.0))
     # One rank's own write fails: its partner still got and kept the replica, the error
@@ -186,3 +204,38 @@ def one_node(rank: int, world: int, base: str) -> None:
 def test_replicas_on_a_single_node_are_refused_on_every_rank(tmp_path):
     run_ranks(one_node, 2, str(tmp_path))
     assert sorted(os.listdir(tmp_path / "local")) == []  # the clean close removed the local step
+
+
+def mixed_saves(rank: int, world: int, base: str) -> None:
+    os.environ["SHARDCKPT_NODE_ID"] = f"node{rank}"
+    group = RankGroup.current(dist.new_group(backend="gloo"))
+    local = f"{base}/local{rank}"
+    tier = LocalTier(LocalTierOptions(local), group, TIER)
+    step2 = f"{local}/{local_step.root_dir_name(TIER)}/step_0000000002"
+    tier.save(2, {"w": torch.full((4,), 10.0 + rank)})  # an attempt that is later redone
+    tier.wait()
+    if rank == 1:
+        shutil.copytree(local, f"{base}/attempt1")
+    dist.barrier()
+    tier.save(2, {"w": torch.full((4,), 20.0 + rank)})  # step 2 again, after a restart from step 1
+    tier.wait()
+    if rank == 1:  # node 1 comes back with its copies of the first attempt
+        shutil.rmtree(local)
+        shutil.copytree(f"{base}/attempt1", local)
+    for name in os.listdir(step2):  # and each node lost its replica of the other's shard
+        if not name.startswith(f"shard_r{rank:05d}_"):
+            os.unlink(f"{step2}/{name}")
+    dist.barrier()
+    lines: list[str] = []
+    handler = logging.Handler()
+    handler.emit = lambda record: lines.append(record.getMessage())  # type: ignore[method-assign]
+    logging.getLogger("shardckpt").addHandler(handler)
+    logging.getLogger("shardckpt").setLevel(logging.INFO)
+    target = {"w": torch.zeros(4)}
+    assert tier.restore(target) is None, target  # rank 0's shard of one save, rank 1's of another
+    assert torch.equal(target["w"], torch.zeros(4))
+    assert any("its shards come from 2 different saves, none complete" in line for line in lines), lines
+
+
+def test_shards_of_two_saves_of_one_step_are_never_restored_together(tmp_path):
+    run_ranks(mixed_saves, 2, str(tmp_path))

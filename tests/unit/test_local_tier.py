@@ -10,14 +10,15 @@ import sys
 
 import pytest
 import torch
-from distributed import kill_group, start_command, wait_for
+from distributed import kill_group, run_command, start_command, wait_for
 
 import shardckpt
 from shardckpt.engine.collective import RankGroup
 from shardckpt.errors import ManifestError, StorageError
-from shardckpt.format import integrity, local_step
+from shardckpt.format import local_step
+from shardckpt.manager.local_decision import choose
 from shardckpt.manager.local_store import LocalStore
-from shardckpt.manager.local_tier import LocalTier, LocalTierOptions, choose
+from shardckpt.manager.local_tier import LocalTier, LocalTierOptions
 from shardckpt.manager.replication import Topology
 
 
@@ -53,12 +54,22 @@ def assert_bitwise(got: dict, want: dict) -> None:
             assert got[k] == v, k
 
 
-def tier(local_dir, keep_last: int = 2) -> LocalTier:
-    return LocalTier(LocalTierOptions(str(local_dir), keep_last=keep_last), RankGroup.current())
+TIER = "0123456789abcdef"  # the durable root's tier id, for tiers made without a manager
+
+
+def tier(local_dir, keep_last: int = 2, tier_id: str = TIER) -> LocalTier:
+    return LocalTier(LocalTierOptions(str(local_dir), keep_last=keep_last), RankGroup.current(), tier_id)
+
+
+def root_dir(local_dir, tier_id: str = TIER):
+    return local_dir / local_step.root_dir_name(tier_id)
 
 
 def step_dirs(local_dir) -> list[str]:
-    return sorted(n for n in os.listdir(local_dir) if n.startswith("step_"))
+    """The step folders of the (one) durable root's folder in ``local_dir``."""
+    roots = [n for n in os.listdir(local_dir) if n.startswith("root_")]
+    assert len(roots) <= 1, roots
+    return sorted(n for n in os.listdir(local_dir / roots[0]) if n.startswith("step_")) if roots else []
 
 
 def test_save_restore_bitwise_in_place_and_safetensors_readable(tmp_path):
@@ -74,15 +85,15 @@ def test_save_restore_bitwise_in_place_and_safetensors_readable(tmp_path):
     assert_bitwise(target, state(3.0))
     from safetensors.torch import load_file
 
-    data = tmp_path / "step_0000000003" / local_step.data_name(0, 0)
+    data = root_dir(tmp_path) / "step_0000000003" / local_step.data_name(0, 0)
     assert torch.equal(load_file(str(data))["model.w"], torch.full((4, 3), 3.0))
     t.close()
 
 
 def test_retention_keeps_newest_and_close_removes_only_what_it_wrote(tmp_path):
     (tmp_path / "notes.txt").write_text("mine")
-    foreign = tmp_path / "step_0000000001"
-    foreign.mkdir()
+    foreign = root_dir(tmp_path) / "step_0000000001"
+    foreign.mkdir(parents=True)
     (foreign / local_step.data_name(1, 1)).write_bytes(b"another holder's file")
     (foreign / "user.bin").write_bytes(b"x")
     t = tier(tmp_path, keep_last=2)
@@ -104,7 +115,7 @@ def test_half_written_and_damaged_steps_are_never_restored(tmp_path, caplog):
     t.wait()
 
     def folder(s: int):
-        return tmp_path / f"step_{s:010d}"
+        return root_dir(tmp_path) / f"step_{s:010d}"
 
     # step 4: the data file flipped one byte (checksum), step 3: no index (crash before the
     # commit), step 2: the index names another size. Step 1 is intact.
@@ -116,14 +127,47 @@ def test_half_written_and_damaged_steps_are_never_restored(tmp_path, caplog):
     (folder(3) / ".shard_r00000_h00000.json.tmp-0123456789ab").write_bytes(b"{")
     with open(folder(2) / local_step.data_name(0, 0), "ab") as f:
         f.write(b"tail")
-    (tmp_path / "step_0000000009").mkdir()
-    (tmp_path / "step_0000000009" / local_step.index_name(0, 0)).write_bytes(b"\x00garbage")
+    folder(9).mkdir()
+    (folder(9) / local_step.index_name(0, 0)).write_bytes(b"\x00garbage")
     target = blank()
     with caplog.at_level(logging.WARNING, logger="shardckpt"):
         assert t.restore(target) == 1
     assert_bitwise(target, state(1.0))
     text = caplog.text
     assert "checksum mismatch" in text and "step_0000000009" in text and "bytes, its index says" in text
+    t.close()
+
+
+def test_an_image_of_several_blocks_is_read_in_place_and_verified_on_the_way(tmp_path, caplog):
+    from shardckpt.errors import IntegrityError
+    from shardckpt.manager.local_tier import restore_tiers
+
+    big = {  # 3 x 5 MiB: blocks of 8 MiB end inside tensors
+        "a": torch.arange(5 << 18, dtype=torch.float32),
+        "b": torch.arange(5 << 18, dtype=torch.int32) * 3,
+        "c": torch.full((5 << 18,), 7.0),
+        "n": 4,
+    }
+    t = tier(tmp_path)
+    t.save(1, big)
+    t.wait()
+    target = {"a": torch.zeros(5 << 18), "b": torch.zeros(5 << 18, dtype=torch.int32), "n": 0}
+    target["c"] = torch.zeros(2, 5 << 18)[1]  # a contiguous view into a larger storage: read in place
+    assert t.restore(target) == 1
+    assert all(torch.equal(target[k], big[k]) for k in "abc") and target["n"] == 4
+    noncontig = {"a": torch.zeros(5 << 18), "b": torch.zeros(5 << 18, dtype=torch.int32), "n": 0}
+    noncontig["c"] = torch.zeros(5 << 18, 2)[:, 1]  # not contiguous: through a bounce buffer
+    assert t.restore(noncontig) == 1 and torch.equal(noncontig["c"], big["c"])
+    data = root_dir(tmp_path) / "step_0000000001" / local_step.data_name(0, 0)
+    with open(data, "r+b") as f:  # one byte of the second block, inside tensor "b"
+        f.seek(9 << 20)
+        byte = f.read(1)
+        f.seek(9 << 20)
+        f.write(bytes([byte[0] ^ 1]))
+    with caplog.at_level(logging.WARNING, logger="shardckpt"):
+        with pytest.raises(IntegrityError, match="holds part of a damaged copy"):
+            restore_tiers(t, noncontig, None, "durable-root")
+    assert "checksum mismatch" in caplog.text
     t.close()
 
 
@@ -192,8 +236,8 @@ def test_partners_live_on_other_nodes():
     Topology(("h", "h")).check(0)
 
 
-def rep(step: int, rank: int, holder: int, world: int = 4) -> tuple:
-    return (step, rank, world, holder, 10, "0" * 16)
+def rep(step: int, rank: int, holder: int, world: int = 4, save: str = "a" * 16) -> tuple:
+    return (step, rank, world, holder, 10, "0" * 16, save)
 
 
 def test_choose_takes_the_newest_complete_step_and_prefers_own_copies():
@@ -214,8 +258,90 @@ def test_choose_takes_the_newest_complete_step_and_prefers_own_copies():
     assert step is None  # the only copy of rank 0's step 20 was damaged, step 10 lacks ranks 2, 3
 
 
+def test_choose_never_mixes_shards_of_two_saves_of_one_step():
+    topo = Topology(("a", "b"))
+    # step 8 of an earlier attempt survives on node b (rank 1's own copy) while node a
+    # holds rank 0's shard of a later save of the same step number: not one save.
+    mixed = [[rep(8, 0, 0, 2, "b" * 16), rep(4, 0, 0, 2), rep(4, 1, 0, 2)], [rep(8, 1, 1, 2, "a" * 16)]]
+    step, sources, _ = choose(mixed, topo, 2, set(), None)
+    assert step == 4 and {r: src[1][6] for r, src in sources.items()} == {0: "a" * 16, 1: "a" * 16}
+    step, _, why = choose([mixed[0][:1], mixed[1]], topo, 2, set(), None)
+    assert step is None and "step 8: its shards come from 2 different saves, none complete" in why
+    both = [[rep(8, 0, 0, 2, "b" * 16), rep(8, 1, 0, 2, "b" * 16)], [rep(8, 0, 1, 2), rep(8, 1, 1, 2)]]
+    step, _, why = choose(both, topo, 2, set(), None)
+    assert step is None and "each complete" in why
+
+
+def test_root_record_and_tier_ids():
+    record = local_step.root_record("0" * 32)
+    assert local_step.parse_root_record(record, where="x") == "0" * 32
+    for bad in (b"{}", b"[", record.replace(b"0" * 32, b"zz"), b" " * 5000):
+        with pytest.raises(ManifestError):
+            local_step.parse_root_record(bad, where="x")
+    a = local_step.tier_id("/runs/a", "0" * 32)
+    assert local_step.is_tier_id(a) and a != local_step.tier_id("/runs/b", "0" * 32)
+    assert a != local_step.tier_id("/runs/a", "1" * 32)
+    assert local_step.parse_root_dir_name(local_step.root_dir_name(a)) == a
+
+
+def test_a_tier_of_another_root_neither_restores_nor_removes_these_local_steps(tmp_path, caplog):
+    t = tier(tmp_path, tier_id="a" * 16)
+    t.save(1, state(1.0))
+    t.wait()
+    before = snapshot(tmp_path)
+    other = tier(tmp_path, keep_last=1, tier_id="b" * 16)
+    with caplog.at_level(logging.INFO, logger="shardckpt"):
+        assert other.restore(blank()) is None
+    assert "no committed local step" in caplog.text and "ignoring ['root_aaaaaaaaaaaaaaaa']" in caplog.text
+    for s in (2, 3):  # its retention and close stay in its own folder
+        other.save(s, state(float(s)))
+    other.close()
+    assert snapshot(tmp_path) == before
+    target = blank()
+    assert t.restore(target) == 1
+    assert_bitwise(target, state(1.0))
+    t.close()
+
+
+def snapshot(folder) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+CRASHED_JOB = """
+import os, sys, torch, shardckpt
+mgr = shardckpt.CheckpointManager(sys.argv[1], local_dir=sys.argv[2], save_interval_steps=2)
+for step in (1, 2, 3):
+    mgr.save(step, {"w": torch.full((4,), float(step)), "step": step})
+mgr.wait()
+os._exit(0)  # a crash: no close(), the local steps stay
+"""
+
+
+def test_a_fresh_durable_root_never_restores_an_old_local_dir(tmp_path, caplog):
+    root, local = tmp_path / "run", tmp_path / "local"
+    done = run_command([sys.executable, "-c", CRASHED_JOB, str(root), str(local)])
+    assert done.returncode == 0, done.stderr
+    before = snapshot(local)
+    assert len(before) == 4  # steps 2 and 3 (keep_last_local=2), data file and index each
+
+    def restore(where) -> tuple[int | None, dict]:
+        target = {"w": torch.zeros(4), "step": 0}
+        with shardckpt.CheckpointManager(where, local_dir=local, save_interval_steps=2) as mgr:
+            return mgr.restore(target), target
+
+    step, got = restore(root)  # its own root: the local step 3
+    assert step == 3 and got["step"] == 3 and torch.equal(got["w"], torch.full((4,), 3.0))
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="shardckpt"):
+        assert restore(tmp_path / "another")[0] is None  # a new job with another root
+    assert "ignoring ['root_" in caplog.text and "no committed local step" in caplog.text
+    os.rename(root, tmp_path / "old")  # the same URL, a fresh root: its durable step 2 is gone too
+    assert restore(root)[0] is None
+    assert snapshot(local) == before  # never replaced or deleted
+
+
 def test_index_parser_refuses_hostile_input():
-    good = local_step.ShardIndex(1, 0, 2, 1, 10, "0123456789abcdef")
+    good = local_step.ShardIndex(1, 0, 2, 1, 10, "0123456789abcdef", TIER, "fedcba9876543210")
     assert local_step.parse_index(good.to_json(), where="x") == good
     for bad in (b"[]", b"{", b'{"format": "shardckpt-local-shard", "version": 1}', b" " * 5000):
         with pytest.raises(ManifestError):
@@ -228,12 +354,35 @@ def test_index_parser_refuses_hostile_input():
 
 
 def test_store_commit_replaces_a_shard_of_the_same_step(tmp_path):
-    store = LocalStore(str(tmp_path), 0)
-    for payload in (b"first", b"second!"):
-        store.commit(local_step.ShardIndex(5, 0, 1, 0, len(payload), integrity.hash_hex(payload)), memoryview(payload))
+    store = LocalStore(str(tmp_path), 0, TIER)
+    for payload, save in ((b"first", "1" * 16), (b"second!", "2" * 16)):
+        index = local_step.ShardIndex(5, 0, 1, 0, len(payload), local_step.digest_of(memoryview(payload)), TIER, save)
+        store.commit(index, memoryview(payload))
     (shard,) = store.scan()
-    assert bytes(store.read(shard).numpy()) == b"second!"
-    assert sorted(os.listdir(tmp_path / "step_0000000005")) == [local_step.index_name(0, 0), local_step.data_name(0, 0)]
+    with open(shard.path, "rb") as f:
+        assert f.read() == b"second!" and shard.index.save_id == "2" * 16
+    assert sorted(os.listdir(root_dir(tmp_path) / "step_0000000005")) == [
+        local_step.index_name(0, 0),
+        local_step.data_name(0, 0),
+    ]
+
+
+def test_retention_counts_only_committed_steps_not_a_folder_of_temp_files(tmp_path):
+    store = LocalStore(str(tmp_path), 0, TIER)
+    for step in (1, 2):
+        payload = b"step %d" % step
+        index = local_step.ShardIndex(
+            step, 0, 1, 0, len(payload), local_step.digest_of(memoryview(payload)), TIER, "1" * 16
+        )
+        store.commit(index, memoryview(payload))
+    crashed = root_dir(tmp_path) / "step_0000000003"  # a write of step 3 cut off before its rename
+    crashed.mkdir()
+    (crashed / local_step.temp_name(local_step.data_name(0, 0), "0123456789ab")).write_bytes(b"half")
+    (crashed / local_step.temp_name(local_step.data_name(0, 1), "0123456789ab")).write_bytes(b"holder 1's")
+    assert store.retain(2) == [3]  # steps 1 and 2 are the two newest committed ones: both stay
+    assert step_dirs(tmp_path) == ["step_0000000001", "step_0000000002", "step_0000000003"]
+    assert os.listdir(crashed) == [local_step.temp_name(local_step.data_name(0, 1), "0123456789ab")]
+    assert [s.index.step for s in store.scan()] == [1, 2]
 
 
 class DiskFullAfterData(LocalStore):
@@ -250,7 +399,8 @@ class DiskFullAfterData(LocalStore):
 
 
 def test_a_local_save_that_fails_midway_is_raised_once_and_never_restored(tmp_path):
-    t = LocalTier(LocalTierOptions(str(tmp_path)), RankGroup.current(), store=DiskFullAfterData(str(tmp_path), 0))
+    store = DiskFullAfterData(str(tmp_path), 0, TIER)
+    t = LocalTier(LocalTierOptions(str(tmp_path)), RankGroup.current(), TIER, store=store)
     t.save(1, state(1.0))
     t.save(2, state(2.0))
     with pytest.raises(StorageError, match="no space left"):
@@ -308,7 +458,7 @@ SAVER = """
 import sys, torch
 from shardckpt.engine.collective import RankGroup
 from shardckpt.manager.local_tier import LocalTier, LocalTierOptions
-tier = LocalTier(LocalTierOptions(sys.argv[1], keep_last=2), RankGroup.current())
+tier = LocalTier(LocalTierOptions(sys.argv[1], keep_last=2), RankGroup.current(), sys.argv[2])
 step = 0
 while True:  # until killed
     step += 1
@@ -317,9 +467,9 @@ while True:  # until killed
 
 
 def test_a_process_killed_in_the_middle_of_local_saves_leaves_a_restorable_step(tmp_path):
-    proc = start_command([sys.executable, "-c", SAVER, str(tmp_path)])
+    proc = start_command([sys.executable, "-c", SAVER, str(tmp_path), TIER])
     try:
-        wait_for(str(tmp_path / "step_0000000004"))  # saves are in flight from here on
+        wait_for(str(root_dir(tmp_path) / "step_0000000004"))  # saves are in flight from here on
     finally:
         kill_group(proc.pid)  # SIGKILL, wherever it is: staging, writing, renaming, retention
         proc.wait()
@@ -357,3 +507,23 @@ def test_train_state_restores_from_the_local_tier(tmp_path, caplog):
         assert fresh.step == 4 and fresh.extras["tokens"] == 32
         assert torch.equal(fresh.model.weight, ts.model.weight)
         assert torch.equal(torch.rand(3), expected_rng)  # the RNG stream came back too
+
+
+def test_a_read_only_manager_reads_the_record_and_never_writes_one(tmp_path, caplog):
+    bare, local = tmp_path / "bare", tmp_path / "local"
+    with shardckpt.CheckpointManager(bare) as mgr:  # no local_dir: no record
+        mgr.save(1, state(1.0))
+    with caplog.at_level(logging.INFO, logger="shardckpt"):
+        with shardckpt.CheckpointManager(bare, local_dir=local, read_only=True) as ro:
+            target = blank()
+            assert ro.restore(target) == 1
+    assert "local tier" in caplog.text and "off" in caplog.text
+    assert not (bare / local_step.ROOT_RECORD_NAME).exists()
+    assert_bitwise(target, state(1.0))
+    with shardckpt.CheckpointManager(tmp_path / "run", local_dir=local, save_interval_steps=10) as writer:
+        writer.save(3, state(3.0))
+        writer.wait()
+        with shardckpt.CheckpointManager(tmp_path / "run", local_dir=local, read_only=True) as ro:
+            target = blank()
+            assert ro.restore(target) == 3  # the writer's local step, through the root's record
+        assert_bitwise(target, state(3.0))
