@@ -19,6 +19,7 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 
 from shardckpt.engine.collective import RankGroup, translated_failures, typed_transport_errors
+from shardckpt.engine.collector import collector_paused
 from shardckpt.engine.planner import LoadPlanner
 from shardckpt.engine.reader import Reader
 from shardckpt.engine.state import PlainState, describe, flat_keys, tensor_problem
@@ -37,6 +38,7 @@ from shardckpt.storage import Storage, as_url, folder, open_storage
 log = logging.getLogger("shardckpt")
 
 
+@collector_paused()  # no full collections over the objects a save/load keeps (#18)
 def load_from(
     state_dict: dict[str, Any],
     path: str,

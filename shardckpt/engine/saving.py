@@ -23,6 +23,7 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 
 from shardckpt.engine.collective import arrive, is_timeout, translated_failures
+from shardckpt.engine.collector import collector_paused
 from shardckpt.engine.incremental import BaseIndex
 from shardckpt.engine.options import (  # noqa: F401 - the thread defaults, also read from here (benchmarks)
     DEFAULT_REMOTE_SAVE_IO_THREADS,
@@ -74,6 +75,7 @@ class SaveRequest:
         return Timeouts.of(self.timeout_s)
 
 
+@collector_paused()  # no full collections over the objects a save/load keeps (#18)
 def persist(
     state: dict[str, Any],
     request: SaveRequest,

@@ -3,9 +3,12 @@ without full garbage collections, and the bytes unchanged (the golden test pins 
 
 from __future__ import annotations
 
+import gc
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import pytest
 import torch
 
 import shardckpt
@@ -62,3 +65,46 @@ def test_many_small_tensors_are_written_in_few_large_writes(tmp_path: Path) -> N
     got = {k: torch.zeros_like(v) for k, v in state.items()}
     shardckpt.load(got, path)  # verify=True: every block hash checked
     assert all(torch.equal(got[k], state[k]) for k in state)
+
+
+@pytest.fixture
+def collections() -> Iterator[list[int]]:
+    """The generations of the collections that run inside the test."""
+    seen: list[int] = []
+
+    def record(phase: str, info: dict[str, Any]) -> None:
+        if phase == "start":
+            seen.append(int(info["generation"]))
+
+    gc.callbacks.append(record)
+    try:
+        yield seen
+    finally:
+        gc.callbacks.remove(record)
+
+
+def test_a_save_and_a_load_of_many_small_tensors_run_no_full_collection(tmp_path: Path, collections: list[int]) -> None:
+    """DCP's planning and reading run with the collector paused: before, a save of 3,000
+    tensors ran ~190 collections here, full ones among them (each walks every object of
+    the process); what is left are a few young ones outside DCP (flattening the state)."""
+    state = _small_state(3000, numel=16)
+    gc.collect()
+    collections.clear()
+    shardckpt.save(state, str(tmp_path / "ckpt"), num_io_threads=2)
+    assert 2 not in collections and len(collections) < 40, f"collections of generations {collections} in the save"
+    assert gc.isenabled()
+    got = {k: torch.zeros_like(v) for k, v in state.items()}
+    collections.clear()
+    shardckpt.load(got, str(tmp_path / "ckpt"))
+    assert 2 not in collections and len(collections) < 40, f"collections of generations {collections} in the load"
+    assert gc.isenabled()
+    assert torch.equal(got["layer2999.w"], state["layer2999.w"])
+
+
+def test_a_save_leaves_a_disabled_collector_disabled(tmp_path: Path) -> None:
+    gc.disable()
+    try:
+        shardckpt.save(_small_state(3), str(tmp_path / "ckpt"))
+        assert not gc.isenabled()
+    finally:
+        gc.enable()
