@@ -108,3 +108,24 @@ def test_a_save_leaves_a_disabled_collector_disabled(tmp_path: Path) -> None:
         assert not gc.isenabled()
     finally:
         gc.enable()
+
+
+def test_a_load_of_many_small_tensors_submits_one_task_per_reader_thread(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from shardckpt.engine import reader
+
+    submitted: list[int] = []
+
+    class CountingPool(reader.ThreadPoolExecutor):
+        def submit(self, fn: Any, /, *args: Any, **kwargs: Any) -> Any:
+            submitted.append(1)
+            return super().submit(fn, *args, **kwargs)
+
+    state = _small_state(500, numel=16)
+    shardckpt.save(state, str(tmp_path / "ckpt"))
+    monkeypatch.setattr(reader, "ThreadPoolExecutor", CountingPool)
+    got = {k: torch.zeros_like(v) for k, v in state.items()}
+    shardckpt.load(got, str(tmp_path / "ckpt"), num_io_threads=3)
+    assert len(submitted) == 3  # was one per tensor: 500
+    assert all(torch.equal(got[k], state[k]) for k in state)
