@@ -3,9 +3,13 @@
     python benchmarks/save_load.py --quick            # ~150 MiB, 2 measured repetitions, < 1 min
     python benchmarks/save_load.py                    # ~1.1 GiB, 5 measured repetitions
     python benchmarks/save_load.py --world-size 4 --mib 2048 --repeats 7 --dir /work/bench-tmp/sl
+    python benchmarks/save_load.py --mix small --mib 64       # ~3,000 tensors of 4-64 KiB (issue #18)
 
 Every rank (gloo on CPU, spawned here) holds its rows of a model-like fp32 state
 (parameters and AdamW moments as Shard(0) DTensors, plus small replicated tensors).
+``--mix`` picks other tensor-size mixes, every tensor a Shard(0) DTensor (see
+:func:`mix_layout`): ``uniform`` (tensors of 64 MiB), ``lognormal`` (120 tensors per GiB,
+log-normal sizes, as in issue #18) and ``small`` (thousands of tensors of 4-64 KiB).
 Each repetition runs every system once in a shuffled order, first all saves, then all
 loads; the first repetition is a dropped warm-up. A time is the wall time from a
 barrier before to a barrier after the call, max over ranks. Loads are cold: the files
@@ -16,6 +20,8 @@ right before it. Systems:
     shardckpt_io4             save with num_io_threads=4 (default 2)
     shardckpt_io1             load with num_io_threads=1 (default 4)
     shardckpt_noverify        load with verify=False (no checksum verification)
+    safetensors               each rank safetensors.torch.save_file()s its local tensors to one
+                              file + fsync / load_file()s it back and copies into the state
     dcp                       dcp.save/dcp.load with FileSystemWriter/FileSystemReader defaults
     raw                       each rank os.write()s its local tensors to one file + fsync /
                               preadv()s them back: no format, no checksums (the floor of any
@@ -42,8 +48,19 @@ from typing import Any
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common
 
-SAVE_SYSTEMS = ["shardckpt", "shardckpt_AA", "shardckpt_io4", "dcp", "raw", "dd", "dd_x4"]
-LOAD_SYSTEMS = ["shardckpt", "shardckpt_AA", "shardckpt_io1", "shardckpt_noverify", "dcp", "raw", "dd", "dd_x4"]
+SAVE_SYSTEMS = ["shardckpt", "shardckpt_AA", "shardckpt_io4", "dcp", "safetensors", "raw", "dd", "dd_x4"]
+LOAD_SYSTEMS = [
+    "shardckpt",
+    "shardckpt_AA",
+    "shardckpt_io1",
+    "shardckpt_noverify",
+    "dcp",
+    "safetensors",
+    "raw",
+    "dd",
+    "dd_x4",
+]
+MIXES = ["model", "uniform", "lognormal", "small"]
 # which save's files each load reads
 LOAD_SOURCE = {
     "shardckpt": "shardckpt",
@@ -51,6 +68,7 @@ LOAD_SOURCE = {
     "shardckpt_io1": "shardckpt",
     "shardckpt_noverify": "shardckpt",
     "dcp": "dcp",
+    "safetensors": "safetensors",
     "raw": "raw",
     "dd": "dd",
     "dd_x4": "dd_x4",
@@ -70,6 +88,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument(
         "--dir", default="/work/bench-tmp/save_load", help="scratch folder on the disk under test (deleted at the end)"
     )
+    ap.add_argument(
+        "--mix",
+        choices=MIXES,
+        default="model",
+        help="tensor sizes: model (transformer-like, default), uniform (64 MiB each), lognormal, "
+        "small (4-64 KiB each; use --mib 64 for ~3,000 tensors)",
+    )
     ap.add_argument("--repeats", type=int, default=None, help="measured repetitions (default 5, quick 2)")
     ap.add_argument("--warmup", type=int, default=1, help="dropped warm-up repetitions")
     ap.add_argument("--dd-mode", choices=["fdatasync", "direct"], default="fdatasync")
@@ -80,7 +105,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = ap.parse_args(argv)
     args.mib = args.mib or (128 if args.quick else 1024)
     args.repeats = args.repeats or (2 if args.quick else 5)
-    args.name = args.name or ("save_load_quick" if args.quick else "save_load")
+    args.name = args.name or ("save_load_quick" if args.quick else "save_load") + (
+        "" if args.mix == "model" else f"_{args.mix}"
+    )
     return args
 
 
@@ -98,7 +125,9 @@ class Bench:
         # layout_world: the world size the rows are laid out for (a multiple of this one,
         # so a load on another world size shards the same global tensors evenly)
         itemsize = common.DTYPES[getattr(args, "dtype", "float32")]
-        self.specs = common.model_layout(args.mib, getattr(args, "layout_world", None) or world, itemsize)
+        self.specs = mix_layout(
+            getattr(args, "mix", "model"), args.mib, getattr(args, "layout_world", None) or world, itemsize
+        )
         self.src = common.make_state(self.specs, rank, world, fill=True)
         self.dst = common.make_state(self.specs, rank, world, fill=False)
         self.global_bytes = common.global_bytes(self.specs)
@@ -155,6 +184,10 @@ class Bench:
             self.shardckpt.load(self.dst, d, verify=False)
         elif system == "dcp":
             dcp.load(self.dst, storage_reader=dcp.FileSystemReader(d))
+        elif system == "safetensors":
+            n = per_rank_file_load(os.path.join(d, f"{system}-r{self.rank}.bin"), self.dst)
+            self.dst["step"] = self.src["step"]  # per-rank files carry no values here
+            return n
         elif system == "raw":
             n = raw_read(os.path.join(d, f"raw-r{self.rank}.bin"), common.local_tensors(self.dst))
             self.dst["step"] = self.src["step"]  # raw carries no values; keep the check about tensors
@@ -268,6 +301,58 @@ def per_rank_file_save(system: str, path: str, state: dict[str, Any]) -> int:
     finally:
         os.close(fd)
     return os.path.getsize(path)
+
+
+def per_rank_file_load(path: str, state: dict[str, Any]) -> int:
+    """Load one rank's safetensors file (``per_rank_file_save``'s) and copy each tensor
+    into the state's local shard, as a user of per-rank files would. Returns the file size."""
+    from safetensors.torch import load_file
+
+    loaded = load_file(path)
+    for part in ("model", "optim"):
+        for k, t in state[part].items():
+            t.to_local().copy_(loaded[k])
+    return os.path.getsize(path)
+
+
+def mix_layout(mix: str, total_mib: int, world_size: int, itemsize: int = 4) -> list[common.TensorSpec]:
+    """The tensors of a ``--mix``: ``model`` is :func:`common.model_layout`; the others are
+    Shard(0) tensors (half parameters, half optimizer state) of about ``total_mib`` MiB in
+    all, their rows multiples of ``16 * world_size`` (so divisors of it reshard evenly):
+
+    - ``uniform``: tensors of 64 MiB (at least 4), all the same shape;
+    - ``lognormal``: 120 tensors per GiB (at least 16) with log-normal sizes (sigma 1.5,
+      seeded), at least 4 KiB each, scaled to the total (issue #18's mix);
+    - ``small``: tensors of 4-64 KiB, log-uniform (seeded), as many as fill the total:
+      about 3,000 for 64 MiB, each rank holding a quarter of every tensor on 4 ranks.
+    """
+    if mix == "model":
+        return common.model_layout(total_mib, world_size, itemsize)
+    step, total = 16 * world_size, total_mib * common.MiB
+    rng = random.Random(18)
+    sizes: list[float]
+    if mix == "uniform":
+        n = max(4, round(total_mib / 64))
+        sizes = [total / n] * n
+    elif mix == "lognormal":
+        raw = [rng.lognormvariate(0.0, 1.5) for _ in range(max(16, round(120 * total_mib / 1024)))]
+        sizes = [max(4096.0, x * total / sum(raw)) for x in raw]
+    elif mix == "small":
+        sizes, filled = [], 0.0
+        while filled < total:
+            sizes.append(4096 * 16 ** rng.random())  # 4 KiB .. 64 KiB
+            filled += sizes[-1]
+    else:
+        raise ValueError(f"unknown mix {mix!r}; expected one of {MIXES}")
+    specs = []
+    for i, size in enumerate(sizes):
+        elems = size / itemsize
+        # Wide rows for big tensors, the fewest rows (one step) for small ones.
+        cols = 1024 if elems >= 4 * step * 1024 else max(1, int(elems // step))
+        rows = max(step, round(elems / cols / step) * step)
+        group = "param" if i % 2 == 0 else "exp_avg"
+        specs.append(common.TensorSpec(f"{group}.{mix}{i}", rows, cols, True, itemsize))
+    return specs
 
 
 def _byte_view(t: Any) -> memoryview:
@@ -443,7 +528,7 @@ def build_results(
         gb = {k: v["gbps"]["samples"] for k, v in systems.items()}
         ratios = {}
         for name in systems:
-            for ref in ("dd", "dd_x4", "dcp", "raw", "shardckpt"):
+            for ref in ("dd", "dd_x4", "dcp", "safetensors", "raw", "shardckpt"):
                 if ref != name and ref in gb:
                     ratios[f"{name}/{ref}"] = common.paired_ratios(gb[name], gb[ref])
         phases[phase] = {"systems": systems, "paired_ratios_of_gbps": ratios}
@@ -456,6 +541,18 @@ def build_results(
         "save_vs_dd_at_least_0.9": {
             "ratio": med("save", "shardckpt/dd"),
             "met": _at_least(med("save", "shardckpt/dd"), 0.9),
+        },
+        "save_vs_dd_x4_at_least_0.9": {
+            "ratio": med("save", "shardckpt/dd_x4"),
+            "met": _at_least(med("save", "shardckpt/dd_x4"), 0.9),
+        },
+        "save_vs_safetensors_at_least_0.9": {
+            "ratio": med("save", "shardckpt/safetensors"),
+            "met": _at_least(med("save", "shardckpt/safetensors"), 0.9),
+        },
+        "load_vs_safetensors_at_least_0.9": {
+            "ratio": med("load", "shardckpt/safetensors"),
+            "met": _at_least(med("load", "shardckpt/safetensors"), 0.9),
         },
         "save_not_slower_than_dcp": {
             "ratio": med("save", "shardckpt/dcp"),
@@ -476,6 +573,7 @@ def build_results(
             "mib_requested": args.mib,
             "state_bytes": b.global_bytes,
             "bytes_per_rank": b.local_bytes,
+            "mix": getattr(args, "mix", "model"),
             "tensors": len(b.specs),
             "largest_tensor_bytes": max(s.nbytes for s in b.specs),
             "repeats": args.repeats,
@@ -501,7 +599,8 @@ def _at_least(x: float | None, bound: float) -> bool | None:
 def print_report(r: dict[str, Any]) -> None:
     cfg = r["config"]
     print(
-        f"\n{cfg['state_bytes'] / 2**30:.2f} GiB fp32 state, {cfg['world_size']} ranks, "
+        f"\n{cfg['state_bytes'] / 2**30:.2f} GiB state, mix {cfg.get('mix', 'model')}, {cfg['tensors']} tensors, "
+        f"{cfg['world_size']} ranks, "
         f"{cfg['repeats']} measured repetitions; loadavg start {r['machine']['loadavg_start']} "
         f"end {r['machine']['loadavg_end']}"
     )
@@ -520,6 +619,8 @@ def print_report(r: dict[str, Any]) -> None:
                     common.spread(s["gbps"]),
                     s["seconds"]["median"],
                     rat.get(f"{name}/dd", {}).get("median"),
+                    rat.get(f"{name}/dd_x4", {}).get("median"),
+                    rat.get(f"{name}/safetensors", {}).get("median"),
                     rat.get(f"{name}/dcp", {}).get("median"),
                     rat.get(f"{name}/raw", {}).get("median"),
                     rat.get(f"{name}/shardckpt", {}).get("median"),
@@ -528,7 +629,19 @@ def print_report(r: dict[str, Any]) -> None:
         print(f"\n{phase} (GB/s = 1e9 bytes/s; ratios are medians of per-repetition ratios)")
         print(
             common.format_table(
-                ["system", "GB/s median", "GB/s min-max", "s median", "x dd", "x dcp", "x raw", "x shardckpt"], rows
+                [
+                    "system",
+                    "GB/s median",
+                    "GB/s min-max",
+                    "s median",
+                    "x dd",
+                    "x dd_x4",
+                    "x safet.",
+                    "x dcp",
+                    "x raw",
+                    "x shardckpt",
+                ],
+                rows,
             )
         )
     aa = {ph: r["phases"][ph]["paired_ratios_of_gbps"].get("shardckpt_AA/shardckpt") for ph in ("save", "load")}

@@ -16,6 +16,7 @@ from typing import Any, NamedTuple
 
 import torch
 
+from shardckpt.engine.collector import collector_paused
 from shardckpt.engine.exchange import Exchange, raise_gathered
 from shardckpt.engine.options import Timeouts
 from shardckpt.engine.planner import LoadPlanner
@@ -37,6 +38,7 @@ from shardckpt.storage import Storage, as_url, folder, open_storage
 log = logging.getLogger("shardckpt")
 
 
+@collector_paused()  # no full collections over the objects a save/load keeps (#18)
 def load_from(
     state_dict: dict[str, Any],
     path: str,

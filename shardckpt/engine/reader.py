@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import io
 import json
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -106,10 +107,26 @@ class Reader(StorageReader):
         )
         boxes.check_file_sizes(self._chunk(i).file for i in tensor_items)
         if tensor_items:
+            # One task per thread, each taking the next item until none is left: thousands
+            # of small chunks cost no future, submit and wake-up each (issue #18).
             workers = min(self.num_io_threads, len(tensor_items))
+            queue, lock = iter(tensor_items), threading.Lock()
             with ThreadPoolExecutor(workers, thread_name_prefix="shardckpt-read") as pool:
-                for f in [pool.submit(self._read_item, boxes, it, planner) for it in tensor_items]:
+                for f in [pool.submit(self._read_items, boxes, queue, lock, planner) for _ in range(workers)]:
                     self.bytes_read += f.result()
+
+    def _read_items(
+        self, boxes: BoxReader, queue: Iterator[ReadItem], lock: threading.Lock, planner: LoadPlanner
+    ) -> int:
+        """Read items from ``queue`` (shared by the reader threads) until it is empty;
+        returns the bytes read from storage."""
+        done = 0
+        while True:
+            with lock:
+                item = next(queue, None)
+            if item is None:
+                return done
+            done += self._read_item(boxes, item, planner)
 
     def _chunk(self, item: ReadItem) -> ChunkRecord:
         offsets = tuple(item.storage_index.offset or ())

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from shardckpt.engine.collective import translated_failures
+from shardckpt.engine.collector import collector_paused
 from shardckpt.engine.incremental import BaseIndex
 from shardckpt.engine.options import (  # noqa: F401 - the thread defaults, also read from here (benchmarks)
     DEFAULT_REMOTE_SAVE_IO_THREADS,
@@ -74,6 +75,7 @@ class SaveRequest:
         return Timeouts.of(self.timeout_s)
 
 
+@collector_paused()  # no full collections over the objects a save/load keeps (#18)
 def persist(
     state: dict[str, Any],
     request: SaveRequest,

@@ -8,7 +8,8 @@ DCP calls, in order (``*`` = coordinator only)::
 that the folder is new, empty, or shardckpt's own (never a user's folder), and claims
 it by creating the save marker exclusively, before any data byte is written.
 ``write_data`` runs on every rank: the rank's items are split over
-``num_io_threads`` files, each streamed to storage tensor by tensor (no full copy of
+``num_io_threads`` files, each streamed to storage tensor by tensor (small ones gathered
+into a few MiB per write; no full copy of
 the rank's state), hashed while written, then made durable. ``finish`` runs on the
 coordinator only after every rank's ``write_data`` succeeded; it checks that every
 listed file is there with its size, then commits by creating ``manifest.json``
