@@ -15,7 +15,7 @@ from __future__ import annotations
 import io
 import json
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -52,12 +52,8 @@ class Reader(StorageReader):
         *,
         verify: bool,
         num_io_threads: int,
-        after_read: Callable[[], None] | None = None,
     ) -> None:
-        """``after_read`` runs on every rank when its reads ended, failed or not: the
-        barrier that waits for the slowest rank's reads (as the Writer's ``after_write``)."""
         super().__init__()
-        self._after_read = after_read
         self.storage = storage
         self.manifest = manifest
         self.verify = verify
@@ -86,11 +82,7 @@ class Reader(StorageReader):
         return plans
 
     def read_data(self, plan: LoadPlan, planner: LoadPlanner) -> torch.futures.Future[None]:
-        try:
-            self._read_all(plan, planner)
-        finally:
-            if self._after_read is not None:
-                self._after_read()
+        self._read_all(plan, planner)
         done: torch.futures.Future[None] = torch.futures.Future()
         done.set_result(None)
         return done

@@ -88,11 +88,8 @@ class WriterOptions:
 class Writer(StorageWriter):
     """One instance per save and rank. Not thread-safe; DCP calls it from one thread."""
 
-    def __init__(self, storage: Storage, options: WriterOptions, after_write: Callable[[], None] | None = None) -> None:
-        """``after_write`` runs on every rank when its writes ended, failed or not (a
-        barrier with a timeout, so a rank stuck writing is named instead of hanging all)."""
+    def __init__(self, storage: Storage, options: WriterOptions) -> None:
         super().__init__()
-        self._after_write = after_write
         self.storage = storage
         self.options = options
         self.rank = 0
@@ -141,13 +138,9 @@ class Writer(StorageWriter):
         create_file(self.storage, name, data, overwrite=self.options.overwrite, lost_race=lost_race)
 
     def write_data(self, plan: SavePlan, planner: SavePlanner) -> torch.futures.Future[list[WriteResult]]:
-        try:
-            # Values first: one that cannot be stored fails before this rank writes a byte.
-            results = self.value_results(plan, planner)
-            results += self.write_files(plan, planner)
-        finally:
-            if self._after_write is not None:
-                self._after_write()
+        # Values first: one that cannot be stored fails before this rank writes a byte.
+        results = self.value_results(plan, planner)
+        results += self.write_files(plan, planner)
         done: torch.futures.Future[list[WriteResult]] = torch.futures.Future()
         done.set_result(results)
         return done
