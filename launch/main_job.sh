@@ -10,12 +10,12 @@
 #      3 ranks (uneven shards); same sample ids, losses within 1e-5 relative (float32 sums
 #      in another order over 13 AdamW steps; measured ~1e-7).
 #
-# Usage: bash launch/main_job.sh [OUT_DIR]   (default runs/main_job; wiped first)
+# Usage: bash launch/main_job.sh [OUT_DIR]   (default runs/main_job; emptied first if a launch script made it, else refused)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash launch/setup.sh
 OUT="${1:-runs/main_job}"
-rm -rf "$OUT" && mkdir -p "$OUT"
+source launch/fresh_out.sh && fresh_out "$OUT"  # never empties a folder it did not make
 export OMP_NUM_THREADS=1
 COMMON=(--steps 30 --save-every 5 --keep-last 2 --global-batch 12 --seed 0)
 run() {  # run NPROC NAME [train.py flags...]: torchrun, output to $OUT/NAME.out, exit status kept

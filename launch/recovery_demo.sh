@@ -12,7 +12,7 @@
 # the newest local step (the last multiple of LOCAL_EVERY up to DIE_AT: EXPECT, default
 # "local:<that step>"), or when a loss differs from the reference's.
 #
-#   bash launch/recovery_demo.sh [OUT_DIR]   (default runs/recovery_demo; wiped first)
+#   bash launch/recovery_demo.sh [OUT_DIR]   (default runs/recovery_demo; emptied first if a launch script made it, else refused)
 #   STEPS=12 LOCAL_EVERY=2 DURABLE_EVERY=5 DIE_AT=9 HIDDEN=512 bash launch/recovery_demo.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -20,7 +20,7 @@ OUT="${1:-runs/recovery_demo}"
 STEPS="${STEPS:-12}" LOCAL_EVERY="${LOCAL_EVERY:-2}" DURABLE_EVERY="${DURABLE_EVERY:-5}"
 DIE_AT="${DIE_AT:-9}" HIDDEN="${HIDDEN:-512}"
 EXPECT="${EXPECT:-local:$((DIE_AT / LOCAL_EVERY * LOCAL_EVERY))}"
-rm -rf "$OUT" && mkdir -p "$OUT"
+source launch/fresh_out.sh && fresh_out "$OUT"  # never empties a folder it did not make
 export OMP_NUM_THREADS=1
 
 # run NAME [extra args]: both nodes of one job, in the background, each in its own session

@@ -3,11 +3,11 @@
 # 0 and 1, 2 ranks each) meet through c10d rendezvous and train 4 ranks together, then
 # the job is resumed on one node with 2 ranks from the last committed checkpoint.
 #
-#   bash launch/two_nodes_local.sh [OUT_DIR]   (default runs/two_nodes; wiped first)
+#   bash launch/two_nodes_local.sh [OUT_DIR]   (default runs/two_nodes; emptied first if a launch script made it, else refused)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT="${1:-runs/two_nodes}"
-rm -rf "$OUT" && mkdir -p "$OUT"
+source launch/fresh_out.sh && fresh_out "$OUT"  # never empties a folder it did not make
 PORT="$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')"
 ARGS=(--ckpt-dir "$OUT/ckpt" --log-json "$OUT/log.jsonl" --steps 10 --save-every 5)
 for node in 0 1; do
