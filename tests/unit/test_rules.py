@@ -18,6 +18,7 @@ from hypothesis import strategies as st
 
 from shardckpt.errors import ManifestError
 from shardckpt.format import rules
+from shardckpt.format.file_table import FileIndex, IndexEntry, rank_index_to_json
 from shardckpt.format.manifest import ChunkRecord, FileRecord, Manifest, TensorRecord, manifest_to_json
 from shardckpt.format.rules import Chunk, Rule, Run, chunks_for_box, compress, expand, parse_rule, rule_to_json
 
@@ -370,7 +371,20 @@ def test_the_benchmark_projection_counts_what_the_writers_would_write(monkeypatc
     # 3 rows of (3, 2) over 4 ranks: rank 3 holds nothing of model.v; every tensor is a rule
     assert (got.rules, got.listed_tensors) == (4, 0) and got.manifest_v3 < got.manifest_v1
     entry = [4096, 12345, "f" * 16 * 2]
-    assert rp.index_entry_bytes(4096, 12345, 8192) == len(json.dumps(entry, separators=(",", ":")) + ",")
+    assert rp.index_entry_bytes(4096, 12345, 8192) == len(json.dumps(entry, separators=(",", ":")))
+    # each rank's index record, counted, is the length of the record file_table would write
+    stored: dict[str, list[IndexEntry]] = {n: [] for n in files}
+    for _, _, _, chunks in tensors:
+        for c in chunks:
+            stored[c.file].append(IndexEntry(c.byte_offset, c.byte_length, "f" * 16 * -(-c.byte_length // 4096)))
+    for rank in range(4):
+        mine = sorted(n for n, (_, r) in files.items() if r == rank)
+        records = [
+            FileIndex(files[n][0], rp.FAKE_HASH, tuple(sorted(stored[n], key=lambda e: e.byte_offset))) for n in mine
+        ]
+        assert got.index_bytes[rank] == len(rank_index_to_json("0123456789ab", rank, 4096, records))
+    # and the projected manifest is a real one: it parses, with the file table the files make
+    assert got.summary()["load_metadata_max_rank_v3"] > got.manifest_v3 > got.file_table > 0
 
 
 def _record(c):
