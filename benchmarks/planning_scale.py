@@ -27,12 +27,14 @@ DTensors), then, timed per phase:
                       checks) vs pickle.loads of .metadata
     compress_v3       projected, not yet written by saves: format 3 (docs/format.md section 12)
                       of the same manifest, rules.compress per tensor (rules_projection.py)
-    parse_v3          ... and what a loading rank does with its rules (seal, JSON, parse_rule)
+    parse_v3          ... and what a loading rank does with that manifest (parse_manifest_v3: seal,
+                      JSON, every check of format.md 12.5)
 
 and the sizes of manifest.json, .metadata, the projected format-3 manifest and the largest
-rank's index records (the metadata a rank reads at load under format 3 is the manifest
-plus its own files' index records). Growth: the ratio per doubling of ranks and a
-power-law exponent fitted over the rank counts (1 = linear).
+rank's index record (the metadata a rank reads at load under format 3 is the manifest, the
+page of the rank table holding the ranks it reads from, and those ranks' index records).
+Growth: the ratio per doubling of ranks and a power-law exponent fitted over the rank counts
+(1 = linear).
 
     python benchmarks/planning_scale.py --projection --model 70b --ranks 64 256 1024 4096 16384
 
@@ -337,7 +339,7 @@ def measure_ours(cls: type, items: list[list[Any]], values: dict[str, Any], path
     _, sec["parse_manifest"] = timed(lambda: manifest.parse_manifest(text, source="simulated"))
     v3 = project_manifest(m)
     sec.update(v3.seconds)
-    summary = v3.summary({n: f.rank for n, f in m.files.items()})
+    summary = v3.summary()
     counts = {
         "items": sum(len(p.items) for p in plans),
         "chunks": sum(len(t.chunks) for t in m.tensors.values()),
@@ -351,6 +353,7 @@ def measure_ours(cls: type, items: list[list[Any]], values: dict[str, Any], path
             "manifest_json": len(text),
             "manifest_v3_projected": summary["manifest_v3"],
             "index_max_rank_v3": summary["index_max_rank_v3"],
+            "load_metadata_max_rank_v3": summary["load_metadata_max_rank_v3"],
         },
         "counts": counts,
         "imbalance": _imbalance([sum(chunk_bytes(it) for it in p.items) for p in gplans]),
@@ -401,15 +404,18 @@ def measure_projection(params: list[Param], ranks: int) -> dict[str, Any]:
         "paths": dict(sorted(paths.items())),
     }
     v3 = rules_projection.project(tensors, files, rest, integrity.DEFAULT_BLOCK_BYTES, with_v1=True)
-    summary = v3.summary({n: r for n, (_, r) in files.items()})
+    summary = v3.summary()
     return {
         "ranks": ranks,
         "seconds": {"synthetic_layout": t_layout, **v3.seconds},
         "bytes": {
             "manifest_v1": v3.manifest_v1,
             "manifest_v3_projected": summary["manifest_v3"],
+            "file_table_v3": summary["file_table_v3"],
             "index_total_v3": summary["index_total_v3"],
             "index_max_rank_v3": summary["index_max_rank_v3"],
+            "pages_total_v3": summary["pages_total_v3"],
+            "load_metadata_max_rank_v3": summary["load_metadata_max_rank_v3"],
         },
         "counts": {
             "tensors": len(keys) + len(steps),

@@ -1,6 +1,8 @@
 """What format 3 (docs/format.md section 12, DRAFT) would make of a save: the manifest with
-sharding rules instead of chunk lists, and the per-file index records that take the block
-hashes. Projected, not written by saves: nothing here touches the writer.
+sharding rules instead of chunk lists and the compact file table, the pages of the rank
+table, and the per-rank index records that take the block hashes and file sizes. Projected,
+not written by saves: nothing here touches the writer, but the manifest is the real
+``manifest_v3_to_json`` of the records and is parsed with the real ``parse_manifest_v3``.
 
 planning_scale.py calls :func:`project` on the manifest its simulated save built (the same
 chunks, files and byte offsets as version 1), and :func:`synthetic_tensors` to project a
@@ -9,6 +11,7 @@ full model at rank counts where the version-1 pipeline would not fit in time or 
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import time
@@ -16,7 +19,8 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from shardckpt.format import layout, manifest, rules
+from shardckpt.format import file_table, layout, manifest, rules
+from shardckpt.format import manifest_v3 as mv3
 
 HEADER_BYTES = 4096  # data section start of a synthetic data file, as planning_scale's
 FAKE_HASH = "f" * 16
@@ -37,20 +41,26 @@ class Stored:
 class Projection:
     manifest_v3: int = 0  # bytes of the sealed v3 manifest
     manifest_v1: int = 0  # bytes of the v1 manifest of the same chunks (synthetic_tensors only)
-    index_bytes: dict[str, int] = field(default_factory=dict)  # per data file
+    index_bytes: dict[int, int] = field(default_factory=dict)  # per rank: its index record
+    page_bytes: list[int] = field(default_factory=list)  # per page of the rank table
+    file_table: int = 0  # bytes of the manifest's file_table line
     rules: int = 0
     listed_tensors: int = 0
     runs: int = 0
     seconds: dict[str, float] = field(default_factory=dict)
 
-    def summary(self, file_rank: dict[str, int]) -> dict[str, Any]:
-        per_rank: dict[int, int] = {}
-        for name, n in self.index_bytes.items():
-            per_rank[file_rank[name]] = per_rank.get(file_rank[name], 0) + n
+    def summary(self) -> dict[str, Any]:
         return {
             "manifest_v3": self.manifest_v3,
+            "file_table_v3": self.file_table,
             "index_total_v3": sum(self.index_bytes.values()),
-            "index_max_rank_v3": max(per_rank.values(), default=0),
+            "index_max_rank_v3": max(self.index_bytes.values(), default=0),
+            "pages_total_v3": sum(self.page_bytes),
+            "page_max_v3": max(self.page_bytes, default=0),
+            # what a loading rank that reads its own rank's files fetches: manifest, its page, its index record
+            "load_metadata_max_rank_v3": self.manifest_v3
+            + max(self.page_bytes, default=0)
+            + max(self.index_bytes.values(), default=0),
             "rules": self.rules,
             "listed_tensors": self.listed_tensors,
             "runs": self.runs,
@@ -58,14 +68,18 @@ class Projection:
 
 
 def index_entry_bytes(byte_offset: int, byte_length: int, block_bytes: int) -> int:
-    """Bytes of ``[byte_offset,byte_length,"<hashes>"],`` in an index record (section 12.4)."""
+    """Bytes of ``[byte_offset,byte_length,"<hashes>"]`` in an index record (section 12.4)."""
     hashes = 16 * max(0, -(-byte_length // block_bytes))
-    return len(str(byte_offset)) + len(str(byte_length)) + hashes + 7
+    return len(str(byte_offset)) + len(str(byte_length)) + hashes + 6
 
 
-def index_header_bytes(name: str, block_bytes: int) -> int:
-    head = {"format": "shardckpt-index", "format_version": 3, "file": name, "hash_block_bytes": block_bytes}
-    return len(json.dumps({**head, "digests": False, "entries": []}, separators=(",", ":")))
+def rank_index_bytes(save_id: str, rank: int, block_bytes: int, files: list[tuple[int, int, int]]) -> int:
+    """Bytes of a rank's index record whose files are ``(size, entry bytes, entries)``:
+    ``file_table.rank_index_to_json`` without building it (checked against it by test_rules)."""
+    out = len(file_table.rank_index_to_json(save_id, rank, block_bytes, []))
+    for size, entry_bytes, entries in files:
+        out += len(f'{{"size":{size},"hash":"{FAKE_HASH}","entries":[]}}') + entry_bytes + max(0, entries - 1)
+    return out + max(0, len(files) - 1)
 
 
 def project(
@@ -76,57 +90,78 @@ def project(
     *,
     with_v1: bool = False,
 ) -> Projection:
-    """The v3 manifest and index records of ``tensors`` (key, dtype, shape, chunks) stored
-    in ``files`` (name -> (size, rank)); ``rest``: the manifest's other fields (values,
-    paths, process_layout, ...). With ``with_v1``, also the v1 manifest's size, summed per
-    tensor line so that no full v1 document is held."""
+    """The v3 manifest, rank pages and index records of ``tensors`` (key, dtype, shape,
+    chunks) stored in ``files`` (name -> (size, rank)); ``rest``: the manifest's other fields
+    (values, paths, process_layout, ...). With ``with_v1``, also the v1 manifest's size,
+    summed per tensor line so that no full v1 document is held."""
     out = Projection()
-    names = sorted(files)
-    position = {n: i for i, n in enumerate(names)}
-    out.index_bytes = {n: index_header_bytes(n, block_bytes) for n in names}
-    tensor_docs, v1_lines, compress_s = {}, 0, 0.0
+    ranks = rest["world_size"]
+    save_id = next(iter(files)).split("/")[1].split("-r")[0] if files else "0"
+    by_rank: dict[int, list[str]] = {}
+    for name in sorted(files):  # within a rank, k is zero-padded: name order is number order
+        by_rank.setdefault(files[name][1], []).append(name)
+    position = {n: p for p, n in enumerate(n for r in range(ranks) for n in by_rank.get(r, []))}
+    entries: dict[str, list[int]] = {n: [0, 0] for n in files}  # bytes, count
+    tensor_recs, v1_lines, compress_s = {}, 0, 0.0
     for key, dtype, shape, chunks in tensors:
         for c in chunks:
-            out.index_bytes[c.file] += index_entry_bytes(c.byte_offset, c.byte_length, block_bytes)
+            e = entries[c.file]
+            e[0], e[1] = e[0] + index_entry_bytes(c.byte_offset, c.byte_length, block_bytes), e[1] + 1
         t0 = time.perf_counter()  # the coordinator's work: positions and compress, not the simulation
         positioned = [rules.Chunk(c.offsets, c.sizes, position[c.file], c.byte_offset) for c in chunks]
         rule, _ = rules.compress(shape, positioned)
         compress_s += time.perf_counter() - t0
-        doc: dict[str, Any] = {"dtype": dtype, "shape": list(shape), "chunks": []}
+        listed = [c for c in chunks if rule is None or math.prod(c.sizes) == 0]
         if rule is None:
             out.listed_tensors += 1
-            doc["chunks"] = [_chunk_doc(c) for c in chunks]
         else:
             out.rules, out.runs = out.rules + 1, out.runs + len(rule.runs)
-            doc["chunks"] = [_chunk_doc(c) for c in chunks if math.prod(c.sizes) == 0]
-            doc["rule"] = rules.rule_to_json(rule)
-        tensor_docs[key] = doc
+        recs = tuple(mv3.Chunk(c.offsets, c.sizes, position[c.file], c.byte_offset, c.byte_length) for c in listed)
+        tensor_recs[key] = mv3.Tensor(dtype, shape, rule, recs)
         if with_v1:
             v1_lines += _v1_line_bytes(key, dtype, shape, chunks, block_bytes)
     out.seconds["compress_v3"] = compress_s
-    file_docs = {
-        n: {"size": s, "hash": FAKE_HASH, "rank": r, "index": {"size": out.index_bytes[n], "hash": FAKE_HASH}}
-        for n, (s, r) in sorted(files.items())
-    }
-    raw = _document(rest, block_bytes, dict(sorted(tensor_docs.items())), file_docs, version=3)
+    for r in range(ranks):
+        mine = [(files[n][0], *entries[n]) for n in by_rank.get(r, [])]
+        out.index_bytes[r] = rank_index_bytes(save_id, r, block_bytes, mine)
+    hosts = rest["process_layout"]
+    pages = []
+    for first in range(0, ranks, file_table.DEFAULT_RANKS_PER_PAGE):
+        page = [
+            file_table.RankEntry(out.index_bytes[r], FAKE_HASH, hosts[r]["host"], hosts[r]["local_rank"])
+            for r in range(first, min(ranks, first + file_table.DEFAULT_RANKS_PER_PAGE))
+        ]
+        out.page_bytes.append(len(file_table.page_to_json(save_id, first, page)))
+        pages.append(file_table.Page(out.page_bytes[-1], FAKE_HASH))
+    counts = [len(by_rank.get(r, [])) for r in range(ranks)]
+    runs = [(len(list(g)), k) for k, g in itertools.groupby(counts)]
+    group = file_table.FileGroup(save_id, None, ranks, tuple(runs), file_table.DEFAULT_RANKS_PER_PAGE, tuple(pages))
+    table = file_table.FileTable((group,))
+    out.file_table = len(json.dumps(file_table.file_table_to_json(table), separators=(",", ":")))
+    m = mv3.ManifestV3(
+        world_size=ranks,
+        hash_block_bytes=block_bytes,
+        bases=(),
+        file_table=table,
+        tensors=tensor_recs,
+        values=rest["values"],
+        paths=rest["paths"],
+        created_at=rest["created_at"],
+        shardckpt_version=rest["shardckpt_version"],
+        torch_version=rest["torch_version"],
+        metadata=rest.get("metadata", {}),
+    )
+    raw = mv3.manifest_v3_to_json(m)
     out.manifest_v3 = len(raw)
-    _, out.seconds["parse_v3"] = _timed_parse(raw, len(names))
+    t0 = time.perf_counter()
+    mv3.parse_manifest_v3(raw, source="projected")  # what every loading rank does with the manifest
+    out.seconds["parse_v3"] = time.perf_counter() - t0
     if with_v1:
         v1_files = {n: {"size": s, "hash": FAKE_HASH, "rank": r} for n, (s, r) in sorted(files.items())}
-        empty = _document(rest, block_bytes, {}, v1_files, version=1)
+        empty = _document(rest, block_bytes, {}, v1_files)
         # "tensors": {} becomes "{\n" + the lines joined by ",\n" + "\n }": 3 bytes more, plus the lines
-        out.manifest_v1 = len(empty) + v1_lines + 2 * max(0, len(tensor_docs) - 1) + 3
+        out.manifest_v1 = len(empty) + v1_lines + 2 * max(0, len(tensor_recs) - 1) + 3
     return out
-
-
-def _chunk_doc(c: Stored) -> dict[str, Any]:
-    return {
-        "offsets": list(c.offsets),
-        "sizes": list(c.sizes),
-        "file": c.file,
-        "byte_offset": c.byte_offset,
-        "byte_length": c.byte_length,
-    }
 
 
 def _v1_line_bytes(key: str, dtype: str, shape: tuple[int, ...], chunks: list[Stored], block_bytes: int) -> int:
@@ -148,14 +183,14 @@ def _v1_chunk_bytes(c: Stored, block_bytes: int) -> int:
     return 83 + len(numbers) - commas + len(c.file) + 19 * hashes - 1
 
 
-def _document(rest: dict[str, Any], block_bytes: int, tensors: Any, files: Any, *, version: int) -> bytes:
+def _document(rest: dict[str, Any], block_bytes: int, tensors: Any, files: Any) -> bytes:
+    """A version-1 manifest around ``tensors`` and ``files``."""
     doc = {
         "format": manifest.FORMAT_NAME,
-        "format_version": version,
+        "format_version": 1,
         **{k: rest[k] for k in ("shardckpt_version", "torch_version", "created_at", "world_size", "process_layout")},
         "hash_algorithm": manifest.HASH_ALGORITHM,
         "hash_block_bytes": block_bytes,
-        **({"bases": []} if version == 3 else {}),
         "tensors": tensors,
         "values": rest["values"],
         "files": files,
@@ -163,20 +198,6 @@ def _document(rest: dict[str, Any], block_bytes: int, tensors: Any, files: Any, 
         "metadata": rest.get("metadata", {}),
     }
     return manifest.seal(manifest._dumps_two_levels(doc).encode())
-
-
-def _timed_parse(raw: bytes, files: int) -> tuple[int, float]:
-    """What a loading rank does with a v3 manifest's rules: check the seal, parse the JSON,
-    validate every rule (parse_rule); the other fields cost what they cost in v1."""
-    t0 = time.perf_counter()
-    manifest.unseal(raw, source="projected")
-    doc = json.loads(raw)
-    n = 0
-    for key, t in doc["tensors"].items():
-        if "rule" in t:
-            rules.parse_rule(t["rule"], shape=t["shape"], files=files, where=key)
-            n += 1
-    return n, time.perf_counter() - t0
 
 
 # ------------------------------------------------------------------ a full model, synthetically

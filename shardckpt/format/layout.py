@@ -52,6 +52,16 @@ def data_file_name(save_id: str, rank: int, index: int) -> str:
     return f"{DATA_DIR}/{save_id}-r{rank:05d}-{index:02d}{DATA_SUFFIX}"
 
 
+def rank_index_name(save_id: str, rank: int) -> str:
+    """Format 3 (DRAFT, docs/format.md 12.4): the index record of every data file of ``rank``."""
+    return f"{DATA_DIR}/{save_id}-r{rank:05d}.index.json"
+
+
+def rank_page_name(save_id: str, page: int) -> str:
+    """Format 3 (DRAFT, docs/format.md 12.3): the ``page``-th page of a save's rank table."""
+    return f"{DATA_DIR}/{save_id}-p{page:05d}.ranks.json"
+
+
 def step_dir_name(step: int) -> str:
     """Folder of ``step`` under a manager root: zero-padded so names sort like steps."""
     if step < 0:

@@ -18,6 +18,7 @@ from hypothesis import strategies as st
 
 from shardckpt.errors import ManifestError
 from shardckpt.format import rules
+from shardckpt.format.file_table import FileIndex, IndexEntry, rank_index_to_json
 from shardckpt.format.manifest import ChunkRecord, FileRecord, Manifest, TensorRecord, manifest_to_json
 from shardckpt.format.rules import Chunk, Rule, Run, chunks_for_box, compress, expand, parse_rule, rule_to_json
 
@@ -296,21 +297,20 @@ def _section_12_json_blocks() -> list[str]:
 def test_the_spec_examples_follow_the_v3_schema_and_the_rule_parser():
     schema = json.loads(SCHEMA.read_text("utf-8"))
     jsonschema.Draft202012Validator.check_schema(schema)
-    rule_example, index_example, manifest_example = _section_12_json_blocks()
+    rule_example, _page, index_example, manifest_example = _section_12_json_blocks()
     doc = json.loads(manifest_example)
     jsonschema.validate(doc, schema)
-    assert list(doc["files"]) == sorted(doc["files"])
-    index = json.loads(index_example)
-    jsonschema.validate(index, {"$defs": schema["$defs"], "$ref": "#/$defs/index_record"})
-    assert index["file"] == next(iter(doc["files"]))
-    files = len(doc["files"])
+    (group,) = doc["file_table"]["groups"]
+    files = sum(n * k for n, k in group["files"])
     rules_ = {k: parse_rule(t["rule"], shape=t["shape"], files=files, where=k) for k, t in doc["tensors"].items()}
     # the prose: rows 2-5 of model.weight are in cell 0 at [128, 192) of file 0 and cell 1 at [120, 184) of file 1
     assert chunks_for_box(rules_["model.weight"], (2, 0), (4, 4)) == [
         Chunk((0, 0), (4, 4), 0, 128),
         Chunk((4, 0), (4, 4), 1, 120),
     ]
-    assert [e[:2] for e in index["entries"]] == [[128, 64], [192, 16]]  # weight's cell 0, then the bias
+    index = json.loads(index_example)
+    assert index["save_id"] == group["save_id"] and index["rank"] == 0
+    assert [e[:2] for e in index["files"][0]["entries"]] == [[128, 64], [192, 16]]  # weight's cell 0, then the bias
     shape, rule = (4096, 4096), json.loads("{" + rule_example + "}")["model.layers.0.attn.q.weight"]["rule"]
     assert expand(parse_rule(rule, shape=shape, files=4 * 4096, where="q"))[4095] == Chunk(
         (4095, 0), (1, 4096), 16382, 4096
@@ -323,15 +323,12 @@ def test_compressed_tensors_follow_the_v3_schema():
     rule, rest = compress((10, 3), sharded((10, 3), (8,), (0,)))
     assert rule is not None
     empty = [
-        {"offsets": list(c.offsets), "sizes": list(c.sizes), "file": FILE, "byte_offset": 0, "byte_length": 0}
+        {"offsets": list(c.offsets), "sizes": list(c.sizes), "file": c.file, "byte_offset": 0, "byte_length": 0}
         for c in rest
     ]
     jsonschema.validate({"dtype": "F32", "shape": [10, 3], "chunks": empty, "rule": rule_to_json(rule)}, tensor)
     with pytest.raises(jsonschema.ValidationError):  # a v2 chunk record (with block hashes) is not v3
         jsonschema.validate({"dtype": "F32", "shape": [1], "chunks": [{**empty[0], "block_hashes": []}]}, tensor)
-
-
-FILE = "data/0123456789ab-r00000-00.safetensors"
 
 
 # ---------------------------------------------------------------- the benchmark's projection
@@ -374,7 +371,20 @@ def test_the_benchmark_projection_counts_what_the_writers_would_write(monkeypatc
     # 3 rows of (3, 2) over 4 ranks: rank 3 holds nothing of model.v; every tensor is a rule
     assert (got.rules, got.listed_tensors) == (4, 0) and got.manifest_v3 < got.manifest_v1
     entry = [4096, 12345, "f" * 16 * 2]
-    assert rp.index_entry_bytes(4096, 12345, 8192) == len(json.dumps(entry, separators=(",", ":")) + ",")
+    assert rp.index_entry_bytes(4096, 12345, 8192) == len(json.dumps(entry, separators=(",", ":")))
+    # each rank's index record, counted, is the length of the record file_table would write
+    stored: dict[str, list[IndexEntry]] = {n: [] for n in files}
+    for _, _, _, chunks in tensors:
+        for c in chunks:
+            stored[c.file].append(IndexEntry(c.byte_offset, c.byte_length, "f" * 16 * -(-c.byte_length // 4096)))
+    for rank in range(4):
+        mine = sorted(n for n, (_, r) in files.items() if r == rank)
+        records = [
+            FileIndex(files[n][0], rp.FAKE_HASH, tuple(sorted(stored[n], key=lambda e: e.byte_offset))) for n in mine
+        ]
+        assert got.index_bytes[rank] == len(rank_index_to_json("0123456789ab", rank, 4096, records))
+    # and the projected manifest is a real one: it parses, with the file table the files make
+    assert got.summary()["load_metadata_max_rank_v3"] > got.manifest_v3 > got.file_table > 0
 
 
 def _record(c):
