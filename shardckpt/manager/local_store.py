@@ -26,6 +26,7 @@ import torch
 from shardckpt.errors import ManifestError, StorageError
 from shardckpt.format import layout, local_step
 from shardckpt.format.local_step import ShardIndex
+from shardckpt.storage.local import fsync_dir, unlink_missing_ok
 
 log = logging.getLogger("shardckpt")
 
@@ -77,10 +78,10 @@ class LocalStore:
         data = os.path.join(folder, local_step.data_name(index.rank, index.holder))
         idx = os.path.join(folder, local_step.index_name(index.rank, index.holder))
         try:
-            _unlink_missing_ok(idx)  # a shard of this step written before: uncommit it first
+            unlink_missing_ok(idx)  # a shard of this step written before: uncommit it first
             _write_renamed(data, image)
             _write_renamed(idx, memoryview(index.to_json()))
-            _fsync_dir(folder)
+            fsync_dir(folder)
         except OSError as e:
             raise StorageError(
                 f"rank {self.holder}: writing the local step {index.step} (shard of rank {index.rank}) to "
@@ -143,7 +144,7 @@ class LocalStore:
     def _remove(self, step: int, paths: list[str]) -> None:
         # Index first: a shard whose data file goes first would look half-written.
         for p in sorted(paths, key=lambda p: not p.endswith(".json")):
-            _unlink_missing_ok(p)
+            unlink_missing_ok(p)
         self.written.pop(step, None)
         try:
             os.rmdir(self.step_dir(step))  # only when empty: other holders' files keep it
@@ -195,20 +196,5 @@ def _write_renamed(path: str, data: memoryview) -> None:
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
-        _unlink_missing_ok(tmp)
+        unlink_missing_ok(tmp)
         raise
-
-
-def _fsync_dir(folder: str) -> None:
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _unlink_missing_ok(path: str) -> None:
-    try:
-        os.unlink(path)
-    except FileNotFoundError:
-        pass

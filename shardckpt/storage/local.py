@@ -177,7 +177,7 @@ class LocalStorage(Storage):
         try:
             os.replace(tmp, path)
         except BaseException as e:
-            _unlink_quietly(tmp)
+            unlink_missing_ok(tmp)
             _name_file(e, path)
             raise
         self._fsync_dir(os.path.dirname(path))
@@ -195,7 +195,7 @@ class LocalStorage(Storage):
             _name_file(e, path)
             raise
         finally:
-            _unlink_quietly(tmp)
+            unlink_missing_ok(tmp)
         self._fsync_dir(os.path.dirname(path))
 
     def _write_temp(self, path: str, data: bytes) -> str:
@@ -208,7 +208,7 @@ class LocalStorage(Storage):
                 f.flush()
                 os.fsync(f.fileno())
         except BaseException as e:
-            _unlink_quietly(tmp)
+            unlink_missing_ok(tmp)
             _name_file(e, path)
             raise
         return tmp
@@ -267,15 +267,20 @@ class LocalStorage(Storage):
 
     @staticmethod
     def _fsync_dir(folder: str) -> None:
-        fd = os.open(folder, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        fsync_dir(folder)
 
 
-def _unlink_quietly(path: str) -> None:
-    """Remove a temp file this process created; it may already be gone."""
+def fsync_dir(folder: str) -> None:
+    """Make ``folder``'s entries (a rename, a new file) durable."""
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def unlink_missing_ok(path: str) -> None:
+    """Remove a file this process created; it may already be gone (only ENOENT counts as gone)."""
     try:
         os.unlink(path)
     except FileNotFoundError:
