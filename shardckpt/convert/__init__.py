@@ -12,7 +12,9 @@
   from base checkpoints beside it) -> a standalone copy that reads nothing elsewhere.
 
 The work is split by direction: :mod:`~shardckpt.convert.source` (assembling tensors
-from chunks, verified), :mod:`~shardckpt.convert.export`, :mod:`~shardckpt.convert.importer`,
+from chunks, verified), :mod:`~shardckpt.convert.export`, :mod:`~shardckpt.convert.importer` (with
+:mod:`~shardckpt.convert.foreign`, the readers of the formats it imports, and
+:mod:`~shardckpt.convert.regular_files`, how it opens their files),
 :mod:`~shardckpt.convert.diff`, :mod:`~shardckpt.convert.materialize`, and
 :mod:`~shardckpt.convert.audit` (``verify``/``inspect``).
 None of them is collective except the save at the end of an import.
@@ -37,13 +39,8 @@ from shardckpt.convert.export import (
     parse_size,
 )
 from shardckpt.convert.export import read_state_dict as _read_state_dict
-from shardckpt.convert.importer import (
-    SOURCE_FORMATS,
-    ImportReport,
-    PickleNotTrustedError,
-    detect_format,
-    import_checkpoint,
-)
+from shardckpt.convert.foreign import SOURCE_FORMATS, detect_format
+from shardckpt.convert.importer import ImportReport, PickleNotTrustedError, import_checkpoint
 from shardckpt.convert.materialize import MaterializeReport, materialize_checkpoint
 from shardckpt.convert.source import CheckpointSource, Selection, parse_dtype
 from shardckpt.convert.ties import hf_tied_weights, parse_tied

@@ -9,8 +9,10 @@ This module is the collective protocol; each policy lives beside it: what is del
 and when in :mod:`~shardckpt.manager.cleanup` (interrupted saves at start-up, retention
 after a commit), who owns the root in :mod:`~shardckpt.manager.ownership`, when a save
 is due in :mod:`~shardckpt.manager.schedule` (the rule) and
-:mod:`~shardckpt.manager.trigger` (the clock and the SIGTERM flag), and the base of an incremental save in
-:mod:`~shardckpt.manager.chain`.
+:mod:`~shardckpt.manager.trigger` (the clock and the SIGTERM flag), the base of an incremental save in
+:mod:`~shardckpt.manager.chain`, listing and restore in :mod:`~shardckpt.manager.step_reader`,
+and what every save and restore passes on to the Checkpointer in
+:mod:`~shardckpt.manager.run_options`.
 """
 
 from __future__ import annotations
@@ -19,31 +21,30 @@ import logging
 import os
 import sys
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 from shardckpt.engine.checkpointer import Checkpointer
 from shardckpt.engine.collective import RankGroup
-from shardckpt.engine.loading import read_manifest
-from shardckpt.engine.options import IOOptions, SaveKwargs, Timeouts, check_io_threads
+from shardckpt.engine.options import IOOptions, SaveKwargs
 from shardckpt.engine.saving import AsyncSaveHandle
-from shardckpt.errors import CheckpointNotFoundError, IntegrityError, ManifestError, ShardckptError
-from shardckpt.format import layout
-from shardckpt.format.manifest import Manifest
+from shardckpt.errors import ShardckptError
 from shardckpt.manager import ownership
 from shardckpt.manager.chain import CHAIN_KEY, IncrementalChain
 from shardckpt.manager.cleanup import RootCleaner
-from shardckpt.manager.local_tier import LocalTier, LocalTierOptions, open_local_tier, restore_tiers
+from shardckpt.manager.local_tier import LocalTier, LocalTierOptions, open_local_tier
 from shardckpt.manager.retention import RetentionPolicy
+from shardckpt.manager.run_options import RunOptions
 from shardckpt.manager.schedule import SaveSchedule, policy_or_shortcuts
-from shardckpt.manager.steps import check_metrics, committed_steps, metrics_of
+from shardckpt.manager.step_reader import StepReader
+from shardckpt.manager.steps import check_metrics
 from shardckpt.manager.trigger import SaveTrigger
-from shardckpt.storage import Storage, as_url
+from shardckpt.storage import as_url
 
 log = logging.getLogger("shardckpt")
 
 
-class CheckpointManager:
+class CheckpointManager(StepReader):
     """Saves and restores numbered checkpoints under one root (local path or fsspec URL).
 
     Collective: construct it, and call ``save``/``restore``/``close``, on every rank
@@ -186,13 +187,8 @@ class CheckpointManager:
                 "drop save_on_preemption (its SIGTERM handler would only keep the process alive)"
             )
         self._chain = IncrementalChain(full_every)  # every rank: what it saved; the coordinator: the base
-        if max_staging_bytes is not None and max_staging_bytes < 0:
-            raise ValueError(f"max_staging_bytes must be >= 0 or None (no bound), got {max_staging_bytes}")
-        if io is not None and not isinstance(io, IOOptions):
-            raise TypeError(f"io must be a shardckpt.IOOptions or None, got {type(io).__name__}")
-        if num_io_threads is not None:
-            check_io_threads(num_io_threads)
-        self._timeouts = Timeouts.of(timeout_s)
+        # Passed on by every save and restore (io None: the Checkpointer's own).
+        self._run = RunOptions(process_group, storage_options, io, num_io_threads, timeout_s, max_staging_bytes)
         local = None
         if local_dir is not None:
             local = LocalTierOptions(os.fspath(local_dir), local_interval_steps, replicas, keep_last_local)
@@ -203,18 +199,11 @@ class CheckpointManager:
         self.async_save = async_save
         self.incremental = incremental
         self.full_every = full_every
-        self._max_staging_bytes = max_staging_bytes
         self._pending: tuple[int, AsyncSaveHandle] | None = None
         self._local: LocalTier | None = None
         self.cleaned_up: list[str] = []
-        self._process_group = process_group
-        self._storage_options = storage_options
-        # Passed on by every save and restore (None: the Checkpointer's own).
-        self._io = io
-        self._num_io_threads = num_io_threads
         self._group = RankGroup.current(process_group)
         self._agreements: RankGroup | None = None  # see _ranks()
-        self._timeout_s = timeout_s
         # Our own Checkpointer (closed by close()) unless one was given; a given one's
         # storage factory opens the root too, so injected storage sees every access.
         self._owns_checkpointer = checkpointer is None
@@ -224,144 +213,36 @@ class CheckpointManager:
         self._trigger = SaveTrigger(self.schedule, self._group.is_coordinator)  # the time rule counts from here
         self._closed = False
         self._owner = ownership.OwnerRecord.for_this_process()
-        self._heartbeat: ownership.Heartbeat | None = None  # the coordinator's, while it owns the root
-        self._cleaner = RootCleaner(self._storage, self.root, self._check_owner)
-        if not read_only:
+        self._ownership = ownership.RootOwnership(self._storage, self._owner)
+        self._cleaner = RootCleaner(self._storage, self.root, self._ownership.check)
+        self._open(takeover, stale_owner_after_s, local)
+
+    def _open(self, takeover: bool, stale_owner_after_s: float, local: LocalTierOptions | None) -> None:
+        """Collective, the end of the constructor. Unless read-only, the coordinator claims
+        the root and cleans it up (:meth:`_start`); then the local tier opens and, with
+        ``save_on_preemption``, the SIGTERM handler is installed. A failure closes what
+        was opened."""
+        if not self.read_only:
             try:
                 self._ranks().decide(f"opening {self.root}", lambda: self._start(takeover, stale_owner_after_s))
             except BaseException:
-                self._let_go()  # a failed open must not leave the root locked by a record nobody refreshes
+                self._ownership.let_go()  # a failed open must not leave the root locked by a record nobody refreshes
                 self._close_checkpointer()
                 raise
         try:
             self._local = open_local_tier(
                 self._checkpointer,
-                process_group,
-                self._timeouts.arrive_s,
+                self._run.process_group,
+                self._run.timeouts.arrive_s,
                 local,
                 self._storage,
-                create_record=not read_only,
+                create_record=not self.read_only,
             )
         except BaseException:
             self.close()
             raise
         if self.schedule.save_on_preemption:
             self._trigger.watch_sigterm()  # only once open: a failed open leaves no handler behind
-
-    # ------------------------------------------------------------ listing
-
-    def steps(self) -> list[int]:
-        """Committed steps, ascending. Reads storage on the calling rank only."""
-        return committed_steps(self._storage)
-
-    def latest_step(self) -> int | None:
-        steps = self.steps()
-        return steps[-1] if steps else None
-
-    def best_step(self) -> int | None:
-        """The committed step with the best monitored metric (None without keep_best/monitor)."""
-        if not self.retention.monitor:
-            return None
-        steps = self.steps()
-        ranked = self.retention.best(steps, {s: self.metrics(s) for s in steps})
-        return ranked[0] if ranked else None
-
-    def metrics(self, step: int) -> dict[str, Any]:
-        """The metrics saved with committed ``step`` (from its manifest); {} when the
-        manifest holds none or something that is not a dict (another tool, a hand edit)."""
-        if step not in self._metrics:
-            self._metrics[step] = metrics_of(self.manifest(step))
-        return self._metrics[step]
-
-    def manifest(self, step: int) -> Manifest:
-        """The manifest of committed ``step`` (read on the calling rank only)."""
-        return read_manifest(self._step_storage(step))
-
-    def path(self, step: int) -> str:
-        """The checkpoint folder of ``step`` (usable with shardckpt.load directly)."""
-        return f"{self.root}/{layout.step_dir_name(step)}"
-
-    # ------------------------------------------------------------ restore
-
-    def restore(
-        self,
-        state_dict: dict[str, Any],
-        step: int | None = None,
-        *,
-        strict: bool = True,
-        allow_dtype_cast: bool = False,
-    ) -> int | None:
-        """Collective. Load ``step`` (default: the latest committed one) into ``state_dict``.
-        ``strict`` and ``allow_dtype_cast`` as in :meth:`shardckpt.Checkpointer.load`.
-
-        Returns the step loaded, or None when the root holds no committed step (a fresh
-        start). With ``step=None``, a latest step that fails verification is skipped
-        with a warning and the next older committed step is tried. With ``local_dir`` and
-        ``step=None``, a local step at least as new as the newest durable one is loaded
-        instead when every rank's shard is on a live rank (docs/recovery.md); a log line
-        names the tier.
-        """
-
-        def load_step(s: int) -> None:
-            self._checkpointer.load(
-                state_dict,
-                self.path(s),
-                process_group=self._process_group,
-                strict=strict,
-                allow_dtype_cast=allow_dtype_cast,
-                storage_options=self._storage_options,
-                timeout_s=self._timeout_s,
-                io=self._io,
-                num_io_threads=self._num_io_threads,
-            )
-
-        local_step = self.restore_local(state_dict) if step is None else None
-        return local_step if local_step is not None else self.restore_with(load_step, step)
-
-    def restore_local(self, state_dict: dict[str, Any]) -> int | None:
-        """Collective. Load the newest local step into ``state_dict`` in place if it is at
-        least as new as the newest durable step and every rank's shard is on a live rank;
-        returns it, or None (no ``local_dir``, or the durable tier must be read; a log line
-        says why). ``restore`` and ``TrainState.restore`` call it first."""
-        if self._local is None:
-            return None
-        self._check_open()
-        self.wait()
-        durable = self._ranks().decide(f"listing {self.root}", lambda: self._restore_candidates(None))
-        return restore_tiers(self._local, state_dict, durable[0] if durable else None, self.root)
-
-    def restore_with(self, load_step: Callable[[int], None], step: int | None = None) -> int | None:
-        """Collective. The restore protocol with a caller's own loader (TrainState uses it).
-
-        Finishes a pending async save, has the coordinator pick the step (``step``, or the
-        latest committed), and calls ``load_step(step)`` on every rank. With ``step=None``,
-        a step that fails verification (IntegrityError, ManifestError) is skipped with a
-        warning for the next older committed one. Returns the step loaded, or None.
-        """
-        self._check_open()
-        self.wait()
-        candidates = self._ranks().decide(f"listing {self.root}", lambda: self._restore_candidates(step))
-        for i, s in enumerate(candidates):
-            try:
-                load_step(s)
-                return s
-            except (IntegrityError, ManifestError) as e:
-                if step is not None or i == len(candidates) - 1:
-                    raise
-                log.warning(
-                    "shardckpt: step %d under %s is damaged (%s); trying step %d", s, self.root, e, candidates[i + 1]
-                )
-        return None
-
-    def _restore_candidates(self, step: int | None) -> list[int]:
-        steps = self.steps()
-        if step is None:
-            return list(reversed(steps))
-        if step not in steps:
-            raise CheckpointNotFoundError(
-                f"{self.root}: no committed checkpoint for step {step}; committed steps are {steps or 'none'}"
-            )
-        return [step]
 
     # ------------------------------------------------------------ save
 
@@ -402,25 +283,12 @@ class CheckpointManager:
         base, chain = self._ranks().decide(
             f"checking that this manager still owns {self.root}", lambda: self._owner_and_base(step)
         )
-        meta = {"step": step, "metrics": checked, "saved_at": time.time()}
-        kwargs = SaveKwargs(
-            process_group=self._process_group,
-            storage_options=self._storage_options,
-            metadata=meta,
-            timeout_s=self._timeout_s,
-            io=self._io,
-            num_io_threads=self._num_io_threads,
-        )
-        if self.incremental:
-            meta[CHAIN_KEY] = chain
-            kwargs["incremental"] = True
-            kwargs["base"] = None if base is None else self.path(base)
-            self._chain.record(step, chain)
+        kwargs = self._save_kwargs(step, checked, base, chain)
         self._metrics[step] = dict(checked)
         self._trigger.saved()
         if self.async_save and not preempted:
             handle = self._checkpointer.async_save(
-                state_dict, self.path(step), max_staging_bytes=self._max_staging_bytes, **kwargs
+                state_dict, self.path(step), max_staging_bytes=self._run.max_staging_bytes, **kwargs
             )
             self._pending = (step, handle)
             return True
@@ -432,11 +300,23 @@ class CheckpointManager:
             sys.exit(self.schedule.preemption_exit_code)
         return True
 
+    def _save_kwargs(self, step: int, metrics: dict[str, Any], base: int | None, chain: int) -> SaveKwargs:
+        """The Checkpointer's keywords for saving ``step``: the run options and the
+        manifest's metadata, plus, with ``incremental``, the base (recorded in the chain)."""
+        meta = {"step": step, "metrics": metrics, "saved_at": time.time()}
+        kwargs = self._run.save_kwargs(meta)
+        if self.incremental:
+            meta[CHAIN_KEY] = chain
+            kwargs["incremental"] = True
+            kwargs["base"] = None if base is None else self.path(base)
+            self._chain.record(step, chain)
+        return kwargs
+
     def _owner_and_base(self, step: int) -> tuple[int | None, int]:
         """Coordinator: RootInUseError unless we own the root; then the base of an
         incremental save of ``step`` (the newest committed step, None for a full save) and
         how many saves since the last full one this save makes."""
-        self._check_owner()
+        self._ownership.check()
         if not self.incremental:
             return None, 0
         return self._chain.base_for(step, self.latest_step(), self.manifest)
@@ -460,21 +340,8 @@ class CheckpointManager:
     def _start(self, takeover: bool, stale_after_s: float) -> None:
         """Coordinator. Claim the root, start the heartbeat, clean up interrupted saves
         (:meth:`RootCleaner.remove_interrupted`)."""
-        ownership.claim(self._storage, self._owner, takeover=takeover, stale_after_s=stale_after_s)
-        self._heartbeat = ownership.Heartbeat(self._storage, self._owner, interval_s=stale_after_s / 4)
+        self._ownership.claim(takeover=takeover, stale_after_s=stale_after_s)
         self.cleaned_up += self._cleaner.remove_interrupted()
-
-    def _check_owner(self) -> None:
-        """Coordinator: RootInUseError unless the owner record on storage is still ours."""
-        if self._heartbeat is not None:
-            self._heartbeat.check()
-
-    def _let_go(self) -> None:
-        """Stop the heartbeat and release the owner record if it is still ours. Coordinator
-        (a no-op elsewhere); best effort (:func:`ownership.let_go`)."""
-        beat, self._heartbeat = self._heartbeat, None
-        if beat is not None:
-            ownership.let_go(self._storage, self._owner, beat)
 
     def wait(self) -> None:
         """Collective. Block until the pending async save is committed, then apply retention.
@@ -507,7 +374,7 @@ class CheckpointManager:
             self._closed = True
             self._trigger.close()
             try:
-                self._let_go()
+                self._ownership.let_go()
                 if self._local is not None:
                     self._local.close()
             finally:
@@ -524,26 +391,3 @@ class CheckpointManager:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-    def _check_open(self) -> None:
-        if self._closed:
-            raise ShardckptError(f"{self.root}: this CheckpointManager is closed")
-
-    def _ranks(self) -> RankGroup:
-        """The group the manager's own agreements run on: a gloo group whose timeout is
-        the arrival bound of ``timeout_s`` (600 s by default), so a rank that never opens
-        the manager, or never reaches retention, makes the others raise RankTimeoutError
-        instead of waiting for the training group's timeout; separate from the one an
-        async save uses in the background. Created on first use, which every rank
-        reaches at the same call."""
-        if self._agreements is None:
-            group = self._group
-            if group.is_distributed:
-                group = RankGroup.current(
-                    self._checkpointer.group(self._process_group, self._timeouts.arrive_s, purpose="manager")
-                )
-            self._agreements = group
-        return self._agreements
-
-    def _step_storage(self, step: int) -> Storage:
-        return self._storage.child(layout.step_dir_name(step))

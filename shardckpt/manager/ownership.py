@@ -249,6 +249,37 @@ def let_go(storage: Storage, me: OwnerRecord, beat: Heartbeat) -> None:
         )
 
 
+class RootOwnership:
+    """A writing manager's hold on its root: :meth:`claim` (coordinator, at open) claims
+    ``me``'s record and starts its :class:`Heartbeat`; :meth:`check` re-reads the record
+    before a save or a delete; :meth:`let_go` (at ``close``) stops the heartbeat and
+    releases the record. On other ranks, and on a read-only manager, nothing is claimed
+    and :meth:`check` and :meth:`let_go` do nothing."""
+
+    def __init__(self, storage: Storage, me: OwnerRecord) -> None:
+        self._storage = storage
+        self._me = me
+        self._heartbeat: Heartbeat | None = None  # the coordinator's, while it owns the root
+
+    def claim(self, *, takeover: bool, stale_after_s: float) -> None:
+        """Coordinator. Claim the root (:func:`claim`), then keep the record fresh every
+        ``stale_after_s / 4`` seconds."""
+        claim(self._storage, self._me, takeover=takeover, stale_after_s=stale_after_s)
+        self._heartbeat = Heartbeat(self._storage, self._me, interval_s=stale_after_s / 4)
+
+    def check(self) -> None:
+        """Coordinator: RootInUseError unless the owner record on storage is still ours."""
+        if self._heartbeat is not None:
+            self._heartbeat.check()
+
+    def let_go(self) -> None:
+        """Stop the heartbeat and release the owner record if it is still ours. Coordinator
+        (a no-op elsewhere); best effort (:func:`let_go`). Idempotent."""
+        beat, self._heartbeat = self._heartbeat, None
+        if beat is not None:
+            let_go(self._storage, self._me, beat)
+
+
 class Heartbeat:
     """Keeps ``me``'s owner record fresh while the owning manager lives, and tells
     whether it still owns the root. Coordinator only; one per writing manager.

@@ -9,8 +9,8 @@ from shardckpt.storage.base import Storage, WriteStream
 from shardckpt.storage.local import LocalStorage, local_path
 
 if TYPE_CHECKING:
-    from shardckpt.storage.fsspec_storage import TransferOptions
     from shardckpt.storage.retry import RetryPolicy
+    from shardckpt.storage.transfer import TransferOptions
 
 __all__ = [
     "LocalStorage",
@@ -25,9 +25,10 @@ __all__ = [
 
 
 def __getattr__(name: str) -> Any:
-    # Lazily: these import fsspec, s3fs and botocore, which local-only users never need.
+    # Lazily: these import botocore (fsspec and s3fs come with FsspecStorage), which
+    # local-only users never need.
     if name == "TransferOptions":
-        from shardckpt.storage.fsspec_storage import TransferOptions
+        from shardckpt.storage.transfer import TransferOptions
 
         return TransferOptions
     if name == "RetryPolicy":

@@ -23,7 +23,6 @@ import logging
 import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import fsspec
@@ -31,9 +30,13 @@ import fsspec
 from shardckpt.errors import MissingDependencyError, StorageError
 from shardckpt.storage.base import Storage
 from shardckpt.storage.failures import HINTS, failure_cause, translate
-from shardckpt.storage.multipart import MAX_PART_BYTES, MIN_PART_BYTES, MultipartUpload
+from shardckpt.storage.file_stream import FileStream
+from shardckpt.storage.multipart import MultipartUpload
 from shardckpt.storage.redact import Redactor, secret_values
-from shardckpt.storage.retry import STORAGE_FAILURES, RetriesExhausted, RetryPolicy, error_code
+from shardckpt.storage.retry import STORAGE_FAILURES, RetriesExhausted, error_code
+from shardckpt.storage.transfer import TransferOptions
+
+__all__ = ["FsspecStorage", "TransferOptions", "require_backend"]  # TransferOptions: its old home
 
 T = TypeVar("T")
 _TRANSLATED: tuple[type[BaseException], ...] = (RetriesExhausted, FileNotFoundError, *STORAGE_FAILURES)
@@ -43,37 +46,6 @@ _S3_PROTOCOLS = frozenset({"s3", "s3a"})
 # s3fs it would create a bucket, and a missing bucket must be an error, not a side effect).
 _PREFIX_PROTOCOLS = _S3_PROTOCOLS | {"gs", "gcs", "az", "abfs", "abfss", "adl", "oss", "memory"}
 _DELETE_BATCH = 1000  # S3's limit for one DeleteObjects request
-
-
-@dataclass(frozen=True)
-class TransferOptions:
-    """How FsspecStorage moves bytes.
-
-    ``single_put_bytes``: a file up to this size is written with one PUT; a larger one
-    is a multipart upload whose first part has this size. ``part_bytes``: the size of
-    the later parts (doubled every 1,000 parts). Both within S3's part limits, 5 MiB to
-    5 GiB. ``max_concurrency``: parts uploading at once, over all files of one storage
-    (one rank's save); buffers are bounded by ``(max_concurrency + files being written)
-    * max(single_put_bytes, part_bytes)``. ``read_piece_bytes``: a larger read is split
-    into ranged GETs of this size, up to ``max_concurrency`` at once. ``retry``: the
-    policy for every request.
-    """
-
-    part_bytes: int = 16 * 2**20
-    single_put_bytes: int = 64 * 2**20
-    read_piece_bytes: int = 64 * 2**20
-    max_concurrency: int = 8
-    retry: RetryPolicy = field(default_factory=RetryPolicy)
-
-    def __post_init__(self) -> None:
-        for name in ("part_bytes", "single_put_bytes"):
-            value = getattr(self, name)
-            if not MIN_PART_BYTES <= value <= MAX_PART_BYTES:
-                raise ValueError(f"{name} must be in [5 MiB, 5 GiB] (S3's part limits), got {value}")
-        if self.read_piece_bytes < 2**20:
-            raise ValueError(f"read_piece_bytes must be at least 1 MiB, got {self.read_piece_bytes}")
-        if not 1 <= self.max_concurrency <= 256:
-            raise ValueError(f"max_concurrency must be in [1, 256], got {self.max_concurrency}")
 
 
 class FsspecStorage(Storage):
@@ -193,7 +165,7 @@ class FsspecStorage(Storage):
 
     # ----------------------------------------------------------------- writes
 
-    def open_write(self, name: str) -> MultipartUpload | _FileStream:
+    def open_write(self, name: str) -> MultipartUpload | FileStream:
         path = self._path(name)
         if self._is_s3:
             bucket, key, _ = self.fs.split_path(path)
@@ -208,10 +180,9 @@ class FsspecStorage(Storage):
                 max_concurrency=self.transfer.max_concurrency,
                 call=lambda action, fn: self._run(action, name, fn),
             )
-        if self._has_dirs:
-            self._run("create the folder of", name, lambda: self.fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True))
+        self._make_parent(name, path)
         f = self._run("open", name, lambda: self.fs.open(path, "wb", block_size=self.transfer.part_bytes))
-        return _FileStream(self, name, f)
+        return FileStream(f, lambda action, fn: self._run(action, name, fn, retry=False), lambda: self.delete([name]))
 
     def write_atomic(self, name: str, data: bytes) -> None:
         """One PUT of the whole object: S3 makes it visible whole or not at all."""
@@ -221,8 +192,7 @@ class FsspecStorage(Storage):
             self._run("write", name, lambda: self.fs.call_s3("put_object", Bucket=bucket, Key=key, Body=data))
             self.fs.invalidate_cache(path)
             return
-        if self._has_dirs:
-            self._run("create the folder of", name, lambda: self.fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True))
+        self._make_parent(name, path)
         self._run("write", name, lambda: self.fs.pipe_file(path, data))
 
     def create_exclusive(self, name: str, data: bytes) -> None:
@@ -236,10 +206,7 @@ class FsspecStorage(Storage):
             if self._is_s3:
                 self._create_s3(name, path, data)
             else:
-                if self._has_dirs:
-                    self._run(
-                        "create the folder of", name, lambda: self.fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
-                    )
+                self._make_parent(name, path)
                 self._run("create", name, lambda: self.fs.pipe_file(path, data, mode="create"), retry=False)
         except FileExistsError:
             raise FileExistsError(errno.EEXIST, self._redact(f"{self._where(name)}: already exists")) from None
@@ -383,6 +350,11 @@ class FsspecStorage(Storage):
     def _path(self, name: str) -> str:
         return f"{self.root}/{name}" if name else self.root
 
+    def _make_parent(self, name: str, path: str) -> None:
+        """Create the folder ``path`` is written into, on backends that have folders."""
+        if self._has_dirs:
+            self._run("create the folder of", name, lambda: self.fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True))
+
     def _where(self, name: str) -> str:
         path = self._path(name)
         if self._is_s3:
@@ -400,31 +372,6 @@ class FsspecStorage(Storage):
             raise  # an exclusive create lost the race: the caller's answer, not a storage fault
         except _TRANSLATED as e:
             raise translate(e, action, self._where(name), self._redact, self.transfer.retry) from failure_cause(e)
-
-
-class _FileStream:
-    """A streamed write on a non-S3 fsspec backend (its own buffering and commit on close).
-    Writes cannot be retried mid-stream; failures still become StorageError."""
-
-    def __init__(self, storage: FsspecStorage, name: str, f: Any) -> None:
-        self._storage = storage
-        self._name = name
-        self._f = f
-
-    def write(self, data: memoryview | bytes) -> None:
-        self._storage._run("write", self._name, lambda: self._f.write(data), retry=False)
-
-    def finish(self) -> None:
-        self._storage._run("write", self._name, self._f.close, retry=False)
-
-    def abort(self) -> None:
-        discard = getattr(self._f, "discard", None)
-        if discard is not None:
-            discard()  # drops buffered data without committing (s3fs, gcsfs)
-        else:
-            self._f.close()
-        # Some backends create the file at open (memory://) or on close: remove it.
-        self._storage.delete([self._name])
 
 
 def require_backend(url: str) -> None:

@@ -159,7 +159,7 @@ def _race(root: Path, make: Callable[[], Any], workers: str) -> list[str]:
         for t in threads:
             t.join()
         for m in managers:
-            beat = getattr(m, "_heartbeat", None)  # not close(): a double winner would release the other's record
+            beat = m._ownership._heartbeat  # not close(): a double winner would release the other's record
             if beat is not None:
                 beat.close()
         return results
