@@ -103,6 +103,16 @@ class ManifestV3:
     torch_version: str
     metadata: dict[str, Any] = field(default_factory=dict)
 
+    @property
+    def total_tensor_bytes(self) -> int:
+        """Bytes of every tensor's stored chunks (a replicated tensor once), as Manifest's."""
+        return sum(
+            math.prod(t.shape) * datafile.itemsize(t.dtype)
+            if t.rule is not None
+            else sum(c.byte_length for c in t.chunks)
+            for t in self.tensors.values()
+        )
+
     def __repr__(self) -> str:
         ruled = sum(1 for t in self.tensors.values() if t.rule is not None)
         return (

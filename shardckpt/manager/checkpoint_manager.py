@@ -25,7 +25,7 @@ from typing import Any
 from shardckpt.engine.checkpointer import Checkpointer
 from shardckpt.engine.collective import RankGroup
 from shardckpt.engine.loading import read_manifest
-from shardckpt.engine.options import IOOptions, SaveKwargs, Timeouts, check_io_threads
+from shardckpt.engine.options import IOOptions, SaveKwargs, Timeouts, check_format_version, check_io_threads
 from shardckpt.engine.saving import AsyncSaveHandle
 from shardckpt.errors import CheckpointNotFoundError, IntegrityError, ManifestError, ShardckptError
 from shardckpt.format import layout
@@ -80,6 +80,8 @@ class CheckpointManager:
     - ``full_every`` (20; None: never): with ``incremental``, every ``full_every``-th save
       writes everything, so a step never depends on more than the last ``full_every``
       saves' folders. docs/manager.md, "Incremental checkpoints".
+    - ``format_version`` (None: version 1, 2 with ``incremental``): 3 saves every step in
+      format 3 (docs/format.md section 12); not with ``incremental`` yet.
     - ``process_group`` (None: the whole job): the ranks taking part.
     - ``storage_options`` (None): handed to fsspec for an fsspec root (credentials, endpoint).
     - ``io`` (None: the checkpointer's :class:`IOOptions`): threads, checksum block size,
@@ -146,6 +148,7 @@ class CheckpointManager:
         async_save: bool = False,
         incremental: bool = False,
         full_every: int | None = 20,
+        format_version: int | None = None,
         max_staging_bytes: int | None = None,
         process_group: Any = None,
         storage_options: dict[str, Any] | None = None,
@@ -185,6 +188,8 @@ class CheckpointManager:
                 "a read_only=True CheckpointManager cannot save, so it cannot save on preemption; "
                 "drop save_on_preemption (its SIGTERM handler would only keep the process alive)"
             )
+        check_format_version(format_version, incremental=incremental)
+        self._format_version = format_version
         self._chain = IncrementalChain(full_every)  # every rank: what it saved; the coordinator: the base
         if max_staging_bytes is not None and max_staging_bytes < 0:
             raise ValueError(f"max_staging_bytes must be >= 0 or None (no bound), got {max_staging_bytes}")
@@ -411,6 +416,8 @@ class CheckpointManager:
             io=self._io,
             num_io_threads=self._num_io_threads,
         )
+        if self._format_version is not None:
+            kwargs["format_version"] = self._format_version
         if self.incremental:
             meta[CHAIN_KEY] = chain
             kwargs["incremental"] = True
