@@ -24,7 +24,6 @@ operations per tensor and per rank, not Python steps per chunk, so 4096 ranks of
 from __future__ import annotations
 
 import array
-import bisect
 import datetime
 import itertools
 import json
@@ -41,6 +40,7 @@ from torch.distributed.checkpoint.storage import WriteResult
 
 from shardckpt._version import __version__
 from shardckpt.engine.incremental import ChunkLocation
+from shardckpt.engine.rule_table import compress_table
 from shardckpt.errors import StorageError
 from shardckpt.format import datafile, file_table, integrity, layout, rules
 from shardckpt.format import manifest_v3 as mv3
@@ -162,11 +162,8 @@ def assemble(
         per_page,
         tuple(file_table.Page(len(p), integrity.hash_hex(p)) for p in pages),
     )
-    firsts = list(itertools.accumulate(counts, initial=0))
-    by_tensor = _rows_by_tensor(list(tensors), ranks, firsts)
-    records = {
-        key: _tensor(dtype, shape, rows) for (key, (dtype, shape)), rows in zip(tensors.items(), by_tensor, strict=True)
-    }
+    table, tid = _table(list(tensors), ranks, list(itertools.accumulate(counts, initial=0)))
+    records = _tensors(tensors, table, tid)
     m = mv3.ManifestV3(
         world_size=len(ranks),
         hash_block_bytes=block_bytes,
@@ -183,125 +180,67 @@ def assemble(
     return Assembled(m, pages)
 
 
-def _rows_by_tensor(keys: list[str], ranks: Sequence[RankResult], firsts: list[int]) -> list[torch.Tensor]:
-    """Every rank's rows as one int64 table per tensor (in ``keys`` order), the file number
-    turned into the file's position in the table. O(chunks) vectorized, O(ranks) in Python."""
+def _table(keys: list[str], ranks: Sequence[RankResult], firsts: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every rank's rows as one int64 table (file position, byte offset, box padded to the
+    largest rank's dimensions) and each row's tensor (an index into ``keys``). Ranks that
+    sent the same key list (FSDP: all of them) are converted together: O(chunks) in vector
+    operations, O(ranks + distinct key lists) in Python."""
     ids = {k: i for i, k in enumerate(keys)}
     dims = max(((r.width - _FIXED) // 2 for r in ranks), default=0)
-    width = _FIXED + 2 * dims
-    maps: dict[tuple[str, ...], torch.Tensor] = {}  # FSDP ranks share one key list
-    parts = []
+    alike: dict[tuple[tuple[str, ...], int], list[RankResult]] = {}
     for r in ranks:
-        if not r.rows:
-            continue
-        own = torch.frombuffer(bytearray(r.rows), dtype=torch.int64).view(-1, r.width)
-        if r.keys not in maps:
-            unknown = [k for k in r.keys if k not in ids]
-            if unknown:
-                raise StorageError(
-                    f"save: rank {r.rank} wrote chunks of {unknown[:3]}, which the global plan does not hold; "
-                    "nothing was committed (a shardckpt bug: please report it)"
-                )
-            maps[r.keys] = torch.tensor([ids[k] for k in r.keys], dtype=torch.int64)
-        d = (r.width - _FIXED) // 2
-        out = torch.empty((own.shape[0], width), dtype=torch.int64)
-        out[:, 0] = maps[r.keys][own[:, 0]]
-        out[:, 1] = own[:, 1] + firsts[r.rank]
-        out[:, 2] = own[:, 2]
-        out[:, _FIXED : _FIXED + d] = own[:, _FIXED : _FIXED + d]
-        out[:, _FIXED + d : _FIXED + dims] = 0
-        out[:, _FIXED + dims : _FIXED + dims + d] = own[:, _FIXED + d :]
-        out[:, _FIXED + dims + d :] = 1
-        parts.append(out)
-    if not parts:
-        return [torch.empty((0, width), dtype=torch.int64) for _ in keys]
-    table = torch.cat(parts)
-    order = torch.sort(table[:, 0], stable=True).indices
-    table = table[order]
-    counts = torch.bincount(table[:, 0], minlength=len(keys)).tolist()
-    return [t[:, 1:] for t in torch.split(table, counts)]
+        if r.rows:
+            alike.setdefault((r.keys, r.width), []).append(r)
+    tables, tids = [torch.empty((0, 2 + 2 * dims), dtype=torch.int64)], [torch.empty(0, dtype=torch.int64)]
+    for (held, width), same in alike.items():
+        unknown = [k for k in held if k not in ids]
+        if unknown:
+            raise StorageError(
+                f"save: rank {same[0].rank} wrote chunks of {unknown[:3]}, which the global plan does not hold; "
+                "nothing was committed (a shardckpt bug: please report it)"
+            )
+        own = torch.frombuffer(bytearray().join(r.rows for r in same), dtype=torch.int64).view(-1, width)
+        per_rank = torch.tensor([len(r.rows) // (8 * width) for r in same], dtype=torch.int64)
+        first_file = torch.repeat_interleave(torch.tensor([firsts[r.rank] for r in same], dtype=torch.int64), per_rank)
+        d = (width - _FIXED) // 2
+        out = torch.empty((own.shape[0], 2 + 2 * dims), dtype=torch.int64)
+        out[:, 0] = own[:, 1] + first_file
+        out[:, 1] = own[:, 2]
+        out[:, 2 : 2 + d] = own[:, _FIXED : _FIXED + d]
+        out[:, 2 + d : 2 + dims] = 0
+        out[:, 2 + dims : 2 + dims + d] = own[:, _FIXED + d :]
+        out[:, 2 + dims + d :] = 1
+        tables.append(out)
+        tids.append(torch.tensor([ids[k] for k in held], dtype=torch.int64)[own[:, 0]])
+    return torch.cat(tables), torch.cat(tids)
 
 
-def _tensor(dtype: str, shape: tuple[int, ...], rows: torch.Tensor) -> mv3.Tensor:
-    """One tensor's record from its rows (file position, byte offset, padded box)."""
-    d = len(shape)
-    dims = (rows.shape[1] - 2) // 2
-    offsets, sizes = rows[:, 2 : 2 + d], rows[:, 2 + dims : 2 + dims + d]
-    rule, listed = compress_rows(shape, offsets, sizes, rows[:, 0], rows[:, 1])
-    itemsize = datafile.itemsize(dtype)
-    chunks = tuple(
-        mv3.Chunk(tuple(o), tuple(s), f, b, math.prod(s) * itemsize)
-        for o, s, f, b in zip(
-            offsets[listed].tolist(),
-            sizes[listed].tolist(),
-            rows[listed, 0].tolist(),
-            rows[listed, 1].tolist(),
-            strict=True,
-        )
-    )
-    return mv3.Tensor(dtype, shape, rule, chunks)
+def _tensors(
+    tensors: dict[str, tuple[str, tuple[int, ...]]], table: torch.Tensor, tid: torch.Tensor
+) -> dict[str, mv3.Tensor]:
+    """Every tensor's record from the table: its rule (compress_table) and listed chunks."""
+    dims = (table.shape[1] - 2) // 2
+    done = compress_table([shape for _, shape in tensors.values()], tid, table)
+    out = {}
+    for t, (key, (dtype, shape)) in enumerate(tensors.items()):
+        d, itemsize = len(shape), datafile.itemsize(dtype)
+        boxes = [
+            (row[0], row[1], row[2 : 2 + d], row[2 + dims : 2 + dims + d]) for row in table[done.listed[t]].tolist()
+        ]
+        chunks = tuple(mv3.Chunk(tuple(o), tuple(s), f, b, math.prod(s) * itemsize) for f, b, o, s in boxes)
+        out[key] = mv3.Tensor(dtype, shape, done.rules[t], chunks)
+    return out
 
 
 def compress_rows(
     shape: tuple[int, ...], offsets: torch.Tensor, sizes: torch.Tensor, files: torch.Tensor, byte_offsets: torch.Tensor
-) -> tuple[rules.Rule | None, torch.Tensor]:
-    """:func:`shardckpt.format.rules.compress` over columns: the rule of the chunks (row i:
-    box ``offsets[i]``/``sizes[i]`` at ``byte_offsets[i]`` of file position ``files[i]``), or
-    None, and the indices of the rows to list (the empty chunks beside a rule, all without)."""
-    n = offsets.shape[0]
-    everything = torch.arange(n)
-    nonempty = (sizes > 0).all(dim=1) if shape else torch.ones(n, dtype=torch.bool)
-    full = torch.nonzero(nonempty).flatten()
-    empty = torch.nonzero(~nonempty).flatten()
-    if full.numel() == 0:
-        return None, everything
-    if not shape:
-        if full.numel() != 1:
-            return None, everything
-        return rules.Rule((), (), (rules.Run(1, int(files[full[0]]), 0, int(byte_offsets[full[0]]), 0),)), empty
-    o, s = offsets[full], sizes[full]
-    dims = torch.tensor(shape, dtype=torch.int64)
-    block = s.max(dim=0).values
-    if not bool((block <= dims).all()):
-        return None, everything
-    grid = (dims + block - 1) // block
-    cells = math.prod(grid.tolist())
-    if cells != full.numel():
-        return None, everything
-    regular = (o >= 0).all() & (o % block == 0).all() & (o < dims).all() & (s == torch.minimum(block, dims - o)).all()
-    if not bool(regular):
-        return None, everything
-    strides = torch.ones(len(shape), dtype=torch.int64)
-    for i in range(len(shape) - 2, -1, -1):
-        strides[i] = strides[i + 1] * grid[i + 1]
-    cell = ((o // block) * strides).sum(dim=1)
-    cell, order = torch.sort(cell)
-    if not bool((cell == torch.arange(cells)).all()):  # two chunks in one cell
-        return None, everything
-    runs = _runs(files[full][order], byte_offsets[full][order])
-    return rules.Rule(shape, tuple(block.tolist()), runs), empty
-
-
-def _runs(files: torch.Tensor, byte_offsets: torch.Tensor) -> tuple[rules.Run, ...]:
-    """``rules._runs`` (greedy: each run takes its step from its first two cells and grows
-    while it holds) in O(runs * log) Python steps: a run starting at cell i covers the
-    stretch of equal steps that begins at i, plus one cell."""
-    n = files.shape[0]
-    df, db = files[1:] - files[:-1], byte_offsets[1:] - byte_offsets[:-1]
-    # changes[j]: step j differs from step j - 1 (j >= 1)
-    changes = (torch.nonzero((df[1:] != df[:-1]) | (db[1:] != db[:-1])).flatten() + 1).tolist()
-    first_f, first_b = files.tolist(), byte_offsets.tolist()
-    steps_f, steps_b = df.tolist(), db.tolist()
-    out, i = [], 0
-    while i < n:
-        if i == n - 1:
-            out.append(rules.Run(1, first_f[i], 0, first_b[i], 0))
-            break
-        nxt = bisect.bisect_right(changes, i)
-        end = changes[nxt] - 1 if nxt < len(changes) else n - 2  # last step equal to step i
-        out.append(rules.Run(end - i + 2, first_f[i], steps_f[i], first_b[i], steps_b[i]))
-        i = end + 2
-    return tuple(out)
+) -> tuple[rules.Rule | None, list[int]]:
+    """:func:`shardckpt.format.rules.compress` of one tensor's chunks given as columns (row i:
+    box ``offsets[i]``/``sizes[i]`` at ``byte_offsets[i]`` of file position ``files[i]``):
+    the rule or None, and the rows to list. :func:`compress_table` for one tensor."""
+    table = torch.cat([files[:, None], byte_offsets[:, None], offsets, sizes], dim=1)
+    done = compress_table([tuple(shape)], torch.zeros(files.numel(), dtype=torch.int64), table)
+    return done.rules[0], done.listed[0]
 
 
 def tensors_of(metadata: Metadata) -> dict[str, tuple[str, tuple[int, ...]]]:

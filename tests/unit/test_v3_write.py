@@ -145,6 +145,19 @@ def test_column_wise_compression_is_rules_compress(layout_):
     rule, listed = compress_rows(tuple(shape), offsets, sizes, files, byte_offsets)
     expected, rest = rules.compress(shape, chunks)
     assert rule == expected
-    assert sorted(chunks[i] for i in listed.tolist()) == sorted(rest)
+    assert sorted(chunks[i] for i in listed) == sorted(rest)
     if rule is not None:
         assert sum(math.prod(c.sizes) for c in rules.expand(rule)) == math.prod(shape)
+
+
+def test_a_repeated_save_reuses_the_plan_and_writes_format_3_again(tmp_path):
+    state = _state()
+    with Checkpointer() as ckpt:
+        ckpt.save(state, str(tmp_path / "a"), format_version=3)
+        cache = ckpt._rounds.over(None)[1]
+        plan_id = cache.global_id
+        state["model"]["w"].add_(1.0)  # type: ignore[index]
+        ckpt.save(state, str(tmp_path / "b"), format_version=3)
+        assert cache.global_id == plan_id  # the global plan was reused, not made again
+    first, second = read_v3(str(tmp_path / "a"))[1], read_v3(str(tmp_path / "b"))[1]
+    assert torch.equal(second["model.w"][0].data, first["model.w"][0].data + 1.0)
