@@ -41,9 +41,9 @@ def compress_table(shapes: Sequence[tuple[int, ...]], tid: torch.Tensor, table: 
     offsets, sizes = table[:, 2 : 2 + dims], table[:, 2 + dims :]
     shape = torch.tensor([[*s, *(1,) * (dims - len(s))] for s in shapes], dtype=torch.int64).reshape(n_t, dims)
     full = (sizes > 0).all(dim=1)
-    ft = tid[full]
+    rows, ft, o, s = _select(full, torch.arange(n_rows), tid, offsets, sizes)
     block = torch.zeros((n_t, dims), dtype=torch.int64)
-    block.scatter_reduce_(0, ft[:, None].expand(-1, dims), sizes[full], reduce="amax")
+    block.scatter_reduce_(0, ft[:, None].expand(-1, dims), s, reduce="amax")
     fulls = torch.bincount(ft, minlength=n_t)
     ok = (fulls > 0) & (block > 0).all(dim=1) & (block <= shape).all(dim=1)
     block = block.clamp(min=1)
@@ -53,24 +53,22 @@ def compress_table(shapes: Sequence[tuple[int, ...]], tid: torch.Tensor, table: 
         cells = torch.minimum(cells * grid[:, d], fulls + 1)
     ok &= cells == fulls
     # every full chunk must be exactly one cell of its tensor's block grid
-    o, s, b, n = offsets[full], sizes[full], block[ft], shape[ft]
-    regular = ((o >= 0) & (o % b == 0) & (o < n) & (s == torch.minimum(b, n - o))).all(dim=1)
+    b, n = block[ft], shape[ft]
+    piece = o.div(b, rounding_mode="floor")
+    regular = ((o >= 0) & (piece * b == o) & (o < n) & (s == torch.minimum(b, n - o))).all(dim=1)
     ok &= torch.bincount(ft[~regular], minlength=n_t) == 0
     strides = torch.ones((n_t, dims), dtype=torch.int64)
     for d in range(dims - 2, -1, -1):
         strides[:, d] = strides[:, d + 1] * grid[:, d + 1]
-    cell = ((o.clamp(min=0) // b) * strides[ft]).sum(dim=1)
-    rows = torch.nonzero(full).flatten()
+    cell = (piece * strides[ft]).sum(dim=1)
     # sort the full rows by (tensor, cell); a tensor's cells must then be 0, 1, ..., cells - 1
-    keep = ok[ft]
-    rows, ft, cell = rows[keep], ft[keep], cell[keep]
-    order = torch.sort(ft * (n_rows + 1) + cell.clamp(max=n_rows)).indices
+    rows, ft, cell = _select(ok[ft], rows, ft, cell)
+    order = torch.sort(ft * (n_rows + 1) + cell.clamp(min=0, max=n_rows)).indices
     rows, ft, cell = rows[order], ft[order], cell[order]
     seg = torch.bincount(ft, minlength=n_t)
     starts = torch.cumsum(seg, 0) - seg
     ok &= torch.bincount(ft[cell != torch.arange(rows.numel()) - starts[ft]], minlength=n_t) == 0
-    keep = ok[ft]
-    rows, ft = rows[keep], ft[keep]
+    rows, ft = _select(ok[ft], rows, ft)
     out_rules = _rules(shapes, ok.tolist(), block.tolist(), table[rows, 0], table[rows, 1], ft)
     listed_rows = torch.nonzero(~full | ~ok[tid]).flatten()
     listed_rows = listed_rows[torch.sort(tid[listed_rows], stable=True).indices]
@@ -78,6 +76,14 @@ def compress_table(shapes: Sequence[tuple[int, ...]], tid: torch.Tensor, table: 
     for r, t in zip(listed_rows.tolist(), tid[listed_rows].tolist(), strict=True):
         listed[t].append(r)
     return Compressed(out_rules, listed)
+
+
+def _select(mask: torch.Tensor, *columns: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """The rows of each column where ``mask`` holds; no copy when it holds everywhere (the
+    usual case: every chunk full, every tensor a rule)."""
+    if bool(mask.all()):
+        return columns
+    return tuple(c[mask] for c in columns)
 
 
 def _rules(

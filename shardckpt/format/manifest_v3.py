@@ -1,9 +1,9 @@
-"""Format 3 (DRAFT): a whole ``manifest.json`` of version 3, JSON text <-> validated records.
+"""Format 3: a whole ``manifest.json`` of version 3, JSON text <-> validated records.
 
 Pure, no I/O; ``docs/format.md`` section 12 specifies it, ``manifest_v3.schema.json`` is
-its JSON Schema, ``tests/unit/golden/manifest_v3_draft.json`` an example. Nothing writes or
-loads version 3 yet: :func:`parse_manifest_v3` is the parser the loader will call (section
-12.7), :func:`manifest_v3_to_json` what the writer will call.
+its JSON Schema, ``tests/unit/golden/manifest_v3_draft.json`` an example. Saves write it
+with ``format_version=3``: :func:`manifest_v3_to_json` is what ``engine/write_v3.py``
+commits, :func:`parse_manifest_v3` the parser the loader will call (section 12.7).
 
 A version-3 manifest has sharding rules (:mod:`~shardckpt.format.rules`) and explicit
 chunks only for irregular tensors, no checksums but its own seal, and the compact file table
