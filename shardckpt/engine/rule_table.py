@@ -52,15 +52,16 @@ def compress_table(shapes: Sequence[tuple[int, ...]], tid: torch.Tensor, table: 
     for d in range(dims):  # one dimension at a time, so the product never overflows
         cells = torch.minimum(cells * grid[:, d], fulls + 1)
     ok &= cells == fulls
-    # every full chunk must be exactly one cell of its tensor's block grid
-    b, n = block[ft], shape[ft]
-    piece = o.div(b, rounding_mode="floor")
-    regular = ((o >= 0) & (piece * b == o) & (o < n) & (s == torch.minimum(b, n - o))).all(dim=1)
-    ok &= torch.bincount(ft[~regular], minlength=n_t) == 0
     strides = torch.ones((n_t, dims), dtype=torch.int64)
     for d in range(dims - 2, -1, -1):
         strides[:, d] = strides[:, d + 1] * grid[:, d + 1]
-    cell = (piece * strides[ft]).sum(dim=1)
+    # every full chunk must be exactly one cell of its tensor's block grid (one gather per row)
+    per_row = torch.cat([block, shape, strides], dim=1)[ft]
+    b, n, stride = per_row[:, :dims], per_row[:, dims : 2 * dims], per_row[:, 2 * dims :]
+    piece = o.div(b, rounding_mode="floor")
+    regular = ((o >= 0) & (piece * b == o) & (o < n) & (s == torch.minimum(b, n - o))).all(dim=1)
+    ok &= torch.bincount(ft[~regular], minlength=n_t) == 0
+    cell = (piece * stride).sum(dim=1)
     # sort the full rows by (tensor, cell); a tensor's cells must then be 0, 1, ..., cells - 1
     rows, ft, cell = _select(ok[ft], rows, ft, cell)
     order = torch.sort(ft * (n_rows + 1) + cell.clamp(min=0, max=n_rows)).indices

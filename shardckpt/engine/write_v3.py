@@ -28,6 +28,7 @@ import datetime
 import itertools
 import json
 import math
+import os
 import socket
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -35,7 +36,7 @@ from typing import Any
 
 import torch
 from torch.distributed.checkpoint.metadata import BytesStorageMetadata, Metadata, MetadataIndex
-from torch.distributed.checkpoint.planner import WriteItem
+from torch.distributed.checkpoint.planner import SavePlan, WriteItem
 from torch.distributed.checkpoint.storage import WriteResult
 
 from shardckpt._version import __version__
@@ -124,7 +125,44 @@ def _write_new(storage: Storage, name: str, raw: bytes) -> None:
         raise
 
 
+def rank_results(
+    storage: Storage, plan: SavePlan, results: list[WriteResult], files: int, block_bytes: int
+) -> list[WriteResult]:
+    """Every rank, after its ``files`` data files: :func:`finish_rank` over the rank's tensor
+    ``results`` (ChunkLocations), as the one WriteResult the coordinator reads."""
+    save_id, rank = plan.storage_data["save_id"], plan.storage_data["rank"]
+    by_index = {it.index: it for it in plan.items}
+    located = [(by_index[wr.index], wr.storage_data) for wr in results]
+    names = [layout.data_file_name(save_id, rank, k) for k in range(files)]
+    done = finish_rank(storage, save_id, rank, located, names, block_bytes, int(os.environ.get("LOCAL_RANK", 0)))
+    return [WriteResult(index=RANK_RESULT_INDEX, size_in_bytes=sum(done.file_sizes), storage_data=done)]
+
+
 # ---------------------------------------------------------------- the coordinator
+
+
+def finish(
+    storage: Storage,
+    metadata: Metadata,
+    results: list[list[WriteResult]],
+    save_id: str,
+    options: Any,
+    create: Callable[[str, bytes], None],
+) -> mv3.ManifestV3:
+    """The coordinator's finish of a format-3 save (``options``: the WriterOptions): the
+    pages and the manifest (:func:`assemble`), then :func:`commit`. Returns the manifest."""
+    values, ranks = split_results(results)
+    built = assemble(
+        tensors_of(metadata),
+        values,
+        {k: list(v) for k, v in (metadata.planner_data or {}).items()},
+        ranks,
+        save_id=save_id,
+        block_bytes=options.hash_block_bytes,
+        metadata=dict(options.metadata),
+    )
+    commit(storage, built, ranks, create)
+    return built.manifest
 
 
 @dataclass(frozen=True)

@@ -221,19 +221,10 @@ class Writer(StorageWriter):
         return self._rank_result(plan, results, len(buckets))
 
     def _rank_result(self, plan: SavePlan, results: list[WriteResult], files: int) -> list[WriteResult]:
-        """Format 3: write this rank's index record and report the rank in one result
-        (write_v3.finish_rank); other versions: ``results`` as they are."""
+        """Format 3: this rank's index record written, the rank's one result (write_v3)."""
         if self.options.format_version != 3:
             return results
-        save_id, rank = plan.storage_data["save_id"], plan.storage_data["rank"]
-        by_index = {it.index: it for it in plan.items}
-        located = [(by_index[wr.index], wr.storage_data) for wr in results]
-        names = [layout.data_file_name(save_id, rank, k) for k in range(files)]
-        local_rank = int(os.environ.get("LOCAL_RANK", 0))
-        done = write_v3.finish_rank(
-            self.storage, save_id, rank, located, names, self.options.hash_block_bytes, local_rank
-        )
-        return [WriteResult(index=write_v3.RANK_RESULT_INDEX, size_in_bytes=self.bytes_written, storage_data=done)]
+        return write_v3.rank_results(self.storage, plan, results, files, self.options.hash_block_bytes)
 
     def _remember(self, plan: SavePlan, results: list[WriteResult]) -> None:
         """Keep this rank's chunk locations (with digests) and count the bytes written."""
@@ -267,20 +258,9 @@ class Writer(StorageWriter):
     def _finish_v3(self, metadata: Metadata, results: list[list[WriteResult]]) -> None:
         """Format 3: the pages and the manifest of rules (write_v3), committed like any save."""
         assert self._save_id is not None
-        values, ranks = write_v3.split_results(results)
-        paths = {k: list(v) for k, v in (metadata.planner_data or {}).items()}
-        built = write_v3.assemble(
-            write_v3.tensors_of(metadata),
-            values,
-            paths,
-            ranks,
-            save_id=self._save_id,
-            block_bytes=self.options.hash_block_bytes,
-            metadata=dict(self.options.metadata),
-        )
         lost = "another save committed this folder first; this one was not committed. Save each to its own path."
-        write_v3.commit(self.storage, built, ranks, functools.partial(self._create, lost_race=lost))
-        self.manifest = built.manifest
+        create = functools.partial(self._create, lost_race=lost)
+        self.manifest = write_v3.finish(self.storage, metadata, results, self._save_id, self.options, create)
         self._committed = True
         self._remove_replaced(set())
 
