@@ -229,7 +229,10 @@ def _table(keys: list[str], ranks: Sequence[RankResult], firsts: list[int]) -> t
     for r in ranks:
         if r.rows:
             alike.setdefault((r.keys, r.width), []).append(r)
-    tables, tids = [torch.empty((0, 2 + 2 * dims), dtype=torch.int64)], [torch.empty(0, dtype=torch.int64)]
+    total = sum(len(r.rows) // (8 * r.width) for r in ranks)
+    table = torch.empty((total, 2 + 2 * dims), dtype=torch.int64)
+    tid = torch.empty(total, dtype=torch.int64)
+    at = 0
     for (held, width), same in alike.items():
         unknown = [k for k in held if k not in ids]
         if unknown:
@@ -241,16 +244,18 @@ def _table(keys: list[str], ranks: Sequence[RankResult], firsts: list[int]) -> t
         per_rank = torch.tensor([len(r.rows) // (8 * width) for r in same], dtype=torch.int64)
         first_file = torch.repeat_interleave(torch.tensor([firsts[r.rank] for r in same], dtype=torch.int64), per_rank)
         d = (width - _FIXED) // 2
-        out = torch.empty((own.shape[0], 2 + 2 * dims), dtype=torch.int64)
-        out[:, 0] = own[:, 1] + first_file
+        out = table[at : at + own.shape[0]]
+        torch.add(own[:, 1], first_file, out=out[:, 0])
         out[:, 1] = own[:, 2]
         out[:, 2 : 2 + d] = own[:, _FIXED : _FIXED + d]
         out[:, 2 + d : 2 + dims] = 0
         out[:, 2 + dims : 2 + dims + d] = own[:, _FIXED + d :]
         out[:, 2 + dims + d :] = 1
-        tables.append(out)
-        tids.append(torch.tensor([ids[k] for k in held], dtype=torch.int64)[own[:, 0]])
-    return torch.cat(tables), torch.cat(tids)
+        torch.index_select(
+            torch.tensor([ids[k] for k in held], dtype=torch.int64), 0, own[:, 0], out=tid[at : at + own.shape[0]]
+        )
+        at += own.shape[0]
+    return table, tid
 
 
 def _tensors(
