@@ -161,3 +161,11 @@ def test_a_repeated_save_reuses_the_plan_and_writes_format_3_again(tmp_path):
         assert cache.global_id == plan_id  # the global plan was reused, not made again
     first, second = read_v3(str(tmp_path / "a"))[1], read_v3(str(tmp_path / "b"))[1]
     assert torch.equal(second["model.w"][0].data, first["model.w"][0].data + 1.0)
+
+
+def test_async_save_writes_format_3_too(tmp_path):
+    with Checkpointer() as ckpt:
+        handle = ckpt.async_save(_state(), str(tmp_path / "c"), format_version=3)
+        m = handle.wait(120)
+    parsed, _ = read_v3(str(tmp_path / "c"))
+    assert m is not None and parsed.tensors == m.tensors and parsed.values == {"step": 12}
