@@ -4,10 +4,11 @@ format-3 save (docs/format.md section 12.2), over one int64 table of all ranks' 
 :func:`compress_table` gives, for each tensor, what :func:`shardckpt.format.rules.compress`
 gives for its chunk list (the same rule, the same chunks left to list), but in whole-table
 vector operations: a fixed few dozen of them for the whole save, plus Python steps per
-tensor and per run, never per chunk. Compressing tensor by tensor costs a fixed ~1 ms of
-vector calls per tensor (1.2 s for the 1164 tensors of a 7B model with AdamW even at 64
-ranks); a Python loop over chunks ~8 us per chunk (38 s for its 4.8 million chunks at 4096
-ranks). ``tests/unit/test_v3_write.py`` checks the equality with ``rules.compress`` by property.
+tensor and per run, never per chunk: ~2 CPU seconds for the 3.5 million chunks of a 7B model
+with AdamW at 4096 ranks (docs/benchmarks.md). Compressing tensor by tensor costs a fixed
+~1 ms of vector calls per tensor (2 s for its 1164 tensors even at 64 ranks); a Python loop
+over chunks 4-8 us per chunk (13.5-38 s at 4096 ranks). ``tests/unit/test_v3_write.py``
+checks the equality with ``rules.compress`` by property.
 
 The table: one row per chunk, with its tensor beside it, in any order: ``file`` (a position in the file table),
 ``byte_offset``, then the box's offsets and sizes padded to ``D`` dimensions (offset 0,
