@@ -169,3 +169,14 @@ def test_async_save_writes_format_3_too(tmp_path):
         m = handle.wait(120)
     parsed, _ = read_v3(str(tmp_path / "c"))
     assert m is not None and parsed.tensors == m.tensors and parsed.values == {"step": 12}
+
+
+def test_a_manager_removes_an_interrupted_format_3_step_whole(tmp_path):
+    root = str(tmp_path / "root")
+    step = os.path.join(root, layout.step_dir_name(5))
+    shardckpt.save(_state(), step, format_version=3)
+    os.remove(os.path.join(step, layout.MANIFEST_NAME))  # killed before its commit: marker, data, records
+    assert any(n.endswith(".index.json") for n in os.listdir(os.path.join(step, "data")))
+    with shardckpt.CheckpointManager(root) as mgr:
+        assert mgr.steps() == []
+    assert not os.path.exists(step)  # index record and page were shardckpt's names: nothing foreign kept it
