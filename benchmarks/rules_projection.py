@@ -278,3 +278,46 @@ def _place_steps(
         out.append((r, k, loads[r][k]))
         loads[r][k] += 4
     return out, loads
+
+
+# ------------------------------------------------------------------ the writer's own path
+
+
+def rank_results(
+    tensors: Iterable[tuple[str, str, tuple[int, ...], list[Stored]]],
+    files: dict[str, tuple[int, int]],
+    ranks: int,
+    dims: int = 2,
+) -> list[Any]:
+    """What every rank of that save reports to the coordinator under format 3
+    (``engine.write_v3.RankResult``: one row per chunk, its data files' sizes, its index
+    record's size and hash, host): the input of the coordinator's ``write_v3.assemble``.
+    Simulated (not timed): O(chunks) Python steps."""
+    import array
+
+    from shardckpt.engine import write_v3
+
+    number = {name: int(name.rsplit("-", 1)[1].split(".")[0]) for name in files}
+    sizes: list[dict[int, int]] = [{} for _ in range(ranks)]
+    for name, (size, r) in files.items():
+        sizes[r][number[name]] = size
+    rows = [array.array("q") for _ in range(ranks)]
+    keys: list[list[str]] = [[] for _ in range(ranks)]
+    for key, _, shape, chunks in tensors:
+        pad = dims - len(shape)
+        for c in chunks:
+            r = files[c.file][1]
+            held = keys[r]
+            if not held or held[-1] != key:
+                held.append(key)
+            rows[r].extend((len(held) - 1, number[c.file], c.byte_offset, *c.offsets, *(0,) * pad, *c.sizes))
+            rows[r].extend((1,) * pad)
+    shared: dict[tuple[str, ...], tuple[str, ...]] = {}  # one tuple per distinct key list, as ranks would send
+    out = []
+    for r in range(ranks):
+        held_keys = shared.setdefault(tuple(keys[r]), tuple(keys[r]))
+        entry = file_table.RankEntry(30_000, FAKE_HASH, f"node{r // 8:04d}", r % 8)
+        file_sizes = tuple(sizes[r][k] for k in range(len(sizes[r])))
+        out.append(write_v3.RankResult(r, entry, file_sizes, held_keys, 3 + 2 * dims, rows[r].tobytes()))
+        rows[r] = array.array("q")
+    return out

@@ -83,7 +83,8 @@ class StorageWriter(_DcpStorageWriter):
     @property
     def manifest(self) -> Manifest | None:
         """The committed Manifest (coordinator, after ``dcp.save`` returned), else None."""
-        return None if self._inner is None else self._inner.manifest
+        m = None if self._inner is None else self._inner.manifest
+        return m if isinstance(m, Manifest) else None  # this writer never writes format 3
 
     def _options(self, path: str) -> WriterOptions:
         return writer_options(self.io, path, overwrite=self._overwrite, metadata=self._metadata)

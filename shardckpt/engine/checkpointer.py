@@ -41,6 +41,7 @@ from shardckpt.engine.state import flatten_with_mappings, to_plain_state_dict
 from shardckpt.engine.writer import Writer
 from shardckpt.errors import ShardckptError
 from shardckpt.format.manifest import Manifest
+from shardckpt.format.manifest_v3 import ManifestV3
 from shardckpt.storage import Storage, open_storage
 
 if TYPE_CHECKING:
@@ -158,7 +159,7 @@ class Checkpointer:
 
     def save(
         self, state_dict: dict[str, Any], path: str | os.PathLike[str], **options: Unpack[SaveKwargs]
-    ) -> Manifest | None:
+    ) -> Manifest | ManifestV3 | None:
         """Save ``state_dict`` to the checkpoint folder ``path`` (a local path or fsspec URL, as a
         ``str`` or ``os.PathLike`` such as ``pathlib.Path``).
 
@@ -193,7 +194,8 @@ class Checkpointer:
         real I/O gets longer; a number sets both, see :class:`~shardckpt.engine.options.Timeouts`).
         The save's collectives run on a gloo group with the caller's ranks,
         created on the first call (by every rank) and owned by this Checkpointer.
-        Returns the committed Manifest on the coordinator, None on other ranks.
+        ``format_version=3`` writes format 3 (docs/format.md section 12) and returns its
+        ManifestV3. Returns the committed Manifest on the coordinator, None on other ranks.
         """
         request = self._start_save("save", path, options)
         return persist(to_plain_state_dict(state_dict), request)
@@ -291,6 +293,7 @@ class Checkpointer:
             overwrite=options.get("overwrite", False),
             metadata=options.get("metadata"),
             digests=digests,
+            format_version=options.get("format_version"),
             base=None
             if base is None
             else functools.partial(self._base_index, checkpoint_path(base), storage_options, io),
@@ -430,7 +433,7 @@ class Checkpointer:
 
     # ------------------------------------------------------------ pending save, stats, close
 
-    def wait(self) -> Manifest | None:
+    def wait(self) -> Manifest | ManifestV3 | None:
         """Finish this Checkpointer's pending async save, if any, and forget it. Returns
         its Manifest (coordinator) or None; raises its error unless someone already saw it
         through the handle's ``wait()``. Not collective by itself (the save is). Any thread."""

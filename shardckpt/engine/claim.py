@@ -84,8 +84,9 @@ def claim_folder(storage: Storage, save_id: str, *, overwrite: bool, what: str =
     ).encode()
     replaced: list[str] = []
     if overwrite:
-        # Listed now, deleted only after the new commit: the replaced save's files.
-        replaced = [n for n in found.checkpoint_files if layout.is_data_file_name(n)]
+        # Listed now, deleted only after the new commit: the replaced save's files (its
+        # data files and, for format 3, its index records and pages).
+        replaced = [n for n in found.checkpoint_files if layout.is_save_file_name(n)]
         # Uncommit first: from here on nobody may trust the old files.
         storage.delete([layout.MANIFEST_NAME])
     create_file(

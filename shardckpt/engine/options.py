@@ -131,6 +131,10 @@ class SaveKwargs(TypedDict, total=False):
       folder beside ``path`` (same parent) saved with ``incremental=True`` (or a ``base``):
       chunks whose bytes are unchanged since it are not written again; the new manifest
       points at the base's files. Implies ``incremental``. See docs/manager.md.
+    - ``format_version`` (None): None writes version 1 (2 for incremental saves); 3 writes
+      format 3 (docs/format.md section 12: sharding rules, per-rank index records; 1 MiB
+      checksum blocks unless ``hash_block_bytes`` says otherwise). Not with ``incremental``
+      or ``base`` yet.
 
     Also the type of a dict of these to pass on: ``ckpt.save(sd, path, **kwargs)``.
     """
@@ -145,6 +149,20 @@ class SaveKwargs(TypedDict, total=False):
     hash_block_bytes: int | None
     incremental: bool
     base: str | os.PathLike[str] | None
+    format_version: int | None
+
+
+def check_format_version(version: Any, *, incremental: bool = False) -> None:
+    """None (version 1, or 2 for an incremental save) or 3; 3 not with incremental saves."""
+    if version is not None and (isinstance(version, bool) or version != 3):
+        raise ValueError(
+            f"format_version must be None (the default: version 1, or 2 for incremental saves) or 3, got {version!r}"
+        )
+    if version == 3 and incremental:
+        raise ValueError(
+            "format_version=3 cannot be combined with incremental=True or a base yet: format 3 records no chunk "
+            "digests (docs/format.md section 12.7). Save incrementally with the default format_version=None."
+        )
 
 
 def check_io_threads(n: Any) -> None:

@@ -32,8 +32,11 @@ from shardckpt.engine.options import (  # noqa: F401 - the thread defaults, also
 from shardckpt.engine.planner import SavePlanner
 from shardckpt.engine.protocol import Rounds, save_in_rounds
 from shardckpt.engine.staging import BoundedSource
+from shardckpt.engine.write_v3 import V3_HASH_BLOCK_BYTES
 from shardckpt.engine.writer import Writer, WriterOptions
+from shardckpt.format import integrity
 from shardckpt.format.manifest import Manifest
+from shardckpt.format.manifest_v3 import ManifestV3
 from shardckpt.storage import Storage, as_url
 
 log = logging.getLogger("shardckpt")
@@ -82,7 +85,7 @@ def persist(
     *,
     mappings: dict[str, Any] | None = None,
     source: BoundedSource | None = None,
-) -> Manifest | None:
+) -> Manifest | ManifestV3 | None:
     """Plan, write and commit ``state`` as ``request`` says (collective over its process
     group, when it has one: two round trips, see :mod:`shardckpt.engine.protocol`).
     Thread-safe as long as each concurrent call uses its own process group. ``mappings``:
@@ -133,15 +136,21 @@ def writer_options(
     metadata: dict[str, Any] | None,
     digests: bool = False,
     base: Callable[[Storage], BaseIndex | None] | None = None,
+    format_version: int | None = None,
 ) -> WriterOptions:
-    """The writer's options for a save to ``path`` under ``io`` (threads defaulted by storage kind)."""
+    """The writer's options for a save to ``path`` under ``io`` (threads defaulted by storage
+    kind; format 3 checksums in 1 MiB blocks while ``io`` keeps the default block size)."""
+    block_bytes = io.hash_block_bytes
+    if format_version == 3 and block_bytes == integrity.DEFAULT_BLOCK_BYTES:
+        block_bytes = V3_HASH_BLOCK_BYTES
     return WriterOptions(
         num_io_threads=io.save_threads(path),
-        hash_block_bytes=io.hash_block_bytes,
+        hash_block_bytes=block_bytes,
         overwrite=overwrite,
         metadata=dict(metadata or {}),
         digests=digests,
         base=base,
+        format_version=format_version,
     )
 
 
@@ -158,14 +167,14 @@ class AsyncSaveHandle:
     def __init__(self, path: str) -> None:
         self.path = path
         self._finished = threading.Event()
-        self._manifest: Manifest | None = None
+        self._manifest: Manifest | ManifestV3 | None = None
         self._error: BaseException | None = None
         self.error_reported = False
 
     def done(self) -> bool:
         return self._finished.is_set()
 
-    def wait(self, timeout_s: float | None = None) -> Manifest | None:
+    def wait(self, timeout_s: float | None = None) -> Manifest | ManifestV3 | None:
         if not self._finished.wait(timeout_s):
             raise TimeoutError(f"async save to {self.path} still running after {timeout_s} s")
         if self._error is not None:

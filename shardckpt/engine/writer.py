@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import functools
 import io
 import json
 import logging
@@ -29,7 +30,7 @@ import os
 import socket
 import threading
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
@@ -41,10 +42,11 @@ from torch.distributed.checkpoint.planner import SavePlan, SavePlanner, WriteIte
 from torch.distributed.checkpoint.storage import StorageWriter, WriteResult
 
 from shardckpt._version import __version__
+from shardckpt.engine import write_v3
 from shardckpt.engine.claim import check_same_location, claim_folder, create_file, discard_save
 from shardckpt.engine.datawrite import split_by_bytes, tensor_and_bytes, write_file
 from shardckpt.engine.incremental import BaseIndex, ChunkLocation, Prepass, digest_pass
-from shardckpt.engine.options import check_hash_block_bytes, check_io_threads
+from shardckpt.engine.options import check_format_version, check_hash_block_bytes, check_io_threads
 from shardckpt.engine.planner import SavePlanner as ShardckptSavePlanner
 from shardckpt.errors import (
     ShardckptError,
@@ -53,6 +55,7 @@ from shardckpt.errors import (
 )
 from shardckpt.format import datafile, integrity, layout
 from shardckpt.format.manifest import ChunkRecord, FileRecord, Manifest, TensorRecord, manifest_to_json
+from shardckpt.format.manifest_v3 import ManifestV3
 from shardckpt.format.values import encode_value
 from shardckpt.storage import Storage
 from shardckpt.storage.datafiles import DataFiles
@@ -75,8 +78,11 @@ class WriterOptions:
     # rank with the save's storage while planning, gives the chunks it may reuse.
     digests: bool = False
     base: Callable[[Storage], BaseIndex | None] | None = None
+    # None: version 1 (2 with digests); 3: sharding rules and per-rank index records (write_v3)
+    format_version: int | None = None
 
     def __post_init__(self) -> None:
+        check_format_version(self.format_version, incremental=self.digests)
         check_io_threads(self.num_io_threads)
         check_hash_block_bytes(self.hash_block_bytes)
         try:
@@ -94,7 +100,7 @@ class Writer(StorageWriter):
         self.options = options
         self.rank = 0
         self.is_coordinator = False
-        self.manifest: Manifest | None = None
+        self.manifest: Manifest | ManifestV3 | None = None
         self._layout: list[dict[str, Any]] = []
         self._save_id: str | None = None  # set once this save's marker exists (coordinator)
         self._committed = False
@@ -177,11 +183,11 @@ class Writer(StorageWriter):
             results += prepass.reused
             items, resolve = prepass.to_write, prepass.resolve
         buckets = split_by_bytes(items, self.options.num_io_threads)
-        version = "2" if self.options.digests else "1"  # the format of the manifest this save commits
+        version = str(self.options.format_version or (2 if self.options.digests else 1))  # the manifest's
         meta = {"format": "shardckpt", "format_version": version, "save_id": save_id, "rank": str(rank)}
         if not buckets:
             self._remember(plan, results)
-            return results
+            return self._rank_result(plan, results, len(buckets))
         cancel = threading.Event()
         pool = ThreadPoolExecutor(len(buckets), thread_name_prefix="shardckpt-write")
         try:
@@ -212,7 +218,13 @@ class Writer(StorageWriter):
             pool.shutdown(wait=True, cancel_futures=True)
         self.storage.sync_dir(layout.DATA_DIR)
         self._remember(plan, results)
-        return results
+        return self._rank_result(plan, results, len(buckets))
+
+    def _rank_result(self, plan: SavePlan, results: list[WriteResult], files: int) -> list[WriteResult]:
+        """Format 3: this rank's index record written, the rank's one result (write_v3)."""
+        if self.options.format_version != 3:
+            return results
+        return write_v3.rank_results(self.storage, plan, results, files, self.options.hash_block_bytes)
 
     def _remember(self, plan: SavePlan, results: list[WriteResult]) -> None:
         """Keep this rank's chunk locations (with digests) and count the bytes written."""
@@ -226,6 +238,9 @@ class Writer(StorageWriter):
             self.saved = [(by_index[wr.index], wr.storage_data) for wr in results]
 
     def finish(self, metadata: Metadata, results: list[list[WriteResult]]) -> None:
+        if self.options.format_version == 3:
+            self._finish_v3(metadata, results)
+            return
         m = build_manifest(metadata, results, self._layout, self.options.hash_block_bytes)
         m = dataclasses.replace(m, metadata=dict(self.options.metadata))
         self._check_files_present(m)
@@ -238,7 +253,16 @@ class Writer(StorageWriter):
         )
         self.manifest = m
         self._committed = True
-        self._remove_replaced(m)
+        self._remove_replaced(m.files)
+
+    def _finish_v3(self, metadata: Metadata, results: list[list[WriteResult]]) -> None:
+        """Format 3: the pages and the manifest of rules (write_v3), committed like any save."""
+        assert self._save_id is not None
+        lost = "another save committed this folder first; this one was not committed. Save each to its own path."
+        create = functools.partial(self._create, lost_race=lost)
+        self.manifest = write_v3.finish(self.storage, metadata, results, self._save_id, self.options, create)
+        self._committed = True
+        self._remove_replaced(set())
 
     def _check_files_present(self, m: Manifest) -> None:
         """Every file the manifest lists must be there with the size its rank wrote: a
@@ -277,10 +301,11 @@ class Writer(StorageWriter):
             except FileExistsError:
                 pass
 
-    def _remove_replaced(self, m: Manifest) -> None:
-        """After an overwrite's commit: remove the replaced checkpoint's data files. The
-        save has succeeded; a failure here is a warning naming what was left."""
-        stale = [n for n in self._replaced if n not in m.files]
+    def _remove_replaced(self, listed: Collection[str]) -> None:
+        """After an overwrite's commit: remove the replaced checkpoint's files (data files,
+        format-3 index records and pages) that the new manifest does not list. The save has
+        succeeded; a failure here is a warning naming what was left."""
+        stale = [n for n in self._replaced if n not in listed]
         try:
             self.storage.delete(stale)
         except (OSError, ShardckptError) as e:

@@ -5,7 +5,7 @@
 - :mod:`~shardckpt.format.datafile`: safetensors data files (header build and parse).
 - :mod:`~shardckpt.format.integrity`: xxh3-64 block checksums and manifest hashes.
 - :mod:`~shardckpt.format.values`: JSON encoding of non-tensor values (no pickle).
-- format 3 (DRAFT, not used by saves or loads yet): :mod:`~shardckpt.format.rules` (sharding
+- format 3 (written by ``save(..., format_version=3)``, not yet loaded): :mod:`~shardckpt.format.rules` (sharding
   rules), :mod:`~shardckpt.format.file_table` (data files by rule, rank pages, index records),
   :mod:`~shardckpt.format.manifest_v3` (the whole manifest).
 

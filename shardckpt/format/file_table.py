@@ -1,7 +1,7 @@
-"""Format 3 (DRAFT): the compact file table, its rank pages and the per-rank index records.
+"""Format 3: the compact file table, its rank pages and the per-rank index records.
 
-Pure, no I/O. ``docs/format.md`` sections 12.3 and 12.4 specify the records; nothing writes
-them yet.
+Pure, no I/O. ``docs/format.md`` sections 12.3 and 12.4 specify the records; ``engine/write_v3.py``
+writes them (``save(..., format_version=3)``).
 
 Versions 1 and 2 list every data file with its size, hashes and rank: ~151 bytes per file,
 the term of a format-3 manifest that still grew with ranks. Here the data files of one save

@@ -15,6 +15,8 @@ A checkpoint folder looks like::
       .manifest.json.tmp-<hex>, ..shardckpt-save.json.tmp-<hex>   the manifest and marker while
                                                   they are being written (POSIX)
       data/<save_id>-r<rank:05d>-<k:02d>.safetensors   one or more per rank, written in parallel
+      data/<save_id>-r<rank:05d>.index.json       format 3: each rank's index record, after its data files
+      data/<save_id>-p<page:05d>.ranks.json       format 3: the pages of the rank table (coordinator)
 
 These are the only names shardckpt ever creates or deletes in a checkpoint folder
 (:func:`is_checkpoint_name`). A folder holding any other name is not a shardckpt
@@ -43,6 +45,8 @@ REFERENCED_NAME = ".shardckpt-referenced.json"  # in a checkpoint whose data fil
 _STEP_DIR = re.compile(r"^step_([0-9]{10,})$")
 _STEP_LIKE = re.compile(r"^step_[0-9]+$")
 _DATA_NAME = re.compile(r"^data/[0-9a-f]{1,32}-r[0-9]{5,}-[0-9]{2,}\.safetensors$")
+_INDEX_NAME = re.compile(r"^data/[0-9a-f]{1,32}-r[0-9]{5,}\.index\.json$")
+_PAGE_NAME = re.compile(r"^data/[0-9a-f]{1,32}-p[0-9]{5,}\.ranks\.json$")
 _SAFE_COMPONENT = re.compile(r"^[A-Za-z0-9._-]+$")
 _TMP_NAME = re.compile(r"^\.(manifest\.json|\.shardckpt-save\.json|\.shardckpt-referenced\.json)\.tmp-[0-9a-f]{12}$")
 
@@ -53,12 +57,12 @@ def data_file_name(save_id: str, rank: int, index: int) -> str:
 
 
 def rank_index_name(save_id: str, rank: int) -> str:
-    """Format 3 (DRAFT, docs/format.md 12.4): the index record of every data file of ``rank``."""
+    """Format 3 (docs/format.md 12.4): the index record of every data file of ``rank``."""
     return f"{DATA_DIR}/{save_id}-r{rank:05d}.index.json"
 
 
 def rank_page_name(save_id: str, page: int) -> str:
-    """Format 3 (DRAFT, docs/format.md 12.3): the ``page``-th page of a save's rank table."""
+    """Format 3 (docs/format.md 12.3): the ``page``-th page of a save's rank table."""
     return f"{DATA_DIR}/{save_id}-p{page:05d}.ranks.json"
 
 
@@ -93,6 +97,12 @@ def is_data_file_name(name: str) -> bool:
     return bool(_DATA_NAME.fullmatch(name))
 
 
+def is_save_file_name(name: str) -> bool:
+    """A file one save writes under ``data/``: a data file, or (format 3) a rank's index
+    record or a page of the rank table. All carry the save id: ``data/<save_id>-...``."""
+    return bool(_DATA_NAME.fullmatch(name) or _INDEX_NAME.fullmatch(name) or _PAGE_NAME.fullmatch(name))
+
+
 def is_temp_name(name: str) -> bool:
     """A temporary file of an atomic write inside a checkpoint folder (POSIX only)."""
     return bool(_TMP_NAME.fullmatch(name))
@@ -100,7 +110,7 @@ def is_temp_name(name: str) -> bool:
 
 def is_checkpoint_name(name: str) -> bool:
     """Whether ``name`` (relative to a checkpoint folder) is one that shardckpt writes there."""
-    return name in (MANIFEST_NAME, SAVE_MARKER_NAME, REFERENCED_NAME) or is_data_file_name(name) or is_temp_name(name)
+    return name in (MANIFEST_NAME, SAVE_MARKER_NAME, REFERENCED_NAME) or is_save_file_name(name) or is_temp_name(name)
 
 
 def referenced_marker() -> bytes:

@@ -1,9 +1,9 @@
-"""Format 3 (DRAFT): a whole ``manifest.json`` of version 3, JSON text <-> validated records.
+"""Format 3: a whole ``manifest.json`` of version 3, JSON text <-> validated records.
 
 Pure, no I/O; ``docs/format.md`` section 12 specifies it, ``manifest_v3.schema.json`` is
-its JSON Schema, ``tests/unit/golden/manifest_v3_draft.json`` an example. Nothing writes or
-loads version 3 yet: :func:`parse_manifest_v3` is the parser the loader will call (section
-12.7), :func:`manifest_v3_to_json` what the writer will call.
+its JSON Schema, ``tests/unit/golden/manifest_v3_draft.json`` an example. Saves write it
+with ``format_version=3``: :func:`manifest_v3_to_json` is what ``engine/write_v3.py``
+commits, :func:`parse_manifest_v3` the parser the loader will call (section 12.7).
 
 A version-3 manifest has sharding rules (:mod:`~shardckpt.format.rules`) and explicit
 chunks only for irregular tensors, no checksums but its own seal, and the compact file table
@@ -102,6 +102,16 @@ class ManifestV3:
     shardckpt_version: str
     torch_version: str
     metadata: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def total_tensor_bytes(self) -> int:
+        """Bytes of every tensor's stored chunks (a replicated tensor once), as Manifest's."""
+        return sum(
+            math.prod(t.shape) * datafile.itemsize(t.dtype)
+            if t.rule is not None
+            else sum(c.byte_length for c in t.chunks)
+            for t in self.tensors.values()
+        )
 
     def __repr__(self) -> str:
         ruled = sum(1 for t in self.tensors.values() if t.rule is not None)

@@ -1,6 +1,6 @@
-"""Format 3 (DRAFT): one tensor's chunks described by a sharding rule instead of a list.
+"""Format 3: one tensor's chunks described by a sharding rule instead of a list.
 
-Pure, no I/O. ``docs/format.md`` section 12 specifies the records; nothing writes them yet.
+Pure, no I/O. ``docs/format.md`` section 12 specifies the records; ``engine/write_v3.py`` writes them.
 
 A rule says: dimension ``d`` of the tensor is cut into pieces of ``block[d]`` elements, the
 last one shorter (``torch.chunk``'s sizes, and DTensor ``Shard(d)``'s; a dimension that is

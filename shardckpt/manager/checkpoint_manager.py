@@ -26,7 +26,7 @@ from typing import Any
 
 from shardckpt.engine.checkpointer import Checkpointer
 from shardckpt.engine.collective import RankGroup
-from shardckpt.engine.options import IOOptions, SaveKwargs
+from shardckpt.engine.options import IOOptions, SaveKwargs, check_format_version
 from shardckpt.engine.saving import AsyncSaveHandle
 from shardckpt.errors import ShardckptError
 from shardckpt.manager import ownership
@@ -81,6 +81,8 @@ class CheckpointManager(StepReader):
     - ``full_every`` (20; None: never): with ``incremental``, every ``full_every``-th save
       writes everything, so a step never depends on more than the last ``full_every``
       saves' folders. docs/manager.md, "Incremental checkpoints".
+    - ``format_version`` (None: version 1, 2 with ``incremental``): 3 saves every step in
+      format 3 (docs/format.md section 12); not with ``incremental`` yet.
     - ``process_group`` (None: the whole job): the ranks taking part.
     - ``storage_options`` (None): handed to fsspec for an fsspec root (credentials, endpoint).
     - ``io`` (None: the checkpointer's :class:`IOOptions`): threads, checksum block size,
@@ -147,6 +149,7 @@ class CheckpointManager(StepReader):
         async_save: bool = False,
         incremental: bool = False,
         full_every: int | None = 20,
+        format_version: int | None = None,
         max_staging_bytes: int | None = None,
         process_group: Any = None,
         storage_options: dict[str, Any] | None = None,
@@ -186,6 +189,8 @@ class CheckpointManager(StepReader):
                 "a read_only=True CheckpointManager cannot save, so it cannot save on preemption; "
                 "drop save_on_preemption (its SIGTERM handler would only keep the process alive)"
             )
+        check_format_version(format_version, incremental=incremental)
+        self._format_version = format_version
         self._chain = IncrementalChain(full_every)  # every rank: what it saved; the coordinator: the base
         # Passed on by every save and restore (io None: the Checkpointer's own).
         self._run = RunOptions(process_group, storage_options, io, num_io_threads, timeout_s, max_staging_bytes)
@@ -305,6 +310,8 @@ class CheckpointManager(StepReader):
         manifest's metadata, plus, with ``incremental``, the base (recorded in the chain)."""
         meta = {"step": step, "metrics": metrics, "saved_at": time.time()}
         kwargs = self._run.save_kwargs(meta)
+        if self._format_version is not None:
+            kwargs["format_version"] = self._format_version
         if self.incremental:
             meta[CHAIN_KEY] = chain
             kwargs["incremental"] = True

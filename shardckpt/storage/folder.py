@@ -73,7 +73,7 @@ def contents(storage: Storage) -> FolderContents:
         if name == f"{layout.DATA_DIR}/":
             for sub in storage.list_names(layout.DATA_DIR):
                 full = f"{layout.DATA_DIR}/{sub}"
-                (ours if layout.is_data_file_name(full) else foreign).append(full)
+                (ours if layout.is_save_file_name(full) else foreign).append(full)
         elif layout.is_checkpoint_name(name):
             ours.append(name)
         else:

@@ -348,6 +348,7 @@ def test_save_kwargs_lists_exactly_what_save_accepts(tmp_path):
         hash_block_bytes=4096,
         incremental=True,
         base=None,
+        format_version=None,
     )
     assert set(kwargs) == shardckpt.SaveKwargs.__optional_keys__
     manifest = functools.partial(shardckpt.save, _state(2), str(tmp_path / "k"))(**kwargs)

@@ -1,0 +1,346 @@
+"""Writing format 3 (docs/format.md section 12): each rank's index record, the coordinator's
+pages of the rank table and its manifest of sharding rules.
+
+Called by :class:`shardckpt.engine.writer.Writer` when a save asks for ``format_version=3``,
+in the order of the write protocol (format.md section 3, 12.7):
+
+1. every rank, after its data files are durable: :func:`finish_rank` writes the rank's index
+   record ``data/<save_id>-r<rank>.index.json`` (each file's size and hash, each chunk's
+   block hashes, computed while writing) and returns the rank's :class:`RankResult`: its
+   index record's size and hash, host and local rank, its data files' sizes, and one row of
+   integers per chunk (tensor, file number, byte offset, box). No block hash travels.
+2. the coordinator, once every rank succeeded: :func:`assemble` builds the pages and the
+   manifest from the ranks' results (pure, no I/O, what ``benchmarks/planning_scale.py``
+   times), :func:`commit` writes the pages, checks that every page, index record and data
+   file is there with its size, and creates ``manifest.json`` exclusively.
+
+The rows of all ranks become one int64 table (ranks holding the same tensors converted
+together) whose tensors are compressed all at once (:mod:`~shardckpt.engine.rule_table`, the
+same rules as :func:`shardckpt.format.rules.compress`, which ``tests/unit/test_v3_write.py``
+checks): O(chunks) work in vector operations, Python steps only per tensor, per run and per
+group of ranks, so 4096 ranks of a 7B model with AdamW (3.5 million chunks) build in about
+2 CPU seconds (docs/benchmarks.md).
+"""
+
+from __future__ import annotations
+
+import array
+import datetime
+import itertools
+import json
+import math
+import os
+import socket
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch.distributed.checkpoint.metadata import BytesStorageMetadata, Metadata, MetadataIndex
+from torch.distributed.checkpoint.planner import SavePlan, WriteItem
+from torch.distributed.checkpoint.storage import WriteResult
+
+from shardckpt._version import __version__
+from shardckpt.engine.incremental import ChunkLocation
+from shardckpt.engine.rule_table import compress_table
+from shardckpt.errors import StorageError
+from shardckpt.format import datafile, file_table, integrity, layout, rules
+from shardckpt.format import manifest_v3 as mv3
+from shardckpt.storage import Storage
+
+V3_HASH_BLOCK_BYTES = 1 << 20
+"""Block size of format-3 saves unless ``hash_block_bytes`` says otherwise: a resharded
+read is rounded out to whole blocks at both ends of each piece it reads, so the extra bytes
+scale with the block; 8 MiB read 1.38x the bytes needed for 4 -> 3 ranks, 1 MiB keeps it
+near 1.05x, for 16 bytes of index record per MiB of data (format.md 12.4)."""
+RANK_RESULT_INDEX = MetadataIndex("")  # the index of the one WriteResult carrying a RankResult
+_FIXED = 3  # columns of a row before the box: tensor, file number, byte offset
+
+
+@dataclass(frozen=True)
+class RankResult:
+    """What one rank reports to the coordinator after writing (format 3).
+
+    ``rows``: int64 in native byte order (little-endian wherever torch runs), ``width``
+    columns per chunk: the tensor (an index into ``keys``), the data file's number among
+    the rank's files, the byte offset, then the chunk's offsets and sizes, each padded to
+    ``(width - 3) // 2`` dimensions (offset 0, size 1)."""
+
+    rank: int
+    entry: file_table.RankEntry
+    file_sizes: tuple[int, ...]
+    keys: tuple[str, ...]
+    width: int
+    rows: bytes
+
+
+# ---------------------------------------------------------------- every rank
+
+
+def finish_rank(
+    storage: Storage,
+    save_id: str,
+    rank: int,
+    located: Sequence[tuple[WriteItem, ChunkLocation]],
+    names: Sequence[str],
+    block_bytes: int,
+    local_rank: int,
+) -> RankResult:
+    """Write rank ``rank``'s index record (after its data files ``names``, in number order,
+    are durable) and return what the coordinator needs. Every rank, also one without data."""
+    number = {name: k for k, name in enumerate(names)}
+    per_file: list[list[file_table.IndexEntry]] = [[] for _ in names]
+    records: list[Any] = [None] * len(names)
+    keys: dict[str, int] = {}
+    dims = max((len(it.index.offset or ()) for it, _ in located), default=0)
+    rows = array.array("q")
+    for it, loc in located:
+        k = number[loc.file]
+        records[k] = loc.file_record
+        if loc.byte_length:  # a chunk of 0 bytes stores nothing and has no entry (12.4)
+            per_file[k].append(file_table.IndexEntry(loc.byte_offset, loc.byte_length, "".join(loc.block_hashes)))
+        assert it.tensor_data is not None and it.index.offset is not None
+        offsets, sizes = tuple(it.index.offset), tuple(it.tensor_data.chunk.sizes)
+        pad = dims - len(offsets)
+        rows.extend((keys.setdefault(it.index.fqn, len(keys)), k, loc.byte_offset))
+        rows.extend((*offsets, *(0,) * pad, *sizes, *(1,) * pad))
+    files = [
+        file_table.FileIndex(rec.size, rec.hash, tuple(sorted(entries, key=lambda e: e.byte_offset)))
+        for rec, entries in zip(records, per_file, strict=True)
+    ]
+    raw = file_table.rank_index_to_json(save_id, rank, block_bytes, files)
+    _write_new(storage, layout.rank_index_name(save_id, rank), raw)
+    storage.sync_dir(layout.DATA_DIR)
+    entry = file_table.RankEntry(len(raw), integrity.hash_hex(raw), socket.gethostname(), local_rank)
+    return RankResult(rank, entry, tuple(f.size for f in files), tuple(keys), _FIXED + 2 * dims, rows.tobytes())
+
+
+def _write_new(storage: Storage, name: str, raw: bytes) -> None:
+    """Create ``name`` (never replacing a file: the stream is an exclusive create) durably."""
+    stream = storage.open_write(name)
+    try:
+        stream.write(raw)
+        stream.finish()
+    except BaseException:
+        stream.abort()
+        raise
+
+
+def rank_results(
+    storage: Storage, plan: SavePlan, results: list[WriteResult], files: int, block_bytes: int
+) -> list[WriteResult]:
+    """Every rank, after its ``files`` data files: :func:`finish_rank` over the rank's tensor
+    ``results`` (ChunkLocations), as the one WriteResult the coordinator reads."""
+    save_id, rank = plan.storage_data["save_id"], plan.storage_data["rank"]
+    by_index = {it.index: it for it in plan.items}
+    located = [(by_index[wr.index], wr.storage_data) for wr in results]
+    names = [layout.data_file_name(save_id, rank, k) for k in range(files)]
+    done = finish_rank(storage, save_id, rank, located, names, block_bytes, int(os.environ.get("LOCAL_RANK", 0)))
+    return [WriteResult(index=RANK_RESULT_INDEX, size_in_bytes=sum(done.file_sizes), storage_data=done)]
+
+
+# ---------------------------------------------------------------- the coordinator
+
+
+def finish(
+    storage: Storage,
+    metadata: Metadata,
+    results: list[list[WriteResult]],
+    save_id: str,
+    options: Any,
+    create: Callable[[str, bytes], None],
+) -> mv3.ManifestV3:
+    """The coordinator's finish of a format-3 save (``options``: the WriterOptions): the
+    pages and the manifest (:func:`assemble`), then :func:`commit`. Returns the manifest."""
+    values, ranks = split_results(results)
+    built = assemble(
+        tensors_of(metadata),
+        values,
+        {k: list(v) for k, v in (metadata.planner_data or {}).items()},
+        ranks,
+        save_id=save_id,
+        block_bytes=options.hash_block_bytes,
+        metadata=dict(options.metadata),
+    )
+    commit(storage, built, ranks, create)
+    return built.manifest
+
+
+@dataclass(frozen=True)
+class Assembled:
+    """The coordinator's format-3 records of one save: the manifest and its pages' bytes."""
+
+    manifest: mv3.ManifestV3
+    pages: tuple[bytes, ...]
+
+
+def assemble(
+    tensors: dict[str, tuple[str, tuple[int, ...]]],
+    values: dict[str, Any],
+    paths: dict[str, list[str | int]],
+    ranks: Sequence[RankResult],
+    *,
+    save_id: str,
+    block_bytes: int,
+    metadata: dict[str, Any],
+) -> Assembled:
+    """The pages and the manifest of a save whose rank ``r`` reported ``ranks[r]``; tensors:
+    fqn -> (dtype name, shape). Pure. O(chunks) in vector operations, O(ranks + tensors +
+    runs) in Python steps."""
+    per_page = file_table.DEFAULT_RANKS_PER_PAGE
+    pages = tuple(
+        file_table.page_to_json(save_id, first, [r.entry for r in ranks[first : first + per_page]])
+        for first in range(0, len(ranks), per_page)
+    )
+    counts = [len(r.file_sizes) for r in ranks]
+    group = file_table.FileGroup(
+        save_id,
+        None,
+        len(ranks),
+        tuple((len(list(g)), k) for k, g in itertools.groupby(counts)),
+        per_page,
+        tuple(file_table.Page(len(p), integrity.hash_hex(p)) for p in pages),
+    )
+    table, tid = _table(list(tensors), ranks, list(itertools.accumulate(counts, initial=0)))
+    records = _tensors(tensors, table, tid)
+    m = mv3.ManifestV3(
+        world_size=len(ranks),
+        hash_block_bytes=block_bytes,
+        bases=(),
+        file_table=file_table.FileTable((group,)),
+        tensors=records,
+        values=values,
+        paths=paths,
+        created_at=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        shardckpt_version=__version__,
+        torch_version=torch.__version__,
+        metadata=metadata,
+    )
+    return Assembled(m, pages)
+
+
+def _table(keys: list[str], ranks: Sequence[RankResult], firsts: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every rank's rows as one int64 table (file position, byte offset, box padded to the
+    largest rank's dimensions) and each row's tensor (an index into ``keys``). Ranks that
+    sent the same key list (FSDP: all of them) are converted together: O(chunks) in vector
+    operations, O(ranks + distinct key lists) in Python."""
+    ids = {k: i for i, k in enumerate(keys)}
+    dims = max(((r.width - _FIXED) // 2 for r in ranks), default=0)
+    alike: dict[tuple[tuple[str, ...], int], list[RankResult]] = {}
+    for r in ranks:
+        if r.rows:
+            alike.setdefault((r.keys, r.width), []).append(r)
+    total = sum(len(r.rows) // (8 * r.width) for r in ranks)
+    table = torch.empty((total, 2 + 2 * dims), dtype=torch.int64)
+    tid = torch.empty(total, dtype=torch.int64)
+    at = 0
+    for (held, width), same in alike.items():
+        unknown = [k for k in held if k not in ids]
+        if unknown:
+            raise StorageError(
+                f"save: rank {same[0].rank} wrote chunks of {unknown[:3]}, which the global plan does not hold; "
+                "nothing was committed (a shardckpt bug: please report it)"
+            )
+        own = torch.frombuffer(bytearray().join(r.rows for r in same), dtype=torch.int64).view(-1, width)
+        per_rank = torch.tensor([len(r.rows) // (8 * width) for r in same], dtype=torch.int64)
+        first_file = torch.repeat_interleave(torch.tensor([firsts[r.rank] for r in same], dtype=torch.int64), per_rank)
+        d = (width - _FIXED) // 2
+        out = table[at : at + own.shape[0]]
+        torch.add(own[:, 1], first_file, out=out[:, 0])
+        out[:, 1] = own[:, 2]
+        out[:, 2 : 2 + d] = own[:, _FIXED : _FIXED + d]
+        out[:, 2 + d : 2 + dims] = 0
+        out[:, 2 + dims : 2 + dims + d] = own[:, _FIXED + d :]
+        out[:, 2 + dims + d :] = 1
+        torch.index_select(
+            torch.tensor([ids[k] for k in held], dtype=torch.int64), 0, own[:, 0], out=tid[at : at + own.shape[0]]
+        )
+        at += own.shape[0]
+    return table, tid
+
+
+def _tensors(
+    tensors: dict[str, tuple[str, tuple[int, ...]]], table: torch.Tensor, tid: torch.Tensor
+) -> dict[str, mv3.Tensor]:
+    """Every tensor's record from the table: its rule (compress_table) and listed chunks."""
+    dims = (table.shape[1] - 2) // 2
+    done = compress_table([shape for _, shape in tensors.values()], tid, table)
+    out = {}
+    for t, (key, (dtype, shape)) in enumerate(tensors.items()):
+        d, itemsize = len(shape), datafile.itemsize(dtype)
+        boxes = [
+            (row[0], row[1], row[2 : 2 + d], row[2 + dims : 2 + dims + d]) for row in table[done.listed[t]].tolist()
+        ]
+        chunks = tuple(mv3.Chunk(tuple(o), tuple(s), f, b, math.prod(s) * itemsize) for f, b, o, s in boxes)
+        out[key] = mv3.Tensor(dtype, shape, done.rules[t], chunks)
+    return out
+
+
+def compress_rows(
+    shape: tuple[int, ...], offsets: torch.Tensor, sizes: torch.Tensor, files: torch.Tensor, byte_offsets: torch.Tensor
+) -> tuple[rules.Rule | None, list[int]]:
+    """:func:`shardckpt.format.rules.compress` of one tensor's chunks given as columns (row i:
+    box ``offsets[i]``/``sizes[i]`` at ``byte_offsets[i]`` of file position ``files[i]``):
+    the rule or None, and the rows to list. :func:`compress_table` for one tensor."""
+    table = torch.cat([files[:, None], byte_offsets[:, None], offsets, sizes], dim=1)
+    done = compress_table([tuple(shape)], torch.zeros(files.numel(), dtype=torch.int64), table)
+    return done.rules[0], done.listed[0]
+
+
+def tensors_of(metadata: Metadata) -> dict[str, tuple[str, tuple[int, ...]]]:
+    """DCP's global metadata as fqn -> (dtype name, shape), tensors only, sorted."""
+    return {
+        fqn: (datafile.dtype_name(md.properties.dtype, key=fqn), tuple(md.size))
+        for fqn, md in sorted(metadata.state_dict_metadata.items())
+        if not isinstance(md, BytesStorageMetadata)
+    }
+
+
+def split_results(results: list[list[WriteResult]]) -> tuple[dict[str, Any], list[RankResult]]:
+    """Every rank's write results -> (the values, decoded from their inline JSON; each
+    rank's RankResult in rank order)."""
+    values: dict[str, Any] = {}
+    ranks: list[RankResult] = []
+    for r, per_rank in enumerate(results):
+        mine = [wr.storage_data for wr in per_rank if isinstance(wr.storage_data, RankResult)]
+        if len(mine) != 1 or mine[0].rank != r:
+            raise StorageError(f"save: rank {r} sent {len(mine)} format-3 results; nothing was committed")
+        ranks.append(mine[0])
+        for wr in per_rank:
+            if not isinstance(wr.storage_data, RankResult):
+                values[wr.index.fqn] = json.loads(wr.storage_data.json_text)
+    return dict(sorted(values.items())), ranks
+
+
+def commit(
+    storage: Storage,
+    built: Assembled,
+    ranks: Sequence[RankResult],
+    create: Callable[[str, bytes], None],
+) -> None:
+    """Coordinator, after every rank wrote its data and index record: write the pages,
+    check that every file the manifest reaches is there with its size, then ``create``
+    ``manifest.json`` (the exclusive commit)."""
+    m = built.manifest
+    save_id = m.file_table.groups[0].save_id
+    for p, raw in enumerate(built.pages):
+        _write_new(storage, layout.rank_page_name(save_id, p), raw)
+    storage.sync_dir(layout.DATA_DIR)
+    expected = {layout.rank_page_name(save_id, p): (len(raw), "the coordinator") for p, raw in enumerate(built.pages)}
+    for r in ranks:
+        expected[layout.rank_index_name(save_id, r.rank)] = (r.entry.index_size, f"rank {r.rank}")
+        for k, size in enumerate(r.file_sizes):
+            expected[layout.data_file_name(save_id, r.rank, k)] = (size, f"rank {r.rank}")
+    for name, (size, writer) in sorted(expected.items()):
+        try:
+            found: int | None = storage.size(name)
+        except FileNotFoundError:
+            found = None
+        if found != size:
+            what = "is missing" if found is None else f"has {found} bytes"
+            raise StorageError(
+                f"save to {storage.url}: {name}, written by {writer}, {what}, expected {size} bytes. Something "
+                "removed or changed it while the save ran (another job writing to the same path?). Nothing was "
+                "committed; save again to a new path."
+            )
+    create(layout.MANIFEST_NAME, mv3.manifest_v3_to_json(m))
