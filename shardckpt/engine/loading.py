@@ -18,6 +18,7 @@ import torch
 
 from shardckpt.engine.collector import collector_paused
 from shardckpt.engine.exchange import Exchange, raise_gathered
+from shardckpt.engine.load_v3 import RulePlanner
 from shardckpt.engine.options import Timeouts
 from shardckpt.engine.planner import LoadPlanner
 from shardckpt.engine.protocol import read_in_rounds
@@ -33,6 +34,7 @@ from shardckpt.errors import (
 )
 from shardckpt.format import datafile, integrity, layout
 from shardckpt.format.manifest import MAX_MANIFEST_BYTES, Manifest, parse_manifest, unseal
+from shardckpt.format.manifest_v3 import ManifestV3, parse_any_manifest
 from shardckpt.storage import Storage, as_url, folder, open_storage
 
 log = logging.getLogger("shardckpt")
@@ -67,7 +69,7 @@ def load_from(
 
     def prepare() -> tuple[str, str, str, tuple[str, str] | None]:
         raw = read_manifest_bytes(storage)
-        mine["manifest"] = parse_manifest(raw, source=f"{storage.url}/{layout.MANIFEST_NAME}")
+        mine["manifest"] = parse_any_manifest(raw, source=f"{storage.url}/{layout.MANIFEST_NAME}")
         flat = flat_keys(plain)
         try:
             check_loadable(mine["manifest"], flat)
@@ -99,10 +101,14 @@ def load_from(
         if exchange.alone:
             raise mine["mismatch"]
         raise_gathered(action, mismatches, local=mine.get("mismatch"), rank=exchange.rank)
-    manifest: Manifest = mine["manifest"]
+    manifest: Manifest | ManifestV3 = mine["manifest"]
     result: LoadResult = mine["result"]
     reader = Reader(storage, manifest, verify=verify, num_io_threads=num_io_threads)
-    planner = LoadPlanner(allow_partial_load=True)
+    planner = (
+        RulePlanner(manifest, allow_partial_load=True)
+        if isinstance(manifest, ManifestV3)
+        else LoadPlanner(allow_partial_load=True)
+    )
     read_in_rounds(plain, reader, planner, exchange, path=path, timeouts=timeouts, slow_io_hint=slow_io_hint)
     state.hand_back()
     if (result.missing_keys or result.unexpected_keys) and not _SKIPS_EXPECTED.get():
@@ -223,7 +229,7 @@ def _span(ranks: list[int]) -> str:
     return ", ".join(str(a) if a == b else f"{a}-{b}" for a, b in runs)
 
 
-def check_loadable(manifest: Manifest, flat: dict[str, Any]) -> None:
+def check_loadable(manifest: Manifest | ManifestV3, flat: dict[str, Any]) -> None:
     """Raise UnsupportedValueError for a target tensor that cannot be filled from a saved
     tensor (meta, sparse, nested), naming the key and the fix. Keys the checkpoint
     does not hold as tensors are left to :func:`check_target`."""
@@ -261,7 +267,7 @@ def _count(n: int, noun: str) -> str:
 
 
 def check_target(
-    manifest: Manifest, flat: dict[str, Any], *, strict: bool, source: str, allow_dtype_cast: bool = False
+    manifest: Manifest | ManifestV3, flat: dict[str, Any], *, strict: bool, source: str, allow_dtype_cast: bool = False
 ) -> LoadResult:
     """Raise StateDictMismatchError if ``flat`` cannot be filled from ``manifest`` (keys,
     with ``strict``; tensors of another shape or dtype; a tensor where a value was saved
@@ -334,7 +340,7 @@ class _Mismatch(NamedTuple):
     castable: bool = False
 
 
-def _wrong_kind(manifest: Manifest, key: str, value: Any) -> _Mismatch | None:
+def _wrong_kind(manifest: Manifest | ManifestV3, key: str, value: Any) -> _Mismatch | None:
     """What keeps ``value`` from being filled from the saved ``key``, or None."""
     rec = manifest.tensors.get(key)
     if rec is not None:

@@ -1,0 +1,185 @@
+"""Loading a format-3 checkpoint (docs/format.md section 12.7): plan from rules, read by the chain.
+
+Two pieces plug into the one load path of :mod:`shardckpt.engine.loading`:
+
+- :class:`RulePlanner` (a :class:`~shardckpt.engine.planner.LoadPlanner`): before DCP plans a
+  rank's reads, it asks the manifest's ``Tensor.chunks_for_box`` for the chunks each box of
+  this rank's state_dict overlaps, and hands DCP a metadata holding only those. So a rank
+  never enumerates the other ranks' chunks: O(d * (answer + log runs)) per box it loads.
+- :class:`RuleChunks` (the reader's chunk source): each chunk a rank reads is resolved with
+  ``FileTable.locate``; the page of the rank table and the index record that cover it are
+  fetched and verified once per load (``parse_page``, ``parse_rank_index``), only for the
+  ranks whose files this rank reads; the chunk's entry (``FileIndex.entry``) gives its block
+  hashes, and each data file's size is checked against its index record before any read.
+
+Not thread-safe: one per load and rank; :meth:`RuleChunks.prepare` runs before the
+reader's threads start, which then only look chunks up.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch.distributed.checkpoint.metadata import (
+    ChunkStorageMetadata,
+    Metadata,
+    TensorStorageMetadata,
+)
+from torch.distributed.checkpoint.planner import ReadItem
+from torch.distributed.tensor import DTensor
+
+from shardckpt.engine._torch_private import local_chunks
+from shardckpt.engine.boxes import BoxReader
+from shardckpt.engine.planner import LoadPlanner
+from shardckpt.errors import IntegrityError, ManifestError
+from shardckpt.format.file_table import FileIndex, FileRef, RankEntry, parse_page, parse_rank_index
+from shardckpt.format.manifest import ChunkRecord, FileRecord
+from shardckpt.format.manifest_v3 import Chunk, ManifestV3, Tensor
+from shardckpt.storage import Storage
+
+_RESTORE = "Restore it from a copy of the checkpoint, or load an earlier checkpoint"
+
+
+class RulePlanner(LoadPlanner):
+    """The load planner of a format-3 manifest (see the module docstring)."""
+
+    def __init__(self, manifest: ManifestV3, *, allow_partial_load: bool) -> None:
+        super().__init__(allow_partial_load=allow_partial_load)
+        self.manifest3 = manifest
+
+    def set_up_planner(self, state_dict: Any, metadata: Any = None, is_coordinator: bool = False) -> None:
+        super().set_up_planner(state_dict, metadata, is_coordinator)
+        assert self.metadata is not None
+        self.metadata = needed_metadata(self.metadata, self.manifest3, self.state_dict)
+
+
+def needed_metadata(metadata: Metadata, manifest: ManifestV3, flat: dict[str, Any]) -> Metadata:
+    """``metadata`` (a format-3 manifest's, with no chunks) where each tensor this rank
+    loads lists the chunks that its boxes overlap, and only those."""
+    sd = dict(metadata.state_dict_metadata)
+    for fqn, obj in flat.items():
+        md, rec = sd.get(fqn), manifest.tensors.get(fqn)
+        if not isinstance(md, TensorStorageMetadata) or rec is None or tuple(getattr(obj, "shape", ())) != rec.shape:
+            continue  # values, keys the checkpoint lacks, wrong shapes: DCP's planning says so
+        if isinstance(obj, DTensor) and obj.device_mesh.get_coordinate() is None:
+            continue  # not on this DTensor's mesh: DCP reads nothing for it
+        seen: dict[tuple[int, ...], ChunkStorageMetadata] = {}
+        for box in local_chunks(obj):
+            for c in rec.chunks_for_box(tuple(box.offsets), tuple(box.sizes)):
+                seen.setdefault(
+                    c.offsets, ChunkStorageMetadata(offsets=torch.Size(c.offsets), sizes=torch.Size(c.sizes))
+                )
+        sd[fqn] = TensorStorageMetadata(properties=md.properties, size=md.size, chunks=list(seen.values()))
+    return Metadata(state_dict_metadata=sd, planner_data=metadata.planner_data, storage_data=metadata.storage_data)
+
+
+def chunk_at(rec: Tensor, offsets: tuple[int, ...], *, key: str) -> Chunk:
+    """The stored chunk of ``rec`` whose box starts at ``offsets`` (a read item's storage
+    index): the one holding that element, from the rule in O(d * log runs)."""
+    found = [c for c in rec.chunks_for_box(offsets, (1,) * len(offsets)) if c.offsets == offsets]
+    if len(offsets) != len(rec.shape) or not found:
+        raise IntegrityError(f"key {key!r}: no chunk at offsets {list(offsets)} in the format-3 manifest")
+    return found[0]
+
+
+class RuleChunks:
+    """The chunks one rank reads from a format-3 checkpoint, each resolved to its data file
+    and its verified index entry (see the module docstring)."""
+
+    def __init__(self, storage: Storage, manifest: ManifestV3, *, verify: bool, where: str) -> None:
+        self.storage = storage
+        self.manifest = manifest
+        self.verify = verify
+        self.where = where
+        self._pages: dict[tuple[int, int], tuple[RankEntry, ...]] = {}
+        self._indexes: dict[tuple[int, int], tuple[FileIndex, ...]] = {}
+        self._groups: dict[int, Storage] = {}
+        self._chunks: dict[tuple[str, tuple[int, ...]], ChunkRecord] = {}
+        self._files: dict[str, FileRecord] = {}
+
+    def prepare(self, items: Sequence[ReadItem]) -> BoxReader:
+        """Resolve every chunk ``items`` read (fetching the pages and index records they
+        need, once each), check the size of every data file they read, and return the
+        reader of their boxes."""
+        for item in items:
+            self.chunk(item.storage_index.fqn, tuple(item.storage_index.offset or ()))
+        boxes = BoxReader(self.storage, self.manifest, verify=self.verify, where=self.where, files=self._files)
+        boxes.check_file_sizes(self._files)
+        return boxes
+
+    def chunk(self, key: str, offsets: tuple[int, ...]) -> ChunkRecord:
+        """The chunk of ``key`` at ``offsets`` with its file name and block hashes."""
+        found = self._chunks.get((key, offsets))
+        if found is not None:
+            return found
+        rec = self.manifest.tensors.get(key)
+        if rec is None:
+            raise IntegrityError(f"{self.where}: key {key!r} is not a tensor of the format-3 manifest")
+        c = chunk_at(rec, offsets, key=key)
+        ref = self.manifest.file_table.locate(c.file)
+        index = self.file_index(ref)
+        where = f"{self.where}: index record {self._describe(ref, ref.index_name)} (rank {ref.rank}), key {key!r}"
+        entry = index.entry(c.byte_offset, c.byte_length, where=f"{where}, file {ref.name!r}")
+        hashes = tuple(entry.block_hash(i) for i in range(len(entry.block_hashes) // 16))
+        record = ChunkRecord(c.offsets, c.sizes, ref.name, c.byte_offset, c.byte_length, hashes, entry.digest)
+        self._files[ref.name] = FileRecord(index.size, index.hash, ref.rank, ref.checkpoint)
+        self._chunks[(key, offsets)] = record
+        return record
+
+    def file_index(self, ref: FileRef) -> FileIndex:
+        """The index record's file object for ``ref``: its page and its rank's record are
+        fetched and verified on first use, then kept for this load."""
+        indexes = self._indexes.get((ref.group, ref.rank))
+        if indexes is None:
+            group = self.manifest.file_table.groups[ref.group]
+            pages = self._pages.get((ref.group, ref.page))
+            if pages is None:
+                raw = self._fetch(ref, ref.page_name, group.pages[ref.page].size, "page of the rank table")
+                source = f"{self.where}: {self._describe(ref, ref.page_name)}"
+                pages = parse_page(raw, group=group, page=ref.page, source=source)
+                self._pages[(ref.group, ref.page)] = pages
+            entry = pages[ref.rank - ref.page * group.ranks_per_page]
+            raw = self._fetch(ref, ref.index_name, entry.index_size, f"index record of rank {ref.rank}")
+            source = f"{self.where}: {self._describe(ref, ref.index_name)}"
+            indexes = parse_rank_index(
+                raw,
+                entry=entry,
+                group=group,
+                rank=ref.rank,
+                block_bytes=self.manifest.hash_block_bytes,
+                source=source,
+            )
+            self._indexes[(ref.group, ref.rank)] = indexes
+        return indexes[ref.number]
+
+    def _fetch(self, ref: FileRef, name: str, expected: int, what: str) -> bytes:
+        """The bytes of a page or index record, after checking its size (so a replaced,
+        huge file is refused before it is read)."""
+        storage = self._group_storage(ref)
+        shown = self._describe(ref, name)
+        try:
+            size = storage.size(name)
+        except FileNotFoundError as e:
+            raise ManifestError(
+                f"{self.where}: the {what}, {shown}, is missing; it verifies the data files of "
+                f"rank {ref.rank} of save {ref.save_id}. {_RESTORE}."
+            ) from e
+        if size != expected:
+            raise ManifestError(
+                f"{self.where}: the {what}, {shown}, has {size} bytes, the record that points to it says "
+                f"{expected}; it was truncated or replaced. {_RESTORE}."
+            )
+        return storage.read_bytes(name)
+
+    def _group_storage(self, ref: FileRef) -> Storage:
+        if ref.checkpoint is None:
+            return self.storage
+        if ref.group not in self._groups:
+            self._groups[ref.group] = self.storage.sibling(ref.checkpoint)
+        return self._groups[ref.group]
+
+    @staticmethod
+    def _describe(ref: FileRef, name: str) -> str:
+        return repr(name) if ref.checkpoint is None else f"{name!r} of base checkpoint {ref.checkpoint!r}"
