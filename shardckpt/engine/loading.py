@@ -30,10 +30,11 @@ from shardckpt.errors import (
     ManifestError,
     NotCommittedError,
     StateDictMismatchError,
+    UnsupportedFormatVersionError,
     UnsupportedValueError,
 )
 from shardckpt.format import datafile, integrity, layout
-from shardckpt.format.manifest import MAX_MANIFEST_BYTES, Manifest, parse_manifest, unseal
+from shardckpt.format.manifest import MAX_MANIFEST_BYTES, Manifest, unseal
 from shardckpt.format.manifest_v3 import ManifestV3, parse_any_manifest
 from shardckpt.storage import Storage, as_url, folder, open_storage
 
@@ -150,14 +151,35 @@ def skipped_message(result: LoadResult, path: str, exchange: Exchange) -> str:
 
 
 def read_manifest(
-    checkpoint: Storage | str | os.PathLike[str], storage_options: dict[str, Any] | None = None
+    checkpoint: Storage | str | os.PathLike[str],
+    storage_options: dict[str, Any] | None = None,
+    *,
+    tool: str = "shardckpt.read_manifest",
 ) -> Manifest:
-    """Read and validate the manifest of a checkpoint: a folder given as a path or fsspec
-    URL (``str`` or ``os.PathLike``; ``storage_options`` for fsspec), or a Storage rooted
-    there. Reads on the calling process only. Raises CheckpointNotFoundError (no such
-    folder), NotCommittedError (no manifest) or ManifestError (a bad one)."""
+    """Read and validate the manifest of a checkpoint of format 1 or 2: a folder given as a
+    path or fsspec URL (``str`` or ``os.PathLike``; ``storage_options`` for fsspec), or a
+    Storage rooted there. Reads on the calling process only. Raises CheckpointNotFoundError
+    (no such folder), NotCommittedError (no manifest) or ManifestError (a bad one), and
+    UnsupportedFormatVersionError naming ``tool`` for a format-3 checkpoint (which
+    :func:`read_any_manifest` reads)."""
+    m = read_any_manifest(checkpoint, storage_options)
+    if isinstance(m, ManifestV3):
+        where = checkpoint.url if isinstance(checkpoint, Storage) else as_url(checkpoint)
+        raise UnsupportedFormatVersionError(
+            f"{where}: a format-3 checkpoint (docs/format.md section 12); {tool} reads formats 1 and 2 only. "
+            "Format 3 is read by shardckpt.load, CheckpointManager.restore, TrainState.restore, "
+            "shardckpt.read_any_manifest and `python -m shardckpt verify` / `inspect`."
+        )
+    return m
+
+
+def read_any_manifest(
+    checkpoint: Storage | str | os.PathLike[str], storage_options: dict[str, Any] | None = None
+) -> Manifest | ManifestV3:
+    """:func:`read_manifest` for every format a load reads: a ``Manifest`` (formats 1, 2)
+    or a ``ManifestV3`` (format 3: rules and a file table instead of chunk and file lists)."""
     storage = checkpoint if isinstance(checkpoint, Storage) else open_storage(as_url(checkpoint), storage_options)
-    return parse_manifest(read_manifest_bytes(storage), source=f"{storage.url}/{layout.MANIFEST_NAME}")
+    return parse_any_manifest(read_manifest_bytes(storage), source=f"{storage.url}/{layout.MANIFEST_NAME}")
 
 
 def read_manifest_bytes(storage: Storage) -> bytes:

@@ -24,12 +24,13 @@ from typing import Any
 
 from shardckpt.engine.checkpointer import Checkpointer
 from shardckpt.engine.collective import RankGroup
-from shardckpt.engine.loading import read_manifest
+from shardckpt.engine.loading import read_any_manifest
 from shardckpt.engine.options import IOOptions, SaveKwargs, Timeouts, check_io_threads
 from shardckpt.engine.saving import AsyncSaveHandle
 from shardckpt.errors import CheckpointNotFoundError, IntegrityError, ManifestError, ShardckptError
 from shardckpt.format import layout
 from shardckpt.format.manifest import Manifest
+from shardckpt.format.manifest_v3 import ManifestV3
 from shardckpt.manager import ownership
 from shardckpt.manager.chain import CHAIN_KEY, IncrementalChain
 from shardckpt.manager.cleanup import RootCleaner
@@ -273,9 +274,10 @@ class CheckpointManager:
             self._metrics[step] = metrics_of(self.manifest(step))
         return self._metrics[step]
 
-    def manifest(self, step: int) -> Manifest:
-        """The manifest of committed ``step`` (read on the calling rank only)."""
-        return read_manifest(self._step_storage(step))
+    def manifest(self, step: int) -> Manifest | ManifestV3:
+        """The manifest of committed ``step``, of any format a load reads (read on the calling
+        rank only)."""
+        return read_any_manifest(self._step_storage(step))
 
     def path(self, step: int) -> str:
         """The checkpoint folder of ``step`` (usable with shardckpt.load directly)."""

@@ -20,6 +20,7 @@ from shardckpt.engine.loading import read_manifest
 from shardckpt.errors import UnsupportedValueError
 from shardckpt.format import layout
 from shardckpt.format.manifest import Manifest
+from shardckpt.format.manifest_v3 import ManifestV3
 from shardckpt.storage import Storage, as_url, folder, open_storage
 
 __all__ = [
@@ -68,7 +69,7 @@ class OtherCheckpoint:
     world_size: int | None = None
 
 
-def metrics_of(manifest: Manifest) -> dict[str, Any]:
+def metrics_of(manifest: Manifest | ManifestV3) -> dict[str, Any]:
     """The manager's metrics in a manifest's metadata, or {} when they are absent or not
     a dict (a manifest from another version or tool, or a hand edit): never a crash."""
     found = manifest.metadata.get("metrics")

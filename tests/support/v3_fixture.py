@@ -27,6 +27,7 @@ from typing import Any
 
 import torch
 
+from shardckpt import read_manifest, read_state_dict
 from shardckpt.format import datafile, integrity, layout, rules
 from shardckpt.format.file_table import (
     FileGroup,
@@ -89,9 +90,12 @@ def write_v3(
     hash_block_bytes: int = 4096,
     files_per_rank: int = 1,
     ranks_per_page: int = 1024,
+    paths: dict[str, list[str | int]] | None = None,
+    metadata: dict[str, Any] | None = None,
 ) -> Written:
     """Write a committed format-3 checkpoint of ``tensors`` (flat keys; the path of a key is
-    its ``.``-separated parts) saved by ``ranks`` simulated ranks into the new folder ``path``."""
+    ``paths[key]``, by default its ``.``-separated parts) saved by ``ranks`` simulated ranks
+    into the new folder ``path``."""
     root = os.fspath(path)
     os.makedirs(os.path.join(root, layout.DATA_DIR))
     values = values or {}
@@ -142,14 +146,26 @@ def write_v3(
         file_table=table,
         tensors=records,
         values={k: encode_value(v, key=k) for k, v in values.items()},
-        paths={k: list(k.split(".")) for k in [*tensors, *values]},
+        paths=paths if paths is not None else {k: list(k.split(".")) for k in [*tensors, *values]},
         created_at="2026-11-30T20:00:00+00:00",
         shardckpt_version="0.4.0",
         torch_version=torch.__version__.split("+")[0],
+        metadata=dict(metadata or {}),
     )
     _write(root, layout.MANIFEST_NAME, manifest_v3_to_json(manifest))  # the commit, last
     written.manifest = manifest
     return written
+
+
+def rewrite_as_v3(src: str | os.PathLike[str], dst: str | os.PathLike[str], *, ranks: int, **kw: Any) -> Written:
+    """The format-1 or -2 checkpoint ``src`` written again as format 3 into ``dst``: the same
+    tensors, boxes, values, paths and metadata (so a TrainState or manager step can be
+    restored from format 3 before the writer writes it)."""
+    m = read_manifest(src)
+    flat = read_state_dict(src, flat=True)
+    tensors = {k: (flat[k], Boxes(tuple((c.offsets, c.sizes) for c in rec.chunks))) for k, rec in m.tensors.items()}
+    values = {k: flat[k] for k in m.values}
+    return write_v3(dst, tensors, ranks=ranks, values=values, paths=m.paths, metadata=m.metadata, **kw)
 
 
 def _boxes(shape: tuple[int, ...], how: Split | Boxes) -> list[tuple[tuple[int, ...], tuple[int, ...]]]:

@@ -15,11 +15,11 @@ from typing import Any
 
 import pytest
 import torch
-from v3_fixture import SAVE_ID, Boxes, Split, Written, write_v3
+from v3_fixture import SAVE_ID, Boxes, Split, Written, rewrite_as_v3, write_v3
 
 import shardckpt
 from shardckpt.engine.checkpointer import Checkpointer
-from shardckpt.errors import IntegrityError, ManifestError
+from shardckpt.errors import IntegrityError, ManifestError, UnsupportedFormatVersionError
 from shardckpt.format import integrity, layout
 from shardckpt.format.file_table import (
     FileIndex,
@@ -31,7 +31,7 @@ from shardckpt.format.file_table import (
     parse_rank_index,
     rank_index_to_json,
 )
-from shardckpt.format.manifest_v3 import manifest_v3_to_json
+from shardckpt.format.manifest_v3 import ManifestV3, manifest_v3_to_json
 from shardckpt.storage.local import LocalStorage
 
 W = torch.arange(40, dtype=torch.float32).reshape(10, 4)
@@ -205,3 +205,41 @@ def test_an_index_record_without_the_chunk_is_refused(tmp_path):
     (root / layout.MANIFEST_NAME).write_bytes(manifest_v3_to_json(dataclasses.replace(m, file_table=table)))
     with pytest.raises(ManifestError, match=r"rank 3\).*the index record has no chunk at byte \d+"):
         shardckpt.load(_target(), root)
+
+
+# ---------------------------------------------------------------- what is built on load
+
+
+def test_train_state_and_manager_restore_a_format_3_step(tmp_path):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.ReLU(), torch.nn.Linear(3, 2))
+    optim = torch.optim.AdamW(model.parameters(), lr=0.01)
+    model(torch.randn(5, 4)).sum().backward()
+    optim.step()
+    with shardckpt.CheckpointManager(str(tmp_path / "v1")) as manager:
+        assert shardckpt.TrainState(model=model, optimizer=optim, step=3).save(manager, force=True)
+    step_dir = layout.step_dir_name(3)
+    written = rewrite_as_v3(tmp_path / "v1" / step_dir, tmp_path / "v3" / step_dir, ranks=2)
+    assert any(t.rule is not None for t in written.manifest.tensors.values())
+    fresh = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.ReLU(), torch.nn.Linear(3, 2))
+    fresh_optim = torch.optim.AdamW(fresh.parameters(), lr=0.01)
+    with shardckpt.CheckpointManager(str(tmp_path / "v3")) as manager:
+        restored = shardckpt.TrainState(model=fresh, optimizer=fresh_optim)
+        assert restored.restore(manager) == 3 and restored.step == 3
+        assert isinstance(manager.manifest(3), ManifestV3)
+        plain = {"model": {k: torch.zeros_like(v) for k, v in model.state_dict().items()}}
+        assert manager.restore({"train": plain}, strict=False) == 3
+    for (name, a), b in zip(model.state_dict().items(), fresh.state_dict().values(), strict=True):
+        assert torch.equal(a, b), name
+        assert torch.equal(plain["model"][name], a), name
+    saved, loaded = optim.state_dict()["state"], fresh_optim.state_dict()["state"]
+    assert all(torch.equal(saved[i]["exp_avg_sq"], loaded[i]["exp_avg_sq"]) for i in saved)
+
+
+def test_tools_that_read_formats_1_and_2_only_refuse_format_3_by_name(tmp_path):
+    _write(tmp_path / "c")
+    with pytest.raises(
+        UnsupportedFormatVersionError, match=r"format-3 checkpoint.*shardckpt.read_manifest reads formats 1"
+    ):
+        shardckpt.read_manifest(tmp_path / "c")
+    assert isinstance(shardckpt.read_any_manifest(tmp_path / "c"), ManifestV3)
