@@ -59,7 +59,7 @@ class IncrementalChain:
             length = m.metadata.get(CHAIN_KEY)
             # a format-3 step cannot be a base yet: the incremental index reads v2 chunk digests
             ok = (
-                isinstance(m, Manifest)
+                not isinstance(m, ManifestV3)
                 and m.format_version >= 2
                 and isinstance(length, int)
                 and not isinstance(length, bool)
