@@ -19,13 +19,14 @@ from __future__ import annotations
 
 import os
 from collections import defaultdict
-from dataclasses import dataclass, field
 from typing import Any
 
-from shardckpt.convert.file_audit import AuditedChunk, Problem, audit_file
+from shardckpt.convert.audit_v3 import describe_v3, verify_v3
+from shardckpt.convert.file_audit import AuditedChunk, AuditReport, FolderShare, Problem, audit_file
 from shardckpt.convert.progress import byte_bar
-from shardckpt.engine.loading import read_manifest
+from shardckpt.engine.loading import read_any_manifest
 from shardckpt.format.manifest import FileRecord, Manifest
+from shardckpt.format.manifest_v3 import ManifestV3
 from shardckpt.format.values import decode_value
 from shardckpt.storage import as_url, open_storage
 from shardckpt.storage.datafiles import DataFiles
@@ -33,31 +34,6 @@ from shardckpt.storage.datafiles import DataFiles
 __all__ = ["AuditReport", "FolderShare", "Problem", "describe_checkpoint", "folder_shares", "verify_checkpoint"]
 
 DEFAULT_READ_PIECE_BYTES = 4 * 1024 * 1024
-
-
-@dataclass(frozen=True)
-class FolderShare:
-    """The part of a checkpoint's data that lives in one checkpoint folder: its own, or a
-    base beside it that an incremental save shares unchanged tensors with (format 2).
-
-    ``file_bytes`` sums the data files read from there (a base's file may also hold
-    chunks this checkpoint wrote anew: they count here, and are never read);
-    ``tensor_bytes`` sums this checkpoint's chunks stored there."""
-
-    folder: str
-    own: bool
-    files: int
-    file_bytes: int
-    tensor_bytes: int
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "folder": self.folder,
-            "own": self.own,
-            "files": self.files,
-            "file_bytes": self.file_bytes,
-            "tensor_bytes": self.tensor_bytes,
-        }
 
 
 def folder_shares(manifest: Manifest, path: str) -> list[FolderShare]:
@@ -75,40 +51,6 @@ def folder_shares(manifest: Manifest, path: str) -> list[FolderShare]:
     return [
         FolderShare(own if k is None else k, k is None, len(files[k]), sum(files[k]), tensor_bytes[k]) for k in ordered
     ]
-
-
-@dataclass(frozen=True)
-class AuditReport:
-    """What :func:`verify_checkpoint` found.
-
-    ``files_checked`` counts the data files that were present and read through,
-    ``chunks_checked`` the chunks whose every checksum block was re-hashed, and
-    ``bytes_hashed`` the bytes read from storage and hashed. ``folders``: which bytes live
-    in which checkpoint folder (more than one for an incremental checkpoint: its own and
-    the bases it reads unchanged tensors from), see :func:`folder_shares`.
-    """
-
-    path: str
-    files_checked: int
-    chunks_checked: int
-    bytes_hashed: int
-    problems: list[Problem] = field(default_factory=list)
-    folders: list[FolderShare] = field(default_factory=list)
-
-    @property
-    def ok(self) -> bool:
-        return not self.problems
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "path": self.path,
-            "ok": self.ok,
-            "files_checked": self.files_checked,
-            "chunks_checked": self.chunks_checked,
-            "bytes_hashed": self.bytes_hashed,
-            "problems": [p._asdict() for p in self.problems],
-            "folders": [f.to_json() for f in self.folders],
-        }
 
 
 def verify_checkpoint(
@@ -134,7 +76,9 @@ def verify_checkpoint(
     if read_piece_bytes < 1:
         raise ValueError(f"read_piece_bytes must be positive, got {read_piece_bytes}")
     storage = open_storage(path, storage_options)
-    manifest = read_manifest(storage)
+    manifest = read_any_manifest(storage)
+    if isinstance(manifest, ManifestV3):
+        return verify_v3(storage, manifest, path, progress=progress, read_piece_bytes=read_piece_bytes)
     files = DataFiles(storage, manifest.files)  # a format-2 checkpoint's shared files live in its bases
     chunks = _chunks_by_file(manifest)
     total = sum(f.size for f in manifest.files.values())
@@ -180,7 +124,9 @@ def describe_checkpoint(path: str | os.PathLike[str], storage_options: dict[str,
     Raises like :func:`shardckpt.engine.loading.read_manifest`.
     """
     path = as_url(path)
-    m = read_manifest(open_storage(path, storage_options))
+    m = read_any_manifest(open_storage(path, storage_options))
+    if isinstance(m, ManifestV3):
+        return describe_v3(m, path)
     keys: dict[str, dict[str, Any]] = {}
     for key, t in m.tensors.items():
         keys[key] = {

@@ -261,3 +261,62 @@ def _read(storage: Storage, name: str, offset: int, length: int) -> bytes:
 def some_keys(items: list[str]) -> str:
     shown = ", ".join(repr(k) for k in items[:MAX_LISTED])
     return shown + (f" and {len(items) - MAX_LISTED} more" if len(items) > MAX_LISTED else "")
+
+
+@dataclass(frozen=True)
+class FolderShare:
+    """The part of a checkpoint's data that lives in one checkpoint folder: its own, or a
+    base beside it that an incremental save shares unchanged tensors with (format 2).
+
+    ``file_bytes`` sums the data files read from there (a base's file may also hold
+    chunks this checkpoint wrote anew: they count here, and are never read);
+    ``tensor_bytes`` sums this checkpoint's chunks stored there."""
+
+    folder: str
+    own: bool
+    files: int
+    file_bytes: int
+    tensor_bytes: int
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "folder": self.folder,
+            "own": self.own,
+            "files": self.files,
+            "file_bytes": self.file_bytes,
+            "tensor_bytes": self.tensor_bytes,
+        }
+
+
+@dataclass(frozen=True)
+class AuditReport:
+    """What :func:`verify_checkpoint` found.
+
+    ``files_checked`` counts the data files that were present and read through,
+    ``chunks_checked`` the chunks whose every checksum block was re-hashed, and
+    ``bytes_hashed`` the bytes read from storage and hashed. ``folders``: which bytes live
+    in which checkpoint folder (more than one for an incremental checkpoint: its own and
+    the bases it reads unchanged tensors from), see :func:`folder_shares`.
+    """
+
+    path: str
+    files_checked: int
+    chunks_checked: int
+    bytes_hashed: int
+    problems: list[Problem] = field(default_factory=list)
+    folders: list[FolderShare] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "path": self.path,
+            "ok": self.ok,
+            "files_checked": self.files_checked,
+            "chunks_checked": self.chunks_checked,
+            "bytes_hashed": self.bytes_hashed,
+            "problems": [p._asdict() for p in self.problems],
+            "folders": [f.to_json() for f in self.folders],
+        }

@@ -115,7 +115,7 @@ class CheckpointSource:
         path = as_url(path)
         self.path = path
         self.storage = open_storage(path, storage_options)
-        self.manifest: Manifest = read_manifest(self.storage)
+        self.manifest: Manifest = read_manifest(self.storage, tool="shardckpt export, diff and read_state_dict")
         self.verify = verify
         self._boxes = BoxReader(self.storage, self.manifest, verify=verify, where=path)
 

@@ -155,23 +155,10 @@ class RuleChunks:
         return indexes[ref.number]
 
     def _fetch(self, ref: FileRef, name: str, expected: int, what: str) -> bytes:
-        """The bytes of a page or index record, after checking its size (so a replaced,
-        huge file is refused before it is read)."""
-        storage = self._group_storage(ref)
-        shown = self._describe(ref, name)
-        try:
-            size = storage.size(name)
-        except FileNotFoundError as e:
-            raise ManifestError(
-                f"{self.where}: the {what}, {shown}, is missing; it verifies the data files of "
-                f"rank {ref.rank} of save {ref.save_id}. {_RESTORE}."
-            ) from e
-        if size != expected:
-            raise ManifestError(
-                f"{self.where}: the {what}, {shown}, has {size} bytes, the record that points to it says "
-                f"{expected}; it was truncated or replaced. {_RESTORE}."
-            )
-        return storage.read_bytes(name)
+        what = f"{what} of save {ref.save_id}"
+        return read_record(
+            self._group_storage(ref), name, expected, what=what, shown=self._describe(ref, name), where=self.where
+        )
 
     def _group_storage(self, ref: FileRef) -> Storage:
         if ref.checkpoint is None:
@@ -183,3 +170,19 @@ class RuleChunks:
     @staticmethod
     def _describe(ref: FileRef, name: str) -> str:
         return repr(name) if ref.checkpoint is None else f"{name!r} of base checkpoint {ref.checkpoint!r}"
+
+
+def read_record(storage: Storage, name: str, expected: int, *, what: str, shown: str, where: str) -> bytes:
+    """The bytes of a page of the rank table or an index record (``what``, shown as
+    ``shown``), after checking that it exists with the ``expected`` size: a missing,
+    truncated or replaced (huge) record is a ManifestError before any byte is read."""
+    try:
+        size = storage.size(name)
+    except FileNotFoundError as e:
+        raise ManifestError(f"{where}: the {what}, {shown}, is missing. {_RESTORE}.") from e
+    if size != expected:
+        raise ManifestError(
+            f"{where}: the {what}, {shown}, has {size} bytes, the record that points to it says "
+            f"{expected}; it was truncated or replaced. {_RESTORE}."
+        )
+    return storage.read_bytes(name)

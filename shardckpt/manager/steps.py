@@ -157,7 +157,7 @@ def list_root(root: str | os.PathLike[str], storage_options: dict[str, Any] | No
             continue
         sub = storage.child(name)
         if folder.is_committed(sub):
-            m = read_manifest(sub)
+            m = read_manifest(sub, tool="shardckpt ls")
             in_bases = sum(f.size for f in m.files.values() if f.checkpoint is not None)
             infos.append(
                 StepInfo(
@@ -185,7 +185,7 @@ def list_other_checkpoints(
     for name in sorted(storage.list_dirs("")):
         if layout.parse_step_dir(name) is not None or not folder.is_committed(storage, name):
             continue
-        m = read_manifest(storage.child(name))
+        m = read_manifest(storage.child(name), tool="shardckpt ls")
         found.append(OtherCheckpoint(name, _size(m), m.created_at, m.world_size))
     return found
 

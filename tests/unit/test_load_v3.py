@@ -152,10 +152,14 @@ def test_a_tampered_page_is_refused(tmp_path):
 def test_a_missing_page_or_index_record_is_named_with_its_rank(tmp_path):
     w = _write(tmp_path / "c")
     os.remove(tmp_path / "c" / w.index_names[2])
-    with pytest.raises(ManifestError, match=r"index record of rank 2, '.*r00002.index.json', is missing.*Restore"):
+    with pytest.raises(
+        ManifestError, match=r"index record of rank 2 of save 0123456789ab, '.*r00002.index.json', is missing.*Restore"
+    ):
         shardckpt.load(_target(), tmp_path / "c")
     os.remove(tmp_path / "c" / w.page_names[0])
-    with pytest.raises(ManifestError, match=r"page of the rank table, '.*p00000.ranks.json', is missing"):
+    with pytest.raises(
+        ManifestError, match=r"page of the rank table of save 0123456789ab, '.*p00000.ranks.json', is missing"
+    ):
         shardckpt.load(_target(), tmp_path / "c")
 
 
@@ -165,7 +169,9 @@ def test_a_tampered_or_replaced_index_record_is_refused(tmp_path):
     with pytest.raises(ManifestError, match=r"r00001.index.json.*checksum mismatch of the index record"):
         shardckpt.load(_target(), tmp_path / "c")
     (tmp_path / "c" / w.index_names[1]).write_bytes(b" " * 10_000)  # the wrong size: refused before it is read
-    with pytest.raises(ManifestError, match=r"index record of rank 1, .* has 10000 bytes, the record that points"):
+    with pytest.raises(
+        ManifestError, match=r"index record of rank 1 of save .* has 10000 bytes, the record that points"
+    ):
         shardckpt.load(_target(), tmp_path / "c")
 
 
