@@ -1,9 +1,9 @@
 """Format 3 (DRAFT): a whole ``manifest.json`` of version 3, JSON text <-> validated records.
 
 Pure, no I/O; ``docs/format.md`` section 12 specifies it, ``manifest_v3.schema.json`` is
-its JSON Schema, ``tests/unit/golden/manifest_v3_draft.json`` an example. Nothing writes or
-loads version 3 yet: :func:`parse_manifest_v3` is the parser the loader will call (section
-12.7), :func:`manifest_v3_to_json` what the writer will call.
+its JSON Schema, ``tests/unit/golden/manifest_v3_draft.json`` an example. The loader reads
+version 3 through :func:`parse_any_manifest` (section 12.7); :func:`manifest_v3_to_json` is
+what the writer will call.
 
 A version-3 manifest has sharding rules (:mod:`~shardckpt.format.rules`) and explicit
 chunks only for irregular tensors, no checksums but its own seal, and the compact file table
