@@ -12,13 +12,15 @@ Two pieces plug into the one load path of :mod:`shardckpt.engine.loading`:
   ranks whose files this rank reads; the chunk's entry (``FileIndex.entry``) gives its block
   hashes, and each data file's size is checked against its index record before any read.
 
-Not thread-safe: one per load and rank; :meth:`RuleChunks.prepare` runs before the
-reader's threads start, which then only look chunks up.
+One per load and rank. :meth:`RuleChunks.prepare` runs on one thread before the reader's
+threads start (it fetches pages and index records on threads of its own, each record into
+its own slot); the reader threads then only look chunks up.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import torch
@@ -99,27 +101,32 @@ class RuleChunks:
         self._chunks: dict[tuple[str, tuple[int, ...]], ChunkRecord] = {}
         self._files: dict[str, FileRecord] = {}
 
-    def prepare(self, items: Sequence[ReadItem]) -> BoxReader:
-        """Resolve every chunk ``items`` read (fetching the pages and index records they
-        need, once each), check the size of every data file they read, and return the
-        reader of their boxes."""
-        for item in items:
-            self.chunk(item.storage_index.fqn, tuple(item.storage_index.offset or ()))
+    def prepare(self, items: Sequence[ReadItem], *, threads: int = 1) -> BoxReader:
+        """Resolve every chunk ``items`` read: fetch the pages, then the index records, they
+        need, once each and up to ``threads`` at a time (a rank may read from thousands of
+        ranks); check the size of every data file they read; return the reader of their boxes."""
+        wanted = sorted({(i.storage_index.fqn, tuple(i.storage_index.offset or ())) for i in items})
+        ranks: dict[tuple[int, int], FileRef] = {}
+        for key, offsets in wanted:
+            ref = self._locate(key, offsets)[1]
+            ranks.setdefault((ref.group, ref.rank), ref)
+        pages = {(ref.group, ref.page): ref for ref in ranks.values()}
+        _each(self._page, [pages[k] for k in sorted(pages)], threads)
+        _each(self._rank_index, [ranks[k] for k in sorted(ranks)], threads)
+        for key, offsets in wanted:
+            self.chunk(key, offsets)
         boxes = BoxReader(self.storage, self.manifest, verify=self.verify, where=self.where, files=self._files)
         boxes.check_file_sizes(self._files)
         return boxes
 
     def chunk(self, key: str, offsets: tuple[int, ...]) -> ChunkRecord:
-        """The chunk of ``key`` at ``offsets`` with its file name and block hashes."""
+        """The chunk of ``key`` at ``offsets`` with its file name and block hashes (after
+        :meth:`prepare` of the items that read it, a lookup)."""
         found = self._chunks.get((key, offsets))
         if found is not None:
             return found
-        rec = self.manifest.tensors.get(key)
-        if rec is None:
-            raise IntegrityError(f"{self.where}: key {key!r} is not a tensor of the format-3 manifest")
-        c = chunk_at(rec, offsets, key=key)
-        ref = self.manifest.file_table.locate(c.file)
-        index = self.file_index(ref)
+        c, ref = self._locate(key, offsets)
+        index = self._rank_index(ref)[ref.number]
         where = f"{self.where}: index record {self._describe(ref, ref.index_name)} (rank {ref.rank}), key {key!r}"
         entry = index.entry(c.byte_offset, c.byte_length, where=f"{where}, file {ref.name!r}")
         hashes = tuple(entry.block_hash(i) for i in range(len(entry.block_hashes) // 16))
@@ -128,19 +135,31 @@ class RuleChunks:
         self._chunks[(key, offsets)] = record
         return record
 
-    def file_index(self, ref: FileRef) -> FileIndex:
-        """The index record's file object for ``ref``: its page and its rank's record are
-        fetched and verified on first use, then kept for this load."""
+    def _locate(self, key: str, offsets: tuple[int, ...]) -> tuple[Chunk, FileRef]:
+        rec = self.manifest.tensors.get(key)
+        if rec is None:
+            raise IntegrityError(f"{self.where}: key {key!r} is not a tensor of the format-3 manifest")
+        c = chunk_at(rec, offsets, key=key)
+        return c, self.manifest.file_table.locate(c.file)
+
+    def _page(self, ref: FileRef) -> tuple[RankEntry, ...]:
+        """The entries of the page holding ``ref``'s rank, fetched and verified on first use."""
+        pages = self._pages.get((ref.group, ref.page))
+        if pages is None:
+            group = self.manifest.file_table.groups[ref.group]
+            raw = self._fetch(ref, ref.page_name, group.pages[ref.page].size, "page of the rank table")
+            source = f"{self.where}: {self._describe(ref, ref.page_name)}"
+            pages = parse_page(raw, group=group, page=ref.page, source=source)
+            self._pages[(ref.group, ref.page)] = pages
+        return pages
+
+    def _rank_index(self, ref: FileRef) -> tuple[FileIndex, ...]:
+        """The index record of ``ref``'s rank (one object per file), fetched and verified
+        against its page on first use."""
         indexes = self._indexes.get((ref.group, ref.rank))
         if indexes is None:
             group = self.manifest.file_table.groups[ref.group]
-            pages = self._pages.get((ref.group, ref.page))
-            if pages is None:
-                raw = self._fetch(ref, ref.page_name, group.pages[ref.page].size, "page of the rank table")
-                source = f"{self.where}: {self._describe(ref, ref.page_name)}"
-                pages = parse_page(raw, group=group, page=ref.page, source=source)
-                self._pages[(ref.group, ref.page)] = pages
-            entry = pages[ref.rank - ref.page * group.ranks_per_page]
+            entry = self._page(ref)[ref.rank - ref.page * group.ranks_per_page]
             raw = self._fetch(ref, ref.index_name, entry.index_size, f"index record of rank {ref.rank}")
             source = f"{self.where}: {self._describe(ref, ref.index_name)}"
             indexes = parse_rank_index(
@@ -152,7 +171,7 @@ class RuleChunks:
                 source=source,
             )
             self._indexes[(ref.group, ref.rank)] = indexes
-        return indexes[ref.number]
+        return indexes
 
     def _fetch(self, ref: FileRef, name: str, expected: int, what: str) -> bytes:
         what = f"{what} of save {ref.save_id}"
@@ -170,6 +189,19 @@ class RuleChunks:
     @staticmethod
     def _describe(ref: FileRef, name: str) -> str:
         return repr(name) if ref.checkpoint is None else f"{name!r} of base checkpoint {ref.checkpoint!r}"
+
+
+def _each(fetch: Callable[[FileRef], object], refs: list[FileRef], threads: int) -> None:
+    """``fetch`` each of ``refs``, up to ``threads`` at a time; the first failure in
+    ``refs`` order is raised, after every fetch has ended."""
+    if threads <= 1 or len(refs) <= 1:
+        for ref in refs:
+            fetch(ref)
+        return
+    with ThreadPoolExecutor(min(threads, len(refs)), thread_name_prefix="shardckpt-index") as pool:
+        futures = [pool.submit(fetch, ref) for ref in refs]
+    for f in futures:
+        f.result()
 
 
 def read_record(storage: Storage, name: str, expected: int, *, what: str, shown: str, where: str) -> bytes:

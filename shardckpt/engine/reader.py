@@ -101,7 +101,7 @@ class Reader(StorageReader):
             if isinstance(self.manifest, ManifestV3)
             else ListedChunks(self.storage, self.manifest, verify=self.verify, where=where)
         )
-        boxes = chunks.prepare(tensor_items)
+        boxes = chunks.prepare(tensor_items, threads=self.num_io_threads)
         if tensor_items:
             # One task per thread, each taking the next item until none is left: thousands
             # of small chunks cost no future, submit and wake-up each (issue #18).
@@ -143,7 +143,7 @@ class ChunkSource(Protocol):
     before any read) checks the data files the items read and returns their box reader;
     ``chunk`` may then be called from the reader threads."""
 
-    def prepare(self, items: Sequence[ReadItem]) -> BoxReader: ...
+    def prepare(self, items: Sequence[ReadItem], *, threads: int = 1) -> BoxReader: ...
 
     def chunk(self, key: str, offsets: tuple[int, ...]) -> ChunkRecord: ...
 
@@ -155,7 +155,7 @@ class ListedChunks:
         self._boxes = BoxReader(storage, manifest, verify=verify, where=where)
         self._chunks = {(fqn, c.offsets): c for fqn, t in manifest.tensors.items() for c in t.chunks}
 
-    def prepare(self, items: Sequence[ReadItem]) -> BoxReader:
+    def prepare(self, items: Sequence[ReadItem], *, threads: int = 1) -> BoxReader:
         self._boxes.check_file_sizes(
             self.chunk(i.storage_index.fqn, tuple(i.storage_index.offset or ())).file for i in items
         )

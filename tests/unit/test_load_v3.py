@@ -249,3 +249,47 @@ def test_tools_that_read_formats_1_and_2_only_refuse_format_3_by_name(tmp_path):
     ):
         shardckpt.read_manifest(tmp_path / "c")
     assert isinstance(shardckpt.read_any_manifest(tmp_path / "c"), ManifestV3)
+
+
+# ---------------------------------------------------------------- planning from rules
+
+
+def test_the_planner_lists_only_the_cells_a_box_touches_never_enumerating_the_rule(monkeypatch):
+    """2^20 cells (one per simulated rank); this rank's box covers rows 1000-1002: the
+    metadata DCP plans with holds those 3 chunks, and no step expands the rule."""
+    from torch.distributed.checkpoint.metadata import ChunkStorageMetadata
+
+    from shardckpt.engine import load_v3
+    from shardckpt.engine.reader import manifest_to_metadata
+    from shardckpt.format import rules
+    from shardckpt.format.file_table import FileGroup
+    from shardckpt.format.manifest_v3 import Tensor
+
+    cells = 1 << 20
+    rule = rules.Rule((cells, 4), (1, 4), (rules.Run(cells, 0, 1, 128, 0),))
+    group = FileGroup("ab", None, cells, ((cells, 1),), 1024, tuple(Page(10, "0" * 16) for _ in range(cells // 1024)))
+    m = ManifestV3(
+        world_size=cells,
+        hash_block_bytes=4096,
+        bases=(),
+        file_table=FileTable((group,)),
+        tensors={"w": Tensor("F32", (cells, 4), rule, ()), "other": Tensor("F32", (cells, 4), rule, ())},
+        values={},
+        paths={"w": ["w"], "other": ["other"]},
+        created_at="now",
+        shardckpt_version="0",
+        torch_version="2",
+    )
+
+    def refuse(*args: Any) -> Any:
+        raise AssertionError("a load enumerated a rule's cells")
+
+    monkeypatch.setattr(rules, "expand", refuse)
+    box = ChunkStorageMetadata(offsets=torch.Size([1000, 0]), sizes=torch.Size([3, 4]))
+    monkeypatch.setattr(load_v3, "local_chunks", lambda obj: [box])  # this rank's shard of a DTensor
+    md = load_v3.needed_metadata(manifest_to_metadata(m), m, {"w": torch.empty(cells, 4, device="meta")})
+    chunks = md.state_dict_metadata["w"].chunks
+    assert [(list(c.offsets), list(c.sizes)) for c in chunks] == [([r, 0], [1, 4]) for r in (1000, 1001, 1002)]
+    assert md.state_dict_metadata["other"].chunks == []  # not loaded: nothing planned
+    located = [m.file_table.locate(m.tensors["w"].chunks_for_box((r, 0), (1, 4))[0].file).rank for r in (1000, 1002)]
+    assert located == [1000, 1002]
