@@ -19,6 +19,7 @@ its own slot); the reader threads then only look chunks up.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -36,6 +37,7 @@ from shardckpt.engine._torch_private import local_chunks
 from shardckpt.engine.boxes import BoxReader
 from shardckpt.engine.planner import LoadPlanner
 from shardckpt.errors import IntegrityError, ManifestError
+from shardckpt.format import datafile, rules
 from shardckpt.format.file_table import FileIndex, FileRef, RankEntry, parse_page, parse_rank_index
 from shardckpt.format.manifest import ChunkRecord, FileRecord
 from shardckpt.format.manifest_v3 import Chunk, ManifestV3, Tensor
@@ -78,12 +80,15 @@ def needed_metadata(metadata: Metadata, manifest: ManifestV3, flat: dict[str, An
 
 
 def chunk_at(rec: Tensor, offsets: tuple[int, ...], *, key: str) -> Chunk:
-    """The stored chunk of ``rec`` whose box starts at ``offsets`` (a read item's storage
-    index): the one holding that element, from the rule in O(d * log runs)."""
-    found = [c for c in rec.chunks_for_box(offsets, (1,) * len(offsets)) if c.offsets == offsets]
-    if len(offsets) != len(rec.shape) or not found:
+    """The cell of ``rec``'s rule whose box starts at ``offsets`` (a read item's storage
+    index), in O(d * log runs); the listed chunks beside a rule are empty, never read."""
+    found = []
+    if rec.rule is not None and len(offsets) == len(rec.shape):
+        found = [c for c in rules.chunks_for_box(rec.rule, offsets, (1,) * len(offsets)) if c.offsets == offsets]
+    if not found:
         raise IntegrityError(f"key {key!r}: no chunk at offsets {list(offsets)} in the format-3 manifest")
-    return found[0]
+    c = found[0]
+    return Chunk(c.offsets, c.sizes, c.file, c.byte_offset, math.prod(c.sizes) * datafile.itemsize(rec.dtype))
 
 
 class RuleChunks:
@@ -100,6 +105,7 @@ class RuleChunks:
         self._groups: dict[int, Storage] = {}
         self._chunks: dict[tuple[str, tuple[int, ...]], ChunkRecord] = {}
         self._files: dict[str, FileRecord] = {}
+        self._listed: dict[str, dict[tuple[int, ...], Chunk]] = {}
 
     def prepare(self, items: Sequence[ReadItem], *, threads: int = 1) -> BoxReader:
         """Resolve every chunk ``items`` read: fetch the pages, then the index records, they
@@ -139,7 +145,14 @@ class RuleChunks:
         rec = self.manifest.tensors.get(key)
         if rec is None:
             raise IntegrityError(f"{self.where}: key {key!r} is not a tensor of the format-3 manifest")
-        c = chunk_at(rec, offsets, key=key)
+        if rec.rule is None:  # an irregular tensor: its listed chunks, indexed once per load
+            if key not in self._listed:
+                self._listed[key] = {c.offsets: c for c in rec.chunks if math.prod(c.sizes)}
+            c = self._listed[key].get(offsets)
+            if c is None:
+                raise IntegrityError(f"key {key!r}: no chunk at offsets {list(offsets)} in the format-3 manifest")
+        else:
+            c = chunk_at(rec, offsets, key=key)
         return c, self.manifest.file_table.locate(c.file)
 
     def _page(self, ref: FileRef) -> tuple[RankEntry, ...]:
