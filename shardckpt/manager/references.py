@@ -83,9 +83,7 @@ class MarkCache:
         if hit is not None and hit[0] == key:
             return hit[1]
         try:
-            m = read_manifest(
-                storage, tool="the retention sweep (which keeps every file when it cannot read a manifest)"
-            )
+            m = read_manifest(storage)
         except ManifestError as e:
             raise UnknownReferences(
                 f"the manifest of {root.url}/{name} cannot be read ({e}), so the files it reads are unknown"
