@@ -125,15 +125,17 @@ def test_four_ranks_to_three_bitwise_reading_only_what_is_needed(tmp_path):
 
 def _four_to_two(rank: int, world_size: int, path: str, damaged: bool) -> None:
     mesh = init_device_mesh("cpu", (world_size,))
-    big = distribute_tensor(torch.zeros(ROWS, COLS), mesh, [Replicate()])
+    # damaged: big is sharded, so only rank 1 reads simulated rank 3's files (rows 900-1199)
+    big = distribute_tensor(torch.zeros(ROWS, COLS), mesh, [Shard(0) if damaged else Replicate()])
     grid = distribute_tensor(torch.zeros(6, 8, dtype=torch.int32), mesh, [Shard(0)])
     irr = distribute_tensor(torch.zeros(7, 3, dtype=torch.float64), mesh, [Shard(1)])
     state = {"big": big, "grid": grid, "bias": torch.zeros(5), "irr": irr, "step": 0}
     if damaged:
         try:
             shardckpt.load(state, path)
-        except ManifestError as e:
-            assert "index record of rank 3" in str(e) and "is missing" in str(e), e
+        except ManifestError as e:  # rank 1's error, on both ranks
+            assert "failed on rank 1" in str(e) and "(rank 1): the index record of rank 3" in str(e), e
+            assert "is missing" in str(e), e
         else:
             raise AssertionError("a load with a missing index record succeeded")
         dist.barrier()
@@ -144,9 +146,9 @@ def _four_to_two(rank: int, world_size: int, path: str, damaged: bool) -> None:
     assert torch.equal(irr.to_local(), _irregular()[:, _rows(rank, world_size, 3)])
 
 
-def test_four_ranks_to_two_other_grids_then_a_missing_index_record_fails_every_rank(tmp_path):
+def test_four_ranks_to_two_other_grids_then_one_rank_missing_an_index_record_fails_every_rank(tmp_path):
     path = os.fspath(tmp_path / "c")
     written = _write(path)
     run_ranks(_four_to_two, 2, path, False)
-    os.remove(os.path.join(path, written["index"][3]))  # every rank reads rank 3's files (big is replicated)
+    os.remove(os.path.join(path, written["index"][3]))  # only rank 1 reads rank 3's files: rank 0 fails too
     run_ranks(_four_to_two, 2, path, True)
