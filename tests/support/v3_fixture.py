@@ -171,6 +171,8 @@ def rewrite_as_v3(src: str | os.PathLike[str], dst: str | os.PathLike[str], *, r
 def _boxes(shape: tuple[int, ...], how: Split | Boxes) -> list[tuple[tuple[int, ...], tuple[int, ...]]]:
     if isinstance(how, Boxes):
         return list(how.boxes)
+    if 0 in shape:
+        return []  # an empty tensor: no chunk, no rule (docs/format.md 12.5 item 3)
     per_dim = []
     for n, parts in zip(shape, how.parts, strict=True):
         block = -(-n // parts)

@@ -47,6 +47,7 @@ def _write(path: Any, **kw: Any) -> Written:
         "model.bias": (BIAS, Split((1,))),  # replicated, stored once
         "model.irr": (IRR, Boxes((((0, 0), (1, 2)), ((1, 0), (4, 2))))),  # not a block grid: listed
         "model.scale": (torch.tensor(0.5), Split(())),  # 0-d
+        "model.empty": (torch.zeros(0, 3), Split((1, 1))),  # no bytes, no rule
     }
     return write_v3(path, tensors, ranks=4, values={"step": 7, "lr": (0.1, "x")}, **kw)
 
@@ -59,6 +60,7 @@ def _target() -> dict[str, Any]:
             "bias": torch.zeros(3, dtype=torch.bfloat16),
             "irr": torch.zeros(5, 2, dtype=torch.float16),
             "scale": torch.tensor(0.0),
+            "empty": torch.zeros(0, 3),
         },
         "step": 0,
         "lr": None,
@@ -97,7 +99,8 @@ def test_one_rank_loads_four_ranks_bitwise_and_reads_each_record_once(tmp_path):
     assert result.missing_keys == [] and result.unexpected_keys == []
     m = state["model"]
     assert torch.equal(m["w"], W) and torch.equal(m["g"], G) and torch.equal(m["irr"], IRR)
-    assert torch.equal(m["bias"], BIAS) and m["scale"].item() == 0.5
+    assert torch.equal(m["bias"], BIAS) and m["scale"].item() == 0.5 and m["empty"].shape == (0, 3)
+    assert w.manifest.tensors["model.empty"].rule is None and w.manifest.tensors["model.empty"].chunks == ()
     assert state["step"] == 7 and state["lr"] == (0.1, "x")
     records = [layout.MANIFEST_NAME, *w.page_names, *w.index_names.values()]
     assert len(w.page_names) == 2
