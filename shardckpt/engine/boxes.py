@@ -33,7 +33,9 @@ class BoxReader:
     it matters). ``verify``: check every byte read against the manifest's block hashes.
     :meth:`read_box` may be called from several threads at once; :meth:`check_file_sizes`
     from one thread only. ``files``: the data files the chunks name (a format-3 load passes
-    those of its chunks, from their index records); the manifest's ``files`` by default.
+    those of its chunks, from their index records, a mapping that grows as it resolves
+    chunks in more files, all in this checkpoint or the ``bases`` beside it); the manifest's
+    ``files`` by default.
     """
 
     def __init__(
@@ -44,12 +46,13 @@ class BoxReader:
         verify: bool,
         where: str,
         files: Mapping[str, FileRecord] | None = None,
+        bases: Sequence[str] = (),
     ) -> None:
         self.storage = storage
         if files is None:
             assert isinstance(manifest, Manifest), "a format-3 manifest lists no files: pass them"
             files = manifest.files
-        self.files = DataFiles(storage, files)  # own folder, or a base beside it (format 2 and 3)
+        self.files = DataFiles(storage, files, bases)  # own folder, or a base beside it (format 2 and 3)
         self.manifest = manifest
         self.verify = verify
         self.where = where

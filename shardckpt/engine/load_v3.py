@@ -106,6 +106,8 @@ class RuleChunks:
         self._chunks: dict[tuple[str, tuple[int, ...]], ChunkRecord] = {}
         self._files: dict[str, FileRecord] = {}
         self._listed: dict[str, dict[tuple[int, ...], Chunk]] = {}
+        self.boxes = BoxReader(storage, manifest, verify=verify, where=where, files=self._files, bases=manifest.bases)
+        """Reads the boxes of every chunk resolved so far (:meth:`prepare`, :meth:`chunk`)."""
 
     def prepare(self, items: Sequence[ReadItem], *, threads: int = 1) -> BoxReader:
         """Resolve every chunk ``items`` read: fetch the pages, then the index records, they
@@ -121,9 +123,8 @@ class RuleChunks:
         _each(self._rank_index, [ranks[k] for k in sorted(ranks)], threads)
         for key, offsets in wanted:
             self.chunk(key, offsets)
-        boxes = BoxReader(self.storage, self.manifest, verify=self.verify, where=self.where, files=self._files)
-        boxes.check_file_sizes(self._files)
-        return boxes
+        self.boxes.check_file_sizes(self._files)
+        return self.boxes
 
     def chunk(self, key: str, offsets: tuple[int, ...]) -> ChunkRecord:
         """The chunk of ``key`` at ``offsets`` with its file name and block hashes (after

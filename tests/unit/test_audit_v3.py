@@ -2,8 +2,8 @@
 
 verify walks every page, index record and data byte of a format-3 checkpoint
 (tests/support/v3_fixture.py, 4 simulated ranks) and reports every broken link in one run;
-export, diff, materialize, read_state_dict and the DCP StorageReader say they read formats
-1 and 2 only, naming themselves and format 3.
+export, diff and read_state_dict read it as they read its version-1 twin; materialize and the
+DCP StorageReader say they read formats 1 and 2 only, naming themselves and format 3.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from v3_fixture import Boxes, Split, Written, write_v3
 import shardckpt
 from shardckpt.cli.app import main
 from shardckpt.convert.audit import describe_checkpoint, verify_checkpoint
+from shardckpt.convert.source import CheckpointSource
 from shardckpt.dcp import StorageReader
 from shardckpt.errors import UnsupportedFormatVersionError
 
@@ -109,17 +110,43 @@ def test_inspect_summarizes_a_format_3_manifest(tmp_path, capsys):
     assert "shardckpt format 3" in out and "file sizes are in the index records" in out
 
 
+def test_export_diff_and_read_state_dict_read_format_3_as_its_version_1_twin(tmp_path):
+    state = {
+        "model": {"w": torch.randn(12, 5), "b": torch.arange(7, dtype=torch.int64), "h": torch.randn(3, 4).half()},
+        "step": 9,
+        "note": ("a", 1.5),
+    }
+    shardckpt.save(state, tmp_path / "v1")
+    m = state["model"]
+    tensors = {
+        "model.w": (m["w"], Split((3, 2))),  # 6 cells over 3 ranks
+        "model.b": (m["b"], Boxes((((0,), (2,)), ((2,), (1,)), ((3,), (4,))))),  # irregular: listed
+        "model.h": (m["h"], Split((1, 1))),
+    }
+    write_v3(tmp_path / "v3", tensors, ranks=3, values={"step": 9, "note": ("a", 1.5)})
+    flat1 = shardckpt.read_state_dict(tmp_path / "v1", flat=True)
+    flat3 = shardckpt.read_state_dict(tmp_path / "v3", flat=True)
+    assert flat1.keys() == flat3.keys() and flat3["step"] == 9 and flat3["note"] == ("a", 1.5)
+    for k in ("model.w", "model.b", "model.h"):
+        assert torch.equal(flat1[k], flat3[k]) and flat1[k].dtype == flat3[k].dtype, k
+    report = shardckpt.diff_checkpoints(tmp_path / "v1", tmp_path / "v3")
+    assert report.identical, report
+    box = CheckpointSource(tmp_path / "v3").read_box("model.w", (3, 1), (3, 3))  # parts of 4 of the 6 cells
+    assert torch.equal(box, state["model"]["w"][3:6, 1:4])
+    shardckpt.export_checkpoint(tmp_path / "v3", tmp_path / "out.safetensors", format="safetensors")
+    from safetensors.torch import load_file
+
+    exported = load_file(tmp_path / "out.safetensors")
+    assert torch.equal(exported["model.w"], state["model"]["w"])
+
+
 def test_the_tools_of_formats_1_and_2_refuse_format_3_naming_themselves(tmp_path):
     _write(tmp_path / "c")
     c = tmp_path / "c"
-    with pytest.raises(UnsupportedFormatVersionError, match=r"format-3 checkpoint.*shardckpt export, diff"):
-        shardckpt.export_checkpoint(c, tmp_path / "out", format="safetensors")
-    with pytest.raises(UnsupportedFormatVersionError, match=r"format-3 checkpoint.*shardckpt export, diff"):
-        shardckpt.diff_checkpoints(c, c)
-    with pytest.raises(UnsupportedFormatVersionError, match=r"format-3 checkpoint.*read_state_dict"):
-        shardckpt.read_state_dict(c)
     with pytest.raises(UnsupportedFormatVersionError, match=r"format-3 checkpoint.*shardckpt materialize"):
         shardckpt.materialize_checkpoint(c, tmp_path / "m")
     with pytest.raises(UnsupportedFormatVersionError, match=r"StorageReader does not read format-3.*shardckpt.load"):
         StorageReader(c).read_metadata()  # the first call of dcp.load, which wraps the error per rank
-    assert not (tmp_path / "out").exists() and not (tmp_path / "m").exists()
+    with pytest.raises(UnsupportedFormatVersionError, match=r"format-3 checkpoint.*shardckpt.read_manifest reads"):
+        shardckpt.read_manifest(c)
+    assert not (tmp_path / "m").exists()
