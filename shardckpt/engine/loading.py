@@ -167,8 +167,8 @@ def read_manifest(
         where = checkpoint.url if isinstance(checkpoint, Storage) else as_url(checkpoint)
         raise UnsupportedFormatVersionError(
             f"{where}: a format-3 checkpoint (docs/format.md section 12); {tool} reads formats 1 and 2 only. "
-            "Format 3 is read by shardckpt.load, CheckpointManager.restore, TrainState.restore, "
-            "shardckpt.read_any_manifest and `python -m shardckpt verify` / `inspect`."
+            "Format 3 is read by shardckpt.load, CheckpointManager.restore, TrainState.restore, read_state_dict, "
+            "shardckpt.read_any_manifest and `python -m shardckpt verify`, `inspect`, `export` and `diff`."
         )
     return m
 

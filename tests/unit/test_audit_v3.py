@@ -150,3 +150,16 @@ def test_the_tools_of_formats_1_and_2_refuse_format_3_naming_themselves(tmp_path
     with pytest.raises(UnsupportedFormatVersionError, match=r"format-3 checkpoint.*shardckpt.read_manifest reads"):
         shardckpt.read_manifest(c)
     assert not (tmp_path / "m").exists()
+
+
+def test_ls_lists_a_format_3_step_with_the_bytes_in_its_folder(tmp_path, capsys):
+    w = _write(tmp_path / "root" / "step_0000000007")
+    from shardckpt.manager.steps import list_root
+
+    (info,) = list_root(tmp_path / "root")
+    folder = tmp_path / "root" / "step_0000000007"
+    on_disk = sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(folder) for f in fs)
+    assert (info.step, info.committed, info.world_size) == (7, True, 4)
+    assert info.size_bytes == on_disk > sum(os.path.getsize(folder / n) for n in _data(w))
+    assert main(["ls", str(tmp_path / "root")]) == 0
+    assert "7" in capsys.readouterr().out
