@@ -65,8 +65,10 @@ def needed_metadata(metadata: Metadata, manifest: ManifestV3, flat: dict[str, An
     sd = dict(metadata.state_dict_metadata)
     for fqn, obj in flat.items():
         md, rec = sd.get(fqn), manifest.tensors.get(fqn)
-        if not isinstance(md, TensorStorageMetadata) or rec is None or tuple(getattr(obj, "shape", ())) != rec.shape:
-            continue  # values, keys the checkpoint lacks, wrong shapes: DCP's planning says so
+        if not isinstance(md, TensorStorageMetadata) or rec is None:
+            continue  # values, keys the checkpoint lacks
+        if not isinstance(obj, torch.Tensor) or tuple(obj.shape) != rec.shape:
+            continue  # check_target refused these already; DCP's planning would say so too
         if isinstance(obj, DTensor) and obj.device_mesh.get_coordinate() is None:
             continue  # not on this DTensor's mesh: DCP reads nothing for it
         seen: dict[tuple[int, ...], ChunkStorageMetadata] = {}
