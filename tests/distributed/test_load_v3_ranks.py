@@ -1,7 +1,8 @@
 """Format-3 checkpoints of 4 simulated ranks (tests/support/v3_fixture.py) loaded by 2 and 3
-real ranks into other layouts, bitwise; and what each rank reads (issue #16's load targets):
-metadata no more than the manifest plus the pages and index records of the ranks whose files
-it reads, each once; data within 1.05x of the bytes it needs for a 4 -> 3 reshard, verified.
+real ranks into other layouts (and a 2-rank one into the same layout), bitwise; and what each
+rank reads (issue #16's load targets): metadata no more than the manifest plus the pages and
+index records of the ranks whose files it reads, each once; data within 1.05x of the bytes it
+needs for a 4 -> 3 reshard, verified.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import torch.distributed as dist
 from distributed import run_ranks
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor import Replicate, Shard, distribute_tensor
-from v3_fixture import Boxes, Split, write_v3
+from v3_fixture import SAVE_ID, Boxes, Split, write_v3
 
 import shardckpt
 from shardckpt.engine.checkpointer import Checkpointer
@@ -145,8 +146,27 @@ def _four_to_two(rank: int, world_size: int, path: str, damaged: bool) -> None:
     assert torch.equal(grid.to_local(), _grid()[_rows(rank, world_size, 6)])
     assert torch.equal(irr.to_local(), _irregular()[:, _rows(rank, world_size, 3)])
 
+    # The same layout (2 simulated ranks, Shard(0)): each rank reads its own data file, its own
+    # index record and the one page, and exactly the bytes of its shard.
+    same = os.path.join(os.path.dirname(path), "same")
+    if rank == 0:
+        write_v3(same, {"big": (_big(), Split((2, 1)))}, ranks=2, hash_block_bytes=BLOCK)
+    dist.barrier()
+    log: Counter[str] = Counter()
+    ckpt = Checkpointer(storage_factory=lambda url, opts, *rest: CountingStorage(url, log, Counter()))
+    mine = distribute_tensor(torch.zeros(ROWS, COLS), mesh, [Shard(0)])
+    try:
+        ckpt.load({"big": mine}, same)
+    finally:
+        ckpt.close()
+    assert torch.equal(mine.to_local(), _big()[_rows(rank, world_size, ROWS)])
+    own = layout.data_file_name(SAVE_ID, rank, 0)
+    expected = {layout.MANIFEST_NAME, layout.rank_page_name(SAVE_ID, 0), layout.rank_index_name(SAVE_ID, rank), own}
+    assert set(log) == expected, log
+    assert log[own] == ROWS // world_size * COLS * 4
 
-def test_four_ranks_to_two_other_grids_then_one_rank_missing_an_index_record_fails_every_rank(tmp_path):
+
+def test_four_ranks_to_two_other_grids_and_the_same_layout_then_a_missing_index_record_fails_every_rank(tmp_path):
     path = os.fspath(tmp_path / "c")
     written = _write(path)
     run_ranks(_four_to_two, 2, path, False)
