@@ -19,6 +19,7 @@ by rank ``i % ranks``). A rank holding nothing writes no data file (its index li
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import math
 import os
@@ -92,10 +93,17 @@ def write_v3(
     ranks_per_page: int = 1024,
     paths: dict[str, list[str | int]] | None = None,
     metadata: dict[str, Any] | None = None,
+    save_id: str = SAVE_ID,
+    base: Written | None = None,
+    from_base: tuple[str, ...] = (),
 ) -> Written:
     """Write a committed format-3 checkpoint of ``tensors`` (flat keys; the path of a key is
     ``paths[key]``, by default its ``.``-separated parts) saved by ``ranks`` simulated ranks
-    into the new folder ``path``."""
+    into the new folder ``path``.
+
+    Incremental (section 11 and 12.3): the keys ``from_base`` are not written but point at the
+    chunks of ``base`` (a checkpoint written here, in a folder beside ``path``, with a
+    different ``save_id``), whose group follows this save's in the file table."""
     root = os.fspath(path)
     os.makedirs(os.path.join(root, layout.DATA_DIR))
     values = values or {}
@@ -112,24 +120,30 @@ def write_v3(
     counts, entries = [], []
     for rank, stored in enumerate(held):
         shapes = {k: tuple(t.shape) for k, (t, _) in tensors.items()}
-        files = _write_rank(root, rank, stored, files_per_rank, hash_block_bytes, written, shapes)
+        files = _write_rank(root, rank, stored, files_per_rank, hash_block_bytes, written, shapes, save_id)
         counts.append(len(files))
-        raw = rank_index_to_json(SAVE_ID, rank, hash_block_bytes, files)
-        name = layout.rank_index_name(SAVE_ID, rank)
+        raw = rank_index_to_json(save_id, rank, hash_block_bytes, files)
+        name = layout.rank_index_name(save_id, rank)
         _write(root, name, raw)
         written.index_names[rank] = name
         entries.append(RankEntry(len(raw), integrity.hash_hex(raw), "node0", rank))
     pages = []
     for p, first in enumerate(range(0, ranks, ranks_per_page)):
-        raw = page_to_json(SAVE_ID, first, entries[first : first + ranks_per_page])
-        name = layout.rank_page_name(SAVE_ID, p)
+        raw = page_to_json(save_id, first, entries[first : first + ranks_per_page])
+        name = layout.rank_page_name(save_id, p)
         _write(root, name, raw)
         written.page_names.append(name)
         pages.append(Page(len(raw), integrity.hash_hex(raw)))
     runs = [(len(list(g)), n) for n, g in itertools.groupby(counts)]
-    group = FileGroup(SAVE_ID, None, ranks, tuple(runs), ranks_per_page, tuple(pages))
+    group = FileGroup(save_id, None, ranks, tuple(runs), ranks_per_page, tuple(pages))
+    bases: tuple[str, ...] = ()
     table = FileTable((group,))
     records: dict[str, Tensor] = {}
+    if base is not None:
+        (base_group,) = base.manifest.file_table.groups  # a full save: its own group only
+        bases = (os.path.basename(base.path),)
+        table = FileTable((group, dataclasses.replace(base_group, checkpoint=bases[0])))
+        records = {k: _shifted(base.manifest.tensors[k], group.total_files) for k in from_base}
     for key, (t, _) in sorted(tensors.items()):
         dtype = datafile.dtype_name(t.dtype, key=key)
         mine = [(s, table.position(0, r, s.file)) for r, stored in enumerate(held) for s in stored if s.key == key]
@@ -142,11 +156,11 @@ def write_v3(
     manifest = ManifestV3(
         world_size=ranks,
         hash_block_bytes=hash_block_bytes,
-        bases=(),
+        bases=bases,
         file_table=table,
         tensors=records,
         values={k: encode_value(v, key=k) for k, v in values.items()},
-        paths=paths if paths is not None else {k: list(k.split(".")) for k in [*tensors, *values]},
+        paths=paths if paths is not None else {k: list(k.split(".")) for k in [*tensors, *from_base, *values]},
         created_at="2026-11-30T20:00:00+00:00",
         shardckpt_version="0.4.0",
         torch_version=torch.__version__.split("+")[0],
@@ -166,6 +180,15 @@ def rewrite_as_v3(src: str | os.PathLike[str], dst: str | os.PathLike[str], *, r
     tensors = {k: (flat[k], Boxes(tuple((c.offsets, c.sizes) for c in rec.chunks))) for k, rec in m.tensors.items()}
     values = {k: flat[k] for k in m.values}
     return write_v3(dst, tensors, ranks=ranks, values=values, paths=m.paths, metadata=m.metadata, **kw)
+
+
+def _shifted(t: Tensor, by: int) -> Tensor:
+    """``t`` of a base's manifest with its file positions moved past this save's ``by`` files."""
+    rule = None
+    if t.rule is not None:
+        runs = tuple(dataclasses.replace(r, file=r.file + by) for r in t.rule.runs)
+        rule = rules.Rule(t.rule.shape, t.rule.block, runs)
+    return Tensor(t.dtype, t.shape, rule, tuple(dataclasses.replace(c, file=c.file + by) for c in t.chunks))
 
 
 def _boxes(shape: tuple[int, ...], how: Split | Boxes) -> list[tuple[tuple[int, ...], tuple[int, ...]]]:
@@ -188,6 +211,7 @@ def _write_rank(
     block: int,
     written: Written,
     tensor_shapes: dict[str, tuple[int, ...]],
+    save_id: str,
 ) -> list[FileIndex]:
     """One rank's data files: its chunks dealt over ``files_per_rank`` files (fewer when it
     holds fewer chunks), each a safetensors header then the chunks back to back."""
@@ -200,7 +224,7 @@ def _write_rank(
             name = s.key if whole else f"{s.key}@{','.join(map(str, s.offsets))}"
             header_entries.append(datafile.HeaderEntry(name, s.dtype, s.sizes, begin, begin + len(s.data)))
             begin += len(s.data)
-        meta = {"format": "shardckpt", "format_version": "3", "save_id": SAVE_ID, "rank": str(rank)}
+        meta = {"format": "shardckpt", "format_version": "3", "save_id": save_id, "rank": str(rank)}
         header = datafile.build_header(header_entries, meta)
         body = header + b"".join(s.data for s in bucket)
         index = []
@@ -208,7 +232,7 @@ def _write_rank(
             s.file, s.byte_offset = k, len(header) + e.begin
             hashes = "".join(integrity.block_hashes(memoryview(s.data), block))
             index.append(IndexEntry(s.byte_offset, len(s.data), hashes))
-        name = layout.data_file_name(SAVE_ID, rank, k)
+        name = layout.data_file_name(save_id, rank, k)
         _write(root, name, body)
         written.files_of_rank.setdefault(rank, []).append(name)
         out.append(FileIndex(len(body), integrity.hash_hex(body), tuple(index)))

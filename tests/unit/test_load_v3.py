@@ -296,3 +296,42 @@ def test_the_planner_lists_only_the_cells_a_box_touches_never_enumerating_the_ru
     assert md.state_dict_metadata["other"].chunks == []  # not loaded: nothing planned
     located = [m.file_table.locate(m.tensors["w"].chunks_for_box((r, 0), (1, 4))[0].file).rank for r in (1000, 1002)]
     assert located == [1000, 1002]
+
+
+def test_an_incremental_format_3_checkpoint_reads_unchanged_tensors_from_its_base(tmp_path):
+    """Group 1 of the file table is the base beside it: its pages, index records and data
+    files are read there (load, verify, export all follow the reference)."""
+    base = _write(tmp_path / "step_1")
+    new_w = W + 100
+    written = write_v3(
+        tmp_path / "step_2",
+        {"model.w": (new_w, Split((2, 1)))},
+        ranks=2,
+        values={"step": 8},
+        save_id="fedcba987654",
+        base=base,
+        from_base=("model.g", "model.irr"),
+    )
+    assert written.manifest.bases == ("step_1",) and len(written.manifest.file_table.groups) == 2
+    state = {
+        "model": {
+            "w": torch.zeros(10, 4),
+            "g": torch.zeros(6, 8, dtype=torch.int64),
+            "irr": torch.zeros(5, 2, dtype=torch.float16),
+        },
+        "step": 0,
+    }
+    shardckpt.load(state, tmp_path / "step_2")
+    assert torch.equal(state["model"]["w"], new_w) and torch.equal(state["model"]["g"], G)
+    assert torch.equal(state["model"]["irr"], IRR) and state["step"] == 8
+    from shardckpt.convert.audit import verify_checkpoint
+
+    report = verify_checkpoint(tmp_path / "step_2")
+    assert report.ok, report.problems
+    assert [(f.folder, f.own) for f in report.folders] == [("step_2", True), ("step_1", False)]
+    assert torch.equal(shardckpt.read_state_dict(tmp_path / "step_2", flat=True)["model.g"], G)
+    os.remove(tmp_path / "step_1" / base.index_names[1])  # the base's record of rank 1 (model.g's cell 1)
+    with pytest.raises(
+        ManifestError, match=r"index record of rank 1 of save 0123456789ab, .* of base checkpoint 'step_1'"
+    ):
+        shardckpt.load(state, tmp_path / "step_2")
