@@ -12,7 +12,7 @@ from typing import Any
 
 from shardckpt._version import __version__
 from shardckpt.engine import Checkpointer, IOOptions, SaveKwargs, async_save, load, save, staging_stats
-from shardckpt.engine.loading import LoadResult, read_manifest
+from shardckpt.engine.loading import LoadResult, read_any_manifest, read_manifest
 from shardckpt.engine.saving import AsyncSaveHandle
 from shardckpt.errors import (
     CheckpointExistsError,
@@ -107,6 +107,7 @@ __all__ = [
     "list_root",
     "load",
     "materialize_checkpoint",
+    "read_any_manifest",
     "read_manifest",
     "read_state_dict",
     "save",

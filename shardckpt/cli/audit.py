@@ -54,8 +54,7 @@ def _format_summary(s: dict[str, Any], *, pattern: str | None) -> str:
         f"created_at  {s['created_at']}",
         f"world_size  {s['world_size']}",
         f"keys        {s['num_keys']} ({s['num_tensors']} tensors, {s['num_values']} values)",
-        f"size        {human_bytes(s['total_bytes'])} in {s['num_files']} data files "
-        f"({human_bytes(s['tensor_bytes'])} of tensor data)",
+        _size_line(s),
     ]
     if s["metadata"]:
         lines.append(f"metadata    {json.dumps(s['metadata'])}")
@@ -81,14 +80,26 @@ def _format_summary(s: dict[str, Any], *, pattern: str | None) -> str:
     return "\n".join(lines)
 
 
+def _size_line(s: dict[str, Any]) -> str:
+    if s["total_bytes"] is None:  # format 3: the file sizes are in the index records, not the manifest
+        return (
+            f"size        {human_bytes(s['tensor_bytes'])} of tensor data in {s['num_files']} data files "
+            "(format 3: file sizes are in the index records, which `shardckpt verify` reads)"
+        )
+    return (
+        f"size        {human_bytes(s['total_bytes'])} in {s['num_files']} data files "
+        f"({human_bytes(s['tensor_bytes'])} of tensor data)"
+    )
+
+
 def _folders_table(folders: list[dict[str, Any]]) -> list[str]:
     """Which bytes of an incremental checkpoint live in which checkpoint folder."""
     rows = [
         [
             f["folder"] + (" (this checkpoint)" if f["own"] else " (base)"),
             str(f["files"]),
-            human_bytes(f["file_bytes"]),
-            human_bytes(f["tensor_bytes"]),
+            "-" if f["file_bytes"] is None else human_bytes(f["file_bytes"]),
+            "-" if f["tensor_bytes"] is None else human_bytes(f["tensor_bytes"]),
         ]
         for f in folders
     ]

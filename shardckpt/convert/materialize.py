@@ -101,7 +101,7 @@ def materialize_checkpoint(
         raise ValueError(f"read_piece_bytes must be positive, got {read_piece_bytes}")
     check_io_threads(num_io_threads)
     src = open_storage(source, storage_options)
-    manifest = read_manifest(src)
+    manifest = read_manifest(src, tool="shardckpt materialize")
     keep_digests = _keep_digests(manifest, format_version, source)
     dst = open_storage(path, storage_options)
     if dst.location.rstrip("/").startswith(src.location.rstrip("/") + "/"):

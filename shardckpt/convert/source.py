@@ -22,10 +22,12 @@ from typing import Any
 import torch
 
 from shardckpt.engine.boxes import BoxReader
-from shardckpt.engine.loading import read_manifest
+from shardckpt.engine.load_v3 import RuleChunks
+from shardckpt.engine.loading import read_any_manifest
 from shardckpt.errors import ShardckptError
 from shardckpt.format import datafile
 from shardckpt.format.manifest import ChunkRecord, Manifest
+from shardckpt.format.manifest_v3 import ManifestV3, Tensor
 from shardckpt.format.values import decode_value
 from shardckpt.storage import as_url, open_storage
 
@@ -115,9 +117,19 @@ class CheckpointSource:
         path = as_url(path)
         self.path = path
         self.storage = open_storage(path, storage_options)
-        self.manifest: Manifest = read_manifest(self.storage)
+        self.manifest: Manifest | ManifestV3 = read_any_manifest(self.storage)
         self.verify = verify
-        self._boxes = BoxReader(self.storage, self.manifest, verify=verify, where=path)
+        # format 3: each chunk's file and block hashes come from its index record, fetched on first use
+        self._rules = (
+            RuleChunks(self.storage, self.manifest, verify=verify, where=path)
+            if isinstance(self.manifest, ManifestV3)
+            else None
+        )
+        self._boxes = (
+            self._rules.boxes
+            if self._rules is not None
+            else BoxReader(self.storage, self.manifest, verify=verify, where=path)
+        )
 
     # ------------------------------------------------------------ what is there
 
@@ -125,7 +137,8 @@ class CheckpointSource:
         return datafile.torch_dtype(self.manifest.tensors[key].dtype, where=key)
 
     def nbytes(self, key: str) -> int:
-        return sum(c.byte_length for c in self.manifest.tensors[key].chunks)
+        rec = self.manifest.tensors[key]
+        return math.prod(rec.shape) * datafile.itemsize(rec.dtype)  # the chunks tile the tensor
 
     def value(self, key: str) -> Any:
         return decode_value(self.manifest.values[key], where=f"{self.path}, values[{key!r}]")
@@ -183,13 +196,23 @@ class CheckpointSource:
         out = torch.empty(tuple(sizes), dtype=self.dtype(key))
         if out.numel() == 0:
             return out
-        for chunk in rec.chunks:
+        for chunk in self._chunks(key, tuple(offsets), tuple(sizes)):
             lo = [max(o, c) for o, c in zip(offsets, chunk.offsets, strict=True)]
             hi = [min(o + s, c + n) for o, s, c, n in zip(offsets, sizes, chunk.offsets, chunk.sizes, strict=True)]
             if all(a < b for a, b in zip(lo, hi, strict=True)):
                 dest = out[tuple(slice(a - o, b - o) for a, b, o in zip(lo, hi, offsets, strict=True))]
                 self._copy_from_chunk(key, chunk, [a - c for a, c in zip(lo, chunk.offsets, strict=True)], dest)
         return out
+
+    def _chunks(self, key: str, offsets: tuple[int, ...], sizes: tuple[int, ...]) -> Iterable[ChunkRecord]:
+        """The chunks of ``key`` (those a format-3 rule places over the box, resolved through
+        their index records; every listed chunk of formats 1 and 2)."""
+        if self._rules is None:
+            assert isinstance(self.manifest, Manifest)
+            return self.manifest.tensors[key].chunks
+        rec = self.manifest.tensors[key]
+        assert isinstance(rec, Tensor)
+        return [self._rules.chunk(key, c.offsets) for c in rec.chunks_for_box(offsets, sizes)]
 
     def _copy_from_chunk(self, key: str, chunk: ChunkRecord, start: list[int], dest: torch.Tensor) -> None:
         """Fill ``dest`` from the part of ``chunk`` that begins at ``start`` (chunk coordinates)."""

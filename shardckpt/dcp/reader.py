@@ -27,9 +27,10 @@ from torch.distributed.checkpoint.storage import StorageReader as _DcpStorageRea
 from shardckpt.engine.loading import read_manifest_bytes
 from shardckpt.engine.options import IOOptions
 from shardckpt.engine.reader import Reader, manifest_to_metadata
-from shardckpt.errors import InconsistentRanksError
+from shardckpt.errors import InconsistentRanksError, UnsupportedFormatVersionError
 from shardckpt.format import integrity, layout
-from shardckpt.format.manifest import Manifest, parse_manifest
+from shardckpt.format.manifest import Manifest
+from shardckpt.format.manifest_v3 import ManifestV3, parse_any_manifest
 from shardckpt.storage import as_url, open_storage
 
 __all__ = ["StorageReader"]
@@ -64,7 +65,7 @@ class StorageReader(_DcpStorageReader):
         self._digest = ""
 
     @property
-    def manifest(self) -> Manifest | None:
+    def manifest(self) -> Manifest | ManifestV3 | None:
         """The checkpoint's Manifest, once ``dcp.load`` has read it."""
         return None if self._inner is None else self._inner.manifest
 
@@ -93,7 +94,13 @@ class StorageReader(_DcpStorageReader):
                 )
             storage = open_storage(self.path, self.storage_options, self.io.transfer_for(self.path))
             raw = read_manifest_bytes(storage)
-            manifest = parse_manifest(raw, source=f"{storage.url}/{layout.MANIFEST_NAME}")
+            manifest = parse_any_manifest(raw, source=f"{storage.url}/{layout.MANIFEST_NAME}")
+            if isinstance(manifest, ManifestV3):
+                raise UnsupportedFormatVersionError(
+                    f"{storage.url}: shardckpt.dcp.StorageReader does not read format-3 checkpoints (DCP's own "
+                    "load planner would need every rank's chunks listed, which format 3 describes by rule): "
+                    "load it with shardckpt.load(state_dict, path), which plans from the rules"
+                )
             self._digest = integrity.hash_hex(raw)
             self._inner = Reader(storage, manifest, verify=self.verify, num_io_threads=self.io.load_threads())
         return manifest_to_metadata(self._inner.manifest)

@@ -14,13 +14,14 @@ that needs no process group (:class:`shardckpt.convert.source.CheckpointSource`)
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 
 import torch
 
 from shardckpt.errors import IntegrityError
 from shardckpt.format import datafile, integrity
-from shardckpt.format.manifest import ChunkRecord, Manifest
+from shardckpt.format.manifest import ChunkRecord, FileRecord, Manifest
+from shardckpt.format.manifest_v3 import ManifestV3
 from shardckpt.storage import Storage
 from shardckpt.storage.datafiles import DataFiles
 
@@ -31,12 +32,27 @@ class BoxReader:
     ``where`` starts every error message (the checkpoint's location, and the rank where
     it matters). ``verify``: check every byte read against the manifest's block hashes.
     :meth:`read_box` may be called from several threads at once; :meth:`check_file_sizes`
-    from one thread only.
+    from one thread only. ``files``: the data files the chunks name (a format-3 load passes
+    those of its chunks, from their index records, a mapping that grows as it resolves
+    chunks in more files, all in this checkpoint or the ``bases`` beside it); the manifest's
+    ``files`` by default.
     """
 
-    def __init__(self, storage: Storage, manifest: Manifest, *, verify: bool, where: str) -> None:
+    def __init__(
+        self,
+        storage: Storage,
+        manifest: Manifest | ManifestV3,
+        *,
+        verify: bool,
+        where: str,
+        files: Mapping[str, FileRecord] | None = None,
+        bases: Sequence[str] = (),
+    ) -> None:
         self.storage = storage
-        self.files = DataFiles(storage, manifest.files)  # own folder, or a base beside it (format 2)
+        if files is None:
+            assert isinstance(manifest, Manifest), "a format-3 manifest lists no files: pass them"
+            files = manifest.files
+        self.files = DataFiles(storage, files, bases)  # own folder, or a base beside it (format 2 and 3)
         self.manifest = manifest
         self.verify = verify
         self.where = where
@@ -47,7 +63,7 @@ class BoxReader:
         manifest records (so a truncated file is named before any chunk read runs into it).
         Each file is looked up once per BoxReader."""
         for name in sorted(set(names) - self._sizes_checked):
-            expected = self.manifest.files[name].size
+            expected = self.files.files[name].size
             try:
                 found = self.files.size(name)
             except FileNotFoundError as e:

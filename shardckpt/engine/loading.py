@@ -18,6 +18,7 @@ import torch
 
 from shardckpt.engine.collector import collector_paused
 from shardckpt.engine.exchange import Exchange, raise_gathered
+from shardckpt.engine.load_v3 import RulePlanner
 from shardckpt.engine.options import Timeouts
 from shardckpt.engine.planner import LoadPlanner
 from shardckpt.engine.protocol import read_in_rounds
@@ -29,10 +30,12 @@ from shardckpt.errors import (
     ManifestError,
     NotCommittedError,
     StateDictMismatchError,
+    UnsupportedFormatVersionError,
     UnsupportedValueError,
 )
 from shardckpt.format import datafile, integrity, layout
-from shardckpt.format.manifest import MAX_MANIFEST_BYTES, Manifest, parse_manifest, unseal
+from shardckpt.format.manifest import MAX_MANIFEST_BYTES, Manifest, unseal
+from shardckpt.format.manifest_v3 import ManifestV3, parse_any_manifest
 from shardckpt.storage import Storage, as_url, folder, open_storage
 
 log = logging.getLogger("shardckpt")
@@ -67,7 +70,7 @@ def load_from(
 
     def prepare() -> tuple[str, str, str, tuple[str, str] | None]:
         raw = read_manifest_bytes(storage)
-        mine["manifest"] = parse_manifest(raw, source=f"{storage.url}/{layout.MANIFEST_NAME}")
+        mine["manifest"] = parse_any_manifest(raw, source=f"{storage.url}/{layout.MANIFEST_NAME}")
         flat = flat_keys(plain)
         try:
             check_loadable(mine["manifest"], flat)
@@ -99,10 +102,14 @@ def load_from(
         if exchange.alone:
             raise mine["mismatch"]
         raise_gathered(action, mismatches, local=mine.get("mismatch"), rank=exchange.rank)
-    manifest: Manifest = mine["manifest"]
+    manifest: Manifest | ManifestV3 = mine["manifest"]
     result: LoadResult = mine["result"]
     reader = Reader(storage, manifest, verify=verify, num_io_threads=num_io_threads)
-    planner = LoadPlanner(allow_partial_load=True)
+    planner = (
+        RulePlanner(manifest, allow_partial_load=True)
+        if isinstance(manifest, ManifestV3)
+        else LoadPlanner(allow_partial_load=True)
+    )
     read_in_rounds(plain, reader, planner, exchange, path=path, timeouts=timeouts, slow_io_hint=slow_io_hint)
     state.hand_back()
     if (result.missing_keys or result.unexpected_keys) and not _SKIPS_EXPECTED.get():
@@ -144,14 +151,35 @@ def skipped_message(result: LoadResult, path: str, exchange: Exchange) -> str:
 
 
 def read_manifest(
-    checkpoint: Storage | str | os.PathLike[str], storage_options: dict[str, Any] | None = None
+    checkpoint: Storage | str | os.PathLike[str],
+    storage_options: dict[str, Any] | None = None,
+    *,
+    tool: str = "shardckpt.read_manifest",
 ) -> Manifest:
-    """Read and validate the manifest of a checkpoint: a folder given as a path or fsspec
-    URL (``str`` or ``os.PathLike``; ``storage_options`` for fsspec), or a Storage rooted
-    there. Reads on the calling process only. Raises CheckpointNotFoundError (no such
-    folder), NotCommittedError (no manifest) or ManifestError (a bad one)."""
+    """Read and validate the manifest of a checkpoint of format 1 or 2: a folder given as a
+    path or fsspec URL (``str`` or ``os.PathLike``; ``storage_options`` for fsspec), or a
+    Storage rooted there. Reads on the calling process only. Raises CheckpointNotFoundError
+    (no such folder), NotCommittedError (no manifest) or ManifestError (a bad one), and
+    UnsupportedFormatVersionError naming ``tool`` for a format-3 checkpoint (which
+    :func:`read_any_manifest` reads)."""
+    m = read_any_manifest(checkpoint, storage_options)
+    if isinstance(m, ManifestV3):
+        where = checkpoint.url if isinstance(checkpoint, Storage) else as_url(checkpoint)
+        raise UnsupportedFormatVersionError(
+            f"{where}: a format-3 checkpoint (docs/format.md section 12); {tool} reads formats 1 and 2 only. "
+            "Format 3 is read by shardckpt.load, CheckpointManager.restore, TrainState.restore, read_state_dict, "
+            "shardckpt.read_any_manifest and `python -m shardckpt verify`, `inspect`, `export` and `diff`."
+        )
+    return m
+
+
+def read_any_manifest(
+    checkpoint: Storage | str | os.PathLike[str], storage_options: dict[str, Any] | None = None
+) -> Manifest | ManifestV3:
+    """:func:`read_manifest` for every format a load reads: a ``Manifest`` (formats 1, 2)
+    or a ``ManifestV3`` (format 3: rules and a file table instead of chunk and file lists)."""
     storage = checkpoint if isinstance(checkpoint, Storage) else open_storage(as_url(checkpoint), storage_options)
-    return parse_manifest(read_manifest_bytes(storage), source=f"{storage.url}/{layout.MANIFEST_NAME}")
+    return parse_any_manifest(read_manifest_bytes(storage), source=f"{storage.url}/{layout.MANIFEST_NAME}")
 
 
 def read_manifest_bytes(storage: Storage) -> bytes:
@@ -223,7 +251,7 @@ def _span(ranks: list[int]) -> str:
     return ", ".join(str(a) if a == b else f"{a}-{b}" for a, b in runs)
 
 
-def check_loadable(manifest: Manifest, flat: dict[str, Any]) -> None:
+def check_loadable(manifest: Manifest | ManifestV3, flat: dict[str, Any]) -> None:
     """Raise UnsupportedValueError for a target tensor that cannot be filled from a saved
     tensor (meta, sparse, nested), naming the key and the fix. Keys the checkpoint
     does not hold as tensors are left to :func:`check_target`."""
@@ -261,7 +289,7 @@ def _count(n: int, noun: str) -> str:
 
 
 def check_target(
-    manifest: Manifest, flat: dict[str, Any], *, strict: bool, source: str, allow_dtype_cast: bool = False
+    manifest: Manifest | ManifestV3, flat: dict[str, Any], *, strict: bool, source: str, allow_dtype_cast: bool = False
 ) -> LoadResult:
     """Raise StateDictMismatchError if ``flat`` cannot be filled from ``manifest`` (keys,
     with ``strict``; tensors of another shape or dtype; a tensor where a value was saved
@@ -334,7 +362,7 @@ class _Mismatch(NamedTuple):
     castable: bool = False
 
 
-def _wrong_kind(manifest: Manifest, key: str, value: Any) -> _Mismatch | None:
+def _wrong_kind(manifest: Manifest | ManifestV3, key: str, value: Any) -> _Mismatch | None:
     """What keeps ``value`` from being filled from the saved ``key``, or None."""
     rec = manifest.tensors.get(key)
     if rec is not None:

@@ -15,9 +15,9 @@ from __future__ import annotations
 import io
 import json
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
@@ -33,11 +33,13 @@ from torch.distributed.checkpoint.planner import LoadItemType, LoadPlan, LoadPla
 from torch.distributed.checkpoint.storage import StorageReader
 
 from shardckpt.engine.boxes import BoxReader
+from shardckpt.engine.load_v3 import RuleChunks
 from shardckpt.engine.planner import LoadPlanner as ShardckptLoadPlanner
 from shardckpt.engine.planner import set_in_place
 from shardckpt.errors import IntegrityError
 from shardckpt.format import datafile
 from shardckpt.format.manifest import ChunkRecord, Manifest
+from shardckpt.format.manifest_v3 import ManifestV3
 from shardckpt.format.values import decode_value
 from shardckpt.storage import Storage
 
@@ -48,7 +50,7 @@ class Reader(StorageReader):
     def __init__(
         self,
         storage: Storage,
-        manifest: Manifest,
+        manifest: Manifest | ManifestV3,
         *,
         verify: bool,
         num_io_threads: int,
@@ -60,7 +62,6 @@ class Reader(StorageReader):
         self.num_io_threads = num_io_threads
         self.bytes_read = 0
         self.rank = 0
-        self._chunks = {(fqn, c.offsets): c for fqn, t in manifest.tensors.items() for c in t.chunks}
 
     def reset(self, checkpoint_id: Any = None) -> None:
         self.bytes_read = 0
@@ -94,21 +95,29 @@ class Reader(StorageReader):
                 deliver_value(planner, item, self.manifest.values[item.storage_index.fqn])
             else:
                 tensor_items.append(item)
-        boxes = BoxReader(
-            self.storage, self.manifest, verify=self.verify, where=f"{self.storage.url} (rank {self.rank})"
+        where = f"{self.storage.url} (rank {self.rank})"
+        chunks: ChunkSource = (
+            RuleChunks(self.storage, self.manifest, verify=self.verify, where=where)
+            if isinstance(self.manifest, ManifestV3)
+            else ListedChunks(self.storage, self.manifest, verify=self.verify, where=where)
         )
-        boxes.check_file_sizes(self._chunk(i).file for i in tensor_items)
+        boxes = chunks.prepare(tensor_items, threads=self.num_io_threads)
         if tensor_items:
             # One task per thread, each taking the next item until none is left: thousands
             # of small chunks cost no future, submit and wake-up each (issue #18).
             workers = min(self.num_io_threads, len(tensor_items))
             queue, lock = iter(tensor_items), threading.Lock()
             with ThreadPoolExecutor(workers, thread_name_prefix="shardckpt-read") as pool:
-                for f in [pool.submit(self._read_items, boxes, queue, lock, planner) for _ in range(workers)]:
+                for f in [pool.submit(self._read_items, chunks, boxes, queue, lock, planner) for _ in range(workers)]:
                     self.bytes_read += f.result()
 
     def _read_items(
-        self, boxes: BoxReader, queue: Iterator[ReadItem], lock: threading.Lock, planner: LoadPlanner
+        self,
+        chunks: ChunkSource,
+        boxes: BoxReader,
+        queue: Iterator[ReadItem],
+        lock: threading.Lock,
+        planner: LoadPlanner,
     ) -> int:
         """Read items from ``queue`` (shared by the reader threads) until it is empty;
         returns the bytes read from storage."""
@@ -118,22 +127,45 @@ class Reader(StorageReader):
                 item = next(queue, None)
             if item is None:
                 return done
-            done += self._read_item(boxes, item, planner)
+            done += self._read_item(chunks, boxes, item, planner)
 
-    def _chunk(self, item: ReadItem) -> ChunkRecord:
-        offsets = tuple(item.storage_index.offset or ())
-        chunk = self._chunks.get((item.storage_index.fqn, offsets))
-        if chunk is not None:
-            return chunk
-        raise IntegrityError(f"key {item.storage_index.fqn!r}: no chunk at offsets {offsets} in the manifest")
-
-    def _read_item(self, boxes: BoxReader, item: ReadItem, planner: LoadPlanner) -> int:
+    def _read_item(self, chunks: ChunkSource, boxes: BoxReader, item: ReadItem, planner: LoadPlanner) -> int:
         """Read, verify and copy one box; returns the bytes read from storage."""
-        chunk = self._chunk(item)
+        chunk = chunks.chunk(item.storage_index.fqn, tuple(item.storage_index.offset or ()))
         target = planner.resolve_tensor(item).detach()
         n = boxes.read_box(item.storage_index.fqn, chunk, item.storage_offsets, target)
         planner.commit_tensor(item, target)
         return n
+
+
+class ChunkSource(Protocol):
+    """Where the chunks a rank reads are and how to verify them: ``prepare`` (one thread,
+    before any read) checks the data files the items read and returns their box reader;
+    ``chunk`` may then be called from the reader threads."""
+
+    def prepare(self, items: Sequence[ReadItem], *, threads: int = 1) -> BoxReader: ...
+
+    def chunk(self, key: str, offsets: tuple[int, ...]) -> ChunkRecord: ...
+
+
+class ListedChunks:
+    """The chunks of a version-1 or -2 manifest, which lists each with its checksums."""
+
+    def __init__(self, storage: Storage, manifest: Manifest, *, verify: bool, where: str) -> None:
+        self._boxes = BoxReader(storage, manifest, verify=verify, where=where)
+        self._chunks = {(fqn, c.offsets): c for fqn, t in manifest.tensors.items() for c in t.chunks}
+
+    def prepare(self, items: Sequence[ReadItem], *, threads: int = 1) -> BoxReader:
+        self._boxes.check_file_sizes(
+            self.chunk(i.storage_index.fqn, tuple(i.storage_index.offset or ())).file for i in items
+        )
+        return self._boxes
+
+    def chunk(self, key: str, offsets: tuple[int, ...]) -> ChunkRecord:
+        chunk = self._chunks.get((key, offsets))
+        if chunk is not None:
+            return chunk
+        raise IntegrityError(f"key {key!r}: no chunk at offsets {offsets} in the manifest")
 
 
 def deliver_value(planner: LoadPlanner, item: ReadItem, encoded: Any) -> None:
@@ -167,18 +199,26 @@ def deliver_value(planner: LoadPlanner, item: ReadItem, encoded: Any) -> None:
     planner.load_bytes(item, stream)
 
 
-def manifest_to_metadata(m: Manifest) -> Metadata:
-    """The DCP view of a manifest, so DCP's load planner can plan resharding."""
+def manifest_to_metadata(m: Manifest | ManifestV3) -> Metadata:
+    """The DCP view of a manifest, so DCP's load planner can plan resharding. A format-3
+    manifest's tensors have no chunks here: its planner (``load_v3.RulePlanner``) adds, per
+    rank, those that the rank's boxes overlap."""
     sd: dict[str, Any] = {}
     for fqn, t in m.tensors.items():
         sd[fqn] = TensorStorageMetadata(
             properties=TensorProperties(dtype=datafile.torch_dtype(t.dtype, where=fqn)),
             size=torch.Size(t.shape),
-            chunks=[ChunkStorageMetadata(offsets=torch.Size(c.offsets), sizes=torch.Size(c.sizes)) for c in t.chunks],
+            chunks=[]
+            if isinstance(m, ManifestV3)
+            else [ChunkStorageMetadata(offsets=torch.Size(c.offsets), sizes=torch.Size(c.sizes)) for c in t.chunks],
         )
     for fqn in m.values:
         sd[fqn] = BytesStorageMetadata()
-    storage_data = {MetadataIndex(fqn, c.offsets): c for fqn, t in m.tensors.items() for c in t.chunks}
+    storage_data = (
+        {}
+        if isinstance(m, ManifestV3)
+        else {MetadataIndex(fqn, c.offsets): c for fqn, t in m.tensors.items() for c in t.chunks}
+    )
     return Metadata(
         state_dict_metadata=sd,
         planner_data={k: tuple(v) for k, v in m.paths.items()},

@@ -2,8 +2,8 @@
 
 Pure, no I/O; ``docs/format.md`` section 12 specifies it, ``manifest_v3.schema.json`` is
 its JSON Schema, ``tests/unit/golden/manifest_v3_draft.json`` an example. Saves write it
-with ``format_version=3``: :func:`manifest_v3_to_json` is what ``engine/write_v3.py``
-commits, :func:`parse_manifest_v3` the parser the loader will call (section 12.7).
+with ``format_version=3`` (:func:`manifest_v3_to_json` is what ``engine/write_v3.py``
+commits); the loader reads it through :func:`parse_any_manifest` (section 12.7).
 
 A version-3 manifest has sharding rules (:mod:`~shardckpt.format.rules`) and explicit
 chunks only for irregular tensors, no checksums but its own seal, and the compact file table
@@ -26,7 +26,17 @@ from typing import Any
 from shardckpt.errors import ManifestError, UnsupportedFormatVersionError
 from shardckpt.format import datafile, rules
 from shardckpt.format.file_table import FileTable, file_table_to_json, parse_file_table
-from shardckpt.format.manifest import FORMAT_NAME, HASH_ALGORITHM, MAX_BASES, check_manifest_limits, seal, unseal
+from shardckpt.format.manifest import (
+    FORMAT_NAME,
+    HASH_ALGORITHM,
+    MAX_BASES,
+    SUPPORTED_VERSIONS,
+    Manifest,
+    check_manifest_limits,
+    parse_manifest,
+    seal,
+    unseal,
+)
 from shardckpt.format.overlap import first_overlap
 from shardckpt.format.values import decode_value
 
@@ -199,6 +209,27 @@ def parse_manifest_v3(raw: bytes, *, source: str) -> ManifestV3:
         return _parse(doc, source)
     except RecursionError as e:
         raise ManifestError(f"{source}: manifest nests too deeply; the checkpoint is corrupt or hostile") from e
+
+
+READ_VERSIONS = (*SUPPORTED_VERSIONS, VERSION)
+
+
+def parse_any_manifest(raw: bytes, *, source: str) -> Manifest | ManifestV3:
+    """A manifest of any version a load reads (:data:`READ_VERSIONS`): versions 1 and 2
+    through :func:`~shardckpt.format.manifest.parse_manifest`, version 3 through
+    :func:`parse_manifest_v3`. UnsupportedFormatVersionError for any other version."""
+    try:
+        return parse_manifest(raw, source=source)
+    except UnsupportedFormatVersionError as first:
+        try:
+            return parse_manifest_v3(raw, source=source)
+        except UnsupportedFormatVersionError:
+            shown = ", ".join(map(str, READ_VERSIONS))
+            raise UnsupportedFormatVersionError(
+                str(first).replace(
+                    f"reads versions {', '.join(map(str, SUPPORTED_VERSIONS))}", f"reads versions {shown}"
+                )
+            ) from None
 
 
 def _parse(doc: Any, source: str) -> ManifestV3:

@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from shardckpt.format.manifest import Manifest
+from shardckpt.format.manifest_v3 import ManifestV3
 
 CHAIN_KEY = "incremental_chain"
 """The metadata key of a manager step: how many saves since the last full one it is."""
@@ -29,7 +30,9 @@ class IncrementalChain:
         self.full_every = full_every
         self._length: dict[int, int] = {}  # step -> saves since the last full one (0: full); -1: not a base
 
-    def base_for(self, step: int, latest: int | None, manifest: Callable[[int], Manifest]) -> tuple[int | None, int]:
+    def base_for(
+        self, step: int, latest: int | None, manifest: Callable[[int], Manifest | ManifestV3]
+    ) -> tuple[int | None, int]:
         """The base of a save of ``step`` when ``latest`` is the newest committed step
         (None: a full save), and how many saves since the last full one this save makes.
         ``manifest(step)`` reads a committed step's manifest."""
@@ -48,12 +51,19 @@ class IncrementalChain:
         """``step`` is deleted."""
         self._length.pop(step, None)
 
-    def _length_of(self, step: int, manifest: Callable[[int], Manifest]) -> int | None:
+    def _length_of(self, step: int, manifest: Callable[[int], Manifest | ManifestV3]) -> int | None:
         """Saves since the last full one at committed ``step``; None if it cannot be a base
         (not saved incrementally: no digests to compare)."""
         if step not in self._length:
             m = manifest(step)
             length = m.metadata.get(CHAIN_KEY)
-            ok = m.format_version >= 2 and isinstance(length, int) and not isinstance(length, bool) and length >= 0
+            # a format-3 step cannot be a base yet: the incremental index reads v2 chunk digests
+            ok = (
+                not isinstance(m, ManifestV3)
+                and m.format_version >= 2
+                and isinstance(length, int)
+                and not isinstance(length, bool)
+                and length >= 0
+            )
             self._length[step] = length if ok and isinstance(length, int) else -1
         return None if self._length[step] < 0 else self._length[step]

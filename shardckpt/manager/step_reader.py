@@ -11,10 +11,11 @@ from typing import Any
 
 from shardckpt.engine.checkpointer import Checkpointer
 from shardckpt.engine.collective import RankGroup
-from shardckpt.engine.loading import read_manifest
+from shardckpt.engine.loading import read_any_manifest
 from shardckpt.errors import CheckpointNotFoundError, IntegrityError, ManifestError, ShardckptError
 from shardckpt.format import layout
 from shardckpt.format.manifest import Manifest
+from shardckpt.format.manifest_v3 import ManifestV3
 from shardckpt.manager.local_tier import LocalTier, restore_tiers
 from shardckpt.manager.retention import RetentionPolicy
 from shardckpt.manager.run_options import RunOptions
@@ -68,9 +69,10 @@ class StepReader:
             self._metrics[step] = metrics_of(self.manifest(step))
         return self._metrics[step]
 
-    def manifest(self, step: int) -> Manifest:
-        """The manifest of committed ``step`` (read on the calling rank only)."""
-        return read_manifest(self._step_storage(step))
+    def manifest(self, step: int) -> Manifest | ManifestV3:
+        """The manifest of committed ``step``, of any format a load reads (read on the calling
+        rank only)."""
+        return read_any_manifest(self._step_storage(step))
 
     def path(self, step: int) -> str:
         """The checkpoint folder of ``step`` (usable with shardckpt.load directly)."""

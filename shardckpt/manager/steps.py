@@ -16,10 +16,11 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from shardckpt.engine.loading import read_manifest
+from shardckpt.engine.loading import read_any_manifest
 from shardckpt.errors import UnsupportedValueError
 from shardckpt.format import layout
 from shardckpt.format.manifest import Manifest
+from shardckpt.format.manifest_v3 import ManifestV3
 from shardckpt.storage import Storage, as_url, folder, open_storage
 
 __all__ = [
@@ -68,7 +69,7 @@ class OtherCheckpoint:
     world_size: int | None = None
 
 
-def metrics_of(manifest: Manifest) -> dict[str, Any]:
+def metrics_of(manifest: Manifest | ManifestV3) -> dict[str, Any]:
     """The manager's metrics in a manifest's metadata, or {} when they are absent or not
     a dict (a manifest from another version or tool, or a hand edit): never a crash."""
     found = manifest.metadata.get("metrics")
@@ -156,11 +157,20 @@ def list_root(root: str | os.PathLike[str], storage_options: dict[str, Any] | No
             continue
         sub = storage.child(name)
         if folder.is_committed(sub):
-            m = read_manifest(sub)
-            in_bases = sum(f.size for f in m.files.values() if f.checkpoint is not None)
+            m = read_any_manifest(sub)
+            in_bases = (
+                0 if isinstance(m, ManifestV3) else sum(f.size for f in m.files.values() if f.checkpoint is not None)
+            )
             infos.append(
                 StepInfo(
-                    step, True, _size(m), metrics_of(m), m.created_at, m.world_size, bases=m.bases, base_bytes=in_bases
+                    step,
+                    True,
+                    _size(sub, m),
+                    metrics_of(m),
+                    m.created_at,
+                    m.world_size,
+                    bases=m.bases,
+                    base_bytes=in_bases,
                 )
             )
         else:
@@ -184,10 +194,16 @@ def list_other_checkpoints(
     for name in sorted(storage.list_dirs("")):
         if layout.parse_step_dir(name) is not None or not folder.is_committed(storage, name):
             continue
-        m = read_manifest(storage.child(name))
-        found.append(OtherCheckpoint(name, _size(m), m.created_at, m.world_size))
+        sub = storage.child(name)
+        m = read_any_manifest(sub)
+        found.append(OtherCheckpoint(name, _size(sub, m), m.created_at, m.world_size))
     return found
 
 
-def _size(m: Manifest) -> int:
+def _size(storage: Storage, m: Manifest | ManifestV3) -> int:
+    """The bytes of a committed checkpoint's data files; format 3 keeps their sizes in the
+    index records, so there it is the bytes in its folder (one listing, as for an
+    uncommitted step; a version-3 base's shared files are not counted)."""
+    if isinstance(m, ManifestV3):
+        return sum(storage.size(n) for n in storage.list_files(""))
     return sum(f.size for f in m.files.values())

@@ -9,7 +9,7 @@ that turns a manifest's file name into the storage holding it; every reader of t
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 
 from shardckpt.format.manifest import FileRecord
 from shardckpt.storage.base import Storage
@@ -19,10 +19,12 @@ class DataFiles:
     """The data files a manifest lists, each resolved to the storage that holds it.
     Read-only and thread-safe once built (the sibling storages are made up front)."""
 
-    def __init__(self, storage: Storage, files: Mapping[str, FileRecord]) -> None:
+    def __init__(self, storage: Storage, files: Mapping[str, FileRecord], bases: Iterable[str] = ()) -> None:
+        """``files`` may grow after this (a format-3 load adds each file as it resolves a
+        chunk in it); ``bases``: every base folder such files may name."""
         self.storage = storage
         self.files = files
-        bases = sorted({f.checkpoint for f in files.values() if f.checkpoint is not None})
+        bases = sorted({*bases, *(f.checkpoint for f in files.values() if f.checkpoint is not None)})
         self._bases: dict[str, Storage] = {b: storage.sibling(b) for b in bases}
 
     def storage_of(self, name: str) -> Storage:

@@ -44,6 +44,7 @@ from shardckpt.engine.state import flat_keys, nest
 from shardckpt.errors import StateDictMismatchError
 from shardckpt.format import datafile
 from shardckpt.format.manifest import Manifest
+from shardckpt.format.manifest_v3 import ManifestV3
 from shardckpt.format.values import decode_value
 from shardckpt.training.rng import RngStreamsRederivedWarning, apply_rng, capture_rng, reseed_rng
 
@@ -57,7 +58,7 @@ TRAIN_STATE_KEY = "train"
 class _LoadContext:
     """What :meth:`TrainState.restore` learned from the manifest before building the target."""
 
-    manifest: Manifest
+    manifest: Manifest | ManifestV3
     progress: dict[str, Any]  # the saved "progress" values
     strict: bool
     allow_dtype_cast: bool
@@ -80,7 +81,7 @@ class _LoadContext:
         return nest(leaves)
 
 
-def _saved_progress(manifest: Manifest, source: str) -> dict[str, Any]:
+def _saved_progress(manifest: Manifest | ManifestV3, source: str) -> dict[str, Any]:
     prefix = f"{TRAIN_STATE_KEY}.progress."
     progress = {k[len(prefix) :]: decode_value(v, where=k) for k, v in manifest.values.items() if k.startswith(prefix)}
     if "components" not in progress:
@@ -245,7 +246,7 @@ class TrainState:
         target = {k: v for k, v in flat_keys({TRAIN_STATE_KEY: self.state_dict()}).items() if not k.startswith(shared)}
         job_wide = dataclasses.replace(
             ctx.manifest,
-            tensors={
+            tensors={  # type: ignore[arg-type]  # each format's own tensor records, filtered
                 k: v
                 for k, v in ctx.manifest.tensors.items()
                 if k.startswith(f"{TRAIN_STATE_KEY}.") and not k.startswith(shared)

@@ -77,6 +77,13 @@ def test_create_write_items_of_a_plain_tensor():
     _check_items_of_a_tensor(_torch_private.create_write_items("w", torch.ones(2, 3)), "w", [0, 0], [2, 3], [2, 3])
 
 
+def test_local_chunks_of_a_plain_tensor_is_the_whole_tensor():
+    (box,) = _torch_private.local_chunks(torch.ones(2, 3))
+    assert (list(box.offsets), list(box.sizes)) == ([0, 0], [2, 3])
+    (scalar,) = _torch_private.local_chunks(torch.tensor(1.0))
+    assert (list(scalar.offsets), list(scalar.sizes)) == ([], [])
+
+
 def _dtensor_items(rank: int, world_size: int) -> None:
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor import Shard, distribute_tensor
@@ -86,9 +93,13 @@ def _dtensor_items(rank: int, world_size: int) -> None:
     items = _torch_private.create_write_items("w", dt)
     _check_items_of_a_tensor(items, "w", [2 * rank, 0], [2, 3], [4, 3])
     assert items[0].type == WriteItemType.SHARD
+    # the boxes the format-3 load planner asks the rules for: this rank's shard, 5 x 3 split 3 + 2
+    uneven = distribute_tensor(torch.ones(5, 3), mesh, [Shard(0)])
+    (box,) = _torch_private.local_chunks(uneven)
+    assert (list(box.offsets), list(box.sizes)) == ([3 * rank, 0], [3 - rank, 3])
 
 
-def test_create_write_items_of_a_dtensor_shard():
+def test_create_write_items_and_local_chunks_of_a_dtensor_shard():
     run_ranks(_dtensor_items, 2)
 
 

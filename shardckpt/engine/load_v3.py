@@ -1,0 +1,236 @@
+"""Loading a format-3 checkpoint (docs/format.md section 12.7): plan from rules, read by the chain.
+
+Two pieces plug into the one load path of :mod:`shardckpt.engine.loading`:
+
+- :class:`RulePlanner` (a :class:`~shardckpt.engine.planner.LoadPlanner`): before DCP plans a
+  rank's reads, it asks the manifest's ``Tensor.chunks_for_box`` for the chunks each box of
+  this rank's state_dict overlaps, and hands DCP a metadata holding only those. So a rank
+  never enumerates the other ranks' chunks: O(d * (answer + log runs)) per box it loads.
+- :class:`RuleChunks` (the reader's chunk source): each chunk a rank reads is resolved with
+  ``FileTable.locate``; the page of the rank table and the index record that cover it are
+  fetched and verified once per load (``parse_page``, ``parse_rank_index``), only for the
+  ranks whose files this rank reads; the chunk's entry (``FileIndex.entry``) gives its block
+  hashes, and each data file's size is checked against its index record before any read.
+
+One per load and rank. :meth:`RuleChunks.prepare` runs on one thread before the reader's
+threads start (it fetches pages and index records on threads of its own, each record into
+its own slot); the reader threads then only look chunks up.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import torch
+from torch.distributed.checkpoint.metadata import (
+    ChunkStorageMetadata,
+    Metadata,
+    TensorStorageMetadata,
+)
+from torch.distributed.checkpoint.planner import ReadItem
+from torch.distributed.tensor import DTensor
+
+from shardckpt.engine._torch_private import local_chunks
+from shardckpt.engine.boxes import BoxReader
+from shardckpt.engine.planner import LoadPlanner
+from shardckpt.errors import IntegrityError, ManifestError
+from shardckpt.format import datafile, rules
+from shardckpt.format.file_table import FileIndex, FileRef, RankEntry, parse_page, parse_rank_index
+from shardckpt.format.manifest import ChunkRecord, FileRecord
+from shardckpt.format.manifest_v3 import Chunk, ManifestV3, Tensor
+from shardckpt.storage import Storage
+
+_RESTORE = "Restore it from a copy of the checkpoint, or load an earlier checkpoint"
+
+
+class RulePlanner(LoadPlanner):
+    """The load planner of a format-3 manifest (see the module docstring)."""
+
+    def __init__(self, manifest: ManifestV3, *, allow_partial_load: bool) -> None:
+        super().__init__(allow_partial_load=allow_partial_load)
+        self.manifest3 = manifest
+
+    def set_up_planner(self, state_dict: Any, metadata: Any = None, is_coordinator: bool = False) -> None:
+        super().set_up_planner(state_dict, metadata, is_coordinator)
+        assert self.metadata is not None
+        self.metadata = needed_metadata(self.metadata, self.manifest3, self.state_dict)
+
+
+def needed_metadata(metadata: Metadata, manifest: ManifestV3, flat: dict[str, Any]) -> Metadata:
+    """``metadata`` (a format-3 manifest's, with no chunks) where each tensor this rank
+    loads lists the chunks that its boxes overlap, and only those."""
+    sd = dict(metadata.state_dict_metadata)
+    for fqn, obj in flat.items():
+        md, rec = sd.get(fqn), manifest.tensors.get(fqn)
+        if not isinstance(md, TensorStorageMetadata) or rec is None:
+            continue  # values, keys the checkpoint lacks
+        if not isinstance(obj, torch.Tensor) or tuple(obj.shape) != rec.shape:
+            continue  # check_target refused these already; DCP's planning would say so too
+        if isinstance(obj, DTensor) and obj.device_mesh.get_coordinate() is None:
+            continue  # not on this DTensor's mesh: DCP reads nothing for it
+        seen: dict[tuple[int, ...], ChunkStorageMetadata] = {}
+        for box in local_chunks(obj):
+            for c in rec.chunks_for_box(tuple(box.offsets), tuple(box.sizes)):
+                seen.setdefault(
+                    c.offsets, ChunkStorageMetadata(offsets=torch.Size(c.offsets), sizes=torch.Size(c.sizes))
+                )
+        sd[fqn] = TensorStorageMetadata(properties=md.properties, size=md.size, chunks=list(seen.values()))
+    return Metadata(state_dict_metadata=sd, planner_data=metadata.planner_data, storage_data=metadata.storage_data)
+
+
+def chunk_at(rec: Tensor, offsets: tuple[int, ...], *, key: str) -> Chunk:
+    """The cell of ``rec``'s rule whose box starts at ``offsets`` (a read item's storage
+    index), in O(d * log runs); the listed chunks beside a rule are empty, never read."""
+    found = []
+    if rec.rule is not None and len(offsets) == len(rec.shape):
+        found = [c for c in rules.chunks_for_box(rec.rule, offsets, (1,) * len(offsets)) if c.offsets == offsets]
+    if not found:
+        raise IntegrityError(f"key {key!r}: no chunk at offsets {list(offsets)} in the format-3 manifest")
+    c = found[0]
+    return Chunk(c.offsets, c.sizes, c.file, c.byte_offset, math.prod(c.sizes) * datafile.itemsize(rec.dtype))
+
+
+class RuleChunks:
+    """The chunks one rank reads from a format-3 checkpoint, each resolved to its data file
+    and its verified index entry (see the module docstring)."""
+
+    def __init__(self, storage: Storage, manifest: ManifestV3, *, verify: bool, where: str) -> None:
+        self.storage = storage
+        self.manifest = manifest
+        self.verify = verify
+        self.where = where
+        self._pages: dict[tuple[int, int], tuple[RankEntry, ...]] = {}
+        self._indexes: dict[tuple[int, int], tuple[FileIndex, ...]] = {}
+        self._groups: dict[int, Storage] = {}
+        self._chunks: dict[tuple[str, tuple[int, ...]], ChunkRecord] = {}
+        self._files: dict[str, FileRecord] = {}
+        self._listed: dict[str, dict[tuple[int, ...], Chunk]] = {}
+        self.boxes = BoxReader(storage, manifest, verify=verify, where=where, files=self._files, bases=manifest.bases)
+        """Reads the boxes of every chunk resolved so far (:meth:`prepare`, :meth:`chunk`)."""
+
+    def prepare(self, items: Sequence[ReadItem], *, threads: int = 1) -> BoxReader:
+        """Resolve every chunk ``items`` read: fetch the pages, then the index records, they
+        need, once each and up to ``threads`` at a time (a rank may read from thousands of
+        ranks); check the size of every data file they read; return the reader of their boxes."""
+        wanted = sorted({(i.storage_index.fqn, tuple(i.storage_index.offset or ())) for i in items})
+        ranks: dict[tuple[int, int], FileRef] = {}
+        for key, offsets in wanted:
+            ref = self._locate(key, offsets)[1]
+            ranks.setdefault((ref.group, ref.rank), ref)
+        pages = {(ref.group, ref.page): ref for ref in ranks.values()}
+        _each(self._page, [pages[k] for k in sorted(pages)], threads)
+        _each(self._rank_index, [ranks[k] for k in sorted(ranks)], threads)
+        for key, offsets in wanted:
+            self.chunk(key, offsets)
+        self.boxes.check_file_sizes(self._files)
+        return self.boxes
+
+    def chunk(self, key: str, offsets: tuple[int, ...]) -> ChunkRecord:
+        """The chunk of ``key`` at ``offsets`` with its file name and block hashes (after
+        :meth:`prepare` of the items that read it, a lookup)."""
+        found = self._chunks.get((key, offsets))
+        if found is not None:
+            return found
+        c, ref = self._locate(key, offsets)
+        index = self._rank_index(ref)[ref.number]
+        where = f"{self.where}: index record {self._describe(ref, ref.index_name)} (rank {ref.rank}), key {key!r}"
+        entry = index.entry(c.byte_offset, c.byte_length, where=f"{where}, file {ref.name!r}")
+        hashes = tuple(entry.block_hash(i) for i in range(len(entry.block_hashes) // 16))
+        record = ChunkRecord(c.offsets, c.sizes, ref.name, c.byte_offset, c.byte_length, hashes, entry.digest)
+        self._files[ref.name] = FileRecord(index.size, index.hash, ref.rank, ref.checkpoint)
+        self._chunks[(key, offsets)] = record
+        return record
+
+    def _locate(self, key: str, offsets: tuple[int, ...]) -> tuple[Chunk, FileRef]:
+        rec = self.manifest.tensors.get(key)
+        if rec is None:
+            raise IntegrityError(f"{self.where}: key {key!r} is not a tensor of the format-3 manifest")
+        if rec.rule is None:  # an irregular tensor: its listed chunks, indexed once per load
+            if key not in self._listed:
+                self._listed[key] = {c.offsets: c for c in rec.chunks if math.prod(c.sizes)}
+            c = self._listed[key].get(offsets)
+            if c is None:
+                raise IntegrityError(f"key {key!r}: no chunk at offsets {list(offsets)} in the format-3 manifest")
+        else:
+            c = chunk_at(rec, offsets, key=key)
+        return c, self.manifest.file_table.locate(c.file)
+
+    def _page(self, ref: FileRef) -> tuple[RankEntry, ...]:
+        """The entries of the page holding ``ref``'s rank, fetched and verified on first use."""
+        pages = self._pages.get((ref.group, ref.page))
+        if pages is None:
+            group = self.manifest.file_table.groups[ref.group]
+            raw = self._fetch(ref, ref.page_name, group.pages[ref.page].size, "page of the rank table")
+            source = f"{self.where}: {self._describe(ref, ref.page_name)}"
+            pages = parse_page(raw, group=group, page=ref.page, source=source)
+            self._pages[(ref.group, ref.page)] = pages
+        return pages
+
+    def _rank_index(self, ref: FileRef) -> tuple[FileIndex, ...]:
+        """The index record of ``ref``'s rank (one object per file), fetched and verified
+        against its page on first use."""
+        indexes = self._indexes.get((ref.group, ref.rank))
+        if indexes is None:
+            group = self.manifest.file_table.groups[ref.group]
+            entry = self._page(ref)[ref.rank - ref.page * group.ranks_per_page]
+            raw = self._fetch(ref, ref.index_name, entry.index_size, f"index record of rank {ref.rank}")
+            source = f"{self.where}: {self._describe(ref, ref.index_name)}"
+            indexes = parse_rank_index(
+                raw,
+                entry=entry,
+                group=group,
+                rank=ref.rank,
+                block_bytes=self.manifest.hash_block_bytes,
+                source=source,
+            )
+            self._indexes[(ref.group, ref.rank)] = indexes
+        return indexes
+
+    def _fetch(self, ref: FileRef, name: str, expected: int, what: str) -> bytes:
+        what = f"{what} of save {ref.save_id}"
+        return read_record(
+            self._group_storage(ref), name, expected, what=what, shown=self._describe(ref, name), where=self.where
+        )
+
+    def _group_storage(self, ref: FileRef) -> Storage:
+        if ref.checkpoint is None:
+            return self.storage
+        if ref.group not in self._groups:
+            self._groups[ref.group] = self.storage.sibling(ref.checkpoint)
+        return self._groups[ref.group]
+
+    @staticmethod
+    def _describe(ref: FileRef, name: str) -> str:
+        return repr(name) if ref.checkpoint is None else f"{name!r} of base checkpoint {ref.checkpoint!r}"
+
+
+def _each(fetch: Callable[[FileRef], object], refs: list[FileRef], threads: int) -> None:
+    """``fetch`` each of ``refs``, up to ``threads`` at a time; the first failure in
+    ``refs`` order is raised, after every fetch has ended."""
+    if threads <= 1 or len(refs) <= 1:
+        for ref in refs:
+            fetch(ref)
+        return
+    with ThreadPoolExecutor(min(threads, len(refs)), thread_name_prefix="shardckpt-index") as pool:
+        futures = [pool.submit(fetch, ref) for ref in refs]
+    for f in futures:
+        f.result()
+
+
+def read_record(storage: Storage, name: str, expected: int, *, what: str, shown: str, where: str) -> bytes:
+    """The bytes of a page of the rank table or an index record (``what``, shown as
+    ``shown``), after checking that it exists with the ``expected`` size: a missing,
+    truncated or replaced (huge) record is a ManifestError before any byte is read."""
+    try:
+        size = storage.size(name)
+    except FileNotFoundError as e:
+        raise ManifestError(f"{where}: the {what}, {shown}, is missing. {_RESTORE}.") from e
+    if size != expected:
+        raise ManifestError(
+            f"{where}: the {what}, {shown}, has {size} bytes, the record that points to it says "
+            f"{expected}; it was truncated or replaced. {_RESTORE}."
+        )
+    return storage.read_bytes(name)
