@@ -102,6 +102,34 @@ def test_2d_mesh_sharded_and_replicated_loads_on_3(tmp_path):
     run_ranks(_load_sharded, 3, path, "shard0")
 
 
+def _save_tp_fsdp_v3(rank: int, world: int, path: str) -> None:
+    # TP over "tp" (columns) inside FSDP over "dp" (rows); 1-D tensors FSDP only
+    mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("dp", "tp"))
+    sd = {}
+    for k, v in global_state().items():
+        placements = [Shard(0), Shard(1)] if v.dim() >= 2 else [Shard(0), Replicate()]
+        sd[k] = distribute_tensor(v, mesh, placements)
+    shardckpt.save({"model": sd, "step": 42, "opt": {"lr": 1e-3, "betas": (0.9, 0.95)}}, path, format_version=3)
+
+
+def test_format3_tp_fsdp_2x2_loads_on_3_and_on_one_process(tmp_path):
+    path = str(tmp_path / "ckpt")
+    run_ranks(_save_tp_fsdp_v3, 4, path)
+    manifest = json.loads(open(os.path.join(path, "manifest.json")).read())
+    assert manifest["format_version"] == 3
+    # a 2x2 grid of (row, column) blocks is one rule, no listed chunk
+    assert manifest["tensors"]["model.w"]["rule"]["grid"] == [2, 2]
+    assert manifest["tensors"]["model.w"]["chunks"] == []
+    run_ranks(_load_sharded, 3, path, "shard1")
+    target = {
+        "model": {k: torch.zeros_like(v) for k, v in global_state().items()},
+        "step": 0,
+        "opt": {"lr": 0.0, "betas": None},
+    }
+    shardckpt.load(target, path)
+    check_loaded(target)
+
+
 def _save_replicated(rank: int, world: int, path: str) -> None:
     # 32 equal plain tensors present on every rank: each must be written once, evenly spread
     sd = {f"layer{i}": torch.full((256, 64), float(i)) for i in range(32)}

@@ -7,6 +7,7 @@ compares full parameters and optimizer state bitwise with what was saved.
 
 from __future__ import annotations
 
+import json
 import random
 import warnings
 from pathlib import Path
@@ -373,13 +374,18 @@ def _train_and_save(rank: int, world: int, root: str, kinds: list[str], out: str
         everyone = [None] * world
         dist.all_gather_object(everyone, after)
         record[f"{kind}{world}"] = {"state": full_state(state), "draws": everyone}
+        if kind != "ddp":  # the same state in format 3 (sharding rules, per-rank index records)
+            with shardckpt.CheckpointManager(f"{root}/v3{kind}{world}", format_version=3) as manager:
+                state.save(manager, force=True)
+            record[f"v3{kind}{world}"] = record[f"{kind}{world}"]
     if rank == 0:
         torch.save(record, out)
 
 
 @pytest.fixture(scope="module")
 def saved(tmp_path_factory):
-    """Roots fsdp4, hsdp4, ddp4 (saved on 4 ranks) and fsdp2 (2 ranks), plus what was saved."""
+    """Roots fsdp4, hsdp4, ddp4 (saved on 4 ranks) and fsdp2 (2 ranks), the FSDP and HSDP
+    states again in format 3 (v3fsdp4, v3hsdp4, v3fsdp2), plus what was saved."""
     root = str(tmp_path_factory.mktemp("train_states"))
     run_ranks(_train_and_save, 4, root, ["fsdp", "hsdp", "ddp"], f"{root}/ref4.pt")
     run_ranks(_train_and_save, 2, root, ["fsdp"], f"{root}/ref2.pt")
@@ -418,7 +424,17 @@ def test_resume_on_the_same_world_size_restores_rng_exactly_and_2_to_4_reshards(
 @pytest.mark.compat
 def test_reshard_4_to_3_uneven_from_fsdp_hsdp_and_ddp(saved):
     root, ref = saved
-    run_ranks(_restore_and_check, 3, root, [("fsdp4", "fsdp"), ("hsdp4", "fsdp"), ("ddp4", "fsdp")], ref)
+    for name in ("v3fsdp4", "v3hsdp4"):  # really format 3, FSDP's Shard(0) stored as rules
+        manifest = json.loads(next(Path(root, name).glob("*/manifest.json")).read_text())
+        assert manifest["format_version"] == 3 and "files" not in manifest, name
+        assert any("rule" in t for t in manifest["tensors"].values()), name
+    run_ranks(
+        _restore_and_check,
+        3,
+        root,
+        [("fsdp4", "fsdp"), ("hsdp4", "fsdp"), ("ddp4", "fsdp"), ("v3fsdp4", "fsdp"), ("v3hsdp4", "fsdp")],
+        ref,
+    )
 
 
 def test_reshard_4_to_2_into_fsdp_and_ddp(saved):
@@ -430,4 +446,6 @@ def test_reshard_4_to_2_into_fsdp_and_ddp(saved):
 def test_load_on_one_process_without_process_group(saved):
     root, ref = saved
     assert not dist.is_initialized()
-    _restore_and_check(0, 1, root, [("fsdp4", "plain"), ("hsdp4", "plain"), ("ddp4", "plain")], ref)
+    _restore_and_check(
+        0, 1, root, [("fsdp4", "plain"), ("hsdp4", "plain"), ("ddp4", "plain"), ("v3hsdp4", "plain")], ref
+    )
