@@ -20,11 +20,11 @@ repetitions with min-max, and paired ratios to ``none`` (same repetition, back t
 
 Per step: ``step_s`` (compute + save), ``compute_s`` (forward, backward, all_reduce,
 optimizer step: what background work on the same cores slows down), ``stall_s`` (the time
-inside ``mgr.save``), with three parts of it: ``wait_previous_s`` (waiting for the previous
-save's background work and its outcome: one save in flight), ``staging_s`` (the copy into
-the staging buffer) and ``collectives_s`` (the object collectives of the save, each waiting
-for every rank; the previous save's outcome is one of them, so this overlaps
-``wait_previous_s``). ``stall_after_last_arrival_s``: from the moment the last rank entered
+inside ``mgr.save``), with three parts of it: ``wait_previous_s`` (joining the previous
+save's background thread: one save in flight), ``staging_s`` (the copy into the staging
+buffer) and ``collectives_s`` (the object collectives of the save, each waiting for every
+rank: a local save makes one, the previous save's outcome and the staging agreed on
+together). ``stall_after_last_arrival_s``: from the moment the last rank entered
 ``save`` until the last rank left it (a rank that arrives early also waits for the late
 one, as it would at the next all_reduce without any save: ``arrival_skew_s``).
 ``background_s`` is one local save's background work (hash, write to ``local_dir``,
@@ -105,7 +105,9 @@ def instrument(rec: Recorder) -> None:
     """Time the phases of a save: the wait for the previous save, the staging copy, and
     the local tier's background work (module and class attributes, looked up per call)."""
     shard_image.stage_image = rec.timed(shard_image.stage_image, "staging")  # type: ignore[method-assign]
-    local_tier.LocalTier.wait = rec.timed(local_tier.LocalTier.wait, "wait_previous")  # type: ignore[method-assign]
+    # the previous local save's thread joined (since one collective per save, _join; before, wait: with its gather)
+    joined = "_join" if hasattr(local_tier.LocalTier, "_join") else "wait"
+    setattr(local_tier.LocalTier, joined, rec.timed(getattr(local_tier.LocalTier, joined), "wait_previous"))
     local_tier.LocalTier.write_step = rec.timed(local_tier.LocalTier.write_step, "background")  # type: ignore[method-assign]
     replication.exchange = rec.timed(replication.exchange, "background_replication")
     local_step.digest_of = rec.timed(local_step.digest_of, "background_digest")
