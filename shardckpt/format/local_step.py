@@ -19,8 +19,9 @@ holding, for each shard the node keeps (its ranks' own, and replicas of other no
 partner keeping a replica). A shard exists if and only if its index parses and names the
 data file's exact size; its checksum (:func:`image_digest`, xxh3-64 over 8 MiB blocks) is
 checked while it is copied, and a copy that fails it is never used. Its index also
-names the tier id and the save id, drawn by the coordinator for each local save and the
-same on every rank: a step is restored only from shards of one save of one root.
+names the tier id and the save id, one per local save and the same on every rank (a
+hash of a nonce the coordinator drew when the tier opened and of the count of its saves):
+a step is restored only from shards of one save of one root.
 
 The image is plain safetensors: tensors sorted by item size (largest first, so every
 tensor starts aligned for its dtype with no padding between them) and the rank's JSON

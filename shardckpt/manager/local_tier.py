@@ -17,6 +17,7 @@ save of this root, and never reads nor deletes another root's files.
 from __future__ import annotations
 
 import functools
+import hashlib
 import logging
 import os
 import threading
@@ -109,6 +110,10 @@ class LocalTier:
         if self._store.tier != tier:
             raise ValueError(f"local tier of root {tier} given a store of root {self._store.tier}")
         self.tier = tier
+        # Each local save's id comes from this object's nonce (drawn once, here) and a count
+        # of its saves, so every rank derives the same id without a collective per save.
+        self._nonce = group.decide("local tier: drawing the nonce of its save ids", lambda: uuid.uuid4().hex)
+        self._saves = 0
         self._stager = Stager()
         self._thread: threading.Thread | None = None
         self._pending_step: int | None = None
@@ -126,16 +131,23 @@ class LocalTier:
     def save(self, step: int, state_dict: dict[str, Any]) -> None:
         """Collective. Stage this rank's shard of ``state_dict`` as local step ``step`` and
         return; the write, the replication and retention run in the background and their
-        failure is raised (on every rank) by the next call."""
+        failure is raised (on every rank) by the next call.
+
+        One collective in the foreground: the previous local save's outcome and this one's
+        staging are agreed on together (a failure of the previous one is raised before
+        staging), so the stall is the staging copy plus one gather."""
         self._check_open()
-        self.wait()
+        previous, failure = self._join()
         g = self._group
         # One id per local save, the same on every rank: a restore never mixes shards of
         # two saves of one step (an earlier attempt's replica, a save cut off midway).
-        save_id = g.decide(f"local save of step {step}: drawing its id", lambda: uuid.uuid4().hex[:16])
-        image = g.agree(
-            f"local save of step {step}: staging",
-            lambda: shard_image.stage_image(
+        self._saves += 1
+        save_id = hashlib.sha256(f"{self._nonce}:{self._saves}".encode()).hexdigest()[:16]
+
+        def stage() -> torch.Tensor:
+            if failure is not None:
+                raise failure
+            return shard_image.stage_image(
                 self._stager,
                 state_dict,
                 step=step,
@@ -143,9 +155,10 @@ class LocalTier:
                 world_size=g.world_size,
                 tier=self.tier,
                 save_id=save_id,
-            ),
-        )
-        self._failure = None
+            )
+
+        action = f"local save of step {step}: staging"
+        image = g.agree(action if previous is None else f"local save of step {previous}, then {action}", stage)
         self._pending_step = step
         self._thread = threading.Thread(
             target=self._run, args=(step, save_id, image), name="shardckpt-local-save", daemon=False
@@ -191,16 +204,24 @@ class LocalTier:
         """Collective. Finish the pending local save; raise its failure on every rank."""
         if self._thread is None:
             return
-        thread, self._thread = self._thread, None
-        thread.join()
-        step, self._pending_step = self._pending_step, None
-        failure, self._failure = self._failure, None
+        step, failure = self._join()
 
         def result() -> None:
             if failure is not None:
                 raise failure
 
         self._group.agree(f"local save of step {step}", result)
+
+    def _join(self) -> tuple[int | None, BaseException | None]:
+        """This rank's part of finishing the pending save (not collective): its step and
+        failure, (None, None) when none was pending. The caller agrees on the outcome."""
+        if self._thread is None:
+            return None, None
+        thread, self._thread = self._thread, None
+        thread.join()
+        step, self._pending_step = self._pending_step, None
+        failure, self._failure = self._failure, None
+        return step, failure
 
     # ------------------------------------------------------------ restore
 

@@ -463,13 +463,18 @@ step = 0
 while True:  # until killed
     step += 1
     tier.save(step, {"w": torch.full((1 << 20,), float(step)), "step": step})
+    if step == 4:  # saves are in flight from here on
+        open(sys.argv[3], "x").close()
 """
 
 
 def test_a_process_killed_in_the_middle_of_local_saves_leaves_a_restorable_step(tmp_path):
-    proc = start_command([sys.executable, "-c", SAVER, str(tmp_path), TIER])
+    # A mark, not step 4's folder: retention removes that folder two saves later, and at a
+    # few ms per save a poll could miss it (the test timed out on a loaded machine).
+    marker = str(tmp_path / "saved_step_4")  # not a name of the tier: left alone by it
+    proc = start_command([sys.executable, "-c", SAVER, str(tmp_path), TIER, marker])
     try:
-        wait_for(str(root_dir(tmp_path) / "step_0000000004"))  # saves are in flight from here on
+        wait_for(marker)
     finally:
         kill_group(proc.pid)  # SIGKILL, wherever it is: staging, writing, renaming, retention
         proc.wait()
