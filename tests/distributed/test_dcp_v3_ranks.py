@@ -17,6 +17,8 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor import Replicate, Shard, distribute_tensor
 
 import shardckpt
+from shardckpt.convert import materialize_checkpoint
+from shardckpt.convert.audit import verify_checkpoint
 from shardckpt.dcp import StorageReader
 from shardckpt.format import layout
 
@@ -59,4 +61,8 @@ def test_dcp_load_of_format_3_on_2_ranks_resharded(tmp_path):
     assert len(indexes) == 2 and len(files) == 1  # the rank that stored nothing: its index record only
     row = shardckpt.read_any_manifest(str(tmp_path / "split")).tensors["row"]
     assert row.rule is not None and [c.sizes for c in row.chunks] == [(0, 6)]  # rank 1's piece, listed
+    assert verify_checkpoint(tmp_path / "split").ok  # its header-only data file too
+    materialize_checkpoint(tmp_path / "split", tmp_path / "copy")
+    flat = shardckpt.read_state_dict(tmp_path / "copy", flat=True)
+    assert torch.equal(flat["model.w"], W) and torch.equal(flat["row"], ROW) and flat["step"] == 5
     run_ranks(_load, 2, root, **FAST_START)
