@@ -218,7 +218,8 @@ def _configure_materialize(p: argparse.ArgumentParser) -> None:
         type=int,
         choices=(1, 2),
         help="2: keep the chunk digests (the copy can be the base of a later incremental save); 1: drop them "
-        "(any shardckpt reads it). Default: keep what SRC has",
+        "(any shardckpt reads it). Default: keep what SRC has (a format-3 SRC is copied into format 1; "
+        "materialize does not write format 3)",
     )
     _add_output_flags(p)
 

@@ -81,7 +81,9 @@ def _by_index(p: Problem) -> Problem:
 
 
 def _chunks_by_position(manifest: ManifestV3) -> dict[int, list[_Placed]]:
-    """Every non-empty chunk of the manifest (rule cells and listed chunks), by file position."""
+    """Every chunk of the manifest (rule cells and listed chunks), by file position. A listed
+    empty chunk (the writer lists a rank's empty DTensor piece beside the rule, and writes its
+    header entry) claims that entry; it has no bytes and no index entry."""
     by_file: dict[int, list[_Placed]] = defaultdict(list)
     for key, t in sorted(manifest.tensors.items()):
         size = datafile.itemsize(t.dtype)
@@ -89,9 +91,7 @@ def _chunks_by_position(manifest: ManifestV3) -> dict[int, list[_Placed]]:
         boxes = [(c.offsets, c.sizes, c.file, c.byte_offset) for c in cells]
         boxes += [(c.offsets, c.sizes, c.file, c.byte_offset) for c in t.chunks]
         for offsets, sizes, file, byte_offset in boxes:
-            n = math.prod(sizes)
-            if n:
-                by_file[file].append((key, t.dtype, offsets, sizes, byte_offset, n * size))
+            by_file[file].append((key, t.dtype, offsets, sizes, byte_offset, math.prod(sizes) * size))
     return by_file
 
 
@@ -147,6 +147,9 @@ def _match_index(
     files) an entry no chunk uses, are problems."""
     out, used = [], set()
     for key, dtype, offsets, sizes, offset, length in placed:
+        if not length:  # an empty chunk: only its header entry to claim
+            out.append(AuditedChunk(key, dtype, ChunkRecord(offsets, sizes, name, offset, 0, ())))
+            continue
         try:
             e: IndexEntry = index.entry(offset, length, where=f"chunk at offsets {list(offsets)}")
         except ManifestError as err:

@@ -8,6 +8,12 @@ the incremental save wrote anew), with every byte checked against the manifest's
 hashes, and each whole source file checked against its file hash when all of it is kept.
 The new manifest has no ``bases`` and no ``checkpoint`` fields.
 
+A format-3 source (docs/format.md section 12) is first listed chunk by chunk
+(:func:`shardckpt.convert.listed_v3.listed_manifest`: every rule expanded, each chunk's block
+hashes and each file's size and hash taken from the verified index records), then copied the
+same way into a format-1 (or, with digests, format-2) checkpoint. A format-3 output is refused:
+its writer works from a save's plan, not from a copy.
+
 The commit is a save's (:mod:`shardckpt.engine.writer`): the folder must be new or empty,
 the save marker is created exclusively before any data byte, the data files are made
 durable, and ``manifest.json`` is created exclusively last; a failure removes what this
@@ -26,9 +32,10 @@ from dataclasses import dataclass
 from typing import Any
 
 from shardckpt.convert.audit import DEFAULT_READ_PIECE_BYTES, FolderShare, folder_shares
+from shardckpt.convert.listed_v3 import listed_manifest
 from shardckpt.convert.progress import byte_bar
 from shardckpt.engine.claim import claim_folder, create_file, discard_save
-from shardckpt.engine.loading import read_manifest
+from shardckpt.engine.loading import read_any_manifest
 from shardckpt.engine.options import check_io_threads
 from shardckpt.errors import (
     CheckpointExistsError,
@@ -39,6 +46,7 @@ from shardckpt.errors import (
 )
 from shardckpt.format import datafile, integrity, layout
 from shardckpt.format.manifest import ChunkRecord, FileRecord, Manifest, TensorRecord, manifest_to_json
+from shardckpt.format.manifest_v3 import ManifestV3
 from shardckpt.storage import Storage, as_url, folder, open_storage
 from shardckpt.storage.datafiles import DataFiles
 
@@ -87,6 +95,7 @@ def materialize_checkpoint(
     without bases: the copy can be the base of a later incremental save, and loads with
     shardckpt >= the version that introduced format 2); 1 drops them (format 1: every
     shardckpt reads it, but an incremental save against it writes everything again).
+    A format-3 source is copied into format 1 (its saves record no digests); 3 is refused.
 
     ``path`` must not exist or be an empty folder (CheckpointExistsError for a
     checkpoint there, DestinationNotEmptyError for anything else); nothing at ``source``
@@ -100,8 +109,15 @@ def materialize_checkpoint(
     if read_piece_bytes < 1:
         raise ValueError(f"read_piece_bytes must be positive, got {read_piece_bytes}")
     check_io_threads(num_io_threads)
+    if format_version == 3:
+        raise ValueError(
+            f"materialize {source}: format_version=3 is not written by materialize (its writer works from a save's "
+            "plan); materialize writes formats 1 and 2. For a format-3 copy, load the checkpoint and save it with "
+            "shardckpt.save(state_dict, path, format_version=3)"
+        )
     src = open_storage(source, storage_options)
-    manifest = read_manifest(src, tool="shardckpt materialize")
+    found = read_any_manifest(src)
+    manifest = listed_manifest(src, found) if isinstance(found, ManifestV3) else found
     keep_digests = _keep_digests(manifest, format_version, source)
     dst = open_storage(path, storage_options)
     if dst.location.rstrip("/").startswith(src.location.rstrip("/") + "/"):

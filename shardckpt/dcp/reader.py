@@ -11,6 +11,13 @@ same manifest bytes). ``read_data`` reads and verifies only the byte ranges each
 needs (:class:`shardckpt.engine.reader.Reader`). Non-tensor values come from the
 manifest's JSON and are never unpickled, whatever the planner
 (:func:`shardckpt.engine.reader.deliver_value`).
+
+A format-3 checkpoint (docs/format.md section 12) describes regular shardings by rule; DCP's
+load planner needs every stored chunk listed, so ``read_metadata`` expands the rules into
+DCP's ``Metadata`` once per load: O(chunks) per rank, as for versions 1 and 2, so the scale
+benefit of format 3 is lost under DCP's planner (``shardckpt.load`` plans from the rules). The
+reads still go through the format's checksum chain: each rank fetches only the pages and
+index records of the files it reads.
 """
 
 from __future__ import annotations
@@ -20,14 +27,14 @@ import os
 from typing import Any
 
 import torch
-from torch.distributed.checkpoint.metadata import Metadata
+from torch.distributed.checkpoint.metadata import ChunkStorageMetadata, Metadata, TensorStorageMetadata
 from torch.distributed.checkpoint.planner import LoadPlan, LoadPlanner
 from torch.distributed.checkpoint.storage import StorageReader as _DcpStorageReader
 
 from shardckpt.engine.loading import read_manifest_bytes
 from shardckpt.engine.options import IOOptions
 from shardckpt.engine.reader import Reader, manifest_to_metadata
-from shardckpt.errors import InconsistentRanksError, UnsupportedFormatVersionError
+from shardckpt.errors import InconsistentRanksError
 from shardckpt.format import integrity, layout
 from shardckpt.format.manifest import Manifest
 from shardckpt.format.manifest_v3 import ManifestV3, parse_any_manifest
@@ -62,6 +69,7 @@ class StorageReader(_DcpStorageReader):
         self.storage_options = storage_options
         self.io = (io or IOOptions()).with_shortcuts(num_io_threads=num_io_threads)
         self._inner: Reader | None = None
+        self._metadata: Metadata | None = None
         self._digest = ""
 
     @property
@@ -78,6 +86,7 @@ class StorageReader(_DcpStorageReader):
         if checkpoint_id is not None:
             self.path = as_url(checkpoint_id, "checkpoint_id")
         self._inner = None
+        self._metadata = None
 
     @classmethod
     def validate_checkpoint_id(cls, checkpoint_id: str | os.PathLike[str]) -> bool:
@@ -95,15 +104,13 @@ class StorageReader(_DcpStorageReader):
             storage = open_storage(self.path, self.storage_options, self.io.transfer_for(self.path))
             raw = read_manifest_bytes(storage)
             manifest = parse_any_manifest(raw, source=f"{storage.url}/{layout.MANIFEST_NAME}")
-            if isinstance(manifest, ManifestV3):
-                raise UnsupportedFormatVersionError(
-                    f"{storage.url}: shardckpt.dcp.StorageReader does not read format-3 checkpoints (DCP's own "
-                    "load planner would need every rank's chunks listed, which format 3 describes by rule): "
-                    "load it with shardckpt.load(state_dict, path), which plans from the rules"
-                )
             self._digest = integrity.hash_hex(raw)
             self._inner = Reader(storage, manifest, verify=self.verify, num_io_threads=self.io.load_threads())
-        return manifest_to_metadata(self._inner.manifest)
+            self._metadata = (
+                every_chunk(manifest) if isinstance(manifest, ManifestV3) else manifest_to_metadata(manifest)
+            )
+        assert self._metadata is not None
+        return self._metadata
 
     def _reader(self) -> Reader:
         assert self._inner is not None, "DCP calls read_metadata first"
@@ -133,3 +140,19 @@ class StorageReader(_DcpStorageReader):
 
     def read_data(self, plan: LoadPlan, planner: LoadPlanner) -> torch.futures.Future[None]:
         return self._reader().read_data(plan, planner)
+
+
+def every_chunk(m: ManifestV3) -> Metadata:
+    """DCP's view of a format-3 manifest with every stored chunk listed: each rule expanded
+    (``Tensor.chunks_for_box`` over the whole tensor) beside the listed chunks. O(chunks)."""
+    md = manifest_to_metadata(m)
+    sd = dict(md.state_dict_metadata)
+    for fqn, t in m.tensors.items():
+        listed = sd[fqn]
+        assert isinstance(listed, TensorStorageMetadata)
+        chunks = [
+            ChunkStorageMetadata(offsets=torch.Size(c.offsets), sizes=torch.Size(c.sizes))
+            for c in t.chunks_for_box((0,) * len(t.shape), t.shape)
+        ]
+        sd[fqn] = TensorStorageMetadata(properties=listed.properties, size=listed.size, chunks=chunks)
+    return Metadata(state_dict_metadata=sd, planner_data=md.planner_data, storage_data=md.storage_data)

@@ -10,6 +10,11 @@ step therefore means two things that must not be confused:
   step that pointed at it, before that step committed) loses only the data files that
   no committed manifest lists, and disappears once it holds none.
 
+A format-3 step (docs/format.md section 12) names its files by rule: each group of its file
+table is one save's data files (rank by rank, numbered), index records and pages, in the
+step's own folder or a base beside it. Its mark is every name of every group, the records
+included (a reader needs the whole checksum chain of a group to verify any byte of it).
+
 This is mark-and-sweep over the committed manifests of the root, run by the coordinator
 after retention and at start-up. It is crash-safe at every point: the mark is recomputed
 from what is committed on storage each time, a crash between deleting a manifest and
@@ -24,9 +29,12 @@ import logging
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
-from shardckpt.engine.loading import read_manifest
+from shardckpt.engine.loading import read_any_manifest
 from shardckpt.errors import ManifestError, ShardckptError
 from shardckpt.format import layout
+from shardckpt.format.file_table import FileGroup
+from shardckpt.format.manifest import Manifest
+from shardckpt.format.manifest_v3 import ManifestV3
 from shardckpt.storage import Storage, folder
 
 log = logging.getLogger("shardckpt")
@@ -83,14 +91,12 @@ class MarkCache:
         if hit is not None and hit[0] == key:
             return hit[1]
         try:
-            m = read_manifest(storage)
+            m = read_any_manifest(storage)
         except ManifestError as e:
             raise UnknownReferences(
                 f"the manifest of {root.url}/{name} cannot be read ({e}), so the files it reads are unknown"
             ) from e
-        reads: dict[str, set[str]] = {}
-        for file, record in m.files.items():
-            reads.setdefault(record.checkpoint or name, set()).add(file)
+        reads = manifest_reads(m, name)
         self._entries[name] = (key, reads)
         return reads
 
@@ -104,6 +110,32 @@ class MarkCache:
         tail = bytearray(min(size, self.TAIL_BYTES))
         storage.read_into(layout.MANIFEST_NAME, size - len(tail), memoryview(tail))
         return size, bytes(tail)
+
+
+def manifest_reads(m: Manifest | ManifestV3, name: str) -> dict[str, set[str]]:
+    """{folder: names in it} that the committed checkpoint ``name`` with manifest ``m``
+    reads: a listed file's folder is its ``checkpoint`` (a base), else ``name``. O(files)."""
+    reads: dict[str, set[str]] = {}
+    if isinstance(m, ManifestV3):
+        for group in m.file_table.groups:
+            reads.setdefault(group.checkpoint or name, set()).update(group_names(group))
+        return reads
+    for file, record in m.files.items():
+        reads.setdefault(record.checkpoint or name, set()).add(file)
+    return reads
+
+
+def group_names(group: FileGroup) -> list[str]:
+    """Every name of one format-3 save: each rank's data files and index record (also a rank
+    that wrote no data file has one) and the pages of its rank table. O(ranks + files)."""
+    names = [layout.rank_page_name(group.save_id, p) for p in range(len(group.pages))]
+    rank = 0
+    for count, each in group.files:
+        for r in range(rank, rank + count):
+            names.append(layout.rank_index_name(group.save_id, r))
+            names.extend(layout.data_file_name(group.save_id, r, k) for k in range(each))
+        rank += count
+    return names
 
 
 def sweep(root: Storage, names: Iterable[str], live: LiveFiles) -> list[str]:

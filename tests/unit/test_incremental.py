@@ -258,13 +258,13 @@ def test_the_sweep_remembers_marks_until_a_manifest_changes(tmp_path: Path, monk
     shardckpt.save(sd, tmp_path / "s0", incremental=True)
     shardckpt.save(sd, tmp_path / "s1", base=tmp_path / "s0")
     parsed: list[str] = []
-    real = references.read_manifest
+    real = references.read_any_manifest
 
     def counting(storage):  # type: ignore[no-untyped-def]
         parsed.append(storage.url)
         return real(storage)
 
-    monkeypatch.setattr(references, "read_manifest", counting)
+    monkeypatch.setattr(references, "read_any_manifest", counting)
     root, cache = open_storage(str(tmp_path)), references.MarkCache()
     first = references.LiveFiles.of(root, ["s0", "s1"], cache)
     again = references.LiveFiles.of(root, ["s0", "s1"], cache)
