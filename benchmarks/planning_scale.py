@@ -41,10 +41,24 @@ Growth: the ratio per doubling of ranks and a power-law exponent fitted over the
 
     python benchmarks/planning_scale.py --projection --model 70b --ranks 64 256 1024 4096 16384
 
-projects format 3 alone for the whole model (all layers by default): a synthetic layout
-of the same FSDP state and the writer's file split (rules_projection.synthetic_tensors),
-no planners, so 16384 ranks fit; it reports the version-1 manifest of the same chunks
-beside it (DCP's .metadata is measured by the full run only).
+measures format 3 for the whole model (all layers by default): a synthetic layout of the
+same FSDP state and the writer's file split (rules_projection.synthetic_tensors), the
+version-1 manifest of the same chunks beside it, and every row of issue #16's target table
+on the real format-3 code paths (v3_cycle.py), DCP beside them where it fits:
+
+    manifest_v3_written           bytes of the manifest write_v3.assemble builds
+    load_{own,reshard}_metadata   what one loading rank fetches (manifest, pages, index records)
+                                  for its own shard and for N -> N-1; ..._sharded_only: without
+                                  the replicated 0-d tensors
+    load_{own,reshard}_parse_plan parse_any_manifest + chunks_for_box/locate per box it loads
+    first_save_plan_ours          create_global_plan over every rank's local plan + assemble_v3
+                                  (global_plan_dcp_s: DCP's), up to --plan-max-items
+    coordinator_s                 a repeated save's planning (PlanCache.fits, with_values,
+                                  adopt_global_plan); fingerprint_per_rank_s: layout_fingerprint
+    dcp_metadata_pickle, dcp_unpickle   DCP's .metadata of the same chunks, up to --dcp-max-chunks
+
+Timed phases: medians of --repeats (3). Rank counts or phases that do not fit are listed
+under each row's "not_run" with the reason, not run.
 
 Writes benchmarks/results/planning_scale.json (or planning_scale_v3_<model>.json) and
 docs/img/planning_scale.png (or planning_scale_v3_<model>.png).
