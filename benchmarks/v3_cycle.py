@@ -244,6 +244,7 @@ def write_plot(runs: list[dict[str, Any]], path: str) -> dict[str, Any]:
     fig, axes = plt.subplots(2, 2, figsize=(12, 8.5))
     styles = ["-o", "--s", ":^"]
     for ax, (title, unit, scale, lines, targets) in zip(axes.flat, PANELS, strict=True):
+        shown: dict[float, list[str]] = {}
         for run, style in zip(runs, styles, strict=False):
             model = run["config"]["model"]
             for i, (group, key, label) in enumerate(lines):
@@ -252,8 +253,10 @@ def write_plot(runs: list[dict[str, Any]], path: str) -> dict[str, Any]:
                     xs, ys = zip(*pts, strict=True)
                     ax.plot(xs, ys, style, color=f"C{i}", label=f"{model}: {label}")
             if model in targets:
-                ax.axhline(targets[model], color="grey", linestyle=":", linewidth=1)
-                ax.annotate(f"{model} target", (1, targets[model]), xycoords=("axes fraction", "data"), ha="right")
+                shown.setdefault(targets[model], []).append(model)
+        for value, models in shown.items():
+            ax.axhline(value, color="grey", linestyle=":", linewidth=1)
+            ax.annotate(f"target ({', '.join(models)})", (1, value), xycoords=("axes fraction", "data"), ha="right")
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
         ax.set_xlabel("simulated ranks")
