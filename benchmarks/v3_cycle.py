@@ -269,8 +269,20 @@ def write_plot(runs: list[dict[str, Any]], path: str) -> dict[str, Any]:
     return {"written": [path]}
 
 
-if __name__ == "__main__":  # python benchmarks/v3_cycle.py out.png results1.json [results2.json]
+def merge_runs(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One run per model, its rows from every given run of that model, by rank count."""
+    out: dict[str, dict[str, Any]] = {}
+    for run in runs:
+        model = run["config"]["model"]
+        if model in out:
+            out[model]["rows"] = sorted([*out[model]["rows"], *run["rows"]], key=lambda r: r["ranks"])
+        else:
+            out[model] = dict(run, rows=list(run["rows"]))
+    return list(out.values())
+
+
+if __name__ == "__main__":  # python benchmarks/v3_cycle.py out.png results.json... (runs of one model merged)
     import json
     import sys
 
-    print(write_plot([json.load(open(p)) for p in sys.argv[2:]], sys.argv[1]))
+    print(write_plot(merge_runs([json.load(open(p)) for p in sys.argv[2:]]), sys.argv[1]))
