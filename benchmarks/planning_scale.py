@@ -41,10 +41,24 @@ Growth: the ratio per doubling of ranks and a power-law exponent fitted over the
 
     python benchmarks/planning_scale.py --projection --model 70b --ranks 64 256 1024 4096 16384
 
-projects format 3 alone for the whole model (all layers by default): a synthetic layout
-of the same FSDP state and the writer's file split (rules_projection.synthetic_tensors),
-no planners, so 16384 ranks fit; it reports the version-1 manifest of the same chunks
-beside it (DCP's .metadata is measured by the full run only).
+measures format 3 for the whole model (all layers by default): a synthetic layout of the
+same FSDP state and the writer's file split (rules_projection.synthetic_tensors), the
+version-1 manifest of the same chunks beside it, and every row of issue #16's target table
+on the real format-3 code paths (v3_cycle.py), DCP beside them where it fits:
+
+    manifest_v3_written           bytes of the manifest write_v3.assemble builds
+    load_{own,reshard}_metadata   what one loading rank fetches (manifest, pages, index records)
+                                  for its own shard and for N -> N-1; ..._sharded_only: without
+                                  the replicated 0-d tensors
+    load_{own,reshard}_parse_plan parse_any_manifest + chunks_for_box/locate per box it loads
+    first_save_plan_ours          create_global_plan over every rank's local plan + assemble_v3
+                                  (global_plan_dcp_s: DCP's), up to --plan-max-items
+    coordinator_s                 a repeated save's planning (PlanCache.fits, with_values,
+                                  adopt_global_plan); fingerprint_per_rank_s: layout_fingerprint
+    dcp_metadata_pickle, dcp_unpickle   DCP's .metadata of the same chunks, up to --dcp-max-chunks
+
+Timed phases: medians of --repeats (3). Rank counts or phases that do not fit are listed
+under each row's "not_run" with the reason, not run.
 
 Writes benchmarks/results/planning_scale.json (or planning_scale_v3_<model>.json) and
 docs/img/planning_scale.png (or planning_scale_v3_<model>.png).
@@ -59,6 +73,7 @@ import itertools
 import math
 import os
 import pickle
+import statistics
 import sys
 import time
 from collections.abc import Callable
@@ -69,13 +84,14 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common
 import plots
 import rules_projection
+import v3_cycle
 
 MODELS = {  # hidden, ffn, kv (k/v rows: grouped-query attention), layers, vocab
     "7b": (4096, 11008, 4096, 32, 32000),
     "70b": (8192, 28672, 1024, 80, 32000),
 }
 IO_THREADS = 4  # data files per rank, as the local default
-WRITER_REPEATS = 3  # write_v3.assemble timed this many times per rank count, the best kept
+WRITER_REPEATS = 3  # write_v3.assemble timed this many times per rank count, the median kept
 DEFAULT_IMG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "docs", "img")
 
 
@@ -97,6 +113,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             "transformer layers simulated (default 2: time and memory at 4096 ranks on this VM; "
             "costs grow linearly in layers)"
         ),
+    )
+    ap.add_argument("--repeats", type=int, default=3, help="--projection: timed repeats per phase, medians")
+    ap.add_argument(
+        "--dcp-max-chunks",
+        type=int,
+        default=1_000_000,
+        help="--projection: build and unpickle DCP's .metadata only up to this many chunks (memory)",
+    )
+    ap.add_argument(
+        "--plan-max-items",
+        type=int,
+        default=400_000,
+        help="--projection: run the first save's global plans only up to this many WriteItems (memory, minutes)",
     )
     ap.add_argument("--out", default=common.RESULTS_DIR, help="folder of the results JSON")
     ap.add_argument("--name", default=None, help="results name (default planning_scale or planning_scale_quick)")
@@ -380,10 +409,14 @@ def project_manifest(m: Any) -> rules_projection.Projection:
     return rules_projection.project(tensors, files, rest, m.hash_block_bytes)
 
 
-def measure_projection(params: list[Param], ranks: int) -> dict[str, Any]:
-    """Format 3 (projected) and version 1 manifest sizes of the whole state, synthetically."""
+def measure_projection(params: list[Param], ranks: int, args: argparse.Namespace) -> dict[str, Any]:
+    """Format 3 of the whole state at ``ranks``, synthetically, on the real code paths: the
+    sizes (projection), the coordinator's build (``write_v3.assemble``), what a loading rank
+    reads and plans, the first and the repeated save's planning, and DCP beside them where
+    it fits (v3_cycle.py)."""
     import torch
 
+    from shardckpt.engine import write_v3
     from shardckpt.format import integrity
 
     keys = [
@@ -392,9 +425,11 @@ def measure_projection(params: list[Param], ranks: int) -> dict[str, Any]:
         for k in (f"model.{p.fqn}", *(f"optim.state.{p.fqn}.{m}" for m in ("exp_avg", "exp_avg_sq")))
     ]
     steps = [f"optim.state.{p.fqn}.step" for p in params]
-    (tensors, files), t_layout = timed(
-        lambda: rules_projection.synthetic_tensors(keys, steps, ranks, IO_THREADS, "0123456789ab")
-    )
+
+    def layout() -> Any:
+        return rules_projection.synthetic_tensors(keys, steps, ranks, IO_THREADS, "0123456789ab")
+
+    (tensors, files), t_layout = timed(layout)
     values = json_values(params)
     paths: dict[str, list[str | int]] = {k: list(v) for k, v in tensor_paths(params).items()}
     paths.update({"optim.param_groups": ["optim", "param_groups"], "step": ["step"]})
@@ -407,12 +442,32 @@ def measure_projection(params: list[Param], ranks: int) -> dict[str, Any]:
         "values": {"optim.param_groups": values["optim"]["param_groups"], "step": values["step"]},
         "paths": dict(sorted(paths.items())),
     }
-    v3 = rules_projection.project(tensors, files, rest, integrity.DEFAULT_BLOCK_BYTES, with_v1=True)
+    v3 = rules_projection.project(
+        tensors,
+        files,
+        rest,
+        integrity.DEFAULT_BLOCK_BYTES,
+        with_v1=True,
+        index_block_bytes=write_v3.V3_HASH_BLOCK_BYTES,
+    )
     summary = v3.summary()
-    writer = measure_writer_v3(keys, steps, ranks, rest)
+    writer = measure_writer_v3(keys, steps, ranks, rest, v3.index_bytes)
+    shapes = dict([*keys, *((s, ()) for s in steps)])
+    load = v3_cycle.load_side(writer["raw"], writer["page_sizes"], v3.index_bytes, shapes, ranks, args.repeats)
+    dcp_load = v3_cycle.dcp_load_side(layout()[0], lambda _: torch.float32, args.repeats, args.dcp_max_chunks)
+    gc.collect()
+    save = measure_save_planning(params, ranks, args)
+    seconds = {"synthetic_layout": t_layout, **v3.seconds, **writer["seconds"]}
+    seconds.update({f"load_{case}_parse_plan": load[case]["parse_plan_s"] for case in ("own", "reshard")})
+    seconds["load_parse_v3"] = load["own"]["parse_s"]
+    seconds.update(save)
+    if "global_plan_ours_s" in save:
+        seconds["first_save_plan_ours"] = save["global_plan_ours_s"] + writer["seconds"]["assemble_v3"]
+    if dcp_load is not None:
+        seconds["dcp_unpickle"] = dcp_load["unpickle_s"]
     return {
         "ranks": ranks,
-        "seconds": {"synthetic_layout": t_layout, **v3.seconds, **writer["seconds"]},
+        "seconds": seconds,
         "bytes": {
             "manifest_v1": v3.manifest_v1,
             "manifest_v3_projected": summary["manifest_v3"],
@@ -421,19 +476,62 @@ def measure_projection(params: list[Param], ranks: int) -> dict[str, Any]:
             "index_max_rank_v3": summary["index_max_rank_v3"],
             "pages_total_v3": summary["pages_total_v3"],
             "load_metadata_max_rank_v3": summary["load_metadata_max_rank_v3"],
-            "manifest_v3_written": writer["manifest_bytes"],
+            "manifest_v3_written": len(writer["raw"]),
+            **{f"load_{case}_metadata": load[case]["metadata_bytes"] for case in ("own", "reshard")},
+            **{
+                f"load_{case}_metadata_sharded_only": load[case]["metadata_bytes_sharded_only"]
+                for case in ("own", "reshard")
+            },
+            **({"dcp_metadata_pickle": dcp_load["metadata_bytes"]} if dcp_load else {}),
         },
         "counts": {
             "tensors": len(keys) + len(steps),
             "files": len(files),
             **{k: summary[k] for k in ("rules", "listed_tensors", "runs")},
+            **{f"load_{case}_index_records_read": load[case]["index_records_read"] for case in ("own", "reshard")},
+            **{f"load_{case}_chunks_planned": load[case]["chunks_planned"] for case in ("own", "reshard")},
+        },
+        "not_run": {
+            **({} if dcp_load else {"dcp_metadata": f"over --dcp-max-chunks {args.dcp_max_chunks} chunks (memory)"}),
+            **(
+                {}
+                if "global_plan_ours_s" in save
+                else {"first_save_global_plan": f"over --plan-max-items {args.plan_max_items} WriteItems (memory)"}
+            ),
         },
         "peak_rss_gib": common.peak_rss_bytes() / 2**30,
     }
 
 
+def measure_save_planning(params: list[Param], ranks: int, args: argparse.Namespace) -> dict[str, float]:
+    """The coordinator's planning of a first save (every rank's local plan into the global
+    plan, ours and DCP's) where every rank's WriteItems fit (``--plan-max-items``), and of a
+    repeated save with the same layout (rank 0's local plan standing for every rank's)."""
+    import torch
+    from torch.distributed.checkpoint.metadata import TensorProperties
+
+    ours_cls, dcp_cls = planner_classes()
+    props = TensorProperties(dtype=torch.float32)
+    values, paths = json_values(params), tensor_paths(params)
+    first = rank_tensor_items(params, 0, ranks, props)
+    (plans, planner) = local_plans(ours_cls, [first], values, paths)
+    out = v3_cycle.repeat_save_plan(planner, plans[0], ranks, args.repeats)
+    if len(first) * ranks <= args.plan_max_items:
+        items = [first, *(rank_tensor_items(params, r, ranks, props) for r in range(1, ranks))]
+        ours = local_plans(ours_cls, items, values, paths)
+        dcp = local_plans(dcp_cls, items, values, paths)
+        out.update(v3_cycle.first_save_plan((ours[1], ours[0]), (dcp[1], dcp[0])))
+        del items, ours, dcp
+        gc.collect()
+    return out
+
+
 def measure_writer_v3(
-    keys: list[tuple[str, tuple[int, ...]]], steps: list[str], ranks: int, rest: dict[str, Any]
+    keys: list[tuple[str, tuple[int, ...]]],
+    steps: list[str],
+    ranks: int,
+    rest: dict[str, Any],
+    index_sizes: dict[int, int],
 ) -> dict[str, Any]:
     """The coordinator's side of a format-3 save, on the writer's own code path: every rank's
     simulated ``RankResult`` (the same layout as the projection) into ``write_v3.assemble``
@@ -443,7 +541,7 @@ def measure_writer_v3(
     from shardckpt.format import manifest_v3
 
     tensors, files = rules_projection.synthetic_tensors(keys, steps, ranks, IO_THREADS, "0123456789ab")
-    results = rules_projection.rank_results(tensors, files, ranks)
+    results = rules_projection.rank_results(tensors, files, ranks, index_sizes=index_sizes)
     meta = {k: ("F32", shape) for k, shape in sorted([*keys, *((s, ()) for s in steps)])}
     gc.collect()
     gc.disable()  # as in a real save: persist() pauses the collector (engine/collector.py)
@@ -465,12 +563,13 @@ def measure_writer_v3(
             runs.append((wall, time.process_time() - cpu0))
     finally:
         gc.enable()
-    # the best of the repeats, wall and CPU seconds of this process: on the shared machine the
-    # wall time is mostly waiting for a core
-    t_assemble, cpu_assemble = min(w for w, _ in runs), min(c for _, c in runs)
+    # the median of the repeats, wall and CPU seconds of this process: on the shared machine
+    # the wall time is mostly waiting for a core
+    t_assemble = statistics.median(w for w, _ in runs)
+    cpu_assemble = statistics.median(c for _, c in runs)
     raw, t_json = timed(lambda: manifest_v3.manifest_v3_to_json(built.manifest))
     seconds = {"assemble_v3": t_assemble, "assemble_v3_cpu": cpu_assemble, "v3_to_json": t_json}
-    return {"seconds": seconds, "manifest_bytes": len(raw)}
+    return {"seconds": seconds, "raw": raw, "page_sizes": [len(p) for p in built.pages]}
 
 
 def measure_dcp(cls: type, items: list[list[Any]], values: dict[str, Any], paths: dict[str, Any]) -> dict[str, Any]:
@@ -501,7 +600,7 @@ def growth(rows: list[dict[str, Any]], group: str) -> dict[str, Any]:
     """Per quantity: ratios between consecutive rank counts, and the exponent b of a
     least-squares fit value ~ a * ranks**b over all rows (log-log)."""
     out: dict[str, Any] = {}
-    for key in rows[0][group]:
+    for key in [k for k in rows[0][group] if all(k in r[group] for r in rows)]:
         xs = [math.log(r["ranks"]) for r in rows]
         ys = [math.log(max(r[group][key], 1e-9)) for r in rows]
         ratios = [b[group][key] / a[group][key] if a[group][key] else None for a, b in itertools.pairwise(rows)]
@@ -516,10 +615,12 @@ def _slope(xs: list[float], ys: list[float]) -> float:
 
 def print_report(r: dict[str, Any]) -> None:
     rows = r["rows"]
-    keys = list(rows[0]["seconds"])
+    keys = list(dict.fromkeys(k for x in rows for k in x["seconds"]))
     print(f"\n{r['config']['model']}-like, {r['config']['layers']} layers; seconds (one process)")
-    print(common.format_table(["ranks", *keys], [[x["ranks"], *[x["seconds"][k] for k in keys]] for x in rows]))
-    sizes = list(rows[0]["bytes"])
+    print(
+        common.format_table(["ranks", *keys], [[x["ranks"], *[x["seconds"].get(k, "-") for k in keys]] for x in rows])
+    )
+    sizes = list(dict.fromkeys(k for x in rows for k in x["bytes"]))
     counts = [k for k in ("chunks", "files", "rules", "listed_tensors", "runs") if k in rows[0]["counts"]]
     print(
         common.format_table(
@@ -527,7 +628,7 @@ def print_report(r: dict[str, Any]) -> None:
             [
                 [
                     x["ranks"],
-                    *(x["bytes"][k] / 2**20 for k in sizes),
+                    *(x["bytes"][k] / 2**20 if k in x["bytes"] else "-" for k in sizes),
                     *(x["counts"][k] for k in counts),
                     x["peak_rss_gib"],
                 ]
@@ -546,7 +647,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     t0 = time.perf_counter()
     rows = []
     for n in args.ranks:
-        rows.append(measure_projection(params, n) if args.projection else measure(params, n))
+        rows.append(measure_projection(params, n, args) if args.projection else measure(params, n))
         gc.collect()
         print(
             f"{n} ranks done at {time.perf_counter() - t0:.0f} s, peak RSS {rows[-1]['peak_rss_gib']:.2f} GiB",
@@ -576,7 +677,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "growth": {"seconds": growth(rows, "seconds"), "bytes": growth(rows, "bytes")},
     }
     if args.plots_dir != "none":
-        results["plots"] = plots.write_planning_plot(results, os.path.join(args.plots_dir, f"{args.name}.png"))
+        plot = v3_cycle.write_plot if args.projection else plots.write_planning_plot
+        results["plots"] = plot(
+            [results] if args.projection else results,  # type: ignore[operator]
+            os.path.join(args.plots_dir, f"{args.name}.png"),
+        )
     common.publish(args.name, results, args.out, print_report)
     return results
 

@@ -89,12 +89,15 @@ def project(
     block_bytes: int,
     *,
     with_v1: bool = False,
+    index_block_bytes: int | None = None,
 ) -> Projection:
     """The v3 manifest, rank pages and index records of ``tensors`` (key, dtype, shape,
     chunks) stored in ``files`` (name -> (size, rank)); ``rest``: the manifest's other fields
     (values, paths, process_layout, ...). With ``with_v1``, also the v1 manifest's size,
-    summed per tensor line so that no full v1 document is held."""
+    summed per tensor line so that no full v1 document is held. ``index_block_bytes``: the
+    hash block of the index records (default ``block_bytes``; a format-3 save's is 1 MiB)."""
     out = Projection()
+    index_block = index_block_bytes or block_bytes
     ranks = rest["world_size"]
     save_id = next(iter(files)).split("/")[1].split("-r")[0] if files else "0"
     by_rank: dict[int, list[str]] = {}
@@ -106,7 +109,7 @@ def project(
     for key, dtype, shape, chunks in tensors:
         for c in chunks:
             e = entries[c.file]
-            e[0], e[1] = e[0] + index_entry_bytes(c.byte_offset, c.byte_length, block_bytes), e[1] + 1
+            e[0], e[1] = e[0] + index_entry_bytes(c.byte_offset, c.byte_length, index_block), e[1] + 1
         t0 = time.perf_counter()  # the coordinator's work: positions and compress, not the simulation
         positioned = [rules.Chunk(c.offsets, c.sizes, position[c.file], c.byte_offset) for c in chunks]
         rule, _ = rules.compress(shape, positioned)
@@ -123,7 +126,7 @@ def project(
     out.seconds["compress_v3"] = compress_s
     for r in range(ranks):
         mine = [(files[n][0], *entries[n]) for n in by_rank.get(r, [])]
-        out.index_bytes[r] = rank_index_bytes(save_id, r, block_bytes, mine)
+        out.index_bytes[r] = rank_index_bytes(save_id, r, index_block, mine)
     hosts = rest["process_layout"]
     pages = []
     for first in range(0, ranks, file_table.DEFAULT_RANKS_PER_PAGE):
@@ -140,7 +143,7 @@ def project(
     out.file_table = len(json.dumps(file_table.file_table_to_json(table), separators=(",", ":")))
     m = mv3.ManifestV3(
         world_size=ranks,
-        hash_block_bytes=block_bytes,
+        hash_block_bytes=index_block,
         bases=(),
         file_table=table,
         tensors=tensor_recs,
@@ -288,6 +291,7 @@ def rank_results(
     files: dict[str, tuple[int, int]],
     ranks: int,
     dims: int = 2,
+    index_sizes: dict[int, int] | None = None,
 ) -> list[Any]:
     """What every rank of that save reports to the coordinator under format 3
     (``engine.write_v3.RankResult``: one row per chunk, its data files' sizes, its index
@@ -316,7 +320,7 @@ def rank_results(
     out = []
     for r in range(ranks):
         held_keys = shared.setdefault(tuple(keys[r]), tuple(keys[r]))
-        entry = file_table.RankEntry(30_000, FAKE_HASH, f"node{r // 8:04d}", r % 8)
+        entry = file_table.RankEntry((index_sizes or {}).get(r, 30_000), FAKE_HASH, f"node{r // 8:04d}", r % 8)
         file_sizes = tuple(sizes[r][k] for k in range(len(sizes[r])))
         out.append(write_v3.RankResult(r, entry, file_sizes, held_keys, 3 + 2 * dims, rows[r].tobytes()))
         rows[r] = array.array("q")

@@ -175,16 +175,18 @@ def check_shape(shape: object, *, where: str) -> tuple[int, ...]:
     return tuple(shape)
 
 
-def max_json_containers(size: int) -> int:
+def max_json_containers(size: int, bytes_per_container: int = JSON_BYTES_PER_CONTAINER) -> int:
     """How many arrays and objects JSON text of ``size`` bytes may hold."""
-    return JSON_CONTAINERS_SLACK + size // JSON_BYTES_PER_CONTAINER
+    return JSON_CONTAINERS_SLACK + size // bytes_per_container
 
 
-def json_limits_problem(raw: bytes, *, max_bytes: int) -> str | None:
+def json_limits_problem(
+    raw: bytes, *, max_bytes: int, bytes_per_container: int = JSON_BYTES_PER_CONTAINER
+) -> str | None:
     """What makes ``raw`` too costly to hand to ``json.loads``, or None if it is within limits.
 
     Limits: ``len(raw) <= max_bytes``; nesting depth <= MAX_JSON_DEPTH; arrays + objects
-    <= max_json_containers(len(raw)). Counted outside strings, on the bytes, in O(len(raw))
+    <= max_json_containers(len(raw), bytes_per_container). Counted outside strings, on the bytes, in O(len(raw))
     time and O(1) memory (numpy, in blocks), so nothing is built for a refused document.
     Within the limits json.loads takes at most ~20x ``len(raw)`` plus ~0.5 MB (measured
     worst: '{"a":"bc"},"ab",' repeated, one-key objects at the container limit between
@@ -194,7 +196,7 @@ def json_limits_problem(raw: bytes, *, max_bytes: int) -> str | None:
     """
     if len(raw) > max_bytes:
         return f"is {len(raw)} bytes, more than the limit of {max_bytes}"
-    scan = _JsonScan(len(raw))
+    scan = _JsonScan(len(raw), bytes_per_container)
     data = np.frombuffer(raw, dtype=np.uint8)
     for start in range(0, len(data), _SCAN_BLOCK):
         problem = scan.block(data[start : start + _SCAN_BLOCK], start)
@@ -212,9 +214,10 @@ class _JsonScan:
     block: a few vectorized passes plus O(k log k) for its k quotes, brackets and backslashes.
     """
 
-    def __init__(self, size: int) -> None:
+    def __init__(self, size: int, bytes_per_container: int = JSON_BYTES_PER_CONTAINER) -> None:
         self.size = size
-        self.max_containers = max_json_containers(size)
+        self.bytes_per_container = bytes_per_container
+        self.max_containers = max_json_containers(size, bytes_per_container)
         self.containers = 0
         self.depth = 0
         self.in_string = False
@@ -244,7 +247,7 @@ class _JsonScan:
         return (
             f"has more than {self.max_containers} JSON arrays and objects (one more starts at byte {at}); "
             f"the limit for {self.size} bytes is {JSON_CONTAINERS_SLACK} plus one per "
-            f"{JSON_BYTES_PER_CONTAINER} bytes, which bounds the memory that parsing takes"
+            f"{self.bytes_per_container} bytes, which bounds the memory that parsing takes"
         )
 
     def _inside_strings(self, block: np.ndarray, positions: np.ndarray) -> np.ndarray:

@@ -165,17 +165,20 @@ def _file_doc(f: FileRecord) -> dict[str, Any]:
     return doc
 
 
-def check_manifest_limits(raw: bytes, *, source: str, writing: bool = False) -> None:
+def check_manifest_limits(
+    raw: bytes, *, source: str, writing: bool = False, bytes_per_container: int = datafile.JSON_BYTES_PER_CONTAINER
+) -> None:
     """Raise ManifestError if ``raw`` exceeds a limit that :func:`parse_manifest` enforces.
 
     The limits (datafile.json_limits_problem): at most MAX_MANIFEST_BYTES bytes, JSON
     nesting at most datafile.MAX_JSON_DEPTH deep, at most datafile.max_json_containers(
-    len(raw)) arrays and objects. Checked on the bytes in linear time and constant memory,
-    before anything is parsed. :func:`manifest_to_json` calls it with ``writing=True``, so
-    a save never commits a manifest that readers would refuse; the hint then says what to
-    shrink instead of calling the file hostile.
+    len(raw), bytes_per_container) arrays and objects (format 3 allows one per 8 bytes).
+    Checked on the bytes in linear time and constant memory, before anything is parsed.
+    :func:`manifest_to_json` calls it with ``writing=True``, so a save never commits a
+    manifest that readers would refuse; the hint then says what to shrink instead of
+    calling the file hostile.
     """
-    problem = datafile.json_limits_problem(raw, max_bytes=MAX_MANIFEST_BYTES)
+    problem = datafile.json_limits_problem(raw, max_bytes=MAX_MANIFEST_BYTES, bytes_per_container=bytes_per_container)
     if problem is None:
         return
     if writing:

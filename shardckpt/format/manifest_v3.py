@@ -41,6 +41,14 @@ from shardckpt.format.overlap import first_overlap
 from shardckpt.format.values import decode_value
 
 VERSION = 3
+JSON_BYTES_PER_CONTAINER = 8
+"""Format 3's container limit (format.md 12.5 item 1): one JSON array or object per 8 bytes
+(versions 1 and 2: 16). A rule record is 8 containers in ~100 bytes plus its key and its
+path's line, so thousands of tensors with short keys ("t0".."t9999") stay under it, while
+json.loads of the densest document it admits ('{"a":0}' repeated) peaks at ~24x its bytes
+(the 16-byte limit: ~20x; the whole parse ~25x); tests/unit/test_v3_json_limits.py
+checks both."""
+_DECLARED = re.compile(rb'\{\s*"format"\s*:\s*"shardckpt"\s*,\s*"format_version"\s*:\s*3\s*,')
 _FOLDER = re.compile(r"^[A-Za-z0-9._-]{1,255}$")
 _TOP = (
     "format",
@@ -160,7 +168,9 @@ def manifest_v3_to_json(m: ManifestV3) -> bytes:
         else:
             lines.append(f" {_dump(k)}: {_dump(v)}")
     raw = seal(("{\n" + ",\n".join(lines) + "\n}\n").encode())
-    check_manifest_limits(raw, source="the format-3 manifest being written", writing=True)
+    check_manifest_limits(
+        raw, source="the format-3 manifest being written", writing=True, bytes_per_container=JSON_BYTES_PER_CONTAINER
+    )
     return raw
 
 
@@ -199,7 +209,7 @@ def parse_manifest_v3(raw: bytes, *, source: str) -> ManifestV3:
     (UnsupportedFormatVersionError for another version) saying what was expected, what was
     found and where.
     """
-    check_manifest_limits(raw, source=source)
+    check_manifest_limits(raw, source=source, bytes_per_container=JSON_BYTES_PER_CONTAINER)
     unseal(raw, source=source)
     try:
         doc = json.loads(raw.decode("utf-8"), parse_constant=_refuse_constant, parse_float=_finite_float)
@@ -217,7 +227,12 @@ READ_VERSIONS = (*SUPPORTED_VERSIONS, VERSION)
 def parse_any_manifest(raw: bytes, *, source: str) -> Manifest | ManifestV3:
     """A manifest of any version a load reads (:data:`READ_VERSIONS`): versions 1 and 2
     through :func:`~shardckpt.format.manifest.parse_manifest`, version 3 through
-    :func:`parse_manifest_v3`. UnsupportedFormatVersionError for any other version."""
+    :func:`parse_manifest_v3`. UnsupportedFormatVersionError for any other version.
+    A manifest that starts as shardckpt writes format 3 goes to :func:`parse_manifest_v3`
+    at once: versions 1 and 2 have a stricter container limit, checked before the version
+    is read."""
+    if _DECLARED.match(raw, 0, 256):
+        return parse_manifest_v3(raw, source=source)
     try:
         return parse_manifest(raw, source=source)
     except UnsupportedFormatVersionError as first:

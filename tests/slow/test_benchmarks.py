@@ -125,6 +125,40 @@ def test_planning_scale_tiny(tmp_path: Any) -> None:
     assert r["growth"]["bytes"]["manifest_json"]["fitted_exponent"] > 0
 
 
+def test_planning_scale_format_3_cycle_quick(tmp_path: Any) -> None:
+    """--projection --quick: every row of issue #16's table, on the real format-3 paths."""
+    r = planning_scale.main(
+        [
+            "--projection",
+            "--quick",
+            "--ranks",
+            "4",
+            "8",
+            "--repeats",
+            "1",
+            "--out",
+            str(tmp_path),
+            "--plots-dir",
+            "none",
+        ]
+    )
+    for x in r["rows"]:
+        b, s, c = x["bytes"], x["seconds"], x["counts"]
+        assert x["not_run"] == {}  # DCP's figures and the first save's plan fit at this size
+        # a loading rank reads the manifest and at least its own rank's index record and page
+        assert b["load_own_metadata_sharded_only"] > b["manifest_v3_written"] > 0
+        assert b["load_own_metadata"] >= b["load_own_metadata_sharded_only"]
+        # the replicated 0-d step tensors are spread over every rank: a rank reads them all
+        assert c["load_own_index_records_read"] == x["ranks"]
+        # N -> N-1 boxes straddle two stored pieces: more chunks than loading one's own
+        assert c["load_reshard_chunks_planned"] > c["load_own_chunks_planned"] > 0
+        assert s["first_save_plan_ours"] > s["assemble_v3"] > 0 and s["global_plan_dcp_s"] > 0
+        assert s["coordinator_s"] > 0 and s["dcp_unpickle"] > 0 and b["dcp_metadata_pickle"] > 0
+    sizes = [x["bytes"]["manifest_v3_written"] for x in r["rows"]]
+    assert max(sizes) < 1.1 * min(sizes)  # rules: the manifest does not grow with the ranks
+    assert r["rows"][1]["bytes"]["dcp_metadata_pickle"] > 1.5 * r["rows"][0]["bytes"]["dcp_metadata_pickle"]
+
+
 # Collectives per call on rank 0 measured on 2026-11-30 (docs/benchmarks.md, "The fixed
 # cost of a tiny checkpoint"). A change that adds one to a save or load fails here, so it
 # is a decision (update the numbers and the doc), not an accident; fewer is welcome.
