@@ -68,7 +68,8 @@ class Reader(StorageReader):
         self.bytes_read = 0
 
     def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
-        return manifest_to_metadata(self.manifest)
+        # This reader finds chunks in the manifest: no per-chunk storage_data (issue #18).
+        return manifest_to_metadata(self.manifest, storage_data=False)
 
     def set_up_storage_reader(self, metadata: Metadata, is_coordinator: bool, *args: Any, **kwargs: Any) -> None:
         self.rank = int(kwargs.get("rank", 0))
@@ -250,10 +251,12 @@ def deliver_value(planner: LoadPlanner, item: ReadItem, encoded: Any) -> None:
     planner.load_bytes(item, stream)
 
 
-def manifest_to_metadata(m: Manifest | ManifestV3) -> Metadata:
+def manifest_to_metadata(m: Manifest | ManifestV3, *, storage_data: bool = True) -> Metadata:
     """The DCP view of a manifest, so DCP's load planner can plan resharding. A format-3
     manifest's tensors have no chunks here: its planner (``load_v3.RulePlanner``) adds, per
-    rank, those that the rank's boxes overlap."""
+    rank, those that the rank's boxes overlap. ``storage_data``: map each chunk's
+    MetadataIndex to its ChunkRecord (DCP's planners never read it; :class:`Reader` looks
+    chunks up in the manifest itself, so it passes False and skips one object per chunk)."""
     sd: dict[str, Any] = {}
     for fqn, t in m.tensors.items():
         sd[fqn] = TensorStorageMetadata(
@@ -265,13 +268,13 @@ def manifest_to_metadata(m: Manifest | ManifestV3) -> Metadata:
         )
     for fqn in m.values:
         sd[fqn] = BytesStorageMetadata()
-    storage_data = (
+    records = (
         {}
-        if isinstance(m, ManifestV3)
+        if isinstance(m, ManifestV3) or not storage_data
         else {MetadataIndex(fqn, c.offsets): c for fqn, t in m.tensors.items() for c in t.chunks}
     )
     return Metadata(
         state_dict_metadata=sd,
         planner_data={k: tuple(v) for k, v in m.paths.items()},
-        storage_data=storage_data,
+        storage_data=records,
     )

@@ -237,3 +237,48 @@ def test_a_background_save_leaves_the_collector_to_the_program(tmp_path: Path) -
     with collector_paused():
         assert not gc.isenabled()  # the main thread (a sync save, a load) pauses it
     assert gc.isenabled()
+
+
+_BAD_CHUNK_FIELDS = [
+    ("offsets", [1.0], r"chunks\[1\]\.offsets: shape \[1\.0\]"),
+    ("offsets", [True], r"chunks\[1\]\.offsets"),
+    ("sizes", [-1], r"chunks\[1\]\.sizes: shape \[-1\]"),
+    ("sizes", [999], r"chunks\[1\]: box \(16,\)\+\(999,\) lies outside shape \(32,\)"),
+    ("file", "../x.safetensors", r"chunks\[1\]: file name '\.\./x\.safetensors' is not a plain relative name"),
+    ("file", "data/other-r0-0.safetensors", r"chunks\[1\]: file 'data/other-r0-0\.safetensors' is not listed"),
+    ("byte_offset", 2**62, r"chunks\[1\]\.byte_offset = 4611686018427387904 out of range"),
+    ("byte_offset", 10**9, r"chunks\[1\]: byte range \[1000000000, .* lies beyond the end"),
+    ("byte_length", 8, r"chunks\[1\]: byte_length 8 does not match sizes"),
+    ("block_hashes", ["zz"], r"chunks\[1\]: expected 1 block hashes of 16 hex digits"),
+    ("block_hashes", [], r"chunks\[1\]: expected 1 block hashes"),
+    ("file", None, r"missing field tensors\['w'\]\.chunks\[1\]\.file"),
+]
+
+
+@pytest.mark.parametrize(("field", "bad", "message"), _BAD_CHUNK_FIELDS)
+def test_the_quick_manifest_check_refuses_every_chunk_the_full_check_refuses(
+    tmp_path: Path, field: str, bad: Any, message: str
+) -> None:
+    """The manifest parser checks each chunk record on a quick path that builds no message;
+    every defect still ends in the full check's error, naming the field (issue #18)."""
+    import json
+
+    from shardckpt.errors import ManifestError
+    from shardckpt.format.manifest import parse_manifest
+
+    path = tmp_path / "ckpt"
+    shardckpt.save({"w": torch.arange(32.0)}, str(path / "a"))
+    doc = json.loads((path / "a" / "manifest.json").read_bytes())
+    [chunk] = doc["tensors"]["w"]["chunks"]
+    # Two chunks of 16, so the bad record is the second one (its index is named).
+    first, second = dict(chunk), dict(chunk)
+    first.update(sizes=[16], byte_length=64)
+    second.update(offsets=[16], sizes=[16], byte_offset=chunk["byte_offset"] + 64, byte_length=64)
+    doc["tensors"]["w"]["chunks"] = [first, second]
+    parse_manifest(json.dumps(doc).encode(), source="ok")  # the block hash count still fits: one block
+    if bad is None:
+        del second[field]
+    else:
+        second[field] = bad
+    with pytest.raises(ManifestError, match=message):
+        parse_manifest(json.dumps(doc).encode(), source="src")
