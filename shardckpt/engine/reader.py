@@ -6,8 +6,10 @@ DCP calls, in order: ``read_metadata -> set_up_storage_reader -> prepare_local_p
 ``read_data`` reads, for each ReadItem, only the byte range that covers the box the
 rank needs (rounded out to whole checksum blocks when verifying), checks those blocks,
 and copies the box into the destination tensor, through the same
-:class:`~shardckpt.engine.boxes.BoxReader` as every other reader. A same-layout load of
-a whole chunk reads straight into the destination tensor, with no staging copy.
+:class:`~shardckpt.engine.boxes.BoxReader` as every other reader. Small boxes whose bytes
+lie back to back in a data file are read together, with one read (:func:`read_runs`); a
+same-layout load of a larger chunk reads straight into the destination tensor, with no
+staging copy.
 """
 
 from __future__ import annotations
