@@ -6,18 +6,21 @@ DCP calls, in order: ``read_metadata -> set_up_storage_reader -> prepare_local_p
 ``read_data`` reads, for each ReadItem, only the byte range that covers the box the
 rank needs (rounded out to whole checksum blocks when verifying), checks those blocks,
 and copies the box into the destination tensor, through the same
-:class:`~shardckpt.engine.boxes.BoxReader` as every other reader. A same-layout load of
-a whole chunk reads straight into the destination tensor, with no staging copy.
+:class:`~shardckpt.engine.boxes.BoxReader` as every other reader. Small boxes whose bytes
+lie back to back in a data file are read together, with one read (:func:`read_runs`); a
+same-layout load of a larger chunk reads straight into the destination tensor, with no
+staging copy.
 """
 
 from __future__ import annotations
 
 import io
 import json
+import math
 import threading
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 import torch
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
@@ -32,7 +35,7 @@ from torch.distributed.checkpoint.metadata import (
 from torch.distributed.checkpoint.planner import LoadItemType, LoadPlan, LoadPlanner, ReadItem
 from torch.distributed.checkpoint.storage import StorageReader
 
-from shardckpt.engine.boxes import BoxReader
+from shardckpt.engine.boxes import BoxReader, RunBox, Span
 from shardckpt.engine.load_v3 import RuleChunks
 from shardckpt.engine.planner import LoadPlanner as ShardckptLoadPlanner
 from shardckpt.engine.planner import set_in_place
@@ -67,7 +70,8 @@ class Reader(StorageReader):
         self.bytes_read = 0
 
     def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
-        return manifest_to_metadata(self.manifest)
+        # This reader finds chunks in the manifest: no per-chunk storage_data (issue #18).
+        return manifest_to_metadata(self.manifest, storage_data=False)
 
     def set_up_storage_reader(self, metadata: Metadata, is_coordinator: bool, *args: Any, **kwargs: Any) -> None:
         self.rank = int(kwargs.get("rank", 0))
@@ -102,40 +106,90 @@ class Reader(StorageReader):
             else ListedChunks(self.storage, self.manifest, verify=self.verify, where=where)
         )
         boxes = chunks.prepare(tensor_items, threads=self.num_io_threads)
-        if tensor_items:
-            # One task per thread, each taking the next item until none is left: thousands
+        runs = read_runs(tensor_items, chunks, boxes)
+        if runs:
+            # One task per thread, each taking the next run until none is left: thousands
             # of small chunks cost no future, submit and wake-up each (issue #18).
-            workers = min(self.num_io_threads, len(tensor_items))
-            queue, lock = iter(tensor_items), threading.Lock()
+            workers = min(self.num_io_threads, len(runs))
+            queue, lock = iter(runs), threading.Lock()
             with ThreadPoolExecutor(workers, thread_name_prefix="shardckpt-read") as pool:
-                for f in [pool.submit(self._read_items, chunks, boxes, queue, lock, planner) for _ in range(workers)]:
+                for f in [pool.submit(self._read_runs, boxes, queue, lock, planner) for _ in range(workers)]:
                     self.bytes_read += f.result()
 
-    def _read_items(
+    def _read_runs(
         self,
-        chunks: ChunkSource,
         boxes: BoxReader,
-        queue: Iterator[ReadItem],
+        queue: Iterator[list[PlannedRead]],
         lock: threading.Lock,
         planner: LoadPlanner,
     ) -> int:
-        """Read items from ``queue`` (shared by the reader threads) until it is empty;
+        """Read runs from ``queue`` (shared by the reader threads) until it is empty;
         returns the bytes read from storage."""
         done = 0
         while True:
             with lock:
-                item = next(queue, None)
-            if item is None:
+                run = next(queue, None)
+            if run is None:
                 return done
-            done += self._read_item(chunks, boxes, item, planner)
+            targets = [planner.resolve_tensor(p.item).detach() for p in run]
+            if len(run) == 1:
+                p = run[0]
+                done += boxes.read_box(p.item.storage_index.fqn, p.chunk, p.item.storage_offsets, targets[0])
+            else:
+                done += boxes.read_run([p.box(t) for p, t in zip(run, targets, strict=True)])
+            for p, t in zip(run, targets, strict=True):
+                planner.commit_tensor(p.item, t)
 
-    def _read_item(self, chunks: ChunkSource, boxes: BoxReader, item: ReadItem, planner: LoadPlanner) -> int:
-        """Read, verify and copy one box; returns the bytes read from storage."""
+
+RUN_ITEM_MAX_BYTES = 1 << 20
+"""Boxes up to this size are read together with their neighbours in the file (larger
+ones are read alone, straight into their target where the layout allows)."""
+
+RUN_MAX_BYTES = 8 << 20
+"""At most this many bytes per joined read (the staging buffer of one reader thread)."""
+
+
+class PlannedRead(NamedTuple):
+    """A tensor ReadItem with its chunk and the bytes of the chunk it reads (None: an empty box)."""
+
+    item: ReadItem
+    chunk: ChunkRecord
+    span: Span | None
+
+    def box(self, dest: torch.Tensor) -> RunBox:
+        """This read as a box of a joined read (only non-empty boxes are joined)."""
+        assert self.span is not None
+        return RunBox(self.item.storage_index.fqn, self.chunk, self.span, dest)
+
+
+def read_runs(items: Sequence[ReadItem], chunks: ChunkSource, boxes: BoxReader) -> list[list[PlannedRead]]:
+    """``items`` grouped into runs, each read with one read: boxes of at most
+    :data:`RUN_ITEM_MAX_BYTES` whose bytes lie back to back in one data file, up to
+    :data:`RUN_MAX_BYTES` a run; every other item is a run of its own. No byte is read
+    that a box does not need (a gap ends a run). Runs are in file and offset order."""
+    by_file: dict[str, list[tuple[int, int, PlannedRead]]] = {}
+    alone: list[list[PlannedRead]] = []
+    for item in items:
         chunk = chunks.chunk(item.storage_index.fqn, tuple(item.storage_index.offset or ()))
-        target = planner.resolve_tensor(item).detach()
-        n = boxes.read_box(item.storage_index.fqn, chunk, item.storage_offsets, target)
-        planner.commit_tensor(item, target)
-        return n
+        if math.prod(item.lengths) == 0:
+            alone.append([PlannedRead(item, chunk, None)])
+            continue
+        span = boxes.span(item.storage_index.fqn, chunk, item.storage_offsets, item.lengths)
+        begin = chunk.byte_offset + span.lo
+        by_file.setdefault(chunk.file, []).append((begin, begin + span.hi - span.lo, PlannedRead(item, chunk, span)))
+    runs: list[list[PlannedRead]] = []
+    for name in sorted(by_file):
+        end, size = -1, 0
+        for begin, stop, planned in sorted(by_file[name], key=lambda e: (e[0], e[1])):
+            small = stop - begin <= RUN_ITEM_MAX_BYTES
+            if small and runs and begin == end and size + stop - begin <= RUN_MAX_BYTES:
+                runs[-1].append(planned)
+                size += stop - begin
+            else:
+                runs.append([planned])
+                size = stop - begin if small else RUN_MAX_BYTES  # nothing joins a large box
+            end = stop
+    return runs + alone
 
 
 class ChunkSource(Protocol):
@@ -199,10 +253,12 @@ def deliver_value(planner: LoadPlanner, item: ReadItem, encoded: Any) -> None:
     planner.load_bytes(item, stream)
 
 
-def manifest_to_metadata(m: Manifest | ManifestV3) -> Metadata:
+def manifest_to_metadata(m: Manifest | ManifestV3, *, storage_data: bool = True) -> Metadata:
     """The DCP view of a manifest, so DCP's load planner can plan resharding. A format-3
     manifest's tensors have no chunks here: its planner (``load_v3.RulePlanner``) adds, per
-    rank, those that the rank's boxes overlap."""
+    rank, those that the rank's boxes overlap. ``storage_data``: map each chunk's
+    MetadataIndex to its ChunkRecord (DCP's planners never read it; :class:`Reader` looks
+    chunks up in the manifest itself, so it passes False and skips one object per chunk)."""
     sd: dict[str, Any] = {}
     for fqn, t in m.tensors.items():
         sd[fqn] = TensorStorageMetadata(
@@ -214,13 +270,13 @@ def manifest_to_metadata(m: Manifest | ManifestV3) -> Metadata:
         )
     for fqn in m.values:
         sd[fqn] = BytesStorageMetadata()
-    storage_data = (
+    records = (
         {}
-        if isinstance(m, ManifestV3)
+        if isinstance(m, ManifestV3) or not storage_data
         else {MetadataIndex(fqn, c.offsets): c for fqn, t in m.tensors.items() for c in t.chunks}
     )
     return Metadata(
         state_dict_metadata=sd,
         planner_data={k: tuple(v) for k, v in m.paths.items()},
-        storage_data=storage_data,
+        storage_data=records,
     )

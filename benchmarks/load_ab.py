@@ -1,0 +1,114 @@
+"""Cold load of one checkpoint by two builds of shardckpt, interleaved, with per-rank
+safetensors as the floor (issue #18's small-tensor load).
+
+Each call is one spawn of ``--world-size`` gloo ranks running the shardckpt found on
+PYTHONPATH: it saves the ``--mix`` once (shardckpt and per-rank safetensors files, kept
+in ``--dir`` for the next calls), then ``--repeats`` times (after one warm-up) loads both,
+in shuffled order, each cold (rank 0 evicts the files first), and prints one JSON line:
+the seconds of each load (max over ranks) and their ratio. Interleave builds by calling
+it alternately, e.g. with a checkout of the old commit::
+
+    git archive OLD shardckpt | tar -x -C /tmp/old
+    for b in old new new old old new; do
+      PYTHONPATH=$([ $b = old ] && echo /tmp/old || pwd) \
+        python benchmarks/load_ab.py --mix small --mib 64 --label $b --dir /tmp/ab_small
+    done
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import socket
+import statistics
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import common
+import save_load
+
+
+def worker(rank: int, world: int, args: argparse.Namespace, port: int) -> None:
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    import shardckpt
+
+    specs = save_load.mix_layout(args.mix, args.mib, world)
+    src = common.make_state(specs, rank, world, fill=True)
+    dst = common.make_state(specs, rank, world, fill=False)
+    ckpt, st = os.path.join(args.dir, "shardckpt"), os.path.join(args.dir, f"safetensors-r{rank}.bin")
+    if not os.path.exists(os.path.join(ckpt, "manifest.json")):
+        shardckpt.save(src, ckpt)
+    if not os.path.exists(st):
+        save_load.per_rank_file_save("safetensors", st, src)
+    dist.barrier()
+    st_files = [os.path.join(args.dir, f"safetensors-r{r}.bin") for r in range(world)]
+    files = {"shardckpt": common.files_under(ckpt), "safetensors": st_files}
+    seconds: dict[str, list[float]] = {"shardckpt": [], "safetensors": []}
+    for rep in range(args.repeats + 1):
+        order = ["shardckpt", "safetensors"]
+        random.Random(rep).shuffle(order)
+        for system in order:
+            common.zero_state(dst)
+            if rank == 0:
+                common.evict_files(files[system])
+            dist.barrier()
+            t0 = time.perf_counter()
+            if system == "shardckpt":
+                shardckpt.load(dst, ckpt)
+            else:
+                save_load.per_rank_file_load(st, dst)
+            dist.barrier()
+            dt = max(common.gather_to_all(time.perf_counter() - t0))
+            if rep == 0:
+                if system == "shardckpt" and not all(common.gather_to_all(common.state_equal(dst, src))):
+                    raise AssertionError("shardckpt: loaded values differ from the saved ones")
+            else:
+                seconds[system].append(dt)
+    if rank == 0:
+        ratios = [s / c for c, s in zip(seconds["shardckpt"], seconds["safetensors"], strict=True)]
+        print(
+            json.dumps(
+                {
+                    "label": args.label,
+                    "mix": args.mix,
+                    "mib": args.mib,
+                    "world_size": world,
+                    "shardckpt_s": statistics.median(seconds["shardckpt"]),
+                    "safetensors_s": statistics.median(seconds["safetensors"]),
+                    "x_safetensors": statistics.median(ratios),
+                    "x_safetensors_all": [round(r, 3) for r in ratios],
+                    "loadavg": common.loadavg(),
+                }
+            ),
+            flush=True,
+        )
+    dist.destroy_process_group()
+
+
+def main() -> None:
+    import torch.multiprocessing as mp
+
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--mix", default="small", choices=save_load.MIXES)
+    ap.add_argument("--mib", type=int, default=64)
+    ap.add_argument("--world-size", type=int, default=4)
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--label", default="")
+    ap.add_argument("--dir", required=True, help="scratch folder, reused across calls (delete it yourself)")
+    args = ap.parse_args()
+    os.makedirs(args.dir, exist_ok=True)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(worker, args=(args.world_size, args, port), nprocs=args.world_size)
+
+
+if __name__ == "__main__":
+    main()
