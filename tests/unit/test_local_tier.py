@@ -7,10 +7,11 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import time
 
 import pytest
 import torch
-from distributed import kill_group, run_command, start_command, wait_for
+from distributed import kill_group, run_command, start_command
 
 import shardckpt
 from shardckpt.engine.collective import RankGroup
@@ -466,10 +467,20 @@ while True:  # until killed
 """
 
 
+def wait_for_step(local_dir, at_least: int, timeout_s: float = 120.0) -> None:
+    """Until a step folder numbered ``at_least`` or higher exists. Not step ``at_least``
+    itself: keep_last=2 removes it two saves later, often between two looks (the test then
+    waited out the deadline and failed on a loaded machine)."""
+    deadline = time.monotonic() + timeout_s
+    while not any(n[5:15].isdigit() and int(n[5:15]) >= at_least for n in step_dirs(local_dir)):
+        assert time.monotonic() < deadline, f"no step >= {at_least} in {local_dir} within {timeout_s:g} s"
+        time.sleep(0.05)
+
+
 def test_a_process_killed_in_the_middle_of_local_saves_leaves_a_restorable_step(tmp_path):
     proc = start_command([sys.executable, "-c", SAVER, str(tmp_path), TIER])
     try:
-        wait_for(str(root_dir(tmp_path) / "step_0000000004"))  # saves are in flight from here on
+        wait_for_step(tmp_path, 4)  # saves are in flight from here on
     finally:
         kill_group(proc.pid)  # SIGKILL, wherever it is: staging, writing, renaming, retention
         proc.wait()
