@@ -57,7 +57,7 @@ import common
 # cuBLAS needs this before CUDA starts for deterministic matmuls (the bitwise reruns).
 os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
 
-DIM, HIDDEN, BLOCKS, BATCH = 512, 2048, 4, 64
+WIDTH, BLOCKS, BATCH = 512, 4, 64  # the model: BLOCKS x (Linear(WIDTH, 4 WIDTH), GELU, Linear back)
 
 
 # ------------------------------------------------------------------ process groups
@@ -108,14 +108,14 @@ def _write_json(path: str, value: Any) -> None:
 # ------------------------------------------------------------------ the model
 
 
-def build_model(seed: int, device: Any) -> Any:
+def build_model(seed: int, device: Any, width: int) -> Any:
     import torch
     from torch import nn
 
     gen = torch.Generator().manual_seed(seed)
     layers: list[nn.Module] = []
     for _ in range(BLOCKS):
-        layers += [nn.Linear(DIM, HIDDEN), nn.GELU(), nn.Linear(HIDDEN, DIM)]
+        layers += [nn.Linear(width, 4 * width), nn.GELU(), nn.Linear(4 * width, width)]
     model = nn.Sequential(*layers)
     with torch.no_grad():
         for p in model.parameters():
@@ -135,12 +135,12 @@ def shard_model(model: Any, world: int, cpu: bool) -> Any:
     return model
 
 
-def train_step(model: Any, opt: Any, step: int, device: Any) -> float:
+def train_step(model: Any, opt: Any, step: int, device: Any, width: int) -> float:
     import torch
 
     gen = torch.Generator().manual_seed(1000 + step)
-    x = torch.randn(BATCH, DIM, generator=gen).to(device)
-    y = torch.randn(BATCH, DIM, generator=gen).to(device)
+    x = torch.randn(BATCH, width, generator=gen).to(device)
+    y = torch.randn(BATCH, width, generator=gen).to(device)
     loss = torch.nn.functional.mse_loss(model(x), y)
     opt.zero_grad(set_to_none=True)
     loss.backward()
@@ -173,7 +173,7 @@ def bitwise_equal(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
 # ------------------------------------------------------------------ phase 1: NCCL + FSDP2
 
 
-def phase_train(rank: int, world: int, cpu: bool, work: str, out: str) -> None:
+def phase_train(rank: int, world: int, cpu: bool, work: str, out: str, width: int) -> None:
     import torch
     import torch.distributed as dist
     from safetensors.torch import save_file
@@ -183,13 +183,13 @@ def phase_train(rank: int, world: int, cpu: bool, work: str, out: str) -> None:
     device = _device(cpu)
     result: dict[str, Any] = {"backend": dist.get_backend()}
 
-    model = shard_model(build_model(0, device), world, cpu)
+    model = shard_model(build_model(0, device, width), world, cpu)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    losses = [train_step(model, opt, s, device) for s in range(1, 5)]
+    losses = [train_step(model, opt, s, device, width) for s in range(1, 5)]
     t0 = time.perf_counter()
     handle = shardckpt.async_save({"model": model, "optim": opt, "step": 4}, os.path.join(work, "s4"))
     result["async_blocking_s"] = time.perf_counter() - t0
-    losses += [train_step(model, opt, s, device) for s in range(5, 9)]  # mutate during the write
+    losses += [train_step(model, opt, s, device, width) for s in range(5, 9)]  # mutate during the write
     handle.wait()
     result["async_total_s"] = time.perf_counter() - t0
     shardckpt.save({"model": model}, os.path.join(work, "s8"))
@@ -197,13 +197,13 @@ def phase_train(rank: int, world: int, cpu: bool, work: str, out: str) -> None:
     if rank == 0:
         save_file(reference, os.path.join(work, "ref8.safetensors"))
 
-    model2 = shard_model(build_model(1, device), world, cpu)
+    model2 = shard_model(build_model(1, device, width), world, cpu)
     opt2 = torch.optim.AdamW(model2.parameters(), lr=1e-3)
     state: dict[str, Any] = {"model": model2, "optim": opt2, "step": 0}
     t0 = time.perf_counter()
     shardckpt.load(state, os.path.join(work, "s4"))
     result["load_s"] = time.perf_counter() - t0
-    rerun = [train_step(model2, opt2, s, device) for s in range(5, 9)]
+    rerun = [train_step(model2, opt2, s, device, width) for s in range(5, 9)]
     result["step_loaded"] = state["step"]
     result["losses_equal"] = rerun == losses[4:]
     result["params_differ"] = bitwise_equal(reference, full_params(model2))
@@ -217,13 +217,13 @@ def phase_train(rank: int, world: int, cpu: bool, work: str, out: str) -> None:
     mgr = shardckpt.CheckpointManager(root, save_interval_steps=2, keep_last=2, async_save=True)
     try:
         for s in range(1, 7):
-            train_step(model, opt, 100 + s, device)
+            train_step(model, opt, 100 + s, device, width)
             mgr.save(s, {"model": model, "optim": opt})
     finally:
         mgr.close()
     mgr_result["steps_kept"] = [i.step for i in shardckpt.list_root(root)] if rank == 0 else None
     expected = full_params(model)
-    model3 = shard_model(build_model(2, device), world, cpu)
+    model3 = shard_model(build_model(2, device, width), world, cpu)
     opt3 = torch.optim.AdamW(model3.parameters(), lr=1e-3)
     mgr = shardckpt.CheckpointManager(root, async_save=True)
     try:
@@ -291,14 +291,14 @@ def phase_two_ranks(rank: int, world: int, cpu: bool, work: str, out: str) -> No
         _write_json(os.path.join(out, "two_ranks.json"), result)
 
 
-def phase_reshard_back(rank: int, world: int, cpu: bool, work: str, out: str) -> None:
+def phase_reshard_back(rank: int, world: int, cpu: bool, work: str, out: str, width: int) -> None:
     from safetensors.torch import load_file
 
     import shardckpt
 
     device = _device(cpu)
     reference = load_file(os.path.join(work, "ref8.safetensors"))
-    model = shard_model(build_model(3, device), world, cpu)
+    model = shard_model(build_model(3, device, width), world, cpu)
     shardckpt.load({"model": model}, os.path.join(work, "s8_2ranks"))
     differ = bitwise_equal(reference, full_params(model))
     if rank == 0:
@@ -448,6 +448,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--cpu", action="store_true", help="dry run: CPU tensors and gloo instead of CUDA and NCCL")
     ap.add_argument("--gib", type=float, default=2.0, help="size of the staging/async state (default 2 GiB)")
     ap.add_argument("--repeats", type=int, default=5, help="measured repetitions (default 5)")
+    ap.add_argument(
+        "--width",
+        type=int,
+        default=WIDTH,
+        help=f"the trained model's width (default {WIDTH}: {BLOCKS} blocks of Linear(w, 4w) + Linear(4w, w), "
+        "8.4M parameters); smaller for a quick dry run (tests use 64)",
+    )
     ap.add_argument("--dir", default=None, help="scratch folder (default: a new temporary one)")
     ap.add_argument("--out", default=os.path.join(common.RESULTS_DIR, "gpu_check.json"), help="results JSON")
     args = ap.parse_args(argv)
@@ -489,7 +496,7 @@ def main(argv: list[str] | None = None) -> int:
             return json.load(f)  # type: ignore[no-any-return]
 
     def train() -> None:
-        run_phase(phase_train, 1, backend, args.cpu, work, out)
+        run_phase(phase_train, 1, backend, args.cpu, work, out, args.width)
         sections["nccl_fsdp2_train"] = load_json("train.json")
         sections["nccl_manager"] = load_json("manager.json")
 
@@ -498,7 +505,7 @@ def main(argv: list[str] | None = None) -> int:
         sections["reshard_1_to_2"] = load_json("two_ranks.json")
 
     def back() -> None:
-        run_phase(phase_reshard_back, 1, backend, args.cpu, work, out)
+        run_phase(phase_reshard_back, 1, backend, args.cpu, work, out, args.width)
         sections["reshard_2_to_1"] = load_json("reshard_back.json")
 
     def staging() -> None:

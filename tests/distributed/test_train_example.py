@@ -114,10 +114,14 @@ def test_crash_and_resume_on_the_same_world_size_is_bit_exact(tmp_path):
 def test_resume_on_other_world_sizes_trains_every_sample_exactly_once(tmp_path):
     ref, run = tmp_path / "ref.jsonl", tmp_path / "run.jsonl"
     nodrop = ["--dropout", "0"]  # no randomness in the math: losses comparable to float32 rounding
-    train(2, tmp_path / "ref", ref, *nodrop)
-    train(2, tmp_path / "ckpt3", run, *nodrop, "--fail-at-step", "6", expect_ok=False)
-    shutil.copytree(tmp_path / "ckpt3", tmp_path / "ckpt1")
-    shutil.copy(run, tmp_path / "run1.jsonl")
+    # The reference keeps its step 4 (saves 4, 8, 12, 14): the 2-rank job the resumes start
+    # from, as if it had stopped after step 4 (test 1 kills one; a launch costs seconds).
+    train(2, tmp_path / "ref", ref, *nodrop, "--keep-last", "4")
+    first = [line for line in ref.read_text().splitlines() if json.loads(line).get("step", 0) <= 4]
+    assert [json.loads(line)["event"] for line in first] == ["start", *["step"] * 4, "save"], first
+    for root, log in ((tmp_path / "ckpt3", run), (tmp_path / "ckpt1", tmp_path / "run1.jsonl")):
+        shutil.copytree(tmp_path / "ref" / "step_0000000004", root / "step_0000000004")
+        log.write_text("\n".join(first) + "\n")  # what that job logged before it stopped
     train(3, tmp_path / "ckpt3", run, *nodrop)  # 2 -> 3: uneven shards
     train(1, tmp_path / "ckpt1", tmp_path / "run1.jsonl", *nodrop)  # 2 -> 1
 

@@ -168,3 +168,12 @@ def test_sigkill_at_every_storage_event_never_loses_the_last_commit(tmp_path, ch
     assert {"open", "write", "fsync", "commit:before", "commit:half-written-tmp", "commit:after", "delete"} <= kinds, (
         kinds
     )
+
+
+def test_a_trial_that_raises_exits_1_with_its_traceback(tmp_path, children):
+    # the trial server ends its children itself (os._exit after the interpreter's exit
+    # steps): an exception must still be a failed trial, as it is for `python -c`
+    rc, out = children.run(str(tmp_path / "never"), "not-a-number", "sync")
+    assert rc == 1, out
+    assert "Traceback" in out and "ValueError" in out and "not-a-number" in out, out
+    assert not os.path.exists(tmp_path / "never")

@@ -184,7 +184,10 @@ def test_two_processes_racing_on_s3_commit_exactly_once(s3: S3Server) -> None:
 
 def _race(paths: list[str], options: dict[str, Any] | None) -> None:
     trials = len(paths)
-    ctx = mp.get_context("spawn")
+    # forked from the fork server that run_ranks uses (torch and shardckpt imported once per
+    # session), not spawned: two fresh interpreters importing torch cost seconds per test
+    mp.set_forkserver_preload(list(distributed.PRELOAD))
+    ctx = mp.get_context("forkserver")
     barrier, results = ctx.Barrier(2), ctx.Queue()
     procs = [ctx.Process(target=_racer, args=(w, paths, options, barrier, results)) for w in (0, 1)]
     for p in procs:

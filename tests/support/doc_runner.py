@@ -27,10 +27,12 @@ waiting in that block's collectives, so nothing after it can run in this launch.
 from __future__ import annotations
 
 import ast
+import atexit
 import builtins
 import json
 import os
 import sys
+import threading
 
 
 def free_names(tree: ast.AST) -> set[str]:
@@ -88,5 +90,18 @@ def main() -> None:
         dist.destroy_process_group()
 
 
+def leave() -> None:
+    """End as the interpreter would, without its module teardown: the non-daemon threads
+    (and executors' workers) joined, the atexit handlers run, the output flushed. Tearing
+    down a process that imported torch costs seconds per launch, and under torchrun gloo's
+    teardown can abort a rank that passed (tests/support/distributed.py ends its ranks so)."""
+    threading._shutdown()  # what Py_Finalize calls first
+    atexit._run_exitfuncs()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
+
+
 if __name__ == "__main__":
     main()
+    leave()

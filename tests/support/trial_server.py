@@ -5,7 +5,9 @@ would (a fresh interpreter per trial cost seconds of imports, dozens of times).
 Used by tests/slow/test_crash.py (its CHILD code) and tests/slow/test_crash_incremental.py
 (tests/support/incremental_crash_job.py). Only imports run in the server, no torch op and
 no thread, so a fork loses nothing; the child leaves the server's loop and ends the way that
-interpreter would (non-daemon threads joined, atexit handlers run), or dies of its SIGKILL.
+interpreter would (non-daemon threads joined, atexit handlers run, the exit status of an
+exception or ``sys.exit``), or dies of its SIGKILL; only the module teardown is skipped
+(``os._exit``), which costs seconds per trial after torch was imported.
 """
 
 from __future__ import annotations
@@ -25,8 +27,20 @@ SUPPORT = os.path.dirname(os.path.abspath(__file__))
 # child exited, ``RC <returncode>``; the child's argv is ``["-c", ARG, ARG, ...]``.
 SERVER = textwrap.dedent(
     """
-    import importlib, os, sys
+    import atexit, importlib, os, sys, threading, traceback
     sys.path.insert(0, SUPPORT)
+
+    def leave(code):
+        # What the interpreter does at exit that a trial can see: join the non-daemon
+        # threads (and executors' workers), run the atexit handlers, flush. Then _exit:
+        # tearing down the modules of a process that imported torch costs 2-3 s, paid by
+        # every trial that ends normally (a dozen per test) and seen by none.
+        threading._shutdown()
+        atexit._run_exitfuncs()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+
     import torch
     import shardckpt
     import shardckpt.storage.local, shardckpt.engine.checkpointer
@@ -44,14 +58,25 @@ SERVER = textwrap.dedent(
         print(f"PID {pid}", flush=True)
         _, status = os.waitpid(pid, 0)
         print(f"RC {os.waitstatus_to_exitcode(status)}", flush=True)
-    if trial is not None:
-        out_path, argv = trial
-        fd = os.open(out_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-        os.dup2(fd, 1)
-        os.dup2(fd, 2)
-        os.close(fd)
-        sys.argv = ["-c", *argv]
+    if trial is None:
+        leave(0)  # stdin closed: the test module is done with the server
+    out_path, argv = trial
+    fd = os.open(out_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    os.dup2(fd, 1)
+    os.dup2(fd, 2)
+    os.close(fd)
+    sys.argv = ["-c", *argv]
+    try:
         exec(compile(child_code, "<string>", "exec"), {"__name__": "__main__"})
+        code = 0
+    except SystemExit as e:  # sys.exit(...) in the trial code, as the interpreter reads it
+        code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+        if not isinstance(e.code, (int, type(None))):
+            print(e.code, file=sys.stderr)
+    except BaseException:
+        traceback.print_exc()
+        code = 1
+    leave(code)
     """
 ).replace("SUPPORT", repr(SUPPORT))
 
