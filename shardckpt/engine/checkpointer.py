@@ -25,7 +25,7 @@ import torch.distributed as dist
 
 from shardckpt.engine.collective import RankGroup, checkpoint_group, is_gloo
 from shardckpt.engine.incremental import BaseIndex, folder_name
-from shardckpt.engine.loading import LoadResult, load_from, read_manifest
+from shardckpt.engine.loading import LoadResult, load_from, read_any_manifest
 from shardckpt.engine.options import IOOptions, SaveKwargs, Timeouts
 from shardckpt.engine.protocol import Rounds
 from shardckpt.engine.saving import (
@@ -39,7 +39,7 @@ from shardckpt.engine.saving import (
 from shardckpt.engine.staging import BoundedSource, Stager, tensor_bytes
 from shardckpt.engine.state import flatten_with_mappings, to_plain_state_dict
 from shardckpt.engine.writer import Writer
-from shardckpt.errors import ShardckptError
+from shardckpt.errors import ShardckptError, UnsupportedFormatVersionError
 from shardckpt.format.manifest import Manifest
 from shardckpt.format.manifest_v3 import ManifestV3
 from shardckpt.storage import Storage, open_storage
@@ -345,7 +345,15 @@ class Checkpointer:
             last = self._last_saved
         if last is not None and last[0] == wanted.location:
             return last[1]
-        return BaseIndex.from_manifest(read_manifest(wanted), name)
+        found = read_any_manifest(wanted)
+        if isinstance(found, ManifestV3):
+            raise UnsupportedFormatVersionError(
+                f"save to {storage.url} with base={base!r}: the base is a format-3 checkpoint, and incremental "
+                "saves build on formats 1 and 2 only (docs/format.md 12.7). Save without base=, or make a "
+                f"format-1 copy beside it and use that as the base: `python -m shardckpt materialize "
+                f"{wanted.url} {storage.sibling(name + '-v1').url} --format-version 1`."
+            )
+        return BaseIndex.from_manifest(found, name)
 
     def load(
         self,

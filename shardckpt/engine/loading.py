@@ -168,7 +168,8 @@ def read_manifest(
         raise UnsupportedFormatVersionError(
             f"{where}: a format-3 checkpoint (docs/format.md section 12); {tool} reads formats 1 and 2 only. "
             "Format 3 is read by shardckpt.load, CheckpointManager.restore, TrainState.restore, read_state_dict, "
-            "shardckpt.read_any_manifest and `python -m shardckpt verify`, `inspect`, `export` and `diff`."
+            "shardckpt.read_any_manifest, shardckpt.dcp.StorageReader and `python -m shardckpt verify`, `inspect`, "
+            "`ls`, `export`, `diff` and `materialize` (which also makes a format-1 copy: --format-version 1)."
         )
     return m
 

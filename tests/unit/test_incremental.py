@@ -329,3 +329,18 @@ def test_a_save_id_equal_to_a_base_files_id_fails_before_the_commit(tmp_path: Pa
     monkeypatch.undo()
     m1 = shardckpt.save(sd, tmp_path / "s1", base=tmp_path / "s0")  # a new id: fine
     assert m1 is not None and m1.bases == ("s0",)
+
+
+def test_a_format_3_base_is_refused_with_what_to_do_instead(tmp_path: Path) -> None:
+    """An incremental save names its base; a format-3 base (no incremental support yet) must
+    be refused saying which save and how to go on, not as an internal read_manifest call."""
+    state = {"w": torch.randn(8, 8)}
+    shardckpt.save(state, tmp_path / "step_1", format_version=3)
+    with pytest.raises(shardckpt.UnsupportedFormatVersionError) as err:
+        shardckpt.save(state, tmp_path / "step_2", base=tmp_path / "step_1")
+    text = str(err.value)
+    assert "base" in text and "step_1" in text
+    assert "shardckpt.read_manifest" not in text
+    assert "materialize" in text and "--format-version 1" in text
+    assert not (tmp_path / "step_2" / layout.MANIFEST_NAME).exists()
+    assert (tmp_path / "step_1" / layout.MANIFEST_NAME).exists()
