@@ -12,7 +12,9 @@
   from base checkpoints beside it) -> a standalone copy that reads nothing elsewhere.
 
 The work is split by direction: :mod:`~shardckpt.convert.source` (assembling tensors
-from chunks, verified), :mod:`~shardckpt.convert.export`, :mod:`~shardckpt.convert.importer` (with
+from chunks, verified), :mod:`~shardckpt.convert.export` (with
+:mod:`~shardckpt.convert.safetensors_export` and :mod:`~shardckpt.convert.export_items`),
+:mod:`~shardckpt.convert.importer` (with
 :mod:`~shardckpt.convert.foreign`, the readers of the formats it imports, and
 :mod:`~shardckpt.convert.regular_files`, how it opens their files),
 :mod:`~shardckpt.convert.diff`, :mod:`~shardckpt.convert.materialize`, and
