@@ -70,7 +70,7 @@ class SavePlanner(DefaultSavePlanner):
         ``small_replicated_to``: the rank (the coordinator, in a format-3 save) that stores
         the small replicated tensors it holds (:func:`balance_replicated`); None spreads them."""
         super().__init__(flatten_state_dict=True, flatten_sharded_tensors=True)
-        self._small_replicated_to = small_replicated_to
+        self.small_replicated_to = small_replicated_to
         self._json_values: dict[str, bytes] = {}
         self._original_mappings = mappings
         self._source = source
@@ -127,7 +127,7 @@ class SavePlanner(DefaultSavePlanner):
         return result
 
     def _dedup_save_plans(self, all_plans: list[SavePlan]) -> list[SavePlan]:
-        return balance_replicated(all_plans, small_to=self._small_replicated_to)
+        return balance_replicated(all_plans, small_to=self.small_replicated_to)
 
     def finish_plan(self, new_plan: SavePlan) -> SavePlan:
         # Second guard, for a DCP that plans globally without calling create_global_plan.
@@ -170,13 +170,17 @@ class SavePlanner(DefaultSavePlanner):
         return super().resolve_data(write_item)
 
 
-def layout_fingerprint(plan: SavePlan) -> str:
+def layout_fingerprint(plan: SavePlan, *, small_replicated_to: int | None = None) -> str:
     """A digest of what a rank's local plan contributes to the global plan, values
-    aside: every item (key, offsets, kind, chunk, dtype, global shape) and the key paths.
+    aside: every item (key, offsets, kind, chunk, dtype, global shape) and the key paths,
+    and the placement of small replicated items (``SavePlanner.small_replicated_to``: a
+    format-3 save must not reuse a format-1 save's plan, nor the reverse).
     Equal fingerprints on every rank mean the last save's global plan fits this save
     too; the values, which may change every step, are checked anew (:func:`check_values`)."""
     mappings = plan.planner_data.mappings if isinstance(plan.planner_data, _LocalPlannerData) else None
     text = repr((plan.items, sorted(mappings.items()) if mappings else None))
+    if small_replicated_to is not None:
+        text += f"|small replicated to {small_replicated_to}"
     return hashlib.blake2b(text.encode(), digest_size=16).hexdigest()
 
 
