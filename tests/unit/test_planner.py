@@ -172,3 +172,15 @@ def test_global_plan_refuses_shards_that_do_not_tile_the_tensor():
         _check_tiling(md([(0, 4), (5, 5)]))
     with pytest.raises(UnsupportedValueError, match="outside the tensor's global shape"):
         _check_tiling(md([(0, 5), (5, 6)]))
+
+
+def test_the_layout_fingerprint_tells_the_replicated_placement_apart():
+    from shardckpt.engine.planner import layout_fingerprint
+
+    (plan,) = _fsdp_with_steps(1, 2)
+    spread = layout_fingerprint(plan)
+    assert layout_fingerprint(plan) == spread  # deterministic: a repeated save reuses its plan
+    assert layout_fingerprint(plan, small_replicated_to=0) not in (
+        spread,
+        layout_fingerprint(plan, small_replicated_to=1),
+    )
