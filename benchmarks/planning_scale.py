@@ -68,6 +68,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import gc
 import itertools
 import math
@@ -256,7 +257,7 @@ def planner_classes() -> tuple[type, type]:
 
 
 def local_plans(
-    cls: type, items: list[list[Any]], values: dict[str, Any], paths: dict[str, Any]
+    cls: Callable[[], Any], items: list[list[Any]], values: dict[str, Any], paths: dict[str, Any]
 ) -> tuple[list[Any], Any]:
     """Every rank's planner and local plan; returns (plans, rank 0's planner)."""
     plans, first = [], None
@@ -510,7 +511,8 @@ def measure_save_planning(params: list[Param], ranks: int, args: argparse.Namesp
     import torch
     from torch.distributed.checkpoint.metadata import TensorProperties
 
-    ours_cls, dcp_cls = planner_classes()
+    ours_any, dcp_cls = planner_classes()
+    ours_cls = functools.partial(ours_any, small_replicated_to=0)  # a format-3 save's placement
     props = TensorProperties(dtype=torch.float32)
     values, paths = json_values(params), tensor_paths(params)
     first = rank_tensor_items(params, 0, ranks, props)

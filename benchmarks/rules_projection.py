@@ -223,9 +223,10 @@ def synthetic_tensors(
 ) -> tuple[Iterator[tuple[str, str, tuple[int, ...], list[Stored]]], dict[str, tuple[int, int]]]:
     """FSDP ``Shard(0)`` of every key over ``ranks`` (torch.chunk rows, F32), each rank's
     items split over ``threads`` files as the writer splits them, then one replicated 0-d
-    ``steps`` tensor per name, round-robin over the ranks, each after the rank's sharded
-    items in its lightest file. Ranks with the same rows of every first dimension share one
-    layout, so this costs O(keys x ranks) time but O(ranks) memory per key."""
+    ``steps`` tensor per name, on the coordinator as a format-3 save places them
+    (:func:`_place_steps`), each after the rank's sharded items in its lightest file.
+    Ranks with the same rows of every first dimension share one layout, so this costs
+    O(keys x ranks) time but O(ranks) memory per key."""
     firsts = sorted({shape[0] for _, shape in keys})
     signature = [tuple(_rows(n, r, ranks) for n in firsts) for r in range(ranks)]
     plans: dict[tuple[int, ...], tuple[list[tuple[int, int]], list[int]]] = {}
@@ -270,11 +271,18 @@ def _rows(n: int, rank: int, ranks: int) -> int:
 def _place_steps(
     steps: list[str], ranks: int, loads: list[list[int]]
 ) -> tuple[list[tuple[int, int, int]], list[list[int]]]:
-    """(rank, file, byte offset) of each step; the files' final sizes per rank."""
+    """(rank, file, byte offset) of each step; the files' final sizes per rank. As a
+    format-3 save places them (engine.planner.balance_replicated with ``small_to`` the
+    coordinator): every 4-byte step on rank 0 while within SMALL_REPLICATED_BUDGET_BYTES,
+    any beyond it round-robin over the ranks (standing for the balanced placement); each in
+    its rank's lightest file."""
+    from shardckpt.engine.planner import SMALL_REPLICATED_BUDGET_BYTES
+
     loads = [list(x) for x in loads]
     out = []
+    on_coordinator = SMALL_REPLICATED_BUDGET_BYTES // 4
     for j, _ in enumerate(steps):
-        r = j % ranks
+        r = 0 if j < on_coordinator else j % ranks
         if not loads[r]:
             loads[r].append(HEADER_BYTES)  # a rank with no sharded item: its one file
         k = loads[r].index(min(loads[r]))

@@ -57,11 +57,20 @@ class SavePlanner(DefaultSavePlanner):
     it, rather than saving without the checks.
     """
 
-    def __init__(self, *, mappings: dict[str, Any] | None = None, source: BoundedSource | None = None) -> None:
+    def __init__(
+        self,
+        *,
+        mappings: dict[str, Any] | None = None,
+        source: BoundedSource | None = None,
+        small_replicated_to: int | None = None,
+    ) -> None:
         """``mappings``: when the state was flattened before (async staging), the original
         key paths, so the manifest records them rather than the already-flat keys.
-        ``source``: a bounded async save's tensor source (see :class:`BoundedSource`)."""
+        ``source``: a bounded async save's tensor source (see :class:`BoundedSource`).
+        ``small_replicated_to``: the rank (the coordinator, in a format-3 save) that stores
+        the small replicated tensors it holds (:func:`balance_replicated`); None spreads them."""
         super().__init__(flatten_state_dict=True, flatten_sharded_tensors=True)
+        self.small_replicated_to = small_replicated_to
         self._json_values: dict[str, bytes] = {}
         self._original_mappings = mappings
         self._source = source
@@ -118,7 +127,7 @@ class SavePlanner(DefaultSavePlanner):
         return result
 
     def _dedup_save_plans(self, all_plans: list[SavePlan]) -> list[SavePlan]:
-        return balance_replicated(all_plans)
+        return balance_replicated(all_plans, small_to=self.small_replicated_to)
 
     def finish_plan(self, new_plan: SavePlan) -> SavePlan:
         # Second guard, for a DCP that plans globally without calling create_global_plan.
@@ -161,13 +170,17 @@ class SavePlanner(DefaultSavePlanner):
         return super().resolve_data(write_item)
 
 
-def layout_fingerprint(plan: SavePlan) -> str:
+def layout_fingerprint(plan: SavePlan, *, small_replicated_to: int | None = None) -> str:
     """A digest of what a rank's local plan contributes to the global plan, values
-    aside: every item (key, offsets, kind, chunk, dtype, global shape) and the key paths.
+    aside: every item (key, offsets, kind, chunk, dtype, global shape) and the key paths,
+    and the placement of small replicated items (``SavePlanner.small_replicated_to``: a
+    format-3 save must not reuse a format-1 save's plan, nor the reverse).
     Equal fingerprints on every rank mean the last save's global plan fits this save
     too; the values, which may change every step, are checked anew (:func:`check_values`)."""
     mappings = plan.planner_data.mappings if isinstance(plan.planner_data, _LocalPlannerData) else None
     text = repr((plan.items, sorted(mappings.items()) if mappings else None))
+    if small_replicated_to is not None:
+        text += f"|small replicated to {small_replicated_to}"
     return hashlib.blake2b(text.encode(), digest_size=16).hexdigest()
 
 
@@ -316,11 +329,24 @@ def _check_tiling(metadata: Metadata) -> None:
             )
 
 
-def balance_replicated(all_plans: list[SavePlan]) -> list[SavePlan]:
+# Format 3: a replicated item of at most this many bytes, held by the coordinator among
+# others, is stored by the coordinator, up to SMALL_REPLICATED_BUDGET_BYTES in all (see
+# balance_replicated; docs/format.md section 12.3, "Small replicated tensors").
+SMALL_REPLICATED_BYTES = 64 * 1024
+SMALL_REPLICATED_BUDGET_BYTES = 64 * 1024 * 1024
+
+
+def balance_replicated(all_plans: list[SavePlan], *, small_to: int | None = None) -> list[SavePlan]:
     """Keep each item on exactly one rank, spreading replicated bytes evenly.
 
-    Items held by one rank stay there; replicated items go, largest first, to the
-    least-loaded rank that holds them (LPT scheduling). Deterministic for given plans.
+    Items held by one rank stay there. With ``small_to`` (a rank, the coordinator of a
+    format-3 save), replicated items of at most ``SMALL_REPLICATED_BYTES`` that this rank
+    holds go to it first, smallest first, while their sum stays within
+    ``SMALL_REPLICATED_BUDGET_BYTES``: then a loading rank finds all of them in one rank's
+    index record (an AdamW ``step`` per parameter would otherwise send it to hundreds).
+    The other replicated items go, largest first, to the least-loaded rank that holds
+    them (LPT scheduling), counting what ``small_to`` already took. Deterministic for
+    given plans.
     """
     holders: dict[MetadataIndex, list[int]] = defaultdict(list)
     items: dict[MetadataIndex, WriteItem] = {}
@@ -334,16 +360,31 @@ def balance_replicated(all_plans: list[SavePlan]) -> list[SavePlan]:
     def size(idx: MetadataIndex) -> int:
         return item_bytes(items[idx]) or 1
 
-    for idx, ranks in holders.items():
-        if len(ranks) == 1:
-            keep[ranks[0]].add(idx)
-            load[ranks[0]] += size(idx)
-    shared = [idx for idx, ranks in holders.items() if len(ranks) > 1]
-    shared.sort(key=lambda i: (-size(i), i.fqn, tuple(i.offset or ())))
-    for idx in shared:
-        rank = min(holders[idx], key=lambda r: (load[r], r))
+    def order(idx: MetadataIndex) -> tuple[int, str, tuple[int, ...]]:
+        return size(idx), idx.fqn, tuple(idx.offset or ())
+
+    def place(idx: MetadataIndex, rank: int) -> None:
         keep[rank].add(idx)
         load[rank] += size(idx)
+
+    for idx, ranks in holders.items():
+        if len(ranks) == 1:
+            place(idx, ranks[0])
+    shared = sorted((idx for idx, ranks in holders.items() if len(ranks) > 1), key=order)
+    if small_to is not None:
+        budget = SMALL_REPLICATED_BUDGET_BYTES
+        rest = []
+        for idx in shared:
+            n = size(idx)
+            if n <= SMALL_REPLICATED_BYTES and n <= budget and small_to in holders[idx]:
+                place(idx, small_to)
+                budget -= n
+            else:
+                rest.append(idx)
+        shared = rest
+    shared.sort(key=lambda i: (-size(i), i.fqn, tuple(i.offset or ())))
+    for idx in shared:
+        place(idx, min(holders[idx], key=lambda r: (load[r], r)))
     return [
         dataclasses.replace(plan, items=[it for it in plan.items if it.index in keep[r]])
         for r, plan in enumerate(all_plans)

@@ -180,7 +180,7 @@ class _SaveRounds:
             self.planner.set_up_planner(self.state, None, ex.is_coordinator)  # our Writer: no storage_meta
             self.writer.set_up_storage_writer(ex.is_coordinator, rank=ex.rank, use_collectives=True)
             self.local = self.writer.prepare_local_plan(self.planner.create_local_plan())
-            self.fingerprint = layout_fingerprint(self.local)
+            self.fingerprint = layout_fingerprint(self.local, small_replicated_to=self.planner.small_replicated_to)
         held = self.cache.plan_id if self.cache.fingerprint == self.fingerprint and not force else None
         return _Offer(
             self.fingerprint,

@@ -21,6 +21,7 @@ from typing import Any
 
 from shardckpt.engine.collective import translated_failures
 from shardckpt.engine.collector import collector_paused
+from shardckpt.engine.exchange import Exchange
 from shardckpt.engine.incremental import BaseIndex
 from shardckpt.engine.options import (  # noqa: F401 - the thread defaults, also read from here (benchmarks)
     DEFAULT_REMOTE_SAVE_IO_THREADS,
@@ -104,7 +105,9 @@ def persist(
             save_in_rounds(
                 state,
                 writer,
-                SavePlanner(mappings=mappings, source=source),
+                SavePlanner(
+                    mappings=mappings, source=source, small_replicated_to=_small_replicated_to(request, exchange)
+                ),
                 exchange,
                 plans,
                 path=path,
@@ -120,6 +123,13 @@ def persist(
     if request.committed is not None:
         request.committed(writer)
     return writer.manifest
+
+
+def _small_replicated_to(request: SaveRequest, exchange: Exchange) -> int | None:
+    """The rank that stores a format-3 save's small replicated tensors: the coordinator,
+    whose index record every loading rank then reads for all of them (docs/format.md 12.3);
+    None (spread evenly) for formats 1 and 2, whose placement does not change."""
+    return exchange.coordinator_rank if request.writer.format_version == 3 else None
 
 
 def checkpoint_path(path: Any) -> str:

@@ -2,7 +2,9 @@
 real ranks into other layouts (and a 2-rank one into the same layout), bitwise; and what each
 rank reads (issue #16's load targets): metadata no more than the manifest plus the pages and
 index records of the ranks whose files it reads, each once; data within 1.05x of the bytes it
-needs for a 4 -> 3 reshard, verified.
+needs for a 4 -> 3 reshard, verified. And a real 2-rank format-3 save with small replicated
+tensors (AdamW-like 0-d steps), loaded again: the coordinator stored them, so rank 0 reads no
+other rank's index record and rank 1 only the coordinator's.
 """
 
 from __future__ import annotations
@@ -172,3 +174,47 @@ def test_four_ranks_to_two_other_grids_and_the_same_layout_then_a_missing_index_
     run_ranks(_four_to_two, 2, path, False)
     os.remove(os.path.join(path, written["index"][3]))  # only rank 1 reads rank 3's files: rank 0 fails too
     run_ranks(_four_to_two, 2, path, True)
+
+
+STEPS = 12  # 0-d replicated tensors, like AdamW's one step per parameter
+
+
+def _steps_state(mesh: Any, fill: bool) -> dict[str, Any]:
+    weight = _big() if fill else torch.zeros(ROWS, COLS)
+    steps = {f"p{i}": torch.tensor(float(i + 1) if fill else 0.0) for i in range(STEPS)}
+    bias = torch.arange(5, dtype=torch.float32) if fill else torch.zeros(5)
+    return {"w": distribute_tensor(weight, mesh, [Shard(0)]), "step": steps, "bias": bias}
+
+
+def _small_replicated(rank: int, world_size: int, path: str) -> None:
+    mesh = init_device_mesh("cpu", (world_size,))
+    saver = Checkpointer()
+    try:  # a format-1 save first: the format-3 save of the same layout must not reuse its placement
+        saver.save(_steps_state(mesh, fill=True), f"{path}-v1")
+        saver.save(_steps_state(mesh, fill=True), path, format_version=3)
+    finally:
+        saver.close()
+    state = _steps_state(mesh, fill=False)
+    log: Counter[str] = Counter()
+    calls: Counter[str] = Counter()
+    ckpt = Checkpointer(storage_factory=lambda url, opts, *rest: CountingStorage(url, log, calls))
+    try:
+        ckpt.load(state, path)
+    finally:
+        ckpt.close()
+    assert torch.equal(state["w"].to_local(), _big()[_rows(rank, world_size, ROWS)])
+    assert all(state["step"][f"p{i}"].item() == i + 1 for i in range(STEPS)), state["step"]
+    assert torch.equal(state["bias"], torch.arange(5, dtype=torch.float32))
+
+    (group,) = shardckpt.read_any_manifest(path).file_table.groups
+    index = {r: layout.rank_index_name(group.save_id, r) for r in range(world_size)}
+    expected = {layout.MANIFEST_NAME, layout.rank_page_name(group.save_id, 0), index[rank], index[0]}
+    meta_read = {n for n in log if not n.endswith(".safetensors")}
+    assert meta_read == expected, (rank, sorted(meta_read))  # rank 0: its own record only
+    assert all(calls[n] == 1 for n in meta_read), calls
+    others = {n for n in log if n.endswith(".safetensors") and f"-r{rank:05d}-" not in n}
+    assert all("-r00000-" in n for n in others), (rank, sorted(others))  # steps and bias: the coordinator's
+
+
+def test_small_replicated_tensors_are_read_from_the_coordinator_alone(tmp_path):
+    run_ranks(_small_replicated, 2, os.fspath(tmp_path / "c"))

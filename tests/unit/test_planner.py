@@ -44,6 +44,80 @@ def test_replicated_items_go_to_the_rank_whose_own_shard_is_smaller():
     assert [it.index.fqn for it in kept[0].items] == ["w"]
 
 
+def _step(fqn: str) -> WriteItem:
+    """A replicated 0-d tensor of 4 bytes, like AdamW's ``step``."""
+    return WriteItem(
+        index=MetadataIndex(fqn, torch.Size([])),
+        type=WriteItemType.TENSOR,
+        tensor_data=TensorWriteData(
+            chunk=ChunkStorageMetadata(offsets=torch.Size([]), sizes=torch.Size([])),
+            properties=TensorProperties(dtype=torch.float32),
+            size=torch.Size([]),
+        ),
+    )
+
+
+def _fsdp_with_steps(world: int, params: int) -> list[SavePlan]:
+    """Every rank: its Shard(0) rows of ``params`` weights and every parameter's step."""
+    return [
+        SavePlan(
+            [_item(f"w{p}", rows=8, start=8 * r, total_rows=8 * world) for p in range(params)]
+            + [_step(f"step{p}") for p in range(params)]
+        )
+        for r in range(world)
+    ]
+
+
+def _holders(kept: list[SavePlan]) -> dict[str, list[int]]:
+    out: dict[str, list[int]] = {}
+    for r, plan in enumerate(kept):
+        for it in plan.items:
+            out.setdefault(it.index.fqn, []).append(r)
+    return out
+
+
+def test_without_small_to_replicated_steps_are_spread_over_the_ranks():
+    holders = _holders(balance_replicated(_fsdp_with_steps(4, 8)))
+    assert {holders[f"step{p}"][0] for p in range(8)} == {0, 1, 2, 3}  # formats 1 and 2: unchanged
+    assert all(len(holders[f"step{p}"]) == 1 for p in range(8))
+
+
+def test_small_replicated_items_go_to_the_given_rank_and_the_rest_is_balanced():
+    plans = _fsdp_with_steps(4, 8)
+    for plan in plans:  # plus two large replicated tensors (over SMALL_REPLICATED_BYTES)
+        plan.items.extend([_item("big_a", rows=100), _item("big_b", rows=100)])
+    for coordinator in (0, 2):
+        holders = _holders(balance_replicated(plans, small_to=coordinator))
+        assert {holders[f"step{p}"][0] for p in range(8)} == {coordinator}
+        assert all(holders[f"w{p}"] == [0, 1, 2, 3] for p in range(8))  # shards stay with their ranks
+        big = holders["big_a"] + holders["big_b"]
+        assert len(big) == 2 and coordinator not in big  # LPT counted the steps the coordinator took
+        assert sum(len(v) for v in holders.values()) == 8 * 4 + 8 + 2  # each item kept exactly once
+
+
+def test_small_replicated_placement_has_a_size_limit_and_a_budget(monkeypatch):
+    from shardckpt.engine import planner
+
+    plans = _fsdp_with_steps(3, 4)
+    for plan in plans:
+        plan.items.append(_item("r", rows=64))  # 64 KiB exactly: still small
+        plan.items.append(_item("s", rows=65))  # just over: balanced
+    plans[0].items.append(_item("own0", rows=1000))  # rank 0 the most loaded: balance avoids it
+    holders = _holders(balance_replicated(plans, small_to=0))
+    assert holders["r"] == [0] and holders["s"] != [0]
+    monkeypatch.setattr(planner, "SMALL_REPLICATED_BUDGET_BYTES", 3 * 4)  # room for three steps
+    holders = _holders(balance_replicated(plans, small_to=0))
+    on_zero = [p for p in range(4) if holders[f"step{p}"] == [0]]
+    assert len(on_zero) == 3  # the fourth step and r do not fit: placed by balance
+    assert holders["r"] != [0]
+
+
+def test_small_replicated_items_the_given_rank_does_not_hold_are_balanced():
+    plans = [SavePlan([_item("w", rows=10)]), SavePlan([_step("s")]), SavePlan([_step("s")])]
+    holders = _holders(balance_replicated(plans, small_to=0))
+    assert holders == {"w": [0], "s": [1]}
+
+
 def test_io_threads_get_balanced_bytes():
     items = [
         _item("a", rows=900, total_rows=1000),
@@ -98,3 +172,15 @@ def test_global_plan_refuses_shards_that_do_not_tile_the_tensor():
         _check_tiling(md([(0, 4), (5, 5)]))
     with pytest.raises(UnsupportedValueError, match="outside the tensor's global shape"):
         _check_tiling(md([(0, 5), (5, 6)]))
+
+
+def test_the_layout_fingerprint_tells_the_replicated_placement_apart():
+    from shardckpt.engine.planner import layout_fingerprint
+
+    (plan,) = _fsdp_with_steps(1, 2)
+    spread = layout_fingerprint(plan)
+    assert layout_fingerprint(plan) == spread  # deterministic: a repeated save reuses its plan
+    assert layout_fingerprint(plan, small_replicated_to=0) not in (
+        spread,
+        layout_fingerprint(plan, small_replicated_to=1),
+    )
