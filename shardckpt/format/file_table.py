@@ -377,6 +377,22 @@ def rank_index_to_json(save_id: str, rank: int, block_bytes: int, files: Sequenc
     return (json.dumps(doc, separators=(",", ":"), ensure_ascii=True) + "\n").encode()
 
 
+def file_index_to_json(f: FileIndex) -> dict[str, Any]:
+    """One file object of an index record (12.4), without digests (the manifest's
+    ``inline_index`` copies one, 12.8)."""
+    return {
+        "size": f.size,
+        "hash": f.hash,
+        "entries": [[e.byte_offset, e.byte_length, e.block_hashes] for e in f.entries],
+    }
+
+
+def parse_file_index(doc: Any, *, block_bytes: int, where: str) -> FileIndex:
+    """Validate an untrusted file object without digests (format.md 12.4): entries sorted,
+    disjoint, inside the file, the right number of block hashes. O(its size)."""
+    return _file_index(doc, block_bytes, False, where)
+
+
 def parse_rank_index(
     raw: bytes, *, entry: RankEntry, group: FileGroup, rank: int, block_bytes: int, source: str
 ) -> tuple[FileIndex, ...]:

@@ -25,7 +25,14 @@ from typing import Any
 
 from shardckpt.errors import ManifestError, UnsupportedFormatVersionError
 from shardckpt.format import datafile, rules
-from shardckpt.format.file_table import FileTable, file_table_to_json, parse_file_table
+from shardckpt.format.file_table import (
+    FileIndex,
+    FileTable,
+    file_index_to_json,
+    file_table_to_json,
+    parse_file_index,
+    parse_file_table,
+)
 from shardckpt.format.manifest import (
     FORMAT_NAME,
     HASH_ALGORITHM,
@@ -107,6 +114,15 @@ class Tensor:
         return out
 
 
+@dataclass(frozen=True)
+class InlineIndex:
+    """The manifest's sealed copy of one own-group file's index (format.md 12.8): the
+    coordinator's file of small tensors, so no loading rank fetches rank 0's records for it."""
+
+    file: int  # a position in the file table, in the own group
+    index: FileIndex
+
+
 @dataclass(frozen=True, repr=False)
 class ManifestV3:
     world_size: int
@@ -120,6 +136,7 @@ class ManifestV3:
     shardckpt_version: str
     torch_version: str
     metadata: dict[str, Any] = field(default_factory=dict)
+    inline_index: InlineIndex | None = None
 
     @property
     def total_tensor_bytes(self) -> int:
@@ -157,6 +174,7 @@ def manifest_v3_to_json(m: ManifestV3) -> bytes:
         "tensors": {k: _tensor_doc(t) for k, t in sorted(m.tensors.items())},
         "values": dict(sorted(m.values.items())),
         "file_table": file_table_to_json(m.file_table),
+        **({} if m.inline_index is None else {"inline_index": _inline_doc(m.inline_index)}),
         "paths": dict(sorted(m.paths.items())),
         "metadata": m.metadata,
     }
@@ -172,6 +190,10 @@ def manifest_v3_to_json(m: ManifestV3) -> bytes:
         raw, source="the format-3 manifest being written", writing=True, bytes_per_container=JSON_BYTES_PER_CONTAINER
     )
     return raw
+
+
+def _inline_doc(inline: InlineIndex) -> dict[str, Any]:
+    return {"file": inline.file, **file_index_to_json(inline.index)}
 
 
 def _dump(v: Any) -> str:
@@ -290,6 +312,7 @@ def _parse(doc: Any, source: str) -> ManifestV3:
             raise ManifestError(
                 f"{source}: paths[{k!r}] must be a non-empty list of strings and integers, found {reprlib.repr(p)}"
             )
+    inline = _parse_inline(doc.get("inline_index"), table, len(tensors), block, f"{source}: inline_index")
     return ManifestV3(
         world_size=world_size,
         hash_block_bytes=block,
@@ -302,7 +325,32 @@ def _parse(doc: Any, source: str) -> ManifestV3:
         shardckpt_version=strings[1],
         torch_version=strings[2],
         metadata=_field(doc, "metadata", dict, source),
+        inline_index=inline,
     )
+
+
+def _parse_inline(doc: Any, table: FileTable, tensors: int, block: int, where: str) -> InlineIndex | None:
+    """The optional copy of one own-group file's index (format.md 12.8, 12.5 item 8)."""
+    if doc is None:
+        return None
+    if not isinstance(doc, dict) or "file" not in doc:
+        raise ManifestError(
+            f"{where}: expected an object with file, size, hash and entries (format.md 12.8), found {reprlib.repr(doc)}"
+        )
+    own = table.groups[0].total_files if table.groups and table.groups[0].checkpoint is None else 0
+    position = doc["file"]
+    if type(position) is not int or not 0 <= position < own:
+        raise ManifestError(
+            f"{where}.file: expected the position of a file of this checkpoint's own group, in [0, {own}), found "
+            f"{reprlib.repr(position)}; the manifest is corrupt or hostile"
+        )
+    entries = doc.get("entries")
+    if isinstance(entries, list) and len(entries) > tensors:
+        raise ManifestError(
+            f"{where}.entries: {len(entries)} entries, more than the manifest's {tensors} tensors (at most one each)"
+        )
+    rest = {k: v for k, v in doc.items() if k != "file"}
+    return InlineIndex(position, parse_file_index(rest, block_bytes=block, where=where))
 
 
 def _parse_bases(doc: Any, source: str) -> tuple[str, ...]:

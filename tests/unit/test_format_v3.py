@@ -44,7 +44,14 @@ from shardckpt.format.file_table import (
     rank_index_to_json,
 )
 from shardckpt.format.manifest import seal
-from shardckpt.format.manifest_v3 import Chunk, ManifestV3, Tensor, manifest_v3_to_json, parse_manifest_v3
+from shardckpt.format.manifest_v3 import (
+    Chunk,
+    InlineIndex,
+    ManifestV3,
+    Tensor,
+    manifest_v3_to_json,
+    parse_manifest_v3,
+)
 
 ROOT = Path(__file__).parents[2]
 GOLDEN_DIR = Path(__file__).parent / "golden"
@@ -68,7 +75,8 @@ def build_example() -> dict[str, bytes]:
     1 none. ``model.weight`` is FSDP Shard(0) (a rule over both ranks), ``model.bias``
     replicated (one cell), ``model.short`` has 1 row over 2 ranks (rank 1's empty box listed
     beside the rule), ``model.emb`` an irregular split (listed), ``model.empty`` no element,
-    ``model.frozen`` lives in the base, ``optim.step`` is 0-d.
+    ``model.frozen`` lives in the base, ``optim.step`` is 0-d. The manifest carries the
+    inline copy of rank 0's file's index (12.8).
     """
     own_files = [
         FileIndex(
@@ -137,6 +145,7 @@ def build_example() -> dict[str, bytes]:
         shardckpt_version="0.4.0",
         torch_version="2.13.0",
         metadata={"draft": True},
+        inline_index=InlineIndex(0, own_files[0]),  # rank 0's file, as 12.8 allows (a save: its last)
     )
     return {layout.MANIFEST_NAME: manifest_v3_to_json(m), **records}
 
@@ -165,6 +174,9 @@ def test_the_golden_example_is_pinned_and_accepted_by_schema_and_parser():
     m = parse_manifest_v3(raw, source="golden")
     assert m.file_table.total_files == 3 and m.bases == (BASE_DIR,)
     assert {k for k, t in m.tensors.items() if t.rule is None} == {"model.emb", "model.empty"}
+    own0 = json.loads(records[layout.rank_index_name(OWN, 0)])["files"][0]
+    assert m.inline_index is not None and m.inline_index.file == 0
+    assert json.loads(raw)["inline_index"] == {"file": 0, **own0}  # the copy equals rank 0's record
     for name, text in records.items():
         kind = "page_record" if name.endswith(".ranks.json") else "index_record"
         jsonschema.validate(json.loads(text), {"$defs": SCHEMA["$defs"], "$ref": f"#/$defs/{kind}"})
@@ -365,6 +377,22 @@ CASES: list[tuple[str, Change, str]] = [
     ("a missing file table", lambda d: d.pop("file_table"), r"missing fields \['file_table'\]"),
     ("a v2 file list", _set("file_table", {"data/x.safetensors": {}}), "exactly the field groups"),
     ("an unknown dtype", _set(f"{W}/dtype", "F128"), "unknown dtype 'F128'"),
+    ("an inline copy of a base's file", _set("inline_index/file", 2), r"inline_index.file: expected the position"),
+    ("an inline copy of no file", _set("inline_index/file", -1), r"inline_index.file: expected the position"),
+    ("an inline copy as a list", _set("inline_index", [0]), "inline_index: expected an object with file"),
+    ("an inline copy's extra field", _set("inline_index/rank", 0), "inline_index: expected an object with exactly"),
+    (
+        "an inline copy with more entries than tensors",
+        _set("inline_index/entries", [[8 * i, 4, "0" * 16] for i in range(8)]),
+        "8 entries, more than the manifest's 7 tensors",
+    ),
+    (
+        "inline entries out of order",
+        _set("inline_index/entries", [[192, 16, "0" * 16], [128, 64, "0" * 16]]),
+        r"inline_index.entries\[1\]\[0\]: expected an integer in \[208,",
+    ),
+    ("inline block hashes short", _set("inline_index/entries/0/2", ""), r"entries\[0\]\[2\]: expected 1 block hashes"),
+    ("an inline digest", _set("inline_index/entries/0", [128, 64, "0" * 16, "0" * 32]), r"entries\[0\]: expected \["),
 ]
 
 
@@ -486,3 +514,35 @@ def test_refused_huge_counts_allocate_nothing_per_rank():
     table, peak = _peak(lambda: parse_file_table(doc, bases=[], world_size=1 << 24, where="t"))
     assert table.total_files == 1 << 36 and peak < MEMORY_SLACK
     assert table.locate((1 << 36) - 1).rank == (1 << 24) - 1
+
+
+# ---------------------------------------------------------------- the inline index (12.8)
+
+
+def test_the_inline_index_is_optional_and_round_trips():
+    """A manifest without the copy (every format-3 checkpoint written before 12.8) parses with
+    none; with it, parse -> write gives the same bytes."""
+    raw = golden()[layout.MANIFEST_NAME]
+    m = parse_manifest_v3(raw, source="golden")
+    assert manifest_v3_to_json(m) == raw
+    doc = json.loads(raw)
+    del doc["inline_index"]
+    old = parse_manifest_v3(_resealed(doc), source="old")
+    assert old.inline_index is None and m.inline_index is not None
+    assert m.inline_index.index.entries[1] == IndexEntry(192, 16, fake_hash("b"))
+    assert b"inline_index" not in manifest_v3_to_json(old)
+
+
+def test_a_huge_or_deep_inline_index_is_refused_by_the_manifest_limits():
+    raw = golden()[layout.MANIFEST_NAME]
+    deep = json.loads(raw)
+    nested: Any = []
+    for _ in range(300):
+        nested = [nested]
+    deep["inline_index"]["entries"] = [nested]
+    with pytest.raises(ManifestError, match="nest"):
+        parse_manifest_v3(_resealed(deep), source="deep")
+    dense = json.loads(raw)
+    dense["inline_index"]["entries"] = [[]] * 200_000  # one container per 3 bytes
+    with pytest.raises(ManifestError, match="JSON arrays and objects"):
+        parse_manifest_v3(_resealed(dense), source="dense")
