@@ -6,7 +6,8 @@ file those records describe, through the same per-file checks as formats 1 and 2
 (:func:`shardckpt.convert.file_audit.audit_file`: size, safetensors header against the
 manifest's chunks, whole-file xxh3, every checksum block). The manifest's chunks are the
 cells of its rules and its listed chunks; each must have an entry of its length in the
-index record of its file. Problems are recorded, never raised, so one run tells the whole
+index record of its file; the manifest's copy of one file's index (``inline_index``, 12.8)
+must equal that file's object in its record. Problems are recorded, never raised, so one run tells the whole
 damage; a page or index record that cannot be trusted is one problem, and the files it
 would have verified are not read.
 
@@ -19,6 +20,7 @@ every byte anyway.
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections import defaultdict
 from typing import Any
@@ -52,7 +54,9 @@ def verify_v3(
             for k, index in enumerate(files):
                 name = layout.data_file_name(group.save_id, rank, k)
                 records[name] = FileRecord(index.size, index.hash, rank, group.checkpoint)
-                mine = placed.pop(manifest.file_table.position(g, rank, k), [])
+                position = manifest.file_table.position(g, rank, k)
+                _check_inline(manifest, position, name, index, problems)
+                mine = placed.pop(position, [])
                 chunks[name] = _match_index(name, mine, index, problems, own=group.checkpoint is None)
     data = DataFiles(storage, records)
     results: list[FileResult] = []
@@ -73,6 +77,30 @@ def verify_v3(
         bytes_hashed=sum(r.bytes_hashed for r in results),
         problems=problems + [p for r in results for p in r.problems],
         folders=_folders(manifest, path, records, chunks),
+    )
+
+
+def _check_inline(manifest: ManifestV3, position: int, name: str, index: FileIndex, problems: list[Problem]) -> None:
+    """The manifest's copy of a file's index (``inline_index``, format.md 12.8) must equal
+    the file object of the rank's index record: a loader trusts the copy alone."""
+    inline = manifest.inline_index
+    if inline is None or inline.file != position or inline.index == index:
+        return
+    copy = inline.index
+    if (copy.size, copy.hash) != (index.size, index.hash):
+        what = f"size {copy.size} and hash {copy.hash}, the record size {index.size} and hash {index.hash}"
+    else:
+        pairs = itertools.zip_longest(copy.entries, index.entries)
+        at = next(i for i, (a, b) in enumerate(pairs) if a != b)
+        what = f"{len(copy.entries)} entries, the record {len(index.entries)}; they first differ at entry {at}"
+    problems.append(
+        Problem(
+            name,
+            None,
+            f"ManifestError: the manifest's inline_index (format.md 12.8) differs from this file's object in its "
+            f"index record (the copy: {what}); the manifest or the record was altered after the save, and a "
+            "load trusts the copy. Restore the checkpoint from a copy, or load an earlier checkpoint.",
+        )
     )
 
 

@@ -11,6 +11,8 @@ Two pieces plug into the one load path of :mod:`shardckpt.engine.loading`:
   fetched and verified once per load (``parse_page``, ``parse_rank_index``), only for the
   ranks whose files this rank reads; the chunk's entry (``FileIndex.entry``) gives its block
   hashes, and each data file's size is checked against its index record before any read.
+  The file whose index the manifest carries (``inline_index``, format.md 12.8: the
+  coordinator's small tensors) is resolved from that sealed copy, with no page or record.
 
 One per load and rank. :meth:`RuleChunks.prepare` runs on one thread before the reader's
 threads start (it fetches pages and index records on threads of its own, each record into
@@ -118,8 +120,9 @@ class RuleChunks:
         wanted = sorted({(i.storage_index.fqn, tuple(i.storage_index.offset or ())) for i in items})
         ranks: dict[tuple[int, int], FileRef] = {}
         for key, offsets in wanted:
-            ref = self._locate(key, offsets)[1]
-            ranks.setdefault((ref.group, ref.rank), ref)
+            c, ref = self._locate(key, offsets)
+            if self._inline(c.file) is None:  # the manifest's copy needs no page nor record (12.8)
+                ranks.setdefault((ref.group, ref.rank), ref)
         pages = {(ref.group, ref.page): ref for ref in ranks.values()}
         _each(self._page, [pages[k] for k in sorted(pages)], threads)
         _each(self._rank_index, [ranks[k] for k in sorted(ranks)], threads)
@@ -135,14 +138,24 @@ class RuleChunks:
         if found is not None:
             return found
         c, ref = self._locate(key, offsets)
-        index = self._rank_index(ref)[ref.number]
-        where = f"{self.where}: index record {self._describe(ref, ref.index_name)} (rank {ref.rank}), key {key!r}"
+        index = self._inline(c.file)
+        if index is None:
+            index = self._rank_index(ref)[ref.number]
+            where = f"{self.where}: index record {self._describe(ref, ref.index_name)} (rank {ref.rank}), key {key!r}"
+        else:
+            where = f"{self.where}: the manifest's inline_index (rank {ref.rank}'s file), key {key!r}"
         entry = index.entry(c.byte_offset, c.byte_length, where=f"{where}, file {ref.name!r}")
         hashes = tuple(entry.block_hash(i) for i in range(len(entry.block_hashes) // 16))
         record = ChunkRecord(c.offsets, c.sizes, ref.name, c.byte_offset, c.byte_length, hashes, entry.digest)
         self._files[ref.name] = FileRecord(index.size, index.hash, ref.rank, ref.checkpoint)
         self._chunks[(key, offsets)] = record
         return record
+
+    def _inline(self, position: int) -> FileIndex | None:
+        """The manifest's sealed copy of the index of the file at ``position`` (format.md
+        12.8), or None: that file's chunks are then resolved through the page and the record."""
+        inline = self.manifest.inline_index
+        return inline.index if inline is not None and inline.file == position else None
 
     def _locate(self, key: str, offsets: tuple[int, ...]) -> tuple[Chunk, FileRef]:
         rec = self.manifest.tensors.get(key)

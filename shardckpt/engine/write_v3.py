@@ -25,6 +25,7 @@ group of ranks, so 4096 ranks of a 7B model with AdamW (3.5 million chunks) buil
 from __future__ import annotations
 
 import array
+import dataclasses
 import datetime
 import itertools
 import json
@@ -42,7 +43,9 @@ from torch.distributed.checkpoint.storage import WriteResult
 
 from shardckpt._version import __version__
 from shardckpt.engine.incremental import ChunkLocation
+from shardckpt.engine.planner import SMALL_REPLICATED_BUDGET_BYTES, SMALL_REPLICATED_BYTES
 from shardckpt.engine.rule_table import compress_table
+from shardckpt.engine.staging import item_bytes
 from shardckpt.errors import StorageError
 from shardckpt.format import datafile, file_table, integrity, layout, rules
 from shardckpt.format import manifest_v3 as mv3
@@ -72,6 +75,9 @@ class RankResult:
     keys: tuple[str, ...]
     width: int
     rows: bytes
+    inline: file_table.FileIndex | None = None
+    """The index of the rank's last file when it holds the coordinator's small tensors
+    (:func:`split_inline`): the manifest copies it (format.md 12.8)."""
 
 
 # ---------------------------------------------------------------- every rank
@@ -85,9 +91,12 @@ def finish_rank(
     names: Sequence[str],
     block_bytes: int,
     local_rank: int,
+    *,
+    inline_last: bool = False,
 ) -> RankResult:
     """Write rank ``rank``'s index record (after its data files ``names``, in number order,
-    are durable) and return what the coordinator needs. Every rank, also one without data."""
+    are durable) and return what the coordinator needs. Every rank, also one without data.
+    ``inline_last``: the last file holds the small tensors :func:`split_inline` set apart."""
     number = {name: k for k, name in enumerate(names)}
     per_file: list[list[file_table.IndexEntry]] = [[] for _ in names]
     records: list[Any] = [None] * len(names)
@@ -112,7 +121,9 @@ def finish_rank(
     _write_new(storage, layout.rank_index_name(save_id, rank), raw)
     storage.sync_dir(layout.DATA_DIR)
     entry = file_table.RankEntry(len(raw), integrity.hash_hex(raw), socket.gethostname(), local_rank)
-    return RankResult(rank, entry, tuple(f.size for f in files), tuple(keys), _FIXED + 2 * dims, rows.tobytes())
+    inline = files[-1] if inline_last and files else None
+    sizes = tuple(f.size for f in files)
+    return RankResult(rank, entry, sizes, tuple(keys), _FIXED + 2 * dims, rows.tobytes(), inline)
 
 
 def _write_new(storage: Storage, name: str, raw: bytes) -> None:
@@ -126,8 +137,43 @@ def _write_new(storage: Storage, name: str, raw: bytes) -> None:
         raise
 
 
+def split_inline(items: list[WriteItem], *, rank: int) -> tuple[list[WriteItem], list[WriteItem]]:
+    """The coordinator's items of a format-3 save, split into (the rest, the small tensors
+    for a last data file of their own whose index the manifest copies, format.md 12.8).
+
+    Small: a whole tensor (one box covering it) of at most ``SMALL_REPLICATED_BYTES``, the
+    ones the planner places on the coordinator (``balance_replicated``), smallest first while
+    their sum stays within ``SMALL_REPLICATED_BUDGET_BYTES``. So the copy has at most one
+    entry per tensor. Other ranks (and a coordinator with nothing small) keep every item."""
+    if rank != 0:
+        return items, []
+    small, rest, budget = [], [], SMALL_REPLICATED_BUDGET_BYTES
+    for it in sorted(items, key=lambda i: (item_bytes(i), i.index.fqn)):
+        n = item_bytes(it)
+        if 0 < n <= min(SMALL_REPLICATED_BYTES, budget) and _whole(it):
+            small.append(it)
+            budget -= n
+        else:
+            rest.append(it)
+    if not small or not any(item_bytes(it) for it in rest):
+        return items, []  # one file of data either way: no need for a copy
+    chosen = {id(it) for it in small}
+    return [it for it in items if id(it) not in chosen], small
+
+
+def _whole(item: WriteItem) -> bool:
+    td = item.tensor_data
+    return td is not None and all(o == 0 for o in (item.index.offset or ())) and tuple(td.chunk.sizes) == tuple(td.size)
+
+
 def rank_results(
-    storage: Storage, plan: SavePlan, results: list[WriteResult], files: int, block_bytes: int
+    storage: Storage,
+    plan: SavePlan,
+    results: list[WriteResult],
+    files: int,
+    block_bytes: int,
+    *,
+    inline_last: bool = False,
 ) -> list[WriteResult]:
     """Every rank, after its ``files`` data files: :func:`finish_rank` over the rank's tensor
     ``results`` (ChunkLocations), as the one WriteResult the coordinator reads."""
@@ -135,7 +181,8 @@ def rank_results(
     by_index = {it.index: it for it in plan.items}
     located = [(by_index[wr.index], wr.storage_data) for wr in results]
     names = [layout.data_file_name(save_id, rank, k) for k in range(files)]
-    done = finish_rank(storage, save_id, rank, located, names, block_bytes, int(os.environ.get("LOCAL_RANK", 0)))
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    done = finish_rank(storage, save_id, rank, located, names, block_bytes, local_rank, inline_last=inline_last)
     return [WriteResult(index=RANK_RESULT_INDEX, size_in_bytes=sum(done.file_sizes), storage_data=done)]
 
 
@@ -162,6 +209,7 @@ def finish(
         block_bytes=options.hash_block_bytes,
         metadata=dict(options.metadata),
     )
+    built = with_inline_index(built, ranks)
     commit(storage, built, ranks, create)
     return built.manifest
 
@@ -217,6 +265,17 @@ def assemble(
         metadata=metadata,
     )
     return Assembled(m, pages)
+
+
+def with_inline_index(built: Assembled, ranks: Sequence[RankResult]) -> Assembled:
+    """``built`` with the manifest's copy of the coordinator's small-tensor file's index
+    (format.md 12.8) when rank 0 wrote one (:func:`split_inline`); else unchanged."""
+    if not ranks or ranks[0].inline is None:
+        return built
+    m = built.manifest
+    position = m.file_table.position(0, 0, len(ranks[0].file_sizes) - 1)
+    inline = mv3.InlineIndex(position, ranks[0].inline)
+    return Assembled(dataclasses.replace(m, inline_index=inline), built.pages)
 
 
 def _table(keys: list[str], ranks: Sequence[RankResult], firsts: list[int]) -> tuple[torch.Tensor, torch.Tensor]:

@@ -182,12 +182,15 @@ class Writer(StorageWriter):
             )
             results += prepass.reused
             items, resolve = prepass.to_write, prepass.resolve
-        buckets = split_by_bytes(items, self.options.num_io_threads)
+        inline: list[WriteItem] = []
+        if self.options.format_version == 3:  # the coordinator's small tensors: a last file (format.md 12.8)
+            items, inline = write_v3.split_inline(items, rank=rank)
+        buckets = split_by_bytes(items, self.options.num_io_threads) + ([inline] if inline else [])
         version = str(self.options.format_version or (2 if self.options.digests else 1))  # the manifest's
         meta = {"format": "shardckpt", "format_version": version, "save_id": save_id, "rank": str(rank)}
         if not buckets:
             self._remember(plan, results)
-            return self._rank_result(plan, results, len(buckets))
+            return self._rank_result(plan, results, 0)
         cancel = threading.Event()
         pool = ThreadPoolExecutor(len(buckets), thread_name_prefix="shardckpt-write")
         try:
@@ -218,13 +221,16 @@ class Writer(StorageWriter):
             pool.shutdown(wait=True, cancel_futures=True)
         self.storage.sync_dir(layout.DATA_DIR)
         self._remember(plan, results)
-        return self._rank_result(plan, results, len(buckets))
+        return self._rank_result(plan, results, len(buckets), inline_last=bool(inline))
 
-    def _rank_result(self, plan: SavePlan, results: list[WriteResult], files: int) -> list[WriteResult]:
+    def _rank_result(
+        self, plan: SavePlan, results: list[WriteResult], files: int, *, inline_last: bool = False
+    ) -> list[WriteResult]:
         """Format 3: this rank's index record written, the rank's one result (write_v3)."""
         if self.options.format_version != 3:
             return results
-        return write_v3.rank_results(self.storage, plan, results, files, self.options.hash_block_bytes)
+        block = self.options.hash_block_bytes
+        return write_v3.rank_results(self.storage, plan, results, files, block, inline_last=inline_last)
 
     def _remember(self, plan: SavePlan, results: list[WriteResult]) -> None:
         """Keep this rank's chunk locations (with digests) and count the bytes written."""

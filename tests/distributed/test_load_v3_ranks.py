@@ -3,8 +3,8 @@ real ranks into other layouts (and a 2-rank one into the same layout), bitwise; 
 rank reads (issue #16's load targets): metadata no more than the manifest plus the pages and
 index records of the ranks whose files it reads, each once; data within 1.05x of the bytes it
 needs for a 4 -> 3 reshard, verified. And a real 2-rank format-3 save with small replicated
-tensors (AdamW-like 0-d steps), loaded again: the coordinator stored them, so rank 0 reads no
-other rank's index record and rank 1 only the coordinator's.
+tensors (AdamW-like 0-d steps), loaded again: the coordinator stored them in a file whose index
+the manifest copies, so every rank reads no index record but its own.
 """
 
 from __future__ import annotations
@@ -206,14 +206,24 @@ def _small_replicated(rank: int, world_size: int, path: str) -> None:
     assert all(state["step"][f"p{i}"].item() == i + 1 for i in range(STEPS)), state["step"]
     assert torch.equal(state["bias"], torch.arange(5, dtype=torch.float32))
 
-    (group,) = shardckpt.read_any_manifest(path).file_table.groups
-    index = {r: layout.rank_index_name(group.save_id, r) for r in range(world_size)}
-    expected = {layout.MANIFEST_NAME, layout.rank_page_name(group.save_id, 0), index[rank], index[0]}
+    m = shardckpt.read_any_manifest(path)
+    (group,) = m.file_table.groups
+    # The coordinator's small tensors are in its last file, whose index the manifest copies
+    # (format.md 12.8): no rank reads another rank's page or index record for them.
+    assert m.inline_index is not None and len(m.inline_index.index.entries) == STEPS + 1  # the steps and bias
+    assert m.file_table.locate(m.inline_index.file).rank == 0
+    last = m.file_table.locate(m.inline_index.file).name
+    expected = {
+        layout.MANIFEST_NAME,
+        layout.rank_page_name(group.save_id, 0),
+        layout.rank_index_name(group.save_id, rank),
+    }
     meta_read = {n for n in log if not n.endswith(".safetensors")}
-    assert meta_read == expected, (rank, sorted(meta_read))  # rank 0: its own record only
+    assert meta_read == expected, (rank, sorted(meta_read))  # its own record only, on every rank
     assert all(calls[n] == 1 for n in meta_read), calls
     others = {n for n in log if n.endswith(".safetensors") and f"-r{rank:05d}-" not in n}
-    assert all("-r00000-" in n for n in others), (rank, sorted(others))  # steps and bias: the coordinator's
+    assert others == ({last} if rank else set()), (rank, sorted(others))  # steps and bias: the coordinator's file
+    assert last in log  # rank 0 too reads them from that file
 
 
 def test_small_replicated_tensors_are_read_from_the_coordinator_alone(tmp_path):

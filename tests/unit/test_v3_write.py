@@ -44,7 +44,11 @@ def test_a_format_3_save_parses_and_every_chunk_matches_its_block_hashes(tmp_pat
     parsed, chunks = read_v3(path)  # every page, index record, file hash and block hash checked
     assert m is not None and parsed.tensors == m.tensors and parsed.values == {"step": 12}
     assert parsed.hash_block_bytes == V3_HASH_BLOCK_BYTES and parsed.world_size == 1
-    assert parsed.file_table.groups[0].files == ((1, 2),)
+    # 2 files of the io threads (big; empty), then the coordinator's small tensors (w, b, count:
+    # <= 64 KiB each) in a last file whose index the manifest copies (format.md 12.8)
+    assert parsed.file_table.groups[0].files == ((1, 3),)
+    assert parsed.inline_index is not None and parsed.inline_index.file == 2
+    assert sorted(e.byte_length for e in parsed.inline_index.index.entries) == [8, 96, 64 * 48 * 4]
     model = state["model"]
     assert isinstance(model, dict)
     for name, t in model.items():
