@@ -450,6 +450,7 @@ def measure_projection(params: list[Param], ranks: int, args: argparse.Namespace
         integrity.DEFAULT_BLOCK_BYTES,
         with_v1=True,
         index_block_bytes=write_v3.V3_HASH_BLOCK_BYTES,
+        inline_file=rules_projection.coordinator_file(files) if steps else None,
     )
     summary = v3.summary()
     writer = measure_writer_v3(keys, steps, ranks, rest, v3.index_bytes)
@@ -543,7 +544,8 @@ def measure_writer_v3(
     from shardckpt.format import manifest_v3
 
     tensors, files = rules_projection.synthetic_tensors(keys, steps, ranks, IO_THREADS, "0123456789ab")
-    results = rules_projection.rank_results(tensors, files, ranks, index_sizes=index_sizes)
+    inline = rules_projection.coordinator_file(files) if steps else None  # its index in the manifest (12.8)
+    results = rules_projection.rank_results(tensors, files, ranks, index_sizes=index_sizes, inline_file=inline)
     meta = {k: ("F32", shape) for k, shape in sorted([*keys, *((s, ()) for s in steps)])}
     gc.collect()
     gc.disable()  # as in a real save: persist() pauses the collector (engine/collector.py)
@@ -552,14 +554,17 @@ def measure_writer_v3(
         for _ in range(WRITER_REPEATS):
             cpu0 = time.process_time()
             built, wall = timed(
-                lambda: write_v3.assemble(
-                    meta,
-                    rest["values"],
-                    rest["paths"],
+                lambda: write_v3.with_inline_index(
+                    write_v3.assemble(
+                        meta,
+                        rest["values"],
+                        rest["paths"],
+                        results,
+                        save_id="0123456789ab",
+                        block_bytes=write_v3.V3_HASH_BLOCK_BYTES,
+                        metadata={},
+                    ),
                     results,
-                    save_id="0123456789ab",
-                    block_bytes=write_v3.V3_HASH_BLOCK_BYTES,
-                    metadata={},
                 )
             )
             runs.append((wall, time.process_time() - cpu0))

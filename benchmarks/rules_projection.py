@@ -90,12 +90,15 @@ def project(
     *,
     with_v1: bool = False,
     index_block_bytes: int | None = None,
+    inline_file: str | None = None,
 ) -> Projection:
     """The v3 manifest, rank pages and index records of ``tensors`` (key, dtype, shape,
     chunks) stored in ``files`` (name -> (size, rank)); ``rest``: the manifest's other fields
     (values, paths, process_layout, ...). With ``with_v1``, also the v1 manifest's size,
     summed per tensor line so that no full v1 document is held. ``index_block_bytes``: the
-    hash block of the index records (default ``block_bytes``; a format-3 save's is 1 MiB)."""
+    hash block of the index records (default ``block_bytes``; a format-3 save's is 1 MiB).
+    ``inline_file``: the data file whose index the manifest copies (``inline_index``,
+    format.md 12.8: :func:`coordinator_file`), or None for a manifest without the copy."""
     out = Projection()
     index_block = index_block_bytes or block_bytes
     ranks = rest["world_size"]
@@ -106,10 +109,13 @@ def project(
     position = {n: p for p, n in enumerate(n for r in range(ranks) for n in by_rank.get(r, []))}
     entries: dict[str, list[int]] = {n: [0, 0] for n in files}  # bytes, count
     tensor_recs, v1_lines, compress_s = {}, 0, 0.0
+    inline: list[file_table.IndexEntry] = []
     for key, dtype, shape, chunks in tensors:
         for c in chunks:
             e = entries[c.file]
             e[0], e[1] = e[0] + index_entry_bytes(c.byte_offset, c.byte_length, index_block), e[1] + 1
+            if c.file == inline_file and c.byte_length:
+                inline.append(_fake_entry(c, index_block))
         t0 = time.perf_counter()  # the coordinator's work: positions and compress, not the simulation
         positioned = [rules.Chunk(c.offsets, c.sizes, position[c.file], c.byte_offset) for c in chunks]
         rule, _ = rules.compress(shape, positioned)
@@ -153,6 +159,9 @@ def project(
         shardckpt_version=rest["shardckpt_version"],
         torch_version=rest["torch_version"],
         metadata=rest.get("metadata", {}),
+        inline_index=None
+        if inline_file is None
+        else mv3.InlineIndex(position[inline_file], _fake_index(files[inline_file][0], inline)),
     )
     raw = mv3.manifest_v3_to_json(m)
     out.manifest_v3 = len(raw)
@@ -165,6 +174,14 @@ def project(
         # "tensors": {} becomes "{\n" + the lines joined by ",\n" + "\n }": 3 bytes more, plus the lines
         out.manifest_v1 = len(empty) + v1_lines + 2 * max(0, len(tensor_recs) - 1) + 3
     return out
+
+
+def _fake_entry(c: Stored, block_bytes: int) -> file_table.IndexEntry:
+    return file_table.IndexEntry(c.byte_offset, c.byte_length, FAKE_HASH * -(-c.byte_length // block_bytes))
+
+
+def _fake_index(size: int, entries: list[file_table.IndexEntry]) -> file_table.FileIndex:
+    return file_table.FileIndex(size, FAKE_HASH, tuple(sorted(entries, key=lambda e: e.byte_offset)))
 
 
 def _v1_line_bytes(key: str, dtype: str, shape: tuple[int, ...], chunks: list[Stored], block_bytes: int) -> int:
@@ -224,7 +241,8 @@ def synthetic_tensors(
     """FSDP ``Shard(0)`` of every key over ``ranks`` (torch.chunk rows, F32), each rank's
     items split over ``threads`` files as the writer splits them, then one replicated 0-d
     ``steps`` tensor per name, on the coordinator as a format-3 save places them
-    (:func:`_place_steps`), each after the rank's sharded items in its lightest file.
+    (:func:`_place_steps`): in a last data file of rank 0's own (:func:`coordinator_file`,
+    whose index the manifest copies, format.md 12.8).
     Ranks with the same rows of every first dimension share one layout, so this costs
     O(keys x ranks) time but O(ranks) memory per key."""
     firsts = sorted({shape[0] for _, shape in keys})
@@ -272,23 +290,31 @@ def _place_steps(
     steps: list[str], ranks: int, loads: list[list[int]]
 ) -> tuple[list[tuple[int, int, int]], list[list[int]]]:
     """(rank, file, byte offset) of each step; the files' final sizes per rank. As a
-    format-3 save places them (engine.planner.balance_replicated with ``small_to`` the
-    coordinator): every 4-byte step on rank 0 while within SMALL_REPLICATED_BUDGET_BYTES,
-    any beyond it round-robin over the ranks (standing for the balanced placement); each in
-    its rank's lightest file."""
+    format-3 save places and writes them (engine.planner.balance_replicated with ``small_to``
+    the coordinator, then engine.write_v3.split_inline): every 4-byte step on rank 0 while
+    within SMALL_REPLICATED_BUDGET_BYTES, in a new last file of rank 0's (when rank 0 also
+    holds sharded items; else in its one file); any beyond the budget round-robin over the
+    ranks (standing for the balanced placement), each in its rank's lightest file."""
     from shardckpt.engine.planner import SMALL_REPLICATED_BUDGET_BYTES
 
     loads = [list(x) for x in loads]
     out = []
     on_coordinator = SMALL_REPLICATED_BUDGET_BYTES // 4
+    inline = len(loads[0]) if steps else -1  # the coordinator's file of small tensors
     for j, _ in enumerate(steps):
         r = 0 if j < on_coordinator else j % ranks
-        if not loads[r]:
-            loads[r].append(HEADER_BYTES)  # a rank with no sharded item: its one file
-        k = loads[r].index(min(loads[r]))
+        if not loads[r] or (r == 0 and len(loads[0]) == inline):
+            loads[r].append(HEADER_BYTES)  # a new file: rank 0's small one, or a rank's one file
+        k = len(loads[0]) - 1 if r == 0 else loads[r].index(min(loads[r]))
         out.append((r, k, loads[r][k]))
         loads[r][k] += 4
     return out, loads
+
+
+def coordinator_file(files: dict[str, tuple[int, int]]) -> str:
+    """Rank 0's last data file of a :func:`synthetic_tensors` layout with steps: the file of
+    the coordinator's small tensors, whose index a format-3 manifest copies (12.8)."""
+    return max(n for n, (_, r) in files.items() if r == 0)
 
 
 # ------------------------------------------------------------------ the writer's own path
@@ -300,10 +326,12 @@ def rank_results(
     ranks: int,
     dims: int = 2,
     index_sizes: dict[int, int] | None = None,
+    inline_file: str | None = None,
 ) -> list[Any]:
     """What every rank of that save reports to the coordinator under format 3
     (``engine.write_v3.RankResult``: one row per chunk, its data files' sizes, its index
-    record's size and hash, host): the input of the coordinator's ``write_v3.assemble``.
+    record's size and hash, host): the input of the coordinator's ``write_v3.assemble``;
+    rank 0's carries the index of ``inline_file`` (its last, the small tensors') when given.
     Simulated (not timed): O(chunks) Python steps."""
     import array
 
@@ -315,9 +343,12 @@ def rank_results(
         sizes[r][number[name]] = size
     rows = [array.array("q") for _ in range(ranks)]
     keys: list[list[str]] = [[] for _ in range(ranks)]
+    inline: list[file_table.IndexEntry] = []
     for key, _, shape, chunks in tensors:
         pad = dims - len(shape)
         for c in chunks:
+            if c.file == inline_file and c.byte_length:
+                inline.append(_fake_entry(c, 1 << 20))
             r = files[c.file][1]
             held = keys[r]
             if not held or held[-1] != key:
@@ -330,6 +361,7 @@ def rank_results(
         held_keys = shared.setdefault(tuple(keys[r]), tuple(keys[r]))
         entry = file_table.RankEntry((index_sizes or {}).get(r, 30_000), FAKE_HASH, f"node{r // 8:04d}", r % 8)
         file_sizes = tuple(sizes[r][k] for k in range(len(sizes[r])))
-        out.append(write_v3.RankResult(r, entry, file_sizes, held_keys, 3 + 2 * dims, rows[r].tobytes()))
+        copy = _fake_index(files[inline_file][0], inline) if r == 0 and inline_file is not None else None
+        out.append(write_v3.RankResult(r, entry, file_sizes, held_keys, 3 + 2 * dims, rows[r].tobytes(), copy))
         rows[r] = array.array("q")
     return out

@@ -7,7 +7,8 @@ Called by ``planning_scale.py --projection`` per rank count. Nothing here writes
 - :func:`load_side`: every loading rank parses the manifest (``parse_any_manifest``, the
   dispatch a load runs) and plans from the rules what ``RulePlanner``/``RuleChunks`` do per
   box: ``Tensor.chunks_for_box`` for each box it loads, ``FileTable.locate`` for each chunk
-  found (which rank's index record and which page verify it). Metadata bytes: the manifest,
+  found (which rank's index record and which page verify it; none for the file whose index
+  the manifest copies, ``inline_index``, format.md 12.8). Metadata bytes: the manifest,
   the distinct pages and the distinct ranks' index records that rank fetches. Sampled ranks
   (first, middle, last), for a rank loading its own FSDP shard and for an N -> N-1 reshard.
 - :func:`dcp_load_side`: DCP's ``.metadata`` of the same chunks (one ``ChunkStorageMetadata``
@@ -67,12 +68,15 @@ def plan_rank(m: Any, boxes: list[tuple[str, tuple[int, ...], tuple[int, ...]]])
     pages: set[int] = set()
     chunks = 0
     table = m.file_table
+    inline = m.inline_index.file if m.inline_index is not None else -1
     for key, offsets, sizes in boxes:
         for c in m.tensors[key].chunks_for_box(offsets, sizes):
+            chunks += 1
+            if c.file == inline:  # the manifest's copy of its index: no page, no record (12.8)
+                continue
             ref = table.locate(c.file)
             ranks.add(ref.rank)
             pages.add(ref.page)
-            chunks += 1
     return ranks, pages, chunks
 
 
