@@ -136,3 +136,28 @@ def test_verify_names_a_copy_of_another_size(tmp_path):
         _load(path)
     (problem,) = [p for p in verify_checkpoint(path).problems if "inline_index" in p.message]
     assert "size" in problem.message and "ManifestError" in problem.message
+
+
+def _item(fqn: str, shape: tuple[int, ...], offsets: tuple[int, ...], sizes: tuple[int, ...]) -> Any:
+    from torch.distributed.checkpoint.metadata import ChunkStorageMetadata, MetadataIndex, TensorProperties
+    from torch.distributed.checkpoint.planner import TensorWriteData, WriteItem, WriteItemType
+
+    chunk = ChunkStorageMetadata(offsets=torch.Size(offsets), sizes=torch.Size(sizes))
+    data = TensorWriteData(chunk=chunk, properties=TensorProperties(dtype=torch.float32), size=torch.Size(shape))
+    return WriteItem(index=MetadataIndex(fqn, torch.Size(offsets)), type=WriteItemType.TENSOR, tensor_data=data)
+
+
+def test_split_inline_sets_apart_the_coordinators_small_whole_tensors_only():
+    from shardckpt.engine.planner import SMALL_REPLICATED_BYTES
+    from shardckpt.engine.write_v3 import split_inline
+
+    big = _item("big", (SMALL_REPLICATED_BYTES // 4 + 1,), (0,), (SMALL_REPLICATED_BYTES // 4 + 1,))
+    shard = _item("w", (100, 4), (50, 0), (50, 4))  # small, but a piece of a tensor: not whole
+    step, norm = _item("step", (), (), ()), _item("norm", (SMALL_REPLICATED_BYTES // 4,), (0,), (8192 * 2,))
+    empty = _item("empty", (0, 3), (0, 0), (0, 3))
+    items = [big, shard, step, norm, empty]
+    rest, small = split_inline(items, rank=0)
+    assert [i.index.fqn for i in small] == ["step", "norm"]  # smallest first, each <= 64 KiB, whole
+    assert [i.index.fqn for i in rest] == ["big", "w", "empty"]  # in their order
+    assert split_inline(items, rank=1) == (items, [])  # other ranks keep every item
+    assert split_inline([step, norm, empty], rank=0) == ([step, norm, empty], [])  # nothing else: one file
