@@ -141,10 +141,12 @@ def split_inline(items: list[WriteItem], *, rank: int) -> tuple[list[WriteItem],
     """The coordinator's items of a format-3 save, split into (the rest, the small tensors
     for a last data file of their own whose index the manifest copies, format.md 12.8).
 
-    Small: a whole tensor (one box covering it) of at most ``SMALL_REPLICATED_BYTES``, the
-    ones the planner places on the coordinator (``balance_replicated``), smallest first while
-    their sum stays within ``SMALL_REPLICATED_BUDGET_BYTES``. So the copy has at most one
-    entry per tensor. Other ranks (and a coordinator with nothing small) keep every item."""
+    Small: a whole tensor (one box covering it) of more than 0 and at most
+    ``SMALL_REPLICATED_BYTES`` (the replicated ones ``balance_replicated`` places on the
+    coordinator, and any other such tensor it writes), smallest first while their sum stays
+    within ``SMALL_REPLICATED_BUDGET_BYTES``. So the copy has at most one entry per tensor.
+    Other ranks, and a coordinator with nothing small or nothing else to write, keep every
+    item (one split as before, no copy). Pure; called by the writer before it splits files."""
     if rank != 0:
         return items, []
     small, rest, budget = [], [], SMALL_REPLICATED_BUDGET_BYTES
