@@ -161,3 +161,21 @@ def test_split_inline_sets_apart_the_coordinators_small_whole_tensors_only():
     assert [i.index.fqn for i in rest] == ["big", "w", "empty"]  # in their order
     assert split_inline(items, rank=1) == (items, [])  # other ranks keep every item
     assert split_inline([step, norm, empty], rank=0) == ([step, norm, empty], [])  # nothing else: one file
+
+
+def test_dcp_load_and_materialize_read_the_coordinators_small_file(tmp_path):
+    """The DCP reader resolves through the copy; materialize copies the file from rank 0's
+    record (which still lists it) into a version-1 checkpoint that loads the same."""
+    import torch.distributed.checkpoint as dcp
+
+    from shardckpt.convert import materialize_checkpoint
+    from shardckpt.dcp import StorageReader
+
+    path = _saved(tmp_path)
+    flat = {"w": torch.zeros(20_000), "norm": torch.zeros(6), **{f"step.p{i}": torch.tensor(0.0) for i in range(5)}}
+    dcp.load(flat, storage_reader=StorageReader(path))
+    assert torch.equal(flat["norm"], torch.arange(6.0)) and flat["step.p2"].item() == 3.0
+    materialize_checkpoint(path, tmp_path / "v1")
+    state = _state(fill=False)
+    shardckpt.load(state, tmp_path / "v1")
+    assert torch.equal(state["w"], _state(fill=True)["w"]) and state["step"]["p4"].item() == 5.0
