@@ -66,6 +66,7 @@ class SavePlanner(DefaultSavePlanner):
         self._original_mappings = mappings
         self._source = source
         self._global_checks_ran = False
+        self.manifest_key_bytes: int | None = None  # set by the global plan (see manifest_key_bytes)
 
     def set_up_planner(self, state_dict: Any, storage_meta: Any = None, is_coordinator: bool = False) -> None:
         with flattening_errors():
@@ -97,7 +98,8 @@ class SavePlanner(DefaultSavePlanner):
         return plan
 
     def _create_global_plan(self, all_plans: list[SavePlan]) -> tuple[list[SavePlan], Any]:
-        check_values(all_plans)
+        self.manifest_key_bytes = manifest_key_bytes(all_plans)
+        check_values([value_summary(p) for p in all_plans], self.manifest_key_bytes)
         _check_tensors_agree(all_plans)
         plans = [dataclasses.replace(p, planner_data=p.planner_data.mappings) for p in all_plans]
         # DCP's own _create_global_plan, with our validation instead of its
@@ -129,12 +131,14 @@ class SavePlanner(DefaultSavePlanner):
             self._source.expect(plan.items, self._resolve_tensor)
         return plan
 
-    def adopt_global_plan(self, all_plans: list[SavePlan]) -> None:
+    def adopt_global_plan(self, values: list[ValueSummary], key_bytes: int) -> None:
         """Coordinator: this save reuses a global plan made by :meth:`create_global_plan`
         for local plans of the same layout (:func:`layout_fingerprint`), so only the checks
-        that depend on the values run again (``all_plans``: the cached local plans carrying
-        this save's value digests and sizes)."""
-        check_values(all_plans)
+        that depend on the values run again: ``values``, each rank's :func:`value_summary`
+        of this save; ``key_bytes``, the :attr:`manifest_key_bytes` of the plan made (the
+        keys change only with the layout, so they are not counted again)."""
+        self.manifest_key_bytes = key_bytes
+        check_values(values, key_bytes)
         self._global_checks_ran = True
 
     def _require_global_checks(self) -> None:
@@ -171,22 +175,33 @@ def layout_fingerprint(plan: SavePlan) -> str:
     return hashlib.blake2b(text.encode(), digest_size=16).hexdigest()
 
 
-def with_values(plan: SavePlan, value_digests: dict[str, str], value_bytes: dict[str, int]) -> SavePlan:
-    """``plan`` (a local plan of ours) carrying other values' digests and JSON sizes."""
-    data = dataclasses.replace(plan.planner_data, value_digests=value_digests, value_bytes=value_bytes)
-    return dataclasses.replace(plan, planner_data=data)
+ValueSummary = tuple[dict[str, str], dict[str, int]]
+"""One rank's values: each value's digest and the length of its JSON, by key."""
 
 
-def value_summary(plan: SavePlan) -> tuple[dict[str, str], dict[str, int]]:
+def value_summary(plan: SavePlan) -> ValueSummary:
     """The digests and JSON sizes of a local plan's values (what :func:`check_values` needs)."""
     return dict(plan.planner_data.value_digests), dict(plan.planner_data.value_bytes)
 
 
-def check_values(all_plans: list[SavePlan]) -> None:
-    """The global checks that depend on the values: equal on every rank holding one, and
-    a manifest within bounds (UnsupportedValueError naming the key otherwise)."""
-    _check_values_agree([p.planner_data.value_digests for p in all_plans])
-    _check_manifest_size(all_plans)
+def manifest_key_bytes(all_plans: list[SavePlan]) -> int:
+    """What the keys of every rank's items take in a manifest at least: each key twice
+    (in ``tensors``/``values`` and in ``paths``), as JSON strings. O(all items): counted
+    when a global plan is made, not on a save that reuses it (the keys, and so this
+    count, change only with the layout that :func:`layout_fingerprint` covers)."""
+    keys: set[str] = set()
+    for plan in all_plans:
+        keys.update(it.index.fqn for it in plan.items)
+    return sum(2 * len(json.dumps(k)) for k in keys)
+
+
+def check_values(values: list[ValueSummary], key_bytes: int) -> None:
+    """The global checks that depend on the values (``values``: each rank's
+    :func:`value_summary`): equal on every rank holding one, and a manifest within bounds
+    with the keys' ``key_bytes`` (:func:`manifest_key_bytes`); UnsupportedValueError
+    naming the key otherwise. O(ranks x values), whatever the number of tensors."""
+    _check_values_agree([digests for digests, _ in values])
+    _check_manifest_size([sizes for _, sizes in values], key_bytes)
 
 
 def _check_header_entry(item: WriteItem) -> None:
@@ -214,17 +229,15 @@ def _check_header_entry(item: WriteItem) -> None:
         )
 
 
-def _check_manifest_size(all_plans: list[SavePlan]) -> None:
+def _check_manifest_size(value_bytes_by_rank: list[dict[str, int]], key_bytes: int) -> None:
     """Refuse a save whose manifest would exceed what readers accept
     (``manifest.MAX_MANIFEST_BYTES``), counting only what is known at planning time:
-    the values' JSON (stored inline) and every key (in ``tensors``/``values`` and
-    ``paths``). A lower bound: chunk records and checksums come on top."""
+    the values' JSON (stored inline) and every key (``key_bytes``). A lower bound: chunk
+    records and checksums come on top."""
     value_bytes: dict[str, int] = {}
-    keys: set[str] = set()
-    for plan in all_plans:
-        value_bytes.update(plan.planner_data.value_bytes)
-        keys.update(it.index.fqn for it in plan.items)
-    total = sum(value_bytes.values()) + sum(2 * len(json.dumps(k)) for k in keys)
+    for sizes in value_bytes_by_rank:
+        value_bytes.update(sizes)
+    total = sum(value_bytes.values()) + key_bytes
     if total > manifest.MAX_MANIFEST_BYTES:
         largest = sorted(value_bytes.items(), key=lambda kv: (-kv[1], kv[0]))[:5]
         shown = f" (largest values: {', '.join(f'{k!r}: {n} bytes' for k, n in largest)})" if largest else ""
