@@ -7,8 +7,10 @@ back with ``torch.load(weights_only=False)``; ours encode them as JSON (see
 
 from __future__ import annotations
 
+import array
 import dataclasses
 import hashlib
+import heapq
 import io
 import json
 import math
@@ -22,10 +24,11 @@ from torch.distributed.checkpoint.default_planner import (
     DefaultSavePlanner,
     create_default_global_save_plan,
 )
-from torch.distributed.checkpoint.metadata import Metadata, MetadataIndex, TensorStorageMetadata
+from torch.distributed.checkpoint.metadata import Metadata, TensorStorageMetadata
 from torch.distributed.checkpoint.planner import ReadItem, SavePlan, WriteItem, WriteItemType
 
 from shardckpt.engine._torch_private import hook_skipped_error
+from shardckpt.engine.rule_table import compress_table
 from shardckpt.engine.staging import BoundedSource, StagedShard, item_bytes
 from shardckpt.engine.state import check_savable, flattening_errors
 from shardckpt.errors import ManifestError, UnsupportedValueError
@@ -104,8 +107,13 @@ class SavePlanner(DefaultSavePlanner):
         plans = [dataclasses.replace(p, planner_data=p.planner_data.mappings) for p in all_plans]
         # DCP's own _create_global_plan, with our validation instead of its
         # _validate_global_plan, which compares every pair of chunks of a tensor split
-        # along a dimension other than its largest (minutes at thousands of ranks).
-        global_plan, metadata = create_default_global_save_plan(self._dedup_save_plans(plans))
+        # along a dimension other than its largest (minutes at thousands of ranks). The
+        # items keep the ranks' index hints: a hint is where a chunk sits in DCP's
+        # .metadata, which we never write, and nothing of ours reads one (rewriting them
+        # copied every item twice: half of this step at scale).
+        global_plan, metadata = create_default_global_save_plan(
+            self._dedup_save_plans(plans), rewrite_index_hints=False
+        )
         merged = dict(ChainMap(*[p.planner_data for p in global_plan]))
         metadata = dataclasses.replace(metadata, planner_data=merged)
         _check_tiling(metadata)
@@ -263,7 +271,22 @@ def _check_values_agree(digests_by_rank: list[dict[str, str]]) -> None:
 def _check_tensors_agree(all_plans: list[SavePlan]) -> None:
     """Every rank holding a key must agree on its global shape and dtype. A plain tensor
     on several ranks is taken as replicated and written by one of them, so a rank whose
-    copy differs would otherwise be dropped without a word."""
+    copy differs would otherwise be dropped without a word. One pass comparing each item
+    with the key's first; the ranks of each variant are gathered only to refuse."""
+    first: dict[str, tuple[Any, Any]] = {}
+    for plan in all_plans:
+        for it in plan.items:
+            data = it.tensor_data
+            if data is not None:
+                variant = (data.size, data.properties.dtype)
+                if first.setdefault(it.index.fqn, variant) != variant:
+                    _refuse_disagreeing_tensors(all_plans)
+                    return
+
+
+def _refuse_disagreeing_tensors(all_plans: list[SavePlan]) -> None:
+    """UnsupportedValueError naming the first key whose ranks disagree on its shape or
+    dtype, with the ranks holding each variant (none: returns)."""
     per_rank = [
         [
             (it.index.fqn, (tuple(it.tensor_data.size), str(it.tensor_data.properties.dtype).removeprefix("torch.")))
@@ -295,71 +318,154 @@ def _disagreements(per_rank: list[list[tuple[str, Any]]]) -> list[tuple[str, dic
 
 
 def _check_tiling(metadata: Metadata) -> None:
-    """Every tensor's chunks lie inside it, do not overlap and cover it exactly."""
-    for fqn, md in metadata.state_dict_metadata.items():
-        if not isinstance(md, TensorStorageMetadata) or len(md.size) == 0:
-            continue
-        boxes = [(tuple(c.offsets), tuple(c.sizes)) for c in md.chunks]
-        for off, size in boxes:
-            if (
-                len(off) != len(md.size)
-                or len(size) != len(md.size)
-                or any(o < 0 or n < 0 or o + n > dim for o, n, dim in zip(off, size, md.size, strict=True))
-            ):
-                raise UnsupportedValueError(
-                    f"key {fqn!r}: a shard at offsets {list(off)} with sizes {list(size)} lies outside the "
-                    f"tensor's global shape {list(md.size)}; the DTensor's placements do not match its shape"
-                )
-        try:
-            pair = first_overlap(boxes)
-        except ManifestError as e:  # a layout too irregular for the reader's overlap check
+    """Every tensor's chunks lie inside it, do not overlap and cover it exactly.
+
+    Proven for all tensors at once (:func:`_regular_tilings`) where the chunks are the
+    cells of a block grid, each once (every DTensor layout); the others are checked box by
+    box (:func:`_check_tensor_tiling`), which also words every refusal."""
+    tensors = [
+        (fqn, md)
+        for fqn, md in metadata.state_dict_metadata.items()
+        if isinstance(md, TensorStorageMetadata) and len(md.size) > 0
+    ]
+    for (fqn, md), proven in zip(tensors, _regular_tilings([md for _, md in tensors]), strict=True):
+        if not proven:
+            _check_tensor_tiling(fqn, md)
+
+
+_MAX_TABLE_COORDINATE = 2**62  # above it, offset + size could wrap in int64: left to the box-by-box check
+
+
+def _regular_tilings(tensors: list[TensorStorageMetadata]) -> list[bool]:
+    """Per tensor: True if its chunks provably tile it, False if not proven here. Proven:
+    every chunk has the tensor's dimensions and lies inside it, and the non-empty chunks
+    are the cells of one block grid, each exactly once (the test of a format-3 rule,
+    :func:`shardckpt.engine.rule_table.compress_table`, run for every tensor in one set of
+    vector operations). O(chunks), with one short Python step per chunk."""
+    if not tensors:
+        return []
+    dims = max(len(md.size) for md in tensors)
+    width = 2 + 2 * dims  # compress_table's columns: file, byte offset (both 0 here), offsets, sizes
+    rows = array.array("q")
+    counts: list[int] = []
+    try:
+        for md in tensors:
+            d, start = len(md.size), len(rows)
+            zeros, ones = (0,) * (dims - d), (1,) * (dims - d)
+            for c in md.chunks:
+                if len(c.offsets) != d or len(c.sizes) != d:
+                    del rows[start:]  # not proven: left to the box-by-box check
+                    break
+                rows.extend((0, 0, *c.offsets, *zeros, *c.sizes, *ones))
+            counts.append((len(rows) - start) // width)
+        shape = torch.tensor([[*md.size, *(1,) * (dims - len(md.size))] for md in tensors], dtype=torch.int64)
+    except (OverflowError, RuntimeError):  # a coordinate beyond int64
+        return [False] * len(tensors)
+    table = (
+        torch.frombuffer(rows, dtype=torch.int64).view(-1, width)
+        if rows
+        else torch.zeros((0, width), dtype=torch.int64)
+    )
+    if any(bool((t >= _MAX_TABLE_COORDINATE).any() or (t <= -_MAX_TABLE_COORDINATE).any()) for t in (table, shape)):
+        return [False] * len(tensors)
+    tid = torch.repeat_interleave(torch.arange(len(tensors)), torch.tensor(counts, dtype=torch.int64))
+    offsets, sizes = table[:, 2 : 2 + dims], table[:, 2 + dims :]
+    inside = ((offsets >= 0) & (sizes >= 0) & (offsets + sizes <= shape[tid])).all(dim=1)
+    outside = torch.bincount(tid[~inside], minlength=len(tensors)).tolist()
+    grids = compress_table([tuple(md.size) for md in tensors], tid, table).rules
+    return [
+        n == len(md.chunks) and not out and grid is not None
+        for md, n, out, grid in zip(tensors, counts, outside, grids, strict=True)
+    ]
+
+
+def _check_tensor_tiling(fqn: str, md: TensorStorageMetadata) -> None:
+    """:func:`_check_tiling` of one tensor, box by box: refuses naming the first chunk out
+    of bounds, the first overlapping pair or the elements missing."""
+    boxes = [(tuple(c.offsets), tuple(c.sizes)) for c in md.chunks]
+    for off, size in boxes:
+        if (
+            len(off) != len(md.size)
+            or len(size) != len(md.size)
+            or any(o < 0 or n < 0 or o + n > dim for o, n, dim in zip(off, size, md.size, strict=True))
+        ):
             raise UnsupportedValueError(
-                f"key {fqn!r}: the load side would refuse this tensor's shard layout ({e})"
-            ) from None
-        covered = sum(math.prod(size) for _, size in boxes)
-        if pair is not None or covered != math.prod(md.size):
-            what = (
-                f"shards at {list(boxes[pair[0]][0])} and {list(boxes[pair[1]][0])} overlap"
-                if pair
-                else f"the shards hold {covered} elements, the tensor {math.prod(md.size)}"
+                f"key {fqn!r}: a shard at offsets {list(off)} with sizes {list(size)} lies outside the "
+                f"tensor's global shape {list(md.size)}; the DTensor's placements do not match its shape"
             )
-            raise UnsupportedValueError(
-                f"key {fqn!r}: the ranks' shards do not tile the global shape {list(md.size)} ({what}). "
-                "Every element must be saved by exactly one shard: check the DTensor placements on every rank."
-            )
+    try:
+        pair = first_overlap(boxes)
+    except ManifestError as e:  # a layout too irregular for the reader's overlap check
+        raise UnsupportedValueError(
+            f"key {fqn!r}: the load side would refuse this tensor's shard layout ({e})"
+        ) from None
+    covered = sum(math.prod(size) for _, size in boxes)
+    if pair is not None or covered != math.prod(md.size):
+        what = (
+            f"shards at {list(boxes[pair[0]][0])} and {list(boxes[pair[1]][0])} overlap"
+            if pair
+            else f"the shards hold {covered} elements, the tensor {math.prod(md.size)}"
+        )
+        raise UnsupportedValueError(
+            f"key {fqn!r}: the ranks' shards do not tile the global shape {list(md.size)} ({what}). "
+            "Every element must be saved by exactly one shard: check the DTensor placements on every rank."
+        )
 
 
 def balance_replicated(all_plans: list[SavePlan]) -> list[SavePlan]:
     """Keep each item on exactly one rank, spreading replicated bytes evenly.
 
     Items held by one rank stay there; replicated items go, largest first, to the
-    least-loaded rank that holds them (LPT scheduling). Deterministic for given plans.
+    least-loaded rank that holds them (LPT scheduling; ties to the lowest rank).
+    Deterministic for given plans. Items are keyed by (key, offsets), hashed in C, and an
+    item held by every rank takes the least-loaded rank from a heap: a few dict steps per
+    item, O(log ranks) per replicated item held everywhere (the usual AdamW ``step``).
     """
-    holders: dict[MetadataIndex, list[int]] = defaultdict(list)
-    items: dict[MetadataIndex, WriteItem] = {}
+    holders: dict[tuple[str, Any], list[int]] = {}
+    items: dict[tuple[str, Any], WriteItem] = {}
     for rank, plan in enumerate(all_plans):
         for item in plan.items:
-            holders[item.index].append(rank)
-            items[item.index] = item
+            key = (item.index.fqn, item.index.offset)
+            items[key] = item
+            ranks = holders.get(key)
+            if ranks is None:
+                holders[key] = [rank]
+            else:
+                ranks.append(rank)
     load = [0] * len(all_plans)
-    keep: list[set[MetadataIndex]] = [set() for _ in all_plans]
 
-    def size(idx: MetadataIndex) -> int:
-        return item_bytes(items[idx]) or 1
+    def size(key: tuple[str, Any]) -> int:
+        return item_bytes(items[key]) or 1
 
-    for idx, ranks in holders.items():
+    shared = []
+    for key, ranks in holders.items():
         if len(ranks) == 1:
-            keep[ranks[0]].add(idx)
-            load[ranks[0]] += size(idx)
-    shared = [idx for idx, ranks in holders.items() if len(ranks) > 1]
-    shared.sort(key=lambda i: (-size(i), i.fqn, tuple(i.offset or ())))
-    for idx in shared:
-        rank = min(holders[idx], key=lambda r: (load[r], r))
-        keep[rank].add(idx)
-        load[rank] += size(idx)
+            load[ranks[0]] += size(key)
+        else:
+            shared.append(key)
+    shared.sort(key=lambda k: (-size(k), k[0], tuple(k[1] or ())))
+    everyone = list(range(len(all_plans)))
+    least = [(n, r) for r, n in enumerate(load)]  # (load, rank), stale entries skipped
+    heapq.heapify(least)
+    lost: list[set[tuple[str, Any]]] = [set() for _ in all_plans]
+    for key in shared:
+        ranks = holders[key]
+        if ranks == everyone:
+            while least[0][0] != load[least[0][1]]:
+                heapq.heappop(least)
+            rank = least[0][1]
+        else:
+            rank = min(ranks, key=lambda r: (load[r], r))
+        load[rank] += size(key)
+        heapq.heappush(least, (load[rank], rank))
+        for r in ranks:
+            if r != rank:
+                lost[r].add(key)
     return [
-        dataclasses.replace(plan, items=[it for it in plan.items if it.index in keep[r]])
-        for r, plan in enumerate(all_plans)
+        dataclasses.replace(plan, items=[it for it in plan.items if (it.index.fqn, it.index.offset) not in gone])
+        if gone
+        else plan
+        for plan, gone in zip(all_plans, lost, strict=True)
     ]
 
 
