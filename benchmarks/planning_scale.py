@@ -53,8 +53,8 @@ on the real format-3 code paths (v3_cycle.py), DCP beside them where it fits:
     load_{own,reshard}_parse_plan parse_any_manifest + chunks_for_box/locate per box it loads
     first_save_plan_ours          create_global_plan over every rank's local plan + assemble_v3
                                   (global_plan_dcp_s: DCP's), up to --plan-max-items
-    coordinator_s                 a repeated save's planning (PlanCache.fits, with_values,
-                                  adopt_global_plan); fingerprint_per_rank_s: layout_fingerprint
+    coordinator_s                 a repeated save's planning (PlanCache.fits, adopt_global_plan);
+                                  fingerprint_per_rank_s: layout_fingerprint
     dcp_metadata_pickle, dcp_unpickle   DCP's .metadata of the same chunks, up to --dcp-max-chunks
 
 Timed phases: medians of --repeats (3). Rank counts or phases that do not fit are listed

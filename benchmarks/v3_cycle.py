@@ -17,8 +17,9 @@ Called by ``planning_scale.py --projection`` per rank count. Nothing here writes
   ``DefaultSavePlanner`` over every rank's local plan (built by planning_scale's planners).
 - :func:`repeat_save_plan`: a save with the layout of the last one (engine/protocol.py):
   each rank's ``layout_fingerprint`` of its local plan, then on the coordinator
-  ``PlanCache.fits`` over every rank's offer, ``with_values`` per rank and
-  ``adopt_global_plan`` (``check_values``), and the fresh storage_data per rank.
+  ``PlanCache.fits`` over every rank's offer, ``adopt_global_plan`` (``check_values`` of
+  every rank's values, the keys counted when the plan was made), and the fresh
+  storage_data per rank.
 """
 
 from __future__ import annotations
@@ -162,7 +163,8 @@ def repeat_save_plan(planner: Any, local: Any, world: int, repeats: int) -> dict
     """Seconds of a repeated save's planning (engine/protocol.py with a cached plan), with
     rank 0's real local plan standing for every rank's (the same items per rank; the work
     per rank does not depend on the offsets): per rank ``layout_fingerprint``; coordinator
-    ``PlanCache.fits`` over ``world`` offers, ``with_values`` each, ``adopt_global_plan``."""
+    ``PlanCache.fits`` over ``world`` offers, ``adopt_global_plan`` with the plan's key count
+    (``manifest_key_bytes``, counted once when the plan was made, not timed here)."""
     from shardckpt.engine import planner as planner_mod
     from shardckpt.engine import protocol
 
@@ -174,15 +176,14 @@ def repeat_save_plan(planner: Any, local: Any, world: int, repeats: int) -> dict
         plan_id="plan",
         central=local,
         fingerprints=[fingerprint] * world,
-        local_plans=[local] * world,
         global_plans=[local] * world,
+        key_bytes=planner_mod.manifest_key_bytes([local]),
         global_id="plan",
     )
 
     def coordinator() -> None:
         assert cache.fits(offers)
-        locals_ = [planner_mod.with_values(p, *o.values) for p, o in zip(cache.local_plans, offers, strict=True)]
-        planner.adopt_global_plan(locals_)
+        planner.adopt_global_plan([o.values for o in offers], cache.key_bytes)
         [dataclasses.replace(p, storage_data=o.storage_data) for p, o in zip(cache.global_plans, offers, strict=True)]
 
     _, coordinator_s = median_time(coordinator, repeats)

@@ -7,12 +7,16 @@ back with ``torch.load(weights_only=False)``; ours encode them as JSON (see
 
 from __future__ import annotations
 
+import array
+import bisect
 import dataclasses
 import hashlib
+import heapq
 import io
 import json
 import math
 from collections import ChainMap, defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -22,10 +26,11 @@ from torch.distributed.checkpoint.default_planner import (
     DefaultSavePlanner,
     create_default_global_save_plan,
 )
-from torch.distributed.checkpoint.metadata import Metadata, MetadataIndex, TensorStorageMetadata
+from torch.distributed.checkpoint.metadata import Metadata, TensorStorageMetadata
 from torch.distributed.checkpoint.planner import ReadItem, SavePlan, WriteItem, WriteItemType
 
 from shardckpt.engine._torch_private import hook_skipped_error
+from shardckpt.engine.rule_table import compress_table
 from shardckpt.engine.staging import BoundedSource, StagedShard, item_bytes
 from shardckpt.engine.state import check_savable, flattening_errors
 from shardckpt.errors import ManifestError, UnsupportedValueError
@@ -75,6 +80,7 @@ class SavePlanner(DefaultSavePlanner):
         self._original_mappings = mappings
         self._source = source
         self._global_checks_ran = False
+        self.manifest_key_bytes: int | None = None  # set by the global plan (see manifest_key_bytes)
 
     def set_up_planner(self, state_dict: Any, storage_meta: Any = None, is_coordinator: bool = False) -> None:
         with flattening_errors():
@@ -106,13 +112,19 @@ class SavePlanner(DefaultSavePlanner):
         return plan
 
     def _create_global_plan(self, all_plans: list[SavePlan]) -> tuple[list[SavePlan], Any]:
-        check_values(all_plans)
+        self.manifest_key_bytes = manifest_key_bytes(all_plans)
+        check_values([value_summary(p) for p in all_plans], self.manifest_key_bytes)
         _check_tensors_agree(all_plans)
         plans = [dataclasses.replace(p, planner_data=p.planner_data.mappings) for p in all_plans]
         # DCP's own _create_global_plan, with our validation instead of its
         # _validate_global_plan, which compares every pair of chunks of a tensor split
-        # along a dimension other than its largest (minutes at thousands of ranks).
-        global_plan, metadata = create_default_global_save_plan(self._dedup_save_plans(plans))
+        # along a dimension other than its largest (minutes at thousands of ranks). The
+        # items keep the ranks' index hints: a hint is where a chunk sits in DCP's
+        # .metadata, which we never write, and nothing of ours reads one (rewriting them
+        # copied every item twice: half of this step at scale).
+        global_plan, metadata = create_default_global_save_plan(
+            self._dedup_save_plans(plans), rewrite_index_hints=False
+        )
         merged = dict(ChainMap(*[p.planner_data for p in global_plan]))
         metadata = dataclasses.replace(metadata, planner_data=merged)
         _check_tiling(metadata)
@@ -138,12 +150,14 @@ class SavePlanner(DefaultSavePlanner):
             self._source.expect(plan.items, self._resolve_tensor)
         return plan
 
-    def adopt_global_plan(self, all_plans: list[SavePlan]) -> None:
+    def adopt_global_plan(self, values: list[ValueSummary], key_bytes: int) -> None:
         """Coordinator: this save reuses a global plan made by :meth:`create_global_plan`
         for local plans of the same layout (:func:`layout_fingerprint`), so only the checks
-        that depend on the values run again (``all_plans``: the cached local plans carrying
-        this save's value digests and sizes)."""
-        check_values(all_plans)
+        that depend on the values run again: ``values``, each rank's :func:`value_summary`
+        of this save; ``key_bytes``, the :attr:`manifest_key_bytes` of the plan made (the
+        keys change only with the layout, so they are not counted again)."""
+        self.manifest_key_bytes = key_bytes
+        check_values(values, key_bytes)
         self._global_checks_ran = True
 
     def _require_global_checks(self) -> None:
@@ -184,22 +198,33 @@ def layout_fingerprint(plan: SavePlan, *, small_replicated_to: int | None = None
     return hashlib.blake2b(text.encode(), digest_size=16).hexdigest()
 
 
-def with_values(plan: SavePlan, value_digests: dict[str, str], value_bytes: dict[str, int]) -> SavePlan:
-    """``plan`` (a local plan of ours) carrying other values' digests and JSON sizes."""
-    data = dataclasses.replace(plan.planner_data, value_digests=value_digests, value_bytes=value_bytes)
-    return dataclasses.replace(plan, planner_data=data)
+ValueSummary = tuple[dict[str, str], dict[str, int]]
+"""One rank's values: each value's digest and the length of its JSON, by key."""
 
 
-def value_summary(plan: SavePlan) -> tuple[dict[str, str], dict[str, int]]:
+def value_summary(plan: SavePlan) -> ValueSummary:
     """The digests and JSON sizes of a local plan's values (what :func:`check_values` needs)."""
     return dict(plan.planner_data.value_digests), dict(plan.planner_data.value_bytes)
 
 
-def check_values(all_plans: list[SavePlan]) -> None:
-    """The global checks that depend on the values: equal on every rank holding one, and
-    a manifest within bounds (UnsupportedValueError naming the key otherwise)."""
-    _check_values_agree([p.planner_data.value_digests for p in all_plans])
-    _check_manifest_size(all_plans)
+def manifest_key_bytes(all_plans: list[SavePlan]) -> int:
+    """What the keys of every rank's items take in a manifest at least: each key twice
+    (in ``tensors``/``values`` and in ``paths``), as JSON strings. O(all items): counted
+    when a global plan is made, not on a save that reuses it (the keys, and so this
+    count, change only with the layout that :func:`layout_fingerprint` covers)."""
+    keys: set[str] = set()
+    for plan in all_plans:
+        keys.update(it.index.fqn for it in plan.items)
+    return sum(2 * len(json.dumps(k)) for k in keys)
+
+
+def check_values(values: list[ValueSummary], key_bytes: int) -> None:
+    """The global checks that depend on the values (``values``: each rank's
+    :func:`value_summary`): equal on every rank holding one, and a manifest within bounds
+    with the keys' ``key_bytes`` (:func:`manifest_key_bytes`); UnsupportedValueError
+    naming the key otherwise. O(ranks x values), whatever the number of tensors."""
+    _check_values_agree([digests for digests, _ in values])
+    _check_manifest_size([sizes for _, sizes in values], key_bytes)
 
 
 def _check_header_entry(item: WriteItem) -> None:
@@ -227,17 +252,15 @@ def _check_header_entry(item: WriteItem) -> None:
         )
 
 
-def _check_manifest_size(all_plans: list[SavePlan]) -> None:
+def _check_manifest_size(value_bytes_by_rank: list[dict[str, int]], key_bytes: int) -> None:
     """Refuse a save whose manifest would exceed what readers accept
     (``manifest.MAX_MANIFEST_BYTES``), counting only what is known at planning time:
-    the values' JSON (stored inline) and every key (in ``tensors``/``values`` and
-    ``paths``). A lower bound: chunk records and checksums come on top."""
+    the values' JSON (stored inline) and every key (``key_bytes``). A lower bound: chunk
+    records and checksums come on top."""
     value_bytes: dict[str, int] = {}
-    keys: set[str] = set()
-    for plan in all_plans:
-        value_bytes.update(plan.planner_data.value_bytes)
-        keys.update(it.index.fqn for it in plan.items)
-    total = sum(value_bytes.values()) + sum(2 * len(json.dumps(k)) for k in keys)
+    for sizes in value_bytes_by_rank:
+        value_bytes.update(sizes)
+    total = sum(value_bytes.values()) + key_bytes
     if total > manifest.MAX_MANIFEST_BYTES:
         largest = sorted(value_bytes.items(), key=lambda kv: (-kv[1], kv[0]))[:5]
         shown = f" (largest values: {', '.join(f'{k!r}: {n} bytes' for k, n in largest)})" if largest else ""
@@ -263,7 +286,22 @@ def _check_values_agree(digests_by_rank: list[dict[str, str]]) -> None:
 def _check_tensors_agree(all_plans: list[SavePlan]) -> None:
     """Every rank holding a key must agree on its global shape and dtype. A plain tensor
     on several ranks is taken as replicated and written by one of them, so a rank whose
-    copy differs would otherwise be dropped without a word."""
+    copy differs would otherwise be dropped without a word. One pass comparing each item
+    with the key's first; the ranks of each variant are gathered only to refuse."""
+    first: dict[str, tuple[Any, Any]] = {}
+    for plan in all_plans:
+        for it in plan.items:
+            data = it.tensor_data
+            if data is not None:
+                variant = (data.size, data.properties.dtype)
+                if first.setdefault(it.index.fqn, variant) != variant:
+                    _refuse_disagreeing_tensors(all_plans)
+                    return
+
+
+def _refuse_disagreeing_tensors(all_plans: list[SavePlan]) -> None:
+    """UnsupportedValueError naming the first key whose ranks disagree on its shape or
+    dtype, with the ranks holding each variant (none: returns)."""
     per_rank = [
         [
             (it.index.fqn, (tuple(it.tensor_data.size), str(it.tensor_data.properties.dtype).removeprefix("torch.")))
@@ -295,38 +333,98 @@ def _disagreements(per_rank: list[list[tuple[str, Any]]]) -> list[tuple[str, dic
 
 
 def _check_tiling(metadata: Metadata) -> None:
-    """Every tensor's chunks lie inside it, do not overlap and cover it exactly."""
-    for fqn, md in metadata.state_dict_metadata.items():
-        if not isinstance(md, TensorStorageMetadata) or len(md.size) == 0:
-            continue
-        boxes = [(tuple(c.offsets), tuple(c.sizes)) for c in md.chunks]
-        for off, size in boxes:
-            if (
-                len(off) != len(md.size)
-                or len(size) != len(md.size)
-                or any(o < 0 or n < 0 or o + n > dim for o, n, dim in zip(off, size, md.size, strict=True))
-            ):
-                raise UnsupportedValueError(
-                    f"key {fqn!r}: a shard at offsets {list(off)} with sizes {list(size)} lies outside the "
-                    f"tensor's global shape {list(md.size)}; the DTensor's placements do not match its shape"
-                )
-        try:
-            pair = first_overlap(boxes)
-        except ManifestError as e:  # a layout too irregular for the reader's overlap check
+    """Every tensor's chunks lie inside it, do not overlap and cover it exactly.
+
+    Proven for all tensors at once (:func:`_regular_tilings`) where the chunks are the
+    cells of a block grid, each once (every DTensor layout); the others are checked box by
+    box (:func:`_check_tensor_tiling`), which also words every refusal."""
+    tensors = [
+        (fqn, md)
+        for fqn, md in metadata.state_dict_metadata.items()
+        if isinstance(md, TensorStorageMetadata) and len(md.size) > 0
+    ]
+    for (fqn, md), proven in zip(tensors, _regular_tilings([md for _, md in tensors]), strict=True):
+        if not proven:
+            _check_tensor_tiling(fqn, md)
+
+
+_MAX_TABLE_COORDINATE = 2**62  # above it, offset + size could wrap in int64: left to the box-by-box check
+
+
+def _regular_tilings(tensors: list[TensorStorageMetadata]) -> list[bool]:
+    """Per tensor: True if its chunks provably tile it, False if not proven here. Proven:
+    every chunk has the tensor's dimensions and lies inside it, and the non-empty chunks
+    are the cells of one block grid, each exactly once (the test of a format-3 rule,
+    :func:`shardckpt.engine.rule_table.compress_table`, run for every tensor in one set of
+    vector operations). O(chunks), with one short Python step per chunk."""
+    if not tensors:
+        return []
+    dims = max(len(md.size) for md in tensors)
+    width = 2 + 2 * dims  # compress_table's columns: file, byte offset (both 0 here), offsets, sizes
+    rows = array.array("q")
+    counts: list[int] = []
+    try:
+        for md in tensors:
+            d, start = len(md.size), len(rows)
+            zeros, ones = (0,) * (dims - d), (1,) * (dims - d)
+            for c in md.chunks:
+                if len(c.offsets) != d or len(c.sizes) != d:
+                    del rows[start:]  # not proven: left to the box-by-box check
+                    break
+                rows.extend((0, 0, *c.offsets, *zeros, *c.sizes, *ones))
+            counts.append((len(rows) - start) // width)
+        shape = torch.tensor([[*md.size, *(1,) * (dims - len(md.size))] for md in tensors], dtype=torch.int64)
+    except (OverflowError, RuntimeError):  # a coordinate beyond int64
+        return [False] * len(tensors)
+    table = (
+        torch.frombuffer(rows, dtype=torch.int64).view(-1, width)
+        if rows
+        else torch.zeros((0, width), dtype=torch.int64)
+    )
+    if any(bool((t >= _MAX_TABLE_COORDINATE).any() or (t <= -_MAX_TABLE_COORDINATE).any()) for t in (table, shape)):
+        return [False] * len(tensors)
+    tid = torch.repeat_interleave(torch.arange(len(tensors)), torch.tensor(counts, dtype=torch.int64))
+    offsets, sizes = table[:, 2 : 2 + dims], table[:, 2 + dims :]
+    inside = ((offsets >= 0) & (sizes >= 0) & (offsets + sizes <= shape[tid])).all(dim=1)
+    outside = torch.bincount(tid[~inside], minlength=len(tensors)).tolist()
+    grids = compress_table([tuple(md.size) for md in tensors], tid, table).rules
+    return [
+        n == len(md.chunks) and not out and grid is not None
+        for md, n, out, grid in zip(tensors, counts, outside, grids, strict=True)
+    ]
+
+
+def _check_tensor_tiling(fqn: str, md: TensorStorageMetadata) -> None:
+    """:func:`_check_tiling` of one tensor, box by box: refuses naming the first chunk out
+    of bounds, the first overlapping pair or the elements missing."""
+    boxes = [(tuple(c.offsets), tuple(c.sizes)) for c in md.chunks]
+    for off, size in boxes:
+        if (
+            len(off) != len(md.size)
+            or len(size) != len(md.size)
+            or any(o < 0 or n < 0 or o + n > dim for o, n, dim in zip(off, size, md.size, strict=True))
+        ):
             raise UnsupportedValueError(
-                f"key {fqn!r}: the load side would refuse this tensor's shard layout ({e})"
-            ) from None
-        covered = sum(math.prod(size) for _, size in boxes)
-        if pair is not None or covered != math.prod(md.size):
-            what = (
-                f"shards at {list(boxes[pair[0]][0])} and {list(boxes[pair[1]][0])} overlap"
-                if pair
-                else f"the shards hold {covered} elements, the tensor {math.prod(md.size)}"
+                f"key {fqn!r}: a shard at offsets {list(off)} with sizes {list(size)} lies outside the "
+                f"tensor's global shape {list(md.size)}; the DTensor's placements do not match its shape"
             )
-            raise UnsupportedValueError(
-                f"key {fqn!r}: the ranks' shards do not tile the global shape {list(md.size)} ({what}). "
-                "Every element must be saved by exactly one shard: check the DTensor placements on every rank."
-            )
+    try:
+        pair = first_overlap(boxes)
+    except ManifestError as e:  # a layout too irregular for the reader's overlap check
+        raise UnsupportedValueError(
+            f"key {fqn!r}: the load side would refuse this tensor's shard layout ({e})"
+        ) from None
+    covered = sum(math.prod(size) for _, size in boxes)
+    if pair is not None or covered != math.prod(md.size):
+        what = (
+            f"shards at {list(boxes[pair[0]][0])} and {list(boxes[pair[1]][0])} overlap"
+            if pair
+            else f"the shards hold {covered} elements, the tensor {math.prod(md.size)}"
+        )
+        raise UnsupportedValueError(
+            f"key {fqn!r}: the ranks' shards do not tile the global shape {list(md.size)} ({what}). "
+            "Every element must be saved by exactly one shard: check the DTensor placements on every rank."
+        )
 
 
 # Format 3: a replicated item of at most this many bytes, held by the coordinator among
@@ -345,50 +443,84 @@ def balance_replicated(all_plans: list[SavePlan], *, small_to: int | None = None
     ``SMALL_REPLICATED_BUDGET_BYTES``: then a loading rank finds all of them in one rank's
     index record (an AdamW ``step`` per parameter would otherwise send it to hundreds).
     The other replicated items go, largest first, to the least-loaded rank that holds
-    them (LPT scheduling), counting what ``small_to`` already took. Deterministic for
-    given plans.
+    them (LPT scheduling; ties to the lowest rank), counting what ``small_to`` already
+    took. Deterministic for given plans. Items are keyed by (key, offsets), hashed in C,
+    and an item held by every rank takes the least-loaded rank from a heap: a few dict
+    steps per item, O(log ranks) per replicated item held everywhere.
     """
-    holders: dict[MetadataIndex, list[int]] = defaultdict(list)
-    items: dict[MetadataIndex, WriteItem] = {}
+    holders: dict[tuple[str, Any], list[int]] = {}  # ranks in ascending order
+    items: dict[tuple[str, Any], WriteItem] = {}
     for rank, plan in enumerate(all_plans):
         for item in plan.items:
-            holders[item.index].append(rank)
-            items[item.index] = item
-    load = [0] * len(all_plans)
-    keep: list[set[MetadataIndex]] = [set() for _ in all_plans]
-
-    def size(idx: MetadataIndex) -> int:
-        return item_bytes(items[idx]) or 1
-
-    def order(idx: MetadataIndex) -> tuple[int, str, tuple[int, ...]]:
-        return size(idx), idx.fqn, tuple(idx.offset or ())
-
-    def place(idx: MetadataIndex, rank: int) -> None:
-        keep[rank].add(idx)
-        load[rank] += size(idx)
-
-    for idx, ranks in holders.items():
-        if len(ranks) == 1:
-            place(idx, ranks[0])
-    shared = sorted((idx for idx, ranks in holders.items() if len(ranks) > 1), key=order)
-    if small_to is not None:
-        budget = SMALL_REPLICATED_BUDGET_BYTES
-        rest = []
-        for idx in shared:
-            n = size(idx)
-            if n <= SMALL_REPLICATED_BYTES and n <= budget and small_to in holders[idx]:
-                place(idx, small_to)
-                budget -= n
+            key = (item.index.fqn, item.index.offset)
+            items[key] = item
+            ranks = holders.get(key)
+            if ranks is None:
+                holders[key] = [rank]
             else:
-                rest.append(idx)
-        shared = rest
-    shared.sort(key=lambda i: (-size(i), i.fqn, tuple(i.offset or ())))
-    for idx in shared:
-        place(idx, min(holders[idx], key=lambda r: (load[r], r)))
+                ranks.append(rank)
+    load = [0] * len(all_plans)
+    lost: list[set[tuple[str, Any]]] = [set() for _ in all_plans]
+
+    def size(key: tuple[str, Any]) -> int:
+        return item_bytes(items[key]) or 1
+
+    def give(key: tuple[str, Any], rank: int) -> None:
+        load[rank] += size(key)
+        for r in holders[key]:
+            if r != rank:
+                lost[r].add(key)
+
+    shared = []
+    for key, ranks in holders.items():
+        if len(ranks) == 1:
+            load[ranks[0]] += size(key)
+        else:
+            shared.append(key)
+    if small_to is not None:
+        shared = _place_small(shared, small_to, holders, size, give)
+    shared.sort(key=lambda k: (-size(k), k[0], tuple(k[1] or ())))
+    everyone = list(range(len(all_plans)))
+    least = [(n, r) for r, n in enumerate(load)]  # (load, rank), stale entries skipped
+    heapq.heapify(least)
+    for key in shared:
+        ranks = holders[key]
+        if ranks == everyone:
+            while least[0][0] != load[least[0][1]]:
+                heapq.heappop(least)
+            rank = least[0][1]
+        else:
+            rank = min(ranks, key=lambda r: (load[r], r))
+        give(key, rank)
+        heapq.heappush(least, (load[rank], rank))
     return [
-        dataclasses.replace(plan, items=[it for it in plan.items if it.index in keep[r]])
-        for r, plan in enumerate(all_plans)
+        dataclasses.replace(plan, items=[it for it in plan.items if (it.index.fqn, it.index.offset) not in gone])
+        if gone
+        else plan
+        for plan, gone in zip(all_plans, lost, strict=True)
     ]
+
+
+def _place_small(
+    shared: list[tuple[str, Any]],
+    small_to: int,
+    holders: dict[tuple[str, Any], list[int]],
+    size: Callable[[tuple[str, Any]], int],
+    give: Callable[[tuple[str, Any], int], None],
+) -> list[tuple[str, Any]]:
+    """:func:`balance_replicated`'s first pass with ``small_to``: the small replicated items
+    that rank holds go to it, smallest first, within the budget; returns the others."""
+    budget = SMALL_REPLICATED_BUDGET_BYTES
+    rest = []
+    for key in sorted(shared, key=lambda k: (size(k), k[0], tuple(k[1] or ()))):
+        n, ranks = size(key), holders[key]
+        held = ranks[bisect.bisect_left(ranks, small_to) : bisect.bisect_right(ranks, small_to)]
+        if n <= SMALL_REPLICATED_BYTES and n <= budget and held:
+            give(key, small_to)
+            budget -= n
+        else:
+            rest.append(key)
+    return rest
 
 
 class LoadPlanner(DefaultLoadPlanner):

@@ -14,8 +14,9 @@ monitored gather plus an answer:
    (:func:`~shardckpt.engine.planner.layout_fingerprint`), its host and location, its
    values' digests and, unless it holds the plan agreed for that fingerprint last time,
    its local plan. When every rank holds the last save's plan and every fingerprint
-   matches it, the coordinator reuses its global plan (re-checking only the values:
-   ``SavePlanner.adopt_global_plan``); otherwise it runs ``create_global_plan``. Then
+   matches it, the coordinator reuses its global plan (re-checking only the values, in
+   O(ranks x values): ``SavePlanner.adopt_global_plan``, with the keys' share of the
+   manifest counted when the plan was made); otherwise it runs ``create_global_plan``. Then
    ``prepare_global_plan`` checks the locations and claims the folder, and each rank gets
    the save id, with its new plan only when the plan changed. Ranks that arrive too late
    are named here. (When a rank left its plan out but the coordinator cannot reuse, the
@@ -52,7 +53,7 @@ from torch.distributed.checkpoint.planner import SavePlan
 
 from shardckpt.engine.exchange import Exchange
 from shardckpt.engine.options import Timeouts
-from shardckpt.engine.planner import LoadPlanner, SavePlanner, layout_fingerprint, value_summary, with_values
+from shardckpt.engine.planner import LoadPlanner, SavePlanner, ValueSummary, layout_fingerprint, value_summary
 from shardckpt.engine.reader import Reader
 from shardckpt.engine.writer import Writer
 
@@ -61,16 +62,17 @@ from shardckpt.engine.writer import Writer
 class PlanCache:
     """The plan of the last save over one group, kept for the next save with the same
     layout. Each rank keeps its own final plan; the coordinator also keeps every rank's
-    local plan, the global plan and DCP's metadata. Owned by one Checkpointer per
-    group (:class:`Rounds`); used by one save at a time."""
+    fingerprint, the global plan, DCP's metadata and what the plan's keys take in the
+    manifest (``SavePlanner.manifest_key_bytes``). Owned by one Checkpointer per group
+    (:class:`Rounds`); used by one save at a time."""
 
     fingerprint: str | None = None  # this rank's layout, and the plan agreed for it
     plan_id: str | None = None
     central: SavePlan | None = None
     fingerprints: list[str] = field(default_factory=list)  # coordinator: every rank's
-    local_plans: list[SavePlan] = field(default_factory=list)
     global_plans: list[SavePlan] = field(default_factory=list)
     metadata: Metadata | None = None
+    key_bytes: int = 0
     global_id: str | None = None
 
     def fits(self, offers: list[_Offer]) -> bool:
@@ -105,7 +107,7 @@ class _Offer:
     fingerprint: str
     plan_id: str | None  # the plan this rank holds for ``fingerprint``, if any
     storage_data: dict[str, Any]  # rank, host, location: fresh every save
-    values: tuple[dict[str, str], dict[str, int]]  # value digests and JSON sizes
+    values: ValueSummary  # value digests and JSON sizes
     plan: SavePlan | None  # the local plan, unless ``plan_id`` is set
 
 
@@ -196,14 +198,12 @@ class _SaveRounds:
         cache = self.cache
         reuse = cache.fits(offers)
         if reuse:
-            locals_ = [with_values(p, *o.values) for p, o in zip(cache.local_plans, offers, strict=True)]
-            self.planner.adopt_global_plan(locals_)
+            self.planner.adopt_global_plan([o.values for o in offers], cache.key_bytes)
             plans, metadata = cache.global_plans, cache.metadata
         elif any(o.plan is None for o in offers):
             return [("resend",)] * len(offers)
         else:
-            locals_ = [o.plan for o in offers if o.plan is not None]
-            plans, metadata = self.planner.create_global_plan(locals_)
+            plans, metadata = self.planner.create_global_plan([o.plan for o in offers if o.plan is not None])
         fresh = [dataclasses.replace(p, storage_data=o.storage_data) for p, o in zip(plans, offers, strict=True)]
         finals = self.writer.prepare_global_plan(fresh)  # the locations agree; the folder is claimed
         self.metadata = metadata
@@ -211,7 +211,9 @@ class _SaveRounds:
             return [("reuse", cache.global_id, f.storage_data) for f in finals]
         plan_id = uuid.uuid4().hex
         cache.fingerprints = [o.fingerprint for o in offers]
-        cache.local_plans, cache.global_plans, cache.metadata, cache.global_id = locals_, plans, metadata, plan_id
+        cache.global_plans, cache.metadata, cache.global_id = plans, metadata, plan_id
+        assert self.planner.manifest_key_bytes is not None  # counted by create_global_plan
+        cache.key_bytes = self.planner.manifest_key_bytes
         return [("plan", plan_id, f) for f in finals]
 
     # ------------------------------------------------------------ round trip 2

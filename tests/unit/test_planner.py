@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
+import itertools
+from typing import Any
+
 import pytest
 import torch
 from torch.distributed.checkpoint.metadata import ChunkStorageMetadata, MetadataIndex, TensorProperties
@@ -184,3 +188,166 @@ def test_the_layout_fingerprint_tells_the_replicated_placement_apart():
         spread,
         layout_fingerprint(plan, small_replicated_to=1),
     )
+
+
+def _reference_balance(all_plans: list[SavePlan]) -> list[list[str]]:
+    """The LPT rule of balance_replicated, written the plain way: each item's holders,
+    replicated items largest first to the least-loaded holder (ties: lowest rank)."""
+    holders: dict[tuple[str, tuple[int, ...]], list[int]] = {}
+    sizes: dict[tuple[str, tuple[int, ...]], int] = {}
+    for rank, plan in enumerate(all_plans):
+        for it in plan.items:
+            key = (it.index.fqn, tuple(it.index.offset or ()))
+            holders.setdefault(key, []).append(rank)
+            sizes[key] = item_bytes(it) or 1
+    load = [0] * len(all_plans)
+    owner = {}
+    for key, ranks in holders.items():
+        if len(ranks) == 1:
+            owner[key] = ranks[0]
+            load[ranks[0]] += sizes[key]
+    for key in sorted((k for k in holders if len(holders[k]) > 1), key=lambda k: (-sizes[k], k)):
+        owner[key] = min(holders[key], key=lambda r: (load[r], r))
+        load[owner[key]] += sizes[key]
+    return [
+        [it.index.fqn for it in plan.items if owner[(it.index.fqn, tuple(it.index.offset or ()))] == rank]
+        for rank, plan in enumerate(all_plans)
+    ]
+
+
+def test_balance_replicated_matches_the_plain_lpt_rule():
+    """Random plans: own shards of various sizes, items replicated on every rank (the heap)
+    and on some ranks (the plain minimum), ties included."""
+    import random
+
+    for seed in range(30):
+        rng = random.Random(seed)
+        world = rng.randint(1, 9)
+        plans = []
+        for rank in range(world):
+            own = [_item(f"own{rank}.{k}", rows=rng.choice([1, 2, 50])) for k in range(rng.randint(0, 3))]
+            everywhere = [_item(f"all{k}", rows=rng.choice([1, 3, 3, 40])) for k in range(4)]
+            some = [_item(f"some{k}", rows=k + 1) for k in range(6) if (rank + k + seed) % 3]
+            items = own + everywhere + some
+            rng.shuffle(items)
+            plans.append(SavePlan(items))
+        for k in range(4):  # every rank holds all{k} with the same size
+            size = rng.choice([1, 3, 40])
+            for plan in plans:
+                plan.items[:] = [_item(f"all{k}", rows=size) if it.index.fqn == f"all{k}" else it for it in plan.items]
+        kept = balance_replicated(plans)
+        assert [[it.index.fqn for it in p.items] for p in kept] == _reference_balance(plans), seed
+        assert sorted(it.index.fqn for p in kept for it in p.items) == sorted(
+            {it.index.fqn for p in plans for it in p.items}
+        )  # every item exactly once
+
+
+def test_tensors_that_disagree_across_ranks_are_refused_naming_the_ranks():
+    from torch.distributed.checkpoint.planner import TensorWriteData
+
+    from shardckpt.engine.planner import _check_tensors_agree
+    from shardckpt.errors import UnsupportedValueError
+
+    def plain(fqn: str, shape: list[int], dtype: torch.dtype = torch.float32) -> WriteItem:
+        size = torch.Size(shape)
+        return WriteItem(
+            index=MetadataIndex(fqn, torch.Size([0] * len(shape))),
+            type=WriteItemType.TENSOR,
+            tensor_data=TensorWriteData(
+                ChunkStorageMetadata(torch.Size([0] * len(shape)), size), TensorProperties(dtype=dtype), size
+            ),
+        )
+
+    same = [SavePlan([plain("a", [2]), plain("b", [3])]) for _ in range(3)]
+    _check_tensors_agree(same)
+    shapes = [SavePlan([plain("a", [2])]), SavePlan([plain("a", [2])]), SavePlan([plain("a", [3])])]
+    with pytest.raises(
+        UnsupportedValueError,
+        match=r"key 'a'.*ranks \[0, 1\] hold shape \[2\] float32; ranks \[2\] hold shape \[3\] float32",
+    ):
+        _check_tensors_agree(shapes)
+    dtypes = [SavePlan([plain("b", [2])]), SavePlan([plain("b", [2], torch.bfloat16)])]
+    with pytest.raises(UnsupportedValueError, match=r"key 'b'.*ranks \[1\] hold shape \[2\] bfloat16"):
+        _check_tensors_agree(dtypes)
+    # A shape given as a list on one rank and a torch.Size on another is the same shape.
+    item = plain("a", [2])
+    assert item.tensor_data is not None
+    listed = dataclasses.replace(item, tensor_data=dataclasses.replace(item.tensor_data, size=[2]))
+    _check_tensors_agree([SavePlan([plain("a", [2])]), SavePlan([listed])])
+
+
+def _tiling_metadata(shape: tuple[int, ...], boxes: list[tuple[tuple[int, ...], tuple[int, ...]]]) -> Any:
+    from torch.distributed.checkpoint.metadata import Metadata, TensorStorageMetadata
+
+    chunks = [ChunkStorageMetadata(torch.Size(o), torch.Size(s)) for o, s in boxes]
+    return Metadata({"t": TensorStorageMetadata(TensorProperties(dtype=torch.float32), torch.Size(shape), chunks)})
+
+
+def test_regular_grids_are_proven_at_once_and_the_rest_checked_box_by_box():
+    from shardckpt.engine.planner import _check_tiling, _regular_tilings
+    from shardckpt.errors import UnsupportedValueError
+
+    def proven(shape: tuple[int, ...], boxes: list[Any]) -> bool:
+        md = _tiling_metadata(shape, boxes).state_dict_metadata["t"]
+        return _regular_tilings([md]) == [True]
+
+    rows = [((r * 3, 0), (min(3, 10 - r * 3), 4)) for r in range(4)]  # torch.chunk of 10 rows over 4 ranks
+    assert proven((10, 4), rows)
+    assert proven((10, 4), [*rows, ((10, 0), (0, 4))])  # an empty shard at the end
+    grid2d = [((i * 2, j * 3), (2, min(3, 5 - j * 3))) for i in range(2) for j in range(2)]
+    assert proven((4, 5), grid2d)
+    irregular = [((0, 0), (3, 4)), ((3, 0), (7, 4))]  # a valid tiling, not one block grid
+    assert not proven((10, 4), irregular)
+    _check_tiling(_tiling_metadata((10, 4), irregular))  # the box-by-box check lets it pass
+    for bad, message in (
+        ([*rows, rows[1]], "overlap"),  # a cell twice
+        (rows[:3], "hold 36 elements, the tensor 40"),  # a cell missing
+        ([*rows, ((11, 0), (0, 4))], "outside the tensor's global shape"),  # an empty shard beyond the end
+        ([((0, 0), (3, 4)), ((3, 0), (3,))], "outside the tensor's global shape"),  # a box of other dimensions
+    ):
+        assert not proven((10, 4), bad)
+        with pytest.raises(UnsupportedValueError, match=message):
+            _check_tiling(_tiling_metadata((10, 4), bad))
+
+
+def test_the_tiling_check_decides_as_the_box_by_box_check_on_random_layouts():
+    import random
+
+    from shardckpt.engine.planner import _check_tensor_tiling, _check_tiling, _regular_tilings
+    from shardckpt.errors import UnsupportedValueError
+
+    def outcome(check: Any, md: Any) -> str | None:
+        try:
+            check(md)
+        except UnsupportedValueError as e:
+            return str(e)
+        return None
+
+    for seed in range(200):
+        rng = random.Random(seed)
+        shape = tuple(rng.randint(1, 7) for _ in range(rng.randint(1, 3)))
+        block = tuple(rng.randint(1, n) for n in shape)
+        boxes = []
+        for cell in itertools.product(*(range(0, n, b) for n, b in zip(shape, block, strict=True))):
+            boxes.append((cell, tuple(min(b, n - o) for o, b, n in zip(cell, block, shape, strict=True))))
+        for _ in range(rng.randint(0, 2)):  # break it, sometimes
+            k = rng.randrange(len(boxes))
+            o, s = boxes[k]
+            change = rng.choice(["drop", "twice", "grow", "shift", "empty"])
+            if change == "drop" and len(boxes) > 1:
+                boxes.pop(k)
+            elif change == "twice":
+                boxes.append(boxes[k])
+            elif change == "grow":
+                boxes[k] = (o, (s[0] + 1, *s[1:]))
+            elif change == "shift":
+                boxes[k] = ((o[0] + 1, *o[1:]), s)
+            else:
+                boxes.append(((rng.randint(0, shape[0] + 1), *o[1:]), (0, *s[1:])))
+        rng.shuffle(boxes)
+        metadata = _tiling_metadata(shape, boxes)
+        md = metadata.state_dict_metadata["t"]
+        expected = outcome(lambda m: _check_tensor_tiling("t", m), md)
+        assert outcome(_check_tiling, metadata) == expected, (seed, shape, boxes)
+        if _regular_tilings([md]) == [True]:
+            assert expected is None, (seed, shape, boxes)

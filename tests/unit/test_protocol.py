@@ -68,6 +68,33 @@ def test_a_reused_plan_still_refuses_a_bad_value(tmp_path, monkeypatch):
     assert not (tmp_path / "b" / "manifest.json").exists()
 
 
+def test_a_reused_plan_counts_the_keys_once_and_the_values_every_save(tmp_path, monkeypatch):
+    """The keys' share of the manifest is counted when the plan is made (O(all items of all
+    ranks)); a save that reuses the plan adds it to this save's values, which may grow."""
+    from shardckpt.format import manifest
+
+    monkeypatch.setattr(manifest, "MAX_MANIFEST_BYTES", 11_000)  # the writer's own check: ~9.9 kB written
+    counted = [0]
+    original = planner_module.manifest_key_bytes
+
+    def counting(all_plans: Any) -> int:
+        counted[0] += 1
+        return original(all_plans)
+
+    monkeypatch.setattr(planner_module, "manifest_key_bytes", counting)
+    plans = count_global_plans(monkeypatch)
+    key = "k" * 3000  # 2 x 3002 bytes of JSON, plus 2 x 3 for "v": 6010 bytes of keys
+    with Checkpointer() as ckpt:
+        ckpt.save({key: torch.ones(2), "v": "x" * 10}, str(tmp_path / "a"))
+        ckpt.save({key: torch.ones(2), "v": "x" * 100}, str(tmp_path / "b"))
+        # 6010 + 6002 > 11,000: refused at planning only because the keys counted when the
+        # plan was made still count (the values alone would pass, and the writer refuse later)
+        with pytest.raises(shardckpt.UnsupportedValueError, match=r"at least 12012 bytes \(largest values: 'v': 6002"):
+            ckpt.save({key: torch.ones(2), "v": "x" * 6000}, str(tmp_path / "c"))
+    assert plans == [1] and counted == [1]  # planned once, keys counted once, for three saves
+    assert (tmp_path / "b" / "manifest.json").exists() and not (tmp_path / "c" / "manifest.json").exists()
+
+
 def _reuse_on_ranks(rank: int, world: int, root: str) -> None:
     import shardckpt.engine.planner as planner
 

@@ -12,6 +12,7 @@ import os
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from test_rules import layouts
 from v3files import assemble, read_v3
 
@@ -184,3 +185,40 @@ def test_a_manager_removes_an_interrupted_format_3_step_whole(tmp_path):
     with shardckpt.CheckpointManager(root) as mgr:
         assert mgr.steps() == []
     assert not os.path.exists(step)  # index record and page were shardckpt's names: nothing foreign kept it
+
+
+@settings(max_examples=150, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    st.lists(
+        st.tuples(layouts(), st.sampled_from(["as drawn", "a chunk twice", "a chunk missing", "twice, one missing"])),
+        max_size=4,
+    ),
+    st.randoms(use_true_random=False),
+)
+def test_many_tensors_compressed_at_once_are_each_rules_compress(drawn, rnd):
+    """compress_table over several tensors' chunks in one shuffled table, some with a chunk
+    held twice or missing or both, gives each tensor what rules.compress gives it alone."""
+    from shardckpt.engine.rule_table import compress_table
+
+    dims = max((len(shape) for (shape, _), _ in drawn), default=0)
+    shapes, rows, expected = [], [], []
+    for t, ((shape, chunks), change) in enumerate(drawn):
+        chunks = list(chunks)
+        if change == "a chunk twice" and chunks:
+            chunks.append(chunks[rnd.randrange(len(chunks))])
+        elif change == "a chunk missing" and chunks:
+            chunks.pop(rnd.randrange(len(chunks)))
+        elif change == "twice, one missing" and len(chunks) > 1:  # as many chunks as cells, one cell twice
+            i, j = rnd.sample(range(len(chunks)), 2)
+            chunks[i] = chunks[j]
+        shapes.append(tuple(shape))
+        expected.append(rules.compress(shape, chunks))
+        pad = dims - len(shape)
+        rows += [(t, c, [c.file, c.byte_offset, *c.offsets, *(0,) * pad, *c.sizes, *(1,) * pad]) for c in chunks]
+    rnd.shuffle(rows)
+    table = torch.tensor([r for _, _, r in rows], dtype=torch.int64).reshape(len(rows), 2 + 2 * dims)
+    tid = torch.tensor([t for t, _, _ in rows], dtype=torch.int64)
+    done = compress_table(shapes, tid, table)
+    for t, (rule, rest) in enumerate(expected):
+        assert done.rules[t] == rule, (t, shapes[t])
+        assert sorted(rows[i][1] for i in done.listed[t]) == sorted(rest), (t, shapes[t])
