@@ -26,6 +26,7 @@ from torch.distributed.checkpoint.metadata import Metadata, MetadataIndex, Tenso
 from torch.distributed.checkpoint.planner import ReadItem, SavePlan, WriteItem, WriteItemType
 
 from shardckpt.engine._torch_private import hook_skipped_error
+from shardckpt.engine.local_items import local_shards, local_write_items
 from shardckpt.engine.staging import BoundedSource, StagedShard, item_bytes
 from shardckpt.engine.state import check_savable, flattening_errors
 from shardckpt.errors import ManifestError, UnsupportedValueError
@@ -77,8 +78,10 @@ class SavePlanner(DefaultSavePlanner):
     def create_local_plan(self) -> SavePlan:
         # Before DCP's planning, which fails on sparse/nested/meta tensors without naming
         # the key (and such failures would read as a dead peer).
-        check_savable(self.state_dict)
-        plan = super().create_local_plan()
+        locals_ = local_shards(self.state_dict)
+        check_savable(self.state_dict, locals_)
+        # DCP's local plan, DTensors of Shard/Replicate placements computed here (#18).
+        plan = SavePlan(local_write_items(self.state_dict, locals_, self.is_coordinator))
         digests, sizes = {}, {}
         for item in plan.items:
             fqn = item.index.fqn
@@ -189,6 +192,13 @@ def check_values(all_plans: list[SavePlan]) -> None:
     _check_manifest_size(all_plans)
 
 
+# Bytes per key character or dimension that an entry can take at most: a character
+# escapes to 12 (a surrogate pair, \uXXXX\uXXXX); a dimension is an offset and a size of at
+# most 20 digits with separators (< 48); the fixed part (dtype, data_offsets, "__metadata__")
+# is under 256 bytes, which the "+ 1" character's and the first dimension's share covers.
+_HEADER_ENTRY_BOUND = 256
+
+
 def _check_header_entry(item: WriteItem) -> None:
     """Refuse a tensor whose entry alone would make a data-file header larger than
     readers accept (``datafile.MAX_HEADER_BYTES``; safetensors has the same limit).
@@ -200,6 +210,8 @@ def _check_header_entry(item: WriteItem) -> None:
     """
     assert item.tensor_data is not None
     sizes = tuple(item.tensor_data.chunk.sizes)
+    if _HEADER_ENTRY_BOUND * (len(item.index.fqn) + 1 + len(sizes)) <= datafile.MAX_HEADER_BYTES:
+        return  # even at its longest the entry fits; spares a header per item (#18)
     offsets = ",".join(map(str, item.index.offset or ()))
     dtype = datafile.dtype_name(item.tensor_data.properties.dtype, key=item.index.fqn)
     end = math.prod(sizes) * datafile.itemsize(dtype)
