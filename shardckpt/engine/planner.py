@@ -26,7 +26,7 @@ from torch.distributed.checkpoint.metadata import Metadata, MetadataIndex, Tenso
 from torch.distributed.checkpoint.planner import ReadItem, SavePlan, WriteItem, WriteItemType
 
 from shardckpt.engine._torch_private import hook_skipped_error
-from shardckpt.engine.local_items import local_shards, local_write_items
+from shardckpt.engine.local_items import local_shards, local_write_items, resolved_shards
 from shardckpt.engine.staging import BoundedSource, StagedShard, item_bytes
 from shardckpt.engine.state import check_savable, flattening_errors
 from shardckpt.errors import ManifestError, UnsupportedValueError
@@ -64,6 +64,7 @@ class SavePlanner(DefaultSavePlanner):
         ``source``: a bounded async save's tensor source (see :class:`BoundedSource`)."""
         super().__init__(flatten_state_dict=True, flatten_sharded_tensors=True)
         self._json_values: dict[str, bytes] = {}
+        self._shards: dict[str, torch.Tensor] = {}  # what resolve_data gives for plain DTensors
         self._original_mappings = mappings
         self._source = source
         self._global_checks_ran = False
@@ -82,6 +83,7 @@ class SavePlanner(DefaultSavePlanner):
         check_savable(self.state_dict, locals_)
         # DCP's local plan, DTensors of Shard/Replicate placements computed here (#18).
         plan = SavePlan(local_write_items(self.state_dict, locals_, self.is_coordinator))
+        self._shards = resolved_shards(self.state_dict, locals_)
         digests, sizes = {}, {}
         for item in plan.items:
             fqn = item.index.fqn
@@ -158,6 +160,9 @@ class SavePlanner(DefaultSavePlanner):
             self._source.written(write_item)
 
     def _resolve_tensor(self, write_item: WriteItem) -> Any:
+        shard = self._shards.get(write_item.index.fqn)
+        if shard is not None:
+            return shard
         obj = self.state_dict.get(write_item.index.fqn)
         if isinstance(obj, StagedShard):
             return obj.local

@@ -82,6 +82,7 @@ def _compare_with_dcp(rank: int, world: int) -> None:
             flat[f"{name}.{i}"] = distribute_tensor(full, mesh, placements)
     flat["bf16"] = distribute_tensor(torch.ones(6, 2, dtype=torch.bfloat16), meshes["1d"], [Shard(0)])
     flat["grad"] = distribute_tensor(torch.ones(5, 2, requires_grad=True), meshes["1d"], [Shard(0)])
+    flat["param"] = torch.nn.Parameter(distribute_tensor(torch.ones(6, 3), meshes["2d"], [Shard(0), Shard(1)]))
     flat["plain"] = torch.arange(3)
     flat["value"] = {"a": 1}
     flat["step"] = 7
@@ -94,12 +95,16 @@ def _compare_with_dcp(rank: int, world: int) -> None:
 
     DTensor.__create_write_items__ = counting  # type: ignore[method-assign]
     try:
-        for coordinator in (True, False):
-            ours = local_write_items(flat, local_shards(flat), coordinator)
-            assert not calls, f"DCP planned {calls[:3]}: the fast path was not taken"
-            theirs = create_default_local_save_plan(flat, coordinator).items
+        for coordinator, grad in itertools.product((True, False), (True, False)):
+            with torch.set_grad_enabled(grad):  # DCP records requires_grad as to_local() gives it
+                ours = local_write_items(flat, local_shards(flat), coordinator)
+                assert not calls, f"DCP planned {calls[:3]}: the fast path was not taken"
+                theirs = create_default_local_save_plan(flat, coordinator).items
             assert len(theirs) >= len(flat) - 2 and ours == theirs
+            requires = {it.index.fqn: it.tensor_data.properties.requires_grad for it in ours if it.tensor_data}
+            assert (requires["grad"] or not grad) and not requires["bf16"]
             calls.clear()
+        _check_resolved(flat)
         partial = {"p": DTensor.from_local(torch.ones(2), meshes["1d"], [Partial()])}
         with pytest.raises(Exception) as ours_error:
             local_write_items(partial, local_shards(partial), True)
@@ -108,6 +113,31 @@ def _compare_with_dcp(rank: int, world: int) -> None:
             create_default_local_save_plan(partial, True)
     finally:
         DTensor.__create_write_items__ = original  # type: ignore[method-assign]
+
+
+def _check_resolved(flat: dict[str, Any]) -> None:
+    """Our planner hands the writer each DTensor's local tensor, as DCP's would, without
+    asking the DTensor again."""
+    from torch.distributed.checkpoint.default_planner import DefaultSavePlanner
+    from torch.distributed.tensor import DTensor
+
+    from shardckpt.engine.planner import SavePlanner
+
+    ours, theirs = SavePlanner(), DefaultSavePlanner()
+    for planner in (ours, theirs):
+        planner.set_up_planner(flat, None, True)
+    items = [it for it in ours.create_local_plan().items if it.tensor_data is not None]
+    asked, original = [], DTensor.__get_tensor_shard__
+    DTensor.__get_tensor_shard__ = lambda self, index: asked.append(index) or original(self, index)  # type: ignore[method-assign]
+    try:
+        resolved = [ours.resolve_data(it) for it in items]
+        assert not asked, f"asked DTensors for {asked[:3]}"
+        expected = [theirs.resolve_data(it) for it in items]
+    finally:
+        DTensor.__get_tensor_shard__ = original  # type: ignore[method-assign]
+    assert len(asked) >= len(items) - 1  # every DTensor (all but "plain") was asked by DCP's
+    for it, got, want in zip(items, resolved, expected, strict=True):
+        assert got.shape == want.shape and torch.equal(got, want), it.index
 
 
 def test_local_write_items_equal_dcps_on_1d_2d_and_sub_meshes() -> None:
