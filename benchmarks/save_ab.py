@@ -52,6 +52,8 @@ def worker(rank: int, world: int, args: argparse.Namespace, port: int) -> None:
     specs = save_load.mix_layout(args.mix, args.mib, world)
     state = common.make_state(specs, rank, world, fill=True)
     options: dict[str, Any] = {} if args.format_version is None else {"format_version": args.format_version}
+    if args.threads is not None:
+        options["num_io_threads"] = args.threads
     profile = cProfile.Profile() if args.profile and rank == 0 else None
     ckpt = shardckpt.Checkpointer()
     seconds: dict[str, list[float]] = {"shardckpt": [], "safetensors": []}
@@ -95,6 +97,7 @@ def worker(rank: int, world: int, args: argparse.Namespace, port: int) -> None:
                     "world_size": world,
                     "format_version": args.format_version,
                     "first": args.first,
+                    "threads": args.threads,
                     "shardckpt_s": statistics.median(seconds["shardckpt"]),
                     "safetensors_s": statistics.median(seconds["safetensors"]),
                     "x_safetensors": statistics.median(ratios),
@@ -117,6 +120,7 @@ def main() -> None:
     ap.add_argument("--world-size", type=int, default=4)
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--format-version", type=int, default=None, choices=[3])
+    ap.add_argument("--threads", type=int, default=None, help="num_io_threads of each save (default: shardckpt's)")
     ap.add_argument("--first", action="store_true", help="plan every save from scratch (no plan reuse)")
     ap.add_argument("--profile", default="", help="write a cProfile of rank 0's measured saves here")
     ap.add_argument("--label", default="")

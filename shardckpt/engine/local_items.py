@@ -24,7 +24,7 @@ from torch.distributed.checkpoint.metadata import ChunkStorageMetadata, Metadata
 from torch.distributed.checkpoint.planner import TensorWriteData, WriteItem, WriteItemType
 from torch.distributed.tensor import DTensor, Replicate, Shard
 
-__all__ = ["local_shards", "local_write_items", "resolved_shards", "shard_box"]
+__all__ = ["ItemCache", "local_shards", "local_write_items", "resolved_shards", "shard_box"]
 
 
 def shard_box(
@@ -73,28 +73,57 @@ def resolved_shards(flat: dict[str, Any], locals_: dict[str, torch.Tensor]) -> d
     }
 
 
-def local_write_items(flat: dict[str, Any], locals_: dict[str, torch.Tensor], is_coordinator: bool) -> list[WriteItem]:
+class ItemCache:
+    """This rank's items of plain DTensors from the last save, by key, each with what it
+    was computed from (mesh, global shape, placements, the local tensor's properties), so
+    the next save of the same layout reuses them instead of building thousands of items
+    again (issue #18). Owned by one :class:`~shardckpt.engine.Checkpointer`; used by one
+    save at a time; ``clear()`` empties it."""
+
+    def __init__(self) -> None:
+        self._entries: dict[str, _Entry] = {}
+
+    def clear(self) -> None:
+        self._entries = {}
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+
+# (what the item was computed from, the item, the mesh). The entry keeps the mesh alive,
+# so the id(mesh) in its key cannot be reused by another mesh while the entry exists.
+_Entry = tuple[tuple[Any, ...], WriteItem, Any]
+
+
+def local_write_items(
+    flat: dict[str, Any], locals_: dict[str, torch.Tensor], is_coordinator: bool, cache: ItemCache | None = None
+) -> list[WriteItem]:
     """The items of DCP's local save plan of the flattened ``flat``, in its order
-    (``locals_``: :func:`local_shards` of it). Not collective."""
-    coordinates: dict[int, tuple[Any, Sequence[int] | None]] = {}  # id(mesh) -> (mesh, coordinate)
-    fast: dict[str, WriteItem] = {}
+    (``locals_``: :func:`local_shards` of it). ``cache``: the items of the last save, reused
+    where nothing they were computed from changed, and replaced by this save's. Not collective."""
+    coordinates: dict[int, Sequence[int] | None] = {}  # id(mesh) -> coordinate, for this call
+    previous = cache._entries if cache is not None else {}
+    entries: dict[str, _Entry] = {}
     rest: dict[str, Any] = {}
     grad = torch.is_grad_enabled()
     for fqn, obj in flat.items():
-        item = _dtensor_item(fqn, obj, locals_.get(fqn), coordinates, grad) if type(obj) is DTensor else None
-        if item is None:
+        entry = _dtensor_entry(fqn, obj, locals_.get(fqn), previous.get(fqn), coordinates, grad)
+        if entry is None:
             rest[fqn] = obj
-        elif item is not _OFF_MESH:
-            fast[fqn] = item
+        else:
+            entries[fqn] = entry
+    if cache is not None:
+        cache._entries = entries
     if not rest:
-        return list(fast.values())
+        return [item for _, item, _ in entries.values() if item is not _OFF_MESH]
     by_key: dict[str, list[WriteItem]] = {}
     for it in create_default_local_save_plan(rest, is_coordinator).items:
         by_key.setdefault(it.index.fqn, []).append(it)
     items: list[WriteItem] = []
     for fqn in flat:
-        if fqn in fast:
-            items.append(fast[fqn])
+        if fqn in entries:
+            if entries[fqn][1] is not _OFF_MESH:
+                items.append(entries[fqn][1])
         else:
             items += by_key.get(fqn, ())
     return items
@@ -104,23 +133,36 @@ def local_write_items(flat: dict[str, Any], locals_: dict[str, torch.Tensor], is
 _OFF_MESH = WriteItem(index=MetadataIndex("<off mesh>"), type=WriteItemType.BYTE_IO)
 
 
-def _dtensor_item(
+def _dtensor_entry(
     fqn: str,
-    dt: DTensor,
+    obj: Any,
     local: torch.Tensor | None,
-    coordinates: dict[int, tuple[Any, Sequence[int] | None]],
+    last: _Entry | None,
+    coordinates: dict[int, Sequence[int] | None],
     grad: bool,
-) -> WriteItem | None:
-    """DCP's write item of ``dt`` (``_OFF_MESH`` when this rank is not on its mesh), or
-    None for DCP to plan it (placements other than Shard/Replicate, a local tensor with
-    its own items). ``grad``: whether autograd was on where DCP would call ``to_local()``
-    (its result then requires grad as ``dt`` does; DCP records that in the properties)."""
-    if local is None or hasattr(local, "__create_write_items__"):
+) -> _Entry | None:
+    """DCP's write item of ``obj`` if it is a plain DTensor (``_OFF_MESH`` when this rank is
+    not on its mesh), with what it was computed from: ``last``'s item when that matches. None
+    for DCP to plan it (not a DTensor, placements other than Shard/Replicate, a local tensor
+    with its own items). ``grad``: whether autograd was on where DCP would call ``to_local()``
+    (its result then requires grad as the DTensor does; DCP records that in the properties)."""
+    if type(obj) is not DTensor or local is None or hasattr(local, "__create_write_items__"):
         return None
-    mesh = dt.device_mesh
-    if id(mesh) not in coordinates:  # the mesh is kept with it, so its id is not reused
-        coordinates[id(mesh)] = (mesh, mesh.get_coordinate())
-    coordinate = coordinates[id(mesh)][1]
+    mesh, requires_grad = obj.device_mesh, obj.requires_grad if grad else local.requires_grad
+    key = (id(mesh), obj.shape, obj.placements, local.dtype, local.layout, requires_grad, local.is_pinned())
+    if last is not None and last[0] == key:
+        return last
+    item = _dtensor_item(fqn, obj, mesh, key, coordinates)
+    return None if item is None else (key, item, mesh)
+
+
+def _dtensor_item(
+    fqn: str, dt: DTensor, mesh: Any, key: tuple[Any, ...], coordinates: dict[int, Sequence[int] | None]
+) -> WriteItem | None:
+    """The item of :func:`_dtensor_entry` (``key``: its properties), or None for DCP."""
+    if id(mesh) not in coordinates:
+        coordinates[id(mesh)] = mesh.get_coordinate()
+    coordinate = coordinates[id(mesh)]
     if coordinate is None:
         return _OFF_MESH
     shape = dt.shape
@@ -134,11 +176,11 @@ def _dtensor_item(
         tensor_data=TensorWriteData(
             chunk=ChunkStorageMetadata(offsets=offsets, sizes=sizes),
             properties=TensorProperties(
-                dtype=local.dtype,
-                layout=local.layout,
-                requires_grad=dt.requires_grad if grad else local.requires_grad,
+                dtype=key[3],
+                layout=key[4],
+                requires_grad=key[5],
                 memory_format=torch.contiguous_format,
-                pin_memory=local.is_pinned(),
+                pin_memory=key[6],
             ),
             size=shape,
         ),

@@ -26,7 +26,7 @@ from torch.distributed.checkpoint.metadata import Metadata, MetadataIndex, Tenso
 from torch.distributed.checkpoint.planner import ReadItem, SavePlan, WriteItem, WriteItemType
 
 from shardckpt.engine._torch_private import hook_skipped_error
-from shardckpt.engine.local_items import local_shards, local_write_items, resolved_shards
+from shardckpt.engine.local_items import ItemCache, local_shards, local_write_items, resolved_shards
 from shardckpt.engine.staging import BoundedSource, StagedShard, item_bytes
 from shardckpt.engine.state import check_savable, flattening_errors
 from shardckpt.errors import ManifestError, UnsupportedValueError
@@ -58,15 +58,24 @@ class SavePlanner(DefaultSavePlanner):
     it, rather than saving without the checks.
     """
 
-    def __init__(self, *, mappings: dict[str, Any] | None = None, source: BoundedSource | None = None) -> None:
+    def __init__(
+        self,
+        *,
+        mappings: dict[str, Any] | None = None,
+        source: BoundedSource | None = None,
+        items: ItemCache | None = None,
+    ) -> None:
         """``mappings``: when the state was flattened before (async staging), the original
         key paths, so the manifest records them rather than the already-flat keys.
-        ``source``: a bounded async save's tensor source (see :class:`BoundedSource`)."""
+        ``source``: a bounded async save's tensor source (see :class:`BoundedSource`).
+        ``items``: the DTensors' items of the last save by the same owner (a Checkpointer),
+        reused where their layout did not change (see :class:`ItemCache`)."""
         super().__init__(flatten_state_dict=True, flatten_sharded_tensors=True)
         self._json_values: dict[str, bytes] = {}
         self._shards: dict[str, torch.Tensor] = {}  # what resolve_data gives for plain DTensors
         self._original_mappings = mappings
         self._source = source
+        self._items = items
         self._global_checks_ran = False
 
     def set_up_planner(self, state_dict: Any, storage_meta: Any = None, is_coordinator: bool = False) -> None:
@@ -82,7 +91,7 @@ class SavePlanner(DefaultSavePlanner):
         locals_ = local_shards(self.state_dict)
         check_savable(self.state_dict, locals_)
         # DCP's local plan, DTensors of Shard/Replicate placements computed here (#18).
-        plan = SavePlan(local_write_items(self.state_dict, locals_, self.is_coordinator))
+        plan = SavePlan(local_write_items(self.state_dict, locals_, self.is_coordinator, self._items))
         self._shards = resolved_shards(self.state_dict, locals_)
         digests, sizes = {}, {}
         for item in plan.items:

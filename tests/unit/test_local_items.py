@@ -142,3 +142,51 @@ def _check_resolved(flat: dict[str, Any]) -> None:
 
 def test_local_write_items_equal_dcps_on_1d_2d_and_sub_meshes() -> None:
     run_ranks(_compare_with_dcp, 4)
+
+
+def _cache_follows_layout(rank: int, world: int, path: str) -> None:
+    from torch.distributed.checkpoint.default_planner import create_default_local_save_plan
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import distribute_tensor
+
+    import shardckpt
+    from shardckpt.engine.local_items import ItemCache, local_shards, local_write_items
+
+    mesh = init_device_mesh("cpu", (world,))
+
+    def state(n: int, placement: Any, dtype: torch.dtype) -> dict[str, Any]:
+        return {
+            "a": distribute_tensor(torch.arange(n * 3, dtype=dtype).reshape(n, 3), mesh, [placement]),
+            "b": distribute_tensor(torch.ones(4, 2), mesh, [Shard(0)]),
+        }
+
+    cache = ItemCache()
+    first = state(5, Shard(0), torch.float32)
+    items = local_write_items(first, local_shards(first), True, cache)
+    again = local_write_items(first, local_shards(first), True, cache)
+    assert all(x is y for x, y in zip(items, again, strict=True)) and len(cache) == 2  # reused
+    for changed in (
+        state(7, Shard(0), torch.float32),
+        state(5, Replicate(), torch.float32),
+        state(5, Shard(0), torch.int64),
+    ):
+        ours = local_write_items(changed, local_shards(changed), True, cache)
+        assert ours == create_default_local_save_plan(changed, True).items  # recomputed where it changed
+        assert ours[0] is not items[0] and ours[1] is items[1]
+
+    # Through one Checkpointer: a save after the layout changed writes the new layout.
+    with shardckpt.Checkpointer() as ckpt:
+        ckpt.save(state(5, Shard(0), torch.float32), f"{path}/one")
+        saved = state(7, Replicate(), torch.int64)
+        ckpt.save(saved, f"{path}/two")
+        assert len(ckpt._items) == 2
+    assert len(ckpt._items) == 0  # close() empties it
+    target = state(7, Replicate(), torch.int64)
+    for t in target.values():
+        t.to_local().zero_()
+    shardckpt.load(target, f"{path}/two")
+    assert all(torch.equal(target[k].full_tensor(), saved[k].full_tensor()) for k in saved)
+
+
+def test_the_item_cache_reuses_unchanged_items_and_recomputes_changed_ones(tmp_path: Any) -> None:
+    run_ranks(_cache_follows_layout, 2, str(tmp_path))
