@@ -2,7 +2,8 @@
 
 That is: the staging buffers of async saves (one host copy of the rank's shard, pinned
 on GPU hosts), the pending async save, the last bounded save's source statistics, the
-gloo process groups the saves and loads talk over, and the storage factory. Before it
+gloo process groups the saves and loads talk over, the DTensor write items of the
+last save (reused by the next save of the same layout), and the storage factory. Before it
 existed these were module globals, so a process could have one async save at a time
 and could never free the staging copy; now two Checkpointers are two independent
 engines, and :meth:`Checkpointer.close` gives everything back.
