@@ -63,7 +63,7 @@ def test_shard_box_leaves_other_placements_to_dcp() -> None:
 
 def _compare_with_dcp(rank: int, world: int) -> None:
     from torch.distributed.checkpoint.default_planner import create_default_local_save_plan
-    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
     from torch.distributed.tensor import DTensor, distribute_tensor
 
     from shardckpt.engine.local_items import local_shards, local_write_items
@@ -82,6 +82,8 @@ def _compare_with_dcp(rank: int, world: int) -> None:
             flat[f"{name}.{i}"] = distribute_tensor(full, mesh, placements)
     flat["bf16"] = distribute_tensor(torch.ones(6, 2, dtype=torch.bfloat16), meshes["1d"], [Shard(0)])
     flat["grad"] = distribute_tensor(torch.ones(5, 2, requires_grad=True), meshes["1d"], [Shard(0)])
+    pair = DeviceMesh("cpu", [0, 1])  # ranks 2 and 3 are not on it: DCP plans no item there
+    flat["off"] = distribute_tensor(torch.ones(4, 2), pair, [Shard(0)])
     flat["param"] = torch.nn.Parameter(distribute_tensor(torch.ones(6, 3), meshes["2d"], [Shard(0), Shard(1)]))
     flat["plain"] = torch.arange(3)
     flat["value"] = {"a": 1}
@@ -100,7 +102,8 @@ def _compare_with_dcp(rank: int, world: int) -> None:
                 ours = local_write_items(flat, local_shards(flat), coordinator)
                 assert not calls, f"DCP planned {calls[:3]}: the fast path was not taken"
                 theirs = create_default_local_save_plan(flat, coordinator).items
-            assert len(theirs) >= len(flat) - 2 and ours == theirs
+            assert len(theirs) >= len(flat) - 3 and ours == theirs
+            assert any(it.index.fqn == "off" for it in ours) == (rank < 2)
             requires = {it.index.fqn: it.tensor_data.properties.requires_grad for it in ours if it.tensor_data}
             assert (requires["grad"] or not grad) and not requires["bf16"]
             calls.clear()
