@@ -206,10 +206,11 @@ def check_values(all_plans: list[SavePlan]) -> None:
     _check_manifest_size(all_plans)
 
 
-# Bytes per key character or dimension that an entry can take at most: a character
-# escapes to 12 (a surrogate pair, \uXXXX\uXXXX); a dimension is an offset and a size of at
-# most 20 digits with separators (< 48); the fixed part (dtype, data_offsets, "__metadata__")
-# is under 256 bytes, which the "+ 1" character's and the first dimension's share covers.
+# An upper bound, per key character and per dimension, on the bytes of a header entry: a
+# character escapes to at most 12 (a surrogate pair), a dimension adds an offset and a size
+# of at most 19 digits and the end offset's digits (up to ~19 more, the product of the sizes);
+# the "+ 1" term covers the fixed part (dtype, data_offsets, "__metadata__", padding).
+# tests/unit/test_planner.py checks it against the worst entries.
 _HEADER_ENTRY_BOUND = 256
 
 
