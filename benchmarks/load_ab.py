@@ -44,7 +44,7 @@ def worker(rank: int, world: int, args: argparse.Namespace, port: int) -> None:
     dst = common.make_state(specs, rank, world, fill=False)
     ckpt, st = os.path.join(args.dir, "shardckpt"), os.path.join(args.dir, f"safetensors-r{rank}.bin")
     if not os.path.exists(os.path.join(ckpt, "manifest.json")):
-        shardckpt.save(src, ckpt)
+        shardckpt.save(src, ckpt, **({} if args.format_version is None else {"format_version": args.format_version}))
     if not os.path.exists(st):
         save_load.per_rank_file_save("safetensors", st, src)
     dist.barrier()
@@ -80,6 +80,7 @@ def worker(rank: int, world: int, args: argparse.Namespace, port: int) -> None:
                     "mix": args.mix,
                     "mib": args.mib,
                     "world_size": world,
+                    "format_version": args.format_version,
                     "shardckpt_s": statistics.median(seconds["shardckpt"]),
                     "safetensors_s": statistics.median(seconds["safetensors"]),
                     "x_safetensors": statistics.median(ratios),
@@ -100,6 +101,7 @@ def main() -> None:
     ap.add_argument("--mib", type=int, default=64)
     ap.add_argument("--world-size", type=int, default=4)
     ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--format-version", type=int, default=None, choices=[3], help="save the checkpoint in format 3")
     ap.add_argument("--label", default="")
     ap.add_argument("--dir", required=True, help="scratch folder, reused across calls (delete it yourself)")
     args = ap.parse_args()

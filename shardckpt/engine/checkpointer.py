@@ -2,7 +2,8 @@
 
 That is: the staging buffers of async saves (one host copy of the rank's shard, pinned
 on GPU hosts), the pending async save, the last bounded save's source statistics, the
-gloo process groups the saves and loads talk over, and the storage factory. Before it
+gloo process groups the saves and loads talk over, the DTensor write items of the
+last save (reused by the next save of the same layout), and the storage factory. Before it
 existed these were module globals, so a process could have one async save at a time
 and could never free the staging copy; now two Checkpointers are two independent
 engines, and :meth:`Checkpointer.close` gives everything back.
@@ -26,6 +27,7 @@ import torch.distributed as dist
 from shardckpt.engine.collective import RankGroup, checkpoint_group, is_gloo
 from shardckpt.engine.incremental import BaseIndex, folder_name
 from shardckpt.engine.loading import LoadResult, load_from, read_any_manifest
+from shardckpt.engine.local_items import ItemCache
 from shardckpt.engine.options import IOOptions, SaveKwargs, Timeouts
 from shardckpt.engine.protocol import Rounds
 from shardckpt.engine.saving import (
@@ -107,6 +109,7 @@ class Checkpointer:
         self._last_source: BoundedSource | None = None
         self._groups: dict[Any, Any] = {}  # (purpose, timeout) -> the gloo group this object created
         self._rounds = Rounds()  # per group: the round trips' numbering and the last save's plan
+        self._items = ItemCache()  # this rank's DTensor write items of the last save
         # (location, chunks) of this rank's last save with digests: the next incremental
         # save against it needs no manifest read. Set by the thread that ran the save.
         self._last_saved: tuple[str, BaseIndex] | None = None
@@ -312,6 +315,7 @@ class Checkpointer:
             timeout_s=timeout_s,
             committed=self._remember_chunks,
             rounds=self._rounds,
+            items=self._items,
         )
 
     def _remember_chunks(self, writer: Writer) -> None:
@@ -493,6 +497,7 @@ class Checkpointer:
             self._last_saved = None
             groups, self._groups = list(self._groups.values()), {}
             self._rounds.close()
+            self._items.clear()
             if groups and dist.is_available() and dist.is_initialized():
                 for g in groups:
                     try:

@@ -23,6 +23,7 @@ from shardckpt.engine.collective import translated_failures
 from shardckpt.engine.collector import collector_paused
 from shardckpt.engine.exchange import Exchange
 from shardckpt.engine.incremental import BaseIndex
+from shardckpt.engine.local_items import ItemCache
 from shardckpt.engine.options import (  # noqa: F401 - the thread defaults, also read from here (benchmarks)
     DEFAULT_REMOTE_SAVE_IO_THREADS,
     DEFAULT_SAVE_IO_THREADS,
@@ -70,6 +71,9 @@ class SaveRequest:
     # The round trips' numbering and the last plan, kept per group by the Checkpointer
     # (None: a fresh pair for this save alone, no plan to reuse).
     rounds: Rounds | None = None
+    # This rank's DTensor write items of the last save, kept by the Checkpointer for the
+    # next one (None: computed afresh).
+    items: ItemCache | None = None
 
     def __post_init__(self) -> None:
         check_timeout(self.timeout_s)
@@ -106,7 +110,10 @@ def persist(
                 state,
                 writer,
                 SavePlanner(
-                    mappings=mappings, source=source, small_replicated_to=_small_replicated_to(request, exchange)
+                    mappings=mappings,
+                    source=source,
+                    small_replicated_to=_small_replicated_to(request, exchange),
+                    items=request.items,
                 ),
                 exchange,
                 plans,

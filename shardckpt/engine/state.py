@@ -193,21 +193,23 @@ def flattening_errors() -> Iterator[None]:
         ) from e
 
 
-def check_savable(flat: dict[str, Any]) -> None:
+def check_savable(flat: dict[str, Any], locals_: dict[str, torch.Tensor] | None = None) -> None:
     """Raise UnsupportedValueError, naming the key, what was found, the limit and the
     fix, for the first (sorted) leaf of the flattened ``flat`` that save cannot store
     in a way load accepts: a key UTF-8 cannot encode, or a tensor that is sparse,
     nested or meta, of an unsupported dtype, or whose shape the reader refuses
     (more than ``datafile.MAX_NDIM`` dimensions, a dimension too large).
 
-    Non-tensor values are checked when encoded (``values.encode_value``).
+    Non-tensor values are checked when encoded (``values.encode_value``). ``locals_``: the
+    DTensors' local tensors by key, when the caller has them (saves a ``to_local()`` each).
     """
+    known = locals_ or {}
     for fqn in sorted(flat):
         check_str(fqn, key=fqn, what="the key")
         value = flat[fqn]
         if not isinstance(value, torch.Tensor):
             continue
-        problem = tensor_problem(value, loading=False)
+        problem = tensor_problem(value, loading=False, local=known.get(fqn))
         if problem is not None:
             raise UnsupportedValueError(f"key {fqn!r}: {problem}")
         if _is_sharded_tensor(value):
@@ -239,13 +241,13 @@ def _is_sharded_tensor(value: Any) -> bool:
     return callable(getattr(type(value), "local_shards", None))
 
 
-def tensor_problem(tensor: torch.Tensor, *, loading: bool) -> str | None:
+def tensor_problem(tensor: torch.Tensor, *, loading: bool, local: torch.Tensor | None = None) -> str | None:
     """What keeps ``tensor`` from being saved (or, ``loading``, filled from a checkpoint),
     with the fix; None when it is a plain strided tensor with storage.
 
     Checked before DCP touches it: DCP's own failures for these ("unsupported memory
     format option", "Cannot copy out of meta tensor") carry no key and surface as if
-    a peer had died. For a DTensor, its local shard is checked.
+    a peer had died. For a DTensor, its local shard is checked (``local``, when given).
     """
     if _is_sharded_tensor(tensor):
         # FSDP1's sharded state dicts: the object itself answers no attribute queries
@@ -264,7 +266,8 @@ def tensor_problem(tensor: torch.Tensor, *, loading: bool) -> str | None:
                 "to save it as a plain tensor."
             )
         )
-    local = tensor.to_local() if isinstance(tensor, DTensor) else tensor
+    if local is None:
+        local = tensor.to_local() if isinstance(tensor, DTensor) else tensor
     if local.is_nested:
         return "a nested (jagged) tensor, which a checkpoint cannot hold (it stores strided tensors). " + (
             "Load into a list of its components instead."

@@ -37,7 +37,7 @@ from typing import Any
 
 import torch
 from torch.distributed.checkpoint.default_planner import DefaultSavePlanner
-from torch.distributed.checkpoint.metadata import BytesStorageMetadata, Metadata, MetadataIndex
+from torch.distributed.checkpoint.metadata import BytesStorageMetadata, Metadata
 from torch.distributed.checkpoint.planner import SavePlan, SavePlanner, WriteItem, WriteItemType
 from torch.distributed.checkpoint.storage import StorageWriter, WriteResult
 
@@ -366,18 +366,22 @@ def build_manifest(
     metadata: Metadata, results: list[list[WriteResult]], process_layout: list[dict[str, Any]], block_bytes: int
 ) -> Manifest:
     """Turn DCP's global metadata and every rank's write results into our manifest."""
-    located: dict[MetadataIndex, Any] = {wr.index: wr.storage_data for per_rank in results for wr in per_rank}
+    # Keyed by (fqn, offsets): what MetadataIndex compares, without building one per chunk (#18).
+    located: dict[tuple[str, Any], Any] = {
+        (wr.index.fqn, wr.index.offset): wr.storage_data for per_rank in results for wr in per_rank
+    }
     tensors: dict[str, TensorRecord] = {}
     values: dict[str, Any] = {}
     files: dict[str, FileRecord] = {}
     for fqn, md in metadata.state_dict_metadata.items():
         if isinstance(md, BytesStorageMetadata):
-            values[fqn] = json.loads(located[MetadataIndex(fqn)].json_text)
+            values[fqn] = json.loads(located[fqn, None].json_text)
             continue
         chunks = []
         for c in md.chunks:
-            loc: ChunkLocation = located[MetadataIndex(fqn, c.offsets)]
-            if files.setdefault(loc.file, loc.file_record) != loc.file_record:
+            loc: ChunkLocation = located[fqn, c.offsets]
+            known = files.setdefault(loc.file, loc.file_record)
+            if known is not loc.file_record and known != loc.file_record:
                 raise StorageError(
                     f"save: data file name {loc.file} names two different files (this save's random id equals "
                     "the id of a base checkpoint's save, a 1 in 2**48 chance); nothing was committed. Save again: "

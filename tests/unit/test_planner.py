@@ -351,3 +351,24 @@ def test_the_tiling_check_decides_as_the_box_by_box_check_on_random_layouts():
         assert outcome(_check_tiling, metadata) == expected, (seed, shape, boxes)
         if _regular_tilings([md]) == [True]:
             assert expected is None, (seed, shape, boxes)
+
+
+def test_the_header_entry_shortcut_bounds_the_longest_entry() -> None:
+    """The check skips building a header when the bound for the key's length and the rank
+    fits the limit; the bound must be at least the real entry of the worst such key:
+    astral characters (12 bytes escaped), offsets and sizes of 19 digits, and the data
+    offsets' end, which grows with the product of the sizes."""
+    from shardckpt.engine import planner
+    from shardckpt.format import datafile
+
+    checked = 0
+    for char in ("k", '"', "\U0001f600"):
+        for n in (1, 2, 10, 100, 1000):
+            for ndim in range(1, datafile.MAX_NDIM + 1):
+                big = 2**62 - 1
+                offsets = ",".join([str(big)] * ndim)
+                entry = datafile.HeaderEntry(f"{char * n}@{offsets}", "float64", (big,) * ndim, 0, big**ndim * 8)
+                length = len(datafile.build_header([entry], {})) - datafile.HEADER_LEN_BYTES
+                assert length <= planner._HEADER_ENTRY_BOUND * (n + 1 + ndim), (char, n, ndim, length)
+                checked += 1
+    assert checked == 3 * 5 * datafile.MAX_NDIM

@@ -1,0 +1,137 @@
+"""Saves by two builds of shardckpt, interleaved, with per-rank safetensors as the floor
+(issue #18's small-tensor save; the save counterpart of ``load_ab.py``).
+
+Each call is one spawn of ``--world-size`` gloo ranks running the shardckpt found on
+PYTHONPATH. Every rank keeps one ``Checkpointer`` for the whole spawn, as a training run
+does, so after the first save its plan is reused (``engine/protocol.py``). Per
+repetition (one warm-up first, dropped), in an order shuffled per repetition:
+
+- ``shardckpt``: a save of the ``--mix`` to a new folder through that Checkpointer;
+- ``safetensors``: each rank's ``save_file`` of its local tensors, then fsync.
+
+A time is barrier to barrier, max over ranks. The folders are removed after each
+repetition, outside the timed window. One JSON line on rank 0: medians and the paired
+ratios (safetensors seconds / shardckpt seconds, so 1.0 means as fast as the floor).
+``--first`` makes every shardckpt save plan from scratch (a fresh Checkpointer per save,
+its gloo group made before the timed window). ``--profile FILE`` writes a cProfile of
+rank 0's measured shardckpt saves. Interleave builds by calling it alternately::
+
+    git archive OLD shardckpt | tar -x -C /tmp/old
+    for b in old new new old old new new old; do
+      PYTHONPATH=$([ $b = old ] && echo /tmp/old || pwd) \
+        python benchmarks/save_ab.py --mix small --mib 64 --label $b --dir /tmp/sab
+    done
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import json
+import os
+import random
+import socket
+import statistics
+import sys
+import time
+from typing import Any
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import common
+import save_load
+
+
+def worker(rank: int, world: int, args: argparse.Namespace, port: int) -> None:
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    import shardckpt
+
+    specs = save_load.mix_layout(args.mix, args.mib, world)
+    state = common.make_state(specs, rank, world, fill=True)
+    options: dict[str, Any] = {} if args.format_version is None else {"format_version": args.format_version}
+    if args.threads is not None:
+        options["num_io_threads"] = args.threads
+    profile = cProfile.Profile() if args.profile and rank == 0 else None
+    ckpt = shardckpt.Checkpointer()
+    seconds: dict[str, list[float]] = {"shardckpt": [], "safetensors": []}
+    for rep in range(args.repeats + 1):
+        order = ["shardckpt", "safetensors"]
+        random.Random(rep).shuffle(order)
+        folder = os.path.join(args.dir, f"{args.label or 'run'}-{rep}")
+        for system in order:
+            if system == "shardckpt" and args.first:
+                ckpt.close()
+                ckpt = shardckpt.Checkpointer()
+                ckpt.group(None, 600.0)  # its gloo group, outside the timed window
+            dist.barrier()
+            t0 = time.perf_counter()
+            if system == "shardckpt":
+                if profile is not None and rep > 0:
+                    profile.enable()
+                ckpt.save(state, os.path.join(folder, "shardckpt"), **options)
+                if profile is not None:
+                    profile.disable()
+            else:
+                save_load.per_rank_file_save("safetensors", os.path.join(folder, f"st-r{rank}.bin"), state)
+            dist.barrier()
+            dt = max(common.gather_to_all(time.perf_counter() - t0))
+            if rep > 0:
+                seconds[system].append(dt)
+        dist.barrier()
+        if rank == 0:
+            common.remove_tree(folder)
+    ckpt.close()
+    if profile is not None:
+        profile.dump_stats(args.profile)
+    if rank == 0:
+        ratios = [s / c for c, s in zip(seconds["shardckpt"], seconds["safetensors"], strict=True)]
+        print(
+            json.dumps(
+                {
+                    "label": args.label,
+                    "mix": args.mix,
+                    "mib": args.mib,
+                    "world_size": world,
+                    "format_version": args.format_version,
+                    "first": args.first,
+                    "threads": args.threads,
+                    "shardckpt_s": statistics.median(seconds["shardckpt"]),
+                    "safetensors_s": statistics.median(seconds["safetensors"]),
+                    "x_safetensors": statistics.median(ratios),
+                    "shardckpt_all": [round(s, 3) for s in seconds["shardckpt"]],
+                    "x_safetensors_all": [round(r, 3) for r in ratios],
+                    "loadavg": common.loadavg(),
+                }
+            ),
+            flush=True,
+        )
+    dist.destroy_process_group()
+
+
+def main() -> None:
+    import torch.multiprocessing as mp
+
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--mix", default="small", choices=save_load.MIXES)
+    ap.add_argument("--mib", type=int, default=64)
+    ap.add_argument("--world-size", type=int, default=4)
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--format-version", type=int, default=None, choices=[3])
+    ap.add_argument("--threads", type=int, default=None, help="num_io_threads of each save (default: shardckpt's)")
+    ap.add_argument("--first", action="store_true", help="plan every save from scratch (no plan reuse)")
+    ap.add_argument("--profile", default="", help="write a cProfile of rank 0's measured saves here")
+    ap.add_argument("--label", default="")
+    ap.add_argument("--dir", required=True, help="scratch folder (each save's folder is removed after it)")
+    args = ap.parse_args()
+    os.makedirs(args.dir, exist_ok=True)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(worker, args=(args.world_size, args, port), nprocs=args.world_size)
+
+
+if __name__ == "__main__":
+    main()
