@@ -239,6 +239,8 @@ def planner_classes() -> tuple[type, type]:
     from torch.distributed.checkpoint.default_planner import DefaultSavePlanner
 
     from shardckpt.engine.planner import SavePlanner
+    from shardckpt.engine.planner import _check_header_entry as check_header_entry
+    from shardckpt.format import datafile
 
     class GivenTensors(DefaultSavePlanner):
         tensor_items: list[Any]  # both set on each instance by local_plans before planning
@@ -250,8 +252,20 @@ def planner_classes() -> tuple[type, type]:
             self.plan = dataclasses.replace(plan, items=plan.items + self.tensor_items, planner_data=self.mappings)
             return self.plan
 
-    class Ours(SavePlanner, GivenTensors):  # SavePlanner's super() is GivenTensors
-        pass
+    class Ours(SavePlanner):
+        tensor_items: list[Any]  # as GivenTensors
+        paths: dict[str, tuple[str, ...]]
+
+        def create_local_plan(self) -> Any:
+            # SavePlanner plans the state's values (it plans its DTensors' items itself, without
+            # DCP's create_local_plan); the given items get the checks it makes per tensor item.
+            plan = super().create_local_plan()
+            for item in self.tensor_items:
+                datafile.dtype_name(item.tensor_data.properties.dtype, key=item.index.fqn)
+                check_header_entry(item)
+            self.mappings.update(self.paths)  # the dict the plan's planner_data holds
+            self.plan = dataclasses.replace(plan, items=plan.items + self.tensor_items)
+            return self.plan
 
     return Ours, GivenTensors
 
