@@ -290,12 +290,12 @@ def _place_steps(
     steps: list[str], ranks: int, loads: list[list[int]]
 ) -> tuple[list[tuple[int, int, int]], list[list[int]]]:
     """(rank, file, byte offset) of each step; the files' final sizes per rank. As a
-    format-3 save places and writes them (engine.planner.balance_replicated with ``small_to``
+    format-3 save places and writes them (engine.placement.balance_replicated with ``small_to``
     the coordinator, then engine.write_v3.split_inline): every 4-byte step on rank 0 while
     within SMALL_REPLICATED_BUDGET_BYTES, in a new last file of rank 0's (when rank 0 also
     holds sharded items; else in its one file); any beyond the budget round-robin over the
     ranks (standing for the balanced placement), each in its rank's lightest file."""
-    from shardckpt.engine.planner import SMALL_REPLICATED_BUDGET_BYTES
+    from shardckpt.engine.placement import SMALL_REPLICATED_BUDGET_BYTES
 
     loads = [list(x) for x in loads]
     out = []

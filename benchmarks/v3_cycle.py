@@ -165,11 +165,11 @@ def repeat_save_plan(planner: Any, local: Any, world: int, repeats: int) -> dict
     per rank does not depend on the offsets): per rank ``layout_fingerprint``; coordinator
     ``PlanCache.fits`` over ``world`` offers, ``adopt_global_plan`` with the plan's key count
     (``manifest_key_bytes``, counted once when the plan was made, not timed here)."""
+    from shardckpt.engine import plan_checks, protocol
     from shardckpt.engine import planner as planner_mod
-    from shardckpt.engine import protocol
 
     fingerprint, per_rank_s = median_time(lambda: planner_mod.layout_fingerprint(local), repeats)
-    summary = planner_mod.value_summary(local)
+    summary = plan_checks.value_summary(local)
     offers = [protocol._Offer(fingerprint, "plan", {"rank": r}, summary, None) for r in range(world)]
     cache = protocol.PlanCache(
         fingerprint=fingerprint,
@@ -177,7 +177,7 @@ def repeat_save_plan(planner: Any, local: Any, world: int, repeats: int) -> dict
         central=local,
         fingerprints=[fingerprint] * world,
         global_plans=[local] * world,
-        key_bytes=planner_mod.manifest_key_bytes([local]),
+        key_bytes=plan_checks.manifest_key_bytes([local]),
         global_id="plan",
     )
 

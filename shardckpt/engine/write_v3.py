@@ -43,7 +43,7 @@ from torch.distributed.checkpoint.storage import WriteResult
 
 from shardckpt._version import __version__
 from shardckpt.engine.incremental import ChunkLocation
-from shardckpt.engine.planner import SMALL_REPLICATED_BUDGET_BYTES, SMALL_REPLICATED_BYTES
+from shardckpt.engine.placement import SMALL_REPLICATED_BUDGET_BYTES, SMALL_REPLICATED_BYTES
 from shardckpt.engine.rule_table import compress_table
 from shardckpt.engine.staging import item_bytes
 from shardckpt.errors import StorageError
