@@ -19,7 +19,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from shardckpt.format import file_table, layout, manifest, rules
+from shardckpt.format import file_table, layout, manifest, rank_index, rules
 from shardckpt.format import manifest_v3 as mv3
 
 HEADER_BYTES = 4096  # data section start of a synthetic data file, as planning_scale's
@@ -75,8 +75,8 @@ def index_entry_bytes(byte_offset: int, byte_length: int, block_bytes: int) -> i
 
 def rank_index_bytes(save_id: str, rank: int, block_bytes: int, files: list[tuple[int, int, int]]) -> int:
     """Bytes of a rank's index record whose files are ``(size, entry bytes, entries)``:
-    ``file_table.rank_index_to_json`` without building it (checked against it by test_rules)."""
-    out = len(file_table.rank_index_to_json(save_id, rank, block_bytes, []))
+    ``rank_index.rank_index_to_json`` without building it (checked against it by test_rules)."""
+    out = len(rank_index.rank_index_to_json(save_id, rank, block_bytes, []))
     for size, entry_bytes, entries in files:
         out += len(f'{{"size":{size},"hash":"{FAKE_HASH}","entries":[]}}') + entry_bytes + max(0, entries - 1)
     return out + max(0, len(files) - 1)
@@ -109,7 +109,7 @@ def project(
     position = {n: p for p, n in enumerate(n for r in range(ranks) for n in by_rank.get(r, []))}
     entries: dict[str, list[int]] = {n: [0, 0] for n in files}  # bytes, count
     tensor_recs, v1_lines, compress_s = {}, 0, 0.0
-    inline: list[file_table.IndexEntry] = []
+    inline: list[rank_index.IndexEntry] = []
     for key, dtype, shape, chunks in tensors:
         for c in chunks:
             e = entries[c.file]
@@ -176,12 +176,12 @@ def project(
     return out
 
 
-def _fake_entry(c: Stored, block_bytes: int) -> file_table.IndexEntry:
-    return file_table.IndexEntry(c.byte_offset, c.byte_length, FAKE_HASH * -(-c.byte_length // block_bytes))
+def _fake_entry(c: Stored, block_bytes: int) -> rank_index.IndexEntry:
+    return rank_index.IndexEntry(c.byte_offset, c.byte_length, FAKE_HASH * -(-c.byte_length // block_bytes))
 
 
-def _fake_index(size: int, entries: list[file_table.IndexEntry]) -> file_table.FileIndex:
-    return file_table.FileIndex(size, FAKE_HASH, tuple(sorted(entries, key=lambda e: e.byte_offset)))
+def _fake_index(size: int, entries: list[rank_index.IndexEntry]) -> rank_index.FileIndex:
+    return rank_index.FileIndex(size, FAKE_HASH, tuple(sorted(entries, key=lambda e: e.byte_offset)))
 
 
 def _v1_line_bytes(key: str, dtype: str, shape: tuple[int, ...], chunks: list[Stored], block_bytes: int) -> int:
@@ -343,7 +343,7 @@ def rank_results(
         sizes[r][number[name]] = size
     rows = [array.array("q") for _ in range(ranks)]
     keys: list[list[str]] = [[] for _ in range(ranks)]
-    inline: list[file_table.IndexEntry] = []
+    inline: list[rank_index.IndexEntry] = []
     for key, _, shape, chunks in tensors:
         pad = dims - len(shape)
         for c in chunks:

@@ -47,7 +47,7 @@ from shardckpt.engine.placement import SMALL_REPLICATED_BUDGET_BYTES, SMALL_REPL
 from shardckpt.engine.rule_table import compress_table
 from shardckpt.engine.staging import item_bytes
 from shardckpt.errors import StorageError
-from shardckpt.format import datafile, file_table, integrity, layout, rules
+from shardckpt.format import datafile, file_table, integrity, layout, rank_index, rules
 from shardckpt.format import manifest_v3 as mv3
 from shardckpt.storage import Storage
 
@@ -75,7 +75,7 @@ class RankResult:
     keys: tuple[str, ...]
     width: int
     rows: bytes
-    inline: file_table.FileIndex | None = None
+    inline: rank_index.FileIndex | None = None
     """The index of the rank's last file when it holds the coordinator's small tensors
     (:func:`split_inline`): the manifest copies it (format.md 12.8)."""
 
@@ -98,7 +98,7 @@ def finish_rank(
     are durable) and return what the coordinator needs. Every rank, also one without data.
     ``inline_last``: the last file holds the small tensors :func:`split_inline` set apart."""
     number = {name: k for k, name in enumerate(names)}
-    per_file: list[list[file_table.IndexEntry]] = [[] for _ in names]
+    per_file: list[list[rank_index.IndexEntry]] = [[] for _ in names]
     records: list[Any] = [None] * len(names)
     keys: dict[str, int] = {}
     dims = max((len(it.index.offset or ()) for it, _ in located), default=0)
@@ -107,17 +107,17 @@ def finish_rank(
         k = number[loc.file]
         records[k] = loc.file_record
         if loc.byte_length:  # a chunk of 0 bytes stores nothing and has no entry (12.4)
-            per_file[k].append(file_table.IndexEntry(loc.byte_offset, loc.byte_length, "".join(loc.block_hashes)))
+            per_file[k].append(rank_index.IndexEntry(loc.byte_offset, loc.byte_length, "".join(loc.block_hashes)))
         assert it.tensor_data is not None and it.index.offset is not None
         offsets, sizes = tuple(it.index.offset), tuple(it.tensor_data.chunk.sizes)
         pad = dims - len(offsets)
         rows.extend((keys.setdefault(it.index.fqn, len(keys)), k, loc.byte_offset))
         rows.extend((*offsets, *(0,) * pad, *sizes, *(1,) * pad))
     files = [
-        file_table.FileIndex(rec.size, rec.hash, tuple(sorted(entries, key=lambda e: e.byte_offset)))
+        rank_index.FileIndex(rec.size, rec.hash, tuple(sorted(entries, key=lambda e: e.byte_offset)))
         for rec, entries in zip(records, per_file, strict=True)
     ]
-    raw = file_table.rank_index_to_json(save_id, rank, block_bytes, files)
+    raw = rank_index.rank_index_to_json(save_id, rank, block_bytes, files)
     _write_new(storage, layout.rank_index_name(save_id, rank), raw)
     storage.sync_dir(layout.DATA_DIR)
     entry = file_table.RankEntry(len(raw), integrity.hash_hex(raw), socket.gethostname(), local_rank)

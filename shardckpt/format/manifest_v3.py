@@ -25,14 +25,7 @@ from typing import Any
 
 from shardckpt.errors import ManifestError, UnsupportedFormatVersionError
 from shardckpt.format import datafile, rules
-from shardckpt.format.file_table import (
-    FileIndex,
-    FileTable,
-    file_index_to_json,
-    file_table_to_json,
-    parse_file_index,
-    parse_file_table,
-)
+from shardckpt.format.file_table import FileTable, file_table_to_json, parse_file_table
 from shardckpt.format.manifest import (
     FORMAT_NAME,
     HASH_ALGORITHM,
@@ -45,6 +38,7 @@ from shardckpt.format.manifest import (
     unseal,
 )
 from shardckpt.format.overlap import first_overlap
+from shardckpt.format.rank_index import FileIndex, file_index_to_json, parse_file_index
 from shardckpt.format.values import decode_value
 
 VERSION = 3
