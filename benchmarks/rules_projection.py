@@ -19,7 +19,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from shardckpt.format import file_table, layout, manifest, rank_index, rules
+from shardckpt.format import file_table, layout, manifest, manifest_v3_parser, rank_index, rules
 from shardckpt.format import manifest_v3 as mv3
 
 HEADER_BYTES = 4096  # data section start of a synthetic data file, as planning_scale's
@@ -166,7 +166,7 @@ def project(
     raw = mv3.manifest_v3_to_json(m)
     out.manifest_v3 = len(raw)
     t0 = time.perf_counter()
-    mv3.parse_manifest_v3(raw, source="projected")  # what every loading rank does with the manifest
+    manifest_v3_parser.parse_manifest_v3(raw, source="projected")  # what every loading rank does with the manifest
     out.seconds["parse_v3"] = time.perf_counter() - t0
     if with_v1:
         v1_files = {n: {"size": s, "hash": FAKE_HASH, "rank": r} for n, (s, r) in sorted(files.items())}

@@ -32,7 +32,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from shardckpt.format import manifest_v3
+from shardckpt.format import manifest_v3_parser
 
 
 def median_time(fn: Callable[[], Any], repeats: int) -> tuple[Any, float]:
@@ -92,8 +92,8 @@ def load_side(
     """Per sampled rank, own shard and N -> N-1: seconds (parse + plan, median of
     ``repeats``) and metadata bytes read; the medians over the sampled ranks."""
     out: dict[str, Any] = {}
-    _, parse_s = median_time(lambda: manifest_v3.parse_any_manifest(raw, source="simulated"), repeats)
-    m = manifest_v3.parse_any_manifest(raw, source="simulated")
+    _, parse_s = median_time(lambda: manifest_v3_parser.parse_any_manifest(raw, source="simulated"), repeats)
+    m = manifest_v3_parser.parse_any_manifest(raw, source="simulated")
     for case, target in (("own", world), ("reshard", max(1, world - 1))):
         secs, read, read_sharded, peers, chunks = [], [], [], [], []
         for r in sorted({0, target // 2, target - 1}):

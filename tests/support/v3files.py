@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from shardckpt.format import datafile, file_table, integrity, layout, rank_index, rules
+from shardckpt.format import datafile, file_table, integrity, layout, manifest_v3_parser, rank_index, rules
 from shardckpt.format import manifest_v3 as mv3
 
 
@@ -28,7 +28,7 @@ class StoredChunk:
 
 def read_v3(path: str) -> tuple[mv3.ManifestV3, dict[str, list[StoredChunk]]]:
     with open(os.path.join(path, layout.MANIFEST_NAME), "rb") as f:
-        m = mv3.parse_manifest_v3(f.read(), source=path)
+        m = manifest_v3_parser.parse_manifest_v3(f.read(), source=path)
     (group,) = m.file_table.groups
     indexes: dict[int, tuple[rank_index.FileIndex, ...]] = {}
     for p in range(len(group.pages)):

@@ -40,14 +40,8 @@ from shardckpt.format.file_table import (
     parse_page,
 )
 from shardckpt.format.manifest import seal
-from shardckpt.format.manifest_v3 import (
-    Chunk,
-    InlineIndex,
-    ManifestV3,
-    Tensor,
-    manifest_v3_to_json,
-    parse_manifest_v3,
-)
+from shardckpt.format.manifest_v3 import Chunk, InlineIndex, ManifestV3, Tensor, manifest_v3_to_json
+from shardckpt.format.manifest_v3_parser import parse_manifest_v3
 from shardckpt.format.rank_index import FileIndex, IndexEntry, parse_rank_index, rank_index_to_json
 
 ROOT = Path(__file__).parents[2]
