@@ -291,7 +291,7 @@ def _place_steps(
 ) -> tuple[list[tuple[int, int, int]], list[list[int]]]:
     """(rank, file, byte offset) of each step; the files' final sizes per rank. As a
     format-3 save places and writes them (engine.placement.balance_replicated with ``small_to``
-    the coordinator, then engine.write_v3.split_inline): every 4-byte step on rank 0 while
+    the coordinator, then engine.rank_result.split_inline): every 4-byte step on rank 0 while
     within SMALL_REPLICATED_BUDGET_BYTES, in a new last file of rank 0's (when rank 0 also
     holds sharded items; else in its one file); any beyond the budget round-robin over the
     ranks (standing for the balanced placement), each in its rank's lightest file."""
@@ -329,13 +329,13 @@ def rank_results(
     inline_file: str | None = None,
 ) -> list[Any]:
     """What every rank of that save reports to the coordinator under format 3
-    (``engine.write_v3.RankResult``: one row per chunk, its data files' sizes, its index
+    (``engine.rank_result.RankResult``: one row per chunk, its data files' sizes, its index
     record's size and hash, host): the input of the coordinator's ``write_v3.assemble``;
     rank 0's carries the index of ``inline_file`` (its last, the small tensors') when given.
     Simulated (not timed): O(chunks) Python steps."""
     import array
 
-    from shardckpt.engine import write_v3
+    from shardckpt.engine import rank_result
 
     number = {name: int(name.rsplit("-", 1)[1].split(".")[0]) for name in files}
     sizes: list[dict[int, int]] = [{} for _ in range(ranks)]
@@ -362,6 +362,6 @@ def rank_results(
         entry = file_table.RankEntry((index_sizes or {}).get(r, 30_000), FAKE_HASH, f"node{r // 8:04d}", r % 8)
         file_sizes = tuple(sizes[r][k] for k in range(len(sizes[r])))
         copy = _fake_index(files[inline_file][0], inline) if r == 0 and inline_file is not None else None
-        out.append(write_v3.RankResult(r, entry, file_sizes, held_keys, 3 + 2 * dims, rows[r].tobytes(), copy))
+        out.append(rank_result.RankResult(r, entry, file_sizes, held_keys, 3 + 2 * dims, rows[r].tobytes(), copy))
         rows[r] = array.array("q")
     return out

@@ -40,7 +40,7 @@ from torch.distributed.checkpoint.metadata import Metadata
 from torch.distributed.checkpoint.planner import SavePlan, SavePlanner, WriteItem, WriteItemType
 from torch.distributed.checkpoint.storage import StorageWriter, WriteResult
 
-from shardckpt.engine import write_v3
+from shardckpt.engine import rank_result, write_v3
 from shardckpt.engine.claim import check_same_location, claim_folder, create_file, discard_save
 from shardckpt.engine.datawrite import split_by_bytes, tensor_and_bytes, write_file
 from shardckpt.engine.incremental import BaseIndex, ChunkLocation, Prepass, digest_pass
@@ -183,7 +183,7 @@ class Writer(StorageWriter):
             items, resolve = prepass.to_write, prepass.resolve
         inline: list[WriteItem] = []
         if self.options.format_version == 3:  # the coordinator's small tensors: a last file (format.md 12.8)
-            items, inline = write_v3.split_inline(items, rank=rank)
+            items, inline = rank_result.split_inline(items, rank=rank)
         buckets = split_by_bytes(items, self.options.num_io_threads) + ([inline] if inline else [])
         version = str(self.options.format_version or (2 if self.options.digests else 1))  # the manifest's
         meta = {"format": "shardckpt", "format_version": version, "save_id": save_id, "rank": str(rank)}
@@ -229,7 +229,7 @@ class Writer(StorageWriter):
         if self.options.format_version != 3:
             return results
         block = self.options.hash_block_bytes
-        return write_v3.rank_results(self.storage, plan, results, files, block, inline_last=inline_last)
+        return rank_result.rank_results(self.storage, plan, results, files, block, inline_last=inline_last)
 
     def _remember(self, plan: SavePlan, results: list[WriteResult]) -> None:
         """Keep this rank's chunk locations (with digests) and count the bytes written."""
