@@ -19,7 +19,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from shardckpt.format import file_table, layout, manifest, rules
+from shardckpt.format import file_table, layout, manifest, manifest_v3_parser, rank_index, rules
 from shardckpt.format import manifest_v3 as mv3
 
 HEADER_BYTES = 4096  # data section start of a synthetic data file, as planning_scale's
@@ -75,8 +75,8 @@ def index_entry_bytes(byte_offset: int, byte_length: int, block_bytes: int) -> i
 
 def rank_index_bytes(save_id: str, rank: int, block_bytes: int, files: list[tuple[int, int, int]]) -> int:
     """Bytes of a rank's index record whose files are ``(size, entry bytes, entries)``:
-    ``file_table.rank_index_to_json`` without building it (checked against it by test_rules)."""
-    out = len(file_table.rank_index_to_json(save_id, rank, block_bytes, []))
+    ``rank_index.rank_index_to_json`` without building it (checked against it by test_rules)."""
+    out = len(rank_index.rank_index_to_json(save_id, rank, block_bytes, []))
     for size, entry_bytes, entries in files:
         out += len(f'{{"size":{size},"hash":"{FAKE_HASH}","entries":[]}}') + entry_bytes + max(0, entries - 1)
     return out + max(0, len(files) - 1)
@@ -109,7 +109,7 @@ def project(
     position = {n: p for p, n in enumerate(n for r in range(ranks) for n in by_rank.get(r, []))}
     entries: dict[str, list[int]] = {n: [0, 0] for n in files}  # bytes, count
     tensor_recs, v1_lines, compress_s = {}, 0, 0.0
-    inline: list[file_table.IndexEntry] = []
+    inline: list[rank_index.IndexEntry] = []
     for key, dtype, shape, chunks in tensors:
         for c in chunks:
             e = entries[c.file]
@@ -166,7 +166,7 @@ def project(
     raw = mv3.manifest_v3_to_json(m)
     out.manifest_v3 = len(raw)
     t0 = time.perf_counter()
-    mv3.parse_manifest_v3(raw, source="projected")  # what every loading rank does with the manifest
+    manifest_v3_parser.parse_manifest_v3(raw, source="projected")  # what every loading rank does with the manifest
     out.seconds["parse_v3"] = time.perf_counter() - t0
     if with_v1:
         v1_files = {n: {"size": s, "hash": FAKE_HASH, "rank": r} for n, (s, r) in sorted(files.items())}
@@ -176,12 +176,12 @@ def project(
     return out
 
 
-def _fake_entry(c: Stored, block_bytes: int) -> file_table.IndexEntry:
-    return file_table.IndexEntry(c.byte_offset, c.byte_length, FAKE_HASH * -(-c.byte_length // block_bytes))
+def _fake_entry(c: Stored, block_bytes: int) -> rank_index.IndexEntry:
+    return rank_index.IndexEntry(c.byte_offset, c.byte_length, FAKE_HASH * -(-c.byte_length // block_bytes))
 
 
-def _fake_index(size: int, entries: list[file_table.IndexEntry]) -> file_table.FileIndex:
-    return file_table.FileIndex(size, FAKE_HASH, tuple(sorted(entries, key=lambda e: e.byte_offset)))
+def _fake_index(size: int, entries: list[rank_index.IndexEntry]) -> rank_index.FileIndex:
+    return rank_index.FileIndex(size, FAKE_HASH, tuple(sorted(entries, key=lambda e: e.byte_offset)))
 
 
 def _v1_line_bytes(key: str, dtype: str, shape: tuple[int, ...], chunks: list[Stored], block_bytes: int) -> int:
@@ -290,12 +290,12 @@ def _place_steps(
     steps: list[str], ranks: int, loads: list[list[int]]
 ) -> tuple[list[tuple[int, int, int]], list[list[int]]]:
     """(rank, file, byte offset) of each step; the files' final sizes per rank. As a
-    format-3 save places and writes them (engine.planner.balance_replicated with ``small_to``
-    the coordinator, then engine.write_v3.split_inline): every 4-byte step on rank 0 while
+    format-3 save places and writes them (engine.placement.balance_replicated with ``small_to``
+    the coordinator, then engine.rank_result.split_inline): every 4-byte step on rank 0 while
     within SMALL_REPLICATED_BUDGET_BYTES, in a new last file of rank 0's (when rank 0 also
     holds sharded items; else in its one file); any beyond the budget round-robin over the
     ranks (standing for the balanced placement), each in its rank's lightest file."""
-    from shardckpt.engine.planner import SMALL_REPLICATED_BUDGET_BYTES
+    from shardckpt.engine.placement import SMALL_REPLICATED_BUDGET_BYTES
 
     loads = [list(x) for x in loads]
     out = []
@@ -329,13 +329,13 @@ def rank_results(
     inline_file: str | None = None,
 ) -> list[Any]:
     """What every rank of that save reports to the coordinator under format 3
-    (``engine.write_v3.RankResult``: one row per chunk, its data files' sizes, its index
+    (``engine.rank_result.RankResult``: one row per chunk, its data files' sizes, its index
     record's size and hash, host): the input of the coordinator's ``write_v3.assemble``;
     rank 0's carries the index of ``inline_file`` (its last, the small tensors') when given.
     Simulated (not timed): O(chunks) Python steps."""
     import array
 
-    from shardckpt.engine import write_v3
+    from shardckpt.engine import rank_result
 
     number = {name: int(name.rsplit("-", 1)[1].split(".")[0]) for name in files}
     sizes: list[dict[int, int]] = [{} for _ in range(ranks)]
@@ -343,7 +343,7 @@ def rank_results(
         sizes[r][number[name]] = size
     rows = [array.array("q") for _ in range(ranks)]
     keys: list[list[str]] = [[] for _ in range(ranks)]
-    inline: list[file_table.IndexEntry] = []
+    inline: list[rank_index.IndexEntry] = []
     for key, _, shape, chunks in tensors:
         pad = dims - len(shape)
         for c in chunks:
@@ -362,6 +362,6 @@ def rank_results(
         entry = file_table.RankEntry((index_sizes or {}).get(r, 30_000), FAKE_HASH, f"node{r // 8:04d}", r % 8)
         file_sizes = tuple(sizes[r][k] for k in range(len(sizes[r])))
         copy = _fake_index(files[inline_file][0], inline) if r == 0 and inline_file is not None else None
-        out.append(write_v3.RankResult(r, entry, file_sizes, held_keys, 3 + 2 * dims, rows[r].tobytes(), copy))
+        out.append(rank_result.RankResult(r, entry, file_sizes, held_keys, 3 + 2 * dims, rows[r].tobytes(), copy))
         rows[r] = array.array("q")
     return out

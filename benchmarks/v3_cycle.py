@@ -32,7 +32,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from shardckpt.format import manifest_v3
+from shardckpt.format import manifest_v3_parser
 
 
 def median_time(fn: Callable[[], Any], repeats: int) -> tuple[Any, float]:
@@ -92,8 +92,8 @@ def load_side(
     """Per sampled rank, own shard and N -> N-1: seconds (parse + plan, median of
     ``repeats``) and metadata bytes read; the medians over the sampled ranks."""
     out: dict[str, Any] = {}
-    _, parse_s = median_time(lambda: manifest_v3.parse_any_manifest(raw, source="simulated"), repeats)
-    m = manifest_v3.parse_any_manifest(raw, source="simulated")
+    _, parse_s = median_time(lambda: manifest_v3_parser.parse_any_manifest(raw, source="simulated"), repeats)
+    m = manifest_v3_parser.parse_any_manifest(raw, source="simulated")
     for case, target in (("own", world), ("reshard", max(1, world - 1))):
         secs, read, read_sharded, peers, chunks = [], [], [], [], []
         for r in sorted({0, target // 2, target - 1}):
@@ -165,11 +165,11 @@ def repeat_save_plan(planner: Any, local: Any, world: int, repeats: int) -> dict
     per rank does not depend on the offsets): per rank ``layout_fingerprint``; coordinator
     ``PlanCache.fits`` over ``world`` offers, ``adopt_global_plan`` with the plan's key count
     (``manifest_key_bytes``, counted once when the plan was made, not timed here)."""
+    from shardckpt.engine import plan_checks, protocol
     from shardckpt.engine import planner as planner_mod
-    from shardckpt.engine import protocol
 
     fingerprint, per_rank_s = median_time(lambda: planner_mod.layout_fingerprint(local), repeats)
-    summary = planner_mod.value_summary(local)
+    summary = plan_checks.value_summary(local)
     offers = [protocol._Offer(fingerprint, "plan", {"rank": r}, summary, None) for r in range(world)]
     cache = protocol.PlanCache(
         fingerprint=fingerprint,
@@ -177,7 +177,7 @@ def repeat_save_plan(planner: Any, local: Any, world: int, repeats: int) -> dict
         central=local,
         fingerprints=[fingerprint] * world,
         global_plans=[local] * world,
-        key_bytes=planner_mod.manifest_key_bytes([local]),
+        key_bytes=plan_checks.manifest_key_bytes([local]),
         global_id="plan",
     )
 

@@ -30,9 +30,10 @@ from shardckpt.convert.progress import byte_bar
 from shardckpt.engine.load_v3 import read_record
 from shardckpt.errors import ManifestError
 from shardckpt.format import datafile, layout, rules
-from shardckpt.format.file_table import FileGroup, FileIndex, IndexEntry, RankEntry, parse_page, parse_rank_index
+from shardckpt.format.file_table import FileGroup, RankEntry, parse_page
 from shardckpt.format.manifest import ChunkRecord, FileRecord
 from shardckpt.format.manifest_v3 import ManifestV3
+from shardckpt.format.rank_index import FileIndex, IndexEntry, parse_rank_index
 from shardckpt.format.values import decode_value
 from shardckpt.storage import Storage
 from shardckpt.storage.datafiles import DataFiles

@@ -37,7 +37,8 @@ from shardckpt.engine.reader import Reader, manifest_to_metadata
 from shardckpt.errors import InconsistentRanksError
 from shardckpt.format import integrity, layout
 from shardckpt.format.manifest import Manifest
-from shardckpt.format.manifest_v3 import ManifestV3, parse_any_manifest
+from shardckpt.format.manifest_v3 import ManifestV3
+from shardckpt.format.manifest_v3_parser import parse_any_manifest
 from shardckpt.storage import as_url, open_storage
 
 __all__ = ["StorageReader"]

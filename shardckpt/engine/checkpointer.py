@@ -16,32 +16,30 @@ closed it); :func:`default_checkpointer` returns it.
 from __future__ import annotations
 
 import functools
-import logging
 import os
 import threading
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-import torch.distributed as dist
-
-from shardckpt.engine.collective import RankGroup, checkpoint_group, is_gloo
-from shardckpt.engine.incremental import BaseIndex, folder_name
-from shardckpt.engine.loading import LoadResult, load_from, read_any_manifest
+from shardckpt.engine.collective import RankGroup, checkpoint_group, destroy_groups
+from shardckpt.engine.incremental import BaseIndex
+from shardckpt.engine.loading import LoadResult, load_from
 from shardckpt.engine.local_items import ItemCache
 from shardckpt.engine.options import IOOptions, SaveKwargs, Timeouts
 from shardckpt.engine.protocol import Rounds
+from shardckpt.engine.saved_chunks import SavedChunks
 from shardckpt.engine.saving import (
     SLOW_IO,
     AsyncSaveHandle,
     SaveRequest,
     checkpoint_path,
     persist,
+    start_async_save,
     writer_options,
 )
-from shardckpt.engine.staging import BoundedSource, Stager, tensor_bytes
-from shardckpt.engine.state import flatten_with_mappings, to_plain_state_dict
-from shardckpt.engine.writer import Writer
-from shardckpt.errors import ShardckptError, UnsupportedFormatVersionError
+from shardckpt.engine.staging import BoundedSource, Stager
+from shardckpt.engine.state import to_plain_state_dict
+from shardckpt.errors import ShardckptError
 from shardckpt.format.manifest import Manifest
 from shardckpt.format.manifest_v3 import ManifestV3
 from shardckpt.storage import Storage, open_storage
@@ -57,7 +55,6 @@ StorageFactory = Callable[..., Storage]
 :class:`~shardckpt.storage.TransferOptions`, when the :class:`IOOptions` in effect set
 ``transfer`` and ``url`` is an fsspec URL (so a two-argument factory keeps working
 until someone sets ``transfer``)."""
-log = logging.getLogger("shardckpt")
 
 
 class Checkpointer:
@@ -110,9 +107,7 @@ class Checkpointer:
         self._groups: dict[Any, Any] = {}  # (purpose, timeout) -> the gloo group this object created
         self._rounds = Rounds()  # per group: the round trips' numbering and the last save's plan
         self._items = ItemCache()  # this rank's DTensor write items of the last save
-        # (location, chunks) of this rank's last save with digests: the next incremental
-        # save against it needs no manifest read. Set by the thread that ran the save.
-        self._last_saved: tuple[str, BaseIndex] | None = None
+        self._chunks = SavedChunks()  # this rank's last save with digests, for the next incremental one
         self._closed = False
 
     # ------------------------------------------------------------ context manager
@@ -236,40 +231,9 @@ class Checkpointer:
         if max_staging_bytes is not None and max_staging_bytes < 0:
             raise ValueError(f"max_staging_bytes must be >= 0 or None (no bound), got {max_staging_bytes}")
         request = self._start_save("async save", path, options)
-        if request.process_group is not None and not is_gloo(request.process_group):
-            raise ValueError(
-                "async_save over a subgroup needs a gloo group, so the background thread never runs "
-                "collectives on a training group: pass process_group=dist.new_group(ranks, backend='gloo') "
-                "(created on every rank)"
-            )
-        stager = self._stager
-
-        staged: dict[str, Any] = {}
-
-        def stage() -> None:  # the staged state stays here; only the outcome travels
-            flat, mappings = flatten_with_mappings(to_plain_state_dict(state_dict))
-            if max_staging_bytes is None or tensor_bytes(flat) <= max_staging_bytes:
-                staged.update(state=stager.stage(flat), mappings=mappings, source=None)
-                return
-            source = BoundedSource(max_staging_bytes, stager.arena)
-            staged.update(state=stager.stage_live(flat), mappings=mappings, source=source)
-
-        # One round trip on the checkpoint group (no save of it runs yet): every rank
-        # arrived, within the arrival bound, and staged, or every rank raises.
-        self._rounds.over(request.process_group)[0].round_trip(
-            f"async save to {request.path}",
-            stage,
-            lambda everyone: everyone,
-            wait_s=request.timeouts.arrive_s,
-            reply_s=2 * request.timeouts.arrive_s,
-            waiting=f"async save to {request.path}: waiting for every rank to call async_save",
+        handle, source, thread = start_async_save(
+            state_dict, request, self._stager, self._rounds.over(request.process_group)[0], max_staging_bytes
         )
-        handle = AsyncSaveHandle(request.path)
-        source: BoundedSource | None = staged["source"]
-        run = functools.partial(persist, staged["state"], request, mappings=staged["mappings"], source=source)
-        # Not a daemon: the interpreter joins it at exit, so a pending save finishes (or
-        # fails uncommitted) instead of being cut off mid-write. No atexit hook needed.
-        thread = threading.Thread(target=handle._run, args=(run,), name="shardckpt-async-save", daemon=False)
         with self._lock:
             self._pending = handle
             self._last_source = source
@@ -297,9 +261,7 @@ class Checkpointer:
             metadata=options.get("metadata"),
             digests=digests,
             format_version=options.get("format_version"),
-            base=None
-            if base is None
-            else functools.partial(self._base_index, checkpoint_path(base), storage_options, io),
+            base=None if base is None else self._base(checkpoint_path(base), storage_options, io),
         )
         timeout_s = options.get("timeout_s")
         timeouts = Timeouts.of(timeout_s)
@@ -313,51 +275,17 @@ class Checkpointer:
             open_storage=functools.partial(self.open_storage, path, storage_options, io=io),
             process_group=ckpt_group,
             timeout_s=timeout_s,
-            committed=self._remember_chunks,
+            committed=self._chunks.remember,
             rounds=self._rounds,
             items=self._items,
         )
 
-    def _remember_chunks(self, writer: Writer) -> None:
-        """After every committed save: keep its chunks if it recorded digests; forget the
-        remembered ones if a plain save replaced them (overwrite=True removed their files)."""
-        location = writer.storage.location
-        if not writer.options.digests:
-            with self._lock:
-                if self._last_saved is not None and self._last_saved[0] == location:
-                    self._last_saved = None
-            return
-        index = BaseIndex.from_results(folder_name(location), writer.options.hash_block_bytes, writer.saved)
-        with self._lock:
-            self._last_saved = (location, index)
-
-    def _base_index(
-        self, base: str, storage_options: dict[str, Any] | None, io: IOOptions, storage: Storage
-    ) -> BaseIndex:
-        """The chunks of checkpoint ``base`` an incremental save to ``storage`` may reuse:
-        this rank's own from the save that wrote ``base`` when this Checkpointer made it,
-        else read from its manifest. Runs on every rank while the save plans."""
-        wanted = self.open_storage(base, storage_options, io=io)
-        name = folder_name(wanted.location)
-        if storage.location == wanted.location or storage.sibling(name).location != wanted.location:
-            raise ValueError(
-                f"save to {storage.url} with base={base!r}: the base must be another checkpoint in the same "
-                f"parent folder as the new one (e.g. base='runs/exp1/step_100' for 'runs/exp1/step_200'); "
-                "incremental checkpoints point at their base's files by folder name"
-            )
-        with self._lock:
-            last = self._last_saved
-        if last is not None and last[0] == wanted.location:
-            return last[1]
-        found = read_any_manifest(wanted)
-        if isinstance(found, ManifestV3):
-            raise UnsupportedFormatVersionError(
-                f"save to {storage.url} with base={base!r}: the base is a format-3 checkpoint, and incremental "
-                "saves build on formats 1 and 2 only (docs/format.md 12.7). Save without base=, or make a "
-                f"format-1 copy beside it and use that as the base: `python -m shardckpt materialize "
-                f"{wanted.url} {storage.sibling(name + '-v1').url} --format-version 1`."
-            )
-        return BaseIndex.from_manifest(found, name)
+    def _base(self, base: str, storage_options: dict[str, Any] | None, io: IOOptions) -> Callable[[Storage], BaseIndex]:
+        """The ``base`` of a save's writer options: finds the chunks of checkpoint ``base``
+        (see :meth:`SavedChunks.base_index`), opened with this Checkpointer's factory."""
+        return functools.partial(
+            self._chunks.base_index, base, functools.partial(self.open_storage, base, storage_options, io=io)
+        )
 
     def load(
         self,
@@ -474,8 +402,7 @@ class Checkpointer:
     def forget_chunks(self) -> None:
         """Forget the chunk locations of the last save (the next incremental save against it
         reads the base's manifest instead). Any thread."""
-        with self._lock:
-            self._last_saved = None
+        self._chunks.forget()
 
     def close(self) -> None:
         """Collective (every rank of the groups it created calls it). Idempotent.
@@ -494,16 +421,11 @@ class Checkpointer:
             # Dropping the Stager drops its buffers (and a bounded save's arena with it).
             self._stager = Stager()
             self._last_source = None
-            self._last_saved = None
+            self._chunks.forget()
             groups, self._groups = list(self._groups.values()), {}
             self._rounds.close()
             self._items.clear()
-            if groups and dist.is_available() and dist.is_initialized():
-                for g in groups:
-                    try:
-                        dist.destroy_process_group(g)
-                    except Exception as e:  # noqa: BLE001 - freeing is best effort; never hide the save's error
-                        log.debug("shardckpt: destroying a checkpoint process group failed: %s", e)
+            destroy_groups(groups)
 
     def _check_open(self, action: str) -> None:
         if self._closed:

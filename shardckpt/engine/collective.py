@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import logging
 import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -23,6 +24,7 @@ from shardckpt import errors
 from shardckpt.errors import RankFailureError, RankTimeoutError, ShardckptError, StorageError
 
 T = TypeVar("T")
+log = logging.getLogger("shardckpt")
 
 
 @dataclass(frozen=True)
@@ -144,6 +146,18 @@ def checkpoint_group(process_group: Any, timeout_s: float, groups: dict[Any, Any
                 f"({e}). Every rank must make the same save/load calls in the same order."
             ) from e
     return groups[key]
+
+
+def destroy_groups(groups: list[Any]) -> None:
+    """Destroy the gloo groups a Checkpointer created (:func:`checkpoint_group`), best
+    effort: a failure is logged at DEBUG, never raised (it must not hide a save's error).
+    Collective, as ``dist.destroy_process_group``."""
+    if groups and dist.is_available() and dist.is_initialized():
+        for g in groups:
+            try:
+                dist.destroy_process_group(g)
+            except Exception as e:  # noqa: BLE001 - freeing is best effort; never hide the save's error
+                log.debug("shardckpt: destroying a checkpoint process group failed: %s", e)
 
 
 def is_gloo(group: Any) -> bool:

@@ -40,9 +40,10 @@ from shardckpt.engine.boxes import BoxReader
 from shardckpt.engine.planner import LoadPlanner
 from shardckpt.errors import IntegrityError, ManifestError
 from shardckpt.format import datafile, rules
-from shardckpt.format.file_table import FileIndex, FileRef, RankEntry, parse_page, parse_rank_index
+from shardckpt.format.file_table import FileRef, RankEntry, parse_page
 from shardckpt.format.manifest import ChunkRecord, FileRecord
 from shardckpt.format.manifest_v3 import Chunk, ManifestV3, Tensor
+from shardckpt.format.rank_index import FileIndex, parse_rank_index
 from shardckpt.storage import Storage
 
 _RESTORE = "Restore it from a copy of the checkpoint, or load an earlier checkpoint"

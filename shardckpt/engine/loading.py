@@ -35,7 +35,8 @@ from shardckpt.errors import (
 )
 from shardckpt.format import datafile, integrity, layout
 from shardckpt.format.manifest import MAX_MANIFEST_BYTES, Manifest, unseal
-from shardckpt.format.manifest_v3 import ManifestV3, parse_any_manifest
+from shardckpt.format.manifest_v3 import ManifestV3
+from shardckpt.format.manifest_v3_parser import parse_any_manifest
 from shardckpt.storage import Storage, as_url, folder, open_storage
 
 log = logging.getLogger("shardckpt")

@@ -53,7 +53,8 @@ from torch.distributed.checkpoint.planner import SavePlan
 
 from shardckpt.engine.exchange import Exchange
 from shardckpt.engine.options import Timeouts
-from shardckpt.engine.planner import LoadPlanner, SavePlanner, ValueSummary, layout_fingerprint, value_summary
+from shardckpt.engine.plan_checks import ValueSummary, value_summary
+from shardckpt.engine.planner import LoadPlanner, SavePlanner, layout_fingerprint
 from shardckpt.engine.reader import Reader
 from shardckpt.engine.writer import Writer
 

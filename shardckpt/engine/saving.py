@@ -13,13 +13,14 @@ module; ``shardckpt.save``/``async_save`` run on the default one (:mod:`shardckp
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from shardckpt.engine.collective import translated_failures
+from shardckpt.engine.collective import is_gloo, translated_failures
 from shardckpt.engine.collector import collector_paused
 from shardckpt.engine.exchange import Exchange
 from shardckpt.engine.incremental import BaseIndex
@@ -33,7 +34,8 @@ from shardckpt.engine.options import (  # noqa: F401 - the thread defaults, also
 )
 from shardckpt.engine.planner import SavePlanner
 from shardckpt.engine.protocol import Rounds, save_in_rounds
-from shardckpt.engine.staging import BoundedSource
+from shardckpt.engine.staging import BoundedSource, Stager, tensor_bytes
+from shardckpt.engine.state import flatten_with_mappings, to_plain_state_dict
 from shardckpt.engine.write_v3 import V3_HASH_BLOCK_BYTES
 from shardckpt.engine.writer import Writer, WriterOptions
 from shardckpt.format import integrity
@@ -172,6 +174,52 @@ def writer_options(
 
 
 # ------------------------------------------------------------------ async
+
+
+def start_async_save(
+    state_dict: dict[str, Any],
+    request: SaveRequest,
+    stager: Stager,
+    exchange: Exchange,
+    max_staging_bytes: int | None,
+) -> tuple[AsyncSaveHandle, BoundedSource | None, threading.Thread]:
+    """``async_save``'s foreground, every rank: stage ``state_dict`` into ``stager``'s
+    buffers (above ``max_staging_bytes``, a :class:`BoundedSource` over the live tensors)
+    inside one round trip on ``exchange``, then build the handle and the (not yet started)
+    thread that runs :func:`persist` over the staged state. Collective."""
+    if request.process_group is not None and not is_gloo(request.process_group):
+        raise ValueError(
+            "async_save over a subgroup needs a gloo group, so the background thread never runs "
+            "collectives on a training group: pass process_group=dist.new_group(ranks, backend='gloo') "
+            "(created on every rank)"
+        )
+    staged: dict[str, Any] = {}
+
+    def stage() -> None:  # the staged state stays here; only the outcome travels
+        flat, mappings = flatten_with_mappings(to_plain_state_dict(state_dict))
+        if max_staging_bytes is None or tensor_bytes(flat) <= max_staging_bytes:
+            staged.update(state=stager.stage(flat), mappings=mappings, source=None)
+            return
+        source = BoundedSource(max_staging_bytes, stager.arena)
+        staged.update(state=stager.stage_live(flat), mappings=mappings, source=source)
+
+    # One round trip on the checkpoint group (no save of it runs yet): every rank
+    # arrived, within the arrival bound, and staged, or every rank raises.
+    exchange.round_trip(
+        f"async save to {request.path}",
+        stage,
+        lambda everyone: everyone,
+        wait_s=request.timeouts.arrive_s,
+        reply_s=2 * request.timeouts.arrive_s,
+        waiting=f"async save to {request.path}: waiting for every rank to call async_save",
+    )
+    handle = AsyncSaveHandle(request.path)
+    source: BoundedSource | None = staged["source"]
+    run = functools.partial(persist, staged["state"], request, mappings=staged["mappings"], source=source)
+    # Not a daemon: the interpreter joins it at exit, so a pending save finishes (or
+    # fails uncommitted) instead of being cut off mid-write. No atexit hook needed.
+    thread = threading.Thread(target=handle._run, args=(run,), name="shardckpt-async-save", daemon=False)
+    return handle, source, thread
 
 
 class AsyncSaveHandle:

@@ -4,7 +4,8 @@ pages of the rank table and its manifest of sharding rules.
 Called by :class:`shardckpt.engine.writer.Writer` when a save asks for ``format_version=3``,
 in the order of the write protocol (format.md section 3, 12.7):
 
-1. every rank, after its data files are durable: :func:`finish_rank` writes the rank's index
+1. every rank, after its data files are durable:
+   :func:`~shardckpt.engine.rank_result.finish_rank` writes the rank's index
    record ``data/<save_id>-r<rank>.index.json`` (each file's size and hash, each chunk's
    block hashes, computed while writing) and returns the rank's :class:`RankResult`: its
    index record's size and hash, host and local rank, its data files' sizes, and one row of
@@ -24,28 +25,22 @@ group of ranks, so 4096 ranks of a 7B model with AdamW (3.5 million chunks) buil
 
 from __future__ import annotations
 
-import array
 import dataclasses
 import datetime
 import itertools
 import json
 import math
-import os
-import socket
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
-from torch.distributed.checkpoint.metadata import BytesStorageMetadata, Metadata, MetadataIndex
-from torch.distributed.checkpoint.planner import SavePlan, WriteItem
+from torch.distributed.checkpoint.metadata import BytesStorageMetadata, Metadata
 from torch.distributed.checkpoint.storage import WriteResult
 
 from shardckpt._version import __version__
-from shardckpt.engine.incremental import ChunkLocation
-from shardckpt.engine.planner import SMALL_REPLICATED_BUDGET_BYTES, SMALL_REPLICATED_BYTES
+from shardckpt.engine.rank_result import FIXED_COLUMNS, RankResult, write_new
 from shardckpt.engine.rule_table import compress_table
-from shardckpt.engine.staging import item_bytes
 from shardckpt.errors import StorageError
 from shardckpt.format import datafile, file_table, integrity, layout, rules
 from shardckpt.format import manifest_v3 as mv3
@@ -56,139 +51,6 @@ V3_HASH_BLOCK_BYTES = 1 << 20
 read is rounded out to whole blocks at both ends of each piece it reads, so the extra bytes
 scale with the block; 8 MiB read 1.38x the bytes needed for 4 -> 3 ranks, 1 MiB keeps it
 near 1.05x, for 16 bytes of index record per MiB of data (format.md 12.4)."""
-RANK_RESULT_INDEX = MetadataIndex("")  # the index of the one WriteResult carrying a RankResult
-_FIXED = 3  # columns of a row before the box: tensor, file number, byte offset
-
-
-@dataclass(frozen=True)
-class RankResult:
-    """What one rank reports to the coordinator after writing (format 3).
-
-    ``rows``: int64 in native byte order (little-endian wherever torch runs), ``width``
-    columns per chunk: the tensor (an index into ``keys``), the data file's number among
-    the rank's files, the byte offset, then the chunk's offsets and sizes, each padded to
-    ``(width - 3) // 2`` dimensions (offset 0, size 1)."""
-
-    rank: int
-    entry: file_table.RankEntry
-    file_sizes: tuple[int, ...]
-    keys: tuple[str, ...]
-    width: int
-    rows: bytes
-    inline: file_table.FileIndex | None = None
-    """The index of the rank's last file when it holds the coordinator's small tensors
-    (:func:`split_inline`): the manifest copies it (format.md 12.8)."""
-
-
-# ---------------------------------------------------------------- every rank
-
-
-def finish_rank(
-    storage: Storage,
-    save_id: str,
-    rank: int,
-    located: Sequence[tuple[WriteItem, ChunkLocation]],
-    names: Sequence[str],
-    block_bytes: int,
-    local_rank: int,
-    *,
-    inline_last: bool = False,
-) -> RankResult:
-    """Write rank ``rank``'s index record (after its data files ``names``, in number order,
-    are durable) and return what the coordinator needs. Every rank, also one without data.
-    ``inline_last``: the last file holds the small tensors :func:`split_inline` set apart."""
-    number = {name: k for k, name in enumerate(names)}
-    per_file: list[list[file_table.IndexEntry]] = [[] for _ in names]
-    records: list[Any] = [None] * len(names)
-    keys: dict[str, int] = {}
-    dims = max((len(it.index.offset or ()) for it, _ in located), default=0)
-    rows = array.array("q")
-    for it, loc in located:
-        k = number[loc.file]
-        records[k] = loc.file_record
-        if loc.byte_length:  # a chunk of 0 bytes stores nothing and has no entry (12.4)
-            per_file[k].append(file_table.IndexEntry(loc.byte_offset, loc.byte_length, "".join(loc.block_hashes)))
-        assert it.tensor_data is not None and it.index.offset is not None
-        offsets, sizes = tuple(it.index.offset), tuple(it.tensor_data.chunk.sizes)
-        pad = dims - len(offsets)
-        rows.extend((keys.setdefault(it.index.fqn, len(keys)), k, loc.byte_offset))
-        rows.extend((*offsets, *(0,) * pad, *sizes, *(1,) * pad))
-    files = [
-        file_table.FileIndex(rec.size, rec.hash, tuple(sorted(entries, key=lambda e: e.byte_offset)))
-        for rec, entries in zip(records, per_file, strict=True)
-    ]
-    raw = file_table.rank_index_to_json(save_id, rank, block_bytes, files)
-    _write_new(storage, layout.rank_index_name(save_id, rank), raw)
-    storage.sync_dir(layout.DATA_DIR)
-    entry = file_table.RankEntry(len(raw), integrity.hash_hex(raw), socket.gethostname(), local_rank)
-    inline = files[-1] if inline_last and files else None
-    sizes = tuple(f.size for f in files)
-    return RankResult(rank, entry, sizes, tuple(keys), _FIXED + 2 * dims, rows.tobytes(), inline)
-
-
-def _write_new(storage: Storage, name: str, raw: bytes) -> None:
-    """Create ``name`` (never replacing a file: the stream is an exclusive create) durably."""
-    stream = storage.open_write(name)
-    try:
-        stream.write(raw)
-        stream.finish()
-    except BaseException:
-        stream.abort()
-        raise
-
-
-def split_inline(items: list[WriteItem], *, rank: int) -> tuple[list[WriteItem], list[WriteItem]]:
-    """The coordinator's items of a format-3 save, split into (the rest, the small tensors
-    for a last data file of their own whose index the manifest copies, format.md 12.8).
-
-    Small: a whole tensor (one box covering it) of more than 0 and at most
-    ``SMALL_REPLICATED_BYTES`` (the replicated ones ``balance_replicated`` places on the
-    coordinator, and any other such tensor it writes), smallest first while their sum stays
-    within ``SMALL_REPLICATED_BUDGET_BYTES``. So the copy has at most one entry per tensor.
-    Other ranks, and a coordinator with nothing small or nothing else to write, keep every
-    item (one split as before, no copy). Pure; called by the writer before it splits files."""
-    if rank != 0:
-        return items, []
-    small, rest, budget = [], [], SMALL_REPLICATED_BUDGET_BYTES
-    for it in sorted(items, key=lambda i: (item_bytes(i), i.index.fqn)):
-        n = item_bytes(it)
-        if 0 < n <= min(SMALL_REPLICATED_BYTES, budget) and _whole(it):
-            small.append(it)
-            budget -= n
-        else:
-            rest.append(it)
-    if not small or not any(item_bytes(it) for it in rest):
-        return items, []  # one file of data either way: no need for a copy
-    chosen = {id(it) for it in small}
-    return [it for it in items if id(it) not in chosen], small
-
-
-def _whole(item: WriteItem) -> bool:
-    td = item.tensor_data
-    return td is not None and all(o == 0 for o in (item.index.offset or ())) and tuple(td.chunk.sizes) == tuple(td.size)
-
-
-def rank_results(
-    storage: Storage,
-    plan: SavePlan,
-    results: list[WriteResult],
-    files: int,
-    block_bytes: int,
-    *,
-    inline_last: bool = False,
-) -> list[WriteResult]:
-    """Every rank, after its ``files`` data files: :func:`finish_rank` over the rank's tensor
-    ``results`` (ChunkLocations), as the one WriteResult the coordinator reads."""
-    save_id, rank = plan.storage_data["save_id"], plan.storage_data["rank"]
-    by_index = {it.index: it for it in plan.items}
-    located = [(by_index[wr.index], wr.storage_data) for wr in results]
-    names = [layout.data_file_name(save_id, rank, k) for k in range(files)]
-    local_rank = int(os.environ.get("LOCAL_RANK", 0))
-    done = finish_rank(storage, save_id, rank, located, names, block_bytes, local_rank, inline_last=inline_last)
-    return [WriteResult(index=RANK_RESULT_INDEX, size_in_bytes=sum(done.file_sizes), storage_data=done)]
-
-
-# ---------------------------------------------------------------- the coordinator
 
 
 def finish(
@@ -271,7 +133,7 @@ def assemble(
 
 def with_inline_index(built: Assembled, ranks: Sequence[RankResult]) -> Assembled:
     """``built`` with the manifest's copy of the coordinator's small-tensor file's index
-    (format.md 12.8) when rank 0 wrote one (:func:`split_inline`); else unchanged."""
+    (format.md 12.8) when rank 0 wrote one (:func:`~shardckpt.engine.rank_result.split_inline`); else unchanged."""
     if not ranks or ranks[0].inline is None:
         return built
     m = built.manifest
@@ -286,7 +148,7 @@ def _table(keys: list[str], ranks: Sequence[RankResult], firsts: list[int]) -> t
     sent the same key list (FSDP: all of them) are converted together: O(chunks) in vector
     operations, O(ranks + distinct key lists) in Python."""
     ids = {k: i for i, k in enumerate(keys)}
-    dims = max(((r.width - _FIXED) // 2 for r in ranks), default=0)
+    dims = max(((r.width - FIXED_COLUMNS) // 2 for r in ranks), default=0)
     alike: dict[tuple[tuple[str, ...], int], list[RankResult]] = {}
     for r in ranks:
         if r.rows:
@@ -305,13 +167,13 @@ def _table(keys: list[str], ranks: Sequence[RankResult], firsts: list[int]) -> t
         own = torch.frombuffer(bytearray().join(r.rows for r in same), dtype=torch.int64).view(-1, width)
         per_rank = torch.tensor([len(r.rows) // (8 * width) for r in same], dtype=torch.int64)
         first_file = torch.repeat_interleave(torch.tensor([firsts[r.rank] for r in same], dtype=torch.int64), per_rank)
-        d = (width - _FIXED) // 2
+        d = (width - FIXED_COLUMNS) // 2
         out = table[at : at + own.shape[0]]
         torch.add(own[:, 1], first_file, out=out[:, 0])
         out[:, 1] = own[:, 2]
-        out[:, 2 : 2 + d] = own[:, _FIXED : _FIXED + d]
+        out[:, 2 : 2 + d] = own[:, FIXED_COLUMNS : FIXED_COLUMNS + d]
         out[:, 2 + d : 2 + dims] = 0
-        out[:, 2 + dims : 2 + dims + d] = own[:, _FIXED + d :]
+        out[:, 2 + dims : 2 + dims + d] = own[:, FIXED_COLUMNS + d :]
         out[:, 2 + dims + d :] = 1
         torch.index_select(
             torch.tensor([ids[k] for k in held], dtype=torch.int64), 0, own[:, 0], out=tid[at : at + own.shape[0]]
@@ -385,7 +247,7 @@ def commit(
     m = built.manifest
     save_id = m.file_table.groups[0].save_id
     for p, raw in enumerate(built.pages):
-        _write_new(storage, layout.rank_page_name(save_id, p), raw)
+        write_new(storage, layout.rank_page_name(save_id, p), raw)
     storage.sync_dir(layout.DATA_DIR)
     expected = {layout.rank_page_name(save_id, p): (len(raw), "the coordinator") for p, raw in enumerate(built.pages)}
     for r in ranks:

@@ -21,7 +21,6 @@ writing; nothing else is ever deleted (errors there are warnings: the save is do
 from __future__ import annotations
 
 import dataclasses
-import datetime
 import functools
 import io
 import json
@@ -37,15 +36,15 @@ from typing import Any
 
 import torch
 from torch.distributed.checkpoint.default_planner import DefaultSavePlanner
-from torch.distributed.checkpoint.metadata import BytesStorageMetadata, Metadata
+from torch.distributed.checkpoint.metadata import Metadata
 from torch.distributed.checkpoint.planner import SavePlan, SavePlanner, WriteItem, WriteItemType
 from torch.distributed.checkpoint.storage import StorageWriter, WriteResult
 
-from shardckpt._version import __version__
-from shardckpt.engine import write_v3
+from shardckpt.engine import rank_result, write_v3
 from shardckpt.engine.claim import check_same_location, claim_folder, create_file, discard_save
 from shardckpt.engine.datawrite import split_by_bytes, tensor_and_bytes, write_file
 from shardckpt.engine.incremental import BaseIndex, ChunkLocation, Prepass, digest_pass
+from shardckpt.engine.manifest_builder import build_manifest
 from shardckpt.engine.options import check_format_version, check_hash_block_bytes, check_io_threads
 from shardckpt.engine.planner import SavePlanner as ShardckptSavePlanner
 from shardckpt.errors import (
@@ -53,8 +52,8 @@ from shardckpt.errors import (
     StorageError,
     UnsupportedValueError,
 )
-from shardckpt.format import datafile, integrity, layout
-from shardckpt.format.manifest import ChunkRecord, FileRecord, Manifest, TensorRecord, manifest_to_json
+from shardckpt.format import integrity, layout
+from shardckpt.format.manifest import Manifest, manifest_to_json
 from shardckpt.format.manifest_v3 import ManifestV3
 from shardckpt.format.values import encode_value
 from shardckpt.storage import Storage
@@ -184,7 +183,7 @@ class Writer(StorageWriter):
             items, resolve = prepass.to_write, prepass.resolve
         inline: list[WriteItem] = []
         if self.options.format_version == 3:  # the coordinator's small tensors: a last file (format.md 12.8)
-            items, inline = write_v3.split_inline(items, rank=rank)
+            items, inline = rank_result.split_inline(items, rank=rank)
         buckets = split_by_bytes(items, self.options.num_io_threads) + ([inline] if inline else [])
         version = str(self.options.format_version or (2 if self.options.digests else 1))  # the manifest's
         meta = {"format": "shardckpt", "format_version": version, "save_id": save_id, "rank": str(rank)}
@@ -230,7 +229,7 @@ class Writer(StorageWriter):
         if self.options.format_version != 3:
             return results
         block = self.options.hash_block_bytes
-        return write_v3.rank_results(self.storage, plan, results, files, block, inline_last=inline_last)
+        return rank_result.rank_results(self.storage, plan, results, files, block, inline_last=inline_last)
 
     def _remember(self, plan: SavePlan, results: list[WriteResult]) -> None:
         """Keep this rank's chunk locations (with digests) and count the bytes written."""
@@ -359,61 +358,4 @@ def value_json(planner: SavePlanner, item: WriteItem) -> bytes:
         f"key {fqn!r}: a non-tensor value saved with the planner {type(planner).__qualname__}, which can only "
         "hand it over as opaque bytes (a pickle); shardckpt stores values as JSON and never pickles. Use DCP's "
         "DefaultSavePlanner (or a subclass of it), or store the value as a tensor."
-    )
-
-
-def build_manifest(
-    metadata: Metadata, results: list[list[WriteResult]], process_layout: list[dict[str, Any]], block_bytes: int
-) -> Manifest:
-    """Turn DCP's global metadata and every rank's write results into our manifest."""
-    # Keyed by (fqn, offsets): what MetadataIndex compares, without building one per chunk (#18).
-    located: dict[tuple[str, Any], Any] = {
-        (wr.index.fqn, wr.index.offset): wr.storage_data for per_rank in results for wr in per_rank
-    }
-    tensors: dict[str, TensorRecord] = {}
-    values: dict[str, Any] = {}
-    files: dict[str, FileRecord] = {}
-    for fqn, md in metadata.state_dict_metadata.items():
-        if isinstance(md, BytesStorageMetadata):
-            values[fqn] = json.loads(located[fqn, None].json_text)
-            continue
-        chunks = []
-        for c in md.chunks:
-            loc: ChunkLocation = located[fqn, c.offsets]
-            known = files.setdefault(loc.file, loc.file_record)
-            if known is not loc.file_record and known != loc.file_record:
-                raise StorageError(
-                    f"save: data file name {loc.file} names two different files (this save's random id equals "
-                    "the id of a base checkpoint's save, a 1 in 2**48 chance); nothing was committed. Save again: "
-                    "the next save draws a new id."
-                )
-            chunks.append(
-                ChunkRecord(
-                    tuple(c.offsets),
-                    tuple(c.sizes),
-                    loc.file,
-                    loc.byte_offset,
-                    loc.byte_length,
-                    loc.block_hashes,
-                    loc.digest,
-                )
-            )
-        dtype = datafile.dtype_name(md.properties.dtype, key=fqn)
-        tensors[fqn] = TensorRecord(dtype, tuple(md.size), tuple(chunks))
-    paths = {k: list(v) for k, v in (metadata.planner_data or {}).items()}
-    bases = tuple(sorted({f.checkpoint for f in files.values() if f.checkpoint is not None}))
-    digests = any(c.digest is not None for t in tensors.values() for c in t.chunks)
-    return Manifest(
-        world_size=len(results),
-        process_layout=tuple(process_layout),
-        tensors=tensors,
-        values=values,
-        files=files,
-        hash_block_bytes=block_bytes,
-        created_at=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        shardckpt_version=__version__,
-        torch_version=torch.__version__,
-        paths=paths,
-        format_version=2 if bases or digests else 1,
-        bases=bases,
     )

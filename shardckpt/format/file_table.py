@@ -22,7 +22,7 @@ The checksum chain a reader walks, each step verified before the next is trusted
 - :func:`parse_file_table` / :func:`file_table_to_json`: the manifest's ``file_table``.
 - :class:`FileTable`: a file position (what rules and chunks name) <-> group, rank, number.
 - :func:`parse_page` / :func:`page_to_json`: one page of a group's rank table.
-- :func:`parse_rank_index` / :func:`rank_index_to_json`: one rank's index record.
+- :mod:`shardckpt.format.rank_index`: one rank's index record.
 
 Every parser takes untrusted input: linear time in its bytes, nothing allocated per rank or
 per file that the input does not itself spell out, ManifestError naming what and where.
@@ -33,28 +33,29 @@ from __future__ import annotations
 import bisect
 import itertools
 import json
-import re
-import reprlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from shardckpt.errors import ManifestError
-from shardckpt.format import datafile, integrity, layout
+from shardckpt.format import layout
+from shardckpt.format.record_json import (
+    FOLDER,
+    HASH,
+    MAX_RECORD_BYTES,
+    SAVE_ID,
+    check_head,
+    check_int,
+    show,
+    verified_json,
+)
 
-INDEX_FORMAT = "shardckpt-index"
 PAGE_FORMAT = "shardckpt-ranks"
 VERSION = 3
 MAX_GROUP_RANKS = 1 << 24  # ranks of one save: 16.7 million
 MAX_FILES_PER_RANK = 1 << 12  # data files of one rank (one per writer thread)
 MAX_RANKS_PER_PAGE = 1 << 16
-MAX_RECORD_BYTES = 256 * 1024 * 1024  # a page or an index record
 DEFAULT_RANKS_PER_PAGE = 1024
-_HASH = re.compile(r"^[0-9a-f]{16}$")
-_DIGEST = re.compile(r"^[0-9a-f]{32}$")
-_SAVE_ID = re.compile(r"^[0-9a-f]{1,32}$")
-_FOLDER = re.compile(r"^[A-Za-z0-9._-]{1,255}$")
-_BLOCK_HASHES = re.compile(r"^(?:[0-9a-f]{16})*$")
 
 
 @dataclass(frozen=True)
@@ -191,7 +192,7 @@ def parse_file_table(doc: Any, *, bases: Sequence[str], world_size: int, where: 
     of ``bases``, in that order; the own group has ``world_size`` ranks.
     """
     if not isinstance(doc, dict) or set(doc) != {"groups"} or not isinstance(doc["groups"], list):
-        raise ManifestError(f"{where}: expected an object with exactly the field groups (a list), found {_show(doc)}")
+        raise ManifestError(f"{where}: expected an object with exactly the field groups (a list), found {show(doc)}")
     groups = tuple(_parse_group(g, f"{where}.groups[{i}]") for i, g in enumerate(doc["groups"]))
     folders = [g.checkpoint for g in groups]
     own = [i for i, f in enumerate(folders) if f is None]
@@ -212,27 +213,27 @@ def _parse_group(doc: Any, where: str) -> FileGroup:
     if not isinstance(doc, dict) or not keys <= set(doc) <= keys | {"checkpoint"}:
         raise ManifestError(f"{where}: expected an object with the fields {sorted(keys)} and optionally checkpoint")
     save_id = doc["save_id"]
-    if not isinstance(save_id, str) or not _SAVE_ID.fullmatch(save_id):
-        raise ManifestError(f"{where}.save_id: expected 1 to 32 lowercase hex digits, found {_show(save_id)}")
+    if not isinstance(save_id, str) or not SAVE_ID.fullmatch(save_id):
+        raise ManifestError(f"{where}.save_id: expected 1 to 32 lowercase hex digits, found {show(save_id)}")
     checkpoint = doc.get("checkpoint")
     if checkpoint is not None and (
-        not isinstance(checkpoint, str) or not _FOLDER.fullmatch(checkpoint) or checkpoint in (".", "..")
+        not isinstance(checkpoint, str) or not FOLDER.fullmatch(checkpoint) or checkpoint in (".", "..")
     ):
         raise ManifestError(
             f"{where}.checkpoint: expected a folder name beside this checkpoint (letters, digits, '.', '_', '-'; "
-            f"not '.' or '..'), found {_show(checkpoint)}"
+            f"not '.' or '..'), found {show(checkpoint)}"
         )
-    ranks = _int(doc["ranks"], f"{where}.ranks", 1, MAX_GROUP_RANKS)
-    per_page = _int(doc["ranks_per_page"], f"{where}.ranks_per_page", 1, MAX_RANKS_PER_PAGE)
+    ranks = check_int(doc["ranks"], f"{where}.ranks", 1, MAX_GROUP_RANKS)
+    per_page = check_int(doc["ranks_per_page"], f"{where}.ranks_per_page", 1, MAX_RANKS_PER_PAGE)
     runs = doc["files"]
     if not isinstance(runs, list) or not 1 <= len(runs) <= ranks:
         raise ManifestError(f"{where}.files: expected a list of 1 to {ranks} runs [ranks, files_each]")
     files, total = [], 0
     for k, run in enumerate(runs):
         if not isinstance(run, list) or len(run) != 2:
-            raise ManifestError(f"{where}.files[{k}]: expected [ranks, files_each], found {_show(run)}")
-        count = _int(run[0], f"{where}.files[{k}][0]", 1, ranks - total)
-        each = _int(run[1], f"{where}.files[{k}][1]", 0, MAX_FILES_PER_RANK)
+            raise ManifestError(f"{where}.files[{k}]: expected [ranks, files_each], found {show(run)}")
+        count = check_int(run[0], f"{where}.files[{k}][0]", 1, ranks - total)
+        each = check_int(run[1], f"{where}.files[{k}][1]", 0, MAX_FILES_PER_RANK)
         total += count
         files.append((count, each))
     if total != ranks:
@@ -241,7 +242,7 @@ def _parse_group(doc: Any, where: str) -> FileGroup:
     expected = -(-ranks // per_page)
     if not isinstance(pages, list) or len(pages) != expected:
         raise ManifestError(
-            f"{where}.pages: expected {expected} pages ({ranks} ranks, {per_page} per page), found {_show(pages)}"
+            f"{where}.pages: expected {expected} pages ({ranks} ranks, {per_page} per page), found {show(pages)}"
         )
     return FileGroup(
         save_id,
@@ -254,9 +255,9 @@ def _parse_group(doc: Any, where: str) -> FileGroup:
 
 
 def _page(doc: Any, where: str) -> Page:
-    if not isinstance(doc, list) or len(doc) != 2 or not isinstance(doc[1], str) or not _HASH.fullmatch(doc[1]):
-        raise ManifestError(f"{where}: expected [size, xxh3-64 as 16 lowercase hex digits], found {_show(doc)}")
-    return Page(_int(doc[0], f"{where}[0]", 1, MAX_RECORD_BYTES), doc[1])
+    if not isinstance(doc, list) or len(doc) != 2 or not isinstance(doc[1], str) or not HASH.fullmatch(doc[1]):
+        raise ManifestError(f"{where}: expected [size, xxh3-64 as 16 lowercase hex digits], found {show(doc)}")
+    return Page(check_int(doc[0], f"{where}[0]", 1, MAX_RECORD_BYTES), doc[1])
 
 
 # ---------------------------------------------------------------- pages of the rank table
@@ -289,204 +290,26 @@ def parse_page(raw: bytes, *, group: FileGroup, page: int, source: str) -> tuple
     Size and hash first (nothing of an unverified page is parsed), then the JSON limits, then
     one pass over its entries. Entry ``i`` is rank ``page * ranks_per_page + i``.
     """
-    doc = _verified_json(raw, group.pages[page], source, "page of the rank table")
+    doc = verified_json(raw, group.pages[page], source, "page of the rank table")
     first = page * group.ranks_per_page
     count = min(group.ranks_per_page, group.ranks - first)
     head = {"format": PAGE_FORMAT, "format_version": VERSION, "save_id": group.save_id, "first_rank": first}
-    _check_head(doc, head, {"ranks"}, source)
+    check_head(doc, head, {"ranks"}, source)
     lines = doc["ranks"]
     if not isinstance(lines, list) or len(lines) != count:
         raise ManifestError(
-            f"{source}: expected {count} rank entries (ranks {first}..{first + count - 1}), found {_show(lines)}"
+            f"{source}: expected {count} rank entries (ranks {first}..{first + count - 1}), found {show(lines)}"
         )
     out = []
     for i, e in enumerate(lines):
         w = f"{source}: ranks[{i}] (rank {first + i})"
-        if not isinstance(e, list) or len(e) != 4 or not isinstance(e[1], str) or not _HASH.fullmatch(e[1]):
-            raise ManifestError(f"{w}: expected [index_size, index_hash, host, local_rank], found {_show(e)}")
+        if not isinstance(e, list) or len(e) != 4 or not isinstance(e[1], str) or not HASH.fullmatch(e[1]):
+            raise ManifestError(f"{w}: expected [index_size, index_hash, host, local_rank], found {show(e)}")
         if not isinstance(e[2], str):
-            raise ManifestError(f"{w}: the host must be a string, found {_show(e[2])}")
-        out.append(RankEntry(_int(e[0], f"{w}[0]", 1, MAX_RECORD_BYTES), e[1], e[2], _int(e[3], f"{w}[3]", 0, 1 << 62)))
+            raise ManifestError(f"{w}: the host must be a string, found {show(e[2])}")
+        out.append(
+            RankEntry(
+                check_int(e[0], f"{w}[0]", 1, MAX_RECORD_BYTES), e[1], e[2], check_int(e[3], f"{w}[3]", 0, 1 << 62)
+            )
+        )
     return tuple(out)
-
-
-# ---------------------------------------------------------------- a rank's index record
-
-
-@dataclass(frozen=True)
-class IndexEntry:
-    """One chunk stored in a data file: its bytes and their block hashes (section 7)."""
-
-    byte_offset: int
-    byte_length: int
-    block_hashes: str  # 16 hex digits per block, concatenated
-    digest: str | None = None  # xxh3-128 when the index has digests (an incremental base)
-
-    def block_hash(self, i: int) -> str:
-        return self.block_hashes[16 * i : 16 * i + 16]
-
-
-@dataclass(frozen=True)
-class FileIndex:
-    """One data file of a rank: size, whole-file hash, its chunks sorted by byte offset."""
-
-    size: int
-    hash: str
-    entries: tuple[IndexEntry, ...]
-    _offsets: list[int] = field(init=False, repr=False, compare=False)
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "_offsets", [e.byte_offset for e in self.entries])
-
-    def entry(self, byte_offset: int, byte_length: int, *, where: str) -> IndexEntry:
-        """The entry of the chunk at ``byte_offset`` (binary search); ManifestError if the
-        index has none there or its length differs from what the manifest says."""
-        i = bisect.bisect_left(self._offsets, byte_offset)
-        if i == len(self.entries) or self.entries[i].byte_offset != byte_offset:
-            raise ManifestError(
-                f"{where}: the index record has no chunk at byte {byte_offset}; the checkpoint is corrupt"
-            )
-        if self.entries[i].byte_length != byte_length:
-            raise ManifestError(
-                f"{where}: the chunk at byte {byte_offset} has {self.entries[i].byte_length} bytes in the index "
-                f"record, {byte_length} by the manifest; the checkpoint is corrupt"
-            )
-        return self.entries[i]
-
-
-def rank_index_to_json(save_id: str, rank: int, block_bytes: int, files: Sequence[FileIndex]) -> bytes:
-    digests = any(e.digest is not None for f in files for e in f.entries)
-    doc = {
-        "format": INDEX_FORMAT,
-        "format_version": VERSION,
-        "save_id": save_id,
-        "rank": rank,
-        "hash_block_bytes": block_bytes,
-        "digests": digests,
-        "files": [
-            {
-                "size": f.size,
-                "hash": f.hash,
-                "entries": [
-                    [e.byte_offset, e.byte_length, e.block_hashes, *([e.digest] if digests else [])] for e in f.entries
-                ],
-            }
-            for f in files
-        ],
-    }
-    return (json.dumps(doc, separators=(",", ":"), ensure_ascii=True) + "\n").encode()
-
-
-def file_index_to_json(f: FileIndex) -> dict[str, Any]:
-    """One file object of an index record (12.4), without digests (the manifest's
-    ``inline_index`` copies one, 12.8)."""
-    return {
-        "size": f.size,
-        "hash": f.hash,
-        "entries": [[e.byte_offset, e.byte_length, e.block_hashes] for e in f.entries],
-    }
-
-
-def parse_file_index(doc: Any, *, block_bytes: int, where: str) -> FileIndex:
-    """Validate an untrusted file object without digests (format.md 12.4): entries sorted,
-    disjoint, inside the file, the right number of block hashes. O(its size)."""
-    return _file_index(doc, block_bytes, False, where)
-
-
-def parse_rank_index(
-    raw: bytes, *, entry: RankEntry, group: FileGroup, rank: int, block_bytes: int, source: str
-) -> tuple[FileIndex, ...]:
-    """Verify rank ``rank``'s index record against its page ``entry``, then parse it: one
-    file record per file the table gives the rank, entries sorted, disjoint, inside the file,
-    ``ceil(byte_length / block_bytes)`` block hashes each. O(len(raw))."""
-    doc = _verified_json(raw, Page(entry.index_size, entry.index_hash), source, "index record")
-    head = {"format": INDEX_FORMAT, "format_version": VERSION, "save_id": group.save_id, "rank": rank}
-    _check_head(doc, {**head, "hash_block_bytes": block_bytes}, {"digests", "files"}, source)
-    digests = doc["digests"]
-    _, count = group.rank_files(rank)
-    if not isinstance(digests, bool) or not isinstance(doc["files"], list) or len(doc["files"]) != count:
-        raise ManifestError(
-            f"{source}: expected digests (true/false) and the {count} file records the file table gives "
-            f"rank {rank}, found {_show(doc['files'])}"
-        )
-    return tuple(_file_index(f, block_bytes, digests, f"{source}: files[{k}]") for k, f in enumerate(doc["files"]))
-
-
-def _file_index(doc: Any, block_bytes: int, digests: bool, where: str) -> FileIndex:
-    if not isinstance(doc, dict) or set(doc) != {"size", "hash", "entries"} or not isinstance(doc["entries"], list):
-        raise ManifestError(
-            f"{where}: expected an object with exactly size, hash, entries (a list), found {_show(doc)}"
-        )
-    size = _int(doc["size"], f"{where}.size", 0, (1 << 62) - 1)
-    if not isinstance(doc["hash"], str) or not _HASH.fullmatch(doc["hash"]):
-        raise ManifestError(f"{where}.hash: expected 16 lowercase hex digits, found {_show(doc['hash'])}")
-    entries, end = [], 0
-    width = 4 if digests else 3
-    for i, e in enumerate(doc["entries"]):
-        w = f"{where}.entries[{i}]"
-        if not isinstance(e, list) or len(e) != width:
-            raise ManifestError(
-                f"{w}: expected [byte_offset, byte_length, block_hashes{', digest' if digests else ''}], "
-                f"found {_show(e)}"
-            )
-        offset = _int(e[0], f"{w}[0]", end, size)
-        length = _int(e[1], f"{w}[1]", 0, size - offset)
-        blocks = -(-length // block_bytes)
-        if not isinstance(e[2], str) or len(e[2]) != 16 * blocks or not _BLOCK_HASHES.fullmatch(e[2]):
-            raise ManifestError(f"{w}[2]: expected {blocks} block hashes of 16 lowercase hex digits, concatenated")
-        digest = None
-        if digests:
-            if not isinstance(e[3], str) or not _DIGEST.fullmatch(e[3]):
-                raise ManifestError(
-                    f"{w}[3]: expected an xxh3-128 digest of 32 lowercase hex digits, found {_show(e[3])}"
-                )
-            digest = e[3]
-        end = offset + length
-        entries.append(IndexEntry(offset, length, e[2], digest))
-    return FileIndex(size, doc["hash"], tuple(entries))
-
-
-# ---------------------------------------------------------------- helpers
-
-
-def _verified_json(raw: bytes, expected: Page, source: str, what: str) -> Any:
-    if len(raw) != expected.size:
-        raise ManifestError(
-            f"{source}: the {what} has {len(raw)} bytes, the record that points to it says {expected.size}; "
-            "it is truncated or was replaced. Load an earlier checkpoint."
-        )
-    computed = integrity.hash_hex(raw)
-    if computed != expected.hash:
-        raise ManifestError(
-            f"{source}: checksum mismatch of the {what} (expected {expected.hash}, computed {computed}): it was "
-            "corrupted or edited after the save. Load an earlier checkpoint."
-        )
-    problem = datafile.json_limits_problem(raw, max_bytes=MAX_RECORD_BYTES)
-    if problem is not None:
-        raise ManifestError(f"{source}: the {what} {problem}; shardckpt never writes one, so it is corrupt or hostile")
-    try:
-        return json.loads(raw.decode("utf-8"), parse_constant=_refuse_constant)
-    except (UnicodeDecodeError, ValueError, RecursionError) as e:
-        raise ManifestError(f"{source}: the {what} is not valid JSON ({e})") from e
-
-
-def _check_head(doc: Any, head: dict[str, Any], rest: set[str], source: str) -> None:
-    if not isinstance(doc, dict) or set(doc) != set(head) | rest:
-        raise ManifestError(f"{source}: expected an object with exactly the fields {sorted(set(head) | rest)}")
-    for k, v in head.items():
-        if type(doc[k]) is not type(v) or doc[k] != v:
-            raise ManifestError(f"{source}: field {k} is {_show(doc[k])}, expected {v!r}; the record belongs elsewhere")
-
-
-def _refuse_constant(name: str) -> Any:
-    raise ValueError(f"non-standard JSON constant {name}")
-
-
-def _int(v: Any, where: str, low: int, high: int) -> int:
-    if type(v) is not int or not low <= v <= high:
-        raise ManifestError(f"{where}: expected an integer in [{low}, {high}], found {_show(v)}")
-    return v
-
-
-def _show(v: Any) -> str:
-    return reprlib.repr(v)

@@ -7,7 +7,7 @@ commit rule are used, exactly as the spec orders the writes:
 1. each simulated rank writes its data files ``data/<save_id>-r<rank>-<k>.safetensors``
    (a safetensors header, then its chunks back to back, as ``engine/datawrite.py`` lays them
    out), then its index record ``data/<save_id>-r<rank>.index.json``
-   (``file_table.rank_index_to_json``: each file's size and xxh3-64, each chunk's block hashes);
+   (``rank_index.rank_index_to_json``: each file's size and xxh3-64, each chunk's block hashes);
 2. the coordinator writes the pages of the rank table (``file_table.page_to_json``);
 3. then ``manifest.json`` (``manifest_v3_to_json``), created exclusively: the commit.
 
@@ -30,17 +30,9 @@ import torch
 
 from shardckpt import read_manifest, read_state_dict
 from shardckpt.format import datafile, integrity, layout, rules
-from shardckpt.format.file_table import (
-    FileGroup,
-    FileIndex,
-    FileTable,
-    IndexEntry,
-    Page,
-    RankEntry,
-    page_to_json,
-    rank_index_to_json,
-)
+from shardckpt.format.file_table import FileGroup, FileTable, Page, RankEntry, page_to_json
 from shardckpt.format.manifest_v3 import Chunk, ManifestV3, Tensor, manifest_v3_to_json
+from shardckpt.format.rank_index import FileIndex, IndexEntry, rank_index_to_json
 from shardckpt.format.values import encode_value
 
 SAVE_ID = "0123456789ab"

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from shardckpt.format import datafile, file_table, integrity, layout, rules
+from shardckpt.format import datafile, file_table, integrity, layout, manifest_v3_parser, rank_index, rules
 from shardckpt.format import manifest_v3 as mv3
 
 
@@ -28,16 +28,16 @@ class StoredChunk:
 
 def read_v3(path: str) -> tuple[mv3.ManifestV3, dict[str, list[StoredChunk]]]:
     with open(os.path.join(path, layout.MANIFEST_NAME), "rb") as f:
-        m = mv3.parse_manifest_v3(f.read(), source=path)
+        m = manifest_v3_parser.parse_manifest_v3(f.read(), source=path)
     (group,) = m.file_table.groups
-    indexes: dict[int, tuple[file_table.FileIndex, ...]] = {}
+    indexes: dict[int, tuple[rank_index.FileIndex, ...]] = {}
     for p in range(len(group.pages)):
         with open(os.path.join(path, layout.rank_page_name(group.save_id, p)), "rb") as f:
             entries = file_table.parse_page(f.read(), group=group, page=p, source=f"page {p}")
         for i, entry in enumerate(entries):
             rank = p * group.ranks_per_page + i
             with open(os.path.join(path, layout.rank_index_name(group.save_id, rank)), "rb") as f:
-                indexes[rank] = file_table.parse_rank_index(
+                indexes[rank] = rank_index.parse_rank_index(
                     f.read(), entry=entry, group=group, rank=rank, block_bytes=m.hash_block_bytes, source=f"r{rank}"
                 )
     files: dict[str, bytes] = {}

@@ -32,26 +32,17 @@ from shardckpt.errors import ManifestError, UnsupportedFormatVersionError
 from shardckpt.format import integrity, layout, rules
 from shardckpt.format.file_table import (
     FileGroup,
-    FileIndex,
     FileTable,
-    IndexEntry,
     Page,
     RankEntry,
     page_to_json,
     parse_file_table,
     parse_page,
-    parse_rank_index,
-    rank_index_to_json,
 )
 from shardckpt.format.manifest import seal
-from shardckpt.format.manifest_v3 import (
-    Chunk,
-    InlineIndex,
-    ManifestV3,
-    Tensor,
-    manifest_v3_to_json,
-    parse_manifest_v3,
-)
+from shardckpt.format.manifest_v3 import Chunk, InlineIndex, ManifestV3, Tensor, manifest_v3_to_json
+from shardckpt.format.manifest_v3_parser import parse_manifest_v3
+from shardckpt.format.rank_index import FileIndex, IndexEntry, parse_rank_index, rank_index_to_json
 
 ROOT = Path(__file__).parents[2]
 GOLDEN_DIR = Path(__file__).parent / "golden"

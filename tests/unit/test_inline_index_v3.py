@@ -148,8 +148,8 @@ def _item(fqn: str, shape: tuple[int, ...], offsets: tuple[int, ...], sizes: tup
 
 
 def test_split_inline_sets_apart_the_coordinators_small_whole_tensors_only():
-    from shardckpt.engine.planner import SMALL_REPLICATED_BYTES
-    from shardckpt.engine.write_v3 import split_inline
+    from shardckpt.engine.placement import SMALL_REPLICATED_BYTES
+    from shardckpt.engine.rank_result import split_inline
 
     big = _item("big", (SMALL_REPLICATED_BYTES // 4 + 1,), (0,), (SMALL_REPLICATED_BYTES // 4 + 1,))
     shard = _item("w", (100, 4), (50, 0), (50, 4))  # small, but a piece of a tensor: not whole

@@ -21,17 +21,9 @@ import shardckpt
 from shardckpt.engine.checkpointer import Checkpointer
 from shardckpt.errors import IntegrityError, ManifestError, UnsupportedFormatVersionError
 from shardckpt.format import integrity, layout
-from shardckpt.format.file_table import (
-    FileIndex,
-    FileTable,
-    Page,
-    RankEntry,
-    page_to_json,
-    parse_page,
-    parse_rank_index,
-    rank_index_to_json,
-)
+from shardckpt.format.file_table import FileTable, Page, RankEntry, page_to_json, parse_page
 from shardckpt.format.manifest_v3 import ManifestV3, manifest_v3_to_json
+from shardckpt.format.rank_index import FileIndex, parse_rank_index, rank_index_to_json
 from shardckpt.storage.local import LocalStorage
 
 W = torch.arange(40, dtype=torch.float32).reshape(10, 4)

@@ -12,7 +12,7 @@ from torch.distributed.checkpoint.metadata import ChunkStorageMetadata, Metadata
 from torch.distributed.checkpoint.planner import SavePlan, TensorWriteData, WriteItem, WriteItemType
 
 from shardckpt.engine.datawrite import split_by_bytes as _split_by_bytes
-from shardckpt.engine.planner import balance_replicated
+from shardckpt.engine.placement import balance_replicated
 from shardckpt.engine.staging import item_bytes
 
 pytestmark = pytest.mark.compat  # the subset .ci/torch_compat runs on other torch releases
@@ -100,7 +100,7 @@ def test_small_replicated_items_go_to_the_given_rank_and_the_rest_is_balanced():
 
 
 def test_small_replicated_placement_has_a_size_limit_and_a_budget(monkeypatch):
-    from shardckpt.engine import planner
+    from shardckpt.engine import placement
 
     plans = _fsdp_with_steps(3, 4)
     for plan in plans:
@@ -109,7 +109,7 @@ def test_small_replicated_placement_has_a_size_limit_and_a_budget(monkeypatch):
     plans[0].items.append(_item("own0", rows=1000))  # rank 0 the most loaded: balance avoids it
     holders = _holders(balance_replicated(plans, small_to=0))
     assert holders["r"] == [0] and holders["s"] != [0]
-    monkeypatch.setattr(planner, "SMALL_REPLICATED_BUDGET_BYTES", 3 * 4)  # room for three steps
+    monkeypatch.setattr(placement, "SMALL_REPLICATED_BUDGET_BYTES", 3 * 4)  # room for three steps
     holders = _holders(balance_replicated(plans, small_to=0))
     on_zero = [p for p in range(4) if holders[f"step{p}"] == [0]]
     assert len(on_zero) == 3  # the fourth step and r do not fit: placed by balance
@@ -155,7 +155,7 @@ def test_global_plan_refuses_shards_that_do_not_tile_the_tensor():
     import pytest
     from torch.distributed.checkpoint.metadata import Metadata, TensorStorageMetadata
 
-    from shardckpt.engine.planner import _check_tiling
+    from shardckpt.engine.plan_checks import _check_tiling
     from shardckpt.errors import UnsupportedValueError
 
     def md(chunks: list[tuple[int, int]]) -> Metadata:
@@ -245,7 +245,7 @@ def test_balance_replicated_matches_the_plain_lpt_rule():
 def test_tensors_that_disagree_across_ranks_are_refused_naming_the_ranks():
     from torch.distributed.checkpoint.planner import TensorWriteData
 
-    from shardckpt.engine.planner import _check_tensors_agree
+    from shardckpt.engine.plan_checks import _check_tensors_agree
     from shardckpt.errors import UnsupportedValueError
 
     def plain(fqn: str, shape: list[int], dtype: torch.dtype = torch.float32) -> WriteItem:
@@ -284,7 +284,7 @@ def _tiling_metadata(shape: tuple[int, ...], boxes: list[tuple[tuple[int, ...], 
 
 
 def test_regular_grids_are_proven_at_once_and_the_rest_checked_box_by_box():
-    from shardckpt.engine.planner import _check_tiling, _regular_tilings
+    from shardckpt.engine.plan_checks import _check_tiling, _regular_tilings
     from shardckpt.errors import UnsupportedValueError
 
     def proven(shape: tuple[int, ...], boxes: list[Any]) -> bool:
@@ -313,7 +313,7 @@ def test_regular_grids_are_proven_at_once_and_the_rest_checked_box_by_box():
 def test_the_tiling_check_decides_as_the_box_by_box_check_on_random_layouts():
     import random
 
-    from shardckpt.engine.planner import _check_tensor_tiling, _check_tiling, _regular_tilings
+    from shardckpt.engine.plan_checks import _check_tensor_tiling, _check_tiling, _regular_tilings
     from shardckpt.errors import UnsupportedValueError
 
     def outcome(check: Any, md: Any) -> str | None:
@@ -358,7 +358,7 @@ def test_the_header_entry_shortcut_bounds_the_longest_entry() -> None:
     fits the limit; the bound must be at least the real entry of the worst such key:
     astral characters (12 bytes escaped), offsets and sizes of 19 digits, and the data
     offsets' end, which grows with the product of the sizes."""
-    from shardckpt.engine import planner
+    from shardckpt.engine import plan_checks
     from shardckpt.format import datafile
 
     checked = 0
@@ -369,6 +369,6 @@ def test_the_header_entry_shortcut_bounds_the_longest_entry() -> None:
                 offsets = ",".join([str(big)] * ndim)
                 entry = datafile.HeaderEntry(f"{char * n}@{offsets}", "float64", (big,) * ndim, 0, big**ndim * 8)
                 length = len(datafile.build_header([entry], {})) - datafile.HEADER_LEN_BYTES
-                assert length <= planner._HEADER_ENTRY_BOUND * (n + 1 + ndim), (char, n, ndim, length)
+                assert length <= plan_checks._HEADER_ENTRY_BOUND * (n + 1 + ndim), (char, n, ndim, length)
                 checked += 1
     assert checked == 3 * 5 * datafile.MAX_NDIM

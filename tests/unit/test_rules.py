@@ -18,8 +18,8 @@ from hypothesis import strategies as st
 
 from shardckpt.errors import ManifestError
 from shardckpt.format import rules
-from shardckpt.format.file_table import FileIndex, IndexEntry, rank_index_to_json
 from shardckpt.format.manifest import ChunkRecord, FileRecord, Manifest, TensorRecord, manifest_to_json
+from shardckpt.format.rank_index import FileIndex, IndexEntry, rank_index_to_json
 from shardckpt.format.rules import Chunk, Rule, Run, chunks_for_box, compress, expand, parse_rule, rule_to_json
 
 

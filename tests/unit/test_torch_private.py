@@ -26,7 +26,8 @@ from torch.distributed.checkpoint.planner import SavePlan, WriteItemType
 
 import shardckpt
 from shardckpt.engine import _torch_private
-from shardckpt.engine.planner import SavePlanner, balance_replicated
+from shardckpt.engine.placement import balance_replicated
+from shardckpt.engine.planner import SavePlanner
 from shardckpt.engine.staging import item_bytes
 from shardckpt.errors import ShardckptError, UnsupportedValueError
 

@@ -11,7 +11,7 @@ import torch
 
 import shardckpt
 from shardckpt.errors import ManifestError
-from shardckpt.format import datafile, manifest
+from shardckpt.format import datafile, manifest, manifest_v3_parser
 from shardckpt.format import manifest_v3 as mv3
 
 
@@ -57,11 +57,11 @@ def test_a_manifest_over_one_container_per_8_bytes_is_refused_before_json(monkey
     raw = _dense(200_000)  # 1.6 MB of '{"a":0},'; within the limit (the next test)
     over = manifest.seal(manifest.unseal(raw, source="t").replace(b'{"a":0}', b"[[],[]]"))  # 3 per 8 bytes
     calls = []
-    monkeypatch.setattr(mv3.json, "loads", lambda *a, **k: calls.append(1))
+    monkeypatch.setattr(manifest_v3_parser.json, "loads", lambda *a, **k: calls.append(1))
     with pytest.raises(ManifestError, match="one per 8 bytes"):
-        mv3.parse_manifest_v3(over, source="hostile")
+        manifest_v3_parser.parse_manifest_v3(over, source="hostile")
     with pytest.raises(ManifestError, match="one per 8 bytes"):
-        mv3.parse_any_manifest(over, source="hostile")
+        manifest_v3_parser.parse_any_manifest(over, source="hostile")
     assert calls == []  # refused on the bytes, nothing parsed
 
 
@@ -71,7 +71,7 @@ def test_at_the_format_3_limit_parsing_stays_within_30x_the_bytes():
     assert datafile.json_limits_problem(raw, max_bytes=manifest.MAX_MANIFEST_BYTES) is not None  # v1 would refuse
     tracemalloc.start()
     try:
-        m = mv3.parse_any_manifest(raw, source="dense")
+        m = manifest_v3_parser.parse_any_manifest(raw, source="dense")
         peak = tracemalloc.get_traced_memory()[1]
     finally:
         tracemalloc.stop()
@@ -83,4 +83,4 @@ def test_at_the_format_3_limit_parsing_stays_within_30x_the_bytes():
 def test_versions_1_and_2_keep_one_container_per_16_bytes():
     doc = b'{"format":"shardckpt","format_version":1,"x":[' + b",".join([b'{"a":0}'] * 10_000) + b"]}"
     with pytest.raises(ManifestError, match="one per 16 bytes"):
-        mv3.parse_any_manifest(doc, source="v1")
+        manifest_v3_parser.parse_any_manifest(doc, source="v1")
