@@ -238,8 +238,8 @@ def planner_classes() -> tuple[type, type]:
     tensor WriteItems as given (``tensor_items``), as if derived from DTensors."""
     from torch.distributed.checkpoint.default_planner import DefaultSavePlanner
 
+    from shardckpt.engine.plan_checks import _check_header_entry as check_header_entry
     from shardckpt.engine.planner import SavePlanner
-    from shardckpt.engine.planner import _check_header_entry as check_header_entry
     from shardckpt.format import datafile
 
     class GivenTensors(DefaultSavePlanner):
