@@ -15,6 +15,11 @@ rest of shardckpt imports all of them from.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
+from dataclasses import dataclass
+from itertools import chain
+from json.encoder import encode_basestring_ascii as _string
+from operator import attrgetter
 from typing import Any
 
 from shardckpt.format.manifest_envelope import MAX_MANIFEST_BYTES, check_manifest_limits, seal, unseal
@@ -54,10 +59,23 @@ __all__ = [
 
 def manifest_to_json(m: Manifest) -> bytes:
     """The manifest's bytes: format version 1 unless it uses a version-2 feature (so a save
-    that is not incremental stays readable by every shardckpt)."""
+    that is not incremental stays readable by every shardckpt).
+
+    The tensors' lines, thousands of chunk records in a large save, are formatted from
+    templates (:class:`_TensorLines`) when every field has the type the records declare;
+    they are byte for byte what ``json.dumps`` writes (``tests/unit/test_format_fast.py``
+    compares them over random manifests). A manifest with any other field (a bool, a float,
+    a ``str`` subclass) is written by ``json.dumps`` alone."""
     v2 = m.is_v2
     if v2 and any(c.digest is None for t in m.tensors.values() for c in t.chunks):
         raise ValueError("a format-2 manifest needs a digest on every chunk")
+    dump = _encoder()
+    tensors = sorted(m.tensors.items())
+    if _declared_types([t for _, t in tensors], v2=v2):
+        lines = _TensorLines(dump, v2=v2)
+        tensor_map: _Entries | dict[str, Any] = _Entries([lines(k, t) for k, t in tensors])
+    else:
+        tensor_map = {k: _tensor_doc(t, v2=v2) for k, t in tensors}
     doc = {
         "format": FORMAT_NAME,
         **m.provenance(),
@@ -65,31 +83,13 @@ def manifest_to_json(m: Manifest) -> bytes:
         "hash_algorithm": HASH_ALGORITHM,
         "hash_block_bytes": m.hash_block_bytes,
         **({"bases": sorted(m.bases)} if v2 else {}),
-        "tensors": {
-            k: {
-                "dtype": t.dtype,
-                "shape": list(t.shape),
-                "chunks": [
-                    {
-                        "offsets": list(c.offsets),
-                        "sizes": list(c.sizes),
-                        "file": c.file,
-                        "byte_offset": c.byte_offset,
-                        "byte_length": c.byte_length,
-                        "block_hashes": list(c.block_hashes),
-                        **({"digest": c.digest} if v2 else {}),
-                    }
-                    for c in t.chunks
-                ],
-            }
-            for k, t in sorted(m.tensors.items())
-        },
+        "tensors": tensor_map,
         "values": dict(sorted(m.values.items())),
         "files": {n: _file_doc(f) for n, f in sorted(m.files.items())},
         "paths": dict(sorted(m.paths.items())),
         "metadata": m.metadata,
     }
-    raw = seal(_dumps_two_levels(doc).encode())
+    raw = seal(_dumps_two_levels(doc, dump).encode())
     check_manifest_limits(raw, source="the manifest being written", writing=True)
     return raw
 
@@ -101,15 +101,106 @@ def _file_doc(f: FileRecord) -> dict[str, Any]:
     return doc
 
 
-def _dumps_two_levels(doc: dict[str, Any]) -> str:
-    """JSON with one line per top-level field and per key of the big maps: diffable, compact."""
+def _tensor_doc(t: TensorRecord, *, v2: bool) -> dict[str, Any]:
+    """A tensor record as the plain JSON document its line stands for (the reference)."""
+    return {
+        "dtype": t.dtype,
+        "shape": list(t.shape),
+        "chunks": [
+            {
+                "offsets": list(c.offsets),
+                "sizes": list(c.sizes),
+                "file": c.file,
+                "byte_offset": c.byte_offset,
+                "byte_length": c.byte_length,
+                "block_hashes": list(c.block_hashes),
+                **({"digest": c.digest} if v2 else {}),
+            }
+            for c in t.chunks
+        ],
+    }
 
-    def dump(v: Any) -> str:
-        return json.dumps(v, allow_nan=False, separators=(",", ":"))
 
+def _encoder() -> Callable[[Any], str]:
+    """``json.dumps(v, allow_nan=False, separators=(",", ":"))`` without building an encoder
+    per call (``json.dumps`` does, for any non-default argument)."""
+    return json.JSONEncoder(allow_nan=False, separators=(",", ":")).encode
+
+
+def _declared_types(tensors: list[TensorRecord], *, v2: bool) -> bool:
+    """Whether every number of the records is exactly an ``int`` and every string exactly a
+    ``str``: then ``%d`` and ``encode_basestring_ascii`` write what ``json.dumps`` would (a
+    bool is an int to Python, ``true`` to JSON). The loops run in C (issue #18)."""
+    chunks = list(chain.from_iterable(map(attrgetter("chunks"), tensors)))
+    numbers = chain(
+        chain.from_iterable(map(attrgetter("shape"), tensors)),
+        chain.from_iterable(map(attrgetter("offsets"), chunks)),
+        chain.from_iterable(map(attrgetter("sizes"), chunks)),
+        map(attrgetter("byte_offset"), chunks),
+        map(attrgetter("byte_length"), chunks),
+    )
+    strings = chain(
+        map(attrgetter("dtype"), tensors),
+        map(attrgetter("file"), chunks),
+        chain.from_iterable(map(attrgetter("block_hashes"), chunks)),
+        map(attrgetter("digest"), chunks) if v2 else (),
+    )
+    return set(map(type, numbers)) <= {int} and set(map(type, strings)) <= {str}
+
+
+@dataclass(frozen=True)
+class _Entries:
+    """A map's entries already written as JSON, ``"key": value`` each, in order."""
+
+    lines: list[str]
+
+
+class _TensorLines:
+    """Each tensor's ``"key": {...}`` entry for one ``manifest_to_json`` call, from a
+    template per number of dimensions, each file name escaped once. Only for records that
+    :func:`_declared_types` passed."""
+
+    def __init__(self, dump: Callable[[Any], str], *, v2: bool) -> None:
+        self._dump = dump
+        self._v2 = v2
+        self._files: dict[str, str] = {}
+        self._templates: dict[tuple[int, int], str] = {}
+
+    def __call__(self, key: str, t: TensorRecord) -> str:
+        chunks = ",".join(map(self._chunk, t.chunks))
+        shape = ",".join(map(str, t.shape))
+        return f'{self._dump(key)}: {{"dtype":{_string(t.dtype)},"shape":[{shape}],"chunks":[{chunks}]}}'
+
+    def _chunk(self, c: ChunkRecord) -> str:
+        dims = (len(c.offsets), len(c.sizes))
+        template = self._templates.get(dims)
+        if template is None:
+            template = self._templates[dims] = self._template(*dims)
+        file = self._files.get(c.file)
+        if file is None:
+            file = self._files[c.file] = _string(c.file)
+        hashes = ",".join(map(_string, c.block_hashes))
+        digest = (_string(c.digest),) if c.digest is not None and self._v2 else ()
+        return template % (*c.offsets, *c.sizes, file, c.byte_offset, c.byte_length, hashes, *digest)
+
+    def _template(self, offsets: int, sizes: int) -> str:
+        digest = ',"digest":%s' if self._v2 else ""
+        return (
+            '{"offsets":[' + ",".join(["%d"] * offsets) + '],"sizes":[' + ",".join(["%d"] * sizes) + "],"
+            '"file":%s,"byte_offset":%d,"byte_length":%d,"block_hashes":[%s]' + digest + "}"
+        )
+
+
+def _dumps_two_levels(doc: dict[str, Any], dump: Callable[[Any], str] | None = None) -> str:
+    """JSON with one line per top-level field and per key of the big maps: diffable, compact.
+    ``benchmarks/rules_projection.py`` calls it too (without ``dump``)."""
+    dump = dump or _encoder()
     lines = []
     for k, v in doc.items():
-        if isinstance(v, dict) and v:
+        if isinstance(v, _Entries):
+            inner = ",\n".join(f"  {line}" for line in v.lines)
+            lines.append(f" {dump(k)}: {{\n{inner}\n }}" if v.lines else f" {dump(k)}: {{}}")
+        elif isinstance(v, dict) and v:
             inner = ",\n".join(f"  {dump(ik)}: {dump(iv)}" for ik, iv in v.items())
             lines.append(f" {dump(k)}: {{\n{inner}\n }}")
         else:
