@@ -49,7 +49,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from torch.distributed.checkpoint.metadata import Metadata
-from torch.distributed.checkpoint.planner import SavePlan
+from torch.distributed.checkpoint.planner import SavePlan, WriteItem
 
 from shardckpt.engine.exchange import Exchange
 from shardckpt.engine.options import Timeouts
@@ -75,6 +75,7 @@ class PlanCache:
     metadata: Metadata | None = None
     key_bytes: int = 0
     global_id: str | None = None
+    item_texts: ItemTexts = field(default_factory=lambda: ItemTexts())
 
     def fits(self, offers: list[_Offer]) -> bool:
         """Coordinator: every rank holds the cached plan and its layout did not change."""
@@ -83,6 +84,31 @@ class PlanCache:
             and [o.fingerprint for o in offers] == self.fingerprints
             and all(o.plan_id == self.global_id for o in offers)
         )
+
+
+class ItemTexts:
+    """Each write item's ``repr`` for :func:`layout_fingerprint`, kept from one save to the
+    next for the same item object (the Checkpointer's ``ItemCache`` hands out the same
+    frozen items while a DTensor's layout holds). Keeps the last save's items alive, so an
+    ``id`` is never another object's. Used by one save at a time."""
+
+    def __init__(self) -> None:
+        self._last: dict[int, tuple[WriteItem, str]] = {}
+        self._now: dict[int, tuple[WriteItem, str]] = {}
+
+    def __call__(self, item: WriteItem) -> str:
+        kept = self._last.get(id(item))
+        text = kept[1] if kept is not None and kept[0] is item else repr(item)
+        self._now[id(item)] = (item, text)
+        return text
+
+    def fingerprint(self, plan: SavePlan, small_replicated_to: int | None) -> str:
+        """:func:`layout_fingerprint` of ``plan``; then only its items are kept."""
+        self._now = {}
+        try:
+            return layout_fingerprint(plan, small_replicated_to=small_replicated_to, item_text=self)
+        finally:
+            self._last, self._now = self._now, {}
 
 
 @dataclass
@@ -183,7 +209,7 @@ class _SaveRounds:
             self.planner.set_up_planner(self.state, None, ex.is_coordinator)  # our Writer: no storage_meta
             self.writer.set_up_storage_writer(ex.is_coordinator, rank=ex.rank, use_collectives=True)
             self.local = self.writer.prepare_local_plan(self.planner.create_local_plan())
-            self.fingerprint = layout_fingerprint(self.local, small_replicated_to=self.planner.small_replicated_to)
+            self.fingerprint = self.cache.item_texts.fingerprint(self.local, self.planner.small_replicated_to)
         held = self.cache.plan_id if self.cache.fingerprint == self.fingerprint and not force else None
         return _Offer(
             self.fingerprint,

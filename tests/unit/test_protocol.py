@@ -254,3 +254,40 @@ def _rank_1_stuck_reading(rank: int, world: int, path: str) -> None:
 
 def test_a_rank_stuck_reading_is_named(tmp_path):
     run_ranks(_rank_1_stuck_reading, 2, str(tmp_path / "ckpt"))
+
+
+def test_item_texts_reuse_the_repr_of_a_kept_item_and_give_a_fresh_repr_s_fingerprint():
+    """A repeated save's fingerprint reuses the repr of each item object of the last save
+    (issue #18); a new item is written anew, and one not in the last save is forgotten.
+    The digest is always the one a plain repr of every item gives."""
+    from torch.distributed.checkpoint.metadata import ChunkStorageMetadata, MetadataIndex, TensorProperties
+    from torch.distributed.checkpoint.planner import SavePlan, TensorWriteData, WriteItem, WriteItemType
+
+    from shardckpt.engine.planner import layout_fingerprint
+    from shardckpt.engine.protocol import ItemTexts
+
+    written: list[str] = []
+
+    class Counted(WriteItem):
+        def __repr__(self) -> str:
+            written.append(self.index.fqn)
+            return super().__repr__()
+
+    def item(fqn: str, rows: int) -> Counted:
+        chunk = ChunkStorageMetadata(offsets=torch.Size([0, 0]), sizes=torch.Size([rows, 4]))
+        data = TensorWriteData(chunk=chunk, properties=TensorProperties(dtype=torch.float32), size=chunk.sizes)
+        return Counted(index=MetadataIndex(fqn, torch.Size([0, 0])), type=WriteItemType.TENSOR, tensor_data=data)
+
+    a, b, b_grown = item("a", 2), item("b", 3), item("b", 5)
+    texts = ItemTexts()
+    first = SavePlan([a, b])
+    assert texts.fingerprint(first, None) == layout_fingerprint(first)
+    written.clear()
+    grown = SavePlan([a, b_grown])
+    fingerprint = texts.fingerprint(grown, 1)
+    assert written == ["b"], "only the new item's repr was made; a's was kept"
+    assert fingerprint == layout_fingerprint(grown, small_replicated_to=1) != layout_fingerprint(first)
+    written.clear()
+    fingerprint = texts.fingerprint(SavePlan([b, a]), None)
+    assert written == ["b"], "b was not in the last save: its repr is made anew"
+    assert fingerprint == layout_fingerprint(SavePlan([b, a]))

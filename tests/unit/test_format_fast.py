@@ -1,0 +1,166 @@
+"""manifest_to_json's preformatted tensor lines (issue #18) are byte for byte json.dumps.
+
+The oracle below is the writer as it was before the fast path: every tensor line from
+``json.dumps`` of its plain document. Random manifests (hypothesis) cover odd keys and
+strings (unicode, lone surrogates, quotes, backslashes, control characters), huge and
+negative ints, scalars, empty tensors and tensors without chunks, formats 1 and 2.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from typing import Any
+
+from hypothesis import HealthCheck, example, given, settings
+from hypothesis import strategies as st
+
+from shardckpt.format import manifest as manifest_module
+from shardckpt.format.manifest import ChunkRecord, FileRecord, Manifest, TensorRecord, manifest_to_json, seal
+
+
+def _dump(v: Any) -> str:
+    return json.dumps(v, allow_nan=False, separators=(",", ":"))
+
+
+def _oracle(m: Manifest) -> bytes:
+    """The manifest's bytes from json.dumps alone: one line per field and per map entry."""
+    v2 = m.is_v2
+    tensors = {
+        k: {
+            "dtype": t.dtype,
+            "shape": list(t.shape),
+            "chunks": [
+                {
+                    "offsets": list(c.offsets),
+                    "sizes": list(c.sizes),
+                    "file": c.file,
+                    "byte_offset": c.byte_offset,
+                    "byte_length": c.byte_length,
+                    "block_hashes": list(c.block_hashes),
+                    **({"digest": c.digest} if v2 else {}),
+                }
+                for c in t.chunks
+            ],
+        }
+        for k, t in sorted(m.tensors.items())
+    }
+    files = {n: {"size": f.size, "hash": f.hash, "rank": f.rank} for n, f in sorted(m.files.items())}
+    doc = {
+        "format": "shardckpt",
+        **m.provenance(),
+        "format_version": 2 if v2 else 1,
+        "hash_algorithm": "xxh3_64",
+        "hash_block_bytes": m.hash_block_bytes,
+        **({"bases": sorted(m.bases)} if v2 else {}),
+        "tensors": tensors,
+        "values": dict(sorted(m.values.items())),
+        "files": files,
+        "paths": dict(sorted(m.paths.items())),
+        "metadata": m.metadata,
+    }
+    lines = []
+    for k, v in doc.items():
+        if isinstance(v, dict) and v:
+            inner = ",\n".join(f"  {_dump(ik)}: {_dump(iv)}" for ik, iv in v.items())
+            lines.append(f" {_dump(k)}: {{\n{inner}\n }}")
+        else:
+            lines.append(f" {_dump(k)}: {_dump(v)}")
+    return seal(("{\n" + ",\n".join(lines) + "\n}\n").encode())
+
+
+_ODD = ['a"b', "back\\slash", "ctl\x00\x1f\x7f", "tab\tnl\n", "é中🙂", "\ud800lone", "</script>", ""]
+_text = st.one_of(st.sampled_from(_ODD), st.text(max_size=12))
+_int = st.one_of(st.integers(min_value=-(2**70), max_value=2**70), st.sampled_from([0, 2**63 - 1, 2**64, -1]))
+
+
+@st.composite
+def _chunk(draw: st.DrawFn, *, v2: bool) -> ChunkRecord:
+    ndim = draw(st.integers(min_value=0, max_value=3))
+    return ChunkRecord(
+        tuple(draw(st.lists(_int, min_size=ndim, max_size=ndim))),
+        tuple(draw(st.lists(_int, min_size=ndim, max_size=ndim))),
+        draw(_text),
+        draw(_int),
+        draw(_int),
+        tuple(draw(st.lists(_text, max_size=3))),
+        draw(_text) if v2 else None,
+    )
+
+
+@st.composite
+def _manifests(draw: st.DrawFn) -> Manifest:
+    v2 = draw(st.booleans())
+    tensor = st.builds(
+        TensorRecord,
+        _text,
+        st.lists(_int, max_size=3).map(tuple),
+        st.lists(_chunk(v2=v2), max_size=4).map(tuple),
+    )
+    return Manifest(
+        world_size=2,
+        process_layout=({"rank": 0, "host": draw(_text)},),
+        tensors=draw(st.dictionaries(_text, tensor, max_size=5)),
+        values=draw(st.dictionaries(_text, st.one_of(_int, _text), max_size=2)),
+        files={"data/f.safetensors": FileRecord(10, "00ff", 0)},
+        hash_block_bytes=1 << 22,
+        created_at="2026-12-01T00:00:00+00:00",
+        shardckpt_version="0",
+        torch_version="2",
+        paths=draw(st.dictionaries(_text, st.lists(st.one_of(_text, _int), max_size=2), max_size=2)),
+        metadata=draw(st.dictionaries(_text, _text, max_size=2)),
+        format_version=2 if v2 else 1,
+    )
+
+
+_EMPTY = Manifest(2, (), {}, {}, {}, 1 << 22, "2026-12-01T00:00:00+00:00", "0", "2")
+
+
+@settings(max_examples=300, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow])
+@given(_manifests())
+@example(_EMPTY)
+@example(
+    dataclasses.replace(_EMPTY, tensors={"scalar": TensorRecord("F32", (), (ChunkRecord((), (), "f", 0, 4, ("h",)),))})
+)
+@example(dataclasses.replace(_EMPTY, tensors={"empty": TensorRecord("F32", (0, 3), ())}))
+def test_the_fast_tensor_lines_are_what_json_dumps_writes(m: Manifest) -> None:
+    tensors = list(m.tensors.values())
+    assert manifest_module._declared_types(tensors, v2=m.is_v2), "well-typed records take the fast path"
+    assert manifest_to_json(m) == _oracle(m)
+
+
+def _one_chunk(**fields: Any) -> Manifest:
+    chunk = ChunkRecord((0, 8), (8, 8), "data/f.safetensors", 0, 256, ("00ff",))
+    chunk = dataclasses.replace(chunk, **fields)
+    return dataclasses.replace(_EMPTY, tensors={"t": TensorRecord("F32", (8, 16), (chunk,))})
+
+
+class _Name(str):
+    pass
+
+
+def test_records_of_other_types_are_written_by_json_dumps() -> None:
+    """A bool is 1 to ``%d`` but true to JSON, a float would be cut to an int: such records
+    leave the fast path, so the bytes stay json.dumps's whatever the records hold."""
+    for odd in (
+        _one_chunk(offsets=(True, 0)),
+        _one_chunk(byte_length=256.5),
+        _one_chunk(file=_Name("data/f.safetensors")),
+        _one_chunk(block_hashes=(7,)),
+    ):
+        tensors = list(odd.tensors.values())
+        assert not manifest_module._declared_types(tensors, v2=False), odd.tensors
+        assert manifest_to_json(odd) == _oracle(odd)
+    assert b'"offsets":[true,0]' in manifest_to_json(_one_chunk(offsets=(True, 0)))
+
+
+def test_a_huge_int_is_refused_as_json_dumps_refuses_it() -> None:
+    """Python writes no int of over 4,300 digits by default; neither path writes one."""
+    huge = _one_chunk(byte_offset=10**5000)
+    for write in (manifest_to_json, _oracle):
+        try:
+            write(huge)
+        except ValueError as e:
+            assert "digits" in str(e)
+        else:
+            raise AssertionError(f"{write.__name__} wrote a 5,000-digit int")
