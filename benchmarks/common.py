@@ -11,6 +11,7 @@ under two names) shows the noise floor.
 
 from __future__ import annotations
 
+import argparse
 import datetime
 import json
 import math
@@ -491,3 +492,52 @@ def run_benchmark(worker: Callable[..., Any], args: Any) -> None:
     if args.wait_quiet:
         wait_for_quiet(max_wait_s=args.wait_quiet)
     spawn_ranks(worker, args.world_size, args, machine_facts(args.dir))
+
+
+# ------------------------------------------------------------------ A/B scripts (load_ab.py, save_ab.py)
+
+
+def ab_parser(description: str | None, mixes: Sequence[str]) -> argparse.ArgumentParser:
+    """The options every A/B script takes: one spawn of gloo ranks per call, builds
+    alternated by the caller (``--label`` names the build)."""
+    ap = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--mix", default="small", choices=list(mixes))
+    ap.add_argument("--mib", type=int, default=64)
+    ap.add_argument("--world-size", type=int, default=4)
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--label", default="")
+    return ap
+
+
+def ab_spawn(worker: Callable[..., Any], args: argparse.Namespace) -> None:
+    """``worker(rank, world, args, port)`` on ``args.world_size`` processes (each joins
+    the gloo group itself: :func:`ab_init`); torch's thread settings left as they are."""
+    import torch.multiprocessing as mp
+
+    mp.spawn(worker, args=(args.world_size, args, free_port()), nprocs=args.world_size)
+
+
+def ab_init(rank: int, world: int, port: int) -> None:
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+
+
+def ab_report(args: argparse.Namespace, world: int, seconds: dict[str, list[float]], **extra: Any) -> None:
+    """Print one JSON line: medians of both systems and of the per-repetition ratios."""
+    ratios = [s / c for c, s in zip(seconds["shardckpt"], seconds["safetensors"], strict=True)]
+    doc = {
+        "label": args.label,
+        "mix": args.mix,
+        "mib": args.mib,
+        "world_size": world,
+        "format_version": args.format_version,
+        **extra,
+        "shardckpt_s": statistics.median(seconds["shardckpt"]),
+        "safetensors_s": statistics.median(seconds["safetensors"]),
+        "x_safetensors": statistics.median(ratios),
+        "x_safetensors_all": [round(r, 3) for r in ratios],
+        "loadavg": loadavg(),
+    }
+    print(json.dumps(doc), flush=True)

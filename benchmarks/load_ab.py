@@ -18,11 +18,8 @@ it alternately, e.g. with a checkout of the old commit::
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import random
-import socket
-import statistics
 import sys
 import time
 
@@ -35,8 +32,7 @@ import save_load
 def worker(rank: int, world: int, args: argparse.Namespace, port: int) -> None:
     import torch.distributed as dist
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+    common.ab_init(rank, world, port)
     import shardckpt
 
     specs = save_load.mix_layout(args.mix, args.mib, world)
@@ -72,44 +68,17 @@ def worker(rank: int, world: int, args: argparse.Namespace, port: int) -> None:
             else:
                 seconds[system].append(dt)
     if rank == 0:
-        ratios = [s / c for c, s in zip(seconds["shardckpt"], seconds["safetensors"], strict=True)]
-        print(
-            json.dumps(
-                {
-                    "label": args.label,
-                    "mix": args.mix,
-                    "mib": args.mib,
-                    "world_size": world,
-                    "format_version": args.format_version,
-                    "shardckpt_s": statistics.median(seconds["shardckpt"]),
-                    "safetensors_s": statistics.median(seconds["safetensors"]),
-                    "x_safetensors": statistics.median(ratios),
-                    "x_safetensors_all": [round(r, 3) for r in ratios],
-                    "loadavg": common.loadavg(),
-                }
-            ),
-            flush=True,
-        )
+        common.ab_report(args, world, seconds)
     dist.destroy_process_group()
 
 
 def main() -> None:
-    import torch.multiprocessing as mp
-
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--mix", default="small", choices=save_load.MIXES)
-    ap.add_argument("--mib", type=int, default=64)
-    ap.add_argument("--world-size", type=int, default=4)
-    ap.add_argument("--repeats", type=int, default=5)
+    ap = common.ab_parser(__doc__, save_load.MIXES)
     ap.add_argument("--format-version", type=int, default=None, choices=[3], help="save the checkpoint in format 3")
-    ap.add_argument("--label", default="")
     ap.add_argument("--dir", required=True, help="scratch folder, reused across calls (delete it yourself)")
     args = ap.parse_args()
     os.makedirs(args.dir, exist_ok=True)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mp.spawn(worker, args=(args.world_size, args, port), nprocs=args.world_size)
+    common.ab_spawn(worker, args)
 
 
 if __name__ == "__main__":

@@ -27,11 +27,8 @@ from __future__ import annotations
 
 import argparse
 import cProfile
-import json
 import os
 import random
-import socket
-import statistics
 import sys
 import time
 from typing import Any
@@ -45,8 +42,7 @@ import save_load
 def worker(rank: int, world: int, args: argparse.Namespace, port: int) -> None:
     import torch.distributed as dist
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+    common.ab_init(rank, world, port)
     import shardckpt
 
     specs = save_load.mix_layout(args.mix, args.mib, world)
@@ -87,50 +83,21 @@ def worker(rank: int, world: int, args: argparse.Namespace, port: int) -> None:
     if profile is not None:
         profile.dump_stats(args.profile)
     if rank == 0:
-        ratios = [s / c for c, s in zip(seconds["shardckpt"], seconds["safetensors"], strict=True)]
-        print(
-            json.dumps(
-                {
-                    "label": args.label,
-                    "mix": args.mix,
-                    "mib": args.mib,
-                    "world_size": world,
-                    "format_version": args.format_version,
-                    "first": args.first,
-                    "threads": args.threads,
-                    "shardckpt_s": statistics.median(seconds["shardckpt"]),
-                    "safetensors_s": statistics.median(seconds["safetensors"]),
-                    "x_safetensors": statistics.median(ratios),
-                    "shardckpt_all": [round(s, 3) for s in seconds["shardckpt"]],
-                    "x_safetensors_all": [round(r, 3) for r in ratios],
-                    "loadavg": common.loadavg(),
-                }
-            ),
-            flush=True,
-        )
+        shardckpt_all = [round(s, 3) for s in seconds["shardckpt"]]
+        common.ab_report(args, world, seconds, first=args.first, threads=args.threads, shardckpt_all=shardckpt_all)
     dist.destroy_process_group()
 
 
 def main() -> None:
-    import torch.multiprocessing as mp
-
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--mix", default="small", choices=save_load.MIXES)
-    ap.add_argument("--mib", type=int, default=64)
-    ap.add_argument("--world-size", type=int, default=4)
-    ap.add_argument("--repeats", type=int, default=5)
+    ap = common.ab_parser(__doc__, save_load.MIXES)
     ap.add_argument("--format-version", type=int, default=None, choices=[3])
     ap.add_argument("--threads", type=int, default=None, help="num_io_threads of each save (default: shardckpt's)")
     ap.add_argument("--first", action="store_true", help="plan every save from scratch (no plan reuse)")
     ap.add_argument("--profile", default="", help="write a cProfile of rank 0's measured saves here")
-    ap.add_argument("--label", default="")
     ap.add_argument("--dir", required=True, help="scratch folder (each save's folder is removed after it)")
     args = ap.parse_args()
     os.makedirs(args.dir, exist_ok=True)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mp.spawn(worker, args=(args.world_size, args, port), nprocs=args.world_size)
+    common.ab_spawn(worker, args)
 
 
 if __name__ == "__main__":
