@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import math
-import re
 from typing import Any
 
 from shardckpt.errors import ManifestError, UnsupportedFormatVersionError
@@ -27,11 +26,8 @@ from shardckpt.format.manifest_records import (
     TensorRecord,
 )
 from shardckpt.format.overlap import first_overlap
+from shardckpt.format.record_json import DIGEST, FOLDER, HASH, finite_float, refuse_constant
 from shardckpt.format.values import decode_value
-
-_HASH = re.compile(r"^[0-9a-f]{16}$")
-_DIGEST = re.compile(r"^[0-9a-f]{32}$")
-_FOLDER = re.compile(r"^[A-Za-z0-9._-]{1,255}$")
 
 
 def parse_manifest(raw: bytes, *, source: str) -> Manifest:
@@ -42,20 +38,13 @@ def parse_manifest(raw: bytes, *, source: str) -> Manifest:
     """
     check_manifest_limits(raw, source=source)
     try:
-        doc = json.loads(raw.decode("utf-8"), parse_constant=_reject_constant, parse_float=_finite_float)
+        doc = json.loads(raw.decode("utf-8"), parse_constant=refuse_constant, parse_float=finite_float)
     except (UnicodeDecodeError, ValueError, RecursionError) as e:
         raise ManifestError(f"{source}: manifest is not valid JSON ({e}); the checkpoint is corrupt") from e
     try:
         return _parse_document(doc, source)
     except RecursionError as e:
         raise ManifestError(f"{source}: manifest nests too deeply; the checkpoint is corrupt or hostile") from e
-
-
-def _finite_float(text: str) -> float:
-    value = float(text)
-    if not math.isfinite(value):
-        raise ValueError(f"number {text} overflows a float")
-    return value
 
 
 def _parse_document(doc: Any, source: str) -> Manifest:
@@ -165,7 +154,7 @@ def _parse_bases(r: _Reader, doc: Any) -> tuple[str, ...]:
     if len(bases) > MAX_BASES:
         raise ManifestError(f"{r.source}: {len(bases)} bases, at most {MAX_BASES} allowed")
     for b in bases:
-        if not isinstance(b, str) or not _FOLDER.fullmatch(b) or b in (".", ".."):
+        if not isinstance(b, str) or not FOLDER.fullmatch(b) or b in (".", ".."):
             raise ManifestError(
                 f"{r.source}: bases entry {b!r} is not a folder name (letters, digits, '.', '_', '-'; "
                 "not '.' or '..'): a base is a checkpoint folder beside this one"
@@ -182,10 +171,6 @@ def _file_checkpoint(r: _Reader, f: Any, name: str, bases: frozenset[str]) -> st
     if folder not in bases:
         raise ManifestError(f"{r.source}: files[{name!r}].checkpoint {folder!r} is not listed under 'bases'")
     return str(folder)
-
-
-def _reject_constant(name: str) -> Any:
-    raise ValueError(f"non-standard JSON constant {name}")
 
 
 def num_blocks(byte_length: int, block_bytes: int) -> int:
@@ -241,11 +226,11 @@ def _quick_chunk(
         and off + length <= files[name].size
         and type(hashes) is list
         and len(hashes) == num_blocks(length, block)
-        and all(type(h) is str and _HASH.fullmatch(h) for h in hashes)
+        and all(type(h) is str and HASH.fullmatch(h) for h in hashes)
     ):
         return None
     digest = c.get("digest") if digests else None
-    if digests and not (type(digest) is str and _DIGEST.fullmatch(digest)):
+    if digests and not (type(digest) is str and DIGEST.fullmatch(digest)):
         return None
     return ChunkRecord(tuple(offsets), tuple(sizes), name, off, length, tuple(hashes), digest)
 
@@ -282,13 +267,13 @@ def _parse_chunk(
             f"{name!r} ({files[name].size} bytes)"
         )
     hashes = r.get(c, "block_hashes", list, cw)
-    well_formed = all(isinstance(h, str) and _HASH.fullmatch(h) for h in hashes)
+    well_formed = all(isinstance(h, str) and HASH.fullmatch(h) for h in hashes)
     if len(hashes) != num_blocks(length, block) or not well_formed:
         raise ManifestError(f"{r.source}, {cw}: expected {num_blocks(length, block)} block hashes of 16 hex digits")
     digest = None
     if digests:
         digest = r.get(c, "digest", str, cw)
-        if not _DIGEST.fullmatch(digest):
+        if not DIGEST.fullmatch(digest):
             raise ManifestError(f"{r.source}: field {cw}.digest must be 32 lowercase hex digits, found {digest!r}")
     return ChunkRecord(offsets, sizes, name, off, length, tuple(hashes), digest)
 
@@ -330,7 +315,7 @@ class _Reader:
 
     def hash(self, obj: Any, name: str, where: str) -> str:
         v = self.get(obj, name, str, where)
-        if not _HASH.fullmatch(v):
+        if not HASH.fullmatch(v):
             raise ManifestError(f"{self.source}: field {where}.{name} must be 16 lowercase hex digits, found {v!r}")
         return str(v)
 

@@ -32,7 +32,7 @@ from shardckpt.format.manifest import (
 from shardckpt.format.manifest_v3 import JSON_BYTES_PER_CONTAINER, VERSION, Chunk, InlineIndex, ManifestV3, Tensor
 from shardckpt.format.overlap import first_overlap
 from shardckpt.format.rank_index import parse_file_index
-from shardckpt.format.record_json import FOLDER, refuse_constant
+from shardckpt.format.record_json import FOLDER, finite_float, refuse_constant
 from shardckpt.format.values import decode_value
 
 _DECLARED = re.compile(rb'\{\s*"format"\s*:\s*"shardckpt"\s*,\s*"format_version"\s*:\s*3\s*,')
@@ -66,7 +66,7 @@ def parse_manifest_v3(raw: bytes, *, source: str) -> ManifestV3:
     check_manifest_limits(raw, source=source, bytes_per_container=JSON_BYTES_PER_CONTAINER)
     unseal(raw, source=source)
     try:
-        doc = json.loads(raw.decode("utf-8"), parse_constant=refuse_constant, parse_float=_finite_float)
+        doc = json.loads(raw.decode("utf-8"), parse_constant=refuse_constant, parse_float=finite_float)
     except (UnicodeDecodeError, ValueError, RecursionError) as e:
         raise ManifestError(f"{source}: manifest is not valid JSON ({e}); the checkpoint is corrupt") from e
     try:
@@ -272,10 +272,3 @@ def _field(doc: dict[str, Any], name: str, typ: type, source: str) -> Any:
     if not isinstance(v, typ):
         raise ManifestError(f"{source}: field {name} must be {typ.__name__}, found {type(v).__name__}")
     return v
-
-
-def _finite_float(text: str) -> float:
-    value = float(text)
-    if not math.isfinite(value):
-        raise ValueError(f"number {text} overflows a float")
-    return value

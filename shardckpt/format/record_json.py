@@ -1,5 +1,6 @@
 """Format 3's JSON records (pages of the rank table, index records, the manifest's own
-fields): the checks every hostile-input parser of them shares. Pure, no I/O.
+fields): the checks every hostile-input parser of them shares, and the JSON number and
+name rules the version 1-2 manifest parser shares with them. Pure, no I/O.
 
 :func:`verified_json` checks a record's size and xxh3-64 against the record that points
 to it before its JSON is parsed; the others word a refusal as ManifestError, naming
@@ -9,6 +10,7 @@ what was expected, what was found and where.
 from __future__ import annotations
 
 import json
+import math
 import re
 import reprlib
 from typing import Any
@@ -56,7 +58,16 @@ def check_head(doc: Any, head: dict[str, Any], rest: set[str], source: str) -> N
 
 
 def refuse_constant(name: str) -> Any:
+    """``json.loads``'s ``parse_constant`` for untrusted text: NaN and Infinity are refused."""
     raise ValueError(f"non-standard JSON constant {name}")
+
+
+def finite_float(text: str) -> float:
+    """``json.loads``'s ``parse_float`` for a manifest: a number that overflows a float is refused."""
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"number {text} overflows a float")
+    return value
 
 
 def check_int(v: Any, where: str, low: int, high: int) -> int:
