@@ -6,7 +6,6 @@ checked before anything is allocated or opened.
 
 from __future__ import annotations
 
-import json
 import math
 from typing import Any
 
@@ -26,7 +25,7 @@ from shardckpt.format.manifest_records import (
     TensorRecord,
 )
 from shardckpt.format.overlap import first_overlap
-from shardckpt.format.record_json import DIGEST, FOLDER, HASH, finite_float, refuse_constant
+from shardckpt.format.record_json import DIGEST, FOLDER, HASH, parse_document
 from shardckpt.format.values import decode_value
 
 
@@ -37,14 +36,7 @@ def parse_manifest(raw: bytes, *, source: str) -> Manifest:
     JSON before it is parsed, and every later check is O(n log n) in the number of chunks.
     """
     check_manifest_limits(raw, source=source)
-    try:
-        doc = json.loads(raw.decode("utf-8"), parse_constant=refuse_constant, parse_float=finite_float)
-    except (UnicodeDecodeError, ValueError, RecursionError) as e:
-        raise ManifestError(f"{source}: manifest is not valid JSON ({e}); the checkpoint is corrupt") from e
-    try:
-        return _parse_document(doc, source)
-    except RecursionError as e:
-        raise ManifestError(f"{source}: manifest nests too deeply; the checkpoint is corrupt or hostile") from e
+    return parse_document(raw, source, _parse_document)
 
 
 def _parse_document(doc: Any, source: str) -> Manifest:

@@ -10,7 +10,6 @@ found and where.
 from __future__ import annotations
 
 import itertools
-import json
 import math
 import re
 import reprlib
@@ -32,7 +31,7 @@ from shardckpt.format.manifest import (
 from shardckpt.format.manifest_v3 import JSON_BYTES_PER_CONTAINER, VERSION, Chunk, InlineIndex, ManifestV3, Tensor
 from shardckpt.format.overlap import first_overlap
 from shardckpt.format.rank_index import parse_file_index
-from shardckpt.format.record_json import FOLDER, finite_float, refuse_constant
+from shardckpt.format.record_json import FOLDER, parse_document
 from shardckpt.format.values import decode_value
 
 _DECLARED = re.compile(rb'\{\s*"format"\s*:\s*"shardckpt"\s*,\s*"format_version"\s*:\s*3\s*,')
@@ -65,14 +64,7 @@ def parse_manifest_v3(raw: bytes, *, source: str) -> ManifestV3:
     """
     check_manifest_limits(raw, source=source, bytes_per_container=JSON_BYTES_PER_CONTAINER)
     unseal(raw, source=source)
-    try:
-        doc = json.loads(raw.decode("utf-8"), parse_constant=refuse_constant, parse_float=finite_float)
-    except (UnicodeDecodeError, ValueError, RecursionError) as e:
-        raise ManifestError(f"{source}: manifest is not valid JSON ({e}); the checkpoint is corrupt") from e
-    try:
-        return _parse(doc, source)
-    except RecursionError as e:
-        raise ManifestError(f"{source}: manifest nests too deeply; the checkpoint is corrupt or hostile") from e
+    return parse_document(raw, source, _parse)
 
 
 READ_VERSIONS = (*SUPPORTED_VERSIONS, VERSION)

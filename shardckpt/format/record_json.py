@@ -13,7 +13,8 @@ import json
 import math
 import re
 import reprlib
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 from shardckpt.errors import ManifestError
 from shardckpt.format import datafile, integrity
@@ -60,6 +61,23 @@ def check_head(doc: Any, head: dict[str, Any], rest: set[str], source: str) -> N
 def refuse_constant(name: str) -> Any:
     """``json.loads``'s ``parse_constant`` for untrusted text: NaN and Infinity are refused."""
     raise ValueError(f"non-standard JSON constant {name}")
+
+
+_T = TypeVar("_T")
+
+
+def parse_document(raw: bytes, source: str, parse: Callable[[Any, str], _T]) -> _T:
+    """A manifest's bytes as JSON (NaN, Infinity and numbers that overflow a float
+    refused), then ``parse(doc, source)``; ManifestError naming ``source`` for text that
+    is not JSON or nests too deeply for the parser. The caller checks the JSON limits first."""
+    try:
+        doc = json.loads(raw.decode("utf-8"), parse_constant=refuse_constant, parse_float=finite_float)
+    except (UnicodeDecodeError, ValueError, RecursionError) as e:
+        raise ManifestError(f"{source}: manifest is not valid JSON ({e}); the checkpoint is corrupt") from e
+    try:
+        return parse(doc, source)
+    except RecursionError as e:
+        raise ManifestError(f"{source}: manifest nests too deeply; the checkpoint is corrupt or hostile") from e
 
 
 def finite_float(text: str) -> float:
