@@ -17,9 +17,12 @@ a load reads are fsynced and evicted from the page cache (posix_fadvise DONTNEED
 right before it. Systems:
 
     shardckpt, shardckpt_AA   shardckpt.save/load, defaults; the same system twice (A/A control)
-    shardckpt_io4             save with num_io_threads=4 (default 2)
+    shardckpt_io4             save with num_io_threads=4 given explicitly (the local-disk default is
+                              also 4 since 2026-11-30: this row is a second A/A control)
     shardckpt_io1             load with num_io_threads=1 (default 4)
     shardckpt_noverify        load with verify=False (no checksum verification)
+    shardckpt_v3              save with format_version=3 / load that checkpoint (benchmarks/suite.py
+                              --format3 only: the resharded loads of issue #16/#18)
     safetensors               each rank safetensors.torch.save_file()s its local tensors to one
                               file + fsync / load_file()s it back and copies into the state
     dcp                       dcp.save/dcp.load with FileSystemWriter/FileSystemReader defaults
@@ -66,6 +69,7 @@ LOAD_SOURCE = {
     "shardckpt": "shardckpt",
     "shardckpt_AA": "shardckpt_AA",
     "shardckpt_io1": "shardckpt",
+    "shardckpt_v3": "shardckpt_v3",
     "shardckpt_noverify": "shardckpt",
     "dcp": "dcp",
     "safetensors": "safetensors",
@@ -148,6 +152,8 @@ class Bench:
             self.shardckpt.save(self.src, d)
         elif system == "shardckpt_io4":
             self.shardckpt.save(self.src, d, num_io_threads=4)
+        elif system == "shardckpt_v3":
+            self.shardckpt.save(self.src, d, format_version=3)
         elif system == "shardckpt_nohash":
             with hashing_disabled():
                 self.shardckpt.save(self.src, d)
@@ -176,7 +182,7 @@ class Bench:
         import torch.distributed.checkpoint as dcp
 
         d = self.path(LOAD_SOURCE[system])
-        if system in ("shardckpt", "shardckpt_AA"):
+        if system in ("shardckpt", "shardckpt_AA", "shardckpt_v3"):
             self.shardckpt.load(self.dst, d)
         elif system == "shardckpt_io1":
             self.shardckpt.load(self.dst, d, num_io_threads=1)

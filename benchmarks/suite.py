@@ -97,6 +97,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "benchmarks/s3.py); emptied at the end",
     )
     ap.add_argument("--dtype", choices=sorted(common.DTYPES), default="float32")
+    ap.add_argument(
+        "--format3",
+        action="store_true",
+        help="the load section also saves in format 3 and loads it (system shardckpt_v3), same world and resharded",
+    )
     ap.add_argument("--repeats", type=int, default=None, help="measured repetitions (default 5; quick 1)")
     ap.add_argument("--warmup", type=int, default=1, help="dropped warm-up repetitions")
     ap.add_argument("--seed", type=int, default=0, help="seed of the shuffled orders")
@@ -284,11 +289,16 @@ def checksum_section(job: dict[str, Any]) -> dict[str, Any]:
     return res
 
 
-def load_section(jobs: dict[str, dict[str, Any]], save_world: int) -> dict[str, Any]:
+def load_systems(args: argparse.Namespace) -> list[str]:
+    """The load section's systems: :data:`LOAD_SYSTEMS`, plus format 3 with ``--format3``."""
+    return LOAD_SYSTEMS + (["shardckpt_v3"] if getattr(args, "format3", False) else [])
+
+
+def load_section(jobs: dict[str, dict[str, Any]], save_world: int, systems: list[str]) -> dict[str, Any]:
     """Per load world size: GB/s, paired ratios, bytes read against bytes needed."""
     out: dict[str, Any] = {"save_world": save_world, "by_load_world": {}}
     for world, job in jobs.items():
-        res = summarize_phase(job, "load", LOAD_SYSTEMS)
+        res = summarize_phase(job, "load", systems)
         needed = sum(job["needed_bytes_by_rank"])
         for name, s in res["systems"].items():
             if name == "dd":
@@ -330,12 +340,11 @@ def run_main(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, Any]]:
     systems = [s for s in SAVE_SYSTEMS if "save" in args.sections]
     systems += [s for s in CHECKSUM_SYSTEMS if "checksum" in args.sections and s not in systems]
     load = "load" in args.sections
-    systems += [s for s in LOAD_SYSTEMS if load and s not in systems and s in save_load.LOAD_SOURCE.values()]
+    loads = load_systems(args)
+    systems += [s for s in loads if load and s not in systems and s in save_load.LOAD_SOURCE.values()]
     worlds = load_worlds(args.main_world) if load else [args.main_world]
     layout_world = math.lcm(*worlds)
-    job = run_job(
-        args, args.main_world, args.main_mib, systems, LOAD_SYSTEMS if load else [], layout_world=layout_world
-    )
+    job = run_job(args, args.main_world, args.main_mib, systems, loads if load else [], layout_world=layout_world)
     out: dict[str, Any] = {}
     facts = {"world": args.main_world, "state_bytes": job["state_bytes"], "layout_world": layout_world}
     if "save" in args.sections:
@@ -346,11 +355,11 @@ def run_main(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, Any]]:
         jobs = {str(args.main_world): job}
         jobs.update(
             {
-                str(w): run_job(args, w, args.main_mib, [], LOAD_SYSTEMS, layout_world=layout_world, clean=False)
+                str(w): run_job(args, w, args.main_mib, [], loads, layout_world=layout_world, clean=False)
                 for w in worlds[1:]
             }
         )
-        out["load"] = dict(load_section(jobs, args.main_world), state_bytes=job["state_bytes"])
+        out["load"] = dict(load_section(jobs, args.main_world, loads), state_bytes=job["state_bytes"])
     return out, job
 
 
