@@ -38,6 +38,48 @@ def block_hashes(data: memoryview, block_bytes: int) -> list[str]:
     return [hash_hex(data[i : i + block_bytes]) for i in range(0, len(data), block_bytes)]
 
 
+def verify_pieces(
+    pieces: list[memoryview],
+    *,
+    first_block: int,
+    block_bytes: int,
+    expected: tuple[str, ...],
+    where: str,
+) -> None:
+    """:func:`verify_blocks` of the bytes of ``pieces`` laid end to end, without joining
+    them: a block that spans two pieces is hashed by feeding both to one streaming xxh3
+    (the same hash as over the joined bytes). Lets a reader read a box straight into its
+    destination and the rest of its first and last blocks into small buffers."""
+    block, at, hasher = first_block, 0, xxhash.xxh3_64()
+    for piece in pieces:
+        i = 0
+        while i < len(piece):
+            take = min(block_bytes - at, len(piece) - i)
+            if at == 0 and take == block_bytes:
+                got = hash_hex(piece[i : i + take])  # a whole block inside one piece
+                _check_block(got, block, block_bytes, expected, where)
+                block += 1
+            else:
+                hasher.update(piece[i : i + take])
+                at += take
+                if at == block_bytes:
+                    _check_block(hasher.hexdigest(), block, block_bytes, expected, where)
+                    block, at, hasher = block + 1, 0, xxhash.xxh3_64()
+            i += take
+    if at:  # the chunk's last block, shorter than block_bytes
+        _check_block(hasher.hexdigest(), block, block_bytes, expected, where)
+
+
+def _check_block(got: str, b: int, block_bytes: int, expected: tuple[str, ...], where: str) -> None:
+    if b >= len(expected) or got != expected[b]:
+        want = expected[b] if b < len(expected) else "(none recorded)"
+        raise IntegrityError(
+            f"{where}: checksum mismatch in block {b} (bytes {b * block_bytes}..): "
+            f"expected xxh3 {want}, computed {got}. The data file is corrupt or was "
+            "modified after the save; restore it from a good copy or load an earlier checkpoint."
+        )
+
+
 def verify_blocks(
     data: memoryview,
     *,
@@ -48,12 +90,4 @@ def verify_blocks(
 ) -> None:
     """Check ``data`` (which starts at block ``first_block`` of its chunk) against ``expected``."""
     for i in range(0, len(data), block_bytes):
-        b = first_block + i // block_bytes
-        got = hash_hex(data[i : i + block_bytes])
-        if b >= len(expected) or got != expected[b]:
-            want = expected[b] if b < len(expected) else "(none recorded)"
-            raise IntegrityError(
-                f"{where}: checksum mismatch in block {b} (bytes {b * block_bytes}..): "
-                f"expected xxh3 {want}, computed {got}. The data file is corrupt or was "
-                "modified after the save; restore it from a good copy or load an earlier checkpoint."
-            )
+        _check_block(hash_hex(data[i : i + block_bytes]), first_block + i // block_bytes, block_bytes, expected, where)

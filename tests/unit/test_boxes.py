@@ -90,3 +90,59 @@ def test_a_truncated_data_file_is_named_by_every_reader(saved):
     os.remove(full)
     with pytest.raises(IntegrityError, match="is missing"):
         CheckpointSource(path).read_tensor("w")
+
+
+@pytest.mark.parametrize(("start", "rows"), [((5, 0), 3), ((5, 0), 30), ((16, 0), 17), ((1, 0), 62), ((60, 0), 4)])
+def test_a_run_that_is_not_whole_blocks_is_read_in_place_and_verified(saved, monkeypatch, start, rows):
+    """A resharded box that is one run of the chunk's bytes (whole rows) but not whole
+    blocks is read straight into ``dest``; only its first and last blocks' other bytes go
+    to side buffers, and every block it touches is still verified."""
+    path, w = saved
+    boxes = _boxes(path)
+    chunk = boxes.manifest.tensors["w"].chunks[0]
+    sizes: list[int] = []
+    read_into = boxes.files.read_into
+    monkeypatch.setattr(
+        boxes.files, "read_into", lambda name, at, out: (sizes.append(len(out)), read_into(name, at, out))
+    )
+    dest = torch.empty(rows, COLS)
+    n = boxes.read_box("w", chunk, start, dest)
+    assert torch.equal(dest, w[start[0] : start[0] + rows])
+    box_bytes = rows * COLS * 4
+    assert box_bytes in sizes and all(s < BLOCK for s in sizes if s != box_bytes)  # no staging buffer of the box
+    lo = start[0] * COLS * 4 // BLOCK * BLOCK
+    assert n == min(chunk.byte_length, -(-(start[0] + rows) * COLS * 4 // BLOCK) * BLOCK) - lo
+
+
+@pytest.mark.parametrize("row", [4, 20, 40])  # in the first block's rest, the box, the last block's rest
+def test_a_flipped_byte_around_an_in_place_run_is_named_by_its_block(saved, row):
+    path, _ = saved
+    chunk = CheckpointSource(path).manifest.tensors["w"].chunks[0]
+    flip_byte(os.path.join(path, chunk.file), chunk.byte_offset + row * COLS * 4 + 3)
+    with pytest.raises(IntegrityError, match=rf"block {row // 16}\b") as e:
+        _boxes(path).read_box("w", chunk, (10, 0), torch.empty(25, COLS))  # rows 10-34: blocks 0-2
+    assert chunk.file in str(e.value) and "'w'" in str(e.value)
+
+
+def test_verify_pieces_equals_verify_blocks_on_every_split():
+    """Blocks hashed across pieces give the hashes of the joined bytes, wherever the pieces
+    are cut; a flipped byte anywhere names its block."""
+    import random
+
+    from shardckpt.format import integrity
+
+    rng = random.Random(7)
+    for _ in range(200):
+        block = rng.choice([64, 128, 4096])
+        data = bytes(rng.getrandbits(8) for _ in range(rng.randrange(1, 5 * block)))
+        first = rng.randrange(3)
+        expected = ("0" * 16,) * first + tuple(integrity.block_hashes(memoryview(data), block))
+        cuts = sorted(rng.sample(range(len(data) + 1), min(3, len(data) + 1)))
+        pieces = [memoryview(data)[a:b] for a, b in zip([0, *cuts], [*cuts, len(data)], strict=True)]
+        integrity.verify_pieces(pieces, first_block=first, block_bytes=block, expected=expected, where="w")
+        bad = bytearray(data)
+        at = rng.randrange(len(data))
+        bad[at] ^= 1
+        pieces = [memoryview(bytes(bad))[a:b] for a, b in zip([0, *cuts], [*cuts, len(data)], strict=True)]
+        with pytest.raises(IntegrityError, match=rf"block {first + at // block}\b"):
+            integrity.verify_pieces(pieces, first_block=first, block_bytes=block, expected=expected, where="w")
