@@ -17,6 +17,7 @@ from v3_fixture import Split, write_v3
 from v3files import assemble, read_v3
 
 import shardckpt
+from shardckpt.cli.app import main
 from shardckpt.convert.audit import verify_checkpoint
 from shardckpt.engine.base_v3 import BaseIndexV3
 from shardckpt.errors import IntegrityError, UnsupportedFormatVersionError
@@ -197,3 +198,37 @@ def test_the_base_index_reads_only_the_records_of_the_ranks_holding_its_boxes(tm
     assert found.file_record.checkpoint == "base" and found.in_base.group.checkpoint == "base"
     assert found.digest is not None and len(found.digest) == 32
     assert base.candidate(other, 4096) is None and base.candidate(mine, 8192) is None
+
+
+def test_manager_keeps_a_retired_base_until_no_kept_step_reads_it(tmp_path: Path) -> None:
+    root = tmp_path / "run"
+    sd = _state()
+    with shardckpt.CheckpointManager(root, incremental=True, format_version=3, keep_last=2, full_every=None) as mgr:
+        for step in range(1, 5):
+            sd["adapter"] = sd["adapter"] + 1  # type: ignore[operator]
+            sd["step"] = step
+            mgr.save(step, sd)
+            m = mgr.manifest(step)
+            assert isinstance(m, ManifestV3) and m.metadata["incremental_chain"] == step - 1
+            assert m.bases == (() if step == 1 else (layout.step_dir_name(1),)), step  # only the adapter changes
+        assert mgr.steps() == [3, 4]
+    assert not (root / layout.step_dir_name(2)).exists()  # retired and read by no kept step: removed whole
+    first = root / layout.step_dir_name(1)
+    assert not (first / layout.MANIFEST_NAME).exists()  # retired: no longer a step
+    g1 = mgr.manifest(4).file_table.groups[1]
+    assert g1.checkpoint == first.name
+    # the retired base keeps its data files, its page and the index record of the rank that wrote them
+    assert (first / layout.rank_page_name(g1.save_id, 0)).exists()
+    assert (first / layout.rank_index_name(g1.save_id, 0)).exists()
+    assert (first / layout.data_file_name(g1.save_id, 0, 0)).exists()
+    with shardckpt.CheckpointManager(root, incremental=True, format_version=3, keep_last=2) as mgr:
+        got = {k: torch.zeros_like(v) if isinstance(v, torch.Tensor) else -1 for k, v in sd.items()}
+        assert mgr.restore(got) == 4
+        assert _same(got, sd)
+    for step in (3, 4):
+        assert main(["verify", str(root / layout.step_dir_name(step))]) == 0, step
+    # A full save that reads none of them lets the sweep remove every retired folder.
+    with shardckpt.CheckpointManager(root, incremental=True, format_version=3, keep_last=1, full_every=1) as mgr:
+        mgr.save(5, sd)
+        assert mgr.manifest(5).bases == ()
+    assert sorted(os.listdir(root)) == [layout.step_dir_name(5)]
