@@ -23,6 +23,7 @@ from shardckpt.engine.base_v3 import BaseIndexV3
 from shardckpt.errors import IntegrityError, UnsupportedFormatVersionError
 from shardckpt.format import layout
 from shardckpt.format.manifest_v3 import ManifestV3
+from shardckpt.manager.steps import list_root
 from shardckpt.storage.local import LocalStorage
 
 
@@ -221,6 +222,11 @@ def test_manager_keeps_a_retired_base_until_no_kept_step_reads_it(tmp_path: Path
     assert (first / layout.rank_page_name(g1.save_id, 0)).exists()
     assert (first / layout.rank_index_name(g1.save_id, 0)).exists()
     assert (first / layout.data_file_name(g1.save_id, 0, 0)).exists()
+    # shardckpt ls: step 4 reads step 1's files, counted in its size and in its INCREMENTAL cell
+    info = {i.step: i for i in list_root(root)}
+    shared = sum(f.stat().st_size for f in (first / "data").glob(f"{g1.save_id}-r*.safetensors"))
+    assert info[4].bases == (first.name,) and info[4].base_bytes == shared > 512 * 1024
+    assert info[4].size_bytes > shared and info[1].retired
     with shardckpt.CheckpointManager(root, incremental=True, format_version=3, keep_last=2) as mgr:
         got = {k: torch.zeros_like(v) if isinstance(v, torch.Tensor) else -1 for k, v in sd.items()}
         assert mgr.restore(got) == 4
