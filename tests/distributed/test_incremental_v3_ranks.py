@@ -2,7 +2,8 @@
 DTensors and a replicated tensor, saved in full, then against that base after one sharded
 tensor changed. Only that tensor's bytes are written (each rank its own shard); each rank
 read only the base's manifest, page and its own index record; the checkpoint loads bitwise on 2 ranks
-and on 1 process; a tampered base file is an IntegrityError naming it."""
+and on 1 process; a 1-process save against it reuses only the replicated tensor; a tampered
+base file is an IntegrityError naming it."""
 
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ from v3files import assemble, read_v3
 import shardckpt
 from shardckpt.errors import IntegrityError
 from shardckpt.format import layout
+from shardckpt.format.manifest_v3 import ManifestV3
 from shardckpt.storage.local import LocalStorage
 
 
@@ -92,6 +94,16 @@ def test_incremental_format_3_on_2_ranks(tmp_path: Path) -> None:
     one = {k: torch.zeros_like(v) for k, v in full_state(0).items()}
     shardckpt.load(one, f"{root}/step_2")
     assert all(torch.equal(one[k], v) for k, v in full_state(2).items())
+    # A resharded incremental save (2 ranks -> 1 process): only the replicated tensor has the
+    # same box as in the base (in step 1's files, flattened); the others are written again.
+    m3 = shardckpt.save(full_state(2), f"{root}/step_3", format_version=3, base=f"{root}/step_2")
+    assert isinstance(m3, ManifestV3) and m3.bases == ("step_1",)
+    _, chunks3 = read_v3(f"{root}/step_3")
+    assert {k: [c.folder for c in cs] for k, cs in chunks3.items()} == {
+        "frozen": [None],
+        "train": [None],
+        "rep": ["step_1"],
+    }
     # Tamper with rank 1's base file (its half of "frozen"): the load names it and its folder.
     name = layout.data_file_name(group1.save_id, 1, 0)
     with open(Path(root, "step_1", name), "r+b") as f:
