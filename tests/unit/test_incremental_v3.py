@@ -20,7 +20,7 @@ import shardckpt
 from shardckpt.cli.app import main
 from shardckpt.convert.audit import verify_checkpoint
 from shardckpt.engine.base_v3 import BaseIndexV3
-from shardckpt.errors import IntegrityError, UnsupportedFormatVersionError
+from shardckpt.errors import IntegrityError, ManifestError, UnsupportedFormatVersionError
 from shardckpt.format import layout
 from shardckpt.format.manifest_v3 import ManifestV3
 from shardckpt.manager.steps import list_root
@@ -238,3 +238,26 @@ def test_manager_keeps_a_retired_base_until_no_kept_step_reads_it(tmp_path: Path
         mgr.save(5, sd)
         assert mgr.manifest(5).bases == ()
     assert sorted(os.listdir(root)) == [layout.step_dir_name(5)]
+
+
+def test_an_edited_base_index_record_fails_the_save_naming_it(tmp_path: Path) -> None:
+    sd = _state()
+    m0 = _save(sd, tmp_path / "s0", incremental=True)
+    record = tmp_path / "s0" / layout.rank_index_name(m0.file_table.groups[0].save_id, 0)
+    raw = record.read_bytes()
+    record.write_bytes(raw.replace(b'"digests":true', b'"digests":fals'))  # same size, other hash
+    with pytest.raises(ManifestError) as err:
+        _save(sd, tmp_path / "s1", base=tmp_path / "s0")
+    assert record.name in str(err.value) and "s0" in str(err.value)
+    assert not (tmp_path / "s1" / layout.MANIFEST_NAME).exists()
+
+
+def test_an_async_incremental_save_writes_only_what_changed(tmp_path: Path) -> None:
+    sd = _state()
+    _save(sd, tmp_path / "s0", incremental=True)
+    sd["adapter"] = sd["adapter"] - 1  # type: ignore[operator]
+    handle = shardckpt.async_save(sd, tmp_path / "s1", format_version=3, base=tmp_path / "s0")
+    m1 = handle.wait()
+    assert isinstance(m1, ManifestV3) and m1.bases == ("s0",)
+    assert 8 * 512 * 4 <= _own_data_bytes(tmp_path / "s1") < 8 * 512 * 4 + 512
+    assert _same(_load(sd, tmp_path / "s1"), sd)
