@@ -41,8 +41,6 @@ class BaseIndexV3(BaseIndex):
     """The chunks of the format-3 checkpoint in ``folder`` (opened as ``storage``, with the
     parsed ``manifest``) that an incremental format-3 save beside it may point at."""
 
-    format_version = 3
-
     def __init__(self, storage: Storage, manifest: ManifestV3, folder: str) -> None:
         super().__init__(folder, manifest.hash_block_bytes, {})
         self.storage = storage

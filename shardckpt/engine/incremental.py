@@ -19,7 +19,11 @@ corruption, not against an adversary who chooses tensor values; neither does thi
 :class:`BaseIndex` is what a rank knows about its base: built from the base's manifest
 (read by every rank when the base is named by path), or from the rank's own results of the
 save that committed the base (kept in memory by the Checkpointer, so consecutive saves of
-a training run read no manifest).
+a training run read no manifest). A format-3 base is
+:class:`~shardckpt.engine.base_v3.BaseIndexV3`: the digests and block hashes are in its
+index records, read in :meth:`BaseIndex.prefetch` for the rank's own boxes, and a reused
+chunk's :class:`ChunkLocation` carries its base file (:class:`BaseFile`), from which the
+coordinator builds the new file table's base groups (docs/format.md 12.7).
 """
 
 from __future__ import annotations
@@ -91,8 +95,6 @@ class BaseIndex:
     """The chunks of one committed checkpoint that a later save may point at instead of
     writing them again. Immutable once built (a format-3 base,
     :class:`~shardckpt.engine.base_v3.BaseIndexV3`, fills itself in :meth:`prefetch`)."""
-
-    format_version = 2  # of the checkpoints whose chunks it gives: formats 1 and 2 (their manifests)
 
     def __init__(self, folder: str, hash_block_bytes: int, chunks: dict[ChunkKey, BaseChunk]) -> None:
         self.folder = folder  # the base checkpoint's folder name, beside the new one

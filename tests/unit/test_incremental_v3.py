@@ -19,11 +19,14 @@ from v3files import assemble, read_v3
 import shardckpt
 from shardckpt.cli.app import main
 from shardckpt.convert.audit import verify_checkpoint
+from shardckpt.convert.materialize import materialize_checkpoint
 from shardckpt.engine.base_v3 import BaseIndexV3
+from shardckpt.engine.loading import read_manifest
 from shardckpt.errors import IntegrityError, ManifestError, UnsupportedFormatVersionError
 from shardckpt.format import layout
 from shardckpt.format.manifest_v3 import ManifestV3
 from shardckpt.manager.steps import list_root
+from shardckpt.storage import open_storage
 from shardckpt.storage.local import LocalStorage
 
 
@@ -113,6 +116,9 @@ def test_a_chain_is_flattened_and_an_unchanged_save_writes_no_data(tmp_path: Pat
     assert (tmp_path / "s1" / layout.REFERENCED_NAME).exists()
     assert _same(_load(sd, tmp_path / "s2"), sd)
     assert verify_checkpoint(str(tmp_path / "s2")).ok
+    materialize_checkpoint(tmp_path / "s2", tmp_path / "copy")  # a standalone copy, no references
+    assert read_manifest(open_storage(str(tmp_path / "copy"))).bases == ()
+    assert _same(_load(sd, tmp_path / "copy"), sd)
 
 
 def test_a_changed_dtype_shape_or_block_size_is_written_again(tmp_path: Path) -> None:
