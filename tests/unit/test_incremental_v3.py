@@ -267,3 +267,16 @@ def test_an_async_incremental_save_writes_only_what_changed(tmp_path: Path) -> N
     assert isinstance(m1, ManifestV3) and m1.bases == ("s0",)
     assert 8 * 512 * 4 <= _own_data_bytes(tmp_path / "s1") < 8 * 512 * 4 + 512
     assert _same(_load(sd, tmp_path / "s1"), sd)
+
+
+def test_a_manager_that_changes_format_makes_its_next_save_full(tmp_path: Path) -> None:
+    root = tmp_path / "run"
+    sd = _state()
+    for step, version in ((1, None), (2, 3), (3, 3), (4, None)):
+        with shardckpt.CheckpointManager(root, incremental=True, format_version=version) as mgr:
+            mgr.save(step, sd)
+            m = mgr.manifest(step)
+            assert isinstance(m, ManifestV3) == (version == 3), step
+            # a base of the other family would be refused: the chain starts again, full
+            assert m.bases == ((layout.step_dir_name(2),) if step == 3 else ()), step
+            assert m.metadata["incremental_chain"] == (1 if step == 3 else 0), step
