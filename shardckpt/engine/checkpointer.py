@@ -261,7 +261,7 @@ class Checkpointer:
             metadata=options.get("metadata"),
             digests=digests,
             format_version=options.get("format_version"),
-            base=None if base is None else self._base(checkpoint_path(base), storage_options, io),
+            base=None if base is None else self._base(checkpoint_path(base), storage_options, io, options),
         )
         timeout_s = options.get("timeout_s")
         timeouts = Timeouts.of(timeout_s)
@@ -280,12 +280,14 @@ class Checkpointer:
             items=self._items,
         )
 
-    def _base(self, base: str, storage_options: dict[str, Any] | None, io: IOOptions) -> Callable[[Storage], BaseIndex]:
+    def _base(
+        self, base: str, storage_options: dict[str, Any] | None, io: IOOptions, options: SaveKwargs
+    ) -> Callable[[Storage], BaseIndex]:
         """The ``base`` of a save's writer options: finds the chunks of checkpoint ``base``
         (see :meth:`SavedChunks.base_index`), opened with this Checkpointer's factory."""
-        return functools.partial(
-            self._chunks.base_index, base, functools.partial(self.open_storage, base, storage_options, io=io)
-        )
+        opened = functools.partial(self.open_storage, base, storage_options, io=io)
+        version = options.get("format_version")
+        return functools.partial(self._chunks.base_index, base, opened, format_version=version)
 
     def load(
         self,

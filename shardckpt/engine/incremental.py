@@ -19,7 +19,11 @@ corruption, not against an adversary who chooses tensor values; neither does thi
 :class:`BaseIndex` is what a rank knows about its base: built from the base's manifest
 (read by every rank when the base is named by path), or from the rank's own results of the
 save that committed the base (kept in memory by the Checkpointer, so consecutive saves of
-a training run read no manifest).
+a training run read no manifest). A format-3 base is
+:class:`~shardckpt.engine.base_v3.BaseIndexV3`: the digests and block hashes are in its
+index records, read in :meth:`BaseIndex.prefetch` for the rank's own boxes, and a reused
+chunk's :class:`ChunkLocation` carries its base file (:class:`BaseFile`), from which the
+coordinator builds the new file table's base groups (docs/format.md 12.7).
 """
 
 from __future__ import annotations
@@ -35,6 +39,7 @@ from torch.distributed.checkpoint.planner import WriteItem
 from torch.distributed.checkpoint.storage import WriteResult
 
 from shardckpt.format import datafile
+from shardckpt.format.file_table import FileGroup
 from shardckpt.format.integrity import digest_hex, hash_hex
 from shardckpt.format.manifest import ChunkRecord, FileRecord, Manifest
 
@@ -44,6 +49,25 @@ ChunkKey = tuple[str, tuple[int, ...], tuple[int, ...]]  # (key, offsets, sizes)
 def folder_name(location: str) -> str:
     """The last component of a storage location (``file:///runs/a/step_1`` -> ``step_1``)."""
     return location.rstrip("/").rsplit("/", 1)[-1]
+
+
+@dataclass(frozen=True)
+class BaseFile:
+    """A data file of a format-3 base's group (format.md 12.3), as a format-3 save that
+    reuses a chunk in it names it: the group (its ``checkpoint``: the folder beside the new
+    checkpoint that holds the files), the rank that wrote the file and its number, the
+    file's size and the size of that rank's index record (checked before the commit)."""
+
+    group: FileGroup
+    rank: int
+    number: int
+    size: int
+    index_size: int
+
+    @property
+    def key(self) -> tuple[str, int, int]:
+        assert self.group.checkpoint is not None
+        return self.group.checkpoint, self.rank, self.number
 
 
 @dataclass(frozen=True)
@@ -57,10 +81,11 @@ class ChunkLocation:
     block_hashes: tuple[str, ...]
     file_record: FileRecord  # its ``checkpoint`` names the base folder for a reused chunk
     digest: str | None = None
+    in_base: BaseFile | None = None  # a chunk reused from a format-3 base: the file's group
 
 
 @dataclass(frozen=True)
-class _Saved:
+class BaseChunk:
     dtype: str
     shape: tuple[int, ...]
     location: ChunkLocation
@@ -68,9 +93,10 @@ class _Saved:
 
 class BaseIndex:
     """The chunks of one committed checkpoint that a later save may point at instead of
-    writing them again. Immutable once built."""
+    writing them again. Immutable once built (a format-3 base,
+    :class:`~shardckpt.engine.base_v3.BaseIndexV3`, fills itself in :meth:`prefetch`)."""
 
-    def __init__(self, folder: str, hash_block_bytes: int, chunks: dict[ChunkKey, _Saved]) -> None:
+    def __init__(self, folder: str, hash_block_bytes: int, chunks: dict[ChunkKey, BaseChunk]) -> None:
         self.folder = folder  # the base checkpoint's folder name, beside the new one
         self.hash_block_bytes = hash_block_bytes
         self._chunks = chunks
@@ -78,15 +104,20 @@ class BaseIndex:
     def __len__(self) -> int:
         return len(self._chunks)
 
+    def prefetch(self, items: list[WriteItem]) -> None:
+        """Called by :func:`digest_pass` with the rank's tensor items before any
+        :meth:`candidate`: read what is needed to answer for them. Nothing here (a format-1/2
+        base is read whole from its manifest)."""
+
     @classmethod
     def from_manifest(cls, m: Manifest, folder: str) -> BaseIndex:
         """Every chunk of ``m`` (the manifest of the checkpoint in ``folder``) that has a digest."""
-        chunks: dict[ChunkKey, _Saved] = {}
+        chunks: dict[ChunkKey, BaseChunk] = {}
         for key, t in m.tensors.items():
             for c in t.chunks:
                 if c.digest is not None:
                     record = m.files[c.file]
-                    chunks[(key, c.offsets, c.sizes)] = _Saved(t.dtype, t.shape, _relocated(c, record, folder))
+                    chunks[(key, c.offsets, c.sizes)] = BaseChunk(t.dtype, t.shape, _relocated(c, record, folder))
         return cls(folder, m.hash_block_bytes, chunks)
 
     @classmethod
@@ -94,7 +125,7 @@ class BaseIndex:
         cls, folder: str, hash_block_bytes: int, saved: Iterable[tuple[WriteItem, ChunkLocation]]
     ) -> BaseIndex:
         """A rank's own chunks of the save that committed ``folder``, as it reported them."""
-        chunks: dict[ChunkKey, _Saved] = {}
+        chunks: dict[ChunkKey, BaseChunk] = {}
         for item, loc in saved:
             assert item.tensor_data is not None and item.index.offset is not None and loc.digest is not None
             dtype = datafile.dtype_name(item.tensor_data.properties.dtype, key=item.index.fqn)
@@ -102,7 +133,7 @@ class BaseIndex:
             if record.checkpoint is None:
                 loc = dataclasses.replace(loc, file_record=dataclasses.replace(record, checkpoint=folder))
             key = (item.index.fqn, tuple(item.index.offset), tuple(item.tensor_data.chunk.sizes))
-            chunks[key] = _Saved(dtype, tuple(item.tensor_data.size), loc)
+            chunks[key] = BaseChunk(dtype, tuple(item.tensor_data.size), loc)
         return cls(folder, hash_block_bytes, chunks)
 
     def candidate(self, item: WriteItem, hash_block_bytes: int) -> ChunkLocation | None:
@@ -167,6 +198,8 @@ def digest_pass(
     byte view of it; an item to write keeps that tensor (no second copy when the writer
     gets to it), an unchanged one is released at once."""
     out = Prepass([], [], {}, {})
+    if base is not None:
+        base.prefetch(items)
 
     def one(item: WriteItem) -> tuple[WriteItem, torch.Tensor, ChunkLocation | None, str | None]:
         tensor, data = to_bytes(resolve(item), item)

@@ -133,8 +133,8 @@ class SaveKwargs(TypedDict, total=False):
       points at the base's files. Implies ``incremental``. See docs/manager.md.
     - ``format_version`` (None): None writes version 1 (2 for incremental saves); 3 writes
       format 3 (docs/format.md section 12: sharding rules, per-rank index records; 1 MiB
-      checksum blocks unless ``hash_block_bytes`` says otherwise). Not with ``incremental``
-      or ``base`` yet.
+      checksum blocks unless ``hash_block_bytes`` says otherwise), also incremental: its
+      ``base`` must then be a format-3 checkpoint.
 
     Also the type of a dict of these to pass on: ``ckpt.save(sd, path, **kwargs)``.
     """
@@ -152,16 +152,12 @@ class SaveKwargs(TypedDict, total=False):
     format_version: int | None
 
 
-def check_format_version(version: Any, *, incremental: bool = False) -> None:
-    """None (version 1, or 2 for an incremental save) or 3; 3 not with incremental saves."""
+def check_format_version(version: Any) -> None:
+    """None (version 1, or 2 for an incremental save) or 3 (also incremental: its index
+    records carry the digests, docs/format.md 12.7)."""
     if version is not None and (isinstance(version, bool) or version != 3):
         raise ValueError(
             f"format_version must be None (the default: version 1, or 2 for incremental saves) or 3, got {version!r}"
-        )
-    if version == 3 and incremental:
-        raise ValueError(
-            "format_version=3 cannot be combined with incremental=True or a base yet: format 3 records no chunk "
-            "digests (docs/format.md section 12.7). Save incrementally with the default format_version=None."
         )
 
 

@@ -18,7 +18,7 @@ from torch.distributed.checkpoint.metadata import MetadataIndex
 from torch.distributed.checkpoint.planner import SavePlan, WriteItem
 from torch.distributed.checkpoint.storage import WriteResult
 
-from shardckpt.engine.incremental import ChunkLocation
+from shardckpt.engine.incremental import BaseFile, ChunkLocation
 from shardckpt.engine.placement import SMALL_REPLICATED_BUDGET_BYTES, SMALL_REPLICATED_BYTES
 from shardckpt.engine.staging import item_bytes
 from shardckpt.format import file_table, integrity, layout, rank_index
@@ -46,6 +46,9 @@ class RankResult:
     inline: rank_index.FileIndex | None = None
     """The index of the rank's last file when it holds the coordinator's small tensors
     (:func:`split_inline`): the manifest copies it (format.md 12.8)."""
+    refs: tuple[BaseFile, ...] = ()
+    """The files of format-3 bases holding chunks this rank reused (an incremental save):
+    a row's file number ``len(file_sizes) + j`` names ``refs[j]``."""
 
 
 def finish_rank(
@@ -61,18 +64,28 @@ def finish_rank(
 ) -> RankResult:
     """Write rank ``rank``'s index record (after its data files ``names``, in number order,
     are durable) and return what the coordinator needs. Every rank, also one without data.
-    ``inline_last``: the last file holds the small tensors :func:`split_inline` set apart."""
+    ``inline_last``: the last file holds the small tensors :func:`split_inline` set apart.
+    A chunk reused from a format-3 base (its ``in_base``) has no entry here (its entry is in
+    the base's record) and its row names file ``len(names) + j``, the ``j``-th of ``refs``."""
     number = {name: k for k, name in enumerate(names)}
     per_file: list[list[rank_index.IndexEntry]] = [[] for _ in names]
     records: list[Any] = [None] * len(names)
+    refs: dict[tuple[str, int, int], int] = {}
+    in_base: list[BaseFile] = []
     keys: dict[str, int] = {}
     dims = max((len(it.index.offset or ()) for it, _ in located), default=0)
     rows = array.array("q")
     for it, loc in located:
-        k = number[loc.file]
-        records[k] = loc.file_record
-        if loc.byte_length:  # a chunk of 0 bytes stores nothing and has no entry (12.4)
-            per_file[k].append(rank_index.IndexEntry(loc.byte_offset, loc.byte_length, "".join(loc.block_hashes)))
+        if loc.in_base is not None:
+            k = len(names) + refs.setdefault(loc.in_base.key, len(refs))
+            if k - len(names) == len(in_base):
+                in_base.append(loc.in_base)
+        else:
+            k = number[loc.file]
+            records[k] = loc.file_record
+            if loc.byte_length:  # a chunk of 0 bytes stores nothing and has no entry (12.4)
+                hashes = "".join(loc.block_hashes)
+                per_file[k].append(rank_index.IndexEntry(loc.byte_offset, loc.byte_length, hashes, loc.digest))
         assert it.tensor_data is not None and it.index.offset is not None
         offsets, sizes = tuple(it.index.offset), tuple(it.tensor_data.chunk.sizes)
         pad = dims - len(offsets)
@@ -88,7 +101,8 @@ def finish_rank(
     entry = file_table.RankEntry(len(raw), integrity.hash_hex(raw), socket.gethostname(), local_rank)
     inline = files[-1] if inline_last and files else None
     sizes = tuple(f.size for f in files)
-    return RankResult(rank, entry, sizes, tuple(keys), FIXED_COLUMNS + 2 * dims, rows.tobytes(), inline)
+    width = FIXED_COLUMNS + 2 * dims
+    return RankResult(rank, entry, sizes, tuple(keys), width, rows.tobytes(), inline, tuple(in_base))
 
 
 def write_new(storage: Storage, name: str, raw: bytes) -> None:

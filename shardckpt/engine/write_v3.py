@@ -115,13 +115,15 @@ def assemble(
         per_page,
         tuple(file_table.Page(len(p), integrity.hash_hex(p)) for p in pages),
     )
-    table, tid = _table(list(tensors), ranks, list(itertools.accumulate(counts, initial=0)))
+    bases = base_groups(ranks)
+    files = file_table.FileTable((group, *bases.values()))
+    table, tid = _table(list(tensors), ranks, _positions(files, ranks, list(bases)))
     records = _tensors(tensors, table, tid)
     m = mv3.ManifestV3(
         world_size=len(ranks),
         hash_block_bytes=block_bytes,
-        bases=(),
-        file_table=file_table.FileTable((group,)),
+        bases=tuple(bases),
+        file_table=files,
         tensors=records,
         values=values,
         paths=paths,
@@ -140,15 +142,57 @@ def with_inline_index(built: Assembled, ranks: Sequence[RankResult]) -> Assemble
         return built
     m = built.manifest
     position = m.file_table.position(0, 0, len(ranks[0].file_sizes) - 1)
-    inline = mv3.InlineIndex(position, ranks[0].inline)
+    inline = mv3.InlineIndex(position, ranks[0].inline.without_digests())
     return Assembled(dataclasses.replace(m, inline_index=inline), built.pages)
 
 
-def _table(keys: list[str], ranks: Sequence[RankResult], firsts: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+def base_groups(ranks: Sequence[RankResult]) -> dict[str, file_table.FileGroup]:
+    """The groups of the base folders whose files the ranks reused (an incremental save),
+    by folder name, sorted: the manifest's ``bases`` and its file table after the own group
+    (format.md 12.3). Every rank read them from the same base manifest; a disagreement is a
+    StorageError (nothing is committed). O(refs)."""
+    found: dict[str, file_table.FileGroup] = {}
+    for r in ranks:
+        for ref in r.refs:
+            folder = ref.group.checkpoint
+            assert folder is not None
+            if found.setdefault(folder, ref.group) != ref.group:
+                raise StorageError(
+                    f"save: rank {r.rank} read another file table group for base {folder!r} than rank 0..{r.rank - 1} "
+                    f"did (was {folder!r} saved again while this save ran?); nothing was committed. Save again."
+                )
+    return dict(sorted(found.items()))
+
+
+def _positions(files: file_table.FileTable, ranks: Sequence[RankResult], bases: list[str]) -> list[torch.Tensor]:
+    """Per rank, the file position of each file number its rows name: its own files in the
+    own group (group 0: positions ``firsts[r] ..``, a view of one arange), then each of its
+    ``refs`` in its base's group. O(ranks + refs) Python steps."""
+    group_of = {b: g for g, b in enumerate(bases, start=1)}
+    own = torch.arange(files.groups[0].total_files if files.groups else 0, dtype=torch.int64)
+    out = []
+    first = 0
+    for r in ranks:
+        mine = own[first : first + len(r.file_sizes)]
+        first += len(r.file_sizes)
+        if r.refs:
+            try:
+                reused = [files.position(group_of[str(f.group.checkpoint)], f.rank, f.number) for f in r.refs]
+            except ValueError as e:
+                raise StorageError(f"save: rank {r.rank} reused a file its base's file table lacks ({e})") from e
+            mine = torch.cat([mine, torch.tensor(reused, dtype=torch.int64)])
+        out.append(mine)
+    return out
+
+
+def _table(
+    keys: list[str], ranks: Sequence[RankResult], positions: list[torch.Tensor]
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Every rank's rows as one int64 table (file position, byte offset, box padded to the
     largest rank's dimensions) and each row's tensor (an index into ``keys``). Ranks that
     sent the same key list (FSDP: all of them) are converted together: O(chunks) in vector
-    operations, O(ranks + distinct key lists) in Python."""
+    operations, O(ranks + distinct key lists) in Python. ``positions[r]``: the file position
+    of each file number in rank ``r``'s rows (:func:`_positions`)."""
     ids = {k: i for i, k in enumerate(keys)}
     dims = max(((r.width - FIXED_COLUMNS) // 2 for r in ranks), default=0)
     alike: dict[tuple[tuple[str, ...], int], list[RankResult]] = {}
@@ -168,10 +212,11 @@ def _table(keys: list[str], ranks: Sequence[RankResult], firsts: list[int]) -> t
             )
         own = torch.frombuffer(bytearray().join(r.rows for r in same), dtype=torch.int64).view(-1, width)
         per_rank = torch.tensor([len(r.rows) // (8 * width) for r in same], dtype=torch.int64)
-        first_file = torch.repeat_interleave(torch.tensor([firsts[r.rank] for r in same], dtype=torch.int64), per_rank)
+        lookup = torch.cat([positions[r.rank] for r in same])
+        starts = torch.tensor([0, *itertools.accumulate(len(positions[r.rank]) for r in same)][:-1], dtype=torch.int64)
         d = (width - FIXED_COLUMNS) // 2
         out = table[at : at + own.shape[0]]
-        torch.add(own[:, 1], first_file, out=out[:, 0])
+        torch.index_select(lookup, 0, own[:, 1] + torch.repeat_interleave(starts, per_rank), out=out[:, 0])
         out[:, 1] = own[:, 2]
         out[:, 2 : 2 + d] = own[:, FIXED_COLUMNS : FIXED_COLUMNS + d]
         out[:, 2 + d : 2 + dims] = 0
@@ -257,10 +302,7 @@ def commit(
         for k, size in enumerate(r.file_sizes):
             expected[layout.data_file_name(save_id, r.rank, k)] = (size, f"rank {r.rank}")
     for name, (size, writer) in sorted(expected.items()):
-        try:
-            found: int | None = storage.size(name)
-        except FileNotFoundError:
-            found = None
+        found = _size(storage, name)
         if found != size:
             what = "is missing" if found is None else f"has {found} bytes"
             raise StorageError(
@@ -268,4 +310,42 @@ def commit(
                 "removed or changed it while the save ran (another job writing to the same path?). Nothing was "
                 "committed; save again to a new path."
             )
+    _check_bases(storage, ranks)
     create(layout.MANIFEST_NAME, mv3.manifest_v3_to_json(m))
+
+
+def _size(storage: Storage, name: str) -> int | None:
+    try:
+        return storage.size(name)
+    except FileNotFoundError:
+        return None
+
+
+def _check_bases(storage: Storage, ranks: Sequence[RankResult]) -> None:
+    """Before the commit of an incremental save: every base file the ranks reused, the
+    index record of the rank that wrote it and that rank's page are there with their sizes
+    (format.md 11.5: checked, then marked), then each base folder gets the referenced
+    marker (created once, kept as it is), so no tool removes or overwrites it."""
+    expected: dict[tuple[str, str], int] = {}
+    for r in ranks:
+        for f in r.refs:
+            g, folder = f.group, str(f.group.checkpoint)
+            expected[(folder, layout.data_file_name(g.save_id, f.rank, f.number))] = f.size
+            expected[(folder, layout.rank_index_name(g.save_id, f.rank))] = f.index_size
+            page = g.page_of(f.rank)
+            expected[(folder, layout.rank_page_name(g.save_id, page))] = g.pages[page].size
+    folders = {folder: storage.sibling(folder) for folder, _ in expected}
+    for (folder, name), size in sorted(expected.items()):
+        found = _size(folders[folder], name)
+        if found != size:
+            what = "is missing" if found is None else f"has {found} bytes"
+            raise StorageError(
+                f"save to {storage.url}: {name!r} of base checkpoint {folder!r}, which this incremental save reuses, "
+                f"{what}, expected {size} bytes: the base was deleted or changed while the save ran. Nothing was "
+                "committed; save again (without a base for a full save)."
+            )
+    for base in sorted(folders.values(), key=lambda s: s.location):
+        try:
+            base.create_exclusive(layout.REFERENCED_NAME, layout.referenced_marker())
+        except FileExistsError:
+            pass

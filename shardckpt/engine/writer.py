@@ -81,7 +81,7 @@ class WriterOptions:
     format_version: int | None = None
 
     def __post_init__(self) -> None:
-        check_format_version(self.format_version, incremental=self.digests)
+        check_format_version(self.format_version)
         check_io_threads(self.num_io_threads)
         check_hash_block_bytes(self.hash_block_bytes)
         try:

@@ -50,6 +50,13 @@ class FileIndex:
     def __post_init__(self) -> None:
         object.__setattr__(self, "_offsets", [e.byte_offset for e in self.entries])
 
+    def without_digests(self) -> FileIndex:
+        """This file object as the manifest's ``inline_index`` copies it (12.8: no digests)."""
+        if all(e.digest is None for e in self.entries):
+            return self
+        entries = tuple(IndexEntry(e.byte_offset, e.byte_length, e.block_hashes) for e in self.entries)
+        return FileIndex(self.size, self.hash, entries)
+
     def entry(self, byte_offset: int, byte_length: int, *, where: str) -> IndexEntry:
         """The entry of the chunk at ``byte_offset`` (binary search); ManifestError if the
         index has none there or its length differs from what the manifest says."""
@@ -67,7 +74,10 @@ class FileIndex:
 
 
 def rank_index_to_json(save_id: str, rank: int, block_bytes: int, files: Sequence[FileIndex]) -> bytes:
+    """One rank's index record; ``digests: true`` when its entries carry digests (all or none)."""
     digests = any(e.digest is not None for f in files for e in f.entries)
+    if digests and any(e.digest is None for f in files for e in f.entries):
+        raise ValueError(f"rank {rank}'s index record: some entries have a digest and some not; all or none")
     doc = {
         "format": INDEX_FORMAT,
         "format_version": VERSION,

@@ -1,9 +1,11 @@
 """Which step an incremental manager save builds on, and when it must write everything.
 
 With ``CheckpointManager(incremental=True, full_every=N)`` each save's base is the newest
-committed step, if that step was itself saved incrementally (its manifest is format 2 and
-its metadata carries ``incremental_chain``: saves since the last full one, 0 for a full
-save). Every N-th save is full, so no step reads files from more than the N newest saves'
+committed step, if that step was itself saved incrementally (its manifest is format 2, or
+format 3 for a manager saving format 3, and its metadata carries ``incremental_chain``:
+saves since the last full one, 0 for a full save). A step of the other family (a root whose
+manager switched ``format_version``) is no base: the next save is full. Every N-th save is
+full, so no step reads files from more than the N newest saves'
 folders. Pure bookkeeping: manifests are read through the function the caller passes.
 """
 
@@ -22,12 +24,13 @@ class IncrementalChain:
     """The chain length of the steps this manager saved or read. Not thread-safe; the
     coordinator decides the base, every rank records what it saved."""
 
-    def __init__(self, full_every: int | None) -> None:
+    def __init__(self, full_every: int | None, *, format_version: int | None = None) -> None:
         if full_every is not None and (
             isinstance(full_every, bool) or not isinstance(full_every, int) or full_every < 1
         ):
             raise ValueError(f"full_every must be a positive int or None (never), got {full_every!r}")
         self.full_every = full_every
+        self.format_version = format_version  # of this manager's saves: 3 builds on format 3 only
         self._length: dict[int, int] = {}  # step -> saves since the last full one (0: full); -1: not a base
 
     def base_for(
@@ -57,13 +60,11 @@ class IncrementalChain:
         if step not in self._length:
             m = manifest(step)
             length = m.metadata.get(CHAIN_KEY)
-            # a format-3 step cannot be a base yet: the incremental index reads v2 chunk digests
-            ok = (
-                not isinstance(m, ManifestV3)
-                and m.format_version >= 2
-                and isinstance(length, int)
-                and not isinstance(length, bool)
-                and length >= 0
-            )
+            # format 3 builds on format 3 (digests in its index records), formats 1/2 on format 2
+            if isinstance(m, ManifestV3):
+                same_family = self.format_version == 3
+            else:
+                same_family = self.format_version != 3 and m.format_version == 2
+            ok = same_family and isinstance(length, int) and not isinstance(length, bool) and length >= 0
             self._length[step] = length if ok and isinstance(length, int) else -1
         return None if self._length[step] < 0 else self._length[step]

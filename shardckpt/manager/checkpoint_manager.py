@@ -82,7 +82,7 @@ class CheckpointManager(StepReader):
       writes everything, so a step never depends on more than the last ``full_every``
       saves' folders. docs/manager.md, "Incremental checkpoints".
     - ``format_version`` (None: version 1, 2 with ``incremental``): 3 saves every step in
-      format 3 (docs/format.md section 12); not with ``incremental`` yet.
+      format 3 (docs/format.md section 12), also with ``incremental`` (each base a format-3 step).
     - ``process_group`` (None: the whole job): the ranks taking part.
     - ``storage_options`` (None): handed to fsspec for an fsspec root (credentials, endpoint).
     - ``io`` (None: the checkpointer's :class:`IOOptions`): threads, checksum block size,
@@ -189,9 +189,10 @@ class CheckpointManager(StepReader):
                 "a read_only=True CheckpointManager cannot save, so it cannot save on preemption; "
                 "drop save_on_preemption (its SIGTERM handler would only keep the process alive)"
             )
-        check_format_version(format_version, incremental=incremental)
+        check_format_version(format_version)
         self._format_version = format_version
-        self._chain = IncrementalChain(full_every)  # every rank: what it saved; the coordinator: the base
+        # every rank: what it saved; the coordinator: the base
+        self._chain = IncrementalChain(full_every, format_version=format_version)
         # Passed on by every save and restore (io None: the Checkpointer's own).
         self._run = RunOptions(process_group, storage_options, io, num_io_threads, timeout_s, max_staging_bytes)
         local = None

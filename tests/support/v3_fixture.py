@@ -88,6 +88,7 @@ def write_v3(
     save_id: str = SAVE_ID,
     base: Written | None = None,
     from_base: tuple[str, ...] = (),
+    digests: bool = False,
 ) -> Written:
     """Write a committed format-3 checkpoint of ``tensors`` (flat keys; the path of a key is
     ``paths[key]``, by default its ``.``-separated parts) saved by ``ranks`` simulated ranks
@@ -95,7 +96,8 @@ def write_v3(
 
     Incremental (section 11 and 12.3): the keys ``from_base`` are not written but point at the
     chunks of ``base`` (a checkpoint written here, in a folder beside ``path``, with a
-    different ``save_id``), whose group follows this save's in the file table."""
+    different ``save_id``), whose group follows this save's in the file table. ``digests``:
+    the index records carry each chunk's xxh3-128 digest (an incremental base, 12.4)."""
     root = os.fspath(path)
     os.makedirs(os.path.join(root, layout.DATA_DIR))
     values = values or {}
@@ -112,7 +114,7 @@ def write_v3(
     counts, entries = [], []
     for rank, stored in enumerate(held):
         shapes = {k: tuple(t.shape) for k, (t, _) in tensors.items()}
-        files = _write_rank(root, rank, stored, files_per_rank, hash_block_bytes, written, shapes, save_id)
+        files = _write_rank(root, rank, stored, files_per_rank, hash_block_bytes, written, shapes, save_id, digests)
         counts.append(len(files))
         raw = rank_index_to_json(save_id, rank, hash_block_bytes, files)
         name = layout.rank_index_name(save_id, rank)
@@ -204,6 +206,7 @@ def _write_rank(
     written: Written,
     tensor_shapes: dict[str, tuple[int, ...]],
     save_id: str,
+    digests: bool = False,
 ) -> list[FileIndex]:
     """One rank's data files: its chunks dealt over ``files_per_rank`` files (fewer when it
     holds fewer chunks), each a safetensors header then the chunks back to back."""
@@ -223,7 +226,8 @@ def _write_rank(
         for s, e in zip(bucket, header_entries, strict=True):
             s.file, s.byte_offset = k, len(header) + e.begin
             hashes = "".join(integrity.block_hashes(memoryview(s.data), block))
-            index.append(IndexEntry(s.byte_offset, len(s.data), hashes))
+            digest = integrity.digest_hex(memoryview(s.data)) if digests else None
+            index.append(IndexEntry(s.byte_offset, len(s.data), hashes, digest))
         name = layout.data_file_name(save_id, rank, k)
         _write(root, name, body)
         written.files_of_rank.setdefault(rank, []).append(name)
