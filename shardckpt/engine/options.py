@@ -132,7 +132,7 @@ class SaveKwargs(TypedDict, total=False):
       chunks whose bytes are unchanged since it are not written again; the new manifest
       points at the base's files. Implies ``incremental``. See docs/manager.md.
     - ``format_version`` (None): None writes version 1 (2 for incremental saves); 3 writes
-      format 3 (docs/format.md section 12: sharding rules, per-rank index records; 1 MiB
+      format 3 (docs/format.md section 12: sharding rules, per-rank index records; 256 KiB
       checksum blocks unless ``hash_block_bytes`` says otherwise), also incremental: its
       ``base`` must then be a format-3 checkpoint.
 

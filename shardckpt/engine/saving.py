@@ -158,7 +158,7 @@ def writer_options(
     format_version: int | None = None,
 ) -> WriterOptions:
     """The writer's options for a save to ``path`` under ``io`` (threads defaulted by storage
-    kind; format 3 checksums in 1 MiB blocks while ``io`` keeps the default block size)."""
+    kind; format 3 checksums in 256 KiB blocks while ``io`` keeps the default block size)."""
     block_bytes = io.hash_block_bytes
     if format_version == 3 and block_bytes == integrity.DEFAULT_BLOCK_BYTES:
         block_bytes = V3_HASH_BLOCK_BYTES
