@@ -148,7 +148,7 @@ def tensor_and_bytes(tensor: torch.Tensor, item: WriteItem) -> tuple[torch.Tenso
     if t.dtype in _NUMPY_DTYPES and t.numel():
         # numpy's buffer, cast to bytes: a third of the torch calls of the general path
         # below, per chunk of thousands (issue #18); the same bytes in the same order.
-        return t, memoryview(t.numpy()).cast("B")
+        return t, memoryview(t.numpy()).cast("B")  # type: ignore[arg-type]
     return t, memoryview(t.reshape(-1).view(torch.uint8).numpy())  # type: ignore[arg-type]
 
 
