@@ -109,10 +109,12 @@ def split_by_bytes(items: list[WriteItem], n: int) -> list[list[WriteItem]]:
     """Up to ``n`` non-empty buckets of roughly equal byte counts (largest item first)."""
     buckets: list[list[WriteItem]] = [[] for _ in range(min(n, len(items)))]
     sizes = [0] * len(buckets)
-    for it in sorted(items, key=lambda i: -item_bytes(i)):
+    measured = [(item_bytes(it), it) for it in items]  # once per item, not once per use
+    measured.sort(key=lambda pair: -pair[0])  # stable: equal sizes keep the plan's order
+    for size, it in measured:
         k = sizes.index(min(sizes))
         buckets[k].append(it)
-        sizes[k] += item_bytes(it)
+        sizes[k] += size
     return [b for b in buckets if b]
 
 
