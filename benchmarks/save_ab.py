@@ -9,7 +9,9 @@ repetition (one warm-up first, dropped), in an order shuffled per repetition:
 - ``shardckpt``: a save of the ``--mix`` to a new folder through that Checkpointer;
 - ``safetensors``: each rank's ``save_file`` of its local tensors, then fsync.
 
-A time is barrier to barrier, max over ranks. The folders are removed after each
+A time is barrier to barrier, max over ranks; ``cpu_s`` is the CPU time (process time,
+all threads) of a shardckpt save summed over ranks, less sensitive than wall time to the
+load of a shared machine. The folders are removed after each
 repetition, outside the timed window. One JSON line on rank 0: medians and the paired
 ratios (safetensors seconds / shardckpt seconds, so 1.0 means as fast as the floor).
 ``--first`` makes every shardckpt save plan from scratch (a fresh Checkpointer per save,
@@ -29,6 +31,7 @@ import argparse
 import cProfile
 import os
 import random
+import statistics
 import sys
 import time
 from typing import Any
@@ -53,6 +56,7 @@ def worker(rank: int, world: int, args: argparse.Namespace, port: int) -> None:
     profile = cProfile.Profile() if args.profile and rank == 0 else None
     ckpt = shardckpt.Checkpointer()
     seconds: dict[str, list[float]] = {"shardckpt": [], "safetensors": []}
+    cpu_s: list[float] = []
     for rep in range(args.repeats + 1):
         order = ["shardckpt", "safetensors"]
         random.Random(rep).shuffle(order)
@@ -63,7 +67,7 @@ def worker(rank: int, world: int, args: argparse.Namespace, port: int) -> None:
                 ckpt = shardckpt.Checkpointer()
                 ckpt.group(None, 600.0)  # its gloo group, outside the timed window
             dist.barrier()
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             if system == "shardckpt":
                 if profile is not None and rep > 0:
                     profile.enable()
@@ -74,8 +78,11 @@ def worker(rank: int, world: int, args: argparse.Namespace, port: int) -> None:
                 save_load.per_rank_file_save("safetensors", os.path.join(folder, f"st-r{rank}.bin"), state)
             dist.barrier()
             dt = max(common.gather_to_all(time.perf_counter() - t0))
+            cpu = sum(common.gather_to_all(time.process_time() - c0))
             if rep > 0:
                 seconds[system].append(dt)
+                if system == "shardckpt":
+                    cpu_s.append(cpu)
         dist.barrier()
         if rank == 0:
             common.remove_tree(folder)
@@ -84,7 +91,16 @@ def worker(rank: int, world: int, args: argparse.Namespace, port: int) -> None:
         profile.dump_stats(args.profile)
     if rank == 0:
         shardckpt_all = [round(s, 3) for s in seconds["shardckpt"]]
-        common.ab_report(args, world, seconds, first=args.first, threads=args.threads, shardckpt_all=shardckpt_all)
+        common.ab_report(
+            args,
+            world,
+            seconds,
+            first=args.first,
+            threads=args.threads,
+            shardckpt_all=shardckpt_all,
+            cpu_s=round(statistics.median(cpu_s), 3),
+            cpu_all=[round(c, 3) for c in cpu_s],
+        )
     dist.destroy_process_group()
 
 

@@ -1,7 +1,8 @@
 """One engine object: :class:`Checkpointer` owns everything a save or load keeps between calls.
 
 That is: the staging buffers of async saves (one host copy of the rank's shard, pinned
-on GPU hosts), the pending async save, the last bounded save's source statistics, the
+on GPU hosts), the pending async save, the last bounded save's source statistics (these
+three in its :class:`~shardckpt.engine.async_slot.AsyncSlot`), the
 gloo process groups the saves and loads talk over, the DTensor write items of the
 last save (reused by the next save of the same layout), and the storage factory. Before it
 existed these were module globals, so a process could have one async save at a time
@@ -17,12 +18,11 @@ from __future__ import annotations
 
 import functools
 import os
-import threading
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+from shardckpt.engine.async_slot import AsyncSlot
 from shardckpt.engine.collective import RankGroup, checkpoint_group, destroy_groups
-from shardckpt.engine.incremental import BaseIndex
 from shardckpt.engine.loading import LoadResult, load_from
 from shardckpt.engine.local_items import ItemCache
 from shardckpt.engine.options import IOOptions, SaveKwargs, Timeouts
@@ -34,10 +34,8 @@ from shardckpt.engine.saving import (
     SaveRequest,
     checkpoint_path,
     persist,
-    start_async_save,
     writer_options,
 )
-from shardckpt.engine.staging import BoundedSource, Stager
 from shardckpt.engine.state import to_plain_state_dict
 from shardckpt.errors import ShardckptError
 from shardckpt.format.manifest import Manifest
@@ -100,10 +98,7 @@ class Checkpointer:
             raise TypeError(f"io must be a shardckpt.IOOptions or None, got {type(io).__name__}")
         self._io = io if io is not None else IOOptions()
         self._storage_factory = storage_factory
-        self._stager = Stager()
-        self._lock = threading.Lock()  # guards _pending against wait() from another thread
-        self._pending: AsyncSaveHandle | None = None
-        self._last_source: BoundedSource | None = None
+        self._async = AsyncSlot()  # staging buffers, the pending async save, the last bounded source
         self._groups: dict[Any, Any] = {}  # (purpose, timeout) -> the gloo group this object created
         self._rounds = Rounds()  # per group: the round trips' numbering and the last save's plan
         self._items = ItemCache()  # this rank's DTensor write items of the last save
@@ -130,7 +125,7 @@ class Checkpointer:
     @property
     def pending(self) -> AsyncSaveHandle | None:
         """The async save started last and not yet waited for by this object, if any."""
-        return self._pending
+        return self._async.pending
 
     # ------------------------------------------------------------ storage and groups
 
@@ -231,16 +226,7 @@ class Checkpointer:
         if max_staging_bytes is not None and max_staging_bytes < 0:
             raise ValueError(f"max_staging_bytes must be >= 0 or None (no bound), got {max_staging_bytes}")
         request = self._start_save("async save", path, options)
-        handle, source, thread = start_async_save(
-            state_dict, request, self._stager, self._rounds.over(request.process_group)[0], max_staging_bytes
-        )
-        with self._lock:
-            self._pending = handle
-            self._last_source = source
-        thread.start()
-        if source is not None:
-            source.released.wait()  # the caller's tensors are read until then
-        return handle
+        return self._async.start(state_dict, request, self._rounds.over(request.process_group)[0], max_staging_bytes)
 
     def _start_save(self, action: str, path: str | os.PathLike[str], options: SaveKwargs) -> SaveRequest:
         """The preamble ``save`` and ``async_save`` share: check the arguments, finish the
@@ -254,6 +240,9 @@ class Checkpointer:
         storage_options = options.get("storage_options")
         base = options.get("base")
         digests = bool(options.get("incremental", False)) or base is not None
+        if base is not None:  # finds the base's chunks (SavedChunks.base_index), opened with our factory
+            base = checkpoint_path(base)
+            open_base = functools.partial(self.open_storage, base, storage_options, io=io)
         writer = writer_options(
             io,
             path,
@@ -261,7 +250,11 @@ class Checkpointer:
             metadata=options.get("metadata"),
             digests=digests,
             format_version=options.get("format_version"),
-            base=None if base is None else self._base(checkpoint_path(base), storage_options, io, options),
+            base=None
+            if base is None
+            else functools.partial(
+                self._chunks.base_index, base, open_base, format_version=options.get("format_version")
+            ),
         )
         timeout_s = options.get("timeout_s")
         timeouts = Timeouts.of(timeout_s)
@@ -279,15 +272,6 @@ class Checkpointer:
             rounds=self._rounds,
             items=self._items,
         )
-
-    def _base(
-        self, base: str, storage_options: dict[str, Any] | None, io: IOOptions, options: SaveKwargs
-    ) -> Callable[[Storage], BaseIndex]:
-        """The ``base`` of a save's writer options: finds the chunks of checkpoint ``base``
-        (see :meth:`SavedChunks.base_index`), opened with this Checkpointer's factory."""
-        opened = functools.partial(self.open_storage, base, storage_options, io=io)
-        version = options.get("format_version")
-        return functools.partial(self._chunks.base_index, base, opened, format_version=version)
 
     def load(
         self,
@@ -379,27 +363,13 @@ class Checkpointer:
         """Finish this Checkpointer's pending async save, if any, and forget it. Returns
         its Manifest (coordinator) or None; raises its error unless someone already saw it
         through the handle's ``wait()``. Not collective by itself (the save is). Any thread."""
-        with self._lock:
-            handle, self._pending = self._pending, None
-        if handle is None:
-            return None
-        already_seen = handle.error_reported
-        try:
-            return handle.wait()
-        except BaseException:
-            if not already_seen:
-                raise
-            return None
+        return self._async.wait()
 
     def staging_stats(self) -> dict[str, int]:
         """Host memory held by this Checkpointer's staging buffers, how often they were
         allocated, and for its last bounded save how many bytes were written from live
         tensors vs staged. Any thread."""
-        stats = {"staged_bytes": self._stager.staged_bytes, "allocations": self._stager.allocations}
-        source = self._last_source
-        if source is not None:
-            stats.update(bounded_live_bytes=source.live_bytes, bounded_staged_bytes=source.staged_bytes)
-        return stats
+        return self._async.stats()
 
     def forget_chunks(self) -> None:
         """Forget the chunk locations of the last save (the next incremental save against it
@@ -418,11 +388,8 @@ class Checkpointer:
             return
         self._closed = True
         try:
-            self.wait()
+            self._async.close()
         finally:
-            # Dropping the Stager drops its buffers (and a bounded save's arena with it).
-            self._stager = Stager()
-            self._last_source = None
             self._chunks.forget()
             groups, self._groups = list(self._groups.values()), {}
             self._rounds.close()

@@ -38,7 +38,7 @@ from shardckpt.engine.plan_checks import (
     value_summary,
 )
 from shardckpt.engine.staging import BoundedSource, StagedShard
-from shardckpt.engine.state import check_savable, flattening_errors
+from shardckpt.engine.state import check_savable, flatten_plain_dicts, flattening_errors
 from shardckpt.format import datafile, integrity
 from shardckpt.format.values import decode_value, encode_value
 
@@ -93,8 +93,13 @@ class SavePlanner(DefaultSavePlanner):
         self.manifest_key_bytes: int | None = None  # set by the global plan (see manifest_key_bytes)
 
     def set_up_planner(self, state_dict: Any, storage_meta: Any = None, is_coordinator: bool = False) -> None:
-        with flattening_errors():
-            super().set_up_planner(state_dict, storage_meta, is_coordinator)
+        plain = flatten_plain_dicts(state_dict)
+        if plain is None:
+            with flattening_errors():
+                super().set_up_planner(state_dict, storage_meta, is_coordinator)
+        else:  # what DCP's set_up_planner sets, without its flattening passes (#18)
+            self.state_dict, self.mappings = plain
+            self.is_coordinator = is_coordinator
         if self._original_mappings is not None:
             self.mappings = dict(self._original_mappings)
         self._global_checks_ran = False  # a planner may be set up for another save

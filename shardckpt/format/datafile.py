@@ -99,11 +99,36 @@ class HeaderEntry:
 
 
 def build_header(entries: list[HeaderEntry], metadata: dict[str, str]) -> bytes:
-    """Length prefix + JSON header, padded to a multiple of 8 bytes."""
+    """Length prefix + JSON header, padded to a multiple of 8 bytes.
+
+    The bytes are those of ``json.dumps`` of ``{"__metadata__": metadata, name: {"dtype",
+    "shape", "data_offsets"}, ...}`` (compact separators, ASCII), formatted entry by entry
+    from a template: a data file of thousands of small chunks builds its header every save
+    (issue #18). Names JSON would escape, and repeated names, take ``json.dumps`` itself."""
+    names = [e.name for e in entries]
+    plain = all(map(_plain_json_string, names)) and all(map(_plain_json_string, {e.dtype for e in entries}))
+    if not plain or len(set(names)) != len(names) or "__metadata__" in names:
+        return _frame(_header_json(entries, metadata))
+    parts = [json.dumps({"__metadata__": dict(metadata)}, separators=(",", ":"))[:-1]]
+    for e in entries:
+        shape = ",".join(map(str, e.shape))
+        parts.append(f'"{e.name}":{{"dtype":"{e.dtype}","shape":[{shape}],"data_offsets":[{e.begin},{e.end}]}}')
+    return _frame((",".join(parts) + "}").encode())
+
+
+def _plain_json_string(text: str) -> bool:
+    """Whether ``json.dumps(text)`` is ``text`` in quotes: printable ASCII, no quote or backslash."""
+    return text.isascii() and text.isprintable() and '"' not in text and "\\" not in text
+
+
+def _header_json(entries: list[HeaderEntry], metadata: dict[str, str]) -> bytes:
     header: dict[str, object] = {"__metadata__": dict(metadata)}
     for e in entries:
         header[e.name] = {"dtype": e.dtype, "shape": list(e.shape), "data_offsets": [e.begin, e.end]}
-    raw = json.dumps(header, separators=(",", ":")).encode()
+    return json.dumps(header, separators=(",", ":")).encode()
+
+
+def _frame(raw: bytes) -> bytes:
     raw += b" " * ((-(len(raw) + HEADER_LEN_BYTES)) % 8)
     return struct.pack("<Q", len(raw)) + raw
 

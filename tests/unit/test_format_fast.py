@@ -1,4 +1,4 @@
-"""manifest_to_json's preformatted tensor lines (issue #18) are byte for byte json.dumps.
+"""manifest_to_json's preformatted tensor lines and build_header's template (issue #18) are byte for byte json.dumps.
 
 The oracle below is the writer as it was before the fast path: every tensor line from
 ``json.dumps`` of its plain document. Random manifests (hypothesis) cover odd keys and
@@ -15,6 +15,7 @@ from typing import Any
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
+from shardckpt.format import datafile
 from shardckpt.format import manifest as manifest_module
 from shardckpt.format.manifest import ChunkRecord, FileRecord, Manifest, TensorRecord, manifest_to_json, seal
 
@@ -164,3 +165,37 @@ def test_a_huge_int_is_refused_as_json_dumps_refuses_it() -> None:
             assert "digits" in str(e)
         else:
             raise AssertionError(f"{write.__name__} wrote a 5,000-digit int")
+
+
+def _header_oracle(entries: list[datafile.HeaderEntry], metadata: dict[str, str]) -> bytes:
+    """A data file's header as json.dumps of one dict writes it (the writer before #18's template)."""
+    header: dict[str, object] = {"__metadata__": dict(metadata)}
+    for e in entries:
+        header[e.name] = {"dtype": e.dtype, "shape": list(e.shape), "data_offsets": [e.begin, e.end]}
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * ((-(len(raw) + 8)) % 8)
+    return len(raw).to_bytes(8, "little") + raw
+
+
+_names = st.one_of(st.sampled_from(["w", "w@0,4", "__metadata__", 'q"x', "b\\s", "é", "\x7f", "\x00"]), st.text())
+_entries = st.lists(
+    st.builds(
+        datafile.HeaderEntry,
+        _names,
+        st.sampled_from(["F32", "BF16", "I64", 'F"8']),
+        st.lists(st.integers(0, 2**40), max_size=4).map(tuple),
+        st.integers(0, 2**62),
+        st.integers(0, 2**62),
+    ),
+    max_size=6,
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(_entries, st.dictionaries(st.text(max_size=8), st.text(max_size=8), max_size=3))
+@example([datafile.HeaderEntry("a", "F32", (2,), 0, 8), datafile.HeaderEntry("a", "F32", (2,), 8, 16)], {})
+def test_a_data_file_header_is_json_dumps(entries: list[datafile.HeaderEntry], meta: dict[str, str]) -> None:
+    """build_header formats plain names from a template; every header, odd names (quotes,
+    backslashes, unicode, control characters, repeats, ``__metadata__``) included, is
+    byte for byte the json.dumps one, so files saved before and after read the same."""
+    assert datafile.build_header(entries, meta) == _header_oracle(entries, meta)

@@ -282,3 +282,40 @@ def test_the_quick_manifest_check_refuses_every_chunk_the_full_check_refuses(
         second[field] = bad
     with pytest.raises(ManifestError, match=message):
         parse_manifest(json.dumps(doc).encode(), source="src")
+
+
+def test_every_recorded_hash_is_that_of_the_bytes_on_disk_for_every_dtype_and_shape(tmp_path: Path) -> None:
+    """The write path's shortcuts (numpy's buffer for numpy dtypes, one hash call for a
+    one-block chunk, the joined writes) record what hashing each chunk's bytes on disk
+    block by block gives, and those bytes are the tensor's own."""
+    from shardckpt.format import integrity
+    from shardckpt.format.manifest import parse_manifest
+
+    block = 4096
+    state: dict[str, Any] = {
+        "f32": torch.randn(300),
+        "bf16": torch.randn(500).to(torch.bfloat16),
+        "bool": torch.rand(77) > 0.5,
+        "i64": torch.arange(-5, 40),
+        "empty": torch.zeros(0, 3),
+        "scalar": torch.tensor(2.5, dtype=torch.float64),
+        "strided": torch.arange(60, dtype=torch.int16).reshape(6, 10).t(),
+        "grad": torch.ones(5, requires_grad=True),
+        "blocks": torch.randn(3 * block // 4 + 7),  # three full blocks and a short one
+        "exact": torch.randn(block // 4),  # exactly one block
+    }
+    path = tmp_path / "ckpt"
+    shardckpt.save(state, str(path), num_io_threads=2, hash_block_bytes=block)
+    m = parse_manifest((path / "manifest.json").read_bytes(), source="test")
+    for name, record in m.files.items():
+        hasher = integrity.new_file_hasher()
+        hasher.update((path / name).read_bytes())
+        assert hasher.hexdigest() == record.hash, name
+    for key, tensor in state.items():
+        [chunk] = m.tensors[key].chunks
+        raw = (path / chunk.file).read_bytes()[chunk.byte_offset : chunk.byte_offset + chunk.byte_length]
+        want = tensor.detach().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
+        assert raw == want, key
+        assert list(chunk.block_hashes) == integrity.block_hashes(memoryview(raw), block), key
+    assert len(m.tensors["blocks"].chunks[0].block_hashes) == 4
+    assert m.tensors["empty"].chunks[0].block_hashes == ()
