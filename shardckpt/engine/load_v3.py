@@ -79,6 +79,7 @@ def load_planner(
     return LoadPlanner(allow_partial_load=True, flattened=flattened)
 
 
+@torch.no_grad()  # for target_box's to_local()
 def needed_metadata(metadata: Metadata, manifest: ManifestV3, flat: dict[str, Any]) -> Metadata:
     """``metadata`` (a format-3 manifest's, with no chunks) where each tensor this rank
     loads lists the chunks that its boxes overlap, and only those."""
@@ -140,15 +141,16 @@ class RuleChunks:
         ranks); check the size of every data file they read; return the reader of their boxes."""
         wanted = sorted({(i.storage_index.fqn, tuple(i.storage_index.offset or ())) for i in items})
         ranks: dict[tuple[int, int], FileRef] = {}
-        for key, offsets in wanted:
-            c, ref = self._locate(key, offsets)
+        located = [self._locate(key, offsets) for key, offsets in wanted]
+        for c, ref in located:
             if self._inline(c.file) is None:  # the manifest's copy needs no page nor record (12.8)
                 ranks.setdefault((ref.group, ref.rank), ref)
         pages = {(ref.group, ref.page): ref for ref in ranks.values()}
         _each(self._page, [pages[k] for k in sorted(pages)], threads)
         _each(self._rank_index, [ranks[k] for k in sorted(ranks)], threads)
-        for key, offsets in wanted:
-            self.chunk(key, offsets)
+        for (key, offsets), found in zip(wanted, located, strict=True):
+            if (key, offsets) not in self._chunks:
+                self._resolve(key, offsets, *found)
         self.boxes.check_file_sizes(self._files)
         return self.boxes
 
@@ -158,7 +160,10 @@ class RuleChunks:
         found = self._chunks.get((key, offsets))
         if found is not None:
             return found
-        c, ref = self._locate(key, offsets)
+        return self._resolve(key, offsets, *self._locate(key, offsets))
+
+    def _resolve(self, key: str, offsets: tuple[int, ...], c: Chunk, ref: FileRef) -> ChunkRecord:
+        """The record of chunk ``c`` of ``key`` (at ``ref`` in the file table), from its index entry."""
         index = self._inline(c.file)
         if index is None:
             index = self._rank_index(ref)[ref.number]
