@@ -5,7 +5,8 @@ Each call is one spawn of ``--world-size`` gloo ranks running the shardckpt foun
 PYTHONPATH: it saves the ``--mix`` once (shardckpt and per-rank safetensors files, kept
 in ``--dir`` for the next calls), then ``--repeats`` times (after one warm-up) loads both,
 in shuffled order, each cold (rank 0 evicts the files first), and prints one JSON line:
-the seconds of each load (max over ranks) and their ratio. Interleave builds by calling
+the seconds of each load (max over ranks) and their ratio. ``--profile FILE`` writes a
+cProfile of rank 0's measured shardckpt loads. Interleave builds by calling
 it alternately, e.g. with a checkout of the old commit::
 
     git archive OLD shardckpt | tar -x -C /tmp/old
@@ -18,6 +19,7 @@ it alternately, e.g. with a checkout of the old commit::
 from __future__ import annotations
 
 import argparse
+import cProfile
 import os
 import random
 import sys
@@ -47,6 +49,7 @@ def worker(rank: int, world: int, args: argparse.Namespace, port: int) -> None:
     st_files = [os.path.join(args.dir, f"safetensors-r{r}.bin") for r in range(world)]
     files = {"shardckpt": common.files_under(ckpt), "safetensors": st_files}
     seconds: dict[str, list[float]] = {"shardckpt": [], "safetensors": []}
+    profile = cProfile.Profile() if args.profile and rank == 0 else None
     for rep in range(args.repeats + 1):
         order = ["shardckpt", "safetensors"]
         random.Random(rep).shuffle(order)
@@ -57,7 +60,11 @@ def worker(rank: int, world: int, args: argparse.Namespace, port: int) -> None:
             dist.barrier()
             t0 = time.perf_counter()
             if system == "shardckpt":
+                if profile is not None and rep > 0:
+                    profile.enable()
                 shardckpt.load(dst, ckpt)
+                if profile is not None:
+                    profile.disable()
             else:
                 save_load.per_rank_file_load(st, dst)
             dist.barrier()
@@ -67,6 +74,8 @@ def worker(rank: int, world: int, args: argparse.Namespace, port: int) -> None:
                     raise AssertionError("shardckpt: loaded values differ from the saved ones")
             else:
                 seconds[system].append(dt)
+    if profile is not None:
+        profile.dump_stats(args.profile)
     if rank == 0:
         common.ab_report(args, world, seconds)
     dist.destroy_process_group()
@@ -75,6 +84,7 @@ def worker(rank: int, world: int, args: argparse.Namespace, port: int) -> None:
 def main() -> None:
     ap = common.ab_parser(__doc__, save_load.MIXES)
     ap.add_argument("--format-version", type=int, default=None, choices=[3], help="save the checkpoint in format 3")
+    ap.add_argument("--profile", default="", help="write a cProfile of rank 0's measured loads here")
     ap.add_argument("--dir", required=True, help="scratch folder, reused across calls (delete it yourself)")
     args = ap.parse_args()
     os.makedirs(args.dir, exist_ok=True)

@@ -37,11 +37,12 @@ from torch.distributed.tensor import DTensor
 
 from shardckpt.engine._torch_private import local_chunks
 from shardckpt.engine.boxes import BoxReader
+from shardckpt.engine.load_items import target_box
 from shardckpt.engine.planner import LoadPlanner
 from shardckpt.errors import IntegrityError, ManifestError
 from shardckpt.format import datafile, rules
 from shardckpt.format.file_table import FileRef, RankEntry, parse_page
-from shardckpt.format.manifest import ChunkRecord, FileRecord
+from shardckpt.format.manifest import ChunkRecord, FileRecord, Manifest
 from shardckpt.format.manifest_v3 import Chunk, ManifestV3, Tensor
 from shardckpt.format.rank_index import FileIndex, parse_rank_index
 from shardckpt.storage import Storage
@@ -52,8 +53,14 @@ _RESTORE = "Restore it from a copy of the checkpoint, or load an earlier checkpo
 class RulePlanner(LoadPlanner):
     """The load planner of a format-3 manifest (see the module docstring)."""
 
-    def __init__(self, manifest: ManifestV3, *, allow_partial_load: bool) -> None:
-        super().__init__(allow_partial_load=allow_partial_load)
+    def __init__(
+        self,
+        manifest: ManifestV3,
+        *,
+        allow_partial_load: bool,
+        flattened: tuple[dict[str, Any], dict[str, Any]] | None = None,
+    ) -> None:
+        super().__init__(allow_partial_load=allow_partial_load, flattened=flattened)
         self.manifest3 = manifest
 
     def set_up_planner(self, state_dict: Any, metadata: Any = None, is_coordinator: bool = False) -> None:
@@ -62,20 +69,34 @@ class RulePlanner(LoadPlanner):
         self.metadata = needed_metadata(self.metadata, self.manifest3, self.state_dict)
 
 
+def load_planner(
+    manifest: Manifest | ManifestV3, *, flattened: tuple[dict[str, Any], dict[str, Any]] | None = None
+) -> LoadPlanner:
+    """The planner of a load of ``manifest`` (partial loads allowed: ``check_target``
+    decides which keys must match); ``flattened``: see :class:`LoadPlanner`."""
+    if isinstance(manifest, ManifestV3):
+        return RulePlanner(manifest, allow_partial_load=True, flattened=flattened)
+    return LoadPlanner(allow_partial_load=True, flattened=flattened)
+
+
+@torch.no_grad()  # for target_box's to_local()
 def needed_metadata(metadata: Metadata, manifest: ManifestV3, flat: dict[str, Any]) -> Metadata:
     """``metadata`` (a format-3 manifest's, with no chunks) where each tensor this rank
     loads lists the chunks that its boxes overlap, and only those."""
     sd = dict(metadata.state_dict_metadata)
+    coordinates: dict[int, Sequence[int] | None] = {}
     for fqn, obj in flat.items():
         md, rec = sd.get(fqn), manifest.tensors.get(fqn)
         if not isinstance(md, TensorStorageMetadata) or rec is None:
             continue  # values, keys the checkpoint lacks
         if not isinstance(obj, torch.Tensor) or tuple(obj.shape) != rec.shape:
             continue  # check_target refused these already; DCP's planning would say so too
-        if isinstance(obj, DTensor) and obj.device_mesh.get_coordinate() is None:
+        found = target_box(obj, coordinates)  # the box of a plain (D)Tensor, from public attributes (#18)
+        off_mesh = found is None and isinstance(obj, DTensor) and obj.device_mesh.get_coordinate() is None
+        if isinstance(found, str) or off_mesh:
             continue  # not on this DTensor's mesh: DCP reads nothing for it
         seen: dict[tuple[int, ...], ChunkStorageMetadata] = {}
-        for box in local_chunks(obj):
+        for box in local_chunks(obj) if found is None else [found[0]]:
             for c in rec.chunks_for_box(tuple(box.offsets), tuple(box.sizes)):
                 seen.setdefault(
                     c.offsets, ChunkStorageMetadata(offsets=torch.Size(c.offsets), sizes=torch.Size(c.sizes))
@@ -120,15 +141,16 @@ class RuleChunks:
         ranks); check the size of every data file they read; return the reader of their boxes."""
         wanted = sorted({(i.storage_index.fqn, tuple(i.storage_index.offset or ())) for i in items})
         ranks: dict[tuple[int, int], FileRef] = {}
-        for key, offsets in wanted:
-            c, ref = self._locate(key, offsets)
+        located = [self._locate(key, offsets) for key, offsets in wanted]
+        for c, ref in located:
             if self._inline(c.file) is None:  # the manifest's copy needs no page nor record (12.8)
                 ranks.setdefault((ref.group, ref.rank), ref)
         pages = {(ref.group, ref.page): ref for ref in ranks.values()}
         _each(self._page, [pages[k] for k in sorted(pages)], threads)
         _each(self._rank_index, [ranks[k] for k in sorted(ranks)], threads)
-        for key, offsets in wanted:
-            self.chunk(key, offsets)
+        for (key, offsets), found in zip(wanted, located, strict=True):
+            if (key, offsets) not in self._chunks:
+                self._resolve(key, offsets, *found)
         self.boxes.check_file_sizes(self._files)
         return self.boxes
 
@@ -138,7 +160,10 @@ class RuleChunks:
         found = self._chunks.get((key, offsets))
         if found is not None:
             return found
-        c, ref = self._locate(key, offsets)
+        return self._resolve(key, offsets, *self._locate(key, offsets))
+
+    def _resolve(self, key: str, offsets: tuple[int, ...], c: Chunk, ref: FileRef) -> ChunkRecord:
+        """The record of chunk ``c`` of ``key`` (at ``ref`` in the file table), from its index entry."""
         index = self._inline(c.file)
         if index is None:
             index = self._rank_index(ref)[ref.number]

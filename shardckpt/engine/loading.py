@@ -18,12 +18,11 @@ import torch
 
 from shardckpt.engine.collector import collector_paused
 from shardckpt.engine.exchange import Exchange, raise_gathered
-from shardckpt.engine.load_v3 import RulePlanner
+from shardckpt.engine.load_v3 import load_planner
 from shardckpt.engine.options import Timeouts
-from shardckpt.engine.planner import LoadPlanner
 from shardckpt.engine.protocol import read_in_rounds
 from shardckpt.engine.reader import Reader
-from shardckpt.engine.state import PlainState, describe, flat_keys, tensor_problem
+from shardckpt.engine.state import PlainState, describe, flatten, tensor_problem
 from shardckpt.errors import (
     CheckpointNotFoundError,
     InconsistentRanksError,
@@ -72,7 +71,8 @@ def load_from(
     def prepare() -> tuple[str, str, str, tuple[str, str] | None]:
         raw = read_manifest_bytes(storage)
         mine["manifest"] = parse_any_manifest(raw, source=f"{storage.url}/{layout.MANIFEST_NAME}")
-        flat = flat_keys(plain)
+        mine["flat"] = flatten(plain)  # the load planner's too (it need not flatten again, #18)
+        flat = mine["flat"][0]
         try:
             check_loadable(mine["manifest"], flat)
             mine["result"] = check_target(
@@ -106,11 +106,7 @@ def load_from(
     manifest: Manifest | ManifestV3 = mine["manifest"]
     result: LoadResult = mine["result"]
     reader = Reader(storage, manifest, verify=verify, num_io_threads=num_io_threads)
-    planner = (
-        RulePlanner(manifest, allow_partial_load=True)
-        if isinstance(manifest, ManifestV3)
-        else LoadPlanner(allow_partial_load=True)
-    )
+    planner = load_planner(manifest, flattened=mine["flat"])
     read_in_rounds(plain, reader, planner, exchange, path=path, timeouts=timeouts, slow_io_hint=slow_io_hint)
     state.hand_back()
     if (result.missing_keys or result.unexpected_keys) and not _SKIPS_EXPECTED.get():

@@ -23,9 +23,11 @@ from torch.distributed.checkpoint.default_planner import (
     create_default_global_save_plan,
 )
 from torch.distributed.checkpoint.metadata import Metadata
-from torch.distributed.checkpoint.planner import ReadItem, SavePlan, WriteItem, WriteItemType
+from torch.distributed.checkpoint.planner import LoadPlan, ReadItem, SavePlan, WriteItem, WriteItemType
+from torch.distributed.tensor import DTensor
 
 from shardckpt.engine._torch_private import hook_skipped_error
+from shardckpt.engine.load_items import local_read_items
 from shardckpt.engine.local_items import ItemCache, local_shards, local_write_items, resolved_shards
 from shardckpt.engine.placement import balance_replicated
 from shardckpt.engine.plan_checks import (
@@ -226,14 +228,52 @@ def layout_fingerprint(
 
 
 class LoadPlanner(DefaultLoadPlanner):
-    """Decodes non-tensor values from JSON; never calls torch.load."""
+    """Decodes non-tensor values from JSON; never calls torch.load. Plans its reads with
+    :func:`~shardckpt.engine.load_items.local_read_items`: DCP's items, those of plain
+    tensors and Shard/Replicate DTensors computed there (issue #18)."""
 
-    def __init__(self, *, allow_partial_load: bool) -> None:
+    def __init__(
+        self, *, allow_partial_load: bool, flattened: tuple[dict[str, Any], dict[str, Any]] | None = None
+    ) -> None:
+        """``flattened``: DCP's flattening (``state.flatten``) of the state_dict that
+        :meth:`set_up_planner` will be given, when the caller made it already; used when
+        it holds only plain tensors, DTensors and values, none on the meta device, where
+        DCP's own set-up would flatten it again and change nothing else."""
         super().__init__(flatten_state_dict=True, flatten_sharded_tensors=True, allow_partial_load=allow_partial_load)
+        self._flattened = flattened
+        self._targets: dict[str, torch.Tensor] = {}  # key -> the local tensor its read items fill
 
     def set_up_planner(self, state_dict: Any, metadata: Any = None, is_coordinator: bool = False) -> None:
+        flattened, self._flattened = self._flattened, None
+        self._targets = {}
+        if flattened is not None and _nothing_to_set_up(flattened[0]):
+            self.original_state_dict = state_dict
+            self.state_dict, self.mappings = flattened
+            self.metadata, self.is_coordinator = metadata, is_coordinator
+            return
         with flattening_errors():
             super().set_up_planner(state_dict, metadata, is_coordinator)
+
+    def create_local_plan(self) -> LoadPlan:
+        if self.metadata is None:
+            raise AssertionError("set_up_planner was not given the checkpoint's metadata")
+        if not self.allow_partial_load or self.metadata.state_dict_metadata.keys() - self.state_dict.keys():
+            # DCP's own: a strict plan, or a key the state lacks (DCP then tries the
+            # flattening of checkpoints saved before torch 2.4).
+            return super().create_local_plan()
+        self._targets = {}
+        return LoadPlan(local_read_items(self.state_dict, self.metadata, self._targets))
+
+    def resolve_tensor(self, read_item: ReadItem) -> torch.Tensor:
+        """The part of the target that ``read_item`` fills (thread-safe): of the local tensor
+        planned by :meth:`create_local_plan` without asking the DTensor again, else DCP's."""
+        local = self._targets.get(read_item.dest_index.fqn)
+        if local is None:
+            return super().resolve_tensor(read_item)  # type: ignore[no-any-return]
+        for dim, (offset, length) in enumerate(zip(read_item.dest_offsets, read_item.lengths, strict=True)):
+            if offset != 0 or length != local.shape[dim]:
+                local = local.narrow(dim, offset, length)
+        return local
 
     def load_bytes(self, read_item: ReadItem, value: io.BytesIO) -> None:
         fqn = read_item.dest_index.fqn
@@ -242,6 +282,18 @@ class LoadPlanner(DefaultLoadPlanner):
             set_in_place(self.original_state_dict, self.mappings[fqn], obj)
         else:
             self.state_dict[fqn] = obj
+
+
+def _nothing_to_set_up(flat: dict[str, Any]) -> bool:
+    """Whether DCP's ``set_up_planner`` would change nothing in the flattened ``flat`` but
+    flatten it: no ShardedTensor to split, no meta tensor to materialize."""
+    return all(
+        not isinstance(v, torch.Tensor) or (type(v) in _PLAIN_TARGETS and v.device.type != "meta")
+        for v in flat.values()
+    )
+
+
+_PLAIN_TARGETS = (torch.Tensor, torch.nn.Parameter, DTensor)
 
 
 def set_in_place(root: Any, path: Any, value: Any) -> None:

@@ -152,6 +152,11 @@ def flat_keys(plain: dict[str, Any]) -> dict[str, Any]:
     return _flatten(plain)[0]
 
 
+def flatten(plain: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """:func:`flat_keys` and the mapping back to each leaf's path, as DCP's planners flatten."""
+    return _flatten(plain)
+
+
 def _flatten(plain: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
     with flattening_errors():
         return flatten_state_dict(plain)

@@ -281,7 +281,7 @@ def test_the_planner_lists_only_the_cells_a_box_touches_never_enumerating_the_ru
 
     monkeypatch.setattr(rules, "expand", refuse)
     box = ChunkStorageMetadata(offsets=torch.Size([1000, 0]), sizes=torch.Size([3, 4]))
-    monkeypatch.setattr(load_v3, "local_chunks", lambda obj: [box])  # this rank's shard of a DTensor
+    monkeypatch.setattr(load_v3, "target_box", lambda obj, coordinates: (box, obj))  # this rank's shard of a DTensor
     md = load_v3.needed_metadata(manifest_to_metadata(m), m, {"w": torch.empty(cells, 4, device="meta")})
     chunks = md.state_dict_metadata["w"].chunks
     assert [(list(c.offsets), list(c.sizes)) for c in chunks] == [([r, 0], [1, 4]) for r in (1000, 1001, 1002)]

@@ -1,0 +1,128 @@
+"""A rank's read items, with the target boxes computed here for the common targets (issue #18).
+
+DCP's local load plan (``create_default_local_load_plan``) asks every target for its
+boxes (``DTensor.__create_chunk_list__``: DTensor's general sharding code, about 25 us a
+DTensor) and then runs its resharding sweep per key, even when the target box is exactly
+one saved chunk: together most of a same-layout load of thousands of small tensors.
+:func:`local_read_items` gives the same items, in the same order:
+
+- the box of a plain DTensor whose placements are all exactly ``Shard`` or ``Replicate``
+  comes from public attributes (:func:`~shardckpt.engine.local_items.shard_box`, as the
+  save side computes it), of a plain tensor from its shape;
+- when that box is exactly one saved chunk (a resume in the layout it was saved in), the
+  one read item is built here; otherwise DCP's public resharding step
+  (``create_read_items_for_chunk_list``) maps the box onto the saved chunks;
+- everything else (values, ShardedTensors, DTensor subclasses or other placements,
+  tensors of another shape, DCP's error cases) goes to ``create_default_local_load_plan``.
+
+``tests/unit/test_load_items.py`` compares the two over many layouts (uneven and empty
+shards, 2-D and sub meshes, off-mesh ranks, resharding 4 -> 3, another dtype).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch.distributed.checkpoint.default_planner import create_default_local_load_plan
+from torch.distributed.checkpoint.metadata import ChunkStorageMetadata, Metadata, MetadataIndex, TensorStorageMetadata
+from torch.distributed.checkpoint.planner import LoadItemType, ReadItem
+from torch.distributed.checkpoint.planner_helpers import create_read_items_for_chunk_list
+from torch.distributed.tensor import DTensor
+
+from shardckpt.engine._torch_private import is_checkpointable_tensor
+from shardckpt.engine.local_items import shard_box
+
+__all__ = ["local_read_items", "target_box"]
+
+OFF_MESH = "off mesh"
+""":func:`target_box` of a DTensor on a mesh this rank is not part of (DCP reads nothing for it)."""
+
+_PLAIN_TENSORS = (torch.Tensor, torch.nn.Parameter)
+
+
+def target_box(
+    obj: Any, coordinates: dict[int, Sequence[int] | None]
+) -> tuple[ChunkStorageMetadata, torch.Tensor] | str | None:
+    """The box of the global tensor that this rank fills of ``obj`` and the local tensor
+    that holds it: a plain tensor's whole self; a plain DTensor of Shard/Replicate
+    placements, its shard (``to_local()``: call under ``torch.no_grad()``, where it is the
+    local tensor itself, not a view through autograd; a tenth of the cost).
+    :data:`OFF_MESH` when this rank is not on the DTensor's mesh; None for DCP to ask
+    ``obj`` (anything else). ``coordinates``: id(mesh) -> this rank's coordinate, filled
+    as meshes are met (one look-up per mesh and call)."""
+    kind = type(obj)
+    if kind in _PLAIN_TENSORS and not is_checkpointable_tensor(obj):
+        return ChunkStorageMetadata(offsets=torch.Size([0] * obj.dim()), sizes=obj.size()), obj
+    if kind is not DTensor:
+        return None
+    local = obj.to_local()  # the local tensor itself, if the caller turned autograd off
+    if hasattr(local, "__create_chunk_list__") or hasattr(local, "__get_tensor_shard__"):
+        return None  # a local tensor that plans itself
+    mesh = obj.device_mesh
+    if id(mesh) not in coordinates:
+        coordinates[id(mesh)] = mesh.get_coordinate()
+    coordinate = coordinates[id(mesh)]
+    if coordinate is None:
+        return OFF_MESH
+    box = shard_box(obj.shape, mesh.shape, coordinate, obj.placements)
+    if box is None:
+        return None
+    return ChunkStorageMetadata(offsets=torch.Size(box[1]), sizes=torch.Size(box[0])), local
+
+
+@torch.no_grad()  # for target_box's to_local()
+def local_read_items(
+    flat: dict[str, Any], metadata: Metadata, targets: dict[str, torch.Tensor] | None = None
+) -> list[ReadItem]:
+    """The items of DCP's ``create_default_local_load_plan(flat, metadata, strict=False)``,
+    in its order (see the module docstring). ``targets``: filled with the local tensor of
+    each key planned here, the tensor DCP's ``resolve_tensor`` would find for its items.
+    Not collective; the keys of ``metadata`` the state lacks are skipped, as DCP skips them."""
+    saved = metadata.state_dict_metadata
+    coordinates: dict[int, Sequence[int] | None] = {}
+    ours: dict[str, list[ReadItem]] = {}
+    rest: dict[str, Any] = {}
+    for fqn, obj in flat.items():
+        md = saved.get(fqn)
+        if md is None:
+            continue
+        found = target_box(obj, coordinates) if isinstance(md, TensorStorageMetadata) else None
+        if found is None or not isinstance(md, TensorStorageMetadata) or md.size != obj.size():
+            rest[fqn] = obj  # DCP plans it (and raises its own errors)
+        elif isinstance(found, str):  # OFF_MESH
+            ours[fqn] = []
+        else:
+            box, local = found
+            ours[fqn] = _items_for_box(fqn, md, box)
+            if targets is not None:
+                targets[fqn] = local
+    if not rest:
+        return [item for items in ours.values() for item in items]
+    theirs: dict[str, list[ReadItem]] = {}
+    for item in create_default_local_load_plan(rest, metadata, False).items:
+        theirs.setdefault(item.dest_index.fqn, []).append(item)
+    return [item for fqn in flat for item in (ours[fqn] if fqn in ours else theirs.get(fqn, ()))]
+
+
+def _items_for_box(fqn: str, md: TensorStorageMetadata, box: ChunkStorageMetadata) -> list[ReadItem]:
+    """DCP's read items for one target box: built here when a saved chunk is exactly the
+    box (saved chunks are disjoint, so no other one overlaps it; an empty box reads
+    nothing, as DCP's overlap test finds), else DCP's resharding step."""
+    if box.sizes and 0 in box.sizes:
+        return []
+    for index, chunk in enumerate(md.chunks):
+        if chunk.offsets == box.offsets and chunk.sizes == box.sizes:
+            zeros = torch.Size([0] * len(box.sizes))
+            return [
+                ReadItem(
+                    type=LoadItemType.TENSOR,
+                    dest_index=MetadataIndex(fqn, box.offsets, 0),
+                    dest_offsets=zeros,
+                    storage_index=MetadataIndex(fqn, chunk.offsets, index),
+                    storage_offsets=zeros,
+                    lengths=box.sizes,
+                )
+            ]
+    return create_read_items_for_chunk_list(fqn, md, [box])
