@@ -2,9 +2,9 @@
 
 That is: the staging buffers of async saves (one host copy of the rank's shard, pinned
 on GPU hosts), the pending async save, the last bounded save's source statistics (these
-three in its :class:`~shardckpt.engine.async_slot.AsyncSlot`), the
-gloo process groups the saves and loads talk over, the DTensor write items of the
-last save (reused by the next save of the same layout), and the storage factory. Before it
+three in its :class:`~shardckpt.engine.async_slot.AsyncSlot`), the gloo process groups the
+saves and loads talk over, the DTensor write items of the last save (reused by the next
+save of the same layout), and the storage factory. Before it
 existed these were module globals, so a process could have one async save at a time
 and could never free the staging copy; now two Checkpointers are two independent
 engines, and :meth:`Checkpointer.close` gives everything back.
@@ -28,14 +28,7 @@ from shardckpt.engine.local_items import ItemCache
 from shardckpt.engine.options import IOOptions, SaveKwargs, Timeouts
 from shardckpt.engine.protocol import Rounds
 from shardckpt.engine.saved_chunks import SavedChunks
-from shardckpt.engine.saving import (
-    SLOW_IO,
-    AsyncSaveHandle,
-    SaveRequest,
-    checkpoint_path,
-    persist,
-    writer_options,
-)
+from shardckpt.engine.saving import SLOW_IO, AsyncSaveHandle, SaveRequest, checkpoint_path, persist, writer_options
 from shardckpt.engine.state import to_plain_state_dict
 from shardckpt.errors import ShardckptError
 from shardckpt.format.manifest import Manifest
