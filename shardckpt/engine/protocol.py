@@ -56,6 +56,15 @@ from shardckpt.engine.options import Timeouts
 from shardckpt.engine.plan_checks import ValueSummary, value_summary
 from shardckpt.engine.planner import LoadPlanner, SavePlanner, layout_fingerprint
 from shardckpt.engine.reader import Reader
+from shardckpt.engine.rule_plan import (
+    Irregular,
+    RuleSummary,
+    RuleTable,
+    derive_plan,
+    layouts_of,
+    plan_from_rules,
+    summarize,
+)
 from shardckpt.engine.writer import Writer
 
 
@@ -135,7 +144,8 @@ class _Offer:
     plan_id: str | None  # the plan this rank holds for ``fingerprint``, if any
     storage_data: dict[str, Any]  # rank, host, location: fresh every save
     values: ValueSummary  # value digests and JSON sizes
-    plan: SavePlan | None  # the local plan, unless ``plan_id`` is set
+    plan: SavePlan | None  # the local plan, unless ``plan_id`` or ``rules`` is set
+    rules: RuleSummary | Irregular | None = None  # format 3, first ask: instead of the plan
 
 
 def save_in_rounds(
@@ -173,6 +183,7 @@ class _SaveRounds:
         self.local: SavePlan | None = None
         self.fingerprint = ""
         self.metadata: Metadata | None = None
+        self.rules: tuple[RuleSummary | Irregular, RuleTable] | None = None
 
     def run(self) -> None:
         central = self._plan()
@@ -196,6 +207,11 @@ class _SaveRounds:
                 break
         kind, plan_id, data = answer
         cache = self.cache
+        if kind == "rules":  # the same winners for every rank; this rank's plan from them
+            assert self.local is not None
+            winners, storage_data = data
+            data = derive_plan(self.local, winners, self.exchange.rank, storage_data)
+            kind = "plan"
         if kind == "plan":
             cache.fingerprint, cache.plan_id, cache.central = self.fingerprint, plan_id, data
             return data  # type: ignore[no-any-return]
@@ -211,12 +227,18 @@ class _SaveRounds:
             self.local = self.writer.prepare_local_plan(self.planner.create_local_plan())
             self.fingerprint = self.cache.item_texts.fingerprint(self.local, self.planner.small_replicated_to)
         held = self.cache.plan_id if self.cache.fingerprint == self.fingerprint and not force else None
+        rules = None
+        if held is None and not force and self.planner.small_replicated_to is not None:  # format 3
+            if self.rules is None:
+                self.rules = summarize(self.local, layouts_of(self.planner.state_dict, self.local))
+            rules = self.rules[0]
         return _Offer(
             self.fingerprint,
             held,
             dict(self.local.storage_data),
             value_summary(self.local),
-            None if held is not None else self.local,
+            None if held is not None or rules is not None else self.local,
+            rules,
         )
 
     def _global_plan(self, offers: list[_Offer]) -> list[tuple[Any, ...]]:
@@ -224,9 +246,17 @@ class _SaveRounds:
         each rank's answer. DCP's global step."""
         cache = self.cache
         reuse = cache.fits(offers)
+        ruled = None
         if reuse:
             self.planner.adopt_global_plan([o.values for o in offers], cache.key_bytes)
             plans, metadata = cache.global_plans, cache.metadata
+        elif any(o.rules is not None for o in offers):
+            assert self.rules is not None  # the coordinator summarized its own plan too
+            ruled = plan_from_rules([o.rules for o in offers], self.rules[1], small_to=self.planner.small_replicated_to)
+            if ruled is None:  # irregular or disagreeing: every rank sends its plan
+                return [("resend",)] * len(offers)
+            self.planner.adopt_global_plan([o.values for o in offers], ruled.key_bytes)
+            plans, metadata = [SavePlan([]) for _ in offers], ruled.metadata  # a reuse needs only storage_data
         elif any(o.plan is None for o in offers):
             return [("resend",)] * len(offers)
         else:
@@ -239,8 +269,10 @@ class _SaveRounds:
         plan_id = uuid.uuid4().hex
         cache.fingerprints = [o.fingerprint for o in offers]
         cache.global_plans, cache.metadata, cache.global_id = plans, metadata, plan_id
-        assert self.planner.manifest_key_bytes is not None  # counted by create_global_plan
+        assert self.planner.manifest_key_bytes is not None  # counted by create_global_plan or the rules
         cache.key_bytes = self.planner.manifest_key_bytes
+        if ruled is not None:
+            return [("rules", plan_id, (ruled.winners, f.storage_data)) for f in finals]
         return [("plan", plan_id, f) for f in finals]
 
     # ------------------------------------------------------------ round trip 2
