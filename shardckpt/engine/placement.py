@@ -98,7 +98,7 @@ def assign_replicated(
                 heapq.heappop(least)
             rank = least[0][1]
         else:
-            rank = min(ranks, key=lambda r: (load[r], r))
+            rank = min(ranks, key=load.__getitem__)  # ascending: the first least loaded is the lowest
         give(key, rank)
         heapq.heappush(least, (load[rank], rank))
     return winners

@@ -13,7 +13,13 @@ monitored gather plus an answer:
    ``prepare_local_plan``) and sends the coordinator its layout fingerprint
    (:func:`~shardckpt.engine.planner.layout_fingerprint`), its host and location, its
    values' digests and, unless it holds the plan agreed for that fingerprint last time,
-   its local plan. When every rank holds the last save's plan and every fingerprint
+   its local plan; a format-3 save sends instead the summary of a global plan from rules
+   (:mod:`~shardckpt.engine.rule_plan`: a digest of its table, its mesh coordinate per group
+   of tensors, its own bytes), from which the coordinator answers every rank the same
+   placement of the items several ranks hold, and each rank keeps its items; when a rank's
+   items are not what rules give, or the summaries disagree, the coordinator answers
+   "resend" and every rank sends its local plan (one more round trip, today's checks and
+   words). When every rank holds the last save's plan and every fingerprint
    matches it, the coordinator reuses its global plan (re-checking only the values, in
    O(ranks x values): ``SavePlanner.adopt_global_plan``, with the keys' share of the
    manifest counted when the plan was made); otherwise it runs ``create_global_plan``. Then
