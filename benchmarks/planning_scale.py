@@ -482,7 +482,7 @@ def measure_projection(params: list[Param], ranks: int, args: argparse.Namespace
     seconds = {"synthetic_layout": t_layout, **v3.seconds, **writer["seconds"]}
     seconds.update({f"load_{case}_parse_plan": load[case]["parse_plan_s"] for case in ("own", "reshard")})
     seconds["load_parse_v3"] = load["own"]["parse_s"]
-    shared_items = save.pop("rules_shared_items")
+    shared_items, answer_bytes = save.pop("rules_shared_items"), save.pop("rules_answer_bytes")
     seconds.update(save)
     seconds["first_save_plan_rules"] = save["rules_coordinator_s"] + writer["seconds"]["assemble_v3"]
     if "global_plan_ours_s" in save:
@@ -513,6 +513,7 @@ def measure_projection(params: list[Param], ranks: int, args: argparse.Namespace
             "files": len(files),
             **{k: summary[k] for k in ("rules", "listed_tensors", "runs")},
             "rules_plan_shared_items": int(shared_items),
+            "rules_plan_answer_bytes": int(answer_bytes),
             **{f"load_{case}_index_records_read": load[case]["index_records_read"] for case in ("own", "reshard")},
             **{f"load_{case}_chunks_planned": load[case]["chunks_planned"] for case in ("own", "reshard")},
         },

@@ -171,7 +171,8 @@ def rules_first_save(
     """A first save planned from rules (engine/rule_plan.py) at ``world`` simulated FSDP
     ranks: per rank, ``summarize`` of its local plan (``local0``'s values plus
     ``items_of(rank)``, empty boxes included, as DCP plans DTensors) and ``derive_plan``
-    from the winners; on the coordinator, ``plan_from_rules`` over every rank's summary.
+    from the answer (the winners' JSON, decoded); on the coordinator, ``plan_from_rules`` over
+    every rank's summary and the answer's encoding.
     Every rank's summary is the same table digest with its own coordinate and
     ``single_bytes_of(rank)``; checked against a real ``summarize`` at the first, middle and
     last rank. ``full_plans``: the full path's plans where it ran (no empty boxes in them):
@@ -198,11 +199,20 @@ def rules_first_save(
     for r in sorted({0, world // 2, world - 1}):
         plan_r, layouts_r = rank_plan(r)
         assert rule_plan.summarize(plan_r, layouts_r)[0] == summaries[r], f"simulated summary of rank {r}"
-    ruled, coordinator_s = median_time(lambda: rule_plan.plan_from_rules(summaries, table0, small_to=0), repeats)
-    assert ruled is not None
-    _, coordinator_cpu_s = median_cpu(lambda: rule_plan.plan_from_rules(summaries, table0, small_to=0), repeats)
+
+    def coordinator() -> Any:
+        ruled = rule_plan.plan_from_rules(summaries, table0, small_to=0)
+        assert ruled is not None
+        return ruled, rule_plan.encode_winners(ruled.winners)  # the answer every rank gets
+
+    (ruled, answer), coordinator_s = median_time(coordinator, repeats)
+    _, coordinator_cpu_s = median_cpu(coordinator, repeats)
     last = rank_plan(world - 1)[0]
-    _, derive_s = median_time(lambda: rule_plan.derive_plan(last, ruled.winners, world - 1, {}), repeats)
+
+    def derive() -> Any:
+        return rule_plan.derive_plan(last, rule_plan.decode_winners(answer), world - 1, {})
+
+    _, derive_s = median_time(derive, repeats)
     if full_plans is not None:
         for r in sorted({0, world // 2, world - 1}):
             mine = rule_plan.derive_plan(rank_plan(r)[0], ruled.winners, r, {})
@@ -216,6 +226,7 @@ def rules_first_save(
         "rules_summary_per_rank_cpu_s": per_rank_cpu_s,
         "rules_derive_per_rank_s": derive_s,
         "rules_shared_items": float(len(ruled.winners)),
+        "rules_answer_bytes": float(len(answer)),
     }
 
 

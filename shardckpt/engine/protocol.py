@@ -66,7 +66,9 @@ from shardckpt.engine.rule_plan import (
     Irregular,
     RuleSummary,
     RuleTable,
+    decode_winners,
     derive_plan,
+    encode_winners,
     layouts_of,
     plan_from_rules,
     summarize,
@@ -216,7 +218,7 @@ class _SaveRounds:
         if kind == "rules":  # the same winners for every rank; this rank's plan from them
             assert self.local is not None
             winners, storage_data = data
-            data = derive_plan(self.local, winners, self.exchange.rank, storage_data)
+            data = derive_plan(self.local, decode_winners(winners), self.exchange.rank, storage_data)
             kind = "plan"
         if kind == "plan":
             cache.fingerprint, cache.plan_id, cache.central = self.fingerprint, plan_id, data
@@ -278,7 +280,8 @@ class _SaveRounds:
         assert self.planner.manifest_key_bytes is not None  # counted by create_global_plan or the rules
         cache.key_bytes = self.planner.manifest_key_bytes
         if ruled is not None:
-            return [("rules", plan_id, (ruled.winners, f.storage_data)) for f in finals]
+            winners = encode_winners(ruled.winners)  # once, not per rank
+            return [("rules", plan_id, (winners, f.storage_data)) for f in finals]
         return [("plan", plan_id, f) for f in finals]
 
     # ------------------------------------------------------------ round trip 2

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import json
 import math
 from collections.abc import Hashable, Mapping, Sequence
 from dataclasses import dataclass
@@ -54,7 +55,9 @@ __all__ = [
     "RuleSummary",
     "RuleTable",
     "TensorLayout",
+    "decode_winners",
     "derive_plan",
+    "encode_winners",
     "layouts_of",
     "plan_from_rules",
     "summarize",
@@ -364,6 +367,19 @@ def _metadata(plan: SavePlan) -> Metadata:
             md[fqn] = TensorStorageMetadata(item.tensor_data.properties, item.tensor_data.size, [])
     mappings = getattr(plan.planner_data, "mappings", None)
     return Metadata(md, planner_data=dict(mappings) if mappings is not None else None)
+
+
+def encode_winners(winners: Mapping[Key, int]) -> bytes:
+    """The winners as JSON, encoded once by the coordinator for every rank's answer (the
+    exchange then copies bytes per rank instead of pickling every key again)."""
+    rows = [[fqn, None if offsets is None else list(offsets), rank] for (fqn, offsets), rank in winners.items()]
+    return json.dumps(rows, separators=(",", ":")).encode()
+
+
+def decode_winners(data: bytes) -> dict[Key, int]:
+    """:func:`encode_winners` read back: keys ``(fqn, offsets tuple or None)``, which equal
+    and hash as the items' ``(fqn, torch.Size)``."""
+    return {(fqn, None if offsets is None else tuple(offsets)): rank for fqn, offsets, rank in json.loads(data)}
 
 
 def derive_plan(local: SavePlan, winners: Mapping[Key, int], rank: int, storage_data: Any) -> SavePlan:

@@ -78,7 +78,9 @@ def rules_path(
     ruled = rule_plan.plan_from_rules(list(summaries), tables[0], small_to=small_to)
     if ruled is None:
         return None
-    finals = [rule_plan.derive_plan(p, ruled.winners, r, {}) for r, p in enumerate(plans)]
+    answer = rule_plan.decode_winners(rule_plan.encode_winners(ruled.winners))  # as the ranks get it
+    assert answer == ruled.winners
+    finals = [rule_plan.derive_plan(p, answer, r, {}) for r, p in enumerate(plans)]
     return finals, ruled.metadata
 
 
