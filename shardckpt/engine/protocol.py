@@ -259,9 +259,15 @@ class _SaveRounds:
             self.planner.adopt_global_plan([o.values for o in offers], cache.key_bytes)
             plans, metadata = cache.global_plans, cache.metadata
         elif any(o.rules is not None for o in offers):
-            assert self.rules is not None  # the coordinator summarized its own plan too
-            ruled = plan_from_rules([o.rules for o in offers], self.rules[1], small_to=self.planner.small_replicated_to)
-            if ruled is None:  # irregular or disagreeing: every rank sends its plan
+            # None when the coordinator itself held the last plan (sent no summary)
+            ruled = (
+                None
+                if self.rules is None
+                else plan_from_rules(
+                    [o.rules for o in offers], self.rules[1], small_to=self.planner.small_replicated_to
+                )
+            )
+            if ruled is None:  # irregular, disagreeing or mixed with held plans: every rank sends its plan
                 return [("resend",)] * len(offers)
             self.planner.adopt_global_plan([o.values for o in offers], ruled.key_bytes)
             plans, metadata = [SavePlan([]) for _ in offers], ruled.metadata  # a reuse needs only storage_data

@@ -140,11 +140,16 @@ def _one_rank_irregular(rank: int, world: int, root: str) -> None:
         assert trips == [2]
         ckpt.save(state, f"{root}/again", format_version=3, timeout_s=60)
         assert trips == [4]  # the plan from rules reused: fingerprints only
+        if rank == 1:  # as if it missed the last answer: it summarizes, the coordinator holds the plan
+            cache = ckpt._rounds.over(ckpt._groups[next(iter(ckpt._groups))])[1]
+            cache.plan_id = "stale"
+        ckpt.save(state, f"{root}/stale", format_version=3, timeout_s=60)
+        assert trips == [7]  # a summary and a held plan: "resend", full plans; then the write
     if rank == 1:  # as for a staged shard or another placement: this rank's items prove nothing
         rule_plan_module_layouts = rule_plan_module.layouts_of
         protocol.layouts_of = lambda flat, plan: {}  # type: ignore[assignment]
     _save(state, f"{root}/full")
-    assert trips == [7]  # summaries, "resend", full plans; then the write
+    assert trips == [10]  # summaries, "resend", full plans; then the write
     assert made == ([True, False] if rank == 0 else [])
     if rank == 1:
         protocol.layouts_of = rule_plan_module_layouts  # type: ignore[assignment]
@@ -156,5 +161,6 @@ def _one_rank_irregular(rank: int, world: int, root: str) -> None:
 
 def test_a_rank_rules_cannot_prove_sends_every_rank_down_the_full_path(tmp_path):
     run_ranks(_one_rank_irregular, 2, str(tmp_path))
-    assert _normalized(tmp_path / "rules") == _normalized(tmp_path / "full") == _normalized(tmp_path / "again")
+    rules = _normalized(tmp_path / "rules")
+    assert rules == _normalized(tmp_path / "full") == _normalized(tmp_path / "again") == _normalized(tmp_path / "stale")
     assert not (tmp_path / "bad" / "manifest.json").exists()
