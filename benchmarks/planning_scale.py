@@ -53,6 +53,11 @@ on the real format-3 code paths (v3_cycle.py), DCP beside them where it fits:
     load_{own,reshard}_parse_plan parse_any_manifest + chunks_for_box/locate per box it loads
     first_save_plan_ours          create_global_plan over every rank's local plan + assemble_v3
                                   (global_plan_dcp_s: DCP's), up to --plan-max-items
+    first_save_plan_rules         the first save's plan from rules (engine/rule_plan.py) at every
+                                  rank count + assemble_v3: rules_coordinator_s (and _cpu_s),
+                                  plan_from_rules over every rank's summary and the answer's
+                                  encoding; per rank rules_summary_per_rank_s (summarize) and
+                                  rules_derive_per_rank_s (decode the answer, derive_plan)
     coordinator_s                 a repeated save's planning (PlanCache.fits, adopt_global_plan);
                                   fingerprint_per_rank_s: layout_fingerprint
     dcp_metadata_pickle, dcp_unpickle   DCP's .metadata of the same chunks, up to --dcp-max-chunks
