@@ -46,6 +46,7 @@ from torch.distributed.checkpoint.metadata import (
 from torch.distributed.checkpoint.planner import SavePlan, WriteItemType
 from torch.distributed.tensor import DTensor, Replicate, Shard
 
+from shardckpt.engine import rule_rows
 from shardckpt.engine.placement import Key, assign_replicated
 from shardckpt.engine.plan_checks import manifest_key_bytes
 
@@ -82,9 +83,11 @@ class TensorLayout:
 class RuleSummary:
     """What a rank sends instead of its local plan: O(groups), whatever the tensors."""
 
-    digest: str  # keys, dtypes, global shapes, groups and placements, key paths
+    digest: str  # the DTensors' keys, dtypes, global shapes, groups and placements, key paths
     coordinates: tuple[tuple[int, ...], ...]  # this rank's mesh coordinate, per group
     single_bytes: int  # the bytes of its items that no other rank holds (non-empty cells, no replica)
+    replicated: bytes = b"[]"  # its plain tensors and values (rule_rows.rows_of), read only if digests differ
+    replicated_digest: str = ""  # of ``replicated``
 
 
 @dataclass(frozen=True)
@@ -173,11 +176,12 @@ def summarize(plan: SavePlan, layouts: Mapping[str, TensorLayout | None]) -> tup
     single = 0
     text: list[str] = []
     values: list[str] = []
+    plain: list[tuple[str, str, tuple[int, ...], int]] = []  # plain tensors: key, dtype, shape, itemsize
+    mappings = getattr(plan.planner_data, "mappings", None) or {}
     for item in plan.items:
         fqn = item.index.fqn
         data = item.tensor_data
         if data is None:
-            text.append(f"v{fqn!r}")
             values.append(fqn)
             continue
         shape, dtype = tuple(data.size), data.properties.dtype
@@ -188,25 +192,28 @@ def summarize(plan: SavePlan, layouts: Mapping[str, TensorLayout | None]) -> tup
         if layout is None:
             if offsets != (0,) * len(shape) or sizes != shape:
                 return Irregular(f"key {fqn!r}: a plain tensor's item is not the whole tensor"), _empty(plan)
-            group = -1
-        else:
-            cell = _cell_of(shape, layout)
-            if cell is None or (offsets, sizes) != cell:
-                return Irregular(f"key {fqn!r}: its box is not its cell of a torch.chunk grid"), _empty(plan)
-            group = groups.setdefault((layout.mesh, layout.spec), len(groups))
-            if group == len(coordinates):
-                coordinates.append(layout.coordinate)
-                described.append((layout.mesh_shape, layout.spec))
-            if _replicas(layout) == 1 and math.prod(sizes) > 0:
-                single += math.prod(sizes) * dtype.itemsize
+            tensors.append(_Tensor(fqn, shape, dtype.itemsize, -1))
+            plain.append((fqn, str(dtype), shape, dtype.itemsize))
+            continue
+        cell = _cell_of(shape, layout)
+        if cell is None or (offsets, sizes) != cell:
+            return Irregular(f"key {fqn!r}: its box is not its cell of a torch.chunk grid"), _empty(plan)
+        group = groups.setdefault((layout.mesh, layout.spec), len(groups))
+        if group == len(coordinates):
+            coordinates.append(layout.coordinate)
+            described.append((layout.mesh_shape, layout.spec))
+        if _replicas(layout) == 1 and math.prod(sizes) > 0:
+            single += math.prod(sizes) * dtype.itemsize
         tensors.append(_Tensor(fqn, shape, dtype.itemsize, group))
         text.append(f"t{fqn!r}{dtype}{shape}{group}")
-    mappings = getattr(plan.planner_data, "mappings", None)
+    rows = rule_rows.rows_of(plain, values, mappings)
+    own = {t[0] for t in plain}.union(values)
     text.append(repr(described))
-    text.append(repr(list(mappings.items())) if mappings is not None else "None")
+    text.append(repr([kv for kv in mappings.items() if kv[0] not in own]))
     digest = hashlib.blake2b("|".join(text).encode(), digest_size=16).hexdigest()
     table = RuleTable(plan, tuple(tensors), tuple(described), tuple(values))
-    return RuleSummary(digest, tuple(coordinates), single), table
+    replicated_digest = hashlib.blake2b(rows, digest_size=16).hexdigest()
+    return RuleSummary(digest, tuple(coordinates), single, rows, replicated_digest), table
 
 
 def _empty(plan: SavePlan) -> RuleTable:
@@ -279,13 +286,24 @@ def plan_from_rules(
     shared: dict[Key, list[int]] = {}
     sizes: dict[Key, int] = {}
     boxes: dict[tuple[int, tuple[int, ...]], list[tuple[tuple[int, ...], int, list[int]]]] = {}
-    for fqn in table.values:  # a value's item has no bytes: it counts 1, as in the full path
-        if world == 1:
-            load[0] += 1
-        else:
-            shared[(fqn, None)], sizes[(fqn, None)] = everyone, 1
+    metadata, key_bytes = _metadata(table.plan), manifest_key_bytes([table.plan])
+    by_key = any(s.replicated_digest != own[0].replicated_digest for s in own)
+    if by_key:
+        # ranks hold different plain tensors or values (per-rank keys): place them by key
+        placed = rule_rows.place(own, load, shared, sizes, metadata)
+        if placed is None:
+            return None
+        key_bytes += placed
+    else:
+        for fqn in table.values:  # a value's item has no bytes: it counts 1, as in the full path
+            if world == 1:
+                load[0] += 1
+            else:
+                shared[(fqn, None)], sizes[(fqn, None)] = everyone, 1
     for t in table.tensors:
         if t.group < 0:
+            if by_key:
+                continue  # placed by rule_rows.place
             key = (t.fqn, torch.Size((0,) * len(t.shape)))
             nbytes = math.prod(t.shape) * t.itemsize or 1
             if world == 1:
@@ -304,7 +322,7 @@ def plan_from_rules(
                 key = (t.fqn, torch.Size(offsets))
                 shared[key], sizes[key] = ranks, nbytes
     winners = assign_replicated(shared, sizes.__getitem__, load, small_to=small_to)
-    return RulePlan(winners, _metadata(table.plan), manifest_key_bytes([table.plan]))
+    return RulePlan(winners, metadata, key_bytes)
 
 
 def _group_members(

@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 import torch
+import torch.distributed as dist
 from distributed import run_ranks
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor import Replicate, Shard, distribute_tensor
@@ -32,6 +33,7 @@ def _full(name: str) -> torch.Tensor:
 
 
 def _state(world: int) -> dict[str, Any]:
+    rank = dist.get_rank()
     flat = init_device_mesh("cpu", (world,))
     grid = init_device_mesh("cpu", (2, world // 2))
     return {
@@ -45,7 +47,12 @@ def _state(world: int) -> dict[str, Any]:
         },
         "optim": {"step": _full("step")},
         "epoch": 3,
+        "per_rank": {f"rank{rank}": {"rng": _rng(rank), "pos": 10 + rank}},  # as TrainState saves them
     }
+
+
+def _rng(rank: int) -> torch.Tensor:
+    return torch.arange(rank + 3, dtype=torch.uint8)
 
 
 def _save(state: dict[str, Any], path: str) -> None:
@@ -98,11 +105,15 @@ def _same_manifest_both_paths(rank: int, world: int, root: str) -> None:
         "model": {k: torch.zeros_like(_full(k)) for k in ("fsdp", "uneven", "empty", "hsdp", "tp", "bias")},
         "optim": {"step": torch.tensor(0.0)},
         "epoch": -1,
+        "per_rank": {f"rank{rank}": {"rng": torch.zeros(rank + 3, dtype=torch.uint8), "pos": -1}},
     }
-    shardckpt.load(target, f"{root}/rules", timeout_s=60)  # every rank reads whole tensors: another layout
+    # every rank reads whole tensors (another layout), and its own keys of the others' saved
+    shardckpt.load(target, f"{root}/rules", strict=False, timeout_s=60)
     for k, t in target["model"].items():
         assert torch.equal(t, _full(k)), k
     assert torch.equal(target["optim"]["step"], _full("step")) and target["epoch"] == 3
+    assert torch.equal(target["per_rank"][f"rank{rank}"]["rng"], _rng(rank))
+    assert target["per_rank"][f"rank{rank}"]["pos"] == 10 + rank
 
 
 def _normalized(folder: Path) -> tuple[bytes, dict[str, bytes]]:
@@ -119,7 +130,7 @@ def _normalized(folder: Path) -> tuple[bytes, dict[str, bytes]]:
 
 def test_four_ranks_the_plan_from_rules_commits_the_full_paths_manifest(tmp_path):
     """FSDP Shard(0), 2x2 HSDP, TP+FSDP 2x2, uneven and empty torch.chunk shards, replicated
-    small tensors and a value, in one save."""
+    small tensors, a value, and a tensor and a value of each rank's own, in one save."""
     run_ranks(_same_manifest_both_paths, 4, str(tmp_path))
     rules, full = _normalized(tmp_path / "rules"), _normalized(tmp_path / "full")
     assert rules[0] == full[0]  # the manifest, byte for byte but its time

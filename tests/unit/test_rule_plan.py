@@ -85,7 +85,10 @@ def rules_path(
 
 
 def assert_same_as_full_path(mesh_shape: tuple[int, ...], tensors: list[Tensor], **kwargs: Any) -> None:
-    plans, layouts = simulate(mesh_shape, tensors, **kwargs)
+    assert_same_plans(*simulate(mesh_shape, tensors, **kwargs))
+
+
+def assert_same_plans(plans: list[SavePlan], layouts: list[dict[str, Any]]) -> None:
     for small_to in (0, None):
         full, full_md = full_path(plans, small_to)
         ruled = rules_path(plans, layouts, small_to)
@@ -94,7 +97,7 @@ def assert_same_as_full_path(mesh_shape: tuple[int, ...], tensors: list[Tensor],
         for rank, (a, b) in enumerate(zip(full, finals, strict=True)):
             assert a.items == b.items, f"rank {rank} keeps other items"
         assert tensors_of(md) == tensors_of(full_md)
-        assert list(md.planner_data.items()) == list(full_md.planner_data.items())
+        assert md.planner_data == full_md.planner_data  # the manifest writes the paths sorted
         assert set(md.state_dict_metadata) == set(full_md.state_dict_metadata)
 
 
@@ -187,17 +190,26 @@ def test_a_mesh_smaller_than_the_world_falls_back():
     irregular(plans + plans, layouts + layouts)  # 4 ranks, a 2-rank mesh
 
 
-def test_disagreeing_dtype_shape_or_keys_fall_back():
+def test_disagreeing_dtype_or_shape_falls_back():
     base = [("w", (8, 2), F32, (0,)), ("s", (), F32, None)]
     for other in (
         [("w", (8, 2), BF16, (0,)), ("s", (), F32, None)],
         [("w", (8, 2), F32, (0,)), ("s", (1,), F32, None)],
-        [("w", (8, 2), F32, (0,)), ("t", (), F32, None)],
-        [("w", (8, 2), F32, (0,))],
+        [("w", (8, 2), F32, (0,)), ("s", (), BF16, None)],
+        [("w", (8, 3), F32, (0,)), ("s", (), F32, None)],
+        [("s", (), F32, None)],  # a DTensor missing on a rank
     ):
         plans, layouts = simulate((2,), base)
         plans2, layouts2 = simulate((2,), other)
         irregular([plans[0], plans2[1]], [layouts[0], layouts2[1]])
+
+
+def test_plain_tensors_on_some_ranks_only_are_placed_as_the_full_path_places_them():
+    base = [("w", (8, 2), F32, (0,)), ("s", (), F32, None)]
+    for other in ([("w", (8, 2), F32, (0,)), ("t", (), F32, None)], [("w", (8, 2), F32, (0,))]):
+        plans, layouts = simulate((2,), base)
+        plans2, layouts2 = simulate((2,), other)
+        assert_same_plans([plans[0], plans2[1]], [layouts[0], layouts2[1]])
 
 
 def test_a_key_without_a_layout_is_irregular():
@@ -226,3 +238,40 @@ def test_assign_replicated_is_balance_replicateds_placement():
     # c's rows are 3, 3, 1 (24, 24, 8 bytes): b (160 bytes) to the least loaded, rank 2, then a to rank 0
     assert owners[("b", (0,))] == 2 and owners[("a", (0,))] == 0
     assert sum(len(p.items) for p in kept) == 2 + 3 + 1  # a, b once; c's three cells; the value once
+
+
+def _with_own_keys(plans: list[SavePlan], layouts: list[dict[str, Any]], ranks: list[int]) -> None:
+    """Give each rank in ``ranks`` its own plain tensor and value (TrainState's per_rank.rank{r})."""
+    for r in ranks:
+        rng = _item(f"per_rank.rank{r}.rng", (r + 3,), torch.uint8, (0,), (r + 3,), WriteItemType.TENSOR)
+        pos = WriteItem(index=MetadataIndex(f"per_rank.rank{r}.pos"), type=WriteItemType.BYTE_IO)
+        data = plans[r].planner_data
+        mappings = dict(data.mappings) | {f"per_rank.rank{r}.rng": ("per_rank", f"rank{r}", "rng")}
+        mappings[f"per_rank.rank{r}.pos"] = ("per_rank", f"rank{r}", "pos")
+        digests = dict(data.value_digests) | {f"per_rank.rank{r}.pos": str(r)}
+        sizes = dict(data.value_bytes) | {f"per_rank.rank{r}.pos": 1}
+        plans[r] = SavePlan([*plans[r].items, rng, pos], planner_data=_LocalPlannerData(mappings, digests, sizes))
+        layouts[r][f"per_rank.rank{r}.rng"] = None
+
+
+def test_per_rank_keys_are_placed_from_every_ranks_rows():
+    """Ranks holding different plain tensors and values (per-rank keys): still a plan from
+    rules, the same as the full path's, the other ranks' keys in the metadata."""
+    plans, layouts = simulate((2, 2), [("w", (5, 4), F32, (None, 0)), ("s", (), F32, None), ("b", (3,), F32, None)])
+    _with_own_keys(plans, layouts, [0, 1, 2, 3])
+    assert_same_plans(plans, layouts)
+    plans, layouts = simulate((3,), [("w", (5, 4), F32, (0,)), ("s", (), F32, None)])
+    _with_own_keys(plans, layouts, [2])  # only the last rank has keys of its own
+    assert_same_plans(plans, layouts)
+    ruled = rules_path(plans, layouts, 0)
+    assert ruled is not None and ruled[1].planner_data["per_rank.rank2.rng"] == ("per_rank", "rank2", "rng")
+
+
+def test_a_per_rank_key_whose_shape_differs_across_ranks_falls_back():
+    plans, layouts = simulate((2,), [("w", (4, 4), F32, (0,))])
+    _with_own_keys(plans, layouts, [0, 1])
+    items = list(plans[1].items)
+    items[-2] = _item("per_rank.rank0.rng", (9,), torch.uint8, (0,), (9,), WriteItemType.TENSOR)  # rank 0's key
+    plans[1] = dataclasses.replace(plans[1], items=items)
+    layouts[1]["per_rank.rank0.rng"] = None
+    irregular(plans, layouts)
