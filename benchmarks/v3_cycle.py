@@ -194,7 +194,8 @@ def rules_first_save(
     assert isinstance(summary0, rule_plan.RuleSummary), summary0
     _, per_rank_cpu_s = median_cpu(lambda: rule_plan.summarize(plan0, layouts0), repeats)
     summaries = [
-        rule_plan.RuleSummary(summary0.digest, ((r,),), single_bytes_of(r)) if r else summary0 for r in range(world)
+        dataclasses.replace(summary0, coordinates=((r,),), single_bytes=single_bytes_of(r)) if r else summary0
+        for r in range(world)
     ]
     for r in sorted({0, world // 2, world - 1}):
         plan_r, layouts_r = rank_plan(r)
