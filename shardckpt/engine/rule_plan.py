@@ -7,9 +7,11 @@ plan instead of the plan, and the coordinator plans from the summaries (docs/des
    split of its global shape over grid ``g`` (``g[d]``: the product of the mesh dimensions
    placed ``Shard(d)``; ``p`` from the rank's mesh coordinate; the ``Replicate`` dimensions
    make replica groups), a plain tensor's item is the whole tensor. If so it sends a
-   :class:`RuleSummary`: a digest of its table (keys, dtypes, global shapes, placements,
-   key paths), its mesh coordinate per group of tensors (a mesh and its placements) and the
-   bytes of the items only it holds. O(groups) to send, O(items) to compute.
+   :class:`RuleSummary`: a digest of its DTensors' table (keys, dtypes, global shapes,
+   placements, key paths), its mesh coordinate per group of tensors (a mesh and its
+   placements), the bytes of the items only it holds, and its plain tensors and values as
+   rows with their digest (:mod:`~shardckpt.engine.rule_rows`, read only where the ranks'
+   differ). O(groups + plain items) to send, O(items) to compute.
 2. The coordinator (:func:`plan_from_rules`) checks that every digest is its own and that,
    per group, the ranks' coordinates are each of the mesh's exactly once (then the cells
    tile every tensor: each non-empty cell is held by one replica group). It lists the items
