@@ -53,6 +53,11 @@ on the real format-3 code paths (v3_cycle.py), DCP beside them where it fits:
     load_{own,reshard}_parse_plan parse_any_manifest + chunks_for_box/locate per box it loads
     first_save_plan_ours          create_global_plan over every rank's local plan + assemble_v3
                                   (global_plan_dcp_s: DCP's), up to --plan-max-items
+    first_save_plan_rules         the first save's plan from rules (engine/rule_plan.py) at every
+                                  rank count + assemble_v3: rules_coordinator_s (and _cpu_s),
+                                  plan_from_rules over every rank's summary and the answer's
+                                  encoding; per rank rules_summary_per_rank_s (summarize) and
+                                  rules_derive_per_rank_s (decode the answer, derive_plan)
     coordinator_s                 a repeated save's planning (PlanCache.fits, adopt_global_plan);
                                   fingerprint_per_rank_s: layout_fingerprint
     dcp_metadata_pickle, dcp_unpickle   DCP's .metadata of the same chunks, up to --dcp-max-chunks
@@ -195,8 +200,10 @@ def shard_box(shape: tuple[int, ...], rank: int, world: int) -> tuple[tuple[int,
     return (start, *[0] * (len(shape) - 1)), (rows, *shape[1:])
 
 
-def rank_tensor_items(params: list[Param], rank: int, world: int, props: Any) -> list[Any]:
-    """Rank's WriteItems: model weight and AdamW moments (sharded), AdamW steps (replicated)."""
+def rank_tensor_items(params: list[Param], rank: int, world: int, props: Any, *, empty: bool = False) -> list[Any]:
+    """Rank's WriteItems: model weight and AdamW moments (sharded), AdamW steps (replicated).
+    ``empty``: a rank past a tensor's last row holds an empty box, as DCP plans a DTensor's
+    (offset: the row count; the first-save planning's full path is measured without them)."""
     import torch
     from torch.distributed.checkpoint.metadata import ChunkStorageMetadata, MetadataIndex
     from torch.distributed.checkpoint.planner import TensorWriteData, WriteItem, WriteItemType
@@ -205,6 +212,8 @@ def rank_tensor_items(params: list[Param], rank: int, world: int, props: Any) ->
     items = []
     for p in params:
         box = shard_box(p.shape, rank, world)
+        if box is None and empty:
+            box = ((p.shape[0], *[0] * (len(p.shape) - 1)), (0, *p.shape[1:]))
         size = torch.Size(p.shape)
         for fqn in (f"model.{p.fqn}", f"optim.state.{p.fqn}.exp_avg", f"optim.state.{p.fqn}.exp_avg_sq"):
             if box is not None:
@@ -478,7 +487,9 @@ def measure_projection(params: list[Param], ranks: int, args: argparse.Namespace
     seconds = {"synthetic_layout": t_layout, **v3.seconds, **writer["seconds"]}
     seconds.update({f"load_{case}_parse_plan": load[case]["parse_plan_s"] for case in ("own", "reshard")})
     seconds["load_parse_v3"] = load["own"]["parse_s"]
+    shared_items, answer_bytes = save.pop("rules_shared_items"), save.pop("rules_answer_bytes")
     seconds.update(save)
+    seconds["first_save_plan_rules"] = save["rules_coordinator_s"] + writer["seconds"]["assemble_v3"]
     if "global_plan_ours_s" in save:
         seconds["first_save_plan_ours"] = save["global_plan_ours_s"] + writer["seconds"]["assemble_v3"]
     if dcp_load is not None:
@@ -506,6 +517,8 @@ def measure_projection(params: list[Param], ranks: int, args: argparse.Namespace
             "tensors": len(keys) + len(steps),
             "files": len(files),
             **{k: summary[k] for k in ("rules", "listed_tensors", "runs")},
+            "rules_plan_shared_items": int(shared_items),
+            "rules_plan_answer_bytes": int(answer_bytes),
             **{f"load_{case}_index_records_read": load[case]["index_records_read"] for case in ("own", "reshard")},
             **{f"load_{case}_chunks_planned": load[case]["chunks_planned"] for case in ("own", "reshard")},
         },
@@ -540,9 +553,33 @@ def measure_save_planning(params: list[Param], ranks: int, args: argparse.Namesp
         ours = local_plans(ours_cls, items, values, paths)
         dcp = local_plans(dcp_cls, items, values, paths)
         out.update(v3_cycle.first_save_plan((ours[1], ours[0]), (dcp[1], dcp[0])))
+        full_plans = ours[1].create_global_plan(ours[0])[0]
         del items, ours, dcp
         gc.collect()
+    else:
+        full_plans = None
+    out.update(
+        v3_cycle.rules_first_save(
+            plans[0],
+            lambda r: rank_tensor_items(params, r, ranks, props, empty=True),
+            lambda r: rules_single_bytes(params, r, ranks),
+            ranks,
+            args.repeats,
+            full_plans,
+        )
+    )
     return out
+
+
+def rules_single_bytes(params: list[Param], rank: int, world: int) -> int:
+    """What ``rule_plan.summarize`` counts for a simulated rank: the bytes of its non-empty
+    Shard(0) boxes (weight and both AdamW moments, float32)."""
+    total = 0
+    for p in params:
+        box = shard_box(p.shape, rank, world)
+        if box is not None:
+            total += 3 * 4 * math.prod(box[1])
+    return total
 
 
 def measure_writer_v3(

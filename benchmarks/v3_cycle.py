@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import dataclasses
 import gc
+import math
 import pickle
 import statistics
 import time
@@ -159,6 +160,87 @@ def first_save_plan(ours: tuple[Any, list[Any]], dcp: tuple[Any, list[Any]]) -> 
     return {"global_plan_ours_s": t_ours, "global_plan_dcp_s": t_dcp}
 
 
+def rules_first_save(
+    local0: Any,
+    items_of: Callable[[int], list[Any]],
+    single_bytes_of: Callable[[int], int],
+    world: int,
+    repeats: int,
+    full_plans: list[Any] | None,
+) -> dict[str, float]:
+    """A first save planned from rules (engine/rule_plan.py) at ``world`` simulated FSDP
+    ranks: per rank, ``summarize`` of its local plan (``local0``'s values plus
+    ``items_of(rank)``, empty boxes included, as DCP plans DTensors) and ``derive_plan``
+    from the answer (the winners' JSON, decoded); on the coordinator, ``plan_from_rules`` over
+    every rank's summary and the answer's encoding.
+    Every rank's summary is the same table digest with its own coordinate and
+    ``single_bytes_of(rank)``; checked against a real ``summarize`` at the first, middle and
+    last rank. ``full_plans``: the full path's plans where it ran (no empty boxes in them):
+    the sampled ranks must keep the same items. Wall and CPU seconds, medians of ``repeats``."""
+    from torch.distributed.checkpoint.planner import WriteItemType
+
+    from shardckpt.engine import rule_plan
+
+    values = [it for it in local0.items if it.type == WriteItemType.BYTE_IO]
+
+    def rank_plan(rank: int) -> tuple[Any, dict[str, Any]]:
+        items = items_of(rank)
+        layout = rule_plan.TensorLayout("fsdp", (world,), (0,), (rank,))
+        layouts = {it.index.fqn: None if it.tensor_data.size == () else layout for it in items}
+        return dataclasses.replace(local0, items=values + items), layouts
+
+    plan0, layouts0 = rank_plan(0)
+    (summary0, table0), per_rank_s = median_time(lambda: rule_plan.summarize(plan0, layouts0), repeats)
+    assert isinstance(summary0, rule_plan.RuleSummary), summary0
+    _, per_rank_cpu_s = median_cpu(lambda: rule_plan.summarize(plan0, layouts0), repeats)
+    summaries = [
+        dataclasses.replace(summary0, coordinates=((r,),), single_bytes=single_bytes_of(r)) if r else summary0
+        for r in range(world)
+    ]
+    for r in sorted({0, world // 2, world - 1}):
+        plan_r, layouts_r = rank_plan(r)
+        assert rule_plan.summarize(plan_r, layouts_r)[0] == summaries[r], f"simulated summary of rank {r}"
+
+    def coordinator() -> Any:
+        ruled = rule_plan.plan_from_rules(summaries, table0, small_to=0)
+        assert ruled is not None
+        return ruled, rule_plan.encode_winners(ruled.winners)  # the answer every rank gets
+
+    (ruled, answer), coordinator_s = median_time(coordinator, repeats)
+    _, coordinator_cpu_s = median_cpu(coordinator, repeats)
+    last = rank_plan(world - 1)[0]
+
+    def derive() -> Any:
+        return rule_plan.derive_plan(last, rule_plan.decode_winners(answer), world - 1, {})
+
+    _, derive_s = median_time(derive, repeats)
+    if full_plans is not None:
+        for r in sorted({0, world // 2, world - 1}):
+            mine = rule_plan.derive_plan(rank_plan(r)[0], ruled.winners, r, {})
+            want = list(full_plans[r].items)
+            got = [it for it in mine.items if it.tensor_data is None or math.prod(it.tensor_data.chunk.sizes) > 0]
+            assert got == want, f"rank {r}: the plan from rules differs from the full path's"
+    return {
+        "rules_coordinator_s": coordinator_s,
+        "rules_coordinator_cpu_s": coordinator_cpu_s,
+        "rules_summary_per_rank_s": per_rank_s,
+        "rules_summary_per_rank_cpu_s": per_rank_cpu_s,
+        "rules_derive_per_rank_s": derive_s,
+        "rules_shared_items": float(len(ruled.winners)),
+        "rules_answer_bytes": float(len(answer)),
+    }
+
+
+def median_cpu(fn: Callable[[], Any], repeats: int) -> tuple[Any, float]:
+    """(last result, median CPU seconds of this process over ``repeats`` calls)."""
+    out, times = None, []
+    for _ in range(repeats):
+        t0 = time.process_time()
+        out = fn()
+        times.append(time.process_time() - t0)
+    return out, statistics.median(times)
+
+
 def repeat_save_plan(planner: Any, local: Any, world: int, repeats: int) -> dict[str, float]:
     """Seconds of a repeated save's planning (engine/protocol.py with a cached plan), with
     rank 0's real local plan standing for every rank's (the same items per rank; the work
@@ -229,6 +311,8 @@ PANELS = (  # (title, y label, scale, [(key group, key, label)], targets: {model
         1.0,
         [
             ("seconds", "first_save_plan_ours", "ours, first save (global plan + assemble_v3)"),
+            ("seconds", "first_save_plan_rules", "ours, first save from rules (+ assemble_v3)"),
+            ("seconds", "rules_coordinator_s", "ours, first save's plan from rules alone"),
             ("seconds", "assemble_v3", "ours, assemble_v3 alone"),
             ("seconds", "global_plan_dcp_s", "DCP, global plan"),
             ("seconds", "coordinator_s", "ours, repeated save"),

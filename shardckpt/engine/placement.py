@@ -23,6 +23,9 @@ from shardckpt.engine.staging import item_bytes
 SMALL_REPLICATED_BYTES = 64 * 1024
 SMALL_REPLICATED_BUDGET_BYTES = 64 * 1024 * 1024
 
+Key = tuple[str, Any]
+"""A write item's place: its key and offsets (``(item.index.fqn, item.index.offset)``)."""
+
 
 def balance_replicated(all_plans: list[SavePlan], *, small_to: int | None = None) -> list[SavePlan]:
     """Keep each item on exactly one rank, spreading replicated bytes evenly.
@@ -38,8 +41,8 @@ def balance_replicated(all_plans: list[SavePlan], *, small_to: int | None = None
     and an item held by every rank takes the least-loaded rank from a heap: a few dict
     steps per item, O(log ranks) per replicated item held everywhere.
     """
-    holders: dict[tuple[str, Any], list[int]] = {}  # ranks in ascending order
-    items: dict[tuple[str, Any], WriteItem] = {}
+    holders: dict[Key, list[int]] = {}  # ranks in ascending order
+    items: dict[Key, WriteItem] = {}
     for rank, plan in enumerate(all_plans):
         for item in plan.items:
             key = (item.index.fqn, item.index.offset)
@@ -50,54 +53,64 @@ def balance_replicated(all_plans: list[SavePlan], *, small_to: int | None = None
             else:
                 ranks.append(rank)
     load = [0] * len(all_plans)
-    lost: list[set[tuple[str, Any]]] = [set() for _ in all_plans]
-
-    def size(key: tuple[str, Any]) -> int:
-        return item_bytes(items[key]) or 1
-
-    def give(key: tuple[str, Any], rank: int) -> None:
-        load[rank] += size(key)
-        for r in holders[key]:
-            if r != rank:
-                lost[r].add(key)
-
-    shared = []
+    shared: dict[Key, list[int]] = {}
     for key, ranks in holders.items():
         if len(ranks) == 1:
-            load[ranks[0]] += size(key)
+            load[ranks[0]] += item_bytes(items[key]) or 1
         else:
-            shared.append(key)
+            shared[key] = ranks
+    winners = assign_replicated(shared, lambda k: item_bytes(items[k]) or 1, load, small_to=small_to)
+    return [
+        dataclasses.replace(plan, items=kept) if len(kept) != len(plan.items) else plan
+        for plan, kept in (
+            (plan, [it for it in plan.items if winners.get((it.index.fqn, it.index.offset), rank) == rank])
+            for rank, plan in enumerate(all_plans)
+        )
+    ]
+
+
+def assign_replicated(
+    shared: dict[Key, list[int]], size: Callable[[Key], int], load: list[int], *, small_to: int | None = None
+) -> dict[Key, int]:
+    """The rank that stores each item held by several ranks: ``shared`` maps each such item
+    (key, offsets) to its holders in ascending order; ``size(key)`` is its bytes (at least
+    1); ``load`` each rank's bytes of the items only it holds (updated in place). The steps
+    of :func:`balance_replicated` after it has counted the items; the global plan from
+    rules (:mod:`shardckpt.engine.rule_plan`) calls it with the same arguments, so both
+    place every item alike. O(shared log shared), O(log ranks) per item every rank holds."""
+    winners: dict[Key, int] = {}
+
+    def give(key: Key, rank: int) -> None:
+        load[rank] += size(key)
+        winners[key] = rank
+
+    keys = list(shared)
     if small_to is not None:
-        shared = _place_small(shared, small_to, holders, size, give)
-    shared.sort(key=lambda k: (-size(k), k[0], tuple(k[1] or ())))
-    everyone = list(range(len(all_plans)))
+        keys = _place_small(keys, small_to, shared, size, give)
+    keys.sort(key=lambda k: (-size(k), k[0], tuple(k[1] or ())))
+    everyone = list(range(len(load)))
     least = [(n, r) for r, n in enumerate(load)]  # (load, rank), stale entries skipped
     heapq.heapify(least)
-    for key in shared:
-        ranks = holders[key]
-        if ranks == everyone:
+    for key in keys:
+        ranks = shared[key]
+        if ranks is everyone or ranks == everyone:
             while least[0][0] != load[least[0][1]]:
                 heapq.heappop(least)
             rank = least[0][1]
         else:
-            rank = min(ranks, key=lambda r: (load[r], r))
+            rank = min(ranks, key=load.__getitem__)  # ascending: the first least loaded is the lowest
         give(key, rank)
         heapq.heappush(least, (load[rank], rank))
-    return [
-        dataclasses.replace(plan, items=[it for it in plan.items if (it.index.fqn, it.index.offset) not in gone])
-        if gone
-        else plan
-        for plan, gone in zip(all_plans, lost, strict=True)
-    ]
+    return winners
 
 
 def _place_small(
-    shared: list[tuple[str, Any]],
+    shared: list[Key],
     small_to: int,
-    holders: dict[tuple[str, Any], list[int]],
-    size: Callable[[tuple[str, Any]], int],
-    give: Callable[[tuple[str, Any], int], None],
-) -> list[tuple[str, Any]]:
+    holders: dict[Key, list[int]],
+    size: Callable[[Key], int],
+    give: Callable[[Key, int], None],
+) -> list[Key]:
     """:func:`balance_replicated`'s first pass with ``small_to``: the small replicated items
     that rank holds go to it, smallest first, within the budget; returns the others."""
     budget = SMALL_REPLICATED_BUDGET_BYTES

@@ -13,7 +13,13 @@ monitored gather plus an answer:
    ``prepare_local_plan``) and sends the coordinator its layout fingerprint
    (:func:`~shardckpt.engine.planner.layout_fingerprint`), its host and location, its
    values' digests and, unless it holds the plan agreed for that fingerprint last time,
-   its local plan. When every rank holds the last save's plan and every fingerprint
+   its local plan; a format-3 save sends instead the summary of a global plan from rules
+   (:mod:`~shardckpt.engine.rule_plan`: a digest of its table, its mesh coordinate per group
+   of tensors, its own bytes), from which the coordinator answers every rank the same
+   placement of the items several ranks hold, and each rank keeps its items; when a rank's
+   items are not what rules give, or the summaries disagree, the coordinator answers
+   "resend" and every rank sends its local plan (one more round trip, today's checks and
+   words). When every rank holds the last save's plan and every fingerprint
    matches it, the coordinator reuses its global plan (re-checking only the values, in
    O(ranks x values): ``SavePlanner.adopt_global_plan``, with the keys' share of the
    manifest counted when the plan was made); otherwise it runs ``create_global_plan``. Then
@@ -56,6 +62,17 @@ from shardckpt.engine.options import Timeouts
 from shardckpt.engine.plan_checks import ValueSummary, value_summary
 from shardckpt.engine.planner import LoadPlanner, SavePlanner, layout_fingerprint
 from shardckpt.engine.reader import Reader
+from shardckpt.engine.rule_plan import (
+    Irregular,
+    RuleSummary,
+    RuleTable,
+    decode_winners,
+    derive_plan,
+    encode_winners,
+    layouts_of,
+    plan_from_rules,
+    summarize,
+)
 from shardckpt.engine.writer import Writer
 
 
@@ -135,7 +152,8 @@ class _Offer:
     plan_id: str | None  # the plan this rank holds for ``fingerprint``, if any
     storage_data: dict[str, Any]  # rank, host, location: fresh every save
     values: ValueSummary  # value digests and JSON sizes
-    plan: SavePlan | None  # the local plan, unless ``plan_id`` is set
+    plan: SavePlan | None  # the local plan, unless ``plan_id`` or ``rules`` is set
+    rules: RuleSummary | Irregular | None = None  # format 3, first ask: instead of the plan
 
 
 def save_in_rounds(
@@ -173,6 +191,7 @@ class _SaveRounds:
         self.local: SavePlan | None = None
         self.fingerprint = ""
         self.metadata: Metadata | None = None
+        self.rules: tuple[RuleSummary | Irregular, RuleTable] | None = None
 
     def run(self) -> None:
         central = self._plan()
@@ -196,6 +215,11 @@ class _SaveRounds:
                 break
         kind, plan_id, data = answer
         cache = self.cache
+        if kind == "rules":  # the same winners for every rank; this rank's plan from them
+            assert self.local is not None
+            winners, storage_data = data
+            data = derive_plan(self.local, decode_winners(winners), self.exchange.rank, storage_data)
+            kind = "plan"
         if kind == "plan":
             cache.fingerprint, cache.plan_id, cache.central = self.fingerprint, plan_id, data
             return data  # type: ignore[no-any-return]
@@ -211,12 +235,18 @@ class _SaveRounds:
             self.local = self.writer.prepare_local_plan(self.planner.create_local_plan())
             self.fingerprint = self.cache.item_texts.fingerprint(self.local, self.planner.small_replicated_to)
         held = self.cache.plan_id if self.cache.fingerprint == self.fingerprint and not force else None
+        rules = None
+        if held is None and not force and self.planner.small_replicated_to is not None:  # format 3
+            if self.rules is None:
+                self.rules = summarize(self.local, layouts_of(self.planner.state_dict, self.local))
+            rules = self.rules[0]
         return _Offer(
             self.fingerprint,
             held,
             dict(self.local.storage_data),
             value_summary(self.local),
-            None if held is not None else self.local,
+            None if held is not None or rules is not None else self.local,
+            rules,
         )
 
     def _global_plan(self, offers: list[_Offer]) -> list[tuple[Any, ...]]:
@@ -224,9 +254,23 @@ class _SaveRounds:
         each rank's answer. DCP's global step."""
         cache = self.cache
         reuse = cache.fits(offers)
+        ruled = None
         if reuse:
             self.planner.adopt_global_plan([o.values for o in offers], cache.key_bytes)
             plans, metadata = cache.global_plans, cache.metadata
+        elif any(o.rules is not None for o in offers):
+            # None when the coordinator itself held the last plan (sent no summary)
+            ruled = (
+                None
+                if self.rules is None
+                else plan_from_rules(
+                    [o.rules for o in offers], self.rules[1], small_to=self.planner.small_replicated_to
+                )
+            )
+            if ruled is None:  # irregular, disagreeing or mixed with held plans: every rank sends its plan
+                return [("resend",)] * len(offers)
+            self.planner.adopt_global_plan([o.values for o in offers], ruled.key_bytes)
+            plans, metadata = [SavePlan([]) for _ in offers], ruled.metadata  # a reuse needs only storage_data
         elif any(o.plan is None for o in offers):
             return [("resend",)] * len(offers)
         else:
@@ -239,8 +283,11 @@ class _SaveRounds:
         plan_id = uuid.uuid4().hex
         cache.fingerprints = [o.fingerprint for o in offers]
         cache.global_plans, cache.metadata, cache.global_id = plans, metadata, plan_id
-        assert self.planner.manifest_key_bytes is not None  # counted by create_global_plan
+        assert self.planner.manifest_key_bytes is not None  # counted by create_global_plan or the rules
         cache.key_bytes = self.planner.manifest_key_bytes
+        if ruled is not None:
+            winners = encode_winners(ruled.winners)  # once, not per rank
+            return [("rules", plan_id, (winners, f.storage_data)) for f in finals]
         return [("plan", plan_id, f) for f in finals]
 
     # ------------------------------------------------------------ round trip 2
