@@ -51,6 +51,7 @@ from torch.distributed.tensor import DTensor, Replicate, Shard
 from shardckpt.engine import rule_rows
 from shardckpt.engine.placement import Key, assign_replicated
 from shardckpt.engine.plan_checks import manifest_key_bytes
+from shardckpt.engine.rule_grid import Spec, chunk_cell, grid_of, position_of
 
 __all__ = [
     "Irregular",
@@ -65,9 +66,6 @@ __all__ = [
     "plan_from_rules",
     "summarize",
 ]
-
-Spec = tuple[int | None, ...]
-"""A DTensor's placements, per mesh dimension: ``d`` for ``Shard(d)``, None for ``Replicate``."""
 
 
 @dataclass(frozen=True)
@@ -226,48 +224,13 @@ def _replicas(layout: TensorLayout) -> int:
     return math.prod(n for n, s in zip(layout.mesh_shape, layout.spec, strict=True) if s is None)
 
 
-def _grid(shape: tuple[int, ...], mesh_shape: tuple[int, ...], spec: Spec) -> tuple[int, ...] | None:
-    """Parts per tensor dimension, or None when a placement names a dimension the tensor
-    does not have."""
-    grid = [1] * len(shape)
-    for n, d in zip(mesh_shape, spec, strict=True):
-        if d is not None:
-            if not 0 <= d < len(shape):
-                return None
-            grid[d] *= n
-    return tuple(grid)
-
-
-def _position(coordinate: tuple[int, ...], mesh_shape: tuple[int, ...], spec: Spec, ndim: int) -> list[int]:
-    """The cell along each tensor dimension: the coordinates of the mesh dimensions that
-    shard it, outermost first."""
-    p = [0] * ndim
-    for c, n, d in zip(coordinate, mesh_shape, spec, strict=True):
-        if d is not None:
-            p[d] = p[d] * n + c
-    return p
-
-
-def _cell(shape: tuple[int, ...], grid: tuple[int, ...], p: Sequence[int]) -> tuple[tuple[int, ...], tuple[int, ...]]:
-    """(offsets, sizes) of cell ``p`` of the ``torch.chunk`` split of ``shape`` over ``grid``
-    as DCP records it: an empty cell's offset along an empty dimension is its global size."""
-    offsets, sizes = [], []
-    for n, g, i in zip(shape, grid, p, strict=True):
-        block = -(-n // g)
-        start = min(n, block * i)
-        size = max(0, min(n, start + block) - start)
-        offsets.append(n if size == 0 else start)
-        sizes.append(size)
-    return tuple(offsets), tuple(sizes)
-
-
 def _cell_of(shape: tuple[int, ...], layout: TensorLayout) -> tuple[tuple[int, ...], tuple[int, ...]] | None:
     if len(layout.coordinate) != len(layout.mesh_shape) or len(layout.spec) != len(layout.mesh_shape):
         return None
-    grid = _grid(shape, layout.mesh_shape, layout.spec)
+    grid = grid_of(shape, layout.mesh_shape, layout.spec)
     if grid is None:
         return None
-    return _cell(shape, grid, _position(layout.coordinate, layout.mesh_shape, layout.spec, len(shape)))
+    return chunk_cell(shape, grid, position_of(layout.coordinate, layout.mesh_shape, layout.spec, len(shape)))
 
 
 def plan_from_rules(
@@ -353,14 +316,14 @@ def _shared_cells(
     alone: (offsets, elements, holders in rank order). Empty when every cell is non-empty
     and no dimension of the mesh replicates (FSDP, TP: nothing to list)."""
     mesh_shape, spec = group
-    grid = _grid(shape, mesh_shape, spec)
+    grid = grid_of(shape, mesh_shape, spec)
     assert grid is not None  # every rank's summary checked its cell
     replicated = any(s is None and n > 1 for n, s in zip(mesh_shape, spec, strict=True))
     if not replicated and all(-(-n // g) * (g - 1) < n for n, g in zip(shape, grid, strict=True)):
         return []
     held: dict[tuple[int, ...], tuple[int, list[int]]] = {}
     for rank, c in enumerate(coords):
-        offsets, sizes = _cell(shape, grid, _position(c, mesh_shape, spec, len(shape)))
+        offsets, sizes = chunk_cell(shape, grid, position_of(c, mesh_shape, spec, len(shape)))
         numel = math.prod(sizes)
         if numel > 0 and not replicated:
             continue
