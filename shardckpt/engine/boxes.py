@@ -58,6 +58,11 @@ class BoxReader:
         self.where = where
         self._sizes_checked: set[str] = set()
 
+    in_place_min_bytes = 1 << 20
+    """A box that is one run of its chunk but not whole checksum blocks is read in place
+    (:meth:`_read_around`, three reads) from this size on; a smaller one is staged with
+    its blocks in one read (a copy of at most a few blocks costs less than two more reads)."""
+
     def check_file_sizes(self, names: Iterable[str]) -> None:
         """Raise IntegrityError if a data file in ``names`` is missing or not the size the
         manifest records (so a truncated file is named before any chunk read runs into it).
@@ -108,7 +113,7 @@ class BoxReader:
         run = s.last - s.first + 1 == dest.numel()  # the box is one run of the chunk's bytes
         in_place = run and dest.is_contiguous() and dest.device.type == "cpu" and dest.dtype == s.dtype
         exact = s.lo == s.first * isz and s.hi == (s.last + 1) * isz
-        if in_place and not exact:
+        if in_place and not exact and dest.numel() * isz >= self.in_place_min_bytes:
             return self._read_around(key, chunk, s, dest)
         direct = in_place and exact
         buf = dest.reshape(-1).view(torch.uint8) if direct else torch.empty(s.hi - s.lo, dtype=torch.uint8)

@@ -46,7 +46,7 @@ RUNNER = REPO / "tests" / "support" / "doc_runner.py"
 README = "README.md"
 
 # docs/ pages that teach a task: their first ```python block is run.
-GUIDES = ("docs/manager.md", "docs/training.md", "docs/interop.md", "docs/storage.md")
+GUIDES = ("docs/manager.md", "docs/training.md", "docs/interop.md", "docs/storage.md", "docs/scale.md")
 # docs/ pages that are reference or reports: not run, for the reason given.
 REFERENCE = {
     "docs/architecture.md": "the package's layout and data flow; no python block",

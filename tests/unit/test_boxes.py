@@ -98,6 +98,7 @@ def test_a_run_that_is_not_whole_blocks_is_read_in_place_and_verified(saved, mon
     blocks is read straight into ``dest``; only its first and last blocks' other bytes go
     to side buffers, and every block it touches is still verified."""
     path, w = saved
+    monkeypatch.setattr(BoxReader, "in_place_min_bytes", 0)  # this chunk is 16 KiB
     boxes = _boxes(path)
     chunk = boxes.manifest.tensors["w"].chunks[0]
     sizes: list[int] = []
@@ -115,13 +116,29 @@ def test_a_run_that_is_not_whole_blocks_is_read_in_place_and_verified(saved, mon
 
 
 @pytest.mark.parametrize("row", [4, 20, 40])  # in the first block's rest, the box, the last block's rest
-def test_a_flipped_byte_around_an_in_place_run_is_named_by_its_block(saved, row):
+def test_a_flipped_byte_around_an_in_place_run_is_named_by_its_block(saved, monkeypatch, row):
     path, _ = saved
+    monkeypatch.setattr(BoxReader, "in_place_min_bytes", 0)
     chunk = CheckpointSource(path).manifest.tensors["w"].chunks[0]
     flip_byte(os.path.join(path, chunk.file), chunk.byte_offset + row * COLS * 4 + 3)
     with pytest.raises(IntegrityError, match=rf"block {row // 16}\b") as e:
         _boxes(path).read_box("w", chunk, (10, 0), torch.empty(25, COLS))  # rows 10-34: blocks 0-2
     assert chunk.file in str(e.value) and "'w'" in str(e.value)
+
+
+def test_a_small_run_is_read_with_its_blocks_in_one_read(saved, monkeypatch):
+    """Below ``in_place_min_bytes`` a box is staged with its whole blocks in one read."""
+    path, w = saved
+    boxes = _boxes(path)
+    chunk = boxes.manifest.tensors["w"].chunks[0]
+    sizes: list[int] = []
+    read_into = boxes.files.read_into
+    monkeypatch.setattr(
+        boxes.files, "read_into", lambda name, at, out: (sizes.append(len(out)), read_into(name, at, out))
+    )
+    dest = torch.empty(3, COLS)
+    boxes.read_box("w", chunk, (5, 0), dest)
+    assert torch.equal(dest, w[5:8]) and sizes == [BLOCK]
 
 
 def test_verify_pieces_equals_verify_blocks_on_every_split():
