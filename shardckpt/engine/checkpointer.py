@@ -25,7 +25,7 @@ from shardckpt.engine.collective import RankGroup, checkpoint_group, destroy_gro
 from shardckpt.engine.incremental import BaseIndex
 from shardckpt.engine.loading import LoadResult, load_from
 from shardckpt.engine.local_items import ItemCache
-from shardckpt.engine.options import IOOptions, SaveKwargs, Timeouts
+from shardckpt.engine.options import IOOptions, SaveKwargs, Timeouts, resolve_format_version
 from shardckpt.engine.protocol import Rounds
 from shardckpt.engine.saved_chunks import SavedChunks
 from shardckpt.engine.saving import (
@@ -192,8 +192,10 @@ class Checkpointer:
         real I/O gets longer; a number sets both, see :class:`~shardckpt.engine.options.Timeouts`).
         The save's collectives run on a gloo group with the caller's ranks,
         created on the first call (by every rank) and owned by this Checkpointer.
-        ``format_version=3`` writes format 3 (docs/format.md section 12) and returns its
-        ManifestV3. Returns the committed Manifest on the coordinator, None on other ranks.
+        It writes version 1 (2 for an incremental save; ``format_version=1`` says so
+        explicitly) and returns its Manifest; ``format_version=3`` writes format 3
+        (docs/format.md section 12) and returns its ManifestV3. Returns the committed
+        manifest on the coordinator, None on other ranks.
         """
         request = self._start_save("save", path, options)
         return persist(to_plain_state_dict(state_dict), request)
@@ -286,7 +288,7 @@ class Checkpointer:
         """The ``base`` of a save's writer options: finds the chunks of checkpoint ``base``
         (see :meth:`SavedChunks.base_index`), opened with this Checkpointer's factory."""
         opened = functools.partial(self.open_storage, base, storage_options, io=io)
-        version = options.get("format_version")
+        version = resolve_format_version(options.get("format_version"))
         return functools.partial(self._chunks.base_index, base, opened, format_version=version)
 
     def load(
