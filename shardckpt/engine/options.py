@@ -165,7 +165,11 @@ def check_format_version(version: Any) -> None:
     docs/format.md 12.7)."""
     if version is None or (type(version) is int and version in (1, 3)):
         return
-    hint = " (format 2 is format 1's incremental form: format_version=1 with incremental=True)" if version == 2 else ""
+    hint = (
+        " (format 2 is format 1's incremental form: format_version=1 with incremental=True)"
+        if type(version) is int and version == 2
+        else ""
+    )
     raise ValueError(
         f"format_version must be None (the default: version {DEFAULT_FORMAT_VERSION}), 1 (version 1, 2 for "
         f"incremental saves) or 3, got {version!r}{hint}"
