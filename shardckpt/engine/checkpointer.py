@@ -25,7 +25,7 @@ from shardckpt.engine.async_slot import AsyncSlot
 from shardckpt.engine.collective import RankGroup, checkpoint_group, destroy_groups
 from shardckpt.engine.loading import LoadResult, load_from
 from shardckpt.engine.local_items import ItemCache
-from shardckpt.engine.options import IOOptions, SaveKwargs, Timeouts
+from shardckpt.engine.options import IOOptions, SaveKwargs, Timeouts, resolve_format_version
 from shardckpt.engine.protocol import Rounds
 from shardckpt.engine.saved_chunks import SavedChunks
 from shardckpt.engine.saving import SLOW_IO, AsyncSaveHandle, SaveRequest, checkpoint_path, persist, writer_options
@@ -180,8 +180,10 @@ class Checkpointer:
         real I/O gets longer; a number sets both, see :class:`~shardckpt.engine.options.Timeouts`).
         The save's collectives run on a gloo group with the caller's ranks,
         created on the first call (by every rank) and owned by this Checkpointer.
-        ``format_version=3`` writes format 3 (docs/format.md section 12) and returns its
-        ManifestV3. Returns the committed Manifest on the coordinator, None on other ranks.
+        It writes version 1 (2 for an incremental save; ``format_version=1`` says so
+        explicitly) and returns its Manifest; ``format_version=3`` writes format 3
+        (docs/format.md section 12) and returns its ManifestV3. Returns the committed
+        manifest on the coordinator, None on other ranks.
         """
         request = self._start_save("save", path, options)
         return persist(to_plain_state_dict(state_dict), request)
@@ -233,9 +235,10 @@ class Checkpointer:
         storage_options = options.get("storage_options")
         base = options.get("base")
         digests = bool(options.get("incremental", False)) or base is not None
+        version, found = resolve_format_version(options.get("format_version")), None
         if base is not None:  # finds the base's chunks (SavedChunks.base_index), opened with our factory
-            base = checkpoint_path(base)
-            open_base = functools.partial(self.open_storage, base, storage_options, io=io)
+            opened = functools.partial(self.open_storage, checkpoint_path(base), storage_options, io=io)
+            found = functools.partial(self._chunks.base_index, checkpoint_path(base), opened, format_version=version)
         writer = writer_options(
             io,
             path,
@@ -243,11 +246,7 @@ class Checkpointer:
             metadata=options.get("metadata"),
             digests=digests,
             format_version=options.get("format_version"),
-            base=None
-            if base is None
-            else functools.partial(
-                self._chunks.base_index, base, open_base, format_version=options.get("format_version")
-            ),
+            base=found,
         )
         timeout_s = options.get("timeout_s")
         timeouts = Timeouts.of(timeout_s)

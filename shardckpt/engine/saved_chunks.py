@@ -90,7 +90,7 @@ class SavedChunks:
                 f"save to {storage.url} with base={base!r} and format_version=3: the base is a format-2 "
                 "checkpoint, and a format-3 save reuses chunks of a format-3 base only (its file table names "
                 "files by their save's pages and index records, which a format-2 checkpoint lacks; "
-                "docs/format.md 12.7). Save this one with format_version=None to build on it, or save in "
+                "docs/format.md 12.7). Save this one with format_version=1 to build on it, or save in "
                 "format 3 without base= (a full save; later ones can build on it)."
             )
         return BaseIndex.from_manifest(found, name)

@@ -31,6 +31,7 @@ from shardckpt.engine.options import (  # noqa: F401 - the thread defaults, also
     IOOptions,
     Timeouts,
     check_timeout,
+    resolve_format_version,
 )
 from shardckpt.engine.planner import SavePlanner
 from shardckpt.engine.protocol import Rounds, save_in_rounds
@@ -158,7 +159,9 @@ def writer_options(
     format_version: int | None = None,
 ) -> WriterOptions:
     """The writer's options for a save to ``path`` under ``io`` (threads defaulted by storage
-    kind; format 3 checksums in 256 KiB blocks while ``io`` keeps the default block size)."""
+    kind; ``format_version`` None: ``DEFAULT_FORMAT_VERSION``; format 3 checksums in 256 KiB
+    blocks while ``io`` keeps the default block size)."""
+    format_version = resolve_format_version(format_version)
     block_bytes = io.hash_block_bytes
     if format_version == 3 and block_bytes == integrity.DEFAULT_BLOCK_BYTES:
         block_bytes = V3_HASH_BLOCK_BYTES

@@ -185,7 +185,7 @@ class Writer(StorageWriter):
         if self.options.format_version == 3:  # the coordinator's small tensors: a last file (format.md 12.8)
             items, inline = rank_result.split_inline(items, rank=rank)
         buckets = split_by_bytes(items, self.options.num_io_threads) + ([inline] if inline else [])
-        version = str(self.options.format_version or (2 if self.options.digests else 1))  # the manifest's
+        version = "3" if self.options.format_version == 3 else "2" if self.options.digests else "1"  # the manifest's
         meta = {"format": "shardckpt", "format_version": version, "save_id": save_id, "rank": str(rank)}
         if not buckets:
             self._remember(plan, results)

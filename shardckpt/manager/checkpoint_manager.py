@@ -26,7 +26,7 @@ from typing import Any
 
 from shardckpt.engine.checkpointer import Checkpointer
 from shardckpt.engine.collective import RankGroup
-from shardckpt.engine.options import IOOptions, SaveKwargs, check_format_version
+from shardckpt.engine.options import IOOptions, SaveKwargs, resolve_format_version
 from shardckpt.engine.saving import AsyncSaveHandle
 from shardckpt.errors import ShardckptError
 from shardckpt.manager import ownership
@@ -81,8 +81,9 @@ class CheckpointManager(StepReader):
     - ``full_every`` (20; None: never): with ``incremental``, every ``full_every``-th save
       writes everything, so a step never depends on more than the last ``full_every``
       saves' folders. docs/manager.md, "Incremental checkpoints".
-    - ``format_version`` (None: version 1, 2 with ``incremental``): 3 saves every step in
-      format 3 (docs/format.md section 12), also with ``incremental`` (each base a format-3 step).
+    - ``format_version`` (None: 1): 1 saves every step in version 1, 2 with ``incremental``
+      (each base a format-2 step); 3 in format 3 (docs/format.md section 12), also with
+      ``incremental`` (each base a format-3 step).
     - ``process_group`` (None: the whole job): the ranks taking part.
     - ``storage_options`` (None): handed to fsspec for an fsspec root (credentials, endpoint).
     - ``io`` (None: the checkpointer's :class:`IOOptions`): threads, checksum block size,
@@ -189,10 +190,9 @@ class CheckpointManager(StepReader):
                 "a read_only=True CheckpointManager cannot save, so it cannot save on preemption; "
                 "drop save_on_preemption (its SIGTERM handler would only keep the process alive)"
             )
-        check_format_version(format_version)
-        self._format_version = format_version
+        self._format_version = resolve_format_version(format_version)
         # every rank: what it saved; the coordinator: the base
-        self._chain = IncrementalChain(full_every, format_version=format_version)
+        self._chain = IncrementalChain(full_every, format_version=self._format_version)
         # Passed on by every save and restore (io None: the Checkpointer's own).
         self._run = RunOptions(process_group, storage_options, io, num_io_threads, timeout_s, max_staging_bytes)
         local = None
@@ -311,8 +311,7 @@ class CheckpointManager(StepReader):
         manifest's metadata, plus, with ``incremental``, the base (recorded in the chain)."""
         meta = {"step": step, "metrics": metrics, "saved_at": time.time()}
         kwargs = self._run.save_kwargs(meta)
-        if self._format_version is not None:
-            kwargs["format_version"] = self._format_version
+        kwargs["format_version"] = self._format_version
         if self.incremental:
             meta[CHAIN_KEY] = chain
             kwargs["incremental"] = True

@@ -20,6 +20,7 @@ sys.path.insert(0, BENCH_DIR)
 
 import collectives  # noqa: E402
 import common  # noqa: E402
+import default_format  # noqa: E402
 import incremental  # noqa: E402
 import planning_scale  # noqa: E402
 import plots  # noqa: E402
@@ -219,6 +220,20 @@ def test_incremental_quick_meets_the_byte_targets(tmp_path: Any) -> None:
         assert row["full"]["data_bytes"] >= state_bytes, row
     plot = r["plots"].get("written") or r["plots"]["skipped"]
     assert plot in ([str(tmp_path / "img" / "incremental_quick_bytes.png")], plots.MATPLOTLIB_MISSING), plot
+
+
+def test_default_format_compares_both_formats_on_the_same_state(tmp_path: Any) -> None:
+    """benchmarks/default_format.py at its smallest: both formats saved and loaded in one run,
+    the bytes on disk within 0.1% of each other (the same tensor bytes), format 3's extra
+    files its index record and page, its manifest smaller, and nothing left behind."""
+    r = default_format.run("1mib", 1, str(tmp_path))
+    (v1_bytes, v1_files, v1_manifest), (v3_bytes, v3_files, v3_manifest) = r["stats"][1], r["stats"][3]
+    assert abs(v3_bytes - v1_bytes) < v1_bytes / 1000 and v1_bytes > 2**20
+    assert v3_files == v1_files + 2 and v3_manifest < v1_manifest
+    for f in default_format.FORMATS:
+        assert len(r["saves"][f]) == len(r["loads"][f]) == 1
+        assert all(wall > 0 and cpu >= 0 for wall, cpu in r["saves"][f] + r["loads"][f])
+    assert not os.listdir(tmp_path)
 
 
 def test_gpu_check_dry_run_on_cpu(tmp_path: Any) -> None:

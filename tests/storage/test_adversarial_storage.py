@@ -58,14 +58,19 @@ def blank() -> dict[str, Any]:
 
 
 @pytest.fixture
-def ckpt(tmp_path: Path) -> Path:
+def ckpt(tmp_path: Path, request: pytest.FixtureRequest) -> Path:
+    """A committed checkpoint of :func:`original`, in format 1 unless a test parametrizes
+    ``ckpt`` indirectly with 3 (its index records and page are in ``data/`` too)."""
     folder = tmp_path / "ckpt"
-    shardckpt.save(original(), str(folder))
+    shardckpt.save(original(), str(folder), format_version=getattr(request, "param", 1))
     return folder
 
 
+BOTH_FORMATS = pytest.mark.parametrize("ckpt", [1, 3], indirect=True, ids=["v1", "v3"])
+
+
 def data_file(folder: Path) -> Path:
-    (only,) = (folder / "data").iterdir()
+    (only,) = (folder / "data").glob("*.safetensors")
     return only
 
 
@@ -136,6 +141,7 @@ def raised(fn: Callable[[], Any], kind: type[BaseException], *, fifos: tuple[Pat
 
 
 @pytest.mark.parametrize("verify", [False, True])
+@BOTH_FORMATS
 def test_load_of_a_data_file_replaced_by_a_fifo_fails_fast_naming_it(ckpt: Path, verify: bool) -> None:
     fifo = fifo_in_place_of(data_file(ckpt))
     target = blank()
@@ -149,6 +155,7 @@ def test_load_of_a_data_file_replaced_by_a_fifo_fails_fast_naming_it(ckpt: Path,
 
 
 @pytest.mark.parametrize("verify", [False, True])
+@BOTH_FORMATS
 def test_load_refuses_a_data_file_symlinked_to_a_host_file(ckpt: Path, tmp_path: Path, verify: bool) -> None:
     victim = data_file(ckpt)
     host, content = host_file(tmp_path, victim.stat().st_size)
@@ -162,6 +169,7 @@ def test_load_refuses_a_data_file_symlinked_to_a_host_file(ckpt: Path, tmp_path:
     assert torch.equal(target["w"], torch.zeros(3, 4))  # and nothing of it was loaded
 
 
+@BOTH_FORMATS
 def test_load_follows_a_symlink_that_stays_inside_the_folder(ckpt: Path) -> None:
     victim = data_file(ckpt)
     real = ckpt / "data" / "moved.bin"
@@ -181,6 +189,7 @@ def test_load_and_verify_of_a_manifest_replaced_by_a_fifo_fail_fast(ckpt: Path) 
 
 
 @pytest.mark.parametrize("command", ["export", "diff"])
+@BOTH_FORMATS
 def test_export_and_diff_of_a_fifo_data_file_fail_fast_naming_it(ckpt: Path, tmp_path: Path, command: str) -> None:
     from shardckpt import convert
 
@@ -199,6 +208,7 @@ def test_export_and_diff_of_a_fifo_data_file_fail_fast_naming_it(ckpt: Path, tmp
 # ---------------------------------------------------------------- verify (library and CLI)
 
 
+@BOTH_FORMATS
 def test_verify_reports_a_fifo_data_file_as_damage_without_blocking(ckpt: Path) -> None:
     fifo = fifo_in_place_of(data_file(ckpt))
     report = ends(lambda: verify_checkpoint(str(ckpt)), fifos=(fifo,))
@@ -209,6 +219,7 @@ def test_verify_reports_a_fifo_data_file_as_damage_without_blocking(ckpt: Path) 
     assert report.files_checked == 0
 
 
+@BOTH_FORMATS
 def test_verify_reports_an_out_of_folder_symlink_and_reads_nothing_of_it(ckpt: Path, tmp_path: Path) -> None:
     victim = data_file(ckpt)
     host, content = host_file(tmp_path, victim.stat().st_size)

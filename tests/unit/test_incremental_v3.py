@@ -142,7 +142,7 @@ def test_a_format_3_base_needs_a_format_3_save_and_back(tmp_path: Path) -> None:
     with pytest.raises(UnsupportedFormatVersionError, match="format_version=3") as err:
         shardckpt.save(sd, tmp_path / "a", base=tmp_path / "v3")
     assert "'" + str(tmp_path / "v3") + "'" in str(err.value) or "v3" in str(err.value)
-    with pytest.raises(UnsupportedFormatVersionError, match="format_version=None") as err:
+    with pytest.raises(UnsupportedFormatVersionError, match="format_version=1 to build on it") as err:
         _save(sd, tmp_path / "b", base=tmp_path / "v2")
     assert "format-2" in str(err.value)
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
@@ -272,11 +272,15 @@ def test_an_async_incremental_save_writes_only_what_changed(tmp_path: Path) -> N
 def test_a_manager_that_changes_format_makes_its_next_save_full(tmp_path: Path) -> None:
     root = tmp_path / "run"
     sd = _state()
-    for step, version in ((1, None), (2, 3), (3, 3), (4, None)):
+    # None and 1 are one family (version 1, 2 when incremental): step 6 builds on step 5 (its
+    # chain is 2 long), whose bytes are all step 4's (nothing changed), so it lists step 4
+    steps = ((1, None), (2, 3), (3, 3), (4, None), (5, 1), (6, None))
+    for step, version in steps:
         with shardckpt.CheckpointManager(root, incremental=True, format_version=version) as mgr:
             mgr.save(step, sd)
             m = mgr.manifest(step)
             assert isinstance(m, ManifestV3) == (version == 3), step
             # a base of the other family would be refused: the chain starts again, full
-            assert m.bases == ((layout.step_dir_name(2),) if step == 3 else ()), step
-            assert m.metadata["incremental_chain"] == (1 if step == 3 else 0), step
+            builds_on = {3: 2, 5: 4, 6: 4}.get(step)
+            assert m.bases == ((layout.step_dir_name(builds_on),) if builds_on else ()), step
+            assert m.metadata["incremental_chain"] == {3: 1, 5: 1, 6: 2}.get(step, 0), step

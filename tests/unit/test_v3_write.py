@@ -18,6 +18,7 @@ from v3files import assemble, read_v3
 
 import shardckpt
 from shardckpt.engine import Checkpointer
+from shardckpt.engine.options import DEFAULT_FORMAT_VERSION
 from shardckpt.engine.write_v3 import V3_HASH_BLOCK_BYTES, compress_rows
 from shardckpt.format import layout, rules
 from shardckpt.storage import WriteStream
@@ -122,18 +123,54 @@ def test_an_overwrite_and_retention_remove_the_index_records_and_pages(tmp_path)
 
 
 def test_format_version_is_checked_before_anything_is_written(tmp_path):
+    with pytest.raises(ValueError, match=r"format_version=1 with incremental=True"):
+        shardckpt.save(_state(), str(tmp_path / "a"), format_version=2)  # format 2 is format 1's incremental form
+    for bad in (4, 0, True, 3.0, "3"):
+        with pytest.raises(ValueError, match=r"format_version must be None .*, 1 .* or 3, got"):
+            shardckpt.save(_state(), str(tmp_path / "a"), format_version=bad)  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="format_version must be None"):
-        shardckpt.save(_state(), str(tmp_path / "a"), format_version=2)
-    with pytest.raises(ValueError, match="format_version must be None"):
-        shardckpt.CheckpointManager(str(tmp_path / "r"), format_version=1, incremental=True)
+        shardckpt.CheckpointManager(str(tmp_path / "r"), format_version=2, incremental=True)
     assert not os.listdir(tmp_path)
 
 
 def test_the_default_save_is_still_version_1_with_its_8_mib_blocks(tmp_path):
+    assert DEFAULT_FORMAT_VERSION == 1  # docs/format.md 12.7, "When written": flipping it is a decision
     m = shardckpt.save(_state(), str(tmp_path / "c"))
     assert m is not None and m.format_version == 1 and m.hash_block_bytes == 8 * 2**20
     names = os.listdir(tmp_path / "c" / "data")
     assert names and all(n.endswith(".safetensors") for n in names)
+
+
+def _data_file_versions(folder) -> set[str]:
+    out = set()
+    for n in os.listdir(folder / "data"):
+        raw = (folder / "data" / n).read_bytes()
+        header = json.loads(raw[8 : 8 + int.from_bytes(raw[:8], "little")])
+        out.add(header["__metadata__"]["format_version"])
+    return out
+
+
+def test_format_version_1_says_the_old_format_explicitly_and_incremental_saves_are_version_2(tmp_path):
+    state = _state()
+    with Checkpointer() as ckpt:
+        said = ckpt.save(state, tmp_path / "said", format_version=1)
+        implied = ckpt.save(state, tmp_path / "implied")
+        full = ckpt.save(state, tmp_path / "full", format_version=1, incremental=True)
+        model = state["model"]
+        assert isinstance(model, dict)
+        model["w"] = model["w"] + 1  # one tensor changes: the next save writes it alone
+        incr = ckpt.save(state, tmp_path / "incr", format_version=1, base=tmp_path / "full")
+    assert said is not None and implied is not None and full is not None and incr is not None
+    assert (said.format_version, said.hash_block_bytes) == (1, 8 * 2**20)
+    assert (implied.format_version, implied.hash_block_bytes) == (1, 8 * 2**20)
+    assert {k: len(t.chunks) for k, t in said.tensors.items()} == {k: len(t.chunks) for k, t in implied.tensors.items()}
+    assert _data_file_versions(tmp_path / "said") == {"1"}
+    # format 2 is version 1's incremental form: the manifest and every data file it wrote say 2
+    assert (full.format_version, incr.format_version) == (2, 2) and incr.bases == ("full",)
+    assert _data_file_versions(tmp_path / "full") == _data_file_versions(tmp_path / "incr") == {"2"}
+    back = {"model": {k: torch.zeros_like(v) for k, v in model.items()}, "step": 0}
+    shardckpt.load(back, tmp_path / "incr")
+    assert all(torch.equal(back["model"][k], v) for k, v in model.items()) and back["step"] == 12
 
 
 @settings(max_examples=200, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow])
