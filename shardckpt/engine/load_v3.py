@@ -40,7 +40,7 @@ from shardckpt.engine.boxes import BoxReader
 from shardckpt.engine.load_items import target_box
 from shardckpt.engine.planner import LoadPlanner
 from shardckpt.errors import IntegrityError, ManifestError
-from shardckpt.format import datafile, rules
+from shardckpt.format import datafile
 from shardckpt.format.file_table import FileRef, RankEntry, parse_page
 from shardckpt.format.manifest import ChunkRecord, FileRecord, Manifest
 from shardckpt.format.manifest_v3 import Chunk, ManifestV3, Tensor
@@ -108,12 +108,9 @@ def needed_metadata(metadata: Metadata, manifest: ManifestV3, flat: dict[str, An
 def chunk_at(rec: Tensor, offsets: tuple[int, ...], *, key: str) -> Chunk:
     """The cell of ``rec``'s rule whose box starts at ``offsets`` (a read item's storage
     index), in O(d * log runs); the listed chunks beside a rule are empty, never read."""
-    found = []
-    if rec.rule is not None and len(offsets) == len(rec.shape):
-        found = [c for c in rules.chunks_for_box(rec.rule, offsets, (1,) * len(offsets)) if c.offsets == offsets]
-    if not found:
+    c = rec.rule.cell_at(offsets) if rec.rule is not None else None
+    if c is None:
         raise IntegrityError(f"key {key!r}: no chunk at offsets {list(offsets)} in the format-3 manifest")
-    c = found[0]
     return Chunk(c.offsets, c.sizes, c.file, c.byte_offset, math.prod(c.sizes) * datafile.itemsize(rec.dtype))
 
 
@@ -132,6 +129,8 @@ class RuleChunks:
         self._chunks: dict[tuple[str, tuple[int, ...]], ChunkRecord] = {}
         self._files: dict[str, FileRecord] = {}
         self._listed: dict[str, dict[tuple[int, ...], Chunk]] = {}
+        self._refs: dict[int, FileRef] = {}  # file position -> its place in the table, located once
+        self._names: dict[int, str] = {}  # file position -> its data file's name, built once
         self.boxes = BoxReader(storage, manifest, verify=verify, where=where, files=self._files, bases=manifest.bases)
         """Reads the boxes of every chunk resolved so far (:meth:`prepare`, :meth:`chunk`)."""
 
@@ -170,10 +169,14 @@ class RuleChunks:
             where = f"{self.where}: index record {self._describe(ref, ref.index_name)} (rank {ref.rank}), key {key!r}"
         else:
             where = f"{self.where}: the manifest's inline_index (rank {ref.rank}'s file), key {key!r}"
-        entry = index.entry(c.byte_offset, c.byte_length, where=f"{where}, file {ref.name!r}")
+        name = self._names.get(c.file)
+        if name is None:
+            name = self._names[c.file] = ref.name
+        entry = index.entry(c.byte_offset, c.byte_length, where=f"{where}, file {name!r}")
         hashes = tuple(entry.block_hash(i) for i in range(len(entry.block_hashes) // 16))
-        record = ChunkRecord(c.offsets, c.sizes, ref.name, c.byte_offset, c.byte_length, hashes, entry.digest)
-        self._files[ref.name] = FileRecord(index.size, index.hash, ref.rank, ref.checkpoint)
+        record = ChunkRecord(c.offsets, c.sizes, name, c.byte_offset, c.byte_length, hashes, entry.digest)
+        if name not in self._files:
+            self._files[name] = FileRecord(index.size, index.hash, ref.rank, ref.checkpoint)
         self._chunks[(key, offsets)] = record
         return record
 
@@ -195,7 +198,10 @@ class RuleChunks:
                 raise IntegrityError(f"key {key!r}: no chunk at offsets {list(offsets)} in the format-3 manifest")
         else:
             c = chunk_at(rec, offsets, key=key)
-        return c, self.manifest.file_table.locate(c.file)
+        ref = self._refs.get(c.file)
+        if ref is None:
+            ref = self._refs[c.file] = self.manifest.file_table.locate(c.file)
+        return c, ref
 
     def _page(self, ref: FileRef) -> tuple[RankEntry, ...]:
         """The entries of the page holding ``ref``'s rank, fetched and verified on first use."""

@@ -92,6 +92,20 @@ class Rule:
         sizes = tuple(min(b, n - o) for b, n, o in zip(self.block, self.shape, offsets, strict=True))
         return Chunk(offsets, sizes, file, byte_offset)
 
+    def cell_at(self, offsets: Sequence[int]) -> Chunk | None:
+        """The chunk of the cell whose box starts at ``offsets``, or None when no cell
+        starts there (wrong rank, outside the shape, not on a block boundary). O(d + log
+        runs): what ``chunks_for_box(rule, offsets, (1,) * d)`` finds, filtered to the
+        chunk at ``offsets``, without building the box's ranges (a load asks once per chunk)."""
+        if len(offsets) != len(self.shape):
+            return None
+        cell = 0
+        for o, b, n in zip(offsets, self.block, self.shape, strict=True):
+            if o < 0 or o >= n or o % b:
+                return None
+            cell = cell * -(-n // b) + o // b
+        return self.cell_chunk(tuple(o // b for o, b in zip(offsets, self.block, strict=True)), cell)
+
 
 # ---------------------------------------------------------------- chunks <-> rule
 
