@@ -71,14 +71,17 @@ class Rule:
     block: tuple[int, ...]
     runs: tuple[Run, ...]
     _starts: list[int] = field(init=False, repr=False, compare=False)
+    _grid: tuple[int, ...] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         # first cell of each run, for bisect; built once, O(runs)
         object.__setattr__(self, "_starts", list(itertools.accumulate((r.count for r in self.runs), initial=0)))
+        # asked once per chunk a load looks up: computed once per rule
+        object.__setattr__(self, "_grid", tuple(-(-n // b) for n, b in zip(self.shape, self.block, strict=True)))
 
     @property
     def grid(self) -> tuple[int, ...]:
-        return tuple(-(-n // b) for n, b in zip(self.shape, self.block, strict=True))
+        return self._grid
 
     @property
     def cells(self) -> int:
@@ -256,11 +259,14 @@ def _parse_runs(doc: Any, cells: int, files: int, where: str) -> tuple[Run, ...]
 
 def _ints(doc: Any, where: str, length: int, *, signed: bool = False) -> tuple[int, ...]:
     low = -MAX_OFFSET if signed else 0
-    if (
-        not isinstance(doc, list)
-        or len(doc) != length
-        or not all(type(v) is int and low <= v < MAX_OFFSET for v in doc)
-    ):
+    # a loop, not all() over a generator: called for every rule and run of a manifest
+    ok = isinstance(doc, list) and len(doc) == length
+    if ok:
+        for v in doc:
+            if type(v) is not int or not low <= v < MAX_OFFSET:
+                ok = False
+                break
+    if not ok:
         kind = "integers in [-2**62, 2**62)" if signed else "integers in [0, 2**62)"
         raise ManifestError(f"{where}: expected a list of {length} {kind}, found {reprlib.repr(doc)}")
     return tuple(doc)
