@@ -2,6 +2,7 @@
 
     python benchmarks/default_format.py                      # 1 MiB, a GPT-like 160 MiB, the 64 MiB small mix
     python benchmarks/default_format.py --repeats 9 --dir /work/bench-tmp/df
+    python benchmarks/default_format.py --states small64 --profile 3   # where format 3's time goes
 
 The question it answers (docs/format.md 12.7, "When written"): does making format 3 the
 default make a small single-node save bigger or slower in a way a user would notice?
@@ -24,7 +25,9 @@ per-repetition ratios, which cancels most of the machine's noise).
 from __future__ import annotations
 
 import argparse
+import cProfile
 import os
+import pstats
 import random
 import shutil
 import statistics
@@ -124,15 +127,40 @@ def report(name: str, r: dict[str, Any]) -> None:
     print(f"v3/v1 (paired medians): bytes {s[3][0] / s[1][0]:.4f}  save {save}  load {load}")
 
 
+def profile(name: str, fmt: int, root: str, top: int = 25) -> None:
+    """Print the ``top`` functions by own time of one save and one load of ``name`` in
+    ``fmt``, after one unprofiled save and load (imports and first-call caches not counted)."""
+    sd, target = state(name), state(name)
+    for rep in range(2):
+        path = os.path.join(root, f"{name}-profile-{rep}")
+        steps = (
+            ("save", shardckpt.save, (sd, path), {"format_version": fmt}),
+            ("load", shardckpt.load, (target, path), {}),
+        )
+        for what, fn, args, kwargs in steps:
+            prof = cProfile.Profile()
+            prof.runcall(fn, *args, **kwargs) if rep else fn(*args, **kwargs)
+            if rep:
+                print(f"\n{name}, format {fmt}: {what}")
+                pstats.Stats(prof).sort_stats("tottime").print_stats(top)
+        shutil.rmtree(path)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--repeats", type=int, default=7)
     p.add_argument("--dir", default=None, help="scratch folder (default: a new temporary folder)")
     p.add_argument("--states", nargs="+", default=["1mib", "small64"], choices=["1mib", "gpt150", "small64"])
+    p.add_argument(
+        "--profile", type=int, choices=FORMATS, default=None, help="profile one save and load in this format"
+    )
     args = p.parse_args(argv)
     root = tempfile.mkdtemp(prefix="default_format-", dir=args.dir)
     try:
         for name in args.states:
+            if args.profile is not None:
+                profile(name, args.profile, root)
+                continue
             report(name, run(name, args.repeats, root))
     finally:
         shutil.rmtree(root)

@@ -22,7 +22,7 @@ its own slot); the reader threads then only look chunks up.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -40,7 +40,7 @@ from shardckpt.engine.boxes import BoxReader
 from shardckpt.engine.load_items import target_box
 from shardckpt.engine.planner import LoadPlanner
 from shardckpt.errors import IntegrityError, ManifestError
-from shardckpt.format import datafile, rules
+from shardckpt.format import datafile
 from shardckpt.format.file_table import FileRef, RankEntry, parse_page
 from shardckpt.format.manifest import ChunkRecord, FileRecord, Manifest
 from shardckpt.format.manifest_v3 import Chunk, ManifestV3, Tensor
@@ -62,11 +62,15 @@ class RulePlanner(LoadPlanner):
     ) -> None:
         super().__init__(allow_partial_load=allow_partial_load, flattened=flattened)
         self.manifest3 = manifest
+        self.found: dict[tuple[str, tuple[int, ...]], Chunk] = {}
+        """(key, offsets) -> the chunk there, of every chunk planning found for this rank's
+        boxes: handed to :class:`RuleChunks` so that no chunk is looked up twice."""
 
     def set_up_planner(self, state_dict: Any, metadata: Any = None, is_coordinator: bool = False) -> None:
         super().set_up_planner(state_dict, metadata, is_coordinator)
         assert self.metadata is not None
-        self.metadata = needed_metadata(self.metadata, self.manifest3, self.state_dict)
+        self.found = {}
+        self.metadata = needed_metadata(self.metadata, self.manifest3, self.state_dict, self.found)
 
 
 def load_planner(
@@ -80,9 +84,15 @@ def load_planner(
 
 
 @torch.no_grad()  # for target_box's to_local()
-def needed_metadata(metadata: Metadata, manifest: ManifestV3, flat: dict[str, Any]) -> Metadata:
+def needed_metadata(
+    metadata: Metadata,
+    manifest: ManifestV3,
+    flat: dict[str, Any],
+    found_chunks: dict[tuple[str, tuple[int, ...]], Chunk] | None = None,
+) -> Metadata:
     """``metadata`` (a format-3 manifest's, with no chunks) where each tensor this rank
-    loads lists the chunks that its boxes overlap, and only those."""
+    loads lists the chunks that its boxes overlap, and only those; ``found_chunks``, if
+    given, gets each of those chunks under (key, offsets)."""
     sd = dict(metadata.state_dict_metadata)
     coordinates: dict[int, Sequence[int] | None] = {}
     for fqn, obj in flat.items():
@@ -98,9 +108,10 @@ def needed_metadata(metadata: Metadata, manifest: ManifestV3, flat: dict[str, An
         seen: dict[tuple[int, ...], ChunkStorageMetadata] = {}
         for box in local_chunks(obj) if found is None else [found[0]]:
             for c in rec.chunks_for_box(tuple(box.offsets), tuple(box.sizes)):
-                seen.setdefault(
-                    c.offsets, ChunkStorageMetadata(offsets=torch.Size(c.offsets), sizes=torch.Size(c.sizes))
-                )
+                if c.offsets not in seen:
+                    seen[c.offsets] = ChunkStorageMetadata(offsets=torch.Size(c.offsets), sizes=torch.Size(c.sizes))
+                    if found_chunks is not None:
+                        found_chunks[(fqn, c.offsets)] = c
         sd[fqn] = TensorStorageMetadata(properties=md.properties, size=md.size, chunks=list(seen.values()))
     return Metadata(state_dict_metadata=sd, planner_data=metadata.planner_data, storage_data=metadata.storage_data)
 
@@ -108,12 +119,9 @@ def needed_metadata(metadata: Metadata, manifest: ManifestV3, flat: dict[str, An
 def chunk_at(rec: Tensor, offsets: tuple[int, ...], *, key: str) -> Chunk:
     """The cell of ``rec``'s rule whose box starts at ``offsets`` (a read item's storage
     index), in O(d * log runs); the listed chunks beside a rule are empty, never read."""
-    found = []
-    if rec.rule is not None and len(offsets) == len(rec.shape):
-        found = [c for c in rules.chunks_for_box(rec.rule, offsets, (1,) * len(offsets)) if c.offsets == offsets]
-    if not found:
+    c = rec.rule.cell_at(offsets) if rec.rule is not None else None
+    if c is None:
         raise IntegrityError(f"key {key!r}: no chunk at offsets {list(offsets)} in the format-3 manifest")
-    c = found[0]
     return Chunk(c.offsets, c.sizes, c.file, c.byte_offset, math.prod(c.sizes) * datafile.itemsize(rec.dtype))
 
 
@@ -121,8 +129,19 @@ class RuleChunks:
     """The chunks one rank reads from a format-3 checkpoint, each resolved to its data file
     and its verified index entry (see the module docstring)."""
 
-    def __init__(self, storage: Storage, manifest: ManifestV3, *, verify: bool, where: str) -> None:
+    def __init__(
+        self,
+        storage: Storage,
+        manifest: ManifestV3,
+        *,
+        verify: bool,
+        where: str,
+        known: Mapping[tuple[str, tuple[int, ...]], Chunk] | None = None,
+    ) -> None:
+        """``known``: chunks already found in ``manifest`` (:attr:`RulePlanner.found`),
+        used as found instead of being looked up again."""
         self.storage = storage
+        self._known = known or {}
         self.manifest = manifest
         self.verify = verify
         self.where = where
@@ -132,6 +151,8 @@ class RuleChunks:
         self._chunks: dict[tuple[str, tuple[int, ...]], ChunkRecord] = {}
         self._files: dict[str, FileRecord] = {}
         self._listed: dict[str, dict[tuple[int, ...], Chunk]] = {}
+        self._refs: dict[int, FileRef] = {}  # file position -> its place in the table, located once
+        self._names: dict[int, str] = {}  # file position -> its data file's name, built once
         self.boxes = BoxReader(storage, manifest, verify=verify, where=where, files=self._files, bases=manifest.bases)
         """Reads the boxes of every chunk resolved so far (:meth:`prepare`, :meth:`chunk`)."""
 
@@ -170,10 +191,14 @@ class RuleChunks:
             where = f"{self.where}: index record {self._describe(ref, ref.index_name)} (rank {ref.rank}), key {key!r}"
         else:
             where = f"{self.where}: the manifest's inline_index (rank {ref.rank}'s file), key {key!r}"
-        entry = index.entry(c.byte_offset, c.byte_length, where=f"{where}, file {ref.name!r}")
+        name = self._names.get(c.file)
+        if name is None:
+            name = self._names[c.file] = ref.name
+        entry = index.entry(c.byte_offset, c.byte_length, where=f"{where}, file {name!r}")
         hashes = tuple(entry.block_hash(i) for i in range(len(entry.block_hashes) // 16))
-        record = ChunkRecord(c.offsets, c.sizes, ref.name, c.byte_offset, c.byte_length, hashes, entry.digest)
-        self._files[ref.name] = FileRecord(index.size, index.hash, ref.rank, ref.checkpoint)
+        record = ChunkRecord(c.offsets, c.sizes, name, c.byte_offset, c.byte_length, hashes, entry.digest)
+        if name not in self._files:
+            self._files[name] = FileRecord(index.size, index.hash, ref.rank, ref.checkpoint)
         self._chunks[(key, offsets)] = record
         return record
 
@@ -187,15 +212,24 @@ class RuleChunks:
         rec = self.manifest.tensors.get(key)
         if rec is None:
             raise IntegrityError(f"{self.where}: key {key!r} is not a tensor of the format-3 manifest")
-        if rec.rule is None:  # an irregular tensor: its listed chunks, indexed once per load
-            if key not in self._listed:
-                self._listed[key] = {c.offsets: c for c in rec.chunks if math.prod(c.sizes)}
-            c = self._listed[key].get(offsets)
-            if c is None:
-                raise IntegrityError(f"key {key!r}: no chunk at offsets {list(offsets)} in the format-3 manifest")
-        else:
-            c = chunk_at(rec, offsets, key=key)
-        return c, self.manifest.file_table.locate(c.file)
+        c = self._known.get((key, offsets))  # found in this manifest when planning the load
+        if c is None:
+            c = self._find(rec, key, offsets)
+        ref = self._refs.get(c.file)
+        if ref is None:
+            ref = self._refs[c.file] = self.manifest.file_table.locate(c.file)
+        return c, ref
+
+    def _find(self, rec: Tensor, key: str, offsets: tuple[int, ...]) -> Chunk:
+        """The chunk of ``rec`` (tensor ``key``) at ``offsets``; IntegrityError if none starts there."""
+        if rec.rule is not None:
+            return chunk_at(rec, offsets, key=key)
+        if key not in self._listed:  # an irregular tensor: its listed chunks, indexed once per load
+            self._listed[key] = {c.offsets: c for c in rec.chunks if math.prod(c.sizes)}
+        c = self._listed[key].get(offsets)
+        if c is None:
+            raise IntegrityError(f"key {key!r}: no chunk at offsets {list(offsets)} in the format-3 manifest")
+        return c
 
     def _page(self, ref: FileRef) -> tuple[RankEntry, ...]:
         """The entries of the page holding ``ref``'s rank, fetched and verified on first use."""

@@ -36,7 +36,7 @@ from torch.distributed.checkpoint.planner import LoadItemType, LoadPlan, LoadPla
 from torch.distributed.checkpoint.storage import StorageReader
 
 from shardckpt.engine.boxes import BoxReader, RunBox, Span
-from shardckpt.engine.load_v3 import RuleChunks
+from shardckpt.engine.load_v3 import RuleChunks, RulePlanner
 from shardckpt.engine.planner import LoadPlanner as ShardckptLoadPlanner
 from shardckpt.engine.planner import set_in_place
 from shardckpt.errors import IntegrityError
@@ -100,8 +100,10 @@ class Reader(StorageReader):
             else:
                 tensor_items.append(item)
         where = f"{self.storage.url} (rank {self.rank})"
+        # the chunks the planner found for this rank's boxes are not looked up again
+        known = planner.found if isinstance(planner, RulePlanner) and planner.manifest3 is self.manifest else None
         chunks: ChunkSource = (
-            RuleChunks(self.storage, self.manifest, verify=self.verify, where=where)
+            RuleChunks(self.storage, self.manifest, verify=self.verify, where=where, known=known)
             if isinstance(self.manifest, ManifestV3)
             else ListedChunks(self.storage, self.manifest, verify=self.verify, where=where)
         )

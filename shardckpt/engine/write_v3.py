@@ -237,13 +237,18 @@ def _tensors(
     done = compress_table([shape for _, shape in tensors.values()], tid, table)
     out = {}
     for t, (key, (dtype, shape)) in enumerate(tensors.items()):
-        d, itemsize = len(shape), datafile.itemsize(dtype)
-        boxes = [
-            (row[0], row[1], row[2 : 2 + d], row[2 + dims : 2 + dims + d]) for row in table[done.listed[t]].tolist()
-        ]
-        chunks = tuple(mv3.Chunk(tuple(o), tuple(s), f, b, math.prod(s) * itemsize) for f, b, o, s in boxes)
-        out[key] = mv3.Tensor(dtype, shape, done.rules[t], chunks)
+        out[key] = mv3.Tensor(dtype, shape, done.rules[t], _listed(table, done.listed[t], dtype, len(shape), dims))
     return out
+
+
+def _listed(table: torch.Tensor, rows: list[int], dtype: str, d: int, dims: int) -> tuple[mv3.Chunk, ...]:
+    """The chunks of ``table``'s ``rows`` (one tensor's, of ``d`` dimensions), as listed
+    chunks; most tensors have a rule and none (no indexing of the table for them)."""
+    if not rows:
+        return ()
+    itemsize = datafile.itemsize(dtype)
+    boxes = [(row[0], row[1], row[2 : 2 + d], row[2 + dims : 2 + dims + d]) for row in table[rows].tolist()]
+    return tuple(mv3.Chunk(tuple(o), tuple(s), f, b, math.prod(s) * itemsize) for f, b, o, s in boxes)
 
 
 def compress_rows(

@@ -162,8 +162,13 @@ def _inline_doc(inline: InlineIndex) -> dict[str, Any]:
     return {"file": inline.file, **file_index_to_json(inline.index)}
 
 
+_ENCODER = json.JSONEncoder(allow_nan=False, separators=(",", ":"))
+"""``json.dumps(v, allow_nan=False, separators=(",", ":"))`` without building an encoder per
+call (twice per tensor of a manifest); holds only those settings."""
+
+
 def _dump(v: Any) -> str:
-    return json.dumps(v, allow_nan=False, separators=(",", ":"))
+    return _ENCODER.encode(v)
 
 
 def _tensor_doc(t: Tensor) -> dict[str, Any]:

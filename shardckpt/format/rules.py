@@ -71,14 +71,17 @@ class Rule:
     block: tuple[int, ...]
     runs: tuple[Run, ...]
     _starts: list[int] = field(init=False, repr=False, compare=False)
+    _grid: tuple[int, ...] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         # first cell of each run, for bisect; built once, O(runs)
         object.__setattr__(self, "_starts", list(itertools.accumulate((r.count for r in self.runs), initial=0)))
+        # asked once per chunk a load looks up: computed once per rule
+        object.__setattr__(self, "_grid", tuple(-(-n // b) for n, b in zip(self.shape, self.block, strict=True)))
 
     @property
     def grid(self) -> tuple[int, ...]:
-        return tuple(-(-n // b) for n, b in zip(self.shape, self.block, strict=True))
+        return self._grid
 
     @property
     def cells(self) -> int:
@@ -91,6 +94,20 @@ class Rule:
         offsets = tuple(i * b for i, b in zip(index, self.block, strict=True))
         sizes = tuple(min(b, n - o) for b, n, o in zip(self.block, self.shape, offsets, strict=True))
         return Chunk(offsets, sizes, file, byte_offset)
+
+    def cell_at(self, offsets: Sequence[int]) -> Chunk | None:
+        """The chunk of the cell whose box starts at ``offsets``, or None when no cell
+        starts there (wrong rank, outside the shape, not on a block boundary). O(d + log
+        runs): what ``chunks_for_box(rule, offsets, (1,) * d)`` finds, filtered to the
+        chunk at ``offsets``, without building the box's ranges (a load asks once per chunk)."""
+        if len(offsets) != len(self.shape):
+            return None
+        cell = 0
+        for o, b, n in zip(offsets, self.block, self.shape, strict=True):
+            if o < 0 or o >= n or o % b:
+                return None
+            cell = cell * -(-n // b) + o // b
+        return self.cell_chunk(tuple(o // b for o, b in zip(offsets, self.block, strict=True)), cell)
 
 
 # ---------------------------------------------------------------- chunks <-> rule
@@ -242,11 +259,14 @@ def _parse_runs(doc: Any, cells: int, files: int, where: str) -> tuple[Run, ...]
 
 def _ints(doc: Any, where: str, length: int, *, signed: bool = False) -> tuple[int, ...]:
     low = -MAX_OFFSET if signed else 0
-    if (
-        not isinstance(doc, list)
-        or len(doc) != length
-        or not all(type(v) is int and low <= v < MAX_OFFSET for v in doc)
-    ):
+    # a loop, not all() over a generator: called for every rule and run of a manifest
+    ok = isinstance(doc, list) and len(doc) == length
+    if ok:
+        for v in doc:
+            if type(v) is not int or not low <= v < MAX_OFFSET:
+                ok = False
+                break
+    if not ok:
         kind = "integers in [-2**62, 2**62)" if signed else "integers in [0, 2**62)"
         raise ManifestError(f"{where}: expected a list of {length} {kind}, found {reprlib.repr(doc)}")
     return tuple(doc)

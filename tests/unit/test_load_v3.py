@@ -104,6 +104,25 @@ def test_one_rank_loads_four_ranks_bitwise_and_reads_each_record_once(tmp_path):
     )
 
 
+def test_a_load_looks_each_chunk_up_once_when_planning(tmp_path, monkeypatch):
+    """The chunks the planner found for this rank's boxes are the ones the reader resolves
+    (issue #16: a second look-up per chunk was a tenth of a load of small tensors)."""
+    from shardckpt.engine import load_v3
+
+    _write(tmp_path / "c")
+    asked: list[tuple[str, tuple[int, ...]]] = []
+    real = load_v3.chunk_at
+    monkeypatch.setattr(
+        load_v3, "chunk_at", lambda rec, offsets, *, key: asked.append((key, offsets)) or real(rec, offsets, key=key)
+    )
+    state = _target()
+    shardckpt.load(state, tmp_path / "c")
+    m = state["model"]
+    assert torch.equal(m["w"], W) and torch.equal(m["g"], G) and torch.equal(m["irr"], IRR)
+    assert torch.equal(m["bias"], BIAS) and m["scale"].item() == 0.5
+    assert asked == []
+
+
 def _header_bytes(path: Any) -> int:
     raw = open(path, "rb").read(8)
     return 8 + int.from_bytes(raw, "little")

@@ -209,6 +209,21 @@ def test_chunks_for_box_is_what_filtering_every_chunk_gives(data):
     assert chunks_for_box(rule, offsets, sizes) == [c for c in expand(rule) if _overlaps(c, offsets, sizes)]
 
 
+@settings(max_examples=200, deadline=None, database=None)
+@given(st.data())
+def test_cell_at_finds_exactly_the_cell_starting_at_a_point(data):
+    # every point of a small tensor, one step beyond each end, and a wrong number of dims
+    ndim = data.draw(st.integers(0, 3))
+    shape = tuple(data.draw(st.lists(st.integers(1, 7), min_size=ndim, max_size=ndim)))
+    mesh = tuple(data.draw(st.lists(st.integers(1, 4), min_size=ndim, max_size=ndim)))
+    rule, _ = compress(shape, sharded(shape, mesh, tuple(range(ndim)), files_per_rank=2))
+    assert rule is not None
+    starts = {c.offsets: c for c in expand(rule)}
+    for point in itertools.product(*(range(-1, n + 1) for n in shape)):
+        assert rule.cell_at(point) == starts.get(point), point
+    assert rule.cell_at((0,) * (ndim + 1)) is None
+
+
 def test_chunks_for_box_does_not_expand_the_rule():
     # 2**26 cells; expanding them would take minutes and gigabytes, the answer is 2 chunks
     rule = Rule((1 << 13, 1 << 13, 4), (1, 1, 4), (Run(1 << 26, 0, 1, 0, 0),))
