@@ -20,13 +20,11 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 
 from torch.distributed.checkpoint.planner import WriteItem
 
 from shardckpt.engine.incremental import BaseChunk, BaseFile, BaseIndex, ChunkLocation
-from shardckpt.engine.load_v3 import read_record
+from shardckpt.engine.load_v3 import fetch_each, read_record
 from shardckpt.format import datafile
 from shardckpt.format.file_table import FileRef, RankEntry, parse_page
 from shardckpt.format.manifest import FileRecord
@@ -65,8 +63,8 @@ class BaseIndexV3(BaseIndex):
                 found.append((*same, self.manifest.file_table.locate(same[3].file)))
         ranks = {(ref.group, ref.rank): ref for *_, ref in found}
         pages = {(ref.group, ref.page): ref for ref in ranks.values()}
-        self._each(self._page, [pages[k] for k in sorted(pages)])
-        self._each(self._rank_index, [ranks[k] for k in sorted(ranks)])
+        fetch_each(self._page, [pages[k] for k in sorted(pages)], FETCH_THREADS)
+        fetch_each(self._rank_index, [ranks[k] for k in sorted(ranks)], FETCH_THREADS)
         for key, offsets, sizes, c, ref in found:
             loc = self._location(key, c, ref)
             if loc is not None:
@@ -125,15 +123,3 @@ class BaseIndexV3(BaseIndex):
         storage = self.storage if ref.checkpoint is None else self.storage.sibling(ref.checkpoint)
         shown = f"{name!r} of base checkpoint {folder!r}"
         return read_record(storage, name, expected, what=f"{what} of save {ref.save_id}", shown=shown, where=self.where)
-
-    @staticmethod
-    def _each(fetch: Callable[[FileRef], None], refs: list[FileRef]) -> None:
-        """``fetch`` each ref, a few at a time; the first failure in ``refs`` order is raised."""
-        if len(refs) <= 1:
-            for ref in refs:
-                fetch(ref)
-            return
-        with ThreadPoolExecutor(min(FETCH_THREADS, len(refs)), thread_name_prefix="shardckpt-base") as pool:
-            futures = [pool.submit(fetch, ref) for ref in refs]
-        for f in futures:
-            f.result()

@@ -167,8 +167,8 @@ class RuleChunks:
             if self._inline(c.file) is None:  # the manifest's copy needs no page nor record (12.8)
                 ranks.setdefault((ref.group, ref.rank), ref)
         pages = {(ref.group, ref.page): ref for ref in ranks.values()}
-        _each(self._page, [pages[k] for k in sorted(pages)], threads)
-        _each(self._rank_index, [ranks[k] for k in sorted(ranks)], threads)
+        fetch_each(self._page, [pages[k] for k in sorted(pages)], threads)
+        fetch_each(self._rank_index, [ranks[k] for k in sorted(ranks)], threads)
         for (key, offsets), found in zip(wanted, located, strict=True):
             if (key, offsets) not in self._chunks:
                 self._resolve(key, offsets, *found)
@@ -280,14 +280,14 @@ class RuleChunks:
         return repr(name) if ref.checkpoint is None else f"{name!r} of base checkpoint {ref.checkpoint!r}"
 
 
-def _each(fetch: Callable[[FileRef], object], refs: list[FileRef], threads: int) -> None:
+def fetch_each(fetch: Callable[[FileRef], object], refs: list[FileRef], threads: int) -> None:
     """``fetch`` each of ``refs``, up to ``threads`` at a time; the first failure in
     ``refs`` order is raised, after every fetch has ended."""
     if threads <= 1 or len(refs) <= 1:
         for ref in refs:
             fetch(ref)
         return
-    with ThreadPoolExecutor(min(threads, len(refs)), thread_name_prefix="shardckpt-index") as pool:
+    with ThreadPoolExecutor(min(threads, len(refs)), thread_name_prefix="shardckpt-records") as pool:
         futures = [pool.submit(fetch, ref) for ref in refs]
     for f in futures:
         f.result()

@@ -166,33 +166,19 @@ def _tensor_lines(tensors: list[tuple[str, TensorRecord]], dump: Callable[[Any],
     tmpl = {d: _chunk_template(*d, v2=v2) for d in dims}
     lines = []
     for key, t in tensors:
-        if v2:
-            texts = [
-                tmpl[len(c.offsets), len(c.sizes)]
-                % (
-                    *c.offsets,
-                    *c.sizes,
-                    files[c.file],
-                    c.byte_offset,
-                    c.byte_length,
-                    ",".join(map(_string, c.block_hashes)),
-                    _string(c.digest or ""),  # never None: manifest_to_json checked
-                )
-                for c in t.chunks
-            ]
-        else:
-            texts = [
-                tmpl[len(c.offsets), len(c.sizes)]
-                % (
-                    *c.offsets,
-                    *c.sizes,
-                    files[c.file],
-                    c.byte_offset,
-                    c.byte_length,
-                    ",".join(map(_string, c.block_hashes)),
-                )
-                for c in t.chunks
-            ]
+        texts = [
+            tmpl[len(c.offsets), len(c.sizes)]
+            % (
+                *c.offsets,
+                *c.sizes,
+                files[c.file],
+                c.byte_offset,
+                c.byte_length,
+                ",".join(map(_string, c.block_hashes)),
+                *((_string(c.digest or ""),) if v2 else ()),  # never None in v2: manifest_to_json checked
+            )
+            for c in t.chunks
+        ]
         shape = ",".join(map(str, t.shape))
         lines.append(f'{dump(key)}: {{"dtype":{_string(t.dtype)},"shape":[{shape}],"chunks":[{",".join(texts)}]}}')
     return lines

@@ -28,6 +28,16 @@ def saved(tmp_path):
     return path, w
 
 
+def _read_sizes(monkeypatch, boxes: BoxReader) -> list[int]:
+    """The length of every read ``boxes`` makes from now on, in order."""
+    sizes: list[int] = []
+    read_into = boxes.files.read_into
+    monkeypatch.setattr(
+        boxes.files, "read_into", lambda name, at, out: (sizes.append(len(out)), read_into(name, at, out))
+    )
+    return sizes
+
+
 def _boxes(path: str, verify: bool = True) -> BoxReader:
     storage = open_storage(path)
     return BoxReader(storage, read_manifest(storage), verify=verify, where=path)
@@ -101,11 +111,7 @@ def test_a_run_that_is_not_whole_blocks_is_read_in_place_and_verified(saved, mon
     monkeypatch.setattr(BoxReader, "in_place_min_bytes", 0)  # this chunk is 16 KiB
     boxes = _boxes(path)
     chunk = boxes.manifest.tensors["w"].chunks[0]
-    sizes: list[int] = []
-    read_into = boxes.files.read_into
-    monkeypatch.setattr(
-        boxes.files, "read_into", lambda name, at, out: (sizes.append(len(out)), read_into(name, at, out))
-    )
+    sizes = _read_sizes(monkeypatch, boxes)
     dest = torch.empty(rows, COLS)
     n = boxes.read_box("w", chunk, start, dest)
     assert torch.equal(dest, w[start[0] : start[0] + rows])
@@ -131,11 +137,7 @@ def test_a_small_run_is_read_with_its_blocks_in_one_read(saved, monkeypatch):
     path, w = saved
     boxes = _boxes(path)
     chunk = boxes.manifest.tensors["w"].chunks[0]
-    sizes: list[int] = []
-    read_into = boxes.files.read_into
-    monkeypatch.setattr(
-        boxes.files, "read_into", lambda name, at, out: (sizes.append(len(out)), read_into(name, at, out))
-    )
+    sizes = _read_sizes(monkeypatch, boxes)
     dest = torch.empty(3, COLS)
     boxes.read_box("w", chunk, (5, 0), dest)
     assert torch.equal(dest, w[5:8]) and sizes == [BLOCK]
