@@ -83,6 +83,11 @@ def torch_dtype(name: object, *, where: str) -> torch.dtype:
     return _DTYPES[name]
 
 
+def is_dtype_name(name: str) -> bool:
+    """Whether ``name`` is a safetensors dtype name that shardckpt stores (``torch_dtype`` accepts it)."""
+    return name in _DTYPES
+
+
 def itemsize(name: str) -> int:
     return _DTYPES[name].itemsize
 

@@ -12,6 +12,7 @@ from typing import Any
 from shardckpt.errors import ManifestError, UnsupportedFormatVersionError
 from shardckpt.format import datafile
 from shardckpt.format.layout import check_relative_name, is_data_file_name
+from shardckpt.format.manifest_bulk import bulk_tensors
 from shardckpt.format.manifest_envelope import check_manifest_limits
 from shardckpt.format.manifest_records import (
     FORMAT_NAME,
@@ -44,10 +45,13 @@ def _parse_document(doc: Any, source: str) -> Manifest:
     version, block, world_size = _parse_header(r, doc)
     bases = _parse_bases(r, doc) if version >= 2 else ()
     files = _parse_files(r, doc, version, world_size, frozenset(bases))
-    tensors = {
-        k: _parse_tensor(r, k, t, files, block, digests=version >= 2)
-        for k, t in r.get(doc, "tensors", dict, "").items()
-    }
+    doc_tensors = r.get(doc, "tensors", dict, "")
+    tensors = bulk_tensors(doc_tensors, files, block, digests=version >= 2)
+    if tensors is None:  # something is wrong: the full checks name it
+        tensors = {k: _parse_tensor(r, k, t, files, block, digests=version >= 2) for k, t in doc_tensors.items()}
+    else:
+        for k, t in tensors.items():
+            _check_disjoint(list(t.chunks), where=f"{r.source}, tensors[{k!r}]")
     values = r.get(doc, "values", dict, "")
     for k, v in values.items():
         decode_value(v, where=f"{source}, values[{k!r}]")  # RecursionError -> ManifestError above
