@@ -60,7 +60,7 @@ MAX_JSON_DEPTH = 64
 # small documents dense in tuple values ({"$tuple": [...]}: one per ~11 bytes).
 JSON_CONTAINERS_SLACK = 2048
 JSON_BYTES_PER_CONTAINER = 16
-_SCAN_BLOCK = 1 << 14  # bytes scanned per numpy pass: bounds the scan's own memory (< 1 MB)
+_SCAN_BLOCK = 1 << 16  # bytes scanned per numpy pass: bounds the scan's own memory (< 4 MB)
 _QUOTE, _BACKSLASH = 0x22, 0x5C
 
 
@@ -222,7 +222,7 @@ def json_limits_problem(
     worst: '{"a":"bc"},"ab",' repeated, one-key objects at the container limit between
     2-character strings; such strings alone: 13x), where unlimited arrays and objects reach
     22-32x (68x in RSS); manifests that shardckpt writes take 5-6x. Refused text costs
-    < 1 MB. The result reads after "<document>: ", e.g. "has more ...".
+    < 4 MB (blocks of 64 KiB). The result reads after "<document>: ", e.g. "has more ...".
     """
     if len(raw) > max_bytes:
         return f"is {len(raw)} bytes, more than the limit of {max_bytes}"
