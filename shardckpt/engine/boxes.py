@@ -90,13 +90,17 @@ class BoxReader:
         dtype = datafile.torch_dtype(self.manifest.tensors[key].dtype, where=key)
         isz = dtype.itemsize
         strides = _contiguous_strides(chunk.sizes)
-        first = sum(o * s for o, s in zip(start, strides, strict=True))
-        last = sum((o + n - 1) * s for o, n, s in zip(start, lengths, strides, strict=True))
+        lengths = tuple(lengths)
+        if lengths == chunk.sizes and not any(start):  # the whole chunk (a same-layout load): no sums (#18)
+            first, last = 0, (strides[0] * lengths[0] if lengths else 1) - 1
+        else:
+            first = sum(o * s for o, s in zip(start, strides, strict=True))
+            last = sum((o + n - 1) * s for o, n, s in zip(start, lengths, strides, strict=True))
         lo, hi = first * isz, (last + 1) * isz
         if self.verify:
             block = self.manifest.hash_block_bytes
             lo, hi = lo // block * block, min(chunk.byte_length, -(-hi // block) * block)
-        return Span(lo, hi, first, last, tuple(lengths), strides, dtype)
+        return Span(lo, hi, first, last, lengths, strides, dtype)
 
     def read_box(self, key: str, chunk: ChunkRecord, start: Sequence[int], dest: torch.Tensor) -> int:
         """Fill ``dest`` with the box of ``chunk`` (a chunk of tensor ``key``) that begins at

@@ -133,7 +133,8 @@ class Reader(StorageReader):
                 run = next(queue, None)
             if run is None:
                 return done
-            targets = [planner.resolve_tensor(p.item).detach() for p in run]
+            # detached only where autograd would refuse the in-place copy (3 us a tensor)
+            targets = [_writable(planner.resolve_tensor(p.item)) for p in run]
             if len(run) == 1:
                 p = run[0]
                 done += boxes.read_box(p.item.storage_index.fqn, p.chunk, p.item.storage_offsets, targets[0])
@@ -141,6 +142,12 @@ class Reader(StorageReader):
                 done += boxes.read_run([p.box(t) for p, t in zip(run, targets, strict=True)])
             for p, t in zip(run, targets, strict=True):
                 planner.commit_tensor(p.item, t)
+
+
+def _writable(target: torch.Tensor) -> torch.Tensor:
+    """``target`` as the reader fills it: detached if it requires grad (a parameter's
+    local tensor), which a copy into it, or ``numpy()`` of it, would refuse."""
+    return target.detach() if target.requires_grad else target
 
 
 RUN_ITEM_MAX_BYTES = 1 << 20
@@ -228,8 +235,12 @@ class ListedChunks:
         tensor, and one index replaces the other, equal to it)."""
         rec = self._tensors.get(key)
         chunks = () if rec is None else rec.chunks
+        chunk = None
         if len(chunks) <= self.SCAN_MAX_CHUNKS:
-            chunk = next((c for c in chunks if c.offsets == offsets), None)
+            for c in chunks:
+                if c.offsets == offsets:
+                    chunk = c
+                    break
         else:
             index = self._index.get(key)
             if index is None:
