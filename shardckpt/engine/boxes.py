@@ -201,7 +201,7 @@ class BoxReader:
                 first_block=s.lo // block,
                 block_bytes=block,
                 expected=chunk.block_hashes,
-                where=self._where(key, chunk),
+                where=lambda: self._where(key, chunk),  # formatted on a mismatch only (#18)
             )
 
     def _where(self, key: str, chunk: ChunkRecord) -> str:
