@@ -5,9 +5,10 @@ Each call is one spawn of ``--world-size`` gloo ranks running the shardckpt foun
 PYTHONPATH: it saves the ``--mix`` once (shardckpt and per-rank safetensors files, kept
 in ``--dir`` for the next calls), then ``--repeats`` times (after one warm-up) loads both,
 in shuffled order, each cold (rank 0 evicts the files first), and prints one JSON line:
-the seconds of each load (max over ranks) and their ratio. ``--profile FILE`` writes a
-cProfile of rank 0's measured shardckpt loads. Interleave builds by calling
-it alternately, e.g. with a checkout of the old commit::
+the seconds of each load (max over ranks) and their ratio, and the median CPU seconds
+of a load summed over the ranks (``process_time``: every thread of each rank).
+``--profile FILE`` writes a cProfile of rank 0's measured shardckpt loads. Interleave
+builds by calling it alternately, e.g. with a checkout of the old commit::
 
     git archive OLD shardckpt | tar -x -C /tmp/old
     for b in old new new old old new; do
@@ -22,6 +23,7 @@ import argparse
 import cProfile
 import os
 import random
+import statistics
 import sys
 import time
 
@@ -49,6 +51,7 @@ def worker(rank: int, world: int, args: argparse.Namespace, port: int) -> None:
     st_files = [os.path.join(args.dir, f"safetensors-r{r}.bin") for r in range(world)]
     files = {"shardckpt": common.files_under(ckpt), "safetensors": st_files}
     seconds: dict[str, list[float]] = {"shardckpt": [], "safetensors": []}
+    cpu: dict[str, list[float]] = {"shardckpt": [], "safetensors": []}  # CPU seconds of a load, all ranks
     profile = cProfile.Profile() if args.profile and rank == 0 else None
     for rep in range(args.repeats + 1):
         order = ["shardckpt", "safetensors"]
@@ -58,7 +61,7 @@ def worker(rank: int, world: int, args: argparse.Namespace, port: int) -> None:
             if rank == 0:
                 common.evict_files(files[system])
             dist.barrier()
-            t0 = time.perf_counter()
+            t0, cpu0 = time.perf_counter(), time.process_time()
             if system == "shardckpt":
                 if profile is not None and rep > 0:
                     profile.enable()
@@ -67,17 +70,21 @@ def worker(rank: int, world: int, args: argparse.Namespace, port: int) -> None:
                     profile.disable()
             else:
                 save_load.per_rank_file_load(st, dst)
+            cpu_s = time.process_time() - cpu0  # this rank's CPU, all its threads, before the barrier
             dist.barrier()
             dt = max(common.gather_to_all(time.perf_counter() - t0))
+            cpu_all = sum(common.gather_to_all(cpu_s))
             if rep == 0:
                 if system == "shardckpt" and not all(common.gather_to_all(common.state_equal(dst, src))):
                     raise AssertionError("shardckpt: loaded values differ from the saved ones")
             else:
                 seconds[system].append(dt)
+                cpu[system].append(cpu_all)
     if profile is not None:
         profile.dump_stats(args.profile)
     if rank == 0:
-        common.ab_report(args, world, seconds)
+        cpu_medians = {f"{k}_cpu_s": round(statistics.median(v), 4) for k, v in cpu.items()}
+        common.ab_report(args, world, seconds, **cpu_medians)
     dist.destroy_process_group()
 
 

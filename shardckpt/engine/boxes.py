@@ -90,13 +90,17 @@ class BoxReader:
         dtype = datafile.torch_dtype(self.manifest.tensors[key].dtype, where=key)
         isz = dtype.itemsize
         strides = _contiguous_strides(chunk.sizes)
-        first = sum(o * s for o, s in zip(start, strides, strict=True))
-        last = sum((o + n - 1) * s for o, n, s in zip(start, lengths, strides, strict=True))
+        lengths = tuple(lengths)
+        if lengths == chunk.sizes and not any(start):  # the whole chunk (a same-layout load): no sums (#18)
+            first, last = 0, (strides[0] * lengths[0] if lengths else 1) - 1
+        else:
+            first = sum(o * s for o, s in zip(start, strides, strict=True))
+            last = sum((o + n - 1) * s for o, n, s in zip(start, lengths, strides, strict=True))
         lo, hi = first * isz, (last + 1) * isz
         if self.verify:
             block = self.manifest.hash_block_bytes
             lo, hi = lo // block * block, min(chunk.byte_length, -(-hi // block) * block)
-        return Span(lo, hi, first, last, tuple(lengths), strides, dtype)
+        return Span(lo, hi, first, last, lengths, strides, dtype)
 
     def read_box(self, key: str, chunk: ChunkRecord, start: Sequence[int], dest: torch.Tensor) -> int:
         """Fill ``dest`` with the box of ``chunk`` (a chunk of tensor ``key``) that begins at
@@ -160,17 +164,21 @@ class BoxReader:
         first, last = boxes[0], boxes[-1]
         begin = first.chunk.byte_offset + first.span.lo
         buf = torch.empty(last.chunk.byte_offset + last.span.hi - begin, dtype=torch.uint8)
+        whole = memoryview(buf.numpy())  # type: ignore[arg-type]
         try:
-            self.files.read_into(first.chunk.file, begin, memoryview(buf.numpy()))  # type: ignore[arg-type]
+            self.files.read_into(first.chunk.file, begin, whole)
         except EOFError as e:
             keys = f"keys {first.key!r} .. {last.key!r} ({len(boxes)} chunks read together)"
             raise IntegrityError(f"{self.where}: file {self.files.describe(first.chunk.file)}, {keys}: {e}") from e
         for b in boxes:
             at = b.chunk.byte_offset + b.span.lo - begin
-            part = buf[at : at + b.span.hi - b.span.lo]
-            if at % b.span.dtype.itemsize:  # a tensor's view needs its bytes aligned to its dtype
-                part = part.clone()
-            self._check_and_copy(b.key, b.chunk, b.span, part, b.dest)
+            part = whole[at : at + b.span.hi - b.span.lo]
+            self._verify(b.key, b.chunk, b.span, part)
+            if not _copy_bytes(part, b.span, b.dest):
+                box = buf[at : at + b.span.hi - b.span.lo]
+                if at % b.span.dtype.itemsize:  # a tensor's view needs its bytes aligned to its dtype
+                    box = box.clone()
+                _copy_box(box, b.span, b.dest)
         return buf.numel()
 
     def _check_and_copy(
@@ -179,18 +187,22 @@ class BoxReader:
         """Verify ``buf`` (bytes ``s.lo`` to ``s.hi`` of ``chunk``) against the manifest's
         block hashes, then copy the box into ``dest`` (None: the bytes were read in place)."""
         if self.verify:
+            self._verify(key, chunk, s, memoryview(buf.numpy()))  # type: ignore[arg-type]
+        if dest is not None:
+            _copy_box(buf, s, dest)
+
+    def _verify(self, key: str, chunk: ChunkRecord, s: Span, data: memoryview) -> None:
+        """Check ``data`` (bytes ``s.lo`` to ``s.hi`` of ``chunk``) against the manifest's
+        block hashes, when verifying."""
+        if self.verify:
             block = self.manifest.hash_block_bytes
             integrity.verify_blocks(
-                memoryview(buf.numpy()),  # type: ignore[arg-type]
+                data,
                 first_block=s.lo // block,
                 block_bytes=block,
                 expected=chunk.block_hashes,
-                where=self._where(key, chunk),
+                where=lambda: self._where(key, chunk),  # formatted on a mismatch only (#18)
             )
-        if dest is not None:
-            isz = s.dtype.itemsize
-            saved = buf.view(s.dtype)  # buf may be a slice of a joined read: offsets are from its start
-            dest.copy_(saved.as_strided(s.lengths, s.strides, saved.storage_offset() + (s.first * isz - s.lo) // isz))
 
     def _where(self, key: str, chunk: ChunkRecord) -> str:
         return f"{self.where}: file {self.files.describe(chunk.file)}, key {key!r}, chunk at {list(chunk.offsets)}"
@@ -218,6 +230,50 @@ class RunBox(NamedTuple):
     chunk: ChunkRecord
     span: Span
     dest: torch.Tensor
+
+
+_BYTE_COPY_DTYPES = frozenset(
+    (
+        torch.float64,
+        torch.float32,
+        torch.float16,
+        torch.int64,
+        torch.int32,
+        torch.int16,
+        torch.int8,
+        torch.uint8,
+        torch.bool,
+    )
+)
+"""Dtypes whose tensors ``Tensor.numpy()`` exposes as bytes (not bf16, float8, complex)."""
+
+
+def _copy_bytes(data: memoryview, s: Span, dest: torch.Tensor) -> bool:
+    """Copy the box ``s`` out of ``data`` (bytes ``s.lo`` to ``s.hi`` of its chunk) into
+    ``dest`` as raw bytes, when the box is one run of the chunk and ``dest`` a contiguous
+    CPU tensor of the saved dtype that numpy can view; False (nothing copied) otherwise.
+    Four torch calls a box (slice, view, as_strided, copy_) were most of a reader
+    thread's time on thousands of small boxes (issue #18)."""
+    if (
+        dest.dtype != s.dtype
+        or s.dtype not in _BYTE_COPY_DTYPES
+        or s.last - s.first + 1 != dest.numel()
+        or dest.requires_grad
+        or dest.device.type != "cpu"
+        or not dest.is_contiguous()
+    ):
+        return False
+    begin = s.first * s.dtype.itemsize - s.lo
+    memoryview(dest.numpy()).cast("B")[:] = data[begin : begin + dest.numel() * s.dtype.itemsize]  # type: ignore[arg-type]
+    return True
+
+
+def _copy_box(buf: torch.Tensor, s: Span, dest: torch.Tensor) -> None:
+    """Copy the box ``s`` out of ``buf`` (bytes ``s.lo`` to ``s.hi`` of its chunk, aligned
+    to the dtype) into ``dest``, converting dtype and device as ``copy_`` does."""
+    isz = s.dtype.itemsize
+    saved = buf.view(s.dtype)  # buf may be a slice of a joined read: offsets are from its start
+    dest.copy_(saved.as_strided(s.lengths, s.strides, saved.storage_offset() + (s.first * isz - s.lo) // isz))
 
 
 def _contiguous_strides(sizes: Sequence[int]) -> tuple[int, ...]:

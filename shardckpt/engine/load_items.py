@@ -10,8 +10,10 @@ one saved chunk: together most of a same-layout load of thousands of small tenso
   comes from public attributes (:func:`~shardckpt.engine.local_items.shard_box`, as the
   save side computes it), of a plain tensor from its shape;
 - when that box is exactly one saved chunk (a resume in the layout it was saved in), the
-  one read item is built here; otherwise DCP's public resharding step
-  (``create_read_items_for_chunk_list``) maps the box onto the saved chunks;
+  one read item is built here, the chunk found in the manifest's record
+  (:class:`ListedTensorMetadata`, whose DCP chunk list is then never built); otherwise
+  DCP's public resharding step (``create_read_items_for_chunk_list``) maps the box onto
+  the saved chunks;
 - everything else (values, ShardedTensors, DTensor subclasses or other placements,
   tensors of another shape, DCP's error cases) goes to ``create_default_local_load_plan``.
 
@@ -26,20 +28,54 @@ from typing import Any
 
 import torch
 from torch.distributed.checkpoint.default_planner import create_default_local_load_plan
-from torch.distributed.checkpoint.metadata import ChunkStorageMetadata, Metadata, MetadataIndex, TensorStorageMetadata
+from torch.distributed.checkpoint.metadata import (
+    ChunkStorageMetadata,
+    Metadata,
+    MetadataIndex,
+    TensorProperties,
+    TensorStorageMetadata,
+)
 from torch.distributed.checkpoint.planner import LoadItemType, ReadItem
 from torch.distributed.checkpoint.planner_helpers import create_read_items_for_chunk_list
 from torch.distributed.tensor import DTensor
 
 from shardckpt.engine._torch_private import is_checkpointable_tensor
 from shardckpt.engine.local_items import shard_box
+from shardckpt.format.manifest import ChunkRecord
 
-__all__ = ["local_read_items", "target_box"]
+__all__ = ["ListedTensorMetadata", "local_read_items", "target_box"]
 
 OFF_MESH = "off mesh"
 """:func:`target_box` of a DTensor on a mesh this rank is not part of (DCP reads nothing for it)."""
 
 _PLAIN_TENSORS = (torch.Tensor, torch.nn.Parameter)
+
+
+class ListedTensorMetadata(TensorStorageMetadata):
+    """DCP's metadata of a tensor of a format-1 or -2 manifest, which lists its chunks
+    (``saved``, the manifest's records): ``chunks``, DCP's list of them, is built when
+    first read. A same-layout load finds its chunks in ``saved`` and never reads it, so
+    it costs no two ``torch.Size`` and one ``ChunkStorageMetadata`` a chunk (issue #18);
+    DCP's planners, and anything else, read ``chunks`` as they would a plain
+    ``TensorStorageMetadata``'s. Not thread-safe until ``chunks`` was read once."""
+
+    def __init__(self, properties: TensorProperties, size: torch.Size, saved: Sequence[ChunkRecord]) -> None:
+        self.properties = properties
+        self.size = size
+        self.saved = saved
+        self._chunks: list[ChunkStorageMetadata] | None = None
+
+    @property
+    def chunks(self) -> list[ChunkStorageMetadata]:
+        if self._chunks is None:
+            self._chunks = [
+                ChunkStorageMetadata(offsets=torch.Size(c.offsets), sizes=torch.Size(c.sizes)) for c in self.saved
+            ]
+        return self._chunks
+
+    @chunks.setter
+    def chunks(self, value: list[ChunkStorageMetadata]) -> None:
+        self._chunks = value
 
 
 def target_box(
@@ -112,7 +148,10 @@ def _items_for_box(fqn: str, md: TensorStorageMetadata, box: ChunkStorageMetadat
     nothing, as DCP's overlap test finds), else DCP's resharding step."""
     if box.sizes and 0 in box.sizes:
         return []
-    for index, chunk in enumerate(md.chunks):
+    chunks: Sequence[ChunkRecord | ChunkStorageMetadata] = (
+        md.saved if isinstance(md, ListedTensorMetadata) and md._chunks is None else md.chunks
+    )
+    for index, chunk in enumerate(chunks):
         if chunk.offsets == box.offsets and chunk.sizes == box.sizes:
             zeros = torch.Size([0] * len(box.sizes))
             return [
@@ -120,7 +159,7 @@ def _items_for_box(fqn: str, md: TensorStorageMetadata, box: ChunkStorageMetadat
                     type=LoadItemType.TENSOR,
                     dest_index=MetadataIndex(fqn, box.offsets, 0),
                     dest_offsets=zeros,
-                    storage_index=MetadataIndex(fqn, chunk.offsets, index),
+                    storage_index=MetadataIndex(fqn, box.offsets, index),
                     storage_offsets=zeros,
                     lengths=box.sizes,
                 )

@@ -19,10 +19,11 @@ import torch
 from shardckpt.engine.collector import collector_paused
 from shardckpt.engine.exchange import Exchange, raise_gathered
 from shardckpt.engine.load_v3 import load_planner
+from shardckpt.engine.local_items import local_shards
 from shardckpt.engine.options import Timeouts
 from shardckpt.engine.protocol import read_in_rounds
 from shardckpt.engine.reader import Reader
-from shardckpt.engine.state import PlainState, describe, flatten, tensor_problem
+from shardckpt.engine.state import PlainState, describe, flatten, flatten_plain_dicts, tensor_problem
 from shardckpt.errors import (
     CheckpointNotFoundError,
     InconsistentRanksError,
@@ -71,7 +72,7 @@ def load_from(
     def prepare() -> tuple[str, str, str, tuple[str, str] | None]:
         raw = read_manifest_bytes(storage)
         mine["manifest"] = parse_any_manifest(raw, source=f"{storage.url}/{layout.MANIFEST_NAME}")
-        mine["flat"] = flatten(plain)  # the load planner's too (it need not flatten again, #18)
+        mine["flat"] = flatten_plain_dicts(plain) or flatten(plain)  # the planner's too (#18)
         flat = mine["flat"][0]
         try:
             check_loadable(mine["manifest"], flat)
@@ -249,14 +250,18 @@ def _span(ranks: list[int]) -> str:
     return ", ".join(str(a) if a == b else f"{a}-{b}" for a, b in runs)
 
 
-def check_loadable(manifest: Manifest | ManifestV3, flat: dict[str, Any]) -> None:
+def check_loadable(
+    manifest: Manifest | ManifestV3, flat: dict[str, Any], locals_: dict[str, torch.Tensor] | None = None
+) -> None:
     """Raise UnsupportedValueError for a target tensor that cannot be filled from a saved
     tensor (meta, sparse, nested), naming the key and the fix. Keys the checkpoint
-    does not hold as tensors are left to :func:`check_target`."""
+    does not hold as tensors are left to :func:`check_target`. ``locals_``: the DTensors'
+    shards by key (``local_shards``, outside autograd: 2 us a DTensor, not 14; #18)."""
+    known = local_shards(flat) if locals_ is None else locals_
     for k in sorted(flat):
         v = flat[k]
         if k in manifest.tensors and isinstance(v, torch.Tensor):
-            problem = tensor_problem(v, loading=True)
+            problem = tensor_problem(v, loading=True, local=known.get(k))
             if problem is not None:
                 raise UnsupportedValueError(f"key {k!r}: the state_dict holds {problem}")
 

@@ -26,7 +26,6 @@ import torch
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 from torch.distributed.checkpoint.metadata import (
     BytesStorageMetadata,
-    ChunkStorageMetadata,
     Metadata,
     MetadataIndex,
     TensorProperties,
@@ -36,6 +35,7 @@ from torch.distributed.checkpoint.planner import LoadItemType, LoadPlan, LoadPla
 from torch.distributed.checkpoint.storage import StorageReader
 
 from shardckpt.engine.boxes import BoxReader, RunBox, Span
+from shardckpt.engine.load_items import ListedTensorMetadata
 from shardckpt.engine.load_v3 import RuleChunks, RulePlanner
 from shardckpt.engine.planner import LoadPlanner as ShardckptLoadPlanner
 from shardckpt.engine.planner import set_in_place
@@ -133,7 +133,8 @@ class Reader(StorageReader):
                 run = next(queue, None)
             if run is None:
                 return done
-            targets = [planner.resolve_tensor(p.item).detach() for p in run]
+            # detached only where autograd would refuse the in-place copy (3 us a tensor)
+            targets = [_writable(planner.resolve_tensor(p.item)) for p in run]
             if len(run) == 1:
                 p = run[0]
                 done += boxes.read_box(p.item.storage_index.fqn, p.chunk, p.item.storage_offsets, targets[0])
@@ -141,6 +142,12 @@ class Reader(StorageReader):
                 done += boxes.read_run([p.box(t) for p, t in zip(run, targets, strict=True)])
             for p, t in zip(run, targets, strict=True):
                 planner.commit_tensor(p.item, t)
+
+
+def _writable(target: torch.Tensor) -> torch.Tensor:
+    """``target`` as the reader fills it: detached if it requires grad (a parameter's
+    local tensor), which a copy into it, or ``numpy()`` of it, would refuse."""
+    return target.detach() if target.requires_grad else target
 
 
 RUN_ITEM_MAX_BYTES = 1 << 20
@@ -207,9 +214,15 @@ class ChunkSource(Protocol):
 class ListedChunks:
     """The chunks of a version-1 or -2 manifest, which lists each with its checksums."""
 
+    SCAN_MAX_CHUNKS = 16
+    """A tensor of at most this many chunks is searched for one; a larger one gets an index
+    by offsets at its first look-up (indexing every chunk of the manifest for each load
+    cost more than a load reads in a same-layout load of thousands of tensors; #18)."""
+
     def __init__(self, storage: Storage, manifest: Manifest, *, verify: bool, where: str) -> None:
         self._boxes = BoxReader(storage, manifest, verify=verify, where=where)
-        self._chunks = {(fqn, c.offsets): c for fqn, t in manifest.tensors.items() for c in t.chunks}
+        self._tensors = manifest.tensors
+        self._index: dict[str, dict[tuple[int, ...], ChunkRecord]] = {}  # key -> offsets -> chunk (large tensors)
 
     def prepare(self, items: Sequence[ReadItem], *, threads: int = 1) -> BoxReader:
         self._boxes.check_file_sizes(
@@ -218,7 +231,21 @@ class ListedChunks:
         return self._boxes
 
     def chunk(self, key: str, offsets: tuple[int, ...]) -> ChunkRecord:
-        chunk = self._chunks.get((key, offsets))
+        """The chunk of ``key`` at ``offsets`` (thread-safe: two threads may both index a
+        tensor, and one index replaces the other, equal to it)."""
+        rec = self._tensors.get(key)
+        chunks = () if rec is None else rec.chunks
+        chunk = None
+        if len(chunks) <= self.SCAN_MAX_CHUNKS:
+            for c in chunks:
+                if c.offsets == offsets:
+                    chunk = c
+                    break
+        else:
+            index = self._index.get(key)
+            if index is None:
+                index = self._index[key] = {c.offsets: c for c in chunks}
+            chunk = index.get(offsets)
         if chunk is not None:
             return chunk
         raise IntegrityError(f"key {key!r}: no chunk at offsets {offsets} in the manifest")
@@ -256,20 +283,20 @@ def deliver_value(planner: LoadPlanner, item: ReadItem, encoded: Any) -> None:
 
 
 def manifest_to_metadata(m: Manifest | ManifestV3, *, storage_data: bool = True) -> Metadata:
-    """The DCP view of a manifest, so DCP's load planner can plan resharding. A format-3
+    """The DCP view of a manifest, so DCP's load planner can plan resharding. A format-1
+    or -2 manifest's tensors list their chunks when first asked
+    (:class:`~shardckpt.engine.load_items.ListedTensorMetadata`). A format-3
     manifest's tensors have no chunks here: its planner (``load_v3.RulePlanner``) adds, per
     rank, those that the rank's boxes overlap. ``storage_data``: map each chunk's
     MetadataIndex to its ChunkRecord (DCP's planners never read it; :class:`Reader` looks
     chunks up in the manifest itself, so it passes False and skips one object per chunk)."""
     sd: dict[str, Any] = {}
     for fqn, t in m.tensors.items():
-        sd[fqn] = TensorStorageMetadata(
-            properties=TensorProperties(dtype=datafile.torch_dtype(t.dtype, where=fqn)),
-            size=torch.Size(t.shape),
-            chunks=[]
-            if isinstance(m, ManifestV3)
-            else [ChunkStorageMetadata(offsets=torch.Size(c.offsets), sizes=torch.Size(c.sizes)) for c in t.chunks],
-        )
+        properties, size = TensorProperties(dtype=datafile.torch_dtype(t.dtype, where=fqn)), torch.Size(t.shape)
+        if isinstance(m, ManifestV3):
+            sd[fqn] = TensorStorageMetadata(properties, size, [])
+        else:  # each chunk's DCP metadata is built when a planner first asks (#18)
+            sd[fqn] = ListedTensorMetadata(properties, size, m.tensors[fqn].chunks)
     for fqn in m.values:
         sd[fqn] = BytesStorageMetadata()
     records = (

@@ -7,11 +7,17 @@ file also gets one whole-file hash. Swap the algorithm here and nowhere else.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import xxhash
 
 from shardckpt.errors import IntegrityError
 
 DEFAULT_BLOCK_BYTES = 8 * 1024 * 1024
+
+Where = str | Callable[[], str]
+"""Where the bytes come from, to start an error message: the text, or what makes it (called
+only on a mismatch: a reader verifying thousands of small boxes need not format one each)."""
 
 
 def new_file_hasher() -> xxhash.xxh3_64:
@@ -44,7 +50,7 @@ def verify_pieces(
     first_block: int,
     block_bytes: int,
     expected: tuple[str, ...],
-    where: str,
+    where: Where,
 ) -> None:
     """:func:`verify_blocks` of the bytes of ``pieces`` laid end to end, without joining
     them: a block that spans two pieces is hashed by feeding both to one streaming xxh3
@@ -70,11 +76,12 @@ def verify_pieces(
         _check_block(hasher.hexdigest(), block, block_bytes, expected, where)
 
 
-def _check_block(got: str, b: int, block_bytes: int, expected: tuple[str, ...], where: str) -> None:
+def _check_block(got: str, b: int, block_bytes: int, expected: tuple[str, ...], where: Where) -> None:
     if b >= len(expected) or got != expected[b]:
         want = expected[b] if b < len(expected) else "(none recorded)"
+        place = where if isinstance(where, str) else where()
         raise IntegrityError(
-            f"{where}: checksum mismatch in block {b} (bytes {b * block_bytes}..): "
+            f"{place}: checksum mismatch in block {b} (bytes {b * block_bytes}..): "
             f"expected xxh3 {want}, computed {got}. The data file is corrupt or was "
             "modified after the save; restore it from a good copy or load an earlier checkpoint."
         )
@@ -86,7 +93,7 @@ def verify_blocks(
     first_block: int,
     block_bytes: int,
     expected: tuple[str, ...],
-    where: str,
+    where: Where,
 ) -> None:
     """Check ``data`` (which starts at block ``first_block`` of its chunk) against ``expected``."""
     for i in range(0, len(data), block_bytes):
