@@ -47,7 +47,7 @@ class _Batch:
     writing each piece in turn. Not thread-safe: one per :func:`write_file` call."""
 
     def __init__(self, stream: WriteStream, file_hasher: Any) -> None:
-        self._stream, self._file_hasher = stream, file_hasher
+        self._stream, self.file_hasher = stream, file_hasher
         self._buf = bytearray(BATCH_BYTES)
         self._view = memoryview(self._buf)
         self._used = 0
@@ -55,19 +55,21 @@ class _Batch:
     def add(self, data: memoryview) -> None:
         """Copy ``data`` in (the caller may reuse its memory at once), writing first when
         it would not fit; a piece larger than the buffer is written straight through."""
-        if self._used + len(data) > len(self._buf):
+        n, used = len(data), self._used
+        if used + n > BATCH_BYTES:
             self.flush()
-        if len(data) > len(self._buf):
-            self._file_hasher.update(data)
+            used = 0
+        if n > BATCH_BYTES:
+            self.file_hasher.update(data)
             self._stream.write(data)
             return
-        self._view[self._used : self._used + len(data)] = data
-        self._used += len(data)
+        self._view[used : used + n] = data
+        self._used = used + n
 
     def flush(self) -> None:
         if self._used:
             piece = self._view[: self._used]
-            self._file_hasher.update(piece)
+            self.file_hasher.update(piece)
             self._stream.write(piece)
             self._used = 0
 
@@ -130,15 +132,14 @@ def _entry_name(item: WriteItem) -> str:
     return f"{fqn}@{','.join(map(str, item.index.offset))}"
 
 
-def _tensor_bytes(tensor: torch.Tensor, item: WriteItem) -> memoryview:
-    return tensor_and_bytes(tensor, item)[1]
-
-
 def tensor_and_bytes(tensor: torch.Tensor, item: WriteItem) -> tuple[torch.Tensor, memoryview]:
     """``tensor`` as a contiguous CPU tensor (a copy only if it is not one) and its bytes."""
     assert item.tensor_data is not None
-    t = tensor.detach()
-    if tuple(t.shape) != tuple(item.tensor_data.chunk.sizes):
+    # detach() releases the GIL, a hand-off per chunk between the writer threads (#18):
+    # only a tensor that requires grad needs it (numpy() refuses those).
+    t = tensor.detach() if tensor.requires_grad else tensor
+    planned = item.tensor_data.chunk.sizes
+    if t.shape != planned and tuple(t.shape) != tuple(planned):
         raise UnsupportedValueError(
             f"key {item.index.fqn!r}: planned chunk shape {tuple(item.tensor_data.chunk.sizes)} "
             f"but resolved tensor has shape {tuple(t.shape)}"
@@ -176,50 +177,94 @@ def write_file(
     by another thread, stops the write at the next block (the partial file is removed).
     ``digests`` (incremental saves): each item's digest from the digest pass, recorded.
     """
-    entries, begin = [], 0
-    for it in items:
-        assert it.tensor_data is not None
-        dtype = datafile.dtype_name(it.tensor_data.properties.dtype, key=it.index.fqn)
-        sizes = tuple(it.tensor_data.chunk.sizes)
-        end = begin + math.prod(sizes) * datafile.itemsize(dtype)
-        entries.append(datafile.HeaderEntry(_entry_name(it), dtype, sizes, begin, end))
-        begin = end
-    header = datafile.build_header(entries, metadata)
+    columns = _header_columns(items)
+    header = datafile.build_header_columns(columns, metadata)
     file_hasher = integrity.new_file_hasher()
     stream = storage.open_write(name)
-    batch = _Batch(stream, file_hasher)
-    located = []
     try:
+        batch = _Batch(stream, file_hasher)
         batch.add(memoryview(header))
-        for it, entry in zip(items, entries, strict=True):
-            if cancel is not None and cancel.is_set():
-                raise _Cancelled(f"write of {name} cancelled")
-            data = _tensor_bytes(resolve(it), it)
-            # Incremental saves: a digest the digest pass did not compute is computed here,
-            # piece by piece, while the other writer threads wait on I/O.
-            digester = integrity.new_digester() if digests is not None and it.index not in digests else None
-            if len(data) <= SMALL_CHUNK_BYTES:
-                hashes = _hash_blocks(data, block_bytes, digester)
-                batch.add(data)
-            else:
-                batch.flush()
-                hashes = _write_blocks(stream, data, block_bytes, file_hasher, digester, cancel, name)
-            digest = digester.hexdigest() if digester is not None else None
-            if digests is not None and digester is None:
-                digest = digests[it.index]
-            located.append((it, len(header) + entry.begin, entry.end - entry.begin, hashes, digest))
-            del data
-            if release is not None:
-                release(it)
+        hashes = _write_chunks(stream, batch, items, resolve, release, block_bytes, cancel, name, digests)
         batch.flush()
         stream.finish()
     except BaseException:
         stream.abort()
         raise
-    record = FileRecord(size=len(header) + begin, hash=file_hasher.hexdigest(), rank=rank)
+    at = len(header)
+    record = FileRecord(size=at + (columns.ends[-1] if items else 0), hash=file_hasher.hexdigest(), rank=rank)
     return [
-        WriteResult(
-            index=it.index, size_in_bytes=length, storage_data=ChunkLocation(name, off, length, hashes, record, digest)
-        )
-        for it, off, length, hashes, digest in located
+        WriteResult(index=it.index, size_in_bytes=e - b, storage_data=ChunkLocation(name, at + b, e - b, h, record, d))
+        for it, b, e, (h, d) in zip(items, columns.begins, columns.ends, hashes, strict=True)
     ]
+
+
+def _header_columns(items: list[WriteItem]) -> datafile.HeaderColumns:
+    """The header's entries of ``items``, laid end to end in their order."""
+    dtypes: dict[torch.dtype, tuple[str, int]] = {}  # name and item size, looked up once per dtype
+    names, dtype_names, shapes, ends, end = [], [], [], [], 0
+    for it in items:
+        assert it.tensor_data is not None
+        dtype = dtypes.get(it.tensor_data.properties.dtype)
+        if dtype is None:
+            known = datafile.dtype_name(it.tensor_data.properties.dtype, key=it.index.fqn)
+            dtype = dtypes[it.tensor_data.properties.dtype] = (known, datafile.itemsize(known))
+        sizes = tuple(it.tensor_data.chunk.sizes)
+        end += math.prod(sizes) * dtype[1]
+        names.append(_entry_name(it))
+        dtype_names.append(dtype[0])
+        shapes.append(sizes)
+        ends.append(end)
+    return datafile.HeaderColumns(names, dtype_names, shapes, [0, *ends[:-1]] if ends else [], ends)
+
+
+def _write_chunks(
+    stream: WriteStream,
+    batch: _Batch,
+    items: list[WriteItem],
+    resolve: Any,
+    release: Callable[[WriteItem], None] | None,
+    block_bytes: int,
+    cancel: threading.Event | None,
+    name: str,
+    digests: dict[Any, str] | None,
+) -> list[tuple[tuple[str, ...], str | None]]:
+    """Each item's bytes written (small ones through ``batch``) and its block hashes and digest."""
+    hash_hex, small = integrity.hash_hex, min(SMALL_CHUNK_BYTES, block_bytes)
+    hashed: list[tuple[tuple[str, ...], str | None]] = []
+    for it in items:
+        if cancel is not None and cancel.is_set():
+            raise _Cancelled(f"write of {name} cancelled")
+        data = tensor_and_bytes(resolve(it), it)[1]
+        if digests is None and 0 < len(data) <= small:  # the common case of many small chunks
+            hashed.append(((hash_hex(data),), None))
+            batch.add(data)
+        else:
+            hashed.append(_write_chunk(stream, batch, data, it, block_bytes, cancel, name, digests))
+        del data
+        if release is not None:
+            release(it)
+    return hashed
+
+
+def _write_chunk(
+    stream: WriteStream,
+    batch: _Batch,
+    data: memoryview,
+    item: WriteItem,
+    block_bytes: int,
+    cancel: threading.Event | None,
+    name: str,
+    digests: dict[Any, str] | None,
+) -> tuple[tuple[str, ...], str | None]:
+    """One chunk's bytes written, with its digest: a digest the digest pass did not compute
+    (incremental saves) is computed here, piece by piece, while the other writer threads wait on I/O."""
+    digester = integrity.new_digester() if digests is not None and item.index not in digests else None
+    if len(data) <= SMALL_CHUNK_BYTES:
+        hashes = _hash_blocks(data, block_bytes, digester)
+        batch.add(data)
+    else:
+        batch.flush()
+        hashes = _write_blocks(stream, data, block_bytes, batch.file_hasher, digester, cancel, name)
+    if digester is not None:
+        return hashes, digester.hexdigest()
+    return hashes, None if digests is None else digests[item.index]
