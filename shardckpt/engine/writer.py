@@ -40,7 +40,7 @@ from torch.distributed.checkpoint.metadata import Metadata
 from torch.distributed.checkpoint.planner import SavePlan, SavePlanner, WriteItem, WriteItemType
 from torch.distributed.checkpoint.storage import StorageWriter, WriteResult
 
-from shardckpt.engine import rank_result, write_v3
+from shardckpt.engine import rank_result, write_results, write_v3
 from shardckpt.engine.claim import check_same_location, claim_folder, create_file, discard_save
 from shardckpt.engine.datawrite import split_by_bytes, tensor_and_bytes, write_file
 from shardckpt.engine.incremental import BaseIndex, ChunkLocation, Prepass, digest_pass
@@ -225,9 +225,10 @@ class Writer(StorageWriter):
     def _rank_result(
         self, plan: SavePlan, results: list[WriteResult], files: int, *, inline_last: bool = False
     ) -> list[WriteResult]:
-        """Format 3: this rank's index record written, the rank's one result (write_v3)."""
+        """The rank's results as sent to the coordinator: formats 1 and 2 packed into columns
+        (write_results); format 3 this rank's index record written, the rank's one result (write_v3)."""
         if self.options.format_version != 3:
-            return results
+            return write_results.pack(results)
         block = self.options.hash_block_bytes
         return rank_result.rank_results(self.storage, plan, results, files, block, inline_last=inline_last)
 
