@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 import threading
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -107,6 +108,31 @@ def _write_blocks(
     return tuple(hashes)
 
 
+@dataclass(frozen=True)
+class WrittenFile:
+    """One data file :func:`write_file` wrote: its record and, per item (in file order),
+    where its bytes are, their block hashes and (incremental saves) digest. Columns, not
+    one object per chunk: formats 1 and 2 send them on as they are (write_results.pack)."""
+
+    name: str
+    record: FileRecord
+    items: list[WriteItem]
+    byte_offsets: list[int]  # absolute, in the file
+    byte_lengths: list[int]
+    block_hashes: list[tuple[str, ...]]
+    digests: list[str | None]
+
+    def results(self) -> list[WriteResult]:
+        """One WriteResult per item (format 3's index record and the next incremental
+        save's base take them one by one)."""
+        return [
+            WriteResult(index=it.index, size_in_bytes=n, storage_data=ChunkLocation(self.name, o, n, h, self.record, d))
+            for it, o, n, h, d in zip(
+                self.items, self.byte_offsets, self.byte_lengths, self.block_hashes, self.digests, strict=True
+            )
+        ]
+
+
 def split_by_bytes(items: list[WriteItem], n: int) -> list[list[WriteItem]]:
     """Up to ``n`` non-empty buckets of roughly equal byte counts (largest item first)."""
     buckets: list[list[WriteItem]] = [[] for _ in range(min(n, len(items)))]
@@ -167,8 +193,8 @@ def write_file(
     metadata: dict[str, str],
     cancel: threading.Event | None = None,
     digests: dict[Any, str] | None = None,
-) -> list[WriteResult]:
-    """Stream ``items`` into one safetensors file; return one WriteResult per item.
+) -> WrittenFile:
+    """Stream ``items`` into one safetensors file; return where each item's bytes are.
 
     Runs on a writer thread; ``resolve(item)`` gives the tensor and ``release(item)``, if
     given, is told when its bytes have been written (not yet durable). The header is built
@@ -184,18 +210,22 @@ def write_file(
     try:
         batch = _Batch(stream, file_hasher)
         batch.add(memoryview(header))
-        hashes = _write_chunks(stream, batch, items, resolve, release, block_bytes, cancel, name, digests)
+        hashes, found = _write_chunks(stream, batch, items, resolve, release, block_bytes, cancel, name, digests)
         batch.flush()
         stream.finish()
     except BaseException:
         stream.abort()
         raise
     at = len(header)
-    record = FileRecord(size=at + (columns.ends[-1] if items else 0), hash=file_hasher.hexdigest(), rank=rank)
-    return [
-        WriteResult(index=it.index, size_in_bytes=e - b, storage_data=ChunkLocation(name, at + b, e - b, h, record, d))
-        for it, b, e, (h, d) in zip(items, columns.begins, columns.ends, hashes, strict=True)
-    ]
+    return WrittenFile(
+        name,
+        FileRecord(size=at + (columns.ends[-1] if items else 0), hash=file_hasher.hexdigest(), rank=rank),
+        items,
+        [at + b for b in columns.begins],
+        [e - b for b, e in zip(columns.begins, columns.ends, strict=True)],
+        hashes,
+        found,
+    )
 
 
 def _header_columns(items: list[WriteItem]) -> datafile.HeaderColumns:
@@ -227,23 +257,27 @@ def _write_chunks(
     cancel: threading.Event | None,
     name: str,
     digests: dict[Any, str] | None,
-) -> list[tuple[tuple[str, ...], str | None]]:
-    """Each item's bytes written (small ones through ``batch``) and its block hashes and digest."""
+) -> tuple[list[tuple[str, ...]], list[str | None]]:
+    """Each item's bytes written (small ones through ``batch``); their block hashes and digests."""
     hash_hex, small = integrity.hash_hex, min(SMALL_CHUNK_BYTES, block_bytes)
-    hashed: list[tuple[tuple[str, ...], str | None]] = []
+    hashed: list[tuple[str, ...]] = []
+    found: list[str | None] = []
     for it in items:
         if cancel is not None and cancel.is_set():
             raise _Cancelled(f"write of {name} cancelled")
         data = tensor_and_bytes(resolve(it), it)[1]
         if digests is None and 0 < len(data) <= small:  # the common case of many small chunks
-            hashed.append(((hash_hex(data),), None))
+            hashed.append((hash_hex(data),))
+            found.append(None)
             batch.add(data)
         else:
-            hashed.append(_write_chunk(stream, batch, data, it, block_bytes, cancel, name, digests))
+            hashes, digest = _write_chunk(stream, batch, data, it, block_bytes, cancel, name, digests)
+            hashed.append(hashes)
+            found.append(digest)
         del data
         if release is not None:
             release(it)
-    return hashed
+    return hashed, found
 
 
 def _write_chunk(

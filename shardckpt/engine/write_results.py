@@ -11,6 +11,7 @@ Values (and any other result) pass through unchanged. Pure: no I/O, no state.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from operator import attrgetter
 from typing import Any
@@ -18,6 +19,7 @@ from typing import Any
 from torch.distributed.checkpoint.metadata import MetadataIndex
 from torch.distributed.checkpoint.storage import WriteResult
 
+from shardckpt.engine.datawrite import WrittenFile
 from shardckpt.engine.incremental import ChunkLocation
 from shardckpt.format.manifest import FileRecord
 
@@ -44,39 +46,54 @@ class ChunkColumns:
     records: list[FileRecord]
 
 
-def pack(results: list[WriteResult]) -> list[WriteResult]:
-    """``results`` with every chunk (a ChunkLocation outside a format-3 base) in one result
-    of :class:`ChunkColumns`, after the others; unchanged when there is no chunk."""
-    chunks = [r for r in results if type(r.storage_data) is ChunkLocation and r.storage_data.in_base is None]
-    if not chunks:
+def pack(results: list[WriteResult], written: Sequence[WrittenFile] = ()) -> list[WriteResult]:
+    """``results`` with every chunk (a ChunkLocation outside a format-3 base, and every item
+    of the ``written`` files) in one result of :class:`ChunkColumns`, after the others;
+    ``results`` unchanged when there is no chunk."""
+    loose = [r for r in results if _is_chunk(r)]
+    if not loose and not written:
         return results
-    rest = [r for r in results if not (type(r.storage_data) is ChunkLocation and r.storage_data.in_base is None)]
-    locs: list[ChunkLocation] = list(map(attrgetter("storage_data"), chunks))
-    slots: dict[tuple[str, int], int] = {}  # (name, id of its FileRecord) -> index in files/records
-    files: list[str] = []
-    records: list[FileRecord] = []
-    file_of = []
-    for loc in locs:
-        key = (loc.file, id(loc.file_record))
-        slot = slots.get(key)
-        if slot is None:
-            slot = slots[key] = len(files)
-            files.append(loc.file)
-            records.append(loc.file_record)
-        file_of.append(slot)
+    locs: list[ChunkLocation] = list(map(attrgetter("storage_data"), loose))
     columns = ChunkColumns(
-        fqns=list(map(attrgetter("index.fqn"), chunks)),
-        offsets=list(map(tuple, map(attrgetter("index.offset"), chunks))),
-        file_of=file_of,
+        fqns=list(map(attrgetter("index.fqn"), loose)),
+        offsets=list(map(tuple, map(attrgetter("index.offset"), loose))),
+        file_of=[],
         byte_offsets=list(map(attrgetter("byte_offset"), locs)),
         byte_lengths=list(map(attrgetter("byte_length"), locs)),
         block_hashes=list(map(attrgetter("block_hashes"), locs)),
         digests=list(map(attrgetter("digest"), locs)),
-        files=files,
-        records=records,
+        files=[],
+        records=[],
     )
-    total = sum(columns.byte_lengths)
-    return [*rest, WriteResult(index=MetadataIndex(PACKED_KEY), size_in_bytes=total, storage_data=columns)]
+    slots: dict[tuple[str, int], int] = {}  # (name, id of its FileRecord) -> index in files/records
+    for loc in locs:
+        columns.file_of.append(_slot(columns, slots, loc.file, loc.file_record))
+    for w in written:
+        columns.fqns.extend(map(attrgetter("index.fqn"), w.items))
+        columns.offsets.extend(map(tuple, map(attrgetter("index.offset"), w.items)))
+        columns.file_of.extend([_slot(columns, slots, w.name, w.record)] * len(w.items))
+        columns.byte_offsets.extend(w.byte_offsets)
+        columns.byte_lengths.extend(w.byte_lengths)
+        columns.block_hashes.extend(w.block_hashes)
+        columns.digests.extend(w.digests)
+    packed = WriteResult(index=MetadataIndex(PACKED_KEY), size_in_bytes=sum(columns.byte_lengths), storage_data=columns)
+    return [*(r for r in results if not _is_chunk(r)), packed]
+
+
+def _is_chunk(result: WriteResult) -> bool:
+    data = result.storage_data
+    return type(data) is ChunkLocation and data.in_base is None
+
+
+def _slot(columns: ChunkColumns, slots: dict[tuple[str, int], int], name: str, record: FileRecord) -> int:
+    """The index of (``name``, ``record``) in the columns' files, added if new."""
+    key = (name, id(record))
+    slot = slots.get(key)
+    if slot is None:
+        slot = slots[key] = len(columns.files)
+        columns.files.append(name)
+        columns.records.append(record)
+    return slot
 
 
 def located(results: list[list[WriteResult]]) -> tuple[dict[tuple[str, Any], Any], list[tuple[str, FileRecord]]]:

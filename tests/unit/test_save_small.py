@@ -11,10 +11,12 @@ from pathlib import Path
 import pytest
 import torch
 from torch.distributed.checkpoint.metadata import MetadataIndex
+from torch.distributed.checkpoint.planner import WriteItem, WriteItemType
 from torch.distributed.checkpoint.storage import WriteResult
 
 import shardckpt
 from shardckpt.engine import write_results
+from shardckpt.engine.datawrite import WrittenFile
 from shardckpt.engine.incremental import ChunkLocation
 from shardckpt.engine.manifest_builder import _file_records
 from shardckpt.engine.writer import _InlineValue
@@ -53,6 +55,26 @@ def test_packed_results_locate_every_chunk_as_the_unpacked_ones_do() -> None:
         == _file_records(plain_named)
         == {f"data/r{r}.safetensors": FileRecord(size=200 + r, hash=f"{r:016x}", rank=r) for r in range(3)}
     )
+
+
+def test_written_files_pack_into_the_columns_their_results_would_give() -> None:
+    record = FileRecord(size=200, hash="c" * 16, rank=1)
+    items = [r.index for r in _results(1, record)[1:]]
+    written = WrittenFile(
+        "data/r1.safetensors",
+        record,
+        [WriteItem(index=i, type=WriteItemType.SHARD) for i in items],
+        [64, 80, 96],  # as _results lays them out
+        [16, 32, 48],
+        [("1000000000000000",), ("1000000000000001",), ("1000000000000002",)],
+        [None, None, None],
+    )
+    value = _results(1, record)[:1]
+    from_files = pickle.loads(pickle.dumps(write_results.pack(value, [written])))
+    from_results = write_results.pack(value + written.results())
+    assert from_files == from_results
+    assert from_files[1].storage_data.file_of == [0, 0, 0] and from_files[1].size_in_bytes == 96
+    assert write_results.located([from_files])[0] == write_results.located([_results(1, record)])[0]
 
 
 def test_one_file_name_with_two_records_still_fails_after_packing() -> None:
