@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 import threading
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -47,7 +48,7 @@ class _Batch:
     writing each piece in turn. Not thread-safe: one per :func:`write_file` call."""
 
     def __init__(self, stream: WriteStream, file_hasher: Any) -> None:
-        self._stream, self._file_hasher = stream, file_hasher
+        self._stream, self.file_hasher = stream, file_hasher
         self._buf = bytearray(BATCH_BYTES)
         self._view = memoryview(self._buf)
         self._used = 0
@@ -55,19 +56,21 @@ class _Batch:
     def add(self, data: memoryview) -> None:
         """Copy ``data`` in (the caller may reuse its memory at once), writing first when
         it would not fit; a piece larger than the buffer is written straight through."""
-        if self._used + len(data) > len(self._buf):
+        n, used = len(data), self._used
+        if used + n > BATCH_BYTES:
             self.flush()
-        if len(data) > len(self._buf):
-            self._file_hasher.update(data)
+            used = 0
+        if n > BATCH_BYTES:
+            self.file_hasher.update(data)
             self._stream.write(data)
             return
-        self._view[self._used : self._used + len(data)] = data
-        self._used += len(data)
+        self._view[used : used + n] = data
+        self._used = used + n
 
     def flush(self) -> None:
         if self._used:
             piece = self._view[: self._used]
-            self._file_hasher.update(piece)
+            self.file_hasher.update(piece)
             self._stream.write(piece)
             self._used = 0
 
@@ -105,6 +108,31 @@ def _write_blocks(
     return tuple(hashes)
 
 
+@dataclass(frozen=True)
+class WrittenFile:
+    """One data file :func:`write_file` wrote: its record and, per item (in file order),
+    where its bytes are, their block hashes and (incremental saves) digest. Columns, not
+    one object per chunk: formats 1 and 2 send them on as they are (write_results.pack)."""
+
+    name: str
+    record: FileRecord
+    items: list[WriteItem]
+    byte_offsets: list[int]  # absolute, in the file
+    byte_lengths: list[int]
+    block_hashes: list[tuple[str, ...]]
+    digests: list[str | None]
+
+    def results(self) -> list[WriteResult]:
+        """One WriteResult per item (format 3's index record and the next incremental
+        save's base take them one by one)."""
+        return [
+            WriteResult(index=it.index, size_in_bytes=n, storage_data=ChunkLocation(self.name, o, n, h, self.record, d))
+            for it, o, n, h, d in zip(
+                self.items, self.byte_offsets, self.byte_lengths, self.block_hashes, self.digests, strict=True
+            )
+        ]
+
+
 def split_by_bytes(items: list[WriteItem], n: int) -> list[list[WriteItem]]:
     """Up to ``n`` non-empty buckets of roughly equal byte counts (largest item first)."""
     buckets: list[list[WriteItem]] = [[] for _ in range(min(n, len(items)))]
@@ -130,15 +158,14 @@ def _entry_name(item: WriteItem) -> str:
     return f"{fqn}@{','.join(map(str, item.index.offset))}"
 
 
-def _tensor_bytes(tensor: torch.Tensor, item: WriteItem) -> memoryview:
-    return tensor_and_bytes(tensor, item)[1]
-
-
 def tensor_and_bytes(tensor: torch.Tensor, item: WriteItem) -> tuple[torch.Tensor, memoryview]:
     """``tensor`` as a contiguous CPU tensor (a copy only if it is not one) and its bytes."""
     assert item.tensor_data is not None
-    t = tensor.detach()
-    if tuple(t.shape) != tuple(item.tensor_data.chunk.sizes):
+    # detach() releases the GIL, a hand-off per chunk between the writer threads (#18):
+    # only a tensor that requires grad needs it (numpy() refuses those).
+    t = tensor.detach() if tensor.requires_grad else tensor
+    planned = item.tensor_data.chunk.sizes
+    if t.shape != planned and tuple(t.shape) != tuple(planned):
         raise UnsupportedValueError(
             f"key {item.index.fqn!r}: planned chunk shape {tuple(item.tensor_data.chunk.sizes)} "
             f"but resolved tensor has shape {tuple(t.shape)}"
@@ -166,8 +193,8 @@ def write_file(
     metadata: dict[str, str],
     cancel: threading.Event | None = None,
     digests: dict[Any, str] | None = None,
-) -> list[WriteResult]:
-    """Stream ``items`` into one safetensors file; return one WriteResult per item.
+) -> WrittenFile:
+    """Stream ``items`` into one safetensors file; return where each item's bytes are.
 
     Runs on a writer thread; ``resolve(item)`` gives the tensor and ``release(item)``, if
     given, is told when its bytes have been written (not yet durable). The header is built
@@ -176,50 +203,102 @@ def write_file(
     by another thread, stops the write at the next block (the partial file is removed).
     ``digests`` (incremental saves): each item's digest from the digest pass, recorded.
     """
-    entries, begin = [], 0
-    for it in items:
-        assert it.tensor_data is not None
-        dtype = datafile.dtype_name(it.tensor_data.properties.dtype, key=it.index.fqn)
-        sizes = tuple(it.tensor_data.chunk.sizes)
-        end = begin + math.prod(sizes) * datafile.itemsize(dtype)
-        entries.append(datafile.HeaderEntry(_entry_name(it), dtype, sizes, begin, end))
-        begin = end
-    header = datafile.build_header(entries, metadata)
+    columns = _header_columns(items)
+    header = datafile.build_header_columns(columns, metadata)
     file_hasher = integrity.new_file_hasher()
     stream = storage.open_write(name)
-    batch = _Batch(stream, file_hasher)
-    located = []
     try:
+        batch = _Batch(stream, file_hasher)
         batch.add(memoryview(header))
-        for it, entry in zip(items, entries, strict=True):
-            if cancel is not None and cancel.is_set():
-                raise _Cancelled(f"write of {name} cancelled")
-            data = _tensor_bytes(resolve(it), it)
-            # Incremental saves: a digest the digest pass did not compute is computed here,
-            # piece by piece, while the other writer threads wait on I/O.
-            digester = integrity.new_digester() if digests is not None and it.index not in digests else None
-            if len(data) <= SMALL_CHUNK_BYTES:
-                hashes = _hash_blocks(data, block_bytes, digester)
-                batch.add(data)
-            else:
-                batch.flush()
-                hashes = _write_blocks(stream, data, block_bytes, file_hasher, digester, cancel, name)
-            digest = digester.hexdigest() if digester is not None else None
-            if digests is not None and digester is None:
-                digest = digests[it.index]
-            located.append((it, len(header) + entry.begin, entry.end - entry.begin, hashes, digest))
-            del data
-            if release is not None:
-                release(it)
+        hashes, found = _write_chunks(stream, batch, items, resolve, release, block_bytes, cancel, name, digests)
         batch.flush()
         stream.finish()
     except BaseException:
         stream.abort()
         raise
-    record = FileRecord(size=len(header) + begin, hash=file_hasher.hexdigest(), rank=rank)
-    return [
-        WriteResult(
-            index=it.index, size_in_bytes=length, storage_data=ChunkLocation(name, off, length, hashes, record, digest)
-        )
-        for it, off, length, hashes, digest in located
-    ]
+    at = len(header)
+    return WrittenFile(
+        name,
+        FileRecord(size=at + (columns.ends[-1] if items else 0), hash=file_hasher.hexdigest(), rank=rank),
+        items,
+        [at + b for b in columns.begins],
+        [e - b for b, e in zip(columns.begins, columns.ends, strict=True)],
+        hashes,
+        found,
+    )
+
+
+def _header_columns(items: list[WriteItem]) -> datafile.HeaderColumns:
+    """The header's entries of ``items``, laid end to end in their order."""
+    dtypes: dict[torch.dtype, tuple[str, int]] = {}  # name and item size, looked up once per dtype
+    names, dtype_names, shapes, ends, end = [], [], [], [], 0
+    for it in items:
+        assert it.tensor_data is not None
+        dtype = dtypes.get(it.tensor_data.properties.dtype)
+        if dtype is None:
+            known = datafile.dtype_name(it.tensor_data.properties.dtype, key=it.index.fqn)
+            dtype = dtypes[it.tensor_data.properties.dtype] = (known, datafile.itemsize(known))
+        sizes = tuple(it.tensor_data.chunk.sizes)
+        end += math.prod(sizes) * dtype[1]
+        names.append(_entry_name(it))
+        dtype_names.append(dtype[0])
+        shapes.append(sizes)
+        ends.append(end)
+    return datafile.HeaderColumns(names, dtype_names, shapes, [0, *ends[:-1]] if ends else [], ends)
+
+
+def _write_chunks(
+    stream: WriteStream,
+    batch: _Batch,
+    items: list[WriteItem],
+    resolve: Any,
+    release: Callable[[WriteItem], None] | None,
+    block_bytes: int,
+    cancel: threading.Event | None,
+    name: str,
+    digests: dict[Any, str] | None,
+) -> tuple[list[tuple[str, ...]], list[str | None]]:
+    """Each item's bytes written (small ones through ``batch``); their block hashes and digests."""
+    hash_hex, small = integrity.hash_hex, min(SMALL_CHUNK_BYTES, block_bytes)
+    hashed: list[tuple[str, ...]] = []
+    found: list[str | None] = []
+    for it in items:
+        if cancel is not None and cancel.is_set():
+            raise _Cancelled(f"write of {name} cancelled")
+        data = tensor_and_bytes(resolve(it), it)[1]
+        if digests is None and 0 < len(data) <= small:  # the common case of many small chunks
+            hashed.append((hash_hex(data),))
+            found.append(None)
+            batch.add(data)
+        else:
+            hashes, digest = _write_chunk(stream, batch, data, it, block_bytes, cancel, name, digests)
+            hashed.append(hashes)
+            found.append(digest)
+        del data
+        if release is not None:
+            release(it)
+    return hashed, found
+
+
+def _write_chunk(
+    stream: WriteStream,
+    batch: _Batch,
+    data: memoryview,
+    item: WriteItem,
+    block_bytes: int,
+    cancel: threading.Event | None,
+    name: str,
+    digests: dict[Any, str] | None,
+) -> tuple[tuple[str, ...], str | None]:
+    """One chunk's bytes written, with its digest: a digest the digest pass did not compute
+    (incremental saves) is computed here, piece by piece, while the other writer threads wait on I/O."""
+    digester = integrity.new_digester() if digests is not None and item.index not in digests else None
+    if len(data) <= SMALL_CHUNK_BYTES:
+        hashes = _hash_blocks(data, block_bytes, digester)
+        batch.add(data)
+    else:
+        batch.flush()
+        hashes = _write_blocks(stream, data, block_bytes, batch.file_hasher, digester, cancel, name)
+    if digester is not None:
+        return hashes, digester.hexdigest()
+    return hashes, None if digests is None else digests[item.index]

@@ -40,9 +40,9 @@ from torch.distributed.checkpoint.metadata import Metadata
 from torch.distributed.checkpoint.planner import SavePlan, SavePlanner, WriteItem, WriteItemType
 from torch.distributed.checkpoint.storage import StorageWriter, WriteResult
 
-from shardckpt.engine import rank_result, write_v3
+from shardckpt.engine import rank_result, write_results, write_v3
 from shardckpt.engine.claim import check_same_location, claim_folder, create_file, discard_save
-from shardckpt.engine.datawrite import split_by_bytes, tensor_and_bytes, write_file
+from shardckpt.engine.datawrite import WrittenFile, split_by_bytes, tensor_and_bytes, write_file
 from shardckpt.engine.incremental import BaseIndex, ChunkLocation, Prepass, digest_pass
 from shardckpt.engine.manifest_builder import build_manifest
 from shardckpt.engine.options import check_format_version, check_hash_block_bytes, check_io_threads
@@ -187,9 +187,24 @@ class Writer(StorageWriter):
         buckets = split_by_bytes(items, self.options.num_io_threads) + ([inline] if inline else [])
         version = "3" if self.options.format_version == 3 else "2" if self.options.digests else "1"  # the manifest's
         meta = {"format": "shardckpt", "format_version": version, "save_id": save_id, "rank": str(rank)}
+        written = self._write_buckets(buckets, resolve, release, save_id, rank, meta, prepass)
+        self._remember(plan, results, written)
+        return self._rank_result(plan, results, written, inline_last=bool(inline))
+
+    def _write_buckets(
+        self,
+        buckets: list[list[WriteItem]],
+        resolve: Callable[[WriteItem], Any],
+        release: Callable[[WriteItem], None] | None,
+        save_id: str,
+        rank: int,
+        meta: dict[str, str],
+        prepass: Prepass | None,
+    ) -> list[WrittenFile]:
+        """Each bucket into its own data file, one writer thread each (:func:`write_file`);
+        then ``data/`` synced."""
         if not buckets:
-            self._remember(plan, results)
-            return self._rank_result(plan, results, 0)
+            return []
         cancel = threading.Event()
         pool = ThreadPoolExecutor(len(buckets), thread_name_prefix="shardckpt-write")
         try:
@@ -209,8 +224,7 @@ class Writer(StorageWriter):
                 )
                 for k, bucket in enumerate(buckets)
             ]
-            for f in futures:
-                results.extend(f.result())
+            written = [f.result() for f in futures]
         except BaseException:
             # Ctrl-C, or one file failed: the other threads stop at their next block
             # (and remove their partial files) instead of writing on for seconds.
@@ -219,28 +233,27 @@ class Writer(StorageWriter):
         finally:
             pool.shutdown(wait=True, cancel_futures=True)
         self.storage.sync_dir(layout.DATA_DIR)
-        self._remember(plan, results)
-        return self._rank_result(plan, results, len(buckets), inline_last=bool(inline))
+        return written
 
     def _rank_result(
-        self, plan: SavePlan, results: list[WriteResult], files: int, *, inline_last: bool = False
+        self, plan: SavePlan, results: list[WriteResult], written: list[WrittenFile], *, inline_last: bool = False
     ) -> list[WriteResult]:
-        """Format 3: this rank's index record written, the rank's one result (write_v3)."""
+        """The rank's results as sent to the coordinator: formats 1 and 2 packed into columns
+        (write_results); format 3 this rank's index record written, the rank's one result (write_v3)."""
         if self.options.format_version != 3:
-            return results
+            return write_results.pack(results, written)
         block = self.options.hash_block_bytes
-        return rank_result.rank_results(self.storage, plan, results, files, block, inline_last=inline_last)
+        every = results + [r for w in written for r in w.results()]
+        return rank_result.rank_results(self.storage, plan, every, len(written), block, inline_last=inline_last)
 
-    def _remember(self, plan: SavePlan, results: list[WriteResult]) -> None:
-        """Keep this rank's chunk locations (with digests) and count the bytes written."""
-        self.bytes_written = sum(
-            r.file_record.size
-            for r in {wr.storage_data.file: wr.storage_data for wr in results}.values()
-            if r.file_record.checkpoint is None
-        )
+    def _remember(self, plan: SavePlan, results: list[WriteResult], written: list[WrittenFile]) -> None:
+        """Count the bytes written and, with digests, keep this rank's chunk locations
+        (reused ones in ``results``, the ``written`` ones) for the next save's base."""
+        self.bytes_written = sum(w.record.size for w in written)
         if self.options.digests:
             by_index = {it.index: it for it in plan.items}
-            self.saved = [(by_index[wr.index], wr.storage_data) for wr in results]
+            every = results + [r for w in written for r in w.results()]
+            self.saved = [(by_index[wr.index], wr.storage_data) for wr in every]
 
     def finish(self, metadata: Metadata, results: list[list[WriteResult]]) -> None:
         if self.options.format_version == 3:

@@ -107,17 +107,48 @@ def build_header(entries: list[HeaderEntry], metadata: dict[str, str]) -> bytes:
     """Length prefix + JSON header, padded to a multiple of 8 bytes.
 
     The bytes are those of ``json.dumps`` of ``{"__metadata__": metadata, name: {"dtype",
-    "shape", "data_offsets"}, ...}`` (compact separators, ASCII), formatted entry by entry
-    from a template: a data file of thousands of small chunks builds its header every save
-    (issue #18). Names JSON would escape, and repeated names, take ``json.dumps`` itself."""
-    names = [e.name for e in entries]
-    plain = all(map(_plain_json_string, names)) and all(map(_plain_json_string, {e.dtype for e in entries}))
+    "shape", "data_offsets"}, ...}`` (compact separators, ASCII): :func:`build_header_columns`
+    of the entries' fields."""
+    return build_header_columns(
+        HeaderColumns(
+            [e.name for e in entries],
+            [e.dtype for e in entries],
+            [e.shape for e in entries],
+            [e.begin for e in entries],
+            [e.end for e in entries],
+        ),
+        metadata,
+    )
+
+
+@dataclass(frozen=True)
+class HeaderColumns:
+    """The fields of a header's entries, one list per field, in the entries' order: what a
+    writer of thousands of small chunks builds instead of one HeaderEntry per chunk (#18)."""
+
+    names: list[str]
+    dtypes: list[str]
+    shapes: list[tuple[int, ...]]
+    begins: list[int]  # byte offsets relative to the start of the data section
+    ends: list[int]
+
+
+def build_header_columns(columns: HeaderColumns, metadata: dict[str, str]) -> bytes:
+    """:func:`build_header` of the entries whose fields are ``columns``, formatted entry by
+    entry from a template: a data file of thousands of small chunks builds its header every
+    save (issue #18). Names JSON would escape, and repeated names, take ``json.dumps`` itself."""
+    names = columns.names
+    # One check of all names at once: each property holds for the whole iff for every name.
+    plain = _plain_json_string("".join(names)) and _plain_json_string("".join(set(columns.dtypes)))
     if not plain or len(set(names)) != len(names) or "__metadata__" in names:
-        return _frame(_header_json(entries, metadata))
+        return _frame(_header_json(columns, metadata))
     parts = [json.dumps({"__metadata__": dict(metadata)}, separators=(",", ":"))[:-1]]
-    for e in entries:
-        shape = ",".join(map(str, e.shape))
-        parts.append(f'"{e.name}":{{"dtype":"{e.dtype}","shape":[{shape}],"data_offsets":[{e.begin},{e.end}]}}')
+    parts += [
+        f'"{name}":{{"dtype":"{dtype}","shape":[{",".join(map(str, shape))}],"data_offsets":[{begin},{end}]}}'
+        for name, dtype, shape, begin, end in zip(
+            names, columns.dtypes, columns.shapes, columns.begins, columns.ends, strict=True
+        )
+    ]
     return _frame((",".join(parts) + "}").encode())
 
 
@@ -126,10 +157,12 @@ def _plain_json_string(text: str) -> bool:
     return text.isascii() and text.isprintable() and '"' not in text and "\\" not in text
 
 
-def _header_json(entries: list[HeaderEntry], metadata: dict[str, str]) -> bytes:
+def _header_json(columns: HeaderColumns, metadata: dict[str, str]) -> bytes:
     header: dict[str, object] = {"__metadata__": dict(metadata)}
-    for e in entries:
-        header[e.name] = {"dtype": e.dtype, "shape": list(e.shape), "data_offsets": [e.begin, e.end]}
+    for name, dtype, shape, begin, end in zip(
+        columns.names, columns.dtypes, columns.shapes, columns.begins, columns.ends, strict=True
+    ):
+        header[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [begin, end]}
     return json.dumps(header, separators=(",", ":")).encode()
 
 
