@@ -24,6 +24,7 @@ import default_format  # noqa: E402
 import incremental  # noqa: E402
 import planning_scale  # noqa: E402
 import plots  # noqa: E402
+import scorecard  # noqa: E402
 import suite  # noqa: E402
 
 
@@ -265,3 +266,21 @@ def test_gpu_check_dry_run_on_cpu(tmp_path: Any) -> None:
     assert sections["staging"]["mutation_after_return_not_saved"] is True
     assert sections["staging"]["bytes"] > 0
     assert os.listdir(tmp_path) == ["gpu_check.json"]  # its scratch folder removed, nothing else left
+
+
+def test_scorecard_table_from_the_committed_run() -> None:
+    """benchmarks/scorecard.py's table of the run recorded in benchmarks/results: one row per
+    target and mix, each value the one its benchmark's own results hold, "met" as the target says."""
+    text, rows = scorecard.table("scorecard")
+    cases = {r["case"].split(":")[0] for r in rows if "safetensors" in r["metric"]}
+    assert cases == {"uniform", "lognormal", "small"}
+    with open(os.path.join(common.RESULTS_DIR, "scorecard_small.json")) as f:
+        small = json.load(f)
+    [save] = [r for r in rows if r["case"].startswith("small") and r["metric"].startswith("save x per-rank")]
+    assert save["value"] == small["targets"]["save_vs_safetensors_at_least_0.9"]["ratio"]
+    for r in rows:
+        if r.get("met") is not None:
+            at_most = "bytes" in r["metric"] or "round trips" in r["metric"]
+            assert r["met"] == (r["value"] <= r["target"] if at_most else r["value"] >= r["target"]), r
+    assert sum("round trips" in r["metric"] for r in rows) == 3
+    assert text.count("\n") == len(rows) + 1  # a header, a rule, a line per row
