@@ -250,14 +250,12 @@ def _span(ranks: list[int]) -> str:
     return ", ".join(str(a) if a == b else f"{a}-{b}" for a, b in runs)
 
 
-def check_loadable(
-    manifest: Manifest | ManifestV3, flat: dict[str, Any], locals_: dict[str, torch.Tensor] | None = None
-) -> None:
+def check_loadable(manifest: Manifest | ManifestV3, flat: dict[str, Any]) -> None:
     """Raise UnsupportedValueError for a target tensor that cannot be filled from a saved
     tensor (meta, sparse, nested), naming the key and the fix. Keys the checkpoint
-    does not hold as tensors are left to :func:`check_target`. ``locals_``: the DTensors'
-    shards by key (``local_shards``, outside autograd: 2 us a DTensor, not 14; #18)."""
-    known = local_shards(flat) if locals_ is None else locals_
+    does not hold as tensors are left to :func:`check_target`. DTensors' shards come from
+    ``local_shards`` (outside autograd: 2 us a DTensor, not 14; #18)."""
+    known = local_shards(flat)
     for k in sorted(flat):
         v = flat[k]
         if k in manifest.tensors and isinstance(v, torch.Tensor):
