@@ -259,8 +259,9 @@ _BAD_CHUNK_FIELDS = [
 def test_the_quick_manifest_check_refuses_every_chunk_the_full_check_refuses(
     tmp_path: Path, field: str, bad: Any, message: str
 ) -> None:
-    """The manifest parser checks each chunk record on a quick path that builds no message;
-    every defect still ends in the full check's error, naming the field (issue #18)."""
+    """The manifest parser checks all chunk records on a quick path that builds no message
+    (format/manifest_bulk.py); every defect still ends in the full check's error, naming the
+    field (issue #18)."""
     import json
 
     from shardckpt.errors import ManifestError
