@@ -3,76 +3,159 @@
 A manifest of many small tensors holds tens of thousands of chunk records, and every
 loading rank parses all of them (issue #18: 12,232 records took 0.19 s of CPU per rank,
 a third of a small-tensor load). :func:`bulk_tensors` does the checks of
-:func:`~shardckpt.format.manifest_parser._parse_tensor` with the per-chunk Python work cut
-to field lookups and the record itself: integer types, ranges and block hashes are checked
-once over flat lists of the whole manifest (C loops: ``map``, ``min``, ``max``, one regex,
-numpy). It accepts only what the full parser accepts and builds no message: on any doubt it
+:func:`~shardckpt.format.manifest_parser._parse_tensor` column by column: each field of
+every chunk is gathered into one list (``map`` with ``itemgetter``), then its types,
+ranges, lengths and block hashes are checked by C loops over the whole manifest
+(``map``, ``set``, list comparison, one regex, numpy), so no Python code runs per chunk.
+It accepts only what the full parser accepts and builds no message: on any doubt it
 returns None and the full parser runs, naming the first problem. Pure, no I/O.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Any
+from collections.abc import Iterable
+from itertools import chain, islice, repeat
+from operator import add, floordiv, gt, itemgetter, mul, neg
+from typing import Any, NamedTuple
 
 import numpy as np
 
 from shardckpt.format import datafile
-from shardckpt.format.manifest_records import ChunkRecord, FileRecord, TensorRecord
+from shardckpt.format.manifest_records import FileRecord, TensorRecord, chunk_records, tensor_records
+from shardckpt.format.overlap import disjoint_slab_groups
 from shardckpt.format.record_json import BLOCK_HASHES
 
 _LIMIT = 2**62  # every shape, offset and size is below it (datafile.check_shape, _Reader.nonneg)
-_INT = {int}  # bool is not int here, as in the full parser's checks
 _HASH_CHARS = 16
 _DIGEST_CHARS = 32
+_TENSOR_FIELDS = itemgetter("dtype", "shape", "chunks")
+# A chunk's fields as the format writes them (docs/format.md); a chunk with any other key
+# set, which the full parser accepts and ignores, takes the full parser.
+_CHUNK_KEYS = ("offsets", "sizes", "file", "byte_offset", "byte_length", "block_hashes")
+_V2_CHUNK_KEYS = (*_CHUNK_KEYS, "digest")
+
+
+class Bulk(NamedTuple):
+    """What :func:`bulk_tensors` found: the records, and the keys of the tensors whose
+    chunks it could not show disjoint in bulk (the caller runs the exact overlap check)."""
+
+    tensors: dict[str, TensorRecord]
+    unproven: list[str]
 
 
 class _Doubt(Exception):
     """Something the quick path does not accept; the full parser will say what."""
 
 
-def bulk_tensors(
-    doc_tensors: Any, files: dict[str, FileRecord], block: int, *, digests: bool
-) -> dict[str, TensorRecord] | None:
+def bulk_tensors(doc_tensors: Any, files: dict[str, FileRecord], block: int, *, digests: bool) -> Bulk | None:
     """``doc_tensors`` (the manifest's "tensors" field) as records if every one passes every
-    check of the full parser except the overlap check (the caller runs it on each tensor's
-    chunks), else None. ``files`` and ``block`` are the manifest's, already validated."""
+    check of the full parser except the overlap check (done here in bulk for the layouts
+    saves write; :attr:`Bulk.unproven` names the tensors left to the exact check), else None.
+    ``files`` and ``block`` are the manifest's, already validated."""
     if type(doc_tensors) is not dict:
         return None
-    flat = _Flat()
-    sizes_of = {name: f.size for name, f in files.items()}
     try:
-        records = {key: _tensor(t, flat, sizes_of, block, digests) for key, t in doc_tensors.items()}
-        flat.check(digests)
-    except (_Doubt, TypeError, ValueError, OverflowError):
+        cols = _Columns(doc_tensors, digests)
+        cols.check({name: f.size for name, f in files.items()}, block)
+    except (_Doubt, KeyError, TypeError, ValueError, OverflowError):
         return None
-    return records
+    return cols.records()
 
 
-class _Flat:
-    """Fields of every chunk gathered flat, for checks done once over the whole manifest."""
+def _only(values: Any, typ: type) -> None:
+    """Every value exactly of type ``typ`` (a bool is not an int here, as in the full parser)."""
+    if not set(map(type, values)) <= {typ}:
+        raise _Doubt
 
-    def __init__(self) -> None:
-        self.shapes: list[int] = []  # every tensor's dims
-        self.offsets: list[Any] = []  # not type-checked yet: JSON may hold anything here
-        self.sizes: list[int] = []
-        self.dims: list[int] = []  # the tensor's shape, once per chunk, beside offsets/sizes
-        self.hashes: list[Any] = []
-        self.digests: list[Any] = []
 
-    def check(self, digests: bool) -> None:
-        if not set(map(type, self.offsets)) <= _INT:  # shapes and sizes were checked before any arithmetic
+class _Columns:
+    """The fields of every tensor and chunk of a manifest, one list per field, in order.
+
+    Only type checks run while gathering, each before any arithmetic on its values
+    (``["a", 10**12]`` as sizes would be a terabyte-long string if multiplied)."""
+
+    def __init__(self, doc_tensors: dict[str, Any], digests: bool) -> None:
+        self.keys, tensors = list(doc_tensors), list(doc_tensors.values())
+        _only(tensors, dict)
+        heads = list(map(_TENSOR_FIELDS, tensors))  # KeyError: a field is missing
+        self.dtypes, self.shapes, chunk_lists = (list(c) for c in zip(*heads, strict=True)) if heads else ([], [], [])
+        _only(self.dtypes, str)
+        _only(self.shapes, list)
+        _only(chunk_lists, list)
+        if not all(map(datafile.is_dtype_name, set(self.dtypes))):
             raise _Doubt
-        if self.shapes and not 0 <= min(self.shapes) <= max(self.shapes) < _LIMIT:
+        self.ndims, self.counts = list(map(len, self.shapes)), list(map(len, chunk_lists))
+        self.chunks = list(chain.from_iterable(chunk_lists))
+        _only(self.chunks, dict)
+        keys = _V2_CHUNK_KEYS if digests else _CHUNK_KEYS
+        if not set(map(len, self.chunks)) <= {len(keys)}:
             raise _Doubt
-        if self.offsets:  # an int of 2**63 or more: OverflowError
-            offsets, sizes = np.asarray(self.offsets, dtype=np.int64), np.asarray(self.sizes, dtype=np.int64)
-            ok = (offsets >= 0) & (sizes >= 0) & (offsets < _LIMIT) & (sizes < _LIMIT)
-            if not bool(np.all(ok)) or not bool(np.all(offsets + sizes <= np.asarray(self.dims, dtype=np.int64))):
-                raise _Doubt
-        _check_hex(self.hashes, _HASH_CHARS)
-        if digests:
-            _check_hex(self.digests, _DIGEST_CHARS)
+        rows = list(map(itemgetter(*keys), self.chunks))  # KeyError: a field is missing
+        self.fields: list[list[Any]] = [list(c) for c in zip(*rows, strict=True)] if rows else [[] for _ in keys]
+        types: tuple[type, ...] = (list, list, str, int, int, list)  # a digest: the hex check
+        for values, typ in zip(self.fields, types, strict=False):
+            _only(values, typ)
+        offsets, sizes = self.fields[:2]
+        self.chunk_ndims = list(self._per_chunk(self.ndims))
+        if list(map(len, offsets)) != self.chunk_ndims or list(map(len, sizes)) != self.chunk_ndims:
+            raise _Doubt
+        self.dims = list(chain.from_iterable(self.shapes))
+        self.flat_offsets, self.flat_sizes = list(chain.from_iterable(offsets)), list(chain.from_iterable(sizes))
+        for values in (self.dims, self.flat_offsets, self.flat_sizes):
+            _only(values, int)
+
+    def _per_chunk(self, per_tensor: Iterable[Any]) -> Any:
+        """Each tensor's value once per chunk of the tensor."""
+        return chain.from_iterable(map(repeat, per_tensor, self.counts))
+
+    def check(self, file_sizes: dict[str, int], block: int) -> None:
+        """Every range, length and hash of the full parser's checks but the overlap check."""
+        _, sizes, names, byte_offsets, lengths, hashes = self.fields[:6]
+        if max(self.ndims, default=0) > datafile.MAX_NDIM or (
+            self.dims and not 0 <= min(self.dims) <= max(self.dims) < _LIMIT
+        ):
+            raise _Doubt
+        self.offset_array = np.asarray(self.flat_offsets, dtype=np.int64)  # >= 2**63: OverflowError
+        self.size_array = np.asarray(self.flat_sizes, dtype=np.int64)
+        dims = np.asarray(list(chain.from_iterable(self._per_chunk(self.shapes))), dtype=np.int64)
+        off, size = self.offset_array, self.size_array
+        if len(off) and not (off.min() >= 0 and size.min() >= 0 and off.max() < _LIMIT and size.max() < _LIMIT):
+            raise _Doubt
+        if not bool(np.all(off + size <= dims)):
+            raise _Doubt
+        self.elements = list(map(math.prod, sizes))
+        if list(map(mul, self.elements, self._per_chunk(map(datafile.itemsize, self.dtypes)))) != lengths:
+            raise _Doubt
+        # length >= 0 and offset < 2**62 follow: sizes >= 0 and every file's size < 2**62
+        file_size: list[Any] = list(map(file_sizes.get, names))
+        if (
+            None in file_size
+            or min(byte_offsets, default=0) < 0
+            or any(map(gt, map(add, byte_offsets, lengths), file_size))
+        ):
+            raise _Doubt
+        if list(map(len, hashes)) != list(map(neg, map(floordiv, map(neg, lengths), repeat(block)))):
+            raise _Doubt
+        elements = iter(self.elements)
+        if [sum(islice(elements, n)) for n in self.counts] != list(map(math.prod, self.shapes)):
+            raise _Doubt
+        _check_hex(list(chain.from_iterable(hashes)), _HASH_CHARS)
+        if len(self.fields) > 6:
+            _check_hex(self.fields[6], _DIGEST_CHARS)
+
+    def records(self) -> Bulk:
+        """The records of the checked columns, and the tensors not shown disjoint in bulk."""
+        offsets, sizes, names, byte_offsets, lengths, hashes = self.fields[:6]
+        digests = self.fields[6] if len(self.fields) > 6 else [None] * len(names)
+        tuples = [list(map(tuple, column)) for column in (offsets, sizes, hashes)]
+        chunks = iter(chunk_records(tuples[0], tuples[1], names, byte_offsets, lengths, tuples[2], digests))
+        by_tensor = [tuple(islice(chunks, n)) for n in self.counts]
+        tensors = tensor_records(self.dtypes, list(map(tuple, self.shapes)), by_tensor)
+        ndims, counts = np.asarray(self.chunk_ndims, dtype=np.int64), np.asarray(self.counts, dtype=np.int64)
+        proven = disjoint_slab_groups(self.offset_array, self.size_array, ndims, counts)
+        unproven = [k for k, ok in zip(self.keys, proven.tolist(), strict=True) if not ok]
+        return Bulk(dict(zip(self.keys, tensors, strict=True)), unproven)
 
 
 def _check_hex(texts: list[Any], chars: int) -> None:
@@ -83,51 +166,3 @@ def _check_hex(texts: list[Any], chars: int) -> None:
         raise _Doubt
     if BLOCK_HASHES.fullmatch("".join(texts)) is None:  # lengths are multiples of 16
         raise _Doubt
-
-
-def _tensor(t: Any, flat: _Flat, sizes_of: dict[str, int], block: int, digests: bool) -> TensorRecord:
-    if type(t) is not dict:
-        raise _Doubt
-    dtype, shape, chunks = t.get("dtype"), t.get("shape"), t.get("chunks")
-    if type(dtype) is not str or type(shape) is not list or type(chunks) is not list:
-        raise _Doubt
-    if not datafile.is_dtype_name(dtype) or len(shape) > datafile.MAX_NDIM:
-        raise _Doubt
-    if not set(map(type, shape)) <= _INT:
-        raise _Doubt
-    isz = datafile.itemsize(dtype)
-    ndim = len(shape)
-    flat.shapes += shape
-    covered = 0
-    out = []
-    for c in chunks:
-        if type(c) is not dict:
-            raise _Doubt
-        offsets, sizes, name = c.get("offsets"), c.get("sizes"), c.get("file")
-        off, length, hashes = c.get("byte_offset"), c.get("byte_length"), c.get("block_hashes")
-        if type(offsets) is not list or type(sizes) is not list or len(offsets) != ndim or len(sizes) != ndim:
-            raise _Doubt
-        if type(name) is not str or type(off) is not int or type(length) is not int or type(hashes) is not list:
-            raise _Doubt
-        if not set(map(type, sizes)) <= _INT:  # before any arithmetic: ["a", 10**12] would be a huge str
-            raise _Doubt
-        file_size = sizes_of.get(name)
-        elements = math.prod(sizes)
-        # length >= 0 and off < 2**62 follow once sizes >= 0 (checked in bulk) and the file's size < 2**62
-        if file_size is None or off < 0 or length != elements * isz or off + length > file_size:
-            raise _Doubt
-        if len(hashes) != -(-length // block):
-            raise _Doubt
-        flat.offsets += offsets
-        flat.sizes += sizes
-        flat.dims += shape
-        flat.hashes += hashes
-        digest = None
-        if digests:
-            digest = c.get("digest")
-            flat.digests.append(digest)
-        covered += elements
-        out.append(ChunkRecord(tuple(offsets), tuple(sizes), name, off, length, tuple(hashes), digest))
-    if covered != math.prod(shape):
-        raise _Doubt
-    return TensorRecord(dtype, tuple(shape), tuple(out))

@@ -46,12 +46,13 @@ def _parse_document(doc: Any, source: str) -> Manifest:
     bases = _parse_bases(r, doc) if version >= 2 else ()
     files = _parse_files(r, doc, version, world_size, frozenset(bases))
     doc_tensors = r.get(doc, "tensors", dict, "")
-    tensors = bulk_tensors(doc_tensors, files, block, digests=version >= 2)
-    if tensors is None:  # something is wrong: the full checks name it
+    bulk = bulk_tensors(doc_tensors, files, block, digests=version >= 2)
+    if bulk is None:  # something is wrong: the full checks name it
         tensors = {k: _parse_tensor(r, k, t, files, block, digests=version >= 2) for k, t in doc_tensors.items()}
     else:
-        for k, t in tensors.items():
-            _check_disjoint(list(t.chunks), where=f"{r.source}, tensors[{k!r}]")
+        tensors = bulk.tensors
+        for k in bulk.unproven:  # layouts of more than one split dimension, or overlapping ones
+            _check_disjoint(list(tensors[k].chunks), where=f"{r.source}, tensors[{k!r}]")
     values = r.get(doc, "values", dict, "")
     for k, v in values.items():
         decode_value(v, where=f"{source}, values[{k!r}]")  # RecursionError -> ManifestError above

@@ -185,3 +185,53 @@ def _sweep_overlap(boxes: Sequence[Box], live: list[int], budget: int) -> tuple[
                 return min(a, i), max(a, i)
         active.append(i)
     return None
+
+
+def disjoint_slab_groups(offsets: np.ndarray, sizes: np.ndarray, ndims: np.ndarray, counts: np.ndarray) -> np.ndarray:
+    """For each group of boxes, whether :func:`_disjoint_slabs` would show it disjoint (or it
+    has fewer than two non-empty boxes), decided for all groups at once: the manifest parser
+    checks thousands of small tensors this way (issue #18). False means "not shown".
+
+    Box ``i`` has ``ndims[i]`` dimensions, its offsets and sizes the next ``ndims[i]`` values
+    of the flat int64 ``offsets`` and ``sizes`` (each in [0, 2**62)); group ``g`` is the next
+    ``counts[g]`` boxes. A group is shown disjoint when its non-empty boxes agree in every
+    dimension but one, k, and their intervals along k, sorted, do not overlap. O(d n log n).
+    """
+    groups = len(counts)
+    group_of = np.repeat(np.arange(groups), counts)
+    starts = np.cumsum(ndims) - ndims
+    shown = np.ones(groups, dtype=bool)
+    for d in np.unique(ndims).tolist():
+        rows = np.flatnonzero(ndims == d)
+        at = starts[rows][:, None] + np.arange(d)
+        off, size = offsets[at], sizes[at]
+        live = (size > 0).all(axis=1)
+        if d == 0:
+            live_count = np.bincount(group_of[rows][live], minlength=groups)
+            shown &= live_count < 2
+            continue
+        shown &= _slabs_shown(off[live], size[live], group_of[rows][live], groups)
+    return shown
+
+
+def _slabs_shown(off: np.ndarray, size: np.ndarray, group: np.ndarray, groups: int) -> np.ndarray:
+    """:func:`disjoint_slab_groups` for the non-empty boxes ``off``/``size`` (n, d), d >= 1, of
+    the (sorted) ``group`` ids; True for groups with no box here."""
+    n, d = off.shape
+    shown = np.ones(groups, dtype=bool)
+    if n == 0:
+        return shown
+    first = np.flatnonzero(np.r_[True, group[1:] != group[:-1]])  # each group's first box
+    head = np.repeat(first, np.diff(np.r_[first, n]))
+    differs = (off != off[head]) | (size != size[head])  # (n, d): where a box leaves its group's first
+    varying = np.zeros((groups, d), dtype=bool)
+    varying[group[first]] = np.logical_or.reduceat(differs, first, axis=0)
+    several = np.bincount(group, minlength=groups) > 1
+    k = np.argmax(varying, axis=1)  # the one dimension that varies (0 when none does)
+    shown &= ~several | (varying.sum(axis=1) == 1)
+    key, span = off[np.arange(n), k[group]], size[np.arange(n), k[group]]
+    order = np.lexsort((key, group))
+    g, lo, hi = group[order], key[order], key[order] + span[order]
+    clash = (g[1:] == g[:-1]) & (hi[:-1] > lo[1:])
+    shown[g[1:][clash]] = False
+    return shown

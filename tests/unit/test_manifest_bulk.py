@@ -70,12 +70,14 @@ def _full(doc_tensors: Any, digests: bool) -> Any:
 def _quick(doc_tensors: Any, digests: bool) -> Any:
     """The quick path as the parser runs it: records (overlaps then checked per tensor), None, or the error."""
     got = bulk_tensors(doc_tensors, FILES, BLOCK, digests=digests)
+    if got is None:
+        return None
     try:
-        for k, t in (got or {}).items():
-            manifest_parser._check_disjoint(list(t.chunks), where=f"tensors[{k!r}]")
+        for k in got.unproven:
+            manifest_parser._check_disjoint(list(got.tensors[k].chunks), where=f"tensors[{k!r}]")
     except ManifestError as e:
         return e
-    return got
+    return got.tensors
 
 
 def _agree(doc: Any, digests: bool) -> None:
@@ -164,8 +166,9 @@ def test_the_quick_path_does_no_arithmetic_on_values_that_are_not_ints() -> None
 
 def test_a_valid_manifest_takes_the_quick_path() -> None:
     doc = _valid_tensors(True)
-    got = bulk_tensors(doc, FILES, BLOCK, digests=True)
-    assert got is not None and got == _full(doc, True)
+    bulk = bulk_tensors(doc, FILES, BLOCK, digests=True)
+    assert bulk is not None and bulk.tensors == _full(doc, True) and bulk.unproven == []
+    got = bulk.tensors
     assert got["w"].chunks[1].offsets == (40, 0) and got["w"].chunks[1].digest == f"{64:032x}"
 
 
@@ -223,5 +226,5 @@ def test_manifests_that_saves_write_take_the_quick_path(tmp_path: Any) -> None:
         raw = (tmp_path / name / "manifest.json").read_bytes()
         m = parse_manifest(raw, source=name)
         got = bulk_tensors(json.loads(raw)["tensors"], m.files, m.hash_block_bytes, digests=digests)
-        assert got == m.tensors
+        assert got is not None and got.tensors == m.tensors and got.unproven == []
         assert (m.format_version, len(m.tensors["bf16"].chunks[0].block_hashes)) == ((1, 3) if name == "v1" else (2, 1))
