@@ -7,6 +7,7 @@ checked before anything is allocated or opened.
 from __future__ import annotations
 
 import math
+from itertools import chain
 from typing import Any
 
 from shardckpt.errors import ManifestError, UnsupportedFormatVersionError
@@ -28,6 +29,8 @@ from shardckpt.format.manifest_records import (
 from shardckpt.format.overlap import first_overlap
 from shardckpt.format.record_json import DIGEST, FOLDER, HASH, parse_document
 from shardckpt.format.values import decode_value
+
+_KEY_PARTS = {str, int}  # of a path: exactly these types (a bool is an int to isinstance)
 
 
 def parse_manifest(raw: bytes, *, source: str) -> Manifest:
@@ -135,6 +138,10 @@ def _parse_files(
 
 def _parse_paths(r: _Reader, doc: Any) -> dict[str, list[str | int]]:
     paths: dict[str, list[str | int]] = r.get(doc, "paths", dict, "")
+    entries = paths.values()
+    lists = set(map(type, entries)) <= {list} and all(entries)  # non-empty lists
+    if lists and set(map(type, chain.from_iterable(entries))) <= _KEY_PARTS:
+        return paths  # what the loop below accepts, checked in C loops (one path per tensor and value)
     for k, p in paths.items():
         if (
             not isinstance(p, list)

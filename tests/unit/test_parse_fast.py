@@ -183,3 +183,14 @@ def test_the_collector_is_paused_during_a_parse_and_restored_after(monkeypatch: 
     with collector_paused():
         assert not gc.isenabled()
     assert gc.isenabled()
+
+
+@pytest.mark.parametrize(
+    "path", [[], {}, "a", None, ["a", True], ["a", 1.5], ["a", None], ["a", ["b"]], ["a", {"b": 1}]]
+)
+def test_paths_that_the_per_key_check_refuses_are_refused_by_the_bulk_check(path: Any) -> None:
+    r = manifest_parser._Reader({}, "src")
+    good = {"a": ["model", "w", 0], "b": ["step"]}
+    assert manifest_parser._parse_paths(r, {"paths": good}) == good
+    with pytest.raises(ManifestError, match=r"src: paths\['z'\] must be a non-empty list of str/int"):
+        manifest_parser._parse_paths(r, {"paths": {**good, "z": path}})
