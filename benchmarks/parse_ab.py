@@ -4,7 +4,10 @@ as a loading rank has (the garbage collector's full passes cost in proportion to
 
 Prints one JSON line: the median, min and max ``process_time`` of ``--repeats`` calls of
 ``parse_any_manifest`` after one warm-up, each on a fresh copy of the bytes and followed by
-the collector's pass over the young objects (which a parse with the collector paused defers). Interleave
+the collector's pass over the young objects (which a parse with the collector paused defers).
+Caution: repeated parses in one process trigger a full collection almost every time, which
+one parse inside a load (``load_ab.py``) did not in the runs of 2026-12-01; judge the
+collector's share by a load, and the parse's own work with the collector disabled. Interleave
 two builds by calling it alternately, e.g. for the manifest ``load_ab.py`` leaves::
 
     git archive OLD shardckpt | tar -x -C /tmp/old
