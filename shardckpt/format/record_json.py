@@ -75,18 +75,14 @@ def parse_document(raw: bytes, source: str, parse: Callable[[Any, str], _T]) -> 
 
     Runs with the garbage collector paused (:func:`collector_paused`)."""
     with collector_paused():
-        return _parse_text(raw, source, parse)  # the document is freed before the collector runs again
-
-
-def _parse_text(raw: bytes, source: str, parse: Callable[[Any, str], _T]) -> _T:
-    try:
-        doc = json.loads(raw.decode("utf-8"), parse_constant=refuse_constant, parse_float=finite_float)
-    except (UnicodeDecodeError, ValueError, RecursionError) as e:
-        raise ManifestError(f"{source}: manifest is not valid JSON ({e}); the checkpoint is corrupt") from e
-    try:
-        return parse(doc, source)
-    except RecursionError as e:
-        raise ManifestError(f"{source}: manifest nests too deeply; the checkpoint is corrupt or hostile") from e
+        try:
+            doc = json.loads(raw.decode("utf-8"), parse_constant=refuse_constant, parse_float=finite_float)
+        except (UnicodeDecodeError, ValueError, RecursionError) as e:
+            raise ManifestError(f"{source}: manifest is not valid JSON ({e}); the checkpoint is corrupt") from e
+        try:
+            return parse(doc, source)
+        except RecursionError as e:
+            raise ManifestError(f"{source}: manifest nests too deeply; the checkpoint is corrupt or hostile") from e
 
 
 @contextmanager
