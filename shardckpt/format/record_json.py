@@ -9,13 +9,11 @@ what was expected, what was found and where.
 
 from __future__ import annotations
 
-import gc
 import json
 import math
 import re
 import reprlib
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from typing import Any, TypeVar
 
 from shardckpt.errors import ManifestError
@@ -71,39 +69,15 @@ _T = TypeVar("_T")
 def parse_document(raw: bytes, source: str, parse: Callable[[Any, str], _T]) -> _T:
     """A manifest's bytes as JSON (NaN, Infinity and numbers that overflow a float
     refused), then ``parse(doc, source)``; ManifestError naming ``source`` for text that
-    is not JSON or nests too deeply for the parser. The caller checks the JSON limits first.
-
-    Runs with the garbage collector paused (:func:`collector_paused`)."""
-    with collector_paused():
-        try:
-            doc = json.loads(raw.decode("utf-8"), parse_constant=refuse_constant, parse_float=finite_float)
-        except (UnicodeDecodeError, ValueError, RecursionError) as e:
-            raise ManifestError(f"{source}: manifest is not valid JSON ({e}); the checkpoint is corrupt") from e
-        try:
-            return parse(doc, source)
-        except RecursionError as e:
-            raise ManifestError(f"{source}: manifest nests too deeply; the checkpoint is corrupt or hostile") from e
-
-
-@contextmanager
-def collector_paused() -> Iterator[None]:
-    """Pause Python's cyclic garbage collector for the block, if it is enabled.
-
-    Parsing a manifest builds a few objects per chunk record (tens of thousands in a
-    small-tensor manifest, issue #18), each allocation counting toward the collector's
-    next pass; in a loading rank, whose heap holds torch's hundreds of thousands of
-    objects, those passes (one of them over the whole heap) cost about as much CPU as the
-    parse itself. JSON documents and records form no reference cycles, so pausing frees
-    nothing later than refcounting would; memory stays bounded by the JSON limits checked
-    before. Not thread-safe against another thread toggling the collector in the meantime
-    (it is enabled again on exit if it was enabled on entry)."""
-    was_enabled = gc.isenabled()
-    gc.disable()
+    is not JSON or nests too deeply for the parser. The caller checks the JSON limits first."""
     try:
-        yield
-    finally:
-        if was_enabled:
-            gc.enable()
+        doc = json.loads(raw.decode("utf-8"), parse_constant=refuse_constant, parse_float=finite_float)
+    except (UnicodeDecodeError, ValueError, RecursionError) as e:
+        raise ManifestError(f"{source}: manifest is not valid JSON ({e}); the checkpoint is corrupt") from e
+    try:
+        return parse(doc, source)
+    except RecursionError as e:
+        raise ManifestError(f"{source}: manifest nests too deeply; the checkpoint is corrupt or hostile") from e
 
 
 def finite_float(text: str) -> float:
