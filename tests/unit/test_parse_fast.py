@@ -1,13 +1,12 @@
 """The cheaper parts of the version 1-2 manifest parse (issue #18): records built without
-their ``__init__``, the overlap check of slab layouts done for all tensors at once, and
-the collector paused while a manifest is parsed. Each must give exactly what the plain
-way gives (test_manifest_bulk.py compares the quick path's checks with the full ones)."""
+their ``__init__`` and the overlap check of slab layouts done for all tensors at once.
+Each must give exactly what the plain way gives (test_manifest_bulk.py compares the quick
+path's checks with the full ones)."""
 
 from __future__ import annotations
 
 import copy
 import dataclasses
-import gc
 import itertools
 import json
 import pickle
@@ -30,7 +29,6 @@ from shardckpt.format.manifest_records import (
     tensor_records,
 )
 from shardckpt.format.overlap import _disjoint_slabs, disjoint_slab_groups
-from shardckpt.format.record_json import collector_paused
 
 FILE = "data/ab-r00000-00.safetensors"
 
@@ -156,33 +154,6 @@ def test_a_chunk_with_a_field_the_format_does_not_write_takes_the_full_checks() 
     doc["tensors"]["s"]["chunks"][0]["note"] = "ignored"
     m = manifest_parser._parse_document(doc, "src")
     assert m.tensors == tensors and vars(m.tensors["s"].chunks[0]) == vars(tensors["s"].chunks[0])
-
-
-def test_the_collector_is_paused_during_a_parse_and_restored_after(monkeypatch: pytest.MonkeyPatch) -> None:
-    seen = []
-    raw = _manifest({"s": TensorRecord("F32", (8,), (_chunk((0,), (8,), 0),))})
-    real = manifest_parser._parse_document
-
-    def spy(doc: Any, source: str) -> Any:
-        seen.append(gc.isenabled())
-        return real(doc, source)
-
-    monkeypatch.setattr(manifest_parser, "_parse_document", spy)
-    assert gc.isenabled()
-    assert parse_manifest(raw, source="src").tensors["s"].shape == (8,)
-    with pytest.raises(ManifestError, match="not valid JSON"):
-        parse_manifest(raw[:-3], source="src")
-    assert gc.isenabled()  # also after a refused manifest
-    gc.disable()
-    try:
-        parse_manifest(raw, source="src")
-        assert not gc.isenabled()  # a caller's choice is kept
-    finally:
-        gc.enable()
-    assert seen == [False, False]
-    with collector_paused():
-        assert not gc.isenabled()
-    assert gc.isenabled()
 
 
 @pytest.mark.parametrize(
