@@ -1,13 +1,12 @@
 """CPU seconds of parsing one version 1-2 manifest (issue #18: every loading rank parses
 all of it), for the shardckpt found on PYTHONPATH, in a process that has imported torch
-as a loading rank has (the garbage collector's full passes cost in proportion to that).
+as a loading rank has.
 
 Prints one JSON line: the median, min and max ``process_time`` of ``--repeats`` calls of
-``parse_any_manifest`` after one warm-up, each on a fresh copy of the bytes and followed by
-the collector's pass over the young objects (which a parse with the collector paused defers).
-Caution: repeated parses in one process trigger a full collection almost every time, which
-one parse inside a load (``load_ab.py``) did not in the runs of 2026-12-01; judge the
-collector's share by a load, and the parse's own work with the collector disabled. Interleave
+``parse_any_manifest`` after one warm-up, each on a fresh copy of the bytes, with the cyclic
+collector paused as it is inside a load (``engine/collector.py``; repeated parses in one
+process would otherwise trigger a full collection almost every time, which one parse inside
+a load does not): the parse's own work. Interleave
 two builds by calling it alternately, e.g. for the manifest ``load_ab.py`` leaves::
 
     git archive OLD shardckpt | tar -x -C /tmp/old
@@ -33,7 +32,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--label", default="")
     args = parser.parse_args()
-    import torch  # noqa: F401  (a loading rank's heap: the collector walks it)
+    import torch  # noqa: F401  (a loading rank's imports and heap)
 
     import shardckpt
     from shardckpt.format.manifest_v3_parser import parse_any_manifest
@@ -43,11 +42,13 @@ def main() -> None:
     cpu = []
     for _ in range(args.repeats + 1):
         copy = bytes(bytearray(raw))
+        gc.disable()  # as load_from does (engine/collector.py)
         t0 = time.process_time()
         m = parse_any_manifest(copy, source=args.manifest)
-        gc.collect(0)  # the young objects' pass a paused collector defers: counted for both builds
         cpu.append(time.process_time() - t0)
         del m
+        gc.enable()
+        gc.collect()
     cpu = cpu[1:]
     result = {
         "label": args.label,
