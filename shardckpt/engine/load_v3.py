@@ -37,7 +37,7 @@ from torch.distributed.tensor import DTensor
 
 from shardckpt.engine._torch_private import local_chunks
 from shardckpt.engine.boxes import BoxReader
-from shardckpt.engine.load_items import target_box
+from shardckpt.engine.load_items import Meshes, target_box
 from shardckpt.engine.planner import LoadPlanner
 from shardckpt.errors import IntegrityError, ManifestError
 from shardckpt.format import datafile
@@ -94,14 +94,14 @@ def needed_metadata(
     loads lists the chunks that its boxes overlap, and only those; ``found_chunks``, if
     given, gets each of those chunks under (key, offsets)."""
     sd = dict(metadata.state_dict_metadata)
-    coordinates: dict[int, Sequence[int] | None] = {}
+    meshes: Meshes = {}
     for fqn, obj in flat.items():
         md, rec = sd.get(fqn), manifest.tensors.get(fqn)
         if not isinstance(md, TensorStorageMetadata) or rec is None:
             continue  # values, keys the checkpoint lacks
         if not isinstance(obj, torch.Tensor) or tuple(obj.shape) != rec.shape:
             continue  # check_target refused these already; DCP's planning would say so too
-        found = target_box(obj, coordinates)  # the box of a plain (D)Tensor, from public attributes (#18)
+        found = target_box(obj, meshes)  # the box of a plain (D)Tensor, from public attributes (#18)
         off_mesh = found is None and isinstance(obj, DTensor) and obj.device_mesh.get_coordinate() is None
         if isinstance(found, str) or off_mesh:
             continue  # not on this DTensor's mesh: DCP reads nothing for it

@@ -270,6 +270,8 @@ class LoadPlanner(DefaultLoadPlanner):
         local = self._targets.get(read_item.dest_index.fqn)
         if local is None:
             return super().resolve_tensor(read_item)  # type: ignore[no-any-return]
+        if read_item.lengths == local.shape:  # the whole local tensor (a box that long starts at 0)
+            return local
         for dim, (offset, length) in enumerate(zip(read_item.dest_offsets, read_item.lengths, strict=True)):
             if offset != 0 or length != local.shape[dim]:
                 local = local.narrow(dim, offset, length)
