@@ -22,6 +22,7 @@ from torch.distributed.checkpoint.planner_helpers import create_read_items_for_c
 
 from shardckpt.engine.load_items import ListedTensorMetadata, local_read_items, whole_chunk_item
 from shardckpt.engine.planner import LoadPlanner
+from shardckpt.engine.state import load_problem, tensor_problem
 from shardckpt.errors import ManifestError
 from shardckpt.format.manifest import ChunkRecord, TensorRecord
 from tests.support.distributed import run_ranks
@@ -153,3 +154,22 @@ def _plan_meshes_once(rank: int, world: int) -> None:
 
 def test_a_plan_looks_each_mesh_up_once_and_plans_as_dcp() -> None:
     run_ranks(_plan_meshes_once, 2)
+
+
+def test_load_problem_answers_as_tensor_problem_for_every_kind_of_target() -> None:
+    values = {
+        "plain": torch.zeros(2, 3),
+        "param": torch.nn.Parameter(torch.zeros(2)),
+        "scalar": torch.tensor(1.0),
+        "meta": torch.empty(2, 3, device="meta"),
+        "meta param": torch.nn.Parameter(torch.empty(2, device="meta")),
+        "sparse": torch.zeros(2, 3).to_sparse(),
+        "nested": torch.nested.nested_tensor([torch.zeros(2), torch.zeros(3)], layout=torch.jagged),
+        "value": 3,
+    }
+    got = {k: load_problem(v) for k, v in values.items()}
+    assert got == {
+        k: tensor_problem(v, loading=True) if isinstance(v, torch.Tensor) else None for k, v in values.items()
+    }
+    refused = {k for k, p in got.items() if p is not None}
+    assert refused == {"meta", "meta param", "sparse", "nested"}
