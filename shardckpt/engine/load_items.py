@@ -24,7 +24,7 @@ shards, 2-D and sub meshes, off-mesh ranks, resharding 4 -> 3, another dtype).
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from torch.distributed.checkpoint.default_planner import create_default_local_load_plan
@@ -42,7 +42,7 @@ from torch.distributed.tensor import DTensor
 from shardckpt.engine._torch_private import is_checkpointable_tensor
 from shardckpt.engine.local_items import shard_box
 from shardckpt.format import datafile
-from shardckpt.format.manifest import ChunkRecord, TensorRecord
+from shardckpt.format.manifest import TensorRecord
 
 __all__ = ["ListedTensorMetadata", "local_read_items", "placed_box", "target_box"]
 
@@ -50,6 +50,16 @@ OFF_MESH = "off mesh"
 """:func:`target_box` of a DTensor on a mesh this rank is not part of (DCP reads nothing for it)."""
 
 _PLAIN_TENSORS = (torch.Tensor, torch.nn.Parameter)
+
+
+class SavedBox(Protocol):
+    """A saved chunk's box: a format-1/2 ``ChunkRecord`` or a format-3 ``Chunk``."""
+
+    @property
+    def offsets(self) -> tuple[int, ...]: ...
+
+    @property
+    def sizes(self) -> tuple[int, ...]: ...
 
 
 class ListedTensorMetadata(TensorStorageMetadata):
@@ -62,7 +72,7 @@ class ListedTensorMetadata(TensorStorageMetadata):
     anything else, read them as they would a plain ``TensorStorageMetadata``'s. Not
     thread-safe until each was read once."""
 
-    def __init__(self, properties: TensorProperties, size: torch.Size, saved: Sequence[ChunkRecord]) -> None:
+    def __init__(self, properties: TensorProperties, size: torch.Size, saved: Sequence[SavedBox]) -> None:
         self._properties: TensorProperties | None = properties
         self._size: torch.Size | None = size
         self._dtype, self._key = "", ""
@@ -206,7 +216,7 @@ def _items_for_box(
     step. ``zeros``: ndim -> a box origin, kept across calls."""
     if 0 in sizes:
         return []
-    chunks: Sequence[ChunkRecord | ChunkStorageMetadata] = (
+    chunks: Sequence[SavedBox | ChunkStorageMetadata] = (
         md.saved if isinstance(md, ListedTensorMetadata) and md._chunks is None else md.chunks
     )
     for index, chunk in enumerate(chunks):
