@@ -24,7 +24,7 @@ shards, 2-D and sub meshes, off-mesh ranks, resharding 4 -> 3, another dtype).
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from torch.distributed.checkpoint.default_planner import create_default_local_load_plan
@@ -41,9 +41,10 @@ from torch.distributed.tensor import DTensor
 
 from shardckpt.engine._torch_private import is_checkpointable_tensor
 from shardckpt.engine.local_items import shard_box
-from shardckpt.format.manifest import ChunkRecord
+from shardckpt.format import datafile
+from shardckpt.format.manifest import TensorRecord
 
-__all__ = ["ListedTensorMetadata", "local_read_items", "target_box"]
+__all__ = ["ListedTensorMetadata", "local_read_items", "placed_box", "target_box"]
 
 OFF_MESH = "off mesh"
 """:func:`target_box` of a DTensor on a mesh this rank is not part of (DCP reads nothing for it)."""
@@ -51,19 +52,61 @@ OFF_MESH = "off mesh"
 _PLAIN_TENSORS = (torch.Tensor, torch.nn.Parameter)
 
 
+class SavedBox(Protocol):
+    """A saved chunk's box: a format-1/2 ``ChunkRecord`` or a format-3 ``Chunk``."""
+
+    @property
+    def offsets(self) -> tuple[int, ...]: ...
+
+    @property
+    def sizes(self) -> tuple[int, ...]: ...
+
+
 class ListedTensorMetadata(TensorStorageMetadata):
     """DCP's metadata of a tensor of a format-1 or -2 manifest, which lists its chunks
-    (``saved``, the manifest's records): ``chunks``, DCP's list of them, is built when
-    first read. A same-layout load finds its chunks in ``saved`` and never reads it, so
-    it costs no two ``torch.Size`` and one ``ChunkStorageMetadata`` a chunk (issue #18);
-    DCP's planners, and anything else, read ``chunks`` as they would a plain
-    ``TensorStorageMetadata``'s. Not thread-safe until ``chunks`` was read once."""
+    (``saved``, the manifest's records) and its global ``shape`` (a tuple). DCP's objects
+    are built when first read: ``chunks`` (two ``torch.Size`` and one
+    ``ChunkStorageMetadata`` a chunk), and, for one made by :meth:`of_record`,
+    ``properties`` and ``size``. A same-layout load finds its chunks in ``saved`` and
+    its shape in ``shape``, and builds none of them (issue #18); DCP's planners, and
+    anything else, read them as they would a plain ``TensorStorageMetadata``'s. Not
+    thread-safe until each was read once."""
 
-    def __init__(self, properties: TensorProperties, size: torch.Size, saved: Sequence[ChunkRecord]) -> None:
-        self.properties = properties
-        self.size = size
+    def __init__(self, properties: TensorProperties, size: torch.Size, saved: Sequence[SavedBox]) -> None:
+        self._properties: TensorProperties | None = properties
+        self._size: torch.Size | None = size
+        self._dtype, self._key = "", ""
+        self.shape: tuple[int, ...] = tuple(size)
         self.saved = saved
         self._chunks: list[ChunkStorageMetadata] | None = None
+
+    @classmethod
+    def of_record(cls, key: str, record: TensorRecord) -> ListedTensorMetadata:
+        """The metadata of the manifest's tensor ``key`` (``record``), built lazily."""
+        md = cls.__new__(cls)
+        md._properties, md._size, md._dtype, md._key = None, None, record.dtype, key
+        md.shape, md.saved, md._chunks = record.shape, record.chunks, None
+        return md
+
+    @property
+    def properties(self) -> TensorProperties:
+        if self._properties is None:
+            self._properties = TensorProperties(dtype=datafile.torch_dtype(self._dtype, where=self._key))
+        return self._properties
+
+    @properties.setter
+    def properties(self, value: TensorProperties) -> None:
+        self._properties = value
+
+    @property
+    def size(self) -> torch.Size:
+        if self._size is None:
+            self._size = torch.Size(self.shape)
+        return self._size
+
+    @size.setter
+    def size(self, value: torch.Size) -> None:
+        self._size, self.shape = value, tuple(value)
 
     @property
     def chunks(self) -> list[ChunkStorageMetadata]:
@@ -78,34 +121,50 @@ class ListedTensorMetadata(TensorStorageMetadata):
         self._chunks = value
 
 
-def target_box(
-    obj: Any, coordinates: dict[int, Sequence[int] | None]
-) -> tuple[ChunkStorageMetadata, torch.Tensor] | str | None:
-    """The box of the global tensor that this rank fills of ``obj`` and the local tensor
-    that holds it: a plain tensor's whole self; a plain DTensor of Shard/Replicate
-    placements, its shard (``to_local()``: call under ``torch.no_grad()``, where it is the
-    local tensor itself, not a view through autograd; a tenth of the cost).
+Meshes = dict[int, tuple[Sequence[int] | None, tuple[int, ...]]]
+"""id(mesh) -> (this rank's coordinate, the mesh's shape), filled as meshes are met: one
+look-up of each per mesh and call (``DeviceMesh.shape`` alone is 5-9 us a call; #18)."""
+
+# (sizes, offsets) of the box of the global tensor that this rank fills, and the local tensor holding it
+PlacedBox = tuple[tuple[int, ...], tuple[int, ...], torch.Tensor]
+
+
+def placed_box(obj: Any, meshes: Meshes) -> PlacedBox | str | None:
+    """The box of the global tensor that this rank fills of ``obj``, as tuples, and the
+    local tensor that holds it: a plain tensor's whole self; a plain DTensor of
+    Shard/Replicate placements, its shard (``to_local()``: call under ``torch.no_grad()``,
+    where it is the local tensor itself, not a view through autograd; a tenth of the cost).
     :data:`OFF_MESH` when this rank is not on the DTensor's mesh; None for DCP to ask
-    ``obj`` (anything else). ``coordinates``: id(mesh) -> this rank's coordinate, filled
-    as meshes are met (one look-up per mesh and call)."""
+    ``obj`` (anything else)."""
     kind = type(obj)
     if kind in _PLAIN_TENSORS and not is_checkpointable_tensor(obj):
-        return ChunkStorageMetadata(offsets=torch.Size([0] * obj.dim()), sizes=obj.size()), obj
+        shape = tuple(obj.shape)
+        return shape, (0,) * len(shape), obj
     if kind is not DTensor:
         return None
     local = obj.to_local()  # the local tensor itself, if the caller turned autograd off
     if hasattr(local, "__create_chunk_list__") or hasattr(local, "__get_tensor_shard__"):
         return None  # a local tensor that plans itself
     mesh = obj.device_mesh
-    if id(mesh) not in coordinates:
-        coordinates[id(mesh)] = mesh.get_coordinate()
-    coordinate = coordinates[id(mesh)]
+    known = meshes.get(id(mesh))
+    if known is None:
+        known = meshes[id(mesh)] = (mesh.get_coordinate(), tuple(mesh.shape))
+    coordinate, mesh_shape = known
     if coordinate is None:
         return OFF_MESH
-    box = shard_box(obj.shape, mesh.shape, coordinate, obj.placements)
+    box = shard_box(obj.shape, mesh_shape, coordinate, obj.placements)
     if box is None:
         return None
-    return ChunkStorageMetadata(offsets=torch.Size(box[1]), sizes=torch.Size(box[0])), local
+    return tuple(box[0]), tuple(box[1]), local
+
+
+def target_box(obj: Any, meshes: Meshes) -> tuple[ChunkStorageMetadata, torch.Tensor] | str | None:
+    """:func:`placed_box` with the box as DCP's ``ChunkStorageMetadata``."""
+    found = placed_box(obj, meshes)
+    if found is None or isinstance(found, str):
+        return found
+    sizes, offsets, local = found
+    return ChunkStorageMetadata(offsets=torch.Size(offsets), sizes=torch.Size(sizes)), local
 
 
 @torch.no_grad()  # for target_box's to_local()
@@ -117,21 +176,22 @@ def local_read_items(
     each key planned here, the tensor DCP's ``resolve_tensor`` would find for its items.
     Not collective; the keys of ``metadata`` the state lacks are skipped, as DCP skips them."""
     saved = metadata.state_dict_metadata
-    coordinates: dict[int, Sequence[int] | None] = {}
+    meshes: Meshes = {}
+    zeros: dict[int, torch.Size] = {}  # ndim -> the offsets of a box's origin, shared by the items
     ours: dict[str, list[ReadItem]] = {}
     rest: dict[str, Any] = {}
     for fqn, obj in flat.items():
         md = saved.get(fqn)
         if md is None:
             continue
-        found = target_box(obj, coordinates) if isinstance(md, TensorStorageMetadata) else None
-        if found is None or not isinstance(md, TensorStorageMetadata) or md.size != obj.size():
+        found = placed_box(obj, meshes) if isinstance(md, TensorStorageMetadata) else None
+        if found is None or not isinstance(md, TensorStorageMetadata) or _saved_shape(md) != obj.shape:
             rest[fqn] = obj  # DCP plans it (and raises its own errors)
         elif isinstance(found, str):  # OFF_MESH
             ours[fqn] = []
         else:
-            box, local = found
-            ours[fqn] = _items_for_box(fqn, md, box)
+            sizes, offsets, local = found
+            ours[fqn] = _items_for_box(fqn, md, sizes, offsets, zeros)
             if targets is not None:
                 targets[fqn] = local
     if not rest:
@@ -142,26 +202,51 @@ def local_read_items(
     return [item for fqn in flat for item in (ours[fqn] if fqn in ours else theirs.get(fqn, ()))]
 
 
-def _items_for_box(fqn: str, md: TensorStorageMetadata, box: ChunkStorageMetadata) -> list[ReadItem]:
-    """DCP's read items for one target box: built here when a saved chunk is exactly the
-    box (saved chunks are disjoint, so no other one overlaps it; an empty box reads
-    nothing, as DCP's overlap test finds), else DCP's resharding step."""
-    if box.sizes and 0 in box.sizes:
+def _saved_shape(md: TensorStorageMetadata) -> tuple[int, ...]:
+    """The global shape of a saved tensor, without building its ``torch.Size`` when listed."""
+    return md.shape if isinstance(md, ListedTensorMetadata) else md.size
+
+
+def _items_for_box(
+    fqn: str, md: TensorStorageMetadata, sizes: tuple[int, ...], offsets: tuple[int, ...], zeros: dict[int, torch.Size]
+) -> list[ReadItem]:
+    """DCP's read items for one target box (``sizes`` at ``offsets``): built here when a
+    saved chunk is exactly the box (saved chunks are disjoint, so no other one overlaps
+    it; an empty box reads nothing, as DCP's overlap test finds), else DCP's resharding
+    step. ``zeros``: ndim -> a box origin, kept across calls."""
+    if 0 in sizes:
         return []
-    chunks: Sequence[ChunkRecord | ChunkStorageMetadata] = (
+    chunks: Sequence[SavedBox | ChunkStorageMetadata] = (
         md.saved if isinstance(md, ListedTensorMetadata) and md._chunks is None else md.chunks
     )
     for index, chunk in enumerate(chunks):
-        if chunk.offsets == box.offsets and chunk.sizes == box.sizes:
-            zeros = torch.Size([0] * len(box.sizes))
-            return [
-                ReadItem(
-                    type=LoadItemType.TENSOR,
-                    dest_index=MetadataIndex(fqn, box.offsets, 0),
-                    dest_offsets=zeros,
-                    storage_index=MetadataIndex(fqn, box.offsets, index),
-                    storage_offsets=zeros,
-                    lengths=box.sizes,
-                )
-            ]
+        if chunk.offsets == offsets and chunk.sizes == sizes:
+            origin = zeros.get(len(sizes))
+            if origin is None:
+                origin = zeros[len(sizes)] = torch.Size((0,) * len(sizes))
+            return [whole_chunk_item(fqn, torch.Size(offsets), torch.Size(sizes), index, origin)]
+    box = ChunkStorageMetadata(offsets=torch.Size(offsets), sizes=torch.Size(sizes))
     return create_read_items_for_chunk_list(fqn, md, [box])
+
+
+def whole_chunk_item(fqn: str, offsets: torch.Size, sizes: torch.Size, index: int, origin: torch.Size) -> ReadItem:
+    """The ReadItem of DCP's resharding step for a target box that is exactly the saved
+    chunk number ``index`` of ``fqn`` (``origin``: zeros, one per dimension), equal to
+    DCP's in every field, hints included. Built by filling the instances' ``__dict__``:
+    DCP's frozen dataclasses set each field through ``object.__setattr__`` and convert
+    ``offset`` to a ``torch.Size`` again, 6 us an item where this is 2 (#18). If DCP's
+    classes gain slots or fields, the comparisons with DCP's own items in
+    ``tests/unit/test_load_items.py`` and ``test_load_plan_fast.py`` fail."""
+    dest, storage = object.__new__(MetadataIndex), object.__new__(MetadataIndex)
+    dest.__dict__.update(fqn=fqn, offset=offsets, index=0)
+    storage.__dict__.update(fqn=fqn, offset=offsets, index=index)
+    item = object.__new__(ReadItem)
+    item.__dict__.update(
+        type=LoadItemType.TENSOR,
+        dest_index=dest,
+        dest_offsets=origin,
+        storage_index=storage,
+        storage_offsets=origin,
+        lengths=sizes,
+    )
+    return item

@@ -28,7 +28,6 @@ from typing import Any
 
 import torch
 from torch.distributed.checkpoint.metadata import (
-    ChunkStorageMetadata,
     Metadata,
     TensorStorageMetadata,
 )
@@ -37,7 +36,7 @@ from torch.distributed.tensor import DTensor
 
 from shardckpt.engine._torch_private import local_chunks
 from shardckpt.engine.boxes import BoxReader
-from shardckpt.engine.load_items import target_box
+from shardckpt.engine.load_items import ListedTensorMetadata, Meshes, target_box
 from shardckpt.engine.planner import LoadPlanner
 from shardckpt.errors import IntegrityError, ManifestError
 from shardckpt.format import datafile
@@ -94,25 +93,26 @@ def needed_metadata(
     loads lists the chunks that its boxes overlap, and only those; ``found_chunks``, if
     given, gets each of those chunks under (key, offsets)."""
     sd = dict(metadata.state_dict_metadata)
-    coordinates: dict[int, Sequence[int] | None] = {}
+    meshes: Meshes = {}
     for fqn, obj in flat.items():
         md, rec = sd.get(fqn), manifest.tensors.get(fqn)
         if not isinstance(md, TensorStorageMetadata) or rec is None:
             continue  # values, keys the checkpoint lacks
         if not isinstance(obj, torch.Tensor) or tuple(obj.shape) != rec.shape:
             continue  # check_target refused these already; DCP's planning would say so too
-        found = target_box(obj, coordinates)  # the box of a plain (D)Tensor, from public attributes (#18)
+        found = target_box(obj, meshes)  # the box of a plain (D)Tensor, from public attributes (#18)
         off_mesh = found is None and isinstance(obj, DTensor) and obj.device_mesh.get_coordinate() is None
         if isinstance(found, str) or off_mesh:
             continue  # not on this DTensor's mesh: DCP reads nothing for it
-        seen: dict[tuple[int, ...], ChunkStorageMetadata] = {}
+        seen: dict[tuple[int, ...], Chunk] = {}
         for box in local_chunks(obj) if found is None else [found[0]]:
             for c in rec.chunks_for_box(tuple(box.offsets), tuple(box.sizes)):
                 if c.offsets not in seen:
-                    seen[c.offsets] = ChunkStorageMetadata(offsets=torch.Size(c.offsets), sizes=torch.Size(c.sizes))
+                    seen[c.offsets] = c
                     if found_chunks is not None:
                         found_chunks[(fqn, c.offsets)] = c
-        sd[fqn] = TensorStorageMetadata(properties=md.properties, size=md.size, chunks=list(seen.values()))
+        # DCP's chunk list built only if DCP plans the key (a box not exactly one chunk; #18)
+        sd[fqn] = ListedTensorMetadata(md.properties, md.size, list(seen.values()))
     return Metadata(state_dict_metadata=sd, planner_data=metadata.planner_data, storage_data=metadata.storage_data)
 
 

@@ -284,19 +284,20 @@ def deliver_value(planner: LoadPlanner, item: ReadItem, encoded: Any) -> None:
 
 def manifest_to_metadata(m: Manifest | ManifestV3, *, storage_data: bool = True) -> Metadata:
     """The DCP view of a manifest, so DCP's load planner can plan resharding. A format-1
-    or -2 manifest's tensors list their chunks when first asked
+    or -2 manifest's tensors build their properties, size and chunks when first asked
     (:class:`~shardckpt.engine.load_items.ListedTensorMetadata`). A format-3
     manifest's tensors have no chunks here: its planner (``load_v3.RulePlanner``) adds, per
     rank, those that the rank's boxes overlap. ``storage_data``: map each chunk's
     MetadataIndex to its ChunkRecord (DCP's planners never read it; :class:`Reader` looks
     chunks up in the manifest itself, so it passes False and skips one object per chunk)."""
     sd: dict[str, Any] = {}
-    for fqn, t in m.tensors.items():
-        properties, size = TensorProperties(dtype=datafile.torch_dtype(t.dtype, where=fqn)), torch.Size(t.shape)
-        if isinstance(m, ManifestV3):
-            sd[fqn] = TensorStorageMetadata(properties, size, [])
-        else:  # each chunk's DCP metadata is built when a planner first asks (#18)
-            sd[fqn] = ListedTensorMetadata(properties, size, m.tensors[fqn].chunks)
+    if isinstance(m, ManifestV3):
+        for fqn, t in m.tensors.items():
+            properties = TensorProperties(dtype=datafile.torch_dtype(t.dtype, where=fqn))
+            sd[fqn] = TensorStorageMetadata(properties, torch.Size(t.shape), [])
+    else:  # DCP's objects of each tensor are built when a planner first asks (#18)
+        listed = ListedTensorMetadata.of_record
+        sd = {fqn: listed(fqn, t) for fqn, t in m.tensors.items()}
     for fqn in m.values:
         sd[fqn] = BytesStorageMetadata()
     records = (
