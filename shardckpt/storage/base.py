@@ -27,6 +27,8 @@ class WriteBuffer(Protocol):
 
 def byte_view(out: WriteBuffer) -> memoryview:
     """``out`` as a flat memoryview of its bytes (``len`` = ``nbytes``)."""
+    if not out.nbytes:  # memoryview cannot cast a view with a 0 in its shape
+        return memoryview(bytearray())
     return memoryview(out).cast("B")  # type: ignore[arg-type]
 
 
