@@ -16,6 +16,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping, Sequence
 from typing import NamedTuple
 
+import numpy as np
 import torch
 
 from shardckpt.errors import IntegrityError
@@ -23,6 +24,7 @@ from shardckpt.format import datafile, integrity
 from shardckpt.format.manifest import ChunkRecord, FileRecord, Manifest
 from shardckpt.format.manifest_v3 import ManifestV3
 from shardckpt.storage import Storage
+from shardckpt.storage.base import WriteBuffer, byte_view
 from shardckpt.storage.datafiles import DataFiles
 
 
@@ -156,30 +158,36 @@ class BoxReader:
         )
         return s.hi - s.lo
 
-    def read_run(self, boxes: Sequence[RunBox]) -> int:
-        """Fill every box of ``boxes`` with one read: their spans (:meth:`span`) lie back to
+    def read_run(self, boxes: Sequence[RunBox], dests: Sequence[torch.Tensor]) -> int:
+        """Fill each box of ``boxes`` into its target in ``dests`` with one read: their spans (:meth:`span`) lie back to
         back, in this order, in one data file (thousands of small chunks then cost one
-        open and one read per file region, not one each; issue #18). Each box is verified
-        and copied as :meth:`read_box` would. Returns the bytes read from storage."""
+        open and one read per file region, not one each; issue #18). A box whose ``dest`` can
+        take the saved bytes as they are (:func:`_target_bytes`) is read straight into it,
+        the rest of its first and last checksum blocks into small buffers beside it, by one
+        vectored read (:meth:`~shardckpt.storage.Storage.read_into_many`: no staging buffer
+        to fault in and copy out of); any other box (a cast, a strided target) into a staging
+        buffer, then converted into ``dest``. Then each box is verified, in order, as
+        :meth:`read_box` would: on a mismatch, targets of this run may hold unverified bytes.
+        Returns the bytes read from storage."""
         first, last = boxes[0], boxes[-1]
         begin = first.chunk.byte_offset + first.span.lo
-        buf = torch.empty(last.chunk.byte_offset + last.span.hi - begin, dtype=torch.uint8)
-        whole = memoryview(buf.numpy())  # type: ignore[arg-type]
+        reads = _RunReads(begin, last.chunk.byte_offset + last.span.hi - begin)
+        pieces = [reads.add(b, d) for b, d in zip(boxes, dests, strict=True)]  # per box: the bytes read for it
         try:
-            self.files.read_into(first.chunk.file, begin, whole)
+            self.files.read_into_many(first.chunk.file, begin, reads.views)
         except EOFError as e:
             keys = f"keys {first.key!r} .. {last.key!r} ({len(boxes)} chunks read together)"
             raise IntegrityError(f"{self.where}: file {self.files.describe(first.chunk.file)}, {keys}: {e}") from e
-        for b in boxes:
-            at = b.chunk.byte_offset + b.span.lo - begin
-            part = whole[at : at + b.span.hi - b.span.lo]
-            self._verify(b.key, b.chunk, b.span, part)
-            if not _copy_bytes(part, b.span, b.dest):
-                box = buf[at : at + b.span.hi - b.span.lo]
-                if at % b.span.dtype.itemsize:  # a tensor's view needs its bytes aligned to its dtype
-                    box = box.clone()
-                _copy_box(box, b.span, b.dest)
-        return buf.numel()
+        if self.verify:
+            block = self.manifest.hash_block_bytes
+            for b, got in zip(boxes, pieces, strict=True):
+                s, expected = b.span, b.chunk.block_hashes
+                if not integrity.box_matches(got, s.hi - s.lo, s.lo // block, block, expected):  # type: ignore[arg-type]
+                    where = self._where(b.key, b.chunk)  # formatted on a mismatch only (#18)
+                    integrity.verify_box(got, s.hi - s.lo, s.lo // block, block, expected, where)  # type: ignore[arg-type]
+        for b, dest, at in reads.staged:
+            _copy_staged(reads.staging, at, b.span, dest)
+        return reads.size
 
     def _check_and_copy(
         self, key: str, chunk: ChunkRecord, s: Span, buf: torch.Tensor, dest: torch.Tensor | None
@@ -223,13 +231,73 @@ class Span(NamedTuple):
 
 
 class RunBox(NamedTuple):
-    """One box of :meth:`BoxReader.read_run`: tensor ``key``'s ``chunk``, the ``span`` of
-    it to read and the tensor ``dest`` it fills."""
+    """One box of :meth:`BoxReader.read_run`: tensor ``key``'s ``chunk`` and the ``span`` of
+    it to read."""
 
     key: str
     chunk: ChunkRecord
     span: Span
-    dest: torch.Tensor
+
+
+class _RunReads:
+    """The buffers one :meth:`BoxReader.read_run` fills with its one read, from byte
+    ``begin`` of a data file, ``size`` bytes: ``views`` in file order; ``staged``: the boxes
+    read into ``staging`` (the run's bytes, allocated at the first such box) at each offset."""
+
+    def __init__(self, begin: int, size: int) -> None:
+        self.begin, self.size = begin, size
+        self.views: list[WriteBuffer] = []
+        self.staged: list[tuple[RunBox, torch.Tensor, int]] = []
+        self.staging = torch.empty(0, dtype=torch.uint8)
+        self._staging_bytes = self.staging.numpy()
+
+    def add(self, b: RunBox, dest: torch.Tensor) -> WriteBuffer | list[memoryview]:
+        """Add box ``b`` of target ``dest`` (the next in file order); returns where its bytes go: its target's
+        bytes, or those with the rest of its first and last checksum blocks (a list of
+        pieces), or its staging slice."""
+        s = b.span
+        body = _target_bytes(s, dest)
+        if body is None:
+            if not self.staged:
+                self.staging = torch.empty(self.size, dtype=torch.uint8)
+                self._staging_bytes = self.staging.numpy()
+            at = b.chunk.byte_offset + s.lo - self.begin
+            self.staged.append((b, dest, at))
+            body = self._staging_bytes[at : at + s.hi - s.lo]
+            self.views.append(body)
+            return body
+        isz = s.dtype.itemsize
+        head, tail = s.first * isz - s.lo, s.hi - (s.last + 1) * isz
+        if not (head or tail):
+            self.views.append(body)
+            return body
+        pieces = [memoryview(bytearray(head)), byte_view(body), memoryview(bytearray(tail))]
+        self.views.extend(pieces)
+        return pieces
+
+
+def _copy_staged(staging: torch.Tensor, at: int, s: Span, dest: torch.Tensor) -> None:
+    """Copy the box ``s``, staged at byte ``at`` of ``staging``, into ``dest``."""
+    box = staging[at : at + s.hi - s.lo]
+    if at % s.dtype.itemsize:  # a tensor's view needs its bytes aligned to its dtype
+        box = box.clone()
+    _copy_box(box, s, dest)
+
+
+def _target_bytes(s: Span, dest: torch.Tensor) -> np.ndarray | None:
+    """``dest`` as a writable array over its bytes, when the box ``s`` is one run of its
+    chunk and ``dest`` a contiguous CPU tensor of the saved dtype (not requiring grad): the
+    saved bytes can then be read straight into it. None otherwise (a cast, a strided or
+    non-CPU target, a box of several runs)."""
+    if (
+        dest.dtype != s.dtype
+        or not dest.is_cpu
+        or dest.requires_grad
+        or not dest.is_contiguous()
+        or s.last - s.first + 1 != dest.numel()
+    ):
+        return None
+    return dest.numpy() if s.dtype in _BYTE_COPY_DTYPES else dest.reshape(-1).view(torch.uint8).numpy()
 
 
 _BYTE_COPY_DTYPES = frozenset(
@@ -245,27 +313,7 @@ _BYTE_COPY_DTYPES = frozenset(
         torch.bool,
     )
 )
-"""Dtypes whose tensors ``Tensor.numpy()`` exposes as bytes (not bf16, float8, complex)."""
-
-
-def _copy_bytes(data: memoryview, s: Span, dest: torch.Tensor) -> bool:
-    """Copy the box ``s`` out of ``data`` (bytes ``s.lo`` to ``s.hi`` of its chunk) into
-    ``dest`` as raw bytes, when the box is one run of the chunk and ``dest`` a contiguous
-    CPU tensor of the saved dtype that numpy can view; False (nothing copied) otherwise.
-    Four torch calls a box (slice, view, as_strided, copy_) were most of a reader
-    thread's time on thousands of small boxes (issue #18)."""
-    if (
-        dest.dtype != s.dtype
-        or s.dtype not in _BYTE_COPY_DTYPES
-        or s.last - s.first + 1 != dest.numel()
-        or dest.requires_grad
-        or dest.device.type != "cpu"
-        or not dest.is_contiguous()
-    ):
-        return False
-    begin = s.first * s.dtype.itemsize - s.lo
-    memoryview(dest.numpy()).cast("B")[:] = data[begin : begin + dest.numel() * s.dtype.itemsize]  # type: ignore[arg-type]
-    return True
+"""Dtypes whose tensors ``Tensor.numpy()`` exposes as they are (not bf16, float8, complex)."""
 
 
 def _copy_box(buf: torch.Tensor, s: Span, dest: torch.Tensor) -> None:

@@ -34,7 +34,7 @@ from torch.distributed.checkpoint.metadata import (
 from torch.distributed.checkpoint.planner import LoadItemType, LoadPlan, LoadPlanner, ReadItem
 from torch.distributed.checkpoint.storage import StorageReader
 
-from shardckpt.engine.boxes import BoxReader, RunBox, Span
+from shardckpt.engine.boxes import BoxReader, RunBox
 from shardckpt.engine.load_items import ListedTensorMetadata
 from shardckpt.engine.load_v3 import RuleChunks, RulePlanner
 from shardckpt.engine.planner import LoadPlanner as ShardckptLoadPlanner
@@ -138,8 +138,8 @@ class Reader(StorageReader):
             if len(run) == 1:
                 p = run[0]
                 done += boxes.read_box(p.item.storage_index.fqn, p.chunk, p.item.storage_offsets, targets[0])
-            else:
-                done += boxes.read_run([p.box(t) for p, t in zip(run, targets, strict=True)])
+            else:  # no object made per box: each is one more GC-tracked allocation (#18)
+                done += boxes.read_run([p.box for p in run if p.box is not None], targets)
             for p, t in zip(run, targets, strict=True):
                 planner.commit_tensor(p.item, t)
 
@@ -159,16 +159,12 @@ RUN_MAX_BYTES = 8 << 20
 
 
 class PlannedRead(NamedTuple):
-    """A tensor ReadItem with its chunk and the bytes of the chunk it reads (None: an empty box)."""
+    """A tensor ReadItem with its chunk and, unless its box is empty, the bytes of the chunk
+    it reads (``box``, planned once, as :meth:`BoxReader.read_run` takes it)."""
 
     item: ReadItem
     chunk: ChunkRecord
-    span: Span | None
-
-    def box(self, dest: torch.Tensor) -> RunBox:
-        """This read as a box of a joined read (only non-empty boxes are joined)."""
-        assert self.span is not None
-        return RunBox(self.item.storage_index.fqn, self.chunk, self.span, dest)
+    box: RunBox | None
 
 
 def read_runs(items: Sequence[ReadItem], chunks: ChunkSource, boxes: BoxReader) -> list[list[PlannedRead]]:
@@ -183,9 +179,11 @@ def read_runs(items: Sequence[ReadItem], chunks: ChunkSource, boxes: BoxReader) 
         if math.prod(item.lengths) == 0:
             alone.append([PlannedRead(item, chunk, None)])
             continue
-        span = boxes.span(item.storage_index.fqn, chunk, item.storage_offsets, item.lengths)
+        key = item.storage_index.fqn
+        span = boxes.span(key, chunk, item.storage_offsets, item.lengths)
         begin = chunk.byte_offset + span.lo
-        by_file.setdefault(chunk.file, []).append((begin, begin + span.hi - span.lo, PlannedRead(item, chunk, span)))
+        planned = PlannedRead(item, chunk, RunBox(key, chunk, span))
+        by_file.setdefault(chunk.file, []).append((begin, begin + span.hi - span.lo, planned))
     runs: list[list[PlannedRead]] = []
     for name in sorted(by_file):
         end, size = -1, 0

@@ -12,7 +12,24 @@ Thread-safety: all methods may be called from several threads at once.
 from __future__ import annotations
 
 import abc
+from collections.abc import Sequence
 from typing import Protocol
+
+
+class WriteBuffer(Protocol):
+    """What :meth:`Storage.read_into_many` fills: a writable, C-contiguous buffer of
+    ``nbytes`` bytes (a byte memoryview, or a CPU tensor's ``numpy()`` so a reader can fill
+    the tensor itself)."""
+
+    @property
+    def nbytes(self) -> int: ...
+
+
+def byte_view(out: WriteBuffer) -> memoryview:
+    """``out`` as a flat memoryview of its bytes (``len`` = ``nbytes``)."""
+    if not out.nbytes:  # memoryview cannot cast a view with a 0 in its shape
+        return memoryview(bytearray())
+    return memoryview(out).cast("B")  # type: ignore[arg-type]
 
 
 class WriteStream(Protocol):
@@ -62,6 +79,24 @@ class Storage(abc.ABC):
     def read_into(self, name: str, offset: int, out: memoryview) -> None:
         """Fill ``out`` with ``len(out)`` bytes of ``name`` starting at ``offset``;
         EOFError if the file ends first."""
+
+    def read_into_many(self, name: str, offset: int, outs: Sequence[WriteBuffer]) -> None:
+        """Fill each of ``outs`` (:data:`WriteBuffer`, ``nbytes`` each) in turn with the bytes
+        of ``name`` from ``offset`` on, back to back, as one read; EOFError if the file ends
+        first (what ``outs`` then hold is undefined). Lets a reader fill many small targets
+        with one request (issue #18). This default makes one :meth:`read_into` of the joined
+        range and copies it out (one ranged request on an object store); a backend that can
+        read into many buffers at once (``preadv``) overrides it."""
+        views = [byte_view(o) for o in outs]
+        if len(views) == 1:
+            self.read_into(name, offset, views[0])
+            return
+        joined = memoryview(bytearray(sum(len(v) for v in views)))
+        self.read_into(name, offset, joined)
+        at = 0
+        for v in views:
+            v[:] = joined[at : at + len(v)]
+            at += len(v)
 
     @abc.abstractmethod
     def open_write(self, name: str) -> WriteStream:

@@ -9,10 +9,10 @@ that turns a manifest's file name into the storage holding it; every reader of t
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 
 from shardckpt.format.manifest import FileRecord
-from shardckpt.storage.base import Storage
+from shardckpt.storage.base import Storage, WriteBuffer
 
 
 class DataFiles:
@@ -37,6 +37,9 @@ class DataFiles:
 
     def read_into(self, name: str, offset: int, out: memoryview) -> None:
         self.storage_of(name).read_into(name, offset, out)
+
+    def read_into_many(self, name: str, offset: int, outs: Sequence[WriteBuffer]) -> None:
+        self.storage_of(name).read_into_many(name, offset, outs)
 
     def describe(self, name: str) -> str:
         """``'data/x.safetensors'``, or with its base: ``'data/x.safetensors' of base checkpoint step_..``."""
