@@ -243,8 +243,13 @@ def check_savable(flat: dict[str, Any], locals_: dict[str, torch.Tensor] | None 
 
     Non-tensor values are checked when encoded (``values.encode_value``). ``locals_``: the
     DTensors' local tensors by key, when the caller has them (saves a ``to_local()`` each).
+    A shape (and whether a type is a ShardedTensor) is checked once per call: a model's
+    thousands of tensors have a few distinct ones (issue #18); a shape that fails is never
+    marked checked, so the error still names the first key (sorted) that has it.
     """
     known = locals_ or {}
+    shapes_ok: set[tuple[int, ...]] = set()
+    sharded: dict[type, bool] = {}
     for fqn in sorted(flat):
         check_str(fqn, key=fqn, what="the key")
         value = flat[fqn]
@@ -253,10 +258,16 @@ def check_savable(flat: dict[str, Any], locals_: dict[str, torch.Tensor] | None 
         problem = tensor_problem(value, loading=False, local=known.get(fqn))
         if problem is not None:
             raise UnsupportedValueError(f"key {fqn!r}: {problem}")
-        if _is_sharded_tensor(value):
+        is_sharded = sharded.get(type(value))
+        if is_sharded is None:
+            is_sharded = sharded[type(value)] = _is_sharded_tensor(value)
+        if is_sharded:
             continue  # its shards were checked; DCP flattens it into chunks with the global metadata
         datafile.dtype_name(value.dtype, key=fqn)
-        check_tensor_shape(tuple(value.shape), key=fqn)
+        shape = tuple(value.shape)
+        if shape not in shapes_ok:
+            check_tensor_shape(shape, key=fqn)
+            shapes_ok.add(shape)
 
 
 def check_tensor_shape(shape: tuple[int, ...], *, key: str) -> None:

@@ -15,12 +15,12 @@ rest of shardckpt imports all of them from.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
-from itertools import chain
+from itertools import chain, islice
 from json.encoder import encode_basestring_ascii as _string
-from operator import attrgetter
-from typing import Any
+from operator import attrgetter, itemgetter
+from typing import Any, cast
 
 from shardckpt.format.manifest_envelope import MAX_MANIFEST_BYTES, check_manifest_limits, seal, unseal
 from shardckpt.format.manifest_parser import _parse_document as _parse_document
@@ -61,9 +61,9 @@ def manifest_to_json(m: Manifest) -> bytes:
     """The manifest's bytes: format version 1 unless it uses a version-2 feature (so a save
     that is not incremental stays readable by every shardckpt).
 
-    The tensors' lines, thousands of chunk records in a large save, are formatted from
-    templates (:func:`_tensor_lines`) when every field has the type the records declare;
-    they are byte for byte what ``json.dumps`` writes (``tests/unit/test_format_fast.py``
+    The tensors' lines, thousands of chunk records in a large save, are formatted column by
+    column (:func:`_tensor_lines`) when every field has the type the records declare; they
+    are byte for byte what ``json.dumps`` writes (``tests/unit/test_format_fast.py``
     compares them over random manifests). A manifest with any other field (a bool, a float,
     a ``str`` subclass) is written by ``json.dumps`` alone."""
     v2 = m.is_v2
@@ -71,8 +71,9 @@ def manifest_to_json(m: Manifest) -> bytes:
         raise ValueError("a format-2 manifest needs a digest on every chunk")
     dump = _encoder()
     tensors = sorted(m.tensors.items())
-    if _declared_types([t for _, t in tensors], v2=v2):
-        tensor_map: _Entries | dict[str, Any] = _Entries(_tensor_lines(tensors, dump, v2=v2))
+    columns = _ChunkColumns.of([t for _, t in tensors])
+    if columns.declared_types(v2=v2):
+        tensor_map: _Entries | dict[str, Any] = _Entries(_tensor_lines(tensors, columns, dump, v2=v2))
     else:
         tensor_map = {k: _tensor_doc(t, v2=v2) for k, t in tensors}
     doc = {
@@ -121,30 +122,76 @@ def _tensor_doc(t: TensorRecord, *, v2: bool) -> dict[str, Any]:
 
 
 def _encoder() -> Callable[[Any], str]:
-    """``json.dumps(v, allow_nan=False, separators=(",", ":"))`` without building an encoder
-    per call (``json.dumps`` does, for any non-default argument)."""
-    return json.JSONEncoder(allow_nan=False, separators=(",", ":")).encode
+    """``json.dumps(v, allow_nan=False, separators=(",", ":"))`` with one C encoder for all
+    calls: ``json.dumps`` and ``JSONEncoder.encode`` build a new one per call, a few us each
+    for every ``paths`` entry of a save of thousands of tensors (issue #18). The same C
+    function writes the same bytes. Use it for one manifest: after a failure its memo of
+    containers being written may hold stale entries. Without the C accelerator, ``encode``."""
+    encoder = json.JSONEncoder(allow_nan=False, separators=(",", ":"))
+    make = getattr(json.encoder, "c_make_encoder", None)
+    if make is None:
+        return encoder.encode
+    # c_make_encoder(markers, default, encoder, indent, key_sep, item_sep, sort_keys, skipkeys, allow_nan)
+    write = make({}, encoder.default, _string, None, ":", ",", False, False, False)
+    return lambda v: "".join(write(v, 0))
 
 
 def _declared_types(tensors: list[TensorRecord], *, v2: bool) -> bool:
     """Whether every number of the records is exactly an ``int`` and every string exactly a
-    ``str``: then ``%d`` and ``encode_basestring_ascii`` write what ``json.dumps`` would (a
-    bool is an int to Python, ``true`` to JSON). The loops run in C (issue #18)."""
-    chunks = list(chain.from_iterable(map(attrgetter("chunks"), tensors)))
-    numbers = chain(
-        chain.from_iterable(map(attrgetter("shape"), tensors)),
-        chain.from_iterable(map(attrgetter("offsets"), chunks)),
-        chain.from_iterable(map(attrgetter("sizes"), chunks)),
-        map(attrgetter("byte_offset"), chunks),
-        map(attrgetter("byte_length"), chunks),
-    )
-    strings = chain(
-        map(attrgetter("dtype"), tensors),
-        map(attrgetter("file"), chunks),
-        chain.from_iterable(map(attrgetter("block_hashes"), chunks)),
-        map(attrgetter("digest"), chunks) if v2 else (),
-    )
-    return set(map(type, numbers)) <= {int} and set(map(type, strings)) <= {str}
+    ``str`` (see :meth:`_ChunkColumns.declared_types`)."""
+    return _ChunkColumns.of(tensors).declared_types(v2=v2)
+
+
+@dataclass(frozen=True)
+class _ChunkColumns:
+    """The tensors' fields and every chunk's, one list per field, chunks in the tensors'
+    order: taken from the records once, by loops that run in C (issue #18)."""
+
+    tensors: list[TensorRecord]
+    offsets: list[tuple[int, ...]]
+    sizes: list[tuple[int, ...]]
+    files: list[str]
+    byte_offsets: list[int]
+    byte_lengths: list[int]
+    block_hashes: list[tuple[str, ...]]
+    digests: list[str | None]
+
+    @classmethod
+    def of(cls, tensors: list[TensorRecord]) -> _ChunkColumns:
+        chunks = list(chain.from_iterable(map(attrgetter("chunks"), tensors)))
+
+        def column(field: str) -> list[Any]:
+            return list(map(attrgetter(field), chunks))
+
+        return cls(
+            tensors,
+            column("offsets"),
+            column("sizes"),
+            column("file"),
+            column("byte_offset"),
+            column("byte_length"),
+            column("block_hashes"),
+            column("digest"),
+        )
+
+    def declared_types(self, *, v2: bool) -> bool:
+        """Whether every number is exactly an ``int`` and every string exactly a ``str``:
+        then ``%d`` and ``encode_basestring_ascii`` write what ``json.dumps`` would (a bool
+        is an int to Python, ``true`` to JSON)."""
+        numbers = chain(
+            chain.from_iterable(map(attrgetter("shape"), self.tensors)),
+            chain.from_iterable(self.offsets),
+            chain.from_iterable(self.sizes),
+            self.byte_offsets,
+            self.byte_lengths,
+        )
+        strings = chain(
+            map(attrgetter("dtype"), self.tensors),
+            self.files,
+            chain.from_iterable(self.block_hashes),
+            self.digests if v2 else (),
+        )
+        return set(map(type, numbers)) <= {int} and set(map(type, strings)) <= {str}
 
 
 @dataclass(frozen=True)
@@ -154,42 +201,82 @@ class _Entries:
     lines: list[str]
 
 
-def _tensor_lines(tensors: list[tuple[str, TensorRecord]], dump: Callable[[Any], str], *, v2: bool) -> list[str]:
-    """Each tensor's ``"key": {...}`` entry, for records that :func:`_declared_types` passed:
-    a ``%`` template per number of dimensions, each file name escaped once, and no Python
-    call per chunk (a profiled save counts them)."""
-    chunks = list(chain.from_iterable(t.chunks for _, t in tensors))
-    files = {f: _string(f) for f in set(map(attrgetter("file"), chunks))}
-    dims = set(
-        zip(map(len, map(attrgetter("offsets"), chunks)), map(len, map(attrgetter("sizes"), chunks)), strict=True)
-    )
-    tmpl = {d: _chunk_template(*d, v2=v2) for d in dims}
+def _tensor_lines(
+    tensors: list[tuple[str, TensorRecord]], columns: _ChunkColumns, dump: Callable[[Any], str], *, v2: bool
+) -> list[str]:
+    """Each tensor's ``"key": {...}`` entry, for records whose :meth:`_ChunkColumns.declared_types`
+    holds: the chunks' texts from :func:`_chunk_texts`, joined per tensor."""
+    texts = iter(_chunk_texts(columns, v2=v2))
     lines = []
     for key, t in tensors:
-        texts = [
-            tmpl[len(c.offsets), len(c.sizes)]
-            % (
-                *c.offsets,
-                *c.sizes,
-                files[c.file],
-                c.byte_offset,
-                c.byte_length,
-                ",".join(map(_string, c.block_hashes)),
-                *((_string(c.digest or ""),) if v2 else ()),  # never None in v2: manifest_to_json checked
-            )
-            for c in t.chunks
-        ]
         shape = ",".join(map(str, t.shape))
-        lines.append(f'{dump(key)}: {{"dtype":{_string(t.dtype)},"shape":[{shape}],"chunks":[{",".join(texts)}]}}')
+        chunks = ",".join(islice(texts, len(t.chunks)))
+        lines.append(f'{dump(key)}: {{"dtype":{_string(t.dtype)},"shape":[{shape}],"chunks":[{chunks}]}}')
     return lines
 
 
-def _chunk_template(offsets: int, sizes: int, *, v2: bool) -> str:
-    """A chunk record's JSON with ``%d``/``%s`` for its fields, in the order json.dumps writes them."""
+def _chunk_texts(columns: _ChunkColumns, *, v2: bool) -> list[str]:
+    """Every chunk record's JSON, in order: one ``%`` template per number of dimensions, fed
+    by ``zip`` over the columns, so no Python line runs per chunk (a profiled save counts
+    them). Each file name is escaped once; block hashes of plain ASCII letters and digits
+    (what shardckpt writes), which JSON writes as they are, are joined without escaping."""
+    files = {f: _string(f) for f in set(columns.files)}
+    plain = "".join(chain.from_iterable(columns.block_hashes))
+    # bytes.isalnum: ASCII letters and digits only, and a table lookup per byte (str's is not)
+    if all(columns.block_hashes) and plain.isascii() and (plain.encode().isalnum() or not plain):
+        hashes: Iterable[str] = map('","'.join, columns.block_hashes)
+        quote = '"'
+    else:
+        hashes, quote = (",".join(map(_string, h)) for h in columns.block_hashes), ""
+    tail: list[list[Any]] = [
+        list(map(files.__getitem__, columns.files)),
+        columns.byte_offsets,
+        columns.byte_lengths,
+        list(hashes),
+        *([list(map(_string, cast("list[str]", columns.digests)))] if v2 else []),  # v2: never None (checked)
+    ]
+    dims = list(zip(map(len, columns.offsets), map(len, columns.sizes), strict=True))
+    groups = set(dims)
+    if len(groups) == 1:  # tensors of one number of dimensions: the columns as they are
+        (d,) = groups
+        return list(_formatted(d, columns.offsets, columns.sizes, tail, v2=v2, quote=quote))
+    texts: list[str] = [""] * len(dims)
+    for d in groups:
+        at = [i for i, x in enumerate(dims) if x == d]
+        offsets, sizes = [columns.offsets[i] for i in at], [columns.sizes[i] for i in at]
+        picked = [[column[i] for i in at] for column in tail]
+        for i, text in zip(at, _formatted(d, offsets, sizes, picked, v2=v2, quote=quote), strict=True):
+            texts[i] = text
+    return texts
+
+
+def _formatted(
+    dims: tuple[int, int],
+    offsets: list[tuple[int, ...]],
+    sizes: list[tuple[int, ...]],
+    tail: list[list[Any]],
+    *,
+    v2: bool,
+    quote: str,
+) -> Iterator[str]:
+    """The texts of chunks whose offsets and sizes have ``dims`` entries (the other fields in
+    ``tail``, in the template's order)."""
+    args = zip(
+        *(map(itemgetter(i), offsets) for i in range(dims[0])),
+        *(map(itemgetter(i), sizes) for i in range(dims[1])),
+        *tail,
+        strict=True,
+    )
+    return map(_chunk_template(*dims, v2=v2, quote=quote).__mod__, args)
+
+
+def _chunk_template(offsets: int, sizes: int, *, v2: bool, quote: str) -> str:
+    """A chunk record's JSON with ``%d``/``%s`` for its fields, in the order json.dumps writes
+    them; ``quote`` around the block hashes' text (empty when it is already quoted)."""
     digest = ',"digest":%s' if v2 else ""
     return (
         '{"offsets":[' + ",".join(["%d"] * offsets) + '],"sizes":[' + ",".join(["%d"] * sizes) + "],"
-        '"file":%s,"byte_offset":%d,"byte_length":%d,"block_hashes":[%s]' + digest + "}"
+        '"file":%s,"byte_offset":%d,"byte_length":%d,"block_hashes":[' + quote + "%s" + quote + "]" + digest + "}"
     )
 
 
