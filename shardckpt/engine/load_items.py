@@ -31,15 +31,14 @@ from torch.distributed.checkpoint.default_planner import create_default_local_lo
 from torch.distributed.checkpoint.metadata import (
     ChunkStorageMetadata,
     Metadata,
-    MetadataIndex,
     TensorProperties,
     TensorStorageMetadata,
 )
-from torch.distributed.checkpoint.planner import LoadItemType, ReadItem
+from torch.distributed.checkpoint.planner import ReadItem
 from torch.distributed.checkpoint.planner_helpers import create_read_items_for_chunk_list
 from torch.distributed.tensor import DTensor
 
-from shardckpt.engine._torch_private import is_checkpointable_tensor
+from shardckpt.engine._torch_private import is_checkpointable_tensor, whole_chunk_item
 from shardckpt.engine.local_items import shard_box
 from shardckpt.format import datafile
 from shardckpt.format.manifest import TensorRecord
@@ -227,26 +226,3 @@ def _items_for_box(
             return [whole_chunk_item(fqn, torch.Size(offsets), torch.Size(sizes), index, origin)]
     box = ChunkStorageMetadata(offsets=torch.Size(offsets), sizes=torch.Size(sizes))
     return create_read_items_for_chunk_list(fqn, md, [box])
-
-
-def whole_chunk_item(fqn: str, offsets: torch.Size, sizes: torch.Size, index: int, origin: torch.Size) -> ReadItem:
-    """The ReadItem of DCP's resharding step for a target box that is exactly the saved
-    chunk number ``index`` of ``fqn`` (``origin``: zeros, one per dimension), equal to
-    DCP's in every field, hints included. Built by filling the instances' ``__dict__``:
-    DCP's frozen dataclasses set each field through ``object.__setattr__`` and convert
-    ``offset`` to a ``torch.Size`` again, 6 us an item where this is 2 (#18). If DCP's
-    classes gain slots or fields, the comparisons with DCP's own items in
-    ``tests/unit/test_load_items.py`` and ``test_load_plan_fast.py`` fail."""
-    dest, storage = object.__new__(MetadataIndex), object.__new__(MetadataIndex)
-    dest.__dict__.update(fqn=fqn, offset=offsets, index=0)
-    storage.__dict__.update(fqn=fqn, offset=offsets, index=index)
-    item = object.__new__(ReadItem)
-    item.__dict__.update(
-        type=LoadItemType.TENSOR,
-        dest_index=dest,
-        dest_offsets=origin,
-        storage_index=storage,
-        storage_offsets=origin,
-        lengths=sizes,
-    )
-    return item

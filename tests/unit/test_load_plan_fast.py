@@ -20,12 +20,15 @@ from torch.distributed.checkpoint.metadata import (
 from torch.distributed.checkpoint.planner import ReadItem
 from torch.distributed.checkpoint.planner_helpers import create_read_items_for_chunk_list
 
-from shardckpt.engine.load_items import ListedTensorMetadata, local_read_items, whole_chunk_item
+from shardckpt.engine._torch_private import whole_chunk_item
+from shardckpt.engine.load_items import ListedTensorMetadata, local_read_items
 from shardckpt.engine.planner import LoadPlanner
 from shardckpt.engine.state import load_problem, tensor_problem
 from shardckpt.errors import ManifestError
 from shardckpt.format.manifest import ChunkRecord, TensorRecord
 from tests.support.distributed import run_ranks
+
+pytestmark = pytest.mark.compat  # pins DCP's ReadItem and metadata classes: run on other torch releases too
 
 
 def _fields(item: Any) -> dict[str, Any]:
