@@ -22,7 +22,7 @@ from shardckpt.engine.load_v3 import load_planner
 from shardckpt.engine.options import Timeouts
 from shardckpt.engine.protocol import read_in_rounds
 from shardckpt.engine.reader import Reader
-from shardckpt.engine.state import PlainState, describe, flatten, flatten_plain_dicts, load_problem
+from shardckpt.engine.state import PlainState, describe, flatten, flatten_plain_dicts, tensor_problem
 from shardckpt.errors import (
     CheckpointNotFoundError,
     InconsistentRanksError,
@@ -254,7 +254,8 @@ def check_loadable(manifest: Manifest | ManifestV3, flat: dict[str, Any]) -> Non
     tensor (meta, sparse, nested), naming the first such key and the fix; other keys are
     :func:`check_target`'s. Outside autograd, ``to_local()`` costs 2 us, not 14 (#18)."""
     with torch.no_grad():
-        problems = {k: p for k, v in flat.items() if k in manifest.tensors and (p := load_problem(v)) is not None}
+        found = ((k, v) for k, v in flat.items() if k in manifest.tensors and isinstance(v, torch.Tensor))
+        problems = {k: p for k, v in found if (p := tensor_problem(v, loading=True))}
     if problems:
         first = min(problems)
         raise UnsupportedValueError(f"key {first!r}: the state_dict holds {problems[first]}")

@@ -20,10 +20,11 @@ from torch.distributed.checkpoint.metadata import (
 from torch.distributed.checkpoint.planner import ReadItem
 from torch.distributed.checkpoint.planner_helpers import create_read_items_for_chunk_list
 
+from shardckpt.engine import state
 from shardckpt.engine._torch_private import whole_chunk_item
 from shardckpt.engine.load_items import ListedTensorMetadata, local_read_items
 from shardckpt.engine.planner import LoadPlanner
-from shardckpt.engine.state import load_problem, tensor_problem
+from shardckpt.engine.state import tensor_problem
 from shardckpt.errors import ManifestError
 from shardckpt.format.manifest import ChunkRecord, TensorRecord
 from tests.support.distributed import run_ranks
@@ -159,7 +160,7 @@ def test_a_plan_looks_each_mesh_up_once_and_plans_as_dcp() -> None:
     run_ranks(_plan_meshes_once, 2)
 
 
-def test_load_problem_answers_as_tensor_problem_for_every_kind_of_target() -> None:
+def test_tensor_problems_quick_answer_agrees_with_its_full_checks(monkeypatch: pytest.MonkeyPatch) -> None:
     values = {
         "plain": torch.zeros(2, 3),
         "param": torch.nn.Parameter(torch.zeros(2)),
@@ -168,11 +169,11 @@ def test_load_problem_answers_as_tensor_problem_for_every_kind_of_target() -> No
         "meta param": torch.nn.Parameter(torch.empty(2, device="meta")),
         "sparse": torch.zeros(2, 3).to_sparse(),
         "nested": torch.nested.nested_tensor([torch.zeros(2), torch.zeros(3)], layout=torch.jagged),
-        "value": 3,
     }
-    got = {k: load_problem(v) for k, v in values.items()}
-    assert got == {
-        k: tensor_problem(v, loading=True) if isinstance(v, torch.Tensor) else None for k, v in values.items()
-    }
-    refused = {k for k, p in got.items() if p is not None}
-    assert refused == {"meta", "meta param", "sparse", "nested"}
+    for loading in (True, False):
+        quick = {k: tensor_problem(v, loading=loading) for k, v in values.items()}
+        with monkeypatch.context() as m:
+            m.setattr(state, "_PLAIN_TYPES", frozenset())  # every tensor takes the full checks
+            full = {k: tensor_problem(v, loading=loading) for k, v in values.items()}
+        assert quick == full
+        assert {k for k, p in quick.items() if p is not None} == {"meta", "meta param", "sparse", "nested"}
