@@ -19,7 +19,7 @@ DTensors), then, timed per phase:
     global_plan       coordinator: our _create_global_plan (values agree, balanced dedup of
                       replicated items, DCP's global metadata and validation) vs DCP's
                       (dedup to the lowest rank)
-    build_manifest    coordinator: shardckpt.engine.manifest_builder.build_manifest from synthetic WriteResults
+    build_manifest    coordinator: a first save's manifest_builder.ManifestBuilder.build from synthetic WriteResults
                       (4 files per rank, one xxh3 per 8 MiB block)
     manifest_to_json  coordinator: the manifest's JSON (sealed) vs pickle.dumps of DCP's
                       .metadata (with FileSystemWriter's storage_data)
@@ -391,10 +391,11 @@ def measure_ours(cls: type, items: list[list[Any]], values: dict[str, Any], path
     (gplans, md), sec["global_plan_ours"] = timed(lambda: planner._create_global_plan(plans))
     results = synthetic_results(gplans, planner, integrity.DEFAULT_BLOCK_BYTES)
     layout_ = [{"rank": r, "host": f"node{r // 8:04d}", "local_rank": r % 8} for r in range(ranks)]
-    m, sec["build_manifest"] = timed(
-        lambda: manifest_builder.build_manifest(md, results, layout_, integrity.DEFAULT_BLOCK_BYTES)
+    built, sec["build_manifest"] = timed(
+        lambda: manifest_builder.ManifestBuilder(md).build(results, layout_, integrity.DEFAULT_BLOCK_BYTES, {})
     )
-    text, sec["manifest_to_json"] = timed(lambda: manifest.manifest_to_json(m))
+    m = built.manifest
+    text, sec["manifest_to_json"] = timed(built.to_json)
     _, sec["parse_manifest"] = timed(lambda: manifest.parse_manifest(text, source="simulated"))
     v3 = project_manifest(m)
     sec.update(v3.seconds)

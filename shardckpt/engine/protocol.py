@@ -58,6 +58,7 @@ from torch.distributed.checkpoint.metadata import Metadata
 from torch.distributed.checkpoint.planner import SavePlan, WriteItem
 
 from shardckpt.engine.exchange import Exchange
+from shardckpt.engine.manifest_builder import ManifestBuilder
 from shardckpt.engine.options import Timeouts
 from shardckpt.engine.plan_checks import ValueSummary, value_summary
 from shardckpt.engine.planner import LoadPlanner, SavePlanner, layout_fingerprint
@@ -93,6 +94,7 @@ class PlanCache:
     key_bytes: int = 0
     global_id: str | None = None
     item_texts: ItemTexts = field(default_factory=lambda: ItemTexts())
+    manifests: ManifestBuilder | None = None  # coordinator: the manifests of the plan's saves (formats 1, 2)
 
     def fits(self, offers: list[_Offer]) -> bool:
         """Coordinator: every rank holds the cached plan and its layout did not change."""
@@ -299,7 +301,10 @@ class _SaveRounds:
 
         def commit(results: list[Any]) -> list[None]:
             assert self.metadata is not None
-            self.writer.finish(self.metadata, results)
+            cache = self.cache
+            if cache.manifests is None or cache.manifests.metadata is not self.metadata:  # a new plan
+                cache.manifests = ManifestBuilder(self.metadata)
+            self.writer.finish(self.metadata, results, cache.manifests)
             return [None] * len(results)
 
         self.exchange.round_trip(

@@ -44,7 +44,7 @@ from shardckpt.engine import rank_result, write_results, write_v3
 from shardckpt.engine.claim import check_same_location, claim_folder, create_file, discard_save
 from shardckpt.engine.datawrite import WrittenFile, split_by_bytes, tensor_and_bytes, write_file
 from shardckpt.engine.incremental import BaseIndex, ChunkLocation, Prepass, digest_pass
-from shardckpt.engine.manifest_builder import build_manifest
+from shardckpt.engine.manifest_builder import ManifestBuilder
 from shardckpt.engine.options import check_format_version, check_hash_block_bytes, check_io_threads
 from shardckpt.engine.planner import SavePlanner as ShardckptSavePlanner
 from shardckpt.errors import (
@@ -53,7 +53,7 @@ from shardckpt.errors import (
     UnsupportedValueError,
 )
 from shardckpt.format import integrity, layout
-from shardckpt.format.manifest import Manifest, manifest_to_json
+from shardckpt.format.manifest import Manifest
 from shardckpt.format.manifest_v3 import ManifestV3
 from shardckpt.format.values import encode_value
 from shardckpt.storage import Storage
@@ -255,17 +255,24 @@ class Writer(StorageWriter):
             every = results + [r for w in written for r in w.results()]
             self.saved = [(by_index[wr.index], wr.storage_data) for wr in every]
 
-    def finish(self, metadata: Metadata, results: list[list[WriteResult]]) -> None:
+    def finish(
+        self, metadata: Metadata, results: list[list[WriteResult]], builder: ManifestBuilder | None = None
+    ) -> None:
+        """Coordinator: build, check and commit the manifest. ``builder``: the one kept for
+        the global plan of ``metadata`` by an earlier save (its fixed half is reused);
+        another plan's, or None, is replaced by a new one."""
         if self.options.format_version == 3:
             self._finish_v3(metadata, results)
             return
-        m = build_manifest(metadata, results, self._layout, self.options.hash_block_bytes)
-        m = dataclasses.replace(m, metadata=dict(self.options.metadata))
+        if builder is None or builder.metadata is not metadata:
+            builder = ManifestBuilder(metadata)
+        built = builder.build(results, self._layout, self.options.hash_block_bytes, dict(self.options.metadata))
+        m = built.manifest
         self._check_files_present(m)
         self._mark_bases_referenced(m)
         self._create(
             layout.MANIFEST_NAME,
-            manifest_to_json(m),
+            built.to_json(),
             lost_race="another save committed this folder "
             "first; this one was not committed. Save each checkpoint to its own path.",
         )
