@@ -1,9 +1,11 @@
-"""The reader's planning of a load of many small tensors (issue #18): each item's chunk
-looked up once, the data files' sizes still checked before any read (empty boxes'
-files included), and the spans of whole and partial chunks as the general sums give."""
+"""The planning of a load of many small tensors (issue #18): each item's chunk looked up
+once, the data files' sizes still checked before any read (empty boxes' files included),
+the spans of whole and partial chunks as the general sums give, and a DTensor's box as
+``torch.chunk`` splits it."""
 
 from __future__ import annotations
 
+import itertools
 import math
 import os
 from typing import Any
@@ -12,11 +14,13 @@ import pytest
 import torch
 from torch.distributed.checkpoint.metadata import MetadataIndex
 from torch.distributed.checkpoint.planner import LoadItemType, ReadItem
+from torch.distributed.tensor import Partial, Replicate, Shard
 
 import shardckpt
 from shardckpt.engine.boxes import BoxReader
 from shardckpt.engine.load_items import local_read_items
 from shardckpt.engine.loading import read_manifest
+from shardckpt.engine.local_items import shard_box
 from shardckpt.engine.reader import ListedChunks, manifest_to_metadata, read_runs
 from shardckpt.errors import IntegrityError
 from shardckpt.format.manifest import ChunkRecord, Manifest
@@ -127,3 +131,31 @@ def test_spans_of_whole_and_partial_chunks_of_many_shapes(small: Any, verify: bo
                 part = boxes.span(key, chunk, start, (1, *chunk.sizes[1:]))
                 assert (part.first, part.last) == (start[0] * strides[0], numel - 1)
                 assert type(part.lengths) is tuple and part.strides == strides
+
+
+def _chunked_box(
+    shape: tuple[int, ...], mesh: tuple[int, ...], coordinate: tuple[int, ...], placements: tuple[Any, ...]
+) -> tuple[list[int], list[int]]:
+    """The box by ``torch.chunk`` of index ranges, mesh dimension by mesh dimension; an
+    empty shard at the global size of its dimension (DCP's convention)."""
+    ranges = [torch.arange(n) for n in shape]
+    for mesh_dim, p in enumerate(placements):
+        if isinstance(p, Shard):
+            pieces = ranges[p.dim].chunk(mesh[mesh_dim])
+            index = coordinate[mesh_dim]
+            ranges[p.dim] = pieces[index] if index < len(pieces) else torch.arange(0)
+    sizes = [len(r) for r in ranges]
+    return sizes, [int(r[0]) if len(r) else n for r, n in zip(ranges, shape, strict=True)]
+
+
+@pytest.mark.parametrize("mesh", [(1,), (3,), (4,), (2, 2), (3, 2)])
+def test_shard_box_is_torch_chunks_box_for_every_coordinate(mesh: tuple[int, ...]) -> None:
+    kinds = [Replicate(), Shard(0), Shard(1)]
+    for placements in itertools.product(kinds, repeat=len(mesh)):
+        for shape in [(0, 3), (1, 5), (5, 2), (7, 7), (9, 1), (16, 4)]:
+            for coordinate in itertools.product(*(range(n) for n in mesh)):
+                assert shard_box(shape, mesh, coordinate, placements) == _chunked_box(
+                    shape, mesh, coordinate, placements
+                ), (shape, mesh, coordinate, placements)
+    assert shard_box((4, 4), mesh, (0,) * len(mesh), (Partial(),) * len(mesh)) is None
+    assert shard_box((4, 4), mesh, (0,) * len(mesh), (Shard(2),) * len(mesh)) is None
