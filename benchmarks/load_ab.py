@@ -7,7 +7,11 @@ in ``--dir`` for the next calls), then ``--repeats`` times (after one warm-up) l
 in shuffled order, each cold (rank 0 evicts the files first), and prints one JSON line:
 the seconds of each load (max over ranks) and their ratio, and the median CPU seconds
 of a load summed over the ranks (``process_time``: every thread of each rank).
-``--profile FILE`` writes a cProfile of rank 0's measured shardckpt loads. Interleave
+``--profile FILE`` writes a cProfile of rank 0's measured shardckpt loads. ``--phases``
+adds the median CPU seconds of each phase of a load, summed over the ranks
+(``time.thread_time`` of the calling thread around each; ``read_data`` also as
+``process_time``, which counts its reader threads): the functions are wrapped by name, so
+the same command measures an older build, and a name a build lacks is left out. Interleave
 builds by calling it alternately, e.g. with a checkout of the old commit::
 
     git archive OLD shardckpt | tar -x -C /tmp/old
@@ -26,11 +30,55 @@ import random
 import statistics
 import sys
 import time
+from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import common
 import save_load
+
+# (module, attribute) of each phase timed by --phases; a class attribute is "Class.method"
+PHASES = (
+    ("shardckpt.format.datafile", "json_limits_problem"),
+    ("shardckpt.engine.loading", "parse_any_manifest"),
+    ("shardckpt.format.manifest_parser", "bulk_tensors"),
+    ("shardckpt.engine.loading", "check_loadable"),
+    ("shardckpt.engine.loading", "check_target"),
+    ("shardckpt.engine.planner", "LoadPlanner.create_local_plan"),
+    ("shardckpt.engine.reader", "Reader.read_metadata"),
+    ("shardckpt.engine.reader", "Reader.read_data"),
+)
+
+
+def time_phases(spent: dict[str, float]) -> None:
+    """Wrap each of :data:`PHASES` that this build has so that its CPU seconds add up in
+    ``spent`` (thread_time; ``read_data`` also process_time, under ``read_data_process``)."""
+    import importlib
+
+    for module_name, attr in PHASES:
+        owner: Any = importlib.import_module(module_name)
+        *outer, name = attr.split(".")
+        for part in outer:
+            owner = getattr(owner, part, None)
+        if owner is None or not hasattr(owner, name):
+            continue
+
+        setattr(owner, name, _timed(getattr(owner, name), name, spent))
+
+
+def _timed(f: Any, name: str, spent: dict[str, float]) -> Any:
+    """``f``, adding its CPU seconds to ``spent[name]``."""
+
+    def timed(*a: Any, **k: Any) -> Any:
+        t0, p0 = time.thread_time(), time.process_time()
+        try:
+            return f(*a, **k)
+        finally:
+            spent[name] = spent.get(name, 0.0) + time.thread_time() - t0
+            if name == "read_data":
+                spent["read_data_process"] = spent.get("read_data_process", 0.0) + time.process_time() - p0
+
+    return timed
 
 
 def worker(rank: int, world: int, args: argparse.Namespace, port: int) -> None:
@@ -38,6 +86,11 @@ def worker(rank: int, world: int, args: argparse.Namespace, port: int) -> None:
 
     common.ab_init(rank, world, port)
     import shardckpt
+
+    spent: dict[str, float] = {}  # phase -> CPU seconds of this rank, this load
+    phases: dict[str, list[float]] = {}  # phase -> CPU seconds of each measured load, summed over ranks
+    if args.phases:
+        time_phases(spent)
 
     specs = save_load.mix_layout(args.mix, args.mib, world)
     src = common.make_state(specs, rank, world, fill=True)
@@ -65,7 +118,10 @@ def worker(rank: int, world: int, args: argparse.Namespace, port: int) -> None:
             if system == "shardckpt":
                 if profile is not None and rep > 0:
                     profile.enable()
+                spent.clear()
+                t_load = time.thread_time()
                 shardckpt.load(dst, ckpt)
+                spent["load_thread"] = time.thread_time() - t_load
                 if profile is not None:
                     profile.disable()
             else:
@@ -80,11 +136,17 @@ def worker(rank: int, world: int, args: argparse.Namespace, port: int) -> None:
             else:
                 seconds[system].append(dt)
                 cpu[system].append(cpu_all)
+                if system == "shardckpt" and args.phases:
+                    per_rank = common.gather_to_all(dict(spent))
+                    for phase in sorted(set().union(*per_rank)):
+                        phases.setdefault(phase, []).append(sum(r.get(phase, 0.0) for r in per_rank))
     if profile is not None:
         profile.dump_stats(args.profile)
     if rank == 0:
-        cpu_medians = {f"{k}_cpu_s": round(statistics.median(v), 4) for k, v in cpu.items()}
-        common.ab_report(args, world, seconds, **cpu_medians)
+        report: dict[str, Any] = {f"{k}_cpu_s": round(statistics.median(v), 4) for k, v in cpu.items()}
+        if phases:
+            report["phases_cpu_s"] = {k: round(statistics.median(v), 4) for k, v in phases.items()}
+        common.ab_report(args, world, seconds, **report)
     dist.destroy_process_group()
 
 
@@ -92,6 +154,7 @@ def main() -> None:
     ap = common.ab_parser(__doc__, save_load.MIXES)
     ap.add_argument("--format-version", type=int, default=None, choices=[3], help="save the checkpoint in format 3")
     ap.add_argument("--profile", default="", help="write a cProfile of rank 0's measured loads here")
+    ap.add_argument("--phases", action="store_true", help="report each phase's CPU seconds, summed over ranks")
     ap.add_argument("--dir", required=True, help="scratch folder, reused across calls (delete it yourself)")
     args = ap.parse_args()
     os.makedirs(args.dir, exist_ok=True)

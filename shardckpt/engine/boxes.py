@@ -59,6 +59,7 @@ class BoxReader:
         self.verify = verify
         self.where = where
         self._sizes_checked: set[str] = set()
+        self._strides: dict[tuple[int, ...], tuple[int, ...]] = {}  # a chunk's sizes -> its strides (any thread)
 
     in_place_min_bytes = 1 << 20
     """A box that is one run of its chunk but not whole checksum blocks is read in place
@@ -91,11 +92,14 @@ class BoxReader:
         verifying. The box must not be empty."""
         dtype = datafile.torch_dtype(self.manifest.tensors[key].dtype, where=key)
         isz = dtype.itemsize
-        strides = _contiguous_strides(chunk.sizes)
-        lengths = tuple(lengths)
+        strides = self._strides.get(chunk.sizes)
+        if strides is None:  # thousands of chunks have a few shapes
+            strides = self._strides[chunk.sizes] = _contiguous_strides(chunk.sizes)
         if lengths == chunk.sizes and not any(start):  # the whole chunk (a same-layout load): no sums (#18)
+            lengths = chunk.sizes  # a tuple already
             first, last = 0, (strides[0] * lengths[0] if lengths else 1) - 1
         else:
+            lengths = tuple(lengths)
             first = sum(o * s for o, s in zip(start, strides, strict=True))
             last = sum((o + n - 1) * s for o, n, s in zip(start, lengths, strides, strict=True))
         lo, hi = first * isz, (last + 1) * isz

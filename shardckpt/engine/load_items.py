@@ -124,21 +124,22 @@ Meshes = dict[int, tuple[Sequence[int] | None, tuple[int, ...]]]
 """id(mesh) -> (this rank's coordinate, the mesh's shape), filled as meshes are met: one
 look-up of each per mesh and call (``DeviceMesh.shape`` alone is 5-9 us a call; #18)."""
 
-# (sizes, offsets) of the box of the global tensor that this rank fills, and the local tensor holding it
-PlacedBox = tuple[tuple[int, ...], tuple[int, ...], torch.Tensor]
+# (sizes, offsets) of the box of the global tensor that this rank fills, the local tensor
+# holding it, and the global tensor's shape (``obj.shape``, 1.4 us a DTensor: read once)
+PlacedBox = tuple[tuple[int, ...], tuple[int, ...], torch.Tensor, torch.Size]
 
 
 def placed_box(obj: Any, meshes: Meshes) -> PlacedBox | str | None:
-    """The box of the global tensor that this rank fills of ``obj``, as tuples, and the
-    local tensor that holds it: a plain tensor's whole self; a plain DTensor of
+    """The box of the global tensor that this rank fills of ``obj``, as tuples, the local
+    tensor that holds it, and ``obj.shape``: a plain tensor's whole self; a plain DTensor of
     Shard/Replicate placements, its shard (``to_local()``: call under ``torch.no_grad()``,
     where it is the local tensor itself, not a view through autograd; a tenth of the cost).
     :data:`OFF_MESH` when this rank is not on the DTensor's mesh; None for DCP to ask
     ``obj`` (anything else)."""
     kind = type(obj)
     if kind in _PLAIN_TENSORS and not is_checkpointable_tensor(obj):
-        shape = tuple(obj.shape)
-        return shape, (0,) * len(shape), obj
+        shape = obj.shape
+        return tuple(shape), (0,) * len(shape), obj, shape
     if kind is not DTensor:
         return None
     local = obj.to_local()  # the local tensor itself, if the caller turned autograd off
@@ -151,10 +152,11 @@ def placed_box(obj: Any, meshes: Meshes) -> PlacedBox | str | None:
     coordinate, mesh_shape = known
     if coordinate is None:
         return OFF_MESH
-    box = shard_box(obj.shape, mesh_shape, coordinate, obj.placements)
+    shape = obj.shape
+    box = shard_box(shape, mesh_shape, coordinate, obj.placements)
     if box is None:
         return None
-    return tuple(box[0]), tuple(box[1]), local
+    return tuple(box[0]), tuple(box[1]), local, shape
 
 
 def target_box(obj: Any, meshes: Meshes) -> tuple[ChunkStorageMetadata, torch.Tensor] | str | None:
@@ -162,7 +164,7 @@ def target_box(obj: Any, meshes: Meshes) -> tuple[ChunkStorageMetadata, torch.Te
     found = placed_box(obj, meshes)
     if found is None or isinstance(found, str):
         return found
-    sizes, offsets, local = found
+    sizes, offsets, local, _ = found
     return ChunkStorageMetadata(offsets=torch.Size(offsets), sizes=torch.Size(sizes)), local
 
 
@@ -184,12 +186,16 @@ def local_read_items(
         if md is None:
             continue
         found = placed_box(obj, meshes) if isinstance(md, TensorStorageMetadata) else None
-        if found is None or not isinstance(md, TensorStorageMetadata) or _saved_shape(md) != obj.shape:
+        if (
+            found is None
+            or not isinstance(md, TensorStorageMetadata)
+            or _saved_shape(md) != (obj.shape if isinstance(found, str) else found[3])
+        ):
             rest[fqn] = obj  # DCP plans it (and raises its own errors)
         elif isinstance(found, str):  # OFF_MESH
             ours[fqn] = []
         else:
-            sizes, offsets, local = found
+            sizes, offsets, local, _ = found
             ours[fqn] = _items_for_box(fqn, md, sizes, offsets, zeros)
             if targets is not None:
                 targets[fqn] = local

@@ -43,15 +43,19 @@ def shard_box(
         kind = type(placement)
         if kind is Replicate:
             continue
-        if kind is not Shard or not 0 <= placement.dim < len(sizes):
+        if kind is not Shard:
             return None
-        dim, parts, index = placement.dim, mesh_shape[mesh_dim], coordinate[mesh_dim]
+        dim = placement.dim  # a pybind11 property: read once (#18)
+        if not 0 <= dim < len(sizes):
+            return None
         extent = sizes[dim]
-        chunk = extent // parts if extent % parts == 0 else -(-extent // parts)
-        start = min(extent, chunk * index)
-        size = max(0, min(extent, start + chunk) - start)
-        sizes[dim] = size
-        offsets[dim] = global_shape[dim] if size == 0 else offsets[dim] + start
+        chunk = -(-extent // mesh_shape[mesh_dim])  # torch.chunk's: ceil(extent / parts)
+        start = chunk * coordinate[mesh_dim]
+        if start >= extent:  # an empty shard
+            sizes[dim], offsets[dim] = 0, global_shape[dim]
+        else:
+            sizes[dim] = min(chunk, extent - start)
+            offsets[dim] += start
     return sizes, offsets
 
 

@@ -16,10 +16,10 @@ from __future__ import annotations
 
 import io
 import json
-import math
 import threading
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from operator import itemgetter
 from typing import Any, NamedTuple, Protocol
 
 import torch
@@ -171,23 +171,29 @@ def read_runs(items: Sequence[ReadItem], chunks: ChunkSource, boxes: BoxReader) 
     """``items`` grouped into runs, each read with one read: boxes of at most
     :data:`RUN_ITEM_MAX_BYTES` whose bytes lie back to back in one data file, up to
     :data:`RUN_MAX_BYTES` a run; every other item is a run of its own. No byte is read
-    that a box does not need (a gap ends a run). Runs are in file and offset order."""
+    that a box does not need (a gap ends a run). Runs are in file and offset order.
+    Before returning, checks the size of every data file an item reads
+    (:meth:`BoxReader.check_file_sizes`: a truncated file is named before any read), with
+    the chunks found here: each item's chunk is looked up once per load (#18)."""
     by_file: dict[str, list[tuple[int, int, PlannedRead]]] = {}
     alone: list[list[PlannedRead]] = []
+    chunk_at, span_of = chunks.chunk, boxes.span
     for item in items:
-        chunk = chunks.chunk(item.storage_index.fqn, tuple(item.storage_index.offset or ()))
-        if math.prod(item.lengths) == 0:
+        index = item.storage_index
+        key = index.fqn
+        chunk = chunk_at(key, tuple(index.offset or ()))
+        if 0 in item.lengths:  # an empty box (lengths are non-negative)
             alone.append([PlannedRead(item, chunk, None)])
             continue
-        key = item.storage_index.fqn
-        span = boxes.span(key, chunk, item.storage_offsets, item.lengths)
+        span = span_of(key, chunk, item.storage_offsets, item.lengths)
         begin = chunk.byte_offset + span.lo
         planned = PlannedRead(item, chunk, RunBox(key, chunk, span))
         by_file.setdefault(chunk.file, []).append((begin, begin + span.hi - span.lo, planned))
+    boxes.check_file_sizes([*by_file, *(run[0].chunk.file for run in alone)])
     runs: list[list[PlannedRead]] = []
     for name in sorted(by_file):
         end, size = -1, 0
-        for begin, stop, planned in sorted(by_file[name], key=lambda e: (e[0], e[1])):
+        for begin, stop, planned in sorted(by_file[name], key=_BEGIN_STOP):
             small = stop - begin <= RUN_ITEM_MAX_BYTES
             if small and runs and begin == end and size + stop - begin <= RUN_MAX_BYTES:
                 runs[-1].append(planned)
@@ -199,10 +205,14 @@ def read_runs(items: Sequence[ReadItem], chunks: ChunkSource, boxes: BoxReader) 
     return runs + alone
 
 
+_BEGIN_STOP = itemgetter(0, 1)
+
+
 class ChunkSource(Protocol):
     """Where the chunks a rank reads are and how to verify them: ``prepare`` (one thread,
-    before any read) checks the data files the items read and returns their box reader;
-    ``chunk`` may then be called from the reader threads."""
+    before any read) readies the chunks the items read and returns their box reader (it
+    may check the sizes of their data files; :func:`read_runs` checks those not checked
+    yet); ``chunk`` may then be called from the reader threads."""
 
     def prepare(self, items: Sequence[ReadItem], *, threads: int = 1) -> BoxReader: ...
 
@@ -223,9 +233,8 @@ class ListedChunks:
         self._index: dict[str, dict[tuple[int, ...], ChunkRecord]] = {}  # key -> offsets -> chunk (large tensors)
 
     def prepare(self, items: Sequence[ReadItem], *, threads: int = 1) -> BoxReader:
-        self._boxes.check_file_sizes(
-            self.chunk(i.storage_index.fqn, tuple(i.storage_index.offset or ())).file for i in items
-        )
+        """The box reader: every chunk is in the manifest already (:func:`read_runs` checks
+        the data files' sizes as it finds each item's chunk)."""
         return self._boxes
 
     def chunk(self, key: str, offsets: tuple[int, ...]) -> ChunkRecord:
