@@ -193,6 +193,7 @@ def write_file(
     metadata: dict[str, str],
     cancel: threading.Event | None = None,
     digests: dict[Any, str] | None = None,
+    direct: bool = False,
 ) -> WrittenFile:
     """Stream ``items`` into one safetensors file; return where each item's bytes are.
 
@@ -202,11 +203,12 @@ def write_file(
     written, and the file is fsynced (finish) before this returns. ``cancel``, when set
     by another thread, stops the write at the next block (the partial file is removed).
     ``digests`` (incremental saves): each item's digest from the digest pass, recorded.
+    ``direct``: through :meth:`Storage.open_write_direct` (``IOOptions.direct_writes``).
     """
     columns = _header_columns(items)
     header = datafile.build_header_columns(columns, metadata)
     file_hasher = integrity.new_file_hasher()
-    stream = storage.open_write(name)
+    stream = storage.open_write_direct(name) if direct else storage.open_write(name)
     try:
         batch = _Batch(stream, file_hasher)
         batch.add(memoryview(header))

@@ -168,6 +168,7 @@ def writer_options(
     return WriterOptions(
         num_io_threads=io.save_threads(path),
         hash_block_bytes=block_bytes,
+        direct_writes=io.direct_writes,
         overwrite=overwrite,
         metadata=dict(metadata or {}),
         digests=digests,

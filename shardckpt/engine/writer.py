@@ -79,6 +79,7 @@ class WriterOptions:
     base: Callable[[Storage], BaseIndex | None] | None = None
     # None: version 1 (2 with digests); 3: sharding rules and per-rank index records (write_v3)
     format_version: int | None = None
+    direct_writes: bool = False  # data files through Storage.open_write_direct (IOOptions.direct_writes)
 
     def __post_init__(self) -> None:
         check_format_version(self.format_version)
@@ -221,6 +222,7 @@ class Writer(StorageWriter):
                     metadata=meta,
                     cancel=cancel,
                     digests=prepass.digests if prepass is not None else None,
+                    direct=self.options.direct_writes,
                 )
                 for k, bucket in enumerate(buckets)
             ]

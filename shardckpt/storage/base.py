@@ -102,6 +102,13 @@ class Storage(abc.ABC):
     def open_write(self, name: str) -> WriteStream:
         """Start writing ``name`` (parents are created). Streams data; no full copy in memory."""
 
+    def open_write_direct(self, name: str) -> WriteStream:
+        """Like :meth:`open_write`, for a data file whose bytes need not stay in memory
+        (``IOOptions(direct_writes=True)``): :class:`~shardckpt.storage.local.LocalStorage`
+        writes it around the page cache (``O_DIRECT``, :mod:`shardckpt.storage.direct`); a
+        storage without such a path writes as :meth:`open_write` does."""
+        return self.open_write(name)
+
     @abc.abstractmethod
     def write_atomic(self, name: str, data: bytes) -> None:
         """Commit primitive: afterwards ``name`` holds ``data`` durably, and no reader
