@@ -26,6 +26,14 @@ from shardckpt.errors import ManifestError, UnsupportedValueError
 from shardckpt.format import datafile
 from shardckpt.format.values import check_str
 
+_NEVER_STATEFUL = frozenset(
+    {torch.Tensor, torch.nn.Parameter, DTensor, dict, list, tuple, str, int, float, bool, type(None)}
+)
+"""Types whose values :meth:`PlainState.of` does not ask ``isinstance(v, Stateful)``:
+their instances hold no ``state_dict``/``load_state_dict`` of their own (exact types, not
+subclasses). Asking the runtime Protocol costs ~20 us a value, 60-70 ms on every save and
+load of a flat dict of 3,000 tensors (issue #18)."""
+
 
 def to_plain_state_dict(state_dict: dict[str, Any]) -> dict[str, Any]:
     """The tree DCP saves for ``state_dict``: see :class:`PlainState`."""
@@ -54,7 +62,7 @@ class PlainState:
             raise TypeError(f"state_dict must be a dict, got {type(state_dict).__name__}")
         objects: dict[Path, Stateful] = dict(live_statefuls(state_dict))
         for k, v in state_dict.items():
-            if (k,) not in objects and isinstance(v, Stateful):
+            if type(v) not in _NEVER_STATEFUL and (k,) not in objects and isinstance(v, Stateful):
                 objects[(k,)] = v
         states = {p: objects[p].state_dict() for p in sorted(objects, key=order_key)}
         return cls(state_dict, _replaced(state_dict, (), states, _prefixes(objects)), objects)
