@@ -1,14 +1,18 @@
-"""A plan-reused save's fingerprint (issue #18): when a plan holds the very items of the
-last save, in order, with equal key paths and placement, the last digest is given without
-hashing again; anything else is hashed anew, and the digest is always the one
-``layout_fingerprint`` gives."""
+"""A plan-reused save's fingerprint (issue #18): when a plan holds, in order, the items of
+the last save (the same objects, or items of the same repr), with equal key paths and
+placement, the last digest is given without hashing again; anything else is hashed anew,
+and the digest is always the one ``layout_fingerprint`` gives."""
 
 from __future__ import annotations
 
+from typing import Any
+
+import pytest
 import torch
 from torch.distributed.checkpoint.metadata import ChunkStorageMetadata, MetadataIndex, TensorProperties
 from torch.distributed.checkpoint.planner import SavePlan, TensorWriteData, WriteItem, WriteItemType
 
+from shardckpt.engine import protocol
 from shardckpt.engine.planner import _LocalPlannerData, layout_fingerprint
 from shardckpt.engine.protocol import ItemTexts
 
@@ -72,3 +76,23 @@ def test_paths_changed_in_place_after_a_fingerprint_are_seen() -> None:
     paths["m.a"] = ("x", "a")
     got = texts.fingerprint(plan, None)
     assert got == layout_fingerprint(plan) != first
+
+
+def test_items_planned_anew_with_the_same_repr_keep_the_last_digest(monkeypatch: pytest.MonkeyPatch) -> None:
+    """DCP plans values and plain tensors anew each save (new objects, the same repr): the
+    last digest still holds for them; an item whose repr changed is hashed again."""
+    hashed: list[int] = []
+
+    def counted(plan: SavePlan, **kwargs: Any) -> str:
+        hashed.append(len(plan.items))
+        return layout_fingerprint(plan, **kwargs)
+
+    monkeypatch.setattr(protocol, "layout_fingerprint", counted)
+    kept, paths = _item("m.a", 2), {"m.a": ("m", "a"), "step": ("step",)}
+    texts = ItemTexts()
+    first = texts.fingerprint(_plan([kept, _item("step", 1)], paths), None)
+    assert texts.fingerprint(_plan([kept, _item("step", 1)], paths), None) == first
+    assert hashed == [2]  # only the first plan was hashed
+    grown = _plan([kept, _item("step", 4)], paths)
+    assert texts.fingerprint(grown, None) == layout_fingerprint(grown) != first
+    assert hashed == [2, 2]
