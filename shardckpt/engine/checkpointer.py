@@ -4,8 +4,8 @@ That is: the staging buffers of async saves (one host copy of the rank's shard, 
 on GPU hosts), the pending async save, the last bounded save's source statistics (these
 three in its :class:`~shardckpt.engine.async_slot.AsyncSlot`), the gloo process groups the
 saves and loads talk over, the DTensor write items of the last save (reused by the next
-save of the same layout), and the storage factory. Before it
-existed these were module globals, so a process could have one async save at a time
+save of the same layout), the writer threads and their batch buffers, and the storage
+factory. Before it existed these were module globals, so a process could have one async save at a time
 and could never free the staging copy; now two Checkpointers are two independent
 engines, and :meth:`Checkpointer.close` gives everything back.
 
@@ -30,6 +30,7 @@ from shardckpt.engine.protocol import Rounds
 from shardckpt.engine.saved_chunks import SavedChunks
 from shardckpt.engine.saving import SLOW_IO, AsyncSaveHandle, SaveRequest, checkpoint_path, persist, writer_options
 from shardckpt.engine.state import to_plain_state_dict
+from shardckpt.engine.write_threads import WriteThreads
 from shardckpt.errors import ShardckptError
 from shardckpt.format.manifest import Manifest
 from shardckpt.format.manifest_v3 import ManifestV3
@@ -96,6 +97,7 @@ class Checkpointer:
         self._rounds = Rounds()  # per group: the round trips' numbering and the last save's plan
         self._items = ItemCache()  # this rank's DTensor write items of the last save
         self._chunks = SavedChunks()  # this rank's last save with digests, for the next incremental one
+        self._threads = WriteThreads()  # this rank's writer threads and batch buffers, between saves
         self._closed = False
 
     # ------------------------------------------------------------ context manager
@@ -263,6 +265,7 @@ class Checkpointer:
             committed=self._chunks.remember,
             rounds=self._rounds,
             items=self._items,
+            threads=self._threads,
         )
 
     def load(
@@ -386,6 +389,7 @@ class Checkpointer:
             groups, self._groups = list(self._groups.values()), {}
             self._rounds.close()
             self._items.clear()
+            self._threads.close()
             destroy_groups(groups)
 
     def _check_open(self, action: str) -> None:

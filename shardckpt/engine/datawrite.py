@@ -45,12 +45,13 @@ class _Cancelled(Exception):
 class _Batch:
     """Consecutive small pieces of one file gathered into one buffer. ``flush`` writes what
     it holds and adds it to the file hash, so the file's bytes and hash are those of
-    writing each piece in turn. Not thread-safe: one per :func:`write_file` call."""
+    writing each piece in turn. Not thread-safe: one per :func:`write_file` call.
+    ``buffer``: :data:`BATCH_BYTES` or more to gather into (kept by the caller for the
+    next file: fresh memory is slow on first touch), else a new one."""
 
-    def __init__(self, stream: WriteStream, file_hasher: Any) -> None:
+    def __init__(self, stream: WriteStream, file_hasher: Any, buffer: bytearray | None = None) -> None:
         self._stream, self.file_hasher = stream, file_hasher
-        self._buf = bytearray(BATCH_BYTES)
-        self._view = memoryview(self._buf)
+        self._view = memoryview(buffer if buffer is not None and len(buffer) >= BATCH_BYTES else bytearray(BATCH_BYTES))
         self._used = 0
 
     def add(self, data: memoryview) -> None:
@@ -193,6 +194,7 @@ def write_file(
     metadata: dict[str, str],
     cancel: threading.Event | None = None,
     digests: dict[Any, str] | None = None,
+    buffer: bytearray | None = None,
     direct: bool = False,
 ) -> WrittenFile:
     """Stream ``items`` into one safetensors file; return where each item's bytes are.
@@ -203,6 +205,8 @@ def write_file(
     written, and the file is fsynced (finish) before this returns. ``cancel``, when set
     by another thread, stops the write at the next block (the partial file is removed).
     ``digests`` (incremental saves): each item's digest from the digest pass, recorded.
+    ``buffer``: where small chunks are gathered (see :class:`_Batch`); its contents are
+    overwritten, and it is not used once this returns.
     ``direct``: through :meth:`Storage.open_write_direct` (``IOOptions.direct_writes``).
     """
     columns = _header_columns(items)
@@ -210,7 +214,7 @@ def write_file(
     file_hasher = integrity.new_file_hasher()
     stream = storage.open_write_direct(name) if direct else storage.open_write(name)
     try:
-        batch = _Batch(stream, file_hasher)
+        batch = _Batch(stream, file_hasher, buffer)
         batch.add(memoryview(header))
         hashes, found = _write_chunks(stream, batch, items, resolve, release, block_bytes, cancel, name, digests)
         batch.flush()

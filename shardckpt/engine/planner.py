@@ -219,12 +219,17 @@ def layout_fingerprint(
     too; the values, which may change every step, are checked anew (:func:`~shardckpt.engine.plan_checks.check_values`).
     ``item_text`` is an item's ``repr``, or one kept from the last save for the same item
     object (``protocol.ItemTexts``: a repr of every item was 20 ms a save at 3,000 items)."""
-    mappings = plan.planner_data.mappings if isinstance(plan.planner_data, _LocalPlannerData) else None
+    mappings = plan_mappings(plan)
     items = "[" + ", ".join(map(item_text, plan.items)) + "]"  # repr(plan.items), item by item
     text = f"({items}, {sorted(mappings.items()) if mappings else None!r})"
     if small_replicated_to is not None:
         text += f"|small replicated to {small_replicated_to}"
     return hashlib.blake2b(text.encode(), digest_size=16).hexdigest()
+
+
+def plan_mappings(plan: SavePlan) -> dict[str, Any] | None:
+    """The key paths a local plan made by :meth:`SavePlanner.create_local_plan` carries, else None."""
+    return plan.planner_data.mappings if isinstance(plan.planner_data, _LocalPlannerData) else None
 
 
 class LoadPlanner(DefaultLoadPlanner):

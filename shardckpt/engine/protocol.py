@@ -61,7 +61,7 @@ from shardckpt.engine.exchange import Exchange
 from shardckpt.engine.manifest_builder import ManifestBuilder
 from shardckpt.engine.options import Timeouts
 from shardckpt.engine.plan_checks import ValueSummary, value_summary
-from shardckpt.engine.planner import LoadPlanner, SavePlanner, layout_fingerprint
+from shardckpt.engine.planner import LoadPlanner, SavePlanner, layout_fingerprint, plan_mappings
 from shardckpt.engine.reader import Reader
 from shardckpt.engine.rule_plan import (
     Irregular,
@@ -109,25 +109,60 @@ class ItemTexts:
     """Each write item's ``repr`` for :func:`layout_fingerprint`, kept from one save to the
     next for the same item object (the Checkpointer's ``ItemCache`` hands out the same
     frozen items while a DTensor's layout holds). Keeps the last save's items alive, so an
-    ``id`` is never another object's. Used by one save at a time."""
+    ``id`` is never another object's. Used by one save at a time.
+
+    When a plan's items are, position by position, the last plan's item objects or items
+    of the same ``repr`` (those DCP plans anew each save), with equal key paths and
+    placement, the text hashed is the same, and so is the digest: the last one is given
+    without joining and hashing the texts again (12 ms a save at 3,000 items)."""
 
     def __init__(self) -> None:
         self._last: dict[int, tuple[WriteItem, str]] = {}
         self._now: dict[int, tuple[WriteItem, str]] = {}
+        self._order: list[str] = []  # the texts of the items of the plan being hashed, in order
+        self._digest: _LastDigest | None = None
 
     def __call__(self, item: WriteItem) -> str:
         kept = self._last.get(id(item))
         text = kept[1] if kept is not None and kept[0] is item else repr(item)
         self._now[id(item)] = (item, text)
+        self._order.append(text)
         return text
 
     def fingerprint(self, plan: SavePlan, small_replicated_to: int | None) -> str:
         """:func:`layout_fingerprint` of ``plan``; then only its items are kept."""
-        self._now = {}
+        mappings = plan_mappings(plan)
+        last = self._digest
+        if last is not None and last.holds(plan.items, mappings, small_replicated_to):
+            return last.digest
+        self._now, self._order = {}, []
         try:
-            return layout_fingerprint(plan, small_replicated_to=small_replicated_to, item_text=self)
+            digest = layout_fingerprint(plan, small_replicated_to=small_replicated_to, item_text=self)
+            copied = None if mappings is None else dict(mappings)  # the caller's dict may change
+            self._digest = _LastDigest(list(plan.items), self._order, copied, small_replicated_to, digest)
         finally:
-            self._last, self._now = self._now, {}
+            self._last, self._now, self._order = self._now, {}, []
+        return digest
+
+
+@dataclass(frozen=True)
+class _LastDigest:
+    """What :meth:`ItemTexts.fingerprint` hashed last (``texts``: each item's, in order)."""
+
+    items: list[WriteItem]
+    texts: list[str]
+    mappings: dict[str, Any] | None
+    small_replicated_to: int | None
+    digest: str
+
+    def holds(self, items: list[WriteItem], mappings: dict[str, Any] | None, small_to: int | None) -> bool:
+        """Whether ``items`` with ``mappings`` and ``small_to`` make the very text hashed last."""
+        if small_to != self.small_replicated_to or len(items) != len(self.items) or mappings != self.mappings:
+            return False
+        for item, was, text in zip(items, self.items, self.texts, strict=True):
+            if item is not was and repr(item) != text:
+                return False
+        return True
 
 
 @dataclass

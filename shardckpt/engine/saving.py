@@ -37,6 +37,7 @@ from shardckpt.engine.planner import SavePlanner
 from shardckpt.engine.protocol import Rounds, save_in_rounds
 from shardckpt.engine.staging import BoundedSource, Stager, tensor_bytes
 from shardckpt.engine.state import flatten_with_mappings, to_plain_state_dict
+from shardckpt.engine.write_threads import WriteThreads
 from shardckpt.engine.write_v3 import V3_HASH_BLOCK_BYTES
 from shardckpt.engine.writer import Writer, WriterOptions
 from shardckpt.format import integrity
@@ -77,6 +78,9 @@ class SaveRequest:
     # This rank's DTensor write items of the last save, kept by the Checkpointer for the
     # next one (None: computed afresh).
     items: ItemCache | None = None
+    # This rank's writer threads and their buffers, kept by the Checkpointer for the next
+    # save (None: this save starts its own).
+    threads: WriteThreads | None = None
 
     def __post_init__(self) -> None:
         check_timeout(self.timeout_s)
@@ -102,7 +106,7 @@ def persist(
     path, group = request.path, request.process_group
     exchange, plans = request.rounds.over(group) if request.rounds is not None else Rounds().over(group)
     try:
-        writer = Writer(request.open_storage(), request.writer)
+        writer = Writer(request.open_storage(), request.writer, threads=request.threads)
     except BaseException:
         if source is not None:
             source.release()

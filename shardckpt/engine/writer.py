@@ -30,7 +30,6 @@ import socket
 import threading
 import uuid
 from collections.abc import Callable, Collection
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -47,6 +46,7 @@ from shardckpt.engine.incremental import BaseIndex, ChunkLocation, Prepass, dige
 from shardckpt.engine.manifest_builder import ManifestBuilder
 from shardckpt.engine.options import check_format_version, check_hash_block_bytes, check_io_threads
 from shardckpt.engine.planner import SavePlanner as ShardckptSavePlanner
+from shardckpt.engine.write_threads import WriteThreads
 from shardckpt.errors import (
     ShardckptError,
     StorageError,
@@ -94,8 +94,10 @@ class WriterOptions:
 class Writer(StorageWriter):
     """One instance per save and rank. Not thread-safe; DCP calls it from one thread."""
 
-    def __init__(self, storage: Storage, options: WriterOptions) -> None:
+    def __init__(self, storage: Storage, options: WriterOptions, *, threads: WriteThreads | None = None) -> None:
+        """``threads``: the owner's writer threads, kept across saves (None: this save's own)."""
         super().__init__()
+        self._threads = threads
         self.storage = storage
         self.options = options
         self.rank = 0
@@ -202,38 +204,35 @@ class Writer(StorageWriter):
         meta: dict[str, str],
         prepass: Prepass | None,
     ) -> list[WrittenFile]:
-        """Each bucket into its own data file, one writer thread each (:func:`write_file`);
-        then ``data/`` synced."""
+        """Each bucket into its own data file, one writer thread each (:func:`write_file`,
+        on the owner's :class:`WriteThreads` when the Writer was given them); then ``data/`` synced."""
         if not buckets:
             return []
         cancel = threading.Event()
-        pool = ThreadPoolExecutor(len(buckets), thread_name_prefix="shardckpt-write")
+        digests = prepass.digests if prepass is not None else None
+        tasks: list[Callable[..., WrittenFile]] = [
+            functools.partial(
+                write_file,
+                self.storage,
+                layout.data_file_name(save_id, rank, k),
+                bucket,
+                resolve,
+                release=release,
+                rank=rank,
+                block_bytes=self.options.hash_block_bytes,
+                metadata=meta,
+                digests=digests,
+                cancel=cancel,
+                direct=self.options.direct_writes,
+            )
+            for k, bucket in enumerate(buckets)
+        ]
+        threads = self._threads if self._threads is not None else WriteThreads()
         try:
-            futures = [
-                pool.submit(
-                    write_file,
-                    self.storage,
-                    layout.data_file_name(save_id, rank, k),
-                    bucket,
-                    resolve,
-                    release=release,
-                    rank=rank,
-                    block_bytes=self.options.hash_block_bytes,
-                    metadata=meta,
-                    cancel=cancel,
-                    digests=prepass.digests if prepass is not None else None,
-                    direct=self.options.direct_writes,
-                )
-                for k, bucket in enumerate(buckets)
-            ]
-            written = [f.result() for f in futures]
-        except BaseException:
-            # Ctrl-C, or one file failed: the other threads stop at their next block
-            # (and remove their partial files) instead of writing on for seconds.
-            cancel.set()
-            raise
+            written = threads.run(tasks, cancel)
         finally:
-            pool.shutdown(wait=True, cancel_futures=True)
+            if threads is not self._threads:
+                threads.close()
         self.storage.sync_dir(layout.DATA_DIR)
         return written
 
