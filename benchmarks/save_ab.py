@@ -15,7 +15,8 @@ load of a shared machine. The folders are removed after each
 repetition, outside the timed window. One JSON line on rank 0: medians and the paired
 ratios (safetensors seconds / shardckpt seconds, so 1.0 means as fast as the floor).
 ``--first`` makes every shardckpt save plan from scratch (a fresh Checkpointer per save,
-its gloo group made before the timed window). ``--profile FILE`` writes a cProfile of
+its gloo group made before the timed window). ``--direct-writes`` saves with
+``IOOptions(direct_writes=True)`` (O_DIRECT data files). ``--profile FILE`` writes a cProfile of
 rank 0's measured shardckpt saves. Interleave builds by calling it alternately::
 
     git archive OLD shardckpt | tar -x -C /tmp/old
@@ -53,6 +54,9 @@ def worker(rank: int, world: int, args: argparse.Namespace, port: int) -> None:
     options: dict[str, Any] = {} if args.format_version is None else {"format_version": args.format_version}
     if args.threads is not None:
         options["num_io_threads"] = args.threads
+    if args.direct_writes:
+        options["io"] = shardckpt.IOOptions(num_io_threads=args.threads, direct_writes=True)
+        options.pop("num_io_threads", None)
     profile = cProfile.Profile() if args.profile and rank == 0 else None
     ckpt = shardckpt.Checkpointer()
     seconds: dict[str, list[float]] = {"shardckpt": [], "safetensors": []}
@@ -97,6 +101,7 @@ def worker(rank: int, world: int, args: argparse.Namespace, port: int) -> None:
             seconds,
             first=args.first,
             threads=args.threads,
+            direct_writes=args.direct_writes,
             shardckpt_all=shardckpt_all,
             cpu_s=round(statistics.median(cpu_s), 3),
             cpu_all=[round(c, 3) for c in cpu_s],
@@ -109,6 +114,9 @@ def main() -> None:
     ap.add_argument("--format-version", type=int, default=None, choices=[3])
     ap.add_argument("--threads", type=int, default=None, help="num_io_threads of each save (default: shardckpt's)")
     ap.add_argument("--first", action="store_true", help="plan every save from scratch (no plan reuse)")
+    ap.add_argument(
+        "--direct-writes", action="store_true", help="save with IOOptions(direct_writes=True) (O_DIRECT data files)"
+    )
     ap.add_argument("--profile", default="", help="write a cProfile of rank 0's measured saves here")
     ap.add_argument("--dir", required=True, help="scratch folder (each save's folder is removed after it)")
     args = ap.parse_args()
