@@ -64,31 +64,28 @@ def _accepts_o_direct(folder: Path) -> bool:
     return True
 
 
-def test_a_filesystem_that_refuses_o_direct_gets_plain_writes(tmp_path: Path, monkeypatch: Any) -> None:
+def _o_direct_open_fails(monkeypatch: Any, code: int) -> None:
+    """Every open with O_DIRECT fails with ``code`` (other opens work)."""
     real_open = os.open
 
-    def refusing(path: str, flags: int, *args: Any) -> int:
+    def failing(path: str, flags: int, *args: Any) -> int:
         if flags & direct._O_DIRECT:
-            raise OSError(errno.EINVAL, "Invalid argument")
+            raise OSError(code, os.strerror(code))
         return real_open(path, flags, *args)
 
     monkeypatch.setattr(direct, "_O_DIRECT", direct._O_DIRECT or 0x4000)
-    monkeypatch.setattr(os, "open", refusing)
+    monkeypatch.setattr(os, "open", failing)
+
+
+def test_a_filesystem_that_refuses_o_direct_gets_plain_writes(tmp_path: Path, monkeypatch: Any) -> None:
+    _o_direct_open_fails(monkeypatch, errno.EINVAL)
     data = os.urandom(3 * ALIGN + 5)
     stream = _write(tmp_path / "f.bin", [data[:7], data[7:]])
     assert not stream.direct and (tmp_path / "f.bin").read_bytes() == data
 
 
 def test_another_open_error_removes_the_file_it_created(tmp_path: Path, monkeypatch: Any) -> None:
-    real_open = os.open
-
-    def denied(path: str, flags: int, *args: Any) -> int:
-        if flags & direct._O_DIRECT:
-            raise OSError(errno.EACCES, "Permission denied")
-        return real_open(path, flags, *args)
-
-    monkeypatch.setattr(direct, "_O_DIRECT", direct._O_DIRECT or 0x4000)
-    monkeypatch.setattr(os, "open", denied)
+    _o_direct_open_fails(monkeypatch, errno.EACCES)
     with pytest.raises(PermissionError):
         DirectWriteStream(str(tmp_path / "f.bin"))
     assert not (tmp_path / "f.bin").exists()
