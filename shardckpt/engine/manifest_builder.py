@@ -86,7 +86,7 @@ class ManifestBuilder:
         columns = [list(c) for c in zip(*rows, strict=True)] if rows else [[], [], [], [], []]
         files, byte_offsets, byte_lengths, block_hashes, digests = columns
         chunks = chunk_records(fixed.offsets, fixed.sizes, files, byte_offsets, byte_lengths, block_hashes, digests)
-        per_tensor = [tuple(chunks[a:b]) for a, b in zip([0, *fixed.ends], fixed.ends, strict=False)]
+        per_tensor = [tuple(chunks[a:b]) for a, b in zip([0, *fixed.ends][:-1], fixed.ends, strict=True)]
         file_records = _file_records(named)
         bases = tuple(sorted({f.checkpoint for f in file_records.values() if f.checkpoint is not None}))
         m = Manifest(

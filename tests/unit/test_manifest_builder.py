@@ -120,3 +120,12 @@ def test_the_template_refuses_fields_a_save_got_wrong() -> None:
         text.tensors(ChunkFields(["f", "g"], [0, 1], [1, 1], [(), ()]), None)
     assert text.tensors(ChunkFields(["data/f"], [True], [16], [("00",)]), None) is None  # a bool is not JSON's 1
     assert PlanText.of(["t"], ["F32"], [(4.0,)], [1], [(0,)], [(4,)], [], json_encoder()) is None  # type: ignore[list-item]
+
+
+def test_a_state_of_values_only_has_a_manifest_without_tensors(tmp_path: Path) -> None:
+    with Checkpointer() as ckpt:
+        for step in range(2):  # the second save reuses the plan and its builder
+            m = _written(
+                tmp_path / f"v{step}", ckpt.save({"step": step, "cfg": {"lr": 0.1}}, str(tmp_path / f"v{step}"))
+            )
+            assert m.tensors == {} and m.values == {"step": step, "cfg.lr": 0.1}
