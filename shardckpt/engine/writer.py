@@ -259,14 +259,16 @@ class Writer(StorageWriter):
     def finish(
         self, metadata: Metadata, results: list[list[WriteResult]], builder: ManifestBuilder | None = None
     ) -> None:
-        """Coordinator: build, check and commit the manifest. ``builder``: the one kept for
-        the global plan of ``metadata`` by an earlier save (its fixed half is reused);
-        another plan's, or None, is replaced by a new one."""
+        """Coordinator: build, check and commit the manifest. ``builder``: the one the
+        caller keeps for the global plan of ``metadata`` (its fixed half is reused by the
+        plan's later saves; ``protocol.PlanCache``); None: a new one for this save."""
         if self.options.format_version == 3:
             self._finish_v3(metadata, results)
             return
-        if builder is None or builder.metadata is not metadata:
+        if builder is None:
             builder = ManifestBuilder(metadata)
+        elif builder.metadata is not metadata:
+            raise ValueError("Writer.finish: the manifest builder given was made for another global plan")
         built = builder.build(results, self._layout, self.options.hash_block_bytes, dict(self.options.metadata))
         m = built.manifest
         self._check_files_present(m)

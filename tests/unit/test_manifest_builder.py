@@ -10,11 +10,14 @@ from typing import Any
 
 import pytest
 import torch
+from torch.distributed.checkpoint.metadata import Metadata
 
 from shardckpt import Checkpointer
 from shardckpt.engine.manifest_builder import ManifestBuilder
+from shardckpt.engine.writer import Writer, WriterOptions
 from shardckpt.format.manifest import Manifest, manifest_to_json, parse_manifest
 from shardckpt.format.manifest_text import ChunkFields, PlanText, json_encoder
+from shardckpt.storage.local import LocalStorage
 
 
 def _state(step: int, *, extra: bool = False) -> dict[str, Any]:
@@ -95,7 +98,8 @@ def test_incremental_saves_of_one_plan_write_digests_and_bases(tmp_path: Path) -
 
 
 def test_a_builder_of_another_plan_is_not_used(tmp_path: Path) -> None:
-    """Writer.finish makes a new builder when it is handed one for other metadata."""
+    """A new global plan gets a new builder (the plan cache's old one is for other
+    metadata), and Writer.finish refuses a builder of another plan."""
     with Checkpointer() as ckpt:
         ckpt.save(_state(1), str(tmp_path / "a"))
         cache = ckpt._rounds.over(None)[1]
@@ -106,6 +110,9 @@ def test_a_builder_of_another_plan_is_not_used(tmp_path: Path) -> None:
         m = ckpt.save(_state(2), str(tmp_path / "b"))
         assert cache.manifests is not stale and cache.manifests is not None
     assert isinstance(m, Manifest) and "model.layer3.w" in _written(tmp_path / "b", m).tensors
+    writer = Writer(LocalStorage(str(tmp_path / "c")), WriterOptions())
+    with pytest.raises(ValueError, match="made for another global plan"):
+        writer.finish(Metadata(state_dict_metadata={}), [], stale)
 
 
 def test_the_template_refuses_fields_a_save_got_wrong() -> None:
