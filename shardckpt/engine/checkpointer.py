@@ -28,7 +28,15 @@ from shardckpt.engine.local_items import ItemCache
 from shardckpt.engine.options import IOOptions, SaveKwargs, Timeouts, resolve_format_version
 from shardckpt.engine.protocol import Rounds
 from shardckpt.engine.saved_chunks import SavedChunks
-from shardckpt.engine.saving import SLOW_IO, AsyncSaveHandle, SaveRequest, checkpoint_path, persist, writer_options
+from shardckpt.engine.saving import (
+    SLOW_IO,
+    AsyncSaveHandle,
+    SaveRequest,
+    checkpoint_path,
+    forked_child_problem,
+    persist,
+    writer_options,
+)
 from shardckpt.engine.state import to_plain_state_dict
 from shardckpt.engine.write_threads import WriteThreads
 from shardckpt.errors import ShardckptError
@@ -81,6 +89,8 @@ class Checkpointer:
     * At most one async save per Checkpointer is pending: the next call of any method
       but ``staging_stats`` finishes it first. Use two Checkpointers for two saves
       in flight at once (two staging copies, two gloo groups).
+    * A Checkpointer works in the process that created it (:attr:`process_id`): in a
+      child made by ``fork()`` its calls raise ShardckptError; create one there.
     * Whoever creates a Checkpointer closes it (``close()`` or a ``with`` block). A
       pending save keeps the interpreter alive until it ends (its thread is not a
       daemon), so an unclosed Checkpointer loses no checkpoint at exit; it only keeps
@@ -99,6 +109,7 @@ class Checkpointer:
         self._chunks = SavedChunks()  # this rank's last save with digests, for the next incremental one
         self._threads = WriteThreads()  # this rank's writer threads and batch buffers, between saves
         self._closed = False
+        self._pid = os.getpid()  # fork() copies this object but not its threads nor its groups
 
     # ------------------------------------------------------------ context manager
 
@@ -111,6 +122,14 @@ class Checkpointer:
     @property
     def closed(self) -> bool:
         return self._closed
+
+    @property
+    def process_id(self) -> int:
+        """The process that created this Checkpointer, the only one it works in: a child
+        made by ``fork()`` has none of its threads, its pending save or its groups, so
+        there every method but ``staging_stats`` and ``close`` raises ShardckptError
+        (``shardckpt.save`` and ``load`` use a default Checkpointer of each process's own)."""
+        return self._pid
 
     @property
     def io(self) -> IOOptions:
@@ -358,6 +377,7 @@ class Checkpointer:
         """Finish this Checkpointer's pending async save, if any, and forget it. Returns
         its Manifest (coordinator) or None; raises its error unless someone already saw it
         through the handle's ``wait()``. Not collective by itself (the save is). Any thread."""
+        self._check_process("wait for the pending async save")
         return self._async.wait()
 
     def staging_stats(self) -> dict[str, int]:
@@ -382,6 +402,8 @@ class Checkpointer:
         if self._closed:
             return
         self._closed = True
+        if self._pid != os.getpid():
+            return  # a forked child: what this object holds belongs to the parent, which closes it
         try:
             self._async.close()
         finally:
@@ -393,7 +415,14 @@ class Checkpointer:
             destroy_groups(groups)
 
     def _check_open(self, action: str) -> None:
+        self._check_process(action)
         if self._closed:
             raise ShardckptError(
                 f"{action}: this Checkpointer is closed; create a new one (or use shardckpt.save/load)"
             )
+
+    def _check_process(self, action: str) -> None:
+        """Refuse to work in a forked child (see :attr:`process_id`) instead of waiting
+        forever for threads that do not exist there."""
+        if self._pid != os.getpid():
+            raise ShardckptError(forked_child_problem(action, "Checkpointer", self._pid))

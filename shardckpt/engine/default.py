@@ -3,7 +3,8 @@
 
 Those four functions are the methods of the default Checkpointer, bound at call time:
 same signature, same contract (documented once, on the methods). The default is created
-on first use, and again after someone closed it; it is never closed for you (its pending
+on first use, again after someone closed it, and in a child made by ``fork()`` (the
+parent's has no threads there); it is never closed for you (its pending
 save, if any, is finished at interpreter exit because the save thread is not a daemon).
 Use your own Checkpointer to inject storage, run several async saves at once, or free
 the staging memory with ``close()``.
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import os
 import threading
 from collections.abc import Callable
 from typing import Concatenate, ParamSpec, TypeVar
@@ -34,9 +36,11 @@ class _Default:
 
     def get(self) -> Checkpointer:
         with self._lock:
-            if self._checkpointer is None or self._checkpointer.closed:
-                self._checkpointer = Checkpointer()
-            return self._checkpointer
+            current = self._checkpointer
+            # A forked child gets its own: the parent's has no threads there (and stays the parent's to close).
+            if current is None or current.closed or current.process_id != os.getpid():
+                current = self._checkpointer = Checkpointer()
+            return current
 
 
 _DEFAULT = _Default()

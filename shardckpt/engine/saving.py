@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -40,6 +41,7 @@ from shardckpt.engine.state import flatten_with_mappings, to_plain_state_dict
 from shardckpt.engine.write_threads import WriteThreads
 from shardckpt.engine.write_v3 import V3_HASH_BLOCK_BYTES
 from shardckpt.engine.writer import Writer, WriterOptions
+from shardckpt.errors import ShardckptError
 from shardckpt.format import integrity
 from shardckpt.format.manifest import Manifest
 from shardckpt.format.manifest_v3 import ManifestV3
@@ -230,6 +232,15 @@ def start_async_save(
     return handle, source, thread
 
 
+def forked_child_problem(action: str, what: str, pid: int) -> str:
+    """The refusal of ``action`` on an object (``what``) of process ``pid`` used in a fork of it."""
+    return (
+        f"{action}: this {what} was created in process {pid}, and this is process {os.getpid()}, a fork of it: "
+        f"its writer threads, pending async save and process groups exist only in process {pid}. "
+        "create a Checkpointer in this process (shardckpt.save and shardckpt.load use one of its own)"
+    )
+
+
 class AsyncSaveHandle:
     """A save running in the background. ``wait()`` on every rank to learn how it ended.
 
@@ -239,6 +250,7 @@ class AsyncSaveHandle:
 
     def __init__(self, path: str) -> None:
         self.path = path
+        self._pid = os.getpid()  # its thread runs in this process only (not in a fork of it)
         self._finished = threading.Event()
         self._manifest: Manifest | ManifestV3 | None = None
         self._error: BaseException | None = None
@@ -248,6 +260,9 @@ class AsyncSaveHandle:
         return self._finished.is_set()
 
     def wait(self, timeout_s: float | None = None) -> Manifest | ManifestV3 | None:
+        if self._pid != os.getpid() and not self._finished.is_set():
+            action = f"wait for the async save to {self.path}"
+            raise ShardckptError(forked_child_problem(action, "async save", self._pid))
         if not self._finished.wait(timeout_s):
             raise TimeoutError(f"async save to {self.path} still running after {timeout_s} s")
         if self._error is not None:
