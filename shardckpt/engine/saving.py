@@ -232,12 +232,17 @@ def start_async_save(
     return handle, source, thread
 
 
-def forked_child_problem(action: str, what: str, pid: int) -> str:
+def forked_child_problem(
+    action: str,
+    what: str,
+    pid: int,
+    holds: str = "its writer threads, pending async save and process groups",
+    remedy: str = "create a Checkpointer in this process (shardckpt.save and shardckpt.load use one of its own)",
+) -> str:
     """The refusal of ``action`` on an object (``what``) of process ``pid`` used in a fork of it."""
     return (
         f"{action}: this {what} was created in process {pid}, and this is process {os.getpid()}, a fork of it: "
-        f"its writer threads, pending async save and process groups exist only in process {pid}. "
-        "create a Checkpointer in this process (shardckpt.save and shardckpt.load use one of its own)"
+        f"{holds} exist only in process {pid}. {remedy}"
     )
 
 

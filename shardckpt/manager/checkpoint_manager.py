@@ -212,6 +212,7 @@ class CheckpointManager(StepReader):
         self._agreements: RankGroup | None = None  # see _ranks()
         # Our own Checkpointer (closed by close()) unless one was given; a given one's
         # storage factory opens the root too, so injected storage sees every access.
+        self._pid = os.getpid()  # a forked child's copy neither saves nor lets go of the root (_check_open, close)
         self._owns_checkpointer = checkpointer is None
         self._checkpointer = Checkpointer(io=io) if checkpointer is None else checkpointer
         self._storage = self._checkpointer.open_storage(self.root, storage_options, io=io)
@@ -374,6 +375,9 @@ class CheckpointManager(StepReader):
         root (owner record, if still ours) and the SIGTERM handler, and close the
         Checkpointer if the manager created it. Idempotent."""
         if self._closed:
+            return
+        if self._pid != os.getpid():
+            self._closed = True  # a forked child: the root, the heartbeat and the saves are the parent's
             return
         try:
             self.wait()

@@ -6,12 +6,14 @@ restoring one (all a ``read_only=True`` manager does). The coordinator picks the
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Callable
 from typing import Any
 
 from shardckpt.engine.checkpointer import Checkpointer
 from shardckpt.engine.collective import RankGroup
 from shardckpt.engine.loading import read_any_manifest
+from shardckpt.engine.saving import forked_child_problem
 from shardckpt.errors import CheckpointNotFoundError, IntegrityError, ManifestError, ShardckptError
 from shardckpt.format import layout
 from shardckpt.format.manifest import Manifest
@@ -41,6 +43,7 @@ class StepReader:
     _group: RankGroup
     _agreements: RankGroup | None
     _closed: bool
+    _pid: int  # the process that opened it (a forked child's copy refuses: see CheckpointManager)
 
     def wait(self) -> None:
         """Collective. Finish the pending async save (:meth:`CheckpointManager.wait`)."""
@@ -136,6 +139,16 @@ class StepReader:
         return load_first_good(self.root, candidates, load_step, step)
 
     def _check_open(self) -> None:
+        if self._pid != os.getpid():
+            raise ShardckptError(
+                forked_child_problem(
+                    f"{self.root}",
+                    "CheckpointManager",
+                    self._pid,
+                    holds="its hold on the root (owner record and heartbeat), its pending save and its groups",
+                    remedy="open a CheckpointManager in this process (read_only=True to only read)",
+                )
+            )
         if self._closed:
             raise ShardckptError(f"{self.root}: this CheckpointManager is closed")
 

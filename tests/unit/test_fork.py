@@ -145,3 +145,41 @@ def test_a_pending_async_save_of_the_parent_is_not_waited_for_in_the_child(tmp_p
         gate.set()
         assert ckpt.wait() is not None  # the parent's save goes on and commits
     assert (tmp_path / "pending" / "manifest.json").exists()
+
+
+def test_a_manager_in_a_forked_child_neither_saves_nor_lets_go_of_the_parents_root(tmp_path):
+    """The child's copy of the manager holds the parent's owner token: its close() must not
+    release the parent's hold on the root (a second manager could then take it over)."""
+    from shardckpt import CheckpointManager
+    from shardckpt.errors import RootInUseError
+    from shardckpt.format import layout
+
+    state = _state()
+    with CheckpointManager(tmp_path / "run", save_interval_steps=1) as mgr:
+        mgr.save(1, state)
+        owner = (tmp_path / "run" / layout.OWNER_NAME).read_bytes()
+
+        def child() -> str:
+            answers = []
+            for name, call in [
+                ("save", lambda: mgr.save(2, state, force=True)),
+                ("restore", lambda: mgr.restore(state)),
+            ]:
+                try:
+                    call()
+                    answers.append(f"{name}: no error")
+                except ShardckptError as e:
+                    answers.append(f"{name}: {e}")
+            mgr.close()  # must not release the parent's owner record
+            return "\n".join(answers)
+
+        _in_child(child, tmp_path / "report")
+        answers = (tmp_path / "report").read_text().splitlines()
+        assert [a.split(":")[0] for a in answers] == ["save", "restore"], answers
+        assert all("a fork of it" in a for a in answers), answers
+        assert (tmp_path / "run" / layout.OWNER_NAME).read_bytes() == owner  # still the parent's
+        with pytest.raises(RootInUseError):
+            CheckpointManager(tmp_path / "run")  # so nobody else may take the root
+        assert mgr.steps() == [1]  # the child saved nothing
+        mgr.save(3, state)
+        assert mgr.steps() == [1, 3]
