@@ -19,7 +19,7 @@ FORMAT_VERSION = 2  # the newest version this shardckpt reads and writes
 SUPPORTED_VERSIONS = (1, 2)
 HASH_ALGORITHM = "xxh3_64"
 MAX_BASES = 4096
-_R = TypeVar("_R", "ChunkRecord", "TensorRecord")
+_R = TypeVar("_R")
 
 
 @dataclass(frozen=True)
@@ -61,7 +61,7 @@ def chunk_records(
         {"offsets": o, "sizes": s, "file": f, "byte_offset": b, "byte_length": n, "block_hashes": h, "digest": d}
         for o, s, f, b, n, h, d in columns
     ]
-    return _with_attrs(ChunkRecord, attrs)
+    return frozen_records(ChunkRecord, attrs)
 
 
 def tensor_records(
@@ -69,10 +69,13 @@ def tensor_records(
 ) -> list[TensorRecord]:
     """``TensorRecord``s of the columns, built as :func:`chunk_records` builds chunks."""
     attrs = [{"dtype": t, "shape": s, "chunks": c} for t, s, c in zip(dtypes, shapes, chunks, strict=True)]
-    return _with_attrs(TensorRecord, attrs)
+    return frozen_records(TensorRecord, attrs)
 
 
-def _with_attrs(cls: type[_R], attrs: list[dict[str, Any]]) -> list[_R]:
+def frozen_records(cls: type[_R], attrs: list[dict[str, Any]]) -> list[_R]:
+    """Instances of the frozen dataclass ``cls`` (not slotted), each given its attribute
+    dict whole: what its constructor would set, without a call per field. The caller has
+    checked the values and includes every field (``init=False`` ones too)."""
     records = list(map(object.__new__, repeat(cls, len(attrs))))
     deque(map(object.__setattr__, records, repeat("__dict__"), attrs), maxlen=0)  # a C loop
     return records

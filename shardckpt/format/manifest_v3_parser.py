@@ -29,6 +29,7 @@ from shardckpt.format.manifest import (
     unseal,
 )
 from shardckpt.format.manifest_v3 import JSON_BYTES_PER_CONTAINER, VERSION, Chunk, InlineIndex, ManifestV3, Tensor
+from shardckpt.format.manifest_v3_bulk import ruled_tensors
 from shardckpt.format.overlap import first_overlap
 from shardckpt.format.rank_index import parse_file_index
 from shardckpt.format.record_json import FOLDER, parse_document
@@ -120,10 +121,10 @@ def _parse(doc: Any, source: str) -> ManifestV3:
     strings = [_field(doc, k, str, source) for k in ("created_at", "shardckpt_version", "torch_version")]
     bases = _parse_bases(doc["bases"], source)
     table = parse_file_table(doc["file_table"], bases=bases, world_size=world_size, where=f"{source}: file_table")
-    tensors = {
-        k: _parse_tensor(t, table.total_files, f"{source}: tensors[{k!r}]")
-        for k, t in _field(doc, "tensors", dict, source).items()
-    }
+    files = table.total_files
+    tensors = ruled_tensors(
+        _field(doc, "tensors", dict, source), files, lambda k, t: _parse_tensor(t, files, f"{source}: tensors[{k!r}]")
+    )
     values = _field(doc, "values", dict, source)
     for k, v in values.items():
         decode_value(v, where=f"{source}, values[{k!r}]")
