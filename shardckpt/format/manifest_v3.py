@@ -64,6 +64,14 @@ class Tensor:
     def chunks_for_box(self, offsets: tuple[int, ...], sizes: tuple[int, ...]) -> list[Chunk]:
         """The stored boxes that hold part of ``offsets``/``sizes``: from the rule in
         O(d * (answer + log runs)), plus the listed ones that overlap (irregular tensors)."""
+        if self.rule is not None:
+            # A box that is exactly one cell (a load in the layout of the save): O(d + log
+            # runs), no ranges. Chunks listed beside a rule are empty: none overlaps a box.
+            cell = self.rule.cell_of_box(offsets, sizes)
+            if cell is not None:
+                file, byte_offset = self.rule.place(cell)
+                length = math.prod(sizes) * datafile.itemsize(self.dtype)
+                return [Chunk(tuple(offsets), tuple(sizes), file, byte_offset, length)]
         if math.prod(sizes) == 0:
             return []
         itemsize = datafile.itemsize(self.dtype)

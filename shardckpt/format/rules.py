@@ -87,10 +87,26 @@ class Rule:
     def cells(self) -> int:
         return math.prod(self.grid)
 
+    def place(self, cell: int) -> tuple[int, int]:
+        """(file position, byte offset) of the cell numbered ``cell`` (row-major), O(log runs)."""
+        run = bisect.bisect_right(self._starts, cell) - 1
+        return self.runs[run].at(cell - self._starts[run])
+
+    def cell_of_box(self, offsets: Sequence[int], sizes: Sequence[int]) -> int | None:
+        """The row-major number of the cell whose box is exactly ``offsets``/``sizes``, else
+        None. O(d): what a load in the layout of the save asks once per tensor."""
+        if len(offsets) != len(self.shape) or len(sizes) != len(self.shape):
+            return None
+        cell = 0
+        for o, s, b, n, g in zip(offsets, sizes, self.block, self.shape, self._grid):  # noqa: B905 - lengths checked
+            if o < 0 or o >= n or o % b or s != min(b, n - o):
+                return None
+            cell = cell * g + o // b
+        return cell
+
     def cell_chunk(self, index: tuple[int, ...], cell: int) -> Chunk:
         """The chunk of the cell at grid position ``index`` (row-major number ``cell``)."""
-        run = bisect.bisect_right(self._starts, cell) - 1
-        file, byte_offset = self.runs[run].at(cell - self._starts[run])
+        file, byte_offset = self.place(cell)
         offsets = tuple(i * b for i, b in zip(index, self.block, strict=True))
         sizes = tuple(min(b, n - o) for b, n, o in zip(self.block, self.shape, offsets, strict=True))
         return Chunk(offsets, sizes, file, byte_offset)
@@ -128,25 +144,14 @@ def compress(shape: Sequence[int], chunks: Iterable[Chunk]) -> tuple[Rule | None
     if rule.cells != len(full) or not all(0 < b <= n for b, n in zip(block, shape, strict=True)):
         return None, chunks
     placed: dict[int, Chunk] = {}
-    grid = rule.grid
     for c in full:
-        cell = _cell_of(rule, grid, c)
+        cell = rule.cell_of_box(c.offsets, c.sizes)
         if cell is None or cell in placed:
             return None, chunks
         placed[cell] = c
     # count == cells and every chunk is a distinct whole cell: the chunks tile the tensor
     runs = _runs([(placed[i].file, placed[i].byte_offset) for i in range(len(full))])
     return Rule(shape, block, runs), empty
-
-
-def _cell_of(rule: Rule, grid: tuple[int, ...], c: Chunk) -> int | None:
-    """Row-major number of the cell whose box ``c`` is exactly, else None."""
-    cell = 0
-    for o, s, b, n, g in zip(c.offsets, c.sizes, rule.block, rule.shape, grid, strict=True):
-        if o < 0 or o % b or o >= n or s != min(b, n - o):
-            return None
-        cell = cell * g + o // b
-    return cell
 
 
 def _runs(places: list[tuple[int, int]]) -> tuple[Run, ...]:

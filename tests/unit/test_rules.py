@@ -17,6 +17,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from shardckpt.errors import ManifestError
+from shardckpt.format import manifest_v3 as mv3
 from shardckpt.format import rules
 from shardckpt.format.manifest import ChunkRecord, FileRecord, Manifest, TensorRecord, manifest_to_json
 from shardckpt.format.rank_index import FileIndex, IndexEntry, rank_index_to_json
@@ -207,6 +208,32 @@ def test_chunks_for_box_is_what_filtering_every_chunk_gives(data):
     offsets = tuple(data.draw(st.integers(0, n)) for n in shape)
     sizes = tuple(data.draw(st.integers(0, n - o)) for n, o in zip(shape, offsets, strict=True))
     assert chunks_for_box(rule, offsets, sizes) == [c for c in expand(rule) if _overlaps(c, offsets, sizes)]
+
+
+@settings(max_examples=300, deadline=None, database=None)
+@given(st.data())
+def test_a_tensors_chunks_for_a_box_of_one_cell_are_what_filtering_every_chunk_gives(data):
+    """Tensor.chunks_for_box answers a box that is exactly one cell (a load in the save's
+    layout) without ranges; the answer is still the one cell, with its byte length."""
+    ndim = data.draw(st.integers(0, 3))
+    shape = tuple(data.draw(st.lists(st.integers(1, 15), min_size=ndim, max_size=ndim)))
+    mesh = tuple(data.draw(st.lists(st.integers(1, 6), min_size=ndim, max_size=ndim)))
+    rule, _ = compress(shape, sharded(shape, mesh, tuple(range(ndim)), files_per_rank=2))
+    assert rule is not None
+    tensor = mv3.Tensor("BF16", shape, rule, ())
+    cells = expand(rule)
+    picked = data.draw(st.sampled_from(cells))
+    near = [picked.offsets, tuple(max(0, o - 1) for o in picked.offsets)]
+    for offsets in near:
+        for sizes in (picked.sizes, tuple(s + 1 for s in picked.sizes), tuple(max(0, s - 1) for s in picked.sizes)):
+            if any(o + s > n for o, s, n in zip(offsets, sizes, shape, strict=True)):
+                continue
+            want = [c for c in cells if _overlaps(c, offsets, sizes)]
+            got = tensor.chunks_for_box(offsets, sizes)
+            assert [(c.offsets, c.sizes, c.file, c.byte_offset) for c in got] == [
+                (c.offsets, c.sizes, c.file, c.byte_offset) for c in want
+            ], (offsets, sizes)
+            assert all(c.byte_length == 2 * math.prod(c.sizes) for c in got)
 
 
 @settings(max_examples=200, deadline=None, database=None)
