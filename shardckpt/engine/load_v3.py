@@ -185,18 +185,20 @@ class RuleChunks:
 
     def _resolve(self, key: str, offsets: tuple[int, ...], c: Chunk, ref: FileRef) -> ChunkRecord:
         """The record of chunk ``c`` of ``key`` (at ``ref`` in the file table), from its index entry."""
-        index = self._inline(c.file)
-        if index is None:
-            index = self._rank_index(ref)[ref.number]
-            where = f"{self.where}: index record {self._describe(ref, ref.index_name)} (rank {ref.rank}), key {key!r}"
-        else:
-            where = f"{self.where}: the manifest's inline_index (rank {ref.rank}'s file), key {key!r}"
+        inline = self._inline(c.file)
+        index = self._rank_index(ref)[ref.number] if inline is None else inline
         name = self._names.get(c.file)
         if name is None:
             name = self._names[c.file] = ref.name
-        entry = index.entry(c.byte_offset, c.byte_length, where=f"{where}, file {name!r}")
-        hashes = tuple(entry.block_hash(i) for i in range(len(entry.block_hashes) // 16))
-        record = ChunkRecord(c.offsets, c.sizes, name, c.byte_offset, c.byte_length, hashes, entry.digest)
+        entry = index.find(c.byte_offset, c.byte_length)
+        if entry is None:  # raises, naming the record (built only then: thousands of chunks a load)
+            if inline is None:
+                where = f"index record {self._describe(ref, ref.index_name)} (rank {ref.rank})"
+            else:
+                where = f"the manifest's inline_index (rank {ref.rank}'s file)"
+            index.entry(c.byte_offset, c.byte_length, where=f"{self.where}: {where}, key {key!r}, file {name!r}")
+            raise AssertionError("FileIndex.entry accepted what find refused")  # pragma: no cover
+        record = ChunkRecord(c.offsets, c.sizes, name, c.byte_offset, c.byte_length, entry.hashes(), entry.digest)
         if name not in self._files:
             self._files[name] = FileRecord(index.size, index.hash, ref.rank, ref.checkpoint)
         self._chunks[(key, offsets)] = record

@@ -37,6 +37,13 @@ class IndexEntry:
     def block_hash(self, i: int) -> str:
         return self.block_hashes[16 * i : 16 * i + 16]
 
+    def hashes(self) -> tuple[str, ...]:
+        """Every block's hash, in order (what a ChunkRecord's ``block_hashes`` holds)."""
+        text = self.block_hashes
+        if len(text) == 16:  # one block: most chunks of small tensors
+            return (text,)
+        return tuple(text[i : i + 16] for i in range(0, len(text), 16))
+
 
 @dataclass(frozen=True)
 class FileIndex:
@@ -56,6 +63,16 @@ class FileIndex:
             return self
         entries = tuple(IndexEntry(e.byte_offset, e.byte_length, e.block_hashes) for e in self.entries)
         return FileIndex(self.size, self.hash, entries)
+
+    def find(self, byte_offset: int, byte_length: int) -> IndexEntry | None:
+        """The entry of the chunk at ``byte_offset`` if it has ``byte_length`` bytes, else
+        None (:meth:`entry` says what is wrong). Binary search, no message built."""
+        i = bisect.bisect_left(self._offsets, byte_offset)
+        if i < len(self.entries):
+            found = self.entries[i]
+            if found.byte_offset == byte_offset and found.byte_length == byte_length:
+                return found
+        return None
 
     def entry(self, byte_offset: int, byte_length: int, *, where: str) -> IndexEntry:
         """The entry of the chunk at ``byte_offset`` (binary search); ManifestError if the

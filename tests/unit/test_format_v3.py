@@ -229,6 +229,17 @@ def test_a_tampered_page_or_index_record_is_refused_before_it_is_parsed():
         files[0].entry(130, 64, where="r0")
     with pytest.raises(ManifestError, match="has 64 bytes in the index record, 60 by the manifest"):
         files[0].entry(128, 60, where="r0")
+    # find: the same lookup without a message, None where entry refuses
+    assert files[0].find(130, 64) is None and files[0].find(128, 60) is None
+    for e in files[0].entries:
+        assert (
+            files[0].find(e.byte_offset, e.byte_length) is e is files[0].entry(e.byte_offset, e.byte_length, where="")
+        )
+        blocks = len(e.block_hashes) // 16
+        assert e.hashes() == tuple(e.block_hash(i) for i in range(blocks)) and "".join(e.hashes()) == e.block_hashes
+    assert IndexEntry(0, 3 * BLOCK, "0123456789abcdef" * 2 + "f" * 16).hashes() == ("0123456789abcdef",) * 2 + (
+        "f" * 16,
+    )
 
 
 def test_the_spec_examples_are_the_draft_records():
