@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 
 import shardckpt
 from shardckpt.errors import ManifestError
-from shardckpt.format import manifest_v3_bulk, manifest_v3_parser
+from shardckpt.format import manifest_v3_bulk, manifest_v3_parser, rank_index
 from shardckpt.format.manifest_v3 import Tensor
 from shardckpt.format.manifest_v3_bulk import ruled_tensors
 
@@ -227,3 +227,80 @@ def test_a_saved_format_3_manifest_parses_alike_by_both_paths(tmp_path, monkeypa
 
 def test_the_module_is_the_one_the_parser_calls() -> None:
     assert manifest_v3_parser.ruled_tensors is manifest_v3_bulk.ruled_tensors
+
+
+# ---------------------------------------------------------------- index records' entries (rank_index)
+
+BLOCK = 4096
+
+
+def _file_object(digests: bool) -> dict[str, Any]:
+    """A data file of 4 chunks: one of 0 bytes, one of 3 blocks, a gap between two."""
+    spans = [(0, 0), (0, 100), (100, 3 * BLOCK), (3 * BLOCK + 200, 8)]
+    entries = []
+    for k, (at, n) in enumerate(spans):
+        e: list[Any] = [at, n, "".join(f"{k:x}{b:015x}" for b in range(-(-n // BLOCK)))]
+        if digests:
+            e.append(f"{k:032x}")
+        entries.append(e)
+    return {"size": 3 * BLOCK + 208, "hash": "0" * 16, "entries": entries}
+
+
+def _index_outcome(doc: Any, digests: bool, quick: bool) -> Any:
+    saved = rank_index._entries_in_bulk
+    try:
+        if not quick:
+            rank_index._entries_in_bulk = lambda *a: None  # type: ignore[assignment]
+        return rank_index._file_index(doc, BLOCK, digests, "r0: files[0]")
+    except ManifestError as e:
+        return str(e)
+    finally:
+        rank_index._entries_in_bulk = saved
+
+
+def _index_agree(doc: Any, digests: bool) -> None:
+    expected = _index_outcome(copy.deepcopy(doc), digests, quick=False)
+    got = _index_outcome(doc, digests, quick=True)
+    assert got == expected
+    if not isinstance(got, str):
+        assert [e.__dict__ for e in got.entries] == [e.__dict__ for e in expected.entries]
+
+
+def test_a_valid_file_object_takes_the_bulk_path():
+    for digests in (False, True):
+        doc = _file_object(digests)
+        quick = rank_index._entries_in_bulk(doc["entries"], doc["size"], BLOCK, digests)
+        assert quick is not None and len(quick) == 4
+        _index_agree(doc, digests)
+
+
+@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(data=st.data(), digests=st.booleans(), damage=st.integers(1, 3))
+def test_damaged_index_entries_give_the_same_entries_or_the_same_error(data: Any, digests: bool, damage: int) -> None:
+    doc = _file_object(digests)
+    odd = st.one_of(
+        _ODD,
+        st.sampled_from(
+            ["0" * 16, "f" * 32, "0" * 15, "A" * 16, "0" * 16 + "\n", "0" * 48, 4 * BLOCK, 3 * BLOCK + 208]
+        ),
+    )
+    for _ in range(damage):
+        where = data.draw(st.sampled_from(_paths(doc["entries"])[1:]))
+        parent = doc["entries"]
+        for k in where[:-1]:
+            parent = parent[k]
+        parent[where[-1]] = data.draw(odd)
+    _index_agree(doc, digests)
+
+
+def test_every_single_damage_to_an_entry_gives_the_same_entries_or_the_same_error() -> None:
+    for digests in (False, True):
+        valid = _file_object(digests)
+        for where in _paths(valid["entries"])[1:]:
+            for value in [*_BOUNDARY, "0" * 16, "0" * 32, 3 * BLOCK + 208, 3 * BLOCK + 209, 99]:
+                doc = copy.deepcopy(valid)
+                parent = doc["entries"]
+                for k in where[:-1]:
+                    parent = parent[k]
+                parent[where[-1]] = copy.deepcopy(value)
+                _index_agree(doc, digests)
