@@ -42,6 +42,7 @@ def _in_child(body: Callable[[], str], report: Path) -> None:
     if pid == 0:  # the child: never returns into pytest
         code = 0
         try:
+            torch.set_num_threads(1)  # an OpenMP pool does not survive fork() either (not ours to test)
             report.write_text(body())
         except BaseException:  # noqa: BLE001 - reported to the parent
             report.write_text("child raised:\n" + traceback.format_exc())
