@@ -47,6 +47,7 @@ PHASES = (
     ("shardckpt.engine.planner", "LoadPlanner.create_local_plan"),
     ("shardckpt.engine.reader", "Reader.read_metadata"),
     ("shardckpt.engine.reader", "Reader.read_data"),
+    ("shardckpt.engine.reader", "read_runs"),  # inside read_data: the read's planning, on the calling thread
 )
 
 

@@ -60,6 +60,8 @@ class BoxReader:
         self.where = where
         self._sizes_checked: set[str] = set()
         self._strides: dict[tuple[int, ...], tuple[int, ...]] = {}  # a chunk's sizes -> its strides (any thread)
+        # (sizes, dtype, byte length) of a chunk -> the Span of the whole chunk (any thread)
+        self._whole_spans: dict[tuple[tuple[int, ...], str, int], Span] = {}
 
     in_place_min_bytes = 1 << 20
     """A box that is one run of its chunk but not whole checksum blocks is read in place
@@ -90,12 +92,18 @@ class BoxReader:
         """The bytes of ``chunk`` that a box (``lengths`` elements per dimension from
         ``start``, chunk coordinates) takes, rounded out to whole checksum blocks when
         verifying. The box must not be empty."""
-        dtype = datafile.torch_dtype(self.manifest.tensors[key].dtype, where=key)
+        dtype_name = self.manifest.tensors[key].dtype
+        whole = lengths == chunk.sizes and not any(start)  # the whole chunk (a same-layout load, #18)
+        if whole:  # thousands of chunks have a few shapes: one Span each
+            found = self._whole_spans.get((chunk.sizes, dtype_name, chunk.byte_length))
+            if found is not None:
+                return found
+        dtype = datafile.torch_dtype(dtype_name, where=key)
         isz = dtype.itemsize
         strides = self._strides.get(chunk.sizes)
-        if strides is None:  # thousands of chunks have a few shapes
+        if strides is None:
             strides = self._strides[chunk.sizes] = _contiguous_strides(chunk.sizes)
-        if lengths == chunk.sizes and not any(start):  # the whole chunk (a same-layout load): no sums (#18)
+        if whole:  # no sums
             lengths = chunk.sizes  # a tuple already
             first, last = 0, (strides[0] * lengths[0] if lengths else 1) - 1
         else:
@@ -106,7 +114,10 @@ class BoxReader:
         if self.verify:
             block = self.manifest.hash_block_bytes
             lo, hi = lo // block * block, min(chunk.byte_length, -(-hi // block) * block)
-        return Span(lo, hi, first, last, lengths, strides, dtype)
+        found = Span(lo, hi, first, last, lengths, strides, dtype)
+        if whole:
+            self._whole_spans[chunk.sizes, dtype_name, chunk.byte_length] = found
+        return found
 
     def read_box(self, key: str, chunk: ChunkRecord, start: Sequence[int], dest: torch.Tensor) -> int:
         """Fill ``dest`` with the box of ``chunk`` (a chunk of tensor ``key``) that begins at
@@ -183,15 +194,27 @@ class BoxReader:
             keys = f"keys {first.key!r} .. {last.key!r} ({len(boxes)} chunks read together)"
             raise IntegrityError(f"{self.where}: file {self.files.describe(first.chunk.file)}, {keys}: {e}") from e
         if self.verify:
-            block = self.manifest.hash_block_bytes
-            for b, got in zip(boxes, pieces, strict=True):
-                s, expected = b.span, b.chunk.block_hashes
-                if not integrity.box_matches(got, s.hi - s.lo, s.lo // block, block, expected):  # type: ignore[arg-type]
-                    where = self._where(b.key, b.chunk)  # formatted on a mismatch only (#18)
-                    integrity.verify_box(got, s.hi - s.lo, s.lo // block, block, expected, where)  # type: ignore[arg-type]
+            self._verify_run(boxes, pieces)
         for b, dest, at in reads.staged:
             _copy_staged(reads.staging, at, b.span, dest)
         return reads.size
+
+    def _verify_run(self, boxes: Sequence[RunBox], pieces: Sequence[WriteBuffer | list[memoryview]]) -> None:
+        """Check the bytes read for each box (``pieces``, as :meth:`read_run` read them)
+        against the manifest's block hashes; raise IntegrityError naming the file, key and
+        block of the first box that differs. One call into :mod:`~shardckpt.format.integrity`
+        for the run (#18)."""
+        block = self.manifest.hash_block_bytes
+        spans = [b.span for b in boxes]
+        nbytes = [s.hi - s.lo for s in spans]
+        first_blocks = [s.lo // block for s in spans]
+        expected = [b.chunk.block_hashes for b in boxes]
+        bad = integrity.first_mismatch(pieces, nbytes, first_blocks, expected, block)  # type: ignore[arg-type]
+        if bad >= 0:  # the error text, formatted on a mismatch only
+            b = boxes[bad]
+            where = self._where(b.key, b.chunk)
+            integrity.verify_box(pieces[bad], nbytes[bad], first_blocks[bad], block, expected[bad], where)  # type: ignore[arg-type]
+            raise AssertionError(f"{where}: integrity.first_mismatch and verify_box disagree")  # never reached
 
     def _check_and_copy(
         self, key: str, chunk: ChunkRecord, s: Span, buf: torch.Tensor, dest: torch.Tensor | None

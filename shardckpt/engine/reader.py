@@ -109,14 +109,19 @@ class Reader(StorageReader):
         )
         boxes = chunks.prepare(tensor_items, threads=self.num_io_threads)
         runs = read_runs(tensor_items, chunks, boxes)
-        if runs:
-            # One task per thread, each taking the next run until none is left: thousands
-            # of small chunks cost no future, submit and wake-up each (issue #18).
-            workers = min(self.num_io_threads, len(runs))
-            queue, lock = iter(runs), threading.Lock()
-            with ThreadPoolExecutor(workers, thread_name_prefix="shardckpt-read") as pool:
-                for f in [pool.submit(self._read_runs, boxes, queue, lock, planner) for _ in range(workers)]:
-                    self.bytes_read += f.result()
+        # One task per thread, each taking the next run until none is left: thousands
+        # of small chunks cost no future, submit and wake-up each (issue #18). The calling
+        # thread reads too, so a small load starts no thread at all.
+        workers = reader_threads(runs, self.num_io_threads)
+        queue, lock = iter(runs), threading.Lock()
+        if workers == 1:
+            self.bytes_read += self._read_runs(boxes, queue, lock, planner)
+            return
+        with ThreadPoolExecutor(workers - 1, thread_name_prefix="shardckpt-read") as pool:
+            helpers = [pool.submit(self._read_runs, boxes, queue, lock, planner) for _ in range(workers - 1)]
+            self.bytes_read += self._read_runs(boxes, queue, lock, planner)
+            for f in helpers:
+                self.bytes_read += f.result()
 
     def _read_runs(
         self,
@@ -128,26 +133,42 @@ class Reader(StorageReader):
         """Read runs from ``queue`` (shared by the reader threads) until it is empty;
         returns the bytes read from storage."""
         done = 0
+        # DCP's own commit_tensor does nothing: not called 3,000 times for small chunks (#18)
+        commits = type(planner).commit_tensor is not DefaultLoadPlanner.commit_tensor
         while True:
             with lock:
                 run = next(queue, None)
             if run is None:
                 return done
-            # detached only where autograd would refuse the in-place copy (3 us a tensor)
-            targets = [_writable(planner.resolve_tensor(p.item)) for p in run]
+            # detached (3 us a tensor) only where it requires grad (a parameter's local
+            # tensor), which the copy into it, or ``numpy()`` of it, would refuse
+            targets = [t.detach() if t.requires_grad else t for t in map(planner.resolve_tensor, map(_ITEM, run))]
             if len(run) == 1:
                 p = run[0]
                 done += boxes.read_box(p.item.storage_index.fqn, p.chunk, p.item.storage_offsets, targets[0])
             else:  # no object made per box: each is one more GC-tracked allocation (#18)
                 done += boxes.read_run([p.box for p in run if p.box is not None], targets)
-            for p, t in zip(run, targets, strict=True):
-                planner.commit_tensor(p.item, t)
+            if commits:
+                for p, t in zip(run, targets, strict=True):
+                    planner.commit_tensor(p.item, t)
 
 
-def _writable(target: torch.Tensor) -> torch.Tensor:
-    """``target`` as the reader fills it: detached if it requires grad (a parameter's
-    local tensor), which a copy into it, or ``numpy()`` of it, would refuse."""
-    return target.detach() if target.requires_grad else target
+READ_BYTES_PER_THREAD = 32 << 20
+"""A load reads with one more thread for each this many bytes it reads (up to its
+``num_io_threads``, one per run at most): below that, starting a thread and handing the GIL
+between threads cost more CPU than overlapping the reads saves (#18)."""
+
+
+def reader_threads(runs: Sequence[list[PlannedRead]], num_io_threads: int) -> int:
+    """How many threads (the calling one included) read ``runs``: one per
+    :data:`READ_BYTES_PER_THREAD` of their bytes, at least one, at most ``num_io_threads``
+    and one per run."""
+    total = 0
+    for run in runs:
+        first, last = run[0].box, run[-1].box
+        if first is not None and last is not None:  # a run of an empty box reads nothing
+            total += last.chunk.byte_offset + last.span.hi - first.chunk.byte_offset - first.span.lo
+    return max(1, min(num_io_threads, len(runs), 1 + total // READ_BYTES_PER_THREAD))
 
 
 RUN_ITEM_MAX_BYTES = 1 << 20
@@ -187,25 +208,35 @@ def read_runs(items: Sequence[ReadItem], chunks: ChunkSource, boxes: BoxReader) 
             continue
         span = span_of(key, chunk, item.storage_offsets, item.lengths)
         begin = chunk.byte_offset + span.lo
-        planned = PlannedRead(item, chunk, RunBox(key, chunk, span))
-        by_file.setdefault(chunk.file, []).append((begin, begin + span.hi - span.lo, planned))
+        entry = (begin, begin + span.hi - span.lo, PlannedRead(item, chunk, RunBox(key, chunk, span)))
+        in_file = by_file.get(chunk.file)
+        if in_file is None:
+            by_file[chunk.file] = [entry]
+        else:
+            in_file.append(entry)
     boxes.check_file_sizes([*by_file, *(run[0].chunk.file for run in alone)])
     runs: list[list[PlannedRead]] = []
+    item_max, run_max = RUN_ITEM_MAX_BYTES, RUN_MAX_BYTES
     for name in sorted(by_file):
-        end, size = -1, 0
-        for begin, stop, planned in sorted(by_file[name], key=_BEGIN_STOP):
-            small = stop - begin <= RUN_ITEM_MAX_BYTES
-            if small and runs and begin == end and size + stop - begin <= RUN_MAX_BYTES:
-                runs[-1].append(planned)
-                size += stop - begin
+        in_file = by_file[name]
+        in_file.sort(key=_BEGIN_STOP)  # already in order after a same-layout save: one pass
+        end, size = -1, 0  # no box begins at -1: the first starts a run
+        run: list[PlannedRead] = []
+        for begin, stop, planned in in_file:
+            n = stop - begin
+            if n <= item_max and begin == end and size + n <= run_max:
+                run.append(planned)
+                size += n
             else:
-                runs.append([planned])
-                size = stop - begin if small else RUN_MAX_BYTES  # nothing joins a large box
+                run = [planned]
+                runs.append(run)
+                size = n if n <= item_max else run_max  # nothing joins a large box
             end = stop
     return runs + alone
 
 
 _BEGIN_STOP = itemgetter(0, 1)
+_ITEM = itemgetter(0)  # a PlannedRead's ReadItem
 
 
 class ChunkSource(Protocol):

@@ -7,7 +7,7 @@ file also gets one whole-file hash. Swap the algorithm here and nowhere else.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
 import xxhash
@@ -39,8 +39,9 @@ def new_digester() -> xxhash.xxh3_128:
     return xxhash.xxh3_128()
 
 
-def hash_hex(data: Buffer) -> str:
-    return xxhash.xxh3_64_hexdigest(data)
+hash_hex: Callable[[Buffer], str] = xxhash.xxh3_64_hexdigest
+"""The hash of one checksum block, as lowercase hex (the C function itself: a reader hashes
+thousands of small boxes, each one call less; #18)."""
 
 
 def block_hashes(data: memoryview, block_bytes: int) -> list[str]:
@@ -92,6 +93,29 @@ def box_matches(
             return False
         return True
     return first_block < len(expected) and hash_hex(data) == expected[first_block]
+
+
+def first_mismatch(
+    pieces: Sequence[Buffer | list[memoryview]],
+    nbytes: Sequence[int],
+    first_blocks: Sequence[int],
+    expected: Sequence[tuple[str, ...]],
+    block_bytes: int,
+) -> int:
+    """The index of the first box that :func:`verify_box` would reject, or -1 when all
+    pass: box ``i`` is ``pieces[i]``, ``nbytes[i]`` bytes from block ``first_blocks[i]`` of
+    a chunk whose block hashes are ``expected[i]``. One call for a run of thousands of
+    small boxes, one hash each that fits in a block, and no error text prepared (#18); the
+    caller then calls :func:`verify_box` on the box found, for the message."""
+    digest = hash_hex
+    for i, data in enumerate(pieces):
+        first, want = first_blocks[i], expected[i]
+        if nbytes[i] <= block_bytes and not isinstance(data, list):
+            if first >= len(want) or digest(data) != want[first]:
+                return i
+        elif not box_matches(data, nbytes[i], first, block_bytes, want):
+            return i
+    return -1
 
 
 def verify_box(
