@@ -44,7 +44,7 @@ from shardckpt.format import datafile
 from shardckpt.format.manifest import ChunkRecord, Manifest
 from shardckpt.format.manifest_v3 import ManifestV3
 from shardckpt.format.values import decode_value
-from shardckpt.storage import Storage
+from shardckpt.storage import LocalStorage, Storage
 
 
 class Reader(StorageReader):
@@ -112,7 +112,10 @@ class Reader(StorageReader):
         # One task per thread, each taking the next run until none is left: thousands
         # of small chunks cost no future, submit and wake-up each (issue #18). The calling
         # thread reads too, so a small load starts no thread at all.
-        workers = reader_threads(runs, self.num_io_threads)
+        # local files: one thread per READ_BYTES_PER_THREAD; an object store's reads wait on
+        # the network, so each of its runs may have a thread (up to num_io_threads)
+        per_thread = READ_BYTES_PER_THREAD if isinstance(self.storage, LocalStorage) else 1
+        workers = reader_threads(runs, self.num_io_threads, bytes_per_thread=per_thread)
         queue, lock = iter(runs), threading.Lock()
         if workers == 1:
             self.bytes_read += self._read_runs(boxes, queue, lock, planner)
@@ -159,16 +162,18 @@ READ_BYTES_PER_THREAD = 32 << 20
 between threads cost more CPU than overlapping the reads saves (#18)."""
 
 
-def reader_threads(runs: Sequence[list[PlannedRead]], num_io_threads: int) -> int:
+def reader_threads(
+    runs: Sequence[list[PlannedRead]], num_io_threads: int, *, bytes_per_thread: int = READ_BYTES_PER_THREAD
+) -> int:
     """How many threads (the calling one included) read ``runs``: one per
-    :data:`READ_BYTES_PER_THREAD` of their bytes, at least one, at most ``num_io_threads``
-    and one per run."""
+    ``bytes_per_thread`` of their bytes, at least one, at most ``num_io_threads`` and one
+    per run."""
     total = 0
     for run in runs:
         first, last = run[0].box, run[-1].box
         if first is not None and last is not None:  # a run of an empty box reads nothing
             total += last.chunk.byte_offset + last.span.hi - first.chunk.byte_offset - first.span.lo
-    return max(1, min(num_io_threads, len(runs), 1 + total // READ_BYTES_PER_THREAD))
+    return max(1, min(num_io_threads, len(runs), 1 + total // bytes_per_thread))
 
 
 RUN_ITEM_MAX_BYTES = 1 << 20

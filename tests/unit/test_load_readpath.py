@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import threading
+import uuid
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -48,6 +49,9 @@ def test_reader_threads_grow_with_the_bytes_read_up_to_the_threads_and_runs() ->
     assert reader_threads(many, 16) == 1 + 300 // 32  # one more per 32 MiB
     empty = [[PlannedRead(None, None, None)]]  # type: ignore[arg-type]
     assert reader_threads(empty, 4) == 1
+    # an object store (bytes_per_thread=1): a thread per run, up to the threads asked for
+    assert reader_threads([_run(0, 8 * MIB), _run(8 * MIB, 8 * MIB)], 8, bytes_per_thread=1) == 2
+    assert reader_threads(many, 8, bytes_per_thread=1) == 8
     assert reader_threads([], 4) == 1
 
 
@@ -83,6 +87,27 @@ def test_a_load_past_the_bytes_per_thread_reads_with_helper_threads(
     monkeypatch.setattr(reader, "RUN_MAX_BYTES", 2048)  # ~40 runs
     got = {k: torch.zeros_like(v) for k, v in state.items()}
     shardckpt.load(got, str(tmp_path / "ck"), num_io_threads=3)
+    assert len(submitted) == 2  # the calling thread is the third
+    assert all(torch.equal(got[k], state[k]) for k in state)
+
+
+def test_an_object_store_load_reads_each_run_on_a_thread_of_its_own(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Reads from an object store wait on the network: a small load there keeps every
+    thread it asks for (one per run at most), where a local one reads on the calling thread."""
+    state = _small_state(300)
+    url = f"memory://shardckpt-readpath/{uuid.uuid4().hex}"
+    shardckpt.save(state, url, num_io_threads=1)
+    submitted: list[int] = []
+
+    class CountingPool(reader.ThreadPoolExecutor):
+        def submit(self, fn: Any, /, *args: Any, **kwargs: Any) -> Any:
+            submitted.append(1)
+            return super().submit(fn, *args, **kwargs)
+
+    monkeypatch.setattr(reader, "ThreadPoolExecutor", CountingPool)
+    monkeypatch.setattr(reader, "RUN_MAX_BYTES", 2048)  # ~40 runs of ~80 KB in all
+    got = {k: torch.zeros_like(v) for k, v in state.items()}
+    shardckpt.load(got, url, num_io_threads=3)
     assert len(submitted) == 2  # the calling thread is the third
     assert all(torch.equal(got[k], state[k]) for k in state)
 
