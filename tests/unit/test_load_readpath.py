@@ -70,11 +70,8 @@ def _small_state(n: int) -> dict[str, torch.Tensor]:
     return {f"t{i:03d}": torch.randn(64 + i % 7, generator=g) for i in range(n)}
 
 
-def test_a_load_past_the_bytes_per_thread_reads_with_helper_threads(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    state = _small_state(300)
-    shardckpt.save(state, str(tmp_path / "ck"), num_io_threads=1)
+def _count_pool_tasks(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """A list that gets one item per task the reader hands its thread pool."""
     submitted: list[int] = []
 
     class CountingPool(reader.ThreadPoolExecutor):
@@ -83,6 +80,15 @@ def test_a_load_past_the_bytes_per_thread_reads_with_helper_threads(
             return super().submit(fn, *args, **kwargs)
 
     monkeypatch.setattr(reader, "ThreadPoolExecutor", CountingPool)
+    return submitted
+
+
+def test_a_load_past_the_bytes_per_thread_reads_with_helper_threads(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    state = _small_state(300)
+    shardckpt.save(state, str(tmp_path / "ck"), num_io_threads=1)
+    submitted = _count_pool_tasks(monkeypatch)
     monkeypatch.setattr(reader, "READ_BYTES_PER_THREAD", 4096)  # ~80 KB: every thread asked for
     monkeypatch.setattr(reader, "RUN_MAX_BYTES", 2048)  # ~40 runs
     got = {k: torch.zeros_like(v) for k, v in state.items()}
@@ -97,14 +103,7 @@ def test_an_object_store_load_reads_each_run_on_a_thread_of_its_own(monkeypatch:
     state = _small_state(300)
     url = f"memory://shardckpt-readpath/{uuid.uuid4().hex}"
     shardckpt.save(state, url, num_io_threads=1)
-    submitted: list[int] = []
-
-    class CountingPool(reader.ThreadPoolExecutor):
-        def submit(self, fn: Any, /, *args: Any, **kwargs: Any) -> Any:
-            submitted.append(1)
-            return super().submit(fn, *args, **kwargs)
-
-    monkeypatch.setattr(reader, "ThreadPoolExecutor", CountingPool)
+    submitted = _count_pool_tasks(monkeypatch)
     monkeypatch.setattr(reader, "RUN_MAX_BYTES", 2048)  # ~40 runs of ~80 KB in all
     got = {k: torch.zeros_like(v) for k, v in state.items()}
     shardckpt.load(got, url, num_io_threads=3)

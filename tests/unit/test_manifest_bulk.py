@@ -18,6 +18,7 @@ from shardckpt.format import manifest_parser
 from shardckpt.format.manifest_bulk import bulk_tensors
 from shardckpt.format.manifest_records import FileRecord
 from shardckpt.format.overlap import first_overlap
+from tests.support.damage import DELETE, single_damages, value_paths
 
 BLOCK = 4096
 FILES = {
@@ -104,22 +105,13 @@ _ODD = st.one_of(
 )
 
 
-def _paths(doc: Any, prefix: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
-    """Every place in ``doc`` (keys and list indices) a damaged value can go."""
-    out = [prefix]
-    items = doc.items() if isinstance(doc, dict) else enumerate(doc) if isinstance(doc, list) else []
-    for k, v in items:
-        out += _paths(v, (*prefix, k))
-    return out
-
-
 @settings(max_examples=600, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(data=st.data(), digests=st.booleans(), damage=st.integers(1, 3))
 @example(data=None, digests=False, damage=0)
 def test_the_quick_path_accepts_exactly_what_the_full_checks_accept(data: Any, digests: bool, damage: int) -> None:
     doc = _valid_tensors(digests)
     for _ in range(damage):
-        paths = _paths(doc)[1:]
+        paths = value_paths(doc)[1:]
         where = data.draw(st.sampled_from(paths))
         parent = doc
         for k in where[:-1]:
@@ -138,20 +130,8 @@ def test_every_single_damage_is_refused_by_both_or_neither() -> None:
     """Exhaustively: each value of the valid document in turn replaced by each boundary
     value, or deleted, compared with the full checks (random damage above, combined)."""
     for digests in (False, True):
-        valid = _valid_tensors(digests)
-        for where in _paths(valid)[1:]:
-            for value in [*_BOUNDARY, KeyError]:
-                doc = copy.deepcopy(valid)
-                parent = doc
-                for k in where[:-1]:
-                    parent = parent[k]
-                if value is KeyError:
-                    if not isinstance(parent, dict):
-                        continue
-                    del parent[where[-1]]
-                else:
-                    parent[where[-1]] = copy.deepcopy(value)
-                _agree(doc, digests)
+        for doc in single_damages(_valid_tensors(digests), [*_BOUNDARY, DELETE]):
+            _agree(doc, digests)
 
 
 def test_the_quick_path_does_no_arithmetic_on_values_that_are_not_ints() -> None:

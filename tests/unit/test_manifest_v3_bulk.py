@@ -18,6 +18,7 @@ from shardckpt.errors import ManifestError
 from shardckpt.format import manifest_v3_bulk, manifest_v3_parser, rank_index
 from shardckpt.format.manifest_v3 import Tensor
 from shardckpt.format.manifest_v3_bulk import ruled_tensors
+from tests.support.damage import DELETE, single_damages, value_paths
 
 FILES = 6
 
@@ -110,22 +111,13 @@ _ODD = st.one_of(
 )
 
 
-def _paths(doc: Any, prefix: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
-    """Every place in ``doc`` (keys and list indices) a damaged value can go."""
-    out = [prefix]
-    items = doc.items() if isinstance(doc, dict) else enumerate(doc) if isinstance(doc, list) else []
-    for k, v in items:
-        out += _paths(v, (*prefix, k))
-    return out
-
-
 @settings(max_examples=600, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(data=st.data(), damage=st.integers(1, 3))
 @example(data=None, damage=0)
 def test_random_damage_gives_the_same_records_or_the_same_error(data: Any, damage: int) -> None:
     doc = _valid_tensors()
     for _ in range(damage):
-        where = data.draw(st.sampled_from(_paths(doc)[1:]))
+        where = data.draw(st.sampled_from(value_paths(doc)[1:]))
         parent = doc
         for k in where[:-1]:
             parent = parent[k]
@@ -144,20 +136,8 @@ _BOUNDARY = [None, True, False, -1, 0, 1, 2, 2**26 + 1, 2**62 - 1, 2**62, -(2**6
 def test_every_single_damage_gives_the_same_records_or_the_same_error() -> None:
     """Exhaustively: each value of the valid document in turn replaced by each boundary
     value, or deleted."""
-    valid = _valid_tensors()
-    for where in _paths(valid)[1:]:
-        for value in [*_BOUNDARY, KeyError]:
-            doc = copy.deepcopy(valid)
-            parent = doc
-            for k in where[:-1]:
-                parent = parent[k]
-            if value is KeyError:
-                if not isinstance(parent, dict):
-                    continue
-                del parent[where[-1]]
-            else:
-                parent[where[-1]] = copy.deepcopy(value)
-            _agree(doc)
+    for doc in single_damages(_valid_tensors(), [*_BOUNDARY, DELETE]):
+        _agree(doc)
 
 
 def _with(shape: list[int] | None = None, **rules: dict[str, Any]) -> dict[str, Any]:
@@ -285,7 +265,7 @@ def test_damaged_index_entries_give_the_same_entries_or_the_same_error(data: Any
         ),
     )
     for _ in range(damage):
-        where = data.draw(st.sampled_from(_paths(doc["entries"])[1:]))
+        where = data.draw(st.sampled_from(value_paths(doc["entries"])[1:]))
         parent = doc["entries"]
         for k in where[:-1]:
             parent = parent[k]
@@ -294,13 +274,8 @@ def test_damaged_index_entries_give_the_same_entries_or_the_same_error(data: Any
 
 
 def test_every_single_damage_to_an_entry_gives_the_same_entries_or_the_same_error() -> None:
+    values = [*_BOUNDARY, "0" * 16, "0" * 32, 3 * BLOCK + 208, 3 * BLOCK + 209, 99]
     for digests in (False, True):
         valid = _file_object(digests)
-        for where in _paths(valid["entries"])[1:]:
-            for value in [*_BOUNDARY, "0" * 16, "0" * 32, 3 * BLOCK + 208, 3 * BLOCK + 209, 99]:
-                doc = copy.deepcopy(valid)
-                parent = doc["entries"]
-                for k in where[:-1]:
-                    parent = parent[k]
-                parent[where[-1]] = copy.deepcopy(value)
-                _index_agree(doc, digests)
+        for entries in single_damages(valid["entries"], values):
+            _index_agree({**valid, "entries": entries}, digests)
