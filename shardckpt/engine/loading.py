@@ -299,10 +299,10 @@ def check_target(
     verifying the saved bytes. Integer, bool and complex tensors must match exactly
     either way: a cast there truncates or drops data (DCP would turn 0.7 into 0).
     """
-    saved = set(manifest.tensors) | set(manifest.values)
+    saved = manifest.tensors.keys() | manifest.values.keys()
     missing = sorted(k for k in flat if k not in saved)
-    unexpected = sorted(saved - set(flat))
-    found = {k: kind for k, v in flat.items() if (kind := _wrong_kind(manifest, k, v)) is not None}
+    unexpected = sorted(saved - flat.keys())
+    found = _wrong_kinds(manifest, flat)
     kinds = [found[k] for k in sorted(found)]
     wrong = [kind.text for kind in kinds if not (kind.castable and allow_dtype_cast)]
     problems, fixes = [], []
@@ -359,6 +359,26 @@ class _Mismatch(NamedTuple):
 
     text: str
     castable: bool = False
+
+
+def _wrong_kinds(manifest: Manifest | ManifestV3, flat: dict[str, Any]) -> dict[str, _Mismatch]:
+    """:func:`_wrong_kind` of every key of ``flat`` that has one. A tensor of the saved shape
+    and dtype is passed over here, each dtype name looked up once (#18: thousands of keys)."""
+    tensors = manifest.tensors
+    dtypes: dict[str, torch.dtype] = {}
+    found = {}
+    for key, value in flat.items():
+        rec = tensors.get(key)
+        if rec is not None and isinstance(value, torch.Tensor):
+            dtype = dtypes.get(rec.dtype)
+            if dtype is None:
+                dtype = dtypes[rec.dtype] = datafile.torch_dtype(rec.dtype, where=key)
+            if value.shape == rec.shape and value.dtype == dtype:
+                continue
+        kind = _wrong_kind(manifest, key, value)
+        if kind is not None:
+            found[key] = kind
+    return found
 
 
 def _wrong_kind(manifest: Manifest | ManifestV3, key: str, value: Any) -> _Mismatch | None:
