@@ -13,7 +13,8 @@ from torch.distributed.checkpoint.default_planner import create_default_local_lo
 from torch.distributed.checkpoint.metadata import Metadata, TensorStorageMetadata
 
 from shardckpt.engine.load_items import ListedTensorMetadata
-from shardckpt.engine.loading import _wrong_kind, _wrong_kinds, check_target
+from shardckpt.engine.loading import check_target
+from shardckpt.engine.mismatch import wrong_kind, wrong_kinds
 from shardckpt.errors import ManifestError, StateDictMismatchError
 from tests.support.distributed import run_ranks
 from tests.unit.test_load_items import _state_and_metadata
@@ -117,9 +118,9 @@ def test_the_quick_pass_of_check_target_finds_what_the_exact_one_finds() -> None
         "step": 0,
         "new": torch.zeros(1),
     }
-    exact = {k: m for k, v in flat.items() if (m := _wrong_kind(manifest, k, v)) is not None}
+    exact = {k: m for k, v in flat.items() if (m := wrong_kind(manifest, k, v)) is not None}
     assert set(exact) == {"shape", "cast", "int", "value_saved_as_tensor", "tensor_saved_as_value"}
-    assert _wrong_kinds(manifest, flat) == exact
+    assert wrong_kinds(manifest, flat) == exact
     assert exact["cast"].castable and not exact["int"].castable
     with pytest.raises(StateDictMismatchError, match=r"'shape': saved shape \[2, 3\].*\n.*strict=False"):
         check_target(manifest, {k: flat[k] for k in ("same", "shape")}, strict=True, source="s")
@@ -135,4 +136,4 @@ def test_an_unknown_saved_dtype_is_named_with_the_first_key_that_has_it() -> Non
     )
     flat = {"a": torch.zeros(1), "b": torch.zeros(1), "c": torch.zeros(1)}
     with pytest.raises(ManifestError, match=r"^b: unknown dtype 'Q7'"):
-        _wrong_kinds(manifest, flat)
+        wrong_kinds(manifest, flat)
