@@ -168,6 +168,26 @@ def target_box(obj: Any, meshes: Meshes) -> tuple[ChunkStorageMetadata, torch.Te
     return ChunkStorageMetadata(offsets=torch.Size(offsets), sizes=torch.Size(sizes)), local
 
 
+class _Seen:
+    """What one :func:`local_read_items` call keeps from key to key (not thread-safe; one
+    call's): each mesh's coordinate and shape (:data:`Meshes`), each rank's box origin
+    (``torch.Size`` zeros by ndim, shared by the items) and where the last key's chunk sat
+    in its saved list (the chunk of the next key is most often at the same place)."""
+
+    __slots__ = ("chunk_index", "meshes", "zeros")
+
+    def __init__(self) -> None:
+        self.meshes: Meshes = {}
+        self.zeros: dict[int, torch.Size] = {}
+        self.chunk_index = 0
+
+    def origin(self, ndim: int) -> torch.Size:
+        found = self.zeros.get(ndim)
+        if found is None:
+            found = self.zeros[ndim] = torch.Size((0,) * ndim)
+        return found
+
+
 @torch.no_grad()  # for target_box's to_local()
 def local_read_items(
     flat: dict[str, Any], metadata: Metadata, targets: dict[str, torch.Tensor] | None = None
@@ -177,28 +197,21 @@ def local_read_items(
     each key planned here, the tensor DCP's ``resolve_tensor`` would find for its items.
     Not collective; the keys of ``metadata`` the state lacks are skipped, as DCP skips them."""
     saved = metadata.state_dict_metadata
-    meshes: Meshes = {}
-    zeros: dict[int, torch.Size] = {}  # ndim -> the offsets of a box's origin, shared by the items
+    seen = _Seen()
     ours: dict[str, list[ReadItem]] = {}
     rest: dict[str, Any] = {}
     for fqn, obj in flat.items():
         md = saved.get(fqn)
         if md is None:
             continue
-        found = placed_box(obj, meshes) if isinstance(md, TensorStorageMetadata) else None
-        if (
-            found is None
-            or not isinstance(md, TensorStorageMetadata)
-            or _saved_shape(md) != (obj.shape if isinstance(found, str) else found[3])
-        ):
-            rest[fqn] = obj  # DCP plans it (and raises its own errors)
-        elif isinstance(found, str):  # OFF_MESH
-            ours[fqn] = []
+        if type(obj) is DTensor and type(md) is ListedTensorMetadata and md._chunks is None:
+            items = _listed_dtensor_items(fqn, obj, md, seen, targets)  # the common case, inline (#18)
         else:
-            sizes, offsets, local, _ = found
-            ours[fqn] = _items_for_box(fqn, md, sizes, offsets, zeros)
-            if targets is not None:
-                targets[fqn] = local
+            items = _tensor_items(fqn, obj, md, seen, targets)
+        if items is None:
+            rest[fqn] = obj  # DCP plans it (and raises its own errors)
+        else:
+            ours[fqn] = items
     if not rest:
         return [item for items in ours.values() for item in items]
     theirs: dict[str, list[ReadItem]] = {}
@@ -207,28 +220,73 @@ def local_read_items(
     return [item for fqn in flat for item in (ours[fqn] if fqn in ours else theirs.get(fqn, ()))]
 
 
+def _tensor_items(
+    fqn: str, obj: Any, md: Any, seen: _Seen, targets: dict[str, torch.Tensor] | None
+) -> list[ReadItem] | None:
+    """The read items of the saved ``fqn`` (``md``) for the target ``obj``, or None for DCP to
+    plan them: :func:`placed_box`'s box mapped onto the saved chunks (``targets``: see
+    :func:`local_read_items`)."""
+    if not isinstance(md, TensorStorageMetadata):
+        return None
+    found = placed_box(obj, seen.meshes)
+    if found is None or _saved_shape(md) != (obj.shape if isinstance(found, str) else found[3]):
+        return None
+    if isinstance(found, str):  # OFF_MESH
+        return []
+    sizes, offsets, local, _ = found
+    if targets is not None:
+        targets[fqn] = local
+    return _items_for_box(fqn, md, torch.Size(sizes), torch.Size(offsets), seen)
+
+
+def _listed_dtensor_items(
+    fqn: str, obj: DTensor, md: ListedTensorMetadata, seen: _Seen, targets: dict[str, torch.Tensor] | None
+) -> list[ReadItem] | None:
+    """:func:`_tensor_items` of a DTensor whose saved chunks are the manifest's records,
+    with :func:`placed_box`'s steps inline: thousands of small DTensors spent more in the
+    calls and conversions between those functions than in their work (#18)."""
+    local = obj.to_local()  # the local tensor itself: the caller turned autograd off
+    if hasattr(local, "__create_chunk_list__") or hasattr(local, "__get_tensor_shard__"):
+        return None  # a local tensor that plans itself
+    shape = obj.shape
+    if shape != md.shape:
+        return None
+    mesh = obj.device_mesh
+    known = seen.meshes.get(id(mesh))
+    if known is None:
+        known = seen.meshes[id(mesh)] = (mesh.get_coordinate(), tuple(mesh.shape))
+    coordinate, mesh_shape = known
+    if coordinate is None:
+        return []  # OFF_MESH
+    box = shard_box(shape, mesh_shape, coordinate, obj.placements)
+    if box is None:
+        return None
+    if targets is not None:
+        targets[fqn] = local
+    return _items_for_box(fqn, md, torch.Size(box[0]), torch.Size(box[1]), seen)
+
+
 def _saved_shape(md: TensorStorageMetadata) -> tuple[int, ...]:
     """The global shape of a saved tensor, without building its ``torch.Size`` when listed."""
     return md.shape if isinstance(md, ListedTensorMetadata) else md.size
 
 
 def _items_for_box(
-    fqn: str, md: TensorStorageMetadata, sizes: tuple[int, ...], offsets: tuple[int, ...], zeros: dict[int, torch.Size]
+    fqn: str, md: TensorStorageMetadata, sizes: torch.Size, offsets: torch.Size, seen: _Seen
 ) -> list[ReadItem]:
     """DCP's read items for one target box (``sizes`` at ``offsets``): built here when a
     saved chunk is exactly the box (saved chunks are disjoint, so no other one overlaps
     it; an empty box reads nothing, as DCP's overlap test finds), else DCP's resharding
-    step. ``zeros``: ndim -> a box origin, kept across calls."""
+    step. The chunk is looked for first where the last key's was (``seen``)."""
     if 0 in sizes:
         return []
     chunks: Sequence[SavedBox | ChunkStorageMetadata] = (
         md.saved if isinstance(md, ListedTensorMetadata) and md._chunks is None else md.chunks
     )
-    for index, chunk in enumerate(chunks):
-        if chunk.offsets == offsets and chunk.sizes == sizes:
-            origin = zeros.get(len(sizes))
-            if origin is None:
-                origin = zeros[len(sizes)] = torch.Size((0,) * len(sizes))
-            return [whole_chunk_item(fqn, torch.Size(offsets), torch.Size(sizes), index, origin)]
-    box = ChunkStorageMetadata(offsets=torch.Size(offsets), sizes=torch.Size(sizes))
-    return create_read_items_for_chunk_list(fqn, md, [box])
+    index = seen.chunk_index
+    if not (index < len(chunks) and chunks[index].offsets == offsets and chunks[index].sizes == sizes):
+        index = next((i for i, c in enumerate(chunks) if c.offsets == offsets and c.sizes == sizes), -1)
+        if index < 0:
+            return create_read_items_for_chunk_list(fqn, md, [ChunkStorageMetadata(offsets=offsets, sizes=sizes)])
+        seen.chunk_index = index
+    return [whole_chunk_item(fqn, offsets, sizes, index, seen.origin(len(sizes)))]

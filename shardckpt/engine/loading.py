@@ -19,10 +19,11 @@ import torch
 from shardckpt.engine.collector import collector_paused
 from shardckpt.engine.exchange import Exchange, raise_gathered
 from shardckpt.engine.load_v3 import load_planner
+from shardckpt.engine.mismatch import fresh_optimizer_hint, mismatch_fixes, wrong_kinds
 from shardckpt.engine.options import Timeouts
 from shardckpt.engine.protocol import read_in_rounds
 from shardckpt.engine.reader import Reader
-from shardckpt.engine.state import PlainState, describe, flatten, flatten_plain_dicts, tensor_problem
+from shardckpt.engine.state import PlainState, flatten, flatten_plain_dicts, tensor_problem
 from shardckpt.errors import (
     CheckpointNotFoundError,
     InconsistentRanksError,
@@ -32,7 +33,7 @@ from shardckpt.errors import (
     UnsupportedFormatVersionError,
     UnsupportedValueError,
 )
-from shardckpt.format import datafile, integrity, layout
+from shardckpt.format import integrity, layout
 from shardckpt.format.manifest import MAX_MANIFEST_BYTES, Manifest, unseal
 from shardckpt.format.manifest_v3 import ManifestV3
 from shardckpt.format.manifest_v3_parser import parse_any_manifest
@@ -299,10 +300,10 @@ def check_target(
     verifying the saved bytes. Integer, bool and complex tensors must match exactly
     either way: a cast there truncates or drops data (DCP would turn 0.7 into 0).
     """
-    saved = set(manifest.tensors) | set(manifest.values)
+    saved = manifest.tensors.keys() | manifest.values.keys()
     missing = sorted(k for k in flat if k not in saved)
-    unexpected = sorted(saved - set(flat))
-    found = {k: kind for k, v in flat.items() if (kind := _wrong_kind(manifest, k, v)) is not None}
+    unexpected = sorted(saved - flat.keys())
+    found = wrong_kinds(manifest, flat)
     kinds = [found[k] for k in sorted(found)]
     wrong = [kind.text for kind in kinds if not (kind.castable and allow_dtype_cast)]
     problems, fixes = [], []
@@ -316,7 +317,7 @@ def check_target(
             + listing([repr(k) for k in unexpected])
         )
     if strict and (missing or unexpected):
-        fixes += _fresh_optimizer_hint(flat, unexpected)
+        fixes += fresh_optimizer_hint(flat, unexpected)
         fixes.append(
             "Pass strict=False to load only the keys both have (load returns the keys it skipped), "
             "or build the state_dict the way the saved one was built."
@@ -325,7 +326,7 @@ def check_target(
         problems.append(
             f"{_count(len(wrong), 'key')} where the state_dict cannot hold what was saved: {listing(wrong, width=240)}"
         )
-        fixes += _mismatch_fixes(castable=any(kind.castable for kind in kinds), allow_dtype_cast=allow_dtype_cast)
+        fixes += mismatch_fixes(castable=any(kind.castable for kind in kinds), allow_dtype_cast=allow_dtype_cast)
     if problems:
         raise StateDictMismatchError(
             f"{source}: the state_dict does not match the checkpoint:\n  "
@@ -334,65 +335,3 @@ def check_target(
             + " ".join(fixes)
         )
     return LoadResult(missing, unexpected)
-
-
-def _mismatch_fixes(*, castable: bool, allow_dtype_cast: bool) -> list[str]:
-    """The fixes of tensors of another shape or dtype; ``castable``: some differ in a floating dtype only."""
-    fixes = []
-    if castable and not allow_dtype_cast:
-        fixes.append(
-            "Pass allow_dtype_cast=True to convert floating tensors saved in another floating dtype "
-            "as they are read (the rounding of target.copy_(saved); integer and bool tensors must match)."
-        )
-    if allow_dtype_cast:
-        fixes.append("allow_dtype_cast=True converts only between floating dtypes, and never changes a shape.")
-    fixes.append(
-        "Build the target with the saved shapes and dtypes (the same model configuration, e.g. "
-        "model.to(dtype) before loading) and convert it after loading; `shardckpt inspect` lists what was saved."
-    )
-    return fixes
-
-
-class _Mismatch(NamedTuple):
-    """Why a target value cannot be filled from a saved key: ``text`` for the message;
-    ``castable`` when only the dtype differs, both floating (``allow_dtype_cast`` accepts it)."""
-
-    text: str
-    castable: bool = False
-
-
-def _wrong_kind(manifest: Manifest | ManifestV3, key: str, value: Any) -> _Mismatch | None:
-    """What keeps ``value`` from being filled from the saved ``key``, or None."""
-    rec = manifest.tensors.get(key)
-    if rec is not None:
-        dtype = datafile.torch_dtype(rec.dtype, where=key)
-        if not isinstance(value, torch.Tensor):
-            return _Mismatch(f"{key!r}: saved as a tensor, the state_dict holds {describe(value)}")
-        same_shape = value.shape == rec.shape  # torch.Size equals the tuple of its sizes
-        if not same_shape or value.dtype != dtype:
-            text = (
-                f"{key!r}: saved shape {list(rec.shape)} dtype {str(dtype).removeprefix('torch.')}, "
-                f"the state_dict holds {describe(value)}"
-            )
-            return _Mismatch(text, castable=same_shape and dtype.is_floating_point and value.dtype.is_floating_point)
-    elif key in manifest.values and isinstance(value, torch.Tensor):
-        return _Mismatch(f"{key!r}: saved as a non-tensor value, the state_dict holds {describe(value)}")
-    return None
-
-
-def _fresh_optimizer_hint(flat: dict[str, Any], unexpected: list[str]) -> list[str]:
-    """The fix when the target holds a fresh optimizer's ``state_dict()`` (param_groups,
-    but no state before the first step) where the checkpoint has optimizer state."""
-    prefixes = {k.split(".param_groups.", 1)[0] for k in flat if ".param_groups." in k}
-    fresh = sorted(
-        p
-        for p in prefixes
-        if not any(k.startswith(f"{p}.state.") for k in flat) and any(u.startswith(f"{p}.state.") for u in unexpected)
-    )
-    if not fresh:
-        return []
-    return [
-        f"{fresh[0]!r} looks like the state_dict() of an optimizer that has not taken a step yet (it has no "
-        "state to load into): put the optimizer itself in the state_dict, with its model, e.g. "
-        "{'model': model, 'optim': optim}, and load fills both in place."
-    ]
