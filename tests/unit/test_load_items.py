@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import itertools
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -93,13 +95,13 @@ def _state_and_metadata(world: int) -> tuple[dict[str, Any], Metadata]:
     return flat, Metadata(state_dict_metadata=sd)
 
 
-def _compare_with_dcp(rank: int, world: int) -> None:
+@contextlib.contextmanager
+def dcp_boxes_asked() -> Iterator[list[Any]]:
+    """A list that gets every DTensor DCP is asked to list the boxes of
+    (``__create_chunk_list__``) inside the block: our planner's fast path asks for none."""
     from torch.distributed.tensor import DTensor
 
-    from shardckpt.engine.load_items import local_read_items
-
-    flat, metadata = _state_and_metadata(world)
-    asked: list[str] = []
+    asked: list[Any] = []
     original = DTensor.__create_chunk_list__
 
     def counting(self: Any) -> Any:
@@ -108,13 +110,21 @@ def _compare_with_dcp(rank: int, world: int) -> None:
 
     DTensor.__create_chunk_list__ = counting  # type: ignore[method-assign]
     try:
+        yield asked
+    finally:
+        DTensor.__create_chunk_list__ = original  # type: ignore[method-assign]
+
+
+def _compare_with_dcp(rank: int, world: int) -> None:
+
+    from shardckpt.engine.load_items import local_read_items
+
+    flat, metadata = _state_and_metadata(world)
+    with dcp_boxes_asked() as asked:
         targets: dict[str, torch.Tensor] = {}
         ours = local_read_items(flat, metadata, targets)
         assert not asked, f"DCP was asked for {len(asked)} boxes: the fast path was not taken"
-        asked.clear()
         theirs = create_default_local_load_plan(flat, metadata, False).items
-    finally:
-        DTensor.__create_chunk_list__ = original  # type: ignore[method-assign]
     assert len(asked) > 100 and len(theirs) > 300  # DCP's own path asked every DTensor
     assert ours == theirs
     hints = [(i.dest_index.index, i.storage_index.index) for i in ours]

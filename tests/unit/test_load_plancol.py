@@ -17,7 +17,7 @@ from shardckpt.engine.loading import check_target
 from shardckpt.engine.mismatch import wrong_kind, wrong_kinds
 from shardckpt.errors import ManifestError, StateDictMismatchError
 from tests.support.distributed import run_ranks
-from tests.unit.test_load_items import _state_and_metadata
+from tests.unit.test_load_items import _state_and_metadata, dcp_boxes_asked
 
 
 class _Record(NamedTuple):
@@ -49,20 +49,10 @@ def _compare_listed_with_dcp(rank: int, world: int) -> None:
 
     flat, plain = _state_and_metadata(world)
     listed = _listed(plain, seed=rank)
-    asked: list[Any] = []
-    original = DTensor.__create_chunk_list__
-
-    def counting(self: Any) -> Any:
-        asked.append(self)
-        return original(self)
-
-    DTensor.__create_chunk_list__ = counting  # type: ignore[method-assign]
-    try:
+    with dcp_boxes_asked() as asked:
         targets: dict[str, torch.Tensor] = {}
         ours = local_read_items(flat, listed, targets)
-        assert not asked, f"DCP was asked for {len(asked)} boxes: the fast path was not taken"
-    finally:
-        DTensor.__create_chunk_list__ = original  # type: ignore[method-assign]
+    assert not asked, f"DCP was asked for {len(asked)} boxes: the fast path was not taken"
     # DCP's items against the same (shuffled) chunk lists, as DCP's own objects
     dcp_view = Metadata(
         state_dict_metadata={
