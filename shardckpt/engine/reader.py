@@ -111,10 +111,9 @@ class Reader(StorageReader):
         runs = read_runs(tensor_items, chunks, boxes)
         # One task per thread, each taking the next run until none is left: thousands
         # of small chunks cost no future, submit and wake-up each (issue #18). The calling
-        # thread reads too, so a small load starts no thread at all.
-        # local files: one thread per READ_BYTES_PER_THREAD; an object store's reads wait on
-        # the network, so each of its runs may have a thread (up to num_io_threads)
-        per_thread = READ_BYTES_PER_THREAD if isinstance(self.storage, LocalStorage) else 1
+        # thread reads too, so a small local load starts no thread at all; an object
+        # store's reads wait on the network, so each of its runs may have a thread.
+        per_thread = READ_BYTES_PER_THREAD if isinstance(self.storage, LocalStorage) else None
         workers = reader_threads(runs, self.num_io_threads, bytes_per_thread=per_thread)
         queue, lock = iter(runs), threading.Lock()
         if workers == 1:
@@ -163,11 +162,13 @@ between threads cost more CPU than overlapping the reads saves (#18)."""
 
 
 def reader_threads(
-    runs: Sequence[list[PlannedRead]], num_io_threads: int, *, bytes_per_thread: int = READ_BYTES_PER_THREAD
+    runs: Sequence[list[PlannedRead]], num_io_threads: int, *, bytes_per_thread: int | None = READ_BYTES_PER_THREAD
 ) -> int:
     """How many threads (the calling one included) read ``runs``: one per
-    ``bytes_per_thread`` of their bytes, at least one, at most ``num_io_threads`` and one
-    per run."""
+    ``bytes_per_thread`` of their bytes (None: no limit by bytes), at least one, at most
+    ``num_io_threads`` and one per run."""
+    if bytes_per_thread is None:
+        return max(1, min(num_io_threads, len(runs)))
     total = 0
     for run in runs:
         first, last = run[0].box, run[-1].box

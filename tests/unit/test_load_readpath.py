@@ -49,9 +49,10 @@ def test_reader_threads_grow_with_the_bytes_read_up_to_the_threads_and_runs() ->
     assert reader_threads(many, 16) == 1 + 300 // 32  # one more per 32 MiB
     empty = [[PlannedRead(None, None, None)]]  # type: ignore[arg-type]
     assert reader_threads(empty, 4) == 1
-    # an object store (bytes_per_thread=1): a thread per run, up to the threads asked for
-    assert reader_threads([_run(0, 8 * MIB), _run(8 * MIB, 8 * MIB)], 8, bytes_per_thread=1) == 2
-    assert reader_threads(many, 8, bytes_per_thread=1) == 8
+    # an object store (no limit by bytes): a thread per run, up to the threads asked for
+    assert reader_threads([_run(0, 8 * MIB), _run(8 * MIB, 8 * MIB)], 8, bytes_per_thread=None) == 2
+    assert reader_threads(many, 8, bytes_per_thread=None) == 8
+    assert reader_threads([], 8, bytes_per_thread=None) == 1
     assert reader_threads([], 4) == 1
 
 
