@@ -33,6 +33,7 @@ from torch.distributed.checkpoint.state_dict import (
     set_model_state_dict,
     set_optimizer_state_dict,
 )
+from torch.distributed.tensor import DTensor
 
 from shardckpt.errors import UnsupportedValueError
 
@@ -84,6 +85,10 @@ def describe_path(path: Path) -> str:
     return "state_dict" + "".join(f"[{p!r}]" for p in path)
 
 
+_LEAVES = frozenset({torch.Tensor, nn.Parameter, DTensor, int, float, str, bool, type(None)})
+"""Types that hold no module or optimizer (exactly these types: a subclass is walked)."""
+
+
 def find_live(state_dict: dict[str, Any]) -> list[tuple[Path, nn.Module | torch.optim.Optimizer]]:
     """Every module and optimizer in ``state_dict``'s dicts and lists, with its path.
 
@@ -91,15 +96,15 @@ def find_live(state_dict: dict[str, Any]) -> list[tuple[Path, nn.Module | torch.
     one inside a tuple (DCP stores a tuple as one value, so it could not be filled).
     """
     found: list[tuple[Path, nn.Module | torch.optim.Optimizer]] = []
-    todo: list[tuple[Path, Any]] = [((k,), v) for k, v in state_dict.items()]
+    todo: list[tuple[Path, Any]] = [((k,), v) for k, v in state_dict.items() if type(v) not in _LEAVES]
     while todo:  # iterative: a deep state_dict is refused by the flattening, with its own message
         path, value = todo.pop()
         if isinstance(value, (nn.Module, torch.optim.Optimizer)):
             found.append((path, value))
-        elif isinstance(value, dict):
-            todo.extend(((*path, k), v) for k, v in value.items())
+        elif isinstance(value, dict):  # no path built for a tensor or a number (thousands a state; #18)
+            todo.extend(((*path, k), v) for k, v in value.items() if type(v) not in _LEAVES)
         elif isinstance(value, list):
-            todo.extend(((*path, i), v) for i, v in enumerate(value))
+            todo.extend(((*path, i), v) for i, v in enumerate(value) if type(v) not in _LEAVES)
         elif isinstance(value, tuple) and any(isinstance(v, (nn.Module, torch.optim.Optimizer)) for v in value):
             raise UnsupportedValueError(
                 f"{describe_path(path)} is a tuple holding a module or optimizer; put them in a list or a dict "

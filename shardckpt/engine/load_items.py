@@ -23,7 +23,7 @@ shards, 2-D and sub meshes, off-mesh ranks, resharding 4 -> 3, another dtype).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any, Protocol
 
 import torch
@@ -43,7 +43,7 @@ from shardckpt.engine.local_items import shard_box
 from shardckpt.format import datafile
 from shardckpt.format.manifest import TensorRecord
 
-__all__ = ["ListedTensorMetadata", "local_read_items", "placed_box", "target_box"]
+__all__ = ["ListedTensorMetadata", "PlannedItem", "local_read_items", "placed_box", "target_box"]
 
 OFF_MESH = "off mesh"
 """:func:`target_box` of a DTensor on a mesh this rank is not part of (DCP reads nothing for it)."""
@@ -82,9 +82,23 @@ class ListedTensorMetadata(TensorStorageMetadata):
     @classmethod
     def of_record(cls, key: str, record: TensorRecord) -> ListedTensorMetadata:
         """The metadata of the manifest's tensor ``key`` (``record``), built lazily."""
+        return cls.lazy(key, record.dtype, record.shape, record.chunks)
+
+    @classmethod
+    def lazy(cls, key: str, dtype: str, shape: tuple[int, ...], saved: Sequence[SavedBox]) -> ListedTensorMetadata:
+        """The metadata of the saved tensor ``key`` of safetensors dtype ``dtype`` (checked
+        when ``properties`` is first read) and ``shape``, listing ``saved``, built lazily."""
         md = cls.__new__(cls)
-        md._properties, md._size, md._dtype, md._key = None, None, record.dtype, key
-        md.shape, md.saved, md._chunks = record.shape, record.chunks, None
+        md._properties, md._size, md._dtype, md._key = None, None, dtype, key
+        md.shape, md.saved, md._chunks = shape, saved, None
+        return md
+
+    def listing(self, saved: Sequence[SavedBox]) -> ListedTensorMetadata:
+        """This metadata listing ``saved`` instead (a format-3 load lists, per rank, the
+        chunks its boxes overlap); DCP's objects already built are shared, not rebuilt."""
+        md = ListedTensorMetadata.__new__(ListedTensorMetadata)
+        md._properties, md._size, md._dtype, md._key = self._properties, self._size, self._dtype, self._key
+        md.shape, md.saved, md._chunks = self.shape, saved, None
         return md
 
     @property
@@ -188,21 +202,38 @@ class _Seen:
         return found
 
 
+PlannedItem = tuple[ReadItem, torch.Tensor]
+"""The one read item of a key whose target box is exactly one saved chunk, and the local
+tensor it fills: planned before :func:`local_read_items` (a format-3 load finds the chunk
+of each box while listing its chunks, ``load_v3.needed_metadata``)."""
+
+
 @torch.no_grad()  # for target_box's to_local()
 def local_read_items(
-    flat: dict[str, Any], metadata: Metadata, targets: dict[str, torch.Tensor] | None = None
+    flat: dict[str, Any],
+    metadata: Metadata,
+    targets: dict[str, torch.Tensor] | None = None,
+    planned: Mapping[str, PlannedItem] | None = None,
 ) -> list[ReadItem]:
     """The items of DCP's ``create_default_local_load_plan(flat, metadata, strict=False)``,
     in its order (see the module docstring). ``targets``: filled with the local tensor of
     each key planned here, the tensor DCP's ``resolve_tensor`` would find for its items.
+    ``planned``: keys already planned (:data:`PlannedItem`), taken as they are.
     Not collective; the keys of ``metadata`` the state lacks are skipped, as DCP skips them."""
     saved = metadata.state_dict_metadata
     seen = _Seen()
     ours: dict[str, list[ReadItem]] = {}
     rest: dict[str, Any] = {}
+    planned = planned or {}
     for fqn, obj in flat.items():
         md = saved.get(fqn)
         if md is None:
+            continue
+        known = planned.get(fqn)
+        if known is not None:
+            ours[fqn] = [known[0]]
+            if targets is not None:
+                targets[fqn] = known[1]
             continue
         if type(obj) is DTensor and type(md) is ListedTensorMetadata and md._chunks is None:
             items = _listed_dtensor_items(fqn, obj, md, seen, targets)  # the common case, inline (#18)

@@ -34,9 +34,9 @@ from torch.distributed.checkpoint.metadata import (
 from torch.distributed.checkpoint.planner import ReadItem
 from torch.distributed.tensor import DTensor
 
-from shardckpt.engine._torch_private import local_chunks
+from shardckpt.engine._torch_private import local_chunks, whole_chunk_item
 from shardckpt.engine.boxes import BoxReader
-from shardckpt.engine.load_items import ListedTensorMetadata, Meshes, target_box
+from shardckpt.engine.load_items import ListedTensorMetadata, Meshes, PlannedItem, placed_box
 from shardckpt.engine.planner import LoadPlanner
 from shardckpt.errors import IntegrityError, ManifestError
 from shardckpt.format import datafile
@@ -69,7 +69,7 @@ class RulePlanner(LoadPlanner):
         super().set_up_planner(state_dict, metadata, is_coordinator)
         assert self.metadata is not None
         self.found = {}
-        self.metadata = needed_metadata(self.metadata, self.manifest3, self.state_dict, self.found)
+        self.metadata = needed_metadata(self.metadata, self.manifest3, self.state_dict, self.found, self._planned)
 
 
 def load_planner(
@@ -82,38 +82,72 @@ def load_planner(
     return LoadPlanner(allow_partial_load=True, flattened=flattened)
 
 
-@torch.no_grad()  # for target_box's to_local()
+@torch.no_grad()  # for placed_box's to_local()
 def needed_metadata(
     metadata: Metadata,
     manifest: ManifestV3,
     flat: dict[str, Any],
     found_chunks: dict[tuple[str, tuple[int, ...]], Chunk] | None = None,
+    planned: dict[str, PlannedItem] | None = None,
 ) -> Metadata:
     """``metadata`` (a format-3 manifest's, with no chunks) where each tensor this rank
     loads lists the chunks that its boxes overlap, and only those; ``found_chunks``, if
-    given, gets each of those chunks under (key, offsets)."""
+    given, gets each of those chunks under (key, offsets); ``planned``, if given, the read
+    item of each key whose box is exactly one cell of its rule (a load in the layout of the
+    save: the item is DCP's, made here instead of planning the box a second time; #18)."""
     sd = dict(metadata.state_dict_metadata)
     meshes: Meshes = {}
+    origins: dict[int, torch.Size] = {}
+    tensors = manifest.tensors
     for fqn, obj in flat.items():
-        md, rec = sd.get(fqn), manifest.tensors.get(fqn)
-        if not isinstance(md, TensorStorageMetadata) or rec is None:
-            continue  # values, keys the checkpoint lacks
-        if not isinstance(obj, torch.Tensor) or tuple(obj.shape) != rec.shape:
-            continue  # check_target refused these already; DCP's planning would say so too
-        found = target_box(obj, meshes)  # the box of a plain (D)Tensor, from public attributes (#18)
-        off_mesh = found is None and isinstance(obj, DTensor) and obj.device_mesh.get_coordinate() is None
-        if isinstance(found, str) or off_mesh:
+        md, rec = sd.get(fqn), tensors.get(fqn)
+        if not isinstance(md, TensorStorageMetadata) or rec is None or not isinstance(obj, torch.Tensor):
+            continue  # values, keys the checkpoint lacks; check_target refused the rest already
+        found = placed_box(obj, meshes)  # the box of a plain (D)Tensor, from public attributes (#18)
+        if isinstance(found, str):
             continue  # not on this DTensor's mesh: DCP reads nothing for it
+        if found is None:  # anything else: its boxes from DCP
+            if tuple(obj.shape) != rec.shape or (isinstance(obj, DTensor) and obj.device_mesh.get_coordinate() is None):
+                continue  # refused by check_target (DCP's planning would say so too), or off its mesh
+            boxes = [(tuple(box.offsets), tuple(box.sizes)) for box in local_chunks(obj)]
+        else:
+            sizes, offsets, local, shape = found
+            if shape != rec.shape:
+                continue
+            rule = rec.rule
+            cell = rule.cell_of_box(offsets, sizes) if rule is not None else None
+            if cell is not None:  # the box is one cell: one chunk, one read item
+                assert rule is not None
+                file, byte_offset = rule.place(cell)
+                chunk = Chunk(offsets, sizes, file, byte_offset, math.prod(sizes) * datafile.itemsize(rec.dtype))
+                if found_chunks is not None:
+                    found_chunks[(fqn, offsets)] = chunk
+                sd[fqn] = _listing(md, [chunk])
+                if planned is not None:
+                    origin = origins.get(len(sizes))
+                    if origin is None:
+                        origin = origins[len(sizes)] = torch.Size((0,) * len(sizes))
+                    item = whole_chunk_item(fqn, torch.Size(offsets), torch.Size(sizes), 0, origin)
+                    planned[fqn] = (item, local)
+                continue
+            boxes = [(offsets, sizes)]
         seen: dict[tuple[int, ...], Chunk] = {}
-        for box in local_chunks(obj) if found is None else [found[0]]:
-            for c in rec.chunks_for_box(tuple(box.offsets), tuple(box.sizes)):
+        for offsets, sizes in boxes:
+            for c in rec.chunks_for_box(offsets, sizes):
                 if c.offsets not in seen:
                     seen[c.offsets] = c
                     if found_chunks is not None:
                         found_chunks[(fqn, c.offsets)] = c
         # DCP's chunk list built only if DCP plans the key (a box not exactly one chunk; #18)
-        sd[fqn] = ListedTensorMetadata(md.properties, md.size, list(seen.values()))
+        sd[fqn] = _listing(md, list(seen.values()))
     return Metadata(state_dict_metadata=sd, planner_data=metadata.planner_data, storage_data=metadata.storage_data)
+
+
+def _listing(md: TensorStorageMetadata, saved: list[Chunk]) -> ListedTensorMetadata:
+    """``md`` listing ``saved``, its DCP objects built only if DCP plans the key."""
+    if isinstance(md, ListedTensorMetadata):
+        return md.listing(saved)
+    return ListedTensorMetadata(md.properties, md.size, saved)
 
 
 def chunk_at(rec: Tensor, offsets: tuple[int, ...], *, key: str) -> Chunk:

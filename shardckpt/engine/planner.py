@@ -27,7 +27,7 @@ from torch.distributed.checkpoint.planner import LoadPlan, ReadItem, SavePlan, W
 from torch.distributed.tensor import DTensor
 
 from shardckpt.engine._torch_private import hook_skipped_error
-from shardckpt.engine.load_items import local_read_items
+from shardckpt.engine.load_items import PlannedItem, local_read_items
 from shardckpt.engine.local_items import ItemCache, local_shards, local_write_items, resolved_shards
 from shardckpt.engine.placement import balance_replicated
 from shardckpt.engine.plan_checks import (
@@ -247,10 +247,11 @@ class LoadPlanner(DefaultLoadPlanner):
         super().__init__(flatten_state_dict=True, flatten_sharded_tensors=True, allow_partial_load=allow_partial_load)
         self._flattened = flattened
         self._targets: dict[str, torch.Tensor] = {}  # key -> the local tensor its read items fill
+        self._planned: dict[str, PlannedItem] = {}  # keys planned before create_local_plan (a subclass's)
 
     def set_up_planner(self, state_dict: Any, metadata: Any = None, is_coordinator: bool = False) -> None:
         flattened, self._flattened = self._flattened, None
-        self._targets = {}
+        self._targets, self._planned = {}, {}
         if flattened is not None and _nothing_to_set_up(flattened[0]):
             self.original_state_dict = state_dict
             self.state_dict, self.mappings = flattened
@@ -267,7 +268,7 @@ class LoadPlanner(DefaultLoadPlanner):
             # flattening of checkpoints saved before torch 2.4).
             return super().create_local_plan()
         self._targets = {}
-        return LoadPlan(local_read_items(self.state_dict, self.metadata, self._targets))
+        return LoadPlan(local_read_items(self.state_dict, self.metadata, self._targets, self._planned))
 
     def resolve_tensor(self, read_item: ReadItem) -> torch.Tensor:
         """The part of the target that ``read_item`` fills (thread-safe): of the local tensor

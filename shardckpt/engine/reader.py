@@ -28,8 +28,6 @@ from torch.distributed.checkpoint.metadata import (
     BytesStorageMetadata,
     Metadata,
     MetadataIndex,
-    TensorProperties,
-    TensorStorageMetadata,
 )
 from torch.distributed.checkpoint.planner import LoadItemType, LoadPlan, LoadPlanner, ReadItem
 from torch.distributed.checkpoint.storage import StorageReader
@@ -40,7 +38,6 @@ from shardckpt.engine.load_v3 import RuleChunks, RulePlanner
 from shardckpt.engine.planner import LoadPlanner as ShardckptLoadPlanner
 from shardckpt.engine.planner import set_in_place
 from shardckpt.errors import IntegrityError
-from shardckpt.format import datafile
 from shardckpt.format.manifest import ChunkRecord, Manifest
 from shardckpt.format.manifest_v3 import ManifestV3
 from shardckpt.format.values import decode_value
@@ -334,12 +331,12 @@ def manifest_to_metadata(m: Manifest | ManifestV3, *, storage_data: bool = True)
     rank, those that the rank's boxes overlap. ``storage_data``: map each chunk's
     MetadataIndex to its ChunkRecord (DCP's planners never read it; :class:`Reader` looks
     chunks up in the manifest itself, so it passes False and skips one object per chunk)."""
-    sd: dict[str, Any] = {}
+    sd: dict[str, Any]
+    # DCP's objects of each tensor are built when a planner first asks (#18)
     if isinstance(m, ManifestV3):
-        for fqn, t in m.tensors.items():
-            properties = TensorProperties(dtype=datafile.torch_dtype(t.dtype, where=fqn))
-            sd[fqn] = TensorStorageMetadata(properties, torch.Size(t.shape), [])
-    else:  # DCP's objects of each tensor are built when a planner first asks (#18)
+        lazy = ListedTensorMetadata.lazy
+        sd = {fqn: lazy(fqn, t.dtype, t.shape, ()) for fqn, t in m.tensors.items()}
+    else:
         listed = ListedTensorMetadata.of_record
         sd = {fqn: listed(fqn, t) for fqn, t in m.tensors.items()}
     for fqn in m.values:

@@ -3,6 +3,7 @@ manifest's chunk records, and check_target's quick pass, agree with the exact pa
 
 from __future__ import annotations
 
+import math
 import random
 from types import SimpleNamespace
 from typing import Any, NamedTuple
@@ -127,3 +128,78 @@ def test_an_unknown_saved_dtype_is_named_with_the_first_key_that_has_it() -> Non
     flat = {"a": torch.zeros(1), "b": torch.zeros(1), "c": torch.zeros(1)}
     with pytest.raises(ManifestError, match=r"^b: unknown dtype 'Q7'"):
         wrong_kinds(manifest, flat)
+
+
+def _as_manifest_v3(plain: Metadata, values: dict[str, Any]) -> Any:
+    """A format-3 manifest whose tensors are ``plain``'s, each saved chunk in a file of its
+    own (a block grid is one rule, any other layout listed; no data file is ever read)."""
+    from shardckpt.format import rules
+    from shardckpt.format.file_table import FileGroup, FileTable, Page
+    from shardckpt.format.manifest_v3 import Chunk, ManifestV3, Tensor
+
+    tensors: dict[str, Tensor] = {}
+    files = 0
+    for key, md in plain.state_dict_metadata.items():
+        if not isinstance(md, TensorStorageMetadata):
+            continue
+        boxes = [rules.Chunk(tuple(c.offsets), tuple(c.sizes), files + i, 0) for i, c in enumerate(md.chunks)]
+        files += len(boxes)
+        rule, rest = rules.compress(tuple(md.size), boxes)  # None: not a block grid, listed
+        listed = tuple(Chunk(c.offsets, c.sizes, c.file, 0, 4 * math.prod(c.sizes)) for c in rest)
+        tensors[key] = Tensor("F32", tuple(md.size), rule, listed)
+    group = FileGroup("ab", None, files, ((files, 1),), files, (Page(10, "0" * 16),))
+    return ManifestV3(
+        world_size=files,
+        hash_block_bytes=4096,
+        bases=(),
+        file_table=FileTable((group,)),
+        tensors=tensors,
+        values=values,
+        paths={k: [k] for k in [*tensors, *values]},
+        created_at="now",
+        shardckpt_version="0",
+        torch_version="2",
+    )
+
+
+def _compare_rule_plan_with_dcp(rank: int, world: int) -> None:
+    """A format-3 load plans each box that is exactly one cell while listing its chunks
+    (``needed_metadata``'s planned items): the plan is DCP's over the same listing."""
+    from torch.distributed.tensor import DTensor
+
+    from shardckpt.engine.load_v3 import RulePlanner
+    from shardckpt.engine.reader import manifest_to_metadata
+
+    flat, plain = _state_and_metadata(world)
+    manifest = _as_manifest_v3(plain, {"step": 7})
+    planner = RulePlanner(manifest, allow_partial_load=True)
+    with dcp_boxes_asked() as asked:
+        planner.set_up_planner(dict(flat), manifest_to_metadata(manifest))
+        ours = planner.create_local_plan().items
+    planned = planner._planned
+    assert len(planned) > 25, "the one-cell path was not taken"  # a target in the layout of its save
+    assert {id(flat[k]) for k in planned}.isdisjoint(map(id, asked)), "DCP was asked for a planned box"
+    assert planner.metadata is not None
+    dcp_view = Metadata(
+        state_dict_metadata={
+            k: TensorStorageMetadata(md.properties, md.size, md.chunks) if isinstance(md, ListedTensorMetadata) else md
+            for k, md in planner.metadata.state_dict_metadata.items()
+        }
+    )
+    theirs = create_default_local_load_plan(flat, dcp_view, False).items
+    assert len(theirs) > 300 and ours == theirs
+    assert [(i.dest_index.index, i.storage_index.index) for i in ours] == [
+        (i.dest_index.index, i.storage_index.index) for i in theirs
+    ]
+    # the chunk each planned item reads is the one the reader is handed for it
+    for key, (item, local) in planned.items():
+        chunk = planner.found[(key, tuple(item.storage_index.offset))]
+        assert (chunk.offsets, chunk.sizes) == (tuple(item.storage_index.offset), tuple(item.lengths))
+        obj = flat[key]
+        assert local is (obj._local_tensor if isinstance(obj, DTensor) else obj)
+    # every key planned by DCP boxes or as one cell lists exactly the chunks its box overlaps
+    assert {k for k in planned} <= {i.dest_index.fqn for i in ours}
+
+
+def test_a_format_3_load_plans_one_cell_boxes_as_dcp_over_layouts_and_meshes() -> None:
+    run_ranks(_compare_rule_plan_with_dcp, 4)

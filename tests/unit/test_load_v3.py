@@ -271,7 +271,6 @@ def test_tools_that_read_formats_1_and_2_only_refuse_format_3_by_name(tmp_path):
 def test_the_planner_lists_only_the_cells_a_box_touches_never_enumerating_the_rule(monkeypatch):
     """2^20 cells (one per simulated rank); this rank's box covers rows 1000-1002: the
     metadata DCP plans with holds those 3 chunks, and no step expands the rule."""
-    from torch.distributed.checkpoint.metadata import ChunkStorageMetadata
 
     from shardckpt.engine import load_v3
     from shardckpt.engine.reader import manifest_to_metadata
@@ -299,8 +298,8 @@ def test_the_planner_lists_only_the_cells_a_box_touches_never_enumerating_the_ru
         raise AssertionError("a load enumerated a rule's cells")
 
     monkeypatch.setattr(rules, "expand", refuse)
-    box = ChunkStorageMetadata(offsets=torch.Size([1000, 0]), sizes=torch.Size([3, 4]))
-    monkeypatch.setattr(load_v3, "target_box", lambda obj, coordinates: (box, obj))  # this rank's shard of a DTensor
+    shard = ((3, 4), (1000, 0))  # this rank's shard of a DTensor: (sizes, offsets)
+    monkeypatch.setattr(load_v3, "placed_box", lambda obj, meshes: (*shard, obj, obj.shape))
     md = load_v3.needed_metadata(manifest_to_metadata(m), m, {"w": torch.empty(cells, 4, device="meta")})
     chunks = md.state_dict_metadata["w"].chunks
     assert [(list(c.offsets), list(c.sizes)) for c in chunks] == [([r, 0], [1, 4]) for r in (1000, 1001, 1002)]
