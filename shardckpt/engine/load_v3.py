@@ -37,13 +37,14 @@ from torch.distributed.tensor import DTensor
 from shardckpt.engine._torch_private import local_chunks, whole_chunk_item
 from shardckpt.engine.boxes import BoxReader
 from shardckpt.engine.load_items import ListedTensorMetadata, Meshes, PlannedItem, placed_box
+from shardckpt.engine.local_items import shard_box
 from shardckpt.engine.planner import LoadPlanner
 from shardckpt.errors import IntegrityError, ManifestError
 from shardckpt.format import datafile
 from shardckpt.format.file_table import FileRef, RankEntry, parse_page
 from shardckpt.format.manifest import ChunkRecord, FileRecord, Manifest
 from shardckpt.format.manifest_records import frozen_records
-from shardckpt.format.manifest_v3 import Chunk, ManifestV3, Tensor
+from shardckpt.format.manifest_v3 import Chunk, ManifestV3, Tensor, new_chunk
 from shardckpt.format.rank_index import FileIndex, parse_rank_index
 from shardckpt.storage import Storage
 
@@ -99,39 +100,32 @@ def needed_metadata(
     sd = dict(metadata.state_dict_metadata)
     meshes: Meshes = {}
     origins: dict[int, torch.Size] = {}
+    itemsizes: dict[str, int] = {}
     tensors = manifest.tensors
     for fqn, obj in flat.items():
         md, rec = sd.get(fqn), tensors.get(fqn)
-        if not isinstance(md, TensorStorageMetadata) or rec is None or not isinstance(obj, torch.Tensor):
+        if rec is None or not isinstance(md, TensorStorageMetadata) or not isinstance(obj, torch.Tensor):
             continue  # values, keys the checkpoint lacks; check_target refused the rest already
-        found = placed_box(obj, meshes)  # the box of a plain (D)Tensor, from public attributes (#18)
-        if isinstance(found, str):
-            continue  # not on this DTensor's mesh: DCP reads nothing for it
-        if found is None:  # anything else: its boxes from DCP
-            if tuple(obj.shape) != rec.shape or (isinstance(obj, DTensor) and obj.device_mesh.get_coordinate() is None):
-                continue  # refused by check_target (DCP's planning would say so too), or off its mesh
-            boxes = [(tuple(box.offsets), tuple(box.sizes)) for box in local_chunks(obj)]
-        else:
-            sizes, offsets, local, shape = found
-            if shape != rec.shape:
-                continue
-            rule = rec.rule
-            cell = rule.cell_of_box(offsets, sizes) if rule is not None else None
-            if cell is not None:  # the box is one cell: one chunk, one read item
-                assert rule is not None
-                file, byte_offset = rule.place(cell)
-                chunk = Chunk(offsets, sizes, file, byte_offset, math.prod(sizes) * datafile.itemsize(rec.dtype))
-                if found_chunks is not None:
-                    found_chunks[(fqn, offsets)] = chunk
-                sd[fqn] = _listing(md, [chunk])
-                if planned is not None:
-                    origin = origins.get(len(sizes))
-                    if origin is None:
-                        origin = origins[len(sizes)] = torch.Size((0,) * len(sizes))
-                    item = whole_chunk_item(fqn, torch.Size(offsets), torch.Size(sizes), 0, origin)
-                    planned[fqn] = (item, local)
-                continue
-            boxes = [(offsets, sizes)]
+        cell = _one_cell(obj, rec, meshes) if type(obj) is DTensor and rec.rule is not None else None
+        if cell is not None:  # the common case, a load in the layout of the save: one chunk, one item
+            sizes, offsets, local, file, byte_offset = cell
+            size = itemsizes.get(rec.dtype)
+            if size is None:
+                size = itemsizes[rec.dtype] = datafile.itemsize(rec.dtype)
+            chunk = new_chunk(offsets, sizes, file, byte_offset, math.prod(sizes) * size)
+            if found_chunks is not None:
+                found_chunks[(fqn, offsets)] = chunk
+            sd[fqn] = _listing(md, [chunk])
+            if planned is not None:
+                origin = origins.get(len(sizes))
+                if origin is None:
+                    origin = origins[len(sizes)] = torch.Size((0,) * len(sizes))
+                item = whole_chunk_item(fqn, torch.Size(offsets), torch.Size(sizes), 0, origin)
+                planned[fqn] = (item, local)
+            continue
+        boxes = _boxes(obj, rec, meshes)
+        if boxes is None:
+            continue  # off its mesh (DCP reads nothing), or refused by check_target
         seen: dict[tuple[int, ...], Chunk] = {}
         for offsets, sizes in boxes:
             for c in rec.chunks_for_box(offsets, sizes):
@@ -142,6 +136,51 @@ def needed_metadata(
         # DCP's chunk list built only if DCP plans the key (a box not exactly one chunk; #18)
         sd[fqn] = _listing(md, list(seen.values()))
     return Metadata(state_dict_metadata=sd, planner_data=metadata.planner_data, storage_data=metadata.storage_data)
+
+
+def _one_cell(
+    obj: DTensor, rec: Tensor, meshes: Meshes
+) -> tuple[tuple[int, ...], tuple[int, ...], torch.Tensor, int, int] | None:
+    """(sizes, offsets, local tensor, file position, byte offset) of this rank's box of a
+    plain Shard/Replicate DTensor ``obj`` when that box is exactly one cell of ``rec``'s
+    rule, else None (:func:`_boxes` then plans it): :func:`placed_box`'s steps for the one
+    kind of target that thousands of small tensors are (#18). Under ``torch.no_grad()``."""
+    local = obj.to_local()  # the local tensor itself: autograd is off
+    if type(local) is not torch.Tensor:
+        return None  # a subclass may plan itself (__create_chunk_list__)
+    mesh = obj.device_mesh
+    known = meshes.get(id(mesh))
+    if known is None:
+        known = meshes[id(mesh)] = (mesh.get_coordinate(), tuple(mesh.shape))
+    coordinate, mesh_shape = known
+    shape = obj.shape
+    if coordinate is None or shape != rec.shape:
+        return None
+    box = shard_box(shape, mesh_shape, coordinate, obj.placements)
+    if box is None:
+        return None
+    sizes, offsets = tuple(box[0]), tuple(box[1])
+    rule = rec.rule
+    assert rule is not None
+    cell = rule.cell_of_box(offsets, sizes)
+    if cell is None:
+        return None
+    return (sizes, offsets, local, *rule.place(cell))
+
+
+def _boxes(obj: torch.Tensor, rec: Tensor, meshes: Meshes) -> list[tuple[tuple[int, ...], tuple[int, ...]]] | None:
+    """(offsets, sizes) of each box of ``obj`` that this rank loads; None when it loads
+    none (off the DTensor's mesh) or when ``obj`` is not of the saved shape (refused by
+    ``check_target``; DCP's planning would say so too)."""
+    found = placed_box(obj, meshes)  # the box of a plain (D)Tensor, from public attributes (#18)
+    if isinstance(found, str):
+        return None  # not on this DTensor's mesh: DCP reads nothing for it
+    if found is not None:
+        sizes, offsets, _, shape = found
+        return [(offsets, sizes)] if shape == rec.shape else None
+    if tuple(obj.shape) != rec.shape or (isinstance(obj, DTensor) and obj.device_mesh.get_coordinate() is None):
+        return None
+    return [(tuple(box.offsets), tuple(box.sizes)) for box in local_chunks(obj)]
 
 
 def _listing(md: TensorStorageMetadata, saved: list[Chunk]) -> ListedTensorMetadata:

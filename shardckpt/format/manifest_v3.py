@@ -54,6 +54,22 @@ class Chunk:
     byte_length: int
 
 
+_NEW, _SET = object.__new__, object.__setattr__
+
+
+def new_chunk(offsets: tuple[int, ...], sizes: tuple[int, ...], file: int, byte_offset: int, byte_length: int) -> Chunk:
+    """``Chunk(offsets, sizes, file, byte_offset, byte_length)`` of checked values, given its
+    attribute dict whole (as ``manifest_records.frozen_records`` builds records): a load
+    makes one per small tensor (#18)."""
+    chunk = _NEW(Chunk)
+    _SET(
+        chunk,
+        "__dict__",
+        {"offsets": offsets, "sizes": sizes, "file": file, "byte_offset": byte_offset, "byte_length": byte_length},
+    )
+    return chunk
+
+
 @dataclass(frozen=True)
 class Tensor:
     dtype: str

@@ -169,6 +169,7 @@ def _compare_rule_plan_with_dcp(rank: int, world: int) -> None:
 
     from shardckpt.engine.load_v3 import RulePlanner
     from shardckpt.engine.reader import manifest_to_metadata
+    from shardckpt.format.manifest_v3 import Chunk
 
     flat, plain = _state_and_metadata(world)
     manifest = _as_manifest_v3(plain, {"step": 7})
@@ -195,6 +196,12 @@ def _compare_rule_plan_with_dcp(rank: int, world: int) -> None:
     for key, (item, local) in planned.items():
         chunk = planner.found[(key, tuple(item.storage_index.offset))]
         assert (chunk.offsets, chunk.sizes) == (tuple(item.storage_index.offset), tuple(item.lengths))
+        fields = (chunk.offsets, chunk.sizes, chunk.file, chunk.byte_offset, chunk.byte_length)
+        assert (
+            chunk == Chunk(*fields)
+            and repr(chunk) == repr(Chunk(*fields))
+            and chunk.byte_length == 4 * item.lengths.numel()
+        )
         obj = flat[key]
         assert local is (obj._local_tensor if isinstance(obj, DTensor) else obj)
     # every key planned by DCP boxes or as one cell lists exactly the chunks its box overlaps
