@@ -21,8 +21,8 @@ right before it. Systems:
                               also 4 since 2026-11-30: this row is a second A/A control)
     shardckpt_io1             load with num_io_threads=1 (default 4)
     shardckpt_noverify        load with verify=False (no checksum verification)
-    shardckpt_v3              save with format_version=3 / load that checkpoint (benchmarks/suite.py
-                              --format3 only: the resharded loads of issue #16/#18)
+    shardckpt_v3              save with format_version=3 / load that checkpoint (with --format3 here,
+                              and benchmarks/suite.py --format3: the resharded loads of issue #16/#18)
     safetensors               each rank safetensors.torch.save_file()s its local tensors to one
                               file + fsync / load_file()s it back and copies into the state
     dcp                       dcp.save/dcp.load with FileSystemWriter/FileSystemReader defaults
@@ -103,6 +103,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--warmup", type=int, default=1, help="dropped warm-up repetitions")
     ap.add_argument("--dd-mode", choices=["fdatasync", "direct"], default="fdatasync")
     ap.add_argument("--seed", type=int, default=0, help="seed of the shuffled orders")
+    ap.add_argument("--format3", action="store_true", help="add shardckpt_v3 (format_version=3) to saves and loads")
     common.add_wait_quiet(ap)
     ap.add_argument("--name", default=None, help="results file name (default save_load or save_load_quick)")
     ap.add_argument("--keep", action="store_true", help="keep the scratch folder")
@@ -483,7 +484,7 @@ def worker(rank: int, world: int, args: argparse.Namespace, facts: dict[str, Any
             flush=True,
         )
     dist.barrier()
-    m = measure_interleaved(b, SAVE_SYSTEMS, LOAD_SYSTEMS, args.repeats, args.warmup, args.seed)
+    m = measure_interleaved(b, *systems(args), args.repeats, args.warmup, args.seed)
     if rank == 0:
         results = build_results(
             args, facts, b, m["samples"], m["orders"], m["verified"], m["residency"], write_balance(b), m["elapsed_s"]
@@ -493,6 +494,13 @@ def worker(rank: int, world: int, args: argparse.Namespace, facts: dict[str, Any
         print(f"\nresults: {path}")
         if not args.keep:
             common.remove_tree(args.dir)
+
+
+def systems(args: argparse.Namespace) -> tuple[list[str], list[str]]:
+    """The save and load systems of this run: :data:`SAVE_SYSTEMS`, :data:`LOAD_SYSTEMS`, and
+    ``shardckpt_v3`` in both with ``--format3``."""
+    extra = ["shardckpt_v3"] if getattr(args, "format3", False) else []
+    return SAVE_SYSTEMS + extra, LOAD_SYSTEMS + extra
 
 
 def write_balance(b: Bench) -> dict[str, Any]:
@@ -613,7 +621,7 @@ def print_report(r: dict[str, Any]) -> None:
     for phase in ("save", "load"):
         p = r["phases"][phase]
         rows = []
-        for name in SAVE_SYSTEMS if phase == "save" else LOAD_SYSTEMS:
+        for name in [*(SAVE_SYSTEMS if phase == "save" else LOAD_SYSTEMS), "shardckpt_v3"]:
             s = p["systems"].get(name)
             if s is None:
                 continue
