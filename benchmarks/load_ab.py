@@ -48,7 +48,7 @@ PHASES = (
     ("shardckpt.engine.reader", "Reader.read_metadata"),
     ("shardckpt.engine.reader", "Reader.read_data"),
     ("shardckpt.engine.reader", "read_runs"),  # inside read_data: the read's planning, on the calling thread
-    ("shardckpt.engine.load_v3", "needed_metadata"),  # format 3: the chunks of this rank's boxes
+    ("shardckpt.engine.plan_v3", "needed_metadata"),  # format 3: the chunks of this rank's boxes
     ("shardckpt.engine.load_v3", "RuleChunks.prepare"),  # format 3, inside read_data: resolving the chunks
 )
 

@@ -94,7 +94,7 @@ def local_chunks(obj: Any) -> list[ChunkStorageMetadata]:
     of it; a DTensor: its local shard's offsets and sizes), as DCP's load planner computes them.
 
     Private: ``torch.distributed.checkpoint.planner_helpers._create_chunk_list`` (checked on
-    torch 2.13 and 2.14). The format-3 load planner (``engine/load_v3.py``) asks the manifest's
+    torch 2.13 and 2.14). The format-3 load planner (``engine/plan_v3.py``) asks the manifest's
     rules only for these boxes, so it must see exactly the boxes DCP's planner then reads
     into. We read ``offsets`` and ``sizes``. If it changes, format-3 loads of DTensors plan
     from the wrong boxes and fail (a read item without a chunk) or fill the wrong rows.

@@ -205,7 +205,7 @@ class _Seen:
 PlannedItem = tuple[ReadItem, torch.Tensor]
 """The one read item of a key whose target box is exactly one saved chunk, and the local
 tensor it fills: planned before :func:`local_read_items` (a format-3 load finds the chunk
-of each box while listing its chunks, ``load_v3.needed_metadata``)."""
+of each box while listing its chunks, ``plan_v3.needed_metadata``)."""
 
 
 @torch.no_grad()  # for target_box's to_local()

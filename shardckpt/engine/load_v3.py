@@ -1,18 +1,13 @@
-"""Loading a format-3 checkpoint (docs/format.md section 12.7): plan from rules, read by the chain.
+"""Reading a format-3 checkpoint (docs/format.md section 12.7) by the checksum chain.
 
-Two pieces plug into the one load path of :mod:`shardckpt.engine.loading`:
-
-- :class:`RulePlanner` (a :class:`~shardckpt.engine.planner.LoadPlanner`): before DCP plans a
-  rank's reads, it asks the manifest's ``Tensor.chunks_for_box`` for the chunks each box of
-  this rank's state_dict overlaps, and hands DCP a metadata holding only those. So a rank
-  never enumerates the other ranks' chunks: O(d * (answer + log runs)) per box it loads.
-- :class:`RuleChunks` (the reader's chunk source): each chunk a rank reads is resolved with
-  ``FileTable.locate``; the page of the rank table and the index record that cover it are
-  fetched and verified once per load (``parse_page``, ``parse_rank_index``), only for the
-  ranks whose files this rank reads; the chunk's entry (``FileIndex.entry``) gives its block
-  hashes, and each data file's size is checked against its index record before any read.
-  The file whose index the manifest carries (``inline_index``, format.md 12.8: the
-  coordinator's small tensors) is resolved from that sealed copy, with no page or record.
+:class:`RuleChunks` is the reader's chunk source (its planner, which lists each rank's chunks
+from the rules, is :mod:`shardckpt.engine.plan_v3`): each chunk a rank reads is resolved with
+``FileTable.locate``; the page of the rank table and the index record that cover it are
+fetched and verified once per load (``parse_page``, ``parse_rank_index``), only for the
+ranks whose files this rank reads; the chunk's entry (``FileIndex.entry``) gives its block
+hashes, and each data file's size is checked against its index record before any read.
+The file whose index the manifest carries (``inline_index``, format.md 12.8: the
+coordinator's small tensors) is resolved from that sealed copy, with no page or record.
 
 One per load and rank. :meth:`RuleChunks.prepare` runs on one thread before the reader's
 threads start (it fetches pages and index records on threads of its own, each record into
@@ -26,168 +21,19 @@ from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-import torch
-from torch.distributed.checkpoint.metadata import (
-    Metadata,
-    TensorStorageMetadata,
-)
 from torch.distributed.checkpoint.planner import ReadItem
-from torch.distributed.tensor import DTensor
 
-from shardckpt.engine._torch_private import local_chunks, whole_chunk_item
 from shardckpt.engine.boxes import BoxReader
-from shardckpt.engine.load_items import ListedTensorMetadata, Meshes, PlannedItem, placed_box
-from shardckpt.engine.local_items import shard_box
-from shardckpt.engine.planner import LoadPlanner
 from shardckpt.errors import IntegrityError, ManifestError
 from shardckpt.format import datafile
 from shardckpt.format.file_table import FileRef, RankEntry, parse_page
-from shardckpt.format.manifest import ChunkRecord, FileRecord, Manifest
+from shardckpt.format.manifest import ChunkRecord, FileRecord
 from shardckpt.format.manifest_records import frozen_records
-from shardckpt.format.manifest_v3 import Chunk, ManifestV3, Tensor, new_chunk
+from shardckpt.format.manifest_v3 import Chunk, ManifestV3, Tensor
 from shardckpt.format.rank_index import FileIndex, parse_rank_index
 from shardckpt.storage import Storage
 
 _RESTORE = "Restore it from a copy of the checkpoint, or load an earlier checkpoint"
-
-
-class RulePlanner(LoadPlanner):
-    """The load planner of a format-3 manifest (see the module docstring)."""
-
-    def __init__(
-        self,
-        manifest: ManifestV3,
-        *,
-        allow_partial_load: bool,
-        flattened: tuple[dict[str, Any], dict[str, Any]] | None = None,
-    ) -> None:
-        super().__init__(allow_partial_load=allow_partial_load, flattened=flattened)
-        self.manifest3 = manifest
-        self.found: dict[tuple[str, tuple[int, ...]], Chunk] = {}
-        """(key, offsets) -> the chunk there, of every chunk planning found for this rank's
-        boxes: handed to :class:`RuleChunks` so that no chunk is looked up twice."""
-
-    def set_up_planner(self, state_dict: Any, metadata: Any = None, is_coordinator: bool = False) -> None:
-        super().set_up_planner(state_dict, metadata, is_coordinator)
-        assert self.metadata is not None
-        self.found = {}
-        self.metadata = needed_metadata(self.metadata, self.manifest3, self.state_dict, self.found, self._planned)
-
-
-def load_planner(
-    manifest: Manifest | ManifestV3, *, flattened: tuple[dict[str, Any], dict[str, Any]] | None = None
-) -> LoadPlanner:
-    """The planner of a load of ``manifest`` (partial loads allowed: ``check_target``
-    decides which keys must match); ``flattened``: see :class:`LoadPlanner`."""
-    if isinstance(manifest, ManifestV3):
-        return RulePlanner(manifest, allow_partial_load=True, flattened=flattened)
-    return LoadPlanner(allow_partial_load=True, flattened=flattened)
-
-
-@torch.no_grad()  # for placed_box's to_local()
-def needed_metadata(
-    metadata: Metadata,
-    manifest: ManifestV3,
-    flat: dict[str, Any],
-    found_chunks: dict[tuple[str, tuple[int, ...]], Chunk] | None = None,
-    planned: dict[str, PlannedItem] | None = None,
-) -> Metadata:
-    """``metadata`` (a format-3 manifest's, with no chunks) where each tensor this rank
-    loads lists the chunks that its boxes overlap, and only those; ``found_chunks``, if
-    given, gets each of those chunks under (key, offsets); ``planned``, if given, the read
-    item of each key whose box is exactly one cell of its rule (a load in the layout of the
-    save: the item is DCP's, made here instead of planning the box a second time; #18)."""
-    sd = dict(metadata.state_dict_metadata)
-    meshes: Meshes = {}
-    origins: dict[int, torch.Size] = {}
-    itemsizes: dict[str, int] = {}
-    tensors = manifest.tensors
-    for fqn, obj in flat.items():
-        md, rec = sd.get(fqn), tensors.get(fqn)
-        if rec is None or not isinstance(md, TensorStorageMetadata) or not isinstance(obj, torch.Tensor):
-            continue  # values, keys the checkpoint lacks; check_target refused the rest already
-        cell = _one_cell(obj, rec, meshes) if type(obj) is DTensor and rec.rule is not None else None
-        if cell is not None:  # the common case, a load in the layout of the save: one chunk, one item
-            sizes, offsets, local, file, byte_offset = cell
-            size = itemsizes.get(rec.dtype)
-            if size is None:
-                size = itemsizes[rec.dtype] = datafile.itemsize(rec.dtype)
-            chunk = new_chunk(offsets, sizes, file, byte_offset, math.prod(sizes) * size)
-            if found_chunks is not None:
-                found_chunks[(fqn, offsets)] = chunk
-            sd[fqn] = _listing(md, [chunk])
-            if planned is not None:
-                origin = origins.get(len(sizes))
-                if origin is None:
-                    origin = origins[len(sizes)] = torch.Size((0,) * len(sizes))
-                item = whole_chunk_item(fqn, torch.Size(offsets), torch.Size(sizes), 0, origin)
-                planned[fqn] = (item, local)
-            continue
-        boxes = _boxes(obj, rec, meshes)
-        if boxes is None:
-            continue  # off its mesh (DCP reads nothing), or refused by check_target
-        seen: dict[tuple[int, ...], Chunk] = {}
-        for offsets, sizes in boxes:
-            for c in rec.chunks_for_box(offsets, sizes):
-                if c.offsets not in seen:
-                    seen[c.offsets] = c
-                    if found_chunks is not None:
-                        found_chunks[(fqn, c.offsets)] = c
-        # DCP's chunk list built only if DCP plans the key (a box not exactly one chunk; #18)
-        sd[fqn] = _listing(md, list(seen.values()))
-    return Metadata(state_dict_metadata=sd, planner_data=metadata.planner_data, storage_data=metadata.storage_data)
-
-
-def _one_cell(
-    obj: DTensor, rec: Tensor, meshes: Meshes
-) -> tuple[tuple[int, ...], tuple[int, ...], torch.Tensor, int, int] | None:
-    """(sizes, offsets, local tensor, file position, byte offset) of this rank's box of a
-    plain Shard/Replicate DTensor ``obj`` when that box is exactly one cell of ``rec``'s
-    rule, else None (:func:`_boxes` then plans it): :func:`placed_box`'s steps for the one
-    kind of target that thousands of small tensors are (#18). Under ``torch.no_grad()``."""
-    local = obj.to_local()  # the local tensor itself: autograd is off
-    if type(local) is not torch.Tensor:
-        return None  # a subclass may plan itself (__create_chunk_list__)
-    mesh = obj.device_mesh
-    known = meshes.get(id(mesh))
-    if known is None:
-        known = meshes[id(mesh)] = (mesh.get_coordinate(), tuple(mesh.shape))
-    coordinate, mesh_shape = known
-    shape = obj.shape
-    if coordinate is None or shape != rec.shape:
-        return None
-    box = shard_box(shape, mesh_shape, coordinate, obj.placements)
-    if box is None:
-        return None
-    sizes, offsets = tuple(box[0]), tuple(box[1])
-    rule = rec.rule
-    assert rule is not None
-    cell = rule.cell_of_box(offsets, sizes)
-    if cell is None:
-        return None
-    return (sizes, offsets, local, *rule.place(cell))
-
-
-def _boxes(obj: torch.Tensor, rec: Tensor, meshes: Meshes) -> list[tuple[tuple[int, ...], tuple[int, ...]]] | None:
-    """(offsets, sizes) of each box of ``obj`` that this rank loads; None when it loads
-    none (off the DTensor's mesh) or when ``obj`` is not of the saved shape (refused by
-    ``check_target``; DCP's planning would say so too)."""
-    found = placed_box(obj, meshes)  # the box of a plain (D)Tensor, from public attributes (#18)
-    if isinstance(found, str):
-        return None  # not on this DTensor's mesh: DCP reads nothing for it
-    if found is not None:
-        sizes, offsets, _, shape = found
-        return [(offsets, sizes)] if shape == rec.shape else None
-    if tuple(obj.shape) != rec.shape or (isinstance(obj, DTensor) and obj.device_mesh.get_coordinate() is None):
-        return None
-    return [(tuple(box.offsets), tuple(box.sizes)) for box in local_chunks(obj)]
-
-
-def _listing(md: TensorStorageMetadata, saved: list[Chunk]) -> ListedTensorMetadata:
-    """``md`` listing ``saved``, its DCP objects built only if DCP plans the key."""
-    if isinstance(md, ListedTensorMetadata):
-        return md.listing(saved)
-    return ListedTensorMetadata(md.properties, md.size, saved)
 
 
 def chunk_at(rec: Tensor, offsets: tuple[int, ...], *, key: str) -> Chunk:
@@ -212,7 +58,7 @@ class RuleChunks:
         where: str,
         known: Mapping[tuple[str, tuple[int, ...]], Chunk] | None = None,
     ) -> None:
-        """``known``: chunks already found in ``manifest`` (:attr:`RulePlanner.found`),
+        """``known``: chunks already found in ``manifest`` (:attr:`~shardckpt.engine.plan_v3.RulePlanner.found`),
         used as found instead of being looked up again."""
         self.storage = storage
         self._known = known or {}

@@ -18,9 +18,9 @@ import torch
 
 from shardckpt.engine.collector import collector_paused
 from shardckpt.engine.exchange import Exchange, raise_gathered
-from shardckpt.engine.load_v3 import load_planner
 from shardckpt.engine.mismatch import fresh_optimizer_hint, mismatch_fixes, wrong_kinds
 from shardckpt.engine.options import Timeouts
+from shardckpt.engine.plan_v3 import load_planner
 from shardckpt.engine.protocol import read_in_rounds
 from shardckpt.engine.reader import Reader
 from shardckpt.engine.state import PlainState, flatten, flatten_plain_dicts, tensor_problem

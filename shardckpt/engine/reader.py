@@ -34,7 +34,8 @@ from torch.distributed.checkpoint.storage import StorageReader
 
 from shardckpt.engine.boxes import BoxReader, RunBox
 from shardckpt.engine.load_items import ListedTensorMetadata
-from shardckpt.engine.load_v3 import RuleChunks, RulePlanner
+from shardckpt.engine.load_v3 import RuleChunks
+from shardckpt.engine.plan_v3 import RulePlanner
 from shardckpt.engine.planner import LoadPlanner as ShardckptLoadPlanner
 from shardckpt.engine.planner import set_in_place
 from shardckpt.errors import IntegrityError
@@ -327,7 +328,7 @@ def manifest_to_metadata(m: Manifest | ManifestV3, *, storage_data: bool = True)
     """The DCP view of a manifest, so DCP's load planner can plan resharding. A format-1
     or -2 manifest's tensors build their properties, size and chunks when first asked
     (:class:`~shardckpt.engine.load_items.ListedTensorMetadata`). A format-3
-    manifest's tensors have no chunks here: its planner (``load_v3.RulePlanner``) adds, per
+    manifest's tensors have no chunks here: its planner (``plan_v3.RulePlanner``) adds, per
     rank, those that the rank's boxes overlap. ``storage_data``: map each chunk's
     MetadataIndex to its ChunkRecord (DCP's planners never read it; :class:`Reader` looks
     chunks up in the manifest itself, so it passes False and skips one object per chunk)."""

@@ -167,7 +167,7 @@ def _compare_rule_plan_with_dcp(rank: int, world: int) -> None:
     (``needed_metadata``'s planned items): the plan is DCP's over the same listing."""
     from torch.distributed.tensor import DTensor
 
-    from shardckpt.engine.load_v3 import RulePlanner
+    from shardckpt.engine.plan_v3 import RulePlanner
     from shardckpt.engine.reader import manifest_to_metadata
     from shardckpt.format.manifest_v3 import Chunk
 

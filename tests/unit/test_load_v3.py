@@ -272,7 +272,7 @@ def test_the_planner_lists_only_the_cells_a_box_touches_never_enumerating_the_ru
     """2^20 cells (one per simulated rank); this rank's box covers rows 1000-1002: the
     metadata DCP plans with holds those 3 chunks, and no step expands the rule."""
 
-    from shardckpt.engine import load_v3
+    from shardckpt.engine import plan_v3
     from shardckpt.engine.reader import manifest_to_metadata
     from shardckpt.format import rules
     from shardckpt.format.file_table import FileGroup
@@ -299,8 +299,8 @@ def test_the_planner_lists_only_the_cells_a_box_touches_never_enumerating_the_ru
 
     monkeypatch.setattr(rules, "expand", refuse)
     shard = ((3, 4), (1000, 0))  # this rank's shard of a DTensor: (sizes, offsets)
-    monkeypatch.setattr(load_v3, "placed_box", lambda obj, meshes: (*shard, obj, obj.shape))
-    md = load_v3.needed_metadata(manifest_to_metadata(m), m, {"w": torch.empty(cells, 4, device="meta")})
+    monkeypatch.setattr(plan_v3, "placed_box", lambda obj, meshes: (*shard, obj, obj.shape))
+    md = plan_v3.needed_metadata(manifest_to_metadata(m), m, {"w": torch.empty(cells, 4, device="meta")})
     chunks = md.state_dict_metadata["w"].chunks
     assert [(list(c.offsets), list(c.sizes)) for c in chunks] == [([r, 0], [1, 4]) for r in (1000, 1001, 1002)]
     assert md.state_dict_metadata["other"].chunks == []  # not loaded: nothing planned
