@@ -19,7 +19,7 @@ import torch
 from torch.distributed.checkpoint.metadata import Metadata, TensorStorageMetadata
 from torch.distributed.tensor import DTensor
 
-from shardckpt.engine._torch_private import local_chunks, whole_chunk_item
+from shardckpt.engine._torch_private import is_checkpointable_tensor, local_chunks, whole_chunk_item
 from shardckpt.engine.load_items import ListedTensorMetadata, Meshes, PlannedItem, placed_box
 from shardckpt.engine.local_items import shard_box
 from shardckpt.engine.planner import LoadPlanner
@@ -85,7 +85,7 @@ def needed_metadata(
         md, rec = sd.get(fqn), tensors.get(fqn)
         if rec is None or not isinstance(md, TensorStorageMetadata) or not isinstance(obj, torch.Tensor):
             continue  # values, keys the checkpoint lacks; check_target refused the rest already
-        cell = _one_cell(obj, rec, meshes) if type(obj) is DTensor and rec.rule is not None else None
+        cell = _one_cell(obj, rec, meshes) if rec.rule is not None and type(obj) in _ONE_CELL_KINDS else None
         if cell is not None:  # the common case, a load in the layout of the save: one chunk, one item
             sizes, offsets, local, file, byte_offset = cell
             size = itemsizes.get(rec.dtype)
@@ -117,28 +117,41 @@ def needed_metadata(
     return Metadata(state_dict_metadata=sd, planner_data=metadata.planner_data, storage_data=metadata.storage_data)
 
 
+_ONE_CELL_KINDS = (DTensor, torch.Tensor, torch.nn.Parameter)
+"""The types of target :func:`_one_cell` plans (exactly these: a subclass is planned by DCP)."""
+
+
 def _one_cell(
-    obj: DTensor, rec: Tensor, meshes: Meshes
+    obj: torch.Tensor, rec: Tensor, meshes: Meshes
 ) -> tuple[tuple[int, ...], tuple[int, ...], torch.Tensor, int, int] | None:
-    """(sizes, offsets, local tensor, file position, byte offset) of this rank's box of a
-    plain Shard/Replicate DTensor ``obj`` when that box is exactly one cell of ``rec``'s
-    rule, else None (:func:`_boxes` then plans it): :func:`placed_box`'s steps for the one
-    kind of target that thousands of small tensors are (#18). Under ``torch.no_grad()``."""
-    local = obj.to_local()  # the local tensor itself: autograd is off
-    if type(local) is not torch.Tensor:
-        return None  # a subclass may plan itself (__create_chunk_list__)
-    mesh = obj.device_mesh
-    known = meshes.get(id(mesh))
-    if known is None:
-        known = meshes[id(mesh)] = (mesh.get_coordinate(), tuple(mesh.shape))
-    coordinate, mesh_shape = known
-    shape = obj.shape
-    if coordinate is None or shape != rec.shape:
+    """(sizes, offsets, local tensor, file position, byte offset) of this rank's box of
+    ``obj`` (a plain tensor, or a DTensor of Shard/Replicate placements) when that box is
+    exactly one cell of ``rec``'s rule, else None (:func:`_boxes` then plans it):
+    :func:`placed_box`'s steps for the two kinds of target that thousands of small tensors
+    are (#18). Under ``torch.no_grad()``."""
+    if type(obj) is not DTensor:  # a plain tensor or parameter: its whole self, as placed_box
+        if is_checkpointable_tensor(obj):
+            return None
+        shape = obj.shape
+        sizes, offsets, local = tuple(shape), (0,) * len(shape), obj
+    else:
+        local = obj.to_local()  # the local tensor itself: autograd is off
+        if type(local) is not torch.Tensor:
+            return None  # a subclass may plan itself (__create_chunk_list__)
+        mesh = obj.device_mesh
+        known = meshes.get(id(mesh))
+        if known is None:
+            known = meshes[id(mesh)] = (mesh.get_coordinate(), tuple(mesh.shape))
+        coordinate, mesh_shape = known
+        shape = obj.shape
+        if coordinate is None:
+            return None
+        box = shard_box(shape, mesh_shape, coordinate, obj.placements)
+        if box is None:
+            return None
+        sizes, offsets = tuple(box[0]), tuple(box[1])
+    if shape != rec.shape:
         return None
-    box = shard_box(shape, mesh_shape, coordinate, obj.placements)
-    if box is None:
-        return None
-    sizes, offsets = tuple(box[0]), tuple(box[1])
     rule = rec.rule
     assert rule is not None
     cell = rule.cell_of_box(offsets, sizes)

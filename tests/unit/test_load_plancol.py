@@ -179,6 +179,7 @@ def _compare_rule_plan_with_dcp(rank: int, world: int) -> None:
         ours = planner.create_local_plan().items
     planned = planner._planned
     assert len(planned) > 25, "the one-cell path was not taken"  # a target in the layout of its save
+    assert {"param", "scalar"} <= set(planned)  # plain tensors saved whole: one cell each
     assert {id(flat[k]) for k in planned}.isdisjoint(map(id, asked)), "DCP was asked for a planned box"
     assert planner.metadata is not None
     dcp_view = Metadata(
