@@ -106,11 +106,7 @@ class RuleChunks:
                 continue
             known = files.get(c.file)
             if known is None:
-                inline = self._inline(c.file)
-                index = self._rank_index(ref)[ref.number] if inline is None else inline
-                known = files[c.file] = (index, self._name(c.file, ref))
-                if known[1] not in self._files:
-                    self._files[known[1]] = FileRecord(index.size, index.hash, ref.rank, ref.checkpoint)
+                known = files[c.file] = self._file(c.file, ref)
             index, name = known
             entry = index.find(c.byte_offset, c.byte_length)
             if entry is None:
@@ -141,29 +137,31 @@ class RuleChunks:
 
     def _resolve(self, key: str, offsets: tuple[int, ...], c: Chunk, ref: FileRef) -> ChunkRecord:
         """The record of chunk ``c`` of ``key`` (at ``ref`` in the file table), from its index entry."""
-        inline = self._inline(c.file)
-        index = self._rank_index(ref)[ref.number] if inline is None else inline
-        name = self._name(c.file, ref)
+        index, name = self._file(c.file, ref)
         entry = index.find(c.byte_offset, c.byte_length)
         if entry is None:  # raises, naming the record (built only then: thousands of chunks a load)
-            if inline is None:
+            if self._inline(c.file) is None:
                 where = f"index record {self._describe(ref, ref.index_name)} (rank {ref.rank})"
             else:
                 where = f"the manifest's inline_index (rank {ref.rank}'s file)"
             index.entry(c.byte_offset, c.byte_length, where=f"{self.where}: {where}, key {key!r}, file {name!r}")
             raise AssertionError("FileIndex.entry accepted what find refused")  # pragma: no cover
         record = ChunkRecord(c.offsets, c.sizes, name, c.byte_offset, c.byte_length, entry.hashes(), entry.digest)
-        if name not in self._files:
-            self._files[name] = FileRecord(index.size, index.hash, ref.rank, ref.checkpoint)
         self._chunks[(key, offsets)] = record
         return record
 
-    def _name(self, position: int, ref: FileRef) -> str:
-        """The data file name of the file at ``position`` (``ref``), built once."""
+    def _file(self, position: int, ref: FileRef) -> tuple[FileIndex, str]:
+        """The index and the data file name of the file at ``position`` (``ref``): from the
+        manifest's inline copy or its rank's index record; its size and hash are recorded
+        for :meth:`BoxReader.check_file_sizes` and the reads (its name built once)."""
+        inline = self._inline(position)
+        index = self._rank_index(ref)[ref.number] if inline is None else inline
         name = self._names.get(position)
         if name is None:
             name = self._names[position] = ref.name
-        return name
+        if name not in self._files:
+            self._files[name] = FileRecord(index.size, index.hash, ref.rank, ref.checkpoint)
+        return index, name
 
     def _inline(self, position: int) -> FileIndex | None:
         """The manifest's sealed copy of the index of the file at ``position`` (format.md
