@@ -541,3 +541,42 @@ def ab_report(args: argparse.Namespace, world: int, seconds: dict[str, list[floa
         "loadavg": loadavg(),
     }
     print(json.dumps(doc), flush=True)
+
+
+def time_phases(
+    phases: Sequence[tuple[str, str]], spent: dict[str, float], wall: dict[str, float] | None = None
+) -> None:
+    """Wrap each (module, attribute) of ``phases`` that this build has, so that its CPU
+    seconds on the calling thread (``time.thread_time``) add up in ``spent[name]`` and, with
+    ``wall``, its seconds in ``wall[name]``; a ``read_data`` also adds its ``process_time``
+    (its reader threads) as ``read_data_process``. An attribute "Class.method" wraps the
+    class's method. Wrapped by name, so an older build is measured by the same command; a
+    name the build lacks is left out, and a function imported by name into another module
+    must be listed under that module too."""
+    import importlib
+
+    for module_name, attr in phases:
+        owner: Any = importlib.import_module(module_name)
+        *outer, name = attr.split(".")
+        for part in outer:
+            owner = getattr(owner, part, None)
+        if owner is None or not hasattr(owner, name):
+            continue
+        setattr(owner, name, _timed(getattr(owner, name), name, spent, wall))
+
+
+def _timed(f: Any, name: str, spent: dict[str, float], wall: dict[str, float] | None) -> Any:
+    """``f``, adding its CPU seconds to ``spent[name]`` (and its seconds to ``wall[name]``)."""
+
+    def timed(*a: Any, **k: Any) -> Any:
+        t0, p0, w0 = time.thread_time(), time.process_time(), time.perf_counter()
+        try:
+            return f(*a, **k)
+        finally:
+            spent[name] = spent.get(name, 0.0) + time.thread_time() - t0
+            if wall is not None:
+                wall[name] = wall.get(name, 0.0) + time.perf_counter() - w0
+            if name == "read_data":
+                spent["read_data_process"] = spent.get("read_data_process", 0.0) + time.process_time() - p0
+
+    return timed

@@ -53,37 +53,6 @@ PHASES = (
 )
 
 
-def time_phases(spent: dict[str, float]) -> None:
-    """Wrap each of :data:`PHASES` that this build has so that its CPU seconds add up in
-    ``spent`` (thread_time; ``read_data`` also process_time, under ``read_data_process``)."""
-    import importlib
-
-    for module_name, attr in PHASES:
-        owner: Any = importlib.import_module(module_name)
-        *outer, name = attr.split(".")
-        for part in outer:
-            owner = getattr(owner, part, None)
-        if owner is None or not hasattr(owner, name):
-            continue
-
-        setattr(owner, name, _timed(getattr(owner, name), name, spent))
-
-
-def _timed(f: Any, name: str, spent: dict[str, float]) -> Any:
-    """``f``, adding its CPU seconds to ``spent[name]``."""
-
-    def timed(*a: Any, **k: Any) -> Any:
-        t0, p0 = time.thread_time(), time.process_time()
-        try:
-            return f(*a, **k)
-        finally:
-            spent[name] = spent.get(name, 0.0) + time.thread_time() - t0
-            if name == "read_data":
-                spent["read_data_process"] = spent.get("read_data_process", 0.0) + time.process_time() - p0
-
-    return timed
-
-
 def worker(rank: int, world: int, args: argparse.Namespace, port: int) -> None:
     import torch.distributed as dist
 
@@ -93,7 +62,7 @@ def worker(rank: int, world: int, args: argparse.Namespace, port: int) -> None:
     spent: dict[str, float] = {}  # phase -> CPU seconds of this rank, this load
     phases: dict[str, list[float]] = {}  # phase -> CPU seconds of each measured load, summed over ranks
     if args.phases:
-        time_phases(spent)
+        common.time_phases(PHASES, spent)
 
     specs = save_load.mix_layout(args.mix, args.mib, world)
     src = common.make_state(specs, rank, world, fill=True)

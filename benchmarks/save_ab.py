@@ -42,6 +42,22 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common
 import save_load
 
+# (module, attribute) of each phase timed by --phases; a class attribute is "Class.method",
+# a function imported by name is wrapped where it is called from
+PHASES = (
+    ("shardckpt.engine.planner", "SavePlanner.create_local_plan"),
+    ("shardckpt.engine.writer", "Writer.write_files"),
+    ("shardckpt.engine.rank_result", "split_inline"),  # format 3, the coordinator's, before its writes
+    ("shardckpt.engine.writer", "Writer._write_buckets"),
+    ("shardckpt.engine.rank_result", "rank_results"),  # format 3: each rank's index record and report
+    ("shardckpt.engine.writer", "Writer.finish"),  # the coordinator's commit
+    ("shardckpt.engine.write_v3", "assemble"),
+    ("shardckpt.engine.write_v3", "compress_table"),
+    ("shardckpt.engine.write_v3", "commit"),
+    ("shardckpt.format.manifest_v3", "manifest_v3_to_json"),
+    ("shardckpt.engine.manifest_builder", "BuiltManifest.to_json"),  # format 1: the manifest text
+)
+
 
 def worker(rank: int, world: int, args: argparse.Namespace, port: int) -> None:
     import torch.distributed as dist
@@ -57,6 +73,12 @@ def worker(rank: int, world: int, args: argparse.Namespace, port: int) -> None:
     if args.direct_writes:
         options["io"] = shardckpt.IOOptions(num_io_threads=args.threads, direct_writes=True)
         options.pop("num_io_threads", None)
+    spent: dict[str, float] = {}  # phase -> CPU seconds of this rank, this save
+    wall: dict[str, float] = {}  # phase -> seconds of this rank, this save
+    phases: dict[str, list[float]] = {}  # phase -> CPU seconds of each measured save, summed over ranks
+    walls: dict[str, list[float]] = {}  # phase -> rank 0's seconds of each measured save
+    if args.phases:
+        common.time_phases(PHASES, spent, wall)
     profile = cProfile.Profile() if args.profile and rank == 0 else None
     ckpt = shardckpt.Checkpointer()
     seconds: dict[str, list[float]] = {"shardckpt": [], "safetensors": []}
@@ -75,6 +97,8 @@ def worker(rank: int, world: int, args: argparse.Namespace, port: int) -> None:
             if system == "shardckpt":
                 if profile is not None and rep > 0:
                     profile.enable()
+                spent.clear()
+                wall.clear()
                 ckpt.save(state, os.path.join(folder, "shardckpt"), **options)
                 if profile is not None:
                     profile.disable()
@@ -87,6 +111,12 @@ def worker(rank: int, world: int, args: argparse.Namespace, port: int) -> None:
                 seconds[system].append(dt)
                 if system == "shardckpt":
                     cpu_s.append(cpu)
+                    if args.phases:
+                        per_rank = common.gather_to_all(dict(spent))
+                        for phase in sorted(set().union(*per_rank)):
+                            phases.setdefault(phase, []).append(sum(r.get(phase, 0.0) for r in per_rank))
+                        for phase, seconds_0 in common.gather_to_all(dict(wall))[0].items():
+                            walls.setdefault(phase, []).append(seconds_0)
         dist.barrier()
         if rank == 0:
             common.remove_tree(folder)
@@ -105,6 +135,14 @@ def worker(rank: int, world: int, args: argparse.Namespace, port: int) -> None:
             shardckpt_all=shardckpt_all,
             cpu_s=round(statistics.median(cpu_s), 3),
             cpu_all=[round(c, 3) for c in cpu_s],
+            **(
+                {
+                    "phases_cpu_s": {k: round(statistics.median(v), 4) for k, v in phases.items()},
+                    "phases_rank0_s": {k: round(statistics.median(v), 4) for k, v in walls.items()},
+                }
+                if args.phases
+                else {}
+            ),
         )
     dist.destroy_process_group()
 
@@ -118,6 +156,9 @@ def main() -> None:
         "--direct-writes", action="store_true", help="save with IOOptions(direct_writes=True) (O_DIRECT data files)"
     )
     ap.add_argument("--profile", default="", help="write a cProfile of rank 0's measured saves here")
+    ap.add_argument(
+        "--phases", action="store_true", help="report each phase's CPU seconds summed over ranks, and rank 0's seconds"
+    )
     ap.add_argument("--dir", required=True, help="scratch folder (each save's folder is removed after it)")
     args = ap.parse_args()
     os.makedirs(args.dir, exist_ok=True)
