@@ -12,15 +12,17 @@ import os
 import socket
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from operator import attrgetter
 
 from torch.distributed.checkpoint.metadata import MetadataIndex
 from torch.distributed.checkpoint.planner import SavePlan, WriteItem
 from torch.distributed.checkpoint.storage import WriteResult
 
+from shardckpt.engine.datawrite import WrittenFile
 from shardckpt.engine.incremental import BaseFile, ChunkLocation
 from shardckpt.engine.placement import SMALL_REPLICATED_BUDGET_BYTES, SMALL_REPLICATED_BYTES
 from shardckpt.engine.staging import item_bytes
+from shardckpt.errors import StorageError
 from shardckpt.format import file_table, integrity, layout, rank_index
 from shardckpt.storage import Storage
 
@@ -55,46 +57,46 @@ def finish_rank(
     storage: Storage,
     save_id: str,
     rank: int,
-    located: Sequence[tuple[WriteItem, ChunkLocation]],
-    names: Sequence[str],
+    reused: Sequence[tuple[WriteItem, ChunkLocation]],
+    written: Sequence[WrittenFile],
     block_bytes: int,
     local_rank: int,
     *,
     inline_last: bool = False,
 ) -> RankResult:
-    """Write rank ``rank``'s index record (after its data files ``names``, in number order,
-    are durable) and return what the coordinator needs. Every rank, also one without data.
-    ``inline_last``: the last file holds the small tensors :func:`split_inline` set apart.
-    A chunk reused from a format-3 base (its ``in_base``) has no entry here (its entry is in
-    the base's record) and its row names file ``len(names) + j``, the ``j``-th of ``refs``."""
-    number = {name: k for k, name in enumerate(names)}
-    per_file: list[list[rank_index.IndexEntry]] = [[] for _ in names]
-    records: list[Any] = [None] * len(names)
+    """Write rank ``rank``'s index record (after its data files ``written``, in number
+    order, are durable) and return what the coordinator needs. Every rank, also one without
+    data. ``inline_last``: the last file holds the small tensors :func:`split_inline` set
+    apart. ``reused``: the chunks of an incremental save found in a format-3 base (their
+    ``in_base``): no entry here (theirs is in the base's record), and each row names file
+    ``len(written) + j``, the ``j``-th of ``refs``. The written files are read as the
+    columns they are, no object per chunk (#18: thousands of small tensors)."""
     refs: dict[tuple[str, int, int], int] = {}
     in_base: list[BaseFile] = []
     keys: dict[str, int] = {}
-    dims = max((len(it.index.offset or ()) for it, _ in located), default=0)
+    every = [it for it, _ in reused] + [it for w in written for it in w.items]
+    dims = max((len(it.index.offset or ()) for it in every), default=0)
     rows = array.array("q")
-    for it, loc in located:
-        if loc.in_base is not None:
-            k = len(names) + refs.setdefault(loc.in_base.key, len(refs))
-            if k - len(names) == len(in_base):
-                in_base.append(loc.in_base)
-        else:
-            k = number[loc.file]
-            records[k] = loc.file_record
-            if loc.byte_length:  # a chunk of 0 bytes stores nothing and has no entry (12.4)
-                hashes = "".join(loc.block_hashes)
-                per_file[k].append(rank_index.IndexEntry(loc.byte_offset, loc.byte_length, hashes, loc.digest))
-        assert it.tensor_data is not None and it.index.offset is not None
-        offsets, sizes = tuple(it.index.offset), tuple(it.tensor_data.chunk.sizes)
-        pad = dims - len(offsets)
-        rows.extend((keys.setdefault(it.index.fqn, len(keys)), k, loc.byte_offset))
-        rows.extend((*offsets, *(0,) * pad, *sizes, *(1,) * pad))
-    files = [
-        rank_index.FileIndex(rec.size, rec.hash, tuple(sorted(entries, key=lambda e: e.byte_offset)))
-        for rec, entries in zip(records, per_file, strict=True)
-    ]
+    for it, loc in reused:
+        if loc.in_base is None:
+            raise StorageError(f"save: rank {rank} reused {it.index.fqn!r} from a base that is not of format 3")
+        k = len(written) + refs.setdefault(loc.in_base.key, len(refs))
+        if k - len(written) == len(in_base):
+            in_base.append(loc.in_base)
+        rows.extend(_row(keys, it, k, loc.byte_offset, dims))
+    files = []
+    for k, w in enumerate(written):
+        if w.name != layout.data_file_name(save_id, rank, k):
+            raise StorageError(f"save: rank {rank}'s data file {k} is {w.name!r}; nothing was committed")
+        for it, byte_offset in zip(w.items, w.byte_offsets, strict=True):
+            rows.extend(_row(keys, it, k, byte_offset, dims))
+        entries = [  # a chunk of 0 bytes stores nothing and has no entry (12.4)
+            rank_index.IndexEntry(o, n, "".join(h), d)
+            for o, n, h, d in zip(w.byte_offsets, w.byte_lengths, w.block_hashes, w.digests, strict=True)
+            if n
+        ]
+        entries.sort(key=attrgetter("byte_offset"))  # in file order already: one pass
+        files.append(rank_index.FileIndex(w.record.size, w.record.hash, tuple(entries)))
     raw = rank_index.rank_index_to_json(save_id, rank, block_bytes, files)
     write_new(storage, layout.rank_index_name(save_id, rank), raw)
     storage.sync_dir(layout.DATA_DIR)
@@ -103,6 +105,18 @@ def finish_rank(
     sizes = tuple(f.size for f in files)
     width = FIXED_COLUMNS + 2 * dims
     return RankResult(rank, entry, sizes, tuple(keys), width, rows.tobytes(), inline, tuple(in_base))
+
+
+def _row(keys: dict[str, int], item: WriteItem, file: int, byte_offset: int, dims: int) -> tuple[int, ...]:
+    """A chunk's row: its tensor's number in ``keys`` (added if new), the file's number, the
+    byte offset, then the box's offsets and sizes padded to ``dims`` (offset 0, size 1)."""
+    assert item.tensor_data is not None and item.index.offset is not None
+    offsets, sizes = item.index.offset, item.tensor_data.chunk.sizes
+    key = keys.setdefault(item.index.fqn, len(keys))
+    pad = dims - len(offsets)
+    if not pad:
+        return (key, file, byte_offset, *offsets, *sizes)
+    return (key, file, byte_offset, *offsets, *(0,) * pad, *sizes, *(1,) * pad)
 
 
 def write_new(storage: Storage, name: str, raw: bytes) -> None:
@@ -128,40 +142,49 @@ def split_inline(items: list[WriteItem], *, rank: int) -> tuple[list[WriteItem],
     item (one split as before, no copy). Pure; called by the writer before it splits files."""
     if rank != 0:
         return items, []
-    small, rest, budget = [], [], SMALL_REPLICATED_BUDGET_BYTES
-    for it in sorted(items, key=lambda i: (item_bytes(i), i.index.fqn)):
-        n = item_bytes(it)
-        if 0 < n <= min(SMALL_REPLICATED_BYTES, budget) and _whole(it):
-            small.append(it)
-            budget -= n
-        else:
-            rest.append(it)
-    if not small or not any(item_bytes(it) for it in rest):
+    sizes = list(map(item_bytes, items))
+    # only the candidates are sorted: on the coordinator of thousands of sharded tensors
+    # every item is small and none is whole (#18: sorting them all took 40 ms a save)
+    candidates = sorted(
+        (n, it.index.fqn, k)
+        for k, (it, n) in enumerate(zip(items, sizes, strict=True))
+        if 0 < n <= SMALL_REPLICATED_BYTES and _whole(it)
+    )
+    chosen, budget = set(), SMALL_REPLICATED_BUDGET_BYTES
+    for n, _, k in candidates:
+        if n > budget:
+            break  # the rest are at least as large
+        chosen.add(k)
+        budget -= n
+    if not chosen or not any(n for k, n in enumerate(sizes) if k not in chosen):
         return items, []  # one file of data either way: no need for a copy
-    chosen = {id(it) for it in small}
-    return [it for it in items if id(it) not in chosen], small
+    small = [items[k] for _, _, k in candidates if k in chosen]
+    return [it for k, it in enumerate(items) if k not in chosen], small
 
 
 def _whole(item: WriteItem) -> bool:
+    """A chunk that is its whole tensor (sizes compared first: a shard's differ)."""
     td = item.tensor_data
-    return td is not None and all(o == 0 for o in (item.index.offset or ())) and tuple(td.chunk.sizes) == tuple(td.size)
+    if td is None or tuple(td.chunk.sizes) != tuple(td.size):
+        return False
+    return all(o == 0 for o in (item.index.offset or ()))
 
 
 def rank_results(
     storage: Storage,
     plan: SavePlan,
-    results: list[WriteResult],
-    files: int,
+    reused: list[WriteResult],
+    written: list[WrittenFile],
     block_bytes: int,
     *,
     inline_last: bool = False,
 ) -> list[WriteResult]:
-    """Every rank, after its ``files`` data files: :func:`finish_rank` over the rank's tensor
-    ``results`` (ChunkLocations), as the one WriteResult the coordinator reads."""
+    """Every rank, after its ``written`` data files: :func:`finish_rank` over them and the
+    chunks ``reused`` from a base (their ChunkLocations), as the one WriteResult the
+    coordinator reads."""
     save_id, rank = plan.storage_data["save_id"], plan.storage_data["rank"]
-    by_index = {it.index: it for it in plan.items}
-    located = [(by_index[wr.index], wr.storage_data) for wr in results]
-    names = [layout.data_file_name(save_id, rank, k) for k in range(files)]
+    by_index = {it.index: it for it in plan.items} if reused else {}
+    located = [(by_index[wr.index], wr.storage_data) for wr in reused]
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
-    done = finish_rank(storage, save_id, rank, located, names, block_bytes, local_rank, inline_last=inline_last)
+    done = finish_rank(storage, save_id, rank, located, written, block_bytes, local_rank, inline_last=inline_last)
     return [WriteResult(index=RANK_RESULT_INDEX, size_in_bytes=sum(done.file_sizes), storage_data=done)]

@@ -244,8 +244,7 @@ class Writer(StorageWriter):
         if self.options.format_version != 3:
             return write_results.pack(results, written)
         block = self.options.hash_block_bytes
-        every = results + [r for w in written for r in w.results()]
-        return rank_result.rank_results(self.storage, plan, every, len(written), block, inline_last=inline_last)
+        return rank_result.rank_results(self.storage, plan, results, written, block, inline_last=inline_last)
 
     def _remember(self, plan: SavePlan, results: list[WriteResult], written: list[WrittenFile]) -> None:
         """Count the bytes written and, with digests, keep this rank's chunk locations

@@ -163,6 +163,24 @@ def test_split_inline_sets_apart_the_coordinators_small_whole_tensors_only():
     assert split_inline([step, norm, empty], rank=0) == ([step, norm, empty], [])  # nothing else: one file
 
 
+def test_split_inline_takes_the_smallest_whole_tensors_within_the_budget(monkeypatch):
+    from shardckpt.engine import rank_result
+
+    # whole tensors of 8, 4, 4 and 12 bytes (ties by key), shards and a big one around them
+    a, b = _item("b", (1,), (0,), (1,)), _item("a", (1,), (0,), (1,))
+    two, three = _item("two", (2,), (0,), (2,)), _item("three", (3,), (0,), (3,))
+    shards = [_item(f"s{i}", (8, 2), (4, 0), (4, 2)) for i in range(3)]
+    items = [shards[0], two, b, shards[1], three, a, shards[2]]
+    monkeypatch.setattr(rank_result, "SMALL_REPLICATED_BUDGET_BYTES", 16)
+    rest, small = rank_result.split_inline(items, rank=0)
+    assert [i.index.fqn for i in small] == ["a", "b", "two"]  # 4 + 4 + 8 = 16; "three" (12) no longer fits
+    assert [i.index.fqn for i in rest] == ["s0", "s1", "three", "s2"]  # in their order
+    monkeypatch.setattr(rank_result, "SMALL_REPLICATED_BUDGET_BYTES", 7)
+    rest, small = rank_result.split_inline(items, rank=0)
+    assert [i.index.fqn for i in small] == ["a"]  # 4; "b" (4 more) does not fit in 7
+    assert len(rest) == len(items) - 1
+
+
 def test_dcp_load_and_materialize_read_the_coordinators_small_file(tmp_path):
     """The DCP reader resolves through the copy; materialize copies the file from rank 0's
     record (which still lists it) into a version-1 checkpoint that loads the same."""
