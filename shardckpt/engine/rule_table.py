@@ -75,7 +75,7 @@ def compress_table(shapes: Sequence[tuple[int, ...]], tid: torch.Tensor, table: 
     placed[slot] = torch.arange(slot.numel())  # slots of tensors not ok are dropped below
     slots_ok = torch.repeat_interleave(ok, seg)
     rows, ft = _select(slots_ok, rows[placed], ft[placed])
-    out_rules = _rules(shapes, ok.tolist(), block.tolist(), table[:, 0][rows], table[:, 1][rows], ft)
+    out_rules = _rules(shapes, ok.tolist(), block.tolist(), grid.tolist(), table[:, 0][rows], table[:, 1][rows], ft)
     listed_rows = torch.nonzero(~full | ~ok[tid]).flatten()
     listed_rows = listed_rows[torch.sort(tid[listed_rows], stable=True).indices]
     listed: list[list[int]] = [[] for _ in shapes]
@@ -96,6 +96,7 @@ def _rules(
     shapes: Sequence[tuple[int, ...]],
     ok: list[bool],
     block: list[list[int]],
+    grid: list[list[int]],
     files: torch.Tensor,
     byte_offsets: torch.Tensor,
     ft: torch.Tensor,
@@ -139,9 +140,10 @@ def _rules(
             out.append(None)
             continue
         lo, hi = per_tensor[t]
-        runs = tuple(
-            rules.Run(counts[k], f0[k], fs[k] if counts[k] > 1 else 0, b0[k], bs[k] if counts[k] > 1 else 0)
+        runs = [
+            (counts[k], f0[k], fs[k] if counts[k] > 1 else 0, b0[k], bs[k] if counts[k] > 1 else 0)
             for k in range(lo, hi)
-        )
-        out.append(rules.Rule(tuple(shape), tuple(block[t][: len(shape)]), runs))
+        ]
+        d = len(shape)
+        out.append(rules.new_rule(tuple(shape), tuple(block[t][:d]), runs, tuple(grid[t][:d])))
     return out

@@ -186,6 +186,8 @@ def test_column_wise_compression_is_rules_compress(layout_):
     rule, listed = compress_rows(tuple(shape), offsets, sizes, files, byte_offsets)
     expected, rest = rules.compress(shape, chunks)
     assert rule == expected
+    if rule is not None:  # made by rules.new_rule: every attribute as the constructor's, grid and starts too
+        assert vars(rule) == vars(expected) and [vars(r) for r in rule.runs] == [vars(r) for r in expected.runs]
     assert sorted(chunks[i] for i in listed) == sorted(rest)
     if rule is not None:
         assert sum(math.prod(c.sizes) for c in rules.expand(rule)) == math.prod(shape)
@@ -257,4 +259,5 @@ def test_many_tensors_compressed_at_once_are_each_rules_compress(drawn, rnd):
     done = compress_table(shapes, tid, table)
     for t, (rule, rest) in enumerate(expected):
         assert done.rules[t] == rule, (t, shapes[t])
+        assert rule is None or vars(done.rules[t]) == vars(rule), (t, shapes[t])  # grid and starts too
         assert sorted(rows[i][1] for i in done.listed[t]) == sorted(rest), (t, shapes[t])
