@@ -61,6 +61,7 @@ from shardckpt.engine.exchange import Exchange
 from shardckpt.engine.manifest_builder import ManifestBuilder
 from shardckpt.engine.options import Timeouts
 from shardckpt.engine.plan_checks import ValueSummary, value_summary
+from shardckpt.engine.plan_records import PlanRecords
 from shardckpt.engine.planner import LoadPlanner, SavePlanner, layout_fingerprint, plan_mappings
 from shardckpt.engine.reader import Reader
 from shardckpt.engine.rule_plan import (
@@ -95,6 +96,7 @@ class PlanCache:
     global_id: str | None = None
     item_texts: ItemTexts = field(default_factory=lambda: ItemTexts())
     manifests: ManifestBuilder | None = None  # coordinator: the manifests of the plan's saves (formats 1, 2)
+    records: PlanRecords | None = None  # coordinator: the tensor records of the plan's saves (format 3)
 
     def fits(self, offers: list[_Offer]) -> bool:
         """Coordinator: every rank holds the cached plan and its layout did not change."""
@@ -339,7 +341,9 @@ class _SaveRounds:
             cache = self.cache
             if cache.manifests is None or cache.manifests.metadata is not self.metadata:  # a new plan
                 cache.manifests = ManifestBuilder(self.metadata)
-            self.writer.finish(self.metadata, results, cache.manifests)
+            if cache.records is None or cache.records.metadata is not self.metadata:
+                cache.records = PlanRecords(self.metadata)
+            self.writer.finish(self.metadata, results, cache.manifests, cache.records)
             return [None] * len(results)
 
         self.exchange.round_trip(

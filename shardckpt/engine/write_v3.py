@@ -39,6 +39,7 @@ from torch.distributed.checkpoint.metadata import BytesStorageMetadata, Metadata
 from torch.distributed.checkpoint.storage import WriteResult
 
 from shardckpt._version import __version__
+from shardckpt.engine.plan_records import PlanRecords
 from shardckpt.engine.rank_result import FIXED_COLUMNS, RankResult, write_new
 from shardckpt.engine.rule_table import compress_table
 from shardckpt.errors import StorageError
@@ -62,9 +63,11 @@ def finish(
     save_id: str,
     options: Any,
     create: Callable[[str, bytes], None],
+    records: PlanRecords | None = None,
 ) -> mv3.ManifestV3:
     """The coordinator's finish of a format-3 save (``options``: the WriterOptions): the
-    pages and the manifest (:func:`assemble`), then :func:`commit`. Returns the manifest."""
+    pages and the manifest (:func:`assemble`), then :func:`commit`. Returns the manifest.
+    ``records``: what the plan's last save built, kept for this one (None: built anew)."""
     values, ranks = split_results(results)
     built = assemble(
         tensors_of(metadata),
@@ -74,9 +77,10 @@ def finish(
         save_id=save_id,
         block_bytes=options.hash_block_bytes,
         metadata=dict(options.metadata),
+        records=records,
     )
     built = with_inline_index(built, ranks)
-    commit(storage, built, ranks, create)
+    commit(storage, built, ranks, create, lines=None if records is None else records.lines(built.manifest.tensors))
     return built.manifest
 
 
@@ -97,10 +101,12 @@ def assemble(
     save_id: str,
     block_bytes: int,
     metadata: dict[str, Any],
+    records: PlanRecords | None = None,
 ) -> Assembled:
     """The pages and the manifest of a save whose rank ``r`` reported ``ranks[r]``; tensors:
     fqn -> (dtype name, shape). Pure. O(chunks) in vector operations, O(ranks + tensors +
-    runs) in Python steps."""
+    runs) in Python steps; with ``records``, the tensor records of the plan's last save
+    when its table of chunks was equal (:class:`~shardckpt.engine.plan_records.PlanRecords`)."""
     per_page = file_table.DEFAULT_RANKS_PER_PAGE
     pages = tuple(
         file_table.page_to_json(save_id, first, [r.entry for r in ranks[first : first + per_page]])
@@ -118,13 +124,12 @@ def assemble(
     bases = base_groups(ranks)
     files = file_table.FileTable((group, *bases.values()))
     table, tid = _table(list(tensors), ranks, _positions(files, ranks, list(bases)))
-    records = _tensors(tensors, table, tid)
     m = mv3.ManifestV3(
         world_size=len(ranks),
         hash_block_bytes=block_bytes,
         bases=tuple(bases),
         file_table=files,
-        tensors=records,
+        tensors=_tensors(tensors, table, tid) if records is None else records.records(tensors, table, tid, _tensors),
         values=values,
         paths=paths,
         created_at=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -292,10 +297,13 @@ def commit(
     built: Assembled,
     ranks: Sequence[RankResult],
     create: Callable[[str, bytes], None],
+    *,
+    lines: Sequence[str] | None = None,
 ) -> None:
     """Coordinator, after every rank wrote its data and index record: write the pages,
     check that every file the manifest reaches is there with its size, then ``create``
-    ``manifest.json`` (the exclusive commit)."""
+    ``manifest.json`` (the exclusive commit). ``lines``: the manifest's tensor lines, if
+    kept (:meth:`PlanRecords.lines`)."""
     m = built.manifest
     save_id = m.file_table.groups[0].save_id
     for p, raw in enumerate(built.pages):
@@ -316,7 +324,7 @@ def commit(
                 "committed; save again to a new path."
             )
     _check_bases(storage, ranks)
-    create(layout.MANIFEST_NAME, mv3.manifest_v3_to_json(m))
+    create(layout.MANIFEST_NAME, mv3.manifest_v3_to_json(m, lines=lines))
 
 
 def _size(storage: Storage, name: str) -> int | None:

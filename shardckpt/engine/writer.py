@@ -45,6 +45,7 @@ from shardckpt.engine.datawrite import WrittenFile, split_by_bytes, tensor_and_b
 from shardckpt.engine.incremental import BaseIndex, ChunkLocation, Prepass, digest_pass
 from shardckpt.engine.manifest_builder import ManifestBuilder
 from shardckpt.engine.options import check_format_version, check_hash_block_bytes, check_io_threads
+from shardckpt.engine.plan_records import PlanRecords
 from shardckpt.engine.planner import SavePlanner as ShardckptSavePlanner
 from shardckpt.engine.write_threads import WriteThreads
 from shardckpt.errors import (
@@ -256,13 +257,19 @@ class Writer(StorageWriter):
             self.saved = [(by_index[wr.index], wr.storage_data) for wr in every]
 
     def finish(
-        self, metadata: Metadata, results: list[list[WriteResult]], builder: ManifestBuilder | None = None
+        self,
+        metadata: Metadata,
+        results: list[list[WriteResult]],
+        builder: ManifestBuilder | None = None,
+        records: PlanRecords | None = None,
     ) -> None:
-        """Coordinator: build, check and commit the manifest. ``builder``: the one the
-        caller keeps for the global plan of ``metadata`` (its fixed half is reused by the
-        plan's later saves; ``protocol.PlanCache``); None: a new one for this save."""
+        """Coordinator: build, check and commit the manifest. ``builder`` (formats 1, 2) or
+        ``records`` (format 3): the one the caller keeps for the global plan of ``metadata``
+        (what the plan's later saves reuse; ``protocol.PlanCache``); None: built anew."""
         if self.options.format_version == 3:
-            self._finish_v3(metadata, results)
+            if records is not None and records.metadata is not metadata:
+                raise ValueError("Writer.finish: the plan records given were made for another global plan")
+            self._finish_v3(metadata, results, records)
             return
         if builder is None:
             builder = ManifestBuilder(metadata)
@@ -282,12 +289,14 @@ class Writer(StorageWriter):
         self._committed = True
         self._remove_replaced(m.files)
 
-    def _finish_v3(self, metadata: Metadata, results: list[list[WriteResult]]) -> None:
+    def _finish_v3(
+        self, metadata: Metadata, results: list[list[WriteResult]], records: PlanRecords | None = None
+    ) -> None:
         """Format 3: the pages and the manifest of rules (write_v3), committed like any save."""
         assert self._save_id is not None
         lost = "another save committed this folder first; this one was not committed. Save each to its own path."
         create = functools.partial(self._create, lost_race=lost)
-        self.manifest = write_v3.finish(self.storage, metadata, results, self._save_id, self.options, create)
+        self.manifest = write_v3.finish(self.storage, metadata, results, self._save_id, self.options, create, records)
         self._committed = True
         self._remove_replaced(set())
 

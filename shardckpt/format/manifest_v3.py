@@ -153,13 +153,11 @@ class ManifestV3:
 # ---------------------------------------------------------------- JSON out
 
 
-def manifest_v3_to_json(m: ManifestV3) -> bytes:
-    """The sealed bytes, laid out like versions 1 and 2 (one line per tensor, value, path)."""
+def manifest_v3_to_json(m: ManifestV3, *, lines: Sequence[str] | None = None) -> bytes:
+    """The sealed bytes, laid out like versions 1 and 2 (one line per tensor, value, path).
+    ``lines``: :func:`tensor_lines` of ``m.tensors`` when the caller kept them (the
+    coordinator's repeated save of one plan, ``engine/plan_records.py``)."""
     dump = json_encoder()
-    keys, records = zip(*sorted(m.tensors.items()), strict=True) if m.tensors else ((), ())
-    texts = _tensor_texts(records)
-    if texts is None:  # a field not exactly of its type: json.dumps writes what it is
-        texts = list(map(dump, map(_tensor_doc, records)))
     doc: dict[str, Any] = {
         "format": FORMAT_NAME,
         "format_version": VERSION,
@@ -170,7 +168,7 @@ def manifest_v3_to_json(m: ManifestV3) -> bytes:
         "hash_algorithm": HASH_ALGORITHM,
         "hash_block_bytes": m.hash_block_bytes,
         "bases": sorted(m.bases),
-        "tensors": [f"  {dump(k)}: {text}" for k, text in zip(keys, texts, strict=True)],
+        "tensors": tensor_lines(m.tensors) if lines is None else lines,
         "values": dict(sorted(m.values.items())),
         "file_table": file_table_to_json(m.file_table),
         **({} if m.inline_index is None else {"inline_index": _inline_doc(m.inline_index)}),
@@ -193,6 +191,16 @@ def manifest_v3_to_json(m: ManifestV3) -> bytes:
         raw, source="the format-3 manifest being written", writing=True, bytes_per_container=JSON_BYTES_PER_CONTAINER
     )
     return raw
+
+
+def tensor_lines(tensors: dict[str, Tensor]) -> list[str]:
+    """The manifest's line of each tensor (``  "key": {...}``), sorted by key."""
+    dump = json_encoder()
+    keys, records = zip(*sorted(tensors.items()), strict=True) if tensors else ((), ())
+    texts = _tensor_texts(records)
+    if texts is None:  # a field not exactly of its type: json.dumps writes what it is
+        texts = list(map(dump, map(_tensor_doc, records)))
+    return [f"  {dump(k)}: {text}" for k, text in zip(keys, texts, strict=True)]
 
 
 def _inline_doc(inline: InlineIndex) -> dict[str, Any]:

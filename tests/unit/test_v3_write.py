@@ -21,6 +21,7 @@ from shardckpt.engine import Checkpointer
 from shardckpt.engine.options import DEFAULT_FORMAT_VERSION
 from shardckpt.engine.write_v3 import V3_HASH_BLOCK_BYTES, compress_rows
 from shardckpt.format import layout, rules
+from shardckpt.format import manifest_v3 as mv3
 from shardckpt.storage import WriteStream
 from shardckpt.storage.local import LocalStorage
 
@@ -202,8 +203,12 @@ def test_a_repeated_save_reuses_the_plan_and_writes_format_3_again(tmp_path):
         state["model"]["w"].add_(1.0)  # type: ignore[index]
         ckpt.save(state, str(tmp_path / "b"), format_version=3)
         assert cache.global_id == plan_id  # the global plan was reused, not made again
-    first, second = read_v3(str(tmp_path / "a"))[1], read_v3(str(tmp_path / "b"))[1]
+        assert cache.records is not None and cache.records.reused == 1  # and the tensor records with it
+    (m_a, first), (m_b, second) = read_v3(str(tmp_path / "a")), read_v3(str(tmp_path / "b"))
     assert torch.equal(second["model.w"][0].data, first["model.w"][0].data + 1.0)
+    assert m_b.tensors == m_a.tensors and m_b.file_table != m_a.file_table  # same records, its own files
+    raw = (tmp_path / "b" / "manifest.json").read_bytes()
+    assert mv3.manifest_v3_to_json(m_b) == raw  # the kept lines are the records' own
 
 
 def test_async_save_writes_format_3_too(tmp_path):
