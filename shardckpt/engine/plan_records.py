@@ -8,6 +8,7 @@ of a format-3 commit's work for thousands of small tensors (#18: 0.35 s of rank 
 save at 12,183 tensors, while the other ranks wait). :class:`PlanRecords` keeps the last
 save's table and what was built from it; a save whose table is equal, element for element
 (``torch.equal``, one vector comparison), takes them as they are, any other builds anew.
+The lines of the manifest's ``paths`` are kept the same way while the paths stay equal.
 This is format 1's reused manifest template (``engine/manifest_builder.py``) for format 3.
 """
 
@@ -37,6 +38,8 @@ class PlanRecords:
         self._tid = torch.empty(0)
         self._records: dict[str, mv3.Tensor] = {}
         self._lines: list[str] | None = None
+        self._paths: dict[str, list[str | int]] | None = None  # a copy: the caller's may change
+        self._path_lines: list[str] = []
         self.reused = 0  # saves that took the kept records (what the tests watch)
 
     def records(self, tensors: Tensors, table: torch.Tensor, tid: torch.Tensor, build: Build) -> dict[str, mv3.Tensor]:
@@ -70,3 +73,11 @@ class PlanRecords:
         if self._lines is None:
             self._lines = mv3.tensor_lines(records)
         return self._lines
+
+    def path_lines(self, paths: dict[str, list[str | int]]) -> list[str]:
+        """:func:`~shardckpt.format.manifest_v3.path_lines` of ``paths``, formatted once
+        while they stay equal (they are the plan's: one comparison, in C, a save)."""
+        if paths != self._paths:
+            self._paths = {k: list(v) for k, v in paths.items()}
+            self._path_lines = mv3.path_lines(paths)
+        return self._path_lines

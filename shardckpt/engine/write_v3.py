@@ -80,7 +80,11 @@ def finish(
         records=records,
     )
     built = with_inline_index(built, ranks)
-    commit(storage, built, ranks, create, lines=None if records is None else records.lines(built.manifest.tensors))
+    if records is None:
+        commit(storage, built, ranks, create)
+    else:
+        m = built.manifest
+        commit(storage, built, ranks, create, lines=records.lines(m.tensors), paths=records.path_lines(m.paths))
     return built.manifest
 
 
@@ -299,11 +303,12 @@ def commit(
     create: Callable[[str, bytes], None],
     *,
     lines: Sequence[str] | None = None,
+    paths: Sequence[str] | None = None,
 ) -> None:
     """Coordinator, after every rank wrote its data and index record: write the pages,
     check that every file the manifest reaches is there with its size, then ``create``
-    ``manifest.json`` (the exclusive commit). ``lines``: the manifest's tensor lines, if
-    kept (:meth:`PlanRecords.lines`)."""
+    ``manifest.json`` (the exclusive commit). ``lines``, ``paths``: the manifest's tensor
+    and path lines, if kept (:class:`PlanRecords`)."""
     m = built.manifest
     save_id = m.file_table.groups[0].save_id
     for p, raw in enumerate(built.pages):
@@ -324,7 +329,7 @@ def commit(
                 "committed; save again to a new path."
             )
     _check_bases(storage, ranks)
-    create(layout.MANIFEST_NAME, mv3.manifest_v3_to_json(m, lines=lines))
+    create(layout.MANIFEST_NAME, mv3.manifest_v3_to_json(m, lines=lines, paths=paths))
 
 
 def _size(storage: Storage, name: str) -> int | None:

@@ -153,10 +153,13 @@ class ManifestV3:
 # ---------------------------------------------------------------- JSON out
 
 
-def manifest_v3_to_json(m: ManifestV3, *, lines: Sequence[str] | None = None) -> bytes:
+def manifest_v3_to_json(
+    m: ManifestV3, *, lines: Sequence[str] | None = None, paths: Sequence[str] | None = None
+) -> bytes:
     """The sealed bytes, laid out like versions 1 and 2 (one line per tensor, value, path).
-    ``lines``: :func:`tensor_lines` of ``m.tensors`` when the caller kept them (the
-    coordinator's repeated save of one plan, ``engine/plan_records.py``)."""
+    ``lines`` and ``paths``: :func:`tensor_lines` of ``m.tensors`` and :func:`path_lines`
+    of ``m.paths`` when the caller kept them (the coordinator's repeated save of one plan,
+    ``engine/plan_records.py``)."""
     dump = json_encoder()
     doc: dict[str, Any] = {
         "format": FORMAT_NAME,
@@ -172,21 +175,19 @@ def manifest_v3_to_json(m: ManifestV3, *, lines: Sequence[str] | None = None) ->
         "values": dict(sorted(m.values.items())),
         "file_table": file_table_to_json(m.file_table),
         **({} if m.inline_index is None else {"inline_index": _inline_doc(m.inline_index)}),
-        "paths": dict(sorted(m.paths.items())),
+        "paths": path_lines(m.paths) if paths is None else paths,
         "metadata": m.metadata,
     }
-    lines = []
+    text: list[str] = []
     for k, v in doc.items():
-        if k == "tensors" and v:
-            lines.append(f" {dump(k)}: {{\n" + ",\n".join(v) + "\n }")
-        elif k == "tensors":
-            lines.append(f" {dump(k)}: {{}}")
-        elif k in ("values", "paths", "metadata") and isinstance(v, dict) and v:
+        if k in ("tensors", "paths"):  # their lines, formatted
+            text.append(f" {dump(k)}: {{\n" + ",\n".join(v) + "\n }" if v else f" {dump(k)}: {{}}")
+        elif k in ("values", "metadata") and isinstance(v, dict) and v:
             inner = ",\n".join(f"  {dump(ik)}: {dump(iv)}" for ik, iv in v.items())
-            lines.append(f" {dump(k)}: {{\n{inner}\n }}")
+            text.append(f" {dump(k)}: {{\n{inner}\n }}")
         else:
-            lines.append(f" {dump(k)}: {dump(v)}")
-    raw = seal(("{\n" + ",\n".join(lines) + "\n}\n").encode())
+            text.append(f" {dump(k)}: {dump(v)}")
+    raw = seal(("{\n" + ",\n".join(text) + "\n}\n").encode())
     check_manifest_limits(
         raw, source="the format-3 manifest being written", writing=True, bytes_per_container=JSON_BYTES_PER_CONTAINER
     )
@@ -201,6 +202,12 @@ def tensor_lines(tensors: dict[str, Tensor]) -> list[str]:
     if texts is None:  # a field not exactly of its type: json.dumps writes what it is
         texts = list(map(dump, map(_tensor_doc, records)))
     return [f"  {dump(k)}: {text}" for k, text in zip(keys, texts, strict=True)]
+
+
+def path_lines(paths: dict[str, list[str | int]]) -> list[str]:
+    """The manifest's line of each path (``  "key": [...]``), sorted by key."""
+    dump = json_encoder()
+    return [f"  {dump(k)}: {dump(v)}" for k, v in sorted(paths.items())]
 
 
 def _inline_doc(inline: InlineIndex) -> dict[str, Any]:

@@ -60,3 +60,12 @@ def test_the_kept_lines_are_given_only_for_the_very_same_records():
     assert fresh == mv3.tensor_lines(other) and fresh != lines
     assert records.lines(first) is lines  # still the kept records' own
     assert records.lines({k: first[k] for k in ("b", "a")}) == mv3.tensor_lines(first)  # any key order: formatted anew
+
+
+def test_the_path_lines_are_kept_while_the_paths_stay_equal():
+    records = PlanRecords(Metadata(state_dict_metadata={}))
+    paths: dict[str, list[str | int]] = {"m.w": ["m", "w"], "m.b": ["m", "b"]}
+    kept = records.path_lines(paths)
+    assert kept == mv3.path_lines(paths) and records.path_lines(dict(paths)) is kept
+    paths["m.b"].append(0)  # the caller's dict changed after the save: not the kept lines any more
+    assert records.path_lines(paths) == mv3.path_lines(paths) != kept
