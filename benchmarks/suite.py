@@ -173,6 +173,7 @@ def job_worker(rank: int, world: int, job: Job) -> None:
     m = save_load.measure_interleaved(
         b, list(job.save_systems), list(job.load_systems), job.repeats, job.warmup, job.seed
     )
+    b.close()
     if rank == 0:
         m["state_bytes"] = b.global_bytes
         m["needed_bytes_by_rank"] = [common.local_bytes(b.specs, r, world) for r in range(world)]
