@@ -93,10 +93,13 @@ def run(name: str, repeats: int, root: str) -> dict[str, Any]:
     loads: dict[int, list[float]] = {f: [] for f in FORMATS}
     stats: dict[int, tuple[int, int, int]] = {}
     order = list(FORMATS)
+    # one Checkpointer per format, as a training run keeps one: each saves again with its
+    # own plan (one Checkpointer alternating the formats would plan every save anew)
+    ckpts = {f: shardckpt.Checkpointer() for f in FORMATS}
     for rep in range(repeats + 1):
         random.Random(rep).shuffle(order)
         paths = {f: os.path.join(root, f"{name}-v{f}-{rep}") for f in FORMATS}
-        took = {f: timed(lambda f=f, p=paths[f]: shardckpt.save(sd, p, format_version=f)) for f in order}
+        took = {f: timed(lambda f=f, p=paths[f]: ckpts[f].save(sd, p, format_version=f)) for f in order}
         back = {f: timed(lambda p=paths[f]: shardckpt.load(target, p)) for f in order}
         if rep == 0:
             for f in FORMATS:
@@ -107,6 +110,8 @@ def run(name: str, repeats: int, root: str) -> dict[str, Any]:
                 loads[f].append(back[f])
         for f in FORMATS:
             shutil.rmtree(paths[f])
+    for ckpt in ckpts.values():
+        ckpt.close()
     return {"stats": stats, "saves": saves, "loads": loads}
 
 
