@@ -14,14 +14,11 @@ from typing import Any
 
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
+from manifest_oracle import two_levels
 
 from shardckpt.format import datafile
-from shardckpt.format.manifest import ChunkRecord, FileRecord, Manifest, TensorRecord, manifest_to_json, seal
+from shardckpt.format.manifest import ChunkRecord, FileRecord, Manifest, TensorRecord, manifest_to_json
 from shardckpt.format.manifest_text import ChunkFields, PlanText, json_encoder
-
-
-def _dump(v: Any) -> str:
-    return json.dumps(v, allow_nan=False, separators=(",", ":"))
 
 
 def _oracle(m: Manifest) -> bytes:
@@ -60,14 +57,7 @@ def _oracle(m: Manifest) -> bytes:
         "paths": dict(sorted(m.paths.items())),
         "metadata": m.metadata,
     }
-    lines = []
-    for k, v in doc.items():
-        if isinstance(v, dict) and v:
-            inner = ",\n".join(f"  {_dump(ik)}: {_dump(iv)}" for ik, iv in v.items())
-            lines.append(f" {_dump(k)}: {{\n{inner}\n }}")
-        else:
-            lines.append(f" {_dump(k)}: {_dump(v)}")
-    return seal(("{\n" + ",\n".join(lines) + "\n}\n").encode())
+    return two_levels(doc)
 
 
 _ODD = ['a"b', "back\\slash", "ctl\x00\x1f\x7f", "tab\tnl\n", "é中🙂", "\ud800lone", "</script>", ""]

@@ -1,7 +1,8 @@
 """manifest_v3_to_json's templated tensor lines (issue #18) are byte for byte json.dumps.
 
 The oracle is the writer as it was before the templates: each tensor line is ``json.dumps``
-of its plain document. Random manifests (hypothesis) cover odd keys and dtypes (unicode,
+of its plain document (``manifest_v3._tensor_doc``, what the fallback writes), the layout
+that of ``manifest_oracle.two_levels``. Random manifests (hypothesis) cover odd keys and dtypes (unicode,
 lone surrogates, quotes, control characters), huge and negative ints, scalars, tensors with
 a rule, listed chunks or both, several runs; records of other types (a bool, a float, a str
 subclass) must leave the templates and still be written as json.dumps writes them.
@@ -10,44 +11,14 @@ subclass) must leave the templates and still be written as json.dumps writes the
 from __future__ import annotations
 
 import dataclasses
-import json
-from typing import Any
 
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
+from manifest_oracle import empty_v3, two_levels
 
-from shardckpt.format import file_table, rules
 from shardckpt.format import manifest_v3 as mv3
+from shardckpt.format import rules
 from shardckpt.format.file_table import file_table_to_json
-from shardckpt.format.manifest import seal
-
-
-def _dump(v: Any) -> str:
-    return json.dumps(v, allow_nan=False, separators=(",", ":"))
-
-
-def _tensor_doc(t: mv3.Tensor) -> dict[str, Any]:
-    doc: dict[str, Any] = {
-        "dtype": t.dtype,
-        "shape": list(t.shape),
-        "chunks": [
-            {
-                "offsets": list(c.offsets),
-                "sizes": list(c.sizes),
-                "file": c.file,
-                "byte_offset": c.byte_offset,
-                "byte_length": c.byte_length,
-            }
-            for c in t.chunks
-        ],
-    }
-    if t.rule is not None:
-        doc["rule"] = {
-            "grid": list(t.rule.grid),
-            "block": list(t.rule.block),
-            "runs": [[r.count, r.file, r.file_step, r.byte_offset, r.byte_step] for r in t.rule.runs],
-        }
-    return doc
 
 
 def _oracle(m: mv3.ManifestV3) -> bytes:
@@ -62,20 +33,13 @@ def _oracle(m: mv3.ManifestV3) -> bytes:
         "hash_algorithm": "xxh3_64",
         "hash_block_bytes": m.hash_block_bytes,
         "bases": sorted(m.bases),
-        "tensors": {k: _tensor_doc(t) for k, t in sorted(m.tensors.items())},
+        "tensors": {k: mv3._tensor_doc(t) for k, t in sorted(m.tensors.items())},  # the plain document
         "values": dict(sorted(m.values.items())),
         "file_table": file_table_to_json(m.file_table),
         "paths": dict(sorted(m.paths.items())),
         "metadata": m.metadata,
     }
-    lines = []
-    for k, v in doc.items():
-        if k in ("tensors", "values", "paths", "metadata") and isinstance(v, dict) and v:
-            inner = ",\n".join(f"  {_dump(ik)}: {_dump(iv)}" for ik, iv in v.items())
-            lines.append(f" {_dump(k)}: {{\n{inner}\n }}")
-        else:
-            lines.append(f" {_dump(k)}: {_dump(v)}")
-    return seal(("{\n" + ",\n".join(lines) + "\n}\n").encode())
+    return two_levels(doc, ("tensors", "values", "paths", "metadata"))
 
 
 _ODD = ['a"b', "back\\slash", "ctl\x00\x1f\x7f", "tab\tnl\n", "é中🙂", "\ud800lone", "</script>", ""]
@@ -104,19 +68,7 @@ def _tensor(draw: st.DrawFn) -> mv3.Tensor:
 
 
 def _empty() -> mv3.ManifestV3:
-    group = file_table.FileGroup("0123456789ab", None, 1, ((1, 0),), 1024, (file_table.Page(10, "f" * 16),))
-    return mv3.ManifestV3(
-        world_size=1,
-        hash_block_bytes=1 << 20,
-        bases=(),
-        file_table=file_table.FileTable((group,)),
-        tensors={},
-        values={},
-        paths={},
-        created_at="2026-12-02T00:00:00+00:00",
-        shardckpt_version="0",
-        torch_version="2",
-    )
+    return empty_v3(created_at="2026-12-02T00:00:00+00:00")
 
 
 @st.composite

@@ -9,6 +9,7 @@ import tracemalloc
 
 import pytest
 import torch
+from manifest_oracle import empty_v3
 
 import shardckpt
 from shardckpt.errors import ManifestError
@@ -32,26 +33,7 @@ def test_thousands_of_short_keys_save_and_load_in_format_3(tmp_path):
 def _dense(n: int) -> bytes:
     """A sealed format-3 manifest whose metadata holds ``n`` one-key objects, 8 bytes each
     with the comma: the densest containers per byte the limit lets through."""
-    return mv3.manifest_v3_to_json(dataclasses.replace(_empty(), metadata={"x": [{"a": 0}] * n}))
-
-
-def _empty() -> mv3.ManifestV3:
-    from shardckpt.format import file_table
-
-    group = file_table.FileGroup("0123456789ab", None, 1, ((1, 0),), 1024, (file_table.Page(10, "f" * 16),))
-    return mv3.ManifestV3(
-        world_size=1,
-        hash_block_bytes=1 << 20,
-        bases=(),
-        file_table=file_table.FileTable((group,)),
-        tensors={},
-        values={},
-        paths={},
-        created_at="2026-11-30T00:00:00+00:00",
-        shardckpt_version="0.0.0",
-        torch_version="2",
-        metadata={},
-    )
+    return mv3.manifest_v3_to_json(dataclasses.replace(empty_v3(), metadata={"x": [{"a": 0}] * n}))
 
 
 def test_a_manifest_over_one_container_per_8_bytes_is_refused_before_json(monkeypatch):
