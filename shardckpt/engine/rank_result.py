@@ -12,6 +12,7 @@ import os
 import socket
 from collections.abc import Sequence
 from dataclasses import dataclass
+from itertools import chain
 from operator import attrgetter
 
 from torch.distributed.checkpoint.metadata import MetadataIndex
@@ -74,7 +75,7 @@ def finish_rank(
     refs: dict[tuple[str, int, int], int] = {}
     in_base: list[BaseFile] = []
     keys: dict[str, int] = {}
-    every = [it for it, _ in reused] + [it for w in written for it in w.items]
+    every = chain((it for it, _ in reused), chain.from_iterable(w.items for w in written))
     dims = max((len(it.index.offset or ()) for it in every), default=0)
     rows = array.array("q")
     for it, loc in reused:

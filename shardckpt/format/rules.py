@@ -75,7 +75,7 @@ class Rule:
 
     def __post_init__(self) -> None:
         # first cell of each run, for bisect; built once, O(runs)
-        object.__setattr__(self, "_starts", list(itertools.accumulate((r.count for r in self.runs), initial=0)))
+        object.__setattr__(self, "_starts", _run_starts(self.runs))
         # asked once per chunk a load looks up: computed once per rule
         object.__setattr__(self, "_grid", tuple(-(-n // b) for n, b in zip(self.shape, self.block, strict=True)))
 
@@ -149,10 +149,20 @@ def new_rule(
             {"count": count, "file": file, "file_step": file_step, "byte_offset": byte_offset, "byte_step": byte_step},
         )
         made.append(run)
-    starts = [0, made[0].count] if len(made) == 1 else list(itertools.accumulate((r.count for r in made), initial=0))
     rule = _NEW(Rule)
-    _SET(rule, "__dict__", {"shape": shape, "block": block, "runs": tuple(made), "_starts": starts, "_grid": grid})
+    _SET(
+        rule,
+        "__dict__",
+        {"shape": shape, "block": block, "runs": tuple(made), "_starts": _run_starts(made), "_grid": grid},
+    )
     return rule
+
+
+def _run_starts(runs: Sequence[Run]) -> list[int]:
+    """The first cell of each run, then the number of cells: what ``Rule.place`` bisects."""
+    if len(runs) == 1:  # the common case, one run: no accumulate
+        return [0, runs[0].count]
+    return list(itertools.accumulate((r.count for r in runs), initial=0))
 
 
 # ---------------------------------------------------------------- chunks <-> rule
