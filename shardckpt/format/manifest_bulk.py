@@ -91,8 +91,8 @@ class _Columns:
         keys = _V2_CHUNK_KEYS if digests else _CHUNK_KEYS
         if not set(map(len, self.chunks)) <= {len(keys)}:
             raise _Doubt
-        rows = list(map(itemgetter(*keys), self.chunks))  # KeyError: a field is missing
-        self.fields: list[list[Any]] = [list(c) for c in zip(*rows, strict=True)] if rows else [[] for _ in keys]
+        # one C pass a field (KeyError: a field is missing; with the count above, no other key is set)
+        self.fields: list[list[Any]] = [list(map(itemgetter(k), self.chunks)) for k in keys]
         types: tuple[type, ...] = (list, list, str, int, int, list)  # a digest: the hex check
         for values, typ in zip(self.fields, types, strict=False):
             _only(values, typ)
