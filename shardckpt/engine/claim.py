@@ -37,6 +37,36 @@ def check_same_location(url: str, per_rank: list[dict[str, Any]]) -> None:
         )
 
 
+def check_same_options(url: str, per_rank: list[dict[str, Any]]) -> None:
+    """All ranks must save with the options that shape the one checkpoint they write
+    (``per_rank[r]["options"]``: name -> value, :meth:`~shardckpt.engine.writer.Writer.agreed_options`).
+    Each rank hashes and lays out its files with its own, the coordinator builds the
+    manifest and claims the folder with its own: ranks whose ``hash_block_bytes`` differed
+    committed a checkpoint no reader accepts, and one rank's ``overwrite=True`` replaced a
+    checkpoint another rank's caller meant to keep. Options are compared by name, in sorted
+    order (never one rank's dict order); every differing one is named with its ranks."""
+    names = sorted({name for data in per_rank for name in data["options"]})
+    parts = []
+    for name in names:
+        ranks_of: dict[str, list[int]] = {}
+        for r, data in enumerate(per_rank):
+            ranks_of.setdefault(repr(data["options"].get(name)), []).append(r)
+        if len(ranks_of) > 1:
+            groups = sorted(ranks_of.items(), key=lambda kv: kv[1][0])
+            parts.append(f"{name} (" + "; ".join(f"{_ranks_text(ranks)}: {value}" for value, ranks in groups) + ")")
+    if parts:
+        raise InconsistentRanksError(
+            f"save to {url}: ranks passed different save options: {', '.join(parts)}. These shape the one "
+            "checkpoint every rank writes, so every rank must pass the same values (compute them once, e.g. "
+            "on rank 0, and broadcast them); nothing was written."
+        )
+
+
+def _ranks_text(ranks: list[int]) -> str:
+    shown = ", ".join(map(str, ranks[:8])) + (f" and {len(ranks) - 8} more" if len(ranks) > 8 else "")
+    return f"rank {shown}" if len(ranks) == 1 else f"ranks {shown}"
+
+
 def claim_folder(storage: Storage, save_id: str, *, overwrite: bool, what: str = "save") -> list[str]:
     """Refuse a folder that is not ours to write; then create the save marker, the proof
     (for clean-up) that shardckpt owns what follows, before any data byte. Coordinator

@@ -147,6 +147,9 @@ class SaveKwargs(TypedDict, total=False):
       per-rank index records; 256 KiB checksum blocks unless ``hash_block_bytes`` says
       otherwise), also incremental: its ``base`` must then be a format-3 checkpoint.
 
+    Every rank passes the same path, ``overwrite``, ``incremental``, ``format_version`` and
+    checksum block size (they shape the one checkpoint the ranks write): a save whose ranks
+    differ raises ``InconsistentRanksError`` on every rank before anything is written.
     Also the type of a dict of these to pass on: ``ckpt.save(sd, path, **kwargs)``.
     """
 

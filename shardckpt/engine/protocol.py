@@ -291,6 +291,8 @@ class _SaveRounds:
     def _global_plan(self, offers: list[_Offer]) -> list[tuple[Any, ...]]:
         """Coordinator: the global plan (reused or made), the claim of the folder, and
         each rank's answer. DCP's global step."""
+        # first: ranks of other options (a format, a block size) plan and summarize otherwise
+        self.writer.check_ranks_agree([o.storage_data for o in offers])
         cache = self.cache
         reuse = cache.fits(offers)
         ruled = None

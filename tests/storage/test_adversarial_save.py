@@ -248,6 +248,42 @@ def test_ranks_with_different_paths_commit_nothing(tmp_path: Path) -> None:
         assert not (tmp_path / f"ckpt_{r}" / layout.MANIFEST_NAME).exists()
 
 
+# ---------------------------------------------------------------- ranks disagree on the options
+
+
+def _save_with_own_options(rank: int, world: int, path: str, option: str) -> None:
+    """Rank 0 and rank 1 save one sharded state over the checkpoint at ``path`` (overwrite=True
+    unless ``option`` is overwrite) with ``option`` set differently."""
+    from torch.distributed.tensor import Shard, distribute_tensor, init_device_mesh
+
+    mesh = init_device_mesh("cpu", (world,))
+    state = {"d": distribute_tensor(torch.arange(world * 8192.0).reshape(world * 64, 128), mesh, [Shard(0)])}
+    mine: dict[str, Any] = {
+        "hash_block_bytes": {"hash_block_bytes": 4096 * (rank + 1)},
+        "format_version": {"format_version": 3 if rank == 0 else 1},
+        "incremental": {"incremental": rank == 0},
+        "overwrite": {"overwrite": rank == 0},
+    }[option]
+    with pytest.raises(InconsistentRanksError, match=f"different save options: {option}") as info:
+        shardckpt.save(state, path, timeout_s=60, **{"overwrite": True, **mine})
+    assert "rank 0" in str(info.value) and "rank 1" in str(info.value), info.value
+    assert "nothing was written" in str(info.value)
+
+
+@pytest.mark.parametrize("option", ["hash_block_bytes", "format_version", "incremental", "overwrite"])
+def test_ranks_with_different_save_options_write_nothing(tmp_path: Path, option: str) -> None:
+    """Each rank hashes, lays out and claims with its own options, the coordinator builds the
+    manifest with its own: ranks that disagree on hash_block_bytes committed a checkpoint that
+    no reader accepts ("expected 8 block hashes"), with overwrite=True in place of a good
+    one. Every rank is refused before the folder is claimed; an existing checkpoint stays."""
+    path = tmp_path / "c"
+    shardckpt.save(_state(1.0), str(path))  # what an overwrite would have replaced
+    before = sorted(p.name for p in path.rglob("*"))
+    run_ranks(_save_with_own_options, 2, str(path), option)
+    assert sorted(p.name for p in path.rglob("*")) == before
+    assert torch.equal(_loaded(path)["w"], _state(1.0)["w"])
+
+
 def test_commit_checks_every_listed_file(tmp_path: Path) -> None:
     """A data file removed between the write and the commit (another job on the same
     path, a rank that wrote elsewhere) stops the commit instead of committing a hole."""

@@ -13,6 +13,7 @@ from distributed import mark, run_ranks, wait_for
 import shardckpt
 from shardckpt.engine import Checkpointer
 from shardckpt.engine import planner as planner_module
+from shardckpt.engine.claim import check_same_options
 from shardckpt.engine.exchange import Exchange
 
 
@@ -124,6 +125,14 @@ def _reuse_on_ranks(rank: int, world: int, root: str) -> None:
         # So are different paths: the location is checked on every save.
         with pytest.raises(shardckpt.InconsistentRanksError, match="ranks passed different paths"):
             ckpt.save({"w": torch.ones(4), f"r{rank}": torch.ones(2), "step": 3}, f"{root}/p{rank}", timeout_s=30)
+        # And options that shape the checkpoint (each rank hashes with its own block size).
+        with pytest.raises(shardckpt.InconsistentRanksError, match="different save options: hash_block_bytes"):
+            ckpt.save(
+                {"w": torch.ones(4), f"r{rank}": torch.ones(2), "step": 3},
+                f"{root}/opts",
+                hash_block_bytes=4096 * (rank + 1),
+                timeout_s=30,
+            )
         target = {"w": torch.zeros(4), f"r{rank}": torch.zeros(2), "step": -1}
         ckpt.load(target, f"{root}/s2", strict=False, timeout_s=30)
     assert torch.equal(target["w"], torch.full((4,), 2.0)) and target["step"] == 2
@@ -133,6 +142,24 @@ def _reuse_on_ranks(rank: int, world: int, root: str) -> None:
 def test_ranks_reuse_the_plan_and_still_check_values_and_paths(tmp_path):
     run_ranks(_reuse_on_ranks, 2, str(tmp_path))
     assert not (tmp_path / "bad" / "manifest.json").exists()
+    assert not (tmp_path / "opts").exists()
+
+
+def test_save_options_are_compared_by_name_and_every_difference_named():
+    """check_same_options: no rank's dict order decides (names sorted, values grouped by
+    the first rank holding each), every differing option named with its ranks; a rank that
+    lacks an option differs from one that has it; options that agree say nothing."""
+    alike = {"hash_block_bytes": 4096, "overwrite": False}
+    check_same_options("/c", [{"options": alike}, {"options": dict(reversed(alike.items()))}])
+    per_rank = [{"options": {"overwrite": r == 2, "hash_block_bytes": 4096 if r < 9 else 8192}} for r in range(12)]
+    with pytest.raises(shardckpt.InconsistentRanksError) as info:
+        check_same_options("/c", per_rank)
+    text = str(info.value)
+    assert "different save options: hash_block_bytes (ranks 0, 1, 2, 3, 4, 5, 6, 7 and 1 more: 4096; " in text
+    assert "ranks 9, 10, 11: 8192), overwrite (ranks 0, 1, 3, 4, 5, 6, 7, 8 and 3 more: False; rank 2: True)" in text
+    assert text.startswith("save to /c: ") and text.endswith("nothing was written.")
+    with pytest.raises(shardckpt.InconsistentRanksError, match=r"format_version \(rank 0: 3; rank 1: None\)"):
+        check_same_options("/c", [{"options": {"format_version": 3}}, {"options": {}}])
 
 
 def _round_trips(rank: int, world: int, path: str) -> None:
