@@ -100,6 +100,9 @@ def _save_all(rank: int, world: int, root: str) -> None:
     with pytest.raises(CheckpointException, match="committed checkpoint is already there"):
         dcp.save(saved_state(world), storage_writer=StorageWriter(p["over_dcp"]))
     dcp.save(saved_state(world), storage_writer=StorageWriter(p["over_dcp"], overwrite=True))
+    # Options that shape the checkpoint must agree: one rank's overwrite=True is refused on every rank.
+    with pytest.raises(CheckpointException, match="different save options: overwrite"):
+        dcp.save(saved_state(world, step=40), storage_writer=StorageWriter(p["over_dcp"], overwrite=rank == 0))
     shardckpt.save(saved_state(world, step=41), p["over_native"])
     with pytest.raises(shardckpt.CheckpointExistsError):
         shardckpt.save(saved_state(world), p["over_native"])
