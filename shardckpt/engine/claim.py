@@ -45,12 +45,13 @@ def check_same_options(url: str, per_rank: list[dict[str, Any]]) -> None:
     committed a checkpoint no reader accepts, and one rank's ``overwrite=True`` replaced a
     checkpoint another rank's caller meant to keep. Options are compared by name, in sorted
     order (never one rank's dict order); every differing one is named with its ranks."""
-    names = sorted({name for data in per_rank for name in data["options"]})
+    options = [data.get("options", {}) for data in per_rank]  # a plan without any: every option differs
+    names = sorted({name for mine in options for name in mine})
     parts = []
     for name in names:
         ranks_of: dict[str, list[int]] = {}
-        for r, data in enumerate(per_rank):
-            ranks_of.setdefault(repr(data["options"].get(name)), []).append(r)
+        for r, mine in enumerate(options):
+            ranks_of.setdefault(repr(mine.get(name)), []).append(r)
         if len(ranks_of) > 1:
             groups = sorted(ranks_of.items(), key=lambda kv: kv[1][0])
             parts.append(f"{name} (" + "; ".join(f"{_ranks_text(ranks)}: {value}" for value, ranks in groups) + ")")
