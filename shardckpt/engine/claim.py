@@ -37,9 +37,35 @@ def check_same_location(url: str, per_rank: list[dict[str, Any]]) -> None:
         )
 
 
+AGREED_OPTIONS = {
+    "hash_block_bytes": "hash_block_bytes",
+    "format_version": "format_version",
+    "incremental": "digests",
+    "overwrite": "overwrite",
+}
+"""The save options every rank must pass alike, by the name errors use -> the writer
+option's attribute: the block size each rank hashes with, the format and digests each lays
+out, whether the coordinator may replace a checkpoint. Threads, direct writes and
+``metadata`` (the coordinator's is stored) may differ."""
+
+
+def agreed_options(options: Any) -> dict[str, Any]:
+    """What a rank sends with its local plan for :func:`check_same_options`, from its
+    ``WriterOptions``."""
+    return {name: getattr(options, attr) for name, attr in AGREED_OPTIONS.items()}
+
+
+def check_ranks_agree(url: str, per_rank: list[dict[str, Any]]) -> None:
+    """Coordinator, before planning from the ranks' offers and before the claim: every
+    rank's local plan ``storage_data`` names this folder and the same options;
+    InconsistentRanksError (nothing written) otherwise."""
+    check_same_location(url, per_rank)
+    check_same_options(url, per_rank)
+
+
 def check_same_options(url: str, per_rank: list[dict[str, Any]]) -> None:
     """All ranks must save with the options that shape the one checkpoint they write
-    (``per_rank[r]["options"]``: name -> value, :meth:`~shardckpt.engine.writer.Writer.agreed_options`).
+    (``per_rank[r]["options"]``: name -> value, :func:`agreed_options`).
     Each rank hashes and lays out its files with its own, the coordinator builds the
     manifest and claims the folder with its own: ranks whose ``hash_block_bytes`` differed
     committed a checkpoint no reader accepts, and one rank's ``overwrite=True`` replaced a

@@ -57,6 +57,7 @@ from typing import Any
 from torch.distributed.checkpoint.metadata import Metadata
 from torch.distributed.checkpoint.planner import SavePlan, WriteItem
 
+from shardckpt.engine.claim import check_ranks_agree
 from shardckpt.engine.exchange import Exchange
 from shardckpt.engine.manifest_builder import ManifestBuilder
 from shardckpt.engine.options import Timeouts
@@ -292,7 +293,7 @@ class _SaveRounds:
         """Coordinator: the global plan (reused or made), the claim of the folder, and
         each rank's answer. DCP's global step."""
         # first: ranks of other options (a format, a block size) plan and summarize otherwise
-        self.writer.check_ranks_agree([o.storage_data for o in offers])
+        check_ranks_agree(self.writer.storage.url, [o.storage_data for o in offers])
         cache = self.cache
         reuse = cache.fits(offers)
         ruled = None

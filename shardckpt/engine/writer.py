@@ -40,7 +40,7 @@ from torch.distributed.checkpoint.planner import SavePlan, SavePlanner, WriteIte
 from torch.distributed.checkpoint.storage import StorageWriter, WriteResult
 
 from shardckpt.engine import rank_result, write_results, write_v3
-from shardckpt.engine.claim import check_same_location, check_same_options, claim_folder, create_file, discard_save
+from shardckpt.engine.claim import agreed_options, check_ranks_agree, claim_folder, create_file, discard_save
 from shardckpt.engine.datawrite import WrittenFile, split_by_bytes, tensor_and_bytes, write_file
 from shardckpt.engine.incremental import BaseIndex, ChunkLocation, Prepass, digest_pass
 from shardckpt.engine.manifest_builder import ManifestBuilder
@@ -129,31 +129,12 @@ class Writer(StorageWriter):
             "host": socket.gethostname(),
             "local_rank": int(os.environ.get("LOCAL_RANK", 0)),
             "location": self.storage.location,
-            "options": self.agreed_options(),
+            "options": agreed_options(self.options),  # compared by check_ranks_agree
         }
         return dataclasses.replace(plan, storage_data=host)
 
-    def agreed_options(self) -> dict[str, Any]:
-        """The options every rank of a save must pass alike (:func:`check_same_options`):
-        the block size each rank hashes with, the format and digests each lays out, and
-        whether the coordinator may replace a checkpoint. Threads, direct writes and
-        ``metadata`` (the coordinator's is stored) may differ."""
-        o = self.options
-        return {
-            "hash_block_bytes": o.hash_block_bytes,
-            "format_version": o.format_version,
-            "incremental": o.digests,
-            "overwrite": o.overwrite,
-        }
-
-    def check_ranks_agree(self, per_rank: list[dict[str, Any]]) -> None:
-        """Coordinator: every rank's local plan ``storage_data`` names this save's folder and
-        its options; InconsistentRanksError (nothing written) otherwise."""
-        check_same_location(self.storage.url, per_rank)
-        check_same_options(self.storage.url, per_rank)
-
     def prepare_global_plan(self, plans: list[SavePlan]) -> list[SavePlan]:
-        self.check_ranks_agree([p.storage_data for p in plans])
+        check_ranks_agree(self.storage.url, [p.storage_data for p in plans])
         self._layout = [{k: v for k, v in p.storage_data.items() if k not in ("location", "options")} for p in plans]
         save_id = uuid.uuid4().hex[:12]
         self._claim_folder(save_id)

@@ -13,8 +13,9 @@ from distributed import mark, run_ranks, wait_for
 import shardckpt
 from shardckpt.engine import Checkpointer
 from shardckpt.engine import planner as planner_module
-from shardckpt.engine.claim import check_same_options
+from shardckpt.engine.claim import agreed_options, check_same_options
 from shardckpt.engine.exchange import Exchange
+from shardckpt.engine.writer import WriterOptions
 
 
 def count_global_plans(monkeypatch: Any) -> list[int]:
@@ -160,6 +161,9 @@ def test_save_options_are_compared_by_name_and_every_difference_named():
     assert text.startswith("save to /c: ") and text.endswith("nothing was written.")
     with pytest.raises(shardckpt.InconsistentRanksError, match=r"format_version \(rank 0: 3; rank 1: None\)"):
         check_same_options("/c", [{"options": {"format_version": 3}}, {"options": {}}])
+    # what a rank sends: its writer's options under the names the errors use
+    sent = agreed_options(WriterOptions(hash_block_bytes=4096, overwrite=True, digests=True, format_version=3))
+    assert sent == {"hash_block_bytes": 4096, "format_version": 3, "incremental": True, "overwrite": True}
 
 
 def _round_trips(rank: int, world: int, path: str) -> None:
