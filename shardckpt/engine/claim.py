@@ -15,6 +15,7 @@ import socket
 import time
 from typing import Any
 
+from shardckpt.engine.collective import rank_list
 from shardckpt.errors import CheckpointExistsError, DestinationNotEmptyError, InconsistentRanksError, ShardckptError
 from shardckpt.format import layout
 from shardckpt.storage import Storage, folder
@@ -80,18 +81,13 @@ def check_same_options(url: str, per_rank: list[dict[str, Any]]) -> None:
             ranks_of.setdefault(repr(mine.get(name)), []).append(r)
         if len(ranks_of) > 1:
             groups = sorted(ranks_of.items(), key=lambda kv: kv[1][0])
-            parts.append(f"{name} (" + "; ".join(f"{_ranks_text(ranks)}: {value}" for value, ranks in groups) + ")")
+            parts.append(f"{name} (" + "; ".join(f"{rank_list(ranks)}: {value}" for value, ranks in groups) + ")")
     if parts:
         raise InconsistentRanksError(
             f"save to {url}: ranks passed different save options: {', '.join(parts)}. These shape the one "
             "checkpoint every rank writes, so every rank must pass the same values (compute them once, e.g. "
             "on rank 0, and broadcast them); nothing was written."
         )
-
-
-def _ranks_text(ranks: list[int]) -> str:
-    shown = ", ".join(map(str, ranks[:8])) + (f" and {len(ranks) - 8} more" if len(ranks) > 8 else "")
-    return f"rank {shown}" if len(ranks) == 1 else f"ranks {shown}"
 
 
 def claim_folder(storage: Storage, save_id: str, *, overwrite: bool, what: str = "save") -> list[str]:

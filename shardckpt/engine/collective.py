@@ -273,7 +273,7 @@ def raise_failures(
     message does not (the OSError under a StorageError), never a ShardckptError whose
     text is already in the message nor another rank's stand-in."""
     lines = _failure_lines(failures)
-    msg = f"{action} failed on {_rank_list(sorted(failures))}:\n  " + "\n  ".join(lines)
+    msg = f"{action} failed on {rank_list(sorted(failures))}:\n  " + "\n  ".join(lines)
     if len(lines) == 1:
         msg = f"{action} failed on {lines[0]}"
     if alone and local is not None:
@@ -313,15 +313,15 @@ def _failure_lines(failures: dict[int, BaseException]) -> list[str]:
     for r, e in sorted(failures.items()):
         name = e.type_name if isinstance(e, _Remote) else type(e).__name__
         by_text.setdefault(f"{name}: {e}" if str(e) else name, []).append(r)
-    lines = [f"{_rank_list(ranks)}: {text}" for text, ranks in list(by_text.items())[:SHOWN_FAILURES]]
+    lines = [f"{rank_list(ranks)}: {text}" for text, ranks in list(by_text.items())[:SHOWN_FAILURES]]
     rest = list(by_text.values())[SHOWN_FAILURES:]
     if rest:
         ranks = sorted(r for group in rest for r in group)
-        lines.append(f"{_rank_list(ranks)}: {len(rest)} other message(s), in err.failures")
+        lines.append(f"{rank_list(ranks)}: {len(rest)} other message(s), in err.failures")
     return lines
 
 
-def _rank_list(ranks: list[int]) -> str:
+def rank_list(ranks: list[int]) -> str:
     """``rank 3``, or ``ranks 0-3, 7`` for sorted ``ranks`` (runs of consecutive ranks shortened)."""
     if len(ranks) == 1:
         return f"rank {ranks[0]}"
