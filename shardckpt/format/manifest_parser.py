@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import math
 from itertools import chain
-from typing import Any
+from typing import Any, NamedTuple
 
 from shardckpt.errors import ManifestError, UnsupportedFormatVersionError
 from shardckpt.format import datafile
 from shardckpt.format.layout import check_relative_name, is_data_file_name
-from shardckpt.format.manifest_bulk import bulk_tensors
+from shardckpt.format.manifest_bulk import bulk_tensors, top_fields
 from shardckpt.format.manifest_envelope import check_manifest_limits
 from shardckpt.format.manifest_records import (
     FORMAT_NAME,
@@ -27,7 +27,7 @@ from shardckpt.format.manifest_records import (
     TensorRecord,
 )
 from shardckpt.format.overlap import first_overlap
-from shardckpt.format.record_json import DIGEST, FOLDER, HASH, parse_document
+from shardckpt.format.record_json import DIGEST, FOLDER, HASH, manifest_json, parse_document, parse_parsed
 from shardckpt.format.values import decode_value
 
 _KEY_PARTS = {str, int}  # of a path: exactly these types (a bool is an int to isinstance)
@@ -40,7 +40,17 @@ def parse_manifest(raw: bytes, *, source: str) -> Manifest:
     JSON before it is parsed, and every later check is O(n log n) in the number of chunks.
     """
     check_manifest_limits(raw, source=source)
-    return parse_document(raw, source, _parse_document)
+    fields = top_fields(raw)
+    if fields is None or "tensors" not in fields:  # not an object msgspec reads: json alone says why
+        return parse_document(raw, source, _parse_document)
+    doc = {k: _Encoded(v) if k == "tensors" else manifest_json(v, source) for k, v in fields.items()}
+    return parse_parsed(doc, source, _parse_document)
+
+
+class _Encoded(NamedTuple):
+    """A field still as its JSON text (the quick path decodes "tensors" itself)."""
+
+    text: bytes
 
 
 def _parse_document(doc: Any, source: str) -> Manifest:
@@ -48,14 +58,7 @@ def _parse_document(doc: Any, source: str) -> Manifest:
     version, block, world_size = _parse_header(r, doc)
     bases = _parse_bases(r, doc) if version >= 2 else ()
     files = _parse_files(r, doc, version, world_size, frozenset(bases))
-    doc_tensors = r.get(doc, "tensors", dict, "")
-    bulk = bulk_tensors(doc_tensors, files, block, digests=version >= 2)
-    if bulk is None:  # something is wrong: the full checks name it
-        tensors = {k: _parse_tensor(r, k, t, files, block, digests=version >= 2) for k, t in doc_tensors.items()}
-    else:
-        tensors = bulk.tensors
-        for k in bulk.unproven:  # layouts of more than one split dimension, or overlapping ones
-            _check_disjoint(list(tensors[k].chunks), where=f"{r.source}, tensors[{k!r}]")
+    tensors = _parse_tensors(r, doc, files, block, digests=version >= 2)
     values = r.get(doc, "values", dict, "")
     for k, v in values.items():
         decode_value(v, where=f"{source}, values[{k!r}]")  # RecursionError -> ManifestError above
@@ -84,6 +87,23 @@ def _parse_document(doc: Any, source: str) -> Manifest:
         format_version=version,
         bases=bases,
     )
+
+
+def _parse_tensors(
+    r: _Reader, doc: Any, files: dict[str, FileRecord], block: int, *, digests: bool
+) -> dict[str, TensorRecord]:
+    """``tensors``: from its text by the quick path when every record passes it; otherwise
+    (or given as parsed JSON) checked record by record, naming the first problem."""
+    if isinstance(doc.get("tensors"), _Encoded):
+        text = doc["tensors"].text
+        bulk = bulk_tensors(text, files, block, digests=digests)
+        if bulk is not None:
+            for k in bulk.unproven:  # layouts of more than one split dimension, or overlapping ones
+                _check_disjoint(list(bulk.tensors[k].chunks), where=f"{r.source}, tensors[{k!r}]")
+            return bulk.tensors
+        doc = {**doc, "tensors": manifest_json(text, r.source)}  # something is wrong: the full checks name it
+    doc_tensors = r.get(doc, "tensors", dict, "")
+    return {k: _parse_tensor(r, k, t, files, block, digests=digests) for k, t in doc_tensors.items()}
 
 
 def _parse_header(r: _Reader, doc: Any) -> tuple[int, int, int]:

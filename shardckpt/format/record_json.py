@@ -67,13 +67,23 @@ _T = TypeVar("_T")
 
 
 def parse_document(raw: bytes, source: str, parse: Callable[[Any, str], _T]) -> _T:
-    """A manifest's bytes as JSON (NaN, Infinity and numbers that overflow a float
-    refused), then ``parse(doc, source)``; ManifestError naming ``source`` for text that
-    is not JSON or nests too deeply for the parser. The caller checks the JSON limits first."""
+    """A manifest's bytes as JSON (:func:`manifest_json`), then :func:`parse_parsed`. The
+    caller checks the JSON limits first."""
+    return parse_parsed(manifest_json(raw, source), source, parse)
+
+
+def manifest_json(text: bytes, source: str) -> Any:
+    """A manifest's JSON text (the whole document or one of its fields) parsed, NaN,
+    Infinity and numbers that overflow a float refused; ManifestError naming ``source``
+    for text that is not JSON or nests too deeply for the parser."""
     try:
-        doc = json.loads(raw.decode("utf-8"), parse_constant=refuse_constant, parse_float=finite_float)
+        return json.loads(text.decode("utf-8"), parse_constant=refuse_constant, parse_float=finite_float)
     except (UnicodeDecodeError, ValueError, RecursionError) as e:
         raise ManifestError(f"{source}: manifest is not valid JSON ({e}); the checkpoint is corrupt") from e
+
+
+def parse_parsed(doc: Any, source: str, parse: Callable[[Any, str], _T]) -> _T:
+    """``parse(doc, source)``, a RecursionError worded as a ManifestError naming ``source``."""
     try:
         return parse(doc, source)
     except RecursionError as e:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import copy
 import itertools
+import json
 import time
 from typing import Any
 
@@ -15,7 +16,7 @@ from hypothesis import strategies as st
 
 from shardckpt.errors import ManifestError
 from shardckpt.format import manifest_parser
-from shardckpt.format.manifest_bulk import bulk_tensors
+from shardckpt.format.manifest_bulk import bulk_tensors, top_fields
 from shardckpt.format.manifest_records import FileRecord
 from shardckpt.format.overlap import first_overlap
 from tests.support.damage import DELETE, single_damages, value_paths
@@ -69,8 +70,9 @@ def _full(doc_tensors: Any, digests: bool) -> Any:
 
 
 def _quick(doc_tensors: Any, digests: bool) -> Any:
-    """The quick path as the parser runs it: records (overlaps then checked per tensor), None, or the error."""
-    got = bulk_tensors(doc_tensors, FILES, BLOCK, digests=digests)
+    """The quick path as the parser runs it, on the field's JSON text: records (overlaps then
+    checked per tensor), None, or the error."""
+    got = bulk_tensors(json.dumps(doc_tensors).encode(), FILES, BLOCK, digests=digests)
     if got is None:
         return None
     try:
@@ -140,13 +142,13 @@ def test_the_quick_path_does_no_arithmetic_on_values_that_are_not_ints() -> None
     doc["w"]["chunks"][0]["sizes"] = ["a", 10**12]
     doc["w"]["chunks"][0]["offsets"] = [[1], 10**12]
     t0 = time.perf_counter()
-    assert bulk_tensors(doc, FILES, BLOCK, digests=False) is None
+    assert bulk_tensors(json.dumps(doc).encode(), FILES, BLOCK, digests=False) is None
     assert time.perf_counter() - t0 < 1.0
 
 
 def test_a_valid_manifest_takes_the_quick_path() -> None:
     doc = _valid_tensors(True)
-    bulk = bulk_tensors(doc, FILES, BLOCK, digests=True)
+    bulk = bulk_tensors(json.dumps(doc).encode(), FILES, BLOCK, digests=True)
     assert bulk is not None and bulk.tensors == _full(doc, True) and bulk.unproven == []
     got = bulk.tensors
     assert got["w"].chunks[1].offsets == (40, 0) and got["w"].chunks[1].digest == f"{64:032x}"
@@ -187,8 +189,6 @@ def test_slabs_along_one_dimension_are_checked_exactly(spans: list[tuple[int, in
 def test_manifests_that_saves_write_take_the_quick_path(tmp_path: Any) -> None:
     """Formats 1 and 2 (an incremental save): every tensor record passes the quick path, so
     the per-record checks run only on damaged manifests."""
-    import json
-
     import torch
 
     import shardckpt
@@ -205,6 +205,8 @@ def test_manifests_that_saves_write_take_the_quick_path(tmp_path: Any) -> None:
     for name, digests in (("v1", False), ("v2", True)):
         raw = (tmp_path / name / "manifest.json").read_bytes()
         m = parse_manifest(raw, source=name)
-        got = bulk_tensors(json.loads(raw)["tensors"], m.files, m.hash_block_bytes, digests=digests)
+        fields = top_fields(raw)
+        assert fields is not None
+        got = bulk_tensors(fields["tensors"], m.files, m.hash_block_bytes, digests=digests)
         assert got is not None and got.tensors == m.tensors and got.unproven == []
         assert (m.format_version, len(m.tensors["bf16"].chunks[0].block_hashes)) == ((1, 3) if name == "v1" else (2, 1))
