@@ -320,6 +320,38 @@ def test_scan_counts_what_a_byte_by_byte_tokenizer_counts(parts, block):
     assert scan.containers == containers
 
 
+def _reference_colons(raw: bytes) -> int:
+    """The ":" outside strings, byte by byte (``raw`` is what JSON could tokenize)."""
+    inside = escaped = False
+    count = 0
+    for byte in raw:
+        if inside:
+            escaped, inside = (False, True) if escaped else (byte == 0x5C, byte != 0x22)
+        elif byte == 0x22:
+            inside = True
+        elif byte == 0x3A:
+            count += 1
+    return count
+
+
+@settings(max_examples=_EXAMPLES * 3, deadline=None, database=None)
+@given(
+    parts=st.lists(st.sampled_from([b":", b'"', b"\\", b"a", b",", b'"\\"', b"\\\\", b"{"]), max_size=60),
+    block=st.sampled_from([1, 2, 3, 7, 1 << 14]),
+)
+def test_colons_outside_strings_are_what_a_byte_by_byte_tokenizer_counts(parts, block):
+    """The manifest's quick path counts object members so (manifest_bulk.check_members)."""
+    raw = b"".join(parts)
+    raw = raw[: _reference_shape(raw)[2]]
+    saved = datafile._SCAN_BLOCK
+    datafile._SCAN_BLOCK = block
+    try:
+        found = datafile.count_outside_strings(raw, ord(":"))
+    finally:
+        datafile._SCAN_BLOCK = saved
+    assert found == _reference_colons(raw)
+
+
 @pytest.mark.parametrize("name", sorted(BOMBS))
 def test_data_file_header_memory_bomb_is_refused_before_it_is_built(name):
     raw = _header_with(BOMBS[name])

@@ -199,6 +199,22 @@ def test_a_colon_in_a_tensor_key_keeps_the_quick_path() -> None:
     assert _agree(hidden) == m
 
 
+@pytest.mark.parametrize("key", ["modèle.w", 'a"b:c', "a\\\\:b", "tab\there", "x\\u003ay"])
+def test_a_key_json_escapes_keeps_the_quick_path(key: str) -> None:
+    """A key with non-ASCII text, a quote, a backslash or a control character is written
+    with escapes: the members are then counted outside strings, byte by byte."""
+    raw = _valid(2).replace(b'"w": {', json.dumps(key).encode() + b": {")
+    assert b"\\" in raw
+    m = _agree(raw)
+    assert isinstance(m, Manifest) and key in m.tensors
+    fields = top_fields(raw)
+    assert fields is not None and bulk_tensors(fields["tensors"], m.files, BLOCK, digests=True) is not None
+    extra = raw.replace(json.dumps(key).encode() + b": {", json.dumps(key).encode() + b': {"note":"a:b",')
+    extra_fields = top_fields(extra)
+    assert extra_fields is not None and bulk_tensors(extra_fields["tensors"], m.files, BLOCK, digests=True) is None
+    assert _agree(extra) == m
+
+
 def test_a_digest_in_a_format_1_chunk_is_ignored_as_the_full_checks_ignore_it() -> None:
     raw = _valid(1).decode().replace('"offsets":[', '"digest":"' + "0" * 32 + '","offsets":[', 1)
     m = _agree(raw.encode())
