@@ -19,7 +19,6 @@ ones go to ``json`` and only "tensors" to msgspec. Pure, no I/O.
 from __future__ import annotations
 
 import math
-from collections import deque
 from collections.abc import Iterable
 from itertools import chain, islice, repeat
 from operator import add, attrgetter, floordiv, gt, mul, neg
@@ -102,8 +101,6 @@ class _Columns:
         # format 1 has no digests (the full parser ignores one there); format 2 has one on every chunk
         if (None in self.fields[6]) if digests else (set(self.fields[6]) - {None}):
             raise _Doubt
-        if not digests:  # msgspec leaves a missing field to the class default: set it as __init__ does
-            deque(map(dict.setdefault, map(vars, chunks), repeat("digest"), repeat(None)), maxlen=0)
         offsets, sizes = self.fields[:2]
         self.chunk_ndims = list(self._per_chunk(self.ndims))
         if list(map(len, offsets)) != self.chunk_ndims or list(map(len, sizes)) != self.chunk_ndims:

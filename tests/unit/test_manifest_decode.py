@@ -94,9 +94,10 @@ def _agree(raw: bytes) -> Any:
     assert got == expected
     if isinstance(got, Manifest):  # the same records, field for field, in the same order
         assert list(got.tensors) == list(expected.tensors)
-        assert [vars(c) for t in got.tensors.values() for c in t.chunks] == [
-            vars(c) for t in expected.tensors.values() for c in t.chunks
+        assert [dataclasses.astuple(c) for t in got.tensors.values() for c in t.chunks] == [
+            dataclasses.astuple(c) for t in expected.tensors.values() for c in t.chunks
         ]
+        assert {type(c) for t in got.tensors.values() for c in t.chunks} <= {ChunkRecord}
         assert dataclasses.asdict(got) == dataclasses.asdict(expected)
     return got
 

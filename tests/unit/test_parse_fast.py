@@ -26,6 +26,8 @@ from shardckpt.format.manifest_records import (
     Manifest,
     TensorRecord,
     chunk_records,
+    frozen_records,
+    slotted_records,
     tensor_records,
 )
 from shardckpt.format.overlap import _disjoint_slabs, disjoint_slab_groups
@@ -40,14 +42,14 @@ def test_records_built_in_bulk_equal_those_of_the_constructor() -> None:
     plain = [ChunkRecord(*f) for f in fields]
     assert built == plain and list(map(hash, built)) == list(map(hash, plain))
     assert list(map(repr, built)) == list(map(repr, plain))
-    assert [vars(c) for c in built] == [vars(c) for c in plain]  # the same attributes, no others
+    assert [dataclasses.astuple(c) for c in built] == [dataclasses.astuple(c) for c in plain]  # every slot set
     assert pickle.loads(pickle.dumps(built)) == plain
     assert dataclasses.replace(built[0], byte_offset=16) == ChunkRecord((0, 1), (2, 3), FILE, 16, 24, ("0" * 16,))
     with pytest.raises(dataclasses.FrozenInstanceError):
         built[0].byte_offset = 0  # type: ignore[misc]
     tensors = tensor_records(["F32", "I64"], [(2, 3), ()], [(built[0],), (built[1],)])
     assert tensors == [TensorRecord("F32", (2, 3), (plain[0],)), TensorRecord("I64", (), (plain[1],))]
-    assert [vars(t) for t in tensors] == [vars(TensorRecord("F32", (2, 3), (plain[0],))), vars(tensors[1])]
+    assert all(not hasattr(r, "__dict__") for r in (*built, *tensors))  # slotted: nothing else to set
 
 
 _BOX = st.tuples(
@@ -153,7 +155,9 @@ def test_a_chunk_with_a_field_the_format_does_not_write_takes_the_full_checks() 
     doc = json.loads(_manifest(tensors))
     doc["tensors"]["s"]["chunks"][0]["note"] = "ignored"
     m = manifest_parser._parse_document(doc, "src")
-    assert m.tensors == tensors and vars(m.tensors["s"].chunks[0]) == vars(tensors["s"].chunks[0])
+    assert m.tensors == tensors and dataclasses.astuple(m.tensors["s"].chunks[0]) == dataclasses.astuple(
+        tensors["s"].chunks[0]
+    )
 
 
 @pytest.mark.parametrize(
@@ -165,3 +169,19 @@ def test_paths_that_the_per_key_check_refuses_are_refused_by_the_bulk_check(path
     assert manifest_parser._parse_paths(r, {"paths": good}) == good
     with pytest.raises(ManifestError, match=r"src: paths\['z'\] must be a non-empty list of str/int"):
         manifest_parser._parse_paths(r, {"paths": {**good, "z": path}})
+
+
+def test_slotted_records_take_every_field_once_and_columns_of_one_length() -> None:
+    """What ``slotted_records`` builds from dicts (``frozen_records``, format 3's resolved
+    chunks) equals the constructor's; a missing or extra field, or a short column, is refused
+    instead of leaving a record with an unset slot."""
+    attrs = {"offsets": (0,), "sizes": (2,), "file": FILE, "byte_offset": 0, "byte_length": 8}
+    full = {**attrs, "block_hashes": ("0" * 16,), "digest": None}
+    (built,) = frozen_records(ChunkRecord, [full])
+    assert built == ChunkRecord(**full) and dataclasses.astuple(built) == dataclasses.astuple(ChunkRecord(**full))
+    with pytest.raises(ValueError, match="has the fields"):
+        slotted_records(ChunkRecord, {k: [v] for k, v in attrs.items()})
+    with pytest.raises(ValueError, match="has the fields"):
+        slotted_records(ChunkRecord, {**{k: [v] for k, v in full.items()}, "extra": [1]})
+    with pytest.raises(ValueError, match="differ in length"):
+        slotted_records(ChunkRecord, {**{k: [v] for k, v in full.items()}, "digest": []})
