@@ -283,8 +283,8 @@ class _Copy:
                     with self._lock:
                         bar.update(len(piece))
                 offset = len(header) + entry.begin
-                moved[(key, c.offsets)] = dataclasses.replace(
-                    c, file=out, byte_offset=offset, digest=c.digest if self.keep_digests else None
+                moved[(key, c.offsets)] = c.replace(
+                    file=out, byte_offset=offset, digest=c.digest if self.keep_digests else None
                 )
             if whole and src_hasher.hexdigest() != record.hash:
                 raise IntegrityError(

@@ -268,6 +268,21 @@ def json_limits_problem(
     return None
 
 
+def json_containers(text: bytes, budget: int, *, depth: int) -> int | None:
+    """How many arrays and objects the JSON text ``text`` holds, or None if more than
+    ``budget`` or if, inside ``depth`` enclosing levels, it nests deeper than
+    MAX_JSON_DEPTH: :func:`json_limits_problem`'s scan of one field of a document, so that
+    a document's limits are checked field by field (the quick manifest parse counts the
+    containers of its "tensors" field from their records instead of scanning them)."""
+    scan = _JsonScan(len(text))
+    scan.max_containers, scan.depth = budget, depth
+    data = np.frombuffer(text, dtype=np.uint8)
+    for start in range(0, len(data), _SCAN_BLOCK):
+        if scan.block(data[start : start + _SCAN_BLOCK], start) is not None:
+            return None
+    return scan.containers
+
+
 def count_outside_strings(raw: bytes, byte: int) -> int:
     """How often ``byte`` (an ASCII character other than a quote or a backslash) occurs in
     the JSON text ``raw`` outside its strings; for ``:``, the number of object members.

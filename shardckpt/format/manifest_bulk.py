@@ -67,14 +67,29 @@ def top_fields(raw: bytes) -> dict[str, bytes] | None:
     return {k: bytes(v) for k, v in fields.items()}
 
 
-def bulk_tensors(text: bytes, files: dict[str, FileRecord], block: int, *, digests: bool) -> Bulk | None:
+def bulk_tensors(
+    text: bytes, files: dict[str, FileRecord], block: int, *, digests: bool, max_containers: int | None = None
+) -> Bulk | None:
     """The manifest's "tensors" field (its JSON ``text``) as records if every one passes
     every check of the full parser except the overlap check (done here in bulk for the
     layouts saves write; :attr:`Bulk.unproven` names the tensors left to the exact check),
-    else None. ``files`` and ``block`` are the manifest's, already validated."""
+    else None. ``files`` and ``block`` are the manifest's, already validated.
+
+    ``max_containers``: None, or how many JSON arrays and objects ``text`` may hold (what
+    the document's limits leave to it): the text is then not scanned for them, as
+    :func:`~shardckpt.format.datafile.json_limits_problem` would, but counted from the
+    decoded records (the text holds exactly their members, :meth:`_Columns.check_members`):
+    the field's object, three a tensor (its object, shape and chunks) and four a chunk (its
+    object, offsets, sizes and block hashes), at most six levels deep. msgspec builds only
+    records of those types from it, at most ~12x the text's size in memory (measured in
+    tests/unit/test_manifest_decode.py), whatever the text holds."""
     try:
         tensors = _TENSORS_DECODER.decode(text)
     except (msgspec.MsgspecError, RecursionError):
+        return None
+    if max_containers is not None and 1 + 3 * len(tensors) + 4 * sum(len(t.chunks) for t in tensors.values()) > (
+        max_containers
+    ):
         return None
     try:
         cols = _Columns(tensors, digests)

@@ -14,7 +14,7 @@ from shardckpt.errors import ManifestError, UnsupportedFormatVersionError
 from shardckpt.format import datafile
 from shardckpt.format.layout import check_relative_name, is_data_file_name
 from shardckpt.format.manifest_bulk import bulk_tensors, top_fields
-from shardckpt.format.manifest_envelope import check_manifest_limits
+from shardckpt.format.manifest_envelope import MAX_MANIFEST_BYTES, check_manifest_limits
 from shardckpt.format.manifest_records import (
     FORMAT_NAME,
     FORMAT_VERSION,
@@ -37,20 +37,61 @@ def parse_manifest(raw: bytes, *, source: str) -> Manifest:
     """Parse and fully validate untrusted manifest bytes read from ``source``.
 
     Bounded: :func:`check_manifest_limits` refuses oversized, too deep or container-dense
-    JSON before it is parsed, and every later check is O(n log n) in the number of chunks.
+    JSON before ``json`` parses it, and every later check is O(n log n) in the number of
+    chunks. The quick path (:func:`_parse_quick`) checks the same limits field by field;
+    whatever it does not take, ``json`` parses whole, and its checks name the problem.
     """
+    quick = _parse_quick(raw, source)
+    if quick is not None:
+        return quick
     check_manifest_limits(raw, source=source)
+    return parse_document(raw, source, _parse_document)
+
+
+_MAX_QUICK_FIELDS = 64
+"""Documents of more top-level fields take the full path (a manifest has 15)."""
+
+
+class _NotQuick(Exception):
+    """The quick path does not take this manifest; the full path will say why (if it is wrong)."""
+
+
+def _parse_quick(raw: bytes, source: str) -> Manifest | None:
+    """The manifest, parsed and validated with its "tensors" decoded by msgspec
+    (:func:`bulk_tensors`), or None for the full path: for anything that is not an object
+    of at most :data:`_MAX_QUICK_FIELDS` fields msgspec reads, anything over the JSON
+    limits, and anything wrong (ManifestError included), so that the full path names the
+    first problem exactly as it always has. The limits of :func:`check_manifest_limits`
+    are checked without scanning "tensors" (the most of a manifest's bytes): every other
+    field is scanned before ``json`` parses it, and the tensors' containers are counted
+    from their decoded records against what the other fields leave. Memory stays within
+    the full path's bound for any input (see :func:`bulk_tensors`)."""
+    if len(raw) > MAX_MANIFEST_BYTES:
+        return None
     fields = top_fields(raw)
-    if fields is None or "tensors" not in fields:  # not an object msgspec reads: json alone says why
-        return parse_document(raw, source, _parse_document)
-    doc = {k: _Encoded(v) if k == "tensors" else manifest_json(v, source) for k, v in fields.items()}
-    return parse_parsed(doc, source, _parse_document)
+    if fields is None or "tensors" not in fields or len(fields) > _MAX_QUICK_FIELDS:
+        return None
+    budget = datafile.max_json_containers(len(raw)) - 1  # the document's own object
+    for k, v in fields.items():
+        if k == "tensors":
+            continue
+        used = datafile.json_containers(v, budget, depth=1)
+        if used is None:
+            return None
+        budget -= used
+    try:
+        doc = {k: _Encoded(v, budget) if k == "tensors" else manifest_json(v, source) for k, v in fields.items()}
+        return parse_parsed(doc, source, _parse_document)
+    except (ManifestError, _NotQuick):
+        return None
 
 
 class _Encoded(NamedTuple):
-    """A field still as its JSON text (the quick path decodes "tensors" itself)."""
+    """The "tensors" field still as its JSON text (the quick path decodes it itself), and
+    how many arrays and objects it may hold within the document's limits."""
 
     text: bytes
+    max_containers: int
 
 
 def _parse_document(doc: Any, source: str) -> Manifest:
@@ -92,16 +133,16 @@ def _parse_document(doc: Any, source: str) -> Manifest:
 def _parse_tensors(
     r: _Reader, doc: Any, files: dict[str, FileRecord], block: int, *, digests: bool
 ) -> dict[str, TensorRecord]:
-    """``tensors``: from its text by the quick path when every record passes it; otherwise
-    (or given as parsed JSON) checked record by record, naming the first problem."""
-    if isinstance(doc.get("tensors"), _Encoded):
-        text = doc["tensors"].text
-        bulk = bulk_tensors(text, files, block, digests=digests)
-        if bulk is not None:
-            for k in bulk.unproven:  # layouts of more than one split dimension, or overlapping ones
-                _check_disjoint(list(bulk.tensors[k].chunks), where=f"{r.source}, tensors[{k!r}]")
-            return bulk.tensors
-        doc = {**doc, "tensors": manifest_json(text, r.source)}  # something is wrong: the full checks name it
+    """``tensors``: from its text by the quick path (:class:`_NotQuick` unless every record
+    passes it), or, parsed by ``json``, checked record by record, naming the first problem."""
+    encoded = doc.get("tensors")
+    if isinstance(encoded, _Encoded):
+        bulk = bulk_tensors(encoded.text, files, block, digests=digests, max_containers=encoded.max_containers)
+        if bulk is None:
+            raise _NotQuick  # something is wrong, or over the limits: the full path names it
+        for k in bulk.unproven:  # layouts of more than one split dimension, or overlapping ones
+            _check_disjoint(list(bulk.tensors[k].chunks), where=f"{r.source}, tensors[{k!r}]")
+        return bulk.tensors
     doc_tensors = r.get(doc, "tensors", dict, "")
     return {k: _parse_tensor(r, k, t, files, block, digests=digests) for k, t in doc_tensors.items()}
 

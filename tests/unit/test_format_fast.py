@@ -146,7 +146,7 @@ def _templated(m: Manifest) -> bool:
 
 def _one_chunk(**fields: Any) -> Manifest:
     chunk = ChunkRecord((0, 8), (8, 8), "data/f.safetensors", 0, 256, ("00ff",))
-    chunk = dataclasses.replace(chunk, **fields)
+    chunk = chunk.replace(**fields)
     return dataclasses.replace(_EMPTY, tensors={"t": TensorRecord("F32", (8, 16), (chunk,))})
 
 

@@ -208,7 +208,7 @@ def test_whole_chunk_spans_are_kept_per_shape_dtype_and_length(tmp_path: Path) -
     assert boxes.span("b", chunk["b"], torch.Size([0, 0]), torch.Size([64, 32])) is a  # same shape, dtype, length
     h = boxes.span("h", chunk["h"], (0, 0), (64, 32))
     assert (h.hi, h.last, h.dtype) == (4096, 2047, torch.float16)  # same shape, another dtype
-    short = dataclasses.replace(chunk["a"], byte_length=8000)  # a chunk shorter than its shape (hostile)
+    short = chunk["a"].replace(byte_length=8000)  # a chunk shorter than its shape (hostile)
     assert boxes.span("a", short, (0, 0), (64, 32)).hi == 8000  # not the kept span of a full chunk
     part = boxes.span("a", chunk["a"], (2, 0), (3, 32))  # rows 2..4: within block 0
     assert (part.lo, part.hi, part.first, part.last, part.lengths) == (0, 4096, 64, 159, (3, 32))

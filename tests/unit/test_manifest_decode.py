@@ -10,15 +10,19 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import itertools
 import json
+import string
+import tracemalloc
 from typing import Any
 
+import msgspec
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from shardckpt.errors import ManifestError, UnsupportedFormatVersionError
-from shardckpt.format import manifest_parser
+from shardckpt.format import datafile, manifest_parser
 from shardckpt.format.manifest import (
     ChunkRecord,
     FileRecord,
@@ -94,8 +98,8 @@ def _agree(raw: bytes) -> Any:
     assert got == expected
     if isinstance(got, Manifest):  # the same records, field for field, in the same order
         assert list(got.tensors) == list(expected.tensors)
-        assert [dataclasses.astuple(c) for t in got.tensors.values() for c in t.chunks] == [
-            dataclasses.astuple(c) for t in expected.tensors.values() for c in t.chunks
+        assert [msgspec.structs.astuple(c) for t in got.tensors.values() for c in t.chunks] == [
+            msgspec.structs.astuple(c) for t in expected.tensors.values() for c in t.chunks
         ]
         assert {type(c) for t in got.tensors.values() for c in t.chunks} <= {ChunkRecord}
         assert dataclasses.asdict(got) == dataclasses.asdict(expected)
@@ -112,6 +116,7 @@ def test_valid_manifests_of_both_versions_parse_to_the_records_of_the_full_check
         assert (m.tensors["w"].chunks[1].digest is None) == (version == 1)
         fields = top_fields(raw)
         assert fields is not None and set(fields) >= {"tensors", "files", "values"}
+        assert manifest_parser._parse_quick(raw, "src") == m  # taken by the quick path, not the full one
 
 
 _ODD = st.one_of(
@@ -220,3 +225,70 @@ def test_a_digest_in_a_format_1_chunk_is_ignored_as_the_full_checks_ignore_it() 
     raw = _valid(1).decode().replace('"offsets":[', '"digest":"' + "0" * 32 + '","offsets":[', 1)
     m = _agree(raw.encode())
     assert isinstance(m, Manifest) and all(c.digest is None for t in m.tensors.values() for c in t.chunks)
+
+
+# ---------------------------------------------------------------- the JSON limits on the quick path
+
+_KEY_CHARS = string.ascii_letters + string.digits
+
+
+def _empty_tensors(n: int, pad: int = 0) -> bytes:
+    """A compact format-1 manifest of ``n`` empty tensors (shape [0], no chunk: three JSON
+    containers in 46 bytes, denser than the limit of one per 16 bytes once ``n`` is large),
+    with ``pad`` spaces after its first brace (which move the limit, not the containers)."""
+    doc = json.loads(_valid(1))
+    keys = ("".join(k) for k in itertools.product(_KEY_CHARS, repeat=3))
+    doc["tensors"] = {k: {"dtype": "F32", "shape": [0], "chunks": []} for k in itertools.islice(keys, n)}
+    doc["paths"] = {k: doc["paths"][k] for k in ("epoch", "name")}
+    raw = json.dumps(doc, separators=(",", ":")).encode()
+    return b"{" + b" " * pad + raw[1:]
+
+
+def test_the_container_limit_holds_exactly_where_the_tensors_are_counted_not_scanned() -> None:
+    """The quick path checks the document's container limit with the tensors' containers
+    counted from their records (bulk_tensors), the other fields scanned: padded to exactly
+    the limit it takes the manifest, one byte short of it both paths refuse it alike."""
+    base = _empty_tensors(17_000)
+    containers = datafile.json_containers(base, 10**9, depth=0)
+    # 3 a tensor, the tensors' object; the document, process_layout (3), values (2), files (3), paths (3), metadata
+    assert containers == 3 * 17_000 + 1 + 1 + 3 + 2 + 3 + 3 + 1
+    pad = 16 * (containers - datafile.JSON_CONTAINERS_SLACK) - len(base)
+    assert pad > 0  # the unpadded text is over the limit
+    at_limit = _empty_tensors(17_000, pad)
+    assert datafile.max_json_containers(len(at_limit)) == containers
+    m = _agree(at_limit)
+    assert isinstance(m, Manifest) and len(m.tensors) == 17_000
+    assert manifest_parser._parse_quick(at_limit, "src") == m
+    over = _empty_tensors(17_000, pad - 1)
+    refused = _agree(over)
+    assert refused[0] is ManifestError and "arrays and objects" in refused[1]
+    assert manifest_parser._parse_quick(over, "src") is None
+
+
+def _peak(fn: Any) -> int:
+    tracemalloc.start()
+    try:
+        fn()
+        return tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+
+
+def test_text_over_the_limits_costs_the_quick_path_what_the_limits_allow() -> None:
+    """Unscanned, the tensors' text is bounded by its types: msgspec builds only records
+    from it. Over the container limit, well-typed text costs under 10x its size before it
+    is refused (the bound for text refused before parsing, test_adversarial_parsers.py);
+    the costliest well-typed text within the limits (2-character block hashes, ~12x in
+    msgspec's strings) stays under the 20x bound of text that is parsed."""
+    over = _empty_tensors(120_000)
+    assert len(over) > 5_000_000
+    peak = _peak(lambda: _outcome(lambda r: parse_manifest(r, source="src"), over))
+    assert peak < 10 * len(over), f"{peak / len(over):.1f}x"
+    doc = json.loads(_valid(1))
+    chunk = doc["tensors"]["step"]["chunks"][0]
+    chunk["block_hashes"] = ["ab"] * 600_000
+    hashes = json.dumps(doc, separators=(",", ":")).encode()
+    got = _outcome(lambda r: parse_manifest(r, source="src"), hashes)
+    assert got == _outcome(_json_alone, hashes) and got[0] is ManifestError
+    peak = _peak(lambda: _outcome(lambda r: parse_manifest(r, source="src"), hashes))
+    assert peak < 20 * len(hashes) + (1 << 20), f"{peak / len(hashes):.1f}x"

@@ -6,12 +6,13 @@ path's checks with the full ones)."""
 from __future__ import annotations
 
 import copy
-import dataclasses
+import gc
 import itertools
 import json
 import pickle
 from typing import Any
 
+import msgspec
 import numpy as np
 import pytest
 from hypothesis import given, settings
@@ -27,7 +28,6 @@ from shardckpt.format.manifest_records import (
     TensorRecord,
     chunk_records,
     frozen_records,
-    slotted_records,
     tensor_records,
 )
 from shardckpt.format.overlap import _disjoint_slabs, disjoint_slab_groups
@@ -42,14 +42,18 @@ def test_records_built_in_bulk_equal_those_of_the_constructor() -> None:
     plain = [ChunkRecord(*f) for f in fields]
     assert built == plain and list(map(hash, built)) == list(map(hash, plain))
     assert list(map(repr, built)) == list(map(repr, plain))
-    assert [dataclasses.astuple(c) for c in built] == [dataclasses.astuple(c) for c in plain]  # every slot set
+    assert [msgspec.structs.astuple(c) for c in built] == [msgspec.structs.astuple(c) for c in plain]
     assert pickle.loads(pickle.dumps(built)) == plain
-    assert dataclasses.replace(built[0], byte_offset=16) == ChunkRecord((0, 1), (2, 3), FILE, 16, 24, ("0" * 16,))
-    with pytest.raises(dataclasses.FrozenInstanceError):
+    assert built[0].replace(byte_offset=16) == ChunkRecord((0, 1), (2, 3), FILE, 16, 24, ("0" * 16,))
+    assert built[0].byte_offset == 8  # replace copies
+    with pytest.raises(AttributeError):
         built[0].byte_offset = 0  # type: ignore[misc]
     tensors = tensor_records(["F32", "I64"], [(2, 3), ()], [(built[0],), (built[1],)])
     assert tensors == [TensorRecord("F32", (2, 3), (plain[0],)), TensorRecord("I64", (), (plain[1],))]
     assert all(not hasattr(r, "__dict__") for r in (*built, *tensors))  # slotted: nothing else to set
+    assert len({built[0], plain[0], built[1]}) == 2  # hashed by value, as the frozen dataclasses were
+    # never tracked by the cyclic collector (gc=False): they hold only numbers, strings and tuples
+    assert not any(map(gc.is_tracked, (*built, *tensors)))
 
 
 _BOX = st.tuples(
@@ -155,7 +159,7 @@ def test_a_chunk_with_a_field_the_format_does_not_write_takes_the_full_checks() 
     doc = json.loads(_manifest(tensors))
     doc["tensors"]["s"]["chunks"][0]["note"] = "ignored"
     m = manifest_parser._parse_document(doc, "src")
-    assert m.tensors == tensors and dataclasses.astuple(m.tensors["s"].chunks[0]) == dataclasses.astuple(
+    assert m.tensors == tensors and msgspec.structs.astuple(m.tensors["s"].chunks[0]) == msgspec.structs.astuple(
         tensors["s"].chunks[0]
     )
 
@@ -171,17 +175,14 @@ def test_paths_that_the_per_key_check_refuses_are_refused_by_the_bulk_check(path
         manifest_parser._parse_paths(r, {"paths": {**good, "z": path}})
 
 
-def test_slotted_records_take_every_field_once_and_columns_of_one_length() -> None:
-    """What ``slotted_records`` builds from dicts (``frozen_records``, format 3's resolved
-    chunks) equals the constructor's; a missing or extra field, or a short column, is refused
-    instead of leaving a record with an unset slot."""
-    attrs = {"offsets": (0,), "sizes": (2,), "file": FILE, "byte_offset": 0, "byte_length": 8}
-    full = {**attrs, "block_hashes": ("0" * 16,), "digest": None}
-    (built,) = frozen_records(ChunkRecord, [full])
-    assert built == ChunkRecord(**full) and dataclasses.astuple(built) == dataclasses.astuple(ChunkRecord(**full))
-    with pytest.raises(ValueError, match="has the fields"):
-        slotted_records(ChunkRecord, {k: [v] for k, v in attrs.items()})
-    with pytest.raises(ValueError, match="has the fields"):
-        slotted_records(ChunkRecord, {**{k: [v] for k, v in full.items()}, "extra": [1]})
-    with pytest.raises(ValueError, match="differ in length"):
-        slotted_records(ChunkRecord, {**{k: [v] for k, v in full.items()}, "digest": []})
+def test_frozen_records_of_structs_take_every_field_from_each_dict() -> None:
+    """What ``frozen_records`` builds from dicts for a Struct (format 3's resolved chunks)
+    equals the constructor's, field by field; a dict without a field is refused (KeyError),
+    not filled with the field's default."""
+    attrs = {"offsets": (0,), "sizes": (2,), "file": FILE, "byte_offset": 0, "byte_length": 8, "block_hashes": ()}
+    full = {**attrs, "digest": "d" * 32}
+    built = frozen_records(ChunkRecord, [full, {**full, "byte_offset": 8}])
+    assert built == [ChunkRecord(**full), ChunkRecord(**{**full, "byte_offset": 8})]
+    assert msgspec.structs.asdict(built[0]) == full
+    with pytest.raises(KeyError, match="digest"):
+        frozen_records(ChunkRecord, [attrs])
