@@ -14,6 +14,9 @@ two builds by calling it alternately, e.g. for the manifest ``load_ab.py`` leave
       PYTHONPATH=$([ $b = old ] && echo /tmp/old || pwd) \\
         python benchmarks/parse_ab.py /tmp/ab_small/shardckpt/manifest.json --label $b
     done
+
+``--share K/N`` parses as rank K of an N-rank load does: checking the chunk records of its
+share of the tensors only (``format.manifest.Share``; builds before it have no shares).
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ def main() -> None:
     parser.add_argument("manifest")
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--label", default="")
+    parser.add_argument("--share", default="", help="K/N: parse as rank K of N does in a load")
     args = parser.parse_args()
     import torch  # noqa: F401  (a loading rank's imports and heap)
 
@@ -39,12 +43,18 @@ def main() -> None:
 
     with open(args.manifest, "rb") as f:
         raw = f.read()
+    options = {}
+    if args.share:
+        from shardckpt.format.manifest import Share
+
+        part, parts = map(int, args.share.split("/"))
+        options["share"] = Share(part, parts)
     cpu = []
     for _ in range(args.repeats + 1):
         copy = bytes(bytearray(raw))
         gc.disable()  # as load_from does (engine/collector.py)
         t0 = time.process_time()
-        m = parse_any_manifest(copy, source=args.manifest)
+        m = parse_any_manifest(copy, source=args.manifest, **options)
         cpu.append(time.process_time() - t0)
         del m
         gc.enable()
@@ -52,6 +62,7 @@ def main() -> None:
     cpu = cpu[1:]
     result = {
         "label": args.label,
+        "share": args.share or None,
         "build": os.path.dirname(os.path.dirname(os.path.abspath(shardckpt.__file__))),
         "bytes": len(raw),
         "cpu_s_median": round(statistics.median(cpu), 4),

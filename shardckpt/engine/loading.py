@@ -34,7 +34,7 @@ from shardckpt.errors import (
     UnsupportedValueError,
 )
 from shardckpt.format import integrity, layout
-from shardckpt.format.manifest import MAX_MANIFEST_BYTES, Manifest, unseal
+from shardckpt.format.manifest import MAX_MANIFEST_BYTES, Manifest, Share, unseal
 from shardckpt.format.manifest_v3 import ManifestV3
 from shardckpt.format.manifest_v3_parser import parse_any_manifest
 from shardckpt.storage import Storage, as_url, folder, open_storage
@@ -71,7 +71,10 @@ def load_from(
 
     def prepare() -> tuple[str, str, str, tuple[str, str] | None]:
         raw = read_manifest_bytes(storage)
-        mine["manifest"] = parse_any_manifest(raw, source=f"{storage.url}/{layout.MANIFEST_NAME}")
+        # each rank checks the chunk records of its share of the tensors; the round trip below
+        # tells every rank that all shares passed (and were the same bytes) before any record is used
+        share = Share(exchange.rank, exchange.world_size)
+        mine["manifest"] = parse_any_manifest(raw, source=f"{storage.url}/{layout.MANIFEST_NAME}", share=share)
         mine["flat"] = flatten_plain_dicts(plain) or flatten(plain)  # the planner's too (#18)
         flat = mine["flat"][0]
         try:

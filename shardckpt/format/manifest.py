@@ -20,6 +20,7 @@ from itertools import chain
 from operator import attrgetter
 from typing import Any, cast
 
+from shardckpt.format.manifest_bulk import ALL, Share
 from shardckpt.format.manifest_envelope import MAX_MANIFEST_BYTES, check_manifest_limits, seal, unseal
 from shardckpt.format.manifest_parser import _parse_document as _parse_document
 from shardckpt.format.manifest_parser import num_blocks, parse_manifest
@@ -37,6 +38,7 @@ from shardckpt.format.manifest_records import (
 from shardckpt.format.manifest_text import ChunkFields, PlanText, json_encoder
 
 __all__ = [
+    "ALL",
     "FORMAT_NAME",
     "FORMAT_VERSION",
     "HASH_ALGORITHM",
@@ -48,6 +50,7 @@ __all__ = [
     "FileRecord",
     "Manifest",
     "PlanText",
+    "Share",
     "TensorRecord",
     "check_manifest_limits",
     "filled_manifest_json",

@@ -50,6 +50,31 @@ class Bulk(NamedTuple):
     unproven: list[str]
 
 
+class Share(NamedTuple):
+    """Which part of a manifest's chunk records one parse checks: the tensors of part
+    ``part`` of ``parts`` contiguous, nearly equal parts, in the manifest's order.
+
+    A load checks every record of a manifest, but it need not check each on every rank:
+    each rank of a group checks the chunks of its own share of the tensors (and every
+    tensor's key, dtype and shape, and the document's limits and other fields), and the
+    ranks agree that each share passed before any rank uses a record (the load's first
+    round trip, which also checks they all parsed the same bytes). Together they check
+    exactly what one full parse checks: each chunk is in one share, the members of the
+    whole text are counted by every rank. ``ALL`` (one share) is a full parse."""
+
+    part: int
+    parts: int
+
+    def bounds(self, n: int) -> tuple[int, int]:
+        """The share's tensors among ``n``: ``[low, high)``."""
+        if not 0 <= self.part < self.parts:
+            raise ValueError(f"share {self.part} of {self.parts} does not exist")
+        return self.part * n // self.parts, (self.part + 1) * n // self.parts
+
+
+ALL = Share(0, 1)
+
+
 class _Doubt(Exception):
     """Something the quick path does not accept; the full parser will say what."""
 
@@ -68,7 +93,13 @@ def top_fields(raw: bytes) -> dict[str, bytes] | None:
 
 
 def bulk_tensors(
-    text: bytes, files: dict[str, FileRecord], block: int, *, digests: bool, max_containers: int | None = None
+    text: bytes,
+    files: dict[str, FileRecord],
+    block: int,
+    *,
+    digests: bool,
+    max_containers: int | None = None,
+    share: Share = ALL,
 ) -> Bulk | None:
     """The manifest's "tensors" field (its JSON ``text``) as records if every one passes
     every check of the full parser except the overlap check (done here in bulk for the
@@ -82,7 +113,9 @@ def bulk_tensors(
     the field's object, three a tensor (its object, shape and chunks) and four a chunk (its
     object, offsets, sizes and block hashes), at most six levels deep. msgspec builds only
     records of those types from it, at most ~12x the text's size in memory (measured in
-    tests/unit/test_manifest_decode.py), whatever the text holds."""
+    tests/unit/test_manifest_decode.py), whatever the text holds.
+
+    ``share``: the chunk records checked (:class:`Share`; the others are decoded only)."""
     try:
         tensors = _TENSORS_DECODER.decode(text)
     except (msgspec.MsgspecError, RecursionError):
@@ -92,7 +125,7 @@ def bulk_tensors(
     ):
         return None
     try:
-        cols = _Columns(tensors, digests)
+        cols = _Columns(tensors, digests, share)
         cols.check_members(text, digests)
         cols.check({name: f.size for name, f in files.items()}, block, digests)
     except (_Doubt, TypeError, ValueError, OverflowError):
@@ -101,17 +134,31 @@ def bulk_tensors(
 
 
 class _Columns:
-    """The fields of every tensor and chunk of the decoded records, one list per field, in
-    order. msgspec has checked every type (ints are ints of any size, never bools), so
+    """The fields of every tensor and of the chunks of ``share``'s tensors, one list per
+    field, in order. msgspec has checked every type (ints are ints of any size, never bools), so
     the arithmetic below runs on ints only; ranges are checked before products."""
 
-    def __init__(self, tensors: dict[str, TensorRecord], digests: bool) -> None:
-        self.keys, records = list(tensors), list(tensors.values())
-        self.dtypes, self.shapes, chunk_lists = (list(map(attrgetter(k), records)) for k in _TENSOR_FIELDS)
-        if not all(map(datafile.is_dtype_name, set(self.dtypes))):
+    def __init__(self, tensors: dict[str, TensorRecord], digests: bool, share: Share) -> None:
+        keys, records = list(tensors), list(tensors.values())
+        dtypes, shapes, chunk_lists = (list(map(attrgetter(k), records)) for k in _TENSOR_FIELDS)
+        # what every rank checks of every tensor: its key, dtype and shape (a load compares them with its target)
+        if not all(map(datafile.is_dtype_name, set(dtypes))):
             raise _Doubt
-        self.ndims, self.counts = list(map(len, self.shapes)), list(map(len, chunk_lists))
-        chunks: list[ChunkRecord] = list(chain.from_iterable(chunk_lists))
+        ndims = list(map(len, shapes))
+        dims = list(chain.from_iterable(shapes))
+        if max(ndims, default=0) > datafile.MAX_NDIM or (dims and not 0 <= min(dims) <= max(dims) < _LIMIT):
+            raise _Doubt
+        self.all_keys, self.all_chunks = keys, sum(map(len, chunk_lists))
+        # the chunks of this share's tensors
+        low, high = share.bounds(len(keys))
+        self.keys, self.dtypes, self.shapes, self.ndims = (
+            keys[low:high],
+            dtypes[low:high],
+            shapes[low:high],
+            ndims[low:high],
+        )
+        self.counts = list(map(len, chunk_lists[low:high]))
+        chunks: list[ChunkRecord] = list(chain.from_iterable(chunk_lists[low:high]))
         self.fields: list[list[Any]] = [list(map(attrgetter(k), chunks)) for k in _CHUNK_FIELDS]
         # format 1 has no digests (the full parser ignores one there); format 2 has one on every chunk
         if (None in self.fields[6]) if digests else (set(self.fields[6]) - {None}):
@@ -120,7 +167,6 @@ class _Columns:
         self.chunk_ndims = list(self._per_chunk(self.ndims))
         if list(map(len, offsets)) != self.chunk_ndims or list(map(len, sizes)) != self.chunk_ndims:
             raise _Doubt
-        self.dims = list(chain.from_iterable(self.shapes))
         self.flat_offsets, self.flat_sizes = list(chain.from_iterable(offsets)), list(chain.from_iterable(sizes))
 
     def check_members(self, text: bytes, digests: bool) -> None:
@@ -135,11 +181,11 @@ class _Columns:
         file name, dtype or hash does): counting the bytes is exact; with one, the strings
         are told apart byte by byte (:func:`datafile.count_outside_strings`, ~5x the time)."""
         per_chunk = len(_CHUNK_FIELDS) if digests else len(_CHUNK_FIELDS) - 1
-        members = len(self.keys) * (1 + len(_TENSOR_FIELDS)) + per_chunk * sum(self.counts)
+        members = len(self.all_keys) * (1 + len(_TENSOR_FIELDS)) + per_chunk * self.all_chunks
         if b"\\" in text:
             found = datafile.count_outside_strings(text, ord(":"))
         else:
-            found = text.count(b":") - sum(map(str.count, self.keys, repeat(":")))
+            found = text.count(b":") - sum(map(str.count, self.all_keys, repeat(":")))
         if found != members:
             raise _Doubt
 
@@ -150,10 +196,6 @@ class _Columns:
     def check(self, file_sizes: dict[str, int], block: int, digests: bool) -> None:
         """Every range, length and hash of the full parser's checks but the overlap check."""
         _, sizes, names, byte_offsets, lengths, hashes = self.fields[:6]
-        if max(self.ndims, default=0) > datafile.MAX_NDIM or (
-            self.dims and not 0 <= min(self.dims) <= max(self.dims) < _LIMIT
-        ):
-            raise _Doubt
         self.offset_array = np.asarray(self.flat_offsets, dtype=np.int64)  # >= 2**63: OverflowError
         self.size_array = np.asarray(self.flat_sizes, dtype=np.int64)
         dims = np.asarray(list(chain.from_iterable(self._per_chunk(self.shapes))), dtype=np.int64)

@@ -13,7 +13,7 @@ from typing import Any, NamedTuple
 from shardckpt.errors import ManifestError, UnsupportedFormatVersionError
 from shardckpt.format import datafile
 from shardckpt.format.layout import check_relative_name, is_data_file_name
-from shardckpt.format.manifest_bulk import bulk_tensors, top_fields
+from shardckpt.format.manifest_bulk import ALL, Share, bulk_tensors, top_fields
 from shardckpt.format.manifest_envelope import MAX_MANIFEST_BYTES, check_manifest_limits
 from shardckpt.format.manifest_records import (
     FORMAT_NAME,
@@ -33,15 +33,19 @@ from shardckpt.format.values import decode_value
 _KEY_PARTS = {str, int}  # of a path: exactly these types (a bool is an int to isinstance)
 
 
-def parse_manifest(raw: bytes, *, source: str) -> Manifest:
+def parse_manifest(raw: bytes, *, source: str, share: Share = ALL) -> Manifest:
     """Parse and fully validate untrusted manifest bytes read from ``source``.
+
+    ``share``: check only that share's chunk records (:class:`Share`): the caller's group
+    checks the others and agrees before any record is used. Whatever the quick path does
+    not take is parsed and checked whole.
 
     Bounded: :func:`check_manifest_limits` refuses oversized, too deep or container-dense
     JSON before ``json`` parses it, and every later check is O(n log n) in the number of
     chunks. The quick path (:func:`_parse_quick`) checks the same limits field by field;
     whatever it does not take, ``json`` parses whole, and its checks name the problem.
     """
-    quick = _parse_quick(raw, source)
+    quick = _parse_quick(raw, source, share)
     if quick is not None:
         return quick
     check_manifest_limits(raw, source=source)
@@ -56,7 +60,7 @@ class _NotQuick(Exception):
     """The quick path does not take this manifest; the full path will say why (if it is wrong)."""
 
 
-def _parse_quick(raw: bytes, source: str) -> Manifest | None:
+def _parse_quick(raw: bytes, source: str, share: Share = ALL) -> Manifest | None:
     """The manifest, parsed and validated with its "tensors" decoded by msgspec
     (:func:`bulk_tensors`), or None for the full path: for anything that is not an object
     of at most :data:`_MAX_QUICK_FIELDS` fields msgspec reads, anything over the JSON
@@ -80,18 +84,20 @@ def _parse_quick(raw: bytes, source: str) -> Manifest | None:
             return None
         budget -= used
     try:
-        doc = {k: _Encoded(v, budget) if k == "tensors" else manifest_json(v, source) for k, v in fields.items()}
+        doc = {k: _Encoded(v, budget, share) if k == "tensors" else manifest_json(v, source) for k, v in fields.items()}
         return parse_parsed(doc, source, _parse_document)
     except (ManifestError, _NotQuick):
         return None
 
 
 class _Encoded(NamedTuple):
-    """The "tensors" field still as its JSON text (the quick path decodes it itself), and
-    how many arrays and objects it may hold within the document's limits."""
+    """The "tensors" field still as its JSON text (the quick path decodes it itself), how
+    many arrays and objects it may hold within the document's limits, and the share of its
+    chunk records to check."""
 
     text: bytes
     max_containers: int
+    share: Share
 
 
 def _parse_document(doc: Any, source: str) -> Manifest:
@@ -137,7 +143,9 @@ def _parse_tensors(
     passes it), or, parsed by ``json``, checked record by record, naming the first problem."""
     encoded = doc.get("tensors")
     if isinstance(encoded, _Encoded):
-        bulk = bulk_tensors(encoded.text, files, block, digests=digests, max_containers=encoded.max_containers)
+        bulk = bulk_tensors(
+            encoded.text, files, block, digests=digests, max_containers=encoded.max_containers, share=encoded.share
+        )
         if bulk is None:
             raise _NotQuick  # something is wrong, or over the limits: the full path names it
         for k in bulk.unproven:  # layouts of more than one split dimension, or overlapping ones

@@ -28,6 +28,7 @@ from shardckpt.format.manifest import (
     parse_manifest,
     unseal,
 )
+from shardckpt.format.manifest_bulk import ALL, Share
 from shardckpt.format.manifest_v3 import JSON_BYTES_PER_CONTAINER, VERSION, Chunk, InlineIndex, ManifestV3, Tensor
 from shardckpt.format.manifest_v3_bulk import ruled_tensors
 from shardckpt.format.overlap import first_overlap
@@ -71,17 +72,18 @@ def parse_manifest_v3(raw: bytes, *, source: str) -> ManifestV3:
 READ_VERSIONS = (*SUPPORTED_VERSIONS, VERSION)
 
 
-def parse_any_manifest(raw: bytes, *, source: str) -> Manifest | ManifestV3:
+def parse_any_manifest(raw: bytes, *, source: str, share: Share = ALL) -> Manifest | ManifestV3:
     """A manifest of any version a load reads (:data:`READ_VERSIONS`): versions 1 and 2
     through :func:`~shardckpt.format.manifest.parse_manifest`, version 3 through
     :func:`parse_manifest_v3`. UnsupportedFormatVersionError for any other version.
     A manifest that starts as shardckpt writes format 3 goes to :func:`parse_manifest_v3`
     at once: versions 1 and 2 have a stricter container limit, checked before the version
-    is read."""
+    is read. ``share``: see :func:`~shardckpt.format.manifest.parse_manifest` (a version 3
+    manifest is checked whole)."""
     if _DECLARED.match(raw, 0, 256):
         return parse_manifest_v3(raw, source=source)
     try:
-        return parse_manifest(raw, source=source)
+        return parse_manifest(raw, source=source, share=share)
     except UnsupportedFormatVersionError as first:
         try:
             return parse_manifest_v3(raw, source=source)

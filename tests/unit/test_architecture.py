@@ -51,7 +51,7 @@ THIRD_PARTY_ROOMS = {
     "transformers": {"convert"},  # convert/ties.py asks an architecture which weights it ties (lazily)
     "torchtitan": {"integrations"},
     "xxhash": {"format"},  # format/integrity.py: "swap the algorithm here and nowhere else"
-    "msgspec": {"format"},  # format/manifest_bulk.py: the manifest's tensor records decoded by type
+    "msgspec": {"format"},  # manifest_records.py, manifest_bulk.py: the tensor records, decoded by type
 }
 
 

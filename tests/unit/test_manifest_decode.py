@@ -27,6 +27,7 @@ from shardckpt.format.manifest import (
     ChunkRecord,
     FileRecord,
     Manifest,
+    Share,
     TensorRecord,
     check_manifest_limits,
     manifest_to_json,
@@ -96,6 +97,7 @@ def _agree(raw: bytes) -> Any:
     got = _outcome(lambda r: parse_manifest(r, source="src"), raw)
     expected = _outcome(_json_alone, raw)
     assert got == expected
+    _shares_agree(raw, expected)
     if isinstance(got, Manifest):  # the same records, field for field, in the same order
         assert list(got.tensors) == list(expected.tensors)
         assert [msgspec.structs.astuple(c) for t in got.tensors.values() for c in t.chunks] == [
@@ -104,6 +106,24 @@ def _agree(raw: bytes) -> Any:
         assert {type(c) for t in got.tensors.values() for c in t.chunks} <= {ChunkRecord}
         assert dataclasses.asdict(got) == dataclasses.asdict(expected)
     return got
+
+
+def _share_outcome(raw: bytes, share: Share) -> Any:
+    return _outcome(lambda r: parse_manifest(r, source="src", share=share), raw)
+
+
+def _shares_agree(raw: bytes, expected: Any) -> None:
+    """Parsed in shares (each checks the chunks of its part of the tensors), every share
+    gives the full parse's outcome or the Manifest (its damage is in another share); and
+    where the full parse fails, some share fails with exactly its error: together the
+    shares check what the full parse checks."""
+    for parts in (2, 3):
+        outcomes = [_share_outcome(raw, Share(k, parts)) for k in range(parts)]
+        if isinstance(expected, Manifest):
+            assert outcomes == [expected] * parts
+        else:
+            assert all(o == expected or isinstance(o, Manifest) for o in outcomes), outcomes
+            assert expected in outcomes
 
 
 def test_valid_manifests_of_both_versions_parse_to_the_records_of_the_full_checks() -> None:
@@ -292,3 +312,17 @@ def test_text_over_the_limits_costs_the_quick_path_what_the_limits_allow() -> No
     assert got == _outcome(_json_alone, hashes) and got[0] is ManifestError
     peak = _peak(lambda: _outcome(lambda r: parse_manifest(r, source="src"), hashes))
     assert peak < 20 * len(hashes) + (1 << 20), f"{peak / len(hashes):.1f}x"
+
+
+def test_a_share_leaves_the_chunks_of_the_other_shares_to_their_ranks() -> None:
+    """What makes shares worth having: a damaged chunk record outside a share passes that
+    share's parse (its rank agrees with the others before using it), and fails its own."""
+    raw = _valid(2).decode()
+    assert list(json.loads(raw)["tensors"]) == ["empty", "g", "step", "w"]  # w: in the second of two shares
+    damaged = raw.replace('"offsets":[40,0]', '"offsets":[41,0]', 1).encode()  # w's second chunk now overlaps the end
+    expected = _outcome(_json_alone, damaged)
+    assert expected[0] is ManifestError and "tensors['w']" in expected[1]
+    assert isinstance(_share_outcome(damaged, Share(0, 2)), Manifest)
+    assert _share_outcome(damaged, Share(1, 2)) == expected
+    with pytest.raises(ValueError, match="share 2 of 2 does not exist"):
+        Share(2, 2).bounds(4)
