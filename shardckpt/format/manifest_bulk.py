@@ -112,7 +112,7 @@ def bulk_tensors(
     decoded records (the text holds exactly their members, :meth:`_Columns.check_members`):
     the field's object, three a tensor (its object, shape and chunks) and four a chunk (its
     object, offsets, sizes and block hashes), at most six levels deep. msgspec builds only
-    records of those types from it, at most ~12x the text's size in memory (measured in
+    records of those types from it, at most ~14x the text's size in memory (measured in
     tests/unit/test_manifest_decode.py), whatever the text holds.
 
     ``share``: the chunk records checked (:class:`Share`; the others are decoded only)."""
