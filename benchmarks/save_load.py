@@ -14,7 +14,10 @@ Each repetition runs every system once in a shuffled order, first all saves, the
 loads; the first repetition is a dropped warm-up. A time is the wall time from a
 barrier before to a barrier after the call, max over ranks. Loads are cold: the files
 a load reads are fsynced and evicted from the page cache (posix_fadvise DONTNEED)
-right before it. Systems:
+right before it. They read checkpoints each load's source system saved once before the
+repetitions, in folders of their own: no timed save writes where a checkpoint that was
+read back was just deleted (on this VM that slowed such a save up to 3x, see
+``measure_interleaved``). Systems:
 
     shardckpt, shardckpt_AA   save/load, defaults; the same system twice (A/A control). Each
                               save system saves through its own Checkpointer (a training run's
@@ -43,6 +46,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import os
 import random
 import sys
@@ -156,17 +160,17 @@ class Bench:
         for system in sorted(self._checkpointers):
             self._checkpointers.pop(system).close()
 
-    def path(self, system: str) -> str:
-        return os.path.join(self.args.dir, system)
-
-    def dd_file(self, system: str, rank: int) -> str:
-        return os.path.join(self.path(system), f"dd-r{rank}.bin")
+    def path(self, system: str, *, source: bool = False) -> str:
+        """The folder of ``system``'s timed saves, or (``source``) of the checkpoint its
+        loads read when they have their own (:func:`measure_interleaved`, ``sources``)."""
+        return os.path.join(self.args.dir, "sources", system) if source else os.path.join(self.args.dir, system)
 
     # Each save returns the bytes it put on disk from this rank (for GB/s of dd and raw).
-    def save(self, system: str) -> int:
+    def save(self, system: str, folder: str | None = None) -> int:
+        """One save by ``system`` into ``folder`` (default its own, :meth:`path`)."""
         import torch.distributed.checkpoint as dcp
 
-        d = self.path(system)
+        d = folder or self.path(system)
         if system in ("shardckpt", "shardckpt_AA"):
             self.checkpointer(system).save(self.src, d)
         elif system == "shardckpt_io4":
@@ -188,19 +192,18 @@ class Bench:
             return raw_write(os.path.join(d, f"raw-r{self.rank}.bin"), common.local_tensors(self.src))
         elif system == "dd":
             if self.rank == 0:
-                return common.run_dd_write(self.dd_file(system, 0), self.global_bytes, self.args.dd_mode)[1]
+                return common.run_dd_write(_dd_file(d, 0), self.global_bytes, self.args.dd_mode)[1]
         elif system == "dd_x4":
-            return common.run_dd_write(
-                self.dd_file(system, self.rank), self.global_bytes // self.world, self.args.dd_mode
-            )[1]
+            return common.run_dd_write(_dd_file(d, self.rank), self.global_bytes // self.world, self.args.dd_mode)[1]
         else:
             raise ValueError(system)
         return 0
 
-    def load(self, system: str) -> int:
+    def load(self, system: str, folder: str | None = None) -> int:
+        """One load by ``system`` from ``folder`` (default its source's save folder)."""
         import torch.distributed.checkpoint as dcp
 
-        d = self.path(LOAD_SOURCE[system])
+        d = folder or self.path(LOAD_SOURCE[system])
         if system in ("shardckpt", "shardckpt_AA", "shardckpt_v3"):
             self.shardckpt.load(self.dst, d)
         elif system == "shardckpt_io1":
@@ -219,9 +222,9 @@ class Bench:
             return n
         elif system == "dd":
             if self.rank == 0:
-                return _dd_read_warm_evicted(self.dd_file(system, 0))
+                return _dd_read_warm_evicted(_dd_file(d, 0))
         elif system == "dd_x4":
-            return _dd_read_warm_evicted(self.dd_file(system, self.rank))
+            return _dd_read_warm_evicted(_dd_file(d, self.rank))
         else:
             raise ValueError(system)
         return 0
@@ -419,6 +422,10 @@ def raw_read(path: str, tensors: list[Any]) -> int:
     return off
 
 
+def _dd_file(folder: str, rank: int) -> str:
+    return os.path.join(folder, f"dd-r{rank}.bin")
+
+
 def _dd_read_warm_evicted(path: str) -> int:
     # Already evicted before the timed region; read it.
     import subprocess
@@ -431,19 +438,43 @@ def _dd_read_warm_evicted(path: str) -> int:
 
 
 def measure_interleaved(
-    b: Bench, save_systems: list[str], load_systems: list[str], repeats: int, warmup: int, seed: int
+    b: Bench,
+    save_systems: list[str],
+    load_systems: list[str],
+    repeats: int,
+    warmup: int,
+    seed: int,
+    *,
+    sources: bool = False,
 ) -> dict[str, Any]:
     """Every repetition: each save system once (shuffled), then each load system once
     (shuffled, cold: rank 0 evicts the files it reads first). Collective. Returns
     ``samples[phase][system]`` (Bench.timed dicts, warm-up dropped), the ``orders``, and
     from the warm-up: ``verified`` (loaded values equal the saved ones) and
-    ``residency`` (bytes still cached after eviction, by fincore)."""
+    ``residency`` (bytes still cached after eviction, by fincore).
+
+    ``sources``: the loads read checkpoints saved once before the repetitions, each in
+    its own folder (``Bench.path(system, source=True)``), not the timed saves' output, so
+    that no timed save writes where a checkpoint that was read back has just been
+    deleted. On this VM's disk that made the next save into the folder up to 3x slower
+    (the same code saving into a folder never read back kept its speed; docs/benchmarks.md,
+    "Saves into a folder that was read back"), and a save system whose folder more loads
+    read (``shardckpt``: three) was penalised more than the others. False: the loads read
+    the saves' folders (``suite.py``'s resharded loads read what its main job saved)."""
     import torch.distributed as dist
 
     samples: dict[str, dict[str, list[dict[str, Any]]]] = {"save": {}, "load": {}}
     orders: list[dict[str, Any]] = []
     verified: dict[str, bool] = {}
     residency: dict[str, Any] = {}
+    if sources:
+        for system in sorted({LOAD_SOURCE[s] for s in load_systems}):
+            if b.rank == 0:
+                common.remove_tree(b.path(system, source=True))
+                os.makedirs(b.path(system, source=True), exist_ok=True)
+            dist.barrier()
+            b.save(system, b.path(system, source=True))
+        dist.barrier()
     t_start = time.perf_counter()
     for rep, warm, order in common.interleaved(save_systems, repeats, warmup, seed):
         load_order = list(load_systems)
@@ -459,16 +490,18 @@ def measure_interleaved(
                 samples["save"].setdefault(system, []).append(sample)
         for system in load_order:
             common.zero_state(b.dst)
+            folder = b.path(LOAD_SOURCE[system], source=sources)
             if b.rank == 0:
-                files = common.files_under(b.path(LOAD_SOURCE[system]))
+                files = common.files_under(folder)
                 common.evict_files(files)
                 if warm:
                     residency[system] = {
+                        "folder": os.path.relpath(folder, b.args.dir),
                         "files": len(files),
                         "bytes": sum(os.path.getsize(f) for f in files),
                         "resident_after_evict": common.resident_bytes(files),
                     }
-            sample = b.timed(b.load, system)
+            sample = b.timed(functools.partial(b.load, folder=folder), system)
             if warm and not system.startswith("dd"):
                 verified[system] = all(common.gather_to_all(common.state_equal(b.dst, b.src)))
                 if not verified[system]:
@@ -502,7 +535,7 @@ def worker(rank: int, world: int, args: argparse.Namespace, facts: dict[str, Any
             flush=True,
         )
     dist.barrier()
-    m = measure_interleaved(b, *systems(args), args.repeats, args.warmup, args.seed)
+    m = measure_interleaved(b, *systems(args), args.repeats, args.warmup, args.seed, sources=True)
     b.close()
     if rank == 0:
         results = build_results(
@@ -614,6 +647,7 @@ def build_results(
             "dd_mode": args.dd_mode,
             "seed": args.seed,
             "quick": args.quick,
+            "load_sources": "separate",  # loads read checkpoints saved once, not the timed saves' (since 2026-12-02)
         },
         "elapsed_s": elapsed_s,
         "phases": phases,
