@@ -318,3 +318,16 @@ def test_save_load_loads_read_sources_saved_once(tmp_path: Any) -> None:
     assert set(m["samples"]["save"]) == {"shardckpt", "safetensors", "dd_x4"}
     assert os.path.exists(scratch / "shardckpt" / "manifest.json")  # the last timed save, never read
     assert os.path.exists(scratch / "sources" / "shardckpt" / "manifest.json")
+
+
+def test_save_load_systems_from_the_command_line(capsys: pytest.CaptureFixture[str]) -> None:
+    """``--saves``/``--loads`` pick systems by name (an unknown one is refused, naming the known
+    ones); without them every system runs; ``--loads-read-saves`` brings back the old method."""
+    args = save_load.parse_args(["--saves", "shardckpt,dd_x4", "--loads", "", "--loads-read-saves"])
+    assert save_load.systems(args) == (["shardckpt", "dd_x4"], [])
+    assert args.loads_read_saves is True
+    assert save_load.systems(save_load.parse_args([])) == (save_load.SAVE_SYSTEMS, save_load.LOAD_SYSTEMS)
+    assert save_load.parse_args([]).loads_read_saves is False
+    with pytest.raises(SystemExit):
+        save_load.parse_args(["--saves", "shardckpt,nope"])
+    assert "unknown systems ['nope']" in capsys.readouterr().err
