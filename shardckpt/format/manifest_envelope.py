@@ -51,10 +51,22 @@ def seal(document: bytes) -> bytes:
     flipped bit anywhere in the manifest - an inline value, a data-file hash - is caught
     before the JSON is trusted. ``document`` is the JSON text without the field.
     """
-    head = document.rstrip()
-    if head.endswith(b"}"):
-        head = head[:-1].rstrip()
-    return head + _SEAL_MARKER + integrity.hash_hex(head).encode() + _SEAL_END
+    end = _stripped_end(document, len(document))
+    if end and document[end - 1] == _CLOSE:
+        end = _stripped_end(document, end - 1)
+    head = memoryview(document)[:end]  # one copy of the document in all (the join): 9.5 MB for 12k tensors
+    return b"".join((head, _SEAL_MARKER, integrity.hash_hex(head).encode(), _SEAL_END))
+
+
+_CLOSE = ord("}")
+_WHITESPACE = frozenset(b" \t\n\r\x0b\x0c")  # what bytes.rstrip() strips
+
+
+def _stripped_end(document: bytes, end: int) -> int:
+    """Where ``document[:end].rstrip()`` would end, without copying it."""
+    while end and document[end - 1] in _WHITESPACE:
+        end -= 1
+    return end
 
 
 def unseal(raw: bytes, *, source: str) -> bytes:

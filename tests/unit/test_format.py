@@ -588,3 +588,28 @@ def test_reader_from_the_spec_reads_sharded_and_multi_block_checkpoints(sharded_
     for i, h in enumerate(hashes):  # 16 lowercase hex digits of the big-endian 64-bit value
         assert re.fullmatch(r"[0-9a-f]{16}", h)
         assert int(h, 16) == xxhash.xxh3_64_intdigest(raw[i * 4096 : (i + 1) * 4096])
+
+
+@pytest.mark.parametrize(
+    "document",
+    [
+        b'{\n "a": 1\n}\n',
+        b'{\n "a": 1\n}',
+        b'{\n "a": 1 \t\r\n\x0b\x0c}\x0c \n\t',
+        b'{"a": 1}',
+        b"{}",
+        b"",
+        b"   ",
+        b'{\n "a": "}"\n',
+        b'{\n "a": [1, 2]\n} }\n',
+    ],
+)
+def test_seal_appends_the_hash_of_the_document_without_its_closing_brace(document: bytes) -> None:
+    """seal() strips trailing whitespace, one closing brace and the whitespace before it (as
+    bytes.rstrip() strips), and appends the xxh3-64 of what is left; unseal() returns that."""
+    head = document.rstrip()
+    if head.endswith(b"}"):
+        head = head[:-1].rstrip()
+    sealed = seal(document)
+    assert sealed == head + b',\n "manifest_hash": "' + xxhash.xxh3_64_hexdigest(head).encode() + b'"\n}\n'
+    assert unseal(sealed, source="t") == head
