@@ -43,7 +43,7 @@ from shardckpt.engine.local_items import shard_box
 from shardckpt.format import datafile
 from shardckpt.format.manifest import TensorRecord
 
-__all__ = ["ListedTensorMetadata", "PlannedItem", "local_read_items", "placed_box", "target_box"]
+__all__ = ["ListedTensorMetadata", "PlannedItem", "WholeChunk", "local_read_items", "placed_box", "target_box"]
 
 OFF_MESH = "off mesh"
 """:func:`target_box` of a DTensor on a mesh this rank is not part of (DCP reads nothing for it)."""
@@ -186,14 +186,16 @@ class _Seen:
     """What one :func:`local_read_items` call keeps from key to key (not thread-safe; one
     call's): each mesh's coordinate and shape (:data:`Meshes`), each rank's box origin
     (``torch.Size`` zeros by ndim, shared by the items) and where the last key's chunk sat
-    in its saved list (the chunk of the next key is most often at the same place)."""
+    in its saved list (the chunk of the next key is most often at the same place), and
+    where the whole chunks go (``whole`` of :func:`local_read_items`)."""
 
-    __slots__ = ("chunk_index", "meshes", "zeros")
+    __slots__ = ("chunk_index", "meshes", "whole", "zeros")
 
     def __init__(self) -> None:
         self.meshes: Meshes = {}
         self.zeros: dict[int, torch.Size] = {}
         self.chunk_index = 0
+        self.whole: list[WholeChunk] | None = None  # local_read_items's ``whole``
 
     def origin(self, ndim: int) -> torch.Size:
         found = self.zeros.get(ndim)
@@ -201,6 +203,13 @@ class _Seen:
             found = self.zeros[ndim] = torch.Size((0,) * ndim)
         return found
 
+
+WholeChunk = tuple[str, Any, torch.Tensor]
+"""A key whose target box is exactly one saved chunk of a format-1 or -2 manifest: the key,
+that chunk (the manifest's ``ChunkRecord``) and the local tensor it fills whole. What
+:func:`local_read_items` hands the reader instead of a ReadItem when asked (a same-layout
+load of thousands of small tensors spent more on each ReadItem, and on finding its chunk
+and its target again, than on reading the tensor; #18)."""
 
 PlannedItem = tuple[ReadItem, torch.Tensor]
 """The one read item of a key whose target box is exactly one saved chunk, and the local
@@ -214,14 +223,20 @@ def local_read_items(
     metadata: Metadata,
     targets: dict[str, torch.Tensor] | None = None,
     planned: Mapping[str, PlannedItem] | None = None,
+    whole: list[WholeChunk] | None = None,
 ) -> list[ReadItem]:
     """The items of DCP's ``create_default_local_load_plan(flat, metadata, strict=False)``,
     in its order (see the module docstring). ``targets``: filled with the local tensor of
     each key planned here, the tensor DCP's ``resolve_tensor`` would find for its items.
     ``planned``: keys already planned (:data:`PlannedItem`), taken as they are.
+    ``whole``: None, or a list that takes, in place of its ReadItem, each key of a format-1
+    or -2 manifest (listed chunks, :class:`ListedTensorMetadata` as ``manifest_to_metadata``
+    builds it) whose target box is exactly one saved chunk (:data:`WholeChunk`); the caller
+    then reads those itself (``reader.read_runs``).
     Not collective; the keys of ``metadata`` the state lacks are skipped, as DCP skips them."""
     saved = metadata.state_dict_metadata
     seen = _Seen()
+    seen.whole = whole
     ours: dict[str, list[ReadItem]] = {}
     rest: dict[str, Any] = {}
     planned = planned or {}
@@ -265,6 +280,13 @@ def _tensor_items(
     if isinstance(found, str):  # OFF_MESH
         return []
     sizes, offsets, local, _ = found
+    if (
+        seen.whole is not None
+        and isinstance(md, ListedTensorMetadata)
+        and md._chunks is None
+        and _whole_chunk(fqn, md.saved, sizes, offsets, local, seen)
+    ):
+        return []
     if targets is not None:
         targets[fqn] = local
     return _items_for_box(fqn, md, torch.Size(sizes), torch.Size(offsets), seen)
@@ -292,9 +314,34 @@ def _listed_dtensor_items(
     box = shard_box(shape, mesh_shape, coordinate, obj.placements)
     if box is None:
         return None
+    if seen.whole is not None and _whole_chunk(fqn, md.saved, box[0], box[1], local, seen):
+        return []
     if targets is not None:
         targets[fqn] = local
     return _items_for_box(fqn, md, torch.Size(box[0]), torch.Size(box[1]), seen)
+
+
+def _whole_chunk(
+    fqn: str, saved: Sequence[SavedBox], sizes: Any, offsets: Any, local: torch.Tensor, seen: _Seen
+) -> bool:
+    """Whether the box (``sizes`` at ``offsets``, sequences of ints) is exactly one saved
+    chunk of the listed ``saved``; if so, it went to ``seen.whole`` with ``local``. The
+    chunk is looked for first where the last key's was. An empty box is not (it reads
+    nothing; DCP's path plans no item for it), nor one that ``local`` does not have the
+    shape of (a DTensor built from a local tensor that its placements do not describe:
+    DCP's path narrows and then fails on it)."""
+    assert seen.whole is not None
+    sizes, offsets = tuple(sizes), tuple(offsets)
+    if 0 in sizes or local.shape != sizes:
+        return False
+    index = seen.chunk_index
+    if not (index < len(saved) and saved[index].offsets == offsets and saved[index].sizes == sizes):
+        index = next((i for i, c in enumerate(saved) if c.offsets == offsets and c.sizes == sizes), -1)
+        if index < 0:
+            return False
+        seen.chunk_index = index
+    seen.whole.append((fqn, saved[index], local))
+    return True
 
 
 def _saved_shape(md: TensorStorageMetadata) -> tuple[int, ...]:

@@ -27,7 +27,7 @@ from torch.distributed.checkpoint.planner import LoadPlan, ReadItem, SavePlan, W
 from torch.distributed.tensor import DTensor
 
 from shardckpt.engine._torch_private import hook_skipped_error
-from shardckpt.engine.load_items import PlannedItem, local_read_items
+from shardckpt.engine.load_items import PlannedItem, WholeChunk, local_read_items
 from shardckpt.engine.local_items import ItemCache, local_shards, local_write_items, resolved_shards
 from shardckpt.engine.placement import balance_replicated
 from shardckpt.engine.plan_checks import (
@@ -248,10 +248,20 @@ class LoadPlanner(DefaultLoadPlanner):
         self._flattened = flattened
         self._targets: dict[str, torch.Tensor] = {}  # key -> the local tensor its read items fill
         self._planned: dict[str, PlannedItem] = {}  # keys planned before create_local_plan (a subclass's)
+        self.whole: list[WholeChunk] = []
+        """The keys planned without a ReadItem (:data:`~shardckpt.engine.load_items.WholeChunk`):
+        filled by :meth:`create_local_plan` when :attr:`reads_whole_chunks`; the reader
+        (``reader.Reader``) reads them with the plan's items."""
+
+    reads_whole_chunks = False
+    """Whether :meth:`create_local_plan` hands whole chunks to :attr:`whole` instead of
+    planning ReadItems for them: set by the load of a format-1 or -2 manifest through
+    ``reader.Reader``, which reads them (``loading.load_planner``). Never for a subclass
+    that overrides ``resolve_tensor`` or ``commit_tensor`` (they take ReadItems)."""
 
     def set_up_planner(self, state_dict: Any, metadata: Any = None, is_coordinator: bool = False) -> None:
         flattened, self._flattened = self._flattened, None
-        self._targets, self._planned = {}, {}
+        self._targets, self._planned, self.whole = {}, {}, []
         if flattened is not None and _nothing_to_set_up(flattened[0]):
             self.original_state_dict = state_dict
             self.state_dict, self.mappings = flattened
@@ -267,8 +277,16 @@ class LoadPlanner(DefaultLoadPlanner):
             # DCP's own: a strict plan, or a key the state lacks (DCP then tries the
             # flattening of checkpoints saved before torch 2.4).
             return super().create_local_plan()
-        self._targets = {}
-        return LoadPlan(local_read_items(self.state_dict, self.metadata, self._targets, self._planned))
+        self._targets, self.whole = {}, []
+        kind = type(self)
+        whole = (
+            self.whole
+            if self.reads_whole_chunks
+            and kind.resolve_tensor is LoadPlanner.resolve_tensor
+            and kind.commit_tensor is DefaultLoadPlanner.commit_tensor
+            else None
+        )
+        return LoadPlan(local_read_items(self.state_dict, self.metadata, self._targets, self._planned, whole))
 
     def resolve_tensor(self, read_item: ReadItem) -> torch.Tensor:
         """The part of the target that ``read_item`` fills (thread-safe): of the local tensor

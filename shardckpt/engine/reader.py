@@ -20,7 +20,7 @@ import threading
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from operator import itemgetter
-from typing import Any, NamedTuple, Protocol
+from typing import Any, NamedTuple, Protocol, cast
 
 import torch
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
@@ -33,7 +33,7 @@ from torch.distributed.checkpoint.planner import LoadItemType, LoadPlan, LoadPla
 from torch.distributed.checkpoint.storage import StorageReader
 
 from shardckpt.engine.boxes import BoxReader, RunBox
-from shardckpt.engine.load_items import ListedTensorMetadata
+from shardckpt.engine.load_items import ListedTensorMetadata, WholeChunk
 from shardckpt.engine.load_v3 import RuleChunks
 from shardckpt.engine.plan_v3 import RulePlanner
 from shardckpt.engine.planner import LoadPlanner as ShardckptLoadPlanner
@@ -105,8 +105,11 @@ class Reader(StorageReader):
             if isinstance(self.manifest, ManifestV3)
             else ListedChunks(self.storage, self.manifest, verify=self.verify, where=where)
         )
+        whole = planner.whole if isinstance(planner, ShardckptLoadPlanner) else []
+        if whole and not isinstance(chunks, ListedChunks):
+            raise AssertionError("whole chunks planned for a format-3 manifest: its reads find chunks by rule")
         boxes = chunks.prepare(tensor_items, threads=self.num_io_threads)
-        runs = read_runs(tensor_items, chunks, boxes)
+        runs = read_runs(tensor_items, chunks, boxes, whole)
         # One task per thread, each taking the next run until none is left: thousands
         # of small chunks cost no future, submit and wake-up each (issue #18). The calling
         # thread reads too, so a small local load starts no thread at all; an object
@@ -142,14 +145,24 @@ class Reader(StorageReader):
                 return done
             # detached (3 us a tensor) only where it requires grad (a parameter's local
             # tensor), which the copy into it, or ``numpy()`` of it, would refuse
-            targets = [t.detach() if t.requires_grad else t for t in map(planner.resolve_tensor, map(_ITEM, run))]
+            targets = [
+                t.detach() if t.requires_grad else t
+                for t in (
+                    cast(torch.Tensor, p.target) if p.item is None else planner.resolve_tensor(p.item) for p in run
+                )
+            ]
             if len(run) == 1:
                 p = run[0]
-                done += boxes.read_box(p.item.storage_index.fqn, p.chunk, p.item.storage_offsets, targets[0])
+                if p.item is None:  # a whole chunk (a box is never empty)
+                    assert p.box is not None
+                    done += boxes.read_box(p.box.key, p.chunk, (0,) * len(p.chunk.sizes), targets[0])
+                else:
+                    done += boxes.read_box(p.item.storage_index.fqn, p.chunk, p.item.storage_offsets, targets[0])
             else:  # no object made per box: each is one more GC-tracked allocation (#18)
                 done += boxes.read_run([p.box for p in run if p.box is not None], targets)
             if commits:
                 for p, t in zip(run, targets, strict=True):
+                    assert p.item is not None, "a planner that commits tensors plans no whole chunk"
                     planner.commit_tensor(p.item, t)
 
 
@@ -185,15 +198,20 @@ RUN_MAX_BYTES = 8 << 20
 
 class PlannedRead(NamedTuple):
     """A tensor ReadItem with its chunk and, unless its box is empty, the bytes of the chunk
-    it reads (``box``, planned once, as :meth:`BoxReader.read_run` takes it)."""
+    it reads (``box``, planned once, as :meth:`BoxReader.read_run` takes it); or (``item``
+    None) a whole chunk read into ``target`` (a :data:`~shardckpt.engine.load_items.WholeChunk`)."""
 
-    item: ReadItem
+    item: ReadItem | None
     chunk: ChunkRecord
     box: RunBox | None
+    target: torch.Tensor | None = None
 
 
-def read_runs(items: Sequence[ReadItem], chunks: ChunkSource, boxes: BoxReader) -> list[list[PlannedRead]]:
-    """``items`` grouped into runs, each read with one read: boxes of at most
+def read_runs(
+    items: Sequence[ReadItem], chunks: ChunkSource, boxes: BoxReader, whole: Sequence[WholeChunk] = ()
+) -> list[list[PlannedRead]]:
+    """``items``, and the ``whole`` chunks (each read whole into its target, planned
+    without a ReadItem: ``LoadPlanner.whole``), grouped into runs, each read with one read: boxes of at most
     :data:`RUN_ITEM_MAX_BYTES` whose bytes lie back to back in one data file, up to
     :data:`RUN_MAX_BYTES` a run; every other item is a run of its own. No byte is read
     that a box does not need (a gap ends a run). Runs are in file and offset order.
@@ -213,6 +231,20 @@ def read_runs(items: Sequence[ReadItem], chunks: ChunkSource, boxes: BoxReader) 
         span = span_of(key, chunk, item.storage_offsets, item.lengths)
         begin = chunk.byte_offset + span.lo
         entry = (begin, begin + span.hi - span.lo, PlannedRead(item, chunk, RunBox(key, chunk, span)))
+        in_file = by_file.get(chunk.file)
+        if in_file is None:
+            by_file[chunk.file] = [entry]
+        else:
+            in_file.append(entry)
+    origins: dict[int, tuple[int, ...]] = {}
+    for key, chunk, target in whole:  # the same steps, the chunk and target known (#18)
+        ndim = len(chunk.sizes)
+        origin = origins.get(ndim)
+        if origin is None:
+            origin = origins[ndim] = (0,) * ndim
+        span = span_of(key, chunk, origin, chunk.sizes)
+        begin = chunk.byte_offset + span.lo
+        entry = (begin, begin + span.hi - span.lo, PlannedRead(None, chunk, RunBox(key, chunk, span), target))
         in_file = by_file.get(chunk.file)
         if in_file is None:
             by_file[chunk.file] = [entry]

@@ -96,7 +96,7 @@ def test_read_runs_names_a_bad_data_file_before_any_read_even_for_an_empty_box(s
     chunk = manifest.tensors["a"].chunks[0]
     empty = _empty_box_item("a", chunk)
     chunks = ListedChunks(open_storage(path), manifest, verify=True, where=f"{path} (rank 0)")
-    assert read_runs([empty], chunks, chunks.prepare([empty])) == [[(empty, chunk, None)]]
+    assert read_runs([empty], chunks, chunks.prepare([empty])) == [[(empty, chunk, None, None)]]
     full = os.path.join(path, chunk.file)
     if change == "truncate":
         os.truncate(full, os.path.getsize(full) - 1)

@@ -99,6 +99,7 @@ def _compare_listed_with_dcp(rank: int, world: int) -> None:
         md._chunks is not None for md in lazy.state_dict_metadata.values() if isinstance(md, ListedTensorMetadata)
     )
     assert 0 < built < len(flat)  # resharded keys asked for DCP's list, same-layout ones did not
+    _compare_whole_with_dcp(flat, eager, theirs)
     # A DTensor whose shard is a meta tensor is refused by name, however its shard is found.
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor import DTensor, Shard
@@ -108,6 +109,39 @@ def _compare_listed_with_dcp(rank: int, world: int) -> None:
     manifest = SimpleNamespace(tensors={"m": None})  # check_loadable reads its keys only
     with pytest.raises(UnsupportedValueError, match="key 'm': the state_dict holds a meta tensor"):
         check_loadable(manifest, {"m": meta})  # type: ignore[arg-type]
+
+
+def _compare_whole_with_dcp(flat: dict[str, Any], eager: Metadata, theirs: list[Any]) -> None:
+    """The keys planned as whole chunks are exactly DCP's keys of one item that reads one
+    whole saved chunk into the whole local tensor; the other keys keep DCP's items in its order."""
+    from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
+
+    lazy = Metadata(
+        {k: _listed(md) if isinstance(md, TensorStorageMetadata) else md for k, md in eager.state_dict_metadata.items()}
+    )
+    whole: list[Any] = []
+    ours = local_read_items(flat, lazy, None, None, whole)
+    keys = [k for k, _, _ in whole]
+    assert len(set(keys)) == len(keys) > 20 and len(ours) > 100, (len(keys), len(ours))  # both kinds, each key once
+    assert ours == [i for i in theirs if i.dest_index.fqn not in set(keys)]
+    dcp = DefaultLoadPlanner(allow_partial_load=True)
+    dcp.set_up_planner(dict(flat), eager, False)
+    by_key: dict[str, list[Any]] = {}
+    for item in theirs:
+        by_key.setdefault(item.dest_index.fqn, []).append(item)
+    for key, chunk, local in whole:
+        (item,) = by_key[key]
+        saved = lazy.state_dict_metadata[key].saved  # type: ignore[union-attr]
+        assert chunk is saved[item.storage_index.index]  # the manifest's own record
+        assert (tuple(item.storage_index.offset), tuple(item.lengths)) == (chunk.offsets, chunk.sizes)
+        assert not any(item.dest_offsets) and not any(item.storage_offsets)
+        want = dcp.resolve_tensor(item)
+        assert local.shape == want.shape and local.data_ptr() == want.data_ptr(), key
+    # What DCP reads with more than one item, or reads part of a chunk with, stays a read item.
+    for i in ours:
+        if i.type.name == "TENSOR" and len(by_key[i.dest_index.fqn]) == 1:
+            chunk = lazy.state_dict_metadata[i.dest_index.fqn].saved[i.storage_index.index]  # type: ignore[union-attr]
+            assert chunk.sizes != tuple(i.lengths) or any(i.storage_offsets), i
 
 
 def test_listed_metadata_plans_as_dcp_does_over_layouts_reshardings_and_meshes() -> None:
@@ -156,6 +190,39 @@ def test_a_joined_read_fills_every_dtype_and_non_contiguous_targets(many_small: 
     cast = {"f32": torch.zeros(5, 3, dtype=torch.float64)}
     shardckpt.load(cast, path, strict=False, allow_dtype_cast=True)
     assert torch.equal(cast["f32"], state["f32"].double())
+
+
+def test_a_load_reads_same_layout_chunks_without_read_items_unless_the_planner_commits(
+    many_small: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from shardckpt.engine import planner as planner_module
+    from shardckpt.engine import reader as reader_module
+
+    path, state = many_small
+    seen: list[tuple[int, int]] = []  # (read items, whole chunks) of each read_runs
+    original = reader_module.read_runs
+
+    def counting(items: Any, chunks: Any, boxes: Any, whole: Any = ()) -> Any:
+        seen.append((len(items), len(whole)))
+        return original(items, chunks, boxes, whole)
+
+    monkeypatch.setattr(reader_module, "read_runs", counting)
+    target = _zeros_like(state)
+    shardckpt.load(target, path)
+    assert seen == [(0, len(state))] and all(_same(target[k], v) for k, v in state.items())
+    # A planner that commits each tensor takes read items: it is handed every one.
+    committed: list[str] = []
+
+    class Committing(planner_module.LoadPlanner):
+        def commit_tensor(self, read_item: Any, tensor: torch.Tensor) -> None:
+            committed.append(read_item.dest_index.fqn)
+
+    monkeypatch.setattr("shardckpt.engine.plan_v3.LoadPlanner", Committing)
+    seen.clear()
+    target = _zeros_like(state)
+    shardckpt.load(target, path)
+    assert seen == [(len(state), 0)] and sorted(committed) == sorted(state)
+    assert all(_same(target[k], v) for k, v in state.items())
 
 
 def test_a_flipped_byte_in_a_joined_read_names_its_key(many_small: Any) -> None:
