@@ -256,7 +256,7 @@ class LoadPlanner(DefaultLoadPlanner):
     reads_whole_chunks = False
     """Whether :meth:`create_local_plan` hands whole chunks to :attr:`whole` instead of
     planning ReadItems for them: set by the load of a format-1 or -2 manifest through
-    ``reader.Reader``, which reads them (``loading.load_planner``). Never for a subclass
+    ``reader.Reader``, which reads them (``loading.load_from``). Never for a subclass
     that overrides ``resolve_tensor`` or ``commit_tensor`` (they take ReadItems)."""
 
     def set_up_planner(self, state_dict: Any, metadata: Any = None, is_coordinator: bool = False) -> None:

@@ -32,7 +32,7 @@ from torch.distributed.checkpoint.metadata import (
 from torch.distributed.checkpoint.planner import LoadItemType, LoadPlan, LoadPlanner, ReadItem
 from torch.distributed.checkpoint.storage import StorageReader
 
-from shardckpt.engine.boxes import BoxReader, RunBox
+from shardckpt.engine.boxes import BoxReader, RunBox, Span
 from shardckpt.engine.load_items import ListedTensorMetadata, WholeChunk
 from shardckpt.engine.load_v3 import RuleChunks
 from shardckpt.engine.plan_v3 import RulePlanner
@@ -221,6 +221,11 @@ def read_runs(
     by_file: dict[str, list[tuple[int, int, PlannedRead]]] = {}
     alone: list[list[PlannedRead]] = []
     chunk_at, span_of = chunks.chunk, boxes.span
+
+    def place(chunk: ChunkRecord, span: Span, planned: PlannedRead) -> None:
+        begin = chunk.byte_offset + span.lo
+        by_file.setdefault(chunk.file, []).append((begin, begin + span.hi - span.lo, planned))
+
     for item in items:
         index = item.storage_index
         key = index.fqn
@@ -229,27 +234,14 @@ def read_runs(
             alone.append([PlannedRead(item, chunk, None)])
             continue
         span = span_of(key, chunk, item.storage_offsets, item.lengths)
-        begin = chunk.byte_offset + span.lo
-        entry = (begin, begin + span.hi - span.lo, PlannedRead(item, chunk, RunBox(key, chunk, span)))
-        in_file = by_file.get(chunk.file)
-        if in_file is None:
-            by_file[chunk.file] = [entry]
-        else:
-            in_file.append(entry)
+        place(chunk, span, PlannedRead(item, chunk, RunBox(key, chunk, span)))
     origins: dict[int, tuple[int, ...]] = {}
-    for key, chunk, target in whole:  # the same steps, the chunk and target known (#18)
-        ndim = len(chunk.sizes)
-        origin = origins.get(ndim)
+    for key, chunk, target in whole:  # the chunk and target known: no look-up (#18)
+        origin = origins.get(len(chunk.sizes))
         if origin is None:
-            origin = origins[ndim] = (0,) * ndim
+            origin = origins[len(chunk.sizes)] = (0,) * len(chunk.sizes)
         span = span_of(key, chunk, origin, chunk.sizes)
-        begin = chunk.byte_offset + span.lo
-        entry = (begin, begin + span.hi - span.lo, PlannedRead(None, chunk, RunBox(key, chunk, span), target))
-        in_file = by_file.get(chunk.file)
-        if in_file is None:
-            by_file[chunk.file] = [entry]
-        else:
-            in_file.append(entry)
+        place(chunk, span, PlannedRead(None, chunk, RunBox(key, chunk, span), target))
     boxes.check_file_sizes([*by_file, *(run[0].chunk.file for run in alone)])
     runs: list[list[PlannedRead]] = []
     item_max, run_max = RUN_ITEM_MAX_BYTES, RUN_MAX_BYTES
@@ -272,7 +264,6 @@ def read_runs(
 
 
 _BEGIN_STOP = itemgetter(0, 1)
-_ITEM = itemgetter(0)  # a PlannedRead's ReadItem
 
 
 class ChunkSource(Protocol):
