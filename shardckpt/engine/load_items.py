@@ -197,6 +197,18 @@ class _Seen:
         self.chunk_index = 0
         self.whole: list[WholeChunk] | None = None  # local_read_items's ``whole``
 
+    def find(self, chunks: Sequence[SavedBox | ChunkStorageMetadata], offsets: Any, sizes: Any) -> int:
+        """The index of the chunk of ``chunks`` that is exactly the box (``sizes`` at
+        ``offsets``, tuples or ``torch.Size``), or -1; looked for first where the last
+        key's was, which it then remembers."""
+        index = self.chunk_index
+        if index < len(chunks) and chunks[index].offsets == offsets and chunks[index].sizes == sizes:
+            return index
+        index = next((i for i, c in enumerate(chunks) if c.offsets == offsets and c.sizes == sizes), -1)
+        if index >= 0:
+            self.chunk_index = index
+        return index
+
     def origin(self, ndim: int) -> torch.Size:
         found = self.zeros.get(ndim)
         if found is None:
@@ -326,7 +338,7 @@ def _whole_chunk(
 ) -> bool:
     """Whether the box (``sizes`` at ``offsets``, sequences of ints) is exactly one saved
     chunk of the listed ``saved``; if so, it went to ``seen.whole`` with ``local``. The
-    chunk is looked for first where the last key's was. An empty box is not (it reads
+    chunk is looked for as :meth:`_Seen.find` does. An empty box is not (it reads
     nothing; DCP's path plans no item for it), nor one that ``local`` does not have the
     shape of (a DTensor built from a local tensor that its placements do not describe:
     DCP's path narrows and then fails on it)."""
@@ -334,12 +346,9 @@ def _whole_chunk(
     sizes, offsets = tuple(sizes), tuple(offsets)
     if 0 in sizes or local.shape != sizes:
         return False
-    index = seen.chunk_index
-    if not (index < len(saved) and saved[index].offsets == offsets and saved[index].sizes == sizes):
-        index = next((i for i, c in enumerate(saved) if c.offsets == offsets and c.sizes == sizes), -1)
-        if index < 0:
-            return False
-        seen.chunk_index = index
+    index = seen.find(saved, offsets, sizes)
+    if index < 0:
+        return False
     seen.whole.append((fqn, saved[index], local))
     return True
 
@@ -361,10 +370,7 @@ def _items_for_box(
     chunks: Sequence[SavedBox | ChunkStorageMetadata] = (
         md.saved if isinstance(md, ListedTensorMetadata) and md._chunks is None else md.chunks
     )
-    index = seen.chunk_index
-    if not (index < len(chunks) and chunks[index].offsets == offsets and chunks[index].sizes == sizes):
-        index = next((i for i, c in enumerate(chunks) if c.offsets == offsets and c.sizes == sizes), -1)
-        if index < 0:
-            return create_read_items_for_chunk_list(fqn, md, [ChunkStorageMetadata(offsets=offsets, sizes=sizes)])
-        seen.chunk_index = index
+    index = seen.find(chunks, offsets, sizes)
+    if index < 0:
+        return create_read_items_for_chunk_list(fqn, md, [ChunkStorageMetadata(offsets=offsets, sizes=sizes)])
     return [whole_chunk_item(fqn, offsets, sizes, index, seen.origin(len(sizes)))]
