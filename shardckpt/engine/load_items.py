@@ -223,10 +223,11 @@ that chunk (the manifest's ``ChunkRecord``) and the local tensor it fills whole.
 load of thousands of small tensors spent more on each ReadItem, and on finding its chunk
 and its target again, than on reading the tensor; #18)."""
 
-PlannedItem = tuple[ReadItem, torch.Tensor]
+PlannedItem = tuple[ReadItem | None, torch.Tensor]
 """The one read item of a key whose target box is exactly one saved chunk, and the local
 tensor it fills: planned before :func:`local_read_items` (a format-3 load finds the chunk
-of each box while listing its chunks, ``plan_v3.needed_metadata``)."""
+of each box while listing its chunks, ``plan_v3.needed_metadata``). No item (None): the
+reader reads that chunk whole into the tensor itself (``plan_v3.RulePlanner.cells``)."""
 
 
 @torch.no_grad()  # for target_box's to_local()
@@ -258,8 +259,9 @@ def local_read_items(
             continue
         known = planned.get(fqn)
         if known is not None:
-            ours[fqn] = [known[0]]
-            if targets is not None:
+            item = known[0]
+            ours[fqn] = [] if item is None else [item]
+            if targets is not None and item is not None:
                 targets[fqn] = known[1]
             continue
         if type(obj) is DTensor and type(md) is ListedTensorMetadata and md._chunks is None:

@@ -24,6 +24,8 @@ from typing import Any
 from torch.distributed.checkpoint.planner import ReadItem
 
 from shardckpt.engine.boxes import BoxReader
+from shardckpt.engine.load_items import WholeChunk
+from shardckpt.engine.plan_v3 import Cell
 from shardckpt.errors import IntegrityError, ManifestError
 from shardckpt.format import datafile
 from shardckpt.format.file_table import FileRef, RankEntry, parse_page
@@ -76,11 +78,16 @@ class RuleChunks:
         self.boxes = BoxReader(storage, manifest, verify=verify, where=where, files=self._files, bases=manifest.bases)
         """Reads the boxes of every chunk resolved so far (:meth:`prepare`, :meth:`chunk`)."""
 
-    def prepare(self, items: Sequence[ReadItem], *, threads: int = 1) -> BoxReader:
-        """Resolve every chunk ``items`` read: fetch the pages, then the index records, they
-        need, once each and up to ``threads`` at a time (a rank may read from thousands of
-        ranks); check the size of every data file they read; return the reader of their boxes."""
-        wanted = sorted({(i.storage_index.fqn, tuple(i.storage_index.offset or ())) for i in items})
+    def prepare(self, items: Sequence[ReadItem], *, threads: int = 1, cells: Sequence[Cell] = ()) -> BoxReader:
+        """Resolve every chunk ``items`` read, and the chunk of each of ``cells`` (read
+        whole, without a ReadItem: ``plan_v3.RulePlanner.cells``; then :meth:`whole`): fetch
+        the pages, then the index records, they need, once each and up to ``threads`` at a
+        time (a rank may read from thousands of ranks); check the size of every data file
+        they read; return the reader of their boxes."""
+        wanted = sorted(
+            {(i.storage_index.fqn, tuple(i.storage_index.offset or ())) for i in items}
+            | {(key, c.offsets) for key, c, _ in cells}
+        )
         ranks: dict[tuple[int, int], FileRef] = {}
         located = [self._locate(key, offsets) for key, offsets in wanted]
         for c, ref in located:
@@ -126,6 +133,12 @@ class RuleChunks:
             )
             keys.append((key, offsets))
         resolved.update(zip(keys, frozen_records(ChunkRecord, attrs), strict=True))
+
+    def whole(self, cells: Sequence[Cell]) -> list[WholeChunk]:
+        """Each of ``cells`` (prepared: :meth:`prepare`) as the reader reads a whole chunk:
+        the key, its chunk's record (file name, block hashes) and the tensor it fills."""
+        resolved = self._chunks
+        return [(key, resolved[(key, c.offsets)], local) for key, c, local in cells]
 
     def chunk(self, key: str, offsets: tuple[int, ...]) -> ChunkRecord:
         """The chunk of ``key`` at ``offsets`` with its file name and block hashes (after

@@ -111,7 +111,7 @@ def load_from(
     result: LoadResult = mine["result"]
     reader = Reader(storage, manifest, verify=verify, num_io_threads=num_io_threads)
     planner = load_planner(manifest, flattened=mine["flat"])
-    planner.reads_whole_chunks = isinstance(manifest, Manifest)  # the Reader reads them (#18)
+    planner.reads_whole_chunks = True  # the Reader reads them (#18)
     read_in_rounds(plain, reader, planner, exchange, path=path, timeouts=timeouts, slow_io_hint=slow_io_hint)
     state.hand_back()
     if (result.missing_keys or result.unexpected_keys) and not _SKIPS_EXPECTED.get():

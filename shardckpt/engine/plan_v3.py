@@ -27,11 +27,18 @@ from shardckpt.format import datafile
 from shardckpt.format.manifest import Manifest
 from shardckpt.format.manifest_v3 import Chunk, ManifestV3, Tensor, new_chunk
 
-__all__ = ["RulePlanner", "load_planner", "needed_metadata"]
+__all__ = ["Cell", "RulePlanner", "load_planner", "needed_metadata"]
+
+Cell = tuple[str, Chunk, torch.Tensor]
+"""A key whose box is exactly one cell of its rule: the key, that cell's chunk (a position
+in the file table, not yet resolved to its data file and block hashes) and the local
+tensor it fills whole (``RulePlanner.cells``)."""
 
 
 class RulePlanner(LoadPlanner):
     """The load planner of a format-3 manifest (see the module docstring)."""
+
+    lists_records = False  # its metadata lists cells of rules; whole ones go to ``cells``
 
     def __init__(
         self,
@@ -45,12 +52,18 @@ class RulePlanner(LoadPlanner):
         self.found: dict[tuple[str, tuple[int, ...]], Chunk] = {}
         """(key, offsets) -> the chunk there, of every chunk planning found for this rank's
         boxes: handed to :class:`RuleChunks` so that no chunk is looked up twice."""
+        self.cells: list[Cell] = []
+        """The keys whose box is exactly one cell, read whole without a ReadItem (when
+        :attr:`~shardckpt.engine.planner.LoadPlanner.reads_whole_chunks`): the reader
+        resolves each cell's record (``RuleChunks.whole``) and reads it with the plan's items."""
 
     def set_up_planner(self, state_dict: Any, metadata: Any = None, is_coordinator: bool = False) -> None:
         super().set_up_planner(state_dict, metadata, is_coordinator)
         assert self.metadata is not None
-        self.found = {}
-        self.metadata = needed_metadata(self.metadata, self.manifest3, self.state_dict, self.found, self._planned)
+        self.found, self.cells = {}, []
+        cells = self.cells if self.plans_whole_chunks() else None
+        flat, found = self.state_dict, self.found
+        self.metadata = needed_metadata(self.metadata, self.manifest3, flat, found, self._planned, cells)
 
 
 def load_planner(
@@ -70,12 +83,15 @@ def needed_metadata(
     flat: dict[str, Any],
     found_chunks: dict[tuple[str, tuple[int, ...]], Chunk] | None = None,
     planned: dict[str, PlannedItem] | None = None,
+    cells: list[Cell] | None = None,
 ) -> Metadata:
     """``metadata`` (a format-3 manifest's, with no chunks) where each tensor this rank
     loads lists the chunks that its boxes overlap, and only those; ``found_chunks``, if
     given, gets each of those chunks under (key, offsets); ``planned``, if given, the read
     item of each key whose box is exactly one cell of its rule (a load in the layout of the
-    save: the item is DCP's, made here instead of planning the box a second time; #18)."""
+    save: the item is DCP's, made here instead of planning the box a second time; #18).
+    ``cells``, if given (with ``planned``), takes those keys instead (:data:`Cell`), each
+    planned with no item at all (``planned`` marks it so: the reader reads it whole)."""
     sd = dict(metadata.state_dict_metadata)
     meshes: Meshes = {}
     origins: dict[int, torch.Size] = {}
@@ -95,7 +111,10 @@ def needed_metadata(
             if found_chunks is not None:
                 found_chunks[(fqn, offsets)] = chunk
             sd[fqn] = _listing(md, [chunk])
-            if planned is not None:
+            if planned is not None and cells is not None and sizes == tuple(local.shape) and 0 not in sizes:
+                cells.append((fqn, chunk, local))
+                planned[fqn] = (None, local)  # no ReadItem: read whole (#18)
+            elif planned is not None:
                 origin = origins.get(len(sizes))
                 if origin is None:
                     origin = origins[len(sizes)] = torch.Size((0,) * len(sizes))

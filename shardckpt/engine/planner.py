@@ -254,10 +254,15 @@ class LoadPlanner(DefaultLoadPlanner):
         (``reader.Reader``) reads them with the plan's items."""
 
     reads_whole_chunks = False
-    """Whether :meth:`create_local_plan` hands whole chunks to :attr:`whole` instead of
-    planning ReadItems for them: set by the load of a format-1 or -2 manifest through
-    ``reader.Reader``, which reads them (``loading.load_from``). Never for a subclass
-    that overrides ``resolve_tensor`` or ``commit_tensor`` (they take ReadItems)."""
+    """Whether the plan hands whole chunks to the reader instead of ReadItems (:attr:`whole`,
+    or a format-3 planner's cells): set by a load through ``reader.Reader``, which reads
+    them (``loading.load_from``). Never for a subclass that overrides ``resolve_tensor``
+    or ``commit_tensor`` (they take ReadItems): :meth:`plans_whole_chunks`."""
+
+    lists_records = True
+    """Whether the chunks the metadata lists are the manifest's records (formats 1 and 2),
+    which :attr:`whole` takes; a format-3 planner's are cells of rules, not yet resolved to
+    their files, and go whole by another way (``plan_v3.RulePlanner.cells``)."""
 
     def set_up_planner(self, state_dict: Any, metadata: Any = None, is_coordinator: bool = False) -> None:
         flattened, self._flattened = self._flattened, None
@@ -278,15 +283,19 @@ class LoadPlanner(DefaultLoadPlanner):
             # flattening of checkpoints saved before torch 2.4).
             return super().create_local_plan()
         self._targets, self.whole = {}, []
+        whole = self.whole if self.lists_records and self.plans_whole_chunks() else None
+        return LoadPlan(local_read_items(self.state_dict, self.metadata, self._targets, self._planned, whole))
+
+    def plans_whole_chunks(self) -> bool:
+        """Whether this plan hands whole chunks to the reader without ReadItems: asked by
+        the reader (:attr:`reads_whole_chunks`), and no ``resolve_tensor`` or
+        ``commit_tensor`` of a subclass to give them to."""
         kind = type(self)
-        whole = (
-            self.whole
-            if self.reads_whole_chunks
+        return (
+            self.reads_whole_chunks
             and kind.resolve_tensor is LoadPlanner.resolve_tensor
             and kind.commit_tensor is DefaultLoadPlanner.commit_tensor
-            else None
         )
-        return LoadPlan(local_read_items(self.state_dict, self.metadata, self._targets, self._planned, whole))
 
     def resolve_tensor(self, read_item: ReadItem) -> torch.Tensor:
         """The part of the target that ``read_item`` fills (thread-safe): of the local tensor

@@ -107,8 +107,15 @@ class Reader(StorageReader):
         )
         whole = planner.whole if isinstance(planner, ShardckptLoadPlanner) else []
         if whole and not isinstance(chunks, ListedChunks):
-            raise AssertionError("whole chunks planned for a format-3 manifest: its reads find chunks by rule")
-        boxes = chunks.prepare(tensor_items, threads=self.num_io_threads)
+            raise AssertionError("listed whole chunks planned for a format-3 manifest: its reads find chunks by rule")
+        cells = planner.cells if isinstance(planner, RulePlanner) else []
+        if cells:  # format 3's keys read whole, without ReadItems (#18)
+            if not isinstance(chunks, RuleChunks) or known is None:
+                raise AssertionError("whole cells planned for another manifest than the one read")
+            boxes = chunks.prepare(tensor_items, threads=self.num_io_threads, cells=cells)
+            whole = chunks.whole(cells)
+        else:
+            boxes = chunks.prepare(tensor_items, threads=self.num_io_threads)
         runs = read_runs(tensor_items, chunks, boxes, whole)
         # One task per thread, each taking the next run until none is left: thousands
         # of small chunks cost no future, submit and wake-up each (issue #18). The calling

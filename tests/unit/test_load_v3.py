@@ -123,6 +123,74 @@ def test_a_load_looks_each_chunk_up_once_when_planning(tmp_path, monkeypatch):
     assert asked == []
 
 
+def test_a_load_reads_one_cell_keys_whole_without_read_items_unless_the_planner_commits(tmp_path, monkeypatch):
+    """A key whose box is exactly one cell is read whole, as the reader reads a same-layout
+    chunk of format 1 (no ReadItem, its record resolved through the chain); the others keep
+    DCP's items; a planner that commits tensors gets items for every key (#18)."""
+    from shardckpt.engine import plan_v3
+    from shardckpt.engine import reader as reader_module
+
+    _write(tmp_path / "c", files_per_rank=2, ranks_per_page=3)
+    seen: list[tuple[list[str], list[str]]] = []  # (keys of the read items, keys read whole) of each read_runs
+    original = reader_module.read_runs
+
+    def recording(items: Any, chunks: Any, boxes: Any, whole: Any = ()) -> Any:
+        seen.append((sorted({i.dest_index.fqn for i in items}), sorted(k for k, _, _ in whole)))
+        for key, record, _ in whole:  # the record resolved through page and index record: its data file's name
+            assert record.file.startswith("data/") and record.block_hashes and key in ("model.bias", "model.scale")
+        return original(items, chunks, boxes, whole)
+
+    monkeypatch.setattr(reader_module, "read_runs", recording)
+    state = _target()
+    shardckpt.load(state, tmp_path / "c")
+    m = state["model"]
+    assert torch.equal(m["w"], W) and torch.equal(m["g"], G) and torch.equal(m["irr"], IRR)
+    assert torch.equal(m["bias"], BIAS) and m["scale"].item() == 0.5
+    # one process loads 4 ranks' W and G (several cells a box) and the listed IRR: items
+    assert seen == [(["model.g", "model.irr", "model.w"], ["model.bias", "model.scale"])]
+
+    committed: list[str] = []
+
+    class Committing(plan_v3.RulePlanner):
+        def commit_tensor(self, read_item: Any, tensor: torch.Tensor) -> None:
+            committed.append(read_item.dest_index.fqn)
+
+    monkeypatch.setattr(plan_v3, "RulePlanner", Committing)
+    seen.clear()
+    state = _target()
+    shardckpt.load(state, tmp_path / "c")
+    assert seen == [(["model.bias", "model.g", "model.irr", "model.scale", "model.w"], [])]
+    assert set(committed) == {"model.bias", "model.g", "model.irr", "model.scale", "model.w"}
+    assert torch.equal(state["model"]["bias"], BIAS) and state["model"]["scale"].item() == 0.5
+
+
+def test_a_same_layout_format_3_load_of_small_tensors_reads_each_whole_and_names_a_bad_block(tmp_path):
+    """Saved by shardckpt in format 3 on one process, every tensor one cell: all read whole,
+    bitwise, every dtype; a flipped byte in one is refused naming its key."""
+    g = torch.Generator().manual_seed(3)
+    state = {
+        "f32": torch.rand(5, 3, generator=g),
+        "bf16": torch.rand(4, 3, generator=g).to(torch.bfloat16),
+        "i8": torch.randint(-100, 100, (3, 3), generator=g, dtype=torch.int8),
+        "bool": torch.rand(9, generator=g) > 0.5,
+        "scalar": torch.tensor(2.5),
+        "param": torch.nn.Parameter(torch.rand(6, generator=g)),
+    }
+    path = tmp_path / "c3"
+    shardckpt.save(state, path, format_version=3)
+    target = {k: torch.zeros_like(v) for k, v in state.items()}
+    target["param"] = torch.nn.Parameter(torch.zeros(6))
+    before = dict(target)
+    shardckpt.load(target, path)
+    assert all(target[k] is before[k] for k in state)  # filled in place
+    assert all(target[k].dtype == v.dtype and torch.equal(target[k].detach(), v.detach()) for k, v in state.items())
+    data = next(n for n in os.listdir(path / "data") if n.endswith(".safetensors"))
+    header = _header_bytes(path / "data" / data)
+    _flip(path / "data" / data, header)  # the first tensor's first byte
+    with pytest.raises(IntegrityError, match=r"key '\w+'.*checksum mismatch"):
+        shardckpt.load({k: torch.zeros_like(v) for k, v in state.items()}, path)
+
+
 def _header_bytes(path: Any) -> int:
     raw = open(path, "rb").read(8)
     return 8 + int.from_bytes(raw, "little")
