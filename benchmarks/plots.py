@@ -198,3 +198,66 @@ def write_incremental_plot(results: dict[str, Any], path: str) -> dict[str, Any]
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return {"written": [path]}
+
+
+def write_scorecard_plot(rows: list[dict[str, Any]], path: str, *, title: str) -> dict[str, Any]:
+    """scorecard.py's rows of one run: each ratio row's per-repetition paired ratios (dots),
+    their median (a bar: green where the target is met, red where not), its target (a red
+    tick) and the A/A control's min-max in the same benchmark (a grey line under the row),
+    on a log axis; beside them the bytes read over the bytes needed and the round trips,
+    each against its target."""
+    plt = _pyplot()
+    if plt is None:
+        return {"skipped": MATPLOTLIB_MISSING}
+    ratio_rows = [r for r in rows if " x " in r["metric"]]
+    bytes_rows = [r for r in rows if r["metric"].startswith("bytes read")]
+    trip_rows = [r for r in rows if "round trips" in r["metric"]]
+    fig = plt.figure(figsize=(13, 0.42 * len(ratio_rows) + 2.2))
+    grid = fig.add_gridspec(2, 2, width_ratios=(3, 1.2))
+    ax = fig.add_subplot(grid[:, 0])
+    for y, r in enumerate(ratio_rows):
+        samples = r.get("samples") or [r["value"]]
+        ax.scatter(samples, [y] * len(samples), s=14, color="tab:blue", alpha=0.6, zorder=3)
+        met = r.get("met")
+        color = "tab:green" if met else "tab:red" if met is False else "k"
+        ax.plot([r["value"]] * 2, [y - 0.3, y + 0.3], color=color, lw=2.5, zorder=4)
+        if r.get("target") is not None:
+            ax.plot([r["target"]] * 2, [y - 0.4, y + 0.4], color="tab:red", lw=1, ls=":", zorder=2)
+        aa = r.get("aa_samples") or []
+        if aa:
+            ax.plot([min(aa), max(aa)], [y + 0.32] * 2, color="0.6", lw=2, solid_capstyle="butt", zorder=1)
+    ax.axvline(1.0, color="0.3", lw=0.8, ls="--")
+    ax.set_xscale("log")
+    low, high = ax.get_xlim()
+    ticks = [t for t in (0.05, 0.1, 0.2, 0.5, 1, 1.5, 2, 5, 10, 20, 50) if low <= t <= high]
+    ax.set_xticks(ticks, [f"{t:g}" for t in ticks])
+    ax.minorticks_off()
+    ax.set_yticks(range(len(ratio_rows)))
+    ax.set_yticklabels([f"{r['metric'].strip()}  [{r['case'].split(',')[0]}]" for r in ratio_rows], fontsize=8)
+    ax.invert_yaxis()
+    ax.set_xlabel(
+        "shardckpt's speed / the other's (paired per repetition; > 1: shardckpt faster). dots: repetitions; "
+        "bar: median; dotted: target; grey: A/A min-max",
+        fontsize=8,
+    )
+    for sub, chosen, label in (
+        (fig.add_subplot(grid[0, 1]), bytes_rows, "bytes read / needed"),
+        (fig.add_subplot(grid[1, 1]), trip_rows, "round trips"),
+    ):
+        names = [
+            r["metric"].replace("bytes read / needed, ", "").replace("collective round trips of ", "") for r in chosen
+        ]
+        colors = ["tab:green" if r.get("met") else "tab:red" if r.get("met") is False else "0.6" for r in chosen]
+        sub.barh(names, [r["value"] for r in chosen], color=colors)
+        targets = {r["target"] for r in chosen if r.get("target") is not None}
+        for t in targets:
+            sub.axvline(t, color="tab:red", lw=1, ls=":")
+        sub.invert_yaxis()
+        sub.tick_params(labelsize=8)
+        sub.set_title(label + (f", target <= {min(targets):g}" if targets else ""), fontsize=9)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return {"written": [path]}

@@ -2,7 +2,7 @@
 
     python benchmarks/scorecard.py --dir /var/tmp/scorecard            # ~20-30 min on 2 cores
     python benchmarks/scorecard.py --quick --dir /tmp/sc                # ~3 min: tiny sizes, 2 repetitions
-    python benchmarks/scorecard.py --table-only --name scorecard        # the table again from the results
+    python benchmarks/scorecard.py --table-only --name scorecard        # the table and plot again from the results
 
 Runs, one after the other on the same machine (each its own interleaved, shuffled,
 warmed-up benchmark with an A/A control; their docstrings say how they measure):
@@ -16,9 +16,12 @@ warmed-up benchmark with an A/A control; their docstrings say how they measure):
 3. ``collectives.py``: the collective round trips and the time of a 1 MiB save on 4 ranks.
 
 Then prints the table of issue #18's targets (markdown) with each row's command result,
-and writes ``benchmarks/results/<name>.json`` (the rows and the result files they come
-from). A row's ratio is the median of the per-repetition paired ratios; "A/A" is the
-median (min-max) of the control's paired ratios in the same benchmark.
+writes ``benchmarks/results/<name>.json`` (the rows, with each repetition's ratio, and the
+result files they come from) and draws the rows into ``<plots dir>/<name>.png``
+(``plots.write_scorecard_plot``; matplotlib, the ``bench`` extra). A row's ratio is the
+median of the per-repetition paired ratios; "A/A" is the median (min-max) of the control's
+paired ratios in the same benchmark. ``--table-only`` redraws both from the results files
+and keeps the run's own record (command, machine, seconds) in ``<name>.json``.
 """
 
 from __future__ import annotations
@@ -28,11 +31,13 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import time
 from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common
+import plots
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 TARGET = 0.9
@@ -87,19 +92,49 @@ def _spread(s: dict[str, Any]) -> str:
     return f"{s['median']:.2f} ({s['min']:.2f}-{s['max']:.2f})"
 
 
+def _samples(stats: dict[str, Any] | None) -> list[float]:
+    """The per-repetition values of a statistic of the results (none in older results)."""
+    return [float(x) for x in (stats or {}).get("samples", [])]
+
+
 def _mix_rows(name: str, mix: str) -> list[dict[str, Any]]:
     d = _load(f"{name}_{mix}")
     t, cfg = d["targets"], d["config"]
     what = f"{mix}: {cfg['tensors']} tensors, {cfg['state_bytes'] / 2**20:.0f} MiB, {cfg['world_size']} ranks"
     aa = t["aa_control"]
+    ratios = {ph: d.get("phases", {}).get(ph, {}).get("paired_ratios_of_gbps", {}) for ph in ("save", "load")}
     rows = [
-        ("save x per-rank safetensors save_file+fsync", t["save_vs_safetensors_at_least_0.9"]["ratio"], aa["save"]),
-        ("save x parallel dd conv=fdatasync", t["save_vs_dd_x4_at_least_0.9"]["ratio"], aa["save"]),
-        ("cold load x per-rank safetensors load_file", t["load_vs_safetensors_at_least_0.9"]["ratio"], aa["load"]),
+        (
+            "save x per-rank safetensors save_file+fsync",
+            t["save_vs_safetensors_at_least_0.9"]["ratio"],
+            aa["save"],
+            ratios["save"].get("shardckpt/safetensors"),
+        ),
+        (
+            "save x parallel dd conv=fdatasync",
+            t["save_vs_dd_x4_at_least_0.9"]["ratio"],
+            aa["save"],
+            ratios["save"].get("shardckpt/dd_x4"),
+        ),
+        (
+            "cold load x per-rank safetensors load_file",
+            t["load_vs_safetensors_at_least_0.9"]["ratio"],
+            aa["load"],
+            ratios["load"].get("shardckpt/safetensors"),
+        ),
     ]
     return [
-        {"metric": m, "case": what, "value": v, "target": TARGET, "met": v >= TARGET, "aa": _spread(a)}
-        for m, v, a in rows
+        {
+            "metric": m,
+            "case": what,
+            "value": v,
+            "target": TARGET,
+            "met": v >= TARGET,
+            "aa": _spread(a),
+            "samples": _samples(each),
+            "aa_samples": _samples(a),
+        }
+        for m, v, a, each in rows
     ]
 
 
@@ -118,7 +153,8 @@ def _reshard_rows(name: str) -> list[dict[str, Any]]:
         {"metric": "bytes read / needed, format 3", "case": case},
     ]
     rows[0].update(target=RESHARD_TARGET, met=rows[0]["value"] >= RESHARD_TARGET, aa=aa)
-    rows[1].update(value=ratios["dd/dcp"]["median"], target=None, met=None, aa="")
+    rows[0].update(samples=_samples(ratios["shardckpt/dcp"]), aa_samples=_samples(ratios["shardckpt_AA/shardckpt"]))
+    rows[1].update(value=ratios["dd/dcp"]["median"], target=None, met=None, aa="", samples=_samples(ratios["dd/dcp"]))
     for row, system in ((rows[2], "shardckpt"), (rows[3], "shardckpt_v3")):
         v = systems[system]["read_over_needed"]["median"]
         worst = systems[system]["read_over_needed_worst_rank"]
@@ -164,6 +200,17 @@ def table(name: str) -> tuple[str, list[dict[str, Any]]]:
     return "\n".join(lines), rows
 
 
+def _plot(args: argparse.Namespace, rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """The rows as a PNG (:func:`plots.write_scorecard_plot`), where ``--plots-dir`` says."""
+    where = args.plots_dir
+    if where == "none":
+        return {"skipped": "--plots-dir none"}
+    if where is None:
+        where = tempfile.mkdtemp(prefix="scorecard_plots_") if args.quick else os.path.join(HERE, "..", "docs", "img")
+    title = f"issue #18's targets, one run ({args.name}): paired ratios per repetition"
+    return plots.write_scorecard_plot(rows, os.path.join(os.path.normpath(where), f"{args.name}.png"), title=title)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--dir", default="/var/tmp/scorecard", help="scratch folder of the benchmarks")
@@ -174,6 +221,11 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="64/16 MiB, 2 repetitions: checks the command, not the disk")
     ap.add_argument("--table-only", action="store_true", help="print the table from the results of an earlier run")
     ap.add_argument("--name", default=None, help="results files' prefix (default scorecard; --quick: scorecard_quick)")
+    ap.add_argument(
+        "--plots-dir",
+        default=None,
+        help="where <name>.png goes (default docs/img; --quick: a temp folder, printed); none: no plot",
+    )
     args = ap.parse_args()
     if args.quick:
         args.mib, args.small_mib, args.repeats = 64, 16, 2
@@ -181,15 +233,18 @@ def main() -> None:
     took = {} if args.table_only else run(args)
     text, rows = table(args.name)
     print(text)
+    plot = _plot(args, rows)
+    print(f"[scorecard] plot: {plot.get('written') or plot.get('skipped')}")
     doc = {
         "benchmark": "scorecard",
         "command": "python " + " ".join(sys.argv),
         "machine": common.machine_facts(args.dir),
         "parts": {k: " ".join(v[1:]) for k, v in commands(args).items()},
         "seconds": took,
-        "rows": rows,
-        "table": text,
     }
+    if args.table_only and os.path.exists(_path(args.name)):
+        doc = {k: v for k, v in _load(args.name).items() if k in doc}  # the run's own record, not this command's
+    doc.update(rows=rows, table=text, plot=plot)
     with open(_path(args.name), "w") as f:
         json.dump(doc, f, indent=1)
     print(f"[scorecard] wrote {_path(args.name)}")

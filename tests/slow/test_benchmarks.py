@@ -9,6 +9,7 @@ import argparse
 import json
 import math
 import os
+import statistics
 import sys
 from collections.abc import Iterator
 from typing import Any
@@ -286,6 +287,24 @@ def test_scorecard_table_from_the_committed_run() -> None:
             assert r["met"] == (r["value"] <= r["target"] if at_most else r["value"] >= r["target"]), r
     assert sum("round trips" in r["metric"] for r in rows) == 3
     assert text.count("\n") == len(rows) + 1  # a header, a rule, a line per row
+
+
+def test_scorecard_rows_carry_each_repetition_and_draw_one_plot(tmp_path: Any) -> None:
+    """Each ratio row of the recorded run holds its paired ratios per repetition, whose median
+    is the row's value, and the A/A control's; the plot of the rows is written (or skipped
+    without matplotlib, naming the extra)."""
+    _, rows = scorecard.table("scorecard_whole")
+    ratio_rows = [r for r in rows if " x " in r["metric"]]
+    assert len(ratio_rows) == 11 and all(len(r["samples"]) == 5 for r in ratio_rows)
+    for r in ratio_rows:
+        assert statistics.median(r["samples"]) == pytest.approx(r["value"]), r["metric"]
+    assert all(len(r["aa_samples"]) == 5 for r in ratio_rows if r.get("target") is not None)
+    path = str(tmp_path / "img" / "card.png")
+    plot = plots.write_scorecard_plot(rows, path, title="t")
+    assert plot in ({"written": [path]}, {"skipped": plots.MATPLOTLIB_MISSING})
+    if "written" in plot:
+        with open(path, "rb") as f:
+            assert f.read(8) == b"\x89PNG\r\n\x1a\n"
 
 
 def _interleaved_with_sources(rank: int, world: int, scratch: str, out: str) -> None:
