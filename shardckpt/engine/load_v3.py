@@ -84,14 +84,14 @@ class RuleChunks:
         the pages, then the index records, they need, once each and up to ``threads`` at a
         time (a rank may read from thousands of ranks); check the size of every data file
         they read; return the reader of their boxes."""
-        wanted = sorted(
-            {(i.storage_index.fqn, tuple(i.storage_index.offset or ())) for i in items}
-            | {(key, c.offsets) for key, c, _ in cells}
-        )
-        ranks: dict[tuple[int, int], FileRef] = {}
+        wanted = sorted({(i.storage_index.fqn, tuple(i.storage_index.offset or ())) for i in items})
         located = [self._locate(key, offsets) for key, offsets in wanted]
-        for c, ref in located:
-            if self._inline(c.file) is None:  # the manifest's copy needs no page nor record (12.8)
+        # the cells' chunks are the planner's own: located as they are, in the plan's order
+        wanted += [(key, c.offsets) for key, c, _ in cells]
+        located += [(c, self._ref(c.file)) for _, c, _ in cells]
+        ranks: dict[tuple[int, int], FileRef] = {}
+        for position, ref in {c.file: ref for c, ref in located}.items():  # once per data file
+            if self._inline(position) is None:  # the manifest's copy needs no page nor record (12.8)
                 ranks.setdefault((ref.group, ref.rank), ref)
         pages = {(ref.group, ref.page): ref for ref in ranks.values()}
         fetch_each(self._page, [pages[k] for k in sorted(pages)], threads)
@@ -189,10 +189,14 @@ class RuleChunks:
         c = self._known.get((key, offsets))  # found in this manifest when planning the load
         if c is None:
             c = self._find(rec, key, offsets)
-        ref = self._refs.get(c.file)
+        return c, self._ref(c.file)
+
+    def _ref(self, position: int) -> FileRef:
+        """The place in the file table of the data file at ``position``, located once."""
+        ref = self._refs.get(position)
         if ref is None:
-            ref = self._refs[c.file] = self.manifest.file_table.locate(c.file)
-        return c, ref
+            ref = self._refs[position] = self.manifest.file_table.locate(position)
+        return ref
 
     def _find(self, rec: Tensor, key: str, offsets: tuple[int, ...]) -> Chunk:
         """The chunk of ``rec`` (tensor ``key``) at ``offsets``; IntegrityError if none starts there."""

@@ -108,13 +108,15 @@ def needed_metadata(
             if size is None:
                 size = itemsizes[rec.dtype] = datafile.itemsize(rec.dtype)
             chunk = new_chunk(offsets, sizes, file, byte_offset, math.prod(sizes) * size)
+            if planned is not None and cells is not None and sizes == local.shape and 0 not in sizes:
+                # read whole (#18): no ReadItem, and nothing for DCP to plan (its metadata lists no chunk)
+                cells.append((fqn, chunk, local))
+                planned[fqn] = (None, local)
+                continue
             if found_chunks is not None:
                 found_chunks[(fqn, offsets)] = chunk
             sd[fqn] = _listing(md, [chunk])
-            if planned is not None and cells is not None and sizes == tuple(local.shape) and 0 not in sizes:
-                cells.append((fqn, chunk, local))
-                planned[fqn] = (None, local)  # no ReadItem: read whole (#18)
-            elif planned is not None:
+            if planned is not None:
                 origin = origins.get(len(sizes))
                 if origin is None:
                     origin = origins[len(sizes)] = torch.Size((0,) * len(sizes))
