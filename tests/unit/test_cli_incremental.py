@@ -132,9 +132,11 @@ def test_verify_names_the_base_a_missing_file_belongs_to(tmp_path: Path, capsys:
 
 def test_verify_says_a_damaged_file_is_in_a_base(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     s0, s1, _ = _save_pair(tmp_path)
-    (shared,) = [n for n, f in _manifest(s1)["files"].items() if f.get("checkpoint") == "s0"]
+    m1 = _manifest(s1)
+    (shared,) = [n for n, f in m1["files"].items() if f.get("checkpoint") == "s0"]
+    (emb,) = [c for c in m1["tensors"]["emb"]["chunks"] if c["file"] == shared]  # a chunk s1 reads from s0
     data = bytearray((s0 / shared).read_bytes())
-    data[-1] ^= 0xFF  # in emb, a chunk s1 reads from s0
+    data[emb["byte_offset"] + emb["byte_length"] - 1] ^= 0xFF
     (s0 / shared).write_bytes(bytes(data))
     code, out, _ = run(capsys, "verify", str(s1), "--json", "--no-progress")
     problems = json.loads(out)["problems"]
@@ -224,10 +226,12 @@ def test_materialize_refuses_an_existing_destination(tmp_path: Path, capsys: pyt
 
 def test_materialize_of_a_damaged_base_commits_nothing(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     s0, s1, _ = _save_pair(tmp_path)
-    shared = sorted(n for n, f in _manifest(s1)["files"].items() if f.get("checkpoint") == "s0")
+    m1 = _manifest(s1)
+    shared = sorted(n for n, f in m1["files"].items() if f.get("checkpoint") == "s0")
     target = s0 / shared[0]
+    used = next(c for t in m1["tensors"].values() for c in t["chunks"] if c["file"] == shared[0])  # s1 reads it
     data = bytearray(target.read_bytes())
-    data[-1] ^= 0xFF  # the last byte of the file belongs to a chunk s1 uses (frozen or emb)
+    data[used["byte_offset"] + used["byte_length"] - 1] ^= 0xFF
     target.write_bytes(bytes(data))
     out = tmp_path / "copy"
     code, _, err = run(capsys, "materialize", str(s1), str(out), "--no-progress")
