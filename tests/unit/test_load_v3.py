@@ -164,7 +164,7 @@ def test_a_load_reads_one_cell_keys_whole_without_read_items_unless_the_planner_
     assert torch.equal(state["model"]["bias"], BIAS) and state["model"]["scale"].item() == 0.5
 
 
-def test_a_same_layout_format_3_load_of_small_tensors_reads_each_whole_and_names_a_bad_block(tmp_path):
+def test_a_same_layout_format_3_load_of_small_tensors_reads_each_whole_and_names_a_bad_block(tmp_path, monkeypatch):
     """Saved by shardckpt in format 3 on one process, every tensor one cell: all read whole,
     bitwise, every dtype; a flipped byte in one is refused naming its key."""
     g = torch.Generator().manual_seed(3)
@@ -184,6 +184,22 @@ def test_a_same_layout_format_3_load_of_small_tensors_reads_each_whole_and_names
     shardckpt.load(target, path)
     assert all(target[k] is before[k] for k in state)  # filled in place
     assert all(target[k].dtype == v.dtype and torch.equal(target[k].detach(), v.detach()) for k, v in state.items())
+    # a partial load (DCP plans it: the checkpoint holds keys the state lacks) reads the cells once, whole
+    from shardckpt.engine import reader as reader_module
+
+    seen: list[tuple[int, list[str]]] = []
+    original = reader_module.read_runs
+
+    def recording(items: Any, chunks: Any, boxes: Any, whole: Any = ()) -> Any:
+        seen.append((len(items), sorted(k for k, _, _ in whole)))
+        return original(items, chunks, boxes, whole)
+
+    monkeypatch.setattr(reader_module, "read_runs", recording)
+    part = {"f32": torch.zeros(5, 3), "bool": torch.zeros(9, dtype=torch.bool)}
+    result = shardckpt.load(part, path, strict=False)
+    assert seen == [(0, ["bool", "f32"])]
+    assert torch.equal(part["f32"], state["f32"]) and torch.equal(part["bool"], state["bool"])
+    assert sorted(result.unexpected_keys) == ["bf16", "i8", "param", "scalar"]
     data = next(n for n in os.listdir(path / "data") if n.endswith(".safetensors"))
     header = _header_bytes(path / "data" / data)
     _flip(path / "data" / data, header)  # the first tensor's first byte
