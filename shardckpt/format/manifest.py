@@ -20,6 +20,7 @@ from itertools import chain
 from operator import attrgetter
 from typing import Any, cast
 
+from shardckpt.format import datafile
 from shardckpt.format.manifest_bulk import ALL, Share
 from shardckpt.format.manifest_envelope import MAX_MANIFEST_BYTES, check_manifest_limits, seal, unseal
 from shardckpt.format.manifest_parser import _parse_document as _parse_document
@@ -127,8 +128,25 @@ def filled_manifest_json(
         "metadata": m.metadata,
     }
     raw = seal(_dumps_two_levels(doc, dump).encode())
-    check_manifest_limits(raw, source="the manifest being written", writing=True)
+    if filled is None or text is None or not _template_within_limits(doc, dump, len(raw), len(m.tensors), text):
+        check_manifest_limits(raw, source="the manifest being written", writing=True)  # names the problem
     return raw
+
+
+def _template_within_limits(
+    doc: dict[str, Any], dump: Callable[[Any], str], size: int, tensors: int, text: PlanText
+) -> bool:
+    """Whether a manifest of ``size`` bytes whose "tensors" entries are ``text``'s template
+    (:class:`~shardckpt.format.manifest_text.PlanText`, filled) is within the limits readers
+    enforce (:func:`check_manifest_limits`), without scanning those entries: they hold exactly
+    three arrays and objects a tensor and four a chunk, at most six levels deep, so only the
+    rest of the document is scanned (a save of thousands of small tensors scanned megabytes
+    of its own template on the commit every rank waits for, #18). False: the caller scans it all."""
+    if size > MAX_MANIFEST_BYTES:
+        return False
+    rest = _dumps_two_levels({**doc, "tensors": _Entries("")}, dump).encode()
+    budget = datafile.max_json_containers(size) - 3 * tensors - 4 * text.chunks
+    return budget >= 0 and datafile.json_containers(rest, budget, depth=0) is not None
 
 
 def _tensor_map(m: Manifest, v2: bool) -> dict[str, Any]:

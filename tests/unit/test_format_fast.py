@@ -12,10 +12,12 @@ import dataclasses
 import json
 from typing import Any
 
+import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from manifest_oracle import two_levels
 
+from shardckpt.errors import ManifestError
 from shardckpt.format import datafile
 from shardckpt.format.manifest import ChunkRecord, FileRecord, Manifest, TensorRecord, manifest_to_json
 from shardckpt.format.manifest_text import ChunkFields, PlanText, json_encoder
@@ -117,6 +119,31 @@ _EMPTY = Manifest(2, (), {}, {}, {}, 1 << 22, "2026-12-01T00:00:00+00:00", "0", 
 def test_the_fast_tensor_lines_are_what_json_dumps_writes(m: Manifest) -> None:
     assert _templated(m), "well-typed records take the fast path"
     assert manifest_to_json(m) == _oracle(m)
+
+
+@settings(max_examples=150, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow])
+@given(_manifests())
+@example(_EMPTY)
+@example(dataclasses.replace(_EMPTY, tensors={"empty": TensorRecord("F32", (0, 3), ())}))
+def test_the_written_manifests_container_limit_is_counted_as_the_scan_counts(m: Manifest) -> None:
+    """Writing, the tensors' entries of the template are counted (3 containers a tensor,
+    4 a chunk), not scanned: the verdict at the limit and one under it is the scan's, and a
+    refusal is the scan's own message."""
+    raw = manifest_to_json(m)
+    scanned = datafile.json_containers(raw, 2**62, depth=0)
+    assert scanned is not None
+    with pytest.MonkeyPatch.context() as mp:
+        slack = scanned - len(raw) // datafile.JSON_BYTES_PER_CONTAINER  # the limit: exactly what it holds
+        mp.setattr(datafile, "JSON_CONTAINERS_SLACK", slack)
+        full: list[int] = []
+        real = datafile.json_limits_problem
+        mp.setattr(datafile, "json_limits_problem", lambda raw, **kw: full.append(len(raw)) or real(raw, **kw))
+        assert manifest_to_json(m) == raw
+        assert full == ([] if _templated(m) else [len(raw)])  # the template's entries are not scanned
+        mp.setattr(datafile, "JSON_CONTAINERS_SLACK", slack - 1)
+        refused = r"more than \d+ JSON arrays and objects.*Readers refuse such manifests"
+        with pytest.raises(ManifestError, match=refused):
+            manifest_to_json(m)
 
 
 def _templated(m: Manifest) -> bool:
