@@ -131,28 +131,33 @@ def flatten_plain_dicts(state_dict: dict[str, Any]) -> tuple[dict[str, Any], dic
     its errors. ``tests/unit/test_flatten_plain.py`` compares both on the same states."""
     flat: dict[str, Any] = {}
     mappings: dict[str, Any] = {}
-
-    def walk(path: tuple[str, ...], tree: dict[Any, Any]) -> bool:
-        for key, value in tree.items():
-            if type(key) is not str:
-                return False
-            here = (*path, key)
-            if type(value) is dict:
-                if not walk(here, value):
-                    return False
-            elif isinstance(value, torch.Tensor) or type(value) in _SCALARS:
-                name = ".".join(here)
-                if name in flat:
-                    return False
-                flat[name], mappings[name] = value, here
-            else:
-                return False
-        return True
-
     try:
-        return (flat, mappings) if walk((), state_dict) else None
+        return (flat, mappings) if _walk_plain((), state_dict, flat, mappings) else None
     except RecursionError:
         return None
+
+
+def _walk_plain(path: tuple[str, ...], tree: dict[Any, Any], flat: dict[str, Any], mappings: dict[str, Any]) -> bool:
+    """:func:`flatten_plain_dicts`' walk, adding ``tree``'s leaves under ``path``; False at
+    anything it does not take. A module function, not a closure: a recursive closure refers
+    to itself through its cell, a reference cycle that kept ``flat`` and ``mappings`` (a
+    tuple a tensor) alive after every save and load until the cyclic collector ran, and
+    made it run on them (tests/unit/test_no_cycles.py)."""
+    for key, value in tree.items():
+        if type(key) is not str:
+            return False
+        here = (*path, key)
+        if type(value) is dict:
+            if not _walk_plain(here, value, flat, mappings):
+                return False
+        elif isinstance(value, torch.Tensor) or type(value) in _SCALARS:
+            name = ".".join(here)
+            if name in flat:
+                return False
+            flat[name], mappings[name] = value, here
+        else:
+            return False
+    return True
 
 
 def flat_keys(plain: dict[str, Any]) -> dict[str, Any]:

@@ -45,20 +45,22 @@ _PATTERNS = (
 def secret_values(options: Mapping[str, Any] | None) -> list[str]:
     """Credential strings found in ``options`` (recursively) and in the AWS environment."""
     found: list[str] = []
-
-    def visit(value: Any, secret: bool) -> None:
-        if isinstance(value, Mapping):
-            for k, v in value.items():
-                visit(v, secret or str(k).lower() in SECRET_OPTION_NAMES)
-        elif isinstance(value, (list, tuple)):
-            for v in value:
-                visit(v, secret)
-        elif secret and isinstance(value, str) and len(value) >= 4:
-            found.append(value)
-
-    visit(dict(options or {}), False)
+    _visit(dict(options or {}), False, found)
     found.extend(v for name in SECRET_ENV_NAMES if len(v := os.environ.get(name, "")) >= 4)
     return sorted(set(found), key=len, reverse=True)
+
+
+def _visit(value: Any, secret: bool, found: list[str]) -> None:
+    """Add to ``found`` the secret strings in ``value`` (a module function: a recursive
+    closure would be a reference cycle holding them until the cyclic collector ran)."""
+    if isinstance(value, Mapping):
+        for k, v in value.items():
+            _visit(v, secret or str(k).lower() in SECRET_OPTION_NAMES, found)
+    elif isinstance(value, (list, tuple)):
+        for v in value:
+            _visit(v, secret, found)
+    elif secret and isinstance(value, str) and len(value) >= 4:
+        found.append(value)
 
 
 class Redactor:
