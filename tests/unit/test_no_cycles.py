@@ -55,6 +55,24 @@ def test_saves_and_loads_of_a_plain_state_leave_no_cyclic_garbage(tmp_path: Path
     assert got["step"] == 3 and torch.equal(got["model"]["w299"], state["model"]["w299"])
 
 
+def test_format_3_async_and_manager_saves_leave_no_cyclic_garbage(tmp_path: Path) -> None:
+    state: dict[str, Any] = {"model": {f"w{i}": torch.full((8,), float(i)) for i in range(100)}, "step": 3}
+    with shardckpt.Checkpointer() as ckpt, shardckpt.CheckpointManager(str(tmp_path / "run"), keep_last=1) as manager:
+        ckpt.save(state, str(tmp_path / "warm"), format_version=3)
+        ckpt.load(state, str(tmp_path / "warm"))
+        ckpt.async_save(state, str(tmp_path / "warm_async")).wait()
+        manager.save(0, state, force=True)
+        calls: dict[str, Callable[[], Any]] = {
+            "format-3 save": lambda: ckpt.save(state, str(tmp_path / "v3"), format_version=3),
+            "format-3 load": lambda: ckpt.load(state, str(tmp_path / "v3")),
+            "async save": lambda: ckpt.async_save(state, str(tmp_path / "async")).wait(),
+            "manager save, with retention": lambda: manager.save(1, state, force=True),
+        }
+        for name, call in calls.items():
+            garbage = _cyclic_garbage(call)
+            assert garbage == [], f"{name} left {len(garbage)} objects in cycles, e.g. {garbage[:3]!r:.300}"
+
+
 def test_a_model_and_optimizer_save_and_load_leave_none_of_our_cycles(tmp_path: Path) -> None:
     model = torch.nn.Sequential(*(torch.nn.Linear(4, 4) for _ in range(20)))
     optim = torch.optim.AdamW(model.parameters())
