@@ -82,16 +82,64 @@ class ItemCache:
     was computed from (mesh, global shape, placements, the local tensor's properties), so
     the next save of the same layout reuses them instead of building thousands of items
     again (issue #18). Owned by one :class:`~shardckpt.engine.Checkpointer`; used by one
-    save at a time; ``clear()`` empties it."""
+    save at a time; ``clear()`` empties it.
+
+    It also lets the next save's checks skip what cannot have changed
+    (:func:`~shardckpt.engine.state.check_savable`'s ``layouts``). A save's planning calls
+    :meth:`start` first and :meth:`mark_checked` once every item passed its checks; then,
+    in the next save (:attr:`trusted`), a key in the cache passed the key, dtype and shape
+    checks, and its item the item checks, and a DTensor whose properties (:func:`_entry_key`)
+    still equal its entry's passes them again. :meth:`unchanged` answers that and keeps the
+    entry for :func:`local_write_items`, which then reads no property of that DTensor a
+    second time; :attr:`reused` names the items it took from the cache."""
 
     def __init__(self) -> None:
         self._entries: dict[str, _Entry] = {}
+        self._hits: dict[str, _Entry] = {}  # this save's keys found unchanged, for local_write_items
+        self.reused: set[int] = set()  # ids of the items local_write_items took from the cache, this save
+        self._checked = False  # every item in _entries passed the planner's checks
+        self.trusted = False  # this save: the entries were checked (by the last save)
 
     def clear(self) -> None:
-        self._entries = {}
+        self._entries, self._hits, self.reused = {}, {}, set()
+        self._checked = self.trusted = False
 
     def __len__(self) -> int:
         return len(self._entries)
+
+    def start(self) -> None:
+        """A save's planning begins: nothing of an earlier, unfinished one is kept."""
+        self._hits, self.reused = {}, set()
+        self.trusted, self._checked = self._checked, False
+
+    def mark_checked(self) -> None:
+        """Every item of this save's plan passed the planner's checks."""
+        self._checked = True
+
+    def __contains__(self, fqn: object) -> bool:
+        """Whether the last save checked key ``fqn`` (and this save trusts it)."""
+        return self.trusted and fqn in self._entries
+
+    def unchanged(self, fqn: str, value: Any, local: torch.Tensor | None) -> bool:
+        """Whether ``value`` (``local``: its local tensor) is a plain DTensor whose item the
+        last save made, and checked, from the same properties. Call after
+        :func:`~shardckpt.engine.state.tensor_problem` found nothing wrong with it."""
+        last = self._entries.get(fqn) if self.trusted else None
+        if last is None or type(value) is not DTensor or local is None or hasattr(local, "__create_write_items__"):
+            return False
+        if _entry_key(value, local, torch.is_grad_enabled())[0] != last[0]:
+            return False
+        self._hits[fqn] = last
+        return True
+
+
+def _entry_key(obj: DTensor, local: torch.Tensor, grad: bool) -> tuple[tuple[Any, ...], Any]:
+    """What a plain DTensor's item is computed from, and its mesh. ``grad``: whether autograd
+    is on where DCP would call ``to_local()`` (its result then requires grad as the DTensor
+    does; DCP records that in the properties)."""
+    mesh = obj.device_mesh
+    requires_grad = obj.requires_grad if grad else local.requires_grad
+    return (id(mesh), obj.shape, obj.placements, local.dtype, local.layout, requires_grad, local.is_pinned()), mesh
 
 
 # (what the item was computed from, the item, the mesh). The entry keeps the mesh alive,
@@ -107,17 +155,21 @@ def local_write_items(
     where nothing they were computed from changed, and replaced by this save's. Not collective."""
     coordinates: dict[int, Sequence[int] | None] = {}  # id(mesh) -> coordinate, for this call
     previous = cache._entries if cache is not None else {}
+    hits = cache._hits if cache is not None else {}  # found unchanged by ItemCache.unchanged, this save
     entries: dict[str, _Entry] = {}
     rest: dict[str, Any] = {}
     grad = torch.is_grad_enabled()
     for fqn, obj in flat.items():
-        entry = _dtensor_entry(fqn, obj, locals_.get(fqn), previous.get(fqn), coordinates, grad)
+        entry = hits.get(fqn)
+        if entry is None:
+            entry = _dtensor_entry(fqn, obj, locals_.get(fqn), previous.get(fqn), coordinates, grad)
         if entry is None:
             rest[fqn] = obj
         else:
             entries[fqn] = entry
     if cache is not None:
-        cache._entries = entries
+        cache._entries, cache._hits = entries, {}
+        cache.reused = {id(e[1]) for k, e in entries.items() if e is previous.get(k)}
     if not rest:
         return [item for _, item, _ in entries.values() if item is not _OFF_MESH]
     by_key: dict[str, list[WriteItem]] = {}
@@ -152,8 +204,7 @@ def _dtensor_entry(
     (its result then requires grad as the DTensor does; DCP records that in the properties)."""
     if type(obj) is not DTensor or local is None or hasattr(local, "__create_write_items__"):
         return None
-    mesh, requires_grad = obj.device_mesh, obj.requires_grad if grad else local.requires_grad
-    key = (id(mesh), obj.shape, obj.placements, local.dtype, local.layout, requires_grad, local.is_pinned())
+    key, mesh = _entry_key(obj, local, grad)
     if last is not None and last[0] == key:
         return last
     item = _dtensor_item(fqn, obj, mesh, key, coordinates)

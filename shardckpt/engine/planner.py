@@ -109,14 +109,22 @@ class SavePlanner(DefaultSavePlanner):
     def create_local_plan(self) -> SavePlan:
         # Before DCP's planning, which fails on sparse/nested/meta tensors without naming
         # the key (and such failures would read as a dead peer).
+        cache = self._items
+        if cache is not None:
+            cache.start()
         locals_ = local_shards(self.state_dict)
-        check_savable(self.state_dict, locals_)
+        # The key, dtype and shape checks of what the last save of this owner checked
+        # and has not changed are not repeated (ItemCache), nor the checks of its items.
+        check_savable(self.state_dict, locals_, cache)
         # DCP's local plan, DTensors of Shard/Replicate placements computed here (#18).
-        plan = SavePlan(local_write_items(self.state_dict, locals_, self.is_coordinator, self._items))
+        plan = SavePlan(local_write_items(self.state_dict, locals_, self.is_coordinator, cache))
         self._shards = resolved_shards(self.state_dict, locals_)
+        checked = cache.reused if cache is not None and cache.trusted else set()
         digests, sizes = {}, {}
         for item in plan.items:
             fqn = item.index.fqn
+            if id(item) in checked:
+                continue  # a DTensor's item the last save made and checked, reused as it is
             if item.type == WriteItemType.BYTE_IO:
                 value = self.lookup_object(item.index)
                 text = json.dumps(encode_value(value, key=fqn), allow_nan=False, separators=(",", ":")).encode()
@@ -128,6 +136,8 @@ class SavePlanner(DefaultSavePlanner):
                 datafile.dtype_name(item.tensor_data.properties.dtype, key=fqn)
                 _check_header_entry(item)
         plan = dataclasses.replace(plan, planner_data=_LocalPlannerData(self.mappings, digests, sizes))
+        if cache is not None:
+            cache.mark_checked()
         self.plan = plan
         return plan
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from torch.distributed.checkpoint.stateful import Stateful
@@ -247,7 +247,21 @@ def flattening_errors() -> Iterator[None]:
         ) from e
 
 
-def check_savable(flat: dict[str, Any], locals_: dict[str, torch.Tensor] | None = None) -> None:
+class SavedLayouts(Protocol):
+    """What an earlier save of the same owner checked (:class:`~shardckpt.engine.local_items.ItemCache`)."""
+
+    def __contains__(self, fqn: object) -> bool:
+        """Whether key ``fqn`` passed every check of :func:`check_savable` then."""
+        ...
+
+    def unchanged(self, fqn: str, value: Any, local: torch.Tensor | None) -> bool:
+        """Whether ``value`` has the dtype and shape it was checked with then."""
+        ...
+
+
+def check_savable(
+    flat: dict[str, Any], locals_: dict[str, torch.Tensor] | None = None, layouts: SavedLayouts | None = None
+) -> None:
     """Raise UnsupportedValueError, naming the key, what was found, the limit and the
     fix, for the first (sorted) leaf of the flattened ``flat`` that save cannot store
     in a way load accepts: a key UTF-8 cannot encode, or a tensor that is sparse,
@@ -255,28 +269,36 @@ def check_savable(flat: dict[str, Any], locals_: dict[str, torch.Tensor] | None 
     (more than ``datafile.MAX_NDIM`` dimensions, a dimension too large).
 
     Non-tensor values are checked when encoded (``values.encode_value``). ``locals_``: the
-    DTensors' local tensors by key, when the caller has them (saves a ``to_local()`` each).
+    DTensors' local tensors by key, when the caller has them (saves a ``to_local()`` each;
+    a DTensor's dtype is then read from its local tensor, whose bytes are the ones written).
     A shape (and whether a type is a ShardedTensor) is checked once per call: a model's
     thousands of tensors have a few distinct ones (issue #18); a shape that fails is never
     marked checked, so the error still names the first key (sorted) that has it.
+    ``layouts``: an earlier save's checks; a key it checked skips the key check, and a
+    DTensor it finds unchanged the dtype and shape checks (the tensor checks always run).
     """
     known = locals_ or {}
     shapes_ok: set[tuple[int, ...]] = set()
     sharded: dict[type, bool] = {}
     for fqn in sorted(flat):
-        check_str(fqn, key=fqn, what="the key")
+        seen = layouts is not None and fqn in layouts
+        if not seen:
+            check_str(fqn, key=fqn, what="the key")
         value = flat[fqn]
         if not isinstance(value, torch.Tensor):
             continue
-        problem = tensor_problem(value, loading=False, local=known.get(fqn))
+        local = known.get(fqn)
+        problem = tensor_problem(value, loading=False, local=local)
         if problem is not None:
             raise UnsupportedValueError(f"key {fqn!r}: {problem}")
+        if seen and layouts is not None and layouts.unchanged(fqn, value, local):
+            continue
         is_sharded = sharded.get(type(value))
         if is_sharded is None:
             is_sharded = sharded[type(value)] = _is_sharded_tensor(value)
         if is_sharded:
             continue  # its shards were checked; DCP flattens it into chunks with the global metadata
-        datafile.dtype_name(value.dtype, key=fqn)
+        datafile.dtype_name(value.dtype if local is None else local.dtype, key=fqn)
         shape = tuple(value.shape)
         if shape not in shapes_ok:
             check_tensor_shape(shape, key=fqn)
