@@ -189,7 +189,8 @@ class Writer(StorageWriter):
         inline: list[WriteItem] = []
         if self.options.format_version == 3:  # the coordinator's small tensors: a last file (format.md 12.8)
             items, inline = rank_result.split_inline(items, rank=rank)
-        buckets = split_by_bytes(items, self.options.num_io_threads) + ([inline] if inline else [])
+        split = self._threads.split_items if self._threads is not None else split_by_bytes
+        buckets = split(items, self.options.num_io_threads) + ([inline] if inline else [])
         version = "3" if self.options.format_version == 3 else "2" if self.options.digests else "1"  # the manifest's
         meta = {"format": "shardckpt", "format_version": version, "save_id": save_id, "rank": str(rank)}
         written = self._write_buckets(buckets, resolve, release, save_id, rank, meta, prepass)

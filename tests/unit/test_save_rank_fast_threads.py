@@ -137,3 +137,66 @@ def test_a_failed_save_leaves_the_checkpointer_able_to_save(tmp_path: Path) -> N
     got = {k: torch.zeros_like(v) for k, v in state.items()}
     shardckpt.load(got, str(tmp_path / "b"))
     assert all(torch.equal(got[k], v) for k, v in state.items())
+
+
+def _items(n: int) -> list[Any]:
+    from torch.distributed.checkpoint.metadata import ChunkStorageMetadata, MetadataIndex, TensorProperties
+    from torch.distributed.checkpoint.planner import TensorWriteData, WriteItem, WriteItemType
+
+    def item(i: int) -> WriteItem:
+        size = torch.Size([1 + (i * 37) % 50])
+        return WriteItem(
+            index=MetadataIndex(f"t{i}", torch.Size([0])),
+            type=WriteItemType.TENSOR,
+            tensor_data=TensorWriteData(
+                ChunkStorageMetadata(torch.Size([0]), size), TensorProperties(torch.float32), size
+            ),
+        )
+
+    return [item(i) for i in range(n)]
+
+
+def test_the_split_of_the_same_items_is_kept_and_of_other_items_made_anew(monkeypatch: pytest.MonkeyPatch) -> None:
+    from shardckpt.engine import write_threads
+    from shardckpt.engine.datawrite import split_by_bytes
+
+    calls: list[int] = []
+    monkeypatch.setattr(write_threads, "split_by_bytes", lambda items, n: calls.append(n) or split_by_bytes(items, n))
+    items = _items(40)
+    threads = WriteThreads()
+    try:
+        first = threads.split_items(items, 4)
+        assert first == split_by_bytes(items, 4) and calls == [4]
+        first[0].clear()  # the caller's to change: the kept split is not
+        again = threads.split_items(list(items), 4)  # a new list of the same objects: kept
+        assert again == split_by_bytes(items, 4) and calls == [4]
+        threads.split_items(items, 3)  # another thread count
+        equal_copy = _items(40)  # equal items, other objects: split anew
+        assert threads.split_items(equal_copy, 3) == split_by_bytes(equal_copy, 3) and calls == [4, 3, 3]
+        assert all(
+            b is c
+            for bucket, kept in zip(threads.split_items(equal_copy, 3), split_by_bytes(equal_copy, 3), strict=True)
+            for b, c in zip(bucket, kept, strict=True)
+        )
+        changed = [*equal_copy[:-1], _items(41)[40]]  # one item replaced: split anew
+        threads.split_items(changed, 3)
+        assert calls == [4, 3, 3, 3]
+    finally:
+        threads.close()
+
+
+def test_saves_of_a_reused_plan_put_the_same_tensors_in_the_same_files(tmp_path: Path) -> None:
+    from safetensors import safe_open
+
+    state = {f"w{i}": torch.full((1 + (i * 13) % 40,), float(i)) for i in range(60)}
+    with shardckpt.Checkpointer() as ckpt:
+        for name in ("a", "b", "c"):
+            ckpt.save(state, str(tmp_path / name), num_io_threads=3)
+    contents = []
+    for name in ("a", "b", "c"):
+        files = sorted((tmp_path / name / "data").iterdir())
+        contents.append([sorted(k for k in safe_open(str(f), "pt").keys()) for f in files])
+    assert len(contents[0]) == 3 and contents[0] == contents[1] == contents[2]
+    got = {k: torch.zeros_like(v) for k, v in state.items()}
+    shardckpt.load(got, str(tmp_path / "c"))
+    assert all(torch.equal(got[k], state[k]) for k in state)
