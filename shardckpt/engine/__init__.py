@@ -10,8 +10,9 @@ extension points (SavePlanner/LoadPlanner, StorageWriter/StorageReader).
   async share it) and one load path.
 - :mod:`~shardckpt.engine.planner`, :mod:`~shardckpt.engine.writer`, :mod:`~shardckpt.engine.reader`:
   DCP's extension points.
-- :mod:`~shardckpt.engine.staging`, :mod:`~shardckpt.engine.state`, :mod:`~shardckpt.engine.collective`:
-  host buffers, state_dict flattening, gloo groups and the failure-gathering wrapper.
+- :mod:`~shardckpt.engine.staging`, :mod:`~shardckpt.engine.state`, :mod:`~shardckpt.engine.savable`,
+  :mod:`~shardckpt.engine.collective`: host buffers, state_dict flattening, what a checkpoint can
+  hold, gloo groups and the failure-gathering wrapper.
 - :mod:`~shardckpt.engine._torch_private`: the only importer of torch's private names.
 """
 

@@ -117,7 +117,7 @@ def is_checkpointable_tensor(obj: Any) -> bool:
     such a tensor as a plain one. shardckpt does not support the protocol (async staging
     copies plain tensors without those attributes, so DCP would plan the copy as one
     replicated tensor and keep a single rank's shard): save and load refuse such tensors
-    (``state.tensor_problem``). If DCP's test changes, they are saved wrong or refused
+    (``savable.tensor_problem``). If DCP's test changes, they are saved wrong or refused
     wrongly; ``tests/unit/test_torch_private.py`` checks it agrees with DCP's planning.
     """
     return (

@@ -23,7 +23,8 @@ from shardckpt.engine.options import Timeouts
 from shardckpt.engine.plan_v3 import load_planner
 from shardckpt.engine.protocol import read_in_rounds
 from shardckpt.engine.reader import Reader
-from shardckpt.engine.state import PlainState, flatten, flatten_plain_dicts, tensor_problem
+from shardckpt.engine.savable import tensor_problem
+from shardckpt.engine.state import PlainState, flatten, flatten_plain_dicts
 from shardckpt.errors import (
     CheckpointNotFoundError,
     InconsistentRanksError,

@@ -85,7 +85,7 @@ class ItemCache:
     save at a time; ``clear()`` empties it.
 
     It also lets the next save's checks skip what cannot have changed
-    (:func:`~shardckpt.engine.state.check_savable`'s ``layouts``). A save's planning calls
+    (:func:`~shardckpt.engine.savable.check_savable`'s ``layouts``). A save's planning calls
     :meth:`start` first and :meth:`mark_checked` once every item passed its checks; then,
     in the next save (:attr:`trusted`), a key in the cache passed the key, dtype and shape
     checks, and its item the item checks, and a DTensor whose properties (:func:`_entry_key`)
@@ -123,7 +123,7 @@ class ItemCache:
     def unchanged(self, fqn: str, value: Any, local: torch.Tensor | None) -> bool:
         """Whether ``value`` (``local``: its local tensor) is a plain DTensor whose item the
         last save made, and checked, from the same properties. Call after
-        :func:`~shardckpt.engine.state.tensor_problem` found nothing wrong with it."""
+        :func:`~shardckpt.engine.savable.tensor_problem` found nothing wrong with it."""
         last = self._entries.get(fqn) if self.trusted else None
         if last is None or type(value) is not DTensor or local is None or hasattr(local, "__create_write_items__"):
             return False

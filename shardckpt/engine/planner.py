@@ -39,8 +39,9 @@ from shardckpt.engine.plan_checks import (
     manifest_key_bytes,
     value_summary,
 )
+from shardckpt.engine.savable import check_savable
 from shardckpt.engine.staging import BoundedSource, StagedShard
-from shardckpt.engine.state import check_savable, flatten_plain_dicts, flattening_errors
+from shardckpt.engine.state import flatten_plain_dicts, flattening_errors
 from shardckpt.format import datafile, integrity
 from shardckpt.format.values import decode_value, encode_value
 
@@ -60,7 +61,7 @@ class SavePlanner(DefaultSavePlanner):
     load side would refuse (shared limits: ``datafile.MAX_NDIM``, ``datafile.check_shape``,
     ``datafile.MAX_HEADER_BYTES``, ``manifest.MAX_MANIFEST_BYTES``,
     ``values.MAX_VALUE_DEPTH``, UTF-8-encodable keys) and tensors DCP cannot write
-    (sparse, nested, meta): see :func:`shardckpt.engine.state.check_savable`.
+    (sparse, nested, meta): see :func:`shardckpt.engine.savable.check_savable`.
 
     The cross-rank checks run in ``_create_global_plan``, a private hook of DCP's
     ``DefaultSavePlanner`` (see :mod:`shardckpt.engine._torch_private`). On the coordinator,

@@ -20,11 +20,11 @@ from torch.distributed.checkpoint.metadata import (
 from torch.distributed.checkpoint.planner import ReadItem
 from torch.distributed.checkpoint.planner_helpers import create_read_items_for_chunk_list
 
-from shardckpt.engine import state
+from shardckpt.engine import savable
 from shardckpt.engine._torch_private import whole_chunk_item
 from shardckpt.engine.load_items import ListedTensorMetadata, local_read_items
 from shardckpt.engine.planner import LoadPlanner
-from shardckpt.engine.state import tensor_problem
+from shardckpt.engine.savable import tensor_problem
 from shardckpt.errors import ManifestError
 from shardckpt.format.manifest import ChunkRecord, TensorRecord
 from tests.support.distributed import run_ranks
@@ -173,7 +173,7 @@ def test_tensor_problems_quick_answer_agrees_with_its_full_checks(monkeypatch: p
     for loading in (True, False):
         quick = {k: tensor_problem(v, loading=loading) for k, v in values.items()}
         with monkeypatch.context() as m:
-            m.setattr(state, "_PLAIN_TYPES", frozenset())  # every tensor takes the full checks
+            m.setattr(savable, "_PLAIN_TYPES", frozenset())  # every tensor takes the full checks
             full = {k: tensor_problem(v, loading=loading) for k, v in values.items()}
         assert quick == full
         assert {k for k, p in quick.items() if p is not None} == {"meta", "meta param", "sparse", "nested"}

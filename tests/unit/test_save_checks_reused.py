@@ -36,7 +36,7 @@ def _reuse_and_change(rank: int, world: int, path: str) -> None:
     from torch.distributed.tensor import distribute_tensor
 
     import shardckpt
-    from shardckpt.engine import state as state_module
+    from shardckpt.engine import savable
     from shardckpt.format import datafile
 
     mesh = init_device_mesh("cpu", (world,))
@@ -44,7 +44,7 @@ def _reuse_and_change(rank: int, world: int, path: str) -> None:
     keys: collections.Counter[str] = collections.Counter()  # check_str calls by key
     dtypes: collections.Counter[str] = collections.Counter()  # dtype_name calls by key
     with pytest.MonkeyPatch.context() as mp, shardckpt.Checkpointer() as ckpt:
-        _counting(mp, state_module, "check_str", keys)
+        _counting(mp, savable, "check_str", keys)
         _counting(mp, datafile, "dtype_name", dtypes)
         ckpt.save(state, f"{path}/one")
         assert keys["a"] == 1 and dtypes["a"] >= 1  # the first save checks everything

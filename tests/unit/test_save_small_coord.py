@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 import torch
 
-from shardckpt.engine.state import check_savable
+from shardckpt.engine.savable import check_savable
 from shardckpt.errors import UnsupportedValueError
 from shardckpt.format import datafile
 from shardckpt.format import manifest as manifest_module
