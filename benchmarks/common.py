@@ -6,7 +6,8 @@ Measurement rules (see docs/benchmarks.md for why): systems are measured in the 
 run, interleaved, in a shuffled order per repetition; the first repetition is a dropped
 warm-up; results are medians over the remaining repetitions with the min-max spread;
 comparisons are paired per repetition and an A/A control (one system measured twice
-under two names) shows the noise floor.
+under two names) shows the noise floor. Every timed call starts on pages just freed
+(:func:`warm_memory`), not on memory this VM's balloon has handed back to the host.
 """
 
 from __future__ import annotations
@@ -293,6 +294,60 @@ def evict_tree(root: str) -> None:
     evict_files(files_under(root))
 
 
+def warm_memory(nbytes: int) -> float:
+    """Touch ``nbytes`` of fresh memory (one byte a page) and free it; seconds it took.
+
+    On a VM whose balloon device reports free pages to the host (virtio's free page
+    reporting, ``free_page_reporting()``; this project's Firecracker VMs do), memory free
+    for about 2 s is handed back and the next touch of each page faults into the host:
+    writing 1 GiB into the page cache or a buffer then cost 0.4-1.5 s of system time more
+    than on pages freed a moment before (docs/benchmarks.md, "Free page reporting"). Which
+    system of a repetition met such pages depended on what ran before it, not on its code.
+    Called on every rank right before a timed save or load, so that each one's first
+    ``nbytes`` of new pages (the page cache of what it writes or reads, its buffers) are
+    pages just freed, as on a machine without reporting."""
+    import numpy as np
+
+    if nbytes <= 0:
+        return 0.0
+    t0 = time.perf_counter()
+    block = np.empty(nbytes, dtype=np.uint8)
+    block[:: os.sysconf("SC_PAGE_SIZE")] = 1
+    del block
+    return time.perf_counter() - t0
+
+
+def warm_bytes(local_bytes: int, world_size: int) -> int:
+    """What :func:`warm_memory` touches on each rank before a timed save or load of
+    ``local_bytes`` a rank: twice that (the page cache of the bytes written or read, and a
+    buffer of them) and 64 MiB, at most half of the memory available now split over the
+    ranks."""
+    with open("/proc/meminfo") as f:
+        m = re.search(r"^MemAvailable:\s+(\d+) kB", f.read(), re.M)
+    available = int(m.group(1)) * 1024 if m else 0
+    return min(2 * local_bytes + 64 * MiB, available // (2 * world_size))
+
+
+def free_page_reporting(root: str = "/sys/bus/virtio/devices") -> bool | None:
+    """Whether a virtio balloon with free page reporting (feature bit 5) is present; None
+    where /sys says nothing (not Linux, no virtio)."""
+    try:
+        devices = sorted(os.listdir(root))
+    except OSError:
+        return None
+    for d in devices:
+        try:
+            with open(os.path.join(root, d, "device")) as f:
+                if int(f.read().strip(), 16) != 5:  # virtio device id 5: the memory balloon
+                    continue
+            with open(os.path.join(root, d, "features")) as f:
+                bits = f.read().strip()
+        except (OSError, ValueError):
+            continue
+        return len(bits) > 5 and bits[5] == "1"
+    return False
+
+
 def resident_bytes(paths: Sequence[str]) -> int | None:
     """Bytes of these files in the page cache (util-linux ``fincore``), None without it."""
     if not paths or shutil.which("fincore") is None:
@@ -421,6 +476,7 @@ def machine_facts(bench_dir: str) -> dict[str, Any]:
         "torch": torch.__version__,
         "shardckpt": sc_version,
         "loadavg_start": loadavg(),
+        "free_page_reporting": free_page_reporting(),
         "date_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
 
@@ -506,6 +562,11 @@ def ab_parser(description: str | None, mixes: Sequence[str]) -> argparse.Argumen
     ap.add_argument("--world-size", type=int, default=4)
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--label", default="")
+    ap.add_argument(
+        "--cold-memory",
+        action="store_true",
+        help="do not touch fresh memory before each timed call (the method before 2026-12-03; warm_memory)",
+    )
     return ap
 
 
@@ -533,6 +594,7 @@ def ab_report(args: argparse.Namespace, world: int, seconds: dict[str, list[floa
         "mib": args.mib,
         "world_size": world,
         "format_version": args.format_version,
+        "cold_memory": args.cold_memory,
         **extra,
         "shardckpt_s": statistics.median(seconds["shardckpt"]),
         "safetensors_s": statistics.median(seconds["safetensors"]),

@@ -4,7 +4,8 @@ safetensors as the floor (issue #18's small-tensor load).
 Each call is one spawn of ``--world-size`` gloo ranks running the shardckpt found on
 PYTHONPATH: it saves the ``--mix`` once (shardckpt and per-rank safetensors files, kept
 in ``--dir`` for the next calls), then ``--repeats`` times (after one warm-up) loads both,
-in shuffled order, each cold (rank 0 evicts the files first), and prints one JSON line:
+in shuffled order, each cold (rank 0 evicts the files first; then every rank touches and
+frees fresh memory, ``common.warm_memory``, unless ``--cold-memory``), and prints one JSON line:
 the seconds of each load (max over ranks) and their ratio, and the median CPU seconds
 of a load summed over the ranks (``process_time``: every thread of each rank).
 ``--profile FILE`` writes a cProfile of rank 0's measured shardckpt loads. ``--phases``
@@ -78,6 +79,7 @@ def worker(rank: int, world: int, args: argparse.Namespace, port: int) -> None:
     seconds: dict[str, list[float]] = {"shardckpt": [], "safetensors": []}
     cpu: dict[str, list[float]] = {"shardckpt": [], "safetensors": []}  # CPU seconds of a load, all ranks
     profile = cProfile.Profile() if args.profile and rank == 0 else None
+    warm = 0 if args.cold_memory else common.warm_bytes(common.local_bytes(specs, rank, world), world)
     for rep in range(args.repeats + 1):
         order = ["shardckpt", "safetensors"]
         random.Random(rep).shuffle(order)
@@ -85,6 +87,7 @@ def worker(rank: int, world: int, args: argparse.Namespace, port: int) -> None:
             common.zero_state(dst)
             if rank == 0:
                 common.evict_files(files[system])
+            common.warm_memory(warm)
             dist.barrier()
             t0, cpu0 = time.perf_counter(), time.process_time()
             if system == "shardckpt":

@@ -11,7 +11,10 @@ repetition (one warm-up first, dropped), in an order shuffled per repetition:
 
 A time is barrier to barrier, max over ranks; ``cpu_s`` is the CPU time (process time,
 all threads) of a shardckpt save summed over ranks, less sensitive than wall time to the
-load of a shared machine. The folders are removed after each
+load of a shared machine (``safetensors_cpu_s`` the floor's; ``sys_s`` the kernel's part of
+each). Before each timed save every rank touches and frees fresh memory
+(``common.warm_memory``: on this VM, pages free for ~2 s go back to the host and cost a
+fault each when used again; ``--cold-memory`` skips it). The folders are removed after each
 repetition, outside the timed window. One JSON line on rank 0: medians and the paired
 ratios (safetensors seconds / shardckpt seconds, so 1.0 means as fast as the floor).
 ``--first`` makes every shardckpt save plan from scratch (a fresh Checkpointer per save,
@@ -81,8 +84,11 @@ def worker(rank: int, world: int, args: argparse.Namespace, port: int) -> None:
         common.time_phases(PHASES, spent, wall)
     profile = cProfile.Profile() if args.profile and rank == 0 else None
     ckpt = shardckpt.Checkpointer()
+    warm = 0 if args.cold_memory else common.warm_bytes(common.local_bytes(specs, rank, world), world)
     seconds: dict[str, list[float]] = {"shardckpt": [], "safetensors": []}
     cpu_s: list[float] = []
+    floor_cpu_s: list[float] = []  # the same for per-rank safetensors, the floor
+    sys_s: dict[str, list[float]] = {"shardckpt": [], "safetensors": []}  # of the CPU time, the kernel's
     for rep in range(args.repeats + 1):
         order = ["shardckpt", "safetensors"]
         random.Random(rep).shuffle(order)
@@ -92,8 +98,9 @@ def worker(rank: int, world: int, args: argparse.Namespace, port: int) -> None:
                 ckpt.close()
                 ckpt = shardckpt.Checkpointer()
                 ckpt.group(None, 600.0)  # its gloo group, outside the timed window
+            common.warm_memory(warm)
             dist.barrier()
-            t0, c0 = time.perf_counter(), time.process_time()
+            t0, c0, k0 = time.perf_counter(), time.process_time(), os.times().system
             if system == "shardckpt":
                 if profile is not None and rep > 0:
                     profile.enable()
@@ -107,8 +114,12 @@ def worker(rank: int, world: int, args: argparse.Namespace, port: int) -> None:
             dist.barrier()
             dt = max(common.gather_to_all(time.perf_counter() - t0))
             cpu = sum(common.gather_to_all(time.process_time() - c0))
+            kernel = sum(common.gather_to_all(os.times().system - k0))
             if rep > 0:
                 seconds[system].append(dt)
+                sys_s[system].append(kernel)
+                if system == "safetensors":
+                    floor_cpu_s.append(cpu)
                 if system == "shardckpt":
                     cpu_s.append(cpu)
                     if args.phases:
@@ -135,6 +146,9 @@ def worker(rank: int, world: int, args: argparse.Namespace, port: int) -> None:
             shardckpt_all=shardckpt_all,
             cpu_s=round(statistics.median(cpu_s), 3),
             cpu_all=[round(c, 3) for c in cpu_s],
+            safetensors_cpu_s=round(statistics.median(floor_cpu_s), 3),
+            safetensors_cpu_all=[round(c, 3) for c in floor_cpu_s],
+            sys_s={k: round(statistics.median(v), 3) for k, v in sys_s.items()},
             **(
                 {
                     "phases_cpu_s": {k: round(statistics.median(v), 4) for k, v in phases.items()},

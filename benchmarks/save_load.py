@@ -122,6 +122,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="comma-separated load systems (default: all; empty: none)",
     )
     ap.add_argument(
+        "--cold-memory",
+        action="store_true",
+        help="do not touch fresh memory before each timed call (the method before 2026-12-03; common.warm_memory)",
+    )
+    ap.add_argument(
         "--loads-read-saves",
         action="store_true",
         help="loads read the timed saves' folders (the method before 2026-12-02) instead of sources saved once",
@@ -159,6 +164,8 @@ class Bench:
         self.dst = common.make_state(self.specs, rank, world, fill=False)
         self.global_bytes = common.global_bytes(self.specs)
         self.local_bytes = common.local_bytes(self.specs, rank, world)
+        # touched and freed before every timed call (common.warm_memory: this VM's free page reporting)
+        self.warm_bytes = 0 if getattr(args, "cold_memory", False) else common.warm_bytes(self.local_bytes, world)
         # One Checkpointer per shardckpt save system, as a training run keeps one: each
         # saves again with its own plan (a plan is kept per Checkpointer; formats 1 and 3
         # lay the state out differently, so one Checkpointer alternating them would plan
@@ -251,6 +258,7 @@ class Bench:
         the /proc/self/io deltas ``rchar`` and ``read_bytes`` of the call."""
         import torch.distributed as dist
 
+        common.warm_memory(self.warm_bytes)
         dist.barrier()
         io0 = common.proc_io()
         t0 = time.perf_counter()
@@ -684,6 +692,8 @@ def build_results(
             "quick": args.quick,
             # loads read checkpoints saved once ("separate", since 2026-12-02) or the timed saves' folders
             "load_sources": "saves" if getattr(args, "loads_read_saves", False) else "separate",
+            # fresh memory touched on each rank before each timed call (0: --cold-memory, the method before 2026-12-03)
+            "warm_memory_bytes_per_rank": b.warm_bytes,
         },
         "elapsed_s": elapsed_s,
         "phases": phases,

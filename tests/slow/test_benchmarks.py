@@ -307,15 +307,24 @@ def test_scorecard_rows_carry_each_repetition_and_draw_one_plot(tmp_path: Any) -
             assert f.read(8) == b"\x89PNG\r\n\x1a\n"
 
 
-def _interleaved_with_sources(rank: int, world: int, scratch: str, out: str) -> None:
-    args = argparse.Namespace(mix="small", mib=1, dir=scratch, dd_mode="fdatasync")
+def _interleaved_with_sources(rank: int, world: int, scratch: str, out: str, cold_memory: bool = False) -> None:
+    args = argparse.Namespace(mix="small", mib=1, dir=scratch, dd_mode="fdatasync", cold_memory=cold_memory)
     b = save_load.Bench(rank, world, args)
+    warmed: list[int] = []
+    touch = common.warm_memory
+
+    def counted(nbytes: int) -> float:
+        warmed.append(nbytes)
+        return touch(nbytes)
+
+    common.warm_memory = counted  # type: ignore[assignment]  # this rank's process only
     saves, loads = ["shardckpt", "safetensors", "dd_x4"], ["shardckpt", "shardckpt_noverify", "safetensors", "dd_x4"]
     m = save_load.measure_interleaved(b, saves, loads, repeats=1, warmup=1, seed=0, sources=True)
     b.close()
     if rank == 0:
         with open(out, "w") as f:
-            json.dump({"verified": m["verified"], "residency": m["residency"], "samples": m["samples"]}, f)
+            doc = {"verified": m["verified"], "residency": m["residency"], "samples": m["samples"]}
+            json.dump({**doc, "warmed": warmed, "warm_bytes": b.warm_bytes, "local_bytes": b.local_bytes}, f)
 
 
 def test_save_load_loads_read_sources_saved_once(tmp_path: Any) -> None:
@@ -337,6 +346,70 @@ def test_save_load_loads_read_sources_saved_once(tmp_path: Any) -> None:
     assert set(m["samples"]["save"]) == {"shardckpt", "safetensors", "dd_x4"}
     assert os.path.exists(scratch / "shardckpt" / "manifest.json")  # the last timed save, never read
     assert os.path.exists(scratch / "sources" / "shardckpt" / "manifest.json")
+    # every timed call (2 repetitions of 3 saves and 4 loads) began by touching fresh memory
+    assert m["warm_bytes"] == m["local_bytes"] * 2 + 64 * 2**20
+    assert m["warmed"] == [m["warm_bytes"]] * 14
+
+
+def test_save_load_cold_memory_touches_nothing(tmp_path: Any) -> None:
+    """``--cold-memory`` (the method before 2026-12-03): no fresh memory is touched before a
+    timed call (warm_memory is called with 0 bytes and allocates nothing)."""
+    scratch, out = tmp_path / "scratch", tmp_path / "m.json"
+    run_ranks(_interleaved_with_sources, 2, str(scratch), str(out), True)
+    m = json.loads(out.read_text())
+    assert m["warm_bytes"] == 0 and m["warmed"] == [0] * 14
+    assert set(m["samples"]["save"]) == {"shardckpt", "safetensors", "dd_x4"}
+    assert save_load.parse_args(["--cold-memory"]).cold_memory is True
+    assert save_load.parse_args([]).cold_memory is False
+
+
+def _status_bytes(field: str) -> int:
+    with open("/proc/self/status") as f:
+        return int(next(line for line in f if line.startswith(field + ":")).split()[1]) * 1024
+
+
+def test_warm_memory_touches_every_page_and_frees_them() -> None:
+    """warm_memory touches ``nbytes`` of new pages (the process's peak resident set, reset
+    first, grows by that much: touched, not just mapped) and frees them before it returns."""
+    nbytes = 256 * 2**20
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # the peak resident set (VmHWM) starts again from the current one
+    except OSError:
+        pytest.skip("/proc/self/clear_refs cannot be written here")
+    before = _status_bytes("VmRSS")
+    assert common.warm_memory(nbytes) > 0
+    assert _status_bytes("VmHWM") >= before + nbytes * 0.95
+    assert _status_bytes("VmRSS") < before + nbytes * 0.05  # given back
+    assert common.warm_memory(0) == 0.0
+
+
+def test_warm_bytes_twice_the_rank_and_64_mib_within_available_memory() -> None:
+    with open("/proc/meminfo") as f:
+        available = int(next(line for line in f if line.startswith("MemAvailable:")).split()[1]) * 1024
+    assert common.warm_bytes(2**20, 4) == 2 * 2**20 + 64 * 2**20
+    huge = common.warm_bytes(available, 4)
+    assert available // 8 * 0.9 <= huge <= available // 8 * 1.1  # capped at half of what is available, per rank
+
+
+def _virtio(root: Any, name: str, device: int, features: str) -> None:
+    d = root / name
+    d.mkdir(parents=True)
+    (d / "device").write_text(f"0x{device:04x}\n")
+    (d / "features").write_text(features + "\n")
+
+
+def test_free_page_reporting_read_from_the_balloon_features(tmp_path: Any) -> None:
+    """Feature bit 5 of the virtio device with id 5 (the balloon), as the kernel lists them
+    in /sys; no balloon: False; no /sys folder: None."""
+    bits = "0" * 64
+    _virtio(tmp_path / "a", "virtio0", 2, bits[:5] + "1" + bits[6:])  # a block device's bit 5: not the balloon
+    assert common.free_page_reporting(str(tmp_path / "a")) is False
+    _virtio(tmp_path / "a", "virtio1", 5, "011001" + bits[6:])
+    assert common.free_page_reporting(str(tmp_path / "a")) is True
+    _virtio(tmp_path / "b", "virtio0", 5, "01100001" + bits[8:])
+    assert common.free_page_reporting(str(tmp_path / "b")) is False
+    assert common.free_page_reporting(str(tmp_path / "none")) is None
 
 
 def test_save_load_systems_from_the_command_line(capsys: pytest.CaptureFixture[str]) -> None:
