@@ -562,12 +562,17 @@ def ab_parser(description: str | None, mixes: Sequence[str]) -> argparse.Argumen
     ap.add_argument("--world-size", type=int, default=4)
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--label", default="")
+    add_cold_memory(ap)
+    return ap
+
+
+def add_cold_memory(ap: argparse.ArgumentParser) -> None:
+    """``--cold-memory``: no :func:`warm_memory` before the timed calls (the method before 2026-12-03)."""
     ap.add_argument(
         "--cold-memory",
         action="store_true",
-        help="do not touch fresh memory before each timed call (the method before 2026-12-03; warm_memory)",
+        help="do not touch fresh memory before each timed call (the method before 2026-12-03; common.warm_memory)",
     )
-    return ap
 
 
 def ab_spawn(worker: Callable[..., Any], args: argparse.Namespace) -> None:

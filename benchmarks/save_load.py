@@ -121,11 +121,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=None,
         help="comma-separated load systems (default: all; empty: none)",
     )
-    ap.add_argument(
-        "--cold-memory",
-        action="store_true",
-        help="do not touch fresh memory before each timed call (the method before 2026-12-03; common.warm_memory)",
-    )
+    common.add_cold_memory(ap)
     ap.add_argument(
         "--loads-read-saves",
         action="store_true",
